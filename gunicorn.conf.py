@@ -1,0 +1,113 @@
+"""gunicorn settings for wschat: ``gunicorn -c gunicorn.conf.py wschat:app``.
+
+Only the standard library is imported at module level: this file is read by
+the master before workers fork and before gevent patches anything. Every
+value comes from the same environment variables the app reads (see README).
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from multiprocessing.sharedctypes import RawArray
+
+
+def _env(name, default):
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def _number(name, default, kind=int):
+    raw = _env(name, str(default))
+    try:
+        return kind(raw)
+    except ValueError:
+        sys.exit(f"wschat: {name}: expected a number, got {raw!r}")
+
+
+_host = _env("HOST", "0.0.0.0")
+_port = _number("PORT", 8080)
+_metrics_port = _number("METRICS_PORT", 8081)
+_max_connections = _number("MAX_CONNECTIONS", 10000)
+
+bind = [f"{_host}:{_port}", f"{_host}:{_metrics_port}"]
+worker_class = "gevent"
+workers = _number("WEB_CONCURRENCY", 1)
+# gunicorn's default (1000 per gevent worker) would make client 1001 wait:
+# any one worker must be able to hold the whole MAX_CONNECTIONS, plus HTTP probes.
+worker_connections = _max_connections + 100
+graceful_timeout = int(_number("GRACEFUL_TIMEOUT", 25, float))
+timeout = 30
+keepalive = 5
+# The upgrade request is small: refuse oversized request lines and headers early.
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
+accesslog = None
+loglevel = _env("LOG_LEVEL", "info")
+# gunicorn 27's control socket is one fixed path per user: two servers on one
+# machine (tests, several pods' worth on a laptop) would fight over it.
+control_socket_disable = True
+preload_app = False  # the app must be imported after gevent patches the worker
+
+MAX_WORKER_SLOTS = 512
+_worker_slots = RawArray("q", MAX_WORKER_SLOTS)  # live connections per worker slot
+
+
+def on_starting(server):
+    # Validate every variable once, in the master, before any worker forks.
+    try:
+        from wschat.config import ConfigError, Settings
+    except ImportError as exc:
+        sys.exit(f"wschat: cannot import the package ({exc}); is it installed?")
+    try:
+        Settings.from_env()
+    except ConfigError as exc:
+        sys.exit(f"wschat: configuration error: {exc}")
+    # Prometheus multiprocess mode: one fresh directory of sample files per server run.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        if os.path.isdir(directory):
+            for entry in os.listdir(directory):
+                path = os.path.join(directory, entry)
+                if os.path.isfile(path) and entry.endswith(".db"):
+                    os.unlink(path)
+        else:
+            os.makedirs(directory, exist_ok=True)
+    else:
+        directory = tempfile.mkdtemp(prefix="wschat-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        server._wschat_tmp_metrics_dir = directory
+    os.environ["WSCHAT_STARTED_AT"] = repr(time.time())
+
+
+def pre_fork(server, worker):
+    used = {getattr(w, "_wschat_slot", None) for w in server.WORKERS.values()}
+    slot = next(i for i in range(MAX_WORKER_SLOTS) if i not in used)
+    _worker_slots[slot] = 0
+    worker._wschat_slot = slot
+
+
+def post_worker_init(worker):
+    from wschat.factory import attach_worker
+
+    attach_worker(worker, _worker_slots, worker._wschat_slot)
+
+
+def child_exit(server, worker):
+    slot = getattr(worker, "_wschat_slot", None)
+    if slot is not None:
+        _worker_slots[slot] = 0
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+    except Exception as exc:  # never let bookkeeping take the master down
+        server.log.warning("could not mark worker %s dead for metrics: %s", worker.pid, exc)
+
+
+def on_exit(server):
+    directory = getattr(server, "_wschat_tmp_metrics_dir", None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)

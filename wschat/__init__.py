@@ -1,0 +1,30 @@
+"""wschat: a WebSocket chat server (gunicorn + gevent + Flask).
+
+``gunicorn -c gunicorn.conf.py wschat:app`` serves it; ``app`` is built on
+first access, so importing ``wschat.protocol`` and friends builds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["create_app", "__version__"]
+
+
+def create_app(*args: Any, **kwargs: Any) -> Any:
+    from .factory import create_app as factory
+
+    return factory(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        try:
+            application = create_app()
+        except AttributeError as exc:  # would read as "no attribute 'app'" to gunicorn
+            raise RuntimeError(f"building the app failed: {exc!r}") from exc
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

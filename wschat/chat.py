@@ -1,0 +1,366 @@
+"""The chat core: what each command does. No Flask, no sockets.
+
+:class:`Chat` takes a :class:`Session` (one client connection, as far as chat
+is concerned) and the text of a frame, talks to the stores, and answers through
+``session.send``. Fan-out goes through the broker to every worker's
+:class:`~wschat.hub.LocalHub`. :meth:`Chat.close` is the one place a session's
+rooms and presence are cleaned up, whatever ended it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .auth import Authenticator, AuthError, Identity
+from .config import Settings
+from .hub import LocalHub
+from .protocol import (
+    Auth, CloseCode, Command, ErrorCode, History, Join, Leave, Limits, ListUsers, Ping,
+    ProtocolError, SendDm, SendMessage, Typing, draft_dm, draft_message, encode_history,
+    encode_presence, encode_reply, encode_typing, message_id_of, parse_command, text_frame,
+)
+from .ratelimit import RateLimiter
+from .stores.base import Stores, Unavailable, User
+
+log = logging.getLogger("wschat.chat")
+
+RATE_LIMITED_KINDS = (SendMessage, SendDm, Typing)
+PRE_AUTH_KINDS = (Auth, Ping)
+
+
+class Session:
+    """One client connection as the chat core sees it.
+
+    The transport subclasses it and supplies :meth:`send_frame` (never blocks:
+    it queues) and :meth:`close`.
+    """
+
+    __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
+                 "typing", "remote_addr", "opened_at", "flood_strikes", "closed_by_chat",
+                 "__weakref__")
+
+    def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
+                 remote_addr: str = "") -> None:
+        self.conn_id = conn_id
+        self.user_id = identity.user_id
+        self.username = identity.username
+        self.authenticated = authenticated
+        self.expires_at = identity.expires_at
+        self.rooms: set[str] = set()
+        self.typing: dict[str, float] = {}  # room -> monotonic deadline
+        self.remote_addr = remote_addr
+        self.opened_at = time.monotonic()
+        self.flood_strikes = 0
+        self.closed_by_chat = False
+
+    @property
+    def user(self) -> User:
+        return User(self.user_id, self.username)
+
+    def send(self, event: bytes) -> None:
+        self.send_frame(text_frame(event))
+
+    def send_frame(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        raise NotImplementedError
+
+
+class ChatMetrics:
+    """What the core reports; the no-op default keeps it free of Prometheus."""
+
+    def received(self, kind: str) -> None: ...
+    def delivered(self, count: int) -> None: ...
+    def error(self, code: str) -> None: ...
+    def rate_limited(self) -> None: ...
+    def disconnected(self, reason: str) -> None: ...
+    def fanout_seconds(self, seconds: float) -> None: ...
+
+
+class _Deadlines:
+    """A heap of (when, session, key) with lazy invalidation by the caller."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Session, str]] = []
+        self._tie = itertools.count()
+
+    def add(self, when: float, session: Session, key: str = "") -> None:
+        heapq.heappush(self._heap, (when, next(self._tie), session, key))
+
+    def due(self, now: float) -> list[tuple[Session, str]]:
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            _, _, session, key = heapq.heappop(self._heap)
+            out.append((session, key))
+        return out
+
+
+class Chat:
+    def __init__(self, settings: Settings, stores: Stores, authenticator: Authenticator,
+                 limiter: RateLimiter, metrics: ChatMetrics | None = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.stores = stores
+        self.auth = authenticator
+        self.limiter = limiter
+        self.metrics = metrics or ChatMetrics()
+        self.clock = clock
+        self.monotonic = monotonic
+        self.limits = Limits(settings.max_text_chars, settings.history_size)
+        self.hub = LocalHub(stores.broker, self.metrics.delivered)
+        self._typing_deadlines = _Deadlines()
+        self._auth_deadlines = _Deadlines()
+        self._expiry_deadlines = _Deadlines()
+        stores.broker.start(self.hub.deliver_room, self.hub.deliver_user)
+        self._handlers: dict[type, Callable[[Session, Any], None]] = {
+            SendMessage: self._message, Typing: self._typing, Ping: self._ping,
+            Join: self._join, Leave: self._leave, SendDm: self._dm,
+            ListUsers: self._list_users, History: self._history, Auth: self._auth,
+        }
+
+    # -- connection lifecycle ----------------------------------------------------------
+    def open(self, session: Session) -> None:
+        """Register a new connection and greet it."""
+        self.hub.add_user(session)
+        self.stores.presence.connect(session.conn_id, session.user)
+        self._watch_expiry(session)
+        if self.settings.auth_required and not session.authenticated:
+            self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
+        session.send(self._welcome(session))
+
+    def _welcome(self, session: Session) -> bytes:
+        return encode_reply("welcome", user_id=session.user_id, username=session.username,
+                            authenticated=session.authenticated,
+                            auth_required=self.settings.auth_required,
+                            heartbeat_interval=self.settings.heartbeat_interval)
+
+    def close(self, session: Session) -> None:
+        """Forget a connection: leave its rooms (presence offline) and its user entry.
+
+        Idempotent; every exit path of the transport ends here.
+        """
+        if session.closed_by_chat:
+            return
+        session.closed_by_chat = True
+        for room in list(session.rooms):
+            try:
+                self._leave_room(session, room)
+            except Exception:  # a store outage must not leave the rest undone
+                log.warning("could not leave room %s for %s", room, session.conn_id,
+                            exc_info=True)
+        try:
+            self.stores.presence.disconnect(session.conn_id, session.user_id)
+        except Exception:
+            log.warning("could not clear presence of %s", session.conn_id, exc_info=True)
+        self.hub.remove_user(session)
+
+    def receive(self, session: Session, text: str) -> None:
+        """Handle one text frame; every failure becomes an ``error`` to this client only."""
+        try:
+            command = parse_command(text, self.limits)
+            self.metrics.received(type(command).__name__)
+            if (self.settings.auth_required and not session.authenticated
+                    and not isinstance(command, PRE_AUTH_KINDS)):
+                raise ProtocolError(ErrorCode.AUTH_REQUIRED,
+                                    "authenticate first with {type: auth, token}",
+                                    command.request_id)
+            if isinstance(command, RATE_LIMITED_KINDS):
+                self._check_rate(session, command)
+            self._handlers[type(command)](session, command)
+        except ProtocolError as err:
+            self.metrics.error(err.code.value)
+            session.send(err.to_event())
+        except Unavailable as exc:
+            self.metrics.error(ErrorCode.UNAVAILABLE.value)
+            session.send(ProtocolError(ErrorCode.UNAVAILABLE,
+                                       f"temporarily unavailable ({exc}); retry").to_event())
+        except Exception:
+            log.exception("error handling a frame from %s", session.conn_id)
+            self.metrics.error(ErrorCode.INTERNAL.value)
+            session.send(ProtocolError(ErrorCode.INTERNAL, "internal error").to_event())
+
+    def tick(self) -> None:
+        """Expire typing indicators, tokens and auth deadlines (called about once a second)."""
+        now = self.monotonic()
+        for session, room in self._typing_deadlines.due(now):
+            deadline = session.typing.get(room)
+            if deadline is not None and deadline <= now and not session.closed_by_chat:
+                del session.typing[room]
+                self._publish_typing(session, room, False)
+        for session, _ in self._auth_deadlines.due(now):
+            if not session.authenticated and not session.closed_by_chat:
+                self.metrics.disconnected("auth_timeout")
+                session.close(CloseCode.AUTH_TIMEOUT, "authentication timeout")
+        wall = self.clock()
+        for session, _ in self._expiry_deadlines.due(now):
+            if (session.expires_at is not None and session.expires_at <= wall
+                    and not session.closed_by_chat):
+                session.send(ProtocolError(ErrorCode.TOKEN_EXPIRED,
+                                           "token expired; reconnect with a fresh one").to_event())
+                self.metrics.disconnected("token_expired")
+                session.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def _watch_expiry(self, session: Session) -> None:
+        if session.expires_at is not None:
+            delay = max(0.0, session.expires_at - self.clock())
+            self._expiry_deadlines.add(self.monotonic() + delay, session)
+
+    # -- rate limiting -----------------------------------------------------------------
+    def _check_rate(self, session: Session, command: Command) -> None:
+        retry_ms = self.limiter.hit(f"u:{session.user_id}")
+        if not retry_ms and not session.authenticated and session.remote_addr:
+            retry_ms = self.limiter.hit(f"ip:{session.remote_addr}")
+        if not retry_ms:
+            session.flood_strikes = 0
+            return
+        self.metrics.rate_limited()
+        session.flood_strikes += 1
+        if session.flood_strikes > 2 * self.settings.rate_limit_burst:
+            self.metrics.disconnected("rate_limited")
+            session.close(CloseCode.RATE_LIMITED, "flooding")
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
+                            command.request_id, retry_after_ms=retry_ms)
+
+    # -- commands ----------------------------------------------------------------------
+    def _ping(self, session: Session, cmd: Ping) -> None:
+        session.send(encode_reply("pong", cmd.request_id))
+
+    def _auth(self, session: Session, cmd: Auth) -> None:
+        try:
+            identity = self.auth.verify(cmd.token)
+        except AuthError as err:
+            raise ProtocolError(err.code, err.message, cmd.request_id) from None
+        if identity.user_id != session.user_id:
+            # A new identity: the old one leaves everything it was part of.
+            for room in list(session.rooms):
+                self._leave_room(session, room)
+            self.stores.presence.disconnect(session.conn_id, session.user_id)
+            self.hub.remove_user(session)
+            session.user_id, session.username = identity.user_id, identity.username
+            self.hub.add_user(session)
+            self.stores.presence.connect(session.conn_id, session.user)
+        session.username = identity.username
+        session.authenticated = True
+        session.expires_at = identity.expires_at
+        self._watch_expiry(session)
+        session.send(self._welcome(session) if cmd.request_id is None else encode_reply(
+            "welcome", cmd.request_id, user_id=session.user_id, username=session.username,
+            authenticated=True, auth_required=self.settings.auth_required,
+            heartbeat_interval=self.settings.heartbeat_interval))
+
+    def _join(self, session: Session, cmd: Join) -> None:
+        room = cmd.room
+        announce = False
+        if room in session.rooms:
+            members = self.stores.rooms.members(room)
+        else:
+            if len(session.rooms) >= self.settings.max_rooms_per_connection:
+                raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
+                                    f"at most {self.settings.max_rooms_per_connection} rooms "
+                                    "per connection", cmd.request_id)
+            result = self.stores.rooms.join(room, session.conn_id, session.user)
+            session.rooms.add(room)
+            announce = result.first_of_user
+            members = result.members
+            if announce:
+                self.stores.messages.room_occupied(room)
+            if cmd.since is None:
+                self.hub.add_member(room, session)
+        reply: dict[str, Any] = {"room": room, "users": [m.as_json() for m in members]}
+        if cmd.since is None:
+            reply["last_id"] = self.stores.messages.last_id(room)
+            session.send(encode_reply("joined", cmd.request_id, **reply))
+        else:
+            self.hub.begin_recovery(room, session)
+            replay = self.stores.messages.since(room, cmd.since)
+            up_to = message_id_of(replay.messages[-1]) if replay.messages else cmd.since
+            reply["recovered"] = replay.complete
+            reply["last_id"] = max(up_to or 0, cmd.since) if replay.complete else (up_to or 0)
+            session.send(encode_reply("joined", cmd.request_id, **reply))
+            for event in replay.messages:
+                session.send(event)
+            self.hub.finish_recovery(room, session, up_to or 0)
+        if announce:
+            self.stores.broker.publish_room(
+                room, encode_presence(room, session.user_id, session.username, "online"),
+                exclude_user=session.user_id)
+
+    def _leave(self, session: Session, cmd: Leave) -> None:
+        if cmd.room not in session.rooms:
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {cmd.room}",
+                                cmd.request_id)
+        self._leave_room(session, cmd.room)
+        session.send(encode_reply("left", cmd.request_id, room=cmd.room))
+
+    def _leave_room(self, session: Session, room: str) -> None:
+        session.rooms.discard(room)
+        self.hub.remove_member(room, session)
+        if session.typing.pop(room, None) is not None:
+            self._publish_typing(session, room, False)
+        result = self.stores.rooms.leave(room, session.conn_id, session.user_id)
+        if result.last_of_user:
+            self.stores.broker.publish_room(
+                room, encode_presence(room, session.user_id, session.username, "offline"),
+                exclude_user=session.user_id)
+        if result.room_empty:
+            self.stores.messages.room_emptied(room)
+
+    def _message(self, session: Session, cmd: SendMessage) -> None:
+        if cmd.room not in session.rooms:
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join {cmd.room} before writing to it",
+                                cmd.request_id)
+        started = self.monotonic()
+        draft = draft_message(cmd.room, session.username, session.user_id, cmd.text,
+                              int(self.clock() * 1000), cmd.client_msg_id)
+        posted = self.stores.messages.post_room(cmd.room, session.user_id, draft)
+        if posted.duplicate:
+            session.send(posted.event)
+        else:
+            self.metrics.fanout_seconds(self.monotonic() - started)
+        if session.typing.pop(cmd.room, None) is not None:
+            self._publish_typing(session, cmd.room, False)
+
+    def _dm(self, session: Session, cmd: SendDm) -> None:
+        if not self.stores.presence.is_online(cmd.to):
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
+                                cmd.request_id)
+        draft = draft_dm(cmd.to, session.username, session.user_id, cmd.text,
+                         int(self.clock() * 1000), cmd.client_msg_id)
+        posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft)
+        if posted.duplicate:
+            session.send(posted.event)
+
+    def _typing(self, session: Session, cmd: Typing) -> None:
+        if cmd.room not in session.rooms:
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {cmd.room}",
+                                cmd.request_id)
+        was_typing = cmd.room in session.typing
+        if cmd.status:
+            deadline = self.monotonic() + self.settings.typing_timeout
+            session.typing[cmd.room] = deadline
+            self._typing_deadlines.add(deadline, session, cmd.room)
+            if not was_typing:
+                self._publish_typing(session, cmd.room, True)
+        elif was_typing:
+            del session.typing[cmd.room]
+            self._publish_typing(session, cmd.room, False)
+
+    def _publish_typing(self, session: Session, room: str, status: bool) -> None:
+        self.stores.broker.publish_room(
+            room, encode_typing(room, session.user_id, session.username, status),
+            exclude_user=session.user_id)
+
+    def _list_users(self, session: Session, cmd: ListUsers) -> None:
+        users = [m.as_json() for m in self.stores.rooms.members(cmd.room)]
+        session.send(encode_reply("users", cmd.request_id, room=cmd.room, users=users))
+
+    def _history(self, session: Session, cmd: History) -> None:
+        messages = self.stores.messages.recent(cmd.room, cmd.limit, cmd.before)
+        session.send(encode_history(cmd.room, messages, cmd.request_id))

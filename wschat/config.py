@@ -1,0 +1,201 @@
+"""Settings: the one typed object built from the environment at start-up.
+
+Every variable is parsed and validated here, once; a bad value raises
+:class:`ConfigError` naming the variable, and the server refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration variable has a value the server cannot run with."""
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if lo is not None and value < lo:
+            raise ValueError(f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ValueError(f"must be <= {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float | None = None) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {raw!r}")
+        if lo is not None and value < lo:
+            raise ValueError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _redis_url(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _database_url(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("sqlite:", "postgres://", "postgresql://")):
+        raise ValueError("expected sqlite:///path or postgresql://... ")
+    return value
+
+
+_JWT_ALGORITHMS = {
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA",
+}
+
+
+def _algorithms(raw: str) -> tuple[str, ...]:
+    algorithms = _csv(raw)
+    unknown = [a for a in algorithms if a not in _JWT_ALGORITHMS]
+    if unknown or not algorithms:
+        raise ValueError(f"unsupported algorithm(s) {unknown or raw!r}; "
+                         f"choose from {', '.join(sorted(_JWT_ALGORITHMS))}")
+    return algorithms
+
+
+def _var(name: str, parse: Callable[[str], Any], default: Any) -> Any:
+    return field(default=default, metadata={"env": name, "parse": parse})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server configuration, one field per environment variable (see README)."""
+
+    host: str = _var("HOST", str.strip, "0.0.0.0")
+    port: int = _var("PORT", _int(0, 65535), 8080)
+    metrics_port: int = _var("METRICS_PORT", _int(0, 65535), 8081)
+    web_concurrency: int = _var("WEB_CONCURRENCY", _int(1, 256), 1)
+    max_connections: int = _var("MAX_CONNECTIONS", _int(1), 10000)
+    rate_limit: float = _var("RATE_LIMIT", _float(0.001), 10.0)
+    rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1), 20)
+    heartbeat_interval: float = _var("HEARTBEAT_INTERVAL", _float(0.05), 30.0)
+    enable_persistence: bool = _var("ENABLE_PERSISTENCE", _bool, False)
+    database_url: str | None = _var("DATABASE_URL", _database_url, None)
+    redis_url: str | None = _var("REDIS_URL", _redis_url, None)
+    history_size: int = _var("HISTORY_SIZE", _int(1, 100_000), 100)
+    max_message_bytes: int = _var("MAX_MESSAGE_BYTES", _int(256, 16 * 1024 * 1024), 65536)
+    max_text_chars: int = _var("MAX_TEXT_CHARS", _int(1), 4000)
+    max_outbound_bytes: int = _var("MAX_OUTBOUND_BYTES", _int(4096), 1024 * 1024)
+    max_rooms_per_connection: int = _var("MAX_ROOMS_PER_CONNECTION", _int(1), 100)
+    presence_ttl: float = _var("PRESENCE_TTL", _float(1.0), 30.0)
+    room_ttl: float = _var("ROOM_TTL", _float(1.0), 3600.0)
+    typing_timeout: float = _var("TYPING_TIMEOUT", _float(0.05), 5.0)
+    allowed_origins: tuple[str, ...] = _var("ALLOWED_ORIGINS", _csv, ())
+    log_format: str = _var("LOG_FORMAT", _choice("text", "json"), "text")
+    log_level: str = _var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
+    graceful_timeout: float = _var("GRACEFUL_TIMEOUT", _float(1.0), 25.0)
+    auth_required: bool = _var("AUTH_REQUIRED", _bool, False)
+    auth_timeout: float = _var("AUTH_TIMEOUT", _float(0.1), 10.0)
+    jwt_secret: str | None = _var("JWT_SECRET", _optional_str, None)
+    jwt_public_key: str | None = _var("JWT_PUBLIC_KEY", _optional_str, None)
+    jwt_jwks_url: str | None = _var("JWT_JWKS_URL", _optional_str, None)
+    jwt_algorithms: tuple[str, ...] | None = _var("JWT_ALGORITHMS", _algorithms, None)
+    jwt_audience: str | None = _var("JWT_AUDIENCE", _optional_str, None)
+    jwt_issuer: str | None = _var("JWT_ISSUER", _optional_str, None)
+    jwt_leeway: float = _var("JWT_LEEWAY", _float(0.0), 30.0)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``).
+
+        Raises:
+            ConfigError: a variable is malformed or the combination is unusable;
+                the message names the variable.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            raw = environ.get(name)
+            if raw is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.web_concurrency > 1 and not self.redis_url:
+            raise ConfigError(
+                f"WEB_CONCURRENCY: {self.web_concurrency} workers need REDIS_URL; without it "
+                "each worker would hold its own rooms and users would silently not see each "
+                "other. Set REDIS_URL or use WEB_CONCURRENCY=1."
+            )
+        if self.port and self.port == self.metrics_port:
+            raise ConfigError("METRICS_PORT: must differ from PORT")
+        if self.auth_required and not self.jwt_configured:
+            raise ConfigError(
+                "AUTH_REQUIRED: true needs JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS_URL"
+            )
+
+    @property
+    def jwt_configured(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)
+
+    def as_table(self) -> list[tuple[str, Any]]:
+        """(variable, value) pairs with secrets masked: for the start-up log."""
+        rows = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("jwt_secret", "redis_url", "database_url") and value:
+                value = "<set>"
+            rows.append((f.metadata["env"], value))
+        return rows

@@ -1,0 +1,132 @@
+"""This worker's share of the rooms: which local sessions to write an event to.
+
+The broker hands every event for a room or a user to :meth:`LocalHub.deliver_room`
+or :meth:`LocalHub.deliver_user`; the hub builds the WebSocket frame once and
+gives the same bytes to each local session, whose ``send_frame`` never blocks.
+Who is in a room *server-wide* is the room store's business, never this dict's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .protocol import message_id_of, text_frame
+from .stores.base import Broker
+
+if TYPE_CHECKING:
+    from .chat import Session
+
+
+class _Recovery:
+    """A session catching up on a room: live events wait here until the replay is sent."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+
+
+class LocalHub:
+    def __init__(self, broker: Broker,
+                 on_delivered: Callable[[int], None] = lambda n: None) -> None:
+        self._broker = broker
+        self._on_delivered = on_delivered
+        self.rooms: dict[str, dict[Session, None]] = {}  # ordered sets
+        self.users: dict[str, set[Session]] = {}
+        self._recovering: dict[str, dict[Session, _Recovery]] = {}
+
+    # -- membership --------------------------------------------------------------------
+    def _ensure_room(self, room: str) -> None:
+        if room not in self.rooms and room not in self._recovering:
+            self._broker.subscribe_room(room)
+
+    def _maybe_drop_room(self, room: str) -> None:
+        if room not in self.rooms and room not in self._recovering:
+            self._broker.unsubscribe_room(room)
+
+    def add_member(self, room: str, session: Session) -> None:
+        self._ensure_room(room)
+        self.rooms.setdefault(room, {})[session] = None
+
+    def begin_recovery(self, room: str, session: Session) -> None:
+        """Subscribe ``session`` to ``room`` but hold its live events (see finish_recovery)."""
+        self._ensure_room(room)
+        self._recovering.setdefault(room, {})[session] = _Recovery()
+        members = self.rooms.get(room)
+        if members is not None and session in members:  # re-join of a member: pause it
+            del members[session]
+            if not members:
+                del self.rooms[room]
+
+    def finish_recovery(self, room: str, session: Session, replayed_up_to: int) -> None:
+        """Send what arrived during the replay (minus messages it already held), go live."""
+        waiting = self._recovering.get(room)
+        recovery = waiting.pop(session, None) if waiting else None
+        if waiting is not None and not waiting:
+            del self._recovering[room]
+        if recovery is None:
+            return
+        for event in recovery.pending:
+            msg_id = message_id_of(event)
+            if msg_id is None or msg_id > replayed_up_to:
+                session.send_frame(text_frame(event))
+        self.rooms.setdefault(room, {})[session] = None
+
+    def remove_member(self, room: str, session: Session) -> None:
+        members = self.rooms.get(room)
+        if members is not None:
+            members.pop(session, None)
+            if not members:
+                del self.rooms[room]
+        waiting = self._recovering.get(room)
+        if waiting is not None:
+            waiting.pop(session, None)
+            if not waiting:
+                del self._recovering[room]
+        self._maybe_drop_room(room)
+
+    def add_user(self, session: Session) -> None:
+        sessions = self.users.get(session.user_id)
+        if sessions is None:
+            sessions = self.users[session.user_id] = set()
+            self._broker.subscribe_user(session.user_id)
+        sessions.add(session)
+
+    def remove_user(self, session: Session) -> None:
+        sessions = self.users.get(session.user_id)
+        if sessions is None:
+            return
+        sessions.discard(session)
+        if not sessions:
+            del self.users[session.user_id]
+            self._broker.unsubscribe_user(session.user_id)
+
+    # -- delivery (called by the broker) -----------------------------------------------
+    def deliver_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
+        members = self.rooms.get(room)
+        if members:
+            frame = text_frame(event)
+            sent = 0
+            for session in list(members):
+                if session.user_id != exclude_user:
+                    session.send_frame(frame)
+                    sent += 1
+            self._on_delivered(sent)
+        waiting = self._recovering.get(room)
+        if waiting:
+            for session, recovery in waiting.items():
+                if session.user_id != exclude_user:
+                    recovery.pending.append(event)
+
+    def deliver_user(self, user_id: str, event: bytes) -> None:
+        sessions = self.users.get(user_id)
+        if sessions:
+            frame = text_frame(event)
+            for session in list(sessions):
+                session.send_frame(frame)
+            self._on_delivered(len(sessions))
+
+    # -- figures -----------------------------------------------------------------------
+    def sessions(self) -> list[Session]:
+        return [s for group in self.users.values() for s in group]

@@ -1,0 +1,390 @@
+"""The wire protocol, without I/O: JSON text in, typed commands out; events in, bytes out.
+
+Every client frame is one JSON object with a ``type``. :func:`parse_command`
+turns it into one of the command dataclasses below or raises
+:class:`ProtocolError`, which carries the stable ``code`` the client sees in its
+``error`` event. Event encoders return the UTF-8 JSON bytes of one server event;
+:func:`text_frame` wraps such bytes into one unmasked WebSocket text frame, so
+fan-out encodes an event once and writes the same bytes to every member.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any, NewType
+
+import orjson
+
+UserId = NewType("UserId", str)
+RoomName = NewType("RoomName", str)
+RequestId = str | int | None
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of an ``error`` event: stable strings clients may branch on."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    AUTH_REQUIRED = "auth_required"
+    AUTH_FAILED = "auth_failed"
+    TOKEN_EXPIRED = "token_expired"
+    NOT_IN_ROOM = "not_in_room"
+    INVALID_ROOM = "invalid_room"
+    RATE_LIMITED = "rate_limited"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    USER_NOT_FOUND = "user_not_found"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal_error"
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server sends (RFC 6455 section 7.4, and 4000-4999 ours).
+
+    Codes below 4000 are the RFC's. In the 4000 range, 40xx means "do not
+    reconnect with the same credentials" and 41xx "reconnect after a pause".
+    """
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down: reconnect (to another pod)
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003  # a binary frame: the protocol is JSON text
+    INVALID_PAYLOAD = 1007  # invalid UTF-8 in a text frame
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009  # frame or message over MAX_MESSAGE_BYTES
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+    AUTH_TIMEOUT = 4001  # did not authenticate in time (AUTH_REQUIRED)
+    TOKEN_EXPIRED = 4002  # token expired and no fresh `auth` arrived
+    AUTH_FAILED = 4003
+    HEARTBEAT_TIMEOUT = 4100  # silent for two heartbeat intervals
+    SLOW_CONSUMER = 4101  # outbound backlog passed MAX_OUTBOUND_BYTES
+    RATE_LIMITED = 4102  # kept flooding after rate_limited errors
+
+
+class ProtocolError(Exception):
+    """A client request the server rejects; becomes one ``error`` event."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: RequestId = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.extra = extra
+
+    def to_event(self) -> bytes:
+        return encode_error(self.code, self.message, self.request_id, **self.extra)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds the parser enforces (from Settings)."""
+
+    max_text_chars: int = 4000
+    history_size: int = 100
+
+
+# Commands. `request_id` is the client's optional "id", echoed in the direct reply.
+@dataclass(frozen=True, slots=True)
+class Auth:
+    token: str
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    room: RoomName
+    since: int | None = None
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    room: RoomName
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    room: RoomName
+    text: str
+    client_msg_id: str | None = None
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendDm:
+    to: UserId
+    text: str
+    client_msg_id: str | None = None
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    room: RoomName
+    status: bool
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListUsers:
+    room: RoomName
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    room: RoomName
+    limit: int
+    before: int | None = None
+    request_id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    request_id: RequestId = None
+
+
+Command = Auth | Join | Leave | SendMessage | SendDm | Typing | ListUsers | History | Ping
+
+ROOM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
+USERNAME_RE = re.compile(r"^\w(?:[\w .\-]{0,30}[\w.\-])?$")
+MAX_ID_CHARS = 64
+
+
+def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], rid: RequestId,
+           required: bool = True) -> Any:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"missing field '{name}'", rid)
+        return None
+    # bool is an int in Python; a JSON true is never a valid number here.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"field '{name}' has the wrong type", rid)
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _room(obj: dict[str, Any], rid: RequestId) -> RoomName:
+    room = _field(obj, "room", str, rid)
+    if not ROOM_NAME_RE.match(room):
+        raise ProtocolError(
+            ErrorCode.INVALID_ROOM,
+            "room names are 1-64 characters: letters, digits and _ . : - "
+            "(starting with a letter or digit)", rid)
+    return RoomName(room)
+
+
+def _text(obj: dict[str, Any], rid: RequestId, limits: Limits) -> str:
+    text = _field(obj, "text", str, rid)
+    if not text.strip():
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "text is empty", rid)
+    if len(text) > limits.max_text_chars:
+        raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE,
+                            f"text is longer than {limits.max_text_chars} characters", rid)
+    return text
+
+
+def _short_id(obj: dict[str, Any], name: str, rid: RequestId) -> str | None:
+    value = _field(obj, name, str, rid, required=False)
+    if value is not None and not (0 < len(value) <= MAX_ID_CHARS):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"'{name}' must be 1-{MAX_ID_CHARS} characters", rid)
+    return value
+
+
+def _counter(obj: dict[str, Any], name: str, rid: RequestId, lo: int) -> int | None:
+    value = _field(obj, name, int, rid, required=False)
+    if value is not None and not (lo <= value < 2**53):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{name}' is out of range", rid)
+    return value
+
+
+def _request_id(obj: dict[str, Any]) -> RequestId:
+    rid = obj.get("id")
+    if rid is None:
+        return None
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'id' must be a string or an integer")
+    if isinstance(rid, str) and len(rid) > MAX_ID_CHARS:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'id' is longer than {MAX_ID_CHARS}")
+    if isinstance(rid, int) and not (-(2**53) < rid < 2**53):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'id' is out of range")
+    return rid
+
+
+def parse_command(raw: str | bytes, limits: Limits = Limits()) -> Command:
+    """Parse one client frame into a command.
+
+    Raises:
+        ProtocolError: malformed JSON, an unknown ``type``, or a missing,
+            wrong-typed or out-of-range field. ``request_id`` is set when the
+            frame carried a usable ``id``.
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "frame must be a JSON object")
+    rid = _request_id(obj)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "missing field 'type'", rid)
+    if kind == "message":
+        return SendMessage(_room(obj, rid), _text(obj, rid, limits),
+                           _short_id(obj, "client_msg_id", rid), rid)
+    if kind == "typing":
+        return Typing(_room(obj, rid), _field(obj, "status", bool, rid), rid)
+    if kind == "ping":
+        return Ping(rid)
+    if kind == "join":
+        return Join(_room(obj, rid), _counter(obj, "since", rid, 0), rid)
+    if kind == "leave":
+        return Leave(_room(obj, rid), rid)
+    if kind == "dm":
+        to = _field(obj, "to", str, rid)
+        if not 0 < len(to) <= 128:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'to' must be a user_id", rid)
+        return SendDm(UserId(to), _text(obj, rid, limits),
+                      _short_id(obj, "client_msg_id", rid), rid)
+    if kind == "list_users":
+        return ListUsers(_room(obj, rid), rid)
+    if kind == "history":
+        limit = _counter(obj, "limit", rid, 1)
+        limit = min(limit or 50, limits.history_size)
+        return History(_room(obj, rid), limit, _counter(obj, "before", rid, 1), rid)
+    if kind == "auth":
+        token = _field(obj, "token", str, rid)
+        if not 0 < len(token) <= 8192:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'token' is empty or too long", rid)
+        return Auth(token, rid)
+    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}", rid)
+
+
+def valid_username(name: str) -> bool:
+    """Usernames: 1-32 characters, letters/digits/_ . - and inner spaces."""
+    return bool(USERNAME_RE.match(name))
+
+
+# ---- events --------------------------------------------------------------------------
+
+def encode(event: dict[str, Any]) -> bytes:
+    """One server event as UTF-8 JSON bytes."""
+    return orjson.dumps(event)
+
+
+def _with_id(event: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
+    if request_id is not None:
+        event["id"] = request_id
+    return event
+
+
+def encode_error(code: ErrorCode, message: str, request_id: RequestId = None,
+                 **extra: Any) -> bytes:
+    return encode(_with_id({"type": "error", "code": code.value, "message": message, **extra},
+                           request_id))
+
+
+def encode_reply(kind: str, request_id: RequestId = None, **fields: Any) -> bytes:
+    """A direct reply to a request (``joined``, ``left``, ``users``, ``pong``, ...)."""
+    return encode(_with_id({"type": kind, **fields}, request_id))
+
+
+def encode_history(room: str, messages: list[bytes], request_id: RequestId = None,
+                   **fields: Any) -> bytes:
+    """``history`` reply embedding stored message JSON as-is (no decode/re-encode)."""
+    return encode(_with_id({"type": "history", "room": room,
+                            "messages": [orjson.Fragment(m) for m in messages], **fields},
+                           request_id))
+
+
+def encode_presence(room: str, user_id: str, username: str, status: str) -> bytes:
+    return encode({"type": "presence", "room": room, "user": username, "user_id": user_id,
+                   "status": status})
+
+
+def encode_typing(room: str, user_id: str, username: str, status: bool) -> bytes:
+    return encode({"type": "typing", "room": room, "user": username, "user_id": user_id,
+                   "status": status})
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDraft:
+    """A room message or DM before the store gives it its id.
+
+    The store splices the id between ``prefix`` and ``suffix`` (which makes it
+    one string concatenation, in Python or in a Redis Lua script).
+    """
+
+    prefix: bytes
+    suffix: bytes
+    client_msg_id: str | None
+
+    def with_id(self, msg_id: int) -> bytes:
+        return self.prefix + str(msg_id).encode() + self.suffix
+
+
+def draft_message(room: str, username: str, user_id: str, text: str, timestamp_ms: int,
+                  client_msg_id: str | None) -> MessageDraft:
+    body = {"room": room, "from": username, "user_id": user_id, "text": text,
+            "timestamp": timestamp_ms}
+    if client_msg_id is not None:
+        body["client_msg_id"] = client_msg_id
+    return MessageDraft(_MESSAGE_PREFIX, b"," + orjson.dumps(body)[1:],
+                        client_msg_id)
+
+
+def draft_dm(to: str, username: str, user_id: str, text: str, timestamp_ms: int,
+             client_msg_id: str | None) -> MessageDraft:
+    body = {"from": username, "user_id": user_id, "to": to, "text": text,
+            "timestamp": timestamp_ms}
+    if client_msg_id is not None:
+        body["client_msg_id"] = client_msg_id
+    return MessageDraft(b'{"type":"dm","id":', b"," + orjson.dumps(body)[1:], client_msg_id)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One final, unmasked RFC 6455 text frame carrying ``payload``.
+
+    Server-to-client frames are never masked, so the same bytes serve every
+    member of a room.
+    """
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+PING_FRAME = b"\x89\x00"
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """An unmasked close frame (reason cut to fit the 125-byte control-frame limit)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
+_MESSAGE_PREFIX = b'{"type":"message","id":'
+
+
+def message_id_of(event: bytes) -> int | None:
+    """The room sequence id of a stored ``message`` event, None for any other event."""
+    if not event.startswith(_MESSAGE_PREFIX):
+        return None
+    end = event.index(b",", len(_MESSAGE_PREFIX))
+    return int(event[len(_MESSAGE_PREFIX):end])

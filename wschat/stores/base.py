@@ -1,0 +1,180 @@
+"""Store interfaces: the state every worker and pod must agree on.
+
+One interface per concern, each with a memory implementation (one process) and
+a Redis implementation (any number of workers and pods). Every operation is a
+single atomic step in both (one Lua script or one pipeline in Redis), so no
+global lock is ever needed.
+
+Delivery is part of the contract: :class:`Broker` carries already-encoded
+event bytes to the workers that have local members of a room or local
+connections of a user; each worker then writes them to its own sockets
+(:class:`wschat.hub.LocalHub`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..protocol import MessageDraft
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    username: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"user_id": self.user_id, "username": self.username}
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    first_of_user: bool  # the user's first connection in the room: announce "online"
+    members: list[User]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveResult:
+    last_of_user: bool  # the user's last connection left the room: announce "offline"
+    room_empty: bool  # nobody is left: the room is dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A stored room message or DM: its id and the exact event JSON members receive."""
+
+    msg_id: int
+    event: bytes
+    duplicate: bool  # a retry with a known client_msg_id: nothing was broadcast
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    messages: list[bytes]  # event JSON, oldest first
+    complete: bool  # False: the store no longer holds every message after `since`
+
+
+class Unavailable(Exception):
+    """The shared store cannot be reached; the request is refused, not half-done."""
+
+
+class RoomStore(ABC):
+    """Room membership, counted per connection so a user with two tabs stays present."""
+
+    @abstractmethod
+    def join(self, room: str, conn_id: str, user: User) -> JoinResult:
+        """Add a connection to a room (creating it); return whether the user is new there."""
+
+    @abstractmethod
+    def leave(self, room: str, conn_id: str, user_id: str) -> LeaveResult:
+        """Remove a connection from a room (dropping the room when it empties)."""
+
+    @abstractmethod
+    def members(self, room: str) -> list[User]:
+        """Distinct users present in the room, in join order."""
+
+    @abstractmethod
+    def totals(self) -> tuple[int, int]:
+        """(rooms with members, user memberships) for the whole server."""
+
+
+class PresenceStore(ABC):
+    """Which users are connected anywhere (DM routing and ``user_not_found``)."""
+
+    @abstractmethod
+    def connect(self, conn_id: str, user: User) -> None: ...
+
+    @abstractmethod
+    def disconnect(self, conn_id: str, user_id: str) -> None: ...
+
+    @abstractmethod
+    def is_online(self, user_id: str) -> bool: ...
+
+
+class MessageStore(ABC):
+    """Room history, per-room sequence numbers, DMs and ``client_msg_id`` dedupe.
+
+    ``post_*`` assign the id, store the message and publish it, in one step: a
+    message is either delivered with its id or not stored at all.
+    """
+
+    @abstractmethod
+    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted: ...
+
+    @abstractmethod
+    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft) -> Posted: ...
+
+    @abstractmethod
+    def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
+        """Up to ``limit`` messages (ids < ``before`` if given), oldest first."""
+
+    @abstractmethod
+    def since(self, room: str, after_id: int) -> Replay:
+        """Every message with id > ``after_id``, or ``complete=False`` if some are gone."""
+
+    @abstractmethod
+    def last_id(self, room: str) -> int: ...
+
+    @abstractmethod
+    def room_emptied(self, room: str) -> None:
+        """The room has no members left: let its history expire after ROOM_TTL."""
+
+    @abstractmethod
+    def room_occupied(self, room: str) -> None:
+        """Someone joined: keep the room's history."""
+
+
+RoomHandler = Callable[[str, bytes, "str | None"], None]  # (room, event, exclude_user)
+UserHandler = Callable[[str, bytes], None]  # (user_id, event)
+
+
+class Broker(ABC):
+    """Delivers event bytes to the workers holding a room's members or a user's sockets."""
+
+    @abstractmethod
+    def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:
+        """Begin delivering to the local handlers."""
+
+    @abstractmethod
+    def publish_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None: ...
+
+    @abstractmethod
+    def publish_user(self, user_id: str, event: bytes) -> None: ...
+
+    @abstractmethod
+    def subscribe_room(self, room: str) -> None:
+        """This worker now has members in ``room`` (called on 0 -> 1 local members)."""
+
+    @abstractmethod
+    def unsubscribe_room(self, room: str) -> None: ...
+
+    @abstractmethod
+    def subscribe_user(self, user_id: str) -> None: ...
+
+    @abstractmethod
+    def unsubscribe_user(self, user_id: str) -> None: ...
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class Stores:
+    """The backend chosen once from configuration and handed to the chat core."""
+
+    rooms: RoomStore
+    presence: PresenceStore
+    messages: MessageStore
+    broker: Broker
+    name: str = "memory"
+
+    def healthy(self) -> bool:
+        return self.broker.healthy()
+
+    def close(self) -> None:
+        self.broker.close()

@@ -1,0 +1,221 @@
+"""In-process stores: the embedded default, for exactly one gunicorn worker.
+
+Everything lives in this process's dicts; under gevent no operation here
+yields, so each is atomic without a lock. Several workers would each hold their
+own rooms, which is why start-up refuses ``WEB_CONCURRENCY > 1`` without Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from ..protocol import MessageDraft
+from .base import (
+    Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomHandler, RoomStore,
+    Stores, User, UserHandler,
+)
+
+DEDUPE_TTL = 3600.0
+DEDUPE_MAX = 100_000
+
+
+class MemoryRoomStore(RoomStore):
+    def __init__(self) -> None:
+        # room -> user_id -> (User, set of conn_ids); dicts keep join order.
+        self._rooms: dict[str, dict[str, tuple[User, set[str]]]] = {}
+        self._memberships = 0
+
+    def join(self, room: str, conn_id: str, user: User) -> JoinResult:
+        users = self._rooms.setdefault(room, {})
+        entry = users.get(user.user_id)
+        first = entry is None
+        if first:
+            entry = users[user.user_id] = (user, set())
+            self._memberships += 1
+        entry[1].add(conn_id)
+        return JoinResult(first, [u for u, _ in users.values()])
+
+    def leave(self, room: str, conn_id: str, user_id: str) -> LeaveResult:
+        users = self._rooms.get(room)
+        entry = users.get(user_id) if users else None
+        if entry is None:
+            return LeaveResult(False, not users)
+        entry[1].discard(conn_id)
+        if entry[1]:
+            return LeaveResult(False, False)
+        del users[user_id]
+        self._memberships -= 1
+        if not users:
+            del self._rooms[room]
+        return LeaveResult(True, not users)
+
+    def members(self, room: str) -> list[User]:
+        return [u for u, _ in self._rooms.get(room, {}).values()]
+
+    def totals(self) -> tuple[int, int]:
+        return len(self._rooms), self._memberships
+
+
+class MemoryPresenceStore(PresenceStore):
+    def __init__(self) -> None:
+        self._conns: dict[str, set[str]] = {}
+
+    def connect(self, conn_id: str, user: User) -> None:
+        self._conns.setdefault(user.user_id, set()).add(conn_id)
+
+    def disconnect(self, conn_id: str, user_id: str) -> None:
+        conns = self._conns.get(user_id)
+        if conns is not None:
+            conns.discard(conn_id)
+            if not conns:
+                del self._conns[user_id]
+
+    def is_online(self, user_id: str) -> bool:
+        return user_id in self._conns
+
+
+class _RoomLog:
+    __slots__ = ("last_id", "messages")
+
+    def __init__(self, size: int) -> None:
+        self.last_id = 0
+        self.messages: deque[tuple[int, bytes]] = deque(maxlen=size)
+
+
+class MemoryMessageStore(MessageStore):
+    def __init__(self, broker: Broker, history_size: int, room_ttl: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._broker = broker
+        self._size = history_size
+        self._room_ttl = room_ttl
+        self._clock = clock
+        self._logs: dict[str, _RoomLog] = {}
+        self._idle: OrderedDict[str, float] = OrderedDict()  # emptied room -> when
+        self._dedupe: OrderedDict[tuple[str, str, str], tuple[float, Posted]] = OrderedDict()
+        self._dm_last_id = 0
+
+    def _seen(self, key: tuple[str, str, str]) -> Posted | None:
+        now = self._clock()
+        while self._dedupe:
+            oldest_key, (at, _) = next(iter(self._dedupe.items()))
+            if now - at < DEDUPE_TTL and len(self._dedupe) <= DEDUPE_MAX:
+                break
+            del self._dedupe[oldest_key]
+        hit = self._dedupe.get(key)
+        return Posted(hit[1].msg_id, hit[1].event, True) if hit else None
+
+    def _remember(self, key: tuple[str, str, str], posted: Posted) -> None:
+        self._dedupe[key] = (self._clock(), posted)
+
+    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
+        key = (room, user_id, draft.client_msg_id) if draft.client_msg_id else None
+        if key and (hit := self._seen(key)):
+            return hit
+        log = self._logs.get(room)
+        if log is None:
+            log = self._logs[room] = _RoomLog(self._size)
+        self._idle.pop(room, None)
+        log.last_id += 1
+        event = draft.with_id(log.last_id)
+        log.messages.append((log.last_id, event))
+        posted = Posted(log.last_id, event, False)
+        if key:
+            self._remember(key, posted)
+        self._broker.publish_room(room, event)
+        return posted
+
+    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft) -> Posted:
+        key = ("", sender_id, draft.client_msg_id) if draft.client_msg_id else None
+        if key and (hit := self._seen(key)):
+            return hit
+        self._dm_last_id += 1
+        posted = Posted(self._dm_last_id, draft.with_id(self._dm_last_id), False)
+        if key:
+            self._remember(key, posted)
+        self._broker.publish_user(recipient_id, posted.event)
+        if sender_id != recipient_id:
+            self._broker.publish_user(sender_id, posted.event)
+        return posted
+
+    def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
+        log = self._logs.get(room)
+        if log is None:
+            return []
+        picked: list[bytes] = []
+        for msg_id, event in reversed(log.messages):
+            if before is not None and msg_id >= before:
+                continue
+            picked.append(event)
+            if len(picked) >= limit:
+                break
+        picked.reverse()
+        return picked
+
+    def since(self, room: str, after_id: int) -> Replay:
+        log = self._logs.get(room)
+        last = log.last_id if log else 0
+        if after_id > last:
+            return Replay([], False)  # the client saw ids this store never issued
+        if after_id == last:
+            return Replay([], True)
+        assert log is not None
+        oldest = log.messages[0][0]
+        return Replay([e for i, e in log.messages if i > after_id], after_id >= oldest - 1)
+
+    def last_id(self, room: str) -> int:
+        log = self._logs.get(room)
+        return log.last_id if log else 0
+
+    def room_emptied(self, room: str) -> None:
+        now = self._clock()
+        if room in self._logs:
+            self._idle[room] = now
+            self._idle.move_to_end(room)
+        while self._idle:
+            oldest, at = next(iter(self._idle.items()))
+            if now - at < self._room_ttl:
+                break
+            del self._idle[oldest]
+            self._logs.pop(oldest, None)
+
+    def room_occupied(self, room: str) -> None:
+        self._idle.pop(room, None)
+
+
+class MemoryBroker(Broker):
+    """Delivery within this process: publishing is calling the local hub."""
+
+    def __init__(self) -> None:
+        self._on_room: RoomHandler | None = None
+        self._on_user: UserHandler | None = None
+
+    def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:
+        self._on_room, self._on_user = on_room, on_user
+
+    def publish_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
+        if self._on_room is not None:
+            self._on_room(room, event, exclude_user)
+
+    def publish_user(self, user_id: str, event: bytes) -> None:
+        if self._on_user is not None:
+            self._on_user(user_id, event)
+
+    def subscribe_room(self, room: str) -> None:
+        pass
+
+    def unsubscribe_room(self, room: str) -> None:
+        pass
+
+    def subscribe_user(self, user_id: str) -> None:
+        pass
+
+    def unsubscribe_user(self, user_id: str) -> None:
+        pass
+
+
+def create_memory_stores(history_size: int, room_ttl: float) -> Stores:
+    broker = MemoryBroker()
+    return Stores(MemoryRoomStore(), MemoryPresenceStore(),
+                  MemoryMessageStore(broker, history_size, room_ttl), broker, "memory")

@@ -1,0 +1,400 @@
+"""The WebSocket edge: admission before the upgrade, then one connection's I/O.
+
+flask-sock registers ``/ws`` and performs the RFC 6455 handshake (through
+simple-websocket and wsproto). From then on :class:`WebSocketConnection` drives
+the socket itself, in the request's own greenlet, with wsproto as the frame
+parser:
+
+* reading: the handler greenlet reads, parses and dispatches (simple-websocket's
+  second reader greenlet per connection is never started);
+* writing: ``send_frame`` tries one non-blocking ``send`` of the already-encoded
+  frame; only what the kernel does not take is queued, and a flusher greenlet
+  exists only while a queue does. A queue over ``MAX_OUTBOUND_BYTES`` closes
+  the connection (4101 slow consumer), so one slow member never stalls a room
+  and memory stays bounded;
+* one :class:`Ticker` greenlet per worker sends heartbeats, closes silent peers
+  and drives the chat core's timers.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from typing import Any
+
+import gevent
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    BytesMessage, CloseConnection, Ping, Pong, TextMessage,
+)
+from wsproto.utilities import LocalProtocolError
+
+from .auth import Identity
+from .chat import Chat, Session
+from .protocol import PING_FRAME, CloseCode
+
+log = logging.getLogger("wschat.transport")
+
+RECV_BYTES = 65536
+CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
+
+
+class ConnState(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"  # our close frame is queued or sent; waiting for the peer's
+    CLOSED = "closed"
+
+
+class NoReaderThread:
+    """Given to simple-websocket as ``thread_class``: we read in the handler greenlet."""
+
+    name = "wschat-no-reader"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+
+class WebSocketConnection(Session):
+    __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
+                 "_flusher", "_close_timer", "_parts", "_part_chars", "state", "last_seen",
+                 "close_code", "close_reason")
+
+    def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
+                 conn_id: str, identity: Identity, authenticated: bool,
+                 remote_addr: str) -> None:
+        super().__init__(conn_id, identity, authenticated, remote_addr)
+        self.transport = transport
+        self._sock = sock
+        # gevent's socket wraps a non-blocking OS socket: writing to it directly
+        # never yields, which is what fan-out wants.
+        self._raw = getattr(sock, "_sock", sock)
+        self._ws = wsconn
+        self._outbox: deque[bytes | memoryview] = deque()
+        self._outbox_bytes = 0
+        self._flusher: gevent.Greenlet | None = None
+        self._close_timer: gevent.Greenlet | None = None
+        self._parts: list[str] = []
+        self._part_chars = 0
+        self.state = ConnState.OPEN
+        self.last_seen = time.monotonic()
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    # -- writing -----------------------------------------------------------------------
+    def send_frame(self, frame: bytes) -> None:
+        if self.state is ConnState.OPEN:
+            self._write(frame)
+
+    @property
+    def outbound_bytes(self) -> int:
+        return self._outbox_bytes
+
+    def _write(self, data: bytes) -> None:
+        if self._outbox:  # keep order behind what already waits
+            self._queue(data)
+            return
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort("write failed")
+            return
+        if sent < len(data):
+            self._queue(memoryview(data)[sent:])
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        if (self._outbox_bytes > self.transport.max_outbound_bytes
+                and self.state is ConnState.OPEN):
+            self._drop_slow_consumer()
+        if self._flusher is None and self.state is not ConnState.CLOSED:
+            self._flusher = gevent.spawn(self._flush)
+
+    def _flush(self) -> None:
+        try:
+            while self._outbox and self.state is not ConnState.CLOSED:
+                chunk = self._outbox[0]
+                sent = self._sock.send(chunk)  # cooperative: waits until writable
+                self._outbox_bytes -= sent
+                if sent >= len(chunk):
+                    self._outbox.popleft()
+                else:
+                    self._outbox[0] = memoryview(chunk)[sent:]
+                if not self._outbox:
+                    self._outbox_bytes = 0
+        except OSError:
+            self.abort("write failed")
+        finally:
+            self._flusher = None
+
+    def _drop_slow_consumer(self) -> None:
+        """Backlog over the limit: drop it and say why.
+
+        The head stays: it may be half written (or in the flusher's hands), and
+        a close frame after half a frame would corrupt the stream.
+        """
+        self.transport.metrics.disconnected("slow_consumer")
+        head = self._outbox[0]
+        self._outbox.clear()
+        self._outbox.append(head)
+        self._outbox_bytes = len(head)
+        self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", timeout=1.0)
+
+    # -- closing -----------------------------------------------------------------------
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Start the close handshake; the socket goes when the peer answers or times out."""
+        if self.state is ConnState.OPEN:
+            self._begin_close(code, reason, CLOSE_HANDSHAKE_TIMEOUT)
+
+    def _begin_close(self, code: int, reason: str, timeout: float) -> None:
+        self.state = ConnState.CLOSING
+        self.close_code, self.close_reason = int(code), reason
+        try:
+            self._write(self._ws.send(CloseConnection(code=int(code), reason=reason)))
+        except LocalProtocolError:
+            pass
+        self._close_timer = gevent.spawn_later(timeout, self.abort, "close timeout")
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the TCP connection now; the reader greenlet wakes up and cleans up."""
+        if self.state is ConnState.CLOSED:
+            return
+        if self.close_code is None:
+            self.close_code, self.close_reason = 1006, reason
+        self.state = ConnState.CLOSED
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- reading (runs in the request's greenlet) --------------------------------------
+    def run(self) -> None:
+        chat = self.transport.chat
+        try:
+            chat.open(self)
+            while self.state is not ConnState.CLOSED:
+                data = self._sock.recv(RECV_BYTES)
+                if not data:
+                    break
+                self.last_seen = time.monotonic()
+                self._ws.receive_data(data)
+                if not self._handle_events():
+                    break
+        except (OSError, LocalProtocolError):
+            pass
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            log.exception("connection %s failed", self.conn_id)
+            self.close_code, self.close_reason = int(CloseCode.INTERNAL_ERROR), "internal error"
+        finally:
+            self._finish()
+
+    def _handle_events(self) -> bool:
+        """Process parsed events; False when the connection is done."""
+        limit = self.transport.max_message_bytes
+        for event in self._ws.events():
+            if isinstance(event, TextMessage):
+                if self.state is not ConnState.OPEN:
+                    continue
+                self._parts.append(event.data)
+                self._part_chars += len(event.data)
+                if self._part_chars > limit:  # chars <= bytes: surely too big
+                    self._too_big()
+                    continue
+                if not event.message_finished:
+                    continue
+                text = self._parts[0] if len(self._parts) == 1 else "".join(self._parts)
+                self._parts, self._part_chars = [], 0
+                if len(text) * 4 > limit and len(text.encode()) > limit:
+                    self._too_big()
+                    continue
+                self.transport.chat.receive(self, text)
+            elif isinstance(event, BytesMessage):
+                self.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+            elif isinstance(event, Ping):
+                if self._ws.state is ConnectionState.OPEN:
+                    self._write(self._ws.send(event.response()))
+            elif isinstance(event, Pong):
+                pass
+            elif isinstance(event, CloseConnection):
+                return self._on_close_event(event)
+        return True
+
+    def _too_big(self) -> None:
+        self._parts, self._part_chars = [], 0
+        self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def _on_close_event(self, event: CloseConnection) -> bool:
+        state = self._ws.state
+        if state is ConnectionState.REMOTE_CLOSING:  # the peer closes: echo its code
+            if self.close_code is None:
+                self.close_code, self.close_reason = event.code, event.reason or "peer closed"
+            self.state = ConnState.CLOSING
+            self._write(self._ws.send(event.response()))
+            return False
+        if state is ConnectionState.CLOSED:  # the peer answered our close
+            return False
+        # Still OPEN: wsproto could not parse the peer's bytes (bad UTF-8 -> 1007,
+        # unmasked or malformed frame -> 1002, ...): close with that code.
+        self.close(event.code, event.reason or "protocol error")
+        return False
+
+    def _finish(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.kill(block=False)
+        if self.state is not ConnState.CLOSED and self._flusher is not None:
+            self._flusher.join(timeout=1.0)  # let the close frame out
+        self.state = ConnState.CLOSED
+        if self._flusher is not None:
+            self._flusher.kill(block=False)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        try:
+            self.transport.chat.close(self)
+        finally:
+            self.transport.forget(self)
+
+
+class Transport:
+    """This worker's WebSocket connections: admission, registry, heartbeat, shutdown."""
+
+    def __init__(self, chat: Chat, metrics: Any, budget: ConnectionBudget) -> None:
+        settings = chat.settings
+        self.chat = chat
+        self.metrics = metrics
+        self.budget = budget
+        self.max_outbound_bytes = settings.max_outbound_bytes
+        self.max_message_bytes = settings.max_message_bytes
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.connections: set[WebSocketConnection] = set()
+        self.node_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._conn_seq = itertools.count(1)
+        self.shutting_down = False
+        self._ticker: gevent.Greenlet | None = None
+
+    def new_conn_id(self) -> str:
+        return f"{self.node_id}:{next(self._conn_seq)}"
+
+    def serve(self, ws: Any, identity: Identity, authenticated: bool, remote_addr: str
+              ) -> WebSocketConnection:
+        """Run one accepted WebSocket (from flask-sock) until it ends."""
+        self.start()
+        conn = WebSocketConnection(self, ws.sock, ws.ws, self.new_conn_id(), identity,
+                                   authenticated, remote_addr)
+        self.connections.add(conn)
+        self.metrics.connection_opened()
+        log.info("open conn=%s user=%s addr=%s", conn.conn_id, conn.user_id, remote_addr,
+                 extra={"event": "open", "conn": conn.conn_id, "user": conn.user_id,
+                        "addr": remote_addr})
+        try:
+            conn.run()
+        finally:
+            ws.connected = False  # flask-sock must not write a second close frame
+        return conn
+
+    def forget(self, conn: WebSocketConnection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.budget.release()
+            self.metrics.connection_closed()
+            duration = time.monotonic() - conn.opened_at
+            log.info("close conn=%s user=%s code=%s reason=%s duration=%.1fs", conn.conn_id,
+                     conn.user_id, conn.close_code, conn.close_reason, duration,
+                     extra={"event": "close", "conn": conn.conn_id, "user": conn.user_id,
+                            "code": conn.close_code, "reason": conn.close_reason,
+                            "duration_s": round(duration, 3)})
+
+    # -- the per-worker timer ----------------------------------------------------------
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = gevent.spawn(self._tick_forever)
+
+    def _tick_forever(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_interval
+        step = min(1.0, self.heartbeat_interval / 2, self.chat.settings.typing_timeout / 4)
+        while True:
+            gevent.sleep(step)
+            try:
+                self.chat.tick()
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.heartbeat(now)
+                    next_beat = now + self.heartbeat_interval
+            except Exception:
+                log.exception("timer failed")
+
+    def heartbeat(self, now: float) -> None:
+        """Ping everyone (one shared frame); close whoever was silent two intervals."""
+        silent_after = 2 * self.heartbeat_interval
+        for conn in list(self.connections):
+            if conn.state is not ConnState.OPEN:
+                continue
+            if now - conn.last_seen > silent_after:
+                self.metrics.disconnected("heartbeat_timeout")
+                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+            else:
+                conn._write(PING_FRAME)
+
+    # -- shutdown ----------------------------------------------------------------------
+    def shutdown(self, timeout: float) -> None:
+        """Close every connection with 1001 and wait (bounded) until they are gone."""
+        self.shutting_down = True
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort("shutdown")
+
+
+class ConnectionBudget:
+    """``MAX_CONNECTIONS`` for the whole server: one counter slot per gunicorn worker.
+
+    The slots live in shared memory the gunicorn master creates before forking
+    (see ``gunicorn.conf.py``); without gunicorn, a local counter is used.
+    Admission reads the sum without a lock, so concurrent workers may overshoot
+    the limit by at most (workers - 1) connections.
+    """
+
+    def __init__(self, limit: int, slots: Any = None, slot: int = 0) -> None:
+        self.limit = limit
+        self._slots = slots if slots is not None else [0]
+        self._slot = slot if slots is not None else 0
+
+    def attach(self, slots: Any, slot: int) -> None:
+        local = self._slots[self._slot]
+        self._slots, self._slot = slots, slot
+        self._slots[slot] = local
+
+    def try_acquire(self) -> bool:
+        if sum(self._slots) >= self.limit:
+            return False
+        self._slots[self._slot] += 1
+        return True
+
+    def release(self) -> None:
+        self._slots[self._slot] = max(0, self._slots[self._slot] - 1)
+
+    @property
+    def in_use(self) -> int:
+        return sum(self._slots)
+
+
+def remote_address(environ: dict[str, Any]) -> str:
+    return str(environ.get("REMOTE_ADDR") or "")
+
