@@ -1,0 +1,269 @@
+"""Shared fixtures: real gunicorn servers on free ports, real WebSocket clients, real Redis.
+
+Every wait has a timeout, scaled by ``WSCHAT_TEST_TIMEOUT_SCALE`` (default 1)
+for slow machines. Services: Redis at ``REDIS_URL`` (default
+redis://127.0.0.1:6379); outside CI a missing service skips its tests with the
+reason, under ``CI=true`` it fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = float(os.environ.get("WSCHAT_TEST_TIMEOUT_SCALE", "1"))
+TIMEOUT = 5.0 * SCALE
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Any, timeout: float = TIMEOUT, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = TIMEOUT, headers: dict[str, str] | None = None
+             ) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+class Server:
+    """A real ``gunicorn -c gunicorn.conf.py wschat:app`` on free ports."""
+
+    def __init__(self, env: dict[str, str] | None = None, workers: int = 1) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "METRICS_PORT": str(self.metrics_port),
+            "WEB_CONCURRENCY": str(workers),
+            "GRACEFUL_TIMEOUT": "10",
+            **(env or {}),
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.log = tempfile.NamedTemporaryFile(prefix="wschat-server-", suffix=".log",
+                                               delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def http(self, path: str, metrics: bool = False) -> tuple[int, bytes]:
+        port = self.metrics_port if metrics else self.port
+        return http_get(f"http://127.0.0.1:{port}{path}")
+
+    def start(self, wait: bool = True) -> Server:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+             "wschat:app"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 20 * SCALE) -> None:
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n"
+                                     f"{self.output()}")
+            try:
+                return (self.http("/health")[0] == 200
+                        and self.http("/health", metrics=True)[0] == 200)
+            except OSError:
+                return False
+
+        wait_until(up, timeout, 0.05, "the server's /health")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20 * SCALE) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+            raise AssertionError(f"server did not stop within {timeout}s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for pid in self.worker_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()
+            self.log.close()
+
+
+class Client:
+    """A real WebSocket client (``websockets`` sync API) with JSON helpers."""
+
+    def __init__(self, url: str, query: str = "", headers: dict[str, str] | None = None,
+                 expect_welcome: bool = True, **kwargs: Any) -> None:
+        target = url + (("?" + query) if query else "")
+        self.ws: ClientConnection = connect(target, additional_headers=headers,
+                                            open_timeout=TIMEOUT, max_size=None,
+                                            **kwargs).__enter__()
+        self.backlog: list[dict[str, Any]] = []
+        self.welcome = self.expect("welcome") if expect_welcome else None
+
+    @property
+    def user_id(self) -> str:
+        assert self.welcome is not None
+        return self.welcome["user_id"]
+
+    def send(self, obj: Any) -> None:
+        self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
+
+    def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        if self.backlog:
+            return self.backlog.pop(0)
+        return json.loads(self.ws.recv(timeout))
+
+    def expect(self, kind: str, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+        """Next event of type ``kind`` (matching ``match``); other events are kept."""
+        for i, event in enumerate(self.backlog):
+            if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                return self.backlog.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind} {match or ''} within {timeout}s; "
+                                     f"got {self.backlog}")
+            try:
+                event = json.loads(self.ws.recv(left))
+            except TimeoutError:
+                continue
+            if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                return event
+            self.backlog.append(event)
+
+    def request(self, obj: dict[str, Any], reply: str, timeout: float = TIMEOUT
+                ) -> dict[str, Any]:
+        self.send(obj)
+        return self.expect(reply, timeout)
+
+    def join(self, room: str, **extra: Any) -> dict[str, Any]:
+        return self.request({"type": "join", "room": room, **extra}, "joined")
+
+    def say(self, room: str, text: str, **extra: Any) -> dict[str, Any]:
+        """Send a message and return its echo (the acknowledgement)."""
+        self.send({"type": "message", "room": room, "text": text, **extra})
+        return self.expect("message", text=text)
+
+    def assert_silent(self, kind: str | None = None, within: float = 0.3) -> None:
+        """Nothing (of type ``kind``) arrives within ``within`` seconds."""
+        try:
+            event = self.expect(kind, within) if kind else self.recv(within)
+        except (AssertionError, TimeoutError):
+            return
+        raise AssertionError(f"unexpected event {event}")
+
+    def close(self) -> None:
+        self.ws.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def redis_url_or_skip(db: int) -> str:
+    """A Redis URL for database ``db`` that answers PING, flushed; skip outside CI."""
+    import redis
+
+    url = f"{REDIS_URL.rstrip('/')}/{db}" if REDIS_URL.count("/") == 2 else REDIS_URL
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        client.ping()
+        client.flushdb()
+        client.close()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis at {url} is required under CI=true: {exc}")
+        pytest.skip(f"Redis not reachable at {url}: {exc}")
+    return url
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """One memory-backend server for a test module, with fast timers."""
+    with Server({"HEARTBEAT_INTERVAL": "30", "TYPING_TIMEOUT": "0.5", "RATE_LIMIT": "1000",
+                 "RATE_LIMIT_BURST": "1000", "JWT_SECRET": "test-secret-0123456789abcdef"}
+                ) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client_factory(server: Server) -> Iterator[Any]:
+    clients: list[Client] = []
+
+    def make(query: str = "", **kwargs: Any) -> Client:
+        client = Client(server.url, query, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        try:
+            client.close()
+        except Exception:
+            pass

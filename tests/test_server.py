@@ -1,0 +1,456 @@
+"""The chat server end to end: real gunicorn, real sockets, one behaviour per test."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+
+import jwt
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conftest import TIMEOUT, Client, Server, wait_until
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+def room() -> str:
+    return f"r-{uuid.uuid4().hex[:10]}"
+
+
+def token(sub: str, name: str | None = None, ttl: float = 3600) -> str:
+    now = int(time.time())
+    claims = {"sub": sub, "exp": now + int(ttl), "iat": now}
+    if name:
+        claims["name"] = name
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def test_health_on_both_ports(server: Server) -> None:
+    """/health answers 200 on the WebSocket port and the metrics port."""
+    assert server.http("/health")[0] == 200
+    assert server.http("/health", metrics=True)[0] == 200
+
+
+def test_browser_page_served(server: Server) -> None:
+    """/ serves the browser chat page."""
+    status, body = server.http("/")
+    assert status == 200 and b"new WebSocket" in body
+
+
+def test_plain_http_to_ws_is_refused(server: Server) -> None:
+    """A non-upgrade GET /ws gets 426, not a crash."""
+    assert server.http("/ws")[0] == 426
+
+
+def test_guest_welcome_uses_username(client_factory) -> None:
+    """A guest gets a generated user_id and the ?username= it asked for."""
+    c = client_factory("username=alice")
+    assert c.welcome["username"] == "alice"
+    assert c.welcome["user_id"].startswith("guest-")
+    assert c.welcome["authenticated"] is False
+
+
+def test_invalid_username_refused_before_upgrade(server: Server) -> None:
+    """An invalid ?username= is refused with 400 before the handshake."""
+    with pytest.raises(InvalidStatus) as info:
+        Client(server.url, "username=" + "x" * 80)
+    assert info.value.response.status_code == 400
+
+
+def test_join_reply_and_presence(client_factory) -> None:
+    """joined lists the users; the others get presence online, the joiner does not."""
+    r = room()
+    a, b = client_factory("username=alice"), client_factory("username=bob")
+    joined = a.join(r, id="j1")
+    assert joined["id"] == "j1"
+    assert joined["users"] == [{"user_id": a.user_id, "username": "alice"}]
+    joined_b = b.join(r)
+    assert [u["username"] for u in joined_b["users"]] == ["alice", "bob"]
+    presence = a.expect("presence")
+    assert presence == {"type": "presence", "room": r, "user": "bob",
+                        "user_id": b.user_id, "status": "online"}
+    b.assert_silent("presence")
+
+
+def test_messages_have_sequential_ids_and_echo(client_factory) -> None:
+    """Every member, the sender included, gets each message with ids 1, 2, 3."""
+    r = room()
+    a, b = client_factory("username=alice"), client_factory("username=bob")
+    a.join(r)
+    b.join(r)
+    for i in range(3):
+        a.send({"type": "message", "room": r, "text": f"m{i}"})
+    got_a = [a.expect("message") for _ in range(3)]
+    got_b = [b.expect("message") for _ in range(3)]
+    assert [m["id"] for m in got_a] == [1, 2, 3]
+    assert got_a == got_b
+    first = got_b[0]
+    assert first["from"] == "alice" and first["user_id"] == a.user_id
+    assert first["room"] == r and first["text"] == "m0"
+    assert abs(first["timestamp"] - time.time() * 1000) < 60_000
+
+
+def test_client_msg_id_dedupe(client_factory) -> None:
+    """A resent client_msg_id is not broadcast again; the sender gets the original."""
+    r = room()
+    a, b = client_factory(), client_factory()
+    a.join(r)
+    b.join(r)
+    first = a.say(r, "once", client_msg_id="c-1")
+    assert first["client_msg_id"] == "c-1"
+    b.expect("message")
+    a.send({"type": "message", "room": r, "text": "once", "client_msg_id": "c-1"})
+    again = a.expect("message")
+    assert again == first
+    b.assert_silent("message")
+    assert a.say(r, "next")["id"] == first["id"] + 1
+
+
+def test_message_to_room_not_joined(client_factory) -> None:
+    """Writing to a room you are not in is not_in_room, echoing the request id."""
+    c = client_factory()
+    c.send({"type": "message", "room": room(), "text": "hi", "id": 7})
+    err = c.expect("error")
+    assert err["code"] == "not_in_room" and err["id"] == 7
+
+
+@pytest.mark.parametrize("frame, code", [
+    ("not json", "invalid_json"),
+    ("[1, 2]", "invalid_message"),
+    ('{"no_type": 1}', "invalid_message"),
+    ('{"type": "fly"}', "unknown_type"),
+    ('{"type": "join"}', "invalid_message"),
+    ('{"type": "join", "room": 5}', "invalid_message"),
+    ('{"type": "join", "room": "bad room!"}', "invalid_room"),
+    ('{"type": "join", "room": ""}', "invalid_room"),
+    ('{"type": "message", "room": "r", "text": "   "}', "invalid_message"),
+    ('{"type": "message", "room": "r", "text": 42}', "invalid_message"),
+    ('{"type": "typing", "room": "r", "status": "yes"}', "invalid_message"),
+    ('{"type": "history", "room": "r", "limit": -1}', "invalid_message"),
+    ('{"type": "history", "room": "r", "limit": true}', "invalid_message"),
+    ('{"type": "join", "room": "r", "since": "x"}', "invalid_message"),
+    ('{"type": "ping", "id": {"a": 1}}', "invalid_message"),
+])
+def test_bad_input_gets_error_and_connection_survives(client_factory, frame: str,
+                                                      code: str) -> None:
+    """Each kind of bad input gets its stable error code; the connection stays usable."""
+    c = client_factory()
+    c.send(frame)
+    assert c.expect("error")["code"] == code
+    assert c.request({"type": "ping", "id": "after"}, "pong")["id"] == "after"
+
+
+def test_oversized_text_is_message_too_large(client_factory) -> None:
+    """Text over MAX_TEXT_CHARS is refused with message_too_large, not broadcast."""
+    r = room()
+    c = client_factory()
+    c.join(r)
+    c.send({"type": "message", "room": r, "text": "x" * 5000})
+    assert c.expect("error")["code"] == "message_too_large"
+    c.assert_silent("message")
+
+
+def test_bad_input_does_not_disturb_others(client_factory) -> None:
+    """A client sending garbage does not affect another client's conversation."""
+    r = room()
+    good, bad, peer = client_factory(), client_factory(), client_factory()
+    good.join(r)
+    peer.join(r)
+    for frame in ("{", "[]", '{"type": 1}', "\x00" * 100):
+        bad.send(frame)
+    assert good.say(r, "still fine")["text"] == "still fine"
+    assert peer.expect("message")["text"] == "still fine"
+
+
+def test_leave_reply_and_offline_presence(client_factory) -> None:
+    """leave answers left; the others see offline; leaving again is not_in_room."""
+    r = room()
+    a, b = client_factory(), client_factory()
+    a.join(r)
+    b.join(r)
+    a.expect("presence", status="online")
+    assert b.request({"type": "leave", "room": r, "id": "l"}, "left") == {
+        "type": "left", "room": r, "id": "l"}
+    assert a.expect("presence", status="offline")["user_id"] == b.user_id
+    b.send({"type": "leave", "room": r})
+    assert b.expect("error")["code"] == "not_in_room"
+
+
+def test_disconnect_sends_offline(client_factory) -> None:
+    """Closing the socket makes the user go offline for the room."""
+    r = room()
+    a, b = client_factory(), client_factory()
+    a.join(r)
+    b.join(r)
+    b.close()
+    assert a.expect("presence", status="offline")["user_id"] == b.user_id
+    users = a.request({"type": "list_users", "room": r}, "users")["users"]
+    assert [u["user_id"] for u in users] == [a.user_id]
+
+
+def test_two_tabs_offline_only_when_last_leaves(server: Server, client_factory) -> None:
+    """A user with two connections stays online until the last one leaves."""
+    r = room()
+    watcher = client_factory()
+    watcher.join(r)
+    t = token("carol", "Carol")
+    tab1 = client_factory(f"token={t}")
+    tab2 = client_factory(f"token={t}")
+    assert tab1.user_id == tab2.user_id == "carol"
+    tab1.join(r)
+    assert watcher.expect("presence", status="online")["user"] == "Carol"
+    tab2.join(r)
+    watcher.assert_silent("presence")
+    users = watcher.request({"type": "list_users", "room": r}, "users")["users"]
+    assert [u["user_id"] for u in users].count("carol") == 1
+    tab1.close()
+    watcher.assert_silent("presence", within=0.5)
+    tab2.close()
+    assert watcher.expect("presence", status="offline")["user_id"] == "carol"
+
+
+def test_typing_to_others_and_expiry(client_factory) -> None:
+    """typing reaches the others, not the typist; an uncleared true expires to false."""
+    r = room()
+    a, b = client_factory(), client_factory()
+    a.join(r)
+    b.join(r)
+    b.send({"type": "typing", "room": r, "status": True})
+    started = time.monotonic()
+    on = a.expect("typing")
+    assert on["status"] is True and on["user_id"] == b.user_id
+    off = a.expect("typing", timeout=TIMEOUT)
+    assert off["status"] is False
+    assert time.monotonic() - started >= 0.3  # TYPING_TIMEOUT is 0.5 s in this server
+    b.assert_silent("typing")
+
+
+def test_typing_cleared_explicitly(client_factory) -> None:
+    """typing false is relayed at once."""
+    r = room()
+    a, b = client_factory(), client_factory()
+    a.join(r)
+    b.join(r)
+    b.send({"type": "typing", "room": r, "status": True})
+    a.expect("typing", status=True)
+    b.send({"type": "typing", "room": r, "status": False})
+    a.expect("typing", status=False, timeout=0.4)
+
+
+def test_list_users(client_factory) -> None:
+    """list_users answers users with {user_id, username} objects and echoes id."""
+    r = room()
+    a, b = client_factory("username=ann"), client_factory("username=ben")
+    a.join(r)
+    b.join(r)
+    reply = a.request({"type": "list_users", "room": r, "id": 3}, "users")
+    assert reply["id"] == 3 and reply["room"] == r
+    assert sorted(u["username"] for u in reply["users"]) == ["ann", "ben"]
+
+
+def test_history_limit_and_order(client_factory) -> None:
+    """history returns the last `limit` messages, oldest first."""
+    r = room()
+    c = client_factory()
+    c.join(r)
+    for i in range(5):
+        c.say(r, f"h{i}")
+    reply = c.request({"type": "history", "room": r, "limit": 3, "id": "h"}, "history")
+    assert reply["id"] == "h"
+    assert [m["text"] for m in reply["messages"]] == ["h2", "h3", "h4"]
+    assert [m["id"] for m in reply["messages"]] == [3, 4, 5]
+    before = c.request({"type": "history", "room": r, "limit": 10, "before": 3}, "history")
+    assert [m["id"] for m in before["messages"]] == [1, 2]
+
+
+def test_history_keeps_last_history_size() -> None:
+    """Only the last HISTORY_SIZE messages are kept; ids keep counting."""
+    with Server({"HISTORY_SIZE": "5", "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}) as srv:
+        r = room()
+        with Client(srv.url) as c:
+            c.join(r)
+            for i in range(8):
+                c.say(r, f"k{i}")
+            reply = c.request({"type": "history", "room": r, "limit": 50}, "history")
+            assert [m["id"] for m in reply["messages"]] == [4, 5, 6, 7, 8]
+            replay = c.request({"type": "join", "room": r, "since": 1}, "joined")
+            assert replay["recovered"] is False
+
+
+def test_join_since_replays_missed_messages(client_factory) -> None:
+    """join with since replays every later message in order, then recovered: true."""
+    r = room()
+    a = client_factory()
+    a.join(r)
+    for i in range(4):
+        a.say(r, f"s{i}")
+    b = client_factory()
+    joined = b.join(r, since=1)
+    assert joined["recovered"] is True
+    replayed = [b.expect("message") for _ in range(3)]
+    assert [m["id"] for m in replayed] == [2, 3, 4]
+    assert a.say(r, "live")["id"] == 5
+    assert b.expect("message")["id"] == 5
+
+
+def test_join_since_unknown_future_id_not_recovered(client_factory) -> None:
+    """since beyond anything the server issued: recovered false (the client reloads)."""
+    c = client_factory()
+    assert c.join(room(), since=999)["recovered"] is False
+
+
+def test_dm_to_every_connection_and_echo(client_factory) -> None:
+    """A dm reaches every connection of the recipient and echoes to the sender."""
+    t = token("dave", "Dave")
+    d1, d2 = client_factory(f"token={t}"), client_factory(f"token={t}")
+    sender = client_factory("username=erin")
+    sender.send({"type": "dm", "to": "dave", "text": "psst", "client_msg_id": "d-1"})
+    echo = sender.expect("dm")
+    for conn in (d1, d2):
+        got = conn.expect("dm")
+        assert got == echo
+    assert echo["to"] == "dave" and echo["from"] == "erin"
+    assert echo["user_id"] == sender.user_id and echo["text"] == "psst"
+    assert isinstance(echo["id"], int) and echo["timestamp"] > 0
+    sender.send({"type": "dm", "to": "dave", "text": "psst", "client_msg_id": "d-1"})
+    assert sender.expect("dm") == echo
+    d1.assert_silent("dm")
+
+
+def test_dm_to_unknown_user(client_factory) -> None:
+    """A dm to nobody connected is user_not_found."""
+    c = client_factory()
+    c.send({"type": "dm", "to": "nobody-here", "text": "hello?", "id": "x"})
+    err = c.expect("error")
+    assert err["code"] == "user_not_found" and err["id"] == "x"
+
+
+def test_ping_pong_echoes_id(client_factory) -> None:
+    """ping answers pong with the request id."""
+    c = client_factory()
+    assert c.request({"type": "ping", "id": 41}, "pong") == {"type": "pong", "id": 41}
+
+
+def test_auth_message_switches_identity(client_factory) -> None:
+    """auth with a valid token re-sends welcome with the token's identity."""
+    c = client_factory("username=guesty")
+    c.send({"type": "auth", "token": token("frank", "Frank"), "id": "a"})
+    welcome = c.expect("welcome")
+    assert (welcome["user_id"], welcome["username"], welcome["authenticated"]) == (
+        "frank", "Frank", True)
+    c.send({"type": "auth", "token": "not.a.token"})
+    assert c.expect("error")["code"] == "auth_failed"
+
+
+def test_binary_frame_closes_1003(server: Server) -> None:
+    """A binary frame closes the connection with 1003."""
+    c = Client(server.url)
+    c.ws.send(b"\x00\x01")
+    with pytest.raises(ConnectionClosed):
+        while True:
+            c.recv()
+    assert c.ws.close_code == 1003
+
+
+def test_oversized_frame_closes_1009(server: Server) -> None:
+    """A frame over MAX_MESSAGE_BYTES closes with 1009."""
+    c = Client(server.url)
+    c.send("x" * 70_000)
+    with pytest.raises(ConnectionClosed):
+        while True:
+            c.recv()
+    assert c.ws.close_code == 1009
+
+
+def test_no_permessage_deflate(server: Server) -> None:
+    """The server never accepts permessage-deflate, even when offered."""
+    c = Client(server.url)  # websockets offers permessage-deflate by default
+    assert c.ws.response.headers.get("Sec-WebSocket-Extensions") is None
+
+
+def test_many_rooms_per_connection_limit() -> None:
+    """Joining more than MAX_ROOMS_PER_CONNECTION rooms is too_many_rooms."""
+    with Server({"MAX_ROOMS_PER_CONNECTION": "2"}) as srv, Client(srv.url) as c:
+        c.join(room())
+        c.join(room())
+        c.send({"type": "join", "room": room()})
+        assert c.expect("error")["code"] == "too_many_rooms"
+
+
+def test_slow_member_does_not_stall_room() -> None:
+    """A member that stops reading is cut off; the others keep getting messages."""
+    with Server({"MAX_OUTBOUND_BYTES": "262144", "RATE_LIMIT": "100000",
+                 "RATE_LIMIT_BURST": "100000"}) as srv:
+        r = room()
+        raw = socket.create_connection(("127.0.0.1", srv.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.sendall((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        raw.recv(4096)  # handshake response (and maybe welcome)
+        join = json.dumps({"type": "join", "room": r}).encode()
+        raw.sendall(bytes((0x81, 0x80 | len(join))) + b"\0\0\0\0" + join)
+        # The writer never reads its echoes here: let its client buffer them all.
+        with Client(srv.url, max_queue=None) as writer, Client(srv.url) as reader:
+            writer.join(r)
+            reader.join(r)
+            # More than the kernel's socket buffers (4 MiB send here) can absorb.
+            text = "y" * 3000
+            ids: list[int] = []
+            for batch in range(30):
+                for i in range(100):
+                    writer.send({"type": "message", "room": r, "text": text})
+                ids += [reader.expect("message")["id"] for _ in range(100)]
+            assert ids == list(range(1, 3001))
+            wait_until(lambda: reader.request({"type": "list_users", "room": r},
+                                              "users")["users"].__len__() == 2,
+                       message="the slow member to be dropped")
+        status, body = srv.http("/metrics", metrics=True)
+        assert b'wschat_disconnects_total{reason="slow_consumer"} 1.0' in body
+        raw.close()
+
+
+def test_sigterm_closes_clients_with_1001() -> None:
+    """SIGTERM: every client gets close 1001 and the server exits in time."""
+    srv = Server().start()
+    try:
+        clients = [Client(srv.url) for _ in range(3)]
+        started = time.monotonic()
+        assert srv.stop() == 0
+        assert time.monotonic() - started < 10
+        for c in clients:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    c.recv()
+            assert c.ws.close_code == 1001
+    finally:
+        srv.kill()
+
+
+def test_many_workers_without_redis_refused() -> None:
+    """WEB_CONCURRENCY=2 without REDIS_URL stops at start with a clear message."""
+    srv = Server({"REDIS_URL": ""}, workers=2)
+    srv.start(wait=False)
+    assert srv.proc is not None
+    assert srv.proc.wait(20) != 0
+    assert "WEB_CONCURRENCY" in srv.output() and "REDIS_URL" in srv.output()
+
+
+def test_bad_config_value_names_variable() -> None:
+    """A malformed variable stops the server and names the variable."""
+    srv = Server({"HISTORY_SIZE": "lots"})
+    srv.start(wait=False)
+    assert srv.proc is not None
+    assert srv.proc.wait(20) != 0
+    assert "HISTORY_SIZE" in srv.output()
+
+
+def test_worker_connections_allows_max_connections() -> None:
+    """gunicorn's worker_connections is raised to reach MAX_CONNECTIONS."""
+    import runpy
+
+    cfg = runpy.run_path(str(__import__("conftest").ROOT / "gunicorn.conf.py"))
+    assert cfg["worker_connections"] >= 10000
