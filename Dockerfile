@@ -1,0 +1,74 @@
+# syntax=docker/dockerfile:1
+#
+# wschat container image.
+#
+#   docker build -t wschat:0.1.0 .
+#   docker run --rm -p 8080:8080 -p 8081:8081 wschat:0.1.0
+#
+# Two stages: "build" installs the project and its runtime dependencies into a
+# virtual environment at /opt/venv; "runtime" is a fresh slim Python image that
+# receives only that venv and gunicorn.conf.py, and runs them as an
+# unprivileged user. No compiler, pip cache, source tree or tests reach it.
+#
+# tests/test_packaging.py reads this file (EXTRAS, the COPY lines, USER, CMD
+# and HEALTHCHECK) and performs the same install without Docker, then starts
+# the result as a non-root user: keep those instructions in the simple forms
+# used here (exec-form JSON for CMD and HEALTHCHECK).
+
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+
+# The optional extras baked into the image: Redis (several workers or pods)
+# and PostgreSQL (ENABLE_PERSISTENCE with a postgresql:// DATABASE_URL).
+ARG EXTRAS=redis,postgres
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+# Only what `pip install .` needs: the metadata (pyproject.toml names
+# README.md as the long description) and the package itself.
+COPY pyproject.toml README.md ./
+COPY wschat ./wschat
+RUN pip install --no-cache-dir "/src[${EXTRAS}]" \
+    && python -m compileall -q /opt/venv
+
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+
+ARG APP_UID=10001
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8080 \
+    METRICS_PORT=8081
+
+RUN groupadd --system --gid "${APP_UID}" wschat \
+    && useradd --system --uid "${APP_UID}" --gid wschat --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin wschat
+
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY gunicorn.conf.py ./
+
+# Numeric so that Kubernetes' runAsNonRoot can verify it without /etc/passwd.
+USER 10001:10001
+
+EXPOSE 8080 8081
+
+# Liveness of the chat port; the image carries no curl, Python does the GET.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4).status == 200 else 1)"]
+
+# gunicorn runs as PID 1 (exec form, no shell in between), so it receives
+# SIGTERM itself: it stops accepting, the app closes every WebSocket with 1001,
+# and the workers exit within GRACEFUL_TIMEOUT (25 s by default).
+STOPSIGNAL SIGTERM
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "wschat:app"]

@@ -1,0 +1,206 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "wschat.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: "<release>-<chart>", or "<release>" when it already contains the
+chart name. 57 characters at most, so that suffixes such as "-redis" and
+"-metrics" still fit a 63-character DNS label.
+*/}}
+{{- define "wschat.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 57 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 57 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 57 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "wschat.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels shared by every resource of the release. */}}
+{{- define "wschat.commonLabels" -}}
+helm.sh/chart: {{ include "wschat.chart" . }}
+app.kubernetes.io/name: {{ include "wschat.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: wschat
+{{- end }}
+
+{{/* Labels of the chat server's resources. */}}
+{{- define "wschat.labels" -}}
+{{ include "wschat.commonLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/* Selector of the chat server's pods (never changes between upgrades). */}}
+{{- define "wschat.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "wschat.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "wschat.redis.fullname" -}}
+{{- printf "%s-redis" (include "wschat.fullname" .) }}
+{{- end }}
+
+{{- define "wschat.redis.labels" -}}
+{{ include "wschat.commonLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "wschat.redis.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "wschat.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "wschat.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "wschat.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "wschat.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the release runs more than one wschat pod (now or by autoscaling). */}}
+{{- define "wschat.multiPod" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{/*
+Where REDIS_URL comes from: "external" (redis.external.url or
+redis.external.existingSecret), "internal" (the chart's own Redis) or "none".
+*/}}
+{{- define "wschat.redisMode" -}}
+{{- $r := .Values.redis }}
+{{- if or $r.external.url $r.external.existingSecret }}
+{{- "external" }}
+{{- else if eq (toString $r.enabled) "true" }}
+{{- "internal" }}
+{{- else if eq (toString $r.enabled) "false" }}
+{{- "none" }}
+{{- else if or (include "wschat.multiPod" .) (gt (int .Values.config.workers) 1) }}
+{{- "internal" }}
+{{- else }}
+{{- "none" }}
+{{- end }}
+{{- end }}
+
+{{/* gunicorn workers per pod: one without Redis. */}}
+{{- define "wschat.workers" -}}
+{{- if eq (include "wschat.redisMode" .) "none" }}1{{ else }}{{ int .Values.config.workers }}{{ end }}
+{{- end }}
+
+{{/* The chart's Secret carries these keys; empty when there is nothing to store. */}}
+{{- define "wschat.secretData" -}}
+{{- if and .Values.auth.jwtSecret (not .Values.auth.existingSecret) }}
+JWT_SECRET: {{ .Values.auth.jwtSecret | b64enc | quote }}
+{{- end }}
+{{- if and .Values.database.url (not .Values.database.existingSecret) }}
+DATABASE_URL: {{ .Values.database.url | b64enc | quote }}
+{{- end }}
+{{- if and .Values.redis.external.url (not .Values.redis.external.existingSecret) }}
+REDIS_URL: {{ .Values.redis.external.url | b64enc | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse values that would deploy a broken or silently split chat: every check
+names the values to change.
+*/}}
+{{- define "wschat.validate" -}}
+{{- $mode := include "wschat.redisMode" . }}
+{{- if and (eq $mode "none") (include "wschat.multiPod" .) }}
+{{- fail "wschat: more than one pod (replicaCount > 1 or autoscaling.enabled) needs Redis, or each pod would hold its own rooms and users would silently miss each other's messages. Set redis.enabled=auto (the chart's own Redis) or redis.external.url / redis.external.existingSecret, or use replicaCount=1 without autoscaling." }}
+{{- end }}
+{{- $grace := int .Values.terminationGracePeriodSeconds }}
+{{- $needed := add (int .Values.lifecycle.preStopSleepSeconds) (int (ceil .Values.config.gracefulTimeout)) }}
+{{- if le $grace (int $needed) }}
+{{- fail (printf "wschat: terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + config.gracefulTimeout (%d), or Kubernetes kills the pod before every client got close 1001." $grace (int $needed)) }}
+{{- end }}
+{{- if and .Values.auth.required (not (or .Values.auth.jwtSecret .Values.auth.existingSecret .Values.auth.publicKey .Values.auth.jwksUrl)) }}
+{{- fail "wschat: auth.required needs auth.jwtSecret, auth.existingSecret, auth.publicKey or auth.jwksUrl." }}
+{{- end }}
+{{- if and .Values.config.enablePersistence (not (or .Values.database.url .Values.database.existingSecret)) }}
+{{- fail "wschat: config.enablePersistence needs database.url or database.existingSecret (postgresql://..., or sqlite:////path on a volume from extraVolumes): the root filesystem is read-only and a pod's disk does not outlive it." }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.connectionsPerPod.enabled) }}
+{{- fail "wschat: autoscaling.enabled needs a metric: autoscaling.targetCPUUtilizationPercentage and/or autoscaling.connectionsPerPod.enabled." }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
+{{- fail "wschat: autoscaling.maxReplicas must be at least autoscaling.minReplicas." }}
+{{- end }}
+{{- end }}
+
+{{/* Whether to render the ServiceMonitor. */}}
+{{- define "wschat.serviceMonitorEnabled" -}}
+{{- $e := toString .Values.serviceMonitor.enabled }}
+{{- if eq $e "true" }}true
+{{- else if and (eq $e "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}true
+{{- end }}
+{{- end }}
+
+{{/*
+A number as the server parses it: whole numbers without exponent or decimals
+(values arrive as float64 or json.Number depending on their source).
+*/}}
+{{- define "wschat.num" -}}
+{{- $v := . }}
+{{- if eq (float64 (int64 $v)) (float64 $v) }}{{ int64 $v }}{{ else }}{{ float64 $v }}{{ end }}
+{{- end }}
+
+{{/* The server's environment, minus credentials: the ConfigMap's data. */}}
+{{- define "wschat.env" -}}
+{{- $c := .Values.config }}
+{{- $a := .Values.auth }}
+{{- $env := dict
+  "HOST" "0.0.0.0"
+  "PORT" (include "wschat.num" .Values.containerPorts.http)
+  "METRICS_PORT" (include "wschat.num" .Values.containerPorts.metrics)
+  "WEB_CONCURRENCY" (include "wschat.workers" .)
+  "MAX_CONNECTIONS" (include "wschat.num" $c.maxConnections)
+  "RATE_LIMIT" (include "wschat.num" $c.rateLimit)
+  "RATE_LIMIT_BURST" (include "wschat.num" $c.rateLimitBurst)
+  "HEARTBEAT_INTERVAL" (include "wschat.num" $c.heartbeatInterval)
+  "HISTORY_SIZE" (include "wschat.num" $c.historySize)
+  "MAX_MESSAGE_BYTES" (include "wschat.num" $c.maxMessageBytes)
+  "MAX_OUTBOUND_BYTES" (include "wschat.num" $c.maxOutboundBytes)
+  "PRESENCE_TTL" (include "wschat.num" $c.presenceTtl)
+  "LOG_FORMAT" $c.logFormat
+  "LOG_LEVEL" $c.logLevel
+  "GRACEFUL_TIMEOUT" (include "wschat.num" $c.gracefulTimeout)
+  "ENABLE_PERSISTENCE" (toString $c.enablePersistence)
+  "AUTH_REQUIRED" (toString $a.required)
+  "JWT_LEEWAY" (include "wschat.num" $a.leeway)
+}}
+{{- with $c.allowedOrigins }}{{ $_ := set $env "ALLOWED_ORIGINS" (join "," .) }}{{ end }}
+{{- with $a.publicKey }}{{ $_ := set $env "JWT_PUBLIC_KEY" . }}{{ end }}
+{{- with $a.jwksUrl }}{{ $_ := set $env "JWT_JWKS_URL" . }}{{ end }}
+{{- with $a.algorithms }}{{ $_ := set $env "JWT_ALGORITHMS" (join "," .) }}{{ end }}
+{{- with $a.audience }}{{ $_ := set $env "JWT_AUDIENCE" . }}{{ end }}
+{{- with $a.issuer }}{{ $_ := set $env "JWT_ISSUER" . }}{{ end }}
+{{- if eq (include "wschat.redisMode" .) "internal" }}
+{{- $_ := set $env "REDIS_URL" (printf "redis://%s:6379/0" (include "wschat.redis.fullname" .)) }}
+{{- end }}
+{{- range $k, $v := .Values.extraEnv }}{{ $_ := set $env $k (toString $v) }}{{ end }}
+{{- range $k := keys $env | sortAlpha }}
+{{ $k }}: {{ get $env $k | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,287 @@
+"""Helpers for tests/test_packaging.py: read the Dockerfile, render the chart.
+
+Kept apart from the tests so that the tests read as statements about the
+image and the chart. Nothing here needs Docker, a cluster or the helm binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shlex
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART_DIR = ROOT / "helm"
+CI_VALUES_DIR = CHART_DIR / "ci"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+SERVICEMONITOR_SCHEMA = CI_VALUES_DIR / "servicemonitor-v1.schema.json"
+
+RELEASE = "wschat"
+NAMESPACE = "chat"
+
+
+# --------------------------------------------------------------------------
+# Dockerfile
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One FROM ... [AS name] stage: its instructions as (KEYWORD, argument) pairs."""
+
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [arg for kw, arg in self.instructions if kw == keyword]
+
+    def last(self, keyword: str) -> str | None:
+        found = self.all(keyword)
+        return found[-1] if found else None
+
+
+@dataclass
+class Dockerfile:
+    global_args: dict[str, str]
+    stages: list[Stage]
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def arg_default(self, stage: Stage, name: str) -> str | None:
+        for arg in stage.all("ARG") + [f"{k}={v}" for k, v in self.global_args.items()]:
+            key, _, value = arg.partition("=")
+            if key.strip() == name:
+                return value.strip().strip('"') if _ else None
+        return None
+
+
+def _logical_lines(text: str) -> Iterator[str]:
+    """Instructions with backslash continuations joined and comments dropped."""
+    buffer = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not buffer and (not line or line.startswith("#")):
+            continue
+        if buffer and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            buffer += line[:-1] + " "
+            continue
+        buffer += line
+        if buffer.strip():
+            yield buffer.strip()
+        buffer = ""
+    if buffer.strip():
+        yield buffer.strip()
+
+
+def parse_dockerfile(path: Path = DOCKERFILE) -> Dockerfile:
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in _logical_lines(path.read_text()):
+        keyword, _, argument = line.partition(" ")
+        keyword = keyword.upper()
+        argument = argument.strip()
+        if keyword == "FROM":
+            words = argument.split()
+            words = [w for w in words if not w.startswith("--platform")]
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(base=words[0], name=name))
+        elif not stages:
+            if keyword == "ARG":
+                key, _, value = argument.partition("=")
+                global_args[key.strip()] = value.strip().strip('"')
+        else:
+            stages[-1].instructions.append((keyword, argument))
+    return Dockerfile(global_args=global_args, stages=stages)
+
+
+def exec_form(argument: str) -> list[str]:
+    """The JSON array of an exec-form CMD/ENTRYPOINT/HEALTHCHECK CMD."""
+    value = json.loads(argument)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), argument
+    return value
+
+
+def healthcheck_command(argument: str) -> list[str]:
+    """The command of `HEALTHCHECK [--options] CMD [...]`."""
+    head, sep, tail = argument.partition("CMD ")
+    assert sep, f"HEALTHCHECK without CMD: {argument!r}"
+    return exec_form(tail.strip())
+
+
+def copy_sources(stage: Stage) -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY from the build context (no --from)."""
+    copies = []
+    for argument in stage.all("COPY"):
+        words = shlex.split(argument)
+        if any(w.startswith("--from") for w in words):
+            continue
+        words = [w for w in words if not w.startswith("--")]
+        copies.append((words[:-1], words[-1]))
+    return copies
+
+
+def substitute(text: str, variables: dict[str, str]) -> str:
+    for key, value in variables.items():
+        text = text.replace("${" + key + "}", value).replace("$" + key, value)
+    return text
+
+
+# --------------------------------------------------------------------------
+# Chart
+# --------------------------------------------------------------------------
+
+
+def load_values_file(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CI_VALUES_DIR / name).read_text()) or {}
+
+
+@dataclass
+class Rendered:
+    """A rendered release: template outputs and the parsed manifests."""
+
+    templates: dict[str, str]
+    manifests: list[dict[str, Any]]
+
+    @property
+    def notes(self) -> str:
+        return next((t for k, t in self.templates.items() if k.endswith("NOTES.txt")), "")
+
+    def template(self, suffix: str) -> str:
+        matches = [t for k, t in self.templates.items() if k.endswith("/templates/" + suffix)]
+        assert len(matches) == 1, f"template {suffix}: {len(matches)} matches"
+        return matches[0]
+
+    def kinds(self) -> list[str]:
+        return sorted(m["kind"] for m in self.manifests)
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.manifests if m["kind"] == kind]
+
+    def get(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [m for m in self.all(kind) if name is None or m["metadata"]["name"] == name]
+        assert len(found) == 1, f"{kind} {name or ''}: {len(found)} rendered, kinds: {self.kinds()}"
+        return found[0]
+
+    def deployment(self, component: str = "server") -> dict[str, Any]:
+        found = [
+            m for m in self.all("Deployment")
+            if m["metadata"]["labels"].get("app.kubernetes.io/component") == component
+        ]
+        assert len(found) == 1, f"Deployment of {component}: {len(found)} rendered"
+        return found[0]
+
+    def container(self, component: str = "server") -> dict[str, Any]:
+        return self.deployment(component)["spec"]["template"]["spec"]["containers"][0]
+
+    def config_env(self) -> dict[str, str]:
+        return dict(self.get("ConfigMap")["data"])
+
+    def secret_data(self) -> dict[str, str]:
+        secrets = self.all("Secret")
+        if not secrets:
+            return {}
+        return {k: base64.b64decode(v).decode() for k, v in secrets[0].get("data", {}).items()}
+
+
+def render(values: dict[str, Any] | None = None, *, name: str = RELEASE) -> Rendered:
+    import helm_python
+
+    chart = helm_python.Chart.load(str(CHART_DIR))
+    try:
+        templates = chart.render(values or {}, name=name, namespace=NAMESPACE, is_install=True)
+    finally:
+        with contextlib.suppress(Exception):
+            chart.close()
+    manifests: list[dict[str, Any]] = []
+    for path, text in sorted(templates.items()):
+        if path.endswith("NOTES.txt") or "/templates/_" in path:
+            continue
+        for document in yaml.safe_load_all(text):
+            if document:
+                manifests.append(document)
+    return Rendered(templates=templates, manifests=manifests)
+
+
+# --------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, ValueError):
+        return None
+
+
+def http_body(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode("utf-8", "replace")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1,
+               message: str = "condition", alive: Callable[[], bool] | None = None) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` s or if ``alive`` turns false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if alive is not None and not alive():
+            raise AssertionError(f"process exited while waiting for {message}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
+
+
+def process_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+def environ_for(path_dirs: list[str], extra: dict[str, str]) -> dict[str, str]:
+    """A small, explicit environment like a container's (no venv or CI leakage)."""
+    env = {
+        "PATH": os.pathsep.join(path_dirs + ["/usr/local/bin", "/usr/bin", "/bin"]),
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "HOME": "/nonexistent",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    env.update(extra)
+    return env

