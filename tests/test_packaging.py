@@ -301,7 +301,8 @@ def _assert_server_pod_contract(release: Rendered) -> None:
     assert annotations["checksum/secret"] == hashlib.sha256(
         release.template("secret.yaml").encode()).hexdigest()
 
-    # The environment reaches the container from the ConfigMap.
+    # The environment reaches the container from the ConfigMap, unpolluted by service links.
+    assert spec["enableServiceLinks"] is False
     assert {"configMapRef": {"name": release.get("ConfigMap")["metadata"]["name"]}} \
         in container["envFrom"]
 
