@@ -118,6 +118,7 @@ class Chat:
         self._typing_deadlines = _Deadlines()
         self._auth_deadlines = _Deadlines()
         self._expiry_deadlines = _Deadlines()
+        stores.broker.on_reconnect = self.resync
         stores.broker.start(self.hub.deliver_room, self.hub.deliver_user)
         self._handlers: dict[type, Callable[[Session, Any], None]] = {
             SendMessage: self._message, Typing: self._typing, Ping: self._ping,
@@ -160,6 +161,24 @@ class Chat:
         except Exception:
             log.warning("could not clear presence of %s", session.conn_id, exc_info=True)
         self.hub.remove_user(session)
+
+    def resync(self) -> None:
+        """Re-register every local connection after the shared store came back.
+
+        Each step is idempotent, so nothing changes if the store kept its data;
+        if it lost it (or reaped this worker as dead), rooms and presence return,
+        and room sequences resume above the highest id this worker delivered.
+        """
+        for room, seen in list(self.hub.max_seen.items()):
+            self.stores.messages.raise_sequence(room, seen)
+        for session in self.hub.sessions():
+            self.stores.presence.connect(session.conn_id, session.user)
+            for room in list(session.rooms):
+                if self.stores.rooms.join(room, session.conn_id, session.user).first_of_user:
+                    self.stores.broker.publish_room(
+                        room, encode_presence(room, session.user_id, session.username,
+                                              "online"), exclude_user=session.user_id)
+        log.info("re-registered %d local connections", len(self.hub.sessions()))
 
     def receive(self, session: Session, text: str) -> None:
         """Handle one text frame; every failure becomes an ``error`` to this client only."""

@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     metrics = PrometheusChatMetrics()
     stores = create_stores(settings, metrics)
-    limiter: RateLimiter = getattr(stores, "rate_limiter", None) or MemoryRateLimiter(
+    limiter: RateLimiter = stores.rate_limiter or MemoryRateLimiter(
         settings.rate_limit, settings.rate_limit_burst)
     authenticator = Authenticator(settings)
     chat = Chat(settings, stores, authenticator, limiter, metrics)

@@ -35,6 +35,9 @@ class LocalHub:
         self.rooms: dict[str, dict[Session, None]] = {}  # ordered sets
         self.users: dict[str, set[Session]] = {}
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
+        # Highest message id delivered here per room: if the shared store loses its
+        # data, sequences restart above it, so no id is ever issued twice.
+        self.max_seen: dict[str, int] = {}
 
     # -- membership --------------------------------------------------------------------
     def _ensure_room(self, room: str) -> None:
@@ -44,6 +47,7 @@ class LocalHub:
     def _maybe_drop_room(self, room: str) -> None:
         if room not in self.rooms and room not in self._recovering:
             self._broker.unsubscribe_room(room)
+            self.max_seen.pop(room, None)
 
     def add_member(self, room: str, session: Session) -> None:
         self._ensure_room(room)
@@ -104,6 +108,9 @@ class LocalHub:
 
     # -- delivery (called by the broker) -----------------------------------------------
     def deliver_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
+        msg_id = message_id_of(event)
+        if msg_id is not None and msg_id > self.max_seen.get(room, 0):
+            self.max_seen[room] = msg_id
         members = self.rooms.get(room)
         if members:
             frame = text_frame(event)

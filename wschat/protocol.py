@@ -351,7 +351,7 @@ def draft_dm(to: str, username: str, user_id: str, text: str, timestamp_ms: int,
             "timestamp": timestamp_ms}
     if client_msg_id is not None:
         body["client_msg_id"] = client_msg_id
-    return MessageDraft(b'{"type":"dm","id":', b"," + orjson.dumps(body)[1:], client_msg_id)
+    return MessageDraft(_DM_PREFIX, b"," + orjson.dumps(body)[1:], client_msg_id)
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -382,9 +382,20 @@ def close_frame(code: int, reason: str = "") -> bytes:
 _MESSAGE_PREFIX = b'{"type":"message","id":'
 
 
+_DM_PREFIX = b'{"type":"dm","id":'
+
+
 def message_id_of(event: bytes) -> int | None:
     """The room sequence id of a stored ``message`` event, None for any other event."""
     if not event.startswith(_MESSAGE_PREFIX):
         return None
     end = event.index(b",", len(_MESSAGE_PREFIX))
     return int(event[len(_MESSAGE_PREFIX):end])
+
+
+def stored_id_of(event: bytes) -> int:
+    """The id a store gave a ``message`` or ``dm`` event (see :class:`MessageDraft`)."""
+    prefix = _MESSAGE_PREFIX if event.startswith(_MESSAGE_PREFIX) else _DM_PREFIX
+    if not event.startswith(prefix):
+        raise ValueError("not a stored message or dm")
+    return int(event[len(prefix):event.index(b",", len(prefix))])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..protocol import MessageDraft
 
@@ -125,6 +126,9 @@ class MessageStore(ABC):
     def room_occupied(self, room: str) -> None:
         """Someone joined: keep the room's history."""
 
+    def raise_sequence(self, room: str, at_least: int) -> None:
+        """Never issue ids <= ``at_least`` again (after the store lost its data)."""
+
 
 RoomHandler = Callable[[str, bytes, "str | None"], None]  # (room, event, exclude_user)
 UserHandler = Callable[[str, bytes], None]  # (user_id, event)
@@ -132,6 +136,10 @@ UserHandler = Callable[[str, bytes], None]  # (user_id, event)
 
 class Broker(ABC):
     """Delivers event bytes to the workers holding a room's members or a user's sockets."""
+
+    #: Called (in the broker's greenlet) after a lost connection to the shared
+    #: store is back, so the chat core can re-register its live connections.
+    on_reconnect: Callable[[], None] | None = None
 
     @abstractmethod
     def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:
@@ -172,6 +180,7 @@ class Stores:
     messages: MessageStore
     broker: Broker
     name: str = "memory"
+    rate_limiter: Any = None  # shared buckets (Redis); None: the factory uses memory ones
 
     def healthy(self) -> bool:
         return self.broker.healthy()

@@ -1,0 +1,258 @@
+"""Many workers and many servers on one Redis behave as one server.
+
+Two separate gunicorn servers, two workers each, share a real Redis; clients
+on different servers must not notice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import jwt
+import pytest
+
+from conftest import IN_CI, SCALE, TIMEOUT, Client, Server, free_port, redis_url_or_skip, wait_until
+
+SECRET = "scaleout-secret-0123456789abcdef0123"
+COMMON = {"JWT_SECRET": SECRET, "TYPING_TIMEOUT": "0.5", "PRESENCE_TTL": "2",
+          "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
+
+
+def room() -> str:
+    return f"r-{uuid.uuid4().hex[:10]}"
+
+
+def token(sub: str, name: str) -> str:
+    return jwt.encode({"sub": sub, "name": name, "exp": int(time.time()) + 3600}, SECRET,
+                      algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Server, Server]]:
+    url = redis_url_or_skip(14)
+    with Server({**COMMON, "REDIS_URL": url}, workers=2) as a, \
+            Server({**COMMON, "REDIS_URL": url}, workers=2) as b:
+        yield a, b
+
+
+def test_messages_same_ids_in_order_across_servers(pair: tuple[Server, Server]) -> None:
+    """Members on two servers see every message once, in the same order, with ids 1..n."""
+    a, b = pair
+    r = room()
+    clients = [Client(s.url) for s in (a, b, a, b)]
+    for c in clients:
+        c.join(r)
+    for i in range(20):
+        clients[i % 4].send({"type": "message", "room": r, "text": f"m{i}"})
+    seen = [[c.expect("message") for _ in range(20)] for c in clients]
+    ids = [[m["id"] for m in s] for s in seen]
+    assert ids[0] == list(range(1, 21))
+    assert all(s == seen[0] for s in seen)
+    # each sender's own messages arrive in the order it sent them
+    for k in range(4):
+        mine = [m["text"] for m in seen[0] if m["user_id"] == clients[k].user_id]
+        assert mine == [f"m{i}" for i in range(k, 20, 4)]
+    for c in clients:
+        c.close()
+
+
+def test_presence_and_users_across_servers(pair: tuple[Server, Server]) -> None:
+    """Joining on one server shows online on the other; list_users sees everyone."""
+    a, b = pair
+    r = room()
+    with Client(a.url, "username=ann") as ann, Client(b.url, "username=bob") as bob:
+        ann.join(r)
+        joined = bob.join(r)
+        assert [u["username"] for u in joined["users"]] == ["ann", "bob"]
+        assert ann.expect("presence", status="online")["user_id"] == bob.user_id
+        users = ann.request({"type": "list_users", "room": r}, "users")["users"]
+        assert sorted(u["username"] for u in users) == ["ann", "bob"]
+        bob.close()
+        assert ann.expect("presence", status="offline")["user_id"] == bob.user_id
+
+
+def test_two_tabs_on_two_servers(pair: tuple[Server, Server]) -> None:
+    """A user connected to both servers goes offline only when the last tab leaves."""
+    a, b = pair
+    r = room()
+    t = token("gina", "Gina")
+    with Client(a.url) as watcher:
+        watcher.join(r)
+        tab_a, tab_b = Client(a.url, f"token={t}"), Client(b.url, f"token={t}")
+        tab_a.join(r)
+        watcher.expect("presence", status="online")
+        tab_b.join(r)
+        tab_a.close()
+        watcher.assert_silent("presence", within=0.5)
+        tab_b.close()
+        assert watcher.expect("presence", status="offline")["user_id"] == "gina"
+
+
+def test_typing_across_servers(pair: tuple[Server, Server]) -> None:
+    """typing crosses servers and expires there too."""
+    a, b = pair
+    r = room()
+    with Client(a.url) as x, Client(b.url) as y:
+        x.join(r)
+        y.join(r)
+        y.send({"type": "typing", "room": r, "status": True})
+        assert x.expect("typing", status=True)["user_id"] == y.user_id
+        assert x.expect("typing", status=False)["user_id"] == y.user_id
+
+
+def test_history_and_recovery_across_servers(pair: tuple[Server, Server]) -> None:
+    """History written through one server is read and recovered through the other."""
+    a, b = pair
+    r = room()
+    with Client(a.url) as writer:
+        writer.join(r)
+        for i in range(5):
+            writer.say(r, f"h{i}")
+        with Client(b.url) as reader:
+            hist = reader.request({"type": "history", "room": r, "limit": 3}, "history")
+            assert [m["id"] for m in hist["messages"]] == [3, 4, 5]
+            joined = reader.join(r, since=2)
+            assert joined["recovered"] is True
+            assert [reader.expect("message")["id"] for _ in range(3)] == [3, 4, 5]
+
+
+def test_dm_across_servers(pair: tuple[Server, Server]) -> None:
+    """A DM reaches the recipient's connections on both servers and echoes to the sender."""
+    a, b = pair
+    t = token("hank", "Hank")
+    with Client(a.url, f"token={t}") as h1, Client(b.url, f"token={t}") as h2, \
+            Client(b.url, "username=ivy") as ivy:
+        ivy.send({"type": "dm", "to": "hank", "text": "over there?", "client_msg_id": "q"})
+        echo = ivy.expect("dm")
+        assert h1.expect("dm") == echo == h2.expect("dm")
+        ivy.send({"type": "dm", "to": "hank", "text": "over there?", "client_msg_id": "q"})
+        assert ivy.expect("dm") == echo
+        h1.assert_silent("dm")
+
+
+def test_dedupe_across_servers(pair: tuple[Server, Server]) -> None:
+    """A retry through the other server with the same client_msg_id is not broadcast."""
+    a, b = pair
+    r = room()
+    t = token("jo", "Jo")
+    with Client(a.url, f"token={t}") as first, Client(b.url, f"token={t}") as retry, \
+            Client(a.url) as other:
+        for c in (first, retry, other):
+            c.join(r)
+        original = first.say(r, "hello", client_msg_id="same")
+        other.expect("message")
+        retry.expect("message")
+        retry.send({"type": "message", "room": r, "text": "hello", "client_msg_id": "same"})
+        assert retry.expect("message") == original
+        other.assert_silent("message")
+
+
+def test_killed_server_users_go_offline(pair: tuple[Server, Server]) -> None:
+    """kill -9 of a whole server: its users go offline elsewhere within PRESENCE_TTL."""
+    a, _ = pair
+    url = a.env["REDIS_URL"]
+    r = room()
+    doomed = Server({**COMMON, "REDIS_URL": url}, workers=2).start()
+    try:
+        with Client(a.url) as watcher:
+            watcher.join(r)
+            victim = Client(doomed.url, "username=victim")
+            victim.join(r)
+            watcher.expect("presence", status="online")
+            doomed.kill()
+            started = time.monotonic()
+            offline = watcher.expect("presence", status="offline", timeout=10 * SCALE)
+            assert offline["user_id"] == victim.user_id
+            assert time.monotonic() - started < 2 * 2 + 3  # PRESENCE_TTL 2 s, beat every TTL/3
+            users = watcher.request({"type": "list_users", "room": r}, "users")["users"]
+            assert [u["user_id"] for u in users] == [watcher.user_id]
+            watcher.send({"type": "dm", "to": victim.user_id, "text": "there?"})
+            assert watcher.expect("error")["code"] == "user_not_found"
+    finally:
+        doomed.kill()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[str, callable]]:
+    """A redis-server of our own on a free port, which the test may stop and restart."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("redis-server is required under CI=true")
+        pytest.skip("redis-server binary not found")
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        import redis
+
+        wait_until(lambda: _pings(redis, port), message="redis-server to start")
+
+    def stop() -> None:
+        proc = procs[-1]
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", (start, stop)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+
+
+def _pings(redis_module, port: int) -> bool:
+    try:
+        return bool(redis_module.Redis(port=port, socket_timeout=0.5).ping())
+    except redis_module.RedisError:
+        return False
+
+
+def test_redis_restart_mid_conversation(private_redis) -> None:
+    """Redis restarts (losing its data): sockets stay, requests get `unavailable`,
+    readiness flips, and after it returns chat resumes with ids that never go back."""
+    url, (start_redis, stop_redis) = private_redis
+    r = room()
+    with Server({**COMMON, "REDIS_URL": url}, workers=2) as a, \
+            Server({**COMMON, "REDIS_URL": url}, workers=2) as b:
+        x, y = Client(a.url, "username=xena"), Client(b.url, "username=yuri")
+        x.join(r)
+        y.join(r)
+        for i in range(3):
+            x.say(r, f"before{i}")
+            y.expect("message")
+        stop_redis()
+        wait_until(lambda: a.http("/ready", metrics=True)[0] == 503, timeout=10 * SCALE,
+                   message="readiness to fail while Redis is down")
+        x.send({"type": "message", "room": r, "text": "during"})
+        assert x.expect("error", timeout=10 * SCALE)["code"] == "unavailable"
+        start_redis()
+        wait_until(lambda: a.http("/ready")[0] == 200 and b.http("/ready")[0] == 200,
+                   timeout=15 * SCALE, message="readiness to recover")
+
+        def delivered() -> bool:
+            x.send({"type": "message", "room": r, "text": "after"})
+            try:
+                return x.expect("message", text="after", timeout=1.0)["id"] > 3
+            except AssertionError:
+                return False
+
+        wait_until(delivered, timeout=15 * SCALE, interval=0.2, message="chat to resume")
+        after = y.expect("message", text="after", timeout=TIMEOUT)
+        assert after["id"] >= 4  # never reuses ids 1..3 although Redis lost them
+        users = y.request({"type": "list_users", "room": r}, "users")["users"]
+        assert sorted(u["username"] for u in users) == ["xena", "yuri"]
+        joined = Client(b.url).join(r, since=1)
+        assert joined["recovered"] is False  # history was lost: the client must reload
+        for server in (a, b):
+            assert "redis pub/sub lost" in server.output()
+            assert "redis pub/sub reconnected" in server.output()
+        x.close()
+        y.close()

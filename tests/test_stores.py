@@ -1,0 +1,153 @@
+"""The store contract, run against the memory and the Redis implementation alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import redis_url_or_skip
+from wschat.config import Settings
+from wschat.protocol import draft_dm, draft_message, message_id_of, stored_id_of
+from wschat.stores.base import Stores, User
+from wschat.stores.memory import create_memory_stores
+
+ALICE, BOB = User("u-alice", "alice"), User("u-bob", "bob")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def stores(request: Any) -> Iterator[Stores]:
+    if request.param == "memory":
+        yield create_memory_stores(history_size=5, room_ttl=3600)
+        return
+    from wschat.stores import redis as redis_stores
+
+    url = redis_url_or_skip(10)
+    settings = Settings.from_env({"REDIS_URL": url, "HISTORY_SIZE": "5"})
+    client = redis_stores.redis.Redis.from_url(url)
+    node = redis_stores._Node()
+    yield Stores(redis_stores.RedisRoomStore(client, node, 3600),
+                 redis_stores.RedisPresenceStore(client, node),
+                 redis_stores.RedisMessageStore(client, settings.history_size),
+                 redis_stores.RedisBroker(client, url), "redis")
+    client.close()
+
+
+def post(stores: Stores, room: str, text: str, cmid: str | None = None,
+         user: User = ALICE) -> Any:
+    draft = draft_message(room, user.username, user.user_id, text, 1, cmid)
+    return stores.messages.post_room(room, user.user_id, draft)
+
+
+def test_join_counts_connections_per_user(stores: Stores) -> None:
+    """A user's second connection is not 'first'; only the last leave is 'last'."""
+    assert stores.rooms.join("r", "c1", ALICE).first_of_user
+    assert not stores.rooms.join("r", "c2", ALICE).first_of_user
+    result = stores.rooms.join("r", "c3", BOB)
+    assert result.first_of_user and result.members == [ALICE, BOB]
+    assert stores.rooms.totals() == (1, 2)
+    assert not stores.rooms.leave("r", "c1", ALICE.user_id).last_of_user
+    assert stores.rooms.leave("r", "c2", ALICE.user_id).last_of_user
+    assert stores.rooms.members("r") == [BOB]
+    final = stores.rooms.leave("r", "c3", BOB.user_id)
+    assert final.last_of_user and final.room_empty
+    assert stores.rooms.totals() == (0, 0)
+    assert stores.rooms.members("r") == []
+
+
+def test_join_is_idempotent_per_connection(stores: Stores) -> None:
+    """Joining twice with one connection counts once (what a resync relies on)."""
+    stores.rooms.join("r", "c1", ALICE)
+    assert not stores.rooms.join("r", "c1", ALICE).first_of_user
+    assert stores.rooms.leave("r", "c1", ALICE.user_id).room_empty
+
+
+def test_leave_unknown_connection_is_harmless(stores: Stores) -> None:
+    """Leaving a room one never joined changes nothing."""
+    stores.rooms.join("r", "c1", ALICE)
+    result = stores.rooms.leave("r", "nope", BOB.user_id)
+    assert not result.last_of_user and not result.room_empty
+    assert stores.rooms.members("r") == [ALICE]
+
+
+def test_presence_counts_connections(stores: Stores) -> None:
+    """A user is online while any of their connections is."""
+    stores.presence.connect("c1", ALICE)
+    stores.presence.connect("c2", ALICE)
+    stores.presence.disconnect("c1", ALICE.user_id)
+    assert stores.presence.is_online(ALICE.user_id)
+    stores.presence.disconnect("c2", ALICE.user_id)
+    assert not stores.presence.is_online(ALICE.user_id)
+    stores.presence.disconnect("c2", ALICE.user_id)  # twice: no negative counts
+    stores.presence.connect("c3", ALICE)
+    assert stores.presence.is_online(ALICE.user_id)
+
+
+def test_ids_are_sequential_per_room(stores: Stores) -> None:
+    """Each room counts its own ids from 1 without gaps."""
+    assert [post(stores, "a", f"m{i}").msg_id for i in range(3)] == [1, 2, 3]
+    assert post(stores, "b", "x").msg_id == 1
+    assert stores.messages.last_id("a") == 3
+
+
+def test_event_bytes_carry_the_id(stores: Stores) -> None:
+    """The stored event is the exact JSON members get, with the id spliced in."""
+    posted = post(stores, "a", "hello")
+    assert message_id_of(posted.event) == posted.msg_id == stored_id_of(posted.event)
+    assert b'"text":"hello"' in posted.event
+
+
+def test_dedupe_returns_original(stores: Stores) -> None:
+    """A known client_msg_id returns the original message and takes no new id."""
+    first = post(stores, "a", "once", "cm-1")
+    again = post(stores, "a", "once", "cm-1")
+    assert again.duplicate and not first.duplicate
+    assert again.event == first.event and again.msg_id == first.msg_id
+    assert post(stores, "a", "other", "cm-1", user=BOB).msg_id == 2  # per user
+    assert stores.messages.last_id("a") == 2
+
+
+def test_history_keeps_the_last_n(stores: Stores) -> None:
+    """recent() is oldest-first, bounded by HISTORY_SIZE, and pages with before."""
+    for i in range(7):
+        post(stores, "a", f"m{i}")
+    ids = [message_id_of(m) for m in stores.messages.recent("a", 50)]
+    assert ids == [3, 4, 5, 6, 7]
+    assert [message_id_of(m) for m in stores.messages.recent("a", 2)] == [6, 7]
+    assert [message_id_of(m) for m in stores.messages.recent("a", 2, before=6)] == [4, 5]
+    assert stores.messages.recent("nothing", 10) == []
+
+
+def test_since_complete_and_incomplete(stores: Stores) -> None:
+    """since() replays what it holds and says whether that is everything."""
+    for i in range(7):
+        post(stores, "a", f"m{i}")
+    replay = stores.messages.since("a", 4)
+    assert replay.complete and [message_id_of(m) for m in replay.messages] == [5, 6, 7]
+    assert stores.messages.since("a", 2).complete  # 3..7 are all held
+    assert not stores.messages.since("a", 1).complete  # 2 is gone
+    assert stores.messages.since("a", 7) .complete
+    assert not stores.messages.since("a", 8).complete  # never issued
+
+
+@pytest.mark.parametrize("stores", ["redis"], indirect=True)
+def test_raise_sequence_never_goes_back(stores: Stores) -> None:
+    """After Redis lost its data, the sequence resumes above what was delivered."""
+    post(stores, "a", "m")
+    stores.messages.raise_sequence("a", 10)
+    stores.messages.raise_sequence("a", 4)
+    assert post(stores, "a", "next").msg_id == 11
+
+
+def test_dm_ids_and_dedupe(stores: Stores) -> None:
+    """DMs get increasing ids and dedupe on the sender's client_msg_id."""
+    d1 = stores.messages.post_dm(ALICE.user_id, BOB.user_id,
+                                 draft_dm(BOB.user_id, "alice", ALICE.user_id, "hi", 1, "k"))
+    d2 = stores.messages.post_dm(ALICE.user_id, BOB.user_id,
+                                 draft_dm(BOB.user_id, "alice", ALICE.user_id, "hi", 1, "k"))
+    d3 = stores.messages.post_dm(ALICE.user_id, BOB.user_id,
+                                 draft_dm(BOB.user_id, "alice", ALICE.user_id, "yo", 1, None))
+    assert d2.duplicate and d2.event == d1.event
+    assert d3.msg_id > d1.msg_id
+    assert stored_id_of(d3.event) == d3.msg_id
