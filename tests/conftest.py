@@ -247,7 +247,7 @@ def redis_url_or_skip(db: int) -> str:
 def server() -> Iterator[Server]:
     """One memory-backend server for a test module, with fast timers."""
     with Server({"HEARTBEAT_INTERVAL": "30", "TYPING_TIMEOUT": "0.5", "RATE_LIMIT": "1000",
-                 "RATE_LIMIT_BURST": "1000", "JWT_SECRET": "test-secret-0123456789abcdef"}
+                 "RATE_LIMIT_BURST": "1000", "JWT_SECRET": "test-secret-0123456789abcdef0123456789"}
                 ) as srv:
         yield srv
 

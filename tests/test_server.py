@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import TIMEOUT, Client, Server, wait_until
 
-SECRET = "test-secret-0123456789abcdef"
+SECRET = "test-secret-0123456789abcdef0123456789"
 
 
 def room() -> str:

@@ -76,7 +76,9 @@ class ChatMetrics:
     """What the core reports; the no-op default keeps it free of Prometheus."""
 
     def received(self, kind: str) -> None: ...
-    def delivered(self, count: int) -> None: ...
+    def posted(self, kind: str) -> None: ...  # "room" or "dm", stored and published
+    def delivered(self, count: int, event: bytes = b"") -> None: ...
+    def auth_failed(self, reason: str) -> None: ...
     def error(self, code: str) -> None: ...
     def rate_limited(self) -> None: ...
     def disconnected(self, reason: str) -> None: ...
@@ -182,6 +184,7 @@ class Chat:
 
     def receive(self, session: Session, text: str) -> None:
         """Handle one text frame; every failure becomes an ``error`` to this client only."""
+        command: Command | None = None
         try:
             command = parse_command(text, self.limits)
             self.metrics.received(type(command).__name__)
@@ -199,11 +202,13 @@ class Chat:
         except Unavailable as exc:
             self.metrics.error(ErrorCode.UNAVAILABLE.value)
             session.send(ProtocolError(ErrorCode.UNAVAILABLE,
-                                       f"temporarily unavailable ({exc}); retry").to_event())
+                                       f"temporarily unavailable ({exc}); retry",
+                                       command.request_id if command else None).to_event())
         except Exception:
             log.exception("error handling a frame from %s", session.conn_id)
             self.metrics.error(ErrorCode.INTERNAL.value)
-            session.send(ProtocolError(ErrorCode.INTERNAL, "internal error").to_event())
+            session.send(ProtocolError(ErrorCode.INTERNAL, "internal error",
+                                       command.request_id if command else None).to_event())
 
     def tick(self) -> None:
         """Expire typing indicators, tokens and auth deadlines (called about once a second)."""
@@ -255,6 +260,7 @@ class Chat:
         try:
             identity = self.auth.verify(cmd.token)
         except AuthError as err:
+            self.metrics.auth_failed(err.code.value)
             raise ProtocolError(err.code, err.message, cmd.request_id) from None
         if identity.user_id != session.user_id:
             # A new identity: the old one leaves everything it was part of.
@@ -343,6 +349,7 @@ class Chat:
             session.send(posted.event)
         else:
             self.metrics.fanout_seconds(self.monotonic() - started)
+            self.metrics.posted("room")
         if session.typing.pop(cmd.room, None) is not None:
             self._publish_typing(session, cmd.room, False)
 
@@ -355,6 +362,8 @@ class Chat:
         posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft)
         if posted.duplicate:
             session.send(posted.event)
+        else:
+            self.metrics.posted("dm")
 
     def _typing(self, session: Session, cmd: Typing) -> None:
         if cmd.room not in session.rooms:

@@ -1,0 +1,273 @@
+"""The chat core without sockets: sessions that record frames, memory stores, fake clocks."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from wschat.auth import Authenticator, Identity
+from wschat.chat import Chat, Session
+from wschat.config import Settings
+from wschat.protocol import CloseCode, Ping
+from wschat.ratelimit import MemoryRateLimiter
+from wschat.stores.memory import create_memory_stores
+
+SECRET = "unit-secret-0123456789abcdef0123456789"
+
+
+class Clock:
+    """Wall and monotonic time in one, starting now (PyJWT checks exp against real time)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeSession(Session):
+    """Records what the core sends instead of writing to a socket."""
+
+    __slots__ = ("frames", "closed_with")
+
+    def __init__(self, user_id: str, username: str, authenticated: bool = False,
+                 expires_at: float | None = None) -> None:
+        super().__init__(f"c-{user_id}-{id(self)}", Identity(user_id, username, expires_at),
+                         authenticated, "10.0.0.1")
+        self.frames: list[bytes] = []
+        self.closed_with: tuple[int, str] | None = None
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        self.closed_with = (int(code), reason)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for frame in self.frames:
+            length = frame[1] & 0x7F
+            offset = 2 if length < 126 else 4 if length == 126 else 10
+            event = json.loads(frame[offset:])
+            if kind is None or event["type"] == kind:
+                out.append(event)
+        return out
+
+    def clear(self) -> None:
+        self.frames.clear()
+
+
+def make_chat(clock: Clock, **env: str) -> Chat:
+    settings = Settings.from_env({"JWT_SECRET": SECRET, "TYPING_TIMEOUT": "5",
+                                  "RATE_LIMIT": "1", "RATE_LIMIT_BURST": "3", **env})
+    return Chat(settings, create_memory_stores(settings.history_size, settings.room_ttl),
+                Authenticator(settings, clock=clock),
+                MemoryRateLimiter(settings.rate_limit, settings.rate_limit_burst, clock),
+                clock=clock, monotonic=clock)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def chat(clock: Clock) -> Chat:
+    return make_chat(clock)
+
+
+def connect(chat: Chat, user_id: str, username: str | None = None, **kw: Any) -> FakeSession:
+    session = FakeSession(user_id, username or user_id, **kw)
+    chat.open(session)
+    return session
+
+
+def send(chat: Chat, session: Session, **command: Any) -> None:
+    chat.receive(session, json.dumps(command))
+
+
+def test_open_sends_welcome(chat: Chat) -> None:
+    """open() greets the session with its identity."""
+    s = connect(chat, "u1", "ann")
+    assert s.events("welcome") == [{"type": "welcome", "user_id": "u1", "username": "ann",
+                                    "authenticated": False, "auth_required": False,
+                                    "heartbeat_interval": 30.0}]
+
+
+def test_join_message_leave_flow(chat: Chat) -> None:
+    """A member's message reaches every member (itself included) with the room's next id."""
+    a, b = connect(chat, "a"), connect(chat, "b")
+    send(chat, a, type="join", room="r")
+    send(chat, b, type="join", room="r")
+    assert [e["user_id"] for e in a.events("presence")] == ["b"]
+    send(chat, a, type="message", room="r", text="hello")
+    assert [m["id"] for m in b.events("message")] == [1]
+    assert a.events("message") == b.events("message")
+    send(chat, b, type="leave", room="r", id=9)
+    assert b.events("left") == [{"type": "left", "room": "r", "id": 9}]
+    assert a.events("presence")[-1]["status"] == "offline"
+
+
+def test_close_cleans_up_everything(chat: Chat) -> None:
+    """close() leaves every room, clears presence and is idempotent."""
+    a, b = connect(chat, "a"), connect(chat, "b")
+    for room in ("r1", "r2"):
+        send(chat, a, type="join", room=room)
+        send(chat, b, type="join", room=room)
+    chat.close(b)
+    chat.close(b)
+    assert [e["room"] for e in a.events("presence") if e["status"] == "offline"] == ["r1", "r2"]
+    assert chat.stores.rooms.totals() == (2, 2)
+    assert not chat.stores.presence.is_online("b")
+    assert chat.hub.users.keys() == {"a"}
+    chat.close(a)
+    assert chat.stores.rooms.totals() == (0, 0)
+    assert chat.hub.rooms == {}
+
+
+def test_typing_expires_on_tick(chat: Chat, clock: Clock) -> None:
+    """An uncleared typing: true becomes false after TYPING_TIMEOUT, once."""
+    a, b = connect(chat, "a"), connect(chat, "b")
+    send(chat, a, type="join", room="r")
+    send(chat, b, type="join", room="r")
+    send(chat, b, type="typing", room="r", status=True)
+    send(chat, b, type="typing", room="r", status=True)  # a refresh, not a new event
+    assert [e["status"] for e in a.events("typing")] == [True]
+    clock.now += 4.9
+    chat.tick()
+    assert [e["status"] for e in a.events("typing")] == [True]
+    clock.now += 0.2
+    chat.tick()
+    chat.tick()
+    assert [e["status"] for e in a.events("typing")] == [True, False]
+    assert b.events("typing") == []
+
+
+def test_message_clears_typing(chat: Chat) -> None:
+    """Sending a message ends the sender's typing indicator."""
+    a, b = connect(chat, "a"), connect(chat, "b")
+    send(chat, a, type="join", room="r")
+    send(chat, b, type="join", room="r")
+    send(chat, b, type="typing", room="r", status=True)
+    send(chat, b, type="message", room="r", text="done")
+    assert [e["status"] for e in a.events("typing")] == [True, False]
+
+
+def test_rate_limit_and_flood_disconnect(chat: Chat, clock: Clock) -> None:
+    """Past the burst, messages are refused with retry_after_ms; a flood is closed 4102."""
+    a = connect(chat, "a")
+    send(chat, a, type="join", room="r")
+    for i in range(3):
+        send(chat, a, type="message", room="r", text=f"m{i}")
+    send(chat, a, type="message", room="r", text="too many", id="x")
+    err = a.events("error")[-1]
+    assert err["code"] == "rate_limited" and err["id"] == "x"
+    assert 0 < err["retry_after_ms"] <= 1000
+    assert len(a.events("message")) == 3
+    clock.now += 1.0
+    send(chat, a, type="message", room="r", text="later")
+    assert len(a.events("message")) == 4
+    for _ in range(7):
+        send(chat, a, type="message", room="r", text="flood")
+    assert a.closed_with == (4102, "flooding")
+
+
+def test_rate_limit_shared_by_a_users_connections(chat: Chat) -> None:
+    """Two connections of one user share one bucket."""
+    a1, a2 = connect(chat, "a"), connect(chat, "a")
+    for s in (a1, a2):
+        send(chat, s, type="join", room="r")
+    send(chat, a1, type="message", room="r", text="1")
+    send(chat, a2, type="message", room="r", text="2")
+    send(chat, a1, type="message", room="r", text="3")
+    send(chat, a2, type="message", room="r", text="4")
+    assert [e["code"] for e in a2.events("error")] == ["rate_limited"]
+
+
+def test_auth_required_gates_commands(clock: Clock) -> None:
+    """With AUTH_REQUIRED only auth and ping work before a token; silence ends in 4001."""
+    chat = make_chat(clock, AUTH_REQUIRED="true", AUTH_TIMEOUT="10")
+    s = connect(chat, "guest-1")
+    send(chat, s, type="join", room="r", id=1)
+    assert s.events("error")[-1]["code"] == "auth_required"
+    send(chat, s, type="ping")
+    assert s.events("pong")
+    clock.now += 11
+    chat.tick()
+    assert s.closed_with is not None and s.closed_with[0] == 4001
+
+
+def test_token_expiry_closes_4002_unless_refreshed(chat: Chat, clock: Clock) -> None:
+    """A token that runs out closes the session; a fresh auth before expiry keeps it."""
+    now = int(clock.now)
+    a = connect(chat, "a", authenticated=True, expires_at=now + 60)
+    b = connect(chat, "b", authenticated=True, expires_at=now + 60)
+    fresh = jwt.encode({"sub": "b", "exp": now + 3600}, SECRET, algorithm="HS256")
+    send(chat, b, type="auth", token=fresh)
+    assert b.events("welcome")[-1]["authenticated"] is True
+    clock.now += 61
+    chat.tick()
+    assert a.events("error")[-1]["code"] == "token_expired"
+    assert a.closed_with is not None and a.closed_with[0] == 4002
+    assert b.closed_with is None
+
+
+def test_auth_switch_leaves_rooms_of_old_identity(chat: Chat, clock: Clock) -> None:
+    """auth as another user makes the guest identity leave its rooms first."""
+    watcher, guest = connect(chat, "w"), connect(chat, "guest-9")
+    send(chat, watcher, type="join", room="r")
+    send(chat, guest, type="join", room="r")
+    token = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, SECRET,
+                       algorithm="HS256")
+    send(chat, guest, type="auth", token=token)
+    assert watcher.events("presence")[-1] == {"type": "presence", "room": "r",
+                                              "user": "guest-9", "user_id": "guest-9",
+                                              "status": "offline"}
+    assert guest.events("welcome")[-1]["user_id"] == "kim"
+    assert guest.rooms == set()
+
+
+def test_recovery_buffers_live_messages(clock: Clock) -> None:
+    """join since N: joined, the replay, then what arrived meanwhile; nothing twice."""
+    chat = make_chat(clock, RATE_LIMIT="100", RATE_LIMIT_BURST="100")
+    a = connect(chat, "a")
+    send(chat, a, type="join", room="r")
+    for i in range(3):
+        send(chat, a, type="message", room="r", text=f"m{i}")
+    original_since = chat.stores.messages.since
+
+    def since_with_traffic(room: str, after_id: int) -> Any:
+        # One message lands before the replay is read (so it is in both the replay and
+        # the live buffer), one after (live buffer only).
+        send(chat, a, type="message", room="r", text="during-1")
+        replay = original_since(room, after_id)
+        send(chat, a, type="message", room="r", text="during-2")
+        return replay
+
+    chat.stores.messages.since = since_with_traffic  # type: ignore[method-assign]
+    b = connect(chat, "b")
+    send(chat, b, type="join", room="r", since=1)
+    kinds = [e["type"] for e in b.events() if e["type"] in ("joined", "message")]
+    assert kinds[0] == "joined" and b.events("joined")[0]["recovered"] is True
+    assert [m["id"] for m in b.events("message")] == [2, 3, 4, 5]
+    send(chat, a, type="message", room="r", text="live")
+    assert [m["id"] for m in b.events("message")] == [2, 3, 4, 5, 6]
+
+
+def test_internal_error_is_contained(chat: Chat) -> None:
+    """A bug in a handler becomes internal_error (with the request id) for that client only."""
+    a, b = connect(chat, "a"), connect(chat, "b")
+
+    def boom(session: Session, cmd: Any) -> None:
+        raise RuntimeError("bug")
+
+    chat._handlers[Ping] = boom
+    send(chat, a, type="ping", id=1)
+    assert a.events("error")[-1] == {"type": "error", "code": "internal_error",
+                                     "message": "internal error", "id": 1}
+    send(chat, b, type="join", room="r")
+    assert b.events("joined")
