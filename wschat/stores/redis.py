@@ -506,7 +506,7 @@ class RedisBroker(Broker):
                 if waiter is not None:
                     waiter.set()
 
-    def _subscribe(self, channel: str, wait: bool) -> None:
+    def _subscribe(self, channel: str, wait: bool = True) -> None:
         key = channel.encode()
         self._channels.add(key)
         if self._pubsub is None:
@@ -542,7 +542,8 @@ class RedisBroker(Broker):
         self._unsubscribe(room_channel(room))
 
     def subscribe_user(self, user_id: str) -> None:
-        self._subscribe(user_channel(user_id), wait=False)
+        # Confirmed before the user counts as online: a DM accepted for them must arrive.
+        self._subscribe(user_channel(user_id), wait=True)
 
     def unsubscribe_user(self, user_id: str) -> None:
         self._unsubscribe(user_channel(user_id))
