@@ -5,6 +5,7 @@ the master before workers fork and before gevent patches anything. Every
 value comes from the same environment variables the app reads (see README).
 """
 
+import glob
 import os
 import shutil
 import sys
@@ -44,8 +45,35 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
+# HTTP access log off: wschat logs each WebSocket's open and close itself, and
+# probes and scrapes would drown the rest. If it is turned on (--access-logfile -),
+# this format leaves out the query string, where ?token= travels.
 accesslog = None
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms "%(a)s"'
 loglevel = _env("LOG_LEVEL", "info")
+if _env("LOG_FORMAT", "text").lower() == "json":
+    # gunicorn's own lines (boot, worker exits, errors) in the app's JSON shape;
+    # the formatter is resolved by name, so only the standard library loads here.
+    # (A bad LOG_LEVEL must reach on_starting's message, not fail in dictConfig.)
+    _level = loglevel.upper() if loglevel.lower() in ("debug", "info", "warning",
+                                                       "error") else "INFO"
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "wschat.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                       "stream": "ext://sys.stderr"},
+            "null": {"class": "logging.NullHandler"},
+        },
+        "root": {"level": _level, "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": _level, "handlers": ["stderr"],
+                               "propagate": False},
+            # A logging config switches gunicorn's access log on: keep it off (see above).
+            "gunicorn.access": {"level": "WARNING", "handlers": ["null"], "propagate": False},
+        },
+    }
 # gunicorn 27's control socket is one fixed path per user: two servers on one
 # machine (tests, several pods' worth on a laptop) would fight over it.
 control_socket_disable = True
@@ -99,12 +127,24 @@ def child_exit(server, worker):
     slot = getattr(worker, "_wschat_slot", None)
     if slot is not None:
         _worker_slots[slot] = 0
-    try:
-        from prometheus_client import multiprocess
+    _forget_worker_gauges(worker.pid, server.log)
 
-        multiprocess.mark_process_dead(worker.pid)
-    except Exception as exc:  # never let bookkeeping take the master down
-        server.log.warning("could not mark worker %s dead for metrics: %s", worker.pid, exc)
+
+def _forget_worker_gauges(pid, log):
+    """Delete a dead worker's Prometheus gauge files (what prometheus_client's
+    ``mark_process_dead`` does for ``live*`` gauges, and every other gauge mode too:
+    a dead worker has no present to report). Its counter and histogram files stay,
+    so server totals never go backwards."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    for path in glob.glob(os.path.join(directory, f"gauge_*_{int(pid)}.db")):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # never let bookkeeping take the master down
+            log.warning("could not delete %s of dead worker %s: %s", path, pid, exc)
 
 
 def on_exit(server):

@@ -8,6 +8,7 @@ it arrived on.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -34,6 +35,7 @@ _current: Runtime | None = None  # this worker's runtime (one app per gunicorn w
 WS_PATH = "/ws"
 MAIN_ONLY = {WS_PATH, "/"}
 METRICS_ONLY = {"/metrics", "/metrics/json"}
+GAUGE_SAMPLE_SECONDS = 1.0
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Runtime:
     transport: Transport
     authenticator: Authenticator
     metrics: Any
-    prometheus: Any
+    prometheus: Any  # the registry /metrics and /metrics/json read (all workers)
     started_at: float
 
 
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     metrics = PrometheusChatMetrics()
     stores = create_stores(settings, metrics)
+    metrics.started(stores.name)
     limiter: RateLimiter = stores.rate_limiter or MemoryRateLimiter(
         settings.rate_limit, settings.rate_limit_burst)
     authenticator = Authenticator(settings)
@@ -154,13 +157,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     def health() -> Response:
         return jsonify(status="ok")
 
-    @app.get("/ready")
-    def ready() -> Response:
+    def unready_because() -> list[str]:
         problems = []
         if transport.shutting_down:
             problems.append("shutting down")
         if not stores.healthy():
             problems.append(f"{stores.name} unreachable")
+        return problems
+
+    @app.get("/ready")
+    def ready() -> Response:
+        problems = unready_because()
         if problems:
             resp = jsonify(status="unavailable", problems=problems)
             resp.status_code = 503
@@ -174,53 +181,97 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/metrics")
     def metrics_text() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
         _refresh_gauges(runtime)
-        return Response(generate_latest(prometheus.registry), mimetype=CONTENT_TYPE_LATEST)
+        # The classic text format: every Prometheus version reads it.
+        return Response(generate_latest(prometheus), content_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.get("/metrics/json")
     def metrics_json() -> Response:
-        rooms, memberships = _refresh_gauges(runtime)
-        return jsonify(connections=_server_connections(runtime), rooms=rooms,
-                       total_memberships=memberships, timestamp=int(time.time()),
-                       uptime_seconds=round(time.time() - runtime.started_at, 1),
-                       backend=stores.name, version=__version__,
-                       worker_connections=len(transport.connections),
-                       workers=settings.web_concurrency)
+        from .metrics import Snapshot, server_summary
+
+        _refresh_gauges(runtime)
+        # Read back from the same registry as /metrics: both show the same figures.
+        snapshot = Snapshot(prometheus)
+        body = {
+            "connections": int(snapshot.value("wschat_connections_total")),
+            "rooms": int(snapshot.value("wschat_rooms_total")),
+            "total_memberships": int(snapshot.value("wschat_room_members_total")),
+            "timestamp": int(time.time()),
+            "version": __version__,
+            "backend": stores.name,
+            "ready": not unready_because(),
+            **server_summary(snapshot),
+        }
+        return Response(json.dumps(body, indent=2) + "\n", mimetype="application/json")
 
     log.info("wschat %s ready: backend=%s", __version__, stores.name)
     return app
 
 
-def _server_connections(runtime: Runtime) -> int:
-    return runtime.transport.budget.in_use
+def _outbound_bytes(runtime: Runtime) -> int:
+    return sum(c.outbound_bytes for c in list(runtime.transport.connections))
 
 
-def _refresh_gauges(runtime: Runtime) -> tuple[int, int]:
-    from .metrics import refresh_scrape_gauges
+def _refresh_gauges(runtime: Runtime) -> None:
+    """Before an exposition: figures read from the store, and this worker's samples."""
+    from .metrics import refresh_scrape_gauges, sample_worker_gauges
+    from .stores.base import Unavailable
 
-    rooms, memberships = runtime.chat.stores.rooms.totals()
-    refresh_scrape_gauges(rooms, memberships,
-                          sum(c.outbound_bytes for c in runtime.transport.connections))
-    return rooms, memberships
+    rooms: int | None
+    memberships: int | None
+    try:
+        rooms, memberships = runtime.chat.stores.rooms.totals()
+    except Unavailable as exc:
+        log.warning("room totals unavailable for this scrape: %s", exc)
+        rooms = memberships = None
+    except Exception:  # a scrape must still answer: the other series matter most now
+        log.exception("room totals failed")
+        rooms = memberships = None
+    refresh_scrape_gauges(rooms, memberships)
+    sample_worker_gauges(_outbound_bytes(runtime))
+
+
+def _sample_worker_gauges(runtime: Runtime) -> None:
+    """Every worker refreshes its own share of the sampled gauges, scraped or not
+    (a scrape is answered by one worker; the others' values must not go stale)."""
+    import gevent
+
+    from .metrics import sample_worker_gauges
+
+    while True:
+        try:
+            sample_worker_gauges(_outbound_bytes(runtime))
+        except Exception:
+            log.exception("sampling worker gauges failed")
+        gevent.sleep(GAUGE_SAMPLE_SECONDS)
 
 
 def _init_prometheus(app: Flask) -> Any:
-    """prometheus-flask-exporter for HTTP request series; /ws is excluded on purpose
-    (a WebSocket would be recorded as one hour-long request)."""
+    """Attach prometheus-flask-exporter (HTTP request series); return the registry
+    scrapes read. WebSocket routes are excluded from the HTTP series: each
+    connection would be recorded as one hour-long "request"."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
     from prometheus_flask_exporter import PrometheusMetrics
 
     from .metrics import MULTIPROCESS
 
-    options: dict[str, Any] = {"excluded_paths": ["^/ws$", "^/metrics"],
+    # /echo: the test-only echo WebSocket (WSCHAT_ECHO_ENDPOINT).
+    options: dict[str, Any] = {"excluded_paths": [f"^{WS_PATH}$", "^/echo$", "^/metrics"],
                                "group_by": "endpoint", "defaults_prefix": "wschat"}
-    if MULTIPROCESS:
-        # Registry over every worker's sample files; we serve it on our own /metrics.
-        from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
-
-        return GunicornPrometheusMetrics(app, **options)
-    return PrometheusMetrics(app, path=None, **options)
+    if not MULTIPROCESS:  # outside gunicorn: one process, the default registry
+        PrometheusMetrics(app, path=None, **options)
+        return REGISTRY
+    # Every metric object writes to this worker's sample files, and scrapes read all
+    # workers' files through a MultiProcessCollector. That registry must hold nothing
+    # else: a metric registered there too would be exposed twice (the exporter's
+    # multiprocess classes do register theirs there), so the exporter gets its own.
+    PrometheusMetrics(app, path=None, registry=CollectorRegistry(), **options)
+    scrape_registry = CollectorRegistry()
+    MultiProcessCollector(scrape_registry)
+    return scrape_registry
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
@@ -239,6 +290,7 @@ def attach_worker(worker: Any, slots: Any, slot: int) -> None:
         runtime = wschat.app.extensions["wschat"]
     runtime.transport.budget.attach(slots, slot)
     runtime.transport.start()
+    gevent.spawn(_sample_worker_gauges, runtime)
 
     def watch_for_shutdown() -> None:
         while worker.alive:

@@ -29,7 +29,8 @@ class _Recovery:
 
 class LocalHub:
     def __init__(self, broker: Broker,
-                 on_delivered: Callable[[int], None] = lambda n: None) -> None:
+                 on_delivered: Callable[[int, bytes], None] = lambda n, event: None
+                 ) -> None:
         self._broker = broker
         self._on_delivered = on_delivered
         self.rooms: dict[str, dict[Session, None]] = {}  # ordered sets
@@ -119,7 +120,7 @@ class LocalHub:
                 if session.user_id != exclude_user:
                     session.send_frame(frame)
                     sent += 1
-            self._on_delivered(sent)
+            self._on_delivered(sent, event)
         waiting = self._recovering.get(room)
         if waiting:
             for session, recovery in waiting.items():
@@ -132,7 +133,7 @@ class LocalHub:
             frame = text_frame(event)
             for session in list(sessions):
                 session.send_frame(frame)
-            self._on_delivered(len(sessions))
+            self._on_delivered(len(sessions), event)
 
     # -- figures -----------------------------------------------------------------------
     def sessions(self) -> list[Session]:

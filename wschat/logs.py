@@ -1,45 +1,83 @@
 """Logging set-up: plain text for people, one JSON object per line for machines.
 
-Connection open/close lines carry user, reason and duration in ``extra``
-fields; no token and no message text is ever logged.
+Connection open/close lines carry user, reason and duration as ``extra``
+fields, which the JSON formatter turns into keys. No token and no message text
+is ever logged; as a second line of defence both formatters blank any
+``token=`` query parameter or ``Bearer`` credential that reaches a log line
+(gunicorn's own messages quote request lines).
+
+Standard library only: ``gunicorn.conf.py`` has the master (before any fork)
+use :class:`JsonFormatter` for gunicorn's own lines when ``LOG_FORMAT=json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 import time
 
-import orjson
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName"}
+_SECRETS = re.compile(
+    r"((?:[?&;]|\b)(?:access_)?token=)[^&\s\"']+|(\bBearer\s+)[\w.~+/=-]+", re.IGNORECASE)
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+def redact(line: str) -> str:
+    """Blank credentials in a formatted log line."""
+    if "oken=" not in line and "earer" not in line:
+        return line
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", line)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One event, one line: a client's text in a message (a close reason) must not
+        # be able to forge log lines. Tracebacks are appended after this, unescaped.
+        return super().formatMessage(record).translate(_LINE_BREAKS)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, pid, msg, then ``extra`` fields."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and not key.startswith("_") and key not in entry:
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 def configure_logging(fmt: str, level: str) -> None:
+    """Give the ``wschat`` loggers one stderr handler in ``fmt`` (idempotent)."""
     root = logging.getLogger("wschat")
     root.setLevel(level.upper())
     if any(getattr(h, "_wschat", False) for h in root.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
     handler._wschat = True  # type: ignore[attr-defined]
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.propagate = False

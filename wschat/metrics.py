@@ -2,71 +2,146 @@
 
 Under gunicorn every worker writes its samples to ``PROMETHEUS_MULTIPROC_DIR``
 (set and emptied by ``gunicorn.conf.py``); whichever worker answers a scrape
-on the metrics port aggregates all live workers' files, so every scrape sees
-the whole server. Room and membership figures come from the room store at
-scrape time (server-wide, and with Redis the same on every pod).
+on the metrics port merges every worker's files, so each scrape sees the whole
+server:
+
+* counters and histograms add up over every worker that ever ran (a dead
+  worker's files stay, so totals never go backwards);
+* gauges use a ``live*`` mode: only live workers' files count, and the master
+  deletes a worker's gauge files when it reaps it (``child_exit``);
+* room and membership figures are read from the room store at scrape time:
+  server-wide, and with Redis the same figure on every pod.
+
+``docs/operations.md`` documents every series; a test keeps the two in step.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from . import __version__
 from .chat import ChatMetrics
+from .protocol import ErrorCode
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# Set by the gunicorn master before it forks: uptime is the server's, not a worker's.
 _STARTED_AT = float(os.environ.get("WSCHAT_STARTED_AT") or time.time())
 
+# Label values known in advance: initialised to 0 so dashboards and alerts see a
+# series (and a rate of 0) before the first event rather than no data.
+RECEIVED_TYPES = ("auth", "join", "leave", "message", "dm", "typing", "list_users",
+                  "history", "ping")
+DELIVERED_TYPES = ("message", "dm", "presence", "typing")
+POSTED_KINDS = ("room", "dm")
+DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
+                      "token_expired", "rate_limited")
+REFUSAL_REASONS = ("not_websocket", "bad_handshake", "origin", "auth", "username",
+                   "max_connections", "shutting_down")
+AUTH_FAILURE_REASONS = (ErrorCode.AUTH_FAILED.value, ErrorCode.TOKEN_EXPIRED.value)
 
-def _gauge(name: str, doc: str, mode: str, labels: tuple[str, ...] = ()) -> Gauge:
-    return Gauge(name, doc, labels, multiprocess_mode=mode)
+# The chat core reports command classes; Prometheus labels use the wire names.
+_WIRE_TYPES = {"Auth": "auth", "Join": "join", "Leave": "leave", "SendMessage": "message",
+               "SendDm": "dm", "Typing": "typing", "ListUsers": "list_users",
+               "History": "history", "Ping": "ping"}
+# protocol.py's encoders always write "type" first, so the prefix names the event.
+_EVENT_PREFIXES = tuple((f'{{"type":"{t}"'.encode(), t) for t in DELIVERED_TYPES)
 
-
-CONNECTIONS = _gauge("wschat_connections_total",
-                     "Active WebSocket connections (a gauge; name kept from the seed)", "livesum")
-ROOMS = _gauge("wschat_rooms_total", "Rooms with at least one member", "livemostrecent")
-MEMBERS = _gauge("wschat_room_members_total", "User memberships summed over rooms",
-                 "livemostrecent")
-UPTIME = _gauge("wschat_uptime_seconds", "Seconds since the server started", "livemax")
-OUTBOUND = _gauge("wschat_outbound_queued_bytes",
-                  "Bytes waiting in connections' outbound queues", "livesum")
-BUILD = _gauge("wschat_build_info", "Build information (always 1)", "livemax",
-               ("version", "backend"))
-MESSAGES_IN = Counter("wschat_messages_received_total", "Client frames handled, by type",
-                      ["type"])
+CONNECTIONS = Gauge("wschat_connections_total",
+                    "Open WebSocket connections (a gauge; the name is the seed's)",
+                    multiprocess_mode="livesum")
+ROOMS = Gauge("wschat_rooms_total", "Rooms with at least one member (read from the room store)",
+              multiprocess_mode="livemostrecent")
+MEMBERS = Gauge("wschat_room_members_total",
+                "User memberships summed over rooms (read from the room store)",
+                multiprocess_mode="livemostrecent")
+UPTIME = Gauge("wschat_uptime_seconds", "Seconds since the server (gunicorn master) started",
+               multiprocess_mode="livemax")
+WORKERS = Gauge("wschat_workers", "Live gunicorn workers", multiprocess_mode="livesum")
+OUTBOUND = Gauge("wschat_outbound_queued_bytes",
+                 "Bytes waiting in connections' outbound queues (sampled every second)",
+                 multiprocess_mode="livesum")
+GREENLETS = Gauge("wschat_greenlets",
+                  "Greenlets serving WebSockets: one per connection, plus flushers, close "
+                  "timers and the ticker", multiprocess_mode="livesum")
+BUILD = Gauge("wschat_build_info", "Version, store backend and Python of the running server",
+              ["version", "backend", "python"], multiprocess_mode="livemax")
+RECEIVED = Counter("wschat_messages_received_total",
+                   "Client requests parsed, by type (before rate limiting and checks)", ["type"])
+POSTED = Counter("wschat_messages_posted_total",
+                 "Room messages and DMs stored and published (retries excluded), by kind",
+                 ["kind"])
 DELIVERED = Counter("wschat_messages_delivered_total",
-                    "Events written to client connections (room fan-out and DMs)")
+                    "Events written to client connections by fan-out, by event type", ["type"])
 ERRORS = Counter("wschat_errors_total", "error events sent to clients, by code", ["code"])
-RATE_LIMITED = Counter("wschat_rate_limited_total", "Client messages refused by rate limiting")
+RATE_LIMITED = Counter("wschat_rate_limited_total",
+                       "Client messages refused by rate limiting")
 DISCONNECTS = Counter("wschat_disconnects_total",
                       "Connections closed by the server, by reason", ["reason"])
-CONNECTIONS_OPENED = Counter("wschat_connections_opened_total", "WebSocket connections accepted")
-HANDSHAKES_REFUSED = Counter("wschat_handshakes_refused_total",
-                             "Upgrade requests refused before the handshake, by reason",
-                             ["reason"])
-AUTH_FAILURES = Counter("wschat_auth_failures_total", "Rejected tokens, by reason", ["reason"])
+OPENED = Counter("wschat_connections_opened_total", "WebSocket connections accepted")
+REFUSED = Counter("wschat_handshakes_refused_total",
+                  "Upgrade requests refused before the handshake, by reason", ["reason"])
+AUTH_FAILURES = Counter("wschat_auth_failures_total",
+                        "Rejected tokens (upgrade request or auth message), by reason",
+                        ["reason"])
 STORE_ERRORS = Counter("wschat_store_errors_total",
-                       "Failed operations against Redis or the database", ["backend"])
+                       "Failed operations against Redis or the database, by backend",
+                       ["backend"])
 FANOUT = Histogram("wschat_fanout_seconds",
-                   "Time to store and hand a room message to every local member",
-                   buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                            0.1, 0.25, 1.0))
+                   "Time from a room message's arrival to its being stored and published "
+                   "(memory backend: and written to every member)",
+                   buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                            0.05, 0.1, 0.25, 1.0))
 
 
 class PrometheusChatMetrics(ChatMetrics):
-    """The chat core's and transport's events, counted in Prometheus series."""
+    """The chat core's and the transport's events, counted in Prometheus series."""
+
+    def __init__(self) -> None:
+        # Children are looked up once: these calls sit on the message path.
+        self._received = {name: RECEIVED.labels(wire) for name, wire in _WIRE_TYPES.items()}
+        self._delivered = {t: DELIVERED.labels(t) for t in DELIVERED_TYPES}
+        self._posted = {k: POSTED.labels(k) for k in POSTED_KINDS}
+        self._errors = {code.value: ERRORS.labels(code.value) for code in ErrorCode}
+        for reason in DISCONNECT_REASONS:
+            DISCONNECTS.labels(reason)
+        for reason in REFUSAL_REASONS:
+            REFUSED.labels(reason)
+        for reason in AUTH_FAILURE_REASONS:
+            AUTH_FAILURES.labels(reason)
+
+    def started(self, backend: str) -> None:
+        """This worker is serving: count it and say what it runs."""
+        BUILD.labels(__version__, backend, platform.python_version()).set(1)
+        WORKERS.set(1)
+        if backend != "memory":
+            STORE_ERRORS.labels(backend)
+        UPTIME.set(time.time() - _STARTED_AT)
 
     def received(self, kind: str) -> None:
-        MESSAGES_IN.labels(kind).inc()
+        child = self._received.get(kind)
+        (child or RECEIVED.labels(kind)).inc()
 
-    def delivered(self, count: int) -> None:
+    def posted(self, kind: str) -> None:
+        (self._posted.get(kind) or POSTED.labels(kind)).inc()
+
+    def delivered(self, count: int, event: bytes = b"") -> None:
         if count:
-            DELIVERED.inc(count)
+            self._delivered_child(event).inc(count)
+
+    def _delivered_child(self, event: bytes) -> Any:
+        for prefix, kind in _EVENT_PREFIXES:
+            if event.startswith(prefix):
+                return self._delivered[kind]
+        return DELIVERED.labels("other")
 
     def error(self, code: str) -> None:
-        ERRORS.labels(code).inc()
+        (self._errors.get(code) or ERRORS.labels(code)).inc()
 
     def rate_limited(self) -> None:
         RATE_LIMITED.inc()
@@ -79,13 +154,16 @@ class PrometheusChatMetrics(ChatMetrics):
 
     def connection_opened(self) -> None:
         CONNECTIONS.inc()
-        CONNECTIONS_OPENED.inc()
+        OPENED.inc()
 
     def connection_closed(self) -> None:
         CONNECTIONS.dec()
 
+    def greenlets(self, delta: int) -> None:
+        GREENLETS.inc(delta)
+
     def handshake_refused(self, reason: str) -> None:
-        HANDSHAKES_REFUSED.labels(reason).inc()
+        REFUSED.labels(reason).inc()
 
     def auth_failed(self, reason: str) -> None:
         AUTH_FAILURES.labels(reason).inc()
@@ -94,13 +172,105 @@ class PrometheusChatMetrics(ChatMetrics):
         STORE_ERRORS.labels(backend).inc()
 
 
-def refresh_scrape_gauges(rooms: int, members: int, outbound_bytes: int) -> None:
-    """Set the figures that are read, not counted, just before an exposition."""
-    ROOMS.set(rooms)
-    MEMBERS.set(members)
+def refresh_scrape_gauges(rooms: int | None, members: int | None) -> None:
+    """Set the figures that are read, not counted, just before an exposition.
+
+    ``None`` (the store could not be read) keeps the last values: a scrape must
+    still answer while Redis is down, which is when operators look.
+    """
+    if rooms is not None and members is not None:
+        ROOMS.set(rooms)
+        MEMBERS.set(members)
+    UPTIME.set(time.time() - _STARTED_AT)
+
+
+def sample_worker_gauges(outbound_bytes: int) -> None:
+    """Called about once a second by every worker: its share of the live-summed gauges."""
     OUTBOUND.set(outbound_bytes)
     UPTIME.set(time.time() - _STARTED_AT)
 
 
 def started_at() -> float:
     return _STARTED_AT
+
+
+# -- /metrics/json ----------------------------------------------------------------------
+
+class Snapshot:
+    """One collection of the registry (every worker's samples), queried by name."""
+
+    def __init__(self, registry: Any) -> None:
+        self._samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in registry.collect():
+            for sample in family.samples:
+                self._samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+    def value(self, name: str) -> float:
+        return sum(v for _, v in self._samples.get(name, ()))
+
+    def by_label(self, name: str, label: str, nonzero: bool = False) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for labels, value in self._samples.get(name, ()):
+            key = labels.get(label, "")
+            out[key] = out.get(key, 0) + int(value)
+        return {k: v for k, v in sorted(out.items()) if v or not nonzero}
+
+    def label_values(self, name: str, label: str) -> list[str]:
+        return sorted({labels[label] for labels, _ in self._samples.get(name, ())
+                       if label in labels})
+
+    def quantile(self, name: str, q: float) -> float | None:
+        """``histogram_quantile`` over all observations since start (linear in the bucket)."""
+        buckets = sorted((float(labels["le"]), value)
+                         for labels, value in self._samples.get(name + "_bucket", ()))
+        return histogram_quantile(q, buckets)
+
+
+def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
+    """Prometheus' estimate from cumulative ``(upper_bound, count)`` buckets."""
+    buckets = list(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound  # Prometheus answers the highest finite bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def server_summary(snapshot: Snapshot) -> dict[str, Any]:
+    """What ``/metrics/json`` adds to the seed's four figures, for a person at a glance."""
+    p50 = snapshot.quantile("wschat_fanout_seconds", 0.5)
+    p99 = snapshot.quantile("wschat_fanout_seconds", 0.99)
+    return {
+        "workers": int(snapshot.value("wschat_workers")),
+        "uptime_seconds": round(snapshot.value("wschat_uptime_seconds"), 1),
+        "connections_opened": int(snapshot.value("wschat_connections_opened_total")),
+        "messages": {
+            "received": snapshot.by_label("wschat_messages_received_total", "type"),
+            "posted": snapshot.by_label("wschat_messages_posted_total", "kind"),
+            "delivered": snapshot.by_label("wschat_messages_delivered_total", "type"),
+        },
+        "rate_limited": int(snapshot.value("wschat_rate_limited_total")),
+        "errors": snapshot.by_label("wschat_errors_total", "code", nonzero=True),
+        "disconnects": snapshot.by_label("wschat_disconnects_total", "reason", nonzero=True),
+        "handshakes_refused": snapshot.by_label("wschat_handshakes_refused_total", "reason",
+                                                nonzero=True),
+        "auth_failures": snapshot.by_label("wschat_auth_failures_total", "reason",
+                                           nonzero=True),
+        "store_errors": int(snapshot.value("wschat_store_errors_total")),
+        "outbound_queued_bytes": int(snapshot.value("wschat_outbound_queued_bytes")),
+        "greenlets": int(snapshot.value("wschat_greenlets")),
+        "fanout_ms_since_start": {
+            "count": int(snapshot.value("wschat_fanout_seconds_count")),
+            "p50": None if p50 is None else round(p50 * 1000, 3),
+            "p99": None if p99 is None else round(p99 * 1000, 3),
+        },
+    }

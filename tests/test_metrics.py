@@ -1,0 +1,450 @@
+"""Metrics, health and readiness against a real 2-worker server on Redis (db 13).
+
+Every figure is checked for the whole server: connections are spread over both
+workers (verified from /proc) and scrapes land on either worker, so a gauge
+that only counted one worker, or a counter read from one worker's memory,
+would fail here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jwt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+
+from conftest import IN_CI, ROOT, TIMEOUT, Client, Server, free_port, redis_url_or_skip, wait_until
+
+SECRET = "metrics-test-secret-0123456789abcdef"
+BURST = 10
+SEED_GAUGES = ("wschat_connections_total", "wschat_rooms_total", "wschat_room_members_total",
+               "wschat_uptime_seconds")
+
+
+def room() -> str:
+    return f"m-{uuid.uuid4().hex[:10]}"
+
+
+def token(sub: str, ttl: float = 3600) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "name": sub[:20], "exp": now + int(ttl), "iat": now},
+                      SECRET, algorithm="HS256")
+
+
+def user(srv: Server, sub: str | None = None) -> Client:
+    """An authenticated client (guests would share the test machine's IP bucket)."""
+    return Client(srv.url, "token=" + token(sub or f"u-{uuid.uuid4().hex[:8]}"))
+
+
+class Scrape:
+    """One /metrics exposition, parsed with prometheus_client's own parser."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = [(s.name, s.labels, s.value)
+                        for f in self.families.values() for s in f.samples]
+        # As exposed (counters keep their _total here, unlike the parsed family name).
+        self.types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples called ``name`` whose labels include ``labels``."""
+        return sum(v for n, ls, v in self.samples
+                   if n == name and all(ls.get(k) == w for k, w in labels.items()))
+
+
+def scrape(srv: Server) -> Scrape:
+    status, body = srv.http("/metrics", metrics=True)
+    assert status == 200, body
+    return Scrape(body.decode())
+
+
+def metrics_json(srv: Server) -> dict[str, Any]:
+    status, body = srv.http("/metrics/json", metrics=True)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def wait_for_values(srv: Server, expected: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+                    baseline: Scrape | None = None) -> Scrape:
+    """Scrape until every series reads its expected value (minus ``baseline``), then
+    once more to be sure none of them keeps counting past it."""
+
+    def reads(s: Scrape) -> dict[Any, float]:
+        return {key: s.value(key[0], **dict(key[1])) - (
+            baseline.value(key[0], **dict(key[1])) if baseline else 0) for key in expected}
+
+    last: dict[Any, float] = {}
+
+    def settled() -> Scrape | None:
+        nonlocal last
+        s = scrape(srv)
+        last = reads(s)
+        return s if last == expected else None
+
+    try:
+        result = wait_until(settled, message="the expected metric values")
+    except AssertionError:
+        raise AssertionError(f"expected {expected}, last read {last}") from None
+    assert reads(scrape(srv)) == expected
+    return result
+
+
+def series(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))
+
+
+def connections_per_worker(srv: Server) -> dict[int, int]:
+    """Established server-side sockets on the WebSocket port, per worker, from /proc."""
+    suffix = f":{srv.port:04X}"
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1].endswith(suffix) and fields[3] == "01":  # 01: ESTABLISHED
+                    inodes.add(fields[9])
+    counts = {}
+    for pid in srv.worker_pids():
+        n = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            n += target.startswith("socket:[") and target[8:-1] in inodes
+        counts[pid] = n
+    return counts
+
+
+def open_spread(srv: Server, batch: int = 12, **kwargs: Any) -> list[Client]:
+    """Open connections concurrently until both workers hold some of them."""
+    clients: list[Client] = []
+    with ThreadPoolExecutor(batch) as pool:
+        for _ in range(6):
+            clients += pool.map(lambda _: Client(srv.url, **kwargs), range(batch))
+            counts = connections_per_worker(srv)
+            if len(counts) == 2 and all(counts.values()):
+                return clients
+    for c in clients:
+        c.close()
+    raise AssertionError(f"connections never spread over both workers: {counts}")
+
+
+def documented_series() -> set[str]:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    return set(re.findall(r"^\| `(wschat_\w+)`", text, re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Server]:
+    """Two workers sharing Redis db 13, a fast heartbeat and a small rate-limit burst."""
+    with Server({"REDIS_URL": redis_url_or_skip(13), "JWT_SECRET": SECRET,
+                 "HEARTBEAT_INTERVAL": "0.5", "RATE_LIMIT": "0.01",
+                 "RATE_LIMIT_BURST": str(BURST)}, workers=2) as srv:
+        yield srv
+
+
+def test_exposition_parses_and_every_series_is_documented(cluster: Server) -> None:
+    """The exposition parses; the seed's gauges are there; every wschat_ series is
+    documented in docs/operations.md and every documented one is exposed."""
+    s = scrape(cluster)
+    for name in SEED_GAUGES:
+        assert s.types.get(name) == "gauge", name
+    for family in s.families.values():
+        assert family.documentation, f"{family.name} has no HELP"
+    exposed = {n for n in s.types if n.startswith("wschat_")}
+    documented = documented_series()
+    assert exposed - documented == set(), "exposed but not in docs/operations.md"
+    # Appears with the first HTTP handler exception (the exporter has no zero for it).
+    assert documented - exposed <= {"wschat_http_request_exceptions_total"}
+    assert len(re.findall(r"^wschat_build_info\{.*\} 1\.0$", s.text, re.MULTILINE)) == 1
+    wait_for_values(cluster, {series("wschat_workers"): 2})  # the second may still boot
+
+
+def test_connection_gauges_are_whole_server_figures(cluster: Server) -> None:
+    """N connections over both workers read N on every scrape (JSON too), rooms and
+    memberships come from Redis, and everything returns to 0 after closing."""
+    before = scrape(cluster)
+    clients = open_spread(cluster)
+    n = len(clients)
+    a, b = room(), room()
+    try:
+        for i, c in enumerate(clients):
+            c.join(a)
+            if i % 2 == 0:
+                c.join(b)
+        memberships = n + (n + 1) // 2
+        for _ in range(6):  # each scrape may be answered by either worker
+            s = scrape(cluster)
+            assert s.value("wschat_connections_total") == n
+            assert s.value("wschat_rooms_total") == 2
+            assert s.value("wschat_room_members_total") == memberships
+            figures = metrics_json(cluster)
+            assert (figures["connections"], figures["rooms"], figures["total_memberships"]
+                    ) == (n, 2, memberships)
+            assert figures["workers"] == 2 and figures["backend"] == "redis"
+        assert (s.value("wschat_connections_opened_total")
+                - before.value("wschat_connections_opened_total")) == n
+    finally:
+        for c in clients:
+            c.close()
+    wait_for_values(cluster, {series("wschat_connections_total"): 0,
+                              series("wschat_rooms_total"): 0,
+                              series("wschat_room_members_total"): 0})
+    assert metrics_json(cluster)["connections"] == 0
+
+
+def test_counters_move_by_exact_amounts(cluster: Server) -> None:
+    """Messages, DMs, deliveries, fan-out observations and errors count exactly what
+    happened, summed over both workers."""
+    r, alice, k = room(), f"alice-{uuid.uuid4().hex[:6]}", 5
+    a1, a2, bob = user(cluster, alice), user(cluster, alice), user(cluster)
+    try:
+        a1.join(r)
+        a2.join(r)
+        bob.join(r)
+        a1.expect("presence", user_id=bob.user_id)
+        a2.expect("presence", user_id=bob.user_id)
+        wait_until(lambda: len(bob.request({"type": "list_users", "room": r}, "users")["users"])
+                   == 2, message="both users in the room")
+        before = scrape(cluster)
+        for i in range(k):
+            bob.say(r, f"counted {i}")
+        for c in (a1, a2):
+            for i in range(k):
+                c.expect("message", text=f"counted {i}")
+        bob.send({"type": "dm", "to": alice, "text": "a counted dm"})
+        for c in (a1, a2, bob):
+            c.expect("dm")
+        bob.send("not json")
+        bob.send("{still not json")
+        bob.send({"type": "nope"})
+        bob.send({"type": "message", "room": room(), "text": "nowhere"})
+        codes = [bob.expect("error")["code"] for _ in range(4)]
+        assert codes == ["invalid_json", "invalid_json", "unknown_type", "not_in_room"]
+        after = wait_for_values(cluster, {
+            series("wschat_messages_received_total", type="message"): k + 1,
+            series("wschat_messages_received_total", type="dm"): 1,
+            series("wschat_messages_posted_total", kind="room"): k,
+            series("wschat_messages_posted_total", kind="dm"): 1,
+            # Every member gets every room message, the sender its echo too.
+            series("wschat_messages_delivered_total", type="message"): 3 * k,
+            # Both of alice's connections, and bob's own echo.
+            series("wschat_messages_delivered_total", type="dm"): 3,
+            series("wschat_fanout_seconds_count"): k,
+            series("wschat_errors_total", code="invalid_json"): 2,
+            series("wschat_errors_total", code="unknown_type"): 1,
+            series("wschat_errors_total", code="not_in_room"): 1,
+            series("wschat_rate_limited_total"): 0,
+        }, baseline=before)
+        assert after.value("wschat_fanout_seconds_bucket", le="+Inf") == after.value(
+            "wschat_fanout_seconds_count")
+        figures = metrics_json(cluster)
+        assert figures["messages"]["posted"]["room"] == after.value(
+            "wschat_messages_posted_total", kind="room")
+        assert figures["fanout_ms_since_start"]["p99"] is not None
+    finally:
+        for c in (a1, a2, bob):
+            c.close()
+
+
+def test_rate_limited_messages_are_counted(cluster: Server) -> None:
+    """Messages past the burst are refused and counted once each, as errors too."""
+    r, extra = room(), 3
+    with user(cluster) as c:
+        c.join(r)
+        before = scrape(cluster)
+        for i in range(BURST + extra):
+            c.send({"type": "message", "room": r, "text": f"burst {i}"})
+        for i in range(BURST):
+            c.expect("message", text=f"burst {i}")
+        assert all(c.expect("error")["code"] == "rate_limited" for _ in range(extra))
+        wait_for_values(cluster, {
+            series("wschat_rate_limited_total"): extra,
+            series("wschat_errors_total", code="rate_limited"): extra,
+            series("wschat_messages_posted_total", kind="room"): BURST,
+        }, baseline=before)
+
+
+def test_refusals_and_auth_failures_are_counted(cluster: Server) -> None:
+    """Each refused upgrade counts once by reason; bad tokens count as auth failures
+    whether they came with the upgrade or in an auth message."""
+    before = scrape(cluster)
+    assert cluster.http("/ws")[0] == 426
+    with pytest.raises(InvalidStatus):
+        Client(cluster.url, "token=not-a-jwt")
+    with pytest.raises(InvalidStatus):
+        Client(cluster.url, "token=" + token("expired", ttl=-3600))
+    with user(cluster) as c:
+        c.send({"type": "auth", "token": "still-not-a-jwt"})
+        assert c.expect("error")["code"] == "auth_failed"
+    wait_for_values(cluster, {
+        series("wschat_handshakes_refused_total", reason="not_websocket"): 1,
+        series("wschat_handshakes_refused_total", reason="auth"): 2,
+        series("wschat_auth_failures_total", reason="auth_failed"): 2,
+        series("wschat_auth_failures_total", reason="token_expired"): 1,
+        series("wschat_errors_total", code="auth_failed"): 1,
+    }, baseline=before)
+
+
+def test_heartbeat_disconnect_is_counted(cluster: Server) -> None:
+    """A peer that never answers pings is closed with 4100 and counted once."""
+    before = scrape(cluster)
+    raw = socket.create_connection(("127.0.0.1", cluster.port), timeout=TIMEOUT)
+    try:
+        raw.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n")
+        received = b""
+        deadline = time.monotonic() + TIMEOUT
+        # Close frame: FIN+opcode 8, a payload length, then the code 4100 (0x1004).
+        while not re.search(rb"\x88[\x02-\x7d]\x10\x04", received):
+            assert time.monotonic() < deadline, f"no close 4100 in {received[-200:]!r}"
+            chunk = raw.recv(4096)
+            assert chunk, f"closed without a 4100 close frame: {received[-200:]!r}"
+            received += chunk
+    finally:
+        raw.close()
+    wait_for_values(cluster, {
+        series("wschat_disconnects_total", reason="heartbeat_timeout"): 1,
+        series("wschat_connections_total"): 0,
+    }, baseline=before)
+
+
+def test_websocket_route_not_in_http_request_series(cluster: Server) -> None:
+    """HTTP series count probes but never the /ws route (it would be an hour-long request)."""
+    before = scrape(cluster)
+    with user(cluster) as c:
+        c.join(room())
+    assert cluster.http("/health")[0] == 200
+    s = wait_for_values(cluster, {
+        series("wschat_http_request_duration_seconds_count", endpoint="health"): 1,
+    }, baseline=before)
+    endpoints = {labels.get("endpoint") for name, labels, _ in s.samples
+                 if name.startswith("wschat_http_request_duration_seconds")}
+    assert "health" in endpoints and not endpoints & {"websocket", "echo", None, "None"}
+
+
+def test_health_and_ready_on_both_ports(cluster: Server) -> None:
+    """/health and /ready answer 200 on both ports while Redis is up."""
+    for on_metrics_port in (False, True):
+        assert cluster.http("/health", metrics=on_metrics_port)[0] == 200
+        status, body = cluster.http("/ready", metrics=on_metrics_port)
+        assert status == 200 and json.loads(body)["status"] == "ready"
+
+
+def test_metrics_json_has_the_seed_fields(cluster: Server) -> None:
+    """/metrics/json keeps the seed's four fields (integers, a current timestamp)."""
+    figures = metrics_json(cluster)
+    for key in ("connections", "rooms", "total_memberships", "timestamp"):
+        assert isinstance(figures[key], int), key
+    assert abs(figures["timestamp"] - time.time()) < 60
+    assert figures["ready"] is True and figures["uptime_seconds"] > 0
+
+
+def test_dead_worker_leaves_the_gauges(cluster: Server) -> None:
+    """A worker killed with SIGKILL stops counting in the gauges; counters keep its
+    share, and its replacement counts as a worker again."""
+    clients = open_spread(cluster, batch=8)
+    try:
+        n = len(clients)
+        wait_for_values(cluster, {series("wschat_connections_total"): n})
+        before = scrape(cluster)
+        counts = connections_per_worker(cluster)
+        victim, lost = max(counts.items(), key=lambda item: item[1])
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in cluster.worker_pids() and len(
+            cluster.worker_pids()) == 2, message="the worker to be replaced")
+        after = wait_for_values(cluster, {series("wschat_connections_total"): n - lost,
+                                          series("wschat_workers"): 2})
+        assert after.value("wschat_connections_opened_total") >= before.value(
+            "wschat_connections_opened_total")
+        assert metrics_json(cluster)["connections"] == n - lost
+    finally:
+        for c in clients:
+            try:
+                c.close()
+            except Exception:
+                pass
+
+
+# -- readiness against a Redis this test can stop -------------------------------------
+
+class PrivateRedis:
+    """A throwaway redis-server on a free port, so the test may stop and restart it."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if IN_CI:
+                pytest.fail("redis-server is required under CI=true")
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_until(answers, message="the private redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+
+
+def test_ready_flips_while_redis_is_down() -> None:
+    """/ready turns 503 on both ports when Redis stops (liveness and scrapes still
+    answer, counting store errors) and 200 again once Redis is back."""
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        with Server({"REDIS_URL": redis.url}, workers=2) as srv:
+            def readiness() -> set[int]:
+                return {srv.http("/ready", metrics=m)[0] for m in (False, True, False, True)}
+
+            assert readiness() == {200}
+            redis.stop()
+            wait_until(lambda: readiness() == {503}, message="/ready to fail")
+            status, body = srv.http("/ready", metrics=True)
+            assert "redis unreachable" in json.loads(body)["problems"]
+            assert srv.http("/health")[0] == 200 and srv.http("/health", metrics=True)[0] == 200
+            assert scrape(srv).value("wschat_store_errors_total", backend="redis") >= 1
+            assert metrics_json(srv)["ready"] is False
+            redis.start()
+            wait_until(lambda: readiness() == {200}, timeout=3 * TIMEOUT,
+                       message="/ready to recover")
+    finally:
+        redis.stop()
