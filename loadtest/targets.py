@@ -1,0 +1,205 @@
+"""The servers under test: how to start each one on a free port, wait for it, and stop it.
+
+Each target is started by the runner itself, in its own process group, with its
+output in ``results/logs/``; ``stop()`` sends SIGTERM, waits, then SIGKILLs that group
+(only processes this runner started). wschat runs with the benchmark settings every
+run uses (rate limit out of the way, ``MAX_CONNECTIONS`` above N, warnings-only logs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PEERS = HERE / "peers"
+LOGS = HERE / "results" / "logs"
+
+TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "node-ws", "bun")
+#: the Redis database wschat-redis runs use; flushed before each such run
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TargetSpec:
+    name: str
+    codec: str  # "plain" or "socketio"
+    argv: list[str]
+    env: dict[str, str]
+    health: str  # "http" (GET /health) or "tcp"
+    description: str
+    redis_url: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def bun_binary() -> str | None:
+    local = PEERS / "node_modules" / ".bin" / "bun"
+    if local.exists():
+        return str(local)
+    return shutil.which("bun")
+
+
+def build(name: str, port: int, metrics_port: int, *, max_connections: int, heartbeat: float,
+          redis_url: str = DEFAULT_REDIS_URL, env_overrides: dict[str, str] | None = None) -> TargetSpec:
+    """The command line and environment that start target ``name`` on ``port``."""
+    env = dict(os.environ)
+    env.update({"HOST": "127.0.0.1", "PORT": str(port), "HEARTBEAT_INTERVAL": str(heartbeat),
+                "PYTHONUNBUFFERED": "1"})
+    py = sys.executable
+    if name in ("wschat", "wschat-redis"):
+        env.update({
+            "METRICS_PORT": str(metrics_port),
+            "MAX_CONNECTIONS": str(max_connections),
+            "RATE_LIMIT": "1000000",
+            "RATE_LIMIT_BURST": "1000000",
+            "LOG_LEVEL": "warning",
+            "GRACEFUL_TIMEOUT": "5",
+            "WEB_CONCURRENCY": "1",
+        })
+        env.pop("REDIS_URL", None)
+        redis = None
+        if name == "wschat-redis":
+            env.update({"REDIS_URL": redis_url, "WEB_CONCURRENCY": "2"})
+            redis = redis_url
+        gunicorn = str(Path(py).with_name("gunicorn"))
+        argv = [gunicorn if os.path.exists(gunicorn) else "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
+                "wschat:app"]
+        desc = ("wschat, gunicorn + 1 gevent worker, memory backend" if redis is None else
+                "wschat, gunicorn + 2 gevent workers, Redis backend")
+        if env_overrides:
+            env.update(env_overrides)
+        return TargetSpec(name, "plain", argv, env, "http", desc, redis_url=redis)
+    if name == "socketio":
+        argv = [py, str(PEERS / "socketio_gevent.py"), "--port", str(port)]
+        return TargetSpec(name, "socketio", argv, env, "tcp", "python-socketio 5 on gevent pywsgi")
+    if name == "websockets":
+        argv = [py, str(PEERS / "websockets_server.py"), "--port", str(port)]
+        return TargetSpec(name, "plain", argv, env, "tcp", "websockets (asyncio + uvloop)")
+    if name == "node-ws":
+        argv = ["node", str(PEERS / "node_ws" / "server.js"), "--port", str(port)]
+        return TargetSpec(name, "plain", argv, env, "tcp", "Node.js + ws 8")
+    if name == "bun":
+        bun = bun_binary()
+        if bun is None:
+            raise RuntimeError("bun is not installed: run `python -m loadtest setup-peers`")
+        argv = [bun, str(PEERS / "bun_server.ts"), "--port", str(port)]
+        return TargetSpec(name, "plain", argv, env, "tcp", "Bun Bun.serve pub/sub (uWebSockets)")
+    raise ValueError(f"unknown target {name!r}; one of {', '.join(TARGETS)}")
+
+
+class Server:
+    """A running target: its process (group), log file and ports."""
+
+    def __init__(self, spec: TargetSpec, port: int, log_path: Path) -> None:
+        self.spec = spec
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.spec.redis_url:
+            _flush_redis(self.spec.redis_url)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.spec.argv, env=self.spec.env, cwd=str(REPO), stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited with {self.proc.returncode} at start; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            if self._ready():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.spec.name} not ready after {timeout:.0f}s; log {self.log_path}:\n"
+                           f"{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        if self.spec.health == "http":
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float = 8.0) -> int | None:
+        """SIGTERM, wait ``grace`` seconds, then SIGKILL the server's own process group."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group we created: stragglers only
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_problems(self, limit: int = 12) -> dict[str, object]:
+        """Lines of the server log that look like trouble (errors, tracebacks, warnings)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return {"count": 0, "lines": []}
+        bad = [ln for ln in text.splitlines()
+               if re.search(r"Traceback|ERROR|CRITICAL|Exception|WARNING|Error:|error:", ln)]
+        return {"count": len(bad), "lines": bad[:limit]}
+
+
+def _flush_redis(url: str) -> None:
+    try:
+        import redis
+    except ImportError as exc:
+        raise RuntimeError("wschat-redis needs the redis package (pip install redis)") from exc
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()

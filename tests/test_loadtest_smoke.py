@@ -1,0 +1,73 @@
+"""Smoke runs of the load generator (``python -m loadtest``) against the real wschat.
+
+Tiny N and a few seconds each, so the benchmark tool cannot silently rot; the full
+benchmark runs (loadtest/RESULTS.md) are not part of the test suite. These tests
+start real gunicorn servers on free ports through the tool itself and fail, never
+skip, when the tool or its dependencies (picows, uvloop, psutil) are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = float(os.environ.get("WSCHAT_TEST_TIMEOUT_SCALE", "1"))
+
+
+def run_loadtest(tmp_path: Path, *args: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Run ``python -m loadtest ARGS --json FILE`` and return its single run report."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "loadtest", *args, "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout * SCALE)
+    assert proc.returncode == 0, f"loadtest failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python -m loadtest")
+    assert data["machine"]["nproc"] >= 1
+    [report] = data["runs"]
+    assert report["ok"], report.get("error")
+    assert report["target"] == "wschat"
+    assert report["problems"] == [], report["problems"]
+    # Every report carries both sides' CPU, so a client-bound run is visible.
+    assert report["server"]["cpu_s"] is not None and report["server"]["cpu_s"] > 0
+    assert report["generator"]["cpu_s"] is not None and report["generator"]["cpu_s"] > 0
+    assert report["server"]["rss_end"] > 0
+    assert report["server"]["alive_at_end"] is True
+    return report
+
+
+def test_fanout_smoke(tmp_path: Path) -> None:
+    """A tiny open-loop fan-out delivers every message and reports sane latencies."""
+    report = run_loadtest(tmp_path, "fanout", "--target", "wschat", "--connections", "20",
+                          "--rooms", "2", "--rate", "20", "--duration", "3", "--warmup", "0.5",
+                          "--drain", "5", "--workers", "2", "--source-ips", "2")
+    result = report["result"]
+    assert result["setup"]["opened"] == 20
+    [level] = result["levels"]
+    assert level["sent"] > 0
+    assert level["expected_deliveries"] == level["sent"] * 10  # every member, sender included
+    assert level["delivered"] > 0
+    assert level["lost"] == 0 and level["gaps"] == 0 and level["dups"] == 0
+    lat = level["latency_ms"]
+    assert lat["count"] > 0
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert level["cpu_window"]["server_cpu_s"] >= 0
+    assert "generator_cpu_s" in level["cpu_window"]
+
+
+def test_idle_smoke(tmp_path: Path) -> None:
+    """Holding a few joined connections yields a memory slope and idle CPU per 1k."""
+    report = run_loadtest(tmp_path, "idle", "--target", "wschat", "--connections", "40",
+                          "--rooms", "4", "--idle-steps", "2", "--idle-window", "2", "--settle", "0.5",
+                          "--workers", "1", "--source-ips", "2")
+    result = report["result"]
+    assert result["connections_held"] == 40
+    assert [p["connections"] for p in result["points"]] == [0, 20, 40]
+    assert all(p["server_rss"] > 0 for p in result["points"])
+    assert isinstance(result["server_bytes_per_connection"], int)
+    assert result["server_cpu_pct_per_1k"] >= 0
+    assert result["idle_window"]["wall_s"] >= 2
