@@ -40,6 +40,10 @@ workers = _number("WEB_CONCURRENCY", 1)
 worker_connections = _max_connections + 100
 graceful_timeout = int(_number("GRACEFUL_TIMEOUT", 25, float))
 timeout = 30
+# Also the handshake deadline: the gevent worker reads every HTTP request, the
+# first included, under a gevent.Timeout of `keepalive` seconds, so a socket
+# that sends nothing, or drips its headers (slowloris), is closed after 5 s.
+# 0 would mean no deadline at all.
 keepalive = 5
 # The upgrade request is small: refuse oversized request lines and headers early.
 limit_request_line = 4094

@@ -2,12 +2,20 @@
 
 Algorithms are always pinned (``JWT_ALGORITHMS``, or the one family that fits
 the configured key), so ``alg: none`` and HS256-signed-with-the-public-key
-tokens are refused by construction. ``exp`` is required.
+tokens are refused by construction. ``exp`` and ``sub`` are required; ``nbf``
+and ``iat`` are checked when present, ``aud``/``iss`` when configured (a token
+with an ``aud`` is refused when no ``JWT_AUDIENCE`` is set).
+
+Keys come from exactly one place in the configuration: ``JWT_SECRET``,
+``JWT_PUBLIC_KEY`` or ``JWT_JWKS_URL``. Header fields that name other keys
+(``jku``, ``x5u``, ``jwk``, ``x5c``) are never followed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +26,23 @@ import jwt
 from .config import ConfigError, Settings
 from .protocol import ErrorCode
 
+log = logging.getLogger("wschat.auth")
+
 MAX_USERNAME_CHARS = 64
+MAX_SUB_CHARS = 128
+JWKS_MIN_INTERVAL = 30.0  # at most one JWKS fetch per this many seconds
+JWKS_MAX_AGE = 300.0  # refetch keys this old (key rotation), still at most once per interval
+JWKS_FETCH_TIMEOUT = 5.0
+MIN_HMAC_SECRET_BYTES = 32  # RFC 7518 3.2: a key at least as long as the hash output
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     user_id: str
     username: str
-    expires_at: float | None  # Unix seconds
+    # Unix seconds after which the token is no longer accepted: its ``exp`` plus
+    # ``JWT_LEEWAY``, so a live connection ends exactly when a reconnect would fail.
+    expires_at: float | None
 
 
 class AuthError(Exception):
@@ -38,14 +55,16 @@ class AuthError(Exception):
 def _load_public_key(value: str) -> str:
     value = value.strip()
     if value.startswith("-----BEGIN"):
-        return value
+        # A PEM squeezed into one line of a .env file or manifest keeps "\n" escapes.
+        return value.replace("\\n", "\n") if "\n" not in value else value
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as fh:
             return fh.read()
     raise ConfigError("JWT_PUBLIC_KEY: neither a PEM value nor a readable file")
 
 
-def _key_family(pem: str) -> tuple[str, ...]:
+def _key_family(pem: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(default algorithms, every algorithm this key can verify) for a PEM public key."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -54,13 +73,83 @@ def _key_family(pem: str) -> tuple[str, ...]:
     except ValueError as exc:
         raise ConfigError(f"JWT_PUBLIC_KEY: not a PEM public key ({exc})") from None
     if isinstance(key, rsa.RSAPublicKey):
-        return ("RS256",)
+        return ("RS256",), ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return ({"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-                .get(key.curve.name, "ES256"),)
+        # An EC key verifies exactly one ES* algorithm: the one of its curve.
+        alg = {"secp256r1": "ES256", "secp384r1": "ES384",
+               "secp521r1": "ES512"}.get(key.curve.name)
+        if alg is None:
+            raise ConfigError(f"JWT_PUBLIC_KEY: unsupported curve {key.curve.name}")
+        return (alg,), (alg,)
     if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-        return ("EdDSA",)
+        return ("EdDSA",), ("EdDSA",)
     raise ConfigError("JWT_PUBLIC_KEY: unsupported key type")
+
+
+class JwksKeys:
+    """Signing keys from the configured ``JWT_JWKS_URL``, cached.
+
+    The endpoint is fetched at most once per ``min_interval``, whatever
+    tokens arrive: keys older than ``max_age`` are refetched (rotation), and a
+    token naming an unknown ``kid`` triggers a refetch only when the last one
+    is at least ``min_interval`` old, so a stream of forged ``kid``s costs the
+    identity provider nothing. When a fetch fails the keys already known stay
+    in use. The URL is only ever the configured one.
+    """
+
+    def __init__(self, url: str, min_interval: float = JWKS_MIN_INTERVAL,
+                 max_age: float = JWKS_MAX_AGE, timeout: float = JWKS_FETCH_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        try:
+            # cache_jwk_set=False: this class is the cache (PyJWT's own never
+            # forgets a key once its per-kid LRU holds it, even after rotation).
+            self._client = jwt.PyJWKClient(url, cache_jwk_set=False, cache_keys=False,
+                                           timeout=timeout)
+        except jwt.PyJWKClientError as exc:
+            raise ConfigError(f"JWT_JWKS_URL: {exc}") from None
+        self.url = url
+        self.min_interval = min_interval
+        self.max_age = max_age
+        self._clock = clock
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None  # last successful fetch
+        self._attempted_at: float | None = None  # last fetch, successful or not
+        self._lock = threading.Lock()  # gevent-patched in workers: one fetch at a time
+        self.fetches = 0
+
+    def get(self, kid: Any) -> jwt.PyJWK:
+        """The key named ``kid``.
+
+        Raises:
+            AuthError: ``auth_failed`` when no such key is known (after at most
+                one permitted refetch).
+        """
+        if not isinstance(kid, str) or not kid:
+            raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: no 'kid' in its header")
+        with self._lock:
+            now = self._clock()
+            stale = self._fetched_at is None or now - self._fetched_at >= self.max_age
+            if (stale or kid not in self._keys) and self._may_fetch(now):
+                self._fetch(now)
+            key = self._keys.get(kid)
+        if key is None:
+            raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: unknown signing key")
+        return key
+
+    def _may_fetch(self, now: float) -> bool:
+        return self._attempted_at is None or now - self._attempted_at >= self.min_interval
+
+    def _fetch(self, now: float) -> None:
+        self._attempted_at = now
+        self.fetches += 1
+        try:
+            keys = self._client.get_signing_keys()
+        except (jwt.PyJWTError, ValueError, OSError) as exc:  # down, not JSON, no keys
+            log.warning("JWKS fetch from %s failed (keeping %d known keys): %s",
+                        self.url, len(self._keys), exc)
+            return
+        self._keys = {k.key_id: k for k in keys if k.key_id}
+        self._fetched_at = now
 
 
 class Authenticator:
@@ -71,28 +160,33 @@ class Authenticator:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway
-        self._jwks: jwt.PyJWKClient | None = None
+        self.jwks: JwksKeys | None = None
         self._key: Any = None
+        usable: tuple[str, ...]
         if settings.jwt_secret:
             self._key = settings.jwt_secret
             default: tuple[str, ...] = ("HS256",)
+            usable = ("HS256", "HS384", "HS512")
+            if len(settings.jwt_secret.encode()) < MIN_HMAC_SECRET_BYTES:
+                log.warning("JWT_SECRET is shorter than %d bytes: easier to brute-force "
+                            "offline from any token", MIN_HMAC_SECRET_BYTES)
         elif settings.jwt_public_key:
             self._key = _load_public_key(settings.jwt_public_key)
-            default = _key_family(self._key)
+            default, usable = _key_family(self._key)
         elif settings.jwt_jwks_url:
-            # Keys cached; the URL is ours, never one named by a token.
-            self._jwks = jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True,
-                                         lifespan=300, timeout=5)
+            self.jwks = JwksKeys(settings.jwt_jwks_url)
             default = ("RS256", "ES256", "EdDSA")
+            usable = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                      "ES256", "ES384", "ES512", "EdDSA")
         else:
-            default = ()
+            default = usable = ()
         self.algorithms = settings.jwt_algorithms or default
-        if self._key is not None and settings.jwt_secret:
-            if any(not a.startswith("HS") for a in self.algorithms):
-                raise ConfigError("JWT_ALGORITHMS: JWT_SECRET only signs HS256/384/512")
-        elif (self._key is not None or self._jwks) and any(
-                a.startswith("HS") for a in self.algorithms):
-            raise ConfigError("JWT_ALGORITHMS: HS* needs JWT_SECRET, not a public key")
+        wrong = [a for a in self.algorithms if a not in usable]
+        if wrong and settings.jwt_secret:
+            raise ConfigError("JWT_ALGORITHMS: JWT_SECRET only verifies HS256/384/512")
+        if wrong and self.algorithms:
+            raise ConfigError(f"JWT_ALGORITHMS: {', '.join(wrong)} cannot be verified with "
+                              f"the configured key (it verifies {', '.join(usable) or 'none'})")
 
     @property
     def enabled(self) -> bool:
@@ -107,30 +201,41 @@ class Authenticator:
         """
         if not self.enabled:
             raise AuthError(ErrorCode.AUTH_FAILED, "this server accepts no tokens")
+        if not isinstance(token, str) or not token:
+            raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: empty")
         try:
             key = self._key
-            if self._jwks is not None:
-                key = self._jwks.get_signing_key_from_jwt(token).key
+            if self.jwks is not None:
+                # A PyJWK is bound to one algorithm: PyJWT then refuses a token
+                # whose header names another, even one in the pinned list.
+                key = self.jwks.get(jwt.get_unverified_header(token).get("kid"))
             claims = jwt.decode(
                 token, key, algorithms=list(self.algorithms), audience=self._audience,
                 issuer=self._issuer, leeway=self._leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+                # aud is always verified: a token meant for another audience is
+                # refused even when no JWT_AUDIENCE is configured.
+                options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError(ErrorCode.TOKEN_EXPIRED, "token has expired") from None
-        except jwt.PyJWKClientError as exc:
-            raise AuthError(ErrorCode.AUTH_FAILED, f"no usable signing key: {exc}") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: {exc}") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not 0 < len(sub) <= 128:
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUB_CHARS:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: bad 'sub'")
-        name = claims.get("name") or claims.get("preferred_username") or sub
-        if not isinstance(name, str):
-            name = sub
-        name = "".join(ch for ch in name if ch.isprintable())[:MAX_USERNAME_CHARS] or sub
-        exp = claims.get("exp")
-        return Identity(sub, name, float(exp) if exp is not None else None)
+        exp = claims["exp"]
+        return Identity(sub, _display_name(claims, sub), float(exp) + self._leeway)
+
+
+def _display_name(claims: dict[str, Any], sub: str) -> str:
+    """``name``, else ``preferred_username``, else ``sub``: printable, trimmed, capped."""
+    for claim in ("name", "preferred_username"):
+        value = claims.get(claim)
+        if isinstance(value, str):
+            name = "".join(ch for ch in value if ch.isprintable()).strip()
+            if name:
+                return name[:MAX_USERNAME_CHARS]
+    return sub[:MAX_USERNAME_CHARS]
 
 
 def mint_token(secret: str, sub: str, name: str | None = None, ttl: float = 3600,

@@ -147,7 +147,7 @@ class Settings:
     jwt_algorithms: tuple[str, ...] | None = _var("JWT_ALGORITHMS", _algorithms, None)
     jwt_audience: str | None = _var("JWT_AUDIENCE", _optional_str, None)
     jwt_issuer: str | None = _var("JWT_ISSUER", _optional_str, None)
-    jwt_leeway: float = _var("JWT_LEEWAY", _float(0.0), 30.0)
+    jwt_leeway: float = _var("JWT_LEEWAY", _float(0.0), 5.0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -8,8 +8,11 @@ it arrived on.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -33,7 +36,10 @@ log = logging.getLogger("wschat.app")
 _current: Runtime | None = None  # this worker's runtime (one app per gunicorn worker)
 
 WS_PATH = "/ws"
-MAIN_ONLY = {WS_PATH, "/"}
+# Test-only: with WSCHAT_ECHO_ENDPOINT=1, /echo echoes every message through the
+# same admission and frame handling as /ws (for the Autobahn conformance run).
+ECHO_PATH = "/echo"
+MAIN_ONLY = {WS_PATH, ECHO_PATH, "/"}
 METRICS_ONLY = {"/metrics", "/metrics/json"}
 GAUGE_SAMPLE_SECONDS = 1.0
 
@@ -87,6 +93,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     global _current
     _current = runtime
     metrics_port = str(settings.metrics_port)
+    echo_enabled = os.environ.get("WSCHAT_ECHO_ENDPOINT", "").strip() == "1"
+    allowed_origins = frozenset(_normal_origin(o) for o in settings.allowed_origins)
 
     def on_metrics_port() -> bool:
         return request.environ.get("SERVER_PORT") == metrics_port
@@ -99,7 +107,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                 return _plain(404, "not found on the metrics port")
         elif path in METRICS_ONLY and request.environ.get("SERVER_PORT"):
             return _plain(404, "metrics are served on METRICS_PORT")
-        if path == WS_PATH:
+        if path == WS_PATH or (path == ECHO_PATH and echo_enabled):
             return _admit()
         return None
 
@@ -112,8 +120,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         if "websocket" not in environ.get("HTTP_UPGRADE", "").lower():
             metrics.handshake_refused("not_websocket")
             return _plain(426, "this endpoint speaks WebSocket only", {"Upgrade": "websocket"})
-        origin = environ.get("HTTP_ORIGIN")
-        if settings.allowed_origins and origin not in settings.allowed_origins:
+        problem = _handshake_problem(environ)
+        if problem is not None:
+            metrics.handshake_refused("bad_handshake")
+            return problem
+        if not _origin_allowed(environ.get("HTTP_ORIGIN"), allowed_origins):
             metrics.handshake_refused("origin")
             return _plain(403, "origin not allowed")
         token = request.args.get("token") or _bearer(environ.get("HTTP_AUTHORIZATION"))
@@ -146,6 +157,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     def websocket(ws: Any) -> None:
         identity, authenticated = g.pop("wschat_admission")
         transport.serve(ws, identity, authenticated, remote_address(request.environ))
+
+    if echo_enabled:
+        log.warning("WSCHAT_ECHO_ENDPOINT=1: %s echoes messages; for conformance tests only",
+                    ECHO_PATH)
+
+        @sock.route(ECHO_PATH)
+        def echo(ws: Any) -> None:
+            identity, authenticated = g.pop("wschat_admission")
+            transport.serve(ws, identity, authenticated, remote_address(request.environ),
+                            echo=True)
 
     @app.teardown_request
     def release_unserved(exc: BaseException | None) -> None:
@@ -272,6 +293,43 @@ def _init_prometheus(app: Flask) -> Any:
     scrape_registry = CollectorRegistry()
     MultiProcessCollector(scrape_registry)
     return scrape_registry
+
+
+def _normal_origin(origin: str) -> str:
+    # Scheme and host are case-insensitive (RFC 6454); browsers never send a
+    # trailing slash, configuration files sometimes do.
+    return origin.strip().rstrip("/").lower()
+
+
+def _origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
+    """Cross-site WebSocket hijacking guard.
+
+    Browsers always send ``Origin`` on a WebSocket upgrade, so a request
+    without one is not a browser being abused from another site (and a
+    non-browser client could send any value anyway): it is allowed.
+    """
+    if not allowed or origin is None:
+        return True
+    return _normal_origin(origin) in allowed
+
+
+def _handshake_problem(environ: dict[str, Any]) -> Response | None:
+    """RFC 6455 4.2.1 checks, answered in HTTP before any upgrade."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        return _plain(405, "a WebSocket upgrade is a GET", {"Allow": "GET"})
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        return _plain(426, "only WebSocket version 13 is supported",
+                      {"Sec-WebSocket-Version": "13", "Upgrade": "websocket"})
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid_key = False
+    if not valid_key:
+        return _plain(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
+        return _plain(400, "Connection: Upgrade is required")
+    return None
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> Response:

@@ -65,13 +65,16 @@ class NoReaderThread:
 
 class WebSocketConnection(Session):
     __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
-                 "_flusher", "_close_timer", "_parts", "_part_chars", "state", "last_seen",
-                 "close_code", "close_reason")
+                 "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
+                 "close_code", "close_reason", "echo")
 
     def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
                  conn_id: str, identity: Identity, authenticated: bool,
-                 remote_addr: str) -> None:
+                 remote_addr: str, echo: bool = False) -> None:
         super().__init__(conn_id, identity, authenticated, remote_addr)
+        # Test-only (WSCHAT_ECHO_ENDPOINT): echo every message back instead of
+        # chatting, so conformance suites measure this very frame handling.
+        self.echo = echo
         self.transport = transport
         self._sock = sock
         # gevent's socket wraps a non-blocking OS socket: writing to it directly
@@ -82,8 +85,8 @@ class WebSocketConnection(Session):
         self._outbox_bytes = 0
         self._flusher: gevent.Greenlet | None = None
         self._close_timer: gevent.Greenlet | None = None
-        self._parts: list[str] = []
-        self._part_chars = 0
+        self._parts: list[Any] = []  # fragments of the message being received
+        self._part_size = 0
         self.state = ConnState.OPEN
         self.last_seen = time.monotonic()
         self.close_code: int | None = None
@@ -182,7 +185,8 @@ class WebSocketConnection(Session):
     def run(self) -> None:
         chat = self.transport.chat
         try:
-            chat.open(self)
+            if not self.echo:
+                chat.open(self)
             while self.state is not ConnState.CLOSED:
                 data = self._sock.recv(RECV_BYTES)
                 if not data:
@@ -203,26 +207,22 @@ class WebSocketConnection(Session):
 
     def _handle_events(self) -> bool:
         """Process parsed events; False when the connection is done."""
-        limit = self.transport.max_message_bytes
         for event in self._ws.events():
             if isinstance(event, TextMessage):
-                if self.state is not ConnState.OPEN:
+                text = self._assemble(event)
+                if text is None:
                     continue
-                self._parts.append(event.data)
-                self._part_chars += len(event.data)
-                if self._part_chars > limit:  # chars <= bytes: surely too big
-                    self._too_big()
-                    continue
-                if not event.message_finished:
-                    continue
-                text = self._parts[0] if len(self._parts) == 1 else "".join(self._parts)
-                self._parts, self._part_chars = [], 0
-                if len(text) * 4 > limit and len(text.encode()) > limit:
-                    self._too_big()
-                    continue
-                self.transport.chat.receive(self, text)
+                if self.echo:
+                    self._write(self._ws.send(TextMessage(data=text)))
+                else:
+                    self.transport.chat.receive(self, text)
             elif isinstance(event, BytesMessage):
-                self.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                if not self.echo:
+                    self.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                    continue
+                data = self._assemble(event)
+                if data is not None:
+                    self._write(self._ws.send(BytesMessage(data=data)))
             elif isinstance(event, Ping):
                 if self._ws.state is ConnectionState.OPEN:
                     self._write(self._ws.send(event.response()))
@@ -232,8 +232,33 @@ class WebSocketConnection(Session):
                 return self._on_close_event(event)
         return True
 
+    def _assemble(self, event: TextMessage | BytesMessage) -> Any:
+        """Add a fragment; the whole message once it is complete, else None.
+
+        The size is checked as fragments arrive, so a peer never makes us hold
+        more than ``MAX_MESSAGE_BYTES`` (plus one read) of a message.
+        """
+        if self.state is not ConnState.OPEN:
+            return None
+        limit = self.transport.max_message_bytes
+        self._parts.append(event.data)
+        self._part_size += len(event.data)
+        if self._part_size > limit:  # for text: characters <= bytes, surely too big
+            self._too_big()
+            return None
+        if not event.message_finished:
+            return None
+        parts, self._parts, self._part_size = self._parts, [], 0
+        if isinstance(event, BytesMessage):
+            return b"".join(parts)
+        text = parts[0] if len(parts) == 1 else "".join(parts)
+        if len(text) * 4 > limit and len(text.encode()) > limit:
+            self._too_big()
+            return None
+        return text
+
     def _too_big(self) -> None:
-        self._parts, self._part_chars = [], 0
+        self._parts, self._part_size = [], 0
         self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     def _on_close_event(self, event: CloseConnection) -> bool:
@@ -264,7 +289,8 @@ class WebSocketConnection(Session):
         except OSError:
             pass
         try:
-            self.transport.chat.close(self)
+            if not self.echo:
+                self.transport.chat.close(self)
         finally:
             self.transport.forget(self)
 
@@ -289,12 +315,12 @@ class Transport:
     def new_conn_id(self) -> str:
         return f"{self.node_id}:{next(self._conn_seq)}"
 
-    def serve(self, ws: Any, identity: Identity, authenticated: bool, remote_addr: str
-              ) -> WebSocketConnection:
+    def serve(self, ws: Any, identity: Identity, authenticated: bool, remote_addr: str,
+              echo: bool = False) -> WebSocketConnection:
         """Run one accepted WebSocket (from flask-sock) until it ends."""
         self.start()
         conn = WebSocketConnection(self, ws.sock, ws.ws, self.new_conn_id(), identity,
-                                   authenticated, remote_addr)
+                                   authenticated, remote_addr, echo)
         self.connections.add(conn)
         self.metrics.connection_opened()
         log.info("open conn=%s user=%s addr=%s", conn.conn_id, conn.user_id, remote_addr,
