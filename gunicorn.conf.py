@@ -108,7 +108,8 @@ def on_starting(server):
         else:
             os.makedirs(directory, exist_ok=True)
     else:
-        directory = tempfile.mkdtemp(prefix="wschat-prometheus-")
+        _sweep_orphaned_metrics_dirs()
+        directory = tempfile.mkdtemp(prefix=f"{_METRICS_DIR_PREFIX}{os.getpid()}-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         server._wschat_tmp_metrics_dir = directory
     os.environ["WSCHAT_STARTED_AT"] = repr(time.time())
@@ -149,6 +150,24 @@ def _forget_worker_gauges(pid, log):
             pass
         except OSError as exc:  # never let bookkeeping take the master down
             log.warning("could not delete %s of dead worker %s: %s", path, pid, exc)
+
+
+_METRICS_DIR_PREFIX = "wschat-prometheus-"
+
+
+def _sweep_orphaned_metrics_dirs():
+    """A master killed with SIGKILL never runs on_exit: delete the sample directories
+    of masters that are gone (their names carry the master's pid)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), _METRICS_DIR_PREFIX + "*")):
+        pid = os.path.basename(path)[len(_METRICS_DIR_PREFIX):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            pass
 
 
 def on_exit(server):

@@ -448,3 +448,20 @@ def test_ready_flips_while_redis_is_down() -> None:
                        message="/ready to recover")
     finally:
         redis.stop()
+
+
+def test_orphaned_sample_directories_are_swept(tmp_path: Any, monkeypatch: Any) -> None:
+    """A sample directory left by a SIGKILLed master is deleted; a live master's is kept."""
+    import runpy
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait(TIMEOUT)
+    orphan = tmp_path / f"wschat-prometheus-{gone.pid}-abc"
+    alive = tmp_path / f"wschat-prometheus-{os.getpid()}-def"
+    for d in (orphan, alive):
+        d.mkdir()
+        (d / "counter_1.db").write_bytes(b"")
+    runpy.run_path(str(ROOT / "gunicorn.conf.py"))["_sweep_orphaned_metrics_dirs"]()
+    assert not orphan.exists() and alive.exists()
