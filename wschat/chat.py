@@ -136,13 +136,31 @@ class Chat:
         self._watch_expiry(session)
         if self.settings.auth_required and not session.authenticated:
             self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
-        session.send(self._welcome(session))
+        backlog = self._dm_backlog(session)
+        session.send(self._welcome(session, backlog))
+        for event in backlog or ():
+            session.send(event)
 
-    def _welcome(self, session: Session) -> bytes:
+    def _welcome(self, session: Session, backlog: list[bytes] | None = None) -> bytes:
+        extra = {} if backlog is None else {"dm_backlog": len(backlog)}
         return encode_reply("welcome", user_id=session.user_id, username=session.username,
                             authenticated=session.authenticated,
                             auth_required=self.settings.auth_required,
-                            heartbeat_interval=self.settings.heartbeat_interval)
+                            heartbeat_interval=self.settings.heartbeat_interval, **extra)
+
+    def _dm_backlog(self, session: Session) -> list[bytes] | None:
+        """The DMs kept for this user while it was away, now handed to this connection
+        (None: persistence is off, so none are ever kept). Guests exist only while
+        connected, so nothing is ever kept for them."""
+        if not self.settings.enable_persistence:
+            return None
+        if not session.authenticated:
+            return []
+        try:
+            return self.stores.messages.user_arrived(session.user) or []
+        except Unavailable as exc:  # they stay kept and come with the next connection
+            log.warning("DM backlog of %s not available: %s", session.user_id, exc)
+            return []
 
     def close(self, session: Session) -> None:
         """Forget a connection: leave its rooms (presence offline) and its user entry.
@@ -275,10 +293,14 @@ class Chat:
         session.authenticated = True
         session.expires_at = identity.expires_at
         self._watch_expiry(session)
-        session.send(self._welcome(session) if cmd.request_id is None else encode_reply(
+        backlog = self._dm_backlog(session)
+        extra = {} if backlog is None else {"dm_backlog": len(backlog)}
+        session.send(self._welcome(session, backlog) if cmd.request_id is None else encode_reply(
             "welcome", cmd.request_id, user_id=session.user_id, username=session.username,
             authenticated=True, auth_required=self.settings.auth_required,
-            heartbeat_interval=self.settings.heartbeat_interval))
+            heartbeat_interval=self.settings.heartbeat_interval, **extra))
+        for event in backlog or ():
+            session.send(event)
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
@@ -354,12 +376,15 @@ class Chat:
             self._publish_typing(session, cmd.room, False)
 
     def _dm(self, session: Session, cmd: SendDm) -> None:
-        if not self.stores.presence.is_online(cmd.to):
+        online = self.stores.presence.is_online(cmd.to)
+        # With persistence a DM to an offline user who has connected before is kept.
+        if not online and not self.stores.messages.keeps_dms_for(cmd.to):
             raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
                                 cmd.request_id)
         draft = draft_dm(cmd.to, session.username, session.user_id, cmd.text,
                          int(self.clock() * 1000), cmd.client_msg_id)
-        posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft)
+        posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft,
+                                              recipient_online=online)
         if posted.duplicate:
             session.send(posted.event)
         else:

@@ -84,12 +84,20 @@ def _redis_url(raw: str) -> str | None:
     return value
 
 
-def _database_url(raw: str) -> str | None:
+DEFAULT_DATABASE_URL = "sqlite:///wschat.db"  # relative: in the server's working directory
+
+
+def _database_url(raw: str) -> str:
     value = raw.strip()
     if not value:
-        return None
-    if not value.startswith(("sqlite:", "postgres://", "postgresql://")):
-        raise ValueError("expected sqlite:///path or postgresql://... ")
+        return DEFAULT_DATABASE_URL
+    if value.startswith("sqlite:"):
+        if not value.startswith("sqlite:///") or len(value) == len("sqlite:///"):
+            raise ValueError("expected sqlite:///PATH (relative to the working directory) or "
+                             "sqlite:////ABSOLUTE/PATH")
+        return value
+    if not value.startswith(("postgres://", "postgresql://")):
+        raise ValueError("expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
     return value
 
 
@@ -125,7 +133,7 @@ class Settings:
     rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1), 20)
     heartbeat_interval: float = _var("HEARTBEAT_INTERVAL", _float(0.05), 30.0)
     enable_persistence: bool = _var("ENABLE_PERSISTENCE", _bool, False)
-    database_url: str | None = _var("DATABASE_URL", _database_url, None)
+    database_url: str = _var("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL)
     redis_url: str | None = _var("REDIS_URL", _redis_url, None)
     history_size: int = _var("HISTORY_SIZE", _int(1, 100_000), 100)
     max_message_bytes: int = _var("MAX_MESSAGE_BYTES", _int(256, 16 * 1024 * 1024), 65536)

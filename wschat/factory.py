@@ -182,8 +182,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         problems = []
         if transport.shutting_down:
             problems.append("shutting down")
-        if not stores.healthy():
-            problems.append(f"{stores.name} unreachable")
+        problems.extend(stores.problems())
         return problems
 
     @app.get("/ready")
@@ -193,7 +192,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             resp = jsonify(status="unavailable", problems=problems)
             resp.status_code = 503
             return resp
-        return jsonify(status="ready", backend=stores.name)
+        return jsonify(status="ready", backend=stores.name,
+                       persistence=settings.enable_persistence)
 
     @app.get("/")
     def index() -> Response:

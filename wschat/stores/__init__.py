@@ -1,4 +1,4 @@
-"""Backend selection: the one place that picks memory or Redis from the settings."""
+"""Backend selection: the one place that picks memory or Redis, and persistence, from settings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,17 @@ def create_stores(settings: Settings, metrics: Any = None) -> Stores:
     if settings.redis_url:
         from .redis import create_redis_stores
 
-        return create_redis_stores(settings, metrics)
-    from .memory import create_memory_stores
+        stores = create_redis_stores(settings, metrics)
+    else:
+        from .memory import create_memory_stores
 
-    return create_memory_stores(settings.history_size, settings.room_ttl)
+        stores = create_memory_stores(settings.history_size, settings.room_ttl)
+    if settings.enable_persistence:
+        from ..persistence import open_message_log
+        from .durable import DurableMessageStore
+
+        durable = DurableMessageStore(stores.messages, open_message_log(settings.database_url),
+                                      metrics)
+        durable.start()
+        stores.messages = durable
+    return stores

@@ -57,6 +57,23 @@ class Replay:
     complete: bool  # False: the store no longer holds every message after `since`
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A message the durable log has numbered and committed, ready to be published."""
+
+    msg_id: int
+    event: bytes
+    room: str | None  # None: a DM
+    sender_id: str = ""
+    recipient_id: str = ""  # DMs only; "" when the recipient was offline (kept for later)
+
+
+# What :meth:`MessageStore.publish_stored` did with each message.
+PUBLISHED = 1  # delivered (and everything held behind it)
+HELD = 0  # an earlier id is not published yet: held until it is (or fetched from the log)
+STALE = -1  # the room's window is already past this id: not published again
+
+
 class Unavailable(Exception):
     """The shared store cannot be reached; the request is refused, not half-done."""
 
@@ -105,7 +122,9 @@ class MessageStore(ABC):
     def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted: ...
 
     @abstractmethod
-    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft) -> Posted: ...
+    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
+                recipient_online: bool = True) -> Posted:
+        """``recipient_online=False`` only with persistence: the DM is kept for later."""
 
     @abstractmethod
     def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
@@ -128,6 +147,29 @@ class MessageStore(ABC):
 
     def raise_sequence(self, room: str, at_least: int) -> None:
         """Never issue ids <= ``at_least`` again (after the store lost its data)."""
+
+    # -- persistence (wschat.stores.durable wraps a store and uses these) ---------------
+    def publish_stored(self, messages: list[Stored]) -> list[int]:
+        """Add committed messages to the window and deliver them, room messages in id order.
+
+        Returns PUBLISHED, HELD or STALE for each (see those constants).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot publish stored messages")
+
+    def user_arrived(self, user: User) -> list[bytes] | None:
+        """An authenticated user connected: the DMs kept for them (None: none are ever kept)."""
+        return None
+
+    def keeps_dms_for(self, user_id: str) -> bool:
+        """Whether a DM to this offline user is kept for later (else ``user_not_found``)."""
+        return False
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Flush what is held for durability (shutdown)."""
+        return None
 
 
 RoomHandler = Callable[[str, bytes, "str | None"], None]  # (room, event, exclude_user)
@@ -182,8 +224,18 @@ class Stores:
     name: str = "memory"
     rate_limiter: Any = None  # shared buckets (Redis); None: the factory uses memory ones
 
+    def problems(self) -> list[str]:
+        """Why this worker is not ready; empty when it is."""
+        problems = []
+        if not self.broker.healthy():
+            problems.append(f"{self.name} unreachable")
+        if not self.messages.healthy():
+            problems.append("database unreachable")
+        return problems
+
     def healthy(self) -> bool:
-        return self.broker.healthy()
+        return not self.problems()
 
     def close(self) -> None:
+        self.messages.close()
         self.broker.close()

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from ..protocol import MessageDraft
 from .base import (
-    Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomHandler, RoomStore,
-    Stores, User, UserHandler,
+    PUBLISHED, Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay,
+    RoomHandler, RoomStore, Stored, Stores, User, UserHandler,
 )
 
 DEDUPE_TTL = 3600.0
@@ -126,7 +126,8 @@ class MemoryMessageStore(MessageStore):
         self._broker.publish_room(room, event)
         return posted
 
-    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft) -> Posted:
+    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
+                recipient_online: bool = True) -> Posted:
         key = ("", sender_id, draft.client_msg_id) if draft.client_msg_id else None
         if key and (hit := self._seen(key)):
             return hit
@@ -161,12 +162,38 @@ class MemoryMessageStore(MessageStore):
         if after_id == last:
             return Replay([], True)
         assert log is not None
+        if not log.messages:  # ids raised from the durable log, messages not loaded
+            return Replay([], False)
         oldest = log.messages[0][0]
         return Replay([e for i, e in log.messages if i > after_id], after_id >= oldest - 1)
 
     def last_id(self, room: str) -> int:
         log = self._logs.get(room)
         return log.last_id if log else 0
+
+    def raise_sequence(self, room: str, at_least: int) -> None:
+        log = self._logs.get(room)
+        if log is None:
+            log = self._logs[room] = _RoomLog(self._size)
+        log.last_id = max(log.last_id, at_least)
+
+    def publish_stored(self, messages: list[Stored]) -> list[int]:
+        # One writer publishes in commit order, which is id order: nothing to hold.
+        for message in messages:
+            if message.room is None:
+                if message.recipient_id:
+                    self._broker.publish_user(message.recipient_id, message.event)
+                if message.sender_id != message.recipient_id:
+                    self._broker.publish_user(message.sender_id, message.event)
+                continue
+            log = self._logs.get(message.room)
+            if log is None:
+                log = self._logs[message.room] = _RoomLog(self._size)
+            self._idle.pop(message.room, None)
+            log.last_id = max(log.last_id, message.msg_id)
+            log.messages.append((message.msg_id, message.event))
+            self._broker.publish_room(message.room, message.event)
+        return [PUBLISHED] * len(messages)
 
     def room_emptied(self, room: str) -> None:
         now = self._clock()

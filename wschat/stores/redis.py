@@ -45,7 +45,7 @@ from ..config import Settings
 from ..protocol import MessageDraft, message_id_of, stored_id_of
 from .base import (
     Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomHandler,
-    RoomStore, Stores, Unavailable, User, UserHandler,
+    PUBLISHED, RoomStore, Stored, Stores, Unavailable, User, UserHandler,
 )
 
 log = logging.getLogger("wschat.redis")
@@ -190,6 +190,34 @@ return 1
 RAISE_SEQ_LUA = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# With persistence the database numbers room messages; this publishes a committed
+# one in id order across workers: "seq" is then the highest id published. An id
+# whose predecessor is not published yet waits in "held" until it is.
+# KEYS: seq hist channel held   ARGV: id msg history_size
+# Returns 1 published (with whatever it released), 0 held, -1 already past it.
+PUBLISH_STORED_LUA = """
+local id = tonumber(ARGV[1])
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+if id <= seq then return -1 end
+if id > seq + 1 then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[4], 300)
+  return 0
+end
+local msg = ARGV[2]
+while msg do
+  redis.call('RPUSH', KEYS[2], msg)
+  redis.call('PUBLISH', KEYS[3], '\\n' .. msg)
+  seq = seq + 1
+  local nxt = string.format('%d', seq + 1)
+  msg = redis.call('HGET', KEYS[4], nxt)
+  if msg then redis.call('HDEL', KEYS[4], nxt) end
+end
+redis.call('SET', KEYS[1], seq, 'KEEPTTL')
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 return 1
 """
 
@@ -346,6 +374,7 @@ class RedisMessageStore(MessageStore):
         self._post_room = client.register_script(POST_ROOM_LUA)
         self._post_dm = client.register_script(POST_DM_LUA)
         self._raise_seq = client.register_script(RAISE_SEQ_LUA)
+        self._publish_stored = client.register_script(PUBLISH_STORED_LUA)
 
     @staticmethod
     def _posted(out: list[Any]) -> Posted:
@@ -362,7 +391,8 @@ class RedisMessageStore(MessageStore):
             draft.prefix, draft.suffix, self._size, DEDUPE_TTL]))
 
     @_guarded
-    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft) -> Posted:
+    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
+                recipient_online: bool = True) -> Posted:
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
             script_keys.append(f"{PREFIX}dm:dd:{sender_id}:{draft.client_msg_id}")
@@ -405,6 +435,33 @@ class RedisMessageStore(MessageStore):
     @_guarded
     def raise_sequence(self, room: str, at_least: int) -> None:
         self._raise_seq(keys=[_room_keys(room)[4]], args=[at_least])
+
+    @_guarded
+    def publish_stored(self, messages: list[Stored]) -> list[int]:
+        # One pipeline for the whole committed batch: one round trip, in id order.
+        with self._client.pipeline(transaction=False) as pipe:
+            for m in messages:
+                if m.room is None:
+                    if m.recipient_id:
+                        pipe.publish(user_channel(m.recipient_id), m.event)
+                    if m.sender_id != m.recipient_id:
+                        pipe.publish(user_channel(m.sender_id), m.event)
+                    continue
+                keys = _room_keys(m.room)
+                self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
+                                           f"{PREFIX}{{r:{m.room}}}:held"],
+                                     args=[m.msg_id, m.event, self._size], client=pipe)
+            replies = pipe.execute()
+        out: list[int] = []
+        it = iter(replies)
+        for m in messages:
+            if m.room is None:
+                for _ in range(bool(m.recipient_id) + (m.sender_id != m.recipient_id)):
+                    next(it)
+                out.append(PUBLISHED)
+            else:
+                out.append(int(next(it)))
+        return out
 
 
 class RedisBroker(Broker):
@@ -619,6 +676,7 @@ class RedisStores(Stores):
     keeper: NodeKeeper
 
     def close(self) -> None:
+        self.messages.close()  # flushes persistence while Redis can still publish
         self.keeper.stop()
         self.broker.close()
 

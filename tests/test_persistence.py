@@ -1,0 +1,394 @@
+"""Durable messages against the real databases: SQLite files and PostgreSQL servers.
+
+Every test runs the real gunicorn server. PostgreSQL comes from
+``DATABASE_URL_TEST`` (default postgresql://postgres@127.0.0.1:5432/wschat_test,
+created if missing); the database-outage test starts a private PostgreSQL
+instance of its own (initdb/pg_ctl into a temporary directory) so it never
+stops the machine's shared server. Outside CI an unreachable PostgreSQL skips
+those tests with the reason; under ``CI=true`` it fails them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from conftest import IN_CI, SCALE, TIMEOUT, Client, Server, free_port, redis_url_or_skip, wait_until
+
+SECRET = "persistence-secret-0123456789abcdef"
+PG_TEST_URL = os.environ.get("DATABASE_URL_TEST",
+                             "postgresql://postgres@127.0.0.1:5432/wschat_test")
+COMMON = {"ENABLE_PERSISTENCE": "true", "JWT_SECRET": SECRET, "HISTORY_SIZE": "5",
+          "RATE_LIMIT": "100000", "RATE_LIMIT_BURST": "100000"}
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def token(sub: str, name: str | None = None) -> str:
+    return jwt.encode({"sub": sub, "name": name or sub, "exp": int(time.time()) + 3600},
+                      SECRET, algorithm="HS256")
+
+
+def as_user(sub: str) -> str:
+    return f"token={token(sub)}"
+
+
+def pg_url_or_skip(url: str = PG_TEST_URL) -> str:
+    """``url``'s database, created if missing; skip (fail under CI) if PostgreSQL is down."""
+    psycopg = pytest.importorskip("psycopg")
+    base, _, dbname = url.rpartition("/")
+    try:
+        with psycopg.connect(f"{base}/postgres", autocommit=True, connect_timeout=3) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                (dbname,)).fetchone():
+                conn.execute(f'CREATE DATABASE "{dbname}"')
+    except psycopg.Error as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL at {url} is required under CI=true: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {url}: {exc}")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: Any, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/wschat.db"
+    return pg_url_or_skip()
+
+
+def persistent_server(database_url: str, **env: str) -> Server:
+    return Server({**COMMON, "DATABASE_URL": database_url, **env})
+
+
+def whole_room(client: Client, room: str, page: int = 5) -> list[dict[str, Any]]:
+    """Every stored message of ``room``, paging back with ``history.before``."""
+    messages: list[dict[str, Any]] = []
+    before = None
+    while before != 1:
+        request: dict[str, Any] = {"type": "history", "room": room, "limit": page}
+        if before is not None:
+            request["before"] = before
+        batch = client.request(request, "history")["messages"]
+        if not batch:
+            break
+        first = batch[0]["id"]
+        assert [m["id"] for m in batch] == list(range(first, first + len(batch)))
+        messages = batch + messages
+        before = batch[0]["id"]
+    return messages
+
+
+# -- restart, paging, recovery ----------------------------------------------------------
+
+def test_history_and_ids_continue_after_restart(database_url: str) -> None:
+    """After a restart, history pages back through the log, since reads it, and ids go on."""
+    room = unique("r")
+    with persistent_server(database_url) as server, Client(server.url, as_user(unique("u"))) as c:
+        c.join(room)
+        acks = [c.say(room, f"m{i}")["id"] for i in range(12)]
+        assert acks == list(range(1, 13))
+    with persistent_server(database_url) as server, Client(server.url, as_user(unique("u"))) as c:
+        assert c.join(room)["last_id"] == 12
+        newest = c.request({"type": "history", "room": room, "limit": 5}, "history")
+        assert [m["id"] for m in newest["messages"]] == [8, 9, 10, 11, 12]
+        page = c.request({"type": "history", "room": room, "limit": 5, "before": 3}, "history")
+        assert [m["text"] for m in page["messages"]] == ["m0", "m1"]
+        assert [m["id"] for m in whole_room(c, room)] == list(range(1, 13))
+        with Client(server.url) as late:
+            joined = late.join(room, since=2)
+            assert joined["recovered"] is True and joined["last_id"] == 12
+            assert [late.expect("message")["id"] for _ in range(10)] == list(range(3, 13))
+            assert late.join(unique("r"), since=7)["recovered"] is False  # never issued
+            assert c.say(room, "after restart")["id"] == 13
+            assert late.expect("message")["id"] == 13
+
+
+def test_schema_is_versioned_and_created_by_the_server(tmp_path: Path) -> None:
+    """A fresh SQLite file gets WAL mode and schema_version 1 from the server itself."""
+    path = tmp_path / "fresh.db"
+    with persistent_server(f"sqlite:///{path}") as server:
+        assert server.http("/ready")[0] == 200
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"messages", "dms", "sequences", "users", "schema_version"} <= tables
+
+
+# -- crash safety ----------------------------------------------------------------------
+
+# One connection's messages are handled one after the other, each acknowledged
+# after its commit, so a single client's burst runs at about one commit per message.
+BURST = 1000
+
+
+def test_kill_9_mid_burst_keeps_every_acknowledged_message_once(database_url: str) -> None:
+    """kill -9 during a burst: every acknowledged message is stored exactly once, ids gap-free,
+    and resending everything with its client_msg_id stores each message exactly once."""
+    room, user = unique("r"), unique("u")
+    server = persistent_server(database_url).start()
+    sent: list[str] = []
+    acked: set[str] = set()
+    try:
+        c = Client(server.url, as_user(user))
+        c.join(room)
+
+        def burst() -> None:
+            try:
+                for i in range(BURST):
+                    c.send({"type": "message", "room": room, "text": f"m{i}",
+                            "client_msg_id": f"c{i}"})
+                    sent.append(f"c{i}")
+            except Exception:
+                pass  # the server died under us: that is the point
+
+        sender = threading.Thread(target=burst, daemon=True)
+        sender.start()
+        while len(acked) < 100:
+            acked.add(c.expect("message")["client_msg_id"])
+        server.kill()
+        try:  # acknowledgements already on the wire count too
+            while True:
+                event = c.recv(TIMEOUT)
+                if event.get("type") == "message":
+                    acked.add(event["client_msg_id"])
+        except Exception:
+            pass
+        sender.join(TIMEOUT)
+    finally:
+        server.kill()
+        server.log.close()
+    assert len(acked) < BURST, "the kill came too late to interrupt the burst"
+
+    with persistent_server(database_url, HISTORY_SIZE="500") as server, \
+            Client(server.url, as_user(user)) as c:
+        c.join(room)
+        stored = whole_room(c, room, page=500)
+        cmids = [m["client_msg_id"] for m in stored]
+        assert [m["id"] for m in stored] == list(range(1, len(stored) + 1))
+        assert len(set(cmids)) == len(cmids)
+        assert acked <= set(cmids)
+        for cmid in sent:  # a client resends whatever it is unsure about
+            c.send({"type": "message", "room": room, "text": "m" + cmid[1:],
+                    "client_msg_id": cmid})
+        for _ in sent:
+            c.expect("message", timeout=TIMEOUT * 2)
+        final = whole_room(c, room, page=500)
+        assert sorted(m["client_msg_id"] for m in final) == sorted(sent)
+        assert [m["id"] for m in final] == list(range(1, len(sent) + 1))
+        assert all(m["text"] == "m" + m["client_msg_id"][1:] for m in final)
+
+
+# -- offline DMs ------------------------------------------------------------------------
+
+def test_dm_to_offline_user_is_kept_and_delivered_on_connect(database_url: str) -> None:
+    """A DM to a known offline user survives a restart and arrives after welcome (dm_backlog)."""
+    alice, bob = unique("alice"), unique("bob")
+    with persistent_server(database_url) as server:
+        with Client(server.url, as_user(bob)) as b:
+            assert b.welcome is not None and b.welcome["dm_backlog"] == 0
+        with Client(server.url, as_user(alice)) as a:
+            a.send({"type": "dm", "to": bob, "text": "while you were out", "id": 1})
+            echo = a.expect("dm")
+            assert echo["to"] == bob and echo["text"] == "while you were out"
+            a.send({"type": "dm", "to": unique("nobody"), "text": "hello?", "id": 2})
+            assert a.expect("error", id=2)["code"] == "user_not_found"
+            with Client(server.url, "username=guest") as g:
+                guest_id = g.user_id
+            a.send({"type": "dm", "to": guest_id, "text": "gone", "id": 3})
+            assert a.expect("error", id=3)["code"] == "user_not_found"
+    with persistent_server(database_url) as server:
+        with Client(server.url, as_user(bob)) as b:
+            assert b.welcome is not None and b.welcome["dm_backlog"] == 1
+            kept = b.expect("dm")
+            assert kept["id"] == echo["id"] and kept["user_id"] == alice
+        with Client(server.url, as_user(bob)) as b:
+            assert b.welcome is not None and b.welcome["dm_backlog"] == 0
+            b.assert_silent("dm")
+
+
+def test_without_persistence_offline_dm_is_user_not_found() -> None:
+    """With persistence off, a DM to a user who was connected before is user_not_found."""
+    bob = unique("bob")
+    with Server({"JWT_SECRET": SECRET}) as server:
+        with Client(server.url, as_user(bob)) as b:
+            assert b.welcome is not None and "dm_backlog" not in b.welcome
+        with Client(server.url, as_user(unique("alice"))) as a:
+            a.send({"type": "dm", "to": bob, "text": "hi", "id": "x"})
+            assert a.expect("error", id="x")["code"] == "user_not_found"
+
+
+# -- the database going away ------------------------------------------------------------
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL instance (initdb + pg_ctl) we may stop and start at will."""
+
+    def __init__(self) -> None:
+        binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not binaries:
+            if IN_CI:
+                pytest.fail("initdb (postgresql server binaries) is required under CI=true")
+            pytest.skip("no PostgreSQL server binaries (/usr/lib/postgresql/*/bin)")
+        self.bin = Path(binaries[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="wschat-pg-"))
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_owner: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.dir, "postgres")
+            self._as_owner = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres",
+                  "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self._as_owner, str(self.bin / tool), *args], check=True,
+                       capture_output=True, timeout=60 * SCALE)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    pg = PrivatePostgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.remove()
+
+
+def assert_refused_then_recovers(server: Server, c: Client, room: str,
+                                 outage: Any, recovery: Any) -> None:
+    """During ``outage`` a message is refused with ``unavailable`` and /ready is 503; after
+    ``recovery`` the server is ready again by itself and ids go on without a gap."""
+    assert c.say(room, "before")["id"] == 1
+    outage()
+    refused = c.request({"type": "message", "room": room, "text": "during", "id": "d"},
+                        "error", timeout=TIMEOUT * 2)
+    assert refused["code"] == "unavailable" and refused["id"] == "d"
+    status, body = wait_until(lambda: (r := server.http("/ready"))[0] == 503 and r,
+                              message="/ready to fail")
+    assert b"database unreachable" in body
+    recovery()
+    wait_until(lambda: server.http("/ready")[0] == 200, timeout=TIMEOUT * 2,
+               message="/ready after the database returned")
+    assert c.say(room, "after")["id"] == 2
+    texts = [m["text"] for m in
+             c.request({"type": "history", "room": room}, "history")["messages"]]
+    assert texts == ["before", "after"]
+
+
+def test_postgres_stopped_and_restarted(private_postgres: PrivatePostgres) -> None:
+    """PostgreSQL stopped: messages get unavailable, /ready 503; started again: all recovers."""
+    room = unique("r")
+    with persistent_server(private_postgres.url) as server, \
+            Client(server.url, as_user(unique("u"))) as c:
+        c.join(room)
+        assert_refused_then_recovers(server, c, room, private_postgres.stop,
+                                     private_postgres.start)
+
+
+def test_sqlite_locked_by_another_process_then_released(tmp_path: Path) -> None:
+    """Another process holding SQLite's write lock: unavailable and not ready, until released."""
+    path = tmp_path / "locked.db"
+    room = unique("r")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        with persistent_server(f"sqlite:///{path}") as server, \
+                Client(server.url, as_user(unique("u"))) as c:
+            c.join(room)
+            assert_refused_then_recovers(server, c, room,
+                                         lambda: holder.execute("BEGIN EXCLUSIVE"),
+                                         lambda: holder.execute("ROLLBACK"))
+    finally:
+        holder.close()
+
+
+# -- several pods: Redis and PostgreSQL -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pods() -> Iterator[tuple[Server, Server]]:
+    env = {**COMMON, "DATABASE_URL": pg_url_or_skip(), "REDIS_URL": redis_url_or_skip(15),
+           "PRESENCE_TTL": "2"}
+    with Server(env, workers=2) as a, Server(env, workers=2) as b:
+        yield a, b
+
+
+def test_pods_share_one_log_without_duplicates(pods: tuple[Server, Server]) -> None:
+    """Writers on two pods (four workers) get ids 1..n once each, all members see one order,
+    and the log holds each message exactly once."""
+    import psycopg
+
+    a, b = pods
+    room = unique("r")
+    clients = [Client(s.url, as_user(unique("u"))) for s in (a, b, a, b)]
+    try:
+        for c in clients:
+            c.join(room)
+        for i in range(60):
+            clients[i % 4].send({"type": "message", "room": room, "text": f"m{i}",
+                                 "client_msg_id": f"c{i}"})
+        seen = [[c.expect("message", timeout=TIMEOUT * 2) for _ in range(60)] for c in clients]
+        assert [m["id"] for m in seen[0]] == list(range(1, 61))
+        assert all(s == seen[0] for s in seen)
+        retry = clients[1].request({"type": "message", "room": room, "text": "m1",
+                                    "client_msg_id": "c1"}, "message")
+        assert retry["id"] == next(m["id"] for m in seen[0] if m["client_msg_id"] == "c1")
+        clients[0].assert_silent("message")
+    finally:
+        for c in clients:
+            c.close()
+    with psycopg.connect(PG_TEST_URL) as db:
+        ids = [r[0] for r in db.execute("SELECT id FROM messages WHERE room = %s ORDER BY id",
+                                        (room,))]
+    assert ids == list(range(1, 61))
+
+
+def test_redis_losing_a_room_continues_ids_from_the_database(pods: tuple[Server, Server]
+                                                             ) -> None:
+    """If Redis loses a room's keys, its sequence is raised from the database: no id reused."""
+    import redis
+
+    a, _ = pods
+    room = unique("r")
+    with Client(a.url, as_user(unique("u"))) as c:
+        c.join(room)
+        assert [c.say(room, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+        c.request({"type": "leave", "room": room}, "left")
+        client = redis.Redis.from_url(redis_url_or_skip_keep())
+        client.delete(*client.keys(f"wschat:{{r:{room}}}:*"))
+        assert c.join(room)["last_id"] == 3
+        assert c.say(room, "after")["id"] == 4
+
+
+def redis_url_or_skip_keep() -> str:
+    from conftest import REDIS_URL
+
+    return f"{REDIS_URL.rstrip('/')}/15" if REDIS_URL.count("/") == 2 else REDIS_URL

@@ -1,0 +1,244 @@
+"""The message log and the durable store in-process, against real SQLite, PostgreSQL, Redis.
+
+No server here: these drive :mod:`wschat.persistence` and
+:class:`~wschat.stores.durable.DurableMessageStore` directly, for the cases a
+client cannot provoke on demand (a worker dying between its commit and its
+publish, retries racing inside one batch, a schema newer than the server).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from conftest import TIMEOUT, redis_url_or_skip, wait_until
+from test_persistence import PG_TEST_URL, pg_url_or_skip
+from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
+from wschat.persistence import (
+    SCHEMA_VERSION, Arrival, DmPost, MessageLog, RoomPost, SchemaTooNew, open_message_log,
+)
+from wschat.protocol import draft_dm, draft_message, message_id_of
+from wschat.stores.base import User
+from wschat.stores.durable import DurableMessageStore
+from wschat.stores.memory import create_memory_stores
+
+
+@pytest.fixture(scope="module")
+def fresh_pg_url() -> Iterator[str]:
+    """A brand-new PostgreSQL database for this module, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    base = pg_url_or_skip().rpartition("/")[0]
+    name = f"wschat_unit_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{base}/{name}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: Any, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/unit.db"
+    return str(request.getfixturevalue("fresh_pg_url"))
+
+
+@pytest.fixture
+def message_log(url: str) -> Iterator[MessageLog]:
+    log = open_message_log(url)
+    log.migrate()
+    yield log
+    log.close()
+
+
+def room_post(room: str, text: str, cmid: str | None = None, user: str = "u1") -> RoomPost:
+    return RoomPost(room=room, user_id=user, draft=draft_message(room, user, user, text, 1, cmid),
+                    created_ms=1)
+
+
+def test_migrations_are_recorded_and_idempotent(url: str) -> None:
+    """Migrating twice applies each step once and records the version in schema_version."""
+    log = open_message_log(url)
+    try:
+        assert log.migrate() == SCHEMA_VERSION
+        assert log.migrate() == SCHEMA_VERSION
+        rows = log._read_call(log._rows, "SELECT version FROM schema_version", ())
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        log.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A database migrated by a newer server is not written to."""
+    log = open_message_log(f"sqlite:///{tmp_path}/newer.db")
+    try:
+        log.migrate()
+        log._write_call(lambda c: c.execute(
+            "INSERT INTO schema_version VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,)))
+        with pytest.raises(SchemaTooNew, match="upgrade the server"):
+            log.migrate()
+    finally:
+        log.close()
+
+
+def test_ids_are_gap_free_per_room_and_retries_return_the_original(
+        message_log: MessageLog) -> None:
+    """One batch numbers each room from 1; a client_msg_id seen in the batch or stored before
+    gets the original's id and event, and takes no id."""
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    batch = [room_post(a, "x", "k1"), room_post(b, "y"), room_post(a, "x again", "k1"),
+             room_post(a, "z")]
+    message_log.write(batch)  # type: ignore[arg-type]
+    assert [(p.msg_id, p.duplicate) for p in batch] == [(1, False), (1, False), (1, True),
+                                                        (2, False)]
+    assert batch[2].event == batch[0].event
+    later = [room_post(a, "retry", "k1"), room_post(a, "w"), room_post(a, "other user", "k1",
+                                                                    user="u2")]
+    message_log.write(later)  # type: ignore[arg-type]
+    assert [(p.msg_id, p.duplicate) for p in later] == [(1, True), (3, False), (4, False)]
+    assert [message_id_of(e) for e in message_log.before(a, None, 10)] == [1, 2, 3, 4]
+    assert message_log.last_id(a) == 4 and message_log.last_id(b) == 1
+
+
+def test_kept_dms_are_claimed_once(message_log: MessageLog) -> None:
+    """DMs kept for an offline user go to the first arrival only, oldest first."""
+    bob = f"bob-{uuid.uuid4().hex[:6]}"
+    assert not message_log.knows_user(bob)
+    arrival = Arrival(user_id=bob, username="bob", seen_ms=1)
+    message_log.write([arrival])
+    assert arrival.backlog == [] and message_log.knows_user(bob)
+    dms = [DmPost(sender_id="al", recipient_id=bob, draft=draft_dm(bob, "al", "al", t, 1, None),
+                  created_ms=1, delivered=False) for t in ("one", "two")]
+    online = DmPost(sender_id="al", recipient_id=bob, draft=draft_dm(bob, "al", "al", "live", 1,
+                                                                     None), created_ms=1)
+    message_log.write([*dms, online])  # type: ignore[list-item]
+    first, second = (Arrival(user_id=bob, username="bob", seen_ms=2) for _ in range(2))
+    message_log.write([first, second])
+    assert first.backlog == [dms[0].event, dms[1].event]
+    assert second.backlog == []
+
+
+@pytest.fixture
+def durable_on_memory(tmp_path: Path) -> Iterator[tuple[DurableMessageStore, list[bytes]]]:
+    stores = create_memory_stores(history_size=3, room_ttl=3600)
+    delivered: list[bytes] = []
+    stores.broker.start(lambda room, event, exclude: delivered.append(event),
+                        lambda user, event: delivered.append(event))
+    durable = DurableMessageStore(stores.messages, open_message_log(f"sqlite:///{tmp_path}/d.db"))
+    durable.start()
+    yield durable, delivered
+    durable.close()
+
+
+def test_reads_beyond_the_window_come_from_the_log(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
+    """With a 3-message window, history pages and since-replays reach back through the log."""
+    durable, delivered = durable_on_memory
+    posts = [gevent.spawn(durable.post_room, "r", "u1", draft_message("r", "a", "u1", f"m{i}", 1,
+                                                                      None)) for i in range(10)]
+    gevent.joinall(posts, raise_error=True)
+    assert [message_id_of(e) for e in delivered] == list(range(1, 11))
+    assert [message_id_of(e) for e in durable.recent("r", 3)] == [8, 9, 10]
+    assert [message_id_of(e) for e in durable.recent("r", 5, before=9)] == [4, 5, 6, 7, 8]
+    assert [message_id_of(e) for e in durable.recent("r", 5)] == [6, 7, 8, 9, 10]
+    replay = durable.since("r", 2)
+    assert replay.complete and [message_id_of(e) for e in replay.messages] == list(range(3, 11))
+    assert durable.since("r", 11).complete is False
+
+
+def test_ids_issued_before_persistence_are_never_reused(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
+    """A window that already issued ids (e.g. Redis before persistence) lifts the log's sequence."""
+    durable, _ = durable_on_memory
+    durable.inner.raise_sequence("old", 41)
+    assert durable.last_id("old") == 41
+    posted = durable.post_room("old", "u1", draft_message("old", "a", "u1", "next", 1, None))
+    assert posted.msg_id == 42
+
+
+def test_a_restart_continues_room_and_dm_ids(tmp_path: Path) -> None:
+    """A new store on the same file continues the room and DM sequences."""
+    url = f"sqlite:///{tmp_path}/restart.db"
+    ids = []
+    for _ in range(2):
+        stores = create_memory_stores(history_size=3, room_ttl=3600)
+        stores.broker.start(lambda *a: None, lambda *a: None)
+        durable = DurableMessageStore(stores.messages, open_message_log(url))
+        durable.start()
+        try:
+            durable.last_id("r")
+            room = durable.post_room("r", "u1", draft_message("r", "a", "u1", "hi", 1, None))
+            dm = durable.post_dm("u1", "u2", draft_dm("u2", "a", "u1", "hi", 1, None))
+            ids.append((room.msg_id, dm.msg_id))
+        finally:
+            durable.close()
+    assert ids == [(1, 1), (2, 2)]
+
+
+def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
+        tmp_path: Path) -> None:
+    """Redis: id 2 waits for id 1; when 1's worker died after committing, 1 comes from the log,
+    and members get 1 then 2."""
+    from wschat.stores import redis as redis_stores
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"held-{uuid.uuid4().hex[:6]}"
+    listener = client.pubsub()
+    listener.subscribe(redis_stores.room_channel(room))
+    inner = redis_stores.RedisMessageStore(client, history_size=10)
+    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/held.db"))
+    durable.HOLD_TIMEOUT = 0.1
+    durable.start()
+    try:
+        durable.last_id(room)
+        dead_workers = room_post(room, "committed, never published")
+        durable.log.write([dead_workers])  # as another worker would, then it died
+        posted = durable.post_room(room, "u1", draft_message(room, "a", "u1", "second", 1, None))
+        assert (dead_workers.msg_id, posted.msg_id) == (1, 2)
+        assert inner.last_id(room) == 0  # 2 is held: 1 is not published yet
+        wait_until(lambda: gevent.sleep(0.05) or inner.last_id(room) == 2,
+                   message="the held message to be released")
+        published = []
+        while len(published) < 2:
+            message = listener.get_message(timeout=TIMEOUT)
+            assert message is not None
+            if message["type"] == "message":
+                published.append(message_id_of(message["data"].partition(b"\n")[2]))
+        assert published == [1, 2]
+        assert [message_id_of(e) for e in inner.recent(room, 10)] == [1, 2]
+    finally:
+        durable.close()
+        listener.close()
+        client.close()
+
+
+def test_memory_since_with_raised_sequence_and_no_messages() -> None:
+    """A window whose sequence was raised from the log but holds nothing says 'incomplete'."""
+    stores = create_memory_stores(history_size=3, room_ttl=3600)
+    stores.messages.raise_sequence("r", 7)
+    assert stores.messages.last_id("r") == 7
+    replay = stores.messages.since("r", 3)
+    assert replay.messages == [] and replay.complete is False
+
+
+def test_database_url_default_and_validation() -> None:
+    """DATABASE_URL defaults to wschat.db in the working directory; bad values name the variable."""
+    assert Settings.from_env({}).database_url == DEFAULT_DATABASE_URL == "sqlite:///wschat.db"
+    assert Settings.from_env({"DATABASE_URL": PG_TEST_URL}).database_url == PG_TEST_URL
+    for bad in ("sqlite:wschat.db", "sqlite:///", "mysql://x/y"):
+        with pytest.raises(ConfigError, match="DATABASE_URL"):
+            Settings.from_env({"DATABASE_URL": bad})
+    assert open_message_log("sqlite:////var/lib/wschat/x.db").path == "/var/lib/wschat/x.db"  # type: ignore[attr-defined]
+    assert open_message_log("sqlite:///rel/x.db").path == "rel/x.db"  # type: ignore[attr-defined]
+
+
+def test_user_arrival_is_a_no_op_without_persistence() -> None:
+    """The plain stores keep no DMs: no backlog, no offline delivery."""
+    stores = create_memory_stores(history_size=3, room_ttl=3600)
+    assert stores.messages.user_arrived(User("u", "u")) is None
+    assert stores.messages.keeps_dms_for("u") is False

@@ -1,0 +1,812 @@
+"""The durable message log: SQLite (embedded default) or PostgreSQL, one interface.
+
+This module owns the database: its schema and migrations, the SQL, and the
+group-commit writer. The rule it implements (docs/persistence.md):
+
+* A room message gets its id **inside the transaction that stores it**: the
+  ``sequences`` row of the room is incremented (an upsert that locks the row
+  until commit) and the message inserted in the same transaction. An aborted
+  transaction gives its ids back, so committed ids have no gaps, and two
+  workers or pods writing to one room are serialised by the row lock, so they
+  can never pick the same id.
+* :class:`GroupCommitWriter` runs every write of a worker in one greenlet:
+  whatever queued up while the previous commit ran goes into the next
+  transaction (group commit, no artificial delay), and only after COMMIT
+  returns does the caller learn its id. SQLite commits with
+  ``synchronous=FULL`` in WAL mode, PostgreSQL with its default
+  ``synchronous_commit=on``: a committed message survives a crash of the
+  process and of the machine.
+* SQLite never runs on the gevent hub: one OS thread (a one-thread gevent
+  pool) owns the connection and runs every statement. psycopg 3 is imported
+  only when a PostgreSQL URL is used, after gevent patched the worker, and then
+  waits on its sockets cooperatively.
+
+Schema changes are ordered steps in :data:`MIGRATIONS`; the server applies the
+missing ones at start (under a lock, so workers and pods starting together are
+safe) and records each in ``schema_version``. A database newer than the server
+is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.queue
+import gevent.threadpool
+
+from .protocol import MessageDraft, stored_id_of
+from .stores.base import Unavailable
+
+log = logging.getLogger("wschat.persistence")
+
+DEFAULT_DATABASE_URL = "sqlite:///wschat.db"
+DM_SCOPE = "dm"
+SQLITE_BUSY_TIMEOUT_MS = 1000
+PG_CONNECT_TIMEOUT_S = 3
+PG_STATEMENT_TIMEOUT_MS = 5000
+PG_READ_POOL = 4
+
+
+def room_scope(room: str) -> str:
+    return "room:" + room
+
+
+# (version, description, statements). {blob} and {without_rowid} are filled per dialect.
+# Append new steps; never edit one that has shipped.
+MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
+    (1, "room messages, direct messages, sequences, users", (
+        "CREATE TABLE sequences (scope TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
+        "CREATE TABLE messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL,"
+        " client_msg_id TEXT, created_ms BIGINT NOT NULL, event {blob} NOT NULL,"
+        " PRIMARY KEY (room, id)){without_rowid}",
+        "CREATE UNIQUE INDEX messages_client_msg_id ON messages (client_msg_id, room, user_id)"
+        " WHERE client_msg_id IS NOT NULL",
+        "CREATE TABLE dms (id BIGINT PRIMARY KEY, sender_id TEXT NOT NULL,"
+        " recipient_id TEXT NOT NULL, client_msg_id TEXT, created_ms BIGINT NOT NULL,"
+        " delivered BOOLEAN NOT NULL, event {blob} NOT NULL)",
+        "CREATE UNIQUE INDEX dms_client_msg_id ON dms (client_msg_id, sender_id)"
+        " WHERE client_msg_id IS NOT NULL",
+        "CREATE INDEX dms_undelivered ON dms (recipient_id, id) WHERE NOT delivered",
+        "CREATE TABLE users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL,"
+        " first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL)",
+    )),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached or refused the write; nothing was acknowledged."""
+
+
+# -- jobs: what callers hand the writer; the log fills in the outcome -------------------
+
+@dataclass(slots=True, eq=False)
+class Job:
+    done: gevent.event.AsyncResult | None = field(default=None, init=False, repr=False)
+    cancelled: bool = field(default=False, init=False)
+    error: Exception | None = field(default=None, init=False)
+
+
+@dataclass(slots=True, eq=False)
+class RoomPost(Job):
+    room: str = ""
+    user_id: str = ""
+    draft: MessageDraft | None = None
+    created_ms: int = 0
+    msg_id: int = 0
+    event: bytes = b""
+    duplicate: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class DmPost(Job):
+    sender_id: str = ""
+    recipient_id: str = ""
+    draft: MessageDraft | None = None
+    created_ms: int = 0
+    delivered: bool = True  # False: kept for the recipient's next connection
+    msg_id: int = 0
+    event: bytes = b""
+    duplicate: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Arrival(Job):
+    """A user connected: remember them and claim the DMs kept while they were away."""
+
+    user_id: str = ""
+    username: str = ""
+    seen_ms: int = 0
+    backlog: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class SequenceFloor(Job):
+    """Never issue a room id <= ``at_least`` (ids another store issued before the log)."""
+
+    room: str = ""
+    at_least: int = 0
+
+
+# -- the SQL, shared by both dialects ---------------------------------------------------
+
+class _Dialect:
+    name = ""
+    blob = ""
+    without_rowid = ""
+    greatest = ""
+
+    def q(self, sql: str) -> str:
+        return sql
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        raise NotImplementedError
+
+
+class _SQLiteDialect(_Dialect):
+    name = "sqlite"
+    blob = "BLOB"
+    without_rowid = " WITHOUT ROWID"
+    greatest = "max"
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+
+class _PostgresDialect(_Dialect):
+    name = "postgresql"
+    blob = "BYTEA"
+    greatest = "GREATEST"
+
+    def q(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        return f"{column} = ANY(%s)", [list(values)]
+
+
+ROOM_SEQ_SQL = (
+    "INSERT INTO sequences (scope, last_id) VALUES"
+    " (?, (SELECT COALESCE(MAX(id), 0) FROM messages WHERE room = ?) + ?)"
+    " ON CONFLICT (scope) DO UPDATE SET last_id = sequences.last_id + ? RETURNING last_id")
+DM_SEQ_SQL = (
+    "INSERT INTO sequences (scope, last_id) VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM dms) + ?)"
+    " ON CONFLICT (scope) DO UPDATE SET last_id = sequences.last_id + ? RETURNING last_id")
+FLOOR_SQL = (
+    "INSERT INTO sequences (scope, last_id) VALUES (?, ?) ON CONFLICT (scope)"
+    " DO UPDATE SET last_id = {greatest}(sequences.last_id, excluded.last_id)")
+INSERT_MESSAGE_SQL = (
+    "INSERT INTO messages (room, id, user_id, client_msg_id, created_ms, event)"
+    " VALUES (?, ?, ?, ?, ?, ?)")
+INSERT_DM_SQL = (
+    "INSERT INTO dms (id, sender_id, recipient_id, client_msg_id, created_ms, delivered, event)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)")
+UPSERT_USER_SQL = (
+    "INSERT INTO users (user_id, username, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (user_id) DO UPDATE SET username = excluded.username,"
+    " last_seen_ms = excluded.last_seen_ms")
+CLAIM_DMS_SQL = (
+    "UPDATE dms SET delivered = TRUE WHERE recipient_id = ? AND NOT delivered"
+    " RETURNING id, event")
+LAST_ID_SQL = (
+    "SELECT COALESCE((SELECT last_id FROM sequences WHERE scope = ?),"
+    " (SELECT MAX(id) FROM messages WHERE room = ?), 0)")
+BEFORE_SQL = "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?"
+NEWEST_SQL = "SELECT event FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
+AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?"
+KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
+VERSION_TABLE_SQL = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+    " description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
+
+
+class MessageLog:
+    """The durable log. Subclasses supply where statements run (:meth:`_write_call`,
+    :meth:`_read_call`) and how a transaction is opened; the SQL is shared."""
+
+    dialect: _Dialect
+    url_for_logs = ""
+    # True: results may be read after later statements were sent (PostgreSQL's
+    # pipeline mode). SQLite reads them at once: a statement left open cannot be
+    # reused from sqlite3's statement cache and would be compiled again.
+    pipelined = False
+
+    # -- where statements run: implemented by the backends ---------------------------
+    def _write_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def _read_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def _transaction(self, conn: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def _executemany(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- the public operations -------------------------------------------------------
+    def migrate(self) -> int:
+        """Apply the missing schema steps; return the schema version now in force."""
+        return int(self._write_call(self._migrate))
+
+    def ping(self) -> None:
+        """Raise :class:`DatabaseUnavailable` unless a write could start now."""
+        self._write_call(self._ping)
+
+    def write(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` in one transaction, filling in their outcomes.
+
+        A ``client_msg_id`` racing with another worker's insert of the same one
+        fails the transaction on the unique index; the retry then finds it.
+        """
+        try:
+            self._write_call(self._write_transaction, jobs)
+        except DatabaseUnavailable as exc:
+            if not self._is_conflict(exc.__cause__ or exc):
+                raise
+            log.info("client_msg_id raced with another writer; retrying the batch")
+            self._write_call(self._write_transaction, jobs)
+
+    def last_id(self, room: str) -> int:
+        return int(self._read_call(self._scalar, LAST_ID_SQL, (room_scope(room), room)) or 0)
+
+    def before(self, room: str, before_id: int | None, limit: int) -> list[bytes]:
+        """Up to ``limit`` messages with ids < ``before_id`` (None: the newest), oldest first."""
+        if before_id is None:
+            rows = self._read_call(self._rows, NEWEST_SQL, (room, limit))
+        else:
+            rows = self._read_call(self._rows, BEFORE_SQL, (room, before_id, limit))
+        return [bytes(r[0]) for r in reversed(rows)]
+
+    def after(self, room: str, after_id: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` messages with ids > ``after_id``, oldest first."""
+        return [bytes(r[0]) for r in self._read_call(self._rows, AFTER_SQL,
+                                                     (room, after_id, limit))]
+
+    def knows_user(self, user_id: str) -> bool:
+        return bool(self._read_call(self._rows, KNOWS_USER_SQL, (user_id,)))
+
+    # -- bodies (run where the backend runs statements) ------------------------------
+    def _scalar(self, conn: Any, sql: str, params: tuple[Any, ...]) -> Any:
+        row = conn.execute(self.dialect.q(sql), params).fetchone()
+        return row[0] if row else None
+
+    def _rows(self, conn: Any, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return list(conn.execute(self.dialect.q(sql), params).fetchall())
+
+    def _ping(self, conn: Any) -> None:
+        self._transaction(conn, lambda c: c.execute("SELECT 1").fetchone())
+
+    def _migrate(self, conn: Any) -> int:
+        return int(self._transaction(conn, self._migrate_in_transaction))
+
+    def _migration_lock(self, conn: Any) -> None:
+        """Held until the migration transaction ends (SQLite: BEGIN IMMEDIATE is enough)."""
+
+    def _migrate_in_transaction(self, conn: Any) -> int:
+        self._migration_lock(conn)
+        conn.execute(VERSION_TABLE_SQL)
+        current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version"
+                               ).fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(f"the database schema is version {current}; this server knows "
+                               f"up to {SCHEMA_VERSION}: upgrade the server")
+        d = self.dialect
+        for version, description, statements in MIGRATIONS:
+            if version <= current:
+                continue
+            for statement in statements:
+                conn.execute(statement.format(blob=d.blob, without_rowid=d.without_rowid))
+            conn.execute(d.q("INSERT INTO schema_version (version, description, applied_ms)"
+                             " VALUES (?, ?, ?)"), (version, description, _now_ms()))
+            log.info("database schema migrated to version %d (%s)", version, description)
+            current = version
+        return int(current)
+
+    def _write_transaction(self, conn: Any, jobs: list[Job]) -> None:
+        self._transaction(conn, self._apply, jobs)
+
+    def _apply(self, conn: Any, jobs: list[Job]) -> None:
+        d = self.dialect
+        rooms = [j for j in jobs if isinstance(j, RoomPost)]
+        dms = [j for j in jobs if isinstance(j, DmPost)]
+        for job in jobs:
+            if isinstance(job, SequenceFloor):
+                conn.execute(d.q(FLOOR_SQL.format(greatest=d.greatest)),
+                             (room_scope(job.room), job.at_least))
+        new_rooms, room_retries = self._dedupe(conn, rooms, DEDUPE_ROOM_SQL, _room_key)
+        new_dms, dm_retries = self._dedupe(conn, dms, DEDUPE_DM_SQL, _dm_key)
+
+        by_room: dict[str, list[RoomPost]] = {}
+        for post in new_rooms:
+            by_room.setdefault(post.room, []).append(post)
+        # Every statement is issued before any result is read: in PostgreSQL's
+        # pipeline mode the batch then costs about one round trip, not one per room.
+        # Rooms are sorted: two writers lock the same sequence rows in the same
+        # order, so they cannot deadlock.
+        sequenced = [(by_room[room], self._issue(conn, d.q(ROOM_SEQ_SQL),
+                                                 (room_scope(room), room, len(by_room[room]),
+                                                  len(by_room[room]))))
+                     for room in sorted(by_room)]
+        dm_sequence = (self._issue(conn, d.q(DM_SEQ_SQL), (DM_SCOPE, len(new_dms), len(new_dms)))
+                       if new_dms else None)
+        claims = []
+        for job in jobs:
+            if isinstance(job, Arrival):
+                conn.execute(d.q(UPSERT_USER_SQL),
+                             (job.user_id, job.username, job.seen_ms, job.seen_ms))
+                claims.append((job, self._issue(conn, d.q(CLAIM_DMS_SQL), (job.user_id,))))
+
+        rows: list[tuple[Any, ...]] = []
+        for posts, cursor in sequenced:
+            first_id = int(cursor.fetchone()[0]) - len(posts) + 1
+            for msg_id, post in enumerate(posts, start=first_id):
+                assert post.draft is not None
+                post.msg_id, post.event = msg_id, post.draft.with_id(msg_id)
+                rows.append((post.room, msg_id, post.user_id, post.draft.client_msg_id,
+                             post.created_ms, post.event))
+        if rows:
+            self._executemany(conn, d.q(INSERT_MESSAGE_SQL), rows)
+        if dm_sequence is not None:
+            first_id = int(dm_sequence.fetchone()[0]) - len(new_dms) + 1
+            dm_rows = []
+            for msg_id, dm in enumerate(new_dms, start=first_id):
+                assert dm.draft is not None
+                dm.msg_id, dm.event = msg_id, dm.draft.with_id(msg_id)
+                dm_rows.append((msg_id, dm.sender_id, dm.recipient_id, dm.draft.client_msg_id,
+                                dm.created_ms, dm.delivered, dm.event))
+            self._executemany(conn, d.q(INSERT_DM_SQL), dm_rows)
+        for retry, original in room_retries + dm_retries:
+            retry.msg_id, retry.event, retry.duplicate = original.msg_id, original.event, True
+        for arrival, cursor in claims:
+            claimed = sorted(cursor.fetchall(), key=lambda row: row[0])
+            arrival.backlog = [bytes(event) for _, event in claimed]
+
+    def _issue(self, conn: Any, sql: str, params: Sequence[Any]) -> Any:
+        """Run a statement whose rows are read later (see :attr:`pipelined`)."""
+        cursor = conn.execute(sql, params)
+        return cursor if self.pipelined else _Rows(cursor.fetchall())
+
+    def _dedupe(self, conn: Any, posts: list[Any], sql: str, key: Callable[[Any], tuple[str, ...]]
+                ) -> tuple[list[Any], list[tuple[Any, Any]]]:
+        """Split posts into those to store and retries of a stored one or of an earlier post
+        in this batch (returned as (retry, original) pairs; the original's id is copied once
+        it has one). Retries of stored ones get the stored event now."""
+        cmids = sorted({p.draft.client_msg_id for p in posts if p.draft.client_msg_id})
+        stored: dict[tuple[str, ...], bytes] = {}
+        for chunk in _chunks(cmids, 500):
+            clause, params = self.dialect.any_of("client_msg_id", chunk)
+            for *row_key, event in conn.execute(sql + clause, params).fetchall():
+                stored[tuple(row_key)] = bytes(event)
+        fresh: list[Any] = []
+        retries: list[tuple[Any, Any]] = []
+        first: dict[tuple[str, ...], Any] = {}
+        for post in posts:
+            if post.draft.client_msg_id:
+                k = key(post)
+                if k in stored:
+                    post.event = stored[k]
+                    post.msg_id, post.duplicate = stored_id_of(post.event), True
+                    continue
+                if k in first:
+                    retries.append((post, first[k]))
+                    continue
+                first[k] = post
+            post.duplicate = False
+            fresh.append(post)
+        return fresh, retries
+
+
+def _room_key(post: RoomPost) -> tuple[str, ...]:
+    assert post.draft is not None and post.draft.client_msg_id is not None
+    return (post.room, post.user_id, post.draft.client_msg_id)
+
+
+def _dm_key(post: DmPost) -> tuple[str, ...]:
+    assert post.draft is not None and post.draft.client_msg_id is not None
+    return (post.sender_id, post.draft.client_msg_id)
+
+
+DEDUPE_ROOM_SQL = "SELECT room, user_id, client_msg_id, event FROM messages WHERE "
+DEDUPE_DM_SQL = "SELECT sender_id, client_msg_id, event FROM dms WHERE "
+
+
+class _Rows:
+    """Rows already read, behind the two cursor methods the writer uses."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer server; this one must not write to it."""
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+# -- SQLite: one OS thread owns the connection -------------------------------------------
+
+class SQLiteLog(MessageLog):
+    """SQLite in WAL mode with ``synchronous=FULL``: every COMMIT is fsynced.
+
+    Every statement runs on one thread of a private one-thread gevent pool, so
+    sqlite3 never blocks the hub; the calling greenlet waits cooperatively.
+    Several worker processes on one machine may share the file (writers take
+    turns through SQLite's write lock); several machines may not.
+    """
+
+    dialect = _SQLiteDialect()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.url_for_logs = f"sqlite:///{path}"
+        self._pool = gevent.threadpool.ThreadPool(1)
+        self._conn: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise sqlite3.OperationalError(f"could not switch {self.path} to WAL ({mode})")
+                conn.execute("PRAGMA synchronous = FULL")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        try:
+            return fn(self._connect(), *args)
+        except sqlite3.Error as exc:
+            if not isinstance(exc, sqlite3.IntegrityError):
+                # Disk or file trouble: reopen next time rather than keep a bad handle.
+                self._drop()
+            raise DatabaseUnavailable(f"sqlite: {exc}") from exc
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _write_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._pool.apply(self._in_thread, (fn, args))
+
+    _read_call = _write_call
+
+    def _transaction(self, conn: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        # IMMEDIATE takes the write lock up front: no deadlock-prone lock upgrade later.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def _executemany(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        conn.executemany(sql, rows)
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+    def close(self) -> None:
+        try:
+            self._pool.apply(self._drop)
+        finally:
+            self._pool.kill()
+
+
+# -- PostgreSQL: psycopg 3, cooperative under gevent ---------------------------------------
+
+class PostgresLog(MessageLog):
+    """PostgreSQL through psycopg 3: one connection for the writer greenlet, a few for reads.
+
+    Connections are made lazily and dropped on any connection error, so the log
+    recovers by itself when the server comes back.
+    """
+
+    dialect = _PostgresDialect()
+    pipelined = True
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError("a postgresql:// DATABASE_URL needs the postgres extra: "
+                              "pip install 'wschat[postgres]'") from exc
+        self._psycopg = psycopg
+        self.url = url
+        self.url_for_logs = _without_password(url)
+        self._writer: Any = None
+        self._writer_lock = gevent.lock.Semaphore()
+        self._readers: gevent.queue.LifoQueue[Any] = gevent.queue.LifoQueue()
+        self._reader_slots = gevent.lock.BoundedSemaphore(PG_READ_POOL)
+
+    def _connect(self) -> Any:
+        try:
+            return self._psycopg.connect(
+                self.url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S,
+                application_name="wschat",
+                options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}")
+        except self._psycopg.Error as exc:
+            raise DatabaseUnavailable(f"postgresql: {_first_line(exc)}") from exc
+
+    def _run(self, conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        try:
+            return fn(conn, *args)
+        except self._psycopg.Error as exc:
+            raise DatabaseUnavailable(f"postgresql: {_first_line(exc)}") from exc
+
+    def _usable(self, conn: Any) -> bool:
+        return conn is not None and not conn.closed and not conn.broken
+
+    def _write_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._writer_lock:
+            if not self._usable(self._writer):
+                self._close_quietly(self._writer)
+                self._writer = self._connect()
+            try:
+                return self._run(self._writer, fn, args)
+            finally:
+                if not self._usable(self._writer):
+                    self._close_quietly(self._writer)
+                    self._writer = None
+
+    def _read_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._reader_slots:
+            pooled = not self._readers.empty()
+            conn = self._readers.get() if pooled else self._connect()
+            try:
+                result = self._run(conn, fn, args)
+            except DatabaseUnavailable:
+                self._close_quietly(conn)
+                if not pooled:
+                    raise
+                # A pooled connection may predate a server restart: one fresh try.
+                self._drain_readers()
+                conn = self._connect()
+                result = self._run(conn, fn, args)
+            if self._usable(conn):
+                self._readers.put(conn)
+            return result
+
+    def _drain_readers(self) -> None:
+        while not self._readers.empty():
+            self._close_quietly(self._readers.get())
+
+    def _transaction(self, conn: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        with conn.transaction():
+            return fn(conn, *args)
+
+    def _write_transaction(self, conn: Any, jobs: list[Job]) -> None:
+        with conn.pipeline():
+            self._transaction(conn, self._apply, jobs)
+
+    def _migration_lock(self, conn: Any) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x77736368,))  # "wsch"
+
+    def _executemany(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(sql, rows)
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._psycopg.errors.UniqueViolation)
+
+    @staticmethod
+    def _close_quietly(conn: Any) -> None:
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        with self._writer_lock:
+            self._close_quietly(self._writer)
+            self._writer = None
+        self._drain_readers()
+
+
+def open_message_log(url: str | None) -> MessageLog:
+    """The log for ``DATABASE_URL`` (default: ``wschat.db`` in the working directory)."""
+    url = url or DEFAULT_DATABASE_URL
+    if url.startswith("sqlite:"):
+        # sqlite:///wschat.db is relative to the working directory, sqlite:////var/x.db absolute.
+        if not url.startswith("sqlite:///") or not url[len("sqlite:///"):]:
+            raise ValueError("DATABASE_URL: expected sqlite:///PATH (PATH relative to the "
+                             "working directory, or sqlite:////absolute/path)")
+        return SQLiteLog(url[len("sqlite:///"):])
+    if url.startswith(("postgres://", "postgresql://")):
+        return PostgresLog(url)
+    raise ValueError("DATABASE_URL: expected sqlite:///PATH or postgresql://...")
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+
+
+# -- group commit ------------------------------------------------------------------------
+
+class GroupCommitWriter:
+    """One greenlet commits every write of this worker, a batch per transaction.
+
+    Callers block (cooperatively) in :meth:`submit` until their batch has
+    committed and ``after_commit`` has run for it; ``after_commit`` publishes
+    in commit order, which is id order. While the database is down, submits
+    fail fast with :class:`DatabaseUnavailable`; a prober greenlet keeps
+    checking it (also when nothing is written, for readiness) and connects and
+    migrates as soon as it answers.
+    """
+
+    MAX_BATCH = 512
+    SUBMIT_TIMEOUT = 10.0
+    RETRY_AFTER = 1.0  # after a failure, fail fast this long before trying the database again
+    PROBE_HEALTHY = 2.0
+    PROBE_DOWN = 0.5
+
+    def __init__(self, log_: MessageLog, after_commit: Callable[[list[Job]], None],
+                 on_error: Callable[[], None] = lambda: None) -> None:
+        self._log = log_
+        self._after_commit = after_commit
+        self._on_error = on_error
+        self._queue: deque[Job] = deque()
+        self._wake = gevent.event.Event()
+        self._closing = False
+        self._failed_at = float("-inf")
+        self.ready = False  # migrated and answering
+        self.last_error = "not connected yet"
+        self._greenlet: gevent.Greenlet | None = None
+        self._prober: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Connect and migrate now if the database answers; serve either way."""
+        self._check()
+        self._greenlet = gevent.spawn(self._run)
+        self._prober = gevent.spawn(self._probe_forever)
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready and not self._closing
+
+    def submit(self, job: Job, timeout: float | None = None) -> Job:
+        if self._closing:
+            raise DatabaseUnavailable("shutting down")
+        if not self.ready or time.monotonic() - self._failed_at < self.RETRY_AFTER:
+            raise DatabaseUnavailable(f"database unavailable ({self.last_error})")
+        job.done = gevent.event.AsyncResult()
+        self._queue.append(job)
+        self._wake.set()
+        try:
+            job.done.get(timeout=timeout or self.SUBMIT_TIMEOUT)
+        except gevent.Timeout:
+            job.cancelled = True  # not written if it has not reached the database yet
+            raise DatabaseUnavailable("database write timed out") from None
+        if job.error is not None:
+            raise job.error
+        return job
+
+    def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                self._wake.wait()
+                continue
+            batch: list[Job] = []
+            while self._queue and len(batch) < self.MAX_BATCH:
+                job = self._queue.popleft()
+                if not job.cancelled:
+                    batch.append(job)
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[Job]) -> None:
+        try:
+            self._log.write(batch)
+        except Exception as exc:
+            self._failed(exc)
+            error = exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable(
+                f"database write failed ({exc.__class__.__name__})")
+            for job in batch:
+                job.error = error
+        else:
+            try:
+                self._after_commit(batch)
+            except Exception:
+                log.exception("publishing committed messages failed")
+                for job in batch:
+                    job.error = job.error or Unavailable("stored, but delivery failed")
+        for job in batch:
+            assert job.done is not None
+            job.done.set(job)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._on_error()
+        self._failed_at = time.monotonic()
+        message = _first_line(exc)
+        if self.ready or message != self.last_error:
+            if isinstance(exc, DatabaseUnavailable):
+                log.warning("database %s unavailable: %s", self._log.url_for_logs, message)
+            else:
+                log.error("database write failed", exc_info=exc)
+        self.last_error = message
+        self.ready = False
+
+    def _check(self) -> None:
+        was_ready = self.ready
+        try:
+            version = SCHEMA_VERSION if was_ready else self._log.migrate()
+            self._log.ping()
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if not was_ready:
+            log.info("database %s ready (schema version %d)", self._log.url_for_logs, version)
+        self.ready = True
+        self.last_error = ""
+        self._failed_at = float("-inf")
+
+    def _probe_forever(self) -> None:
+        while not self._closing:
+            gevent.sleep(self.PROBE_HEALTHY if self.ready else self.PROBE_DOWN)
+            if not self._closing:
+                self._check()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuse new writes, commit what is queued (bounded by ``timeout``), stop."""
+        self._closing = True
+        self._wake.set()
+        if self._prober is not None:
+            self._prober.kill(block=False)
+        if self._greenlet is not None:
+            self._greenlet.join(timeout)
+            if not self._greenlet.dead:
+                log.warning("database writer did not finish within %.1fs", timeout)
+                self._greenlet.kill(block=False)

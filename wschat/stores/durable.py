@@ -1,0 +1,224 @@
+"""Persistence around a message store: every room message and DM is committed first.
+
+:class:`DurableMessageStore` wraps the memory or Redis message store. With it,
+the database (``wschat.persistence``) is the authority for ids, and the inner
+store keeps only the in-memory window and delivery:
+
+1. ``post_room`` hands the message to the worker's group-commit writer and
+   waits; the id is taken inside the committing transaction (no gap, no
+   duplicate, across workers and pods);
+2. after COMMIT, the writer greenlet publishes the batch in id order through
+   the inner store (:meth:`~wschat.stores.base.MessageStore.publish_stored`);
+   only then does the sender see its echo, the acknowledgement. So an
+   acknowledged message is always in the database.
+
+With Redis, two workers may commit ids 5 and 6 and reach Redis in the other
+order: the publish script holds 6 until 5 is published. If 5's worker died
+between its commit and its publish, :meth:`_release_held` fetches 5 from the
+database after :attr:`HOLD_TIMEOUT` and publishes it.
+
+Reads fall back to the database when the window does not reach far enough:
+``history`` with ``before``, ``join`` with ``since``, and sequences after a
+restart (or after Redis lost a room's keys) continue from the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import gevent
+
+from ..persistence import (
+    Arrival, DatabaseUnavailable, DmPost, GroupCommitWriter, Job, MessageLog, RoomPost,
+    SequenceFloor, SQLiteLog,
+)
+from ..protocol import MessageDraft, message_id_of
+from .base import HELD, STALE, MessageStore, Posted, Replay, Stored, Unavailable, User
+
+log = logging.getLogger("wschat.persistence")
+
+REPLAY_LIMIT = 1000  # a `since` further behind than this gets recovered: false (reload)
+PRIMED_MAX = 100_000
+
+
+class DurableMessageStore(MessageStore):
+    HOLD_TIMEOUT = 1.0  # how long a held id waits for its predecessor before the log fills in
+    FILL_LIMIT = 1000  # at most this many missing messages are republished from the log
+
+    def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Any = None,
+                 replay_limit: int = REPLAY_LIMIT) -> None:
+        self.inner = inner
+        self.log = message_log
+        self._metrics = metrics
+        self._replay_limit = replay_limit
+        self._primed: set[str] = set()
+        self._releasing: dict[str, int] = {}  # room -> highest held id a releaser waits for
+        self.writer = GroupCommitWriter(message_log, self._publish_committed, self._count_error)
+
+    def start(self) -> None:
+        """Connect and migrate. A PostgreSQL server that is not up yet is waited for
+        (the worker runs, not ready); a SQLite file that cannot be opened is a
+        configuration error and stops start-up."""
+        self.writer.start()
+        if isinstance(self.log, SQLiteLog) and not self.writer.ready:
+            self.close()
+            raise RuntimeError(f"DATABASE_URL: cannot use {self.log.url_for_logs}: "
+                               f"{self.writer.last_error}")
+
+    def _count_error(self) -> None:
+        if self._metrics is not None:
+            self._metrics.store_error("database")
+
+    # -- writes --------------------------------------------------------------------------
+    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
+        job = RoomPost(room=room, user_id=user_id, draft=draft, created_ms=_now_ms())
+        self.writer.submit(job)
+        return Posted(job.msg_id, job.event, job.duplicate)
+
+    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
+                recipient_online: bool = True) -> Posted:
+        job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
+                     created_ms=_now_ms(), delivered=recipient_online)
+        self.writer.submit(job)
+        return Posted(job.msg_id, job.event, job.duplicate)
+
+    def user_arrived(self, user: User) -> list[bytes] | None:
+        job = Arrival(user_id=user.user_id, username=user.username, seen_ms=_now_ms())
+        self.writer.submit(job)
+        return job.backlog
+
+    def keeps_dms_for(self, user_id: str) -> bool:
+        return self.log.knows_user(user_id)
+
+    def _publish_committed(self, batch: list[Job]) -> None:
+        """Runs in the writer greenlet right after COMMIT, batches in commit order."""
+        fresh: list[tuple[Job, Stored]] = []
+        for job in batch:
+            if isinstance(job, RoomPost) and not job.duplicate:
+                fresh.append((job, Stored(job.msg_id, job.event, job.room)))
+            elif isinstance(job, DmPost) and not job.duplicate:
+                fresh.append((job, Stored(job.msg_id, job.event, None, job.sender_id,
+                                          job.recipient_id if job.delivered else "")))
+        if not fresh:
+            return
+        try:
+            outcomes = self.inner.publish_stored([s for _, s in fresh])
+        except Unavailable as exc:
+            # Stored but not delivered: the sender is told to retry (with its
+            # client_msg_id it gets the stored message back); the room catches up
+            # when the next message there releases the gap from the log.
+            for job, _ in fresh:
+                job.error = Unavailable(f"stored, but not delivered ({exc}); retry")
+            return
+        for (_, stored), outcome in zip(fresh, outcomes, strict=True):
+            if outcome == HELD and stored.room is not None:
+                self._watch_held(stored.room, stored.msg_id)
+            elif outcome == STALE and stored.room is not None:
+                log.warning("room %s: message %d committed after its window moved past it "
+                            "(the shared store lost the room's keys?); it is in the database",
+                            stored.room, stored.msg_id)
+
+    def _watch_held(self, room: str, msg_id: int) -> None:
+        waiting = self._releasing.get(room)
+        self._releasing[room] = max(waiting or 0, msg_id)
+        if waiting is None:
+            gevent.spawn_later(self.HOLD_TIMEOUT, self._release_held, room)
+
+    def _release_held(self, room: str) -> None:
+        """Publish, from the log, what a dead or slow worker committed but never published."""
+        attempt = 0
+        while True:
+            target = self._releasing.get(room, 0)
+            try:
+                published = self.inner.last_id(room)
+                if published >= target:
+                    self._releasing.pop(room, None)
+                    return
+                missing = target - published - 1
+                if missing > self.FILL_LIMIT:
+                    self.inner.raise_sequence(room, target - 1 - self.FILL_LIMIT)
+                    published = target - 1 - self.FILL_LIMIT
+                stored = self.log.after(room, published, target - published - 1)
+                log.warning("room %s: publishing %d messages committed by a worker that did "
+                            "not publish them", room, len(stored))
+                self.inner.publish_stored([Stored(message_id_of(e) or 0, e, room)
+                                           for e in stored])
+            except Unavailable as exc:
+                log.warning("room %s: cannot release held messages yet (%s)", room, exc)
+            attempt += 1
+            gevent.sleep(min(self.HOLD_TIMEOUT * attempt, 10.0))
+
+    # -- reads ---------------------------------------------------------------------------
+    def _last_id(self, room: str) -> int:
+        """The room's last id, reconciling the window's sequence with the log's once."""
+        last = self.inner.last_id(room)
+        if last and room in self._primed:
+            return last
+        logged = self.log.last_id(room)
+        if last == 0 and logged:
+            self.inner.raise_sequence(room, logged)
+            last = logged
+        elif last > logged:
+            # ids issued before persistence was on: the log must continue above them
+            self.writer.submit(SequenceFloor(room=room, at_least=last))
+        if len(self._primed) >= PRIMED_MAX:
+            self._primed.clear()
+        self._primed.add(room)
+        return max(last, logged)
+
+    def last_id(self, room: str) -> int:
+        try:
+            return self._last_id(room)
+        except DatabaseUnavailable as exc:
+            log.warning("room %s: last id from memory only (%s)", room, exc)
+            return self.inner.last_id(room)
+
+    def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
+        held = self.inner.recent(room, limit, before)
+        if len(held) >= limit:
+            return held
+        oldest = message_id_of(held[0]) if held else before
+        if oldest == 1:
+            return held
+        return self.log.before(room, oldest, limit - len(held)) + held
+
+    def since(self, room: str, after_id: int) -> Replay:
+        try:
+            last = self._last_id(room)
+            replay = self.inner.since(room, after_id)
+            if replay.complete:
+                return replay
+            if after_id > last:
+                return Replay([], False)  # ids this server never issued
+            stored = self.log.after(room, after_id, self._replay_limit + 1)
+        except DatabaseUnavailable as exc:
+            log.warning("room %s: recovery from memory only (%s)", room, exc)
+            return self.inner.since(room, after_id)
+        if len(stored) > self._replay_limit:
+            return Replay([], False)
+        return Replay(stored, True)
+
+    def raise_sequence(self, room: str, at_least: int) -> None:
+        self.inner.raise_sequence(room, at_least)
+
+    def room_emptied(self, room: str) -> None:
+        self.inner.room_emptied(room)
+        self._primed.discard(room)
+
+    def room_occupied(self, room: str) -> None:
+        self.inner.room_occupied(room)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def healthy(self) -> bool:
+        return self.writer.healthy and self.inner.healthy()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.log.close()
+        self.inner.close()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
