@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--slow-share", type=float, default=d.slow_share, help=f"slow: share of each room that stops reading [{d.slow_share}]")
         s.add_argument("--slow-rcvbuf", type=int, default=d.slow_rcvbuf, help=f"slow: SO_RCVBUF of slow clients [{d.slow_rcvbuf}]")
         s.add_argument("--stop-p99-ms", type=float, default=d.stop_p99_ms, help="fanout: stop the sweep once p99 passes this")
+        s.add_argument("--quiet-gate", type=float, default=d.quiet_gate,
+                       help="before each measured phase wait until other processes use less than this "
+                            f"%% of a core (0: don't wait) [{d.quiet_gate}]")
+        s.add_argument("--quiet-wait", type=float, default=d.quiet_wait,
+                       help=f"longest wait for a quiet machine, seconds [{d.quiet_wait}]")
         s.add_argument("--client-msg-id", action="store_true", help="send a client_msg_id with every message")
         s.add_argument("--redis-url", default=d.redis_url, help=f"wschat-redis: Redis database (flushed!) [{d.redis_url}]")
         s.add_argument("--url", help="use an already running server at ws://HOST:PORT (one target, not started)")

@@ -52,7 +52,10 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     bun = tg.bun_binary()
+    git = version(["git", "-C", str(tg.REPO), "rev-parse", "--short", "HEAD"])
+    dirty = version(["git", "-C", str(tg.REPO), "status", "--porcelain", "--", "wschat", "gunicorn.conf.py"])
     return {
+        "wschat_commit": f"{git}{' + uncommitted changes in wschat/' if dirty else ''}" if git else None,
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -60,6 +63,7 @@ def machine_info() -> dict[str, Any]:
         "memory_bytes": mem,
         "node": version(["node", "--version"]),
         "bun": version([bun, "--version"]) if bun else None,
+        "niceness": os.nice(0),
         "nofile_hard": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[1],
     }
 
@@ -113,6 +117,8 @@ class Opts:
     slow_share: float = 0.1
     slow_rcvbuf: int = 4096
     stop_p99_ms: float = 2000.0
+    quiet_gate: float = 25.0
+    quiet_wait: float = 90.0
     client_msg_id: bool = False
     redis_url: str = tg.DEFAULT_REDIS_URL
     url: str | None = None  # an already running server (no start/stop): ws://host:port
@@ -199,7 +205,37 @@ def machine_busy() -> dict[str, float]:
 
     t = psutil.cpu_times()
     idle = t.idle + getattr(t, "iowait", 0.0)
-    return {"cpu_s": sum(t) - idle - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)}
+    irq = getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return {"cpu_s": sum(t) - idle - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0),
+            "irq_s": irq, "steal_s": getattr(t, "steal", 0.0)}
+
+
+def wait_quiet(ctx: "Context", label: str) -> dict[str, Any]:
+    """Wait until the rest of the machine is quiet before a measured phase.
+
+    The machine is shared (other jobs, test suites): before each measured phase we
+    sample one-second windows until the CPU used by everything except this run's
+    server and generator is under ``opts.quiet_gate`` percent (of one core), or
+    ``opts.quiet_wait`` seconds pass. What we saw is recorded with the phase.
+    """
+    o = ctx.opts
+    if o.quiet_gate <= 0:
+        return {"gate_pct": 0}
+    t0 = time.monotonic()
+    seen = None
+    while True:
+        a = ctx.sample()
+        time.sleep(1.0)
+        b = ctx.sample()
+        seen = cpu_block(a, b).get("other_cpu_pct")
+        waited = time.monotonic() - t0
+        if seen is None or seen <= o.quiet_gate or waited >= o.quiet_wait:
+            break
+    if waited > 2:
+        ctx.log(f"[{ctx.target}] {label}: waited {waited:.0f}s for a quiet machine "
+                f"(other CPU {seen}% of a core, gate {o.quiet_gate}%)")
+    return {"gate_pct": o.quiet_gate, "waited_s": round(waited, 1), "other_cpu_pct_before": seen,
+            "quiet": seen is not None and seen <= o.quiet_gate}
 
 
 def delta(a: dict[str, Any], b: dict[str, Any], who: str, key: str = "cpu_s") -> float | None:
@@ -220,7 +256,14 @@ def cpu_block(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     # Whatever else ran on the machine meanwhile (other jobs, the kernel's softirq work
     # for loopback traffic is mostly charged to the processes themselves): noise indicator.
     if "machine_cpu_s" in out:
-        other = out["machine_cpu_s"] - sum(out.get(f"{w}_cpu_s") or 0.0 for w in ("server", "generator", "redis"))
+        # (soft)irq time (mostly this run's own loopback traffic) and steal are not charged
+        # to any process: count them apart from "other", which is then other processes.
+        irq = delta(a, b, "machine", "irq_s") or 0.0
+        steal = delta(a, b, "machine", "steal_s") or 0.0
+        other = out["machine_cpu_s"] - irq - steal - sum(
+            out.get(f"{w}_cpu_s") or 0.0 for w in ("server", "generator", "redis"))
+        out["irq_cpu_pct"] = round(100.0 * irq / wall, 2) if wall > 0 else None
+        out["steal_cpu_pct"] = round(100.0 * steal / wall, 2) if wall > 0 else None
         out["other_cpu_s"] = round(other, 3)
         out["other_cpu_pct"] = round(100.0 * other / wall, 2) if wall > 0 else None
     return out
@@ -320,6 +363,7 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
     o = ctx.opts
     pool = ctx.pool
     assert pool is not None
+    quiet = wait_quiet(ctx, f"rate {rate:g}")
     before = gather_stats(ctx)
     members = before["members"]
     pubs = [[s["i"] for s in specs if s["pub"] and s["i"] % len(pool) == w] for w in range(len(pool))]
@@ -393,6 +437,7 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
         "cpu_window": cpu_block(s_from, s_end),
         "cpu_with_drain": cpu_block(s0, s_drained),
         "server_rss_series": rss_series,
+        "machine_quiet": quiet,
     }
     w = out["cpu_with_drain"]
     if w.get("server_cpu_s"):
@@ -459,6 +504,7 @@ def scenario_idle(ctx: Context) -> dict[str, Any]:
         if None not in rs:
             result["redis_bytes_per_connection"] = round(fit_slope(xs[1:], rs[1:])[0])
     # CPU of holding N idle connections (server heartbeats included) over a fixed window.
+    result["machine_quiet"] = wait_quiet(ctx, "idle window")
     a = ctx.sample()
     time.sleep(o.idle_window)
     b = ctx.sample()
@@ -538,6 +584,7 @@ def scenario_churn(ctx: Context) -> dict[str, Any]:
     pool = ctx.pool
     assert pool is not None
     setup = open_clients(ctx, plan(ctx, o.connections, o.rooms, "res")) if o.connections else None
+    quiet = wait_quiet(ctx, "churn")
     before = ctx.sample()
     count = max(1, int(o.churn_rate * o.duration))
     specs = [{"i": k, "user": f"churn{k}", "rooms": [f"{ctx.run_id}-r{k % max(1, o.rooms)}"],
@@ -577,6 +624,7 @@ def scenario_churn(ctx: Context) -> dict[str, Any]:
         "cpu": cpu,
         "server_rss_before": before.get("server", {}).get("rss"),
         "server_rss_after": settled.get("server", {}).get("rss"),
+        "machine_quiet": quiet,
     }
     if cpu.get("server_cpu_s") and completed:
         out["server_cpu_ms_per_cycle"] = round(1000 * cpu["server_cpu_s"] / completed, 3)
