@@ -256,19 +256,31 @@ class Chat:
 
     # -- rate limiting -----------------------------------------------------------------
     def _check_rate(self, session: Session, command: Command) -> None:
+        """One token from the user's bucket (a guest's is its connection's), and for a
+        guest one from its IP address's larger bucket too.
+
+        The user's bucket is checked first, so a flooding guest spends no more of
+        its neighbours' shared IP tokens than its own rate allows.
+        """
         retry_ms = self.limiter.hit(f"u:{session.user_id}")
         if not retry_ms and not session.authenticated and session.remote_addr:
-            retry_ms = self.limiter.hit(f"ip:{session.remote_addr}")
+            retry_ms = self.limiter.hit(f"ip:{session.remote_addr}",
+                                        self.settings.guest_ip_rate,
+                                        self.settings.guest_ip_burst)
         if not retry_ms:
             session.flood_strikes = 0
             return
         self.metrics.rate_limited()
         session.flood_strikes += 1
+        error = ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
+                              command.request_id, retry_after_ms=retry_ms)
         if session.flood_strikes > 2 * self.settings.rate_limit_burst:
+            # The error goes out before the close frame so the client learns why;
+            # receive() counts it (its own send after the close is a no-op).
+            session.send(error.to_event())
             self.metrics.disconnected("rate_limited")
             session.close(CloseCode.RATE_LIMITED, "flooding")
-        raise ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
-                            command.request_id, retry_after_ms=retry_ms)
+        raise error
 
     # -- commands ----------------------------------------------------------------------
     def _ping(self, session: Session, cmd: Ping) -> None:

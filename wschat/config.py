@@ -131,6 +131,9 @@ class Settings:
     max_connections: int = _var("MAX_CONNECTIONS", _int(1), 10000)
     rate_limit: float = _var("RATE_LIMIT", _float(0.001), 10.0)
     rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1), 20)
+    # Guests from one address together (unset: 10 users' worth, for NATs and offices).
+    rate_limit_guest_ip: float | None = _var("RATE_LIMIT_GUEST_IP", _float(0.001), None)
+    rate_limit_guest_ip_burst: int | None = _var("RATE_LIMIT_GUEST_IP_BURST", _int(1), None)
     heartbeat_interval: float = _var("HEARTBEAT_INTERVAL", _float(0.05), 30.0)
     enable_persistence: bool = _var("ENABLE_PERSISTENCE", _bool, False)
     database_url: str = _var("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL)
@@ -139,6 +142,8 @@ class Settings:
     max_message_bytes: int = _var("MAX_MESSAGE_BYTES", _int(256, 16 * 1024 * 1024), 65536)
     max_text_chars: int = _var("MAX_TEXT_CHARS", _int(1), 4000)
     max_outbound_bytes: int = _var("MAX_OUTBOUND_BYTES", _int(4096), 1024 * 1024)
+    # The kernel's share of a stalled client's backlog (Linux doubles it); 0: autotuned.
+    socket_send_buffer: int = _var("SOCKET_SEND_BUFFER", _int(0, 64 * 1024 * 1024), 262144)
     max_rooms_per_connection: int = _var("MAX_ROOMS_PER_CONNECTION", _int(1), 100)
     presence_ttl: float = _var("PRESENCE_TTL", _float(1.0), 30.0)
     room_ttl: float = _var("ROOM_TTL", _float(1.0), 3600.0)
@@ -193,6 +198,15 @@ class Settings:
             raise ConfigError(
                 "AUTH_REQUIRED: true needs JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS_URL"
             )
+
+    @property
+    def guest_ip_rate(self) -> float:
+        """Messages per second all guests of one IP address may send together."""
+        return self.rate_limit_guest_ip or 10 * self.rate_limit
+
+    @property
+    def guest_ip_burst(self) -> int:
+        return self.rate_limit_guest_ip_burst or 10 * self.rate_limit_burst
 
     @property
     def jwt_configured(self) -> bool:

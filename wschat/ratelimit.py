@@ -1,14 +1,27 @@
 """Token buckets: ``RATE_LIMIT`` tokens per second, at most ``RATE_LIMIT_BURST`` saved up.
 
-The maths lives in :func:`take` (pure, clock injected) so the memory and the
-Redis limiter (a Lua port of the same function) agree exactly.
+The maths lives in :func:`take` (pure, clock injected) so the memory limiter
+and the Redis limiter (:data:`TAKE_LUA`, a line-by-line port of the same
+function) agree exactly. A bucket that has not been touched for
+``(burst - tokens) / rate`` seconds is full again, which is exactly what a
+missing bucket means: both limiters forget such buckets (memory: a periodic
+sweep; Redis: the key's TTL), so idle users cost nothing.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("wschat.ratelimit")
+
+# A client that waited exactly retry_after_ms must get its token, whatever
+# floating point makes of the refill (0.05 s x 20/s may come out as 0.9999...).
+EPSILON = 1e-9
 
 
 def take(tokens: float, last: float, now: float, rate: float, burst: float
@@ -20,37 +33,136 @@ def take(tokens: float, last: float, now: float, rate: float, burst: float
         the request is allowed, else how long until one token is available.
     """
     tokens = min(burst, tokens + max(0.0, now - last) * rate)
-    if tokens >= 1.0:
-        return tokens - 1.0, now, 0
-    return tokens, now, max(1, int((1.0 - tokens) / rate * 1000 + 0.999))
+    if tokens >= 1.0 - EPSILON:
+        return max(0.0, tokens - 1.0), now, 0
+    return tokens, now, max(1, math.ceil((1.0 - tokens) / rate * 1000))
 
 
 class RateLimiter(ABC):
+    """Named token buckets sharing one ``rate`` and ``burst`` unless a call overrides them."""
+
+    rate: float
+    burst: float
+
     @abstractmethod
-    def hit(self, key: str) -> int:
-        """Spend one token of ``key``'s bucket; 0 if allowed, else retry-after in ms."""
+    def hit(self, key: str, rate: float | None = None, burst: float | None = None) -> int:
+        """Spend one token of ``key``'s bucket.
+
+        Args:
+            key: the bucket (``u:<user_id>``, ``ip:<address>``, ...).
+            rate, burst: this bucket's parameters if not the limiter's own; a
+                key must always be used with the same ones.
+
+        Returns:
+            0 if allowed, else the milliseconds until a token is available.
+        """
 
 
 class MemoryRateLimiter(RateLimiter):
-    """Buckets in this process; idle full buckets are forgotten to keep memory flat."""
+    """Buckets in this process; idle (full again) buckets are forgotten to keep memory flat."""
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
                  ) -> None:
-        self.rate, self.burst = rate, float(burst)
+        self.rate, self.burst = float(rate), float(burst)
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
+        # key -> (tokens, last, full_at): full_at is when the bucket is full again.
+        self._buckets: dict[str, tuple[float, float, float]] = {}
         self._next_sweep = 0.0
 
-    def hit(self, key: str) -> int:
+    def hit(self, key: str, rate: float | None = None, burst: float | None = None) -> int:
+        rate = self.rate if rate is None else float(rate)
+        burst = self.burst if burst is None else float(burst)
         now = self._clock()
-        tokens, last = self._buckets.get(key, (self.burst, now))
-        tokens, last, retry_ms = take(tokens, last, now, self.rate, self.burst)
-        self._buckets[key] = (tokens, last)
+        tokens, last, _ = self._buckets.get(key, (burst, now, now))
+        tokens, last, retry_ms = take(tokens, last, now, rate, burst)
+        self._buckets[key] = (tokens, last, last + (burst - tokens) / rate)
         if now >= self._next_sweep:
             self._sweep(now)
         return retry_ms
 
+    def __len__(self) -> int:
+        """Buckets held (full ones may linger until the next sweep)."""
+        return len(self._buckets)
+
     def _sweep(self, now: float) -> None:
-        refill = self.burst / self.rate  # a bucket untouched this long is full again
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill}
-        self._next_sweep = now + max(refill, 1.0)
+        self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
+        self._next_sweep = now + max(1.0, self.burst / self.rate)
+
+
+# A port of take(). KEYS[1]: the bucket, "<tokens> <last>" or missing (= full).
+# ARGV: rate, burst. Returns retry_after_ms (0: allowed).
+# The clock is the Redis server's TIME: every worker and pod reads the same one,
+# so skew between machines can neither mint nor burn tokens. The key expires
+# when the bucket would be full again: from then on, missing means the same.
+TAKE_LUA = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tokens, last = burst, now
+local saved = redis.call('GET', KEYS[1])
+if saved then
+  local a, b = string.match(saved, '^(%S+) (%S+)$')
+  if a then tokens, last = tonumber(a), tonumber(b) end
+end
+local elapsed = now - last
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(burst, tokens + elapsed * rate)
+local retry = 0
+if tokens >= 1 - 1e-9 then
+  tokens = math.max(0, tokens - 1)
+else
+  retry = math.max(1, math.ceil((1 - tokens) / rate * 1000))
+end
+local ttl = math.ceil((burst - tokens) / rate * 1000)
+redis.call('SET', KEYS[1], string.format('%.17g %.6f', tokens, now), 'PX', ttl)
+return retry
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """Buckets in Redis, shared by every worker and pod: one EVALSHA per check.
+
+    If Redis cannot be reached, buckets fall back to this process
+    (:class:`MemoryRateLimiter`): limiting stays on, per worker instead of per
+    server, rather than failing every message. Redis is tried again
+    ``RETRY_AFTER`` seconds later, so an outage costs one slow check per
+    interval, not one per message.
+
+    Args:
+        client: a ``redis.Redis`` (``decode_responses=False``).
+        rate, burst: tokens per second and bucket size.
+        prefix: prepended to every bucket key.
+    """
+
+    RETRY_AFTER = 1.0
+    FALLBACK_LOG_EVERY = 30.0  # seconds between "Redis unreachable" warnings
+
+    def __init__(self, client: Any, rate: float, burst: float, prefix: str = "wschat:rl:"
+                 ) -> None:
+        import redis
+
+        self.rate, self.burst = float(rate), float(burst)
+        self.prefix = prefix
+        self._script = client.register_script(TAKE_LUA)
+        self._errors = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                        OSError)
+        self._fallback = MemoryRateLimiter(rate, burst)
+        self._down_until = 0.0
+        self._next_warning = 0.0
+
+    def hit(self, key: str, rate: float | None = None, burst: float | None = None) -> int:
+        rate = self.rate if rate is None else float(rate)
+        burst = self.burst if burst is None else float(burst)
+        if self._down_until and time.monotonic() < self._down_until:
+            return self._fallback.hit(key, rate, burst)
+        try:
+            retry_ms = self._script(keys=[self.prefix + key], args=[repr(rate), repr(burst)])
+        except self._errors as exc:
+            now = time.monotonic()
+            self._down_until = now + self.RETRY_AFTER
+            if now >= self._next_warning:
+                log.warning("rate limiting per worker: Redis unreachable (%s)", exc)
+                self._next_warning = now + self.FALLBACK_LOG_EVERY
+            return self._fallback.hit(key, rate, burst)
+        self._down_until = 0.0
+        return int(retry_ms)

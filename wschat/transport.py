@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import time
 from collections import deque
 from typing import Any
@@ -43,6 +44,7 @@ log = logging.getLogger("wschat.transport")
 
 RECV_BYTES = 65536
 CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class ConnState(enum.Enum):
@@ -66,7 +68,7 @@ class NoReaderThread:
 class WebSocketConnection(Session):
     __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
                  "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
-                 "close_code", "close_reason", "echo")
+                 "close_code", "close_reason", "echo", "_progress_at")
 
     def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
                  conn_id: str, identity: Identity, authenticated: bool,
@@ -80,11 +82,21 @@ class WebSocketConnection(Session):
         # gevent's socket wraps a non-blocking OS socket: writing to it directly
         # never yields, which is what fan-out wants.
         self._raw = getattr(sock, "_sock", sock)
+        if transport.socket_send_buffer:
+            # Linux autotunes a send buffer up to 4 MiB: that much kernel memory per
+            # client that stops reading, on top of MAX_OUTBOUND_BYTES. A fixed
+            # buffer disables the autotuning and keeps the whole backlog bounded.
+            try:
+                self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                     transport.socket_send_buffer)
+            except OSError:
+                pass
         self._ws = wsconn
         self._outbox: deque[bytes | memoryview] = deque()
         self._outbox_bytes = 0
         self._flusher: gevent.Greenlet | None = None
         self._close_timer: gevent.Greenlet | None = None
+        self._progress_at = 0.0  # when the backlog last started or moved
         self._parts: list[Any] = []  # fragments of the message being received
         self._part_size = 0
         self.state = ConnState.OPEN
@@ -116,13 +128,17 @@ class WebSocketConnection(Session):
             self._queue(memoryview(data)[sent:])
 
     def _queue(self, data: bytes | memoryview) -> None:
+        if not self._outbox:
+            self._progress_at = time.monotonic()
         self._outbox.append(data)
         self._outbox_bytes += len(data)
+        # One frame alone never counts as a backlog: a large reply the client asked
+        # for (a full history) may exceed the limit while the client reads fine.
         if (self._outbox_bytes > self.transport.max_outbound_bytes
-                and self.state is ConnState.OPEN):
+                and len(self._outbox) > 1 and self.state is ConnState.OPEN):
             self._drop_slow_consumer()
         if self._flusher is None and self.state is not ConnState.CLOSED:
-            self._flusher = gevent.spawn(self._flush)
+            self._flusher = self.transport.spawn(self._flush)
 
     def _flush(self) -> None:
         try:
@@ -130,6 +146,7 @@ class WebSocketConnection(Session):
                 chunk = self._outbox[0]
                 sent = self._sock.send(chunk)  # cooperative: waits until writable
                 self._outbox_bytes -= sent
+                self._progress_at = time.monotonic()
                 if sent >= len(chunk):
                     self._outbox.popleft()
                 else:
@@ -141,11 +158,17 @@ class WebSocketConnection(Session):
         finally:
             self._flusher = None
 
+    def stalled_for(self, now: float) -> float:
+        """Seconds the outbound backlog has not moved (0 without a backlog)."""
+        return now - self._progress_at if self._outbox else 0.0
+
     def _drop_slow_consumer(self) -> None:
-        """Backlog over the limit: drop it and say why.
+        """Backlog over the limit (or stuck): drop it and say why.
 
         The head stays: it may be half written (or in the flusher's hands), and
-        a close frame after half a frame would corrupt the stream.
+        a close frame after half a frame would corrupt the stream. Every other
+        entry is a whole frame, so the close frame follows a frame boundary.
+        The close timer aborts the socket if even that cannot be written.
         """
         self.transport.metrics.disconnected("slow_consumer")
         head = self._outbox[0]
@@ -155,10 +178,11 @@ class WebSocketConnection(Session):
         self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", timeout=1.0)
 
     # -- closing -----------------------------------------------------------------------
-    def close(self, code: CloseCode, reason: str = "") -> None:
-        """Start the close handshake; the socket goes when the peer answers or times out."""
+    def close(self, code: CloseCode, reason: str = "",
+              timeout: float = CLOSE_HANDSHAKE_TIMEOUT) -> None:
+        """Start the close handshake; the socket goes when the peer answers or ``timeout``."""
         if self.state is ConnState.OPEN:
-            self._begin_close(code, reason, CLOSE_HANDSHAKE_TIMEOUT)
+            self._begin_close(code, reason, timeout)
 
     def _begin_close(self, code: int, reason: str, timeout: float) -> None:
         self.state = ConnState.CLOSING
@@ -167,7 +191,7 @@ class WebSocketConnection(Session):
             self._write(self._ws.send(CloseConnection(code=int(code), reason=reason)))
         except LocalProtocolError:
             pass
-        self._close_timer = gevent.spawn_later(timeout, self.abort, "close timeout")
+        self._close_timer = self.transport.spawn_later(timeout, self.abort, "close timeout")
 
     def abort(self, reason: str = "aborted") -> None:
         """Drop the TCP connection now; the reader greenlet wakes up and cleans up."""
@@ -176,6 +200,13 @@ class WebSocketConnection(Session):
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, reason
         self.state = ConnState.CLOSED
+        try:
+            # Close with a reset: otherwise the kernel keeps an orphaned socket
+            # (FIN-WAIT-1) holding the send buffer for as long as a peer that does
+            # not read keeps its window shut, which is minutes.
+            self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -195,6 +226,10 @@ class WebSocketConnection(Session):
                 self._ws.receive_data(data)
                 if not self._handle_events():
                     break
+                # recv() does not yield while data is waiting: without this, a
+                # client that never stops sending would starve every other
+                # connection and the heartbeat of this worker.
+                gevent.sleep(0)
         except (OSError, LocalProtocolError):
             pass
         except gevent.GreenletExit:
@@ -304,6 +339,7 @@ class Transport:
         self.metrics = metrics
         self.budget = budget
         self.max_outbound_bytes = settings.max_outbound_bytes
+        self.socket_send_buffer = settings.socket_send_buffer
         self.max_message_bytes = settings.max_message_bytes
         self.heartbeat_interval = settings.heartbeat_interval
         self.connections: set[WebSocketConnection] = set()
@@ -323,12 +359,14 @@ class Transport:
                                    authenticated, remote_addr, echo)
         self.connections.add(conn)
         self.metrics.connection_opened()
+        self.metrics.greenlets(1)
         log.info("open conn=%s user=%s addr=%s", conn.conn_id, conn.user_id, remote_addr,
                  extra={"event": "open", "conn": conn.conn_id, "user": conn.user_id,
                         "addr": remote_addr})
         try:
             conn.run()
         finally:
+            self.metrics.greenlets(-1)
             ws.connected = False  # flask-sock must not write a second close frame
         return conn
 
@@ -347,32 +385,61 @@ class Transport:
     # -- the per-worker timer ----------------------------------------------------------
     def start(self) -> None:
         if self._ticker is None:
-            self._ticker = gevent.spawn(self._tick_forever)
+            self._ticker = self.spawn(self._tick_forever)
+
+    def spawn(self, func: Any, *args: Any) -> gevent.Greenlet:
+        """A helper greenlet, counted in ``wschat_greenlets`` until it ends (or is killed)."""
+        return self._counted(gevent.spawn(func, *args))
+
+    def spawn_later(self, seconds: float, func: Any, *args: Any) -> gevent.Greenlet:
+        return self._counted(gevent.spawn_later(seconds, func, *args))
+
+    def _counted(self, greenlet: gevent.Greenlet) -> gevent.Greenlet:
+        self.metrics.greenlets(1)
+        # rawlink also fires for a greenlet killed before it ever ran.
+        greenlet.rawlink(self._greenlet_ended)
+        return greenlet
+
+    def _greenlet_ended(self, greenlet: gevent.Greenlet) -> None:
+        self.metrics.greenlets(-1)
 
     def _tick_forever(self) -> None:
         next_beat = time.monotonic() + self.heartbeat_interval
-        step = min(1.0, self.heartbeat_interval / 2, self.chat.settings.typing_timeout / 4)
+        # Silence is checked every step, so a dead peer goes within two
+        # intervals plus one step, not up to three intervals.
+        step = min(1.0, self.heartbeat_interval / 4, self.chat.settings.typing_timeout / 4)
         while True:
             gevent.sleep(step)
             try:
                 self.chat.tick()
                 now = time.monotonic()
-                if now >= next_beat:
-                    self.heartbeat(now)
+                ping = now >= next_beat
+                if ping:
                     next_beat = now + self.heartbeat_interval
+                self.heartbeat(now, ping)
             except Exception:
                 log.exception("timer failed")
 
-    def heartbeat(self, now: float) -> None:
-        """Ping everyone (one shared frame); close whoever was silent two intervals."""
-        silent_after = 2 * self.heartbeat_interval
+    def heartbeat(self, now: float, ping: bool = True) -> None:
+        """Close peers silent for two intervals and backlogs stuck as long; maybe ping.
+
+        One loop and one shared ping frame per worker, never a timer per connection.
+        A silent peer is not waiting for our close frame: it gets at most one
+        interval (3 s at most) to answer before the socket is dropped.
+        """
+        limit = 2 * self.heartbeat_interval
+        close_wait = min(CLOSE_HANDSHAKE_TIMEOUT, self.heartbeat_interval)
         for conn in list(self.connections):
             if conn.state is not ConnState.OPEN:
                 continue
-            if now - conn.last_seen > silent_after:
+            if now - conn.last_seen > limit:
                 self.metrics.disconnected("heartbeat_timeout")
-                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-            else:
+                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", close_wait)
+            elif conn.stalled_for(now) > limit:
+                # It talks but has not read a byte for two intervals: a stuck
+                # flusher must not hold the connection and its backlog forever.
+                conn._drop_slow_consumer()
+            elif ping:
                 conn._write(PING_FRAME)
 
     # -- shutdown ----------------------------------------------------------------------

@@ -1,0 +1,545 @@
+"""No client can hurt the others: rate limits, heartbeat, backpressure, connection churn.
+
+Everything runs against real gunicorn servers over real sockets. Peers that the
+``websockets`` library would not play (one that never answers pings, one that
+stops reading) are :class:`rawws.RawClient` s on bare sockets. Each event is
+also checked in the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
+
+from conftest import TIMEOUT, Client, Server, redis_url_or_skip, wait_until
+from rawws import OP_CLOSE, OP_PING, OP_TEXT, Closed, RawClient
+
+SECRET = "limits-secret-0123456789abcdef0123"
+RATE, BURST = 20, 10
+GUEST_IP_RATE, GUEST_IP_BURST = 30, 15
+HEARTBEAT = 0.5
+REDIS_DB = 12
+_source_ips = iter(range(2, 250))
+
+
+def room() -> str:
+    return f"r-{uuid.uuid4().hex[:10]}"
+
+
+def token(sub: str) -> str:
+    return jwt.encode({"sub": sub, "name": sub, "exp": int(time.time()) + 3600}, SECRET,
+                      algorithm="HS256")
+
+
+def user(srv: Server, sub: str | None = None, **kwargs: Any) -> Client:
+    """An authenticated client (its bucket is its user's, never its IP address's)."""
+    return Client(srv.url, f"token={token(sub or uuid.uuid4().hex[:12])}", **kwargs)
+
+
+def fresh_ip() -> str:
+    """A loopback address no other test used, so each test has its own per-IP buckets."""
+    return f"127.0.0.{next(_source_ips)}"
+
+
+def metric(srv: Server, name: str, **labels: str) -> float:
+    """One sample from /metrics, read with Prometheus' own parser (0 if absent)."""
+    body = srv.http("/metrics", metrics=True)[1].decode()
+    total = 0.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def metrics_json(srv: Server) -> dict[str, Any]:
+    return json.loads(srv.http("/metrics/json", metrics=True)[1])
+
+
+def replies(client: Client, count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The next ``count`` answers to our own sends: (accepted echoes, rate_limited errors)."""
+    accepted, refused = [], []
+    while len(accepted) + len(refused) < count:
+        event = client.recv()
+        if event["type"] == "message" and event["user_id"] == client.user_id:
+            accepted.append(event)
+        elif event["type"] == "error":
+            assert event["code"] == "rate_limited", event
+            refused.append(event)
+    return accepted, refused
+
+
+def refusals(client: Client) -> list[dict[str, Any]]:
+    """The rate_limited errors for everything this connection sent so far.
+
+    A ping (never rate limited) marks the end: the server answers a
+    connection's frames in order, so its pong comes after every earlier reply.
+    """
+    client.request({"type": "ping", "id": "end"}, "pong")
+    errors = [e for e in client.backlog if e["type"] == "error"]
+    assert all(e["code"] == "rate_limited" for e in errors), errors
+    client.backlog = [e for e in client.backlog if e["type"] != "error"]
+    return errors
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[Server]:
+    """Tight limits, a fast heartbeat, small buffers (so a backlog forms after a few frames)."""
+    with Server({"RATE_LIMIT": str(RATE), "RATE_LIMIT_BURST": str(BURST),
+                 "RATE_LIMIT_GUEST_IP": str(GUEST_IP_RATE),
+                 "RATE_LIMIT_GUEST_IP_BURST": str(GUEST_IP_BURST),
+                 "HEARTBEAT_INTERVAL": str(HEARTBEAT), "MAX_OUTBOUND_BYTES": "65536",
+                 "SOCKET_SEND_BUFFER": "8192", "JWT_SECRET": SECRET}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bulk() -> Iterator[Server]:
+    """No rate limit to speak of, a slow heartbeat, a 256 KiB backlog: for floods and churn."""
+    with Server({"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000",
+                 "MAX_OUTBOUND_BYTES": "262144", "HEARTBEAT_INTERVAL": "30",
+                 "JWT_SECRET": SECRET}) as server:
+        yield server
+
+
+# -- rate limiting ---------------------------------------------------------------------
+
+def test_flood_accepted_within_rate_plus_burst(srv: Server) -> None:
+    """Sending at three times the rate: burst + rate x duration get through, the rest are
+    refused with retry_after_ms, and every refusal is counted."""
+    limited_before = metric(srv, "wschat_rate_limited_total")
+    r = room()
+    with user(srv, max_queue=None) as c:
+        c.join(r)
+        attempts, interval = 90, 1 / (3 * RATE)
+        started = time.monotonic()
+        for i in range(attempts):
+            time.sleep(max(0.0, started + i * interval - time.monotonic()))
+            c.send({"type": "message", "room": r, "text": f"m{i}", "id": i})
+        duration = time.monotonic() - started
+        accepted, refused = replies(c, attempts)
+    allowed = BURST + RATE * duration
+    assert allowed - 3 <= len(accepted) <= allowed + 2, (len(accepted), allowed)
+    assert all(1 <= e["retry_after_ms"] <= 1000 // RATE + 1 for e in refused)
+    assert sorted(e["id"] for e in refused) == sorted(
+        set(range(attempts)) - {int(m["text"][1:]) for m in accepted})
+    wait_until(lambda: metric(srv, "wschat_rate_limited_total") - limited_before
+               == len(refused), message="wschat_rate_limited_total to count every refusal")
+
+
+def test_second_user_unaffected_by_a_flood(srv: Server) -> None:
+    """While one user floods (and is cut off again and again), another sending just under
+    the rate has every message delivered."""
+    r = room()
+    flooder_sub = "flooder-" + uuid.uuid4().hex[:6]
+    stop = threading.Event()
+    floods: list[int] = []
+
+    def flood() -> None:
+        while not stop.is_set():
+            # max_queue=None: the client must read its close frame while it floods.
+            with user(srv, flooder_sub, max_queue=None) as f:
+                f.join(r)
+                try:
+                    while not stop.is_set():
+                        f.send({"type": "message", "room": r, "text": "spam"})
+                except ConnectionClosed:
+                    floods.append(f.ws.close_code or 0)
+
+    with user(srv) as calm:
+        calm.join(r)
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        try:
+            pace = 1 / (0.75 * RATE)
+            started = time.monotonic()
+            for i in range(2 * BURST):  # more than a burst: only the refill keeps up
+                time.sleep(max(0.0, started + i * pace - time.monotonic()))
+                calm.send({"type": "message", "room": r, "text": f"calm {i}"})
+            for i in range(2 * BURST):
+                calm.expect("message", text=f"calm {i}")
+            assert not [e for e in calm.backlog if e["type"] == "error"]
+        finally:
+            stop.set()
+            flooder.join(TIMEOUT)
+    assert floods and set(floods) == {4102}
+
+
+def test_connections_of_one_user_share_a_bucket(srv: Server) -> None:
+    """A user's connections draw on one bucket: opening more tabs buys no extra rate."""
+    sub, r = "tabs-" + uuid.uuid4().hex[:6], room()
+    with user(srv, sub, max_queue=None) as a, user(srv, sub, max_queue=None) as b:
+        a.join(r), b.join(r)
+        for i in range(BURST + 6):
+            (a, b)[i % 2].send({"type": "message", "room": r, "text": f"t{i}", "id": i})
+        refused = len(refusals(a)) + len(refusals(b))
+    assert BURST <= BURST + 6 - refused <= BURST + 1  # +1: a token may refill meanwhile
+
+
+def test_flood_disconnects_with_4102(srv: Server) -> None:
+    """A client that keeps flooding past 2 x burst refusals is told why and closed with 4102."""
+    before = metric(srv, "wschat_disconnects_total", reason="rate_limited")
+    r = room()
+    with user(srv, max_queue=None) as c:
+        c.join(r)
+        for i in range(BURST + 3 * BURST):
+            c.send({"type": "message", "room": r, "text": f"f{i}"})
+        events = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                events.append(c.recv())
+        assert c.ws.close_code == 4102
+    errors = [e for e in events if e["type"] == "error"]
+    assert len(errors) == 2 * BURST + 1 and errors[-1] is events[-1]
+    assert BURST <= len([e for e in events if e["type"] == "message"]) <= BURST + 1
+    wait_until(lambda: metric(srv, "wschat_disconnects_total", reason="rate_limited")
+               == before + 1, message="the 4102 disconnect to be counted")
+
+
+def test_guests_limited_per_connection_and_per_ip(srv: Server) -> None:
+    """Guests from one address share a bucket (RATE_LIMIT_GUEST_IP_BURST at once), each
+    guest connection has its own too, and signed-in users from that address are unaffected."""
+    ip, r = fresh_ip(), room()
+    guests = [Client(srv.url, max_queue=None, source_address=(ip, 0)) for _ in range(3)]
+    member = user(srv, max_queue=None, source_address=(ip, 0))
+    try:
+        for c in (*guests, member):
+            c.join(r)
+        started = time.monotonic()
+        for i in range(BURST):  # each guest stays within its own burst
+            for g in guests:
+                g.send({"type": "message", "room": r, "text": f"g{i}"})
+        elapsed = time.monotonic() - started
+        accepted = sum(len(replies(g, BURST)[0]) for g in guests)
+        assert GUEST_IP_BURST <= accepted <= GUEST_IP_BURST + GUEST_IP_RATE * elapsed + 1
+        for i in range(BURST):
+            member.send({"type": "message", "room": r, "text": f"member {i}"})
+        assert len(replies(member, BURST)[0]) == BURST
+        # A single guest on a fresh address: its own connection bucket binds first.
+        with Client(srv.url, max_queue=None, source_address=(fresh_ip(), 0)) as alone:
+            alone.join(r)
+            for i in range(BURST + 3):
+                alone.send({"type": "message", "room": r, "text": f"a{i}"})
+            assert BURST <= len(replies(alone, BURST + 3)[0]) <= BURST + 1
+    finally:
+        for c in (*guests, member):
+            c.close()
+
+
+@pytest.fixture(scope="module")
+def pods() -> Iterator[tuple[Server, Server]]:
+    """Two servers ("pods") sharing Redis db 12."""
+    url = redis_url_or_skip(REDIS_DB)
+    env = {"REDIS_URL": url, "RATE_LIMIT": str(RATE), "RATE_LIMIT_BURST": str(BURST),
+           "JWT_SECRET": SECRET}
+    with Server(env) as a, Server(env) as b:
+        yield a, b
+
+
+def test_bucket_shared_across_pods_with_redis(pods: tuple[Server, Server]) -> None:
+    """With Redis, a user connected to two pods still gets one burst, not one per pod."""
+    a, b = pods
+    sub, r = "pods-" + uuid.uuid4().hex[:6], room()
+    with user(a, sub, max_queue=None) as on_a, user(b, sub, max_queue=None) as on_b:
+        on_a.join(r), on_b.join(r)
+        for i in range(BURST + 6):
+            (on_a, on_b)[i % 2].send({"type": "message", "room": r, "text": f"p{i}"})
+        refused = len(refusals(on_a)) + len(refusals(on_b))
+    assert BURST <= BURST + 6 - refused <= BURST + 1
+    assert sum(metric(p, "wschat_rate_limited_total") for p in pods) >= refused
+
+
+# -- heartbeat -------------------------------------------------------------------------
+
+def test_silent_peer_closed_within_two_intervals(srv: Server) -> None:
+    """A peer that never answers pings gets pings, then 4100 about two intervals after it
+    last spoke; the others see it go offline, and a normal client stays connected."""
+    before = metric(srv, "wschat_disconnects_total", reason="heartbeat_timeout")
+    r = room()
+    with Client(srv.url) as normal:
+        normal.join(r)
+        silent = RawClient(srv.port)
+        try:
+            silent.send({"type": "join", "room": r})
+            last_spoke = time.monotonic()
+            silent.expect("joined")
+            normal.expect("presence", status="online", user_id=silent.user_id)
+            pings = 0
+            while True:
+                opcode, _ = silent.next_frame(timeout=4 * HEARTBEAT + TIMEOUT)
+                if opcode == OP_PING:
+                    pings += 1
+                elif opcode == OP_CLOSE:
+                    break
+            silent_for = time.monotonic() - last_spoke
+        finally:
+            silent.close()
+        assert silent.close_code == 4100
+        assert pings >= 1
+        assert 2 * HEARTBEAT <= silent_for <= 2 * HEARTBEAT + HEARTBEAT / 4 + 0.3, silent_for
+        normal.expect("presence", status="offline", user_id=silent.user_id,
+                      timeout=HEARTBEAT + TIMEOUT)
+        # The normal client (websockets answers pings) has been there for > 2 intervals.
+        assert normal.request({"type": "ping", "id": "still-here"}, "pong")["id"] == "still-here"
+    wait_until(lambda: metric(srv, "wschat_disconnects_total", reason="heartbeat_timeout")
+               == before + 1, message="exactly one heartbeat timeout counted")
+
+
+def test_json_ping_pong_and_keepalive(srv: Server) -> None:
+    """The seed's JSON ping gets a pong echoing its id, and a client that sends only JSON
+    pings (never answering WebSocket pings) counts as alive."""
+    raw = RawClient(srv.port)
+    try:
+        deadline = time.monotonic() + 3 * HEARTBEAT
+        n = 0
+        while time.monotonic() < deadline:
+            raw.send({"type": "ping", "id": n})
+            assert raw.expect("pong") == {"type": "pong", "id": n}
+            n += 1
+            time.sleep(HEARTBEAT / 2)
+        assert raw.close_code is None
+    finally:
+        raw.close()
+
+
+def test_talking_but_never_reading_is_dropped(srv: Server) -> None:
+    """A client that keeps sending (so it is never silent) but reads nothing is closed as a
+    slow consumer once its backlog has not moved for two intervals, well under the limit."""
+    slow_before = metric(srv, "wschat_disconnects_total", reason="slow_consumer")
+    silent_before = metric(srv, "wschat_disconnects_total", reason="heartbeat_timeout")
+    r = room()
+    raw = RawClient(srv.port, rcvbuf=4096)
+    try:
+        raw.send({"type": "join", "room": r})
+        raw.expect("joined")
+        with user(srv) as publisher:
+            publisher.join(r)
+            for i in range(BURST):  # ~40 KB: more than the kernel buffers, less than the limit
+                publisher.send({"type": "message", "room": r, "text": f"{i} " + "z" * 3990})
+            publisher.expect("message", text=f"{BURST - 1} " + "z" * 3990)
+        backlog_since = time.monotonic()
+        deadline = backlog_since + 4 * HEARTBEAT + TIMEOUT
+        while metric(srv, "wschat_disconnects_total", reason="slow_consumer") == slow_before:
+            assert time.monotonic() < deadline, "the stuck backlog was never dropped"
+            raw.send({"type": "ping"})  # alive, as far as the heartbeat can tell
+            time.sleep(HEARTBEAT / 4)
+        assert time.monotonic() - backlog_since >= 2 * HEARTBEAT
+        frames = raw.drain_to_close(truncated_ok=True)
+    finally:
+        raw.close()
+    assert raw.close_code == 4101 and frames[-1][0] == OP_CLOSE
+    assert metric(srv, "wschat_disconnects_total", reason="heartbeat_timeout") == silent_before
+
+
+def test_one_large_reply_is_not_a_backlog(srv: Server) -> None:
+    """A history reply bigger than MAX_OUTBOUND_BYTES (64 KiB here) reaches a reading client:
+    one frame in flight is not a backlog."""
+    r = room()
+    with user(srv) as writer, user(srv) as reader:
+        writer.join(r)
+        started = time.monotonic()
+        for i in range(25):  # 25 x 4 KB = 100 KB of history, sent within the rate limit
+            time.sleep(max(0.0, started + i / (0.8 * RATE) - time.monotonic()))
+            writer.send({"type": "message", "room": r, "text": f"{i} " + "h" * 3990})
+        writer.expect("message", text="24 " + "h" * 3990)
+        reader.join(r)
+        history = reader.request({"type": "history", "room": r, "limit": 25}, "history")
+        assert [m["id"] for m in history["messages"]] == list(range(1, 26))
+        assert reader.request({"type": "ping", "id": 1}, "pong")["id"] == 1
+
+
+# -- backpressure ----------------------------------------------------------------------
+
+def _p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100)[98]
+
+
+def test_stalled_reader_dropped_others_latency_unchanged(bulk: Server) -> None:
+    """A member that stops reading is closed with 4101 after whole frames only, while a
+    reading member keeps every message at the same latency."""
+    before = metric(bulk, "wschat_disconnects_total", reason="slow_consumer")
+    r = room()
+    text = "x" * 3000
+    reader, publisher = user(bulk), user(bulk, max_queue=None)
+    stalled: RawClient | None = None
+    try:
+        reader.join(r), publisher.join(r)
+
+        def publish(count: int, until_dropped: bool = False) -> list[float]:
+            latencies = []
+            for i in range(count):
+                publisher.send({"type": "message", "room": r, "text": f"{time.time()!r} {text}"})
+                event = reader.expect("message")
+                latencies.append(time.time() - float(event["text"].split()[0]))
+                if until_dropped and i % 25 == 0 and metric(
+                        bulk, "wschat_disconnects_total", reason="slow_consumer") > before:
+                    break
+                time.sleep(0.002)
+            return latencies
+
+        publish(50)  # warm-up
+        baseline = publish(300)
+        stalled = RawClient(bulk.port, rcvbuf=4096)
+        stalled.send({"type": "join", "room": r})
+        stalled.expect("joined")  # then it reads nothing more until it has been dropped
+        during = publish(5000, until_dropped=True)
+        assert metric(bulk, "wschat_disconnects_total", reason="slow_consumer") == before + 1
+        frames = stalled.drain_to_close()
+        after = publish(100)
+    finally:
+        for c in (reader, publisher):
+            c.close()
+        if stalled is not None:
+            stalled.close()
+    # Whole frames, then the close frame: ids in order with no gap, nothing half-written.
+    ids = [json.loads(p)["id"] for op, p in frames if op == OP_TEXT
+           and json.loads(p).get("type") == "message"]
+    assert ids == list(range(ids[0], ids[0] + len(ids))) and len(ids) > 50
+    assert frames[-1][0] == OP_CLOSE and stalled.close_code == 4101
+    assert len(after) == 100
+    p99_base, p99_during = _p99(baseline), _p99(during)
+    assert p99_during <= max(3 * p99_base, p99_base + 0.005), (p99_base, p99_during)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _lingering(port: int) -> list[str]:
+    """Sockets of ``port`` the server closed but the kernel still holds (with their data)."""
+    out = subprocess.run(["ss", "-tnH", "state", "fin-wait-1", "state", "closing",
+                          "state", "last-ack", "sport", "=", f":{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_memory_bounded_when_many_clients_stop_reading(bulk: Server) -> None:
+    """100 members stop reading while a room is flooded: all are dropped, worker memory
+    grows by far less than 100 x MAX_OUTBOUND_BYTES, and the others are unharmed."""
+    before = metric(bulk, "wschat_disconnects_total", reason="slow_consumer")
+    pid = bulk.worker_pids()[0]
+    r, count, limit = room(), 100, 262144
+    stalled = [RawClient(bulk.port, rcvbuf=4096) for _ in range(count)]
+    try:
+        for c in stalled:
+            c.send({"type": "join", "room": r})
+        for c in stalled:
+            c.expect("joined")
+        with user(bulk) as reader, user(bulk, max_queue=None) as publisher:
+            reader.join(r), publisher.join(r)
+            start_rss, peak_rss, sent = _rss(pid), 0, 0
+            text = "y" * 4000
+            while metric(bulk, "wschat_disconnects_total", reason="slow_consumer") < (
+                    before + count):
+                assert sent < 5000, "the stalled members were never dropped"
+                for _ in range(20):
+                    publisher.send({"type": "message", "room": r, "text": text})
+                    sent += 1
+                for _ in range(20):
+                    reader.expect("message")
+                peak_rss = max(peak_rss, _rss(pid))
+        growth = peak_rss - start_rss
+        assert growth < count * limit / 2, f"RSS grew {growth / 2**20:.1f} MiB"
+        wait_until(lambda: metrics_json(bulk)["connections"] == 0,
+                   message="every stalled connection closed by its close timer")
+        if shutil.which("ss"):  # and reset, not left to the kernel with their unread data
+            wait_until(lambda: not _lingering(bulk.port),
+                       message="no closed socket left in FIN-WAIT-1 with unread data")
+        for c in stalled:  # read late: most were reset mid-frame once their close timer ran
+            frames = c.drain_to_close(truncated_ok=True)
+            assert c.close_code in (None, 4101) and all(op != OP_CLOSE for op, _ in frames[:-1])
+    finally:
+        for c in stalled:
+            c.close()
+
+
+# -- churn -----------------------------------------------------------------------------
+
+def _cycle(port: int, rooms: list[str], i: int) -> str:
+    """Connect, join, talk, leave or not, and go: cleanly, or by just dropping TCP."""
+    c = RawClient(port, query=f"username=churn{i % 50}")
+    try:
+        r = rooms[i % len(rooms)] if i % 3 else f"solo-{uuid.uuid4().hex[:8]}"
+        c.send({"type": "join", "room": r})
+        c.expect("joined")
+        if i % 4 == 0:
+            c.send({"type": "message", "room": r, "text": "hi"})
+            c.expect("message")
+        if i % 2:
+            c.send({"type": "leave", "room": r})
+            c.expect("left")
+            c.send_close()
+            c.drain_to_close()
+        return c.user_id
+    finally:
+        c.close()
+
+
+def test_churn_returns_to_baseline(bulk: Server) -> None:
+    """After 2000 connect/join/leave/disconnect cycles on 4 threads, connections, rooms,
+    memberships, presence, greenlets, open files and memory are back to where they were."""
+    pid = bulk.worker_pids()[0]
+    rooms = [f"churn-{k}-{uuid.uuid4().hex[:6]}" for k in range(20)]
+    for i in range(300):  # warm-up: allocator pools and caches reach their working size
+        _cycle(bulk.port, rooms, i)
+
+    def settled() -> dict[str, Any] | None:
+        figures = metrics_json(bulk)
+        if figures["connections"] or figures["rooms"] or figures["total_memberships"]:
+            return None
+        return figures
+
+    base = wait_until(settled, message="no connections, rooms or memberships after warm-up")
+    base_fds, base_rss = _open_fds(pid), _rss(pid)
+    opened_before = metric(bulk, "wschat_connections_opened_total")
+    cycles, threads = 2000, 4
+    user_ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(k, cycles, threads):
+                user_ids.append(_cycle(bulk.port, rooms, i))
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert len(user_ids) == cycles
+    after = wait_until(settled, message="connections, rooms and memberships back to 0")
+    assert after["greenlets"] == base["greenlets"] == 1  # just the ticker
+    wait_until(lambda: _open_fds(pid) <= base_fds, message=f"open fds back to {base_fds}")
+    growth = _rss(pid) - base_rss
+    assert growth < 8 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over {cycles} cycles"
+    assert metric(bulk, "wschat_connections_opened_total") - opened_before == cycles
+    # Presence forgot every churned user: a DM to any of them finds nobody.
+    with user(bulk) as probe:
+        for uid in user_ids[::500]:
+            assert probe.request({"type": "dm", "to": uid, "text": "?"}, "error")["code"] == (
+                "user_not_found")

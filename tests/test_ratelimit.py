@@ -1,0 +1,285 @@
+"""Token buckets: the pure maths, and the memory and Redis limiters run through the same cases.
+
+The memory limiter gets an injected clock; the Redis one reads the Redis
+server's TIME, so its cases really wait (tens of milliseconds) and allow for
+the little time that passes between calls.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TIMEOUT, free_port, redis_url_or_skip, wait_until
+from wschat.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter, take
+
+DB = 12
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Bench:
+    """A limiter factory plus a way to let time pass for it."""
+
+    name: str
+    make: Callable[[float, float], RateLimiter]
+    advance: Callable[[float], None]
+    slack_ms: int  # how far real time may move a figure between two calls
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    return redis_url_or_skip(DB)
+
+
+@pytest.fixture(scope="module")
+def redis_client(redis_url: str) -> Iterator[Any]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def bench(request: pytest.FixtureRequest) -> Bench:
+    if request.param == "memory":
+        clock = FakeClock()
+
+        def forward(seconds: float) -> None:
+            clock.now += seconds
+
+        return Bench("memory", lambda rate, burst: MemoryRateLimiter(rate, burst, clock),
+                     forward, 0)
+    client = request.getfixturevalue("redis_client")
+    prefix = f"test:{request.node.name}:{time.monotonic_ns()}:"
+    return Bench("redis", lambda rate, burst: RedisRateLimiter(client, rate, burst, prefix),
+                 time.sleep, 25)
+
+
+# -- take(): the maths both limiters share ---------------------------------------------
+
+def test_take_spends_one_token() -> None:
+    """A full bucket gives a token and remembers when."""
+    assert take(3.0, 0.0, 10.0, rate=1.0, burst=3.0) == (2.0, 10.0, 0)
+
+
+def test_take_refills_at_rate_up_to_burst() -> None:
+    """Tokens come back at ``rate`` per second but never beyond ``burst``."""
+    assert take(0.0, 0.0, 0.5, rate=4.0, burst=3.0) == (1.0, 0.5, 0)
+    assert take(0.0, 0.0, 100.0, rate=4.0, burst=3.0) == (2.0, 100.0, 0)
+
+
+def test_take_refuses_with_time_to_next_token() -> None:
+    """An empty bucket refuses and says how long until one token is back (rounded up)."""
+    tokens, _, retry_ms = take(0.25, 0.0, 0.0, rate=2.0, burst=3.0)
+    assert (tokens, retry_ms) == (0.25, 375)
+    assert take(0.5, 0.0, 0.0, rate=3.0, burst=3.0)[2] == 167  # 166.67 ms, rounded up
+    assert take(0.999999, 0.0, 0.0, rate=1000.0, burst=1.0)[2] == 1  # never 0 when refused
+
+
+def test_take_ignores_a_clock_going_backwards() -> None:
+    """A timestamp earlier than the last one adds no tokens."""
+    assert take(0.0, 10.0, 9.0, rate=1.0, burst=3.0)[2] == 1000
+
+
+# -- both limiters, same cases ---------------------------------------------------------
+
+def test_burst_then_refused_with_retry_after(bench: Bench) -> None:
+    """``burst`` requests pass at once; the next is refused with about 1/rate to wait."""
+    limiter = bench.make(10, 3)
+    assert [limiter.hit("a") for _ in range(3)] == [0, 0, 0]
+    retry_ms = limiter.hit("a")
+    assert 100 - bench.slack_ms <= retry_ms <= 100
+
+
+def test_refill_after_retry_after(bench: Bench) -> None:
+    """Waiting the advertised retry_after_ms is enough for exactly one more request."""
+    limiter = bench.make(20, 2)
+    limiter.hit("a"), limiter.hit("a")
+    retry_ms = limiter.hit("a")
+    assert retry_ms > 0
+    bench.advance(retry_ms / 1000)
+    assert limiter.hit("a") == 0
+    assert limiter.hit("a") > 0
+
+
+def test_idle_bucket_saves_at_most_burst(bench: Bench) -> None:
+    """After a long pause only ``burst`` requests pass at once, not the whole pause's worth."""
+    limiter = bench.make(50, 3)
+    limiter.hit("a")
+    bench.advance(0.3)  # 15 tokens' worth of time
+    assert [limiter.hit("a") for _ in range(4)][:3] == [0, 0, 0]
+    assert limiter.hit("a") > 0
+
+
+def test_keys_are_independent(bench: Bench) -> None:
+    """Emptying one bucket leaves another full."""
+    limiter = bench.make(1, 2)
+    limiter.hit("a"), limiter.hit("a")
+    assert limiter.hit("a") > 0
+    assert [limiter.hit("b"), limiter.hit("b")] == [0, 0]
+
+
+def test_per_call_rate_and_burst(bench: Bench) -> None:
+    """A call may give its bucket a larger rate and burst (the per-IP guest bucket)."""
+    limiter = bench.make(1, 1)
+    assert [limiter.hit("ip", 100, 5) for _ in range(5)] == [0] * 5
+    retry_ms = limiter.hit("ip", 100, 5)
+    assert 10 - min(bench.slack_ms, 9) <= retry_ms <= 10
+    assert limiter.hit("user") == 0 and limiter.hit("user") > 0
+
+
+def test_fractional_rate(bench: Bench) -> None:
+    """Half a message per second means two seconds to wait for the next token."""
+    limiter = bench.make(0.5, 1)
+    assert limiter.hit("a") == 0
+    assert 2000 - bench.slack_ms <= limiter.hit("a") <= 2000
+
+
+def test_sustained_rate_matches_configuration(bench: Bench) -> None:
+    """Hammering for a while lets through burst + rate x elapsed, no more, no less."""
+    rate, burst = 200.0, 5
+    limiter = bench.make(rate, burst)
+    allowed = 0
+    if bench.name == "memory":
+        for _ in range(600):  # 600 attempts, 1 ms apart: 0.6 s at 1000/s
+            allowed += limiter.hit("a") == 0
+            bench.advance(0.001)
+        assert allowed == burst + int(rate * 0.6) - 1 or allowed == burst + int(rate * 0.6)
+        return
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:
+        allowed += limiter.hit("a") == 0
+    elapsed = time.monotonic() - started
+    assert burst + rate * elapsed * 0.9 - 2 <= allowed <= burst + rate * elapsed + 2
+
+
+# -- memory only -----------------------------------------------------------------------
+
+def test_memory_forgets_buckets_that_are_full_again() -> None:
+    """Buckets untouched until full again are swept, so idle users cost no memory."""
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(10, 2, clock)
+    for i in range(100):
+        limiter.hit(f"user-{i}")
+    assert len(limiter) == 100
+    clock.now += 1.0  # full again after 0.2 s; sweeps run at most once a second
+    limiter.hit("fresh")
+    assert len(limiter) == 1
+
+
+# -- Redis only ------------------------------------------------------------------------
+
+def test_redis_bucket_expires_when_full_again(redis_client: Any) -> None:
+    """A Redis bucket's TTL is the time to refill; then the key is gone (same as full)."""
+    limiter = RedisRateLimiter(redis_client, 20, 3, prefix="test:ttl:")
+    limiter.hit("a")
+    pttl = redis_client.pttl("test:ttl:a")
+    assert 0 < pttl <= 50  # one token at 20/s
+    limiter.hit("a"), limiter.hit("a")
+    assert 100 < redis_client.pttl("test:ttl:a") <= 150
+    wait_until(lambda: not redis_client.exists("test:ttl:a"), message="the bucket to expire")
+
+
+def test_redis_buckets_shared_between_workers(redis_url: str) -> None:
+    """Two limiters (two workers or pods, each with its own client) spend the same bucket."""
+    import redis
+
+    clients = [redis.Redis.from_url(redis_url) for _ in range(2)]
+    first, second = (RedisRateLimiter(c, 1, 4, prefix="test:shared:") for c in clients)
+    results = [limiter.hit("u:alice") for limiter in (first, second, first, second, first)]
+    assert results[:4] == [0, 0, 0, 0] and results[4] > 0
+    for c in clients:
+        c.close()
+
+
+def test_redis_one_evalsha_per_check(redis_url: str) -> None:
+    """Each check is exactly one EVALSHA from the worker (MONITOR shows every command)."""
+    import redis
+
+    worker = redis.Redis.from_url(redis_url, single_connection_client=True)
+    limiter = RedisRateLimiter(worker, 100, 100, prefix="test:evalsha:")
+    limiter.hit("warm-up")  # the first call may load the script
+    addr = worker.client_info()["addr"]
+    marker = redis.Redis.from_url(redis_url)
+    seen: list[str] = []
+    started, done = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_url).monitor() as monitor:
+            for command in monitor.listen():
+                text = command["command"]
+                if "test:evalsha:start" in text:
+                    started.set()
+                elif "test:evalsha:stop" in text:
+                    break
+                elif f"{command['client_address']}:{command['client_port']}" == addr:
+                    seen.append(text.split()[0].upper())
+        done.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    # MONITOR streams only once the server has registered it: knock until it answers.
+    wait_until(lambda: marker.get("test:evalsha:start") or started.wait(0.05),
+               message="MONITOR to start")
+    for _ in range(5):
+        limiter.hit("k")
+    marker.get("test:evalsha:stop")
+    assert done.wait(TIMEOUT)
+    assert seen == ["EVALSHA"] * 5
+    worker.close()
+    marker.close()
+
+
+def test_redis_unreachable_falls_back_to_local_buckets(tmp_path: Path) -> None:
+    """With Redis down, limiting goes on per worker without retrying Redis on every
+    message, and the shared buckets are used again once Redis is back."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    if not shutil.which("redis-server"):
+        pytest.skip("needs the redis-server binary to start and stop a Redis")
+    port = free_port()
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5,
+                         retry=Retry(NoBackoff(), 0))
+    limiter = RedisRateLimiter(client, 1, 2, prefix="test:fallback:")
+    started = time.monotonic()
+    assert [limiter.hit("u"), limiter.hit("u")] == [0, 0]
+    assert limiter.hit("u") > 0
+    assert time.monotonic() - started < 0.5  # one failed connect, then no retry per message
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(client), message="redis-server to start")
+        wait_until(lambda: limiter.hit("v") == 0 and client.exists("test:fallback:v"),
+                   timeout=limiter.RETRY_AFTER + TIMEOUT, message="the shared buckets again")
+    finally:
+        server.terminate()
+        server.wait(TIMEOUT)
+
+
+def _answers(client: Any) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
