@@ -204,6 +204,20 @@ BEFORE_SQL = "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id D
 NEWEST_SQL = "SELECT event FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
 AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?"
 KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
+# PostgreSQL: every room of a batch in one statement. Rows are inserted (and their
+# sequence rows locked) in scope order, so two writers cannot deadlock.
+PG_ROOM_SEQS_SQL = (
+    "WITH batch (scope, room, n) AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))"
+    " INSERT INTO sequences AS s (scope, last_id)"
+    " SELECT scope, COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = batch.room), 0) + n"
+    " FROM batch ORDER BY scope"
+    " ON CONFLICT (scope) DO UPDATE SET last_id = s.last_id"
+    " + (SELECT n FROM batch WHERE batch.scope = excluded.scope)"
+    " RETURNING s.scope, s.last_id")
+PG_INSERT_MESSAGES_SQL = (
+    "INSERT INTO messages (room, id, user_id, client_msg_id, created_ms, event)"
+    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[],"
+    " %s::bytea[])")
 VERSION_TABLE_SQL = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
     " description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
@@ -339,10 +353,7 @@ class MessageLog:
         # pipeline mode the batch then costs about one round trip, not one per room.
         # Rooms are sorted: two writers lock the same sequence rows in the same
         # order, so they cannot deadlock.
-        sequenced = [(by_room[room], self._issue(conn, d.q(ROOM_SEQ_SQL),
-                                                 (room_scope(room), room, len(by_room[room]),
-                                                  len(by_room[room]))))
-                     for room in sorted(by_room)]
+        sequenced = self._issue_room_sequences(conn, by_room)
         dm_sequence = (self._issue(conn, d.q(DM_SEQ_SQL), (DM_SCOPE, len(new_dms), len(new_dms)))
                        if new_dms else None)
         claims = []
@@ -353,15 +364,15 @@ class MessageLog:
                 claims.append((job, self._issue(conn, d.q(CLAIM_DMS_SQL), (job.user_id,))))
 
         rows: list[tuple[Any, ...]] = []
-        for posts, cursor in sequenced:
-            first_id = int(cursor.fetchone()[0]) - len(posts) + 1
-            for msg_id, post in enumerate(posts, start=first_id):
+        for room, last in self._room_sequences(sequenced):
+            posts = by_room[room]
+            for msg_id, post in enumerate(posts, start=last - len(posts) + 1):
                 assert post.draft is not None
                 post.msg_id, post.event = msg_id, post.draft.with_id(msg_id)
                 rows.append((post.room, msg_id, post.user_id, post.draft.client_msg_id,
                              post.created_ms, post.event))
         if rows:
-            self._executemany(conn, d.q(INSERT_MESSAGE_SQL), rows)
+            self._insert_messages(conn, rows)
         if dm_sequence is not None:
             first_id = int(dm_sequence.fetchone()[0]) - len(new_dms) + 1
             dm_rows = []
@@ -376,6 +387,21 @@ class MessageLog:
         for arrival, cursor in claims:
             claimed = sorted(cursor.fetchall(), key=lambda row: row[0])
             arrival.backlog = [bytes(event) for _, event in claimed]
+
+    def _issue_room_sequences(self, conn: Any, by_room: dict[str, list[RoomPost]]) -> Any:
+        """Take ``len(posts)`` ids in each room's sequence (locking its row until COMMIT)."""
+        return [(room, self._issue(conn, self.dialect.q(ROOM_SEQ_SQL),
+                                   (room_scope(room), room, len(by_room[room]),
+                                    len(by_room[room]))))
+                for room in sorted(by_room)]
+
+    def _room_sequences(self, issued: Any) -> Iterable[tuple[str, int]]:
+        """(room, last id now taken) for what :meth:`_issue_room_sequences` sent."""
+        for room, cursor in issued:
+            yield room, int(cursor.fetchone()[0])
+
+    def _insert_messages(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        self._executemany(conn, self.dialect.q(INSERT_MESSAGE_SQL), rows)
 
     def _issue(self, conn: Any, sql: str, params: Sequence[Any]) -> Any:
         """Run a statement whose rows are read later (see :attr:`pipelined`)."""
@@ -544,7 +570,6 @@ class PostgresLog(MessageLog):
     """
 
     dialect = _PostgresDialect()
-    pipelined = True
 
     def __init__(self, url: str) -> None:
         try:
@@ -552,7 +577,15 @@ class PostgresLog(MessageLog):
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ImportError("a postgresql:// DATABASE_URL needs the postgres extra: "
                               "pip install 'wschat[postgres]'") from exc
+        # psycopg waits cooperatively under gevent only from 3.1.14 on; earlier
+        # versions would block the whole worker on every query.
+        if tuple(int(p) for p in psycopg.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 14):
+            raise ImportError(f"psycopg {psycopg.__version__} blocks gevent; "
+                              "pip install 'psycopg[binary]>=3.1.14'")
         self._psycopg = psycopg
+        # Pipeline mode needs libpq >= 14 (the binary wheel bundles one); without it
+        # every statement waits for its own reply, which is slower but correct.
+        self.pipelined = psycopg.Pipeline.is_supported()
         self.url = url
         self.url_for_logs = _without_password(url)
         self._writer: Any = None
@@ -617,11 +650,27 @@ class PostgresLog(MessageLog):
             return fn(conn, *args)
 
     def _write_transaction(self, conn: Any, jobs: list[Job]) -> None:
+        if not self.pipelined:
+            return super()._write_transaction(conn, jobs)
         with conn.pipeline():
             self._transaction(conn, self._apply, jobs)
 
     def _migration_lock(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x77736368,))  # "wsch"
+
+    # One statement per batch instead of one per room: each statement costs a wait
+    # on the socket, and with many rooms per batch those waits were most of the cost.
+    def _issue_room_sequences(self, conn: Any, by_room: dict[str, list[RoomPost]]) -> Any:
+        rooms = sorted(by_room)
+        return conn.execute(PG_ROOM_SEQS_SQL, ([room_scope(r) for r in rooms], rooms,
+                                               [len(by_room[r]) for r in rooms]))
+
+    def _room_sequences(self, issued: Any) -> Iterable[tuple[str, int]]:
+        for scope, last in issued.fetchall():
+            yield scope[len("room:"):], int(last)
+
+    def _insert_messages(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        conn.execute(PG_INSERT_MESSAGES_SQL, [list(column) for column in zip(*rows, strict=True)])
 
     def _executemany(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with conn.cursor() as cur:
@@ -697,6 +746,7 @@ class GroupCommitWriter:
         self._on_error = on_error
         self._queue: deque[Job] = deque()
         self._wake = gevent.event.Event()
+        self._stop = gevent.event.Event()
         self._closing = False
         self._failed_at = float("-inf")
         self.ready = False  # migrated and answering
@@ -794,17 +844,17 @@ class GroupCommitWriter:
         self._failed_at = float("-inf")
 
     def _probe_forever(self) -> None:
-        while not self._closing:
-            gevent.sleep(self.PROBE_HEALTHY if self.ready else self.PROBE_DOWN)
-            if not self._closing:
-                self._check()
+        while not self._stop.wait(self.PROBE_HEALTHY if self.ready else self.PROBE_DOWN):
+            self._check()
 
     def close(self, timeout: float = 5.0) -> None:
         """Refuse new writes, commit what is queued (bounded by ``timeout``), stop."""
         self._closing = True
         self._wake.set()
+        self._stop.set()
         if self._prober is not None:
-            self._prober.kill(block=False)
+            # Not killed: a kill inside a database call would leave its connection mid-statement.
+            self._prober.join(timeout)
         if self._greenlet is not None:
             self._greenlet.join(timeout)
             if not self._greenlet.dead:
