@@ -316,40 +316,43 @@ class Chat:
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
-        announce = False
+        # The session listens (events held back) before it is added to the room, so
+        # whatever happens after its store join reaches it: messages above `last_id`
+        # and presence of anyone its `users` list does not show yet.
         if room in session.rooms:
+            self.hub.begin_recovery(room, session)
             members = self.stores.rooms.members(room)
         else:
             if len(session.rooms) >= self.settings.max_rooms_per_connection:
                 raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
                                     f"at most {self.settings.max_rooms_per_connection} rooms "
                                     "per connection", cmd.request_id)
-            result = self.stores.rooms.join(room, session.conn_id, session.user)
+            self.hub.begin_recovery(room, session)
+            try:
+                result = self.stores.rooms.join(room, session.conn_id, session.user)
+            except Exception:
+                self.hub.remove_member(room, session)
+                raise
             session.rooms.add(room)
-            announce = result.first_of_user
             members = result.members
-            if announce:
+            if result.first_of_user:
                 self.stores.messages.room_occupied(room)
-            if cmd.since is None:
-                self.hub.add_member(room, session)
+                self.stores.broker.publish_room(
+                    room, encode_presence(room, session.user_id, session.username, "online"),
+                    exclude_user=session.user_id)
         reply: dict[str, Any] = {"room": room, "users": [m.as_json() for m in members]}
         if cmd.since is None:
-            reply["last_id"] = self.stores.messages.last_id(room)
+            up_to = reply["last_id"] = self.stores.messages.last_id(room)
             session.send(encode_reply("joined", cmd.request_id, **reply))
         else:
-            self.hub.begin_recovery(room, session)
             replay = self.stores.messages.since(room, cmd.since)
-            up_to = message_id_of(replay.messages[-1]) if replay.messages else cmd.since
+            up_to = (message_id_of(replay.messages[-1]) if replay.messages else None) or cmd.since
             reply["recovered"] = replay.complete
-            reply["last_id"] = max(up_to or 0, cmd.since) if replay.complete else (up_to or 0)
+            reply["last_id"] = max(up_to, cmd.since) if replay.complete else up_to
             session.send(encode_reply("joined", cmd.request_id, **reply))
             for event in replay.messages:
                 session.send(event)
-            self.hub.finish_recovery(room, session, up_to or 0)
-        if announce:
-            self.stores.broker.publish_room(
-                room, encode_presence(room, session.user_id, session.username, "online"),
-                exclude_user=session.user_id)
+        self.hub.finish_recovery(room, session, up_to)
 
     def _leave(self, session: Session, cmd: Leave) -> None:
         if cmd.room not in session.rooms:

@@ -153,7 +153,7 @@ class Settings:
     log_level: str = _var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
     graceful_timeout: float = _var("GRACEFUL_TIMEOUT", _float(1.0), 25.0)
     auth_required: bool = _var("AUTH_REQUIRED", _bool, False)
-    auth_timeout: float = _var("AUTH_TIMEOUT", _float(0.1), 10.0)
+    auth_timeout: float = _var("AUTH_TIMEOUT", _float(0.1), 5.0)
     jwt_secret: str | None = _var("JWT_SECRET", _optional_str, None)
     jwt_public_key: str | None = _var("JWT_PUBLIC_KEY", _optional_str, None)
     jwt_jwks_url: str | None = _var("JWT_JWKS_URL", _optional_str, None)
