@@ -51,7 +51,10 @@ def plot_latency(reports: list[dict[str, Any]], path: Path, members: int) -> Pat
                     ax.annotate("loss", (x, y), fontsize=7, color=color)
     for ax, key, target in zip(axes, ("p50", "p99"), (10, 50)):
         ax.axhline(target, color="black", linestyle="--", linewidth=0.8)
-        ax.text(ax.get_xlim()[0], target, f" seed target {key} < {target} ms", va="bottom", fontsize=8)
+        ax.text(0.01, target, f" seed target {key} < {target} ms", va="bottom", fontsize=8,
+                transform=ax.get_yaxis_transform())
+        ax.axvline(100_000, color="black", linestyle=":", linewidth=0.8)
+        ax.text(100_000, 0.98, " seed 100k msg/s", va="top", fontsize=8, transform=ax.get_xaxis_transform())
         ax.set_yscale("log")
         ax.set_xscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())

@@ -256,14 +256,16 @@ def cpu_block(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     # Whatever else ran on the machine meanwhile (other jobs, the kernel's softirq work
     # for loopback traffic is mostly charged to the processes themselves): noise indicator.
     if "machine_cpu_s" in out:
-        # (soft)irq time (mostly this run's own loopback traffic) and steal are not charged
-        # to any process: count them apart from "other", which is then other processes.
+        # Steal is no process's: count it apart. (Soft)irq time is reported for information
+        # only: this kernel also charges it to the interrupted processes (subtracting it made
+        # "other" negative under load), so it stays inside "other" and our own figures.
         irq = delta(a, b, "machine", "irq_s") or 0.0
         steal = delta(a, b, "machine", "steal_s") or 0.0
-        other = out["machine_cpu_s"] - irq - steal - sum(
+        other = out["machine_cpu_s"] - steal - sum(
             out.get(f"{w}_cpu_s") or 0.0 for w in ("server", "generator", "redis"))
         out["irq_cpu_pct"] = round(100.0 * irq / wall, 2) if wall > 0 else None
         out["steal_cpu_pct"] = round(100.0 * steal / wall, 2) if wall > 0 else None
+        out["other_includes_irq"] = True
         out["other_cpu_s"] = round(other, 3)
         out["other_cpu_pct"] = round(100.0 * other / wall, 2) if wall > 0 else None
     return out
