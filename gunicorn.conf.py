@@ -35,8 +35,9 @@ _max_connections = _number("MAX_CONNECTIONS", 10000)
 bind = [f"{_host}:{_port}", f"{_host}:{_metrics_port}"]
 worker_class = "gevent"
 workers = _number("WEB_CONCURRENCY", 1)
-# gunicorn's default (1000 per gevent worker) would make client 1001 wait:
-# any one worker must be able to hold the whole MAX_CONNECTIONS, plus HTTP probes.
+# gunicorn's pool (default 1000 per gevent worker) bounds requests in flight. An
+# established WebSocket leaves it (wschat serves it in its own greenlet), but a
+# reconnect storm of MAX_CONNECTIONS handshakes must not queue behind the default.
 worker_connections = _max_connections + 100
 graceful_timeout = int(_number("GRACEFUL_TIMEOUT", 25, float))
 timeout = 30
@@ -126,6 +127,14 @@ def post_worker_init(worker):
     from wschat.factory import attach_worker
 
     attach_worker(worker, _worker_slots, worker._wschat_slot)
+
+
+def worker_exit(server, worker):
+    # Runs in the worker once gunicorn's loop has ended. WebSockets live outside
+    # gunicorn's request pool, so wait here for their 1001 close handshakes.
+    from wschat.factory import finish_worker
+
+    finish_worker(worker)
 
 
 def child_exit(server, worker):

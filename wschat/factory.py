@@ -55,6 +55,7 @@ class Runtime:
     metrics: Any
     prometheus: Any  # the registry /metrics and /metrics/json read (all workers)
     started_at: float
+    shutdown: Any = None  # the greenlet closing every connection when the worker stops
 
 
 def _guest_identity(username: str | None) -> Identity:
@@ -358,4 +359,14 @@ def attach_worker(worker: Any, slots: Any, slot: int) -> None:
         runtime.transport.shutdown(timeout=max(1.0, runtime.settings.graceful_timeout - 3))
         runtime.chat.stores.close()
 
-    gevent.spawn(watch_for_shutdown)
+    runtime.shutdown = gevent.spawn(watch_for_shutdown)
+
+
+def finish_worker(worker: Any) -> None:
+    """Called by gunicorn's ``worker_exit``: WebSockets run outside gunicorn's request
+    pool, so the worker must not exit before their close handshakes are done."""
+    runtime = _current
+    if runtime is None or runtime.shutdown is None:
+        return
+    worker.alive = False
+    runtime.shutdown.join(timeout=runtime.settings.graceful_timeout)

@@ -1,18 +1,21 @@
 """The WebSocket edge: admission before the upgrade, then one connection's I/O.
 
 flask-sock registers ``/ws`` and performs the RFC 6455 handshake (through
-simple-websocket and wsproto). From then on :class:`WebSocketConnection` drives
-the socket itself, in the request's own greenlet, with wsproto as the frame
-parser:
+simple-websocket and wsproto). Then :meth:`Transport.serve` takes the socket
+over (a duplicate of its descriptor) and lets the request finish, which frees
+Flask's request context, the WSGI environ, gunicorn's request objects and the
+deep request stack: about half of an idle connection's memory. From then on
+:class:`WebSocketConnection` drives the socket in a greenlet of its own, with
+wsproto's frame parser:
 
-* reading: the handler greenlet reads, parses and dispatches (simple-websocket's
-  second reader greenlet per connection is never started);
+* reading: that one greenlet reads, parses and dispatches (simple-websocket's
+  reader greenlet is never started);
 * writing: ``send_frame`` tries one non-blocking ``send`` of the already-encoded
   frame; only what the kernel does not take is queued, and a flusher greenlet
   exists only while a queue does. A queue over ``MAX_OUTBOUND_BYTES`` closes
   the connection (4101 slow consumer), so one slow member never stalls a room
   and memory stays bounded;
-* one :class:`Ticker` greenlet per worker sends heartbeats, closes silent peers
+* one timer greenlet per worker sends heartbeats, closes silent peers
   and drives the chat core's timers.
 """
 
@@ -353,21 +356,22 @@ class Transport:
 
     def serve(self, ws: Any, identity: Identity, authenticated: bool, remote_addr: str,
               echo: bool = False) -> WebSocketConnection:
-        """Run one accepted WebSocket (from flask-sock) until it ends."""
+        """Take over one accepted WebSocket (from flask-sock) and serve it in a new greenlet.
+
+        The request greenlet returns at once; gunicorn then closes its copy of the
+        descriptor, while ours keeps the connection open.
+        """
         self.start()
-        conn = WebSocketConnection(self, ws.sock, ws.ws, self.new_conn_id(), identity,
+        sock = ws.sock.dup()
+        ws.connected = False  # flask-sock must not write a close frame
+        conn = WebSocketConnection(self, sock, ws.ws.connection, self.new_conn_id(), identity,
                                    authenticated, remote_addr, echo)
         self.connections.add(conn)
         self.metrics.connection_opened()
-        self.metrics.greenlets(1)
         log.info("open conn=%s user=%s addr=%s", conn.conn_id, conn.user_id, remote_addr,
                  extra={"event": "open", "conn": conn.conn_id, "user": conn.user_id,
                         "addr": remote_addr})
-        try:
-            conn.run()
-        finally:
-            self.metrics.greenlets(-1)
-            ws.connected = False  # flask-sock must not write a second close frame
+        self.spawn(conn.run)
         return conn
 
     def forget(self, conn: WebSocketConnection) -> None:
