@@ -272,3 +272,39 @@ def test_internal_error_is_contained(chat: Chat) -> None:
                                      "message": "internal error", "id": 1}
     send(chat, b, type="join", room="r")
     assert b.events("joined")
+
+
+def test_failed_leave_on_close_is_retried(chat: Chat) -> None:
+    """A leave the store refused while a connection closed is retried by tick():
+    the room is cleaned up and the others see offline once it succeeds."""
+    from wschat.stores.base import Unavailable
+
+    a, b = connect(chat, "a"), connect(chat, "b")
+    send(chat, a, type="join", room="r")
+    send(chat, b, type="join", room="r")
+    leave, disconnect = chat.stores.rooms.leave, chat.stores.presence.disconnect
+    failing = {"on": True}
+
+    def flaky_leave(*args: Any) -> Any:
+        if failing["on"]:
+            raise Unavailable("redis: ConnectionError")
+        return leave(*args)
+
+    def flaky_disconnect(*args: Any) -> Any:
+        if failing["on"]:
+            raise Unavailable("redis: ConnectionError")
+        return disconnect(*args)
+
+    chat.stores.rooms.leave = flaky_leave  # type: ignore[method-assign]
+    chat.stores.presence.disconnect = flaky_disconnect  # type: ignore[method-assign]
+    chat.close(b)
+    chat.tick()
+    assert [e["user_id"] for e in a.events("presence") if e["status"] == "offline"] == []
+    assert chat.stores.rooms.totals() == (1, 2)
+    failing["on"] = False
+    chat.tick()
+    assert [e["user_id"] for e in a.events("presence") if e["status"] == "offline"] == ["b"]
+    assert chat.stores.rooms.totals() == (1, 1)
+    assert not chat.stores.presence.is_online("b")
+    chat.tick()
+    assert len(a.events("presence")) == 2  # online once, offline once: no repeats

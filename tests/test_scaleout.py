@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import jwt
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from conftest import IN_CI, SCALE, TIMEOUT, Client, Server, free_port, redis_url_or_skip, wait_until
 
@@ -256,3 +257,34 @@ def test_redis_restart_mid_conversation(private_redis) -> None:
             assert "redis pub/sub reconnected" in server.output()
         x.close()
         y.close()
+
+
+def test_sigterm_releases_memberships_at_once(pair: tuple[Server, Server]) -> None:
+    """A server stopping (SIGTERM) takes its users out of Redis in one step: the other
+    server sees them offline at once, and nothing of them is left behind."""
+    a, _ = pair
+    url = a.env["REDIS_URL"]
+    r = room()
+    leaving = Server({**COMMON, "REDIS_URL": url}, workers=2).start()
+    try:
+        with Client(a.url) as watcher:
+            watcher.join(r)
+            clients = [Client(leaving.url, f"username=bye{i}") for i in range(20)]
+            for c in clients:
+                c.join(r)
+            ids = {c.user_id for c in clients}
+            for _ in clients:
+                watcher.expect("presence", status="online")
+            assert leaving.stop() == 0
+            gone = {watcher.expect("presence", status="offline")["user_id"] for _ in clients}
+            assert gone == ids
+            users = watcher.request({"type": "list_users", "room": r}, "users")["users"]
+            assert [u["user_id"] for u in users] == [watcher.user_id]
+            assert "released" in leaving.output()
+            for c in clients:
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        c.recv()
+                assert c.ws.close_code == 1001
+    finally:
+        leaving.kill()

@@ -455,3 +455,28 @@ def test_worker_connections_allows_max_connections() -> None:
 
     cfg = runpy.run_path(str(__import__("conftest").ROOT / "gunicorn.conf.py"))
     assert cfg["worker_connections"] >= 10000
+
+
+def test_heartbeat_pings_are_spread_over_the_interval() -> None:
+    """Each connection's ping has its own phase: 40 connections opened together are not
+    all pinged in the same instant (10,000 at once stalled delivery for ~200 ms)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rawws import OP_PING, RawClient
+
+    interval = 2.0
+    with Server({"HEARTBEAT_INTERVAL": str(interval)}) as srv:
+        clients = [RawClient(srv.port) for _ in range(40)]
+
+        def first_ping(client: RawClient) -> float:
+            while client.next_frame(timeout=2 * interval + TIMEOUT)[0] != OP_PING:
+                pass
+            return time.monotonic()
+
+        try:
+            with ThreadPoolExecutor(len(clients)) as pool:
+                times = list(pool.map(first_ping, clients))
+        finally:
+            for client in clients:
+                client.close()
+    assert max(times) - min(times) > interval / 4, sorted(t - min(times) for t in times)

@@ -10,6 +10,7 @@ rooms and presence are cleaned up, whatever ended it.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 import itertools
 import logging
 import time
@@ -120,6 +121,9 @@ class Chat:
         self._typing_deadlines = _Deadlines()
         self._auth_deadlines = _Deadlines()
         self._expiry_deadlines = _Deadlines()
+        # Store clean-ups that failed (Redis briefly unreachable, pool exhausted in a
+        # disconnect storm): retried from tick() so no membership is left behind.
+        self._unfinished: deque[tuple[Session, str | None]] = deque()
         stores.broker.on_reconnect = self.resync
         stores.broker.start(self.hub.deliver_room, self.hub.deliver_user)
         self._handlers: dict[type, Callable[[Session, Any], None]] = {
@@ -171,16 +175,38 @@ class Chat:
             return
         session.closed_by_chat = True
         for room in list(session.rooms):
+            self._forget_locally(session, room)
             try:
-                self._leave_room(session, room)
-            except Exception:  # a store outage must not leave the rest undone
-                log.warning("could not leave room %s for %s", room, session.conn_id,
-                            exc_info=True)
+                self._store_leave(session, room)
+            except Exception as exc:  # retried from tick(); the rest goes on
+                log.warning("could not leave room %s for %s (%s); will retry", room,
+                            session.conn_id, exc)
+                self._unfinished.append((session, room))
         try:
             self.stores.presence.disconnect(session.conn_id, session.user_id)
-        except Exception:
-            log.warning("could not clear presence of %s", session.conn_id, exc_info=True)
+        except Exception as exc:
+            log.warning("could not clear presence of %s (%s); will retry", session.conn_id, exc)
+            self._unfinished.append((session, None))
         self.hub.remove_user(session)
+
+    def shutdown(self) -> None:
+        """The worker stops: take all its connections out of the shared store at once
+        (one Redis script instead of a leave per connection and room)."""
+        if self.stores.release_local():
+            for session in self.hub.sessions():
+                session.closed_by_chat = True
+
+    def _retry_unfinished(self, budget: int = 500) -> None:
+        for _ in range(min(budget, len(self._unfinished))):
+            session, room = self._unfinished[0]
+            try:
+                if room is None:
+                    self.stores.presence.disconnect(session.conn_id, session.user_id)
+                else:
+                    self._store_leave(session, room)
+            except Exception:
+                return  # still failing: try again on the next tick
+            self._unfinished.popleft()
 
     def resync(self) -> None:
         """Re-register every local connection after the shared store came back.
@@ -229,7 +255,10 @@ class Chat:
                                        command.request_id if command else None).to_event())
 
     def tick(self) -> None:
-        """Expire typing indicators, tokens and auth deadlines (called about once a second)."""
+        """Expire typing indicators, tokens and auth deadlines, retry failed clean-ups
+        (called about once a second)."""
+        if self._unfinished:
+            self._retry_unfinished()
         now = self.monotonic()
         for session, room in self._typing_deadlines.due(now):
             deadline = session.typing.get(room)
@@ -362,10 +391,19 @@ class Chat:
         session.send(encode_reply("left", cmd.request_id, room=cmd.room))
 
     def _leave_room(self, session: Session, room: str) -> None:
+        self._forget_locally(session, room)
+        self._store_leave(session, room)
+
+    def _forget_locally(self, session: Session, room: str) -> None:
         session.rooms.discard(room)
         self.hub.remove_member(room, session)
         if session.typing.pop(room, None) is not None:
-            self._publish_typing(session, room, False)
+            try:
+                self._publish_typing(session, room, False)
+            except Exception:
+                pass  # best effort: the typing indicator expires on the clients anyway
+
+    def _store_leave(self, session: Session, room: str) -> None:
         result = self.stores.rooms.leave(room, session.conn_id, session.user_id)
         if result.last_of_user:
             self.stores.broker.publish_room(

@@ -44,6 +44,8 @@ class LocalHub:
     def _ensure_room(self, room: str) -> None:
         if room not in self.rooms and room not in self._recovering:
             self._broker.subscribe_room(room)
+        else:  # another local member's subscription may still be on its way
+            self._broker.await_room(room)
 
     def _maybe_drop_room(self, room: str) -> None:
         if room not in self.rooms and room not in self._recovering:

@@ -25,6 +25,7 @@ import enum
 import itertools
 import logging
 import os
+import random
 import secrets
 import socket
 import struct
@@ -71,7 +72,7 @@ class NoReaderThread:
 class WebSocketConnection(Session):
     __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
                  "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
-                 "close_code", "close_reason", "echo", "_progress_at")
+                 "close_code", "close_reason", "echo", "_progress_at", "next_ping")
 
     def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
                  conn_id: str, identity: Identity, authenticated: bool,
@@ -104,6 +105,9 @@ class WebSocketConnection(Session):
         self._part_size = 0
         self.state = ConnState.OPEN
         self.last_seen = time.monotonic()
+        # Each connection's pings keep their own phase, spread over the interval:
+        # 10,000 pings (and 10,000 pongs) at once stalled delivery for ~200 ms.
+        self.next_ping = self.last_seen + random.random() * transport.heartbeat_interval
         self.close_code: int | None = None
         self.close_reason = ""
 
@@ -408,7 +412,6 @@ class Transport:
         self.metrics.greenlets(-1)
 
     def _tick_forever(self) -> None:
-        next_beat = time.monotonic() + self.heartbeat_interval
         # Silence is checked every step, so a dead peer goes within two
         # intervals plus one step, not up to three intervals.
         step = min(1.0, self.heartbeat_interval / 4, self.chat.settings.typing_timeout / 4)
@@ -416,16 +419,13 @@ class Transport:
             gevent.sleep(step)
             try:
                 self.chat.tick()
-                now = time.monotonic()
-                ping = now >= next_beat
-                if ping:
-                    next_beat = now + self.heartbeat_interval
-                self.heartbeat(now, ping)
+                self.heartbeat(time.monotonic())
             except Exception:
                 log.exception("timer failed")
 
-    def heartbeat(self, now: float, ping: bool = True) -> None:
-        """Close peers silent for two intervals and backlogs stuck as long; maybe ping.
+    def heartbeat(self, now: float) -> None:
+        """Close peers silent for two intervals and backlogs stuck as long; ping the
+        connections whose turn it is (each once per interval, phases spread out).
 
         One loop and one shared ping frame per worker, never a timer per connection.
         A silent peer is not waiting for our close frame: it gets at most one
@@ -443,13 +443,18 @@ class Transport:
                 # It talks but has not read a byte for two intervals: a stuck
                 # flusher must not hold the connection and its backlog forever.
                 conn._drop_slow_consumer()
-            elif ping:
+            elif now >= conn.next_ping:
+                conn.next_ping = now + self.heartbeat_interval
                 conn._write(PING_FRAME)
 
     # -- shutdown ----------------------------------------------------------------------
     def shutdown(self, timeout: float) -> None:
         """Close every connection with 1001 and wait (bounded) until they are gone."""
         self.shutting_down = True
+        try:
+            self.chat.shutdown()
+        except Exception:
+            log.exception("releasing this worker's connections from the store failed")
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
         deadline = time.monotonic() + timeout

@@ -200,6 +200,9 @@ class Broker(ABC):
     @abstractmethod
     def unsubscribe_room(self, room: str) -> None: ...
 
+    def await_room(self, room: str) -> None:
+        """Return once this worker's subscription to ``room`` is active (it may be pending)."""
+
     @abstractmethod
     def subscribe_user(self, user_id: str) -> None: ...
 
@@ -239,3 +242,8 @@ class Stores:
     def close(self) -> None:
         self.messages.close()
         self.broker.close()
+
+    def release_local(self) -> bool:
+        """Shutdown: remove this worker's memberships and presence from the shared store
+        in one step. False means each connection must leave by itself (memory)."""
+        return False
