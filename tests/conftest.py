@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,6 +216,21 @@ class Client:
         except (AssertionError, TimeoutError):
             return
         raise AssertionError(f"unexpected event {event}")
+
+    def close_code_when_closed(self, timeout: float = TIMEOUT) -> int | None:
+        """Read (and drop) events until the server closes; its close code."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"the server did not close within {timeout}s")
+                try:
+                    self.ws.recv(left)
+                except TimeoutError:
+                    continue
+        except ConnectionClosed:
+            return self.ws.close_code
 
     def close(self) -> None:
         self.ws.close()

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
 from conftest import TIMEOUT, Client, Server, redis_url_or_skip, wait_until
-from rawws import OP_CLOSE, OP_PING, OP_TEXT, Closed, RawClient
+from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawClient
 
 SECRET = "limits-secret-0123456789abcdef0123"
 RATE, BURST = 20, 10
