@@ -13,7 +13,6 @@ import os
 import platform
 import secrets
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable

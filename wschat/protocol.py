@@ -59,7 +59,6 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
     AUTH_TIMEOUT = 4001  # did not authenticate in time (AUTH_REQUIRED)
     TOKEN_EXPIRED = 4002  # token expired and no fresh `auth` arrived
-    AUTH_FAILED = 4003
     HEARTBEAT_TIMEOUT = 4100  # silent for two heartbeat intervals
     SLOW_CONSUMER = 4101  # outbound backlog passed MAX_OUTBOUND_BYTES
     RATE_LIMITED = 4102  # kept flooding after rate_limited errors
