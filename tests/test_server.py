@@ -471,3 +471,19 @@ def test_heartbeat_pings_are_spread_over_the_interval() -> None:
             for client in clients:
                 client.close()
     assert max(times) - min(times) > interval / 4, sorted(t - min(times) for t in times)
+
+
+@pytest.mark.parametrize("xff, trusted, expected", [
+    ("", 0, "10.0.0.9"),
+    ("6.6.6.6", 0, "10.0.0.9"),  # no proxy trusted: a client's header is ignored
+    ("1.2.3.4", 1, "1.2.3.4"),
+    ("6.6.6.6, 1.2.3.4", 1, "1.2.3.4"),  # the client prepended a fake entry
+    ("6.6.6.6, 1.2.3.4, 10.1.1.1", 2, "1.2.3.4"),
+    ("1.2.3.4", 2, "10.0.0.9"),  # fewer entries than proxies: not through them all
+])
+def test_client_address_behind_trusted_proxies(xff: str, trusted: int, expected: str) -> None:
+    """TRUSTED_PROXIES picks the address the outermost trusted proxy saw, never a claim."""
+    from wschat.transport import remote_address
+
+    environ = {"REMOTE_ADDR": "10.0.0.9", "HTTP_X_FORWARDED_FOR": xff}
+    assert remote_address(environ, trusted) == expected

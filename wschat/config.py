@@ -149,6 +149,7 @@ class Settings:
     room_ttl: float = _var("ROOM_TTL", _float(1.0), 3600.0)
     typing_timeout: float = _var("TYPING_TIMEOUT", _float(0.05), 5.0)
     allowed_origins: tuple[str, ...] = _var("ALLOWED_ORIGINS", _csv, ())
+    trusted_proxies: int = _var("TRUSTED_PROXIES", _int(0, 10), 0)
     log_format: str = _var("LOG_FORMAT", _choice("text", "json"), "text")
     log_level: str = _var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
     graceful_timeout: float = _var("GRACEFUL_TIMEOUT", _float(1.0), 25.0)

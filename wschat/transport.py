@@ -497,6 +497,15 @@ class ConnectionBudget:
         return sum(self._slots)
 
 
-def remote_address(environ: dict[str, Any]) -> str:
-    return str(environ.get("REMOTE_ADDR") or "")
+def remote_address(environ: dict[str, Any], trusted_proxies: int = 0) -> str:
+    """The client's address: the peer, or with ``trusted_proxies`` N > 0 the address the
+    Nth proxy from us recorded in ``X-Forwarded-For`` (entries further left are the
+    client's own claims and are never trusted)."""
+    peer = str(environ.get("REMOTE_ADDR") or "")
+    if trusted_proxies <= 0:
+        return peer
+    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+    # Fewer entries than proxies: the request did not come through them all (or the
+    # header is the client's own invention): only the TCP peer is known for sure.
+    return hops[-trusted_proxies] if len(hops) >= trusted_proxies else peer
 
