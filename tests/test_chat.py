@@ -308,3 +308,20 @@ def test_failed_leave_on_close_is_retried(chat: Chat) -> None:
     assert not chat.stores.presence.is_online("b")
     chat.tick()
     assert len(a.events("presence")) == 2  # online once, offline once: no repeats
+
+
+def test_held_presence_already_in_users_list_is_dropped(chat: Chat) -> None:
+    """Presence that reached this worker late (its change is already in the users list
+    the joiner got) is dropped; real changes after that list are delivered, in order."""
+    from wschat.protocol import encode_presence
+
+    b = connect(chat, "b")
+    chat.hub.begin_recovery("r", b)
+    for user, status in (("a", "online"),    # a is in b's list already: stale
+                         ("c", "online"),    # c is not: news
+                         ("a", "offline"),   # a left after the list: news
+                         ("a", "online")):   # and came back: news
+        chat.hub.deliver_room("r", encode_presence("r", user, user, status))
+    chat.hub.finish_recovery("r", b, 0, {"a", "b"})
+    assert [(e["user_id"], e["status"]) for e in b.events("presence")] == [
+        ("c", "online"), ("a", "offline"), ("a", "online")]

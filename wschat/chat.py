@@ -381,7 +381,7 @@ class Chat:
             session.send(encode_reply("joined", cmd.request_id, **reply))
             for event in replay.messages:
                 session.send(event)
-        self.hub.finish_recovery(room, session, up_to)
+        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members})
 
     def _leave(self, session: Session, cmd: Leave) -> None:
         if cmd.room not in session.rooms:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import orjson
+
 from .protocol import message_id_of, text_frame
 from .stores.base import Broker
 
@@ -52,10 +54,6 @@ class LocalHub:
             self._broker.unsubscribe_room(room)
             self.max_seen.pop(room, None)
 
-    def add_member(self, room: str, session: Session) -> None:
-        self._ensure_room(room)
-        self.rooms.setdefault(room, {})[session] = None
-
     def begin_recovery(self, room: str, session: Session) -> None:
         """Subscribe ``session`` to ``room`` but hold its live events (see finish_recovery)."""
         self._ensure_room(room)
@@ -66,18 +64,37 @@ class LocalHub:
             if not members:
                 del self.rooms[room]
 
-    def finish_recovery(self, room: str, session: Session, replayed_up_to: int) -> None:
-        """Send what arrived during the replay (minus messages it already held), go live."""
+    def finish_recovery(self, room: str, session: Session, replayed_up_to: int,
+                        present: set[str]) -> None:
+        """Send what arrived while the session joined, then go live.
+
+        Held events may predate the state the session was just given (a publish
+        reaches this worker through the broker after the store changed), so
+        messages it already has (id <= ``replayed_up_to``) and presence changes its
+        ``users`` list (``present``: user ids) already shows are dropped.
+        """
         waiting = self._recovering.get(room)
         recovery = waiting.pop(session, None) if waiting else None
         if waiting is not None and not waiting:
             del self._recovering[room]
         if recovery is None:
             return
+        present = set(present)
         for event in recovery.pending:
             msg_id = message_id_of(event)
-            if msg_id is None or msg_id > replayed_up_to:
-                session.send_frame(text_frame(event))
+            if msg_id is not None:
+                if msg_id <= replayed_up_to:
+                    continue
+            elif b'"type":"presence"' in event:  # unescaped: only the event's own type
+                change = orjson.loads(event)
+                user_id, online = change.get("user_id"), change.get("status") == "online"
+                if (user_id in present) == online:
+                    continue  # already reflected in the users list it got
+                if online:
+                    present.add(user_id)
+                else:
+                    present.discard(user_id)
+            session.send_frame(text_frame(event))
         self.rooms.setdefault(room, {})[session] = None
 
     def remove_member(self, room: str, session: Session) -> None:
