@@ -22,7 +22,7 @@ from .config import Settings
 from .hub import LocalHub
 from .protocol import (
     Auth, CloseCode, Command, ErrorCode, History, Join, Leave, Limits, ListUsers, Ping,
-    ProtocolError, SendDm, SendMessage, Typing, draft_dm, draft_message, encode_history,
+    ProtocolError, RequestId, SendDm, SendMessage, Typing, draft_dm, draft_message, encode_history,
     encode_presence, encode_reply, encode_typing, message_id_of, parse_command, text_frame,
 )
 from .ratelimit import RateLimiter
@@ -145,9 +145,11 @@ class Chat:
         for event in backlog or ():
             session.send(event)
 
-    def _welcome(self, session: Session, backlog: list[bytes] | None = None) -> bytes:
+    def _welcome(self, session: Session, backlog: list[bytes] | None = None,
+                 request_id: RequestId = None) -> bytes:
         extra = {} if backlog is None else {"dm_backlog": len(backlog)}
-        return encode_reply("welcome", user_id=session.user_id, username=session.username,
+        return encode_reply("welcome", request_id, user_id=session.user_id,
+                            username=session.username,
                             authenticated=session.authenticated,
                             auth_required=self.settings.auth_required,
                             heartbeat_interval=self.settings.heartbeat_interval, **extra)
@@ -335,11 +337,7 @@ class Chat:
         session.expires_at = identity.expires_at
         self._watch_expiry(session)
         backlog = self._dm_backlog(session)
-        extra = {} if backlog is None else {"dm_backlog": len(backlog)}
-        session.send(self._welcome(session, backlog) if cmd.request_id is None else encode_reply(
-            "welcome", cmd.request_id, user_id=session.user_id, username=session.username,
-            authenticated=True, auth_required=self.settings.auth_required,
-            heartbeat_interval=self.settings.heartbeat_interval, **extra))
+        session.send(self._welcome(session, backlog, cmd.request_id))
         for event in backlog or ():
             session.send(event)
 

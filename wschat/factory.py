@@ -157,7 +157,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     @sock.route(WS_PATH)
     def websocket(ws: Any) -> None:
         identity, authenticated = g.pop("wschat_admission")
-        transport.serve(ws, identity, authenticated, remote_address(request.environ, settings.trusted_proxies))
+        transport.serve(ws, identity, authenticated,
+                        remote_address(request.environ, settings.trusted_proxies))
 
     if echo_enabled:
         log.warning("WSCHAT_ECHO_ENDPOINT=1: %s echoes messages; for conformance tests only",
@@ -166,7 +167,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         @sock.route(ECHO_PATH)
         def echo(ws: Any) -> None:
             identity, authenticated = g.pop("wschat_admission")
-            transport.serve(ws, identity, authenticated, remote_address(request.environ, settings.trusted_proxies),
+            transport.serve(ws, identity, authenticated,
+                            remote_address(request.environ, settings.trusted_proxies),
                             echo=True)
 
     @app.teardown_request

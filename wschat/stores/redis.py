@@ -668,12 +668,10 @@ class NodeKeeper:
             node_id = raw.decode()
             if node_id == self._node.node_id:
                 continue
-            keys = [NODES, f"{PREFIX}node:{node_id}:memberships", f"{PREFIX}node:{node_id}:conns",
-                    PRESENCE, ROOMS, MEMBERSHIPS]
-            count = self._reap(keys=keys, args=[node_id, PREFIX, self._room_ttl])
+            count = self._reap_node(node_id)
             if count:
                 log.warning("reaped %d memberships of dead node %s", count, node_id)
-            reaped += int(count or 0)
+            reaped += count
         return reaped
 
     def stop(self) -> None:
@@ -689,10 +687,14 @@ class NodeKeeper:
         one script instead of a leave per connection and room at shutdown."""
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
-        keys = [NODES, self._node.memberships, self._node.conns, PRESENCE, ROOMS, MEMBERSHIPS]
         self._client.zadd(NODES, {self._node.node_id: 0})  # the script removes it again
-        return int(self._reap(keys=keys, args=[self._node.node_id, PREFIX, self._room_ttl])
-                   or 0)
+        return self._reap_node(self._node.node_id)
+
+    def _reap_node(self, node_id: str) -> int:
+        """Run REAP_LUA on one node's registrations (see _Node for the key names)."""
+        keys = [NODES, f"{PREFIX}node:{node_id}:memberships", f"{PREFIX}node:{node_id}:conns",
+                PRESENCE, ROOMS, MEMBERSHIPS]
+        return int(self._reap(keys=keys, args=[node_id, PREFIX, self._room_ttl]) or 0)
 
 
 class RedisStores(Stores):
