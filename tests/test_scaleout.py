@@ -284,3 +284,31 @@ def test_sigterm_releases_memberships_at_once(pair: tuple[Server, Server]) -> No
                 assert c.close_code_when_closed() == 1001
     finally:
         leaving.kill()
+
+
+def test_worker_boots_while_redis_is_down(private_redis) -> None:
+    """A server started while Redis is down boots, is not ready, and becomes ready
+    by itself once Redis is back (gunicorn would stop if a worker failed to boot)."""
+    url, (start_redis, stop_redis) = private_redis
+    stop_redis()
+    srv = Server({**COMMON, "REDIS_URL": url}, workers=2)
+    srv.start(wait=False)
+    try:
+        wait_until(lambda: _status(srv, "/health") == 200, timeout=20 * SCALE,
+                   message="the server to boot without Redis")
+        assert _status(srv, "/ready") == 503
+        start_redis()
+        wait_until(lambda: _status(srv, "/ready") == 200, timeout=15 * SCALE,
+                   message="readiness once Redis is back")
+        with Client(srv.url) as c:
+            assert c.join(room())["users"][0]["user_id"] == c.user_id
+    finally:
+        srv.stop()
+        srv.kill()
+
+
+def _status(server: Server, path: str) -> int | None:
+    try:
+        return server.http(path)[0]
+    except OSError:
+        return None

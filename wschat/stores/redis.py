@@ -486,7 +486,13 @@ class RedisBroker(Broker):
 
     def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:
         self._on_room, self._on_user = on_room, on_user
-        self._connect()
+        try:
+            self._connect()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            # A worker (re)started during an outage must still boot: gunicorn stops
+            # the whole server when a worker fails to. /ready stays 503 meanwhile.
+            log.warning("redis unreachable at start (%s); retrying in the background", exc)
+            self._healthy = False
         self._listener = gevent.spawn(self._listen_forever)
 
     def _connect(self) -> None:
