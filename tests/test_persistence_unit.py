@@ -8,6 +8,7 @@ publish, retries racing inside one batch, a schema newer than the server).
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,33 @@ def test_ids_are_gap_free_per_room_and_retries_return_the_original(
     assert [(p.msg_id, p.duplicate) for p in later] == [(1, True), (3, False), (4, False)]
     assert [message_id_of(e) for e in message_log.before(a, None, 10)] == [1, 2, 3, 4]
     assert message_log.last_id(a) == 4 and message_log.last_id(b) == 1
+
+
+HOSTILE_TEXTS = ['quote " backslash \\ slash / \\" \\\\u0041', "\\u0000 and \x01\x1f\n\t\r",
+                 "ünïcödé 漢字 😀 \u2028\u2029 \ufeff", "' OR 1=1; -- ", "]}{[\",", ""]
+
+
+def test_hostile_text_is_stored_byte_for_byte(message_log: MessageLog) -> None:
+    """A batch's rows travel to the database as one JSON parameter: whatever a message holds
+    (quotes, backslashes, escapes, control characters, emoji, SQL), the stored event is the
+    exact bytes every client was sent, and so is a kept DM."""
+    room = f'r-{uuid.uuid4().hex[:6]}'
+    user = 'u"\\ü'
+    posts = [room_post(room, text, cmid=f'k"{i}\\', user=user)
+             for i, text in enumerate(HOSTILE_TEXTS)]
+    bob = f"bob-{uuid.uuid4().hex[:6]}"
+    kept = DmPost(sender_id=user, recipient_id=bob, created_ms=1, delivered=False,
+                  draft=draft_dm(bob, user, user, HOSTILE_TEXTS[0] + HOSTILE_TEXTS[2], 1, None))
+    message_log.write([Arrival(user_id=bob, username="bob", seen_ms=1)])
+    message_log.write([*posts, kept])  # type: ignore[list-item]
+    assert message_log.before(room, None, 100) == [p.event for p in posts]
+    assert [json.loads(p.event)["text"] for p in posts] == HOSTILE_TEXTS
+    arrival = Arrival(user_id=bob, username="bob", seen_ms=2)
+    message_log.write([arrival])
+    assert arrival.backlog == [kept.event]
+    retries = [room_post(room, "again", cmid=f'k"{i}\\', user=user) for i in range(2)]
+    message_log.write(retries)  # type: ignore[arg-type]
+    assert [(r.msg_id, r.event) for r in retries] == [(p.msg_id, p.event) for p in posts[:2]]
 
 
 def test_kept_dms_are_claimed_once(message_log: MessageLog) -> None:

@@ -42,6 +42,7 @@ import gevent.event
 import gevent.lock
 import gevent.queue
 import gevent.threadpool
+import orjson
 
 from .protocol import MessageDraft, stored_id_of
 from .stores.base import Unavailable
@@ -51,6 +52,7 @@ log = logging.getLogger("wschat.persistence")
 DEFAULT_DATABASE_URL = "sqlite:///wschat.db"
 DM_SCOPE = "dm"
 SQLITE_BUSY_TIMEOUT_MS = 1000
+SQLITE_MIN_VERSION = (3, 38, 0)
 PG_CONNECT_TIMEOUT_S = 3
 PG_STATEMENT_TIMEOUT_MS = 5000
 PG_READ_POOL = 4
@@ -174,22 +176,12 @@ class _PostgresDialect(_Dialect):
         return f"{column} = ANY(%s)", [list(values)]
 
 
-ROOM_SEQ_SQL = (
-    "INSERT INTO sequences (scope, last_id) VALUES"
-    " (?, (SELECT COALESCE(MAX(id), 0) FROM messages WHERE room = ?) + ?)"
-    " ON CONFLICT (scope) DO UPDATE SET last_id = sequences.last_id + ? RETURNING last_id")
 DM_SEQ_SQL = (
     "INSERT INTO sequences (scope, last_id) VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM dms) + ?)"
     " ON CONFLICT (scope) DO UPDATE SET last_id = sequences.last_id + ? RETURNING last_id")
 FLOOR_SQL = (
     "INSERT INTO sequences (scope, last_id) VALUES (?, ?) ON CONFLICT (scope)"
     " DO UPDATE SET last_id = {greatest}(sequences.last_id, excluded.last_id)")
-INSERT_MESSAGE_SQL = (
-    "INSERT INTO messages (room, id, user_id, client_msg_id, created_ms, event)"
-    " VALUES (?, ?, ?, ?, ?, ?)")
-INSERT_DM_SQL = (
-    "INSERT INTO dms (id, sender_id, recipient_id, client_msg_id, created_ms, delivered, event)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)")
 UPSERT_USER_SQL = (
     "INSERT INTO users (user_id, username, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (user_id) DO UPDATE SET username = excluded.username,"
@@ -206,18 +198,49 @@ AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LI
 KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
 # PostgreSQL: every room of a batch in one statement. Rows are inserted (and their
 # sequence rows locked) in scope order, so two writers cannot deadlock.
+# A batch is a fixed handful of statements whatever its size, its rows passed as one
+# JSON parameter (see _json_rows). PostgreSQL: every statement costs a wait on the
+# socket, and psycopg adapts a JSON string in C where it adapts arrays element by
+# element in Python. SQLite: the writer thread needs the GIL back after every
+# sqlite3_step, and while the worker's main thread is busy that can take a GIL
+# switch interval (5 ms); one statement per room, or executemany (a step per row),
+# made a batch cost milliseconds per message under load.
+#
+# PostgreSQL: every room of a batch in one statement. Sequence rows are locked in
+# room order, so two writers cannot deadlock.
 PG_ROOM_SEQS_SQL = (
-    "WITH batch (scope, room, n) AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))"
+    "WITH batch (room, n) AS (SELECT key, value::bigint FROM json_each_text(%s::json))"
     " INSERT INTO sequences AS s (scope, last_id)"
-    " SELECT scope, COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = batch.room), 0) + n"
-    " FROM batch ORDER BY scope"
+    " SELECT 'room:' || room,"
+    " COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = batch.room), 0) + n"
+    " FROM batch ORDER BY room"
     " ON CONFLICT (scope) DO UPDATE SET last_id = s.last_id"
-    " + (SELECT n FROM batch WHERE batch.scope = excluded.scope)"
+    " + (SELECT n FROM batch WHERE 'room:' || batch.room = excluded.scope)"
     " RETURNING s.scope, s.last_id")
 PG_INSERT_MESSAGES_SQL = (
     "INSERT INTO messages (room, id, user_id, client_msg_id, created_ms, event)"
-    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[],"
-    " %s::bytea[])")
+    " SELECT r ->> 0, (r ->> 1)::bigint, r ->> 2, r ->> 3, (r ->> 4)::bigint,"
+    " convert_to(r ->> 5, 'UTF8') FROM json_array_elements(%s::json) AS r")
+PG_INSERT_DMS_SQL = (
+    "INSERT INTO dms (id, sender_id, recipient_id, client_msg_id, created_ms, delivered, event)"
+    " SELECT (r ->> 0)::bigint, r ->> 1, r ->> 2, r ->> 3, (r ->> 4)::bigint,"
+    " (r ->> 5)::boolean, convert_to(r ->> 6, 'UTF8') FROM json_array_elements(%s::json) AS r")
+# SQLite: the write lock (BEGIN IMMEDIATE) makes the read-then-write of the sequences safe.
+SQLITE_ROOM_LAST_IDS_SQL = (
+    "SELECT json_group_object(key, COALESCE("
+    "(SELECT last_id FROM sequences WHERE scope = 'room:' || key),"
+    " (SELECT MAX(id) FROM messages WHERE room = key), 0)) FROM json_each(?)")
+SQLITE_SET_SEQUENCES_SQL = (
+    "INSERT INTO sequences (scope, last_id) SELECT key, value FROM json_each(?) WHERE true"
+    " ON CONFLICT (scope) DO UPDATE SET last_id = excluded.last_id")
+SQLITE_INSERT_MESSAGES_SQL = (
+    "INSERT INTO messages (room, id, user_id, client_msg_id, created_ms, event)"
+    " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,"
+    " CAST(value ->> 5 AS BLOB) FROM json_each(?)")
+SQLITE_INSERT_DMS_SQL = (
+    "INSERT INTO dms (id, sender_id, recipient_id, client_msg_id, created_ms, delivered, event)"
+    " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5,"
+    " CAST(value ->> 6 AS BLOB) FROM json_each(?)")
 VERSION_TABLE_SQL = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
     " description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
@@ -229,10 +252,6 @@ class MessageLog:
 
     dialect: _Dialect
     url_for_logs = ""
-    # True: results may be read after later statements were sent (PostgreSQL's
-    # pipeline mode). SQLite reads them at once: a statement left open cannot be
-    # reused from sqlite3's statement cache and would be compiled again.
-    pipelined = False
 
     # -- where statements run: implemented by the backends ---------------------------
     def _write_call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -244,7 +263,15 @@ class MessageLog:
     def _transaction(self, conn: Any, fn: Callable[..., Any], *args: Any) -> Any:
         raise NotImplementedError
 
-    def _executemany(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def _take_room_ids(self, conn: Any, counts: dict[str, int]) -> dict[str, int]:
+        """Take ``n`` ids in each room's sequence (locking its row until COMMIT); return
+        each room's last id now taken."""
+        raise NotImplementedError
+
+    def _insert_messages(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def _insert_dms(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
 
     def _is_conflict(self, exc: BaseException) -> bool:
@@ -269,12 +296,12 @@ class MessageLog:
         fails the transaction on the unique index; the retry then finds it.
         """
         try:
-            self._write_call(self._write_transaction, jobs)
+            self._write_call(self._transaction, self._apply, jobs)
         except DatabaseUnavailable as exc:
             if not self._is_conflict(exc.__cause__ or exc):
                 raise
             log.info("client_msg_id raced with another writer; retrying the batch")
-            self._write_call(self._write_transaction, jobs)
+            self._write_call(self._transaction, self._apply, jobs)
 
     def last_id(self, room: str) -> int:
         return int(self._read_call(self._scalar, LAST_ID_SQL, (room_scope(room), room)) or 0)
@@ -332,9 +359,6 @@ class MessageLog:
             current = version
         return int(current)
 
-    def _write_transaction(self, conn: Any, jobs: list[Job]) -> None:
-        self._transaction(conn, self._apply, jobs)
-
     def _apply(self, conn: Any, jobs: list[Job]) -> None:
         d = self.dialect
         rooms = [j for j in jobs if isinstance(j, RoomPost)]
@@ -349,64 +373,36 @@ class MessageLog:
         by_room: dict[str, list[RoomPost]] = {}
         for post in new_rooms:
             by_room.setdefault(post.room, []).append(post)
-        # Every statement is issued before any result is read: in PostgreSQL's
-        # pipeline mode the batch then costs about one round trip, not one per room.
-        # Rooms are sorted: two writers lock the same sequence rows in the same
-        # order, so they cannot deadlock.
-        sequenced = self._issue_room_sequences(conn, by_room)
-        dm_sequence = (self._issue(conn, d.q(DM_SEQ_SQL), (DM_SCOPE, len(new_dms), len(new_dms)))
-                       if new_dms else None)
-        claims = []
-        for job in jobs:
-            if isinstance(job, Arrival):
-                conn.execute(d.q(UPSERT_USER_SQL),
-                             (job.user_id, job.username, job.seen_ms, job.seen_ms))
-                claims.append((job, self._issue(conn, d.q(CLAIM_DMS_SQL), (job.user_id,))))
-
-        rows: list[tuple[Any, ...]] = []
-        for room, last in self._room_sequences(sequenced):
-            posts = by_room[room]
-            for msg_id, post in enumerate(posts, start=last - len(posts) + 1):
-                assert post.draft is not None
-                post.msg_id, post.event = msg_id, post.draft.with_id(msg_id)
-                rows.append((post.room, msg_id, post.user_id, post.draft.client_msg_id,
-                             post.created_ms, post.event))
-        if rows:
+        if by_room:
+            taken = self._take_room_ids(conn, {room: len(posts) for room, posts in by_room.items()})
+            rows: list[tuple[Any, ...]] = []
+            for room, posts in by_room.items():
+                for msg_id, post in enumerate(posts, start=taken[room] - len(posts) + 1):
+                    assert post.draft is not None
+                    post.msg_id, post.event = msg_id, post.draft.with_id(msg_id)
+                    rows.append((post.room, msg_id, post.user_id, post.draft.client_msg_id,
+                                 post.created_ms, post.event))
             self._insert_messages(conn, rows)
-        if dm_sequence is not None:
-            first_id = int(dm_sequence.fetchone()[0]) - len(new_dms) + 1
+        if new_dms:
+            last = conn.execute(d.q(DM_SEQ_SQL), (DM_SCOPE, len(new_dms), len(new_dms))
+                                ).fetchone()[0]
+            first_id = int(last) - len(new_dms) + 1
             dm_rows = []
             for msg_id, dm in enumerate(new_dms, start=first_id):
                 assert dm.draft is not None
                 dm.msg_id, dm.event = msg_id, dm.draft.with_id(msg_id)
                 dm_rows.append((msg_id, dm.sender_id, dm.recipient_id, dm.draft.client_msg_id,
                                 dm.created_ms, dm.delivered, dm.event))
-            self._executemany(conn, d.q(INSERT_DM_SQL), dm_rows)
+            self._insert_dms(conn, dm_rows)
         for retry, original in room_retries + dm_retries:
             retry.msg_id, retry.event, retry.duplicate = original.msg_id, original.event, True
-        for arrival, cursor in claims:
-            claimed = sorted(cursor.fetchall(), key=lambda row: row[0])
-            arrival.backlog = [bytes(event) for _, event in claimed]
-
-    def _issue_room_sequences(self, conn: Any, by_room: dict[str, list[RoomPost]]) -> Any:
-        """Take ``len(posts)`` ids in each room's sequence (locking its row until COMMIT)."""
-        return [(room, self._issue(conn, self.dialect.q(ROOM_SEQ_SQL),
-                                   (room_scope(room), room, len(by_room[room]),
-                                    len(by_room[room]))))
-                for room in sorted(by_room)]
-
-    def _room_sequences(self, issued: Any) -> Iterable[tuple[str, int]]:
-        """(room, last id now taken) for what :meth:`_issue_room_sequences` sent."""
-        for room, cursor in issued:
-            yield room, int(cursor.fetchone()[0])
-
-    def _insert_messages(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        self._executemany(conn, self.dialect.q(INSERT_MESSAGE_SQL), rows)
-
-    def _issue(self, conn: Any, sql: str, params: Sequence[Any]) -> Any:
-        """Run a statement whose rows are read later (see :attr:`pipelined`)."""
-        cursor = conn.execute(sql, params)
-        return cursor if self.pipelined else _Rows(cursor.fetchall())
+        for job in jobs:
+            if isinstance(job, Arrival):
+                conn.execute(d.q(UPSERT_USER_SQL),
+                             (job.user_id, job.username, job.seen_ms, job.seen_ms))
+                claimed = sorted(conn.execute(d.q(CLAIM_DMS_SQL), (job.user_id,)).fetchall(),
+                                 key=lambda row: row[0])
+                job.backlog = [bytes(event) for _, event in claimed]
 
     def _dedupe(self, conn: Any, posts: list[Any], sql: str, key: Callable[[Any], tuple[str, ...]]
                 ) -> tuple[list[Any], list[tuple[Any, Any]]]:
@@ -452,23 +448,19 @@ DEDUPE_ROOM_SQL = "SELECT room, user_id, client_msg_id, event FROM messages WHER
 DEDUPE_DM_SQL = "SELECT sender_id, client_msg_id, event FROM dms WHERE "
 
 
-class _Rows:
-    """Rows already read, behind the two cursor methods the writer uses."""
-
-    __slots__ = ("_rows",)
-
-    def __init__(self, rows: list[Any]) -> None:
-        self._rows = rows
-
-    def fetchone(self) -> Any:
-        return self._rows[0] if self._rows else None
-
-    def fetchall(self) -> list[Any]:
-        return self._rows
-
-
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer server; this one must not write to it."""
+
+
+def _json(value: Any) -> str:
+    """A statement's JSON parameter, as text: SQLite >= 3.45 would take bytes for JSONB."""
+    return orjson.dumps(value).decode()
+
+
+def _json_rows(rows: list[tuple[Any, ...]]) -> str:
+    """Rows as one JSON array of arrays; the event (the last column: bytes of JSON)
+    travels as a string and is turned back into the identical bytes by the SQL."""
+    return _json([(*row[:-1], row[-1].decode()) for row in rows])
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -492,6 +484,10 @@ class SQLiteLog(MessageLog):
     dialect = _SQLiteDialect()
 
     def __init__(self, path: str) -> None:
+        if sqlite3.sqlite_version_info < SQLITE_MIN_VERSION:
+            raise ImportError(f"SQLite {sqlite3.sqlite_version} is too old for persistence: "
+                              f"it needs {'.'.join(map(str, SQLITE_MIN_VERSION))} or newer "
+                              "(JSON functions and the ->> operator)")
         self.path = path
         self.url_for_logs = f"sqlite:///{path}"
         self._pool = gevent.threadpool.ThreadPool(1)
@@ -547,8 +543,18 @@ class SQLiteLog(MessageLog):
         conn.execute("COMMIT")
         return result
 
-    def _executemany(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        conn.executemany(sql, rows)
+    def _take_room_ids(self, conn: Any, counts: dict[str, int]) -> dict[str, int]:
+        last = orjson.loads(conn.execute(SQLITE_ROOM_LAST_IDS_SQL, (_json(counts),)).fetchone()[0])
+        taken = {room: int(last[room]) + n for room, n in counts.items()}
+        conn.execute(SQLITE_SET_SEQUENCES_SQL,
+                     (_json({room_scope(room): n for room, n in taken.items()}),))
+        return taken
+
+    def _insert_messages(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        conn.execute(SQLITE_INSERT_MESSAGES_SQL, (_json_rows(rows),))
+
+    def _insert_dms(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        conn.execute(SQLITE_INSERT_DMS_SQL, (_json_rows(rows),))
 
     def _is_conflict(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError)
@@ -583,9 +589,6 @@ class PostgresLog(MessageLog):
             raise ImportError(f"psycopg {psycopg.__version__} blocks gevent; "
                               "pip install 'psycopg[binary]>=3.1.14'")
         self._psycopg = psycopg
-        # Pipeline mode needs libpq >= 14 (the binary wheel bundles one); without it
-        # every statement waits for its own reply, which is slower but correct.
-        self.pipelined = psycopg.Pipeline.is_supported()
         self.url = url
         self.url_for_logs = _without_password(url)
         self._writer: Any = None
@@ -649,32 +652,18 @@ class PostgresLog(MessageLog):
         with conn.transaction():
             return fn(conn, *args)
 
-    def _write_transaction(self, conn: Any, jobs: list[Job]) -> None:
-        if not self.pipelined:
-            return super()._write_transaction(conn, jobs)
-        with conn.pipeline():
-            self._transaction(conn, self._apply, jobs)
-
     def _migration_lock(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x77736368,))  # "wsch"
 
-    # One statement per batch instead of one per room: each statement costs a wait
-    # on the socket, and with many rooms per batch those waits were most of the cost.
-    def _issue_room_sequences(self, conn: Any, by_room: dict[str, list[RoomPost]]) -> Any:
-        rooms = sorted(by_room)
-        return conn.execute(PG_ROOM_SEQS_SQL, ([room_scope(r) for r in rooms], rooms,
-                                               [len(by_room[r]) for r in rooms]))
-
-    def _room_sequences(self, issued: Any) -> Iterable[tuple[str, int]]:
-        for scope, last in issued.fetchall():
-            yield scope[len("room:"):], int(last)
+    def _take_room_ids(self, conn: Any, counts: dict[str, int]) -> dict[str, int]:
+        return {scope[len("room:"):]: int(last)
+                for scope, last in conn.execute(PG_ROOM_SEQS_SQL, (_json(counts),)).fetchall()}
 
     def _insert_messages(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        conn.execute(PG_INSERT_MESSAGES_SQL, [list(column) for column in zip(*rows, strict=True)])
+        conn.execute(PG_INSERT_MESSAGES_SQL, (_json_rows(rows),))
 
-    def _executemany(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        with conn.cursor() as cur:
-            cur.executemany(sql, rows)
+    def _insert_dms(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        conn.execute(PG_INSERT_DMS_SQL, (_json_rows(rows),))
 
     def _is_conflict(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
