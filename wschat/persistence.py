@@ -207,15 +207,17 @@ KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
 # made a batch cost milliseconds per message under load.
 #
 # PostgreSQL: every room of a batch in one statement. Sequence rows are locked in
-# room order, so two writers cannot deadlock.
+# room order, so two writers cannot deadlock. A conflicting row finds its count by a
+# key lookup in the jsonb object (a scan of the batch there made a 500-room batch
+# quadratic: 62 ms instead of 13).
 PG_ROOM_SEQS_SQL = (
-    "WITH batch (room, n) AS (SELECT key, value::bigint FROM json_each_text(%s::json))"
+    "WITH batch (room, n) AS (SELECT key, value::bigint FROM jsonb_each_text(%(counts)s::jsonb))"
     " INSERT INTO sequences AS s (scope, last_id)"
     " SELECT 'room:' || room,"
     " COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = batch.room), 0) + n"
     " FROM batch ORDER BY room"
-    " ON CONFLICT (scope) DO UPDATE SET last_id = s.last_id"
-    " + (SELECT n FROM batch WHERE 'room:' || batch.room = excluded.scope)"
+    " ON CONFLICT (scope) DO UPDATE"
+    " SET last_id = s.last_id + (%(counts)s::jsonb ->> substr(excluded.scope, 6))::bigint"
     " RETURNING s.scope, s.last_id")
 PG_INSERT_MESSAGES_SQL = (
     "INSERT INTO messages (room, id, user_id, client_msg_id, created_ms, event)"
@@ -657,7 +659,7 @@ class PostgresLog(MessageLog):
 
     def _take_room_ids(self, conn: Any, counts: dict[str, int]) -> dict[str, int]:
         return {scope[len("room:"):]: int(last)
-                for scope, last in conn.execute(PG_ROOM_SEQS_SQL, (_json(counts),)).fetchall()}
+                for scope, last in conn.execute(PG_ROOM_SEQS_SQL, {"counts": _json(counts)})}
 
     def _insert_messages(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
         conn.execute(PG_INSERT_MESSAGES_SQL, (_json_rows(rows),))
