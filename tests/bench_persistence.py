@@ -2,15 +2,21 @@
 
 Not a test (pytest does not collect ``bench_*``); a plain program:
 
-    python tests/bench_persistence.py [--connections 200] [--seconds 5]
+    python tests/bench_persistence.py [--connections 200] [--seconds 5] [--room-size 1]
+                                      [--rounds 1]
 
 For each configuration it starts the real server (one worker, memory backend),
-opens ``--connections`` WebSocket clients, each alone in its own room, and
-runs a closed loop: every client sends a message and waits for its echo (the
-acknowledgement, which with persistence on means "committed") before sending
-the next. It prints acknowledged messages per second, ack latency
-percentiles, and the CPU seconds used by the server and by this load generator
-(they share the machine's cores). Results go in docs/persistence.md.
+opens ``--connections`` WebSocket clients in rooms of ``--room-size`` members
+(1: each client alone in its own room, the worst case for persistence: every
+message of a batch goes to a different room), and runs a closed loop: every
+client sends a message and waits for its echo (the acknowledgement, which with
+persistence on means "committed") before sending the next; the other members'
+messages are received on the way. It prints acknowledged messages per second and
+their share of "persistence off" in the same round (``--rounds`` interleaves the
+configurations, so a noisy machine moves all three together), ack latency
+percentiles, and the CPU seconds used during the loop by the server, by a local
+PostgreSQL and by this load generator (they share the machine's cores). Results
+go in docs/persistence.md.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import websockets
@@ -37,29 +45,82 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def client(url: str, room: str, stop_at: float, latencies: list[float]) -> int:
+@dataclass
+class Load:
+    acked: int
+    latencies: list[float]
+    seconds: float
+    cpu: dict[str, float]  # CPU seconds used during the closed loop, by whom
+
+
+class Loops:
+    """Where the clients' closed loops report their end."""
+
+    def __init__(self, clients: int) -> None:
+        self.everyone_in = asyncio.Barrier(clients + 1)
+        self.latencies: list[float] = []
+        self.acked = 0
+        self.running = clients
+        self.last_end = 0.0
+        self.all_ended = asyncio.Event()
+
+    def ended(self, acked: int) -> None:
+        self.acked += acked
+        self.last_end = time.monotonic()
+        self.running -= 1
+        if not self.running:
+            self.all_ended.set()
+
+
+async def client(url: str, name: str, room: str, seconds: float, loops: Loops) -> None:
     async with websockets.connect(url, max_size=None) as ws:
         await ws.recv()  # welcome
         await ws.send(json.dumps({"type": "join", "room": room}))
-        await ws.recv()  # joined
+        while json.loads(await ws.recv()).get("type") != "joined":
+            pass
+        await loops.everyone_in.wait()
+        stop_at = time.monotonic() + seconds
         sent = 0
         while time.monotonic() < stop_at:
+            text = f"{name}:{sent}"
+            echo = f'"text":"{text}"'
             started = time.perf_counter()
-            await ws.send(json.dumps({"type": "message", "room": room, "text": f"m{sent}"}))
-            while json.loads(await ws.recv()).get("type") != "message":
+            await ws.send(json.dumps({"type": "message", "room": room, "text": text}))
+            while echo not in await ws.recv():  # the room's other messages pass by
                 pass
-            latencies.append(time.perf_counter() - started)
+            loops.latencies.append(time.perf_counter() - started)
             sent += 1
-        return sent
+        # Reported before the close: a client that stops reading leaves the room's later
+        # messages unread, and its close handshake can wait behind them (close_timeout).
+        loops.ended(sent)
 
 
-async def run_load(url: str, connections: int, seconds: float) -> tuple[int, list[float], float]:
-    latencies: list[float] = []
-    stop_at = time.monotonic() + seconds
-    started = time.monotonic()
-    counts = await asyncio.gather(*(client(url, f"bench-{i}", stop_at, latencies)
-                                    for i in range(connections)))
-    return sum(counts), latencies, time.monotonic() - started
+async def run_load(url: str, connections: int, seconds: float, room_size: int,
+                   cpu_now: Callable[[], dict[str, float]]) -> Load:
+    """Connect and join everyone, then run the closed loop; CPU is counted for the loop only."""
+    loops = Loops(connections)
+    clients = [asyncio.create_task(client(url, f"c{i}", f"bench-{i // room_size}", seconds,
+                                          loops))
+               for i in range(connections)]
+    await loops.everyone_in.wait()
+    cpu_before, started = cpu_now(), time.monotonic()
+    await asyncio.wait_for(loops.all_ended.wait(), seconds + 30)
+    cpu_after = cpu_now()
+    await asyncio.gather(*clients)
+    return Load(loops.acked, loops.latencies, loops.last_end - started,
+                {who: cpu_after[who] - cpu_before[who] for who in cpu_before})
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU of this machine's PostgreSQL processes (0 if it runs elsewhere)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "postgres":
+                total += cpu_seconds(int(proc.name))
+        except OSError:
+            pass  # gone meanwhile
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,26 +128,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def measure(name: str, env: dict[str, str], connections: int, seconds: float) -> dict[str, object]:
+def measure(name: str, env: dict[str, str], connections: int, seconds: float,
+            room_size: int) -> dict[str, object]:
     base = {"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000", "LOG_LEVEL": "warning",
             "MAX_CONNECTIONS": str(connections + 100)}
     with Server({**base, **env}) as server:
         worker = server.worker_pids()[0]
-        server_cpu = cpu_seconds(worker)
-        own_cpu = time.process_time()
-        total, latencies, elapsed = asyncio.run(run_load(server.url, connections, seconds))
-        server_cpu = cpu_seconds(worker) - server_cpu
-        own_cpu = time.process_time() - own_cpu
-    return {"config": name, "msgs_per_s": total / elapsed,
-            "p50_ms": percentile(latencies, 0.5) * 1000,
-            "p99_ms": percentile(latencies, 0.99) * 1000,
-            "server_cpu_s": server_cpu, "loadgen_cpu_s": own_cpu, "seconds": elapsed}
+
+        def cpu_now() -> dict[str, float]:
+            return {"server": cpu_seconds(worker), "loadgen": time.process_time(),
+                    "postgres": postgres_cpu_seconds()}
+
+        load = asyncio.run(run_load(server.url, connections, seconds, room_size, cpu_now))
+    return {"config": name, "msgs_per_s": load.acked / load.seconds,
+            "p50_ms": percentile(load.latencies, 0.5) * 1000,
+            "p99_ms": percentile(load.latencies, 0.99) * 1000,
+            "server_us": load.cpu["server"] / load.acked * 1e6,
+            **{f"{who}_cpu_s": spent for who, spent in load.cpu.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--room-size", type=int, default=1,
+                        help="members per room (1: each client alone in its own room)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, interleaved")
     parser.add_argument("--postgres-url", default=PG_URL)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="wschat-bench-") as tmp:
@@ -97,15 +165,21 @@ def main() -> None:
             ("PostgreSQL (local, synchronous_commit=on)", {"ENABLE_PERSISTENCE": "true",
                                                            "DATABASE_URL": args.postgres_url}),
         ]
-        rows = [measure(name, env, args.connections, args.seconds) for name, env in configs]
-    print(f"{args.connections} connections, each alone in a room, closed loop, "
-          f"{args.seconds:.0f} s per configuration\n")
-    print("| configuration | acked msgs/s | p50 ack ms | p99 ack ms | server CPU s | "
-          "load generator CPU s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['msgs_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['server_cpu_s']:.2f} | {r['loadgen_cpu_s']:.2f} |")
+        rounds = [[measure(name, env, args.connections, args.seconds, args.room_size)
+                   for name, env in configs] for _ in range(args.rounds)]
+    rooms = ("each alone in a room" if args.room_size == 1
+             else f"in rooms of {args.room_size}")
+    print(f"{args.connections} connections, {rooms}, closed loop, "
+          f"{args.seconds:.0f} s per configuration, {args.rounds} round(s)\n")
+    print("| round | configuration | acked msgs/s | of persistence off | p50 ack ms | p99 ack ms "
+          "| server CPU s | server CPU µs per msg | PostgreSQL CPU s | load generator CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, rows in enumerate(rounds, start=1):
+        for r in rows:
+            kept = r["msgs_per_s"] / rows[0]["msgs_per_s"]  # type: ignore[operator]
+            print(f"| {n} | {r['config']} | {r['msgs_per_s']:.0f} | {kept:.0%} | "
+                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_s']:.2f} | "
+                  f"{r['server_us']:.0f} | {r['postgres_cpu_s']:.2f} | {r['loadgen_cpu_s']:.2f} |")
 
 
 if __name__ == "__main__":
