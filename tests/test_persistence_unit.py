@@ -9,6 +9,7 @@ publish, retries racing inside one batch, a schema newer than the server).
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,16 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
             log.migrate()
     finally:
         log.close()
+
+
+def test_an_sqlite_without_the_json_operators_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """Batches are written through JSON functions and ->> (SQLite 3.38): an older library
+    is refused when the log is opened, naming the versions, not at the first message."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 37, 2))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.37.2")
+    with pytest.raises(ImportError, match=r"SQLite 3\.37\.2 is too old.*3\.38\.0 or newer"):
+        open_message_log(f"sqlite:///{tmp_path}/old.db")
 
 
 def test_ids_are_gap_free_per_room_and_retries_return_the_original(
