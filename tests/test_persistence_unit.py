@@ -22,7 +22,8 @@ from conftest import TIMEOUT, redis_url_or_skip, wait_until
 from test_persistence import PG_TEST_URL, pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
-    SCHEMA_VERSION, Arrival, DmPost, MessageLog, RoomPost, SchemaTooNew, open_message_log,
+    SCHEMA_VERSION, Arrival, DmPost, MessageLog, PostgresLog, RoomPost, SchemaTooNew,
+    open_message_log,
 )
 from wschat.protocol import draft_dm, draft_message, message_id_of
 from wschat.stores.base import User
@@ -142,6 +143,30 @@ def test_hostile_text_is_stored_byte_for_byte(message_log: MessageLog) -> None:
     retries = [room_post(room, "again", cmid=f'k"{i}\\', user=user) for i in range(2)]
     message_log.write(retries)  # type: ignore[arg-type]
     assert [(r.msg_id, r.event) for r in retries] == [(p.msg_id, p.event) for p in posts[:2]]
+
+
+def test_postgres_room_batch_in_one_statement_takes_no_id_for_a_retry(
+        fresh_pg_url: str) -> None:
+    """PostgreSQL stores a batch of room messages in one statement; a batch holding a retry
+    of a stored client_msg_id makes that statement write nothing (no id taken, so no gap)
+    and goes through the general transaction, which answers the retry with the original."""
+    log = open_message_log(fresh_pg_url)
+    assert isinstance(log, PostgresLog)
+    log.migrate()
+    room = f"one-{uuid.uuid4().hex[:6]}"
+    try:
+        first = [room_post(room, "a", "k1"), room_post(room, "b"), room_post(room, "a", "k1")]
+        assert log._write_call(log._post_rooms, first) is True
+        assert [(p.msg_id, p.duplicate) for p in first] == [(1, False), (2, False), (1, True)]
+        batch = [room_post(room, "c"), room_post(room, "a again", "k1")]
+        assert log._write_call(log._post_rooms, batch) is False
+        assert log.last_id(room) == 2 and len(log.before(room, None, 10)) == 2
+        log.write(batch)  # type: ignore[arg-type]
+        assert [(p.msg_id, p.duplicate) for p in batch] == [(3, False), (1, True)]
+        assert batch[1].event == first[0].event
+        assert log.before(room, None, 10) == [first[0].event, first[1].event, batch[0].event]
+    finally:
+        log.close()
 
 
 def test_kept_dms_are_claimed_once(message_log: MessageLog) -> None:

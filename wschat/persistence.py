@@ -227,6 +227,33 @@ PG_INSERT_DMS_SQL = (
     "INSERT INTO dms (id, sender_id, recipient_id, client_msg_id, created_ms, delivered, event)"
     " SELECT (r ->> 0)::bigint, r ->> 1, r ->> 2, r ->> 3, (r ->> 4)::bigint,"
     " (r ->> 5)::boolean, convert_to(r ->> 6, 'UTF8') FROM json_array_elements(%s::json) AS r")
+# PostgreSQL, a batch of room messages only (the usual batch): one statement, so one
+# round trip and an implicit transaction instead of four (BEGIN, ids, rows, COMMIT).
+# Each round trip costs this worker about 0.15 ms of CPU, and at moderate rates a
+# batch holds only a few messages. The ids are numbered in SQL exactly as _apply
+# numbers them (the k-th message of a room in batch order gets last - n + k) and
+# the event is spliced the same way (prefix, id, suffix). If a client_msg_id of the
+# batch is stored already (a retry), the statement takes no id and writes nothing,
+# and returns no rows: the caller then runs the batch through _apply.
+PG_POST_ROOMS_SQL = (
+    "WITH b AS (SELECT r ->> 0 AS room, r ->> 1 AS user_id, r ->> 2 AS cmid,"
+    " (r ->> 3)::bigint AS created_ms, r ->> 4 AS prefix, r ->> 5 AS suffix, ord"
+    " FROM json_array_elements(%(rows)s::json) WITH ORDINALITY AS t (r, ord)),"
+    " retried AS (SELECT 1 FROM b JOIN messages m ON m.client_msg_id = b.cmid"
+    " AND m.room = b.room AND m.user_id = b.user_id LIMIT 1),"
+    " seq AS (INSERT INTO sequences AS s (scope, last_id)"
+    " SELECT 'room:' || key, COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = key), 0)"
+    " + value::bigint FROM jsonb_each_text(%(counts)s::jsonb)"
+    " WHERE NOT EXISTS (SELECT 1 FROM retried) ORDER BY key"
+    " ON CONFLICT (scope) DO UPDATE"
+    " SET last_id = s.last_id + (%(counts)s::jsonb ->> substr(excluded.scope, 6))::bigint"
+    " RETURNING substr(s.scope, 6) AS room, s.last_id),"
+    " numbered AS (SELECT b.*, seq.last_id - count(*) OVER w + row_number() OVER (w ORDER BY ord)"
+    " AS id FROM b JOIN seq USING (room) WINDOW w AS (PARTITION BY b.room)),"
+    " inserted AS (INSERT INTO messages (room, id, user_id, client_msg_id, created_ms, event)"
+    " SELECT room, id, user_id, cmid, created_ms, convert_to(prefix || id || suffix, 'UTF8')"
+    " FROM numbered)"
+    " SELECT room, last_id FROM seq")
 # SQLite: the write lock (BEGIN IMMEDIATE) makes the read-then-write of the sequences safe.
 SQLITE_ROOM_LAST_IDS_SQL = (
     "SELECT json_group_object(key, COALESCE("
@@ -417,23 +444,29 @@ class MessageLog:
             clause, params = self.dialect.any_of("client_msg_id", chunk)
             for *row_key, event in conn.execute(sql + clause, params).fetchall():
                 stored[tuple(row_key)] = bytes(event)
-        fresh: list[Any] = []
-        retries: list[tuple[Any, Any]] = []
-        first: dict[tuple[str, ...], Any] = {}
-        for post in posts:
-            if post.draft.client_msg_id:
-                k = key(post)
-                if k in stored:
-                    post.event = stored[k]
-                    post.msg_id, post.duplicate = stored_id_of(post.event), True
-                    continue
-                if k in first:
-                    retries.append((post, first[k]))
-                    continue
-                first[k] = post
-            post.duplicate = False
-            fresh.append(post)
-        return fresh, retries
+        return _split_retries(posts, stored, key)
+
+
+def _split_retries(posts: list[Any], stored: dict[tuple[str, ...], bytes],
+                   key: Callable[[Any], tuple[str, ...]]) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """:meth:`MessageLog._dedupe` once the stored events of the batch's keys are known."""
+    fresh: list[Any] = []
+    retries: list[tuple[Any, Any]] = []
+    first: dict[tuple[str, ...], Any] = {}
+    for post in posts:
+        if post.draft.client_msg_id:
+            k = key(post)
+            if k in stored:
+                post.event = stored[k]
+                post.msg_id, post.duplicate = stored_id_of(post.event), True
+                continue
+            if k in first:
+                retries.append((post, first[k]))
+                continue
+            first[k] = post
+        post.duplicate = False
+        fresh.append(post)
+    return fresh, retries
 
 
 def _room_key(post: RoomPost) -> tuple[str, ...]:
@@ -656,6 +689,42 @@ class PostgresLog(MessageLog):
 
     def _migration_lock(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x77736368,))  # "wsch"
+
+    def write(self, jobs: list[Job]) -> None:
+        if all(isinstance(job, RoomPost) for job in jobs):
+            try:
+                if self._write_call(self._post_rooms, jobs):
+                    return
+            except DatabaseUnavailable as exc:
+                if not self._is_conflict(exc.__cause__ or exc):
+                    raise
+            # a retry of a stored client_msg_id, or one racing another writer's insert
+        super().write(jobs)
+
+    def _post_rooms(self, conn: Any, posts: list[RoomPost]) -> bool:
+        """Store a batch of room messages in one statement (see PG_POST_ROOMS_SQL); False
+        if nothing was written because a client_msg_id in it is stored already."""
+        fresh, retries = _split_retries(posts, {}, _room_key)
+        counts: dict[str, int] = {}
+        rows = []
+        for post in fresh:
+            assert post.draft is not None
+            counts[post.room] = counts.get(post.room, 0) + 1
+            rows.append((post.room, post.user_id, post.draft.client_msg_id, post.created_ms,
+                         post.draft.prefix.decode(), post.draft.suffix.decode()))
+        taken = dict(conn.execute(PG_POST_ROOMS_SQL,
+                                  {"rows": _json(rows), "counts": _json(counts)}).fetchall())
+        if len(taken) != len(counts):
+            return False
+        for room, n in counts.items():
+            counts[room] = int(taken[room]) - n  # the id before the room's first in the batch
+        for post in fresh:
+            assert post.draft is not None
+            counts[post.room] += 1
+            post.msg_id, post.event = counts[post.room], post.draft.with_id(counts[post.room])
+        for retry, original in retries:
+            retry.msg_id, retry.event, retry.duplicate = original.msg_id, original.event, True
+        return True
 
     def _take_room_ids(self, conn: Any, counts: dict[str, int]) -> dict[str, int]:
         return {scope[len("room:"):]: int(last)
