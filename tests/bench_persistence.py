@@ -3,7 +3,7 @@
 Not a test (pytest does not collect ``bench_*``); a plain program:
 
     python tests/bench_persistence.py [--connections 200] [--seconds 5] [--room-size 1]
-                                      [--rounds 1]
+                                      [--rounds 1] [--open-loop RATES]
 
 For each configuration it starts the real server (one worker, memory backend),
 opens ``--connections`` WebSocket clients in rooms of ``--room-size`` members
@@ -15,7 +15,11 @@ messages are received on the way. It prints acknowledged messages per second and
 their share of "persistence off" in the same round (``--rounds`` interleaves the
 configurations, so a noisy machine moves all three together), ack latency
 percentiles, and the CPU seconds used during the loop by the server, by a local
-PostgreSQL and by this load generator (they share the machine's cores). Results
+PostgreSQL and by this load generator (they share the machine's cores).
+
+``--open-loop 500,1000`` measures the other way: every member of every room
+publishes at fixed total rates, through the project's load generator
+(``python -m loadtest fanout``), which reports latency and CPU per rate. Results
 go in docs/persistence.md.
 """
 
@@ -26,6 +30,7 @@ import asyncio
 import json
 import os
 import sys
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -147,6 +152,24 @@ def measure(name: str, env: dict[str, str], connections: int, seconds: float,
             **{f"{who}_cpu_s": spent for who, spent in load.cpu.items()}}
 
 
+def open_loop(name: str, env: dict[str, str], connections: int, seconds: float,
+              room_size: int, rates: str) -> str:
+    """The project's load generator (``python -m loadtest fanout``) against this
+    configuration: every member of every room publishes, at fixed total rates."""
+    base = {"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000", "LOG_LEVEL": "warning",
+            "MAX_CONNECTIONS": str(connections + 100)}
+    with Server({**base, **env}) as server:
+        command = [sys.executable, "-m", "loadtest", "fanout", "-q",
+                   "--url", f"ws://127.0.0.1:{server.port}",
+                   "--server-pid", str(server.worker_pids()[0]), "-n", str(connections),
+                   "-r", str(connections // room_size), "--publishers-per-room", str(room_size),
+                   "--rate", rates, "-d", str(seconds), "--warmup", "1"]
+        done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, text=True, timeout=600, check=True)
+    table = [line for line in done.stdout.splitlines() if line.startswith(("target", "wschat "))]
+    return f"{name}:\n" + "\n".join(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=200)
@@ -155,6 +178,9 @@ def main() -> None:
                         help="members per room (1: each client alone in its own room)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every configuration this many times, interleaved")
+    parser.add_argument("--open-loop", metavar="RATES",
+                        help="instead of the closed loop: every member publishes, at these total "
+                             "messages/s (comma-separated), through python -m loadtest fanout")
     parser.add_argument("--postgres-url", default=PG_URL)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="wschat-bench-") as tmp:
@@ -165,6 +191,13 @@ def main() -> None:
             ("PostgreSQL (local, synchronous_commit=on)", {"ENABLE_PERSISTENCE": "true",
                                                            "DATABASE_URL": args.postgres_url}),
         ]
+        if args.open_loop:
+            print(f"{args.connections} connections in rooms of {args.room_size}, open loop, "
+                  f"{args.seconds:.0f} s per rate\n")
+            for name, env in configs:
+                print(open_loop(name, env, args.connections, args.seconds, args.room_size,
+                                args.open_loop) + "\n")
+            return
         rounds = [[measure(name, env, args.connections, args.seconds, args.room_size)
                    for name, env in configs] for _ in range(args.rounds)]
     rooms = ("each alone in a room" if args.room_size == 1

@@ -196,8 +196,6 @@ BEFORE_SQL = "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id D
 NEWEST_SQL = "SELECT event FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
 AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?"
 KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
-# PostgreSQL: every room of a batch in one statement. Rows are inserted (and their
-# sequence rows locked) in scope order, so two writers cannot deadlock.
 # A batch is a fixed handful of statements whatever its size, its rows passed as one
 # JSON parameter (see _json_rows). PostgreSQL: every statement costs a wait on the
 # socket, and psycopg adapts a JSON string in C where it adapts arrays element by
