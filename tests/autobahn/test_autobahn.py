@@ -32,5 +32,8 @@ def test_autobahn_core_cases_pass() -> None:
         warnings.warn(f"Autobahn cases passed only when retried alone: "
                       f"{', '.join(o.case_id for o in failed)}\n{summarize(failed, 'wide')}",
                       stacklevel=1)
+        # The counts below are of verdicts: a case that passed alone counts as it passed.
+        verdicts = {o.case_id: o for o in retried}
+        outcomes = [verdicts.get(o.case_id, o) for o in outcomes]
     assert len(outcomes) == EXPECTED_CASES
     assert sum(o.behavior == "OK" for o in outcomes) >= EXPECTED_CASES - 3
