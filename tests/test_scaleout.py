@@ -39,6 +39,21 @@ def pair() -> Iterator[tuple[Server, Server]]:
         yield a, b
 
 
+@pytest.fixture
+def third(pair: tuple[Server, Server]) -> Iterator[Server]:
+    """One more server on the pair's Redis, for a test to kill or stop; killed afterwards."""
+    server = Server({**COMMON, "REDIS_URL": pair[0].env["REDIS_URL"]}, workers=2).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def assert_alone_in(watcher: Client, r: str) -> None:
+    users = watcher.request({"type": "list_users", "room": r}, "users")["users"]
+    assert [u["user_id"] for u in users] == [watcher.user_id]
+
+
 def test_messages_same_ids_in_order_across_servers(pair: tuple[Server, Server]) -> None:
     """Members on two servers see every message once, in the same order, with ids 1..n."""
     a, b = pair
@@ -151,29 +166,22 @@ def test_dedupe_across_servers(pair: tuple[Server, Server]) -> None:
         other.assert_silent("message")
 
 
-def test_killed_server_users_go_offline(pair: tuple[Server, Server]) -> None:
+def test_killed_server_users_go_offline(pair: tuple[Server, Server], third: Server) -> None:
     """kill -9 of a whole server: its users go offline elsewhere within PRESENCE_TTL."""
-    a, _ = pair
-    url = a.env["REDIS_URL"]
     r = room()
-    doomed = Server({**COMMON, "REDIS_URL": url}, workers=2).start()
-    try:
-        with Client(a.url) as watcher:
-            watcher.join(r)
-            victim = Client(doomed.url, "username=victim")
-            victim.join(r)
-            watcher.expect("presence", status="online")
-            doomed.kill()
-            started = time.monotonic()
-            offline = watcher.expect("presence", status="offline", timeout=10 * SCALE)
-            assert offline["user_id"] == victim.user_id
-            assert time.monotonic() - started < 2 * 2 + 3  # PRESENCE_TTL 2 s, beat every TTL/3
-            users = watcher.request({"type": "list_users", "room": r}, "users")["users"]
-            assert [u["user_id"] for u in users] == [watcher.user_id]
-            watcher.send({"type": "dm", "to": victim.user_id, "text": "there?"})
-            assert watcher.expect("error")["code"] == "user_not_found"
-    finally:
-        doomed.kill()
+    with Client(pair[0].url) as watcher:
+        watcher.join(r)
+        victim = Client(third.url, "username=victim")
+        victim.join(r)
+        watcher.expect("presence", status="online")
+        third.kill()
+        started = time.monotonic()
+        offline = watcher.expect("presence", status="offline", timeout=10 * SCALE)
+        assert offline["user_id"] == victim.user_id
+        assert time.monotonic() - started < 2 * 2 + 3  # PRESENCE_TTL 2 s, beat every TTL/3
+        assert_alone_in(watcher, r)
+        watcher.send({"type": "dm", "to": victim.user_id, "text": "there?"})
+        assert watcher.expect("error")["code"] == "user_not_found"
 
 
 @pytest.fixture
@@ -258,32 +266,26 @@ def test_redis_restart_mid_conversation(private_redis) -> None:
         y.close()
 
 
-def test_sigterm_releases_memberships_at_once(pair: tuple[Server, Server]) -> None:
+def test_sigterm_releases_memberships_at_once(pair: tuple[Server, Server],
+                                              third: Server) -> None:
     """A server stopping (SIGTERM) takes its users out of Redis in one step: the other
     server sees them offline at once, and nothing of them is left behind."""
-    a, _ = pair
-    url = a.env["REDIS_URL"]
     r = room()
-    leaving = Server({**COMMON, "REDIS_URL": url}, workers=2).start()
-    try:
-        with Client(a.url) as watcher:
-            watcher.join(r)
-            clients = [Client(leaving.url, f"username=bye{i}") for i in range(20)]
-            for c in clients:
-                c.join(r)
-            ids = {c.user_id for c in clients}
-            for _ in clients:
-                watcher.expect("presence", status="online")
-            assert leaving.stop() == 0
-            gone = {watcher.expect("presence", status="offline")["user_id"] for _ in clients}
-            assert gone == ids
-            users = watcher.request({"type": "list_users", "room": r}, "users")["users"]
-            assert [u["user_id"] for u in users] == [watcher.user_id]
-            assert "released" in leaving.output()
-            for c in clients:
-                assert c.close_code_when_closed() == 1001
-    finally:
-        leaving.kill()
+    with Client(pair[0].url) as watcher:
+        watcher.join(r)
+        clients = [Client(third.url, f"username=bye{i}") for i in range(20)]
+        for c in clients:
+            c.join(r)
+        ids = {c.user_id for c in clients}
+        for _ in clients:
+            watcher.expect("presence", status="online")
+        assert third.stop() == 0
+        gone = {watcher.expect("presence", status="offline")["user_id"] for _ in clients}
+        assert gone == ids
+        assert_alone_in(watcher, r)
+        assert "released" in third.output()
+        for c in clients:
+            assert c.close_code_when_closed() == 1001
 
 
 def test_worker_boots_while_redis_is_down(private_redis) -> None:
