@@ -133,11 +133,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def bench_server(env: dict[str, str], connections: int) -> Server:
+    """One worker with ``env`` on top of the bench settings (rate limit out of the way)."""
+    return Server({"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000",
+                   "LOG_LEVEL": "warning", "MAX_CONNECTIONS": str(connections + 100), **env})
+
+
 def measure(name: str, env: dict[str, str], connections: int, seconds: float,
             room_size: int) -> dict[str, object]:
-    base = {"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000", "LOG_LEVEL": "warning",
-            "MAX_CONNECTIONS": str(connections + 100)}
-    with Server({**base, **env}) as server:
+    with bench_server(env, connections) as server:
         worker = server.worker_pids()[0]
 
         def cpu_now() -> dict[str, float]:
@@ -156,9 +160,7 @@ def open_loop(name: str, env: dict[str, str], connections: int, seconds: float,
               room_size: int, rates: str) -> str:
     """The project's load generator (``python -m loadtest fanout``) against this
     configuration: every member of every room publishes, at fixed total rates."""
-    base = {"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000", "LOG_LEVEL": "warning",
-            "MAX_CONNECTIONS": str(connections + 100)}
-    with Server({**base, **env}) as server:
+    with bench_server(env, connections) as server:
         command = [sys.executable, "-m", "loadtest", "fanout", "-q",
                    "--url", f"ws://127.0.0.1:{server.port}",
                    "--server-pid", str(server.worker_pids()[0]), "-n", str(connections),
