@@ -108,6 +108,16 @@ class RoomPost(Job):
     event: bytes = b""
     duplicate: bool = False
 
+    @property
+    def client_msg_id(self) -> str | None:
+        assert self.draft is not None
+        return self.draft.client_msg_id
+
+    def draft_parts(self) -> tuple[str, str]:
+        """The event before and after its id, for SQL that splices the id in itself."""
+        assert self.draft is not None
+        return self.draft.prefix.decode(), self.draft.suffix.decode()
+
 
 @dataclass(slots=True, eq=False)
 class DmPost(Job):
@@ -397,19 +407,11 @@ class MessageLog:
         new_rooms, room_retries = self._dedupe(conn, rooms, DEDUPE_ROOM_SQL, _room_key)
         new_dms, dm_retries = self._dedupe(conn, dms, DEDUPE_DM_SQL, _dm_key)
 
-        by_room: dict[str, list[RoomPost]] = {}
-        for post in new_rooms:
-            by_room.setdefault(post.room, []).append(post)
+        by_room = _by_room(new_rooms)
         if by_room:
             taken = self._take_room_ids(conn, {room: len(posts) for room, posts in by_room.items()})
-            rows: list[tuple[Any, ...]] = []
-            for room, posts in by_room.items():
-                for msg_id, post in enumerate(posts, start=taken[room] - len(posts) + 1):
-                    assert post.draft is not None
-                    post.msg_id, post.event = msg_id, post.draft.with_id(msg_id)
-                    rows.append((post.room, msg_id, post.user_id, post.draft.client_msg_id,
-                                 post.created_ms, post.event))
-            self._insert_messages(conn, rows)
+            self._insert_messages(conn, [(p.room, p.msg_id, p.user_id, p.client_msg_id,
+                                          p.created_ms, p.event) for p in _number(by_room, taken)])
         if new_dms:
             last = conn.execute(d.q(DM_SEQ_SQL), (DM_SCOPE, len(new_dms), len(new_dms))
                                 ).fetchone()[0]
@@ -421,8 +423,7 @@ class MessageLog:
                 dm_rows.append((msg_id, dm.sender_id, dm.recipient_id, dm.draft.client_msg_id,
                                 dm.created_ms, dm.delivered, dm.event))
             self._insert_dms(conn, dm_rows)
-        for retry, original in room_retries + dm_retries:
-            retry.msg_id, retry.event, retry.duplicate = original.msg_id, original.event, True
+        _copy_originals(room_retries + dm_retries)
         for job in jobs:
             if isinstance(job, Arrival):
                 conn.execute(d.q(UPSERT_USER_SQL),
@@ -446,7 +447,8 @@ class MessageLog:
 
 
 def _split_retries(posts: list[Any], stored: dict[tuple[str, ...], bytes],
-                   key: Callable[[Any], tuple[str, ...]]) -> tuple[list[Any], list[tuple[Any, Any]]]:
+                   key: Callable[[Any], tuple[str, ...]]
+                   ) -> tuple[list[Any], list[tuple[Any, Any]]]:
     """:meth:`MessageLog._dedupe` once the stored events of the batch's keys are known."""
     fresh: list[Any] = []
     retries: list[tuple[Any, Any]] = []
@@ -465,6 +467,32 @@ def _split_retries(posts: list[Any], stored: dict[tuple[str, ...], bytes],
         post.duplicate = False
         fresh.append(post)
     return fresh, retries
+
+
+def _by_room(posts: list[RoomPost]) -> dict[str, list[RoomPost]]:
+    """Posts grouped by room, each room's in batch order."""
+    by_room: dict[str, list[RoomPost]] = {}
+    for post in posts:
+        by_room.setdefault(post.room, []).append(post)
+    return by_room
+
+
+def _number(by_room: dict[str, list[RoomPost]], taken: dict[str, int]) -> list[RoomPost]:
+    """Give each room's posts the ids up to ``taken[room]`` in batch order (the k-th of n
+    gets taken - n + k) and their events; return the posts."""
+    numbered: list[RoomPost] = []
+    for room, posts in by_room.items():
+        for msg_id, post in enumerate(posts, start=taken[room] - len(posts) + 1):
+            assert post.draft is not None
+            post.msg_id, post.event = msg_id, post.draft.with_id(msg_id)
+            numbered.append(post)
+    return numbered
+
+
+def _copy_originals(retries: list[tuple[Any, Any]]) -> None:
+    """A retry within the batch answers with its original's id and event."""
+    for retry, original in retries:
+        retry.msg_id, retry.event, retry.duplicate = original.msg_id, original.event, True
 
 
 def _room_key(post: RoomPost) -> tuple[str, ...]:
@@ -703,25 +731,16 @@ class PostgresLog(MessageLog):
         """Store a batch of room messages in one statement (see PG_POST_ROOMS_SQL); False
         if nothing was written because a client_msg_id in it is stored already."""
         fresh, retries = _split_retries(posts, {}, _room_key)
-        counts: dict[str, int] = {}
-        rows = []
-        for post in fresh:
-            assert post.draft is not None
-            counts[post.room] = counts.get(post.room, 0) + 1
-            rows.append((post.room, post.user_id, post.draft.client_msg_id, post.created_ms,
-                         post.draft.prefix.decode(), post.draft.suffix.decode()))
-        taken = dict(conn.execute(PG_POST_ROOMS_SQL,
-                                  {"rows": _json(rows), "counts": _json(counts)}).fetchall())
+        rows = [(p.room, p.user_id, p.client_msg_id, p.created_ms, *p.draft_parts())
+                for p in fresh]
+        by_room = _by_room(fresh)
+        counts = {room: len(room_posts) for room, room_posts in by_room.items()}
+        taken = {room: int(last) for room, last in conn.execute(
+            PG_POST_ROOMS_SQL, {"rows": _json(rows), "counts": _json(counts)}).fetchall()}
         if len(taken) != len(counts):
             return False
-        for room, n in counts.items():
-            counts[room] = int(taken[room]) - n  # the id before the room's first in the batch
-        for post in fresh:
-            assert post.draft is not None
-            counts[post.room] += 1
-            post.msg_id, post.event = counts[post.room], post.draft.with_id(counts[post.room])
-        for retry, original in retries:
-            retry.msg_id, retry.event, retry.duplicate = original.msg_id, original.event, True
+        _number(by_room, taken)
+        _copy_originals(retries)
         return True
 
     def _take_room_ids(self, conn: Any, counts: dict[str, int]) -> dict[str, int]:
