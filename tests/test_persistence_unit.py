@@ -257,6 +257,25 @@ def test_reads_beyond_the_window_come_from_the_log(
     assert durable.since("r", 11).complete is False
 
 
+def test_a_queue_longer_than_a_batch_is_committed_in_order_over_several_batches(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs left over when a batch is full wait for a later batch: every sender gets its own
+    id, none is woken with its job unwritten, and delivery stays in id order."""
+    durable, delivered = durable_on_memory
+    monkeypatch.setattr(durable.writer, "MAX_BATCH", 3)
+    commits: list[int] = []
+    write = durable.log.write
+    monkeypatch.setattr(durable.log, "write", lambda jobs: (commits.append(len(jobs)),
+                                                            write(jobs))[1])
+    posts = [gevent.spawn(durable.post_room, "r", "u1", draft_message("r", "a", "u1", f"m{i}", 1,
+                                                                      None)) for i in range(10)]
+    gevent.joinall(posts, raise_error=True)
+    assert sorted(p.value.msg_id for p in posts) == list(range(1, 11))
+    assert [message_id_of(e) for e in delivered] == list(range(1, 11))
+    assert max(commits) == 3 and sum(commits) == 10
+
+
 def test_ids_issued_before_persistence_are_never_reused(
         durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
     """A window that already issued ids (e.g. Redis before persistence) lifts the log's sequence."""

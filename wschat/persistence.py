@@ -93,7 +93,7 @@ class DatabaseUnavailable(Unavailable):
 
 @dataclass(slots=True, eq=False)
 class Job:
-    done: gevent.event.AsyncResult | None = field(default=None, init=False, repr=False)
+    finished: bool = field(default=False, init=False)  # the outcome (or error) is filled in
     cancelled: bool = field(default=False, init=False)
     error: Exception | None = field(default=None, init=False)
 
@@ -822,6 +822,10 @@ class GroupCommitWriter:
         self._after_commit = after_commit
         self._on_error = on_error
         self._queue: deque[Job] = deque()
+        # One event per batch, not per job: set when the batch that takes the jobs queued
+        # now has committed, or when the writer goes idle. A waiter woken with its job
+        # unfinished (left for a later batch, MAX_BATCH) waits on the next one.
+        self._gathering = gevent.event.Event()
         self._wake = gevent.event.Event()
         self._stop = gevent.event.Event()
         self._closing = False
@@ -846,14 +850,13 @@ class GroupCommitWriter:
             raise DatabaseUnavailable("shutting down")
         if not self.ready or time.monotonic() - self._failed_at < self.RETRY_AFTER:
             raise DatabaseUnavailable(f"database unavailable ({self.last_error})")
-        job.done = gevent.event.AsyncResult()
         self._queue.append(job)
         self._wake.set()
-        try:
-            job.done.get(timeout=timeout or self.SUBMIT_TIMEOUT)
-        except gevent.Timeout:
-            job.cancelled = True  # not written if it has not reached the database yet
-            raise DatabaseUnavailable("database write timed out") from None
+        deadline = time.monotonic() + (timeout or self.SUBMIT_TIMEOUT)
+        while not job.finished:
+            if not self._gathering.wait(max(0.0, deadline - time.monotonic())):
+                job.cancelled = True  # not written if it has not reached the database yet
+                raise DatabaseUnavailable("database write timed out")
         if job.error is not None:
             raise job.error
         return job
@@ -861,6 +864,9 @@ class GroupCommitWriter:
     def _run(self) -> None:
         while True:
             if not self._queue:
+                # Nothing in flight: whoever is waiting on the next batch has its outcome.
+                idle, self._gathering = self._gathering, gevent.event.Event()
+                idle.set()
                 if self._closing:
                     return
                 self._wake.clear()
@@ -871,8 +877,10 @@ class GroupCommitWriter:
                 job = self._queue.popleft()
                 if not job.cancelled:
                     batch.append(job)
+            finished, self._gathering = self._gathering, gevent.event.Event()
             if batch:
                 self._commit(batch)
+            finished.set()
 
     def _commit(self, batch: list[Job]) -> None:
         try:
@@ -891,8 +899,7 @@ class GroupCommitWriter:
                 for job in batch:
                     job.error = job.error or Unavailable("stored, but delivery failed")
         for job in batch:
-            assert job.done is not None
-            job.done.set(job)
+            job.finished = True
 
     def _failed(self, exc: BaseException) -> None:
         self._on_error()
