@@ -50,6 +50,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and its live children (a worker's SQLite writer process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpu_seconds(pid) + sum(process_tree_cpu_seconds(int(c)) for c in children)
+
+
 @dataclass
 class Load:
     acked: int
@@ -145,7 +151,7 @@ def measure(name: str, env: dict[str, str], connections: int, seconds: float,
         worker = server.worker_pids()[0]
 
         def cpu_now() -> dict[str, float]:
-            return {"server": cpu_seconds(worker), "loadgen": time.process_time(),
+            return {"server": process_tree_cpu_seconds(worker), "loadgen": time.process_time(),
                     "postgres": postgres_cpu_seconds()}
 
         load = asyncio.run(run_load(server.url, connections, seconds, room_size, cpu_now))

@@ -22,7 +22,7 @@ from conftest import TIMEOUT, redis_url_or_skip, wait_until
 from test_persistence import PG_TEST_URL, pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
-    SCHEMA_VERSION, Arrival, DmPost, MessageLog, PostgresLog, RoomPost, SchemaTooNew,
+    SCHEMA_VERSION, Arrival, DmPost, MessageLog, PostgresLog, RoomPost, SchemaTooNew, SQLiteFile,
     open_message_log,
 )
 from wschat.protocol import draft_dm, draft_message, message_id_of
@@ -81,8 +81,9 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     log = open_message_log(f"sqlite:///{tmp_path}/newer.db")
     try:
         log.migrate()
-        log._write_call(lambda c: c.execute(
-            "INSERT INTO schema_version VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,)))
+        with sqlite3.connect(tmp_path / "newer.db") as newer_server:
+            newer_server.execute("INSERT INTO schema_version VALUES (?, 'from the future', 0)",
+                                 (SCHEMA_VERSION + 1,))
         with pytest.raises(SchemaTooNew, match="upgrade the server"):
             log.migrate()
     finally:
@@ -172,13 +173,15 @@ def test_postgres_room_batch_in_one_statement_takes_no_id_for_a_retry(
 def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(url: str) -> None:
     """Six writers (six connections; on PostgreSQL the one-statement batches) write batches
     over the same rooms, each batch naming them in its own order: the sequence rows are
-    locked in one order, so no writer deadlocks, and every room holds ids 1..n once."""
+    locked in one order, so no writer deadlocks, and every room holds ids 1..n once.
+    (SQLite: six SQLiteFiles on threads, as six workers' writer processes would run them.)"""
     import random
     import threading
 
     rooms = [f"shared-{uuid.uuid4().hex[:6]}-{i}" for i in range(30)]
     writers, batches = 6, 25
-    logs = [open_message_log(url) for _ in range(writers)]
+    logs = [SQLiteFile(url.removeprefix("sqlite:///")) if url.startswith("sqlite:")
+            else open_message_log(url) for _ in range(writers)]
     for log in logs:
         log.migrate()
     errors: list[BaseException] = []

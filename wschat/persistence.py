@@ -16,10 +16,10 @@ group-commit writer. The rule it implements (docs/persistence.md):
   ``synchronous=FULL`` in WAL mode, PostgreSQL with its default
   ``synchronous_commit=on``: a committed message survives a crash of the
   process and of the machine.
-* SQLite never runs on the gevent hub: one OS thread (a one-thread gevent
-  pool) owns the connection and runs every statement. psycopg 3 is imported
-  only when a PostgreSQL URL is used, after gevent patched the worker, and then
-  waits on its sockets cooperatively.
+* SQLite never runs on the gevent hub: a worker's writes run in a writer
+  process of its own and its reads on a thread (:mod:`wschat.sqlite_log`).
+  psycopg 3 is imported only when a PostgreSQL URL is used, after gevent
+  patched the worker, and then waits on its sockets cooperatively.
 
 Schema changes are ordered steps in :data:`MIGRATIONS`; the server applies the
 missing ones at start (under a lock, so workers and pods starting together are
@@ -41,7 +41,6 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.queue
-import gevent.threadpool
 import orjson
 
 from .protocol import MessageDraft, stored_id_of
@@ -531,15 +530,16 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-# -- SQLite: one OS thread owns the connection -------------------------------------------
+# -- SQLite: one connection, used by one thread at a time --------------------------------
 
-class SQLiteLog(MessageLog):
+class SQLiteFile(MessageLog):
     """SQLite in WAL mode with ``synchronous=FULL``: every COMMIT is fsynced.
 
-    Every statement runs on one thread of a private one-thread gevent pool, so
-    sqlite3 never blocks the hub; the calling greenlet waits cooperatively.
-    Several worker processes on one machine may share the file (writers take
-    turns through SQLite's write lock); several machines may not.
+    Plain blocking calls on one connection, from whichever thread owns it. A
+    gevent worker never calls it on the hub: :class:`wschat.sqlite_log.SQLiteLog`
+    runs the writes in a writer process and the reads on a thread. Several
+    processes on one machine may share the file (writers take turns through
+    SQLite's write lock); several machines may not.
     """
 
     dialect = _SQLiteDialect()
@@ -551,7 +551,6 @@ class SQLiteLog(MessageLog):
                               "(JSON functions and the ->> operator)")
         self.path = path
         self.url_for_logs = f"sqlite:///{path}"
-        self._pool = gevent.threadpool.ThreadPool(1)
         self._conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
@@ -570,27 +569,17 @@ class SQLiteLog(MessageLog):
             self._conn = conn
         return self._conn
 
-    def _in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(connection, *args)``; a database error becomes :class:`DatabaseUnavailable`."""
         try:
             return fn(self._connect(), *args)
         except sqlite3.Error as exc:
             if not isinstance(exc, sqlite3.IntegrityError):
                 # Disk or file trouble: reopen next time rather than keep a bad handle.
-                self._drop()
+                self.close()
             raise DatabaseUnavailable(f"sqlite: {exc}") from exc
 
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-
-    def _write_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._pool.apply(self._in_thread, (fn, args))
-
-    _read_call = _write_call
+    _write_call = _read_call = call
 
     def _transaction(self, conn: Any, fn: Callable[..., Any], *args: Any) -> Any:
         # IMMEDIATE takes the write lock up front: no deadlock-prone lock upgrade later.
@@ -621,10 +610,12 @@ class SQLiteLog(MessageLog):
         return isinstance(exc, sqlite3.IntegrityError)
 
     def close(self) -> None:
-        try:
-            self._pool.apply(self._drop)
-        finally:
-            self._pool.kill()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
 
 # -- PostgreSQL: psycopg 3, cooperative under gevent ---------------------------------------
@@ -779,6 +770,8 @@ def open_message_log(url: str | None) -> MessageLog:
         if not url.startswith("sqlite:///") or not url[len("sqlite:///"):]:
             raise ValueError("DATABASE_URL: expected sqlite:///PATH (PATH relative to the "
                              "working directory, or sqlite:////absolute/path)")
+        from .sqlite_log import SQLiteLog  # imports this module
+
         return SQLiteLog(url[len("sqlite:///"):])
     if url.startswith(("postgres://", "postgresql://")):
         return PostgresLog(url)

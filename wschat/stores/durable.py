@@ -32,9 +32,10 @@ import gevent
 
 from ..persistence import (
     Arrival, DatabaseUnavailable, DmPost, GroupCommitWriter, Job, MessageLog, RoomPost,
-    SequenceFloor, SQLiteLog,
+    SequenceFloor,
 )
 from ..protocol import MessageDraft, message_id_of
+from ..sqlite_log import SQLiteLog
 from .base import HELD, STALE, MessageStore, Posted, Replay, Stored, Unavailable, User
 
 log = logging.getLogger("wschat.persistence")
