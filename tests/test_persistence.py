@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
@@ -329,6 +330,37 @@ def test_sqlite_locked_by_another_process_then_released(tmp_path: Path) -> None:
                                          lambda: holder.execute("ROLLBACK"))
     finally:
         holder.close()
+
+
+def sqlite_writer_of(worker: int) -> int:
+    """The pid of ``worker``'s SQLite writer process (python -m wschat.sqlite_log)."""
+    def writer() -> int | None:
+        for child in Path(f"/proc/{worker}/task/{worker}/children").read_text().split():
+            if b"wschat.sqlite_log" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+        return None
+
+    return wait_until(writer, message=f"worker {worker}'s sqlite writer process")
+
+
+def test_sqlite_writer_process_killed_is_replaced_and_dies_with_its_worker(
+        tmp_path: Path) -> None:
+    """kill -9 of the worker's SQLite writer: the message in flight is refused (never
+    acknowledged and lost), the worker starts a new writer by itself and ids go on without
+    a gap. kill -9 of the worker: its writer exits too (no orphan holding the file)."""
+    room = unique("r")
+    with persistent_server(f"sqlite:///{tmp_path}/w.db") as server, \
+            Client(server.url, as_user(unique("u"))) as c:
+        c.join(room)
+        worker = server.worker_pids()[0]
+        assert_refused_then_recovers(
+            server, c, room, lambda: os.kill(sqlite_writer_of(worker), signal.SIGKILL),
+            lambda: None)
+        replacement = sqlite_writer_of(worker)
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{replacement}").exists()
+                   or b"Z" in Path(f"/proc/{replacement}/stat").read_bytes().split()[2],
+                   message="the writer process to exit after its worker died")
 
 
 # -- several pods: Redis and PostgreSQL -------------------------------------------------
