@@ -33,7 +33,6 @@ import signal
 import struct
 import subprocess
 import sys
-from pathlib import Path
 from typing import IO, Any
 
 import gevent
@@ -118,10 +117,9 @@ class WriterProcess:
         raise DatabaseUnavailable(value)
 
     def _start(self) -> gevent.subprocess.Popen:
-        # The writer imports this very installation of wschat, wherever it came from.
-        here = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+        # The writer imports what this worker imports (this very wschat, wherever it came
+        # from): the worker's sys.path, in its order, ahead of the interpreter's defaults.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             self._process = gevent.subprocess.Popen(
                 [sys.executable, "-m", "wschat.sqlite_log", self.path],
