@@ -533,6 +533,8 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
 # -- SQLite: one connection, used by one thread at a time --------------------------------
 
 class SQLiteFile(MessageLog):
