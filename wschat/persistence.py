@@ -43,6 +43,7 @@ import gevent.lock
 import gevent.queue
 import orjson
 
+from .db_wait import psycopg_connection_class
 from .protocol import MessageDraft, stored_id_of
 from .stores.base import Unavailable
 
@@ -646,6 +647,7 @@ class PostgresLog(MessageLog):
             raise ImportError(f"psycopg {psycopg.__version__} blocks gevent; "
                               "pip install 'psycopg[binary]>=3.1.14'")
         self._psycopg = psycopg
+        self._connection_class = psycopg_connection_class(psycopg)
         self.url = url
         self.url_for_logs = _without_password(url)
         self._writer: Any = None
@@ -655,7 +657,7 @@ class PostgresLog(MessageLog):
 
     def _connect(self) -> Any:
         try:
-            return self._psycopg.connect(
+            return self._connection_class.connect(
                 self.url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S,
                 application_name="wschat",
                 options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}")

@@ -40,6 +40,7 @@ import gevent.lock
 import gevent.subprocess
 import gevent.threadpool
 
+from .db_wait import READ, wait_first
 from .persistence import (
     Arrival, DatabaseUnavailable, DmPost, Job, MessageLog, RoomPost, SchemaTooNew, SQLiteFile,
 )
@@ -103,6 +104,7 @@ class WriterProcess:
                 with gevent.Timeout(self.CALL_TIMEOUT, DatabaseUnavailable(
                         f"sqlite writer process did not answer within {self.CALL_TIMEOUT:.0f}s")):
                     _send(process.stdin, (op, payload))
+                    wait_first(process.stdout.fileno(), READ)  # ahead of the clients (db_wait)
                     status, value = _receive(process.stdout)
             except BaseException as exc:
                 # Half a request or reply may be on the pipe: start afresh next time.
