@@ -31,12 +31,13 @@ _poll = gevent.monkey.get_original("select", "poll")
 def wait_first(fileno: int, events: int, timeout: float | None = None) -> bool:
     """Wait cooperatively until ``fileno`` is ready for ``events`` (READ, WRITE or
     both), ahead of the other sockets; False if ``timeout`` passed first."""
-    watcher = get_hub().loop.io(fileno, events, True, FIRST)
+    hub = get_hub()
+    watcher = hub.loop.io(fileno, events, True, FIRST)
     timer = gevent.Timeout(timeout) if timeout is not None else None
     try:
         if timer is not None:
             timer.start()
-        get_hub().wait(watcher)
+        hub.wait(watcher)
         return True
     except gevent.Timeout as exc:
         if exc is not timer:
