@@ -61,8 +61,8 @@ def test_wait_first_times_out() -> None:
 
 def test_postgres_connection_waits_first_and_carries_big_statements(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The connection class PostgresLog uses: a 4 MB parameter (its sending waits for the
-    socket to be readable or writable) and the answer arrive intact."""
+    """The connection class PostgresLog uses waits through db_wait, and a 4 MB parameter (whose
+    sending may wait for the socket to be readable or writable) and its answer arrive intact."""
     psycopg = pytest.importorskip("psycopg")
     cls = psycopg_connection_class(psycopg)
     assert cls is not psycopg.Connection  # this psycopg's wait() is the one db_wait knows
@@ -74,4 +74,17 @@ def test_postgres_connection_waits_first_and_carries_big_statements(
     with cls.connect(pg_url_or_skip(), autocommit=True) as conn:
         assert conn.execute("SELECT length(%s), md5(%s)", (big, big)).fetchone() == (
             len(big), hashlib.md5(big.encode()).hexdigest())
-    assert READ | WRITE in waits and READ in waits
+    assert READ in waits  # the reply was waited for here
+
+
+def test_a_read_or_write_wait_reports_which_is_ready() -> None:
+    """psycopg may wait for either; it must be told which one happened."""
+    a, b = socket.socketpair()
+    try:
+        assert db_wait._ready(a.fileno(), READ | WRITE) == WRITE
+        b.send(b"x")
+        assert db_wait._ready(a.fileno(), READ | WRITE) == READ | WRITE
+        assert db_wait._ready(a.fileno(), READ) == READ
+    finally:
+        a.close()
+        b.close()

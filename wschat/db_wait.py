@@ -14,6 +14,7 @@ per second (docs/persistence.md).
 from __future__ import annotations
 
 import inspect
+import select
 from collections.abc import Generator
 from functools import cache
 from typing import Any
@@ -22,10 +23,11 @@ import gevent
 import gevent.monkey
 from gevent.hub import get_hub
 
-READ, WRITE = 1, 2
+READ, WRITE = 1, 2  # libev's and psycopg's (selectors') event bits alike
 FIRST = 2  # EV_MAXPRI: run before the default-priority watchers of the clients' sockets
 
 _poll = gevent.monkey.get_original("select", "poll")
+_POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL  # reading or writing tells
 
 
 def wait_first(fileno: int, events: int, timeout: float | None = None) -> bool:
@@ -54,8 +56,13 @@ def _ready(fileno: int, events: int) -> int:
     if events != READ | WRITE:
         return events  # the watcher fired for the one thing it watched
     poller = _poll()
-    poller.register(fileno, events)
-    return sum(bits for _, bits in poller.poll(0)) & events or events
+    poller.register(fileno, select.POLLIN | select.POLLOUT)
+    seen = 0
+    for _, bits in poller.poll(0):
+        seen |= bits
+    ready = (READ if seen & (select.POLLIN | _POLL_TROUBLE) else 0) | (
+        WRITE if seen & (select.POLLOUT | _POLL_TROUBLE) else 0)
+    return ready or events  # the watcher fired: let psycopg find out what happened
 
 
 def _psycopg_wait(gen: Generator[Any, int, Any], fileno: int, interval: float) -> Any:
