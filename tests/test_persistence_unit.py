@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 
 from conftest import TIMEOUT, redis_url_or_skip, wait_until
 from test_persistence import PG_TEST_URL, pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
-    SCHEMA_VERSION, Arrival, DmPost, MessageLog, PostgresLog, RoomPost, SchemaTooNew, SQLiteFile,
-    open_message_log,
+    SCHEMA_VERSION, Arrival, DatabaseUnavailable, DmPost, GroupCommitWriter, MessageLog,
+    PostgresLog, RoomPost, SchemaTooNew, SQLiteFile, open_message_log,
 )
 from wschat.protocol import draft_dm, draft_message, message_id_of
 from wschat.stores.base import User
@@ -277,6 +279,51 @@ def test_a_queue_longer_than_a_batch_is_committed_in_order_over_several_batches(
     assert sorted(p.value.msg_id for p in posts) == list(range(1, 11))
     assert [message_id_of(e) for e in delivered] == list(range(1, 11))
     assert max(commits) == 3 and sum(commits) == 10
+
+
+def test_a_stuck_write_times_out_its_senders_and_the_queue_behind_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that never returns: its sender and the one queued behind it get 'timed out'
+    after SUBMIT_TIMEOUT (from the writer's watchdog, not a timer per message), and the
+    queued one is never written."""
+    class StuckLog(MessageLog):
+        def __init__(self) -> None:
+            self.release = gevent.event.Event()
+            self.written: list[list[Any]] = []
+
+        def migrate(self) -> int:
+            return SCHEMA_VERSION
+
+        def ping(self) -> None:
+            pass
+
+        def write(self, jobs: list[Any]) -> None:
+            self.written.append(jobs)
+            self.release.wait()
+
+        def close(self) -> None:
+            pass
+
+    stuck = StuckLog()
+    writer = GroupCommitWriter(stuck, lambda batch: None)
+    monkeypatch.setattr(writer, "SUBMIT_TIMEOUT", 0.3)
+    monkeypatch.setattr(writer, "WATCH_EVERY", 0.05)
+    writer.start()
+    try:
+        first = gevent.spawn(writer.submit, room_post("r", "first"))
+        gevent.sleep(0.1)  # first is in the database now
+        second = gevent.spawn(writer.submit, room_post("r", "second"))
+        started = time.monotonic()
+        gevent.joinall([first, second], timeout=TIMEOUT)
+        assert all(isinstance(g.exception, DatabaseUnavailable) and "timed out" in
+                   str(g.exception) for g in (first, second))
+        assert time.monotonic() - started < 2
+        stuck.release.set()
+        gevent.sleep(0.1)
+        assert len(stuck.written) == 1  # the expired queued job never reached the database
+    finally:
+        stuck.release.set()
+        writer.close()
 
 
 def test_ids_issued_before_persistence_are_never_reused(

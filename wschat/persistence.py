@@ -94,6 +94,7 @@ class DatabaseUnavailable(Unavailable):
 @dataclass(slots=True, eq=False)
 class Job:
     finished: bool = field(default=False, init=False)  # the outcome (or error) is filled in
+    submitted: float = field(default=0.0, init=False)  # time.monotonic()
     cancelled: bool = field(default=False, init=False)
     error: Exception | None = field(default=None, init=False)
 
@@ -807,11 +808,14 @@ class GroupCommitWriter:
     in commit order, which is id order. While the database is down, submits
     fail fast with :class:`DatabaseUnavailable`; a prober greenlet keeps
     checking it (also when nothing is written, for readiness) and connects and
-    migrates as soon as it answers.
+    migrates as soon as it answers. A watchdog greenlet fails whatever has
+    waited longer than :attr:`SUBMIT_TIMEOUT` (one timer for all waiters, not
+    one per message).
     """
 
     MAX_BATCH = 512
     SUBMIT_TIMEOUT = 10.0
+    WATCH_EVERY = 1.0  # so a caller waits at most SUBMIT_TIMEOUT + WATCH_EVERY
     RETRY_AFTER = 1.0  # after a failure, fail fast this long before trying the database again
     PROBE_HEALTHY = 2.0
     PROBE_DOWN = 0.5
@@ -834,29 +838,30 @@ class GroupCommitWriter:
         self.last_error = "not connected yet"
         self._greenlet: gevent.Greenlet | None = None
         self._prober: gevent.Greenlet | None = None
+        self._watchdog: gevent.Greenlet | None = None
+        self._in_flight: tuple[list[Job], gevent.event.Event] | None = None
 
     def start(self) -> None:
         """Connect and migrate now if the database answers; serve either way."""
         self._check()
         self._greenlet = gevent.spawn(self._run)
         self._prober = gevent.spawn(self._probe_forever)
+        self._watchdog = gevent.spawn(self._expire_forever)
 
     @property
     def healthy(self) -> bool:
         return self.ready and not self._closing
 
-    def submit(self, job: Job, timeout: float | None = None) -> Job:
+    def submit(self, job: Job) -> Job:
         if self._closing:
             raise DatabaseUnavailable("shutting down")
-        if not self.ready or time.monotonic() - self._failed_at < self.RETRY_AFTER:
+        job.submitted = time.monotonic()
+        if not self.ready or job.submitted - self._failed_at < self.RETRY_AFTER:
             raise DatabaseUnavailable(f"database unavailable ({self.last_error})")
         self._queue.append(job)
         self._wake.set()
-        deadline = time.monotonic() + (timeout or self.SUBMIT_TIMEOUT)
-        while not job.finished:
-            if not self._gathering.wait(max(0.0, deadline - time.monotonic())):
-                job.cancelled = True  # not written if it has not reached the database yet
-                raise DatabaseUnavailable("database write timed out")
+        while not job.finished:  # the watchdog finishes it if nothing else does
+            self._gathering.wait()
         if job.error is not None:
             raise job.error
         return job
@@ -879,7 +884,9 @@ class GroupCommitWriter:
                     batch.append(job)
             finished, self._gathering = self._gathering, gevent.event.Event()
             if batch:
+                self._in_flight = batch, finished
                 self._commit(batch)
+                self._in_flight = None
             finished.set()
 
     def _commit(self, batch: list[Job]) -> None:
@@ -900,6 +907,32 @@ class GroupCommitWriter:
                     job.error = job.error or Unavailable("stored, but delivery failed")
         for job in batch:
             job.finished = True
+
+    def _expire_forever(self) -> None:
+        while not self._stop.wait(self.WATCH_EVERY):
+            self._expire(time.monotonic() - self.SUBMIT_TIMEOUT)
+
+    def _expire(self, submitted_before: float) -> None:
+        """Fail the jobs submitted before ``submitted_before``: queued ones are dropped (never
+        written); a batch still in the database may yet commit, like any timed-out request."""
+        expired: list[Job] = []
+        while self._queue and self._queue[0].submitted < submitted_before:
+            expired.append(self._queue.popleft())
+        in_flight = self._in_flight
+        if in_flight is not None and in_flight[0][0].submitted < submitted_before:
+            expired += in_flight[0]
+        if not expired:
+            return
+        for job in expired:
+            if not job.finished:
+                job.cancelled, job.finished = True, True
+                job.error = DatabaseUnavailable("database write timed out")
+        if in_flight is not None and in_flight[0][0].finished:
+            in_flight[1].set()
+        # Queued jobs' senders wait on the batch being gathered: wake them (the others wait
+        # again on a fresh event).
+        waiting, self._gathering = self._gathering, gevent.event.Event()
+        waiting.set()
 
     def _failed(self, exc: BaseException) -> None:
         self._on_error()
@@ -944,3 +977,6 @@ class GroupCommitWriter:
             if not self._greenlet.dead:
                 log.warning("database writer did not finish within %.1fs", timeout)
                 self._greenlet.kill(block=False)
+        if self._watchdog is not None:
+            self._watchdog.join(timeout)
+        self._expire(float("inf"))  # whatever is still waiting gets its answer
