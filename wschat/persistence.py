@@ -210,10 +210,10 @@ KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
 # A batch is a fixed handful of statements whatever its size, its rows passed as one
 # JSON parameter (see _json_rows). PostgreSQL: every statement costs a wait on the
 # socket, and psycopg adapts a JSON string in C where it adapts arrays element by
-# element in Python. SQLite: the writer thread needs the GIL back after every
-# sqlite3_step, and while the worker's main thread is busy that can take a GIL
-# switch interval (5 ms); one statement per room, or executemany (a step per row),
-# made a batch cost milliseconds per message under load.
+# element in Python. SQLite: every statement is a call from Python into sqlite3 (and
+# when the writer was a thread of the worker, a wait for the GIL after each step);
+# one statement per room, or executemany (a step per row), made a batch cost
+# milliseconds per message under load.
 #
 # PostgreSQL: every room of a batch in one statement. Sequence rows are locked in
 # room order, so two writers cannot deadlock. A conflicting row finds its count by a
