@@ -1,9 +1,11 @@
-"""Shared fixtures: real gunicorn servers on free ports, real WebSocket clients, real Redis.
+"""Shared fixtures: real gunicorn servers on free ports, real WebSocket clients, real services.
 
 Every wait has a timeout, scaled by ``WSCHAT_TEST_TIMEOUT_SCALE`` (default 1)
-for slow machines. Services: Redis at ``REDIS_URL`` (default
-redis://127.0.0.1:6379); outside CI a missing service skips its tests with the
-reason, under ``CI=true`` it fails them.
+for slow machines. Services: Redis at ``REDIS_URL`` and PostgreSQL at
+``DATABASE_URL_TEST`` when given; otherwise the suite starts private instances
+of its own (:mod:`services`) the first time a test needs one and removes them at
+the end. Where a service cannot be had, its tests skip with the reason outside
+CI and fail under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,23 +20,65 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from services import PrivatePostgres, PrivateRedis, ServiceMissing, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("WSCHAT_TEST_TIMEOUT_SCALE", "1"))
 TIMEOUT = 5.0 * SCALE
 IN_CI = os.environ.get("CI", "").lower() == "true"
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def service_unavailable(reason: str) -> NoReturn:
+    """A service a test needs cannot be had: fail under CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{reason} (required under CI=true)")
+    pytest.skip(reason)
+
+
+class SharedServices:
+    """Redis and PostgreSQL for the whole session: given by URL, or private and started once."""
+
+    def __init__(self) -> None:
+        self.redis_url = os.environ.get("REDIS_URL")
+        self.postgres_url = os.environ.get("DATABASE_URL_TEST")
+        self._started: list[PrivateRedis | PrivatePostgres] = []
+
+    def redis(self) -> str:
+        if self.redis_url is None:
+            private = self._start(PrivateRedis)
+            self.redis_url = private.url.rpartition("/")[0]
+        return self.redis_url
+
+    def postgres(self) -> str:
+        if self.postgres_url is None:
+            private = self._start(PrivatePostgres)
+            self.postgres_url = private.url_for("wschat_test")
+        return self.postgres_url
+
+    def _start(self, kind: type[PrivateRedis] | type[PrivatePostgres]) -> Any:
+        try:
+            private = kind()
+        except ServiceMissing as exc:
+            service_unavailable(str(exc))
+        self._started.append(private)
+        return private.start()
+
+    def remove(self) -> None:
+        for private in self._started:
+            private.remove()
+
+
+SERVICES = SharedServices()
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    SERVICES.remove()
 
 
 def wait_until(predicate: Any, timeout: float = TIMEOUT, interval: float = 0.02,
@@ -242,20 +285,24 @@ class Client:
         self.close()
 
 
+def redis_url(db: int) -> str:
+    """The session's Redis URL for database ``db`` (a given REDIS_URL keeps its own database)."""
+    base = SERVICES.redis()
+    return f"{base.rstrip('/')}/{db}" if base.count("/") == 2 else base
+
+
 def redis_url_or_skip(db: int) -> str:
     """A Redis URL for database ``db`` that answers PING, flushed; skip outside CI."""
     import redis
 
-    url = f"{REDIS_URL.rstrip('/')}/{db}" if REDIS_URL.count("/") == 2 else REDIS_URL
+    url = redis_url(db)
     try:
         client = redis.Redis.from_url(url, socket_timeout=2)
         client.ping()
         client.flushdb()
         client.close()
     except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis at {url} is required under CI=true: {exc}")
-        pytest.skip(f"Redis not reachable at {url}: {exc}")
+        service_unavailable(f"Redis not reachable at {url}: {exc}")
     return url
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +25,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
-from conftest import IN_CI, ROOT, TIMEOUT, Client, Server, free_port, redis_url_or_skip, wait_until
+from conftest import (
+    ROOT, TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable,
+    wait_until,
+)
+from services import PrivateRedis, ServiceMissing
 
 SECRET = "metrics-test-secret-0123456789abcdef"
 BURST = 10
@@ -387,48 +390,13 @@ def test_dead_worker_leaves_the_gauges(cluster: Server) -> None:
 
 # -- readiness against a Redis this test can stop -------------------------------------
 
-class PrivateRedis:
-    """A throwaway redis-server on a free port, so the test may stop and restart it."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if IN_CI:
-                pytest.fail("redis-server is required under CI=true")
-            pytest.skip("redis-server is not installed")
-        self.binary = binary
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-
-        wait_until(answers, message="the private redis-server")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(TIMEOUT)
-
-
 def test_ready_flips_while_redis_is_down() -> None:
     """/ready turns 503 on both ports when Redis stops (liveness and scrapes still
     answer, counting store errors) and 200 again once Redis is back."""
-    redis = PrivateRedis()
+    try:
+        redis = PrivateRedis()
+    except ServiceMissing as exc:
+        service_unavailable(str(exc))
     redis.start()
     try:
         with Server({"REDIS_URL": redis.url}, workers=2) as srv:
@@ -447,7 +415,7 @@ def test_ready_flips_while_redis_is_down() -> None:
             wait_until(lambda: readiness() == {200}, timeout=3 * TIMEOUT,
                        message="/ready to recover")
     finally:
-        redis.stop()
+        redis.remove()
 
 
 def test_orphaned_sample_directories_are_swept(tmp_path: Any, monkeypatch: Any) -> None:

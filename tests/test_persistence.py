@@ -1,22 +1,18 @@
 """Durable messages against the real databases: SQLite files and PostgreSQL servers.
 
-Every test runs the real gunicorn server. PostgreSQL comes from
-``DATABASE_URL_TEST`` (default postgresql://postgres@127.0.0.1:5432/wschat_test,
-created if missing); the database-outage test starts a private PostgreSQL
-instance of its own (initdb/pg_ctl into a temporary directory) so it never
-stops the machine's shared server. Outside CI an unreachable PostgreSQL skips
-those tests with the reason; under ``CI=true`` it fails them.
+Every test runs the real gunicorn server. PostgreSQL is the session's (from
+``DATABASE_URL_TEST``, or the private instance conftest starts; database
+``wschat_test``, created if missing); the database-outage test starts a private
+PostgreSQL of its own so it never stops the one the other tests share. Outside
+CI an unreachable PostgreSQL skips those tests with the reason; under
+``CI=true`` it fails them.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import signal
 import sqlite3
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -27,11 +23,13 @@ from typing import Any
 import jwt
 import pytest
 
-from conftest import IN_CI, SCALE, TIMEOUT, Client, Server, free_port, redis_url_or_skip, wait_until
+from conftest import (
+    SERVICES, TIMEOUT, Client, Server, redis_url, redis_url_or_skip,
+    service_unavailable, wait_until,
+)
+from services import PrivatePostgres, ServiceMissing
 
 SECRET = "persistence-secret-0123456789abcdef"
-PG_TEST_URL = os.environ.get("DATABASE_URL_TEST",
-                             "postgresql://postgres@127.0.0.1:5432/wschat_test")
 COMMON = {"ENABLE_PERSISTENCE": "true", "JWT_SECRET": SECRET, "HISTORY_SIZE": "5",
           "RATE_LIMIT": "100000", "RATE_LIMIT_BURST": "100000"}
 
@@ -49,9 +47,11 @@ def as_user(sub: str) -> str:
     return f"token={token(sub)}"
 
 
-def pg_url_or_skip(url: str = PG_TEST_URL) -> str:
-    """``url``'s database, created if missing; skip (fail under CI) if PostgreSQL is down."""
+def pg_url_or_skip() -> str:
+    """The session's PostgreSQL test database, created if missing; skip (fail under CI) if
+    PostgreSQL cannot be had."""
     psycopg = pytest.importorskip("psycopg")
+    url = SERVICES.postgres()
     base, _, dbname = url.rpartition("/")
     try:
         with psycopg.connect(f"{base}/postgres", autocommit=True, connect_timeout=3) as conn:
@@ -59,9 +59,7 @@ def pg_url_or_skip(url: str = PG_TEST_URL) -> str:
                                 (dbname,)).fetchone():
                 conn.execute(f'CREATE DATABASE "{dbname}"')
     except psycopg.Error as exc:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL at {url} is required under CI=true: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {url}: {exc}")
+        service_unavailable(f"PostgreSQL not reachable at {url}: {exc}")
     return url
 
 
@@ -236,48 +234,13 @@ def test_without_persistence_offline_dm_is_user_not_found() -> None:
 
 # -- the database going away ------------------------------------------------------------
 
-class PrivatePostgres:
-    """A throw-away PostgreSQL instance (initdb + pg_ctl) we may stop and start at will."""
-
-    def __init__(self) -> None:
-        binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not binaries:
-            if IN_CI:
-                pytest.fail("initdb (postgresql server binaries) is required under CI=true")
-            pytest.skip("no PostgreSQL server binaries (/usr/lib/postgresql/*/bin)")
-        self.bin = Path(binaries[-1]).parent
-        self.dir = Path(tempfile.mkdtemp(prefix="wschat-pg-"))
-        self.port = free_port()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self._as_owner: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            shutil.chown(self.dir, "postgres")
-            self._as_owner = ["runuser", "-u", "postgres", "--"]
-        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres",
-                  "--no-sync")
-
-    def _run(self, tool: str, *args: str) -> None:
-        subprocess.run([*self._as_owner, str(self.bin / tool), *args], check=True,
-                       capture_output=True, timeout=60 * SCALE)
-
-    def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
-                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
-
-    def remove(self) -> None:
-        try:
-            self.stop()
-        except subprocess.CalledProcessError:
-            pass  # already stopped
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
-    pg = PrivatePostgres()
+    """A PostgreSQL of this test's own, which it may stop and start."""
+    try:
+        pg = PrivatePostgres()
+    except ServiceMissing as exc:
+        service_unavailable(str(exc))
     try:
         pg.start()
         yield pg
@@ -397,7 +360,7 @@ def test_pods_share_one_log_without_duplicates(pods: tuple[Server, Server]) -> N
     finally:
         for c in clients:
             c.close()
-    with psycopg.connect(PG_TEST_URL) as db:
+    with psycopg.connect(pg_url_or_skip()) as db:
         ids = [r[0] for r in db.execute("SELECT id FROM messages WHERE room = %s ORDER BY id",
                                         (room,))]
     assert ids == list(range(1, 61))
@@ -421,6 +384,5 @@ def test_redis_losing_a_room_continues_ids_from_the_database(pods: tuple[Server,
 
 
 def redis_url_or_skip_keep() -> str:
-    from conftest import REDIS_URL
-
-    return f"{REDIS_URL.rstrip('/')}/15" if REDIS_URL.count("/") == 2 else REDIS_URL
+    """The Redis URL of the pods' database, without flushing it."""
+    return redis_url(15)

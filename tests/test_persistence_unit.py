@@ -21,7 +21,7 @@ import gevent.event
 import pytest
 
 from conftest import TIMEOUT, redis_url_or_skip, wait_until
-from test_persistence import PG_TEST_URL, pg_url_or_skip
+from test_persistence import pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
     SCHEMA_VERSION, Arrival, DatabaseUnavailable, DmPost, GroupCommitWriter, MessageLog,
@@ -404,7 +404,8 @@ def test_memory_since_with_raised_sequence_and_no_messages() -> None:
 def test_database_url_default_and_validation() -> None:
     """DATABASE_URL defaults to wschat.db in the working directory; bad values name the variable."""
     assert Settings.from_env({}).database_url == DEFAULT_DATABASE_URL == "sqlite:///wschat.db"
-    assert Settings.from_env({"DATABASE_URL": PG_TEST_URL}).database_url == PG_TEST_URL
+    pg_url = "postgresql://postgres@127.0.0.1:5432/wschat_test"
+    assert Settings.from_env({"DATABASE_URL": pg_url}).database_url == pg_url
     for bad in ("sqlite:wschat.db", "sqlite:///", "mysql://x/y"):
         with pytest.raises(ConfigError, match="DATABASE_URL"):
             Settings.from_env({"DATABASE_URL": bad})

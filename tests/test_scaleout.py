@@ -6,16 +6,19 @@ on different servers must not notice.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jwt
 import pytest
 
-from conftest import IN_CI, SCALE, TIMEOUT, Client, Server, free_port, redis_url_or_skip, wait_until
+from conftest import (
+    SCALE, TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable,
+    wait_until,
+)
+from services import PrivateRedis, ServiceMissing
 
 SECRET = "scaleout-secret-0123456789abcdef0123"
 COMMON = {"JWT_SECRET": SECRET, "TYPING_TIMEOUT": "0.5", "PRESENCE_TTL": "2",
@@ -185,42 +188,17 @@ def test_killed_server_users_go_offline(pair: tuple[Server, Server], third: Serv
 
 
 @pytest.fixture
-def private_redis() -> Iterator[tuple[str, callable]]:
+def private_redis() -> Iterator[tuple[str, tuple[Callable[[], Any], Callable[[], None]]]]:
     """A redis-server of our own on a free port, which the test may stop and restart."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if IN_CI:
-            pytest.fail("redis-server is required under CI=true")
-        pytest.skip("redis-server binary not found")
-    port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        procs.append(subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL))
-        import redis
-
-        wait_until(lambda: _pings(redis, port), message="redis-server to start")
-
-    def stop() -> None:
-        proc = procs[-1]
-        proc.terminate()
-        proc.wait(TIMEOUT)
-
-    start()
-    yield f"redis://127.0.0.1:{port}/0", (start, stop)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(TIMEOUT)
-
-
-def _pings(redis_module, port: int) -> bool:
     try:
-        return bool(redis_module.Redis(port=port, socket_timeout=0.5).ping())
-    except redis_module.RedisError:
-        return False
+        redis = PrivateRedis()
+    except ServiceMissing as exc:
+        service_unavailable(str(exc))
+    redis.start()
+    try:
+        yield redis.url, (redis.start, redis.stop)
+    finally:
+        redis.remove()
 
 
 def test_redis_restart_mid_conversation(private_redis) -> None:
