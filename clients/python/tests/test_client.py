@@ -347,3 +347,23 @@ async def test_url_function_is_called_per_attempt() -> None:
         rec = Recorder(client)
         await rec.wait_for(lambda: client.state is ConnectionState.CONNECTED)
         await client.close()
+
+
+async def test_refused_sends_are_retried_in_order_one_probe_first() -> None:
+    """After unavailable, one send probes; the rest follow in their order once it got through."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        sends = [asyncio.create_task(client.send("r", f"t{i}")) for i in range(3)]
+        frames = [await peer.recv("message") for _ in range(3)]
+        for frame in frames:
+            await peer.send(type="error", id=frame["id"], code="unavailable", message="redis")
+        probe = await peer.recv("message")
+        assert probe["text"] == "t0"
+        assert [p.wire_generation is not None for p in client.pending] == [True, False, False]
+        await peer.echo(probe, 1)
+        rest = [await peer.recv("message") for _ in range(2)]
+        assert [f["text"] for f in rest] == ["t1", "t2"]
+        await peer.echo(rest[0], 2)
+        await peer.echo(rest[1], 3)
+        assert [m.id for m in await asyncio.gather(*sends)] == [1, 2, 3]
+        await client.close()

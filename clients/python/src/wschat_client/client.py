@@ -155,6 +155,7 @@ class Client:
         self._rooms: dict[str, _Room] = {}
         self._requests: dict[str, _Request] = {}
         self._sent: dict[str, PendingSend] = {}  # request id -> send on the wire
+        self._probing: set[str] = set()  # targets refused lately: one send at a time
         self._dm_seen: OrderedDict[int, None] = OrderedDict()
         self._typing: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._ready: list[asyncio.Future[None]] = []
@@ -417,8 +418,14 @@ class Client:
         return entry
 
     def _flush(self) -> None:
-        """Write the sends that may go now: in order, at most ``max_in_flight`` on the
-        wire, a room's only once it is joined and its replay is complete."""
+        """Write the sends that may go now, at most ``max_in_flight`` on the wire.
+
+        Sends to one room (or one DM recipient) keep their order: one that must
+        wait (its room is re-joining or replaying, or a refusal's retry time has
+        not come) holds back the later ones. After a retryable refusal only one
+        send of that target is on the wire until one gets through, so a retry
+        cannot overtake the sends queued after it.
+        """
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
@@ -427,29 +434,39 @@ class Client:
         loop = asyncio.get_running_loop()
         now, wake = loop.time(), None
         entries = list(self._outbox)
+        on_wire = {e.key for e in entries if e.wire_generation == self._generation}
         in_flight = sum(1 for e in entries if e.wire_generation == self._generation)
+        held: set[str] = set()
         for entry in entries:
             if in_flight >= self.max_in_flight:
                 break
-            if entry.wire_generation == self._generation:
+            key = entry.key
+            if entry.wire_generation == self._generation or key in held:
+                continue
+            if key in self._probing and key in on_wire:
+                held.add(key)
                 continue
             if entry.not_before > now:
                 wake = min(wake or entry.not_before, entry.not_before)
+                held.add(key)
                 continue
             if entry.kind == "message":
                 room = self._rooms.get(entry.target)
                 if room is None or room.info.state is not RoomState.JOINED or not room.caught_up:
+                    held.add(key)
                     continue
             entry.request_id = self._rid()
             entry.wire_generation = self._generation
             self._sent[entry.request_id] = entry
             self._write(entry.frame(entry.request_id))
+            on_wire.add(key)
             in_flight += 1
         if wake is not None:
             self._flush_timer = loop.call_at(wake, self._flush)
 
     def _acknowledged(self, entry: PendingSend, result: Message | DirectMessage) -> None:
         self._outbox.remove(entry)
+        self._probing.discard(entry.key)
         if entry.request_id is not None:
             self._sent.pop(entry.request_id, None)
         if entry.future is not None and not entry.future.done():
@@ -461,6 +478,7 @@ class Client:
         entry.wire_generation = None
         room = self._rooms.get(entry.target) if entry.kind == "message" else None
         if err.code in RETRYABLE_CODES:
+            self._probing.add(entry.key)
             entry.failures += 1
             # rate_limited says how long; unavailable (Redis, the database) backs off.
             wait = ((err.retry_after_ms or 0) / 1000

@@ -37,6 +37,11 @@ class PendingSend:
     not_before: float = 0.0  # loop time before which it is not (re)sent
     failures: int = 0  # retryable refusals in a row (for the backoff)
 
+    @property
+    def key(self) -> str:
+        """What the order is kept per: the room, or the DM's recipient."""
+        return f"{self.kind}:{self.target}"
+
     def to_json(self) -> dict[str, str]:
         return {"kind": self.kind, "target": self.target, "text": self.text,
                 "client_msg_id": self.client_msg_id}
