@@ -109,7 +109,7 @@ class Recorder:
         self.messages: dict[str, list[Message]] = defaultdict(list)
         self.events: list[tuple[str, Any]] = []
         self._changed = asyncio.Event()
-        for name in ("message", "dm", "joined", "unrecovered", "disconnected", "connected",
+        for name in ("message", "dm", "joined", "recovery_failed", "disconnected", "connected",
                      "state", "error"):
             client.on(name, self._record(name))
 

@@ -159,7 +159,7 @@ async def test_gap_triggers_rejoin_with_since_and_no_doubles() -> None:
         await client.close()
 
 
-async def test_reconnect_rejoins_with_since_and_reports_unrecovered() -> None:
+async def test_reconnect_rejoins_with_since_and_reports_recovery_failed() -> None:
     """After a drop every room is joined again with since; recovered: false is an event."""
     async with FakeServer() as fake:
         client, rec, peer = await joined_client(fake, last_id=3)
@@ -176,7 +176,7 @@ async def test_reconnect_rejoins_with_since_and_reports_unrecovered() -> None:
         await peer.message(11)
         await rec.wait_for(lambda: rec.ids("r")[-1:] == [11])
         assert rec.ids("r") == [4, 10, 11]
-        (lost,) = rec.of("unrecovered")
+        (lost,) = rec.of("recovery_failed")
         assert (lost.room, lost.since, lost.last_id) == ("r", 4, 12)
         assert client.rooms["r"].state is RoomState.JOINED
         await client.close()

@@ -131,7 +131,7 @@ async def test_recovery_after_server_close(harness: Harness) -> None:
     await all_delivered([rec], "news", before + during)
     rejoins = [j for j in rec.of("joined") if j.rejoin]
     assert rejoins and rejoins[-1].recovered is True
-    assert not rec.of("unrecovered")
+    assert not rec.of("recovery_failed")
     after = await publish(pub, "news", 3, "after ")
     await all_delivered([rec], "news", before + during + after)
     await close_all(client, pub)

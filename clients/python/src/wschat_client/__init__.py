@@ -17,7 +17,7 @@ from .client import Client
 from .errors import ChatError, ClientClosed, Disconnected, OutboxFull, RequestTimeout
 from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Presence,
                      RoomInfo, RoomState, RoomStateChange, StateChange, TypingEvent,
-                     Unrecovered, User, Welcome)
+                     RecoveryFailed, User, Welcome)
 from .outbox import FileOutboxStore, OutboxStore, PendingSend
 from .sync import SyncClient
 
@@ -27,6 +27,6 @@ __all__ = [
     "Backoff", "ChatError", "Client", "ClientClosed", "ConnectionState", "DirectMessage",
     "Disconnect", "Disconnected", "FileOutboxStore", "Joined", "Message", "OutboxFull",
     "OutboxStore", "PendingSend", "Presence", "RequestTimeout", "RoomInfo", "RoomState",
-    "RoomStateChange", "StateChange", "SyncClient", "TypingEvent", "Unrecovered", "User",
+    "RoomStateChange", "StateChange", "SyncClient", "TypingEvent", "RecoveryFailed", "User",
     "Welcome", "__version__",
 ]

@@ -5,7 +5,7 @@ What it promises the app, and how:
 - **Nothing lost.** Every joined room remembers the id of the last message handed to
   the app; after a reconnect, or when an id is not last + 1 (a gap), the room is
   joined again with ``since`` and the server replays what was missed. When it no
-  longer can (``recovered: false``) the ``unrecovered`` event says so.
+  longer can (``recovered: false``) the ``recovery_failed`` event says so.
 - **Nothing doubled.** A room message whose id is not above the last one delivered is
   dropped; a DM id seen before is dropped.
 - **Sends survive disconnections.** Each send gets a ``client_msg_id`` and waits in the
@@ -38,7 +38,7 @@ from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
 from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Presence,
                      RoomInfo, RoomState, RoomStateChange, StateChange, TypingEvent,
-                     Unrecovered, User, Welcome)
+                     RecoveryFailed, User, Welcome)
 from .outbox import Outbox, OutboxStore, PendingSend
 
 log = logging.getLogger("wschat_client")
@@ -48,7 +48,7 @@ UrlSource = str | Callable[[], str | Awaitable[str]]
 TokenSource = Callable[[], str | Awaitable[str]]
 
 EVENTS = frozenset({"state", "connected", "disconnected", "message", "dm", "presence", "typing",
-                    "joined", "unrecovered", "room_state", "error"})
+                    "joined", "recovery_failed", "room_state", "ack", "error"})
 REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong"})
 DM_IDS_KEPT = 10_000
 
@@ -471,6 +471,7 @@ class Client:
             self._sent.pop(entry.request_id, None)
         if entry.future is not None and not entry.future.done():
             entry.future.set_result(result)
+        self._emit("ack", result)
         self._flush()
 
     def _refused(self, entry: PendingSend, err: ChatError) -> None:
@@ -531,7 +532,7 @@ class Client:
             room.info.last_id = last_id
         elif recovered is False:
             room.accept_next = True
-            self._emit("unrecovered", Unrecovered(room.info.name, since, last_id))
+            self._emit("recovery_failed", RecoveryFailed(room.info.name, since, last_id))
         room.catch_up_to = last_id
         room.info.users = [User.from_wire(u) for u in obj.get("users", [])]
         room.joined = Joined(room.info.name, list(room.info.users), last_id,

@@ -1,27 +1,25 @@
 """Typed events and states: what the client hands to the app.
 
-Event names for :meth:`Client.on <wschat_client.Client.on>` and the payload each
-handler receives:
+Event names for :meth:`Client.on <wschat_client.Client.on>`, the payload each
+handler receives, and when:
 
-=================  ==========================  ======================================================
-name               payload                     when
-=================  ==========================  ======================================================
-``state``          :class:`StateChange`        the connection state changed
-``connected``      :class:`Welcome`            connected and greeted (also after each reconnect)
-``disconnected``   :class:`Disconnect`         the socket closed; ``reconnect_in`` says what happens
-``message``        :class:`Message`            a room message, once, in id order per room
-``dm``             :class:`DirectMessage`      a direct message (received, or sent from any of
-                                               your connections), once
-``presence``       :class:`Presence`           someone came online in, or left, a joined room
-``typing``         :class:`TypingEvent`        someone started or stopped typing in a joined room
-``joined``         :class:`Joined`             a room was joined (first time, or rejoined after a
-                                               reconnect or a gap)
-``unrecovered``    :class:`Unrecovered`        after a rejoin the server no longer had every missed
-                                               message: reload ``history`` if you need them
-``room_state``     :class:`RoomStateChange`    a room went joining / joined / left
-``error``          :class:`~wschat_client.ChatError`  an error no request was waiting for (e.g. a
-                                               refused token refresh, a terminal close)
-=================  ==========================  ======================================================
+- ``state`` (:class:`StateChange`): the connection state changed.
+- ``connected`` (:class:`Welcome`): connected and greeted (also after each reconnect).
+- ``disconnected`` (:class:`Disconnect`): the socket closed; ``reconnect_in`` says what next.
+- ``message`` (:class:`Message`): a room message, once, in id order per room.
+- ``dm`` (:class:`DirectMessage`): a direct message, received or sent from any of your
+  connections, once.
+- ``presence`` (:class:`Presence`): someone came online in, or left, a joined room.
+- ``typing`` (:class:`TypingEvent`): someone started or stopped typing in a joined room.
+- ``joined`` (:class:`Joined`): a room was joined (the first time, or again after a
+  reconnect or a gap).
+- ``recovery_failed`` (:class:`RecoveryFailed`): after a re-join the server no longer had
+  every missed message: reload ``history`` if you need them.
+- ``room_state`` (:class:`RoomStateChange`): a room went joining / joined / left.
+- ``ack`` (:class:`Message` or :class:`DirectMessage`): the server acknowledged one of
+  your sends (also those restored from an outbox store, which no one awaits).
+- ``error`` (:class:`~wschat_client.ChatError`): an error no request was waiting for
+  (a refused token refresh, a terminal close code, ...).
 """
 
 from __future__ import annotations
@@ -158,7 +156,7 @@ class Joined:
 
 
 @dataclass(frozen=True, slots=True)
-class Unrecovered:
+class RecoveryFailed:
     """Messages after ``since`` may be missing in ``room``: reload ``history``."""
 
     room: str
