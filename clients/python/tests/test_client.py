@@ -367,3 +367,24 @@ async def test_refused_sends_are_retried_in_order_one_probe_first() -> None:
         await peer.echo(rest[1], 3)
         assert [m.id for m in await asyncio.gather(*sends)] == [1, 2, 3]
         await client.close()
+
+
+async def test_a_server_that_started_afresh_is_followed_after_recovery_failed() -> None:
+    """A restarted memory server numbers from 1 again: after recovered: false, 1 is delivered."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, last_id=41)
+        await peer.message(42)
+        await rec.wait_for(lambda: rec.ids("r") == [42])
+        peer.ws.transport.abort()
+        peer = await fake.accept()
+        join = await peer.recv("join")
+        await peer.send(type="joined", id=join["id"], room="r", users=[], last_id=42,
+                        recovered=False)  # what the server answers for a since it never issued
+        sending = asyncio.create_task(client.send("r", "after the restart"))
+        frame = await peer.recv("message")  # not held back: nothing is being replayed
+        await peer.echo(frame, 1)
+        await peer.message(2)
+        await rec.wait_for(lambda: rec.ids("r")[-1:] == [2])
+        assert rec.ids("r") == [42, 1, 2] and (await sending).id == 1
+        assert len(rec.of("recovery_failed")) == 1
+        await client.close()

@@ -37,7 +37,7 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before reconnect attempt ``attempt`` (0 = the first retry)."""
-        ceiling = min(self.max_delay, self.min_delay * 2 ** min(attempt, 32))
+        ceiling = min(self.max_delay, self.min_delay * 2.0 ** min(attempt, 32))
         return min(self.max_delay, self.min_delay + self.random() * ceiling)
 
     def after_close(self, code: int, attempt: int, *, has_token: bool,

@@ -28,7 +28,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -42,6 +42,7 @@ from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message
 from .outbox import Outbox, OutboxStore, PendingSend
 
 log = logging.getLogger("wschat_client")
+T = TypeVar("T")
 
 Handler = Callable[[Any], Any]
 UrlSource = str | Callable[[], str | Awaitable[str]]
@@ -308,14 +309,15 @@ class Client:
         if r is None:
             raise ChatError("not_in_room", f"join {room} before sending to it")
         self._typing_cleared(room)
-        entry = self._queue(PendingSend("message", room, text, client_msg_id or uuid.uuid4().hex))
-        return await self._await(entry.future, timeout or self.send_timeout, "echo")  # type: ignore[arg-type]
+        future = self._queue(PendingSend("message", room, text,
+                                         client_msg_id or uuid.uuid4().hex))
+        return cast(Message, await self._await(future, timeout or self.send_timeout, "echo"))
 
     async def dm(self, to: str, text: str, *, client_msg_id: str | None = None,
                  timeout: float | None = None) -> DirectMessage:
         """Send a direct message to the user ``to`` (a ``user_id``); outbox as :meth:`send`."""
-        entry = self._queue(PendingSend("dm", to, text, client_msg_id or uuid.uuid4().hex))
-        return await self._await(entry.future, timeout or self.send_timeout, "echo")  # type: ignore[arg-type]
+        future = self._queue(PendingSend("dm", to, text, client_msg_id or uuid.uuid4().hex))
+        return cast(DirectMessage, await self._await(future, timeout or self.send_timeout, "echo"))
 
     async def history(self, room: str, *, limit: int | None = None, before: int | None = None,
                       timeout: float | None = None) -> list[Message]:
@@ -365,7 +367,7 @@ class Client:
     def _deadline(self, timeout: float) -> float:
         return asyncio.get_running_loop().time() + timeout
 
-    async def _await(self, future: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
+    async def _await(self, future: asyncio.Future[T], timeout: float | None, what: str) -> T:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -408,14 +410,14 @@ class Client:
             self._out.put_nowait(json.dumps(frame, separators=(",", ":"), ensure_ascii=False))
 
     # -- the outbox --------------------------------------------------------------------------
-    def _queue(self, entry: PendingSend) -> PendingSend:
+    def _queue(self, entry: PendingSend) -> asyncio.Future[Any]:
         entry = self._outbox.add(entry)
         if entry.future is None:
             entry.future = asyncio.get_running_loop().create_future()
             # A send nobody awaits any more (timed out) must not warn when it fails.
             entry.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._flush()
-        return entry
+        return entry.future
 
     def _flush(self) -> None:
         """Write the sends that may go now, at most ``max_in_flight`` on the wire.
@@ -528,12 +530,14 @@ class Client:
         since = room.info.last_id
         last_id = int(obj.get("last_id", 0))
         recovered = obj.get("recovered") if since is not None else None
+        room.catch_up_to = last_id  # the replay (if any) ends there
         if since is None:
             room.info.last_id = last_id
         elif recovered is False:
             room.accept_next = True
+            if last_id <= since:
+                room.catch_up_to = 0  # no replay; the server may even have started afresh
             self._emit("recovery_failed", RecoveryFailed(room.info.name, since, last_id))
-        room.catch_up_to = last_id
         room.info.users = [User.from_wire(u) for u in obj.get("users", [])]
         room.joined = Joined(room.info.name, list(room.info.users), last_id,
                              since is not None, recovered)
@@ -591,10 +595,15 @@ class Client:
         if entry is not None and entry.kind == "message" and entry.target == message.room:
             self._acknowledged(entry, message)  # our echo, or the original of a resend
         room = self._rooms.get(message.room)
-        if room is None or room.info.last_id is None or message.id <= room.info.last_id:
-            return  # not ours, or already delivered
+        if room is None or room.info.last_id is None:
+            return  # not a room of ours (any more)
         if room.accept_next:
+            # After recovered: false the next message starts afresh, even below the
+            # last id: a server that lost its state (a memory backend restarted)
+            # numbers from 1 again. Frames from before the re-join came before it.
             room.accept_next = False
+        elif message.id <= room.info.last_id:
+            return  # already delivered
         elif message.id != room.info.last_id + 1:
             log.info("gap in %s: %d after %d; joining again", message.room, message.id,
                      room.info.last_id)
@@ -714,7 +723,7 @@ class Client:
     async def _serve(self, ws: ClientConnection, welcome: dict[str, Any]) -> tuple[int, str]:
         self._ws = ws
         self._generation += 1
-        self._out = queue = asyncio.Queue()
+        self._out = queue = asyncio.Queue[str]()
         writer = asyncio.create_task(self._writer(ws, queue))
         info = self._welcomed(welcome)
         self._set_state(ConnectionState.CONNECTED)
