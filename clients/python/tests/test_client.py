@@ -83,6 +83,11 @@ class FakeServer:
     async def accept(self) -> Peer:
         return await asyncio.wait_for(self.peers.get(), TIMEOUT)
 
+    async def drop(self, peer: Peer) -> Peer:
+        """Cut ``peer``'s TCP connection (no close frame); the client's next connection."""
+        peer.ws.transport.abort()
+        return await self.accept()
+
 
 def client_for(fake: FakeServer, **options: Any) -> Client:
     return Client(fake.url, backoff=FAST, request_timeout=TIMEOUT, **options)
@@ -98,6 +103,22 @@ async def joined_client(fake: FakeServer, last_id: int = 0,
     await peer.joined(last_id=last_id)
     await join
     return client, rec, peer
+
+
+async def dropped_after_one(fake: FakeServer, last_id: int) -> tuple[Client, Recorder, Peer]:
+    """A client joined at ``last_id`` that got message last_id + 1, then lost its connection."""
+    client, rec, peer = await joined_client(fake, last_id=last_id)
+    await peer.message(last_id + 1)
+    await rec.wait_for(lambda: rec.ids("r") == [last_id + 1])
+    return client, rec, await fake.drop(peer)
+
+
+async def sent_then_dropped(fake: FakeServer) -> tuple[Client, Recorder, Peer, Any, dict[str, Any]]:
+    """A joined client whose send reached the server, then the connection dropped (no echo)."""
+    client, rec, peer = await joined_client(fake, last_id=0)
+    sending = asyncio.create_task(client.send("r", "hello"))
+    frame = await peer.recv("message")
+    return client, rec, await fake.drop(peer), sending, frame
 
 
 async def test_state_machine_connects_reconnects_and_closes() -> None:
@@ -162,16 +183,10 @@ async def test_gap_triggers_rejoin_with_since_and_no_doubles() -> None:
 async def test_reconnect_rejoins_with_since_and_reports_recovery_failed() -> None:
     """After a drop every room is joined again with since; recovered: false is an event."""
     async with FakeServer() as fake:
-        client, rec, peer = await joined_client(fake, last_id=3)
-        await peer.message(4)
-        await rec.wait_for(lambda: rec.ids("r") == [4])
-        peer.ws.transport.abort()
-        peer = await fake.accept()
-        join = await peer.recv("join")
-        assert join["since"] == 4
+        client, rec, peer = await dropped_after_one(fake, last_id=3)
         assert client.rooms["r"].state is RoomState.JOINING
-        await peer.send(type="joined", id=join["id"], room="r", users=[], last_id=12,
-                        recovered=False)
+        join = await peer.joined(last_id=12, recovered=False)
+        assert join["since"] == 4
         await peer.message(10)  # 5..9 are gone; the replay starts at 10
         await peer.message(11)
         await rec.wait_for(lambda: rec.ids("r")[-1:] == [11])
@@ -185,11 +200,7 @@ async def test_reconnect_rejoins_with_since_and_reports_recovery_failed() -> Non
 async def test_send_is_resent_after_reconnect_and_acked_once() -> None:
     """An unacknowledged send goes out again, with the same client_msg_id, after a drop."""
     async with FakeServer() as fake:
-        client, rec, peer = await joined_client(fake, last_id=0)
-        sending = asyncio.create_task(client.send("r", "hello"))
-        first = await peer.recv("message")
-        peer.ws.transport.abort()  # the echo is lost
-        peer = await fake.accept()
+        client, rec, peer, sending, first = await sent_then_dropped(fake)
         await peer.joined(last_id=0, recovered=True)
         again = await peer.recv("message")
         assert again["client_msg_id"] == first["client_msg_id"] and again["text"] == "hello"
@@ -205,11 +216,7 @@ async def test_send_is_resent_after_reconnect_and_acked_once() -> None:
 async def test_send_found_in_the_replay_is_not_resent() -> None:
     """A send whose echo was lost but which the rejoin replays is acknowledged by the replay."""
     async with FakeServer() as fake:
-        client, rec, peer = await joined_client(fake, last_id=0)
-        sending = asyncio.create_task(client.send("r", "hello"))
-        frame = await peer.recv("message")
-        peer.ws.transport.abort()
-        peer = await fake.accept()
+        client, rec, peer, sending, frame = await sent_then_dropped(fake)
         await peer.joined(last_id=1, recovered=True)
         await peer.echo(frame, 1)  # the replay
         assert (await sending).id == 1
@@ -372,14 +379,9 @@ async def test_refused_sends_are_retried_in_order_one_probe_first() -> None:
 async def test_a_server_that_started_afresh_is_followed_after_recovery_failed() -> None:
     """A restarted memory server numbers from 1 again: after recovered: false, 1 is delivered."""
     async with FakeServer() as fake:
-        client, rec, peer = await joined_client(fake, last_id=41)
-        await peer.message(42)
-        await rec.wait_for(lambda: rec.ids("r") == [42])
-        peer.ws.transport.abort()
-        peer = await fake.accept()
-        join = await peer.recv("join")
-        await peer.send(type="joined", id=join["id"], room="r", users=[], last_id=42,
-                        recovered=False)  # what the server answers for a since it never issued
+        client, rec, peer = await dropped_after_one(fake, last_id=41)
+        # What the server answers for a since it never issued:
+        assert (await peer.joined(last_id=42, recovered=False))["since"] == 42
         sending = asyncio.create_task(client.send("r", "after the restart"))
         frame = await peer.recv("message")  # not held back: nothing is being replayed
         await peer.echo(frame, 1)
