@@ -736,18 +736,22 @@ class Client:
             room.accept_next = False
             self._send_join(room)
         self._flush()
+        code, reason = 1006, ""
         try:
-            async for raw in ws:
+            while True:
+                raw = await ws.recv()
                 try:
                     self._dispatch(raw)
                 except Exception:
                     log.exception("could not handle a frame: %.200r", raw)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as closed:
+            # The server's close frame (ws.close_code needs websockets 14.1; this works on 13).
+            if closed.rcvd is not None:
+                code, reason = closed.rcvd.code, closed.rcvd.reason
         finally:
             writer.cancel()
             self._connection_lost()
-        return ws.close_code or 1006, ws.close_reason or ""
+        return code, reason
 
     async def _writer(self, ws: ClientConnection, queue: asyncio.Queue[str]) -> None:
         try:
