@@ -48,15 +48,35 @@ def cut(client: Client) -> None:
     client._ws.transport.abort()
 
 
-async def publish(client: Client, room: str, count: int, prefix: str,
-                  pace: float = 0.0) -> list[int]:
+async def publish(client: Client, room: str, count: int, prefix: str) -> list[int]:
     """Send ``count`` messages one after the other (each awaited); their ids."""
-    ids = []
-    for i in range(count):
-        ids.append((await client.send(room, f"{prefix}{i}")).id)
-        if pace:
-            await asyncio.sleep(pace)  # a steady sender, not a synchronisation
-    return ids
+    return [(await client.send(room, f"{prefix}{i}")).id for i in range(count)]
+
+
+class Publisher:
+    """Sends to ``room`` one message after another (each awaited) until stopped."""
+
+    def __init__(self, client: Client, room: str, prefix: str, pace: float = 0.02) -> None:
+        self.client, self.room, self.prefix, self.pace = client, room, prefix, pace
+        self.ids: list[int] = []
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            sent = await self.client.send(self.room, f"{self.prefix}{len(self.ids)}")
+            self.ids.append(sent.id)
+            await asyncio.sleep(self.pace)  # a steady sender, not a synchronisation
+
+    async def sent_more(self, count: int) -> None:
+        """Wait until ``count`` more messages were acknowledged."""
+        target = len(self.ids) + count
+        await eventually(lambda: len(self.ids) >= target, f"{count} more sends", LONG)
+
+    async def stop(self) -> list[int]:
+        self._stop.set()
+        await asyncio.wait_for(self._task, LONG)
+        return self.ids
 
 
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
@@ -144,11 +164,14 @@ async def test_rolling_restart(harness: Harness) -> None:
     c1, rec1 = await connected(harness, failover(a["url"], b["url"]), "cleo", "deploy")
     c2, rec2 = await connected(harness, failover(a["url"], b["url"]), "carl", "deploy")
     pub, rec_pub = await connected(harness, b["url"], "pia", "deploy")
-    steady = asyncio.create_task(publish(pub, "deploy", 60, "steady ", pace=0.02))
-    await rec1.wait_for(lambda: len(rec1.ids("deploy")) >= 10)
+    steady = Publisher(pub, "deploy", "steady ")
+    await steady.sent_more(10)
     from_c1 = asyncio.create_task(publish(c1, "deploy", 10, "moving "))  # sends across the move
     await harness.call(f"/servers/{a['id']}/stop", {"signal": "TERM"})
-    acked = await steady + await from_c1
+    for rec in (rec1, rec2):
+        await rec.wait_for(lambda rec=rec: len(rec.of("joined")) >= 2, LONG, "the move to B")
+    await steady.sent_more(10)
+    acked = await steady.stop() + await from_c1
     await all_delivered([rec1, rec2, rec_pub], "deploy", acked)
     for rec in (rec1, rec2):
         assert [d.code for d in rec.of("disconnected")] == [1001]
@@ -183,23 +206,25 @@ async def test_kill_worker(harness: Harness) -> None:
     pub, _ = await connected(harness, p["url"], "paul", "crash")
     members = [await connected(harness, server["url"], f"m{i}", "crash") for i in range(6)]
     recs = [rec for _, rec in members]
-    steady = asyncio.create_task(publish(pub, "crash", 40, "steady ", pace=0.02))
-    await recs[0].wait_for(lambda: len(recs[0].ids("crash")) >= 5)
+    steady = Publisher(pub, "crash", "steady ")
+    await steady.sent_more(5)
+    hit: list[Recorder] = []
     for _ in range(2):  # the first victim may have held none of our clients
         await harness.call(f"/servers/{server['id']}/kill-worker")
+        try:  # a killed worker's sockets are reset at once
+            await eventually(lambda: any(rec.of("disconnected") for rec in recs),
+                             "a client on the killed worker", 2.0)
+        except AssertionError:
+            continue
         hit = [rec for rec in recs if rec.of("disconnected")]
-        if hit:
-            break
-        await asyncio.sleep(0.5)  # a dead worker's sockets close at once; look again
-        hit = [rec for rec in recs if rec.of("disconnected")]
-        if hit:
-            break
+        break
     assert hit, "no client was on a killed worker"
-    acked = await steady
-    await all_delivered(recs, "crash", acked)
     for rec in hit:
-        await rec.wait_for(lambda rec=rec: rec.client.state is ConnectionState.CONNECTED, LONG)
+        await rec.wait_for(lambda rec=rec: len(rec.of("joined")) >= 2, LONG, "the re-join")
         assert rec.of("disconnected")[0].code == 1006
+    await steady.sent_more(10)
+    acked = await steady.stop()
+    await all_delivered(recs, "crash", acked)
     await close_all(pub, *(c for c, _ in members))
 
 
