@@ -15,8 +15,8 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from conftest import TIMEOUT, Recorder
-from wschat_client import (Backoff, ChatError, Client, ConnectionState, FileOutboxStore,
-                           OutboxFull, RequestTimeout, RoomState)
+from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState,
+                           FileOutboxStore, OutboxFull, RequestTimeout, RoomState)
 
 FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
 
@@ -159,6 +159,8 @@ async def test_terminal_close_codes_stop_reconnecting(code: int) -> None:
         assert fake.count == 1
         with pytest.raises(ChatError):
             await client.history("r")
+        with pytest.raises(ClientClosed):
+            await client.dm("u2", "nobody will carry this")
         await client.close()
 
 

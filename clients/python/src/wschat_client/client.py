@@ -303,6 +303,7 @@ class Client:
             ChatError: the room is not joined (``not_in_room``) or the server refused
                 the message (``message_too_large``, ...).
             OutboxFull: too many sends wait for their acknowledgement.
+            ClientClosed: the client was closed (before :meth:`connect`, sends queue).
             RequestTimeout: ``timeout`` passed; the send stays queued.
         """
         r = self._rooms.get(room)
@@ -411,6 +412,9 @@ class Client:
 
     # -- the outbox --------------------------------------------------------------------------
     def _queue(self, entry: PendingSend) -> asyncio.Future[Any]:
+        if self._closing or (self._run_task is not None and self._run_task.done()):
+            raise ClientClosed("the client is closed: call connect() first",
+                               self.last_close.code if self.last_close else None)
         entry = self._outbox.add(entry)
         if entry.future is None:
             entry.future = asyncio.get_running_loop().create_future()
