@@ -110,7 +110,7 @@ class Recorder:
         self.events: list[tuple[str, Any]] = []
         self._changed = asyncio.Event()
         for name in ("message", "dm", "joined", "recovery_failed", "disconnected", "connected",
-                     "state", "error"):
+                     "state", "room_state", "ack", "error"):
             client.on(name, self._record(name))
 
     def _record(self, name: str) -> Any:

@@ -57,12 +57,14 @@ class Peer:
 class FakeServer:
     """Accepts connections, greets each with ``welcome``, hands it to the test."""
 
-    def __init__(self) -> None:
+    def __init__(self, process_request: Any = None) -> None:
         self.peers: asyncio.Queue[Peer] = asyncio.Queue()
         self.count = 0
+        self.process_request = process_request
 
     async def __aenter__(self) -> FakeServer:
-        self.server = await serve(self._handle, "127.0.0.1", 0)
+        self.server = await serve(self._handle, "127.0.0.1", 0,
+                                  process_request=self.process_request)
         port = self.server.sockets[0].getsockname()[1]
         self.url = f"ws://127.0.0.1:{port}/ws"
         return self
@@ -391,4 +393,51 @@ async def test_a_server_that_started_afresh_is_followed_after_recovery_failed() 
         await rec.wait_for(lambda: rec.ids("r")[-1:] == [2])
         assert rec.ids("r") == [42, 1, 2] and (await sending).id == 1
         assert len(rec.of("recovery_failed")) == 1
+        await client.close()
+
+
+async def test_refused_token_retries_only_with_get_token() -> None:
+    """HTTP 401 on the upgrade stops a static-token client; get_token is asked again instead."""
+    tokens: list[str] = []
+
+    def refuse_first(ws: ServerConnection, request: Any) -> Any:
+        auth = request.headers.get("Authorization", "")
+        tokens.append(auth)
+        return ws.respond(401, "bad token\n") if auth.endswith("t1") or auth.endswith("old") else None
+
+    async with FakeServer(refuse_first) as fake:
+        static = client_for(fake, token="old")
+        with pytest.raises(ClientClosed) as err:
+            await static.connect()
+        assert err.value.close_code == 401 and static.state is ConnectionState.DISCONNECTED
+        counter = iter(range(1, 10))
+        refreshing = client_for(fake, get_token=lambda: f"t{next(counter)}")
+        await refreshing.connect()
+        assert tokens[-2:] == ["Bearer t1", "Bearer t2"]
+        await refreshing.close()
+
+
+async def test_join_refused_and_leave_fail_what_waits_with_a_code() -> None:
+    """A refused join raises the server's code; leave fails the room's queued sends."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        joining = asyncio.create_task(client.join("bad"))
+        frame = await peer.recv("join")
+        await peer.send(type="error", id=frame["id"], code="too_many_rooms", message="100")
+        with pytest.raises(ChatError) as err:
+            await joining
+        assert err.value.code == "too_many_rooms" and "bad" not in client.rooms
+        await peer.ws.close(1001)
+        peer = await fake.accept()
+        await peer.recv("join")  # the re-join, left unanswered: sends to "r" wait
+        waiting = asyncio.create_task(client.send("r", "never sent"))
+        await asyncio.sleep(0)
+        leaving = asyncio.create_task(client.leave("r"))
+        with pytest.raises(ChatError) as err:
+            await waiting
+        assert err.value.code == "not_in_room" and client.pending == []
+        left = await peer.recv("leave")
+        await peer.send(type="left", id=left["id"], room="r")
+        await leaving
+        assert [c.new for c in rec.of("room_state")][-1] is RoomState.LEFT
         await client.close()
