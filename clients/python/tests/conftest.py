@@ -139,9 +139,13 @@ class Recorder:
             raise AssertionError(f"timed out waiting for {what or predicate}") from None
 
 
-def assert_exactly_once_in_order(recorder: Recorder, room: str, expected: list[int]) -> None:
-    """Every expected id delivered once, and the delivered ids strictly increasing."""
+def delivered(recorder: Recorder, room: str) -> set[tuple[int, str]]:
+    return {(m.id, m.text) for m in recorder.messages[room]}
+
+
+def assert_exactly_once_in_order(recorder: Recorder, room: str, sent: list[Message]) -> None:
+    """Every sent message delivered (same id, same text), and no id twice or out of order."""
     ids = recorder.ids(room)
     assert ids == sorted(set(ids)), f"doubled or out of order in {room}: {ids}"
-    missing = sorted(set(expected) - set(ids))
-    assert not missing, f"lost in {room}: {missing}"
+    missing = {(m.id, m.text) for m in sent} - delivered(recorder, room)
+    assert not missing, f"lost in {room}: {sorted(missing)}"

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order
+from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order, delivered
 from wschat_client import Backoff, Client, ConnectionState, Message
 
 # Real timing, a little tighter at the top so the suite does not wait 20 s for a restart.
@@ -48,9 +48,13 @@ def cut(client: Client) -> None:
     client._ws.transport.abort()
 
 
-async def publish(client: Client, room: str, count: int, prefix: str) -> list[int]:
-    """Send ``count`` messages one after the other (each awaited); their ids."""
-    return [(await client.send(room, f"{prefix}{i}")).id for i in range(count)]
+async def publish(client: Client, room: str, count: int, prefix: str) -> list[Message]:
+    """Send ``count`` messages one after the other (each awaited), as acknowledged."""
+    return [await client.send(room, f"{prefix}{i}") for i in range(count)]
+
+
+def ids(messages: list[Message]) -> list[int]:
+    return [m.id for m in messages]
 
 
 class Publisher:
@@ -58,25 +62,24 @@ class Publisher:
 
     def __init__(self, client: Client, room: str, prefix: str, pace: float = 0.02) -> None:
         self.client, self.room, self.prefix, self.pace = client, room, prefix, pace
-        self.ids: list[int] = []
+        self.sent: list[Message] = []
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         while not self._stop.is_set():
-            sent = await self.client.send(self.room, f"{self.prefix}{len(self.ids)}")
-            self.ids.append(sent.id)
+            self.sent.append(await self.client.send(self.room, f"{self.prefix}{len(self.sent)}"))
             await asyncio.sleep(self.pace)  # a steady sender, not a synchronisation
 
     async def sent_more(self, count: int) -> None:
         """Wait until ``count`` more messages were acknowledged."""
-        target = len(self.ids) + count
-        await eventually(lambda: len(self.ids) >= target, f"{count} more sends", LONG)
+        target = len(self.sent) + count
+        await eventually(lambda: len(self.sent) >= target, f"{count} more sends", LONG)
 
-    async def stop(self) -> list[int]:
+    async def stop(self) -> list[Message]:
         self._stop.set()
         await asyncio.wait_for(self._task, LONG)
-        return self.ids
+        return self.sent
 
 
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
@@ -87,13 +90,14 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         await asyncio.sleep(0.05)
 
 
-async def all_delivered(recorders: list[Recorder], room: str, ids: list[int]) -> None:
-    wanted = set(ids)
+async def all_delivered(recorders: list[Recorder], room: str, sent: list[Message]) -> None:
+    """Every acknowledged message reaches every recorder's app once, in id order."""
+    wanted = {(m.id, m.text) for m in sent}
     for rec in recorders:
-        await rec.wait_for(lambda rec=rec: wanted <= set(rec.ids(room)), LONG,
-                           f"{sorted(wanted - set(rec.ids(room)))} at {rec.client.username}")
+        await rec.wait_for(lambda rec=rec: wanted <= delivered(rec, room), LONG,
+                           f"{sorted(wanted - delivered(rec, room))} at {rec.client.username}")
     for rec in recorders:
-        assert_exactly_once_in_order(rec, room, ids)
+        assert_exactly_once_in_order(rec, room, sent)
 
 
 async def close_all(*clients: Client) -> None:
@@ -112,7 +116,7 @@ async def test_connect_and_welcome(harness: Harness) -> None:
     assert welcome.user_id == "alice" and welcome.heartbeat_interval
     guest, _ = make_client(server["url"], username="bob")
     await guest.connect()
-    assert guest.user_id.startswith("guest-") and guest.username == "bob"
+    assert (guest.user_id or "").startswith("guest-") and guest.username == "bob"
     await guest.ping()
     await close_all(alice, guest)
     assert alice.state is ConnectionState.DISCONNECTED
@@ -124,7 +128,7 @@ async def test_join_send_ack(harness: Harness) -> None:
     a, rec_a = await connected(harness, server["url"], "ann", "lobby")
     b, rec_b = await connected(harness, server["url"], "ben", "lobby")
     sent = await publish(a, "lobby", 20, "hello ")
-    assert sent == list(range(1, 21))
+    assert ids(sent) == list(range(1, 21))
     await all_delivered([rec_a, rec_b], "lobby", sent)
     assert [m.text for m in rec_b.messages["lobby"]] == [f"hello {i}" for i in range(20)]
     history = await b.history("lobby", limit=5)
@@ -143,7 +147,7 @@ async def test_recovery_after_server_close(harness: Harness) -> None:
     client, rec = await connected(harness, s["url"], "cara", "news")
     pub, _ = await connected(harness, p["url"], "pete", "news")
     before = await publish(pub, "news", 5, "before ")
-    await rec.wait_for(lambda: rec.ids("news") == before)
+    await rec.wait_for(lambda: rec.ids("news") == ids(before))
     await harness.call(f"/servers/{s['id']}/stop", {"signal": "TERM"})
     assert rec.of("disconnected")[0].code == 1001
     during = await publish(pub, "news", 20, "during ")
@@ -191,10 +195,11 @@ async def test_redis_restart(harness: Harness) -> None:
                      "every send refused with unavailable")
     assert not any(t.done() for t in during), "a send was acknowledged without Redis"
     await harness.call("/redis/start")
-    later = [m.id for m in await asyncio.wait_for(asyncio.gather(*during), LONG)]
-    assert later == sorted(later) and later[0] > first[-1], f"ids went back: {first} {later}"
+    later = list(await asyncio.wait_for(asyncio.gather(*during), LONG))
+    assert ids(later) == sorted(ids(later)) and later[0].id > first[-1].id, (
+        f"ids went back: {ids(first)} then {ids(later)}")
     after = await publish(a, "store", 3, "after ")
-    assert after[0] > later[-1]
+    assert after[0].id > later[-1].id
     await all_delivered([rec_a, rec_b], "store", first + later + after)
     await close_all(a, b)
 
@@ -264,7 +269,11 @@ async def test_outbox_resend(harness: Harness) -> None:
     b, rec_b = await connected(harness, server["url"], "olga", "box")
     # Cut at the first acknowledgement: the other sends are written, some already
     # stored by the server, their echoes still on the way (and lost with the socket).
-    stop_cutting = a.on("ack", lambda _: stop_cutting() or cut(a))
+    def cut_once(_: Message) -> None:
+        stop_cutting()
+        cut(a)
+
+    stop_cutting = a.on("ack", cut_once)
     pending = [asyncio.create_task(a.send("box", f"pending {i}")) for i in range(30)]
     dms = [asyncio.create_task(a.dm("olga", f"dm {i}")) for i in range(10)]
     await rec_a.wait_for(lambda: rec_a.of("disconnected"), what="the cut")
@@ -274,11 +283,9 @@ async def test_outbox_resend(harness: Harness) -> None:
     sent: list[Message] = await asyncio.wait_for(asyncio.gather(*pending, *offline), LONG)
     texts = [m.text for m in sent]
     assert texts == [f"pending {i}" for i in range(30)] + [f"offline {i}" for i in range(10)]
-    offline_ids = [m.id for m in sent[30:]]
-    assert offline_ids == sorted(offline_ids), "offline sends went out of order"
-    ids = [m.id for m in sent]
-    assert sorted(ids) == list(range(1, 41)), f"a send was stored twice or lost: {sorted(ids)}"
-    await all_delivered([rec_a, rec_b], "box", ids)
+    assert ids(sent[30:]) == sorted(ids(sent[30:])), "offline sends went out of order"
+    assert sorted(ids(sent)) == list(range(1, 41)), f"stored twice or lost: {ids(sent)}"
+    await all_delivered([rec_a, rec_b], "box", sent)
     assert len(rec_b.ids("box")) == 40
     # DMs have no replay: a resent one is deduplicated by the server (the original returns).
     dm_ids = [d.id for d in await asyncio.wait_for(asyncio.gather(*dms), LONG)]
