@@ -441,3 +441,16 @@ async def test_join_refused_and_leave_fail_what_waits_with_a_code() -> None:
         await leaving
         assert [c.new for c in rec.of("room_state")][-1] is RoomState.LEFT
         await client.close()
+
+
+async def test_a_send_without_echo_is_written_again_on_the_same_connection() -> None:
+    """No echo within ack_timeout: the same client_msg_id goes out again; one echo resolves it."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, ack_timeout=0.2)
+        sending = asyncio.create_task(client.send("r", "lost echo"))
+        first = await peer.recv("message")  # stored, but its echo never comes
+        again = await peer.recv("message")
+        assert again["client_msg_id"] == first["client_msg_id"] and again["id"] != first["id"]
+        await peer.echo(again, 1)
+        assert (await sending).id == 1 and fake.count == 1
+        await client.close()

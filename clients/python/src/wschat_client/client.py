@@ -121,6 +121,8 @@ class Client:
             outbox does not flood the server after a reconnect.
         outbox_store: persists the outbox across runs of the app (see
             :class:`FileOutboxStore`).
+        ack_timeout: seconds without an echo after which a send is written again on
+            the same connection (the server's dedupe makes that harmless).
         typing_idle: seconds after the last :meth:`typing` call before ``status:
             false`` is sent by itself.
         websocket_options: extra keyword arguments for ``websockets.connect``.
@@ -131,7 +133,8 @@ class Client:
                  request_timeout: float = 10.0, send_timeout: float | None = None,
                  connect_timeout: float = 10.0, backoff: Backoff | None = None,
                  max_outbox: int = 1000, max_in_flight: int = 100,
-                 outbox_store: OutboxStore | None = None, typing_idle: float = 3.0,
+                 outbox_store: OutboxStore | None = None, ack_timeout: float = 10.0,
+                 typing_idle: float = 3.0,
                  websocket_options: dict[str, Any] | None = None) -> None:
         self._url = url
         self._token = token
@@ -142,6 +145,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.backoff = backoff or Backoff()
         self.max_in_flight = max_in_flight
+        self.ack_timeout = ack_timeout
         self.typing_idle = typing_idle
         self._ws_options = dict(websocket_options or {})
         self._outbox = Outbox(max_outbox, outbox_store)
@@ -430,7 +434,9 @@ class Client:
         wait (its room is re-joining or replaying, or a refusal's retry time has
         not come) holds back the later ones. After a retryable refusal only one
         send of that target is on the wire until one gets through, so a retry
-        cannot overtake the sends queued after it.
+        cannot overtake the sends queued after it. A send whose echo has not come
+        within ``ack_timeout`` on a live connection is written again: the server
+        answers a copy it already stored with the original.
         """
         if self._flush_timer is not None:
             self._flush_timer.cancel()
@@ -440,6 +446,16 @@ class Client:
         loop = asyncio.get_running_loop()
         now, wake = loop.time(), None
         entries = list(self._outbox)
+        for entry in entries:
+            if entry.wire_generation == self._generation:
+                due = entry.sent_at + self.ack_timeout
+                if due <= now:
+                    log.info("no echo for %s after %.1f s; sending it again",
+                             entry.client_msg_id, self.ack_timeout)
+                    self._sent.pop(entry.request_id or "", None)
+                    entry.wire_generation = None
+                else:
+                    wake = min(wake or due, due)
         on_wire = {e.key for e in entries if e.wire_generation == self._generation}
         in_flight = sum(1 for e in entries if e.wire_generation == self._generation)
         held: set[str] = set()
@@ -463,6 +479,8 @@ class Client:
                     continue
             entry.request_id = self._rid()
             entry.wire_generation = self._generation
+            entry.sent_at = now
+            wake = min(wake or now + self.ack_timeout, now + self.ack_timeout)
             self._sent[entry.request_id] = entry
             self._write(entry.frame(entry.request_id))
             on_wire.add(key)

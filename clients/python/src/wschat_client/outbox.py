@@ -34,6 +34,7 @@ class PendingSend:
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
     wire_generation: int | None = None  # the connection it was last written to
     request_id: str | None = None
+    sent_at: float = 0.0  # loop time it was last written
     not_before: float = 0.0  # loop time before which it is not (re)sent
     failures: int = 0  # retryable refusals in a row (for the backoff)
 
