@@ -46,6 +46,14 @@ class Peer:
                         **extra)
         return join
 
+    async def refuse(self, kind: str, code: str, request: Any) -> None:
+        """Answer the client's next ``kind`` frame with error ``code``; ``request`` raises it."""
+        frame = await self.recv(kind)
+        await self.send(type="error", id=frame["id"], code=code, message="refused")
+        with pytest.raises(ChatError) as err:
+            await request
+        assert err.value.code == code
+
     async def message(self, mid: int, room: str = "r", **extra: Any) -> None:
         await self.send(type="message", id=mid, room=room, text=f"m{mid}", user_id="u",
                         timestamp=0, **{"from": "x"}, **extra)
@@ -281,12 +289,8 @@ async def test_retryable_refusals_are_retried_and_others_fail_with_the_code() ->
         assert again["client_msg_id"] == frame["client_msg_id"]
         await peer.echo(again, 1)
         assert (await sending).id == 1
-        refused = asyncio.create_task(client.send("r", "x" * 10))
-        frame = await peer.recv("message")
-        await peer.send(type="error", id=frame["id"], code="message_too_large", message="long")
-        with pytest.raises(ChatError) as err:
-            await refused
-        assert err.value.code == "message_too_large"
+        await peer.refuse("message", "message_too_large",
+                          asyncio.create_task(client.send("r", "x" * 10)))
         assert client.pending == []
         await client.close()
 
@@ -295,12 +299,8 @@ async def test_request_errors_carry_the_server_code_and_time_out() -> None:
     """history/list_users reject with the server's code, or RequestTimeout when unanswered."""
     async with FakeServer() as fake:
         client, rec, peer = await joined_client(fake)
-        asking = asyncio.create_task(client.history("bad room"))
-        frame = await peer.recv("history")
-        await peer.send(type="error", id=frame["id"], code="invalid_room", message="no")
-        with pytest.raises(ChatError) as err:
-            await asking
-        assert err.value.code == "invalid_room"
+        await peer.refuse("history", "invalid_room",
+                          asyncio.create_task(client.history("bad room")))
         with pytest.raises(RequestTimeout):
             await client.list_users("r", timeout=0.2)
         with pytest.raises(ChatError) as err:
@@ -421,12 +421,8 @@ async def test_join_refused_and_leave_fail_what_waits_with_a_code() -> None:
     """A refused join raises the server's code; leave fails the room's queued sends."""
     async with FakeServer() as fake:
         client, rec, peer = await joined_client(fake)
-        joining = asyncio.create_task(client.join("bad"))
-        frame = await peer.recv("join")
-        await peer.send(type="error", id=frame["id"], code="too_many_rooms", message="100")
-        with pytest.raises(ChatError) as err:
-            await joining
-        assert err.value.code == "too_many_rooms" and "bad" not in client.rooms
+        await peer.refuse("join", "too_many_rooms", asyncio.create_task(client.join("bad")))
+        assert "bad" not in client.rooms
         await peer.ws.close(1001)
         peer = await fake.accept()
         await peer.recv("join")  # the re-join, left unanswered: sends to "r" wait
