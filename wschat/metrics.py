@@ -89,6 +89,9 @@ REFUSED = Counter("wschat_handshakes_refused_total",
 AUTH_FAILURES = Counter("wschat_auth_failures_total",
                         "Rejected tokens (upgrade request or auth message), by reason",
                         ["reason"])
+WORKER_RESTARTS = Counter("wschat_worker_restarts_total",
+                          "Workers started in place of one that exited (crash, OOM kill, "
+                          "timeout); the first workers of a server are not counted")
 STORE_ERRORS = Counter("wschat_store_errors_total",
                        "Failed operations against Redis or the database, by backend",
                        ["backend"])
@@ -115,12 +118,14 @@ class PrometheusChatMetrics(ChatMetrics):
         for reason in AUTH_FAILURE_REASONS:
             AUTH_FAILURES.labels(reason)
 
-    def started(self, backend: str) -> None:
+    def started(self, backend: str, persistence: bool = False) -> None:
         """This worker is serving: count it and say what it runs."""
         BUILD.labels(__version__, backend, platform.python_version()).set(1)
         WORKERS.set(1)
         if backend != "memory":
             STORE_ERRORS.labels(backend)
+        if persistence:  # the dashboard and WschatStoreErrors see 0, not "no data"
+            STORE_ERRORS.labels("database")
         UPTIME.set(time.time() - _STARTED_AT)
 
     def received(self, kind: str) -> None:
@@ -188,6 +193,12 @@ def sample_worker_gauges(outbound_bytes: int) -> None:
     """Called about once a second by every worker: its share of the live-summed gauges."""
     OUTBOUND.set(outbound_bytes)
     UPTIME.set(time.time() - _STARTED_AT)
+
+
+def worker_restarted() -> None:
+    """This worker replaces one that exited: the master re-forked it without the pod
+    restarting, which Kubernetes' restart counts never show."""
+    WORKER_RESTARTS.inc()
 
 
 def started_at() -> float:
