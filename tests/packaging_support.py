@@ -28,6 +28,9 @@ CI_VALUES_DIR = CHART_DIR / "ci"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 SERVICEMONITOR_SCHEMA = CI_VALUES_DIR / "servicemonitor-v1.schema.json"
+PROMETHEUSRULE_SCHEMA = CI_VALUES_DIR / "prometheusrule-v1.schema.json"
+# Prometheus Operator kinds the chart renders, and the schema each is checked against.
+OPERATOR_SCHEMAS = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}
 
 RELEASE = "wschat"
 NAMESPACE = "chat"
@@ -197,8 +200,15 @@ class Rendered:
     def container(self, component: str = "server") -> dict[str, Any]:
         return self.deployment(component)["spec"]["template"]["spec"]["containers"][0]
 
+    def config_map(self) -> dict[str, Any]:
+        """The server's environment ConfigMap (not the Grafana dashboard's)."""
+        found = [m for m in self.all("ConfigMap")
+                 if "grafana_dashboard" not in m["metadata"]["labels"]]
+        assert len(found) == 1, f"environment ConfigMaps: {len(found)} rendered"
+        return found[0]
+
     def config_env(self) -> dict[str, str]:
-        return dict(self.get("ConfigMap")["data"])
+        return dict(self.config_map()["data"])
 
     def secret_data(self) -> dict[str, str]:
         secrets = self.all("Secret")
