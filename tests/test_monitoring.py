@@ -35,22 +35,6 @@ import pytest
 
 from conftest import IN_CI, ROOT, Server, wait_until
 
-_REQUIRED = ("helm_python", "jsonschema", "yaml")
-_missing = []
-for _module in _REQUIRED:
-    try:
-        __import__(_module)
-    except ImportError:
-        _missing.append(_module)
-if _missing:
-    _reason = f"monitoring checks need {', '.join(_missing)} (pip install -e '.[test]')"
-    if IN_CI:
-        raise ImportError(_reason)
-    pytest.skip(_reason, allow_module_level=True)
-
-import jsonschema  # noqa: E402
-import yaml  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packaging_support import (  # noqa: E402
     CHART_DIR,
@@ -59,7 +43,13 @@ from packaging_support import (  # noqa: E402
     RELEASE,
     Rendered,
     render,
+    require_modules,
 )
+
+require_modules(("helm_python", "jsonschema", "yaml"), "monitoring checks")
+
+import jsonschema  # noqa: E402
+import yaml  # noqa: E402
 
 ALERT_TESTS = ROOT / "tests" / "monitoring" / "alerts-test.yaml"
 DASHBOARD = CHART_DIR / "dashboards" / "wschat.json"

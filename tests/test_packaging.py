@@ -34,18 +34,11 @@ from typing import Any
 
 import pytest
 
-_REQUIRED = ("helm_python", "kubernetes_validate", "jsonschema", "yaml", "yamllint", "websockets")
-_missing = []
-for _module in _REQUIRED:
-    try:
-        __import__(_module)
-    except ImportError:
-        _missing.append(_module)
-if _missing:
-    _reason = f"packaging checks need {', '.join(_missing)} (pip install -e '.[test]')"
-    if os.environ.get("CI", "").lower() == "true":
-        raise ImportError(_reason)
-    pytest.skip(_reason, allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with or without tests/__init__.py
+from packaging_support import require_modules  # noqa: E402
+
+require_modules(("helm_python", "kubernetes_validate", "jsonschema", "yaml", "yamllint",
+                 "websockets"), "packaging checks")
 
 import helm_python  # noqa: E402
 import jsonschema  # noqa: E402
@@ -56,7 +49,6 @@ from websockets.sync.client import connect as ws_connect  # noqa: E402
 from yamllint import linter as yamllint_linter  # noqa: E402
 from yamllint.config import YamlLintConfig  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with or without tests/__init__.py
 from packaging_support import (  # noqa: E402
     CHART_DIR,
     CI_VALUES_DIR,
