@@ -65,6 +65,22 @@ def test_settings_validate_patterns_and_api_key() -> None:
     assert dict(Settings.from_env({"API_KEY": API_KEY}).as_table())["API_KEY"] == "<set>"
 
 
+def test_token_claims_become_grants(capsys: pytest.CaptureFixture[str]) -> None:
+    """`rooms`/`mod_rooms` claims reach the identity; malformed ones and sub "system" are refused."""
+    from wschat.__main__ import main as cli_main
+    from wschat.auth import Authenticator, AuthError
+
+    auth = Authenticator(Settings.from_env({"JWT_SECRET": SECRET}))
+    assert cli_main(["token", "--sub", "al", "--secret", SECRET, "--rooms", "team-red, proj-*",
+                     "--mod-rooms", "team-red"]) == 0
+    identity = auth.verify(capsys.readouterr().out.strip())
+    assert (identity.rooms, identity.mod_rooms) == (("team-red", "proj-*"), ("team-red",))
+    assert auth.verify(token("bo")).rooms is None
+    for bad in (token("al", rooms="team-red"), token("al", mod_rooms=["a b"]), token("system")):
+        with pytest.raises(AuthError):
+            auth.verify(bad)
+
+
 # -- the chat core ---------------------------------------------------------------------
 
 @pytest.fixture
