@@ -29,7 +29,7 @@ from .protocol import (
     parse_command,
 )
 from .stores.base import Unavailable
-from .stores.moderation import EVERYWHERE, until_ms, until_of
+from .stores.moderation import until_ms, until_of
 
 if TYPE_CHECKING:
     from .chat import Chat
@@ -84,6 +84,14 @@ def _parsed(chat: Chat, frame: dict[str, Any]) -> Any:
         return parse_command(orjson.dumps(frame), chat.limits)
     except ProtocolError as err:
         raise ApiError(STATUS.get(err.code, 400), err.code.value, err.message) from None
+
+
+def _post_request(chat: Chat, kind: str, target: str) -> tuple[Any, str]:
+    """A publish or dm body as the protocol command it stands for, and the sender's name."""
+    body = _body()
+    cmd = _parsed(chat, {"type": kind, target: body.get(target), "text": body.get("text"),
+                         "client_msg_id": body.get("client_msg_id")})
+    return cmd, _text_field(body, "from", MAX_NAME_CHARS) or SYSTEM_USER
 
 
 def _user_id(body: dict[str, Any]) -> str:
@@ -146,11 +154,8 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
 
     @api.post("/publish")
     def publish() -> Response:
-        body = _body()
-        cmd: SendMessage = _parsed(chat, {"type": "message", "room": body.get("room"),
-                                          "text": body.get("text"),
-                                          "client_msg_id": body.get("client_msg_id")})
-        sender = _text_field(body, "from", MAX_NAME_CHARS) or SYSTEM_USER
+        cmd: SendMessage
+        cmd, sender = _post_request(chat, "message", "room")
         draft = draft_message(cmd.room, sender, SYSTEM_USER, cmd.text, int(clock() * 1000),
                               cmd.client_msg_id)
         posted = stores.messages.post_room(cmd.room, SYSTEM_USER, draft)
@@ -160,14 +165,11 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
 
     @api.post("/dm")
     def dm() -> Response:
-        body = _body()
-        cmd: SendDm = _parsed(chat, {"type": "dm", "to": body.get("to"),
-                                     "text": body.get("text"),
-                                     "client_msg_id": body.get("client_msg_id")})
+        cmd: SendDm
+        cmd, sender = _post_request(chat, "dm", "to")
         online = stores.presence.is_online(cmd.to)
         if not online and not stores.messages.keeps_dms_for(cmd.to):
             raise ApiError(404, ErrorCode.USER_NOT_FOUND.value, "no such user online")
-        sender = _text_field(body, "from", MAX_NAME_CHARS) or SYSTEM_USER
         draft = draft_dm(cmd.to, sender, SYSTEM_USER, cmd.text, int(clock() * 1000),
                          cmd.client_msg_id)
         posted = stores.messages.post_dm(SYSTEM_USER, cmd.to, draft, recipient_online=online)
