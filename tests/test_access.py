@@ -221,6 +221,28 @@ def test_ban_everywhere_closes_and_refuses_connections(clock: Clock) -> None:
     assert user(chat, "b").events("welcome")
 
 
+def test_kick_during_a_join_is_carried_out_after_it(clock: Clock) -> None:
+    """A ban's kick that arrives while the join is under way (after its ban check, before
+    the room is the session's: Redis round trips) removes the user once the join is done."""
+    chat = core(clock)
+    b = user(chat, "b")
+    chat.access.admit(b, "r", joining=True)  # the join's check passed, the store join pending
+    chat.access.ban("b", "r", float("inf"))
+    assert not b.events("left")
+    b.access.joining.clear()  # as if admitted before the ban: the join itself is not refused
+    chat.access.store.lift("ban", "r", "b")
+    send(chat, b, type="join", room="r")
+    assert "r" in b.rooms
+    chat.tick()
+    assert b.events("left")[0]["reason"] == "banned" and "r" not in b.rooms
+    chat.tick()  # carried out once
+    assert len(b.events("left")) == 1
+    chat.access.kick("r", "b")  # not joining, not in the room: nothing is held back
+    send(chat, b, type="join", room="r")
+    chat.tick()
+    assert "r" in b.rooms
+
+
 def test_mute_refuses_messages_and_typing_not_reading(clock: Clock) -> None:
     """A muted user reads but may not post or type there; the mute ends on time or when lifted."""
     chat = core(clock)

@@ -41,6 +41,7 @@ MAX_PATTERNS = 256
 # Control events travel on user channels with the chat events; JSON events never
 # start with a NUL byte, so the hub never mistakes one for the other.
 CONTROL_PREFIX = b"\x00wschat-control\n"
+JOIN_WINDOW = 30.0  # seconds a join may take (redis SUBSCRIBE_TIMEOUT is 15)
 
 
 def room_patterns(value: Any) -> tuple[str, ...] | None:
@@ -74,12 +75,13 @@ def matches(patterns: tuple[str, ...], room: str) -> bool:
 class SessionAccess:
     """One connection's grants (from its token) and the mutes it is under."""
 
-    __slots__ = ("rooms", "mod_rooms", "muted")
+    __slots__ = ("rooms", "mod_rooms", "muted", "joining")
 
     def __init__(self, identity: Identity) -> None:
         self.rooms = identity.rooms
         self.mod_rooms = identity.mod_rooms
         self.muted: dict[str, float] = {}  # room or EVERYWHERE -> end (Unix s, inf)
+        self.joining: dict[str, float] = {}  # room -> when a join was admitted (Unix s)
 
     def granted_exactly(self, room: str) -> bool:
         return self.rooms is not None and room in self.rooms
@@ -123,8 +125,12 @@ class AccessControl:
             return matches(self.guest_rooms, room)
         return session.access.rooms is None or matches(session.access.rooms, room)
 
-    def admit(self, session: Session, room: str, request_id: RequestId = None) -> Standing:
+    def admit(self, session: Session, room: str, request_id: RequestId = None,
+              joining: bool = False) -> Standing:
         """Check that the connection may use ``room``; its standing there (mutes).
+
+        ``joining``: the check of a ``join``; a kick that arrives before the join
+        has finished is then held until it has (:meth:`kick_may_be_early`).
 
         Raises:
             ProtocolError: ``forbidden`` (not granted, not a member, or banned).
@@ -140,7 +146,19 @@ class AccessControl:
         if private and not (standing.member or session.access.granted_exactly(room)):
             raise forbidden(f"room {room} is private: members only", request_id, room=room)
         self.note_mutes(session, room, standing)
+        if joining:
+            now = self.clock()
+            for old in [r for r, at in session.access.joining.items() if at < now - JOIN_WINDOW]:
+                del session.access.joining[old]
+            session.access.joining[room] = now
         return standing
+
+    def kick_may_be_early(self, session: Session, room: str) -> bool:
+        """A kick (or ban) for a room the connection is not in yet, but was admitted to
+        moments ago: its join may still be under way (waiting for the store), having
+        read the user's standing before the ban was written."""
+        at = session.access.joining.get(room)
+        return at is not None and at >= self.clock() - JOIN_WINDOW
 
     def note_mutes(self, session: Session, room: str | None, standing: Standing) -> None:
         muted = session.access.muted

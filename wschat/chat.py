@@ -127,6 +127,7 @@ class Chat:
         # Store clean-ups that failed (Redis briefly unreachable, pool exhausted in a
         # disconnect storm): retried from tick() so no membership is left behind.
         self._unfinished: deque[tuple[Session, str | None]] = deque()
+        self._early_kicks: list[tuple[Session, dict[str, Any]]] = []  # see _control_session
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
                                     stores.broker, clock)
         stores.broker.on_reconnect = self.resync
@@ -285,6 +286,8 @@ class Chat:
         (called about once a second)."""
         if self._unfinished:
             self._retry_unfinished()
+        if self._early_kicks:
+            self._retry_early_kicks()
         now = self.monotonic()
         for session, room in self._typing_deadlines.due(now):
             deadline = session.typing.get(room)
@@ -376,7 +379,7 @@ class Chat:
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
-        self.access.admit(session, room, cmd.request_id)
+        self.access.admit(session, room, cmd.request_id, joining=True)
         # The session listens (events held back) before it is added to the room, so
         # whatever happens after its store join reaches it: messages above `last_id`
         # and presence of anyone its `users` list does not show yet.
@@ -414,6 +417,7 @@ class Chat:
             for event in replay.messages:
                 session.send(event)
         self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members})
+        session.access.joining.pop(room, None)
 
     def _leave(self, session: Session, cmd: Leave) -> None:
         if cmd.room not in session.rooms:
@@ -557,8 +561,11 @@ class Chat:
         kind = op.get("op")
         if kind == "kick":
             room = op["room"]
-            if room not in session.rooms or (op.get("keep_granted")
-                                             and session.access.granted_exactly(room)):
+            if room not in session.rooms:
+                if self.access.kick_may_be_early(session, room):
+                    self._early_kicks.append((session, op))  # its join is under way
+                return
+            if op.get("keep_granted") and session.access.granted_exactly(room):
                 return
             self._leave_room(session, room)
             extra = {k: op[k] for k in ("note", "until") if op.get(k) is not None}
@@ -580,6 +587,14 @@ class Chat:
                                        **extra).to_event())
             self.metrics.disconnected(reason)
             session.close(CloseCode.DISCONNECTED, reason)
+
+    def _retry_early_kicks(self) -> None:
+        """Kicks that arrived while their room's join was under way: carried out once it is
+        done, dropped when it failed or took longer than any join can."""
+        waiting, self._early_kicks = self._early_kicks, []
+        for session, op in waiting:
+            if not session.closed_by_chat:
+                self._control_session(session, op)  # in the room now, still joining, or gone
 
     @staticmethod
     def _scope(scope: str) -> dict[str, str]:
