@@ -9,6 +9,8 @@ and two servers on one Redis for what must hold across pods.
 from __future__ import annotations
 
 import json
+import math
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -21,10 +23,13 @@ from wschat.access import SessionAccess, matches, room_patterns
 from wschat.auth import Identity, mint_token
 from wschat.chat import Chat
 from wschat.config import ConfigError, Settings
-from wschat.stores.moderation import EVERYWHERE
+from wschat.stores.moderation import (
+    EVERYWHERE, MemoryModerationStore, ModerationStore, Standing,
+)
 
 SECRET = "access-test-secret-0123456789abcdef0123"
 API_KEY = "access-test-api-key-0123456789"
+REDIS_DB = 25  # this module's own database on the session's Redis
 
 
 # -- patterns --------------------------------------------------------------------------
@@ -79,6 +84,45 @@ def test_token_claims_become_grants(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in (token("al", rooms="team-red"), token("al", mod_rooms=["a b"]), token("system")):
         with pytest.raises(AuthError):
             auth.verify(bad)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def moderation_store(request: pytest.FixtureRequest) -> Iterator[ModerationStore]:
+    if request.param == "memory":
+        yield MemoryModerationStore()
+        return
+    import redis
+
+    from wschat.stores.redis_moderation import RedisModerationStore
+
+    client = redis.Redis.from_url(redis_url_or_skip(REDIS_DB))
+    yield RedisModerationStore(client)
+    client.close()
+
+
+def test_moderation_stores_agree(moderation_store: ModerationStore) -> None:
+    """Memory and Redis hold bans, mutes and members alike; ended restrictions are gone."""
+    store, now = moderation_store, time.time()
+    assert store.standing("r", "u") == Standing()
+    store.restrict("ban", "r", "u", now + 60)
+    store.restrict("ban", EVERYWHERE, "u", math.inf)
+    store.restrict("mute", EVERYWHERE, "u", now + 30)
+    store.restrict("mute", "other", "u", math.inf)
+    store.restrict("mute", "r", "u", now - 1)  # already over
+    standing = store.standing("r", "u")
+    assert standing.banned_room == pytest.approx(now + 60, abs=0.002)
+    assert standing.banned_everywhere == math.inf and standing.banned == math.inf
+    assert standing.muted_room is None
+    assert standing.muted_everywhere == pytest.approx(now + 30, abs=0.002)
+    assert store.standing(None, "u") == Standing(None, math.inf, None, standing.muted_everywhere)
+    assert store.standing("r", "someone-else") == Standing()
+    assert store.lift("ban", EVERYWHERE, "u") and not store.lift("ban", EVERYWHERE, "u")
+    assert not store.lift("mute", "r", "u")
+    assert store.set_member("team", "u", True) and not store.set_member("team", "u", True)
+    store.set_member("team", "a", True)
+    assert store.members("team") == ["a", "u"] and store.standing("team", "u").member
+    assert store.set_member("team", "u", False) and store.members("team") == ["a"]
+    assert not store.standing("team", "u").member
 
 
 # -- the chat core ---------------------------------------------------------------------
@@ -401,7 +445,7 @@ def test_server_moderator_kick_and_mute(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def redis_pods() -> Iterator[tuple[Server, Server]]:
-    url = redis_url_or_skip(11)
+    url = redis_url_or_skip(REDIS_DB)
     env = {**SERVER_ENV, "REDIS_URL": url, "PRESENCE_TTL": "5"}
     with Server(env) as a, Server(env) as b:
         yield a, b
@@ -453,3 +497,25 @@ def test_private_room_and_ban_everywhere_across_pods(redis_pods: tuple[Server, S
         assert again.expect("error")["reason"] == "banned"
         assert again.close_code_when_closed() == 4003
     api_call(a, "POST", "/api/unban", {"user_id": "fay"})
+
+
+def test_api_figures_and_disconnect_across_pods(redis_pods: tuple[Server, Server]) -> None:
+    """With Redis the API's rooms, info and disconnect see every pod's connections."""
+    a, b = redis_pods
+    with Client(a.url, f"token={token('gus')}") as gus_a, \
+            Client(b.url, f"token={token('gus')}") as gus_b, \
+            Client(b.url, f"token={token('hal')}") as hal:
+        gus_a.join("yard")
+        hal.join("yard")
+        rooms = api_call(b, "GET", "/api/rooms")[1]["rooms"]
+        assert {"room": "yard", "users": 2, "private": False} in rooms
+        status, info = api_call(a, "GET", "/api/info")
+        assert status == 200 and info["backend"] == "redis"
+        assert len(info["workers"]) == 2 and info["pods"] == 1  # two servers, one host
+        assert info["connections"] == 3
+        status, body = api_call(b, "POST", "/api/disconnect", {"user_id": "gus"})
+        assert (status, body["closed"]) == (200, 2)
+        assert gus_a.close_code_when_closed() == 4003
+        assert gus_b.close_code_when_closed() == 4003
+        assert hal.expect("presence", user_id="gus")["status"] == "offline"
+        hal.request({"type": "ping"}, "pong")  # the others are untouched
