@@ -371,9 +371,14 @@ def test_fresh_token_with_fewer_rooms_leaves_them(clock: Clock) -> None:
     send(chat, s, type="auth", token=mint_token(SECRET_CORE, "u", rooms=["a", "b"]))
     send(chat, s, type="join", room="a")
     send(chat, s, type="join", room="b")
+    chat.access.mute("u", "a", float("inf"))
     send(chat, s, type="auth", token=mint_token(SECRET_CORE, "u", rooms=["a"]))
     assert s.events("left") == [{"type": "left", "room": "b", "reason": "forbidden"}]
     assert s.rooms == {"a"}
+    send(chat, s, type="message", room="a", text="x")  # the mute outlives the refresh
+    assert codes(s) == ["muted"]
+    send(chat, s, type="auth", token=mint_token(SECRET_CORE, "v"))  # another user: no mutes
+    assert not s.access.muted and s.access.rooms is None
 
 
 SECRET_CORE = "unit-secret-0123456789abcdef0123456789"  # test_chat's JWT_SECRET

@@ -83,6 +83,13 @@ class SessionAccess:
         self.muted: dict[str, float] = {}  # room or EVERYWHERE -> end (Unix s, inf)
         self.joining: dict[str, float] = {}  # room -> when a join was admitted (Unix s)
 
+    def regrant(self, identity: Identity, same_user: bool) -> None:
+        """A fresh token: its grants; a user's mutes stay with that user only."""
+        self.rooms, self.mod_rooms = identity.rooms, identity.mod_rooms
+        if not same_user:
+            self.muted.clear()
+            self.joining.clear()
+
     def granted_exactly(self, room: str) -> bool:
         return self.rooms is not None and room in self.rooms
 

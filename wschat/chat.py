@@ -350,6 +350,7 @@ class Chat:
         except AuthError as err:
             self.metrics.auth_failed(err.code.value)
             raise ProtocolError(err.code, err.message, cmd.request_id) from None
+        same_user = identity.user_id == session.user_id
         if identity.user_id != session.user_id:
             # A new identity: the old one leaves everything it was part of.
             for room in list(session.rooms):
@@ -362,7 +363,7 @@ class Chat:
         session.username = identity.username
         session.authenticated = True
         session.expires_at = identity.expires_at
-        session.access = SessionAccess(identity)
+        session.access.regrant(identity, same_user)
         for room in list(session.rooms):  # a fresh token may grant fewer rooms
             if not self.access.allowed_by_grants(session, room) and not (
                     self.access.is_private(room)
