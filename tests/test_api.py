@@ -179,9 +179,12 @@ def test_errors_are_json_with_fitting_status(server: Server, method: str, path: 
     assert got["error"]["code"] == code and got["error"]["message"]
 
 
-def test_invalid_json_body(server: Server) -> None:
+def test_invalid_json_and_oversized_bodies(server: Server) -> None:
+    """A body that is not JSON is 400; one over 256 KiB is 413 before it is parsed."""
     status, body = call(server, "POST", "/api/publish", raw=b"{nope")
     assert (status, body["error"]["code"]) == (400, "invalid_json")
+    status, body = call(server, "POST", "/api/publish", raw=b" " * (256 * 1024 + 1))
+    assert (status, body["error"]["code"]) == (413, "too_large")
 
 
 def test_api_key_is_required_and_only_on_the_metrics_port(server: Server) -> None:

@@ -69,8 +69,11 @@ def _http_error(exc: HTTPException) -> Response:
 # -- request parsing -------------------------------------------------------------------
 
 def _body() -> dict[str, Any]:
+    data = request.stream.read(MAX_BODY_BYTES + 1)  # bounded, with or without Content-Length
+    if len(data) > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"request bodies are at most {MAX_BODY_BYTES} bytes")
     try:
-        body = orjson.loads(request.get_data(cache=False) or b"null")
+        body = orjson.loads(data or b"null")
     except orjson.JSONDecodeError:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
