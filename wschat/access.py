@@ -102,7 +102,8 @@ def parse_control(event: bytes) -> dict[str, Any] | None:
     """The control event in ``event``, or None for an ordinary chat event."""
     if not event.startswith(CONTROL_PREFIX):
         return None
-    return orjson.loads(event[len(CONTROL_PREFIX):])
+    control: dict[str, Any] = orjson.loads(event[len(CONTROL_PREFIX):])
+    return control
 
 
 def forbidden(message: str, request_id: RequestId = None, **extra: Any) -> ProtocolError:
@@ -185,8 +186,8 @@ class AccessControl:
         if not muted:
             return
         now = self.clock()
-        for scope in (room, EVERYWHERE):
-            until = muted.get(scope) if scope is not None else None
+        for scope in (room, EVERYWHERE) if room else (EVERYWHERE,):
+            until = muted.get(scope)
             if until is None:
                 continue
             if until <= now:

@@ -110,7 +110,7 @@ def _optional_room(chat: Chat, body: dict[str, Any]) -> str | None:
     return str(_parsed(chat, {"type": "leave", "room": body["room"]}).room)
 
 
-def _room_path(chat: Chat, room: str) -> str:
+def _room_path(chat: Chat, room: Any) -> str:
     return str(_parsed(chat, {"type": "leave", "room": room}).room)
 
 
