@@ -207,9 +207,13 @@ def test_no_api_key_refuses_every_call() -> None:
 
 
 def test_openapi_document_matches_the_routes(server: Server) -> None:
-    """Every route under /api is in /api/openapi.json with its methods, and nothing else."""
+    """/api/openapi.json is valid OpenAPI 3.1, and every route under /api is in it with its
+    methods, and nothing else."""
+    from openapi_spec_validator import validate
+
     status, served = call(server, "GET", "/api/openapi.json")
     assert status == 200 and served == json.loads(json.dumps(OPENAPI))
+    validate(served)  # a valid OpenAPI 3.1 document
     app = Flask(__name__)
     register_api(app, make_chat(Clock()), 8081, time.time)
     routes: dict[str, set[str]] = {}
