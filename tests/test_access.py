@@ -57,6 +57,23 @@ def test_bad_patterns_are_refused(value: Any) -> None:
         room_patterns(value)
 
 
+def test_moderation_commands_parse() -> None:
+    """kick/mute/unmute become one Moderate command; duration and reason are bounded."""
+    from wschat.protocol import Moderate, ProtocolError, parse_command
+
+    assert parse_command('{"type": "mute", "room": "r", "user_id": "u", "duration": 1.5, '
+                         '"id": 3}') == Moderate("mute", "r", "u", 1.5, None, 3)
+    assert parse_command('{"type": "kick", "room": "r", "user_id": "u", "reason": "spam"}'
+                         ) == Moderate("kick", "r", "u", None, "spam")
+    for bad in ('{"type": "unmute", "room": "r"}', '{"type": "mute", "room": "r", '
+                '"user_id": "u", "duration": true}',
+                '{"type": "kick", "room": "r", "user_id": "u", "reason": "%s"}' % ("x" * 201),
+                '{"type": "kick", "room": "r", "user_id": ""}'):
+        with pytest.raises(ProtocolError) as info:
+            parse_command(bad)
+        assert info.value.code.value == "invalid_message"
+
+
 def test_settings_validate_patterns_and_api_key() -> None:
     """GUEST_ROOMS/PRIVATE_ROOMS are comma lists of patterns; API_KEY has a minimum length."""
     settings = Settings.from_env({"GUEST_ROOMS": "lobby, help-*", "PRIVATE_ROOMS": "team-*"})
