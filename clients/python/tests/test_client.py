@@ -450,3 +450,31 @@ async def test_a_send_without_echo_is_written_again_on_the_same_connection() -> 
         await peer.echo(again, 1)
         assert (await sending).id == 1 and fake.count == 1
         await client.close()
+
+
+async def test_a_kick_removes_the_room_for_good_and_mutes_are_events() -> None:
+    """A server-sent left (kick) drops the room: its sends fail, no re-join after a reconnect."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        removed: list[Any] = []
+        client.on("removed", removed.append)
+        client.on("muted", removed.append)
+        await peer.send(type="muted", room="r", until=None, by="mod")
+        sending = asyncio.create_task(client.send("r", "muted?"))
+        frame = await peer.recv("message")
+        await peer.send(type="error", id=frame["id"], code="muted", message="muted", until=None)
+        with pytest.raises(ChatError) as err:
+            await sending
+        assert err.value.code == "muted" and "until" in err.value.details
+        await peer.send(type="left", room="r", reason="kicked", by="mod")
+        await Recorder(client).wait_for(lambda: len(removed) == 2, what="the kick")
+        assert [type(e).__name__ for e in removed] == ["Muted", "Removed"]
+        assert (removed[1].room, removed[1].reason, removed[1].by) == ("r", "kicked", "mod")
+        assert "r" not in client.rooms
+        with pytest.raises(ChatError):
+            await client.send("r", "after the kick")
+        peer = await fake.drop(peer)
+        probe = asyncio.create_task(client.history("other"))
+        assert (await peer.recv())["type"] == "history"  # no join for "r" came first
+        probe.cancel()
+        await client.close()

@@ -36,9 +36,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
-from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Presence,
-                     RoomInfo, RoomState, RoomStateChange, StateChange, TypingEvent,
-                     RecoveryFailed, User, Welcome)
+from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
+                     Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
+                     StateChange, TypingEvent, Unmuted, User, Welcome)
 from .outbox import Outbox, OutboxStore, PendingSend
 
 log = logging.getLogger("wschat_client")
@@ -49,8 +49,9 @@ UrlSource = str | Callable[[], str | Awaitable[str]]
 TokenSource = Callable[[], str | Awaitable[str]]
 
 EVENTS = frozenset({"state", "connected", "disconnected", "message", "dm", "presence", "typing",
-                    "joined", "recovery_failed", "room_state", "ack", "error"})
-REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong"})
+                    "joined", "recovery_failed", "room_state", "removed", "muted", "unmuted",
+                    "ack", "error"})
+REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong", "moderated"})
 DM_IDS_KEPT = 10_000
 
 
@@ -340,6 +341,27 @@ class Client:
         reply = await self._request({"type": "list_users", "room": room}, timeout)
         return [User.from_wire(u) for u in reply.get("users", [])]
 
+    async def kick(self, room: str, user_id: str, *, reason: str | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """Moderators: remove ``user_id`` from ``room`` now; the server's ``moderated`` reply."""
+        frame = {"type": "kick", "room": room, "user_id": user_id}
+        return await self._request(frame if reason is None else {**frame, "reason": reason},
+                                   timeout)
+
+    async def mute(self, room: str, user_id: str, *, duration: float | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """Moderators: ``user_id`` may read but not post in ``room`` (for ``duration`` s)."""
+        frame: dict[str, Any] = {"type": "mute", "room": room, "user_id": user_id}
+        if duration is not None:
+            frame["duration"] = duration
+        return await self._request(frame, timeout)
+
+    async def unmute(self, room: str, user_id: str, *,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """Moderators: lift ``user_id``'s mute in ``room``."""
+        return await self._request({"type": "unmute", "room": room, "user_id": user_id},
+                                   timeout)
+
     async def ping(self, *, timeout: float | None = None) -> None:
         """A round trip through the server."""
         await self._request({"type": "ping"}, timeout)
@@ -529,6 +551,7 @@ class Client:
         for entry in self._outbox:
             if entry.kind == "message" and entry.target == room.info.name:
                 self._outbox.remove(entry)
+                self._sent.pop(entry.request_id or "", None)  # its refusal is no news
                 if entry.future is not None and not entry.future.done():
                     entry.future.set_exception(err)
 
@@ -604,6 +627,12 @@ class Client:
                 self._on_joined(room, obj)
         elif kind == "error":
             self._on_error(obj)
+        elif kind == "left" and str(obj.get("id")) not in self._requests:
+            self._removed(obj)
+        elif kind == "muted":
+            self._emit("muted", Muted(obj.get("room"), obj.get("until"), obj.get("by")))
+        elif kind == "unmuted":
+            self._emit("unmuted", Unmuted(obj.get("room")))
         elif kind in REPLY_TYPES:
             if kind == "welcome":
                 self._welcomed(obj)
@@ -650,7 +679,7 @@ class Client:
 
     def _on_error(self, obj: dict[str, Any]) -> None:
         err = ChatError(str(obj.get("code", "")), str(obj.get("message", "")),
-                        obj.get("retry_after_ms"))
+                        obj.get("retry_after_ms"), obj)
         if err.code == "rate_limited" and err.retry_after_ms:
             self._retry_after = err.retry_after_ms / 1000
         rid = obj.get("id")
@@ -667,6 +696,18 @@ class Client:
                 self._join_refused(room, err)
         elif request.future is not None and not request.future.done():
             request.future.set_exception(err)
+
+    def _removed(self, obj: dict[str, Any]) -> None:
+        """The server took us out of a room (kick, ban, revoked): do not join it again."""
+        room = self._rooms.pop(str(obj.get("room")), None)
+        if room is None:
+            return
+        removed = Removed(room.info.name, str(obj.get("reason") or "removed"), obj.get("by"),
+                          obj.get("until"))
+        self._set_room_state(room, RoomState.LEFT)
+        self._drop_room(room, ChatError(removed.reason, f"removed from {room.info.name}",
+                                        details=obj))
+        self._emit("removed", removed)
 
     def _welcomed(self, obj: dict[str, Any]) -> Welcome:
         self.user_id = str(obj.get("user_id", ""))

@@ -16,6 +16,8 @@ again after the reconnect. Only the server's refusal (``invalid_room``,
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ChatError(Exception):
     """An error reply from the server, or a request the client could not complete.
@@ -25,13 +27,17 @@ class ChatError(Exception):
             one of the local codes above.
         message: human-readable text.
         retry_after_ms: for ``rate_limited``, how long the server asked to wait.
+        details: the server's whole ``error`` event (``room``, ``until`` for
+            ``forbidden``/``muted``, ...); empty for local errors.
     """
 
-    def __init__(self, code: str, message: str = "", retry_after_ms: int | None = None) -> None:
+    def __init__(self, code: str, message: str = "", retry_after_ms: int | None = None,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.details = details or {}
 
 
 class RequestTimeout(ChatError, TimeoutError):

@@ -16,6 +16,10 @@ handler receives, and when:
 - ``recovery_failed`` (:class:`RecoveryFailed`): after a re-join the server no longer had
   every missed message: reload ``history`` if you need them.
 - ``room_state`` (:class:`RoomStateChange`): a room went joining / joined / left.
+- ``removed`` (:class:`Removed`): the server took you out of a room (kicked, banned, membership
+  revoked, no longer granted by a fresh token); the room is not joined again by itself.
+- ``muted`` / ``unmuted`` (:class:`Muted` / :class:`Unmuted`): you may read but not post or
+  type in ``room`` (None: everywhere) until ``until``; or that was lifted.
 - ``ack`` (:class:`Message` or :class:`DirectMessage`): the server acknowledged one of
   your sends (also those restored from an outbox store, which no one awaits).
 - ``error`` (:class:`~wschat_client.ChatError`): an error no request was waiting for
@@ -162,6 +166,35 @@ class RecoveryFailed:
     room: str
     since: int
     last_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The server removed you from ``room``.
+
+    Attributes:
+        reason: ``kicked`` (or the moderator's reason), ``banned``, ``membership revoked``,
+            ``forbidden``.
+        by: the moderator's ``user_id``, or ``api``.
+        until: for a ban, Unix ms (None: until lifted).
+    """
+
+    room: str
+    reason: str
+    by: str | None = None
+    until: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Muted:
+    room: str | None  # None: everywhere
+    until: int | None  # Unix ms; None: until lifted
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unmuted:
+    room: str | None  # None: everywhere
 
 
 @dataclass(frozen=True, slots=True)
