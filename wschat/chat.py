@@ -37,12 +37,15 @@ PRE_AUTH_KINDS = (Auth, Ping)
 REQUEST_COSTS: dict[type, float] = {Join: 1.0, Leave: 1.0, ListUsers: 1.0, Ping: 1.0,
                                     Auth: 5.0, History: 1.0}
 HISTORY_MESSAGES_PER_TOKEN = 25
-# A user's presence in a room changes on the wire at most PRESENCE_BURST times at
-# once, then PRESENCE_RATE times per second (per worker): changes beyond that are
-# held, and only the last one is sent (none if it ends where it started), so
-# join/leave churn cannot multiply into one frame per member per action.
+# Presence on the wire, per worker: a user's in a room changes at most
+# PRESENCE_BURST times at once, then PRESENCE_RATE times per second, and a room's
+# at most ROOM_PRESENCE_BURST / ROOM_PRESENCE_RATE (any users). Changes beyond
+# that are held, and only the last one is sent (none if it ends where it started),
+# so join/leave churn cannot multiply into one frame per member per action.
 PRESENCE_RATE = 1.0
 PRESENCE_BURST = 4.0
+ROOM_PRESENCE_RATE = 20.0
+ROOM_PRESENCE_BURST = 100.0
 UNAVAILABLE_LOG_EVERY = 10.0  # seconds between "store unavailable" warnings
 
 
@@ -155,60 +158,87 @@ class _Expiries:
             heapq.heapify(self._heap)
 
 
-class _PresenceGate:
-    """Presence changes per (room, user), through a small token bucket each
-    (:data:`PRESENCE_BURST` at once, then :data:`PRESENCE_RATE` per second): a
-    change beyond it is held, later ones replace it, and when the bucket allows
-    the last one is sent, or none if it ends where the last sent one did."""
+class _Bucket:
+    """A token bucket in a few floats (the chat core's own, per worker)."""
 
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        # key -> (tokens, at, last status sent); forgotten once full again.
-        self._buckets: dict[tuple[str, str], tuple[float, float, str]] = {}
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens, self.at = burst, now
+
+    def level(self, now: float, rate: float, burst: float) -> float:
+        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
+        self.at = now
+        return self.tokens
+
+
+class _PresenceGate:
+    """Presence changes go out through two token buckets per worker: one per (room,
+    user) (:data:`PRESENCE_BURST`, :data:`PRESENCE_RATE`) and one per room
+    (:data:`ROOM_PRESENCE_BURST`, :data:`ROOM_PRESENCE_RATE`). A change neither
+    allows is held; a later change of the same user replaces it, and one that
+    brings it back to what was last sent cancels it. Held changes go out, oldest
+    first, as the buckets refill (:meth:`due`, from the ticker)."""
+
+    def __init__(self) -> None:
+        # (room, user) -> (bucket, last status sent): the state it starts from is
+        # the opposite of its first change (joining means it was offline).
+        self._users: dict[tuple[str, str], tuple[_Bucket, str]] = {}
+        self._rooms: dict[str, _Bucket] = {}
         self._held: dict[tuple[str, str], tuple[str, str, bool]] = {}  # status, name, guest
-        self._due: list[tuple[float, int, tuple[str, str]]] = []
-        self._tie = itertools.count()
         self._next_sweep = 0.0
 
     def __len__(self) -> int:
-        return len(self._buckets) + len(self._held)
+        return len(self._users) + len(self._rooms) + len(self._held)
 
-    def _tokens(self, key: tuple[str, str], now: float) -> tuple[float, str]:
-        tokens, at, sent = self._buckets.get(key, (self.burst, now, ""))
-        return min(self.burst, tokens + (now - at) * self.rate), sent
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def _spend(self, key: tuple[str, str], now: float) -> bool:
+        user = self._users[key][0]
+        room = self._rooms.get(key[0])
+        if room is None:
+            room = self._rooms[key[0]] = _Bucket(ROOM_PRESENCE_BURST, now)
+        if (user.level(now, PRESENCE_RATE, PRESENCE_BURST) < 1.0
+                or room.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST) < 1.0):
+            return False
+        user.tokens -= 1.0
+        room.tokens -= 1.0
+        return True
 
     def offer(self, room: str, user_id: str, username: str, status: str, guest: bool,
               now: float) -> bool:
-        """True: publish this change now; False: it is held (see :meth:`due`)."""
+        """True: publish this change now; False: held or cancelled."""
         key = (room, user_id)
-        if key not in self._held:
-            tokens, _ = self._tokens(key, now)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now, status)
-                return True
-            when = now + (1.0 - tokens) / self.rate
-            heapq.heappush(self._due, (when, next(self._tie), key))
+        state = self._users.get(key)
+        if state is None:
+            state = self._users[key] = (_Bucket(PRESENCE_BURST, now),
+                                        "offline" if status == "online" else "online")
+        if status == state[1]:  # back to what the room last heard: nothing to say
+            self._held.pop(key, None)
+            return False
+        if key not in self._held and self._spend(key, now):
+            self._users[key] = (state[0], status)
+            return True
         self._held[key] = (status, username, guest)
         return False
 
     def due(self, now: float) -> list[tuple[str, str, str, str, bool]]:
-        """Held changes whose turn has come and that differ from the last one sent:
-        (room, user_id, username, status, guest)."""
+        """Held changes the buckets now allow: (room, user_id, username, status, guest)."""
         out = []
-        while self._due and self._due[0][0] <= now:
-            _, _, key = heapq.heappop(self._due)
-            held = self._held.pop(key, None)
-            if held is None:
-                continue
-            status, username, guest = held
-            tokens, sent = self._tokens(key, now)
-            if sent != status:
-                self._buckets[key] = (max(0.0, tokens - 1.0), now, status)
+        for key, (status, username, guest) in list(self._held.items()):
+            if self._spend(key, now):
+                del self._held[key]
+                self._users[key] = (self._users[key][0], status)
                 out.append((key[0], key[1], username, status, guest))
-        if now >= self._next_sweep:  # forget full buckets: they mean nothing
-            self._next_sweep = now + self.burst / self.rate
-            self._buckets = {k: v for k, v in self._buckets.items()
-                             if k in self._held or self._tokens(k, now)[0] < self.burst}
+        if now >= self._next_sweep:  # full buckets mean nothing: forget them
+            self._next_sweep = now + 10.0
+            self._users = {k: v for k, v in self._users.items() if k in self._held
+                           or v[0].level(now, PRESENCE_RATE, PRESENCE_BURST) < PRESENCE_BURST}
+            self._rooms = {r: b for r, b in self._rooms.items()
+                           if b.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST)
+                           < ROOM_PRESENCE_BURST}
         return out
 
 
@@ -229,7 +259,7 @@ class Chat:
         self._typing_deadlines = _Deadlines()
         self._auth_deadlines = _Deadlines()
         self._expiry_deadlines = _Expiries()
-        self._presence = _PresenceGate(PRESENCE_RATE, PRESENCE_BURST)
+        self._presence = _PresenceGate()
         self._unavailable_logged_at = float("-inf")
         # Store clean-ups that failed (Redis briefly unreachable, pool exhausted in a
         # disconnect storm): retried from tick() so no membership is left behind.

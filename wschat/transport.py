@@ -49,6 +49,9 @@ log = logging.getLogger("wschat.transport")
 
 RECV_BYTES = 65536
 CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
+# ... and read at most this much meanwhile: a peer that keeps streaming after we
+# closed (a flood cut off with 4102 or 1009) is dropped instead of parsed for seconds.
+READ_AFTER_CLOSE_BYTES = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # Each fragment of a message but the last counts at least this many bytes against
 # MAX_MESSAGE_BYTES, so a message has at most MAX_MESSAGE_BYTES / 64 fragments (1024
@@ -78,7 +81,8 @@ class NoReaderThread:
 class WebSocketConnection(Session):
     __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
                  "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
-                 "close_code", "close_reason", "echo", "_progress_at", "next_ping", "_frame_len")
+                 "close_code", "close_reason", "echo", "_progress_at", "next_ping", "_frame_len",
+                 "_read_after_close")
 
     def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
                  conn_id: str, identity: Identity, authenticated: bool,
@@ -112,6 +116,7 @@ class WebSocketConnection(Session):
         self._parts: Any = None
         self._part_size = 0
         self._frame_len = 0  # bytes of the current frame so far
+        self._read_after_close = 0
         self.state = ConnState.OPEN
         self.last_seen = time.monotonic()
         # Each connection's pings keep their own phase, spread over the interval:
@@ -243,6 +248,11 @@ class WebSocketConnection(Session):
                 if not data:
                     break
                 self.last_seen = time.monotonic()
+                if self.state is ConnState.CLOSING:
+                    self._read_after_close += len(data)
+                    if self._read_after_close > READ_AFTER_CLOSE_BYTES:
+                        self.abort("kept sending after close")
+                        break
                 self._ws.receive_data(data)
                 if not self._handle_events():
                     break

@@ -1,0 +1,544 @@
+"""The worst client: each attack from issue #17, run for a few seconds against a real server.
+
+Every test asserts two things: the attack hits a bound (refused, cut off,
+coalesced, capped), and a well-behaved client pinging all along (:class:`Watcher`)
+keeps a fast round trip meanwhile. Attackers are bare sockets sending prebuilt
+frames (:func:`frame`), so the test process spends little CPU per attack frame
+and the load lands on the server. A few bounds that cannot be reached from
+outside in seconds (expiry entries, JWKS, log escaping, the dedupe cache) are
+checked on the components themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import socket
+import statistics
+import string
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+
+from conftest import SCALE, TIMEOUT, Client, Server, wait_until
+from rawws import OP_CLOSE, OP_TEXT, Closed, RawClient
+
+SECRET = "hostile-secret-0123456789abcdef0123"
+# A well-behaved client's ping round trip while an attack runs: unloaded it is
+# well under 10 ms; this leaves room for a loaded 2-core machine (before the fixes,
+# join/leave churn alone pushed it to 3.2 s).
+RTT_MAX = 0.75 * SCALE
+RTT_MEDIAN_MAX = 0.2 * SCALE
+ATTACK_SECONDS = 3.0
+MEMBERS = 300
+OP_CONT = 0x0
+_source_ips = iter(range(2, 250))
+
+
+def fresh_ip() -> str:
+    return f"127.0.17.{next(_source_ips)}"
+
+
+def token(sub: str, name: str | None = None) -> str:
+    return jwt.encode({"sub": sub, "name": name or sub, "exp": int(time.time()) + 3600},
+                      SECRET, algorithm="HS256")
+
+
+def frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+    """A masked client frame with a zero mask key (valid, and the payload stays as is)."""
+    n = len(payload)
+    head = bytes(((0x80 if fin else 0) | opcode,))
+    if n < 126:
+        head += bytes((0x80 | n,))
+    elif n < 65536:
+        head += bytes((0x80 | 126,)) + struct.pack("!H", n)
+    else:
+        head += bytes((0x80 | 127,)) + struct.pack("!Q", n)
+    return head + b"\0\0\0\0" + payload
+
+
+def text(obj: dict[str, Any]) -> bytes:
+    return frame(OP_TEXT, json.dumps(obj).encode())
+
+
+def metric(srv: Server, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = srv.http("/metrics", metrics=True)[1].decode()
+    total = 0.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def worker_rss_kib(srv: Server) -> int:
+    (pid,) = srv.worker_pids()
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def handshake(port: int, query: str = "", source: str = "127.0.0.1"
+              ) -> tuple[int, socket.socket]:
+    """(HTTP status, socket) of an upgrade request; only the response head is read."""
+    sock = socket.create_connection(("127.0.0.1", port), TIMEOUT, (source, 0))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws{'?' + query if query else ''} HTTP/1.1\r\nHost: x\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise Closed("closed during the handshake")
+        head += chunk
+    return int(head.split(b" ", 2)[1]), sock
+
+
+def upgrade(port: int, query: str = "", source: str = "127.0.0.1") -> socket.socket:
+    """A bare socket past the handshake (101 read), nothing else read."""
+    status, sock = handshake(port, query, source)
+    assert status == 101, status
+    return sock
+
+
+class Watcher:
+    """A well-behaved client that pings five times a second (within its request
+    budget) and records each round trip."""
+
+    def __init__(self, srv: Server, room: str | None = None) -> None:
+        self.client = Client(srv.url, "username=watcher", source_address=(fresh_ip(), 0))
+        if room:
+            self.client.join(room)
+        self.rtts: list[float] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                started = time.monotonic()
+                self.client.request({"type": "ping"}, "pong", timeout=10 * SCALE)
+                self.rtts.append(time.monotonic() - started)
+                # Only pongs matter here: drop what the rooms sent meanwhile.
+                self.client.backlog.clear()
+                if self._stop.wait(0.2):
+                    return
+        except BaseException as exc:  # reported by check()
+            self.error = exc
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(15 * SCALE)
+        self.client.close()
+
+    def check(self, min_pings: int = 5) -> str:
+        assert self.error is None, f"the well-behaved client failed: {self.error!r}"
+        assert len(self.rtts) >= min_pings, f"too few pings completed: {self.rtts}"
+        worst, median = max(self.rtts), statistics.median(self.rtts)
+        assert worst < RTT_MAX and median < RTT_MEDIAN_MAX, (
+            f"round trip max {worst * 1000:.0f} ms, median {median * 1000:.0f} ms "
+            f"over {len(self.rtts)} pings")
+        return f"rtt max {worst * 1000:.1f} ms median {median * 1000:.1f} ms"
+
+
+def run_for(seconds: float, attack: Any) -> int:
+    """Call ``attack()`` until ``seconds`` pass; how many times it ran."""
+    deadline, runs = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        attack(deadline)
+        runs += 1
+    return runs
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[Server]:
+    """Default limits (the attacks are tried against what ships), a JWT secret."""
+    with Server({"JWT_SECRET": SECRET}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tight() -> Iterator[Server]:
+    """Small connection caps and history bound, generous rates (to reach them fast)."""
+    with Server({"JWT_SECRET": SECRET, "MAX_CONNECTIONS_PER_IP": "5",
+                 "MAX_CONNECTIONS_PER_USER": "2", "MEMORY_HISTORY_BYTES": "1048576",
+                 "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}) as server:
+        yield server
+
+
+# -- 1. join/leave churn and unlimited commands --------------------------------------------
+
+def test_join_leave_churn_is_rate_limited_and_presence_coalesced(srv: Server) -> None:
+    """One guest joins and leaves a 300-member room as fast as it can (reconnecting,
+    as a new guest, whenever it is cut off): presence frames stay within the room's
+    presence budget, join requests within the request budget, pings fast."""
+    room = "churn-" + os.urandom(4).hex()
+    members = []
+    try:
+        for i in range(MEMBERS):
+            member = RawClient(srv.port, source=f"127.0.{18 + i // 200}.{2 + i % 200}")
+            member.send({"type": "join", "room": room})
+            member.expect("joined")
+            members.append(member)
+        pairs = b"".join(text({"type": "join", "room": room})
+                         + text({"type": "leave", "room": room}) for _ in range(200))
+        source = fresh_ip()
+        presence_before = metric(srv, "wschat_messages_delivered_total", type="presence")
+        joins_before = metric(srv, "wschat_messages_received_total", type="join")
+        sent = 0
+
+        def churn(deadline: float) -> None:
+            nonlocal sent
+            sock = upgrade(srv.port, source=source)
+            sock.settimeout(1.0)
+            try:
+                while time.monotonic() < deadline:
+                    sock.sendall(pairs)
+                    sent += 200
+            except OSError:  # cut off (4102 flooding, or 4101: it never reads)
+                pass
+            finally:
+                sock.close()
+
+        with Watcher(srv, room) as watcher:
+            started = time.monotonic()
+            connections = run_for(ATTACK_SECONDS, churn)
+            elapsed = time.monotonic() - started
+        rtt = watcher.check()
+        # Held changes drain from the ticker (about a second): count them too.
+        time.sleep(2.0)
+        presence = metric(srv, "wschat_messages_delivered_total",
+                          type="presence") - presence_before
+        joins = metric(srv, "wschat_messages_received_total", type="join") - joins_before
+        # A room's presence budget: 100 at once, then 20 per second, each to every member.
+        budget = (MEMBERS + 1) * (100 + 20 * (elapsed + 3.0))
+        print(f"churn: {sent} pairs written over {connections} connections in {elapsed:.1f}s, "
+              f"{joins:.0f} joins parsed, {presence:.0f} presence frames "
+              f"(budget {budget:.0f}), {rtt}")
+        assert presence <= budget
+        assert sent > 10 * presence / (MEMBERS + 1)  # the churn did not just stall
+    finally:
+        for member in members:
+            member.close()
+
+
+def test_cheap_requests_are_rate_limited(srv: Server) -> None:
+    """list_users, history (limit 100), ping and auth in a loop get rate_limited, then
+    the connection is closed as flooding (4102); replies stay within the budget."""
+    with Client(srv.url, "username=reader") as owner:
+        room = "hist-" + os.urandom(4).hex()
+        owner.join(room)
+        for i in range(10):
+            owner.say(room, "x" * 3000 + str(i))
+        for kind in ({"type": "history", "room": room, "limit": 100},
+                     {"type": "list_users", "room": room}, {"type": "ping"},
+                     {"type": "auth", "token": token("looper")}):
+            client = RawClient(srv.port, source=fresh_ip())
+            client.sock.sendall(text(kind) * 400)
+            replies = limited = 0
+            try:
+                while True:
+                    event = client.next_event()
+                    if event["type"] == "error":
+                        assert event["code"] == "rate_limited", event
+                        limited += 1
+                    elif event["type"] != "presence":
+                        replies += 1
+            except Closed:
+                pass
+            assert client.close_code == 4102, (kind, client.close_code)
+            # Burst 100 tokens: history 100 costs 5, auth 5, the others 1.
+            cost = 5 if kind["type"] in ("history", "auth") else 1
+            # (auth: the guest's bucket pays the first, the new identity's the rest)
+            assert replies <= (2 if cost == 5 else 1) * (100 // cost) + 10, (kind, replies)
+            assert limited >= 40
+            client.close()
+
+
+# -- 2. fragments ---------------------------------------------------------------------------
+
+def test_fragment_count_is_bounded_but_fine_fragmentation_works(srv: Server) -> None:
+    """A ping cut into 1000 fragments is answered; an endless run of empty
+    continuation frames is cut off with 1009 after at most MAX_MESSAGE_BYTES / 64."""
+    client = RawClient(srv.port, source=fresh_ip())
+    client.sock.sendall(frame(OP_TEXT, b'{"type": "ping"', fin=False)
+                        + frame(OP_CONT, fin=False) * 998 + frame(OP_CONT, b"}"))
+    assert client.expect("pong")
+    client.sock.sendall(frame(OP_TEXT, b"{", fin=False) + frame(OP_CONT, fin=False) * 1023)
+    client.sock.sendall(frame(OP_CONT, b'"type": "ping"}'))
+    with pytest.raises(Closed):
+        client.next_event()
+    assert client.close_code == 1009
+    client.close()
+
+
+def test_endless_empty_fragments_hold_no_memory(srv: Server) -> None:
+    """Connections streaming empty continuation frames for seconds: each is cut off,
+    the worker's memory does not follow what was sent, pings stay fast."""
+    burst = frame(OP_TEXT, b"{", fin=False) + frame(OP_CONT, fin=False) * 4000
+    source = fresh_ip()
+    sent = 0
+
+    def stream(deadline: float) -> None:
+        nonlocal sent
+        sock = upgrade(srv.port, source=source)
+        sock.settimeout(1.0)
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(burst)
+                sent += len(burst)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    rss_before = worker_rss_kib(srv)
+    with Watcher(srv) as watcher:
+        connections = run_for(ATTACK_SECONDS, stream)
+    rtt = watcher.check()
+    growth = worker_rss_kib(srv) - rss_before
+    print(f"fragments: {sent / 1e6:.1f} MB of empty fragments over {connections} "
+          f"connections, worker RSS {growth / 1024:+.1f} MiB, {rtt}")
+    assert growth < 8 * 1024, f"RSS grew {growth} KiB"
+
+
+# -- 3. Prometheus cardinality --------------------------------------------------------------
+
+def test_invented_http_methods_add_no_series(srv: Server) -> None:
+    """300 requests with random methods: each gets 501, /metrics does not grow."""
+    srv.http("/health")
+    before = srv.http("/metrics", metrics=True)[1].decode().count("\n")
+    for _ in range(300):
+        method = "".join(random.choices(string.ascii_uppercase, k=8))
+        with socket.create_connection(("127.0.0.1", srv.port), TIMEOUT) as sock:
+            sock.sendall(f"{method} /health HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(64).startswith(b"HTTP/1.1 501")
+    after_body = srv.http("/metrics", metrics=True)[1].decode()
+    assert after_body.count("\n") <= before + 10
+    methods = {line.split('method="')[1].split('"')[0]
+               for line in after_body.splitlines() if 'method="' in line}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
+
+
+# -- 4. memory backend bounds ---------------------------------------------------------------
+
+def test_history_of_all_rooms_stays_under_the_memory_bound(tight: Server) -> None:
+    """2.3 MB of messages over 30 rooms with MEMORY_HISTORY_BYTES = 1 MiB: what the
+    rooms still hold is under 1 MiB, the newest messages are the ones kept."""
+    rooms = [f"mem-{os.urandom(3).hex()}-{i}" for i in range(30)]
+    body = "m" * 3900
+    with Client(tight.url, f"token={token('writer')}", max_queue=None,
+                source_address=(fresh_ip(), 0)) as writer, Watcher(tight) as watcher:
+        for room in rooms:
+            writer.join(room)
+        for i in range(600):
+            writer.send({"type": "message", "room": rooms[i % 30], "text": f"{i} {body}"})
+        writer.expect("message", text=f"599 {body}", timeout=3 * TIMEOUT)
+        held = 0
+        for room in rooms:
+            reply = writer.request({"type": "history", "room": room, "limit": 100}, "history")
+            held += sum(len(json.dumps(m)) for m in reply["messages"])
+        last = writer.request({"type": "history", "room": rooms[-1], "limit": 1}, "history")
+    watcher.check(min_pings=1)  # the attack is over in about a second
+    assert 0 < held <= 1024 * 1024
+    assert last["messages"][0]["text"] == f"599 {body}"
+
+
+def test_dedupe_cache_keeps_ids_not_events() -> None:
+    """Retries still get the original message back, though the cache holds numbers."""
+    from wschat.protocol import draft_dm
+    from wschat.stores.memory import create_memory_stores
+
+    stores = create_memory_stores(history_size=5, room_ttl=3600, max_history_bytes=1 << 20)
+    first = stores.messages.post_dm("a", "b", draft_dm("b", "A", "a", "hi", 1000, "c-1"))
+    retry = stores.messages.post_dm("a", "b", draft_dm("b", "A", "a", "hi", 2000, "c-1"))
+    assert retry.duplicate and retry.event == first.event
+    cache = stores.messages._dedupe  # type: ignore[attr-defined]
+    assert all(isinstance(v, (int, float)) for entry in cache.values() for v in entry)
+
+
+# -- 5. expiry entries ----------------------------------------------------------------------
+
+def test_reauthentication_keeps_one_expiry_entry_per_connection() -> None:
+    """1,000 auths on one connection leave one live expiry entry; none after it closes."""
+    from test_chat import Clock, connect, make_chat, send
+
+    clock = Clock()
+    chat = make_chat(clock, JWT_SECRET=SECRET, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000",
+                     RATE_LIMIT_REQUESTS="100000", RATE_LIMIT_REQUESTS_BURST="100000")
+    session = connect(chat, "guest-1")
+    for i in range(1000):
+        exp = int(clock.now) + 600 + i
+        send(chat, session, type="auth",
+             token=jwt.encode({"sub": "kim", "exp": exp}, SECRET, algorithm="HS256"))
+    assert len(session.events("welcome")) == 1001
+    assert len(chat._expiry_deadlines) <= 2 * 1 + 64  # type: ignore[attr-defined]
+    chat.close(session)
+    assert not chat._expiry_deadlines._when  # type: ignore[attr-defined]
+
+
+# -- 6. connection caps ---------------------------------------------------------------------
+
+def test_one_address_cannot_take_every_slot(tight: Server) -> None:
+    """MAX_CONNECTIONS_PER_IP: the 6th connection from one address gets 429 before
+    the upgrade; other addresses still connect; a closed slot is free again."""
+    source = fresh_ip()
+    held = [RawClient(tight.port, source=source) for _ in range(5)]
+    with pytest.raises(AssertionError, match="429"):
+        RawClient(tight.port, source=source)
+    other = RawClient(tight.port, source=fresh_ip())
+    held.pop().close()
+    wait_until(lambda: _connects(tight.port, source), message="a freed slot")
+    for client in held + [other]:
+        client.close()
+    assert metric(tight, "wschat_handshakes_refused_total",
+                  reason="max_connections_per_ip") >= 1
+
+
+def _connects(port: int, source: str) -> bool:
+    try:
+        RawClient(port, source=source).close()
+        return True
+    except AssertionError:
+        return False
+
+
+def test_one_user_cannot_take_every_slot(tight: Server) -> None:
+    """MAX_CONNECTIONS_PER_USER: a third connection of one user is refused (429), and
+    so is becoming that user with auth on an open connection."""
+    t = token("busy")
+    a, b = (Client(tight.url, f"token={t}", source_address=(fresh_ip(), 0)) for _ in "ab")
+    try:
+        status, sock = handshake(tight.port, f"token={t}", fresh_ip())
+        sock.close()
+        assert status == 429
+        with Client(tight.url, source_address=(fresh_ip(), 0)) as guest:
+            error = guest.request({"type": "auth", "token": t}, "error")
+            assert error["code"] == "too_many_connections"
+    finally:
+        a.close()
+        b.close()
+
+
+# -- 7. guests cannot pass for signed-in users ----------------------------------------------
+
+def test_guest_events_are_marked(srv: Server) -> None:
+    """A guest named like a signed-in user: its events and users entry say guest: true;
+    the signed-in user's never carry the key; the page shows the mark."""
+    room = "names-" + os.urandom(4).hex()
+    with Client(srv.url, f"token={token('alice-id', 'alice')}") as real, \
+            Client(srv.url, "username=alice") as fake:
+        real.join(room)
+        users = fake.join(room)["users"]
+        assert {u["user_id"]: u.get("guest") for u in users} == {
+            "alice-id": None, fake.user_id: True}
+        assert real.expect("presence")["guest"] is True
+        assert fake.say(room, "hi from the guest")["guest"] is True
+        assert "guest" not in real.say(room, "hi from alice")
+        fake.send({"type": "typing", "room": room, "status": True})
+        assert real.expect("typing")["guest"] is True
+    page = srv.http("/")[1].decode()
+    assert "(guest)" in page and "m.guest" in page
+
+
+# -- 8. a frame in the same TCP write as the upgrade ----------------------------------------
+
+def test_frame_pipelined_with_the_upgrade_is_answered(srv: Server) -> None:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", srv.port), TIMEOUT) as sock:
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+                     + text({"type": "ping", "id": "early"}))
+        data = b""
+        deadline = time.monotonic() + TIMEOUT
+        while b'"early"' not in data and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert b'"type":"pong","id":"early"' in data
+
+
+# -- 9. error text, JWKS, logs --------------------------------------------------------------
+
+def test_store_error_text_is_not_sent_to_clients() -> None:
+    from test_chat import Clock, connect, make_chat, send
+
+    from wschat.stores.base import Unavailable
+
+    chat = make_chat(Clock())
+    session = connect(chat, "u1")
+
+    def down(*args: Any) -> Any:
+        raise Unavailable('postgresql: connection to server at "10.1.2.3", port 5432 failed')
+
+    chat.stores.messages.recent = down  # type: ignore[method-assign]
+    send(chat, session, type="history", room="r")
+    (error,) = session.events("error")
+    assert error["code"] == "unavailable"
+    assert "10.1.2.3" not in error["message"] and "5432" not in error["message"]
+
+
+def test_known_jwks_keys_never_wait_behind_a_slow_refetch() -> None:
+    """A forged kid makes a fetch that hangs; a login with a known key meanwhile does not wait."""
+    from jwt_support import jwk, rsa_key
+
+    from wschat.auth import AuthError, JwksKeys
+
+    known = jwt.PyJWK(jwk(rsa_key(), "known"))
+    release = threading.Event()
+
+    class SlowProvider:
+        calls = 0
+
+        def get_signing_keys(self) -> list[jwt.PyJWK]:
+            SlowProvider.calls += 1
+            if SlowProvider.calls > 1:
+                release.wait(10 * SCALE)
+            return [known]
+
+    now = [0.0]
+    keys = JwksKeys("https://idp.invalid/jwks", min_interval=30, max_age=300,
+                    clock=lambda: now[0])
+    keys._client = SlowProvider()  # type: ignore[assignment]
+    assert keys.get("known") is known
+    now[0] = 60.0  # a refetch is allowed again
+    forged = threading.Thread(target=lambda: pytest.raises(AuthError, keys.get, "forged"))
+    forged.start()
+    wait_until(lambda: SlowProvider.calls == 2, message="the slow refetch to start")
+    started = time.monotonic()
+    assert keys.get("known") is known
+    waited = time.monotonic() - started
+    release.set()
+    forged.join(TIMEOUT)
+    assert waited < 0.1 * SCALE
+
+
+@pytest.mark.parametrize("json_format", [False, True])
+def test_control_characters_never_reach_the_logs_raw(json_format: bool) -> None:
+    from wschat.logs import JsonFormatter, TextFormatter
+
+    formatter = JsonFormatter() if json_format else TextFormatter()
+    hostile = "a\x1b[2Jb\u2028c\u0085d\x7fe\u2029f\x00g\r\nh"
+    line = formatter.format(logging.LogRecord("wschat.x", logging.INFO, "", 0,
+                                              "close reason=%s", (hostile,), None))
+    assert not any(ch in line for ch in "\x1b\u2028\u0085\x7f\u2029\x00\r\n")
+    if json_format:
+        assert json.loads(line)["msg"] == f"close reason={hostile}"
