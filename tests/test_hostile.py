@@ -238,6 +238,35 @@ def test_join_leave_churn_is_rate_limited_and_presence_coalesced(srv: Server) ->
             member.close()
 
 
+def test_presence_churn_is_coalesced_in_the_core() -> None:
+    """50 join/leave pairs: the other member hears the first four changes at once, then
+    only the state the churner ended in, once its bucket allows; nothing for a change
+    that comes back to what was last sent."""
+    from test_chat import Clock, connect, make_chat, send
+
+    clock = Clock()
+    chat = make_chat(clock, RATE_LIMIT_REQUESTS="1000", RATE_LIMIT_REQUESTS_BURST="1000")
+    watcher, churner = connect(chat, "w"), connect(chat, "c")
+    send(chat, watcher, type="join", room="r")
+    for _ in range(50):
+        send(chat, churner, type="join", room="r")
+        send(chat, churner, type="leave", room="r")
+    send(chat, churner, type="join", room="r")
+    statuses = [e["status"] for e in watcher.events("presence")]
+    assert statuses == ["online", "offline", "online", "offline"]
+    chat.tick()
+    assert len(watcher.events("presence")) == 4  # held: the bucket is empty
+    clock.now += 1.0
+    chat.tick()
+    assert [e["status"] for e in watcher.events("presence")][4:] == ["online"]
+    send(chat, churner, type="leave", room="r")
+    send(chat, churner, type="join", room="r")  # back to "online": cancels the held change
+    clock.now += 10.0
+    chat.tick()
+    assert len(watcher.events("presence")) == 5
+    assert len(chat._presence) <= 3  # type: ignore[attr-defined]
+
+
 def test_cheap_requests_are_rate_limited(srv: Server) -> None:
     """list_users, history (limit 100), ping and auth in a loop get rate_limited, then
     the connection is closed as flooding (4102); replies stay within the budget."""
@@ -280,6 +309,14 @@ def test_fragment_count_is_bounded_but_fine_fragmentation_works(srv: Server) -> 
     client.sock.sendall(frame(OP_TEXT, b'{"type": "ping"', fin=False)
                         + frame(OP_CONT, fin=False) * 998 + frame(OP_CONT, b"}"))
     assert client.expect("pong")
+    # A message of exactly MAX_MESSAGE_BYTES in 1300-byte frames (Autobahn 10.1.1) passes.
+    message = b'{"type": "ping", "id": "big", "pad": "'
+    message += b"x" * (65536 - len(message) - 2) + b'"}'
+    pieces = [message[i:i + 1300] for i in range(0, len(message), 1300)]
+    client.sock.sendall(b"".join(frame(OP_TEXT if i == 0 else OP_CONT, piece,
+                                       fin=i == len(pieces) - 1)
+                                 for i, piece in enumerate(pieces)))
+    assert client.expect("pong")["id"] == "big"
     client.sock.sendall(frame(OP_TEXT, b"{", fin=False) + frame(OP_CONT, fin=False) * 1023)
     client.sock.sendall(frame(OP_CONT, b'"type": "ping"}'))
     with pytest.raises(Closed):
@@ -542,3 +579,28 @@ def test_control_characters_never_reach_the_logs_raw(json_format: bool) -> None:
     assert not any(ch in line for ch in "\x1b\u2028\u0085\x7f\u2029\x00\r\n")
     if json_format:
         assert json.loads(line)["msg"] == f"close reason={hostile}"
+
+
+# -- the new settings -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("variable, bad", [
+    ("MAX_CONNECTIONS_PER_IP", "-1"), ("MAX_CONNECTIONS_PER_USER", "many"),
+    ("RATE_LIMIT_REQUESTS", "0"), ("RATE_LIMIT_REQUESTS_BURST", "0"),
+    ("MEMORY_HISTORY_BYTES", "1000"),
+])
+def test_budget_settings_are_validated(variable: str, bad: str) -> None:
+    from wschat.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match=f"^{variable}: "):
+        Settings.from_env({variable: bad})
+
+
+def test_budget_settings_defaults() -> None:
+    from wschat.config import Settings
+
+    settings = Settings.from_env({"RATE_LIMIT": "4", "RATE_LIMIT_BURST": "7"})
+    assert (settings.request_rate, settings.request_burst) == (4.0, 35)
+    assert (settings.max_connections_per_ip, settings.max_connections_per_user) == (1000, 50)
+    assert settings.memory_history_bytes == 128 * 1024 * 1024
+    custom = Settings.from_env({"RATE_LIMIT_REQUESTS": "2.5", "RATE_LIMIT_REQUESTS_BURST": "9"})
+    assert (custom.request_rate, custom.request_burst) == (2.5, 9)
