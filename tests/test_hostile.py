@@ -184,15 +184,16 @@ def tight() -> Iterator[Server]:
 
 # -- 1. join/leave churn and unlimited commands --------------------------------------------
 
-def test_join_leave_churn_is_rate_limited_and_presence_coalesced(srv: Server) -> None:
-    """One guest joins and leaves a 300-member room as fast as it can (reconnecting,
-    as a new guest, whenever it is cut off): presence frames stay within the room's
-    presence budget, join requests within the request budget, pings fast."""
+def churn_attack(srv: Server, members_n: int, subnet: int) -> tuple[float, float, float, str]:
+    """``members_n`` members in a room; one guest joins and leaves it as fast as it can
+    for ATTACK_SECONDS (reconnecting, as a new guest, whenever it is cut off) while a
+    member pings. Returns (presence frames, join and leave requests carried out (not
+    refused), seconds, round trips)."""
     room = "churn-" + os.urandom(4).hex()
     members = []
     try:
-        for i in range(MEMBERS):
-            member = RawClient(srv.port, source=f"127.0.{18 + i // 200}.{2 + i % 200}")
+        for i in range(members_n):
+            member = RawClient(srv.port, source=f"127.{subnet}.{i // 200}.{2 + i % 200}")
             member.send({"type": "join", "room": room})
             member.expect("joined")
             members.append(member)
@@ -200,7 +201,12 @@ def test_join_leave_churn_is_rate_limited_and_presence_coalesced(srv: Server) ->
                          + text({"type": "leave", "room": room}) for _ in range(200))
         source = fresh_ip()
         presence_before = metric(srv, "wschat_messages_delivered_total", type="presence")
-        joins_before = metric(srv, "wschat_messages_received_total", type="join")
+        def requests() -> float:  # parsed (before rate limiting) minus refused
+            return (metric(srv, "wschat_messages_received_total", type="join")
+                    + metric(srv, "wschat_messages_received_total", type="leave")
+                    - metric(srv, "wschat_rate_limited_total"))
+
+        requests_before = requests()
         sent = 0
 
         def churn(deadline: float) -> None:
@@ -225,17 +231,36 @@ def test_join_leave_churn_is_rate_limited_and_presence_coalesced(srv: Server) ->
         time.sleep(2.0)
         presence = metric(srv, "wschat_messages_delivered_total",
                           type="presence") - presence_before
-        joins = metric(srv, "wschat_messages_received_total", type="join") - joins_before
-        # A room's presence budget: 100 at once, then 20 per second, each to every member.
-        budget = (MEMBERS + 1) * (100 + 20 * (elapsed + 3.0))
+        carried_out = requests() - requests_before
         print(f"churn: {sent} pairs written over {connections} connections in {elapsed:.1f}s, "
-              f"{joins:.0f} joins parsed, {presence:.0f} presence frames "
-              f"(budget {budget:.0f}), {rtt}")
-        assert presence <= budget
-        assert sent > 10 * presence / (MEMBERS + 1)  # the churn did not just stall
+              f"{carried_out:.0f} joins and leaves carried out, {presence:.0f} presence frames to "
+              f"{members_n + 1} members, {rtt}")
+        assert sent > 10 * presence / (members_n + 1)  # the churn did not just stall
+        return presence, carried_out, elapsed, rtt
     finally:
         for member in members:
             member.close()
+
+
+def test_join_leave_churn_is_rate_limited_and_presence_coalesced(srv: Server) -> None:
+    """Churn in a 300-member room: presence frames stay within the room's presence
+    budget (100 changes at once, then 20/s), pings stay fast."""
+    presence, carried_out, elapsed, _ = churn_attack(srv, MEMBERS, 18)
+    assert presence <= (MEMBERS + 1) * (100 + 20 * (elapsed + 3.0))
+    # Guests of one address share 10 x the request budget: 1,000 at once, then 100/s
+    # (a join and a leave each cost one).
+    assert carried_out <= 1000 + 100 * (elapsed + 1.0)
+
+
+def test_join_leave_churn_on_redis_with_two_workers() -> None:
+    """The same with Redis and two workers: the request buckets are shared in Redis,
+    so joins (each a Redis script) stay within one address's budget."""
+    from conftest import redis_url_or_skip
+
+    with Server({"JWT_SECRET": SECRET, "REDIS_URL": redis_url_or_skip(8)}, workers=2) as rsrv:
+        presence, carried_out, elapsed, _ = churn_attack(rsrv, 100, 19)
+    assert presence <= 2 * 101 * (100 + 20 * (elapsed + 3.0))
+    assert carried_out <= 1000 + 100 * (elapsed + 1.0)
 
 
 def test_presence_churn_is_coalesced_in_the_core() -> None:
