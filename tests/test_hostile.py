@@ -19,7 +19,6 @@ import random
 import socket
 import statistics
 import string
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,8 @@ import jwt
 import pytest
 
 from conftest import SCALE, TIMEOUT, Client, Server, wait_until
-from rawws import OP_CLOSE, OP_TEXT, Closed, RawClient
+from rawws import OP_TEXT, Closed, RawClient, client_frame
+from test_limits import metric
 
 SECRET = "hostile-secret-0123456789abcdef0123"
 # A well-behaved client's ping round trip while an attack runs: unloaded it is
@@ -53,33 +53,12 @@ def token(sub: str, name: str | None = None) -> str:
 
 
 def frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
-    """A masked client frame with a zero mask key (valid, and the payload stays as is)."""
-    n = len(payload)
-    head = bytes(((0x80 if fin else 0) | opcode,))
-    if n < 126:
-        head += bytes((0x80 | n,))
-    elif n < 65536:
-        head += bytes((0x80 | 126,)) + struct.pack("!H", n)
-    else:
-        head += bytes((0x80 | 127,)) + struct.pack("!Q", n)
-    return head + b"\0\0\0\0" + payload
+    """A masked client frame with a zero mask key (valid, and cheap to build)."""
+    return client_frame(opcode, payload, fin, mask=b"\0\0\0\0")
 
 
 def text(obj: dict[str, Any]) -> bytes:
     return frame(OP_TEXT, json.dumps(obj).encode())
-
-
-def metric(srv: Server, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    body = srv.http("/metrics", metrics=True)[1].decode()
-    total = 0.0
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v
-                                           for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def worker_rss_kib(srv: Server) -> int:
@@ -157,13 +136,25 @@ class Watcher:
         return f"rtt max {worst * 1000:.1f} ms median {median * 1000:.1f} ms"
 
 
-def run_for(seconds: float, attack: Any) -> int:
-    """Call ``attack()`` until ``seconds`` pass; how many times it ran."""
-    deadline, runs = time.monotonic() + seconds, 0
+def flood(srv: Server, blob: bytes, seconds: float = ATTACK_SECONDS) -> tuple[int, int]:
+    """Write ``blob`` over and over from one fresh address for ``seconds``, never
+    reading, reconnecting whenever the server cuts the connection off (4102 flooding,
+    1009, 4101 for not reading). Returns (blobs written, connections used)."""
+    source, deadline = fresh_ip(), time.monotonic() + seconds
+    written = connections = 0
     while time.monotonic() < deadline:
-        attack(deadline)
-        runs += 1
-    return runs
+        sock = upgrade(srv.port, source=source)
+        connections += 1
+        sock.settimeout(1.0)
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(blob)
+                written += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return written, connections
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +190,6 @@ def churn_attack(srv: Server, members_n: int, subnet: int) -> tuple[float, float
             members.append(member)
         pairs = b"".join(text({"type": "join", "room": room})
                          + text({"type": "leave", "room": room}) for _ in range(200))
-        source = fresh_ip()
         presence_before = metric(srv, "wschat_messages_delivered_total", type="presence")
         def requests() -> float:  # parsed (before rate limiting) minus refused
             return (metric(srv, "wschat_messages_received_total", type="join")
@@ -207,24 +197,10 @@ def churn_attack(srv: Server, members_n: int, subnet: int) -> tuple[float, float
                     - metric(srv, "wschat_rate_limited_total"))
 
         requests_before = requests()
-        sent = 0
-
-        def churn(deadline: float) -> None:
-            nonlocal sent
-            sock = upgrade(srv.port, source=source)
-            sock.settimeout(1.0)
-            try:
-                while time.monotonic() < deadline:
-                    sock.sendall(pairs)
-                    sent += 200
-            except OSError:  # cut off (4102 flooding, or 4101: it never reads)
-                pass
-            finally:
-                sock.close()
-
         with Watcher(srv, room) as watcher:
             started = time.monotonic()
-            connections = run_for(ATTACK_SECONDS, churn)
+            written, connections = flood(srv, pairs)
+            sent = 200 * written
             elapsed = time.monotonic() - started
         rtt = watcher.check()
         # Held changes drain from the ticker (about a second): count them too.
@@ -354,25 +330,10 @@ def test_endless_empty_fragments_hold_no_memory(srv: Server) -> None:
     """Connections streaming empty continuation frames for seconds: each is cut off,
     the worker's memory does not follow what was sent, pings stay fast."""
     burst = frame(OP_TEXT, b"{", fin=False) + frame(OP_CONT, fin=False) * 4000
-    source = fresh_ip()
-    sent = 0
-
-    def stream(deadline: float) -> None:
-        nonlocal sent
-        sock = upgrade(srv.port, source=source)
-        sock.settimeout(1.0)
-        try:
-            while time.monotonic() < deadline:
-                sock.sendall(burst)
-                sent += len(burst)
-        except OSError:
-            pass
-        finally:
-            sock.close()
-
     rss_before = worker_rss_kib(srv)
     with Watcher(srv) as watcher:
-        connections = run_for(ATTACK_SECONDS, stream)
+        written, connections = flood(srv, burst)
+        sent = written * len(burst)
     rtt = watcher.check()
     growth = worker_rss_kib(srv) - rss_before
     print(f"fragments: {sent / 1e6:.1f} MB of empty fragments over {connections} "
