@@ -33,10 +33,11 @@ log = logging.getLogger("wschat.chat")
 RATE_LIMITED_KINDS = (SendMessage, SendDm, Typing)
 PRE_AUTH_KINDS = (Auth, Ping)
 # Every other command spends tokens of the user's request bucket
-# (RATE_LIMIT_REQUESTS): these costs, a history 1 more per 25 messages asked for.
+# (RATE_LIMIT_REQUESTS): these costs, and a history reply 1 more per 64 KiB it
+# holds (charged once it is built: its size is what it costs the network).
 REQUEST_COSTS: dict[type, float] = {Join: 1.0, Leave: 1.0, ListUsers: 1.0, Ping: 1.0,
                                     Auth: 5.0, History: 1.0}
-HISTORY_MESSAGES_PER_TOKEN = 25
+HISTORY_BYTES_PER_TOKEN = 65536
 # Presence on the wire, per worker: a user's in a room changes at most
 # PRESENCE_BURST times at once, then PRESENCE_RATE times per second, and a room's
 # at most ROOM_PRESENCE_BURST / ROOM_PRESENCE_RATE (any users). Changes beyond
@@ -468,12 +469,12 @@ class Chat:
             session.close(CloseCode.RATE_LIMITED, "flooding")
         raise error
 
-    def _check_requests(self, session: Session, command: Command) -> None:
+    def _check_requests(self, session: Session, command: Command,
+                        cost: float | None = None) -> None:
         """The same for every other command, against the request buckets
         (``RATE_LIMIT_REQUESTS``), at the command's cost (:data:`REQUEST_COSTS`)."""
-        cost = REQUEST_COSTS.get(type(command), 1.0)
-        if isinstance(command, History):
-            cost += command.limit // HISTORY_MESSAGES_PER_TOKEN
+        if cost is None:
+            cost = REQUEST_COSTS.get(type(command), 1.0)
         settings = self.settings
         retry_ms = self.limiter.hit(f"req:u:{session.user_id}", settings.request_rate,
                                     settings.request_burst, cost)
@@ -651,4 +652,7 @@ class Chat:
 
     def _history(self, session: Session, cmd: History) -> None:
         messages = self.stores.messages.recent(cmd.room, cmd.limit, cmd.before)
-        session.send(encode_history(cmd.room, messages, cmd.request_id))
+        reply = encode_history(cmd.room, messages, cmd.request_id)
+        if len(reply) >= HISTORY_BYTES_PER_TOKEN:  # refused: not sent, retry later
+            self._check_requests(session, cmd, len(reply) // HISTORY_BYTES_PER_TOKEN)
+        session.send(reply)
