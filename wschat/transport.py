@@ -49,8 +49,10 @@ log = logging.getLogger("wschat.transport")
 
 RECV_BYTES = 65536
 CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
-# ... and read at most this much meanwhile: a peer that keeps streaming after we
-# closed (a flood cut off with 4102 or 1009) is dropped instead of parsed for seconds.
+# ... and parse at most this much meanwhile: what a peer keeps streaming after we
+# closed (a flood cut off with 4102 or 1009) is read and dropped unparsed. (Not
+# reset at once: a reset can destroy our close frame in the peer's receive buffer,
+# and with it the reason.)
 READ_AFTER_CLOSE_BYTES = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # Each fragment of a message but the last counts at least this many bytes against
@@ -250,12 +252,10 @@ class WebSocketConnection(Session):
                 self.last_seen = time.monotonic()
                 if self.state is ConnState.CLOSING:
                     self._read_after_close += len(data)
-                    if self._read_after_close > READ_AFTER_CLOSE_BYTES:
-                        self.abort("kept sending after close")
+                if self._read_after_close <= READ_AFTER_CLOSE_BYTES:
+                    self._ws.receive_data(data)
+                    if not self._handle_events():
                         break
-                self._ws.receive_data(data)
-                if not self._handle_events():
-                    break
                 # recv() does not yield while data is waiting: without this, a
                 # client that never stops sending would starve every other
                 # connection and the heartbeat of this worker.
@@ -302,8 +302,8 @@ class WebSocketConnection(Session):
 
         The size is checked as fragments arrive, so a peer never makes us hold
         more than ``MAX_MESSAGE_BYTES`` (plus one read) of a message; each
-        finished frame is charged at least ``MIN_FRAGMENT_CHARGE`` bytes, which
-        bounds the number of fragments too.
+        fragment but the last is charged at least ``MIN_FRAGMENT_CHARGE`` bytes,
+        which bounds the number of fragments too.
         """
         if self.state is not ConnState.OPEN:
             return None
@@ -392,7 +392,6 @@ class Transport:
         self.connections: set[WebSocketConnection] = set()
         self.max_per_ip = settings.max_connections_per_ip
         self.per_ip: dict[str, int] = {}  # this worker's connections (and admissions) per address
-        self._addr_of: dict[WebSocketConnection, str] = {}
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._conn_seq = itertools.count(1)
         self.shutting_down = False
@@ -414,7 +413,6 @@ class Transport:
         conn = WebSocketConnection(self, sock, ws.ws.connection, self.new_conn_id(), identity,
                                    authenticated, remote_addr, echo)
         self.connections.add(conn)
-        self._addr_of[conn] = remote_addr
         self.metrics.connection_opened()
         log.info("open conn=%s user=%s addr=%s", conn.conn_id, conn.user_id, remote_addr,
                  extra={"event": "open", "conn": conn.conn_id, "user": conn.user_id,
@@ -426,7 +424,7 @@ class Transport:
         if conn in self.connections:
             self.connections.discard(conn)
             self.budget.release()
-            self.release_address(self._addr_of.pop(conn, ""))
+            self.release_address(conn.remote_addr)
             self.metrics.connection_closed()
             duration = time.monotonic() - conn.opened_at
             log.info("close conn=%s user=%s code=%s reason=%s duration=%.1fs", conn.conn_id,
