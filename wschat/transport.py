@@ -49,10 +49,10 @@ log = logging.getLogger("wschat.transport")
 
 RECV_BYTES = 65536
 CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
-# ... and parse at most this much meanwhile: what a peer keeps streaming after we
-# closed (a flood cut off with 4102 or 1009) is read and dropped unparsed. (Not
-# reset at once: a reset can destroy our close frame in the peer's receive buffer,
-# and with it the reason.)
+# ... and read at most this much meanwhile (enough for the peer's close frame): a
+# peer that keeps streaming (a flood cut off with 4102 or 1009) is no longer read,
+# so its sends stall, until the close wait ends. (Not reset at once: a reset can
+# destroy our close frame in the peer's receive buffer, and with it the reason.)
 READ_AFTER_CLOSE_BYTES = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # Each fragment of a message but the last counts at least this many bytes against
@@ -252,10 +252,13 @@ class WebSocketConnection(Session):
                 self.last_seen = time.monotonic()
                 if self.state is ConnState.CLOSING:
                     self._read_after_close += len(data)
-                if self._read_after_close <= READ_AFTER_CLOSE_BYTES:
-                    self._ws.receive_data(data)
-                    if not self._handle_events():
+                    if self._read_after_close > READ_AFTER_CLOSE_BYTES:
+                        if self._close_timer is not None:
+                            self._close_timer.join()  # it drops the connection
                         break
+                self._ws.receive_data(data)
+                if not self._handle_events():
+                    break
                 # recv() does not yield while data is waiting: without this, a
                 # client that never stops sending would starve every other
                 # connection and the heartbeat of this worker.
