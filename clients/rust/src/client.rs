@@ -1,0 +1,1098 @@
+//! The client: a cheap-to-clone handle ([`Client`]) that talks over a channel to
+//! one background task (the driver), which owns the socket and every piece of
+//! state: connection state, rooms and their last ids, the outbox, pending
+//! requests. Events reach the app through [`Events`], a `Stream`.
+//!
+//! The driver's life: connect (URL and token fetched per attempt) -> `welcome`
+//! -> re-join every room with `since` -> resend the outbox -> serve until the
+//! socket ends -> decide from the close code whether and when to reconnect.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::backoff::Backoff;
+use crate::error::{ConnectionState, Error, RoomState};
+use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, OutboxStore, Target};
+use crate::protocol::{close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent, User};
+use crate::rooms::{RoomSeq, Verdict};
+use crate::token::expiry_of;
+
+/// What the token callback returns.
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+type TokenFn = Arc<dyn Fn() -> TokenFuture + Send + Sync>;
+type UrlFn = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The answer to a `join`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Joined {
+    pub room: String,
+    pub users: Vec<User>,
+    pub last_id: u64,
+    /// `None` for a fresh join; `Some(false)` after a re-join with `since` whose
+    /// messages the server no longer holds (some are lost: fetch `history`).
+    pub recovered: Option<bool>,
+}
+
+/// What the app hears, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The connection state changed.
+    State(ConnectionState),
+    /// The server's `welcome`: who this connection is (after every connect).
+    Welcome { user_id: String, username: String, authenticated: bool },
+    /// The socket ended; `reconnect_in` is `None` when the client gives up.
+    Disconnected { code: Option<u16>, reason: String, reconnect_in: Option<Duration> },
+    /// A room's state changed.
+    Room { room: String, state: RoomState },
+    /// Every `joined`, first joins and re-joins; `recovered: Some(false)` says
+    /// messages were lost across a reconnect or gap.
+    Joined(Joined),
+    /// A room message, each exactly once and in id order per room.
+    Message(ChatMessage),
+    /// A direct message (also the echo of this user's own DMs), each once.
+    Dm(DirectMessage),
+    Presence { room: String, user: String, user_id: String, online: bool },
+    Typing { room: String, user: String, user_id: String, typing: bool },
+    /// An error not tied to a request (a server `error` without `id`, a failed
+    /// token refresh, a send that could not be delivered, a terminal close).
+    Error(Error),
+}
+
+/// The events of one client, as a `Stream` (or with [`Events::recv`]).
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed and every event was read.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl Stream for Events {
+    type Item = Event;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Snapshot {
+    state: ConnectionState,
+    user_id: Option<String>,
+    username: Option<String>,
+    outbox_len: usize,
+}
+
+/// Configures and starts a [`Client`].
+pub struct ClientBuilder {
+    url: UrlFn,
+    token: Option<TokenFn>,
+    backoff: Backoff,
+    request_timeout: Duration,
+    send_timeout: Duration,
+    connect_timeout: Duration,
+    outbox_capacity: usize,
+    outbox_store: Option<Arc<dyn OutboxStore>>,
+}
+
+impl ClientBuilder {
+    /// A client of the server at `url` (`ws://host:port/ws`, with `?username=` for a guest).
+    pub fn new(url: impl Into<String>) -> Self {
+        let url = url.into();
+        Self::with_url_fn(move || url.clone())
+    }
+
+    /// A client that asks `url` for the URL before every connection attempt (to
+    /// move to another server during a rolling restart, for instance).
+    pub fn with_url_fn(url: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        ClientBuilder {
+            url: Arc::new(url),
+            token: None,
+            backoff: Backoff::default(),
+            request_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            outbox_capacity: 1000,
+            outbox_store: None,
+        }
+    }
+
+    /// A callback that returns a JWT: called before every connection attempt and
+    /// again before the current token expires (the fresh one is sent as `auth`).
+    pub fn token<F, Fut>(mut self, get_token: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        self.token = Some(Arc::new(move || Box::pin(get_token()) as TokenFuture));
+        self
+    }
+
+    /// Reconnect delays (default 0.5 s .. 20 s, full jitter).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = Backoff { min, max };
+        self
+    }
+
+    /// How long `join`, `leave`, `history` and `list_users` wait (default 10 s),
+    /// including any wait for a connection.
+    pub fn request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    /// How long `send` and `dm` wait for their acknowledgement (default 30 s);
+    /// after it the message stays in the outbox.
+    pub fn send_timeout(mut self, t: Duration) -> Self {
+        self.send_timeout = t;
+        self
+    }
+
+    /// How long one connection attempt (token, TCP, handshake) may take (default 10 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// How many unacknowledged sends the outbox holds (default 1000).
+    pub fn outbox_capacity(mut self, n: usize) -> Self {
+        self.outbox_capacity = n.max(1);
+        self
+    }
+
+    /// Keeps the outbox in `store`; entries it holds now are resent after connecting.
+    pub fn outbox_store(mut self, store: impl OutboxStore) -> Self {
+        self.outbox_store = Some(Arc::new(store));
+        self
+    }
+
+    /// Starts the client's task on the current Tokio runtime and connects.
+    pub fn connect(self) -> (Client, Events) {
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(self.outbox_capacity);
+        if let Some(store) = &self.outbox_store {
+            for entry in store.load() {
+                let _ = outbox.push(entry);
+            }
+        }
+        let (snap_tx, snap_rx) = watch::channel(Snapshot {
+            state: ConnectionState::Disconnected,
+            user_id: None,
+            username: None,
+            outbox_len: outbox.len(),
+        });
+        let client = Client {
+            ops: ops_tx,
+            snapshot: snap_rx,
+            request_timeout: self.request_timeout,
+            send_timeout: self.send_timeout,
+        };
+        let driver = Driver {
+            cfg: self,
+            ops: ops_rx,
+            events: events_tx,
+            internal_tx,
+            internal_rx,
+            snapshot: snap_tx,
+            rooms: HashMap::new(),
+            outbox,
+            acks: HashMap::new(),
+            requests: HashMap::new(),
+            send_rids: HashMap::new(),
+            join_rids: HashMap::new(),
+            seen_dms: VecDeque::new(),
+            seen_dm_set: HashSet::new(),
+            typing_sent: HashMap::new(),
+            outgoing: Vec::new(),
+            next_rid: 0,
+            generation: 0,
+            online: false,
+            attempt: 0,
+            retry_after: None,
+            token: None,
+            refresh_at: None,
+            refresh_rid: None,
+            heartbeat: Duration::from_secs(30),
+        };
+        tokio::spawn(driver.run());
+        (client, Events { rx: events_rx })
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+enum Ack {
+    Room(ChatMessage),
+    Dm(DirectMessage),
+}
+
+enum Op {
+    Join { room: String, reply: Reply<Joined> },
+    Leave { room: String, reply: Reply<ServerEvent> },
+    Send { target: Target, text: String, reply: Reply<Ack> },
+    Request { cmd: ClientCommand, reply: Reply<ServerEvent> },
+    Typing { room: String, status: bool },
+    Reconnect,
+    Close,
+}
+
+enum Internal {
+    Token(Result<String, String>),
+    Flush,
+    RetryJoin(String),
+}
+
+/// A handle to a running client; clone it freely. The client stops when the
+/// last handle is dropped or [`Client::close`] is called.
+#[derive(Clone)]
+pub struct Client {
+    ops: mpsc::UnboundedSender<Op>,
+    snapshot: watch::Receiver<Snapshot>,
+    request_timeout: Duration,
+    send_timeout: Duration,
+}
+
+impl Client {
+    /// Starts configuring a client of `url`.
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(url)
+    }
+
+    pub fn state(&self) -> ConnectionState {
+        self.snapshot.borrow().state
+    }
+
+    /// The `user_id` of the last `welcome`.
+    pub fn user_id(&self) -> Option<String> {
+        self.snapshot.borrow().user_id.clone()
+    }
+
+    /// The `username` of the last `welcome`.
+    pub fn username(&self) -> Option<String> {
+        self.snapshot.borrow().username.clone()
+    }
+
+    /// Sends not yet acknowledged.
+    pub fn outbox_len(&self) -> usize {
+        self.snapshot.borrow().outbox_len
+    }
+
+    /// Waits until the client is `connected` (or `wait` passes).
+    pub async fn wait_connected(&self, wait: Duration) -> Result<(), Error> {
+        let mut rx = self.snapshot.clone();
+        let result = timeout(wait, rx.wait_for(|s| s.state == ConnectionState::Connected)).await;
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    async fn call<T>(&self, wait: Duration, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(make(tx)).map_err(|_| Error::Closed)?;
+        match timeout(wait, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Joins `room` (and re-joins it with `since` after every reconnect until left).
+    pub async fn join(&self, room: &str) -> Result<Joined, Error> {
+        let room = room.to_owned();
+        self.call(self.request_timeout, |reply| Op::Join { room, reply }).await
+    }
+
+    /// Leaves `room`.
+    pub async fn leave(&self, room: &str) -> Result<(), Error> {
+        let room = room.to_owned();
+        self.call(self.request_timeout, |reply| Op::Leave { room, reply }).await.map(|_| ())
+    }
+
+    /// Sends `text` to `room`; resolves with the message once the server's echo
+    /// (its acknowledgement) arrives. Kept in the outbox, and resent after a
+    /// reconnect, until then.
+    pub async fn send(&self, room: &str, text: &str) -> Result<ChatMessage, Error> {
+        let (target, text) = (Target::Room(room.to_owned()), text.to_owned());
+        match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {
+            Ack::Room(m) => Ok(m),
+            Ack::Dm(_) => unreachable!("a room send is acknowledged by a room message"),
+        }
+    }
+
+    /// Sends a direct message to `user_id`, with the same guarantees as [`Client::send`].
+    pub async fn dm(&self, user_id: &str, text: &str) -> Result<DirectMessage, Error> {
+        let (target, text) = (Target::Dm(user_id.to_owned()), text.to_owned());
+        match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {
+            Ack::Dm(m) => Ok(m),
+            Ack::Room(_) => unreachable!("a DM is acknowledged by a dm"),
+        }
+    }
+
+    /// The room's recent messages, oldest first (`limit` default 50; `before` an id).
+    pub async fn history(&self, room: &str, limit: Option<u32>, before: Option<u64>) -> Result<Vec<ChatMessage>, Error> {
+        let cmd = ClientCommand::History { room: room.to_owned(), limit, before, id: None };
+        match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
+            ServerEvent::History { messages, .. } => Ok(messages),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Who is in `room`.
+    pub async fn list_users(&self, room: &str) -> Result<Vec<User>, Error> {
+        let cmd = ClientCommand::ListUsers { room: room.to_owned(), id: None };
+        match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
+            ServerEvent::Users { users, .. } => Ok(users),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The typing helper: call it with `true` on every keystroke (it sends at most
+    /// one `typing: true` a second) and with `false` when the user stops or sends.
+    pub fn typing(&self, room: &str, status: bool) {
+        let _ = self.ops.send(Op::Typing { room: room.to_owned(), status });
+    }
+
+    /// Drops the current connection at once, without a close handshake, and
+    /// reconnects (for a network change; tests use it to cut the socket).
+    pub fn reconnect(&self) {
+        let _ = self.ops.send(Op::Reconnect);
+    }
+
+    /// Closes the connection (1000) and stops the client; pending requests fail
+    /// with [`Error::Closed`]; the outbox stays in its store.
+    pub fn close(&self) {
+        let _ = self.ops.send(Op::Close);
+    }
+}
+
+fn unexpected(event: ServerEvent) -> Error {
+    Error::Server { code: "unexpected_reply".into(), message: format!("{event:?}"), retry_after_ms: None }
+}
+
+struct Room {
+    state: RoomState,
+    seq: RoomSeq,
+    /// The connection generation on which `joined` arrived.
+    joined_on: Option<u64>,
+    waiters: Vec<Reply<Joined>>,
+}
+
+struct PendingRequest {
+    cmd: ClientCommand,
+    reply: Reply<ServerEvent>,
+    sent_on: Option<u64>,
+}
+
+/// How one connection ended.
+struct Ended {
+    code: Option<u16>,
+    reason: String,
+    /// The app asked for it: `Reconnect` (at once) or `Close` (stop).
+    by_app: Option<bool>,
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Driver {
+    cfg: ClientBuilder,
+    ops: mpsc::UnboundedReceiver<Op>,
+    events: mpsc::UnboundedSender<Event>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    snapshot: watch::Sender<Snapshot>,
+    rooms: HashMap<String, Room>,
+    outbox: Outbox,
+    acks: HashMap<String, Reply<Ack>>,
+    requests: HashMap<u64, PendingRequest>,
+    /// Request id of a written send -> its `client_msg_id`.
+    send_rids: HashMap<u64, String>,
+    /// Request id of a written join -> its room.
+    join_rids: HashMap<u64, String>,
+    seen_dms: VecDeque<u64>,
+    seen_dm_set: HashSet<u64>,
+    typing_sent: HashMap<String, Instant>,
+    /// Frames to write after the current handler.
+    outgoing: Vec<String>,
+    next_rid: u64,
+    generation: u64,
+    /// `welcome` arrived on the current socket.
+    online: bool,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    token: Option<String>,
+    refresh_at: Option<Instant>,
+    refresh_rid: Option<u64>,
+    heartbeat: Duration,
+}
+
+const SEEN_DMS: usize = 1024;
+
+impl Driver {
+    async fn run(mut self) {
+        let mut wait = Duration::ZERO;
+        loop {
+            if !wait.is_zero() && !self.idle(wait).await {
+                return self.shut_down(Error::Closed);
+            }
+            self.set_state(ConnectionState::Connecting);
+            let ended = match self.connect().await {
+                Ok(Some(socket)) => self.serve(socket).await,
+                Ok(None) => return self.shut_down(Error::Closed),
+                Err(reason) => Ended { code: None, reason, by_app: None },
+            };
+            self.went_offline();
+            match ended.by_app {
+                Some(false) => return self.shut_down(Error::Closed),
+                Some(true) => {
+                    wait = Duration::ZERO;
+                    self.emit(Event::Disconnected { code: ended.code, reason: ended.reason, reconnect_in: Some(wait) });
+                    continue;
+                }
+                None => {}
+            }
+            let next = self.next_delay(ended.code);
+            self.emit(Event::Disconnected { code: ended.code, reason: ended.reason.clone(), reconnect_in: next });
+            match next {
+                Some(delay) => wait = delay,
+                None => return self.shut_down(Error::Terminal { code: ended.code, reason: ended.reason }),
+            }
+        }
+    }
+
+    /// The delay before the next attempt, or `None` when the close code forbids one.
+    fn next_delay(&mut self, code: Option<u16>) -> Option<Duration> {
+        let r = fastrand::f64();
+        let b = self.cfg.backoff;
+        let delay = match close_action(code) {
+            CloseAction::ReconnectNow => b.going_away_delay(r),
+            CloseAction::Reconnect => b.delay(self.attempt, r),
+            CloseAction::ReconnectAfterPause => b.delay(self.attempt + 3, r),
+            CloseAction::NeedsFreshToken if self.cfg.token.is_some() => b.delay(self.attempt, r),
+            CloseAction::NeedsFreshToken | CloseAction::Terminal => return None,
+        };
+        self.attempt = self.attempt.saturating_add(1);
+        Some(delay.max(self.retry_after.take().unwrap_or_default()))
+    }
+
+    /// Waits `delay` while serving the app offline; false when the client must stop.
+    async fn idle(&mut self, delay: Duration) -> bool {
+        let deadline = sleep(delay);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return true,
+                op = self.ops.recv() => match op {
+                    None | Some(Op::Close) => return false,
+                    Some(Op::Reconnect) => return true,
+                    Some(op) => self.handle_op(op),
+                },
+                Some(internal) = self.internal_rx.recv() => self.handle_internal(internal),
+            }
+        }
+    }
+
+    /// One connection attempt: token, URL, handshake. `Ok(None)`: the app closed the client.
+    async fn connect(&mut self) -> Result<Option<Socket>, String> {
+        let url = (self.cfg.url)();
+        let token_fn = self.cfg.token.clone();
+        let attempt = async move {
+            let token = match token_fn {
+                Some(get) => Some(get().await.map_err(|e| format!("token callback: {e}"))?),
+                None => None,
+            };
+            let mut request = url.as_str().into_client_request().map_err(|e| format!("{url}: {e}"))?;
+            if let Some(token) = &token {
+                let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
+                request.headers_mut().insert("authorization", value);
+            }
+            let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| format!("{url}: {e}"))?;
+            Ok::<_, String>((socket, token))
+        };
+        let attempt = timeout(self.cfg.connect_timeout, attempt);
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                result = &mut attempt => {
+                    return match result {
+                        Ok(Ok((socket, token))) => {
+                            self.token = token;
+                            Ok(Some(socket))
+                        }
+                        Ok(Err(e)) => {
+                            if e.starts_with("token callback") {
+                                self.emit(Event::Error(Error::Token(e.clone())));
+                            }
+                            Err(e)
+                        }
+                        Err(_) => Err("connection attempt timed out".into()),
+                    };
+                }
+                op = self.ops.recv() => match op {
+                    None | Some(Op::Close) => return Ok(None),
+                    Some(Op::Reconnect) => {}
+                    Some(op) => self.handle_op(op),
+                },
+                Some(internal) = self.internal_rx.recv() => self.handle_internal(internal),
+            }
+        }
+    }
+
+    /// Serves one socket until it ends.
+    async fn serve(&mut self, socket: Socket) -> Ended {
+        self.generation += 1;
+        self.online = false;
+        self.heartbeat = Duration::from_secs(30);
+        let (mut sink, mut stream) = socket.split();
+        let mut last_frame = Instant::now();
+        let mut close: Option<(u16, String)> = None;
+        let far = Duration::from_secs(86400 * 365);
+        let ended = loop {
+            // The server pings every heartbeat interval; silence for two means the path is dead.
+            let liveness = sleep_until(last_frame + self.heartbeat * 2 + Duration::from_secs(5));
+            let refresh = sleep_until(self.refresh_at.unwrap_or_else(|| Instant::now() + far));
+            tokio::select! {
+                frame = stream.next() => match frame {
+                    Some(Ok(message)) => {
+                        last_frame = Instant::now();
+                        match message {
+                            Message::Text(text) => self.handle_text(text.as_str()),
+                            Message::Close(frame) => {
+                                close = frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Err(e)) => break Ended { code: close.as_ref().map(|c| c.0), reason: e.to_string(), by_app: None },
+                    None => {
+                        let (code, reason) = close.clone().map_or((None, "connection closed".to_owned()), |(c, r)| (Some(c), r));
+                        break Ended { code, reason, by_app: None };
+                    }
+                },
+                op = self.ops.recv() => match op {
+                    None | Some(Op::Close) => {
+                        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                        let _ = timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                        break Ended { code: Some(1000), reason: "closed by the app".into(), by_app: Some(false) };
+                    }
+                    Some(Op::Reconnect) => break Ended { code: None, reason: "reconnect asked by the app".into(), by_app: Some(true) },
+                    Some(op) => self.handle_op(op),
+                },
+                Some(internal) = self.internal_rx.recv() => self.handle_internal(internal),
+                _ = liveness => break Ended { code: None, reason: "no frame from the server for two heartbeats".into(), by_app: None },
+                _ = refresh, if self.refresh_at.is_some() => {
+                    self.refresh_at = None;
+                    self.fetch_token();
+                }
+            }
+            if !self.outgoing.is_empty() {
+                let mut failed = None;
+                for text in self.outgoing.drain(..) {
+                    if let Err(e) = sink.feed(Message::text(text)).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                let failed = match failed {
+                    Some(e) => Some(e),
+                    None => sink.flush().await.err(),
+                };
+                if let Some(e) = failed {
+                    break Ended { code: None, reason: e.to_string(), by_app: None };
+                }
+            }
+        };
+        self.outgoing.clear();
+        ended
+    }
+
+    /// The socket ended: rooms go back to joining, requests wait for the next one.
+    fn went_offline(&mut self) {
+        self.online = false;
+        self.refresh_at = None;
+        self.refresh_rid = None;
+        self.send_rids.clear();
+        self.join_rids.clear();
+        self.typing_sent.clear();
+        let mut changed = Vec::new();
+        for (name, room) in self.rooms.iter_mut() {
+            room.joined_on = None;
+            if room.state == RoomState::Joined {
+                room.state = RoomState::Joining;
+                changed.push(name.clone());
+            }
+        }
+        for room in changed {
+            self.emit(Event::Room { room, state: RoomState::Joining });
+        }
+        // A leave in flight is done: the server dropped the membership with the socket.
+        let leaves: Vec<u64> =
+            self.requests.iter().filter(|(_, r)| matches!(r.cmd, ClientCommand::Leave { .. })).map(|(id, _)| *id).collect();
+        for rid in leaves {
+            if let Some(req) = self.requests.remove(&rid) {
+                let _ = req.reply.send(Ok(ServerEvent::Left { room: String::new(), id: None }));
+            }
+        }
+        self.set_state(ConnectionState::Disconnected);
+    }
+
+    fn shut_down(mut self, error: Error) {
+        self.online = false;
+        if error != Error::Closed {
+            self.emit(Event::Error(error.clone()));
+        }
+        for (_, room) in self.rooms.drain() {
+            for w in room.waiters {
+                let _ = w.send(Err(error.clone()));
+            }
+        }
+        for (_, reply) in self.acks.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for (_, req) in self.requests.drain() {
+            let _ = req.reply.send(Err(error.clone()));
+        }
+        self.set_state(ConnectionState::Disconnected);
+        // Requests still queued in the channel get `Closed` from their handles
+        // once the receiver is dropped with `self`.
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn set_state(&mut self, state: ConnectionState) {
+        let changed = self.snapshot.borrow().state != state;
+        if changed {
+            self.snapshot.send_modify(|s| s.state = state);
+            self.emit(Event::State(state));
+        }
+    }
+
+    fn rid(&mut self) -> u64 {
+        self.next_rid += 1;
+        self.next_rid
+    }
+
+    fn write(&mut self, cmd: &ClientCommand) {
+        self.outgoing.push(cmd.to_json());
+    }
+
+    fn save_outbox(&mut self) {
+        if let Some(store) = &self.cfg.outbox_store {
+            store.save(&self.outbox.snapshot());
+        }
+        let len = self.outbox.len();
+        self.snapshot.send_modify(|s| s.outbox_len = len);
+    }
+
+    fn handle_op(&mut self, op: Op) {
+        match op {
+            Op::Join { room, reply } => {
+                let entry = self.rooms.entry(room.clone()).or_insert_with(|| Room {
+                    state: RoomState::Left,
+                    seq: RoomSeq::default(),
+                    joined_on: None,
+                    waiters: Vec::new(),
+                });
+                entry.waiters.push(reply);
+                if entry.state == RoomState::Left {
+                    entry.state = RoomState::Joining;
+                    self.emit(Event::Room { room: room.clone(), state: RoomState::Joining });
+                }
+                if self.online {
+                    self.send_join(&room);
+                }
+            }
+            Op::Leave { room, reply } => {
+                let Some(left) = self.rooms.remove(&room) else {
+                    let _ = reply.send(Ok(ServerEvent::Left { room, id: None }));
+                    return;
+                };
+                for w in left.waiters {
+                    let _ = w.send(Err(Error::Left));
+                }
+                self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
+                if self.online {
+                    let id = self.rid();
+                    let cmd = ClientCommand::Leave { room, id: Some(RequestId::Int(id)) };
+                    self.write(&cmd);
+                    self.requests.insert(id, PendingRequest { cmd, reply, sent_on: Some(self.generation) });
+                } else {
+                    let _ = reply.send(Ok(ServerEvent::Left { room, id: None }));
+                }
+            }
+            Op::Send { target, text, reply } => {
+                let client_msg_id = new_client_msg_id();
+                if self.outbox.push(OutboxEntry { client_msg_id: client_msg_id.clone(), target, text }).is_err() {
+                    let _ = reply.send(Err(Error::OutboxFull));
+                    return;
+                }
+                self.acks.insert(client_msg_id, reply);
+                self.save_outbox();
+                self.flush_outbox();
+            }
+            Op::Request { cmd, reply } => {
+                let id = self.rid();
+                let mut pending = PendingRequest { cmd, reply, sent_on: None };
+                if self.online {
+                    self.write(&with_id(&pending.cmd, id));
+                    pending.sent_on = Some(self.generation);
+                }
+                self.requests.insert(id, pending);
+            }
+            Op::Typing { room, status } => {
+                if !self.online {
+                    return;
+                }
+                let now = Instant::now();
+                if status {
+                    if self.typing_sent.get(&room).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1)) {
+                        return;
+                    }
+                    self.typing_sent.insert(room.clone(), now);
+                } else if self.typing_sent.remove(&room).is_none() {
+                    return;
+                }
+                self.write(&ClientCommand::Typing { room, status });
+            }
+            // Handled by the loops that own the socket.
+            Op::Reconnect | Op::Close => {}
+        }
+    }
+
+    fn handle_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::Token(Ok(token)) => {
+                if self.online {
+                    let id = self.rid();
+                    self.refresh_rid = Some(id);
+                    self.write(&ClientCommand::Auth { token: token.clone(), id: Some(RequestId::Int(id)) });
+                }
+                self.token = Some(token);
+            }
+            Internal::Token(Err(e)) => {
+                self.emit(Event::Error(Error::Token(e)));
+                if self.online {
+                    self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+            Internal::Flush => self.flush_outbox(),
+            Internal::RetryJoin(room) => {
+                if self.online && self.rooms.get(&room).is_some_and(|r| r.state == RoomState::Joining) {
+                    self.send_join(&room);
+                }
+            }
+        }
+    }
+
+    fn fetch_token(&mut self) {
+        if let Some(get) = self.cfg.token.clone() {
+            let tx = self.internal_tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(Internal::Token(get().await));
+            });
+        }
+    }
+
+    fn schedule_refresh(&mut self) {
+        self.refresh_at = None;
+        if self.cfg.token.is_none() {
+            return;
+        }
+        let Some(exp) = self.token.as_deref().and_then(expiry_of) else { return };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let lifetime = (exp as f64 - now).max(0.0);
+        // Refresh a quarter of the lifetime before expiry, at most a minute before.
+        let ahead = (lifetime / 4.0).min(60.0);
+        self.refresh_at = Some(Instant::now() + Duration::from_secs_f64(lifetime - ahead));
+    }
+
+    fn send_join(&mut self, room: &str) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        let since = r.seq.last();
+        if since.is_some() {
+            r.seq.rejoining();
+        }
+        self.next_rid += 1;
+        let id = self.next_rid;
+        self.join_rids.insert(id, room.to_owned());
+        self.write(&ClientCommand::Join { room: room.to_owned(), since, id: Some(RequestId::Int(id)) });
+    }
+
+    /// Writes every outbox entry whose target is ready on this connection.
+    fn flush_outbox(&mut self) {
+        if !self.online {
+            return;
+        }
+        let generation = self.generation;
+        let rooms = &self.rooms;
+        let ready = |target: &Target| match target {
+            Target::Room(room) => rooms.get(room).is_none_or(|r| r.joined_on == Some(generation)),
+            Target::Dm(_) => true,
+        };
+        for entry in self.outbox.take_unsent(generation, ready) {
+            self.next_rid += 1;
+            let id = Some(RequestId::Int(self.next_rid));
+            self.send_rids.insert(self.next_rid, entry.client_msg_id.clone());
+            let client_msg_id = Some(entry.client_msg_id);
+            let cmd = match entry.target {
+                Target::Room(room) => ClientCommand::Message { room, text: entry.text, client_msg_id, id },
+                Target::Dm(to) => ClientCommand::Dm { to, text: entry.text, client_msg_id, id },
+            };
+            self.write(&cmd);
+        }
+    }
+
+    fn later(&self, delay: Duration, internal: Internal) {
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            sleep(delay).await;
+            let _ = tx.send(internal);
+        });
+    }
+
+    fn handle_text(&mut self, text: &str) {
+        let event = match ServerEvent::parse(text) {
+            Ok(event) => event,
+            Err(e) => {
+                let message = format!("unparsable event ({e}): {text:.200}");
+                self.emit(Event::Error(Error::Server { code: "invalid_event".into(), message, retry_after_ms: None }));
+                return;
+            }
+        };
+        match event {
+            ServerEvent::Welcome { user_id, username, authenticated, heartbeat_interval, id, .. } => {
+                if let Some(hb) = heartbeat_interval.filter(|hb| *hb > 0.0) {
+                    self.heartbeat = Duration::from_secs_f64(hb);
+                }
+                self.snapshot.send_modify(|s| {
+                    s.user_id = Some(user_id.clone());
+                    s.username = Some(username.clone());
+                });
+                let refresh = matches!(id, Some(RequestId::Int(rid)) if Some(rid) == self.refresh_rid);
+                self.emit(Event::Welcome { user_id, username, authenticated });
+                if refresh {
+                    self.refresh_rid = None;
+                    self.schedule_refresh();
+                } else if !self.online {
+                    self.came_online();
+                }
+            }
+            ServerEvent::Joined { room, users, last_id, recovered, id } => {
+                if let Some(RequestId::Int(rid)) = id {
+                    self.join_rids.remove(&rid);
+                }
+                let generation = self.generation;
+                let Some(r) = self.rooms.get_mut(&room) else { return };
+                r.seq.joined(last_id, recovered);
+                r.joined_on = Some(generation);
+                let newly = r.state != RoomState::Joined;
+                r.state = RoomState::Joined;
+                let joined = Joined { room: room.clone(), users, last_id, recovered };
+                for w in r.waiters.drain(..) {
+                    let _ = w.send(Ok(joined.clone()));
+                }
+                if newly {
+                    self.emit(Event::Room { room, state: RoomState::Joined });
+                }
+                self.emit(Event::Joined(joined));
+                self.flush_outbox();
+            }
+            ServerEvent::Message(message) => self.on_message(message),
+            ServerEvent::Dm(dm) => self.on_dm(dm),
+            ServerEvent::Presence { room, user, user_id, status } => {
+                self.emit(Event::Presence { room, user, user_id, online: status == "online" });
+            }
+            ServerEvent::Typing { room, user, user_id, status } => {
+                self.emit(Event::Typing { room, user, user_id, typing: status });
+            }
+            ServerEvent::Error { code, message, retry_after_ms, id } => {
+                let error = Error::Server { code, message, retry_after_ms };
+                match id {
+                    Some(RequestId::Int(rid)) => self.on_error(rid, error),
+                    _ => {
+                        if let Some(ms) = retry_after_ms {
+                            self.retry_after = Some(Duration::from_millis(ms));
+                        }
+                        self.emit(Event::Error(error));
+                    }
+                }
+            }
+            reply @ (ServerEvent::Left { .. }
+            | ServerEvent::Users { .. }
+            | ServerEvent::History { .. }
+            | ServerEvent::Pong { .. }) => {
+                if let Some(RequestId::Int(rid)) = reply.request_id() {
+                    if let Some(req) = self.requests.remove(rid) {
+                        let _ = req.reply.send(Ok(reply));
+                    }
+                }
+            }
+            ServerEvent::Unknown => {}
+        }
+    }
+
+    /// `welcome` on a new socket: re-join rooms with `since`, resend what waits.
+    fn came_online(&mut self) {
+        self.online = true;
+        self.attempt = 0;
+        self.set_state(ConnectionState::Connected);
+        self.schedule_refresh();
+        let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        rooms.sort();
+        for room in rooms {
+            self.send_join(&room);
+        }
+        let generation = self.generation;
+        self.requests.retain(|_, r| !r.reply.is_closed());
+        let mut resend: Vec<(u64, ClientCommand)> = Vec::new();
+        for (id, r) in self.requests.iter_mut() {
+            if r.sent_on != Some(generation) {
+                r.sent_on = Some(generation);
+                resend.push((*id, with_id(&r.cmd, *id)));
+            }
+        }
+        resend.sort_by_key(|(id, _)| *id);
+        for (_, cmd) in resend {
+            self.write(&cmd);
+        }
+        self.flush_outbox();
+    }
+
+    fn is_mine(&self, user_id: &str) -> bool {
+        self.snapshot.borrow().user_id.as_deref() == Some(user_id)
+    }
+
+    fn on_message(&mut self, message: ChatMessage) {
+        if let Some(cmid) = message.client_msg_id.as_deref() {
+            if self.is_mine(&message.user_id) && self.outbox.remove(cmid).is_some() {
+                self.save_outbox();
+                if let Some(reply) = self.acks.remove(cmid) {
+                    let _ = reply.send(Ok(Ack::Room(message.clone())));
+                }
+            }
+        }
+        let Some(room) = self.rooms.get_mut(&message.room) else { return };
+        match room.seq.message(message.id) {
+            Verdict::Deliver => self.emit(Event::Message(message)),
+            Verdict::Drop => {}
+            Verdict::Gap { since } => {
+                let id = self.rid();
+                self.join_rids.insert(id, message.room.clone());
+                self.write(&ClientCommand::Join { room: message.room, since: Some(since), id: Some(RequestId::Int(id)) });
+            }
+        }
+    }
+
+    fn on_dm(&mut self, dm: DirectMessage) {
+        if let Some(cmid) = dm.client_msg_id.as_deref() {
+            if self.is_mine(&dm.user_id) && self.outbox.remove(cmid).is_some() {
+                self.save_outbox();
+                if let Some(reply) = self.acks.remove(cmid) {
+                    let _ = reply.send(Ok(Ack::Dm(dm.clone())));
+                }
+            }
+        }
+        if !self.seen_dm_set.insert(dm.id) {
+            return;
+        }
+        self.seen_dms.push_back(dm.id);
+        if self.seen_dms.len() > SEEN_DMS {
+            if let Some(old) = self.seen_dms.pop_front() {
+                self.seen_dm_set.remove(&old);
+            }
+        }
+        self.emit(Event::Dm(dm));
+    }
+
+    /// An `error` answering request `rid`.
+    fn on_error(&mut self, rid: u64, error: Error) {
+        let retry = match &error {
+            Error::Server { code, retry_after_ms, .. } if code == "rate_limited" => {
+                Some(Duration::from_millis(retry_after_ms.unwrap_or(1000)))
+            }
+            Error::Server { code, .. } if code == "unavailable" || code == "internal_error" => {
+                Some(self.cfg.backoff.delay(1, fastrand::f64()))
+            }
+            _ => None,
+        };
+        if let Some(cmid) = self.send_rids.remove(&rid) {
+            match retry {
+                Some(delay) => {
+                    // Not acknowledged: it goes out again (same client_msg_id) after a pause.
+                    if let Some(pending) = self.outbox.get_mut(&cmid) {
+                        pending.sent_on = None;
+                    }
+                    self.later(delay, Internal::Flush);
+                }
+                None => {
+                    self.outbox.remove(&cmid);
+                    self.save_outbox();
+                    match self.acks.remove(&cmid) {
+                        Some(reply) => {
+                            let _ = reply.send(Err(error));
+                        }
+                        None => self.emit(Event::Error(error)),
+                    }
+                }
+            }
+        } else if let Some(room) = self.join_rids.remove(&rid) {
+            match retry {
+                Some(delay) => self.later(delay, Internal::RetryJoin(room)),
+                None => {
+                    if let Some(r) = self.rooms.remove(&room) {
+                        for w in r.waiters {
+                            let _ = w.send(Err(error.clone()));
+                        }
+                        self.emit(Event::Room { room, state: RoomState::Left });
+                    }
+                    self.emit(Event::Error(error));
+                }
+            }
+        } else if let Some(req) = self.requests.remove(&rid) {
+            let _ = req.reply.send(Err(error));
+        } else if Some(rid) == self.refresh_rid {
+            self.refresh_rid = None;
+            self.emit(Event::Error(error));
+            self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+        } else {
+            self.emit(Event::Error(error));
+        }
+    }
+}
+
+fn with_id(cmd: &ClientCommand, rid: u64) -> ClientCommand {
+    let mut cmd = cmd.clone();
+    let slot = match &mut cmd {
+        ClientCommand::Auth { id, .. }
+        | ClientCommand::Join { id, .. }
+        | ClientCommand::Leave { id, .. }
+        | ClientCommand::Message { id, .. }
+        | ClientCommand::Dm { id, .. }
+        | ClientCommand::ListUsers { id, .. }
+        | ClientCommand::History { id, .. }
+        | ClientCommand::Ping { id } => id,
+        ClientCommand::Typing { .. } => return cmd,
+    };
+    *slot = Some(RequestId::Int(rid));
+    cmd
+}
