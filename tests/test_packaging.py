@@ -552,6 +552,16 @@ def test_dockerfile_shape() -> None:
     check = healthcheck_command(final.last("HEALTHCHECK") or "")
     assert "/health" in " ".join(check)
 
+    # ENABLE_PERSISTENCE=true works as is: the default SQLite file is in /data, a volume
+    # created for (and owned by) the unprivileged user.
+    env = " ".join(final.all("ENV"))
+    assert "DATABASE_URL=sqlite:////data/" in env, env
+    assert final.last("VOLUME") == '["/data"]'
+    uid = user.split(":")[0]
+    assert any(re.search(rf"install -d -o \S*{{?(APP_UID|{uid})\S* .*/data\b", r)
+               for r in final.all("RUN")), final.all("RUN")
+    assert dockerfile.arg_default(final, "APP_UID") == uid
+
     # The runtime stage gets the built venv and the config, never the source tree.
     assert any("--from=build" in c for c in final.all("COPY"))
     assert [src for src, _ in copy_sources(final)] == [["gunicorn.conf.py"]]
