@@ -26,7 +26,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::backoff::Backoff;
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, OutboxStore, Target};
-use crate::protocol::{close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent, User};
+use crate::protocol::{
+    close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent, User,
+};
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::expiry_of;
 
@@ -52,11 +54,22 @@ pub enum Event {
     /// The connection state changed.
     State(ConnectionState),
     /// The server's `welcome`: who this connection is (after every connect).
-    Welcome { user_id: String, username: String, authenticated: bool },
+    Welcome {
+        user_id: String,
+        username: String,
+        authenticated: bool,
+    },
     /// The socket ended; `reconnect_in` is `None` when the client gives up.
-    Disconnected { code: Option<u16>, reason: String, reconnect_in: Option<Duration> },
+    Disconnected {
+        code: Option<u16>,
+        reason: String,
+        reconnect_in: Option<Duration>,
+    },
     /// A room's state changed.
-    Room { room: String, state: RoomState },
+    Room {
+        room: String,
+        state: RoomState,
+    },
     /// Every `joined`, first joins and re-joins; `recovered: Some(false)` says
     /// messages were lost across a reconnect or gap.
     Joined(Joined),
@@ -64,8 +77,18 @@ pub enum Event {
     Message(ChatMessage),
     /// A direct message (also the echo of this user's own DMs), each once.
     Dm(DirectMessage),
-    Presence { room: String, user: String, user_id: String, online: bool },
-    Typing { room: String, user: String, user_id: String, typing: bool },
+    Presence {
+        room: String,
+        user: String,
+        user_id: String,
+        online: bool,
+    },
+    Typing {
+        room: String,
+        user: String,
+        user_id: String,
+        typing: bool,
+    },
     /// An error not tied to a request (a server `error` without `id`, a failed
     /// token refresh, a send that could not be delivered, a terminal close).
     Error(Error),
@@ -106,6 +129,7 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     send_timeout: Duration,
     connect_timeout: Duration,
+    resend_after: Duration,
     outbox_capacity: usize,
     outbox_store: Option<Arc<dyn OutboxStore>>,
 }
@@ -127,6 +151,7 @@ impl ClientBuilder {
             request_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            resend_after: Duration::from_secs(5),
             outbox_capacity: 1000,
             outbox_store: None,
         }
@@ -166,6 +191,13 @@ impl ClientBuilder {
     /// How long one connection attempt (token, TCP, handshake) may take (default 10 s).
     pub fn connect_timeout(mut self, t: Duration) -> Self {
         self.connect_timeout = t;
+        self
+    }
+
+    /// How long a written send waits for its echo before it is written again
+    /// on the same connection (default 5 s; the server dedupes the resend).
+    pub fn resend_after(mut self, t: Duration) -> Self {
+        self.resend_after = t.max(Duration::from_millis(100));
         self
     }
 
@@ -230,6 +262,10 @@ impl ClientBuilder {
             refresh_at: None,
             refresh_rid: None,
             heartbeat: Duration::from_secs(30),
+            flush_scheduled: false,
+            resend_check_scheduled: false,
+            send_retries: 0,
+            debug: std::env::var_os("WSCHAT_CLIENT_DEBUG").is_some_and(|v| v == "1"),
         };
         tokio::spawn(driver.run());
         (client, Events { rx: events_rx })
@@ -256,6 +292,7 @@ enum Op {
 enum Internal {
     Token(Result<String, String>),
     Flush,
+    ResendStale,
     RetryJoin(String),
 }
 
@@ -348,7 +385,12 @@ impl Client {
     }
 
     /// The room's recent messages, oldest first (`limit` default 50; `before` an id).
-    pub async fn history(&self, room: &str, limit: Option<u32>, before: Option<u64>) -> Result<Vec<ChatMessage>, Error> {
+    pub async fn history(
+        &self,
+        room: &str,
+        limit: Option<u32>,
+        before: Option<u64>,
+    ) -> Result<Vec<ChatMessage>, Error> {
         let cmd = ClientCommand::History { room: room.to_owned(), limit, before, id: None };
         match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
             ServerEvent::History { messages, .. } => Ok(messages),
@@ -393,6 +435,9 @@ struct Room {
     seq: RoomSeq,
     /// The connection generation on which `joined` arrived.
     joined_on: Option<u64>,
+    /// The `last_id` of that `joined`: the replay ends there. Sends wait for it,
+    /// since the replay may hold the lost echo of a send (its acknowledgement).
+    replay_until: u64,
     waiters: Vec<Reply<Joined>>,
 }
 
@@ -442,6 +487,14 @@ struct Driver {
     refresh_at: Option<Instant>,
     refresh_rid: Option<u64>,
     heartbeat: Duration,
+    /// A retry of refused sends is due (one timer for all of them).
+    flush_scheduled: bool,
+    /// A look for sends written long ago and still unacknowledged is due.
+    resend_check_scheduled: bool,
+    /// Refusals in a row (`unavailable`), for the retry backoff; reset by an ack.
+    send_retries: u32,
+    /// `WSCHAT_CLIENT_DEBUG=1`: every frame in and out on stderr.
+    debug: bool,
 }
 
 const SEEN_DMS: usize = 1024;
@@ -574,7 +627,12 @@ impl Driver {
                     Some(Ok(message)) => {
                         last_frame = Instant::now();
                         match message {
-                            Message::Text(text) => self.handle_text(text.as_str()),
+                            Message::Text(text) => {
+                                if self.debug {
+                                    eprintln!("wschat < {text}");
+                                }
+                                self.handle_text(text.as_str())
+                            }
                             Message::Close(frame) => {
                                 close = frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
                             }
@@ -606,6 +664,9 @@ impl Driver {
             if !self.outgoing.is_empty() {
                 let mut failed = None;
                 for text in self.outgoing.drain(..) {
+                    if self.debug {
+                        eprintln!("wschat > {text}");
+                    }
                     if let Err(e) = sink.feed(Message::text(text)).await {
                         failed = Some(e);
                         break;
@@ -644,8 +705,12 @@ impl Driver {
             self.emit(Event::Room { room, state: RoomState::Joining });
         }
         // A leave in flight is done: the server dropped the membership with the socket.
-        let leaves: Vec<u64> =
-            self.requests.iter().filter(|(_, r)| matches!(r.cmd, ClientCommand::Leave { .. })).map(|(id, _)| *id).collect();
+        let leaves: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| matches!(r.cmd, ClientCommand::Leave { .. }))
+            .map(|(id, _)| *id)
+            .collect();
         for rid in leaves {
             if let Some(req) = self.requests.remove(&rid) {
                 let _ = req.reply.send(Ok(ServerEvent::Left { room: String::new(), id: None }));
@@ -711,6 +776,7 @@ impl Driver {
                     state: RoomState::Left,
                     seq: RoomSeq::default(),
                     joined_on: None,
+                    replay_until: 0,
                     waiters: Vec::new(),
                 });
                 entry.waiters.push(reply);
@@ -795,7 +861,27 @@ impl Driver {
                     self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
                 }
             }
-            Internal::Flush => self.flush_outbox(),
+            Internal::Flush => {
+                self.flush_scheduled = false;
+                self.flush_outbox();
+            }
+            Internal::ResendStale => {
+                self.resend_check_scheduled = false;
+                if !self.online {
+                    return;
+                }
+                // Echoes that never came (a server can lose one, e.g. while it
+                // resubscribes to Redis): write those sends again; the server
+                // answers a resend with the original message.
+                let stale = Instant::now() - self.cfg.resend_after;
+                let (expired, waiting) = self.outbox.expire_sent(stale.into_std());
+                if expired > 0 {
+                    self.flush_outbox();
+                } else if waiting > 0 {
+                    self.resend_check_scheduled = true;
+                    self.later(self.cfg.resend_after / 2, Internal::ResendStale);
+                }
+            }
             Internal::RetryJoin(room) => {
                 if self.online && self.rooms.get(&room).is_some_and(|r| r.state == RoomState::Joining) {
                     self.send_join(&room);
@@ -846,10 +932,17 @@ impl Driver {
         let generation = self.generation;
         let rooms = &self.rooms;
         let ready = |target: &Target| match target {
-            Target::Room(room) => rooms.get(room).is_none_or(|r| r.joined_on == Some(generation)),
+            Target::Room(room) => rooms.get(room).is_none_or(|r| {
+                r.joined_on == Some(generation) && r.seq.last().is_some_and(|last| last >= r.replay_until)
+            }),
             Target::Dm(_) => true,
         };
-        for entry in self.outbox.take_unsent(generation, ready) {
+        let written = self.outbox.take_unsent(generation, Instant::now().into_std(), ready);
+        if !written.is_empty() && !self.resend_check_scheduled {
+            self.resend_check_scheduled = true;
+            self.later(self.cfg.resend_after, Internal::ResendStale);
+        }
+        for entry in written {
             self.next_rid += 1;
             let id = Some(RequestId::Int(self.next_rid));
             self.send_rids.insert(self.next_rid, entry.client_msg_id.clone());
@@ -889,11 +982,14 @@ impl Driver {
                     s.username = Some(username.clone());
                 });
                 let refresh = matches!(id, Some(RequestId::Int(rid)) if Some(rid) == self.refresh_rid);
-                self.emit(Event::Welcome { user_id, username, authenticated });
+                let welcome = Event::Welcome { user_id, username, authenticated };
                 if refresh {
+                    self.emit(welcome);
                     self.refresh_rid = None;
                     self.schedule_refresh();
                 } else if !self.online {
+                    self.set_state(ConnectionState::Connected);
+                    self.emit(welcome);
                     self.came_online();
                 }
             }
@@ -905,6 +1001,7 @@ impl Driver {
                 let Some(r) = self.rooms.get_mut(&room) else { return };
                 r.seq.joined(last_id, recovered);
                 r.joined_on = Some(generation);
+                r.replay_until = last_id;
                 let newly = r.state != RoomState::Joined;
                 r.state = RoomState::Joined;
                 let joined = Joined { room: room.clone(), users, last_id, recovered };
@@ -978,13 +1075,11 @@ impl Driver {
         self.flush_outbox();
     }
 
-    fn is_mine(&self, user_id: &str) -> bool {
-        self.snapshot.borrow().user_id.as_deref() == Some(user_id)
-    }
-
     fn on_message(&mut self, message: ChatMessage) {
         if let Some(cmid) = message.client_msg_id.as_deref() {
-            if self.is_mine(&message.user_id) && self.outbox.remove(cmid).is_some() {
+            // 128 random bits: a match is ours, even under an earlier guest identity.
+            if self.outbox.remove(cmid).is_some() {
+                self.send_retries = 0;
                 self.save_outbox();
                 if let Some(reply) = self.acks.remove(cmid) {
                     let _ = reply.send(Ok(Ack::Room(message.clone())));
@@ -993,19 +1088,30 @@ impl Driver {
         }
         let Some(room) = self.rooms.get_mut(&message.room) else { return };
         match room.seq.message(message.id) {
-            Verdict::Deliver => self.emit(Event::Message(message)),
+            Verdict::Deliver => {
+                let caught_up = room.seq.last() == Some(room.replay_until);
+                self.emit(Event::Message(message));
+                if caught_up {
+                    self.flush_outbox();
+                }
+            }
             Verdict::Drop => {}
             Verdict::Gap { since } => {
                 let id = self.rid();
                 self.join_rids.insert(id, message.room.clone());
-                self.write(&ClientCommand::Join { room: message.room, since: Some(since), id: Some(RequestId::Int(id)) });
+                self.write(&ClientCommand::Join {
+                    room: message.room,
+                    since: Some(since),
+                    id: Some(RequestId::Int(id)),
+                });
             }
         }
     }
 
     fn on_dm(&mut self, dm: DirectMessage) {
         if let Some(cmid) = dm.client_msg_id.as_deref() {
-            if self.is_mine(&dm.user_id) && self.outbox.remove(cmid).is_some() {
+            if self.outbox.remove(cmid).is_some() {
+                self.send_retries = 0;
                 self.save_outbox();
                 if let Some(reply) = self.acks.remove(cmid) {
                     let _ = reply.send(Ok(Ack::Dm(dm.clone())));
@@ -1031,18 +1137,24 @@ impl Driver {
                 Some(Duration::from_millis(retry_after_ms.unwrap_or(1000)))
             }
             Error::Server { code, .. } if code == "unavailable" || code == "internal_error" => {
-                Some(self.cfg.backoff.delay(1, fastrand::f64()))
+                Some(self.cfg.backoff.delay(0, fastrand::f64()))
             }
             _ => None,
         };
         if let Some(cmid) = self.send_rids.remove(&rid) {
             match retry {
                 Some(delay) => {
-                    // Not acknowledged: it goes out again (same client_msg_id) after a pause.
+                    // Not acknowledged: it goes out again (same client_msg_id) after a
+                    // pause that grows while the server keeps refusing.
                     if let Some(pending) = self.outbox.get_mut(&cmid) {
                         pending.sent_on = None;
                     }
-                    self.later(delay, Internal::Flush);
+                    if !self.flush_scheduled {
+                        self.flush_scheduled = true;
+                        let backoff = self.cfg.backoff.delay(self.send_retries, fastrand::f64());
+                        self.send_retries = self.send_retries.saturating_add(1);
+                        self.later(delay.max(backoff), Internal::Flush);
+                    }
                 }
                 None => {
                     self.outbox.remove(&cmid);

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// Where a send goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +43,8 @@ pub(crate) struct Pending {
     pub entry: OutboxEntry,
     /// The connection generation this entry was last written on (None: not yet).
     pub sent_on: Option<u64>,
+    /// When it was last written.
+    pub sent_at: Option<Instant>,
 }
 
 /// A bounded queue of sends, oldest first.
@@ -64,7 +67,7 @@ impl Outbox {
         if self.entries.len() >= self.capacity {
             return Err(OutboxFull);
         }
-        self.entries.push_back(Pending { entry, sent_on: None });
+        self.entries.push_back(Pending { entry, sent_on: None, sent_at: None });
         Ok(())
     }
 
@@ -80,15 +83,39 @@ impl Outbox {
 
     /// Entries not yet written on connection `generation` for which `ready`
     /// holds, oldest first; they are marked as written.
-    pub fn take_unsent(&mut self, generation: u64, mut ready: impl FnMut(&Target) -> bool) -> Vec<OutboxEntry> {
+    pub fn take_unsent(
+        &mut self,
+        generation: u64,
+        now: Instant,
+        mut ready: impl FnMut(&Target) -> bool,
+    ) -> Vec<OutboxEntry> {
         let mut out = Vec::new();
         for pending in self.entries.iter_mut() {
             if pending.sent_on != Some(generation) && ready(&pending.entry.target) {
                 pending.sent_on = Some(generation);
+                pending.sent_at = Some(now);
                 out.push(pending.entry.clone());
             }
         }
         out
+    }
+
+    /// Marks entries written at or before `before` and still unacknowledged as
+    /// unsent (their echo may be lost: the server dedupes the resend). Returns
+    /// how many entries stay written after `before`, so still awaited.
+    pub fn expire_sent(&mut self, before: Instant) -> (usize, usize) {
+        let (mut expired, mut waiting) = (0, 0);
+        for pending in self.entries.iter_mut() {
+            match pending.sent_at {
+                Some(at) if pending.sent_on.is_some() && at <= before => {
+                    pending.sent_on = None;
+                    expired += 1;
+                }
+                Some(_) if pending.sent_on.is_some() => waiting += 1,
+                _ => {}
+            }
+        }
+        (expired, waiting)
     }
 
     pub fn snapshot(&self) -> Vec<OutboxEntry> {
@@ -129,12 +156,29 @@ mod tests {
         outbox.push(entry("c", "r1")).unwrap();
         let only_r1 = |t: &Target| *t == Target::Room("r1".into());
         let ids = |v: Vec<OutboxEntry>| v.into_iter().map(|e| e.client_msg_id).collect::<Vec<_>>();
-        assert_eq!(ids(outbox.take_unsent(1, only_r1)), ["a", "c"]);
-        assert!(outbox.take_unsent(1, only_r1).is_empty());
-        assert_eq!(ids(outbox.take_unsent(1, |_| true)), ["b"]);
+        let t0 = Instant::now();
+        assert_eq!(ids(outbox.take_unsent(1, t0, only_r1)), ["a", "c"]);
+        assert!(outbox.take_unsent(1, t0, only_r1).is_empty());
+        assert_eq!(ids(outbox.take_unsent(1, t0, |_| true)), ["b"]);
         // A new connection resends everything still unacknowledged.
         outbox.remove("c");
-        assert_eq!(ids(outbox.take_unsent(2, |_| true)), ["a", "b"]);
+        assert_eq!(ids(outbox.take_unsent(2, t0, |_| true)), ["a", "b"]);
+    }
+
+    #[test]
+    fn unacknowledged_entries_expire_for_a_resend() {
+        let mut outbox = Outbox::new(10);
+        outbox.push(entry("a", "r")).unwrap();
+        outbox.push(entry("b", "r")).unwrap();
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_secs(5);
+        outbox.take_unsent(1, t0, |_| true);
+        outbox.push(entry("c", "r")).unwrap();
+        outbox.take_unsent(1, t1, |_| true);
+        assert_eq!(outbox.expire_sent(t0), (2, 1));
+        let again: Vec<_> = outbox.take_unsent(1, t1, |_| true).into_iter().map(|e| e.client_msg_id).collect();
+        assert_eq!(again, ["a", "b"]);
+        assert_eq!(outbox.expire_sent(t0), (0, 3));
     }
 
     #[test]
