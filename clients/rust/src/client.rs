@@ -1023,15 +1023,14 @@ impl Driver {
                 self.emit(Event::Typing { room, user, user_id, typing: status });
             }
             ServerEvent::Error { code, message, retry_after_ms, id } => {
+                if let Some(ms) = retry_after_ms {
+                    // A floor for the next reconnect, should the server close (4102).
+                    self.retry_after = Some(Duration::from_millis(ms));
+                }
                 let error = Error::Server { code, message, retry_after_ms };
                 match id {
                     Some(RequestId::Int(rid)) => self.on_error(rid, error),
-                    _ => {
-                        if let Some(ms) = retry_after_ms {
-                            self.retry_after = Some(Duration::from_millis(ms));
-                        }
-                        self.emit(Event::Error(error));
-                    }
+                    _ => self.emit(Event::Error(error)),
                 }
             }
             reply @ (ServerEvent::Left { .. }
@@ -1052,6 +1051,7 @@ impl Driver {
     fn came_online(&mut self) {
         self.online = true;
         self.attempt = 0;
+        self.retry_after = None;
         self.set_state(ConnectionState::Connected);
         self.schedule_refresh();
         let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
