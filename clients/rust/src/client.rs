@@ -447,6 +447,13 @@ struct PendingRequest {
     sent_on: Option<u64>,
 }
 
+/// Why a connection attempt failed.
+struct Refused {
+    reason: String,
+    /// HTTP 401: the token was refused before the upgrade.
+    unauthorized: bool,
+}
+
 /// How one connection ended.
 struct Ended {
     code: Option<u16>,
@@ -510,7 +517,9 @@ impl Driver {
             let ended = match self.connect().await {
                 Ok(Some(socket)) => self.serve(socket).await,
                 Ok(None) => return self.shut_down(Error::Closed),
-                Err(reason) => Ended { code: None, reason, by_app: None },
+                // A token refused at the upgrade (401) is what 4001/4002 are on an open socket.
+                Err(Refused { reason, unauthorized: true }) => Ended { code: Some(4001), reason, by_app: None },
+                Err(Refused { reason, .. }) => Ended { code: None, reason, by_app: None },
             };
             self.went_offline();
             match ended.by_app {
@@ -564,21 +573,27 @@ impl Driver {
     }
 
     /// One connection attempt: token, URL, handshake. `Ok(None)`: the app closed the client.
-    async fn connect(&mut self) -> Result<Option<Socket>, String> {
+    async fn connect(&mut self) -> Result<Option<Socket>, Refused> {
         let url = (self.cfg.url)();
         let token_fn = self.cfg.token.clone();
         let attempt = async move {
             let token = match token_fn {
-                Some(get) => Some(get().await.map_err(|e| format!("token callback: {e}"))?),
+                Some(get) => Some(get().await.map_err(|e| (format!("token callback: {e}"), None))?),
                 None => None,
             };
-            let mut request = url.as_str().into_client_request().map_err(|e| format!("{url}: {e}"))?;
+            let mut request = url.as_str().into_client_request().map_err(|e| (format!("{url}: {e}"), None))?;
             if let Some(token) = &token {
-                let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
+                let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| (e.to_string(), None))?;
                 request.headers_mut().insert("authorization", value);
             }
-            let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| format!("{url}: {e}"))?;
-            Ok::<_, String>((socket, token))
+            let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| {
+                let status = match &e {
+                    tokio_tungstenite::tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+                    _ => None,
+                };
+                (format!("{url}: {e}"), status)
+            })?;
+            Ok::<_, (String, Option<u16>)>((socket, token))
         };
         let attempt = timeout(self.cfg.connect_timeout, attempt);
         tokio::pin!(attempt);
@@ -590,13 +605,13 @@ impl Driver {
                             self.token = token;
                             Ok(Some(socket))
                         }
-                        Ok(Err(e)) => {
-                            if e.starts_with("token callback") {
-                                self.emit(Event::Error(Error::Token(e.clone())));
+                        Ok(Err((reason, status))) => {
+                            if reason.starts_with("token callback") {
+                                self.emit(Event::Error(Error::Token(reason.clone())));
                             }
-                            Err(e)
+                            Err(Refused { reason, unauthorized: status == Some(401) })
                         }
-                        Err(_) => Err("connection attempt timed out".into()),
+                        Err(_) => Err(Refused { reason: "connection attempt timed out".into(), unauthorized: false }),
                     };
                 }
                 op = self.ops.recv() => match op {
@@ -817,6 +832,10 @@ impl Driver {
                 self.flush_outbox();
             }
             Op::Request { cmd, reply } => {
+                if self.requests.len() >= 64 {
+                    // Callers that timed out leave their entries behind.
+                    self.requests.retain(|_, r| !r.reply.is_closed());
+                }
                 let id = self.rid();
                 let mut pending = PendingRequest { cmd, reply, sent_on: None };
                 if self.online {
@@ -931,11 +950,15 @@ impl Driver {
         }
         let generation = self.generation;
         let rooms = &self.rooms;
-        let ready = |target: &Target| match target {
-            Target::Room(room) => rooms.get(room).is_none_or(|r| {
-                r.joined_on == Some(generation) && r.seq.last().is_some_and(|last| last >= r.replay_until)
-            }),
+        let acks = &self.acks;
+        let ready = |entry: &OutboxEntry| match &entry.target {
             Target::Dm(_) => true,
+            Target::Room(room) => match rooms.get(room) {
+                Some(r) => r.joined_on == Some(generation) && r.seq.last().is_some_and(|last| last >= r.replay_until),
+                // Not a room of ours: a send the app makes now gets the server's
+                // `not_in_room`; one loaded from the store waits for the app to join.
+                None => acks.contains_key(&entry.client_msg_id),
+            },
         };
         let written = self.outbox.take_unsent(generation, Instant::now().into_std(), ready);
         if !written.is_empty() && !self.resend_check_scheduled {

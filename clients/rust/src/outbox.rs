@@ -87,11 +87,11 @@ impl Outbox {
         &mut self,
         generation: u64,
         now: Instant,
-        mut ready: impl FnMut(&Target) -> bool,
+        mut ready: impl FnMut(&OutboxEntry) -> bool,
     ) -> Vec<OutboxEntry> {
         let mut out = Vec::new();
         for pending in self.entries.iter_mut() {
-            if pending.sent_on != Some(generation) && ready(&pending.entry.target) {
+            if pending.sent_on != Some(generation) && ready(&pending.entry) {
                 pending.sent_on = Some(generation);
                 pending.sent_at = Some(now);
                 out.push(pending.entry.clone());
@@ -154,7 +154,7 @@ mod tests {
         outbox.push(entry("a", "r1")).unwrap();
         outbox.push(entry("b", "r2")).unwrap();
         outbox.push(entry("c", "r1")).unwrap();
-        let only_r1 = |t: &Target| *t == Target::Room("r1".into());
+        let only_r1 = |e: &OutboxEntry| e.target == Target::Room("r1".into());
         let ids = |v: Vec<OutboxEntry>| v.into_iter().map(|e| e.client_msg_id).collect::<Vec<_>>();
         let t0 = Instant::now();
         assert_eq!(ids(outbox.take_unsent(1, t0, only_r1)), ["a", "c"]);

@@ -1,0 +1,109 @@
+//! Client behaviour beyond the shared scenarios, against the real server.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{scaled, Harness, Recorder};
+use serde_json::json;
+use wschat::{Client, Error, Event, OutboxEntry, OutboxStore};
+
+/// An outbox store in memory, shared by the two "runs" of the app below.
+#[derive(Clone, Default)]
+struct SharedStore(Arc<Mutex<Vec<OutboxEntry>>>);
+
+impl OutboxStore for SharedStore {
+    fn load(&self) -> Vec<OutboxEntry> {
+        self.0.lock().unwrap().clone()
+    }
+    fn save(&self, entries: &[OutboxEntry]) {
+        *self.0.lock().unwrap() = entries.to_vec();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_survives_a_restart_of_the_app() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let token = h.token("olga", 600.0).await;
+    let store = SharedStore::default();
+    let with_token = |builder: wschat::ClientBuilder| {
+        let token = token.clone();
+        builder
+            .token(move || {
+                let t = token.clone();
+                async move { Ok(t) }
+            })
+            .backoff(Duration::from_millis(100), Duration::from_secs(1))
+            .outbox_store(store.clone())
+    };
+
+    // First run: no server reachable; the sends wait in the (persisted) outbox.
+    let (first, _) = with_token(wschat::ClientBuilder::new("ws://127.0.0.1:9/ws")).connect();
+    for i in 0..3 {
+        let c = first.clone();
+        tokio::spawn(async move { c.send("kept", &format!("kept {i}")).await });
+    }
+    let saved = async {
+        while store.load().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(scaled(10.0), saved).await.expect("three sends saved");
+    first.close();
+
+    // Second run: they go out once the app has joined their room again, in order, once.
+    let (watcher, watcher_events) = Client::builder(format!("{}?username=wendy", s.url)).connect();
+    let watched = Recorder::new(watcher_events);
+    watcher.join("kept").await.unwrap();
+    let (second, events) = with_token(wschat::ClientBuilder::new(s.url.clone())).connect();
+    let rec = Recorder::new(events);
+    second.wait_connected(scaled(20.0)).await.unwrap();
+    assert_eq!(second.outbox_len(), 3, "loaded entries wait for their room's join");
+    second.join("kept").await.unwrap();
+    watched.wait("the kept messages", 20.0, |ev| common::message_ids(ev, "kept").len() >= 3).await;
+    rec.wait("their echoes", 20.0, |ev| common::message_ids(ev, "kept").len() >= 3).await;
+    let texts: Vec<String> = watched
+        .events()
+        .into_iter()
+        .filter_map(|e| if let Event::Message(m) = e { Some(m.text) } else { None })
+        .collect();
+    assert_eq!(texts, ["kept 0", "kept 1", "kept 2"]);
+    assert_eq!(watched.ids("kept"), [1, 2, 3]);
+    let emptied = async {
+        while !store.load().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(scaled(10.0), emptied).await.expect("acknowledged entries leave the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_without_callback_is_terminal() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (c, events) = Client::builder(format!("{}?token=not-a-jwt", s.url)).connect();
+    let rec = Recorder::new(events);
+    rec.wait("a terminal error", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Error(Error::Terminal { .. })))).await;
+    assert_eq!(c.join("r").await.unwrap_err(), Error::Closed);
+    let last = rec.events().into_iter().rev().find(|e| matches!(e, Event::Disconnected { .. }));
+    assert!(matches!(last, Some(Event::Disconnected { reconnect_in: None, .. })), "{last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dms_are_acknowledged_and_delivered_once() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (a, _) = Client::builder(format!("{}?username=ann", s.url)).connect();
+    let (b, b_events) = Client::builder(format!("{}?username=ben", s.url)).connect();
+    let rec_b = Recorder::new(b_events);
+    a.wait_connected(scaled(20.0)).await.unwrap();
+    b.wait_connected(scaled(20.0)).await.unwrap();
+    let to = b.user_id().unwrap();
+    let dm = a.dm(&to, "psst").await.unwrap();
+    assert_eq!((dm.to.as_str(), dm.text.as_str()), (to.as_str(), "psst"));
+    rec_b.wait("the dm", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Dm(d) if d.text == "psst"))).await;
+    assert_eq!(a.dm("nobody-here", "x").await.unwrap_err().code(), Some("user_not_found"));
+    assert_eq!(rec_b.count(|e| matches!(e, Event::Dm(_))), 1);
+}
