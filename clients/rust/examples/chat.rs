@@ -29,8 +29,8 @@ async fn main() {
             match event {
                 Event::Message(m) => println!("[{}] {}: {}", m.room, m.from, m.text),
                 Event::Dm(m) => println!("(dm) {}: {}", m.from, m.text),
-                Event::Presence { room, user, online, .. } => {
-                    println!("* {user} is {} in {room}", if online { "online" } else { "offline" })
+                Event::Presence(p) => {
+                    println!("* {} is {} in {}", p.user, if p.online() { "online" } else { "offline" }, p.room)
                 }
                 Event::Joined(j) if j.recovered == Some(false) => println!("* some messages in {} were lost", j.room),
                 Event::Welcome { username, .. } => println!("* connected as {username}"),

@@ -27,7 +27,8 @@ use crate::backoff::Backoff;
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, OutboxStore, Target};
 use crate::protocol::{
-    close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent, User,
+    close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, Presence, RequestId, ServerEvent, Typing,
+    User,
 };
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::expiry_of;
@@ -54,22 +55,11 @@ pub enum Event {
     /// The connection state changed.
     State(ConnectionState),
     /// The server's `welcome`: who this connection is (after every connect).
-    Welcome {
-        user_id: String,
-        username: String,
-        authenticated: bool,
-    },
+    Welcome { user_id: String, username: String, authenticated: bool },
     /// The socket ended; `reconnect_in` is `None` when the client gives up.
-    Disconnected {
-        code: Option<u16>,
-        reason: String,
-        reconnect_in: Option<Duration>,
-    },
+    Disconnected { code: Option<u16>, reason: String, reconnect_in: Option<Duration> },
     /// A room's state changed.
-    Room {
-        room: String,
-        state: RoomState,
-    },
+    Room { room: String, state: RoomState },
     /// Every `joined`, first joins and re-joins; `recovered: Some(false)` says
     /// messages were lost across a reconnect or gap.
     Joined(Joined),
@@ -77,18 +67,10 @@ pub enum Event {
     Message(ChatMessage),
     /// A direct message (also the echo of this user's own DMs), each once.
     Dm(DirectMessage),
-    Presence {
-        room: String,
-        user: String,
-        user_id: String,
-        online: bool,
-    },
-    Typing {
-        room: String,
-        user: String,
-        user_id: String,
-        typing: bool,
-    },
+    /// Someone came online in a room or left it (`presence.online()`).
+    Presence(Presence),
+    /// Someone started or stopped typing (an uncleared start expires on the server).
+    Typing(Typing),
     /// An error not tied to a request (a server `error` without `id`, a failed
     /// token refresh, a send that could not be delivered, a terminal close).
     Error(Error),
@@ -1039,12 +1021,8 @@ impl Driver {
             }
             ServerEvent::Message(message) => self.on_message(message),
             ServerEvent::Dm(dm) => self.on_dm(dm),
-            ServerEvent::Presence { room, user, user_id, status } => {
-                self.emit(Event::Presence { room, user, user_id, online: status == "online" });
-            }
-            ServerEvent::Typing { room, user, user_id, status } => {
-                self.emit(Event::Typing { room, user, user_id, typing: status });
-            }
+            ServerEvent::Presence(presence) => self.emit(Event::Presence(presence)),
+            ServerEvent::Typing(typing) => self.emit(Event::Typing(typing)),
             ServerEvent::Error { code, message, retry_after_ms, id } => {
                 if let Some(ms) = retry_after_ms {
                     // A floor for the next reconnect, should the server close (4102).
@@ -1098,17 +1076,21 @@ impl Driver {
         self.flush_outbox();
     }
 
-    fn on_message(&mut self, message: ChatMessage) {
-        if let Some(cmid) = message.client_msg_id.as_deref() {
-            // 128 random bits: a match is ours, even under an earlier guest identity.
-            if self.outbox.remove(cmid).is_some() {
-                self.send_retries = 0;
-                self.save_outbox();
-                if let Some(reply) = self.acks.remove(cmid) {
-                    let _ = reply.send(Ok(Ack::Room(message.clone())));
-                }
+    /// An echo carrying `client_msg_id` acknowledges the outbox entry it names
+    /// (128 random bits: a match is ours, even under an earlier guest identity).
+    fn acknowledge(&mut self, client_msg_id: Option<&str>, ack: impl FnOnce() -> Ack) {
+        let Some(cmid) = client_msg_id else { return };
+        if self.outbox.remove(cmid).is_some() {
+            self.send_retries = 0;
+            self.save_outbox();
+            if let Some(reply) = self.acks.remove(cmid) {
+                let _ = reply.send(Ok(ack()));
             }
         }
+    }
+
+    fn on_message(&mut self, message: ChatMessage) {
+        self.acknowledge(message.client_msg_id.clone().as_deref(), || Ack::Room(message.clone()));
         let Some(room) = self.rooms.get_mut(&message.room) else { return };
         match room.seq.message(message.id) {
             Verdict::Deliver => {
@@ -1132,15 +1114,7 @@ impl Driver {
     }
 
     fn on_dm(&mut self, dm: DirectMessage) {
-        if let Some(cmid) = dm.client_msg_id.as_deref() {
-            if self.outbox.remove(cmid).is_some() {
-                self.send_retries = 0;
-                self.save_outbox();
-                if let Some(reply) = self.acks.remove(cmid) {
-                    let _ = reply.send(Ok(Ack::Dm(dm.clone())));
-                }
-            }
-        }
+        self.acknowledge(dm.client_msg_id.clone().as_deref(), || Ack::Dm(dm.clone()));
         if !self.seen_dm_set.insert(dm.id) {
             return;
         }

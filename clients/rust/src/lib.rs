@@ -30,5 +30,5 @@ pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, Event, Events, Joined, TokenFuture};
 pub use error::{ConnectionState, Error, RoomState};
 pub use outbox::{OutboxEntry, OutboxStore, Target};
-pub use protocol::{ChatMessage, DirectMessage, User};
+pub use protocol::{ChatMessage, DirectMessage, Presence, Typing, User};
 pub use rooms::{RoomSeq, Verdict};

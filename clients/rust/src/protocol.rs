@@ -114,6 +114,32 @@ pub struct DirectMessage {
     pub client_msg_id: Option<String>,
 }
 
+/// A user's first connection joined a room (`status` `online`) or the last left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub room: String,
+    /// The username.
+    pub user: String,
+    pub user_id: String,
+    pub status: String,
+}
+
+impl Presence {
+    pub fn online(&self) -> bool {
+        self.status == "online"
+    }
+}
+
+/// A member started (`status: true`) or stopped typing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Typing {
+    pub room: String,
+    /// The username.
+    pub user: String,
+    pub user_id: String,
+    pub status: bool,
+}
+
 /// An event from the server (`{"type": ..., ...}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -148,18 +174,8 @@ pub enum ServerEvent {
     },
     Message(ChatMessage),
     Dm(DirectMessage),
-    Presence {
-        room: String,
-        user: String,
-        user_id: String,
-        status: String,
-    },
-    Typing {
-        room: String,
-        user: String,
-        user_id: String,
-        status: bool,
-    },
+    Presence(Presence),
+    Typing(Typing),
     Users {
         room: String,
         users: Vec<User>,

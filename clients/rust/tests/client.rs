@@ -41,10 +41,12 @@ async fn outbox_survives_a_restart_of_the_app() {
 
     // First run: no server reachable; the sends wait in the (persisted) outbox.
     let (first, _) = with_token(wschat::ClientBuilder::new("ws://127.0.0.1:9/ws")).connect();
-    for i in 0..3 {
-        let c = first.clone();
-        tokio::spawn(async move { c.send("kept", &format!("kept {i}")).await });
-    }
+    let sender = first.clone();
+    tokio::spawn(async move {
+        // join_all polls in order: the sends enter the outbox in this order.
+        let texts: Vec<String> = (0..3).map(|i| format!("kept {i}")).collect();
+        futures_util::future::join_all(texts.iter().map(|t| sender.send("kept", t))).await
+    });
     let saved = async {
         while store.load().len() < 3 {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -127,14 +127,12 @@ async fn join_send_ack() {
     // Presence and typing reach the other member.
     b.typing(ROOM, true);
     rec_a
-        .wait("typing", 10.0, |ev| {
-            ev.iter().any(|e| matches!(e, Event::Typing { user, typing: true, .. } if user == "bob"))
-        })
+        .wait("typing", 10.0, |ev| ev.iter().any(|e| matches!(e, Event::Typing(t) if t.user == "bob" && t.status)))
         .await;
     b.leave(ROOM).await.unwrap();
     rec_a
         .wait("offline presence", 10.0, |ev| {
-            ev.iter().any(|e| matches!(e, Event::Presence { user, online: false, .. } if user == "bob"))
+            ev.iter().any(|e| matches!(e, Event::Presence(p) if p.user == "bob" && !p.online()))
         })
         .await;
 }
