@@ -884,7 +884,9 @@ impl Driver {
                 }
             }
             Internal::RetryJoin(room) => {
-                if self.online && self.rooms.get(&room).is_some_and(|r| r.state == RoomState::Joining) {
+                // A first join, a re-join after a reconnect, or one after a gap: all
+                // still wanted while the room is ours (a re-join is harmless).
+                if self.online && self.rooms.contains_key(&room) {
                     self.send_join(&room);
                 }
             }
