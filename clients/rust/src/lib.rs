@@ -20,6 +20,7 @@
 
 mod backoff;
 mod client;
+mod driver;
 mod error;
 mod outbox;
 pub mod protocol;
