@@ -486,7 +486,7 @@ impl Driver {
                 let id = self.rid();
                 let mut pending = PendingRequest { cmd, reply, sent_on: None };
                 if self.online {
-                    self.write(&with_id(&pending.cmd, id));
+                    self.write(&pending.cmd.clone().with_id(RequestId::Int(id)));
                     pending.sent_on = Some(self.generation);
                 }
                 self.requests.insert(id, pending);
@@ -733,7 +733,7 @@ impl Driver {
         for (id, r) in self.requests.iter_mut() {
             if r.sent_on != Some(generation) {
                 r.sent_on = Some(generation);
-                resend.push((*id, with_id(&r.cmd, *id)));
+                resend.push((*id, r.cmd.clone().with_id(RequestId::Int(*id))));
             }
         }
         resend.sort_by_key(|(id, _)| *id);
@@ -854,21 +854,4 @@ impl Driver {
             self.emit(Event::Error(error));
         }
     }
-}
-
-fn with_id(cmd: &ClientCommand, rid: u64) -> ClientCommand {
-    let mut cmd = cmd.clone();
-    let slot = match &mut cmd {
-        ClientCommand::Auth { id, .. }
-        | ClientCommand::Join { id, .. }
-        | ClientCommand::Leave { id, .. }
-        | ClientCommand::Message { id, .. }
-        | ClientCommand::Dm { id, .. }
-        | ClientCommand::ListUsers { id, .. }
-        | ClientCommand::History { id, .. }
-        | ClientCommand::Ping { id } => id,
-        ClientCommand::Typing { .. } => return cmd,
-    };
-    *slot = Some(RequestId::Int(rid));
-    cmd
 }

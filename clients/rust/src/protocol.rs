@@ -75,6 +75,22 @@ pub enum ClientCommand {
 }
 
 impl ClientCommand {
+    /// The command with request id `id` (`typing` has none: it gets no reply).
+    pub fn with_id(mut self, request_id: RequestId) -> Self {
+        match &mut self {
+            ClientCommand::Auth { id, .. }
+            | ClientCommand::Join { id, .. }
+            | ClientCommand::Leave { id, .. }
+            | ClientCommand::Message { id, .. }
+            | ClientCommand::Dm { id, .. }
+            | ClientCommand::ListUsers { id, .. }
+            | ClientCommand::History { id, .. }
+            | ClientCommand::Ping { id } => *id = Some(request_id),
+            ClientCommand::Typing { .. } => {}
+        }
+        self
+    }
+
     /// The command as one JSON text frame.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("commands always serialize")
@@ -304,6 +320,10 @@ mod tests {
         round_trip_command(ClientCommand::Auth { token: "t".into(), id: None }, json!({"type": "auth", "token": "t"}));
         round_trip_command(ClientCommand::Leave { room: "r".into(), id: None }, json!({"type": "leave", "room": "r"}));
         round_trip_command(ClientCommand::Ping { id: None }, json!({"type": "ping"}));
+        round_trip_command(
+            ClientCommand::ListUsers { room: "r".into(), id: None }.with_id(RequestId::Int(7)),
+            json!({"type": "list_users", "room": "r", "id": 7}),
+        );
     }
 
     #[test]
