@@ -235,6 +235,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         }
         return Response(json.dumps(body, indent=2) + "\n", mimetype="application/json")
 
+    from .api import register_api
+
+    register_api(app, chat, settings.metrics_port, time.time)
     log.info("wschat %s ready: backend=%s persistence=%s", __version__, stores.name,
              stores.persistence)
     return app
@@ -345,10 +348,15 @@ def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> Res
     return Response(text + "\n", status=status, mimetype="text/plain", headers=headers)
 
 
-def attach_worker(worker: Any, slots: Any, slot: int) -> None:
+def attach_worker(worker: Any, slots: Any, slot: int, replacement: bool = False) -> None:
     """Called by gunicorn's ``post_worker_init``: share the connection budget, and
-    close every WebSocket with 1001 as soon as the worker is told to stop."""
+    close every WebSocket with 1001 as soon as the worker is told to stop.
+
+    ``replacement``: this worker took the slot of one that exited (counted in
+    ``wschat_worker_restarts_total``)."""
     import gevent
+
+    from .metrics import worker_restarted
 
     runtime = _current
     if runtime is None:  # the app is built lazily on first access by gunicorn
@@ -356,6 +364,8 @@ def attach_worker(worker: Any, slots: Any, slot: int) -> None:
 
         runtime = wschat.app.extensions["wschat"]
     runtime.transport.budget.attach(slots, slot)
+    if replacement:
+        worker_restarted()
     runtime.transport.start()
     gevent.spawn(_sample_worker_gauges, runtime)
 

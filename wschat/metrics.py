@@ -89,6 +89,9 @@ REFUSED = Counter("wschat_handshakes_refused_total",
 AUTH_FAILURES = Counter("wschat_auth_failures_total",
                         "Rejected tokens (upgrade request or auth message), by reason",
                         ["reason"])
+WORKER_RESTARTS = Counter("wschat_worker_restarts_total",
+                          "Workers started in place of one that exited (crash, OOM kill, "
+                          "timeout); the first workers of a server are not counted")
 STORE_ERRORS = Counter("wschat_store_errors_total",
                        "Failed operations against Redis or the database, by backend",
                        ["backend"])
@@ -191,6 +194,12 @@ def sample_worker_gauges(outbound_bytes: int) -> None:
     """Called about once a second by every worker: its share of the live-summed gauges."""
     OUTBOUND.set(outbound_bytes)
     UPTIME.set(time.time() - _STARTED_AT)
+
+
+def worker_restarted() -> None:
+    """This worker replaces one that exited: the master re-forked it without the pod
+    restarting, which Kubernetes' restart counts never show."""
+    WORKER_RESTARTS.inc()
 
 
 def started_at() -> float:
