@@ -57,6 +57,13 @@ pub enum Event {
     Presence(Presence),
     /// Someone started or stopped typing (an uncleared start expires on the server).
     Typing(Typing),
+    /// The server removed this user from a room (kicked, banned, membership
+    /// revoked): the room is left for good and not re-joined.
+    Removed { room: String, reason: Option<String>, by: Option<String>, until: Option<i64>, note: Option<String> },
+    /// Muted in `room` (`None`: everywhere) until `until` (Unix ms; `None`: until lifted).
+    Muted { room: Option<String>, until: Option<i64>, by: Option<String> },
+    /// A mute was lifted.
+    Unmuted { room: Option<String> },
     /// An error not tied to a request (a server `error` without `id`, a failed
     /// token refresh, a send that could not be delivered, a terminal close).
     Error(Error),
@@ -336,6 +343,38 @@ impl Client {
         }
     }
 
+    /// Moderators: removes `user_id` from `room`.
+    pub async fn kick(&self, room: &str, user_id: &str, reason: Option<&str>) -> Result<(), Error> {
+        let cmd = ClientCommand::Kick {
+            room: room.to_owned(),
+            user_id: user_id.to_owned(),
+            reason: reason.map(str::to_owned),
+            id: None,
+        };
+        self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await.map(|_| ())
+    }
+
+    /// Moderators: `user_id` may read `room` but not post or type, for `duration`
+    /// (`None`: until lifted). Returns the mute's end (Unix ms), if any.
+    pub async fn mute(&self, room: &str, user_id: &str, duration: Option<Duration>) -> Result<Option<i64>, Error> {
+        let cmd = ClientCommand::Mute {
+            room: room.to_owned(),
+            user_id: user_id.to_owned(),
+            duration: duration.map(|d| d.as_secs_f64()),
+            id: None,
+        };
+        match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
+            ServerEvent::Moderated { until, .. } => Ok(until),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moderators: lifts a mute.
+    pub async fn unmute(&self, room: &str, user_id: &str) -> Result<(), Error> {
+        let cmd = ClientCommand::Unmute { room: room.to_owned(), user_id: user_id.to_owned(), id: None };
+        self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await.map(|_| ())
+    }
+
     /// The typing helper: call it with `true` on every keystroke (it sends at most
     /// one `typing: true` a second) and with `false` when the user stops or sends.
     pub fn typing(&self, room: &str, status: bool) {
@@ -356,5 +395,5 @@ impl Client {
 }
 
 fn unexpected(event: ServerEvent) -> Error {
-    Error::Server { code: "unexpected_reply".into(), message: format!("{event:?}"), retry_after_ms: None }
+    Error::local("unexpected_reply", format!("{event:?}"))
 }

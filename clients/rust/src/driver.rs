@@ -110,6 +110,10 @@ pub(crate) struct Driver {
 
 const SEEN_DMS: usize = 1024;
 
+/// What a `leave` resolves with when no reply is needed (offline, or the socket
+/// is gone and the membership with it); `Client::leave` returns `()` anyway.
+const LEFT: Result<ServerEvent, Error> = Ok(ServerEvent::Unknown);
+
 impl Driver {
     /// Starts the task on the current Tokio runtime.
     pub(crate) fn spawn(
@@ -375,7 +379,7 @@ impl Driver {
             .collect();
         for rid in leaves {
             if let Some(req) = self.requests.remove(&rid) {
-                let _ = req.reply.send(Ok(ServerEvent::Left { room: String::new(), id: None }));
+                let _ = req.reply.send(LEFT);
             }
         }
         self.set_state(ConnectionState::Disconnected);
@@ -452,7 +456,7 @@ impl Driver {
             }
             Op::Leave { room, reply } => {
                 let Some(left) = self.rooms.remove(&room) else {
-                    let _ = reply.send(Ok(ServerEvent::Left { room, id: None }));
+                    let _ = reply.send(LEFT);
                     return;
                 };
                 for w in left.waiters {
@@ -465,7 +469,7 @@ impl Driver {
                     self.write(&cmd);
                     self.requests.insert(id, PendingRequest { cmd, reply, sent_on: Some(self.generation) });
                 } else {
-                    let _ = reply.send(Ok(ServerEvent::Left { room, id: None }));
+                    let _ = reply.send(LEFT);
                 }
             }
             Op::Send { target, text, reply } => {
@@ -640,7 +644,7 @@ impl Driver {
             Ok(event) => event,
             Err(e) => {
                 let message = format!("unparsable event ({e}): {text:.200}");
-                self.emit(Event::Error(Error::Server { code: "invalid_event".into(), message, retry_after_ms: None }));
+                self.emit(Event::Error(Error::local("invalid_event", message)));
                 return;
             }
         };
@@ -690,18 +694,31 @@ impl Driver {
             ServerEvent::Dm(dm) => self.on_dm(dm),
             ServerEvent::Presence(presence) => self.emit(Event::Presence(presence)),
             ServerEvent::Typing(typing) => self.emit(Event::Typing(typing)),
-            ServerEvent::Error { code, message, retry_after_ms, id } => {
+            ServerEvent::Error { code, message, retry_after_ms, id, details } => {
                 if let Some(ms) = retry_after_ms {
                     // A floor for the next reconnect, should the server close (4102).
                     self.retry_after = Some(Duration::from_millis(ms));
                 }
-                let error = Error::Server { code, message, retry_after_ms };
+                let error = Error::Server { code, message, retry_after_ms, details };
                 match id {
                     Some(RequestId::Int(rid)) => self.on_error(rid, error),
                     _ => self.emit(Event::Error(error)),
                 }
             }
+            ServerEvent::Left { room, reason, by, until, note, id } if !self.is_request(id.as_ref()) => {
+                // Not the answer to our `leave`: the server removed us, for good.
+                if let Some(r) = self.rooms.remove(&room) {
+                    for w in r.waiters {
+                        let _ = w.send(Err(Error::Left));
+                    }
+                    self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
+                }
+                self.emit(Event::Removed { room, reason, by, until, note });
+            }
+            ServerEvent::Muted { room, until, by } => self.emit(Event::Muted { room, until, by }),
+            ServerEvent::Unmuted { room } => self.emit(Event::Unmuted { room }),
             reply @ (ServerEvent::Left { .. }
+            | ServerEvent::Moderated { .. }
             | ServerEvent::Users { .. }
             | ServerEvent::History { .. }
             | ServerEvent::Pong { .. }) => {
@@ -713,6 +730,11 @@ impl Driver {
             }
             ServerEvent::Unknown => {}
         }
+    }
+
+    /// Whether `id` names a request of ours still waiting for its reply.
+    fn is_request(&self, id: Option<&RequestId>) -> bool {
+        matches!(id, Some(RequestId::Int(rid)) if self.requests.contains_key(rid))
     }
 
     /// `welcome` on a new socket: re-join rooms with `since`, resend what waits.

@@ -8,7 +8,13 @@ pub enum Error {
     /// The server answered with an `error` event; `code` is its wire code
     /// (`not_in_room`, `rate_limited`, `unavailable`, ... see the README).
     #[error("server error {code}: {message}")]
-    Server { code: String, message: String, retry_after_ms: Option<u64> },
+    Server {
+        code: String,
+        message: String,
+        retry_after_ms: Option<u64>,
+        /// What else the error carried (`room`, `reason`, `until` for `forbidden` and `muted`).
+        details: serde_json::Map<String, serde_json::Value>,
+    },
     /// No answer within the configured timeout. A `send`/`dm` that times out
     /// stays in the outbox and is still delivered (its echo arrives as an event).
     #[error("no reply within the timeout")]
@@ -26,12 +32,18 @@ pub enum Error {
     /// The client was closed (or its task ended).
     #[error("the client is closed")]
     Closed,
-    /// The room was left before the join completed.
+    /// The room was left (by the app, or the server removed this user) before
+    /// the join completed.
     #[error("left the room before joining completed")]
     Left,
 }
 
 impl Error {
+    /// An error of this library's own (not from the server) in the server's shape.
+    pub(crate) fn local(code: &str, message: String) -> Error {
+        Error::Server { code: code.into(), message, retry_after_ms: None, details: Default::default() }
+    }
+
     /// The server's error `code`, if the server refused the request.
     pub fn code(&self) -> Option<&str> {
         match self {

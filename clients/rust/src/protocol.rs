@@ -72,6 +72,30 @@ pub enum ClientCommand {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
     },
+    /// Moderators: remove `user_id` from `room`.
+    Kick {
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// Moderators: `user_id` may read `room` but not post or type, for `duration` seconds (None: until lifted).
+    Mute {
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Unmute {
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
 }
 
 impl ClientCommand {
@@ -85,7 +109,10 @@ impl ClientCommand {
             | ClientCommand::Dm { id, .. }
             | ClientCommand::ListUsers { id, .. }
             | ClientCommand::History { id, .. }
-            | ClientCommand::Ping { id } => *id = Some(request_id),
+            | ClientCommand::Ping { id }
+            | ClientCommand::Kick { id, .. }
+            | ClientCommand::Mute { id, .. }
+            | ClientCommand::Unmute { id, .. } => *id = Some(request_id),
             ClientCommand::Typing { .. } => {}
         }
         self
@@ -183,8 +210,44 @@ pub enum ServerEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
     },
+    /// The reply to `leave`, or (with `reason`) the server removed this user from the room.
     Left {
         room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// The moderator's `user_id`, or `api`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        /// A ban's end (Unix ms); absent or null: until lifted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// Muted in `room` (absent: everywhere) until `until` (Unix ms; null: until lifted).
+    Muted {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    Unmuted {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+    },
+    /// The reply to `kick`, `mute` or `unmute`.
+    Moderated {
+        action: String,
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lifted: Option<bool>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
     },
@@ -212,6 +275,9 @@ pub enum ServerEvent {
         retry_after_ms: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
+        /// Anything else the error carries (`room`, `reason`, `until` for `forbidden` and `muted`).
+        #[serde(flatten)]
+        details: serde_json::Map<String, serde_json::Value>,
     },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,6 +303,7 @@ impl ServerEvent {
             | ServerEvent::Users { id, .. }
             | ServerEvent::History { id, .. }
             | ServerEvent::Error { id, .. }
+            | ServerEvent::Moderated { id, .. }
             | ServerEvent::Pong { id } => id.as_ref(),
             _ => None,
         }
@@ -255,6 +322,7 @@ pub enum CloseAction {
     /// 4001/4002: reconnect only with a fresh token (needs a token callback).
     NeedsFreshToken,
     /// 1002/1003/1007/1009: this client sent something invalid; retrying repeats it.
+    /// 4003: the server's API disconnected this user (or banned it everywhere).
     Terminal,
 }
 
@@ -262,7 +330,7 @@ pub enum CloseAction {
 pub fn close_action(code: Option<u16>) -> CloseAction {
     match code {
         Some(1001) => CloseAction::ReconnectNow,
-        Some(1002 | 1003 | 1007 | 1009) => CloseAction::Terminal,
+        Some(1002 | 1003 | 1007 | 1009 | 4003) => CloseAction::Terminal,
         Some(4001 | 4002) => CloseAction::NeedsFreshToken,
         Some(4101 | 4102) => CloseAction::ReconnectAfterPause,
         _ => CloseAction::Reconnect,
@@ -321,6 +389,18 @@ mod tests {
         round_trip_command(ClientCommand::Leave { room: "r".into(), id: None }, json!({"type": "leave", "room": "r"}));
         round_trip_command(ClientCommand::Ping { id: None }, json!({"type": "ping"}));
         round_trip_command(
+            ClientCommand::Kick { room: "r".into(), user_id: "u".into(), reason: Some("spam".into()), id: None },
+            json!({"type": "kick", "room": "r", "user_id": "u", "reason": "spam"}),
+        );
+        round_trip_command(
+            ClientCommand::Mute { room: "r".into(), user_id: "u".into(), duration: Some(60.0), id: None },
+            json!({"type": "mute", "room": "r", "user_id": "u", "duration": 60.0}),
+        );
+        round_trip_command(
+            ClientCommand::Unmute { room: "r".into(), user_id: "u".into(), id: Some(RequestId::Int(2)) },
+            json!({"type": "unmute", "room": "r", "user_id": "u", "id": 2}),
+        );
+        round_trip_command(
             ClientCommand::ListUsers { room: "r".into(), id: None }.with_id(RequestId::Int(7)),
             json!({"type": "list_users", "room": "r", "id": 7}),
         );
@@ -344,6 +424,12 @@ mod tests {
             json!({"type": "error", "code": "rate_limited", "message": "slow down",
                    "retry_after_ms": 120, "id": "a"}),
             json!({"type": "left", "room": "r"}),
+            json!({"type": "left", "room": "r", "reason": "banned", "by": "api", "until": 5, "note": "n"}),
+            json!({"type": "muted", "room": "r", "until": 1700000000000_i64, "by": "mod"}),
+            json!({"type": "unmuted"}),
+            json!({"type": "moderated", "action": "mute", "room": "r", "user_id": "u", "until": 9, "id": 4}),
+            json!({"type": "error", "code": "forbidden", "message": "m", "room": "r", "reason": "banned",
+                   "until": null}),
             json!({"type": "pong"}),
         ];
         for wire in cases {
@@ -370,7 +456,7 @@ mod tests {
     #[test]
     fn close_codes_split_into_reconnect_and_terminal() {
         assert_eq!(close_action(Some(1001)), CloseAction::ReconnectNow);
-        for code in [1002, 1003, 1007, 1009] {
+        for code in [1002, 1003, 1007, 1009, 4003] {
             assert_eq!(close_action(Some(code)), CloseAction::Terminal);
         }
         for code in [4001, 4002] {

@@ -109,3 +109,57 @@ async fn dms_are_acknowledged_and_delivered_once() {
     assert_eq!(a.dm("nobody-here", "x").await.unwrap_err().code(), Some("user_not_found"));
     assert_eq!(rec_b.count(|e| matches!(e, Event::Dm(_))), 1);
 }
+
+/// A client signed in with `token` (always the same one).
+fn signed_in(url: &str, token: String) -> (Client, Recorder) {
+    let (c, events) = Client::builder(url)
+        .token(move || {
+            let t = token.clone();
+            async move { Ok(t) }
+        })
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .connect();
+    (c, Recorder::new(events))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderation_mute_and_kick() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (m, _) = signed_in(&s.url, h.moderator_token("mona", "modroom").await);
+    let (u, rec_u) = signed_in(&s.url, h.token("ugo", 600.0).await);
+    m.join("modroom").await.unwrap();
+    u.join("modroom").await.unwrap();
+
+    let until = m.mute("modroom", "ugo", Some(Duration::from_secs(60))).await.unwrap();
+    assert!(until.is_some());
+    rec_u
+        .wait("muted", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Muted { room: Some(r), .. } if r == "modroom")))
+        .await;
+    let err = u.send("modroom", "can I?").await.unwrap_err();
+    assert_eq!(err.code(), Some("muted"));
+    assert!(matches!(&err, Error::Server { details, .. } if details.contains_key("until")), "{err:?}");
+    assert_eq!(u.outbox_len(), 0, "a refused send leaves the outbox");
+    m.unmute("modroom", "ugo").await.unwrap();
+    rec_u.wait("unmuted", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Unmuted { .. }))).await;
+    u.send("modroom", "thanks").await.unwrap();
+    assert_eq!(u.kick("modroom", "mona", None).await.unwrap_err().code(), Some("forbidden"));
+
+    m.kick("modroom", "ugo", Some("enough")).await.unwrap();
+    rec_u
+        .wait("removed", 20.0, |ev| {
+            ev.iter().any(|e| {
+                matches!(e, Event::Removed { room, reason: Some(r), by: Some(b), .. }
+                if room == "modroom" && r == "enough" && b == "mona")
+            })
+        })
+        .await;
+    // Removed for good: a reconnect does not join it again.
+    let joins = |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::Joined(_))).count();
+    let before = joins(&rec_u.events());
+    u.reconnect();
+    rec_u.wait("reconnected", 20.0, |ev| ev.iter().filter(|e| matches!(e, Event::Welcome { .. })).count() >= 2).await;
+    assert_eq!(u.list_users("general").await.unwrap().len(), 0, "a request round trip after the welcome");
+    assert_eq!(joins(&rec_u.events()), before);
+    assert_eq!(u.send("modroom", "back?").await.unwrap_err().code(), Some("not_in_room"));
+}

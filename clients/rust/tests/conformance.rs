@@ -35,14 +35,18 @@ async fn connected(c: &Client) {
     c.wait_connected(scaled(20.0)).await.expect("connected in time");
 }
 
+/// Sends `n` messages one after the other, each awaited; returns them as stored.
+async fn send_messages(c: &Client, room: &str, n: usize, tag: &str) -> Vec<wschat::ChatMessage> {
+    let mut sent = Vec::new();
+    for i in 0..n {
+        sent.push(c.send(room, &format!("{tag} {i}")).await.unwrap_or_else(|e| panic!("send {tag} {i}: {e}")));
+    }
+    sent
+}
+
 /// Sends `n` messages one after the other, each awaited; returns their ids.
 async fn send_all(c: &Client, room: &str, n: usize, tag: &str) -> Vec<u64> {
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let m = c.send(room, &format!("{tag} {i}")).await.unwrap_or_else(|e| panic!("send {tag} {i}: {e}"));
-        ids.push(m.id);
-    }
-    ids
+    send_messages(c, room, n, tag).await.into_iter().map(|m| m.id).collect()
 }
 
 /// A send whose future owns its inputs (for `join_all`, which polls them in order).
@@ -52,6 +56,10 @@ fn send_owned(
 ) -> impl std::future::Future<Output = Result<wschat::ChatMessage, wschat::Error>> {
     let c = c.clone();
     async move { c.send(ROOM, &text).await }
+}
+
+fn connects(events: &[Event]) -> usize {
+    events.iter().filter(|e| matches!(e, Event::State(ConnectionState::Connected))).count()
 }
 
 fn disconnects(r: &Recorder) -> usize {
@@ -205,7 +213,7 @@ async fn redis_restart() {
     let (b, rec_b) = guest(&s.url, "bob");
     a.join(ROOM).await.unwrap();
     b.join(ROOM).await.unwrap();
-    let mut acked = send_all(&a, ROOM, 5, "before").await;
+    let mut acked = send_messages(&a, ROOM, 5, "before").await;
 
     h.post("/redis/stop", json!({})).await;
     let outage = {
@@ -225,15 +233,22 @@ async fn redis_restart() {
     for result in outage.await.unwrap() {
         let m = result
             .unwrap_or_else(|e| panic!("an outage send is delivered after Redis is back: {e}; {:#?}", rec_a.events()));
-        acked.push(m.id);
+        acked.push(m);
     }
-    acked.extend(send_all(&a, ROOM, 5, "after").await);
-    acked.sort();
+    acked.extend(send_messages(&a, ROOM, 5, "after").await);
+    let ids: Vec<u64> = acked.iter().map(|m| m.id).collect();
+    assert!(ids[5..].iter().all(|id| *id > ids[4]), "ids never go back: {ids:?}");
+    acked.sort_by_key(|m| m.id);
+    let mut ids: Vec<u64> = acked.iter().map(|m| m.id).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), acked.len(), "an id acknowledged twice: {acked:#?}");
     rec_b
-        .wait("every acknowledged message", 40.0, |ev| has_all_once_in_order(&common::message_ids(ev, ROOM), &acked))
+        .wait("every acknowledged message", 40.0, |ev| has_all_once_in_order(&common::message_ids(ev, ROOM), &ids))
         .await;
-    assert_eq!(rec_b.ids(ROOM), acked, "B has every acknowledged message once, in order");
-    assert!(acked[5..].iter().all(|id| *id > acked[4]), "ids never go back: {acked:?}");
+    // Delivered means the same id with the same text (a reused id would count as lost).
+    let got = common::messages(&rec_b.events(), ROOM);
+    let want: Vec<(u64, String)> = acked.into_iter().map(|m| (m.id, m.text)).collect();
+    assert_eq!(got, want, "B has every acknowledged message once, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +372,28 @@ async fn outbox_resend() {
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), 30, "each send is its own message: {acked:?}");
+
+    // DMs pending across a cut are resent and deduplicated the same way.
+    rec_a.wait("connected again", 20.0, |ev| connects(ev) >= 2).await;
+    let to = b.user_id().unwrap();
+    let dm = |i: usize| {
+        let (a, to) = (a.clone(), to.clone());
+        async move { a.dm(&to, &format!("dm {i}")).await }
+    };
+    let (dms, ()) = tokio::join!(join_all((0..5).map(dm)), async { a.reconnect() });
+    let mut dm_ids: Vec<u64> = dms.into_iter().map(|r| r.expect("dm acknowledged").id).collect();
+    dm_ids.sort();
+    dm_ids.dedup();
+    assert_eq!(dm_ids.len(), 5);
+    let dms_at_b = |ev: &[Event]| {
+        let mut ids: Vec<u64> =
+            ev.iter().filter_map(|e| if let Event::Dm(d) = e { Some(d.id) } else { None }).collect();
+        ids.sort();
+        ids
+    };
+    rec_b.wait("the dms", 20.0, |ev| dms_at_b(ev).len() >= 5).await;
+    assert_eq!(dms_at_b(&rec_b.events()), dm_ids, "each DM once");
+    rec_a.wait("connected again", 20.0, |ev| connects(ev) >= 3).await;
 
     // Part 2: sends made while disconnected wait, then go out in order.
     offline.store(true, Ordering::SeqCst);

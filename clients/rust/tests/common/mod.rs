@@ -78,6 +78,18 @@ impl Harness {
         self.post(&format!("/servers/{}/start", server.id), json!({})).await;
     }
 
+    /// A token that makes `sub` a moderator of `mod_rooms` (minted by `python -m wschat token`).
+    pub async fn moderator_token(&self, sub: &str, mod_rooms: &str) -> String {
+        let python = std::env::var("WSCHAT_PYTHON").unwrap_or_else(|_| "python3".into());
+        let out = tokio::process::Command::new(&python)
+            .args(["-m", "wschat", "token", "--sub", sub, "--secret", &self.secret, "--mod-rooms", mod_rooms])
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("{python} -m wschat token: {e}"));
+        assert!(out.status.success(), "wschat token: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
     pub async fn token(&self, sub: &str, ttl: f64) -> String {
         let reply = self.post("/token", json!({"sub": sub, "name": sub, "ttl": ttl})).await;
         reply["token"].as_str().unwrap().to_owned()
@@ -175,6 +187,17 @@ pub fn message_ids(events: &[Event], room: &str) -> Vec<u64> {
         .iter()
         .filter_map(|e| match e {
             Event::Message(m) if m.room == room => Some(m.id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The (id, text) of the room messages surfaced, in order.
+pub fn messages(events: &[Event], room: &str) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) if m.room == room => Some((m.id, m.text.clone())),
             _ => None,
         })
         .collect()
