@@ -49,6 +49,12 @@ pub enum Event {
     /// Every `joined`, first joins and re-joins; `recovered: Some(false)` says
     /// messages were lost across a reconnect or gap.
     Joined(Joined),
+    /// A re-join could not replay everything after `since` (the server no longer
+    /// holds it): reload `history`. Follows its `Joined`.
+    RecoveryFailed { room: String, since: u64, last_id: u64 },
+    /// One of this client's sends was acknowledged (also one restored from the
+    /// outbox store, which has no future waiting for it).
+    Ack(Acked),
     /// A room message, each exactly once and in id order per room.
     Message(ChatMessage),
     /// A direct message (also the echo of this user's own DMs), each once.
@@ -217,15 +223,17 @@ impl ClientBuilder {
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
-pub(crate) enum Ack {
-    Room(ChatMessage),
+/// An acknowledged send: the stored message, as the server echoed it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acked {
+    Message(ChatMessage),
     Dm(DirectMessage),
 }
 
 pub(crate) enum Op {
     Join { room: String, reply: Reply<Joined> },
     Leave { room: String, reply: Reply<ServerEvent> },
-    Send { target: Target, text: String, reply: Reply<Ack> },
+    Send { target: Target, text: String, reply: Reply<Acked> },
     Request { cmd: ClientCommand, reply: Reply<ServerEvent> },
     Typing { room: String, status: bool },
     Reconnect,
@@ -306,8 +314,8 @@ impl Client {
     pub async fn send(&self, room: &str, text: &str) -> Result<ChatMessage, Error> {
         let (target, text) = (Target::Room(room.to_owned()), text.to_owned());
         match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {
-            Ack::Room(m) => Ok(m),
-            Ack::Dm(_) => unreachable!("a room send is acknowledged by a room message"),
+            Acked::Message(m) => Ok(m),
+            Acked::Dm(_) => unreachable!("a room send is acknowledged by a room message"),
         }
     }
 
@@ -315,8 +323,8 @@ impl Client {
     pub async fn dm(&self, user_id: &str, text: &str) -> Result<DirectMessage, Error> {
         let (target, text) = (Target::Dm(user_id.to_owned()), text.to_owned());
         match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {
-            Ack::Dm(m) => Ok(m),
-            Ack::Room(_) => unreachable!("a DM is acknowledged by a dm"),
+            Acked::Dm(m) => Ok(m),
+            Acked::Message(_) => unreachable!("a DM is acknowledged by a dm"),
         }
     }
 
@@ -375,8 +383,15 @@ impl Client {
         self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await.map(|_| ())
     }
 
-    /// The typing helper: call it with `true` on every keystroke (it sends at most
-    /// one `typing: true` a second) and with `false` when the user stops or sends.
+    /// A round trip to the server (`ping` / `pong`).
+    pub async fn ping(&self) -> Result<(), Error> {
+        let cmd = ClientCommand::Ping { id: None };
+        self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await.map(|_| ())
+    }
+
+    /// The typing helper: call it with `true` on every keystroke. It sends at most
+    /// one `typing: true` a second, and `false` by itself 3 s after the last call
+    /// (or at once when called with `false`); a `send` to the room ends it.
     pub fn typing(&self, room: &str, status: bool) {
         let _ = self.ops.send(Op::Typing { room: room.to_owned(), status });
     }

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{Ack, ClientBuilder, Event, Joined, Op, Reply, Snapshot};
+use crate::client::{Acked, ClientBuilder, Event, Joined, Op, Reply, Snapshot};
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
 use crate::protocol::{close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent};
@@ -32,6 +32,7 @@ enum Internal {
     Flush,
     ResendStale,
     RetryJoin(String),
+    TypingIdle(String),
 }
 
 struct Room {
@@ -77,7 +78,7 @@ pub(crate) struct Driver {
     snapshot: watch::Sender<Snapshot>,
     rooms: HashMap<String, Room>,
     outbox: Outbox,
-    acks: HashMap<String, Reply<Ack>>,
+    acks: HashMap<String, Reply<Acked>>,
     requests: HashMap<u64, PendingRequest>,
     /// Request id of a written send -> its `client_msg_id`.
     send_rids: HashMap<u64, String>,
@@ -85,7 +86,10 @@ pub(crate) struct Driver {
     join_rids: HashMap<u64, String>,
     seen_dms: VecDeque<u64>,
     seen_dm_set: HashSet<u64>,
+    /// When `typing: true` last went out, per room (cleared by `false`, a send, a new socket).
     typing_sent: HashMap<String, Instant>,
+    /// When the app last called `typing(room, true)`.
+    typing_calls: HashMap<String, Instant>,
     /// Frames to write after the current handler.
     outgoing: Vec<String>,
     next_rid: u64,
@@ -109,6 +113,10 @@ pub(crate) struct Driver {
 }
 
 const SEEN_DMS: usize = 1024;
+/// `typing: true` goes out at most this often while the app keeps calling.
+const TYPING_REPEAT: Duration = Duration::from_secs(1);
+/// `typing: false` goes out by itself this long after the app's last call.
+const TYPING_IDLE: Duration = Duration::from_secs(3);
 
 /// What a `leave` resolves with when no reply is needed (offline, or the socket
 /// is gone and the membership with it); `Client::leave` returns `()` anyway.
@@ -140,6 +148,7 @@ impl Driver {
             seen_dms: VecDeque::new(),
             seen_dm_set: HashSet::new(),
             typing_sent: HashMap::new(),
+            typing_calls: HashMap::new(),
             outgoing: Vec::new(),
             next_rid: 0,
             generation: 0,
@@ -463,6 +472,7 @@ impl Driver {
                     let _ = w.send(Err(Error::Left));
                 }
                 self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
+                self.drop_room_sends(&room, &Error::local("not_in_room", format!("left {room}")));
                 if self.online {
                     let id = self.rid();
                     let cmd = ClientCommand::Leave { room, id: Some(RequestId::Int(id)) };
@@ -473,6 +483,9 @@ impl Driver {
                 }
             }
             Op::Send { target, text, reply } => {
+                if let Target::Room(room) = &target {
+                    self.typing_sent.remove(room); // the server ends typing on a message
+                }
                 let client_msg_id = new_client_msg_id();
                 if self.outbox.push(OutboxEntry { client_msg_id: client_msg_id.clone(), target, text }).is_err() {
                     let _ = reply.send(Err(Error::OutboxFull));
@@ -501,10 +514,13 @@ impl Driver {
                 }
                 let now = Instant::now();
                 if status {
-                    if self.typing_sent.get(&room).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1)) {
+                    self.typing_calls.insert(room.clone(), now);
+                    if self.typing_sent.get(&room).is_some_and(|at| now.duration_since(*at) < TYPING_REPEAT) {
                         return;
                     }
-                    self.typing_sent.insert(room.clone(), now);
+                    if self.typing_sent.insert(room.clone(), now).is_none() {
+                        self.later(TYPING_IDLE, Internal::TypingIdle(room.clone()));
+                    }
                 } else if self.typing_sent.remove(&room).is_none() {
                     return;
                 }
@@ -550,6 +566,19 @@ impl Driver {
                 } else if waiting > 0 {
                     self.resend_check_scheduled = true;
                     self.later(self.cfg.resend_after / 2, Internal::ResendStale);
+                }
+            }
+            Internal::TypingIdle(room) => {
+                let Some(last) = self.typing_calls.get(&room).copied() else { return };
+                if !self.online || !self.typing_sent.contains_key(&room) {
+                    return;
+                }
+                let idle = Instant::now().duration_since(last);
+                if idle >= TYPING_IDLE {
+                    self.typing_sent.remove(&room);
+                    self.write(&ClientCommand::Typing { room, status: false });
+                } else {
+                    self.later(TYPING_IDLE - idle, Internal::TypingIdle(room));
                 }
             }
             Internal::RetryJoin(room) => {
@@ -675,19 +704,27 @@ impl Driver {
                 }
                 let generation = self.generation;
                 let Some(r) = self.rooms.get_mut(&room) else { return };
+                let since = r.seq.last();
                 r.seq.joined(last_id, recovered);
                 r.joined_on = Some(generation);
-                r.replay_until = last_id;
+                // The replay ends at `last_id`; after `recovered: false` with nothing
+                // above `since` there is none (the server may even have started afresh).
+                let no_replay = recovered == Some(false) && since.is_some_and(|since| last_id <= since);
+                r.replay_until = if no_replay { 0 } else { last_id };
                 let newly = r.state != RoomState::Joined;
                 r.state = RoomState::Joined;
                 let joined = Joined { room: room.clone(), users, last_id, recovered };
                 for w in r.waiters.drain(..) {
                     let _ = w.send(Ok(joined.clone()));
                 }
+                let room_name = room.clone();
                 if newly {
                     self.emit(Event::Room { room, state: RoomState::Joined });
                 }
                 self.emit(Event::Joined(joined));
+                if let (Some(false), Some(since)) = (recovered, since) {
+                    self.emit(Event::RecoveryFailed { room: room_name, since, last_id });
+                }
                 self.flush_outbox();
             }
             ServerEvent::Message(message) => self.on_message(message),
@@ -713,6 +750,8 @@ impl Driver {
                     }
                     self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
                 }
+                let why = reason.clone().unwrap_or_else(|| "removed".into());
+                self.drop_room_sends(&room, &Error::local("removed", format!("removed from {room}: {why}")));
                 self.emit(Event::Removed { room, reason, by, until, note });
             }
             ServerEvent::Muted { room, until, by } => self.emit(Event::Muted { room, until, by }),
@@ -767,19 +806,45 @@ impl Driver {
 
     /// An echo carrying `client_msg_id` acknowledges the outbox entry it names
     /// (128 random bits: a match is ours, even under an earlier guest identity).
-    fn acknowledge(&mut self, client_msg_id: Option<&str>, ack: impl FnOnce() -> Ack) {
+    fn acknowledge(&mut self, client_msg_id: Option<&str>, ack: impl FnOnce() -> Acked) {
         let Some(cmid) = client_msg_id else { return };
         if self.outbox.remove(cmid).is_some() {
             self.send_retries = 0;
             self.save_outbox();
+            let ack = ack();
             if let Some(reply) = self.acks.remove(cmid) {
-                let _ = reply.send(Ok(ack()));
+                let _ = reply.send(Ok(ack.clone()));
             }
+            self.emit(Event::Ack(ack));
         }
     }
 
+    /// The room is no longer ours: its unacknowledged sends fail with `error`.
+    fn drop_room_sends(&mut self, room: &str, error: &Error) {
+        let doomed: Vec<String> = self
+            .outbox
+            .snapshot()
+            .into_iter()
+            .filter(|e| matches!(&e.target, Target::Room(r) if r == room))
+            .map(|e| e.client_msg_id)
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        for cmid in doomed {
+            self.outbox.remove(&cmid);
+            match self.acks.remove(&cmid) {
+                Some(reply) => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                None => self.emit(Event::Error(error.clone())),
+            }
+        }
+        self.save_outbox();
+    }
+
     fn on_message(&mut self, message: ChatMessage) {
-        self.acknowledge(message.client_msg_id.clone().as_deref(), || Ack::Room(message.clone()));
+        self.acknowledge(message.client_msg_id.clone().as_deref(), || Acked::Message(message.clone()));
         let Some(room) = self.rooms.get_mut(&message.room) else { return };
         match room.seq.message(message.id) {
             Verdict::Deliver => {
@@ -803,7 +868,7 @@ impl Driver {
     }
 
     fn on_dm(&mut self, dm: DirectMessage) {
-        self.acknowledge(dm.client_msg_id.clone().as_deref(), || Ack::Dm(dm.clone()));
+        self.acknowledge(dm.client_msg_id.clone().as_deref(), || Acked::Dm(dm.clone()));
         if !self.seen_dm_set.insert(dm.id) {
             return;
         }

@@ -322,7 +322,8 @@ pub enum CloseAction {
     /// 4001/4002: reconnect only with a fresh token (needs a token callback).
     NeedsFreshToken,
     /// 1002/1003/1007/1009: this client sent something invalid; retrying repeats it.
-    /// 4003: the server's API disconnected this user (or banned it everywhere).
+    /// 1008 (policy), 4003 (the server's API disconnected the user, or banned it
+    /// everywhere) and other 40xx codes: not again with the same credentials.
     Terminal,
 }
 
@@ -330,8 +331,9 @@ pub enum CloseAction {
 pub fn close_action(code: Option<u16>) -> CloseAction {
     match code {
         Some(1001) => CloseAction::ReconnectNow,
-        Some(1002 | 1003 | 1007 | 1009 | 4003) => CloseAction::Terminal,
         Some(4001 | 4002) => CloseAction::NeedsFreshToken,
+        // 40xx: "not with the same credentials" (4003: the server's API disconnected the user).
+        Some(1002 | 1003 | 1007 | 1008 | 1009 | 4000..=4099) => CloseAction::Terminal,
         Some(4101 | 4102) => CloseAction::ReconnectAfterPause,
         _ => CloseAction::Reconnect,
     }
@@ -456,7 +458,7 @@ mod tests {
     #[test]
     fn close_codes_split_into_reconnect_and_terminal() {
         assert_eq!(close_action(Some(1001)), CloseAction::ReconnectNow);
-        for code in [1002, 1003, 1007, 1009, 4003] {
+        for code in [1002, 1003, 1007, 1008, 1009, 4003, 4000, 4099] {
             assert_eq!(close_action(Some(code)), CloseAction::Terminal);
         }
         for code in [4001, 4002] {

@@ -19,7 +19,9 @@ pub struct RoomSeq {
     last: Option<u64>,
     /// A re-join with `since` is in flight: its replay will bring what is missing.
     recovering: bool,
-    /// The server said `recovered: false`: accept the next id, whatever it is.
+    /// The server said `recovered: false`: accept the next id, whatever it is
+    /// (even a lower one: a server that lost its state numbers from 1 again;
+    /// frames from before the re-join all came before its `joined`).
     accept_jump: bool,
 }
 
@@ -45,14 +47,7 @@ impl RoomSeq {
             }
             // Every message after `since` follows in order.
             (Some(true), Some(_)) => {}
-            (Some(false), Some(last)) => {
-                if last_id < last {
-                    // The server lost the room (ids started again): follow it.
-                    self.last = Some(last_id);
-                } else {
-                    self.accept_jump = true;
-                }
-            }
+            (Some(false), Some(_)) => self.accept_jump = true,
         }
     }
 
@@ -63,13 +58,12 @@ impl RoomSeq {
             self.last = Some(id);
             return Verdict::Deliver;
         };
-        if id <= last {
-            Verdict::Drop
-        } else if id == last + 1 || self.accept_jump {
+        if id == last + 1 || self.accept_jump {
             self.last = Some(id);
             self.accept_jump = false;
             Verdict::Deliver
-        } else if self.recovering {
+        } else if id <= last || self.recovering {
+            // Seen already, or the re-join in flight will replay it.
             Verdict::Drop
         } else {
             self.recovering = true;
@@ -124,7 +118,10 @@ mod tests {
         let mut seq = RoomSeq::default();
         seq.joined(10, None);
         seq.rejoining();
-        seq.joined(0, Some(false));
+        // A restarted memory server answers with `last_id` = since and numbers from 1.
+        seq.joined(10, Some(false));
         assert_eq!(seq.message(1), Verdict::Deliver);
+        assert_eq!(seq.message(2), Verdict::Deliver);
+        assert_eq!(seq.message(2), Verdict::Drop);
     }
 }

@@ -79,6 +79,11 @@ async fn outbox_survives_a_restart_of_the_app() {
         }
     };
     tokio::time::timeout(scaled(10.0), emptied).await.expect("acknowledged entries leave the store");
+    assert_eq!(
+        rec.count(|e| matches!(e, Event::Ack(wschat::Acked::Message(_)))),
+        3,
+        "restored sends are acked as events"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,4 +167,45 @@ async fn moderation_mute_and_kick() {
     assert_eq!(u.list_users("general").await.unwrap().len(), 0, "a request round trip after the welcome");
     assert_eq!(joins(&rec_u.events()), before);
     assert_eq!(u.send("modroom", "back?").await.unwrap_err().code(), Some("not_in_room"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_ends_by_itself() {
+    let h = Harness::start().await;
+    // The server would let `typing: true` stand for a minute: the `false` is the client's.
+    let s = h.server("memory", 1, json!({"TYPING_TIMEOUT": "60"})).await;
+    let (a, events) = Client::builder(format!("{}?username=tina", s.url)).connect();
+    let rec_a = Recorder::new(events);
+    let (b, _) = Client::builder(format!("{}?username=tom", s.url)).connect();
+    a.join("keys").await.unwrap();
+    b.join("keys").await.unwrap();
+    for _ in 0..3 {
+        b.typing("keys", true); // keystrokes: one `true` goes out
+    }
+    rec_a.wait("typing", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Typing(t) if t.status))).await;
+    rec_a.wait("typing over", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Typing(t) if !t.status))).await;
+    assert_eq!(rec_a.count(|e| matches!(e, Event::Typing(t) if t.status)), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_failed_after_a_memory_server_restart() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (c, events) = Client::builder(format!("{}?username=rita", s.url))
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .connect();
+    let rec = Recorder::new(events);
+    c.join("amnesia").await.unwrap();
+    for i in 0..3 {
+        c.send("amnesia", &format!("before {i}")).await.unwrap();
+    }
+    h.stop(&s).await;
+    h.restart(&s).await; // a memory server forgets rooms, history and ids
+    rec.wait("recovery failed", 30.0, |ev| {
+        ev.iter().any(|e| matches!(e, Event::RecoveryFailed { room, since: 3, .. } if room == "amnesia"))
+    })
+    .await;
+    // The room's ids started again: the client follows them.
+    assert_eq!(c.send("amnesia", "after").await.unwrap().id, 1);
+    rec.wait("the new message", 20.0, |ev| common::message_ids(ev, "amnesia") == [1, 2, 3, 1]).await;
 }
