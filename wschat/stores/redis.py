@@ -477,7 +477,10 @@ class RedisBroker(Broker):
         self._on_room: RoomHandler | None = None
         self._on_user: UserHandler | None = None
         self._channels: set[bytes] = set()  # what this worker wants to hear
-        self._pending: dict[bytes, gevent.event.Event] = {}
+        # channel -> (event set once confirmed, SUBSCRIBEs sent and not yet confirmed):
+        # every joiner waiting on a channel waits on the same event, released by the
+        # confirmation of the last SUBSCRIBE sent for it.
+        self._pending: dict[bytes, list[Any]] = {}
         self._pubsub: Any = None
         self._lock = gevent.lock.RLock()
         self._listener: gevent.Greenlet | None = None
@@ -501,6 +504,12 @@ class RedisBroker(Broker):
         pubsub.subscribe(PREFIX + "control")
         if self._channels:
             pubsub.subscribe(*self._channels)
+        for key, pending in list(self._pending.items()):
+            if key in self._channels:
+                pending[1] = 1  # one SUBSCRIBE each, just sent
+            else:  # unsubscribed meanwhile: nobody waits for it any more
+                del self._pending[key]
+                pending[0].set()
         self._pubsub = pubsub
         self._healthy = True
 
@@ -567,29 +576,37 @@ class RedisBroker(Broker):
                 elif channel.startswith(user_prefix) and on_user is not None:
                     on_user(channel[len(user_prefix):].decode(), data)
             elif kind in ("subscribe", b"subscribe"):
-                waiter = self._pending.pop(channel, None)
-                if waiter is not None:
-                    waiter.set()
+                pending = self._pending.get(channel)
+                if pending is not None:
+                    pending[1] -= 1
+                    if pending[1] <= 0:
+                        del self._pending[channel]
+                        pending[0].set()
 
     def _subscribe(self, channel: str, wait: bool = True) -> None:
         key = channel.encode()
         self._channels.add(key)
         if self._pubsub is None:
             return  # the reconnect resubscribes everything in _channels
-        waiter = gevent.event.Event() if wait else None
-        if waiter is not None:
-            self._pending[key] = waiter
         try:
             with self._lock:
+                pending = self._pending.get(key)
+                if pending is None:
+                    pending = self._pending[key] = [gevent.event.Event(), 0]
+                pending[1] += 1
                 self._pubsub.subscribe(key)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self._pending.pop(key, None)
             raise Unavailable(f"redis: {exc.__class__.__name__}") from exc
         # Wait until Redis confirms, so nothing published after this returns is missed.
         # Generous: during a reconnect storm the listener greenlet queues behind
         # thousands of handshakes on a saturated worker.
-        if waiter is not None and not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
-            self._pending.pop(key, None)
+        if wait:
+            self._await(key, pending[0])
+
+    def _await(self, key: bytes, waiter: gevent.event.Event) -> None:
+        if not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
+            if self._pending.get(key, [None])[0] is waiter:
+                del self._pending[key]
             raise Unavailable("redis: subscription not confirmed")
 
     def _unsubscribe(self, channel: str) -> None:
@@ -606,9 +623,10 @@ class RedisBroker(Broker):
         self._subscribe(room_channel(room), wait=True)
 
     def await_room(self, room: str) -> None:
-        waiter = self._pending.get(room_channel(room).encode())
-        if waiter is not None and not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
-            raise Unavailable("redis: subscription not confirmed")
+        key = room_channel(room).encode()
+        pending = self._pending.get(key)
+        if pending is not None:
+            self._await(key, pending[0])
 
     def unsubscribe_room(self, room: str) -> None:
         self._unsubscribe(room_channel(room))
