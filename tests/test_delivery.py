@@ -7,6 +7,7 @@ Each test here reproduced one defect before its fix; the fault suite
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ import pytest
 
 from conftest import TIMEOUT, Client, Server, redis_url_or_skip
 from rawws import RawClient
+from test_chat import Clock, FakeSession, make_chat
+from wschat.stores.base import Unavailable
 
 SECRET = "delivery-secret-0123456789abcdef0123"
 COMMON = {"JWT_SECRET": SECRET, "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
@@ -30,6 +33,11 @@ def room() -> str:
 def token(sub: str, name: str = "") -> str:
     return jwt.encode({"sub": sub, "name": name or sub, "exp": int(time.time()) + 3600},
                       SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +70,64 @@ def test_join_storm_on_one_worker_every_join_answered(redis_server: Server) -> N
     finally:
         for c in clients:
             c.close()
+
+
+# -- 3. a join that fails part-way leaves no half-joined session ---------------------------
+def _broken(*args: Any) -> Any:
+    raise Unavailable("store down")
+
+
+def test_failed_join_leaves_no_half_joined_session(clock: Clock) -> None:
+    """A store call failing after the hub began holding the joiner's events: the join is
+    undone (``unavailable``, not a member, nothing held), and a retry works."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a, b = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    chat.open(a)
+    chat.open(b)
+    chat.receive(b, json.dumps({"type": "join", "room": "r"}))
+    for method in ("last_id", "since"):
+        a.clear()
+        setattr(chat.stores.messages, method, _broken)
+        try:
+            chat.receive(a, json.dumps({"type": "join", "room": "r", "since": 0}
+                                       if method == "since" else {"type": "join", "room": "r"}))
+        finally:
+            delattr(chat.stores.messages, method)
+        assert [e["code"] for e in a.events("error")] == ["unavailable"]
+        assert not a.events("joined")
+        assert "r" not in a.rooms
+        assert not chat.hub._recovering, "events still held for the failed joiner"
+        assert [u.user_id for u in chat.stores.rooms.members("r")] == ["b"]
+        chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "while out"}))
+        assert not a.events("message")
+    chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    assert a.events("joined")
+    chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "after"}))
+    assert [m["text"] for m in a.events("message")] == ["after"]
+
+
+def test_failed_rejoin_of_a_member_stays_live(clock: Clock) -> None:
+    """A member's re-join (recovery) that fails keeps it a live member: what arrived
+    while its events were held follows, and so does everything after."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a, b = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    chat.open(a)
+    chat.open(b)
+    chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    chat.receive(b, json.dumps({"type": "join", "room": "r"}))
+    a.clear()
+
+    def post_then_fail(room: str, after_id: int) -> Any:
+        chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "held"}))
+        raise Unavailable("store down")
+
+    chat.stores.messages.since = post_then_fail  # type: ignore[method-assign]
+    try:
+        chat.receive(a, json.dumps({"type": "join", "room": "r", "since": 0}))
+    finally:
+        del chat.stores.messages.since
+    assert [e["code"] for e in a.events("error")] == ["unavailable"]
+    assert "r" in a.rooms
+    assert not chat.hub._recovering
+    chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "live"}))
+    assert [m["text"] for m in a.events("message")] == ["held", "live"]

@@ -346,20 +346,37 @@ class Chat:
         # The session listens (events held back) before it is added to the room, so
         # whatever happens after its store join reaches it: messages above `last_id`
         # and presence of anyone its `users` list does not show yet.
-        if room in session.rooms:
-            self.hub.begin_recovery(room, session)
+        member = room in session.rooms
+        if not member and len(session.rooms) >= self.settings.max_rooms_per_connection:
+            raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
+                                f"at most {self.settings.max_rooms_per_connection} rooms "
+                                "per connection", cmd.request_id)
+        self.hub.begin_recovery(room, session)
+        try:
+            up_to, members = self._join_and_replay(session, cmd, member)
+        except BaseException:
+            # Never half-joined: a member goes on live (with what was held meanwhile);
+            # a newcomer is taken out again, so a retry starts afresh.
+            if member:
+                self.hub.abort_recovery(room, session)
+            elif room in session.rooms:
+                self._forget_locally(session, room)
+                try:
+                    self._store_leave(session, room)
+                except Exception:
+                    self._unfinished.append((session, room))
+            else:
+                self.hub.remove_member(room, session)
+            raise
+        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members})
+
+    def _join_and_replay(self, session: Session, cmd: Join, member: bool
+                         ) -> tuple[int, list[User]]:
+        room = cmd.room
+        if member:
             members = self.stores.rooms.members(room)
         else:
-            if len(session.rooms) >= self.settings.max_rooms_per_connection:
-                raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
-                                    f"at most {self.settings.max_rooms_per_connection} rooms "
-                                    "per connection", cmd.request_id)
-            self.hub.begin_recovery(room, session)
-            try:
-                result = self.stores.rooms.join(room, session.conn_id, session.user)
-            except Exception:
-                self.hub.remove_member(room, session)
-                raise
+            result = self.stores.rooms.join(room, session.conn_id, session.user)
             session.rooms.add(room)
             members = result.members
             if result.first_of_user:
@@ -379,7 +396,7 @@ class Chat:
             session.send(encode_reply("joined", cmd.request_id, **reply))
             for event in replay.messages:
                 session.send(event)
-        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members})
+        return up_to, members
 
     def _leave(self, session: Session, cmd: Leave) -> None:
         if cmd.room not in session.rooms:

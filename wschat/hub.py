@@ -97,6 +97,16 @@ class LocalHub:
             session.send_frame(text_frame(event))
         self.rooms.setdefault(room, {})[session] = None
 
+    def abort_recovery(self, room: str, session: Session) -> None:
+        """A member's re-join failed: it goes on live, with every event held meanwhile."""
+        waiting = self._recovering.get(room)
+        recovery = waiting.pop(session, None) if waiting else None
+        if waiting is not None and not waiting:
+            del self._recovering[room]
+        for event in recovery.pending if recovery is not None else ():
+            session.send_frame(text_frame(event))
+        self.rooms.setdefault(room, {})[session] = None
+
     def remove_member(self, room: str, session: Session) -> None:
         members = self.rooms.get(room)
         if members is not None:
