@@ -19,7 +19,10 @@ import pytest
 from conftest import TIMEOUT, Client, Server, redis_url_or_skip
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
+from wschat.hub import LocalHub
+from wschat.protocol import draft_message
 from wschat.stores.base import Unavailable
+from wschat.stores.memory import MemoryBroker
 
 SECRET = "delivery-secret-0123456789abcdef0123"
 COMMON = {"JWT_SECRET": SECRET, "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
@@ -131,3 +134,28 @@ def test_failed_rejoin_of_a_member_stays_live(clock: Clock) -> None:
     assert not chat.hub._recovering
     chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "live"}))
     assert [m["text"] for m in a.events("message")] == ["held", "live"]
+
+
+# -- 2. the live stream lagging behind a replay doubles nothing ----------------------------
+def test_live_events_behind_the_replay_are_not_delivered_again() -> None:
+    """The store's replay (or ``last_id``) may run ahead of this worker's pub/sub stream:
+    the joiner went live with ids up to 3, then 2 and 3 arrive live. They must not reach
+    it twice (before: a client moved to another server got ``..., 17, 17, ...``)."""
+    hub = LocalHub(MemoryBroker())
+    joiner, other = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    for s in (joiner, other):
+        hub.add_user(s)
+    hub.begin_recovery("r", other)
+    hub.finish_recovery("r", other, 0, set())
+
+    def event(i: int) -> bytes:
+        return draft_message("r", "Bob", "b", f"t{i}", 0, None).with_id(i)
+
+    hub.begin_recovery("r", joiner)
+    hub.deliver_room("r", event(1))  # held, then dropped: the replay has it
+    hub.finish_recovery("r", joiner, 3, {"a", "b"})  # the chat core sent 1..3 from the store
+    for i in (2, 3, 4, 5):
+        hub.deliver_room("r", event(i))
+    assert [m["id"] for m in joiner.events("message")] == [4, 5]
+    assert [m["id"] for m in other.events("message")] == [1, 2, 3, 4, 5]
+    assert not hub._floors, "a floor outlived the ids it guards"

@@ -38,6 +38,11 @@ class LocalHub:
         self.rooms: dict[str, dict[Session, None]] = {}  # ordered sets
         self.users: dict[str, set[Session]] = {}
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
+        # room -> {session: id}: sessions that went live with ids up to `id` from the
+        # store while this worker's pub/sub stream had not delivered them yet (it lags
+        # behind the store). Those ids are not written to them a second time; an entry
+        # goes once the stream passes its id.
+        self._floors: dict[str, dict[Session, int]] = {}
         # Highest message id delivered here per room: if the shared store loses its
         # data, sequences restart above it, so no id is ever issued twice.
         self.max_seen: dict[str, int] = {}
@@ -58,6 +63,7 @@ class LocalHub:
         """Subscribe ``session`` to ``room`` but hold its live events (see finish_recovery)."""
         self._ensure_room(room)
         self._recovering.setdefault(room, {})[session] = _Recovery()
+        self._drop_floor(room, session)
         members = self.rooms.get(room)
         if members is not None and session in members:  # re-join of a member: pause it
             del members[session]
@@ -95,6 +101,8 @@ class LocalHub:
                 else:
                     present.discard(user_id)
             session.send_frame(text_frame(event))
+        if replayed_up_to > self.max_seen.get(room, 0):
+            self._floors.setdefault(room, {})[session] = replayed_up_to
         self.rooms.setdefault(room, {})[session] = None
 
     def abort_recovery(self, room: str, session: Session) -> None:
@@ -107,7 +115,13 @@ class LocalHub:
             session.send_frame(text_frame(event))
         self.rooms.setdefault(room, {})[session] = None
 
+    def _drop_floor(self, room: str, session: Session) -> None:
+        floors = self._floors.get(room)
+        if floors is not None and floors.pop(session, None) is not None and not floors:
+            del self._floors[room]
+
     def remove_member(self, room: str, session: Session) -> None:
+        self._drop_floor(room, session)
         members = self.rooms.get(room)
         if members is not None:
             members.pop(session, None)
@@ -142,14 +156,22 @@ class LocalHub:
         if msg_id is not None and msg_id > self.max_seen.get(room, 0):
             self.max_seen[room] = msg_id
         members = self.rooms.get(room)
+        floors = self._floors.get(room) if msg_id is not None else None
         if members:
             frame = text_frame(event)
             sent = 0
             for session in list(members):
                 if session.user_id != exclude_user:
+                    if floors and floors.get(session, 0) >= msg_id:  # type: ignore[operator]
+                        continue  # it has this one already, from the store
                     session.send_frame(frame)
                     sent += 1
             self._on_delivered(sent, event)
+        if floors:
+            for session in [s for s, floor in floors.items() if floor <= msg_id]:  # type: ignore[operator]
+                del floors[session]
+            if not floors:
+                del self._floors[room]
         waiting = self._recovering.get(room)
         if waiting:
             for session, recovery in waiting.items():
