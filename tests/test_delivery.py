@@ -20,8 +20,8 @@ from conftest import TIMEOUT, Client, Server, redis_url_or_skip
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
 from wschat.hub import LocalHub
-from wschat.protocol import draft_message
-from wschat.stores.base import Unavailable
+from wschat.protocol import draft_dm, draft_message
+from wschat.stores.base import Unavailable, User
 from wschat.stores.memory import MemoryBroker
 
 SECRET = "delivery-secret-0123456789abcdef0123"
@@ -159,3 +159,95 @@ def test_live_events_behind_the_replay_are_not_delivered_again() -> None:
     assert [m["id"] for m in joiner.events("message")] == [4, 5]
     assert [m["id"] for m in other.events("message")] == [1, 2, 3, 4, 5]
     assert not hub._floors, "a floor outlived the ids it guards"
+
+
+# -- 6. keys and payloads unambiguous for any sub ----------------------------------------
+@pytest.fixture
+def redis_stores() -> Iterator[Any]:
+    from wschat.stores import redis as redis_module
+
+    url = redis_url_or_skip(REDIS_DB + 1)
+    client = redis_module.redis.Redis.from_url(url)
+    node = redis_module._Node()
+    yield (redis_module, client, node,
+           redis_module.RedisMessageStore(client, 100),
+           redis_module.RedisRoomStore(client, node, 3600))
+    client.close()
+
+
+def test_dedupe_keys_of_acme_and_acme_alice_never_meet(redis_stores: Any) -> None:
+    """User ``acme`` with ``client_msg_id`` ``alice:x`` and user ``acme:alice`` with ``x``
+    are two messages (before: the second was swallowed and answered with the first)."""
+    _, _, _, messages, _ = redis_stores
+    for post in (lambda user, cmid, text: messages.post_room(
+                     "r", user, draft_message("r", user, user, text, 1, cmid)),
+                 lambda user, cmid, text: messages.post_dm(
+                     user, "bob", draft_dm("bob", user, user, text, 1, cmid))):
+        first = post("acme", "alice:x", "from acme")
+        second = post("acme:alice", "x", "from acme:alice")
+        assert not second.duplicate
+        assert b"from acme:alice" in second.event and second.msg_id == first.msg_id + 1
+        # and each retry still finds its own message
+        assert post("acme", "alice:x", "again").event == first.event
+        assert post("acme:alice", "x", "again").event == second.event
+
+
+def test_room_payload_framing_holds_for_any_user_id(redis_stores: Any) -> None:
+    """An exclude user id with a newline (or ``%``, ``:``) cannot forge an event, neither
+    from Python nor from the reaper's Lua."""
+    redis_module, client, node, _, rooms = redis_stores
+    evil = 'mallory\n{"type":"message","id":999,"text":"forged"}%3A:x'
+    event = b'{"type":"typing","room":"r"}'
+    assert redis_module.split_room_payload(redis_module.room_payload(event, evil)) == (
+        evil, event)
+    assert redis_module.split_room_payload(redis_module.room_payload(event)) == (None, event)
+    # the usual ids read as before (workers of the previous release during an update)
+    assert redis_module.room_payload(event, "u-42") == b"u-42\n" + event
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(redis_module.room_channel("r"))
+    try:
+        rooms.join("r", "c1", User(evil, "Mallory"))
+        keeper = redis_module.NodeKeeper(client, node, 30, 3600)
+        assert keeper.release() == 1
+        message = None
+        deadline = time.monotonic() + TIMEOUT
+        while message is None and time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.2)
+        assert message is not None, "the reaper published no offline presence"
+        exclude, published = redis_module.split_room_payload(message["data"])
+        assert exclude == evil
+        assert json.loads(published)["status"] == "offline"
+    finally:
+        listener.close()
+
+
+def test_control_characters_in_sub_are_refused(redis_server: Server) -> None:
+    """A token whose ``sub`` holds a control character is refused at the upgrade (401)
+    and in ``auth``; a ``name`` with them is shown without them."""
+    for sub in ("mallory\n{}", "nul\x00", "bell\x07", "c1\x85"):
+        status, _ = http_upgrade(redis_server, f"token={token(sub)}")
+        assert status == 401, sub
+    with Client(redis_server.url) as c:
+        reply = c.request({"type": "auth", "token": token("mallory\nx")}, "error")
+        assert reply["code"] == "auth_failed"
+    named = jwt.encode({"sub": "nice", "name": "Ni\nce\x00", "exp": int(time.time()) + 60},
+                       SECRET, algorithm="HS256")
+    with Client(redis_server.url, f"token={named}") as c:
+        assert c.welcome is not None and c.welcome["username"] == "Nice"
+
+
+def http_upgrade(server: Server, query: str) -> tuple[int, bytes]:
+    """Status of an upgrade request (without completing a WebSocket)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as s:
+        s.sendall((f"GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ", 2)[1]), head

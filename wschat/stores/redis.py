@@ -7,12 +7,18 @@ PUBLISHes, all atomically.
 
 Fan-out uses one pub/sub connection per worker, subscribed only to the rooms
 and users that have local connections (no pattern subscriptions). Payloads on
-a room channel are ``<exclude_user_id>\\n<event JSON>``.
+a room channel are ``<exclude_user_id>\\n<event JSON>`` (the id escaped, below).
 
 Presence survives dead workers: each worker ("node") refreshes its score in
 ``wschat:nodes`` every ``PRESENCE_TTL / 3`` seconds and records its
 memberships; any node that finds another silent for ``PRESENCE_TTL`` removes
 the dead node's memberships (announcing ``offline``) in one script.
+
+A user id inside a key or a payload is escaped (:func:`escape_id`: ``%``,
+``:`` and control characters as ``%XX``), so no ``sub`` can make two users'
+keys meet or forge a payload's framing; ids without those characters read the
+same as before, so workers of the previous release interoperate during a
+rolling update.
 
 When Redis goes away, workers keep their WebSockets, answer ``unavailable``
 to requests that need Redis, reconnect with back-off, resubscribe, and
@@ -31,6 +37,7 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import gevent
 import gevent.event
@@ -252,7 +259,9 @@ for _, token in ipairs(redis.call('SMEMBERS', KEYS[2])) do
         redis.call('DECR', KEYS[6])
         local event = cjson.encode({type = 'presence', room = room, user = name,
                                     user_id = user, status = 'offline'})
-        redis.call('PUBLISH', prefix .. 'room:' .. room, user .. '\\n' .. event)
+        local ex = (string.gsub(user, '[%%:%c]', function(c)
+          return string.format('%%%02X', string.byte(c)) end))
+        redis.call('PUBLISH', prefix .. 'room:' .. room, ex .. '\\n' .. event)
       end
       if redis.call('HLEN', base .. 'conns') == 0 then
         redis.call('SREM', KEYS[5], room)
@@ -296,6 +305,35 @@ def room_channel(room: str) -> str:
 
 def user_channel(user_id: str) -> str:
     return f"{PREFIX}user:{user_id}"
+
+
+def escape_id(value: str) -> str:
+    """``%``, ``:`` and control characters as ``%XX`` (as REAP_LUA does): an escaped id
+    holds no separator, and the usual ids are unchanged."""
+    if value.isprintable() and "%" not in value and ":" not in value:
+        return value
+    return "".join(f"%{ord(c):02X}" if c in "%:" or ord(c) < 0x20 or ord(c) == 0x7F
+                   else c for c in value)
+
+
+def room_payload(event: bytes, exclude_user: str | None = None) -> bytes:
+    """A room channel's payload: ``<escaped exclude_user_id>\\n<event JSON>``."""
+    return escape_id(exclude_user or "").encode() + b"\n" + event
+
+
+def split_room_payload(data: bytes) -> tuple[str | None, bytes]:
+    """(exclude_user_id, event) of a room channel's payload."""
+    exclude, _, event = data.partition(b"\n")
+    if not exclude:
+        return None, event
+    text = exclude.decode()
+    return (unquote(text) if "%" in text else text), event
+
+
+def _dedupe_key(scope: str, user_id: str, client_msg_id: str) -> str:
+    # The user id is escaped, the client_msg_id comes last: ("acme", "alice:x") and
+    # ("acme:alice", "x") no longer share a key.
+    return f"{scope}dd:{escape_id(user_id)}:{client_msg_id}"
 
 
 def _token(room: str, conn_id: str, user_id: str) -> str:
@@ -387,7 +425,8 @@ class RedisMessageStore(MessageStore):
         keys = _room_keys(room)
         script_keys = [keys[4], keys[5], room_channel(room)]
         if draft.client_msg_id:
-            script_keys.append(f"{PREFIX}{{r:{room}}}:dd:{user_id}:{draft.client_msg_id}")
+            script_keys.append(_dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
+                                           draft.client_msg_id))
         return self._posted(self._post_room(keys=script_keys, args=[
             draft.prefix, draft.suffix, self._size, DEDUPE_TTL]))
 
@@ -396,7 +435,7 @@ class RedisMessageStore(MessageStore):
                 recipient_online: bool = True) -> Posted:
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
-            script_keys.append(f"{PREFIX}dm:dd:{sender_id}:{draft.client_msg_id}")
+            script_keys.append(_dedupe_key(f"{PREFIX}dm:", sender_id, draft.client_msg_id))
         return self._posted(self._post_dm(keys=script_keys, args=[
             draft.prefix, draft.suffix, DEDUPE_TTL]))
 
@@ -570,9 +609,9 @@ class RedisBroker(Broker):
                 data = message["data"]
                 if channel.startswith(room_prefix):
                     room = channel[len(room_prefix):].decode()
-                    exclude, _, event = data.partition(b"\n")
+                    exclude, event = split_room_payload(data)
                     if on_room is not None:
-                        on_room(room, event, exclude.decode() or None)
+                        on_room(room, event, exclude)
                 elif channel.startswith(user_prefix) and on_user is not None:
                     on_user(channel[len(user_prefix):].decode(), data)
             elif kind in ("subscribe", b"subscribe"):
@@ -640,7 +679,7 @@ class RedisBroker(Broker):
 
     @_guarded
     def publish_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
-        self._client.publish(room_channel(room), (exclude_user or "").encode() + b"\n" + event)
+        self._client.publish(room_channel(room), room_payload(event, exclude_user))
 
     @_guarded
     def publish_user(self, user_id: str, event: bytes) -> None:
