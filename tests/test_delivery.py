@@ -16,8 +16,9 @@ from typing import Any
 import jwt
 import pytest
 
-from conftest import TIMEOUT, Client, Server, redis_url_or_skip
+from conftest import TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable, wait_until
 from rawws import RawClient
+from services import PrivateRedis, ServiceMissing
 from test_chat import Clock, FakeSession, make_chat
 from wschat.hub import LocalHub
 from wschat.protocol import draft_dm, draft_message
@@ -251,3 +252,32 @@ def http_upgrade(server: Server, query: str) -> tuple[int, bytes]:
                 break
             head += chunk
     return int(head.split(b" ", 2)[1]), head
+
+
+# -- 8. upgrades during a Redis outage get 503 before the upgrade -------------------------
+def test_upgrade_during_redis_outage_is_refused_in_http(tmp_path: Any) -> None:
+    """Redis down: the upgrade is answered 503 with Retry-After (before: 101, then the
+    connection was cut and a traceback logged per attempt); Redis back: accepted again."""
+    try:
+        private = PrivateRedis().start()
+    except ServiceMissing as exc:
+        service_unavailable(str(exc))
+    try:
+        with Server({**COMMON, "REDIS_URL": private.url}) as server:
+            private.stop()
+            wait_until(lambda: server.http("/ready")[0] == 503, 4 * TIMEOUT, 0.1,
+                       "/ready to notice the outage")
+            for _ in range(3):
+                status, head = http_upgrade(server, "username=ann")
+                assert status == 503, head
+                assert b"retry-after:" in head.lower()
+            private.start()
+            wait_until(lambda: server.http("/ready")[0] == 200, 6 * TIMEOUT, 0.1,
+                       "/ready after Redis is back")
+            with Client(server.url) as c:
+                assert c.join(room())["last_id"] == 0
+            assert "Traceback" not in server.output()
+            status, body = server.http("/metrics", metrics=True)
+            assert b'wschat_handshakes_refused_total{reason="unavailable"} 3.0' in body
+    finally:
+        private.remove()

@@ -145,6 +145,11 @@ def create_app(settings: Settings | None = None) -> Flask:
                                    "spaces inside, _ . -")
             identity = _guest_identity(username)
             authenticated = False
+        if not stores.broker.healthy():
+            # The shared store is away: a connection could not be registered (nor its
+            # rooms joined); say so in HTTP rather than upgrade and cut it.
+            metrics.handshake_refused("unavailable")
+            return _plain(503, f"{stores.name} unreachable; retry", {"Retry-After": "2"})
         if not transport.budget.try_acquire():
             metrics.handshake_refused("max_connections")
             return _plain(503, "server is at MAX_CONNECTIONS", {"Retry-After": "5"})

@@ -43,6 +43,7 @@ from wsproto.utilities import LocalProtocolError
 from .auth import Identity
 from .chat import Chat, Session
 from .protocol import PING_FRAME, CloseCode
+from .stores.base import Unavailable
 
 log = logging.getLogger("wschat.transport")
 
@@ -224,7 +225,13 @@ class WebSocketConnection(Session):
         chat = self.transport.chat
         try:
             if not self.echo:
-                chat.open(self)
+                try:
+                    chat.open(self)
+                except Unavailable as exc:
+                    # The store went away after admission checked it: 1013, retry.
+                    log.warning("connection %s not registered (%s); closing with 1013",
+                                self.conn_id, exc)
+                    self.close(CloseCode.TRY_AGAIN_LATER, "temporarily unavailable; retry")
             while self.state is not ConnState.CLOSED:
                 data = self._sock.recv(RECV_BYTES)
                 if not data:
