@@ -281,3 +281,104 @@ def test_upgrade_during_redis_outage_is_refused_in_http(tmp_path: Any) -> None:
             assert b'wschat_handshakes_refused_total{reason="unavailable"} 3.0' in body
     finally:
         private.remove()
+
+
+# -- 4 and 5. paced delivery: kept DMs and recovery replays -------------------------------
+PACED = {**COMMON, "MAX_OUTBOUND_BYTES": "65536", "SOCKET_SEND_BUFFER": "16384"}
+BIG_TEXT = "x" * 3900
+
+
+def test_large_dm_backlog_arrives_whole_and_is_kept_until_handed_over(tmp_path: Any) -> None:
+    """A prompt client's offline backlog far over MAX_OUTBOUND_BYTES arrives whole (before:
+    4101 part-way, and every DM already marked delivered was gone for good). A connection
+    that ends before it could have them loses none: they come with the next one."""
+    bob = f"bob-{uuid.uuid4().hex[:6]}"
+    env = {**PACED, "ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/d.db"}
+    with Server(env) as server:
+        Client(server.url, f"token={token(bob)}").close()  # bob is known: DMs are kept
+        with Client(server.url, f"token={token('alice')}", max_queue=None) as alice:
+            for i in range(60):  # ~240 KB
+                alice.send({"type": "dm", "to": bob, "text": f"{i} {BIG_TEXT}"})
+            sent = [alice.expect("dm", 2 * TIMEOUT)["id"] for _ in range(60)]
+        # a connection that reads nothing and goes away: nothing is lost
+        quitter = RawClient(server.port, f"token={token(bob)}", rcvbuf=4096)
+        assert quitter.welcome is not None and quitter.welcome["dm_backlog"] == 60
+        quitter.close()
+        with Client(server.url, f"token={token(bob)}", max_queue=None) as b:
+            assert b.welcome is not None and b.welcome["dm_backlog"] > 0
+            got = [b.expect("dm", 2 * TIMEOUT)["id"] for _ in range(b.welcome["dm_backlog"])]
+            assert got == sent[-len(got):], "kept DMs out of order or doubled"
+            assert set(sent) <= set(got) | set(range(sent[0], got[0]))
+            b.send({"type": "ping", "id": "p"})
+            assert b.expect("pong")["id"] == "p"  # still open: no 4101
+
+        def kept() -> int:
+            with Client(server.url, f"token={token(bob)}") as again:
+                assert again.welcome is not None
+                return int(again.welcome["dm_backlog"])
+
+        wait_until(lambda: kept() == 0, message="the handed-over DMs to count as delivered")
+
+
+def test_large_recovery_replay_is_paced_not_dropped() -> None:
+    """A prompt client recovering ~1.5 MB (``since`` far back) gets every message and stays
+    connected (before: ``recovered: true``, then 4101 part-way through the replay)."""
+    with Server({**PACED, "HISTORY_SIZE": "1000"}) as server:
+        r = room()
+        with Client(server.url, max_queue=None) as writer:  # reads as fast as it can
+            writer.join(r)
+            for i in range(400):  # each after the last one's echo: no backlog forms here
+                assert writer.say(r, f"{i} {BIG_TEXT}")["id"] == i + 1
+            with Client(server.url, max_queue=None) as reader:
+                joined = reader.join(r, since=0)
+                assert joined["recovered"] is True and joined["last_id"] == 400
+                writer.send({"type": "message", "room": r, "text": "live"})
+                ids = [reader.expect("message", 4 * TIMEOUT)["id"] for _ in range(401)]
+                assert ids == list(range(1, 402))
+                reader.send({"type": "ping", "id": "p"})
+                assert reader.expect("pong")["id"] == "p"
+
+
+def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock: Clock
+                                                            ) -> None:
+    """Past MAX_KEPT_DMS kept DMs, a DM to that offline user is refused with ``inbox_full``
+    (never accepted and dropped later); once they connected, DMs are accepted again."""
+    from wschat.auth import Authenticator
+    from wschat.chat import Chat
+    from wschat.config import Settings
+    from wschat.persistence import open_message_log
+    from wschat.ratelimit import MemoryRateLimiter
+    from wschat.stores.durable import DurableMessageStore
+    from wschat.stores.memory import create_memory_stores
+
+    settings = Settings.from_env({"JWT_SECRET": SECRET, "ENABLE_PERSISTENCE": "true",
+                                  "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"})
+    stores = create_memory_stores(100, 3600)
+    durable = DurableMessageStore(stores.messages,
+                                  open_message_log(f"sqlite:///{tmp_path}/b.db"))
+    durable.start()
+    durable.max_kept_dms = 3
+    stores.messages = durable
+    chat = Chat(settings, stores, Authenticator(settings, clock=clock),
+                MemoryRateLimiter(1000, 1000, clock), clock=clock, monotonic=clock)
+    try:
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        chat.close(bob)
+        alice = FakeSession("alice", "Alice", True)
+        chat.open(alice)
+        for i in range(5):
+            chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": f"t{i}",
+                                            "id": i}))
+        assert [e["text"] for e in alice.events("dm")] == ["t0", "t1", "t2"]
+        assert [(e["id"], e["code"]) for e in alice.events("error")] == [
+            (3, "inbox_full"), (4, "inbox_full")]
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        assert bob.events("welcome")[0]["dm_backlog"] == 3
+        assert [e["text"] for e in bob.events("dm")] == ["t0", "t1", "t2"]
+        chat.close(bob)
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "later", "id": 9}))
+        assert alice.events("dm")[-1]["text"] == "later"
+    finally:
+        durable.close()

@@ -23,10 +23,11 @@ from .hub import LocalHub
 from .protocol import (
     Auth, CloseCode, Command, ErrorCode, History, Join, Leave, Limits, ListUsers, Ping,
     ProtocolError, RequestId, SendDm, SendMessage, Typing, draft_dm, draft_message, encode_history,
-    encode_presence, encode_reply, encode_typing, message_id_of, parse_command, text_frame,
+    encode_presence, encode_reply, encode_typing, message_id_of, parse_command, stored_id_of,
+    text_frame,
 )
 from .ratelimit import RateLimiter
-from .stores.base import Stores, Unavailable, User
+from .stores.base import InboxFull, Stores, Unavailable, User
 
 log = logging.getLogger("wschat.chat")
 
@@ -68,6 +69,15 @@ class Session:
 
     def send_frame(self, frame: bytes) -> None:
         raise NotImplementedError
+
+    def send_paced(self, frames: list[bytes], on_sent: Callable[[], None] | None = None
+                   ) -> None:
+        """Send ``frames`` as the client reads them (the transport paces them, outside the
+        slow-consumer budget); ``on_sent`` once all were handed over. Here: at once."""
+        for frame in frames:
+            self.send_frame(frame)
+        if on_sent is not None:
+            on_sent()
 
     def close(self, code: CloseCode, reason: str) -> None:
         raise NotImplementedError
@@ -142,31 +152,49 @@ class Chat:
             self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
         backlog = self._dm_backlog(session)
         session.send(self._welcome(session, backlog))
-        for event in backlog or ():
-            session.send(event)
+        self._send_kept_dms(session, backlog[0] if backlog else [])
 
-    def _welcome(self, session: Session, backlog: list[bytes] | None = None,
+    def _welcome(self, session: Session, backlog: tuple[list[bytes], int] | None = None,
                  request_id: RequestId = None) -> bytes:
-        extra = {} if backlog is None else {"dm_backlog": len(backlog)}
+        extra = {} if backlog is None else {"dm_backlog": backlog[1]}
         return encode_reply("welcome", request_id, user_id=session.user_id,
                             username=session.username,
                             authenticated=session.authenticated,
                             auth_required=self.settings.auth_required,
                             heartbeat_interval=self.settings.heartbeat_interval, **extra)
 
-    def _dm_backlog(self, session: Session) -> list[bytes] | None:
-        """The DMs kept for this user while it was away, now handed to this connection
-        (None: persistence is off, so none are ever kept). Guests exist only while
-        connected, so nothing is ever kept for them."""
+    def _dm_backlog(self, session: Session) -> tuple[list[bytes], int] | None:
+        """The first page of the DMs kept for this user while it was away, and how many
+        are kept (None: persistence is off, so none are ever kept). Guests exist only
+        while connected, so nothing is ever kept for them."""
         if not self.settings.enable_persistence:
             return None
         if not session.authenticated:
-            return []
+            return [], 0
         try:
-            return self.stores.messages.user_arrived(session.user) or []
+            return self.stores.messages.user_arrived(session.user) or ([], 0)
         except Unavailable as exc:  # they stay kept and come with the next connection
             log.warning("DM backlog of %s not available: %s", session.user_id, exc)
-            return []
+            return [], 0
+
+    def _send_kept_dms(self, session: Session, page: list[bytes]) -> None:
+        """Kept DMs go out a page at a time, as the client reads; a page counts as
+        delivered (no longer kept) only once it was handed to the connection's socket."""
+        if not page:
+            return
+        user_id, last = session.user_id, stored_id_of(page[-1])
+        session.send_paced([text_frame(event) for event in page],
+                           lambda: self._kept_dms_sent(session, user_id, last))
+
+    def _kept_dms_sent(self, session: Session, user_id: str, last: int) -> None:
+        try:
+            self.stores.messages.dms_delivered(user_id, last)
+            page = self.stores.messages.kept_dms(user_id, last)
+        except Unavailable as exc:  # the rest stays kept, for the next connection
+            log.warning("kept DMs of %s after %d not sent: %s", user_id, last, exc)
+            return
+        if not session.closed_by_chat and session.user_id == user_id:
+            self._send_kept_dms(session, page)
 
     def close(self, session: Session) -> None:
         """Forget a connection: leave its rooms (presence offline) and its user entry.
@@ -338,8 +366,7 @@ class Chat:
         self._watch_expiry(session)
         backlog = self._dm_backlog(session)
         session.send(self._welcome(session, backlog, cmd.request_id))
-        for event in backlog or ():
-            session.send(event)
+        self._send_kept_dms(session, backlog[0] if backlog else [])
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
@@ -394,8 +421,9 @@ class Chat:
             reply["recovered"] = replay.complete
             reply["last_id"] = max(up_to, cmd.since) if replay.complete else up_to
             session.send(encode_reply("joined", cmd.request_id, **reply))
-            for event in replay.messages:
-                session.send(event)
+            # Paced: a long replay is written as the client reads, never all at once,
+            # and what arrives meanwhile waits behind it.
+            session.send_paced([text_frame(event) for event in replay.messages])
         return up_to, members
 
     def _leave(self, session: Session, cmd: Leave) -> None:
@@ -451,8 +479,11 @@ class Chat:
                                 cmd.request_id)
         draft = draft_dm(cmd.to, session.username, session.user_id, cmd.text,
                          int(self.clock() * 1000), cmd.client_msg_id)
-        posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft,
-                                              recipient_online=online)
+        try:
+            posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft,
+                                                  recipient_online=online)
+        except InboxFull as exc:
+            raise ProtocolError(ErrorCode.INBOX_FULL, str(exc), cmd.request_id) from None
         if posted.duplicate:
             session.send(posted.event)
         else:

@@ -37,6 +37,7 @@ class ErrorCode(enum.StrEnum):
     MESSAGE_TOO_LARGE = "message_too_large"
     TOO_MANY_ROOMS = "too_many_rooms"
     USER_NOT_FOUND = "user_not_found"
+    INBOX_FULL = "inbox_full"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
 

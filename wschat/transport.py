@@ -31,6 +31,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -48,6 +49,7 @@ from .stores.base import Unavailable
 log = logging.getLogger("wschat.transport")
 
 RECV_BYTES = 65536
+PACE_BYTES = 65536  # paced frames go to the socket while less than this is queued for it
 CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
@@ -73,7 +75,8 @@ class NoReaderThread:
 class WebSocketConnection(Session):
     __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
                  "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
-                 "close_code", "close_reason", "echo", "_progress_at", "next_ping")
+                 "close_code", "close_reason", "echo", "_progress_at", "next_ping",
+                 "_paced", "_paced_counted")
 
     def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
                  conn_id: str, identity: Identity, authenticated: bool,
@@ -102,6 +105,10 @@ class WebSocketConnection(Session):
         self._flusher: gevent.Greenlet | None = None
         self._close_timer: gevent.Greenlet | None = None
         self._progress_at = 0.0  # when the backlog last started or moved
+        # Frames written as the client reads (send_paced), and whatever is sent after
+        # them meanwhile, in order; only the latter count towards MAX_OUTBOUND_BYTES.
+        self._paced: deque[tuple[bytes, bool] | Callable[[], None]] = deque()
+        self._paced_counted = 0
         self._parts: list[Any] = []  # fragments of the message being received
         self._part_size = 0
         self.state = ConnState.OPEN
@@ -115,6 +122,45 @@ class WebSocketConnection(Session):
     # -- writing -----------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
         if self.state is ConnState.OPEN:
+            if self._paced:  # behind a paced replay: wait, and count
+                self._paced.append((frame, True))
+                self._paced_counted += len(frame)
+                if self._outbox_bytes + self._paced_counted > self.transport.max_outbound_bytes:
+                    self._drop_slow_consumer()
+                return
+            self._write(frame)
+
+    def send_paced(self, frames: list[bytes], on_sent: Callable[[], None] | None = None
+                   ) -> None:
+        """Write ``frames`` as the client reads them (a replay, kept DMs): a few at a time,
+        the next once the kernel took the previous, so they never count as a slow
+        consumer's backlog; a client that stops reading is still dropped when its
+        backlog has not moved for two heartbeat intervals. ``on_sent`` runs (in a
+        greenlet of its own) once every frame has been handed to the kernel; never if
+        the connection ends first."""
+        if self.state is not ConnState.OPEN:
+            return
+        self._paced.extend((frame, False) for frame in frames)
+        if on_sent is not None:
+            self._paced.append(lambda: self.transport.spawn(on_sent))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move paced frames to the socket while little is queued for it."""
+        paced = self._paced
+        low_water = min(PACE_BYTES, self.transport.max_outbound_bytes // 4)
+        while paced and self.state is ConnState.OPEN and self._outbox_bytes < low_water:
+            item = paced[0]
+            if callable(item):
+                if self._outbox:
+                    return  # runs once what precedes it has left
+                paced.popleft()
+                item()
+                continue
+            paced.popleft()
+            frame, counted = item
+            if counted:
+                self._paced_counted -= len(frame)
             self._write(frame)
 
     @property
@@ -161,6 +207,8 @@ class WebSocketConnection(Session):
                     self._outbox[0] = memoryview(chunk)[sent:]
                 if not self._outbox:
                     self._outbox_bytes = 0
+                if self._paced:
+                    self._pump()
         except OSError:
             self.abort("write failed")
         finally:
@@ -179,6 +227,11 @@ class WebSocketConnection(Session):
         The close timer aborts the socket if even that cannot be written.
         """
         self.transport.metrics.disconnected("slow_consumer")
+        self._paced.clear()
+        self._paced_counted = 0
+        if not self._outbox:
+            self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", timeout=1.0)
+            return
         head = self._outbox[0]
         self._outbox.clear()
         self._outbox.append(head)
