@@ -382,3 +382,32 @@ def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock
         assert alice.events("dm")[-1]["text"] == "later"
     finally:
         durable.close()
+
+
+# -- 7. a stalled worker, reaped as dead, registers its users again ------------------------
+def test_worker_paused_past_presence_ttl_registers_its_users_again() -> None:
+    """A worker paused (SIGSTOP) longer than PRESENCE_TTL is reaped by the other server;
+    when it resumes, its users are back in ``list_users`` and reachable by DM (before:
+    missing and ``user_not_found``, though they still received room messages)."""
+    import os
+    import signal
+
+    env = {**COMMON, "REDIS_URL": redis_url_or_skip(REDIS_DB + 2), "PRESENCE_TTL": "1.5"}
+    with Server(env) as a, Server(env) as b:
+        r = room()
+        with Client(a.url, f"token={token('sleeper')}") as x, \
+                Client(b.url, f"token={token('watcher')}") as y:
+            x.join(r)
+            y.join(r)
+            worker = a.worker_pids()[0]
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                assert y.expect("presence", 4 * TIMEOUT, status="offline")["user_id"] == "sleeper"
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            assert y.expect("presence", 4 * TIMEOUT, status="online")["user_id"] == "sleeper"
+            users = y.request({"type": "list_users", "room": r}, "users")["users"]
+            assert sorted(u["user_id"] for u in users) == ["sleeper", "watcher"]
+            y.send({"type": "dm", "to": "sleeper", "text": "awake?", "id": "d"})
+            assert y.expect("dm")["text"] == "awake?"
+            assert x.expect("dm")["text"] == "awake?"

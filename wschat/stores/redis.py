@@ -229,19 +229,29 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 return 1
 """
 
-# KEYS: nodes   ARGV: node_id ttl_ms   -> ids of nodes silent longer than ttl
+# KEYS: nodes   ARGV: node_id ttl_ms
+# -> {1 if this node was registered before this beat else 0, ids of nodes silent > ttl}
 NODE_BEAT_LUA = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return {known, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))}
 """
 
 # KEYS: nodes node_memberships node_conns presence rooms memberships
-# ARGV: dead_node prefix room_ttl
+# ARGV: dead_node prefix room_ttl [ttl_ms]
 # Removes everything a dead node had registered; publishes "offline" where it was
-# a user's last connection. ZREM first makes concurrent reapers harmless.
+# a user's last connection. ZREM first makes concurrent reapers harmless; with
+# ttl_ms, a node that beat again since it was found silent is left alone.
 REAP_LUA = """
+if ARGV[4] then
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  local t = redis.call('TIME')
+  if score and tonumber(score) > t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ARGV[4]) then
+    return 0
+  end
+end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local prefix = ARGV[2]
 local reaped = 0
@@ -706,6 +716,11 @@ class NodeKeeper:
         self._beat = client.register_script(NODE_BEAT_LUA)
         self._reap = client.register_script(REAP_LUA)
         self._greenlet: gevent.Greenlet | None = None
+        self._registered = False
+        self._reregister = False
+        # Called when this node finds it was reaped as dead (it stalled longer than
+        # PRESENCE_TTL) while its connections lived on: they must be registered again.
+        self.on_reaped: Callable[[], None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -725,13 +740,21 @@ class NodeKeeper:
             gevent.sleep(self._interval)
 
     def beat_and_reap(self) -> int:
-        dead = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        known, dead = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        if self._registered and not known:
+            log.warning("node %s was reaped as dead (stalled, or Redis lost its data); "
+                        "registering its connections again", self._node.node_id)
+            self._reregister = True
+        self._registered = True
+        if self._reregister and self.on_reaped is not None:
+            self.on_reaped()  # if it fails, it is tried again on the next beat
+            self._reregister = False
         reaped = 0
         for raw in dead:
             node_id = raw.decode()
             if node_id == self._node.node_id:
                 continue
-            count = self._reap_node(node_id)
+            count = self._reap_node(node_id, self._ttl_ms)
             if count:
                 log.warning("reaped %d memberships of dead node %s", count, node_id)
             reaped += count
@@ -753,11 +776,15 @@ class NodeKeeper:
         self._client.zadd(NODES, {self._node.node_id: 0})  # the script removes it again
         return self._reap_node(self._node.node_id)
 
-    def _reap_node(self, node_id: str) -> int:
-        """Run REAP_LUA on one node's registrations (see _Node for the key names)."""
+    def _reap_node(self, node_id: str, silent_ms: int | None = None) -> int:
+        """Run REAP_LUA on one node's registrations (see _Node for the key names); with
+        ``silent_ms``, only if the node is still silent that long."""
         keys = [NODES, f"{PREFIX}node:{node_id}:memberships", f"{PREFIX}node:{node_id}:conns",
                 PRESENCE, ROOMS, MEMBERSHIPS]
-        return int(self._reap(keys=keys, args=[node_id, PREFIX, self._room_ttl]) or 0)
+        args: list[Any] = [node_id, PREFIX, self._room_ttl]
+        if silent_ms is not None:
+            args.append(silent_ms)
+        return int(self._reap(keys=keys, args=args) or 0)
 
 
 class RedisStores(Stores):
@@ -795,6 +822,8 @@ def create_redis_stores(settings: Settings, metrics: Any = None) -> Stores:
         RedisMessageStore(client, settings.history_size, metrics),
         broker, "redis")
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
+    # The chat core's re-registration (set as the broker's on_reconnect) serves both.
+    stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()
     try:
         from ..ratelimit import RedisRateLimiter
     except ImportError:
