@@ -119,6 +119,7 @@ class Sender(Member):
         self.rate = rate
         self.sent: list[str] = []  # client_msg_ids in the order first sent
         self.acked: dict[str, int] = {}  # client_msg_id -> message id
+        self.errors: dict[str, int] = {}  # error code -> how many (refused sends)
 
     def unacked(self) -> list[str]:
         return [c for c in self.sent if c not in self.acked]
@@ -128,6 +129,7 @@ class Sender(Member):
                 self.name + "-"):
             self.acked.setdefault(event["client_msg_id"], event["id"])
         elif event.get("type") == "error" and self.joined.is_set():
+            self.errors[event.get("code", "")] = self.errors.get(event.get("code", ""), 0) + 1
             if event.get("code") in ("unavailable", "rate_limited"):
                 asyncio.ensure_future(self._resend_later(ws, event.get("id")))
             return
@@ -187,7 +189,7 @@ def check(members: Sequence[Member], senders: Sequence[Sender] = ()) -> dict[str
     for s in senders:
         if s.unacked() or len(s.sent) != s.count:
             problems.append(f"{s.name}: {len(s.unacked())} of {len(s.sent)} sent "
-                            f"never acknowledged ({s.count} to send)")
+                            f"never acknowledged ({s.count} to send; errors {s.errors})")
     rooms: dict[str, list[Member]] = {}
     for m in members:
         rooms.setdefault(m.room, []).append(m)

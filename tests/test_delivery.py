@@ -411,3 +411,30 @@ def test_worker_paused_past_presence_ttl_registers_its_users_again() -> None:
             y.send({"type": "dm", "to": "sleeper", "text": "awake?", "id": "d"})
             assert y.expect("dm")["text"] == "awake?"
             assert x.expect("dm")["text"] == "awake?"
+
+
+# -- a retry of a message the connection already has is not echoed again -----------------
+def test_retry_of_a_message_already_replayed_is_not_echoed_twice(clock: Clock) -> None:
+    """A sender whose connection died before its echo rejoins with ``since`` (the replay
+    holds its message, with its client_msg_id) and then resends it: it gets it once (in the
+    fault suite's rolling restart: ``..., 49, 49, ...``). A retry of a message older than
+    the connection's join is still answered with the original."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a = FakeSession("a", "Ann", True)
+    chat.open(a)
+    chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    chat.receive(a, json.dumps({"type": "message", "room": "r", "text": "hi",
+                                "client_msg_id": "k1"}))
+    chat.close(a)  # the echo was lost with the connection (in real life)
+    again = FakeSession("a", "Ann", True)
+    chat.open(again)
+    chat.receive(again, json.dumps({"type": "join", "room": "r", "since": 0}))
+    chat.receive(again, json.dumps({"type": "message", "room": "r", "text": "hi",
+                                    "client_msg_id": "k1"}))
+    assert [m["id"] for m in again.events("message")] == [1]
+    fresh = FakeSession("a", "Ann", True)
+    chat.open(fresh)
+    chat.receive(fresh, json.dumps({"type": "join", "room": "r"}))  # last_id 1: not replayed
+    chat.receive(fresh, json.dumps({"type": "message", "room": "r", "text": "hi",
+                                    "client_msg_id": "k1"}))
+    assert [(m["id"], m["client_msg_id"]) for m in fresh.events("message")] == [(1, "k1")]

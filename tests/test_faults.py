@@ -126,6 +126,24 @@ def run_traffic(cluster: Cluster, fault: Any, members: int = 12, senders: int = 
     return check([*ms, *ss], ss)
 
 
+def test_join_storm_hundreds_of_clients_fresh_rooms_two_servers(cluster: Cluster) -> None:
+    """200 clients over two servers (four workers) join 50 rooms nobody is in, all at
+    once, as after a deploy: every join is answered ``joined`` (none ``unavailable``),
+    and every message then reaches every member once."""
+    ms: list[Member] = []
+    ss: list[Sender] = []
+    for k in range(50):
+        r = room()
+        ms += [Member(f"m{k}.{i}", r, cluster.urls(i % 2)) for i in range(3)]
+        ss.append(Sender(f"s{k}", r, cluster.urls(k % 2), count=3, rate=5))
+    started = time.monotonic()
+    asyncio.run(_traffic(ms, ss, lambda: None, fault_after=0, settle_timeout=12 * TIMEOUT))
+    errors = [(m.name, e) for m in [*ms, *ss] for e in m.join_errors]
+    assert not errors, errors[:5]
+    check([*ms, *ss], ss)
+    assert time.monotonic() - started < 10 * TIMEOUT
+
+
 def test_rolling_restart_clients_move_with_since(cluster: Cluster) -> None:
     """SIGTERM of the server every client is on, under traffic: they move to the other
     one with ``since``; nothing lost, nothing doubled (before: ``..., 17, 17, ...``)."""
@@ -134,3 +152,36 @@ def test_rolling_restart_clients_move_with_since(cluster: Cluster) -> None:
                     count=60, rate=8)
     finally:
         cluster.restart(0)
+
+
+def test_kill_9_of_a_worker_under_traffic(cluster: Cluster) -> None:
+    """kill -9 of one worker of the server the clients are on: its clients reconnect (to
+    either server) with ``since``, senders resend what was not acknowledged."""
+    server = cluster.servers[0]
+    victim = server.worker_pids()[0]
+    run_traffic(cluster, lambda: os.kill(victim, signal.SIGKILL), members=20, senders=3,
+                count=45, rate=6)
+    wait_until(lambda: len(server.worker_pids()) == 2, 4 * TIMEOUT, 0.1,
+               "gunicorn to replace the killed worker")
+
+
+def test_redis_restart_under_traffic(cluster: Cluster) -> None:
+    """Redis stops and comes back empty while members on both servers listen and senders
+    write: requests in between are refused (``unavailable``) and resent; the servers
+    register everyone again and ids go on from the highest delivered, none lost or
+    doubled."""
+    def restart_redis() -> None:
+        cluster.redis.stop()
+        time.sleep(1.0)  # an outage, not a blip
+        cluster.redis.start()
+
+    ms = run_traffic_on_both(cluster, restart_redis)
+    assert ms["members"] == 20
+
+
+def run_traffic_on_both(cluster: Cluster, fault: Any) -> dict[str, int]:
+    r = room()
+    ms = [Member(f"m{i}", r, cluster.urls(i % 2)) for i in range(16)]
+    ss = [Sender(f"s{i}", r, cluster.urls(i % 2), count=45, rate=6) for i in range(4)]
+    asyncio.run(_traffic(ms, ss, fault, fault_after=2.0, settle_timeout=12 * TIMEOUT))
+    return check([*ms, *ss], ss)

@@ -255,6 +255,16 @@ class Chat:
                         room, encode_presence(room, session.user_id, session.username,
                                               "online"), exclude_user=session.user_id)
         log.info("re-registered %d local connections", len(self.hub.sessions()))
+        # What was published while this worker was not subscribed (the store came
+        # back before its pub/sub connection did) comes from the history; the hub
+        # drops whatever of it the live stream brings as well.
+        filled = 0
+        for room, seen in list(self.hub.max_seen.items()):
+            for event in self.stores.messages.since(room, seen).messages:
+                self.hub.deliver_room(room, event)
+                filled += 1
+        if filled:
+            log.warning("delivered %d room messages published while reconnecting", filled)
 
     def receive(self, session: Session, text: str) -> None:
         """Handle one text frame; every failure becomes an ``error`` to this client only."""
@@ -380,7 +390,7 @@ class Chat:
                                 "per connection", cmd.request_id)
         self.hub.begin_recovery(room, session)
         try:
-            up_to, members = self._join_and_replay(session, cmd, member)
+            up_to, members, base = self._join_and_replay(session, cmd, member)
         except BaseException:
             # Never half-joined: a member goes on live (with what was held meanwhile);
             # a newcomer is taken out again, so a retry starts afresh.
@@ -395,10 +405,12 @@ class Chat:
             else:
                 self.hub.remove_member(room, session)
             raise
-        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members})
+        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members}, base)
 
     def _join_and_replay(self, session: Session, cmd: Join, member: bool
-                         ) -> tuple[int, list[User]]:
+                         ) -> tuple[int, list[User], int]:
+        """Store join (unless a member), ``joined`` and the replay: (replayed up to,
+        members, the id above which the session gets every message)."""
         room = cmd.room
         if member:
             members = self.stores.rooms.members(room)
@@ -415,16 +427,19 @@ class Chat:
         if cmd.since is None:
             up_to = reply["last_id"] = self.stores.messages.last_id(room)
             session.send(encode_reply("joined", cmd.request_id, **reply))
-        else:
-            replay = self.stores.messages.since(room, cmd.since)
-            up_to = (message_id_of(replay.messages[-1]) if replay.messages else None) or cmd.since
-            reply["recovered"] = replay.complete
-            reply["last_id"] = max(up_to, cmd.since) if replay.complete else up_to
-            session.send(encode_reply("joined", cmd.request_id, **reply))
-            # Paced: a long replay is written as the client reads, never all at once,
-            # and what arrives meanwhile waits behind it.
-            session.send_paced([text_frame(event) for event in replay.messages])
-        return up_to, members
+            return up_to, members, up_to
+        replay = self.stores.messages.since(room, cmd.since)
+        up_to = (message_id_of(replay.messages[-1]) if replay.messages else None) or cmd.since
+        reply["recovered"] = replay.complete
+        reply["last_id"] = max(up_to, cmd.since) if replay.complete else up_to
+        session.send(encode_reply("joined", cmd.request_id, **reply))
+        # Paced: a long replay is written as the client reads, never all at once,
+        # and what arrives meanwhile waits behind it.
+        session.send_paced([text_frame(event) for event in replay.messages])
+        if replay.complete:
+            return up_to, members, cmd.since
+        first = message_id_of(replay.messages[0]) if replay.messages else None
+        return up_to, members, up_to if first is None else first - 1
 
     def _leave(self, session: Session, cmd: Leave) -> None:
         if cmd.room not in session.rooms:
@@ -459,12 +474,19 @@ class Chat:
         if cmd.room not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join {cmd.room} before writing to it",
                                 cmd.request_id)
+        if not self.stores.broker.healthy():
+            # Reconnecting: until this worker's sequences are raised again (resync), an
+            # id it took could repeat one it delivered before the store lost its data.
+            raise Unavailable("reconnecting to the shared store")
         started = self.monotonic()
         draft = draft_message(cmd.room, session.username, session.user_id, cmd.text,
                               int(self.clock() * 1000), cmd.client_msg_id)
         posted = self.stores.messages.post_room(cmd.room, session.user_id, draft)
         if posted.duplicate:
-            session.send(posted.event)
+            # A retry: echo the original, unless this connection has it (or will have
+            # it) from the room itself, e.g. in the replay of its `join` with `since`.
+            if not self.hub.gets_message(cmd.room, session, posted.msg_id):
+                session.send(posted.event)
         else:
             self.metrics.fanout_seconds(self.monotonic() - started)
             self.metrics.posted("room")

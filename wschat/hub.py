@@ -35,7 +35,9 @@ class LocalHub:
                  ) -> None:
         self._broker = broker
         self._on_delivered = on_delivered
-        self.rooms: dict[str, dict[Session, None]] = {}  # ordered sets
+        # room -> live local members (ordered), each with the id above which it gets
+        # every message of the room (its join's `since` or `last_id`; None: unknown)
+        self.rooms: dict[str, dict[Session, int | None]] = {}
         self.users: dict[str, set[Session]] = {}
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
         # room -> {session: id}: sessions that went live with ids up to `id` from the
@@ -71,7 +73,7 @@ class LocalHub:
                 del self.rooms[room]
 
     def finish_recovery(self, room: str, session: Session, replayed_up_to: int,
-                        present: set[str]) -> None:
+                        present: set[str], base: int | None = None) -> None:
         """Send what arrived while the session joined, then go live.
 
         Held events may predate the state the session was just given (a publish
@@ -103,7 +105,14 @@ class LocalHub:
             session.send_frame(text_frame(event))
         if replayed_up_to > self.max_seen.get(room, 0):
             self._floors.setdefault(room, {})[session] = replayed_up_to
-        self.rooms.setdefault(room, {})[session] = None
+        self.rooms.setdefault(room, {})[session] = base
+
+    def gets_message(self, room: str, session: Session, msg_id: int) -> bool:
+        """Whether message ``msg_id`` of ``room`` was, or will be, written to this live
+        member by the room's own stream (replay and live): then a retry of it must not
+        be echoed a second time."""
+        base = self.rooms.get(room, {}).get(session)
+        return base is not None and msg_id > base
 
     def abort_recovery(self, room: str, session: Session) -> None:
         """A member's re-join failed: it goes on live, with every event held meanwhile."""
@@ -153,7 +162,9 @@ class LocalHub:
     # -- delivery (called by the broker) -----------------------------------------------
     def deliver_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
         msg_id = message_id_of(event)
-        if msg_id is not None and msg_id > self.max_seen.get(room, 0):
+        if msg_id is not None:
+            if msg_id <= self.max_seen.get(room, 0):
+                return  # delivered here already: a gap filled from history met the stream
             self.max_seen[room] = msg_id
         members = self.rooms.get(room)
         floors = self._floors.get(room) if msg_id is not None else None

@@ -80,7 +80,19 @@ class DurableMessageStore(MessageStore):
     def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
         job = RoomPost(room=room, user_id=user_id, draft=draft, created_ms=_now_ms())
         self.writer.submit(job)
+        if job.duplicate:
+            self._publish_if_missing(room, job.msg_id)
         return Posted(job.msg_id, job.event, job.duplicate)
+
+    def _publish_if_missing(self, room: str, msg_id: int) -> None:
+        """A retry of a message committed but never published (Redis failed right after
+        the commit, its worker died): publish it from the log now, not only when a
+        later message of the room finds the gap."""
+        try:
+            if self.inner.last_id(room) < msg_id:
+                self._watch_held(room, msg_id)
+        except Unavailable:
+            pass  # the retry's retry, or the room's next message, tries again
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool = True) -> Posted:
@@ -155,7 +167,8 @@ class DurableMessageStore(MessageStore):
                 if missing > self.FILL_LIMIT:
                     self.inner.raise_sequence(room, target - 1 - self.FILL_LIMIT)
                     published = target - 1 - self.FILL_LIMIT
-                stored = self.log.after(room, published, target - published - 1)
+                # up to the target itself: it may have been committed and never published
+                stored = self.log.after(room, published, target - published)
                 log.warning("room %s: publishing %d messages committed by a worker that did "
                             "not publish them", room, len(stored))
                 self.inner.publish_stored([Stored(message_id_of(e) or 0, e, room)

@@ -540,6 +540,7 @@ class RedisBroker(Broker):
         self._on_room, self._on_user = on_room, on_user
         try:
             self._connect()
+            self._healthy = True
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             # A worker (re)started during an outage must still boot: gunicorn stops
             # the whole server when a worker fails to. /ready stays 503 meanwhile.
@@ -560,7 +561,6 @@ class RedisBroker(Broker):
                 del self._pending[key]
                 pending[0].set()
         self._pubsub = pubsub
-        self._healthy = True
 
     def healthy(self) -> bool:
         return self._healthy
@@ -577,6 +577,9 @@ class RedisBroker(Broker):
                     attempt = 0
                     if self.on_reconnect is not None:
                         self.on_reconnect()
+                    # Healthy only now: until its connections are registered again and
+                    # its sequences raised, this worker takes no message (see Chat).
+                    self._healthy = True
                 self._listen()
             except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
                 # ValueError: redis-py dropped the socket under us ("Invalid file object").
