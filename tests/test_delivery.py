@@ -16,9 +16,8 @@ from typing import Any
 import jwt
 import pytest
 
-from conftest import TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable, wait_until
+from conftest import TIMEOUT, Client, Server, private_redis, redis_url_or_skip, wait_until
 from rawws import RawClient
-from services import PrivateRedis, ServiceMissing
 from test_chat import Clock, FakeSession, make_chat
 from wschat.hub import LocalHub
 from wschat.protocol import draft_dm, draft_message
@@ -27,7 +26,7 @@ from wschat.stores.memory import MemoryBroker
 
 SECRET = "delivery-secret-0123456789abcdef0123"
 COMMON = {"JWT_SECRET": SECRET, "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
-REDIS_DB = 21
+REDIS_DB = 6  # and 7, 8 (below 16: a stock Redis has databases 0-15)
 
 
 def room() -> str:
@@ -255,32 +254,25 @@ def http_upgrade(server: Server, query: str) -> tuple[int, bytes]:
 
 
 # -- 8. upgrades during a Redis outage get 503 before the upgrade -------------------------
-def test_upgrade_during_redis_outage_is_refused_in_http(tmp_path: Any) -> None:
+def test_upgrade_during_redis_outage_is_refused_in_http() -> None:
     """Redis down: the upgrade is answered 503 with Retry-After (before: 101, then the
     connection was cut and a traceback logged per attempt); Redis back: accepted again."""
-    try:
-        private = PrivateRedis().start()
-    except ServiceMissing as exc:
-        service_unavailable(str(exc))
-    try:
-        with Server({**COMMON, "REDIS_URL": private.url}) as server:
-            private.stop()
-            wait_until(lambda: server.http("/ready")[0] == 503, 4 * TIMEOUT, 0.1,
-                       "/ready to notice the outage")
-            for _ in range(3):
-                status, head = http_upgrade(server, "username=ann")
-                assert status == 503, head
-                assert b"retry-after:" in head.lower()
-            private.start()
-            wait_until(lambda: server.http("/ready")[0] == 200, 6 * TIMEOUT, 0.1,
-                       "/ready after Redis is back")
-            with Client(server.url) as c:
-                assert c.join(room())["last_id"] == 0
-            assert "Traceback" not in server.output()
-            status, body = server.http("/metrics", metrics=True)
-            assert b'wschat_handshakes_refused_total{reason="unavailable"} 3.0' in body
-    finally:
-        private.remove()
+    with private_redis() as private, Server({**COMMON, "REDIS_URL": private.url}) as server:
+        private.stop()
+        wait_until(lambda: server.http("/ready")[0] == 503, 4 * TIMEOUT, 0.1,
+                   "/ready to notice the outage")
+        for _ in range(3):
+            status, head = http_upgrade(server, "username=ann")
+            assert status == 503, head
+            assert b"retry-after:" in head.lower()
+        private.start()
+        wait_until(lambda: server.http("/ready")[0] == 200, 6 * TIMEOUT, 0.1,
+                   "/ready after Redis is back")
+        with Client(server.url) as c:
+            assert c.join(room())["last_id"] == 0
+        assert "Traceback" not in server.output()
+        status, body = server.http("/metrics", metrics=True)
+        assert b'wschat_handshakes_refused_total{reason="unavailable"} 3.0' in body
 
 
 # -- 4 and 5. paced delivery: kept DMs and recovery replays -------------------------------
@@ -417,8 +409,8 @@ def test_worker_paused_past_presence_ttl_registers_its_users_again() -> None:
 def test_retry_of_a_message_already_replayed_is_not_echoed_twice(clock: Clock) -> None:
     """A sender whose connection died before its echo rejoins with ``since`` (the replay
     holds its message, with its client_msg_id) and then resends it: it gets it once (in the
-    fault suite's rolling restart: ``..., 49, 49, ...``). A retry of a message older than
-    the connection's join is still answered with the original."""
+    fault suite's rolling restart: ``..., 49, 49, ...``). A connection that joined without
+    ``since`` still gets the original echoed, as documented."""
     chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
     a = FakeSession("a", "Ann", True)
     chat.open(a)
@@ -434,7 +426,7 @@ def test_retry_of_a_message_already_replayed_is_not_echoed_twice(clock: Clock) -
     assert [m["id"] for m in again.events("message")] == [1]
     fresh = FakeSession("a", "Ann", True)
     chat.open(fresh)
-    chat.receive(fresh, json.dumps({"type": "join", "room": "r"}))  # last_id 1: not replayed
+    chat.receive(fresh, json.dumps({"type": "join", "room": "r"}))
     chat.receive(fresh, json.dumps({"type": "message", "room": "r", "text": "hi",
                                     "client_msg_id": "k1"}))
     assert [(m["id"], m["client_msg_id"]) for m in fresh.events("message")] == [(1, "k1")]

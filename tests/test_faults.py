@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from conftest import SCALE, TIMEOUT, Server, service_unavailable, wait_until
+from conftest import TIMEOUT, Server, private_redis, wait_until
 from fleet import Member, Sender, check, settle
-from services import PrivateRedis, ServiceMissing
+from services import PrivateRedis
 
 COMMON = {"RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000", "PRESENCE_TTL": "3",
           "HISTORY_SIZE": "1000", "GRACEFUL_TIMEOUT": "10", "LOG_LEVEL": "warning"}
@@ -73,21 +73,14 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def private_redis() -> Iterator[PrivateRedis]:
-    try:
-        redis = PrivateRedis()
-    except ServiceMissing as exc:
-        service_unavailable(str(exc))
-    redis.start()
-    try:
+def redis() -> Iterator[PrivateRedis]:
+    with private_redis() as redis:
         yield redis
-    finally:
-        redis.remove()
 
 
 @pytest.fixture(scope="module", params=["redis", "redis+postgres"])
-def cluster(request: Any, private_redis: PrivateRedis) -> Iterator[Cluster]:
-    c = Cluster(private_redis, persistence=request.param == "redis+postgres").start()
+def cluster(request: Any, redis: PrivateRedis) -> Iterator[Cluster]:
+    c = Cluster(redis, persistence=request.param == "redis+postgres").start()
     try:
         yield c
     finally:

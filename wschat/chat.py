@@ -408,9 +408,10 @@ class Chat:
         self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members}, base)
 
     def _join_and_replay(self, session: Session, cmd: Join, member: bool
-                         ) -> tuple[int, list[User], int]:
+                         ) -> tuple[int, list[User], int | None]:
         """Store join (unless a member), ``joined`` and the replay: (replayed up to,
-        members, the id above which the session gets every message)."""
+        members, with ``since``: the id above which the room's own stream, replay and
+        live, brings the session every message, so a retry of one is not echoed)."""
         room = cmd.room
         if member:
             members = self.stores.rooms.members(room)
@@ -427,7 +428,7 @@ class Chat:
         if cmd.since is None:
             up_to = reply["last_id"] = self.stores.messages.last_id(room)
             session.send(encode_reply("joined", cmd.request_id, **reply))
-            return up_to, members, up_to
+            return up_to, members, None  # retries are echoed, as they always were
         replay = self.stores.messages.since(room, cmd.since)
         up_to = (message_id_of(replay.messages[-1]) if replay.messages else None) or cmd.since
         reply["recovered"] = replay.complete

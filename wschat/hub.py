@@ -35,8 +35,8 @@ class LocalHub:
                  ) -> None:
         self._broker = broker
         self._on_delivered = on_delivered
-        # room -> live local members (ordered), each with the id above which it gets
-        # every message of the room (its join's `since` or `last_id`; None: unknown)
+        # room -> live local members (ordered), each with the id above which the room's
+        # stream brings it every message (a join with `since`; else None)
         self.rooms: dict[str, dict[Session, int | None]] = {}
         self.users: dict[str, set[Session]] = {}
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
