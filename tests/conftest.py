@@ -334,7 +334,7 @@ def client_factory(server: Server) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
+def own_redis() -> Iterator[PrivateRedis]:
     """A Redis of the test's own (to stop and restart), removed afterwards; skip (fail
     under CI) when redis-server is not installed."""
     try:

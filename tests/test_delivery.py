@@ -16,7 +16,7 @@ from typing import Any
 import jwt
 import pytest
 
-from conftest import TIMEOUT, Client, Server, private_redis, redis_url_or_skip, wait_until
+from conftest import TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
 from wschat.hub import LocalHub
@@ -257,7 +257,7 @@ def http_upgrade(server: Server, query: str) -> tuple[int, bytes]:
 def test_upgrade_during_redis_outage_is_refused_in_http() -> None:
     """Redis down: the upgrade is answered 503 with Retry-After (before: 101, then the
     connection was cut and a traceback logged per attempt); Redis back: accepted again."""
-    with private_redis() as private, Server({**COMMON, "REDIS_URL": private.url}) as server:
+    with own_redis() as private, Server({**COMMON, "REDIS_URL": private.url}) as server:
         private.stop()
         wait_until(lambda: server.http("/ready")[0] == 503, 4 * TIMEOUT, 0.1,
                    "/ready to notice the outage")

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TIMEOUT, Server, private_redis, wait_until
+from conftest import TIMEOUT, Server, own_redis, wait_until
 from fleet import Member, Sender, check, settle
 from services import PrivateRedis
 
@@ -74,7 +74,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def redis() -> Iterator[PrivateRedis]:
-    with private_redis() as redis:
+    with own_redis() as redis:
         yield redis
 
 
