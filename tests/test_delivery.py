@@ -430,3 +430,17 @@ def test_retry_of_a_message_already_replayed_is_not_echoed_twice(clock: Clock) -
     chat.receive(fresh, json.dumps({"type": "message", "room": "r", "text": "hi",
                                     "client_msg_id": "k1"}))
     assert [(m["id"], m["client_msg_id"]) for m in fresh.events("message")] == [(1, "k1")]
+
+
+def test_retry_of_a_message_not_yet_delivered_here_is_not_echoed_twice() -> None:
+    """A retry answered while the original is still on its way to this worker (Redis
+    restarting, a committed message published late): the echo would come, then the
+    original from the room's stream. The stream's copy is the only one."""
+    hub = LocalHub(MemoryBroker())
+    s = FakeSession("a", "Ann", True)
+    hub.add_user(s)
+    hub.begin_recovery("r", s)
+    hub.finish_recovery("r", s, 0, set())  # joined without since
+    hub.deliver_room("r", draft_message("r", "Ann", "a", "one", 0, "k1").with_id(1))
+    assert hub.gets_message("r", s, 2)  # on its way: the stream brings it
+    assert not hub.gets_message("r", s, 1)  # it had it: a retry is echoed, as documented

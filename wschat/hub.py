@@ -111,7 +111,14 @@ class LocalHub:
         """Whether message ``msg_id`` of ``room`` was, or will be, written to this live
         member by the room's own stream (replay and live): then a retry of it must not
         be echoed a second time."""
-        base = self.rooms.get(room, {}).get(session)
+        members = self.rooms.get(room)
+        if members is None or session not in members:
+            return False
+        floors = self._floors.get(room)
+        delivered = max(self.max_seen.get(room, 0), floors.get(session, 0) if floors else 0)
+        if msg_id > delivered:
+            return True  # not here yet: the stream brings it to every live member
+        base = members[session]
         return base is not None and msg_id > base
 
     def abort_recovery(self, room: str, session: Session) -> None:
