@@ -192,6 +192,20 @@ def test_dedupe_keys_of_acme_and_acme_alice_never_meet(redis_stores: Any) -> Non
         assert post("acme:alice", "x", "again").event == second.event
 
 
+def test_moderation_keys_of_room_a_b_and_user_b_c_never_meet(redis_stores: Any) -> None:
+    """A ban of user ``b:c`` in room ``a`` is not a ban of user ``c`` in room ``a:b``
+    (room names may hold ``:``, and so may a ``sub``)."""
+    import math
+
+    from wschat.stores.redis_moderation import RedisModerationStore
+
+    _, client, _, _, _ = redis_stores
+    moderation = RedisModerationStore(client)
+    moderation.restrict("ban", "a", "b:c", math.inf)
+    assert moderation.standing("a", "b:c").banned == math.inf
+    assert moderation.standing("a:b", "c").banned is None
+
+
 def test_room_payload_framing_holds_for_any_user_id(redis_stores: Any) -> None:
     """An exclude user id with a newline (or ``%``, ``:``) cannot forge an event, neither
     from Python nor from the reaper's Lua."""
