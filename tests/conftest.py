@@ -10,6 +10,7 @@ CI and fail under ``CI=true``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -210,3 +211,18 @@ def client_factory(server: Server) -> Iterator[Any]:
             client.close()
         except Exception:
             pass
+
+
+@contextlib.contextmanager
+def own_redis() -> Iterator[PrivateRedis]:
+    """A Redis of the test's own (to stop and restart), removed afterwards; skip (fail
+    under CI) when redis-server is not installed."""
+    try:
+        redis = PrivateRedis()
+    except ServiceMissing as exc:
+        service_unavailable(str(exc))
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.remove()

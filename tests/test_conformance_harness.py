@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import pytest
 
-from conftest import ROOT, TIMEOUT, Client
+from conftest import ROOT, TIMEOUT, Client, http_get, wait_until
 
 Call = Any
 
@@ -66,6 +66,9 @@ def test_worker_killed_and_replaced(harness: tuple[Call, str]) -> None:
     redis_url = call("/redis")[1]["url"]
     assert call("/redis/stop") == (200, {}) and call("/redis/start") == (200, {})
     assert call("/redis")[1]["url"] == redis_url
+    # Until its workers are back on Redis the server answers upgrades 503 (Retry-After)
+    ready = server["url"].replace("ws://", "http://").replace("/ws", "/ready")
+    wait_until(lambda: http_get(ready)[0] == 200, 4 * TIMEOUT, 0.1, "the server ready again")
     with Client(server["url"]) as c:
         c.join("harness")
 

@@ -26,10 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
 from conftest import (
-    ROOT, TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable,
-    wait_until,
+    ROOT, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until,
 )
-from services import PrivateRedis, ServiceMissing
 
 SECRET = "metrics-test-secret-0123456789abcdef"
 BURST = 10
@@ -393,29 +391,21 @@ def test_dead_worker_leaves_the_gauges(cluster: Server) -> None:
 def test_ready_flips_while_redis_is_down() -> None:
     """/ready turns 503 on both ports when Redis stops (liveness and scrapes still
     answer, counting store errors) and 200 again once Redis is back."""
-    try:
-        redis = PrivateRedis()
-    except ServiceMissing as exc:
-        service_unavailable(str(exc))
-    redis.start()
-    try:
-        with Server({"REDIS_URL": redis.url}, workers=2) as srv:
-            def readiness() -> set[int]:
-                return {srv.http("/ready", metrics=m)[0] for m in (False, True, False, True)}
+    with own_redis() as redis, Server({"REDIS_URL": redis.url}, workers=2) as srv:
+        def readiness() -> set[int]:
+            return {srv.http("/ready", metrics=m)[0] for m in (False, True, False, True)}
 
-            assert readiness() == {200}
-            redis.stop()
-            wait_until(lambda: readiness() == {503}, message="/ready to fail")
-            status, body = srv.http("/ready", metrics=True)
-            assert "redis unreachable" in json.loads(body)["problems"]
-            assert srv.http("/health")[0] == 200 and srv.http("/health", metrics=True)[0] == 200
-            assert scrape(srv).value("wschat_store_errors_total", backend="redis") >= 1
-            assert metrics_json(srv)["ready"] is False
-            redis.start()
-            wait_until(lambda: readiness() == {200}, timeout=3 * TIMEOUT,
-                       message="/ready to recover")
-    finally:
-        redis.remove()
+        assert readiness() == {200}
+        redis.stop()
+        wait_until(lambda: readiness() == {503}, message="/ready to fail")
+        status, body = srv.http("/ready", metrics=True)
+        assert "redis unreachable" in json.loads(body)["problems"]
+        assert srv.http("/health")[0] == 200 and srv.http("/health", metrics=True)[0] == 200
+        assert scrape(srv).value("wschat_store_errors_total", backend="redis") >= 1
+        assert metrics_json(srv)["ready"] is False
+        redis.start()
+        wait_until(lambda: readiness() == {200}, timeout=3 * TIMEOUT,
+                   message="/ready to recover")
 
 
 def test_orphaned_sample_directories_are_swept(tmp_path: Any, monkeypatch: Any) -> None:

@@ -24,8 +24,8 @@ from conftest import TIMEOUT, redis_url_or_skip, wait_until
 from test_persistence import pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
-    SCHEMA_VERSION, Arrival, DatabaseUnavailable, DmPost, GroupCommitWriter, MessageLog,
-    PostgresLog, RoomPost, SchemaTooNew, SQLiteFile, open_message_log,
+    SCHEMA_VERSION, Arrival, DatabaseUnavailable, DmPost, DmsDelivered, GroupCommitWriter,
+    MessageLog, PostgresLog, RoomPost, SchemaTooNew, SQLiteFile, open_message_log,
 )
 from wschat.protocol import draft_dm, draft_message, message_id_of
 from wschat.stores.base import User
@@ -216,13 +216,14 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(url:
             log.close()
 
 
-def test_kept_dms_are_claimed_once(message_log: MessageLog) -> None:
-    """DMs kept for an offline user go to the first arrival only, oldest first."""
+def test_kept_dms_stay_kept_until_delivered(message_log: MessageLog) -> None:
+    """DMs kept for an offline user are read a page at a time, oldest first, and stay kept
+    until marked delivered (a connection that died before it could have them loses none)."""
     bob = f"bob-{uuid.uuid4().hex[:6]}"
     assert not message_log.knows_user(bob)
     arrival = Arrival(user_id=bob, username="bob", seen_ms=1)
     message_log.write([arrival])
-    assert arrival.backlog == [] and message_log.knows_user(bob)
+    assert arrival.backlog == [] and arrival.kept == 0 and message_log.knows_user(bob)
     dms = [DmPost(sender_id="al", recipient_id=bob, draft=draft_dm(bob, "al", "al", t, 1, None),
                   created_ms=1, delivered=False) for t in ("one", "two")]
     online = DmPost(sender_id="al", recipient_id=bob, draft=draft_dm(bob, "al", "al", "live", 1,
@@ -230,8 +231,13 @@ def test_kept_dms_are_claimed_once(message_log: MessageLog) -> None:
     message_log.write([*dms, online])  # type: ignore[list-item]
     first, second = (Arrival(user_id=bob, username="bob", seen_ms=2) for _ in range(2))
     message_log.write([first, second])
-    assert first.backlog == [dms[0].event, dms[1].event]
-    assert second.backlog == []
+    assert first.backlog == second.backlog == [dms[0].event, dms[1].event]
+    assert first.kept == 2 and message_log.kept_count(bob) == 2
+    assert message_log.kept_dms(bob, dms[0].msg_id, 10) == [dms[1].event]
+    message_log.write([DmsDelivered(user_id=bob, up_to=dms[0].msg_id)])
+    assert message_log.kept_dms(bob, 0, 10) == [dms[1].event]
+    message_log.write([DmsDelivered(user_id=bob, up_to=dms[1].msg_id)])
+    assert message_log.kept_dms(bob, 0, 10) == [] and message_log.kept_count(bob) == 0
 
 
 @pytest.fixture

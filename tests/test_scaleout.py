@@ -15,10 +15,8 @@ import jwt
 import pytest
 
 from conftest import (
-    SCALE, TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable,
-    wait_until,
+    SCALE, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until,
 )
-from services import PrivateRedis, ServiceMissing
 
 SECRET = "scaleout-secret-0123456789abcdef0123"
 COMMON = {"JWT_SECRET": SECRET, "TYPING_TIMEOUT": "0.5", "PRESENCE_TTL": "2",
@@ -190,15 +188,8 @@ def test_killed_server_users_go_offline(pair: tuple[Server, Server], third: Serv
 @pytest.fixture
 def private_redis() -> Iterator[tuple[str, tuple[Callable[[], Any], Callable[[], None]]]]:
     """A redis-server of our own on a free port, which the test may stop and restart."""
-    try:
-        redis = PrivateRedis()
-    except ServiceMissing as exc:
-        service_unavailable(str(exc))
-    redis.start()
-    try:
+    with own_redis() as redis:
         yield redis.url, (redis.start, redis.stop)
-    finally:
-        redis.remove()
 
 
 def test_redis_restart_mid_conversation(private_redis) -> None:

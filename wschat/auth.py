@@ -248,6 +248,10 @@ class Authenticator:
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUB_CHARS:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: bad 'sub'")
+        if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in sub):
+            # a user id travels in keys, payloads and logs: no control characters
+            raise AuthError(ErrorCode.AUTH_FAILED,
+                            "invalid token: control characters in 'sub'")
         if sub == RESERVED_SUB:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: 'sub' system is reserved")
         exp = claims["exp"]

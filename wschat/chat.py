@@ -24,10 +24,11 @@ from .hub import LocalHub
 from .protocol import (
     Auth, CloseCode, Command, ErrorCode, History, Join, Leave, Limits, ListUsers, Moderate, Ping,
     ProtocolError, RequestId, SendDm, SendMessage, Typing, draft_dm, draft_message, encode_history,
-    encode_presence, encode_reply, encode_typing, message_id_of, parse_command, text_frame,
+    encode_presence, encode_reply, encode_typing, message_id_of, parse_command, stored_id_of,
+    text_frame,
 )
 from .ratelimit import RateLimiter
-from .stores.base import Stores, Unavailable, User
+from .stores.base import InboxFull, Stores, Unavailable, User
 from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
 
 log = logging.getLogger("wschat.chat")
@@ -87,6 +88,15 @@ class Session:
 
     def send_frame(self, frame: bytes) -> None:
         raise NotImplementedError
+
+    def send_paced(self, frames: list[bytes], on_sent: Callable[[], None] | None = None
+                   ) -> None:
+        """Send ``frames`` as the client reads them (the transport paces them, outside the
+        slow-consumer budget); ``on_sent`` once all were handed over. Here: at once."""
+        for frame in frames:
+            self.send_frame(frame)
+        if on_sent is not None:
+            on_sent()
 
     def close(self, code: CloseCode, reason: str) -> None:
         raise NotImplementedError
@@ -292,8 +302,7 @@ class Chat:
             return
         backlog = self._dm_backlog(session)
         session.send(self._welcome(session, backlog))
-        for event in backlog or ():
-            session.send(event)
+        self._send_kept_dms(session, backlog[0] if backlog else [])
 
     def _banned_everywhere(self, session: Session, request_id: RequestId = None) -> bool:
         """Close a connection whose user is banned everywhere; note mutes everywhere."""
@@ -311,28 +320,47 @@ class Chat:
         session.close(CloseCode.DISCONNECTED, "banned")
         return True
 
-    def _welcome(self, session: Session, backlog: list[bytes] | None = None,
+    def _welcome(self, session: Session, backlog: tuple[list[bytes], int] | None = None,
                  request_id: RequestId = None) -> bytes:
-        extra = {} if backlog is None else {"dm_backlog": len(backlog)}
+        extra = {} if backlog is None else {"dm_backlog": backlog[1]}
         return encode_reply("welcome", request_id, user_id=session.user_id,
                             username=session.username,
                             authenticated=session.authenticated,
                             auth_required=self.settings.auth_required,
                             heartbeat_interval=self.settings.heartbeat_interval, **extra)
 
-    def _dm_backlog(self, session: Session) -> list[bytes] | None:
-        """The DMs kept for this user while it was away, now handed to this connection
-        (None: persistence is off, so none are ever kept). Guests exist only while
-        connected, so nothing is ever kept for them."""
+    def _dm_backlog(self, session: Session) -> tuple[list[bytes], int] | None:
+        """The first page of the DMs kept for this user while it was away, and how many
+        are kept (None: persistence is off, so none are ever kept). Guests exist only
+        while connected, so nothing is ever kept for them."""
         if not self.settings.enable_persistence:
             return None
         if not session.authenticated:
-            return []
+            return [], 0
         try:
-            return self.stores.messages.user_arrived(session.user) or []
+            return self.stores.messages.user_arrived(session.user) or ([], 0)
         except Unavailable as exc:  # they stay kept and come with the next connection
             log.warning("DM backlog of %s not available: %s", session.user_id, exc)
-            return []
+            return [], 0
+
+    def _send_kept_dms(self, session: Session, page: list[bytes]) -> None:
+        """Kept DMs go out a page at a time, as the client reads; a page counts as
+        delivered (no longer kept) only once it was handed to the connection's socket."""
+        if not page:
+            return
+        user_id, last = session.user_id, stored_id_of(page[-1])
+        session.send_paced([text_frame(event) for event in page],
+                           lambda: self._kept_dms_sent(session, user_id, last))
+
+    def _kept_dms_sent(self, session: Session, user_id: str, last: int) -> None:
+        try:
+            self.stores.messages.dms_delivered(user_id, last)
+            page = self.stores.messages.kept_dms(user_id, last)
+        except Unavailable as exc:  # the rest stays kept, for the next connection
+            log.warning("kept DMs of %s after %d not sent: %s", user_id, last, exc)
+            return
+        if not session.closed_by_chat and session.user_id == user_id:
+            self._send_kept_dms(session, page)
 
     def close(self, session: Session) -> None:
         """Forget a connection: leave its rooms (presence offline) and its user entry.
@@ -394,6 +422,16 @@ class Chat:
                         room, encode_presence(room, session.user_id, session.username,
                                               "online"), exclude_user=session.user_id)
         log.info("re-registered %d local connections", len(self.hub.sessions()))
+        # What was published while this worker was not subscribed (the store came
+        # back before its pub/sub connection did) comes from the history; the hub
+        # drops whatever of it the live stream brings as well.
+        filled = 0
+        for room, seen in list(self.hub.max_seen.items()):
+            for event in self.stores.messages.since(room, seen).messages:
+                self.hub.deliver_room(room, event)
+                filled += 1
+        if filled:
+            log.warning("delivered %d room messages published while reconnecting", filled)
 
     def receive(self, session: Session, text: str) -> None:
         """Handle one text frame; every failure becomes an ``error`` to this client only."""
@@ -561,8 +599,7 @@ class Chat:
         self._watch_expiry(session)
         backlog = self._dm_backlog(session)
         session.send(self._welcome(session, backlog, cmd.request_id))
-        for event in backlog or ():
-            session.send(event)
+        self._send_kept_dms(session, backlog[0] if backlog else [])
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
@@ -570,20 +607,42 @@ class Chat:
         # The session listens (events held back) before it is added to the room, so
         # whatever happens after its store join reaches it: messages above `last_id`
         # and presence of anyone its `users` list does not show yet.
-        if room in session.rooms:
-            self.hub.begin_recovery(room, session)
+        member = room in session.rooms
+        if not member and len(session.rooms) >= self.settings.max_rooms_per_connection:
+            raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
+                                f"at most {self.settings.max_rooms_per_connection} rooms "
+                                "per connection", cmd.request_id)
+        self.hub.begin_recovery(room, session)
+        try:
+            up_to, members, base = self._join_and_replay(session, cmd, member)
+        except BaseException:
+            # Never half-joined: a member goes on live (with what was held meanwhile);
+            # a newcomer is taken out again, so a retry starts afresh.
+            if member:
+                self.hub.abort_recovery(room, session)
+            elif room in session.rooms:
+                self._forget_locally(session, room)
+                try:
+                    self._store_leave(session, room)
+                except Exception:
+                    self._unfinished.append((session, room))
+            else:
+                self.hub.remove_member(room, session)
+            session.access.joining.pop(room, None)
+            raise
+        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members}, base)
+        session.access.joining.pop(room, None)
+
+    def _join_and_replay(self, session: Session, cmd: Join, member: bool
+                         ) -> tuple[int, list[User], int | None]:
+        """Store join (unless a member), ``joined`` and the replay: (replayed up to,
+        members, with ``since``: the id above which the room's own stream, replay and
+        live, brings the session every message, so a retry of one is not echoed)."""
+        room = cmd.room
+        if member:
             members = self.stores.rooms.members(room)
         else:
-            if len(session.rooms) >= self.settings.max_rooms_per_connection:
-                raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
-                                    f"at most {self.settings.max_rooms_per_connection} rooms "
-                                    "per connection", cmd.request_id)
-            self.hub.begin_recovery(room, session)
-            try:
-                result = self.stores.rooms.join(room, session.conn_id, session.user)
-            except Exception:
-                self.hub.remove_member(room, session)
-                raise
+            result = self.stores.rooms.join(room, session.conn_id, session.user)
             session.rooms.add(room)
             members = result.members
             if result.first_of_user:
@@ -593,16 +652,19 @@ class Chat:
         if cmd.since is None:
             up_to = reply["last_id"] = self.stores.messages.last_id(room)
             session.send(encode_reply("joined", cmd.request_id, **reply))
-        else:
-            replay = self.stores.messages.since(room, cmd.since)
-            up_to = (message_id_of(replay.messages[-1]) if replay.messages else None) or cmd.since
-            reply["recovered"] = replay.complete
-            reply["last_id"] = max(up_to, cmd.since) if replay.complete else up_to
-            session.send(encode_reply("joined", cmd.request_id, **reply))
-            for event in replay.messages:
-                session.send(event)
-        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members})
-        session.access.joining.pop(room, None)
+            return up_to, members, None  # retries are echoed, as they always were
+        replay = self.stores.messages.since(room, cmd.since)
+        up_to = (message_id_of(replay.messages[-1]) if replay.messages else None) or cmd.since
+        reply["recovered"] = replay.complete
+        reply["last_id"] = max(up_to, cmd.since) if replay.complete else up_to
+        session.send(encode_reply("joined", cmd.request_id, **reply))
+        # Paced: a long replay is written as the client reads, never all at once,
+        # and what arrives meanwhile waits behind it.
+        session.send_paced([text_frame(event) for event in replay.messages])
+        if replay.complete:
+            return up_to, members, cmd.since
+        first = message_id_of(replay.messages[0]) if replay.messages else None
+        return up_to, members, up_to if first is None else first - 1
 
     def _leave(self, session: Session, cmd: Leave) -> None:
         if cmd.room not in session.rooms:
@@ -637,13 +699,20 @@ class Chat:
             raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join {cmd.room} before writing to it",
                                 cmd.request_id)
         self.access.check_not_muted(session, cmd.room, cmd.request_id)
+        if not self.stores.broker.healthy():
+            # Reconnecting: until this worker's sequences are raised again (resync), an
+            # id it took could repeat one it delivered before the store lost its data.
+            raise Unavailable("reconnecting to the shared store")
         started = self.monotonic()
         draft = draft_message(cmd.room, session.username, session.user_id, cmd.text,
                               int(self.clock() * 1000), cmd.client_msg_id,
                               not session.authenticated)
         posted = self.stores.messages.post_room(cmd.room, session.user_id, draft)
         if posted.duplicate:
-            session.send(posted.event)
+            # A retry: echo the original, unless this connection has it (or will have
+            # it) from the room itself, e.g. in the replay of its `join` with `since`.
+            if not self.hub.gets_message(cmd.room, session, posted.msg_id):
+                session.send(posted.event)
         else:
             self.metrics.fanout_seconds(self.monotonic() - started)
             self.metrics.posted("room")
@@ -665,8 +734,11 @@ class Chat:
         draft = draft_dm(cmd.to, session.username, session.user_id, cmd.text,
                          int(self.clock() * 1000), cmd.client_msg_id,
                          not session.authenticated)
-        posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft,
-                                              recipient_online=online)
+        try:
+            posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft,
+                                                  recipient_online=online)
+        except InboxFull as exc:
+            raise ProtocolError(ErrorCode.INBOX_FULL, str(exc), cmd.request_id) from None
         if posted.duplicate:
             session.send(posted.event)
         else:

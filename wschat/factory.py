@@ -153,6 +153,11 @@ def create_app(settings: Settings | None = None) -> Flask:
                                    "spaces inside, _ . -")
             identity = _guest_identity(username)
             authenticated = False
+        if not stores.broker.healthy():
+            # The shared store is away: a connection could not be registered (nor its
+            # rooms joined); say so in HTTP rather than upgrade and cut it.
+            metrics.handshake_refused("unavailable")
+            return _plain(503, f"{stores.name} unreachable; retry", {"Retry-After": "2"})
         cap = settings.max_connections_per_user
         if (authenticated and cap
                 and len(chat.hub.users.get(identity.user_id, ())) >= cap):

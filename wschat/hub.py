@@ -35,9 +35,16 @@ class LocalHub:
                  ) -> None:
         self._broker = broker
         self._on_delivered = on_delivered
-        self.rooms: dict[str, dict[Session, None]] = {}  # ordered sets
+        # room -> live local members (ordered), each with the id above which the room's
+        # stream brings it every message (a join with `since`; else None)
+        self.rooms: dict[str, dict[Session, int | None]] = {}
         self.users: dict[str, set[Session]] = {}
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
+        # room -> {session: id}: sessions that went live with ids up to `id` from the
+        # store while this worker's pub/sub stream had not delivered them yet (it lags
+        # behind the store). Those ids are not written to them a second time; an entry
+        # goes once the stream passes its id.
+        self._floors: dict[str, dict[Session, int]] = {}
         # Highest message id delivered here per room: if the shared store loses its
         # data, sequences restart above it, so no id is ever issued twice.
         self.max_seen: dict[str, int] = {}
@@ -58,6 +65,7 @@ class LocalHub:
         """Subscribe ``session`` to ``room`` but hold its live events (see finish_recovery)."""
         self._ensure_room(room)
         self._recovering.setdefault(room, {})[session] = _Recovery()
+        self._drop_floor(room, session)
         members = self.rooms.get(room)
         if members is not None and session in members:  # re-join of a member: pause it
             del members[session]
@@ -65,7 +73,7 @@ class LocalHub:
                 del self.rooms[room]
 
     def finish_recovery(self, room: str, session: Session, replayed_up_to: int,
-                        present: set[str]) -> None:
+                        present: set[str], base: int | None = None) -> None:
         """Send what arrived while the session joined, then go live.
 
         Held events may predate the state the session was just given (a publish
@@ -95,9 +103,41 @@ class LocalHub:
                 else:
                     present.discard(user_id)
             session.send_frame(text_frame(event))
+        if replayed_up_to > self.max_seen.get(room, 0):
+            self._floors.setdefault(room, {})[session] = replayed_up_to
+        self.rooms.setdefault(room, {})[session] = base
+
+    def gets_message(self, room: str, session: Session, msg_id: int) -> bool:
+        """Whether message ``msg_id`` of ``room`` was, or will be, written to this live
+        member by the room's own stream (replay and live): then a retry of it must not
+        be echoed a second time."""
+        members = self.rooms.get(room)
+        if members is None or session not in members:
+            return False
+        floors = self._floors.get(room)
+        delivered = max(self.max_seen.get(room, 0), floors.get(session, 0) if floors else 0)
+        if msg_id > delivered:
+            return True  # not here yet: the stream brings it to every live member
+        base = members[session]
+        return base is not None and msg_id > base
+
+    def abort_recovery(self, room: str, session: Session) -> None:
+        """A member's re-join failed: it goes on live, with every event held meanwhile."""
+        waiting = self._recovering.get(room)
+        recovery = waiting.pop(session, None) if waiting else None
+        if waiting is not None and not waiting:
+            del self._recovering[room]
+        for event in recovery.pending if recovery is not None else ():
+            session.send_frame(text_frame(event))
         self.rooms.setdefault(room, {})[session] = None
 
+    def _drop_floor(self, room: str, session: Session) -> None:
+        floors = self._floors.get(room)
+        if floors is not None and floors.pop(session, None) is not None and not floors:
+            del self._floors[room]
+
     def remove_member(self, room: str, session: Session) -> None:
+        self._drop_floor(room, session)
         members = self.rooms.get(room)
         if members is not None:
             members.pop(session, None)
@@ -129,17 +169,27 @@ class LocalHub:
     # -- delivery (called by the broker) -----------------------------------------------
     def deliver_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
         msg_id = message_id_of(event)
-        if msg_id is not None and msg_id > self.max_seen.get(room, 0):
+        if msg_id is not None:
+            if msg_id <= self.max_seen.get(room, 0):
+                return  # delivered here already: a gap filled from history met the stream
             self.max_seen[room] = msg_id
         members = self.rooms.get(room)
+        floors = self._floors.get(room) if msg_id is not None else None
         if members:
             frame = text_frame(event)
             sent = 0
             for session in list(members):
                 if session.user_id != exclude_user:
+                    if floors and floors.get(session, 0) >= msg_id:  # type: ignore[operator]
+                        continue  # it has this one already, from the store
                     session.send_frame(frame)
                     sent += 1
             self._on_delivered(sent, event)
+        if floors:
+            for session in [s for s, floor in floors.items() if floor <= msg_id]:  # type: ignore[operator]
+                del floors[session]
+            if not floors:
+                del self._floors[room]
         waiting = self._recovering.get(room)
         if waiting:
             for session, recovery in waiting.items():

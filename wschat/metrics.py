@@ -42,7 +42,7 @@ POSTED_KINDS = ("room", "dm")
 DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
                       "token_expired", "rate_limited")
 REFUSAL_REASONS = ("not_websocket", "bad_handshake", "origin", "auth", "username",
-                   "max_connections", "shutting_down")
+                   "max_connections", "shutting_down", "unavailable")
 REFUSAL_REASONS += ("max_connections_per_ip", "max_connections_per_user")
 AUTH_FAILURE_REASONS = (ErrorCode.AUTH_FAILED.value, ErrorCode.TOKEN_EXPIRED.value)
 

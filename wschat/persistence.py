@@ -134,12 +134,22 @@ class DmPost(Job):
 
 @dataclass(slots=True, eq=False)
 class Arrival(Job):
-    """A user connected: remember them and claim the DMs kept while they were away."""
+    """A user connected: remember them, and read the first page of the DMs kept while
+    they were away. Those stay kept until :class:`DmsDelivered` says the client has them."""
 
     user_id: str = ""
     username: str = ""
     seen_ms: int = 0
-    backlog: list[bytes] = field(default_factory=list)
+    backlog: list[bytes] = field(default_factory=list)  # oldest first, at most DM_PAGE
+    kept: int = 0  # how many are kept in all
+
+
+@dataclass(slots=True, eq=False)
+class DmsDelivered(Job):
+    """The user's connection was handed its kept DMs up to ``up_to``: no longer kept."""
+
+    user_id: str = ""
+    up_to: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -197,9 +207,13 @@ UPSERT_USER_SQL = (
     "INSERT INTO users (user_id, username, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (user_id) DO UPDATE SET username = excluded.username,"
     " last_seen_ms = excluded.last_seen_ms")
-CLAIM_DMS_SQL = (
-    "UPDATE dms SET delivered = TRUE WHERE recipient_id = ? AND NOT delivered"
-    " RETURNING id, event")
+DM_PAGE = 50  # kept DMs are read, sent and marked delivered this many at a time
+KEPT_DMS_SQL = (
+    "SELECT event FROM dms WHERE recipient_id = ? AND NOT delivered AND id > ?"
+    " ORDER BY id LIMIT ?")
+COUNT_KEPT_SQL = "SELECT COUNT(*) FROM dms WHERE recipient_id = ? AND NOT delivered"
+MARK_DELIVERED_SQL = (
+    "UPDATE dms SET delivered = TRUE WHERE recipient_id = ? AND NOT delivered AND id <= ?")
 LAST_ID_SQL = (
     "SELECT COALESCE((SELECT last_id FROM sequences WHERE scope = ?),"
     " (SELECT MAX(id) FROM messages WHERE room = ?), 0)")
@@ -363,6 +377,14 @@ class MessageLog:
     def knows_user(self, user_id: str) -> bool:
         return bool(self._read_call(self._rows, KNOWS_USER_SQL, (user_id,)))
 
+    def kept_dms(self, user_id: str, after_id: int, limit: int = DM_PAGE) -> list[bytes]:
+        """DMs kept for ``user_id`` with ids > ``after_id`` (not yet delivered), oldest first."""
+        return [bytes(r[0]) for r in self._read_call(self._rows, KEPT_DMS_SQL,
+                                                     (user_id, after_id, limit))]
+
+    def kept_count(self, user_id: str) -> int:
+        return int(self._read_call(self._scalar, COUNT_KEPT_SQL, (user_id,)) or 0)
+
     # -- bodies (run where the backend runs statements) ------------------------------
     def _scalar(self, conn: Any, sql: str, params: tuple[Any, ...]) -> Any:
         row = conn.execute(self.dialect.q(sql), params).fetchone()
@@ -432,9 +454,11 @@ class MessageLog:
             if isinstance(job, Arrival):
                 conn.execute(d.q(UPSERT_USER_SQL),
                              (job.user_id, job.username, job.seen_ms, job.seen_ms))
-                claimed = sorted(conn.execute(d.q(CLAIM_DMS_SQL), (job.user_id,)).fetchall(),
-                                 key=lambda row: row[0])
-                job.backlog = [bytes(event) for _, event in claimed]
+                job.backlog = [bytes(r[0]) for r in conn.execute(
+                    d.q(KEPT_DMS_SQL), (job.user_id, 0, DM_PAGE)).fetchall()]
+                job.kept = int(conn.execute(d.q(COUNT_KEPT_SQL), (job.user_id,)).fetchone()[0])
+            elif isinstance(job, DmsDelivered):
+                conn.execute(d.q(MARK_DELIVERED_SQL), (job.user_id, job.up_to))
 
     def _dedupe(self, conn: Any, posts: list[Any], sql: str, key: Callable[[Any], tuple[str, ...]]
                 ) -> tuple[list[Any], list[tuple[Any, Any]]]:

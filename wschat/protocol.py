@@ -38,6 +38,7 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_ROOMS = "too_many_rooms"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     USER_NOT_FOUND = "user_not_found"
+    INBOX_FULL = "inbox_full"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
     FORBIDDEN = "forbidden"  # the room is not open to this user (wschat.access)

@@ -157,14 +157,14 @@ def _fill_in(job: Job, outcome: Any) -> None:
     if isinstance(job, (RoomPost, DmPost)):
         job.msg_id, job.event, job.duplicate = outcome
     elif isinstance(job, Arrival):
-        job.backlog = outcome
+        job.backlog, job.kept = outcome
 
 
 def _outcome(job: Job) -> Any:
     if isinstance(job, (RoomPost, DmPost)):
         return job.msg_id, job.event, job.duplicate
     if isinstance(job, Arrival):
-        return job.backlog
+        return job.backlog, job.kept
     return None
 
 

@@ -32,6 +32,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -44,10 +45,12 @@ from wsproto.utilities import LocalProtocolError
 from .auth import Identity
 from .chat import Chat, Session
 from .protocol import PING_FRAME, CloseCode
+from .stores.base import Unavailable
 
 log = logging.getLogger("wschat.transport")
 
 RECV_BYTES = 65536
+PACE_BYTES = 65536  # paced frames go to the socket while less than this is queued for it
 CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
 # ... and read at most this much meanwhile (enough for the peer's close frame): a
 # peer that keeps streaming (a flood cut off with 4102 or 1009) is no longer read,
@@ -84,7 +87,7 @@ class WebSocketConnection(Session):
     __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
                  "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
                  "close_code", "close_reason", "echo", "_progress_at", "next_ping", "_frame_len",
-                 "_read_after_close")
+                 "_read_after_close", "_paced", "_paced_counted")
 
     def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
                  conn_id: str, identity: Identity, authenticated: bool,
@@ -113,6 +116,10 @@ class WebSocketConnection(Session):
         self._flusher: gevent.Greenlet | None = None
         self._close_timer: gevent.Greenlet | None = None
         self._progress_at = 0.0  # when the backlog last started or moved
+        # Frames written as the client reads (send_paced), and whatever is sent after
+        # them meanwhile, in order; only the latter count towards MAX_OUTBOUND_BYTES.
+        self._paced: deque[tuple[bytes, bool] | Callable[[], None]] = deque()
+        self._paced_counted = 0
         # The message being received: its fragments (a buffer once there are several,
         # so memory follows its bytes, not how finely it was cut) and their charge.
         self._parts: Any = None
@@ -130,6 +137,45 @@ class WebSocketConnection(Session):
     # -- writing -----------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
         if self.state is ConnState.OPEN:
+            if self._paced:  # behind a paced replay: wait, and count
+                self._paced.append((frame, True))
+                self._paced_counted += len(frame)
+                if self._outbox_bytes + self._paced_counted > self.transport.max_outbound_bytes:
+                    self._drop_slow_consumer()
+                return
+            self._write(frame)
+
+    def send_paced(self, frames: list[bytes], on_sent: Callable[[], None] | None = None
+                   ) -> None:
+        """Write ``frames`` as the client reads them (a replay, kept DMs): a few at a time,
+        the next once the kernel took the previous, so they never count as a slow
+        consumer's backlog; a client that stops reading is still dropped when its
+        backlog has not moved for two heartbeat intervals. ``on_sent`` runs (in a
+        greenlet of its own) once every frame has been handed to the kernel; never if
+        the connection ends first."""
+        if self.state is not ConnState.OPEN:
+            return
+        self._paced.extend((frame, False) for frame in frames)
+        if on_sent is not None:
+            self._paced.append(lambda: self.transport.spawn(on_sent))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move paced frames to the socket while little is queued for it."""
+        paced = self._paced
+        low_water = min(PACE_BYTES, self.transport.max_outbound_bytes // 4)
+        while paced and self.state is ConnState.OPEN and self._outbox_bytes < low_water:
+            item = paced[0]
+            if callable(item):
+                if self._outbox:
+                    return  # runs once what precedes it has left
+                paced.popleft()
+                item()
+                continue
+            paced.popleft()
+            frame, counted = item
+            if counted:
+                self._paced_counted -= len(frame)
             self._write(frame)
 
     @property
@@ -176,6 +222,8 @@ class WebSocketConnection(Session):
                     self._outbox[0] = memoryview(chunk)[sent:]
                 if not self._outbox:
                     self._outbox_bytes = 0
+                if self._paced:
+                    self._pump()
         except OSError:
             self.abort("write failed")
         finally:
@@ -194,6 +242,11 @@ class WebSocketConnection(Session):
         The close timer aborts the socket if even that cannot be written.
         """
         self.transport.metrics.disconnected("slow_consumer")
+        self._paced.clear()
+        self._paced_counted = 0
+        if not self._outbox:
+            self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", timeout=1.0)
+            return
         head = self._outbox[0]
         self._outbox.clear()
         self._outbox.append(head)
@@ -240,7 +293,13 @@ class WebSocketConnection(Session):
         chat = self.transport.chat
         try:
             if not self.echo:
-                chat.open(self)
+                try:
+                    chat.open(self)
+                except Unavailable as exc:
+                    # The store went away after admission checked it: 1013, retry.
+                    log.warning("connection %s not registered (%s); closing with 1013",
+                                self.conn_id, exc)
+                    self.close(CloseCode.TRY_AGAIN_LATER, "temporarily unavailable; retry")
             # Frames that came in the same TCP segments as the upgrade request
             # (fed to the parser by feed_pipelined) are handled before any wait.
             if not self._handle_events():

@@ -80,6 +80,10 @@ class Unavailable(Exception):
     """The shared store cannot be reached; the request is refused, not half-done."""
 
 
+class InboxFull(Exception):
+    """A DM to an offline user who already has the most DMs kept that a user may have."""
+
+
 class RoomStore(ABC):
     """Room membership, counted per connection so a user with two tabs stays present."""
 
@@ -158,9 +162,18 @@ class MessageStore(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot publish stored messages")
 
-    def user_arrived(self, user: User) -> list[bytes] | None:
-        """An authenticated user connected: the DMs kept for them (None: none are ever kept)."""
+    def user_arrived(self, user: User) -> tuple[list[bytes], int] | None:
+        """An authenticated user connected: the first page of the DMs kept for them (oldest
+        first) and how many are kept in all (None: none are ever kept). They stay kept
+        until :meth:`dms_delivered`."""
         return None
+
+    def kept_dms(self, user_id: str, after_id: int) -> list[bytes]:
+        """The next page of DMs kept for ``user_id``: ids > ``after_id``, oldest first."""
+        return []
+
+    def dms_delivered(self, user_id: str, up_to: int) -> None:
+        """The user's connection was handed its kept DMs up to id ``up_to``."""
 
     def keeps_dms_for(self, user_id: str) -> bool:
         """Whether a DM to this offline user is kept for later (else ``user_not_found``)."""

@@ -32,16 +32,19 @@ import gevent
 
 from ..config import ConfigError
 from ..persistence import (
-    Arrival, DatabaseUnavailable, DmPost, GroupCommitWriter, Job, MessageLog, RoomPost,
+    Arrival, DatabaseUnavailable, DmPost, DmsDelivered, GroupCommitWriter, Job, MessageLog, RoomPost,
     SequenceFloor,
 )
 from ..protocol import MessageDraft, message_id_of
 from ..sqlite_log import SQLiteLog
-from .base import HELD, STALE, MessageStore, Posted, Replay, Stored, Unavailable, User
+from .base import (
+    HELD, STALE, InboxFull, MessageStore, Posted, Replay, Stored, Unavailable, User,
+)
 
 log = logging.getLogger("wschat.persistence")
 
 REPLAY_LIMIT = 1000  # a `since` further behind than this gets recovered: false (reload)
+MAX_KEPT_DMS = 1000  # DMs kept for one offline user; past it the sender gets `inbox_full`
 PRIMED_MAX = 100_000
 
 
@@ -55,6 +58,7 @@ class DurableMessageStore(MessageStore):
         self.log = message_log
         self._metrics = metrics
         self._replay_limit = replay_limit
+        self.max_kept_dms = MAX_KEPT_DMS
         self._primed: set[str] = set()
         self._releasing: dict[str, int] = {}  # room -> highest held id a releaser waits for
         self.writer = GroupCommitWriter(message_log, self._publish_committed, self._count_error)
@@ -77,19 +81,41 @@ class DurableMessageStore(MessageStore):
     def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
         job = RoomPost(room=room, user_id=user_id, draft=draft, created_ms=_now_ms())
         self.writer.submit(job)
+        if job.duplicate:
+            self._publish_if_missing(room, job.msg_id)
         return Posted(job.msg_id, job.event, job.duplicate)
+
+    def _publish_if_missing(self, room: str, msg_id: int) -> None:
+        """A retry of a message committed but never published (Redis failed right after
+        the commit, its worker died): publish it from the log now, not only when a
+        later message of the room finds the gap."""
+        try:
+            if self.inner.last_id(room) < msg_id:
+                self._watch_held(room, msg_id)
+        except Unavailable:
+            pass  # the retry's retry, or the room's next message, tries again
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool = True) -> Posted:
+        if not recipient_online and self.log.kept_count(recipient_id) >= self.max_kept_dms:
+            # Refused where the sender can see it, never dropped later.
+            raise InboxFull(f"{recipient_id} has {self.max_kept_dms} undelivered direct "
+                            "messages; try again once they have connected")
         job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
                      created_ms=_now_ms(), delivered=recipient_online)
         self.writer.submit(job)
         return Posted(job.msg_id, job.event, job.duplicate)
 
-    def user_arrived(self, user: User) -> list[bytes] | None:
+    def user_arrived(self, user: User) -> tuple[list[bytes], int] | None:
         job = Arrival(user_id=user.user_id, username=user.username, seen_ms=_now_ms())
         self.writer.submit(job)
-        return job.backlog
+        return job.backlog, job.kept
+
+    def kept_dms(self, user_id: str, after_id: int) -> list[bytes]:
+        return self.log.kept_dms(user_id, after_id)
+
+    def dms_delivered(self, user_id: str, up_to: int) -> None:
+        self.writer.submit(DmsDelivered(user_id=user_id, up_to=up_to))
 
     def keeps_dms_for(self, user_id: str) -> bool:
         return self.log.knows_user(user_id)
@@ -142,7 +168,8 @@ class DurableMessageStore(MessageStore):
                 if missing > self.FILL_LIMIT:
                     self.inner.raise_sequence(room, target - 1 - self.FILL_LIMIT)
                     published = target - 1 - self.FILL_LIMIT
-                stored = self.log.after(room, published, target - published - 1)
+                # up to the target itself: it may have been committed and never published
+                stored = self.log.after(room, published, target - published)
                 log.warning("room %s: publishing %d messages committed by a worker that did "
                             "not publish them", room, len(stored))
                 self.inner.publish_stored([Stored(message_id_of(e) or 0, e, room)

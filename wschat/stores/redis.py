@@ -7,12 +7,18 @@ PUBLISHes, all atomically.
 
 Fan-out uses one pub/sub connection per worker, subscribed only to the rooms
 and users that have local connections (no pattern subscriptions). Payloads on
-a room channel are ``<exclude_user_id>\\n<event JSON>``.
+a room channel are ``<exclude_user_id>\\n<event JSON>`` (the id escaped, below).
 
 Presence survives dead workers: each worker ("node") refreshes its score in
 ``wschat:nodes`` every ``PRESENCE_TTL / 3`` seconds and records its
 memberships; any node that finds another silent for ``PRESENCE_TTL`` removes
 the dead node's memberships (announcing ``offline``) in one script.
+
+A user id inside a key or a payload is escaped (:func:`escape_id`: ``%``,
+``:`` and control characters as ``%XX``), so no ``sub`` can make two users'
+keys meet or forge a payload's framing; ids without those characters read the
+same as before, so workers of the previous release interoperate during a
+rolling update.
 
 When Redis goes away, workers keep their WebSockets, answer ``unavailable``
 to requests that need Redis, reconnect with back-off, resubscribe, and
@@ -31,6 +37,7 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import gevent
 import gevent.event
@@ -222,19 +229,29 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 return 1
 """
 
-# KEYS: nodes   ARGV: node_id ttl_ms   -> ids of nodes silent longer than ttl
+# KEYS: nodes   ARGV: node_id ttl_ms
+# -> {1 if this node was registered before this beat else 0, ids of nodes silent > ttl}
 NODE_BEAT_LUA = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return {known, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))}
 """
 
 # KEYS: nodes node_memberships node_conns presence rooms memberships
-# ARGV: dead_node prefix room_ttl
+# ARGV: dead_node prefix room_ttl [ttl_ms]
 # Removes everything a dead node had registered; publishes "offline" where it was
-# a user's last connection. ZREM first makes concurrent reapers harmless.
+# a user's last connection. ZREM first makes concurrent reapers harmless; with
+# ttl_ms, a node that beat again since it was found silent is left alone.
 REAP_LUA = """
+if ARGV[4] then
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  local t = redis.call('TIME')
+  if score and tonumber(score) > t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ARGV[4]) then
+    return 0
+  end
+end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local prefix = ARGV[2]
 local reaped = 0
@@ -252,7 +269,9 @@ for _, token in ipairs(redis.call('SMEMBERS', KEYS[2])) do
         redis.call('DECR', KEYS[6])
         local event = cjson.encode({type = 'presence', room = room, user = name,
                                     user_id = user, status = 'offline'})
-        redis.call('PUBLISH', prefix .. 'room:' .. room, user .. '\\n' .. event)
+        local ex = (string.gsub(user, '[%%:%c]', function(c)
+          return string.format('%%%02X', string.byte(c)) end))
+        redis.call('PUBLISH', prefix .. 'room:' .. room, ex .. '\\n' .. event)
       end
       if redis.call('HLEN', base .. 'conns') == 0 then
         redis.call('SREM', KEYS[5], room)
@@ -296,6 +315,35 @@ def room_channel(room: str) -> str:
 
 def user_channel(user_id: str) -> str:
     return f"{PREFIX}user:{user_id}"
+
+
+def escape_id(value: str) -> str:
+    """``%``, ``:`` and control characters as ``%XX`` (as REAP_LUA does): an escaped id
+    holds no separator, and the usual ids are unchanged."""
+    if value.isprintable() and "%" not in value and ":" not in value:
+        return value
+    return "".join(f"%{ord(c):02X}" if c in "%:" or ord(c) < 0x20 or ord(c) == 0x7F
+                   else c for c in value)
+
+
+def room_payload(event: bytes, exclude_user: str | None = None) -> bytes:
+    """A room channel's payload: ``<escaped exclude_user_id>\\n<event JSON>``."""
+    return escape_id(exclude_user or "").encode() + b"\n" + event
+
+
+def split_room_payload(data: bytes) -> tuple[str | None, bytes]:
+    """(exclude_user_id, event) of a room channel's payload."""
+    exclude, _, event = data.partition(b"\n")
+    if not exclude:
+        return None, event
+    text = exclude.decode()
+    return (unquote(text) if "%" in text else text), event
+
+
+def _dedupe_key(scope: str, user_id: str, client_msg_id: str) -> str:
+    # The user id is escaped, the client_msg_id comes last: ("acme", "alice:x") and
+    # ("acme:alice", "x") no longer share a key.
+    return f"{scope}dd:{escape_id(user_id)}:{client_msg_id}"
 
 
 def _token(room: str, conn_id: str, user_id: str) -> str:
@@ -394,7 +442,8 @@ class RedisMessageStore(MessageStore):
         keys = _room_keys(room)
         script_keys = [keys[4], keys[5], room_channel(room)]
         if draft.client_msg_id:
-            script_keys.append(f"{PREFIX}{{r:{room}}}:dd:{user_id}:{draft.client_msg_id}")
+            script_keys.append(_dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
+                                           draft.client_msg_id))
         return self._posted(self._post_room(keys=script_keys, args=[
             draft.prefix, draft.suffix, self._size, DEDUPE_TTL]))
 
@@ -404,7 +453,7 @@ class RedisMessageStore(MessageStore):
         self._check_delivering()
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
-            script_keys.append(f"{PREFIX}dm:dd:{sender_id}:{draft.client_msg_id}")
+            script_keys.append(_dedupe_key(f"{PREFIX}dm:", sender_id, draft.client_msg_id))
         return self._posted(self._post_dm(keys=script_keys, args=[
             draft.prefix, draft.suffix, DEDUPE_TTL]))
 
@@ -485,7 +534,10 @@ class RedisBroker(Broker):
         self._on_room: RoomHandler | None = None
         self._on_user: UserHandler | None = None
         self._channels: set[bytes] = set()  # what this worker wants to hear
-        self._pending: dict[bytes, gevent.event.Event] = {}
+        # channel -> (event set once confirmed, SUBSCRIBEs sent and not yet confirmed):
+        # every joiner waiting on a channel waits on the same event, released by the
+        # confirmation of the last SUBSCRIBE sent for it.
+        self._pending: dict[bytes, list[Any]] = {}
         self._pubsub: Any = None
         self._lock = gevent.lock.RLock()
         self._listener: gevent.Greenlet | None = None
@@ -510,6 +562,12 @@ class RedisBroker(Broker):
         pubsub.subscribe(PREFIX + "control")
         if self._channels:
             pubsub.subscribe(*self._channels)
+        for key, pending in list(self._pending.items()):
+            if key in self._channels:
+                pending[1] = 1  # one SUBSCRIBE each, just sent
+            else:  # unsubscribed meanwhile: nobody waits for it any more
+                del self._pending[key]
+                pending[0].set()
         self._pubsub = pubsub
 
     def healthy(self) -> bool:
@@ -527,9 +585,8 @@ class RedisBroker(Broker):
                     attempt = 0
                     if self.on_reconnect is not None:
                         self.on_reconnect()
-                    # Only now: a message posted before the resync raised the room
-                    # sequences could reuse an id, and one posted before the
-                    # resubscription would reach no worker (not even its sender).
+                    # Healthy only now: until its connections are registered again and
+                    # its sequences raised, this worker takes no message (see Chat).
                     self._healthy = True
                 self._listen()
             except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
@@ -573,35 +630,43 @@ class RedisBroker(Broker):
                 data = message["data"]
                 if channel.startswith(room_prefix):
                     room = channel[len(room_prefix):].decode()
-                    exclude, _, event = data.partition(b"\n")
+                    exclude, event = split_room_payload(data)
                     if on_room is not None:
-                        on_room(room, event, exclude.decode() or None)
+                        on_room(room, event, exclude)
                 elif channel.startswith(user_prefix) and on_user is not None:
                     on_user(channel[len(user_prefix):].decode(), data)
             elif kind in ("subscribe", b"subscribe"):
-                waiter = self._pending.pop(channel, None)
-                if waiter is not None:
-                    waiter.set()
+                pending = self._pending.get(channel)
+                if pending is not None:
+                    pending[1] -= 1
+                    if pending[1] <= 0:
+                        del self._pending[channel]
+                        pending[0].set()
 
     def _subscribe(self, channel: str, wait: bool = True) -> None:
         key = channel.encode()
         self._channels.add(key)
         if self._pubsub is None:
             return  # the reconnect resubscribes everything in _channels
-        waiter = gevent.event.Event() if wait else None
-        if waiter is not None:
-            self._pending[key] = waiter
         try:
             with self._lock:
+                pending = self._pending.get(key)
+                if pending is None:
+                    pending = self._pending[key] = [gevent.event.Event(), 0]
+                pending[1] += 1
                 self._pubsub.subscribe(key)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self._pending.pop(key, None)
             raise Unavailable(f"redis: {exc.__class__.__name__}") from exc
         # Wait until Redis confirms, so nothing published after this returns is missed.
         # Generous: during a reconnect storm the listener greenlet queues behind
         # thousands of handshakes on a saturated worker.
-        if waiter is not None and not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
-            self._pending.pop(key, None)
+        if wait:
+            self._await(key, pending[0])
+
+    def _await(self, key: bytes, waiter: gevent.event.Event) -> None:
+        if not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
+            if self._pending.get(key, [None])[0] is waiter:
+                del self._pending[key]
             raise Unavailable("redis: subscription not confirmed")
 
     def _unsubscribe(self, channel: str) -> None:
@@ -618,9 +683,10 @@ class RedisBroker(Broker):
         self._subscribe(room_channel(room), wait=True)
 
     def await_room(self, room: str) -> None:
-        waiter = self._pending.get(room_channel(room).encode())
-        if waiter is not None and not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
-            raise Unavailable("redis: subscription not confirmed")
+        key = room_channel(room).encode()
+        pending = self._pending.get(key)
+        if pending is not None:
+            self._await(key, pending[0])
 
     def unsubscribe_room(self, room: str) -> None:
         self._unsubscribe(room_channel(room))
@@ -634,7 +700,7 @@ class RedisBroker(Broker):
 
     @_guarded
     def publish_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
-        self._client.publish(room_channel(room), (exclude_user or "").encode() + b"\n" + event)
+        self._client.publish(room_channel(room), room_payload(event, exclude_user))
 
     @_guarded
     def publish_user(self, user_id: str, event: bytes) -> None:
@@ -661,6 +727,11 @@ class NodeKeeper:
         self._beat = client.register_script(NODE_BEAT_LUA)
         self._reap = client.register_script(REAP_LUA)
         self._greenlet: gevent.Greenlet | None = None
+        self._registered = False
+        self._reregister = False
+        # Called when this node finds it was reaped as dead (it stalled longer than
+        # PRESENCE_TTL) while its connections lived on: they must be registered again.
+        self.on_reaped: Callable[[], None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -680,13 +751,21 @@ class NodeKeeper:
             gevent.sleep(self._interval)
 
     def beat_and_reap(self) -> int:
-        dead = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        known, dead = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        if self._registered and not known:
+            log.warning("node %s was reaped as dead (stalled, or Redis lost its data); "
+                        "registering its connections again", self._node.node_id)
+            self._reregister = True
+        self._registered = True
+        if self._reregister and self.on_reaped is not None:
+            self.on_reaped()  # if it fails, it is tried again on the next beat
+            self._reregister = False
         reaped = 0
         for raw in dead:
             node_id = raw.decode()
             if node_id == self._node.node_id:
                 continue
-            count = self._reap_node(node_id)
+            count = self._reap_node(node_id, self._ttl_ms)
             if count:
                 log.warning("reaped %d memberships of dead node %s", count, node_id)
             reaped += count
@@ -708,11 +787,15 @@ class NodeKeeper:
         self._client.zadd(NODES, {self._node.node_id: 0})  # the script removes it again
         return self._reap_node(self._node.node_id)
 
-    def _reap_node(self, node_id: str) -> int:
-        """Run REAP_LUA on one node's registrations (see _Node for the key names)."""
+    def _reap_node(self, node_id: str, silent_ms: int | None = None) -> int:
+        """Run REAP_LUA on one node's registrations (see _Node for the key names); with
+        ``silent_ms``, only if the node is still silent that long."""
         keys = [NODES, f"{PREFIX}node:{node_id}:memberships", f"{PREFIX}node:{node_id}:conns",
                 PRESENCE, ROOMS, MEMBERSHIPS]
-        return int(self._reap(keys=keys, args=[node_id, PREFIX, self._room_ttl]) or 0)
+        args: list[Any] = [node_id, PREFIX, self._room_ttl]
+        if silent_ms is not None:
+            args.append(silent_ms)
+        return int(self._reap(keys=keys, args=args) or 0)
 
 
 class RedisStores(Stores):
@@ -751,6 +834,8 @@ def create_redis_stores(settings: Settings, metrics: Any = None) -> Stores:
         RedisPresenceStore(client, node, metrics),
         messages, broker, "redis")
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
+    # The chat core's re-registration (set as the broker's on_reconnect) serves both.
+    stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()
     try:
         from ..ratelimit import RedisRateLimiter
     except ImportError:

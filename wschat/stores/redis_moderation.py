@@ -15,11 +15,13 @@ from typing import Any
 import redis
 
 from .moderation import EVERYWHERE, ModerationStore, Standing
-from .redis import NODES, PREFIX, PRESENCE, ROOMS, _guarded, _room_keys
+from .redis import NODES, PREFIX, PRESENCE, ROOMS, _guarded, _room_keys, escape_id
 
 
 def _key(kind: str, scope: str, user_id: str) -> str:
-    return f"{PREFIX}{kind}:{scope}:{user_id}"
+    # Both parts escaped (":" in a room name or a sub): a ban of "b:c" in room "a" is
+    # not one of "c" in room "a:b".
+    return f"{PREFIX}{kind}:{escape_id(scope)}:{escape_id(user_id)}"
 
 
 def _members_key(room: str) -> str:

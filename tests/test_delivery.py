@@ -1,0 +1,460 @@
+"""The delivery promise, defect by defect: an acknowledged message reaches every member
+exactly once, in id order, whatever the moment (issue 16).
+
+Each test here reproduced one defect before its fix; the fault suite
+(``test_faults.py``) checks the promise end to end under deploys and faults.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+
+from conftest import TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until
+from rawws import RawClient
+from test_chat import Clock, FakeSession, make_chat
+from wschat.hub import LocalHub
+from wschat.protocol import draft_dm, draft_message
+from wschat.stores.base import Unavailable, User
+from wschat.stores.memory import MemoryBroker
+
+SECRET = "delivery-secret-0123456789abcdef0123"
+COMMON = {"JWT_SECRET": SECRET, "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
+REDIS_DB = 6  # and 7, 8 (below 16: a stock Redis has databases 0-15)
+
+
+def room() -> str:
+    return f"r-{uuid.uuid4().hex[:10]}"
+
+
+def token(sub: str, name: str = "") -> str:
+    return jwt.encode({"sub": sub, "name": name or sub, "exp": int(time.time()) + 3600},
+                      SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[Server]:
+    """One worker on Redis: every connection of a test shares its pub/sub connection."""
+    with Server({**COMMON, "REDIS_URL": redis_url_or_skip(REDIS_DB)}, workers=1) as srv:
+        yield srv
+
+
+# -- 1. join storm: every waiter of a pending subscription is released --------------------
+def test_join_storm_on_one_worker_every_join_answered(redis_server: Server) -> None:
+    """Many connections of one worker join a room nobody is in at the same moment: each
+    gets ``joined`` at once (before: one did, the others got ``unavailable`` after 15 s)."""
+    clients = [RawClient(redis_server.port) for _ in range(30)]
+    try:
+        r = room()
+        for c in clients:
+            c.send({"type": "join", "room": r})
+        replies: list[dict[str, Any]] = []
+        for c in clients:
+            event = c.next_event(2 * TIMEOUT)
+            while event["type"] == "presence":
+                event = c.next_event(2 * TIMEOUT)
+            replies.append(event)
+        assert [e["type"] for e in replies] == ["joined"] * len(clients), replies
+        # and every one of them is live: one message reaches all 30
+        clients[0].send({"type": "message", "room": r, "text": "hello"})
+        for c in clients:
+            assert c.expect("message", 2 * TIMEOUT)["text"] == "hello"
+    finally:
+        for c in clients:
+            c.close()
+
+
+# -- 3. a join that fails part-way leaves no half-joined session ---------------------------
+def _broken(*args: Any) -> Any:
+    raise Unavailable("store down")
+
+
+def test_failed_join_leaves_no_half_joined_session(clock: Clock) -> None:
+    """A store call failing after the hub began holding the joiner's events: the join is
+    undone (``unavailable``, not a member, nothing held), and a retry works."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a, b = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    chat.open(a)
+    chat.open(b)
+    chat.receive(b, json.dumps({"type": "join", "room": "r"}))
+    for method in ("last_id", "since"):
+        a.clear()
+        setattr(chat.stores.messages, method, _broken)
+        try:
+            chat.receive(a, json.dumps({"type": "join", "room": "r", "since": 0}
+                                       if method == "since" else {"type": "join", "room": "r"}))
+        finally:
+            delattr(chat.stores.messages, method)
+        assert [e["code"] for e in a.events("error")] == ["unavailable"]
+        assert not a.events("joined")
+        assert "r" not in a.rooms
+        assert not chat.hub._recovering, "events still held for the failed joiner"
+        assert [u.user_id for u in chat.stores.rooms.members("r")] == ["b"]
+        chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "while out"}))
+        assert not a.events("message")
+    chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    assert a.events("joined")
+    chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "after"}))
+    assert [m["text"] for m in a.events("message")] == ["after"]
+
+
+def test_failed_rejoin_of_a_member_stays_live(clock: Clock) -> None:
+    """A member's re-join (recovery) that fails keeps it a live member: what arrived
+    while its events were held follows, and so does everything after."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a, b = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    chat.open(a)
+    chat.open(b)
+    chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    chat.receive(b, json.dumps({"type": "join", "room": "r"}))
+    a.clear()
+
+    def post_then_fail(room: str, after_id: int) -> Any:
+        chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "held"}))
+        raise Unavailable("store down")
+
+    chat.stores.messages.since = post_then_fail  # type: ignore[method-assign]
+    try:
+        chat.receive(a, json.dumps({"type": "join", "room": "r", "since": 0}))
+    finally:
+        del chat.stores.messages.since
+    assert [e["code"] for e in a.events("error")] == ["unavailable"]
+    assert "r" in a.rooms
+    assert not chat.hub._recovering
+    chat.receive(b, json.dumps({"type": "message", "room": "r", "text": "live"}))
+    assert [m["text"] for m in a.events("message")] == ["held", "live"]
+
+
+# -- 2. the live stream lagging behind a replay doubles nothing ----------------------------
+def test_live_events_behind_the_replay_are_not_delivered_again() -> None:
+    """The store's replay (or ``last_id``) may run ahead of this worker's pub/sub stream:
+    the joiner went live with ids up to 3, then 2 and 3 arrive live. They must not reach
+    it twice (before: a client moved to another server got ``..., 17, 17, ...``)."""
+    hub = LocalHub(MemoryBroker())
+    joiner, other = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    for s in (joiner, other):
+        hub.add_user(s)
+    hub.begin_recovery("r", other)
+    hub.finish_recovery("r", other, 0, set())
+
+    def event(i: int) -> bytes:
+        return draft_message("r", "Bob", "b", f"t{i}", 0, None).with_id(i)
+
+    hub.begin_recovery("r", joiner)
+    hub.deliver_room("r", event(1))  # held, then dropped: the replay has it
+    hub.finish_recovery("r", joiner, 3, {"a", "b"})  # the chat core sent 1..3 from the store
+    for i in (2, 3, 4, 5):
+        hub.deliver_room("r", event(i))
+    assert [m["id"] for m in joiner.events("message")] == [4, 5]
+    assert [m["id"] for m in other.events("message")] == [1, 2, 3, 4, 5]
+    assert not hub._floors, "a floor outlived the ids it guards"
+
+
+# -- 6. keys and payloads unambiguous for any sub ----------------------------------------
+@pytest.fixture
+def redis_stores() -> Iterator[Any]:
+    from wschat.stores import redis as redis_module
+
+    url = redis_url_or_skip(REDIS_DB + 1)
+    client = redis_module.redis.Redis.from_url(url)
+    node = redis_module._Node()
+    yield (redis_module, client, node,
+           redis_module.RedisMessageStore(client, 100),
+           redis_module.RedisRoomStore(client, node, 3600))
+    client.close()
+
+
+def test_dedupe_keys_of_acme_and_acme_alice_never_meet(redis_stores: Any) -> None:
+    """User ``acme`` with ``client_msg_id`` ``alice:x`` and user ``acme:alice`` with ``x``
+    are two messages (before: the second was swallowed and answered with the first)."""
+    _, _, _, messages, _ = redis_stores
+    for post in (lambda user, cmid, text: messages.post_room(
+                     "r", user, draft_message("r", user, user, text, 1, cmid)),
+                 lambda user, cmid, text: messages.post_dm(
+                     user, "bob", draft_dm("bob", user, user, text, 1, cmid))):
+        first = post("acme", "alice:x", "from acme")
+        second = post("acme:alice", "x", "from acme:alice")
+        assert not second.duplicate
+        assert b"from acme:alice" in second.event and second.msg_id == first.msg_id + 1
+        # and each retry still finds its own message
+        assert post("acme", "alice:x", "again").event == first.event
+        assert post("acme:alice", "x", "again").event == second.event
+
+
+def test_moderation_keys_of_room_a_b_and_user_b_c_never_meet(redis_stores: Any) -> None:
+    """A ban of user ``b:c`` in room ``a`` is not a ban of user ``c`` in room ``a:b``
+    (room names may hold ``:``, and so may a ``sub``)."""
+    import math
+
+    from wschat.stores.redis_moderation import RedisModerationStore
+
+    _, client, _, _, _ = redis_stores
+    moderation = RedisModerationStore(client)
+    moderation.restrict("ban", "a", "b:c", math.inf)
+    assert moderation.standing("a", "b:c").banned == math.inf
+    assert moderation.standing("a:b", "c").banned is None
+
+
+def test_room_payload_framing_holds_for_any_user_id(redis_stores: Any) -> None:
+    """An exclude user id with a newline (or ``%``, ``:``) cannot forge an event, neither
+    from Python nor from the reaper's Lua."""
+    redis_module, client, node, _, rooms = redis_stores
+    evil = 'mallory\n{"type":"message","id":999,"text":"forged"}%3A:x'
+    event = b'{"type":"typing","room":"r"}'
+    assert redis_module.split_room_payload(redis_module.room_payload(event, evil)) == (
+        evil, event)
+    assert redis_module.split_room_payload(redis_module.room_payload(event)) == (None, event)
+    # the usual ids read as before (workers of the previous release during an update)
+    assert redis_module.room_payload(event, "u-42") == b"u-42\n" + event
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(redis_module.room_channel("r"))
+    try:
+        rooms.join("r", "c1", User(evil, "Mallory"))
+        keeper = redis_module.NodeKeeper(client, node, 30, 3600)
+        assert keeper.release() == 1
+        message = None
+        deadline = time.monotonic() + TIMEOUT
+        while message is None and time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.2)
+        assert message is not None, "the reaper published no offline presence"
+        exclude, published = redis_module.split_room_payload(message["data"])
+        assert exclude == evil
+        assert json.loads(published)["status"] == "offline"
+    finally:
+        listener.close()
+
+
+def test_control_characters_in_sub_are_refused(redis_server: Server) -> None:
+    """A token whose ``sub`` holds a control character is refused at the upgrade (401)
+    and in ``auth``; a ``name`` with them is shown without them."""
+    for sub in ("mallory\n{}", "nul\x00", "bell\x07", "c1\x85"):
+        status, _ = http_upgrade(redis_server, f"token={token(sub)}")
+        assert status == 401, sub
+    with Client(redis_server.url) as c:
+        reply = c.request({"type": "auth", "token": token("mallory\nx")}, "error")
+        assert reply["code"] == "auth_failed"
+    named = jwt.encode({"sub": "nice", "name": "Ni\nce\x00", "exp": int(time.time()) + 60},
+                       SECRET, algorithm="HS256")
+    with Client(redis_server.url, f"token={named}") as c:
+        assert c.welcome is not None and c.welcome["username"] == "Nice"
+
+
+def http_upgrade(server: Server, query: str) -> tuple[int, bytes]:
+    """Status of an upgrade request (without completing a WebSocket)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as s:
+        s.sendall((f"GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ", 2)[1]), head
+
+
+# -- 8. upgrades during a Redis outage get 503 before the upgrade -------------------------
+def test_upgrade_during_redis_outage_is_refused_in_http() -> None:
+    """Redis down: the upgrade is answered 503 with Retry-After (before: 101, then the
+    connection was cut and a traceback logged per attempt); Redis back: accepted again."""
+    with own_redis() as private, Server({**COMMON, "REDIS_URL": private.url}) as server:
+        private.stop()
+        wait_until(lambda: server.http("/ready")[0] == 503, 4 * TIMEOUT, 0.1,
+                   "/ready to notice the outage")
+        for _ in range(3):
+            status, head = http_upgrade(server, "username=ann")
+            assert status == 503, head
+            assert b"retry-after:" in head.lower()
+        private.start()
+        wait_until(lambda: server.http("/ready")[0] == 200, 6 * TIMEOUT, 0.1,
+                   "/ready after Redis is back")
+        with Client(server.url) as c:
+            assert c.join(room())["last_id"] == 0
+        assert "Traceback" not in server.output()
+        status, body = server.http("/metrics", metrics=True)
+        assert b'wschat_handshakes_refused_total{reason="unavailable"} 3.0' in body
+
+
+# -- 4 and 5. paced delivery: kept DMs and recovery replays -------------------------------
+PACED = {**COMMON, "MAX_OUTBOUND_BYTES": "65536", "SOCKET_SEND_BUFFER": "16384"}
+BIG_TEXT = "x" * 3900
+
+
+def test_large_dm_backlog_arrives_whole_and_is_kept_until_handed_over(tmp_path: Any) -> None:
+    """A prompt client's offline backlog far over MAX_OUTBOUND_BYTES arrives whole (before:
+    4101 part-way, and every DM already marked delivered was gone for good). A connection
+    that ends before it could have them loses none: they come with the next one."""
+    bob = f"bob-{uuid.uuid4().hex[:6]}"
+    env = {**PACED, "ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/d.db"}
+    with Server(env) as server:
+        Client(server.url, f"token={token(bob)}").close()  # bob is known: DMs are kept
+        with Client(server.url, f"token={token('alice')}", max_queue=None) as alice:
+            for i in range(60):  # ~240 KB
+                alice.send({"type": "dm", "to": bob, "text": f"{i} {BIG_TEXT}"})
+            sent = [alice.expect("dm", 2 * TIMEOUT)["id"] for _ in range(60)]
+        # a connection that reads nothing and goes away: nothing is lost
+        quitter = RawClient(server.port, f"token={token(bob)}", rcvbuf=4096)
+        assert quitter.welcome is not None and quitter.welcome["dm_backlog"] == 60
+        quitter.close()
+        with Client(server.url, f"token={token(bob)}", max_queue=None) as b:
+            assert b.welcome is not None and b.welcome["dm_backlog"] > 0
+            got = [b.expect("dm", 2 * TIMEOUT)["id"] for _ in range(b.welcome["dm_backlog"])]
+            assert got == sent[-len(got):], "kept DMs out of order or doubled"
+            assert set(sent) <= set(got) | set(range(sent[0], got[0]))
+            b.send({"type": "ping", "id": "p"})
+            assert b.expect("pong")["id"] == "p"  # still open: no 4101
+
+        def kept() -> int:
+            with Client(server.url, f"token={token(bob)}") as again:
+                assert again.welcome is not None
+                return int(again.welcome["dm_backlog"])
+
+        wait_until(lambda: kept() == 0, message="the handed-over DMs to count as delivered")
+
+
+def test_large_recovery_replay_is_paced_not_dropped() -> None:
+    """A prompt client recovering ~1.5 MB (``since`` far back) gets every message and stays
+    connected (before: ``recovered: true``, then 4101 part-way through the replay)."""
+    with Server({**PACED, "HISTORY_SIZE": "1000"}) as server:
+        r = room()
+        with Client(server.url, max_queue=None) as writer:  # reads as fast as it can
+            writer.join(r)
+            for i in range(400):  # each after the last one's echo: no backlog forms here
+                assert writer.say(r, f"{i} {BIG_TEXT}")["id"] == i + 1
+            with Client(server.url, max_queue=None) as reader:
+                joined = reader.join(r, since=0)
+                assert joined["recovered"] is True and joined["last_id"] == 400
+                writer.send({"type": "message", "room": r, "text": "live"})
+                ids = [reader.expect("message", 4 * TIMEOUT)["id"] for _ in range(401)]
+                assert ids == list(range(1, 402))
+                reader.send({"type": "ping", "id": "p"})
+                assert reader.expect("pong")["id"] == "p"
+
+
+def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock: Clock
+                                                            ) -> None:
+    """Past MAX_KEPT_DMS kept DMs, a DM to that offline user is refused with ``inbox_full``
+    (never accepted and dropped later); once they connected, DMs are accepted again."""
+    from wschat.auth import Authenticator
+    from wschat.chat import Chat
+    from wschat.config import Settings
+    from wschat.persistence import open_message_log
+    from wschat.ratelimit import MemoryRateLimiter
+    from wschat.stores.durable import DurableMessageStore
+    from wschat.stores.memory import create_memory_stores
+
+    settings = Settings.from_env({"JWT_SECRET": SECRET, "ENABLE_PERSISTENCE": "true",
+                                  "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"})
+    stores = create_memory_stores(100, 3600)
+    durable = DurableMessageStore(stores.messages,
+                                  open_message_log(f"sqlite:///{tmp_path}/b.db"))
+    durable.start()
+    durable.max_kept_dms = 3
+    stores.messages = durable
+    chat = Chat(settings, stores, Authenticator(settings, clock=clock),
+                MemoryRateLimiter(1000, 1000, clock), clock=clock, monotonic=clock)
+    try:
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        chat.close(bob)
+        alice = FakeSession("alice", "Alice", True)
+        chat.open(alice)
+        for i in range(5):
+            chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": f"t{i}",
+                                            "id": i}))
+        assert [e["text"] for e in alice.events("dm")] == ["t0", "t1", "t2"]
+        assert [(e["id"], e["code"]) for e in alice.events("error")] == [
+            (3, "inbox_full"), (4, "inbox_full")]
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        assert bob.events("welcome")[0]["dm_backlog"] == 3
+        assert [e["text"] for e in bob.events("dm")] == ["t0", "t1", "t2"]
+        chat.close(bob)
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "later", "id": 9}))
+        assert alice.events("dm")[-1]["text"] == "later"
+    finally:
+        durable.close()
+
+
+# -- 7. a stalled worker, reaped as dead, registers its users again ------------------------
+def test_worker_paused_past_presence_ttl_registers_its_users_again() -> None:
+    """A worker paused (SIGSTOP) longer than PRESENCE_TTL is reaped by the other server;
+    when it resumes, its users are back in ``list_users`` and reachable by DM (before:
+    missing and ``user_not_found``, though they still received room messages)."""
+    import os
+    import signal
+
+    env = {**COMMON, "REDIS_URL": redis_url_or_skip(REDIS_DB + 2), "PRESENCE_TTL": "1.5"}
+    with Server(env) as a, Server(env) as b:
+        r = room()
+        with Client(a.url, f"token={token('sleeper')}") as x, \
+                Client(b.url, f"token={token('watcher')}") as y:
+            x.join(r)
+            y.join(r)
+            worker = a.worker_pids()[0]
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                assert y.expect("presence", 4 * TIMEOUT, status="offline")["user_id"] == "sleeper"
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            assert y.expect("presence", 4 * TIMEOUT, status="online")["user_id"] == "sleeper"
+            users = y.request({"type": "list_users", "room": r}, "users")["users"]
+            assert sorted(u["user_id"] for u in users) == ["sleeper", "watcher"]
+            y.send({"type": "dm", "to": "sleeper", "text": "awake?", "id": "d"})
+            assert y.expect("dm")["text"] == "awake?"
+            assert x.expect("dm")["text"] == "awake?"
+
+
+# -- a retry of a message the connection already has is not echoed again -----------------
+def test_retry_of_a_message_already_replayed_is_not_echoed_twice(clock: Clock) -> None:
+    """A sender whose connection died before its echo rejoins with ``since`` (the replay
+    holds its message, with its client_msg_id) and then resends it: it gets it once (in the
+    fault suite's rolling restart: ``..., 49, 49, ...``). A connection that joined without
+    ``since`` still gets the original echoed, as documented."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a = FakeSession("a", "Ann", True)
+    chat.open(a)
+    chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    chat.receive(a, json.dumps({"type": "message", "room": "r", "text": "hi",
+                                "client_msg_id": "k1"}))
+    chat.close(a)  # the echo was lost with the connection (in real life)
+    again = FakeSession("a", "Ann", True)
+    chat.open(again)
+    chat.receive(again, json.dumps({"type": "join", "room": "r", "since": 0}))
+    chat.receive(again, json.dumps({"type": "message", "room": "r", "text": "hi",
+                                    "client_msg_id": "k1"}))
+    assert [m["id"] for m in again.events("message")] == [1]
+    fresh = FakeSession("a", "Ann", True)
+    chat.open(fresh)
+    chat.receive(fresh, json.dumps({"type": "join", "room": "r"}))
+    chat.receive(fresh, json.dumps({"type": "message", "room": "r", "text": "hi",
+                                    "client_msg_id": "k1"}))
+    assert [(m["id"], m["client_msg_id"]) for m in fresh.events("message")] == [(1, "k1")]
+
+
+def test_retry_of_a_message_not_yet_delivered_here_is_not_echoed_twice() -> None:
+    """A retry answered while the original is still on its way to this worker (Redis
+    restarting, a committed message published late): the echo would come, then the
+    original from the room's stream. The stream's copy is the only one."""
+    hub = LocalHub(MemoryBroker())
+    s = FakeSession("a", "Ann", True)
+    hub.add_user(s)
+    hub.begin_recovery("r", s)
+    hub.finish_recovery("r", s, 0, set())  # joined without since
+    hub.deliver_room("r", draft_message("r", "Ann", "a", "one", 0, "k1").with_id(1))
+    assert hub.gets_message("r", s, 2)  # on its way: the stream brings it
+    assert not hub.gets_message("r", s, 1)  # it had it: a retry is echoed, as documented
