@@ -1,4 +1,6 @@
-"""Private Redis and PostgreSQL servers for the tests: free ports, temporary directories.
+"""The processes the tests run for real: wschat servers, private Redis and PostgreSQL.
+
+``Server`` is a real ``gunicorn -c gunicorn.conf.py wschat:app`` on free ports.
 
 The suite needs no service running on the machine. When ``REDIS_URL`` (or
 ``DATABASE_URL_TEST`` for PostgreSQL) is not given, ``conftest`` starts one
@@ -10,7 +12,7 @@ What a machine needs: the ``redis-server`` binary, and PostgreSQL's server
 binaries (``initdb``, ``pg_ctl``, ``postgres``) on PATH or in Debian's
 ``/usr/lib/postgresql/*/bin``. On Debian: ``apt-get install redis-server
 postgresql``. No pytest here, so other programs (the client libraries'
-conformance harness) can use these classes too.
+conformance harness, clients/conformance/harness.py) use these classes too.
 """
 
 from __future__ import annotations
@@ -19,14 +21,23 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 SCALE = float(os.environ.get("WSCHAT_TEST_TIMEOUT_SCALE", "1"))
 START_TIMEOUT = 30.0 * SCALE
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 5.0 * SCALE
 
 
 class ServiceMissing(RuntimeError):
@@ -162,3 +173,117 @@ class PrivatePostgres:
         except RuntimeError:
             pass  # already stopped
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_until(predicate: Any, timeout: float = TIMEOUT, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = TIMEOUT, headers: dict[str, str] | None = None
+             ) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+class Server:
+    """A real ``gunicorn -c gunicorn.conf.py wschat:app`` on free ports."""
+
+    def __init__(self, env: dict[str, str] | None = None, workers: int = 1) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "METRICS_PORT": str(self.metrics_port),
+            "WEB_CONCURRENCY": str(workers),
+            "GRACEFUL_TIMEOUT": "10",
+            **(env or {}),
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.log = tempfile.NamedTemporaryFile(prefix="wschat-server-", suffix=".log",
+                                               delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def http(self, path: str, metrics: bool = False) -> tuple[int, bytes]:
+        port = self.metrics_port if metrics else self.port
+        return http_get(f"http://127.0.0.1:{port}{path}")
+
+    def start(self, wait: bool = True) -> Server:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+             "wschat:app"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 20 * SCALE) -> None:
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n"
+                                     f"{self.output()}")
+            try:
+                return (self.http("/health")[0] == 200
+                        and self.http("/health", metrics=True)[0] == 200)
+            except OSError:
+                return False
+
+        wait_until(up, timeout, 0.05, "the server's /health")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20 * SCALE) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+            raise AssertionError(f"server did not stop within {timeout}s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for pid in self.worker_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()
+            self.log.close()

@@ -1,0 +1,79 @@
+"""The client libraries' conformance harness (clients/conformance/harness.py) does what it says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+
+from conftest import ROOT, TIMEOUT, Client
+
+Call = Any
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[tuple[Call, str]]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "clients/conformance/harness.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    info = json.loads(proc.stdout.readline())
+
+    def call(path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(info["control"] + path, method="POST",
+                                         data=json.dumps(body or {}).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=12 * TIMEOUT) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        yield call, info["secret"]
+    finally:
+        proc.stdin.close()  # the harness exits when its stdin closes
+        assert proc.wait(12 * TIMEOUT) == 0
+
+
+def test_servers_tokens_and_redis_on_demand(harness: tuple[Call, str]) -> None:
+    """A Redis-backed server starts; its tokens verify; it stops with 1001 and starts again."""
+    call, secret = harness
+    status, server = call("/servers", {"backend": "redis", "workers": 1})
+    assert status == 200 and server["url"].startswith("ws://127.0.0.1:")
+    status, reply = call("/token", {"sub": "alice", "name": "Alice", "ttl": 60})
+    assert jwt.decode(reply["token"], secret, algorithms=["HS256"])["sub"] == "alice"
+    with Client(server["url"], f"token={reply['token']}") as c:
+        assert c.welcome is not None and c.welcome["user_id"] == "alice"
+        assert call(f"/servers/{server['id']}/stop")[1] == {"exit_code": 0}
+        assert c.close_code_when_closed() == 1001
+    assert call(f"/servers/{server['id']}/start")[1]["url"] == server["url"]
+    with Client(server["url"]) as c:
+        assert c.request({"type": "ping"}, "pong")
+
+
+def test_worker_killed_and_replaced(harness: tuple[Call, str]) -> None:
+    """kill-worker answers once a new worker serves; Redis stops and starts on its port."""
+    call, _ = harness
+    _, server = call("/servers", {"backend": "redis", "workers": 2})
+    status, killed = call(f"/servers/{server['id']}/kill-worker")
+    assert status == 200 and killed["pid"] > 0
+    redis_url = call("/redis")[1]["url"]
+    assert call("/redis/stop") == (200, {}) and call("/redis/start") == (200, {})
+    assert call("/redis")[1]["url"] == redis_url
+    with Client(server["url"]) as c:
+        c.join("harness")
+
+
+def test_bad_calls_are_refused(harness: tuple[Call, str]) -> None:
+    """Unknown calls, servers and backends get 4xx with an error message."""
+    call, _ = harness
+    assert call("/nope")[0] == 404
+    assert call("/servers/s99/stop")[0] == 404
+    status, reply = call("/servers", {"backend": "cassandra"})
+    assert status == 400 and "backend" in reply["error"]
