@@ -76,8 +76,12 @@ interface Room {
   lastId: number | null;
   /** After `recovered: false`: the next message is taken whatever its id. */
   acceptJump: boolean;
-  /** The outbox waits for the rejoin's replay (up to this id) before resending to this room. */
-  replayUntil: number;
+  /**
+   * The id of the `ping` sent right behind the `join`: the server answers commands in
+   * order, so its `pong` comes after `joined` and the whole replay. The outbox waits for
+   * it before resending to this room (the replay may acknowledge the very messages).
+   */
+  syncReq: string | null;
   /** The pending `join` request's id. */
   joinReq: string | null;
   users: User[];
@@ -93,8 +97,9 @@ interface Request {
   waiter: Waiter<any>;
 }
 
-/** Request ids: our requests are strings, so they never look like a message id. */
+/** Request ids are strings (never mistaken for a message id); these prefixes mark ids whose answers need no routing. */
 const TYPING_PREFIX = "t";
+const SYNC_PREFIX = "s";
 
 export class ChatClient extends Emitter<ClientEvents> {
   private readonly opts: ClientOptions;
@@ -308,6 +313,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
     for (const room of this.rooms.values()) {
       room.joinReq = null;
+      room.syncReq = null;
       clearTimeout(room.retryTimer);
       if (room.state === "joined") this.setRoomState(room, "joining");
     }
@@ -392,6 +398,9 @@ export class ChatClient extends Emitter<ClientEvents> {
         return this.onJoined(msg);
       case "error":
         return this.onError(msg);
+      case "pong":
+        if (typeof msg.id === "string" && msg.id.startsWith(SYNC_PREFIX)) return this.onSynced(msg.id);
+        return;
       default:
         if (msg.id !== undefined) this.settle(String(msg.id), msg);
     }
@@ -574,7 +583,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         state: "left",
         lastId: opts.since ?? null,
         acceptJump: false,
-        replayUntil: 0,
+        syncReq: null,
         joinReq: null,
         users: [],
         waiters: [],
@@ -630,6 +639,8 @@ export class ChatClient extends Emitter<ClientEvents> {
     const frame: Record<string, unknown> = { type: "join", id, room: room.name };
     if (room.lastId !== null) frame.since = room.lastId;
     this.send_(frame);
+    room.syncReq = this.nextId(SYNC_PREFIX);
+    this.send_({ type: "ping", id: room.syncReq });
   }
 
   private onJoined(msg: JoinResult & { id?: unknown }): void {
@@ -650,7 +661,6 @@ export class ChatClient extends Emitter<ClientEvents> {
       room.acceptJump = true;
       this.emit("recoveryFailed", { room: room.name, since: pending.since!, last_id: msg.last_id });
     }
-    room.replayUntil = msg.last_id;
     const result: JoinResult = { room: msg.room, users: room.users, last_id: msg.last_id };
     if (msg.recovered !== undefined) result.recovered = msg.recovered;
     this.setRoomState(room, "joined");
@@ -660,6 +670,15 @@ export class ChatClient extends Emitter<ClientEvents> {
       w.resolve(result);
     }
     this.flush();
+  }
+
+  private onSynced(id: string): void {
+    for (const room of this.rooms.values()) {
+      if (room.syncReq === id) {
+        room.syncReq = null;
+        this.flush();
+      }
+    }
   }
 
   private onJoinError(id: string, err: ChatError): void {
@@ -705,7 +724,6 @@ export class ChatClient extends Emitter<ClientEvents> {
       room.lastId = m.id;
       room.acceptJump = false;
       this.emit("message", m);
-      if (room.lastId === room.replayUntil && this.outbox.size) this.flush();
       return;
     }
     // A gap: something between lastId and m.id was missed. Rejoin with `since`; the server
@@ -793,7 +811,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         if (blocked.has(e.room)) continue;
         const room = this.rooms.get(e.room);
         // The room's rejoin and replay come first: the replay may hold this very message.
-        if (!room || room.state !== "joined" || room.joinReq || (room.lastId ?? 0) < room.replayUntil) {
+        if (!room || room.state !== "joined" || room.joinReq || room.syncReq) {
           blocked.add(e.room);
           continue;
         }
@@ -896,9 +914,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     const idle = this.opts.typingTimeout ?? 3000;
     const t = this.typingState.get(room);
     if (t) clearTimeout(t.timer);
-    const sentAt = !t || now - t.sentAt >= idle ? now : t.sentAt;
-    if (sentAt === now) this.send_({ type: "typing", id: this.nextId(TYPING_PREFIX), room, status: true });
-    this.typingState.set(room, { sentAt, timer: setTimeout(() => this.stopTyping(room), idle) });
+    const again = !t || now - t.sentAt >= idle;
+    if (again) this.send_({ type: "typing", id: this.nextId(TYPING_PREFIX), room, status: true });
+    this.typingState.set(room, { sentAt: again ? now : t!.sentAt, timer: setTimeout(() => this.stopTyping(room), idle) });
   }
 
   /** Sends `typing: false` now if `typing(room)` was called and not yet ended. */
