@@ -185,7 +185,7 @@ export class ChatClient extends Emitter<ClientEvents> {
    * first `connected`; rejects if the client stops for good before that.
    */
   connect(): Promise<Welcome> {
-    const settled = new Promise<Welcome>((resolve, reject) => {
+    const settled = handled(new Promise<Welcome>((resolve, reject) => {
       if (this.established && this.welcome) return resolve(this.welcome);
       const offC = this.once("connected", (w) => {
         offD();
@@ -195,7 +195,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         offC();
         reject(new ChatError("closed", `disconnected: ${e.code} ${e.reason}`, { closeCode: e.code }));
       });
-    });
+    }));
     if (!this.wanted) {
       this.wanted = true;
       this.attempt = 0;
@@ -272,9 +272,12 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.ws = null;
     this.conn++;
     if (!ws) return;
-    ws.onmessage = ws.onclose = ws.onerror = ws.onopen = null;
+    ws.onmessage = ws.onclose = ws.onopen = null;
+    // `ws` throws an 'error' event nobody listens to (closing a socket still connecting
+    // emits one), so a listener stays.
+    ws.onerror = () => {};
     try {
-      ws.close(code, reason);
+      ws.close(code, (reason ?? "").slice(0, 60));
     } catch {
       /* already closing */
     }
@@ -577,6 +580,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (r?.state === "joined") {
       return Promise.resolve({ room, users: r.users, last_id: r.lastId ?? 0 });
     }
+    if (!validRoom(room)) {
+      return handled(Promise.reject(new ChatError("invalid_room", `invalid room name: ${JSON.stringify(room)}`)));
+    }
     if (!r) {
       r = {
         name: room,
@@ -593,14 +599,14 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (this.established) this.sendJoin(r);
     }
     const rec = r;
-    return new Promise<JoinResult>((resolve, reject) => {
+    return handled(new Promise<JoinResult>((resolve, reject) => {
       const waiter: Waiter<JoinResult> = { resolve, reject };
       waiter.timer = setTimeout(() => {
         rec.waiters = rec.waiters.filter((w) => w !== waiter);
         reject(new ChatError("timeout", `join ${room}: no answer in time`));
       }, opts.timeout ?? this.opts.requestTimeout ?? 10_000);
       rec.waiters.push(waiter);
-    });
+    }));
   }
 
   /** Leaves `room`; its sends not yet on the wire are dropped (their promises reject with `left`). */
@@ -750,7 +756,7 @@ export class ChatClient extends Emitter<ClientEvents> {
    */
   send(room: string, text: string, opts: { clientMsgId?: string; timeout?: number } = {}): Promise<ChatMessage> {
     if (!this.rooms.has(room)) {
-      return Promise.reject(new ChatError("not_in_room", `join ${room} before sending to it`));
+      return handled(Promise.reject(new ChatError("not_in_room", `join ${room} before sending to it`)));
     }
     this.clearTyping(room, false);
     return this.enqueue(
@@ -769,12 +775,12 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   private enqueue(entry: OutboxEntry, timeout?: number): Promise<ChatMessage | DirectMessage> {
     if (this.outbox.has(entry.client_msg_id)) {
-      return Promise.reject(new ChatError("invalid_message", `client_msg_id ${entry.client_msg_id} is already pending`));
+      return handled(Promise.reject(new ChatError("invalid_message", `client_msg_id ${entry.client_msg_id} is already pending`)));
     }
     if (this.outbox.full) {
-      return Promise.reject(new ChatError("outbox_full", `${this.outbox.limit} sends are already waiting`));
+      return handled(Promise.reject(new ChatError("outbox_full", `${this.outbox.limit} sends are already waiting`)));
     }
-    return new Promise((resolve, reject) => {
+    return handled(new Promise((resolve, reject) => {
       const waiter: Waiter<ChatMessage | DirectMessage> = { resolve, reject };
       const ms = timeout ?? this.opts.sendTimeout ?? 0;
       if (ms > 0) {
@@ -786,7 +792,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       this.sendWaiters.set(entry.client_msg_id, waiter);
       this.outbox.add(entry);
       this.flush();
-    });
+    }));
   }
 
   /** Puts what the outbox may send on the wire: in order, at most `maxInFlight` unacknowledged. */
@@ -1002,6 +1008,20 @@ export function randomId(): string {
   bytes[8] = (bytes[8]! & 0x3f) | 0x80;
   const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/**
+ * Marks a promise as handled, so an app that fires `connect`, `join`, `send` or `dm` and
+ * forgets the promise never dies of an unhandled rejection; failures are `error` events too.
+ */
+function handled<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => {});
+  return p;
+}
+
+/** The server's room-name rule (README "Client -> server"), checked before a room is kept. */
+function validRoom(room: string): boolean {
+  return typeof room === "string" && /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(room);
 }
 
 function welcomeOf(w: Welcome & { id?: unknown; type?: unknown }): Welcome {

@@ -315,3 +315,45 @@ test("randomId: UUID v4 shaped and distinct", () => {
   assert.equal(ids.size, 100);
   for (const id of ids) assert.match(id, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
 });
+
+test("rooms: a join the server refuses rejects with its code and leaves nothing behind", async () => {
+  const { server, c, events } = setup();
+  server.replies.push((ws, f) => {
+    if (f.type !== "join") return false;
+    server.push(ws, { type: "error", id: f.id, code: "too_many_rooms", message: "at most 100" });
+    return true;
+  });
+  await c.connect();
+  const queued = c.join("r101");
+  const send = c.send("r101", "never");
+  await assert.rejects(queued, { code: "too_many_rooms" });
+  await assert.rejects(send, { code: "too_many_rooms" });
+  assert.equal(c.roomState("r101"), "left");
+  assert.deepEqual(c.pending, []);
+  assert.equal(events("error").at(-1).code, "too_many_rooms");
+  await assert.rejects(c.join("bad room"), { code: "invalid_room" });
+  c.disconnect();
+});
+
+test("unhandled: promises an app forgets never crash it", async () => {
+  const { c } = setup({ requestTimeout: 10 });
+  void c.connect();
+  void c.join("x y");
+  void c.send("nowhere", "x");
+  c.disconnect();
+  await tick(30);
+});
+
+test("heartbeat: a socket that answers nothing is given up and replaced", async () => {
+  const { server, c, events } = setup({ pongTimeout: 30 });
+  server.handle = () => {}; // deaf: never answers again
+  server.accept = function (ws) {
+    ws.readyState = 1;
+    this.push(ws, { type: "welcome", user_id: "g", username: "g", authenticated: false, auth_required: false, heartbeat_interval: 0.05 });
+  };
+  await c.connect();
+  await until(() => events("connecting").some((e) => e.reason === "no answer to ping"), "the ping timeout");
+  assert.ok(server.sockets[0].sent.some((f) => f.type === "ping"));
+  assert.equal(server.sockets[0].closedWith.code, 4000);
+  c.disconnect();
+});
