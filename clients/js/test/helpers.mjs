@@ -101,7 +101,7 @@ export function recorder(client) {
     rooms.get(m.room).push(m.id);
   });
   for (const e of ["state", "connecting", "connected", "disconnected", "joined", "recoveryFailed", "error"]) {
-    client.on(e, (payload) => events.push({ event: e, payload }));
+    client.on(e, (payload) => events.push({ event: e, payload, t: Date.now() }));
   }
   return { ids: (room) => rooms.get(room) ?? [], events };
 }

@@ -357,3 +357,27 @@ test("heartbeat: a socket that answers nothing is given up and replaced", async 
   assert.equal(server.sockets[0].closedWith.code, 4000);
   c.disconnect();
 });
+
+test("browser: the online event ends the backoff wait at once", async () => {
+  const listeners = new Map();
+  globalThis.window = globalThis;
+  globalThis.addEventListener = (type, fn) => listeners.set(type, fn);
+  globalThis.removeEventListener = (type) => listeners.delete(type);
+  try {
+    const { server, c } = setup({ minReconnectDelay: 60_000, random: () => 0.99 });
+    await c.connect();
+    assert.equal(typeof listeners.get("online"), "function");
+    server.drop(server.last, 1006);
+    await tick(20);
+    assert.equal(server.sockets.length, 1, "waiting out the backoff");
+    listeners.get("online")();
+    await until(() => c.state === "connected", "the reconnect on online");
+    assert.equal(server.sockets.length, 2);
+    c.disconnect();
+    assert.equal(listeners.has("online"), false, "the listener goes with disconnect()");
+  } finally {
+    delete globalThis.window;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
