@@ -35,6 +35,46 @@ async function signedIn(url, sub, options = {}) {
   return { c, app };
 }
 
+/** Signed-in clients (`[url, sub]` each) joined to `room`, as `{name, c, app}`. */
+async function members(room, ...specs) {
+  const joined = [];
+  for (const [url, sub] of specs) {
+    const m = await signedIn(url, sub);
+    await m.c.join(room);
+    joined.push({ name: sub, ...m });
+  }
+  return joined;
+}
+
+/** `c` sends to `room` every `every` ms, each send awaited, until `stop()`; `acked` fills with the ids. */
+function steady(c, room, label, every = 20) {
+  const acked = [];
+  let on = true;
+  const done = (async () => {
+    for (let i = 0; on; i++) {
+      acked.push((await c.send(room, `${label} ${i}`)).id);
+      await new Promise((r) => setTimeout(r, every));
+    }
+  })();
+  return {
+    acked,
+    async stop() {
+      on = false;
+      await done;
+      return acked;
+    },
+  };
+}
+
+/** Every member has the last acknowledged message, and all of them exactly once, in order. */
+async function allDelivered(room, acked, who) {
+  acked.sort((x, y) => x - y);
+  for (const m of who) {
+    await until(() => m.app.ids(room).at(-1) === acked.at(-1), `${m.name} up to date`);
+    assertExactlyOnce(m.app, room, acked, 0, m.name);
+  }
+}
+
 /** Sends `n` messages from `c` to `room`, all at once; resolves with their ids. */
 async function burst(c, room, n, label) {
   const acks = await Promise.all(Array.from({ length: n }, (_, i) => c.send(room, `${label} ${i}`)));
@@ -105,10 +145,7 @@ test("recovery_after_server_close", async () => {
   const s = await harness.server({ backend: "redis" });
   const p = await harness.server({ backend: "redis" });
   const room = "recovery";
-  const c = await signedIn(s.url, "carol");
-  const pub = await signedIn(p.url, "pete");
-  await c.c.join(room);
-  await pub.c.join(room);
+  const [c, pub] = await members(room, [s.url, "carol"], [p.url, "pete"]);
   const acked = await burst(pub.c, room, 5, "before");
   await until(() => c.app.ids(room).length === 5, "the first five");
 
@@ -135,55 +172,37 @@ test("rolling_restart", async () => {
     let calls = 0;
     return () => (calls++ === 0 ? a.url : b.url);
   };
-  const members = [];
-  for (const name of ["m1", "m2", "m3"]) {
-    const m = await signedIn(urlFor(), name);
-    await m.c.join(room);
-    members.push({ name, ...m });
-  }
-  const pub = await signedIn(b.url, "publisher");
-  await pub.c.join(room);
-
-  const acked = [];
-  let publishing = true;
-  const publisher = (async () => {
-    for (let i = 0; publishing; i++) {
-      acked.push((await pub.c.send(room, `tick ${i}`)).id);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  })();
-  // A member that sends through the restart too: its sends wait in the outbox.
+  const movers = await members(room, [urlFor(), "m1"], [urlFor(), "m2"], [urlFor(), "m3"]);
+  const [pub] = await members(room, [b.url, "publisher"]);
+  const publisher = steady(pub.c, room, "tick");
+  // A member that sends through the restart too: its sends wait in the outbox (not awaited
+  // one by one, so they pile up while it moves).
   const memberSends = [];
+  let sending = true;
   const sender = (async () => {
-    for (let i = 0; publishing; i++) {
-      memberSends.push(members[0].c.send(room, `member ${i}`));
+    for (let i = 0; sending; i++) {
+      memberSends.push(movers[0].c.send(room, `member ${i}`));
       await new Promise((r) => setTimeout(r, 50));
     }
   })();
-  await until(() => acked.length >= 10, "ten messages before the restart");
-  const moved = members.map((m) => next(m.c, "joined", (e) => e.room === room && e.rejoin));
+  await until(() => publisher.acked.length >= 10, "ten messages before the restart");
+  const moved = movers.map((m) => next(m.c, "joined", (e) => e.room === room && e.rejoin));
   await harness.call(`/servers/${a.id}/stop`, { signal: "TERM" });
   const rejoins = await Promise.all(moved);
   for (const j of rejoins) assert.equal(j.recovered, true);
-  const afterMove = acked.length;
-  await until(() => acked.length >= afterMove + 10, "ten messages after the move");
-  publishing = false;
-  await Promise.all([publisher, sender]);
+  const afterMove = publisher.acked.length;
+  await until(() => publisher.acked.length >= afterMove + 10, "ten messages after the move");
+  sending = false;
+  const acked = await publisher.stop();
+  await sender;
   for (const m of await Promise.all(memberSends)) acked.push(m.id);
-  acked.sort((x, y) => x - y);
-  for (const m of [...members, { name: "publisher", ...pub }]) {
-    await until(() => m.app.ids(room).at(-1) === acked.at(-1), `${m.name} up to date`);
-    assertExactlyOnce(m.app, room, acked, 0, m.name);
-  }
+  await allDelivered(room, acked, [...movers, pub]);
 });
 
 test("redis_restart", async () => {
   const s = await harness.server({ backend: "redis" });
   const room = "outage";
-  const a = await signedIn(s.url, "alba");
-  const b = await signedIn(s.url, "bert");
-  await a.c.join(room);
-  await b.c.join(room);
+  const [a, b] = await members(room, [s.url, "alba"], [s.url, "bert"]);
   const before = await burst(a.c, room, 5, "before");
 
   await harness.call("/redis/stop");
@@ -207,46 +226,28 @@ test("redis_restart", async () => {
 test("kill_worker", async () => {
   const s = await harness.server({ backend: "redis", workers: 2 });
   const room = "crash";
-  const members = [];
-  for (let i = 0; i < 8; i++) {
-    const m = await signedIn(s.url, `k${i}`);
-    await m.c.join(room);
-    members.push({ name: `k${i}`, ...m });
-  }
+  const all = await members(room, ...Array.from({ length: 8 }, (_, i) => [s.url, `k${i}`]));
   // A publisher keeps sending (every send awaited) through the kill and past the rejoins.
-  const pub = members[0];
-  const acked = [];
-  let publishing = true;
-  const publisher = (async () => {
-    for (let i = 0; publishing; i++) {
-      acked.push((await pub.c.send(room, `tick ${i}`)).id);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  })();
-  await until(() => acked.length >= 5, "five messages before the kill");
+  const publisher = steady(all[0].c, room, "tick");
+  await until(() => publisher.acked.length >= 5, "five messages before the kill");
   // The kernel may have handed every connection to one worker: if the first victim held
   // none, the next kill takes the other original worker (the harness kills the lowest pid).
   const cut = (m) => m.app.events.some((e) => e.event === "connecting" && e.payload.code === 1006);
   let moved = [];
   for (let kill = 0; kill < 2 && moved.length === 0; kill++) {
     await harness.call(`/servers/${s.id}/kill-worker`);
-    const found = () => (members.some(cut) ? members.filter(cut) : null);
+    const found = () => (all.some(cut) ? all.filter(cut) : null);
     moved = await until(found, "a client on the killed worker", 2000).catch(() => []);
   }
   assert.ok(moved.length >= 1, "no client was on either killed worker");
   await until(() => moved.every((m) => m.c.roomState(room) === "joined"), "the rejoins");
-  const rejoined = acked.length;
+  const rejoined = publisher.acked.length;
   // Every member sends once more: those that were on the dead worker from a new connection.
-  const sends = members.map((m) => m.c.send(room, `after from ${m.name}`));
-  await until(() => acked.length >= rejoined + 10, "ten messages after the rejoins");
-  publishing = false;
-  await publisher;
+  const sends = all.map((m) => m.c.send(room, `after from ${m.name}`));
+  await until(() => publisher.acked.length >= rejoined + 10, "ten messages after the rejoins");
+  const acked = await publisher.stop();
   for (const m of await Promise.all(sends)) acked.push(m.id);
-  acked.sort((x, y) => x - y);
-  for (const m of members) {
-    await until(() => m.app.ids(room).at(-1) === acked.at(-1), `${m.name} up to date`);
-    assertExactlyOnce(m.app, room, acked, 0, m.name);
-  }
+  await allDelivered(room, acked, all);
 });
 
 test("token_refresh", async () => {
