@@ -4,6 +4,7 @@
 // exactly once and in id order.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import WebSocket from "ws";
 import { ChatClient, memoryOutbox } from "../../dist/index.mjs";
 import { assertExactlyOnce, next, recorder, startHarness, TIMEOUT, until } from "../helpers.mjs";
@@ -373,4 +374,42 @@ test("outbox_resend across a page reload (persisted outbox)", async () => {
   await until(() => b.app.ids(room).length === 10, "rolf's ten messages");
   assertExactlyOnce(b.app, room, ids, 0, "rolf");
   assert.equal((await b.c.history(room)).length, 10, "the server stored a resend twice");
+});
+
+/** An HS256 JWT with extra claims (the harness's /token signs only sub, name and ttl). */
+function signed(claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ exp: Math.floor(Date.now() / 1000) + 3600, ...claims })}`;
+  return `${body}.${createHmac("sha256", harness.secret).update(body).digest("base64url")}`;
+}
+
+test("moderation against the server: kick is a removed room, mute rejects sends", async () => {
+  const s = await harness.server();
+  const room = "moderated";
+  const mod = client(s.url, { token: signed({ sub: "mia", name: "Mia", mod_rooms: [room] }) });
+  await mod.connect();
+  await mod.join(room);
+  const [user] = await members(room, [s.url, "ulf"]);
+  const removed = next(user.c, "removed");
+  assert.deepEqual(await mod.kick(room, "ulf", { reason: "spam" }), { action: "kick", room, user_id: "ulf" });
+  const event = await removed;
+  assert.equal(event.room, room);
+  assert.equal(event.reason, "spam");
+  assert.equal(event.by, "mia");
+  assert.equal(user.c.roomState(room), "left");
+  await assert.rejects(user.c.send(room, "still here?"), { code: "not_in_room" });
+
+  await user.c.join(room); // a kick is not a ban
+  const muted = next(user.c, "muted");
+  const reply = await mod.mute(room, "ulf", { duration: 60 });
+  assert.equal(reply.action, "mute");
+  assert.ok(reply.until > Date.now());
+  assert.equal((await muted).room, room);
+  const err = await user.c.send(room, "let me speak").catch((e) => e);
+  assert.equal(err.code, "muted");
+  assert.equal(err.details.until, reply.until);
+  assert.equal(user.c.pending.length, 0);
+  await mod.unmute(room, "ulf");
+  assert.equal((await user.c.send(room, "thanks")).text, "thanks");
+  await assert.rejects(user.c.kick(room, "mia"), { code: "forbidden" });
 });
