@@ -82,7 +82,7 @@ interface Room {
   state: RoomState;
   /** The last message id surfaced to the app; null until the first `joined`. */
   lastId: number | null;
-  /** After `recovered: false`: the next message is taken whatever its id. */
+  /** After `recovered: false`: the next message is taken whatever its id (even a lower one). */
   acceptJump: boolean;
   /**
    * The id of the `ping` sent right behind the `join`: the server answers commands in
@@ -765,13 +765,15 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.acknowledge(m);
     const room = this.rooms.get(m.room);
     if (!room || room.lastId === null || typeof m.id !== "number") return;
-    if (m.id <= room.lastId) return; // seen: never surfaced twice
-    if (m.id === room.lastId + 1 || room.acceptJump) {
+    // After `recovered: false` the next message sets the baseline, even below the last id:
+    // a server that lost its ids (a restarted memory backend) numbers from 1 again.
+    if (room.acceptJump || m.id === room.lastId + 1) {
       room.lastId = m.id;
       room.acceptJump = false;
       this.emit("message", m);
       return;
     }
+    if (m.id <= room.lastId) return; // seen: never surfaced twice
     // A gap: something between lastId and m.id was missed. Rejoin with `since`; the server
     // replays the missing messages, this one included, in order.
     if (room.joinReq === null && this.established) this.sendJoin(room);

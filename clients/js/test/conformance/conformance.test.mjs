@@ -413,3 +413,20 @@ test("moderation against the server: kick is a removed room, mute rejects sends"
   assert.equal((await user.c.send(room, "thanks")).text, "thanks");
   await assert.rejects(user.c.kick(room, "mia"), { code: "forbidden" });
 });
+
+test("memory server restart: its ids start over, and the clients follow", async () => {
+  const s = await harness.server();
+  const room = "amnesia";
+  const [a, b] = await members(room, [s.url, "amy"], [s.url, "ben"]);
+  await burst(a.c, room, 5, "before");
+  await until(() => b.app.ids(room).length === 5, "ben's five");
+  const forgotten = [a, b].map((m) => next(m.c, "recoveryFailed", (e) => e.room === room));
+  await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
+  await harness.call(`/servers/${s.id}/start`);
+  await Promise.all(forgotten);
+  const after = await burst(a.c, room, 3, "after");
+  assert.deepEqual(after, [1, 2, 3]);
+  await until(() => b.app.ids(room).length === 8, "ben's three new messages");
+  assert.deepEqual(b.app.ids(room), [1, 2, 3, 4, 5, 1, 2, 3]);
+  assert.equal(b.app.text(room, 3), "after 2");
+});

@@ -466,3 +466,20 @@ test("sends: an echo lost on a live connection is asked for again after ackTimeo
   assert.equal(server.room("r").messages.length, 1);
   c.disconnect();
 });
+
+test("recovery: a server that lost its ids (numbers from 1 again) is followed, not filtered as doubles", async () => {
+  const { server, c, events, messages } = setup();
+  await c.connect();
+  await c.join("r");
+  for (let i = 0; i < 5; i++) server.post("r", `old ${i}`);
+  await until(() => messages.length === 5, "five messages");
+  server.rooms.clear(); // the server restarted without its memory
+  server.drop(server.last, 1001);
+  await until(() => events("recoveryFailed").length === 1, "the failed recovery");
+  server.post("r", "new 1");
+  server.post("r", "new 2");
+  await until(() => messages.length === 7, "the new messages");
+  assert.deepEqual(messages, [1, 2, 3, 4, 5, 1, 2]);
+  assert.equal(c.lastId("r"), 2);
+  c.disconnect();
+});
