@@ -71,6 +71,11 @@ export interface ClientOptions {
   ackTimeout?: number;
   /** How long a JSON `ping` may wait for an answer before the socket is given up, ms (default 10000). */
   pongTimeout?: number;
+  /**
+   * In a browser: while the page is hidden, a due reconnect waits until it is visible again
+   * (default false; mobile browsers throttle hidden pages anyway).
+   */
+  pauseWhenHidden?: boolean;
   /** Randomness for the jitter (tests). */
   random?: () => number;
 }
@@ -149,6 +154,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   private pingSentAt = 0;
   private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack", ReturnType<typeof setTimeout>>> = {};
   private onlineListener: (() => void) | null = null;
+  private visibleListener: (() => void) | null = null;
 
   constructor(options: ClientOptions) {
     super();
@@ -355,13 +361,14 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.clearTimer("reconnect");
     this.timers.reconnect = setTimeout(() => {
       delete this.timers.reconnect;
-      void this.open();
+      if (!this.waitVisible()) void this.open();
     }, delay);
   }
 
   private stop(code: number, reason: string, error?: ChatError): void {
     this.wanted = false;
     this.listenOnline(false);
+    this.stopWaitingVisible();
     this.clearTimer("reconnect");
     this.detachSocket(1000, reason);
     this.connectionLost();
@@ -373,6 +380,27 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (error) this.emit("error", error);
     this.setState("disconnected");
     this.emit("disconnected", { code, reason, reconnect: false });
+  }
+
+  /** With `pauseWhenHidden` on a hidden page: reconnects once the page is visible; true if it waits. */
+  private waitVisible(): boolean {
+    const doc = (globalThis as { document?: { hidden?: boolean; addEventListener: Function; removeEventListener: Function } }).document;
+    if (!this.opts.pauseWhenHidden || !doc || doc.hidden !== true) return false;
+    if (this.visibleListener) return true;
+    const listener = () => {
+      if (doc.hidden) return;
+      this.stopWaitingVisible();
+      if (this.wanted && !this.ws) void this.open();
+    };
+    this.visibleListener = listener;
+    doc.addEventListener("visibilitychange", listener);
+    return true;
+  }
+
+  private stopWaitingVisible(): void {
+    const doc = (globalThis as { document?: { removeEventListener: Function } }).document;
+    if (this.visibleListener) doc?.removeEventListener("visibilitychange", this.visibleListener);
+    this.visibleListener = null;
   }
 
   private listenOnline(on: boolean): void {

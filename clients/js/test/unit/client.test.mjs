@@ -483,3 +483,25 @@ test("recovery: a server that lost its ids (numbers from 1 again) is followed, n
   assert.equal(c.lastId("r"), 2);
   c.disconnect();
 });
+
+test("browser: pauseWhenHidden holds a due reconnect until the page is visible", async () => {
+  const listeners = new Map();
+  const doc = { hidden: true, addEventListener: (t, fn) => listeners.set(t, fn), removeEventListener: (t) => listeners.delete(t) };
+  globalThis.document = doc;
+  try {
+    const { server, c } = setup({ pauseWhenHidden: true });
+    await c.connect();
+    server.drop(server.last, 1006);
+    await until(() => listeners.has("visibilitychange"), "the wait for visibility");
+    await tick(30);
+    assert.equal(server.sockets.length, 1, "no reconnect while hidden");
+    assert.equal(c.state, "connecting");
+    doc.hidden = false;
+    listeners.get("visibilitychange")();
+    await until(() => c.state === "connected", "the reconnect once visible");
+    assert.equal(listeners.has("visibilitychange"), false);
+    c.disconnect();
+  } finally {
+    delete globalThis.document;
+  }
+});
