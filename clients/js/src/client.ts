@@ -929,7 +929,9 @@ export class ChatClient extends Emitter<ClientEvents> {
   private acknowledge(m: ChatMessage | DirectMessage): void {
     const cmid = m.client_msg_id;
     if (!cmid || !this.outbox.remove(cmid)) return;
-    this.inflight.delete(cmid);
+    if (this.inflight.delete(cmid)) {
+      for (const [req, c] of this.inflightReq) if (c === cmid) this.inflightReq.delete(req);
+    }
     this.inflightAt.delete(cmid);
     this.retryAttempt = 0;
     const waiter = this.sendWaiters.get(cmid);

@@ -136,6 +136,20 @@ test("join_send_ack", async () => {
   assert.equal(err.code, "invalid_room");
   assert.equal(a.c.roomState("no spaces allowed"), "left");
   await assert.rejects(a.c.send("elsewhere", "x"), { code: "not_in_room" });
+  // Presence and typing, as the server words them.
+  const online = next(a.c, "presence", (e) => e.user_id === "cid");
+  const [cid] = await members("general", [s.url, "cid"]);
+  assert.equal((await online).status, "online");
+  const typing = next(b.c, "typing", (e) => e.user_id === "cid");
+  cid.c.typing("general");
+  assert.equal((await typing).status, true);
+  const stopped = next(b.c, "typing", (e) => e.user_id === "cid");
+  cid.c.stopTyping("general");
+  assert.equal((await stopped).status, false);
+  const offline = next(a.c, "presence", (e) => e.user_id === "cid");
+  await cid.c.leave("general");
+  assert.equal((await offline).status, "offline");
+
   const received = next(b.c, "dm");
   const dm = await a.c.dm("bob", "psst");
   assert.equal(dm.to, "bob");
