@@ -144,19 +144,30 @@ const CLOSE_WORDS = {
   4102: "Too many messages at once",
 };
 let countdown = null;
+let outage = null; // why the connection went, kept in words until it is back
 function reconnecting(attempt, delay, code) {
   clearInterval(countdown);
   clearAllTyping();
-  const why = navigator.onLine === false ? "No network" : (CLOSE_WORDS[code] ?? (code ? "Disconnected" : null));
+  if (navigator.onLine === false) outage = "No network";
+  else if (!outage && code) outage = CLOSE_WORDS[code] ?? "Disconnected";
+  else if (outage && code === 1006) outage = outage.replace(/( \(the server cannot be reached\))?$/, " (the server cannot be reached)");
   const until = Date.now() + delay;
   const show = () => {
     const left = Math.ceil((until - Date.now()) / 1000);
     const when = left > 0 ? `reconnecting in ${left} s…` : "reconnecting…";
-    setStatus("reconnecting", why ? `${why}; ${when}` : `Connecting… (${when})`);
+    setStatus("reconnecting", outage ? `${outage}; ${when}` : `Connecting… (${when})`);
+    $("retry").hidden = left <= 1;
     if (left <= 0) clearInterval(countdown);
   };
   show();
   if (delay > 1000) countdown = setInterval(show, 1000);
+}
+
+/** "Retry now": a new connection at once instead of waiting out the backoff. */
+function retryNow() {
+  $("retry").hidden = true;
+  state.client.disconnect();
+  state.client.connect().catch(() => { /* reported by the "disconnected" event */ });
 }
 
 function stopped(code, reason) {
@@ -173,7 +184,8 @@ function setStatus(kind, text) {
   const el = $("status");
   el.dataset.state = kind;
   el.textContent = text;
-  if (kind === "connected") clearInterval(countdown);
+  if (kind !== "reconnecting") $("retry").hidden = true;
+  if (kind === "connected") { clearInterval(countdown); outage = null; }
   renderComposer();
 }
 
@@ -772,6 +784,7 @@ $("menu").addEventListener("click", () => {
   $("app").dataset.menu = $("app").dataset.menu === "open" ? "closed" : "open";
 });
 $("switch-user").addEventListener("click", () => showSignin());
+$("retry").addEventListener("click", retryNow);
 $("signin-form").addEventListener("submit", signinSubmitted);
 $("signin").addEventListener("cancel", (e) => { if (!state.identity) e.preventDefault(); });
 document.addEventListener("visibilitychange", () => {
