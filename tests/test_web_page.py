@@ -200,6 +200,25 @@ def test_errors_show_next_to_their_cause(web_server: Server,
     expect(refused).to_have_count(0)
 
 
+def test_history_on_join_and_older_on_scroll(web_server: Server,
+                                             people: Callable[..., ChatPage]) -> None:
+    """Joining shows the latest 50 messages; scrolling to the top loads the older ones."""
+    with Client(web_server.url, "username=writer") as writer:
+        writer.join("long")
+        for i in range(1, 71):
+            writer.say("long", f"line {i}")
+    alice = people(web_server, "alice")
+    alice.page.locator("#join-room").fill("long")
+    alice.page.locator("#join-room").press("Enter")
+    shown = alice.page.locator("#messages .msg")
+    expect(shown).to_have_count(50)
+    assert texts(alice) == [f"line {i}" for i in range(21, 71)]
+    alice.page.locator("#scroller").evaluate("el => { el.scrollTop = 0; }")
+    expect(shown).to_have_count(70)
+    assert texts(alice) == [f"line {i}" for i in range(1, 71)]
+    expect(alice.page.locator("#messages .notice", has_text="start of # long")).to_be_visible()
+
+
 # ---- restarts and reloads ------------------------------------------------------------------
 
 def test_memory_server_restart_mid_conversation(people: Callable[..., ChatPage]) -> None:

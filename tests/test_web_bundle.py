@@ -1,0 +1,35 @@
+"""The page's copy of the JavaScript client library is the build of clients/js.
+
+The Python package ships wschat/web/wschat-client.js (no Node at run time); it must be
+what clients/js builds from its sources today. After changing clients/js, run
+``scripts/update-web-bundle.sh``. Needs clients/js's dev dependencies (``npm ci`` there):
+outside CI their absence skips this test, under ``CI=true`` it fails it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from conftest import ROOT, TIMEOUT, service_unavailable
+
+CLIENT = ROOT / "clients" / "js"
+SHIPPED = ROOT / "wschat" / "web" / "wschat-client.js"
+
+
+def without_source_map(code: str) -> str:
+    return "".join(line for line in code.splitlines(keepends=True)
+                   if not line.startswith("//# sourceMappingURL="))
+
+
+def test_shipped_bundle_is_the_build_of_clients_js() -> None:
+    """wschat/web/wschat-client.js equals clients/js's fresh browser build (minus its map link)."""
+    node = shutil.which("node")
+    if node is None or not (CLIENT / "node_modules" / "esbuild").is_dir():
+        service_unavailable("node and clients/js/node_modules are needed (cd clients/js && npm ci)")
+    subprocess.run([node, "scripts/build.mjs"], cwd=CLIENT, check=True, capture_output=True,
+                   timeout=60 * TIMEOUT)
+    built = without_source_map((CLIENT / "dist" / "wschat-client.browser.js").read_text())
+    assert SHIPPED.read_text() == built, (
+        "wschat/web/wschat-client.js is not the build of clients/js/src: "
+        "run scripts/update-web-bundle.sh and commit the result")
