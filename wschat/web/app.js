@@ -149,8 +149,8 @@ function reconnecting(attempt, delay, code) {
   clearInterval(countdown);
   clearAllTyping();
   if (navigator.onLine === false) outage = "No network";
+  else if (!outage && !state.me) outage = "Cannot reach the server";
   else if (!outage && code) outage = CLOSE_WORDS[code] ?? "Disconnected";
-  else if (outage && code === 1006) outage = outage.replace(/( \(the server cannot be reached\))?$/, " (the server cannot be reached)");
   const until = Date.now() + delay;
   const show = () => {
     const left = Math.ceil((until - Date.now()) / 1000);
@@ -329,8 +329,8 @@ function serverForgot() {
     c.notices = [{ afterId: 0, text: "The server restarted and lost earlier messages.", warn: true }];
     c.atStart = false;
     c.loaded = false;
+    c.unread = 0;
   }
-  for (const c of state.conversations.values()) if (c.kind === "dm") c.messages.clear();
   restartClient();
   renderAll();
 }
@@ -782,6 +782,9 @@ $("scroller").addEventListener("scroll", () => {
 });
 $("menu").addEventListener("click", () => {
   $("app").dataset.menu = $("app").dataset.menu === "open" ? "closed" : "open";
+});
+document.querySelector("main.chat").addEventListener("click", (e) => {
+  if ($("app").dataset.menu === "open" && !$("menu").contains(e.target)) $("app").dataset.menu = "closed";
 });
 $("switch-user").addEventListener("click", () => showSignin());
 $("retry").addEventListener("click", retryNow);
