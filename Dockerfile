@@ -4,6 +4,8 @@
 #
 #   docker build -t wschat:0.1.0 .
 #   docker run --rm -p 8080:8080 -p 8081:8081 wschat:0.1.0
+#   docker run --rm -p 8080:8080 -p 8081:8081 -e ENABLE_PERSISTENCE=true \
+#       -v wschat-data:/data wschat:0.1.0        # SQLite in /data/wschat.db
 #
 # Two stages: "build" installs the project and its runtime dependencies into a
 # virtual environment at /opt/venv; "runtime" is a fresh slim Python image that
@@ -48,15 +50,21 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
     PORT=8080 \
-    METRICS_PORT=8081
+    METRICS_PORT=8081 \
+    DATABASE_URL=sqlite:////data/wschat.db
 
 RUN groupadd --system --gid "${APP_UID}" wschat \
     && useradd --system --uid "${APP_UID}" --gid wschat --no-create-home \
-       --home-dir /nonexistent --shell /usr/sbin/nologin wschat
+       --home-dir /nonexistent --shell /usr/sbin/nologin wschat \
+    && install -d -o "${APP_UID}" -g "${APP_UID}" -m 0750 /data
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY gunicorn.conf.py ./
+
+# With ENABLE_PERSISTENCE=true (and no other DATABASE_URL) the SQLite file lives
+# here, writable by the user below; mount a volume to keep it across containers.
+VOLUME ["/data"]
 
 # Numeric so that Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001

@@ -86,6 +86,7 @@ preload_app = False  # the app must be imported after gevent patches the worker
 
 MAX_WORKER_SLOTS = 512
 _worker_slots = RawArray("q", MAX_WORKER_SLOTS)  # live connections per worker slot
+_slots_ever_used = set()  # a worker forked into one of these replaces one that exited
 
 
 def on_starting(server):
@@ -121,12 +122,14 @@ def pre_fork(server, worker):
     slot = next(i for i in range(MAX_WORKER_SLOTS) if i not in used)
     _worker_slots[slot] = 0
     worker._wschat_slot = slot
+    worker._wschat_replacement = slot in _slots_ever_used
+    _slots_ever_used.add(slot)
 
 
 def post_worker_init(worker):
     from wschat.factory import attach_worker
 
-    attach_worker(worker, _worker_slots, worker._wschat_slot)
+    attach_worker(worker, _worker_slots, worker._wschat_slot, worker._wschat_replacement)
 
 
 def worker_exit(server, worker):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = ROOT / "helm"
@@ -28,9 +28,28 @@ CI_VALUES_DIR = CHART_DIR / "ci"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 SERVICEMONITOR_SCHEMA = CI_VALUES_DIR / "servicemonitor-v1.schema.json"
+PROMETHEUSRULE_SCHEMA = CI_VALUES_DIR / "prometheusrule-v1.schema.json"
+# Prometheus Operator kinds the chart renders, and the schema each is checked against.
+OPERATOR_SCHEMAS = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}
 
 RELEASE = "wschat"
 NAMESPACE = "chat"
+
+
+def require_modules(modules: tuple[str, ...], checks: str) -> None:
+    """Skip the calling test module when a tool it needs is not installed; under
+    CI=true fail instead (raise at import), so CI never passes by skipping."""
+    missing = []
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        reason = f"{checks} need {', '.join(missing)} (pip install -e '.[test]')"
+        if os.environ.get("CI", "").lower() == "true":
+            raise ImportError(reason)
+        pytest.skip(reason, allow_module_level=True)
 
 
 # --------------------------------------------------------------------------
@@ -156,6 +175,8 @@ def substitute(text: str, variables: dict[str, str]) -> str:
 
 
 def load_values_file(name: str) -> dict[str, Any]:
+    import yaml
+
     return yaml.safe_load((CI_VALUES_DIR / name).read_text()) or {}
 
 
@@ -197,8 +218,15 @@ class Rendered:
     def container(self, component: str = "server") -> dict[str, Any]:
         return self.deployment(component)["spec"]["template"]["spec"]["containers"][0]
 
+    def config_map(self) -> dict[str, Any]:
+        """The server's environment ConfigMap (not the Grafana dashboard's)."""
+        found = [m for m in self.all("ConfigMap")
+                 if "grafana_dashboard" not in m["metadata"]["labels"]]
+        assert len(found) == 1, f"environment ConfigMaps: {len(found)} rendered"
+        return found[0]
+
     def config_env(self) -> dict[str, str]:
-        return dict(self.get("ConfigMap")["data"])
+        return dict(self.config_map()["data"])
 
     def secret_data(self) -> dict[str, str]:
         secrets = self.all("Secret")
@@ -209,6 +237,7 @@ class Rendered:
 
 def render(values: dict[str, Any] | None = None, *, name: str = RELEASE) -> Rendered:
     import helm_python
+    import yaml
 
     chart = helm_python.Chart.load(str(CHART_DIR))
     try:

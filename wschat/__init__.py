@@ -6,6 +6,7 @@ first access, so importing ``wschat.protocol`` and friends builds nothing.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -21,8 +22,15 @@ def create_app(*args: Any, **kwargs: Any) -> Any:
 
 def __getattr__(name: str) -> Any:
     if name == "app":
+        from .config import ConfigError
+
         try:
             application = create_app()
+        except ConfigError as exc:
+            # One clear line, no traceback; exit status 3 is gunicorn's "worker failed to
+            # boot", which stops the master instead of respawning the worker forever.
+            print(f"wschat: configuration error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
         except AttributeError as exc:  # would read as "no attribute 'app'" to gunicorn
             raise RuntimeError(f"building the app failed: {exc!r}") from exc
         globals()["app"] = application

@@ -1,8 +1,7 @@
-"""Command line: ``python -m wschat token --sub alice --name Alice`` mints a dev token.
+"""Command line tools: a terminal client and a development token minter.
 
-The token is signed with ``JWT_SECRET`` (HS256) from the environment or
-``--secret``; start the server with the same ``JWT_SECRET`` and connect with
-``ws://localhost:8080/ws?token=...``.
+  python -m wschat connect URL     a terminal client: type JSON lines, see events
+  python -m wschat token --sub ID  mint an HS256 token signed with JWT_SECRET
 """
 
 from __future__ import annotations
@@ -11,13 +10,41 @@ import argparse
 import os
 import sys
 
-from .auth import mint_token
+DESCRIPTION = """\
+wschat's command line tools (the server itself runs under gunicorn:
+gunicorn -c gunicorn.conf.py wschat:app)."""
+
+CONNECT_HELP = """\
+Connect to a wschat server and speak its protocol from a terminal: each line you
+type (or pipe in) is sent as one JSON frame, each event the server sends is
+printed as one line. Example:
+
+  python -m wschat connect ws://localhost:8080/ws?username=alice
+  {"type": "join", "room": "general"}
+  {"type": "message", "room": "general", "text": "Hello!"}
+
+When input ends (Ctrl-D, or the end of a pipe) it waits briefly for the answers,
+then closes the connection."""
+
+TOKEN_HELP = """\
+Mint a development JWT (HS256) signed with JWT_SECRET (or --secret); start the
+server with the same JWT_SECRET and connect with ws://localhost:8080/ws?token=...
+JWT_AUDIENCE and JWT_ISSUER, when set, become the token's aud and iss."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wschat", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    token = commands.add_parser("token", help="mint a development JWT (HS256)")
+    parser = argparse.ArgumentParser(prog="python -m wschat", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    connect = commands.add_parser(
+        "connect", help="a terminal client: type JSON lines, see the events",
+        description=CONNECT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    connect.add_argument("url", help="ws:// or wss:// URL, e.g. ws://localhost:8080/ws")
+    connect.add_argument("--linger", type=float, default=3.0,
+                         help="seconds to wait for answers after input ends (3)")
+    token = commands.add_parser(
+        "token", help="mint a development JWT (HS256)", description=TOKEN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     token.add_argument("--sub", required=True, help="user_id (the token's sub)")
     token.add_argument("--name", help="username shown to others")
     token.add_argument("--ttl", type=float, default=3600, help="seconds until exp (3600)")
@@ -26,8 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--audience", default=os.environ.get("JWT_AUDIENCE"))
     token.add_argument("--issuer", default=os.environ.get("JWT_ISSUER"))
     args = parser.parse_args(argv)
+    if args.command == "connect":
+        from .terminal import run
+
+        return run(args.url, sys.stdin, linger=args.linger)
     if not args.secret:
         parser.error("no secret: set JWT_SECRET or pass --secret")
+    from .auth import mint_token
+
     claims = {}
     if args.audience:
         claims["aud"] = args.audience

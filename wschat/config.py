@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -98,6 +99,10 @@ def _database_url(raw: str) -> str:
         return value
     if not value.startswith(("postgres://", "postgresql://")):
         raise ValueError("expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    try:
+        urlsplit(value).port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise ValueError(f"expected postgresql://USER@HOST:PORT/DB ({exc})") from None
     return value
 
 

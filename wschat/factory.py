@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     metrics = PrometheusChatMetrics()
     stores = create_stores(settings, metrics)
-    metrics.started(stores.name)
+    metrics.started(stores.name, persistence=settings.enable_persistence)
     limiter: RateLimiter = stores.rate_limiter or MemoryRateLimiter(
         settings.rate_limit, settings.rate_limit_burst)
     authenticator = Authenticator(settings)
@@ -130,6 +130,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             return problem
         if not _origin_allowed(environ.get("HTTP_ORIGIN"), allowed_origins):
             metrics.handshake_refused("origin")
+            log.info("upgrade refused (403) for %s: origin %r is not in ALLOWED_ORIGINS",
+                     remote_address(environ, settings.trusted_proxies), environ.get("HTTP_ORIGIN"))
             return _plain(403, "origin not allowed")
         token = request.args.get("token") or _bearer(environ.get("HTTP_AUTHORIZATION"))
         if token:
@@ -138,6 +140,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             except AuthError as err:
                 metrics.auth_failed(err.code.value)
                 metrics.handshake_refused("auth")
+                log.info("upgrade refused (401) for %s: %s (%s)",
+                         remote_address(environ, settings.trusted_proxies), err.message,
+                         err.code.value)
                 return _plain(401, err.message)
             authenticated = True
         else:
@@ -233,7 +238,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         }
         return Response(json.dumps(body, indent=2) + "\n", mimetype="application/json")
 
-    log.info("wschat %s ready: backend=%s", __version__, stores.name)
+    log.info("wschat %s ready: backend=%s persistence=%s", __version__, stores.name,
+             stores.persistence)
     return app
 
 
@@ -342,10 +348,15 @@ def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> Res
     return Response(text + "\n", status=status, mimetype="text/plain", headers=headers)
 
 
-def attach_worker(worker: Any, slots: Any, slot: int) -> None:
+def attach_worker(worker: Any, slots: Any, slot: int, replacement: bool = False) -> None:
     """Called by gunicorn's ``post_worker_init``: share the connection budget, and
-    close every WebSocket with 1001 as soon as the worker is told to stop."""
+    close every WebSocket with 1001 as soon as the worker is told to stop.
+
+    ``replacement``: this worker took the slot of one that exited (counted in
+    ``wschat_worker_restarts_total``)."""
     import gevent
+
+    from .metrics import worker_restarted
 
     runtime = _current
     if runtime is None:  # the app is built lazily on first access by gunicorn
@@ -353,6 +364,8 @@ def attach_worker(worker: Any, slots: Any, slot: int) -> None:
 
         runtime = wschat.app.extensions["wschat"]
     runtime.transport.budget.attach(slots, slot)
+    if replacement:
+        worker_restarted()
     runtime.transport.start()
     gevent.spawn(_sample_worker_gauges, runtime)
 

@@ -53,7 +53,7 @@ _WIRE_TYPES = {"Auth": "auth", "Join": "join", "Leave": "leave", "SendMessage": 
 _EVENT_PREFIXES = tuple((f'{{"type":"{t}"'.encode(), t) for t in DELIVERED_TYPES)
 
 CONNECTIONS = Gauge("wschat_connections_total",
-                    "Open WebSocket connections (a gauge; the name is the seed's)",
+                    "Open WebSocket connections (a gauge despite the _total suffix, as documented)",
                     multiprocess_mode="livesum")
 ROOMS = Gauge("wschat_rooms_total", "Rooms with at least one member (read from the room store)",
               multiprocess_mode="livemostrecent")
@@ -89,6 +89,9 @@ REFUSED = Counter("wschat_handshakes_refused_total",
 AUTH_FAILURES = Counter("wschat_auth_failures_total",
                         "Rejected tokens (upgrade request or auth message), by reason",
                         ["reason"])
+WORKER_RESTARTS = Counter("wschat_worker_restarts_total",
+                          "Workers started in place of one that exited (crash, OOM kill, "
+                          "timeout); the first workers of a server are not counted")
 STORE_ERRORS = Counter("wschat_store_errors_total",
                        "Failed operations against Redis or the database, by backend",
                        ["backend"])
@@ -115,12 +118,15 @@ class PrometheusChatMetrics(ChatMetrics):
         for reason in AUTH_FAILURE_REASONS:
             AUTH_FAILURES.labels(reason)
 
-    def started(self, backend: str) -> None:
-        """This worker is serving: count it and say what it runs."""
+    def started(self, backend: str, persistence: bool = False) -> None:
+        """This worker is serving: count it and say what it runs. The store-error series of
+        what can fail (Redis, the database) start at 0."""
         BUILD.labels(__version__, backend, platform.python_version()).set(1)
         WORKERS.set(1)
         if backend != "memory":
             STORE_ERRORS.labels(backend)
+        if persistence:
+            STORE_ERRORS.labels("database")
         UPTIME.set(time.time() - _STARTED_AT)
 
     def received(self, kind: str) -> None:
@@ -190,6 +196,12 @@ def sample_worker_gauges(outbound_bytes: int) -> None:
     UPTIME.set(time.time() - _STARTED_AT)
 
 
+def worker_restarted() -> None:
+    """This worker replaces one that exited: the master re-forked it without the pod
+    restarting, which Kubernetes' restart counts never show."""
+    WORKER_RESTARTS.inc()
+
+
 def started_at() -> float:
     return _STARTED_AT
 
@@ -246,7 +258,7 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
 
 
 def server_summary(snapshot: Snapshot) -> dict[str, Any]:
-    """What ``/metrics/json`` adds to the seed's four figures, for a person at a glance."""
+    """What ``/metrics/json`` adds to the four core figures, for a person at a glance."""
     p50 = snapshot.quantile("wschat_fanout_seconds", 0.5)
     p99 = snapshot.quantile("wschat_fanout_seconds", 0.99)
     return {

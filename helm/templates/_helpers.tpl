@@ -149,12 +149,38 @@ names the values to change.
 {{- end }}
 {{- end }}
 
+{{/*
+The one rule for everything that serves the Prometheus Operator: "true" always,
+"auto" when the cluster serves monitoring.coreos.com/v1 <kind> (the operator's
+CRDs), "false" never. Called with (list <enabled value> . <kind>).
+*/}}
+{{- define "wschat.monitoringEnabled" -}}
+{{- $e := toString (index . 0) }}
+{{- $ctx := index . 1 }}
+{{- if eq $e "true" }}true
+{{- else if and (eq $e "auto") ($ctx.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" (index . 2))) }}true
+{{- end }}
+{{- end }}
+
 {{/* Whether to render the ServiceMonitor. */}}
 {{- define "wschat.serviceMonitorEnabled" -}}
-{{- $e := toString .Values.serviceMonitor.enabled }}
-{{- if eq $e "true" }}true
-{{- else if and (eq $e "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}true
+{{- include "wschat.monitoringEnabled" (list .Values.serviceMonitor.enabled . "ServiceMonitor") }}
 {{- end }}
+
+{{/* Whether to render the PrometheusRule (same rule as the ServiceMonitor). */}}
+{{- define "wschat.prometheusRuleEnabled" -}}
+{{- include "wschat.monitoringEnabled" (list .Values.prometheusRule.enabled . "PrometheusRule") }}
+{{- end }}
+
+{{/* Whether to render the Grafana dashboard ConfigMap: "auto" when metrics are scraped. */}}
+{{- define "wschat.grafanaDashboardEnabled" -}}
+{{- include "wschat.monitoringEnabled" (list .Values.grafanaDashboard.enabled . "ServiceMonitor") }}
+{{- end }}
+
+{{/* MAX_CONNECTIONS as the pods get it (extraEnv overrides config). */}}
+{{- define "wschat.maxConnections" -}}
+{{- if hasKey .Values.extraEnv "MAX_CONNECTIONS" }}{{ index .Values.extraEnv "MAX_CONNECTIONS" }}
+{{- else }}{{ include "wschat.num" .Values.config.maxConnections }}{{ end }}
 {{- end }}
 
 {{/*

@@ -25,4 +25,5 @@ def create_stores(settings: Settings, metrics: Any = None) -> Stores:
                                       metrics)
         durable.start()
         stores.messages = durable
+        stores.persistence = durable.log.url_for_logs
     return stores

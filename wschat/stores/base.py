@@ -226,6 +226,7 @@ class Stores:
     broker: Broker
     name: str = "memory"
     rate_limiter: Any = None  # shared buckets (Redis); None: the factory uses memory ones
+    persistence: str = "off"  # the database log's URL (password hidden) when persistence is on
 
     def problems(self) -> list[str]:
         """Why this worker is not ready; empty when it is."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import gevent
 
+from ..config import ConfigError
 from ..persistence import (
     Arrival, DatabaseUnavailable, DmPost, GroupCommitWriter, Job, MessageLog, RoomPost,
     SequenceFloor,
@@ -65,8 +66,8 @@ class DurableMessageStore(MessageStore):
         self.writer.start()
         if isinstance(self.log, SQLiteLog) and not self.writer.ready:
             self.close()
-            raise RuntimeError(f"DATABASE_URL: cannot use {self.log.url_for_logs}: "
-                               f"{self.writer.last_error}")
+            raise ConfigError(f"DATABASE_URL: cannot use {self.log.url_for_logs}: "
+                              f"{self.writer.last_error}")
 
     def _count_error(self) -> None:
         if self._metrics is not None:

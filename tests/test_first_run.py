@@ -1,0 +1,100 @@
+"""What a new user meets first: the terminal client, --help, start-up lines and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TIMEOUT, Server, wait_until
+
+SECRET = "first-run-secret-0123456789abcdef0123"
+
+
+def wschat_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "wschat", *args], input=stdin, text=True,
+                          capture_output=True, timeout=6 * TIMEOUT, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def server() -> Server:
+    with Server({"JWT_SECRET": SECRET, "ALLOWED_ORIGINS": "https://chat.example"}) as srv:
+        yield srv
+
+
+def test_terminal_client_speaks_the_protocol(server: Server) -> None:
+    """The README's terminal example: JSON lines in, one event per line out, then a clean close."""
+    lines = ('{"type": "join", "room": "general"}\n'
+             '{"type": "message", "room": "general", "text": "Hello!"}\n')
+    done = wschat_cli("connect", f"{server.url}?username=alice", stdin=lines)
+    assert done.returncode == 0, done.stderr
+    events = done.stdout.splitlines()
+    assert [e.split('"type":"')[1].split('"')[0] for e in events] == \
+        ["welcome", "joined", "message"], events
+    assert '"username":"alice"' in events[0] and '"text":"Hello!"' in events[2]
+    assert done.stderr == ""
+
+
+def test_terminal_client_with_a_token(server: Server) -> None:
+    """A minted token signs the user in; a bad one is refused before the upgrade, and logged."""
+    token = wschat_cli("token", "--sub", "alice", "--name", "Alice", "--secret", SECRET)
+    assert token.returncode == 0
+    done = wschat_cli("connect", f"{server.url}?token={token.stdout.strip()}")
+    assert '"user_id":"alice"' in done.stdout and '"authenticated":true' in done.stdout
+    refused = wschat_cli("connect", f"{server.url}?token=not-a-jwt")
+    assert refused.returncode == 1
+    assert "upgrade refused: HTTP 401" in refused.stderr
+    wait_until(lambda: "upgrade refused (401) for 127.0.0.1" in server.output(),
+               message="the refusal in the server's log")
+
+
+def test_refused_origin_is_logged(server: Server) -> None:
+    """A 403 for an Origin outside ALLOWED_ORIGINS names the origin in the server's log."""
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus):
+        ws_client.connect(server.url, origin="https://evil.example", open_timeout=TIMEOUT)
+    wait_until(lambda: "upgrade refused (403) for 127.0.0.1: origin 'https://evil.example'"
+               in server.output(), message="the refusal in the server's log")
+
+
+def test_help_is_plain_text() -> None:
+    """--help reads as text: no reST markup, and both commands are listed."""
+    for args in (["--help"], ["connect", "--help"], ["token", "--help"]):
+        done = wschat_cli(*args)
+        assert done.returncode == 0 and "``" not in done.stdout and ":class:" not in done.stdout
+    assert "connect" in wschat_cli("--help").stdout and "token" in wschat_cli("--help").stdout
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": "sqlite:////nonexistent/dir/x.db"},
+     "DATABASE_URL: cannot use sqlite:////nonexistent/dir/x.db"),
+    ({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": "postgresql://u@h:notaport/db"},
+     "DATABASE_URL: expected postgresql://USER@HOST:PORT/DB"),
+    ({"JWT_PUBLIC_KEY": "/nonexistent.pem"}, "JWT_PUBLIC_KEY: neither a PEM value"),
+    ({"PORT": "eighty"}, "PORT: expected a number"),
+])
+def test_configuration_errors_are_one_clear_line(env: dict[str, str], says: str) -> None:
+    """A bad setting stops the server with one line naming the variable, no traceback."""
+    server = Server(env).start(wait=False)
+    try:
+        assert server.proc is not None
+        assert server.proc.wait(6 * TIMEOUT) != 0
+    finally:
+        server.kill()
+    output = server.output()
+    assert says in output and "Traceback" not in output, output
+
+
+def test_start_up_line_names_backend_and_persistence(tmp_path: Path) -> None:
+    """The ready line says which backend and which database are really in use."""
+    with Server({"ENABLE_PERSISTENCE": "true",
+                 "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db"}) as srv:
+        wait_until(lambda: f"backend=memory persistence=sqlite:///{tmp_path}/chat.db"
+                   in srv.output(), message="the ready line")
+    with Server() as srv:
+        wait_until(lambda: "backend=memory persistence=off" in srv.output(),
+                   message="the ready line")
