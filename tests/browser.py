@@ -75,6 +75,14 @@ class ChatPage:
         self.wait_online()
         return self
 
+    def sign_in_with_token(self, token: str) -> ChatPage:
+        """Pastes a JWT in the sign-in dialog and waits to be online."""
+        self.page.locator("#signin-token-box summary").click()
+        self.page.locator("#signin-token").fill(token)
+        self.page.locator("#signin-go").click()
+        self.wait_online()
+        return self
+
     def wait_online(self) -> None:
         self.expect(self.page.locator("#status")).to_have_attribute("data-state", "connected")
 

@@ -8,9 +8,11 @@ Playwright skips these tests; under ``CI=true`` it fails them.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jwt
 import pytest
 
 from browser import ChatPage, chromium_path, launched
@@ -18,12 +20,13 @@ from conftest import (
     SCALE, Client, Server, redis_url_or_skip, service_unavailable,
 )
 
+JWT_SECRET = "browser-tests-secret-0123456789abcdef"
 RECONNECT_MS = int(40_000 * SCALE)  # the library's backoff grows to 20 s while a server is down
 MINE = re.compile(r"\bmine\b")
 PENDING = re.compile(r"\bpending\b")
 # Short enough that a test can write one message the server refuses (the page allows 4000).
 SERVER_ENV = {"TYPING_TIMEOUT": "5", "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000",
-              "MAX_TEXT_CHARS": "60", "MAX_ROOMS_PER_CONNECTION": "3"}
+              "MAX_TEXT_CHARS": "60", "MAX_ROOMS_PER_CONNECTION": "3", "JWT_SECRET": JWT_SECRET}
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +52,11 @@ def people(browser: Any) -> Iterator[Callable[..., ChatPage]]:
     """Opens the page for a new person (``people(server, "alice")``); closes them all after."""
     opened: list[ChatPage] = []
 
-    def person(server: Server, name: str, **kwargs: Any) -> ChatPage:
-        page = ChatPage(browser, server, **kwargs).open().sign_in(name)
+    def person(server: Server, name: str = "", token: str = "", **kwargs: Any) -> ChatPage:
+        page = ChatPage(browser, server, **kwargs)
         opened.append(page)
-        return page
+        page.open()
+        return page.sign_in_with_token(token) if token else page.sign_in(name)
 
     yield person
     errors = [e for p in opened for e in p.errors]
@@ -136,6 +140,25 @@ def test_two_people_chat_and_dm(web_server: Server, people: Callable[..., ChatPa
     bob.open_conversation("room:general")
     alice.say("over in random")
     expect(bob.page.locator('[data-conv="room:random"] .unread')).to_have_text("1")
+
+
+def test_sign_in_with_a_token(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A pasted JWT signs in under its name; such a user is not marked as a guest."""
+    token = jwt.encode({"sub": "u-alice", "name": "Alice Liddell", "exp": int(time.time()) + 600},
+                       JWT_SECRET, algorithm="HS256")
+    alice = people(web_server, token=token)
+    expect(alice.page.locator("#me")).to_have_text("Alice Liddell")
+    bob = people(web_server, "bob")
+    alice.say("signed in for real")
+    theirs = bob.messages("signed in for real")
+    expect(theirs).to_have_count(1)
+    expect(theirs.locator(".badge.guest")).to_have_count(0)
+    expect(bob.page.locator("#members li", has_text="Alice Liddell").locator(".badge.guest")
+           ).to_have_count(0)
+    expect(alice.page.locator("#members li", has_text="bob").locator(".badge.guest")).to_be_visible()
+    alice.page.reload()  # the token is kept too
+    alice.wait_online()
+    expect(alice.page.locator("#me")).to_have_text("Alice Liddell")
 
 
 def test_typing_shows_and_clears(web_server: Server, people: Callable[..., ChatPage]) -> None:

@@ -549,6 +549,10 @@ function renderSidebar() {
   $("dms").replaceChildren(...all.filter((c) => c.kind === "dm").map(item));
   $("dm-hint").hidden = all.some((c) => c.kind === "dm");
   const others = all.filter((c) => c.key !== state.current).reduce((n, c) => n + c.unread, 0);
+  const shown = conv(state.current);
+  const unread = all.reduce((n, c) => n + c.unread, 0);
+  const where = shown ? `${shown.kind === "room" ? "#" + shown.name : shown.name} – ` : "";
+  document.title = `${unread ? `(${unread}) ` : ""}${where}wschat`;
   $("menu-unread").hidden = !others;
   $("menu-unread").textContent = String(others);
   renderMembers();
@@ -607,7 +611,6 @@ function render(key, { toBottom = false, keepFromBottom = false } = {}) {
   const nearBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 60;
   const fromBottom = scroller.scrollHeight - scroller.scrollTop;
   $("title").textContent = !c ? "wschat" : c.kind === "room" ? `# ${c.name}` : `${c.name} (direct)`;
-  document.title = c ? `${c.kind === "room" ? "#" + c.name : c.name} – wschat` : "wschat";
   const items = [];
   if (!c) {
     items.push(el("li", { class: "empty" }, state.conversations.size ? "Pick a conversation." : "Join a room to start chatting."));
