@@ -180,15 +180,18 @@ def test_typing_shows_and_clears(web_server: Server, people: Callable[..., ChatP
 
 def test_name_and_own_messages_survive_a_reload(web_server: Server,
                                                 people: Callable[..., ChatPage]) -> None:
-    """After a reload the chosen name is kept, and earlier messages are still one's own."""
+    """After a reload the chosen name and the draft are kept, and earlier messages are still
+    one's own (a guest's user_id is new on every connection)."""
     alice = people(web_server, "alice")
     alice.say("said before the reload")
     expect(alice.messages("said before the reload")).not_to_have_class(PENDING)
+    alice.page.locator("#draft").fill("half a thought")
     alice.page.reload()
     alice.wait_online()
     expect(alice.page.locator("#signin")).not_to_be_visible()
     expect(alice.page.locator("#me")).to_contain_text("alice")
     expect(alice.messages("said before the reload")).to_have_class(MINE)
+    expect(alice.page.locator("#draft")).to_have_value("half a thought")  # drafts are kept
 
 
 def test_errors_show_next_to_their_cause(web_server: Server,
