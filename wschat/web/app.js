@@ -117,7 +117,8 @@ function startClient() {
   on("error", clientError);
 
   for (const c of state.conversations.values()) {
-    if (c.kind === "room") joinRoom(c.name).catch((err) => joinFailed(c.name, err));
+    if (c.kind !== "room") continue;
+    joinRoom(c.name).catch((err) => { if (gen === state.generation) joinFailed(c.name, err); });
   }
   client.connect().catch(() => { /* reported by the "disconnected" event */ });
   // The outbox is restored from sessionStorage as connect() starts: show what waits in it.
@@ -260,19 +261,19 @@ async function leaveRoom(room) {
   try { await state.client.leave(room); } catch { /* the room is gone from the view anyway */ }
 }
 
-function joined({ room, users, recovered, rejoin, last_id }) {
+function joined({ room, users, recovered, rejoin }) {
   const c = conv(roomKey(room));
   if (!c) return;
   c.joinState = "joined";
   c.members = new Map(users.map((u) => [u.user_id, { username: u.username, guest: isGuest(u) }]));
   clearTyping(c);
-  if (!rejoin || !c.loaded) loadLatest(c, last_id);
+  if (!rejoin || !c.loaded) loadLatest(c);
   else checkRejoin(c, recovered);
   persistConversations();
   renderAll();
 }
 
-async function loadLatest(c, lastId, notice = null) {
+async function loadLatest(c) {
   const client = state.client;
   try {
     const messages = await client.history(c.name, { limit: PAGE });
@@ -280,7 +281,6 @@ async function loadLatest(c, lastId, notice = null) {
     for (const m of messages) c.messages.set(m.id, m);
     c.atStart = messages.length < PAGE;
     c.loaded = true;
-    if (notice) c.notices.push({ afterId: lastKnownId(c), ...notice });
     render(c.key, { toBottom: true });
   } catch (err) {
     c.notices.push({ afterId: lastKnownId(c), text: `History could not be loaded: ${describe(err)}`, warn: true });
