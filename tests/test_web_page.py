@@ -226,6 +226,20 @@ def test_errors_show_next_to_their_cause(web_server: Server,
     expect(refused).to_have_count(0)
 
 
+def test_dm_to_someone_who_left_says_why(web_server: Server,
+                                        people: Callable[..., ChatPage]) -> None:
+    """A DM the server refuses (the peer went offline) stays, marked, with the reason."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    alice.page.locator("#members button", has_text="bob").click()
+    bob.close()
+    expect(alice.page.locator("#members li", has_text="bob")).to_have_count(0)
+    alice.say("are you there?")
+    refused = alice.page.locator("#messages .msg.failed", has_text="are you there?")
+    expect(refused.locator(".error")).to_contain_text("bob is not online")
+    expect(alice.page.locator("#dms li", has_text="bob")).to_have_count(1)
+
+
 def test_history_on_join_and_older_on_scroll(web_server: Server,
                                              people: Callable[..., ChatPage]) -> None:
     """Joining shows the latest 50 messages; scrolling to the top loads the older ones."""
