@@ -194,6 +194,19 @@ def test_name_and_own_messages_survive_a_reload(web_server: Server,
     expect(alice.page.locator("#draft")).to_have_value("half a thought")  # drafts are kept
 
 
+def test_name_from_the_address(web_server: Server, browser: Any) -> None:
+    """?username= picks the tab's name; an invalid one asks for another instead of failing."""
+    person = ChatPage(browser, web_server)
+    try:
+        person.page.goto(person.url + "?username=zed")
+        person.wait_online()
+        expect(person.page.locator("#me")).to_contain_text("zed")
+        person.page.goto(person.url + "?username=no%20way!")
+        expect(person.page.locator("#signin-error")).to_contain_text("cannot be a name")
+    finally:
+        person.close()
+
+
 def test_errors_show_next_to_their_cause(web_server: Server,
                                          people: Callable[..., ChatPage]) -> None:
     """A refused join leaves the view alone; a refused message keeps its text, ready to edit."""

@@ -177,6 +177,7 @@ function stopped(code, reason) {
   if (code === 1000 && reason === "client disconnect") return;
   const why = CLOSE_WORDS[code] ?? `The server closed the connection (${reason || code})`;
   setStatus("failed", `${why}. Not reconnecting.`);
+  $("retry").hidden = false;
   if (code === 4001 || code === 4002 || /auth/.test(reason)) showSignin("Your token was refused or expired: paste a new one, or pick a name.");
 }
 
@@ -445,6 +446,7 @@ function edit(c, cmid) {
   const draft = $("draft");
   draft.value = draft.value ? `${p.text}\n${draft.value}` : p.text;
   saveDraft();
+  fitDraft();
   render(c.key);
   draft.focus();
 }
@@ -652,6 +654,7 @@ function open(key) {
   const c = conv(key);
   if (c) c.unread = 0;
   $("draft").value = state.drafts[key] ?? "";
+  fitDraft();
   $("send-error").hidden = true;
   $("app").dataset.menu = "closed";
   persistConversations();
@@ -696,6 +699,13 @@ function saveDraft() {
   saved.set(`drafts:${identityKey(state.identity)}`, state.drafts);
 }
 
+/** The composer grows with its text (up to the CSS max-height). */
+function fitDraft() {
+  const draft = $("draft");
+  draft.style.height = "auto";
+  draft.style.height = `${draft.scrollHeight + 2}px`;
+}
+
 function submit() {
   const c = conv(state.current);
   const text = $("draft").value;
@@ -708,6 +718,7 @@ function submit() {
   send(c, text);
   $("draft").value = "";
   saveDraft();
+  fitDraft();
 }
 
 // ---- sign-in -------------------------------------------------------------------------------
@@ -776,6 +787,7 @@ $("draft").addEventListener("keydown", (e) => {
 });
 $("draft").addEventListener("input", () => {
   saveDraft();
+  fitDraft();
   const c = conv(state.current);
   if (c?.kind === "room" && $("draft").value) state.client?.typing(c.name);
 });
@@ -800,5 +812,8 @@ document.addEventListener("visibilitychange", () => {
 window.addEventListener("offline", () => setStatus("offline", "No network; messages wait until it is back"));
 
 const start = fromAddress ?? saved.get("identity", null);
-if (start) useIdentity(start, !fromAddress);
+if (start?.kind === "guest" && !NAME_RE.test(start.name)) {
+  renderAll();
+  showSignin(`"${start.name}" cannot be a name: 1-32 letters, digits, _ . - and inner spaces.`);
+} else if (start) useIdentity(start, !fromAddress);
 else { renderAll(); showSignin(); }
