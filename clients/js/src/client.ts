@@ -76,8 +76,12 @@ interface Room {
   lastId: number | null;
   /** After `recovered: false`: the next message is taken whatever its id. */
   acceptJump: boolean;
-  /** The outbox waits for the rejoin's replay (up to this id) before resending to this room. */
-  replayUntil: number;
+  /**
+   * The id of the `ping` sent right behind the `join`: the server answers commands in
+   * order, so its `pong` comes after `joined` and the whole replay. The outbox waits for
+   * it before resending to this room (the replay may acknowledge the very messages).
+   */
+  syncReq: string | null;
   /** The pending `join` request's id. */
   joinReq: string | null;
   users: User[];
@@ -93,8 +97,9 @@ interface Request {
   waiter: Waiter<any>;
 }
 
-/** Request ids: our requests are strings, so they never look like a message id. */
+/** Request ids are strings (never mistaken for a message id); these prefixes mark ids whose answers need no routing. */
 const TYPING_PREFIX = "t";
+const SYNC_PREFIX = "s";
 
 export class ChatClient extends Emitter<ClientEvents> {
   private readonly opts: ClientOptions;
@@ -180,7 +185,7 @@ export class ChatClient extends Emitter<ClientEvents> {
    * first `connected`; rejects if the client stops for good before that.
    */
   connect(): Promise<Welcome> {
-    const settled = new Promise<Welcome>((resolve, reject) => {
+    const settled = handled(new Promise<Welcome>((resolve, reject) => {
       if (this.established && this.welcome) return resolve(this.welcome);
       const offC = this.once("connected", (w) => {
         offD();
@@ -190,7 +195,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         offC();
         reject(new ChatError("closed", `disconnected: ${e.code} ${e.reason}`, { closeCode: e.code }));
       });
-    });
+    }));
     if (!this.wanted) {
       this.wanted = true;
       this.attempt = 0;
@@ -267,9 +272,12 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.ws = null;
     this.conn++;
     if (!ws) return;
-    ws.onmessage = ws.onclose = ws.onerror = ws.onopen = null;
+    ws.onmessage = ws.onclose = ws.onopen = null;
+    // `ws` throws an 'error' event nobody listens to (closing a socket still connecting
+    // emits one), so a listener stays.
+    ws.onerror = () => {};
     try {
-      ws.close(code, reason);
+      ws.close(code, (reason ?? "").slice(0, 60));
     } catch {
       /* already closing */
     }
@@ -308,6 +316,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
     for (const room of this.rooms.values()) {
       room.joinReq = null;
+      room.syncReq = null;
       clearTimeout(room.retryTimer);
       if (room.state === "joined") this.setRoomState(room, "joining");
     }
@@ -392,6 +401,9 @@ export class ChatClient extends Emitter<ClientEvents> {
         return this.onJoined(msg);
       case "error":
         return this.onError(msg);
+      case "pong":
+        if (typeof msg.id === "string" && msg.id.startsWith(SYNC_PREFIX)) return this.onSynced(msg.id);
+        return;
       default:
         if (msg.id !== undefined) this.settle(String(msg.id), msg);
     }
@@ -568,13 +580,16 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (r?.state === "joined") {
       return Promise.resolve({ room, users: r.users, last_id: r.lastId ?? 0 });
     }
+    if (!validRoom(room)) {
+      return handled(Promise.reject(new ChatError("invalid_room", `invalid room name: ${JSON.stringify(room)}`)));
+    }
     if (!r) {
       r = {
         name: room,
         state: "left",
         lastId: opts.since ?? null,
         acceptJump: false,
-        replayUntil: 0,
+        syncReq: null,
         joinReq: null,
         users: [],
         waiters: [],
@@ -584,14 +599,14 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (this.established) this.sendJoin(r);
     }
     const rec = r;
-    return new Promise<JoinResult>((resolve, reject) => {
+    return handled(new Promise<JoinResult>((resolve, reject) => {
       const waiter: Waiter<JoinResult> = { resolve, reject };
       waiter.timer = setTimeout(() => {
         rec.waiters = rec.waiters.filter((w) => w !== waiter);
         reject(new ChatError("timeout", `join ${room}: no answer in time`));
       }, opts.timeout ?? this.opts.requestTimeout ?? 10_000);
       rec.waiters.push(waiter);
-    });
+    }));
   }
 
   /** Leaves `room`; its sends not yet on the wire are dropped (their promises reject with `left`). */
@@ -630,6 +645,8 @@ export class ChatClient extends Emitter<ClientEvents> {
     const frame: Record<string, unknown> = { type: "join", id, room: room.name };
     if (room.lastId !== null) frame.since = room.lastId;
     this.send_(frame);
+    room.syncReq = this.nextId(SYNC_PREFIX);
+    this.send_({ type: "ping", id: room.syncReq });
   }
 
   private onJoined(msg: JoinResult & { id?: unknown }): void {
@@ -650,7 +667,6 @@ export class ChatClient extends Emitter<ClientEvents> {
       room.acceptJump = true;
       this.emit("recoveryFailed", { room: room.name, since: pending.since!, last_id: msg.last_id });
     }
-    room.replayUntil = msg.last_id;
     const result: JoinResult = { room: msg.room, users: room.users, last_id: msg.last_id };
     if (msg.recovered !== undefined) result.recovered = msg.recovered;
     this.setRoomState(room, "joined");
@@ -660,6 +676,15 @@ export class ChatClient extends Emitter<ClientEvents> {
       w.resolve(result);
     }
     this.flush();
+  }
+
+  private onSynced(id: string): void {
+    for (const room of this.rooms.values()) {
+      if (room.syncReq === id) {
+        room.syncReq = null;
+        this.flush();
+      }
+    }
   }
 
   private onJoinError(id: string, err: ChatError): void {
@@ -705,7 +730,6 @@ export class ChatClient extends Emitter<ClientEvents> {
       room.lastId = m.id;
       room.acceptJump = false;
       this.emit("message", m);
-      if (room.lastId === room.replayUntil && this.outbox.size) this.flush();
       return;
     }
     // A gap: something between lastId and m.id was missed. Rejoin with `since`; the server
@@ -732,7 +756,7 @@ export class ChatClient extends Emitter<ClientEvents> {
    */
   send(room: string, text: string, opts: { clientMsgId?: string; timeout?: number } = {}): Promise<ChatMessage> {
     if (!this.rooms.has(room)) {
-      return Promise.reject(new ChatError("not_in_room", `join ${room} before sending to it`));
+      return handled(Promise.reject(new ChatError("not_in_room", `join ${room} before sending to it`)));
     }
     this.clearTyping(room, false);
     return this.enqueue(
@@ -751,12 +775,12 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   private enqueue(entry: OutboxEntry, timeout?: number): Promise<ChatMessage | DirectMessage> {
     if (this.outbox.has(entry.client_msg_id)) {
-      return Promise.reject(new ChatError("invalid_message", `client_msg_id ${entry.client_msg_id} is already pending`));
+      return handled(Promise.reject(new ChatError("invalid_message", `client_msg_id ${entry.client_msg_id} is already pending`)));
     }
     if (this.outbox.full) {
-      return Promise.reject(new ChatError("outbox_full", `${this.outbox.limit} sends are already waiting`));
+      return handled(Promise.reject(new ChatError("outbox_full", `${this.outbox.limit} sends are already waiting`)));
     }
-    return new Promise((resolve, reject) => {
+    return handled(new Promise((resolve, reject) => {
       const waiter: Waiter<ChatMessage | DirectMessage> = { resolve, reject };
       const ms = timeout ?? this.opts.sendTimeout ?? 0;
       if (ms > 0) {
@@ -768,7 +792,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       this.sendWaiters.set(entry.client_msg_id, waiter);
       this.outbox.add(entry);
       this.flush();
-    });
+    }));
   }
 
   /** Puts what the outbox may send on the wire: in order, at most `maxInFlight` unacknowledged. */
@@ -793,7 +817,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         if (blocked.has(e.room)) continue;
         const room = this.rooms.get(e.room);
         // The room's rejoin and replay come first: the replay may hold this very message.
-        if (!room || room.state !== "joined" || room.joinReq || (room.lastId ?? 0) < room.replayUntil) {
+        if (!room || room.state !== "joined" || room.joinReq || room.syncReq) {
           blocked.add(e.room);
           continue;
         }
@@ -896,9 +920,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     const idle = this.opts.typingTimeout ?? 3000;
     const t = this.typingState.get(room);
     if (t) clearTimeout(t.timer);
-    const sentAt = !t || now - t.sentAt >= idle ? now : t.sentAt;
-    if (sentAt === now) this.send_({ type: "typing", id: this.nextId(TYPING_PREFIX), room, status: true });
-    this.typingState.set(room, { sentAt, timer: setTimeout(() => this.stopTyping(room), idle) });
+    const again = !t || now - t.sentAt >= idle;
+    if (again) this.send_({ type: "typing", id: this.nextId(TYPING_PREFIX), room, status: true });
+    this.typingState.set(room, { sentAt: again ? now : t!.sentAt, timer: setTimeout(() => this.stopTyping(room), idle) });
   }
 
   /** Sends `typing: false` now if `typing(room)` was called and not yet ended. */
@@ -984,6 +1008,20 @@ export function randomId(): string {
   bytes[8] = (bytes[8]! & 0x3f) | 0x80;
   const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/**
+ * Marks a promise as handled, so an app that fires `connect`, `join`, `send` or `dm` and
+ * forgets the promise never dies of an unhandled rejection; failures are `error` events too.
+ */
+function handled<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => {});
+  return p;
+}
+
+/** The server's room-name rule (README "Client -> server"), checked before a room is kept. */
+function validRoom(room: string): boolean {
+  return typeof room === "string" && /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(room);
 }
 
 function welcomeOf(w: Welcome & { id?: unknown; type?: unknown }): Welcome {
