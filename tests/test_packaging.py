@@ -502,6 +502,31 @@ def test_jwt_secret_is_stored_in_a_secret_and_config_changes_roll_pods() -> None
         render({"auth": {"required": True}})
 
 
+def test_api_key_comes_from_a_secret_and_room_patterns_from_the_config() -> None:
+    """api.key goes to the chart's Secret (or api.existingSecret), never the ConfigMap;
+    config.guestRooms/privateRooms become GUEST_ROOMS/PRIVATE_ROOMS."""
+    key = "api-key-0123456789abcdef"
+    release = render({"api": {"key": key},
+                      "config": {"guestRooms": ["lobby", "help-*"], "privateRooms": ["team-*"]}})
+    assert release.secret_data() == {"API_KEY": key}
+    assert key not in json.dumps(release.get("ConfigMap"))
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in release.container()["env"]}
+    assert env["API_KEY"] == {"name": release.get("Secret")["metadata"]["name"], "key": "API_KEY"}
+    assert release.config_env()["GUEST_ROOMS"] == "lobby,help-*"
+    assert release.config_env()["PRIVATE_ROOMS"] == "team-*"
+    assert not _validate_manifests(release)
+    existing = render({"api": {"existingSecret": "chat-api", "existingSecretKey": "token"}})
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in existing.container()["env"]}
+    assert env["API_KEY"] == {"name": "chat-api", "key": "token"}
+    defaults = render()
+    assert defaults.config_env()["GUEST_ROOMS"] == "*"
+    assert "PRIVATE_ROOMS" not in defaults.config_env()
+    assert "API_KEY" not in json.dumps(defaults.deployment())
+    for bad in ({"api": {"key": "short"}}, {"config": {"privateRooms": ["team/*"]}}):
+        with pytest.raises(helm_python.HelmValuesError):
+            render(bad)
+
+
 def test_servicemonitor_check_is_not_vacuous(scaled_release: Rendered) -> None:
     monitor = scaled_release.get("ServiceMonitor")
     schema = json.loads(SERVICEMONITOR_SCHEMA.read_text())

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="HMAC secret (default: $JWT_SECRET)")
     token.add_argument("--audience", default=os.environ.get("JWT_AUDIENCE"))
     token.add_argument("--issuer", default=os.environ.get("JWT_ISSUER"))
+    token.add_argument("--rooms", help="comma-separated room patterns the user may join")
+    token.add_argument("--mod-rooms", help="comma-separated room patterns the user moderates")
     args = parser.parse_args(argv)
     if args.command == "connect":
         from .terminal import run
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         claims["aud"] = args.audience
     if args.issuer:
         claims["iss"] = args.issuer
+    for claim, value in (("rooms", args.rooms), ("mod_rooms", args.mod_rooms)):
+        if value is not None:
+            claims[claim] = [p.strip() for p in value.split(",") if p.strip()]
     print(mint_token(args.secret, args.sub, args.name, args.ttl, **claims))
     return 0
 

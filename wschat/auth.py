@@ -23,6 +23,7 @@ from typing import Any
 
 import jwt
 
+from .access import room_patterns
 from .config import ConfigError, Settings
 from .protocol import ErrorCode
 
@@ -30,6 +31,7 @@ log = logging.getLogger("wschat.auth")
 
 MAX_USERNAME_CHARS = 64
 MAX_SUB_CHARS = 128
+RESERVED_SUB = "system"  # the server API's user_id (wschat.api.SYSTEM_USER)
 JWKS_MIN_INTERVAL = 30.0  # at most one JWKS fetch per this many seconds
 JWKS_MAX_AGE = 300.0  # refetch keys this old (key rotation), still at most once per interval
 JWKS_FETCH_TIMEOUT = 5.0
@@ -43,6 +45,10 @@ class Identity:
     # Unix seconds after which the token is no longer accepted: its ``exp`` plus
     # ``JWT_LEEWAY``, so a live connection ends exactly when a reconnect would fail.
     expires_at: float | None
+    # Room-name patterns from the token's ``rooms`` claim (None: no claim) and
+    # ``mod_rooms`` claim: see wschat.access.
+    rooms: tuple[str, ...] | None = None
+    mod_rooms: tuple[str, ...] = ()
 
 
 class AuthError(Exception):
@@ -223,8 +229,16 @@ class Authenticator:
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUB_CHARS:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: bad 'sub'")
+        if sub == RESERVED_SUB:
+            raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: 'sub' system is reserved")
         exp = claims["exp"]
-        return Identity(sub, _display_name(claims, sub), float(exp) + self._leeway)
+        try:
+            rooms = room_patterns(claims.get("rooms"))
+            mod_rooms = room_patterns(claims.get("mod_rooms")) or ()
+        except ValueError as exc:
+            raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: {exc}") from None
+        return Identity(sub, _display_name(claims, sub), float(exp) + self._leeway,
+                        rooms, mod_rooms)
 
 
 def _display_name(claims: dict[str, Any], sub: str) -> str:

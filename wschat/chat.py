@@ -17,16 +17,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .access import AccessControl, SessionAccess, forbidden, parse_control
 from .auth import Authenticator, AuthError, Identity
 from .config import Settings
 from .hub import LocalHub
 from .protocol import (
-    Auth, CloseCode, Command, ErrorCode, History, Join, Leave, Limits, ListUsers, Ping,
+    Auth, CloseCode, Command, ErrorCode, History, Join, Leave, Limits, ListUsers, Moderate, Ping,
     ProtocolError, RequestId, SendDm, SendMessage, Typing, draft_dm, draft_message, encode_history,
     encode_presence, encode_reply, encode_typing, message_id_of, parse_command, text_frame,
 )
 from .ratelimit import RateLimiter
 from .stores.base import Stores, Unavailable, User
+from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
 
 log = logging.getLogger("wschat.chat")
 
@@ -43,7 +45,7 @@ class Session:
 
     __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
                  "typing", "remote_addr", "opened_at", "flood_strikes", "closed_by_chat",
-                 "__weakref__")
+                 "access", "__weakref__")
 
     def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
                  remote_addr: str = "") -> None:
@@ -58,6 +60,7 @@ class Session:
         self.opened_at = time.monotonic()
         self.flood_strikes = 0
         self.closed_by_chat = False
+        self.access = SessionAccess(identity)
 
     @property
     def user(self) -> User:
@@ -124,12 +127,16 @@ class Chat:
         # Store clean-ups that failed (Redis briefly unreachable, pool exhausted in a
         # disconnect storm): retried from tick() so no membership is left behind.
         self._unfinished: deque[tuple[Session, str | None]] = deque()
+        self._early_kicks: list[tuple[Session, dict[str, Any]]] = []  # see _control_session
+        self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
+                                    stores.broker, clock)
         stores.broker.on_reconnect = self.resync
-        stores.broker.start(self.hub.deliver_room, self.hub.deliver_user)
+        stores.broker.start(self.hub.deliver_room, self._deliver_user)
         self._handlers: dict[type, Callable[[Session, Any], None]] = {
             SendMessage: self._message, Typing: self._typing, Ping: self._ping,
             Join: self._join, Leave: self._leave, SendDm: self._dm,
             ListUsers: self._list_users, History: self._history, Auth: self._auth,
+            Moderate: self._moderate,
         }
 
     # -- connection lifecycle ----------------------------------------------------------
@@ -140,10 +147,28 @@ class Chat:
         self._watch_expiry(session)
         if self.settings.auth_required and not session.authenticated:
             self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
+        if session.authenticated and self._banned_everywhere(session):
+            return
         backlog = self._dm_backlog(session)
         session.send(self._welcome(session, backlog))
         for event in backlog or ():
             session.send(event)
+
+    def _banned_everywhere(self, session: Session, request_id: RequestId = None) -> bool:
+        """Close a connection whose user is banned everywhere; note mutes everywhere."""
+        try:
+            standing = self.access.store.standing(None, session.user_id)
+        except Unavailable as exc:  # joins still check, and refuse while it is unreachable
+            log.warning("moderation state of %s not available: %s", session.user_id, exc)
+            return False
+        self.access.note_mutes(session, None, standing)
+        if standing.banned_everywhere is None:
+            return False
+        session.send(forbidden("you are banned from this server", request_id, reason="banned",
+                               until=until_ms(standing.banned_everywhere)).to_event())
+        self.metrics.disconnected("banned")
+        session.close(CloseCode.DISCONNECTED, "banned")
+        return True
 
     def _welcome(self, session: Session, backlog: list[bytes] | None = None,
                  request_id: RequestId = None) -> bytes:
@@ -261,6 +286,8 @@ class Chat:
         (called about once a second)."""
         if self._unfinished:
             self._retry_unfinished()
+        if self._early_kicks:
+            self._retry_early_kicks()
         now = self.monotonic()
         for session, room in self._typing_deadlines.due(now):
             deadline = session.typing.get(room)
@@ -323,6 +350,7 @@ class Chat:
         except AuthError as err:
             self.metrics.auth_failed(err.code.value)
             raise ProtocolError(err.code, err.message, cmd.request_id) from None
+        same_user = identity.user_id == session.user_id
         if identity.user_id != session.user_id:
             # A new identity: the old one leaves everything it was part of.
             for room in list(session.rooms):
@@ -335,6 +363,15 @@ class Chat:
         session.username = identity.username
         session.authenticated = True
         session.expires_at = identity.expires_at
+        session.access.regrant(identity, same_user)
+        for room in list(session.rooms):  # a fresh token may grant fewer rooms
+            if not self.access.allowed_by_grants(session, room) and not (
+                    self.access.is_private(room)
+                    and self.access.store.standing(room, session.user_id).member):
+                self._leave_room(session, room)
+                session.send(encode_reply("left", room=room, reason="forbidden"))
+        if self._banned_everywhere(session, cmd.request_id):
+            return
         self._watch_expiry(session)
         backlog = self._dm_backlog(session)
         session.send(self._welcome(session, backlog, cmd.request_id))
@@ -343,6 +380,7 @@ class Chat:
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
+        self.access.admit(session, room, cmd.request_id, joining=True)
         # The session listens (events held back) before it is added to the room, so
         # whatever happens after its store join reaches it: messages above `last_id`
         # and presence of anyone its `users` list does not show yet.
@@ -380,6 +418,7 @@ class Chat:
             for event in replay.messages:
                 session.send(event)
         self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members})
+        session.access.joining.pop(room, None)
 
     def _leave(self, session: Session, cmd: Leave) -> None:
         if cmd.room not in session.rooms:
@@ -412,8 +451,10 @@ class Chat:
 
     def _message(self, session: Session, cmd: SendMessage) -> None:
         if cmd.room not in session.rooms:
+            self._refuse_outsider(session, cmd.room, cmd.request_id)
             raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join {cmd.room} before writing to it",
                                 cmd.request_id)
+        self.access.check_not_muted(session, cmd.room, cmd.request_id)
         started = self.monotonic()
         draft = draft_message(cmd.room, session.username, session.user_id, cmd.text,
                               int(self.clock() * 1000), cmd.client_msg_id)
@@ -426,7 +467,13 @@ class Chat:
         if session.typing.pop(cmd.room, None) is not None:
             self._publish_typing(session, cmd.room, False)
 
+    def _refuse_outsider(self, session: Session, room: str, request_id: RequestId) -> None:
+        """``forbidden`` rather than ``not_in_room`` for a room the grants do not open."""
+        if not self.access.allowed_by_grants(session, room) and not self.access.is_private(room):
+            raise forbidden(f"room {room} is not open to you", request_id, room=room)
+
     def _dm(self, session: Session, cmd: SendDm) -> None:
+        self.access.check_not_muted(session, None, cmd.request_id)
         online = self.stores.presence.is_online(cmd.to)
         # With persistence a DM to an offline user who has connected before is kept.
         if not online and not self.stores.messages.keeps_dms_for(cmd.to):
@@ -443,8 +490,11 @@ class Chat:
 
     def _typing(self, session: Session, cmd: Typing) -> None:
         if cmd.room not in session.rooms:
+            self._refuse_outsider(session, cmd.room, cmd.request_id)
             raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {cmd.room}",
                                 cmd.request_id)
+        if cmd.status:
+            self.access.check_not_muted(session, cmd.room, cmd.request_id)
         was_typing = cmd.room in session.typing
         if cmd.status:
             deadline = self.monotonic() + self.settings.typing_timeout
@@ -462,9 +512,91 @@ class Chat:
             exclude_user=session.user_id)
 
     def _list_users(self, session: Session, cmd: ListUsers) -> None:
+        if cmd.room not in session.rooms:
+            self.access.admit(session, cmd.room, cmd.request_id)
         users = [m.as_json() for m in self.stores.rooms.members(cmd.room)]
         session.send(encode_reply("users", cmd.request_id, room=cmd.room, users=users))
 
     def _history(self, session: Session, cmd: History) -> None:
+        if cmd.room not in session.rooms:
+            self.access.admit(session, cmd.room, cmd.request_id)
         messages = self.stores.messages.recent(cmd.room, cmd.limit, cmd.before)
         session.send(encode_history(cmd.room, messages, cmd.request_id))
+
+    # -- moderation --------------------------------------------------------------------
+    def _moderate(self, session: Session, cmd: Moderate) -> None:
+        """A moderator's kick, mute or unmute (``mod_rooms`` in its token names the room)."""
+        if not self.access.may_moderate(session, cmd.room):
+            raise forbidden(f"you do not moderate {cmd.room}", cmd.request_id, room=cmd.room)
+        reply: dict[str, Any] = {"action": cmd.action, "room": cmd.room, "user_id": cmd.user_id}
+        if cmd.action == "kick":
+            self.access.kick(cmd.room, cmd.user_id, cmd.reason, by=session.user_id)
+        elif cmd.action == "mute":
+            until = until_of(cmd.duration, self.clock())
+            self.access.mute(cmd.user_id, cmd.room, until, by=session.user_id)
+            reply["until"] = until_ms(until)
+        else:
+            reply["lifted"] = self.access.unmute(cmd.user_id, cmd.room, by=session.user_id)
+        session.send(encode_reply("moderated", cmd.request_id, **reply))
+
+    def _deliver_user(self, user_id: str, event: bytes) -> None:
+        control = parse_control(event)
+        if control is None:
+            self.hub.deliver_user(user_id, event)
+        else:
+            self.control(user_id, control)
+
+    def control(self, user_id: str, op: dict[str, Any]) -> None:
+        """Carry out a moderation step on this worker's connections of ``user_id``
+        (wschat.access publishes it to the user's channel, so every worker holding
+        one of them gets it)."""
+        for session in list(self.hub.users.get(user_id, ())):
+            if session.closed_by_chat:
+                continue
+            try:
+                self._control_session(session, op)
+            except Exception:
+                log.exception("moderation step %s failed for %s", op.get("op"), session.conn_id)
+
+    def _control_session(self, session: Session, op: dict[str, Any]) -> None:
+        kind = op.get("op")
+        if kind == "kick":
+            room = op["room"]
+            if room not in session.rooms:
+                if self.access.kick_may_be_early(session, room):
+                    self._early_kicks.append((session, op))  # its join is under way
+                return
+            if op.get("keep_granted") and session.access.granted_exactly(room):
+                return
+            self._leave_room(session, room)
+            extra = {k: op[k] for k in ("note", "until") if op.get(k) is not None}
+            session.send(encode_reply("left", room=room, reason=op.get("reason") or "kicked",
+                                      by=op.get("by"), **extra))
+        elif kind == "mute":
+            until = op.get("until")
+            session.access.muted[op["scope"]] = float("inf") if until is None else until
+            session.send(encode_reply("muted", **self._scope(op["scope"]), by=op.get("by"),
+                                      until=until_ms(until)))
+        elif kind == "unmute":
+            if session.access.muted.pop(op["scope"], None) is not None:
+                session.send(encode_reply("unmuted", **self._scope(op["scope"])))
+        elif kind == "disconnect":
+            reason = "banned" if op.get("reason") == "banned" else "disconnected"
+            if reason == "banned":
+                extra = {k: op[k] for k in ("note", "until") if op.get(k) is not None}
+                session.send(forbidden("you are banned from this server", reason=reason,
+                                       **extra).to_event())
+            self.metrics.disconnected(reason)
+            session.close(CloseCode.DISCONNECTED, reason)
+
+    def _retry_early_kicks(self) -> None:
+        """Kicks that arrived while their room's join was under way: carried out once it is
+        done, dropped when it failed or took longer than any join can."""
+        waiting, self._early_kicks = self._early_kicks, []
+        for session, op in waiting:
+            if not session.closed_by_chat:
+                self._control_session(session, op)  # in the room now, still joining, or gone
+
+    @staticmethod
+    def _scope(scope: str) -> dict[str, str]:
+        return {} if scope == EVERYWHERE else {"room": scope}

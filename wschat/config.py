@@ -121,6 +121,23 @@ def _algorithms(raw: str) -> tuple[str, ...]:
     return algorithms
 
 
+def _room_patterns(raw: str) -> tuple[str, ...]:
+    from .access import room_patterns  # the one place room-name patterns are validated
+
+    return room_patterns(list(_csv(raw))) or ()
+
+
+MIN_API_KEY_CHARS = 16
+
+
+def _api_key(raw: str) -> str | None:
+    value = raw.strip()
+    if value and len(value) < MIN_API_KEY_CHARS:
+        raise ValueError(f"must be at least {MIN_API_KEY_CHARS} characters (a random token, "
+                         "e.g. python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
+    return value or None
+
+
 def _var(name: str, parse: Callable[[str], Any], default: Any) -> Any:
     return field(default=default, metadata={"env": name, "parse": parse})
 
@@ -167,6 +184,10 @@ class Settings:
     jwt_audience: str | None = _var("JWT_AUDIENCE", _optional_str, None)
     jwt_issuer: str | None = _var("JWT_ISSUER", _optional_str, None)
     jwt_leeway: float = _var("JWT_LEEWAY", _float(0.0), 5.0)
+    # Room access and the server API (wschat.access, wschat.api).
+    guest_rooms: tuple[str, ...] = _var("GUEST_ROOMS", _room_patterns, ("*",))
+    private_rooms: tuple[str, ...] = _var("PRIVATE_ROOMS", _room_patterns, ())
+    api_key: str | None = _var("API_KEY", _api_key, None)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -223,7 +244,7 @@ class Settings:
         rows = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("jwt_secret", "redis_url", "database_url") and value:
+            if f.name in ("jwt_secret", "redis_url", "database_url", "api_key") and value:
                 value = "<set>"
             rows.append((f.metadata["env"], value))
         return rows

@@ -238,6 +238,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         }
         return Response(json.dumps(body, indent=2) + "\n", mimetype="application/json")
 
+    from .api import register_api
+
+    register_api(app, chat, settings.metrics_port, time.time)
     log.info("wschat %s ready: backend=%s persistence=%s", __version__, stores.name,
              stores.persistence)
     return app

@@ -39,6 +39,8 @@ class ErrorCode(enum.StrEnum):
     USER_NOT_FOUND = "user_not_found"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
+    FORBIDDEN = "forbidden"  # the room is not open to this user (wschat.access)
+    MUTED = "muted"  # muted in the room: may read, may not post or type
 
 
 class CloseCode(enum.IntEnum):
@@ -59,6 +61,7 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
     AUTH_TIMEOUT = 4001  # did not authenticate in time (AUTH_REQUIRED)
     TOKEN_EXPIRED = 4002  # token expired and no fresh `auth` arrived
+    DISCONNECTED = 4003  # closed by the server's API (disconnect, or a ban everywhere)
     HEARTBEAT_TIMEOUT = 4100  # silent for two heartbeat intervals
     SLOW_CONSUMER = 4101  # outbound backlog passed MAX_OUTBOUND_BYTES
     RATE_LIMITED = 4102  # kept flooding after rate_limited errors
@@ -149,7 +152,20 @@ class Ping:
     request_id: RequestId = None
 
 
-Command = Auth | Join | Leave | SendMessage | SendDm | Typing | ListUsers | History | Ping
+@dataclass(frozen=True, slots=True)
+class Moderate:
+    """A moderator's ``kick``, ``mute`` or ``unmute`` of a user in a room (wschat.access)."""
+
+    action: str
+    room: RoomName
+    user_id: UserId
+    duration: float | None = None  # mute: seconds; None until lifted
+    reason: str | None = None
+    request_id: RequestId = None
+
+
+Command = (Auth | Join | Leave | SendMessage | SendDm | Typing | ListUsers | History | Ping
+           | Moderate)
 
 ROOM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
 USERNAME_RE = re.compile(r"^\w(?:[\w .\-]{0,30}[\w.\-])?$")
@@ -263,12 +279,32 @@ def parse_command(raw: str | bytes, limits: Limits = Limits()) -> Command:
         limit = _counter(obj, "limit", rid, 1)
         limit = min(limit or 50, limits.history_size)
         return History(_room(obj, rid), limit, _counter(obj, "before", rid, 1), rid)
+    if kind in ("kick", "mute", "unmute"):
+        return _moderate(kind, obj, rid)
     if kind == "auth":
         token = _field(obj, "token", str, rid)
         if not 0 < len(token) <= 8192:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'token' is empty or too long", rid)
         return Auth(token, rid)
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}", rid)
+
+
+MAX_REASON_CHARS = 200
+
+
+def _moderate(kind: str, obj: dict[str, Any], rid: RequestId) -> Moderate:
+    user_id = _field(obj, "user_id", str, rid)
+    if not 0 < len(user_id) <= 128:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'user_id' must be a user_id", rid)
+    duration = _field(obj, "duration", (int, float), rid, required=False)
+    if duration is not None and not 0 < duration <= 10 * 365 * 86400:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'duration' is out of range", rid)
+    reason = _field(obj, "reason", str, rid, required=False)
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"'reason' is longer than {MAX_REASON_CHARS}", rid)
+    return Moderate(kind, _room(obj, rid), UserId(user_id),
+                    float(duration) if duration is not None else None, reason, rid)
 
 
 def valid_username(name: str) -> bool:

@@ -119,6 +119,9 @@ DATABASE_URL: {{ .Values.database.url | b64enc | quote }}
 {{- if and .Values.redis.external.url (not .Values.redis.external.existingSecret) }}
 REDIS_URL: {{ .Values.redis.external.url | b64enc | quote }}
 {{- end }}
+{{- if and .Values.api.key (not .Values.api.existingSecret) }}
+API_KEY: {{ .Values.api.key | b64enc | quote }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -217,6 +220,8 @@ A number as the server parses it: whole numbers without exponent or decimals
   "JWT_LEEWAY" (include "wschat.num" $a.leeway)
 }}
 {{- with $c.allowedOrigins }}{{ $_ := set $env "ALLOWED_ORIGINS" (join "," .) }}{{ end }}
+{{- $_ := set $env "GUEST_ROOMS" (join "," $c.guestRooms) }}
+{{- with $c.privateRooms }}{{ $_ := set $env "PRIVATE_ROOMS" (join "," .) }}{{ end }}
 {{- with $a.publicKey }}{{ $_ := set $env "JWT_PUBLIC_KEY" . }}{{ end }}
 {{- with $a.jwksUrl }}{{ $_ := set $env "JWT_JWKS_URL" . }}{{ end }}
 {{- with $a.algorithms }}{{ $_ := set $env "JWT_ALGORITHMS" (join "," .) }}{{ end }}

@@ -226,6 +226,7 @@ class Stores:
     broker: Broker
     name: str = "memory"
     rate_limiter: Any = None  # shared buckets (Redis); None: the factory uses memory ones
+    moderation: Any = None  # shared bans, mutes, members (Redis); None: the core uses memory
     persistence: str = "off"  # the database log's URL (password hidden) when persistence is on
 
     def problems(self) -> list[str]:

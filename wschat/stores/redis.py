@@ -745,6 +745,9 @@ def create_redis_stores(settings: Settings, metrics: Any = None) -> Stores:
     else:
         stores.rate_limiter = RedisRateLimiter(client, settings.rate_limit,
                                                settings.rate_limit_burst)
+    from .redis_moderation import RedisModerationStore
+
+    stores.moderation = RedisModerationStore(client, metrics)
     stores.keeper.start()
     log.info("redis stores: node %s at %s", node.node_id, time.strftime("%H:%M:%S"))
     return stores

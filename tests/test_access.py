@@ -1,0 +1,543 @@
+"""Room access control and moderation (wschat.access) in the chat core, then on real servers.
+
+The core tests drive :class:`wschat.chat.Chat` with recording sessions, memory
+stores and a fake clock (expiry without waiting). The server tests use real
+gunicorn servers and WebSocket clients: tokens with ``rooms``/``mod_rooms``,
+and two servers on one Redis for what must hold across pods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import TIMEOUT, Client, Server, redis_url_or_skip
+from test_chat import Clock, FakeSession, make_chat, send
+from wschat.access import SessionAccess, matches, room_patterns
+from wschat.auth import Identity, mint_token
+from wschat.chat import Chat
+from wschat.config import ConfigError, Settings
+from wschat.stores.moderation import (
+    EVERYWHERE, MemoryModerationStore, ModerationStore, Standing,
+)
+
+SECRET = "access-test-secret-0123456789abcdef0123"
+API_KEY = "access-test-api-key-0123456789"
+REDIS_DB = 25  # this module's own database on the session's Redis
+
+
+# -- patterns --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("patterns, room, expected", [
+    (("*",), "anything", True),
+    (("team-*",), "team-red", True),
+    (("team-*",), "teams", False),
+    (("team-*",), "xteam-red", False),
+    (("a.b",), "aXb", False),  # "." is literal, not a regex wildcard
+    (("*-ops",), "eu-ops", True),
+    ((), "lobby", False),
+    (("Lobby",), "lobby", False),  # case-sensitive, like room names
+])
+def test_pattern_matching(patterns: tuple[str, ...], room: str, expected: bool) -> None:
+    """`*` matches any run of characters; everything else is literal."""
+    assert matches(patterns, room) is expected
+
+
+@pytest.mark.parametrize("value", ["lobby", [1], ["a b"], ["x" * 65], ["(a|b)"],
+                                   ["*"] * 257])
+def test_bad_patterns_are_refused(value: Any) -> None:
+    """Claims and settings must be lists of room-name characters and `*`."""
+    with pytest.raises(ValueError):
+        room_patterns(value)
+
+
+def test_moderation_commands_parse() -> None:
+    """kick/mute/unmute become one Moderate command; duration and reason are bounded."""
+    from wschat.protocol import Moderate, ProtocolError, parse_command
+
+    assert parse_command('{"type": "mute", "room": "r", "user_id": "u", "duration": 1.5, '
+                         '"id": 3}') == Moderate("mute", "r", "u", 1.5, None, 3)
+    assert parse_command('{"type": "kick", "room": "r", "user_id": "u", "reason": "spam"}'
+                         ) == Moderate("kick", "r", "u", None, "spam")
+    for bad in ('{"type": "unmute", "room": "r"}', '{"type": "mute", "room": "r", '
+                '"user_id": "u", "duration": true}',
+                '{"type": "kick", "room": "r", "user_id": "u", "reason": "%s"}' % ("x" * 201),
+                '{"type": "kick", "room": "r", "user_id": ""}'):
+        with pytest.raises(ProtocolError) as info:
+            parse_command(bad)
+        assert info.value.code.value == "invalid_message"
+
+
+def test_settings_validate_patterns_and_api_key() -> None:
+    """GUEST_ROOMS/PRIVATE_ROOMS are comma lists of patterns; API_KEY has a minimum length."""
+    settings = Settings.from_env({"GUEST_ROOMS": "lobby, help-*", "PRIVATE_ROOMS": "team-*"})
+    assert settings.guest_rooms == ("lobby", "help-*")
+    assert settings.private_rooms == ("team-*",)
+    assert Settings.from_env({}).guest_rooms == ("*",)
+    with pytest.raises(ConfigError, match="PRIVATE_ROOMS"):
+        Settings.from_env({"PRIVATE_ROOMS": "team/*"})
+    with pytest.raises(ConfigError, match="API_KEY"):
+        Settings.from_env({"API_KEY": "short"})
+    assert dict(Settings.from_env({"API_KEY": API_KEY}).as_table())["API_KEY"] == "<set>"
+
+
+def test_token_claims_become_grants(capsys: pytest.CaptureFixture[str]) -> None:
+    """`rooms`/`mod_rooms` claims reach the identity; malformed ones and sub "system" are refused."""
+    from wschat.__main__ import main as cli_main
+    from wschat.auth import Authenticator, AuthError
+
+    auth = Authenticator(Settings.from_env({"JWT_SECRET": SECRET}))
+    assert cli_main(["token", "--sub", "al", "--secret", SECRET, "--rooms", "team-red, proj-*",
+                     "--mod-rooms", "team-red"]) == 0
+    identity = auth.verify(capsys.readouterr().out.strip())
+    assert (identity.rooms, identity.mod_rooms) == (("team-red", "proj-*"), ("team-red",))
+    assert auth.verify(token("bo")).rooms is None
+    for bad in (token("al", rooms="team-red"), token("al", mod_rooms=["a b"]), token("system")):
+        with pytest.raises(AuthError):
+            auth.verify(bad)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def moderation_store(request: pytest.FixtureRequest) -> Iterator[ModerationStore]:
+    if request.param == "memory":
+        yield MemoryModerationStore()
+        return
+    import redis
+
+    from wschat.stores.redis_moderation import RedisModerationStore
+
+    client = redis.Redis.from_url(redis_url_or_skip(REDIS_DB))
+    yield RedisModerationStore(client)
+    client.close()
+
+
+def test_moderation_stores_agree(moderation_store: ModerationStore) -> None:
+    """Memory and Redis hold bans, mutes and members alike; ended restrictions are gone."""
+    store, now = moderation_store, time.time()
+    assert store.standing("r", "u") == Standing()
+    store.restrict("ban", "r", "u", now + 60)
+    store.restrict("ban", EVERYWHERE, "u", math.inf)
+    store.restrict("mute", EVERYWHERE, "u", now + 30)
+    store.restrict("mute", "other", "u", math.inf)
+    store.restrict("mute", "r", "u", now - 1)  # already over
+    standing = store.standing("r", "u")
+    assert standing.banned_room == pytest.approx(now + 60, abs=0.002)
+    assert standing.banned_everywhere == math.inf and standing.banned == math.inf
+    assert standing.muted_room is None
+    assert standing.muted_everywhere == pytest.approx(now + 30, abs=0.002)
+    assert store.standing(None, "u") == Standing(None, math.inf, None, standing.muted_everywhere)
+    assert store.standing("r", "someone-else") == Standing()
+    assert store.lift("ban", EVERYWHERE, "u") and not store.lift("ban", EVERYWHERE, "u")
+    assert not store.lift("mute", "r", "u")
+    assert store.set_member("team", "u", True) and not store.set_member("team", "u", True)
+    store.set_member("team", "a", True)
+    assert store.members("team") == ["a", "u"] and store.standing("team", "u").member
+    assert store.set_member("team", "u", False) and store.members("team") == ["a"]
+    assert not store.standing("team", "u").member
+
+
+# -- the chat core ---------------------------------------------------------------------
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def core(clock: Clock, **env: str) -> Chat:
+    return make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000", **env)
+
+
+def user(chat: Chat, user_id: str, rooms: list[str] | None = None,
+         mod_rooms: tuple[str, ...] = (), authenticated: bool = True) -> FakeSession:
+    session = FakeSession(user_id, user_id, authenticated=authenticated)
+    session.access = SessionAccess(Identity(user_id, user_id, None,
+                                            tuple(rooms) if rooms is not None else None,
+                                            mod_rooms))
+    chat.open(session)
+    return session
+
+
+def codes(session: FakeSession) -> list[str]:
+    return [e["code"] for e in session.events("error")]
+
+
+def test_guest_rooms_limit_guests_only(clock: Clock) -> None:
+    """Guests may use only GUEST_ROOMS; signed-in users without a `rooms` claim any room."""
+    chat = core(clock, GUEST_ROOMS="lobby")
+    guest = user(chat, "g", authenticated=False)
+    member = user(chat, "m")
+    send(chat, guest, type="join", room="lobby")
+    send(chat, guest, type="join", room="staff")
+    send(chat, guest, type="history", room="staff")
+    send(chat, guest, type="list_users", room="staff")
+    send(chat, guest, type="message", room="staff", text="hi")
+    send(chat, guest, type="typing", room="staff", status=True)
+    assert [e["room"] for e in guest.events("joined")] == ["lobby"]
+    assert codes(guest) == ["forbidden"] * 5
+    assert all(e["room"] == "staff" for e in guest.events("error"))
+    send(chat, member, type="join", room="staff")
+    assert member.events("joined") and not codes(member)
+
+
+def test_token_rooms_claim(clock: Clock) -> None:
+    """A token's `rooms` patterns are the only rooms it opens (not_in_room stays for allowed ones)."""
+    chat = core(clock)
+    s = user(chat, "u", rooms=["proj-*"])
+    send(chat, s, type="join", room="proj-a")
+    send(chat, s, type="join", room="other", id=7)
+    send(chat, s, type="message", room="proj-b", text="x")
+    assert [e["room"] for e in s.events("joined")] == ["proj-a"]
+    errors = s.events("error")
+    assert (errors[0]["code"], errors[0]["id"]) == ("forbidden", 7)
+    assert errors[1]["code"] == "not_in_room"
+
+
+def test_private_room_admits_members_and_exact_grants(clock: Clock) -> None:
+    """A private room refuses outsiders and `*` patterns; an exact grant or membership admits."""
+    chat = core(clock, PRIVATE_ROOMS="team-*")
+    outsider = user(chat, "out")
+    pattern = user(chat, "pat", rooms=["team-*"])
+    exact = user(chat, "ex", rooms=["team-red"])
+    granted = user(chat, "gr")
+    chat.access.set_member("team-red", "gr", True)
+    for s in (outsider, pattern, exact, granted):
+        send(chat, s, type="join", room="team-red")
+    assert codes(outsider) == codes(pattern) == ["forbidden"]
+    assert "private" in outsider.events("error")[0]["message"]
+    assert exact.events("joined") and granted.events("joined")
+    send(chat, outsider, type="history", room="team-red")
+    assert codes(outsider) == ["forbidden", "forbidden"]
+
+
+def test_revoked_membership_removes_at_once(clock: Clock) -> None:
+    """Revoking membership takes the user out now, unless the token names the room."""
+    chat = core(clock, PRIVATE_ROOMS="team-*")
+    a, b = user(chat, "a", rooms=["team-red"]), user(chat, "b")
+    chat.access.set_member("team-red", "a", True)
+    chat.access.set_member("team-red", "b", True)
+    send(chat, a, type="join", room="team-red")
+    send(chat, b, type="join", room="team-red")
+    chat.access.set_member("team-red", "b", False)
+    chat.access.set_member("team-red", "a", False)
+    assert b.events("left") == [{"type": "left", "room": "team-red",
+                                 "reason": "membership revoked", "by": "api"}]
+    assert not a.events("left") and "team-red" in a.rooms
+    assert a.events("presence")[-1] == {"type": "presence", "room": "team-red", "user": "b",
+                                        "user_id": "b", "status": "offline"}
+
+
+def test_kick_leaves_room_with_reason(clock: Clock) -> None:
+    """A kick removes every connection of the user; others see presence; rejoining works."""
+    chat = core(clock)
+    a, b1, b2 = user(chat, "a"), user(chat, "b"), user(chat, "b")
+    for s in (a, b1, b2):
+        send(chat, s, type="join", room="r")
+    chat.access.kick("r", "b", "spam")
+    for s in (b1, b2):
+        assert s.events("left") == [{"type": "left", "room": "r", "reason": "spam",
+                                     "by": "api"}]
+        assert "r" not in s.rooms
+    assert [e["status"] for e in a.events("presence")] == ["online", "offline"]
+    send(chat, b1, type="join", room="r")
+    assert len(b1.events("joined")) == 2
+
+
+def test_room_ban_and_its_expiry(clock: Clock) -> None:
+    """A room ban kicks now and refuses joins until it ends or is lifted; other rooms are open."""
+    chat = core(clock)
+    b = user(chat, "b")
+    send(chat, b, type="join", room="r")
+    chat.access.ban("b", "r", clock.now + 60, "flooding")
+    left = b.events("left")[0]
+    assert (left["reason"], left["note"]) == ("banned", "flooding")
+    assert left["until"] == int((clock.now + 60) * 1000)
+    send(chat, b, type="join", room="r")
+    send(chat, b, type="join", room="elsewhere")
+    error = b.events("error")[0]
+    assert (error["code"], error["reason"], error["room"]) == ("forbidden", "banned", "r")
+    assert [e["room"] for e in b.events("joined")] == ["r", "elsewhere"]
+    clock.now += 61
+    send(chat, b, type="join", room="r")
+    assert [e["room"] for e in b.events("joined")][-1] == "r"
+    chat.access.ban("b", "r", float("inf"))
+    assert chat.access.unban("b", "r") and not chat.access.unban("b", "r")
+
+
+def test_ban_everywhere_closes_and_refuses_connections(clock: Clock) -> None:
+    """A ban everywhere closes the user's connections (4003) and any new one at once."""
+    chat = core(clock)
+    b = user(chat, "b")
+    chat.access.ban("b", None, float("inf"), "abuse")
+    assert b.closed_with == (4003, "banned")
+    assert b.events("error")[-1]["reason"] == "banned"
+    again = user(chat, "b")
+    assert again.closed_with == (4003, "banned") and not again.events("welcome")
+    chat.access.unban("b", None)
+    assert user(chat, "b").events("welcome")
+
+
+def test_kick_during_a_join_is_carried_out_after_it(clock: Clock) -> None:
+    """A ban's kick that arrives while the join is under way (after its ban check, before
+    the room is the session's: Redis round trips) removes the user once the join is done."""
+    chat = core(clock)
+    b = user(chat, "b")
+    chat.access.admit(b, "r", joining=True)  # the join's check passed, the store join pending
+    chat.access.ban("b", "r", float("inf"))
+    assert not b.events("left")
+    b.access.joining.clear()  # as if admitted before the ban: the join itself is not refused
+    chat.access.store.lift("ban", "r", "b")
+    send(chat, b, type="join", room="r")
+    assert "r" in b.rooms
+    chat.tick()
+    assert b.events("left")[0]["reason"] == "banned" and "r" not in b.rooms
+    chat.tick()  # carried out once
+    assert len(b.events("left")) == 1
+    chat.access.kick("r", "b")  # not joining, not in the room: nothing is held back
+    send(chat, b, type="join", room="r")
+    chat.tick()
+    assert "r" in b.rooms
+
+
+def test_mute_refuses_messages_and_typing_not_reading(clock: Clock) -> None:
+    """A muted user reads but may not post or type there; the mute ends on time or when lifted."""
+    chat = core(clock)
+    a, b = user(chat, "a"), user(chat, "b")
+    for s in (a, b):
+        send(chat, s, type="join", room="r")
+        send(chat, s, type="join", room="q")
+    chat.access.mute("b", "r", clock.now + 30, by="a")
+    assert b.events("muted") == [{"type": "muted", "room": "r", "by": "a",
+                                  "until": int((clock.now + 30) * 1000)}]
+    send(chat, b, type="message", room="r", text="no")
+    send(chat, b, type="typing", room="r", status=True)
+    send(chat, b, type="message", room="q", text="yes")
+    assert codes(b) == ["muted", "muted"]
+    send(chat, a, type="message", room="r", text="still reading")
+    assert [m["text"] for m in b.events("message")] == ["yes", "still reading"]
+    clock.now += 31
+    send(chat, b, type="message", room="r", text="back")
+    assert b.events("message")[-1]["text"] == "back"
+    chat.access.mute("b", None, float("inf"))
+    send(chat, b, type="dm", to="a", text="dm")
+    assert codes(b)[-1] == "muted"
+    chat.access.unmute("b", None)
+    assert b.events("unmuted") == [{"type": "unmuted"}]
+    send(chat, b, type="dm", to="a", text="dm")
+    assert a.events("dm")
+
+
+def test_mute_is_loaded_on_join(clock: Clock) -> None:
+    """A mute made while the user was away holds when it comes back (read on join)."""
+    chat = core(clock)
+    chat.access.mute("b", "r", float("inf"))
+    b = user(chat, "b")
+    send(chat, b, type="join", room="r")
+    send(chat, b, type="message", room="r", text="x")
+    assert codes(b) == ["muted"]
+    assert chat.access.store.standing("r", "b").muted_room == float("inf")
+    assert EVERYWHERE not in b.access.muted
+
+
+def test_moderators_kick_and_mute_over_the_websocket(clock: Clock) -> None:
+    """mod_rooms lets a user kick, mute and unmute in those rooms; others get forbidden."""
+    chat = core(clock)
+    mod = user(chat, "mod", mod_rooms=("support-*",))
+    b = user(chat, "b")
+    for s in (mod, b):
+        send(chat, s, type="join", room="support-1")
+    send(chat, mod, type="mute", room="support-1", user_id="b", duration=60, id=1)
+    reply = mod.events("moderated")[0]
+    assert (reply["action"], reply["id"], reply["user_id"]) == ("mute", 1, "b")
+    send(chat, b, type="message", room="support-1", text="x")
+    assert codes(b) == ["muted"]
+    send(chat, mod, type="unmute", room="support-1", user_id="b")
+    assert mod.events("moderated")[-1]["lifted"] is True
+    send(chat, mod, type="kick", room="support-1", user_id="b", reason="off topic")
+    assert b.events("left") == [{"type": "left", "room": "support-1", "reason": "off topic",
+                                 "by": "mod"}]
+    send(chat, b, type="kick", room="support-1", user_id="mod")
+    send(chat, mod, type="kick", room="general", user_id="b")
+    assert codes(b)[-1] == "forbidden" and codes(mod) == ["forbidden"]
+    assert "support-1" in mod.rooms
+
+
+def test_guest_cannot_moderate_and_bad_commands_are_refused(clock: Clock) -> None:
+    """Guests never moderate; kick/mute fields are validated like every command."""
+    chat = core(clock)
+    guest = user(chat, "g", mod_rooms=("*",), authenticated=False)
+    send(chat, guest, type="kick", room="r", user_id="x")
+    mod = user(chat, "mod", mod_rooms=("*",))
+    send(chat, mod, type="mute", room="r", user_id="x", duration=-1)
+    send(chat, mod, type="kick", room="bad room", user_id="x")
+    send(chat, mod, type="kick", room="r")
+    assert codes(guest) == ["forbidden"]
+    assert codes(mod) == ["invalid_message", "invalid_room", "invalid_message"]
+
+
+def test_fresh_token_with_fewer_rooms_leaves_them(clock: Clock) -> None:
+    """Re-authenticating with a token that no longer grants a room leaves it."""
+    chat = core(clock)
+    s = FakeSession("u", "u", authenticated=False)
+    chat.open(s)
+    send(chat, s, type="auth", token=mint_token(SECRET_CORE, "u", rooms=["a", "b"]))
+    send(chat, s, type="join", room="a")
+    send(chat, s, type="join", room="b")
+    chat.access.mute("u", "a", float("inf"))
+    send(chat, s, type="auth", token=mint_token(SECRET_CORE, "u", rooms=["a"]))
+    assert s.events("left") == [{"type": "left", "room": "b", "reason": "forbidden"}]
+    assert s.rooms == {"a"}
+    send(chat, s, type="message", room="a", text="x")  # the mute outlives the refresh
+    assert codes(s) == ["muted"]
+    send(chat, s, type="auth", token=mint_token(SECRET_CORE, "v"))  # another user: no mutes
+    assert not s.access.muted and s.access.rooms is None
+
+
+SECRET_CORE = "unit-secret-0123456789abcdef0123456789"  # test_chat's JWT_SECRET
+
+
+# -- real servers ----------------------------------------------------------------------
+
+def api_call(server: Server, method: str, path: str, body: Any = None,
+             key: str | None = API_KEY) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.metrics_port}{path}", data=data, method=method,
+        headers={"Content-Type": "application/json",
+                 **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def token(sub: str, **claims: Any) -> str:
+    return mint_token(SECRET, sub, **claims)
+
+
+SERVER_ENV = {"JWT_SECRET": SECRET, "API_KEY": API_KEY, "PRIVATE_ROOMS": "team-*",
+              "GUEST_ROOMS": "lobby", "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with Server(SERVER_ENV) as srv:
+        yield srv
+
+
+def test_server_enforces_rooms_for_tokens_and_guests(server: Server) -> None:
+    """On a real server: guests only in GUEST_ROOMS, the private room only for its members."""
+    with Client(server.url, "username=guest") as guest, \
+            Client(server.url, f"token={token('alice', rooms=['team-red'])}") as alice, \
+            Client(server.url, f"token={token('bob')}") as bob:
+        guest.send({"type": "join", "room": "general", "id": 1})
+        assert guest.expect("error", id=1)["code"] == "forbidden"
+        assert guest.join("lobby")["room"] == "lobby"
+        alice.join("team-red")
+        bob.send({"type": "join", "room": "team-red", "id": 2})
+        assert bob.expect("error", id=2)["code"] == "forbidden"
+        assert api_call(server, "POST", "/api/rooms/team-red/members",
+                        {"user_id": "bob"})[0] == 200
+        assert [u["user_id"] for u in bob.join("team-red")["users"]] == ["alice", "bob"]
+        assert alice.expect("presence", user_id="bob")["status"] == "online"
+
+
+def test_server_moderator_kick_and_mute(server: Server) -> None:
+    """A moderator's kick and mute reach the target over real sockets."""
+    mod_token = token("mia", mod_rooms=["help-*"])
+    with Client(server.url, f"token={mod_token}") as mia, \
+            Client(server.url, f"token={token('carl')}") as carl:
+        mia.join("help-1")
+        carl.join("help-1")
+        mia.expect("presence", user_id="carl")
+        mia.request({"type": "mute", "room": "help-1", "user_id": "carl"}, "moderated")
+        assert carl.expect("muted")["until"] is None
+        carl.send({"type": "message", "room": "help-1", "text": "x", "id": 3})
+        assert carl.expect("error", id=3)["code"] == "muted"
+        mia.request({"type": "kick", "room": "help-1", "user_id": "carl"}, "moderated")
+        assert carl.expect("left")["reason"] == "kicked"
+        assert mia.expect("presence", user_id="carl")["status"] == "offline"
+
+
+@pytest.fixture(scope="module")
+def redis_pods() -> Iterator[tuple[Server, Server]]:
+    url = redis_url_or_skip(REDIS_DB)
+    env = {**SERVER_ENV, "REDIS_URL": url, "PRESENCE_TTL": "5"}
+    with Server(env) as a, Server(env) as b:
+        yield a, b
+
+
+def test_ban_mute_kick_hold_across_pods(redis_pods: tuple[Server, Server]) -> None:
+    """Moderation through one pod's API holds on the other pod, for live and new connections."""
+    a, b = redis_pods
+    with Client(b.url, f"token={token('dave')}") as dave, \
+            Client(a.url, f"token={token('erin')}") as erin:
+        dave.join("ops")
+        erin.join("ops")
+        assert api_call(a, "POST", "/api/mute", {"user_id": "dave", "room": "ops"})[0] == 200
+        dave.expect("muted", room="ops")
+        dave.send({"type": "message", "room": "ops", "text": "x", "id": 1})
+        assert dave.expect("error", id=1)["code"] == "muted"
+        status, body = api_call(a, "POST", "/api/ban",
+                                {"user_id": "dave", "room": "ops", "duration": 600})
+        assert status == 200 and body["until"] > 0
+        assert dave.expect("left")["reason"] == "banned"
+        assert erin.expect("presence", user_id="dave")["status"] == "offline"
+        dave.send({"type": "join", "room": "ops", "id": 2})
+        assert dave.expect("error", id=2)["reason"] == "banned"
+    # A reconnect to the other pod is refused too, until the ban is lifted.
+    with Client(a.url, f"token={token('dave')}") as again:
+        again.send({"type": "join", "room": "ops", "id": 3})
+        assert again.expect("error", id=3)["code"] == "forbidden"
+        assert api_call(b, "POST", "/api/unban", {"user_id": "dave", "room": "ops"})[1][
+            "lifted"] is True
+        assert again.join("ops")["room"] == "ops"
+
+
+def test_private_room_and_ban_everywhere_across_pods(redis_pods: tuple[Server, Server]
+                                                     ) -> None:
+    """Membership granted through one pod admits on the other; a ban everywhere closes
+    connections on every pod and refuses new ones."""
+    a, b = redis_pods
+    api_call(a, "POST", "/api/rooms/team-blue/members", {"user_id": "fay"})
+    with Client(b.url, f"token={token('fay')}") as fay, \
+            Client(a.url, f"token={token('fay')}") as fay2:
+        assert fay.join("team-blue")["room"] == "team-blue"
+        assert api_call(a, "DELETE", "/api/rooms/team-blue/members/fay")[1]["changed"]
+        assert fay.expect("left")["reason"] == "membership revoked"
+        status, body = api_call(b, "POST", "/api/ban", {"user_id": "fay"})
+        assert (status, body["until"], body["room"]) == (200, None, None)
+        assert fay.close_code_when_closed() == 4003
+        assert fay2.close_code_when_closed() == 4003
+    with Client(a.url, f"token={token('fay')}", expect_welcome=False) as again:
+        assert again.expect("error")["reason"] == "banned"
+        assert again.close_code_when_closed() == 4003
+    api_call(a, "POST", "/api/unban", {"user_id": "fay"})
+
+
+def test_api_figures_and_disconnect_across_pods(redis_pods: tuple[Server, Server]) -> None:
+    """With Redis the API's rooms, info and disconnect see every pod's connections."""
+    a, b = redis_pods
+    with Client(a.url, f"token={token('gus')}") as gus_a, \
+            Client(b.url, f"token={token('gus')}") as gus_b, \
+            Client(b.url, f"token={token('hal')}") as hal:
+        gus_a.join("yard")
+        hal.join("yard")
+        rooms = api_call(b, "GET", "/api/rooms")[1]["rooms"]
+        assert {"room": "yard", "users": 2, "private": False} in rooms
+        status, info = api_call(a, "GET", "/api/info")
+        assert status == 200 and info["backend"] == "redis"
+        assert len(info["workers"]) == 2 and info["pods"] == 1  # two servers, one host
+        assert info["connections"] == 3
+        status, body = api_call(b, "POST", "/api/disconnect", {"user_id": "gus"})
+        assert (status, body["closed"]) == (200, 2)
+        assert gus_a.close_code_when_closed() == 4003
+        assert gus_b.close_code_when_closed() == 4003
+        assert hal.expect("presence", user_id="gus")["status"] == "offline"
+        hal.request({"type": "ping"}, "pong")  # the others are untouched

@@ -1,0 +1,238 @@
+"""The server HTTP API (wschat.api) against real servers: every endpoint, its errors,
+its authentication, and its OpenAPI document.
+
+Cross-pod moderation through the API (Redis) is in tests/test_access.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from conftest import TIMEOUT, Client, Server, wait_until
+from test_chat import Clock, make_chat
+from wschat.api import OPENAPI, register_api
+from wschat.auth import mint_token
+
+SECRET = "api-test-secret-0123456789abcdef0123456"
+API_KEY = "api-test-key-0123456789abcdef"
+
+
+def call(server: Server, method: str, path: str, body: Any = None, key: str | None = API_KEY,
+         raw: bytes | None = None, metrics_port: bool = True) -> tuple[int, Any]:
+    port = server.metrics_port if metrics_port else server.port
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        text = err.read()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:
+            return err.code, text
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    db = tmp_path_factory.mktemp("api") / "api.db"
+    with Server({"JWT_SECRET": SECRET, "API_KEY": API_KEY, "PRIVATE_ROOMS": "team-*",
+                 "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000", "HISTORY_SIZE": "50",
+                 "ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{db}"}) as srv:
+        yield srv
+
+
+def user(server: Server, sub: str, **claims: Any) -> Client:
+    return Client(server.url, f"token={mint_token(SECRET, sub, **claims)}")
+
+
+def test_publish_goes_the_users_way(server: Server) -> None:
+    """An API message gets the room's next id, reaches members, is in history and is
+    recovered by join.since, marked user_id "system"; a client_msg_id retry is not re-sent."""
+    with user(server, "ann") as ann:
+        ann.join("news")
+        first = ann.say("news", "from ann")
+        status, body = call(server, "POST", "/api/publish",
+                            {"room": "news", "text": "deploy at 5", "client_msg_id": "d-1"})
+        assert status == 200 and body == {"id": first["id"] + 1, "room": "news",
+                                          "duplicate": False}
+        event = ann.expect("message", text="deploy at 5")
+        assert (event["user_id"], event["from"], event["id"]) == ("system", "system", body["id"])
+        assert call(server, "POST", "/api/publish", {"room": "news", "text": "deploy at 5",
+                                                     "client_msg_id": "d-1"})[1]["duplicate"]
+        ann.assert_silent("message")
+        status, named = call(server, "POST", "/api/publish",
+                             {"room": "news", "text": "hello", "from": "Release bot"})
+        assert ann.expect("message", text="hello")["from"] == "Release bot"
+    with user(server, "ann") as again:
+        joined = again.join("news", since=first["id"])
+        assert joined["recovered"] is True
+        assert [again.expect("message")["id"] for _ in range(2)] == [body["id"], named["id"]]
+    status, history = call(server, "GET", "/api/rooms/news/history?limit=2")
+    assert status == 200
+    assert [m["text"] for m in history["messages"]] == ["deploy at 5", "hello"]
+    status, older = call(server, "GET", f"/api/rooms/news/history?before={body['id']}")
+    assert [m["text"] for m in older["messages"]] == ["from ann"]
+
+
+def test_dm_from_the_server(server: Server) -> None:
+    """/api/dm delivers to an online user; unknown users are 404 user_not_found."""
+    with user(server, "bea") as bea:
+        status, body = call(server, "POST", "/api/dm", {"to": "bea", "text": "welcome!"})
+        assert status == 200 and body["delivered"] is True
+        event = bea.expect("dm")
+        assert (event["id"], event["user_id"], event["text"]) == (body["id"], "system",
+                                                                  "welcome!")
+    status, body = call(server, "POST", "/api/dm", {"to": "nobody-ever", "text": "x"})
+    assert (status, body["error"]["code"]) == (404, "user_not_found")
+
+
+def test_rooms_users_members_and_info(server: Server) -> None:
+    """Listing rooms and users, private-room membership, and the server's figures."""
+    with user(server, "cid") as cid, user(server, "dot") as dot:
+        cid.join("plaza")
+        dot.join("plaza")
+        rooms = call(server, "GET", "/api/rooms")[1]["rooms"]
+        assert {"room": "plaza", "users": 2, "private": False} in rooms
+        status, users = call(server, "GET", "/api/rooms/plaza/users")
+        assert [u["user_id"] for u in users["users"]] == ["cid", "dot"]
+        status, body = call(server, "POST", "/api/rooms/team-x/members", {"user_id": "dot"})
+        assert (status, body["changed"], body["private"]) == (200, True, True)
+        assert call(server, "GET", "/api/rooms/team-x/members")[1]["members"] == ["dot"]
+        dot.join("team-x")
+        cid.send({"type": "join", "room": "team-x", "id": 1})
+        assert cid.expect("error", id=1)["code"] == "forbidden"
+        status, body = call(server, "DELETE", "/api/rooms/team-x/members/dot")
+        assert (status, body["member"], body["changed"]) == (200, False, True)
+        assert dot.expect("left", room="team-x")["reason"] == "membership revoked"
+        status, info = call(server, "GET", "/api/info")
+        assert status == 200 and info["backend"] == "memory" and info["pods"] == 1
+        assert info["connections"] >= 2 and len(info["workers"]) == 1
+        assert info["private_rooms"] == ["team-*"]
+
+
+def test_kick_ban_unban_mute_unmute_disconnect(server: Server) -> None:
+    """The moderation endpoints act on live connections and say what they did."""
+    with user(server, "eve") as eve, user(server, "eve") as eve2:
+        eve.join("hall")
+        status, body = call(server, "POST", "/api/kick",
+                            {"room": "hall", "user_id": "eve", "reason": "cool down"})
+        assert (status, body["kicked"]) == (200, True)
+        assert eve.expect("left") == {"type": "left", "room": "hall", "reason": "cool down",
+                                      "by": "api"}
+        assert call(server, "POST", "/api/kick", {"room": "hall", "user_id": "eve"})[1][
+            "kicked"] is False
+        status, body = call(server, "POST", "/api/mute",
+                            {"user_id": "eve", "room": "hall", "duration": 30})
+        assert status == 200 and body["until"] > time.time() * 1000
+        assert eve.expect("muted")["room"] == "hall"
+        assert call(server, "POST", "/api/unmute", {"user_id": "eve", "room": "hall"})[1][
+            "lifted"] is True
+        eve.expect("unmuted")
+        status, body = call(server, "POST", "/api/ban", {"user_id": "eve", "room": "hall"})
+        assert (status, body["until"]) == (200, None)
+        eve.send({"type": "join", "room": "hall", "id": 4})
+        assert eve.expect("error", id=4)["reason"] == "banned"
+        assert call(server, "POST", "/api/unban", {"user_id": "eve", "room": "hall"})[1][
+            "lifted"] is True
+        assert call(server, "POST", "/api/unban", {"user_id": "eve", "room": "hall"})[1][
+            "lifted"] is False
+        status, body = call(server, "POST", "/api/disconnect", {"user_id": "eve"})
+        assert (status, body["closed"]) == (200, 2)
+        assert eve.close_code_when_closed() == 4003
+        assert eve2.close_code_when_closed() == 4003
+    wait_until(lambda: call(server, "GET", "/api/info")[1]["connections"] == 0,
+               message="eve's connections to close")
+
+
+@pytest.mark.parametrize("method, path, body, status, code", [
+    ("POST", "/api/publish", {"room": "bad room", "text": "x"}, 400, "invalid_room"),
+    ("POST", "/api/publish", {"room": "r"}, 400, "invalid_message"),
+    ("POST", "/api/publish", {"room": "r", "text": "x" * 5000}, 413, "message_too_large"),
+    ("POST", "/api/publish", {"room": "r", "text": "x", "from": ""}, 400, "invalid_request"),
+    ("POST", "/api/publish", [1], 400, "invalid_request"),
+    ("POST", "/api/ban", {"user_id": "u", "duration": -5}, 400, "invalid_request"),
+    ("POST", "/api/mute", {"user_id": 7}, 400, "invalid_request"),
+    ("POST", "/api/kick", {"user_id": "u"}, 400, "invalid_message"),
+    ("GET", "/api/rooms/r/history?limit=x", None, 400, "invalid_request"),
+    ("GET", "/api/nothing-here", None, 404, "not_found"),
+    ("GET", "/api/publish", None, 405, "method_not_allowed"),
+])
+def test_errors_are_json_with_fitting_status(server: Server, method: str, path: str,
+                                             body: Any, status: int, code: str) -> None:
+    """Bad requests get {error: {code, message}} and the status that fits."""
+    got_status, got = call(server, method, path, body)
+    assert got_status == status
+    assert got["error"]["code"] == code and got["error"]["message"]
+
+
+def test_invalid_json_and_oversized_bodies(server: Server) -> None:
+    """A body that is not JSON is 400; one over 256 KiB is 413 before it is parsed."""
+    status, body = call(server, "POST", "/api/publish", raw=b"{nope")
+    assert (status, body["error"]["code"]) == (400, "invalid_json")
+    status, body = call(server, "POST", "/api/publish", raw=b" " * (256 * 1024 + 1))
+    assert (status, body["error"]["code"]) == (413, "too_large")
+
+
+def test_api_key_is_required_and_only_on_the_metrics_port(server: Server) -> None:
+    """No or a wrong key: 401; the public port never serves /api."""
+    for key in (None, "wrong-key-0123456789", API_KEY + "x"):
+        status, body = call(server, "GET", "/api/info", key=key)
+        assert (status, body["error"]["code"]) == (401, "unauthorized")
+    status, body = call(server, "GET", "/api/info", metrics_port=False)
+    assert status == 404
+    assert server.http("/health")[0] == 200  # the rest of the server is untouched
+
+
+def test_no_api_key_refuses_every_call() -> None:
+    """Without API_KEY every /api call is 403, whatever the Authorization header."""
+    with Server({"RATE_LIMIT": "1000"}) as srv:
+        for path in ("/api/info", "/api/openapi.json", "/api/unknown"):
+            status, body = call(srv, "GET", path)
+            assert (status, body["error"]["code"]) == (403, "api_disabled")
+        assert call(srv, "POST", "/api/publish", {"room": "r", "text": "x"})[0] == 403
+
+
+def test_openapi_document_matches_the_routes(server: Server) -> None:
+    """/api/openapi.json is valid OpenAPI 3.1, and every route under /api is in it with its
+    methods, and nothing else."""
+    from openapi_spec_validator import validate
+
+    status, served = call(server, "GET", "/api/openapi.json")
+    assert status == 200 and served == json.loads(json.dumps(OPENAPI))
+    validate(served)  # a valid OpenAPI 3.1 document
+    app = Flask(__name__)
+    register_api(app, make_chat(Clock()), 8081, time.time)
+    routes: dict[str, set[str]] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/"):
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+            routes.setdefault(path, set()).update(
+                m.lower() for m in rule.methods - {"HEAD", "OPTIONS"})
+    documented = {path: set(ops) for path, ops in OPENAPI["paths"].items()}
+    assert routes == documented
+    for path, ops in OPENAPI["paths"].items():
+        for op in ops.values():
+            names = {p["name"] for p in op.get("parameters", ()) if p["in"] == "path"}
+            assert names == set(re.findall(r"{(\w+)}", path)), path
+
+
+def test_readme_documents_every_endpoint() -> None:
+    """The README's API reference names every documented endpoint."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for path, ops in OPENAPI["paths"].items():
+        for method in ops:
+            assert f"`{method.upper()} {path}`" in readme, f"{method.upper()} {path}"
