@@ -239,6 +239,17 @@ def test_errors_show_next_to_their_cause(web_server: Server,
     expect(refused).to_have_count(0)
 
 
+def test_a_room_guests_may_not_join(people: Callable[..., ChatPage]) -> None:
+    """A join the server forbids (GUEST_ROOMS) is explained next to the join box."""
+    with Server({**SERVER_ENV, "GUEST_ROOMS": "general"}) as srv:
+        alice = people(srv, "alice")
+        alice.page.locator("#join-room").fill("staff")
+        alice.page.locator("#join-room").press("Enter")
+        expect(alice.page.locator("#join-error")).to_contain_text("may not use this room")
+        expect(alice.page.locator('[data-conv="room:staff"]')).to_have_count(0)
+        expect(alice.page.locator("#title")).to_have_text("# general")
+
+
 def test_dm_to_someone_who_left_says_why(web_server: Server,
                                         people: Callable[..., ChatPage]) -> None:
     """A DM the server refuses (the peer went offline) stays, marked, with the reason."""

@@ -140,6 +140,7 @@ const CLOSE_WORDS = {
   1011: "The server had a problem",
   4001: "Sign-in timed out",
   4002: "Your sign-in expired",
+  4003: "The server ended this session (disconnected or banned)",
   4100: "The connection went quiet",
   4101: "The connection was too slow",
   4102: "Too many messages at once",
@@ -204,7 +205,7 @@ function welcomed(welcome) {
 function clientError(err) {
   // Errors that belong to a request reach its promise (shown next to it); these are the rest.
   if (["invalid_room", "too_many_rooms", "left", "user_not_found", "message_too_large",
-    "invalid_message", "outbox_full"].includes(err.code)) { syncPending(err); return; }
+    "invalid_message", "outbox_full", "forbidden", "muted"].includes(err.code)) { syncPending(err); return; }
   if (err.code === "auth_failed" || err.code === "token_expired") {
     showSignin("Your token was refused: paste a new one, or pick a name.");
     return;
@@ -682,6 +683,8 @@ function describe(err, c = null) {
     case "invalid_room": return "that is not a valid room name.";
     case "too_many_rooms": return "you are in too many rooms; leave one first.";
     case "not_in_room": return "you are not in this room.";
+    case "forbidden": return c?.kind === "dm" ? "You may not send this." : "you may not use this room (private, not granted to you, or banned).";
+    case "muted": return "You are muted here: you can read but not post.";
     case "left": return "You left the room before it was sent.";
     case "outbox_full": return "Too many messages are waiting to be sent; wait for the connection.";
     case "rate_limited": return "Slow down: too many messages.";
