@@ -764,7 +764,10 @@ function useIdentity(identity, remember) {
   state.drafts = saved.get(`drafts:${key}`, {});
   if (changed || !state.conversations.size) {
     // Rooms are the browser's; DMs belong to the identity.
-    for (const [k, c] of state.conversations) if (c.kind === "dm") state.conversations.delete(k);
+    for (const [k, c] of state.conversations) {
+      if (c.kind === "dm") state.conversations.delete(k);
+      else c.pending.clear(); // the other identity's sends wait in its own outbox
+    }
     for (const room of saved.get("rooms", ["general"])) {
       if (!conv(roomKey(room))) state.conversations.set(roomKey(room), newConversation(roomKey(room), "room", room));
     }
