@@ -194,6 +194,21 @@ def test_name_and_own_messages_survive_a_reload(web_server: Server,
     expect(alice.page.locator("#draft")).to_have_value("half a thought")  # drafts are kept
 
 
+def test_changing_the_name(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """"change" switches to another name; the first name's messages are no longer one's own."""
+    person = people(web_server, "first-name")
+    person.say("said under my first name")
+    expect(person.messages("said under my first name")).not_to_have_class(PENDING)
+    person.page.locator("#switch-user").click()
+    person.page.locator("#signin-name").fill("second-name")
+    person.page.locator("#signin-go").click()
+    expect(person.page.locator("#me")).to_contain_text("second-name")
+    person.wait_online()
+    expect(person.messages("said under my first name")).not_to_have_class(MINE)
+    person.say("and now the second")
+    expect(person.messages("and now the second")).to_have_class(MINE)
+
+
 def test_name_from_the_address(web_server: Server, browser: Any) -> None:
     """?username= picks the tab's name; an invalid one asks for another instead of failing."""
     person = ChatPage(browser, web_server)
