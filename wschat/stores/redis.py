@@ -576,6 +576,15 @@ class RedisBroker(Broker):
         self._channels.add(key)
         if self._pubsub is None:
             return  # the reconnect resubscribes everything in _channels
+        shared = self._pending.get(key)
+        if shared is not None:
+            # Another greenlet's SUBSCRIBE is on its way (several connections of this
+            # worker joining the room at once, as after a reconnect storm): its
+            # confirmation is ours too. Replacing its waiter would leave that greenlet
+            # waiting SUBSCRIBE_TIMEOUT for a confirmation already taken by ours.
+            if wait and not shared.wait(timeout=SUBSCRIBE_TIMEOUT):
+                raise Unavailable("redis: subscription not confirmed")
+            return
         waiter = gevent.event.Event() if wait else None
         if waiter is not None:
             self._pending[key] = waiter

@@ -2,7 +2,7 @@
 // IIFE (global `WsChat`), and the .d.ts files (tsc); prints the browser bundle's size.
 import { build } from "esbuild";
 import { execFileSync } from "node:child_process";
-import { readFileSync, rmSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { gzipSync } from "node:zlib";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -27,7 +27,18 @@ await Promise.all([
   build({ ...common, format: "esm", platform: "browser", minify: true, outfile: "dist/wschat-client.browser.js" }),
   build({ ...common, format: "iife", globalName: "WsChat", platform: "browser", minify: true, outfile: "dist/wschat-client.iife.js" }),
 ]);
-execFileSync(join(root, "node_modules", ".bin", "tsc"), ["-p", "tsconfig.json"], { stdio: "inherit" });
+const tsc = join(root, "node_modules", ".bin", "tsc");
+execFileSync(tsc, ["-p", "tsconfig.json"], { stdio: "inherit" });
+// The same declarations as .d.cts for `require` (the package is "type": "module", so
+// TypeScript reads .d.ts files as ESM and would refuse them to a CommonJS importer).
+mkdirSync("dist/types-cjs", { recursive: true });
+for (const file of readdirSync("dist/types")) {
+  if (!file.endsWith(".d.ts")) continue;
+  const text = readFileSync(join("dist/types", file), "utf8").replace(/(from\s+["']\.\/[^"']+)\.js(["'])/g, "$1.cjs$2");
+  writeFileSync(join("dist/types-cjs", file.replace(/\.d\.ts$/, ".d.cts")), text);
+}
+// Both kinds of TypeScript consumer compile against the package as published.
+execFileSync(tsc, ["-p", "test/types/tsconfig.json"], { stdio: "inherit" });
 
 for (const file of ["dist/wschat-client.browser.js", "dist/wschat-client.iife.js"]) {
   const code = readFileSync(file);

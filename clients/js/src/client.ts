@@ -13,6 +13,8 @@ import type {
   ConnectionState,
   DirectMessage,
   JoinResult,
+  ModeratedResult,
+  RemovedEvent,
   RoomState,
   User,
   WebSocketConstructor,
@@ -61,8 +63,19 @@ export interface ClientOptions {
   tokenRefreshMargin?: number;
   /** After `typing(room)`, `status: false` is sent when no keystroke came for this long, ms (default 3000). */
   typingTimeout?: number;
+  /**
+   * A send whose echo has not come this long after it was written goes out again on the
+   * same connection (the server deduplicates it), ms (default 10000): an echo lost on a
+   * live connection never leaves a send hanging.
+   */
+  ackTimeout?: number;
   /** How long a JSON `ping` may wait for an answer before the socket is given up, ms (default 10000). */
   pongTimeout?: number;
+  /**
+   * In a browser: while the page is hidden, a due reconnect waits until it is visible again
+   * (default false; mobile browsers throttle hidden pages anyway).
+   */
+  pauseWhenHidden?: boolean;
   /** Randomness for the jitter (tests). */
   random?: () => number;
 }
@@ -74,7 +87,7 @@ interface Room {
   state: RoomState;
   /** The last message id surfaced to the app; null until the first `joined`. */
   lastId: number | null;
-  /** After `recovered: false`: the next message is taken whatever its id. */
+  /** After `recovered: false`: the next message is taken whatever its id (even a lower one). */
   acceptJump: boolean;
   /**
    * The id of the `ping` sent right behind the `join`: the server answers commands in
@@ -89,11 +102,17 @@ interface Room {
   retryTimer?: ReturnType<typeof setTimeout>;
 }
 
+/**
+ * What a request does when its socket goes before the answer: sent again on the next
+ * connection (reads), resolved (a `leave`: the membership went with the socket), or
+ * rejected with `disconnected` (moderation: whether it was done is unknown).
+ */
+type OnLost = "resend" | "resolve" | "reject";
+
 interface Request {
   frame: Record<string, unknown>;
   sent: boolean;
-  /** Sent again after a reconnect (reads); otherwise settled when the socket goes. */
-  resend: boolean;
+  onLost: OnLost;
   waiter: Waiter<any>;
 }
 
@@ -119,9 +138,11 @@ export class ChatClient extends Emitter<ClientEvents> {
   private requests = new Map<string, Request>();
   private joins = new Map<string, { room: string; since: number | null }>();
   private auth: { id: string; purpose: "connect" | "refresh" } | null = null;
-  /** client_msg_id -> request id of the send on the wire, and back. */
+  /** client_msg_id -> request id of its latest write on this socket; request id -> client_msg_id for every write. */
   private inflight = new Map<string, string>();
   private inflightReq = new Map<string, string>();
+  /** client_msg_id -> when it was last written (for `ackTimeout`). */
+  private inflightAt = new Map<string, number>();
   private sendWaiters = new Map<string, Waiter<ChatMessage | DirectMessage>>();
   private pauseUntil = 0;
   private retryAttempt = 0;
@@ -131,8 +152,9 @@ export class ChatClient extends Emitter<ClientEvents> {
   private typingState = new Map<string, { sentAt: number; timer: ReturnType<typeof setTimeout> }>();
   private lastReceived = 0;
   private pingSentAt = 0;
-  private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush", ReturnType<typeof setTimeout>>> = {};
+  private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack", ReturnType<typeof setTimeout>>> = {};
   private onlineListener: (() => void) | null = null;
+  private visibleListener: (() => void) | null = null;
 
   constructor(options: ClientOptions) {
     super();
@@ -300,19 +322,22 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.established = false;
     this.auth = null;
     this.pingSentAt = 0;
-    for (const t of ["connect", "ping", "refresh", "flush"] as const) this.clearTimer(t);
+    for (const t of ["connect", "ping", "refresh", "flush", "ack"] as const) this.clearTimer(t);
     this.inflight.clear();
     this.inflightReq.clear();
+    this.inflightAt.clear();
     this.joins.clear();
     for (const t of this.typingState.values()) clearTimeout(t.timer);
     this.typingState.clear();
     for (const [id, req] of this.requests) {
-      if (req.resend) req.sent = false;
-      else {
-        this.requests.delete(id);
-        clearTimeout(req.waiter.timer);
-        req.waiter.resolve(undefined);
+      if (req.onLost === "resend") {
+        req.sent = false;
+        continue;
       }
+      this.requests.delete(id);
+      clearTimeout(req.waiter.timer);
+      if (req.onLost === "resolve") req.waiter.resolve(undefined);
+      else req.waiter.reject(new ChatError("disconnected", `the connection went before ${String(req.frame.type)} was answered`));
     }
     for (const room of this.rooms.values()) {
       room.joinReq = null;
@@ -336,13 +361,14 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.clearTimer("reconnect");
     this.timers.reconnect = setTimeout(() => {
       delete this.timers.reconnect;
-      void this.open();
+      if (!this.waitVisible()) void this.open();
     }, delay);
   }
 
   private stop(code: number, reason: string, error?: ChatError): void {
     this.wanted = false;
     this.listenOnline(false);
+    this.stopWaitingVisible();
     this.clearTimer("reconnect");
     this.detachSocket(1000, reason);
     this.connectionLost();
@@ -354,6 +380,27 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (error) this.emit("error", error);
     this.setState("disconnected");
     this.emit("disconnected", { code, reason, reconnect: false });
+  }
+
+  /** With `pauseWhenHidden` on a hidden page: reconnects once the page is visible; true if it waits. */
+  private waitVisible(): boolean {
+    const doc = (globalThis as { document?: { hidden?: boolean; addEventListener: Function; removeEventListener: Function } }).document;
+    if (!this.opts.pauseWhenHidden || !doc || doc.hidden !== true) return false;
+    if (this.visibleListener) return true;
+    const listener = () => {
+      if (doc.hidden) return;
+      this.stopWaitingVisible();
+      if (this.wanted && !this.ws) void this.open();
+    };
+    this.visibleListener = listener;
+    doc.addEventListener("visibilitychange", listener);
+    return true;
+  }
+
+  private stopWaitingVisible(): void {
+    const doc = (globalThis as { document?: { removeEventListener: Function } }).document;
+    if (this.visibleListener) doc?.removeEventListener("visibilitychange", this.visibleListener);
+    this.visibleListener = null;
   }
 
   private listenOnline(on: boolean): void {
@@ -401,6 +448,13 @@ export class ChatClient extends Emitter<ClientEvents> {
         return this.onJoined(msg);
       case "error":
         return this.onError(msg);
+      case "left":
+        if (msg.id !== undefined && this.requests.has(String(msg.id))) return this.settle(String(msg.id), msg);
+        return this.onRemoved(msg);
+      case "muted":
+      case "unmuted":
+        this.emit(msg.type, msg);
+        return;
       case "pong":
         if (typeof msg.id === "string" && msg.id.startsWith(SYNC_PREFIX)) return this.onSynced(msg.id);
         return;
@@ -465,7 +519,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   private onError(msg: { id?: unknown; code: string; message: string; retry_after_ms?: number }): void {
-    const err = new ChatError(String(msg.code), String(msg.message ?? msg.code), { retryAfterMs: msg.retry_after_ms });
+    const err = errorFrom(msg);
     if (msg.code === "rate_limited" && typeof msg.retry_after_ms === "number") {
       this.retryAfterUntil = Math.max(this.retryAfterUntil, Date.now() + msg.retry_after_ms);
     }
@@ -487,17 +541,17 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.requests.delete(id);
     clearTimeout(req.waiter.timer);
     if (msg.type === "error") {
-      req.waiter.reject(new ChatError(String(msg.code), String(msg.message ?? msg.code), { retryAfterMs: msg.retry_after_ms }));
+      req.waiter.reject(errorFrom(msg));
     } else {
       req.waiter.resolve(msg);
     }
   }
 
-  private request<T>(frame: Record<string, unknown>, resend: boolean, timeout?: number): Promise<T> {
+  private request<T>(frame: Record<string, unknown>, onLost: OnLost, timeout?: number): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       const id = this.nextId();
       const waiter: Waiter<T> = { resolve, reject };
-      const req: Request = { frame, sent: false, resend, waiter };
+      const req: Request = { frame, sent: false, onLost, waiter };
       this.requests.set(id, req);
       waiter.timer = setTimeout(() => {
         this.requests.delete(id);
@@ -614,23 +668,10 @@ export class ChatClient extends Emitter<ClientEvents> {
     const r = this.rooms.get(room);
     if (!r) return;
     const onServer = this.established && (r.state === "joined" || r.joinReq !== null);
-    this.rooms.delete(room);
-    clearTimeout(r.retryTimer);
-    if (r.joinReq) this.joins.delete(r.joinReq);
-    this.setRoomState(r, "left");
-    for (const w of r.waiters.splice(0)) {
-      clearTimeout(w.timer);
-      w.reject(new ChatError("left", `left ${room}`));
-    }
     this.clearTyping(room);
-    for (const e of [...this.outbox.entries]) {
-      if (e.kind === "message" && e.room === room && !this.inflight.has(e.client_msg_id)) {
-        this.outbox.remove(e.client_msg_id);
-        this.rejectSend(e.client_msg_id, new ChatError("left", `left ${room} before the message was sent`));
-      }
-    }
+    this.dropRoom(r, new ChatError("left", `left ${room}`));
     if (onServer) {
-      await this.request({ type: "leave", room }, false).catch((err: ChatError) => {
+      await this.request({ type: "leave", room }, "resolve").catch((err: ChatError) => {
         if (err.code !== "not_in_room") throw err;
       });
     }
@@ -678,6 +719,38 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.flush();
   }
 
+  /** A `left` the client did not ask for: kicked, banned, membership revoked, token no longer grants it. */
+  private onRemoved(msg: { room?: unknown; reason?: unknown; by?: unknown; until?: unknown; note?: unknown }): void {
+    const room = typeof msg.room === "string" ? this.rooms.get(msg.room) : undefined;
+    if (!room) return;
+    const event: RemovedEvent = { room: room.name, reason: typeof msg.reason === "string" ? msg.reason : "removed" };
+    if (typeof msg.by === "string") event.by = msg.by;
+    if (msg.until !== undefined) event.until = msg.until as number | null;
+    if (typeof msg.note === "string") event.note = msg.note;
+    this.dropRoom(room, new ChatError("removed", `removed from ${room.name}: ${event.reason}`, { details: { ...msg } }));
+    this.emit("removed", event);
+  }
+
+  /** The room is gone for good: its waiters and its sends not yet on the wire are rejected with `err`. */
+  private dropRoom(room: Room, err: ChatError): void {
+    this.rooms.delete(room.name);
+    clearTimeout(room.retryTimer);
+    if (room.joinReq) this.joins.delete(room.joinReq);
+    room.joinReq = room.syncReq = null;
+    this.setRoomState(room, "left");
+    for (const w of room.waiters.splice(0)) {
+      clearTimeout(w.timer);
+      w.reject(err);
+    }
+    this.clearTyping(room.name, false);
+    for (const e of [...this.outbox.entries]) {
+      if (e.kind === "message" && e.room === room.name && !this.inflight.has(e.client_msg_id)) {
+        this.outbox.remove(e.client_msg_id);
+        this.rejectSend(e.client_msg_id, err);
+      }
+    }
+  }
+
   private onSynced(id: string): void {
     for (const room of this.rooms.values()) {
       if (room.syncReq === id) {
@@ -698,20 +771,15 @@ export class ChatClient extends Emitter<ClientEvents> {
       room.retryTimer = setTimeout(() => this.sendJoin(room), delay);
       return;
     }
-    // invalid_room, too_many_rooms: the room cannot be joined.
-    this.rooms.delete(room.name);
-    this.setRoomState(room, "left");
-    for (const w of room.waiters.splice(0)) {
-      clearTimeout(w.timer);
-      w.reject(err);
-    }
-    for (const e of [...this.outbox.entries]) {
-      if (e.kind === "message" && e.room === room.name && !this.inflight.has(e.client_msg_id)) {
-        this.outbox.remove(e.client_msg_id);
-        this.rejectSend(e.client_msg_id, err);
-      }
-    }
+    // invalid_room, too_many_rooms, forbidden (a ban, a revoked grant): the room cannot be joined.
+    this.dropRoom(room, err);
     this.emit("error", err);
+    if (pending.since !== null) {
+      // A rejoin refused: the app had this room and lost it.
+      const event: RemovedEvent = { room: room.name, reason: err.code };
+      if (err.details.until !== undefined) event.until = err.details.until as number | null;
+      this.emit("removed", event);
+    }
   }
 
   private setRoomState(room: Room, state: RoomState): void {
@@ -725,13 +793,15 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.acknowledge(m);
     const room = this.rooms.get(m.room);
     if (!room || room.lastId === null || typeof m.id !== "number") return;
-    if (m.id <= room.lastId) return; // seen: never surfaced twice
-    if (m.id === room.lastId + 1 || room.acceptJump) {
+    // After `recovered: false` the next message sets the baseline, even below the last id:
+    // a server that lost its ids (a restarted memory backend) numbers from 1 again.
+    if (room.acceptJump || m.id === room.lastId + 1) {
       room.lastId = m.id;
       room.acceptJump = false;
       this.emit("message", m);
       return;
     }
+    if (m.id <= room.lastId) return; // seen: never surfaced twice
     // A gap: something between lastId and m.id was missed. Rejoin with `since`; the server
     // replays the missing messages, this one included, in order.
     if (room.joinReq === null && this.established) this.sendJoin(room);
@@ -825,6 +895,8 @@ export class ChatClient extends Emitter<ClientEvents> {
       const id = this.nextId();
       this.inflight.set(e.client_msg_id, id);
       this.inflightReq.set(id, e.client_msg_id);
+      this.inflightAt.set(e.client_msg_id, now);
+      this.watchAcks();
       const frame =
         e.kind === "message"
           ? { type: "message", id, room: e.room, text: e.text, client_msg_id: e.client_msg_id }
@@ -833,12 +905,34 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
   }
 
+  /** Sends written `ackTimeout` ago without an echo are written again (the server deduplicates). */
+  private watchAcks(): void {
+    if (this.timers.ack) return;
+    const timeout = this.opts.ackTimeout ?? 10_000;
+    let oldest = Infinity;
+    for (const at of this.inflightAt.values()) oldest = Math.min(oldest, at);
+    if (oldest === Infinity) return;
+    this.timers.ack = setTimeout(() => {
+      delete this.timers.ack;
+      const now = Date.now();
+      for (const [cmid, at] of this.inflightAt) {
+        if (now - at >= timeout) {
+          this.inflight.delete(cmid); // its request id stays known: a late answer to it is ignored
+          this.inflightAt.delete(cmid);
+        }
+      }
+      this.flush();
+      this.watchAcks();
+    }, Math.max(0, oldest + timeout - Date.now()));
+  }
+
   private acknowledge(m: ChatMessage | DirectMessage): void {
     const cmid = m.client_msg_id;
     if (!cmid || !this.outbox.remove(cmid)) return;
-    const req = this.inflight.get(cmid);
-    this.inflight.delete(cmid);
-    if (req) this.inflightReq.delete(req);
+    if (this.inflight.delete(cmid)) {
+      for (const [req, c] of this.inflightReq) if (c === cmid) this.inflightReq.delete(req);
+    }
+    this.inflightAt.delete(cmid);
     this.retryAttempt = 0;
     const waiter = this.sendWaiters.get(cmid);
     if (waiter) {
@@ -853,7 +947,9 @@ export class ChatClient extends Emitter<ClientEvents> {
   private onSendError(id: string, err: ChatError): void {
     const cmid = this.inflightReq.get(id)!;
     this.inflightReq.delete(id);
+    if (this.inflight.get(cmid) !== id) return; // an answer to an earlier write of a send written again
     this.inflight.delete(cmid);
+    this.inflightAt.delete(cmid);
     const entry = this.outbox.entries.find((e) => e.client_msg_id === cmid);
     if (!entry) return;
     if (err.code === "rate_limited") {
@@ -898,14 +994,38 @@ export class ChatClient extends Emitter<ClientEvents> {
     const frame: Record<string, unknown> = { type: "history", room };
     if (opts.limit !== undefined) frame.limit = opts.limit;
     if (opts.before !== undefined) frame.before = opts.before;
-    const reply = await this.request<{ messages: ChatMessage[] }>(frame, true, opts.timeout);
+    const reply = await this.request<{ messages: ChatMessage[] }>(frame, "resend", opts.timeout);
     return reply.messages;
   }
 
   /** The users in a room. */
   async listUsers(room: string, opts: { timeout?: number } = {}): Promise<User[]> {
-    const reply = await this.request<{ users: User[] }>({ type: "list_users", room }, true, opts.timeout);
+    const reply = await this.request<{ users: User[] }>({ type: "list_users", room }, "resend", opts.timeout);
     return reply.users;
+  }
+
+  // -- moderation (a token's `mod_rooms`) ---------------------------------------------------
+  /** Removes every connection of `userId` from `room` now (they get `removed`); resolves with the `moderated` reply. */
+  kick(room: string, userId: string, opts: { reason?: string; timeout?: number } = {}): Promise<ModeratedResult> {
+    const frame: Record<string, unknown> = { type: "kick", room, user_id: userId };
+    if (opts.reason !== undefined) frame.reason = opts.reason;
+    return this.moderate(frame, opts.timeout);
+  }
+
+  /** Mutes `userId` in `room` for `duration` seconds (omitted: until lifted). */
+  mute(room: string, userId: string, opts: { duration?: number; timeout?: number } = {}): Promise<ModeratedResult> {
+    const frame: Record<string, unknown> = { type: "mute", room, user_id: userId };
+    if (opts.duration !== undefined) frame.duration = opts.duration;
+    return this.moderate(frame, opts.timeout);
+  }
+
+  unmute(room: string, userId: string, opts: { timeout?: number } = {}): Promise<ModeratedResult> {
+    return this.moderate({ type: "unmute", room, user_id: userId }, opts.timeout);
+  }
+
+  private async moderate(frame: Record<string, unknown>, timeout?: number): Promise<ModeratedResult> {
+    const { type: _type, id: _id, ...reply } = await this.request<Record<string, unknown>>(frame, "reject", timeout);
+    return reply as ModeratedResult;
   }
 
   // -- typing ------------------------------------------------------------------------------
@@ -1022,6 +1142,14 @@ function handled<T>(p: Promise<T>): Promise<T> {
 /** The server's room-name rule (README "Client -> server"), checked before a room is kept. */
 function validRoom(room: string): boolean {
   return typeof room === "string" && /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(room);
+}
+
+function errorFrom(msg: { code?: unknown; message?: unknown; retry_after_ms?: unknown }): ChatError {
+  const { type: _type, id: _id, ...details } = msg as Record<string, unknown>;
+  return new ChatError(String(msg.code), String(msg.message ?? msg.code), {
+    retryAfterMs: typeof msg.retry_after_ms === "number" ? msg.retry_after_ms : undefined,
+    details,
+  });
 }
 
 function welcomeOf(w: Welcome & { id?: unknown; type?: unknown }): Welcome {

@@ -1,7 +1,8 @@
 /**
  * Every rejected promise and every `error` event carries a ChatError whose `code` is the
  * server's error code (README "Error codes") or one of the library's own:
- * `timeout`, `disconnected`, `outbox_full`, `left`, `closed` (terminal close code), `token`.
+ * `timeout`, `disconnected`, `outbox_full`, `left`, `removed`, `closed` (terminal close code),
+ * `token`, `storage`, `connect`.
  */
 export class ChatError extends Error {
   readonly code: string;
@@ -9,13 +10,20 @@ export class ChatError extends Error {
   readonly retryAfterMs?: number;
   /** For `closed`: the WebSocket close code. */
   readonly closeCode?: number;
+  /** The server's whole `error` event (`room`, `until` for `forbidden`/`muted`, ...), or the `left` that removed a room; empty for local errors. */
+  readonly details: Record<string, unknown>;
 
-  constructor(code: string, message: string, extra: { retryAfterMs?: number; closeCode?: number } = {}) {
+  constructor(
+    code: string,
+    message: string,
+    extra: { retryAfterMs?: number; closeCode?: number; details?: Record<string, unknown> } = {},
+  ) {
     super(message);
     this.name = "ChatError";
     this.code = code;
     if (extra.retryAfterMs !== undefined) this.retryAfterMs = extra.retryAfterMs;
     if (extra.closeCode !== undefined) this.closeCode = extra.closeCode;
+    this.details = extra.details ?? {};
   }
 }
 

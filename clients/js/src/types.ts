@@ -81,6 +81,41 @@ export interface RecoveryFailedEvent {
   last_id: number;
 }
 
+/** The server removed this client from a room (a `left` it did not ask for): kicked, banned, membership revoked, or a rejoin refused. */
+export interface RemovedEvent {
+  room: string;
+  /** `kicked` or a moderator's reason, `banned`, `membership revoked`, `forbidden`. */
+  reason: string;
+  /** The moderator's user_id, or `api`. */
+  by?: string;
+  /** For a ban: until when (Unix ms; null: until lifted). */
+  until?: number | null;
+  note?: string;
+}
+
+/** `muted`: this user may read but not post or type in `room` (absent: anywhere) until `until` (Unix ms; null: until lifted). */
+export interface MutedEvent {
+  type: "muted";
+  room?: string;
+  until: number | null;
+  by?: string;
+}
+
+export interface UnmutedEvent {
+  type: "unmuted";
+  room?: string;
+}
+
+/** The reply to `kick`, `mute` and `unmute`. */
+export interface ModeratedResult {
+  action: "kick" | "mute" | "unmute";
+  room: string;
+  user_id: string;
+  until?: number | null;
+  lifted?: boolean;
+  [field: string]: unknown;
+}
+
 export interface StateEvent {
   state: ConnectionState;
   previous: ConnectionState;
@@ -122,6 +157,9 @@ export interface ClientEvents {
   joined: JoinedEvent;
   roomState: RoomStateEvent;
   recoveryFailed: RecoveryFailedEvent;
+  removed: RemovedEvent;
+  muted: MutedEvent;
+  unmuted: UnmutedEvent;
   /** A send the server acknowledged (also for sends restored from storage, which have no promise). */
   ack: ChatMessage | DirectMessage;
   error: ChatError;

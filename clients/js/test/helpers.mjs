@@ -92,32 +92,46 @@ export function next(client, event, pred = () => true, timeout = TIMEOUT) {
   });
 }
 
-/** What the app saw: every `message` event's id, per room, in arrival order. */
+/** Every acknowledged room message's text by `room#id`, from every recorded client's `ack` events. */
+const ACKED = new Map();
+
+/** What the app saw: every `message` event's id (and text), per room, in arrival order. */
 export function recorder(client) {
   const rooms = new Map();
+  const texts = new Map();
   const events = [];
   client.on("message", (m) => {
     if (!rooms.has(m.room)) rooms.set(m.room, []);
     rooms.get(m.room).push(m.id);
+    texts.set(`${m.room}#${m.id}`, m.text);
+  });
+  client.on("ack", (m) => {
+    if (m.type === "message") ACKED.set(`${m.room}#${m.id}`, m.text);
   });
   for (const e of ["state", "connecting", "connected", "disconnected", "joined", "recoveryFailed", "error"]) {
-    client.on(e, (payload) => events.push({ event: e, payload }));
+    client.on(e, (payload) => events.push({ event: e, payload, t: Date.now() }));
   }
-  return { ids: (room) => rooms.get(room) ?? [], events };
+  return { ids: (room) => rooms.get(room) ?? [], text: (room, id) => texts.get(`${room}#${id}`), events };
 }
 
 /**
- * Exactly once and in order, from the app's side: the ids are strictly increasing and,
- * from `after` on, hold every id in `acked` (the acknowledged sends) and nothing else
- * is missing in between.
+ * Exactly once and in order, from the app's side: the ids `app` saw in `room` are strictly
+ * increasing and, from `after` on, hold every id in `acked` (the acknowledged sends) with
+ * the text that was sent under it (a reused id counts as lost), and nothing is missing in
+ * between.
  */
-export function assertExactlyOnce(ids, acked, after, who, { contiguous = true } = {}) {
+export function assertExactlyOnce(app, room, acked, after, who, { contiguous = true } = {}) {
+  const ids = app.ids(room);
   for (let i = 1; i < ids.length; i++) {
     assert.ok(ids[i] > ids[i - 1], `${who}: id ${ids[i]} after ${ids[i - 1]} (doubled or out of order): ${ids}`);
   }
   const seen = new Set(ids);
   const missing = [...acked].filter((id) => id > after && !seen.has(id));
   assert.deepEqual(missing, [], `${who}: acknowledged messages never delivered`);
+  for (const id of acked) {
+    const sent = ACKED.get(`${room}#${id}`);
+    if (id > after && sent !== undefined) assert.equal(app.text(room, id), sent, `${who}: message ${id} is not the one sent`);
+  }
   if (!contiguous) return;
   const expected = [];
   for (let id = after + 1; id <= Math.max(after, ...acked); id++) expected.push(id);

@@ -7,7 +7,7 @@ function setup(options = {}) {
   const server = new FakeServer();
   const c = new ChatClient({ url: "ws://fake/ws", WebSocket: server.WebSocket, minReconnectDelay: 10, random: () => 0.5, ...options });
   const log = [];
-  for (const e of ["state", "connecting", "connected", "disconnected", "joined", "roomState", "recoveryFailed", "error"]) {
+  for (const e of ["state", "connecting", "connected", "disconnected", "joined", "roomState", "recoveryFailed", "removed", "error"]) {
     c.on(e, (p) => log.push([e, p]));
   }
   const messages = [];
@@ -356,4 +356,152 @@ test("heartbeat: a socket that answers nothing is given up and replaced", async 
   assert.ok(server.sockets[0].sent.some((f) => f.type === "ping"));
   assert.equal(server.sockets[0].closedWith.code, 4000);
   c.disconnect();
+});
+
+test("browser: the online event ends the backoff wait at once", async () => {
+  const listeners = new Map();
+  globalThis.window = globalThis;
+  globalThis.addEventListener = (type, fn) => listeners.set(type, fn);
+  globalThis.removeEventListener = (type) => listeners.delete(type);
+  try {
+    const { server, c } = setup({ minReconnectDelay: 60_000, random: () => 0.99 });
+    await c.connect();
+    assert.equal(typeof listeners.get("online"), "function");
+    server.drop(server.last, 1006);
+    await tick(20);
+    assert.equal(server.sockets.length, 1, "waiting out the backoff");
+    listeners.get("online")();
+    await until(() => c.state === "connected", "the reconnect on online");
+    assert.equal(server.sockets.length, 2);
+    c.disconnect();
+    assert.equal(listeners.has("online"), false, "the listener goes with disconnect()");
+  } finally {
+    delete globalThis.window;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
+
+test("moderation: a left the client did not ask for removes the room for good", async () => {
+  const { server, c, events } = setup();
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true;
+  const inFlight = c.send("r", "on the wire");
+  await tick(10);
+  server.push(server.last, { type: "left", room: "r", reason: "kicked", by: "mod1" });
+  assert.deepEqual(events("removed"), [{ room: "r", reason: "kicked", by: "mod1" }]);
+  assert.equal(c.roomState("r"), "left");
+  await assert.rejects(c.send("r", "after"), { code: "not_in_room" });
+  // The send already on the wire is answered by the server: not_in_room, rejected.
+  server.push(server.last, { type: "error", id: server.last.sent.find((f) => f.type === "message").id, code: "not_in_room", message: "no" });
+  await assert.rejects(inFlight, { code: "not_in_room" });
+  server.drop(server.last, 1006);
+  await until(() => c.state === "connected", "the reconnect");
+  await tick(10);
+  assert.equal(server.last.sent.filter((f) => f.type === "join").length, 0, "a removed room is not rejoined");
+  c.disconnect();
+});
+
+test("moderation: a refused rejoin (banned) is a removed event; muted errors carry until", async () => {
+  const { server, c, events } = setup();
+  await c.connect();
+  await c.join("r");
+  server.replies.push((ws, f) => {
+    if (f.type === "join" && f.since !== undefined) {
+      server.push(ws, { type: "error", id: f.id, code: "forbidden", message: "banned", room: f.room, reason: "banned", until: 123 });
+      return true;
+    }
+    if (f.type === "message" && f.room === "quiet") {
+      server.push(ws, { type: "error", id: f.id, code: "muted", message: "muted", room: "quiet", until: 456 });
+      return true;
+    }
+    return false;
+  });
+  server.drop(server.last, 1006);
+  await until(() => events("removed").length === 1, "the refused rejoin");
+  assert.deepEqual(events("removed"), [{ room: "r", reason: "forbidden", until: 123 }]);
+  assert.equal(c.roomState("r"), "left");
+  await c.join("quiet");
+  const err = await c.send("quiet", "shh").catch((e) => e);
+  assert.equal(err.code, "muted");
+  assert.equal(err.details.until, 456);
+  const muted = [];
+  c.on("muted", (m) => muted.push(m));
+  server.push(server.last, { type: "muted", room: "quiet", until: null, by: "mod" });
+  assert.deepEqual(muted, [{ type: "muted", room: "quiet", until: null, by: "mod" }]);
+  c.disconnect();
+});
+
+test("moderation: kick/mute/unmute resolve with the moderated reply; a lost socket rejects them", async () => {
+  const { server, c } = setup();
+  server.replies.push((ws, f) => {
+    if (!["kick", "mute", "unmute"].includes(f.type)) return false;
+    if (f.room === "black-hole") return true;
+    server.push(ws, { type: "moderated", id: f.id, action: f.type, room: f.room, user_id: f.user_id, ...(f.duration ? { until: 99 } : {}) });
+    return true;
+  });
+  await c.connect();
+  assert.deepEqual(await c.kick("r", "bob", { reason: "spam" }), { action: "kick", room: "r", user_id: "bob" });
+  assert.equal((await c.mute("r", "bob", { duration: 60 })).until, 99);
+  assert.equal(server.last.sent.find((f) => f.type === "kick").reason, "spam");
+  const lost = c.unmute("black-hole", "bob");
+  await tick(10);
+  server.drop(server.last, 1006);
+  await assert.rejects(lost, { code: "disconnected" });
+  c.disconnect();
+});
+
+test("sends: an echo lost on a live connection is asked for again after ackTimeout", async () => {
+  const { server, c } = setup({ ackTimeout: 40 });
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true; // stored, the echo lost
+  const p = c.send("r", "once");
+  await until(() => server.room("r").messages.length === 1, "stored");
+  server.holdEchoes = false;
+  const m = await p; // the second write is deduplicated: the original comes back
+  assert.equal(m.id, 1);
+  assert.equal(server.last.sent.filter((f) => f.type === "message").length, 2);
+  assert.equal(server.room("r").messages.length, 1);
+  c.disconnect();
+});
+
+test("recovery: a server that lost its ids (numbers from 1 again) is followed, not filtered as doubles", async () => {
+  const { server, c, events, messages } = setup();
+  await c.connect();
+  await c.join("r");
+  for (let i = 0; i < 5; i++) server.post("r", `old ${i}`);
+  await until(() => messages.length === 5, "five messages");
+  server.rooms.clear(); // the server restarted without its memory
+  server.drop(server.last, 1001);
+  await until(() => events("recoveryFailed").length === 1, "the failed recovery");
+  server.post("r", "new 1");
+  server.post("r", "new 2");
+  await until(() => messages.length === 7, "the new messages");
+  assert.deepEqual(messages, [1, 2, 3, 4, 5, 1, 2]);
+  assert.equal(c.lastId("r"), 2);
+  c.disconnect();
+});
+
+test("browser: pauseWhenHidden holds a due reconnect until the page is visible", async () => {
+  const listeners = new Map();
+  const doc = { hidden: true, addEventListener: (t, fn) => listeners.set(t, fn), removeEventListener: (t) => listeners.delete(t) };
+  globalThis.document = doc;
+  try {
+    const { server, c } = setup({ pauseWhenHidden: true });
+    await c.connect();
+    server.drop(server.last, 1006);
+    await until(() => listeners.has("visibilitychange"), "the wait for visibility");
+    await tick(30);
+    assert.equal(server.sockets.length, 1, "no reconnect while hidden");
+    assert.equal(c.state, "connecting");
+    doc.hidden = false;
+    listeners.get("visibilitychange")();
+    await until(() => c.state === "connected", "the reconnect once visible");
+    assert.equal(listeners.has("visibilitychange"), false);
+    c.disconnect();
+  } finally {
+    delete globalThis.document;
+  }
 });

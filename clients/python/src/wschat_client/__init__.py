@@ -1,0 +1,32 @@
+"""wschat-client: an asyncio client for the wschat server that never loses a message.
+
+::
+
+    async with Client("ws://localhost:8080/ws", get_token=fetch_token) as chat:
+        chat.on("message", lambda m: print(m.room, m.from_, m.text))
+        await chat.join("general")
+        await chat.send("general", "Hello!")   # resolves with the stored message
+
+See :class:`Client` for the options, :mod:`wschat_client.events` for the events,
+:mod:`wschat_client.errors` for the exceptions and :class:`SyncClient` for use
+without asyncio.
+"""
+
+from .backoff import Backoff
+from .client import Client
+from .errors import ChatError, ClientClosed, Disconnected, OutboxFull, RequestTimeout
+from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
+                     Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
+                     StateChange, TypingEvent, Unmuted, User, Welcome)
+from .outbox import FileOutboxStore, OutboxStore, PendingSend
+from .sync import SyncClient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff", "ChatError", "Client", "ClientClosed", "ConnectionState", "DirectMessage",
+    "Disconnect", "Disconnected", "FileOutboxStore", "Joined", "Message", "Muted", "OutboxFull",
+    "OutboxStore", "PendingSend", "Presence", "RecoveryFailed", "Removed", "RequestTimeout",
+    "RoomInfo", "RoomState", "RoomStateChange", "StateChange", "SyncClient", "TypingEvent",
+    "Unmuted", "User", "Welcome", "__version__",
+]

@@ -1,0 +1,913 @@
+"""The asyncio client: one connection kept alive, rooms kept joined, sends kept until acknowledged.
+
+What it promises the app, and how:
+
+- **Nothing lost.** Every joined room remembers the id of the last message handed to
+  the app; after a reconnect, or when an id is not last + 1 (a gap), the room is
+  joined again with ``since`` and the server replays what was missed. When it no
+  longer can (``recovered: false``) the ``recovery_failed`` event says so.
+- **Nothing doubled.** A room message whose id is not above the last one delivered is
+  dropped; a DM id seen before is dropped.
+- **Sends survive disconnections.** Each send gets a ``client_msg_id`` and waits in the
+  bounded outbox until the server's echo; after a reconnect the unacknowledged ones go
+  out again once their room has caught up (its replay may already hold them), and the
+  server answers a copy it already has with the original.
+
+Everything runs on one event loop; handlers are called on it, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .backoff import Backoff
+from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
+from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
+                     Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
+                     StateChange, TypingEvent, Unmuted, User, Welcome)
+from .outbox import Outbox, OutboxStore, PendingSend
+
+log = logging.getLogger("wschat_client")
+T = TypeVar("T")
+
+Handler = Callable[[Any], Any]
+UrlSource = str | Callable[[], str | Awaitable[str]]
+TokenSource = Callable[[], str | Awaitable[str]]
+
+EVENTS = frozenset({"state", "connected", "disconnected", "message", "dm", "presence", "typing",
+                    "joined", "recovery_failed", "room_state", "removed", "muted", "unmuted",
+                    "ack", "error"})
+REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong", "moderated"})
+DM_IDS_KEPT = 10_000
+
+
+@dataclass(slots=True, eq=False)
+class _Room:
+    info: RoomInfo
+    waiters: list[asyncio.Future[Joined]] = field(default_factory=list)
+    join_rid: str | None = None  # the join request in flight
+    catch_up_to: int = 0  # the server's last_id at the latest joined: the replay ends there
+    accept_next: bool = False  # after recovered: false the next id starts afresh
+    retry: asyncio.TimerHandle | None = None
+    joined: Joined | None = None
+
+    @property
+    def caught_up(self) -> bool:
+        return self.info.last_id is not None and self.info.last_id >= self.catch_up_to
+
+
+@dataclass(slots=True)
+class _Request:
+    kind: str
+    future: asyncio.Future[dict[str, Any]] | None = None
+    room: str | None = None
+
+
+def token_expiry(token: str | None) -> float | None:
+    """The ``exp`` claim of a JWT (Unix seconds), read without verifying; None if absent."""
+    try:
+        payload = token.split(".")[1]  # type: ignore[union-attr]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims.get("exp")
+        return float(exp) if isinstance(exp, (int, float)) else None
+    except Exception:
+        return None
+
+
+def refresh_delay(remaining: float) -> float:
+    """Seconds until a token with ``remaining`` seconds of life should be replaced:
+    a quarter of its life before expiry, at most a minute before."""
+    return max(0.0, remaining - min(60.0, remaining / 4))
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class Client:
+    """A wschat client that reconnects, recovers and resends by itself.
+
+    Args:
+        url: ``ws://host:port/ws``, or a function (plain or async) returning the URL
+            for each connection attempt (to move to another server).
+        token: a JWT sent on the upgrade (``Authorization: Bearer``).
+        get_token: a function (plain or async) returning a fresh JWT; called before
+            each connection attempt and again before the token expires (the new one is
+            sent with ``auth`` on the open connection). Takes precedence over ``token``.
+        username: a guest name (``?username=``) when no token is used.
+        request_timeout: seconds ``join``, ``leave``, ``history`` and ``list_users``
+            wait (including for a connection) before raising :class:`RequestTimeout`.
+        send_timeout: default seconds ``send`` and ``dm`` wait for their
+            acknowledgement; None (the default) waits as long as it takes. A send that
+            times out stays in the outbox and is still delivered, once.
+        connect_timeout: seconds for the TCP + WebSocket handshake and the ``welcome``.
+        backoff: reconnect timing (defaults: 0.5 s .. 20 s with full jitter).
+        max_outbox: unacknowledged sends kept at most; past it ``send`` raises
+            :class:`OutboxFull`.
+        max_in_flight: sends on the wire at once; the rest wait their turn, so a long
+            outbox does not flood the server after a reconnect.
+        outbox_store: persists the outbox across runs of the app (see
+            :class:`FileOutboxStore`).
+        ack_timeout: seconds without an echo after which a send is written again on
+            the same connection (the server's dedupe makes that harmless).
+        typing_idle: seconds after the last :meth:`typing` call before ``status:
+            false`` is sent by itself.
+        websocket_options: extra keyword arguments for ``websockets.connect``.
+    """
+
+    def __init__(self, url: UrlSource, *, token: str | None = None,
+                 get_token: TokenSource | None = None, username: str | None = None,
+                 request_timeout: float = 10.0, send_timeout: float | None = None,
+                 connect_timeout: float = 10.0, backoff: Backoff | None = None,
+                 max_outbox: int = 1000, max_in_flight: int = 100,
+                 outbox_store: OutboxStore | None = None, ack_timeout: float = 10.0,
+                 typing_idle: float = 3.0,
+                 websocket_options: dict[str, Any] | None = None) -> None:
+        self._url = url
+        self._token = token
+        self._get_token = get_token
+        self._guest_name = username
+        self.request_timeout = request_timeout
+        self.send_timeout = send_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff or Backoff()
+        self.max_in_flight = max_in_flight
+        self.ack_timeout = ack_timeout
+        self.typing_idle = typing_idle
+        self._ws_options = dict(websocket_options or {})
+        self._outbox = Outbox(max_outbox, outbox_store)
+        self._restored = False
+
+        self.state = ConnectionState.DISCONNECTED
+        self.user_id: str | None = None
+        self.username: str | None = None
+        self.authenticated = False
+
+        self._handlers: dict[str, list[Handler]] = {name: [] for name in EVENTS}
+        self._rooms: dict[str, _Room] = {}
+        self._requests: dict[str, _Request] = {}
+        self._sent: dict[str, PendingSend] = {}  # request id -> send on the wire
+        self._probing: set[str] = set()  # targets refused lately: one send at a time
+        self._dm_seen: OrderedDict[int, None] = OrderedDict()
+        self._typing: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        self._ready: list[asyncio.Future[None]] = []
+
+        self._ws: ClientConnection | None = None
+        self._out: asyncio.Queue[str] | None = None
+        self._generation = 0
+        self._next_rid = 0
+        self._run_task: asyncio.Task[None] | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._retry_after = 0.0  # from the latest rate_limited error, for a 4102
+        self.last_close: Disconnect | None = None
+
+    # -- events --------------------------------------------------------------------------
+    def on(self, event: str, handler: Handler) -> Callable[[], None]:
+        """Call ``handler(payload)`` for each ``event`` (names and payloads: :mod:`.events`).
+
+        A handler may be a coroutine function; it then runs as a task. Returns a
+        function that removes the handler.
+        """
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r}; one of {sorted(EVENTS)}")
+        self._handlers[event].append(handler)
+        return lambda: self._handlers[event].remove(handler)
+
+    def _emit(self, event: str, payload: Any) -> None:
+        for handler in list(self._handlers[event]):
+            try:
+                result = handler(payload)
+                if inspect.isawaitable(result):
+                    asyncio.ensure_future(result)
+            except Exception:
+                log.exception("a %r handler failed", event)
+
+    def _set_state(self, new: ConnectionState) -> None:
+        old, self.state = self.state, new
+        if old is not new:
+            self._emit("state", StateChange(old, new))
+
+    def _set_room_state(self, room: _Room, new: RoomState) -> None:
+        old, room.info.state = room.info.state, new
+        if old is not new:
+            self._emit("room_state", RoomStateChange(room.info.name, old, new))
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def rooms(self) -> dict[str, RoomInfo]:
+        """The rooms the app joined (state, last id delivered, users at the last join)."""
+        return {name: RoomInfo(r.info.name, r.info.state, r.info.last_id, list(r.info.users))
+                for name, r in self._rooms.items()}
+
+    @property
+    def pending(self) -> list[PendingSend]:
+        """Sends not yet acknowledged, oldest first."""
+        return list(self._outbox)
+
+    async def connect(self, *, wait: bool = True, timeout: float | None = None) -> None:
+        """Start connecting (and keep the connection up until :meth:`close`).
+
+        Args:
+            wait: wait until connected (or a terminal refusal: :class:`ClientClosed`).
+            timeout: seconds to wait; default ``connect_timeout`` x 3.
+        """
+        if self._run_task is None or self._run_task.done():
+            self._closing = False
+            if not self._restored:
+                self._restored = True
+                self._outbox.restore()
+            self._run_task = asyncio.create_task(self._run(), name="wschat-client")
+        if wait:
+            await self._wait_connected(self._deadline(timeout or 3 * self.connect_timeout))
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting. Unacknowledged sends stay in the
+        outbox (and its store); their awaitables raise :class:`ClientClosed`."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+        ws, task = self._ws, self._run_task
+        if ws is not None:
+            await ws.close()
+        if task is not None and not task.done():
+            if ws is None:
+                task.cancel()  # between attempts, or in a handshake
+            done, _ = await asyncio.wait([task], timeout=self.connect_timeout)
+            if not done:
+                task.cancel()
+        self._shut_down(ClientClosed())
+        self._set_state(ConnectionState.DISCONNECTED)
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def join(self, room: str, *, timeout: float | None = None) -> Joined:
+        """Join ``room`` (kept joined across reconnects until :meth:`leave`).
+
+        Raises:
+            ChatError: the server refused (``invalid_room``, ``too_many_rooms``, ...).
+            RequestTimeout: no ``joined`` in time; the room stays wanted and is
+                joined as soon as the server answers.
+        """
+        r = self._rooms.get(room)
+        if r is None:
+            r = self._rooms[room] = _Room(RoomInfo(room, RoomState.LEFT))
+            self._set_room_state(r, RoomState.JOINING)
+            if self.state is ConnectionState.CONNECTED:
+                self._send_join(r)
+        elif r.info.state is RoomState.JOINED and r.joined is not None:
+            return r.joined
+        waiter = asyncio.get_running_loop().create_future()
+        r.waiters.append(waiter)
+        return await self._await(waiter, timeout or self.request_timeout, "joined")
+
+    async def leave(self, room: str, *, timeout: float | None = None) -> None:
+        """Leave ``room``: no more events from it; its unsent sends fail with ``not_in_room``."""
+        r = self._rooms.pop(room, None)
+        if r is None:
+            return
+        self._set_room_state(r, RoomState.LEFT)
+        self._drop_room(r, ChatError("not_in_room", f"left {room}"))
+        if self.state is ConnectionState.CONNECTED:
+            try:
+                await self._request({"type": "leave", "room": room}, timeout)
+            except ChatError as err:
+                if err.code not in ("not_in_room", "disconnected"):
+                    raise
+
+    async def send(self, room: str, text: str, *, client_msg_id: str | None = None,
+                   timeout: float | None = None) -> Message:
+        """Send ``text`` to a joined room; returns the message once the server stored it.
+
+        The send waits in the outbox while disconnected and is resent after a
+        reconnect; ``client_msg_id`` (generated if not given) makes resends harmless.
+        Sending again with the same ``client_msg_id`` waits for the same send.
+
+        Raises:
+            ChatError: the room is not joined (``not_in_room``) or the server refused
+                the message (``message_too_large``, ...).
+            OutboxFull: too many sends wait for their acknowledgement.
+            ClientClosed: the client was closed (before :meth:`connect`, sends queue).
+            RequestTimeout: ``timeout`` passed; the send stays queued.
+        """
+        r = self._rooms.get(room)
+        if r is None:
+            raise ChatError("not_in_room", f"join {room} before sending to it")
+        self._typing_cleared(room)
+        future = self._queue(PendingSend("message", room, text,
+                                         client_msg_id or uuid.uuid4().hex))
+        return cast(Message, await self._await(future, timeout or self.send_timeout, "echo"))
+
+    async def dm(self, to: str, text: str, *, client_msg_id: str | None = None,
+                 timeout: float | None = None) -> DirectMessage:
+        """Send a direct message to the user ``to`` (a ``user_id``); outbox as :meth:`send`."""
+        future = self._queue(PendingSend("dm", to, text, client_msg_id or uuid.uuid4().hex))
+        return cast(DirectMessage, await self._await(future, timeout or self.send_timeout, "echo"))
+
+    async def history(self, room: str, *, limit: int | None = None, before: int | None = None,
+                      timeout: float | None = None) -> list[Message]:
+        """The latest messages of ``room`` (oldest first), or those before id ``before``."""
+        frame: dict[str, Any] = {"type": "history", "room": room}
+        if limit is not None:
+            frame["limit"] = limit
+        if before is not None:
+            frame["before"] = before
+        reply = await self._request(frame, timeout)
+        return [Message.from_wire(m) for m in reply.get("messages", [])]
+
+    async def list_users(self, room: str, *, timeout: float | None = None) -> list[User]:
+        """Who is in ``room`` now, across every worker and server."""
+        reply = await self._request({"type": "list_users", "room": room}, timeout)
+        return [User.from_wire(u) for u in reply.get("users", [])]
+
+    async def kick(self, room: str, user_id: str, *, reason: str | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """Moderators: remove ``user_id`` from ``room`` now; the server's ``moderated`` reply."""
+        frame = {"type": "kick", "room": room, "user_id": user_id}
+        return await self._request(frame if reason is None else {**frame, "reason": reason},
+                                   timeout)
+
+    async def mute(self, room: str, user_id: str, *, duration: float | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """Moderators: ``user_id`` may read but not post in ``room`` (for ``duration`` s)."""
+        frame: dict[str, Any] = {"type": "mute", "room": room, "user_id": user_id}
+        if duration is not None:
+            frame["duration"] = duration
+        return await self._request(frame, timeout)
+
+    async def unmute(self, room: str, user_id: str, *,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """Moderators: lift ``user_id``'s mute in ``room``."""
+        return await self._request({"type": "unmute", "room": room, "user_id": user_id},
+                                   timeout)
+
+    async def ping(self, *, timeout: float | None = None) -> None:
+        """A round trip through the server."""
+        await self._request({"type": "ping"}, timeout)
+
+    def typing(self, room: str, status: bool = True) -> None:
+        """Say the user is typing in ``room``: call it on each keystroke.
+
+        ``status: true`` goes out at most every ``typing_idle`` / 2 seconds;
+        ``status: false`` goes out by itself ``typing_idle`` seconds after the last
+        call, or when called with ``status=False``. A :meth:`send` to the room ends
+        it too (the server clears the indicator when the message arrives).
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        previous = self._typing.pop(room, None)
+        if previous is not None:
+            previous[1].cancel()
+        if not status:
+            if previous is not None:
+                self._write({"type": "typing", "room": room, "status": False})
+            return
+        last_true = previous[0] if previous is not None else -1e9
+        if now - last_true >= self.typing_idle / 2:
+            self._write({"type": "typing", "room": room, "status": True})
+            last_true = now
+        timer = loop.call_later(self.typing_idle, self.typing, room, False)
+        self._typing[room] = (last_true, timer)
+
+    # -- requests ----------------------------------------------------------------------------
+    def _deadline(self, timeout: float) -> float:
+        return asyncio.get_running_loop().time() + timeout
+
+    async def _await(self, future: asyncio.Future[T], timeout: float | None, what: str) -> T:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no {what} within {timeout} s") from None
+
+    async def _wait_connected(self, deadline: float) -> None:
+        if self.state is ConnectionState.CONNECTED:
+            return
+        if self._run_task is None or self._run_task.done():
+            raise ClientClosed("not connected: call connect()",
+                               self.last_close.code if self.last_close else None)
+        ready = asyncio.get_running_loop().create_future()
+        self._ready.append(ready)
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            await self._await(ready, max(0.0, remaining), "connection")
+        finally:
+            if ready in self._ready:
+                self._ready.remove(ready)
+
+    async def _request(self, frame: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        deadline = self._deadline(timeout or self.request_timeout)
+        await self._wait_connected(deadline)
+        rid = self._rid()
+        future = asyncio.get_running_loop().create_future()
+        self._requests[rid] = _Request(frame["type"], future)
+        self._write({**frame, "id": rid})
+        try:
+            return await self._await(future, max(0.0, deadline - asyncio.get_running_loop().time()),
+                                     f"reply to {frame['type']}")
+        finally:
+            self._requests.pop(rid, None)
+
+    def _rid(self) -> str:
+        self._next_rid += 1
+        return f"r{self._next_rid}"
+
+    def _write(self, frame: dict[str, Any]) -> None:
+        if self._out is not None:
+            self._out.put_nowait(json.dumps(frame, separators=(",", ":"), ensure_ascii=False))
+
+    # -- the outbox --------------------------------------------------------------------------
+    def _queue(self, entry: PendingSend) -> asyncio.Future[Any]:
+        if self._closing or (self._run_task is not None and self._run_task.done()):
+            raise ClientClosed("the client is closed: call connect() first",
+                               self.last_close.code if self.last_close else None)
+        entry = self._outbox.add(entry)
+        if entry.future is None:
+            entry.future = asyncio.get_running_loop().create_future()
+            # A send nobody awaits any more (timed out) must not warn when it fails.
+            entry.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._flush()
+        return entry.future
+
+    def _flush(self) -> None:
+        """Write the sends that may go now, at most ``max_in_flight`` on the wire.
+
+        Sends to one room (or one DM recipient) keep their order: one that must
+        wait (its room is re-joining or replaying, or a refusal's retry time has
+        not come) holds back the later ones. After a retryable refusal only one
+        send of that target is on the wire until one gets through, so a retry
+        cannot overtake the sends queued after it. A send whose echo has not come
+        within ``ack_timeout`` on a live connection is written again: the server
+        answers a copy it already stored with the original.
+        """
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._out is None or self.state is not ConnectionState.CONNECTED:
+            return
+        loop = asyncio.get_running_loop()
+        now, wake = loop.time(), None
+        entries = list(self._outbox)
+        for entry in entries:
+            if entry.wire_generation == self._generation:
+                due = entry.sent_at + self.ack_timeout
+                if due <= now:
+                    log.info("no echo for %s after %.1f s; sending it again",
+                             entry.client_msg_id, self.ack_timeout)
+                    self._sent.pop(entry.request_id or "", None)
+                    entry.wire_generation = None
+                else:
+                    wake = min(wake or due, due)
+        on_wire = {e.key for e in entries if e.wire_generation == self._generation}
+        in_flight = sum(1 for e in entries if e.wire_generation == self._generation)
+        held: set[str] = set()
+        for entry in entries:
+            if in_flight >= self.max_in_flight:
+                break
+            key = entry.key
+            if entry.wire_generation == self._generation or key in held:
+                continue
+            if key in self._probing and key in on_wire:
+                held.add(key)
+                continue
+            if entry.not_before > now:
+                wake = min(wake or entry.not_before, entry.not_before)
+                held.add(key)
+                continue
+            if entry.kind == "message":
+                room = self._rooms.get(entry.target)
+                if room is None or room.info.state is not RoomState.JOINED or not room.caught_up:
+                    held.add(key)
+                    continue
+            entry.request_id = self._rid()
+            entry.wire_generation = self._generation
+            entry.sent_at = now
+            wake = min(wake or now + self.ack_timeout, now + self.ack_timeout)
+            self._sent[entry.request_id] = entry
+            self._write(entry.frame(entry.request_id))
+            on_wire.add(key)
+            in_flight += 1
+        if wake is not None:
+            self._flush_timer = loop.call_at(wake, self._flush)
+
+    def _acknowledged(self, entry: PendingSend, result: Message | DirectMessage) -> None:
+        self._outbox.remove(entry)
+        self._probing.discard(entry.key)
+        if entry.request_id is not None:
+            self._sent.pop(entry.request_id, None)
+        if entry.future is not None and not entry.future.done():
+            entry.future.set_result(result)
+        self._emit("ack", result)
+        self._flush()
+
+    def _refused(self, entry: PendingSend, err: ChatError) -> None:
+        self._sent.pop(entry.request_id or "", None)
+        entry.wire_generation = None
+        room = self._rooms.get(entry.target) if entry.kind == "message" else None
+        if err.code in RETRYABLE_CODES:
+            self._probing.add(entry.key)
+            entry.failures += 1
+            # rate_limited says how long; unavailable (Redis, the database) backs off.
+            wait = ((err.retry_after_ms or 0) / 1000
+                    or self.backoff.delay(entry.failures - 1))
+            entry.not_before = asyncio.get_running_loop().time() + wait
+        elif err.code == "not_in_room" and room is not None:
+            self._rejoin(room)  # the server lost our membership: join again, then resend
+        else:
+            self._outbox.remove(entry)
+            if entry.future is not None and not entry.future.done():
+                entry.future.set_exception(err)
+            else:
+                self._emit("error", err)
+        self._flush()
+
+    def _drop_room(self, room: _Room, err: ChatError) -> None:
+        for waiter in room.waiters:
+            if not waiter.done():
+                waiter.set_exception(err)
+        room.waiters.clear()
+        if room.retry is not None:
+            room.retry.cancel()
+        for entry in self._outbox:
+            if entry.kind == "message" and entry.target == room.info.name:
+                self._outbox.remove(entry)
+                self._sent.pop(entry.request_id or "", None)  # its refusal is no news
+                if entry.future is not None and not entry.future.done():
+                    entry.future.set_exception(err)
+
+    # -- rooms -------------------------------------------------------------------------------
+    def _send_join(self, room: _Room) -> None:
+        room.retry = None
+        rid = room.join_rid = self._rid()
+        frame: dict[str, Any] = {"type": "join", "room": room.info.name, "id": rid}
+        if room.info.last_id is not None:
+            frame["since"] = room.info.last_id
+        self._requests[rid] = _Request("join", room=room.info.name)
+        self._write(frame)
+
+    def _rejoin(self, room: _Room) -> None:
+        """Join again with ``since`` (a gap, or the server forgot us); one at a time."""
+        if room.join_rid is None and room.retry is None and self._out is not None:
+            self._send_join(room)
+
+    def _on_joined(self, room: _Room, obj: dict[str, Any]) -> None:
+        room.join_rid = None
+        since = room.info.last_id
+        last_id = int(obj.get("last_id", 0))
+        recovered = obj.get("recovered") if since is not None else None
+        room.catch_up_to = last_id  # the replay (if any) ends there
+        if since is None:
+            room.info.last_id = last_id
+        elif recovered is False:
+            room.accept_next = True
+            if last_id <= since:
+                room.catch_up_to = 0  # no replay; the server may even have started afresh
+            self._emit("recovery_failed", RecoveryFailed(room.info.name, since, last_id))
+        room.info.users = [User.from_wire(u) for u in obj.get("users", [])]
+        room.joined = Joined(room.info.name, list(room.info.users), last_id,
+                             since is not None, recovered)
+        self._set_room_state(room, RoomState.JOINED)
+        self._emit("joined", room.joined)
+        for waiter in room.waiters:
+            if not waiter.done():
+                waiter.set_result(room.joined)
+        room.waiters.clear()
+        self._flush()
+
+    def _join_refused(self, room: _Room, err: ChatError) -> None:
+        room.join_rid = None
+        if err.code in RETRYABLE_CODES:
+            wait = max(self.backoff.delay(0), (err.retry_after_ms or 0) / 1000)
+            room.retry = asyncio.get_running_loop().call_later(wait, self._send_join, room)
+            return
+        self._rooms.pop(room.info.name, None)
+        self._set_room_state(room, RoomState.LEFT)
+        if not room.waiters:
+            self._emit("error", err)  # a re-join refused: nobody else would hear of it
+        self._drop_room(room, err)
+
+    # -- incoming frames -------------------------------------------------------------------
+    def _dispatch(self, raw: str | bytes) -> None:
+        obj = json.loads(raw)
+        kind = obj.get("type")
+        if kind == "message":
+            self._on_message(obj)
+        elif kind == "dm":
+            self._on_dm(obj)
+        elif kind == "presence":
+            self._emit("presence", Presence(obj.get("room", ""), obj.get("user", ""),
+                                            obj.get("user_id", ""), obj.get("status", "")))
+        elif kind == "typing":
+            self._emit("typing", TypingEvent(obj.get("room", ""), obj.get("user", ""),
+                                             obj.get("user_id", ""), bool(obj.get("status"))))
+        elif kind == "joined":
+            request = self._requests.pop(str(obj.get("id")), None)
+            room = self._rooms.get(request.room or "") if request else None
+            if room is not None and room.join_rid == obj.get("id"):
+                self._on_joined(room, obj)
+        elif kind == "error":
+            self._on_error(obj)
+        elif kind == "left" and str(obj.get("id")) not in self._requests:
+            self._removed(obj)
+        elif kind == "muted":
+            self._emit("muted", Muted(obj.get("room"), obj.get("until"), obj.get("by")))
+        elif kind == "unmuted":
+            self._emit("unmuted", Unmuted(obj.get("room")))
+        elif kind in REPLY_TYPES:
+            if kind == "welcome":
+                self._welcomed(obj)
+            request = self._requests.pop(str(obj.get("id")), None)
+            if request is not None and request.future is not None and not request.future.done():
+                request.future.set_result(obj)
+
+    def _on_message(self, obj: dict[str, Any]) -> None:
+        message = Message.from_wire(obj)
+        entry = self._outbox.get(message.client_msg_id)
+        if entry is not None and entry.kind == "message" and entry.target == message.room:
+            self._acknowledged(entry, message)  # our echo, or the original of a resend
+        room = self._rooms.get(message.room)
+        if room is None or room.info.last_id is None:
+            return  # not a room of ours (any more)
+        if room.accept_next:
+            # After recovered: false the next message starts afresh, even below the
+            # last id: a server that lost its state (a memory backend restarted)
+            # numbers from 1 again. Frames from before the re-join came before it.
+            room.accept_next = False
+        elif message.id <= room.info.last_id:
+            return  # already delivered
+        elif message.id != room.info.last_id + 1:
+            log.info("gap in %s: %d after %d; joining again", message.room, message.id,
+                     room.info.last_id)
+            self._rejoin(room)
+            return  # the rejoin replays it, after the ones missing
+        room.info.last_id = message.id
+        self._emit("message", message)
+        if message.id == room.catch_up_to:
+            self._flush()  # the replay is complete: this room's sends may go
+
+    def _on_dm(self, obj: dict[str, Any]) -> None:
+        dm = DirectMessage.from_wire(obj)
+        entry = self._outbox.get(dm.client_msg_id)
+        if entry is not None and entry.kind == "dm":
+            self._acknowledged(entry, dm)
+        if dm.id in self._dm_seen:
+            return
+        self._dm_seen[dm.id] = None
+        if len(self._dm_seen) > DM_IDS_KEPT:
+            self._dm_seen.popitem(last=False)
+        self._emit("dm", dm)
+
+    def _on_error(self, obj: dict[str, Any]) -> None:
+        err = ChatError(str(obj.get("code", "")), str(obj.get("message", "")),
+                        obj.get("retry_after_ms"), obj)
+        if err.code == "rate_limited" and err.retry_after_ms:
+            self._retry_after = err.retry_after_ms / 1000
+        rid = obj.get("id")
+        entry = self._sent.get(str(rid)) if rid is not None else None
+        if entry is not None:
+            self._refused(entry, err)
+            return
+        request = self._requests.pop(str(rid), None) if rid is not None else None
+        if request is None:
+            self._emit("error", err)
+        elif request.kind == "join":
+            room = self._rooms.get(request.room or "")
+            if room is not None and room.join_rid == rid:
+                self._join_refused(room, err)
+        elif request.future is not None and not request.future.done():
+            request.future.set_exception(err)
+
+    def _removed(self, obj: dict[str, Any]) -> None:
+        """The server took us out of a room (kick, ban, revoked): do not join it again."""
+        room = self._rooms.pop(str(obj.get("room")), None)
+        if room is None:
+            return
+        removed = Removed(room.info.name, str(obj.get("reason") or "removed"), obj.get("by"),
+                          obj.get("until"))
+        self._set_room_state(room, RoomState.LEFT)
+        self._drop_room(room, ChatError(removed.reason, f"removed from {room.info.name}",
+                                        details=obj))
+        self._emit("removed", removed)
+
+    def _welcomed(self, obj: dict[str, Any]) -> Welcome:
+        self.user_id = str(obj.get("user_id", ""))
+        self.username = str(obj.get("username", ""))
+        self.authenticated = bool(obj.get("authenticated"))
+        return Welcome(self.user_id, self.username, self.authenticated,
+                       obj.get("heartbeat_interval"))
+
+    # -- the connection ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            self._set_state(ConnectionState.CONNECTING)
+            reconnect_in: float | None
+            try:
+                ws, welcome = await self._open()
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                code, reason = status, f"HTTP {status}"
+                retry_after = _retry_after_header(exc.response.headers.get("Retry-After"))
+                reconnect_in = self.backoff.after_refusal(
+                    status, attempt, can_refresh=self._get_token is not None,
+                    retry_after=retry_after)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, reason = 1006, f"{type(exc).__name__}: {exc}"
+                reconnect_in = self.backoff.delay(attempt)
+            else:
+                attempt = 0
+                code, reason = await self._serve(ws, welcome)
+                reconnect_in = self.backoff.after_close(
+                    code, attempt, has_token=bool(self._token or self._get_token),
+                    can_refresh=self._get_token is not None, retry_after=self._retry_after)
+            self._retry_after = 0.0
+            attempt += 1
+            if self._closing:
+                reconnect_in = None
+            self.last_close = Disconnect(code, reason, reconnect_in)
+            self._set_state(ConnectionState.DISCONNECTED if reconnect_in is None
+                            else ConnectionState.CONNECTING)
+            self._emit("disconnected", self.last_close)
+            if reconnect_in is None:
+                break
+            log.info("reconnecting in %.2f s after %s %s", reconnect_in, code, reason)
+            self._wake = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._wake.wait(), reconnect_in)
+            except TimeoutError:
+                pass
+        if not self._closing and self.last_close is not None:
+            err = ClientClosed(f"not reconnecting after {self.last_close.code} "
+                               f"{self.last_close.reason}", self.last_close.code)
+            self._emit("error", err)
+            self._shut_down(err)
+        self._set_state(ConnectionState.DISCONNECTED)
+
+    async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:
+        url = await _maybe_await(self._url() if callable(self._url) else self._url)
+        if self._get_token is not None:
+            self._token = await _maybe_await(self._get_token())
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        if self._guest_name and not self._token:
+            url = _with_query(url, username=self._guest_name)
+        options = {"open_timeout": self.connect_timeout, "max_size": 2**24, **self._ws_options}
+        ws = await connect(url, additional_headers=headers, **options)
+        try:
+            first = json.loads(await asyncio.wait_for(ws.recv(), self.connect_timeout))
+            if first.get("type") != "welcome":
+                raise ChatError("invalid_message", f"expected welcome, got {first.get('type')}")
+        except BaseException:
+            await ws.close()
+            raise
+        return ws, first
+
+    async def _serve(self, ws: ClientConnection, welcome: dict[str, Any]) -> tuple[int, str]:
+        self._ws = ws
+        self._generation += 1
+        self._out = queue = asyncio.Queue[str]()
+        writer = asyncio.create_task(self._writer(ws, queue))
+        info = self._welcomed(welcome)
+        self._set_state(ConnectionState.CONNECTED)
+        for ready in self._ready:
+            if not ready.done():
+                ready.set_result(None)
+        self._emit("connected", info)
+        self._schedule_refresh()
+        for room in list(self._rooms.values()):
+            room.accept_next = False
+            self._send_join(room)
+        self._flush()
+        code, reason = 1006, ""
+        try:
+            while True:
+                raw = await ws.recv()
+                try:
+                    self._dispatch(raw)
+                except Exception:
+                    log.exception("could not handle a frame: %.200r", raw)
+        except ConnectionClosed as closed:
+            # The server's close frame (ws.close_code needs websockets 14.1; this works on 13).
+            if closed.rcvd is not None:
+                code, reason = closed.rcvd.code, closed.rcvd.reason
+        finally:
+            writer.cancel()
+            self._connection_lost()
+        return code, reason
+
+    async def _writer(self, ws: ClientConnection, queue: asyncio.Queue[str]) -> None:
+        try:
+            while True:
+                await ws.send(await queue.get())
+        except ConnectionClosed:
+            pass
+
+    def _connection_lost(self) -> None:
+        """The socket is gone: requests fail, rooms wait to be joined again, sends wait."""
+        self._ws = self._out = None
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            self._refresh_task = None
+        for request in self._requests.values():
+            if request.future is not None and not request.future.done():
+                request.future.set_exception(Disconnected())
+        self._requests.clear()
+        self._sent.clear()
+        for room in self._rooms.values():
+            room.join_rid = None
+            if room.retry is not None:
+                room.retry.cancel()
+                room.retry = None
+            self._set_room_state(room, RoomState.JOINING)
+        for _, timer in self._typing.values():
+            timer.cancel()
+        self._typing.clear()
+
+    def _shut_down(self, err: ClientClosed) -> None:
+        """Closed for good: everything still waiting raises ``err`` (sends stay queued)."""
+        for ready in self._ready:
+            if not ready.done():
+                ready.set_exception(err)
+        for room in self._rooms.values():
+            for waiter in room.waiters:
+                if not waiter.done():
+                    waiter.set_exception(err)
+            room.waiters.clear()
+        for entry in self._outbox:
+            if entry.future is not None and not entry.future.done():
+                entry.future.set_exception(err)
+            entry.future = None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+
+    def _typing_cleared(self, room: str) -> None:
+        previous = self._typing.pop(room, None)
+        if previous is not None:
+            previous[1].cancel()
+
+    # -- tokens ------------------------------------------------------------------------------
+    def _schedule_refresh(self) -> None:
+        expiry = token_expiry(self._token)
+        if self._get_token is None or expiry is None:
+            return
+        delay = refresh_delay(expiry - time.time())
+        self._refresh_task = asyncio.create_task(self._refresh_after(delay))
+
+    async def _refresh_after(self, delay: float) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                token = await _maybe_await(self._get_token())  # type: ignore[misc]
+                reply = await self._request({"type": "auth", "token": token}, None)
+            except ChatError as err:
+                if isinstance(err, Disconnected):
+                    return
+                self._emit("error", err)
+                delay, failures = self.backoff.delay(failures), failures + 1
+                continue
+            except Exception as exc:
+                log.warning("get_token failed: %s", exc)
+                delay, failures = self.backoff.delay(failures), failures + 1
+                continue
+            self._token = token
+            log.debug("token refreshed for %s", reply.get("user_id"))
+            expiry = token_expiry(token)
+            if expiry is None:
+                return
+            delay, failures = refresh_delay(expiry - time.time()), 0
+
+
+def _with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.update(params)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _retry_after_header(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0

@@ -1,0 +1,214 @@
+"""Typed events and states: what the client hands to the app.
+
+Event names for :meth:`Client.on <wschat_client.Client.on>`, the payload each
+handler receives, and when:
+
+- ``state`` (:class:`StateChange`): the connection state changed.
+- ``connected`` (:class:`Welcome`): connected and greeted (also after each reconnect).
+- ``disconnected`` (:class:`Disconnect`): the socket closed; ``reconnect_in`` says what next.
+- ``message`` (:class:`Message`): a room message, once, in id order per room.
+- ``dm`` (:class:`DirectMessage`): a direct message, received or sent from any of your
+  connections, once.
+- ``presence`` (:class:`Presence`): someone came online in, or left, a joined room.
+- ``typing`` (:class:`TypingEvent`): someone started or stopped typing in a joined room.
+- ``joined`` (:class:`Joined`): a room was joined (the first time, or again after a
+  reconnect or a gap).
+- ``recovery_failed`` (:class:`RecoveryFailed`): after a re-join the server no longer had
+  every missed message: reload ``history`` if you need them.
+- ``room_state`` (:class:`RoomStateChange`): a room went joining / joined / left.
+- ``removed`` (:class:`Removed`): the server took you out of a room (kicked, banned, membership
+  revoked, no longer granted by a fresh token); the room is not joined again by itself.
+- ``muted`` / ``unmuted`` (:class:`Muted` / :class:`Unmuted`): you may read but not post or
+  type in ``room`` (None: everywhere) until ``until``; or that was lifted.
+- ``ack`` (:class:`Message` or :class:`DirectMessage`): the server acknowledged one of
+  your sends (also those restored from an outbox store, which no one awaits).
+- ``error`` (:class:`~wschat_client.ChatError`): an error no request was waiting for
+  (a refused token refresh, a terminal close code, ...).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConnectionState(enum.StrEnum):
+    """``disconnected`` -> ``connecting`` -> ``connected`` (and back on a close)."""
+
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+
+
+class RoomState(enum.StrEnum):
+    """A room the app joined: ``joining`` until the server's ``joined``, then ``joined``;
+    back to ``joining`` while disconnected or re-joining; ``left`` after :meth:`leave`."""
+
+    JOINING = "joining"
+    JOINED = "joined"
+    LEFT = "left"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    username: str
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> User:
+        return cls(str(obj.get("user_id", "")), str(obj.get("username", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A room message. ``id`` is the room's gap-free sequence number."""
+
+    id: int
+    room: str
+    from_: str
+    user_id: str
+    text: str
+    timestamp: int
+    client_msg_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Message:
+        return cls(int(obj["id"]), str(obj["room"]), str(obj.get("from", "")),
+                   str(obj.get("user_id", "")), str(obj.get("text", "")),
+                   int(obj.get("timestamp", 0)), obj.get("client_msg_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class DirectMessage:
+    id: int
+    from_: str
+    user_id: str
+    to: str
+    text: str
+    timestamp: int
+    client_msg_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> DirectMessage:
+        return cls(int(obj["id"]), str(obj.get("from", "")), str(obj.get("user_id", "")),
+                   str(obj.get("to", "")), str(obj.get("text", "")),
+                   int(obj.get("timestamp", 0)), obj.get("client_msg_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    room: str
+    user: str
+    user_id: str
+    status: str  # "online" | "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class TypingEvent:
+    room: str
+    user: str
+    user_id: str
+    status: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    user_id: str
+    username: str
+    authenticated: bool
+    heartbeat_interval: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    old: ConnectionState
+    new: ConnectionState
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The socket closed.
+
+    Attributes:
+        code: the close code (1006 when the connection dropped without one), or
+            the HTTP status of a refused handshake.
+        reason: the close reason or what went wrong.
+        reconnect_in: seconds until the next attempt, or None when the client
+            will not reconnect (a terminal code, or :meth:`close`).
+    """
+
+    code: int
+    reason: str
+    reconnect_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """The server's ``joined``.
+
+    Attributes:
+        rejoin: True when this is a re-join (after a reconnect or a gap) with ``since``.
+        recovered: with ``since``: True when every missed message follows; None on a first join.
+    """
+
+    room: str
+    users: list[User]
+    last_id: int
+    rejoin: bool
+    recovered: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryFailed:
+    """Messages after ``since`` may be missing in ``room``: reload ``history``."""
+
+    room: str
+    since: int
+    last_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The server removed you from ``room``.
+
+    Attributes:
+        reason: ``kicked`` (or the moderator's reason), ``banned``, ``membership revoked``,
+            ``forbidden``.
+        by: the moderator's ``user_id``, or ``api``.
+        until: for a ban, Unix ms (None: until lifted).
+    """
+
+    room: str
+    reason: str
+    by: str | None = None
+    until: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Muted:
+    room: str | None  # None: everywhere
+    until: int | None  # Unix ms; None: until lifted
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unmuted:
+    room: str | None  # None: everywhere
+
+
+@dataclass(frozen=True, slots=True)
+class RoomStateChange:
+    room: str
+    old: RoomState
+    new: RoomState
+
+
+@dataclass(slots=True)
+class RoomInfo:
+    """What the client knows of a joined room (read-only for the app)."""
+
+    name: str
+    state: RoomState = RoomState.JOINING
+    last_id: int | None = None  # the last message id delivered to the app
+    users: list[User] = field(default_factory=list)

@@ -1,0 +1,110 @@
+"""A blocking wrapper: the asyncio :class:`Client` on an event loop in a thread of its own.
+
+Every method blocks until the coroutine it runs is done; event handlers are called
+on the client's thread, so keep them short (or hand the work to a queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from .client import Client, Handler, UrlSource
+from .events import ConnectionState, DirectMessage, Joined, Message, RoomInfo, User
+
+T = TypeVar("T")
+
+
+class SyncClient:
+    """``SyncClient(url, **options)`` takes the options of :class:`Client`.
+
+    ::
+
+        with SyncClient("ws://localhost:8080/ws", username="alice") as chat:
+            chat.on("message", print)
+            chat.join("general")
+            chat.send("general", "Hello!")
+    """
+
+    def __init__(self, url: UrlSource, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="wschat-client",
+                                        daemon=True)
+        self._thread.start()
+        self.client = Client(url, **options)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def state(self) -> ConnectionState:
+        return self.client.state
+
+    @property
+    def user_id(self) -> str | None:
+        return self.client.user_id
+
+    @property
+    def username(self) -> str | None:
+        return self.client.username
+
+    @property
+    def rooms(self) -> dict[str, RoomInfo]:
+        return self._run(_value(lambda: self.client.rooms))
+
+    def on(self, event: str, handler: Handler) -> Callable[[], None]:
+        """As :meth:`Client.on`; ``handler`` runs on the client's thread."""
+        return self.client.on(event, handler)
+
+    def connect(self, *, timeout: float | None = None) -> None:
+        self._run(self.client.connect(timeout=timeout))
+
+    def close(self) -> None:
+        """Close the client and stop its thread."""
+        if self._loop.is_closed():
+            return
+        self._run(self.client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def join(self, room: str, *, timeout: float | None = None) -> Joined:
+        return self._run(self.client.join(room, timeout=timeout))
+
+    def leave(self, room: str, *, timeout: float | None = None) -> None:
+        self._run(self.client.leave(room, timeout=timeout))
+
+    def send(self, room: str, text: str, *, client_msg_id: str | None = None,
+             timeout: float | None = None) -> Message:
+        return self._run(self.client.send(room, text, client_msg_id=client_msg_id,
+                                          timeout=timeout))
+
+    def dm(self, to: str, text: str, *, client_msg_id: str | None = None,
+           timeout: float | None = None) -> DirectMessage:
+        return self._run(self.client.dm(to, text, client_msg_id=client_msg_id, timeout=timeout))
+
+    def history(self, room: str, *, limit: int | None = None, before: int | None = None,
+                timeout: float | None = None) -> list[Message]:
+        return self._run(self.client.history(room, limit=limit, before=before, timeout=timeout))
+
+    def list_users(self, room: str, *, timeout: float | None = None) -> list[User]:
+        return self._run(self.client.list_users(room, timeout=timeout))
+
+    def ping(self, *, timeout: float | None = None) -> None:
+        self._run(self.client.ping(timeout=timeout))
+
+    def typing(self, room: str, status: bool = True) -> None:
+        self._loop.call_soon_threadsafe(self.client.typing, room, status)
+
+
+async def _value(get: Callable[[], T]) -> T:
+    return get()

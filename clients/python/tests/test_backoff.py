@@ -1,0 +1,80 @@
+"""Reconnect timing and close-code policy, with the random source injected."""
+
+from __future__ import annotations
+
+import pytest
+
+from wschat_client import Backoff
+from wschat_client.client import refresh_delay, token_expiry
+
+
+def test_delay_grows_exponentially_then_caps() -> None:
+    """With the jitter at its top the delay doubles per attempt until max_delay."""
+    b = Backoff(min_delay=0.5, max_delay=20.0, random=lambda: 1.0)
+    assert [b.delay(n) for n in range(7)] == [1.0, 1.5, 2.5, 4.5, 8.5, 16.5, 20.0]
+    assert b.delay(1000) == 20.0
+
+
+def test_full_jitter_spans_min_to_ceiling() -> None:
+    """The jitter picks anywhere between min_delay and min_delay + the ceiling."""
+    assert Backoff(random=lambda: 0.0).delay(5) == 0.5
+    assert Backoff(random=lambda: 0.5).delay(3) == 0.5 + 0.5 * 4.0
+
+
+@pytest.mark.parametrize("code", [1002, 1003, 1007, 1008, 1009, 4000, 4003, 4099])
+def test_fix_the_client_codes_are_terminal(code: int) -> None:
+    """Protocol errors and 40xx codes are not retried."""
+    assert Backoff().after_close(code, 0, has_token=True, can_refresh=True) is None
+
+
+def test_token_codes_need_a_token() -> None:
+    """4001 reconnects with any token; 4002 only with a get_token callback."""
+    b = Backoff(random=lambda: 0.0)
+    assert b.after_close(4001, 0, has_token=False, can_refresh=False) is None
+    assert b.after_close(4001, 0, has_token=True, can_refresh=False) == 0.5
+    assert b.after_close(4002, 0, has_token=True, can_refresh=False) is None
+    assert b.after_close(4002, 0, has_token=True, can_refresh=True) == 0.5
+
+
+def test_going_away_reconnects_at_once_with_spread() -> None:
+    """1001 (deploy): within min_delay, whatever the attempt count."""
+    assert Backoff(random=lambda: 0.5).after_close(1001, 9, has_token=False,
+                                                   can_refresh=False) == 0.25
+
+
+@pytest.mark.parametrize("code", [1000, 1006, 1011, 1012, 4100])
+def test_transient_codes_back_off(code: int) -> None:
+    """Dropped connections and heartbeat timeouts reconnect after the backoff."""
+    b = Backoff(random=lambda: 1.0)
+    assert b.after_close(code, 2, has_token=False, can_refresh=False) == 2.5
+
+
+@pytest.mark.parametrize("code", [4101, 4102])
+def test_slow_consumer_and_flood_pause_first(code: int) -> None:
+    """4101/4102 wait at least the pause, and at least the server's retry_after."""
+    b = Backoff(random=lambda: 0.0, pause=5.0)
+    assert b.after_close(code, 0, has_token=False, can_refresh=False) == 5.0
+    assert b.after_close(code, 0, has_token=False, can_refresh=False, retry_after=7.5) == 7.5
+
+
+def test_refused_handshakes() -> None:
+    """401 retries only with get_token; 503 honours Retry-After; 403 and 400 are terminal."""
+    b = Backoff(random=lambda: 0.0)
+    assert b.after_refusal(401, 0, can_refresh=False) is None
+    assert b.after_refusal(401, 0, can_refresh=True) == 0.5
+    assert b.after_refusal(503, 0, can_refresh=False, retry_after=3.0) == 3.0
+    assert b.after_refusal(403, 0, can_refresh=True) is None
+    assert b.after_refusal(400, 0, can_refresh=True) is None
+
+
+def test_token_expiry_and_refresh_point() -> None:
+    """exp is read from the JWT payload; the refresh comes a quarter of the life early."""
+    import base64
+    import json
+    body = base64.urlsafe_b64encode(json.dumps({"exp": 1234}).encode()).rstrip(b"=").decode()
+    assert token_expiry(f"h.{body}.s") == 1234.0
+    assert token_expiry("not a jwt") is None
+    assert token_expiry(None) is None
+    assert refresh_delay(4.0) == 3.0
+    assert refresh_delay(3600.0) == 3540.0
+    assert refresh_delay(-1.0) == 0.0

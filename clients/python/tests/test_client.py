@@ -1,0 +1,480 @@
+"""The client against a scripted in-process server: states, close codes, gaps, the outbox.
+
+The fake server speaks just enough of the protocol for each test, on a real
+socket (port 0), so the timing and the faults are the test's to choose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from conftest import TIMEOUT, Recorder
+from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState,
+                           FileOutboxStore, OutboxFull, RequestTimeout, RoomState)
+
+FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
+
+
+class Peer:
+    """One connection to the fake server, seen from the server."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+        self.closed = asyncio.Event()
+
+    async def recv(self, kind: str | None = None) -> dict[str, Any]:
+        """The next frame from the client (of ``kind``, skipping others)."""
+        while True:
+            frame = json.loads(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
+            if kind is None or frame["type"] == kind:
+                return frame
+
+    async def send(self, **event: Any) -> None:
+        await self.ws.send(json.dumps(event))
+
+    async def joined(self, room: str = "r", last_id: int = 0, **extra: Any) -> dict[str, Any]:
+        """Answer the client's next join; returns the join frame."""
+        join = await self.recv("join")
+        assert join["room"] == room
+        await self.send(type="joined", id=join["id"], room=room, users=[], last_id=last_id,
+                        **extra)
+        return join
+
+    async def refuse(self, kind: str, code: str, request: Any) -> None:
+        """Answer the client's next ``kind`` frame with error ``code``; ``request`` raises it."""
+        frame = await self.recv(kind)
+        await self.send(type="error", id=frame["id"], code=code, message="refused")
+        with pytest.raises(ChatError) as err:
+            await request
+        assert err.value.code == code
+
+    async def message(self, mid: int, room: str = "r", **extra: Any) -> None:
+        await self.send(type="message", id=mid, room=room, text=f"m{mid}", user_id="u",
+                        timestamp=0, **{"from": "x"}, **extra)
+
+    async def echo(self, frame: dict[str, Any], mid: int) -> None:
+        await self.message(mid, frame["room"], client_msg_id=frame["client_msg_id"])
+
+
+class FakeServer:
+    """Accepts connections, greets each with ``welcome``, hands it to the test."""
+
+    def __init__(self, process_request: Any = None) -> None:
+        self.peers: asyncio.Queue[Peer] = asyncio.Queue()
+        self.count = 0
+        self.process_request = process_request
+
+    async def __aenter__(self) -> FakeServer:
+        self.server = await serve(self._handle, "127.0.0.1", 0,
+                                  process_request=self.process_request)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.count += 1
+        peer = Peer(ws)
+        await ws.send(json.dumps({"type": "welcome", "user_id": f"u{self.count}",
+                                  "username": "alice", "authenticated": False,
+                                  "auth_required": False, "heartbeat_interval": 30}))
+        await self.peers.put(peer)
+        await ws.wait_closed()
+
+    async def accept(self) -> Peer:
+        return await asyncio.wait_for(self.peers.get(), TIMEOUT)
+
+    async def drop(self, peer: Peer) -> Peer:
+        """Cut ``peer``'s TCP connection (no close frame); the client's next connection."""
+        peer.ws.transport.abort()
+        return await self.accept()
+
+
+def client_for(fake: FakeServer, **options: Any) -> Client:
+    return Client(fake.url, backoff=FAST, request_timeout=TIMEOUT, **options)
+
+
+async def joined_client(fake: FakeServer, last_id: int = 0,
+                        **options: Any) -> tuple[Client, Recorder, Peer]:
+    client = client_for(fake, **options)
+    rec = Recorder(client)
+    await client.connect()
+    peer = await fake.accept()
+    join = asyncio.create_task(client.join("r"))
+    await peer.joined(last_id=last_id)
+    await join
+    return client, rec, peer
+
+
+async def dropped_after_one(fake: FakeServer, last_id: int) -> tuple[Client, Recorder, Peer]:
+    """A client joined at ``last_id`` that got message last_id + 1, then lost its connection."""
+    client, rec, peer = await joined_client(fake, last_id=last_id)
+    await peer.message(last_id + 1)
+    await rec.wait_for(lambda: rec.ids("r") == [last_id + 1])
+    return client, rec, await fake.drop(peer)
+
+
+async def sent_then_dropped(fake: FakeServer) -> tuple[Client, Recorder, Peer, Any, dict[str, Any]]:
+    """A joined client whose send reached the server, then the connection dropped (no echo)."""
+    client, rec, peer = await joined_client(fake, last_id=0)
+    sending = asyncio.create_task(client.send("r", "hello"))
+    frame = await peer.recv("message")
+    return client, rec, await fake.drop(peer), sending, frame
+
+
+async def test_state_machine_connects_reconnects_and_closes() -> None:
+    """disconnected -> connecting -> connected; a 1001 goes back through connecting; close ends."""
+    async with FakeServer() as fake:
+        client = client_for(fake)
+        rec = Recorder(client)
+        assert client.state is ConnectionState.DISCONNECTED
+        await client.connect()
+        first = await fake.accept()
+        assert client.state is ConnectionState.CONNECTED and client.user_id == "u1"
+        await first.ws.close(1001, "going away")
+        await fake.accept()
+        await rec.wait_for(lambda: client.user_id == "u2", what="the second welcome")
+        await client.close()
+        states = [(c.old.value, c.new.value) for c in rec.of("state")]
+        assert states == [("disconnected", "connecting"), ("connecting", "connected"),
+                          ("connected", "connecting"), ("connecting", "connected"),
+                          ("connected", "disconnected")]
+        assert rec.of("disconnected")[0].code == 1001
+        assert rec.of("disconnected")[0].reconnect_in is not None
+
+
+@pytest.mark.parametrize("code", [4002, 1003, 4001])
+async def test_terminal_close_codes_stop_reconnecting(code: int) -> None:
+    """Without a token source, 4001/4002 and 'fix the client' codes end the client."""
+    async with FakeServer() as fake:
+        client = client_for(fake)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        await peer.ws.close(code, "bye")
+        await rec.wait_for(lambda: client.state is ConnectionState.DISCONNECTED
+                           and rec.of("error"), what="the terminal close")
+        assert rec.of("disconnected")[-1].reconnect_in is None
+        assert rec.of("error")[-1].code == "closed"
+        assert rec.of("error")[-1].close_code == code
+        assert fake.count == 1
+        with pytest.raises(ChatError):
+            await client.history("r")
+        with pytest.raises(ClientClosed):
+            await client.dm("u2", "nobody will carry this")
+        await client.close()
+
+
+async def test_gap_triggers_rejoin_with_since_and_no_doubles() -> None:
+    """An id that is not last+1 re-joins with since; the replay fills the gap; repeats drop."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, last_id=5)
+        await peer.message(6)
+        await peer.message(8)  # 7 is missing
+        rejoin = await peer.recv("join")
+        assert rejoin["since"] == 6
+        await peer.send(type="joined", id=rejoin["id"], room="r", users=[], last_id=8,
+                        recovered=True)
+        for mid in (7, 8, 7, 6, 9):
+            await peer.message(mid)
+        await rec.wait_for(lambda: rec.ids("r")[-1:] == [9], what="message 9")
+        assert rec.ids("r") == [6, 7, 8, 9]
+        assert rec.of("joined")[-1].rejoin and rec.of("joined")[-1].recovered
+        await client.close()
+
+
+async def test_reconnect_rejoins_with_since_and_reports_recovery_failed() -> None:
+    """After a drop every room is joined again with since; recovered: false is an event."""
+    async with FakeServer() as fake:
+        client, rec, peer = await dropped_after_one(fake, last_id=3)
+        assert client.rooms["r"].state is RoomState.JOINING
+        join = await peer.joined(last_id=12, recovered=False)
+        assert join["since"] == 4
+        await peer.message(10)  # 5..9 are gone; the replay starts at 10
+        await peer.message(11)
+        await rec.wait_for(lambda: rec.ids("r")[-1:] == [11])
+        assert rec.ids("r") == [4, 10, 11]
+        (lost,) = rec.of("recovery_failed")
+        assert (lost.room, lost.since, lost.last_id) == ("r", 4, 12)
+        assert client.rooms["r"].state is RoomState.JOINED
+        await client.close()
+
+
+async def test_send_is_resent_after_reconnect_and_acked_once() -> None:
+    """An unacknowledged send goes out again, with the same client_msg_id, after a drop."""
+    async with FakeServer() as fake:
+        client, rec, peer, sending, first = await sent_then_dropped(fake)
+        await peer.joined(last_id=0, recovered=True)
+        again = await peer.recv("message")
+        assert again["client_msg_id"] == first["client_msg_id"] and again["text"] == "hello"
+        await peer.echo(again, 1)
+        await peer.echo(again, 1)  # the server's dedupe answer: the original again
+        message = await sending
+        assert message.id == 1 and message.client_msg_id == first["client_msg_id"]
+        await rec.wait_for(lambda: rec.ids("r") == [1])
+        assert client.pending == []
+        await client.close()
+
+
+async def test_send_found_in_the_replay_is_not_resent() -> None:
+    """A send whose echo was lost but which the rejoin replays is acknowledged by the replay."""
+    async with FakeServer() as fake:
+        client, rec, peer, sending, frame = await sent_then_dropped(fake)
+        await peer.joined(last_id=1, recovered=True)
+        await peer.echo(frame, 1)  # the replay
+        assert (await sending).id == 1
+        probe = asyncio.create_task(client.ping())
+        assert (await peer.recv())["type"] == "ping"  # the next frame: no resent message
+        probe.cancel()
+        await client.close()
+
+
+async def test_sends_wait_while_disconnected_and_go_out_in_order() -> None:
+    """Sends made while the server is unreachable queue, then go out in order once joined."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, last_id=0)
+        await fake.__aexit__()  # stop listening, then drop the connection
+        peer.ws.transport.abort()
+        await rec.wait_for(lambda: client.state is not ConnectionState.CONNECTED)
+        sends = [asyncio.create_task(client.send("r", f"t{i}")) for i in range(5)]
+        await asyncio.sleep(0)
+        assert [p.text for p in client.pending] == [f"t{i}" for i in range(5)]
+        fake.server = await serve(fake._handle, "127.0.0.1", int(fake.url.split(":")[2][:-3]))
+        peer = await fake.accept()
+        await peer.joined(last_id=0, recovered=True)
+        for i in range(5):
+            frame = await peer.recv("message")
+            assert frame["text"] == f"t{i}"
+            await peer.echo(frame, i + 1)
+        assert [m.id for m in await asyncio.gather(*sends)] == [1, 2, 3, 4, 5]
+        await client.close()
+
+
+async def test_outbox_is_bounded() -> None:
+    """Past max_outbox a send raises OutboxFull at once; within it, max_in_flight are on the wire."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, max_outbox=3, max_in_flight=2)
+        sends = [asyncio.create_task(client.send("r", f"t{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(OutboxFull):
+            await client.send("r", "one too many")
+        first, second = await peer.recv("message"), await peer.recv("message")
+        await peer.echo(first, 1)
+        third = await peer.recv("message")  # only once the first was acknowledged
+        assert third["text"] == "t2"
+        await peer.echo(second, 2)
+        await peer.echo(third, 3)
+        assert [m.id for m in await asyncio.gather(*sends)] == [1, 2, 3]
+        await client.close()
+
+
+async def test_retryable_refusals_are_retried_and_others_fail_with_the_code() -> None:
+    """rate_limited waits retry_after_ms then resends; message_too_large fails the send."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        sending = asyncio.create_task(client.send("r", "hi"))
+        frame = await peer.recv("message")
+        await peer.send(type="error", id=frame["id"], code="rate_limited", message="slow down",
+                        retry_after_ms=50)
+        again = await peer.recv("message")
+        assert again["client_msg_id"] == frame["client_msg_id"]
+        await peer.echo(again, 1)
+        assert (await sending).id == 1
+        await peer.refuse("message", "message_too_large",
+                          asyncio.create_task(client.send("r", "x" * 10)))
+        assert client.pending == []
+        await client.close()
+
+
+async def test_request_errors_carry_the_server_code_and_time_out() -> None:
+    """history/list_users reject with the server's code, or RequestTimeout when unanswered."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        await peer.refuse("history", "invalid_room",
+                          asyncio.create_task(client.history("bad room")))
+        with pytest.raises(RequestTimeout):
+            await client.list_users("r", timeout=0.2)
+        with pytest.raises(ChatError) as err:
+            await client.send("never-joined", "hi")
+        assert err.value.code == "not_in_room"
+        await client.close()
+
+
+async def test_typing_sends_false_by_itself_and_send_ends_it() -> None:
+    """typing() sends true once per burst, false after typing_idle; a send clears it."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, typing_idle=0.2)
+        client.typing("r")
+        client.typing("r")  # within the burst: no second frame
+        assert (await peer.recv())["status"] is True
+        assert (await peer.recv())["status"] is False  # after typing_idle
+        client.typing("r")
+        assert (await peer.recv())["status"] is True
+        sending = asyncio.create_task(client.send("r", "done"))
+        frame = await peer.recv()
+        assert frame["type"] == "message"  # no typing false: the message clears it
+        await peer.echo(frame, 1)
+        await sending
+        await client.close()
+
+
+async def test_persisted_outbox_is_sent_by_the_next_run(tmp_path: Path) -> None:
+    """A send the first run never saw acknowledged goes out from the second run's outbox."""
+    store = FileOutboxStore(tmp_path / "outbox.json")
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, outbox_store=store)
+        sending = asyncio.create_task(client.send("r", "survives"))
+        frame = await peer.recv("message")
+        await client.close()  # the app quits before the echo
+        with pytest.raises(ChatError):
+            await sending
+        second, _, peer = await joined_client(fake, outbox_store=store)
+        again = await peer.recv("message")
+        assert again["client_msg_id"] == frame["client_msg_id"]
+        await peer.echo(again, 1)
+        await Recorder(second).wait_for(lambda: not second.pending, what="the acknowledgement")
+        assert store.load() == []
+        await second.close()
+
+
+async def test_url_function_is_called_per_attempt() -> None:
+    """A URL function picks the server for each connection attempt."""
+    async with FakeServer() as a, FakeServer() as b:
+        urls = iter([a.url, b.url])
+        client = Client(lambda: next(urls), backoff=FAST)
+        await client.connect()
+        peer = await a.accept()
+        await peer.ws.close(1001)
+        await b.accept()
+        rec = Recorder(client)
+        await rec.wait_for(lambda: client.state is ConnectionState.CONNECTED)
+        await client.close()
+
+
+async def test_refused_sends_are_retried_in_order_one_probe_first() -> None:
+    """After unavailable, one send probes; the rest follow in their order once it got through."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        sends = [asyncio.create_task(client.send("r", f"t{i}")) for i in range(3)]
+        frames = [await peer.recv("message") for _ in range(3)]
+        for frame in frames:
+            await peer.send(type="error", id=frame["id"], code="unavailable", message="redis")
+        probe = await peer.recv("message")
+        assert probe["text"] == "t0"
+        assert [p.wire_generation is not None for p in client.pending] == [True, False, False]
+        await peer.echo(probe, 1)
+        rest = [await peer.recv("message") for _ in range(2)]
+        assert [f["text"] for f in rest] == ["t1", "t2"]
+        await peer.echo(rest[0], 2)
+        await peer.echo(rest[1], 3)
+        assert [m.id for m in await asyncio.gather(*sends)] == [1, 2, 3]
+        await client.close()
+
+
+async def test_a_server_that_started_afresh_is_followed_after_recovery_failed() -> None:
+    """A restarted memory server numbers from 1 again: after recovered: false, 1 is delivered."""
+    async with FakeServer() as fake:
+        client, rec, peer = await dropped_after_one(fake, last_id=41)
+        # What the server answers for a since it never issued:
+        assert (await peer.joined(last_id=42, recovered=False))["since"] == 42
+        sending = asyncio.create_task(client.send("r", "after the restart"))
+        frame = await peer.recv("message")  # not held back: nothing is being replayed
+        await peer.echo(frame, 1)
+        await peer.message(2)
+        await rec.wait_for(lambda: rec.ids("r")[-1:] == [2])
+        assert rec.ids("r") == [42, 1, 2] and (await sending).id == 1
+        assert len(rec.of("recovery_failed")) == 1
+        await client.close()
+
+
+async def test_refused_token_retries_only_with_get_token() -> None:
+    """HTTP 401 on the upgrade stops a static-token client; get_token is asked again instead."""
+    tokens: list[str] = []
+
+    def refuse_first(ws: ServerConnection, request: Any) -> Any:
+        auth = request.headers.get("Authorization", "")
+        tokens.append(auth)
+        return ws.respond(401, "bad token\n") if auth.endswith("t1") or auth.endswith("old") else None
+
+    async with FakeServer(refuse_first) as fake:
+        static = client_for(fake, token="old")
+        with pytest.raises(ClientClosed) as err:
+            await static.connect()
+        assert err.value.close_code == 401 and static.state is ConnectionState.DISCONNECTED
+        counter = iter(range(1, 10))
+        refreshing = client_for(fake, get_token=lambda: f"t{next(counter)}")
+        await refreshing.connect()
+        assert tokens[-2:] == ["Bearer t1", "Bearer t2"]
+        await refreshing.close()
+
+
+async def test_join_refused_and_leave_fail_what_waits_with_a_code() -> None:
+    """A refused join raises the server's code; leave fails the room's queued sends."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        await peer.refuse("join", "too_many_rooms", asyncio.create_task(client.join("bad")))
+        assert "bad" not in client.rooms
+        await peer.ws.close(1001)
+        peer = await fake.accept()
+        await peer.recv("join")  # the re-join, left unanswered: sends to "r" wait
+        waiting = asyncio.create_task(client.send("r", "never sent"))
+        await asyncio.sleep(0)
+        leaving = asyncio.create_task(client.leave("r"))
+        with pytest.raises(ChatError) as err:
+            await waiting
+        assert err.value.code == "not_in_room" and client.pending == []
+        left = await peer.recv("leave")
+        await peer.send(type="left", id=left["id"], room="r")
+        await leaving
+        assert [c.new for c in rec.of("room_state")][-1] is RoomState.LEFT
+        await client.close()
+
+
+async def test_a_send_without_echo_is_written_again_on_the_same_connection() -> None:
+    """No echo within ack_timeout: the same client_msg_id goes out again; one echo resolves it."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, ack_timeout=0.2)
+        sending = asyncio.create_task(client.send("r", "lost echo"))
+        first = await peer.recv("message")  # stored, but its echo never comes
+        again = await peer.recv("message")
+        assert again["client_msg_id"] == first["client_msg_id"] and again["id"] != first["id"]
+        await peer.echo(again, 1)
+        assert (await sending).id == 1 and fake.count == 1
+        await client.close()
+
+
+async def test_a_kick_removes_the_room_for_good_and_mutes_are_events() -> None:
+    """A server-sent left (kick) drops the room: its sends fail, no re-join after a reconnect."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        removed: list[Any] = []
+        client.on("removed", removed.append)
+        client.on("muted", removed.append)
+        await peer.send(type="muted", room="r", until=None, by="mod")
+        sending = asyncio.create_task(client.send("r", "muted?"))
+        frame = await peer.recv("message")
+        await peer.send(type="error", id=frame["id"], code="muted", message="muted", until=None)
+        with pytest.raises(ChatError) as err:
+            await sending
+        assert err.value.code == "muted" and "until" in err.value.details
+        await peer.send(type="left", room="r", reason="kicked", by="mod")
+        await Recorder(client).wait_for(lambda: len(removed) == 2, what="the kick")
+        assert [type(e).__name__ for e in removed] == ["Muted", "Removed"]
+        assert (removed[1].room, removed[1].reason, removed[1].by) == ("r", "kicked", "mod")
+        assert "r" not in client.rooms
+        with pytest.raises(ChatError):
+            await client.send("r", "after the kick")
+        peer = await fake.drop(peer)
+        probe = asyncio.create_task(client.history("other"))
+        assert (await peer.recv())["type"] == "history"  # no join for "r" came first
+        probe.cancel()
+        await client.close()

@@ -1,0 +1,296 @@
+"""The shared conformance scenarios (clients/conformance/README.md) against the real server.
+
+Each test drives real gunicorn servers (and Redis) through the harness and
+asserts, from the app's side (the client's events), that every acknowledged
+message reaches every member exactly once and in id order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order, delivered
+from wschat_client import Backoff, Client, ConnectionState, Message
+
+# Real timing, a little tighter at the top so the suite does not wait 20 s for a restart.
+BACKOFF = Backoff(min_delay=0.2, max_delay=3.0, pause=1.0)
+LONG = 6 * TIMEOUT  # server restarts, Redis coming back, under a loaded machine
+
+
+def make_client(url: str | Callable[[], str], **options: Any) -> tuple[Client, Recorder]:
+    client = Client(url, backoff=BACKOFF, request_timeout=TIMEOUT, **options)
+    return client, Recorder(client)
+
+
+async def connected(harness: Harness, url: str | Callable[[], str], sub: str,
+                    room: str | None = None, **options: Any) -> tuple[Client, Recorder]:
+    """A client signed in as ``sub``, connected, and joined to ``room`` if given."""
+    token = await harness.token(sub)
+    client, rec = make_client(url, token=token, **options)
+    await client.connect()
+    if room is not None:
+        await client.join(room)
+    return client, rec
+
+
+def failover(first: str, then: str) -> Callable[[], str]:
+    """A URL function: ``first`` for the first attempt, ``then`` for every later one."""
+    attempts = iter([first])
+    return lambda: next(attempts, then)
+
+
+def cut(client: Client) -> None:
+    """Drop the client's TCP connection without a close frame (its echoes in flight are lost)."""
+    assert client._ws is not None, "the client is not connected"
+    client._ws.transport.abort()
+
+
+async def publish(client: Client, room: str, count: int, prefix: str) -> list[Message]:
+    """Send ``count`` messages one after the other (each awaited), as acknowledged."""
+    return [await client.send(room, f"{prefix}{i}") for i in range(count)]
+
+
+def ids(messages: list[Message]) -> list[int]:
+    return [m.id for m in messages]
+
+
+class Publisher:
+    """Sends to ``room`` one message after another (each awaited) until stopped."""
+
+    def __init__(self, client: Client, room: str, prefix: str, pace: float = 0.02) -> None:
+        self.client, self.room, self.prefix, self.pace = client, room, prefix, pace
+        self.sent: list[Message] = []
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sent.append(await self.client.send(self.room, f"{self.prefix}{len(self.sent)}"))
+            await asyncio.sleep(self.pace)  # a steady sender, not a synchronisation
+
+    async def sent_more(self, count: int) -> None:
+        """Wait until ``count`` more messages were acknowledged."""
+        target = len(self.sent) + count
+        await eventually(lambda: len(self.sent) >= target, f"{count} more sends", LONG)
+
+    async def stop(self) -> list[Message]:
+        self._stop.set()
+        await asyncio.wait_for(self._task, LONG)
+        return self.sent
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll a condition no event announces (e.g. the outbox's retry counters)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def all_delivered(recorders: list[Recorder], room: str, sent: list[Message]) -> None:
+    """Every acknowledged message reaches every recorder's app once, in id order."""
+    wanted = {(m.id, m.text) for m in sent}
+    for rec in recorders:
+        await rec.wait_for(lambda rec=rec: wanted <= delivered(rec, room), LONG,
+                           f"{sorted(wanted - delivered(rec, room))} at {rec.client.username}")
+    for rec in recorders:
+        assert_exactly_once_in_order(rec, room, sent)
+
+
+async def close_all(*clients: Client) -> None:
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_connect_and_welcome(harness: Harness) -> None:
+    """A token client and a guest reach connected and expose user_id/username."""
+    server = await harness.server("memory")
+    alice, rec = await connected(harness, server["url"], "alice")
+    assert alice.state is ConnectionState.CONNECTED
+    assert (alice.user_id, alice.username, alice.authenticated) == ("alice", "Alice", True)
+    assert [(c.old.value, c.new.value) for c in rec.of("state")] == [
+        ("disconnected", "connecting"), ("connecting", "connected")]
+    (welcome,) = rec.of("connected")
+    assert welcome.user_id == "alice" and welcome.heartbeat_interval
+    guest, _ = make_client(server["url"], username="bob")
+    await guest.connect()
+    assert (guest.user_id or "").startswith("guest-") and guest.username == "bob"
+    await guest.ping()
+    await close_all(alice, guest)
+    assert alice.state is ConnectionState.DISCONNECTED
+
+
+async def test_join_send_ack(harness: Harness) -> None:
+    """send resolves with ids 1, 2, ...; the other member gets each once, in order."""
+    server = await harness.server("memory")
+    a, rec_a = await connected(harness, server["url"], "ann", "lobby")
+    b, rec_b = await connected(harness, server["url"], "ben", "lobby")
+    sent = await publish(a, "lobby", 20, "hello ")
+    assert ids(sent) == list(range(1, 21))
+    await all_delivered([rec_a, rec_b], "lobby", sent)
+    assert [m.text for m in rec_b.messages["lobby"]] == [f"hello {i}" for i in range(20)]
+    history = await b.history("lobby", limit=5)
+    assert [m.id for m in history] == [16, 17, 18, 19, 20]
+    assert {u.user_id for u in await a.list_users("lobby")} == {"ann", "ben"}
+    dm = await a.dm("ben", "psst")
+    await rec_b.wait_for(lambda: rec_b.of("dm"), what="the dm")
+    assert [d.id for d in rec_b.of("dm")] == [dm.id] and rec_b.of("dm")[0].text == "psst"
+    await close_all(a, b)
+
+
+async def test_recovery_after_server_close(harness: Harness) -> None:
+    """S stops and starts; P's messages meanwhile are replayed to S's client, once, in order."""
+    s = await harness.server("redis")
+    p = await harness.server("redis")
+    client, rec = await connected(harness, s["url"], "cara", "news")
+    pub, _ = await connected(harness, p["url"], "pete", "news")
+    before = await publish(pub, "news", 5, "before ")
+    await rec.wait_for(lambda: rec.ids("news") == ids(before))
+    await harness.call(f"/servers/{s['id']}/stop", {"signal": "TERM"})
+    assert rec.of("disconnected")[0].code == 1001
+    during = await publish(pub, "news", 20, "during ")
+    await harness.call(f"/servers/{s['id']}/start")
+    await all_delivered([rec], "news", before + during)
+    rejoins = [j for j in rec.of("joined") if j.rejoin]
+    assert rejoins and rejoins[-1].recovered is True
+    assert not rec.of("recovery_failed")
+    after = await publish(pub, "news", 3, "after ")
+    await all_delivered([rec], "news", before + during + after)
+    await close_all(client, pub)
+
+
+async def test_rolling_restart(harness: Harness) -> None:
+    """A gets TERM mid-stream; its clients move to B; every acknowledged message arrives once."""
+    a = await harness.server("redis")
+    b = await harness.server("redis")
+    c1, rec1 = await connected(harness, failover(a["url"], b["url"]), "cleo", "deploy")
+    c2, rec2 = await connected(harness, failover(a["url"], b["url"]), "carl", "deploy")
+    pub, rec_pub = await connected(harness, b["url"], "pia", "deploy")
+    steady = Publisher(pub, "deploy", "steady ")
+    await steady.sent_more(10)
+    from_c1 = asyncio.create_task(publish(c1, "deploy", 10, "moving "))  # sends across the move
+    await harness.call(f"/servers/{a['id']}/stop", {"signal": "TERM"})
+    for rec in (rec1, rec2):
+        await rec.wait_for(lambda rec=rec: len(rec.of("joined")) >= 2, LONG, "the move to B")
+    await steady.sent_more(10)
+    acked = await steady.stop() + await from_c1
+    await all_delivered([rec1, rec2, rec_pub], "deploy", acked)
+    for rec in (rec1, rec2):
+        assert [d.code for d in rec.of("disconnected")] == [1001]
+    await close_all(c1, c2, pub)
+
+
+async def test_redis_restart(harness: Harness) -> None:
+    """Sends during a Redis outage wait and retry; afterwards all arrive once; ids never go back."""
+    server = await harness.server("redis")
+    a, rec_a = await connected(harness, server["url"], "ada", "store")
+    b, rec_b = await connected(harness, server["url"], "bea", "store")
+    first = await publish(a, "store", 5, "before ")
+    await harness.call("/redis/stop")
+    during = [asyncio.create_task(a.send("store", f"during {i}")) for i in range(5)]
+    # Each meets the outage (unavailable) and waits in the outbox for its retry.
+    await eventually(lambda: len(a.pending) == 5 and all(p.failures for p in a.pending),
+                     "every send refused with unavailable")
+    assert not any(t.done() for t in during), "a send was acknowledged without Redis"
+    await harness.call("/redis/start")
+    later = list(await asyncio.wait_for(asyncio.gather(*during), LONG))
+    assert ids(later) == sorted(ids(later)) and later[0].id > first[-1].id, (
+        f"ids went back: {ids(first)} then {ids(later)}")
+    after = await publish(a, "store", 3, "after ")
+    assert after[0].id > later[-1].id
+    await all_delivered([rec_a, rec_b], "store", first + later + after)
+    await close_all(a, b)
+
+
+async def test_kill_worker(harness: Harness) -> None:
+    """kill -9 of a worker: its clients reconnect and recover; nothing lost or doubled."""
+    server = await harness.server("redis", workers=2)
+    p = await harness.server("redis")
+    pub, _ = await connected(harness, p["url"], "paul", "crash")
+    members = [await connected(harness, server["url"], f"m{i}", "crash") for i in range(6)]
+    recs = [rec for _, rec in members]
+    steady = Publisher(pub, "crash", "steady ")
+    await steady.sent_more(5)
+    hit: list[Recorder] = []
+    for _ in range(2):  # the first victim may have held none of our clients
+        await harness.call(f"/servers/{server['id']}/kill-worker")
+        try:  # a killed worker's sockets are reset at once
+            await eventually(lambda: any(rec.of("disconnected") for rec in recs),
+                             "a client on the killed worker", 2.0)
+        except AssertionError:
+            continue
+        hit = [rec for rec in recs if rec.of("disconnected")]
+        break
+    assert hit, "no client was on a killed worker"
+    for rec in hit:
+        await rec.wait_for(lambda rec=rec: len(rec.of("joined")) >= 2, LONG, "the re-join")
+        assert rec.of("disconnected")[0].code == 1006
+    await steady.sent_more(10)
+    acked = await steady.stop()
+    await all_delivered(recs, "crash", acked)
+    await close_all(pub, *(c for c, _ in members))
+
+
+async def test_token_refresh(harness: Harness) -> None:
+    """get_token runs before expiry; the session outlives the first token; reconnects use it."""
+    server = await harness.server("memory")
+    issued: list[tuple[float, str]] = []
+
+    async def get_token() -> str:
+        token = await harness.token("tom", ttl=2)
+        issued.append((time.time(), token))
+        return token
+
+    client, rec = make_client(server["url"], get_token=get_token)
+    await client.connect()
+    await client.join("auth")
+    first_expiry = issued[0][0] + 2 + 5  # exp + the server's JWT_LEEWAY
+    await eventually(lambda: len(issued) >= 4, "three refreshes", 4 * TIMEOUT)
+    while time.time() < first_expiry + 1:
+        await client.ping()  # the connection outlives its first token
+        await asyncio.sleep(0.5)
+    assert client.state is ConnectionState.CONNECTED and client.authenticated
+    assert not rec.of("disconnected") and not rec.of("error")
+    assert (await client.send("auth", "still here")).user_id == "tom"
+    calls = len(issued)
+    cut(client)
+    await rec.wait_for(lambda: len(rec.of("connected")) == 2, LONG, "the reconnect")
+    assert len(issued) > calls  # the reconnect asked for a fresh token
+    assert (await client.send("auth", "after reconnect")).user_id == "tom"
+    await client.close()
+
+
+async def test_outbox_resend(harness: Harness) -> None:
+    """Sends pending when the socket is cut, and sends made while disconnected, arrive once, in order."""
+    server = await harness.server("memory")
+    a, rec_a = await connected(harness, server["url"], "otto", "box")
+    b, rec_b = await connected(harness, server["url"], "olga", "box")
+    # Cut at the first acknowledgement: the other sends are written, some already
+    # stored by the server, their echoes still on the way (and lost with the socket).
+    def cut_once(_: Message) -> None:
+        stop_cutting()
+        cut(a)
+
+    stop_cutting = a.on("ack", cut_once)
+    pending = [asyncio.create_task(a.send("box", f"pending {i}")) for i in range(30)]
+    dms = [asyncio.create_task(a.dm("olga", f"dm {i}")) for i in range(10)]
+    await rec_a.wait_for(lambda: rec_a.of("disconnected"), what="the cut")
+    offline = [asyncio.create_task(a.send("box", f"offline {i}")) for i in range(10)]
+    await asyncio.sleep(0)
+    assert a.state is ConnectionState.CONNECTING and len(a.pending) > 10
+    sent: list[Message] = await asyncio.wait_for(asyncio.gather(*pending, *offline), LONG)
+    texts = [m.text for m in sent]
+    assert texts == [f"pending {i}" for i in range(30)] + [f"offline {i}" for i in range(10)]
+    assert ids(sent[30:]) == sorted(ids(sent[30:])), "offline sends went out of order"
+    assert sorted(ids(sent)) == list(range(1, 41)), f"stored twice or lost: {ids(sent)}"
+    await all_delivered([rec_a, rec_b], "box", sent)
+    assert len(rec_b.ids("box")) == 40
+    # DMs have no replay: a resent one is deduplicated by the server (the original returns).
+    dm_ids = [d.id for d in await asyncio.wait_for(asyncio.gather(*dms), LONG)]
+    await rec_b.wait_for(lambda: len(rec_b.of("dm")) >= 10, what="the DMs")
+    got = rec_b.of("dm")
+    assert sorted(d.text for d in got) == sorted(f"dm {i}" for i in range(10))
+    assert sorted(d.id for d in got) == sorted(dm_ids) and len(set(dm_ids)) == 10
+    await close_all(a, b)
