@@ -7,8 +7,10 @@ Playwright skips these tests; under ``CI=true`` it fails them.
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,16 +19,18 @@ import pytest
 
 from browser import ChatPage, chromium_path, launched
 from conftest import (
-    SCALE, Client, Server, redis_url_or_skip, service_unavailable,
+    SCALE, TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable,
 )
 
 JWT_SECRET = "browser-tests-secret-0123456789abcdef"
+API_KEY = "browser-tests-api-key-0123456789"
 RECONNECT_MS = int(40_000 * SCALE)  # the library's backoff grows to 20 s while a server is down
 MINE = re.compile(r"\bmine\b")
 PENDING = re.compile(r"\bpending\b")
 # Short enough that a test can write one message the server refuses (the page allows 4000).
 SERVER_ENV = {"TYPING_TIMEOUT": "5", "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000",
-              "MAX_TEXT_CHARS": "60", "MAX_ROOMS_PER_CONNECTION": "3", "JWT_SECRET": JWT_SECRET}
+              "MAX_TEXT_CHARS": "60", "MAX_ROOMS_PER_CONNECTION": "3", "JWT_SECRET": JWT_SECRET,
+              "API_KEY": API_KEY}
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +267,39 @@ def test_a_room_guests_may_not_join(people: Callable[..., ChatPage]) -> None:
         expect(alice.page.locator("#join-error")).to_contain_text("may not use this room")
         expect(alice.page.locator('[data-conv="room:staff"]')).to_have_count(0)
         expect(alice.page.locator("#title")).to_have_text("# general")
+
+
+def api(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A call of the server HTTP API (METRICS_PORT, bearer API_KEY)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.metrics_port}{path}", data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+        return json.loads(reply.read())
+
+
+def test_mute_and_kick_are_explained(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A mute disables the composer with a notice, an unmute enables it; a kick marks the room."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    alice_id = bob.page.locator("#members li", has_text="alice").get_attribute("data-user-id")
+    assert alice_id
+    api(web_server, "/api/mute", {"user_id": alice_id, "room": "general", "duration": 600})
+    expect(alice.page.locator("#messages .notice", has_text="You are muted here")).to_be_visible()
+    expect(alice.page.locator("#draft")).to_be_disabled()
+    api(web_server, "/api/unmute", {"user_id": alice_id, "room": "general"})
+    expect(alice.page.locator("#messages .notice", has_text="post here again")).to_be_visible()
+    expect(alice.page.locator("#draft")).to_be_enabled()
+    api(web_server, "/api/kick", {"user_id": alice_id, "room": "general"})
+    expect(alice.page.locator("#messages .notice", has_text="You were removed from # general")
+           ).to_be_visible()
+    expect(alice.page.locator('[data-conv="room:general"]')).to_contain_text("(removed)")
+    expect(alice.page.locator("#draft")).to_be_disabled()
+    expect(bob.page.locator("#members li", has_text="alice")).to_have_count(0)
+    alice.page.locator("#join-room").fill("general")  # joining again is allowed after a kick
+    alice.page.locator("#join-room").press("Enter")
+    expect(alice.page.locator("#draft")).to_be_enabled()
+    expect(bob.page.locator("#members li", has_text="alice")).to_have_count(1)
 
 
 def test_dm_to_someone_who_left_says_why(web_server: Server,

@@ -51,7 +51,9 @@ function newConversation(key, kind, name, peerId = null) {
     unread: 0,
     members: new Map(), // user_id -> {username, guest}
     typing: new Map(), // user_id -> {name, timer}
-    atStart: false, loadingOlder: false, loaded: false, joinState: "joining",
+    atStart: false, loadingOlder: false, loaded: false,
+    joinState: "joining", // then "joined", or "removed" (kicked, banned: not rejoined)
+    mutedUntil: 0, // ms; Infinity: until lifted
   };
 }
 
@@ -76,7 +78,7 @@ const isMine = (m) => state.myIds.has(m.user_id);
 function persistConversations() {
   const rooms = [], dms = [];
   for (const c of state.conversations.values()) {
-    if (c.kind === "room") rooms.push(c.name);
+    if (c.kind === "room") { if (c.joinState !== "removed") rooms.push(c.name); }
     else dms.push({ user_id: c.peerId, username: c.name, messages: [...c.messages.values()].slice(-100) });
   }
   saved.set("rooms", rooms);
@@ -115,6 +117,9 @@ function startClient() {
   on("presence", presence);
   on("typing", typing);
   on("error", clientError);
+  on("removed", removed);
+  on("muted", (e) => muted(e, true));
+  on("unmuted", (e) => muted(e, false));
 
   for (const c of state.conversations.values()) {
     if (c.kind !== "room") continue;
@@ -232,7 +237,7 @@ async function joinFromForm(room) {
     return;
   }
   const known = conv(roomKey(room));
-  if (known) { open(known.key); $("join-room").value = ""; return; }
+  if (known && known.joinState !== "removed") { open(known.key); $("join-room").value = ""; return; }
   const joining = joinRoom(room);
   renderSidebar();
   try {
@@ -242,6 +247,35 @@ async function joinFromForm(room) {
   } catch (err) {
     joinFailed(room, err);
   }
+}
+
+/** The server took this client out of a room (kicked, banned): say so there; no rejoin. */
+function removed({ room, reason, until }) {
+  const c = conv(roomKey(room));
+  if (!c) return;
+  c.joinState = "removed";
+  c.members.clear();
+  clearTyping(c);
+  const text = reason === "banned" ? `You were banned from # ${room}${until ? ` until ${time(until)}` : ""}.`
+    : reason === "kicked" ? `You were removed from # ${room}.` : `You were removed from # ${room}: ${reason}.`;
+  c.notices.push({ afterId: lastKnownId(c), text, warn: true });
+  persistConversations();
+  renderAll();
+}
+
+/** `muted`/`unmuted`: for one room, or (no room) everywhere. */
+function muted({ room, until }, on) {
+  const rooms = room ? [conv(roomKey(room))].filter(Boolean)
+    : [...state.conversations.values()].filter((c) => c.kind === "room");
+  for (const c of rooms) {
+    c.mutedUntil = on ? until ?? Infinity : 0;
+    c.notices.push({
+      afterId: lastKnownId(c), warn: on,
+      text: on ? `You are muted here${until ? ` until ${time(until)}` : ""}: you can read but not post.` : "You can post here again.",
+    });
+    render(c.key);
+  }
+  if (on && until) setTimeout(renderComposer, Math.max(0, until - Date.now()) + 100);
 }
 
 /** A join the server refused (invalid_room, too_many_rooms): the room leaves the list. */
@@ -539,7 +573,8 @@ function renderSidebar() {
     return el("li", { data: { conv: c.key }, "aria-current": state.current === c.key ? "true" : "false" },
       el("button", { type: "button", class: "open", onclick: () => open(c.key) },
         el("span", { class: "name" }, label), guest,
-        c.kind === "room" && c.joinState !== "joined" ? el("span", { class: "muted" }, "…") : null,
+        c.kind === "room" && c.joinState === "joining" ? el("span", { class: "muted" }, "…") : null,
+        c.joinState === "removed" ? el("span", { class: "muted" }, "(removed)") : null,
         c.unread ? el("span", { class: "unread", title: `${c.unread} unread` }, String(c.unread)) : null),
       c.kind === "room"
         ? el("button", { type: "button", class: "leave", title: `Leave ${c.name}`, "aria-label": `Leave ${c.name}`,
@@ -641,9 +676,12 @@ const noticeItem = (n) => el("li", { class: `notice${n.warn ? " warn" : ""}` }, 
 function renderComposer() {
   const c = conv(state.current);
   const draft = $("draft");
-  const usable = !!c && (c.kind === "dm" || c.joinState === "joined" || c.loaded);
+  const mutedNow = c?.mutedUntil > Date.now();
+  const usable = !!c && !mutedNow && c.joinState !== "removed" && (c.kind === "dm" || c.joinState === "joined" || c.loaded);
   draft.disabled = $("send").disabled = !usable;
   draft.placeholder = !c ? "Join a room to chat"
+    : c.joinState === "removed" ? "You are no longer in this room"
+    : mutedNow ? "You are muted here"
     : state.status.state !== "connected" ? "Offline: messages wait and go out when the connection is back"
       : c.kind === "room" ? `Message # ${c.name}` : `Message ${c.name}`;
 }
