@@ -68,6 +68,7 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
             "MAX_CONNECTIONS": str(max_connections),
             "RATE_LIMIT": "1000000",
             "RATE_LIMIT_BURST": "1000000",
+            "MAX_CONNECTIONS_PER_IP": "0",  # the load comes from a few loopback addresses
             "LOG_LEVEL": "warning",
             "GRACEFUL_TIMEOUT": "5",
             "WEB_CONCURRENCY": "1",

@@ -20,6 +20,23 @@ from conftest import TIMEOUT
 OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
 
 
+def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = None
+                 ) -> bytes:
+    """One masked client frame (``fin`` False: a fragment to be continued)."""
+    mask = os.urandom(4) if mask is None else mask
+    n = len(payload)
+    header = bytes(((0x80 if fin else 0) | opcode,))
+    if n < 126:
+        header += bytes((0x80 | n,))
+    elif n < 65536:
+        header += bytes((0x80 | 126,)) + struct.pack("!H", n)
+    else:
+        header += bytes((0x80 | 127,)) + struct.pack("!Q", n)
+    if mask == b"\0\0\0\0":
+        return header + mask + payload
+    return header + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+
+
 class Closed(Exception):
     """The server ended the TCP stream."""
 
@@ -55,17 +72,7 @@ class RawClient:
 
     # -- sending (client frames are masked) ------------------------------------------------
     def send_frame(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        header = bytes((0x80 | opcode,))
-        if n < 126:
-            header += bytes((0x80 | n,))
-        elif n < 65536:
-            header += bytes((0x80 | 126,)) + struct.pack("!H", n)
-        else:
-            header += bytes((0x80 | 127,)) + struct.pack("!Q", n)
-        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
+        self.sock.sendall(client_frame(opcode, payload))
 
     def send(self, obj: dict[str, Any]) -> None:
         self.send_frame(OP_TEXT, json.dumps(obj).encode())

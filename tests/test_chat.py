@@ -227,7 +227,7 @@ def test_auth_switch_leaves_rooms_of_old_identity(chat: Chat, clock: Clock) -> N
     send(chat, guest, type="auth", token=token)
     assert watcher.events("presence")[-1] == {"type": "presence", "room": "r",
                                               "user": "guest-9", "user_id": "guest-9",
-                                              "status": "offline"}
+                                              "status": "offline", "guest": True}
     assert guest.events("welcome")[-1]["user_id"] == "kim"
     assert guest.rooms == set()
 

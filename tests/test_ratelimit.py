@@ -80,6 +80,11 @@ def test_take_spends_one_token() -> None:
     assert take(3.0, 0.0, 10.0, rate=1.0, burst=3.0) == (2.0, 10.0, 0)
 
 
+def test_take_with_a_cost() -> None:
+    assert take(3.0, 0.0, 10.0, rate=1.0, burst=3.0, cost=2.0) == (1.0, 10.0, 0)
+    assert take(1.0, 10.0, 10.0, rate=1.0, burst=3.0, cost=2.0) == (1.0, 10.0, 1000)
+
+
 def test_take_refills_at_rate_up_to_burst() -> None:
     """Tokens come back at ``rate`` per second but never beyond ``burst``."""
     assert take(0.0, 0.0, 0.5, rate=4.0, burst=3.0) == (1.0, 0.5, 0)
@@ -144,6 +149,18 @@ def test_per_call_rate_and_burst(bench: Bench) -> None:
     retry_ms = limiter.hit("ip", 100, 5)
     assert 10 - min(bench.slack_ms, 9) <= retry_ms <= 10
     assert limiter.hit("user") == 0 and limiter.hit("user") > 0
+
+
+def test_a_request_may_cost_several_tokens(bench: Bench) -> None:
+    """A cost above one spends that many tokens (the Redis script agrees with take());
+    a cost above the burst costs the whole burst, so it is never refused forever."""
+    limiter = bench.make(10, 10)
+    assert limiter.hit("a", cost=6) == 0
+    assert 200 - bench.slack_ms <= limiter.hit("a", cost=6) <= 200  # 4 left, 2 missing
+    assert limiter.hit("a", cost=4) == 0
+    bench.advance(1.0)
+    assert limiter.hit("a", cost=50) == 0  # a full bucket pays for anything
+    assert limiter.hit("a") > 0
 
 
 def test_fractional_rate(bench: Bench) -> None:

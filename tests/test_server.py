@@ -66,12 +66,12 @@ def test_join_reply_and_presence(client_factory) -> None:
     a, b = client_factory("username=alice"), client_factory("username=bob")
     joined = a.join(r, id="j1")
     assert joined["id"] == "j1"
-    assert joined["users"] == [{"user_id": a.user_id, "username": "alice"}]
+    assert joined["users"] == [{"user_id": a.user_id, "username": "alice", "guest": True}]
     joined_b = b.join(r)
     assert [u["username"] for u in joined_b["users"]] == ["alice", "bob"]
     presence = a.expect("presence")
     assert presence == {"type": "presence", "room": r, "user": "bob",
-                        "user_id": b.user_id, "status": "online"}
+                        "user_id": b.user_id, "status": "online", "guest": True}
     b.assert_silent("presence")
 
 

@@ -171,13 +171,13 @@ def test_typing_shows_and_clears(web_server: Server, people: Callable[..., ChatP
     bob = people(web_server, "bob")
     typing = alice.page.locator("#typing")
     bob.page.locator("#draft").press_sequentially("hel")
-    expect(typing).to_have_text("bob is typing…")
+    expect(typing).to_have_text("bob (guest) is typing…")
     expect(alice.page.locator("#members li", has_text="bob").locator(".typing-dots")).to_be_visible()
     bob.page.locator("#draft").press("Enter")
     expect(alice.messages("hel")).not_to_have_count(0)
     expect(typing).to_have_text("")
     bob.page.locator("#draft").press_sequentially("and then nothing")
-    expect(typing).to_have_text("bob is typing…")
+    expect(typing).to_have_text("bob (guest) is typing…")
     # The library sends typing: false after 3 s without a keystroke.
     expect(typing, timeout=int(15_000 * SCALE)).to_have_text("")
 

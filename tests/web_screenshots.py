@@ -52,7 +52,7 @@ def main() -> None:
         expect(alice.page.locator("#dms .unread")).to_have_text("1")
         bob.open_conversation("room:general")
         bob.page.locator("#draft").press_sequentially("I'll tag the")
-        expect(alice.page.locator("#typing")).to_have_text("bob is typing…")
+        expect(alice.page.locator("#typing")).to_have_text("bob (guest) is typing…")
         shoot(alice, "desktop-chat")
 
         phone = ChatPage(browser, srv, PHONE).open()

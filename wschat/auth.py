@@ -132,6 +132,25 @@ class JwksKeys:
         """
         if not isinstance(kid, str) or not kid:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: no 'kid' in its header")
+        key = self._keys.get(kid)
+        if key is not None:
+            # A known key never waits behind a fetch (one a forged kid triggered, to
+            # an identity provider that answers slowly): refresh stale keys only if
+            # no fetch is under way, else use them as they are.
+            if self._fetched_at is not None and self._clock() - self._fetched_at < self.max_age:
+                return key
+            if not self._lock.acquire(blocking=False):
+                return key
+            try:
+                now = self._clock()
+                if self._may_fetch(now):
+                    self._fetch(now)  # a key the new set lacks is no longer trusted
+                key = self._keys.get(kid)
+            finally:
+                self._lock.release()
+            if key is None:
+                raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: unknown signing key")
+            return key
         with self._lock:
             now = self._clock()
             stale = self._fetched_at is None or now - self._fetched_at >= self.max_age

@@ -34,6 +34,22 @@ log = logging.getLogger("wschat.chat")
 
 RATE_LIMITED_KINDS = (SendMessage, SendDm, Typing)
 PRE_AUTH_KINDS = (Auth, Ping)
+# Every other command spends tokens of the user's request bucket
+# (RATE_LIMIT_REQUESTS): these costs, and a history reply 1 more per 64 KiB it
+# holds (charged once it is built: its size is what it costs the network).
+REQUEST_COSTS: dict[type, float] = {Join: 1.0, Leave: 1.0, ListUsers: 1.0, Ping: 1.0,
+                                    Auth: 5.0, History: 1.0}
+HISTORY_BYTES_PER_TOKEN = 65536
+# Presence on the wire, per worker: a user's in a room changes at most
+# PRESENCE_BURST times at once, then PRESENCE_RATE times per second, and a room's
+# at most ROOM_PRESENCE_BURST / ROOM_PRESENCE_RATE (any users). Changes beyond
+# that are held, and only the last one is sent (none if it ends where it started),
+# so join/leave churn cannot multiply into one frame per member per action.
+PRESENCE_RATE = 1.0
+PRESENCE_BURST = 4.0
+ROOM_PRESENCE_RATE = 20.0
+ROOM_PRESENCE_BURST = 100.0
+UNAVAILABLE_LOG_EVERY = 10.0  # seconds between "store unavailable" warnings
 
 
 class Session:
@@ -107,6 +123,129 @@ class _Deadlines:
         return out
 
 
+class _Expiries:
+    """At most one deadline per session (the latest set wins), forgotten when the
+    session closes: a client re-authenticating in a loop, or gone long before its
+    token expires, holds no entries."""
+
+    def __init__(self) -> None:
+        self._when: dict[Session, float] = {}
+        self._heap: list[tuple[float, int, Session]] = []
+        self._tie = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def set(self, session: Session, when: float) -> None:
+        if self._when.get(session) == when:
+            return
+        self._when[session] = when
+        heapq.heappush(self._heap, (when, next(self._tie), session))
+        self._compact_if_stale()
+
+    def discard(self, session: Session) -> None:
+        if self._when.pop(session, None) is not None:
+            self._compact_if_stale()
+
+    def due(self, now: float) -> list[Session]:
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            when, _, session = heapq.heappop(self._heap)
+            if self._when.get(session) == when:
+                del self._when[session]
+                out.append(session)
+        return out
+
+    def _compact_if_stale(self) -> None:
+        if len(self._heap) > 2 * len(self._when) + 64:
+            self._heap = [(when, next(self._tie), s) for s, when in self._when.items()]
+            heapq.heapify(self._heap)
+
+
+class _Bucket:
+    """A token bucket in a few floats (the chat core's own, per worker)."""
+
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens, self.at = burst, now
+
+    def level(self, now: float, rate: float, burst: float) -> float:
+        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
+        self.at = now
+        return self.tokens
+
+
+class _PresenceGate:
+    """Presence changes go out through two token buckets per worker: one per (room,
+    user) (:data:`PRESENCE_BURST`, :data:`PRESENCE_RATE`) and one per room
+    (:data:`ROOM_PRESENCE_BURST`, :data:`ROOM_PRESENCE_RATE`). A change neither
+    allows is held; a later change of the same user replaces it, and one that
+    brings it back to what was last sent cancels it. Held changes go out, oldest
+    first, as the buckets refill (:meth:`due`, from the ticker)."""
+
+    def __init__(self) -> None:
+        # (room, user) -> (bucket, last status sent): the state it starts from is
+        # the opposite of its first change (joining means it was offline).
+        self._users: dict[tuple[str, str], tuple[_Bucket, str]] = {}
+        self._rooms: dict[str, _Bucket] = {}
+        self._held: dict[tuple[str, str], tuple[str, str, bool]] = {}  # status, name, guest
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self._users) + len(self._rooms) + len(self._held)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def _spend(self, key: tuple[str, str], now: float) -> bool:
+        user = self._users[key][0]
+        room = self._rooms.get(key[0])
+        if room is None:
+            room = self._rooms[key[0]] = _Bucket(ROOM_PRESENCE_BURST, now)
+        if (user.level(now, PRESENCE_RATE, PRESENCE_BURST) < 1.0
+                or room.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST) < 1.0):
+            return False
+        user.tokens -= 1.0
+        room.tokens -= 1.0
+        return True
+
+    def offer(self, room: str, user_id: str, username: str, status: str, guest: bool,
+              now: float) -> bool:
+        """True: publish this change now; False: held or cancelled."""
+        key = (room, user_id)
+        state = self._users.get(key)
+        if state is None:
+            state = self._users[key] = (_Bucket(PRESENCE_BURST, now),
+                                        "offline" if status == "online" else "online")
+        if status == state[1]:  # back to what the room last heard: nothing to say
+            self._held.pop(key, None)
+            return False
+        if key not in self._held and self._spend(key, now):
+            self._users[key] = (state[0], status)
+            return True
+        self._held[key] = (status, username, guest)
+        return False
+
+    def due(self, now: float) -> list[tuple[str, str, str, str, bool]]:
+        """Held changes the buckets now allow: (room, user_id, username, status, guest)."""
+        out = []
+        for key, (status, username, guest) in list(self._held.items()):
+            if self._spend(key, now):
+                del self._held[key]
+                self._users[key] = (self._users[key][0], status)
+                out.append((key[0], key[1], username, status, guest))
+        if now >= self._next_sweep:  # full buckets mean nothing: forget them
+            self._next_sweep = now + 10.0
+            self._users = {k: v for k, v in self._users.items() if k in self._held
+                           or v[0].level(now, PRESENCE_RATE, PRESENCE_BURST) < PRESENCE_BURST}
+            self._rooms = {r: b for r, b in self._rooms.items()
+                           if b.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST)
+                           < ROOM_PRESENCE_BURST}
+        return out
+
+
 class Chat:
     def __init__(self, settings: Settings, stores: Stores, authenticator: Authenticator,
                  limiter: RateLimiter, metrics: ChatMetrics | None = None,
@@ -123,7 +262,9 @@ class Chat:
         self.hub = LocalHub(stores.broker, self.metrics.delivered)
         self._typing_deadlines = _Deadlines()
         self._auth_deadlines = _Deadlines()
-        self._expiry_deadlines = _Deadlines()
+        self._expiry_deadlines = _Expiries()
+        self._presence = _PresenceGate()
+        self._unavailable_logged_at = float("-inf")
         # Store clean-ups that failed (Redis briefly unreachable, pool exhausted in a
         # disconnect storm): retried from tick() so no membership is left behind.
         self._unfinished: deque[tuple[Session, str | None]] = deque()
@@ -201,6 +342,7 @@ class Chat:
         if session.closed_by_chat:
             return
         session.closed_by_chat = True
+        self._expiry_deadlines.discard(session)
         for room in list(session.rooms):
             self._forget_locally(session, room)
             try:
@@ -266,14 +408,20 @@ class Chat:
                                     command.request_id)
             if isinstance(command, RATE_LIMITED_KINDS):
                 self._check_rate(session, command)
+            else:
+                self._check_requests(session, command)
             self._handlers[type(command)](session, command)
         except ProtocolError as err:
             self.metrics.error(err.code.value)
             session.send(err.to_event())
         except Unavailable as exc:
+            # The cause (hosts, ports, driver messages) is for the log, not the client.
+            now = self.monotonic()
+            if now - self._unavailable_logged_at >= UNAVAILABLE_LOG_EVERY:
+                self._unavailable_logged_at = now
+                log.warning("refusing requests: store unavailable (%s)", exc)
             self.metrics.error(ErrorCode.UNAVAILABLE.value)
-            session.send(ProtocolError(ErrorCode.UNAVAILABLE,
-                                       f"temporarily unavailable ({exc}); retry",
+            session.send(ProtocolError(ErrorCode.UNAVAILABLE, "temporarily unavailable; retry",
                                        command.request_id if command else None).to_event())
         except Exception:
             log.exception("error handling a frame from %s", session.conn_id)
@@ -289,6 +437,10 @@ class Chat:
         if self._early_kicks:
             self._retry_early_kicks()
         now = self.monotonic()
+        for room, user_id, username, status, guest in self._presence.due(now):
+            self.stores.broker.publish_room(
+                room, encode_presence(room, user_id, username, status, guest),
+                exclude_user=user_id)
         for session, room in self._typing_deadlines.due(now):
             deadline = session.typing.get(room)
             if deadline is not None and deadline <= now and not session.closed_by_chat:
@@ -299,7 +451,7 @@ class Chat:
                 self.metrics.disconnected("auth_timeout")
                 session.close(CloseCode.AUTH_TIMEOUT, "authentication timeout")
         wall = self.clock()
-        for session, _ in self._expiry_deadlines.due(now):
+        for session in self._expiry_deadlines.due(now):
             if (session.expires_at is not None and session.expires_at <= wall
                     and not session.closed_by_chat):
                 session.send(ProtocolError(ErrorCode.TOKEN_EXPIRED,
@@ -310,7 +462,7 @@ class Chat:
     def _watch_expiry(self, session: Session) -> None:
         if session.expires_at is not None:
             delay = max(0.0, session.expires_at - self.clock())
-            self._expiry_deadlines.add(self.monotonic() + delay, session)
+            self._expiry_deadlines.set(session, self.monotonic() + delay)
 
     # -- rate limiting -----------------------------------------------------------------
     def _check_rate(self, session: Session, command: Command) -> None:
@@ -328,6 +480,10 @@ class Chat:
         if not retry_ms:
             session.flood_strikes = 0
             return
+        self._refuse(session, command, retry_ms)
+
+    def _refuse(self, session: Session, command: Command, retry_ms: int) -> None:
+        """Raise ``rate_limited``; close a client that keeps going regardless (4102)."""
         self.metrics.rate_limited()
         session.flood_strikes += 1
         error = ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
@@ -340,6 +496,31 @@ class Chat:
             session.close(CloseCode.RATE_LIMITED, "flooding")
         raise error
 
+    def _check_requests(self, session: Session, command: Command,
+                        cost: float | None = None) -> None:
+        """The same for every other command, against the request buckets
+        (``RATE_LIMIT_REQUESTS``), at the command's cost (:data:`REQUEST_COSTS`)."""
+        if cost is None:
+            cost = REQUEST_COSTS.get(type(command), 1.0)
+        settings = self.settings
+        retry_ms = self.limiter.hit(f"req:u:{session.user_id}", settings.request_rate,
+                                    settings.request_burst, cost)
+        if not retry_ms and not session.authenticated and session.remote_addr:
+            retry_ms = self.limiter.hit(f"req:ip:{session.remote_addr}",
+                                        10 * settings.request_rate,
+                                        10 * settings.request_burst, cost)
+        if retry_ms:
+            self._refuse(session, command, retry_ms)
+        session.flood_strikes = 0
+
+    def _publish_presence(self, session: Session, room: str, status: str) -> None:
+        guest = not session.authenticated
+        if self._presence.offer(room, session.user_id, session.username, status, guest,
+                                self.monotonic()):
+            self.stores.broker.publish_room(
+                room, encode_presence(room, session.user_id, session.username, status, guest),
+                exclude_user=session.user_id)
+
     # -- commands ----------------------------------------------------------------------
     def _ping(self, session: Session, cmd: Ping) -> None:
         session.send(encode_reply("pong", cmd.request_id))
@@ -351,6 +532,11 @@ class Chat:
             self.metrics.auth_failed(err.code.value)
             raise ProtocolError(err.code, err.message, cmd.request_id) from None
         same_user = identity.user_id == session.user_id
+        cap = self.settings.max_connections_per_user
+        if (not same_user and cap
+                and len(self.hub.users.get(identity.user_id, ())) >= cap):
+            raise ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
+                                f"at most {cap} connections per user", cmd.request_id)
         if identity.user_id != session.user_id:
             # A new identity: the old one leaves everything it was part of.
             for room in list(session.rooms):
@@ -402,9 +588,7 @@ class Chat:
             members = result.members
             if result.first_of_user:
                 self.stores.messages.room_occupied(room)
-                self.stores.broker.publish_room(
-                    room, encode_presence(room, session.user_id, session.username, "online"),
-                    exclude_user=session.user_id)
+                self._publish_presence(session, room, "online")
         reply: dict[str, Any] = {"room": room, "users": [m.as_json() for m in members]}
         if cmd.since is None:
             up_to = reply["last_id"] = self.stores.messages.last_id(room)
@@ -443,9 +627,7 @@ class Chat:
     def _store_leave(self, session: Session, room: str) -> None:
         result = self.stores.rooms.leave(room, session.conn_id, session.user_id)
         if result.last_of_user:
-            self.stores.broker.publish_room(
-                room, encode_presence(room, session.user_id, session.username, "offline"),
-                exclude_user=session.user_id)
+            self._publish_presence(session, room, "offline")
         if result.room_empty:
             self.stores.messages.room_emptied(room)
 
@@ -457,7 +639,8 @@ class Chat:
         self.access.check_not_muted(session, cmd.room, cmd.request_id)
         started = self.monotonic()
         draft = draft_message(cmd.room, session.username, session.user_id, cmd.text,
-                              int(self.clock() * 1000), cmd.client_msg_id)
+                              int(self.clock() * 1000), cmd.client_msg_id,
+                              not session.authenticated)
         posted = self.stores.messages.post_room(cmd.room, session.user_id, draft)
         if posted.duplicate:
             session.send(posted.event)
@@ -480,7 +663,8 @@ class Chat:
             raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
                                 cmd.request_id)
         draft = draft_dm(cmd.to, session.username, session.user_id, cmd.text,
-                         int(self.clock() * 1000), cmd.client_msg_id)
+                         int(self.clock() * 1000), cmd.client_msg_id,
+                         not session.authenticated)
         posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft,
                                               recipient_online=online)
         if posted.duplicate:
@@ -508,7 +692,8 @@ class Chat:
 
     def _publish_typing(self, session: Session, room: str, status: bool) -> None:
         self.stores.broker.publish_room(
-            room, encode_typing(room, session.user_id, session.username, status),
+            room, encode_typing(room, session.user_id, session.username, status,
+                                not session.authenticated),
             exclude_user=session.user_id)
 
     def _list_users(self, session: Session, cmd: ListUsers) -> None:
@@ -521,7 +706,10 @@ class Chat:
         if cmd.room not in session.rooms:
             self.access.admit(session, cmd.room, cmd.request_id)
         messages = self.stores.messages.recent(cmd.room, cmd.limit, cmd.before)
-        session.send(encode_history(cmd.room, messages, cmd.request_id))
+        reply = encode_history(cmd.room, messages, cmd.request_id)
+        if len(reply) >= HISTORY_BYTES_PER_TOKEN:  # refused: not sent, retry later
+            self._check_requests(session, cmd, len(reply) // HISTORY_BYTES_PER_TOKEN)
+        session.send(reply)
 
     # -- moderation --------------------------------------------------------------------
     def _moderate(self, session: Session, cmd: Moderate) -> None:

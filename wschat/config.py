@@ -151,16 +151,26 @@ class Settings:
     metrics_port: int = _var("METRICS_PORT", _int(0, 65535), 8081)
     web_concurrency: int = _var("WEB_CONCURRENCY", _int(1, 256), 1)
     max_connections: int = _var("MAX_CONNECTIONS", _int(1), 10000)
+    # Per worker (each worker counts its own); 0: no cap.
+    max_connections_per_ip: int = _var("MAX_CONNECTIONS_PER_IP", _int(0), 1000)
+    max_connections_per_user: int = _var("MAX_CONNECTIONS_PER_USER", _int(0), 50)
     rate_limit: float = _var("RATE_LIMIT", _float(0.001), 10.0)
     rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1), 20)
     # Guests from one address together (unset: 10 users' worth, for NATs and offices).
     rate_limit_guest_ip: float | None = _var("RATE_LIMIT_GUEST_IP", _float(0.001), None)
     rate_limit_guest_ip_burst: int | None = _var("RATE_LIMIT_GUEST_IP_BURST", _int(1), None)
+    # Every other command (join, leave, list_users, history, auth, ping); unset:
+    # RATE_LIMIT per second and 5 x RATE_LIMIT_BURST at once.
+    rate_limit_requests: float | None = _var("RATE_LIMIT_REQUESTS", _float(0.001), None)
+    rate_limit_requests_burst: int | None = _var("RATE_LIMIT_REQUESTS_BURST", _int(1), None)
     heartbeat_interval: float = _var("HEARTBEAT_INTERVAL", _float(0.05), 30.0)
     enable_persistence: bool = _var("ENABLE_PERSISTENCE", _bool, False)
     database_url: str = _var("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL)
     redis_url: str | None = _var("REDIS_URL", _redis_url, None)
     history_size: int = _var("HISTORY_SIZE", _int(1, 100_000), 100)
+    # The memory backend's history, all rooms together, per worker.
+    memory_history_bytes: int = _var("MEMORY_HISTORY_BYTES", _int(1024 * 1024),
+                                     128 * 1024 * 1024)
     max_message_bytes: int = _var("MAX_MESSAGE_BYTES", _int(256, 16 * 1024 * 1024), 65536)
     max_text_chars: int = _var("MAX_TEXT_CHARS", _int(1), 4000)
     max_outbound_bytes: int = _var("MAX_OUTBOUND_BYTES", _int(4096), 1024 * 1024)
@@ -234,6 +244,15 @@ class Settings:
     @property
     def guest_ip_burst(self) -> int:
         return self.rate_limit_guest_ip_burst or 10 * self.rate_limit_burst
+
+    @property
+    def request_rate(self) -> float:
+        """Request tokens per second of a user's bucket for non-message commands."""
+        return self.rate_limit_requests or self.rate_limit
+
+    @property
+    def request_burst(self) -> int:
+        return self.rate_limit_requests_burst or 5 * self.rate_limit_burst
 
     @property
     def jwt_configured(self) -> bool:

@@ -30,7 +30,9 @@ from .logs import configure_logging
 from .protocol import valid_username
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .stores import create_stores
-from .transport import ConnectionBudget, NoReaderThread, Transport, remote_address
+from .transport import (
+    ConnectionBudget, NoReaderThread, Transport, feed_pipelined, remote_address,
+)
 
 log = logging.getLogger("wschat.app")
 _current: Runtime | None = None  # this worker's runtime (one app per gunicorn worker)
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     transport = Transport(chat, metrics, ConnectionBudget(settings.max_connections))
 
     app = Flask(__name__, static_folder="web", static_url_path=WEB_PREFIX.rstrip("/"))
+    app.wsgi_app = _known_methods_only(app.wsgi_app)  # type: ignore[method-assign]
     app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": NoReaderThread}
     sock = Sock(app)
     prometheus = _init_prometheus(app)
@@ -153,20 +156,32 @@ def create_app(settings: Settings | None = None) -> Flask:
                                    "spaces inside, _ . -")
             identity = _guest_identity(username)
             authenticated = False
+        cap = settings.max_connections_per_user
+        if (authenticated and cap
+                and len(chat.hub.users.get(identity.user_id, ())) >= cap):
+            metrics.handshake_refused("max_connections_per_user")
+            return _plain(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
+                          {"Retry-After": "5"})
+        addr = remote_address(environ, settings.trusted_proxies)
+        if not transport.claim_address(addr):
+            metrics.handshake_refused("max_connections_per_ip")
+            return _plain(429, "too many connections from this address "
+                               "(MAX_CONNECTIONS_PER_IP)", {"Retry-After": "5"})
         if not transport.budget.try_acquire():
+            transport.release_address(addr)
             metrics.handshake_refused("max_connections")
             return _plain(503, "server is at MAX_CONNECTIONS", {"Retry-After": "5"})
         # Never negotiate permessage-deflate: it costs ~100 KiB of zlib state per
         # connection and would make shared, encode-once frames impossible.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-        g.wschat_admission = (identity, authenticated)
+        g.wschat_admission = (identity, authenticated, addr)
         return None
 
     @sock.route(WS_PATH)
     def websocket(ws: Any) -> None:
-        identity, authenticated = g.pop("wschat_admission")
-        transport.serve(ws, identity, authenticated,
-                        remote_address(request.environ, settings.trusted_proxies))
+        identity, authenticated, addr = g.pop("wschat_admission")
+        feed_pipelined(ws, request.environ)
+        transport.serve(ws, identity, authenticated, addr)
 
     if echo_enabled:
         log.warning("WSCHAT_ECHO_ENDPOINT=1: %s echoes messages; for conformance tests only",
@@ -174,16 +189,17 @@ def create_app(settings: Settings | None = None) -> Flask:
 
         @sock.route(ECHO_PATH)
         def echo(ws: Any) -> None:
-            identity, authenticated = g.pop("wschat_admission")
-            transport.serve(ws, identity, authenticated,
-                            remote_address(request.environ, settings.trusted_proxies),
-                            echo=True)
+            identity, authenticated, addr = g.pop("wschat_admission")
+            feed_pipelined(ws, request.environ)
+            transport.serve(ws, identity, authenticated, addr, echo=True)
 
     @app.teardown_request
     def release_unserved(exc: BaseException | None) -> None:
         # Admitted, but the handshake failed before serve() took the slot over.
-        if g.pop("wschat_admission", None) is not None:
+        admission = g.pop("wschat_admission", None)
+        if admission is not None:
             transport.budget.release()
+            transport.release_address(admission[2])
 
     @app.get("/health")
     def health() -> Response:
@@ -308,6 +324,26 @@ def _init_prometheus(app: Flask) -> Any:
     scrape_registry = CollectorRegistry()
     MultiProcessCollector(scrape_registry)
     return scrape_registry
+
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
+                          "TRACE", "CONNECT"})
+
+
+def _known_methods_only(wsgi_app: Any) -> Any:
+    """Answer 501 to methods HTTP does not define, before Flask sees them: the
+    exporter labels every request with its method, and a client inventing
+    methods would otherwise add series to ``/metrics`` without end."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") not in HTTP_METHODS:
+            body = b"method not implemented\n"
+            start_response("501 Not Implemented", [("Content-Type", "text/plain"),
+                                                   ("Content-Length", str(len(body)))])
+            return [body]
+        return wsgi_app(environ, start_response)
+
+    return app
 
 
 def _normal_origin(origin: str) -> str:

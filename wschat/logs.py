@@ -24,6 +24,19 @@ _SECRETS = re.compile(
     r"((?:[?&;]|\b)(?:access_)?token=)[^&\s\"']+|(\bBearer\s+)[\w.~+/=-]+", re.IGNORECASE)
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 _LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r"})
+# Other characters a terminal or a log viewer acts on: C0 controls (ESC starts
+# terminal escape sequences), DEL, C1 controls (U+0085 is a line break to some
+# tools) and the Unicode line and paragraph separators.
+_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _json_escape_control(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"  # also valid inside a JSON string
 
 
 def redact(line: str) -> str:
@@ -39,8 +52,10 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # One event, one line: a client's text in a message (a close reason) must not
-        # be able to forge log lines. Tracebacks are appended after this, unescaped.
-        return super().formatMessage(record).translate(_LINE_BREAKS)
+        # be able to forge log lines, nor send a terminal escape sequence. Tracebacks
+        # are appended after this, unescaped.
+        return _CONTROLS.sub(_escape_control,
+                             super().formatMessage(record).translate(_LINE_BREAKS))
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
@@ -67,7 +82,9 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+        # json.dumps escapes C0 controls itself; C1 controls and U+2028/9 it leaves raw.
+        return redact(_CONTROLS.sub(_json_escape_control,
+                                    json.dumps(entry, default=str, ensure_ascii=False)))
 
 
 def configure_logging(fmt: str, level: str) -> None:

@@ -43,6 +43,7 @@ DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
                       "token_expired", "rate_limited")
 REFUSAL_REASONS = ("not_websocket", "bad_handshake", "origin", "auth", "username",
                    "max_connections", "shutting_down")
+REFUSAL_REASONS += ("max_connections_per_ip", "max_connections_per_user")
 AUTH_FAILURE_REASONS = (ErrorCode.AUTH_FAILED.value, ErrorCode.TOKEN_EXPIRED.value)
 
 # The chat core reports command classes; Prometheus labels use the wire names.

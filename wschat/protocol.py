@@ -36,6 +36,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     MESSAGE_TOO_LARGE = "message_too_large"
     TOO_MANY_ROOMS = "too_many_rooms"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     USER_NOT_FOUND = "user_not_found"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
@@ -344,14 +345,32 @@ def encode_history(room: str, messages: list[bytes], request_id: RequestId = Non
                            request_id))
 
 
-def encode_presence(room: str, user_id: str, username: str, status: str) -> bytes:
-    return encode({"type": "presence", "room": room, "user": username, "user_id": user_id,
-                   "status": status})
+GUEST_ID_PREFIX = "guest-"
 
 
-def encode_typing(room: str, user_id: str, username: str, status: bool) -> bytes:
-    return encode({"type": "typing", "room": room, "user": username, "user_id": user_id,
-                   "status": status})
+def is_guest_id(user_id: str) -> bool:
+    """Whether ``user_id`` is one the server generated for a guest (no token)."""
+    return user_id.startswith(GUEST_ID_PREFIX)
+
+
+def _guest_mark(body: dict[str, Any], guest: bool) -> dict[str, Any]:
+    # Guests pick their own names: events from them say so, so nobody can pass
+    # for a signed-in user of the same name. Absent for signed-in users.
+    if guest:
+        body["guest"] = True
+    return body
+
+
+def encode_presence(room: str, user_id: str, username: str, status: str,
+                    guest: bool = False) -> bytes:
+    return encode(_guest_mark({"type": "presence", "room": room, "user": username,
+                               "user_id": user_id, "status": status}, guest))
+
+
+def encode_typing(room: str, user_id: str, username: str, status: bool,
+                  guest: bool = False) -> bytes:
+    return encode(_guest_mark({"type": "typing", "room": room, "user": username,
+                               "user_id": user_id, "status": status}, guest))
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,28 +384,39 @@ class MessageDraft:
     prefix: bytes
     suffix: bytes
     client_msg_id: str | None
+    timestamp_ms: int = 0
 
     def with_id(self, msg_id: int) -> bytes:
         return self.prefix + str(msg_id).encode() + self.suffix
 
+    def as_stored(self, msg_id: int, timestamp_ms: int) -> bytes:
+        """The event as it was stored under ``msg_id`` at ``timestamp_ms``: a retry's
+        echo rebuilt from its own draft, so a store need keep only those two numbers.
+        (Quotes inside the text are escaped, so the key can only be the real one.)"""
+        key = b',"timestamp":'
+        suffix = self.suffix.replace(key + str(self.timestamp_ms).encode(),
+                                     key + str(timestamp_ms).encode(), 1)
+        return self.prefix + str(msg_id).encode() + suffix
+
 
 def draft_message(room: str, username: str, user_id: str, text: str, timestamp_ms: int,
-                  client_msg_id: str | None) -> MessageDraft:
-    body = {"room": room, "from": username, "user_id": user_id, "text": text,
-            "timestamp": timestamp_ms}
+                  client_msg_id: str | None, guest: bool = False) -> MessageDraft:
+    body = _guest_mark({"room": room, "from": username, "user_id": user_id}, guest)
+    body.update(text=text, timestamp=timestamp_ms)
     if client_msg_id is not None:
         body["client_msg_id"] = client_msg_id
     return MessageDraft(_MESSAGE_PREFIX, b"," + orjson.dumps(body)[1:],
-                        client_msg_id)
+                        client_msg_id, timestamp_ms)
 
 
 def draft_dm(to: str, username: str, user_id: str, text: str, timestamp_ms: int,
-             client_msg_id: str | None) -> MessageDraft:
-    body = {"from": username, "user_id": user_id, "to": to, "text": text,
-            "timestamp": timestamp_ms}
+             client_msg_id: str | None, guest: bool = False) -> MessageDraft:
+    body = _guest_mark({"from": username, "user_id": user_id}, guest)
+    body.update(to=to, text=text, timestamp=timestamp_ms)
     if client_msg_id is not None:
         body["client_msg_id"] = client_msg_id
-    return MessageDraft(_DM_PREFIX, b"," + orjson.dumps(body)[1:], client_msg_id)
+    return MessageDraft(_DM_PREFIX, b"," + orjson.dumps(body)[1:], client_msg_id,
+                        timestamp_ms)
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -24,18 +24,19 @@ log = logging.getLogger("wschat.ratelimit")
 EPSILON = 1e-9
 
 
-def take(tokens: float, last: float, now: float, rate: float, burst: float
-         ) -> tuple[float, float, int]:
-    """One request against a bucket.
+def take(tokens: float, last: float, now: float, rate: float, burst: float,
+         cost: float = 1.0) -> tuple[float, float, int]:
+    """One request costing ``cost`` tokens (at most ``burst``) against a bucket.
 
     Returns:
         (tokens left, new timestamp, retry_after_ms); retry_after_ms is 0 when
-        the request is allowed, else how long until one token is available.
+        the request is allowed, else how long until ``cost`` tokens are available.
     """
+    cost = min(cost, burst)
     tokens = min(burst, tokens + max(0.0, now - last) * rate)
-    if tokens >= 1.0 - EPSILON:
-        return max(0.0, tokens - 1.0), now, 0
-    return tokens, now, max(1, math.ceil((1.0 - tokens) / rate * 1000))
+    if tokens >= cost - EPSILON:
+        return max(0.0, tokens - cost), now, 0
+    return tokens, now, max(1, math.ceil((cost - tokens) / rate * 1000))
 
 
 class RateLimiter(ABC):
@@ -45,13 +46,15 @@ class RateLimiter(ABC):
     burst: float
 
     @abstractmethod
-    def hit(self, key: str, rate: float | None = None, burst: float | None = None) -> int:
-        """Spend one token of ``key``'s bucket.
+    def hit(self, key: str, rate: float | None = None, burst: float | None = None,
+            cost: float = 1.0) -> int:
+        """Spend ``cost`` tokens (default one) of ``key``'s bucket.
 
         Args:
             key: the bucket (``u:<user_id>``, ``ip:<address>``, ...).
             rate, burst: this bucket's parameters if not the limiter's own; a
                 key must always be used with the same ones.
+            cost: tokens this request costs (capped at ``burst``).
 
         Returns:
             0 if allowed, else the milliseconds until a token is available.
@@ -69,12 +72,13 @@ class MemoryRateLimiter(RateLimiter):
         self._buckets: dict[str, tuple[float, float, float]] = {}
         self._next_sweep = 0.0
 
-    def hit(self, key: str, rate: float | None = None, burst: float | None = None) -> int:
+    def hit(self, key: str, rate: float | None = None, burst: float | None = None,
+            cost: float = 1.0) -> int:
         rate = self.rate if rate is None else float(rate)
         burst = self.burst if burst is None else float(burst)
         now = self._clock()
         tokens, last, _ = self._buckets.get(key, (burst, now, now))
-        tokens, last, retry_ms = take(tokens, last, now, rate, burst)
+        tokens, last, retry_ms = take(tokens, last, now, rate, burst, cost)
         self._buckets[key] = (tokens, last, last + (burst - tokens) / rate)
         if now >= self._next_sweep:
             self._sweep(now)
@@ -90,12 +94,13 @@ class MemoryRateLimiter(RateLimiter):
 
 
 # A port of take(). KEYS[1]: the bucket, "<tokens> <last>" or missing (= full).
-# ARGV: rate, burst. Returns retry_after_ms (0: allowed).
+# ARGV: rate, burst, cost (optional, default 1). Returns retry_after_ms (0: allowed).
 # The clock is the Redis server's TIME: every worker and pod reads the same one,
 # so skew between machines can neither mint nor burn tokens. The key expires
 # when the bucket would be full again: from then on, missing means the same.
 TAKE_LUA = """
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cost = math.min(tonumber(ARGV[3] or '1'), burst)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local tokens, last = burst, now
@@ -108,10 +113,10 @@ local elapsed = now - last
 if elapsed < 0 then elapsed = 0 end
 tokens = math.min(burst, tokens + elapsed * rate)
 local retry = 0
-if tokens >= 1 - 1e-9 then
-  tokens = math.max(0, tokens - 1)
+if tokens >= cost - 1e-9 then
+  tokens = math.max(0, tokens - cost)
 else
-  retry = math.max(1, math.ceil((1 - tokens) / rate * 1000))
+  retry = math.max(1, math.ceil((cost - tokens) / rate * 1000))
 end
 local ttl = math.ceil((burst - tokens) / rate * 1000)
 redis.call('SET', KEYS[1], string.format('%.17g %.6f', tokens, now), 'PX', ttl)
@@ -150,19 +155,21 @@ class RedisRateLimiter(RateLimiter):
         self._down_until = 0.0
         self._next_warning = 0.0
 
-    def hit(self, key: str, rate: float | None = None, burst: float | None = None) -> int:
+    def hit(self, key: str, rate: float | None = None, burst: float | None = None,
+            cost: float = 1.0) -> int:
         rate = self.rate if rate is None else float(rate)
         burst = self.burst if burst is None else float(burst)
         if self._down_until and time.monotonic() < self._down_until:
-            return self._fallback.hit(key, rate, burst)
+            return self._fallback.hit(key, rate, burst, cost)
         try:
-            retry_ms = self._script(keys=[self.prefix + key], args=[repr(rate), repr(burst)])
+            retry_ms = self._script(keys=[self.prefix + key],
+                                    args=[repr(rate), repr(burst), repr(float(cost))])
         except self._errors as exc:
             now = time.monotonic()
             self._down_until = now + self.RETRY_AFTER
             if now >= self._next_warning:
                 log.warning("rate limiting per worker: Redis unreachable (%s)", exc)
                 self._next_warning = now + self.FALLBACK_LOG_EVERY
-            return self._fallback.hit(key, rate, burst)
+            return self._fallback.hit(key, rate, burst, cost)
         self._down_until = 0.0
         return int(retry_ms)

@@ -22,6 +22,7 @@ wsproto's frame parser:
 from __future__ import annotations
 
 import enum
+import io
 import itertools
 import logging
 import os
@@ -48,7 +49,17 @@ log = logging.getLogger("wschat.transport")
 
 RECV_BYTES = 65536
 CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the peer's
+# ... and read at most this much meanwhile (enough for the peer's close frame): a
+# peer that keeps streaming (a flood cut off with 4102 or 1009) is no longer read,
+# so its sends stall, until the close wait ends. (Not reset at once: a reset can
+# destroy our close frame in the peer's receive buffer, and with it the reason.)
+READ_AFTER_CLOSE_BYTES = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+# Each fragment of a message but the last counts at least this many bytes against
+# MAX_MESSAGE_BYTES, so a message has at most MAX_MESSAGE_BYTES / 64 fragments (1024
+# by default) and a stream of empty continuation frames is cut off like an
+# oversized message.
+MIN_FRAGMENT_CHARGE = 64
 
 
 class ConnState(enum.Enum):
@@ -72,7 +83,8 @@ class NoReaderThread:
 class WebSocketConnection(Session):
     __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
                  "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
-                 "close_code", "close_reason", "echo", "_progress_at", "next_ping")
+                 "close_code", "close_reason", "echo", "_progress_at", "next_ping", "_frame_len",
+                 "_read_after_close")
 
     def __init__(self, transport: Transport, sock: socket.socket, wsconn: Any,
                  conn_id: str, identity: Identity, authenticated: bool,
@@ -101,8 +113,12 @@ class WebSocketConnection(Session):
         self._flusher: gevent.Greenlet | None = None
         self._close_timer: gevent.Greenlet | None = None
         self._progress_at = 0.0  # when the backlog last started or moved
-        self._parts: list[Any] = []  # fragments of the message being received
+        # The message being received: its fragments (a buffer once there are several,
+        # so memory follows its bytes, not how finely it was cut) and their charge.
+        self._parts: Any = None
         self._part_size = 0
+        self._frame_len = 0  # bytes of the current frame so far
+        self._read_after_close = 0
         self.state = ConnState.OPEN
         self.last_seen = time.monotonic()
         # Each connection's pings keep their own phase, spread over the interval:
@@ -225,11 +241,21 @@ class WebSocketConnection(Session):
         try:
             if not self.echo:
                 chat.open(self)
+            # Frames that came in the same TCP segments as the upgrade request
+            # (fed to the parser by feed_pipelined) are handled before any wait.
+            if not self._handle_events():
+                return
             while self.state is not ConnState.CLOSED:
                 data = self._sock.recv(RECV_BYTES)
                 if not data:
                     break
                 self.last_seen = time.monotonic()
+                if self.state is ConnState.CLOSING:
+                    self._read_after_close += len(data)
+                    if self._read_after_close > READ_AFTER_CLOSE_BYTES:
+                        if self._close_timer is not None:
+                            self._close_timer.join()  # it drops the connection
+                        break
                 self._ws.receive_data(data)
                 if not self._handle_events():
                     break
@@ -278,29 +304,46 @@ class WebSocketConnection(Session):
         """Add a fragment; the whole message once it is complete, else None.
 
         The size is checked as fragments arrive, so a peer never makes us hold
-        more than ``MAX_MESSAGE_BYTES`` (plus one read) of a message.
+        more than ``MAX_MESSAGE_BYTES`` (plus one read) of a message; each
+        fragment but the last is charged at least ``MIN_FRAGMENT_CHARGE`` bytes,
+        which bounds the number of fragments too.
         """
         if self.state is not ConnState.OPEN:
             return None
         limit = self.transport.max_message_bytes
-        self._parts.append(event.data)
-        self._part_size += len(event.data)
+        data = event.data
+        self._part_size += len(data)
+        self._frame_len += len(data)
+        if event.frame_finished:
+            if not event.message_finished:  # a fragment: at least the minimum
+                self._part_size += max(0, MIN_FRAGMENT_CHARGE - self._frame_len)
+            self._frame_len = 0
         if self._part_size > limit:  # for text: characters <= bytes, surely too big
             self._too_big()
             return None
-        if not event.message_finished:
-            return None
-        parts, self._parts, self._part_size = self._parts, [], 0
+        if self._parts is None:
+            if event.message_finished:  # the common case: one frame, one piece
+                self._part_size = 0
+                whole = data
+            else:
+                self._parts = io.StringIO() if isinstance(data, str) else io.BytesIO()
+                self._parts.write(data)
+                return None
+        else:
+            self._parts.write(data)
+            if not event.message_finished:
+                return None
+            whole, self._parts, self._part_size = self._parts.getvalue(), None, 0
         if isinstance(event, BytesMessage):
-            return b"".join(parts)
-        text = parts[0] if len(parts) == 1 else "".join(parts)
+            return bytes(whole)
+        text = whole
         if len(text) * 4 > limit and len(text.encode()) > limit:
             self._too_big()
             return None
         return text
 
     def _too_big(self) -> None:
-        self._parts, self._part_size = [], 0
+        self._parts, self._part_size, self._frame_len = None, 0, 0
         self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     def _on_close_event(self, event: CloseConnection) -> bool:
@@ -350,6 +393,8 @@ class Transport:
         self.max_message_bytes = settings.max_message_bytes
         self.heartbeat_interval = settings.heartbeat_interval
         self.connections: set[WebSocketConnection] = set()
+        self.max_per_ip = settings.max_connections_per_ip
+        self.per_ip: dict[str, int] = {}  # this worker's connections (and admissions) per address
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._conn_seq = itertools.count(1)
         self.shutting_down = False
@@ -382,6 +427,7 @@ class Transport:
         if conn in self.connections:
             self.connections.discard(conn)
             self.budget.release()
+            self.release_address(conn.remote_addr)
             self.metrics.connection_closed()
             duration = time.monotonic() - conn.opened_at
             log.info("close conn=%s user=%s code=%s reason=%s duration=%.1fs", conn.conn_id,
@@ -389,6 +435,23 @@ class Transport:
                      extra={"event": "close", "conn": conn.conn_id, "user": conn.user_id,
                             "code": conn.close_code, "reason": conn.close_reason,
                             "duration_s": round(duration, 3)})
+
+    def claim_address(self, addr: str) -> bool:
+        """Count one more connection from ``addr``; False (nothing counted) at
+        ``MAX_CONNECTIONS_PER_IP``. Released by :meth:`forget` (or
+        :meth:`release_address` when the handshake fails before :meth:`serve`)."""
+        held = self.per_ip.get(addr, 0)
+        if self.max_per_ip and held >= self.max_per_ip:
+            return False
+        self.per_ip[addr] = held + 1
+        return True
+
+    def release_address(self, addr: str) -> None:
+        held = self.per_ip.get(addr, 0)
+        if held <= 1:
+            self.per_ip.pop(addr, None)
+        else:
+            self.per_ip[addr] = held - 1
 
     # -- the per-worker timer ----------------------------------------------------------
     def start(self) -> None:
@@ -495,6 +558,19 @@ class ConnectionBudget:
     @property
     def in_use(self) -> int:
         return sum(self._slots)
+
+
+def feed_pipelined(ws: Any, environ: dict[str, Any]) -> None:
+    """Hand frames the client sent right behind its upgrade request (in the same TCP
+    segment) to the WebSocket parser: gunicorn read them along with the request
+    and keeps them in its read-ahead buffer, where nobody would ever look again."""
+    reader = getattr(environ.get("wsgi.input"), "reader", None)
+    take_buffered = getattr(getattr(reader, "unreader", None), "take_buffered", None)
+    if take_buffered is None:
+        return
+    data = take_buffered()
+    if data:
+        ws.ws.receive_data(data)
 
 
 def remote_address(environ: dict[str, Any], trusted_proxies: int = 0) -> str:

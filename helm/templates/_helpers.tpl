@@ -205,6 +205,8 @@ A number as the server parses it: whole numbers without exponent or decimals
   "METRICS_PORT" (include "wschat.num" .Values.containerPorts.metrics)
   "WEB_CONCURRENCY" (include "wschat.workers" .)
   "MAX_CONNECTIONS" (include "wschat.num" $c.maxConnections)
+  "MAX_CONNECTIONS_PER_IP" (include "wschat.num" $c.maxConnectionsPerIp)
+  "MAX_CONNECTIONS_PER_USER" (include "wschat.num" $c.maxConnectionsPerUser)
   "RATE_LIMIT" (include "wschat.num" $c.rateLimit)
   "RATE_LIMIT_BURST" (include "wschat.num" $c.rateLimitBurst)
   "HEARTBEAT_INTERVAL" (include "wschat.num" $c.heartbeatInterval)

@@ -16,7 +16,8 @@ def create_stores(settings: Settings, metrics: Any = None) -> Stores:
     else:
         from .memory import create_memory_stores
 
-        stores = create_memory_stores(settings.history_size, settings.room_ttl)
+        stores = create_memory_stores(settings.history_size, settings.room_ttl,
+                                      settings.memory_history_bytes)
     if settings.enable_persistence:
         from ..persistence import open_message_log
         from .durable import DurableMessageStore

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..protocol import MessageDraft
+from ..protocol import MessageDraft, is_guest_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,9 @@ class User:
     user_id: str
     username: str
 
-    def as_json(self) -> dict[str, str]:
+    def as_json(self) -> dict[str, Any]:
+        if is_guest_id(self.user_id):
+            return {"user_id": self.user_id, "username": self.username, "guest": True}
         return {"user_id": self.user_id, "username": self.username}
 
 

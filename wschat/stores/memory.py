@@ -18,7 +18,12 @@ from .base import (
 )
 
 DEDUPE_TTL = 3600.0
-DEDUPE_MAX = 100_000
+DEDUPE_MAX = 100_000  # entries: ids, not events (~0.3 KiB each at the longest names)
+# What the history bound (MEMORY_HISTORY_BYTES) charges beyond each event's bytes:
+# Python's per-object and per-entry overhead, so that many tiny messages, or many
+# rooms holding nothing but a sequence number, cannot slip under it.
+MESSAGE_OVERHEAD = 100
+ROOM_OVERHEAD = 400
 
 
 class MemoryRoomStore(RoomStore):
@@ -85,56 +90,105 @@ class _RoomLog:
 
 
 class MemoryMessageStore(MessageStore):
+    """History and ids per room, bounded twice: ``HISTORY_SIZE`` messages per room and
+    ``max_bytes`` (``MEMORY_HISTORY_BYTES``) for all rooms together. Over the latter,
+    emptied rooms go first (oldest first, as if their ``ROOM_TTL`` had passed), then
+    the oldest messages of the rooms written to least recently; a room's sequence
+    number stays while it has members."""
+
     def __init__(self, broker: Broker, history_size: int, room_ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int = 128 * 1024 * 1024) -> None:
         self._broker = broker
         self._size = history_size
         self._room_ttl = room_ttl
         self._clock = clock
-        self._logs: dict[str, _RoomLog] = {}
+        self._max_bytes = max_bytes
+        self._bytes = 0  # charged to the bound: events plus overheads
+        self._logs: OrderedDict[str, _RoomLog] = OrderedDict()  # least recently written first
         self._idle: OrderedDict[str, float] = OrderedDict()  # emptied room -> when
-        self._dedupe: OrderedDict[tuple[str, str, str], tuple[float, Posted]] = OrderedDict()
+        # (room or "", user, client_msg_id) -> (when, message id, its timestamp): a
+        # retry's echo is rebuilt from its own draft, so no event is kept twice.
+        self._dedupe: OrderedDict[tuple[str, str, str], tuple[float, int, int]] = OrderedDict()
         self._dm_last_id = 0
 
-    def _seen(self, key: tuple[str, str, str]) -> Posted | None:
+    @property
+    def held_bytes(self) -> int:
+        """What the history holds, as charged against ``max_bytes``."""
+        return self._bytes
+
+    def _seen(self, key: tuple[str, str, str], draft: MessageDraft) -> Posted | None:
         now = self._clock()
         while self._dedupe:
-            oldest_key, (at, _) = next(iter(self._dedupe.items()))
+            oldest_key, (at, _, _) = next(iter(self._dedupe.items()))
             if now - at < DEDUPE_TTL and len(self._dedupe) <= DEDUPE_MAX:
                 break
             del self._dedupe[oldest_key]
         hit = self._dedupe.get(key)
-        return Posted(hit[1].msg_id, hit[1].event, True) if hit else None
+        if hit is None:
+            return None
+        return Posted(hit[1], draft.as_stored(hit[1], hit[2]), True)
 
-    def _remember(self, key: tuple[str, str, str], posted: Posted) -> None:
-        self._dedupe[key] = (self._clock(), posted)
+    def _remember(self, key: tuple[str, str, str], msg_id: int, draft: MessageDraft) -> None:
+        self._dedupe[key] = (self._clock(), msg_id, draft.timestamp_ms)
 
-    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
-        key = (room, user_id, draft.client_msg_id) if draft.client_msg_id else None
-        if key and (hit := self._seen(key)):
-            return hit
+    def _log_for(self, room: str) -> _RoomLog:
         log = self._logs.get(room)
         if log is None:
             log = self._logs[room] = _RoomLog(self._size)
+            self._bytes += ROOM_OVERHEAD
+        return log
+
+    def _append(self, room: str, log: _RoomLog, msg_id: int, event: bytes) -> None:
+        if len(log.messages) == log.messages.maxlen:
+            self._bytes -= len(log.messages[0][1]) + MESSAGE_OVERHEAD
+        log.messages.append((msg_id, event))
+        self._bytes += len(event) + MESSAGE_OVERHEAD
+        self._logs.move_to_end(room)
+        if self._bytes > self._max_bytes:
+            self._shrink()
+
+    def _drop_log(self, room: str) -> None:
+        log = self._logs.pop(room, None)
+        if log is not None:
+            self._bytes -= ROOM_OVERHEAD + sum(len(e) + MESSAGE_OVERHEAD
+                                               for _, e in log.messages)
+
+    def _shrink(self) -> None:
+        while self._bytes > self._max_bytes and self._idle:
+            room, _ = self._idle.popitem(last=False)
+            self._drop_log(room)
+        for log in self._logs.values():  # least recently written first
+            while log.messages and self._bytes > self._max_bytes:
+                _, event = log.messages.popleft()
+                self._bytes -= len(event) + MESSAGE_OVERHEAD
+            if self._bytes <= self._max_bytes:
+                return
+
+    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
+        key = (room, user_id, draft.client_msg_id) if draft.client_msg_id else None
+        if key and (hit := self._seen(key, draft)):
+            return hit
+        log = self._log_for(room)
         self._idle.pop(room, None)
         log.last_id += 1
         event = draft.with_id(log.last_id)
-        log.messages.append((log.last_id, event))
+        self._append(room, log, log.last_id, event)
         posted = Posted(log.last_id, event, False)
         if key:
-            self._remember(key, posted)
+            self._remember(key, posted.msg_id, draft)
         self._broker.publish_room(room, event)
         return posted
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool = True) -> Posted:
         key = ("", sender_id, draft.client_msg_id) if draft.client_msg_id else None
-        if key and (hit := self._seen(key)):
+        if key and (hit := self._seen(key, draft)):
             return hit
         self._dm_last_id += 1
         posted = Posted(self._dm_last_id, draft.with_id(self._dm_last_id), False)
         if key:
-            self._remember(key, posted)
+            self._remember(key, posted.msg_id, draft)
         self._broker.publish_user(recipient_id, posted.event)
         if sender_id != recipient_id:
             self._broker.publish_user(sender_id, posted.event)
@@ -172,9 +226,7 @@ class MemoryMessageStore(MessageStore):
         return log.last_id if log else 0
 
     def raise_sequence(self, room: str, at_least: int) -> None:
-        log = self._logs.get(room)
-        if log is None:
-            log = self._logs[room] = _RoomLog(self._size)
+        log = self._log_for(room)
         log.last_id = max(log.last_id, at_least)
 
     def publish_stored(self, messages: list[Stored]) -> list[int]:
@@ -186,12 +238,10 @@ class MemoryMessageStore(MessageStore):
                 if message.sender_id != message.recipient_id:
                     self._broker.publish_user(message.sender_id, message.event)
                 continue
-            log = self._logs.get(message.room)
-            if log is None:
-                log = self._logs[message.room] = _RoomLog(self._size)
+            log = self._log_for(message.room)
             self._idle.pop(message.room, None)
             log.last_id = max(log.last_id, message.msg_id)
-            log.messages.append((message.msg_id, message.event))
+            self._append(message.room, log, message.msg_id, message.event)
             self._broker.publish_room(message.room, message.event)
         return [PUBLISHED] * len(messages)
 
@@ -205,7 +255,7 @@ class MemoryMessageStore(MessageStore):
             if now - at < self._room_ttl:
                 break
             del self._idle[oldest]
-            self._logs.pop(oldest, None)
+            self._drop_log(oldest)
 
     def room_occupied(self, room: str) -> None:
         self._idle.pop(room, None)
@@ -242,7 +292,9 @@ class MemoryBroker(Broker):
         pass
 
 
-def create_memory_stores(history_size: int, room_ttl: float) -> Stores:
+def create_memory_stores(history_size: int, room_ttl: float,
+                         max_history_bytes: int = 128 * 1024 * 1024) -> Stores:
     broker = MemoryBroker()
     return Stores(MemoryRoomStore(), MemoryPresenceStore(),
-                  MemoryMessageStore(broker, history_size, room_ttl), broker, "memory")
+                  MemoryMessageStore(broker, history_size, room_ttl,
+                                     max_bytes=max_history_bytes), broker, "memory")

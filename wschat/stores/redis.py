@@ -376,6 +376,12 @@ class RedisMessageStore(MessageStore):
         self._post_dm = client.register_script(POST_DM_LUA)
         self._raise_seq = client.register_script(RAISE_SEQ_LUA)
         self._publish_stored = client.register_script(PUBLISH_STORED_LUA)
+        #: Whether posts can be delivered: the broker's health, set by the factory.
+        self.delivering: Callable[[], bool] = lambda: True
+
+    def _check_delivering(self) -> None:
+        if not self.delivering():
+            raise Unavailable("redis: resubscribing after an outage")
 
     @staticmethod
     def _posted(out: list[Any]) -> Posted:
@@ -384,6 +390,7 @@ class RedisMessageStore(MessageStore):
 
     @_guarded
     def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
+        self._check_delivering()
         keys = _room_keys(room)
         script_keys = [keys[4], keys[5], room_channel(room)]
         if draft.client_msg_id:
@@ -394,6 +401,7 @@ class RedisMessageStore(MessageStore):
     @_guarded
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool = True) -> Posted:
+        self._check_delivering()
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
             script_keys.append(f"{PREFIX}dm:dd:{sender_id}:{draft.client_msg_id}")
@@ -488,6 +496,7 @@ class RedisBroker(Broker):
         self._on_room, self._on_user = on_room, on_user
         try:
             self._connect()
+            self._healthy = True
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             # A worker (re)started during an outage must still boot: gunicorn stops
             # the whole server when a worker fails to. /ready stays 503 meanwhile.
@@ -502,7 +511,6 @@ class RedisBroker(Broker):
         if self._channels:
             pubsub.subscribe(*self._channels)
         self._pubsub = pubsub
-        self._healthy = True
 
     def healthy(self) -> bool:
         return self._healthy
@@ -519,6 +527,10 @@ class RedisBroker(Broker):
                     attempt = 0
                     if self.on_reconnect is not None:
                         self.on_reconnect()
+                    # Only now: a message posted before the resync raised the room
+                    # sequences could reuse an id, and one posted before the
+                    # resubscription would reach no worker (not even its sender).
+                    self._healthy = True
                 self._listen()
             except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
                 # ValueError: redis-py dropped the socket under us ("Invalid file object").
@@ -741,11 +753,12 @@ def create_redis_stores(settings: Settings, metrics: Any = None) -> Stores:
     client = redis.Redis(connection_pool=pool)
     node = _Node()
     broker = RedisBroker(client, settings.redis_url, metrics)
+    messages = RedisMessageStore(client, settings.history_size, metrics)
+    messages.delivering = broker.healthy
     stores = RedisStores(
         RedisRoomStore(client, node, settings.room_ttl, metrics),
         RedisPresenceStore(client, node, metrics),
-        RedisMessageStore(client, settings.history_size, metrics),
-        broker, "redis")
+        messages, broker, "redis")
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
     try:
         from ..ratelimit import RedisRateLimiter

@@ -499,14 +499,15 @@ function presence({ room, user, user_id, status, guest }) {
   if (state.current === c.key || currentRoom() === c) { renderMembers(); renderTyping(); }
 }
 
-function typing({ room, user, user_id, status }) {
+function typing({ room, user, user_id, status, guest }) {
   const c = conv(roomKey(room));
   if (!c || state.myIds.has(user_id)) return;
   const t = c.typing.get(user_id);
   if (t) clearTimeout(t.timer);
   if (status) {
     const timer = setTimeout(() => { c.typing.delete(user_id); renderTyping(); renderMembers(); }, TYPING_SHOWN_MS);
-    c.typing.set(user_id, { name: user, timer });
+    // Guests choose their own names: "(guest)" keeps one from passing for a signed-in user.
+    c.typing.set(user_id, { name: isGuest({ user_id, guest }) ? `${user} (guest)` : user, timer });
   } else c.typing.delete(user_id);
   renderTyping();
   renderMembers();

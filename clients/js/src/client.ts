@@ -449,7 +449,8 @@ export class ChatClient extends Emitter<ClientEvents> {
       case "error":
         return this.onError(msg);
       case "left":
-        if (msg.id !== undefined && this.requests.has(String(msg.id))) return this.settle(String(msg.id), msg);
+        // With an id it answers our `leave` (perhaps one that timed out); without, the server removed us.
+        if (msg.id !== undefined) return this.settle(String(msg.id), msg);
         return this.onRemoved(msg);
       case "muted":
       case "unmuted":

@@ -1,0 +1,414 @@
+//! The app's side of the client: the builder, a cheap-to-clone handle
+//! ([`Client`]) that talks over a channel to the client's task
+//! (`driver.rs`), and the events that task sends back ([`Events`],
+//! a `Stream`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::timeout;
+
+use crate::backoff::Backoff;
+use crate::driver::Driver;
+use crate::error::{ConnectionState, Error, RoomState};
+use crate::outbox::{Outbox, OutboxStore, Target};
+use crate::protocol::{ChatMessage, ClientCommand, DirectMessage, Presence, ServerEvent, Typing, User};
+
+/// What the token callback returns.
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+pub(crate) type TokenFn = Arc<dyn Fn() -> TokenFuture + Send + Sync>;
+pub(crate) type UrlFn = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The answer to a `join`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Joined {
+    pub room: String,
+    pub users: Vec<User>,
+    pub last_id: u64,
+    /// `None` for a fresh join; `Some(false)` after a re-join with `since` whose
+    /// messages the server no longer holds (some are lost: fetch `history`).
+    pub recovered: Option<bool>,
+}
+
+/// What the app hears, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The connection state changed.
+    State(ConnectionState),
+    /// The server's `welcome`: who this connection is (after every connect).
+    Welcome { user_id: String, username: String, authenticated: bool },
+    /// The socket ended; `reconnect_in` is `None` when the client gives up.
+    Disconnected { code: Option<u16>, reason: String, reconnect_in: Option<Duration> },
+    /// A room's state changed.
+    Room { room: String, state: RoomState },
+    /// Every `joined`, first joins and re-joins; `recovered: Some(false)` says
+    /// messages were lost across a reconnect or gap.
+    Joined(Joined),
+    /// A re-join could not replay everything after `since` (the server no longer
+    /// holds it): reload `history`. Follows its `Joined`.
+    RecoveryFailed { room: String, since: u64, last_id: u64 },
+    /// One of this client's sends was acknowledged (also one restored from the
+    /// outbox store, which has no future waiting for it).
+    Ack(Acked),
+    /// A room message, each exactly once and in id order per room.
+    Message(ChatMessage),
+    /// A direct message (also the echo of this user's own DMs), each once.
+    Dm(DirectMessage),
+    /// Someone came online in a room or left it (`presence.online()`).
+    Presence(Presence),
+    /// Someone started or stopped typing (an uncleared start expires on the server).
+    Typing(Typing),
+    /// The server removed this user from a room (kicked, banned, membership
+    /// revoked): the room is left for good and not re-joined.
+    Removed { room: String, reason: Option<String>, by: Option<String>, until: Option<i64>, note: Option<String> },
+    /// Muted in `room` (`None`: everywhere) until `until` (Unix ms; `None`: until lifted).
+    Muted { room: Option<String>, until: Option<i64>, by: Option<String> },
+    /// A mute was lifted.
+    Unmuted { room: Option<String> },
+    /// An error not tied to a request (a server `error` without `id`, a failed
+    /// token refresh, a send that could not be delivered, a terminal close).
+    Error(Error),
+}
+
+/// The events of one client, as a `Stream` (or with [`Events::recv`]).
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed and every event was read.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl Stream for Events {
+    type Item = Event;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub(crate) state: ConnectionState,
+    pub(crate) user_id: Option<String>,
+    pub(crate) username: Option<String>,
+    pub(crate) outbox_len: usize,
+}
+
+/// Configures and starts a [`Client`].
+pub struct ClientBuilder {
+    pub(crate) url: UrlFn,
+    pub(crate) token: Option<TokenFn>,
+    pub(crate) backoff: Backoff,
+    pub(crate) request_timeout: Duration,
+    pub(crate) send_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) resend_after: Duration,
+    pub(crate) outbox_capacity: usize,
+    pub(crate) outbox_store: Option<Arc<dyn OutboxStore>>,
+}
+
+impl ClientBuilder {
+    /// A client of the server at `url` (`ws://host:port/ws`, with `?username=` for a guest).
+    pub fn new(url: impl Into<String>) -> Self {
+        let url = url.into();
+        Self::with_url_fn(move || url.clone())
+    }
+
+    /// A client that asks `url` for the URL before every connection attempt (to
+    /// move to another server during a rolling restart, for instance).
+    pub fn with_url_fn(url: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        ClientBuilder {
+            url: Arc::new(url),
+            token: None,
+            backoff: Backoff::default(),
+            request_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            resend_after: Duration::from_secs(5),
+            outbox_capacity: 1000,
+            outbox_store: None,
+        }
+    }
+
+    /// A callback that returns a JWT: called before every connection attempt and
+    /// again before the current token expires (the fresh one is sent as `auth`).
+    pub fn token<F, Fut>(mut self, get_token: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        self.token = Some(Arc::new(move || Box::pin(get_token()) as TokenFuture));
+        self
+    }
+
+    /// Reconnect delays (default 0.5 s .. 20 s, full jitter).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = Backoff { min, max };
+        self
+    }
+
+    /// How long `join`, `leave`, `history` and `list_users` wait (default 10 s),
+    /// including any wait for a connection.
+    pub fn request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    /// How long `send` and `dm` wait for their acknowledgement (default 30 s);
+    /// after it the message stays in the outbox.
+    pub fn send_timeout(mut self, t: Duration) -> Self {
+        self.send_timeout = t;
+        self
+    }
+
+    /// How long one connection attempt (token, TCP, handshake) may take (default 10 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// How long a written send waits for its echo before it is written again
+    /// on the same connection (default 5 s; the server dedupes the resend).
+    pub fn resend_after(mut self, t: Duration) -> Self {
+        self.resend_after = t.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How many unacknowledged sends the outbox holds (default 1000).
+    pub fn outbox_capacity(mut self, n: usize) -> Self {
+        self.outbox_capacity = n.max(1);
+        self
+    }
+
+    /// Keeps the outbox in `store`; entries it holds now are resent after connecting.
+    pub fn outbox_store(mut self, store: impl OutboxStore) -> Self {
+        self.outbox_store = Some(Arc::new(store));
+        self
+    }
+
+    /// Starts the client's task on the current Tokio runtime and connects.
+    pub fn connect(self) -> (Client, Events) {
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(self.outbox_capacity);
+        if let Some(store) = &self.outbox_store {
+            for entry in store.load() {
+                let _ = outbox.push(entry);
+            }
+        }
+        let (snap_tx, snap_rx) = watch::channel(Snapshot {
+            state: ConnectionState::Disconnected,
+            user_id: None,
+            username: None,
+            outbox_len: outbox.len(),
+        });
+        let client = Client {
+            ops: ops_tx,
+            snapshot: snap_rx,
+            request_timeout: self.request_timeout,
+            send_timeout: self.send_timeout,
+        };
+        Driver::spawn(self, ops_rx, events_tx, snap_tx, outbox);
+        (client, Events { rx: events_rx })
+    }
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// An acknowledged send: the stored message, as the server echoed it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acked {
+    Message(ChatMessage),
+    Dm(DirectMessage),
+}
+
+pub(crate) enum Op {
+    Join { room: String, reply: Reply<Joined> },
+    Leave { room: String, reply: Reply<ServerEvent> },
+    Send { target: Target, text: String, reply: Reply<Acked> },
+    Request { cmd: ClientCommand, reply: Reply<ServerEvent> },
+    Typing { room: String, status: bool },
+    Reconnect,
+    Close,
+}
+
+/// A handle to a running client; clone it freely. The client stops when the
+/// last handle is dropped or [`Client::close`] is called.
+#[derive(Clone)]
+pub struct Client {
+    ops: mpsc::UnboundedSender<Op>,
+    snapshot: watch::Receiver<Snapshot>,
+    request_timeout: Duration,
+    send_timeout: Duration,
+}
+
+impl Client {
+    /// Starts configuring a client of `url`.
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(url)
+    }
+
+    pub fn state(&self) -> ConnectionState {
+        self.snapshot.borrow().state
+    }
+
+    /// The `user_id` of the last `welcome`.
+    pub fn user_id(&self) -> Option<String> {
+        self.snapshot.borrow().user_id.clone()
+    }
+
+    /// The `username` of the last `welcome`.
+    pub fn username(&self) -> Option<String> {
+        self.snapshot.borrow().username.clone()
+    }
+
+    /// Sends not yet acknowledged.
+    pub fn outbox_len(&self) -> usize {
+        self.snapshot.borrow().outbox_len
+    }
+
+    /// Waits until the client is `connected` (or `wait` passes).
+    pub async fn wait_connected(&self, wait: Duration) -> Result<(), Error> {
+        let mut rx = self.snapshot.clone();
+        let result = timeout(wait, rx.wait_for(|s| s.state == ConnectionState::Connected)).await;
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    async fn call<T>(&self, wait: Duration, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(make(tx)).map_err(|_| Error::Closed)?;
+        match timeout(wait, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Joins `room` (and re-joins it with `since` after every reconnect until left).
+    pub async fn join(&self, room: &str) -> Result<Joined, Error> {
+        let room = room.to_owned();
+        self.call(self.request_timeout, |reply| Op::Join { room, reply }).await
+    }
+
+    /// Leaves `room`.
+    pub async fn leave(&self, room: &str) -> Result<(), Error> {
+        let room = room.to_owned();
+        self.call(self.request_timeout, |reply| Op::Leave { room, reply }).await.map(|_| ())
+    }
+
+    /// Sends `text` to `room`; resolves with the message once the server's echo
+    /// (its acknowledgement) arrives. Kept in the outbox, and resent after a
+    /// reconnect, until then.
+    pub async fn send(&self, room: &str, text: &str) -> Result<ChatMessage, Error> {
+        let (target, text) = (Target::Room(room.to_owned()), text.to_owned());
+        match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {
+            Acked::Message(m) => Ok(m),
+            Acked::Dm(_) => unreachable!("a room send is acknowledged by a room message"),
+        }
+    }
+
+    /// Sends a direct message to `user_id`, with the same guarantees as [`Client::send`].
+    pub async fn dm(&self, user_id: &str, text: &str) -> Result<DirectMessage, Error> {
+        let (target, text) = (Target::Dm(user_id.to_owned()), text.to_owned());
+        match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {
+            Acked::Dm(m) => Ok(m),
+            Acked::Message(_) => unreachable!("a DM is acknowledged by a dm"),
+        }
+    }
+
+    /// The room's recent messages, oldest first (`limit` default 50; `before` an id).
+    pub async fn history(
+        &self,
+        room: &str,
+        limit: Option<u32>,
+        before: Option<u64>,
+    ) -> Result<Vec<ChatMessage>, Error> {
+        let cmd = ClientCommand::History { room: room.to_owned(), limit, before, id: None };
+        match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
+            ServerEvent::History { messages, .. } => Ok(messages),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Who is in `room`.
+    pub async fn list_users(&self, room: &str) -> Result<Vec<User>, Error> {
+        let cmd = ClientCommand::ListUsers { room: room.to_owned(), id: None };
+        match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
+            ServerEvent::Users { users, .. } => Ok(users),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moderators: removes `user_id` from `room`.
+    pub async fn kick(&self, room: &str, user_id: &str, reason: Option<&str>) -> Result<(), Error> {
+        let cmd = ClientCommand::Kick {
+            room: room.to_owned(),
+            user_id: user_id.to_owned(),
+            reason: reason.map(str::to_owned),
+            id: None,
+        };
+        self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await.map(|_| ())
+    }
+
+    /// Moderators: `user_id` may read `room` but not post or type, for `duration`
+    /// (`None`: until lifted). Returns the mute's end (Unix ms), if any.
+    pub async fn mute(&self, room: &str, user_id: &str, duration: Option<Duration>) -> Result<Option<i64>, Error> {
+        let cmd = ClientCommand::Mute {
+            room: room.to_owned(),
+            user_id: user_id.to_owned(),
+            duration: duration.map(|d| d.as_secs_f64()),
+            id: None,
+        };
+        match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
+            ServerEvent::Moderated { until, .. } => Ok(until),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moderators: lifts a mute.
+    pub async fn unmute(&self, room: &str, user_id: &str) -> Result<(), Error> {
+        let cmd = ClientCommand::Unmute { room: room.to_owned(), user_id: user_id.to_owned(), id: None };
+        self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await.map(|_| ())
+    }
+
+    /// A round trip to the server (`ping` / `pong`).
+    pub async fn ping(&self) -> Result<(), Error> {
+        let cmd = ClientCommand::Ping { id: None };
+        self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await.map(|_| ())
+    }
+
+    /// The typing helper: call it with `true` on every keystroke. It sends at most
+    /// one `typing: true` a second, and `false` by itself 3 s after the last call
+    /// (or at once when called with `false`); a `send` to the room ends it.
+    pub fn typing(&self, room: &str, status: bool) {
+        let _ = self.ops.send(Op::Typing { room: room.to_owned(), status });
+    }
+
+    /// Drops the current connection at once, without a close handshake, and
+    /// reconnects (for a network change; tests use it to cut the socket).
+    pub fn reconnect(&self) {
+        let _ = self.ops.send(Op::Reconnect);
+    }
+
+    /// Closes the connection (1000) and stops the client; pending requests fail
+    /// with [`Error::Closed`]; the outbox stays in its store.
+    pub fn close(&self) {
+        let _ = self.ops.send(Op::Close);
+    }
+}
+
+fn unexpected(event: ServerEvent) -> Error {
+    Error::local("unexpected_reply", format!("{event:?}"))
+}

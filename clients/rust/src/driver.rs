@@ -1,0 +1,944 @@
+//! The client's task (the driver): it owns the socket and every piece of state —
+//! connection state, rooms and their last ids, the outbox, pending requests —
+//! and talks to the [`Client`](crate::Client) handles over a channel.
+//!
+//! Its life: connect (URL and token fetched per attempt) -> `welcome` -> re-join
+//! every room with `since` -> resend the outbox -> serve until the socket ends ->
+//! decide from the close code whether and when to reconnect. Handlers never
+//! block: they update state and queue frames in `outgoing`, which the serving
+//! loop writes after each one.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{Acked, ClientBuilder, Event, Joined, Op, Reply, Snapshot};
+use crate::error::{ConnectionState, Error, RoomState};
+use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
+use crate::protocol::{close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent};
+use crate::rooms::{RoomSeq, Verdict};
+use crate::token::expiry_of;
+
+enum Internal {
+    Token(Result<String, String>),
+    Flush,
+    ResendStale,
+    RetryJoin(String),
+    TypingIdle(String),
+}
+
+struct Room {
+    state: RoomState,
+    seq: RoomSeq,
+    /// The connection generation on which `joined` arrived.
+    joined_on: Option<u64>,
+    /// The `last_id` of that `joined`: the replay ends there. Sends wait for it,
+    /// since the replay may hold the lost echo of a send (its acknowledgement).
+    replay_until: u64,
+    waiters: Vec<Reply<Joined>>,
+}
+
+struct PendingRequest {
+    cmd: ClientCommand,
+    reply: Reply<ServerEvent>,
+    sent_on: Option<u64>,
+}
+
+/// Why a connection attempt failed.
+struct Refused {
+    reason: String,
+    /// HTTP 401: the token was refused before the upgrade.
+    unauthorized: bool,
+}
+
+/// How one connection ended.
+struct Ended {
+    code: Option<u16>,
+    reason: String,
+    /// The app asked for it: `Reconnect` (at once) or `Close` (stop).
+    by_app: Option<bool>,
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub(crate) struct Driver {
+    cfg: ClientBuilder,
+    ops: mpsc::UnboundedReceiver<Op>,
+    events: mpsc::UnboundedSender<Event>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    snapshot: watch::Sender<Snapshot>,
+    rooms: HashMap<String, Room>,
+    outbox: Outbox,
+    acks: HashMap<String, Reply<Acked>>,
+    requests: HashMap<u64, PendingRequest>,
+    /// Request id of a written send -> its `client_msg_id`.
+    send_rids: HashMap<u64, String>,
+    /// Request id of a written join -> its room.
+    join_rids: HashMap<u64, String>,
+    seen_dms: VecDeque<u64>,
+    seen_dm_set: HashSet<u64>,
+    /// When `typing: true` last went out, per room (cleared by `false`, a send, a new socket).
+    typing_sent: HashMap<String, Instant>,
+    /// When the app last called `typing(room, true)`.
+    typing_calls: HashMap<String, Instant>,
+    /// Frames to write after the current handler.
+    outgoing: Vec<String>,
+    next_rid: u64,
+    generation: u64,
+    /// `welcome` arrived on the current socket.
+    online: bool,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    token: Option<String>,
+    refresh_at: Option<Instant>,
+    refresh_rid: Option<u64>,
+    heartbeat: Duration,
+    /// A retry of refused sends is due (one timer for all of them).
+    flush_scheduled: bool,
+    /// A look for sends written long ago and still unacknowledged is due.
+    resend_check_scheduled: bool,
+    /// Refusals in a row (`unavailable`), for the retry backoff; reset by an ack.
+    send_retries: u32,
+    /// `WSCHAT_CLIENT_DEBUG=1`: every frame in and out on stderr.
+    debug: bool,
+}
+
+const SEEN_DMS: usize = 1024;
+/// `typing: true` goes out at most this often while the app keeps calling.
+const TYPING_REPEAT: Duration = Duration::from_secs(1);
+/// `typing: false` goes out by itself this long after the app's last call.
+const TYPING_IDLE: Duration = Duration::from_secs(3);
+
+/// What a `leave` resolves with when no reply is needed (offline, or the socket
+/// is gone and the membership with it); `Client::leave` returns `()` anyway.
+const LEFT: Result<ServerEvent, Error> = Ok(ServerEvent::Unknown);
+
+impl Driver {
+    /// Starts the task on the current Tokio runtime.
+    pub(crate) fn spawn(
+        cfg: ClientBuilder,
+        ops: mpsc::UnboundedReceiver<Op>,
+        events: mpsc::UnboundedSender<Event>,
+        snapshot: watch::Sender<Snapshot>,
+        outbox: Outbox,
+    ) {
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            cfg,
+            ops,
+            events,
+            internal_tx,
+            internal_rx,
+            snapshot,
+            rooms: HashMap::new(),
+            outbox,
+            acks: HashMap::new(),
+            requests: HashMap::new(),
+            send_rids: HashMap::new(),
+            join_rids: HashMap::new(),
+            seen_dms: VecDeque::new(),
+            seen_dm_set: HashSet::new(),
+            typing_sent: HashMap::new(),
+            typing_calls: HashMap::new(),
+            outgoing: Vec::new(),
+            next_rid: 0,
+            generation: 0,
+            online: false,
+            attempt: 0,
+            retry_after: None,
+            token: None,
+            refresh_at: None,
+            refresh_rid: None,
+            heartbeat: Duration::from_secs(30),
+            flush_scheduled: false,
+            resend_check_scheduled: false,
+            send_retries: 0,
+            debug: std::env::var_os("WSCHAT_CLIENT_DEBUG").is_some_and(|v| v == "1"),
+        };
+        tokio::spawn(driver.run());
+    }
+
+    async fn run(mut self) {
+        let mut wait = Duration::ZERO;
+        loop {
+            if !wait.is_zero() && !self.idle(wait).await {
+                return self.shut_down(Error::Closed);
+            }
+            self.set_state(ConnectionState::Connecting);
+            let ended = match self.connect().await {
+                Ok(Some(socket)) => self.serve(socket).await,
+                Ok(None) => return self.shut_down(Error::Closed),
+                // A token refused at the upgrade (401) is what 4001/4002 are on an open socket.
+                Err(Refused { reason, unauthorized: true }) => Ended { code: Some(4001), reason, by_app: None },
+                Err(Refused { reason, .. }) => Ended { code: None, reason, by_app: None },
+            };
+            self.went_offline();
+            match ended.by_app {
+                Some(false) => return self.shut_down(Error::Closed),
+                Some(true) => {
+                    wait = Duration::ZERO;
+                    self.emit(Event::Disconnected { code: ended.code, reason: ended.reason, reconnect_in: Some(wait) });
+                    continue;
+                }
+                None => {}
+            }
+            let next = self.next_delay(ended.code);
+            self.emit(Event::Disconnected { code: ended.code, reason: ended.reason.clone(), reconnect_in: next });
+            match next {
+                Some(delay) => wait = delay,
+                None => return self.shut_down(Error::Terminal { code: ended.code, reason: ended.reason }),
+            }
+        }
+    }
+
+    /// The delay before the next attempt, or `None` when the close code forbids one.
+    fn next_delay(&mut self, code: Option<u16>) -> Option<Duration> {
+        let r = fastrand::f64();
+        let b = self.cfg.backoff;
+        let delay = match close_action(code) {
+            CloseAction::ReconnectNow => b.going_away_delay(r),
+            CloseAction::Reconnect => b.delay(self.attempt, r),
+            CloseAction::ReconnectAfterPause => b.delay(self.attempt + 3, r),
+            CloseAction::NeedsFreshToken if self.cfg.token.is_some() => b.delay(self.attempt, r),
+            CloseAction::NeedsFreshToken | CloseAction::Terminal => return None,
+        };
+        self.attempt = self.attempt.saturating_add(1);
+        Some(delay.max(self.retry_after.take().unwrap_or_default()))
+    }
+
+    /// Waits `delay` while serving the app offline; false when the client must stop.
+    async fn idle(&mut self, delay: Duration) -> bool {
+        let deadline = sleep(delay);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return true,
+                op = self.ops.recv() => match op {
+                    None | Some(Op::Close) => return false,
+                    Some(Op::Reconnect) => return true,
+                    Some(op) => self.handle_op(op),
+                },
+                Some(internal) = self.internal_rx.recv() => self.handle_internal(internal),
+            }
+        }
+    }
+
+    /// One connection attempt: token, URL, handshake. `Ok(None)`: the app closed the client.
+    async fn connect(&mut self) -> Result<Option<Socket>, Refused> {
+        let url = (self.cfg.url)();
+        let token_fn = self.cfg.token.clone();
+        let attempt = async move {
+            let token = match token_fn {
+                Some(get) => Some(get().await.map_err(|e| (format!("token callback: {e}"), None))?),
+                None => None,
+            };
+            let mut request = url.as_str().into_client_request().map_err(|e| (format!("{url}: {e}"), None))?;
+            if let Some(token) = &token {
+                let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| (e.to_string(), None))?;
+                request.headers_mut().insert("authorization", value);
+            }
+            let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| {
+                let status = match &e {
+                    tokio_tungstenite::tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+                    _ => None,
+                };
+                (format!("{url}: {e}"), status)
+            })?;
+            Ok::<_, (String, Option<u16>)>((socket, token))
+        };
+        let attempt = timeout(self.cfg.connect_timeout, attempt);
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                result = &mut attempt => {
+                    return match result {
+                        Ok(Ok((socket, token))) => {
+                            self.token = token;
+                            Ok(Some(socket))
+                        }
+                        Ok(Err((reason, status))) => {
+                            if reason.starts_with("token callback") {
+                                self.emit(Event::Error(Error::Token(reason.clone())));
+                            }
+                            Err(Refused { reason, unauthorized: status == Some(401) })
+                        }
+                        Err(_) => Err(Refused { reason: "connection attempt timed out".into(), unauthorized: false }),
+                    };
+                }
+                op = self.ops.recv() => match op {
+                    None | Some(Op::Close) => return Ok(None),
+                    Some(Op::Reconnect) => {}
+                    Some(op) => self.handle_op(op),
+                },
+                Some(internal) = self.internal_rx.recv() => self.handle_internal(internal),
+            }
+        }
+    }
+
+    /// Serves one socket until it ends.
+    async fn serve(&mut self, socket: Socket) -> Ended {
+        self.generation += 1;
+        self.online = false;
+        self.heartbeat = Duration::from_secs(30);
+        let (mut sink, mut stream) = socket.split();
+        let mut last_frame = Instant::now();
+        let mut close: Option<(u16, String)> = None;
+        let far = Duration::from_secs(86400 * 365);
+        let ended = loop {
+            // The server pings every heartbeat interval; silence for two means the path is dead.
+            let liveness = sleep_until(last_frame + self.heartbeat * 2 + Duration::from_secs(5));
+            let refresh = sleep_until(self.refresh_at.unwrap_or_else(|| Instant::now() + far));
+            tokio::select! {
+                frame = stream.next() => match frame {
+                    Some(Ok(message)) => {
+                        last_frame = Instant::now();
+                        match message {
+                            Message::Text(text) => {
+                                if self.debug {
+                                    eprintln!("wschat < {text}");
+                                }
+                                self.handle_text(text.as_str())
+                            }
+                            Message::Close(frame) => {
+                                close = frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Err(e)) => break Ended { code: close.as_ref().map(|c| c.0), reason: e.to_string(), by_app: None },
+                    None => {
+                        let (code, reason) = close.clone().map_or((None, "connection closed".to_owned()), |(c, r)| (Some(c), r));
+                        break Ended { code, reason, by_app: None };
+                    }
+                },
+                op = self.ops.recv() => match op {
+                    None | Some(Op::Close) => {
+                        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                        let _ = timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                        break Ended { code: Some(1000), reason: "closed by the app".into(), by_app: Some(false) };
+                    }
+                    Some(Op::Reconnect) => break Ended { code: None, reason: "reconnect asked by the app".into(), by_app: Some(true) },
+                    Some(op) => self.handle_op(op),
+                },
+                Some(internal) = self.internal_rx.recv() => self.handle_internal(internal),
+                _ = liveness => break Ended { code: None, reason: "no frame from the server for two heartbeats".into(), by_app: None },
+                _ = refresh, if self.refresh_at.is_some() => {
+                    self.refresh_at = None;
+                    self.fetch_token();
+                }
+            }
+            if !self.outgoing.is_empty() {
+                let mut failed = None;
+                for text in self.outgoing.drain(..) {
+                    if self.debug {
+                        eprintln!("wschat > {text}");
+                    }
+                    if let Err(e) = sink.feed(Message::text(text)).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                let failed = match failed {
+                    Some(e) => Some(e),
+                    None => sink.flush().await.err(),
+                };
+                if let Some(e) = failed {
+                    break Ended { code: None, reason: e.to_string(), by_app: None };
+                }
+            }
+        };
+        self.outgoing.clear();
+        ended
+    }
+
+    /// The socket ended: rooms go back to joining, requests wait for the next one.
+    fn went_offline(&mut self) {
+        self.online = false;
+        self.refresh_at = None;
+        self.refresh_rid = None;
+        self.send_rids.clear();
+        self.join_rids.clear();
+        self.typing_sent.clear();
+        let mut changed = Vec::new();
+        for (name, room) in self.rooms.iter_mut() {
+            room.joined_on = None;
+            if room.state == RoomState::Joined {
+                room.state = RoomState::Joining;
+                changed.push(name.clone());
+            }
+        }
+        for room in changed {
+            self.emit(Event::Room { room, state: RoomState::Joining });
+        }
+        // A leave in flight is done: the server dropped the membership with the socket.
+        let leaves: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| matches!(r.cmd, ClientCommand::Leave { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for rid in leaves {
+            if let Some(req) = self.requests.remove(&rid) {
+                let _ = req.reply.send(LEFT);
+            }
+        }
+        self.set_state(ConnectionState::Disconnected);
+    }
+
+    fn shut_down(mut self, error: Error) {
+        self.online = false;
+        if error != Error::Closed {
+            self.emit(Event::Error(error.clone()));
+        }
+        for (_, room) in self.rooms.drain() {
+            for w in room.waiters {
+                let _ = w.send(Err(error.clone()));
+            }
+        }
+        for (_, reply) in self.acks.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for (_, req) in self.requests.drain() {
+            let _ = req.reply.send(Err(error.clone()));
+        }
+        self.set_state(ConnectionState::Disconnected);
+        // Requests still queued in the channel get `Closed` from their handles
+        // once the receiver is dropped with `self`.
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn set_state(&mut self, state: ConnectionState) {
+        let changed = self.snapshot.borrow().state != state;
+        if changed {
+            self.snapshot.send_modify(|s| s.state = state);
+            self.emit(Event::State(state));
+        }
+    }
+
+    fn rid(&mut self) -> u64 {
+        self.next_rid += 1;
+        self.next_rid
+    }
+
+    fn write(&mut self, cmd: &ClientCommand) {
+        self.outgoing.push(cmd.to_json());
+    }
+
+    fn save_outbox(&mut self) {
+        if let Some(store) = &self.cfg.outbox_store {
+            store.save(&self.outbox.snapshot());
+        }
+        let len = self.outbox.len();
+        self.snapshot.send_modify(|s| s.outbox_len = len);
+    }
+
+    fn handle_op(&mut self, op: Op) {
+        match op {
+            Op::Join { room, reply } => {
+                let entry = self.rooms.entry(room.clone()).or_insert_with(|| Room {
+                    state: RoomState::Left,
+                    seq: RoomSeq::default(),
+                    joined_on: None,
+                    replay_until: 0,
+                    waiters: Vec::new(),
+                });
+                entry.waiters.push(reply);
+                if entry.state == RoomState::Left {
+                    entry.state = RoomState::Joining;
+                    self.emit(Event::Room { room: room.clone(), state: RoomState::Joining });
+                }
+                if self.online {
+                    self.send_join(&room);
+                }
+            }
+            Op::Leave { room, reply } => {
+                let Some(left) = self.rooms.remove(&room) else {
+                    let _ = reply.send(LEFT);
+                    return;
+                };
+                for w in left.waiters {
+                    let _ = w.send(Err(Error::Left));
+                }
+                self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
+                self.drop_room_sends(&room, &Error::local("not_in_room", format!("left {room}")));
+                if self.online {
+                    let id = self.rid();
+                    let cmd = ClientCommand::Leave { room, id: Some(RequestId::Int(id)) };
+                    self.write(&cmd);
+                    self.requests.insert(id, PendingRequest { cmd, reply, sent_on: Some(self.generation) });
+                } else {
+                    let _ = reply.send(LEFT);
+                }
+            }
+            Op::Send { target, text, reply } => {
+                if let Target::Room(room) = &target {
+                    self.typing_sent.remove(room); // the server ends typing on a message
+                }
+                let client_msg_id = new_client_msg_id();
+                if self.outbox.push(OutboxEntry { client_msg_id: client_msg_id.clone(), target, text }).is_err() {
+                    let _ = reply.send(Err(Error::OutboxFull));
+                    return;
+                }
+                self.acks.insert(client_msg_id, reply);
+                self.save_outbox();
+                self.flush_outbox();
+            }
+            Op::Request { cmd, reply } => {
+                if self.requests.len() >= 64 {
+                    // Callers that timed out leave their entries behind.
+                    self.requests.retain(|_, r| !r.reply.is_closed());
+                }
+                let id = self.rid();
+                let mut pending = PendingRequest { cmd, reply, sent_on: None };
+                if self.online {
+                    self.write(&pending.cmd.clone().with_id(RequestId::Int(id)));
+                    pending.sent_on = Some(self.generation);
+                }
+                self.requests.insert(id, pending);
+            }
+            Op::Typing { room, status } => {
+                if !self.online {
+                    return;
+                }
+                let now = Instant::now();
+                if status {
+                    self.typing_calls.insert(room.clone(), now);
+                    if self.typing_sent.get(&room).is_some_and(|at| now.duration_since(*at) < TYPING_REPEAT) {
+                        return;
+                    }
+                    if self.typing_sent.insert(room.clone(), now).is_none() {
+                        self.later(TYPING_IDLE, Internal::TypingIdle(room.clone()));
+                    }
+                } else if self.typing_sent.remove(&room).is_none() {
+                    return;
+                }
+                self.write(&ClientCommand::Typing { room, status });
+            }
+            // Handled by the loops that own the socket.
+            Op::Reconnect | Op::Close => {}
+        }
+    }
+
+    fn handle_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::Token(Ok(token)) => {
+                if self.online {
+                    let id = self.rid();
+                    self.refresh_rid = Some(id);
+                    self.write(&ClientCommand::Auth { token: token.clone(), id: Some(RequestId::Int(id)) });
+                }
+                self.token = Some(token);
+            }
+            Internal::Token(Err(e)) => {
+                self.emit(Event::Error(Error::Token(e)));
+                if self.online {
+                    self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+            Internal::Flush => {
+                self.flush_scheduled = false;
+                self.flush_outbox();
+            }
+            Internal::ResendStale => {
+                self.resend_check_scheduled = false;
+                if !self.online {
+                    return;
+                }
+                // Echoes that never came (a server can lose one, e.g. while it
+                // resubscribes to Redis): write those sends again; the server
+                // answers a resend with the original message.
+                let stale = Instant::now() - self.cfg.resend_after;
+                let (expired, waiting) = self.outbox.expire_sent(stale.into_std());
+                if expired > 0 {
+                    self.flush_outbox();
+                } else if waiting > 0 {
+                    self.resend_check_scheduled = true;
+                    self.later(self.cfg.resend_after / 2, Internal::ResendStale);
+                }
+            }
+            Internal::TypingIdle(room) => {
+                let Some(last) = self.typing_calls.get(&room).copied() else { return };
+                if !self.online || !self.typing_sent.contains_key(&room) {
+                    return;
+                }
+                let idle = Instant::now().duration_since(last);
+                if idle >= TYPING_IDLE {
+                    self.typing_sent.remove(&room);
+                    self.write(&ClientCommand::Typing { room, status: false });
+                } else {
+                    self.later(TYPING_IDLE - idle, Internal::TypingIdle(room));
+                }
+            }
+            Internal::RetryJoin(room) => {
+                // A first join, a re-join after a reconnect, or one after a gap: all
+                // still wanted while the room is ours (a re-join is harmless).
+                if self.online && self.rooms.contains_key(&room) {
+                    self.send_join(&room);
+                }
+            }
+        }
+    }
+
+    fn fetch_token(&mut self) {
+        if let Some(get) = self.cfg.token.clone() {
+            let tx = self.internal_tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(Internal::Token(get().await));
+            });
+        }
+    }
+
+    fn schedule_refresh(&mut self) {
+        self.refresh_at = None;
+        if self.cfg.token.is_none() {
+            return;
+        }
+        let Some(exp) = self.token.as_deref().and_then(expiry_of) else { return };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let lifetime = (exp as f64 - now).max(0.0);
+        // Refresh a quarter of the lifetime before expiry, at most a minute before.
+        let ahead = (lifetime / 4.0).min(60.0);
+        self.refresh_at = Some(Instant::now() + Duration::from_secs_f64(lifetime - ahead));
+    }
+
+    fn send_join(&mut self, room: &str) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        let since = r.seq.last();
+        if since.is_some() {
+            r.seq.rejoining();
+        }
+        self.next_rid += 1;
+        let id = self.next_rid;
+        self.join_rids.insert(id, room.to_owned());
+        self.write(&ClientCommand::Join { room: room.to_owned(), since, id: Some(RequestId::Int(id)) });
+    }
+
+    /// Writes every outbox entry whose target is ready on this connection.
+    fn flush_outbox(&mut self) {
+        if !self.online {
+            return;
+        }
+        let generation = self.generation;
+        let rooms = &self.rooms;
+        let acks = &self.acks;
+        let ready = |entry: &OutboxEntry| match &entry.target {
+            Target::Dm(_) => true,
+            Target::Room(room) => match rooms.get(room) {
+                Some(r) => r.joined_on == Some(generation) && r.seq.last().is_some_and(|last| last >= r.replay_until),
+                // Not a room of ours: a send the app makes now gets the server's
+                // `not_in_room`; one loaded from the store waits for the app to join.
+                None => acks.contains_key(&entry.client_msg_id),
+            },
+        };
+        let written = self.outbox.take_unsent(generation, Instant::now().into_std(), ready);
+        if !written.is_empty() && !self.resend_check_scheduled {
+            self.resend_check_scheduled = true;
+            self.later(self.cfg.resend_after, Internal::ResendStale);
+        }
+        for entry in written {
+            self.next_rid += 1;
+            let id = Some(RequestId::Int(self.next_rid));
+            self.send_rids.insert(self.next_rid, entry.client_msg_id.clone());
+            let client_msg_id = Some(entry.client_msg_id);
+            let cmd = match entry.target {
+                Target::Room(room) => ClientCommand::Message { room, text: entry.text, client_msg_id, id },
+                Target::Dm(to) => ClientCommand::Dm { to, text: entry.text, client_msg_id, id },
+            };
+            self.write(&cmd);
+        }
+    }
+
+    fn later(&self, delay: Duration, internal: Internal) {
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            sleep(delay).await;
+            let _ = tx.send(internal);
+        });
+    }
+
+    fn handle_text(&mut self, text: &str) {
+        let event = match ServerEvent::parse(text) {
+            Ok(event) => event,
+            Err(e) => {
+                let message = format!("unparsable event ({e}): {text:.200}");
+                self.emit(Event::Error(Error::local("invalid_event", message)));
+                return;
+            }
+        };
+        match event {
+            ServerEvent::Welcome { user_id, username, authenticated, heartbeat_interval, id, .. } => {
+                if let Some(hb) = heartbeat_interval.filter(|hb| *hb > 0.0) {
+                    self.heartbeat = Duration::from_secs_f64(hb);
+                }
+                self.snapshot.send_modify(|s| {
+                    s.user_id = Some(user_id.clone());
+                    s.username = Some(username.clone());
+                });
+                let refresh = matches!(id, Some(RequestId::Int(rid)) if Some(rid) == self.refresh_rid);
+                let welcome = Event::Welcome { user_id, username, authenticated };
+                if refresh {
+                    self.emit(welcome);
+                    self.refresh_rid = None;
+                    self.schedule_refresh();
+                } else if !self.online {
+                    self.set_state(ConnectionState::Connected);
+                    self.emit(welcome);
+                    self.came_online();
+                }
+            }
+            ServerEvent::Joined { room, users, last_id, recovered, id } => {
+                if let Some(RequestId::Int(rid)) = id {
+                    self.join_rids.remove(&rid);
+                }
+                let generation = self.generation;
+                let Some(r) = self.rooms.get_mut(&room) else { return };
+                let since = r.seq.last();
+                r.seq.joined(last_id, recovered);
+                r.joined_on = Some(generation);
+                // The replay ends at `last_id`; after `recovered: false` with nothing
+                // above `since` there is none (the server may even have started afresh).
+                let no_replay = recovered == Some(false) && since.is_some_and(|since| last_id <= since);
+                r.replay_until = if no_replay { 0 } else { last_id };
+                let newly = r.state != RoomState::Joined;
+                r.state = RoomState::Joined;
+                let joined = Joined { room: room.clone(), users, last_id, recovered };
+                for w in r.waiters.drain(..) {
+                    let _ = w.send(Ok(joined.clone()));
+                }
+                let room_name = room.clone();
+                if newly {
+                    self.emit(Event::Room { room, state: RoomState::Joined });
+                }
+                self.emit(Event::Joined(joined));
+                if let (Some(false), Some(since)) = (recovered, since) {
+                    self.emit(Event::RecoveryFailed { room: room_name, since, last_id });
+                }
+                self.flush_outbox();
+            }
+            ServerEvent::Message(message) => self.on_message(message),
+            ServerEvent::Dm(dm) => self.on_dm(dm),
+            ServerEvent::Presence(presence) => self.emit(Event::Presence(presence)),
+            ServerEvent::Typing(typing) => self.emit(Event::Typing(typing)),
+            ServerEvent::Error { code, message, retry_after_ms, id, details } => {
+                if let Some(ms) = retry_after_ms {
+                    // A floor for the next reconnect, should the server close (4102).
+                    self.retry_after = Some(Duration::from_millis(ms));
+                }
+                let error = Error::Server { code, message, retry_after_ms, details };
+                match id {
+                    Some(RequestId::Int(rid)) => self.on_error(rid, error),
+                    _ => self.emit(Event::Error(error)),
+                }
+            }
+            ServerEvent::Left { room, reason, by, until, note, id } if !self.is_request(id.as_ref()) => {
+                // Not the answer to our `leave`: the server removed us, for good.
+                if let Some(r) = self.rooms.remove(&room) {
+                    for w in r.waiters {
+                        let _ = w.send(Err(Error::Left));
+                    }
+                    self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
+                }
+                let why = reason.clone().unwrap_or_else(|| "removed".into());
+                self.drop_room_sends(&room, &Error::local("removed", format!("removed from {room}: {why}")));
+                self.emit(Event::Removed { room, reason, by, until, note });
+            }
+            ServerEvent::Muted { room, until, by } => self.emit(Event::Muted { room, until, by }),
+            ServerEvent::Unmuted { room } => self.emit(Event::Unmuted { room }),
+            reply @ (ServerEvent::Left { .. }
+            | ServerEvent::Moderated { .. }
+            | ServerEvent::Users { .. }
+            | ServerEvent::History { .. }
+            | ServerEvent::Pong { .. }) => {
+                if let Some(RequestId::Int(rid)) = reply.request_id() {
+                    if let Some(req) = self.requests.remove(rid) {
+                        let _ = req.reply.send(Ok(reply));
+                    }
+                }
+            }
+            ServerEvent::Unknown => {}
+        }
+    }
+
+    /// Whether `id` names a request of ours still waiting for its reply.
+    fn is_request(&self, id: Option<&RequestId>) -> bool {
+        matches!(id, Some(RequestId::Int(rid)) if self.requests.contains_key(rid))
+    }
+
+    /// `welcome` on a new socket: re-join rooms with `since`, resend what waits.
+    fn came_online(&mut self) {
+        self.online = true;
+        self.attempt = 0;
+        self.retry_after = None;
+        self.set_state(ConnectionState::Connected);
+        self.schedule_refresh();
+        let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        rooms.sort();
+        for room in rooms {
+            self.send_join(&room);
+        }
+        let generation = self.generation;
+        self.requests.retain(|_, r| !r.reply.is_closed());
+        let mut resend: Vec<(u64, ClientCommand)> = Vec::new();
+        for (id, r) in self.requests.iter_mut() {
+            if r.sent_on != Some(generation) {
+                r.sent_on = Some(generation);
+                resend.push((*id, r.cmd.clone().with_id(RequestId::Int(*id))));
+            }
+        }
+        resend.sort_by_key(|(id, _)| *id);
+        for (_, cmd) in resend {
+            self.write(&cmd);
+        }
+        self.flush_outbox();
+    }
+
+    /// An echo carrying `client_msg_id` acknowledges the outbox entry it names
+    /// (128 random bits: a match is ours, even under an earlier guest identity).
+    fn acknowledge(&mut self, client_msg_id: Option<&str>, ack: impl FnOnce() -> Acked) {
+        let Some(cmid) = client_msg_id else { return };
+        if self.outbox.remove(cmid).is_some() {
+            self.send_retries = 0;
+            self.save_outbox();
+            let ack = ack();
+            if let Some(reply) = self.acks.remove(cmid) {
+                let _ = reply.send(Ok(ack.clone()));
+            }
+            self.emit(Event::Ack(ack));
+        }
+    }
+
+    /// The room is no longer ours: its unacknowledged sends fail with `error`.
+    fn drop_room_sends(&mut self, room: &str, error: &Error) {
+        let doomed: Vec<String> = self
+            .outbox
+            .snapshot()
+            .into_iter()
+            .filter(|e| matches!(&e.target, Target::Room(r) if r == room))
+            .map(|e| e.client_msg_id)
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        for cmid in doomed {
+            self.outbox.remove(&cmid);
+            match self.acks.remove(&cmid) {
+                Some(reply) => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                None => self.emit(Event::Error(error.clone())),
+            }
+        }
+        self.save_outbox();
+    }
+
+    fn on_message(&mut self, message: ChatMessage) {
+        self.acknowledge(message.client_msg_id.clone().as_deref(), || Acked::Message(message.clone()));
+        let Some(room) = self.rooms.get_mut(&message.room) else { return };
+        match room.seq.message(message.id) {
+            Verdict::Deliver => {
+                let caught_up = room.seq.last() == Some(room.replay_until);
+                self.emit(Event::Message(message));
+                if caught_up {
+                    self.flush_outbox();
+                }
+            }
+            Verdict::Drop => {}
+            Verdict::Gap { since } => {
+                let id = self.rid();
+                self.join_rids.insert(id, message.room.clone());
+                self.write(&ClientCommand::Join {
+                    room: message.room,
+                    since: Some(since),
+                    id: Some(RequestId::Int(id)),
+                });
+            }
+        }
+    }
+
+    fn on_dm(&mut self, dm: DirectMessage) {
+        self.acknowledge(dm.client_msg_id.clone().as_deref(), || Acked::Dm(dm.clone()));
+        if !self.seen_dm_set.insert(dm.id) {
+            return;
+        }
+        self.seen_dms.push_back(dm.id);
+        if self.seen_dms.len() > SEEN_DMS {
+            if let Some(old) = self.seen_dms.pop_front() {
+                self.seen_dm_set.remove(&old);
+            }
+        }
+        self.emit(Event::Dm(dm));
+    }
+
+    /// An `error` answering request `rid`.
+    fn on_error(&mut self, rid: u64, error: Error) {
+        let retry = match &error {
+            Error::Server { code, retry_after_ms, .. } if code == "rate_limited" => {
+                Some(Duration::from_millis(retry_after_ms.unwrap_or(1000)))
+            }
+            Error::Server { code, .. } if code == "unavailable" || code == "internal_error" => {
+                Some(self.cfg.backoff.delay(0, fastrand::f64()))
+            }
+            _ => None,
+        };
+        if let Some(cmid) = self.send_rids.remove(&rid) {
+            match retry {
+                Some(delay) => {
+                    // Not acknowledged: it goes out again (same client_msg_id) after a
+                    // pause that grows while the server keeps refusing.
+                    if let Some(pending) = self.outbox.get_mut(&cmid) {
+                        pending.sent_on = None;
+                    }
+                    if !self.flush_scheduled {
+                        self.flush_scheduled = true;
+                        let backoff = self.cfg.backoff.delay(self.send_retries, fastrand::f64());
+                        self.send_retries = self.send_retries.saturating_add(1);
+                        self.later(delay.max(backoff), Internal::Flush);
+                    }
+                }
+                None => {
+                    self.outbox.remove(&cmid);
+                    self.save_outbox();
+                    match self.acks.remove(&cmid) {
+                        Some(reply) => {
+                            let _ = reply.send(Err(error));
+                        }
+                        None => self.emit(Event::Error(error)),
+                    }
+                }
+            }
+        } else if let Some(room) = self.join_rids.remove(&rid) {
+            match retry {
+                Some(delay) => self.later(delay, Internal::RetryJoin(room)),
+                None => {
+                    if let Some(r) = self.rooms.remove(&room) {
+                        for w in r.waiters {
+                            let _ = w.send(Err(error.clone()));
+                        }
+                        self.emit(Event::Room { room, state: RoomState::Left });
+                    }
+                    self.emit(Event::Error(error));
+                }
+            }
+        } else if let Some(req) = self.requests.remove(&rid) {
+            let _ = req.reply.send(Err(error));
+        } else if Some(rid) == self.refresh_rid {
+            self.refresh_rid = None;
+            self.emit(Event::Error(error));
+            self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+        } else {
+            self.emit(Event::Error(error));
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The one error type of the library.
+
+use std::fmt;
+
+/// What went wrong with a request or the connection.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an `error` event; `code` is its wire code
+    /// (`not_in_room`, `rate_limited`, `unavailable`, ... see the README).
+    #[error("server error {code}: {message}")]
+    Server {
+        code: String,
+        message: String,
+        retry_after_ms: Option<u64>,
+        /// What else the error carried (`room`, `reason`, `until` for `forbidden` and `muted`).
+        details: serde_json::Map<String, serde_json::Value>,
+    },
+    /// No answer within the configured timeout. A `send`/`dm` that times out
+    /// stays in the outbox and is still delivered (its echo arrives as an event).
+    #[error("no reply within the timeout")]
+    Timeout,
+    /// The outbox holds `outbox_capacity` unacknowledged sends already.
+    #[error("the outbox is full")]
+    OutboxFull,
+    /// The token callback failed.
+    #[error("token callback failed: {0}")]
+    Token(String),
+    /// The server closed with a code that forbids reconnecting (1002, 1003, 1007,
+    /// 1009, or 4001/4002 without a token callback).
+    #[error("connection closed for good (code {code:?}): {reason}")]
+    Terminal { code: Option<u16>, reason: String },
+    /// The client was closed (or its task ended).
+    #[error("the client is closed")]
+    Closed,
+    /// The room was left (by the app, or the server removed this user) before
+    /// the join completed.
+    #[error("left the room before joining completed")]
+    Left,
+}
+
+impl Error {
+    /// An error of this library's own (not from the server) in the server's shape.
+    pub(crate) fn local(code: &str, message: String) -> Error {
+        Error::Server { code: code.into(), message, retry_after_ms: None, details: Default::default() }
+    }
+
+    /// The server's error `code`, if the server refused the request.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Connection states, in the order a connection goes through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionState {
+    Disconnected,
+    Connecting,
+    /// The server's `welcome` arrived on the current socket.
+    Connected,
+}
+
+impl fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+        })
+    }
+}
+
+/// A room's state on this client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RoomState {
+    /// A `join` is on its way (first join, or re-join after a reconnect).
+    Joining,
+    /// The server answered `joined` on the current connection.
+    Joined,
+    /// Left by the app, or the server refused the join.
+    Left,
+}

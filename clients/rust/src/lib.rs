@@ -1,0 +1,35 @@
+//! A client for the wschat WebSocket chat server, with the same guarantees as
+//! the TypeScript and Python libraries: a connection state machine, reconnects
+//! with jittered backoff that honour the server's close codes, re-joins with
+//! `since` after every reconnect, gap detection and dedupe by message id, and an
+//! outbox of sends (each with a `client_msg_id`) that survives reconnects.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wschat::Error> {
+//! use futures_util::StreamExt;
+//! let (client, mut events) = wschat::Client::builder("ws://localhost:8080/ws?username=alice").connect();
+//! client.join("general").await?;
+//! client.send("general", "Hello!").await?;
+//! while let Some(event) = events.next().await {
+//!     if let wschat::Event::Message(m) = event {
+//!         println!("[{}] {}: {}", m.room, m.from, m.text);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod backoff;
+mod client;
+mod driver;
+mod error;
+mod outbox;
+pub mod protocol;
+mod rooms;
+mod token;
+
+pub use backoff::Backoff;
+pub use client::{Acked, Client, ClientBuilder, Event, Events, Joined, TokenFuture};
+pub use error::{ConnectionState, Error, RoomState};
+pub use outbox::{OutboxEntry, OutboxStore, Target};
+pub use protocol::{ChatMessage, DirectMessage, Presence, Typing, User};
+pub use rooms::{RoomSeq, Verdict};

@@ -1,0 +1,193 @@
+//! The outbox: sends not yet acknowledged, each with its `client_msg_id`, in the
+//! order the app made them. Bounded; resent after a reconnect (the server
+//! dedupes by `client_msg_id` and answers a resend with the original message);
+//! persistable through [`OutboxStore`], so sends survive a restart of the app.
+
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// Where a send goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Room(String),
+    Dm(String),
+}
+
+/// One unacknowledged send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub client_msg_id: String,
+    pub target: Target,
+    pub text: String,
+}
+
+/// Where the outbox is kept between runs of the app (a file, a database, ...).
+///
+/// `save` is called with the whole outbox after every change, from the client's
+/// task: keep it quick (or hand the write to another thread).
+pub trait OutboxStore: Send + Sync + 'static {
+    /// The entries kept by the last run, oldest first.
+    fn load(&self) -> Vec<OutboxEntry>;
+    /// Replaces what is kept.
+    fn save(&self, entries: &[OutboxEntry]);
+}
+
+/// The outbox was full: the app is sending faster than the server acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxFull;
+
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub entry: OutboxEntry,
+    /// The connection generation this entry was last written on (None: not yet).
+    pub sent_on: Option<u64>,
+    /// When it was last written.
+    pub sent_at: Option<Instant>,
+}
+
+/// A bounded queue of sends, oldest first.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    entries: VecDeque<Pending>,
+    capacity: usize,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> Self {
+        Outbox { entries: VecDeque::new(), capacity }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn push(&mut self, entry: OutboxEntry) -> Result<(), OutboxFull> {
+        if self.entries.len() >= self.capacity {
+            return Err(OutboxFull);
+        }
+        self.entries.push_back(Pending { entry, sent_on: None, sent_at: None });
+        Ok(())
+    }
+
+    /// Removes the entry with this `client_msg_id` (acknowledged or failed).
+    pub fn remove(&mut self, client_msg_id: &str) -> Option<OutboxEntry> {
+        let at = self.entries.iter().position(|p| p.entry.client_msg_id == client_msg_id)?;
+        self.entries.remove(at).map(|p| p.entry)
+    }
+
+    pub fn get_mut(&mut self, client_msg_id: &str) -> Option<&mut Pending> {
+        self.entries.iter_mut().find(|p| p.entry.client_msg_id == client_msg_id)
+    }
+
+    /// Entries not yet written on connection `generation` for which `ready`
+    /// holds, oldest first; they are marked as written.
+    pub fn take_unsent(
+        &mut self,
+        generation: u64,
+        now: Instant,
+        mut ready: impl FnMut(&OutboxEntry) -> bool,
+    ) -> Vec<OutboxEntry> {
+        let mut out = Vec::new();
+        for pending in self.entries.iter_mut() {
+            if pending.sent_on != Some(generation) && ready(&pending.entry) {
+                pending.sent_on = Some(generation);
+                pending.sent_at = Some(now);
+                out.push(pending.entry.clone());
+            }
+        }
+        out
+    }
+
+    /// Marks entries written at or before `before` and still unacknowledged as
+    /// unsent (their echo may be lost: the server dedupes the resend). Returns
+    /// how many entries stay written after `before`, so still awaited.
+    pub fn expire_sent(&mut self, before: Instant) -> (usize, usize) {
+        let (mut expired, mut waiting) = (0, 0);
+        for pending in self.entries.iter_mut() {
+            match pending.sent_at {
+                Some(at) if pending.sent_on.is_some() && at <= before => {
+                    pending.sent_on = None;
+                    expired += 1;
+                }
+                Some(_) if pending.sent_on.is_some() => waiting += 1,
+                _ => {}
+            }
+        }
+        (expired, waiting)
+    }
+
+    pub fn snapshot(&self) -> Vec<OutboxEntry> {
+        self.entries.iter().map(|p| p.entry.clone()).collect()
+    }
+}
+
+/// A new `client_msg_id`: 128 random bits, so ids from different runs never collide.
+pub(crate) fn new_client_msg_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, room: &str) -> OutboxEntry {
+        OutboxEntry { client_msg_id: id.into(), target: Target::Room(room.into()), text: "t".into() }
+    }
+
+    #[test]
+    fn is_bounded() {
+        let mut outbox = Outbox::new(2);
+        outbox.push(entry("a", "r")).unwrap();
+        outbox.push(entry("b", "r")).unwrap();
+        assert_eq!(outbox.push(entry("c", "r")), Err(OutboxFull));
+        assert_eq!(outbox.remove("a").unwrap().client_msg_id, "a");
+        outbox.push(entry("c", "r")).unwrap();
+        assert_eq!(outbox.len(), 2);
+        assert!(outbox.remove("zz").is_none());
+    }
+
+    #[test]
+    fn unsent_entries_go_out_once_per_connection_in_order() {
+        let mut outbox = Outbox::new(10);
+        outbox.push(entry("a", "r1")).unwrap();
+        outbox.push(entry("b", "r2")).unwrap();
+        outbox.push(entry("c", "r1")).unwrap();
+        let only_r1 = |e: &OutboxEntry| e.target == Target::Room("r1".into());
+        let ids = |v: Vec<OutboxEntry>| v.into_iter().map(|e| e.client_msg_id).collect::<Vec<_>>();
+        let t0 = Instant::now();
+        assert_eq!(ids(outbox.take_unsent(1, t0, only_r1)), ["a", "c"]);
+        assert!(outbox.take_unsent(1, t0, only_r1).is_empty());
+        assert_eq!(ids(outbox.take_unsent(1, t0, |_| true)), ["b"]);
+        // A new connection resends everything still unacknowledged.
+        outbox.remove("c");
+        assert_eq!(ids(outbox.take_unsent(2, t0, |_| true)), ["a", "b"]);
+    }
+
+    #[test]
+    fn unacknowledged_entries_expire_for_a_resend() {
+        let mut outbox = Outbox::new(10);
+        outbox.push(entry("a", "r")).unwrap();
+        outbox.push(entry("b", "r")).unwrap();
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_secs(5);
+        outbox.take_unsent(1, t0, |_| true);
+        outbox.push(entry("c", "r")).unwrap();
+        outbox.take_unsent(1, t1, |_| true);
+        assert_eq!(outbox.expire_sent(t0), (2, 1));
+        let again: Vec<_> = outbox.take_unsent(1, t1, |_| true).into_iter().map(|e| e.client_msg_id).collect();
+        assert_eq!(again, ["a", "b"]);
+        assert_eq!(outbox.expire_sent(t0), (0, 3));
+    }
+
+    #[test]
+    fn entries_serialize_for_persistence() {
+        let e = OutboxEntry { client_msg_id: "x".into(), target: Target::Dm("u".into()), text: "hi".into() };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(json, r#"{"client_msg_id":"x","target":{"dm":"u"},"text":"hi"}"#);
+        assert_eq!(serde_json::from_str::<OutboxEntry>(&json).unwrap(), e);
+        assert_ne!(new_client_msg_id(), new_client_msg_id());
+        assert_eq!(new_client_msg_id().len(), 32);
+    }
+}

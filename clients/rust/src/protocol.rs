@@ -1,0 +1,473 @@
+//! The wire protocol as types, with no I/O: one enum for what a client sends
+//! ([`ClientCommand`]), one for what the server sends ([`ServerEvent`]), and the
+//! close-code table that says whether to reconnect. Field names follow the
+//! README's "Protocol reference" exactly.
+
+use serde::{Deserialize, Serialize};
+
+/// The optional `id` of a request, echoed by its direct reply or `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RequestId {
+    Int(u64),
+    Str(String),
+}
+
+/// A command from client to server (`{"type": ..., ...}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientCommand {
+    Auth {
+        token: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Join {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Leave {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Message {
+        room: String,
+        text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Dm {
+        to: String,
+        text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Typing {
+        room: String,
+        status: bool,
+    },
+    ListUsers {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    History {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// Moderators: remove `user_id` from `room`.
+    Kick {
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// Moderators: `user_id` may read `room` but not post or type, for `duration` seconds (None: until lifted).
+    Mute {
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Unmute {
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+}
+
+impl ClientCommand {
+    /// The command with request id `id` (`typing` has none: it gets no reply).
+    pub fn with_id(mut self, request_id: RequestId) -> Self {
+        match &mut self {
+            ClientCommand::Auth { id, .. }
+            | ClientCommand::Join { id, .. }
+            | ClientCommand::Leave { id, .. }
+            | ClientCommand::Message { id, .. }
+            | ClientCommand::Dm { id, .. }
+            | ClientCommand::ListUsers { id, .. }
+            | ClientCommand::History { id, .. }
+            | ClientCommand::Ping { id }
+            | ClientCommand::Kick { id, .. }
+            | ClientCommand::Mute { id, .. }
+            | ClientCommand::Unmute { id, .. } => *id = Some(request_id),
+            ClientCommand::Typing { .. } => {}
+        }
+        self
+    }
+
+    /// The command as one JSON text frame.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("commands always serialize")
+    }
+}
+
+/// A member of a room, as `joined` and `users` list them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub user_id: String,
+    pub username: String,
+}
+
+/// A room message: `id` is the room's gap-free sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub id: u64,
+    pub room: String,
+    pub from: String,
+    pub user_id: String,
+    pub text: String,
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+}
+
+/// A direct message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirectMessage {
+    pub id: u64,
+    pub from: String,
+    pub user_id: String,
+    pub to: String,
+    pub text: String,
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+}
+
+/// A user's first connection joined a room (`status` `online`) or the last left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub room: String,
+    /// The username.
+    pub user: String,
+    pub user_id: String,
+    pub status: String,
+}
+
+impl Presence {
+    pub fn online(&self) -> bool {
+        self.status == "online"
+    }
+}
+
+/// A member started (`status: true`) or stopped typing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Typing {
+    pub room: String,
+    /// The username.
+    pub user: String,
+    pub user_id: String,
+    pub status: bool,
+}
+
+/// An event from the server (`{"type": ..., ...}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerEvent {
+    Welcome {
+        user_id: String,
+        username: String,
+        #[serde(default)]
+        authenticated: bool,
+        #[serde(default)]
+        auth_required: bool,
+        #[serde(default)]
+        heartbeat_interval: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dm_backlog: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Joined {
+        room: String,
+        users: Vec<User>,
+        last_id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// The reply to `leave`, or (with `reason`) the server removed this user from the room.
+    Left {
+        room: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// The moderator's `user_id`, or `api`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        /// A ban's end (Unix ms); absent or null: until lifted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// Muted in `room` (absent: everywhere) until `until` (Unix ms; null: until lifted).
+    Muted {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    Unmuted {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+    },
+    /// The reply to `kick`, `mute` or `unmute`.
+    Moderated {
+        action: String,
+        room: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lifted: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Message(ChatMessage),
+    Dm(DirectMessage),
+    Presence(Presence),
+    Typing(Typing),
+    Users {
+        room: String,
+        users: Vec<User>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    History {
+        room: String,
+        messages: Vec<ChatMessage>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    Error {
+        code: String,
+        #[serde(default)]
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        /// Anything else the error carries (`room`, `reason`, `until` for `forbidden` and `muted`).
+        #[serde(flatten)]
+        details: serde_json::Map<String, serde_json::Value>,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// A type this library does not know yet (the protocol may grow).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ServerEvent {
+    /// Parses one text frame.
+    pub fn parse(text: &str) -> Result<ServerEvent, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The request `id` this event answers, if it is a direct reply.
+    pub fn request_id(&self) -> Option<&RequestId> {
+        match self {
+            ServerEvent::Welcome { id, .. }
+            | ServerEvent::Joined { id, .. }
+            | ServerEvent::Left { id, .. }
+            | ServerEvent::Users { id, .. }
+            | ServerEvent::History { id, .. }
+            | ServerEvent::Error { id, .. }
+            | ServerEvent::Moderated { id, .. }
+            | ServerEvent::Pong { id } => id.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// What a close code tells the client to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseAction {
+    /// The server is going away (1001): reconnect at once (with a little jitter).
+    ReconnectNow,
+    /// Reconnect with the usual backoff (1006, 4100, unknown codes).
+    Reconnect,
+    /// Reconnect after a longer pause (4101 slow consumer, 4102 flooding).
+    ReconnectAfterPause,
+    /// 4001/4002: reconnect only with a fresh token (needs a token callback).
+    NeedsFreshToken,
+    /// 1002/1003/1007/1009: this client sent something invalid; retrying repeats it.
+    /// 1008 (policy), 4003 (the server's API disconnected the user, or banned it
+    /// everywhere) and other 40xx codes: not again with the same credentials.
+    Terminal,
+}
+
+/// Classifies a close code (`None`: the connection dropped without a close frame, 1006).
+pub fn close_action(code: Option<u16>) -> CloseAction {
+    match code {
+        Some(1001) => CloseAction::ReconnectNow,
+        Some(4001 | 4002) => CloseAction::NeedsFreshToken,
+        // 40xx: "not with the same credentials" (4003: the server's API disconnected the user).
+        Some(1002 | 1003 | 1007 | 1008 | 1009 | 4000..=4099) => CloseAction::Terminal,
+        Some(4101 | 4102) => CloseAction::ReconnectAfterPause,
+        _ => CloseAction::Reconnect,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn round_trip_command(cmd: ClientCommand, wire: serde_json::Value) {
+        let text = cmd.to_json();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value, wire);
+        let back: ClientCommand = serde_json::from_value(wire).unwrap();
+        assert_eq!(back, cmd);
+    }
+
+    #[test]
+    fn commands_serialize_as_the_readme_says() {
+        round_trip_command(
+            ClientCommand::Join { room: "general".into(), since: Some(7), id: Some(RequestId::Int(3)) },
+            json!({"type": "join", "room": "general", "since": 7, "id": 3}),
+        );
+        round_trip_command(
+            ClientCommand::Join { room: "general".into(), since: None, id: None },
+            json!({"type": "join", "room": "general"}),
+        );
+        round_trip_command(
+            ClientCommand::Message {
+                room: "r".into(),
+                text: "hi".into(),
+                client_msg_id: Some("c1".into()),
+                id: Some(RequestId::Str("x".into())),
+            },
+            json!({"type": "message", "room": "r", "text": "hi", "client_msg_id": "c1", "id": "x"}),
+        );
+        round_trip_command(
+            ClientCommand::Dm { to: "u1".into(), text: "yo".into(), client_msg_id: None, id: None },
+            json!({"type": "dm", "to": "u1", "text": "yo"}),
+        );
+        round_trip_command(
+            ClientCommand::ListUsers { room: "r".into(), id: Some(RequestId::Int(1)) },
+            json!({"type": "list_users", "room": "r", "id": 1}),
+        );
+        round_trip_command(
+            ClientCommand::History { room: "r".into(), limit: Some(10), before: Some(5), id: None },
+            json!({"type": "history", "room": "r", "limit": 10, "before": 5}),
+        );
+        round_trip_command(
+            ClientCommand::Typing { room: "r".into(), status: true },
+            json!({"type": "typing", "room": "r", "status": true}),
+        );
+        round_trip_command(ClientCommand::Auth { token: "t".into(), id: None }, json!({"type": "auth", "token": "t"}));
+        round_trip_command(ClientCommand::Leave { room: "r".into(), id: None }, json!({"type": "leave", "room": "r"}));
+        round_trip_command(ClientCommand::Ping { id: None }, json!({"type": "ping"}));
+        round_trip_command(
+            ClientCommand::Kick { room: "r".into(), user_id: "u".into(), reason: Some("spam".into()), id: None },
+            json!({"type": "kick", "room": "r", "user_id": "u", "reason": "spam"}),
+        );
+        round_trip_command(
+            ClientCommand::Mute { room: "r".into(), user_id: "u".into(), duration: Some(60.0), id: None },
+            json!({"type": "mute", "room": "r", "user_id": "u", "duration": 60.0}),
+        );
+        round_trip_command(
+            ClientCommand::Unmute { room: "r".into(), user_id: "u".into(), id: Some(RequestId::Int(2)) },
+            json!({"type": "unmute", "room": "r", "user_id": "u", "id": 2}),
+        );
+        round_trip_command(
+            ClientCommand::ListUsers { room: "r".into(), id: None }.with_id(RequestId::Int(7)),
+            json!({"type": "list_users", "room": "r", "id": 7}),
+        );
+    }
+
+    #[test]
+    fn server_events_parse_and_round_trip() {
+        let cases = [
+            json!({"type": "welcome", "user_id": "u", "username": "n", "authenticated": true,
+                   "auth_required": false, "heartbeat_interval": 30.0}),
+            json!({"type": "joined", "room": "r", "users": [{"user_id": "u", "username": "n"}],
+                   "last_id": 4, "recovered": true, "id": 2}),
+            json!({"type": "message", "id": 5, "room": "r", "from": "n", "user_id": "u",
+                   "text": "hi", "timestamp": 1700000000000_i64, "client_msg_id": "c"}),
+            json!({"type": "dm", "id": 1, "from": "n", "user_id": "u", "to": "v", "text": "x",
+                   "timestamp": 1}),
+            json!({"type": "presence", "room": "r", "user": "n", "user_id": "u", "status": "online"}),
+            json!({"type": "typing", "room": "r", "user": "n", "user_id": "u", "status": false}),
+            json!({"type": "users", "room": "r", "users": []}),
+            json!({"type": "history", "room": "r", "messages": []}),
+            json!({"type": "error", "code": "rate_limited", "message": "slow down",
+                   "retry_after_ms": 120, "id": "a"}),
+            json!({"type": "left", "room": "r"}),
+            json!({"type": "left", "room": "r", "reason": "banned", "by": "api", "until": 5, "note": "n"}),
+            json!({"type": "muted", "room": "r", "until": 1700000000000_i64, "by": "mod"}),
+            json!({"type": "unmuted"}),
+            json!({"type": "moderated", "action": "mute", "room": "r", "user_id": "u", "until": 9, "id": 4}),
+            json!({"type": "error", "code": "forbidden", "message": "m", "room": "r", "reason": "banned",
+                   "until": null}),
+            json!({"type": "pong"}),
+        ];
+        for wire in cases {
+            let event = ServerEvent::parse(&wire.to_string()).unwrap();
+            assert_ne!(event, ServerEvent::Unknown, "{wire}");
+            let back = serde_json::to_value(&event).unwrap();
+            assert_eq!(back, wire);
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_reply_ids() {
+        assert_eq!(ServerEvent::parse(r#"{"type": "future_thing", "x": 1}"#).unwrap(), ServerEvent::Unknown);
+        let err = ServerEvent::parse(r#"{"type": "error", "code": "not_in_room", "message": "m", "id": 9}"#).unwrap();
+        assert_eq!(err.request_id(), Some(&RequestId::Int(9)));
+        // A message's own `id` is its sequence number, never a request id.
+        let msg = ServerEvent::parse(
+            r#"{"type": "message", "id": 9, "room": "r", "from": "n", "user_id": "u", "text": "t", "timestamp": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(msg.request_id(), None);
+    }
+
+    #[test]
+    fn close_codes_split_into_reconnect_and_terminal() {
+        assert_eq!(close_action(Some(1001)), CloseAction::ReconnectNow);
+        for code in [1002, 1003, 1007, 1008, 1009, 4003, 4000, 4099] {
+            assert_eq!(close_action(Some(code)), CloseAction::Terminal);
+        }
+        for code in [4001, 4002] {
+            assert_eq!(close_action(Some(code)), CloseAction::NeedsFreshToken);
+        }
+        assert_eq!(close_action(Some(4100)), CloseAction::Reconnect);
+        assert_eq!(close_action(None), CloseAction::Reconnect);
+        assert_eq!(close_action(Some(1006)), CloseAction::Reconnect);
+        assert_eq!(close_action(Some(4101)), CloseAction::ReconnectAfterPause);
+        assert_eq!(close_action(Some(4102)), CloseAction::ReconnectAfterPause);
+    }
+}

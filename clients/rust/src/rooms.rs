@@ -1,0 +1,127 @@
+//! Per-room message-id bookkeeping, with no I/O: client-side dedupe (an id at or
+//! below the last one seen is dropped) and gap detection (an id above last + 1
+//! means something was missed: re-join with `since`).
+
+/// What to do with an incoming room message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The next message: surface it.
+    Deliver,
+    /// Already seen (or will come again in a replay): drop it.
+    Drop,
+    /// Messages are missing: drop this one and re-join with `since` = the given id.
+    Gap { since: u64 },
+}
+
+/// The id bookkeeping of one room.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomSeq {
+    last: Option<u64>,
+    /// A re-join with `since` is in flight: its replay will bring what is missing.
+    recovering: bool,
+    /// The server said `recovered: false`: accept the next id, whatever it is
+    /// (even a lower one: a server that lost its state numbers from 1 again;
+    /// frames from before the re-join all came before its `joined`).
+    accept_jump: bool,
+}
+
+impl RoomSeq {
+    /// The last message id seen (what a re-join sends as `since`).
+    pub fn last(&self) -> Option<u64> {
+        self.last
+    }
+
+    /// A re-join with `since` was sent (after a reconnect or a gap).
+    pub fn rejoining(&mut self) {
+        self.recovering = true;
+    }
+
+    /// The server answered `joined`.
+    pub fn joined(&mut self, last_id: u64, recovered: Option<bool>) {
+        self.recovering = false;
+        match (recovered, self.last) {
+            // A fresh join: only messages above `last_id` follow.
+            (None, _) | (_, None) => {
+                self.last = Some(last_id);
+                self.accept_jump = false;
+            }
+            // Every message after `since` follows in order.
+            (Some(true), Some(_)) => {}
+            (Some(false), Some(_)) => self.accept_jump = true,
+        }
+    }
+
+    /// Decides about message `id`, and records it when delivered.
+    pub fn message(&mut self, id: u64) -> Verdict {
+        let Some(last) = self.last else {
+            // Not joined yet: nothing to compare with.
+            self.last = Some(id);
+            return Verdict::Deliver;
+        };
+        if id == last + 1 || self.accept_jump {
+            self.last = Some(id);
+            self.accept_jump = false;
+            Verdict::Deliver
+        } else if id <= last || self.recovering {
+            // Seen already, or the re-join in flight will replay it.
+            Verdict::Drop
+        } else {
+            self.recovering = true;
+            Verdict::Gap { since: last }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivers_in_order_and_drops_duplicates() {
+        let mut seq = RoomSeq::default();
+        seq.joined(3, None);
+        assert_eq!(seq.message(4), Verdict::Deliver);
+        assert_eq!(seq.message(5), Verdict::Deliver);
+        assert_eq!(seq.message(5), Verdict::Drop);
+        assert_eq!(seq.message(2), Verdict::Drop);
+        assert_eq!(seq.last(), Some(5));
+    }
+
+    #[test]
+    fn a_gap_asks_for_one_rejoin_and_the_replay_fills_it() {
+        let mut seq = RoomSeq::default();
+        seq.joined(0, None);
+        assert_eq!(seq.message(1), Verdict::Deliver);
+        assert_eq!(seq.message(3), Verdict::Gap { since: 1 });
+        // Further messages while the re-join is in flight come again in the replay.
+        assert_eq!(seq.message(4), Verdict::Drop);
+        seq.joined(4, Some(true));
+        assert_eq!(seq.message(2), Verdict::Deliver);
+        assert_eq!(seq.message(3), Verdict::Deliver);
+        assert_eq!(seq.message(4), Verdict::Deliver);
+        assert_eq!(seq.message(6), Verdict::Gap { since: 4 });
+    }
+
+    #[test]
+    fn unrecovered_rejoin_accepts_the_next_id() {
+        let mut seq = RoomSeq::default();
+        seq.joined(10, None);
+        seq.rejoining();
+        seq.joined(50, Some(false));
+        assert_eq!(seq.message(40), Verdict::Deliver);
+        assert_eq!(seq.message(41), Verdict::Deliver);
+        assert_eq!(seq.message(43), Verdict::Gap { since: 41 });
+    }
+
+    #[test]
+    fn ids_that_started_again_are_followed() {
+        let mut seq = RoomSeq::default();
+        seq.joined(10, None);
+        seq.rejoining();
+        // A restarted memory server answers with `last_id` = since and numbers from 1.
+        seq.joined(10, Some(false));
+        assert_eq!(seq.message(1), Verdict::Deliver);
+        assert_eq!(seq.message(2), Verdict::Deliver);
+        assert_eq!(seq.message(2), Verdict::Drop);
+    }
+}
