@@ -155,7 +155,11 @@ let outage = null; // why the connection went, kept in words until it is back
 function reconnecting(attempt, delay, code) {
   clearInterval(countdown);
   clearAllTyping();
-  if (navigator.onLine === false) outage = "No network";
+  // A close frame from the server (any code but 1005/1006) proves the network works: its
+  // words win over navigator.onLine, which also says false with only a loopback route.
+  const serverSaid = Boolean(code) && code !== 1005 && code !== 1006;
+  if (serverSaid && !outage) outage = CLOSE_WORDS[code] ?? "Disconnected";
+  else if (!serverSaid && navigator.onLine === false) outage = outage ?? "No network";
   else if (!outage && !state.me) outage = "Cannot reach the server";
   else if (!outage && code) outage = CLOSE_WORDS[code] ?? "Disconnected";
   const until = Date.now() + delay;
