@@ -121,7 +121,6 @@ class JwksKeys:
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last fetch, successful or not
         self._lock = threading.Lock()  # gevent-patched in workers: one fetch at a time
-        self.fetches = 0
 
     def get(self, kid: Any) -> jwt.PyJWK:
         """The key named ``kid``.
@@ -166,7 +165,6 @@ class JwksKeys:
 
     def _fetch(self, now: float) -> None:
         self._attempted_at = now
-        self.fetches += 1
         try:
             keys = self._client.get_signing_keys()
         except (jwt.PyJWTError, ValueError, OSError) as exc:  # down, not JSON, no keys

@@ -300,9 +300,7 @@ class Chat:
             self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
         if session.authenticated and self._banned_everywhere(session):
             return
-        backlog = self._dm_backlog(session)
-        session.send(self._welcome(session, backlog))
-        self._send_kept_dms(session, backlog[0] if backlog else [])
+        self._greet(session)
 
     def _banned_everywhere(self, session: Session, request_id: RequestId = None) -> bool:
         """Close a connection whose user is banned everywhere; note mutes everywhere."""
@@ -319,6 +317,13 @@ class Chat:
         self.metrics.disconnected("banned")
         session.close(CloseCode.DISCONNECTED, "banned")
         return True
+
+    def _greet(self, session: Session, request_id: RequestId = None) -> None:
+        """``welcome`` (on connect, and after a successful ``auth``), then the DMs kept
+        for the user while it was away."""
+        backlog = self._dm_backlog(session)
+        session.send(self._welcome(session, backlog, request_id))
+        self._send_kept_dms(session, backlog[0] if backlog else [])
 
     def _welcome(self, session: Session, backlog: tuple[list[bytes], int] | None = None,
                  request_id: RequestId = None) -> bytes:
@@ -597,9 +602,7 @@ class Chat:
         if self._banned_everywhere(session, cmd.request_id):
             return
         self._watch_expiry(session)
-        backlog = self._dm_backlog(session)
-        session.send(self._welcome(session, backlog, cmd.request_id))
-        self._send_kept_dms(session, backlog[0] if backlog else [])
+        self._greet(session, cmd.request_id)
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room

@@ -9,10 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
-
-T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -24,7 +22,7 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
         try:
             value = int(raw.strip())
         except ValueError:
-            raise ValueError(f"expected an integer, got {raw!r}") from None
+            raise ValueError(f"expected a number (an integer), got {raw!r}") from None
         if lo is not None and value < lo:
             raise ValueError(f"must be >= {lo}, got {value}")
         if hi is not None and value > hi:
@@ -258,12 +256,3 @@ class Settings:
     def jwt_configured(self) -> bool:
         return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)
 
-    def as_table(self) -> list[tuple[str, Any]]:
-        """(variable, value) pairs with secrets masked: for the start-up log."""
-        rows = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("jwt_secret", "redis_url", "database_url", "api_key") and value:
-                value = "<set>"
-            rows.append((f.metadata["env"], value))
-        return rows

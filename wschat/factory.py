@@ -56,7 +56,6 @@ class Runtime:
     authenticator: Authenticator
     metrics: Any
     prometheus: Any  # the registry /metrics and /metrics/json read (all workers)
-    started_at: float
     shutdown: Any = None  # the greenlet closing every connection when the worker stops
 
 
@@ -92,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": NoReaderThread}
     sock = Sock(app)
     prometheus = _init_prometheus(app)
-    runtime = Runtime(settings, chat, transport, authenticator, metrics, prometheus, time.time())
+    runtime = Runtime(settings, chat, transport, authenticator, metrics, prometheus)
     app.extensions["wschat"] = runtime
     global _current
     _current = runtime

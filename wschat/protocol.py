@@ -439,10 +439,16 @@ def text_frame(payload: bytes) -> bytes:
 PING_FRAME = b"\x89\x00"
 
 
-def close_frame(code: int, reason: str = "") -> bytes:
-    """An unmasked close frame (reason cut to fit the 125-byte control-frame limit)."""
-    payload = code.to_bytes(2, "big") + reason.encode()[:123]
-    return bytes((0x88, len(payload))) + payload
+_TYPE_PREFIX = b'{"type":"'
+
+
+def event_type(event: bytes) -> str | None:
+    """The type of an event this module encoded (every encoder writes ``type`` first),
+    read without parsing the JSON; None for anything else."""
+    if not event.startswith(_TYPE_PREFIX):
+        return None
+    end = event.find(b'"', len(_TYPE_PREFIX))
+    return event[len(_TYPE_PREFIX):end].decode() if end > 0 else None
 
 
 _MESSAGE_PREFIX = b'{"type":"message","id":'

@@ -25,9 +25,7 @@ import enum
 import io
 import itertools
 import logging
-import os
 import random
-import secrets
 import socket
 import struct
 import time
@@ -454,7 +452,7 @@ class Transport:
         self.connections: set[WebSocketConnection] = set()
         self.max_per_ip = settings.max_connections_per_ip
         self.per_ip: dict[str, int] = {}  # this worker's connections (and admissions) per address
-        self.node_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.node_id = chat.stores.node_id  # the same id as its node in Redis
         self._conn_seq = itertools.count(1)
         self.shutting_down = False
         self._ticker: gevent.Greenlet | None = None
@@ -614,9 +612,6 @@ class ConnectionBudget:
     def release(self) -> None:
         self._slots[self._slot] = max(0, self._slots[self._slot] - 1)
 
-    @property
-    def in_use(self) -> int:
-        return sum(self._slots)
 
 
 def feed_pipelined(ws: Any, environ: dict[str, Any]) -> None:

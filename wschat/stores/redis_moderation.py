@@ -15,7 +15,9 @@ from typing import Any
 import redis
 
 from .moderation import EVERYWHERE, ModerationStore, Standing
-from .redis.keys import NODES, PREFIX, PRESENCE, ROOMS, escape_id, guarded, room_keys
+from .redis.keys import (
+    NODES, PREFIX, PRESENCE, ROOMS, escape_id, guarded, node_conns, room_keys,
+)
 
 
 def _key(kind: str, scope: str, user_id: str) -> str:
@@ -94,8 +96,8 @@ class RedisModerationStore(ModerationStore):
         nodes = [n.decode() for n in self._client.zrange(NODES, 0, -1)]
         with self._client.pipeline(transaction=False) as pipe:
             for node in nodes:
-                pipe.hlen(f"{PREFIX}node:{node}:conns")
+                pipe.hlen(node_conns(node))
             counts = pipe.execute()
-        # node ids are "<hostname>-<pid>-<random>" (stores.redis.nodes.Node): the pod is the host.
+        # node ids are "<hostname>-<pid>-<random>" (stores.base.new_node_id): the pod is the host.
         return [{"node": node, "host": node.rsplit("-", 2)[0], "connections": int(n)}
                 for node, n in zip(nodes, counts)]

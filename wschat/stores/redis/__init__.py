@@ -76,13 +76,13 @@ def create_redis_stores(settings: Settings, metrics: Any = None) -> Stores:
         socket_connect_timeout=3, health_check_interval=30)
     client = redis.Redis(connection_pool=pool)
     node = Node()
-    broker = RedisBroker(client, settings.redis_url, metrics)
+    broker = RedisBroker(client, metrics)
     messages = RedisMessageStore(client, settings.history_size, metrics)
     messages.delivering = broker.healthy
     stores = RedisStores(
         RedisRoomStore(client, node, settings.room_ttl, metrics),
         RedisPresenceStore(client, node, metrics),
-        messages, broker, "redis")
+        messages, broker, "redis", node_id=node.node_id)
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
     # The chat core's re-registration (set as the broker's on_reconnect) serves both.
     stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()

@@ -28,9 +28,8 @@ class RedisBroker(Broker):
 
     RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
 
-    def __init__(self, client: redis.Redis, url: str, metrics: Any = None) -> None:
+    def __init__(self, client: redis.Redis, metrics: Any = None) -> None:
         self._client = client
-        self._url = url
         self._metrics = metrics
         self._on_room: RoomHandler | None = None
         self._on_user: UserHandler | None = None

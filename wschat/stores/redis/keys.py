@@ -52,10 +52,11 @@ def _source(name: str) -> str:
     return (resources.files(__package__) / "scripts" / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def script(client: redis.Redis, name: str) -> Any:
+def script(client: redis.Redis, name: str, prelude: str = "") -> Any:
     """The Lua script ``scripts/<name>.lua`` (shipped in the package), registered with
-    ``client``; each file's header says its KEYS, ARGV and reply."""
-    return client.register_script(_source(name))
+    ``client``; each file's header says its KEYS, ARGV and reply. ``prelude``: a script
+    whose text comes first (a shared beginning, e.g. ``take_id``)."""
+    return client.register_script((_source(prelude) if prelude else "") + _source(name))
 
 
 def room_keys(room: str) -> list[str]:

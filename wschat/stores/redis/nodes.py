@@ -10,9 +10,6 @@ uses, announcing ``offline`` where it was a user's last connection in a room.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +17,7 @@ import gevent
 import redis
 
 from ...protocol import encode_presence
+from ..base import new_node_id
 from .keys import (
     NODES, PRESENCE, membership_keys, membership_token, node_conns, node_memberships,
     room_channel, room_payload, script, split_token,
@@ -32,7 +30,7 @@ class Node:
     """This worker's identity in Redis and the keys that list what it registered."""
 
     def __init__(self) -> None:
-        self.node_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.node_id = new_node_id()
         self.memberships = node_memberships(self.node_id)
         self.conns = node_conns(self.node_id)
 

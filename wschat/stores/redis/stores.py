@@ -96,8 +96,8 @@ class RedisMessageStore(MessageStore):
         self._client = client
         self._size = history_size
         self._metrics = metrics
-        self._post_room = script(client, "post_room")
-        self._post_dm = script(client, "post_dm")
+        self._post_room = script(client, "post_room", prelude="take_id")
+        self._post_dm = script(client, "post_dm", prelude="take_id")
         self._raise_seq = script(client, "raise_seq")
         self._publish_stored = script(client, "publish_stored")
         #: Whether posts can be delivered: the broker's health, set by the factory.
@@ -121,7 +121,7 @@ class RedisMessageStore(MessageStore):
             script_keys.append(dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
                                            draft.client_msg_id))
         return self._posted(self._post_room(keys=script_keys, args=[
-            draft.prefix, draft.suffix, self._size, DEDUPE_TTL]))
+            draft.prefix, draft.suffix, DEDUPE_TTL, self._size]))
 
     @guarded
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
@@ -176,10 +176,8 @@ class RedisMessageStore(MessageStore):
         with self._client.pipeline(transaction=False) as pipe:
             for m in messages:
                 if m.room is None:
-                    if m.recipient_id:
-                        pipe.publish(user_channel(m.recipient_id), m.event)
-                    if m.sender_id != m.recipient_id:
-                        pipe.publish(user_channel(m.sender_id), m.event)
+                    for user_id in m.dm_parties():
+                        pipe.publish(user_channel(user_id), m.event)
                     continue
                 keys = room_keys(m.room)
                 self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
@@ -190,7 +188,7 @@ class RedisMessageStore(MessageStore):
         it = iter(replies)
         for m in messages:
             if m.room is None:
-                for _ in range(bool(m.recipient_id) + (m.sender_id != m.recipient_id)):
+                for _ in m.dm_parties():
                     next(it)
                 out.append(PUBLISHED)
             else:
