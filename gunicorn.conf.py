@@ -2,8 +2,8 @@
 
 This file is read by the master before workers fork and before gevent
 patches anything, so besides the standard library it imports only
-``wschat.config`` (standard library only): every value comes from the same
-:class:`~wschat.config.Settings` the app reads, parsed and validated once here.
+``wschat.config`` (which loads neither gevent nor Flask): every value comes from
+the same :class:`~wschat.config.Settings` the app reads, validated once here.
 """
 
 import glob

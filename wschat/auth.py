@@ -23,9 +23,9 @@ from typing import Any
 
 import jwt
 
-from .access import room_patterns
 from .config import ConfigError, Settings
-from .protocol import ErrorCode
+from .errors import WschatError
+from .protocol import ErrorCode, room_patterns
 
 log = logging.getLogger("wschat.auth")
 
@@ -51,7 +51,7 @@ class Identity:
     mod_rooms: tuple[str, ...] = ()
 
 
-class AuthError(Exception):
+class AuthError(WschatError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code

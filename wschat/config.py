@@ -12,8 +12,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from .errors import WschatError
+from .protocol import room_patterns  # the one place room-name patterns are validated
 
-class ConfigError(ValueError):
+
+class ConfigError(WschatError, ValueError):
     """A configuration variable has a value the server cannot run with."""
 
 
@@ -120,7 +123,6 @@ def _algorithms(raw: str) -> tuple[str, ...]:
 
 
 def _room_patterns(raw: str) -> tuple[str, ...]:
-    from .access import room_patterns  # the one place room-name patterns are validated
 
     return room_patterns(list(_csv(raw))) or ()
 

@@ -22,7 +22,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from flask_sock import Sock
 
-from . import __version__
+from .version import __version__
 from .auth import Authenticator, AuthError, Identity
 from .chat import Chat
 from .config import Settings
@@ -30,6 +30,7 @@ from .logs import configure_logging
 from .protocol import valid_username
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .stores import create_stores
+from .telemetry import Metrics
 from .transport import (
     ConnectionBudget, NoReaderThread, Transport, feed_pipelined, remote_address,
 )
@@ -54,7 +55,7 @@ class Runtime:
     chat: Chat
     transport: Transport
     authenticator: Authenticator
-    metrics: Any
+    metrics: Metrics
     prometheus: Any  # the registry /metrics and /metrics/json read (all workers)
     shutdown: Any = None  # the greenlet closing every connection when the worker stops
 

@@ -17,7 +17,7 @@ from .protocol import event_type, message_id_of, text_frame
 from .stores.base import Broker
 
 if TYPE_CHECKING:
-    from .chat import Session
+    from .session import Session
 
 
 class _Recovery:

@@ -25,9 +25,9 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from . import __version__
-from .chat import ChatMetrics
+from .version import __version__
 from .protocol import ErrorCode, event_type
+from .telemetry import Metrics
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # Set by the gunicorn master before it forks: uptime is the server's, not a worker's.
@@ -99,7 +99,7 @@ FANOUT = Histogram("wschat_fanout_seconds",
                             0.05, 0.1, 0.25, 1.0))
 
 
-class PrometheusChatMetrics(ChatMetrics):
+class PrometheusChatMetrics(Metrics):
     """The chat core's and the transport's events, counted in Prometheus series."""
 
     def __init__(self) -> None:

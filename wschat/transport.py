@@ -41,9 +41,11 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 from .auth import Identity
-from .chat import Chat, Session
+from .chat import Chat
 from .protocol import PING_FRAME, CloseCode
+from .session import Session
 from .stores.base import Unavailable
+from .telemetry import Metrics
 
 log = logging.getLogger("wschat.transport")
 
@@ -440,7 +442,7 @@ class WebSocketConnection(Session):
 class Transport:
     """This worker's WebSocket connections: admission, registry, heartbeat, shutdown."""
 
-    def __init__(self, chat: Chat, metrics: Any, budget: ConnectionBudget) -> None:
+    def __init__(self, chat: Chat, metrics: Metrics, budget: ConnectionBudget) -> None:
         settings = chat.settings
         self.chat = chat
         self.metrics = metrics

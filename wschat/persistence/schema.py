@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import WschatError
+
 DM_SCOPE = "dm"
 DM_PAGE = 50  # kept DMs are read, sent and marked delivered this many at a time
 
@@ -42,7 +44,7 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-class SchemaTooNew(RuntimeError):
+class SchemaTooNew(WschatError, RuntimeError):
     """The database was migrated by a newer server; this one must not write to it."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import WschatError
 from ..protocol import MessageDraft, is_guest_id
 
 
@@ -92,11 +93,11 @@ HELD = 0  # an earlier id is not published yet: held until it is (or fetched fro
 STALE = -1  # the room's window is already past this id: not published again
 
 
-class Unavailable(Exception):
+class Unavailable(WschatError):
     """The shared store cannot be reached; the request is refused, not half-done."""
 
 
-class InboxFull(Exception):
+class InboxFull(WschatError):
     """A DM to an offline user who already has the most DMs kept that a user may have."""
 
 

@@ -25,7 +25,6 @@ restart (or after Redis lost a room's keys) continue from the database.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import gevent
 
@@ -35,6 +34,7 @@ from ..persistence import (
     SequenceFloor, SQLiteLog,
 )
 from ..protocol import MessageDraft, message_id_of
+from ..telemetry import Metrics
 from .base import (
     HELD, STALE, InboxFull, MessageStore, Posted, Replay, Stored, Unavailable, User,
 )
@@ -50,7 +50,7 @@ class DurableMessageStore(MessageStore):
     HOLD_TIMEOUT = 1.0  # how long a held id waits for its predecessor before the log fills in
     FILL_LIMIT = 1000  # at most this many missing messages are republished from the log
 
-    def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Any = None,
+    def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Metrics | None = None,
                  replay_limit: int = REPLAY_LIMIT) -> None:
         self.inner = inner
         self.log = message_log

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from ..telemetry import Metrics
 from .moderation import EVERYWHERE, ModerationStore, Standing
 from .redis.keys import (
     NODES, PREFIX, PRESENCE, ROOMS, escape_id, guarded, node_conns, room_keys,
@@ -38,7 +39,7 @@ def _end(raw: bytes | None) -> float | None:
 
 
 class RedisModerationStore(ModerationStore):
-    def __init__(self, client: redis.Redis, metrics: Any = None) -> None:
+    def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
         self._client = client
         self._metrics = metrics
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 try:
     import redis
@@ -31,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("REDIS_URL needs the redis extra: pip install 'wschat[redis]'") from exc
 
 from ...config import Settings
+from ...telemetry import Metrics
 from ..base import Stores
 from .broker import RedisBroker
 from .keys import escape_id, room_channel, room_payload, split_room_payload, user_channel
@@ -67,7 +67,7 @@ class RedisStores(Stores):
         self.broker.close()
 
 
-def create_redis_stores(settings: Settings, metrics: Any = None) -> Stores:
+def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> Stores:
     assert settings.redis_url
     pool = redis.BlockingConnectionPool.from_url(
         # Many greenlets share few sockets; under a connect or disconnect storm a

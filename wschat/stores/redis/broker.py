@@ -13,6 +13,7 @@ import gevent.event
 import gevent.lock
 import redis
 
+from ...telemetry import Metrics
 from ..base import Broker, RoomHandler, Unavailable, UserHandler
 from .keys import (
     CONTROL, PREFIX, guarded, room_channel, room_payload, split_room_payload, user_channel,
@@ -28,7 +29,7 @@ class RedisBroker(Broker):
 
     RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
 
-    def __init__(self, client: redis.Redis, metrics: Any = None) -> None:
+    def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
         self._client = client
         self._metrics = metrics
         self._on_room: RoomHandler | None = None

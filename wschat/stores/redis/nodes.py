@@ -17,6 +17,7 @@ import gevent
 import redis
 
 from ...protocol import encode_presence
+from ...telemetry import Metrics
 from ..base import new_node_id
 from .keys import (
     NODES, PRESENCE, membership_keys, membership_token, node_conns, node_memberships,
@@ -39,7 +40,7 @@ class NodeKeeper:
     """Heartbeats this node and reaps nodes that died without cleaning up."""
 
     def __init__(self, client: redis.Redis, node: Node, presence_ttl: float, room_ttl: float,
-                 metrics: Any = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self._client = client
         self._node = node
         self._ttl_ms = int(presence_ttl * 1000)

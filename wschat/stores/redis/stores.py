@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from ...protocol import MessageDraft, message_id_of, stored_id_of
+from ...telemetry import Metrics
 from ..base import (
     PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomStore,
     Stored, Unavailable, User,
@@ -29,7 +30,7 @@ DEDUPE_TTL = 3600
 
 class RedisRoomStore(RoomStore):
     def __init__(self, client: redis.Redis, node: Node, room_ttl: float,
-                 metrics: Any = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self._client = client
         self._node = node
         self._room_ttl = int(room_ttl)
@@ -70,7 +71,7 @@ class RedisRoomStore(RoomStore):
 
 
 class RedisPresenceStore(PresenceStore):
-    def __init__(self, client: redis.Redis, node: Node, metrics: Any = None) -> None:
+    def __init__(self, client: redis.Redis, node: Node, metrics: Metrics | None = None) -> None:
         self._client = client
         self._node = node
         self._metrics = metrics
@@ -92,7 +93,7 @@ class RedisPresenceStore(PresenceStore):
 
 
 class RedisMessageStore(MessageStore):
-    def __init__(self, client: redis.Redis, history_size: int, metrics: Any = None) -> None:
+    def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None) -> None:
         self._client = client
         self._size = history_size
         self._metrics = metrics
