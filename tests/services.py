@@ -17,6 +17,7 @@ conformance harness, clients/conformance/harness.py) use these classes too.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -216,6 +217,8 @@ class Server:
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log = tempfile.NamedTemporaryFile(prefix="wschat-server-", suffix=".log",
                                                delete=False)
+        # Kept while the run lasts (a failing test quotes it), removed when it ends.
+        atexit.register(Path(self.log.name).unlink, missing_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

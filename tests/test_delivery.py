@@ -458,3 +458,19 @@ def test_retry_of_a_message_not_yet_delivered_here_is_not_echoed_twice() -> None
     hub.deliver_room("r", draft_message("r", "Ann", "a", "one", 0, "k1").with_id(1))
     assert hub.gets_message("r", s, 2)  # on its way: the stream brings it
     assert not hub.gets_message("r", s, 1)  # it had it: a retry is echoed, as documented
+
+
+def test_since_beyond_the_rooms_ids_reports_the_real_last_id_and_goes_live() -> None:
+    """A client that saw ids a restarted memory server never issued (``since`` above the
+    room's last id) gets ``recovered: false`` with the room's real ``last_id``, and the next
+    messages reach it live (before: ``last_id`` echoed ``since`` and ids up to it were held
+    back as already seen)."""
+    with Server({"RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}) as server:
+        r = room()
+        with Client(server.url) as writer, Client(server.url) as reader:
+            writer.join(r)
+            assert [writer.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+            joined = reader.join(r, since=50)
+            assert joined["recovered"] is False and joined["last_id"] == 3
+            writer.send({"type": "message", "room": r, "text": "after"})
+            assert reader.expect("message", text="after")["id"] == 4

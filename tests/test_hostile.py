@@ -508,8 +508,8 @@ def test_guest_events_are_marked(srv: Server) -> None:
         assert "guest" not in real.say(room, "hi from alice")
         fake.send({"type": "typing", "room": room, "status": True})
         assert real.expect("typing")["guest"] is True
-    page = srv.http("/")[1].decode()
-    assert "(guest)" in page and "m.guest" in page
+    page = srv.http("/web/app.js")[1].decode()  # the browser page's script
+    assert "(guest)" in page and "guest === true" in page
 
 
 # -- 8. a frame in the same TCP write as the upgrade ----------------------------------------

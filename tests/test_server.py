@@ -37,7 +37,7 @@ def test_health_on_both_ports(server: Server) -> None:
 def test_browser_page_served(server: Server) -> None:
     """/ serves the browser chat page."""
     status, body = server.http("/")
-    assert status == 200 and b"new WebSocket" in body
+    assert status == 200 and b"web/app.js" in body
 
 
 def test_plain_http_to_ws_is_refused(server: Server) -> None:

@@ -597,9 +597,17 @@ class Chat:
             session.send(encode_reply("joined", cmd.request_id, **reply))
             return up_to, members, None  # retries are echoed, as they always were
         replay = self.stores.messages.since(room, cmd.since)
-        up_to = (message_id_of(replay.messages[-1]) if replay.messages else None) or cmd.since
+        if replay.messages:
+            up_to = message_id_of(replay.messages[-1]) or cmd.since
+        elif replay.complete:
+            up_to = cmd.since
+        else:
+            # Nothing to replay and not recovered: `since` may be beyond every id the
+            # room has (a memory server that restarted numbers from 1 again). What is
+            # live from here on starts above the room's real last id, not above `since`.
+            up_to = self.stores.messages.last_id(room)
         reply["recovered"] = replay.complete
-        reply["last_id"] = max(up_to, cmd.since) if replay.complete else up_to
+        reply["last_id"] = up_to
         session.send(encode_reply("joined", cmd.request_id, **reply))
         # Paced: a long replay is written as the client reads, never all at once,
         # and what arrives meanwhile waits behind it.

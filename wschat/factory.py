@@ -43,6 +43,9 @@ WS_PATH = "/ws"
 # same admission and frame handling as /ws (for the Autobahn conformance run).
 ECHO_PATH = "/echo"
 MAIN_ONLY = {WS_PATH, ECHO_PATH, "/"}
+# The browser page's files (wschat/web: the page's script and styles, the JS client
+# library's bundle), served on PORT only.
+WEB_PREFIX = "/web/"
 METRICS_ONLY = {"/metrics", "/metrics/json"}
 GAUGE_SAMPLE_SECONDS = 1.0
 
@@ -87,7 +90,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     chat = Chat(settings, stores, authenticator, limiter, metrics)
     transport = Transport(chat, metrics, ConnectionBudget(settings.max_connections))
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder="web", static_url_path=WEB_PREFIX.rstrip("/"))
     app.wsgi_app = _known_methods_only(app.wsgi_app)  # type: ignore[method-assign]
     app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": NoReaderThread}
     sock = Sock(app)
@@ -107,7 +110,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def route_by_port() -> Any:
         path = request.path
         if on_metrics_port():
-            if path in MAIN_ONLY:
+            if path in MAIN_ONLY or path.startswith(WEB_PREFIX):
                 return _plain(404, "not found on the metrics port")
         elif path in METRICS_ONLY and request.environ.get("SERVER_PORT"):
             return _plain(404, "metrics are served on METRICS_PORT")

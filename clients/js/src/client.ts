@@ -1,0 +1,1163 @@
+/**
+ * ChatClient: one WebSocket connection to a wschat server that reconnects, re-authenticates,
+ * rejoins its rooms with `since`, and resends unacknowledged sends, so that the app sees
+ * every message once and in order.
+ */
+import { backoffDelay, closePolicy, PAUSE_DELAY } from "./backoff.js";
+import { Emitter } from "./emitter.js";
+import { ChatError, RETRYABLE_CODES } from "./errors.js";
+import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
+import type {
+  ChatMessage,
+  ClientEvents,
+  ConnectionState,
+  DirectMessage,
+  JoinResult,
+  ModeratedResult,
+  RemovedEvent,
+  RoomState,
+  User,
+  WebSocketConstructor,
+  WebSocketLike,
+  Welcome,
+} from "./types.js";
+
+export interface UrlInfo {
+  /** 0 for the first attempt after a connection was up (or the very first), then 1, 2, ... */
+  attempt: number;
+}
+
+export interface ClientOptions {
+  /** `ws://host/ws`, or a function returning the URL for each connection attempt. */
+  url: string | ((info: UrlInfo) => string | Promise<string>);
+  /**
+   * Returns a JWT; called before every connection attempt and again before the token
+   * expires (read from its `exp`). Return `null` to stop connecting (terminal).
+   */
+  getToken?: () => string | null | Promise<string | null>;
+  /** A fixed token (no refresh; an expired one ends the connection for good). */
+  token?: string;
+  /** A guest's display name (`?username=`) when there is no token. */
+  username?: string;
+  /** The WebSocket class. Default: the global one, else `ws` (Node 20). */
+  WebSocket?: WebSocketConstructor;
+  /** Reconnect backoff: full jitter between 0 and min(max, min * 2^attempt) ms. */
+  minReconnectDelay?: number;
+  maxReconnectDelay?: number;
+  /** Timeout of join, leave, history and listUsers, ms (default 10000). */
+  requestTimeout?: number;
+  /**
+   * Timeout of the promise of send and dm, ms (default 0: none). A timeout rejects the
+   * promise with `timeout` but leaves the send in the outbox: it is still delivered once.
+   */
+  sendTimeout?: number;
+  /** From opening a socket to `connected`, ms (default 15000); then the attempt is abandoned. */
+  connectTimeout?: number;
+  /** Most unacknowledged sends kept (default 1000); beyond it send rejects with `outbox_full`. */
+  outboxLimit?: number;
+  /** Keeps the outbox across page reloads or restarts (see `webStorageOutbox`). */
+  outboxStorage?: OutboxStorage;
+  /** Most sends on the wire without their acknowledgement (default 16). */
+  maxInFlight?: number;
+  /** Refresh the token this long before it expires, at most half its remaining life, ms (default 30000). */
+  tokenRefreshMargin?: number;
+  /** After `typing(room)`, `status: false` is sent when no keystroke came for this long, ms (default 3000). */
+  typingTimeout?: number;
+  /**
+   * A send whose echo has not come this long after it was written goes out again on the
+   * same connection (the server deduplicates it), ms (default 10000): an echo lost on a
+   * live connection never leaves a send hanging.
+   */
+  ackTimeout?: number;
+  /** How long a JSON `ping` may wait for an answer before the socket is given up, ms (default 10000). */
+  pongTimeout?: number;
+  /**
+   * In a browser: while the page is hidden, a due reconnect waits until it is visible again
+   * (default false; mobile browsers throttle hidden pages anyway).
+   */
+  pauseWhenHidden?: boolean;
+  /** Randomness for the jitter (tests). */
+  random?: () => number;
+}
+
+type Waiter<T> = { resolve: (v: T) => void; reject: (e: ChatError) => void; timer?: ReturnType<typeof setTimeout> };
+
+interface Room {
+  name: string;
+  state: RoomState;
+  /** The last message id surfaced to the app; null until the first `joined`. */
+  lastId: number | null;
+  /** After `recovered: false`: the next message is taken whatever its id (even a lower one). */
+  acceptJump: boolean;
+  /**
+   * The id of the `ping` sent right behind the `join`: the server answers commands in
+   * order, so its `pong` comes after `joined` and the whole replay. The outbox waits for
+   * it before resending to this room (the replay may acknowledge the very messages).
+   */
+  syncReq: string | null;
+  /** The pending `join` request's id. */
+  joinReq: string | null;
+  users: User[];
+  waiters: Waiter<JoinResult>[];
+  retryTimer?: ReturnType<typeof setTimeout>;
+}
+
+/**
+ * What a request does when its socket goes before the answer: sent again on the next
+ * connection (reads), resolved (a `leave`: the membership went with the socket), or
+ * rejected with `disconnected` (moderation: whether it was done is unknown).
+ */
+type OnLost = "resend" | "resolve" | "reject";
+
+interface Request {
+  frame: Record<string, unknown>;
+  sent: boolean;
+  onLost: OnLost;
+  waiter: Waiter<any>;
+}
+
+/** Request ids are strings (never mistaken for a message id); these prefixes mark ids whose answers need no routing. */
+const TYPING_PREFIX = "t";
+const SYNC_PREFIX = "s";
+
+export class ChatClient extends Emitter<ClientEvents> {
+  private readonly opts: ClientOptions;
+  private readonly outbox: Outbox;
+  private _state: ConnectionState = "disconnected";
+  private wanted = false;
+  private ws: WebSocketLike | null = null;
+  /** Incremented for every socket; callbacks of an older socket are ignored. */
+  private conn = 0;
+  private established = false;
+  private attempt = 0;
+  private welcome: Welcome | null = null;
+  private token: string | null = null;
+  private restored: Promise<unknown> | null = null;
+  private counter = 0;
+  private rooms = new Map<string, Room>();
+  private requests = new Map<string, Request>();
+  private joins = new Map<string, { room: string; since: number | null }>();
+  private auth: { id: string; purpose: "connect" | "refresh" } | null = null;
+  /** client_msg_id -> request id of its latest write on this socket; request id -> client_msg_id for every write. */
+  private inflight = new Map<string, string>();
+  private inflightReq = new Map<string, string>();
+  /** client_msg_id -> when it was last written (for `ackTimeout`). */
+  private inflightAt = new Map<string, number>();
+  private sendWaiters = new Map<string, Waiter<ChatMessage | DirectMessage>>();
+  private pauseUntil = 0;
+  private retryAttempt = 0;
+  /** Not before this time (ms): the server's last `retry_after_ms`, for the next reconnect. */
+  private retryAfterUntil = 0;
+  private seenDms = new Set<number>();
+  private typingState = new Map<string, { sentAt: number; timer: ReturnType<typeof setTimeout> }>();
+  private lastReceived = 0;
+  private pingSentAt = 0;
+  private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack", ReturnType<typeof setTimeout>>> = {};
+  private onlineListener: (() => void) | null = null;
+  private visibleListener: (() => void) | null = null;
+
+  constructor(options: ClientOptions) {
+    super();
+    if (!options || (typeof options.url !== "string" && typeof options.url !== "function")) {
+      throw new TypeError("ChatClient: options.url (string or function) is required");
+    }
+    this.opts = options;
+    this.outbox = new Outbox(options.outboxLimit ?? 1000, options.outboxStorage, (err) =>
+      this.emit("error", new ChatError("storage", `outbox storage failed: ${String(err)}`)),
+    );
+  }
+
+  // -- public state ---------------------------------------------------------------------
+  get state(): ConnectionState {
+    return this._state;
+  }
+  /** The current identity, from the latest `welcome` (null before the first). */
+  get userId(): string | null {
+    return this.welcome?.user_id ?? null;
+  }
+  get username(): string | null {
+    return this.welcome?.username ?? null;
+  }
+  get authenticated(): boolean {
+    return this.welcome?.authenticated ?? false;
+  }
+  /** Sends not yet acknowledged, oldest first. */
+  get pending(): readonly OutboxEntry[] {
+    return this.outbox.entries.map((e) => ({ ...e }));
+  }
+  roomState(room: string): RoomState {
+    return this.rooms.get(room)?.state ?? "left";
+  }
+  /** The last message id delivered to the app for `room` (persist it to resume with `join(room, {since})`). */
+  lastId(room: string): number | null {
+    return this.rooms.get(room)?.lastId ?? null;
+  }
+  /** Rooms wanted (joining or joined). */
+  get joinedRooms(): string[] {
+    return [...this.rooms.keys()];
+  }
+  /** Resolves once every outbox change has reached the storage. */
+  outboxSaved(): Promise<void> {
+    return this.outbox.flushed();
+  }
+
+  // -- connection -------------------------------------------------------------------------
+  /**
+   * Starts connecting (and keeps reconnecting until `disconnect()`). Resolves at the
+   * first `connected`; rejects if the client stops for good before that.
+   */
+  connect(): Promise<Welcome> {
+    const settled = handled(new Promise<Welcome>((resolve, reject) => {
+      if (this.established && this.welcome) return resolve(this.welcome);
+      const offC = this.once("connected", (w) => {
+        offD();
+        resolve(w);
+      });
+      const offD = this.once("disconnected", (e) => {
+        offC();
+        reject(new ChatError("closed", `disconnected: ${e.code} ${e.reason}`, { closeCode: e.code }));
+      });
+    }));
+    if (!this.wanted) {
+      this.wanted = true;
+      this.attempt = 0;
+      this.listenOnline(true);
+      this.restored ??= this.outbox.restore();
+      void this.open();
+    }
+    return settled;
+  }
+
+  /** Closes the connection (1000) and stops reconnecting. Rooms and the outbox are kept for `connect()`. */
+  disconnect(): void {
+    if (!this.wanted && this._state === "disconnected") return;
+    this.stop(1000, "client disconnect");
+  }
+
+  private async open(): Promise<void> {
+    const conn = ++this.conn;
+    this.setState("connecting");
+    let url: string;
+    let token: string | null = null;
+    let Ctor: WebSocketConstructor;
+    try {
+      await this.restored;
+      const u = this.opts.url;
+      url = typeof u === "function" ? await u({ attempt: this.attempt }) : u;
+      if (this.opts.getToken) {
+        token = await this.opts.getToken();
+        if (token === null) {
+          if (conn === this.conn) this.stop(4001, "getToken returned null", new ChatError("token", "no token"));
+          return;
+        }
+      } else {
+        token = this.opts.token ?? null;
+      }
+      Ctor = await resolveWebSocket(this.opts.WebSocket);
+    } catch (err) {
+      if (conn !== this.conn || !this.wanted) return;
+      this.emit("error", toChatError(err, "connect"));
+      this.scheduleReconnect(1006, `connect failed: ${String(err)}`, "reconnect");
+      return;
+    }
+    if (conn !== this.conn || !this.wanted) return;
+    this.token = token;
+    let ws: WebSocketLike;
+    try {
+      ws = new Ctor(withUsername(url, token ? undefined : this.opts.username));
+    } catch (err) {
+      this.emit("error", toChatError(err, "connect"));
+      this.scheduleReconnect(1006, `connect failed: ${String(err)}`, "reconnect");
+      return;
+    }
+    this.ws = ws;
+    this.timers.connect = setTimeout(() => this.abandon(conn, "connect timeout"), this.opts.connectTimeout ?? 15_000);
+    ws.onmessage = (ev) => {
+      if (conn === this.conn) this.onFrame(ev.data);
+    };
+    ws.onclose = (ev) => {
+      if (conn === this.conn) this.onClosed(ev.code, ev.reason);
+    };
+    ws.onerror = () => {
+      /* a close event follows */
+    };
+  }
+
+  /** Gives a socket up locally (no answer to a ping, connect timeout) and reconnects. */
+  private abandon(conn: number, reason: string): void {
+    if (conn !== this.conn || !this.ws) return;
+    this.onClosed(1006, reason);
+  }
+
+  private detachSocket(code?: number, reason?: string): void {
+    const ws = this.ws;
+    this.ws = null;
+    this.conn++;
+    if (!ws) return;
+    ws.onmessage = ws.onclose = ws.onopen = null;
+    // `ws` throws an 'error' event nobody listens to (closing a socket still connecting
+    // emits one), so a listener stays.
+    ws.onerror = () => {};
+    try {
+      ws.close(code, (reason ?? "").slice(0, 60));
+    } catch {
+      /* already closing */
+    }
+  }
+
+  private onClosed(code: number, reason: string): void {
+    this.detachSocket(4000, reason);
+    this.connectionLost();
+    if (!this.wanted) return;
+    const policy = closePolicy(code);
+    if (policy === "terminal" || (policy === "token" && !this.opts.getToken)) {
+      this.stop(code, reason, new ChatError("closed", `connection closed for good: ${code} ${reason}`, { closeCode: code }));
+    } else {
+      this.scheduleReconnect(code, reason, policy);
+    }
+  }
+
+  /** Everything that belonged to the socket that went away. */
+  private connectionLost(): void {
+    this.established = false;
+    this.auth = null;
+    this.pingSentAt = 0;
+    for (const t of ["connect", "ping", "refresh", "flush", "ack"] as const) this.clearTimer(t);
+    this.inflight.clear();
+    this.inflightReq.clear();
+    this.inflightAt.clear();
+    this.joins.clear();
+    for (const t of this.typingState.values()) clearTimeout(t.timer);
+    this.typingState.clear();
+    for (const [id, req] of this.requests) {
+      if (req.onLost === "resend") {
+        req.sent = false;
+        continue;
+      }
+      this.requests.delete(id);
+      clearTimeout(req.waiter.timer);
+      if (req.onLost === "resolve") req.waiter.resolve(undefined);
+      else req.waiter.reject(new ChatError("disconnected", `the connection went before ${String(req.frame.type)} was answered`));
+    }
+    for (const room of this.rooms.values()) {
+      room.joinReq = null;
+      room.syncReq = null;
+      clearTimeout(room.retryTimer);
+      if (room.state === "joined") this.setRoomState(room, "joining");
+    }
+  }
+
+  private scheduleReconnect(code: number, reason: string, policy: string): void {
+    let delay = backoffDelay(this.attempt, {
+      minDelay: this.opts.minReconnectDelay,
+      maxDelay: this.opts.maxReconnectDelay,
+      random: this.opts.random,
+    });
+    if (policy === "pause") delay += PAUSE_DELAY;
+    delay = Math.max(delay, this.retryAfterUntil - Date.now());
+    this.attempt++;
+    this.setState("connecting");
+    this.emit("connecting", { attempt: this.attempt, delay, code, reason });
+    this.clearTimer("reconnect");
+    this.timers.reconnect = setTimeout(() => {
+      delete this.timers.reconnect;
+      if (!this.waitVisible()) void this.open();
+    }, delay);
+  }
+
+  private stop(code: number, reason: string, error?: ChatError): void {
+    this.wanted = false;
+    this.listenOnline(false);
+    this.stopWaitingVisible();
+    this.clearTimer("reconnect");
+    this.detachSocket(1000, reason);
+    this.connectionLost();
+    for (const [id, req] of this.requests) {
+      this.requests.delete(id);
+      clearTimeout(req.waiter.timer);
+      req.waiter.reject(new ChatError("disconnected", "the client disconnected"));
+    }
+    if (error) this.emit("error", error);
+    this.setState("disconnected");
+    this.emit("disconnected", { code, reason, reconnect: false });
+  }
+
+  /** With `pauseWhenHidden` on a hidden page: reconnects once the page is visible; true if it waits. */
+  private waitVisible(): boolean {
+    const doc = (globalThis as { document?: { hidden?: boolean; addEventListener: Function; removeEventListener: Function } }).document;
+    if (!this.opts.pauseWhenHidden || !doc || doc.hidden !== true) return false;
+    if (this.visibleListener) return true;
+    const listener = () => {
+      if (doc.hidden) return;
+      this.stopWaitingVisible();
+      if (this.wanted && !this.ws) void this.open();
+    };
+    this.visibleListener = listener;
+    doc.addEventListener("visibilitychange", listener);
+    return true;
+  }
+
+  private stopWaitingVisible(): void {
+    const doc = (globalThis as { document?: { removeEventListener: Function } }).document;
+    if (this.visibleListener) doc?.removeEventListener("visibilitychange", this.visibleListener);
+    this.visibleListener = null;
+  }
+
+  private listenOnline(on: boolean): void {
+    const target = globalThis as { addEventListener?: Function; removeEventListener?: Function; window?: unknown };
+    if (typeof target.window === "undefined" || typeof target.addEventListener !== "function") return;
+    if (on && !this.onlineListener) {
+      // Back online: do not sit out the backoff.
+      this.onlineListener = () => {
+        if (this.timers.reconnect) {
+          this.clearTimer("reconnect");
+          void this.open();
+        }
+      };
+      target.addEventListener("online", this.onlineListener);
+    } else if (!on && this.onlineListener) {
+      target.removeEventListener!("online", this.onlineListener);
+      this.onlineListener = null;
+    }
+  }
+
+  // -- frames ------------------------------------------------------------------------------
+  private onFrame(data: unknown): void {
+    this.lastReceived = Date.now();
+    this.pingSentAt = 0;
+    let msg: any;
+    try {
+      msg = JSON.parse(typeof data === "string" ? data : String(data));
+    } catch {
+      this.emit("error", new ChatError("invalid_json", "the server sent a frame that is not JSON"));
+      return;
+    }
+    if (typeof msg !== "object" || msg === null) return;
+    switch (msg.type) {
+      case "message":
+        return this.onRoomMessage(msg as ChatMessage);
+      case "dm":
+        return this.onDm(msg as DirectMessage);
+      case "presence":
+      case "typing":
+        if (this.rooms.get(msg.room)?.state === "joined") this.emit(msg.type, msg);
+        return;
+      case "welcome":
+        return this.onWelcome(msg as Welcome & { id?: string });
+      case "joined":
+        return this.onJoined(msg);
+      case "error":
+        return this.onError(msg);
+      case "left":
+        // With an id it answers our `leave` (perhaps one that timed out); without, the server removed us.
+        if (msg.id !== undefined) return this.settle(String(msg.id), msg);
+        return this.onRemoved(msg);
+      case "muted":
+      case "unmuted":
+        this.emit(msg.type, msg);
+        return;
+      case "pong":
+        if (typeof msg.id === "string" && msg.id.startsWith(SYNC_PREFIX)) return this.onSynced(msg.id);
+        return;
+      default:
+        if (msg.id !== undefined) this.settle(String(msg.id), msg);
+    }
+  }
+
+  private send_(frame: Record<string, unknown>): boolean {
+    if (!this.ws) return false;
+    try {
+      this.ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false; // the close event follows
+    }
+  }
+
+  private nextId(prefix = "r"): string {
+    return `${prefix}${++this.counter}`;
+  }
+
+  private onWelcome(w: Welcome & { id?: string }): void {
+    if (w.id === undefined) {
+      // The greeting of a new socket.
+      if (this.established) return;
+      if (this.token) {
+        this.auth = { id: this.nextId(), purpose: "connect" };
+        this.send_({ type: "auth", id: this.auth.id, token: this.token });
+      } else {
+        this.onEstablished(w);
+      }
+      return;
+    }
+    if (!this.auth || this.auth.id !== String(w.id)) return;
+    const purpose = this.auth.purpose;
+    this.auth = null;
+    if (purpose === "connect") this.onEstablished(w);
+    else {
+      this.welcome = welcomeOf(w);
+      this.scheduleRefresh();
+    }
+  }
+
+  private onEstablished(w: Welcome): void {
+    this.clearTimer("connect");
+    this.welcome = welcomeOf(w);
+    this.established = true;
+    this.attempt = 0;
+    this.retryAttempt = 0;
+    this.lastReceived = Date.now();
+    this.setState("connected");
+    this.emit("connected", this.welcome);
+    if (!this.established) return; // a listener disconnected
+    this.scheduleRefresh();
+    this.startPing(w.heartbeat_interval);
+    for (const room of this.rooms.values()) this.sendJoin(room);
+    for (const [id, req] of this.requests) {
+      if (!req.sent) req.sent = this.send_({ ...req.frame, id });
+    }
+    this.flush();
+  }
+
+  private onError(msg: { id?: unknown; code: string; message: string; retry_after_ms?: number }): void {
+    const err = errorFrom(msg);
+    if (msg.code === "rate_limited" && typeof msg.retry_after_ms === "number") {
+      this.retryAfterUntil = Math.max(this.retryAfterUntil, Date.now() + msg.retry_after_ms);
+    }
+    const id = msg.id === undefined || msg.id === null ? null : String(msg.id);
+    if (id !== null) {
+      if (this.auth?.id === id) return this.onAuthError(err);
+      if (this.joins.has(id)) return this.onJoinError(id, err);
+      if (this.inflightReq.has(id)) return this.onSendError(id, err);
+      if (id.startsWith(TYPING_PREFIX)) return; // typing is best effort
+      if (this.requests.has(id)) return this.settle(id, msg);
+    }
+    if (msg.code === "token_expired" && this.opts.getToken) void this.refreshToken();
+    this.emit("error", err);
+  }
+
+  private settle(id: string, msg: any): void {
+    const req = this.requests.get(id);
+    if (!req) return;
+    this.requests.delete(id);
+    clearTimeout(req.waiter.timer);
+    if (msg.type === "error") {
+      req.waiter.reject(errorFrom(msg));
+    } else {
+      req.waiter.resolve(msg);
+    }
+  }
+
+  private request<T>(frame: Record<string, unknown>, onLost: OnLost, timeout?: number): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      const id = this.nextId();
+      const waiter: Waiter<T> = { resolve, reject };
+      const req: Request = { frame, sent: false, onLost, waiter };
+      this.requests.set(id, req);
+      waiter.timer = setTimeout(() => {
+        this.requests.delete(id);
+        reject(new ChatError("timeout", `no answer to ${String(frame.type)} in time`));
+      }, timeout ?? this.opts.requestTimeout ?? 10_000);
+      if (this.established) req.sent = this.send_({ ...frame, id });
+    });
+  }
+
+  // -- authentication ----------------------------------------------------------------------
+  private onAuthError(err: ChatError): void {
+    const purpose = this.auth?.purpose;
+    this.auth = null;
+    this.emit("error", err);
+    if (purpose === "refresh") {
+      const conn = this.conn;
+      this.timers.refresh = setTimeout(() => conn === this.conn && void this.refreshToken(), 1000);
+      return;
+    }
+    // The token of a new connection was refused: a fresh one may do (getToken), else stop.
+    if (this.opts.getToken) this.onClosed(4002, `auth refused: ${err.code}`);
+    else this.onClosed(4001, `auth refused: ${err.code}`);
+  }
+
+  private scheduleRefresh(): void {
+    this.clearTimer("refresh");
+    if (!this.opts.getToken || !this.token || !this.established) return;
+    const exp = jwtExpiry(this.token);
+    if (exp === null) return;
+    const remaining = exp - Date.now();
+    const delay = Math.max(0, remaining - Math.min(this.opts.tokenRefreshMargin ?? 30_000, remaining / 2));
+    this.timers.refresh = setTimeout(() => void this.refreshToken(), delay);
+  }
+
+  private async refreshToken(): Promise<void> {
+    this.clearTimer("refresh");
+    const conn = this.conn;
+    if (!this.opts.getToken || !this.established || this.auth) return;
+    let token: string | null;
+    try {
+      token = await this.opts.getToken();
+    } catch (err) {
+      if (conn !== this.conn) return;
+      this.emit("error", toChatError(err, "token"));
+      this.timers.refresh = setTimeout(() => void this.refreshToken(), 1000);
+      return;
+    }
+    if (conn !== this.conn || !this.established || token === null) return;
+    this.token = token;
+    this.auth = { id: this.nextId(), purpose: "refresh" };
+    this.send_({ type: "auth", id: this.auth.id, token });
+  }
+
+  // -- heartbeat ---------------------------------------------------------------------------
+  private startPing(intervalSeconds: number): void {
+    const interval = Math.max(1, intervalSeconds || 30) * 1000;
+    const pongTimeout = Math.min(this.opts.pongTimeout ?? 10_000, interval);
+    const conn = this.conn;
+    const tick = () => {
+      if (conn !== this.conn) return;
+      const now = Date.now();
+      if (this.pingSentAt && now - this.pingSentAt > pongTimeout) return this.abandon(conn, "no answer to ping");
+      if (!this.pingSentAt && now - this.lastReceived >= interval) {
+        this.pingSentAt = now;
+        this.send_({ type: "ping", id: this.nextId(TYPING_PREFIX) });
+      }
+      this.timers.ping = setTimeout(tick, Math.min(interval / 2, pongTimeout / 2));
+    };
+    this.timers.ping = setTimeout(tick, interval / 2);
+  }
+
+  // -- rooms -------------------------------------------------------------------------------
+  /**
+   * Joins `room` and keeps it joined across reconnects until `leave`. `since`: resume
+   * after this message id (e.g. one the app persisted). Resolves with the `joined` reply.
+   * A timeout rejects the promise, but the room stays wanted: call `leave` to give up.
+   */
+  join(room: string, opts: { since?: number; timeout?: number } = {}): Promise<JoinResult> {
+    let r = this.rooms.get(room);
+    if (r?.state === "joined") {
+      return Promise.resolve({ room, users: r.users, last_id: r.lastId ?? 0 });
+    }
+    if (!validRoom(room)) {
+      return handled(Promise.reject(new ChatError("invalid_room", `invalid room name: ${JSON.stringify(room)}`)));
+    }
+    if (!r) {
+      r = {
+        name: room,
+        state: "left",
+        lastId: opts.since ?? null,
+        acceptJump: false,
+        syncReq: null,
+        joinReq: null,
+        users: [],
+        waiters: [],
+      };
+      this.rooms.set(room, r);
+      this.setRoomState(r, "joining");
+      if (this.established) this.sendJoin(r);
+    }
+    const rec = r;
+    return handled(new Promise<JoinResult>((resolve, reject) => {
+      const waiter: Waiter<JoinResult> = { resolve, reject };
+      waiter.timer = setTimeout(() => {
+        rec.waiters = rec.waiters.filter((w) => w !== waiter);
+        reject(new ChatError("timeout", `join ${room}: no answer in time`));
+      }, opts.timeout ?? this.opts.requestTimeout ?? 10_000);
+      rec.waiters.push(waiter);
+    }));
+  }
+
+  /** Leaves `room`; its sends not yet on the wire are dropped (their promises reject with `left`). */
+  async leave(room: string): Promise<void> {
+    const r = this.rooms.get(room);
+    if (!r) return;
+    const onServer = this.established && (r.state === "joined" || r.joinReq !== null);
+    this.clearTyping(room);
+    this.dropRoom(r, new ChatError("left", `left ${room}`));
+    if (onServer) {
+      await this.request({ type: "leave", room }, "resolve").catch((err: ChatError) => {
+        if (err.code !== "not_in_room") throw err;
+      });
+    }
+  }
+
+  private sendJoin(room: Room): void {
+    if (!this.established || room.joinReq) return;
+    clearTimeout(room.retryTimer);
+    const id = this.nextId();
+    room.joinReq = id;
+    this.joins.set(id, { room: room.name, since: room.lastId });
+    const frame: Record<string, unknown> = { type: "join", id, room: room.name };
+    if (room.lastId !== null) frame.since = room.lastId;
+    this.send_(frame);
+    room.syncReq = this.nextId(SYNC_PREFIX);
+    this.send_({ type: "ping", id: room.syncReq });
+  }
+
+  private onJoined(msg: JoinResult & { id?: unknown }): void {
+    const id = msg.id === undefined ? "" : String(msg.id);
+    const pending = this.joins.get(id);
+    if (!pending) return;
+    this.joins.delete(id);
+    const room = this.rooms.get(pending.room);
+    if (!room || room.joinReq !== id) return;
+    room.joinReq = null;
+    room.users = msg.users ?? [];
+    const rejoin = pending.since !== null;
+    if (!rejoin) {
+      room.lastId = msg.last_id;
+    } else if (msg.recovered === false) {
+      // Some messages after `since` are gone: the app must reload history. The replay that
+      // follows starts wherever the server's history does.
+      room.acceptJump = true;
+      this.emit("recoveryFailed", { room: room.name, since: pending.since!, last_id: msg.last_id });
+    }
+    const result: JoinResult = { room: msg.room, users: room.users, last_id: msg.last_id };
+    if (msg.recovered !== undefined) result.recovered = msg.recovered;
+    this.setRoomState(room, "joined");
+    this.emit("joined", { ...result, rejoin });
+    for (const w of room.waiters.splice(0)) {
+      clearTimeout(w.timer);
+      w.resolve(result);
+    }
+    this.flush();
+  }
+
+  /** A `left` the client did not ask for: kicked, banned, membership revoked, token no longer grants it. */
+  private onRemoved(msg: { room?: unknown; reason?: unknown; by?: unknown; until?: unknown; note?: unknown }): void {
+    const room = typeof msg.room === "string" ? this.rooms.get(msg.room) : undefined;
+    if (!room) return;
+    const event: RemovedEvent = { room: room.name, reason: typeof msg.reason === "string" ? msg.reason : "removed" };
+    if (typeof msg.by === "string") event.by = msg.by;
+    if (msg.until !== undefined) event.until = msg.until as number | null;
+    if (typeof msg.note === "string") event.note = msg.note;
+    this.dropRoom(room, new ChatError("removed", `removed from ${room.name}: ${event.reason}`, { details: { ...msg } }));
+    this.emit("removed", event);
+  }
+
+  /** The room is gone for good: its waiters and its sends not yet on the wire are rejected with `err`. */
+  private dropRoom(room: Room, err: ChatError): void {
+    this.rooms.delete(room.name);
+    clearTimeout(room.retryTimer);
+    if (room.joinReq) this.joins.delete(room.joinReq);
+    room.joinReq = room.syncReq = null;
+    this.setRoomState(room, "left");
+    for (const w of room.waiters.splice(0)) {
+      clearTimeout(w.timer);
+      w.reject(err);
+    }
+    this.clearTyping(room.name, false);
+    for (const e of [...this.outbox.entries]) {
+      if (e.kind === "message" && e.room === room.name && !this.inflight.has(e.client_msg_id)) {
+        this.outbox.remove(e.client_msg_id);
+        this.rejectSend(e.client_msg_id, err);
+      }
+    }
+  }
+
+  private onSynced(id: string): void {
+    for (const room of this.rooms.values()) {
+      if (room.syncReq === id) {
+        room.syncReq = null;
+        this.flush();
+      }
+    }
+  }
+
+  private onJoinError(id: string, err: ChatError): void {
+    const pending = this.joins.get(id)!;
+    this.joins.delete(id);
+    const room = this.rooms.get(pending.room);
+    if (!room || room.joinReq !== id) return;
+    room.joinReq = null;
+    if (RETRYABLE_CODES.has(err.code)) {
+      const delay = Math.max(err.retryAfterMs ?? 0, this.retryDelay());
+      room.retryTimer = setTimeout(() => this.sendJoin(room), delay);
+      return;
+    }
+    // invalid_room, too_many_rooms, forbidden (a ban, a revoked grant): the room cannot be joined.
+    this.dropRoom(room, err);
+    this.emit("error", err);
+    if (pending.since !== null) {
+      // A rejoin refused: the app had this room and lost it.
+      const event: RemovedEvent = { room: room.name, reason: err.code };
+      if (err.details.until !== undefined) event.until = err.details.until as number | null;
+      this.emit("removed", event);
+    }
+  }
+
+  private setRoomState(room: Room, state: RoomState): void {
+    const previous = room.state;
+    if (previous === state) return;
+    room.state = state;
+    this.emit("roomState", { room: room.name, state, previous });
+  }
+
+  private onRoomMessage(m: ChatMessage): void {
+    this.acknowledge(m);
+    const room = this.rooms.get(m.room);
+    if (!room || room.lastId === null || typeof m.id !== "number") return;
+    // After `recovered: false` the next message sets the baseline, even below the last id:
+    // a server that lost its ids (a restarted memory backend) numbers from 1 again.
+    if (room.acceptJump || m.id === room.lastId + 1) {
+      room.lastId = m.id;
+      room.acceptJump = false;
+      this.emit("message", m);
+      return;
+    }
+    if (m.id <= room.lastId) return; // seen: never surfaced twice
+    // A gap: something between lastId and m.id was missed. Rejoin with `since`; the server
+    // replays the missing messages, this one included, in order.
+    if (room.joinReq === null && this.established) this.sendJoin(room);
+  }
+
+  private onDm(m: DirectMessage): void {
+    this.acknowledge(m);
+    if (typeof m.id !== "number" || this.seenDms.has(m.id)) return;
+    this.seenDms.add(m.id);
+    if (this.seenDms.size > 2000) {
+      const oldest = this.seenDms.values().next().value as number;
+      this.seenDms.delete(oldest);
+    }
+    this.emit("dm", m);
+  }
+
+  // -- sending -----------------------------------------------------------------------------
+  /**
+   * Sends `text` to `room` and resolves with the message as the server stored it (its
+   * echo). Until then it is kept in the outbox and resent after a reconnect; the server
+   * deduplicates by `client_msg_id`, so it is delivered once.
+   */
+  send(room: string, text: string, opts: { clientMsgId?: string; timeout?: number } = {}): Promise<ChatMessage> {
+    if (!this.rooms.has(room)) {
+      return handled(Promise.reject(new ChatError("not_in_room", `join ${room} before sending to it`)));
+    }
+    this.clearTyping(room, false);
+    return this.enqueue(
+      { kind: "message", room, text, client_msg_id: opts.clientMsgId ?? randomId(), created: Date.now() },
+      opts.timeout,
+    ) as Promise<ChatMessage>;
+  }
+
+  /** Sends a direct message to a user id; resolves with the echo, like `send`. */
+  dm(to: string, text: string, opts: { clientMsgId?: string; timeout?: number } = {}): Promise<DirectMessage> {
+    return this.enqueue(
+      { kind: "dm", to, text, client_msg_id: opts.clientMsgId ?? randomId(), created: Date.now() },
+      opts.timeout,
+    ) as Promise<DirectMessage>;
+  }
+
+  private enqueue(entry: OutboxEntry, timeout?: number): Promise<ChatMessage | DirectMessage> {
+    if (this.outbox.has(entry.client_msg_id)) {
+      return handled(Promise.reject(new ChatError("invalid_message", `client_msg_id ${entry.client_msg_id} is already pending`)));
+    }
+    if (this.outbox.full) {
+      return handled(Promise.reject(new ChatError("outbox_full", `${this.outbox.limit} sends are already waiting`)));
+    }
+    return handled(new Promise((resolve, reject) => {
+      const waiter: Waiter<ChatMessage | DirectMessage> = { resolve, reject };
+      const ms = timeout ?? this.opts.sendTimeout ?? 0;
+      if (ms > 0) {
+        waiter.timer = setTimeout(() => {
+          this.sendWaiters.delete(entry.client_msg_id);
+          reject(new ChatError("timeout", "not acknowledged in time; it stays in the outbox"));
+        }, ms);
+      }
+      this.sendWaiters.set(entry.client_msg_id, waiter);
+      this.outbox.add(entry);
+      this.flush();
+    }));
+  }
+
+  /** Puts what the outbox may send on the wire: in order, at most `maxInFlight` unacknowledged. */
+  private flush(): void {
+    if (!this.established || !this.ws || this.outbox.size === 0) return;
+    const now = Date.now();
+    if (now < this.pauseUntil) {
+      if (!this.timers.flush) {
+        this.timers.flush = setTimeout(() => {
+          delete this.timers.flush;
+          this.flush();
+        }, this.pauseUntil - now);
+      }
+      return;
+    }
+    const max = this.opts.maxInFlight ?? 16;
+    const blocked = new Set<string>();
+    for (const e of this.outbox.entries) {
+      if (this.inflight.size >= max) break;
+      if (this.inflight.has(e.client_msg_id)) continue;
+      if (e.kind === "message") {
+        if (blocked.has(e.room)) continue;
+        const room = this.rooms.get(e.room);
+        // The room's rejoin and replay come first: the replay may hold this very message.
+        if (!room || room.state !== "joined" || room.joinReq || room.syncReq) {
+          blocked.add(e.room);
+          continue;
+        }
+      }
+      const id = this.nextId();
+      this.inflight.set(e.client_msg_id, id);
+      this.inflightReq.set(id, e.client_msg_id);
+      this.inflightAt.set(e.client_msg_id, now);
+      this.watchAcks();
+      const frame =
+        e.kind === "message"
+          ? { type: "message", id, room: e.room, text: e.text, client_msg_id: e.client_msg_id }
+          : { type: "dm", id, to: e.to, text: e.text, client_msg_id: e.client_msg_id };
+      if (!this.send_(frame)) return;
+    }
+  }
+
+  /** Sends written `ackTimeout` ago without an echo are written again (the server deduplicates). */
+  private watchAcks(): void {
+    if (this.timers.ack) return;
+    const timeout = this.opts.ackTimeout ?? 10_000;
+    let oldest = Infinity;
+    for (const at of this.inflightAt.values()) oldest = Math.min(oldest, at);
+    if (oldest === Infinity) return;
+    this.timers.ack = setTimeout(() => {
+      delete this.timers.ack;
+      const now = Date.now();
+      for (const [cmid, at] of this.inflightAt) {
+        if (now - at >= timeout) {
+          this.inflight.delete(cmid); // its request id stays known: a late answer to it is ignored
+          this.inflightAt.delete(cmid);
+        }
+      }
+      this.flush();
+      this.watchAcks();
+    }, Math.max(0, oldest + timeout - Date.now()));
+  }
+
+  private acknowledge(m: ChatMessage | DirectMessage): void {
+    const cmid = m.client_msg_id;
+    if (!cmid || !this.outbox.remove(cmid)) return;
+    if (this.inflight.delete(cmid)) {
+      for (const [req, c] of this.inflightReq) if (c === cmid) this.inflightReq.delete(req);
+    }
+    this.inflightAt.delete(cmid);
+    this.retryAttempt = 0;
+    const waiter = this.sendWaiters.get(cmid);
+    if (waiter) {
+      this.sendWaiters.delete(cmid);
+      clearTimeout(waiter.timer);
+      waiter.resolve(m);
+    }
+    this.emit("ack", m);
+    this.flush();
+  }
+
+  private onSendError(id: string, err: ChatError): void {
+    const cmid = this.inflightReq.get(id)!;
+    this.inflightReq.delete(id);
+    if (this.inflight.get(cmid) !== id) return; // an answer to an earlier write of a send written again
+    this.inflight.delete(cmid);
+    this.inflightAt.delete(cmid);
+    const entry = this.outbox.entries.find((e) => e.client_msg_id === cmid);
+    if (!entry) return;
+    if (err.code === "rate_limited") {
+      this.pause(err.retryAfterMs ?? 1000);
+    } else if (RETRYABLE_CODES.has(err.code)) {
+      this.pause(this.retryDelay());
+    } else if (err.code === "not_in_room" && entry.kind === "message" && this.rooms.has(entry.room)) {
+      // The server lost our membership: join again, then the entry goes out.
+      const room = this.rooms.get(entry.room)!;
+      this.setRoomState(room, "joining");
+      this.sendJoin(room);
+    } else {
+      this.outbox.remove(cmid);
+      this.rejectSend(cmid, err);
+      this.emit("error", err);
+    }
+  }
+
+  private pause(ms: number): void {
+    this.pauseUntil = Math.max(this.pauseUntil, Date.now() + ms);
+    this.clearTimer("flush");
+    this.flush();
+  }
+
+  /** Backoff for requests the server could not serve (`unavailable`): 100 ms .. 5 s, jittered. */
+  private retryDelay(): number {
+    const delay = backoffDelay(this.retryAttempt++, { minDelay: 250, maxDelay: 5000, random: this.opts.random });
+    return Math.max(100, delay);
+  }
+
+  private rejectSend(cmid: string, err: ChatError): void {
+    const waiter = this.sendWaiters.get(cmid);
+    if (!waiter) return;
+    this.sendWaiters.delete(cmid);
+    clearTimeout(waiter.timer);
+    waiter.reject(err);
+  }
+
+  // -- reads -------------------------------------------------------------------------------
+  /** The room's recent messages, oldest first (`before`: ids below it, for paging back). */
+  async history(room: string, opts: { limit?: number; before?: number; timeout?: number } = {}): Promise<ChatMessage[]> {
+    const frame: Record<string, unknown> = { type: "history", room };
+    if (opts.limit !== undefined) frame.limit = opts.limit;
+    if (opts.before !== undefined) frame.before = opts.before;
+    const reply = await this.request<{ messages: ChatMessage[] }>(frame, "resend", opts.timeout);
+    return reply.messages;
+  }
+
+  /** The users in a room. */
+  async listUsers(room: string, opts: { timeout?: number } = {}): Promise<User[]> {
+    const reply = await this.request<{ users: User[] }>({ type: "list_users", room }, "resend", opts.timeout);
+    return reply.users;
+  }
+
+  // -- moderation (a token's `mod_rooms`) ---------------------------------------------------
+  /** Removes every connection of `userId` from `room` now (they get `removed`); resolves with the `moderated` reply. */
+  kick(room: string, userId: string, opts: { reason?: string; timeout?: number } = {}): Promise<ModeratedResult> {
+    const frame: Record<string, unknown> = { type: "kick", room, user_id: userId };
+    if (opts.reason !== undefined) frame.reason = opts.reason;
+    return this.moderate(frame, opts.timeout);
+  }
+
+  /** Mutes `userId` in `room` for `duration` seconds (omitted: until lifted). */
+  mute(room: string, userId: string, opts: { duration?: number; timeout?: number } = {}): Promise<ModeratedResult> {
+    const frame: Record<string, unknown> = { type: "mute", room, user_id: userId };
+    if (opts.duration !== undefined) frame.duration = opts.duration;
+    return this.moderate(frame, opts.timeout);
+  }
+
+  unmute(room: string, userId: string, opts: { timeout?: number } = {}): Promise<ModeratedResult> {
+    return this.moderate({ type: "unmute", room, user_id: userId }, opts.timeout);
+  }
+
+  private async moderate(frame: Record<string, unknown>, timeout?: number): Promise<ModeratedResult> {
+    const { type: _type, id: _id, ...reply } = await this.request<Record<string, unknown>>(frame, "reject", timeout);
+    return reply as ModeratedResult;
+  }
+
+  // -- typing ------------------------------------------------------------------------------
+  /**
+   * Call on every keystroke: sends `typing: true` (again every few seconds while typing goes
+   * on, so the server's own expiry never cuts in), and `typing: false` once no keystroke came
+   * for `typingTimeout`. `send` to the room ends it (the server clears it with the message).
+   */
+  typing(room: string): void {
+    if (this.rooms.get(room)?.state !== "joined" || !this.established) return;
+    const now = Date.now();
+    const idle = this.opts.typingTimeout ?? 3000;
+    const t = this.typingState.get(room);
+    if (t) clearTimeout(t.timer);
+    const again = !t || now - t.sentAt >= idle;
+    if (again) this.send_({ type: "typing", id: this.nextId(TYPING_PREFIX), room, status: true });
+    this.typingState.set(room, { sentAt: again ? now : t!.sentAt, timer: setTimeout(() => this.stopTyping(room), idle) });
+  }
+
+  /** Sends `typing: false` now if `typing(room)` was called and not yet ended. */
+  stopTyping(room: string): void {
+    this.clearTyping(room, true);
+  }
+
+  private clearTyping(room: string, tell = true): void {
+    const t = this.typingState.get(room);
+    if (!t) return;
+    clearTimeout(t.timer);
+    this.typingState.delete(room);
+    if (tell && this.rooms.get(room)?.state === "joined") {
+      this.send_({ type: "typing", id: this.nextId(TYPING_PREFIX), room, status: false });
+    }
+  }
+
+  // -- helpers -----------------------------------------------------------------------------
+  private setState(state: ConnectionState): void {
+    const previous = this._state;
+    if (previous === state) return;
+    this._state = state;
+    this.emit("state", { state, previous });
+  }
+
+  private clearTimer(name: keyof ChatClient["timers"]): void {
+    const t = this.timers[name];
+    if (t !== undefined) clearTimeout(t);
+    delete this.timers[name];
+  }
+}
+
+let cachedWebSocket: WebSocketConstructor | undefined;
+
+/** The WebSocket class: the option, the global (browsers, Node 22+), else `ws` (Node 20). */
+async function resolveWebSocket(given?: WebSocketConstructor): Promise<WebSocketConstructor> {
+  if (given) return given;
+  const global = (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+  if (global) return global;
+  if (!cachedWebSocket) {
+    // A variable specifier: bundlers targeting browsers leave it alone, Node resolves it.
+    const name = "ws";
+    const mod: any = await import(/* webpackIgnore: true */ /* @vite-ignore */ name);
+    cachedWebSocket = (mod.WebSocket ?? mod.default) as WebSocketConstructor;
+  }
+  return cachedWebSocket;
+}
+
+function withUsername(url: string, username?: string): string {
+  if (!username) return url;
+  const u = new URL(url);
+  u.searchParams.set("username", username);
+  return u.toString();
+}
+
+/** The `exp` of a JWT in ms, or null (not a JWT, no exp). The signature is the server's business. */
+export function jwtExpiry(token: string): number | null {
+  const part = token.split(".")[1];
+  if (!part) return null;
+  try {
+    const json = atob(part.replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(part.length / 4) * 4, "="));
+    const exp = JSON.parse(json).exp;
+    return typeof exp === "number" ? exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A random UUID v4 (crypto.randomUUID needs a secure context in browsers). */
+export function randomId(): string {
+  const c = (globalThis as { crypto?: Crypto }).crypto;
+  if (c?.randomUUID) {
+    try {
+      return c.randomUUID();
+    } catch {
+      /* not a secure context */
+    }
+  }
+  const bytes = new Uint8Array(16);
+  if (c?.getRandomValues) c.getRandomValues(bytes);
+  else for (let i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
+  bytes[6] = (bytes[6]! & 0x0f) | 0x40;
+  bytes[8] = (bytes[8]! & 0x3f) | 0x80;
+  const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/**
+ * Marks a promise as handled, so an app that fires `connect`, `join`, `send` or `dm` and
+ * forgets the promise never dies of an unhandled rejection; failures are `error` events too.
+ */
+function handled<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => {});
+  return p;
+}
+
+/** The server's room-name rule (README "Client -> server"), checked before a room is kept. */
+function validRoom(room: string): boolean {
+  return typeof room === "string" && /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(room);
+}
+
+function errorFrom(msg: { code?: unknown; message?: unknown; retry_after_ms?: unknown }): ChatError {
+  const { type: _type, id: _id, ...details } = msg as Record<string, unknown>;
+  return new ChatError(String(msg.code), String(msg.message ?? msg.code), {
+    retryAfterMs: typeof msg.retry_after_ms === "number" ? msg.retry_after_ms : undefined,
+    details,
+  });
+}
+
+function welcomeOf(w: Welcome & { id?: unknown; type?: unknown }): Welcome {
+  const { id: _id, type: _type, ...welcome } = w;
+  return welcome;
+}
+
+function toChatError(err: unknown, code: string): ChatError {
+  return err instanceof ChatError ? err : new ChatError(code, err instanceof Error ? err.message : String(err));
+}

@@ -1,0 +1,179 @@
+/** Wire types (README "Protocol reference") and the client's events. */
+import type { ChatError } from "./errors.js";
+
+export type ConnectionState = "disconnected" | "connecting" | "connected";
+export type RoomState = "joining" | "joined" | "left";
+
+export interface User {
+  user_id: string;
+  username: string;
+}
+
+/** A room message (`message` event); `id` is the room's gap-free sequence number. */
+export interface ChatMessage {
+  type: "message";
+  id: number;
+  room: string;
+  from: string;
+  user_id: string;
+  text: string;
+  timestamp: number;
+  client_msg_id?: string;
+}
+
+/** A direct message (`dm` event). */
+export interface DirectMessage {
+  type: "dm";
+  id: number;
+  from: string;
+  user_id: string;
+  to: string;
+  text: string;
+  timestamp: number;
+  client_msg_id?: string;
+}
+
+export interface PresenceEvent {
+  type: "presence";
+  room: string;
+  user: string;
+  user_id: string;
+  status: "online" | "offline";
+}
+
+export interface TypingEvent {
+  type: "typing";
+  room: string;
+  user: string;
+  user_id: string;
+  status: boolean;
+}
+
+/** The server's `welcome`: who this connection is. */
+export interface Welcome {
+  user_id: string;
+  username: string;
+  authenticated: boolean;
+  auth_required: boolean;
+  heartbeat_interval: number;
+  dm_backlog?: number;
+}
+
+/** The server's `joined` reply, as `join()` resolves and the `joined` event carries. */
+export interface JoinResult {
+  room: string;
+  users: User[];
+  last_id: number;
+  /** Present when the join carried `since` (a rejoin): false means messages were lost. */
+  recovered?: boolean;
+}
+
+export interface JoinedEvent extends JoinResult {
+  /** True when this was a rejoin with `since` (after a reconnect or a detected gap). */
+  rejoin: boolean;
+}
+
+export interface RecoveryFailedEvent {
+  room: string;
+  /** The last id seen before the loss. */
+  since: number;
+  /** The server's latest id at the rejoin. Reload `history(room)` to fill the hole. */
+  last_id: number;
+}
+
+/** The server removed this client from a room (a `left` it did not ask for): kicked, banned, membership revoked, or a rejoin refused. */
+export interface RemovedEvent {
+  room: string;
+  /** `kicked` or a moderator's reason, `banned`, `membership revoked`, `forbidden`. */
+  reason: string;
+  /** The moderator's user_id, or `api`. */
+  by?: string;
+  /** For a ban: until when (Unix ms; null: until lifted). */
+  until?: number | null;
+  note?: string;
+}
+
+/** `muted`: this user may read but not post or type in `room` (absent: anywhere) until `until` (Unix ms; null: until lifted). */
+export interface MutedEvent {
+  type: "muted";
+  room?: string;
+  until: number | null;
+  by?: string;
+}
+
+export interface UnmutedEvent {
+  type: "unmuted";
+  room?: string;
+}
+
+/** The reply to `kick`, `mute` and `unmute`. */
+export interface ModeratedResult {
+  action: "kick" | "mute" | "unmute";
+  room: string;
+  user_id: string;
+  until?: number | null;
+  lifted?: boolean;
+  [field: string]: unknown;
+}
+
+export interface StateEvent {
+  state: ConnectionState;
+  previous: ConnectionState;
+}
+
+export interface RoomStateEvent {
+  room: string;
+  state: RoomState;
+  previous: RoomState;
+}
+
+/** Emitted when a (re)connection attempt is scheduled. */
+export interface ConnectingEvent {
+  /** 0 for the first attempt after a connection was up. */
+  attempt: number;
+  /** ms until the attempt starts. */
+  delay: number;
+  /** Why the previous connection ended (absent on the first connect). */
+  code?: number;
+  reason?: string;
+}
+
+export interface DisconnectedEvent {
+  code: number;
+  reason: string;
+  /** Always false here: a disconnect with a reconnect ahead is a `connecting` event. */
+  reconnect: false;
+}
+
+export interface ClientEvents {
+  state: StateEvent;
+  connecting: ConnectingEvent;
+  connected: Welcome;
+  disconnected: DisconnectedEvent;
+  message: ChatMessage;
+  dm: DirectMessage;
+  presence: PresenceEvent;
+  typing: TypingEvent;
+  joined: JoinedEvent;
+  roomState: RoomStateEvent;
+  recoveryFailed: RecoveryFailedEvent;
+  removed: RemovedEvent;
+  muted: MutedEvent;
+  unmuted: UnmutedEvent;
+  /** A send the server acknowledged (also for sends restored from storage, which have no promise). */
+  ack: ChatMessage | DirectMessage;
+  error: ChatError;
+}
+
+/** The subset of the WebSocket API the client uses (browsers, Node 22+, `ws`). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: any) => void) | null;
+  onmessage: ((ev: { data: any }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: any) => void) | null;
+}
+
+export type WebSocketConstructor = new (url: string) => WebSocketLike;

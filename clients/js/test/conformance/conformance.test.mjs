@@ -1,0 +1,448 @@
+// The shared conformance scenarios (clients/conformance/README.md), against real wschat
+// servers and a real Redis started by the harness. Each asserts, from the app's side
+// (the client's events), that every acknowledged message is delivered to every member
+// exactly once and in id order.
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import WebSocket from "ws";
+import { ChatClient, memoryOutbox } from "../../dist/index.mjs";
+import { assertExactlyOnce, next, recorder, startHarness, TIMEOUT, until } from "../helpers.mjs";
+
+let harness;
+const clients = [];
+
+before(async () => {
+  harness = await startHarness();
+});
+
+after(async () => {
+  for (const c of clients) c.disconnect();
+  await harness?.close();
+});
+
+/** A client with short reconnect delays (the defaults are 0.5 s .. 20 s). */
+function client(url, options = {}) {
+  const c = new ChatClient({ url, WebSocket, minReconnectDelay: 100, maxReconnectDelay: 1000, ...options });
+  clients.push(c);
+  return c;
+}
+
+async function signedIn(url, sub, options = {}) {
+  const token = await harness.token(sub);
+  const c = client(url, { token, ...options });
+  const app = recorder(c);
+  await c.connect();
+  return { c, app };
+}
+
+/** Signed-in clients (`[url, sub]` each) joined to `room`, as `{name, c, app}`. */
+async function members(room, ...specs) {
+  const joined = [];
+  for (const [url, sub] of specs) {
+    const m = await signedIn(url, sub);
+    await m.c.join(room);
+    joined.push({ name: sub, ...m });
+  }
+  return joined;
+}
+
+/** `c` sends to `room` every `every` ms, each send awaited, until `stop()`; `acked` fills with the ids. */
+function steady(c, room, label, every = 20) {
+  const acked = [];
+  let on = true;
+  const done = (async () => {
+    for (let i = 0; on; i++) {
+      acked.push((await c.send(room, `${label} ${i}`)).id);
+      await new Promise((r) => setTimeout(r, every));
+    }
+  })();
+  return {
+    acked,
+    async stop() {
+      on = false;
+      await done;
+      return acked;
+    },
+  };
+}
+
+/** Every member has the last acknowledged message, and all of them exactly once, in order. */
+async function allDelivered(room, acked, who) {
+  acked.sort((x, y) => x - y);
+  for (const m of who) {
+    await until(() => m.app.ids(room).at(-1) === acked.at(-1), `${m.name} up to date`);
+    assertExactlyOnce(m.app, room, acked, 0, m.name);
+  }
+}
+
+/** Sends `n` messages from `c` to `room`, all at once; resolves with their ids. */
+async function burst(c, room, n, label) {
+  const acks = await Promise.all(Array.from({ length: n }, (_, i) => c.send(room, `${label} ${i}`)));
+  return acks.map((m) => m.id);
+}
+
+test("connect_and_welcome", async () => {
+  const s = await harness.server();
+  const token = await harness.token("alice");
+  const c = client(s.url, { token });
+  const states = [];
+  c.on("state", (e) => states.push(e.state));
+  const welcome = await c.connect();
+  assert.equal(c.state, "connected");
+  assert.deepEqual(states, ["connecting", "connected"]);
+  assert.equal(c.userId, "alice");
+  assert.equal(c.username, "ALICE");
+  assert.equal(welcome.authenticated, true);
+  assert.equal(c.authenticated, true);
+
+  const guest = client(s.url, { username: "visitor" });
+  await guest.connect();
+  assert.equal(guest.username, "visitor");
+  assert.match(guest.userId, /^guest-/);
+  assert.equal(guest.authenticated, false);
+
+  c.disconnect();
+  guest.disconnect();
+  assert.equal(c.state, "disconnected");
+});
+
+test("join_send_ack", async () => {
+  const s = await harness.server();
+  const a = await signedIn(s.url, "ann");
+  const b = await signedIn(s.url, "bob");
+  const joined = await a.c.join("general");
+  assert.equal(joined.last_id, 0);
+  assert.equal(a.c.roomState("general"), "joined");
+  await b.c.join("general");
+
+  const first = await a.c.send("general", "hello");
+  assert.equal(first.id, 1);
+  assert.equal(first.user_id, "ann");
+  const ids = [first.id, ...(await burst(a.c, "general", 19, "ann"))];
+  assert.deepEqual(ids, Array.from({ length: 20 }, (_, i) => i + 1));
+
+  await until(() => b.app.ids("general").length >= 20, "bob's 20 messages");
+  assertExactlyOnce(b.app, "general", ids, 0, "bob");
+  assertExactlyOnce(a.app, "general", ids, 0, "ann (own echoes)");
+  assert.equal(b.app.ids("general").length, 20);
+
+  const history = await b.c.history("general", { limit: 5 });
+  assert.deepEqual(history.map((m) => m.id), [16, 17, 18, 19, 20]);
+  const users = await a.c.listUsers("general");
+  assert.deepEqual(users.map((u) => u.user_id).sort(), ["ann", "bob"]);
+
+  const err = await a.c.join("no spaces allowed").catch((e) => e);
+  assert.equal(err.code, "invalid_room");
+  assert.equal(a.c.roomState("no spaces allowed"), "left");
+  await assert.rejects(a.c.send("elsewhere", "x"), { code: "not_in_room" });
+  // Presence and typing, as the server words them.
+  const online = next(a.c, "presence", (e) => e.user_id === "cid");
+  const [cid] = await members("general", [s.url, "cid"]);
+  assert.equal((await online).status, "online");
+  const typing = next(b.c, "typing", (e) => e.user_id === "cid");
+  cid.c.typing("general");
+  assert.equal((await typing).status, true);
+  const stopped = next(b.c, "typing", (e) => e.user_id === "cid");
+  cid.c.stopTyping("general");
+  assert.equal((await stopped).status, false);
+  const offline = next(a.c, "presence", (e) => e.user_id === "cid");
+  await cid.c.leave("general");
+  assert.equal((await offline).status, "offline");
+
+  const received = next(b.c, "dm");
+  const dm = await a.c.dm("bob", "psst");
+  assert.equal(dm.to, "bob");
+  assert.deepEqual(await received, dm);
+});
+
+test("recovery_after_server_close", async () => {
+  const s = await harness.server({ backend: "redis" });
+  const p = await harness.server({ backend: "redis" });
+  const room = "recovery";
+  const [c, pub] = await members(room, [s.url, "carol"], [p.url, "pete"]);
+  const acked = await burst(pub.c, room, 5, "before");
+  await until(() => c.app.ids(room).length === 5, "the first five");
+
+  const rejoined = next(c.c, "joined", (e) => e.room === room && e.rejoin);
+  const closed = next(c.c, "connecting");
+  await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
+  assert.equal((await closed).code, 1001);
+  for (let i = 0; i < 20; i++) acked.push((await pub.c.send(room, `during ${i}`)).id);
+  await harness.call(`/servers/${s.id}/start`);
+  const joined = await rejoined;
+  assert.equal(joined.recovered, true);
+  acked.push(...(await burst(pub.c, room, 5, "after")));
+  await until(() => c.app.ids(room).at(-1) === acked.at(-1), "every message at carol");
+  assertExactlyOnce(c.app, room, acked, 0, "carol");
+  assert.equal(c.app.events.filter((e) => e.event === "recoveryFailed").length, 0);
+});
+
+test("rolling_restart", async () => {
+  const a = await harness.server({ backend: "redis" });
+  const b = await harness.server({ backend: "redis" });
+  const room = "rolling";
+  // The URL function: A first, then B (as a load balancer would once A is gone).
+  const urlFor = () => {
+    let calls = 0;
+    return () => (calls++ === 0 ? a.url : b.url);
+  };
+  const movers = await members(room, [urlFor(), "m1"], [urlFor(), "m2"], [urlFor(), "m3"]);
+  const [pub] = await members(room, [b.url, "publisher"]);
+  const publisher = steady(pub.c, room, "tick");
+  // A member that sends through the restart too: its sends wait in the outbox (not awaited
+  // one by one, so they pile up while it moves).
+  const memberSends = [];
+  let sending = true;
+  const sender = (async () => {
+    for (let i = 0; sending; i++) {
+      memberSends.push(movers[0].c.send(room, `member ${i}`));
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  })();
+  await until(() => publisher.acked.length >= 10, "ten messages before the restart");
+  const moved = movers.map((m) => next(m.c, "joined", (e) => e.room === room && e.rejoin));
+  await harness.call(`/servers/${a.id}/stop`, { signal: "TERM" });
+  const rejoins = await Promise.all(moved);
+  for (const j of rejoins) assert.equal(j.recovered, true);
+  const afterMove = publisher.acked.length;
+  await until(() => publisher.acked.length >= afterMove + 10, "ten messages after the move");
+  sending = false;
+  const acked = await publisher.stop();
+  await sender;
+  for (const m of await Promise.all(memberSends)) acked.push(m.id);
+  await allDelivered(room, acked, [...movers, pub]);
+});
+
+test("redis_restart", async () => {
+  const s = await harness.server({ backend: "redis" });
+  const room = "outage";
+  const [a, b] = await members(room, [s.url, "alba"], [s.url, "bert"]);
+  const before = await burst(a.c, room, 5, "before");
+
+  await harness.call("/redis/stop");
+  const during = Array.from({ length: 10 }, (_, i) => a.c.send(room, `during ${i}`));
+  // The server answers `unavailable`; the sends stay in the outbox, retried.
+  await until(() => a.c.pending.length === 10, "ten sends waiting");
+  await new Promise((r) => setTimeout(r, 1000)); // an outage of a second at least
+  assert.equal(a.c.pending.length, 10);
+  await harness.call("/redis/start");
+  const acked = [...before, ...(await Promise.all(during)).map((m) => m.id)];
+  assert.equal(a.c.pending.length, 0);
+  for (let i = 1; i < acked.length; i++) assert.ok(acked[i] > acked[i - 1], `ids went back: ${acked}`);
+  const last = (await a.c.send(room, "after")).id;
+  acked.push(last);
+  for (const [name, m] of [["alba", a], ["bert", b]]) {
+    await until(() => m.app.ids(room).at(-1) === last, `${name} up to date`);
+    assertExactlyOnce(m.app, room, acked, 0, name, { contiguous: false });
+  }
+});
+
+test("kill_worker", async () => {
+  const s = await harness.server({ backend: "redis", workers: 2 });
+  const room = "crash";
+  const all = await members(room, ...Array.from({ length: 8 }, (_, i) => [s.url, `k${i}`]));
+  // A publisher keeps sending (every send awaited) through the kill and past the rejoins.
+  const publisher = steady(all[0].c, room, "tick");
+  await until(() => publisher.acked.length >= 5, "five messages before the kill");
+  // The kernel may have handed every connection to one worker: if the first victim held
+  // none, the next kill takes the other original worker (the harness kills the lowest pid).
+  const cut = (m) => m.app.events.some((e) => e.event === "connecting" && e.payload.code === 1006);
+  let moved = [];
+  for (let kill = 0; kill < 2 && moved.length === 0; kill++) {
+    await harness.call(`/servers/${s.id}/kill-worker`);
+    const found = () => (all.some(cut) ? all.filter(cut) : null);
+    moved = await until(found, "a client on the killed worker", 2000).catch(() => []);
+  }
+  assert.ok(moved.length >= 1, "no client was on either killed worker");
+  await until(() => moved.every((m) => m.c.roomState(room) === "joined"), "the rejoins");
+  const rejoined = publisher.acked.length;
+  // Every member sends once more: those that were on the dead worker from a new connection.
+  const sends = all.map((m) => m.c.send(room, `after from ${m.name}`));
+  await until(() => publisher.acked.length >= rejoined + 10, "ten messages after the rejoins");
+  const acked = await publisher.stop();
+  for (const m of await Promise.all(sends)) acked.push(m.id);
+  await allDelivered(room, acked, all);
+});
+
+test("token_refresh", async () => {
+  const s = await harness.server();
+  const ttl = 4;
+  const calls = [];
+  const getToken = async () => {
+    calls.push(Date.now());
+    return harness.token("tess", ttl);
+  };
+  const c = client(s.url, { getToken });
+  const app = recorder(c);
+  await c.connect();
+  await c.join("tokens");
+  assert.equal(calls.length, 1);
+  // Past the first token's expiry plus the server's 5 s JWT_LEEWAY: refreshed in time, never closed.
+  const firstExpiry = calls[0] + ttl * 1000 + 5000;
+  await until(() => calls.length >= 3, "two refreshes", 4 * ttl * 1000 + TIMEOUT);
+  await until(() => Date.now() > firstExpiry + 1000, "the first token's end", 2 * TIMEOUT);
+  assert.ok((await c.listUsers("tokens")).some((u) => u.user_id === "tess"), "the session still answers");
+  const closes = app.events.filter((e) => e.event === "connecting" && e.payload.code !== undefined);
+  assert.deepEqual(closes, []);
+  assert.ok(!app.events.some((e) => e.event === "error" && e.payload.code === "token_expired"));
+  assert.equal(c.state, "connected");
+  assert.equal((await c.send("tokens", "still here")).user_id, "tess");
+
+  // A reconnect asks the callback again.
+  const before = calls.length;
+  await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
+  await harness.call(`/servers/${s.id}/start`);
+  await until(() => c.state === "connected" && calls.length > before, "a reconnect with a fresh token");
+  assert.equal(c.userId, "tess");
+});
+
+test("outbox_resend", async () => {
+  const s = await harness.server();
+  const room = "outbox";
+  // The test holds the client's sockets so it can cut them without a close handshake.
+  const sockets = [];
+  class Tapped extends WebSocket {
+    constructor(url) {
+      super(url);
+      sockets.push(this);
+    }
+    send(data) {
+      if (["message", "dm"].includes(JSON.parse(data).type)) framesSent++;
+      super.send(data);
+    }
+  }
+  let framesSent = 0;
+  const a = await signedIn(s.url, "otto", { WebSocket: Tapped });
+  const b = await signedIn(s.url, "olga");
+  await a.c.join(room);
+  await b.c.join(room);
+
+  const bobDms = [];
+  b.c.on("dm", (m) => bobDms.push(m.id));
+
+  // Sends in flight when the socket is cut: some reach the server, their echo is lost.
+  // A rejoin's replay acknowledges room messages that arrived; DMs have no replay, so
+  // theirs are resent and the server's dedupe answers with the original.
+  const dmsInFlight = Array.from({ length: 10 }, (_, i) => a.c.dm("olga", `dm ${i}`));
+  const inFlight = Array.from({ length: 20 }, (_, i) => a.c.send(room, `cut ${i}`));
+  await until(() => sockets.at(-1).bufferedAmount === 0, "the sends on the wire");
+  const lost = next(a.c, "connecting");
+  sockets.at(-1)._socket.destroy();
+  const reconnected = next(a.c, "connected");
+  // Sends made while disconnected wait in the outbox and go out in order after the reconnect.
+  assert.equal((await lost).code, 1006);
+  assert.equal(a.c.state, "connecting");
+  const offline = Array.from({ length: 5 }, (_, i) => a.c.send(room, `offline ${i}`));
+  await reconnected;
+  const cut = await Promise.all(inFlight);
+  const dms = (await Promise.all(dmsInFlight)).map((m) => m.id);
+  assert.equal(new Set(dms).size, 10, "a DM acknowledged twice under two ids");
+  await until(() => bobDms.length >= 10, "olga's ten DMs");
+  assert.deepEqual([...bobDms].sort((x, y) => x - y), [...dms].sort((x, y) => x - y), "DMs lost or doubled");
+  const queued = await Promise.all(offline);
+  const acked = [...cut, ...queued].map((m) => m.id);
+  assert.equal(new Set(acked).size, 25, "a send acknowledged twice under two ids");
+  const offlineIds = queued.map((m) => m.id);
+  assert.deepEqual(offlineIds, [...offlineIds].sort((x, y) => x - y), "offline sends out of order");
+  assert.ok(Math.min(...offlineIds) > Math.max(...cut.map((m) => m.id)), "offline sends before older ones");
+  assert.equal(a.c.pending.length, 0);
+  const texts = (await b.c.history(room, { limit: 100 })).map((m) => m.text);
+  assert.equal(texts.length, 25, `the server stored ${texts.length} messages: ${texts}`);
+  // Resends happened (the cut lost echoes), and the server kept each message once.
+  assert.ok(framesSent > 35, `nothing was resent (${framesSent} frames)`);
+  for (const [name, m] of [["otto", a], ["olga", b]]) {
+    await until(() => m.app.ids(room).length === 25, `${name}'s 25 messages`);
+    assertExactlyOnce(m.app, room, acked, 0, name);
+  }
+});
+
+test("outbox_resend across a page reload (persisted outbox)", async () => {
+  const s = await harness.server();
+  const room = "reload";
+  const store = memoryOutbox();
+  const token = await harness.token("rita");
+  const b = await signedIn(s.url, "rolf");
+  await b.c.join(room);
+  const before = client(s.url, { token, outboxStorage: store });
+  await before.connect();
+  await before.join(room);
+  // The page sends, then goes away before any echo arrives (the sends did reach the server).
+  for (let i = 0; i < 10; i++) void before.send(room, `reload ${i}`).catch(() => {});
+  assert.equal(store.entries.length, 10);
+  before.disconnect();
+
+  const after = client(s.url, { token, outboxStorage: store });
+  const app = recorder(after);
+  const acks = [];
+  after.on("ack", (m) => acks.push(m));
+  await after.connect();
+  await after.join(room);
+  await until(() => acks.length === 10, "the restored sends acknowledged");
+  assert.equal(store.entries.length, 0);
+  assert.deepEqual(acks.map((m) => m.text), Array.from({ length: 10 }, (_, i) => `reload ${i}`));
+  const ids = acks.map((m) => m.id);
+  // The new page shows only what came after its join: each once, in order (the server may
+  // have taken the old page's last sends after the new page joined, or only from the resend).
+  const shown = app.ids(room);
+  assert.deepEqual(shown, [...new Set(shown)].sort((x, y) => x - y));
+  assert.ok(shown.every((id) => ids.includes(id)));
+  await until(() => b.app.ids(room).length === 10, "rolf's ten messages");
+  assertExactlyOnce(b.app, room, ids, 0, "rolf");
+  assert.equal((await b.c.history(room)).length, 10, "the server stored a resend twice");
+});
+
+/** An HS256 JWT with extra claims (the harness's /token signs only sub, name and ttl). */
+function signed(claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ exp: Math.floor(Date.now() / 1000) + 3600, ...claims })}`;
+  return `${body}.${createHmac("sha256", harness.secret).update(body).digest("base64url")}`;
+}
+
+test("moderation against the server: kick is a removed room, mute rejects sends", async () => {
+  const s = await harness.server();
+  const room = "moderated";
+  const mod = client(s.url, { token: signed({ sub: "mia", name: "Mia", mod_rooms: [room] }) });
+  await mod.connect();
+  await mod.join(room);
+  const [user] = await members(room, [s.url, "ulf"]);
+  const removed = next(user.c, "removed");
+  assert.deepEqual(await mod.kick(room, "ulf", { reason: "spam" }), { action: "kick", room, user_id: "ulf" });
+  const event = await removed;
+  assert.equal(event.room, room);
+  assert.equal(event.reason, "spam");
+  assert.equal(event.by, "mia");
+  assert.equal(user.c.roomState(room), "left");
+  await assert.rejects(user.c.send(room, "still here?"), { code: "not_in_room" });
+
+  await user.c.join(room); // a kick is not a ban
+  const muted = next(user.c, "muted");
+  const reply = await mod.mute(room, "ulf", { duration: 60 });
+  assert.equal(reply.action, "mute");
+  assert.ok(reply.until > Date.now());
+  assert.equal((await muted).room, room);
+  const err = await user.c.send(room, "let me speak").catch((e) => e);
+  assert.equal(err.code, "muted");
+  assert.equal(err.details.until, reply.until);
+  assert.equal(user.c.pending.length, 0);
+  await mod.unmute(room, "ulf");
+  assert.equal((await user.c.send(room, "thanks")).text, "thanks");
+  await assert.rejects(user.c.kick(room, "mia"), { code: "forbidden" });
+});
+
+test("memory server restart: its ids start over, and the clients follow", async () => {
+  const s = await harness.server();
+  const room = "amnesia";
+  const [a, b] = await members(room, [s.url, "amy"], [s.url, "ben"]);
+  await burst(a.c, room, 5, "before");
+  await until(() => b.app.ids(room).length === 5, "ben's five");
+  const forgotten = [a, b].map((m) => next(m.c, "recoveryFailed", (e) => e.room === room));
+  await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
+  await harness.call(`/servers/${s.id}/start`);
+  await Promise.all(forgotten);
+  const after = await burst(a.c, room, 3, "after");
+  assert.deepEqual(after, [1, 2, 3]);
+  await until(() => b.app.ids(room).length === 8, "ben's three new messages");
+  assert.deepEqual(b.app.ids(room), [1, 2, 3, 4, 5, 1, 2, 3]);
+  assert.equal(b.app.text(room, 3), "after 2");
+});

@@ -1,0 +1,8 @@
+// Compiled by the build: an ES module importing the package by its name (self-reference).
+import { ChatClient, ChatError, webStorageOutbox, type ChatMessage, type RemovedEvent } from "wschat-client";
+
+const chat = new ChatClient({ url: "ws://localhost:8080/ws", username: "alice", outboxStorage: webStorageOutbox() });
+chat.on("message", (m: ChatMessage) => m.id + 1);
+chat.on("removed", (e: RemovedEvent) => e.reason.toUpperCase());
+chat.on("error", (e) => (e instanceof ChatError ? e.code : ""));
+export const sent: Promise<ChatMessage> = chat.send("general", "hi");

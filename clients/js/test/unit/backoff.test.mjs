@@ -1,0 +1,27 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { backoffDelay, closePolicy, PAUSE_DELAY } from "../../dist/index.mjs";
+
+test("backoff: full jitter between 0 and min(max, min * 2^attempt)", () => {
+  const top = () => 0.999999;
+  const caps = [0, 1, 2, 3, 4, 5, 6, 10, 50].map((n) => backoffDelay(n, { random: top }));
+  assert.deepEqual(caps, [499, 999, 1999, 3999, 7999, 15999, 19999, 19999, 19999]);
+  for (let n = 0; n < 12; n++) assert.equal(backoffDelay(n, { random: () => 0 }), 0);
+  assert.equal(backoffDelay(3, { random: () => 0.5 }), 2000);
+  assert.equal(backoffDelay(2, { minDelay: 100, maxDelay: 300, random: top }), 299);
+});
+
+test("backoff: the delays spread (no reconnect storm)", () => {
+  const delays = Array.from({ length: 1000 }, () => backoffDelay(0));
+  assert.ok(Math.min(...delays) >= 0 && Math.max(...delays) < 500);
+  const buckets = new Set(delays.map((d) => Math.floor(d / 50)));
+  assert.equal(buckets.size, 10, "a thousand first attempts fall into every 50 ms slot of the first 500 ms");
+});
+
+test("close codes: which reconnect, which pause, which need a token, which stop", () => {
+  for (const code of [1000, 1001, 1005, 1006, 1011, 1012, 1013, 4100, 4150]) assert.equal(closePolicy(code), "reconnect", `${code}`);
+  for (const code of [4101, 4102]) assert.equal(closePolicy(code), "pause", `${code}`);
+  for (const code of [4001, 4002]) assert.equal(closePolicy(code), "token", `${code}`);
+  for (const code of [1002, 1003, 1007, 1008, 1009, 1010, 4000, 4003, 4099, 4200, 4999]) assert.equal(closePolicy(code), "terminal", `${code}`);
+  assert.ok(PAUSE_DELAY >= 1000);
+});

@@ -1,0 +1,507 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { ChatClient, jwtExpiry, randomId } from "../../dist/index.mjs";
+import { FakeServer, fakeToken, tick } from "./fake-server.mjs";
+
+function setup(options = {}) {
+  const server = new FakeServer();
+  const c = new ChatClient({ url: "ws://fake/ws", WebSocket: server.WebSocket, minReconnectDelay: 10, random: () => 0.5, ...options });
+  const log = [];
+  for (const e of ["state", "connecting", "connected", "disconnected", "joined", "roomState", "recoveryFailed", "removed", "error"]) {
+    c.on(e, (p) => log.push([e, p]));
+  }
+  const messages = [];
+  c.on("message", (m) => messages.push(m.id));
+  return { server, c, log, messages, events: (name) => log.filter(([e]) => e === name).map(([, p]) => p) };
+}
+
+const until = async (pred, what) => {
+  for (let i = 0; i < 400; i++) {
+    if (pred()) return;
+    await tick(5);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+};
+
+test("state machine: disconnected -> connecting -> connected, reconnect on 1006, stop on disconnect()", async () => {
+  const { server, c, events } = setup();
+  assert.equal(c.state, "disconnected");
+  await c.connect();
+  assert.deepEqual(events("state").map((e) => e.state), ["connecting", "connected"]);
+  server.drop(server.last, 1006);
+  assert.equal(c.state, "connecting");
+  const [lost] = events("connecting").filter((e) => e.code === 1006);
+  assert.equal(lost.attempt, 1);
+  assert.equal(lost.delay, 5, "full jitter: 0.5 x min(max, 10 ms x 2^0)");
+  await until(() => c.state === "connected", "the reconnect");
+  assert.equal(server.sockets.length, 2);
+  c.disconnect();
+  assert.equal(c.state, "disconnected");
+  assert.deepEqual(events("disconnected"), [{ code: 1000, reason: "client disconnect", reconnect: false }]);
+  assert.equal(server.last.closedWith.code, 1000);
+  await tick(30);
+  assert.equal(server.sockets.length, 2, "no reconnect after disconnect()");
+});
+
+test("state machine: terminal close codes stop, 41xx and 1001 reconnect", async () => {
+  for (const [code, again] of [[1001, true], [4100, true], [1008, false], [1009, false], [4001, false], [4002, false], [4003, false]]) {
+    const { server, c, events } = setup();
+    await c.connect();
+    server.drop(server.last, code, "why");
+    await tick(40);
+    if (again) {
+      assert.equal(c.state, "connected", `${code} reconnects`);
+      assert.equal(server.sockets.length, 2);
+    } else {
+      assert.equal(c.state, "disconnected", `${code} stops`);
+      assert.equal(server.sockets.length, 1);
+      assert.equal(events("error").at(-1).closeCode, code);
+      assert.equal(events("disconnected").at(-1).code, code);
+    }
+    c.disconnect();
+  }
+});
+
+test("state machine: exponential backoff while the server stays away; attempts counted", async () => {
+  const { server, c, events } = setup({ random: () => 0.999 });
+  await c.connect();
+  // Every new socket is refused at once.
+  server.accept = (ws) => {
+    ws.readyState = 3;
+    ws.onclose?.({ code: 1006, reason: "" });
+  };
+  server.drop(server.last, 1006);
+  await until(() => events("connecting").length >= 4, "four attempts");
+  c.disconnect();
+  const delays = events("connecting").slice(0, 3).map((e) => e.delay);
+  assert.deepEqual(delays, [9, 19, 39]);
+});
+
+test("state machine: 4102 waits the pause and the server's retry_after_ms", async () => {
+  const { server, c, events } = setup();
+  await c.connect();
+  server.push(server.last, { type: "error", code: "rate_limited", message: "flood", retry_after_ms: 7000 });
+  server.drop(server.last, 4102, "flooding");
+  const e = events("connecting").at(-1);
+  assert.equal(e.code, 4102);
+  assert.ok(e.delay >= 6900, `delay ${e.delay}`);
+  c.disconnect();
+});
+
+test("state machine: the URL function is asked for every attempt", async () => {
+  const server = new FakeServer();
+  const asked = [];
+  const c = new ChatClient({
+    url: ({ attempt }) => {
+      asked.push(attempt);
+      return `ws://fake/${asked.length}`;
+    },
+    WebSocket: server.WebSocket,
+    minReconnectDelay: 1,
+  });
+  await c.connect();
+  server.drop(server.last, 1001);
+  await until(() => c.state === "connected" && server.sockets.length === 2, "the reconnect");
+  assert.deepEqual(server.sockets.map((s) => s.url), ["ws://fake/1", "ws://fake/2"]);
+  assert.deepEqual(asked, [0, 1]);
+  c.disconnect();
+});
+
+test("guest username goes on the URL; a token goes in an auth message, never the URL", async () => {
+  const g = setup({ username: "zoe" });
+  await g.c.connect();
+  assert.equal(new URL(g.server.last.url).searchParams.get("username"), "zoe");
+  g.c.disconnect();
+  const t = setup({ token: fakeToken("ada"), username: "ignored" });
+  await t.c.connect();
+  assert.equal(t.server.last.url, "ws://fake/ws");
+  assert.equal(t.server.last.sent[0].type, "auth");
+  assert.equal(t.c.userId, "ada");
+  t.c.disconnect();
+});
+
+test("rooms: rejoined with since after a reconnect; joining/joined/left states", async () => {
+  const { server, c, events, messages } = setup();
+  await c.connect();
+  const joined = await c.join("r");
+  assert.equal(joined.last_id, 0);
+  server.post("r", "a");
+  server.post("r", "b");
+  await tick();
+  assert.deepEqual(messages, [1, 2]);
+  server.drop(server.last, 1006);
+  assert.equal(c.roomState("r"), "joining");
+  server.post("r", "c"); // while the client is away
+  await until(() => c.roomState("r") === "joined" && messages.length === 3, "the rejoin");
+  const join = server.last.sent.find((f) => f.type === "join");
+  assert.equal(join.since, 2);
+  assert.deepEqual(messages, [1, 2, 3]);
+  assert.equal(events("joined").at(-1).rejoin, true);
+  assert.equal(events("joined").at(-1).recovered, true);
+  await c.leave("r");
+  assert.equal(c.roomState("r"), "left");
+  assert.deepEqual(events("roomState").map((e) => e.state), ["joining", "joined", "joining", "joined", "left"]);
+  c.disconnect();
+});
+
+test("gap detection: an id that is not last+1 rejoins with since; doubles are dropped", async () => {
+  const { server, c, messages } = setup();
+  await c.connect();
+  await c.join("r");
+  const ws = server.last;
+  server.post("r", "1");
+  server.post("r", "2");
+  // 3 and 4 are stored but never reach this socket; 5 does.
+  server.room("r").members.delete(ws);
+  server.post("r", "3");
+  server.post("r", "4");
+  server.room("r").members.add(ws);
+  server.post("r", "5");
+  await until(() => messages.length === 5, "the replay");
+  assert.deepEqual(messages, [1, 2, 3, 4, 5]);
+  const joins = ws.sent.filter((f) => f.type === "join");
+  assert.deepEqual(joins.map((j) => j.since), [undefined, 2]);
+  // A double (a replayed message seen again) is never surfaced twice.
+  server.push(ws, server.room("r").messages[3]);
+  server.post("r", "6");
+  await until(() => messages.length === 6, "message 6");
+  assert.deepEqual(messages, [1, 2, 3, 4, 5, 6]);
+  c.disconnect();
+});
+
+test("recovery: recovered:false is an event, and the stream resumes from the server's history", async () => {
+  const { server, c, events, messages } = setup();
+  server.replies.push((ws, f) => {
+    if (f.type !== "join" || f.since === undefined) return false;
+    server.push(ws, { type: "joined", id: f.id, room: f.room, users: [], last_id: 40, recovered: false });
+    server.push(ws, { type: "message", id: 40, room: f.room, from: "x", user_id: "x", text: "kept", timestamp: 1 });
+    return true;
+  });
+  await c.connect();
+  await c.join("r", { since: 7 });
+  await until(() => messages.length === 1, "the first kept message");
+  assert.deepEqual(events("recoveryFailed"), [{ room: "r", since: 7, last_id: 40 }]);
+  assert.deepEqual(messages, [40]);
+  assert.equal(c.lastId("r"), 40);
+  c.disconnect();
+});
+
+test("sends: resent after a lost echo, resolved once by the deduplicated echo", async () => {
+  const { server, c } = setup({ token: fakeToken("u") });
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true;
+  const p = c.send("r", "hello");
+  await until(() => server.room("r").messages.length === 1, "the message stored");
+  server.holdEchoes = false;
+  server.room("r").messages.length = 0; // the replay will not carry it: only the dedupe can answer
+  server.drop(server.last, 1006);
+  const m = await p;
+  assert.equal(m.id, 1);
+  assert.equal(m.text, "hello");
+  assert.equal(server.last.sent.filter((f) => f.type === "message").length, 1, "resent on the new socket");
+  c.disconnect();
+});
+
+test("sends: a send before connect waits in the outbox; send to an unknown room rejects", async () => {
+  const { c } = setup();
+  await assert.rejects(c.send("nowhere", "x"), { code: "not_in_room" });
+  const joining = c.join("r");
+  const early = c.send("r", "early");
+  assert.equal(c.pending.length, 1);
+  void c.connect();
+  await joining;
+  assert.equal((await early).id, 1);
+  c.disconnect();
+});
+
+test("sends: the timeout rejects the promise but the send stays queued and is still delivered", async () => {
+  const { server, c } = setup({ sendTimeout: 20 });
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true;
+  const acks = [];
+  c.on("ack", (m) => acks.push(m.text));
+  await assert.rejects(c.send("r", "slow"), { code: "timeout" });
+  assert.equal(c.pending.length, 1);
+  server.holdEchoes = false;
+  server.push(server.last, server.room("r").messages[0]);
+  assert.deepEqual(acks, ["slow"]);
+  assert.equal(c.pending.length, 0);
+  c.disconnect();
+});
+
+test("requests: history and listUsers answer; a timeout rejects with code timeout; errors carry the code", async () => {
+  const { server, c } = setup({ requestTimeout: 50 });
+  await c.connect();
+  await c.join("r");
+  await c.send("r", "x");
+  assert.deepEqual((await c.history("r")).map((m) => m.text), ["x"]);
+  assert.equal((await c.listUsers("r")).length, 1);
+  server.replies.push((ws, f) => f.type === "history" && f.room === "silent");
+  await assert.rejects(c.history("silent"), { code: "timeout" });
+  server.replies.push((ws, f) => {
+    if (f.type !== "list_users") return false;
+    server.push(ws, { type: "error", id: f.id, code: "invalid_room", message: "bad" });
+    return true;
+  });
+  await assert.rejects(c.listUsers("r"), (e) => e.code === "invalid_room" && e.name === "ChatError");
+  c.disconnect();
+});
+
+test("token: refreshed before expiry with getToken, and fetched again for every connection", async () => {
+  let calls = 0;
+  const { server, c } = setup({
+    getToken: () => {
+      calls++;
+      return fakeToken("tina", 0.2);
+    },
+    tokenRefreshMargin: 100,
+  });
+  await c.connect();
+  assert.equal(calls, 1);
+  await until(() => server.last.sent.filter((f) => f.type === "auth").length >= 3, "two refreshes");
+  assert.ok(calls >= 3);
+  server.drop(server.last, 4002, "token expired");
+  await until(() => server.sockets.length === 2 && c.state === "connected", "a reconnect with a fresh token");
+  assert.equal(c.userId, "tina");
+  c.disconnect();
+  assert.equal(jwtExpiry(fakeToken("x", 10)) > Date.now() + 9000, true);
+  assert.equal(jwtExpiry("not a jwt"), null);
+});
+
+test("token: getToken returning null stops the client", async () => {
+  const { c, events } = setup({ getToken: () => null });
+  await assert.rejects(c.connect(), { code: "closed" });
+  assert.equal(c.state, "disconnected");
+  assert.equal(events("error").at(-1).code, "token");
+});
+
+test("typing: one true while typing goes on, false after the idle timeout; send ends it silently", async () => {
+  const { server, c } = setup({ typingTimeout: 40 });
+  await c.connect();
+  await c.join("r");
+  const typing = () => server.last.sent.filter((f) => f.type === "typing").map((f) => f.status);
+  c.typing("r");
+  c.typing("r");
+  c.typing("r");
+  assert.deepEqual(typing(), [true]);
+  await until(() => typing().length === 2, "the idle timeout");
+  assert.deepEqual(typing(), [true, false]);
+  c.typing("r");
+  await c.send("r", "done");
+  await tick(60);
+  assert.deepEqual(typing(), [true, false, true], "the server clears typing with the message");
+  c.typing("r");
+  c.stopTyping("r");
+  assert.deepEqual(typing(), [true, false, true, true, false]);
+  c.disconnect();
+});
+
+test("dm: doubles (same id) are surfaced once", async () => {
+  const { server, c } = setup();
+  const dms = [];
+  c.on("dm", (m) => dms.push(m.id));
+  await c.connect();
+  const m = await c.dm("someone", "hi");
+  server.push(server.last, m);
+  await tick();
+  assert.deepEqual(dms, [1]);
+  c.disconnect();
+});
+
+test("randomId: UUID v4 shaped and distinct", () => {
+  const ids = new Set(Array.from({ length: 100 }, () => randomId()));
+  assert.equal(ids.size, 100);
+  for (const id of ids) assert.match(id, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+});
+
+test("rooms: a join the server refuses rejects with its code and leaves nothing behind", async () => {
+  const { server, c, events } = setup();
+  server.replies.push((ws, f) => {
+    if (f.type !== "join") return false;
+    server.push(ws, { type: "error", id: f.id, code: "too_many_rooms", message: "at most 100" });
+    return true;
+  });
+  await c.connect();
+  const queued = c.join("r101");
+  const send = c.send("r101", "never");
+  await assert.rejects(queued, { code: "too_many_rooms" });
+  await assert.rejects(send, { code: "too_many_rooms" });
+  assert.equal(c.roomState("r101"), "left");
+  assert.deepEqual(c.pending, []);
+  assert.equal(events("error").at(-1).code, "too_many_rooms");
+  await assert.rejects(c.join("bad room"), { code: "invalid_room" });
+  c.disconnect();
+});
+
+test("unhandled: promises an app forgets never crash it", async () => {
+  const { c } = setup({ requestTimeout: 10 });
+  void c.connect();
+  void c.join("x y");
+  void c.send("nowhere", "x");
+  c.disconnect();
+  await tick(30);
+});
+
+test("heartbeat: a socket that answers nothing is given up and replaced", async () => {
+  const { server, c, events } = setup({ pongTimeout: 30 });
+  server.handle = () => {}; // deaf: never answers again
+  server.accept = function (ws) {
+    ws.readyState = 1;
+    this.push(ws, { type: "welcome", user_id: "g", username: "g", authenticated: false, auth_required: false, heartbeat_interval: 0.05 });
+  };
+  await c.connect();
+  await until(() => events("connecting").some((e) => e.reason === "no answer to ping"), "the ping timeout");
+  assert.ok(server.sockets[0].sent.some((f) => f.type === "ping"));
+  assert.equal(server.sockets[0].closedWith.code, 4000);
+  c.disconnect();
+});
+
+test("browser: the online event ends the backoff wait at once", async () => {
+  const listeners = new Map();
+  globalThis.window = globalThis;
+  globalThis.addEventListener = (type, fn) => listeners.set(type, fn);
+  globalThis.removeEventListener = (type) => listeners.delete(type);
+  try {
+    const { server, c } = setup({ minReconnectDelay: 60_000, random: () => 0.99 });
+    await c.connect();
+    assert.equal(typeof listeners.get("online"), "function");
+    server.drop(server.last, 1006);
+    await tick(20);
+    assert.equal(server.sockets.length, 1, "waiting out the backoff");
+    listeners.get("online")();
+    await until(() => c.state === "connected", "the reconnect on online");
+    assert.equal(server.sockets.length, 2);
+    c.disconnect();
+    assert.equal(listeners.has("online"), false, "the listener goes with disconnect()");
+  } finally {
+    delete globalThis.window;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
+
+test("moderation: a left the client did not ask for removes the room for good", async () => {
+  const { server, c, events } = setup();
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true;
+  const inFlight = c.send("r", "on the wire");
+  await tick(10);
+  server.push(server.last, { type: "left", room: "r", reason: "kicked", by: "mod1" });
+  assert.deepEqual(events("removed"), [{ room: "r", reason: "kicked", by: "mod1" }]);
+  assert.equal(c.roomState("r"), "left");
+  await assert.rejects(c.send("r", "after"), { code: "not_in_room" });
+  // The send already on the wire is answered by the server: not_in_room, rejected.
+  server.push(server.last, { type: "error", id: server.last.sent.find((f) => f.type === "message").id, code: "not_in_room", message: "no" });
+  await assert.rejects(inFlight, { code: "not_in_room" });
+  server.drop(server.last, 1006);
+  await until(() => c.state === "connected", "the reconnect");
+  await tick(10);
+  assert.equal(server.last.sent.filter((f) => f.type === "join").length, 0, "a removed room is not rejoined");
+  c.disconnect();
+});
+
+test("moderation: a refused rejoin (banned) is a removed event; muted errors carry until", async () => {
+  const { server, c, events } = setup();
+  await c.connect();
+  await c.join("r");
+  server.replies.push((ws, f) => {
+    if (f.type === "join" && f.since !== undefined) {
+      server.push(ws, { type: "error", id: f.id, code: "forbidden", message: "banned", room: f.room, reason: "banned", until: 123 });
+      return true;
+    }
+    if (f.type === "message" && f.room === "quiet") {
+      server.push(ws, { type: "error", id: f.id, code: "muted", message: "muted", room: "quiet", until: 456 });
+      return true;
+    }
+    return false;
+  });
+  server.drop(server.last, 1006);
+  await until(() => events("removed").length === 1, "the refused rejoin");
+  assert.deepEqual(events("removed"), [{ room: "r", reason: "forbidden", until: 123 }]);
+  assert.equal(c.roomState("r"), "left");
+  await c.join("quiet");
+  const err = await c.send("quiet", "shh").catch((e) => e);
+  assert.equal(err.code, "muted");
+  assert.equal(err.details.until, 456);
+  const muted = [];
+  c.on("muted", (m) => muted.push(m));
+  server.push(server.last, { type: "muted", room: "quiet", until: null, by: "mod" });
+  assert.deepEqual(muted, [{ type: "muted", room: "quiet", until: null, by: "mod" }]);
+  c.disconnect();
+});
+
+test("moderation: kick/mute/unmute resolve with the moderated reply; a lost socket rejects them", async () => {
+  const { server, c } = setup();
+  server.replies.push((ws, f) => {
+    if (!["kick", "mute", "unmute"].includes(f.type)) return false;
+    if (f.room === "black-hole") return true;
+    server.push(ws, { type: "moderated", id: f.id, action: f.type, room: f.room, user_id: f.user_id, ...(f.duration ? { until: 99 } : {}) });
+    return true;
+  });
+  await c.connect();
+  assert.deepEqual(await c.kick("r", "bob", { reason: "spam" }), { action: "kick", room: "r", user_id: "bob" });
+  assert.equal((await c.mute("r", "bob", { duration: 60 })).until, 99);
+  assert.equal(server.last.sent.find((f) => f.type === "kick").reason, "spam");
+  const lost = c.unmute("black-hole", "bob");
+  await tick(10);
+  server.drop(server.last, 1006);
+  await assert.rejects(lost, { code: "disconnected" });
+  c.disconnect();
+});
+
+test("sends: an echo lost on a live connection is asked for again after ackTimeout", async () => {
+  const { server, c } = setup({ ackTimeout: 40 });
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true; // stored, the echo lost
+  const p = c.send("r", "once");
+  await until(() => server.room("r").messages.length === 1, "stored");
+  server.holdEchoes = false;
+  const m = await p; // the second write is deduplicated: the original comes back
+  assert.equal(m.id, 1);
+  assert.equal(server.last.sent.filter((f) => f.type === "message").length, 2);
+  assert.equal(server.room("r").messages.length, 1);
+  c.disconnect();
+});
+
+test("recovery: a server that lost its ids (numbers from 1 again) is followed, not filtered as doubles", async () => {
+  const { server, c, events, messages } = setup();
+  await c.connect();
+  await c.join("r");
+  for (let i = 0; i < 5; i++) server.post("r", `old ${i}`);
+  await until(() => messages.length === 5, "five messages");
+  server.rooms.clear(); // the server restarted without its memory
+  server.drop(server.last, 1001);
+  await until(() => events("recoveryFailed").length === 1, "the failed recovery");
+  server.post("r", "new 1");
+  server.post("r", "new 2");
+  await until(() => messages.length === 7, "the new messages");
+  assert.deepEqual(messages, [1, 2, 3, 4, 5, 1, 2]);
+  assert.equal(c.lastId("r"), 2);
+  c.disconnect();
+});
+
+test("browser: pauseWhenHidden holds a due reconnect until the page is visible", async () => {
+  const listeners = new Map();
+  const doc = { hidden: true, addEventListener: (t, fn) => listeners.set(t, fn), removeEventListener: (t) => listeners.delete(t) };
+  globalThis.document = doc;
+  try {
+    const { server, c } = setup({ pauseWhenHidden: true });
+    await c.connect();
+    server.drop(server.last, 1006);
+    await until(() => listeners.has("visibilitychange"), "the wait for visibility");
+    await tick(30);
+    assert.equal(server.sockets.length, 1, "no reconnect while hidden");
+    assert.equal(c.state, "connecting");
+    doc.hidden = false;
+    listeners.get("visibilitychange")();
+    await until(() => c.state === "connected", "the reconnect once visible");
+    assert.equal(listeners.has("visibilitychange"), false);
+    c.disconnect();
+  } finally {
+    delete globalThis.document;
+  }
+});

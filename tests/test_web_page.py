@@ -1,0 +1,449 @@
+"""The browser page (wschat/web) in a real Chromium against real servers.
+
+Playwright drives Debian's ``chromium`` (see ``browser.py``); each person is a browser
+context of their own, as two people on two machines. Outside CI a missing Chromium or
+Playwright skips these tests; under ``CI=true`` it fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jwt
+import pytest
+
+from browser import ChatPage, chromium_path, launched
+from conftest import (
+    SCALE, TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable,
+)
+
+JWT_SECRET = "browser-tests-secret-0123456789abcdef"
+API_KEY = "browser-tests-api-key-0123456789"
+RECONNECT_MS = int(40_000 * SCALE)  # the library's backoff grows to 20 s while a server is down
+MINE = re.compile(r"\bmine\b")
+PENDING = re.compile(r"\bpending\b")
+# Short enough that a test can write one message the server refuses (the page allows 4000).
+SERVER_ENV = {"TYPING_TIMEOUT": "5", "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000",
+              "MAX_TEXT_CHARS": "60", "MAX_ROOMS_PER_CONNECTION": "3", "JWT_SECRET": JWT_SECRET,
+              "API_KEY": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        service_unavailable("Playwright is not installed (pip install -e '.[test]')")
+    if chromium_path() is None:
+        service_unavailable("Chromium is not installed (apt-get install chromium)")
+    with launched() as chromium:
+        yield chromium
+
+
+@pytest.fixture(scope="module")
+def web_server() -> Iterator[Server]:
+    with Server(SERVER_ENV) as srv:
+        yield srv
+
+
+@pytest.fixture
+def people(browser: Any) -> Iterator[Callable[..., ChatPage]]:
+    """Opens the page for a new person (``people(server, "alice")``); closes them all after."""
+    opened: list[ChatPage] = []
+
+    def person(server: Server, name: str = "", token: str = "", **kwargs: Any) -> ChatPage:
+        page = ChatPage(browser, server, **kwargs)
+        opened.append(page)
+        page.open()
+        return page.sign_in_with_token(token) if token else page.sign_in(name)
+
+    yield person
+    errors = [e for p in opened for e in p.errors]
+    for p in opened:
+        p.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def expect(locator: Any, timeout: int | None = None) -> Any:
+    """Playwright's ``expect``; with ``timeout`` (ms), every assertion made on it waits that long."""
+    from playwright.sync_api import expect as pw_expect
+
+    assertions = pw_expect(locator)
+    if timeout is None:
+        return assertions
+
+    class Patient:
+        def __getattr__(self, name: str) -> Any:
+            check = getattr(assertions, name)
+            return lambda *args, **kwargs: check(*args, **{"timeout": timeout, **kwargs})
+
+    return Patient()
+
+
+def texts(person: ChatPage) -> list[str]:
+    return person.page.locator("#messages .msg .text").all_inner_texts()
+
+
+# ---- serving ------------------------------------------------------------------------------
+
+def test_page_and_its_files_are_served(web_server: Server) -> None:
+    """/ and its script, styles and the library bundle come from the package, nothing else."""
+    status, page = web_server.http("/")
+    assert status == 200
+    for name, kind in [("app.js", b"javascript"), ("app.css", b"css"),
+                       ("wschat-client.js", b"javascript")]:
+        status, body = web_server.http(f"/web/{name}")
+        assert status == 200 and body, name
+        assert name.encode() in page or name == "wschat-client.js"
+    _, script = web_server.http("/web/app.js")
+    imports = re.findall(rb'^import .* from "([^"]+)";', script, re.M)
+    assert imports == [b"./wschat-client.js"]
+    assert not re.search(rb'(src|href)="(https?:)?//', page), "the page loads nothing from elsewhere"
+    assert web_server.http("/web/../factory.py")[0] == 404
+    assert web_server.http("/web/app.js", metrics=True)[0] == 404
+
+
+# ---- two people ---------------------------------------------------------------------------
+
+def test_two_people_chat_and_dm(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """Alice and Bob chat in #general, tell their own messages apart, and DM from the member list."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    alice.say("hello from alice")
+    expect(alice.messages("hello from alice")).to_have_class(MINE)
+    expect(alice.messages("hello from alice")).not_to_have_class(PENDING)
+    theirs = bob.messages("hello from alice")
+    expect(theirs).to_have_count(1)
+    expect(theirs).not_to_have_class(MINE)
+    expect(theirs.locator(".badge.guest")).to_be_visible()  # guests are marked
+    expect(bob.page.locator("#me .badge.guest")).to_be_visible()
+
+    bob.page.locator("#members button", has_text="alice").click()
+    expect(bob.page.locator("#title")).to_have_text("alice (direct)")
+    bob.say("a secret for alice")
+    expect(bob.messages("a secret for alice")).to_have_class(MINE)
+    conversation = alice.page.locator("#dms li", has_text="bob")
+    expect(conversation.locator(".unread")).to_have_text("1")
+    conversation.locator(".open").click()
+    expect(alice.messages("a secret for alice")).to_have_count(1)
+    expect(conversation.locator(".unread")).to_have_count(0)
+    alice.say("a secret for bob")
+    expect(bob.messages("a secret for bob")).to_have_count(1)
+
+    # Several rooms: Bob joins #random; Alice's message there counts as unread for him.
+    bob.page.locator("#join-room").fill("random")
+    bob.page.locator("#join-room").press("Enter")
+    expect(bob.page.locator("#title")).to_have_text("# random")
+    alice.page.locator("#join-room").fill("random")
+    alice.page.locator("#join-room").press("Enter")
+    bob.open_conversation("room:general")
+    alice.say("over in random")
+    expect(bob.page.locator('[data-conv="room:random"] .unread')).to_have_text("1")
+
+
+def test_sign_in_with_a_token(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A pasted JWT signs in under its name; such a user is not marked as a guest."""
+    token = jwt.encode({"sub": "u-alice", "name": "Alice Liddell", "exp": int(time.time()) + 600},
+                       JWT_SECRET, algorithm="HS256")
+    alice = people(web_server, token=token)
+    expect(alice.page.locator("#me")).to_have_text("Alice Liddell")
+    bob = people(web_server, "bob")
+    alice.say("signed in for real")
+    theirs = bob.messages("signed in for real")
+    expect(theirs).to_have_count(1)
+    expect(theirs.locator(".badge.guest")).to_have_count(0)
+    expect(bob.page.locator("#members li", has_text="Alice Liddell").locator(".badge.guest")
+           ).to_have_count(0)
+    expect(alice.page.locator("#members li", has_text="bob").locator(".badge.guest")).to_be_visible()
+    alice.page.reload()  # the token is kept too
+    alice.wait_online()
+    expect(alice.page.locator("#me")).to_have_text("Alice Liddell")
+
+
+def test_typing_shows_and_clears(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """Bob's typing shows for Alice, and clears when he sends and when he stops typing."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    typing = alice.page.locator("#typing")
+    bob.page.locator("#draft").press_sequentially("hel")
+    expect(typing).to_have_text("bob (guest) is typing…")
+    expect(alice.page.locator("#members li", has_text="bob").locator(".typing-dots")).to_be_visible()
+    bob.page.locator("#draft").press("Enter")
+    expect(alice.messages("hel")).not_to_have_count(0)
+    expect(typing).to_have_text("")
+    bob.page.locator("#draft").press_sequentially("and then nothing")
+    expect(typing).to_have_text("bob (guest) is typing…")
+    # The library sends typing: false after 3 s without a keystroke.
+    expect(typing, timeout=int(15_000 * SCALE)).to_have_text("")
+
+
+def test_name_and_own_messages_survive_a_reload(web_server: Server,
+                                                people: Callable[..., ChatPage]) -> None:
+    """After a reload the chosen name and the draft are kept, and earlier messages are still
+    one's own (a guest's user_id is new on every connection)."""
+    alice = people(web_server, "alice")
+    alice.say("said before the reload")
+    expect(alice.messages("said before the reload")).not_to_have_class(PENDING)
+    alice.page.locator("#draft").fill("half a thought")
+    alice.page.reload()
+    alice.wait_online()
+    expect(alice.page.locator("#signin")).not_to_be_visible()
+    expect(alice.page.locator("#me")).to_contain_text("alice")
+    expect(alice.messages("said before the reload")).to_have_class(MINE)
+    expect(alice.page.locator("#draft")).to_have_value("half a thought")  # drafts are kept
+
+
+def test_changing_the_name(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """"change" switches to another name; the first name's messages are no longer one's own."""
+    person = people(web_server, "first-name")
+    person.say("said under my first name")
+    expect(person.messages("said under my first name")).not_to_have_class(PENDING)
+    person.page.locator("#switch-user").click()
+    person.page.locator("#signin-name").fill("second-name")
+    person.page.locator("#signin-go").click()
+    expect(person.page.locator("#me")).to_contain_text("second-name")
+    person.wait_online()
+    expect(person.messages("said under my first name")).not_to_have_class(MINE)
+    person.say("and now the second")
+    expect(person.messages("and now the second")).to_have_class(MINE)
+
+
+def test_name_from_the_address(web_server: Server, browser: Any) -> None:
+    """?username= picks the tab's name; an invalid one asks for another instead of failing."""
+    person = ChatPage(browser, web_server)
+    try:
+        person.page.goto(person.url + "?username=zed")
+        person.wait_online()
+        expect(person.page.locator("#me")).to_contain_text("zed")
+        person.page.goto(person.url + "?username=no%20way!")
+        expect(person.page.locator("#signin-error")).to_contain_text("cannot be a name")
+    finally:
+        person.close()
+
+
+def test_errors_show_next_to_their_cause(web_server: Server,
+                                         people: Callable[..., ChatPage]) -> None:
+    """A refused join leaves the view alone; a refused message keeps its text, ready to edit."""
+    alice = people(web_server, "alice")
+    alice.say("still here")
+    expect(alice.messages("still here")).not_to_have_class(PENDING)
+    join = alice.page.locator("#join-room")
+    join.fill("not a room!")
+    join.press("Enter")
+    expect(alice.page.locator("#join-error")).to_contain_text("Room names")
+    for room in ("second", "third"):
+        join.fill(room)
+        join.press("Enter")
+        expect(alice.page.locator("#title")).to_have_text(f"# {room}")
+    join.fill("fourth")  # MAX_ROOMS_PER_CONNECTION is 3: the server refuses
+    join.press("Enter")
+    expect(alice.page.locator("#join-error")).to_contain_text("too many rooms")
+    expect(alice.page.locator("#title")).to_have_text("# third")
+    expect(alice.page.locator('[data-conv="room:fourth"]')).to_have_count(0)
+    alice.open_conversation("room:general")
+    expect(alice.messages("still here")).to_have_count(1)
+
+    long_text = "x" * 70  # over the server's MAX_TEXT_CHARS (60)
+    alice.say(long_text)
+    refused = alice.page.locator("#messages .msg.failed")
+    expect(refused).to_contain_text(long_text)
+    expect(refused.locator(".error")).to_contain_text("Too long")
+    refused.get_by_role("button", name="Edit").click()
+    expect(alice.page.locator("#draft")).to_have_value(long_text)
+    expect(refused).to_have_count(0)
+
+
+def test_a_room_guests_may_not_join(people: Callable[..., ChatPage]) -> None:
+    """A join the server forbids (GUEST_ROOMS) is explained next to the join box."""
+    with Server({**SERVER_ENV, "GUEST_ROOMS": "general"}) as srv:
+        alice = people(srv, "alice")
+        alice.page.locator("#join-room").fill("staff")
+        alice.page.locator("#join-room").press("Enter")
+        expect(alice.page.locator("#join-error")).to_contain_text("may not use this room")
+        expect(alice.page.locator('[data-conv="room:staff"]')).to_have_count(0)
+        expect(alice.page.locator("#title")).to_have_text("# general")
+
+
+def api(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A call of the server HTTP API (METRICS_PORT, bearer API_KEY)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.metrics_port}{path}", data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+        return json.loads(reply.read())
+
+
+def test_mute_and_kick_are_explained(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A mute disables the composer with a notice, an unmute enables it; a kick marks the room."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    alice_id = bob.page.locator("#members li", has_text="alice").get_attribute("data-user-id")
+    assert alice_id
+    api(web_server, "/api/mute", {"user_id": alice_id, "room": "general", "duration": 600})
+    expect(alice.page.locator("#messages .notice", has_text="You are muted here")).to_be_visible()
+    expect(alice.page.locator("#draft")).to_be_disabled()
+    api(web_server, "/api/unmute", {"user_id": alice_id, "room": "general"})
+    expect(alice.page.locator("#messages .notice", has_text="post here again")).to_be_visible()
+    expect(alice.page.locator("#draft")).to_be_enabled()
+    api(web_server, "/api/kick", {"user_id": alice_id, "room": "general"})
+    expect(alice.page.locator("#messages .notice", has_text="You were removed from # general")
+           ).to_be_visible()
+    expect(alice.page.locator('[data-conv="room:general"]')).to_contain_text("(removed)")
+    expect(alice.page.locator("#draft")).to_be_disabled()
+    expect(bob.page.locator("#members li", has_text="alice")).to_have_count(0)
+    alice.page.locator("#join-room").fill("general")  # joining again is allowed after a kick
+    alice.page.locator("#join-room").press("Enter")
+    expect(alice.page.locator("#draft")).to_be_enabled()
+    expect(bob.page.locator("#members li", has_text="alice")).to_have_count(1)
+
+
+def test_dm_to_someone_who_left_says_why(web_server: Server,
+                                        people: Callable[..., ChatPage]) -> None:
+    """A DM the server refuses (the peer went offline) stays, marked, with the reason."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    alice.page.locator("#members button", has_text="bob").click()
+    bob.close()
+    expect(alice.page.locator("#members li", has_text="bob")).to_have_count(0)
+    alice.say("are you there?")
+    refused = alice.page.locator("#messages .msg.failed", has_text="are you there?")
+    expect(refused.locator(".error")).to_contain_text("bob is not online")
+    expect(alice.page.locator("#dms li", has_text="bob")).to_have_count(1)
+
+
+def test_history_on_join_and_older_on_scroll(web_server: Server,
+                                             people: Callable[..., ChatPage]) -> None:
+    """Joining shows the latest 50 messages; scrolling to the top loads the older ones."""
+    with Client(web_server.url, "username=writer") as writer:
+        writer.join("long")
+        for i in range(1, 71):
+            writer.say("long", f"line {i}")
+    alice = people(web_server, "alice")
+    alice.page.locator("#join-room").fill("long")
+    alice.page.locator("#join-room").press("Enter")
+    shown = alice.page.locator("#messages .msg")
+    expect(shown).to_have_count(50)
+    assert texts(alice) == [f"line {i}" for i in range(21, 71)]
+    alice.page.locator("#scroller").evaluate("el => { el.scrollTop = 0; }")
+    expect(shown).to_have_count(70)
+    assert texts(alice) == [f"line {i}" for i in range(1, 71)]
+    expect(alice.page.locator("#messages .notice", has_text="start of # long")).to_be_visible()
+
+
+# ---- restarts and reloads ------------------------------------------------------------------
+
+def test_memory_server_restart_mid_conversation(people: Callable[..., ChatPage]) -> None:
+    """A restarted memory server (ids start again at 1) is detected; new messages show, no reload."""
+    with Server(SERVER_ENV) as srv:
+        alice = people(srv, "alice")
+        bob = people(srv, "bob")
+        for text in ("first words", "second words", "third words"):
+            alice.say(text)
+        expect(bob.messages("third words")).to_have_count(1)
+        alice.page.evaluate("window.notReloaded = true")
+
+        srv.stop()
+        expect(alice.page.locator("#status")).to_contain_text("The server is restarting")
+        srv.start()
+        for person in (alice, bob):
+            expect(person.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+                "data-state", "connected")
+            expect(person.page.locator("#messages .notice", has_text="server restarted")
+                   ).to_be_visible()
+        alice.say("after the restart")
+        expect(bob.messages("after the restart")).to_have_count(1)
+        bob.say("bob hears you")
+        expect(alice.messages("bob hears you")).to_have_count(1)
+        expect(alice.messages("after the restart")).to_have_class(MINE)
+        assert alice.page.evaluate("window.notReloaded") is True
+
+
+def test_redis_server_restart_recovers_in_order(people: Callable[..., ChatPage]) -> None:
+    """With Redis, messages sent while Alice's server restarted arrive in order, once, no reset."""
+    url = redis_url_or_skip(8)
+    env = {**SERVER_ENV, "REDIS_URL": url}
+    with Server(env) as srv, Server(env) as other:
+        alice = people(srv, "alice")
+        alice.say("before")
+        expect(alice.messages("before")).not_to_have_class(PENDING)
+        srv.stop()
+        with Client(other.url, "username=carol") as carol:
+            carol.request({"type": "join", "room": "general"}, "joined")
+            for i in range(1, 6):
+                carol.say("general", f"while away {i}")
+        srv.start()
+        expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+            "data-state", "connected")
+        expect(alice.messages("while away 5")).to_have_count(1)
+        shown = texts(alice)
+        assert shown[shown.index("before"):] == ["before"] + [f"while away {i}" for i in range(1, 6)]
+        expect(alice.page.locator("#messages .notice.warn")).to_have_count(0)
+
+
+def test_pending_send_survives_a_reload(web_server: Server,
+                                        people: Callable[..., ChatPage]) -> None:
+    """A send that got no acknowledgement stays pending (the outbox) across a reload, then
+    goes out once. The network between Alice's tab and the server drops her sends until
+    the test lets them through (Playwright's WebSocket routing)."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    alice.say("hi bob")
+    expect(bob.messages("hi bob")).to_have_count(1)
+
+    network = {"drop_sends": True, "sockets": []}
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+        network["sockets"].append(ws)
+
+        def from_page(frame: str | bytes) -> None:
+            if network["drop_sends"] and '"type":"message"' in str(frame):
+                return
+            server.send(frame)
+
+        ws.on_message(from_page)
+
+    alice.context.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    alice.page.reload()  # from now on through the route
+    alice.wait_online()
+    alice.say("kept in the outbox")
+    waiting = alice.messages("kept in the outbox")
+    expect(waiting).to_have_class(PENDING)
+    alice.page.reload()
+    alice.wait_online()
+    expect(waiting).to_have_class(PENDING)  # restored from sessionStorage, sent, dropped again
+    expect(waiting).to_contain_text("Sending…")
+
+    network["drop_sends"] = False
+    for ws in network["sockets"]:
+        ws.close(code=1001, reason="test: network back")
+    expect(waiting, RECONNECT_MS).not_to_have_class(PENDING)
+    expect(waiting).to_have_class(MINE)
+    expect(waiting).to_have_count(1)
+    expect(bob.messages("kept in the outbox")).to_have_count(1)
+    with Client(web_server.url, "username=check") as check:
+        check.request({"type": "join", "room": "general"}, "joined")
+        history = check.request({"type": "history", "room": "general"}, "history")
+    assert [m["text"] for m in history["messages"]].count("kept in the outbox") == 1
+
+
+def test_phone_width(web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """At phone width the sidebar is a menu; the chat still works."""
+    from browser import PHONE
+
+    alice = people(web_server, "alice", viewport=PHONE)
+    sidebar = alice.page.locator("#sidebar")
+    expect(sidebar).not_to_be_in_viewport()
+    alice.page.locator("#menu").click()
+    expect(sidebar).to_be_in_viewport()
+    alice.open_conversation("room:general")
+    expect(sidebar).not_to_be_in_viewport()
+    alice.say("from a phone")
+    expect(alice.messages("from a phone")).not_to_have_class(PENDING)
+    width = alice.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, "no sideways scrolling on a phone"

@@ -1,0 +1,864 @@
+// wschat's browser page, on the wschat JavaScript client library (clients/js, bundled as
+// wschat-client.js). The library keeps the connection, rejoins rooms with `since`, and keeps
+// unacknowledged sends in an outbox (sessionStorage: it survives a reload). This file keeps
+// the view: conversations (rooms and DMs), members, typing, pending sends, drafts.
+import { ChatClient, randomId, webStorageOutbox } from "./wschat-client.js";
+
+const $ = (id) => document.getElementById(id);
+const PAGE = 50; // history page size
+const MAX_TEXT = 4000; // the server's default MAX_TEXT_CHARS
+const TYPING_SHOWN_MS = 6000; // a typing indicator nobody cleared goes after this
+const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/;
+const NAME_RE = /^[\p{L}\p{N}_](?:[\p{L}\p{N}_ .-]{0,30}[\p{L}\p{N}_.-])?$/u;
+
+// ---- saved settings ------------------------------------------------------------------------
+// localStorage: the identity (name or token), rooms, DM peers and drafts, per browser.
+// A `?username=` or `?token=` in the address picks an identity for this tab only.
+const saved = {
+  get(key, fallback) {
+    try { return JSON.parse(localStorage.getItem(`wschat.${key}`)) ?? fallback; } catch { return fallback; }
+  },
+  set(key, value) {
+    try { localStorage.setItem(`wschat.${key}`, JSON.stringify(value)); } catch { /* full or disabled */ }
+  },
+};
+
+function identityFromAddress() {
+  const params = new URLSearchParams(location.search);
+  if (params.get("token")) return { kind: "token", token: params.get("token") };
+  if (params.get("username")) return { kind: "guest", name: params.get("username") };
+  return null;
+}
+const fromAddress = identityFromAddress();
+
+function tokenSubject(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part.padEnd(Math.ceil(part.length / 4) * 4, "=")));
+    return claims.sub ? String(claims.sub) : null;
+  } catch { return null; }
+}
+const identityKey = (id) => (id.kind === "token" ? `token:${tokenSubject(id.token) ?? "?"}` : `guest:${id.name}`);
+
+// ---- the view's state ----------------------------------------------------------------------
+/** One conversation: a room or the DMs with one user. */
+function newConversation(key, kind, name, peerId = null) {
+  return {
+    key, kind, name, peerId,
+    messages: new Map(), // room: message id -> message; DM: `${id}:${timestamp}` -> dm
+    pending: new Map(), // client_msg_id -> {text, error, created}
+    notices: [], // {afterId, text, warn}
+    unread: 0,
+    members: new Map(), // user_id -> {username, guest}
+    typing: new Map(), // user_id -> {name, timer}
+    atStart: false, loadingOlder: false, loaded: false,
+    joinState: "joining", // then "joined", or "removed" (kicked, banned: not rejoined)
+    mutedUntil: 0, // ms; Infinity: until lifted
+  };
+}
+
+const state = {
+  identity: null,
+  me: null, // the latest welcome
+  myIds: new Set(), // every user_id this identity had (a guest gets a new one per connection)
+  conversations: new Map(), // "room:general", "dm:<user_id>"
+  current: null,
+  client: null,
+  generation: 0, // one per ChatClient; events of an older client are ignored
+  drafts: {},
+  status: { state: "connecting", text: "Connecting…" },
+};
+
+const conv = (key) => state.conversations.get(key);
+const roomKey = (room) => `room:${room}`;
+const dmKey = (userId) => `dm:${userId}`;
+const isGuest = (u) => u.guest === true || (u.guest === undefined && String(u.user_id).startsWith("guest-"));
+const isMine = (m) => state.myIds.has(m.user_id);
+
+function persistConversations() {
+  const rooms = [], dms = [];
+  for (const c of state.conversations.values()) {
+    if (c.kind === "room") { if (c.joinState !== "removed") rooms.push(c.name); }
+    else dms.push({ user_id: c.peerId, username: c.name, messages: [...c.messages.values()].slice(-100) });
+  }
+  saved.set("rooms", rooms);
+  saved.set(`dms:${identityKey(state.identity)}`, dms);
+  saved.set("current", state.current);
+}
+
+// ---- connection ----------------------------------------------------------------------------
+function socketUrl() {
+  const url = new URL("ws", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  url.search = "";
+  return url.toString();
+}
+
+function startClient() {
+  const gen = ++state.generation;
+  const id = state.identity;
+  const client = new ChatClient({
+    url: socketUrl(),
+    ...(id.kind === "token" ? { token: id.token } : { username: id.name }),
+    // Per tab and per identity: a reload keeps the sends, another tab or user never sends them.
+    outboxStorage: webStorageOutbox(`wschat-outbox:${identityKey(id)}`, sessionStorage),
+  });
+  state.client = client;
+  const on = (event, fn) => client.on(event, (payload) => { if (gen === state.generation) fn(payload); });
+
+  on("state", ({ state: s }) => { if (s === "connected") setStatus("connected", "Online"); });
+  on("connecting", ({ attempt, delay, code }) => reconnecting(attempt, delay, code));
+  on("connected", welcomed);
+  on("disconnected", ({ code, reason }) => stopped(code, reason));
+  on("joined", joined);
+  on("message", (m) => addMessage(roomKey(m.room), m));
+  on("dm", receivedDm);
+  on("ack", acknowledged);
+  on("presence", presence);
+  on("typing", typing);
+  on("error", clientError);
+  on("removed", removed);
+  on("muted", (e) => muted(e, true));
+  on("unmuted", (e) => muted(e, false));
+
+  for (const c of state.conversations.values()) {
+    if (c.kind !== "room") continue;
+    joinRoom(c.name).catch((err) => { if (gen === state.generation) joinFailed(c.name, err); });
+  }
+  client.connect().catch(() => { /* reported by the "disconnected" event */ });
+  // The outbox is restored from sessionStorage as connect() starts: show what waits in it.
+  setTimeout(() => gen === state.generation && showRestoredPending(), 0);
+  setStatus("connecting", "Connecting…");
+}
+
+/** Replaces the client (a new identity, or a server that lost its ids: see checkRejoin). */
+function restartClient() {
+  const old = state.client;
+  state.generation++;
+  old?.disconnect();
+  startClient();
+}
+
+const CLOSE_WORDS = {
+  1001: "The server is restarting",
+  1006: "The connection was lost",
+  1011: "The server had a problem",
+  4001: "Sign-in timed out",
+  4002: "Your sign-in expired",
+  4003: "The server ended this session (disconnected or banned)",
+  4100: "The connection went quiet",
+  4101: "The connection was too slow",
+  4102: "Too many messages at once",
+};
+let countdown = null;
+let outage = null; // why the connection went, kept in words until it is back
+function reconnecting(attempt, delay, code) {
+  clearInterval(countdown);
+  clearAllTyping();
+  if (navigator.onLine === false) outage = "No network";
+  else if (!outage && !state.me) outage = "Cannot reach the server";
+  else if (!outage && code) outage = CLOSE_WORDS[code] ?? "Disconnected";
+  const until = Date.now() + delay;
+  const show = () => {
+    const left = Math.ceil((until - Date.now()) / 1000);
+    const when = left > 0 ? `reconnecting in ${left} s…` : "reconnecting…";
+    setStatus("reconnecting", outage ? `${outage}; ${when}` : `Connecting… (${when})`);
+    $("retry").hidden = left <= 1;
+    if (left <= 0) clearInterval(countdown);
+  };
+  show();
+  if (delay > 1000) countdown = setInterval(show, 1000);
+}
+
+/** "Retry now": a new connection at once instead of waiting out the backoff. */
+function retryNow() {
+  $("retry").hidden = true;
+  state.client.disconnect();
+  state.client.connect().catch(() => { /* reported by the "disconnected" event */ });
+}
+
+function stopped(code, reason) {
+  clearInterval(countdown);
+  clearAllTyping();
+  if (code === 1000 && reason === "client disconnect") return;
+  const why = CLOSE_WORDS[code] ?? `The server closed the connection (${reason || code})`;
+  setStatus("failed", `${why}. Not reconnecting.`);
+  $("retry").hidden = false;
+  if (code === 4001 || code === 4002 || /auth/.test(reason)) showSignin("Your token was refused or expired: paste a new one, or pick a name.");
+}
+
+function setStatus(kind, text) {
+  state.status = { state: kind, text };
+  const el = $("status");
+  el.dataset.state = kind;
+  el.textContent = text;
+  if (kind !== "reconnecting") $("retry").hidden = true;
+  if (kind === "connected") { clearInterval(countdown); outage = null; }
+  renderComposer();
+}
+
+function welcomed(welcome) {
+  state.me = welcome;
+  state.myIds.add(welcome.user_id);
+  const key = `myIds:${identityKey(state.identity)}`;
+  saved.set(key, [...new Set([...saved.get(key, []), welcome.user_id])].slice(-50));
+  $("me").replaceChildren(welcome.username, ...(welcome.authenticated ? [] : [badge("guest")]));
+  showRestoredPending();
+  renderAll();
+}
+
+function clientError(err) {
+  // Errors that belong to a request reach its promise (shown next to it); these are the rest.
+  if (["invalid_room", "too_many_rooms", "left", "user_not_found", "message_too_large",
+    "invalid_message", "outbox_full", "forbidden", "muted"].includes(err.code)) { syncPending(err); return; }
+  if (err.code === "auth_failed" || err.code === "token_expired") {
+    showSignin("Your token was refused: paste a new one, or pick a name.");
+    return;
+  }
+  showSendError(describe(err));
+}
+
+// ---- rooms ---------------------------------------------------------------------------------
+function joinRoom(room) {
+  let c = conv(roomKey(room));
+  if (!c) {
+    c = newConversation(roomKey(room), "room", room);
+    state.conversations.set(c.key, c);
+  }
+  c.joinState = "joining";
+  return state.client.join(room);
+}
+
+async function joinFromForm(room) {
+  const error = $("join-error");
+  error.hidden = true;
+  if (!ROOM_RE.test(room)) {
+    showError(error, "Room names are 1-64 letters, digits and _ . : - (starting with a letter or digit).");
+    return;
+  }
+  const known = conv(roomKey(room));
+  if (known && known.joinState !== "removed") { open(known.key); $("join-room").value = ""; return; }
+  const joining = joinRoom(room);
+  renderSidebar();
+  try {
+    await joining;
+    $("join-room").value = "";
+    open(roomKey(room));
+  } catch (err) {
+    joinFailed(room, err);
+  }
+}
+
+/** The server took this client out of a room (kicked, banned): say so there; no rejoin. */
+function removed({ room, reason, until }) {
+  const c = conv(roomKey(room));
+  if (!c) return;
+  c.joinState = "removed";
+  c.members.clear();
+  clearTyping(c);
+  const text = reason === "banned" ? `You were banned from # ${room}${until ? ` until ${time(until)}` : ""}.`
+    : reason === "kicked" ? `You were removed from # ${room}.` : `You were removed from # ${room}: ${reason}.`;
+  c.notices.push({ afterId: lastKnownId(c), text, warn: true });
+  persistConversations();
+  renderAll();
+}
+
+/** `muted`/`unmuted`: for one room, or (no room) everywhere. */
+function muted({ room, until }, on) {
+  const rooms = room ? [conv(roomKey(room))].filter(Boolean)
+    : [...state.conversations.values()].filter((c) => c.kind === "room");
+  for (const c of rooms) {
+    c.mutedUntil = on ? until ?? Infinity : 0;
+    c.notices.push({
+      afterId: lastKnownId(c), warn: on,
+      text: on ? `You are muted here${until ? ` until ${time(until)}` : ""}: you can read but not post.` : "You can post here again.",
+    });
+    render(c.key);
+  }
+  if (on && until) setTimeout(renderComposer, Math.max(0, until - Date.now()) + 100);
+}
+
+/** A join the server refused (invalid_room, too_many_rooms): the room leaves the list. */
+function joinFailed(room, err) {
+  if (err.code === "timeout" || err.code === "left" || err.code === "disconnected") return; // still wanted, or gone
+  state.conversations.delete(roomKey(room));
+  if (state.current === roomKey(room)) state.current = [...state.conversations.keys()][0] ?? null;
+  showError($("join-error"), `Could not join ${room}: ${describe(err)}`);
+  persistConversations();
+  renderAll();
+}
+
+async function leaveRoom(room) {
+  const key = roomKey(room);
+  state.conversations.delete(key);
+  if (state.current === key) state.current = [...state.conversations.keys()][0] ?? null;
+  persistConversations();
+  renderAll();
+  try { await state.client.leave(room); } catch { /* the room is gone from the view anyway */ }
+}
+
+function joined({ room, users, recovered, rejoin }) {
+  const c = conv(roomKey(room));
+  if (!c) return;
+  c.joinState = "joined";
+  c.members = new Map(users.map((u) => [u.user_id, { username: u.username, guest: isGuest(u) }]));
+  clearTyping(c);
+  if (!rejoin || !c.loaded) loadLatest(c);
+  else checkRejoin(c, recovered);
+  persistConversations();
+  renderAll();
+}
+
+async function loadLatest(c) {
+  const client = state.client;
+  try {
+    const messages = await client.history(c.name, { limit: PAGE });
+    if (client !== state.client || conv(c.key) !== c) return;
+    for (const m of messages) c.messages.set(m.id, m);
+    c.atStart = messages.length < PAGE;
+    c.loaded = true;
+    render(c.key, { toBottom: true });
+  } catch (err) {
+    c.notices.push({ afterId: lastKnownId(c), text: `History could not be loaded: ${describe(err)}`, warn: true });
+    render(c.key);
+  }
+}
+
+/**
+ * After a reconnect the library rejoined with `since` and replayed what was missed. Two
+ * things it cannot see are checked here: `recovered: false` (some messages are gone: the
+ * view is reloaded from history) and a server whose ids started again at 1 (a restarted
+ * memory backend: the message we hold as id N is not the server's N, or the server's ids
+ * are all below N). Then the view is reset, and the client replaced, because the library
+ * skips every id up to the one it saw last.
+ */
+async function checkRejoin(c, recovered) {
+  const client = state.client;
+  const since = lastKnownId(c);
+  if (!since) return;
+  try {
+    const [atSince] = await client.history(c.name, { before: since + 1, limit: 1 });
+    const latest = recovered === false ? await client.history(c.name, { limit: PAGE }) : [];
+    if (client !== state.client || conv(c.key) !== c) return;
+    const ours = c.messages.get(since);
+    const newest = latest.length ? latest[latest.length - 1].id : 0;
+    const differs = atSince && ours && atSince.id === since &&
+      (atSince.timestamp !== ours.timestamp || atSince.user_id !== ours.user_id);
+    if (differs || (recovered === false && newest < since)) {
+      serverForgot();
+      return;
+    }
+    if (recovered === false) {
+      c.messages = new Map(latest.map((m) => [m.id, m]));
+      c.atStart = latest.length < PAGE;
+      c.notices = [{ afterId: 0, text: "Some messages were missed while you were away; showing the latest.", warn: true }];
+      render(c.key, { toBottom: true });
+    }
+  } catch { /* the next reconnect checks again */ }
+}
+
+/** The server lost its history and ids (a restarted memory backend): start every room afresh. */
+function serverForgot() {
+  for (const c of state.conversations.values()) {
+    if (c.kind !== "room") continue;
+    c.messages.clear();
+    c.notices = [{ afterId: 0, text: "The server restarted and lost earlier messages.", warn: true }];
+    c.atStart = false;
+    c.loaded = false;
+    c.unread = 0;
+  }
+  restartClient();
+  renderAll();
+}
+
+async function loadOlder(c) {
+  if (c.kind !== "room" || c.atStart || c.loadingOlder || !c.loaded) return;
+  const oldest = Math.min(...c.messages.keys());
+  if (!Number.isFinite(oldest) || oldest <= 1) { c.atStart = true; render(c.key); return; }
+  c.loadingOlder = true;
+  $("older").hidden = false;
+  try {
+    const messages = await state.client.history(c.name, { before: oldest, limit: PAGE });
+    for (const m of messages) c.messages.set(m.id, m);
+    c.atStart = messages.length < PAGE;
+    render(c.key, { keepFromBottom: true });
+  } catch { /* scrolling up again retries */ } finally {
+    c.loadingOlder = false;
+    $("older").hidden = true;
+  }
+}
+
+const lastKnownId = (c) => (c.messages.size ? Math.max(...c.messages.keys()) : 0);
+
+// ---- messages ------------------------------------------------------------------------------
+function addMessage(key, m) {
+  const c = conv(key);
+  if (!c) return;
+  const id = c.kind === "room" ? m.id : dmId(m);
+  const fresh = !c.messages.has(id);
+  c.messages.set(id, m);
+  if (m.client_msg_id) c.pending.delete(m.client_msg_id);
+  const t = c.typing.get(m.user_id);
+  if (t) { clearTimeout(t.timer); c.typing.delete(m.user_id); }
+  if (fresh && !isMine(m) && (state.current !== key || document.hidden)) c.unread++;
+  if (c.kind === "dm") persistConversations();
+  render(key);
+}
+
+const dmId = (m) => `${m.id}:${m.timestamp}`;
+
+function receivedDm(m) {
+  const mine = isMine(m);
+  const peerId = mine ? m.to : m.user_id;
+  let c = conv(dmKey(peerId));
+  if (!c) {
+    const member = findUser(peerId);
+    c = newConversation(dmKey(peerId), "dm", mine ? (member?.username ?? peerId) : m.from, peerId);
+    state.conversations.set(c.key, c);
+  }
+  if (!mine) c.name = m.from;
+  addMessage(c.key, m);
+  renderSidebar();
+}
+
+function acknowledged(m) {
+  if (m.type === "dm") receivedDm(m);
+  else addMessage(roomKey(m.room), m);
+}
+
+function send(c, text) {
+  const client = state.client;
+  const clientMsgId = randomId();
+  c.pending.set(clientMsgId, { text, created: Date.now(), error: null });
+  const promise = c.kind === "room"
+    ? client.send(c.name, text, { clientMsgId })
+    : client.dm(c.peerId, text, { clientMsgId });
+  promise.catch((err) => {
+    const p = c.pending.get(clientMsgId);
+    if (client !== state.client || !p) return;
+    p.error = describe(err, c);
+    render(c.key);
+  });
+  render(c.key, { toBottom: true });
+}
+
+/** Sends restored from sessionStorage (a reload) are shown as pending in their conversation. */
+function showRestoredPending() {
+  for (const e of state.client.pending) {
+    const key = e.kind === "message" ? roomKey(e.room) : dmKey(e.to);
+    let c = conv(key);
+    if (!c && e.kind === "dm") {
+      c = newConversation(key, "dm", findUser(e.to)?.username ?? e.to, e.to);
+      state.conversations.set(key, c);
+    }
+    if (c && !c.pending.has(e.client_msg_id)) c.pending.set(e.client_msg_id, { text: e.text, created: e.created, error: null });
+  }
+  renderAll();
+}
+
+/** A send restored from storage has no promise: when it is refused, it just leaves the outbox. */
+function syncPending(err) {
+  const waiting = new Set(state.client.pending.map((e) => e.client_msg_id));
+  for (const c of state.conversations.values()) {
+    for (const [cmid, p] of c.pending) {
+      if (!waiting.has(cmid) && !p.error) p.error = describe(err, c);
+    }
+  }
+  renderAll();
+}
+
+function retry(c, cmid) {
+  const p = c.pending.get(cmid);
+  if (!p) return;
+  c.pending.delete(cmid);
+  send(c, p.text);
+}
+
+function edit(c, cmid) {
+  const p = c.pending.get(cmid);
+  if (!p) return;
+  c.pending.delete(cmid);
+  const draft = $("draft");
+  draft.value = draft.value ? `${p.text}\n${draft.value}` : p.text;
+  saveDraft();
+  fitDraft();
+  render(c.key);
+  draft.focus();
+}
+
+// ---- members, presence, typing -------------------------------------------------------------
+function presence({ room, user, user_id, status, guest }) {
+  const c = conv(roomKey(room));
+  if (!c) return;
+  if (status === "online") c.members.set(user_id, { username: user, guest: isGuest({ user_id, guest }) });
+  else {
+    c.members.delete(user_id);
+    const t = c.typing.get(user_id);
+    if (t) { clearTimeout(t.timer); c.typing.delete(user_id); }
+  }
+  if (state.current === c.key || currentRoom() === c) { renderMembers(); renderTyping(); }
+}
+
+function typing({ room, user, user_id, status, guest }) {
+  const c = conv(roomKey(room));
+  if (!c || state.myIds.has(user_id)) return;
+  const t = c.typing.get(user_id);
+  if (t) clearTimeout(t.timer);
+  if (status) {
+    const timer = setTimeout(() => { c.typing.delete(user_id); renderTyping(); renderMembers(); }, TYPING_SHOWN_MS);
+    // Guests choose their own names: "(guest)" keeps one from passing for a signed-in user.
+    c.typing.set(user_id, { name: isGuest({ user_id, guest }) ? `${user} (guest)` : user, timer });
+  } else c.typing.delete(user_id);
+  renderTyping();
+  renderMembers();
+}
+
+function clearTyping(c) {
+  for (const t of c.typing.values()) clearTimeout(t.timer);
+  c.typing.clear();
+}
+function clearAllTyping() {
+  for (const c of state.conversations.values()) clearTyping(c);
+  renderTyping();
+  renderMembers();
+}
+
+function findUser(userId) {
+  for (const c of state.conversations.values()) {
+    const u = c.members.get(userId);
+    if (u) return u;
+  }
+  return null;
+}
+
+function openDm(userId, username) {
+  if (state.myIds.has(userId)) return;
+  const key = dmKey(userId);
+  if (!conv(key)) state.conversations.set(key, newConversation(key, "dm", username, userId));
+  persistConversations();
+  open(key);
+}
+
+// ---- rendering -----------------------------------------------------------------------------
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") node.className = v;
+    else if (k === "data") Object.assign(node.dataset, v);
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  node.append(...children.flat().filter((x) => x !== null && x !== undefined && x !== false));
+  return node;
+}
+const badge = (text) => el("span", { class: `badge ${text}` }, text);
+const time = (ms) => new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+
+/** The room whose members the sidebar shows: the open room, else the last one opened. */
+let membersRoom = null;
+function currentRoom() {
+  const c = conv(state.current);
+  if (c?.kind === "room") membersRoom = c.key;
+  return conv(membersRoom);
+}
+
+function renderAll() {
+  renderSidebar();
+  render(state.current, { toBottom: true });
+}
+
+function renderSidebar() {
+  const item = (c) => {
+    const label = c.kind === "room" ? `# ${c.name}` : c.name;
+    const guest = c.kind === "dm" && isGuest({ user_id: c.peerId }) ? badge("guest") : null;
+    return el("li", { data: { conv: c.key }, "aria-current": state.current === c.key ? "true" : "false" },
+      el("button", { type: "button", class: "open", onclick: () => open(c.key) },
+        el("span", { class: "name" }, label), guest,
+        c.kind === "room" && c.joinState === "joining" ? el("span", { class: "muted" }, "…") : null,
+        c.joinState === "removed" ? el("span", { class: "muted" }, "(removed)") : null,
+        c.unread ? el("span", { class: "unread", title: `${c.unread} unread` }, String(c.unread)) : null),
+      c.kind === "room"
+        ? el("button", { type: "button", class: "leave", title: `Leave ${c.name}`, "aria-label": `Leave ${c.name}`,
+          onclick: () => leaveRoom(c.name) }, "×")
+        : el("button", { type: "button", class: "leave", title: "Close", "aria-label": `Close the conversation with ${c.name}`,
+          onclick: () => closeDm(c.key) }, "×"));
+  };
+  const all = [...state.conversations.values()];
+  $("rooms").replaceChildren(...all.filter((c) => c.kind === "room").map(item));
+  $("dms").replaceChildren(...all.filter((c) => c.kind === "dm").map(item));
+  $("dm-hint").hidden = all.some((c) => c.kind === "dm");
+  const others = all.filter((c) => c.key !== state.current).reduce((n, c) => n + c.unread, 0);
+  const shown = conv(state.current);
+  const unread = all.reduce((n, c) => n + c.unread, 0);
+  const where = shown ? `${shown.kind === "room" ? "#" + shown.name : shown.name} – ` : "";
+  document.title = `${unread ? `(${unread}) ` : ""}${where}wschat`;
+  $("menu-unread").hidden = !others;
+  $("menu-unread").textContent = String(others);
+  renderMembers();
+}
+
+function renderMembers() {
+  const c = currentRoom();
+  $("members-room").textContent = c ? `in # ${c.name}` : "";
+  if (!c) { $("members").replaceChildren(); return; }
+  const list = [...c.members.entries()].sort((a, b) => a[1].username.localeCompare(b[1].username));
+  $("members").replaceChildren(...list.map(([userId, u]) => {
+    const self = state.myIds.has(userId);
+    return el("li", { class: self ? "self" : "", data: { userId } },
+      el("button", { type: "button", title: self ? "You" : `Message ${u.username}`,
+        onclick: () => openDm(userId, u.username) }, u.username),
+      u.guest ? badge("guest") : null,
+      self ? el("span", { class: "muted" }, "(you)") : null,
+      c.typing.has(userId) ? el("span", { class: "typing-dots" }, "typing…") : null);
+  }));
+}
+
+function renderTyping() {
+  const c = conv(state.current);
+  const names = c ? [...c.typing.values()].map((t) => t.name) : [];
+  $("typing").textContent = names.length === 0 ? ""
+    : names.length === 1 ? `${names[0]} is typing…`
+      : names.length <= 3 ? `${names.join(", ")} are typing…` : "Several people are typing…";
+}
+
+function messageItem(c, m) {
+  const mine = isMine(m);
+  const guest = !mine && isGuest(m);
+  return el("li", { class: `msg${mine ? " mine" : ""}`, data: { id: String(m.id), cmid: m.client_msg_id ?? "" } },
+    el("div", { class: "head" },
+      el("span", { class: "from" }, mine ? "You" : m.from), guest ? badge("guest") : null,
+      el("time", { datetime: new Date(m.timestamp).toISOString() }, time(m.timestamp))),
+    el("div", { class: "text" }, m.text));
+}
+
+function pendingItem(c, cmid, p) {
+  return el("li", { class: `msg mine ${p.error ? "failed" : "pending"}`, data: { cmid } },
+    el("div", { class: "head" }, el("span", { class: "from" }, "You"),
+      el("span", { class: "state" }, p.error ? "Not sent" : state.status.state === "connected" ? "Sending…" : "Waiting for the connection…")),
+    el("div", { class: "text" }, p.text),
+    p.error ? el("div", { class: "error", role: "alert" }, p.error) : null,
+    p.error ? el("div", { class: "actions" },
+      el("button", { type: "button", onclick: () => retry(c, cmid) }, "Retry"),
+      el("button", { type: "button", onclick: () => edit(c, cmid) }, "Edit"),
+      el("button", { type: "button", onclick: () => { c.pending.delete(cmid); render(c.key); } }, "Discard")) : null);
+}
+
+function render(key, { toBottom = false, keepFromBottom = false } = {}) {
+  if (key !== state.current) { renderSidebar(); return; }
+  const c = conv(key);
+  const scroller = $("scroller");
+  const nearBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 60;
+  const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+  $("title").textContent = !c ? "wschat" : c.kind === "room" ? `# ${c.name}` : `${c.name} (direct)`;
+  const items = [];
+  if (!c) {
+    items.push(el("li", { class: "empty" }, state.conversations.size ? "Pick a conversation." : "Join a room to start chatting."));
+  } else {
+    if (c.kind === "room" && c.atStart && c.loaded) items.push(el("li", { class: "notice" }, `This is the start of # ${c.name}.`));
+    if (c.kind === "dm") items.push(el("li", { class: "notice" }, `Direct messages with ${c.name}; they reach ${c.name} while online.`));
+    const ordered = [...c.messages.entries()].sort((a, b) => (c.kind === "room" ? a[0] - b[0] : a[1].timestamp - b[1].timestamp));
+    const notices = [...c.notices];
+    for (const [id, m] of ordered) {
+      while (notices.length && c.kind === "room" && notices[0].afterId < id) items.push(noticeItem(notices.shift()));
+      items.push(messageItem(c, m));
+    }
+    items.push(...notices.map(noticeItem));
+    for (const [cmid, p] of c.pending) items.push(pendingItem(c, cmid, p));
+  }
+  $("messages").replaceChildren(...items);
+  if (toBottom || nearBottom) scroller.scrollTop = scroller.scrollHeight;
+  else if (keepFromBottom) scroller.scrollTop = scroller.scrollHeight - fromBottom;
+  renderSidebar();
+  renderTyping();
+  renderComposer();
+}
+const noticeItem = (n) => el("li", { class: `notice${n.warn ? " warn" : ""}` }, n.text);
+
+function renderComposer() {
+  const c = conv(state.current);
+  const draft = $("draft");
+  const mutedNow = c?.mutedUntil > Date.now();
+  const usable = !!c && !mutedNow && c.joinState !== "removed" && (c.kind === "dm" || c.joinState === "joined" || c.loaded);
+  draft.disabled = $("send").disabled = !usable;
+  draft.placeholder = !c ? "Join a room to chat"
+    : c.joinState === "removed" ? "You are no longer in this room"
+    : mutedNow ? "You are muted here"
+    : state.status.state !== "connected" ? "Offline: messages wait and go out when the connection is back"
+      : c.kind === "room" ? `Message # ${c.name}` : `Message ${c.name}`;
+}
+
+function open(key) {
+  const previous = conv(state.current);
+  if (previous?.kind === "room" && previous.key !== key) state.client?.stopTyping(previous.name);
+  state.current = key;
+  const c = conv(key);
+  if (c) c.unread = 0;
+  $("draft").value = state.drafts[key] ?? "";
+  fitDraft();
+  $("send-error").hidden = true;
+  $("app").dataset.menu = "closed";
+  persistConversations();
+  render(key, { toBottom: true });
+}
+
+function closeDm(key) {
+  state.conversations.delete(key);
+  if (state.current === key) state.current = [...state.conversations.keys()][0] ?? null;
+  persistConversations();
+  renderAll();
+}
+
+function showError(node, text) {
+  node.textContent = text;
+  node.hidden = false;
+}
+function showSendError(text) { showError($("send-error"), text); }
+
+/** An error in words, for the place it is shown. */
+function describe(err, c = null) {
+  switch (err?.code) {
+    case "message_too_large": return `Too long: at most ${MAX_TEXT} characters.`;
+    case "user_not_found": return `${c?.name ?? "This user"} is not online: direct messages reach only connected users.`;
+    case "invalid_room": return "that is not a valid room name.";
+    case "too_many_rooms": return "you are in too many rooms; leave one first.";
+    case "not_in_room": return "you are not in this room.";
+    case "forbidden": return c?.kind === "dm" ? "You may not send this." : "you may not use this room (private, not granted to you, or banned).";
+    case "muted": return "You are muted here: you can read but not post.";
+    case "left": return "You left the room before it was sent.";
+    case "outbox_full": return "Too many messages are waiting to be sent; wait for the connection.";
+    case "rate_limited": return "Slow down: too many messages.";
+    case "unavailable": return "The server cannot store messages right now; try again shortly.";
+    case "timeout": return "No answer from the server in time.";
+    case "disconnected": return "Disconnected.";
+    default: return err?.message ?? String(err);
+  }
+}
+
+// ---- drafts and sending --------------------------------------------------------------------
+function saveDraft() {
+  if (!state.current) return;
+  state.drafts[state.current] = $("draft").value;
+  saved.set(`drafts:${identityKey(state.identity)}`, state.drafts);
+}
+
+/** The composer grows with its text (up to the CSS max-height). */
+function fitDraft() {
+  const draft = $("draft");
+  draft.style.height = "auto";
+  draft.style.height = `${draft.scrollHeight + 2}px`;
+}
+
+function submit() {
+  const c = conv(state.current);
+  const text = $("draft").value;
+  if (!c || !text.trim()) return;
+  if (text.length > MAX_TEXT) {
+    showSendError(`Too long: ${text.length} characters, at most ${MAX_TEXT}. Your draft is kept.`);
+    return;
+  }
+  $("send-error").hidden = true;
+  send(c, text);
+  $("draft").value = "";
+  saveDraft();
+  fitDraft();
+}
+
+// ---- sign-in -------------------------------------------------------------------------------
+function showSignin(message = "") {
+  const dialog = $("signin");
+  const id = state.identity;
+  $("signin-name").value = id?.kind === "guest" ? id.name : "";
+  $("signin-token").value = "";
+  $("signin-token-box").open = id?.kind === "token";
+  if (message) showError($("signin-error"), message);
+  else $("signin-error").hidden = true;
+  if (!dialog.open) dialog.showModal();
+  $(id?.kind === "token" ? "signin-token" : "signin-name").focus();
+}
+
+function signinSubmitted(event) {
+  event.preventDefault();
+  const token = $("signin-token").value.trim();
+  const name = $("signin-name").value.trim();
+  let identity;
+  if (token) {
+    if (!tokenSubject(token)) { showError($("signin-error"), "That does not look like a JWT (three base64url parts with a `sub`)."); return; }
+    identity = { kind: "token", token };
+  } else if (NAME_RE.test(name)) {
+    identity = { kind: "guest", name };
+  } else {
+    showError($("signin-error"), name ? "Names are 1-32 letters, digits, _ . - and inner spaces." : "Pick a name, or paste a token.");
+    return;
+  }
+  $("signin").close();
+  useIdentity(identity, true);
+}
+
+function useIdentity(identity, remember) {
+  const changed = state.identity && identityKey(state.identity) !== identityKey(identity);
+  state.identity = identity;
+  if (remember) saved.set("identity", identity);
+  const key = identityKey(identity);
+  state.myIds = new Set(saved.get(`myIds:${key}`, []));
+  state.drafts = saved.get(`drafts:${key}`, {});
+  if (changed || !state.conversations.size) {
+    // Rooms are the browser's; DMs belong to the identity.
+    for (const [k, c] of state.conversations) {
+      if (c.kind === "dm") state.conversations.delete(k);
+      else c.pending.clear(); // the other identity's sends wait in its own outbox
+    }
+    for (const room of saved.get("rooms", ["general"])) {
+      if (!conv(roomKey(room))) state.conversations.set(roomKey(room), newConversation(roomKey(room), "room", room));
+    }
+    for (const d of saved.get(`dms:${key}`, [])) {
+      const c = newConversation(dmKey(d.user_id), "dm", d.username, d.user_id);
+      for (const m of d.messages ?? []) c.messages.set(dmId(m), m);
+      state.conversations.set(c.key, c);
+    }
+    const current = saved.get("current", null);
+    state.current = conv(current) ? current : [...state.conversations.keys()][0] ?? null;
+    $("draft").value = state.drafts[state.current] ?? "";
+  }
+  if (state.client) restartClient();
+  else startClient();
+  renderAll();
+}
+
+// ---- wiring --------------------------------------------------------------------------------
+$("join-form").addEventListener("submit", (e) => { e.preventDefault(); joinFromForm($("join-room").value.trim()); });
+$("composer").addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+$("draft").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
+});
+$("draft").addEventListener("input", () => {
+  saveDraft();
+  fitDraft();
+  const c = conv(state.current);
+  if (c?.kind === "room" && $("draft").value) state.client?.typing(c.name);
+});
+$("scroller").addEventListener("scroll", () => {
+  const c = conv(state.current);
+  if (c && $("scroller").scrollTop < 40) loadOlder(c);
+});
+$("menu").addEventListener("click", () => {
+  $("app").dataset.menu = $("app").dataset.menu === "open" ? "closed" : "open";
+});
+document.querySelector("main.chat").addEventListener("click", (e) => {
+  if ($("app").dataset.menu === "open" && !$("menu").contains(e.target)) $("app").dataset.menu = "closed";
+});
+$("switch-user").addEventListener("click", () => showSignin());
+$("retry").addEventListener("click", retryNow);
+$("signin-form").addEventListener("submit", signinSubmitted);
+$("signin").addEventListener("cancel", (e) => { if (!state.identity) e.preventDefault(); });
+document.addEventListener("visibilitychange", () => {
+  const c = conv(state.current);
+  if (!document.hidden && c?.unread) { c.unread = 0; renderSidebar(); }
+});
+window.addEventListener("offline", () => setStatus("offline", "No network; messages wait until it is back"));
+
+const start = fromAddress ?? saved.get("identity", null);
+if (start?.kind === "guest" && !NAME_RE.test(start.name)) {
+  renderAll();
+  showSignin(`"${start.name}" cannot be a name: 1-32 letters, digits, _ . - and inner spaces.`);
+} else if (start) useIdentity(start, !fromAddress);
+else { renderAll(); showSignin(); }
