@@ -1,8 +1,9 @@
 """gunicorn settings for wschat: ``gunicorn -c gunicorn.conf.py wschat:app``.
 
-Only the standard library is imported at module level: this file is read by
-the master before workers fork and before gevent patches anything. Every
-value comes from the same environment variables the app reads (see README).
+This file is read by the master before workers fork and before gevent
+patches anything, so besides the standard library it imports only
+``wschat.config`` (which loads neither gevent nor Flask): every value comes from
+the same :class:`~wschat.config.Settings` the app reads, validated once here.
 """
 
 import glob
@@ -14,32 +15,24 @@ import time
 from multiprocessing.sharedctypes import RawArray
 
 
-def _env(name, default):
-    value = os.environ.get(name, "").strip()
-    return value if value else default
+try:
+    from wschat.config import ConfigError, Settings
+except ImportError as exc:
+    sys.exit(f"wschat: cannot import the package ({exc}); is it installed?")
+try:
+    # Every variable validated once, in the master, before any worker forks.
+    _settings = Settings.from_env()
+except ConfigError as exc:
+    sys.exit(f"wschat: configuration error: {exc}")
 
-
-def _number(name, default, kind=int):
-    raw = _env(name, str(default))
-    try:
-        return kind(raw)
-    except ValueError:
-        sys.exit(f"wschat: {name}: expected a number, got {raw!r}")
-
-
-_host = _env("HOST", "0.0.0.0")
-_port = _number("PORT", 8080)
-_metrics_port = _number("METRICS_PORT", 8081)
-_max_connections = _number("MAX_CONNECTIONS", 10000)
-
-bind = [f"{_host}:{_port}", f"{_host}:{_metrics_port}"]
+bind = [f"{_settings.host}:{_settings.port}", f"{_settings.host}:{_settings.metrics_port}"]
 worker_class = "gevent"
-workers = _number("WEB_CONCURRENCY", 1)
+workers = _settings.web_concurrency
 # gunicorn's pool (default 1000 per gevent worker) bounds requests in flight. An
 # established WebSocket leaves it (wschat serves it in its own greenlet), but a
 # reconnect storm of MAX_CONNECTIONS handshakes must not queue behind the default.
-worker_connections = _max_connections + 100
-graceful_timeout = int(_number("GRACEFUL_TIMEOUT", 25, float))
+worker_connections = _settings.max_connections + 100
+graceful_timeout = int(_settings.graceful_timeout)
 timeout = 30
 # Also the handshake deadline: the gevent worker reads every HTTP request, the
 # first included, under a gevent.Timeout of `keepalive` seconds, so a socket
@@ -55,13 +48,11 @@ limit_request_field_size = 8190
 # this format leaves out the query string, where ?token= travels.
 accesslog = None
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms "%(a)s"'
-loglevel = _env("LOG_LEVEL", "info")
-if _env("LOG_FORMAT", "text").lower() == "json":
+loglevel = _settings.log_level
+if _settings.log_format == "json":
     # gunicorn's own lines (boot, worker exits, errors) in the app's JSON shape;
     # the formatter is resolved by name, so only the standard library loads here.
-    # (A bad LOG_LEVEL must reach on_starting's message, not fail in dictConfig.)
-    _level = loglevel.upper() if loglevel.lower() in ("debug", "info", "warning",
-                                                       "error") else "INFO"
+    _level = loglevel.upper()
     logconfig_dict = {
         "version": 1,
         "disable_existing_loggers": False,
@@ -90,15 +81,6 @@ _slots_ever_used = set()  # a worker forked into one of these replaces one that 
 
 
 def on_starting(server):
-    # Validate every variable once, in the master, before any worker forks.
-    try:
-        from wschat.config import ConfigError, Settings
-    except ImportError as exc:
-        sys.exit(f"wschat: cannot import the package ({exc}); is it installed?")
-    try:
-        Settings.from_env()
-    except ConfigError as exc:
-        sys.exit(f"wschat: configuration error: {exc}")
     # Prometheus multiprocess mode: one fresh directory of sample files per server run.
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:

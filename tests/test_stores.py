@@ -30,7 +30,7 @@ def stores(request: Any) -> Iterator[Stores]:
     yield Stores(redis_stores.RedisRoomStore(client, node, 3600),
                  redis_stores.RedisPresenceStore(client, node),
                  redis_stores.RedisMessageStore(client, settings.history_size),
-                 redis_stores.RedisBroker(client, url), "redis")
+                 redis_stores.RedisBroker(client), "redis")
     client.close()
 
 

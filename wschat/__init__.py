@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["create_app", "__version__"]
 

@@ -27,38 +27,21 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .protocol import ErrorCode, ProtocolError, RequestId
+from .protocol import ErrorCode, ProtocolError, RequestId, room_patterns
+from .session import Session, SessionAccess
 from .stores.moderation import EVERYWHERE, ModerationStore, Standing, until_ms
 
 if TYPE_CHECKING:
-    from .auth import Identity
-    from .chat import Session
     from .config import Settings
     from .stores.base import Broker
 
-PATTERN_RE = re.compile(r"^[A-Za-z0-9_.:*\-]{1,64}$")
-MAX_PATTERNS = 256
+__all__ = ["AccessControl", "SessionAccess", "control_event", "forbidden", "matches",
+           "parse_control", "room_patterns"]
+
 # Control events travel on user channels with the chat events; JSON events never
 # start with a NUL byte, so the hub never mistakes one for the other.
 CONTROL_PREFIX = b"\x00wschat-control\n"
 JOIN_WINDOW = 30.0  # seconds a join may take (redis SUBSCRIBE_TIMEOUT is 15)
-
-
-def room_patterns(value: Any) -> tuple[str, ...] | None:
-    """Validate a ``rooms``/``mod_rooms`` claim or setting: a list of room-name patterns.
-
-    Raises:
-        ValueError: not a list of at most 256 patterns of room-name characters and ``*``.
-    """
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or len(value) > MAX_PATTERNS:
-        raise ValueError(f"room patterns must be a list of at most {MAX_PATTERNS}")
-    for pattern in value:
-        if not isinstance(pattern, str) or not PATTERN_RE.match(pattern):
-            raise ValueError(f"bad room pattern {str(pattern)[:70]!r}: 1-64 letters, digits, "
-                             "_ . : - and *")
-    return tuple(value)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -70,28 +53,6 @@ def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str]:
 def matches(patterns: tuple[str, ...], room: str) -> bool:
     """Whether ``room`` matches any of ``patterns`` (``*`` globs, case-sensitive)."""
     return bool(patterns) and _compiled(patterns).match(room) is not None
-
-
-class SessionAccess:
-    """One connection's grants (from its token) and the mutes it is under."""
-
-    __slots__ = ("rooms", "mod_rooms", "muted", "joining")
-
-    def __init__(self, identity: Identity) -> None:
-        self.rooms = identity.rooms
-        self.mod_rooms = identity.mod_rooms
-        self.muted: dict[str, float] = {}  # room or EVERYWHERE -> end (Unix s, inf)
-        self.joining: dict[str, float] = {}  # room -> when a join was admitted (Unix s)
-
-    def regrant(self, identity: Identity, same_user: bool) -> None:
-        """A fresh token: its grants; a user's mutes stay with that user only."""
-        self.rooms, self.mod_rooms = identity.rooms, identity.mod_rooms
-        if not same_user:
-            self.muted.clear()
-            self.joining.clear()
-
-    def granted_exactly(self, room: str) -> bool:
-        return self.rooms is not None and room in self.rooms
 
 
 def control_event(op: str, **fields: Any) -> bytes:

@@ -23,7 +23,8 @@ import orjson
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
+from .version import __version__
+from .errors import WschatError
 from .protocol import (
     ErrorCode, History, ProtocolError, SendDm, SendMessage, draft_dm, draft_message,
     parse_command,
@@ -45,7 +46,7 @@ STATUS = {ErrorCode.FORBIDDEN: 403, ErrorCode.USER_NOT_FOUND: 404,
           ErrorCode.MESSAGE_TOO_LARGE: 413, ErrorCode.UNAVAILABLE: 503}
 
 
-class ApiError(Exception):
+class ApiError(WschatError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message

@@ -23,9 +23,9 @@ from typing import Any
 
 import jwt
 
-from .access import room_patterns
 from .config import ConfigError, Settings
-from .protocol import ErrorCode
+from .errors import WschatError
+from .protocol import ErrorCode, room_patterns
 
 log = logging.getLogger("wschat.auth")
 
@@ -51,7 +51,7 @@ class Identity:
     mod_rooms: tuple[str, ...] = ()
 
 
-class AuthError(Exception):
+class AuthError(WschatError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -121,7 +121,6 @@ class JwksKeys:
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last fetch, successful or not
         self._lock = threading.Lock()  # gevent-patched in workers: one fetch at a time
-        self.fetches = 0
 
     def get(self, kid: Any) -> jwt.PyJWK:
         """The key named ``kid``.
@@ -166,7 +165,6 @@ class JwksKeys:
 
     def _fetch(self, now: float) -> None:
         self._attempted_at = now
-        self.fetches += 1
         try:
             keys = self._client.get_signing_keys()
         except (jwt.PyJWTError, ValueError, OSError) as exc:  # down, not JSON, no keys

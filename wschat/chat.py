@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .access import AccessControl, SessionAccess, forbidden, parse_control
-from .auth import Authenticator, AuthError, Identity
+from .access import AccessControl, forbidden, parse_control
+from .auth import Authenticator, AuthError
 from .config import Settings
 from .hub import LocalHub
 from .protocol import (
@@ -29,7 +29,9 @@ from .protocol import (
 )
 from .ratelimit import RateLimiter
 from .stores.base import InboxFull, Stores, Unavailable, User
+from .session import Session
 from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
+from .telemetry import Metrics, NoMetrics
 
 log = logging.getLogger("wschat.chat")
 
@@ -51,68 +53,6 @@ PRESENCE_BURST = 4.0
 ROOM_PRESENCE_RATE = 20.0
 ROOM_PRESENCE_BURST = 100.0
 UNAVAILABLE_LOG_EVERY = 10.0  # seconds between "store unavailable" warnings
-
-
-class Session:
-    """One client connection as the chat core sees it.
-
-    The transport subclasses it and supplies :meth:`send_frame` (never blocks:
-    it queues) and :meth:`close`.
-    """
-
-    __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
-                 "typing", "remote_addr", "opened_at", "flood_strikes", "closed_by_chat",
-                 "access", "__weakref__")
-
-    def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
-                 remote_addr: str = "") -> None:
-        self.conn_id = conn_id
-        self.user_id = identity.user_id
-        self.username = identity.username
-        self.authenticated = authenticated
-        self.expires_at = identity.expires_at
-        self.rooms: set[str] = set()
-        self.typing: dict[str, float] = {}  # room -> monotonic deadline
-        self.remote_addr = remote_addr
-        self.opened_at = time.monotonic()
-        self.flood_strikes = 0
-        self.closed_by_chat = False
-        self.access = SessionAccess(identity)
-
-    @property
-    def user(self) -> User:
-        return User(self.user_id, self.username)
-
-    def send(self, event: bytes) -> None:
-        self.send_frame(text_frame(event))
-
-    def send_frame(self, frame: bytes) -> None:
-        raise NotImplementedError
-
-    def send_paced(self, frames: list[bytes], on_sent: Callable[[], None] | None = None
-                   ) -> None:
-        """Send ``frames`` as the client reads them (the transport paces them, outside the
-        slow-consumer budget); ``on_sent`` once all were handed over. Here: at once."""
-        for frame in frames:
-            self.send_frame(frame)
-        if on_sent is not None:
-            on_sent()
-
-    def close(self, code: CloseCode, reason: str) -> None:
-        raise NotImplementedError
-
-
-class ChatMetrics:
-    """What the core reports; the no-op default keeps it free of Prometheus."""
-
-    def received(self, kind: str) -> None: ...
-    def posted(self, kind: str) -> None: ...  # "room" or "dm", stored and published
-    def delivered(self, count: int, event: bytes = b"") -> None: ...
-    def auth_failed(self, reason: str) -> None: ...
-    def error(self, code: str) -> None: ...
-    def rate_limited(self) -> None: ...
-    def disconnected(self, reason: str) -> None: ...
-    def fanout_seconds(self, seconds: float) -> None: ...
 
 
 class _Deadlines:
@@ -258,14 +198,14 @@ class _PresenceGate:
 
 class Chat:
     def __init__(self, settings: Settings, stores: Stores, authenticator: Authenticator,
-                 limiter: RateLimiter, metrics: ChatMetrics | None = None,
+                 limiter: RateLimiter, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.stores = stores
         self.auth = authenticator
         self.limiter = limiter
-        self.metrics = metrics or ChatMetrics()
+        self.metrics: Metrics = metrics or NoMetrics()
         self.clock = clock
         self.monotonic = monotonic
         self.limits = Limits(settings.max_text_chars, settings.history_size)
@@ -300,9 +240,7 @@ class Chat:
             self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
         if session.authenticated and self._banned_everywhere(session):
             return
-        backlog = self._dm_backlog(session)
-        session.send(self._welcome(session, backlog))
-        self._send_kept_dms(session, backlog[0] if backlog else [])
+        self._greet(session)
 
     def _banned_everywhere(self, session: Session, request_id: RequestId = None) -> bool:
         """Close a connection whose user is banned everywhere; note mutes everywhere."""
@@ -319,6 +257,13 @@ class Chat:
         self.metrics.disconnected("banned")
         session.close(CloseCode.DISCONNECTED, "banned")
         return True
+
+    def _greet(self, session: Session, request_id: RequestId = None) -> None:
+        """``welcome`` (on connect, and after a successful ``auth``), then the DMs kept
+        for the user while it was away."""
+        backlog = self._dm_backlog(session)
+        session.send(self._welcome(session, backlog, request_id))
+        self._send_kept_dms(session, backlog[0] if backlog else [])
 
     def _welcome(self, session: Session, backlog: tuple[list[bytes], int] | None = None,
                  request_id: RequestId = None) -> bytes:
@@ -597,9 +542,7 @@ class Chat:
         if self._banned_everywhere(session, cmd.request_id):
             return
         self._watch_expiry(session)
-        backlog = self._dm_backlog(session)
-        session.send(self._welcome(session, backlog, cmd.request_id))
-        self._send_kept_dms(session, backlog[0] if backlog else [])
+        self._greet(session, cmd.request_id)
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room

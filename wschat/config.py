@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
-T = TypeVar("T")
+from .errors import WschatError
+from .protocol import room_patterns  # the one place room-name patterns are validated
 
 
-class ConfigError(ValueError):
+class ConfigError(WschatError, ValueError):
     """A configuration variable has a value the server cannot run with."""
 
 
@@ -24,7 +25,7 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
         try:
             value = int(raw.strip())
         except ValueError:
-            raise ValueError(f"expected an integer, got {raw!r}") from None
+            raise ValueError(f"expected a number (an integer), got {raw!r}") from None
         if lo is not None and value < lo:
             raise ValueError(f"must be >= {lo}, got {value}")
         if hi is not None and value > hi:
@@ -122,7 +123,6 @@ def _algorithms(raw: str) -> tuple[str, ...]:
 
 
 def _room_patterns(raw: str) -> tuple[str, ...]:
-    from .access import room_patterns  # the one place room-name patterns are validated
 
     return room_patterns(list(_csv(raw))) or ()
 
@@ -258,12 +258,3 @@ class Settings:
     def jwt_configured(self) -> bool:
         return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)
 
-    def as_table(self) -> list[tuple[str, Any]]:
-        """(variable, value) pairs with secrets masked: for the start-up log."""
-        rows = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("jwt_secret", "redis_url", "database_url", "api_key") and value:
-                value = "<set>"
-            rows.append((f.metadata["env"], value))
-        return rows

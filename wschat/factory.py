@@ -22,17 +22,18 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from flask_sock import Sock
 
-from . import __version__
+from .version import __version__
+from .admission import ConnectionBudget, remote_address
 from .auth import Authenticator, AuthError, Identity
 from .chat import Chat
 from .config import Settings
+from .connection import NoReaderThread, feed_pipelined
 from .logs import configure_logging
 from .protocol import valid_username
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .stores import create_stores
-from .transport import (
-    ConnectionBudget, NoReaderThread, Transport, feed_pipelined, remote_address,
-)
+from .telemetry import Metrics
+from .transport import Transport
 
 log = logging.getLogger("wschat.app")
 _current: Runtime | None = None  # this worker's runtime (one app per gunicorn worker)
@@ -57,9 +58,8 @@ class Runtime:
     chat: Chat
     transport: Transport
     authenticator: Authenticator
-    metrics: Any
+    metrics: Metrics
     prometheus: Any  # the registry /metrics and /metrics/json read (all workers)
-    started_at: float
     shutdown: Any = None  # the greenlet closing every connection when the worker stops
 
 
@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": NoReaderThread}
     sock = Sock(app)
     prometheus = _init_prometheus(app)
-    runtime = Runtime(settings, chat, transport, authenticator, metrics, prometheus, time.time())
+    runtime = Runtime(settings, chat, transport, authenticator, metrics, prometheus)
     app.extensions["wschat"] = runtime
     global _current
     _current = runtime
@@ -168,12 +168,12 @@ def create_app(settings: Settings | None = None) -> Flask:
             return _plain(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
                           {"Retry-After": "5"})
         addr = remote_address(environ, settings.trusted_proxies)
-        if not transport.claim_address(addr):
+        if not transport.addresses.claim(addr):
             metrics.handshake_refused("max_connections_per_ip")
             return _plain(429, "too many connections from this address "
                                "(MAX_CONNECTIONS_PER_IP)", {"Retry-After": "5"})
         if not transport.budget.try_acquire():
-            transport.release_address(addr)
+            transport.addresses.release(addr)
             metrics.handshake_refused("max_connections")
             return _plain(503, "server is at MAX_CONNECTIONS", {"Retry-After": "5"})
         # Never negotiate permessage-deflate: it costs ~100 KiB of zlib state per
@@ -204,7 +204,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         admission = g.pop("wschat_admission", None)
         if admission is not None:
             transport.budget.release()
-            transport.release_address(admission[2])
+            transport.addresses.release(admission[2])
 
     @app.get("/health")
     def health() -> Response:

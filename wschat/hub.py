@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .protocol import message_id_of, text_frame
+from .protocol import event_type, message_id_of, text_frame
 from .stores.base import Broker
 
 if TYPE_CHECKING:
-    from .chat import Session
+    from .session import Session
 
 
 class _Recovery:
@@ -93,7 +93,7 @@ class LocalHub:
             if msg_id is not None:
                 if msg_id <= replayed_up_to:
                     continue
-            elif b'"type":"presence"' in event:  # unescaped: only the event's own type
+            elif event_type(event) == "presence":
                 change = orjson.loads(event)
                 user_id, online = change.get("user_id"), change.get("status") == "online"
                 if (user_id in present) == online:

@@ -25,9 +25,9 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from . import __version__
-from .chat import ChatMetrics
-from .protocol import ErrorCode
+from .version import __version__
+from .protocol import ErrorCode, event_type
+from .telemetry import Metrics
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # Set by the gunicorn master before it forks: uptime is the server's, not a worker's.
@@ -35,8 +35,6 @@ _STARTED_AT = float(os.environ.get("WSCHAT_STARTED_AT") or time.time())
 
 # Label values known in advance: initialised to 0 so dashboards and alerts see a
 # series (and a rate of 0) before the first event rather than no data.
-RECEIVED_TYPES = ("auth", "join", "leave", "message", "dm", "typing", "list_users",
-                  "history", "ping")
 DELIVERED_TYPES = ("message", "dm", "presence", "typing")
 POSTED_KINDS = ("room", "dm")
 DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
@@ -50,8 +48,6 @@ AUTH_FAILURE_REASONS = (ErrorCode.AUTH_FAILED.value, ErrorCode.TOKEN_EXPIRED.val
 _WIRE_TYPES = {"Auth": "auth", "Join": "join", "Leave": "leave", "SendMessage": "message",
                "SendDm": "dm", "Typing": "typing", "ListUsers": "list_users",
                "History": "history", "Ping": "ping"}
-# protocol.py's encoders always write "type" first, so the prefix names the event.
-_EVENT_PREFIXES = tuple((f'{{"type":"{t}"'.encode(), t) for t in DELIVERED_TYPES)
 
 CONNECTIONS = Gauge("wschat_connections_total",
                     "Open WebSocket connections (a gauge despite the _total suffix, as documented)",
@@ -103,7 +99,7 @@ FANOUT = Histogram("wschat_fanout_seconds",
                             0.05, 0.1, 0.25, 1.0))
 
 
-class PrometheusChatMetrics(ChatMetrics):
+class PrometheusChatMetrics(Metrics):
     """The chat core's and the transport's events, counted in Prometheus series."""
 
     def __init__(self) -> None:
@@ -142,10 +138,8 @@ class PrometheusChatMetrics(ChatMetrics):
             self._delivered_child(event).inc(count)
 
     def _delivered_child(self, event: bytes) -> Any:
-        for prefix, kind in _EVENT_PREFIXES:
-            if event.startswith(prefix):
-                return self._delivered[kind]
-        return DELIVERED.labels("other")
+        child = self._delivered.get(event_type(event) or "")
+        return child if child is not None else DELIVERED.labels("other")
 
     def error(self, code: str) -> None:
         (self._errors.get(code) or ERRORS.labels(code)).inc()
@@ -203,10 +197,6 @@ def worker_restarted() -> None:
     WORKER_RESTARTS.inc()
 
 
-def started_at() -> float:
-    return _STARTED_AT
-
-
 # -- /metrics/json ----------------------------------------------------------------------
 
 class Snapshot:
@@ -227,10 +217,6 @@ class Snapshot:
             key = labels.get(label, "")
             out[key] = out.get(key, 0) + int(value)
         return {k: v for k, v in sorted(out.items()) if v or not nonzero}
-
-    def label_values(self, name: str, label: str) -> list[str]:
-        return sorted({labels[label] for labels, _ in self._samples.get(name, ())
-                       if label in labels})
 
     def quantile(self, name: str, q: float) -> float | None:
         """``histogram_quantile`` over all observations since start (linear in the bucket)."""

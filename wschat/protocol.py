@@ -17,6 +17,8 @@ from typing import Any, NewType
 
 import orjson
 
+from .errors import WschatError
+
 UserId = NewType("UserId", str)
 RoomName = NewType("RoomName", str)
 RequestId = str | int | None
@@ -69,7 +71,7 @@ class CloseCode(enum.IntEnum):
     RATE_LIMITED = 4102  # kept flooding after rate_limited errors
 
 
-class ProtocolError(Exception):
+class ProtocolError(WschatError):
     """A client request the server rejects; becomes one ``error`` event."""
 
     def __init__(self, code: ErrorCode, message: str, request_id: RequestId = None,
@@ -170,8 +172,28 @@ Command = (Auth | Join | Leave | SendMessage | SendDm | Typing | ListUsers | His
            | Moderate)
 
 ROOM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
+PATTERN_RE = re.compile(r"^[A-Za-z0-9_.:*\-]{1,64}$")  # a room name, or a glob of them
+MAX_PATTERNS = 256
 USERNAME_RE = re.compile(r"^\w(?:[\w .\-]{0,30}[\w.\-])?$")
 MAX_ID_CHARS = 64
+
+
+def room_patterns(value: Any) -> tuple[str, ...] | None:
+    """Validate a ``rooms``/``mod_rooms`` claim or setting: a list of room-name patterns.
+
+    Raises:
+        ValueError: not a list of at most 256 patterns of room-name characters and ``*``.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_PATTERNS:
+        raise ValueError(f"room patterns must be a list of at most {MAX_PATTERNS}")
+    for pattern in value:
+        if not isinstance(pattern, str) or not PATTERN_RE.match(pattern):
+            raise ValueError(f"bad room pattern {str(pattern)[:70]!r}: 1-64 letters, digits, "
+                             "_ . : - and *")
+    return tuple(value)
+
 
 
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], rid: RequestId,
@@ -439,10 +461,16 @@ def text_frame(payload: bytes) -> bytes:
 PING_FRAME = b"\x89\x00"
 
 
-def close_frame(code: int, reason: str = "") -> bytes:
-    """An unmasked close frame (reason cut to fit the 125-byte control-frame limit)."""
-    payload = code.to_bytes(2, "big") + reason.encode()[:123]
-    return bytes((0x88, len(payload))) + payload
+_TYPE_PREFIX = b'{"type":"'
+
+
+def event_type(event: bytes) -> str | None:
+    """The type of an event this module encoded (every encoder writes ``type`` first),
+    read without parsing the JSON; None for anything else."""
+    if not event.startswith(_TYPE_PREFIX):
+        return None
+    end = event.find(b'"', len(_TYPE_PREFIX))
+    return event[len(_TYPE_PREFIX):end].decode() if end > 0 else None
 
 
 _MESSAGE_PREFIX = b'{"type":"message","id":'

@@ -27,10 +27,12 @@ from wsproto.events import (
     TextMessage,
 )
 
+from .errors import WschatError
+
 QUIET = 0.5  # seconds without a frame after stdin ended: the answers are in
 
 
-class ConnectFailed(Exception):
+class ConnectFailed(WschatError):
     """The server refused the upgrade or could not be reached; the message says why."""
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..config import Settings
+from ..telemetry import Metrics
 from .base import Stores
 
 
-def create_stores(settings: Settings, metrics: Any = None) -> Stores:
+def create_stores(settings: Settings, metrics: Metrics | None = None) -> Stores:
     if settings.redis_url:
         from .redis import create_redis_stores
 

@@ -13,11 +13,15 @@ connections of a user; each worker then writes them to its own sockets
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import WschatError
 from ..protocol import MessageDraft, is_guest_id
 
 
@@ -69,6 +73,19 @@ class Stored:
     sender_id: str = ""
     recipient_id: str = ""  # DMs only; "" when the recipient was offline (kept for later)
 
+    def dm_parties(self) -> list[str]:
+        return dm_parties(self.sender_id, self.recipient_id)
+
+
+def dm_parties(sender_id: str, recipient_id: str) -> list[str]:
+    """The user channels a DM is published to, once each: the recipient's (none when
+    ``recipient_id`` is "": kept for later) and the sender's, for their other connections.
+    (post_dm.lua does the same in Redis.)"""
+    parties = [recipient_id] if recipient_id else []
+    if sender_id != recipient_id:
+        parties.append(sender_id)
+    return parties
+
 
 # What :meth:`MessageStore.publish_stored` did with each message.
 PUBLISHED = 1  # delivered (and everything held behind it)
@@ -76,11 +93,11 @@ HELD = 0  # an earlier id is not published yet: held until it is (or fetched fro
 STALE = -1  # the room's window is already past this id: not published again
 
 
-class Unavailable(Exception):
+class Unavailable(WschatError):
     """The shared store cannot be reached; the request is refused, not half-done."""
 
 
-class InboxFull(Exception):
+class InboxFull(WschatError):
     """A DM to an offline user who already has the most DMs kept that a user may have."""
 
 
@@ -231,6 +248,12 @@ class Broker(ABC):
         return None
 
 
+def new_node_id() -> str:
+    """A worker's id, ``<hostname>-<pid>-<random>``: its node in Redis and the prefix of
+    its connection ids (the hostname is the pod's)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 @dataclass
 class Stores:
     """The backend chosen once from configuration and handed to the chat core."""
@@ -243,6 +266,7 @@ class Stores:
     rate_limiter: Any = None  # shared buckets (Redis); None: the factory uses memory ones
     moderation: Any = None  # shared bans, mutes, members (Redis); None: the core uses memory
     persistence: str = "off"  # the database log's URL (password hidden) when persistence is on
+    node_id: str = field(default_factory=new_node_id)  # this worker
 
     def problems(self) -> list[str]:
         """Why this worker is not ready; empty when it is."""

@@ -25,18 +25,16 @@ restart (or after Redis lost a room's keys) continue from the database.
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
 
 import gevent
 
 from ..config import ConfigError
 from ..persistence import (
     Arrival, DatabaseUnavailable, DmPost, DmsDelivered, GroupCommitWriter, Job, MessageLog, RoomPost,
-    SequenceFloor,
+    SequenceFloor, SQLiteLog,
 )
 from ..protocol import MessageDraft, message_id_of
-from ..sqlite_log import SQLiteLog
+from ..telemetry import Metrics
 from .base import (
     HELD, STALE, InboxFull, MessageStore, Posted, Replay, Stored, Unavailable, User,
 )
@@ -52,7 +50,7 @@ class DurableMessageStore(MessageStore):
     HOLD_TIMEOUT = 1.0  # how long a held id waits for its predecessor before the log fills in
     FILL_LIMIT = 1000  # at most this many missing messages are republished from the log
 
-    def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Any = None,
+    def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Metrics | None = None,
                  replay_limit: int = REPLAY_LIMIT) -> None:
         self.inner = inner
         self.log = message_log
@@ -79,7 +77,7 @@ class DurableMessageStore(MessageStore):
 
     # -- writes --------------------------------------------------------------------------
     def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
-        job = RoomPost(room=room, user_id=user_id, draft=draft, created_ms=_now_ms())
+        job = RoomPost(room=room, user_id=user_id, draft=draft)
         self.writer.submit(job)
         if job.duplicate:
             self._publish_if_missing(room, job.msg_id)
@@ -102,12 +100,12 @@ class DurableMessageStore(MessageStore):
             raise InboxFull(f"{recipient_id} has {self.max_kept_dms} undelivered direct "
                             "messages; try again once they have connected")
         job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
-                     created_ms=_now_ms(), delivered=recipient_online)
+                     delivered=recipient_online)
         self.writer.submit(job)
         return Posted(job.msg_id, job.event, job.duplicate)
 
     def user_arrived(self, user: User) -> tuple[list[bytes], int] | None:
-        job = Arrival(user_id=user.user_id, username=user.username, seen_ms=_now_ms())
+        job = Arrival(user_id=user.user_id, username=user.username)
         self.writer.submit(job)
         return job.backlog, job.kept
 
@@ -248,6 +246,3 @@ class DurableMessageStore(MessageStore):
         self.log.close()
         self.inner.close()
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

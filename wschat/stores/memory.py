@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..protocol import MessageDraft
 from .base import (
     PUBLISHED, Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay,
-    RoomHandler, RoomStore, Stored, Stores, User, UserHandler,
+    RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties,
 )
 
 DEDUPE_TTL = 3600.0
@@ -189,9 +189,8 @@ class MemoryMessageStore(MessageStore):
         posted = Posted(self._dm_last_id, draft.with_id(self._dm_last_id), False)
         if key:
             self._remember(key, posted.msg_id, draft)
-        self._broker.publish_user(recipient_id, posted.event)
-        if sender_id != recipient_id:
-            self._broker.publish_user(sender_id, posted.event)
+        for user_id in dm_parties(sender_id, recipient_id):
+            self._broker.publish_user(user_id, posted.event)
         return posted
 
     def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
@@ -233,10 +232,8 @@ class MemoryMessageStore(MessageStore):
         # One writer publishes in commit order, which is id order: nothing to hold.
         for message in messages:
             if message.room is None:
-                if message.recipient_id:
-                    self._broker.publish_user(message.recipient_id, message.event)
-                if message.sender_id != message.recipient_id:
-                    self._broker.publish_user(message.sender_id, message.event)
+                for user_id in message.dm_parties():
+                    self._broker.publish_user(user_id, message.event)
                 continue
             log = self._log_for(message.room)
             self._idle.pop(message.room, None)

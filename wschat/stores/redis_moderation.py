@@ -14,8 +14,11 @@ from typing import Any
 
 import redis
 
+from ..telemetry import Metrics
 from .moderation import EVERYWHERE, ModerationStore, Standing
-from .redis import NODES, PREFIX, PRESENCE, ROOMS, _guarded, _room_keys, escape_id
+from .redis.keys import (
+    NODES, PREFIX, PRESENCE, ROOMS, escape_id, guarded, node_conns, room_keys,
+)
 
 
 def _key(kind: str, scope: str, user_id: str) -> str:
@@ -36,11 +39,11 @@ def _end(raw: bytes | None) -> float | None:
 
 
 class RedisModerationStore(ModerationStore):
-    def __init__(self, client: redis.Redis, metrics: Any = None) -> None:
+    def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
         self._client = client
         self._metrics = metrics
 
-    @_guarded
+    @guarded
     def standing(self, room: str | None, user_id: str) -> Standing:
         scopes = [room, EVERYWHERE] if room else [EVERYWHERE]
         keys = [_key(kind, s, user_id) for kind in ("ban", "mute") for s in scopes]
@@ -54,7 +57,7 @@ class RedisModerationStore(ModerationStore):
             return Standing(None, ends[0], None, ends[1])
         return Standing(ends[0], ends[1], ends[2], ends[3], bool(replies[1]))
 
-    @_guarded
+    @guarded
     def restrict(self, kind: str, scope: str, user_id: str, until: float) -> None:
         key = _key(kind, scope, user_id)
         if until == math.inf:
@@ -62,40 +65,40 @@ class RedisModerationStore(ModerationStore):
         else:
             self._client.set(key, int(until * 1000), pxat=int(until * 1000))
 
-    @_guarded
+    @guarded
     def lift(self, kind: str, scope: str, user_id: str) -> bool:
         return bool(self._client.delete(_key(kind, scope, user_id)))
 
-    @_guarded
+    @guarded
     def set_member(self, room: str, user_id: str, member: bool) -> bool:
         key = _members_key(room)
         changed = self._client.sadd(key, user_id) if member else self._client.srem(key, user_id)
         return bool(changed)
 
-    @_guarded
+    @guarded
     def members(self, room: str) -> list[str]:
         return sorted(m.decode() for m in self._client.smembers(_members_key(room)))
 
-    @_guarded
+    @guarded
     def connections(self, user_id: str) -> int | None:
         return int(self._client.hget(PRESENCE, user_id) or 0)
 
-    @_guarded
+    @guarded
     def rooms(self) -> list[tuple[str, int]] | None:
         names = sorted(r.decode() for r in self._client.smembers(ROOMS))
         with self._client.pipeline(transaction=False) as pipe:
             for room in names:
-                pipe.zcard(_room_keys(room)[3])  # the room's distinct users, in join order
+                pipe.zcard(room_keys(room)[3])  # the room's distinct users, in join order
             counts = pipe.execute()
         return [(room, int(n)) for room, n in zip(names, counts) if n]
 
-    @_guarded
+    @guarded
     def workers(self) -> list[dict[str, Any]] | None:
         nodes = [n.decode() for n in self._client.zrange(NODES, 0, -1)]
         with self._client.pipeline(transaction=False) as pipe:
             for node in nodes:
-                pipe.hlen(f"{PREFIX}node:{node}:conns")
+                pipe.hlen(node_conns(node))
             counts = pipe.execute()
-        # node ids are "<hostname>-<pid>-<random>" (stores.redis._Node): the pod is the host.
+        # node ids are "<hostname>-<pid>-<random>" (stores.base.new_node_id): the pod is the host.
         return [{"node": node, "host": node.rsplit("-", 2)[0], "connections": int(n)}
                 for node, n in zip(nodes, counts)]

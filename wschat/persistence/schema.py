@@ -1,0 +1,117 @@
+"""The schema, its migrations, and the SQL both dialects share.
+
+Schema changes are ordered steps in :data:`MIGRATIONS`; the server applies the
+missing ones at start (under a lock, so workers and pods starting together are
+safe) and records each in ``schema_version``. A database newer than the server
+is refused (:class:`SchemaTooNew`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import WschatError
+
+DM_SCOPE = "dm"
+DM_PAGE = 50  # kept DMs are read, sent and marked delivered this many at a time
+
+
+def room_scope(room: str) -> str:
+    return "room:" + room
+
+
+# (version, description, statements). {blob} and {without_rowid} are filled per dialect.
+# Append new steps; never edit one that has shipped.
+MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
+    (1, "room messages, direct messages, sequences, users", (
+        "CREATE TABLE sequences (scope TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
+        "CREATE TABLE messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL,"
+        " client_msg_id TEXT, created_ms BIGINT NOT NULL, event {blob} NOT NULL,"
+        " PRIMARY KEY (room, id)){without_rowid}",
+        "CREATE UNIQUE INDEX messages_client_msg_id ON messages (client_msg_id, room, user_id)"
+        " WHERE client_msg_id IS NOT NULL",
+        "CREATE TABLE dms (id BIGINT PRIMARY KEY, sender_id TEXT NOT NULL,"
+        " recipient_id TEXT NOT NULL, client_msg_id TEXT, created_ms BIGINT NOT NULL,"
+        " delivered BOOLEAN NOT NULL, event {blob} NOT NULL)",
+        "CREATE UNIQUE INDEX dms_client_msg_id ON dms (client_msg_id, sender_id)"
+        " WHERE client_msg_id IS NOT NULL",
+        "CREATE INDEX dms_undelivered ON dms (recipient_id, id) WHERE NOT delivered",
+        "CREATE TABLE users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL,"
+        " first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL)",
+    )),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class SchemaTooNew(WschatError, RuntimeError):
+    """The database was migrated by a newer server; this one must not write to it."""
+
+
+class Dialect:
+    """What differs between the two dialects in the shared SQL."""
+
+    name = ""
+    blob = ""
+    without_rowid = ""
+    greatest = ""
+
+    def q(self, sql: str) -> str:
+        return sql
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        raise NotImplementedError
+
+
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+    blob = "BLOB"
+    without_rowid = " WITHOUT ROWID"
+    greatest = "max"
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+    blob = "BYTEA"
+    greatest = "GREATEST"
+
+    def q(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        return f"{column} = ANY(%s)", [list(values)]
+
+
+VERSION_TABLE_SQL = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+    " description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
+DM_SEQ_SQL = (
+    "INSERT INTO sequences (scope, last_id) VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM dms) + ?)"
+    " ON CONFLICT (scope) DO UPDATE SET last_id = sequences.last_id + ? RETURNING last_id")
+FLOOR_SQL = (
+    "INSERT INTO sequences (scope, last_id) VALUES (?, ?) ON CONFLICT (scope)"
+    " DO UPDATE SET last_id = {greatest}(sequences.last_id, excluded.last_id)")
+UPSERT_USER_SQL = (
+    "INSERT INTO users (user_id, username, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (user_id) DO UPDATE SET username = excluded.username,"
+    " last_seen_ms = excluded.last_seen_ms")
+KEPT_DMS_SQL = (
+    "SELECT event FROM dms WHERE recipient_id = ? AND NOT delivered AND id > ?"
+    " ORDER BY id LIMIT ?")
+COUNT_KEPT_SQL = "SELECT COUNT(*) FROM dms WHERE recipient_id = ? AND NOT delivered"
+MARK_DELIVERED_SQL = (
+    "UPDATE dms SET delivered = TRUE WHERE recipient_id = ? AND NOT delivered AND id <= ?")
+LAST_ID_SQL = (
+    "SELECT COALESCE((SELECT last_id FROM sequences WHERE scope = ?),"
+    " (SELECT MAX(id) FROM messages WHERE room = ?), 0)")
+BEFORE_SQL = "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?"
+NEWEST_SQL = "SELECT event FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
+AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?"
+KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
+DEDUPE_ROOM_SQL = "SELECT room, user_id, client_msg_id, event FROM messages WHERE "
+DEDUPE_DM_SQL = "SELECT sender_id, client_msg_id, event FROM dms WHERE "
+# A batch is a fixed handful of statements whatever its size, its rows passed as one
+# JSON parameter (see base.json_rows); the dialect modules hold those statements.

@@ -1,0 +1,101 @@
+"""Redis stores: any number of gunicorn workers and pods share rooms, presence, history.
+
+* :mod:`.keys`: key names, channels, the payload framing, and loading the Lua
+  scripts (``scripts/*.lua``, shipped in the package).
+* :mod:`.stores`: rooms, presence, messages; every state change is one script
+  or one pipeline, so there is no lock and no read-modify-write race between
+  workers.
+* :mod:`.broker`: pub/sub fan-out, one connection per worker.
+* :mod:`.nodes`: each worker's heartbeat, and the reaper that removes a dead
+  worker's memberships (with the same leave script as a user's leave).
+
+Event JSON is built only by :mod:`wschat.protocol`; the scripts splice ids into
+drafts it made and never encode an event themselves.
+
+When Redis goes away, workers keep their WebSockets, answer ``unavailable``
+to requests that need Redis, reconnect with back-off, resubscribe, and
+re-register their live connections (so presence and rooms come back even if
+Redis lost its data), and restore room sequence numbers from the highest id
+they delivered so no id is ever issued twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+try:
+    import redis
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("REDIS_URL needs the redis extra: pip install 'wschat[redis]'") from exc
+
+from ...config import Settings
+from ...telemetry import Metrics
+from ..base import Stores
+from .broker import RedisBroker
+from .keys import escape_id, room_channel, room_payload, split_room_payload, user_channel
+from .nodes import Node, NodeKeeper
+from .stores import RedisMessageStore, RedisPresenceStore, RedisRoomStore
+
+__all__ = [
+    "Node", "NodeKeeper", "RedisBroker", "RedisMessageStore", "RedisPresenceStore",
+    "RedisRoomStore", "RedisStores", "create_redis_stores", "escape_id", "redis",
+    "room_channel", "room_payload", "split_room_payload", "user_channel",
+]
+
+log = logging.getLogger("wschat.redis")
+
+_Node = Node  # the name the store tests construct a node by
+
+
+class RedisStores(Stores):
+    keeper: NodeKeeper
+
+    def release_local(self) -> bool:
+        try:
+            count = self.keeper.release()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not release this node's memberships (%s); they expire "
+                        "within PRESENCE_TTL", exc)
+            return False
+        log.info("released %d memberships of node %s", count, self.keeper.node_id)
+        return True
+
+    def close(self) -> None:
+        self.messages.close()  # flushes persistence while Redis can still publish
+        self.keeper.stop()
+        self.broker.close()
+
+
+def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> Stores:
+    assert settings.redis_url
+    pool = redis.BlockingConnectionPool.from_url(
+        # Many greenlets share few sockets; under a connect or disconnect storm a
+        # greenlet may wait its turn for a while rather than fail its leave.
+        settings.redis_url, max_connections=256, timeout=20, socket_timeout=5,
+        socket_connect_timeout=3, health_check_interval=30)
+    client = redis.Redis(connection_pool=pool)
+    node = Node()
+    broker = RedisBroker(client, metrics)
+    messages = RedisMessageStore(client, settings.history_size, metrics)
+    messages.delivering = broker.healthy
+    stores = RedisStores(
+        RedisRoomStore(client, node, settings.room_ttl, metrics),
+        RedisPresenceStore(client, node, metrics),
+        messages, broker, "redis", node_id=node.node_id)
+    stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
+    # The chat core's re-registration (set as the broker's on_reconnect) serves both.
+    stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()
+    try:
+        from ...ratelimit import RedisRateLimiter
+    except ImportError:
+        pass
+    else:
+        stores.rate_limiter = RedisRateLimiter(client, settings.rate_limit,
+                                               settings.rate_limit_burst)
+    from ..redis_moderation import RedisModerationStore
+
+    stores.moderation = RedisModerationStore(client, metrics)
+    stores.keeper.start()
+    log.info("redis stores: node %s at %s", node.node_id, time.strftime("%H:%M:%S"))
+    return stores

@@ -1,0 +1,214 @@
+"""Fan-out through Redis pub/sub: one connection per worker, subscribed only to the
+rooms and users that have local connections (no pattern subscriptions). Payloads
+on a room channel are ``<exclude_user_id>\\n<event JSON>`` (:func:`~.keys.room_payload`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import redis
+
+from ...telemetry import Metrics
+from ..base import Broker, RoomHandler, Unavailable, UserHandler
+from .keys import (
+    CONTROL, PREFIX, guarded, room_channel, room_payload, split_room_payload, user_channel,
+)
+
+log = logging.getLogger("wschat.redis")
+
+SUBSCRIBE_TIMEOUT = 15.0
+
+
+class RedisBroker(Broker):
+    """One pub/sub connection per worker; a listener greenlet delivers to the local hub."""
+
+    RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+    def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._on_room: RoomHandler | None = None
+        self._on_user: UserHandler | None = None
+        self._channels: set[bytes] = set()  # what this worker wants to hear
+        # channel -> (event set once confirmed, SUBSCRIBEs sent and not yet confirmed):
+        # every joiner waiting on a channel waits on the same event, released by the
+        # confirmation of the last SUBSCRIBE sent for it.
+        self._pending: dict[bytes, list[Any]] = {}
+        self._pubsub: Any = None
+        self._lock = gevent.lock.RLock()
+        self._listener: gevent.Greenlet | None = None
+        self._healthy = False
+        self._stopping = False
+
+    def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:
+        self._on_room, self._on_user = on_room, on_user
+        try:
+            self._connect()
+            self._healthy = True
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            # A worker (re)started during an outage must still boot: gunicorn stops
+            # the whole server when a worker fails to. /ready stays 503 meanwhile.
+            log.warning("redis unreachable at start (%s); retrying in the background", exc)
+            self._healthy = False
+        self._listener = gevent.spawn(self._listen_forever)
+
+    def _connect(self) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        # A pub/sub connection needs at least one subscription before it can listen.
+        pubsub.subscribe(CONTROL)
+        if self._channels:
+            pubsub.subscribe(*self._channels)
+        for key, pending in list(self._pending.items()):
+            if key in self._channels:
+                pending[1] = 1  # one SUBSCRIBE each, just sent
+            else:  # unsubscribed meanwhile: nobody waits for it any more
+                del self._pending[key]
+                pending[0].set()
+        self._pubsub = pubsub
+
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def _listen_forever(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            try:
+                if self._pubsub is None:
+                    with self._lock:
+                        self._connect()
+                    log.warning("redis pub/sub reconnected; resubscribed %d channels",
+                                len(self._channels))
+                    attempt = 0
+                    if self.on_reconnect is not None:
+                        self.on_reconnect()
+                    # Healthy only now: until its connections are registered again and
+                    # its sequences raised, this worker takes no message (see Chat).
+                    self._healthy = True
+                self._listen()
+            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
+                # ValueError: redis-py dropped the socket under us ("Invalid file object").
+                if self._stopping:
+                    return
+                if self._healthy:
+                    log.warning("redis pub/sub lost (%s); reconnecting", exc)
+                    if self._metrics is not None:
+                        self._metrics.store_error("redis")
+                self._healthy = False
+                self._drop_pubsub()
+                gevent.sleep(self.RECONNECT_DELAYS[min(attempt, len(self.RECONNECT_DELAYS) - 1)])
+                attempt += 1
+            except Exception:
+                log.exception("redis listener failed; restarting it")
+                self._healthy = False
+                self._drop_pubsub()
+                gevent.sleep(1.0)
+
+    def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.reset()
+            except Exception:
+                pass
+
+    def _listen(self) -> None:
+        pubsub = self._pubsub
+        on_room, on_user = self._on_room, self._on_user
+        room_prefix = (PREFIX + "room:").encode()
+        user_prefix = (PREFIX + "user:").encode()
+        while not self._stopping and pubsub is self._pubsub:
+            message = pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            kind = message["type"]
+            channel = message["channel"]
+            if kind == "message" or kind == b"message":
+                data = message["data"]
+                if channel.startswith(room_prefix):
+                    room = channel[len(room_prefix):].decode()
+                    exclude, event = split_room_payload(data)
+                    if on_room is not None:
+                        on_room(room, event, exclude)
+                elif channel.startswith(user_prefix) and on_user is not None:
+                    on_user(channel[len(user_prefix):].decode(), data)
+            elif kind in ("subscribe", b"subscribe"):
+                pending = self._pending.get(channel)
+                if pending is not None:
+                    pending[1] -= 1
+                    if pending[1] <= 0:
+                        del self._pending[channel]
+                        pending[0].set()
+
+    def _subscribe(self, channel: str, wait: bool = True) -> None:
+        key = channel.encode()
+        self._channels.add(key)
+        if self._pubsub is None:
+            return  # the reconnect resubscribes everything in _channels
+        try:
+            with self._lock:
+                pending = self._pending.get(key)
+                if pending is None:
+                    pending = self._pending[key] = [gevent.event.Event(), 0]
+                pending[1] += 1
+                self._pubsub.subscribe(key)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise Unavailable(f"redis: {exc.__class__.__name__}") from exc
+        # Wait until Redis confirms, so nothing published after this returns is missed.
+        # Generous: during a reconnect storm the listener greenlet queues behind
+        # thousands of handshakes on a saturated worker.
+        if wait:
+            self._await(key, pending[0])
+
+    def _await(self, key: bytes, waiter: gevent.event.Event) -> None:
+        if not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
+            if self._pending.get(key, [None])[0] is waiter:
+                del self._pending[key]
+            raise Unavailable("redis: subscription not confirmed")
+
+    def _unsubscribe(self, channel: str) -> None:
+        key = channel.encode()
+        self._channels.discard(key)
+        if self._pubsub is not None:
+            try:
+                with self._lock:
+                    self._pubsub.unsubscribe(key)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                pass  # the reconnect subscribes only what is still wanted
+
+    def subscribe_room(self, room: str) -> None:
+        self._subscribe(room_channel(room), wait=True)
+
+    def await_room(self, room: str) -> None:
+        key = room_channel(room).encode()
+        pending = self._pending.get(key)
+        if pending is not None:
+            self._await(key, pending[0])
+
+    def unsubscribe_room(self, room: str) -> None:
+        self._unsubscribe(room_channel(room))
+
+    def subscribe_user(self, user_id: str) -> None:
+        # Confirmed before the user counts as online: a DM accepted for them must arrive.
+        self._subscribe(user_channel(user_id), wait=True)
+
+    def unsubscribe_user(self, user_id: str) -> None:
+        self._unsubscribe(user_channel(user_id))
+
+    @guarded
+    def publish_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
+        self._client.publish(room_channel(room), room_payload(event, exclude_user))
+
+    @guarded
+    def publish_user(self, user_id: str, event: bytes) -> None:
+        self._client.publish(user_channel(user_id), event)
+
+    def close(self) -> None:
+        self._stopping = True
+        if self._listener is not None:
+            self._listener.kill(block=False)
+        self._drop_pubsub()

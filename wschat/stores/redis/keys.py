@@ -1,0 +1,130 @@
+"""Key names, channels and payload framing, and what every Redis store shares
+(:func:`guarded` calls, :func:`script` loading).
+
+A user id inside a key or a payload is escaped (:func:`escape_id`: ``%``,
+``:`` and control characters as ``%XX``), so no ``sub`` can make two users'
+keys meet or forge a payload's framing; ids without those characters read the
+same as before, so workers of the previous release interoperate during a
+rolling update.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+import redis
+
+from ..base import Unavailable
+
+PREFIX = "wschat:"
+NODES = PREFIX + "nodes"
+ROOMS = PREFIX + "rooms"
+MEMBERSHIPS = PREFIX + "memberships"
+PRESENCE = PREFIX + "presence"
+DM_SEQ = PREFIX + "dm:seq"
+CONTROL = PREFIX + "control"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(method: F) -> F:
+    """Turn a Redis outage into :class:`Unavailable` (the request is refused, not lost)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                OSError) as exc:
+            if self._metrics is not None:
+                self._metrics.store_error("redis")
+            raise Unavailable(f"redis: {exc.__class__.__name__}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@functools.cache
+def _source(name: str) -> str:
+    return (resources.files(__package__) / "scripts" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def script(client: redis.Redis, name: str, prelude: str = "") -> Any:
+    """The Lua script ``scripts/<name>.lua`` (shipped in the package), registered with
+    ``client``; each file's header says its KEYS, ARGV and reply. ``prelude``: a script
+    whose text comes first (a shared beginning, e.g. ``take_id``)."""
+    return client.register_script((_source(prelude) if prelude else "") + _source(name))
+
+
+def room_keys(room: str) -> list[str]:
+    """conns counts names order seq hist: one hash tag per room, so every key a room
+    script touches sits in one slot."""
+    base = f"{PREFIX}{{r:{room}}}:"
+    return [base + k for k in ("conns", "counts", "names", "order", "seq", "hist")]
+
+
+def held_key(room: str) -> str:
+    return f"{PREFIX}{{r:{room}}}:held"
+
+
+def membership_keys(room: str, node_memberships: str) -> list[str]:
+    """The KEYS of join.lua and leave.lua."""
+    return [*room_keys(room), ROOMS, MEMBERSHIPS, node_memberships]
+
+
+def membership_token(room: str, conn_id: str, user_id: str) -> str:
+    """One membership in a node's set (what the reaper reads back with :func:`split_token`)."""
+    return f"{room}\0{conn_id}\0{user_id}"
+
+
+def split_token(token: str) -> tuple[str, str, str] | None:
+    parts = token.split("\0", 2)
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def node_memberships(node_id: str) -> str:
+    return f"{PREFIX}node:{node_id}:memberships"
+
+
+def node_conns(node_id: str) -> str:
+    return f"{PREFIX}node:{node_id}:conns"
+
+
+def room_channel(room: str) -> str:
+    return f"{PREFIX}room:{room}"
+
+
+def user_channel(user_id: str) -> str:
+    return f"{PREFIX}user:{user_id}"
+
+
+def escape_id(value: str) -> str:
+    """``%``, ``:`` and control characters as ``%XX``: an escaped id holds no separator,
+    and the usual ids are unchanged."""
+    if value.isprintable() and "%" not in value and ":" not in value:
+        return value
+    return "".join(f"%{ord(c):02X}" if c in "%:" or ord(c) < 0x20 or ord(c) == 0x7F
+                   else c for c in value)
+
+
+def room_payload(event: bytes, exclude_user: str | None = None) -> bytes:
+    """A room channel's payload: ``<escaped exclude_user_id>\\n<event JSON>``."""
+    return escape_id(exclude_user or "").encode() + b"\n" + event
+
+
+def split_room_payload(data: bytes) -> tuple[str | None, bytes]:
+    """(exclude_user_id, event) of a room channel's payload."""
+    exclude, _, event = data.partition(b"\n")
+    if not exclude:
+        return None, event
+    text = exclude.decode()
+    return (unquote(text) if "%" in text else text), event
+
+
+def dedupe_key(scope: str, user_id: str, client_msg_id: str) -> str:
+    # The user id is escaped, the client_msg_id comes last: ("acme", "alice:x") and
+    # ("acme:alice", "x") no longer share a key.
+    return f"{scope}dd:{escape_id(user_id)}:{client_msg_id}"

@@ -1,0 +1,139 @@
+"""Workers as nodes: presence survives dead workers.
+
+Each worker ("node") refreshes its score in ``wschat:nodes`` every
+``PRESENCE_TTL / 3`` seconds and records its memberships and connections; any
+node that finds another silent for ``PRESENCE_TTL`` claims it (one script, so
+one reaper wins) and removes its memberships with the leave script every leave
+uses, announcing ``offline`` where it was a user's last connection in a room.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import redis
+
+from ...protocol import encode_presence
+from ...telemetry import Metrics
+from ..base import new_node_id
+from .keys import (
+    NODES, PRESENCE, membership_keys, membership_token, node_conns, node_memberships,
+    room_channel, room_payload, script, split_token,
+)
+
+log = logging.getLogger("wschat.redis")
+
+
+class Node:
+    """This worker's identity in Redis and the keys that list what it registered."""
+
+    def __init__(self) -> None:
+        self.node_id = new_node_id()
+        self.memberships = node_memberships(self.node_id)
+        self.conns = node_conns(self.node_id)
+
+
+class NodeKeeper:
+    """Heartbeats this node and reaps nodes that died without cleaning up."""
+
+    def __init__(self, client: redis.Redis, node: Node, presence_ttl: float, room_ttl: float,
+                 metrics: Metrics | None = None) -> None:
+        self._client = client
+        self._node = node
+        self._ttl_ms = int(presence_ttl * 1000)
+        self._interval = presence_ttl / 3
+        self._room_ttl = int(room_ttl)
+        self._metrics = metrics
+        self._beat = script(client, "node_beat")
+        self._claim = script(client, "claim_node")
+        self._leave = script(client, "leave")
+        self._disconnect = script(client, "disconnect")
+        self._greenlet: gevent.Greenlet | None = None
+        self._registered = False
+        self._reregister = False
+        # Called when this node finds it was reaped as dead (it stalled longer than
+        # PRESENCE_TTL) while its connections lived on: they must be registered again.
+        self.on_reaped: Callable[[], None] | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self._node.node_id
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.beat_and_reap()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.debug("node heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("node heartbeat failed")
+            gevent.sleep(self._interval)
+
+    def beat_and_reap(self) -> int:
+        known, dead = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        if self._registered and not known:
+            log.warning("node %s was reaped as dead (stalled, or Redis lost its data); "
+                        "registering its connections again", self._node.node_id)
+            self._reregister = True
+        self._registered = True
+        if self._reregister and self.on_reaped is not None:
+            self.on_reaped()  # if it fails, it is tried again on the next beat
+            self._reregister = False
+        reaped = 0
+        for raw in dead:
+            node_id = raw.decode()
+            if node_id == self._node.node_id:
+                continue
+            count = self._reap_node(node_id, self._ttl_ms)
+            if count:
+                log.warning("reaped %d memberships of dead node %s", count, node_id)
+            reaped += count
+        return reaped
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+        try:
+            self._client.zrem(NODES, self._node.node_id)
+        except Exception:
+            pass
+
+    def release(self) -> int:
+        """Remove everything this node registered (announcing offline), as if it had died:
+        a few pipelined round trips instead of a leave per connection and room at shutdown."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+        self._client.zadd(NODES, {self._node.node_id: 0})  # claimed (removed) again at once
+        return self._reap_node(self._node.node_id)
+
+    def _reap_node(self, node_id: str, silent_ms: int | None = None) -> int:
+        """Remove one node's registrations if this caller claims it (with ``silent_ms``:
+        only if it is still silent that long); return how many memberships went."""
+        claim_args: list[Any] = [node_id] if silent_ms is None else [node_id, silent_ms]
+        if not self._claim(keys=[NODES], args=claim_args):
+            return 0  # alive again, or another reaper has it
+        memberships, conns = node_memberships(node_id), node_conns(node_id)
+        tokens = [t for t in (split_token(raw.decode())
+                              for raw in self._client.smembers(memberships)) if t]
+        with self._client.pipeline(transaction=False) as pipe:
+            for room, conn_id, user_id in tokens:
+                self._leave(keys=membership_keys(room, memberships),
+                            args=[room, conn_id, user_id, membership_token(room, conn_id, user_id),
+                                  self._room_ttl], client=pipe)
+            left = pipe.execute() if tokens else []
+        with self._client.pipeline(transaction=False) as pipe:
+            for (room, _, user_id), (_, last, _, name) in zip(tokens, left, strict=True):
+                if last:
+                    pipe.publish(room_channel(room), room_payload(
+                        encode_presence(room, user_id, name.decode(), "offline"), user_id))
+            for conn_id, user_id in self._client.hgetall(conns).items():
+                self._disconnect(keys=[conns, PRESENCE], args=[conn_id, user_id], client=pipe)
+            pipe.delete(memberships, conns)
+            pipe.execute()
+        return sum(int(removed) for removed, *_ in left)

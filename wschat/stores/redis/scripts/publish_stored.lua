@@ -1,0 +1,25 @@
+-- With persistence the database numbers room messages; this publishes a committed
+-- one in id order across workers: "seq" is then the highest id published. An id
+-- whose predecessor is not published yet waits in "held" until it is.
+-- Returns 1 published (with whatever it released), 0 held, -1 already past it.
+-- KEYS: seq hist channel held   ARGV: id msg history_size
+local id = tonumber(ARGV[1])
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+if id <= seq then return -1 end
+if id > seq + 1 then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[4], 300)
+  return 0
+end
+local msg = ARGV[2]
+while msg do
+  redis.call('RPUSH', KEYS[2], msg)
+  redis.call('PUBLISH', KEYS[3], '\n' .. msg)
+  seq = seq + 1
+  local nxt = string.format('%d', seq + 1)
+  msg = redis.call('HGET', KEYS[4], nxt)
+  if msg then redis.call('HDEL', KEYS[4], nxt) end
+end
+redis.call('SET', KEYS[1], seq, 'KEEPTTL')
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+return 1

@@ -1,0 +1,197 @@
+"""The Redis room, presence and message stores (see the package's docstring).
+
+Every state change is one Lua script (``scripts/*.lua``) or one pipeline, so
+there is no lock and no read-modify-write race between workers. A room message
+is one round trip: the script deduplicates, takes the next id, appends to the
+history and PUBLISHes, all atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from ...protocol import MessageDraft, message_id_of, stored_id_of
+from ...telemetry import Metrics
+from ..base import (
+    PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomStore,
+    Stored, Unavailable, User,
+)
+from .keys import (
+    DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, ROOMS, dedupe_key, guarded, held_key,
+    membership_keys, membership_token, room_channel, room_keys, script, user_channel,
+)
+from .nodes import Node
+
+DEDUPE_TTL = 3600
+
+
+class RedisRoomStore(RoomStore):
+    def __init__(self, client: redis.Redis, node: Node, room_ttl: float,
+                 metrics: Metrics | None = None) -> None:
+        self._client = client
+        self._node = node
+        self._room_ttl = int(room_ttl)
+        self._metrics = metrics
+        self._join = script(client, "join")
+        self._leave = script(client, "leave")
+
+    @guarded
+    def join(self, room: str, conn_id: str, user: User) -> JoinResult:
+        out = self._join(keys=membership_keys(room, self._node.memberships), args=[
+            room, conn_id, user.user_id, user.username,
+            membership_token(room, conn_id, user.user_id)])
+        members = [User(out[i].decode(), out[i + 1].decode()) for i in range(1, len(out), 2)]
+        return JoinResult(bool(out[0]), members)
+
+    @guarded
+    def leave(self, room: str, conn_id: str, user_id: str) -> LeaveResult:
+        _, last, empty, _ = self._leave(keys=membership_keys(room, self._node.memberships),
+                                        args=[room, conn_id, user_id,
+                                              membership_token(room, conn_id, user_id),
+                                              self._room_ttl])
+        return LeaveResult(bool(last), bool(empty))
+
+    @guarded
+    def members(self, room: str) -> list[User]:
+        keys = room_keys(room)
+        ids = self._client.zrange(keys[3], 0, -1)
+        if not ids:
+            return []
+        names = self._client.hmget(keys[2], ids)
+        return [User(i.decode(), (n or i).decode()) for i, n in zip(ids, names)]
+
+    @guarded
+    def totals(self) -> tuple[int, int]:
+        with self._client.pipeline(transaction=False) as pipe:
+            rooms, memberships = pipe.scard(ROOMS).get(MEMBERSHIPS).execute()
+        return int(rooms), int(memberships or 0)
+
+
+class RedisPresenceStore(PresenceStore):
+    def __init__(self, client: redis.Redis, node: Node, metrics: Metrics | None = None) -> None:
+        self._client = client
+        self._node = node
+        self._metrics = metrics
+        self._connect = script(client, "connect")
+        self._disconnect = script(client, "disconnect")
+
+    @guarded
+    def connect(self, conn_id: str, user: User) -> None:
+        self._connect(keys=[self._node.conns, PRESENCE], args=[conn_id, user.user_id])
+
+    @guarded
+    def disconnect(self, conn_id: str, user_id: str) -> None:
+        self._disconnect(keys=[self._node.conns, PRESENCE], args=[conn_id, user_id])
+
+    @guarded
+    def is_online(self, user_id: str) -> bool:
+        count = self._client.hget(PRESENCE, user_id)
+        return bool(count) and int(count) > 0
+
+
+class RedisMessageStore(MessageStore):
+    def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None) -> None:
+        self._client = client
+        self._size = history_size
+        self._metrics = metrics
+        self._post_room = script(client, "post_room", prelude="take_id")
+        self._post_dm = script(client, "post_dm", prelude="take_id")
+        self._raise_seq = script(client, "raise_seq")
+        self._publish_stored = script(client, "publish_stored")
+        #: Whether posts can be delivered: the broker's health, set by the factory.
+        self.delivering: Callable[[], bool] = lambda: True
+
+    def _check_delivering(self) -> None:
+        if not self.delivering():
+            raise Unavailable("redis: resubscribing after an outage")
+
+    @staticmethod
+    def _posted(out: list[Any]) -> Posted:
+        duplicate, event = out
+        return Posted(stored_id_of(event), bytes(event), bool(duplicate))
+
+    @guarded
+    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
+        self._check_delivering()
+        keys = room_keys(room)
+        script_keys = [keys[4], keys[5], room_channel(room)]
+        if draft.client_msg_id:
+            script_keys.append(dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
+                                           draft.client_msg_id))
+        return self._posted(self._post_room(keys=script_keys, args=[
+            draft.prefix, draft.suffix, DEDUPE_TTL, self._size]))
+
+    @guarded
+    def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
+                recipient_online: bool = True) -> Posted:
+        self._check_delivering()
+        script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
+        if draft.client_msg_id:
+            script_keys.append(dedupe_key(f"{PREFIX}dm:", sender_id, draft.client_msg_id))
+        return self._posted(self._post_dm(keys=script_keys, args=[
+            draft.prefix, draft.suffix, DEDUPE_TTL]))
+
+    @guarded
+    def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
+        hist = room_keys(room)[5]
+        if before is None:
+            return list(self._client.lrange(hist, -limit, -1))
+        held = [m for m in self._client.lrange(hist, 0, -1)
+                if (message_id_of(m) or 0) < before]
+        return held[-limit:]
+
+    @guarded
+    def since(self, room: str, after_id: int) -> Replay:
+        keys = room_keys(room)
+        with self._client.pipeline(transaction=False) as pipe:
+            last, held = pipe.get(keys[4]).lrange(keys[5], 0, -1).execute()
+        last = int(last or 0)
+        if after_id > last:
+            return Replay([], False)
+        if after_id == last:
+            return Replay([], True)
+        newer = [m for m in held if (message_id_of(m) or 0) > after_id]
+        oldest = message_id_of(held[0]) if held else last + 1
+        return Replay(newer, oldest is not None and after_id >= oldest - 1)
+
+    @guarded
+    def last_id(self, room: str) -> int:
+        return int(self._client.get(room_keys(room)[4]) or 0)
+
+    def room_emptied(self, room: str) -> None:
+        pass  # the leave script already set the TTLs
+
+    def room_occupied(self, room: str) -> None:
+        pass  # the join script already removed them
+
+    @guarded
+    def raise_sequence(self, room: str, at_least: int) -> None:
+        self._raise_seq(keys=[room_keys(room)[4]], args=[at_least])
+
+    @guarded
+    def publish_stored(self, messages: list[Stored]) -> list[int]:
+        # One pipeline for the whole committed batch: one round trip, in id order.
+        with self._client.pipeline(transaction=False) as pipe:
+            for m in messages:
+                if m.room is None:
+                    for user_id in m.dm_parties():
+                        pipe.publish(user_channel(user_id), m.event)
+                    continue
+                keys = room_keys(m.room)
+                self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
+                                           held_key(m.room)],
+                                     args=[m.msg_id, m.event, self._size], client=pipe)
+            replies = pipe.execute()
+        out: list[int] = []
+        it = iter(replies)
+        for m in messages:
+            if m.room is None:
+                for _ in m.dm_parties():
+                    next(it)
+                out.append(PUBLISHED)
+            else:
+                out.append(int(next(it)))
+        return out
