@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from browser import DESKTOP, PHONE, WAIT_MS, ChatPage, launched  # noqa: E402
+from browser import PHONE, WAIT_MS, ChatPage, launched  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from services import ROOT, Server  # noqa: E402
 
