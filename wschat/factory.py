@@ -131,10 +131,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         if problem is not None:
             metrics.handshake_refused("bad_handshake")
             return problem
+        addr = remote_address(environ, settings.trusted_proxies)
         if not _origin_allowed(environ.get("HTTP_ORIGIN"), allowed_origins):
             metrics.handshake_refused("origin")
             log.info("upgrade refused (403) for %s: origin %r is not in ALLOWED_ORIGINS",
-                     remote_address(environ, settings.trusted_proxies), environ.get("HTTP_ORIGIN"))
+                     addr, environ.get("HTTP_ORIGIN"))
             return _plain(403, "origin not allowed")
         token = request.args.get("token") or _bearer(environ.get("HTTP_AUTHORIZATION"))
         if token:
@@ -143,8 +144,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             except AuthError as err:
                 metrics.auth_failed(err.code.value)
                 metrics.handshake_refused("auth")
-                log.info("upgrade refused (401) for %s: %s (%s)",
-                         remote_address(environ, settings.trusted_proxies), err.message,
+                log.info("upgrade refused (401) for %s: %s (%s)", addr, err.message,
                          err.code.value)
                 return _plain(401, err.message)
             authenticated = True
@@ -167,7 +167,6 @@ def create_app(settings: Settings | None = None) -> Flask:
             metrics.handshake_refused("max_connections_per_user")
             return _plain(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
                           {"Retry-After": "5"})
-        addr = remote_address(environ, settings.trusted_proxies)
         if not transport.addresses.claim(addr):
             metrics.handshake_refused("max_connections_per_ip")
             return _plain(429, "too many connections from this address "
