@@ -109,7 +109,7 @@ def moderation_store(request: pytest.FixtureRequest) -> Iterator[ModerationStore
         return
     import redis
 
-    from wschat.stores.redis_moderation import RedisModerationStore
+    from wschat.stores.redis.moderation import RedisModerationStore
 
     client = redis.Redis.from_url(redis_url_or_skip(REDIS_DB))
     yield RedisModerationStore(client)

@@ -197,7 +197,7 @@ def test_moderation_keys_of_room_a_b_and_user_b_c_never_meet(redis_stores: Any) 
     (room names may hold ``:``, and so may a ``sub``)."""
     import math
 
-    from wschat.stores.redis_moderation import RedisModerationStore
+    from wschat.stores.redis.moderation import RedisModerationStore
 
     _, client, _, _, _ = redis_stores
     moderation = RedisModerationStore(client)

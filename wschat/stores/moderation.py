@@ -6,7 +6,7 @@ and is gone once it has passed. Private-room membership is a set of user ids
 per room, granted and revoked by the server API.
 
 The memory implementation serves one process; the Redis one
-(:mod:`wschat.stores.redis_moderation`) keeps the same state in keys every
+(:mod:`wschat.stores.redis.moderation`) keeps the same state in keys every
 worker reads, so a ban made through one pod holds on every other.
 """
 

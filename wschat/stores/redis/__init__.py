@@ -93,7 +93,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     else:
         stores.rate_limiter = RedisRateLimiter(client, settings.rate_limit,
                                                settings.rate_limit_burst)
-    from ..redis_moderation import RedisModerationStore
+    from .moderation import RedisModerationStore
 
     stores.moderation = RedisModerationStore(client, metrics)
     stores.keeper.start()

@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from ..telemetry import Metrics
-from .moderation import EVERYWHERE, ModerationStore, Standing
-from .redis.keys import (
+from ...telemetry import Metrics
+from ..moderation import EVERYWHERE, ModerationStore, Standing
+from .keys import (
     NODES, PREFIX, PRESENCE, ROOMS, escape_id, guarded, node_conns, room_keys,
 )
 
