@@ -365,7 +365,8 @@ class Chat:
                 if self.stores.rooms.join(room, session.conn_id, session.user).first_of_user:
                     self.stores.broker.publish_room(
                         room, encode_presence(room, session.user_id, session.username,
-                                              "online"), exclude_user=session.user_id)
+                                              "online", not session.authenticated),
+                        exclude_user=session.user_id)
         log.info("re-registered %d local connections", len(self.hub.sessions()))
         # What was published while this worker was not subscribed (the store came
         # back before its pub/sub connection did) comes from the history; the hub
