@@ -200,7 +200,7 @@ class Chat:
     def __init__(self, settings: Settings, stores: Stores, authenticator: Authenticator,
                  limiter: RateLimiter, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, start: bool = True) -> None:
         self.settings = settings
         self.stores = stores
         self.auth = authenticator
@@ -222,13 +222,18 @@ class Chat:
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
                                     stores.broker, clock)
         stores.broker.on_reconnect = self.resync
-        stores.broker.start(self.hub.deliver_room, self._deliver_user)
         self._handlers: dict[type, Callable[[Session, Any], None]] = {
             SendMessage: self._message, Typing: self._typing, Ping: self._ping,
             Join: self._join, Leave: self._leave, SendDm: self._dm,
             ListUsers: self._list_users, History: self._history, Auth: self._auth,
             Moderate: self._moderate,
         }
+        if start:  # False: the app factory, whose app is built before it is started
+            self.start()
+
+    def start(self) -> None:
+        """Receive what the broker delivers (with Redis: connect and subscribe)."""
+        self.stores.broker.start(self.hub.deliver_room, self._deliver_user)
 
     # -- connection lifecycle ----------------------------------------------------------
     def open(self, session: Session) -> None:
