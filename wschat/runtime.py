@@ -67,12 +67,13 @@ class Runtime:
 
     def stop(self, timeout: float) -> None:
         """Close every connection with 1001 (waiting at most ``timeout`` seconds for their
-        close handshakes), then the stores."""
+        close handshakes), then the stores, then stop the background greenlets."""
         self.transport.shutdown(timeout=timeout)
+        self.stores.close()
+        self.transport.stop()
         if self._sampler is not None:
             self._sampler.kill(block=False)
             sample_worker_gauges(self._outbound_bytes())  # its last word: the queues are gone
-        self.stores.close()
 
     def problems(self) -> list[str]:
         """Why this worker is not ready (``/ready``); empty when it is."""
