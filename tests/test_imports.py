@@ -9,6 +9,7 @@ too; only imports under ``if TYPE_CHECKING:`` are left out (never executed).
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -142,3 +143,36 @@ def test_every_module_imports_first() -> None:
     done = subprocess.run([sys.executable, "-c", script, *names], capture_output=True,
                           text=True, timeout=6 * TIMEOUT, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_readme_map_names_every_module() -> None:
+    """The README's "How it is built" map names every module and subpackage of wschat: a
+    module of a subpackage in that subpackage's entry, or by its path anywhere."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## How it is built", 1)[1].split("```", 2)[1]
+    entries: dict[str, str] = {}  # "wschat/stores/" -> its text, continuation lines included
+    for line in filter(None, block.splitlines()):
+        if line[:1].strip():
+            key = line.split()[0]
+            entries[key] = ""
+        entries[key] += " " + line
+
+    def named(text: str, name: str) -> bool:
+        return re.search(rf"(?<![\w/.]){re.escape(name)}(?![\w/])", text) is not None
+
+    missing = []
+    for module, (path, is_package) in modules().items():
+        rel = path.relative_to(PACKAGE)
+        if module == "wschat":
+            continue
+        if is_package:
+            found = f"wschat/{rel.parent}/" in entries
+        elif len(rel.parts) == 1:
+            found = (named(block, f"wschat/{rel}") or named(block, rel.name)
+                     or named(block, f"`python -m {module}`"))
+        else:
+            found = (named(entries.get(f"wschat/{rel.parent}/", ""), path.name)
+                     or named(block, str(rel)))
+        if not found:
+            missing.append(str(rel))
+    assert not missing, f"not in the README's map: {missing}"
