@@ -13,7 +13,7 @@ from typing import Any
 
 from .version import __version__
 
-__all__ = ["app", "create_app", "__version__"]
+__all__ = ["create_app", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
