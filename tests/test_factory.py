@@ -162,15 +162,21 @@ def test_unusable_sqlite_file_is_a_configuration_error_at_start(make_app: MakeAp
     assert not runtime.of(app).started
 
 
-def test_start_logs_the_ready_line_once(make_app: MakeApp,
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_start_logs_the_ready_line_once(make_app: MakeApp) -> None:
     """The start-up line names backend and persistence; a second start() does nothing."""
-    app = make_app()
-    with caplog.at_level(logging.INFO, logger="wschat.app"):
+    app = make_app()  # configure_logging: the wschat loggers do not propagate to pytest's
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("wschat.app")
+    logger.addHandler(handler)
+    try:
         runtime.of(app).start()
         runtime.of(app).start()
-    lines = [r.getMessage() for r in caplog.records if " ready: " in r.getMessage()]
-    assert len(lines) == 1 and lines[0].endswith("ready: backend=memory persistence=off")
+    finally:
+        logger.removeHandler(handler)
+    ready = [line for line in lines if " ready: " in line]
+    assert len(ready) == 1 and ready[0].endswith("ready: backend=memory persistence=off")
 
 
 def test_apps_do_not_share_state(make_app: MakeApp) -> None:
