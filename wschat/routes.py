@@ -1,14 +1,14 @@
 """wschat's HTTP routes, one blueprint per concern.
 
-==============  ==========================================  ==============
-blueprint       routes                                      served on
-==============  ==========================================  ==============
-``probes``      ``/health``, ``/ready``                     both ports
-``monitoring``  ``/metrics``, ``/metrics/json``             METRICS_PORT
-``websocket``   ``/ws``, after :mod:`wschat.admission`      PORT
+==============  ===========================================  ============
+blueprint       routes                                       served on
+==============  ===========================================  ============
+``probes``      ``/health``, ``/ready``                      both ports
+``monitoring``  ``/metrics``, ``/metrics/json``              METRICS_PORT
+``websocket``   ``/ws``, after :mod:`wschat.admission`       PORT
 ``echo``        ``/echo`` (``WSCHAT_ECHO_ENDPOINT=1`` only)  PORT
 ``page``        ``/`` and ``/web/<file>``: the browser page  PORT
-==============  ==========================================  ==============
+==============  ===========================================  ============
 
 The server API (``/api/``) is :mod:`wschat.api`'s blueprint. Every view reads
 the worker's state from the app (:func:`wschat.runtime.current`), so the
