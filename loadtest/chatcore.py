@@ -65,14 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     from wschat.stores.memory import create_memory_stores
 
     class NullSession(Session):
-        __slots__ = ("frames",)
+        __slots__ = ("frames", "errors")
 
         def __init__(self, user_id: str) -> None:
             super().__init__(f"c-{user_id}", Identity(user_id, user_id, None), False, "127.0.0.2")
-            self.frames = 0
+            self.frames = self.errors = 0
 
         def send_frame(self, frame: bytes) -> None:
             self.frames += 1
+            if b'{"type":"error"' in frame[:20]:
+                self.errors += 1
 
         def close(self, code: Any, reason: str) -> None:
             pass
@@ -100,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     pad = "x" * max(0, args.size - 20)
     n = args.n
     k = len(sessions)
-    msgs = [orjson.dumps({"type": "message", "room": member_of[sessions[i % k].user_id],
-                          "text": f"{time.time_ns()} {pad}"}).decode() for i in range(min(n, 4000))]
+    # Frame i is sent by session i % k: a room message into its own room, a DM to the
+    # session half the population away.
+    msgs = [orjson.dumps({"type": "message", "room": member_of[sessions[i].user_id],
+                          "text": f"{time.time_ns()} {pad}"}).decode() for i in range(k)]
     dms = [orjson.dumps({"type": "dm", "to": sessions[(i + k // 2) % k].user_id,
-                         "text": f"{time.time_ns()} {pad}"}).decode() for i in range(min(n, 4000))]
-    m = len(msgs)
+                         "text": f"{time.time_ns()} {pad}"}).decode() for i in range(k)]
+    m = k
     out: dict[str, Any] = {"wschat": os.path.dirname(wschat.__file__), "n": n,
                            "avg_room_members": round(len(sessions) / len(rooms), 2)}
     steps: dict[str, float] = {}
@@ -130,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     steps["metrics_per_room_message"] = bench(lambda i: (
         metrics.received("SendMessage"), metrics.posted("room"), metrics.fanout_seconds(0.0001),
         metrics.delivered(3, event)), n)
+    errors = sum(s.errors for s in sessions)
+    if errors:  # every timed request must be one the server carries out
+        raise SystemExit(f"{errors} error events: the harness is broken")
     out["steps_us"] = {k2: round(v, 3) for k2, v in steps.items()}
     out["receive_message_us"] = round(out["receive_message_us"], 3)
     out["receive_dm_us"] = round(out["receive_dm_us"], 3)
