@@ -120,6 +120,9 @@ def flush_all() -> None:
         m.flush()
 
 
+atexit.register(flush_all)  # a worker that exits normally leaves no count behind
+
+
 class PrometheusChatMetrics(Metrics):
     """The chat core's and the transport's events, counted in Prometheus series.
 
@@ -143,7 +146,6 @@ class PrometheusChatMetrics(Metrics):
         self._fanout_sum = 0.0
         self._fanout_pending = 0
         _LIVE.add(self)
-        atexit.register(flush_all)
         self._errors = {code.value: ERRORS.labels(code.value) for code in ErrorCode}
         for reason in DISCONNECT_REASONS:
             DISCONNECTS.labels(reason)
