@@ -339,6 +339,7 @@ class Chat:
     def shutdown(self) -> None:
         """The worker stops: take all its connections out of the shared store at once
         (one Redis script instead of a leave per connection and room)."""
+        self.metrics.flush()
         if self.stores.release_local():
             for session in self.hub.sessions():
                 session.closed_by_chat = True
@@ -421,6 +422,7 @@ class Chat:
     def tick(self) -> None:
         """Expire typing indicators, tokens and auth deadlines, retry failed clean-ups
         (called about once a second)."""
+        self.metrics.flush()  # per-message counts kept back since the last tick
         if self._unfinished:
             self._retry_unfinished()
         if self._early_kicks:
