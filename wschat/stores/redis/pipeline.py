@@ -12,10 +12,11 @@ commands of the hot path (every script, ``PUBLISH``, ``HGET``) go through one
 the client unchanged.
 
 A :class:`Pipeliner` owns one connection (made by the client's own pool, so
-address, TLS, auth, database and timeouts are the same) and a flusher greenlet.
-A caller queues its command and waits; the flusher wakes once the greenlets that
-were ready have run, sends everything queued as one non-transactional pipeline
-and hands each reply back. Failures are what redis-py raises for one command:
+address, TLS, auth, database and timeouts are the same).
+A caller queues its command; when nothing is in flight it sends the batch
+itself, otherwise the commands queued while a batch's replies are awaited go
+out together as the next batch (one write, one non-transactional pipeline),
+sent by a flusher greenlet that hands each reply back. Failures are what redis-py raises for one command:
 
 * an error reply (``ResponseError``, ``NoScriptError`` after a Redis restart or
   ``SCRIPT FLUSH``) goes to its own caller only; a script is then loaded and
@@ -56,7 +57,7 @@ class Pipeliner:
         kwargs["health_check_interval"] = 0  # the readable-socket check below instead
         self._conn: Any = pool.connection_class(**kwargs)
         self._queue: list[tuple[Sequence[Any], gevent.event.AsyncResult]] = []
-        self._wake = gevent.event.Event()
+        self._busy = False  # a batch is being sent or its replies read
         self._flusher: gevent.Greenlet | None = None
         self._closed = False
         #: Writes made and commands sent (their ratio is the mean batch).
@@ -69,9 +70,18 @@ class Pipeliner:
             raise redis.ConnectionError("redis pipeline closed")
         result = gevent.event.AsyncResult()
         self._queue.append((args, result))
-        if self._flusher is None or self._flusher.dead:
-            self._flusher = gevent.spawn(self._run)
-        self._wake.set()
+        if not self._busy:
+            # Nothing in flight: this greenlet sends the batch itself (no hop through
+            # another greenlet); what others queue meanwhile goes in the next batch,
+            # sent by a flusher greenlet so that this caller is not kept waiting.
+            self._busy = True
+            try:
+                self._send_next()
+            finally:
+                if self._queue and not self._closed:
+                    self._flusher = gevent.spawn(self._drain)
+                else:
+                    self._busy = False
         return result.get()
 
     def close(self) -> None:
@@ -82,15 +92,15 @@ class Pipeliner:
         self._queue = []
         self._conn.disconnect()
 
-    def _run(self) -> None:
+    def _send_next(self) -> None:
+        batch = self._queue[:self.MAX_BATCH]
+        del self._queue[:self.MAX_BATCH]
+        self._send(batch)
+
+    def _drain(self) -> None:
         try:
-            while not self._closed:
-                self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    batch = self._queue[:self.MAX_BATCH]
-                    del self._queue[:self.MAX_BATCH]
-                    self._send(batch)
+            while self._queue and not self._closed:
+                self._send_next()
         except BaseException as exc:
             # Killed (close) or a bug: nobody may wait forever.
             self._fail(self._queue, redis.ConnectionError(f"redis pipeline stopped: {exc!r}"))
@@ -98,6 +108,8 @@ class Pipeliner:
             if not isinstance(exc, gevent.GreenletExit):
                 log.exception("redis pipeline failed")
             raise
+        finally:
+            self._busy = False
 
     def _send(self, batch: list[tuple[Sequence[Any], gevent.event.AsyncResult]]) -> None:
         conn = self._conn
