@@ -287,21 +287,24 @@ def _store(client: Any) -> Any:
     return RedisMessageStore(client, 100)
 
 
-def _post(store: Any, room: str, charge: Charge, dm: bool = False) -> Any:
-    if dm:
-        return store.post_dm("alice", "bob", draft_dm("bob", "alice", "alice", "hi", 0, None),
-                             True, charge)
+def _post(store: Any, room: str, charge: Charge, dm: bool = False,
+          to: str = "bob") -> Any:
+    if dm:  # recipient_online=None: the script checks the recipient's presence itself
+        return store.post_dm("alice", to, draft_dm(to, "alice", "alice", "hi", 0, None),
+                             None, charge)
     return store.post_room(room, "alice", draft_message(room, "alice", "alice", "hi", 0, None),
                            charge)
 
 
 def test_redis_post_with_its_charge_is_one_evalsha(redis_url: str) -> None:
-    """A room message or DM with its rate limit is one round trip: one EVALSHA."""
+    """A room message, or a DM with its recipient's presence check, with the rate limit:
+    one round trip, one EVALSHA."""
     import redis
 
     worker = redis.Redis.from_url(redis_url, single_connection_client=True)
     store = _store(worker)
     room = f"one-trip-{time.monotonic_ns()}"
+    worker.hset("wschat:presence", "bob", 1)
     charge: Charge = (("u:one-trip", 100.0, 100.0), ("ip:127.0.0.9", 1000.0, 1000.0))
     _post(store, room, charge), _post(store, room, charge, dm=True)  # load the scripts
 
@@ -319,6 +322,7 @@ def test_redis_post_refused_by_an_empty_bucket(redis_client: Any, dm: bool) -> N
     """Past the burst the post is refused with retry_after_ms and nothing is stored or
     sent; the bucket is the one RedisRateLimiter spends (typing shares it)."""
     store = _store(redis_client)
+    redis_client.hset("wschat:presence", "bob", 1)
     user = f"u:refused-{dm}-{time.monotonic_ns()}"
     room = f"refused-{time.monotonic_ns()}"
     charge: Charge = ((user, 20.0, 2.0),)
@@ -332,6 +336,23 @@ def test_redis_post_refused_by_an_empty_bucket(redis_client: Any, dm: bool) -> N
     assert RedisRateLimiter(redis_client, 20, 2).hit(user) > 0
     time.sleep(refused.value.retry_after_ms / 1000)
     assert _post(store, room, charge, dm).msg_id == second.msg_id + 1
+
+
+def test_redis_dm_to_an_offline_user_refused_in_the_same_call(redis_client: Any) -> None:
+    """user_not_found from the post script: no id taken, nothing published; an empty
+    bucket answers first (rate_limited, as with the separate checks before)."""
+    from wschat.stores.base import RecipientOffline
+
+    store = _store(redis_client)
+    tag = time.monotonic_ns()
+    seq = int(redis_client.get("wschat:dm:seq") or 0)
+    with pytest.raises(RecipientOffline):
+        _post(store, "", ((f"u:off-{tag}", 10.0, 1.0),), dm=True, to=f"nobody-{tag}")
+    assert int(redis_client.get("wschat:dm:seq") or 0) == seq
+    with pytest.raises(RateLimited):  # the one token went to the refused DM
+        _post(store, "", ((f"u:off-{tag}", 10.0, 1.0),), dm=True, to=f"nobody-{tag}")
+    redis_client.hset("wschat:presence", f"somebody-{tag}", 1)
+    assert _post(store, "", (), dm=True, to=f"somebody-{tag}").msg_id > seq
 
 
 def test_redis_post_charges_buckets_in_order(redis_client: Any) -> None:

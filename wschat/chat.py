@@ -28,7 +28,7 @@ from .protocol import (
     text_frame,
 )
 from .ratelimit import Charge, RateLimited, RateLimiter
-from .stores.base import InboxFull, Stores, Unavailable, User
+from .stores.base import InboxFull, RecipientOffline, Stores, Unavailable, User
 from .session import Session
 from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
 from .telemetry import Metrics, NoMetrics
@@ -694,11 +694,13 @@ class Chat:
 
     def _dm(self, session: Session, cmd: SendDm) -> None:
         self.access.check_not_muted(session, None, cmd.request_id)
-        online = self.stores.presence.is_online(cmd.to)
-        # With persistence a DM to an offline user who has connected before is kept.
-        if not online and not self.stores.messages.keeps_dms_for(cmd.to):
-            raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
-                                cmd.request_id)
+        online: bool | None = None  # Redis: the post itself checks (RecipientOffline)
+        if not self.stores.messages.checks_recipient:
+            online = self.stores.presence.is_online(cmd.to)
+            # With persistence a DM to an offline user who has connected before is kept.
+            if not online and not self.stores.messages.keeps_dms_for(cmd.to):
+                raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
+                                    cmd.request_id)
         draft = draft_dm(cmd.to, session.username, session.user_id, cmd.text,
                          int(self.clock() * 1000), cmd.client_msg_id,
                          not session.authenticated)
@@ -707,6 +709,9 @@ class Chat:
                                                   online, self._charge(session))
         except InboxFull as exc:
             raise ProtocolError(ErrorCode.INBOX_FULL, str(exc), cmd.request_id) from None
+        except RecipientOffline:
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
+                                cmd.request_id) from None
         except RateLimited as exc:
             self._refuse(session, cmd, exc.retry_after_ms)
             raise

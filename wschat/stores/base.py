@@ -98,6 +98,10 @@ class Unavailable(WschatError):
     """The shared store cannot be reached; the request is refused, not half-done."""
 
 
+class RecipientOffline(WschatError):
+    """A DM refused by the store itself: its recipient has no connection (``user_not_found``)."""
+
+
 class InboxFull(WschatError):
     """A DM to an offline user who already has the most DMs kept that a user may have."""
 
@@ -148,6 +152,9 @@ class MessageStore(ABC):
     #: Whether ``post_*`` spend a ``charge`` (rate-limit buckets) in the same step
     #: (Redis: inside the posting script, one round trip); the chat passes one only then.
     charges_posts = False
+    #: Whether ``post_dm(recipient_online=None)`` checks the recipient's presence in the
+    #: same step (raising :class:`RecipientOffline`) instead of the caller asking first.
+    checks_recipient = False
 
     @abstractmethod
     def post_room(self, room: str, user_id: str, draft: MessageDraft,
@@ -157,9 +164,9 @@ class MessageStore(ABC):
 
     @abstractmethod
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True, charge: Charge = ()) -> Posted:
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         """``recipient_online=False`` only with persistence: the DM is kept for later;
-        ``charge`` as for :meth:`post_room`."""
+        ``None`` only if :attr:`checks_recipient`; ``charge`` as for :meth:`post_room`."""
 
     def check_delivering(self) -> None:
         """Raise :class:`Unavailable` while a post must be refused: with Redis, from an

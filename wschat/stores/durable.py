@@ -102,7 +102,7 @@ class DurableMessageStore(MessageStore):
             pass  # the retry's retry, or the room's next message, tries again
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True, charge: Charge = ()) -> Posted:
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         self.check_delivering()
         if not recipient_online and self.log.kept_count(recipient_id) >= self.max_kept_dms:
             # Refused where the sender can see it, never dropped later.

@@ -183,7 +183,7 @@ class MemoryMessageStore(MessageStore):
         return posted
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True, charge: Charge = ()) -> Posted:
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         key = ("", sender_id, draft.client_msg_id) if draft.client_msg_id else None
         if key and (hit := self._seen(key, draft)):
             return hit

@@ -18,8 +18,8 @@ from ...protocol import MessageDraft, message_id_of, stored_id_of
 from ...ratelimit import Charge, RateLimited
 from ...telemetry import Metrics
 from ..base import (
-    PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomStore,
-    Stored, Unavailable, User,
+    PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline,
+    Replay, RoomStore, Stored, Unavailable, User,
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, RATE_LIMITS, ROOMS, dedupe_key, guarded, held_key,
@@ -96,6 +96,7 @@ class RedisPresenceStore(PresenceStore):
 
 class RedisMessageStore(MessageStore):
     charges_posts = True  # the post scripts spend the sender's tokens (charge.lua)
+    checks_recipient = True  # post_dm(recipient_online=None): dm_online.lua
 
     def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None) -> None:
         self._client = client
@@ -103,6 +104,8 @@ class RedisMessageStore(MessageStore):
         self._metrics = metrics
         self._post_room = script(client, "post_room", prelude=("charge", "take_id"))
         self._post_dm = script(client, "post_dm", prelude=("charge", "take_id"))
+        self._post_dm_online = script(client, "post_dm",
+                                      prelude=("charge", "dm_online", "take_id"))
         self._raise_seq = script(client, "raise_seq")
         self._publish_stored = script(client, "publish_stored")
         #: Whether posts can be delivered: the broker's health, set by the factory.
@@ -117,6 +120,8 @@ class RedisMessageStore(MessageStore):
         outcome, event = out
         if outcome == 2:
             raise RateLimited(int(event))
+        if outcome == 3:
+            raise RecipientOffline("no such user online")
         return Posted(stored_id_of(event), bytes(event), bool(outcome))
 
     @staticmethod
@@ -144,14 +149,19 @@ class RedisMessageStore(MessageStore):
 
     @guarded
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True, charge: Charge = ()) -> Posted:
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         self.check_delivering()
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
             script_keys.append(dedupe_key(f"{PREFIX}dm:", sender_id, draft.client_msg_id))
-        script_keys, args = self._charged(
-            script_keys, [draft.prefix, draft.suffix, DEDUPE_TTL], charge)
-        return self._posted(self._post_dm(keys=script_keys, args=args))
+        args: list[Any] = [draft.prefix, draft.suffix, DEDUPE_TTL]
+        post = self._post_dm
+        if recipient_online is None:  # checked in the same call (dm_online.lua)
+            script_keys.append(PRESENCE)
+            args.append(recipient_id)
+            post = self._post_dm_online
+        script_keys, args = self._charged(script_keys, args, charge)
+        return self._posted(post(keys=script_keys, args=args))
 
     @guarded
     def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
