@@ -5,6 +5,7 @@ on a room channel are ``<exclude_user_id>\\n<event JSON>`` (:func:`~.keys.room_p
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -23,6 +24,9 @@ log = logging.getLogger("wschat.redis")
 
 SUBSCRIBE_TIMEOUT = 15.0
 IDLE_CHECK = 1.0  # seconds a listener waits for a message before its idle health check
+# read_response(timeout=...) is recent in redis-py (8.x has it); older ones poll first.
+_READ_TAKES_TIMEOUT = "timeout" in inspect.signature(
+    redis.connection.AbstractConnection.read_response).parameters
 
 
 class RedisBroker(Broker):
@@ -129,8 +133,13 @@ class RedisBroker(Broker):
         user_prefix = (PREFIX + "user:").encode()
         while not self._stopping and pubsub is self._pubsub:
             try:
-                response = conn.read_response(disconnect_on_error=False, push_request=True,
-                                              timeout=IDLE_CHECK)
+                if _READ_TAKES_TIMEOUT:
+                    response = conn.read_response(disconnect_on_error=False, push_request=True,
+                                                  timeout=IDLE_CHECK)
+                elif conn.can_read(timeout=IDLE_CHECK):  # redis-py before read timeouts
+                    response = conn.read_response(disconnect_on_error=False, push_request=True)
+                else:
+                    raise redis.TimeoutError("idle")
             except redis.TimeoutError:
                 pubsub.check_health()  # a PING every health_check_interval while idle
                 continue
