@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dm-share", type=float, default=d.dm_share,
                        help=f"smallrooms: share of the sends that are DMs (to a client in another room) [{d.dm_share}]")
         s.add_argument("--client-msg-id", action="store_true", help="send a client_msg_id with every message")
-        s.add_argument("--redis-url", default=d.redis_url, help=f"wschat-redis: Redis database (flushed!) [{d.redis_url}]")
+        s.add_argument("--redis-url", default=d.redis_url, help="wschat-redis: Redis database (flushed!); without it the run starts a "
+                            "private redis-server (free port, no persistence, stopped at exit)")
         s.add_argument("--url", help="use an already running server at ws://HOST:PORT (one target, not started)")
         s.add_argument("--server-pid", type=int, help="with --url: the server's PID, for its CPU and RSS")
         s.add_argument("--json", type=Path, help="write the report(s) here")

@@ -454,6 +454,12 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
     if w.get("server_cpu_s"):
         out["deliveries_per_server_cpu_s"] = round(st["delivered"] / w["server_cpu_s"])
         out["published_per_server_cpu_s"] = round(total_sent / w["server_cpu_s"])
+        # The whole server's cost: its processes plus Redis (wschat-redis), per published
+        # message and per delivery, over the window and the drain.
+        whole = w["server_cpu_s"] + (w.get("redis_cpu_s") or 0.0)
+        if total_sent:
+            out["server_redis_cpu_us_per_msg"] = round(1e6 * whole / total_sent, 1)
+        out["deliveries_per_server_redis_cpu_s"] = round(st["delivered"] / whole)
     if dm_share:
         out["dm_sent"] = dm_sent
         out["delivered_dm"] = st["delivered_dm"]
@@ -466,7 +472,8 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
     ctx.log(f"[{ctx.target}] {label or 'rate'} {rate:g} msg/s -> delivered {out['delivered_per_s']}/s "
             f"(offered {out['offered_deliveries_per_s']}/s), p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} "
             f"p999 {lat.get('p999_ms')} max {lat.get('max_ms')} ms, lost {out['lost']}, "
-            f"CPU % server {out['cpu_window'].get('server_cpu_pct')} generator "
+            f"CPU % server {out['cpu_window'].get('server_cpu_pct')} redis "
+            f"{out['cpu_window'].get('redis_cpu_pct')} generator "
             f"{out['cpu_window'].get('generator_cpu_pct')} other {out['cpu_window'].get('other_cpu_pct')}")
     return out
 

@@ -8,6 +8,7 @@ run uses (rate limit out of the way, ``MAX_CONNECTIONS`` above N, warnings-only 
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -26,8 +27,9 @@ PEERS = HERE / "peers"
 LOGS = HERE / "results" / "logs"
 
 TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "node-ws", "bun")
-#: the Redis database wschat-redis runs use; flushed before each such run
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+#: the Redis database wschat-redis runs use; flushed before each such run. Empty: a
+#: private redis-server started for the run (free port, no persistence, stopped at exit)
+DEFAULT_REDIS_URL = ""
 
 
 def free_port() -> int:
@@ -76,6 +78,7 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
         env.pop("REDIS_URL", None)
         redis = None
         if name == "wschat-redis":
+            redis_url = redis_url or private_redis_url()
             env.update({"REDIS_URL": redis_url, "WEB_CONCURRENCY": "2"})
             redis = redis_url
         gunicorn = str(Path(py).with_name("gunicorn"))
@@ -194,6 +197,52 @@ class Server:
         bad = [ln for ln in text.splitlines()
                if re.search(r"Traceback|ERROR|CRITICAL|Exception|WARNING|Error:|error:", ln)]
         return {"count": len(bad), "lines": bad[:limit]}
+
+
+_private_redis: subprocess.Popen | None = None
+_private_redis_url = ""
+
+
+def private_redis_url() -> str:
+    """A redis-server of this run's own (started once, on a free port of 127.0.0.1, no
+    RDB/AOF, its files in a temporary directory; stopped when the process exits)."""
+    global _private_redis, _private_redis_url
+    if _private_redis is not None and _private_redis.poll() is None:
+        return _private_redis_url
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("wschat-redis needs redis-server on PATH, or --redis-url")
+    import tempfile
+
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="loadtest-redis-")
+    _private_redis = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir, "--maxclients", "10000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    atexit.register(_stop_private_redis, workdir)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if _private_redis.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {_private_redis.returncode}")
+            time.sleep(0.05)
+    _private_redis_url = f"redis://127.0.0.1:{port}/14"
+    return _private_redis_url
+
+
+def _stop_private_redis(workdir: str) -> None:
+    proc = _private_redis
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _flush_redis(url: str) -> None:

@@ -25,8 +25,10 @@ from conftest import TIMEOUT, Server, own_redis, wait_until
 from fleet import Member, Sender, check, settle
 from services import PrivateRedis
 
+API_KEY = "faults-api-key-0123456789abcdef"
 COMMON = {"RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000", "PRESENCE_TTL": "3",
-          "HISTORY_SIZE": "1000", "GRACEFUL_TIMEOUT": "10", "LOG_LEVEL": "warning"}
+          "HISTORY_SIZE": "1000", "GRACEFUL_TIMEOUT": "10", "LOG_LEVEL": "warning",
+          "API_KEY": API_KEY}
 
 
 def room() -> str:
@@ -170,6 +172,32 @@ def test_redis_restart_under_traffic(cluster: Cluster) -> None:
 
     ms = run_traffic_on_both(cluster, restart_redis)
     assert ms["members"] == 20
+
+
+def test_api_publish_refused_during_a_redis_outage(cluster: Cluster) -> None:
+    """POST /api/publish meets the same store-layer guard as a WebSocket message: while
+    Redis is away (and until the server has resynchronised) it gets 503 ``unavailable``
+    and nothing is stored, with persistence too (the database takes no id for it);
+    once the servers are back the next message is the room's first."""
+    from test_api import call
+
+    srv, r = cluster.servers[0], room()
+    cluster.redis.stop()
+    try:
+        wait_until(lambda: srv.http("/ready")[0] == 503, message="the server to notice")
+        for kind, body in (("publish", {"room": r, "text": "during"}),
+                           ("dm", {"to": "nobody-online", "text": "during"})):
+            status, reply = call(srv, "POST", f"/api/{kind}", body, key=API_KEY)
+            assert status == 503 and reply["error"]["code"] == "unavailable", reply
+    finally:
+        cluster.redis.start()
+    answers: list[tuple[int, Any]] = []  # refused (503) until this worker has resynced
+    wait_until(lambda: answers.append(call(srv, "POST", "/api/publish",
+                                           {"room": r, "text": "after"}, key=API_KEY))
+               or answers[-1][0] == 200, timeout=4 * TIMEOUT, interval=0.1,
+               message="the API to take messages again")
+    assert all(reply["error"]["code"] == "unavailable" for _, reply in answers[:-1])
+    assert answers[-1][1]["id"] == 1, answers[-1]
 
 
 def run_traffic_on_both(cluster: Cluster, fault: Any) -> dict[str, int]:

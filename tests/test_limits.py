@@ -107,6 +107,20 @@ def srv() -> Iterator[Server]:
         yield server
 
 
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def limited(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The rate limits on both backends: with Redis a message or DM spends its tokens
+    inside the script that posts it, typing and other requests through the limiter."""
+    if request.param == "memory":
+        yield request.getfixturevalue("srv")
+        return
+    with Server({"REDIS_URL": redis_url_or_skip(REDIS_DB), "RATE_LIMIT": str(RATE),
+                 "RATE_LIMIT_BURST": str(BURST), "RATE_LIMIT_GUEST_IP": str(GUEST_IP_RATE),
+                 "RATE_LIMIT_GUEST_IP_BURST": str(GUEST_IP_BURST),
+                 "JWT_SECRET": SECRET}) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def bulk() -> Iterator[Server]:
     """No rate limit to speak of, a slow heartbeat, a 256 KiB backlog: for floods and churn."""
@@ -118,12 +132,12 @@ def bulk() -> Iterator[Server]:
 
 # -- rate limiting ---------------------------------------------------------------------
 
-def test_flood_accepted_within_rate_plus_burst(srv: Server) -> None:
+def test_flood_accepted_within_rate_plus_burst(limited: Server) -> None:
     """Sending at three times the rate: burst + rate x duration get through, the rest are
     refused with retry_after_ms, and every refusal is counted."""
-    limited_before = metric(srv, "wschat_rate_limited_total")
+    limited_before = metric(limited, "wschat_rate_limited_total")
     r = room()
-    with user(srv, max_queue=None) as c:
+    with user(limited, max_queue=None) as c:
         c.join(r)
         attempts, interval = 90, 1 / (3 * RATE)
         started = time.monotonic()
@@ -137,11 +151,11 @@ def test_flood_accepted_within_rate_plus_burst(srv: Server) -> None:
     assert all(1 <= e["retry_after_ms"] <= 1000 // RATE + 1 for e in refused)
     assert sorted(e["id"] for e in refused) == sorted(
         set(range(attempts)) - {int(m["text"][1:]) for m in accepted})
-    wait_until(lambda: metric(srv, "wschat_rate_limited_total") - limited_before
+    wait_until(lambda: metric(limited, "wschat_rate_limited_total") - limited_before
                == len(refused), message="wschat_rate_limited_total to count every refusal")
 
 
-def test_second_user_unaffected_by_a_flood(srv: Server) -> None:
+def test_second_user_unaffected_by_a_flood(limited: Server) -> None:
     """While one user floods (and is cut off again and again), another sending just under
     the rate has every message delivered."""
     r = room()
@@ -152,7 +166,7 @@ def test_second_user_unaffected_by_a_flood(srv: Server) -> None:
     def flood() -> None:
         while not stop.is_set():
             # max_queue=None: the client must read its close frame while it floods.
-            with user(srv, flooder_sub, max_queue=None) as f:
+            with user(limited, flooder_sub, max_queue=None) as f:
                 # Not awaited: reconnecting this fast, joins too run into the
                 # request rate limit; the flood is refused either way.
                 f.send({"type": "join", "room": r})
@@ -162,7 +176,7 @@ def test_second_user_unaffected_by_a_flood(srv: Server) -> None:
                 except ConnectionClosed:
                     floods.append(f.ws.close_code or 0)
 
-    with user(srv) as calm:
+    with user(limited) as calm:
         calm.join(r)
         flooder = threading.Thread(target=flood)
         flooder.start()
@@ -181,10 +195,10 @@ def test_second_user_unaffected_by_a_flood(srv: Server) -> None:
     assert floods and set(floods) == {4102}
 
 
-def test_connections_of_one_user_share_a_bucket(srv: Server) -> None:
+def test_connections_of_one_user_share_a_bucket(limited: Server) -> None:
     """A user's connections draw on one bucket: opening more tabs buys no extra rate."""
     sub, r = "tabs-" + uuid.uuid4().hex[:6], room()
-    with user(srv, sub, max_queue=None) as a, user(srv, sub, max_queue=None) as b:
+    with user(limited, sub, max_queue=None) as a, user(limited, sub, max_queue=None) as b:
         a.join(r), b.join(r)
         for i in range(BURST + 6):
             (a, b)[i % 2].send({"type": "message", "room": r, "text": f"t{i}", "id": i})
@@ -192,11 +206,11 @@ def test_connections_of_one_user_share_a_bucket(srv: Server) -> None:
     assert BURST <= BURST + 6 - refused <= BURST + 1  # +1: a token may refill meanwhile
 
 
-def test_flood_disconnects_with_4102(srv: Server) -> None:
+def test_flood_disconnects_with_4102(limited: Server) -> None:
     """A client that keeps flooding past 2 x burst refusals is told why and closed with 4102."""
-    before = metric(srv, "wschat_disconnects_total", reason="rate_limited")
+    before = metric(limited, "wschat_disconnects_total", reason="rate_limited")
     r = room()
-    with user(srv, max_queue=None) as c:
+    with user(limited, max_queue=None) as c:
         c.join(r)
         for i in range(BURST + 3 * BURST):
             c.send({"type": "message", "room": r, "text": f"f{i}"})
@@ -208,16 +222,16 @@ def test_flood_disconnects_with_4102(srv: Server) -> None:
     errors = [e for e in events if e["type"] == "error"]
     assert len(errors) == 2 * BURST + 1 and errors[-1] is events[-1]
     assert BURST <= len([e for e in events if e["type"] == "message"]) <= BURST + 1
-    wait_until(lambda: metric(srv, "wschat_disconnects_total", reason="rate_limited")
+    wait_until(lambda: metric(limited, "wschat_disconnects_total", reason="rate_limited")
                == before + 1, message="the 4102 disconnect to be counted")
 
 
-def test_guests_limited_per_connection_and_per_ip(srv: Server) -> None:
+def test_guests_limited_per_connection_and_per_ip(limited: Server) -> None:
     """Guests from one address share a bucket (RATE_LIMIT_GUEST_IP_BURST at once), each
     guest connection has its own too, and signed-in users from that address are unaffected."""
     ip, r = fresh_ip(), room()
-    guests = [Client(srv.url, max_queue=None, source_address=(ip, 0)) for _ in range(3)]
-    member = user(srv, max_queue=None, source_address=(ip, 0))
+    guests = [Client(limited.url, max_queue=None, source_address=(ip, 0)) for _ in range(3)]
+    member = user(limited, max_queue=None, source_address=(ip, 0))
     try:
         for c in (*guests, member):
             c.join(r)
@@ -232,7 +246,7 @@ def test_guests_limited_per_connection_and_per_ip(srv: Server) -> None:
             member.send({"type": "message", "room": r, "text": f"member {i}"})
         assert len(replies(member, BURST)[0]) == BURST
         # A single guest on a fresh address: its own connection bucket binds first.
-        with Client(srv.url, max_queue=None, source_address=(fresh_ip(), 0)) as alone:
+        with Client(limited.url, max_queue=None, source_address=(fresh_ip(), 0)) as alone:
             alone.join(r)
             for i in range(BURST + 3):
                 alone.send({"type": "message", "room": r, "text": f"a{i}"})

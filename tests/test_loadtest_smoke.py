@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("WSCHAT_TEST_TIMEOUT_SCALE", "1"))
 
 
-def run_loadtest(tmp_path: Path, *args: str, timeout: float = 30.0) -> dict[str, Any]:
+def run_loadtest(tmp_path: Path, *args: str, timeout: float = 30.0, target: str = "wschat"
+                 ) -> dict[str, Any]:
     """Run ``python -m loadtest ARGS --json FILE`` and return its single run report."""
     out = tmp_path / "report.json"
     # --quiet-gate 0: a smoke run checks the tool, not the figures; it must not wait for a quiet machine.
@@ -32,7 +33,7 @@ def run_loadtest(tmp_path: Path, *args: str, timeout: float = 30.0) -> dict[str,
     assert data["machine"]["nproc"] >= 1
     [report] = data["runs"]
     assert report["ok"], report.get("error")
-    assert report["target"] == "wschat"
+    assert report["target"] == target
     assert report["problems"] == [], report["problems"]
     # Every report carries both sides' CPU, so a client-bound run is visible.
     assert report["server"]["cpu_s"] is not None and report["server"]["cpu_s"] > 0
@@ -94,3 +95,32 @@ def test_smallrooms_smoke(tmp_path: Path) -> None:
     assert level["latency_ms"]["count"] > 0
     assert level["published_per_server_cpu_s"] > 0 and level["deliveries_per_server_cpu_s"] > 0
     assert "generator_cpu_s" in level["cpu_window"] and "other_cpu_pct" in level["cpu_window"]
+
+
+def test_fanout_smoke_on_redis_starts_its_own_redis(tmp_path: Path) -> None:
+    """wschat-redis without --redis-url: the tool starts a private redis-server, reports
+    its CPU beside the server's (and server+Redis CPU per message), and stops it."""
+    import psutil
+
+    def redis_servers() -> set[int]:
+        """The tool's private redis-servers (they run in a loadtest-redis-* directory)."""
+        found = set()
+        for p in psutil.process_iter(["name"]):
+            try:
+                if p.info["name"] == "redis-server" and "loadtest-redis-" in p.cwd():
+                    found.add(p.pid)
+            except psutil.Error:
+                continue
+        return found
+
+    before = redis_servers()
+    report = run_loadtest(tmp_path, "fanout", "--target", "wschat-redis", "--connections", "20",
+                          "--rooms", "2", "--rate", "20", "--duration", "3", "--warmup", "0.5",
+                          "--drain", "5", "--workers", "2", "--source-ips", "2",
+                          timeout=60.0, target="wschat-redis")
+    [level] = report["result"]["levels"]
+    assert level["lost"] == 0 and level["gaps"] == 0 and level["dups"] == 0
+    assert report["redis"]["cpu_s"] > 0
+    assert level["cpu_window"]["redis_cpu_s"] >= 0
+    assert level["server_redis_cpu_us_per_msg"] > 0
+    assert redis_servers() <= before  # ours is gone

@@ -424,3 +424,36 @@ def test_user_arrival_is_a_no_op_without_persistence() -> None:
     stores = create_memory_stores(history_size=3, room_ttl=3600)
     assert stores.messages.user_arrived(User("u", "u")) is None
     assert stores.messages.keeps_dms_for("u") is False
+
+
+@pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis+sqlite"])
+def test_posts_refused_while_the_broker_resynchronises(tmp_path: Path, persistence: bool
+                                                       ) -> None:
+    """One guard in the store layer (MessageStore.check_delivering) for every caller:
+    while the broker is resubscribing after an outage, room messages and DMs are refused
+    as ``Unavailable`` before anything is stored, with and without persistence (the
+    durable store does not go through the Redis store's post); afterwards they pass."""
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.base import Unavailable
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"resync-{uuid.uuid4().hex[:6]}"
+    inner = redis_stores.RedisMessageStore(client, history_size=10)
+    store: Any = inner
+    if persistence:
+        store = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/g.db"))
+        store.start()
+    resynced = False
+    inner.delivering = lambda: resynced
+    try:
+        with pytest.raises(Unavailable):
+            store.post_room(room, "u1", draft_message(room, "a", "u1", "early", 1, None))
+        with pytest.raises(Unavailable):
+            store.post_dm("u1", "u2", draft_dm("u2", "a", "u1", "early", 1, None))
+        resynced = True
+        posted = store.post_room(room, "u1", draft_message(room, "a", "u1", "now", 1, None))
+        assert posted.msg_id == 1  # the refused one took no id, in Redis or the database
+        assert [message_id_of(e) for e in store.recent(room, 10)] == [1]
+    finally:
+        store.close()
+        client.close()

@@ -19,7 +19,10 @@ from typing import Any
 import pytest
 
 from conftest import TIMEOUT, free_port, redis_url_or_skip, wait_until
-from wschat.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter, take
+from wschat.protocol import draft_dm, draft_message
+from wschat.ratelimit import (
+    Charge, MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, take,
+)
 
 DB = 12
 
@@ -227,13 +230,11 @@ def test_redis_buckets_shared_between_workers(redis_url: str) -> None:
         c.close()
 
 
-def test_redis_one_evalsha_per_check(redis_url: str) -> None:
-    """Each check is exactly one EVALSHA from the worker (MONITOR shows every command)."""
+def _commands_sent(redis_url: str, worker: Any, act: Callable[[], None]) -> list[str]:
+    """The commands ``worker`` (a single-connection client) sent while ``act`` ran, as
+    MONITOR saw them."""
     import redis
 
-    worker = redis.Redis.from_url(redis_url, single_connection_client=True)
-    limiter = RedisRateLimiter(worker, 100, 100, prefix="test:evalsha:")
-    limiter.hit("warm-up")  # the first call may load the script
     addr = worker.client_info()["addr"]
     marker = redis.Redis.from_url(redis_url)
     seen: list[str] = []
@@ -243,9 +244,9 @@ def test_redis_one_evalsha_per_check(redis_url: str) -> None:
         with redis.Redis.from_url(redis_url).monitor() as monitor:
             for command in monitor.listen():
                 text = command["command"]
-                if "test:evalsha:start" in text:
+                if "test:monitor:start" in text:
                     started.set()
-                elif "test:evalsha:stop" in text:
+                elif "test:monitor:stop" in text:
                     break
                 elif f"{command['client_address']}:{command['client_port']}" == addr:
                     seen.append(text.split()[0].upper())
@@ -253,15 +254,123 @@ def test_redis_one_evalsha_per_check(redis_url: str) -> None:
 
     threading.Thread(target=watch, daemon=True).start()
     # MONITOR streams only once the server has registered it: knock until it answers.
-    wait_until(lambda: marker.get("test:evalsha:start") or started.wait(0.05),
+    wait_until(lambda: marker.get("test:monitor:start") or started.wait(0.05),
                message="MONITOR to start")
-    for _ in range(5):
-        limiter.hit("k")
-    marker.get("test:evalsha:stop")
+    act()
+    marker.get("test:monitor:stop")
     assert done.wait(TIMEOUT)
-    assert seen == ["EVALSHA"] * 5
-    worker.close()
     marker.close()
+    return seen
+
+
+def test_redis_one_evalsha_per_check(redis_url: str) -> None:
+    """Each check is exactly one EVALSHA from the worker (MONITOR shows every command)."""
+    import redis
+
+    worker = redis.Redis.from_url(redis_url, single_connection_client=True)
+    limiter = RedisRateLimiter(worker, 100, 100, prefix="test:evalsha:")
+    limiter.hit("warm-up")  # the first call may load the script
+
+    def check() -> None:
+        for _ in range(5):
+            limiter.hit("k")
+
+    assert _commands_sent(redis_url, worker, check) == ["EVALSHA"] * 5
+    worker.close()
+
+
+# -- Redis: a message pays inside the script that posts it -------------------------------
+
+def _store(client: Any) -> Any:
+    from wschat.stores.redis import RedisMessageStore
+
+    return RedisMessageStore(client, 100)
+
+
+def _post(store: Any, room: str, charge: Charge, dm: bool = False,
+          to: str = "bob") -> Any:
+    if dm:  # recipient_online=None: the script checks the recipient's presence itself
+        return store.post_dm("alice", to, draft_dm(to, "alice", "alice", "hi", 0, None),
+                             None, charge)
+    return store.post_room(room, "alice", draft_message(room, "alice", "alice", "hi", 0, None),
+                           charge)
+
+
+def test_redis_post_with_its_charge_is_one_evalsha(redis_url: str) -> None:
+    """A room message, or a DM with its recipient's presence check, with the rate limit:
+    one round trip, one EVALSHA."""
+    import redis
+
+    worker = redis.Redis.from_url(redis_url, single_connection_client=True)
+    store = _store(worker)
+    room = f"one-trip-{time.monotonic_ns()}"
+    worker.hset("wschat:presence", "bob", 1)
+    charge: Charge = (("u:one-trip", 100.0, 100.0), ("ip:127.0.0.9", 1000.0, 1000.0))
+    _post(store, room, charge), _post(store, room, charge, dm=True)  # load the scripts
+
+    def post() -> None:
+        for _ in range(3):
+            _post(store, room, charge)
+            _post(store, room, charge, dm=True)
+
+    assert _commands_sent(redis_url, worker, post) == ["EVALSHA"] * 6
+    worker.close()
+
+
+@pytest.mark.parametrize("dm", [False, True], ids=["room", "dm"])
+def test_redis_post_refused_by_an_empty_bucket(redis_client: Any, dm: bool) -> None:
+    """Past the burst the post is refused with retry_after_ms and nothing is stored or
+    sent; the bucket is the one RedisRateLimiter spends (typing shares it)."""
+    store = _store(redis_client)
+    redis_client.hset("wschat:presence", "bob", 1)
+    user = f"u:refused-{dm}-{time.monotonic_ns()}"
+    room = f"refused-{time.monotonic_ns()}"
+    charge: Charge = ((user, 20.0, 2.0),)
+    first, second = _post(store, room, charge, dm), _post(store, room, charge, dm)
+    assert second.msg_id == first.msg_id + 1
+    with pytest.raises(RateLimited) as refused:
+        _post(store, room, charge, dm)
+    assert 1 <= refused.value.retry_after_ms <= 1000 // 20 + 1
+    if not dm:
+        assert store.last_id(room) == second.msg_id  # no id taken, nothing stored
+    assert RedisRateLimiter(redis_client, 20, 2).hit(user) > 0
+    time.sleep(refused.value.retry_after_ms / 1000)
+    assert _post(store, room, charge, dm).msg_id == second.msg_id + 1
+
+
+def test_redis_dm_to_an_offline_user_refused_in_the_same_call(redis_client: Any) -> None:
+    """user_not_found from the post script: no id taken, nothing published; an empty
+    bucket answers first (rate_limited, as with the separate checks before)."""
+    from wschat.stores.base import RecipientOffline
+
+    store = _store(redis_client)
+    tag = time.monotonic_ns()
+    seq = int(redis_client.get("wschat:dm:seq") or 0)
+    with pytest.raises(RecipientOffline):
+        _post(store, "", ((f"u:off-{tag}", 10.0, 1.0),), dm=True, to=f"nobody-{tag}")
+    assert int(redis_client.get("wschat:dm:seq") or 0) == seq
+    with pytest.raises(RateLimited):  # the one token went to the refused DM
+        _post(store, "", ((f"u:off-{tag}", 10.0, 1.0),), dm=True, to=f"nobody-{tag}")
+    redis_client.hset("wschat:presence", f"somebody-{tag}", 1)
+    assert _post(store, "", (), dm=True, to=f"somebody-{tag}").msg_id > seq
+
+
+def test_redis_post_charges_buckets_in_order(redis_client: Any) -> None:
+    """A guest's message spends its own bucket, then its address's; an empty address
+    bucket refuses it (the guest's token is spent, as with two separate checks)."""
+    store = _store(redis_client)
+    tag = time.monotonic_ns()
+    room, ip = f"order-{tag}", f"ip:order-{tag}"
+    limiter = RedisRateLimiter(redis_client, 1, 1)
+    assert limiter.hit(ip, 1, 1) == 0  # the address's only token
+    with pytest.raises(RateLimited):
+        _post(store, room, ((f"u:a-{tag}", 1.0, 5.0), (ip, 1.0, 1.0)))
+    assert float(redis_client.get(f"wschat:rl:u:a-{tag}").split()[0]) == pytest.approx(4, 0.05)
+    assert limiter.hit(f"u:b-{tag}") == 0  # b's only token
+    with pytest.raises(RateLimited):  # refused by the first: the second is not touched
+        _post(store, room, ((f"u:b-{tag}", 1.0, 1.0), (f"ip:untouched-{tag}", 1.0, 1.0)))
+    assert not redis_client.exists(f"wschat:rl:ip:untouched-{tag}")
+    assert store.last_id(room) == 0
 
 
 def test_redis_unreachable_falls_back_to_local_buckets(tmp_path: Path) -> None:

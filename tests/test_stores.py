@@ -16,8 +16,10 @@ from wschat.stores.memory import create_memory_stores
 ALICE, BOB = User("u-alice", "alice"), User("u-bob", "bob")
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-pipelined"])
 def stores(request: Any) -> Iterator[Stores]:
+    """redis-pipelined: as the server builds them, hot-path commands through the
+    auto-pipelining layer (wschat.stores.redis.pipeline)."""
     if request.param == "memory":
         yield create_memory_stores(history_size=5, room_ttl=3600)
         return
@@ -26,6 +28,10 @@ def stores(request: Any) -> Iterator[Stores]:
     url = redis_url_or_skip(10)
     settings = Settings.from_env({"REDIS_URL": url, "HISTORY_SIZE": "5"})
     client = redis_stores.redis.Redis.from_url(url)
+    if request.param == "redis-pipelined":
+        from wschat.stores.redis.pipeline import Pipelined
+
+        client = Pipelined(client)
     node = redis_stores._Node()
     yield Stores(redis_stores.RedisRoomStore(client, node, 3600),
                  redis_stores.RedisPresenceStore(client, node),

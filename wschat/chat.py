@@ -27,8 +27,8 @@ from .protocol import (
     encode_presence, encode_reply, encode_typing, message_id_of, parse_command, stored_id_of,
     text_frame,
 )
-from .ratelimit import RateLimiter
-from .stores.base import InboxFull, Stores, Unavailable, User
+from .ratelimit import Charge, RateLimited, RateLimiter
+from .stores.base import InboxFull, RecipientOffline, Stores, Unavailable, User
 from .session import Session
 from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
 from .telemetry import Metrics, NoMetrics
@@ -205,6 +205,8 @@ class Chat:
         self.stores = stores
         self.auth = authenticator
         self.limiter = limiter
+        # Redis: a message or DM spends its tokens in the script that posts it.
+        self._posts_charge = stores.messages.charges_posts and limiter is stores.rate_limiter
         self.metrics: Metrics = metrics or NoMetrics()
         self.clock = clock
         self.monotonic = monotonic
@@ -397,7 +399,8 @@ class Chat:
                                     "authenticate first with {type: auth, token}",
                                     command.request_id)
             if isinstance(command, RATE_LIMITED_KINDS):
-                self._check_rate(session, command)
+                if not (self._posts_charge and isinstance(command, (SendMessage, SendDm))):
+                    self._check_rate(session, command)
             else:
                 self._check_requests(session, command)
             self._handlers[type(command)](session, command)
@@ -472,6 +475,16 @@ class Chat:
             session.flood_strikes = 0
             return
         self._refuse(session, command, retry_ms)
+
+    def _charge(self, session: Session) -> Charge:
+        """_check_rate's buckets, for a store that spends them in the post itself."""
+        if not self._posts_charge:
+            return ()
+        charge: Charge = ((f"u:{session.user_id}", self.limiter.rate, self.limiter.burst),)
+        if not session.authenticated and session.remote_addr:
+            charge += ((f"ip:{session.remote_addr}", self.settings.guest_ip_rate,
+                        self.settings.guest_ip_burst),)
+        return charge
 
     def _refuse(self, session: Session, command: Command, retry_ms: int) -> None:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102)."""
@@ -658,15 +671,18 @@ class Chat:
             raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join {cmd.room} before writing to it",
                                 cmd.request_id)
         self.access.check_not_muted(session, cmd.room, cmd.request_id)
-        if not self.stores.broker.healthy():
-            # Reconnecting: until this worker's sequences are raised again (resync), an
-            # id it took could repeat one it delivered before the store lost its data.
-            raise Unavailable("reconnecting to the shared store")
+        # While reconnecting the store refuses (MessageStore.check_delivering).
         started = self.monotonic()
         draft = draft_message(cmd.room, session.username, session.user_id, cmd.text,
                               int(self.clock() * 1000), cmd.client_msg_id,
                               not session.authenticated)
-        posted = self.stores.messages.post_room(cmd.room, session.user_id, draft)
+        try:
+            posted = self.stores.messages.post_room(cmd.room, session.user_id, draft,
+                                                    self._charge(session))
+        except RateLimited as exc:
+            self._refuse(session, cmd, exc.retry_after_ms)
+            raise
+        session.flood_strikes = 0
         if posted.duplicate:
             # A retry: echo the original, unless this connection has it (or will have
             # it) from the room itself, e.g. in the replay of its `join` with `since`.
@@ -685,19 +701,28 @@ class Chat:
 
     def _dm(self, session: Session, cmd: SendDm) -> None:
         self.access.check_not_muted(session, None, cmd.request_id)
-        online = self.stores.presence.is_online(cmd.to)
-        # With persistence a DM to an offline user who has connected before is kept.
-        if not online and not self.stores.messages.keeps_dms_for(cmd.to):
-            raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
-                                cmd.request_id)
+        online: bool | None = None  # Redis: the post itself checks (RecipientOffline)
+        if not self.stores.messages.checks_recipient:
+            online = self.stores.presence.is_online(cmd.to)
+            # With persistence a DM to an offline user who has connected before is kept.
+            if not online and not self.stores.messages.keeps_dms_for(cmd.to):
+                raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
+                                    cmd.request_id)
         draft = draft_dm(cmd.to, session.username, session.user_id, cmd.text,
                          int(self.clock() * 1000), cmd.client_msg_id,
                          not session.authenticated)
         try:
             posted = self.stores.messages.post_dm(session.user_id, cmd.to, draft,
-                                                  recipient_online=online)
+                                                  online, self._charge(session))
         except InboxFull as exc:
             raise ProtocolError(ErrorCode.INBOX_FULL, str(exc), cmd.request_id) from None
+        except RecipientOffline:
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND, "no such user online",
+                                cmd.request_id) from None
+        except RateLimited as exc:
+            self._refuse(session, cmd, exc.retry_after_ms)
+            raise
+        session.flood_strikes = 0
         if posted.duplicate:
             session.send(posted.event)
         else:

@@ -1,8 +1,10 @@
 """Token buckets: ``RATE_LIMIT`` tokens per second, at most ``RATE_LIMIT_BURST`` saved up.
 
 The maths lives in :func:`take` (pure, clock injected) so the memory limiter
-and the Redis limiter (:data:`TAKE_LUA`, a line-by-line port of the same
-function) agree exactly. A bucket that has not been touched for
+and the Redis limiter (``stores/redis/scripts/charge.lua``, a line-by-line port
+of the same function) agree exactly. With Redis, a room message or DM spends
+its tokens inside the script that posts it (a :data:`Charge` handed to
+``post_room``/``post_dm``): one round trip for both. A bucket that has not been touched for
 ``(burst - tokens) / rate`` seconds is full again, which is exactly what a
 missing bucket means: both limiters forget such buckets (memory: a periodic
 sweep; Redis: the key's TTL), so idle users cost nothing.
@@ -17,7 +19,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from .errors import WschatError
+
 log = logging.getLogger("wschat.ratelimit")
+
+#: Buckets a request spends one token of each, in order, as (key, rate, burst); the
+#: first that refuses stops it (the ones after it are not touched).
+Charge = tuple[tuple[str, float, float], ...]
+
+
+class RateLimited(WschatError):
+    """A store refused a post because a bucket of its :data:`Charge` is empty."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"rate limited for {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
 
 # A client that waited exactly retry_after_ms must get its token, whatever
 # floating point makes of the refill (0.05 s x 20/s may come out as 0.9999...).
@@ -93,39 +109,11 @@ class MemoryRateLimiter(RateLimiter):
         self._next_sweep = now + max(1.0, self.burst / self.rate)
 
 
-# A port of take(). KEYS[1]: the bucket, "<tokens> <last>" or missing (= full).
-# ARGV: rate, burst, cost (optional, default 1). Returns retry_after_ms (0: allowed).
-# The clock is the Redis server's TIME: every worker and pod reads the same one,
-# so skew between machines can neither mint nor burn tokens. The key expires
-# when the bucket would be full again: from then on, missing means the same.
-TAKE_LUA = """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local cost = math.min(tonumber(ARGV[3] or '1'), burst)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tokens, last = burst, now
-local saved = redis.call('GET', KEYS[1])
-if saved then
-  local a, b = string.match(saved, '^(%S+) (%S+)$')
-  if a then tokens, last = tonumber(a), tonumber(b) end
-end
-local elapsed = now - last
-if elapsed < 0 then elapsed = 0 end
-tokens = math.min(burst, tokens + elapsed * rate)
-local retry = 0
-if tokens >= cost - 1e-9 then
-  tokens = math.max(0, tokens - cost)
-else
-  retry = math.max(1, math.ceil((cost - tokens) / rate * 1000))
-end
-local ttl = math.ceil((burst - tokens) / rate * 1000)
-redis.call('SET', KEYS[1], string.format('%.17g %.6f', tokens, now), 'PX', ttl)
-return retry
-"""
-
-
 class RedisRateLimiter(RateLimiter):
-    """Buckets in Redis, shared by every worker and pod: one EVALSHA per check.
+    """Buckets in Redis, shared by every worker and pod: one EVALSHA per check
+    (``scripts/rate_limit.lua``). A bucket is ``<tokens> <last>`` under ``prefix + key``,
+    the clock is the Redis server's TIME (skew between machines can neither mint nor
+    burn tokens), and the key expires when the bucket would be full again.
 
     If Redis cannot be reached, buckets fall back to this process
     (:class:`MemoryRateLimiter`): limiting stays on, per worker instead of per
@@ -146,9 +134,11 @@ class RedisRateLimiter(RateLimiter):
                  ) -> None:
         import redis
 
+        from .stores.redis.keys import script
+
         self.rate, self.burst = float(rate), float(burst)
         self.prefix = prefix
-        self._script = client.register_script(TAKE_LUA)
+        self._script = script(client, "rate_limit", prelude="charge")
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
                         OSError)
         self._fallback = MemoryRateLimiter(rate, burst)
@@ -163,7 +153,7 @@ class RedisRateLimiter(RateLimiter):
             return self._fallback.hit(key, rate, burst, cost)
         try:
             retry_ms = self._script(keys=[self.prefix + key],
-                                    args=[repr(rate), repr(burst), repr(float(cost))])
+                                    args=[repr(rate), repr(burst), repr(float(cost)), 1])
         except self._errors as exc:
             now = time.monotonic()
             self._down_until = now + self.RETRY_AFTER

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import WschatError
 from ..protocol import MessageDraft, is_guest_id
+from ..ratelimit import Charge
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,10 @@ class Unavailable(WschatError):
     """The shared store cannot be reached; the request is refused, not half-done."""
 
 
+class RecipientOffline(WschatError):
+    """A DM refused by the store itself: its recipient has no connection (``user_not_found``)."""
+
+
 class InboxFull(WschatError):
     """A DM to an offline user who already has the most DMs kept that a user may have."""
 
@@ -138,16 +143,36 @@ class MessageStore(ABC):
     """Room history, per-room sequence numbers, DMs and ``client_msg_id`` dedupe.
 
     ``post_*`` assign the id, store the message and publish it, in one step: a
-    message is either delivered with its id or not stored at all.
+    message is either delivered with its id or not stored at all. Every caller
+    (WebSocket, HTTP API, with or without persistence) goes through
+    :meth:`check_delivering` there: the one guard against posting while the shared
+    store is being resynchronised.
     """
 
+    #: Whether ``post_*`` spend a ``charge`` (rate-limit buckets) in the same step
+    #: (Redis: inside the posting script, one round trip); the chat passes one only then.
+    charges_posts = False
+    #: Whether ``post_dm(recipient_online=None)`` checks the recipient's presence in the
+    #: same step (raising :class:`RecipientOffline`) instead of the caller asking first.
+    checks_recipient = False
+
     @abstractmethod
-    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted: ...
+    def post_room(self, room: str, user_id: str, draft: MessageDraft,
+                  charge: Charge = ()) -> Posted:
+        """``charge``: buckets spent first (only if :attr:`charges_posts`); when one is
+        empty, nothing is posted and :class:`wschat.ratelimit.RateLimited` is raised."""
 
     @abstractmethod
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True) -> Posted:
-        """``recipient_online=False`` only with persistence: the DM is kept for later."""
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
+        """``recipient_online=False`` only with persistence: the DM is kept for later;
+        ``None`` only if :attr:`checks_recipient`; ``charge`` as for :meth:`post_room`."""
+
+    def check_delivering(self) -> None:
+        """Raise :class:`Unavailable` while a post must be refused: with Redis, from an
+        outage until the resync (connections re-registered, sequences raised again,
+        subscriptions back), since an id taken before could repeat one delivered
+        earlier and subscribers could miss the message."""
 
     @abstractmethod
     def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:

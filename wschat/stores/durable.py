@@ -34,6 +34,7 @@ from ..persistence import (
     SequenceFloor, SQLiteLog,
 )
 from ..protocol import MessageDraft, message_id_of
+from ..ratelimit import Charge
 from ..telemetry import Metrics
 from .base import (
     HELD, STALE, InboxFull, MessageStore, Posted, Replay, Stored, Unavailable, User,
@@ -76,12 +77,19 @@ class DurableMessageStore(MessageStore):
             self._metrics.store_error("database")
 
     # -- writes --------------------------------------------------------------------------
-    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
+    def post_room(self, room: str, user_id: str, draft: MessageDraft,
+                  charge: Charge = ()) -> Posted:  # charges_posts is False: never given
+        self.check_delivering()
         job = RoomPost(room=room, user_id=user_id, draft=draft)
         self.writer.submit(job)
         if job.duplicate:
             self._publish_if_missing(room, job.msg_id)
         return Posted(job.msg_id, job.event, job.duplicate)
+
+    def check_delivering(self) -> None:
+        # Ids come from the database here, but a worker still resubscribing would
+        # miss its own rooms' messages: the inner store's guard serves this path too.
+        self.inner.check_delivering()
 
     def _publish_if_missing(self, room: str, msg_id: int) -> None:
         """A retry of a message committed but never published (Redis failed right after
@@ -94,7 +102,8 @@ class DurableMessageStore(MessageStore):
             pass  # the retry's retry, or the room's next message, tries again
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True) -> Posted:
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
+        self.check_delivering()
         if not recipient_online and self.log.kept_count(recipient_id) >= self.max_kept_dms:
             # Refused where the sender can see it, never dropped later.
             raise InboxFull(f"{recipient_id} has {self.max_kept_dms} undelivered direct "

@@ -12,6 +12,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from ..protocol import MessageDraft
+from ..ratelimit import Charge
 from .base import (
     PUBLISHED, Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay,
     RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties,
@@ -165,7 +166,8 @@ class MemoryMessageStore(MessageStore):
             if self._bytes <= self._max_bytes:
                 return
 
-    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
+    def post_room(self, room: str, user_id: str, draft: MessageDraft,
+                  charge: Charge = ()) -> Posted:  # charges_posts is False: never given
         key = (room, user_id, draft.client_msg_id) if draft.client_msg_id else None
         if key and (hit := self._seen(key, draft)):
             return hit
@@ -181,7 +183,7 @@ class MemoryMessageStore(MessageStore):
         return posted
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True) -> Posted:
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         key = ("", sender_id, draft.client_msg_id) if draft.client_msg_id else None
         if key and (hit := self._seen(key, draft)):
             return hit

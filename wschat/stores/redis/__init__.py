@@ -8,6 +8,8 @@
 * :mod:`.broker`: pub/sub fan-out, one connection per worker.
 * :mod:`.nodes`: each worker's heartbeat, and the reaper that removes a dead
   worker's memberships (with the same leave script as a user's leave).
+* :mod:`.pipeline`: auto-pipelining; the hot path's commands (scripts,
+  ``PUBLISH``, ``HGET``) of concurrent greenlets go out together.
 
 Event JSON is built only by :mod:`wschat.protocol`; the scripts splice ids into
 drafts it made and never encode an event themselves.
@@ -35,6 +37,7 @@ from ..base import Stores
 from .broker import RedisBroker
 from .keys import escape_id, room_channel, room_payload, split_room_payload, user_channel
 from .nodes import Node, NodeKeeper
+from .pipeline import Pipelined
 from .stores import RedisMessageStore, RedisPresenceStore, RedisRoomStore
 
 __all__ = [
@@ -65,10 +68,14 @@ class RedisStores(Stores):
         log.info("released %d memberships of node %s", count, self.keeper.node_id)
         return True
 
+    pipelined: Pipelined | None = None
+
     def close(self) -> None:
         self.messages.close()  # flushes persistence while Redis can still publish
         self.keeper.stop()
         self.broker.close()
+        if self.pipelined is not None:
+            self.pipelined.pipeliner.close()
 
 
 def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> Stores:
@@ -79,14 +86,18 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
         settings.redis_url, max_connections=256, timeout=20, socket_timeout=5,
         socket_connect_timeout=3, health_check_interval=30)
     client = redis.Redis(connection_pool=pool)
+    # The hot path (posts, joins, leaves, presence, typing, rate limits) auto-pipelined;
+    # the node keeper, moderation and the rest on the pool.
+    fast: redis.Redis = Pipelined(client)  # type: ignore[assignment]
     node = Node()
-    broker = RedisBroker(client, metrics)
-    messages = RedisMessageStore(client, settings.history_size, metrics)
+    broker = RedisBroker(fast, metrics)
+    messages = RedisMessageStore(fast, settings.history_size, metrics)
     messages.delivering = broker.healthy
     stores = RedisStores(
-        RedisRoomStore(client, node, settings.room_ttl, metrics),
-        RedisPresenceStore(client, node, metrics),
+        RedisRoomStore(fast, node, settings.room_ttl, metrics),
+        RedisPresenceStore(fast, node, metrics),
         messages, broker, "redis", node_id=node.node_id)
+    stores.pipelined = fast  # type: ignore[assignment]
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
     # The chat core's re-registration (set as the broker's on_reconnect) serves both.
     stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()
@@ -95,7 +106,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     except ImportError:
         pass
     else:
-        stores.rate_limiter = RedisRateLimiter(client, settings.rate_limit,
+        stores.rate_limiter = RedisRateLimiter(fast, settings.rate_limit,
                                                settings.rate_limit_burst)
     from .moderation import RedisModerationStore
 

@@ -5,6 +5,7 @@ on a room channel are ``<exclude_user_id>\\n<event JSON>`` (:func:`~.keys.room_p
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -22,6 +23,10 @@ from .keys import (
 log = logging.getLogger("wschat.redis")
 
 SUBSCRIBE_TIMEOUT = 15.0
+IDLE_CHECK = 1.0  # seconds a listener waits for a message before its idle health check
+# read_response(timeout=...) is recent in redis-py (8.x has it); older ones poll first.
+_READ_TAKES_TIMEOUT = "timeout" in inspect.signature(
+    redis.connection.AbstractConnection.read_response).parameters
 
 
 class RedisBroker(Broker):
@@ -117,18 +122,32 @@ class RedisBroker(Broker):
                 pass
 
     def _listen(self) -> None:
+        # Replies are read straight off the pub/sub connection: a blocking read (the
+        # greenlet waits on the socket) costs no poll per message, unlike
+        # get_message(timeout=...) (issue 24's profile). Subscription replies still go
+        # through redis-py's handle_message, which keeps its channel bookkeeping.
         pubsub = self._pubsub
+        conn = pubsub.connection
         on_room, on_user = self._on_room, self._on_user
         room_prefix = (PREFIX + "room:").encode()
         user_prefix = (PREFIX + "user:").encode()
         while not self._stopping and pubsub is self._pubsub:
-            message = pubsub.get_message(timeout=1.0)
-            if message is None:
+            try:
+                if _READ_TAKES_TIMEOUT:
+                    response = conn.read_response(disconnect_on_error=False, push_request=True,
+                                                  timeout=IDLE_CHECK)
+                elif conn.can_read(timeout=IDLE_CHECK):  # redis-py before read timeouts
+                    response = conn.read_response(disconnect_on_error=False, push_request=True)
+                else:
+                    raise redis.TimeoutError("idle")
+            except redis.TimeoutError:
+                pubsub.check_health()  # a PING every health_check_interval while idle
                 continue
-            kind = message["type"]
-            channel = message["channel"]
-            if kind == "message" or kind == b"message":
-                data = message["data"]
+            if not isinstance(response, list) or len(response) < 3:
+                continue  # the health check's pong
+            kind, channel = response[0], response[1]
+            if kind == b"message":
+                data = response[2]
                 if channel.startswith(room_prefix):
                     room = channel[len(room_prefix):].decode()
                     exclude, event = split_room_payload(data)
@@ -136,7 +155,9 @@ class RedisBroker(Broker):
                         on_room(room, event, exclude)
                 elif channel.startswith(user_prefix) and on_user is not None:
                     on_user(channel[len(user_prefix):].decode(), data)
-            elif kind in ("subscribe", b"subscribe"):
+                continue
+            pubsub.handle_message(response)
+            if kind == b"subscribe":
                 pending = self._pending.get(channel)
                 if pending is not None:
                     pending[1] -= 1

@@ -27,6 +27,7 @@ MEMBERSHIPS = PREFIX + "memberships"
 PRESENCE = PREFIX + "presence"
 DM_SEQ = PREFIX + "dm:seq"
 CONTROL = PREFIX + "control"
+RATE_LIMITS = PREFIX + "rl:"  # + a bucket's key (RedisRateLimiter's default prefix)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,11 +53,12 @@ def _source(name: str) -> str:
     return (resources.files(__package__) / "scripts" / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def script(client: redis.Redis, name: str, prelude: str = "") -> Any:
+def script(client: redis.Redis, name: str, prelude: str | tuple[str, ...] = ()) -> Any:
     """The Lua script ``scripts/<name>.lua`` (shipped in the package), registered with
-    ``client``; each file's header says its KEYS, ARGV and reply. ``prelude``: a script
-    whose text comes first (a shared beginning, e.g. ``take_id``)."""
-    return client.register_script((_source(prelude) if prelude else "") + _source(name))
+    ``client``; each file's header says its KEYS, ARGV and reply. ``prelude``: scripts
+    whose text comes first, in order (shared beginnings, e.g. ``charge``, ``take_id``)."""
+    preludes = (prelude,) if isinstance(prelude, str) else prelude
+    return client.register_script("".join(_source(p) for p in preludes) + _source(name))
 
 
 def room_keys(room: str) -> list[str]:

@@ -2,8 +2,9 @@
 
 Every state change is one Lua script (``scripts/*.lua``) or one pipeline, so
 there is no lock and no read-modify-write race between workers. A room message
-is one round trip: the script deduplicates, takes the next id, appends to the
-history and PUBLISHes, all atomically.
+is one round trip: the script spends the sender's rate-limit tokens,
+deduplicates, takes the next id, appends to the history and PUBLISHes, all
+atomically.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 import redis
 
 from ...protocol import MessageDraft, message_id_of, stored_id_of
+from ...ratelimit import Charge, RateLimited
 from ...telemetry import Metrics
 from ..base import (
-    PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomStore,
-    Stored, Unavailable, User,
+    PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline,
+    Replay, RoomStore, Stored, Unavailable, User,
 )
 from .keys import (
-    DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, ROOMS, dedupe_key, guarded, held_key,
+    DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, RATE_LIMITS, ROOMS, dedupe_key, guarded, held_key,
     membership_keys, membership_token, room_channel, room_keys, script, user_channel,
 )
 from .nodes import Node
@@ -93,46 +95,73 @@ class RedisPresenceStore(PresenceStore):
 
 
 class RedisMessageStore(MessageStore):
+    charges_posts = True  # the post scripts spend the sender's tokens (charge.lua)
+    checks_recipient = True  # post_dm(recipient_online=None): dm_online.lua
+
     def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None) -> None:
         self._client = client
         self._size = history_size
         self._metrics = metrics
-        self._post_room = script(client, "post_room", prelude="take_id")
-        self._post_dm = script(client, "post_dm", prelude="take_id")
+        self._post_room = script(client, "post_room", prelude=("charge", "take_id"))
+        self._post_dm = script(client, "post_dm", prelude=("charge", "take_id"))
+        self._post_dm_online = script(client, "post_dm",
+                                      prelude=("charge", "dm_online", "take_id"))
         self._raise_seq = script(client, "raise_seq")
         self._publish_stored = script(client, "publish_stored")
         #: Whether posts can be delivered: the broker's health, set by the factory.
         self.delivering: Callable[[], bool] = lambda: True
 
-    def _check_delivering(self) -> None:
+    def check_delivering(self) -> None:
         if not self.delivering():
             raise Unavailable("redis: resubscribing after an outage")
 
     @staticmethod
     def _posted(out: list[Any]) -> Posted:
-        duplicate, event = out
-        return Posted(stored_id_of(event), bytes(event), bool(duplicate))
+        outcome, event = out
+        if outcome == 2:
+            raise RateLimited(int(event))
+        if outcome == 3:
+            raise RecipientOffline("no such user online")
+        return Posted(stored_id_of(event), bytes(event), bool(outcome))
+
+    @staticmethod
+    def _charged(keys: list[str], args: list[Any], charge: Charge) -> tuple[list[str], list[Any]]:
+        """charge.lua's tail: the bucket keys after the post's keys, then (rate burst
+        cost) for each and their count after its arguments."""
+        for key, rate, burst in charge:
+            keys.append(RATE_LIMITS + key)
+            args += (repr(float(rate)), repr(float(burst)), "1.0")
+        args.append(len(charge))
+        return keys, args
 
     @guarded
-    def post_room(self, room: str, user_id: str, draft: MessageDraft) -> Posted:
-        self._check_delivering()
+    def post_room(self, room: str, user_id: str, draft: MessageDraft,
+                  charge: Charge = ()) -> Posted:
+        self.check_delivering()
         keys = room_keys(room)
         script_keys = [keys[4], keys[5], room_channel(room)]
         if draft.client_msg_id:
             script_keys.append(dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
                                            draft.client_msg_id))
-        return self._posted(self._post_room(keys=script_keys, args=[
-            draft.prefix, draft.suffix, DEDUPE_TTL, self._size]))
+        script_keys, args = self._charged(
+            script_keys, [draft.prefix, draft.suffix, DEDUPE_TTL, self._size], charge)
+        return self._posted(self._post_room(keys=script_keys, args=args))
 
     @guarded
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
-                recipient_online: bool = True) -> Posted:
-        self._check_delivering()
+                recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
+        self.check_delivering()
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
             script_keys.append(dedupe_key(f"{PREFIX}dm:", sender_id, draft.client_msg_id))
-        return self._posted(self._post_dm(keys=script_keys, args=[
-            draft.prefix, draft.suffix, DEDUPE_TTL]))
+        args: list[Any] = [draft.prefix, draft.suffix, DEDUPE_TTL]
+        post = self._post_dm
+        if recipient_online is None:  # checked in the same call (dm_online.lua)
+            script_keys.append(PRESENCE)
+            args.append(recipient_id)
+            post = self._post_dm_online
+        script_keys, args = self._charged(script_keys, args, charge)
+        return self._posted(post(keys=script_keys, args=args))
 
     @guarded
     def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:

@@ -1,8 +1,9 @@
--- A room message in one round trip: take_id.lua (prepended) deduplicates and takes
--- the next id; this appends to the history and PUBLISHes (payload: an empty
--- exclude id, a newline, the event). Returns {duplicate, event}.
--- KEYS: seq hist channel [dedupe]
--- ARGV: prefix suffix dedupe_ttl history_size
+-- A room message in one round trip: charge.lua and take_id.lua (prepended) spend the
+-- sender's rate-limit tokens, deduplicate and take the next id; this appends to the
+-- history and PUBLISHes (payload: an empty exclude id, a newline, the event).
+-- Returns {duplicate, event}, or {2, retry_after_ms} when a bucket refused.
+-- KEYS: seq hist channel [dedupe] [buckets...]
+-- ARGV: prefix suffix dedupe_ttl history_size [rate burst cost]... NB
 redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 redis.call('PUBLISH', KEYS[3], '\n' .. msg)

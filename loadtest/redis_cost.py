@@ -1,0 +1,160 @@
+"""What each chat operation costs Redis: commands and bytes, measured.
+
+``python -m loadtest.redis_cost [--count N] [--redis-url URL]`` starts wschat
+with one worker on Redis (a private redis-server unless ``--redis-url``; the
+database is flushed), performs each operation ``N`` times through real
+WebSocket clients, waiting for each one's reply, and reads Redis's own
+counters (``INFO commandstats``, ``total_net_input_bytes``,
+``total_net_output_bytes``) before and after. The cost of reading INFO itself
+is measured with an empty interval and subtracted. Prints a Markdown table
+(docs/operations.md, "Sizing Redis", holds its latest output).
+
+Bytes out include the pub/sub fan-out to the one subscribed worker; each further
+worker (or pod) with members in the room adds one copy of the payload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from . import targets as tg
+
+Snapshot = dict[str, float]
+
+
+def snapshot(client: Any) -> Snapshot:
+    out: Snapshot = {}
+    for name, stats in client.info("commandstats").items():
+        out[name.removeprefix("cmdstat_")] = float(stats["calls"])
+    stats = client.info("stats")
+    out["@in"] = float(stats["total_net_input_bytes"])
+    out["@out"] = float(stats["total_net_output_bytes"])
+    return out
+
+
+def diff(a: Snapshot, b: Snapshot) -> Snapshot:
+    return {k: b[k] - a.get(k, 0.0) for k in b if b[k] - a.get(k, 0.0)}
+
+
+class Conn:
+    def __init__(self, url: str, name: str) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(f"{url}?username={name}", max_size=None)
+        self.user_id = self.expect("welcome")["user_id"]
+
+    def send(self, **obj: Any) -> None:
+        self.ws.send(json.dumps(obj))
+
+    def expect(self, kind: str, **match: Any) -> dict[str, Any]:
+        while True:
+            event = json.loads(self.ws.recv(timeout=10))
+            if event.get("type") == "error":
+                raise RuntimeError(f"server error: {event}")
+            if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                return event
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def measure(client: Any, overhead: Snapshot, count: int, op: Callable[[int], None],
+            settle: float = 0.0) -> Snapshot:
+    before = snapshot(client)
+    for i in range(count):
+        op(i)
+    if settle:
+        time.sleep(settle)
+    delta = diff(before, snapshot(client))
+    return {k: (v - overhead.get(k, 0.0)) / count for k, v in delta.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import redis
+
+    p = argparse.ArgumentParser(prog="python -m loadtest.redis_cost", description=__doc__)
+    p.add_argument("--count", type=int, default=200, help="repetitions of each operation [200]")
+    p.add_argument("--redis-url", default="", help="a Redis database (flushed!); default: a "
+                   "private redis-server")
+    o = p.parse_args(argv)
+    port = tg.free_port()
+    spec = tg.build("wschat-redis", port, tg.free_port(), max_connections=10000, heartbeat=30,
+                    redis_url=o.redis_url, env_overrides={"WEB_CONCURRENCY": "1"})
+    server = tg.Server(spec, port, tg.LOGS / f"redis-cost-{port}.log")
+    server.start()
+    client = redis.Redis.from_url(spec.redis_url or "")
+    try:
+        url = f"ws://127.0.0.1:{port}/ws"
+        a, b = Conn(url, "ann"), Conn(url, "bob")
+        room = "sizing-" + uuid.uuid4().hex[:6]
+        a.send(type="join", room=room), a.expect("joined", room=room)
+        b.send(type="join", room=room), b.expect("joined", room=room)
+        text = "x" * 100
+        s0 = snapshot(client)
+        overhead = diff(s0, snapshot(client))  # what reading INFO costs by itself
+        rows: dict[str, Snapshot] = {}
+
+        def message(i: int) -> None:
+            a.send(type="message", room=room, text=text)
+            a.expect("message", room=room), b.expect("message", room=room)
+
+        def dm(i: int) -> None:
+            a.send(type="dm", to=b.user_id, text=text)
+            b.expect("dm"), a.expect("dm")
+
+        def typing(i: int) -> None:
+            a.send(type="typing", room=room, status=i % 2 == 0)
+            b.expect("typing", room=room)
+
+        def history(i: int) -> None:
+            a.send(type="history", room=room, limit=50)
+            a.expect("history", room=room)
+
+        joins = min(o.count, 90)  # a connection may be in at most 100 rooms
+        rooms = [f"{room}-{i}" for i in range(joins)]
+
+        def join(i: int) -> None:
+            a.send(type="join", room=rooms[i]), a.expect("joined", room=rooms[i])
+            b.send(type="join", room=rooms[i]), b.expect("joined", room=rooms[i])
+
+        def leave(i: int) -> None:
+            b.send(type="leave", room=rooms[i]), b.expect("left", room=rooms[i])
+            a.send(type="leave", room=rooms[i]), a.expect("left", room=rooms[i])
+
+        def connect(i: int) -> None:
+            Conn(url, f"guest{i}").close()
+
+        rows["room message (100 B text, 2 members)"] = measure(client, overhead, o.count, message)
+        rows["DM (100 B text, recipient online)"] = measure(client, overhead, o.count, dm)
+        rows["typing on/off (one change)"] = measure(client, overhead, o.count, typing)
+        rows["history (limit 50, 100 B messages)"] = measure(client, overhead, o.count, history)
+        rows["join (first and second member of a new room)"] = measure(
+            client, overhead, 2 * joins, lambda i: join(i // 2) if i % 2 == 0 else None)
+        rows["leave (second and last member)"] = measure(
+            client, overhead, 2 * joins, lambda i: leave(i // 2) if i % 2 == 0 else None)
+        rows["connect + disconnect (presence)"] = measure(client, overhead, o.count, connect,
+                                                          settle=1.0)
+        idle = 10.0
+        rows[f"idle worker, per second (node heartbeat, {idle:g} s)"] = measure(
+            client, overhead, 1, lambda i: time.sleep(idle))
+        rows[f"idle worker, per second (node heartbeat, {idle:g} s)"] = {
+            k: v / idle for k, v in rows[f"idle worker, per second (node heartbeat, {idle:g} s)"].items()}
+        a.close(), b.close()
+    finally:
+        server.stop()
+        client.close()
+    print("| operation | Redis commands per operation | bytes in | bytes out |")
+    print("|---|---|---|---|")
+    for name, d in rows.items():
+        commands = ", ".join(f"{v:.2g} {k.upper()}" for k, v in sorted(d.items())
+                             if not k.startswith("@") and abs(v) >= 0.01)
+        print(f"| {name} | {commands or '-'} | {d.get('@in', 0):.0f} | {d.get('@out', 0):.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The auto-pipelining layer (wschat.stores.redis.pipeline) against a real Redis: batching,
+error replies, NOSCRIPT after a script flush, a connection lost mid-batch and a restart.
+
+The store contract tests (tests/test_stores.py, ``redis-pipelined``) run every store
+operation through it too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import pytest
+
+from conftest import TIMEOUT, own_redis, redis_url_or_skip
+from wschat.protocol import draft_message
+
+DB = 4  # no other module uses it
+
+
+@pytest.fixture
+def client() -> Iterator[Any]:
+    import redis
+
+    from wschat.stores.redis.pipeline import Pipelined
+
+    fast = Pipelined(redis.Redis.from_url(redis_url_or_skip(DB)))
+    yield fast
+    fast.close()
+
+
+CONCURRENT = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent, redis
+from wschat.protocol import draft_message
+from wschat.stores.redis import RedisMessageStore
+from wschat.stores.redis.pipeline import Pipelined
+fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+store = RedisMessageStore(fast, 100)
+jobs = [gevent.spawn(store.post_room, "batch", "u1",
+                     draft_message("batch", "a", "u1", f"m{i}", 1, None)) for i in range(100)]
+gevent.joinall(jobs, raise_error=True)
+print(sorted(j.value.msg_id for j in jobs) == list(range(1, 101)),
+      fast.pipeliner.batches, fast.pipeliner.commands)
+"""
+
+
+def test_concurrent_greenlets_share_writes() -> None:
+    """A hundred greenlets posting at once (monkey-patched, as in the server): each gets
+    its own id, in a handful of writes: the first goes alone, the rest while it waits."""
+    out = subprocess.run([sys.executable, "-c", CONCURRENT, redis_url_or_skip(DB)],
+                         capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    ids_ok, batches, commands = out.split()
+    assert ids_ok == "True" and int(commands) >= 100 and int(batches) <= 10, out
+
+
+def test_an_error_reply_fails_only_its_command(client: Any) -> None:
+    import redis
+
+    client.client.set("pipe:text", "not a number")
+    calls = [("INCR", "pipe:n"), ("INCR", "pipe:text"), ("INCR", "pipe:n")]
+    jobs = [gevent.spawn(client.pipeliner.execute, *c) for c in calls]
+    gevent.joinall(jobs, timeout=TIMEOUT)
+    assert (jobs[0].value, jobs[2].value) == (1, 2)
+    assert isinstance(jobs[1].exception, redis.ResponseError)
+
+
+def test_scripts_survive_a_script_flush(client: Any) -> None:
+    """NOSCRIPT (Redis restarted, SCRIPT FLUSH) is answered by loading the script again."""
+    from wschat.stores.redis import RedisMessageStore
+
+    store = RedisMessageStore(client, 100)
+    draft = draft_message("flush", "a", "u1", "x", 1, None)
+    assert store.post_room("flush", "u1", draft).msg_id == 1
+    client.client.script_flush()
+    jobs = [gevent.spawn(store.post_room, "flush", "u1", draft) for _ in range(3)]
+    gevent.joinall(jobs, timeout=TIMEOUT, raise_error=True)
+    assert sorted(j.value.msg_id for j in jobs) == [2, 3, 4]
+
+
+MID_BATCH = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent, redis
+from wschat.stores.redis.pipeline import Pipelined
+fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+execute = fast.pipeliner.execute
+own_id = execute("CLIENT", "ID")
+killer = redis.Redis.from_url(sys.argv[1])
+def kill_soon():
+    gevent.sleep(0.3)
+    killer.client_kill_filter(_id=own_id)
+# The first goes alone; the other two are queued while it is in flight: one batch.
+jobs = [gevent.spawn(execute, "PING"), gevent.spawn(execute, "BLPOP", "pipe:never", 10),
+        gevent.spawn(execute, "PING"), gevent.spawn(kill_soon)]
+gevent.joinall(jobs)
+print(jobs[0].value, fast.pipeliner.batches,
+      *(type(j.exception).__name__ for j in jobs[1:3]),
+      execute("PING"), execute("CLIENT", "ID") != own_id)
+"""
+
+
+def test_connection_lost_mid_batch_fails_the_unanswered_then_reconnects() -> None:
+    """Commands of a batch whose replies never came fail with ConnectionError (nothing
+    is retried: a script may have run); the next batch connects again."""
+    out = subprocess.run([sys.executable, "-c", MID_BATCH, redis_url_or_skip(DB)],
+                         capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    # Batches: CLIENT ID, the first PING, then BLPOP + PING together.
+    assert out.split() == ["b'PONG'", "3", "ConnectionError", "ConnectionError", "b'PONG'",
+                           "True"], out
+
+
+def test_redis_restart_fails_fast_then_recovers() -> None:
+    """Redis gone: commands fail (Unavailable in the stores), never hang; Redis back,
+    the stale socket is replaced before the next batch and scripts are loaded again."""
+    import redis
+
+    from wschat.stores.base import Unavailable
+    from wschat.stores.redis import RedisMessageStore
+    from wschat.stores.redis.pipeline import Pipelined
+
+    with own_redis() as server:
+        fast = Pipelined(redis.Redis.from_url(server.url, socket_connect_timeout=1))
+        store = RedisMessageStore(fast, 100)
+        draft = draft_message("restart", "a", "u1", "x", 1, None)
+        assert store.post_room("restart", "u1", draft).msg_id == 1
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            store.post_room("restart", "u1", draft)
+        assert time.monotonic() - started < TIMEOUT
+        server.start()
+        assert store.post_room("restart", "u1", draft).msg_id == 1  # Redis came back empty
+        fast.close()

@@ -1,0 +1,196 @@
+"""Auto-pipelining: the Redis commands greenlets issue within one loop iteration go out
+together, as one write, and their replies are read back in order.
+
+Why: at a few thousand messages per second, redis-py's per-command path cost a
+worker more CPU than the chat itself (loadtest/RESULTS.md, issue 24): every
+command checks a connection out of the ``BlockingConnectionPool`` (a timed lock
+and queue, a pid check), polls the socket (``can_read``: is there stale data?),
+goes through the retry and observability wrappers, and makes its own write and
+read system calls. :class:`Pipelined` wraps the worker's ``redis.Redis``: the
+commands of the hot path (every script, ``PUBLISH``, ``HGET``) go through one
+:class:`Pipeliner`, everything else (pipelines, pub/sub, reads of history) to
+the client unchanged.
+
+A :class:`Pipeliner` owns one connection (made by the client's own pool, so
+address, TLS, auth, database and timeouts are the same).
+A caller queues its command; when nothing is in flight it sends the batch
+itself, otherwise the commands queued while a batch's replies are awaited go
+out together as the next batch (one write, one non-transactional pipeline),
+sent by a flusher greenlet that hands each reply back. Failures are what redis-py raises for one command:
+
+* an error reply (``ResponseError``, ``NoScriptError`` after a Redis restart or
+  ``SCRIPT FLUSH``) goes to its own caller only; a script is then loaded and
+  called again by :class:`PipelinedScript`, as ``redis.commands.core.Script`` does;
+* a connection error or timeout fails every command of the batch that has no
+  reply yet (``ConnectionError``/``TimeoutError``, which the stores turn into
+  ``unavailable``); nothing is retried, since a script may have run. The next
+  batch connects again;
+* before each batch, a socket that is readable while no reply is owed (EOF after
+  a Redis restart, stray data) is reconnected first: the check redis-py's pool
+  makes for every command, here once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import gevent
+import gevent.event
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+log = logging.getLogger("wschat.redis")
+
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class Pipeliner:
+    """One connection and one flusher greenlet; :meth:`execute` from any greenlet."""
+
+    MAX_BATCH = 512  # commands per write; a longer queue goes out in several
+
+    def __init__(self, client: redis.Redis) -> None:
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["health_check_interval"] = 0  # the readable-socket check below instead
+        self._conn: Any = pool.connection_class(**kwargs)
+        self._queue: list[tuple[Sequence[Any], gevent.event.AsyncResult]] = []
+        self._busy = False  # a batch is being sent or its replies read
+        self._flusher: gevent.Greenlet | None = None
+        self._closed = False
+        #: Writes made and commands sent (their ratio is the mean batch).
+        self.batches = 0
+        self.commands = 0
+
+    def execute(self, *args: Any) -> Any:
+        """Send one command with the next batch; its reply, or its error raised here."""
+        if self._closed:
+            raise redis.ConnectionError("redis pipeline closed")
+        result = gevent.event.AsyncResult()
+        self._queue.append((args, result))
+        if not self._busy:
+            # Nothing in flight: this greenlet sends the batch itself (no hop through
+            # another greenlet); what others queue meanwhile goes in the next batch,
+            # sent by a flusher greenlet so that this caller is not kept waiting.
+            self._busy = True
+            try:
+                self._send_next()
+            finally:
+                if self._queue and not self._closed:
+                    self._flusher = gevent.spawn(self._drain)
+                else:
+                    self._busy = False
+        return result.get()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.kill(block=False)
+        self._fail(self._queue, redis.ConnectionError("redis pipeline closed"))
+        self._queue = []
+        self._conn.disconnect()
+
+    def _send_next(self) -> None:
+        batch = self._queue[:self.MAX_BATCH]
+        del self._queue[:self.MAX_BATCH]
+        self._send(batch)
+
+    def _drain(self) -> None:
+        try:
+            while self._queue and not self._closed:
+                self._send_next()
+        except BaseException as exc:
+            # Killed (close) or a bug: nobody may wait forever.
+            self._fail(self._queue, redis.ConnectionError(f"redis pipeline stopped: {exc!r}"))
+            self._queue = []
+            if not isinstance(exc, gevent.GreenletExit):
+                log.exception("redis pipeline failed")
+            raise
+        finally:
+            self._busy = False
+
+    def _send(self, batch: list[tuple[Sequence[Any], gevent.event.AsyncResult]]) -> None:
+        conn = self._conn
+        done = 0
+        try:
+            if conn._sock is not None:
+                try:
+                    stale = conn.can_read(timeout=0)
+                except CONNECTION_ERRORS:
+                    stale = True
+                if stale:
+                    conn.disconnect()
+            conn.send_packed_command(conn.pack_commands([args for args, _ in batch]),
+                                     check_health=False)
+            self.batches += 1
+            self.commands += len(batch)
+            for _, result in batch:
+                try:
+                    reply = conn.read_response()
+                except ResponseError as exc:
+                    result.set_exception(exc)
+                else:
+                    result.set(reply)
+                done += 1
+        except CONNECTION_ERRORS as exc:
+            conn.disconnect()
+            self._fail(batch[done:], exc)
+        except BaseException as exc:
+            conn.disconnect()
+            self._fail(batch[done:], redis.ConnectionError(f"redis pipeline: {exc!r}"))
+            raise
+
+    @staticmethod
+    def _fail(items: list[tuple[Sequence[Any], gevent.event.AsyncResult]],
+              exc: BaseException) -> None:
+        for _, result in items:
+            if not result.ready():
+                result.set_exception(exc)
+
+
+class PipelinedScript:
+    """A registered Lua script called through the pipeline (``EVALSHA``; on ``NOSCRIPT``
+    ``SCRIPT LOAD`` and ``EVALSHA`` again). ``client=`` (a redis-py pipeline) goes the
+    ordinary way."""
+
+    def __init__(self, pipeliner: Pipeliner, script: Any) -> None:
+        self._pipeliner = pipeliner
+        self._script = script
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
+                 client: Any = None) -> Any:
+        if client is not None:
+            return self._script(keys=keys, args=args, client=client)
+        script, execute = self._script, self._pipeliner.execute
+        try:
+            return execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            execute("SCRIPT", "LOAD", script.script)
+            return execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+class Pipelined:
+    """A ``redis.Redis`` whose scripts, ``PUBLISH`` and ``HGET`` go through a
+    :class:`Pipeliner`; every other attribute is the client's own."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.pipeliner = Pipeliner(client)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def register_script(self, script: str) -> PipelinedScript:
+        return PipelinedScript(self.pipeliner, self.client.register_script(script))
+
+    def publish(self, channel: Any, message: Any) -> int:
+        return int(self.pipeliner.execute("PUBLISH", channel, message))
+
+    def hget(self, name: Any, key: Any) -> Any:
+        return self.pipeliner.execute("HGET", name, key)
+
+    def close(self) -> None:
+        self.pipeliner.close()
+        self.client.close()
