@@ -20,8 +20,9 @@ import pytest
 
 from conftest import TIMEOUT, free_port, redis_url_or_skip, wait_until
 from wschat.protocol import draft_dm, draft_message
+from wschat.stores.redis.ratelimit import RedisRateLimiter
 from wschat.ratelimit import (
-    Charge, MemoryRateLimiter, RateLimited, RateLimiter, RedisRateLimiter, take,
+    Charge, MemoryRateLimiter, RateLimited, RateLimiter, take,
 )
 
 DB = 12

@@ -36,8 +36,10 @@ from ...telemetry import Metrics
 from ..base import Stores
 from .broker import RedisBroker
 from .keys import escape_id, room_channel, room_payload, split_room_payload, user_channel
+from .moderation import RedisModerationStore
 from .nodes import Node, NodeKeeper
 from .pipeline import Pipelined
+from .ratelimit import RedisRateLimiter
 from .stores import RedisMessageStore, RedisPresenceStore, RedisRoomStore
 
 __all__ = [
@@ -101,14 +103,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
     # The chat core's re-registration (set as the broker's on_reconnect) serves both.
     stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()
-    try:
-        from ...ratelimit import RedisRateLimiter
-    except ImportError:
-        pass
-    else:
-        stores.rate_limiter = RedisRateLimiter(fast, settings.rate_limit,
-                                               settings.rate_limit_burst)
-    from .moderation import RedisModerationStore
+    stores.rate_limiter = RedisRateLimiter(fast, settings.rate_limit, settings.rate_limit_burst)
 
     stores.moderation = RedisModerationStore(client, metrics)
     log.info("redis stores: node %s at %s", node.node_id, time.strftime("%H:%M:%S"))

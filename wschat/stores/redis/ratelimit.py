@@ -1,0 +1,67 @@
+"""The Redis token bucket: the same maths as :func:`wschat.ratelimit.take`, run in
+Redis (``scripts/charge.lua``), so every worker and pod spends one shared bucket."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+
+from ...ratelimit import MemoryRateLimiter, RateLimiter
+from .keys import script
+
+log = logging.getLogger("wschat.ratelimit")
+
+
+class RedisRateLimiter(RateLimiter):
+    """Buckets in Redis, shared by every worker and pod: one EVALSHA per check
+    (``scripts/rate_limit.lua``). A bucket is ``<tokens> <last>`` under ``prefix + key``,
+    the clock is the Redis server's TIME (skew between machines can neither mint nor
+    burn tokens), and the key expires when the bucket would be full again.
+
+    If Redis cannot be reached, buckets fall back to this process
+    (:class:`MemoryRateLimiter`): limiting stays on, per worker instead of per
+    server, rather than failing every message. Redis is tried again
+    ``RETRY_AFTER`` seconds later, so an outage costs one slow check per
+    interval, not one per message.
+
+    Args:
+        client: a ``redis.Redis`` (``decode_responses=False``).
+        rate, burst: tokens per second and bucket size.
+        prefix: prepended to every bucket key.
+    """
+
+    RETRY_AFTER = 1.0
+    FALLBACK_LOG_EVERY = 30.0  # seconds between "Redis unreachable" warnings
+
+    def __init__(self, client: Any, rate: float, burst: float, prefix: str = "wschat:rl:"
+                 ) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self.prefix = prefix
+        self._script = script(client, "rate_limit", prelude="charge")
+        self._errors = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                        OSError)
+        self._fallback = MemoryRateLimiter(rate, burst)
+        self._down_until = 0.0
+        self._next_warning = 0.0
+
+    def hit(self, key: str, rate: float | None = None, burst: float | None = None,
+            cost: float = 1.0) -> int:
+        rate = self.rate if rate is None else float(rate)
+        burst = self.burst if burst is None else float(burst)
+        if self._down_until and time.monotonic() < self._down_until:
+            return self._fallback.hit(key, rate, burst, cost)
+        try:
+            retry_ms = self._script(keys=[self.prefix + key],
+                                    args=[repr(rate), repr(burst), repr(float(cost)), 1])
+        except self._errors as exc:
+            now = time.monotonic()
+            self._down_until = now + self.RETRY_AFTER
+            if now >= self._next_warning:
+                log.warning("rate limiting per worker: Redis unreachable (%s)", exc)
+                self._next_warning = now + self.FALLBACK_LOG_EVERY
+            return self._fallback.hit(key, rate, burst, cost)
+        self._down_until = 0.0
+        return int(retry_ms)
