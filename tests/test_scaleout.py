@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from conftest import (
     SCALE, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until,
@@ -314,11 +315,23 @@ def test_worker_boots_while_redis_is_down(private_redis) -> None:
         start_redis()
         wait_until(lambda: _status(srv, "/ready") == 200, timeout=15 * SCALE,
                    message="readiness once Redis is back")
-        with Client(srv.url) as c:
-            assert c.join(room())["users"][0]["user_id"] == c.user_id
+        # /ready answered for one worker; the other may still be reconnecting and refuse
+        # an upgrade with 503 for a moment: both must come to serve joins by themselves.
+        wait_until(lambda: all(_joins(srv) for _ in range(6)), timeout=15 * SCALE,
+                   message="joins on every worker once Redis is back")
     finally:
         srv.stop()
         srv.kill()
+
+
+def _joins(server: Server) -> bool:
+    """A new connection joins a room (False: the upgrade was refused with 503, not ready)."""
+    try:
+        with Client(server.url) as c:
+            return c.join(room())["users"][0]["user_id"] == c.user_id
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 503
+        return False
 
 
 def _status(server: Server, path: str) -> int | None:
