@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The side-by-side run behind issue 18's targets, one scenario after the other in one session:
+# The side-by-side run behind issues 18 and 24's targets, one scenario after the other in one session:
 #
 #   idle        wschat, node-ws, bun           4,000 joined connections (memory per connection)
 #   smallrooms  wschat, wschat-redis, node-ws, bun   rooms of 2-5 + DMs, published msgs per server CPU-s
 #   fanout      wschat, wschat-redis, node-ws, bun   1 room x 1,000 at 100k deliveries/s
 #   fanout      wschat, wschat-redis           10,000 connections, 100 x 100 at 30k deliveries/s (p99)
+#   fanout      wschat, wschat-redis           250 rooms x 3 (1 publisher each) at 2,000 and 5,000
+#                                              msgs/s: issue 24's small-room shape
 #
 # Usage: bash loadtest/issue-targets.sh OUT_DIR      (about 12-20 minutes; JSON reports into OUT_DIR)
 #   SCALE=0.1 bash loadtest/issue-targets.sh /tmp/x  (a rehearsal: connections, rates and durations
@@ -12,7 +14,8 @@
 #   PYTHON=...   the interpreter with wschat and .[loadtest] installed [.venv/bin/python]
 #   LOCK=...     each scenario runs under `flock $LOCK` [/work/heavy.lock if it exists; LOCK= for none]
 #
-# wschat-redis gets a private redis-server on a free port (no persistence), stopped on exit.
+# wschat-redis: each run starts its own redis-server (loadtest does, without --redis-url) and
+# reports its CPU beside the workers'.
 # Needs: `python -m loadtest setup-peers` done (node-ws, bun), redis-server on PATH.
 set -euo pipefail
 
@@ -31,27 +34,14 @@ secs() { "$PY" -c "import sys; print(max(2.0, round(float(sys.argv[1]) * $SCALE,
 "$PY" -m loadtest setup-peers --check
 command -v redis-server >/dev/null || { echo "redis-server not found" >&2; exit 1; }
 
-# -- a private Redis for wschat-redis -----------------------------------------------------------
-RDIR=$(mktemp -d /tmp/issue-targets-redis.XXXXXX)
-RPORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-stop_redis() {
-    if [[ -f $RDIR/redis.pid ]]; then kill "$(cat "$RDIR/redis.pid")" 2>/dev/null || true; fi
-    sleep 0.5
-    rm -rf "$RDIR"
-}
-trap stop_redis EXIT
-redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --dir "$RDIR" --pidfile "$RDIR/redis.pid" --logfile "$RDIR/redis.log"
-for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-REDIS_URL="redis://127.0.0.1:$RPORT/14"
-echo "# private redis-server on port $RPORT; reports into $OUT; SCALE=$SCALE; started $(date -u +%FT%TZ)"
+echo "# reports into $OUT; SCALE=$SCALE; started $(date -u +%FT%TZ)"
 
 run() {  # run NAME ARGS...: one scenario, its report in $OUT/NAME.json
     local name=$1; shift
     echo
     echo "######## $name: python -m loadtest $* ($(date -u +%T))"
     # A run with a problem (exit 1) is reported and the session goes on.
-    ${LOCK:+flock "$LOCK"} "$PY" -m loadtest "$@" --redis-url "$REDIS_URL" --json "$OUT/$name.json" \
+    ${LOCK:+flock "$LOCK"} "$PY" -m loadtest "$@" --json "$OUT/$name.json" \
         || echo "######## $name: exit status $? (see its report's problems)"
 }
 
@@ -64,6 +54,8 @@ run fanout-1x1000 fanout --target wschat,wschat-redis,node-ws,bun -n "$(n 1000 2
     --rate 100 -d "$(secs 8)" --warmup "$(secs 2)"
 run fanout-100x100 fanout --target wschat,wschat-redis -n "$(n 10000 100)" -r 100 \
     --rate 300 -d "$(secs 8)" --warmup "$(secs 2)"
+run fanout-250x3 fanout --target wschat,wschat-redis -n "$(n 750 30)" -r "$(n 250 10)" \
+    --publishers-per-room 1 --rate "$(n 2000 40),$(n 5000 100)" -d "$(secs 8)" --warmup "$(secs 2)"
 echo
 echo "######## done in $(( $(date +%s) - T0 )) s; reports in $OUT:"
 ls -1 "$OUT"/*.json
