@@ -96,13 +96,13 @@ def transport() -> Iterator[Transport]:
 
 
 def serve(transport: Transport, kind: type[WebSocketConnection] = WebSocketConnection,
-          user: str = "u-ada") -> tuple[WebSocketConnection, Peer]:
+          user: str = "u-ada", pending: bytes = b"") -> tuple[WebSocketConnection, Peer]:
     server_sock, client_sock = gevent.socket.socketpair()
     wsconn, peer = handshake(server_sock, client_sock)
-    conn = kind(transport, server_sock, wsconn, transport.new_conn_id(),
-                Identity(user, user.removeprefix("u-"), None), True, "127.0.0.1")
+    conn = kind(transport, server_sock, transport.new_conn_id(),
+                Identity(user, user.removeprefix("u-"), None), True, "127.0.0.1", pending)
     transport.connections.add(conn)
-    transport.spawn(conn.run)
+    conn.start()
     return conn, peer
 
 
