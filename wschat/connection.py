@@ -164,21 +164,23 @@ def _dispatch(conn: WebSocketConnection) -> None:
 
 
 def _runner(conn: Any) -> None:
+    """A reading greenlet: serves one connection at a time, then waits in the pool.
+    ``wschat_greenlets`` counts it while it serves (an idle pool is not work)."""
     hub = get_hub()
     me = getcurrent()
-    metrics = conn.transport.metrics
-    metrics.greenlets(1)
-    try:
-        while True:
-            if isinstance(conn, WebSocketConnection):
+    while True:
+        if isinstance(conn, WebSocketConnection):
+            metrics = conn.transport.metrics
+            metrics.greenlets(1)
+            try:
                 conn._serve()
-            conn = None
-            if len(_idle_runners) >= IDLE_RUNNERS:
-                return
-            _idle_runners.append(me)
-            conn = hub.switch()  # parked in the pool until _dispatch switches here
-    finally:
-        metrics.greenlets(-1)
+            finally:
+                metrics.greenlets(-1)
+        conn = None
+        if len(_idle_runners) >= IDLE_RUNNERS:
+            return
+        _idle_runners.append(me)
+        conn = hub.switch()  # parked in the pool until _dispatch switches here
 
 
 class WebSocketConnection(Session):
