@@ -109,9 +109,11 @@ def pre_fork(server, worker):
 
 
 def post_worker_init(worker):
+    # worker.wsgi: the app gunicorn has just loaded (wschat:app), built but not started.
     from wschat.factory import attach_worker
 
-    attach_worker(worker, _worker_slots, worker._wschat_slot, worker._wschat_replacement)
+    attach_worker(worker.wsgi, worker, _worker_slots, worker._wschat_slot,
+                  worker._wschat_replacement)
 
 
 def worker_exit(server, worker):
@@ -119,7 +121,7 @@ def worker_exit(server, worker):
     # gunicorn's request pool, so wait here for their 1001 close handshakes.
     from wschat.factory import finish_worker
 
-    finish_worker(worker)
+    finish_worker(getattr(worker, "wsgi", None), worker)
 
 
 def child_exit(server, worker):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m loadtest {idle,fanout,churn,slow,setup-peers,plot,report} ...``."""
+"""Command line: ``python -m loadtest {idle,fanout,smallrooms,churn,slow,setup-peers,plot,report} ...``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def _rates(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("room sizes are positive integers, e.g. 2,3,4,5")
+    return sizes
+
+
 def _targets(text: str) -> list[str]:
     names = list(tg.TARGETS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
     for n in names:
@@ -34,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in (("idle", "hold N joined connections; memory per connection and idle CPU"),
                            ("fanout", "R rooms x M members, publishers at fixed offered rates"),
+                           ("smallrooms", "many rooms of 2-5 members plus DMs, every client publishing "
+                                          "at a fixed total rate"),
                            ("churn", "connect/join/leave/disconnect cycles at a fixed rate"),
                            ("slow", "fan-out while a share of clients stops reading")):
         s = sub.add_parser(name, help=helptext, description=helptext)
@@ -76,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"%% of a core (0: don't wait) [{d.quiet_gate}]")
         s.add_argument("--quiet-wait", type=float, default=d.quiet_wait,
                        help=f"longest wait for a quiet machine, seconds [{d.quiet_wait}]")
+        s.add_argument("--room-sizes", type=_sizes, default=d.room_sizes,
+                       help="smallrooms: room sizes used in turn [" + ",".join(map(str, d.room_sizes)) + "]")
+        s.add_argument("--dm-share", type=float, default=d.dm_share,
+                       help=f"smallrooms: share of the sends that are DMs (to a client in another room) [{d.dm_share}]")
         s.add_argument("--client-msg-id", action="store_true", help="send a client_msg_id with every message")
         s.add_argument("--redis-url", default=d.redis_url, help=f"wschat-redis: Redis database (flushed!) [{d.redis_url}]")
         s.add_argument("--url", help="use an already running server at ws://HOST:PORT (one target, not started)")

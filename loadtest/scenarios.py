@@ -1,4 +1,4 @@
-"""The four scenarios (idle, fanout, churn, slow) and the run around them.
+"""The scenarios (idle, fanout, smallrooms, churn, slow) and the run around them.
 
 ``run(scenario, target, opts)`` starts the target server on free ports, starts the
 generator processes, runs the scenario, stops everything (also on error or Ctrl-C)
@@ -22,7 +22,7 @@ from .hist import Histogram
 from .pool import Pool
 from .procstats import RedisMeter, TreeMeter
 
-SCENARIOS = ("idle", "fanout", "churn", "slow")
+SCENARIOS = ("idle", "fanout", "smallrooms", "churn", "slow")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,6 +119,8 @@ class Opts:
     quiet_gate: float = 25.0
     quiet_wait: float = 90.0
     client_msg_id: bool = False
+    room_sizes: tuple[int, ...] = (2, 3, 4, 5)  # smallrooms: room sizes, in turn
+    dm_share: float = 0.2  # smallrooms: share of sends that are DMs
     redis_url: str = tg.DEFAULT_REDIS_URL
     url: str | None = None  # an already running server (no start/stop): ws://host:port
     server_pid: int | None = None
@@ -138,6 +140,7 @@ class Context:
         self.server_meter: TreeMeter | None = None
         self.redis_meter: RedisMeter | None = None
         self.description = target
+        self.user_ids: dict[int, str] = {}  # client i -> the user_id its welcome gave
 
     def __enter__(self) -> "Context":
         o = self.opts
@@ -306,6 +309,7 @@ def open_clients(ctx: Context, specs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in res:
         for k, v in r["failures"].items():
             failures[k] = failures.get(k, 0) + v
+    ctx.user_ids.update({int(i): u for r in res for i, u in r.get("user_ids", {}).items()})
     out = {
         "requested": len(specs),
         "opened": sum(r["opened"] for r in res),
@@ -340,7 +344,7 @@ def gather_stats(ctx: Context) -> dict[str, Any]:
     assert ctx.pool is not None
     res = ctx.pool.call("stats", timeout=30)
     out: dict[str, Any] = {"hist": merge_hists([r["hist"] for r in res])}
-    for key in ("delivered", "delivered_in_window", "delivered_slow", "gaps", "dups",
+    for key in ("delivered", "delivered_in_window", "delivered_slow", "delivered_dm", "gaps", "dups",
                 "unexpected_closes", "closes_slow", "other_events", "bytes_in", "clients", "alive"):
         out[key] = sum(r[key] for r in res)
     errors: dict[str, int] = {}
@@ -359,8 +363,12 @@ def gather_stats(ctx: Context) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- publishing phase
 def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slow: bool = False,
-                  label: str = "") -> dict[str, Any]:
-    """One open-loop publishing phase at ``rate`` messages/s (all rooms together), then drain."""
+                  label: str = "", dm_share: float = 0.0) -> dict[str, Any]:
+    """One open-loop publishing phase at ``rate`` messages/s (all rooms together), then drain.
+
+    With ``dm_share`` that share of the sends are DMs, each owed to two clients: the
+    recipient and the sender (its echo).
+    """
     o = ctx.opts
     pool = ctx.pool
     assert pool is not None
@@ -379,7 +387,8 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
         ctx.log(f"[{ctx.target}] {paused} slow clients stopped reading")
     for w in range(len(pool)):
         pool.send(w, "publish", pubs=pubs[w], t0=t0, end=end, rate_per_pub=rate_per_pub,
-                  size=o.size, phase=w / len(pool), client_msg_id=o.client_msg_id)
+                  size=o.size, phase=w / len(pool), client_msg_id=o.client_msg_id,
+                  dm_share=dm_share)
     while time.time_ns() < t0:
         time.sleep(0.01)
     s0 = ctx.sample()
@@ -405,7 +414,8 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
         for room, c in r["sent"].items():
             sent[room] = sent.get(room, 0) + c
     total_sent = sum(sent.values())
-    expected = sum(c * members.get(room, [0, 0])[0] for room, c in sent.items())
+    dm_sent = sent.pop("dm", 0)
+    expected = sum(c * members.get(room, [0, 0])[0] for room, c in sent.items()) + 2 * dm_sent
     expected_slow = sum(c * members.get(room, [0, 0])[1] for room, c in sent.items())
     # Drain: wait until every healthy member got every message, or the drain timeout.
     drain_deadline = time.monotonic() + o.drain
@@ -443,6 +453,10 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
     w = out["cpu_with_drain"]
     if w.get("server_cpu_s"):
         out["deliveries_per_server_cpu_s"] = round(st["delivered"] / w["server_cpu_s"])
+        out["published_per_server_cpu_s"] = round(total_sent / w["server_cpu_s"])
+    if dm_share:
+        out["dm_sent"] = dm_sent
+        out["delivered_dm"] = st["delivered_dm"]
     if slow or expected_slow:
         out["expected_slow"] = expected_slow
         out["delivered_slow"] = st["delivered_slow"]
@@ -555,6 +569,59 @@ def scenario_fanout(ctx: Context) -> dict[str, Any]:
             "max_sustained_level": best["offered_msgs_per_s"] if best else None}
 
 
+def plan_small_rooms(ctx: Context, n: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    """``n`` clients in consecutive rooms of ``sizes[0]``, ``sizes[1]``, ... members (in turn;
+    the last room takes what is left), every one a publisher."""
+    o = ctx.opts
+    specs = []
+    r = i = 0
+    while i < n:
+        size = max(1, sizes[r % len(sizes)])
+        for _ in range(min(size, n - i)):
+            specs.append({"i": i, "user": f"small{i}", "rooms": [f"{ctx.run_id}-s{r}"],
+                          "ip": f"127.0.0.{2 + i % o.source_ips}", "pub": True, "slow": False})
+            i += 1
+        r += 1
+    return specs
+
+
+def scenario_smallrooms(ctx: Context) -> dict[str, Any]:
+    """Many small rooms (``--room-sizes``) and DMs, every client publishing.
+
+    Each client's DMs go to the client half the population away (another room, usually
+    another generator process), so a DM costs the server a look-up of an online user
+    and two deliveries (recipient, sender's echo).
+    """
+    o = ctx.opts
+    specs = plan_small_rooms(ctx, o.connections, o.room_sizes)
+    setup = open_clients(ctx, specs)
+    assert ctx.pool is not None
+    n = len(specs)
+    if o.dm_share > 0 and n > 1:
+        targets: list[dict[int, str]] = [{} for _ in range(len(ctx.pool))]
+        for s in specs:
+            to = ctx.user_ids.get((s["i"] + n // 2) % n)
+            if s["i"] in ctx.user_ids and to and to != ctx.user_ids[s["i"]]:
+                targets[s["i"] % len(ctx.pool)][s["i"]] = to
+        for w in range(len(ctx.pool)):
+            ctx.pool.send(w, "dm_targets", targets=targets[w])
+        ctx.pool.gather("dm_targets", 30)
+    levels = []
+    for rate in o.rates:
+        if not ctx.server_alive():
+            break
+        lvl = publish_phase(ctx, specs, rate, dm_share=o.dm_share)
+        levels.append(lvl)
+        p99 = lvl["latency_ms"].get("p99_ms", math.inf)
+        if p99 > o.stop_p99_ms or lvl["delivered_per_s"] < 0.5 * lvl["offered_deliveries_per_s"]:
+            ctx.log(f"[{ctx.target}] saturated at {rate:g} msg/s; skipping higher rates")
+            break
+    rooms = len({s["rooms"][0] for s in specs})
+    return {"setup": setup, "rooms": rooms, "room_sizes": list(o.room_sizes),
+            "members_per_room": round(n / rooms, 2) if rooms else 0, "dm_share": o.dm_share,
+            "levels": levels}
+
+
 def scenario_slow(ctx: Context) -> dict[str, Any]:
     o = ctx.opts
     specs = plan(ctx, o.connections, o.rooms, "slow", pubs_per_room=o.publishers_per_room,
@@ -635,7 +702,8 @@ def scenario_churn(ctx: Context) -> dict[str, Any]:
     return out
 
 
-RUNNERS = {"idle": scenario_idle, "fanout": scenario_fanout, "churn": scenario_churn, "slow": scenario_slow}
+RUNNERS = {"idle": scenario_idle, "fanout": scenario_fanout, "smallrooms": scenario_smallrooms,
+           "churn": scenario_churn, "slow": scenario_slow}
 
 
 def run(scenario: str, target: str, opts: Opts, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -36,6 +36,10 @@ HEADLINES: dict[str, list[tuple[str, str, bool]]] = {
              ("server_cpu_pct", "server CPU %", False)],
 }
 
+# smallrooms: fanout's figures plus what one published message costs
+HEADLINES["smallrooms"] = HEADLINES["fanout"][:-1] + [
+    ("published_per_cpu_s", "published msgs per server CPU-s", True), HEADLINES["fanout"][-1]]
+
 
 def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Headline figures of one report: one row (idle, churn, slow) or one per rate (fanout)."""
@@ -49,7 +53,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                      bytes_per_conn=res.get("server_bytes_per_connection"),
                      cpu_pct_per_1k=res.get("server_cpu_pct_per_1k"),
                      gen_cpu_pct_per_1k=res.get("generator_cpu_pct_per_1k"))]
-    if sc == "fanout":
+    if sc in ("fanout", "smallrooms"):
         out = []
         for lv in res.get("levels", []):
             lat = lv["latency_ms"]
@@ -62,6 +66,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                             gen_cpu_pct=cpu.get("generator_cpu_pct"),
                             other_cpu_pct=cpu.get("other_cpu_pct"),
                             deliveries_per_cpu_s=lv.get("deliveries_per_server_cpu_s"),
+                            published_per_cpu_s=lv.get("published_per_server_cpu_s"),
                             sustained=lv["sustained"]))
         return out or [dict(base, error="no level ran")]
     if sc == "churn":
@@ -112,6 +117,7 @@ def comparison(reports: list[dict[str, Any]], markdown: bool = False) -> str:
             ref[r.get("offered_msgs_per_s")] = r
     ratio_cols = {"idle": ["bytes_per_conn", "cpu_pct_per_1k"],
                   "fanout": ["p99_ms", "deliveries_per_cpu_s"],
+                  "smallrooms": ["p99_ms", "published_per_cpu_s"],
                   "churn": ["cycles_per_s", "server_cpu_ms_per_cycle"],
                   "slow": ["slow_p99_ms", "rss_growth_mib"]}[sc]
     header = ["target"] + [label for _, label, _ in cols] + [f"{k} vs wschat" for k in ratio_cols]
@@ -161,6 +167,9 @@ def text(report: dict[str, Any]) -> str:
     elif sc == "fanout" and res:
         lines.append(f"   {res['setup']['opened']} connections, {res['members_per_room']} per room; "
                      f"setup {res['setup']['seconds']}s")
+    elif sc == "smallrooms" and res:
+        lines.append(f"   {res['setup']['opened']} connections in {res['rooms']} rooms of {res['room_sizes']} "
+                     f"members, {res['dm_share']:.0%} of sends DMs; setup {res['setup']['seconds']}s")
     elif sc == "churn" and res:
         lines.append(f"   offered {res['offered_cycles_per_s']} cycles/s: completed {res['completed']}/{res['cycles']} "
                      f"({res['cycles_per_s']}/s); handshake {res['handshake_ms']}; cycle {res['cycle_ms']}; "
@@ -169,7 +178,7 @@ def text(report: dict[str, Any]) -> str:
         lines.append(f"   {res['slow_clients']} slow clients; server RSS before {_mib(res.get('server_rss_before'))} "
                      f"peak {_mib(res.get('server_rss_peak'))} end {_mib(res.get('server_rss_end'))} MiB; "
                      f"slow clients dropped by the server: {res['with_slow'].get('slow_closed')}")
-    if res and sc in ("fanout", "slow"):
+    if res and sc in ("fanout", "smallrooms", "slow"):
         lines.append(comparison([report]))
     for p in report.get("problems", []):
         lines.append(f"   PROBLEM: {p}")

@@ -2,8 +2,9 @@
 
 The orchestrator (``loadtest.pool``) starts several of these and talks to each over a
 ``multiprocessing`` pipe: it sends ``(command, args)`` and gets one reply per command.
-Commands: ``open`` (connect + join a batch of clients), ``publish`` (an open-loop,
-fixed-rate schedule), ``slow`` (stop reading on some clients), ``churn``
+Commands: ``open`` (connect + join a batch of clients), ``dm_targets`` (whom each
+client's DMs go to), ``publish`` (an open-loop, fixed-rate schedule of room messages
+and DMs), ``slow`` (stop reading on some clients), ``churn``
 (connect/join/leave/close cycles), ``stats`` / ``reset`` and ``exit``.
 
 Latency is measured from the *intended* send time of the schedule, written at the
@@ -61,6 +62,7 @@ class Stats:
         self.delivered = 0  # message events received by healthy clients
         self.delivered_in_window = 0
         self.delivered_slow = 0  # received by clients told to be slow
+        self.delivered_dm = 0  # dm events (recipient's copy and sender's echo), inside delivered
         self.gaps = 0  # ids skipped in a room's sequence, as seen by one client
         self.dups = 0  # an id seen again or going backwards
         self.errors: dict[str, int] = {}
@@ -75,6 +77,7 @@ class Stats:
             "delivered": self.delivered,
             "delivered_in_window": self.delivered_in_window,
             "delivered_slow": self.delivered_slow,
+            "delivered_dm": self.delivered_dm,
             "gaps": self.gaps,
             "dups": self.dups,
             "errors": dict(self.errors),
@@ -100,7 +103,10 @@ class Client(WSListener):
         self.closed_fut: asyncio.Future = loop.create_future()
         self.pending: asyncio.Future | None = None
         self.pending_type = ""
-        self.last_ids: dict[str, int] = {}
+        self.last_ids: dict[str, int] = {}  # room -> last message id seen
+        self.last_dm_ids: dict[str, int] = {}  # sender user_id -> last dm id seen
+        self.user_id = ""  # from welcome
+        self.dm_to: str | None = None  # the user_id this client's DMs go to
         self.rooms: list[str] = []
         self.closing = False
         self.partial: list[bytes] = []
@@ -152,17 +158,28 @@ class Client(WSListener):
             return
         ev = loads(data)
         kind = ev.get("type")
-        if kind == "message":
-            room = ev["room"]
+        is_dm = kind == "dm"
+        if kind == "message" or is_dm:
             rid = ev["id"]
-            last = self.last_ids.get(room)
-            if last is not None:
-                if rid > last + 1:
-                    st.gaps += rid - last - 1
-                elif rid <= last:
+            if is_dm:
+                # DM ids are one sequence for all DMs, so only order per sender is checked.
+                sender = ev["user_id"]
+                last = self.last_dm_ids.get(sender)
+                if last is not None and rid <= last:
                     st.dups += 1
-            if last is None or rid > last:
-                self.last_ids[room] = rid
+                else:
+                    self.last_dm_ids[sender] = rid
+                st.delivered_dm += 1
+            else:
+                room = ev["room"]
+                last = self.last_ids.get(room)
+                if last is not None:
+                    if rid > last + 1:
+                        st.gaps += rid - last - 1
+                    elif rid <= last:
+                        st.dups += 1
+                if last is None or rid > last:
+                    self.last_ids[room] = rid
             if self.slow:
                 st.delivered_slow += 1
                 return
@@ -176,7 +193,7 @@ class Client(WSListener):
             if st.measure_from <= intended < st.measure_to:
                 st.delivered_in_window += 1
                 st.hist.record((now - intended) / 1000.0)
-            if self.pending is not None and self.pending_type == "message" and not self.pending.done():
+            if self.pending is not None and self.pending_type == kind and not self.pending.done():
                 self.pending.set_result(ev)
             return
         if kind == "welcome":
@@ -316,7 +333,8 @@ class Worker:
         transport, client = await self.connect(spec, timeout)
         client.transport = transport
         try:
-            await asyncio.wait_for(client.welcome, timeout)
+            welcome = await asyncio.wait_for(client.welcome, timeout)
+            client.user_id = str(welcome.get("user_id", ""))
             conn_hist.record((time_ns() - t0) / 1000.0)
             for n, room in enumerate(spec["rooms"]):
                 t1 = time_ns()
@@ -358,7 +376,18 @@ class Worker:
         return {"opened": len(specs) - sum(failures.values()), "failures": failures,
                 "join_retries": self.join_retries, "errors": dict(self.stats.errors),
                 "connect_hist": conn_hist.to_wire(), "join_hist": join_hist.to_wire(),
-                "clients": len(self.clients)}
+                "clients": len(self.clients),
+                "user_ids": {s["i"]: self.clients[s["i"]].user_id for s in specs if s["i"] in self.clients}}
+
+    async def cmd_dm_targets(self, targets: dict[int, str]) -> dict[str, Any]:
+        """Tell clients whom their DMs go to (``i -> user_id``)."""
+        n = 0
+        for i, user_id in targets.items():
+            c = self.clients.get(int(i))
+            if c is not None:
+                c.dm_to = user_id
+                n += 1
+        return {"set": n}
 
     async def cmd_close_all(self) -> dict[str, Any]:
         clients = list(self.clients.values())
@@ -408,13 +437,16 @@ class Worker:
         return {"resumed": n}
 
     async def cmd_publish(self, pubs: list[int], t0: int, end: int, rate_per_pub: float,
-                          size: int, phase: float, client_msg_id: bool = False) -> dict[str, Any]:
+                          size: int, phase: float, client_msg_id: bool = False,
+                          dm_share: float = 0.0) -> dict[str, Any]:
         """Send from each publisher at a fixed rate between ``t0`` and ``end`` (ns, wall clock).
 
         The worker's publishers share one merged schedule: send ``j`` is due at
         ``t0 + (phase + j) * spacing`` with ``spacing = 1 / (rate_per_pub * len(pubs))``
         and goes out from publisher ``j % len(pubs)``. Whatever is due is sent at once on
-        each wake-up, each message stamped with its own due time.
+        each wake-up, each message stamped with its own due time. With ``dm_share`` that
+        share of the sends (spread evenly) is a ``dm`` to the client's ``dm_to`` instead;
+        they are counted under ``sent["dm"]``.
         """
         clients = [self.clients[i] for i in pubs if i in self.clients]
         sent: dict[str, int] = {}
@@ -441,6 +473,12 @@ class Worker:
                 c = clients[j % n]
                 if c.closed_fut.done():
                     skipped += 1
+                elif dm_share and c.dm_to and int((j + 1) * dm_share) > int(j * dm_share):
+                    msg = {"type": "dm", "to": c.dm_to, "text": f"{due} {pad}"}
+                    if client_msg_id:
+                        msg["client_msg_id"] = f"{c.spec['i']}-{j}"
+                    c.transport.send(TEXT, c.encode(dumps(msg)))
+                    sent["dm"] = sent.get("dm", 0) + 1
                 else:
                     room = c.rooms[0]
                     msg = {"type": "message", "room": room, "text": f"{due} {pad}"}

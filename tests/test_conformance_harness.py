@@ -80,3 +80,16 @@ def test_bad_calls_are_refused(harness: tuple[Call, str]) -> None:
     assert call("/servers/s99/stop")[0] == 404
     status, reply = call("/servers", {"backend": "cassandra"})
     assert status == 400 and "backend" in reply["error"]
+
+
+def test_tokens_carry_room_grants(harness: tuple[Call, str]) -> None:
+    """``rooms`` / ``mod_rooms`` in /token become the token's grants; a bad list is a 400."""
+    call, secret = harness
+    _, server = call("/servers", {"backend": "memory"})
+    _, reply = call("/token", {"sub": "bob", "rooms": ["team-*"], "mod_rooms": ["team-a"]})
+    assert jwt.decode(reply["token"], secret, algorithms=["HS256"])["mod_rooms"] == ["team-a"]
+    with Client(server["url"], f"token={reply['token']}") as c:
+        assert c.join("team-a")["room"] == "team-a"
+        c.send({"type": "join", "room": "lobby"})
+        assert c.expect("error", code="forbidden")["room"] == "lobby"
+    assert call("/token", {"sub": "bob", "rooms": "team-*"})[0] == 400

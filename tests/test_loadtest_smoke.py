@@ -73,3 +73,24 @@ def test_idle_smoke(tmp_path: Path) -> None:
     assert isinstance(result["server_bytes_per_connection"], int)
     assert result["server_cpu_pct_per_1k"] >= 0
     assert result["idle_window"]["wall_s"] >= 2
+
+
+def test_smallrooms_smoke(tmp_path: Path) -> None:
+    """Small rooms plus DMs, every client publishing: nothing lost, DMs owed twice."""
+    report = run_loadtest(tmp_path, "smallrooms", "--target", "wschat", "--connections", "28",
+                          "--room-sizes", "2,3,4,5", "--dm-share", "0.25", "--rate", "100",
+                          "--duration", "3", "--warmup", "0.5", "--drain", "5", "--workers", "2",
+                          "--source-ips", "2")
+    result = report["result"]
+    assert result["setup"]["opened"] == 28
+    assert result["rooms"] == 8 and result["members_per_room"] == 3.5  # 2+3+4+5, twice
+    [level] = result["levels"]
+    assert level["publishers"] == 28  # every member publishes
+    assert level["dm_sent"] > 0 and level["sent"] > level["dm_sent"]
+    # every DM reaches its recipient and comes back to its sender as the echo
+    assert level["delivered_dm"] == 2 * level["dm_sent"]
+    assert level["lost"] == 0 and level["gaps"] == 0 and level["dups"] == 0
+    assert level["delivered"] == level["expected_deliveries"] > level["sent"]
+    assert level["latency_ms"]["count"] > 0
+    assert level["published_per_server_cpu_s"] > 0 and level["deliveries_per_server_cpu_s"] > 0
+    assert "generator_cpu_s" in level["cpu_window"] and "other_cpu_pct" in level["cpu_window"]

@@ -423,3 +423,44 @@ def test_orphaned_sample_directories_are_swept(tmp_path: Any, monkeypatch: Any) 
         (d / "counter_1.db").write_bytes(b"")
     runpy.run_path(str(ROOT / "gunicorn.conf.py"))["_sweep_orphaned_metrics_dirs"]()
     assert not orphan.exists() and alive.exists()
+
+
+def test_message_path_counts_are_folded_in_exactly_at_flush() -> None:
+    """The per-message calls count in plain ints; flush() adds exactly those counts to
+    the series, the fan-out histogram's buckets and sum as observe() would have."""
+    from prometheus_client import REGISTRY
+
+    from wschat.metrics import FANOUT, PrometheusChatMetrics, flush_all
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    m = PrometheusChatMetrics()
+    flush_all()
+    bounds = [str(b) if b != float("inf") else "+Inf" for b in FANOUT._upper_bounds]
+    before = {b: value("wschat_fanout_seconds_bucket", le=b) for b in bounds}
+    base = (value("wschat_messages_received_total", type="message"),
+            value("wschat_messages_posted_total", kind="dm"),
+            value("wschat_messages_delivered_total", type="message"),
+            value("wschat_messages_delivered_total", type="other"),
+            value("wschat_fanout_seconds_sum"))
+    observed = [0.00005, 0.0001, 0.0003, 0.02, 5.0]  # 0.0001: on a bound, counted in its bucket
+    for seconds in observed:
+        m.received("SendMessage")
+        m.fanout_seconds(seconds)
+    m.posted("dm")
+    m.delivered(3, b'{"type":"message","id":1}')
+    m.delivered(2, b'{"type":"who-knows"}')
+    m.delivered(0, b'{"type":"message","id":2}')
+    assert value("wschat_messages_received_total", type="message") == base[0]  # not yet
+    m.flush()
+    assert value("wschat_messages_received_total", type="message") == base[0] + 5
+    assert value("wschat_messages_posted_total", kind="dm") == base[1] + 1
+    assert value("wschat_messages_delivered_total", type="message") == base[2] + 3
+    assert value("wschat_messages_delivered_total", type="other") == base[3] + 2
+    assert value("wschat_fanout_seconds_sum") == pytest.approx(base[4] + sum(observed))
+    for b in bounds:  # cumulative buckets, as observe() would have filled them
+        expected = sum(1 for s in observed if b == "+Inf" or s <= float(b))
+        assert value("wschat_fanout_seconds_bucket", le=b) - before[b] == expected, b
+    m.flush()  # nothing pending: nothing moves
+    assert value("wschat_messages_received_total", type="message") == base[0] + 5

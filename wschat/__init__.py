@@ -1,12 +1,14 @@
 """wschat: a WebSocket chat server (gunicorn + gevent + Flask).
 
-``gunicorn -c gunicorn.conf.py wschat:app`` serves it; ``app`` is built on
-first access, so importing ``wschat.protocol`` and friends builds nothing.
+``gunicorn -c gunicorn.conf.py wschat:app`` serves it. ``app`` (built by
+:mod:`wschat.wsgi`) and ``create_app`` (:mod:`wschat.factory`) are loaded on
+first access only, so importing ``wschat.protocol`` and friends builds nothing,
+and nothing in the package imports this root module for them.
 """
 
 from __future__ import annotations
 
-import sys
+from importlib import import_module
 from typing import Any
 
 from .version import __version__
@@ -14,25 +16,12 @@ from .version import __version__
 __all__ = ["create_app", "__version__"]
 
 
-def create_app(*args: Any, **kwargs: Any) -> Any:
-    from .factory import create_app as factory
-
-    return factory(*args, **kwargs)
-
-
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from .config import ConfigError
-
         try:
-            application = create_app()
-        except ConfigError as exc:
-            # One clear line, no traceback; exit status 3 is gunicorn's "worker failed to
-            # boot", which stops the master instead of respawning the worker forever.
-            print(f"wschat: configuration error: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(3) from None
+            return import_module(".wsgi", __name__).app
         except AttributeError as exc:  # would read as "no attribute 'app'" to gunicorn
             raise RuntimeError(f"building the app failed: {exc!r}") from exc
-        globals()["app"] = application
-        return application
-    raise AttributeError(name)
+    if name == "create_app":
+        return import_module(".factory", __name__).create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

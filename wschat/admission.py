@@ -1,13 +1,33 @@
-"""Admission limits and the client's address, checked before the upgrade.
+"""Admission: what an upgrade to ``/ws`` must pass before the handshake.
 
+:class:`Admission` runs the checks in order and answers :class:`Admitted` or a
+:class:`Refusal` (an HTTP status and text; the routes turn it into a response).
 :class:`ConnectionBudget` is ``MAX_CONNECTIONS`` for the whole server,
 :class:`AddressLimit` ``MAX_CONNECTIONS_PER_IP`` for this worker, and
 :func:`remote_address` says whose connection it is (``TRUSTED_PROXIES``).
+No Flask here: the checks read the WSGI environ and the query string.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import logging
+import secrets
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .auth import Authenticator, AuthError, Identity
+from .config import Settings
+from .protocol import valid_username
+from .telemetry import Metrics
+
+if TYPE_CHECKING:
+    from .chat import Chat
+    from .transport import Transport
+
+# The name these lines have always been logged under (operators may filter on it).
+log = logging.getLogger("wschat.app")
 
 
 class ConnectionBudget:
@@ -75,3 +95,152 @@ def remote_address(environ: dict[str, Any], trusted_proxies: int = 0) -> str:
     # Fewer entries than proxies: the request did not come through them all (or the
     # header is the client's own invention): only the TCP peer is known for sure.
     return hops[-trusted_proxies] if len(hops) >= trusted_proxies else peer
+
+
+# -- the checks before the upgrade -------------------------------------------------------
+
+class Refusal(NamedTuple):
+    """An upgrade answered in HTTP instead: each refusal is an answer, never a half-open socket."""
+
+    status: int
+    text: str
+    reason: str  # the label of wschat_handshakes_refused_total
+    headers: dict[str, str] | None = None
+
+
+class Admitted(NamedTuple):
+    identity: Identity
+    authenticated: bool
+    addr: str
+
+
+class Admission:
+    """Every check an upgrade to ``/ws`` passes before the handshake, in order: shutting
+    down, a WebSocket request at all (RFC 6455 4.2.1), ``ALLOWED_ORIGINS``, the token or
+    guest name, the shared store, and the limits (per user, per address, per server).
+
+    An admitted upgrade holds a slot of the budget and of its address until
+    :meth:`release` or the connection's end (:meth:`Transport.forget`)."""
+
+    def __init__(self, settings: Settings, authenticator: Authenticator, chat: Chat,
+                 transport: Transport, metrics: Metrics) -> None:
+        self.settings = settings
+        self.authenticator = authenticator
+        self.chat = chat
+        self.transport = transport
+        self.metrics = metrics
+        self.allowed_origins = frozenset(_normal_origin(o) for o in settings.allowed_origins)
+
+    def check(self, environ: dict[str, Any], query: Mapping[str, str]) -> Admitted | Refusal:
+        verdict = self._verdict(environ, query)
+        if isinstance(verdict, Refusal):
+            self.metrics.handshake_refused(verdict.reason)
+        return verdict
+
+    def _verdict(self, environ: dict[str, Any], query: Mapping[str, str]) -> Admitted | Refusal:
+        if self.transport.shutting_down:
+            return Refusal(503, "server is shutting down", "shutting_down")
+        if "websocket" not in environ.get("HTTP_UPGRADE", "").lower():
+            return Refusal(426, "this endpoint speaks WebSocket only", "not_websocket",
+                           {"Upgrade": "websocket"})
+        problem = _handshake_problem(environ)
+        if problem is not None:
+            return problem
+        addr = remote_address(environ, self.settings.trusted_proxies)
+        if not _origin_allowed(environ.get("HTTP_ORIGIN"), self.allowed_origins):
+            log.info("upgrade refused (403) for %s: origin %r is not in ALLOWED_ORIGINS",
+                     addr, environ.get("HTTP_ORIGIN"))
+            return Refusal(403, "origin not allowed", "origin")
+        token = query.get("token") or _bearer(environ.get("HTTP_AUTHORIZATION"))
+        if token:
+            try:
+                identity = self.authenticator.verify(token)
+            except AuthError as err:
+                self.metrics.auth_failed(err.code.value)
+                log.info("upgrade refused (401) for %s: %s (%s)", addr, err.message,
+                         err.code.value)
+                return Refusal(401, err.message, "auth")
+            authenticated = True
+        else:
+            username = query.get("username")
+            if username is not None and not valid_username(username):
+                return Refusal(400, "usernames are 1-32 characters: letters, digits, "
+                                    "spaces inside, _ . -", "username")
+            identity = _guest_identity(username)
+            authenticated = False
+        stores = self.chat.stores
+        if not stores.broker.healthy():
+            # The shared store is away: a connection could not be registered (nor its
+            # rooms joined); say so in HTTP rather than upgrade and cut it.
+            return Refusal(503, f"{stores.name} unreachable; retry", "unavailable",
+                           {"Retry-After": "2"})
+        cap = self.settings.max_connections_per_user
+        if (authenticated and cap
+                and len(self.chat.hub.users.get(identity.user_id, ())) >= cap):
+            return Refusal(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
+                           "max_connections_per_user", {"Retry-After": "5"})
+        if not self.transport.addresses.claim(addr):
+            return Refusal(429, "too many connections from this address "
+                                "(MAX_CONNECTIONS_PER_IP)", "max_connections_per_ip",
+                           {"Retry-After": "5"})
+        if not self.transport.budget.try_acquire():
+            self.transport.addresses.release(addr)
+            return Refusal(503, "server is at MAX_CONNECTIONS", "max_connections",
+                           {"Retry-After": "5"})
+        # Never negotiate permessage-deflate: it costs ~100 KiB of zlib state per
+        # connection and would make shared, encode-once frames impossible.
+        environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        return Admitted(identity, authenticated, addr)
+
+    def release(self, admitted: Admitted) -> None:
+        """Admitted, but the handshake failed before :meth:`Transport.serve` took the slot over."""
+        self.transport.budget.release()
+        self.transport.addresses.release(admitted.addr)
+
+
+def _guest_identity(username: str | None) -> Identity:
+    user_id = f"guest-{secrets.token_hex(6)}"
+    return Identity(user_id, username or f"guest-{user_id[-6:]}", None)
+
+
+def _bearer(value: str | None) -> str | None:
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip() or None
+    return None
+
+
+def _normal_origin(origin: str) -> str:
+    # Scheme and host are case-insensitive (RFC 6454); browsers never send a
+    # trailing slash, configuration files sometimes do.
+    return origin.strip().rstrip("/").lower()
+
+
+def _origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
+    """Cross-site WebSocket hijacking guard.
+
+    Browsers always send ``Origin`` on a WebSocket upgrade, so a request
+    without one is not a browser being abused from another site (and a
+    non-browser client could send any value anyway): it is allowed.
+    """
+    if not allowed or origin is None:
+        return True
+    return _normal_origin(origin) in allowed
+
+
+def _handshake_problem(environ: dict[str, Any]) -> Refusal | None:
+    """RFC 6455 4.2.1 checks, answered in HTTP before any upgrade."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        return Refusal(405, "a WebSocket upgrade is a GET", "bad_handshake", {"Allow": "GET"})
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        return Refusal(426, "only WebSocket version 13 is supported", "bad_handshake",
+                       {"Sec-WebSocket-Version": "13", "Upgrade": "websocket"})
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid_key = False
+    if not valid_key:
+        return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64", "bad_handshake")
+    if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
+        return Refusal(400, "Connection: Upgrade is required", "bad_handshake")
+    return None

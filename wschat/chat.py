@@ -200,7 +200,7 @@ class Chat:
     def __init__(self, settings: Settings, stores: Stores, authenticator: Authenticator,
                  limiter: RateLimiter, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, start: bool = True) -> None:
         self.settings = settings
         self.stores = stores
         self.auth = authenticator
@@ -222,13 +222,18 @@ class Chat:
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
                                     stores.broker, clock)
         stores.broker.on_reconnect = self.resync
-        stores.broker.start(self.hub.deliver_room, self._deliver_user)
         self._handlers: dict[type, Callable[[Session, Any], None]] = {
             SendMessage: self._message, Typing: self._typing, Ping: self._ping,
             Join: self._join, Leave: self._leave, SendDm: self._dm,
             ListUsers: self._list_users, History: self._history, Auth: self._auth,
             Moderate: self._moderate,
         }
+        if start:  # False: the app factory, whose app is built before it is started
+            self.start()
+
+    def start(self) -> None:
+        """Receive what the broker delivers (with Redis: connect and subscribe)."""
+        self.stores.broker.start(self.hub.deliver_room, self._deliver_user)
 
     # -- connection lifecycle ----------------------------------------------------------
     def open(self, session: Session) -> None:
@@ -334,6 +339,7 @@ class Chat:
     def shutdown(self) -> None:
         """The worker stops: take all its connections out of the shared store at once
         (one Redis script instead of a leave per connection and room)."""
+        self.metrics.flush()
         if self.stores.release_local():
             for session in self.hub.sessions():
                 session.closed_by_chat = True
@@ -416,6 +422,7 @@ class Chat:
     def tick(self) -> None:
         """Expire typing indicators, tokens and auth deadlines, retry failed clean-ups
         (called about once a second)."""
+        self.metrics.flush()  # per-message counts kept back since the last tick
         if self._unfinished:
             self._retry_unfinished()
         if self._early_kicks:

@@ -7,7 +7,9 @@ Every variable is parsed and validated here, once; a bad value raises
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +20,18 @@ from .protocol import room_patterns  # the one place room-name patterns are vali
 
 class ConfigError(WschatError, ValueError):
     """A configuration variable has a value the server cannot run with."""
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """In a gunicorn worker: a :class:`ConfigError` stops the server with one clear line
+    and no traceback. Exit status 3 is gunicorn's "worker failed to boot", which stops
+    the master instead of respawning the worker forever."""
+    try:
+        yield
+    except ConfigError as exc:
+        print(f"wschat: configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:

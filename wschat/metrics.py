@@ -13,13 +13,25 @@ server:
   server-wide, and with Redis the same figure on every pod.
 
 ``docs/operations.md`` documents every series; a test keeps the two in step.
+
+The per-message series (requests received, messages posted, events delivered,
+the fan-out histogram) are counted in plain integers on the message path and
+folded into the Prometheus series by :meth:`PrometheusChatMetrics.flush`: about
+once a second (the chat core's ticker), before this worker answers a scrape, and
+when the worker stops. A multiprocess update costs a lock and an mmap write each,
+several per message; a scrape answered by another worker sees this worker's
+per-message counts up to about a second late (a worker killed with -9 loses at
+most that second's counts).
 """
 
 from __future__ import annotations
 
+import atexit
+import bisect
 import os
 import platform
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -99,14 +111,41 @@ FANOUT = Histogram("wschat_fanout_seconds",
                             0.05, 0.1, 0.25, 1.0))
 
 
+_LIVE: "weakref.WeakSet[PrometheusChatMetrics]" = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Fold every live :class:`PrometheusChatMetrics`' pending counts into its series."""
+    for m in list(_LIVE):
+        m.flush()
+
+
+atexit.register(flush_all)  # a worker that exits normally leaves no count behind
+
+
 class PrometheusChatMetrics(Metrics):
-    """The chat core's and the transport's events, counted in Prometheus series."""
+    """The chat core's and the transport's events, counted in Prometheus series.
+
+    The per-message calls (``received``, ``posted``, ``delivered``,
+    ``fanout_seconds``) only add to plain ints here; :meth:`flush` moves them
+    into the series (see the module's docstring for when).
+    """
 
     def __init__(self) -> None:
-        # Children are looked up once: these calls sit on the message path.
-        self._received = {name: RECEIVED.labels(wire) for name, wire in _WIRE_TYPES.items()}
-        self._delivered = {t: DELIVERED.labels(t) for t in DELIVERED_TYPES}
-        self._posted = {k: POSTED.labels(k) for k in POSTED_KINDS}
+        # Children are looked up once (at flush, off the message path).
+        self._received_children = {name: RECEIVED.labels(wire)
+                                    for name, wire in _WIRE_TYPES.items()}
+        self._delivered_children = {t: DELIVERED.labels(t) for t in DELIVERED_TYPES}
+        self._posted_children = {k: POSTED.labels(k) for k in POSTED_KINDS}
+        # Pending counts: command class / event type / kind -> n, since the last flush.
+        self._received: dict[str, int] = {}
+        self._delivered: dict[str, int] = {}
+        self._posted: dict[str, int] = {}
+        self._fanout_bounds = list(FANOUT._upper_bounds)
+        self._fanout_counts = [0] * len(self._fanout_bounds)
+        self._fanout_sum = 0.0
+        self._fanout_pending = 0
+        _LIVE.add(self)
         self._errors = {code.value: ERRORS.labels(code.value) for code in ErrorCode}
         for reason in DISCONNECT_REASONS:
             DISCONNECTS.labels(reason)
@@ -127,19 +166,47 @@ class PrometheusChatMetrics(Metrics):
         UPTIME.set(time.time() - _STARTED_AT)
 
     def received(self, kind: str) -> None:
-        child = self._received.get(kind)
-        (child or RECEIVED.labels(kind)).inc()
+        pending = self._received
+        pending[kind] = pending.get(kind, 0) + 1
 
     def posted(self, kind: str) -> None:
-        (self._posted.get(kind) or POSTED.labels(kind)).inc()
+        pending = self._posted
+        pending[kind] = pending.get(kind, 0) + 1
 
     def delivered(self, count: int, event: bytes = b"") -> None:
         if count:
-            self._delivered_child(event).inc(count)
+            kind = event_type(event) or ""
+            if kind not in self._delivered_children:
+                kind = "other"
+            pending = self._delivered
+            pending[kind] = pending.get(kind, 0) + count
 
-    def _delivered_child(self, event: bytes) -> Any:
-        child = self._delivered.get(event_type(event) or "")
-        return child if child is not None else DELIVERED.labels("other")
+    def fanout_seconds(self, seconds: float) -> None:
+        # The first bucket whose upper bound is >= seconds, as Histogram.observe picks it.
+        self._fanout_counts[bisect.bisect_left(self._fanout_bounds, seconds)] += 1
+        self._fanout_sum += seconds
+        self._fanout_pending += 1
+
+    def flush(self) -> None:
+        """Add the counts gathered since the last flush to the Prometheus series."""
+        for pending, children, family in ((self._received, self._received_children, None),
+                                          (self._posted, self._posted_children, POSTED),
+                                          (self._delivered, self._delivered_children,
+                                           DELIVERED)):
+            if not pending:
+                continue
+            counts = list(pending.items())
+            pending.clear()
+            for key, n in counts:
+                child = children.get(key)
+                if child is None:
+                    child = RECEIVED.labels(key) if family is None else family.labels(key)
+                child.inc(n)
+        if self._fanout_pending:
+            counts, total = self._fanout_counts, self._fanout_sum
+            self._fanout_counts = [0] * len(self._fanout_bounds)
+            self._fanout_sum, self._fanout_pending = 0.0, 0
+            _fold_histogram(FANOUT, counts, total)
 
     def error(self, code: str) -> None:
         (self._errors.get(code) or ERRORS.labels(code)).inc()
@@ -149,9 +216,6 @@ class PrometheusChatMetrics(Metrics):
 
     def disconnected(self, reason: str) -> None:
         DISCONNECTS.labels(reason).inc()
-
-    def fanout_seconds(self, seconds: float) -> None:
-        FANOUT.observe(seconds)
 
     def connection_opened(self) -> None:
         CONNECTIONS.inc()
@@ -173,12 +237,32 @@ class PrometheusChatMetrics(Metrics):
         STORE_ERRORS.labels(backend).inc()
 
 
+def _fold_histogram(histogram: Histogram, counts: list[int], total: float) -> None:
+    """Add ``counts`` observations per bucket (and their sum) to ``histogram``: what as many
+    ``observe`` calls would have done, one update per bucket instead of two per call."""
+    buckets = getattr(histogram, "_buckets", None)
+    value_sum = getattr(histogram, "_sum", None)
+    if buckets is None or value_sum is None or len(buckets) != len(counts):
+        # prometheus_client changed its insides: replay at the buckets' bounds (the sum
+        # then is approximate, the counts exact).
+        for bound, n in zip(histogram._upper_bounds, counts):  # type: ignore[attr-defined]
+            for _ in range(n):
+                histogram.observe(bound)
+        return
+    for value, n in zip(buckets, counts):
+        if n:
+            value.inc(n)
+    value_sum.inc(total)
+
+
 def refresh_scrape_gauges(rooms: int | None, members: int | None) -> None:
-    """Set the figures that are read, not counted, just before an exposition.
+    """Set the figures that are read, not counted, just before an exposition (and fold
+    this worker's pending per-message counts into their series).
 
     ``None`` (the store could not be read) keeps the last values: a scrape must
     still answer while Redis is down, which is when operators look.
     """
+    flush_all()
     if rooms is not None and members is not None:
         ROOMS.set(rooms)
         MEMBERS.set(members)

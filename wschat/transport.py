@@ -96,6 +96,12 @@ class Transport:
         if self._ticker is None:
             self._ticker = self.spawn(self._tick_forever)
 
+    def stop(self) -> None:
+        """Stop the timer (after :meth:`shutdown` and the stores' close: nothing is left)."""
+        if self._ticker is not None:
+            self._ticker.kill(block=False)
+            self._ticker = None
+
     def spawn(self, func: Any, *args: Any) -> gevent.Greenlet:
         """A helper greenlet, counted in ``wschat_greenlets`` until it ends (or is killed)."""
         return self._counted(gevent.spawn(func, *args))

@@ -114,8 +114,15 @@ class Harness:
         sub = body.get("sub")
         if not isinstance(sub, str) or not sub:
             raise HarnessError(400, "sub (a non-empty string) is required")
-        claims = {"sub": sub, "name": body.get("name", sub),
-                  "exp": int(time.time() + float(body.get("ttl", 3600)))}
+        claims: dict[str, Any] = {"sub": sub, "name": body.get("name", sub),
+                                  "exp": int(time.time() + float(body.get("ttl", 3600)))}
+        for claim in ("rooms", "mod_rooms"):  # room-name patterns, as wschat.access reads them
+            if claim in body:
+                patterns = body[claim]
+                if not (isinstance(patterns, list)
+                        and all(isinstance(p, str) for p in patterns)):
+                    raise HarnessError(400, f"{claim} must be a list of strings")
+                claims[claim] = patterns
         return {"token": jwt.encode(claims, self.secret, algorithm="HS256")}
 
     def redis_stop(self) -> dict[str, Any]:

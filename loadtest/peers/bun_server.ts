@@ -12,7 +12,9 @@ const heartbeat = Number(process.env.HEARTBEAT_INTERVAL || "30");
 type User = { user_id: string; username: string; rooms: Set<string> };
 const rooms = new Map<string, Map<User, User>>();
 const seqs = new Map<string, number>();
+const users = new Map<string, Set<any>>(); // user_id -> its connections (DMs go to each)
 let nextId = 1;
+let dmSeq = 0;
 
 const server = Bun.serve<User>({
   hostname,
@@ -31,6 +33,9 @@ const server = Bun.serve<User>({
     idleTimeout: Math.min(960, Math.max(8, Math.round(heartbeat * 2))),
     sendPings: true,
     open(ws) {
+      let mine = users.get(ws.data.user_id);
+      if (!mine) { mine = new Set(); users.set(ws.data.user_id, mine); }
+      mine.add(ws);
       ws.send(JSON.stringify({ type: "welcome", user_id: ws.data.user_id, username: ws.data.username }));
     },
     message(ws, raw) {
@@ -46,6 +51,16 @@ const server = Bun.serve<User>({
           const ev: any = { type: "message", room, id: seq, from: me.username, user_id: me.user_id, text: cmd.text || "", timestamp: Date.now() };
           if (cmd.client_msg_id !== undefined) ev.client_msg_id = cmd.client_msg_id;
           server.publish(room, JSON.stringify(ev));
+          return;
+        }
+        case "dm": {
+          const to = users.get(cmd.to);
+          if (!to) { ws.send(JSON.stringify({ type: "error", code: "user_not_found", message: "no such user online" })); return; }
+          const ev: any = { type: "dm", id: ++dmSeq, from: me.username, user_id: me.user_id, to: cmd.to, text: cmd.text || "", timestamp: Date.now() };
+          if (cmd.client_msg_id !== undefined) ev.client_msg_id = cmd.client_msg_id;
+          const data = JSON.stringify(ev);
+          for (const c of to) c.send(data);
+          if (cmd.to !== me.user_id) for (const c of users.get(me.user_id)!) c.send(data);
           return;
         }
         case "join": {
@@ -76,6 +91,8 @@ const server = Bun.serve<User>({
     },
     close(ws) {
       for (const room of [...ws.data.rooms]) leave(ws, room, true);
+      const mine = users.get(ws.data.user_id);
+      if (mine) { mine.delete(ws); if (mine.size === 0) users.delete(ws.data.user_id); }
     },
   },
 });

@@ -19,6 +19,8 @@ from websockets.asyncio.server import broadcast, serve
 _ids = itertools.count(1)
 rooms: dict[str, dict] = {}  # room -> {connection: (user_id, username)}
 seqs: dict[str, int] = {}
+users: dict[str, set] = {}  # user_id -> its connections (a DM goes to each)
+_dm_ids = itertools.count(1)
 
 
 def dumps(obj: dict) -> str:
@@ -31,6 +33,7 @@ async def handler(ws) -> None:
     username = query.get("username", [user_id])[0]
     me = (user_id, username)
     mine: set[str] = set()
+    users.setdefault(user_id, set()).add(ws)
     await ws.send(dumps({"type": "welcome", "user_id": user_id, "username": username}))
     try:
         async for raw in ws:
@@ -52,6 +55,18 @@ async def handler(ws) -> None:
                 if "client_msg_id" in cmd:
                     event["client_msg_id"] = cmd["client_msg_id"]
                 broadcast(rooms[room], dumps(event))
+            elif kind == "dm":
+                to = users.get(cmd.get("to"))
+                if not to:
+                    await ws.send(dumps({"type": "error", "code": "user_not_found",
+                                         "message": "no such user online"}))
+                    continue
+                event = {"type": "dm", "id": next(_dm_ids), "from": username, "user_id": user_id,
+                         "to": cmd["to"], "text": cmd.get("text", ""),
+                         "timestamp": time.time_ns() // 1_000_000}
+                if "client_msg_id" in cmd:
+                    event["client_msg_id"] = cmd["client_msg_id"]
+                broadcast(to | users[user_id], dumps(event))
             elif kind == "join":
                 room = str(cmd.get("room"))
                 members = rooms.setdefault(room, {})
@@ -76,6 +91,11 @@ async def handler(ws) -> None:
     finally:
         for room in list(mine):
             _leave(ws, room, me, mine)
+        conns = users.get(user_id)
+        if conns is not None:
+            conns.discard(ws)
+            if not conns:
+                del users[user_id]
 
 
 def _leave(ws, room: str, me: tuple[str, str], mine: set[str]) -> None:

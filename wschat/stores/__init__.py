@@ -1,4 +1,7 @@
-"""Backend selection: the one place that picks memory or Redis, and persistence, from settings."""
+"""Backend selection: the one place that picks memory or Redis, and persistence, from settings.
+
+Building the stores opens no connection and starts nothing: :meth:`Stores.start` does.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ def create_stores(settings: Settings, metrics: Metrics | None = None) -> Stores:
 
         durable = DurableMessageStore(stores.messages, open_message_log(settings.database_url),
                                       metrics)
-        durable.start()
         stores.messages = durable
         stores.persistence = durable.log.url_for_logs
     return stores

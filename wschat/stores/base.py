@@ -199,6 +199,10 @@ class MessageStore(ABC):
     def healthy(self) -> bool:
         return True
 
+    def start(self) -> None:
+        """Begin background work (persistence: connect, migrate, start the writer)."""
+        return None
+
     def close(self) -> None:
         """Flush what is held for durability (shutdown)."""
         return None
@@ -279,6 +283,10 @@ class Stores:
 
     def healthy(self) -> bool:
         return not self.problems()
+
+    def start(self) -> None:
+        """Connect and start background work; building the stores opened nothing."""
+        self.messages.start()
 
     def close(self) -> None:
         self.messages.close()

@@ -14,7 +14,9 @@ const heartbeat = Number(process.env.HEARTBEAT_INTERVAL || '30') * 1000;
 
 const rooms = new Map(); // room -> Map<ws, user>
 const seqs = new Map();
+const users = new Map(); // user_id -> Set<ws> (DMs go to every connection of the user)
 let nextId = 1;
+let dmSeq = 0;
 
 function send(ws, obj) { ws.send(JSON.stringify(obj)); }
 
@@ -39,6 +41,8 @@ wss.on('connection', (ws, req) => {
   const userId = `u-${nextId++}`;
   ws.user = { user_id: userId, username: url.searchParams.get('username') || userId };
   ws.rooms = new Set();
+  if (!users.has(userId)) users.set(userId, new Set());
+  users.get(userId).add(ws);
   ws.alive = true;
   ws.on('pong', () => { ws.alive = true; });
   send(ws, { type: 'welcome', ...ws.user });
@@ -55,6 +59,17 @@ wss.on('connection', (ws, req) => {
           text: cmd.text || '', timestamp: Date.now() };
         if (cmd.client_msg_id !== undefined) ev.client_msg_id = cmd.client_msg_id;
         return broadcast(rooms.get(room), ev);
+      }
+      case 'dm': {
+        const to = users.get(cmd.to);
+        if (!to) return send(ws, { type: 'error', code: 'user_not_found', message: 'no such user online' });
+        const ev = { type: 'dm', id: ++dmSeq, from: ws.user.username, user_id: ws.user.user_id, to: cmd.to,
+          text: cmd.text || '', timestamp: Date.now() };
+        if (cmd.client_msg_id !== undefined) ev.client_msg_id = cmd.client_msg_id;
+        const data = Buffer.from(JSON.stringify(ev));
+        for (const c of to) if (c.readyState === 1) c.send(data, TEXT);
+        if (cmd.to !== ws.user.user_id) for (const c of users.get(ws.user.user_id)) if (c.readyState === 1) c.send(data, TEXT);
+        return;
       }
       case 'join': {
         const room = String(cmd.room);
@@ -78,7 +93,12 @@ wss.on('connection', (ws, req) => {
         return send(ws, { type: 'error', code: 'unknown_type', message: String(cmd && cmd.type) });
     }
   });
-  ws.on('close', () => { for (const room of [...ws.rooms]) leave(ws, room); });
+  ws.on('close', () => {
+    for (const room of [...ws.rooms]) leave(ws, room);
+    const mine = users.get(userId);
+    mine.delete(ws);
+    if (mine.size === 0) users.delete(userId);
+  });
 });
 
 // Heartbeat as wschat does it: ping every interval, drop a peer silent for a whole interval.

@@ -51,6 +51,10 @@ _Node = Node  # the name the store tests construct a node by
 class RedisStores(Stores):
     keeper: NodeKeeper
 
+    def start(self) -> None:
+        super().start()
+        self.keeper.start()
+
     def release_local(self) -> bool:
         try:
             count = self.keeper.release()
@@ -96,6 +100,5 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     from .moderation import RedisModerationStore
 
     stores.moderation = RedisModerationStore(client, metrics)
-    stores.keeper.start()
     log.info("redis stores: node %s at %s", node.node_id, time.strftime("%H:%M:%S"))
     return stores

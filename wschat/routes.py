@@ -1,0 +1,181 @@
+"""wschat's HTTP routes, one blueprint per concern.
+
+==============  ===========================================  ============
+blueprint       routes                                       served on
+==============  ===========================================  ============
+``probes``      ``/health``, ``/ready``                      both ports
+``monitoring``  ``/metrics``, ``/metrics/json``              METRICS_PORT
+``websocket``   ``/ws``, after :mod:`wschat.admission`       PORT
+``echo``        ``/echo`` (``WSCHAT_ECHO_ENDPOINT=1`` only)  PORT
+``page``        ``/`` and ``/web/<file>``: the browser page  PORT
+==============  ===========================================  ============
+
+The server API (``/api/``) is :mod:`wschat.api`'s blueprint. Every view reads
+the worker's state from the app (:func:`wschat.runtime.current`), so the
+blueprints hold no state and any number of apps can register them (tests).
+
+:func:`route_by_port` and the admission hook run for the whole app, before
+routing is consulted: a plain GET or a POST to ``/ws`` must get its 426 or 405
+from admission, which a blueprint's own hooks (run only once a route matched
+a WebSocket request) would never see.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+from flask import Blueprint, Request, Response, g, jsonify, request
+from flask_sock import Sock
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from .admission import Admitted, Refusal
+from .connection import feed_pipelined
+from .metrics import Snapshot, server_summary
+from .runtime import current
+from .version import __version__
+
+WS_PATH = "/ws"
+# Test-only: with WSCHAT_ECHO_ENDPOINT=1, /echo echoes every message through the
+# same admission and frame handling as /ws (for the Autobahn conformance run).
+ECHO_PATH = "/echo"
+MAIN_ONLY = {WS_PATH, ECHO_PATH, "/"}
+# The browser page's files (wschat/web: the page's script and styles, the JS client
+# library's bundle), served on PORT only.
+WEB_PREFIX = "/web/"
+METRICS_ONLY = {"/metrics", "/metrics/json"}
+
+probes = Blueprint("probes", __name__)
+monitoring = Blueprint("monitoring", __name__)
+websocket = Blueprint("websocket", __name__)
+echo = Blueprint("echo", __name__)
+page = Blueprint("page", __name__, static_folder="web", static_url_path=WEB_PREFIX.rstrip("/"))
+_sock = Sock()  # only its route decorator: the handshake runs in simple-websocket
+
+
+def plain(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(text + "\n", status=status, mimetype="text/plain", headers=headers)
+
+
+def route_by_port() -> Response | None:
+    """A request is routed by the port it arrived on (registered for the whole app)."""
+    path = request.path
+    port = request.environ.get("SERVER_PORT")
+    if port == str(current().settings.metrics_port):
+        if path in MAIN_ONLY or path.startswith(WEB_PREFIX):
+            return plain(404, "not found on the metrics port")
+    elif path in METRICS_ONLY and port:
+        return plain(404, "metrics are served on METRICS_PORT")
+    return None
+
+
+def endpoint(req: Request) -> str | None:
+    """The ``endpoint`` label of the HTTP request series: the view's name without the
+    prefix of these blueprints (``health``, as before they existed); the API's keep
+    theirs (``api.publish``)."""
+    name = req.endpoint
+    if name is None:
+        return None
+    blueprint, _, view = name.rpartition(".")
+    return view if blueprint in _UNPREFIXED else name
+
+
+# -- probes ----------------------------------------------------------------------------
+
+@probes.get("/health")
+def health() -> Response:
+    return jsonify(status="ok")
+
+
+@probes.get("/ready")
+def ready() -> Response:
+    runtime = current()
+    problems = runtime.problems()
+    if problems:
+        resp = jsonify(status="unavailable", problems=problems)
+        resp.status_code = 503
+        return resp
+    return jsonify(status="ready", backend=runtime.stores.name,
+                   persistence=runtime.settings.enable_persistence)
+
+
+# -- monitoring ------------------------------------------------------------------------
+
+@monitoring.get("/metrics")
+def metrics_text() -> Response:
+    runtime = current()
+    runtime.refresh_gauges()
+    # The classic text format: every Prometheus version reads it.
+    return Response(generate_latest(runtime.prometheus), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+@monitoring.get("/metrics/json")
+def metrics_json() -> Response:
+    runtime = current()
+    runtime.refresh_gauges()
+    # Read back from the same registry as /metrics: both show the same figures.
+    snapshot = Snapshot(runtime.prometheus)
+    body = {
+        "connections": int(snapshot.value("wschat_connections_total")),
+        "rooms": int(snapshot.value("wschat_rooms_total")),
+        "total_memberships": int(snapshot.value("wschat_room_members_total")),
+        "timestamp": int(time.time()),
+        "version": __version__,
+        "backend": runtime.stores.name,
+        "ready": not runtime.problems(),
+        **server_summary(snapshot),
+    }
+    return Response(json.dumps(body, indent=2) + "\n", mimetype="application/json")
+
+
+# -- the WebSocket endpoints -----------------------------------------------------------
+
+@websocket.before_app_request
+def admit() -> Response | None:
+    """The checks before the upgrade (:class:`wschat.admission.Admission`)."""
+    path = request.path
+    if path != WS_PATH and path != ECHO_PATH:
+        return None
+    runtime = current()
+    if path == ECHO_PATH and not runtime.echo:
+        return None
+    verdict = runtime.admission.check(request.environ, request.args)
+    if isinstance(verdict, Refusal):
+        return plain(verdict.status, verdict.text, verdict.headers)
+    g.wschat_admission = verdict
+    return None
+
+
+@websocket.teardown_app_request
+def release_unserved(exc: BaseException | None) -> None:
+    # Admitted, but the handshake failed before serve() took the slot over.
+    admitted: Admitted | None = g.pop("wschat_admission", None)
+    if admitted is not None:
+        current().admission.release(admitted)
+
+
+@_sock.route(WS_PATH, bp=websocket)
+def websocket_route(ws: Any) -> None:
+    admitted: Admitted = g.pop("wschat_admission")
+    feed_pipelined(ws, request.environ)
+    current().transport.serve(ws, *admitted)
+
+
+@_sock.route(ECHO_PATH, bp=echo)
+def echo_route(ws: Any) -> None:
+    admitted: Admitted = g.pop("wschat_admission")
+    feed_pipelined(ws, request.environ)
+    current().transport.serve(ws, *admitted, echo=True)
+
+
+# -- the browser page ------------------------------------------------------------------
+
+@page.get("/")
+def index() -> Response:
+    html = resources.files("wschat").joinpath("web/index.html").read_bytes()
+    return Response(html, mimetype="text/html")
+
+
+_UNPREFIXED = {bp.name for bp in (probes, monitoring, websocket, echo, page)}

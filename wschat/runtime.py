@@ -1,0 +1,126 @@
+"""One worker's running parts, kept in ``app.extensions["wschat"]``.
+
+:func:`wschat.factory.create_app` builds a :class:`Runtime` and wires it, opening
+no connection and starting nothing; :meth:`Runtime.start` connects the stores
+and starts the worker's background greenlets (gunicorn's ``post_worker_init``
+calls it through :func:`wschat.factory.attach_worker`). The routes read it
+with :func:`current`; gunicorn hooks and tests with :func:`of`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+from flask import Flask, current_app
+
+from .admission import Admission
+from .chat import Chat
+from .config import Settings
+from .metrics import refresh_scrape_gauges, sample_worker_gauges
+from .stores.base import Stores, Unavailable
+from .telemetry import Metrics
+from .transport import Transport
+from .version import __version__
+
+# The name the start-up line has always been logged under.
+log = logging.getLogger("wschat.app")
+
+GAUGE_SAMPLE_SECONDS = 1.0
+
+
+@dataclass(eq=False)
+class Runtime:
+    """Everything one worker runs: what the routes, gunicorn hooks and tests reach."""
+
+    settings: Settings
+    stores: Stores
+    chat: Chat
+    transport: Transport
+    admission: Admission
+    metrics: Metrics
+    prometheus: Any  # the registry /metrics and /metrics/json read (all workers)
+    echo: bool = False  # WSCHAT_ECHO_ENDPOINT=1: /echo is served (conformance tests only)
+    started: bool = False
+    shutdown: gevent.Greenlet | None = None  # closes every connection when the worker stops
+    _sampler: gevent.Greenlet | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        """Connect the stores (persistence: connect and migrate; Redis: subscribe) and start
+        the timer and the gauge sampler. Once; a later call does nothing.
+
+        Raises:
+            ConfigError: the database named by ``DATABASE_URL`` cannot be used.
+        """
+        if self.started:
+            return
+        self.stores.start()
+        self.chat.start()
+        self.transport.start()
+        self.metrics.started(self.stores.name, persistence=self.settings.enable_persistence)
+        self._sampler = gevent.spawn(self._sample_gauges_forever)
+        self.started = True
+        log.info("wschat %s ready: backend=%s persistence=%s", __version__, self.stores.name,
+                 self.stores.persistence)
+
+    def stop(self, timeout: float) -> None:
+        """Close every connection with 1001 (waiting at most ``timeout`` seconds for their
+        close handshakes), then the stores, then stop the background greenlets."""
+        self.transport.shutdown(timeout=timeout)
+        self.stores.close()
+        self.transport.stop()
+        if self._sampler is not None:
+            self._sampler.kill(block=False)
+            sample_worker_gauges(self._outbound_bytes())  # its last word: the queues are gone
+
+    def problems(self) -> list[str]:
+        """Why this worker is not ready (``/ready``); empty when it is."""
+        problems = []
+        if not self.started:
+            problems.append("starting")
+        if self.transport.shutting_down:
+            problems.append("shutting down")
+        problems.extend(self.stores.problems())
+        return problems
+
+    # -- gauges ------------------------------------------------------------------------
+    def refresh_gauges(self) -> None:
+        """Before an exposition: figures read from the store, and this worker's samples."""
+        rooms: int | None
+        memberships: int | None
+        try:
+            rooms, memberships = self.stores.rooms.totals()
+        except Unavailable as exc:
+            log.warning("room totals unavailable for this scrape: %s", exc)
+            rooms = memberships = None
+        except Exception:  # a scrape must still answer: the other series matter most now
+            log.exception("room totals failed")
+            rooms = memberships = None
+        refresh_scrape_gauges(rooms, memberships)
+        sample_worker_gauges(self._outbound_bytes())
+
+    def _outbound_bytes(self) -> int:
+        return sum(c.outbound_bytes for c in list(self.transport.connections))
+
+    def _sample_gauges_forever(self) -> None:
+        """Every worker refreshes its own share of the sampled gauges, scraped or not
+        (a scrape is answered by one worker; the others' values must not go stale)."""
+        while True:
+            try:
+                sample_worker_gauges(self._outbound_bytes())
+            except Exception:
+                log.exception("sampling worker gauges failed")
+            gevent.sleep(GAUGE_SAMPLE_SECONDS)
+
+
+def of(app: Flask) -> Runtime:
+    """The runtime of ``app`` (built by :func:`wschat.factory.create_app`)."""
+    runtime: Runtime = app.extensions["wschat"]
+    return runtime
+
+
+def current() -> Runtime:
+    """The runtime of the app handling this request."""
+    return of(current_app)
