@@ -116,19 +116,31 @@ def main() -> None:
     def conn_send() -> None:
         conn.send_frame(out)
 
+    backlog = [out] * 10
+
+    def backlog_each() -> None:  # before #18: the flusher sent queued frames one by one
+        for frame in backlog:
+            a.send(frame)
+
+    def backlog_joined() -> None:  # now: joined, one send
+        a.send(b"".join(backlog))
+
     for label, fn in (("send: socket.send of the frame (floor)", raw_send),
-                      ("send: WebSocketConnection.send_frame", conn_send)):
+                      ("send: WebSocketConnection.send_frame", conn_send),
+                      ("backlog of 10 frames, one send each (per frame)", backlog_each),
+                      ("backlog of 10 frames, joined, one send (per frame)", backlog_joined)):
         best = float("inf")
+        inner = 10 if "backlog" in label else 100  # what the socket buffer holds
         for _ in range(5):
             total = 0.0
             for _ in range(n // 100):
                 t0 = time.perf_counter()
-                for _ in range(100):
+                for _ in range(inner):
                     fn()
                 total += time.perf_counter() - t0
                 drain()
-            best = min(best, total / (n // 100 * 100))
-        rows.append((label, best * 1e6))
+            best = min(best, total / (n // 100 * inner))
+        rows.append((label, best * 1e6 / (10 if "backlog" in label else 1)))
     rows.append(("pong frame built", best_us(lambda: control_frame(0xA, b"x"), n)))
     print(f"frame of {len(text)} bytes of text ({len(frame)} on the wire), best of 5, "
           f"mask in C: {wsconn._apply_mask is not None}")

@@ -317,3 +317,31 @@ def test_peer_close_without_a_code_is_answered_with_an_empty_close(transport: Tr
     peer.sock.sendall(raw_frame(0x8, b""))
     assert close_code_of(peer) == 1005  # wsproto's name for "no code in the frame"
     wait_forgotten(transport, conn)
+
+
+def test_a_backlog_is_written_in_few_sends_and_in_order(transport: Transport) -> None:
+    """Frames queued behind a full socket go out joined (up to COALESCE_BYTES a send),
+    whole and in order."""
+    from wschat import connection
+
+    conn, peer = serve(transport, EchoConnection)
+    sends = 0
+    raw = conn._raw
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(raw, name)
+
+        def send(self, data: Any) -> int:
+            nonlocal sends
+            sends += 1
+            return raw.send(data)
+
+    conn._raw = Counting()  # type: ignore[assignment]
+    conn._queue(b"")  # a backlog starts: what follows waits behind it
+    frames = [connection.text_frame(f"m{i:04}".encode()) for i in range(500)]
+    for frame in frames:
+        conn.send_frame(frame)
+    assert [peer.next_event() for _ in frames] == [TextMessage(data=f"m{i:04}")
+                                                   for i in range(500)]
+    assert sends <= 3, sends
