@@ -257,19 +257,7 @@ class WebSocketConnection(Session):
             if self._outbox_bytes + self._paced_counted > self.transport.max_outbound_bytes:
                 self.drop_slow_consumer()
             return
-        if self._outbox is not None:  # keep order behind what already waits
-            self._queue(frame)
-            return
-        # The fan-out path (once per member and message): write() inlined.
-        try:
-            sent = self._raw.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort("write failed")
-            return
-        if sent < len(frame):
-            self._queue(memoryview(frame)[sent:])
+        self.write(frame)
 
     def send_paced(self, frames: list[bytes], on_sent: Callable[[], None] | None = None
                    ) -> None:
