@@ -345,3 +345,19 @@ def test_a_backlog_is_written_in_few_sends_and_in_order(transport: Transport) ->
     assert [peer.next_event() for _ in frames] == [TextMessage(data=f"m{i:04}")
                                                    for i in range(500)]
     assert sends <= 3, sends
+
+
+def test_invalid_utf8_fails_fast_inside_a_frame_still_arriving(transport: Transport) -> None:
+    """Autobahn 6.4.3: the bad bytes close the connection (1007) as soon as they arrive,
+    before the rest of their frame; valid text split anywhere is echoed whole."""
+    conn, peer = serve(transport, EchoConnection)
+    good = "κόσμε edited".encode()
+    frame = raw_frame(0x1, good)
+    for i in range(len(frame)):  # every byte alone: no false alarm mid-character
+        peer.sock.sendall(frame[i:i + 1])
+        gevent.sleep(0)
+    assert peer.next_event() == TextMessage(data="κόσμε edited")
+    bad = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5" + b"\xf4\x90\x80\x80" + b"edited"
+    frame = raw_frame(0x1, bad)
+    peer.sock.sendall(frame[:-6])  # everything but the last (valid) bytes
+    assert close_code_of(peer) == CloseCode.INVALID_PAYLOAD

@@ -189,7 +189,7 @@ def _runner(conn: Any) -> None:
 class WebSocketConnection(Session):
     __slots__ = ("transport", "_raw", "_watch", "_buf", "_skip", "_outbox", "_outbox_bytes",
                  "_flusher", "_wwatch", "_close_timer", "_parts", "_part_size", "_msg_op",
-                 "_utf8", "state", "last_seen", "close_code", "close_reason", "_progress_at",
+                 "_utf8", "_pcheck", "state", "last_seen", "close_code", "close_reason", "_progress_at",
                  "next_ping", "_read_after_close", "_paced", "_paced_counted", "_started")
 
     def __init__(self, transport: Host, sock: socket.socket, conn_id: str,
@@ -233,6 +233,7 @@ class WebSocketConnection(Session):
         self._parts: Any = None
         self._part_size = 0
         self._utf8: Any = None
+        self._pcheck: list[Any] | None = None  # [decoder, bytes checked] of a partial text frame
         self._read_after_close = 0
         self._started = False
         self.state = _OPEN
@@ -549,11 +550,16 @@ class WebSocketConnection(Session):
                         return True
                     pos = head + length
                     continue
-            if end < head + length:
-                break  # the payload is not all here yet
+            if end < head + length:  # the payload is not all here yet
+                if (end > head and self.state is _OPEN
+                        and (opcode == OP_TEXT or (opcode == OP_CONT and self._utf8 is not None))
+                        and not self._check_text_prefix(opcode, buf, head, end)):
+                    return False
+                break
             payload_at = head
             frame_end = head + length
             pos = frame_end
+            self._pcheck = None
             if opcode < 8 and self.state is not _OPEN:
                 continue  # closing: data is no longer read
             payload = unmask(buf[payload_at:frame_end], buf[payload_at - 4:payload_at])
@@ -563,6 +569,28 @@ class WebSocketConnection(Session):
             if self.state is _CLOSED:
                 return False
         self._buf = buf[pos:] if pos < end else b""
+        return True
+
+    def _check_text_prefix(self, opcode: int, buf: bytes, head: int, end: int) -> bool:
+        """Fail fast on invalid UTF-8 in the part of a text frame that has arrived (each
+        byte checked once, however finely the frame comes in); False if it is invalid."""
+        check = self._pcheck
+        if check is None:
+            decoder = _Utf8Decoder()
+            if opcode == OP_CONT:
+                decoder.setstate(self._utf8.getstate())
+            check = self._pcheck = [decoder, 0]
+        decoder, done = check
+        start = head + done
+        if end <= start:
+            return True
+        mask = buf[head - 4:head]
+        phase = done & 3
+        try:
+            decoder.decode(unmask(buf[start:end], mask[phase:] + mask[:phase]), False)
+        except UnicodeDecodeError:
+            return self._protocol_error(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
+        check[1] = end - head
         return True
 
     def _frame(self, fin: int, opcode: int, payload: bytes) -> bool:
@@ -613,6 +641,7 @@ class WebSocketConnection(Session):
 
     def _reset_message(self) -> None:
         self._msg_op, self._parts, self._part_size, self._utf8 = 0, None, 0, None
+        self._pcheck = None
 
     def _too_big(self) -> None:
         self._reset_message()
