@@ -440,6 +440,7 @@ class WebSocketConnection(Session):
         """Read and handle until the socket would block (then park) or the end.
 
         Runs in a runner greenlet; handlers may block it (a store round trip)."""
+        done = False
         try:
             if not self._started:
                 self._started = True
@@ -448,12 +449,10 @@ class WebSocketConnection(Session):
                 # are handled before any wait.
                 if self._buf:
                     data, self._buf = self._buf, b""
-                    if not self._receive(data):
-                        self._finish()
-                        return
+                    done = not self._receive(data)
             raw = self._raw
             busy = False
-            while self.state is not _CLOSED:
+            while not done and self.state is not _CLOSED:
                 try:
                     data = raw.recv(RECV_BYTES)
                 except BlockingIOError:
@@ -465,6 +464,8 @@ class WebSocketConnection(Session):
                     # A client that never stops sending must not starve every
                     # other connection and the heartbeat of this worker.
                     gevent.sleep(0)
+                    if self.state is _CLOSED:
+                        break
                 busy = True
                 self.last_seen = time.monotonic()
                 if self.state is _CLOSING:
