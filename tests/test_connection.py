@@ -21,6 +21,7 @@ from wsproto.events import (
 )
 
 from conftest import TIMEOUT
+from rawws import client_frame
 from wschat.admission import ConnectionBudget
 from wschat.auth import Authenticator, Identity
 from wschat.chat import Chat
@@ -96,13 +97,13 @@ def transport() -> Iterator[Transport]:
 
 
 def serve(transport: Transport, kind: type[WebSocketConnection] = WebSocketConnection,
-          user: str = "u-ada") -> tuple[WebSocketConnection, Peer]:
+          user: str = "u-ada", pending: bytes = b"") -> tuple[WebSocketConnection, Peer]:
     server_sock, client_sock = gevent.socket.socketpair()
     wsconn, peer = handshake(server_sock, client_sock)
-    conn = kind(transport, server_sock, wsconn, transport.new_conn_id(),
-                Identity(user, user.removeprefix("u-"), None), True, "127.0.0.1")
+    conn = kind(transport, server_sock, transport.new_conn_id(),
+                Identity(user, user.removeprefix("u-"), None), True, "127.0.0.1", pending)
     transport.connections.add(conn)
-    transport.spawn(conn.run)
+    conn.start()
     return conn, peer
 
 
@@ -170,3 +171,193 @@ def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> N
             break
         assert event == TextMessage(data="x" * 60000)
     assert event.code == CloseCode.SLOW_CONSUMER
+
+
+# -- the frame parser (wschat.connection: strict RFC 6455, server side) -----------------
+def raw_frame(opcode: int, payload: bytes = b"", fin: bool = True, masked: bool = True,
+              rsv: int = 0) -> bytes:
+    """A client frame built by hand, for frames no library will send."""
+    frame = client_frame(opcode, payload, fin)
+    first = frame[0] | rsv << 4
+    second = frame[1] if masked else frame[1] & 0x7F
+    if masked:
+        return bytes((first, second)) + frame[2:]
+    head = len(frame) - len(payload) - 4
+    return bytes((first, second)) + frame[2:head - 4] + payload
+
+
+def close_code_of(peer: Peer) -> int:
+    event = peer.next_event()
+    assert isinstance(event, CloseConnection), event
+    return int(event.code)
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    (raw_frame(0x1, b"{}", masked=False), CloseCode.PROTOCOL_ERROR),  # clients must mask
+    (raw_frame(0x1, b"{}", rsv=4), CloseCode.PROTOCOL_ERROR),  # no extension negotiated
+    (raw_frame(0x3, b"x"), CloseCode.PROTOCOL_ERROR),  # reserved data opcode
+    (raw_frame(0xB, b"x"), CloseCode.PROTOCOL_ERROR),  # reserved control opcode
+    (raw_frame(0x9, b"x", fin=False), CloseCode.PROTOCOL_ERROR),  # fragmented control
+    (raw_frame(0x9, b"x" * 126), CloseCode.PROTOCOL_ERROR),  # control over 125 bytes
+    (raw_frame(0x0, b"x"), CloseCode.PROTOCOL_ERROR),  # continuation of nothing
+    (raw_frame(0x1, b"a", fin=False) + raw_frame(0x1, b"b"), CloseCode.PROTOCOL_ERROR),
+    (raw_frame(0x1, b"\xff\xfe"), CloseCode.INVALID_PAYLOAD),  # invalid UTF-8
+    (raw_frame(0x1, b"ok \xce", fin=False) + raw_frame(0x0, b""),  # cut: fails at the end
+     CloseCode.INVALID_PAYLOAD),
+    (raw_frame(0x1, b"\xed\xa0\x80", fin=False), CloseCode.INVALID_PAYLOAD),  # surrogate, early
+    (raw_frame(0x8, b"\x03"), CloseCode.PROTOCOL_ERROR),  # a one-byte close payload
+    (raw_frame(0x8, (1005).to_bytes(2, "big")), CloseCode.PROTOCOL_ERROR),  # local-only code
+    (raw_frame(0x8, (2999).to_bytes(2, "big")), CloseCode.PROTOCOL_ERROR),  # reserved range
+    (raw_frame(0x8, (1000).to_bytes(2, "big") + b"\xff"), CloseCode.INVALID_PAYLOAD),
+])
+def test_frames_that_break_rfc_6455_close_the_connection_with_the_right_code(
+        transport: Transport, frame: bytes, code: int) -> None:
+    conn, peer = serve(transport, EchoConnection)
+    peer.sock.sendall(frame)
+    assert close_code_of(peer) == code
+    wait_forgotten(transport, conn)
+
+
+def wait_forgotten(transport: Transport, conn: WebSocketConnection) -> None:
+    with gevent.Timeout(TIMEOUT, AssertionError("the connection was not forgotten")):
+        while conn in transport.connections:
+            gevent.sleep(0.01)
+    assert conn.state is ConnState.CLOSED
+
+
+def test_frames_split_at_every_byte_and_run_together_are_parsed(transport: Transport) -> None:
+    """Frames byte by byte (7-bit and 16-bit lengths, fragments with a ping between
+    them), then in uneven pieces, then many in one write: the same as whole frames."""
+    conn, peer = serve(transport, EchoConnection)
+    texts = ["é" * 10, "ü" * 100, "x" * 30000]
+    stream = b"".join(raw_frame(0x1, t.encode()) for t in texts)
+    stream += raw_frame(0x1, "hé".encode()[:2], fin=False) + raw_frame(0x9, b"p")
+    stream += raw_frame(0x0, "hé".encode()[2:])
+    for i in range(300):
+        peer.sock.sendall(stream[i:i + 1])
+        gevent.sleep(0)
+    for i in range(300, len(stream), 4093):
+        peer.sock.sendall(stream[i:i + 4093])
+        gevent.sleep(0)
+    for text in texts:
+        assert peer.next_event() == TextMessage(data=text)
+    assert peer.next_event() == Pong(payload=b"p")
+    assert peer.next_event() == TextMessage(data="hé")
+    burst = b"".join(raw_frame(0x1, f"m{i}".encode()) for i in range(200))
+    peer.sock.sendall(burst)
+    assert [peer.next_event() for _ in range(200)] == [TextMessage(data=f"m{i}")
+                                                      for i in range(200)]
+
+
+def test_an_oversized_frame_is_refused_on_its_header(transport: Transport) -> None:
+    """A frame declaring more than MAX_MESSAGE_BYTES is answered with 1009 before its
+    payload arrives; the payload that follows is skipped, and the peer's close is read."""
+    conn, peer = serve(transport, EchoConnection)
+    limit = transport.max_message_bytes
+    header = client_frame(0x1, b"x" * (limit + 1))[:14]  # 64-bit length, mask
+    peer.sock.sendall(header)
+    assert close_code_of(peer) == CloseCode.MESSAGE_TOO_BIG
+    peer.sock.sendall(b"\0" * 1000 + b"\0" * (limit + 1 - 1000))  # the payload, late
+    peer.send(CloseConnection(code=1000))
+    wait_forgotten(transport, conn)
+    assert conn.close_code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_fragments_count_towards_the_message_limit(transport: Transport) -> None:
+    conn, peer = serve(transport, EchoConnection)
+    count = transport.max_message_bytes // 64
+    peer.sock.sendall(b"".join(raw_frame(0x1 if i == 0 else 0x0, b"", fin=False)
+                               for i in range(count + 1)))
+    assert close_code_of(peer) == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_frames_sent_with_the_upgrade_are_handled_after_the_welcome(transport: Transport
+                                                                   ) -> None:
+    pending = raw_frame(0x1, json.dumps({"type": "ping", "id": "early"}).encode())
+    conn, peer = serve(transport, pending=pending[:3])  # a frame cut by the TCP segment
+    peer.sock.sendall(pending[3:])
+    assert peer.next_text()["type"] == "welcome"
+    assert peer.next_text() == {"type": "pong", "id": "early"}
+
+
+def test_an_idle_connection_holds_no_greenlet(transport: Transport) -> None:
+    """Parked between messages: a read watcher, no greenlet; woken by the next bytes."""
+    conn, peer = serve(transport, EchoConnection)
+    for i in range(3):
+        peer.send(TextMessage(data=f"hello {i}"))
+        assert peer.next_event() == TextMessage(data=f"hello {i}")
+        with gevent.Timeout(TIMEOUT):
+            while conn._watch is None or not conn._watch.active:
+                gevent.sleep(0.001)
+    import gc
+
+    import greenlet
+    serving = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet)
+               and g.gr_frame is not None and "_serve" in repr(g.gr_frame.f_code)]
+    assert not serving, "a parked connection's bytes are read by nobody"
+    conn.abort("test")  # a parked connection still notices its end
+    wait_forgotten(transport, conn)
+
+
+def test_the_close_handshake_from_the_server_waits_for_the_peer(transport: Transport) -> None:
+    conn, peer = serve(transport, EchoConnection)
+    conn.close(CloseCode.GOING_AWAY, "server shutting down")
+    assert close_code_of(peer) == CloseCode.GOING_AWAY
+    peer.sock.sendall(raw_frame(0x1, b"late"))  # data after our close is not echoed
+    gevent.sleep(0.05)
+    assert conn in transport.connections, "the socket stays until the peer answers"
+    peer.sock.sendall(raw_frame(0x8, (1001).to_bytes(2, "big")))
+    wait_forgotten(transport, conn)
+    assert conn.close_code == CloseCode.GOING_AWAY
+
+
+def test_peer_close_without_a_code_is_answered_with_an_empty_close(transport: Transport
+                                                                  ) -> None:
+    conn, peer = serve(transport, EchoConnection)
+    peer.sock.sendall(raw_frame(0x8, b""))
+    assert close_code_of(peer) == 1005  # wsproto's name for "no code in the frame"
+    wait_forgotten(transport, conn)
+
+
+def test_a_backlog_is_written_in_few_sends_and_in_order(transport: Transport) -> None:
+    """Frames queued behind a full socket go out joined (up to COALESCE_BYTES a send),
+    whole and in order."""
+    from wschat import connection
+
+    conn, peer = serve(transport, EchoConnection)
+    sends = 0
+    raw = conn._raw
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(raw, name)
+
+        def send(self, data: Any) -> int:
+            nonlocal sends
+            sends += 1
+            return raw.send(data)
+
+    conn._raw = Counting()  # type: ignore[assignment]
+    conn._queue(b"")  # a backlog starts: what follows waits behind it
+    frames = [connection.text_frame(f"m{i:04}".encode()) for i in range(500)]
+    for frame in frames:
+        conn.send_frame(frame)
+    assert [peer.next_event() for _ in frames] == [TextMessage(data=f"m{i:04}")
+                                                   for i in range(500)]
+    assert sends <= 3, sends
+
+
+def test_invalid_utf8_fails_fast_inside_a_frame_still_arriving(transport: Transport) -> None:
+    """Autobahn 6.4.3: the bad bytes close the connection (1007) as soon as they arrive,
+    before the rest of their frame; valid text split anywhere is echoed whole."""
+    conn, peer = serve(transport, EchoConnection)
+    good = "κόσμε edited".encode()
+    frame = raw_frame(0x1, good)
+    for i in range(len(frame)):  # every byte alone: no false alarm mid-character
+        peer.sock.sendall(frame[i:i + 1])
+        gevent.sleep(0)
+    assert peer.next_event() == TextMessage(data="κόσμε edited")
+    bad = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5" + b"\xf4\x90\x80\x80" + b"edited"
+    frame = raw_frame(0x1, bad)
+    peer.sock.sendall(frame[:-6])  # everything but the last (valid) bytes
+    assert close_code_of(peer) == CloseCode.INVALID_PAYLOAD

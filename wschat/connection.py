@@ -1,21 +1,28 @@
 """One WebSocket connection's I/O, after the handshake.
 
-:class:`WebSocketConnection` drives its socket in a greenlet of its own, with
-wsproto's frame parser:
+:class:`WebSocketConnection` owns its socket once flask-sock has answered the
+upgrade (the handshake is simple-websocket's and wsproto's; the frames after it
+are parsed here: :func:`unmask` and :meth:`WebSocketConnection._receive`, strict
+RFC 6455 for a server without extensions).
 
-* reading: that one greenlet reads, parses and dispatches (simple-websocket's
-  reader greenlet is never started: :class:`NoReaderThread`);
+* reading: an idle connection holds no greenlet. It is *parked*: one libev read
+  watcher and this object. When bytes arrive, a greenlet from a small pool of
+  reusable ones (:func:`_dispatch`) reads until the socket would block, runs the
+  handlers (blocking-style code: a Redis round trip just waits), and parks the
+  connection again. A greenlet's saved stack and its frame-data chunk cost ~10 KB,
+  which was two thirds of an idle connection's memory;
 * writing: ``send_frame`` tries one non-blocking ``send`` of the already-encoded
   frame; only what the kernel does not take is queued, and a flusher greenlet
   exists only while a queue does. A queue over ``MAX_OUTBOUND_BYTES`` closes
   the connection (4101 slow consumer), so one slow member never stalls a room
-  and memory stays bounded.
+  and memory stays bounded. Queues are created when needed, not per connection.
 
 :class:`EchoConnection` is the test-only ``/echo`` endpoint's variant.
 """
 
 from __future__ import annotations
 
+import codecs
 import enum
 import io
 import logging
@@ -28,18 +35,20 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import gevent
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    BytesMessage, CloseConnection, Ping, Pong, TextMessage,
-)
-from wsproto.utilities import LocalProtocolError
+from gevent.hub import get_hub
+from greenlet import getcurrent, greenlet
 
 from .auth import Identity
 from .chat import Chat
-from .protocol import CloseCode
+from .protocol import CloseCode, text_frame
 from .session import Session
 from .stores.base import Unavailable
 from .telemetry import Metrics
+
+try:  # C: ~0.2 us for a chat message's mask, against ~2 us for the int trick below
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover - websockets is a dependency; this is a fallback
+    _apply_mask = None
 
 log = logging.getLogger("wschat.transport")
 
@@ -57,12 +66,62 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # by default) and a stream of empty continuation frames is cut off like an
 # oversized message.
 MIN_FRAGMENT_CHARGE = 64
+# Reading greenlets kept for reuse between bursts (each keeps a stack and a 16 KiB
+# frame-data chunk): enough for the connections busy at one moment in one worker.
+IDLE_RUNNERS = 32
+# A backlog goes out in sends of up to this much: the frames queued behind the head
+# are joined (one syscall instead of one per frame; the kernel takes what fits).
+COALESCE_BYTES = 65536
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_DATA_OPS = (OP_CONT, OP_TEXT, OP_BINARY)
+_CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
+# Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry; 3000-4999 are
+# for libraries and applications). 1004-1006 and 1015 must never be on the wire.
+_PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
+                               1013, 1014))
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """A client frame's payload, unmasked (RFC 6455 5.3)."""
+    if _apply_mask is not None:
+        return _apply_mask(payload, mask)
+    n = len(payload)
+    key = (mask * ((n + 3) >> 2))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little")
+
+
+def control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """A final, unmasked server frame with a payload under 126 bytes."""
+    return bytes((0x80 | opcode, len(payload))) + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame; 1005 (no status received) is sent as an empty one."""
+    if code == 1005:
+        return control_frame(OP_CLOSE)
+    return control_frame(OP_CLOSE, code.to_bytes(2, "big")
+                         + reason.encode()[:123].decode("utf-8", "ignore").encode())
+
+
+def binary_frame(payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x82, n)) + payload
+    if n < 65536:
+        return bytes((0x82, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x82, 127)) + n.to_bytes(8, "big") + payload
 
 
 class ConnState(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"  # our close frame is queued or sent; waiting for the peer's
     CLOSED = "closed"
+
+
+_OPEN, _CLOSING, _CLOSED = ConnState.OPEN, ConnState.CLOSING, ConnState.CLOSED
 
 
 class NoReaderThread:
@@ -92,21 +151,58 @@ class Host(Protocol):
     def forget(self, conn: WebSocketConnection) -> None: ...
 
 
-class WebSocketConnection(Session):
-    __slots__ = ("transport", "_sock", "_raw", "_ws", "_outbox", "_outbox_bytes",
-                 "_flusher", "_close_timer", "_parts", "_part_size", "state", "last_seen",
-                 "close_code", "close_reason", "_progress_at", "next_ping", "_frame_len",
-                 "_read_after_close", "_paced", "_paced_counted")
+# -- the reading greenlets ------------------------------------------------------------
+_idle_runners: list[greenlet] = []
 
-    def __init__(self, transport: Host, sock: socket.socket, wsconn: Any,
-                 conn_id: str, identity: Identity, authenticated: bool,
-                 remote_addr: str) -> None:
+
+def _dispatch(conn: WebSocketConnection) -> None:
+    """In the hub (a read watcher's callback, or a loop callback): serve ``conn`` in an
+    idle runner greenlet. The runner returns here when it parks (its connection's
+    socket would block) or waits for something (then the hub carries on)."""
+    watch = conn._watch
+    if watch is not None:
+        watch.stop()
+    runner = _idle_runners.pop() if _idle_runners else greenlet(_runner, get_hub())
+    runner.switch(conn)
+
+
+def _runner(conn: Any) -> None:
+    """A reading greenlet: serves one connection at a time, then waits in the pool.
+    ``wschat_greenlets`` counts it while it serves (an idle pool is not work)."""
+    hub = get_hub()
+    me = getcurrent()
+    while True:
+        if isinstance(conn, WebSocketConnection):
+            metrics = conn.transport.metrics
+            metrics.greenlets(1)
+            try:
+                conn._serve()
+            finally:
+                metrics.greenlets(-1)
+        conn = None
+        if len(_idle_runners) >= IDLE_RUNNERS:
+            return
+        _idle_runners.append(me)
+        conn = hub.switch()  # parked in the pool until _dispatch switches here
+
+
+class WebSocketConnection(Session):
+    __slots__ = ("transport", "_raw", "_watch", "_buf", "_skip", "_outbox", "_outbox_bytes",
+                 "_flusher", "_wwatch", "_close_timer", "_parts", "_part_size", "_msg_op",
+                 "_utf8", "_pcheck", "state", "last_seen", "close_code", "close_reason", "_progress_at",
+                 "next_ping", "_read_after_close", "_paced", "_paced_counted", "_started")
+
+    def __init__(self, transport: Host, sock: socket.socket, conn_id: str,
+                 identity: Identity, authenticated: bool, remote_addr: str,
+                 pending: bytes = b"") -> None:
+        """``sock``: the connected socket (a gevent or a plain one; only the OS-level
+        socket object is kept); ``pending``: bytes read along with the upgrade request."""
         super().__init__(conn_id, identity, authenticated, remote_addr)
         self.transport = transport
-        self._sock = sock
-        # gevent's socket wraps a non-blocking OS socket: writing to it directly
-        # never yields, which is what fan-out wants.
+        # The non-blocking OS socket: writing to it directly never yields, which is
+        # what fan-out wants; reads wait on our own watcher, not on a greenlet.
         self._raw = getattr(sock, "_sock", sock)
+        self._raw.setblocking(False)
         if transport.socket_send_buffer:
             # Linux autotunes a send buffer up to 4 MiB: that much kernel memory per
             # client that stops reading, on top of MAX_OUTBOUND_BYTES. A fixed
@@ -116,23 +212,31 @@ class WebSocketConnection(Session):
                                      transport.socket_send_buffer)
             except OSError:
                 pass
-        self._ws = wsconn
-        self._outbox: deque[bytes | memoryview] = deque()
+        self._watch: Any = None  # the read watcher, while the connection is parked
+        self._buf = pending  # bytes of an incomplete frame
+        self._skip = 0  # payload bytes still to discard (an oversized frame)
+        # What waits for the kernel to take it (created on the first backlog).
+        self._outbox: deque[bytes | memoryview] | None = None
         self._outbox_bytes = 0
         self._flusher: gevent.Greenlet | None = None
+        self._wwatch: Any = None  # the flusher's write watcher
         self._close_timer: gevent.Greenlet | None = None
         self._progress_at = 0.0  # when the backlog last started or moved
         # Frames written as the client reads (send_paced), and whatever is sent after
         # them meanwhile, in order; only the latter count towards MAX_OUTBOUND_BYTES.
-        self._paced: deque[tuple[bytes, bool] | Callable[[], None]] = deque()
+        self._paced: deque[tuple[bytes, bool] | Callable[[], None]] | None = None
         self._paced_counted = 0
-        # The message being received: its fragments (a buffer once there are several,
-        # so memory follows its bytes, not how finely it was cut) and their charge.
+        # The message being received: its opcode, fragments (a buffer, so memory
+        # follows its bytes, not how finely it was cut), their charge, and for text
+        # the UTF-8 decoder (invalid text fails on the fragment that has it).
+        self._msg_op = 0
         self._parts: Any = None
         self._part_size = 0
-        self._frame_len = 0  # bytes of the current frame so far
+        self._utf8: Any = None
+        self._pcheck: list[Any] | None = None  # [decoder, bytes checked] of a partial text frame
         self._read_after_close = 0
-        self.state = ConnState.OPEN
+        self._started = False
+        self.state = _OPEN
         self.last_seen = time.monotonic()
         # Each connection's pings keep their own phase, spread over the interval:
         # 10,000 pings (and 10,000 pongs) at once stalled delivery for ~200 ms.
@@ -140,16 +244,21 @@ class WebSocketConnection(Session):
         self.close_code: int | None = None
         self.close_reason = ""
 
+    def start(self) -> None:
+        """Greet the client and serve the connection (from any greenlet; returns at once)."""
+        get_hub().loop.run_callback(_dispatch, self)
+
     # -- writing -----------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
-        if self.state is ConnState.OPEN:
-            if self._paced:  # behind a paced replay: wait, and count
-                self._paced.append((frame, True))
-                self._paced_counted += len(frame)
-                if self._outbox_bytes + self._paced_counted > self.transport.max_outbound_bytes:
-                    self.drop_slow_consumer()
-                return
-            self.write(frame)
+        if self.state is not _OPEN:
+            return
+        if self._paced is not None:  # behind a paced replay: wait, and count
+            self._paced.append((frame, True))
+            self._paced_counted += len(frame)
+            if self._outbox_bytes + self._paced_counted > self.transport.max_outbound_bytes:
+                self.drop_slow_consumer()
+            return
+        self.write(frame)
 
     def send_paced(self, frames: list[bytes], on_sent: Callable[[], None] | None = None
                    ) -> None:
@@ -159,8 +268,10 @@ class WebSocketConnection(Session):
         backlog has not moved for two heartbeat intervals. ``on_sent`` runs (in a
         greenlet of its own) once every frame has been handed to the kernel; never if
         the connection ends first."""
-        if self.state is not ConnState.OPEN:
+        if self.state is not _OPEN:
             return
+        if self._paced is None:
+            self._paced = deque()
         self._paced.extend((frame, False) for frame in frames)
         if on_sent is not None:
             self._paced.append(lambda: self.transport.spawn(on_sent))
@@ -170,7 +281,7 @@ class WebSocketConnection(Session):
         """Move paced frames to the socket while little is queued for it."""
         paced = self._paced
         low_water = min(PACE_BYTES, self.transport.max_outbound_bytes // 4)
-        while paced and self.state is ConnState.OPEN and self._outbox_bytes < low_water:
+        while paced and self.state is _OPEN and self._outbox_bytes < low_water:
             item = paced[0]
             if callable(item):
                 if self._outbox:
@@ -183,6 +294,8 @@ class WebSocketConnection(Session):
             if counted:
                 self._paced_counted -= len(frame)
             self.write(frame)
+        if not paced and self._paced is paced:
+            self._paced = None
 
     @property
     def outbound_bytes(self) -> int:
@@ -191,7 +304,7 @@ class WebSocketConnection(Session):
     def write(self, data: bytes) -> None:
         """Write encoded frame bytes now, ahead of any paced frames (pings, control
         replies): one non-blocking send, the rest queued behind what already waits."""
-        if self._outbox:  # keep order behind what already waits
+        if self._outbox is not None:  # keep order behind what already waits
             self._queue(data)
             return
         try:
@@ -205,37 +318,62 @@ class WebSocketConnection(Session):
             self._queue(memoryview(data)[sent:])
 
     def _queue(self, data: bytes | memoryview) -> None:
-        if not self._outbox:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
             self._progress_at = time.monotonic()
-        self._outbox.append(data)
+        outbox.append(data)
         self._outbox_bytes += len(data)
         # One frame alone never counts as a backlog: a large reply the client asked
         # for (a full history) may exceed the limit while the client reads fine.
         if (self._outbox_bytes > self.transport.max_outbound_bytes
-                and len(self._outbox) > 1 and self.state is ConnState.OPEN):
+                and len(outbox) > 1 and self.state is _OPEN):
             self.drop_slow_consumer()
-        if self._flusher is None and self.state is not ConnState.CLOSED:
+        if self._flusher is None and self.state is not _CLOSED:
             self._flusher = self.transport.spawn(self._flush)
 
     def _flush(self) -> None:
+        hub = get_hub()
         try:
-            while self._outbox and self.state is not ConnState.CLOSED:
-                chunk = self._outbox[0]
-                sent = self._sock.send(chunk)  # cooperative: waits until writable
+            while self._outbox and self.state is not _CLOSED:
+                outbox = self._outbox
+                chunk = outbox[0]
+                if len(outbox) > 1 and len(chunk) < COALESCE_BYTES:
+                    parts = [outbox.popleft()]
+                    size = len(chunk)
+                    while outbox and size < COALESCE_BYTES:
+                        part = outbox.popleft()
+                        parts.append(part)
+                        size += len(part)
+                    chunk = b"".join(parts)
+                    outbox.appendleft(chunk)
+                try:
+                    sent = self._raw.send(chunk)
+                except BlockingIOError:
+                    if self._wwatch is None:
+                        self._wwatch = hub.loop.io(self._raw.fileno(), 2)
+                    hub.wait(self._wwatch)  # until writable
+                    continue
                 self._outbox_bytes -= sent
                 self._progress_at = time.monotonic()
                 if sent >= len(chunk):
-                    self._outbox.popleft()
+                    outbox.popleft()
                 else:
-                    self._outbox[0] = memoryview(chunk)[sent:]
-                if not self._outbox:
+                    outbox[0] = memoryview(chunk)[sent:]
+                if not outbox:
                     self._outbox_bytes = 0
+                    self._outbox = None
                 if self._paced:
                     self._pump()
         except OSError:
             self.abort("write failed")
         finally:
             self._flusher = None
+            if self._wwatch is not None:
+                self._wwatch.close()
+                self._wwatch = None
+            if not self._outbox:
+                self._outbox = None
 
     def stalled_for(self, now: float) -> float:
         """Seconds the outbound backlog has not moved (0 without a backlog)."""
@@ -250,40 +388,36 @@ class WebSocketConnection(Session):
         The close timer aborts the socket if even that cannot be written.
         """
         self.transport.metrics.disconnected("slow_consumer")
-        self._paced.clear()
+        self._paced = None
         self._paced_counted = 0
-        if not self._outbox:
-            self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", timeout=1.0)
-            return
-        head = self._outbox[0]
-        self._outbox.clear()
-        self._outbox.append(head)
-        self._outbox_bytes = len(head)
+        if self._outbox:
+            head = self._outbox[0]
+            self._outbox.clear()
+            self._outbox.append(head)
+            self._outbox_bytes = len(head)
         self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", timeout=1.0)
 
     # -- closing -----------------------------------------------------------------------
     def close(self, code: CloseCode, reason: str = "",
               timeout: float = CLOSE_HANDSHAKE_TIMEOUT) -> None:
         """Start the close handshake; the socket goes when the peer answers or ``timeout``."""
-        if self.state is ConnState.OPEN:
+        if self.state is _OPEN:
             self._begin_close(code, reason, timeout)
 
     def _begin_close(self, code: int, reason: str, timeout: float) -> None:
-        self.state = ConnState.CLOSING
+        self.state = _CLOSING
         self.close_code, self.close_reason = int(code), reason
-        try:
-            self.write(self._ws.send(CloseConnection(code=int(code), reason=reason)))
-        except LocalProtocolError:
-            pass
+        self.write(close_frame(int(code), reason))
         self._close_timer = self.transport.spawn_later(timeout, self.abort, "close timeout")
 
     def abort(self, reason: str = "aborted") -> None:
-        """Drop the TCP connection now; the reader greenlet wakes up and cleans up."""
-        if self.state is ConnState.CLOSED:
+        """Drop the TCP connection now; the connection's reader (woken by the
+        socket's end if it was parked) cleans up."""
+        if self.state is _CLOSED:
             return
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, reason
-        self.state = ConnState.CLOSED
+        self.state = _CLOSED
         try:
             # Close with a reset: otherwise the kernel keeps an orphaned socket
             # (FIN-WAIT-1) holding the send buffer for as long as a peer that does
@@ -292,135 +426,270 @@ class WebSocketConnection(Session):
         except OSError:
             pass
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
-    # -- reading (runs in the request's greenlet) --------------------------------------
+    # -- reading -----------------------------------------------------------------------
     def run(self) -> None:
+        """Serve the connection in the calling greenlet until it is parked or done
+        (tests; the transport uses :meth:`start`)."""
+        self._serve()
+
+    def _serve(self) -> None:
+        """Read and handle until the socket would block (then park) or the end.
+
+        Runs in a runner greenlet; handlers may block it (a store round trip)."""
+        done = False
         try:
-            self._opened()
-            # Frames that came in the same TCP segments as the upgrade request
-            # (fed to the parser by feed_pipelined) are handled before any wait.
-            if not self._handle_events():
-                return
-            while self.state is not ConnState.CLOSED:
-                data = self._sock.recv(RECV_BYTES)
+            if not self._started:
+                self._started = True
+                self._opened()
+                # Frames that came in the same TCP segments as the upgrade request
+                # are handled before any wait.
+                if self._buf:
+                    data, self._buf = self._buf, b""
+                    done = not self._receive(data)
+            raw = self._raw
+            busy = False
+            while not done and self.state is not _CLOSED:
+                try:
+                    data = raw.recv(RECV_BYTES)
+                except BlockingIOError:
+                    self._park()
+                    return
                 if not data:
                     break
+                if busy:
+                    # A client that never stops sending must not starve every
+                    # other connection and the heartbeat of this worker.
+                    gevent.sleep(0)
+                    if self.state is _CLOSED:
+                        break
+                busy = True
                 self.last_seen = time.monotonic()
-                if self.state is ConnState.CLOSING:
+                if self.state is _CLOSING:
                     self._read_after_close += len(data)
                     if self._read_after_close > READ_AFTER_CLOSE_BYTES:
                         if self._close_timer is not None:
                             self._close_timer.join()  # it drops the connection
                         break
-                self._ws.receive_data(data)
-                if not self._handle_events():
+                if not self._receive(data):
                     break
-                # recv() does not yield while data is waiting: without this, a
-                # client that never stops sending would starve every other
-                # connection and the heartbeat of this worker.
-                gevent.sleep(0)
-        except (OSError, LocalProtocolError):
+        except OSError:
             pass
-        except gevent.GreenletExit:
-            raise
         except Exception:
             log.exception("connection %s failed", self.conn_id)
             self.close_code, self.close_reason = int(CloseCode.INTERNAL_ERROR), "internal error"
-        finally:
-            self._finish()
+        self._finish()
 
-    def _handle_events(self) -> bool:
-        """Process parsed events; False when the connection is done."""
-        for event in self._ws.events():
-            if isinstance(event, TextMessage):
-                text = self._assemble(event)
-                if text is not None:
-                    self._on_text(text)
-            elif isinstance(event, BytesMessage):
-                self._on_bytes(event)
-            elif isinstance(event, Ping):
-                if self._ws.state is ConnectionState.OPEN:
-                    self.write(self._ws.send(event.response()))
-            elif isinstance(event, Pong):
-                pass
-            elif isinstance(event, CloseConnection):
-                return self._on_close_event(event)
+    def _park(self) -> None:
+        """Nothing to read: wait as a watcher, without a greenlet."""
+        watch = self._watch
+        if watch is None:
+            watch = self._watch = get_hub().loop.io(self._raw.fileno(), 1)
+        watch.start(_dispatch, self)
+
+    def _receive(self, data: bytes) -> bool:
+        """Parse and handle the frames in ``data`` (after what an incomplete frame left);
+        False when the connection is done."""
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return True
+            data = data[self._skip:]
+            self._skip = 0
+        buf = self._buf + data if self._buf else data
+        end = len(buf)
+        pos = 0
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            head = pos + 6
+            if length == 126:
+                head = pos + 8
+                if end < head:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 4], "big")
+            elif length == 127:
+                head = pos + 14
+                if end < head:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+            opcode = b0 & 0x0F
+            # Checked on the header, before any of the payload is held.
+            if b0 & 0x70:
+                return self._protocol_error(CloseCode.PROTOCOL_ERROR, "reserved bits set")
+            if not b1 & 0x80:
+                return self._protocol_error(CloseCode.PROTOCOL_ERROR, "unmasked client frame")
+            if opcode >= 8:
+                if opcode not in _CONTROL_OPS:
+                    return self._protocol_error(CloseCode.PROTOCOL_ERROR, "unknown opcode")
+                if not b0 & 0x80 or length > 125:
+                    return self._protocol_error(CloseCode.PROTOCOL_ERROR,
+                                                "fragmented or long control frame")
+            elif opcode > 2:
+                return self._protocol_error(CloseCode.PROTOCOL_ERROR, "unknown opcode")
+            elif self.state is _OPEN:
+                if (opcode == OP_CONT) is not (self._msg_op != 0):
+                    return self._protocol_error(
+                        CloseCode.PROTOCOL_ERROR,
+                        "unexpected continuation frame" if opcode == OP_CONT
+                        else "expected a continuation frame")
+                charge = length if b0 & 0x80 else max(length, MIN_FRAGMENT_CHARGE)
+                if self._part_size + charge > self.transport.max_message_bytes:
+                    self._too_big()
+                    if end < head:  # the rest of the header too: wait for it
+                        self._skip = length + head - end
+                        self._buf = b""
+                        return True
+                    missing = head + length - end
+                    if missing > 0:
+                        self._skip = missing
+                        self._buf = b""
+                        return True
+                    pos = head + length
+                    continue
+            if end < head + length:  # the payload is not all here yet
+                if (end > head and self.state is _OPEN
+                        and (opcode == OP_TEXT or (opcode == OP_CONT and self._utf8 is not None))
+                        and not self._check_text_prefix(opcode, buf, head, end)):
+                    return False
+                break
+            payload_at = head
+            frame_end = head + length
+            pos = frame_end
+            self._pcheck = None
+            if opcode < 8 and self.state is not _OPEN:
+                continue  # closing: data is no longer read
+            payload = unmask(buf[payload_at:frame_end], buf[payload_at - 4:payload_at])
+            if not self._frame(b0 & 0x80, opcode, payload):
+                self._buf = b""
+                return False
+            if self.state is _CLOSED:
+                return False
+        self._buf = buf[pos:] if pos < end else b""
         return True
 
-    def _assemble(self, event: TextMessage | BytesMessage) -> Any:
-        """Add a fragment; the whole message once it is complete, else None.
+    def _check_text_prefix(self, opcode: int, buf: bytes, head: int, end: int) -> bool:
+        """Fail fast on invalid UTF-8 in the part of a text frame that has arrived (each
+        byte checked once, however finely the frame comes in); False if it is invalid."""
+        check = self._pcheck
+        if check is None:
+            decoder = _Utf8Decoder()
+            if opcode == OP_CONT:
+                decoder.setstate(self._utf8.getstate())
+            check = self._pcheck = [decoder, 0]
+        decoder, done = check
+        start = head + done
+        if end <= start:
+            return True
+        mask = buf[head - 4:head]
+        phase = done & 3
+        try:
+            decoder.decode(unmask(buf[start:end], mask[phase:] + mask[:phase]), False)
+        except UnicodeDecodeError:
+            return self._protocol_error(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
+        check[1] = end - head
+        return True
 
-        The size is checked as fragments arrive, so a peer never makes us hold
-        more than ``MAX_MESSAGE_BYTES`` (plus one read) of a message; each
-        fragment but the last is charged at least ``MIN_FRAGMENT_CHARGE`` bytes,
-        which bounds the number of fragments too.
-        """
-        if self.state is not ConnState.OPEN:
-            return None
-        limit = self.transport.max_message_bytes
-        data = event.data
-        self._part_size += len(data)
-        self._frame_len += len(data)
-        if event.frame_finished:
-            if not event.message_finished:  # a fragment: at least the minimum
-                self._part_size += max(0, MIN_FRAGMENT_CHARGE - self._frame_len)
-            self._frame_len = 0
-        if self._part_size > limit:  # for text: characters <= bytes, surely too big
-            self._too_big()
-            return None
-        if self._parts is None:
-            if event.message_finished:  # the common case: one frame, one piece
-                self._part_size = 0
-                whole = data
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> bool:
+        """One whole frame, unmasked; False when the connection is done."""
+        if opcode == OP_TEXT and fin:  # the common case: a message in one frame
+            try:
+                text = payload.decode()
+            except UnicodeDecodeError:
+                return self._protocol_error(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
+            self._on_text(text)
+            return True
+        if opcode < 8:
+            return self._fragment(fin, opcode, payload)
+        if opcode == OP_PING:
+            if self.state is _OPEN:
+                self.write(control_frame(OP_PONG, payload))
+            return True
+        if opcode == OP_PONG:
+            return True
+        return self._on_close_frame(payload)
+
+    def _fragment(self, fin: int, opcode: int, payload: bytes) -> bool:
+        if opcode != OP_CONT:  # the first frame of a message
+            self._msg_op = opcode
+            if opcode == OP_TEXT:
+                self._utf8 = _Utf8Decoder()
+                self._parts = io.StringIO()
             else:
-                self._parts = io.StringIO() if isinstance(data, str) else io.BytesIO()
-                self._parts.write(data)
-                return None
+                self._parts = io.BytesIO()
+        self._part_size += len(payload) if fin else max(len(payload), MIN_FRAGMENT_CHARGE)
+        if self._utf8 is not None:
+            try:
+                self._parts.write(self._utf8.decode(payload, bool(fin)))
+            except UnicodeDecodeError:
+                return self._protocol_error(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
         else:
-            self._parts.write(data)
-            if not event.message_finished:
-                return None
-            whole, self._parts, self._part_size = self._parts.getvalue(), None, 0
-        if isinstance(event, BytesMessage):
-            return bytes(whole)
-        text = whole
-        if len(text) * 4 > limit and len(text.encode()) > limit:
-            self._too_big()
-            return None
-        return text
+            self._parts.write(payload)
+        if not fin:
+            return True
+        whole = self._parts.getvalue()
+        op = self._msg_op
+        self._reset_message()
+        if op == OP_TEXT:
+            self._on_text(whole)
+        else:
+            self._on_bytes(whole)
+        return True
+
+    def _reset_message(self) -> None:
+        self._msg_op, self._parts, self._part_size, self._utf8 = 0, None, 0, None
+        self._pcheck = None
 
     def _too_big(self) -> None:
-        self._parts, self._part_size, self._frame_len = None, 0, 0
+        self._reset_message()
         self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
 
-    def _on_close_event(self, event: CloseConnection) -> bool:
-        state = self._ws.state
-        if state is ConnectionState.REMOTE_CLOSING:  # the peer closes: echo its code
-            if self.close_code is None:
-                self.close_code, self.close_reason = event.code, event.reason or "peer closed"
-            self.state = ConnState.CLOSING
-            self.write(self._ws.send(event.response()))
-            return False
-        if state is ConnectionState.CLOSED:  # the peer answered our close
-            return False
-        # Still OPEN: wsproto could not parse the peer's bytes (bad UTF-8 -> 1007,
-        # unmasked or malformed frame -> 1002, ...): close with that code.
-        self.close(event.code, event.reason or "protocol error")
+    def _protocol_error(self, code: int, reason: str) -> bool:
+        """The peer broke RFC 6455: close with ``code`` and stop reading (False)."""
+        self._reset_message()
+        self.close(code, reason)  # type: ignore[arg-type]
         return False
+
+    def _on_close_frame(self, payload: bytes) -> bool:
+        if not payload:
+            code, reason = 1005, ""
+        elif len(payload) == 1:
+            return self._protocol_error(CloseCode.PROTOCOL_ERROR, "invalid close frame")
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            if code not in _PEER_CLOSE_CODES and not 3000 <= code <= 4999:
+                return self._protocol_error(CloseCode.PROTOCOL_ERROR, "invalid close code")
+            try:
+                reason = payload[2:].decode()
+            except UnicodeDecodeError:
+                return self._protocol_error(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
+        if self.state is _OPEN:  # the peer closes: echo its code
+            self.close_code, self.close_reason = code, reason or "peer closed"
+            self.state = _CLOSING
+            self.write(close_frame(code, reason))
+        return False  # else the peer answered our close
 
     def _finish(self) -> None:
         if self._close_timer is not None:
             self._close_timer.kill(block=False)
-        if self.state is not ConnState.CLOSED and self._flusher is not None:
+        if self.state is not _CLOSED and self._flusher is not None:
             self._flusher.join(timeout=1.0)  # let the close frame out
-        self.state = ConnState.CLOSED
+        self.state = _CLOSED
         if self._flusher is not None:
+            if self._wwatch is not None:
+                self._wwatch.stop()  # before the descriptor goes
             self._flusher.kill(block=False)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self._buf = b""
+        self._reset_message()
         try:
-            self._sock.close()
+            self._raw.close()
         except OSError:
             pass
         try:
@@ -441,7 +710,7 @@ class WebSocketConnection(Session):
     def _on_text(self, text: str) -> None:
         self.transport.chat.receive(self, text)
 
-    def _on_bytes(self, event: BytesMessage) -> None:
+    def _on_bytes(self, data: bytes) -> None:
         self.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
 
     def _closed(self) -> None:
@@ -458,25 +727,24 @@ class EchoConnection(WebSocketConnection):
         pass
 
     def _on_text(self, text: str) -> None:
-        self.write(self._ws.send(TextMessage(data=text)))
+        self.write(text_frame(text.encode()))
 
-    def _on_bytes(self, event: BytesMessage) -> None:
-        data = self._assemble(event)
-        if data is not None:
-            self.write(self._ws.send(BytesMessage(data=data)))
+    def _on_bytes(self, data: bytes) -> None:
+        self.write(binary_frame(data))
 
     def _closed(self) -> None:
         pass
 
 
 def feed_pipelined(ws: Any, environ: dict[str, Any]) -> None:
-    """Hand frames the client sent right behind its upgrade request (in the same TCP
-    segment) to the WebSocket parser: gunicorn read them along with the request
-    and keeps them in its read-ahead buffer, where nobody would ever look again."""
+    """Keep the frames the client sent right behind its upgrade request (in the same
+    TCP segment) for the connection that takes the socket over (``ws.wschat_pending``):
+    gunicorn read them along with the request and keeps them in its read-ahead
+    buffer, where nobody would ever look again."""
     reader = getattr(environ.get("wsgi.input"), "reader", None)
     take_buffered = getattr(getattr(reader, "unreader", None), "take_buffered", None)
     if take_buffered is None:
         return
     data = take_buffered()
     if data:
-        ws.ws.receive_data(data)
+        ws.wschat_pending = data

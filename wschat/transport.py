@@ -4,11 +4,12 @@ flask-sock registers ``/ws`` and performs the RFC 6455 handshake (through
 simple-websocket and wsproto), after the admission checks
 (:mod:`wschat.admission`). Then :meth:`Transport.serve` takes the socket over
 (a duplicate of its descriptor) and lets the request finish, which frees
-Flask's request context, the WSGI environ, gunicorn's request objects and the
-deep request stack: about half of an idle connection's memory. From then on a
-:class:`~wschat.connection.WebSocketConnection` drives the socket. One timer
-greenlet per worker sends heartbeats, closes silent peers and drives the chat
-core's timers.
+Flask's request context, the WSGI environ, gunicorn's request objects,
+simple-websocket's and wsproto's objects and the deep request stack. From then
+on a :class:`~wschat.connection.WebSocketConnection` drives the socket: parked
+as a read watcher while idle, served by a pooled greenlet while it has bytes to
+handle. One timer greenlet per worker sends heartbeats, closes silent peers and
+drives the chat core's timers.
 """
 
 from __future__ import annotations
@@ -56,23 +57,25 @@ class Transport:
 
     def serve(self, ws: Any, identity: Identity, authenticated: bool, remote_addr: str,
               echo: bool = False) -> WebSocketConnection:
-        """Take over one accepted WebSocket (from flask-sock) and serve it in a new greenlet.
+        """Take over one accepted WebSocket (from flask-sock) and serve it.
 
         The request greenlet returns at once; gunicorn then closes its copy of the
-        descriptor, while ours keeps the connection open.
+        descriptor, while ours keeps the connection open. Nothing of the request
+        (``ws`` included) is kept: only the socket and the bytes already read
+        behind the upgrade request (``feed_pipelined``).
         """
         self.start()
         sock = ws.sock.dup()
         ws.connected = False  # flask-sock must not write a close frame
         kind = EchoConnection if echo else WebSocketConnection
-        conn = kind(self, sock, ws.ws.connection, self.new_conn_id(), identity, authenticated,
-                    remote_addr)
+        conn = kind(self, sock, self.new_conn_id(), identity, authenticated, remote_addr,
+                    getattr(ws, "wschat_pending", b""))
         self.connections.add(conn)
         self.metrics.connection_opened()
         log.info("open conn=%s user=%s addr=%s", conn.conn_id, conn.user_id, remote_addr,
                  extra={"event": "open", "conn": conn.conn_id, "user": conn.user_id,
                         "addr": remote_addr})
-        self.spawn(conn.run)
+        conn.start()
         return conn
 
     def forget(self, conn: WebSocketConnection) -> None:
