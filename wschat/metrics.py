@@ -76,8 +76,9 @@ OUTBOUND = Gauge("wschat_outbound_queued_bytes",
                  "Bytes waiting in connections' outbound queues (sampled every second)",
                  multiprocess_mode="livesum")
 GREENLETS = Gauge("wschat_greenlets",
-                  "Greenlets serving WebSockets: one per connection, plus flushers, close "
-                  "timers and the ticker", multiprocess_mode="livesum")
+                  "Greenlets serving WebSockets: one per connection whose bytes are being "
+                  "handled (an idle connection holds none), plus flushers, close timers and "
+                  "the ticker", multiprocess_mode="livesum")
 BUILD = Gauge("wschat_build_info", "Version, store backend and Python of the running server",
               ["version", "backend", "python"], multiprocess_mode="livemax")
 RECEIVED = Counter("wschat_messages_received_total",
