@@ -194,6 +194,18 @@ def test_sustained_rate_matches_configuration(bench: Bench) -> None:
 
 # -- memory only -----------------------------------------------------------------------
 
+def test_spend_pays_each_bucket_in_order_and_stops_at_the_first_refusal(bench: Bench) -> None:
+    """A guest's check: its own bucket, then its address's; one that refuses leaves the
+    buckets after it untouched, and its retry_after_ms is the answer."""
+    limiter = bench.make(1, 10)
+    own, shared = ("u:g", 1.0, 1.0), ("ip:a", 1.0, 2.0)
+    assert limiter.spend((own, shared)) == 0  # both paid: own empty, shared has 1 left
+    assert limiter.spend((own, shared)) > 0  # refused by own: shared not touched...
+    assert limiter.spend((("u:h", 1.0, 1.0), shared)) == 0  # ...so h still gets its last token
+    assert limiter.spend((("u:i", 1.0, 5.0), shared)) > 0  # refused by shared, after i paid
+    assert limiter.spend(()) == 0
+
+
 def test_memory_forgets_buckets_that_are_full_again() -> None:
     """Buckets untouched until full again are swept, so idle users cost no memory."""
     clock = FakeClock()
@@ -277,6 +289,24 @@ def test_redis_one_evalsha_per_check(redis_url: str) -> None:
             limiter.hit("k")
 
     assert _commands_sent(redis_url, worker, check) == ["EVALSHA"] * 5
+    worker.close()
+
+
+def test_redis_guest_check_of_two_buckets_is_one_evalsha(redis_url: str) -> None:
+    """A guest's own bucket and its address's are spent in one script call."""
+    import redis
+
+    worker = redis.Redis.from_url(redis_url, single_connection_client=True)
+    limiter = RedisRateLimiter(worker, 100, 100, prefix="test:evalsha2:")
+    limiter.hit("warm-up")  # the first call may load the script
+    buckets = (("u:guest", 100.0, 100.0), ("ip:127.0.0.9", 1000.0, 1000.0))
+
+    def check() -> None:
+        for _ in range(3):
+            assert limiter.spend(buckets) == 0
+
+    assert _commands_sent(redis_url, worker, check) == ["EVALSHA"] * 3
+    assert worker.exists("test:evalsha2:u:guest", "test:evalsha2:ip:127.0.0.9") == 2
     worker.close()
 
 

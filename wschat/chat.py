@@ -461,30 +461,26 @@ class Chat:
     # -- rate limiting -----------------------------------------------------------------
     def _check_rate(self, session: Session, command: Command) -> None:
         """One token from the user's bucket (a guest's is its connection's), and for a
-        guest one from its IP address's larger bucket too.
-
-        The user's bucket is checked first, so a flooding guest spends no more of
-        its neighbours' shared IP tokens than its own rate allows.
-        """
-        retry_ms = self.limiter.hit(f"u:{session.user_id}")
-        if not retry_ms and not session.authenticated and session.remote_addr:
-            retry_ms = self.limiter.hit(f"ip:{session.remote_addr}",
-                                        self.settings.guest_ip_rate,
-                                        self.settings.guest_ip_burst)
+        guest one from its IP address's larger bucket too (:meth:`_buckets`)."""
+        retry_ms = self.limiter.spend(self._buckets(session))
         if not retry_ms:
             session.flood_strikes = 0
             return
         self._refuse(session, command, retry_ms)
 
+    def _buckets(self, session: Session) -> Charge:
+        """The buckets a message or DM spends, in order. The user's comes first, so a
+        flooding guest spends no more of its neighbours' shared IP tokens than its own
+        rate allows."""
+        buckets: Charge = ((f"u:{session.user_id}", self.limiter.rate, self.limiter.burst),)
+        if not session.authenticated and session.remote_addr:
+            buckets += ((f"ip:{session.remote_addr}", self.settings.guest_ip_rate,
+                         self.settings.guest_ip_burst),)
+        return buckets
+
     def _charge(self, session: Session) -> Charge:
         """_check_rate's buckets, for a store that spends them in the post itself."""
-        if not self._posts_charge:
-            return ()
-        charge: Charge = ((f"u:{session.user_id}", self.limiter.rate, self.limiter.burst),)
-        if not session.authenticated and session.remote_addr:
-            charge += ((f"ip:{session.remote_addr}", self.settings.guest_ip_rate,
-                        self.settings.guest_ip_burst),)
-        return charge
+        return self._buckets(session) if self._posts_charge else ()
 
     def _refuse(self, session: Session, command: Command, retry_ms: int) -> None:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102)."""
@@ -507,12 +503,12 @@ class Chat:
         if cost is None:
             cost = REQUEST_COSTS.get(type(command), 1.0)
         settings = self.settings
-        retry_ms = self.limiter.hit(f"req:u:{session.user_id}", settings.request_rate,
-                                    settings.request_burst, cost)
-        if not retry_ms and not session.authenticated and session.remote_addr:
-            retry_ms = self.limiter.hit(f"req:ip:{session.remote_addr}",
-                                        10 * settings.request_rate,
-                                        10 * settings.request_burst, cost)
+        buckets: Charge = ((f"req:u:{session.user_id}", settings.request_rate,
+                            settings.request_burst),)
+        if not session.authenticated and session.remote_addr:
+            buckets += ((f"req:ip:{session.remote_addr}", 10 * settings.request_rate,
+                         10 * settings.request_burst),)
+        retry_ms = self.limiter.spend(buckets, cost)
         if retry_ms:
             self._refuse(session, command, retry_ms)
         session.flood_strikes = 0

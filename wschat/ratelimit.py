@@ -76,6 +76,20 @@ class RateLimiter(ABC):
         """
 
 
+    def spend(self, charge: Charge, cost: float = 1.0) -> int:
+        """Spend ``cost`` tokens of each bucket of ``charge``, in order; the first that
+        refuses stops it (the buckets after it are not touched).
+
+        Returns:
+            0 if every bucket paid, else the refusing bucket's milliseconds until it can.
+        """
+        for key, rate, burst in charge:
+            retry_ms = self.hit(key, rate, burst, cost)
+            if retry_ms:
+                return retry_ms
+        return 0
+
+
 class MemoryRateLimiter(RateLimiter):
     """Buckets in this process; idle (full again) buckets are forgotten to keep memory flat."""
 

@@ -9,15 +9,15 @@ from typing import Any
 
 import redis
 
-from ...ratelimit import MemoryRateLimiter, RateLimiter
+from ...ratelimit import Charge, MemoryRateLimiter, RateLimiter
 from .keys import script
 
 log = logging.getLogger("wschat.ratelimit")
 
 
 class RedisRateLimiter(RateLimiter):
-    """Buckets in Redis, shared by every worker and pod: one EVALSHA per check
-    (``scripts/rate_limit.lua``). A bucket is ``<tokens> <last>`` under ``prefix + key``,
+    """Buckets in Redis, shared by every worker and pod: one EVALSHA per check, however
+    many buckets it spends (``scripts/rate_limit.lua``). A bucket is ``<tokens> <last>`` under ``prefix + key``,
     the clock is the Redis server's TIME (skew between machines can neither mint nor
     burn tokens), and the key expires when the bucket would be full again.
 
@@ -51,17 +51,26 @@ class RedisRateLimiter(RateLimiter):
             cost: float = 1.0) -> int:
         rate = self.rate if rate is None else float(rate)
         burst = self.burst if burst is None else float(burst)
+        return self.spend(((key, rate, burst),), cost)
+
+    def spend(self, charge: Charge, cost: float = 1.0) -> int:
+        """All of ``charge``'s buckets in one EVALSHA (a guest's own and its address's)."""
+        if not charge:
+            return 0
         if self._down_until and time.monotonic() < self._down_until:
-            return self._fallback.hit(key, rate, burst, cost)
+            return self._fallback.spend(charge, cost)
+        args: list[Any] = []
+        for _, rate, burst in charge:
+            args += (repr(float(rate)), repr(float(burst)), repr(float(cost)))
         try:
-            retry_ms = self._script(keys=[self.prefix + key],
-                                    args=[repr(rate), repr(burst), repr(float(cost)), 1])
+            retry_ms = self._script(keys=[self.prefix + key for key, _, _ in charge],
+                                    args=[*args, len(charge)])
         except self._errors as exc:
             now = time.monotonic()
             self._down_until = now + self.RETRY_AFTER
             if now >= self._next_warning:
                 log.warning("rate limiting per worker: Redis unreachable (%s)", exc)
                 self._next_warning = now + self.FALLBACK_LOG_EVERY
-            return self._fallback.hit(key, rate, burst, cost)
+            return self._fallback.spend(charge, cost)
         self._down_until = 0.0
         return int(retry_ms)

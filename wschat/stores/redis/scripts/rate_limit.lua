@@ -1,3 +1,4 @@
 -- RedisRateLimiter's check: charge.lua (prepended) spends the buckets.
--- KEYS: bucket   ARGV: rate burst cost 1   Returns retry_after_ms (0: allowed).
+-- KEYS: the NB buckets   ARGV: rate burst cost for each, then NB
+-- Returns retry_after_ms (0: every bucket paid; else the refusing bucket's).
 return RETRY
