@@ -169,6 +169,9 @@ def test_typing_shows_and_clears(web_server: Server, people: Callable[..., ChatP
     """Bob's typing shows for Alice, and clears when he sends and when he stops typing."""
     alice = people(web_server, "alice")
     bob = people(web_server, "bob")
+    # "connected" comes with the welcome; Bob's typing counts only once his join is done,
+    # which Alice sees as his arrival in the room's member list.
+    expect(alice.page.locator("#members li", has_text="bob")).to_be_visible()
     typing = alice.page.locator("#typing")
     bob.page.locator("#draft").press_sequentially("hel")
     expect(typing).to_have_text("bob (guest) is typing…")
