@@ -116,12 +116,11 @@ class RawSocket:
                        (line.split(":", 1) for line in lines[1:] if ":" in line))
         return int(lines[0].split()[1]), headers, self.buffer
 
-    def upgrade(self, path: str = "/ws", extra: str = "", version: str = "13",
-                key: str | None = None, method: str = "GET") -> tuple[int, dict[str, str]]:
-        key = key if key is not None else base64.b64encode(os.urandom(16)).decode()
-        self.send((f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    def upgrade(self, path: str = "/ws", extra: str = "") -> tuple[int, dict[str, str]]:
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.send((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                   f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n").encode())
+                   f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
         status, headers, _ = self.read_response()
         return status, headers
 
