@@ -15,7 +15,8 @@ server:
 ``docs/operations.md`` documents every series; a test keeps the two in step.
 
 The per-message series (requests received, messages posted, events delivered,
-the fan-out histogram) are counted in plain integers on the message path and
+the fan-out histogram) and ``wschat_greenlets`` (a reading greenlet starts and
+ends per burst of frames) are counted in plain integers on the message path and
 folded into the Prometheus series by :meth:`PrometheusChatMetrics.flush`: about
 once a second (the chat core's ticker), before this worker answers a scrape, and
 when the worker stops. A multiprocess update costs a lock and an mmap write each,
@@ -146,6 +147,7 @@ class PrometheusChatMetrics(Metrics):
         self._fanout_counts = [0] * len(self._fanout_bounds)
         self._fanout_sum = 0.0
         self._fanout_pending = 0
+        self._greenlets_delta = 0
         _LIVE.add(self)
         self._errors = {code.value: ERRORS.labels(code.value) for code in ErrorCode}
         for reason in DISCONNECT_REASONS:
@@ -190,7 +192,7 @@ class PrometheusChatMetrics(Metrics):
 
     def flush(self) -> None:
         """Add the counts gathered since the last flush to the Prometheus series."""
-        for pending, children, family in ((self._received, self._received_children, None),
+        for pending, children, family in ((self._received, self._received_children, RECEIVED),
                                           (self._posted, self._posted_children, POSTED),
                                           (self._delivered, self._delivered_children,
                                            DELIVERED)):
@@ -200,9 +202,10 @@ class PrometheusChatMetrics(Metrics):
             pending.clear()
             for key, n in counts:
                 child = children.get(key)
-                if child is None:
-                    child = RECEIVED.labels(key) if family is None else family.labels(key)
-                child.inc(n)
+                (child if child is not None else family.labels(key)).inc(n)
+        if self._greenlets_delta:
+            GREENLETS.inc(self._greenlets_delta)
+            self._greenlets_delta = 0
         if self._fanout_pending:
             counts, total = self._fanout_counts, self._fanout_sum
             self._fanout_counts = [0] * len(self._fanout_bounds)
@@ -226,7 +229,8 @@ class PrometheusChatMetrics(Metrics):
         CONNECTIONS.dec()
 
     def greenlets(self, delta: int) -> None:
-        GREENLETS.inc(delta)
+        # Once per read burst (a reading greenlet starts and ends): folded at flush.
+        self._greenlets_delta += delta
 
     def handshake_refused(self, reason: str) -> None:
         REFUSED.labels(reason).inc()
