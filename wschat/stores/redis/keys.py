@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 import redis
 
+from ...ratelimit import Charge
 from ..base import Unavailable
 
 PREFIX = "wschat:"
@@ -59,6 +60,18 @@ def script(client: redis.Redis, name: str, prelude: str | tuple[str, ...] = ()) 
     whose text comes first, in order (shared beginnings, e.g. ``charge``, ``take_id``)."""
     preludes = (prelude,) if isinstance(prelude, str) else prelude
     return client.register_script("".join(_source(p) for p in preludes) + _source(name))
+
+
+def charged(keys: list[str], args: list[Any], charge: Charge, cost: float = 1.0,
+            prefix: str = RATE_LIMITS) -> tuple[list[str], list[Any]]:
+    """A script's ``keys`` and ``args`` with charge.lua's tail: the bucket keys
+    (``prefix`` + key) after the script's keys, and (rate burst cost) for each
+    bucket, then their count, after its arguments."""
+    for key, rate, burst in charge:
+        keys.append(prefix + key)
+        args += (repr(float(rate)), repr(float(burst)), repr(float(cost)))
+    args.append(len(charge))
+    return keys, args
 
 
 def room_keys(room: str) -> list[str]:

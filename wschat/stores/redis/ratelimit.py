@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from ...ratelimit import Charge, MemoryRateLimiter, RateLimiter
-from .keys import script
+from .keys import RATE_LIMITS, charged, script
 
 log = logging.getLogger("wschat.ratelimit")
 
@@ -36,7 +36,7 @@ class RedisRateLimiter(RateLimiter):
     RETRY_AFTER = 1.0
     FALLBACK_LOG_EVERY = 30.0  # seconds between "Redis unreachable" warnings
 
-    def __init__(self, client: Any, rate: float, burst: float, prefix: str = "wschat:rl:"
+    def __init__(self, client: Any, rate: float, burst: float, prefix: str = RATE_LIMITS
                  ) -> None:
         self.rate, self.burst = float(rate), float(burst)
         self.prefix = prefix
@@ -59,12 +59,9 @@ class RedisRateLimiter(RateLimiter):
             return 0
         if self._down_until and time.monotonic() < self._down_until:
             return self._fallback.spend(charge, cost)
-        args: list[Any] = []
-        for _, rate, burst in charge:
-            args += (repr(float(rate)), repr(float(burst)), repr(float(cost)))
+        keys, args = charged([], [], charge, cost, self.prefix)
         try:
-            retry_ms = self._script(keys=[self.prefix + key for key, _, _ in charge],
-                                    args=[*args, len(charge)])
+            retry_ms = self._script(keys=keys, args=args)
         except self._errors as exc:
             now = time.monotonic()
             self._down_until = now + self.RETRY_AFTER

@@ -22,7 +22,7 @@ from ..base import (
     Replay, RoomStore, Stored, Unavailable, User,
 )
 from .keys import (
-    DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, RATE_LIMITS, ROOMS, dedupe_key, guarded, held_key,
+    DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
     membership_keys, membership_token, room_channel, room_keys, script, user_channel,
 )
 from .nodes import Node
@@ -124,16 +124,6 @@ class RedisMessageStore(MessageStore):
             raise RecipientOffline("no such user online")
         return Posted(stored_id_of(event), bytes(event), bool(outcome))
 
-    @staticmethod
-    def _charged(keys: list[str], args: list[Any], charge: Charge) -> tuple[list[str], list[Any]]:
-        """charge.lua's tail: the bucket keys after the post's keys, then (rate burst
-        cost) for each and their count after its arguments."""
-        for key, rate, burst in charge:
-            keys.append(RATE_LIMITS + key)
-            args += (repr(float(rate)), repr(float(burst)), "1.0")
-        args.append(len(charge))
-        return keys, args
-
     @guarded
     def post_room(self, room: str, user_id: str, draft: MessageDraft,
                   charge: Charge = ()) -> Posted:
@@ -143,7 +133,7 @@ class RedisMessageStore(MessageStore):
         if draft.client_msg_id:
             script_keys.append(dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
                                            draft.client_msg_id))
-        script_keys, args = self._charged(
+        script_keys, args = charged(
             script_keys, [draft.prefix, draft.suffix, DEDUPE_TTL, self._size], charge)
         return self._posted(self._post_room(keys=script_keys, args=args))
 
@@ -160,7 +150,7 @@ class RedisMessageStore(MessageStore):
             script_keys.append(PRESENCE)
             args.append(recipient_id)
             post = self._post_dm_online
-        script_keys, args = self._charged(script_keys, args, charge)
+        script_keys, args = charged(script_keys, args, charge)
         return self._posted(post(keys=script_keys, args=args))
 
     @guarded
