@@ -469,13 +469,19 @@ class Chat:
         self._refuse(session, command, retry_ms)
 
     def _buckets(self, session: Session) -> Charge:
-        """The buckets a message or DM spends, in order. The user's comes first, so a
-        flooding guest spends no more of its neighbours' shared IP tokens than its own
-        rate allows."""
-        buckets: Charge = ((f"u:{session.user_id}", self.limiter.rate, self.limiter.burst),)
+        """The buckets a message or DM spends, in order (:meth:`_guest_charge`)."""
+        return self._guest_charge(session, "", self.limiter.rate, self.limiter.burst,
+                                  self.settings.guest_ip_rate, self.settings.guest_ip_burst)
+
+    @staticmethod
+    def _guest_charge(session: Session, scope: str, rate: float, burst: float,
+                      ip_rate: float, ip_burst: float) -> Charge:
+        """The user's bucket, and for a guest its address's after it. The user's comes
+        first, so a flooding guest spends no more of its neighbours' shared IP tokens
+        than its own rate allows."""
+        buckets: Charge = ((f"{scope}u:{session.user_id}", rate, burst),)
         if not session.authenticated and session.remote_addr:
-            buckets += ((f"ip:{session.remote_addr}", self.settings.guest_ip_rate,
-                         self.settings.guest_ip_burst),)
+            buckets += ((f"{scope}ip:{session.remote_addr}", ip_rate, ip_burst),)
         return buckets
 
     def _charge(self, session: Session) -> Charge:
@@ -503,11 +509,9 @@ class Chat:
         if cost is None:
             cost = REQUEST_COSTS.get(type(command), 1.0)
         settings = self.settings
-        buckets: Charge = ((f"req:u:{session.user_id}", settings.request_rate,
-                            settings.request_burst),)
-        if not session.authenticated and session.remote_addr:
-            buckets += ((f"req:ip:{session.remote_addr}", 10 * settings.request_rate,
-                         10 * settings.request_burst),)
+        buckets = self._guest_charge(session, "req:", settings.request_rate,
+                                     settings.request_burst, 10 * settings.request_rate,
+                                     10 * settings.request_burst)
         retry_ms = self.limiter.spend(buckets, cost)
         if retry_ms:
             self._refuse(session, command, retry_ms)
