@@ -5,7 +5,6 @@ on a room channel are ``<exclude_user_id>\\n<event JSON>`` (:func:`~.keys.room_p
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
@@ -19,14 +18,13 @@ from ..base import Broker, RoomHandler, Unavailable, UserHandler
 from .keys import (
     CONTROL, PREFIX, guarded, room_channel, room_payload, split_room_payload, user_channel,
 )
+from .replies import ReplyReader
 
 log = logging.getLogger("wschat.redis")
 
 SUBSCRIBE_TIMEOUT = 15.0
-IDLE_CHECK = 1.0  # seconds a listener waits for a message before its idle health check
-# read_response(timeout=...) is recent in redis-py (8.x has it); older ones poll first.
-_READ_TAKES_TIMEOUT = "timeout" in inspect.signature(
-    redis.connection.AbstractConnection.read_response).parameters
+IDLE_CHECK = 1.0  # seconds a listener waits for a message before it counts as idle
+PING_AFTER = 30.0  # seconds of silence after which the listener PINGs Redis
 
 
 class RedisBroker(Broker):
@@ -122,29 +120,30 @@ class RedisBroker(Broker):
                 pass
 
     def _listen(self) -> None:
-        # Replies are read straight off the pub/sub connection: a blocking read (the
-        # greenlet waits on the socket) costs no poll per message, unlike
-        # get_message(timeout=...) (issue 24's profile). Subscription replies still go
-        # through redis-py's handle_message, which keeps its channel bookkeeping.
+        # Replies are read straight off the pub/sub connection by hiredis
+        # (ReplyReader): the greenlet waits on the socket, and a message costs no poll
+        # and none of redis-py's per-reply path (issue 24's profile). Subscription
+        # replies still go through redis-py's handle_message, which keeps its channel
+        # bookkeeping.
         pubsub = self._pubsub
-        conn = pubsub.connection
+        replies = ReplyReader(pubsub.connection)
+        replies.sock.settimeout(IDLE_CHECK)
         on_room, on_user = self._on_room, self._on_user
         room_prefix = (PREFIX + "room:").encode()
         user_prefix = (PREFIX + "user:").encode()
+        idle = 0.0
         while not self._stopping and pubsub is self._pubsub:
             try:
-                if _READ_TAKES_TIMEOUT:
-                    response = conn.read_response(disconnect_on_error=False, push_request=True,
-                                                  timeout=IDLE_CHECK)
-                elif conn.can_read(timeout=IDLE_CHECK):  # redis-py before read timeouts
-                    response = conn.read_response(disconnect_on_error=False, push_request=True)
-                else:
-                    raise redis.TimeoutError("idle")
-            except redis.TimeoutError:
-                pubsub.check_health()  # a PING every health_check_interval while idle
+                response = replies.read()
+            except TimeoutError:  # the socket's, after IDLE_CHECK
+                idle += IDLE_CHECK
+                if idle >= PING_AFTER:  # a dead connection fails the PING's write
+                    pubsub.ping()
+                    idle = 0.0
                 continue
+            idle = 0.0
             if not isinstance(response, list) or len(response) < 3:
-                continue  # the health check's pong
+                continue  # a PING's reply
             kind, channel = response[0], response[1]
             if kind == b"message":
                 data = response[2]

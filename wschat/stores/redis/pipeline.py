@@ -12,7 +12,9 @@ commands of the hot path (every script, ``PUBLISH``, ``HGET``) go through one
 the client unchanged.
 
 A :class:`Pipeliner` owns one connection (made by the client's own pool, so
-address, TLS, auth, database and timeouts are the same).
+address, TLS, auth, database and timeouts are the same; redis-py connects and
+greets). Commands are packed by hiredis and written in one ``sendall``; replies are
+read by :class:`~.replies.ReplyReader`, without redis-py's per-reply path.
 A caller queues its command; when nothing is in flight it sends the batch
 itself, otherwise the commands queued while a batch's replies are awaited go
 out together as the next batch (one write, one non-transactional pipeline),
@@ -27,7 +29,7 @@ sent by a flusher greenlet that hands each reply back. Failures are what redis-p
   batch connects again;
 * before each batch, a socket that is readable while no reply is owed (EOF after
   a Redis restart, stray data) is reconnected first: the check redis-py's pool
-  makes for every command, here once per batch.
+  makes for every command, here once per batch and one non-blocking peek.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ from typing import Any
 import gevent
 import gevent.event
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from hiredis import pack_command
+from redis.exceptions import NoScriptError
+
+from .replies import ReplyReader
 
 log = logging.getLogger("wschat.redis")
 
@@ -56,6 +61,7 @@ class Pipeliner:
         kwargs = dict(pool.connection_kwargs)
         kwargs["health_check_interval"] = 0  # the readable-socket check below instead
         self._conn: Any = pool.connection_class(**kwargs)
+        self._replies: ReplyReader | None = None  # reads self._conn's replies once connected
         self._queue: list[tuple[Sequence[Any], gevent.event.AsyncResult]] = []
         self._busy = False  # a batch is being sent or its replies read
         self._flusher: gevent.Greenlet | None = None
@@ -90,7 +96,7 @@ class Pipeliner:
             self._flusher.kill(block=False)
         self._fail(self._queue, redis.ConnectionError("redis pipeline closed"))
         self._queue = []
-        self._conn.disconnect()
+        self._disconnect()
 
     def _send_next(self) -> None:
         batch = self._queue[:self.MAX_BATCH]
@@ -115,32 +121,32 @@ class Pipeliner:
         conn = self._conn
         done = 0
         try:
-            if conn._sock is not None:
-                try:
-                    stale = conn.can_read(timeout=0)
-                except CONNECTION_ERRORS:
-                    stale = True
-                if stale:
-                    conn.disconnect()
-            conn.send_packed_command(conn.pack_commands([args for args, _ in batch]),
-                                     check_health=False)
+            replies = self._replies
+            if replies is None or replies.stale():
+                conn.disconnect()
+                conn.connect()  # redis-py greets: HELLO, AUTH, SELECT as configured
+                replies = self._replies = ReplyReader(conn)
+            replies.sock.sendall(b"".join([pack_command(args) for args, _ in batch]))
             self.batches += 1
             self.commands += len(batch)
             for _, result in batch:
-                try:
-                    reply = conn.read_response()
-                except ResponseError as exc:
-                    result.set_exception(exc)
+                reply = replies.read()
+                if isinstance(reply, Exception):  # an error reply: its caller's alone
+                    result.set_exception(reply)
                 else:
                     result.set(reply)
                 done += 1
         except CONNECTION_ERRORS as exc:
-            conn.disconnect()
+            self._disconnect()
             self._fail(batch[done:], exc)
         except BaseException as exc:
-            conn.disconnect()
+            self._disconnect()
             self._fail(batch[done:], redis.ConnectionError(f"redis pipeline: {exc!r}"))
             raise
+
+    def _disconnect(self) -> None:
+        self._replies = None
+        self._conn.disconnect()
 
     @staticmethod
     def _fail(items: list[tuple[Sequence[Any], gevent.event.AsyncResult]],
