@@ -18,7 +18,7 @@ from ..base import Broker, RoomHandler, Unavailable, UserHandler
 from .keys import (
     CONTROL, PREFIX, guarded, room_channel, room_payload, split_room_payload, user_channel,
 )
-from .replies import ReplyReader
+from .replies import ReplyReader, connection_socket
 
 log = logging.getLogger("wschat.redis")
 
@@ -126,8 +126,14 @@ class RedisBroker(Broker):
         # replies still go through redis-py's handle_message, which keeps its channel
         # bookkeeping.
         pubsub = self._pubsub
+        connection_socket(pubsub.connection).settimeout(IDLE_CHECK)  # for the reader and PINGs
         replies = ReplyReader(pubsub.connection)
-        replies.sock.settimeout(IDLE_CHECK)
+        try:
+            self._read(pubsub, replies)
+        finally:
+            replies.close()
+
+    def _read(self, pubsub: Any, replies: ReplyReader) -> None:
         on_room, on_user = self._on_room, self._on_user
         room_prefix = (PREFIX + "room:").encode()
         user_prefix = (PREFIX + "user:").encode()

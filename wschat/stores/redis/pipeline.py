@@ -126,7 +126,7 @@ class Pipeliner:
                 conn.disconnect()
                 conn.connect()  # redis-py greets: HELLO, AUTH, SELECT as configured
                 replies = self._replies = ReplyReader(conn)
-            replies.sock.sendall(b"".join([pack_command(args) for args, _ in batch]))
+            replies.send(b"".join([pack_command(args) for args, _ in batch]))
             self.batches += 1
             self.commands += len(batch)
             for _, result in batch:
@@ -145,7 +145,9 @@ class Pipeliner:
             raise
 
     def _disconnect(self) -> None:
-        self._replies = None
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies.close()
         self._conn.disconnect()
 
     @staticmethod

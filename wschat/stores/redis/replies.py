@@ -19,10 +19,12 @@ from typing import Any
 
 import hiredis
 import redis
+from gevent import get_hub, getcurrent
 from redis._parsers import BaseParser
 
 _NOT_ENOUGH_DATA = object()
 READ_BYTES = 65536
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: IntFlag's | costs per call
 
 
 def connection_socket(conn: Any) -> Any:
@@ -35,20 +37,43 @@ def connection_socket(conn: Any) -> Any:
 
 
 class ReplyReader:
-    """Parses what one connection's socket receives; :meth:`read` waits (cooperatively,
-    under gevent) with the socket's own timeout."""
+    """Writes to and parses what one connection's socket receives. Under gevent it
+    uses the OS socket directly and waits on watchers of its own (no ``Timeout``
+    object per wait, no ``SO_SNDBUF`` lookup per write); the timeout of each wait is
+    the socket's (redis-py's ``socket_timeout``, or what the caller set)."""
 
-    __slots__ = ("_buf", "_raw", "_reader", "sock")
+    __slots__ = ("_buf", "_raw", "_reader", "_timeout", "_timer", "_watch", "sock")
 
     def __init__(self, conn: Any) -> None:
         self.sock = connection_socket(conn)
-        self._raw = getattr(self.sock, "_sock", self.sock)  # the OS socket under gevent's
+        raw = getattr(self.sock, "_sock", self.sock)  # the OS socket under gevent's
         # Error replies come back as values, as redis-py's own classes (NoScriptError,
         # BusyLoadingError, ...); a malformed stream is a connection error.
         self._reader = hiredis.Reader(protocolError=redis.ConnectionError,
                                       replyError=BaseParser.parse_error,
                                       notEnoughData=_NOT_ENOUGH_DATA)
         self._buf = bytearray(READ_BYTES)
+        self._watch: Any = None
+        self._timer: Any = None
+        self._timeout: float | None = None  # the timer's
+        if raw is not self.sock and raw.gettimeout() == 0.0:  # gevent's socket
+            self._raw = raw
+            self._watch = get_hub().loop.io(raw.fileno(), 1)
+        else:  # a blocking socket, with its timeout (tests, tools)
+            self._raw = None
+
+    def send(self, data: bytes) -> None:
+        """Write all of ``data``."""
+        raw = self._raw
+        if raw is not None:
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self.sock.sendall(data)  # a full buffer (or no gevent): wait as the socket does
 
     def read(self) -> Any:
         """The next reply; an error reply is returned (a ``ResponseError``), not raised.
@@ -60,12 +85,39 @@ class ReplyReader:
         reader = self._reader
         reply = reader.gets()
         while reply is _NOT_ENOUGH_DATA:
-            count = self.sock.recv_into(self._buf)
+            raw = self._raw
+            if raw is None:
+                count = self.sock.recv_into(self._buf)
+            else:
+                try:
+                    count = raw.recv_into(self._buf)
+                except BlockingIOError:
+                    self._wait()
+                    continue
             if not count:
                 raise redis.ConnectionError("Connection closed by server.")
             reader.feed(self._buf, 0, count)
             reply = reader.gets()
         return reply
+
+    def _wait(self) -> None:
+        """Until the socket is readable, or TimeoutError after the socket's timeout."""
+        timeout = self.sock.gettimeout()
+        timer = self._timer
+        if timeout is not None:
+            if timer is None or self._timeout != timeout:
+                if timer is not None:
+                    timer.close()
+                # again() below (re)starts it for its repeat: one watcher per reader,
+                # not a Timeout object per wait
+                timer = self._timer = get_hub().loop.timer(timeout, timeout)
+                self._timeout = timeout
+            timer.again(getcurrent().throw, TimeoutError("timed out"), update=False)
+        try:
+            get_hub().wait(self._watch)
+        finally:
+            if timer is not None:
+                timer.stop()
 
     def stale(self) -> bool:
         """Is something readable while no reply is owed (EOF after a Redis restart, stray
@@ -73,15 +125,23 @@ class ReplyReader:
         if self._reader.has_data():
             return True
         raw = self._raw
-        if raw.gettimeout() != 0.0:
+        if raw is None:
             # A socket with a timeout (no gevent): Python would wait that long before
             # recv, whatever the flags. Ask poll instead.
             poller = select.poll()
-            poller.register(raw, select.POLLIN)
+            poller.register(self.sock, select.POLLIN)
             return bool(poller.poll(0))
         try:
-            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+            return raw.recv(1, _PEEK) is not None
         except BlockingIOError:
             return False
         except OSError:
             return True
+
+    def close(self) -> None:
+        """Release the watchers (the connection itself is redis-py's to close)."""
+        for watcher in (self._watch, self._timer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self._watch = self._timer = None
