@@ -124,3 +124,17 @@ def test_fanout_smoke_on_redis_starts_its_own_redis(tmp_path: Path) -> None:
     assert level["cpu_window"]["redis_cpu_s"] >= 0
     assert level["server_redis_cpu_us_per_msg"] > 0
     assert redis_servers() <= before  # ours is gone
+
+
+def test_send_floor_smoke() -> None:
+    """``python -m loadtest.send_floor``: every connection gets every round's frame (the
+    reading process drains them all), and each figure is the sender's CPU per send."""
+    proc = subprocess.run([sys.executable, "-m", "loadtest.send_floor", "-n", "20", "--rounds", "5",
+                           "--period", "0.001,0", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60 * SCALE)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert [f["period_s"] for f in figures] == [0.001, 0.0]
+    for figure in figures:
+        assert figure["sends"] == 100
+        assert figure["us_per_send"] > 0 and figure["sends_per_cpu_s"] > 0
