@@ -135,3 +135,25 @@ def test_redis_restart_fails_fast_then_recovers() -> None:
         server.start()
         assert store.post_room("restart", "u1", draft).msg_id == 1  # Redis came back empty
         fast.close()
+
+
+CLOSED_WHILE_WAITING = """
+from gevent import monkey; monkey.patch_all()
+import sys, time, gevent, redis
+from wschat.stores.redis.pipeline import Pipelined
+fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+waiting = gevent.spawn(fast.pipeliner.execute, "BLPOP", "pipe:never", 10)
+gevent.sleep(0.3)  # its BLPOP sent, its greenlet waiting for the reply
+started = time.monotonic()
+fast.close()
+waiting.join(5)
+print(type(waiting.exception).__name__, time.monotonic() - started < 2)
+"""
+
+
+def test_close_fails_a_command_waiting_for_its_reply() -> None:
+    """Closing the pipeline (a worker's shutdown) wakes the greenlet that waits on the
+    socket for its reply, with ConnectionError, at once: not after its 10 s BLPOP."""
+    out = subprocess.run([sys.executable, "-c", CLOSED_WHILE_WAITING, redis_url_or_skip(DB)],
+                         capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    assert out.stdout.split() == ["ConnectionError", "True"], out

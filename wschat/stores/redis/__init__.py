@@ -27,6 +27,7 @@ import logging
 import time
 
 try:
+    import hiredis  # noqa: F401  (replies.py reads the hot path's replies with it)
     import redis
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("REDIS_URL needs the redis extra: pip install 'wschat[redis]'") from exc

@@ -42,7 +42,7 @@ class ReplyReader:
     object per wait, no ``SO_SNDBUF`` lookup per write); the timeout of each wait is
     the socket's (redis-py's ``socket_timeout``, or what the caller set)."""
 
-    __slots__ = ("_buf", "_raw", "_reader", "_timeout", "_timer", "_watch", "sock")
+    __slots__ = ("_buf", "_raw", "_reader", "_timeout", "_timer", "_waiter", "_watch", "sock")
 
     def __init__(self, conn: Any) -> None:
         self.sock = connection_socket(conn)
@@ -56,6 +56,7 @@ class ReplyReader:
         self._watch: Any = None
         self._timer: Any = None
         self._timeout: float | None = None  # the timer's
+        self._waiter: Any = None  # the greenlet in _wait
         if raw is not self.sock and raw.gettimeout() == 0.0:  # gevent's socket
             self._raw = raw
             self._watch = get_hub().loop.io(raw.fileno(), 1)
@@ -113,9 +114,11 @@ class ReplyReader:
                 timer = self._timer = get_hub().loop.timer(timeout, timeout)
                 self._timeout = timeout
             timer.again(getcurrent().throw, TimeoutError("timed out"), update=False)
+        self._waiter = getcurrent()
         try:
             get_hub().wait(self._watch)
         finally:
+            self._waiter = None
             if timer is not None:
                 timer.stop()
 
@@ -139,7 +142,11 @@ class ReplyReader:
             return True
 
     def close(self) -> None:
-        """Release the watchers (the connection itself is redis-py's to close)."""
+        """Release the watchers (the connection itself is redis-py's to close); a greenlet
+        waiting for a reply gets ``ConnectionError``."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and waiter is not getcurrent():
+            get_hub().loop.run_callback(waiter.throw, redis.ConnectionError("connection closed"))
         for watcher in (self._watch, self._timer):
             if watcher is not None:
                 watcher.stop()
