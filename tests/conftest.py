@@ -214,11 +214,12 @@ def client_factory(server: Server) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def own_redis() -> Iterator[PrivateRedis]:
-    """A Redis of the test's own (to stop and restart), removed afterwards; skip (fail
-    under CI) when redis-server is not installed."""
+def own_redis(*extra_args: str) -> Iterator[PrivateRedis]:
+    """A Redis of the test's own (to stop and restart; ``extra_args``: more
+    redis-server options), removed afterwards; skip (fail under CI) when
+    redis-server is not installed."""
     try:
-        redis = PrivateRedis()
+        redis = PrivateRedis(extra_args)
     except ServiceMissing as exc:
         service_unavailable(str(exc))
     redis.start()

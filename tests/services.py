@@ -67,7 +67,8 @@ class PrivateRedis:
     the same port, the data gone); ``remove()`` ends it for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: more redis-server options (a TLS port, say)."""
         binary = shutil.which("redis-server") or shutil.which("/usr/bin/redis-server")
         if binary is None:
             raise ServiceMissing("redis-server is not installed "
@@ -76,6 +77,7 @@ class PrivateRedis:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="wschat-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args = extra_args
 
     @property
     def url(self) -> str:
@@ -84,7 +86,8 @@ class PrivateRedis:
     def start(self) -> PrivateRedis:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--databases", "32"],
+             "--appendonly", "no", "--dir", str(self.dir), "--databases", "32",
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while not _answers_ping(self.port):

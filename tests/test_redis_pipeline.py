@@ -16,7 +16,7 @@ from typing import Any
 import gevent
 import pytest
 
-from conftest import TIMEOUT, own_redis, redis_url_or_skip
+from conftest import TIMEOUT, free_port, own_redis, redis_url_or_skip
 from wschat.protocol import draft_message
 
 DB = 4  # no other module uses it
@@ -157,3 +157,64 @@ def test_close_fails_a_command_waiting_for_its_reply() -> None:
     out = subprocess.run([sys.executable, "-c", CLOSED_WHILE_WAITING, redis_url_or_skip(DB)],
                          capture_output=True, text=True, timeout=TIMEOUT, check=True)
     assert out.stdout.split() == ["ConnectionError", "True"], out
+
+
+OVER_TLS = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent.event, redis
+from wschat.protocol import draft_message
+from wschat.stores.redis import RedisBroker, RedisMessageStore
+from wschat.stores.redis.pipeline import Pipelined
+fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+heard, arrived = [], gevent.event.Event()
+broker = RedisBroker(fast)
+broker.start(lambda room, event, exclude: (heard.append(event), arrived.set()), lambda *_: None)
+broker.subscribe_room("tls")
+store = RedisMessageStore(fast, 100)
+posted = [store.post_room("tls", "u1", draft_message("tls", "a", "u1", f"m{i}", 1, None)).msg_id
+          for i in range(3)]
+arrived.wait(10)
+gevent.sleep(0.2)  # the other two, if they come
+print(posted, len(heard), b'"text":"m0"' in heard[0], type(fast.pipeliner._replies._raw).__name__)
+broker.close()
+fast.close()
+"""
+
+
+def _self_signed(directory: Any) -> tuple[str, str]:
+    """A certificate and key for 127.0.0.1, made by ``cryptography`` (PyJWT[crypto]'s)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "redis.crt", directory / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_pipeline_and_pub_sub_over_tls(tmp_path: Any) -> None:
+    """rediss:// (the Helm chart's external Redis may be one): the hot path reads and
+    writes through the TLS socket, never the TCP socket under it. Posts get their ids
+    and the broker hears them, decrypted."""
+    cert, key = _self_signed(tmp_path)
+    tls_port = free_port()
+    with own_redis("--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+                   "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"):
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none"
+        out = subprocess.run([sys.executable, "-c", OVER_TLS, url],
+                             capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    assert out.stdout.split() == ["[1,", "2,", "3]", "3", "True", "NoneType"], out

@@ -13,7 +13,7 @@ the client unchanged.
 
 A :class:`Pipeliner` owns one connection (made by the client's own pool, so
 address, TLS, auth, database and timeouts are the same; redis-py connects and
-greets). Commands are packed by hiredis and written in one ``sendall``; replies are
+greets). Commands are packed by hiredis and written together in one ``send``; replies are
 read by :class:`~.replies.ReplyReader`, without redis-py's per-reply path.
 A caller queues its command; when nothing is in flight it sends the batch
 itself, otherwise the commands queued while a batch's replies are awaited go

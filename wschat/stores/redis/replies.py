@@ -7,8 +7,9 @@ for a RESP3 push (every pub/sub message), looks up a logger and logs at debug le
 ``can_read``, its stale-socket check, builds a ``select.poll`` (under gevent, a
 greenlet-aware emulation with watchers of its own). A py-spy profile of a worker at
 2,000 room messages/s (loadtest/RESULTS.md, issue 24) put those at about a third of
-its Python time. redis-py still connects, greets (``HELLO``, ``AUTH``, ``SELECT``),
-sends the pub/sub commands and reconnects; only reading is done here.
+its Python time. redis-py still connects (TLS included), greets (``HELLO``, ``AUTH``,
+``SELECT``), sends the pub/sub commands and reconnects; the hot path's reads, and the
+pipeline's writes, are done here.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def connection_socket(conn: Any) -> Any:
 
 
 class ReplyReader:
-    """Writes to and parses what one connection's socket receives. Under gevent it
-    uses the OS socket directly and waits on watchers of its own (no ``Timeout``
-    object per wait, no ``SO_SNDBUF`` lookup per write); the timeout of each wait is
-    the socket's (redis-py's ``socket_timeout``, or what the caller set)."""
+    """Writes to and parses what one connection's socket receives. Under gevent, on a
+    plain TCP socket, it uses the OS socket directly and waits on watchers of its own
+    (no ``Timeout`` object per wait, no ``SO_SNDBUF`` lookup per write); the timeout of
+    each wait is the socket's (redis-py's ``socket_timeout``, or what the caller set)."""
 
     __slots__ = ("_buf", "_raw", "_reader", "_timeout", "_timer", "_waiter", "_watch", "sock")
 
@@ -57,10 +58,13 @@ class ReplyReader:
         self._timer: Any = None
         self._timeout: float | None = None  # the timer's
         self._waiter: Any = None  # the greenlet in _wait
-        if raw is not self.sock and raw.gettimeout() == 0.0:  # gevent's socket
+        if (raw is not self.sock and raw.gettimeout() == 0.0
+                and not hasattr(self.sock, "pending")):  # gevent's socket, not TLS
             self._raw = raw
             self._watch = get_hub().loop.io(raw.fileno(), 1)
-        else:  # a blocking socket, with its timeout (tests, tools)
+        else:
+            # TLS (rediss://: the bytes under it are encrypted), or a blocking socket
+            # (no gevent: tests, tools): through the socket object, with its timeout.
             self._raw = None
 
     def send(self, data: bytes) -> None:
@@ -129,8 +133,10 @@ class ReplyReader:
             return True
         raw = self._raw
         if raw is None:
-            # A socket with a timeout (no gevent): Python would wait that long before
-            # recv, whatever the flags. Ask poll instead.
+            # TLS may hold decrypted bytes above the socket; a socket with a timeout
+            # would wait that long before recv, whatever the flags. Ask poll instead.
+            if hasattr(self.sock, "pending") and self.sock.pending():
+                return True
             poller = select.poll()
             poller.register(self.sock, select.POLLIN)
             return bool(poller.poll(0))
