@@ -1,5 +1,7 @@
-"""The auto-pipelining layer (wschat.stores.redis.pipeline) against a real Redis: batching,
-error replies, NOSCRIPT after a script flush, a connection lost mid-batch and a restart.
+"""The auto-pipelining layer (wschat.stores.redis.pipeline) and the reply reader under it and
+under the pub/sub listener (replies.py), against a real Redis: batching, error replies,
+NOSCRIPT after a script flush, a connection lost mid-batch, a restart, closing while a
+reply is awaited, TLS, and the idle listener's PING.
 
 The store contract tests (tests/test_stores.py, ``redis-pipelined``) run every store
 operation through it too.
@@ -218,3 +220,33 @@ def test_pipeline_and_pub_sub_over_tls(tmp_path: Any) -> None:
         out = subprocess.run([sys.executable, "-c", OVER_TLS, url],
                              capture_output=True, text=True, timeout=TIMEOUT, check=True)
     assert out.stdout.split() == ["[1,", "2,", "3]", "3", "True", "NoneType"], out
+
+
+IDLE_PING = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent, redis
+from wschat.stores.redis import broker as broker_module
+from wschat.stores.redis.pipeline import Pipelined
+broker_module.IDLE_CHECK, broker_module.PING_AFTER = 0.1, 0.3
+fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+broker = broker_module.RedisBroker(fast)
+broker.start(lambda *_: None, lambda *_: None)
+broker.subscribe_room("quiet")
+admin = redis.Redis.from_url(sys.argv[1])
+def pinged():
+    return any(c.get("cmd") == "ping" and int(c.get("sub", 0)) > 0 for c in admin.client_list())
+deadline = gevent.get_hub().loop.now() + 10
+while not pinged() and gevent.get_hub().loop.now() < deadline:
+    gevent.sleep(0.05)
+print(pinged(), broker.healthy())
+broker.close()
+"""
+
+
+def test_a_quiet_pub_sub_connection_pings_redis() -> None:
+    """With nothing published for PING_AFTER seconds the listener PINGs over its
+    subscribed connection (a dead one then fails the write and reconnects), and the
+    PING's reply, which is no message, leaves it healthy."""
+    out = subprocess.run([sys.executable, "-c", IDLE_PING, redis_url_or_skip(DB)],
+                         capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    assert out.stdout.split() == ["True", "True"], out

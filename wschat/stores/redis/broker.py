@@ -18,7 +18,7 @@ from ..base import Broker, RoomHandler, Unavailable, UserHandler
 from .keys import (
     CONTROL, PREFIX, guarded, room_channel, room_payload, split_room_payload, user_channel,
 )
-from .replies import ReplyReader, connection_socket
+from .replies import ReplyReader
 
 log = logging.getLogger("wschat.redis")
 
@@ -126,8 +126,7 @@ class RedisBroker(Broker):
         # replies still go through redis-py's handle_message, which keeps its channel
         # bookkeeping.
         pubsub = self._pubsub
-        connection_socket(pubsub.connection).settimeout(IDLE_CHECK)  # for the reader and PINGs
-        replies = ReplyReader(pubsub.connection)
+        replies = ReplyReader(pubsub.connection, read_timeout=IDLE_CHECK)
         try:
             self._read(pubsub, replies)
         finally:
@@ -141,7 +140,7 @@ class RedisBroker(Broker):
         while not self._stopping and pubsub is self._pubsub:
             try:
                 response = replies.read()
-            except TimeoutError:  # the socket's, after IDLE_CHECK
+            except TimeoutError:  # nothing for IDLE_CHECK seconds
                 idle += IDLE_CHECK
                 if idle >= PING_AFTER:  # a dead connection fails the PING's write
                     pubsub.ping()

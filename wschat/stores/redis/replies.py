@@ -40,13 +40,16 @@ def connection_socket(conn: Any) -> Any:
 class ReplyReader:
     """Writes to and parses what one connection's socket receives. Under gevent, on a
     plain TCP socket, it uses the OS socket directly and waits on watchers of its own
-    (no ``Timeout`` object per wait, no ``SO_SNDBUF`` lookup per write); the timeout of
-    each wait is the socket's (redis-py's ``socket_timeout``, or what the caller set)."""
+    (no ``Timeout`` object per wait, no ``SO_SNDBUF`` lookup per write)."""
 
-    __slots__ = ("_buf", "_raw", "_reader", "_timeout", "_timer", "_waiter", "_watch", "sock")
+    __slots__ = ("_buf", "_raw", "_read_timeout", "_reader", "_timeout", "_timer", "_waiter",
+                 "_watch", "sock")
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, read_timeout: float | None = None) -> None:
+        """``read_timeout``: seconds :meth:`read` waits for data (TimeoutError after), if
+        not the socket's timeout, which writes keep."""
         self.sock = connection_socket(conn)
+        self._read_timeout = read_timeout
         raw = getattr(self.sock, "_sock", self.sock)  # the OS socket under gevent's
         # Error replies come back as values, as redis-py's own classes (NoScriptError,
         # BusyLoadingError, ...); a malformed stream is a connection error.
@@ -92,7 +95,7 @@ class ReplyReader:
         while reply is _NOT_ENOUGH_DATA:
             raw = self._raw
             if raw is None:
-                count = self.sock.recv_into(self._buf)
+                count = self._recv_through_socket()
             else:
                 try:
                     count = raw.recv_into(self._buf)
@@ -105,9 +108,22 @@ class ReplyReader:
             reply = reader.gets()
         return reply
 
+    def _recv_through_socket(self) -> int:
+        sock, timeout = self.sock, self._read_timeout
+        if timeout is None:
+            return sock.recv_into(self._buf)
+        saved = sock.gettimeout()
+        sock.settimeout(timeout)
+        try:
+            return sock.recv_into(self._buf)
+        finally:
+            sock.settimeout(saved)
+
     def _wait(self) -> None:
-        """Until the socket is readable, or TimeoutError after the socket's timeout."""
-        timeout = self.sock.gettimeout()
+        """Until the socket is readable, or TimeoutError after the read timeout."""
+        timeout = self._read_timeout
+        if timeout is None:
+            timeout = self.sock.gettimeout()
         timer = self._timer
         if timeout is not None:
             if timer is None or self._timeout != timeout:
