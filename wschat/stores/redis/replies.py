@@ -124,6 +124,7 @@ class ReplyReader:
         timeout = self._read_timeout
         if timeout is None:
             timeout = self.sock.gettimeout()
+        hub, me = get_hub(), getcurrent()
         timer = self._timer
         if timeout is not None:
             if timer is None or self._timeout != timeout:
@@ -131,12 +132,12 @@ class ReplyReader:
                     timer.close()
                 # again() below (re)starts it for its repeat: one watcher per reader,
                 # not a Timeout object per wait
-                timer = self._timer = get_hub().loop.timer(timeout, timeout)
+                timer = self._timer = hub.loop.timer(timeout, timeout)
                 self._timeout = timeout
-            timer.again(getcurrent().throw, TimeoutError("timed out"), update=False)
-        self._waiter = getcurrent()
+            timer.again(me.throw, TimeoutError("timed out"), update=False)
+        self._waiter = me
         try:
-            get_hub().wait(self._watch)
+            hub.wait(self._watch)
         finally:
             self._waiter = None
             if timer is not None:
