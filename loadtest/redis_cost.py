@@ -6,8 +6,11 @@ database is flushed), performs each operation ``N`` times through real
 WebSocket clients, waiting for each one's reply, and reads Redis's own
 counters (``INFO commandstats``, ``total_net_input_bytes``,
 ``total_net_output_bytes``) before and after. The cost of reading INFO itself
-is measured with an empty interval and subtracted. Prints a Markdown table
-(docs/operations.md, "Sizing Redis", holds its latest output).
+is measured with an empty interval and subtracted. Prints two Markdown tables
+(docs/operations.md, "Sizing Redis", holds their latest output): what each
+operation costs, and what Redis keeps (``MEMORY USAGE`` of the keys that grow with
+traffic: a ``client_msg_id``'s dedupe key, a message held in the history, a
+sender's rate-limit bucket).
 
 Bytes out include the pub/sub fan-out to the one subscribed worker; each further
 worker (or pod) with members in the room adds one copy of the payload.
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
             a.send(type="message", room=room, text=text)
             a.expect("message", room=room), b.expect("message", room=room)
 
+        def message_with_id(i: int) -> None:  # what the client libraries send
+            a.send(type="message", room=room, text=text, client_msg_id=f"sizing-{i}")
+            a.expect("message", room=room), b.expect("message", room=room)
+
         def dm(i: int) -> None:
             a.send(type="dm", to=b.user_id, text=text)
             b.expect("dm"), a.expect("dm")
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             Conn(url, f"guest{i}").close()
 
         rows["room message (100 B text, 2 members)"] = measure(client, overhead, o.count, message)
+        rows["room message with a client_msg_id"] = measure(client, overhead, o.count,
+                                                             message_with_id)
         rows["DM (100 B text, recipient online)"] = measure(client, overhead, o.count, dm)
         rows["typing on/off (one change)"] = measure(client, overhead, o.count, typing)
         rows["history (limit 50, 100 B messages)"] = measure(client, overhead, o.count, history)
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[f"idle worker, per second (node heartbeat, {idle:g} s)"] = {
             k: v / idle for k, v in rows[f"idle worker, per second (node heartbeat, {idle:g} s)"].items()}
         a.close(), b.close()
+        kept = memory_kept(client, room, a.user_id)
     finally:
         server.stop()
         client.close()
@@ -154,6 +164,38 @@ def main(argv: list[str] | None = None) -> None:
         commands = ", ".join(f"{v:.2g} {k.upper()}" for k, v in sorted(d.items())
                              if not k.startswith("@") and abs(v) >= 0.01)
         print(f"| {name} | {commands or '-'} | {d.get('@in', 0):.0f} | {d.get('@out', 0):.0f} |")
+    print()
+    print("| what Redis keeps | bytes each (MEMORY USAGE) | of which the value |")
+    print("|---|---|---|")
+    for name, (usage, value) in kept.items():
+        print(f"| {name} | {usage:.0f} | {value:.0f} |")
+
+
+def memory_kept(client: Any, room: str, user_id: str) -> dict[str, tuple[float, float]]:
+    """Bytes per entry of what grows with traffic, as Redis counts them: (usage, value)."""
+    from wschat.stores.redis.keys import RATE_LIMITS, dedupe_key, room_keys
+    from wschat.stores.redis.ratelimit import RedisRateLimiter
+
+    out: dict[str, tuple[float, float]] = {}
+    dedupe = [dedupe_key(f"wschat:{{r:{room}}}:", user_id, f"sizing-{i}") for i in range(50)]
+    usage = [client.memory_usage(k, samples=0) for k in dedupe]
+    if all(usage):
+        out["dedupe key of a message with a client_msg_id (kept 1 hour)"] = (
+            sum(usage) / len(usage), sum(client.strlen(k) for k in dedupe) / len(dedupe))
+    hist = room_keys(room)[5]
+    held = client.llen(hist)
+    if held:
+        out[f"a message in a room's history (of {held} held)"] = (
+            client.memory_usage(hist, samples=0) / held,
+            sum(len(m) for m in client.lrange(hist, 0, -1)) / held)
+    # A sender's bucket, spent by the same script a post runs (the server under test
+    # runs with limits too high to leave one for long): kept until it is full again.
+    RedisRateLimiter(client, 10.0, 20.0).hit(f"u:{user_id}")
+    bucket = RATE_LIMITS + f"u:{user_id}"
+    if client.exists(bucket):
+        out["rate-limit bucket of a recent sender (until full again)"] = (
+            client.memory_usage(bucket, samples=0), client.strlen(bucket))
+    return out
 
 
 if __name__ == "__main__":

@@ -138,3 +138,33 @@ def test_send_floor_smoke() -> None:
     for figure in figures:
         assert figure["sends"] == 100
         assert figure["us_per_send"] > 0 and figure["sends_per_cpu_s"] > 0
+
+
+def test_redis_cost_reports_what_redis_keeps() -> None:
+    """loadtest.redis_cost's memory table (docs/operations.md, "Sizing Redis") measures
+    real keys: a dedupe key, a held message and a bucket, each with its value inside."""
+    import redis
+    from conftest import redis_url_or_skip
+
+    from loadtest.redis_cost import memory_kept
+    from wschat.protocol import draft_message
+    from wschat.stores.redis import RedisMessageStore
+
+    client = redis.Redis.from_url(redis_url_or_skip(26))  # no other module uses it
+    try:
+        messages = RedisMessageStore(client, 100)
+        for i in range(50):
+            messages.post_room("sizing", "ann", draft_message(
+                "sizing", "ann", "ann", "x" * 100, 1, f"sizing-{i}"))
+        kept = memory_kept(client, "sizing", "ann")
+    finally:
+        client.flushdb()
+        client.close()
+    assert set(kept) == {
+        "dedupe key of a message with a client_msg_id (kept 1 hour)",
+        "a message in a room's history (of 50 held)",
+        "rate-limit bucket of a recent sender (until full again)"}
+    for usage, value in kept.values():
+        assert 0 < value < usage
+    # the dedupe key holds the whole event, as the history does
+    assert kept["dedupe key of a message with a client_msg_id (kept 1 hour)"][1] > 100

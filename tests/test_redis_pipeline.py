@@ -250,3 +250,31 @@ def test_a_quiet_pub_sub_connection_pings_redis() -> None:
     out = subprocess.run([sys.executable, "-c", IDLE_PING, redis_url_or_skip(DB)],
                          capture_output=True, text=True, timeout=TIMEOUT, check=True)
     assert out.stdout.split() == ["True", "True"], out
+
+
+def test_a_full_redis_is_unavailable_not_an_internal_error() -> None:
+    """At ``maxmemory`` with ``noeviction`` Redis refuses writes (OOM): posts are refused
+    as ``Unavailable`` (the client is told to retry), not as an internal error, and rate
+    limits (which reads such as ``history`` spend) go on per worker."""
+    import redis
+
+    from wschat.stores.base import Unavailable
+    from wschat.stores.redis.ratelimit import RedisRateLimiter
+    from wschat.stores.redis.stores import RedisMessageStore
+
+    with own_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            messages = RedisMessageStore(client, 100)
+            posted = 0
+            with pytest.raises(Unavailable):
+                for i in range(100_000):  # 2 MB of dedupe keys and history, then OOM
+                    messages.post_room(f"r{i % 50}", "ann", draft_message(
+                        "r", "ann", "ann", "x" * 100, 1, f"c{i}"))
+                    posted += 1
+            assert posted > 100  # it was full, not broken
+            limiter = RedisRateLimiter(client, 1.0, 2.0)
+            spent = [limiter.hit("u:ann") for _ in range(3)]
+            assert spent[:2] == [0, 0] and 0 < spent[2] <= 1000  # per worker, still limited
+        finally:
+            client.close()

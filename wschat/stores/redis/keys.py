@@ -34,14 +34,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def guarded(method: F) -> F:
-    """Turn a Redis outage into :class:`Unavailable` (the request is refused, not lost)."""
+    """Turn a Redis outage into :class:`Unavailable` (the request is refused, not lost).
+    A Redis at ``maxmemory`` (``noeviction`` refuses writes: ``OOM``) is one too: the
+    client is told to retry, not that the server failed."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                OSError) as exc:
+                redis.exceptions.OutOfMemoryError, OSError) as exc:
             if self._metrics is not None:
                 self._metrics.store_error("redis")
             raise Unavailable(f"redis: {exc.__class__.__name__}") from exc

@@ -21,7 +21,7 @@ class RedisRateLimiter(RateLimiter):
     the clock is the Redis server's TIME (skew between machines can neither mint nor
     burn tokens), and the key expires when the bucket would be full again.
 
-    If Redis cannot be reached, buckets fall back to this process
+    If Redis cannot be reached (or is full: ``OOM`` at ``maxmemory``), buckets fall back to this process
     (:class:`MemoryRateLimiter`): limiting stays on, per worker instead of per
     server, rather than failing every message. Redis is tried again
     ``RETRY_AFTER`` seconds later, so an outage costs one slow check per
@@ -42,7 +42,7 @@ class RedisRateLimiter(RateLimiter):
         self.prefix = prefix
         self._script = script(client, "rate_limit", prelude="charge")
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                        OSError)
+                        redis.exceptions.OutOfMemoryError, OSError)
         self._fallback = MemoryRateLimiter(rate, burst)
         self._down_until = 0.0
         self._next_warning = 0.0
@@ -66,7 +66,7 @@ class RedisRateLimiter(RateLimiter):
             now = time.monotonic()
             self._down_until = now + self.RETRY_AFTER
             if now >= self._next_warning:
-                log.warning("rate limiting per worker: Redis unreachable (%s)", exc)
+                log.warning("rate limiting per worker: Redis unreachable or full (%s)", exc)
                 self._next_warning = now + self.FALLBACK_LOG_EVERY
             return self._fallback.spend(charge, cost)
         self._down_until = 0.0
