@@ -21,8 +21,8 @@ class RedisRateLimiter(RateLimiter):
     the clock is the Redis server's TIME (skew between machines can neither mint nor
     burn tokens), and the key expires when the bucket would be full again.
 
-    If Redis cannot be reached (or is full: ``OOM`` at ``maxmemory``), buckets fall back to this process
-    (:class:`MemoryRateLimiter`): limiting stays on, per worker instead of per
+    If Redis cannot be reached (or is full: ``OOM`` at ``maxmemory``), buckets fall
+    back to this process (:class:`MemoryRateLimiter`): limiting stays on, per worker instead of per
     server, rather than failing every message. Redis is tried again
     ``RETRY_AFTER`` seconds later, so an outage costs one slow check per
     interval, not one per message.
