@@ -32,18 +32,22 @@ RATE_LIMITS = PREFIX + "rl:"  # + a bucket's key (RedisRateLimiter's default pre
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: What counts as Redis being out of service: unreachable, slow, still loading, or at
+#: ``maxmemory`` (``noeviction`` refuses writes: ``OOM``). The client is told to retry,
+#: not that the server failed.
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+           redis.exceptions.OutOfMemoryError, OSError)
+
 
 def guarded(method: F) -> F:
-    """Turn a Redis outage into :class:`Unavailable` (the request is refused, not lost).
-    A Redis at ``maxmemory`` (``noeviction`` refuses writes: ``OOM``) is one too: the
-    client is told to retry, not that the server failed."""
+    """Turn a Redis outage (:data:`OUTAGES`) into :class:`Unavailable` (the request is
+    refused, not lost)."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                redis.exceptions.OutOfMemoryError, OSError) as exc:
+        except OUTAGES as exc:
             if self._metrics is not None:
                 self._metrics.store_error("redis")
             raise Unavailable(f"redis: {exc.__class__.__name__}") from exc

@@ -7,10 +7,8 @@ import logging
 import time
 from typing import Any
 
-import redis
-
 from ...ratelimit import Charge, MemoryRateLimiter, RateLimiter
-from .keys import RATE_LIMITS, charged, script
+from .keys import OUTAGES, RATE_LIMITS, charged, script
 
 log = logging.getLogger("wschat.ratelimit")
 
@@ -41,8 +39,6 @@ class RedisRateLimiter(RateLimiter):
         self.rate, self.burst = float(rate), float(burst)
         self.prefix = prefix
         self._script = script(client, "rate_limit", prelude="charge")
-        self._errors = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                        redis.exceptions.OutOfMemoryError, OSError)
         self._fallback = MemoryRateLimiter(rate, burst)
         self._down_until = 0.0
         self._next_warning = 0.0
@@ -62,7 +58,7 @@ class RedisRateLimiter(RateLimiter):
         keys, args = charged([], [], charge, cost, self.prefix)
         try:
             retry_ms = self._script(keys=keys, args=args)
-        except self._errors as exc:
+        except OUTAGES as exc:
             now = time.monotonic()
             self._down_until = now + self.RETRY_AFTER
             if now >= self._next_warning:
