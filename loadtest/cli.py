@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--client-msg-id", action="store_true", help="send a client_msg_id with every message")
         s.add_argument("--redis-url", default=d.redis_url, help="wschat-redis: Redis database (flushed!); without it the run starts a "
                             "private redis-server (free port, no persistence, stopped at exit)")
+        s.add_argument("--redis-workers", type=int, default=d.redis_workers,
+                       help=f"wschat-redis: gunicorn workers [{d.redis_workers}]")
         s.add_argument("--url", help="use an already running server at ws://HOST:PORT (one target, not started)")
         s.add_argument("--server-pid", type=int, help="with --url: the server's PID, for its CPU and RSS")
         s.add_argument("--json", type=Path, help="write the report(s) here")

@@ -122,6 +122,7 @@ class Opts:
     room_sizes: tuple[int, ...] = (2, 3, 4, 5)  # smallrooms: room sizes, in turn
     dm_share: float = 0.2  # smallrooms: share of sends that are DMs
     redis_url: str = tg.DEFAULT_REDIS_URL
+    redis_workers: int = 2  # gunicorn workers of wschat-redis
     url: str | None = None  # an already running server (no start/stop): ws://host:port
     server_pid: int | None = None
     quiet: bool = False
@@ -158,7 +159,8 @@ class Context:
                 self.host, self.port = "127.0.0.1", tg.free_port()
                 max_conn = max(10000, int(o.connections * 1.5) + 1000)
                 spec = tg.build(self.target, self.port, tg.free_port(), max_connections=max_conn,
-                                heartbeat=o.heartbeat, redis_url=o.redis_url)
+                                heartbeat=o.heartbeat, redis_url=o.redis_url,
+                                redis_workers=o.redis_workers)
                 codec = spec.codec
                 self.description = spec.description
                 log_path = tg.LOGS / f"{self.run_id}-{self.target}.log"

@@ -58,8 +58,10 @@ def bun_binary() -> str | None:
 
 
 def build(name: str, port: int, metrics_port: int, *, max_connections: int, heartbeat: float,
-          redis_url: str = DEFAULT_REDIS_URL, env_overrides: dict[str, str] | None = None) -> TargetSpec:
-    """The command line and environment that start target ``name`` on ``port``."""
+          redis_url: str = DEFAULT_REDIS_URL, redis_workers: int = 2,
+          env_overrides: dict[str, str] | None = None) -> TargetSpec:
+    """The command line and environment that start target ``name`` on ``port``
+    (``wschat-redis``: ``redis_workers`` gunicorn workers)."""
     env = dict(os.environ)
     env.update({"HOST": "127.0.0.1", "PORT": str(port), "HEARTBEAT_INTERVAL": str(heartbeat),
                 "PYTHONUNBUFFERED": "1"})
@@ -79,13 +81,14 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
         redis = None
         if name == "wschat-redis":
             redis_url = redis_url or private_redis_url()
-            env.update({"REDIS_URL": redis_url, "WEB_CONCURRENCY": "2"})
+            env.update({"REDIS_URL": redis_url, "WEB_CONCURRENCY": str(redis_workers)})
             redis = redis_url
         gunicorn = str(Path(py).with_name("gunicorn"))
         argv = [gunicorn if os.path.exists(gunicorn) else "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
                 "wschat:app"]
         desc = ("wschat, gunicorn + 1 gevent worker, memory backend" if redis is None else
-                "wschat, gunicorn + 2 gevent workers, Redis backend")
+                f"wschat, gunicorn + {redis_workers} gevent worker{'s' * (redis_workers > 1)}, "
+                "Redis backend")
         if env_overrides:
             env.update(env_overrides)
         return TargetSpec(name, "plain", argv, env, "http", desc, redis_url=redis)
