@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import redis_url_or_skip
+from conftest import redis_url, redis_url_or_skip
 from wschat.config import Settings
 from wschat.protocol import draft_dm, draft_message, message_id_of, stored_id_of
 from wschat.stores.base import Stores, User
@@ -112,6 +112,56 @@ def test_dedupe_returns_original(stores: Stores) -> None:
     assert again.event == first.event and again.msg_id == first.msg_id
     assert post(stores, "a", "other", "cm-1", user=BOB).msg_id == 2  # per user
     assert stores.messages.last_id("a") == 2
+
+
+def test_a_retry_gets_the_rooms_copy_while_the_history_holds_it(stores: Stores) -> None:
+    """A retry is answered with the room's own copy even if its text differs (the
+    dedupe entry holds only the id and timestamp); once the history no longer holds
+    the message, the echo is rebuilt from the retry with the original id and time."""
+    first = stores.messages.post_room("a", ALICE.user_id, draft_message(
+        "a", "alice", ALICE.user_id, "original", 1111, "cm"))
+    changed = stores.messages.post_room("a", ALICE.user_id, draft_message(
+        "a", "alice", ALICE.user_id, "changed", 2222, "cm"))
+    assert changed.duplicate and changed.event == first.event
+    for i in range(5):  # HISTORY_SIZE is 5 here: the original leaves the history
+        post(stores, "a", f"m{i}")
+    late = stores.messages.post_room("a", ALICE.user_id, draft_message(
+        "a", "alice", ALICE.user_id, "original", 3333, "cm"))
+    assert late.duplicate and late.msg_id == first.msg_id
+    assert late.event == first.event  # same text: the same bytes, rebuilt
+    assert stores.messages.last_id("a") == 6
+
+
+def test_a_dm_retry_is_rebuilt_with_the_original_id_and_time(stores: Stores) -> None:
+    """DMs have no history to find a retry's original in: the echo is the retry's own
+    draft with the id and timestamp the first post got."""
+    first = stores.messages.post_dm(ALICE.user_id, BOB.user_id,
+                                    draft_dm(BOB.user_id, "alice", ALICE.user_id, "hi", 1111, "k"))
+    again = stores.messages.post_dm(ALICE.user_id, BOB.user_id,
+                                    draft_dm(BOB.user_id, "alice", ALICE.user_id, "hi", 2222, "k"))
+    assert again.duplicate and again.event == first.event
+
+
+@pytest.mark.parametrize("stores", ["redis"], indirect=True)
+def test_redis_dedupe_keys_hold_the_id_not_the_event(stores: Stores) -> None:
+    """A dedupe key is "<id> <timestamp_ms>" (a key per message for an hour: the event
+    would be most of Redis's memory); a key holding a whole event, as before, is still
+    understood."""
+    import redis
+
+    from wschat.stores.redis.keys import PREFIX, dedupe_key
+
+    client = redis.Redis.from_url(redis_url(10))  # the fixture's database
+    try:
+        first = post(stores, "a", "x" * 200, "cm")
+        key = dedupe_key(f"{PREFIX}{{r:a}}:", ALICE.user_id, "cm")
+        assert client.get(key) == f"{first.msg_id} 1".encode()
+        old = dedupe_key(f"{PREFIX}{{r:a}}:", ALICE.user_id, "old")
+        client.set(old, first.event)
+        retry = post(stores, "a", "ignored", "old")
+        assert retry.duplicate and retry.event == first.event
+    finally:
+        client.close()
 
 
 def test_history_keeps_the_last_n(stores: Stores) -> None:

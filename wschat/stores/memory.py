@@ -109,7 +109,8 @@ class MemoryMessageStore(MessageStore):
         self._logs: OrderedDict[str, _RoomLog] = OrderedDict()  # least recently written first
         self._idle: OrderedDict[str, float] = OrderedDict()  # emptied room -> when
         # (room or "", user, client_msg_id) -> (when, message id, its timestamp): a
-        # retry's echo is rebuilt from its own draft, so no event is kept twice.
+        # retry's echo is the room's copy while the history holds it, else rebuilt from
+        # the retry's own draft, so no event is kept twice.
         self._dedupe: OrderedDict[tuple[str, str, str], tuple[float, int, int]] = OrderedDict()
         self._dm_last_id = 0
 
@@ -128,7 +129,12 @@ class MemoryMessageStore(MessageStore):
         hit = self._dedupe.get(key)
         if hit is None:
             return None
-        return Posted(hit[1], draft.as_stored(hit[1], hit[2]), True)
+        msg_id, timestamp_ms = hit[1], hit[2]
+        log = self._logs.get(key[0]) if key[0] else None
+        for held_id, event in reversed(log.messages) if log else ():
+            if held_id == msg_id:  # the room's own copy while the history holds it
+                return Posted(msg_id, event, True)
+        return Posted(msg_id, draft.as_stored(msg_id, timestamp_ms), True)
 
     def _remember(self, key: tuple[str, str, str], msg_id: int, draft: MessageDraft) -> None:
         self._dedupe[key] = (self._clock(), msg_id, draft.timestamp_ms)

@@ -115,14 +115,27 @@ class RedisMessageStore(MessageStore):
         if not self.delivering():
             raise Unavailable("redis: resubscribing after an outage")
 
-    @staticmethod
-    def _posted(out: list[Any]) -> Posted:
+    def _posted(self, out: list[Any], draft: MessageDraft, room: str | None = None) -> Posted:
         outcome, event = out
         if outcome == 2:
             raise RateLimited(int(event))
         if outcome == 3:
             raise RecipientOffline("no such user online")
-        return Posted(stored_id_of(event), bytes(event), bool(outcome))
+        if outcome == 1:
+            return self._retried(bytes(event), draft, room)
+        return Posted(stored_id_of(event), bytes(event), False)
+
+    def _retried(self, seen: bytes, draft: MessageDraft, room: str | None) -> Posted:
+        """A retry's echo from its dedupe key's ``<id> <timestamp_ms>``: the room's copy
+        while its history holds it, else rebuilt from the retry's own draft."""
+        if seen.startswith(b"{"):  # a key written before keys held only the id
+            return Posted(stored_id_of(seen), seen, True)
+        msg_id, timestamp_ms = (int(part) for part in seen.split(b" "))
+        if room is not None:
+            for event in reversed(self._client.lrange(room_keys(room)[5], 0, -1)):
+                if message_id_of(event) == msg_id:
+                    return Posted(msg_id, bytes(event), True)
+        return Posted(msg_id, draft.as_stored(msg_id, timestamp_ms), True)
 
     @guarded
     def post_room(self, room: str, user_id: str, draft: MessageDraft,
@@ -133,9 +146,9 @@ class RedisMessageStore(MessageStore):
         if draft.client_msg_id:
             script_keys.append(dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
                                            draft.client_msg_id))
-        script_keys, args = charged(
-            script_keys, [draft.prefix, draft.suffix, DEDUPE_TTL, self._size], charge)
-        return self._posted(self._post_room(keys=script_keys, args=args))
+        script_keys, args = charged(script_keys, [
+            draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms, self._size], charge)
+        return self._posted(self._post_room(keys=script_keys, args=args), draft, room)
 
     @guarded
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
@@ -144,14 +157,14 @@ class RedisMessageStore(MessageStore):
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
             script_keys.append(dedupe_key(f"{PREFIX}dm:", sender_id, draft.client_msg_id))
-        args: list[Any] = [draft.prefix, draft.suffix, DEDUPE_TTL]
+        args: list[Any] = [draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms]
         post = self._post_dm
         if recipient_online is None:  # checked in the same call (dm_online.lua)
             script_keys.append(PRESENCE)
             args.append(recipient_id)
             post = self._post_dm_online
         script_keys, args = charged(script_keys, args, charge)
-        return self._posted(post(keys=script_keys, args=args))
+        return self._posted(post(keys=script_keys, args=args), draft)
 
     @guarded
     def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
