@@ -17,12 +17,14 @@ import os
 import secrets
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ..errors import WschatError
-from ..protocol import MessageDraft, is_guest_id
+from ..protocol import MessageDraft, is_guest_id, message_id_of
 from ..ratelimit import Charge
 
 
@@ -92,6 +94,25 @@ def dm_parties(sender_id: str, recipient_id: str) -> list[str]:
 PUBLISHED = 1  # delivered (and everything held behind it)
 HELD = 0  # an earlier id is not published yet: held until it is (or fetched from the log)
 STALE = -1  # the room's window is already past this id: not published again
+
+
+def retry_echo(draft: MessageDraft, msg_id: int, timestamp_ms: int,
+               held: Iterable[bytes] = ()) -> Posted:
+    """What a retry of a stored post (its dedupe entry: ``msg_id``, ``timestamp_ms``) is
+    answered with: the room's own copy among ``held`` (its history, newest first) while
+    it is there, else the retry's draft under the original id and time.
+
+    The copy must carry the same timestamp and ``client_msg_id`` too: a room whose
+    numbering restarted after it expired (``ROOM_TTL``) holds other messages under old
+    ids."""
+    for event in held:
+        if message_id_of(event) == msg_id:
+            stored = orjson.loads(event)
+            if (stored.get("timestamp") == timestamp_ms
+                    and stored.get("client_msg_id") == draft.client_msg_id):
+                return Posted(msg_id, event, True)
+            break
+    return Posted(msg_id, draft.as_stored(msg_id, timestamp_ms), True)
 
 
 class Unavailable(WschatError):

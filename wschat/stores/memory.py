@@ -15,7 +15,7 @@ from ..protocol import MessageDraft
 from ..ratelimit import Charge
 from .base import (
     PUBLISHED, Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay,
-    RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties,
+    RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties, retry_echo,
 )
 
 DEDUPE_TTL = 3600.0
@@ -129,12 +129,9 @@ class MemoryMessageStore(MessageStore):
         hit = self._dedupe.get(key)
         if hit is None:
             return None
-        msg_id, timestamp_ms = hit[1], hit[2]
         log = self._logs.get(key[0]) if key[0] else None
-        for held_id, event in reversed(log.messages) if log else ():
-            if held_id == msg_id:  # the room's own copy while the history holds it
-                return Posted(msg_id, event, True)
-        return Posted(msg_id, draft.as_stored(msg_id, timestamp_ms), True)
+        return retry_echo(draft, hit[1], hit[2],
+                          (event for _, event in reversed(log.messages)) if log else ())
 
     def _remember(self, key: tuple[str, str, str], msg_id: int, draft: MessageDraft) -> None:
         self._dedupe[key] = (self._clock(), msg_id, draft.timestamp_ms)

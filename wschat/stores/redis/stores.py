@@ -19,7 +19,7 @@ from ...ratelimit import Charge, RateLimited
 from ...telemetry import Metrics
 from ..base import (
     PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline,
-    Replay, RoomStore, Stored, Unavailable, User,
+    Replay, RoomStore, Stored, Unavailable, User, retry_echo,
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
@@ -131,11 +131,8 @@ class RedisMessageStore(MessageStore):
         if seen.startswith(b"{"):  # a key written before keys held only the id
             return Posted(stored_id_of(seen), seen, True)
         msg_id, timestamp_ms = (int(part) for part in seen.split(b" "))
-        if room is not None:
-            for event in reversed(self._client.lrange(room_keys(room)[5], 0, -1)):
-                if message_id_of(event) == msg_id:
-                    return Posted(msg_id, bytes(event), True)
-        return Posted(msg_id, draft.as_stored(msg_id, timestamp_ms), True)
+        held = reversed(self._client.lrange(room_keys(room)[5], 0, -1)) if room else ()
+        return retry_echo(draft, msg_id, timestamp_ms, (bytes(event) for event in held))
 
     @guarded
     def post_room(self, room: str, user_id: str, draft: MessageDraft,
