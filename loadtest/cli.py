@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "private redis-server (free port, no persistence, stopped at exit)")
         s.add_argument("--redis-workers", type=int, default=d.redis_workers,
                        help=f"wschat-redis: gunicorn workers [{d.redis_workers}]")
+        s.add_argument("--server-tree", help="wschat targets: run wschat from this checkout (its "
+                       "wschat/ and gunicorn.conf.py) instead of this one")
         s.add_argument("--url", help="use an already running server at ws://HOST:PORT (one target, not started)")
         s.add_argument("--server-pid", type=int, help="with --url: the server's PID, for its CPU and RSS")
         s.add_argument("--json", type=Path, help="write the report(s) here")

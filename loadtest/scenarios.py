@@ -123,6 +123,7 @@ class Opts:
     dm_share: float = 0.2  # smallrooms: share of sends that are DMs
     redis_url: str = tg.DEFAULT_REDIS_URL
     redis_workers: int = 2  # gunicorn workers of wschat-redis
+    server_tree: str | None = None  # wschat from another checkout (python -m loadtest.ab)
     url: str | None = None  # an already running server (no start/stop): ws://host:port
     server_pid: int | None = None
     quiet: bool = False
@@ -160,7 +161,7 @@ class Context:
                 max_conn = max(10000, int(o.connections * 1.5) + 1000)
                 spec = tg.build(self.target, self.port, tg.free_port(), max_connections=max_conn,
                                 heartbeat=o.heartbeat, redis_url=o.redis_url,
-                                redis_workers=o.redis_workers)
+                                redis_workers=o.redis_workers, server_tree=o.server_tree)
                 codec = spec.codec
                 self.description = spec.description
                 log_path = tg.LOGS / f"{self.run_id}-{self.target}.log"

@@ -59,9 +59,11 @@ def bun_binary() -> str | None:
 
 def build(name: str, port: int, metrics_port: int, *, max_connections: int, heartbeat: float,
           redis_url: str = DEFAULT_REDIS_URL, redis_workers: int = 2,
+          server_tree: str | None = None,
           env_overrides: dict[str, str] | None = None) -> TargetSpec:
     """The command line and environment that start target ``name`` on ``port``
-    (``wschat-redis``: ``redis_workers`` gunicorn workers)."""
+    (``wschat-redis``: ``redis_workers`` gunicorn workers; ``server_tree``: wschat and
+    its gunicorn.conf.py from that checkout instead of this one)."""
     env = dict(os.environ)
     env.update({"HOST": "127.0.0.1", "PORT": str(port), "HEARTBEAT_INTERVAL": str(heartbeat),
                 "PYTHONUNBUFFERED": "1"})
@@ -83,8 +85,11 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
             redis_url = redis_url or private_redis_url()
             env.update({"REDIS_URL": redis_url, "WEB_CONCURRENCY": str(redis_workers)})
             redis = redis_url
+        tree = Path(server_tree).resolve() if server_tree else REPO
+        if server_tree:  # ahead of the installed (editable) wschat
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
         gunicorn = str(Path(py).with_name("gunicorn"))
-        argv = [gunicorn if os.path.exists(gunicorn) else "gunicorn", "-c", str(REPO / "gunicorn.conf.py"),
+        argv = [gunicorn if os.path.exists(gunicorn) else "gunicorn", "-c", str(tree / "gunicorn.conf.py"),
                 "wschat:app"]
         desc = ("wschat, gunicorn + 1 gevent worker, memory backend" if redis is None else
                 f"wschat, gunicorn + {redis_workers} gevent worker{'s' * (redis_workers > 1)}, "

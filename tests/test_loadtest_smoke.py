@@ -169,3 +169,31 @@ def test_redis_cost_reports_what_redis_keeps() -> None:
     # the history holds the event; the dedupe key only "<id> <timestamp_ms>"
     assert kept["a message in a room's history (of 50 held)"][1] > 100
     assert kept["dedupe key of a message with a client_msg_id (kept 1 hour)"][1] < 30
+
+
+def test_ab_compares_two_checkouts_in_pairs(tmp_path: Path) -> None:
+    """``python -m loadtest.ab`` runs the baseline (git archive) and this tree in
+    alternating pairs and reports the ratio of CPU per message with its interval."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, "-m", "loadtest.ab", "--pairs", "2", "--json", str(out),
+                           "--", "smallrooms", "-n", "20", "--rate", "20", "-d", "1",
+                           "--warmup", "0.5", "--quiet-gate", "0", "--workers", "1",
+                           "--source-ips", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120 * SCALE)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    assert [r["order"] for r in data["runs"]] == ["AB", "BA"]
+    assert all(r[side]["20.0"] > 0 for r in data["runs"] for side in "AB")
+    [summary] = data["summary"].values()
+    assert summary["pairs"] == 2 and summary["low"] <= summary["ratio"] <= summary["high"]
+    assert "20 msg/s, 2 pairs: B/A" in proc.stdout
+
+
+def test_ab_verdicts() -> None:
+    """A difference is resolved only when the interval of the pairs excludes none."""
+    from loadtest.ab import describe, verdict
+
+    assert describe(verdict([0.90, 0.92, 0.91, 0.89])).endswith("B is cheaper")
+    assert describe(verdict([1.10, 1.12, 1.09])).endswith("B costs more")
+    assert describe(verdict([0.9, 1.1, 1.0, 0.95])).endswith("no difference resolved")
+    assert describe(verdict([0.9])).endswith("one pair: no interval")
