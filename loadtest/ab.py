@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .targets import REPO
+from .targets import REPO, tree_pythonpath
 
 #: two-sided 95% Student's t by degrees of freedom (1.96 beyond the table)
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
@@ -89,8 +89,7 @@ def baseline_tree(rev: str, tree: Path) -> Path:
 
 def imported_from(tree: Path) -> Path:
     """Where a server started for ``tree`` imports wschat from (it must be ``tree``)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=tree_pythonpath(tree, os.environ.get("PYTHONPATH")))
     out = subprocess.run([sys.executable, "-c", "import wschat; print(wschat.__file__)"],
                          env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True,
                          check=True)
@@ -132,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         trees = {"A": baseline_tree(args.baseline, Path(tmp) / "baseline"),
                  "B": args.candidate.resolve()}
         for side, tree in trees.items():
-            if imported_from(tree) != tree:
-                raise SystemExit(f"{side}: a server for {tree} would import wschat from "
-                                 f"{imported_from(tree)}")
+            if (found := imported_from(tree)) != tree:
+                raise SystemExit(f"{side}: a server for {tree} would import wschat from {found}")
         print(f"# A: {args.baseline}; B: {trees['B']}; {args.pairs} pairs of "
               f"python -m loadtest {' '.join(scenario)}", flush=True)
         for i in range(args.pairs):

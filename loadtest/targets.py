@@ -57,6 +57,11 @@ def bun_binary() -> str | None:
     return shutil.which("bun")
 
 
+def tree_pythonpath(tree: Path, current: str | None) -> str:
+    """PYTHONPATH that imports wschat from ``tree``, ahead of the installed (editable) one."""
+    return os.pathsep.join(filter(None, [str(tree), current]))
+
+
 def build(name: str, port: int, metrics_port: int, *, max_connections: int, heartbeat: float,
           redis_url: str = DEFAULT_REDIS_URL, redis_workers: int = 2,
           server_tree: str | None = None,
@@ -86,8 +91,8 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
             env.update({"REDIS_URL": redis_url, "WEB_CONCURRENCY": str(redis_workers)})
             redis = redis_url
         tree = Path(server_tree).resolve() if server_tree else REPO
-        if server_tree:  # ahead of the installed (editable) wschat
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+        if server_tree:
+            env["PYTHONPATH"] = tree_pythonpath(tree, env.get("PYTHONPATH"))
         gunicorn = str(Path(py).with_name("gunicorn"))
         argv = [gunicorn if os.path.exists(gunicorn) else "gunicorn", "-c", str(tree / "gunicorn.conf.py"),
                 "wschat:app"]
