@@ -173,11 +173,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def memory_kept(client: Any, room: str, user_id: str) -> dict[str, tuple[float, float]]:
     """Bytes per entry of what grows with traffic, as Redis counts them: (usage, value)."""
-    from wschat.stores.redis.keys import RATE_LIMITS, dedupe_key, room_keys
+    from wschat.stores.redis.keys import PREFIX, RATE_LIMITS, dedupe_key, room_keys
     from wschat.stores.redis.ratelimit import RedisRateLimiter
 
     out: dict[str, tuple[float, float]] = {}
-    dedupe = [dedupe_key(f"wschat:{{r:{room}}}:", user_id, f"sizing-{i}") for i in range(50)]
+    dedupe = [dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id, f"sizing-{i}") for i in range(50)]
     usage = [client.memory_usage(k, samples=0) for k in dedupe]
     if all(usage):
         out["dedupe key of a message with a client_msg_id (kept 1 hour)"] = (
