@@ -226,6 +226,7 @@ def test_counters_move_by_exact_amounts(cluster: Server) -> None:
         wait_until(lambda: len(bob.request({"type": "list_users", "room": r}, "users")["users"])
                    == 2, message="both users in the room")
         before = scrape(cluster)
+        store_before = before.value("wschat_store_seconds_count", backend="redis")
         for i in range(k):
             bob.say(r, f"counted {i}")
         for c in (a1, a2):
@@ -257,6 +258,12 @@ def test_counters_move_by_exact_amounts(cluster: Server) -> None:
         }, baseline=before)
         assert after.value("wschat_fanout_seconds_bucket", le="+Inf") == after.value(
             "wschat_fanout_seconds_count")
+        # Each of bob's posts waited for its own round trip (the next went out after its
+        # echo), so Redis' round trips grew by at least the k posts and the DM.
+        assert after.value("wschat_store_seconds_count", backend="redis") >= store_before + k + 1
+        assert after.value("wschat_store_seconds_bucket", backend="redis", le="+Inf") == (
+            after.value("wschat_store_seconds_count", backend="redis"))
+        assert after.value("wschat_store_seconds_sum", backend="redis") > 0
         figures = metrics_json(cluster)
         assert figures["messages"]["posted"]["room"] == after.value(
             "wschat_messages_posted_total", kind="room")
@@ -464,3 +471,38 @@ def test_message_path_counts_are_folded_in_exactly_at_flush() -> None:
         assert value("wschat_fanout_seconds_bucket", le=b) - before[b] == expected, b
     m.flush()  # nothing pending: nothing moves
     assert value("wschat_messages_received_total", type="message") == base[0] + 5
+
+
+def test_store_times_are_folded_per_backend_at_flush() -> None:
+    """store_seconds() counts per backend in plain ints; flush() adds them to that
+    backend's buckets and sum, as observe() would have, and to no other backend's."""
+    from prometheus_client import REGISTRY
+
+    from wschat.metrics import STORE_SECONDS, PrometheusChatMetrics, flush_all
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    m = PrometheusChatMetrics()
+    flush_all()
+    bounds = [str(b) if b != float("inf") else "+Inf" for b in STORE_SECONDS._upper_bounds]
+    before = {(backend, b): value("wschat_store_seconds_bucket", backend=backend, le=b)
+              for backend in ("redis", "database") for b in bounds}
+    sums = {backend: value("wschat_store_seconds_sum", backend=backend)
+            for backend in ("redis", "database")}
+    redis_times = [0.00004, 0.001, 0.001, 0.3]  # 0.001: on a bound, counted in its bucket
+    for seconds in redis_times:
+        m.store_seconds("redis", seconds)
+    m.store_seconds("database", 3.0)
+    assert value("wschat_store_seconds_sum", backend="redis") == sums["redis"]  # not yet
+    m.flush()
+    assert value("wschat_store_seconds_sum", backend="redis") == pytest.approx(
+        sums["redis"] + sum(redis_times))
+    assert value("wschat_store_seconds_sum", backend="database") == pytest.approx(
+        sums["database"] + 3.0)
+    for b in bounds:
+        expected = sum(1 for s in redis_times if b == "+Inf" or s <= float(b))
+        assert value("wschat_store_seconds_bucket", backend="redis", le=b) - before[
+            ("redis", b)] == expected, b
+        assert value("wschat_store_seconds_bucket", backend="database", le=b) - before[
+            ("database", b)] == (1 if b == "+Inf" else 0), b

@@ -350,7 +350,8 @@ def test_dashboard_is_importable_and_covers_what_operators_watch() -> None:
                    "wschat_messages_received_total", "wschat_messages_delivered_total",
                    "histogram_quantile(0.5,", "histogram_quantile(0.99,",
                    'reason="slow_consumer"', "wschat_rate_limited_total",
-                   "wschat_store_errors_total", "wschat_worker_restarts_total"):
+                   "wschat_store_errors_total", "wschat_store_seconds_bucket",
+                   "wschat_worker_restarts_total"):
         assert needed in queries, needed
     for series in ("wschat_connections_total", "wschat_messages_delivered_total",
                    "wschat_store_errors_total"):
@@ -416,6 +417,7 @@ def test_every_query_names_series_the_server_exports(
     assert selectors('sum by (pod) (rate(wschat_conections_total{reason="x"}[5m]))') == [
         ("wschat_conections_total", [("reason", "=", "x")])]
     assert "wschat_fanout_seconds_bucket" in used and "wschat_worker_restarts_total" in used
+    assert "wschat_store_seconds_bucket" in used
 
 
 # --------------------------------------------------------------------------

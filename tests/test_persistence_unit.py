@@ -31,6 +31,7 @@ from wschat.protocol import draft_dm, draft_message, message_id_of
 from wschat.stores.base import User
 from wschat.stores.durable import DurableMessageStore
 from wschat.stores.memory import create_memory_stores
+from wschat.telemetry import NoMetrics
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +286,52 @@ def test_a_queue_longer_than_a_batch_is_committed_in_order_over_several_batches(
     assert sorted(p.value.msg_id for p in posts) == list(range(1, 11))
     assert [message_id_of(e) for e in delivered] == list(range(1, 11))
     assert max(commits) == 3 and sum(commits) == 10
+
+
+def test_each_commit_is_timed_and_a_failed_one_is_counted_instead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The durable store reports one ``store_seconds("database", ...)`` per committed batch
+    (wschat_store_seconds), and a failed write as a store error, not as a time."""
+    class Recorder(NoMetrics):
+        def __init__(self) -> None:
+            self.times: list[tuple[str, float]] = []
+            self.errors: list[str] = []
+
+        def store_seconds(self, backend: str, seconds: float) -> None:
+            self.times.append((backend, seconds))
+
+        def store_error(self, backend: str) -> None:
+            self.errors.append(backend)
+
+    metrics = Recorder()
+    stores = create_memory_stores(history_size=3, room_ttl=3600)
+    stores.broker.start(lambda room, event, exclude: None, lambda user, event: None)
+    durable = DurableMessageStore(stores.messages, open_message_log(f"sqlite:///{tmp_path}/t.db"),
+                                  metrics)
+    durable.start()
+    try:
+        monkeypatch.setattr(durable.writer, "MAX_BATCH", 3)
+        commits: list[int] = []
+        write = durable.log.write
+        monkeypatch.setattr(durable.log, "write", lambda jobs: (commits.append(len(jobs)),
+                                                                write(jobs))[1])
+        posts = [gevent.spawn(durable.post_room, "r", "u1",
+                              draft_message("r", "a", "u1", f"m{i}", 1, None)) for i in range(7)]
+        gevent.joinall(posts, raise_error=True)
+        assert len(commits) >= 3 and sum(commits) == 7
+        assert [backend for backend, _ in metrics.times] == ["database"] * len(commits)
+        assert all(0 <= seconds < TIMEOUT for _, seconds in metrics.times)
+
+        def broken(jobs: list[Any]) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(durable.log, "write", broken)
+        with pytest.raises(DatabaseUnavailable):
+            durable.post_room("r", "u1", draft_message("r", "a", "u1", "lost", 1, None))
+        assert metrics.errors == ["database"]
+        assert len(metrics.times) == len(commits)
+    finally:
+        durable.close()
 
 
 def test_a_stuck_write_times_out_its_senders_and_the_queue_behind_it(

@@ -15,7 +15,7 @@ server:
 ``docs/operations.md`` documents every series; a test keeps the two in step.
 
 The per-message series (requests received, messages posted, events delivered,
-the fan-out histogram) and ``wschat_greenlets`` (a reading greenlet starts and
+the fan-out and store-time histograms) and ``wschat_greenlets`` (a reading greenlet starts and
 ends per burst of frames) are counted in plain integers on the message path and
 folded into the Prometheus series by :meth:`PrometheusChatMetrics.flush`: about
 once a second (the chat core's ticker), before this worker answers a scrape, and
@@ -106,6 +106,14 @@ WORKER_RESTARTS = Counter("wschat_worker_restarts_total",
 STORE_ERRORS = Counter("wschat_store_errors_total",
                        "Failed operations against Redis or the database, by backend",
                        ["backend"])
+STORE_SECONDS = Histogram("wschat_store_seconds",
+                          "Time of one Redis round trip of the hot path (a pipelined batch of "
+                          "posts, joins, leaves, presence and rate-limit commands, as its "
+                          "callers waited for it) or of one database commit (a group of "
+                          "writes), by backend",
+                          ["backend"],
+                          buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                   0.05, 0.1, 0.25, 1.0, 2.5))
 FANOUT = Histogram("wschat_fanout_seconds",
                    "Time from a room message's arrival to its being stored and published "
                    "(memory backend: and written to every member)",
@@ -129,7 +137,7 @@ class PrometheusChatMetrics(Metrics):
     """The chat core's and the transport's events, counted in Prometheus series.
 
     The per-message calls (``received``, ``posted``, ``delivered``,
-    ``fanout_seconds``) only add to plain ints here; :meth:`flush` moves them
+    ``fanout_seconds``, ``store_seconds``) only add to plain ints here; :meth:`flush` moves them
     into the series (see the module's docstring for when).
     """
 
@@ -147,6 +155,9 @@ class PrometheusChatMetrics(Metrics):
         self._fanout_counts = [0] * len(self._fanout_bounds)
         self._fanout_sum = 0.0
         self._fanout_pending = 0
+        # backend -> [counts per bucket, sum]: the store histogram's pending observations.
+        self._store_bounds = list(STORE_SECONDS._upper_bounds)
+        self._store_pending: dict[str, list[Any]] = {}
         self._greenlets_delta = 0
         _LIVE.add(self)
         self._errors = {code.value: ERRORS.labels(code.value) for code in ErrorCode}
@@ -164,8 +175,10 @@ class PrometheusChatMetrics(Metrics):
         WORKERS.set(1)
         if backend != "memory":
             STORE_ERRORS.labels(backend)
+            STORE_SECONDS.labels(backend)
         if persistence:
             STORE_ERRORS.labels("database")
+            STORE_SECONDS.labels("database")
         UPTIME.set(time.time() - _STARTED_AT)
 
     def received(self, kind: str) -> None:
@@ -190,6 +203,13 @@ class PrometheusChatMetrics(Metrics):
         self._fanout_sum += seconds
         self._fanout_pending += 1
 
+    def store_seconds(self, backend: str, seconds: float) -> None:
+        pending = self._store_pending.get(backend)
+        if pending is None:
+            pending = self._store_pending[backend] = [[0] * len(self._store_bounds), 0.0]
+        pending[0][bisect.bisect_left(self._store_bounds, seconds)] += 1
+        pending[1] += seconds
+
     def flush(self) -> None:
         """Add the counts gathered since the last flush to the Prometheus series."""
         for pending, children, family in ((self._received, self._received_children, RECEIVED),
@@ -211,6 +231,10 @@ class PrometheusChatMetrics(Metrics):
             self._fanout_counts = [0] * len(self._fanout_bounds)
             self._fanout_sum, self._fanout_pending = 0.0, 0
             _fold_histogram(FANOUT, counts, total)
+        if self._store_pending:
+            store, self._store_pending = self._store_pending, {}
+            for backend, (counts, total) in store.items():
+                _fold_histogram(STORE_SECONDS.labels(backend), counts, total)
 
     def error(self, code: str) -> None:
         (self._errors.get(code) or ERRORS.labels(code)).inc()

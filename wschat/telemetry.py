@@ -31,6 +31,8 @@ class Metrics(Protocol):
     def flush(self) -> None: ...  # counts kept back on the message path go out now
     # -- the stores ------------------------------------------------------------------
     def store_error(self, backend: str) -> None: ...  # "redis" or "database"
+    # One Redis round trip of the message path, or one database commit: its seconds.
+    def store_seconds(self, backend: str, seconds: float) -> None: ...
 
 
 class NoMetrics(Metrics):

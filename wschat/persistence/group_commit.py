@@ -44,10 +44,12 @@ class GroupCommitWriter:
     PROBE_DOWN = 0.5
 
     def __init__(self, log_: MessageLog, after_commit: Callable[[list[Job]], None],
-                 on_error: Callable[[], None] = lambda: None) -> None:
+                 on_error: Callable[[], None] = lambda: None,
+                 on_written: Callable[[float], None] = lambda seconds: None) -> None:
         self._log = log_
         self._after_commit = after_commit
         self._on_error = on_error
+        self._on_written = on_written  # seconds each committed batch took
         self._queue: deque[Job] = deque()
         # One event per batch, not per job: set when the batch that takes the jobs queued
         # now has committed, or when the writer goes idle. A waiter woken with its job
@@ -113,6 +115,7 @@ class GroupCommitWriter:
             finished.set()
 
     def _commit(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
         try:
             self._log.write(batch)
         except Exception as exc:
@@ -122,6 +125,7 @@ class GroupCommitWriter:
             for job in batch:
                 job.error = error
         else:
+            self._on_written(time.perf_counter() - started)
             try:
                 self._after_commit(batch)
             except Exception:

@@ -60,7 +60,8 @@ class DurableMessageStore(MessageStore):
         self.max_kept_dms = MAX_KEPT_DMS
         self._primed: set[str] = set()
         self._releasing: dict[str, int] = {}  # room -> highest held id a releaser waits for
-        self.writer = GroupCommitWriter(message_log, self._publish_committed, self._count_error)
+        self.writer = GroupCommitWriter(message_log, self._publish_committed, self._count_error,
+                                        self._time_commit)
 
     def start(self) -> None:
         """Connect and migrate. A PostgreSQL server that is not up yet is waited for
@@ -75,6 +76,10 @@ class DurableMessageStore(MessageStore):
     def _count_error(self) -> None:
         if self._metrics is not None:
             self._metrics.store_error("database")
+
+    def _time_commit(self, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.store_seconds("database", seconds)
 
     # -- writes --------------------------------------------------------------------------
     def post_room(self, room: str, user_id: str, draft: MessageDraft,

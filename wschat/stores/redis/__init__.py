@@ -91,7 +91,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     client = redis.Redis(connection_pool=pool)
     # The hot path (posts, joins, leaves, presence, typing, rate limits) auto-pipelined;
     # the node keeper, moderation and the rest on the pool.
-    fast: redis.Redis = Pipelined(client)  # type: ignore[assignment]
+    fast: redis.Redis = Pipelined(client, metrics)  # type: ignore[assignment]
     node = Node()
     broker = RedisBroker(fast, metrics)
     messages = RedisMessageStore(fast, settings.history_size, metrics)

@@ -35,6 +35,7 @@ sent by a flusher greenlet that hands each reply back. Failures are what redis-p
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ import redis
 from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
+from ...telemetry import Metrics
 from .replies import ReplyReader
 
 log = logging.getLogger("wschat.redis")
@@ -56,7 +58,8 @@ class Pipeliner:
 
     MAX_BATCH = 512  # commands per write; a longer queue goes out in several
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         pool = client.connection_pool
         kwargs = dict(pool.connection_kwargs)
         kwargs["health_check_interval"] = 0  # the readable-socket check below instead
@@ -126,6 +129,7 @@ class Pipeliner:
                 conn.disconnect()
                 conn.connect()  # redis-py greets: HELLO, AUTH, SELECT as configured
                 replies = self._replies = ReplyReader(conn)
+            sent = time.perf_counter()
             replies.send(b"".join([pack_command(args) for args, _ in batch]))
             self.batches += 1
             self.commands += len(batch)
@@ -136,6 +140,8 @@ class Pipeliner:
                 else:
                     result.set(reply)
                 done += 1
+            if self._metrics is not None:  # the batch's round trip, as its callers waited
+                self._metrics.store_seconds("redis", time.perf_counter() - sent)
         except CONNECTION_ERRORS as exc:
             self._disconnect()
             self._fail(batch[done:], exc)
@@ -183,9 +189,9 @@ class Pipelined:
     """A ``redis.Redis`` whose scripts, ``PUBLISH`` and ``HGET`` go through a
     :class:`Pipeliner`; every other attribute is the client's own."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
         self.client = client
-        self.pipeliner = Pipeliner(client)
+        self.pipeliner = Pipeliner(client, metrics)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
