@@ -303,7 +303,7 @@ def test_metrics_json_and_text(client: FlaskClient) -> None:
     body = json.loads(resp.data)
     assert {"connections", "rooms", "total_memberships", "timestamp", "version", "backend",
             "ready", "workers", "uptime_seconds", "messages", "handshakes_refused",
-            "fanout_ms_since_start"} <= body.keys()
+            "fanout_ms_since_start", "store_ms_since_start"} <= body.keys()
     assert body["backend"] == "memory" and body["ready"] is True
     text = client.get("/metrics", base_url=METRICS)
     assert text.status_code == 200 and text.mimetype == "text/plain"

@@ -268,6 +268,9 @@ def test_counters_move_by_exact_amounts(cluster: Server) -> None:
         assert figures["messages"]["posted"]["room"] == after.value(
             "wschat_messages_posted_total", kind="room")
         assert figures["fanout_ms_since_start"]["p99"] is not None
+        redis_trips = figures["store_ms_since_start"]["redis"]
+        assert redis_trips["count"] >= after.value("wschat_store_seconds_count", backend="redis")
+        assert 0 < redis_trips["p50"] <= redis_trips["p99"]
     finally:
         for c in (a1, a2, bob):
             c.close()

@@ -331,11 +331,23 @@ class Snapshot:
             out[key] = out.get(key, 0) + int(value)
         return {k: v for k, v in sorted(out.items()) if v or not nonzero}
 
-    def quantile(self, name: str, q: float) -> float | None:
-        """``histogram_quantile`` over all observations since start (linear in the bucket)."""
-        buckets = sorted((float(labels["le"]), value)
-                         for labels, value in self._samples.get(name + "_bucket", ()))
-        return histogram_quantile(q, buckets)
+    def quantile(self, name: str, q: float, **match: str) -> float | None:
+        """``histogram_quantile`` over all observations since start (linear in the bucket),
+        of the series whose labels include ``match`` (their buckets summed)."""
+        summed: dict[float, float] = {}
+        for labels, value in self._samples.get(name + "_bucket", ()):
+            if all(labels.get(k) == v for k, v in match.items()):
+                bound = float(labels["le"])
+                summed[bound] = summed.get(bound, 0.0) + value
+        return histogram_quantile(q, sorted(summed.items()))
+
+    def labelled(self, name: str, label: str, **match: str) -> dict[str, float]:
+        """Sum of the samples called ``name`` by the value of ``label``."""
+        out: dict[str, float] = {}
+        for labels, value in self._samples.get(name, ()):
+            if label in labels and all(labels.get(k) == v for k, v in match.items()):
+                out[labels[label]] = out.get(labels[label], 0.0) + value
+        return out
 
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
@@ -357,10 +369,20 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
     return lower_bound
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
 def server_summary(snapshot: Snapshot) -> dict[str, Any]:
     """What ``/metrics/json`` adds to the four core figures, for a person at a glance."""
     p50 = snapshot.quantile("wschat_fanout_seconds", 0.5)
     p99 = snapshot.quantile("wschat_fanout_seconds", 0.99)
+    store = {backend: {"count": int(count),
+                       "p50": _ms(snapshot.quantile("wschat_store_seconds", 0.5, backend=backend)),
+                       "p99": _ms(snapshot.quantile("wschat_store_seconds", 0.99,
+                                                    backend=backend))}
+             for backend, count in sorted(
+                 snapshot.labelled("wschat_store_seconds_count", "backend").items())}
     return {
         "workers": int(snapshot.value("wschat_workers")),
         "uptime_seconds": round(snapshot.value("wschat_uptime_seconds"), 1),
@@ -382,7 +404,8 @@ def server_summary(snapshot: Snapshot) -> dict[str, Any]:
         "greenlets": int(snapshot.value("wschat_greenlets")),
         "fanout_ms_since_start": {
             "count": int(snapshot.value("wschat_fanout_seconds_count")),
-            "p50": None if p50 is None else round(p50 * 1000, 3),
-            "p99": None if p99 is None else round(p99 * 1000, 3),
+            "p50": _ms(p50),
+            "p99": _ms(p99),
         },
+        "store_ms_since_start": store,
     }
