@@ -84,6 +84,16 @@ def fit_slope(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return b, a, r2
 
 
+def late_growth(series: list[tuple[float, float]], phase_s: float) -> float | None:
+    """MiB per minute that ``series`` ((seconds, bytes) points) grew by over the second
+    half of a ``phase_s``-second phase (a least-squares slope); None with too few points."""
+    late = [(t, v) for t, v in series if phase_s / 2 <= t <= phase_s]
+    if len(late) < 4:
+        return None
+    slope, _, _ = fit_slope([t for t, _ in late], [v for _, v in late])
+    return round(slope * 60 / 2**20, 3)
+
+
 def merge_hists(wires: list[dict[str, Any]]) -> Histogram:
     h = Histogram()
     for w in wires:
@@ -396,6 +406,7 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
         time.sleep(0.01)
     s0 = ctx.sample()
     rss_series: list[tuple[float, float]] = []
+    redis_rss_series: list[tuple[float, float]] = []
     s_from = s_end = None
     deadline = time.monotonic() + (end - t0) / 1e9 + 60
     while not all(c.poll(0) for c in pool.conns):
@@ -407,6 +418,8 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
         smp = ctx.sample()
         if "server" in smp:
             rss_series.append((round((now - t0) / 1e9, 2), smp["server"]["rss"]))
+        if "redis" in smp:
+            redis_rss_series.append((round((now - t0) / 1e9, 2), smp["redis"]["rss"]))
         time.sleep(0.5)
     pub_res = pool.gather("publish", 30)
     s_end = ctx.sample()
@@ -451,8 +464,14 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
         "cpu_window": cpu_block(s_from, s_end),
         "cpu_with_drain": cpu_block(s0, s_drained),
         "server_rss_series": rss_series,
+        # Growth over the phase's second half (after the warm-up, history and caches have
+        # had half the phase to fill): what a long run at this rate would keep adding.
+        "server_rss_mib_per_min_late": late_growth(rss_series, (end - t0) / 1e9),
         "machine_quiet": quiet,
     }
+    if redis_rss_series:
+        out["redis_rss_series"] = redis_rss_series
+        out["redis_rss_mib_per_min_late"] = late_growth(redis_rss_series, (end - t0) / 1e9)
     w = out["cpu_with_drain"]
     if w.get("server_cpu_s"):
         out["deliveries_per_server_cpu_s"] = round(st["delivered"] / w["server_cpu_s"])
@@ -477,7 +496,9 @@ def publish_phase(ctx: Context, specs: list[dict[str, Any]], rate: float, *, slo
             f"p999 {lat.get('p999_ms')} max {lat.get('max_ms')} ms, lost {out['lost']}, "
             f"CPU % server {out['cpu_window'].get('server_cpu_pct')} redis "
             f"{out['cpu_window'].get('redis_cpu_pct')} generator "
-            f"{out['cpu_window'].get('generator_cpu_pct')} other {out['cpu_window'].get('other_cpu_pct')}")
+            f"{out['cpu_window'].get('generator_cpu_pct')} other {out['cpu_window'].get('other_cpu_pct')}"
+            f"; RSS growth in the second half, MiB/min: server "
+            f"{out['server_rss_mib_per_min_late']} redis {out.get('redis_rss_mib_per_min_late')}")
     return out
 
 

@@ -197,3 +197,18 @@ def test_ab_verdicts() -> None:
     assert describe(verdict([1.10, 1.12, 1.09])).endswith("B costs more")
     assert describe(verdict([0.9, 1.1, 1.0, 0.95])).endswith("no difference resolved")
     assert describe(verdict([0.9])).endswith("one pair: no interval")
+
+
+def test_late_growth_is_the_slope_of_the_second_half() -> None:
+    """The soak figure: MiB per minute over the phase's second half only, so a server that
+    fills its caches early and then holds still reads ~0, and one that keeps growing does not."""
+    from loadtest.scenarios import late_growth
+
+    mib = 2**20
+    # 10 MiB in the first half (filling), then flat: no growth.
+    filling = [(t / 2, min(t / 2, 30.0) / 30 * 10 * mib) for t in range(0, 121)]
+    assert late_growth(filling, 60.0) == 0.0
+    # 1 MiB per second all along: 60 MiB per minute.
+    leaking = [(t / 2, t / 2 * mib) for t in range(0, 121)]
+    assert late_growth(leaking, 60.0) == 60.0
+    assert late_growth(leaking[:3], 60.0) is None  # too few points in the second half
