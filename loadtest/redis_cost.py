@@ -10,7 +10,9 @@ is measured with an empty interval and subtracted. Prints two Markdown tables
 (docs/operations.md, "Sizing Redis", holds their latest output): what each
 operation costs, and what Redis keeps (``MEMORY USAGE`` of the keys that grow with
 traffic: a ``client_msg_id``'s dedupe key, a message held in the history, a
-sender's rate-limit bucket).
+sender's rate-limit bucket; and, since ``MEMORY USAGE`` leaves out a key's expiry
+entry and hash-table slots, how much ``used_memory`` grows per dedupe key when
+100,000 copies of a real one are written).
 
 Bytes out include the pub/sub fan-out to the one subscribed worker; each further
 worker (or pod) with members in the room adds one copy of the payload.
@@ -165,13 +167,33 @@ def main(argv: list[str] | None = None) -> None:
                              if not k.startswith("@") and abs(v) >= 0.01)
         print(f"| {name} | {commands or '-'} | {d.get('@in', 0):.0f} | {d.get('@out', 0):.0f} |")
     print()
-    print("| what Redis keeps | bytes each (MEMORY USAGE) | of which the value |")
+    print("| what Redis keeps | bytes each (MEMORY USAGE, or as named) | of which the value |")
     print("|---|---|---|")
     for name, (usage, value) in kept.items():
         print(f"| {name} | {usage:.0f} | {value:.0f} |")
 
 
-def memory_kept(client: Any, room: str, user_id: str) -> dict[str, tuple[float, float]]:
+def used_memory_per_key(client: Any, name: bytes | str, value: bytes, ttl: int,
+                        count: int) -> float:
+    """used_memory's growth per key when ``count`` copies of ``name`` (suffixed, the same
+    value and TTL) are written; the copies are deleted again."""
+    base = name.encode() if isinstance(name, str) else name
+    copies = [base + b"-" + str(i).encode() for i in range(count)]
+    before = client.info("memory")["used_memory"]
+    pipe = client.pipeline(transaction=False)
+    for i, key in enumerate(copies):
+        pipe.set(key, value, ex=max(ttl, 1))
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    grown = client.info("memory")["used_memory"] - before
+    for i in range(0, count, 1000):
+        client.delete(*copies[i:i + 1000])
+    return grown / count
+
+
+def memory_kept(client: Any, room: str, user_id: str, copies: int = 100_000
+                ) -> dict[str, tuple[float, float]]:
     """Bytes per entry of what grows with traffic, as Redis counts them: (usage, value)."""
     from wschat.stores.redis.keys import PREFIX, RATE_LIMITS, dedupe_key, room_keys
     from wschat.stores.redis.ratelimit import RedisRateLimiter
@@ -182,6 +204,13 @@ def memory_kept(client: Any, room: str, user_id: str) -> dict[str, tuple[float, 
     if all(usage):
         out["dedupe key of a message with a client_msg_id (kept 1 hour)"] = (
             sum(usage) / len(usage), sum(client.strlen(k) for k in dedupe) / len(dedupe))
+        # MEMORY USAGE leaves out what a key costs the keyspace beside itself: its entry in
+        # the expiry table and its share of both hash tables. What sizing needs is the
+        # growth of used_memory as such keys pile up, measured with copies of a real one.
+        name, value = dedupe[0], client.get(dedupe[0])
+        ttl = client.ttl(name)
+        out[f"dedupe key, growth of used_memory per key ({copies:,} copies, with their TTL)"] = (
+            used_memory_per_key(client, name, value, ttl, copies), float(len(value or b"")))
     hist = room_keys(room)[5]
     held = client.llen(hist)
     if held:
