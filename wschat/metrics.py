@@ -15,10 +15,10 @@ server:
 ``docs/operations.md`` documents every series; a test keeps the two in step.
 
 The per-message series (requests received, messages posted, events delivered,
-the fan-out and store-time histograms) and ``wschat_greenlets`` (a reading greenlet starts and
-ends per burst of frames) are counted in plain integers on the message path and
-folded into the Prometheus series by :meth:`PrometheusChatMetrics.flush`: about
-once a second (the chat core's ticker), before this worker answers a scrape, and
+the fan-out and store-time histograms) and ``wschat_greenlets`` (a reading
+greenlet starts and ends per burst of frames) are counted in plain integers on
+the message path and folded into the Prometheus series by
+:meth:`PrometheusChatMetrics.flush`: about once a second (the chat core's ticker), before this worker answers a scrape, and
 when the worker stops. A multiprocess update costs a lock and an mmap write each,
 several per message; a scrape answered by another worker sees this worker's
 per-message counts up to about a second late (a worker killed with -9 loses at
@@ -137,8 +137,8 @@ class PrometheusChatMetrics(Metrics):
     """The chat core's and the transport's events, counted in Prometheus series.
 
     The per-message calls (``received``, ``posted``, ``delivered``,
-    ``fanout_seconds``, ``store_seconds``) only add to plain ints here; :meth:`flush` moves them
-    into the series (see the module's docstring for when).
+    ``fanout_seconds``, ``store_seconds``) only add to plain ints here;
+    :meth:`flush` moves them into the series (see the module's docstring for when).
     """
 
     def __init__(self) -> None:
@@ -341,14 +341,6 @@ class Snapshot:
                 summed[bound] = summed.get(bound, 0.0) + value
         return histogram_quantile(q, sorted(summed.items()))
 
-    def labelled(self, name: str, label: str, **match: str) -> dict[str, float]:
-        """Sum of the samples called ``name`` by the value of ``label``."""
-        out: dict[str, float] = {}
-        for labels, value in self._samples.get(name, ()):
-            if label in labels and all(labels.get(k) == v for k, v in match.items()):
-                out[labels[label]] = out.get(labels[label], 0.0) + value
-        return out
-
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
     """Prometheus' estimate from cumulative ``(upper_bound, count)`` buckets."""
@@ -377,12 +369,12 @@ def server_summary(snapshot: Snapshot) -> dict[str, Any]:
     """What ``/metrics/json`` adds to the four core figures, for a person at a glance."""
     p50 = snapshot.quantile("wschat_fanout_seconds", 0.5)
     p99 = snapshot.quantile("wschat_fanout_seconds", 0.99)
-    store = {backend: {"count": int(count),
+    store = {backend: {"count": count,
                        "p50": _ms(snapshot.quantile("wschat_store_seconds", 0.5, backend=backend)),
                        "p99": _ms(snapshot.quantile("wschat_store_seconds", 0.99,
                                                     backend=backend))}
-             for backend, count in sorted(
-                 snapshot.labelled("wschat_store_seconds_count", "backend").items())}
+             for backend, count in snapshot.by_label("wschat_store_seconds_count",
+                                                     "backend").items()}
     return {
         "workers": int(snapshot.value("wschat_workers")),
         "uptime_seconds": round(snapshot.value("wschat_uptime_seconds"), 1),
