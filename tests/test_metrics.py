@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
 from conftest import (
-    ROOT, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until,
+    ROOT, TIMEOUT, Client, Server, own_redis, redis_url, redis_url_or_skip, wait_until,
 )
 
 SECRET = "metrics-test-secret-0123456789abcdef"
@@ -274,6 +274,30 @@ def test_counters_move_by_exact_amounts(cluster: Server) -> None:
     finally:
         for c in (a1, a2, bob):
             c.close()
+
+
+def test_redis_memory_is_read_at_scrape_time(cluster: Server) -> None:
+    """wschat_store_memory_bytes and _limit_bytes are Redis's own used_memory and maxmemory,
+    read when the scrape arrives (whichever worker answers it)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url(13))  # the cluster's own: not flushed
+    try:
+        info = client.info("memory")
+        before = client.config_get("maxmemory")["maxmemory"]
+        client.config_set("maxmemory", str(64 * 2**20))
+        try:
+            for _ in range(4):  # either worker may answer
+                s = scrape(cluster)
+                assert s.value("wschat_store_memory_limit_bytes", backend="redis") == 64 * 2**20
+                used = s.value("wschat_store_memory_bytes", backend="redis")
+                assert 0.5 * info["used_memory"] < used < 2 * info["used_memory"] + 2**20
+        finally:
+            client.config_set("maxmemory", before)
+        assert scrape(cluster).value("wschat_store_memory_limit_bytes",
+                                     backend="redis") == int(before)
+    finally:
+        client.close()
 
 
 def test_rate_limited_messages_are_counted(cluster: Server) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from conftest import IN_CI, ROOT, Server, wait_until
+from conftest import IN_CI, ROOT, Server, redis_url_or_skip, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packaging_support import (  # noqa: E402
@@ -233,7 +233,8 @@ def test_every_alert_fires_in_promtool_unit_tests(alerts_release: Rendered,
     result = unit_test_rules(ALERTS_ON, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     alerts = {rule["alert"] for rule in rules_of(alerts_release)}
-    assert alerts == {"WschatPodNotReady", "WschatStoreErrors", "WschatSlowConsumers",
+    assert alerts == {"WschatPodNotReady", "WschatStoreErrors", "WschatRedisMemoryHigh",
+                      "WschatSlowConsumers",
                       "WschatRateLimitedShare", "WschatMessageLatencyHigh",
                       "WschatConnectionsNearLimit", "WschatWorkerRestarts", "WschatPodRestarts"}
     cases = [case for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
@@ -246,6 +247,7 @@ def test_every_alert_fires_in_promtool_unit_tests(alerts_release: Rendered,
 
 @pytest.mark.parametrize("values, alert", [
     ({"storeErrors": {"perSecond": 1}}, "WschatStoreErrors"),
+    ({"redisMemory": {"ratio": 0.95}}, "WschatRedisMemoryHigh"),
     ({"slowConsumers": {"for": "30m"}}, "WschatSlowConsumers"),
     ({"rateLimited": {"ratio": 0.2}}, "WschatRateLimitedShare"),
     ({"latency": {"p99Seconds": 0.5}}, "WschatMessageLatencyHigh"),
@@ -275,7 +277,7 @@ def test_alerts_can_be_turned_off_labelled_and_follow_max_connections() -> None:
     rule = release.get("PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     rules = {r["alert"]: r for r in rules_of(release)}
-    assert "WschatPodRestarts" not in rules and len(rules) == 7
+    assert "WschatPodRestarts" not in rules and len(rules) == 8
     for name, r in rules.items():
         assert r["labels"]["team"] == "chat", name
         assert r["annotations"]["runbook_url"] == \
@@ -351,6 +353,7 @@ def test_dashboard_is_importable_and_covers_what_operators_watch() -> None:
                    "histogram_quantile(0.5,", "histogram_quantile(0.99,",
                    'reason="slow_consumer"', "wschat_rate_limited_total",
                    "wschat_store_errors_total", "wschat_store_seconds_bucket",
+                   "wschat_store_memory_bytes", "wschat_store_memory_limit_bytes",
                    "wschat_worker_restarts_total"):
         assert needed in queries, needed
     for series in ("wschat_connections_total", "wschat_messages_delivered_total",
@@ -374,9 +377,11 @@ def test_dashboard_queries_pass_promtool(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def live_series(tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[dict[str, dict[str, set[str]]]]:
-    """A live server's series; with SQLite persistence, so the store series has a backend."""
+    """A live server's series; on Redis with SQLite persistence, so every store series has
+    its backends (Redis db 27, no other module uses it)."""
     database = tmp_path_factory.mktemp("live") / "wschat.db"
-    with Server({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{database}"}) as server:
+    with Server({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{database}",
+                 "REDIS_URL": redis_url_or_skip(27)}) as server:
         status, body = server.http("/metrics", metrics=True)
         assert status == 200
         yield exposition_series(body.decode())

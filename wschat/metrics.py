@@ -106,6 +106,13 @@ WORKER_RESTARTS = Counter("wschat_worker_restarts_total",
 STORE_ERRORS = Counter("wschat_store_errors_total",
                        "Failed operations against Redis or the database, by backend",
                        ["backend"])
+STORE_MEMORY = Gauge("wschat_store_memory_bytes",
+                     "Memory the shared store uses (Redis: used_memory), read at scrape time; "
+                     "the same on every pod", ["backend"], multiprocess_mode="livemostrecent")
+STORE_MEMORY_LIMIT = Gauge("wschat_store_memory_limit_bytes",
+                           "The shared store's memory limit (Redis: maxmemory; 0: none), read at "
+                           "scrape time; at the limit Redis refuses posts", ["backend"],
+                           multiprocess_mode="livemostrecent")
 STORE_SECONDS = Histogram("wschat_store_seconds",
                           "Time of one Redis round trip of the hot path (a pipelined batch of "
                           "posts, joins, leaves, presence and rate-limit commands, as its "
@@ -284,9 +291,11 @@ def _fold_histogram(histogram: Histogram, counts: list[int], total: float) -> No
     value_sum.inc(total)
 
 
-def refresh_scrape_gauges(rooms: int | None, members: int | None) -> None:
+def refresh_scrape_gauges(rooms: int | None, members: int | None,
+                          store_memory: tuple[str, int, int] | None = None) -> None:
     """Set the figures that are read, not counted, just before an exposition (and fold
-    this worker's pending per-message counts into their series).
+    this worker's pending per-message counts into their series). ``store_memory`` is
+    (backend, bytes used, limit).
 
     ``None`` (the store could not be read) keeps the last values: a scrape must
     still answer while Redis is down, which is when operators look.
@@ -295,6 +304,10 @@ def refresh_scrape_gauges(rooms: int | None, members: int | None) -> None:
     if rooms is not None and members is not None:
         ROOMS.set(rooms)
         MEMBERS.set(members)
+    if store_memory is not None:
+        backend, used, limit = store_memory
+        STORE_MEMORY.labels(backend).set(used)
+        STORE_MEMORY_LIMIT.labels(backend).set(limit)
     UPTIME.set(time.time() - _STARTED_AT)
 
 

@@ -98,8 +98,19 @@ class Runtime:
         except Exception:  # a scrape must still answer: the other series matter most now
             log.exception("room totals failed")
             rooms = memberships = None
-        refresh_scrape_gauges(rooms, memberships)
+        # Redis's memory only when the room totals came back: a Redis that did not answer
+        # them would make the scrape wait for a second timeout.
+        memory = self._store_memory() if rooms is not None else None
+        refresh_scrape_gauges(rooms, memberships, memory)
         sample_worker_gauges(self._outbound_bytes())
+
+    def _store_memory(self) -> tuple[str, int, int] | None:
+        try:
+            memory = self.stores.memory_bytes()
+        except Exception:  # a scrape must still answer
+            log.exception("store memory failed")
+            return None
+        return None if memory is None else (self.stores.name, *memory)
 
     def _outbound_bytes(self) -> int:
         return sum(c.outbound_bytes for c in list(self.transport.connections))

@@ -342,3 +342,8 @@ class Stores:
         """Shutdown: remove this worker's memberships and presence from the shared store
         in one step. False means each connection must leave by itself (memory)."""
         return False
+
+    def memory_bytes(self) -> tuple[int, int] | None:
+        """The shared store's memory in use and its limit (0: none), for the metrics; None
+        where there is no shared store (memory) or it cannot say."""
+        return None

@@ -72,6 +72,18 @@ class RedisStores(Stores):
         return True
 
     pipelined: Pipelined | None = None
+    client: redis.Redis | None = None  # the pool's client (not the pipeline)
+
+    def memory_bytes(self) -> tuple[int, int] | None:
+        if self.client is None:
+            return None
+        try:
+            info = self.client.info("memory")
+            return int(info["used_memory"]), int(info.get("maxmemory", 0))
+        except (redis.RedisError, OSError, KeyError, ValueError) as exc:
+            # Down (the room totals warn of it), or INFO refused (some managed services).
+            log.debug("redis memory unavailable for this scrape: %s", exc)
+            return None
 
     def close(self) -> None:
         self.messages.close()  # flushes persistence while Redis can still publish
@@ -101,6 +113,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
         RedisPresenceStore(fast, node, metrics),
         messages, broker, "redis", node_id=node.node_id)
     stores.pipelined = fast  # type: ignore[assignment]
+    stores.client = client
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
     # The chat core's re-registration (set as the broker's on_reconnect) serves both.
     stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()
