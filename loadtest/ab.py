@@ -143,12 +143,20 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(pair)
             for rate in sorted(pair["A"]):
                 a, b = pair["A"][rate], pair["B"].get(rate)
-                if b is not None:
-                    print(f"pair {i + 1} ({pair['order']}), {rate:g} msg/s: A {a:.1f} us/msg, "
-                          f"B {b:.1f} us/msg, B/A {b / a:.3f}", flush=True)
+                if b is None:
+                    continue
+                ratio = f"B/A {b / a:.3f}" if a > 0 and b > 0 else (
+                    "no CPU measured on one side (a run too short for the CPU clock's "
+                    "ticks): pair left out")
+                print(f"pair {i + 1} ({pair['order']}), {rate:g} msg/s: A {a:.1f} us/msg, "
+                      f"B {b:.1f} us/msg, {ratio}", flush=True)
     summary = {}
     for rate in sorted(runs[0]["A"]):
-        ratios = [r["B"][rate] / r["A"][rate] for r in runs if rate in r["A"] and rate in r["B"]]
+        ratios = [r["B"][rate] / r["A"][rate] for r in runs
+                  if r["A"].get(rate, 0) > 0 and r["B"].get(rate, 0) > 0]
+        if not ratios:
+            raise SystemExit(f"{rate:g} msg/s: no pair measured CPU on both sides; "
+                             "run longer or at a higher rate")
         summary[rate] = v = verdict(ratios)
         print(f"{rate:g} msg/s, {v['pairs']} pairs: {describe(v)}")
     if args.json:

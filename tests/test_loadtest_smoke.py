@@ -183,17 +183,19 @@ def test_ab_compares_two_checkouts_in_pairs(tmp_path: Path) -> None:
     alternating pairs and reports the ratio of CPU per message with its interval."""
     out = tmp_path / "ab.json"
     proc = subprocess.run([sys.executable, "-m", "loadtest.ab", "--pairs", "2", "--json", str(out),
-                           "--", "smallrooms", "-n", "20", "--rate", "20", "-d", "1",
+                           # Enough messages (~500) for tens of ms of server CPU: psutil's
+                           # CPU times tick every 10 ms, and a run under one tick reads 0.
+                           "--", "smallrooms", "-n", "40", "--rate", "250", "-d", "2",
                            "--warmup", "0.5", "--quiet-gate", "0", "--workers", "1",
                            "--source-ips", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120 * SCALE)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     data = json.loads(out.read_text())
     assert [r["order"] for r in data["runs"]] == ["AB", "BA"]
-    assert all(r[side]["20.0"] > 0 for r in data["runs"] for side in "AB")
+    assert all(r[side]["250.0"] > 0 for r in data["runs"] for side in "AB")
     [summary] = data["summary"].values()
     assert summary["pairs"] == 2 and summary["low"] <= summary["ratio"] <= summary["high"]
-    assert "20 msg/s, 2 pairs: B/A" in proc.stdout
+    assert "250 msg/s, 2 pairs: B/A" in proc.stdout
 
 
 def test_ab_verdicts() -> None:
