@@ -140,15 +140,16 @@ class Pipeliner:
                 else:
                     result.set(reply)
                 done += 1
-            if self._metrics is not None:  # the batch's round trip, as its callers waited
-                self._metrics.store_seconds("redis", time.perf_counter() - sent)
         except CONNECTION_ERRORS as exc:
             self._disconnect()
             self._fail(batch[done:], exc)
+            return
         except BaseException as exc:
             self._disconnect()
             self._fail(batch[done:], redis.ConnectionError(f"redis pipeline: {exc!r}"))
             raise
+        if self._metrics is not None:  # the batch's round trip, as its callers waited
+            self._metrics.store_seconds("redis", time.perf_counter() - sent)
 
     def _disconnect(self) -> None:
         replies, self._replies = self._replies, None
