@@ -46,9 +46,20 @@ class ServiceMissing(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: their sockets are all bound before any is closed (one
+    at a time, the kernel may hand the same just-freed port out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _answers_ping(port: int) -> bool:
@@ -206,8 +217,8 @@ class Server:
     """A real ``gunicorn -c gunicorn.conf.py wschat:app`` on free ports."""
 
     def __init__(self, env: dict[str, str] | None = None, workers: int = 1) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
+        # Two distinct ports: PORT == METRICS_PORT is a configuration error the server refuses.
+        self.port, self.metrics_port = free_ports(2)
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
