@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shlex
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -258,12 +257,6 @@ def render(values: dict[str, Any] | None = None, *, name: str = RELEASE) -> Rend
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:

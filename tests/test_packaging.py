@@ -64,7 +64,6 @@ from packaging_support import (  # noqa: E402
     copy_sources,
     environ_for,
     exec_form,
-    free_port,
     healthcheck_command,
     http_body,
     http_status,
@@ -75,6 +74,7 @@ from packaging_support import (  # noqa: E402
     substitute,
     wait_until,
 )
+from services import free_ports
 
 if hasattr(helm_python, "disable_logging"):
     helm_python.disable_logging()  # `fail` checks below would log to stderr
@@ -687,9 +687,7 @@ def test_container_install_starts_as_non_root_and_stops_on_sigterm(default_relea
     process = None
     try:
         venv, app = _install_like_the_dockerfile(root)
-        port, metrics_port = free_port(), free_port()
-        while metrics_port == port:
-            metrics_port = free_port()
+        port, metrics_port = free_ports(2)
         graceful = 10
         # The pod's environment: the chart's default ConfigMap, on free ports.
         env = environ_for([str(venv / "bin")], {
