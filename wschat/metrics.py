@@ -158,13 +158,8 @@ class PrometheusChatMetrics(Metrics):
         self._received: dict[str, int] = {}
         self._delivered: dict[str, int] = {}
         self._posted: dict[str, int] = {}
-        self._fanout_bounds = list(FANOUT._upper_bounds)
-        self._fanout_counts = [0] * len(self._fanout_bounds)
-        self._fanout_sum = 0.0
-        self._fanout_pending = 0
-        # backend -> [counts per bucket, sum]: the store histogram's pending observations.
-        self._store_bounds = list(STORE_SECONDS._upper_bounds)
-        self._store_pending: dict[str, list[Any]] = {}
+        self._fanout = _PendingObservations(FANOUT)
+        self._store: dict[str, _PendingObservations] = {}  # backend -> its pending times
         self._greenlets_delta = 0
         _LIVE.add(self)
         self._errors = {code.value: ERRORS.labels(code.value) for code in ErrorCode}
@@ -205,17 +200,13 @@ class PrometheusChatMetrics(Metrics):
             pending[kind] = pending.get(kind, 0) + count
 
     def fanout_seconds(self, seconds: float) -> None:
-        # The first bucket whose upper bound is >= seconds, as Histogram.observe picks it.
-        self._fanout_counts[bisect.bisect_left(self._fanout_bounds, seconds)] += 1
-        self._fanout_sum += seconds
-        self._fanout_pending += 1
+        self._fanout.observe(seconds)
 
     def store_seconds(self, backend: str, seconds: float) -> None:
-        pending = self._store_pending.get(backend)
+        pending = self._store.get(backend)
         if pending is None:
-            pending = self._store_pending[backend] = [[0] * len(self._store_bounds), 0.0]
-        pending[0][bisect.bisect_left(self._store_bounds, seconds)] += 1
-        pending[1] += seconds
+            pending = self._store[backend] = _PendingObservations(STORE_SECONDS.labels(backend))
+        pending.observe(seconds)
 
     def flush(self) -> None:
         """Add the counts gathered since the last flush to the Prometheus series."""
@@ -233,15 +224,9 @@ class PrometheusChatMetrics(Metrics):
         if self._greenlets_delta:
             GREENLETS.inc(self._greenlets_delta)
             self._greenlets_delta = 0
-        if self._fanout_pending:
-            counts, total = self._fanout_counts, self._fanout_sum
-            self._fanout_counts = [0] * len(self._fanout_bounds)
-            self._fanout_sum, self._fanout_pending = 0.0, 0
-            _fold_histogram(FANOUT, counts, total)
-        if self._store_pending:
-            store, self._store_pending = self._store_pending, {}
-            for backend, (counts, total) in store.items():
-                _fold_histogram(STORE_SECONDS.labels(backend), counts, total)
+        self._fanout.fold()
+        for pending in list(self._store.values()):
+            pending.fold()
 
     def error(self, code: str) -> None:
         (self._errors.get(code) or ERRORS.labels(code)).inc()
@@ -271,6 +256,30 @@ class PrometheusChatMetrics(Metrics):
 
     def store_error(self, backend: str) -> None:
         STORE_ERRORS.labels(backend).inc()
+
+
+class _PendingObservations:
+    """A histogram's observations kept in plain ints until :meth:`fold` adds them to it."""
+
+    __slots__ = ("bounds", "counts", "histogram", "total")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self.bounds = list(histogram._upper_bounds)  # type: ignore[attr-defined]
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # The first bucket whose upper bound is >= seconds, as Histogram.observe picks it.
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def fold(self) -> None:
+        counts, total = self.counts, self.total
+        if not any(counts):
+            return
+        self.counts, self.total = [0] * len(self.bounds), 0.0
+        _fold_histogram(self.histogram, counts, total)
 
 
 def _fold_histogram(histogram: Histogram, counts: list[int], total: float) -> None:
