@@ -25,7 +25,8 @@ from test_persistence import pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
     SCHEMA_VERSION, Arrival, DatabaseUnavailable, DmPost, DmsDelivered, GroupCommitWriter,
-    MessageLog, PostgresLog, RoomPost, SchemaTooNew, SQLiteFile, open_message_log,
+    MessageLog, PostgresLog, RoomPost, SchemaTooNew, SequenceFloor, SQLiteFile,
+    open_message_log,
 )
 from wschat.protocol import draft_dm, draft_message, message_id_of
 from wschat.stores.base import User
@@ -173,10 +174,15 @@ def test_postgres_room_batch_in_one_statement_takes_no_id_for_a_retry(
         log.close()
 
 
-def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(url: str) -> None:
+@pytest.mark.parametrize("floors", [False, True], ids=["posts", "posts-and-floors"])
+def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(
+        url: str, floors: bool) -> None:
     """Six writers (six connections; on PostgreSQL the one-statement batches) write batches
     over the same rooms, each batch naming them in its own order: the sequence rows are
     locked in one order, so no writer deadlocks, and every room holds ids 1..n once.
+    With ``floors``, every batch also raises three rooms' sequence floors first (a join
+    finding memory ahead of the log), in its own order too: a floor must not hold its
+    row while the batch's posts wait for another writer's.
     (SQLite: six SQLiteFiles on threads, as six workers' writer processes would run them.)"""
     import random
     import threading
@@ -195,8 +201,11 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(url:
         try:
             for n in range(batches):
                 shuffle(order)
-                log.write([room_post(room, f"w{seed}-{n}") for room in order  # type: ignore[misc]
-                           for _ in range(1 + (n + seed) % 3)])
+                jobs: list[Any] = [SequenceFloor(room=room, at_least=0)
+                                   for room in order[:3]] if floors else []
+                jobs += [room_post(room, f"w{seed}-{n}") for room in order
+                         for _ in range(1 + (n + seed) % 3)]
+                log.write(jobs)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

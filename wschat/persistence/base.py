@@ -137,6 +137,21 @@ class DirectLog(MessageLog):
         self._write_call(self._ping)
 
     def write(self, jobs: list[Job]) -> None:
+        """Sequence floors first, each committed alone, then the rest in one transaction.
+
+        A floor locks its room's sequence row. Inside the batch's transaction it would
+        hold that row while the posts wait for other rows, which another writer may hold
+        while waiting for this one: a deadlock PostgreSQL breaks by failing a batch.
+        A floor committed alone holds one row and waits for none. It is only ever a lower
+        bound, so one kept after a failed batch does no harm."""
+        for job in jobs:
+            if isinstance(job, SequenceFloor):
+                self._write_call(self._transaction, self._raise_floor, job)
+        rest = [job for job in jobs if not isinstance(job, SequenceFloor)]
+        if rest:
+            self._write_batch(rest)
+
+    def _write_batch(self, jobs: list[Job]) -> None:
         """A ``client_msg_id`` racing with another worker's insert of the same one
         fails the transaction on the unique index; the retry then finds it."""
         try:
@@ -174,14 +189,15 @@ class DirectLog(MessageLog):
             current = version
         return int(current)
 
+    def _raise_floor(self, conn: Any, floor: SequenceFloor) -> None:
+        d = self.dialect
+        conn.execute(d.q(FLOOR_SQL.format(greatest=d.greatest)),
+                     (room_scope(floor.room), floor.at_least))
+
     def _apply(self, conn: Any, jobs: list[Job]) -> None:
         d = self.dialect
         rooms = [j for j in jobs if isinstance(j, RoomPost)]
         dms = [j for j in jobs if isinstance(j, DmPost)]
-        for job in jobs:
-            if isinstance(job, SequenceFloor):
-                conn.execute(d.q(FLOOR_SQL.format(greatest=d.greatest)),
-                             (room_scope(job.room), job.at_least))
         new_rooms, room_retries = self._dedupe(conn, rooms, DEDUPE_ROOM_SQL, room_key)
         new_dms, dm_retries = self._dedupe(conn, dms, DEDUPE_DM_SQL, dm_key)
 

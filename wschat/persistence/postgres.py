@@ -167,7 +167,7 @@ class PostgresLog(DirectLog):
     def _migration_lock(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x77736368,))  # "wsch"
 
-    def write(self, jobs: list[Job]) -> None:
+    def _write_batch(self, jobs: list[Job]) -> None:
         if all(isinstance(job, RoomPost) for job in jobs):
             try:
                 if self._write_call(self._post_rooms, jobs):
@@ -176,7 +176,7 @@ class PostgresLog(DirectLog):
                 if not self._is_conflict(exc.__cause__ or exc):
                     raise
             # a retry of a stored client_msg_id, or one racing another writer's insert
-        super().write(jobs)
+        super()._write_batch(jobs)
 
     def _post_rooms(self, conn: Any, posts: list[RoomPost]) -> bool:
         """Store a batch of room messages in one statement (see POST_ROOMS_SQL); False
