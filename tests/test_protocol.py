@@ -49,6 +49,15 @@ def test_parse_valid_commands(raw: str, command: object) -> None:
     ('{"type":"history","room":"r","limit":0}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"history","room":"r","limit":1.5}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"dm","to":"","text":"x"}', ErrorCode.INVALID_MESSAGE, None),
+    # Control characters in a client's ids: PostgreSQL refuses NUL in text and SQLite's
+    # JSON functions cut a string at it, which broke retries and failed whole batches.
+    ('{"type":"message","room":"r","text":"x","client_msg_id":"a\\u0000b","id":1}',
+     ErrorCode.INVALID_MESSAGE, 1),
+    ('{"type":"message","room":"r","text":"x","client_msg_id":"a\\u001fb"}',
+     ErrorCode.INVALID_MESSAGE, None),
+    ('{"type":"dm","to":"u","text":"x","client_msg_id":"\\u007f"}',
+     ErrorCode.INVALID_MESSAGE, None),
+    ('{"type":"dm","to":"a\\u0000b","text":"x"}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"ping","id":true}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"ping","id":"' + "i" * 65 + '"}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"auth","token":""}', ErrorCode.INVALID_MESSAGE, None),

@@ -234,11 +234,18 @@ def _text(obj: dict[str, Any], rid: RequestId, limits: Limits) -> str:
     return text
 
 
+# Control characters in an id a client makes up: a database cannot hold every one of
+# them as text (PostgreSQL refuses NUL; SQLite's JSON functions cut a string at it).
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
 def _short_id(obj: dict[str, Any], name: str, rid: RequestId) -> str | None:
     value = _field(obj, name, str, rid, required=False)
-    if value is not None and not (0 < len(value) <= MAX_ID_CHARS):
+    if value is not None and (not 0 < len(value) <= MAX_ID_CHARS
+                              or _CONTROL_CHARS.search(value)):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE,
-                            f"'{name}' must be 1-{MAX_ID_CHARS} characters", rid)
+                            f"'{name}' must be 1-{MAX_ID_CHARS} characters, "
+                            "none of them control characters", rid)
     return value
 
 
@@ -293,7 +300,7 @@ def parse_command(raw: str | bytes, limits: Limits = Limits()) -> Command:
         return Leave(_room(obj, rid), rid)
     if kind == "dm":
         to = _field(obj, "to", str, rid)
-        if not 0 < len(to) <= 128:
+        if not 0 < len(to) <= 128 or _CONTROL_CHARS.search(to):
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'to' must be a user_id", rid)
         return SendDm(UserId(to), _text(obj, rid, limits),
                       _short_id(obj, "client_msg_id", rid), rid)
