@@ -200,6 +200,8 @@ def close_code_of(peer: Peer) -> int:
     (raw_frame(0x9, b"x", fin=False), CloseCode.PROTOCOL_ERROR),  # fragmented control
     (raw_frame(0x9, b"x" * 126), CloseCode.PROTOCOL_ERROR),  # control over 125 bytes
     (raw_frame(0x0, b"x"), CloseCode.PROTOCOL_ERROR),  # continuation of nothing
+    (b"\x81\xff" + (1 << 63 | 5).to_bytes(8, "big") + b"mask",  # 64-bit length, top bit
+     CloseCode.PROTOCOL_ERROR),
     (raw_frame(0x1, b"a", fin=False) + raw_frame(0x1, b"b"), CloseCode.PROTOCOL_ERROR),
     (raw_frame(0x1, b"\xff\xfe"), CloseCode.INVALID_PAYLOAD),  # invalid UTF-8
     (raw_frame(0x1, b"ok \xce", fin=False) + raw_frame(0x0, b""),  # cut: fails at the end

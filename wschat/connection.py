@@ -517,6 +517,8 @@ class WebSocketConnection(Session):
                 if end < head:
                     break
                 length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                if length >> 63:  # RFC 6455 5.2: the most significant bit MUST be 0
+                    return self._protocol_error(CloseCode.PROTOCOL_ERROR, "invalid length")
             opcode = b0 & 0x0F
             # Checked on the header, before any of the payload is held.
             if b0 & 0x70:
