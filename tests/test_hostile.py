@@ -28,7 +28,7 @@ import jwt
 import pytest
 
 from conftest import SCALE, TIMEOUT, Client, Server, wait_until
-from rawws import OP_TEXT, Closed, RawClient, client_frame
+from rawws import OP_CLOSE, OP_TEXT, Closed, RawClient, client_frame
 from test_limits import metric
 
 SECRET = "hostile-secret-0123456789abcdef0123"
@@ -464,6 +464,31 @@ def test_one_address_cannot_take_every_slot(tight: Server) -> None:
         client.close()
     assert metric(tight, "wschat_handshakes_refused_total",
                   reason="max_connections_per_ip") >= 1
+
+
+def test_an_upgrade_the_worker_cannot_serve_gives_its_slot_back() -> None:
+    """A worker out of descriptors admits an upgrade (its MAX_CONNECTIONS_PER_IP slot
+    taken) and then cannot take the socket over: the client gets a close frame, 1013,
+    not an HTTP error after its 101, and the slot is free again; it used to leak for
+    good, so anyone who could exhaust a worker's descriptors shrank its capacity."""
+    import resource
+
+    with Server({"MAX_CONNECTIONS_PER_IP": "1"}) as server:
+        pid = server.worker_pids()[0]
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        source = fresh_ip()
+        try:
+            # Room for the accepted socket, none for the copy the transport keeps.
+            resource.prlimit(pid, resource.RLIMIT_NOFILE,
+                             (len(os.listdir(f"/proc/{pid}/fd")) + 1, hard))
+            client = RawClient(server.port, source=source, read_welcome=False)
+            opcode, payload = client.next_frame()
+            client.close()
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert opcode == OP_CLOSE and int.from_bytes(payload[:2], "big") == 1013, payload
+        wait_until(lambda: _connects(server.port, source), message="the slot given back")
+        assert "could not serve an accepted WebSocket" in server.output()
 
 
 def _connects(port: int, source: str) -> bool:

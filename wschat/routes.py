@@ -23,6 +23,7 @@ a WebSocket request) would never see.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from importlib import resources
 from typing import Any
@@ -36,6 +37,8 @@ from .connection import feed_pipelined
 from .metrics import Snapshot, server_summary
 from .runtime import current
 from .version import __version__
+
+log = logging.getLogger("wschat.transport")
 
 WS_PATH = "/ws"
 # Test-only: with WSCHAT_ECHO_ENDPOINT=1, /echo echoes every message through the
@@ -150,7 +153,7 @@ def admit() -> Response | None:
 
 @websocket.teardown_app_request
 def release_unserved(exc: BaseException | None) -> None:
-    # Admitted, but the handshake failed before serve() took the slot over.
+    # Admitted, but the handshake or serve() failed before a connection took the slot.
     admitted: Admitted | None = g.pop("wschat_admission", None)
     if admitted is not None:
         current().admission.release(admitted)
@@ -158,16 +161,32 @@ def release_unserved(exc: BaseException | None) -> None:
 
 @_sock.route(WS_PATH, bp=websocket)
 def websocket_route(ws: Any) -> None:
-    admitted: Admitted = g.pop("wschat_admission")
-    feed_pipelined(ws, request.environ)
-    current().transport.serve(ws, *admitted)
+    _serve(ws)
 
 
 @_sock.route(ECHO_PATH, bp=echo)
 def echo_route(ws: Any) -> None:
-    admitted: Admitted = g.pop("wschat_admission")
+    _serve(ws, echo=True)
+
+
+def _serve(ws: Any, echo: bool = False) -> None:
+    """Hand the accepted WebSocket to the transport. The admission's slots pass to the
+    connection only once it exists; if serving fails (a worker out of descriptors),
+    release_unserved gives them back, and the client gets a close frame (1013, try
+    again), not an HTTP error after its 101."""
+    admitted: Admitted = g.wschat_admission
     feed_pipelined(ws, request.environ)
-    current().transport.serve(ws, *admitted, echo=True)
+    try:
+        current().transport.serve(ws, *admitted, echo=echo)
+    except Exception:
+        log.exception("could not serve an accepted WebSocket; closing it with 1013")
+        if ws.connected:
+            try:
+                ws.close(1013, "temporarily unavailable; retry")
+            except Exception:  # noqa: BLE001 - the socket may be gone already
+                pass
+        return
+    del g.wschat_admission  # the connection releases them when it ends
 
 
 # -- the browser page ------------------------------------------------------------------

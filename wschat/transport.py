@@ -66,10 +66,14 @@ class Transport:
         """
         self.start()
         sock = ws.sock.dup()
-        ws.connected = False  # flask-sock must not write a close frame
         kind = EchoConnection if echo else WebSocketConnection
-        conn = kind(self, sock, self.new_conn_id(), identity, authenticated, remote_addr,
-                    getattr(ws, "wschat_pending", b""))
+        try:
+            conn = kind(self, sock, self.new_conn_id(), identity, authenticated, remote_addr,
+                        getattr(ws, "wschat_pending", b""))
+        except BaseException:
+            sock.close()
+            raise
+        ws.connected = False  # ours now: flask-sock must not write a close frame
         self.connections.add(conn)
         self.metrics.connection_opened()
         log.info("open conn=%s user=%s addr=%s", conn.conn_id, conn.user_id, remote_addr,
