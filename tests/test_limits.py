@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
 from conftest import TIMEOUT, Client, Server, redis_url_or_skip, wait_until
-from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawClient
+from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawClient, client_frame
 
 SECRET = "limits-secret-0123456789abcdef0123"
 RATE, BURST = 20, 10
@@ -330,6 +330,49 @@ def test_json_ping_pong_and_keepalive(srv: Server) -> None:
         assert raw.close_code is None
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("frame", [client_frame(0x9, b""), client_frame(0x1, b"x")],
+                         ids=["websocket-pings", "junk-text"])
+def test_a_flood_of_pings_or_junk_is_closed_and_the_others_are_served(
+        srv: Server, frame: bytes) -> None:
+    """WebSocket pings (each a pong to write) and text that is no command (each an
+    error) cost the server work no message bucket counted: 64 KiB of them came in one
+    read, and the flooder was served 50 reads in a row, so everyone else on the worker
+    waited seconds. Now both spend request tokens (4102 once the client keeps on), and
+    a connection gets one read per turn of the poller."""
+    before = metric(srv, "wschat_disconnects_total", reason="rate_limited")
+    good = RawClient(srv.port, source=fresh_ip())
+    bad = RawClient(srv.port, source=fresh_ip())
+    chunk = frame * (65536 // len(frame))
+    stop = threading.Event()
+
+    def flood() -> None:
+        try:
+            while not stop.is_set():
+                bad.sock.sendall(chunk)
+        except OSError:
+            pass  # closed on us: the point
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        round_trips = []
+        for n in range(10):
+            started = time.monotonic()
+            good.send({"type": "ping", "id": n})
+            good.expect("pong")
+            round_trips.append(time.monotonic() - started)
+        wait_until(lambda: metric(srv, "wschat_disconnects_total", reason="rate_limited")
+                   > before, message="the flooder closed with 4102")
+        flooder.join(TIMEOUT)
+        assert not flooder.is_alive(), "the flooder's socket was never closed"
+    finally:
+        stop.set()
+        bad.close()
+        good.close()
+    # Seconds each before (1.9-6.4 s measured); a generous bound for a busy machine.
+    assert max(round_trips) < 1.0, round_trips
 
 
 def test_talking_but_never_reading_is_dropped(srv: Server) -> None:

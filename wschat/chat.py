@@ -391,7 +391,13 @@ class Chat:
         """Handle one text frame; every failure becomes an ``error`` to this client only."""
         command: Command | None = None
         try:
-            command = parse_command(text, self.limits)
+            try:
+                command = parse_command(text, self.limits)
+            except ProtocolError:
+                # Not a command, but it cost us a parse and its error: a flood of
+                # junk is refused and closed (4102) like a flood of commands.
+                self._check_requests(session, None)
+                raise
             self.metrics.received(type(command).__name__)
             if (self.settings.auth_required and not session.authenticated
                     and not isinstance(command, PRE_AUTH_KINDS)):
@@ -488,12 +494,13 @@ class Chat:
         """_check_rate's buckets, for a store that spends them in the post itself."""
         return self._buckets(session) if self._posts_charge else ()
 
-    def _refuse(self, session: Session, command: Command, retry_ms: int) -> None:
+    def _refuse(self, session: Session, command: Command | None, retry_ms: int) -> None:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102)."""
         self.metrics.rate_limited()
         session.flood_strikes += 1
         error = ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
-                              command.request_id, retry_after_ms=retry_ms)
+                              command.request_id if command else None,
+                              retry_after_ms=retry_ms)
         if session.flood_strikes > 2 * self.settings.rate_limit_burst:
             # The error goes out before the close frame so the client learns why;
             # receive() counts it (its own send after the close is a no-op).
@@ -502,12 +509,13 @@ class Chat:
             session.close(CloseCode.RATE_LIMITED, "flooding")
         raise error
 
-    def _check_requests(self, session: Session, command: Command,
+    def _check_requests(self, session: Session, command: Command | None,
                         cost: float | None = None) -> None:
         """The same for every other command, against the request buckets
-        (``RATE_LIMIT_REQUESTS``), at the command's cost (:data:`REQUEST_COSTS`)."""
+        (``RATE_LIMIT_REQUESTS``), at the command's cost (:data:`REQUEST_COSTS`; 1 for
+        a frame that is no command at all, ``None``)."""
         if cost is None:
-            cost = REQUEST_COSTS.get(type(command), 1.0)
+            cost = REQUEST_COSTS.get(type(command), 1.0) if command else 1.0
         settings = self.settings
         buckets = self._guest_charge(session, "req:", settings.request_rate,
                                      settings.request_burst, 10 * settings.request_rate,

@@ -41,6 +41,7 @@ from greenlet import getcurrent, greenlet
 from .auth import Identity
 from .chat import Chat
 from .protocol import CloseCode, text_frame
+from .ratelimit import take
 from .session import Session
 from .stores.base import Unavailable
 from .telemetry import Metrics
@@ -190,7 +191,8 @@ class WebSocketConnection(Session):
     __slots__ = ("transport", "_raw", "_watch", "_buf", "_skip", "_outbox", "_outbox_bytes",
                  "_flusher", "_wwatch", "_close_timer", "_parts", "_part_size", "_msg_op",
                  "_utf8", "_pcheck", "state", "last_seen", "close_code", "close_reason", "_progress_at",
-                 "next_ping", "_read_after_close", "_paced", "_paced_counted", "_started")
+                 "next_ping", "_read_after_close", "_paced", "_paced_counted", "_started",
+                 "_control")
 
     def __init__(self, transport: Host, sock: socket.socket, conn_id: str,
                  identity: Identity, authenticated: bool, remote_addr: str,
@@ -236,6 +238,7 @@ class WebSocketConnection(Session):
         self._pcheck: list[Any] | None = None  # [decoder, bytes checked] of a partial text frame
         self._read_after_close = 0
         self._started = False
+        self._control: tuple[float, float] | None = None  # pings' bucket, once one came
         self.state = _OPEN
         self.last_seen = time.monotonic()
         # Each connection's pings keep their own phase, spread over the interval:
@@ -437,11 +440,11 @@ class WebSocketConnection(Session):
         self._serve()
 
     def _serve(self) -> None:
-        """Read and handle until the socket would block (then park) or the end.
+        """Read once and handle what it completes, then park (or finish at the end).
 
         Runs in a runner greenlet; handlers may block it (a store round trip)."""
-        done = False
         try:
+            alive = True
             if not self._started:
                 self._started = True
                 self._opened()
@@ -449,33 +452,16 @@ class WebSocketConnection(Session):
                 # are handled before any wait.
                 if self._buf:
                     data, self._buf = self._buf, b""
-                    done = not self._receive(data)
-            raw = self._raw
-            busy = False
-            while not done and self.state is not _CLOSED:
-                try:
-                    data = raw.recv(RECV_BYTES)
-                except BlockingIOError:
-                    self._park()
-                    return
-                if not data:
-                    break
-                if busy:
-                    # A client that never stops sending must not starve every
-                    # other connection and the heartbeat of this worker.
-                    gevent.sleep(0)
-                    if self.state is _CLOSED:
-                        break
-                busy = True
-                self.last_seen = time.monotonic()
-                if self.state is _CLOSING:
-                    self._read_after_close += len(data)
-                    if self._read_after_close > READ_AFTER_CLOSE_BYTES:
-                        if self._close_timer is not None:
-                            self._close_timer.join()  # it drops the connection
-                        break
-                if not self._receive(data):
-                    break
+                    alive = self._receive(data)
+            if alive and self.state is not _CLOSED and self._read():
+                # One read per turn, then back to the poller, behind every other
+                # socket that is ready: a client that never stops sending cannot
+                # starve the others. (gevent.sleep(0) between reads was not enough:
+                # gevent runs about 50 callbacks before it polls again, so a flooder
+                # had 50 turns of up to 64 KiB in a row.) The watcher is
+                # level-triggered: what is left in the socket wakes it again.
+                self._park()
+                return
         except OSError:
             pass
         except Exception:
@@ -483,8 +469,25 @@ class WebSocketConnection(Session):
             self.close_code, self.close_reason = int(CloseCode.INTERNAL_ERROR), "internal error"
         self._finish()
 
+    def _read(self) -> bool:
+        """One ``recv`` and the frames it completes; False when the connection is done."""
+        try:
+            data = self._raw.recv(RECV_BYTES)
+        except BlockingIOError:
+            return True  # woken with nothing to read after all
+        if not data:
+            return False
+        self.last_seen = time.monotonic()
+        if self.state is _CLOSING:
+            self._read_after_close += len(data)
+            if self._read_after_close > READ_AFTER_CLOSE_BYTES:
+                if self._close_timer is not None:
+                    self._close_timer.join()  # it drops the connection
+                return False
+        return self._receive(data) and self.state is not _CLOSED
+
     def _park(self) -> None:
-        """Nothing to read: wait as a watcher, without a greenlet."""
+        """Wait for the socket to be readable as a watcher, without a greenlet."""
         watch = self._watch
         if watch is None:
             watch = self._watch = get_hub().loop.io(self._raw.fileno(), 1)
@@ -563,8 +566,8 @@ class WebSocketConnection(Session):
             frame_end = head + length
             pos = frame_end
             self._pcheck = None
-            if opcode < 8 and self.state is not _OPEN:
-                continue  # closing: data is no longer read
+            if opcode != OP_CLOSE and self.state is not _OPEN:
+                continue  # closing: only the peer's close frame is still read
             payload = unmask(buf[payload_at:frame_end], buf[payload_at - 4:payload_at])
             if not self._frame(b0 & 0x80, opcode, payload):
                 self._buf = b""
@@ -607,13 +610,28 @@ class WebSocketConnection(Session):
             return True
         if opcode < 8:
             return self._fragment(fin, opcode, payload)
-        if opcode == OP_PING:
-            if self.state is _OPEN:
-                self.write(control_frame(OP_PONG, payload))
-            return True
-        if opcode == OP_PONG:
-            return True
-        return self._on_close_frame(payload)
+        if opcode == OP_CLOSE:
+            return self._on_close_frame(payload)
+        if not self._control_allowed():
+            self.transport.metrics.disconnected("rate_limited")
+            self.close(CloseCode.RATE_LIMITED, "flooding")
+            return False
+        if opcode == OP_PING and self.state is _OPEN:
+            self.write(control_frame(OP_PONG, payload))
+        return True
+
+    def _control_allowed(self) -> bool:
+        """Pings and pongs from the peer spend a bucket of the connection's own
+        (``RATE_LIMIT_REQUESTS`` per second, ``RATE_LIMIT_REQUESTS_BURST`` at once): a
+        client answers our pings and may send its own every few seconds, while a flood
+        (64 KiB of reads holds 10,000 pings, each a pong to write) is closed with 4102."""
+        settings = self.transport.chat.settings
+        now = time.monotonic()
+        tokens, last = self._control or (settings.request_burst, now)
+        tokens, last, retry_ms = take(tokens, last, now, settings.request_rate,
+                                      settings.request_burst)
+        self._control = (tokens, last)
+        return not retry_ms
 
     def _fragment(self, fin: int, opcode: int, payload: bytes) -> bool:
         if opcode != OP_CONT:  # the first frame of a message
