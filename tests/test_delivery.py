@@ -16,7 +16,7 @@ from typing import Any
 import jwt
 import pytest
 
-from conftest import TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until
+from conftest import SCALE, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
 from wschat.hub import LocalHub
@@ -474,3 +474,86 @@ def test_since_beyond_the_rooms_ids_reports_the_real_last_id_and_goes_live() -> 
             assert joined["recovered"] is False and joined["last_id"] == 3
             writer.send({"type": "message", "room": r, "text": "after"})
             assert reader.expect("message", text="after")["id"] == 4
+
+
+# -- 8. after a pub/sub outage, every room with local members catches up ------------------
+def _kill_pubsub_of(redis_url: str, pid: int) -> None:
+    """Close, on the Redis side, the pub/sub connection of the worker ``pid`` only."""
+    import psutil
+    import redis as redis_py
+
+    ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.raddr}
+    admin = redis_py.Redis.from_url(redis_url)
+    try:
+        victims = [c["id"] for c in admin.client_list(_type="pubsub")
+                   if int(c["addr"].rpartition(":")[2]) in ports]
+        assert len(victims) == 1, victims
+        admin.client_kill_filter(_id=victims[0])
+    finally:
+        admin.close()
+
+
+def test_a_room_with_nothing_delivered_yet_is_caught_up_after_a_pubsub_outage() -> None:
+    """Worker A loses its pub/sub connection while worker B accepts a message in a room
+    where A's member has received nothing live yet: once A is back, the member gets it
+    (before: A filled the gap only in rooms it had delivered a message in, so the
+    acknowledged message never reached it)."""
+    import os
+    import signal
+
+    with own_redis() as redis_server:
+        env = {**COMMON, "REDIS_URL": redis_server.url}
+        with Server(env) as a, Server(env) as b:
+            r = room()
+            with Client(a.url, f"token={token('alice')}") as alice, \
+                    Client(b.url, f"token={token('bob')}") as bob:
+                alice.join(r)
+                bob.join(r)
+                worker = a.worker_pids()[0]
+                os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
+                try:
+                    _kill_pubsub_of(redis_server.url, worker)
+                    during = bob.say(r, "sent while A was not subscribed")
+                finally:
+                    os.kill(worker, signal.SIGCONT)
+                wait_until(lambda: "re-registered" in a.output(),
+                           timeout=10 * SCALE, message="A to resubscribe and resync")
+                after = bob.say(r, "after")
+                got = [alice.expect("message", 2 * TIMEOUT)["id"] for _ in range(2)]
+                assert got == [during["id"], after["id"]] == [1, 2]
+
+
+def test_sequences_resume_above_what_a_member_was_handed_at_its_join() -> None:
+    """Redis restarts empty. Worker A's member joined a room at id 5 and has received
+    nothing live since; the room's other member left it. The room's next message must
+    be id 6, and reach A's member (before: A raised only the sequences of rooms it had
+    delivered a message in, so the room restarted at id 1: an id issued twice, and the
+    member, holding 5, never got it)."""
+    with own_redis() as redis_server:
+        env = {**COMMON, "REDIS_URL": redis_server.url}
+        with Server(env) as a, Server(env) as b:
+            r = room()
+            with Client(b.url, f"token={token('bob')}") as bob, \
+                    Client(a.url, f"token={token('alice')}") as alice:
+                bob.join(r)
+                for i in range(5):
+                    bob.say(r, f"m{i + 1}")
+                assert alice.join(r)["last_id"] == 5
+                bob.request({"type": "leave", "room": r}, "left")
+                redis_server.stop()
+                redis_server.start()
+                for server in (a, b):
+                    wait_until(lambda s=server: "re-registered" in s.output(),
+                               timeout=15 * SCALE, message="both workers to resync")
+                wait_until(lambda: _joins_again(bob, r), timeout=10 * SCALE,
+                           message="bob to join again")
+                assert bob.say(r, "after the restart")["id"] == 6
+                assert alice.expect("message", 2 * TIMEOUT)["id"] == 6
+
+
+def _joins_again(client: Client, r: str) -> bool:
+    client.send({"type": "join", "room": r, "id": "again"})
+    event = client.recv()
+    while event.get("type") not in ("joined", "error"):
+        event = client.recv()
+    return event["type"] == "joined"

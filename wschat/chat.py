@@ -363,10 +363,14 @@ class Chat:
 
         Each step is idempotent, so nothing changes if the store kept its data;
         if it lost it (or reaped this worker as dead), rooms and presence return,
-        and room sequences resume above the highest id this worker delivered.
+        and room sequences resume above the highest id this worker knows of
+        (:meth:`~wschat.hub.LocalHub.resume_points`: delivered here, or handed to a
+        member at its join).
         """
-        for room, seen in list(self.hub.max_seen.items()):
-            self.stores.messages.raise_sequence(room, seen)
+        points = self.hub.resume_points()
+        for room, (_, known) in points.items():
+            if known:
+                self.stores.messages.raise_sequence(room, known)
         for session in self.hub.sessions():
             self.stores.presence.connect(session.conn_id, session.user)
             for room in list(session.rooms):
@@ -377,11 +381,12 @@ class Chat:
                         exclude_user=session.user_id)
         log.info("re-registered %d local connections", len(self.hub.sessions()))
         # What was published while this worker was not subscribed (the store came
-        # back before its pub/sub connection did) comes from the history; the hub
-        # drops whatever of it the live stream brings as well.
+        # back before its pub/sub connection did) comes from the history, for every
+        # room with local members, also one whose stream had delivered nothing yet;
+        # the hub drops whatever of it the live stream brings as well.
         filled = 0
-        for room, seen in list(self.hub.max_seen.items()):
-            for event in self.stores.messages.since(room, seen).messages:
+        for room, (after, _) in points.items():
+            for event in self.stores.messages.since(room, after).messages:
                 self.hub.deliver_room(room, event)
                 filled += 1
         if filled:

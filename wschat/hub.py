@@ -107,6 +107,24 @@ class LocalHub:
             self._floors.setdefault(room, {})[session] = replayed_up_to
         self.rooms.setdefault(room, {})[session] = base
 
+    def resume_points(self) -> dict[str, tuple[int, int]]:
+        """For every room with local members, live or joining: ``(after, known)``.
+
+        ``after``: the stream resumes after this id, the highest delivered here, else (a
+        room whose stream has delivered nothing since its members joined) the lowest id
+        a live member was given up to at its join (0 for one given none, and for a room
+        whose members are all still joining). ``known``: the highest id this worker
+        knows the room issued, delivered or handed to a member at its join. Ids at or
+        below a member's floor are never written to it twice, so ``after`` may be low."""
+        points: dict[str, tuple[int, int]] = {}
+        for room in set(self.rooms) | set(self._recovering):
+            floors = self._floors.get(room, {})
+            seen = self.max_seen.get(room)
+            after = seen if seen is not None else min(
+                (floors.get(session, 0) for session in self.rooms.get(room, ())), default=0)
+            points[room] = (after, max(seen or 0, max(floors.values(), default=0)))
+        return points
+
     def gets_message(self, room: str, session: Session, msg_id: int) -> bool:
         """Whether message ``msg_id`` of ``room`` was, or will be, written to this live
         member by the room's own stream (replay and live): then a retry of it must not
