@@ -417,6 +417,31 @@ def test_a_restart_continues_room_and_dm_ids(tmp_path: Path) -> None:
     assert ids == [(1, 1), (2, 2)]
 
 
+def test_a_commit_whose_reply_was_lost_is_published_before_the_next_message(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
+    """Memory window: id 1 was committed but its worker never learnt it (the commit's reply
+    was lost, the SQLite writer died after COMMIT), so it was never published. Id 2 is held
+    behind the gap, both come in order once 1 is read from the log, and the window holds
+    both (before: 2 was published over the gap; 1, acknowledged to its sender's retry,
+    never reached anyone, and `since` called the window complete without it)."""
+    durable, delivered = durable_on_memory
+    durable.HOLD_TIMEOUT = 0.05
+    room = f"lost-{uuid.uuid4().hex[:6]}"
+    durable.last_id(room)
+    lost = room_post(room, "committed, reply lost", cmid="c-1")
+    durable.log.write([lost])
+    posted = durable.post_room(room, "u2", draft_message(room, "b", "u2", "next", 1, None))
+    assert (lost.msg_id, posted.msg_id) == (1, 2)
+    wait_until(lambda: gevent.sleep(0.02) or len(delivered) == 2,
+               message="the held message to be released")
+    assert [message_id_of(e) for e in delivered] == [1, 2]
+    retry = durable.post_room(room, "u1", lost.draft)
+    assert retry.duplicate and retry.msg_id == 1
+    replay = durable.inner.since(room, 0)
+    assert replay.complete and [message_id_of(e) for e in replay.messages] == [1, 2]
+    assert len(delivered) == 2
+
+
 def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
         tmp_path: Path) -> None:
     """Redis: id 2 waits for id 1; when 1's worker died after committing, 1 comes from the log,

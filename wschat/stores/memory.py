@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..protocol import MessageDraft
 from ..ratelimit import Charge
 from .base import (
-    PUBLISHED, Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay,
+    HELD, PUBLISHED, Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay,
     RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties, retry_echo,
 )
 
@@ -234,18 +234,27 @@ class MemoryMessageStore(MessageStore):
         log.last_id = max(log.last_id, at_least)
 
     def publish_stored(self, messages: list[Stored]) -> list[int]:
-        # One writer publishes in commit order, which is id order: nothing to hold.
+        """One writer publishes in commit order, which is id order. A gap before an id
+        is a message committed and never published (its commit's reply was lost, or
+        the writer died after COMMIT): the id is held, not published over the gap,
+        and the durable store publishes both from the log (``_release_held``)."""
+        outcomes: list[int] = []
         for message in messages:
             if message.room is None:
                 for user_id in message.dm_parties():
                     self._broker.publish_user(user_id, message.event)
+                outcomes.append(PUBLISHED)
                 continue
             log = self._log_for(message.room)
+            if message.msg_id > log.last_id + 1:
+                outcomes.append(HELD)
+                continue
             self._idle.pop(message.room, None)
             log.last_id = max(log.last_id, message.msg_id)
             self._append(message.room, log, message.msg_id, message.event)
             self._broker.publish_room(message.room, message.event)
-        return [PUBLISHED] * len(messages)
+            outcomes.append(PUBLISHED)
+        return outcomes
 
     def room_emptied(self, room: str) -> None:
         now = self._clock()
