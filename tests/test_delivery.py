@@ -109,6 +109,59 @@ def test_failed_join_leaves_no_half_joined_session(clock: Clock) -> None:
     assert [m["text"] for m in a.events("message")] == ["after"]
 
 
+def test_a_join_whose_reply_was_lost_leaves_no_member_behind(clock: Clock) -> None:
+    """The store join ran but its reply never came (a Redis timeout): the joiner gets
+    ``unavailable`` and is taken out of the store too, not only here (before: it stayed a
+    member there for the worker's life, and its retry never announced it online)."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a, b = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    chat.open(a)
+    chat.open(b)
+    chat.receive(b, json.dumps({"type": "join", "room": "r"}))
+    rooms = chat.stores.rooms
+    join = rooms.join
+
+    def join_then_lose_the_reply(*args: Any) -> Any:
+        join(*args)
+        raise Unavailable("redis: TimeoutError")
+
+    rooms.join = join_then_lose_the_reply  # type: ignore[method-assign]
+    try:
+        chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    finally:
+        del rooms.join
+    assert [e["code"] for e in a.events("error")] == ["unavailable"]
+    assert [u.user_id for u in rooms.members("r")] == ["b"]
+    b.clear()
+    chat.receive(a, json.dumps({"type": "join", "room": "r"}))
+    assert [(p["user_id"], p["status"]) for p in b.events("presence")] == [("a", "online")]
+
+
+def test_a_leave_the_store_refused_is_finished_once_it_is_back(clock: Clock) -> None:
+    """A leave while the store is unreachable: the client is out of the room at once
+    (``left``), and the store hears of it from the retries (before: ``unavailable``, a
+    retry got ``not_in_room``, and the connection stayed a member in the store)."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    a, b = FakeSession("a", "Ann", True), FakeSession("b", "Bob", True)
+    chat.open(a)
+    chat.open(b)
+    for session in (a, b):
+        chat.receive(session, json.dumps({"type": "join", "room": "r"}))
+    a.clear()
+    rooms = chat.stores.rooms
+    rooms.leave = _broken  # type: ignore[method-assign]
+    try:
+        chat.receive(b, json.dumps({"type": "leave", "room": "r", "id": 1}))
+        assert b.events("left") and not b.events("error")
+        chat.tick()  # still down: kept for the next tick
+    finally:
+        del rooms.leave
+    assert [u.user_id for u in rooms.members("r")] == ["a", "b"]
+    chat.tick()
+    assert [u.user_id for u in rooms.members("r")] == ["a"]
+    assert [(p["user_id"], p["status"]) for p in a.events("presence")] == [("b", "offline")]
+
+
 def test_failed_rejoin_of_a_member_stays_live(clock: Clock) -> None:
     """A member's re-join (recovery) that fails keeps it a live member: what arrived
     while its events were held follows, and so does everything after."""

@@ -324,13 +324,7 @@ class Chat:
         session.closed_by_chat = True
         self._expiry_deadlines.discard(session)
         for room in list(session.rooms):
-            self._forget_locally(session, room)
-            try:
-                self._store_leave(session, room)
-            except Exception as exc:  # retried from tick(); the rest goes on
-                log.warning("could not leave room %s for %s (%s); will retry", room,
-                            session.conn_id, exc)
-                self._unfinished.append((session, room))
+            self._leave_room(session, room)
         try:
             self.stores.presence.disconnect(session.conn_id, session.user_id)
         except Exception as exc:
@@ -350,7 +344,9 @@ class Chat:
         for _ in range(min(budget, len(self._unfinished))):
             session, room = self._unfinished[0]
             try:
-                if room is None:
+                if room is not None and room in session.rooms:
+                    pass  # it joined again since: that membership stays
+                elif room is None:
                     self.stores.presence.disconnect(session.conn_id, session.user_id)
                 else:
                     self._store_leave(session, room)
@@ -557,7 +553,9 @@ class Chat:
         if identity.user_id != session.user_id:
             # A new identity: the old one leaves everything it was part of.
             for room in list(session.rooms):
-                self._leave_room(session, room)
+                # Not retried later: the retry would leave as the new identity.
+                self._forget_locally(session, room)
+                self._store_leave(session, room)
             self.stores.presence.disconnect(session.conn_id, session.user_id)
             self.hub.remove_user(session)
             session.user_id, session.username = identity.user_id, identity.username
@@ -594,17 +592,13 @@ class Chat:
             up_to, members, base = self._join_and_replay(session, cmd, member)
         except BaseException:
             # Never half-joined: a member goes on live (with what was held meanwhile);
-            # a newcomer is taken out again, so a retry starts afresh.
+            # a newcomer is taken out again, so a retry starts afresh. Also from the
+            # store, even if its join seemed to fail: a join whose reply timed out may
+            # have run there (leaving is a no-op where it did not).
             if member:
                 self.hub.abort_recovery(room, session)
-            elif room in session.rooms:
-                self._forget_locally(session, room)
-                try:
-                    self._store_leave(session, room)
-                except Exception:
-                    self._unfinished.append((session, room))
             else:
-                self.hub.remove_member(room, session)
+                self._leave_room(session, room)
             session.access.joining.pop(room, None)
             raise
         self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members}, base)
@@ -659,8 +653,16 @@ class Chat:
         session.send(encode_reply("left", cmd.request_id, room=cmd.room))
 
     def _leave_room(self, session: Session, room: str) -> None:
+        """Out of the room here at once, and in the store now or, if it cannot be
+        reached, from tick(): a client told to retry would only hear not_in_room, and
+        its connection would stay a member in the store for the worker's life."""
         self._forget_locally(session, room)
-        self._store_leave(session, room)
+        try:
+            self._store_leave(session, room)
+        except Exception as exc:
+            log.warning("could not leave room %s for %s (%s); will retry", room,
+                        session.conn_id, exc)
+            self._unfinished.append((session, room))
 
     def _forget_locally(self, session: Session, room: str) -> None:
         session.rooms.discard(room)
