@@ -288,6 +288,40 @@ def test_room_payload_framing_holds_for_any_user_id(redis_stores: Any) -> None:
         listener.close()
 
 
+def test_a_reaper_that_fails_half_way_leaves_the_dead_node_to_a_later_beat(
+        redis_stores: Any) -> None:
+    """A reaper that claimed a dead node and then failed (Redis error, the reaper
+    killed) used to have removed the node from the list already: no one reaped it
+    again, and its users stayed members and online for good. The claim is now a lease:
+    the node stays listed until its registrations are gone, and is reaped after a TTL."""
+    from wschat.stores.redis.keys import NODES
+
+    redis_module, client, dead, _, rooms = redis_stores
+    r = room()
+    rooms.join(r, "c-dead", User("ghost", "Ghost"))
+    client.zadd(NODES, {dead.node_id: 1})  # silent since 1970
+    reaper = redis_module.NodeKeeper(client, redis_module._Node(), 0.3, 3600)
+
+    def fail_once(*args: Any) -> Any:
+        del client.smembers
+        raise redis_module.redis.ConnectionError("lost mid-reap")
+
+    client.smembers = fail_once
+    try:
+        with pytest.raises(redis_module.redis.ConnectionError):
+            reaper.beat_and_reap()
+    finally:
+        if "smembers" in vars(client):
+            del client.smembers
+    assert client.zscore(NODES, dead.node_id) is not None, "claimed and dropped"
+    assert [u.user_id for u in rooms.members(r)] == ["ghost"]
+    assert reaper.beat_and_reap() == 0  # leased to the failed reaper for one TTL
+    time.sleep(0.4)
+    assert reaper.beat_and_reap() == 1
+    assert rooms.members(r) == []
+    assert client.zscore(NODES, dead.node_id) is None
+
+
 def test_control_characters_in_sub_are_refused(redis_server: Server) -> None:
     """A token whose ``sub`` holds a control character is refused at the upgrade (401)
     and in ``auth``; a ``name`` with them is shown without them."""

@@ -109,12 +109,13 @@ class NodeKeeper:
         a few pipelined round trips instead of a leave per connection and room at shutdown."""
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
-        self._client.zadd(NODES, {self._node.node_id: 0})  # claimed (removed) again at once
+        self._client.zadd(NODES, {self._node.node_id: 0})  # claimed at once, then removed
         return self._reap_node(self._node.node_id)
 
     def _reap_node(self, node_id: str, silent_ms: int | None = None) -> int:
         """Remove one node's registrations if this caller claims it (with ``silent_ms``:
-        only if it is still silent that long); return how many memberships went."""
+        only if it is still silent that long), then the node; return how many
+        memberships went. The claim (claim_node.lua) is a lease of one TTL."""
         claim_args: list[Any] = [node_id] if silent_ms is None else [node_id, silent_ms]
         if not self._claim(keys=[NODES], args=claim_args):
             return 0  # alive again, or another reaper has it
@@ -135,5 +136,8 @@ class NodeKeeper:
             for conn_id, user_id in self._client.hgetall(conns).items():
                 self._disconnect(keys=[conns, PRESENCE], args=[conn_id, user_id], client=pipe)
             pipe.delete(memberships, conns)
+            # Only now, all gone: a reaper that failed before this leaves the node
+            # listed, and a later beat reaps it again (leaving twice is a no-op).
+            pipe.zrem(NODES, node_id)
             pipe.execute()
         return sum(int(removed) for removed, *_ in left)

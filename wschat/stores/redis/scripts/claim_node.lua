@@ -1,12 +1,17 @@
--- A reaper claims a dead node: 1 if this caller removed it from the nodes, so it
--- (and no concurrent reaper) removes the node's registrations; with ttl_ms, a node
--- that beat again since it was found silent is left alone (0).
+-- A reaper claims a dead node: 1 if this caller may remove the node's registrations
+-- (no concurrent reaper does meanwhile); 0 if the node beat again since it was found
+-- silent (with ttl_ms), or is gone (reaped already).
+-- The claim is a lease, not a removal: the node's score becomes now, as if it had
+-- beaten, so every reaper leaves it alone for one ttl. The claimer removes the node
+-- (ZREM) once its registrations are gone; if it fails before that, the node falls
+-- silent again and a later beat reaps it.
 -- KEYS: nodes   ARGV: node_id [ttl_ms]
-if ARGV[2] then
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-  local t = redis.call('TIME')
-  if score and tonumber(score) > t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ARGV[2]) then
-    return 0
-  end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if ARGV[2] and tonumber(score) > now - tonumber(ARGV[2]) then
+  return 0
 end
-return redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return 1
