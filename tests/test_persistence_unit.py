@@ -226,6 +226,48 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(
             log.close()
 
 
+def test_a_postgresql_that_stops_answering_fails_the_write_instead_of_hanging(
+        fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's backend frozen (SIGSTOP: a frozen host or a cut network looks the
+    same to the client, and the server's statement_timeout cannot end it): the write
+    fails after the answer timeout and its connection is dropped, and the next write,
+    once the server answers again, goes through (before: the writer waited forever,
+    and /ready stayed green)."""
+    import os
+    import signal
+
+    import psycopg
+
+    from wschat.persistence import postgres
+
+    monkeypatch.setattr(postgres, "PG_ANSWER_TIMEOUT_S", 0.5)
+    log = open_message_log(fresh_pg_url)
+    room = f"frozen-{uuid.uuid4().hex[:6]}"
+    frozen: list[int] = []
+    try:
+        log.migrate()
+        log.write([room_post(room, "before")])
+        with psycopg.connect(fresh_pg_url, autocommit=True) as admin:
+            frozen = [row[0] for row in admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'wschat'"
+                " AND datname = current_database()")]
+        assert len(frozen) == 1, frozen
+        os.kill(frozen[0], signal.SIGSTOP)
+        started = time.monotonic()
+        with gevent.Timeout(TIMEOUT, AssertionError("the write hung")):
+            with pytest.raises(DatabaseUnavailable, match="no answer"):
+                log.write([room_post(room, "while frozen")])
+        assert time.monotonic() - started < 3
+        os.kill(frozen.pop(), signal.SIGCONT)
+        log.write([room_post(room, "after")])
+        texts = [json.loads(e)["text"] for e in log.before(room, None, 10)]
+        assert texts[0] == "before" and texts[-1] == "after"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        log.close()
+
+
 def test_kept_dms_stay_kept_until_delivered(message_log: MessageLog) -> None:
     """DMs kept for an offline user are read a page at a time, oldest first, and stay kept
     until marked delivered (a connection that died before it could have them loses none)."""

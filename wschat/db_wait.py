@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import select
+import time
 from collections.abc import Generator
 from functools import cache
 from typing import Any
@@ -65,12 +66,25 @@ def _ready(fileno: int, events: int) -> int:
     return ready or events  # the watcher fired: let psycopg find out what happened
 
 
-def _psycopg_wait(gen: Generator[Any, int, Any], fileno: int, interval: float) -> Any:
-    """psycopg's wait protocol: the generator says what to wait for, gets what is ready."""
+class NoAnswer(Exception):
+    """The server sent nothing for longer than the connection's ``answer_timeout``."""
+
+
+def _psycopg_wait(gen: Generator[Any, int, Any], fileno: int, interval: float,
+                  answer_timeout: float | None = None) -> Any:
+    """psycopg's wait protocol: the generator says what to wait for, gets what is ready.
+    With ``answer_timeout``: :class:`NoAnswer` once the socket has been ready for
+    nothing that long (a server frozen or cut off, which the server's own
+    statement_timeout cannot end)."""
     try:
         wants = next(gen)
+        heard = time.monotonic()
         while True:
             ready = _ready(fileno, int(wants)) if wait_first(fileno, int(wants), interval) else 0
+            if ready:
+                heard = time.monotonic()
+            elif answer_timeout is not None and time.monotonic() - heard > answer_timeout:
+                raise NoAnswer(f"no answer from the server for {answer_timeout:g} s")
             wants = gen.send(ready)
     except StopIteration as done:
         return done.value
@@ -85,9 +99,18 @@ def psycopg_connection_class(psycopg: Any) -> Any:
         return base
 
     class FirstConnection(base):  # type: ignore[misc, valid-type]
+        #: Seconds of silence from the server after which a wait gives up and the
+        #: connection is closed (None: wait as long as it takes).
+        answer_timeout: float | None = None
+
         def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
             if timeout is not None:  # (LISTEN/NOTIFY; not used here): psycopg's own
                 return super().wait(gen, interval=interval, timeout=timeout)
-            return _psycopg_wait(gen, self.pgconn.socket, interval)
+            try:
+                return _psycopg_wait(gen, self.pgconn.socket, interval, self.answer_timeout)
+            except NoAnswer as exc:
+                # Mid-protocol: the connection is in no state to be used again.
+                self.pgconn.finish()
+                raise psycopg.OperationalError(str(exc)) from None
 
     return FirstConnection

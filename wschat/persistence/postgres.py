@@ -22,6 +22,10 @@ from .schema import PostgresDialect
 
 PG_CONNECT_TIMEOUT_S = 3
 PG_STATEMENT_TIMEOUT_MS = 5000
+# A server that sends nothing for this long is not answering (frozen, cut off): the
+# wait gives up and the connection is closed. The server's statement_timeout ends
+# every statement before this, so a live server is never cut off.
+PG_ANSWER_TIMEOUT_S = PG_STATEMENT_TIMEOUT_MS / 1000 + 3
 PG_READ_POOL = 4
 
 # A batch is a fixed handful of statements whatever its size, its rows passed as one
@@ -110,12 +114,14 @@ class PostgresLog(DirectLog):
 
     def _connect(self) -> Any:
         try:
-            return self._connection_class.connect(
+            conn = self._connection_class.connect(
                 self.url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S,
                 application_name="wschat",
                 options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}")
         except self._psycopg.Error as exc:
             raise DatabaseUnavailable(f"postgresql: {first_line(exc)}") from exc
+        conn.answer_timeout = PG_ANSWER_TIMEOUT_S
+        return conn
 
     def _run(self, conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         try:
