@@ -254,9 +254,9 @@ def test_a_postgresql_that_stops_answering_fails_the_write_instead_of_hanging(
         assert len(frozen) == 1, frozen
         os.kill(frozen[0], signal.SIGSTOP)
         started = time.monotonic()
-        with gevent.Timeout(TIMEOUT, AssertionError("the write hung")):
-            with pytest.raises(DatabaseUnavailable, match="no answer"):
-                log.write([room_post(room, "while frozen")])
+        with gevent.Timeout(TIMEOUT, AssertionError("the write hung")), \
+                pytest.raises(DatabaseUnavailable, match="no answer"):
+            log.write([room_post(room, "while frozen")])
         assert time.monotonic() - started < 3
         os.kill(frozen.pop(), signal.SIGCONT)
         log.write([room_post(room, "after")])

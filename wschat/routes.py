@@ -22,6 +22,7 @@ a WebSocket request) would never see.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -181,10 +182,8 @@ def _serve(ws: Any, echo: bool = False) -> None:
     except Exception:
         log.exception("could not serve an accepted WebSocket; closing it with 1013")
         if ws.connected:
-            try:
+            with contextlib.suppress(Exception):  # the socket may be gone already
                 ws.close(1013, "temporarily unavailable; retry")
-            except Exception:  # noqa: BLE001 - the socket may be gone already
-                pass
         return
     del g.wschat_admission  # the connection releases them when it ends
 
