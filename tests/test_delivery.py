@@ -7,6 +7,7 @@ Each test here reproduced one defect before its fix; the fault suite
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -588,26 +589,22 @@ def test_a_room_with_nothing_delivered_yet_is_caught_up_after_a_pubsub_outage() 
     import os
     import signal
 
-    with own_redis() as redis_server:
-        env = {**COMMON, "REDIS_URL": redis_server.url}
-        with Server(env) as a, Server(env) as b:
-            r = room()
-            with Client(a.url, f"token={token('alice')}") as alice, \
-                    Client(b.url, f"token={token('bob')}") as bob:
-                alice.join(r)
-                bob.join(r)
-                worker = a.worker_pids()[0]
-                os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
-                try:
-                    _kill_pubsub_of(redis_server.url, worker)
-                    during = bob.say(r, "sent while A was not subscribed")
-                finally:
-                    os.kill(worker, signal.SIGCONT)
-                wait_until(lambda: "re-registered" in a.output(),
-                           timeout=10 * SCALE, message="A to resubscribe and resync")
-                after = bob.say(r, "after")
-                got = [alice.expect("message", 2 * TIMEOUT)["id"] for _ in range(2)]
-                assert got == [during["id"], after["id"]] == [1, 2]
+    with _alice_on_a_bob_on_b() as (redis_server, a, _, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        worker = a.worker_pids()[0]
+        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
+        try:
+            _kill_pubsub_of(redis_server.url, worker)
+            during = bob.say(r, "sent while A was not subscribed")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(lambda: "re-registered" in a.output(),
+                   timeout=10 * SCALE, message="A to resubscribe and resync")
+        after = bob.say(r, "after")
+        got = [alice.expect("message", 2 * TIMEOUT)["id"] for _ in range(2)]
+        assert got == [during["id"], after["id"]] == [1, 2]
 
 
 def test_sequences_resume_above_what_a_member_was_handed_at_its_join() -> None:
@@ -616,26 +613,33 @@ def test_sequences_resume_above_what_a_member_was_handed_at_its_join() -> None:
     be id 6, and reach A's member (before: A raised only the sequences of rooms it had
     delivered a message in, so the room restarted at id 1: an id issued twice, and the
     member, holding 5, never got it)."""
+    with _alice_on_a_bob_on_b() as (redis_server, a, b, alice, bob):
+        r = room()
+        bob.join(r)
+        for i in range(5):
+            bob.say(r, f"m{i + 1}")
+        assert alice.join(r)["last_id"] == 5
+        bob.request({"type": "leave", "room": r}, "left")
+        redis_server.stop()
+        redis_server.start()
+        for server in (a, b):
+            wait_until(lambda s=server: "re-registered" in s.output(),
+                       timeout=15 * SCALE, message="both workers to resync")
+        wait_until(lambda: _joins_again(bob, r), timeout=10 * SCALE,
+                   message="bob to join again")
+        assert bob.say(r, "after the restart")["id"] == 6
+        assert alice.expect("message", 2 * TIMEOUT)["id"] == 6
+
+
+@contextlib.contextmanager
+def _alice_on_a_bob_on_b() -> Iterator[tuple[Any, Server, Server, Client, Client]]:
+    """A Redis of the test's own, servers A and B on it, alice connected to A, bob to B."""
     with own_redis() as redis_server:
         env = {**COMMON, "REDIS_URL": redis_server.url}
-        with Server(env) as a, Server(env) as b:
-            r = room()
-            with Client(b.url, f"token={token('bob')}") as bob, \
-                    Client(a.url, f"token={token('alice')}") as alice:
-                bob.join(r)
-                for i in range(5):
-                    bob.say(r, f"m{i + 1}")
-                assert alice.join(r)["last_id"] == 5
-                bob.request({"type": "leave", "room": r}, "left")
-                redis_server.stop()
-                redis_server.start()
-                for server in (a, b):
-                    wait_until(lambda s=server: "re-registered" in s.output(),
-                               timeout=15 * SCALE, message="both workers to resync")
-                wait_until(lambda: _joins_again(bob, r), timeout=10 * SCALE,
-                           message="bob to join again")
-                assert bob.say(r, "after the restart")["id"] == 6
-                assert alice.expect("message", 2 * TIMEOUT)["id"] == 6
+        with Server(env) as a, Server(env) as b, \
+                Client(a.url, f"token={token('alice')}") as alice, \
+                Client(b.url, f"token={token('bob')}") as bob:
+            yield redis_server, a, b, alice, bob
 
 
 def _joins_again(client: Client, r: str) -> bool:
