@@ -176,8 +176,8 @@ def _serve(ws: Any, echo: bool = False) -> None:
     release_unserved gives them back, and the client gets a close frame (1013, try
     again), not an HTTP error after its 101."""
     admitted: Admitted = g.wschat_admission
-    feed_pipelined(ws, request.environ)
     try:
+        feed_pipelined(ws, request.environ)
         current().transport.serve(ws, *admitted, echo=echo)
     except Exception:
         log.exception("could not serve an accepted WebSocket; closing it with 1013")
