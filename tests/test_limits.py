@@ -219,9 +219,21 @@ def test_flood_disconnects_with_4102(limited: Server) -> None:
             while True:
                 events.append(c.recv())
         assert c.ws.close_code == 4102
+        flooder = c.user_id
     errors = [e for e in events if e["type"] == "error"]
     assert len(errors) == 2 * BURST + 1 and errors[-1] is events[-1]
-    assert BURST <= len([e for e in events if e["type"] == "message"]) <= BURST + 1
+    with user(limited) as reader:
+        reader.join(r)
+        history = reader.request({"type": "history", "room": r, "limit": 50}, "history")
+    accepted = [m["text"] for m in history["messages"] if m["user_id"] == flooder]
+    assert BURST <= len(accepted) <= BURST + 1
+    echoes = [e["text"] for e in events if e["type"] == "message"]
+    if "REDIS_URL" in limited.env:
+        # Echoes come through pub/sub: those still on their way when the 4102 closes
+        # the connection are not written (the client's retry finds them stored).
+        assert echoes == accepted[:len(echoes)]
+    else:
+        assert echoes == accepted
     wait_until(lambda: metric(limited, "wschat_disconnects_total", reason="rate_limited")
                == before + 1, message="the 4102 disconnect to be counted")
 
@@ -372,7 +384,7 @@ def test_a_flood_of_pings_or_junk_is_closed_and_the_others_are_served(
         bad.close()
         good.close()
     # Seconds each before (1.9-6.4 s measured); a generous bound for a busy machine.
-    assert max(round_trips) < 1.0, round_trips
+    assert max(round_trips) < 1.5, round_trips
 
 
 def test_talking_but_never_reading_is_dropped(srv: Server) -> None:
