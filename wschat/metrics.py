@@ -19,10 +19,10 @@ the fan-out and store-time histograms) and ``wschat_greenlets`` (a reading
 greenlet starts and ends per burst of frames) are counted in plain integers on
 the message path and folded into the Prometheus series by
 :meth:`PrometheusChatMetrics.flush`: about once a second (the chat core's
-ticker), before this worker answers a scrape, and when the worker stops. A multiprocess update costs a lock and an mmap write each,
-several per message; a scrape answered by another worker sees this worker's
-per-message counts up to about a second late (a worker killed with -9 loses at
-most that second's counts).
+ticker), before this worker answers a scrape, and when the worker stops. A
+multiprocess update costs a lock and an mmap write each, several per message; a
+scrape answered by another worker sees this worker's per-message counts up to
+about a second late (a worker killed with -9 loses at most that second's counts).
 """
 
 from __future__ import annotations
