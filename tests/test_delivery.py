@@ -433,10 +433,9 @@ def test_large_recovery_replay_is_paced_not_dropped() -> None:
                 assert reader.expect("pong")["id"] == "p"
 
 
-def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock: Clock
-                                                            ) -> None:
-    """Past MAX_KEPT_DMS kept DMs, a DM to that offline user is refused with ``inbox_full``
-    (never accepted and dropped later); once they connected, DMs are accepted again."""
+@contextlib.contextmanager
+def durable_chat(tmp_path: Any, clock: Clock) -> Iterator[tuple[Any, Any]]:
+    """An in-process Chat on the memory backend with persistence in a SQLite file."""
     from wschat.auth import Authenticator
     from wschat.chat import Chat
     from wschat.config import Settings
@@ -451,11 +450,20 @@ def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock
     durable = DurableMessageStore(stores.messages,
                                   open_message_log(f"sqlite:///{tmp_path}/b.db"))
     durable.start()
-    durable.max_kept_dms = 3
     stores.messages = durable
-    chat = Chat(settings, stores, Authenticator(settings, clock=clock),
-                MemoryRateLimiter(1000, 1000, clock), clock=clock, monotonic=clock)
     try:
+        yield Chat(settings, stores, Authenticator(settings, clock=clock),
+                   MemoryRateLimiter(1000, 1000, clock), clock=clock, monotonic=clock), durable
+    finally:
+        durable.close()
+
+
+def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock: Clock
+                                                            ) -> None:
+    """Past MAX_KEPT_DMS kept DMs, a DM to that offline user is refused with ``inbox_full``
+    (never accepted and dropped later); once they connected, DMs are accepted again."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        durable.max_kept_dms = 3
         bob = FakeSession("bob", "Bob", True)
         chat.open(bob)
         chat.close(bob)
@@ -474,8 +482,60 @@ def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock
         chat.close(bob)
         chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "later", "id": 9}))
         assert alice.events("dm")[-1]["text"] == "later"
-    finally:
-        durable.close()
+
+
+def _committed_never_published(durable: Any, text: str, cmid: str) -> int:
+    """A DM from alice to bob that the log committed while its worker never learnt it
+    (the commit's reply was lost) or never published it (Redis failed after COMMIT)."""
+    from wschat.persistence import DmPost
+
+    lost = DmPost(sender_id="alice", recipient_id="bob",
+                  draft=draft_dm("bob", "Alice", "alice", text, 1, cmid))
+    durable.log.write([lost])
+    return lost.msg_id
+
+
+def test_retry_of_a_dm_committed_but_never_published_reaches_the_online_recipient(
+        tmp_path: Any, clock: Clock) -> None:
+    """The retry of such a DM publishes it again: bob gets it, alice one echo (before: the
+    retry was acknowledged as a duplicate and bob never got it)."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        alice = FakeSession("alice", "Alice", True)
+        chat.open(alice)
+        msg_id = _committed_never_published(durable, "lost reply", "c-1")
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "lost reply",
+                                        "client_msg_id": "c-1"}))
+        assert [(e["id"], e["text"]) for e in bob.events("dm")] == [(msg_id, "lost reply")]
+        assert [(e["id"], e["client_msg_id"]) for e in alice.events("dm")] == [(msg_id, "c-1")]
+        # addressed to someone else under the same client_msg_id: bob's DM is not sent
+        carol = FakeSession("carol", "Carol", True)
+        chat.open(carol)
+        chat.receive(alice, json.dumps({"type": "dm", "to": "carol", "text": "lost reply",
+                                        "client_msg_id": "c-1"}))
+        assert carol.events("dm") == [] and len(bob.events("dm")) == 1
+        assert [e["id"] for e in alice.events("dm")] == [msg_id, msg_id]
+
+
+def test_retry_of_a_dm_committed_but_never_published_is_kept_for_the_offline_recipient(
+        tmp_path: Any, clock: Clock) -> None:
+    """With bob offline at the retry, the log keeps the DM for his next connection
+    (before: it stayed marked delivered, and bob never got it)."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        chat.close(bob)
+        alice = FakeSession("alice", "Alice", True)
+        chat.open(alice)
+        msg_id = _committed_never_published(durable, "while away", "c-2")
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "while away",
+                                        "client_msg_id": "c-2"}))
+        assert [e["id"] for e in alice.events("dm")] == [msg_id]
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        assert bob.events("welcome")[0]["dm_backlog"] == 1
+        assert [(e["id"], e["text"]) for e in bob.events("dm")] == [(msg_id, "while away")]
 
 
 # -- 7. a stalled worker, reaped as dead, registers its users again ------------------------

@@ -292,6 +292,30 @@ def test_kept_dms_stay_kept_until_delivered(message_log: MessageLog) -> None:
     assert message_log.kept_dms(bob, 0, 10) == [] and message_log.kept_count(bob) == 0
 
 
+def test_a_dm_retried_while_its_recipient_is_offline_is_kept_again(
+        message_log: MessageLog) -> None:
+    """A DM stored as delivered (its recipient was online) whose retry finds the recipient
+    offline is kept for them: its first publish may never have happened. A retry in the
+    same batch as its original does the same; one addressed to someone else keeps nothing."""
+    bob = f"bob-{uuid.uuid4().hex[:6]}"
+
+    def dm(cmid: str, delivered: bool, to: str = bob) -> DmPost:
+        return DmPost(sender_id="al", recipient_id=to, created_ms=1, delivered=delivered,
+                      draft=draft_dm(to, "al", "al", cmid, 1, cmid))
+
+    online = dm(f"{bob}-1", True)
+    message_log.write([online])
+    assert message_log.kept_count(bob) == 0
+    retry, elsewhere = dm(f"{bob}-1", False), dm(f"{bob}-1", False, to="carol")
+    message_log.write([elsewhere, retry])
+    assert retry.duplicate and retry.msg_id == online.msg_id
+    assert message_log.kept_dms(bob, 0, 10) == [online.event]
+    pair = [dm(f"{bob}-2", True), dm(f"{bob}-2", False)]
+    message_log.write(pair)  # type: ignore[arg-type]
+    assert pair[1].duplicate and message_log.kept_dms(bob, online.msg_id, 10) == [pair[0].event]
+    assert message_log.kept_count("carol") == 0
+
+
 @pytest.fixture
 def durable_on_memory(tmp_path: Path) -> Iterator[tuple[DurableMessageStore, list[bytes]]]:
     stores = create_memory_stores(history_size=3, room_ttl=3600)

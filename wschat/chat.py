@@ -738,10 +738,10 @@ class Chat:
             self._refuse(session, cmd, exc.retry_after_ms)
             raise
         session.flood_strikes = 0
-        if posted.duplicate:
-            session.send(posted.event)
-        else:
+        if not posted.duplicate:
             self.metrics.posted("dm")
+        elif not posted.redelivered:
+            session.send(posted.event)
 
     def _typing(self, session: Session, cmd: Typing) -> None:
         if cmd.room not in session.rooms:

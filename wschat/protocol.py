@@ -500,3 +500,11 @@ def stored_id_of(event: bytes) -> int:
     if not event.startswith(prefix):
         raise ValueError("not a stored message or dm")
     return int(event[len(prefix):event.index(b",", len(prefix))])
+
+
+def addressed_to(event: bytes) -> str | None:
+    """The recipient of a stored ``dm`` event, None for any other event."""
+    if not event.startswith(_DM_PREFIX):
+        return None
+    to = orjson.loads(event).get("to")
+    return to if isinstance(to, str) else None

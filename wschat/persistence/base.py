@@ -22,9 +22,9 @@ from ..stores.base import Unavailable
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .schema import (
     AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL, DM_PAGE, DM_SCOPE,
-    DM_SEQ_SQL, FLOOR_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL, MARK_DELIVERED_SQL,
-    MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION, UPSERT_USER_SQL, VERSION_TABLE_SQL, Dialect,
-    SchemaTooNew, room_scope,
+    DM_SEQ_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
+    MARK_DELIVERED_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION, UPSERT_USER_SQL,
+    VERSION_TABLE_SQL, Dialect, SchemaTooNew, room_scope,
 )
 
 log = logging.getLogger("wschat.persistence")
@@ -214,6 +214,10 @@ class DirectLog(MessageLog):
                                      p.created_ms, p.delivered, p.event)
                                     for p in number(new_dms, int(last))])
         copy_originals(room_retries + dm_retries)
+        for post in dms:
+            if post.duplicate and not post.delivered:
+                conn.execute(d.q(KEEP_AGAIN_SQL),
+                             (post.sender_id, post.client_msg_id, post.recipient_id))
         for job in jobs:
             if isinstance(job, Arrival):
                 conn.execute(d.q(UPSERT_USER_SQL),

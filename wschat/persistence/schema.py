@@ -104,6 +104,11 @@ KEPT_DMS_SQL = (
 COUNT_KEPT_SQL = "SELECT COUNT(*) FROM dms WHERE recipient_id = ? AND NOT delivered"
 MARK_DELIVERED_SQL = (
     "UPDATE dms SET delivered = TRUE WHERE recipient_id = ? AND NOT delivered AND id <= ?")
+# A retry of a stored DM while its recipient is offline: its first publish may never
+# have happened (see DurableMessageStore._deliver_again), so it is kept for them again.
+KEEP_AGAIN_SQL = (
+    "UPDATE dms SET delivered = FALSE"
+    " WHERE sender_id = ? AND client_msg_id = ? AND recipient_id = ? AND delivered")
 LAST_ID_SQL = (
     "SELECT COALESCE((SELECT last_id FROM sequences WHERE scope = ?),"
     " (SELECT MAX(id) FROM messages WHERE room = ?), 0)")

@@ -57,7 +57,10 @@ class Posted:
 
     msg_id: int
     event: bytes
-    duplicate: bool  # a retry with a known client_msg_id: nothing was broadcast
+    duplicate: bool  # a retry with a known client_msg_id: nothing new was stored
+    # A duplicate DM published to its parties again (with persistence, where its first
+    # publish may have failed after COMMIT): the retrying connection's echo comes with it.
+    redelivered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

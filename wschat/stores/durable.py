@@ -33,7 +33,7 @@ from ..persistence import (
     Arrival, DatabaseUnavailable, DmPost, DmsDelivered, GroupCommitWriter, Job, MessageLog, RoomPost,
     SequenceFloor, SQLiteLog,
 )
-from ..protocol import MessageDraft, message_id_of
+from ..protocol import MessageDraft, addressed_to, message_id_of
 from ..ratelimit import Charge
 from ..telemetry import Metrics
 from .base import (
@@ -116,7 +116,19 @@ class DurableMessageStore(MessageStore):
         job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
                      delivered=recipient_online)
         self.writer.submit(job)
+        if job.duplicate and recipient_online and addressed_to(job.event) == recipient_id:
+            self._deliver_again(job)
+            return Posted(job.msg_id, job.event, True, redelivered=True)
         return Posted(job.msg_id, job.event, job.duplicate)
+
+    def _deliver_again(self, job: DmPost) -> None:
+        """A retry of a stored DM, its recipient online: publish it again. Its first
+        publish may never have happened (Redis failed after COMMIT, the commit's reply
+        was lost), and the log cannot tell; DM ids are unique, so a recipient that had
+        it drops the copy. (Recipient offline: the log keeps it for their next
+        connection instead, in the retry's transaction.)"""
+        self.inner.publish_stored([Stored(job.msg_id, job.event, None, job.sender_id,
+                                          job.recipient_id)])
 
     def user_arrived(self, user: User) -> tuple[list[bytes], int] | None:
         job = Arrival(user_id=user.user_id, username=user.username)
