@@ -226,6 +226,30 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(
             log.close()
 
 
+def test_a_failed_postgresql_read_leaves_no_connection_open(fresh_pg_url: str) -> None:
+    """A read that fails on its pooled connection and again on the fresh one closes both
+    (before: the fresh one stayed open for as long as anything held the exception)."""
+    import psycopg
+
+    def backends() -> int:
+        with psycopg.connect(fresh_pg_url, autocommit=True) as admin:
+            return int(admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wschat'"
+                " AND datname = current_database()").fetchone()[0])
+
+    log = open_message_log(fresh_pg_url)
+    try:
+        log.migrate()
+        log.last_id("r")  # one pooled reader (and the migrating writer)
+        assert backends() == 2
+        with pytest.raises(DatabaseUnavailable) as failed:
+            log._read_call(log._rows, "SELECT * FROM no_such_table", ())
+        assert backends() == 1, failed.value
+        assert log.last_id("r") == 0 and backends() == 2  # a fresh reader, pooled again
+    finally:
+        log.close()
+
+
 def test_a_postgresql_that_stops_answering_fails_the_write_instead_of_hanging(
         fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer's backend frozen (SIGSTOP: a frozen host or a cut network looks the

@@ -147,20 +147,29 @@ class PostgresLog(DirectLog):
     def _read_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self._reader_slots:
             pooled = not self._readers.empty()
-            conn = self._readers.get() if pooled else self._connect()
             try:
-                result = self._run(conn, fn, args)
+                return self._read_on(self._readers.get() if pooled else self._connect(), fn,
+                                     args)
             except DatabaseUnavailable:
-                self._close_quietly(conn)
                 if not pooled:
                     raise
-                # A pooled connection may predate a server restart: one fresh try.
-                self._drain_readers()
-                conn = self._connect()
-                result = self._run(conn, fn, args)
-            if self._usable(conn):
-                self._readers.put(conn)
-            return result
+            # A pooled connection may predate a server restart: one fresh try.
+            self._drain_readers()
+            return self._read_on(self._connect(), fn, args)
+
+    def _read_on(self, conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """One read; the connection goes back to the pool if it is still usable and is
+        closed otherwise, also when the read failed or its greenlet was killed."""
+        try:
+            result = self._run(conn, fn, args)
+        except BaseException:
+            self._close_quietly(conn)
+            raise
+        if self._usable(conn):
+            self._readers.put(conn)
+        else:
+            self._close_quietly(conn)
+        return result
 
     def _drain_readers(self) -> None:
         while not self._readers.empty():
