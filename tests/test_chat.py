@@ -310,6 +310,57 @@ def test_failed_leave_on_close_is_retried(chat: Chat) -> None:
     assert len(a.events("presence")) == 2  # online once, offline once: no repeats
 
 
+def test_auth_as_another_user_while_the_store_fails_cleans_up_as_the_old_identity(
+        chat: Chat, clock: Clock) -> None:
+    """A guest signs in while the store refuses leaves: the sign-in still succeeds, and
+    tick() later takes the guest out of the room and offline as the guest, never as the
+    new user (before: the sign-in failed with the room half-left, and the guest stayed a
+    member in the store for the connection's life). A leave queued before the sign-in is
+    retried as the guest too; the connection goes on under a new conn_id."""
+    from wschat.stores.base import Unavailable
+
+    watcher, guest = connect(chat, "w"), connect(chat, "guest-9")
+    for room in ("r", "s"):
+        send(chat, watcher, type="join", room=room)
+        send(chat, guest, type="join", room=room)
+    leave, disconnect = chat.stores.rooms.leave, chat.stores.presence.disconnect
+    failing = {"on": True}
+    left: list[tuple[str, str, str]] = []
+
+    def flaky_leave(room: str, conn_id: str, user_id: str) -> Any:
+        if failing["on"]:
+            raise Unavailable("redis: ConnectionError")
+        left.append((room, conn_id, user_id))
+        return leave(room, conn_id, user_id)
+
+    def flaky_disconnect(conn_id: str, user_id: str) -> Any:
+        if failing["on"]:
+            raise Unavailable("redis: ConnectionError")
+        return disconnect(conn_id, user_id)
+
+    chat.stores.rooms.leave = flaky_leave  # type: ignore[method-assign]
+    chat.stores.presence.disconnect = flaky_disconnect  # type: ignore[method-assign]
+    send(chat, guest, type="leave", room="s", id="l")
+    assert guest.events("left")[-1]["room"] == "s"
+    old_conn = guest.conn_id
+    token = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, SECRET,
+                       algorithm="HS256")
+    send(chat, guest, type="auth", token=token)
+    assert guest.events("welcome")[-1]["user_id"] == "kim" and guest.events("error") == []
+    assert guest.conn_id != old_conn and chat.stores.presence.is_online("kim")
+    assert chat.stores.rooms.totals() == (2, 4)  # the guest is still in both, for now
+    failing["on"] = False
+    chat.tick()
+    assert sorted(left) == [("r", old_conn, "guest-9"), ("s", old_conn, "guest-9")]
+    assert chat.stores.rooms.totals() == (2, 2) and not chat.stores.presence.is_online("guest-9")
+    assert sorted(e["room"] for e in watcher.events("presence")
+                  if e["status"] == "offline") == ["r", "s"]
+    send(chat, guest, type="join", room="r")
+    assert chat.stores.rooms.totals() == (2, 3) and chat.stores.presence.is_online("kim")
+    chat.close(guest)
+    assert chat.stores.rooms.totals() == (2, 2) and not chat.stores.presence.is_online("kim")
+
+
 def test_held_presence_already_in_users_list_is_dropped(chat: Chat) -> None:
     """Presence that reached this worker late (its change is already in the users list
     the joiner got) is dropped; real changes after that list are delivered, in order."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .access import AccessControl, forbidden, parse_control
-from .auth import Authenticator, AuthError
+from .auth import Authenticator, AuthError, Identity
 from .config import Settings
 from .hub import LocalHub
 from .protocol import (
@@ -220,6 +220,7 @@ class Chat:
         # Store clean-ups that failed (Redis briefly unreachable, pool exhausted in a
         # disconnect storm): retried from tick() so no membership is left behind.
         self._unfinished: deque[tuple[Session, str | None]] = deque()
+        self._renamed = itertools.count(1)  # see _become
         self._early_kicks: list[tuple[Session, dict[str, Any]]] = []  # see _control_session
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
                                     stores.broker, clock)
@@ -325,12 +326,17 @@ class Chat:
         self._expiry_deadlines.discard(session)
         for room in list(session.rooms):
             self._leave_room(session, room)
+        self._disconnect_in_store(session)
+        self.hub.remove_user(session)
+
+    def _disconnect_in_store(self, session: Session) -> None:
+        """The connection no longer counts its user online: now or, if the store cannot
+        be reached, from tick()."""
         try:
             self.stores.presence.disconnect(session.conn_id, session.user_id)
         except Exception as exc:
             log.warning("could not clear presence of %s (%s); will retry", session.conn_id, exc)
             self._unfinished.append((session, None))
-        self.hub.remove_user(session)
 
     def shutdown(self) -> None:
         """The worker stops: take all its connections out of the shared store at once
@@ -551,16 +557,7 @@ class Chat:
             raise ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
                                 f"at most {cap} connections per user", cmd.request_id)
         if identity.user_id != session.user_id:
-            # A new identity: the old one leaves everything it was part of.
-            for room in list(session.rooms):
-                # Not retried later: the retry would leave as the new identity.
-                self._forget_locally(session, room)
-                self._store_leave(session, room)
-            self.stores.presence.disconnect(session.conn_id, session.user_id)
-            self.hub.remove_user(session)
-            session.user_id, session.username = identity.user_id, identity.username
-            self.hub.add_user(session)
-            self.stores.presence.connect(session.conn_id, session.user)
+            self._become(session, identity)
         session.username = identity.username
         session.authenticated = True
         session.expires_at = identity.expires_at
@@ -575,6 +572,32 @@ class Chat:
             return
         self._watch_expiry(session)
         self._greet(session, cmd.request_id)
+
+    def _become(self, session: Session, identity: Identity) -> None:
+        """The connection authenticates as another user (a guest signing in): its old
+        identity leaves everything it was part of, as a closing connection does, and the
+        new one connects. What the store could not do now is retried from tick() as the
+        old identity (``former``, a session nobody writes to), never as the new one; the
+        connection then goes on under a new ``conn_id``, so that those retries cannot
+        touch the new identity's entries (the store keys connections by ``conn_id``)."""
+        former = Session(session.conn_id, Identity(session.user_id, session.username, None),
+                         session.authenticated, session.remote_addr)
+        waiting = False
+        for i, (who, room) in enumerate(self._unfinished):  # queued before, as the old identity
+            if who is session:
+                self._unfinished[i] = (former, room)
+                waiting = True
+        queued = len(self._unfinished)
+        for room in list(session.rooms):
+            self._forget_locally(session, room)
+            self._leave_in_store(former, room)
+        self._disconnect_in_store(former)
+        self.hub.remove_user(session)
+        if waiting or len(self._unfinished) > queued:
+            session.conn_id = f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
+        session.user_id, session.username = identity.user_id, identity.username
+        self.hub.add_user(session)
+        self.stores.presence.connect(session.conn_id, session.user)
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
@@ -657,6 +680,9 @@ class Chat:
         reached, from tick(): a client told to retry would only hear not_in_room, and
         its connection would stay a member in the store for the worker's life."""
         self._forget_locally(session, room)
+        self._leave_in_store(session, room)
+
+    def _leave_in_store(self, session: Session, room: str) -> None:
         try:
             self._store_leave(session, room)
         except Exception as exc:
