@@ -21,6 +21,7 @@ import atexit
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -49,14 +50,36 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: their sockets are all bound before any is closed (one
-    at a time, the kernel may hand the same just-freed port out twice)."""
-    sockets = [socket.socket() for _ in range(count)]
+def _ephemeral_start() -> int:
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Servers get ports below the kernel's ephemeral range: a port picked there (what
+# bind(0) hands out) can be taken, before the server binds it, as the source port of
+# any outgoing connection the tests make meanwhile.
+PORT_RANGE = (max(1024, _ephemeral_start() - 12000), _ephemeral_start())
+_pick = random.Random(os.getpid() ^ time.time_ns())
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports below the ephemeral range, each found free by binding
+    it; all stay bound until the last is found (so none is handed out twice)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", _pick.randrange(*PORT_RANGE)))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+            if len(sockets) == count:
+                return [s.getsockname()[1] for s in sockets]
+        raise RuntimeError(f"no {count} free ports in {PORT_RANGE}")
     finally:
         for s in sockets:
             s.close()
