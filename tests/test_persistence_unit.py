@@ -478,6 +478,59 @@ def test_a_stuck_write_times_out_its_senders_and_the_queue_behind_it(
         writer.close()
 
 
+def test_writes_are_refused_after_a_failure_until_the_next_quick_probe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed write makes the worker refuse writes (not queue them behind a dead
+    connection) until a probe finds the database answering: the prober's next check
+    comes PROBE_DOWN after the failure, not at the end of its healthy-time wait (before:
+    up to PROBE_HEALTHY, 2 s, while the docs said a second)."""
+    class FlakyLog(MessageLog):
+        def __init__(self) -> None:
+            self.writes = 0
+
+        def migrate(self) -> int:
+            return SCHEMA_VERSION
+
+        def ping(self) -> None:
+            pass
+
+        def write(self, jobs: list[Any]) -> None:
+            self.writes += 1
+            if self.writes == 2:
+                raise DatabaseUnavailable("connection reset")
+            for job in jobs:
+                job.msg_id = 1
+
+        def close(self) -> None:
+            pass
+
+    writer = GroupCommitWriter(FlakyLog(), lambda batch: None)
+    monkeypatch.setattr(writer, "PROBE_HEALTHY", 30.0)
+    monkeypatch.setattr(writer, "PROBE_DOWN", 0.1)
+    writer.start()
+    try:
+        writer.submit(room_post("r", "first"))  # and the prober waits its healthy 30 s
+        with pytest.raises(DatabaseUnavailable, match="connection reset"):
+            writer.submit(room_post("r", "fails"))
+        assert not writer.healthy
+        with pytest.raises(DatabaseUnavailable, match="unavailable"):
+            writer.submit(room_post("r", "refused at once"))
+
+        def accepted() -> bool:
+            try:
+                return writer.submit(room_post("r", "again")).msg_id == 1
+            except DatabaseUnavailable:
+                gevent.sleep(0.02)
+                return False
+
+        wait_until(accepted, timeout=TIMEOUT, message="writes to be accepted again")
+        assert writer.healthy
+    finally:
+        started = time.monotonic()
+        writer.close()
+        assert time.monotonic() - started < 1  # the prober's 30 s wait ends at close
+
+
 def test_ids_issued_before_persistence_are_never_reused(
         durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
     """A window that already issued ids (e.g. Redis before persistence) lifts the log's sequence."""

@@ -39,9 +39,8 @@ class GroupCommitWriter:
     MAX_BATCH = 512
     SUBMIT_TIMEOUT = 10.0
     WATCH_EVERY = 1.0  # so a caller waits at most SUBMIT_TIMEOUT + WATCH_EVERY
-    RETRY_AFTER = 1.0  # after a failure, fail fast this long before trying the database again
-    PROBE_HEALTHY = 2.0
-    PROBE_DOWN = 0.5
+    PROBE_HEALTHY = 2.0  # readiness is checked this often while nothing fails
+    PROBE_DOWN = 0.5  # after a failure (a write's or a probe's), again this often
 
     def __init__(self, log_: MessageLog, after_commit: Callable[[list[Job]], None],
                  on_error: Callable[[], None] = lambda: None,
@@ -58,7 +57,7 @@ class GroupCommitWriter:
         self._wake = gevent.event.Event()
         self._stop = gevent.event.Event()
         self._closing = False
-        self._failed_at = float("-inf")
+        self._probe_now = gevent.event.Event()  # a write failed: the prober's wait ends
         self.ready = False  # migrated and answering
         self.last_error = "not connected yet"
         self._greenlet: gevent.Greenlet | None = None
@@ -81,7 +80,7 @@ class GroupCommitWriter:
         if self._closing:
             raise DatabaseUnavailable("shutting down")
         job.submitted = time.monotonic()
-        if not self.ready or job.submitted - self._failed_at < self.RETRY_AFTER:
+        if not self.ready:
             raise DatabaseUnavailable(f"database unavailable ({self.last_error})")
         self._queue.append(job)
         self._wake.set()
@@ -163,7 +162,6 @@ class GroupCommitWriter:
 
     def _failed(self, exc: BaseException) -> None:
         self._on_error()
-        self._failed_at = time.monotonic()
         message = first_line(exc)
         if self.ready or message != self.last_error:
             if isinstance(exc, DatabaseUnavailable):
@@ -172,6 +170,7 @@ class GroupCommitWriter:
                 log.error("database write failed", exc_info=exc)
         self.last_error = message
         self.ready = False
+        self._probe_now.set()
 
     def _check(self) -> None:
         was_ready = self.ready
@@ -185,10 +184,17 @@ class GroupCommitWriter:
             log.info("database %s ready (schema version %d)", self._log.url_for_logs, version)
         self.ready = True
         self.last_error = ""
-        self._failed_at = float("-inf")
 
     def _probe_forever(self) -> None:
-        while not self._stop.wait(self.PROBE_HEALTHY if self.ready else self.PROBE_DOWN):
+        """Every PROBE_HEALTHY while the database answers, every PROBE_DOWN once anything
+        failed: writes are refused from a failure until the next probe that succeeds,
+        PROBE_DOWN later at the soonest (not queued behind a dead connection)."""
+        while True:
+            if self.ready:
+                self._probe_now.wait(self.PROBE_HEALTHY)
+            self._probe_now.clear()
+            if self._stop.wait(0 if self.ready else self.PROBE_DOWN):
+                return
             self._check()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -196,6 +202,7 @@ class GroupCommitWriter:
         self._closing = True
         self._wake.set()
         self._stop.set()
+        self._probe_now.set()
         if self._prober is not None:
             # Not killed: a kill inside a database call would leave its connection mid-statement.
             self._prober.join(timeout)
