@@ -70,11 +70,28 @@ def test_join_is_idempotent_per_connection(stores: Stores) -> None:
 
 
 def test_leave_unknown_connection_is_harmless(stores: Stores) -> None:
-    """Leaving a room one never joined changes nothing."""
+    """Leaving a room one never joined changes nothing; the user has no connection
+    there, which is what ``last_of_user`` says."""
     stores.rooms.join("r", "c1", ALICE)
     result = stores.rooms.leave("r", "nope", BOB.user_id)
-    assert not result.last_of_user and not result.room_empty
+    assert result.last_of_user and not result.room_empty
     assert stores.rooms.members("r") == [ALICE]
+
+
+def test_a_leave_run_twice_still_says_the_user_is_gone(stores: Stores) -> None:
+    """A leave retried because its first reply was lost (it ran in the store) still
+    reports the user's last connection gone, so ``offline`` is announced once it
+    succeeds (before: the retry found nothing and nobody heard the user left); with
+    another connection of the user still there it does not."""
+    for conn in ("c1", "c2"):
+        stores.rooms.join("r", conn, ALICE)
+    stores.rooms.join("r", "c3", BOB)
+    assert not stores.rooms.leave("r", "c1", ALICE.user_id).last_of_user
+    assert not stores.rooms.leave("r", "c1", ALICE.user_id).last_of_user  # c2 is there
+    assert stores.rooms.leave("r", "c2", ALICE.user_id).last_of_user
+    again = stores.rooms.leave("r", "c2", ALICE.user_id)
+    assert again.last_of_user and not again.room_empty
+    assert stores.rooms.members("r") == [BOB]
 
 
 def test_presence_counts_connections(stores: Stores) -> None:

@@ -47,7 +47,9 @@ class JoinResult:
 
 @dataclass(frozen=True, slots=True)
 class LeaveResult:
-    last_of_user: bool  # the user's last connection left the room: announce "offline"
+    # The user has no connection left in the room: announce "offline". Also when this
+    # connection was gone already: a retried leave whose first reply was lost.
+    last_of_user: bool
     room_empty: bool  # nobody is left: the room is dropped
 
 

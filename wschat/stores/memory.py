@@ -46,8 +46,8 @@ class MemoryRoomStore(RoomStore):
     def leave(self, room: str, conn_id: str, user_id: str) -> LeaveResult:
         users = self._rooms.get(room)
         entry = users.get(user_id) if users else None
-        if entry is None:
-            return LeaveResult(False, not users)
+        if entry is None:  # no connection of the user is left (as leave.lua says)
+            return LeaveResult(True, not users)
         entry[1].discard(conn_id)
         if entry[1]:
             return LeaveResult(False, False)

@@ -1,14 +1,17 @@
 -- Take a connection out of a room: a user's leave, and the reaper's for each
 -- membership of a dead node (so both keep the room's keys the same way).
 -- Returns {removed, last, empty, name}: removed 1 if the connection was in the
--- room; last 1 if it was the user's last connection there (name: the user's
--- display name, for the offline presence the caller publishes); empty 1 if the
--- room has no connection left (its sequence and history then expire).
+-- room; last 1 if the user has no connection left there (name: the user's
+-- display name, for the offline presence the caller publishes), also when this
+-- connection was gone already (a retry whose first run's reply was lost must
+-- still announce it); empty 1 if the room has no connection left (its sequence
+-- and history then expire).
 -- KEYS: conns counts names order seq hist rooms memberships node_memberships
 -- ARGV: room conn user_id membership_token room_ttl
 local conns, counts, names, order, seq, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if redis.call('HDEL', conns, ARGV[2]) == 0 then
-  return {0, 0, redis.call('HLEN', conns) == 0 and 1 or 0, ''}
+  local gone = redis.call('HEXISTS', counts, ARGV[3]) == 0
+  return {0, gone and 1 or 0, redis.call('HLEN', conns) == 0 and 1 or 0, gone and ARGV[3] or ''}
 end
 redis.call('SREM', KEYS[9], ARGV[4])
 local last = 0
