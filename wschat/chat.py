@@ -512,9 +512,14 @@ class Chat:
             # The error goes out before the close frame so the client learns why;
             # receive() counts it (its own send after the close is a no-op).
             session.send(error.to_event())
-            self.metrics.disconnected("rate_limited")
-            session.close(CloseCode.RATE_LIMITED, "flooding")
+            self.cut_off_flooder(session)
         raise error
+
+    def cut_off_flooder(self, session: Session) -> None:
+        """Close a client that keeps going over its limits (4102): commands here, pings
+        and pongs in the transport."""
+        self.metrics.disconnected("rate_limited")
+        session.close(CloseCode.RATE_LIMITED, "flooding")
 
     def _check_requests(self, session: Session, command: Command | None,
                         cost: float | None = None) -> None:

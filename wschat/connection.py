@@ -613,8 +613,7 @@ class WebSocketConnection(Session):
         if opcode == OP_CLOSE:
             return self._on_close_frame(payload)
         if not self._control_allowed():
-            self.transport.metrics.disconnected("rate_limited")
-            self.close(CloseCode.RATE_LIMITED, "flooding")
+            self.transport.chat.cut_off_flooder(self)
             return False
         if opcode == OP_PING and self.state is _OPEN:
             self.write(control_frame(OP_PONG, payload))
