@@ -40,6 +40,8 @@ def test_parse_valid_commands(raw: str, command: object) -> None:
     ('{"type":"join","room":"has space","id":"q"}', ErrorCode.INVALID_ROOM, "q"),
     ('{"type":"join","room":"-starts-with-dash"}', ErrorCode.INVALID_ROOM, None),
     ('{"type":"join","room":"' + "a" * 65 + '"}', ErrorCode.INVALID_ROOM, None),
+    # "$" would match before the newline: a look-alike no PRIVATE_ROOMS pattern covers
+    ('{"type":"join","room":"team-red\\n"}', ErrorCode.INVALID_ROOM, None),
     ('{"type":"join","room":"r","since":-1}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"message","room":"r"}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"message","room":"r","text":""}', ErrorCode.INVALID_MESSAGE, None),
@@ -128,6 +130,7 @@ def test_control_frames() -> None:
 @pytest.mark.parametrize("name, ok", [
     ("alice", True), ("Ana María", True), ("a", True), ("x" * 32, True), ("x" * 33, False),
     (" alice", False), ("alice ", False), ("", False), ("<script>", False), ("a\nb", False),
+    ("alice\n", False),
 ])
 def test_username_rules(name: str, ok: bool) -> None:
     """Usernames: 1-32 letters/digits/_ . - with inner spaces."""

@@ -171,10 +171,12 @@ class Moderate:
 Command = (Auth | Join | Leave | SendMessage | SendDm | Typing | ListUsers | History | Ping
            | Moderate)
 
-ROOM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
-PATTERN_RE = re.compile(r"^[A-Za-z0-9_.:*\-]{1,64}$")  # a room name, or a glob of them
+# \Z, not $: "$" also matches before a final newline, and "team-red\n" would be a room
+# of its own that no pattern of PRIVATE_ROOMS or a token's claims covers.
+ROOM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}\Z")
+PATTERN_RE = re.compile(r"[A-Za-z0-9_.:*\-]{1,64}\Z")  # a room name, or a glob of them
 MAX_PATTERNS = 256
-USERNAME_RE = re.compile(r"^\w(?:[\w .\-]{0,30}[\w.\-])?$")
+USERNAME_RE = re.compile(r"\w(?:[\w .\-]{0,30}[\w.\-])?\Z")
 MAX_ID_CHARS = 64
 
 
