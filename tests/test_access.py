@@ -303,6 +303,44 @@ def test_kick_during_a_join_is_carried_out_after_it(clock: Clock) -> None:
     assert "r" in b.rooms
 
 
+def test_a_ban_written_during_the_joins_ban_check_is_carried_out(clock: Clock) -> None:
+    """The ban lands while the join reads the user's standing (which still says "not
+    banned"): its kick is held and carried out once the join is done (before: dropped,
+    as the connection was neither in the room nor marked joining, and the banned user
+    stayed in the room)."""
+    chat = core(clock)
+    b = user(chat, "b")
+    standing = chat.access.store.standing
+
+    def ban_lands_meanwhile(room: str | None, user_id: str) -> Standing:
+        before = standing(room, user_id)
+        if room == "r":
+            chat.access.ban("b", "r", float("inf"))
+        return before
+
+    chat.access.store.standing = ban_lands_meanwhile  # type: ignore[method-assign]
+    send(chat, b, type="join", room="r")
+    assert b.events("joined")
+    chat.tick()
+    assert b.events("left")[-1]["reason"] == "banned" and "r" not in b.rooms
+
+
+def test_a_join_refused_for_the_room_cap_holds_no_kick(clock: Clock) -> None:
+    """A join refused with too_many_rooms leaves no "joining" mark behind: a kick for
+    that room is not held and carried out on a later join (before: the user, told by
+    nobody, was kicked from the room they joined afterwards)."""
+    chat = core(clock, MAX_ROOMS_PER_CONNECTION="1")
+    d = user(chat, "d")
+    send(chat, d, type="join", room="a")
+    send(chat, d, type="join", room="b")
+    assert codes(d)[-1] == "too_many_rooms"
+    chat.access.kick("b", "d")
+    send(chat, d, type="leave", room="a")
+    send(chat, d, type="join", room="b")
+    chat.tick()
+    assert "b" in d.rooms and [e.get("reason") for e in d.events("left")] == [None]  # a's
+
+
 def test_mute_refuses_messages_and_typing_not_reading(clock: Clock) -> None:
     """A muted user reads but may not post or type there; the mute ends on time or when lifted."""
     chat = core(clock)

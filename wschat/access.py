@@ -107,19 +107,27 @@ class AccessControl:
         private = self.is_private(room)
         if not private and not self.allowed_by_grants(session, room):
             raise forbidden(f"room {room} is not open to you", request_id, room=room)
-        standing = self.store.standing(room, session.user_id)
-        banned = standing.banned
-        if banned is not None:
-            raise forbidden(f"you are banned from {room}", request_id, room=room,
-                            reason="banned", until=until_ms(banned))
-        if private and not (standing.member or session.access.granted_exactly(room)):
-            raise forbidden(f"room {room} is private: members only", request_id, room=room)
-        self.note_mutes(session, room, standing)
         if joining:
+            # Stamped before the read: a ban written while it is under way may find
+            # the connection neither in the room nor joining, and be dropped, while
+            # the read still says "not banned".
             now = self.clock()
             for old in [r for r, at in session.access.joining.items() if at < now - JOIN_WINDOW]:
                 del session.access.joining[old]
             session.access.joining[room] = now
+        try:
+            standing = self.store.standing(room, session.user_id)
+            banned = standing.banned
+            if banned is not None:
+                raise forbidden(f"you are banned from {room}", request_id, room=room,
+                                reason="banned", until=until_ms(banned))
+            if private and not (standing.member or session.access.granted_exactly(room)):
+                raise forbidden(f"room {room} is private: members only", request_id, room=room)
+        except BaseException:
+            if joining:
+                session.access.joining.pop(room, None)
+            raise
+        self.note_mutes(session, room, standing)
         return standing
 
     def kick_may_be_early(self, session: Session, room: str) -> bool:

@@ -606,15 +606,17 @@ class Chat:
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room
-        self.access.admit(session, room, cmd.request_id, joining=True)
-        # The session listens (events held back) before it is added to the room, so
-        # whatever happens after its store join reaches it: messages above `last_id`
-        # and presence of anyone its `users` list does not show yet.
         member = room in session.rooms
         if not member and len(session.rooms) >= self.settings.max_rooms_per_connection:
             raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
                                 f"at most {self.settings.max_rooms_per_connection} rooms "
                                 "per connection", cmd.request_id)
+        # From here a kick for the room is held until the join is done (see admit):
+        # every way out below takes that mark away again.
+        self.access.admit(session, room, cmd.request_id, joining=True)
+        # The session listens (events held back) before it is added to the room, so
+        # whatever happens after its store join reaches it: messages above `last_id`
+        # and presence of anyone its `users` list does not show yet.
         self.hub.begin_recovery(room, session)
         try:
             up_to, members, base = self._join_and_replay(session, cmd, member)
