@@ -100,6 +100,34 @@ def test_dm_from_the_server(server: Server) -> None:
     assert (status, body["error"]["code"]) == (404, "user_not_found")
 
 
+def test_dm_to_a_full_inbox_is_409_inbox_full(tmp_path: Path) -> None:
+    """Past the kept-DM bound, /api/dm answers 409 inbox_full, as a user's dm gets
+    inbox_full (before: 500 internal_error and a traceback)."""
+    from test_chat import FakeSession
+    from test_delivery import durable_chat
+
+    clock = Clock()
+    with durable_chat(tmp_path, clock, API_KEY=API_KEY) as (chat, durable):
+        durable.max_kept_dms = 1
+        fay = FakeSession("fay", "Fay", True)
+        chat.open(fay)
+        chat.close(fay)
+        app = Flask(__name__)
+        register_api(app, chat, 8081, clock)
+        client = app.test_client()
+
+        def dm(text: str) -> Any:
+            return client.post("/api/dm", json={"to": "fay", "text": text},
+                               base_url="http://localhost:8081",
+                               headers={"Authorization": f"Bearer {API_KEY}"})
+
+        kept = dm("one")
+        assert kept.status_code == 200 and kept.json["delivered"] is False
+        full = dm("two")
+        assert (full.status_code, full.json["error"]["code"]) == (409, "inbox_full")
+        assert "409" in OPENAPI["paths"]["/api/dm"]["post"]["responses"]
+
+
 def test_rooms_users_members_and_info(server: Server) -> None:
     """Listing rooms and users, private-room membership, and the server's figures."""
     with user(server, "cid") as cid, user(server, "dot") as dot:
@@ -118,6 +146,12 @@ def test_rooms_users_members_and_info(server: Server) -> None:
         status, body = call(server, "DELETE", "/api/rooms/team-x/members/dot")
         assert (status, body["member"], body["changed"]) == (200, False, True)
         assert dot.expect("left", room="team-x")["reason"] == "membership revoked"
+        # a token's sub may hold "/" (only control characters are refused)
+        for path in ("google/123", "google%2F123"):
+            call(server, "POST", "/api/rooms/team-x/members", {"user_id": "google/123"})
+            status, body = call(server, "DELETE", f"/api/rooms/team-x/members/{path}")
+            assert (status, body["user_id"], body["changed"]) == (200, "google/123", True)
+        assert call(server, "GET", "/api/rooms/team-x/members")[1]["members"] == []
         status, info = call(server, "GET", "/api/info")
         assert status == 200 and info["backend"] == "memory" and info["pods"] == 1
         assert info["connections"] >= 2 and len(info["workers"]) == 1

@@ -434,7 +434,7 @@ def test_large_recovery_replay_is_paced_not_dropped() -> None:
 
 
 @contextlib.contextmanager
-def durable_chat(tmp_path: Any, clock: Clock) -> Iterator[tuple[Any, Any]]:
+def durable_chat(tmp_path: Any, clock: Clock, **env: str) -> Iterator[tuple[Any, Any]]:
     """An in-process Chat on the memory backend with persistence in a SQLite file."""
     from wschat.auth import Authenticator
     from wschat.chat import Chat
@@ -445,7 +445,7 @@ def durable_chat(tmp_path: Any, clock: Clock) -> Iterator[tuple[Any, Any]]:
     from wschat.stores.memory import create_memory_stores
 
     settings = Settings.from_env({"JWT_SECRET": SECRET, "ENABLE_PERSISTENCE": "true",
-                                  "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"})
+                                  "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000", **env})
     stores = create_memory_stores(100, 3600)
     durable = DurableMessageStore(stores.messages,
                                   open_message_log(f"sqlite:///{tmp_path}/b.db"))

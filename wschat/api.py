@@ -29,7 +29,7 @@ from .protocol import (
     ErrorCode, History, ProtocolError, SendDm, SendMessage, draft_dm, draft_message,
     parse_command,
 )
-from .stores.base import Unavailable
+from .stores.base import InboxFull, Unavailable
 from .stores.moderation import until_ms, until_of
 
 if TYPE_CHECKING:
@@ -176,7 +176,11 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
             raise ApiError(404, ErrorCode.USER_NOT_FOUND.value, "no such user online")
         draft = draft_dm(cmd.to, sender, SYSTEM_USER, cmd.text, int(clock() * 1000),
                          cmd.client_msg_id)
-        posted = stores.messages.post_dm(SYSTEM_USER, cmd.to, draft, recipient_online=online)
+        try:
+            posted = stores.messages.post_dm(SYSTEM_USER, cmd.to, draft,
+                                             recipient_online=online)
+        except InboxFull as exc:  # the WebSocket path's `inbox_full`: nothing was stored
+            raise ApiError(409, ErrorCode.INBOX_FULL.value, str(exc)) from None
         if not posted.duplicate:
             chat.metrics.posted("dm")
         return _reply({"id": posted.msg_id, "to": cmd.to, "duplicate": posted.duplicate,
@@ -218,7 +222,7 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
         return _reply({"room": room, "user_id": user_id, "member": True, "changed": changed,
                        "private": access.is_private(room)})
 
-    @api.delete("/rooms/<room>/members/<user_id>")
+    @api.delete("/rooms/<room>/members/<path:user_id>")  # a token's sub may hold "/"
     def remove_member(room: str, user_id: str) -> Response:
         room, user_id = _room_path(chat, room), _user_id({"user_id": user_id})
         changed = access.set_member(room, user_id, False)
@@ -364,12 +368,14 @@ _ERROR = {"description": "error", "content": {"application/json": {"schema": {
 
 
 def _op(summary: str, response: dict[str, Any], body: dict[str, Any] | None = None,
-        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        params: list[dict[str, Any]] | None = None, errors: tuple[str, ...] = ()
+        ) -> dict[str, Any]:
+    """``errors``: the statuses beyond those every call may answer (400, 401, 403, 503)."""
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {"200": {"description": "done", "content": {
             "application/json": {"schema": response}}},
-            "400": _ERROR, "401": _ERROR, "403": _ERROR, "503": _ERROR},
+            **{status: _ERROR for status in sorted(("400", "401", "403", "503", *errors))}},
     }
     if body is not None:
         op["requestBody"] = {"required": True,
@@ -424,7 +430,8 @@ OPENAPI: dict[str, Any] = {
             _schema(["id", "to", "duplicate", "delivered"], id={"type": "integer"}, to=_STR,
                     duplicate={"type": "boolean"}, delivered={"type": "boolean"}),
             _schema(["to", "text"], to=_USER_ID, text=_STR, **{"from": _STR},
-                    client_msg_id={**_STR, "maxLength": 64}))},
+                    client_msg_id={**_STR, "maxLength": 64}),
+            errors=("404", "409"))},
         "/api/rooms": {"get": _op(
             "Rooms with members",
             _schema(["rooms"], rooms={"type": "array", "items": _schema(
