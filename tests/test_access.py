@@ -325,6 +325,29 @@ def test_a_ban_written_during_the_joins_ban_check_is_carried_out(clock: Clock) -
     assert b.events("left")[-1]["reason"] == "banned" and "r" not in b.rooms
 
 
+def test_a_mute_arriving_during_a_standing_read_is_not_undone_by_it(clock: Clock) -> None:
+    """A mute everywhere lands while a join reads the user's standing (from before the
+    mute): the mute stays (before: the read's "not muted" wiped it, and the muted user
+    posted)."""
+    chat = core(clock)
+    a, b = user(chat, "a"), user(chat, "b")
+    send(chat, a, type="join", room="lobby")
+    send(chat, b, type="join", room="lobby")
+    standing = chat.access.store.standing
+
+    def mute_lands_meanwhile(room: str | None, user_id: str) -> Standing:
+        before = standing(room, user_id)
+        if room == "other":
+            chat.access.mute("b", None, float("inf"))
+        return before
+
+    chat.access.store.standing = mute_lands_meanwhile  # type: ignore[method-assign]
+    send(chat, b, type="join", room="other")
+    assert b.events("muted") and b.events("joined")[-1]["room"] == "other"
+    send(chat, b, type="message", room="lobby", text="still here?")
+    assert codes(b)[-1] == "muted" and not a.events("message")
+
+
 def test_a_join_refused_for_the_room_cap_holds_no_kick(clock: Clock) -> None:
     """A join refused with too_many_rooms leaves no "joining" mark behind: a kick for
     that room is not held and carried out on a later join (before: the user, told by

@@ -116,7 +116,7 @@ class AccessControl:
                 del session.access.joining[old]
             session.access.joining[room] = now
         try:
-            standing = self.store.standing(room, session.user_id)
+            standing = self.read_standing(session, room)
             banned = standing.banned
             if banned is not None:
                 raise forbidden(f"you are banned from {room}", request_id, room=room,
@@ -127,7 +127,16 @@ class AccessControl:
             if joining:
                 session.access.joining.pop(room, None)
             raise
-        self.note_mutes(session, room, standing)
+        return standing
+
+    def read_standing(self, session: Session, room: str | None) -> Standing:
+        """The user's standing in ``room`` (None: everywhere only), its mutes noted on
+        the connection, unless a mute or unmute event reached the connection while the
+        store was read: the event is newer than the read, which would undo it."""
+        events = session.access.mute_events
+        standing = self.store.standing(room, session.user_id)
+        if session.access.mute_events == events:
+            self.note_mutes(session, room, standing)
         return standing
 
     def kick_may_be_early(self, session: Session, room: str) -> bool:

@@ -253,11 +253,10 @@ class Chat:
     def _banned_everywhere(self, session: Session, request_id: RequestId = None) -> bool:
         """Close a connection whose user is banned everywhere; note mutes everywhere."""
         try:
-            standing = self.access.store.standing(None, session.user_id)
+            standing = self.access.read_standing(session, None)
         except Unavailable as exc:  # joins still check, and refuse while it is unreachable
             log.warning("moderation state of %s not available: %s", session.user_id, exc)
             return False
-        self.access.note_mutes(session, None, standing)
         if standing.banned_everywhere is None:
             return False
         session.send(forbidden("you are banned from this server", request_id, reason="banned",
@@ -865,11 +864,13 @@ class Chat:
             session.send(encode_reply("left", room=room, reason=op.get("reason") or "kicked",
                                       by=op.get("by"), **extra))
         elif kind == "mute":
+            session.access.mute_events += 1
             until = op.get("until")
             session.access.muted[op["scope"]] = float("inf") if until is None else until
             session.send(encode_reply("muted", **self._scope(op["scope"]), by=op.get("by"),
                                       until=until_ms(until)))
         elif kind == "unmute":
+            session.access.mute_events += 1
             if session.access.muted.pop(op["scope"], None) is not None:
                 session.send(encode_reply("unmuted", **self._scope(op["scope"])))
         elif kind == "disconnect":

@@ -18,13 +18,16 @@ from .stores.base import User
 class SessionAccess:
     """One connection's grants (from its token) and the mutes it is under."""
 
-    __slots__ = ("rooms", "mod_rooms", "muted", "joining")
+    __slots__ = ("rooms", "mod_rooms", "muted", "joining", "mute_events")
 
     def __init__(self, identity: Identity) -> None:
         self.rooms = identity.rooms
         self.mod_rooms = identity.mod_rooms
         self.muted: dict[str, float] = {}  # room or EVERYWHERE -> end (Unix s, inf)
         self.joining: dict[str, float] = {}  # room -> when a join was admitted (Unix s)
+        # mute and unmute events received: a store read that one overlapped is older
+        # than what it says (see AccessControl.read_standing)
+        self.mute_events = 0
 
     def regrant(self, identity: Identity, same_user: bool) -> None:
         """A fresh token: its grants; a user's mutes stay with that user only."""
