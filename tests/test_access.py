@@ -348,6 +348,34 @@ def test_a_mute_arriving_during_a_standing_read_is_not_undone_by_it(clock: Clock
     assert codes(b)[-1] == "muted" and not a.events("message")
 
 
+def test_moderation_missed_during_a_pubsub_outage_is_carried_out_on_resync(
+        clock: Clock) -> None:
+    """Bans, mutes and revoked memberships written while the worker's pub/sub connection
+    was down (their events never arrived: stored only) take effect when it resyncs
+    (before: the banned user stayed in the room, the muted one posted)."""
+    chat = core(clock, PRIVATE_ROOMS="team-*")
+    store = chat.access.store
+    store.set_member("team-x", "m", True)
+    a, b, c, m, z = (user(chat, u) for u in ("a", "b", "c", "m", "z"))
+    for s in (a, b, c, z):
+        send(chat, s, type="join", room="hall")
+    send(chat, m, type="join", room="team-x")
+    store.restrict("ban", "hall", "b", clock.now + 60)
+    store.restrict("mute", EVERYWHERE, "c", float("inf"))
+    store.set_member("team-x", "m", False)
+    store.restrict("ban", EVERYWHERE, "z", float("inf"))
+    chat.resync()
+    left = b.events("left")[-1]
+    assert (left["reason"], left["until"]) == ("banned", int((clock.now + 60) * 1000))
+    assert "hall" not in b.rooms
+    assert m.events("left")[-1]["reason"] == "membership revoked" and not m.rooms
+    assert z.closed_with == (4003, "banned")
+    send(chat, c, type="message", room="hall", text="muted?")
+    assert codes(c)[-1] == "muted"
+    send(chat, a, type="message", room="hall", text="still fine")
+    assert a.events("message")[-1]["text"] == "still fine" and not a.events("left")
+
+
 def test_a_join_refused_for_the_room_cap_holds_no_kick(clock: Clock) -> None:
     """A join refused with too_many_rooms leaves no "joining" mark behind: a kick for
     that room is not held and carried out on a later join (before: the user, told by

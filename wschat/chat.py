@@ -366,13 +366,16 @@ class Chat:
         if it lost it (or reaped this worker as dead), rooms and presence return,
         and room sequences resume above the highest id this worker knows of
         (:meth:`~wschat.hub.LocalHub.resume_points`: delivered here, or handed to a
-        member at its join).
+        member at its join). Bans, mutes and revoked memberships whose events were
+        published meanwhile are read from the store and carried out.
         """
         points = self.hub.resume_points()
         for room, (_, known) in points.items():
             if known:
                 self.stores.messages.raise_sequence(room, known)
         for session in self.hub.sessions():
+            if self._moderated_meanwhile(session):
+                continue
             self.stores.presence.connect(session.conn_id, session.user)
             for room in list(session.rooms):
                 if self.stores.rooms.join(room, session.conn_id, session.user).first_of_user:
@@ -392,6 +395,26 @@ class Chat:
                 filled += 1
         if filled:
             log.warning("delivered %d room messages published while reconnecting", filled)
+
+    def _moderated_meanwhile(self, session: Session) -> bool:
+        """After a pub/sub outage: what the moderation events this worker missed would
+        have done, from the store (the events are not kept): closed if banned
+        everywhere (True), out of each room it is banned from or no longer a member
+        of, its mutes as stored."""
+        if self._banned_everywhere(session):
+            return True
+        for room in list(session.rooms):
+            try:
+                self.access.admit(session, room)
+            except ProtocolError as refused:
+                self._leave_room(session, room)
+                if refused.extra.get("reason") == "banned":
+                    reason, extra = "banned", {"until": refused.extra.get("until")}
+                else:
+                    reason = "membership revoked" if self.access.is_private(room) else "forbidden"
+                    extra = {}
+                session.send(encode_reply("left", room=room, reason=reason, **extra))
+        return False
 
     def receive(self, session: Session, text: str) -> None:
         """Handle one text frame; every failure becomes an ``error`` to this client only."""
