@@ -486,6 +486,30 @@ def test_fresh_token_with_fewer_rooms_leaves_them(clock: Clock) -> None:
     assert not s.access.muted and s.access.rooms is None
 
 
+def test_fresh_token_leaves_private_rooms_it_no_longer_names_while_the_store_fails(
+        clock: Clock) -> None:
+    """The store cannot say whether the user is a stored member of a private room its
+    fresh token no longer names: the connection leaves it (and may join again later),
+    and the sign-in goes through (before: `unavailable`, with the new grants in force
+    and the room kept)."""
+    from wschat.stores.base import Unavailable
+
+    chat = core(clock, PRIVATE_ROOMS="team-*")
+    s = FakeSession("u", "u", authenticated=False)
+    chat.open(s)
+    send(chat, s, type="auth", token=mint_token(SECRET_CORE, "u", rooms=["team-x", "lobby"]))
+    send(chat, s, type="join", room="team-x")
+    send(chat, s, type="join", room="lobby")
+
+    def down(room: str | None, user_id: str) -> Standing:
+        raise Unavailable("redis: ConnectionError")
+
+    chat.access.store.standing = down  # type: ignore[method-assign]
+    send(chat, s, type="auth", token=mint_token(SECRET_CORE, "u", rooms=["lobby"]))
+    assert s.events("left") == [{"type": "left", "room": "team-x", "reason": "forbidden"}]
+    assert s.rooms == {"lobby"} and codes(s) == [] and len(s.events("welcome")) == 3
+
+
 SECRET_CORE = "unit-secret-0123456789abcdef0123456789"  # test_chat's JWT_SECRET
 
 

@@ -591,14 +591,25 @@ class Chat:
         session.access.regrant(identity, same_user)
         for room in list(session.rooms):  # a fresh token may grant fewer rooms
             if not self.access.allowed_by_grants(session, room) and not (
-                    self.access.is_private(room)
-                    and self.access.store.standing(room, session.user_id).member):
+                    self.access.is_private(room) and self._stored_member(session, room)):
                 self._leave_room(session, room)
                 session.send(encode_reply("left", room=room, reason="forbidden"))
         if self._banned_everywhere(session, cmd.request_id):
             return
         self._watch_expiry(session)
         self._greet(session, cmd.request_id)
+
+    def _stored_member(self, session: Session, room: str) -> bool:
+        """A private room's membership, for a connection whose new grants no longer
+        name the room: not a member while the store cannot say (the grants are
+        swapped already; an error here would leave it in rooms the token does not
+        open). It may join again once the store answers."""
+        try:
+            return self.access.store.standing(room, session.user_id).member
+        except Unavailable as exc:
+            log.warning("membership of %s in %s not available (%s); leaving it",
+                        session.user_id, room, exc)
+            return False
 
     def _become(self, session: Session, identity: Identity) -> None:
         """The connection authenticates as another user (a guest signing in): its old
