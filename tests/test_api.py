@@ -253,6 +253,14 @@ def test_openapi_document_matches_the_routes(server: Server) -> None:
         for op in ops.values():
             names = {p["name"] for p in op.get("parameters", ()) if p["in"] == "path"}
             assert names == set(re.findall(r"{(\w+)}", path)), path
+            assert ("413" in op["responses"]) == ("requestBody" in op), path  # body bound
+
+    def body(path: str) -> dict[str, Any]:
+        return dict(OPENAPI["paths"][path]["post"]["requestBody"]["content"][
+            "application/json"]["schema"]["properties"])
+
+    assert "reason" in body("/api/ban") and "reason" not in body("/api/mute")  # as served
+    assert body("/api/publish")["from"]["maxLength"] == 64
 
 
 def test_readme_documents_every_endpoint() -> None:

@@ -359,6 +359,9 @@ def _schema(required: list[str], **props: dict[str, Any]) -> dict[str, Any]:
 _STR = {"type": "string"}
 _ROOM = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"}
 _USER_ID = {"type": "string", "minLength": 1, "maxLength": 128}
+_FROM = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS,
+         "description": "display name, printable; default 'system'"}
+_REASON = {"type": "string", "minLength": 1, "maxLength": 200, "description": "printable"}
 _DURATION = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DURATION,
              "description": "seconds; omitted: until lifted"}
 _UNTIL = {"type": ["integer", "null"], "description": "end, Unix ms; null: until lifted"}
@@ -370,12 +373,14 @@ _ERROR = {"description": "error", "content": {"application/json": {"schema": {
 def _op(summary: str, response: dict[str, Any], body: dict[str, Any] | None = None,
         params: list[dict[str, Any]] | None = None, errors: tuple[str, ...] = ()
         ) -> dict[str, Any]:
-    """``errors``: the statuses beyond those every call may answer (400, 401, 403, 503)."""
+    """``errors``: the statuses beyond those every call may answer (400, 401, 403, 503,
+    and 413 for a body over MAX_BODY_BYTES)."""
+    common = ("400", "401", "403", "503", *(("413",) if body is not None else ()))
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {"200": {"description": "done", "content": {
             "application/json": {"schema": response}}},
-            **{status: _ERROR for status in sorted(("400", "401", "403", "503", *errors))}},
+            **{status: _ERROR for status in sorted((*common, *errors))}},
     }
     if body is not None:
         op["requestBody"] = {"required": True,
@@ -395,8 +400,9 @@ def _query_param(name: str, description: str) -> dict[str, Any]:
 
 
 _ROOM_PARAM = _path_param("room", _ROOM)
-_RESTRICT_BODY = _schema(["user_id"], user_id=_USER_ID, room=_OPTIONAL_ROOM, duration=_DURATION,
-                         reason=_STR)
+_MUTE_BODY = _schema(["user_id"], user_id=_USER_ID, room=_OPTIONAL_ROOM, duration=_DURATION)
+_BAN_BODY = _schema(["user_id"], user_id=_USER_ID, room=_OPTIONAL_ROOM, duration=_DURATION,
+                    reason=_REASON)
 _LIFT_BODY = _schema(["user_id"], user_id=_USER_ID, room=_OPTIONAL_ROOM)
 _RESTRICTED = _schema(["user_id", "room", "until"], user_id=_STR,
                       room={"type": ["string", "null"]}, until=_UNTIL)
@@ -423,13 +429,13 @@ OPENAPI: dict[str, Any] = {
             _schema(["id", "room", "duplicate"], id={"type": "integer"}, room=_STR,
                     duplicate={"type": "boolean"}),
             _schema(["room", "text"], room=_ROOM, text=_STR,
-                    **{"from": {**_STR, "description": "display name; default 'system'"}},
+                    **{"from": _FROM},
                     client_msg_id={**_STR, "maxLength": 64}))},
         "/api/dm": {"post": _op(
             "Send a direct message to a user as the server",
             _schema(["id", "to", "duplicate", "delivered"], id={"type": "integer"}, to=_STR,
                     duplicate={"type": "boolean"}, delivered={"type": "boolean"}),
-            _schema(["to", "text"], to=_USER_ID, text=_STR, **{"from": _STR},
+            _schema(["to", "text"], to=_USER_ID, text=_STR, **{"from": _FROM},
                     client_msg_id={**_STR, "maxLength": 64}),
             errors=("404", "409"))},
         "/api/rooms": {"get": _op(
@@ -463,12 +469,12 @@ OPENAPI: dict[str, Any] = {
             "Remove a user from a room now (they may join again)",
             _schema(["room", "user_id", "kicked"], room=_STR, user_id=_STR,
                     kicked={"type": "boolean", "description": "the user was in the room"}),
-            _schema(["room", "user_id"], room=_ROOM, user_id=_USER_ID, reason=_STR))},
+            _schema(["room", "user_id"], room=_ROOM, user_id=_USER_ID, reason=_REASON))},
         "/api/ban": {"post": _op("Ban a user from a room or everywhere", _RESTRICTED,
-                                 _RESTRICT_BODY)},
+                                 _BAN_BODY)},
         "/api/unban": {"post": _op("Lift a ban", _LIFTED, _LIFT_BODY)},
         "/api/mute": {"post": _op("Mute a user in a room or everywhere", _RESTRICTED,
-                                  _RESTRICT_BODY)},
+                                  _MUTE_BODY)},
         "/api/unmute": {"post": _op("Lift a mute", _LIFTED, _LIFT_BODY)},
         "/api/disconnect": {"post": _op(
             "Close every connection of a user (close code 4003)",
