@@ -74,6 +74,30 @@ def test_messages_have_sequential_ids_and_echo(client_factory) -> None:
     assert abs(first["timestamp"] - time.time() * 1000) < 60_000
 
 
+def test_a_message_sent_right_before_leave_is_echoed_before_left(client_factory) -> None:
+    """Message then leave at once: the sender gets its echo (the acknowledgement) before
+    ``left``, and so does every message published before the leave. With Redis the echo
+    travels through pub/sub and could reach the worker after the connection had left
+    the room: never written, the sender never acknowledged a message others got."""
+    a, b = client_factory(), client_factory()
+    for i in range(20):
+        r = room()
+        a.join(r)
+        b.join(r)
+        b.send({"type": "message", "room": r, "text": f"from b {i}"})
+        a.send({"type": "message", "room": r, "text": f"bye {i}"})
+        a.send({"type": "leave", "room": r, "id": i})
+        left = a.expect("left", id=i)
+        texts = [e["text"] for e in a.backlog if e.get("type") == "message" and e["room"] == r]
+        assert f"bye {i}" in texts, (i, a.backlog, left)
+        ids = {text: b.expect("message", text=text)["id"] for text in (f"from b {i}", f"bye {i}")}
+        if ids[f"from b {i}"] < ids[f"bye {i}"]:  # published before a's leave: a gets it too
+            assert f"from b {i}" in texts, (i, a.backlog)
+        a.backlog.clear()
+        b.request({"type": "leave", "room": r, "id": "x"}, "left")
+        b.backlog.clear()
+
+
 def test_client_msg_id_dedupe(client_factory) -> None:
     """A resent client_msg_id is not broadcast again; the sender gets the original."""
     r = room()

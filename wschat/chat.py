@@ -712,8 +712,23 @@ class Chat:
         if cmd.room not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {cmd.room}",
                                 cmd.request_id)
+        delivered = self.hub.delivered_to(cmd.room, session)
         self._leave_room(session, cmd.room)
+        if delivered is not None:
+            self._send_in_flight(session, cmd.room, delivered)
         session.send(encode_reply("left", cmd.request_id, room=cmd.room))
+
+    def _send_in_flight(self, session: Session, room: str, delivered: int) -> None:
+        """A member leaving gets, before ``left``, the messages accepted before its leave
+        that the stream has not brought it yet (with Redis they travel through pub/sub,
+        behind the store's reply): its own echoes among them, or it would never learn
+        that those were stored. Out of the room already, it cannot get them twice."""
+        try:
+            for event in self.stores.messages.since(room, delivered).messages:
+                session.send(event)
+        except Unavailable as exc:
+            log.warning("messages in flight to %s leaving %s not sent: %s",
+                        session.conn_id, room, exc)
 
     def _leave_room(self, session: Session, room: str) -> None:
         """Out of the room here at once, and in the store now or, if it cannot be

@@ -125,18 +125,25 @@ class LocalHub:
             points[room] = (after, max(seen or 0, max(floors.values(), default=0)))
         return points
 
+    def delivered_to(self, room: str, session: Session) -> int | None:
+        """The id up to which the room's stream has brought this live member its
+        messages (None: not a live member)."""
+        members = self.rooms.get(room)
+        if members is None or session not in members:
+            return None
+        floors = self._floors.get(room)
+        return max(self.max_seen.get(room, 0), floors.get(session, 0) if floors else 0)
+
     def gets_message(self, room: str, session: Session, msg_id: int) -> bool:
         """Whether message ``msg_id`` of ``room`` was, or will be, written to this live
         member by the room's own stream (replay and live): then a retry of it must not
         be echoed a second time."""
-        members = self.rooms.get(room)
-        if members is None or session not in members:
+        delivered = self.delivered_to(room, session)
+        if delivered is None:
             return False
-        floors = self._floors.get(room)
-        delivered = max(self.max_seen.get(room, 0), floors.get(session, 0) if floors else 0)
         if msg_id > delivered:
             return True  # not here yet: the stream brings it to every live member
-        base = members[session]
+        base = self.rooms[room][session]
         return base is not None and msg_id > base
 
     def abort_recovery(self, room: str, session: Session) -> None:
