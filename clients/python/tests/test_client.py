@@ -38,6 +38,19 @@ class Peer:
     async def send(self, **event: Any) -> None:
         await self.ws.send(json.dumps(event))
 
+    async def recv_answering_pings(self, kind: str, what: str) -> dict[str, Any]:
+        """The next ``kind`` frame, answering each ping on the way as the server does
+        (in order: its pong goes after whatever it sent before)."""
+        try:
+            while True:
+                frame = await self.recv()
+                if frame["type"] == "ping":
+                    await self.send(type="pong", id=frame["id"])
+                elif frame["type"] == kind:
+                    return frame
+        except TimeoutError:
+            raise AssertionError(f"no {kind} frame: {what}") from None
+
     async def joined(self, room: str = "r", last_id: int = 0, **extra: Any) -> dict[str, Any]:
         """Answer the client's next join; returns the join frame."""
         join = await self.recv("join")
@@ -477,4 +490,124 @@ async def test_a_kick_removes_the_room_for_good_and_mutes_are_events() -> None:
         probe = asyncio.create_task(client.history("other"))
         assert (await peer.recv())["type"] == "history"  # no join for "r" came first
         probe.cancel()
+        await client.close()
+
+
+async def test_sends_go_out_after_recovered_false_without_a_replay() -> None:
+    """recovered: false and nothing replayed (a since too far back): the held send goes out
+    once the server answered the ping behind the joined, without a new message."""
+    async with FakeServer() as fake:
+        client, rec, peer = await dropped_after_one(fake, last_id=3)
+        sending = asyncio.create_task(client.send("r", "after the outage"))
+        await peer.joined(last_id=2000, recovered=False)  # no replay follows
+        frame = await peer.recv_answering_pings(
+            "message", "the send stayed in the outbox after recovered: false")
+        await peer.echo(frame, 2001)
+        assert (await sending).id == 2001 and client.pending == []
+        assert rec.ids("r") == [4, 2001] and len(rec.of("recovery_failed")) == 1
+        await client.close()
+
+
+async def test_sends_wait_for_a_partial_replay_after_recovered_false() -> None:
+    """recovered: false with what the server still holds replayed: sends wait for its end."""
+    async with FakeServer() as fake:
+        client, rec, peer = await dropped_after_one(fake, last_id=3)
+        sending = asyncio.create_task(client.send("r", "after the replay"))
+        await peer.joined(last_id=12, recovered=False)
+        sync = await peer.recv()
+        assert sync["type"] == "ping"  # left unanswered: the replay itself ends the wait
+        await peer.message(11)
+        probe = asyncio.create_task(client.ping())
+        assert (await peer.recv())["type"] == "ping", "a send went out in the middle of the replay"
+        probe.cancel()
+        await peer.message(12)
+        frame = await peer.recv("message")
+        await peer.echo(frame, 13)
+        assert (await sending).id == 13 and rec.ids("r") == [4, 11, 12, 13]
+        await client.close()
+
+
+async def test_a_live_message_past_the_replay_releases_the_sends() -> None:
+    """After recovered: false a live id above the joined's last_id means nothing more is
+    replayed: the held sends go, even if the ping behind the joined is not answered yet."""
+    async with FakeServer() as fake:
+        client, rec, peer = await dropped_after_one(fake, last_id=3)
+        sending = asyncio.create_task(client.send("r", "after the outage"))
+        await peer.joined(last_id=2000, recovered=False)
+        await peer.message(2001)  # live, from someone else
+        try:
+            frame = await peer.recv("message")  # the ping behind the joined is skipped
+        except TimeoutError:
+            raise AssertionError("message 2001 did not release the held send") from None
+        await peer.echo(frame, 2002)
+        assert (await sending).id == 2002 and rec.ids("r") == [4, 2001, 2002]
+        await client.close()
+
+
+async def test_leave_settles_the_sends_on_the_wire_before_leaving() -> None:
+    """leave(): a send on the wire resolves with its echo, and the leave goes after it; a
+    retryable refusal fails it with not_in_room (no retry); one not yet written fails at once."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, max_in_flight=2)
+        sends = [asyncio.create_task(client.send("r", f"t{i}")) for i in range(3)]
+        first, second = await peer.recv("message"), await peer.recv("message")
+        leaving = asyncio.create_task(client.leave("r"))
+        with pytest.raises(ChatError) as err:
+            await sends[2]  # never written
+        assert err.value.code == "not_in_room"
+        probe = asyncio.create_task(client.ping())
+        assert (await peer.recv())["type"] == "ping", "the leave went out before the echoes"
+        probe.cancel()
+        await peer.echo(first, 1)
+        await peer.send(type="error", id=second["id"], code="rate_limited", message="slow down",
+                        retry_after_ms=50)
+        results = await asyncio.gather(sends[0], sends[1], return_exceptions=True)
+        assert getattr(results[0], "id", results[0]) == 1, "a send the server stored failed"
+        assert getattr(results[1], "code", results[1]) == "not_in_room"
+        left = await peer.recv("leave")
+        await peer.send(type="left", id=left["id"], room="r")
+        await leaving
+        assert client.pending == [] and [m.id for m in rec.of("ack")] == [1]
+        await client.close()
+
+
+async def test_rate_limited_pauses_every_send() -> None:
+    """The rate limit is the user's: after rate_limited no send goes out, to any target,
+    before retry_after_ms; then the refused one goes first."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, max_in_flight=1)
+        sending = asyncio.create_task(client.send("r", "refused"))
+        dm = asyncio.create_task(client.dm("u2", "to someone else"))
+        frame = await peer.recv("message")
+        loop = asyncio.get_running_loop()
+        refused_at = loop.time()
+        await peer.send(type="error", id=frame["id"], code="rate_limited", message="slow down",
+                        retry_after_ms=300)
+        again = await peer.recv()
+        waited = loop.time() - refused_at
+        assert again.get("client_msg_id") == frame["client_msg_id"], (
+            f"{again['type']} {again.get('text')!r} went out {waited:.3f} s after rate_limited")
+        assert waited >= 0.3
+        await peer.echo(again, 1)
+        direct = await peer.recv("dm")
+        await peer.send(type="dm", id=1, to="u2", text=direct["text"], user_id="u1",
+                        timestamp=0, client_msg_id=direct["client_msg_id"], **{"from": "alice"})
+        assert (await sending).id == 1 and (await dm).id == 1
+        await client.close()
+
+
+async def test_leave_says_a_send_written_before_a_lost_connection_may_be_stored() -> None:
+    """leave() while a send written on a lost connection awaits its resend: it fails with
+    not_in_room, saying the server may have stored it (its echo was lost with the socket)."""
+    async with FakeServer() as fake:
+        client, rec, peer, sending, frame = await sent_then_dropped(fake)
+        await peer.recv("join")  # the re-join, left unanswered: the send waits
+        leaving = asyncio.create_task(client.leave("r"))
+        with pytest.raises(ChatError) as err:
+            await sending
+        assert err.value.code == "not_in_room" and "may have been stored" in str(err.value)
+        left = await peer.recv("leave")
+        await peer.send(type="left", id=left["id"], room="r")
+        await leaving
+        assert client.pending == []
         await client.close()

@@ -10,8 +10,10 @@ What it promises the app, and how:
   dropped; a DM id seen before is dropped.
 - **Sends survive disconnections.** Each send gets a ``client_msg_id`` and waits in the
   bounded outbox until the server's echo; after a reconnect the unacknowledged ones go
-  out again once their room has caught up (its replay may already hold them), and the
-  server answers a copy it already has with the original.
+  out again once their room has caught up (its replay may already hold them; after
+  ``recovered: false``, with or without a replay, the answer to a ping sent behind the
+  ``joined`` says it is over), and the server answers a copy it already has with the
+  original.
 
 Everything runs on one event loop; handlers are called on it, in order.
 """
@@ -62,6 +64,7 @@ class _Room:
     join_rid: str | None = None  # the join request in flight
     catch_up_to: int = 0  # the server's last_id at the latest joined: the replay ends there
     accept_next: bool = False  # after recovered: false the next id starts afresh
+    sync_rid: str | None = None  # a ping behind a replay that may be empty: its answer ends it
     retry: asyncio.TimerHandle | None = None
     joined: Joined | None = None
 
@@ -119,7 +122,10 @@ class Client:
         max_outbox: unacknowledged sends kept at most; past it ``send`` raises
             :class:`OutboxFull`.
         max_in_flight: sends on the wire at once; the rest wait their turn, so a long
-            outbox does not flood the server after a reconnect.
+            outbox does not flood the server after a reconnect. Keep it within the
+            server's ``RATE_LIMIT_BURST`` (20 by default): once a burst is spent each
+            send on the wire can be refused, and more than twice the burst refused in
+            a row gets the connection closed (4102).
         outbox_store: persists the outbox across runs of the app (see
             :class:`FileOutboxStore`).
         ack_timeout: seconds without an echo after which a send is written again on
@@ -133,7 +139,7 @@ class Client:
                  get_token: TokenSource | None = None, username: str | None = None,
                  request_timeout: float = 10.0, send_timeout: float | None = None,
                  connect_timeout: float = 10.0, backoff: Backoff | None = None,
-                 max_outbox: int = 1000, max_in_flight: int = 100,
+                 max_outbox: int = 1000, max_in_flight: int = 16,
                  outbox_store: OutboxStore | None = None, ack_timeout: float = 10.0,
                  typing_idle: float = 3.0,
                  websocket_options: dict[str, Any] | None = None) -> None:
@@ -176,6 +182,7 @@ class Client:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._retry_after = 0.0  # from the latest rate_limited error, for a 4102
+        self._paused_until = 0.0  # loop time: after rate_limited no send goes out before
         self.last_close: Disconnect | None = None
 
     # -- events --------------------------------------------------------------------------
@@ -283,18 +290,34 @@ class Client:
         return await self._await(waiter, timeout or self.request_timeout, "joined")
 
     async def leave(self, room: str, *, timeout: float | None = None) -> None:
-        """Leave ``room``: no more events from it; its unsent sends fail with ``not_in_room``."""
+        """Leave ``room``: no more events from it.
+
+        Its sends not yet written fail with ``not_in_room``. Those already on the wire
+        are settled first, by their echo (they resolve: the server stored them) or by
+        the server's refusal (they fail; a retryable one with ``not_in_room``), and only
+        then is the server told: its echo comes through the room, so leaving first
+        could lose it. One still unanswered when ``timeout`` ends, or when the
+        connection closes, fails with ``not_in_room``: it may have been stored.
+        """
         r = self._rooms.pop(room, None)
         if r is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = self._deadline(timeout or self.request_timeout)
         self._set_room_state(r, RoomState.LEFT)
-        self._drop_room(r, ChatError("not_in_room", f"left {room}"))
-        if self.state is ConnectionState.CONNECTED:
-            try:
-                await self._request({"type": "leave", "room": room}, timeout)
-            except ChatError as err:
-                if err.code not in ("not_in_room", "disconnected"):
-                    raise
+        written = self._drop_room(r, ChatError("not_in_room", f"left {room}"), keep_written=True)
+        try:
+            if written:
+                await asyncio.wait(written, timeout=max(0.0, deadline - loop.time()))
+            if self.state is ConnectionState.CONNECTED:
+                try:
+                    await self._request({"type": "leave", "room": room},
+                                        max(0.001, deadline - loop.time()))
+                except ChatError as err:
+                    if err.code not in ("not_in_room", "disconnected"):
+                        raise
+        finally:
+            self._fail_left(room, "no answer before the leave")
 
     async def send(self, room: str, text: str, *, client_msg_id: str | None = None,
                    timeout: float | None = None) -> Message:
@@ -442,11 +465,16 @@ class Client:
             raise ClientClosed("the client is closed: call connect() first",
                                self.last_close.code if self.last_close else None)
         entry = self._outbox.add(entry)
+        future = self._future_of(entry)
+        self._flush()
+        return future
+
+    @staticmethod
+    def _future_of(entry: PendingSend) -> asyncio.Future[Any]:
         if entry.future is None:
             entry.future = asyncio.get_running_loop().create_future()
             # A send nobody awaits any more (timed out) must not warn when it fails.
             entry.future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._flush()
         return entry.future
 
     def _flush(self) -> None:
@@ -456,9 +484,11 @@ class Client:
         wait (its room is re-joining or replaying, or a refusal's retry time has
         not come) holds back the later ones. After a retryable refusal only one
         send of that target is on the wire until one gets through, so a retry
-        cannot overtake the sends queued after it. A send whose echo has not come
-        within ``ack_timeout`` on a live connection is written again: the server
-        answers a copy it already stored with the original.
+        cannot overtake the sends queued after it; after ``rate_limited`` nothing
+        is written, to any target, until ``retry_after_ms`` (the bucket is the
+        user's). A send whose echo has not come within ``ack_timeout`` on a live
+        connection is written again: the server answers a copy it already stored
+        with the original.
         """
         if self._flush_timer is not None:
             self._flush_timer.cancel()
@@ -469,7 +499,7 @@ class Client:
         now, wake = loop.time(), None
         entries = list(self._outbox)
         for entry in entries:
-            if entry.wire_generation == self._generation:
+            if entry.wire_generation == self._generation and not entry.left:
                 due = entry.sent_at + self.ack_timeout
                 if due <= now:
                     log.info("no echo for %s after %.1f s; sending it again",
@@ -481,6 +511,9 @@ class Client:
         on_wire = {e.key for e in entries if e.wire_generation == self._generation}
         in_flight = sum(1 for e in entries if e.wire_generation == self._generation)
         held: set[str] = set()
+        if self._paused_until > now:  # rate_limited
+            wake = min(wake or self._paused_until, self._paused_until)
+            entries = []
         for entry in entries:
             if in_flight >= self.max_in_flight:
                 break
@@ -524,40 +557,79 @@ class Client:
         self._sent.pop(entry.request_id or "", None)
         entry.wire_generation = None
         room = self._rooms.get(entry.target) if entry.kind == "message" else None
+        now, wait = asyncio.get_running_loop().time(), 0.0
         if err.code in RETRYABLE_CODES:
+            # rate_limited says how long; unavailable (Redis, the database) backs off.
+            wait = (err.retry_after_ms or 0) / 1000 or self.backoff.delay(entry.failures)
+        if err.code == "rate_limited":
+            # The bucket is the user's, not the room's: every send waits, or the
+            # window would fill with refusals until the server closes with 4102.
+            self._paused_until = max(self._paused_until, now + wait)
+        if entry.left:
+            # Its room was left: never resent, so a retryable refusal ends it too.
+            self._fail(entry, ChatError("not_in_room", f"left {entry.target}", details=err.details)
+                       if err.code in RETRYABLE_CODES else err)
+        elif err.code in RETRYABLE_CODES:
             self._probing.add(entry.key)
             entry.failures += 1
-            # rate_limited says how long; unavailable (Redis, the database) backs off.
-            wait = ((err.retry_after_ms or 0) / 1000
-                    or self.backoff.delay(entry.failures - 1))
-            entry.not_before = asyncio.get_running_loop().time() + wait
+            entry.not_before = now + wait
         elif err.code == "not_in_room" and room is not None:
             self._rejoin(room)  # the server lost our membership: join again, then resend
         else:
-            self._outbox.remove(entry)
-            if entry.future is not None and not entry.future.done():
-                entry.future.set_exception(err)
-            else:
-                self._emit("error", err)
+            self._fail(entry, err)
         self._flush()
 
-    def _drop_room(self, room: _Room, err: ChatError) -> None:
+    def _fail(self, entry: PendingSend, err: ChatError) -> None:
+        self._outbox.remove(entry)
+        self._sent.pop(entry.request_id or "", None)
+        if entry.future is not None and not entry.future.done():
+            entry.future.set_exception(err)
+        else:
+            self._emit("error", err)
+
+    def _fail_left(self, room: str | None, why: str) -> None:
+        """Sends of a left room (``None``: of every one) still unanswered: they may
+        have been stored, and cannot be sent again (the room is not joined)."""
+        for entry in self._outbox:
+            if entry.left and room in (None, entry.target):
+                self._outbox.remove(entry)
+                self._sent.pop(entry.request_id or "", None)
+                if entry.future is not None and not entry.future.done():
+                    entry.future.set_exception(ChatError(
+                        "not_in_room", f"left {entry.target}; {why}: it may have been stored"))
+
+    def _drop_room(self, room: _Room, err: ChatError, *,
+                   keep_written: bool = False) -> list[asyncio.Future[Any]]:
+        """Fail what waits for ``room`` with ``err``. With ``keep_written`` the sends
+        on the wire of this connection stay until their echo or refusal settles them
+        (their futures are returned)."""
         for waiter in room.waiters:
             if not waiter.done():
                 waiter.set_exception(err)
         room.waiters.clear()
         if room.retry is not None:
             room.retry.cancel()
+        written = []
         for entry in self._outbox:
-            if entry.kind == "message" and entry.target == room.info.name:
-                self._outbox.remove(entry)
-                self._sent.pop(entry.request_id or "", None)  # its refusal is no news
-                if entry.future is not None and not entry.future.done():
-                    entry.future.set_exception(err)
+            if entry.kind != "message" or entry.target != room.info.name:
+                continue
+            on_wire = self._out is not None and entry.wire_generation == self._generation
+            if keep_written and on_wire:
+                entry.left = True
+                written.append(self._future_of(entry))
+                continue
+            self._outbox.remove(entry)
+            self._sent.pop(entry.request_id or "", None)  # its refusal is no news
+            if entry.future is not None and not entry.future.done():
+                lost = keep_written and entry.wire_generation is not None
+                entry.future.set_exception(ChatError(
+                    err.code, f"{err.message}; written on a connection lost since: it may have "
+                              "been stored") if lost else err)
+        return written
 
     # -- rooms -------------------------------------------------------------------------------
     def _send_join(self, room: _Room) -> None:
-        room.retry = None
+        room.retry = room.sync_rid = None
         rid = room.join_rid = self._rid()
         frame: dict[str, Any] = {"type": "join", "room": room.info.name, "id": rid}
         if room.info.last_id is not None:
@@ -582,6 +654,10 @@ class Client:
             room.accept_next = True
             if last_id <= since:
                 room.catch_up_to = 0  # no replay; the server may even have started afresh
+            else:
+                # What the server still holds is replayed up to last_id, or nothing is
+                # (a since too far back for it): a ping tells, its answer comes after.
+                self._sync(room)
             self._emit("recovery_failed", RecoveryFailed(room.info.name, since, last_id))
         room.info.users = [User.from_wire(u) for u in obj.get("users", [])]
         room.joined = Joined(room.info.name, list(room.info.users), last_id,
@@ -593,6 +669,20 @@ class Client:
                 waiter.set_result(room.joined)
         room.waiters.clear()
         self._flush()
+
+    def _sync(self, room: _Room) -> None:
+        rid = room.sync_rid = self._rid()
+        self._requests[rid] = _Request("sync", room=room.info.name)
+        self._write({"type": "ping", "id": rid})
+
+    def _synced(self, request: _Request, rid: Any) -> None:
+        """The answer to the ping behind a ``joined`` (a pong, or an error: either comes
+        after the replay): the room has caught up, its sends may go."""
+        room = self._rooms.get(request.room or "")
+        if room is not None and room.sync_rid == rid:
+            room.sync_rid = None
+            room.catch_up_to = 0
+            self._flush()
 
     def _join_refused(self, room: _Room, err: ChatError) -> None:
         room.join_rid = None
@@ -637,7 +727,9 @@ class Client:
             if kind == "welcome":
                 self._welcomed(obj)
             request = self._requests.pop(str(obj.get("id")), None)
-            if request is not None and request.future is not None and not request.future.done():
+            if request is not None and request.kind == "sync":
+                self._synced(request, obj.get("id"))
+            elif request is not None and request.future is not None and not request.future.done():
                 request.future.set_result(obj)
 
     def _on_message(self, obj: dict[str, Any]) -> None:
@@ -660,10 +752,11 @@ class Client:
                      room.info.last_id)
             self._rejoin(room)
             return  # the rejoin replays it, after the ones missing
+        caught_up = room.caught_up
         room.info.last_id = message.id
         self._emit("message", message)
-        if message.id == room.catch_up_to:
-            self._flush()  # the replay is complete: this room's sends may go
+        if room.caught_up and not caught_up:
+            self._flush()  # the replay is complete (or a live id overtook it): sends may go
 
     def _on_dm(self, obj: dict[str, Any]) -> None:
         dm = DirectMessage.from_wire(obj)
@@ -694,6 +787,8 @@ class Client:
             room = self._rooms.get(request.room or "")
             if room is not None and room.join_rid == rid:
                 self._join_refused(room, err)
+        elif request.kind == "sync":
+            self._synced(request, rid)
         elif request.future is not None and not request.future.done():
             request.future.set_exception(err)
 
@@ -833,6 +928,7 @@ class Client:
             if request.future is not None and not request.future.done():
                 request.future.set_exception(Disconnected())
         self._requests.clear()
+        self._fail_left(None, "the connection closed before its echo")
         self._sent.clear()
         for room in self._rooms.values():
             room.join_rid = None

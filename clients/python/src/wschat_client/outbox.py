@@ -37,6 +37,7 @@ class PendingSend:
     sent_at: float = 0.0  # loop time it was last written
     not_before: float = 0.0  # loop time before which it is not (re)sent
     failures: int = 0  # retryable refusals in a row (for the backoff)
+    left: bool = False  # its room was left while it was on the wire: settled, never resent
 
     @property
     def key(self) -> str:
