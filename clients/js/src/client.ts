@@ -143,9 +143,17 @@ export class ChatClient extends Emitter<ClientEvents> {
   private inflightReq = new Map<string, string>();
   /** client_msg_id -> when it was last written (for `ackTimeout`). */
   private inflightAt = new Map<string, number>();
+  /**
+   * client_msg_id -> the error its room was dropped with (`left`, `removed`), for sends that
+   * were on the wire when the room went: the server's answer decides them, they are never
+   * written again.
+   */
+  private orphans = new Map<string, ChatError>();
   private sendWaiters = new Map<string, Waiter<ChatMessage | DirectMessage>>();
   private pauseUntil = 0;
   private retryAttempt = 0;
+  /** Token refreshes refused (or `getToken` failures) in a row on this connection: the next one backs off. */
+  private refreshAttempt = 0;
   /** Not before this time (ms): the server's last `retry_after_ms`, for the next reconnect. */
   private retryAfterUntil = 0;
   private seenDms = new Set<number>();
@@ -326,6 +334,8 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.inflight.clear();
     this.inflightReq.clear();
     this.inflightAt.clear();
+    // Sends of a left room whose answer went with the socket: they are not written again.
+    for (const cmid of [...this.orphans.keys()]) this.dropOrphan(cmid);
     this.joins.clear();
     for (const t of this.typingState.values()) clearTimeout(t.timer);
     this.typingState.clear();
@@ -376,6 +386,20 @@ export class ChatClient extends Emitter<ClientEvents> {
       this.requests.delete(id);
       clearTimeout(req.waiter.timer);
       req.waiter.reject(new ChatError("disconnected", "the client disconnected"));
+    }
+    // Promises that would otherwise wait for their timeout (whose timer keeps Node alive):
+    // the room stays wanted and the send stays in the outbox, as after a timeout.
+    for (const room of this.rooms.values()) {
+      for (const w of room.waiters.splice(0)) {
+        clearTimeout(w.timer);
+        w.reject(new ChatError("disconnected", `the client disconnected before ${room.name} was joined`));
+      }
+    }
+    for (const [cmid, w] of this.sendWaiters) {
+      if (w.timer === undefined) continue;
+      this.sendWaiters.delete(cmid);
+      clearTimeout(w.timer);
+      w.reject(new ChatError("disconnected", "the client disconnected; the send stays in the outbox"));
     }
     if (error) this.emit("error", error);
     this.setState("disconnected");
@@ -496,6 +520,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (purpose === "connect") this.onEstablished(w);
     else {
       this.welcome = welcomeOf(w);
+      this.refreshAttempt = 0;
       this.scheduleRefresh();
     }
   }
@@ -506,6 +531,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.established = true;
     this.attempt = 0;
     this.retryAttempt = 0;
+    this.refreshAttempt = 0;
     this.lastReceived = Date.now();
     this.setState("connected");
     this.emit("connected", this.welcome);
@@ -569,7 +595,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.emit("error", err);
     if (purpose === "refresh") {
       const conn = this.conn;
-      this.timers.refresh = setTimeout(() => conn === this.conn && void this.refreshToken(), 1000);
+      this.timers.refresh = setTimeout(() => conn === this.conn && void this.refreshToken(), this.refreshRetryDelay(err));
       return;
     }
     // The token of a new connection was refused: a fresh one may do (getToken), else stop.
@@ -587,6 +613,17 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.timers.refresh = setTimeout(() => void this.refreshToken(), delay);
   }
 
+  /**
+   * The wait before trying a refused refresh again: 1 s, then growing (jittered, up to a
+   * minute) while refusals go on, and never before the server's `retry_after_ms`. The
+   * current token stays good meanwhile; once it expires the server closes with 4002 and
+   * the reconnect asks `getToken` again.
+   */
+  private refreshRetryDelay(err?: ChatError): number {
+    const delay = backoffDelay(this.refreshAttempt++, { minDelay: 1000, maxDelay: 60_000, random: this.opts.random });
+    return Math.max(1000, delay, err?.retryAfterMs ?? 0);
+  }
+
   private async refreshToken(): Promise<void> {
     this.clearTimer("refresh");
     const conn = this.conn;
@@ -597,7 +634,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     } catch (err) {
       if (conn !== this.conn) return;
       this.emit("error", toChatError(err, "token"));
-      this.timers.refresh = setTimeout(() => void this.refreshToken(), 1000);
+      this.timers.refresh = setTimeout(() => void this.refreshToken(), this.refreshRetryDelay());
       return;
     }
     if (conn !== this.conn || !this.established || token === null) return;
@@ -745,7 +782,11 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
     this.clearTyping(room.name, false);
     for (const e of [...this.outbox.entries]) {
-      if (e.kind === "message" && e.room === room.name && !this.inflight.has(e.client_msg_id)) {
+      if (e.kind !== "message" || e.room !== room.name) continue;
+      if (this.inflight.has(e.client_msg_id)) {
+        // On the wire: the server's answer (its echo, or a refusal) settles it.
+        this.orphans.set(e.client_msg_id, err);
+      } else {
         this.outbox.remove(e.client_msg_id);
         this.rejectSend(e.client_msg_id, err);
       }
@@ -920,6 +961,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         if (now - at >= timeout) {
           this.inflight.delete(cmid); // its request id stays known: a late answer to it is ignored
           this.inflightAt.delete(cmid);
+          if (this.orphans.has(cmid)) this.dropOrphan(cmid); // its room is left: not written again
         }
       }
       this.flush();
@@ -934,6 +976,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       for (const [req, c] of this.inflightReq) if (c === cmid) this.inflightReq.delete(req);
     }
     this.inflightAt.delete(cmid);
+    this.orphans.delete(cmid);
     this.retryAttempt = 0;
     const waiter = this.sendWaiters.get(cmid);
     if (waiter) {
@@ -953,20 +996,34 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.inflightAt.delete(cmid);
     const entry = this.outbox.entries.find((e) => e.client_msg_id === cmid);
     if (!entry) return;
-    if (err.code === "rate_limited") {
+    const orphan = this.orphans.get(cmid);
+    if (orphan && RETRYABLE_CODES.has(err.code)) {
+      // Its room was left after it was written: it is not tried again (nor on a later join).
+      this.dropOrphan(cmid);
+      if (err.code === "rate_limited") this.pause(err.retryAfterMs ?? 1000);
+    } else if (err.code === "rate_limited") {
       this.pause(err.retryAfterMs ?? 1000);
     } else if (RETRYABLE_CODES.has(err.code)) {
       this.pause(this.retryDelay());
-    } else if (err.code === "not_in_room" && entry.kind === "message" && this.rooms.has(entry.room)) {
+    } else if (err.code === "not_in_room" && entry.kind === "message" && this.rooms.has(entry.room) && !orphan) {
       // The server lost our membership: join again, then the entry goes out.
       const room = this.rooms.get(entry.room)!;
       this.setRoomState(room, "joining");
       this.sendJoin(room);
     } else {
+      this.orphans.delete(cmid);
       this.outbox.remove(cmid);
       this.rejectSend(cmid, err);
       this.emit("error", err);
     }
+  }
+
+  /** A send of a left room that will not be written again: out of the outbox, rejected with the room's error. */
+  private dropOrphan(cmid: string): void {
+    const err = this.orphans.get(cmid);
+    this.orphans.delete(cmid);
+    if (!err || !this.outbox.remove(cmid)) return;
+    this.rejectSend(cmid, err);
   }
 
   private pause(ms: number): void {

@@ -23,6 +23,15 @@ const until = async (pred, what) => {
   throw new Error(`timed out waiting for ${what}`);
 };
 
+/** `p`, or a failure naming `what` if it is still pending after `ms`. */
+const within = (p, ms, what) => {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still pending after ${ms} ms`)), ms);
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
+};
+
 test("state machine: disconnected -> connecting -> connected, reconnect on 1006, stop on disconnect()", async () => {
   const { server, c, events } = setup();
   assert.equal(c.state, "disconnected");
@@ -504,4 +513,121 @@ test("browser: pauseWhenHidden holds a due reconnect until the page is visible",
   } finally {
     delete globalThis.document;
   }
+});
+
+test("leave: written sends the server then refuses (rate_limited, unavailable) reject with left, never go out on a later join", async (t) => {
+  const { server, c } = setup();
+  server.replies.push((ws, f) => {
+    if (f.type !== "message" || !["rate_limited", "unavailable"].includes(f.text)) return false;
+    server.push(ws, { type: "error", id: f.id, code: f.text, message: "not now", ...(f.text === "rate_limited" ? { retry_after_ms: 30 } : {}) });
+    return true;
+  });
+  t.after(() => c.disconnect()); // also when an assertion fails
+  await c.connect();
+  await c.join("r");
+  await c.send("r", "first"); // the join's replay is in: sends go on the wire at once
+  const sends = ["stored", "rate_limited", "unavailable"].map((text) => c.send("r", text));
+  await c.leave("r"); // all three are on the wire: the server answers them before its `left`
+  assert.equal((await sends[0]).id, 2);
+  for (const p of sends.slice(1)) await assert.rejects(within(p, 1000, "a refused send"), { code: "left" });
+  assert.deepEqual(c.pending, [], "nothing of the left room stays in the outbox");
+  await c.join("r");
+  assert.equal((await within(c.send("r", "later"), 1000, "a send after the join")).id, 3);
+  const written = server.last.sent.filter((f) => f.type === "message").map((f) => f.text);
+  assert.deepEqual(written, ["first", "stored", "rate_limited", "unavailable", "later"], "the refused sends are not posted on the join");
+});
+
+test("leave: a written send whose answer goes with the connection rejects with left and is not resent", async (t) => {
+  const { server, c } = setup();
+  server.replies.push((ws, f) => f.type === "message" && f.text === "lost"); // the answer never comes
+  t.after(() => c.disconnect()); // also when an assertion fails
+  await c.connect();
+  await c.join("r");
+  await c.send("r", "first"); // the join's replay is in: sends go on the wire at once
+  const lost = c.send("r", "lost");
+  await c.leave("r");
+  server.drop(server.last, 1006);
+  await assert.rejects(within(lost, 1000, "the send"), { code: "left" });
+  assert.deepEqual(c.pending, []);
+  await within(c.connect(), 1000, "the reconnect");
+  await c.join("r");
+  assert.equal((await within(c.send("r", "later"), 1000, "a send after the join")).text, "later");
+  assert.deepEqual(server.last.sent.filter((f) => f.type === "message").map((f) => f.text), ["later"]);
+});
+
+test("leave: a written send of a left room without an echo in ackTimeout rejects with left, not written again", async (t) => {
+  const { server, c } = setup({ ackTimeout: 30 });
+  server.replies.push((ws, f) => f.type === "message" && f.text === "lost"); // the answer never comes
+  t.after(() => c.disconnect()); // also when an assertion fails
+  await c.connect();
+  await c.join("r");
+  await c.send("r", "first"); // the join's replay is in: sends go on the wire at once
+  const lost = c.send("r", "lost");
+  await c.leave("r");
+  await assert.rejects(within(lost, 1000, "the send"), { code: "left" });
+  assert.deepEqual(c.pending, []);
+  await c.join("r");
+  assert.equal((await within(c.send("r", "later"), 1000, "a send after the join")).text, "later");
+  assert.deepEqual(server.last.sent.filter((f) => f.type === "message").map((f) => f.text), ["first", "lost", "later"]);
+});
+
+test("disconnect: a pending join and a send with a timeout reject with disconnected at once; no timer of the client is left", async (t) => {
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length;
+  const before = timers();
+  const { server, c } = setup({ requestTimeout: 5000, sendTimeout: 5000 });
+  t.after(() => c.disconnect()); // also when an assertion fails
+  server.replies.push((ws, f) => f.type === "join" && f.room === "slow"); // never answered
+  await c.connect();
+  await c.join("r");
+  await c.send("r", "first"); // the join's replay is in: sends go on the wire at once
+  server.holdEchoes = true;
+  const joining = c.join("slow");
+  const timed = c.send("r", "timed");
+  const untimed = c.send("r", "untimed", { timeout: 0 });
+  await until(() => server.room("r").messages.length === 3, "both sends stored");
+  c.disconnect();
+  await assert.rejects(within(joining, 1000, "the join"), { code: "disconnected" });
+  await assert.rejects(within(timed, 1000, "the send"), { code: "disconnected" });
+  await until(() => timers() <= before, "the client's timers cleared (they keep Node alive)");
+  // Rooms and the outbox are kept for a later connect().
+  assert.deepEqual(c.joinedRooms, ["r", "slow"]);
+  assert.deepEqual(c.pending.map((e) => e.text), ["timed", "untimed"]);
+  server.holdEchoes = false;
+  server.replies.length = 0;
+  const acks = [];
+  c.on("ack", (m) => acks.push(m.text));
+  await within(c.connect(), 1000, "the connect");
+  assert.equal((await within(untimed, 1000, "the send without a timeout")).text, "untimed");
+  assert.deepEqual(acks, ["timed", "untimed"], "delivered once the client is back (the replay acknowledges them)");
+  assert.equal(c.roomState("slow"), "joining");
+  await within(c.join("slow"), 1000, "the join");
+});
+
+test("token: a refused refresh is tried again with a growing delay, not every second", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout", "Date"] });
+  /** Moves the mocked clock on by `ms`, letting the fake server and the client run between steps. */
+  const advance = async (ms) => {
+    for (let i = 0; i < ms; i += 50) {
+      t.mock.timers.tick(50);
+      await new Promise((r) => setImmediate(r));
+    }
+  };
+  const { server, c } = setup({ getToken: () => fakeToken("tina") });
+  t.after(() => c.disconnect()); // also when an assertion fails
+  const refused = [];
+  server.replies.push((ws, f) => {
+    if (f.type !== "auth" || ws.sent.filter((s) => s.type === "auth").length === 1) return false; // the connect's auth passes
+    refused.push(Date.now());
+    server.push(ws, { type: "error", id: f.id, code: "auth_failed", message: "unknown key" });
+    return true;
+  });
+  const connected = c.connect();
+  await advance(100);
+  await connected;
+  server.push(server.last, { type: "error", code: "token_expired", message: "refresh now" }); // the client refreshes at once
+  await advance(20_000);
+  const gaps = refused.slice(1).map((at, i) => at - refused[i]);
+  assert.ok(refused.length <= 7, `${refused.length} refused refreshes in 20 s (gaps ${gaps})`);
+  for (let i = 1; i < gaps.length; i++) assert.ok(gaps[i] >= gaps[i - 1] - 50, `the delay shrank: ${gaps}`);
+  assert.ok(gaps.at(-1) >= 4000, `the delay did not grow: ${gaps}`);
 });
