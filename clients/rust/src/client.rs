@@ -112,6 +112,7 @@ pub struct ClientBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) resend_after: Duration,
     pub(crate) outbox_capacity: usize,
+    pub(crate) max_in_flight: usize,
     pub(crate) outbox_store: Option<Arc<dyn OutboxStore>>,
 }
 
@@ -134,6 +135,7 @@ impl ClientBuilder {
             connect_timeout: Duration::from_secs(10),
             resend_after: Duration::from_secs(5),
             outbox_capacity: 1000,
+            max_in_flight: 16,
             outbox_store: None,
         }
     }
@@ -185,6 +187,14 @@ impl ClientBuilder {
     /// How many unacknowledged sends the outbox holds (default 1000).
     pub fn outbox_capacity(mut self, n: usize) -> Self {
         self.outbox_capacity = n.max(1);
+        self
+    }
+
+    /// How many sends may be written and not yet acknowledged at a time (default
+    /// 16); the rest wait in the outbox, so a burst of sends does not run into the
+    /// server's rate limit all at once.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
         self
     }
 
@@ -302,7 +312,8 @@ impl Client {
         self.call(self.request_timeout, |reply| Op::Join { room, reply }).await
     }
 
-    /// Leaves `room`.
+    /// Leaves `room`. Its sends not yet written fail with `not_in_room`; those
+    /// already written reached the server first and resolve with their echo.
     pub async fn leave(&self, room: &str) -> Result<(), Error> {
         let room = room.to_owned();
         self.call(self.request_timeout, |reply| Op::Leave { room, reply }).await.map(|_| ())

@@ -43,6 +43,11 @@ struct Room {
     /// The `last_id` of that `joined`: the replay ends there. Sends wait for it,
     /// since the replay may hold the lost echo of a send (its acknowledgement).
     replay_until: u64,
+    /// The request id of the `ping` written right behind the last `join`, until its
+    /// `pong`: the server answers a connection's frames in order, so the `pong`
+    /// comes after the `joined` and its whole replay, if any (a `recovered: false`
+    /// may have none, and then no message reaches `replay_until`).
+    sync_rid: Option<u64>,
     waiters: Vec<Reply<Joined>>,
 }
 
@@ -104,6 +109,12 @@ pub(crate) struct Driver {
     heartbeat: Duration,
     /// A retry of refused sends is due (one timer for all of them).
     flush_scheduled: bool,
+    /// No send is written before this: the server refused one (`rate_limited`
+    /// until its `retry_after_ms`, `unavailable` for a backoff).
+    pause_until: Option<Instant>,
+    /// How many sends may be written and unacknowledged now: `max_in_flight`, down
+    /// to 1 after `rate_limited`, one wider again per acknowledgement.
+    send_window: usize,
     /// A look for sends written long ago and still unacknowledged is due.
     resend_check_scheduled: bool,
     /// Refusals in a row (`unavailable`), for the retry backoff; reset by an ack.
@@ -132,6 +143,7 @@ impl Driver {
         outbox: Outbox,
     ) {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let send_window = cfg.max_in_flight;
         let driver = Driver {
             cfg,
             ops,
@@ -160,6 +172,8 @@ impl Driver {
             refresh_rid: None,
             heartbeat: Duration::from_secs(30),
             flush_scheduled: false,
+            pause_until: None,
+            send_window,
             resend_check_scheduled: false,
             send_retries: 0,
             debug: std::env::var_os("WSCHAT_CLIENT_DEBUG").is_some_and(|v| v == "1"),
@@ -352,7 +366,10 @@ impl Driver {
                     None => sink.flush().await.err(),
                 };
                 if let Some(e) = failed {
-                    break Ended { code: None, reason: e.to_string(), by_app: None };
+                    // After the server's Close frame a write fails ("Sending after closing"):
+                    // the close code is what ended the connection (4102 must pause).
+                    let (code, reason) = close.clone().map_or((None, e.to_string()), |(c, r)| (Some(c), r));
+                    break Ended { code, reason, by_app: None };
                 }
             }
         };
@@ -371,6 +388,7 @@ impl Driver {
         let mut changed = Vec::new();
         for (name, room) in self.rooms.iter_mut() {
             room.joined_on = None;
+            room.sync_rid = None;
             if room.state == RoomState::Joined {
                 room.state = RoomState::Joining;
                 changed.push(name.clone());
@@ -452,6 +470,7 @@ impl Driver {
                     seq: RoomSeq::default(),
                     joined_on: None,
                     replay_until: 0,
+                    sync_rid: None,
                     waiters: Vec::new(),
                 });
                 entry.waiters.push(reply);
@@ -472,6 +491,8 @@ impl Driver {
                     let _ = w.send(Err(Error::Left));
                 }
                 self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
+                // Sends already written go ahead of the `leave`: the server stores them
+                // and their echoes come before the `left`.
                 self.drop_room_sends(&room, &Error::local("not_in_room", format!("left {room}")));
                 if self.online {
                     let id = self.rid();
@@ -619,16 +640,32 @@ impl Driver {
         if since.is_some() {
             r.seq.rejoining();
         }
-        self.next_rid += 1;
-        let id = self.next_rid;
+        let id = self.rid();
+        let sync = self.rid();
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.sync_rid = Some(sync);
+        }
         self.join_rids.insert(id, room.to_owned());
         self.write(&ClientCommand::Join { room: room.to_owned(), since, id: Some(RequestId::Int(id)) });
+        self.write(&ClientCommand::Ping { id: Some(RequestId::Int(sync)) });
     }
 
-    /// Writes every outbox entry whose target is ready on this connection.
+    /// Writes the outbox entries whose target is ready on this connection, oldest
+    /// first, while fewer than `send_window` are in flight and no pause is on.
     fn flush_outbox(&mut self) {
         if !self.online {
             return;
+        }
+        if let Some(until) = self.pause_until {
+            let now = Instant::now();
+            if now < until {
+                if !self.flush_scheduled {
+                    self.flush_scheduled = true;
+                    self.later(until - now, Internal::Flush);
+                }
+                return;
+            }
+            self.pause_until = None;
         }
         let generation = self.generation;
         let rooms = &self.rooms;
@@ -636,13 +673,18 @@ impl Driver {
         let ready = |entry: &OutboxEntry| match &entry.target {
             Target::Dm(_) => true,
             Target::Room(room) => match rooms.get(room) {
-                Some(r) => r.joined_on == Some(generation) && r.seq.last().is_some_and(|last| last >= r.replay_until),
+                // Joined here, and its replay is over (caught up with it, or the `pong`
+                // behind it came).
+                Some(r) => {
+                    r.joined_on == Some(generation)
+                        && (r.sync_rid.is_none() || r.seq.last().is_some_and(|last| last >= r.replay_until))
+                }
                 // Not a room of ours: a send the app makes now gets the server's
                 // `not_in_room`; one loaded from the store waits for the app to join.
                 None => acks.contains_key(&entry.client_msg_id),
             },
         };
-        let written = self.outbox.take_unsent(generation, Instant::now().into_std(), ready);
+        let written = self.outbox.take_unsent(generation, Instant::now().into_std(), self.send_window, ready);
         if !written.is_empty() && !self.resend_check_scheduled {
             self.resend_check_scheduled = true;
             self.later(self.cfg.resend_after, Internal::ResendStale);
@@ -756,6 +798,7 @@ impl Driver {
             }
             ServerEvent::Muted { room, until, by } => self.emit(Event::Muted { room, until, by }),
             ServerEvent::Unmuted { room } => self.emit(Event::Unmuted { room }),
+            ServerEvent::Pong { id: Some(RequestId::Int(rid)) } if self.synced(rid) => self.flush_outbox(),
             reply @ (ServerEvent::Left { .. }
             | ServerEvent::Moderated { .. }
             | ServerEvent::Users { .. }
@@ -768,6 +811,18 @@ impl Driver {
                 }
             }
             ServerEvent::Unknown => {}
+        }
+    }
+
+    /// Whether `rid` is the `ping` behind a room's join (now answered: that room's
+    /// replay is over).
+    fn synced(&mut self, rid: u64) -> bool {
+        match self.rooms.values_mut().find(|r| r.sync_rid == Some(rid)) {
+            Some(r) => {
+                r.sync_rid = None;
+                true
+            }
+            None => false,
         }
     }
 
@@ -810,22 +865,27 @@ impl Driver {
         let Some(cmid) = client_msg_id else { return };
         if self.outbox.remove(cmid).is_some() {
             self.send_retries = 0;
+            self.send_window = (self.send_window + 1).min(self.cfg.max_in_flight);
             self.save_outbox();
             let ack = ack();
             if let Some(reply) = self.acks.remove(cmid) {
                 let _ = reply.send(Ok(ack.clone()));
             }
             self.emit(Event::Ack(ack));
+            self.flush_outbox(); // its place in the window is free
         }
     }
 
-    /// The room is no longer ours: its unacknowledged sends fail with `error`.
+    /// The room is no longer ours: its sends not written on this connection fail
+    /// with `error`. Those written went to the server before the `leave` (or the
+    /// removal): their echo or their error, which come first, settles them.
     fn drop_room_sends(&mut self, room: &str, error: &Error) {
+        let on_wire = |cmid: &str| self.online && self.outbox.written_on(cmid, self.generation);
         let doomed: Vec<String> = self
             .outbox
             .snapshot()
             .into_iter()
-            .filter(|e| matches!(&e.target, Target::Room(r) if r == room))
+            .filter(|e| matches!(&e.target, Target::Room(r) if r == room) && !on_wire(&e.client_msg_id))
             .map(|e| e.client_msg_id)
             .collect();
         if doomed.is_empty() {
@@ -848,22 +908,15 @@ impl Driver {
         let Some(room) = self.rooms.get_mut(&message.room) else { return };
         match room.seq.message(message.id) {
             Verdict::Deliver => {
-                let caught_up = room.seq.last() == Some(room.replay_until);
+                let caught_up = room.seq.last().is_some_and(|last| last >= room.replay_until);
                 self.emit(Event::Message(message));
                 if caught_up {
                     self.flush_outbox();
                 }
             }
             Verdict::Drop => {}
-            Verdict::Gap { since } => {
-                let id = self.rid();
-                self.join_rids.insert(id, message.room.clone());
-                self.write(&ClientCommand::Join {
-                    room: message.room,
-                    since: Some(since),
-                    id: Some(RequestId::Int(id)),
-                });
-            }
+            // A re-join with `since` = the last id delivered: its replay fills the gap.
+            Verdict::Gap { .. } => self.send_join(&message.room),
         }
     }
 
@@ -883,8 +936,9 @@ impl Driver {
 
     /// An `error` answering request `rid`.
     fn on_error(&mut self, rid: u64, error: Error) {
+        let rate_limited = error.code() == Some("rate_limited");
         let retry = match &error {
-            Error::Server { code, retry_after_ms, .. } if code == "rate_limited" => {
+            Error::Server { retry_after_ms, .. } if rate_limited => {
                 Some(Duration::from_millis(retry_after_ms.unwrap_or(1000)))
             }
             Error::Server { code, .. } if code == "unavailable" || code == "internal_error" => {
@@ -893,19 +947,36 @@ impl Driver {
             _ => None,
         };
         if let Some(cmid) = self.send_rids.remove(&rid) {
-            match retry {
+            // A send to a room left meanwhile is not retried: the server would only
+            // answer `not_in_room`.
+            let left = self
+                .outbox
+                .get_mut(&cmid)
+                .is_some_and(|p| matches!(&p.entry.target, Target::Room(r) if !self.rooms.contains_key(r)));
+            match retry.filter(|_| !left) {
                 Some(delay) => {
-                    // Not acknowledged: it goes out again (same client_msg_id) after a
-                    // pause that grows while the server keeps refusing.
+                    // Not acknowledged: it goes out again (same client_msg_id) once the
+                    // whole outbox has waited: `retry_after_ms` for `rate_limited` (then
+                    // one send at a time, widening again with each acknowledgement), a
+                    // pause that grows while the server keeps refusing otherwise.
                     if let Some(pending) = self.outbox.get_mut(&cmid) {
                         pending.sent_on = None;
                     }
-                    if !self.flush_scheduled {
-                        self.flush_scheduled = true;
+                    let now = Instant::now();
+                    let paused = self.pause_until.is_some_and(|until| until > now);
+                    let delay = if rate_limited {
+                        self.send_window = 1;
+                        delay
+                    } else if paused {
+                        // One refusal of a batch written together counts once.
+                        Duration::ZERO
+                    } else {
                         let backoff = self.cfg.backoff.delay(self.send_retries, fastrand::f64());
                         self.send_retries = self.send_retries.saturating_add(1);
-                        self.later(delay.max(backoff), Internal::Flush);
-                    }
+                        delay.max(backoff)
+                    };
+                    self.pause_until = self.pause_until.max(Some(now + delay));
+                    self.flush_outbox();
                 }
                 None => {
                     self.outbox.remove(&cmid);
@@ -916,6 +987,7 @@ impl Driver {
                         }
                         None => self.emit(Event::Error(error)),
                     }
+                    self.flush_outbox();
                 }
             }
         } else if let Some(room) = self.join_rids.remove(&rid) {
@@ -937,6 +1009,9 @@ impl Driver {
             self.refresh_rid = None;
             self.emit(Event::Error(error));
             self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+        } else if self.synced(rid) {
+            // The `ping` behind a join was refused: its answer still comes after the replay.
+            self.flush_outbox();
         } else {
             self.emit(Event::Error(error));
         }

@@ -81,20 +81,37 @@ impl Outbox {
         self.entries.iter_mut().find(|p| p.entry.client_msg_id == client_msg_id)
     }
 
+    /// Entries written on connection `generation` and not yet acknowledged.
+    pub fn in_flight(&self, generation: u64) -> usize {
+        self.entries.iter().filter(|p| p.sent_on == Some(generation)).count()
+    }
+
+    /// Whether the entry with this `client_msg_id` was written on connection `generation`.
+    pub fn written_on(&self, client_msg_id: &str, generation: u64) -> bool {
+        self.entries.iter().any(|p| p.entry.client_msg_id == client_msg_id && p.sent_on == Some(generation))
+    }
+
     /// Entries not yet written on connection `generation` for which `ready`
-    /// holds, oldest first; they are marked as written.
+    /// holds, oldest first, as long as at most `window` entries are then written
+    /// and unacknowledged on it; they are marked as written.
     pub fn take_unsent(
         &mut self,
         generation: u64,
         now: Instant,
+        window: usize,
         mut ready: impl FnMut(&OutboxEntry) -> bool,
     ) -> Vec<OutboxEntry> {
+        let mut in_flight = self.in_flight(generation);
         let mut out = Vec::new();
         for pending in self.entries.iter_mut() {
+            if in_flight >= window {
+                break;
+            }
             if pending.sent_on != Some(generation) && ready(&pending.entry) {
                 pending.sent_on = Some(generation);
                 pending.sent_at = Some(now);
                 out.push(pending.entry.clone());
+                in_flight += 1;
             }
         }
         out
@@ -157,12 +174,32 @@ mod tests {
         let only_r1 = |e: &OutboxEntry| e.target == Target::Room("r1".into());
         let ids = |v: Vec<OutboxEntry>| v.into_iter().map(|e| e.client_msg_id).collect::<Vec<_>>();
         let t0 = Instant::now();
-        assert_eq!(ids(outbox.take_unsent(1, t0, only_r1)), ["a", "c"]);
-        assert!(outbox.take_unsent(1, t0, only_r1).is_empty());
-        assert_eq!(ids(outbox.take_unsent(1, t0, |_| true)), ["b"]);
+        assert_eq!(ids(outbox.take_unsent(1, t0, 10, only_r1)), ["a", "c"]);
+        assert!(outbox.take_unsent(1, t0, 10, only_r1).is_empty());
+        assert_eq!(ids(outbox.take_unsent(1, t0, 10, |_| true)), ["b"]);
         // A new connection resends everything still unacknowledged.
         outbox.remove("c");
-        assert_eq!(ids(outbox.take_unsent(2, t0, |_| true)), ["a", "b"]);
+        assert_eq!(ids(outbox.take_unsent(2, t0, 10, |_| true)), ["a", "b"]);
+    }
+
+    #[test]
+    fn at_most_a_window_of_entries_is_in_flight() {
+        let mut outbox = Outbox::new(10);
+        for id in ["a", "b", "c", "d"] {
+            outbox.push(entry(id, "r")).unwrap();
+        }
+        let ids = |v: Vec<OutboxEntry>| v.into_iter().map(|e| e.client_msg_id).collect::<Vec<_>>();
+        let t0 = Instant::now();
+        assert_eq!(ids(outbox.take_unsent(1, t0, 2, |_| true)), ["a", "b"]);
+        assert!(outbox.take_unsent(1, t0, 2, |_| true).is_empty());
+        assert_eq!(outbox.in_flight(1), 2);
+        assert!(outbox.written_on("a", 1) && !outbox.written_on("c", 1) && !outbox.written_on("a", 2));
+        // An acknowledgement frees a place; a wider window takes more.
+        outbox.remove("a");
+        assert_eq!(ids(outbox.take_unsent(1, t0, 2, |_| true)), ["c"]);
+        assert_eq!(ids(outbox.take_unsent(1, t0, 4, |_| true)), ["d"]);
+        // A new connection has nothing in flight.
+        assert_eq!(ids(outbox.take_unsent(2, t0, 1, |_| true)), ["b"]);
     }
 
     #[test]
@@ -172,11 +209,11 @@ mod tests {
         outbox.push(entry("b", "r")).unwrap();
         let t0 = Instant::now();
         let t1 = t0 + std::time::Duration::from_secs(5);
-        outbox.take_unsent(1, t0, |_| true);
+        outbox.take_unsent(1, t0, 10, |_| true);
         outbox.push(entry("c", "r")).unwrap();
-        outbox.take_unsent(1, t1, |_| true);
+        outbox.take_unsent(1, t1, 10, |_| true);
         assert_eq!(outbox.expire_sent(t0), (2, 1));
-        let again: Vec<_> = outbox.take_unsent(1, t1, |_| true).into_iter().map(|e| e.client_msg_id).collect();
+        let again: Vec<_> = outbox.take_unsent(1, t1, 10, |_| true).into_iter().map(|e| e.client_msg_id).collect();
         assert_eq!(again, ["a", "b"]);
         assert_eq!(outbox.expire_sent(t0), (0, 3));
     }

@@ -1,12 +1,15 @@
-//! Client behaviour beyond the shared scenarios, against the real server.
+//! Client behaviour beyond the shared scenarios, against the real server (and a fake one
+//! where the real one cannot be made to answer on cue).
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{scaled, Harness, Recorder};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 use wschat::{Client, Error, Event, OutboxEntry, OutboxStore};
 
 /// An outbox store in memory, shared by the two "runs" of the app below.
@@ -208,4 +211,258 @@ async fn recovery_failed_after_a_memory_server_restart() {
     // The room's ids started again: the client follows them.
     assert_eq!(c.send("amnesia", "after").await.unwrap().id, 1);
     rec.wait("the new message", 20.0, |ev| common::message_ids(ev, "amnesia") == [1, 2, 3, 1]).await;
+}
+
+/// A server with persistence in a SQLite file of its own (removed before and after).
+struct Database(std::path::PathBuf);
+
+impl Database {
+    fn new(name: &str) -> Database {
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}.db", std::process::id()));
+        let db = Database(path);
+        db.remove();
+        db
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite:///{}", self.0.display())
+    }
+
+    fn remove(&self) {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_goes_out_after_an_unrecovered_rejoin_without_replay() {
+    let db = Database::new("unrecovered"); // dropped after the harness stopped the server
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({"ENABLE_PERSISTENCE": "1", "DATABASE_URL": db.url()})).await;
+    let (a, rec_a, offline) = common::switchable(&s.url, h.token("vera", 600.0).await);
+    let (b, _) = Client::builder(format!("{}?username=walt", s.url)).send_timeout(scaled(60.0)).connect();
+    a.join("far").await.unwrap();
+    b.join("far").await.unwrap();
+    b.send("far", "before").await.unwrap();
+    rec_a.wait("the first message", 20.0, |ev| common::message_ids(ev, "far") == [1]).await;
+
+    // A is offline with a send waiting while the room moves on by more than the
+    // server replays (1000): the re-join gets `recovered: false` and no replay.
+    offline.store(true, Ordering::SeqCst);
+    a.reconnect();
+    rec_a.wait("disconnected", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let pending = {
+        let a = a.clone();
+        tokio::spawn(async move { a.send("far", "from A while away").await })
+    };
+    for chunk in 0..6 {
+        let n = if chunk < 5 { 200 } else { 1 };
+        let sends = (0..n).map(|i| {
+            let b = b.clone();
+            async move { b.send("far", &format!("m{chunk}.{i}")).await }
+        });
+        for sent in futures_util::future::join_all(sends).await {
+            sent.expect("B's send acknowledged");
+        }
+    }
+    offline.store(false, Ordering::SeqCst);
+    rec_a
+        .wait("recovery failed", 30.0, |ev| {
+            ev.iter().any(|e| matches!(e, Event::RecoveryFailed { room, since: 1, last_id: 1002 } if room == "far"))
+        })
+        .await;
+    // Nothing else is posted: the send must go out after the `joined` alone.
+    let sent = tokio::time::timeout(scaled(20.0), pending)
+        .await
+        .unwrap_or_else(|_| panic!("A's send still waits; outbox {}: {:#?}", a.outbox_len(), rec_a.events()))
+        .unwrap()
+        .expect("A's send acknowledged");
+    assert_eq!((sent.id, sent.text.as_str()), (1003, "from A while away"));
+    assert_eq!(a.outbox_len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_keeps_the_sends_already_written() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (a, _) = signed_in(&s.url, h.token("lena", 600.0).await);
+    let (b, rec_b) = signed_in(&s.url, h.token("lars", 600.0).await);
+    a.join("exit").await.unwrap();
+    b.join("exit").await.unwrap();
+    // `join!` polls in order: the two sends are written, then the `leave`.
+    let sends = (1..=2).map(|i| {
+        let a = a.clone();
+        async move { a.send("exit", &format!("m{i}")).await }
+    });
+    let (sent, left) = tokio::join!(futures_util::future::join_all(sends), a.leave("exit"));
+    left.unwrap();
+    // The server stored them: they are acknowledged, not failed (a retry by the
+    // app would double them).
+    let sent: Vec<_> = sent.into_iter().map(|r| r.map(|m| m.text).map_err(|e| e.code().map(str::to_owned))).collect();
+    assert_eq!(sent, [Ok("m1".into()), Ok("m2".into())]);
+    assert_eq!(a.outbox_len(), 0);
+    rec_b.wait("the two messages", 20.0, |ev| common::message_ids(ev, "exit").len() >= 2).await;
+    let texts: Vec<_> = common::messages(&rec_b.events(), "exit").into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["m1", "m2"]);
+}
+
+type FakeSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A fake server for one connection: `welcome`, then `serve` has the socket.
+/// Returns its URL (later connection attempts are refused) and its task.
+async fn fake_server<F, Fut>(serve: F) -> (String, tokio::task::JoinHandle<()>)
+where
+    F: FnOnce(FakeSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    use futures_util::SinkExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        drop(listener);
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
+        ws.send(Message::text(welcome.to_string())).await.unwrap();
+        serve(ws).await;
+    });
+    (url, task)
+}
+
+/// A send written before the `leave` and refused after it (`rate_limited`) is not
+/// kept for a retry the server would only answer with `not_in_room`: it fails with
+/// the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_send_refused_after_leave_fails_with_the_refusal() {
+    use futures_util::{SinkExt, StreamExt};
+    let (url, server) = fake_server(|mut ws| async move {
+        let mut held = None; // the first message: refused once the `leave` came
+        while let Some(Ok(Message::Text(text))) = ws.next().await {
+            let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            let id = cmd["id"].clone();
+            let replies = match cmd["type"].as_str().unwrap() {
+                "join" => vec![json!({"type": "joined", "room": cmd["room"], "users": [], "last_id": 0, "id": id})],
+                "ping" => vec![json!({"type": "pong", "id": id})],
+                "message" if held.is_none() => {
+                    held = Some(id);
+                    vec![]
+                }
+                "message" => vec![json!({"type": "error", "code": "not_in_room", "message": "not in room", "id": id})],
+                "leave" => vec![
+                    json!({"type": "error", "code": "rate_limited", "message": "slow down", "retry_after_ms": 200,
+                           "id": held.clone()}),
+                    json!({"type": "left", "room": cmd["room"], "id": id}),
+                ],
+                _ => vec![],
+            };
+            for reply in replies {
+                ws.send(Message::text(reply.to_string())).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let (c, _events) = Client::builder(url).send_timeout(scaled(20.0)).connect();
+    c.join("exit").await.unwrap();
+    // `join!` polls in order: the send is written, then the `leave`.
+    let (sent, left) = tokio::join!(c.send("exit", "late"), c.leave("exit"));
+    left.unwrap();
+    assert_eq!(sent.unwrap_err().code(), Some("rate_limited"));
+    assert_eq!(c.outbox_len(), 0);
+    c.close();
+    server.await.unwrap();
+}
+
+fn disconnections(rec: &Recorder) -> Vec<Event> {
+    rec.events().into_iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_faster_than_the_rate_limit_wait_for_retry_after() {
+    let h = Harness::start().await;
+    // One send at once, four a second; two refusals in a row more and the server closes (4102).
+    let s = h.server("memory", 1, json!({"RATE_LIMIT": "4", "RATE_LIMIT_BURST": "1"})).await;
+    let (a, rec_a) = signed_in(&s.url, h.token("rudi", 600.0).await);
+    a.join("pace").await.unwrap();
+    // The app sends every 50 ms, five times the limit.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut sends = Vec::new();
+    for i in 0..10 {
+        tick.tick().await;
+        let a = a.clone();
+        sends.push(tokio::spawn(async move { a.send("pace", &format!("m{i}")).await }));
+    }
+    let mut ids = Vec::new();
+    for (i, send) in sends.into_iter().enumerate() {
+        let sent = send.await.unwrap().unwrap_or_else(|e| panic!("m{i}: {e}; {:#?}", disconnections(&rec_a)));
+        ids.push(sent.id);
+    }
+    ids.sort();
+    assert_eq!(ids, (1..=10).collect::<Vec<_>>());
+    assert_eq!(disconnections(&rec_a), [], "the connection stayed up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sends_stays_within_the_rate_limit() {
+    let h = Harness::start().await;
+    // Ten at once, fifty a second: refused more than twenty times in a row, a client is closed (4102).
+    let s = h.server("memory", 1, json!({"RATE_LIMIT": "50", "RATE_LIMIT_BURST": "10"})).await;
+    let (a, rec_a) = signed_in(&s.url, h.token("bert", 600.0).await);
+    a.join("burst").await.unwrap();
+    let sends = (0..100).map(|i| {
+        let a = a.clone();
+        async move { a.send("burst", &format!("m{i}")).await }
+    });
+    let sent = tokio::time::timeout(scaled(60.0), futures_util::future::join_all(sends)).await.expect("acknowledged");
+    let mut ids: Vec<u64> =
+        sent.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}; {:#?}", disconnections(&rec_a))).id).collect();
+    ids.sort();
+    assert_eq!(ids, (1..=100).collect::<Vec<_>>());
+    assert_eq!(disconnections(&rec_a), [], "the connection stayed up");
+}
+
+/// A write that fails because the server's Close frame came first reports that
+/// frame's code (a 4102 must make the client pause), not the write's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_close_frame_reports_its_code() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+
+    // A fake server: Close 4102 on the first frame after `welcome`; the TCP
+    // connection stays open until the test is over.
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (url, server) = fake_server(|mut ws| async move {
+        while !matches!(ws.next().await, Some(Ok(Message::Text(_))) | None) {}
+        let close = CloseFrame { code: CloseCode::from(4102), reason: "flooding".into() };
+        ws.send(Message::Close(Some(close))).await.unwrap();
+        // The client's own Close frame: it has read ours.
+        while !matches!(ws.next().await, Some(Ok(Message::Close(_))) | None) {}
+        let _ = closed_tx.send(());
+        let _ = done_rx.await;
+    })
+    .await;
+    let (c, events) = Client::builder(url).backoff(Duration::from_millis(100), Duration::from_secs(1)).connect();
+    let rec = Recorder::new(events);
+    c.wait_connected(scaled(20.0)).await.unwrap();
+    let dm = |text: &'static str| {
+        let c = c.clone();
+        tokio::spawn(async move { c.dm("someone", text).await })
+    };
+    let _first = dm("one");
+    tokio::time::timeout(scaled(20.0), closed_rx).await.expect("the close handshake").unwrap();
+    let _second = dm("two"); // written after the Close frame came: the write fails
+    rec.wait("disconnected", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let Event::Disconnected { code, reason, reconnect_in } = disconnections(&rec).remove(0) else { unreachable!() };
+    assert_eq!((code, reason.as_str()), (Some(4102), "flooding"));
+    assert!(reconnect_in.is_some(), "a 4102 pauses, then reconnects");
+    c.close();
+    let _ = done_tx.send(());
+    server.await.unwrap();
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -337,27 +337,8 @@ async fn token_refresh() {
 async fn outbox_resend() {
     let h = Harness::start().await;
     let s = h.server("memory", 1, json!({})).await;
-    let offline = Arc::new(AtomicBool::new(false));
-    let (flag, url) = (offline.clone(), s.url.clone());
-    // A signed-in user: the server dedupes by user and client_msg_id (a guest gets a
-    // new user_id per connection). While `offline` is set, connection attempts go to
-    // a port nobody listens on.
-    let token = h.token("alice", 600.0).await;
-    let (a, events) = wschat::ClientBuilder::with_url_fn(move || {
-        if flag.load(Ordering::SeqCst) {
-            "ws://127.0.0.1:9/ws".into()
-        } else {
-            url.clone()
-        }
-    })
-    .token(move || {
-        let t = token.clone();
-        async move { Ok(t) }
-    })
-    .backoff(Duration::from_millis(100), Duration::from_secs(1))
-    .send_timeout(scaled(60.0))
-    .connect();
-    let rec_a = Recorder::new(events);
+    // While `offline` is set, connection attempts go nowhere.
+    let (a, rec_a, offline) = common::switchable(&s.url, h.token("alice", 600.0).await);
     let (b, rec_b) = guest(&s.url, "bob");
     a.join(ROOM).await.unwrap();
     b.join(ROOM).await.unwrap();

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use wschat::{Event, Events};
+use wschat::{Client, Event, Events};
 
 /// Every wait is this many seconds times `WSCHAT_TEST_TIMEOUT_SCALE` (as in the Python tests).
 pub fn scaled(secs: f64) -> Duration {
@@ -255,4 +256,27 @@ impl Publisher {
         let sent = self.sent.lock().unwrap().clone();
         sent
     }
+}
+
+/// A signed-in client (the server dedupes by user and `client_msg_id`; a guest gets a
+/// new user_id per connection) whose connection attempts go to a port nobody listens
+/// on while the returned flag is set.
+pub fn switchable(url: &str, token: String) -> (Client, Recorder, Arc<AtomicBool>) {
+    let offline = Arc::new(AtomicBool::new(false));
+    let (flag, url) = (offline.clone(), url.to_owned());
+    let (client, events) = wschat::ClientBuilder::with_url_fn(move || {
+        if flag.load(Ordering::SeqCst) {
+            "ws://127.0.0.1:9/ws".into()
+        } else {
+            url.clone()
+        }
+    })
+    .token(move || {
+        let t = token.clone();
+        async move { Ok(t) }
+    })
+    .backoff(Duration::from_millis(100), Duration::from_secs(1))
+    .send_timeout(scaled(60.0))
+    .connect();
+    (client, Recorder::new(events), offline)
 }
