@@ -312,7 +312,7 @@ def test_rate_limited_messages_are_counted(cluster: Server) -> None:
             c.expect("message", text=f"burst {i}")
         assert all(c.expect("error")["code"] == "rate_limited" for _ in range(extra))
         wait_for_values(cluster, {
-            series("wschat_rate_limited_total"): extra,
+            series("wschat_rate_limited_total", type="message"): extra,
             series("wschat_errors_total", code="rate_limited"): extra,
             series("wschat_messages_posted_total", kind="room"): BURST,
         }, baseline=before)

@@ -525,7 +525,7 @@ class Chat:
 
     def _refuse(self, session: Session, command: Command | None, retry_ms: int) -> None:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102)."""
-        self.metrics.rate_limited()
+        self.metrics.rate_limited(type(command).__name__ if command else "")
         session.flood_strikes += 1
         error = ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
                               command.request_id if command else None,

@@ -91,7 +91,8 @@ DELIVERED = Counter("wschat_messages_delivered_total",
                     "Events written to client connections by fan-out, by event type", ["type"])
 ERRORS = Counter("wschat_errors_total", "error events sent to clients, by code", ["code"])
 RATE_LIMITED = Counter("wschat_rate_limited_total",
-                       "Client messages refused by rate limiting")
+                       "Client requests refused by rate limiting, by type ('invalid': a "
+                       "frame that is no command)", ["type"])
 DISCONNECTS = Counter("wschat_disconnects_total",
                       "Connections closed by the server, by reason", ["reason"])
 OPENED = Counter("wschat_connections_opened_total", "WebSocket connections accepted")
@@ -154,6 +155,9 @@ class PrometheusChatMetrics(Metrics):
                                     for name, wire in _WIRE_TYPES.items()}
         self._delivered_children = {t: DELIVERED.labels(t) for t in DELIVERED_TYPES}
         self._posted_children = {k: POSTED.labels(k) for k in POSTED_KINDS}
+        # Every type exported from the start (0), as for received.
+        self._rate_limited_children = {name: RATE_LIMITED.labels(wire)
+                                       for name, wire in (*_WIRE_TYPES.items(), ("", "invalid"))}
         # Pending counts: command class / event type / kind -> n, since the last flush.
         self._received: dict[str, int] = {}
         self._delivered: dict[str, int] = {}
@@ -231,8 +235,10 @@ class PrometheusChatMetrics(Metrics):
     def error(self, code: str) -> None:
         (self._errors.get(code) or ERRORS.labels(code)).inc()
 
-    def rate_limited(self) -> None:
-        RATE_LIMITED.inc()
+    def rate_limited(self, kind: str = "") -> None:
+        """``kind``: the refused command's class name, as for :meth:`received` ("": a
+        frame that is no command)."""
+        (self._rate_limited_children.get(kind) or self._rate_limited_children[""]).inc()
 
     def disconnected(self, reason: str) -> None:
         DISCONNECTS.labels(reason).inc()
