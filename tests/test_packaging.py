@@ -421,6 +421,10 @@ def test_chart_runs_its_own_redis_when_pods_must_share_rooms(values: dict[str, A
     assert container["readinessProbe"] and container["livenessProbe"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # A chart or app version bump must not change its pod template: Recreate would
+    # restart it, and the chart's Redis keeps no data across a restart.
+    pod_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert not {"helm.sh/chart", "app.kubernetes.io/version"} & pod_labels.keys()
 
     # The server's REDIS_URL names the Redis Service, whose selector finds the Redis pod.
     url = release.config_env()["REDIS_URL"]

@@ -63,6 +63,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: redis
 {{- end }}
 
+{{/* The Redis pod's labels: none that a chart or app version changes, since a changed
+pod template recreates the pod and empties Redis (rooms, history, sequences). */}}
+{{- define "wschat.redis.podLabels" -}}
+{{ include "wschat.redis.selectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: wschat
+{{- end }}
+
 {{- define "wschat.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "wschat.fullname" .) .Values.serviceAccount.name }}
