@@ -108,6 +108,25 @@ def test_page_and_its_files_are_served(web_server: Server) -> None:
     assert web_server.http("/web/app.js", metrics=True)[0] == 404
 
 
+def test_page_headers_forbid_framing_foreign_code_and_sniffing(web_server: Server) -> None:
+    """The page runs only its own files, talks only to its own server, and may not be
+    framed by another site (clickjacking: before, none of these headers was sent)."""
+    for path in ("/", "/web/app.js"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_server.port}{path}",
+                                    timeout=TIMEOUT) as response:
+            headers = response.headers
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
+        assert f"ws://127.0.0.1:{web_server.port}" in policy, path
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+    request = urllib.request.Request(f"http://127.0.0.1:{web_server.port}/",
+                                     headers={"Host": "evil; script-src *"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        assert "evil" not in response.headers["Content-Security-Policy"]
+
+
 # ---- two people ---------------------------------------------------------------------------
 
 def test_two_people_chat_and_dm(web_server: Server, people: Callable[..., ChatPage]) -> None:
@@ -163,6 +182,73 @@ def test_sign_in_with_a_token(web_server: Server, people: Callable[..., ChatPage
     alice.page.reload()  # the token is kept too
     alice.wait_online()
     expect(alice.page.locator("#me")).to_have_text("Alice Liddell")
+    # for this tab only: never in localStorage, where it would outlive the tab
+    stored = alice.page.evaluate("JSON.stringify(Object.entries(localStorage))")
+    assert token not in stored
+
+
+def test_a_token_in_the_address_leaves_the_address_bar(
+        web_server: Server, browser: Any) -> None:
+    """``?token=`` signs the tab in and is taken out of the address (and so of the
+    history); a reload keeps the identity (before: the JWT stayed in the address bar
+    and in localStorage)."""
+    token = jwt.encode({"sub": "u-tom", "name": "Tom", "exp": int(time.time()) + 600},
+                       JWT_SECRET, algorithm="HS256")
+    tom = ChatPage(browser, web_server)
+    try:
+        tom.page.goto(f"{tom.url}?token={token}&x=1")
+        tom.wait_online()
+        expect(tom.page.locator("#me")).to_have_text("Tom")
+        assert token not in tom.page.url and tom.page.url.endswith("?x=1")
+        assert token not in tom.page.evaluate("JSON.stringify(Object.entries(localStorage))")
+        tom.page.reload()
+        tom.wait_online()
+        expect(tom.page.locator("#me")).to_have_text("Tom")
+        assert not tom.errors
+    finally:
+        tom.close()
+
+
+def test_the_page_works_where_the_browser_keeps_no_site_data(
+        web_server: Server, browser: Any) -> None:
+    """With localStorage and sessionStorage blocked (a browser set to keep no site data,
+    a third-party frame) the page still connects and chats, its outbox in memory
+    (before: it stayed on "Connecting…")."""
+    blocked = ChatPage(browser, web_server)
+    try:
+        blocked.page.add_init_script("""
+            for (const name of ["localStorage", "sessionStorage"]) {
+              Object.defineProperty(window, name, { get() {
+                throw new DOMException("blocked", "SecurityError"); } });
+            }""")
+        blocked.open().sign_in("nodata")
+        blocked.say("no storage needed")
+        expect(blocked.messages("no storage needed")).not_to_have_class(PENDING)
+        assert not blocked.errors
+    finally:
+        blocked.close()
+
+
+def test_long_names_and_wide_characters(web_server: Server,
+                                        people: Callable[..., ChatPage]) -> None:
+    """A 32-character guest name does not push the page sideways, and the length check
+    counts characters as the server does (2,500 emoji are 5,000 UTF-16 units: before,
+    the page refused them as too long; here MAX_TEXT_CHARS is 60, so 50 of them)."""
+    wide = people(web_server, "W" * 32)
+    other = people(web_server, "reader")
+    wide.say("x")
+    expect(other.messages("x").first).to_be_visible()
+    for person in (wide, other):
+        overflow = person.page.evaluate(
+            "[...document.querySelectorAll('body *')].filter("
+            "e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== 'visible'"
+            " && getComputedStyle(e).overflowX !== 'clip').length"
+            " + (document.documentElement.scrollWidth - document.documentElement.clientWidth)")
+        assert overflow <= 0, overflow
+    wide.say("😀" * 50)
+    expect(other.messages("😀" * 50)).to_have_count(1)
+    wide.say("y" * 61)  # the server's limit, in its own words
+    expect(wide.page.locator("#messages .msg.failed")).to_contain_text("longer than 60")
 
 
 def test_typing_shows_and_clears(web_server: Server, people: Callable[..., ChatPage]) -> None:

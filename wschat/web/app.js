@@ -2,7 +2,7 @@
 // wschat-client.js). The library keeps the connection, rejoins rooms with `since`, and keeps
 // unacknowledged sends in an outbox (sessionStorage: it survives a reload). This file keeps
 // the view: conversations (rooms and DMs), members, typing, pending sends, drafts.
-import { ChatClient, randomId, webStorageOutbox } from "./wschat-client.js";
+import { ChatClient, memoryOutbox, randomId, webStorageOutbox } from "./wschat-client.js";
 
 const $ = (id) => document.getElementById(id);
 const PAGE = 50; // history page size
@@ -12,24 +12,48 @@ const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/;
 const NAME_RE = /^[\p{L}\p{N}_](?:[\p{L}\p{N}_ .-]{0,30}[\p{L}\p{N}_.-])?$/u;
 
 // ---- saved settings ------------------------------------------------------------------------
-// localStorage: the identity (name or token), rooms, DM peers and drafts, per browser.
+// localStorage: a guest's name, rooms, DM peers and drafts, per browser. A token is kept
+// for the tab only (sessionStorage): never in the address bar, history or localStorage.
 // A `?username=` or `?token=` in the address picks an identity for this tab only.
-const saved = {
-  get(key, fallback) {
-    try { return JSON.parse(localStorage.getItem(`wschat.${key}`)) ?? fallback; } catch { return fallback; }
-  },
-  set(key, value) {
-    try { localStorage.setItem(`wschat.${key}`, JSON.stringify(value)); } catch { /* full or disabled */ }
-  },
-};
+function webStorage(name) {
+  try {
+    const storage = window[name];
+    storage.getItem("wschat.probe"); // throws where the browser blocks site data
+    return storage;
+  } catch { return null; }
+}
+const local = webStorage("localStorage");
+const tab = webStorage("sessionStorage");
+function store(storage) {
+  return {
+    get(key, fallback) {
+      try { return JSON.parse(storage.getItem(`wschat.${key}`)) ?? fallback; } catch { return fallback; }
+    },
+    set(key, value) {
+      try { storage.setItem(`wschat.${key}`, JSON.stringify(value)); } catch { /* full or disabled */ }
+    },
+    remove(key) {
+      try { storage.removeItem(`wschat.${key}`); } catch { /* disabled */ }
+    },
+  };
+}
+const saved = store(local);
+const tabSaved = store(tab);
 
 function identityFromAddress() {
   const params = new URLSearchParams(location.search);
-  if (params.get("token")) return { kind: "token", token: params.get("token") };
+  const token = params.get("token");
+  if (token) {
+    params.delete("token"); // out of the address bar and the history
+    const search = params.toString();
+    history.replaceState(history.state, "", `${location.pathname}${search ? `?${search}` : ""}${location.hash}`);
+    return { kind: "token", token };
+  }
   if (params.get("username")) return { kind: "guest", name: params.get("username") };
   return null;
 }
 const fromAddress = identityFromAddress();
+if (saved.get("identity", null)?.kind === "token") saved.remove("identity"); // kept there before
 
 function tokenSubject(token) {
   try {
@@ -100,8 +124,9 @@ function startClient() {
   const client = new ChatClient({
     url: socketUrl(),
     ...(id.kind === "token" ? { token: id.token } : { username: id.name }),
-    // Per tab and per identity: a reload keeps the sends, another tab or user never sends them.
-    outboxStorage: webStorageOutbox(`wschat-outbox:${identityKey(id)}`, sessionStorage),
+    // Per tab and per identity: a reload keeps the sends, another tab or user never sends them
+    // (in memory only where the browser keeps no site data).
+    outboxStorage: tab ? webStorageOutbox(`wschat-outbox:${identityKey(id)}`, tab) : memoryOutbox(),
   });
   state.client = client;
   const on = (event, fn) => client.on(event, (payload) => { if (gen === state.generation) fn(payload); });
@@ -721,7 +746,7 @@ function showSendError(text) { showError($("send-error"), text); }
 /** An error in words, for the place it is shown. */
 function describe(err, c = null) {
   switch (err?.code) {
-    case "message_too_large": return `Too long: at most ${MAX_TEXT} characters.`;
+    case "message_too_large": return `Too long: ${err.message ?? `at most ${MAX_TEXT} characters`}.`;
     case "user_not_found": return `${c?.name ?? "This user"} is not online: direct messages reach only connected users.`;
     case "invalid_room": return "that is not a valid room name.";
     case "too_many_rooms": return "you are in too many rooms; leave one first.";
@@ -756,8 +781,9 @@ function submit() {
   const c = conv(state.current);
   const text = $("draft").value;
   if (!c || !text.trim()) return;
-  if (text.length > MAX_TEXT) {
-    showSendError(`Too long: ${text.length} characters, at most ${MAX_TEXT}. Your draft is kept.`);
+  const length = [...text].length; // characters (code points), as the server counts them
+  if (length > MAX_TEXT) {
+    showSendError(`Too long: ${length} characters, at most ${MAX_TEXT}. Your draft is kept.`);
     return;
   }
   $("send-error").hidden = true;
@@ -801,7 +827,9 @@ function signinSubmitted(event) {
 function useIdentity(identity, remember) {
   const changed = state.identity && identityKey(state.identity) !== identityKey(identity);
   state.identity = identity;
-  if (remember) saved.set("identity", identity);
+  // The tab's identity survives a reload; a guest's name is also the browser's default.
+  tabSaved.set("identity", identity);
+  if (remember && identity.kind === "guest") saved.set("identity", identity);
   const key = identityKey(identity);
   state.myIds = new Set(saved.get(`myIds:${key}`, []));
   state.drafts = saved.get(`drafts:${key}`, {});
@@ -860,7 +888,7 @@ document.addEventListener("visibilitychange", () => {
 });
 window.addEventListener("offline", () => setStatus("offline", "No network; messages wait until it is back"));
 
-const start = fromAddress ?? saved.get("identity", null);
+const start = fromAddress ?? tabSaved.get("identity", null) ?? saved.get("identity", null);
 if (start?.kind === "guest" && !NAME_RE.test(start.name)) {
   renderAll();
   showSignin(`"${start.name}" cannot be a name: 1-32 letters, digits, _ . - and inner spaces.`);
