@@ -537,8 +537,9 @@ test("leave: written sends the server then refuses (rate_limited, unavailable) r
   assert.deepEqual(written, ["first", "stored", "rate_limited", "unavailable", "later"], "the refused sends are not posted on the join");
 });
 
-test("leave: a written send whose answer goes with the connection rejects with left and is not resent", async (t) => {
-  const { server, c } = setup();
+/** Joined "r", wrote "first" (acknowledged) and "lost" (never answered), then left "r". */
+async function leftWithAnUnansweredSend(t, opts) {
+  const { server, c } = setup(opts);
   server.replies.push((ws, f) => f.type === "message" && f.text === "lost"); // the answer never comes
   t.after(() => c.disconnect()); // also when an assertion fails
   await c.connect();
@@ -546,6 +547,11 @@ test("leave: a written send whose answer goes with the connection rejects with l
   await c.send("r", "first"); // the join's replay is in: sends go on the wire at once
   const lost = c.send("r", "lost");
   await c.leave("r");
+  return { server, c, lost };
+}
+
+test("leave: a written send whose answer goes with the connection rejects with left and is not resent", async (t) => {
+  const { server, c, lost } = await leftWithAnUnansweredSend(t);
   server.drop(server.last, 1006);
   await assert.rejects(within(lost, 1000, "the send"), { code: "left" });
   assert.deepEqual(c.pending, []);
@@ -556,14 +562,7 @@ test("leave: a written send whose answer goes with the connection rejects with l
 });
 
 test("leave: a written send of a left room without an echo in ackTimeout rejects with left, not written again", async (t) => {
-  const { server, c } = setup({ ackTimeout: 30 });
-  server.replies.push((ws, f) => f.type === "message" && f.text === "lost"); // the answer never comes
-  t.after(() => c.disconnect()); // also when an assertion fails
-  await c.connect();
-  await c.join("r");
-  await c.send("r", "first"); // the join's replay is in: sends go on the wire at once
-  const lost = c.send("r", "lost");
-  await c.leave("r");
+  const { server, c, lost } = await leftWithAnUnansweredSend(t, { ackTimeout: 30 });
   await assert.rejects(within(lost, 1000, "the send"), { code: "left" });
   assert.deepEqual(c.pending, []);
   await c.join("r");
