@@ -71,6 +71,31 @@ def test_an_error_reply_fails_only_its_command(client: Any) -> None:
     assert isinstance(jobs[1].exception, redis.ResponseError)
 
 
+UNPACKABLE = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent, redis
+from wschat.stores.redis.pipeline import Pipelined
+fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+fast.client.delete("pipe:packed")
+calls = [("BLPOP", "pipe:nothing", 0.1), ("INCR", "pipe:packed"),
+         ("SET", "pipe:bad", {"a": 1}), ("INCR", "pipe:packed")]
+jobs = [gevent.spawn(fast.pipeliner.execute, *c) for c in calls]
+gevent.joinall(jobs, timeout=10)
+print(repr([j.value if j.successful() else type(j.exception).__name__ for j in jobs]),
+      fast.pipeliner.batches, fast.pipeliner.execute("EXISTS", "pipe:bad"))
+"""
+
+
+def test_a_command_that_cannot_be_packed_fails_only_its_caller() -> None:
+    """A bad argument (here a dict, which no Redis command takes) is its caller's error
+    alone: the commands batched with it are sent and answered. (The first command keeps
+    Redis busy for 0.1 s, so that the other three queue behind it and go out together.)"""
+    out = subprocess.run([sys.executable, "-c", UNPACKABLE, redis_url_or_skip(DB)],
+                         capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    assert out.split("] ")[0] + "]" == "[None, 1, 'TypeError', 2]", out
+    assert out.split("] ")[1].split() == ["2", "0"], out  # BLPOP's batch, then the rest
+
+
 def test_scripts_survive_a_script_flush(client: Any) -> None:
     """NOSCRIPT (Redis restarted, SCRIPT FLUSH) is answered by loading the script again."""
     from wschat.stores.redis import RedisMessageStore

@@ -13,13 +13,16 @@ the client unchanged.
 
 A :class:`Pipeliner` owns one connection (made by the client's own pool, so
 address, TLS, auth, database and timeouts are the same; redis-py connects and
-greets). Commands are packed by hiredis and written together in one ``send``; replies are
+greets). Each command is packed by hiredis in its caller's greenlet, and a batch is
+written together in one ``send``; replies are
 read by :class:`~.replies.ReplyReader`, without redis-py's per-reply path.
 A caller queues its command; when nothing is in flight it sends the batch
 itself, otherwise the commands queued while a batch's replies are awaited go
 out together as the next batch (one write, one non-transactional pipeline),
 sent by a flusher greenlet that hands each reply back. Failures are what redis-py raises for one command:
 
+* an argument no command takes fails its caller at once (``TypeError``,
+  ``UnicodeEncodeError``, as hiredis raises them); nothing is sent for it;
 * an error reply (``ResponseError``, ``NoScriptError`` after a Redis restart or
   ``SCRIPT FLUSH``) goes to its own caller only; a script is then loaded and
   called again by :class:`PipelinedScript`, as ``redis.commands.core.Script`` does;
@@ -65,7 +68,7 @@ class Pipeliner:
         kwargs["health_check_interval"] = 0  # the readable-socket check below instead
         self._conn: Any = pool.connection_class(**kwargs)
         self._replies: ReplyReader | None = None  # reads self._conn's replies once connected
-        self._queue: list[tuple[Sequence[Any], gevent.event.AsyncResult]] = []
+        self._queue: list[tuple[bytes, gevent.event.AsyncResult]] = []  # packed commands
         self._busy = False  # a batch is being sent or its replies read
         self._flusher: gevent.Greenlet | None = None
         self._closed = False
@@ -74,11 +77,15 @@ class Pipeliner:
         self.commands = 0
 
     def execute(self, *args: Any) -> Any:
-        """Send one command with the next batch; its reply, or its error raised here."""
+        """Send one command with the next batch; its reply, or its error raised here.
+
+        Packed here, by its caller: an argument no command takes (``TypeError``,
+        ``UnicodeEncodeError``) is this caller's error, not its batch's."""
         if self._closed:
             raise redis.ConnectionError("redis pipeline closed")
+        packed = pack_command(args)
         result = gevent.event.AsyncResult()
-        self._queue.append((args, result))
+        self._queue.append((packed, result))
         if not self._busy:
             # Nothing in flight: this greenlet sends the batch itself (no hop through
             # another greenlet); what others queue meanwhile goes in the next batch,
@@ -120,7 +127,7 @@ class Pipeliner:
         finally:
             self._busy = False
 
-    def _send(self, batch: list[tuple[Sequence[Any], gevent.event.AsyncResult]]) -> None:
+    def _send(self, batch: list[tuple[bytes, gevent.event.AsyncResult]]) -> None:
         conn = self._conn
         done = 0
         try:
@@ -130,7 +137,7 @@ class Pipeliner:
                 conn.connect()  # redis-py greets: HELLO, AUTH, SELECT as configured
                 replies = self._replies = ReplyReader(conn)
             sent = time.perf_counter()
-            replies.send(b"".join([pack_command(args) for args, _ in batch]))
+            replies.send(b"".join([packed for packed, _ in batch]))
             self.batches += 1
             self.commands += len(batch)
             for _, result in batch:
@@ -158,7 +165,7 @@ class Pipeliner:
         self._conn.disconnect()
 
     @staticmethod
-    def _fail(items: list[tuple[Sequence[Any], gevent.event.AsyncResult]],
+    def _fail(items: list[tuple[bytes, gevent.event.AsyncResult]],
               exc: BaseException) -> None:
         for _, result in items:
             if not result.ready():
