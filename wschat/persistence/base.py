@@ -36,6 +36,16 @@ class DatabaseUnavailable(Unavailable):
     """The database cannot be reached or refused the write; nothing was acknowledged."""
 
 
+class BatchRefused(Exception):
+    """The database refused a value in a batch (one no statement parameter can carry, or
+    one the database cannot hold): the transaction rolled back and nothing of the batch
+    was written, and the database itself is fine. The group-commit writer then writes the
+    batch again in halves (:meth:`GroupCommitWriter._write`), so that only the jobs it
+    refuses alone fail. Not :class:`~wschat.stores.base.Unavailable`: a retry would be
+    refused again, and a value the protocol let through that the database cannot hold is
+    a bug, answered as an internal error."""
+
+
 class MessageLog(ABC):
     """The durable log: writes (:meth:`migrate`, :meth:`ping`, :meth:`write`), which
     every log implements, and reads, which are shared SQL: a log that serves reads
@@ -126,6 +136,10 @@ class DirectLog(MessageLog):
     @abstractmethod
     def _is_conflict(self, exc: BaseException) -> bool: ...
 
+    @abstractmethod
+    def _is_refusal(self, exc: BaseException) -> bool:
+        """Did the database refuse a value of the statement (rolled back, still up)?"""
+
     def _migration_lock(self, conn: Any) -> None:
         """Held until the migration transaction ends (SQLite: BEGIN IMMEDIATE is enough)."""
 
@@ -148,8 +162,18 @@ class DirectLog(MessageLog):
             if isinstance(job, SequenceFloor):
                 self._write_call(self._transaction, self._raise_floor, job)
         rest = [job for job in jobs if not isinstance(job, SequenceFloor)]
-        if rest:
+        if not rest:
+            return
+        try:
             self._write_batch(rest)
+        except DatabaseUnavailable as exc:
+            if exc.__cause__ is None or not self._is_refusal(exc.__cause__):
+                raise
+            raise BatchRefused(str(exc)) from exc
+        except (TypeError, ValueError) as exc:
+            # A value no statement parameter can carry (orjson's or the driver's
+            # encoder refused it): raised inside the transaction, which rolled back.
+            raise BatchRefused(f"a value in the batch cannot be stored: {exc}") from exc
 
     def _write_batch(self, jobs: list[Job]) -> None:
         """A ``client_msg_id`` racing with another worker's insert of the same one

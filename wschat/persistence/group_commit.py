@@ -16,7 +16,7 @@ import gevent
 import gevent.event
 
 from ..stores.base import Unavailable
-from .base import DatabaseUnavailable, MessageLog, first_line
+from .base import BatchRefused, DatabaseUnavailable, MessageLog, first_line
 from .jobs import Job
 from .schema import SCHEMA_VERSION
 
@@ -115,24 +115,46 @@ class GroupCommitWriter:
 
     def _commit(self, batch: list[Job]) -> None:
         started = time.perf_counter()
+        written: list[Job] = []
         try:
-            self._log.write(batch)
+            self._write(batch, written)
         except Exception as exc:
             self._failed(exc)
             error = exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable(
                 f"database write failed ({exc.__class__.__name__})")
+            stored = set(map(id, written))
             for job in batch:
-                job.error = error
-        else:
+                if id(job) not in stored:
+                    job.error = job.error or error
+        if written:
             self._on_written(time.perf_counter() - started)
             try:
-                self._after_commit(batch)
+                self._after_commit(written)
             except Exception:
                 log.exception("publishing committed messages failed")
-                for job in batch:
+                for job in written:
                     job.error = job.error or Unavailable("stored, but delivery failed")
         for job in batch:
             job.finished = True
+
+    def _write(self, jobs: list[Job], written: list[Job]) -> None:
+        """Commit ``jobs``, adding them to ``written``. A batch the database refused for
+        a value in it (rolled back: nothing written) is written again in halves, in
+        order, down to the jobs it refuses alone: those fail, the others are stored as
+        if nothing had happened, and the database is not marked down for them."""
+        try:
+            self._log.write(jobs)
+        except BatchRefused as exc:
+            if len(jobs) > 1:
+                half = len(jobs) // 2
+                self._write(jobs[:half], written)
+                self._write(jobs[half:], written)
+                return
+            self._on_error()
+            log.error("database refused a %s: %s", type(jobs[0]).__name__, first_line(exc))
+            jobs[0].error = exc
+            return
+        written.extend(jobs)
 
     def _expire_forever(self) -> None:
         while not self._stop.wait(self.WATCH_EVERY):

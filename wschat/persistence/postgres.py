@@ -222,6 +222,13 @@ class PostgresLog(DirectLog):
     def _is_conflict(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
 
+    def _is_refusal(self, exc: BaseException) -> bool:
+        # SQLSTATE class 22 (a NUL in text, an escape jsonb cannot hold, ...) and
+        # constraint violations other than the client_msg_id race, retried above
+        psycopg = self._psycopg
+        return isinstance(exc, psycopg.DataError) or (
+            isinstance(exc, psycopg.IntegrityError) and not self._is_conflict(exc))
+
     @staticmethod
     def _close_quietly(conn: Any) -> None:
         if conn is not None:

@@ -47,7 +47,9 @@ import gevent.threadpool
 import orjson
 
 from ..db_wait import READ, wait_first
-from .base import DatabaseUnavailable, DirectLog, MessageLog, json_rows, to_json
+from .base import (
+    BatchRefused, DatabaseUnavailable, DirectLog, MessageLog, json_rows, to_json,
+)
 from .jobs import Arrival, Job, Post
 from .schema import SchemaTooNew, SQLiteDialect, room_scope
 
@@ -154,6 +156,9 @@ class SQLiteFile(DirectLog):
     def _is_conflict(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError)
 
+    def _is_refusal(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.DataError)
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -229,6 +234,8 @@ class WriterProcess:
             return value
         if status == "schema":
             raise SchemaTooNew(value)
+        if status == "refused":
+            raise BatchRefused(value)
         raise DatabaseUnavailable(value)
 
     def _start(self) -> gevent.subprocess.Popen:
@@ -328,6 +335,8 @@ def _answer(file: SQLiteFile, op: str, payload: Any) -> tuple[str, Any]:
         return "error", f"unknown request {op!r}"
     except SchemaTooNew as exc:
         return "schema", str(exc)
+    except BatchRefused as exc:
+        return "refused", str(exc)
     except DatabaseUnavailable as exc:
         return "error", str(exc)
     except Exception as exc:
