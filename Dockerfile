@@ -3,7 +3,7 @@
 # wschat container image.
 #
 #   docker build -t wschat:0.1.0 .
-#   docker run --rm -p 8080:8080 -p 8081:8081 wschat:0.1.0
+#   docker run --rm --stop-timeout 30 -p 8080:8080 -p 8081:8081 wschat:0.1.0
 #   docker run --rm -p 8080:8080 -p 8081:8081 -e ENABLE_PERSISTENCE=true \
 #       -v wschat-data:/data wschat:0.1.0        # SQLite in /data/wschat.db
 #
