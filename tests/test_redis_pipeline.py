@@ -43,21 +43,29 @@ from wschat.stores.redis import RedisMessageStore
 from wschat.stores.redis.pipeline import Pipelined
 fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
 store = RedisMessageStore(fast, 100)
+# One post first: the script is then loaded (another test flushes scripts; a NOSCRIPT
+# for each of the hundred would send their SCRIPT LOADs and retries one by one).
+store.post_room("warm-up", "u1", draft_message("warm-up", "a", "u1", "m", 1, None))
+batches, commands = fast.pipeliner.batches, fast.pipeliner.commands
 jobs = [gevent.spawn(store.post_room, "batch", "u1",
                      draft_message("batch", "a", "u1", f"m{i}", 1, None)) for i in range(100)]
 gevent.joinall(jobs, raise_error=True)
 print(sorted(j.value.msg_id for j in jobs) == list(range(1, 101)),
-      fast.pipeliner.batches, fast.pipeliner.commands)
+      fast.pipeliner.batches - batches, fast.pipeliner.commands - commands)
 """
 
 
 def test_concurrent_greenlets_share_writes() -> None:
     """A hundred greenlets posting at once (monkey-patched, as in the server): each gets
-    its own id, in a handful of writes: the first goes alone, the rest while it waits."""
+    its own id, in far fewer writes than commands: the first goes alone, the rest while
+    it waits. (Usually two writes; on a loaded machine replies come back before every
+    greenlet has started, most likely because gevent polls for I/O amid a long run of
+    callbacks once its switch interval has passed, and the batches are smaller: 27
+    writes seen once. Without batching it would be 100.)"""
     out = subprocess.run([sys.executable, "-c", CONCURRENT, redis_url_or_skip(DB)],
                          capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
     ids_ok, batches, commands = out.split()
-    assert ids_ok == "True" and int(commands) >= 100 and int(batches) <= 10, out
+    assert ids_ok == "True" and int(commands) == 100 and int(batches) <= 50, out
 
 
 def test_an_error_reply_fails_only_its_command(client: Any) -> None:
@@ -279,6 +287,52 @@ def test_a_quiet_pub_sub_connection_pings_redis() -> None:
     out = subprocess.run([sys.executable, "-c", IDLE_PING, redis_url_or_skip(DB)],
                          capture_output=True, text=True, timeout=TIMEOUT, check=True)
     assert out.stdout.split() == ["True", "True"], out
+
+
+HUNG = """
+from gevent import monkey; monkey.patch_all()
+import os, signal, sys, gevent, redis
+from wschat.stores.redis import broker as broker_module
+broker_module.IDLE_CHECK, broker_module.PING_AFTER, broker_module.ANSWER_TIMEOUT = 0.1, 0.3, 0.5
+broker_module.RedisBroker.RECONNECT_DELAYS = (0.05,)
+url, pid = sys.argv[1], int(sys.argv[2])
+broker = broker_module.RedisBroker(redis.Redis.from_url(url, socket_timeout=0.5,
+                                                        socket_connect_timeout=0.5))
+broker.start(lambda *_: None, lambda *_: None)
+broker.subscribe_room("quiet")
+def until(healthy):
+    deadline = gevent.get_hub().loop.now() + 10
+    while broker.healthy() != healthy and gevent.get_hub().loop.now() < deadline:
+        gevent.sleep(0.02)
+    return broker.healthy() == healthy
+def stays(healthy, seconds):  # sampled through several reconnect attempts
+    for _ in range(int(seconds / 0.02)):
+        if broker.healthy() != healthy:
+            return False
+        gevent.sleep(0.02)
+    return True
+print(until(True), end=" ")
+os.kill(pid, signal.SIGSTOP)
+try:
+    print(until(False), stays(False, 2.0), end=" ")
+finally:
+    os.kill(pid, signal.SIGCONT)
+print(until(True))
+broker.close()
+"""
+
+
+def test_a_hung_redis_turns_the_listener_unhealthy_until_it_answers() -> None:
+    """A Redis that stops answering without closing its connections (SIGSTOP: a frozen
+    VM, a cut network) was never noticed: the listener's PING went unanswered forever,
+    so /ready stayed green while every post timed out. Now an unanswered PING, and a
+    reconnect whose SUBSCRIBE is not confirmed, count as lost: unhealthy (and /ready
+    503) until Redis answers again, with no flapping on the way."""
+    with own_redis() as server:
+        assert server.proc is not None
+        out = subprocess.run([sys.executable, "-c", HUNG, server.url, str(server.proc.pid)],
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True", "True", "True"], out
 
 
 def test_a_full_redis_is_unavailable_not_an_internal_error() -> None:

@@ -24,7 +24,12 @@ log = logging.getLogger("wschat.redis")
 
 SUBSCRIBE_TIMEOUT = 15.0
 IDLE_CHECK = 1.0  # seconds a listener waits for a message before it counts as idle
-PING_AFTER = 30.0  # seconds of silence after which the listener PINGs Redis
+PING_AFTER = 10.0  # seconds of silence after which the listener PINGs Redis
+# Seconds Redis has to answer the listener's PING, and a new connection's first
+# SUBSCRIBE. A Redis that stops answering without closing its connections (frozen,
+# cut off) is only noticed this way: the connection counts as lost, the worker is
+# not ready, and it reconnects until Redis answers again.
+ANSWER_TIMEOUT = 5.0
 
 
 class RedisBroker(Broker):
@@ -62,8 +67,13 @@ class RedisBroker(Broker):
 
     def _connect(self) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=False)
-        # A pub/sub connection needs at least one subscription before it can listen.
+        # A pub/sub connection needs at least one subscription before it can listen;
+        # its confirmation is also the proof that Redis answers (a hung Redis accepts
+        # the TCP connection and the write, and never replies).
         pubsub.subscribe(CONTROL)
+        if pubsub.get_message(timeout=ANSWER_TIMEOUT) is None:
+            pubsub.reset()
+            raise redis.TimeoutError("redis did not confirm the subscription")
         if self._channels:
             pubsub.subscribe(*self._channels)
         for key, pending in list(self._pending.items()):
@@ -137,16 +147,19 @@ class RedisBroker(Broker):
         room_prefix = (PREFIX + "room:").encode()
         user_prefix = (PREFIX + "user:").encode()
         idle = 0.0
+        pinged = False
         while not self._stopping and pubsub is self._pubsub:
             try:
                 response = replies.read()
             except TimeoutError:  # nothing for IDLE_CHECK seconds
                 idle += IDLE_CHECK
-                if idle >= PING_AFTER:  # a dead connection fails the PING's write
-                    pubsub.ping()
-                    idle = 0.0
+                if pinged and idle >= ANSWER_TIMEOUT:
+                    raise redis.TimeoutError("redis did not answer PING") from None
+                if not pinged and idle >= PING_AFTER:
+                    pubsub.ping()  # a closed connection fails the write; a hung Redis the wait
+                    idle, pinged = 0.0, True
                 continue
-            idle = 0.0
+            idle, pinged = 0.0, False
             if not isinstance(response, list) or len(response) < 3:
                 continue  # a PING's reply
             kind, channel = response[0], response[1]
