@@ -536,3 +536,214 @@ def test_phone_width(web_server: Server, people: Callable[..., ChatPage]) -> Non
     expect(alice.messages("from a phone")).not_to_have_class(PENDING)
     width = alice.page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, "no sideways scrolling on a phone"
+
+
+# ---- a steady view: incremental rendering, keyboard, rate limits, refused sends -------------
+
+def token_for(sub: str, name: str) -> str:
+    return jwt.encode({"sub": sub, "name": name, "exp": int(time.time()) + 600},
+                      JWT_SECRET, algorithm="HS256")
+
+
+def join_room(person: ChatPage, room: str) -> None:
+    person.page.locator("#join-room").fill(room)
+    person.page.locator("#join-room").press("Enter")
+    expect(person.page.locator("#title")).to_have_text(f"# {room}")
+
+
+def test_focus_stays_put_while_events_arrive(web_server: Server,
+                                             people: Callable[..., ChatPage]) -> None:
+    """A focused sidebar button, leave "×" or member name keeps the focus while messages,
+    unread counts and presence change around it (before: every event rebuilt the lists,
+    and the focus fell back to the page)."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    for person in (alice, bob):
+        join_room(person, "random")
+    expect(alice.page.locator("#members li", has_text="bob")).to_be_visible()
+    targets = {"the open room's leave button": alice.page.locator('[data-conv="room:random"] .leave'),
+               "another room's button": alice.page.locator('[data-conv="room:general"] > .open'),
+               "a member's name": alice.page.locator("#members li", has_text="bob").locator("button")}
+    for i, (target, locator) in enumerate(targets.items()):
+        locator.focus()
+        alice.page.evaluate("window.focusedBefore = document.activeElement")
+        bob.say(f"here {i}")  # into the room Alice looks at
+        expect(alice.messages(f"here {i}")).to_have_count(1)
+        bob.open_conversation("room:general")
+        bob.say(f"there {i}")  # an unread count changes in Alice's sidebar
+        expect(alice.page.locator('[data-conv="room:general"] .unread')).to_have_text(str(i + 1))
+        bob.open_conversation("room:random")
+        with Client(web_server.url, f"username=visitor{i}") as visitor:  # presence, both ways
+            visitor.join("random")
+            expect(alice.page.locator("#members li", has_text=f"visitor{i}")).to_have_count(1)
+        expect(alice.page.locator("#members li", has_text=f"visitor{i}")).to_have_count(0)
+        kept = alice.page.evaluate("document.activeElement === window.focusedBefore")
+        assert kept, f"the focus left {target}"
+
+
+def test_new_messages_leave_the_shown_ones_alone(web_server: Server,
+                                                 people: Callable[..., ChatPage]) -> None:
+    """Arriving messages are appended: the nodes already shown stay the same nodes, none is
+    removed (so aria-live announces only the new ones), an acknowledged send updates its own
+    node, and a reader scrolled up stays where they are (before: the whole list was rebuilt)."""
+    with Client(web_server.url, "username=writer") as writer:
+        writer.join("steady")
+        for i in range(1, 41):
+            writer.say("steady", f"old line {i}")
+        alice = people(web_server, "alice")
+        join_room(alice, "steady")
+        expect(alice.page.locator("#messages .msg")).to_have_count(40)
+        alice.page.evaluate("""() => {
+            window.firstShown = document.querySelector('#messages .msg');
+            window.changes = { added: 0, removed: 0 };
+            new MutationObserver((records) => {
+              for (const r of records) {
+                window.changes.added += r.addedNodes.length;
+                window.changes.removed += r.removedNodes.length;
+              }
+            }).observe(document.getElementById('messages'), { childList: true });
+        }""")
+        for i in range(1, 4):
+            writer.say("steady", f"new line {i}")
+        expect(alice.messages("new line 3")).to_have_count(1)
+        alice.say("my own line")
+        expect(alice.messages("my own line")).not_to_have_class(PENDING)
+        same = alice.page.evaluate(
+            "window.firstShown.isConnected && window.firstShown === "
+            "document.querySelector('#messages .msg')")
+        assert same, "the first message's node was replaced"
+        assert alice.page.evaluate("window.changes") == {"added": 4, "removed": 0}
+
+        scroller = alice.page.locator("#scroller")
+        at_bottom = "el => el.scrollHeight - el.scrollTop - el.clientHeight < 2"
+        assert scroller.evaluate(at_bottom), "the view follows the newest message"
+        scroller.evaluate("el => { el.scrollTop = el.scrollHeight / 2; }")
+        before = scroller.evaluate("el => el.scrollTop")
+        writer.say("steady", "while reading")
+        expect(alice.messages("while reading")).to_have_count(1)
+        assert scroller.evaluate("el => el.scrollTop") == before, "a reader scrolled up stays put"
+        scroller.evaluate("el => { el.scrollTop = el.scrollHeight; }")
+        writer.say("steady", "at the bottom")
+        expect(alice.messages("at the bottom")).to_be_in_viewport()
+        assert scroller.evaluate(at_bottom), "a reader at the bottom stays at the bottom"
+
+
+def test_thirty_messages_appear_quickly_with_1500_loaded(people: Callable[..., ChatPage]) -> None:
+    """With 1,500 messages loaded (scrolled back through history), 30 new ones all show
+    within 3 s (before: each one rebuilt the list, and they took 12.5 s)."""
+    env = {**SERVER_ENV, "HISTORY_SIZE": "2000", "RATE_LIMIT": "100000",
+           "RATE_LIMIT_BURST": "10000"}
+    with Server(env) as srv, Client(srv.url, "username=writer") as writer:
+        writer.join("big")
+        for i in range(1, 1501):
+            writer.send({"type": "message", "room": "big", "text": f"old {i}"})
+        writer.expect("message", text="old 1500", timeout=60 * SCALE)
+        alice = people(srv, "alice")
+        join_room(alice, "big")
+        shown = alice.page.locator("#messages .msg")
+        for count in range(50, 1501, 50):
+            expect(shown, int(30_000 * SCALE)).to_have_count(count)
+            alice.page.locator("#scroller").evaluate("el => { el.scrollTop = 0; }")
+        expect(alice.page.locator("#messages .notice", has_text="start of # big")).to_be_visible()
+
+        started = time.monotonic()
+        for i in range(1, 31):
+            writer.send({"type": "message", "room": "big", "text": f"live {i}"})
+        expect(alice.messages("live 30"), int(60_000 * SCALE)).to_have_count(1)
+        took = time.monotonic() - started
+        assert took < 3 * SCALE, f"30 new messages took {took:.1f} s to show"
+        assert texts(alice)[-30:] == [f"live {i}" for i in range(1, 31)]
+        writer.expect("message", text="live 30")  # read its echoes: its socket stays healthy
+
+
+def test_leave_buttons_are_reachable_with_tab(web_server: Server,
+                                              people: Callable[..., ChatPage]) -> None:
+    """Tab reaches every conversation's "×" (before: only the open one's, the others were
+    hidden from the keyboard), it says what it does, and leaving keeps the focus in the list."""
+    alice = people(web_server, "alice")
+    join_room(alice, "random")  # #general is not the open conversation now
+    alice.page.locator('[data-conv="room:general"] > .open').focus()
+    alice.page.keyboard.press("Tab")
+    leave = alice.page.get_by_role("button", name="Leave general")
+    expect(leave).to_be_focused()
+    assert leave.evaluate("el => getComputedStyle(el).opacity") == "1", "focused, it shows"
+    alice.page.keyboard.press("Tab")
+    expect(alice.page.locator('[data-conv="room:random"] > .open')).to_be_focused()
+    alice.page.keyboard.press("Tab")
+    expect(alice.page.get_by_role("button", name="Leave random")).to_be_focused()
+    alice.page.keyboard.press("Shift+Tab")
+    alice.page.keyboard.press("Shift+Tab")
+    expect(leave).to_be_focused()
+    alice.page.keyboard.press("Enter")
+    expect(alice.page.locator('[data-conv="room:general"]')).to_have_count(0)
+    expect(alice.page.locator('[data-conv="room:random"] > .open')).to_be_focused()
+
+
+def test_rate_limit_is_explained_and_goes_away(people: Callable[..., ChatPage]) -> None:
+    """Sending faster than RATE_LIMIT shows "Slow down: you can send again in N s", which
+    goes by itself, and the messages still go out (before: they sat at "Sending…" with no
+    word of why)."""
+    # Each message also spends a token on its typing indicator: 4 messages need 8 tokens.
+    # At most 2 x burst refusals in a row are allowed before the server closes with 4102.
+    env = {**SERVER_ENV, "RATE_LIMIT": "0.5", "RATE_LIMIT_BURST": "4",
+           "RATE_LIMIT_REQUESTS": "100", "RATE_LIMIT_REQUESTS_BURST": "100"}
+    with Server(env) as srv:
+        alice = people(srv, "alice")
+        for i in range(1, 5):
+            alice.say(f"quick {i}")
+        notice = alice.page.get_by_role("status").filter(has_text="Slow down")
+        expect(notice).to_have_text(re.compile(r"^Slow down: you can send again in [1-9]\d* s\.?$"))
+        expect(notice).to_be_visible()
+        for i in range(1, 5):
+            expect(alice.messages(f"quick {i}"), int(20_000 * SCALE)).not_to_have_class(PENDING)
+        expect(notice, int(10_000 * SCALE)).to_have_count(0)
+        expect(alice.page.locator("#send-error")).to_be_hidden()
+
+
+def test_a_refused_send_survives_a_reload_and_can_be_discarded(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A message the server refused stays, marked "Not sent" with its reason, after a reload
+    of the tab (before: the reload lost it); Discard removes it for good."""
+    alice = people(web_server, "alice")
+    long_text = "z" * 70  # over the server's MAX_TEXT_CHARS (60)
+    alice.say(long_text)
+    refused = alice.page.locator("#messages .msg.failed", has_text=long_text)
+    expect(refused.locator(".error")).to_contain_text("Too long")
+    alice.page.reload()
+    alice.wait_online()
+    expect(refused).to_have_count(1)
+    expect(refused).to_contain_text("Not sent")
+    expect(refused.locator(".error")).to_contain_text("Too long")
+    refused.get_by_role("button", name="Discard").click()
+    expect(refused).to_have_count(0)
+    alice.page.reload()
+    alice.wait_online()
+    alice.say("after the discard")
+    expect(alice.messages("after the discard")).not_to_have_class(PENDING)
+    expect(refused).to_have_count(0)
+
+
+def test_a_refused_dm_survives_a_reload_and_can_be_retried(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A DM refused because its reader was offline is still there after a reload, and Retry
+    sends it once the reader is back."""
+    alice = people(web_server, token=token_for("u-alice2", "Alice"))
+    bob = people(web_server, token=token_for("u-bob2", "Bob"))
+    alice.page.locator("#members button", has_text="Bob").click()
+    bob.close()
+    expect(alice.page.locator("#members li", has_text="Bob")).to_have_count(0)
+    alice.say("call me back")
+    refused = alice.page.locator("#messages .msg.failed", has_text="call me back")
+    expect(refused.locator(".error")).to_contain_text("Bob is not online")
+    alice.page.reload()
+    alice.wait_online()
+    expect(alice.page.locator("#title")).to_have_text("Bob (direct)")
+    expect(refused.locator(".error")).to_contain_text("Bob is not online")
+    bob = people(web_server, token=token_for("u-bob2", "Bob"))
+    refused.get_by_role("button", name="Retry").click()
+    sent = alice.messages("call me back")
+    expect(sent).to_have_count(1)
+    expect(sent).to_have_class(MINE)
+    expect(sent).not_to_have_class(re.compile(r"\b(pending|failed)\b"))
+    bob.page.locator("#dms li", has_text="Alice").locator(".open").click()
+    expect(bob.messages("call me back")).to_have_count(1)
