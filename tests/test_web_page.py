@@ -747,3 +747,34 @@ def test_a_refused_dm_survives_a_reload_and_can_be_retried(
     expect(sent).not_to_have_class(re.compile(r"\b(pending|failed)\b"))
     bob.page.locator("#dms li", has_text="Alice").locator(".open").click()
     expect(bob.messages("call me back")).to_have_count(1)
+
+
+def test_dm_notices_say_what_persistence_keeps(people: Callable[..., ChatPage],
+                                               tmp_path: Any) -> None:
+    """With ENABLE_PERSISTENCE a DM to a signed-in user who is away is kept for them (no
+    error; it arrives when they connect), and a DM the server refuses says why in those
+    terms: only signed-in users who have connected before get DMs while away. (The page
+    said "direct messages reach only connected users" whatever the server did.)"""
+    env = {**SERVER_ENV, "ENABLE_PERSISTENCE": "true",
+           "DATABASE_URL": f"sqlite:///{tmp_path}/page.db"}
+    with Server(env) as srv:
+        alice = people(srv, token=token_for("u-alice3", "Alice"))
+        bob = people(srv, token=token_for("u-bob3", "Bob"))
+        guest = people(srv, "carol")
+        alice.page.locator("#members button", has_text="Bob").click()
+        bob.close()
+        expect(alice.page.locator("#members li", has_text="Bob")).to_have_count(0)
+        alice.say("see you tomorrow")
+        expect(alice.messages("see you tomorrow")).not_to_have_class(PENDING)
+        expect(alice.page.locator("#messages .msg.failed")).to_have_count(0)
+        bob = people(srv, token=token_for("u-bob3", "Bob"))
+        bob.page.locator("#dms button.open", has_text="Alice").click()
+        expect(bob.messages("see you tomorrow")).to_have_count(1)
+
+        alice.page.locator("#members button", has_text="carol").click()
+        guest.close()
+        expect(alice.page.locator("#members li", has_text="carol")).to_have_count(0)
+        alice.say("still there?")
+        refused = alice.page.locator("#messages .msg.failed", has_text="still there?")
+        expect(refused.locator(".error")).to_contain_text(
+            "carol is not online, and direct messages are kept only for signed-in users")

@@ -989,11 +989,17 @@ function showError(node, text) {
 }
 function showSendError(text) { showError($("send-error"), text); }
 
+/** Does the server keep DMs for signed-in users who are away? (`welcome.dm_backlog` is there
+ * exactly when it does: ENABLE_PERSISTENCE.) */
+const keepsDms = () => state.me != null && "dm_backlog" in state.me;
+
 /** An error in words, for the place it is shown. */
 function describe(err, c = null) {
   switch (err?.code) {
     case "message_too_large": return `Too long: ${err.message ?? `at most ${MAX_TEXT} characters`}.`;
-    case "user_not_found": return `${c?.name ?? "This user"} is not online: direct messages reach only connected users.`;
+    case "user_not_found": return `${c?.name ?? "This user"} is not online${keepsDms()
+      ? ", and direct messages are kept only for signed-in users who have connected before."
+      : ": direct messages reach only connected users."}`;
     case "invalid_room": return "that is not a valid room name.";
     case "too_many_rooms": return "you are in too many rooms; leave one first.";
     case "not_in_room": return "you are not in this room.";
