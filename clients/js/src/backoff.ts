@@ -48,3 +48,13 @@ export function closePolicy(code: number): ClosePolicy {
   if ([1002, 1003, 1007, 1008, 1009, 1010].includes(code)) return "terminal";
   return "reconnect";
 }
+
+/**
+ * A `Retry-After` header's wait in ms (delta-seconds, as wschat sends it with a 503 or 429
+ * refusing the upgrade); 0 when absent or not a number.
+ */
+export function retryAfterMs(value: string | string[] | null | undefined): number {
+  const first = Array.isArray(value) ? value[0] : value;
+  const seconds = first === undefined || first === null || first.trim() === "" ? NaN : Number(first);
+  return Number.isFinite(seconds) && seconds > 0 ? Math.ceil(seconds * 1000) : 0;
+}

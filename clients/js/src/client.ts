@@ -3,10 +3,11 @@
  * rejoins its rooms with `since`, and resends unacknowledged sends, so that the app sees
  * every message once and in order.
  */
-import { backoffDelay, closePolicy, PAUSE_DELAY } from "./backoff.js";
+import { backoffDelay, closePolicy, PAUSE_DELAY, retryAfterMs } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
+import { Pacer } from "./pacer.js";
 import type {
   ChatMessage,
   ClientEvents,
@@ -57,7 +58,11 @@ export interface ClientOptions {
   outboxLimit?: number;
   /** Keeps the outbox across page reloads or restarts (see `webStorageOutbox`). */
   outboxStorage?: OutboxStorage;
-  /** Most sends on the wire without their acknowledgement (default 16). */
+  /**
+   * Most sends on the wire without their acknowledgement (default 16). Keep it within the
+   * server's `RATE_LIMIT_BURST`. After a `rate_limited` refusal the window starts again at
+   * one send and sends are paced at the server's rate (see `Pacer`).
+   */
   maxInFlight?: number;
   /** Refresh the token this long before it expires, at most half its remaining life, ms (default 30000). */
   tokenRefreshMargin?: number;
@@ -150,11 +155,15 @@ export class ChatClient extends Emitter<ClientEvents> {
    */
   private orphans = new Map<string, ChatError>();
   private sendWaiters = new Map<string, Waiter<ChatMessage | DirectMessage>>();
-  private pauseUntil = 0;
+  /** The send window, pauses, and the pace after `rate_limited`. */
+  private readonly pacer: Pacer;
   private retryAttempt = 0;
   /** Token refreshes refused (or `getToken` failures) in a row on this connection: the next one backs off. */
   private refreshAttempt = 0;
-  /** Not before this time (ms): the server's last `retry_after_ms`, for the next reconnect. */
+  /**
+   * Not before this time (ms), for the next reconnect: the server's last `retry_after_ms`,
+   * or the `Retry-After` of a refused upgrade.
+   */
   private retryAfterUntil = 0;
   private seenDms = new Set<number>();
   private typingState = new Map<string, { sentAt: number; timer: ReturnType<typeof setTimeout> }>();
@@ -170,6 +179,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       throw new TypeError("ChatClient: options.url (string or function) is required");
     }
     this.opts = options;
+    this.pacer = new Pacer(options.maxInFlight ?? 16);
     this.outbox = new Outbox(options.outboxLimit ?? 1000, options.outboxStorage, (err) =>
       this.emit("error", new ChatError("storage", `outbox storage failed: ${String(err)}`)),
     );
@@ -280,15 +290,39 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
     this.ws = ws;
     this.timers.connect = setTimeout(() => this.abandon(conn, "connect timeout"), this.opts.connectTimeout ?? 15_000);
+    const refusal = this.watchRefusal(ws, conn);
     ws.onmessage = (ev) => {
       if (conn === this.conn) this.onFrame(ev.data);
     };
     ws.onclose = (ev) => {
-      if (conn === this.conn) this.onClosed(ev.code, ev.reason);
+      if (conn === this.conn) this.onClosed(ev.code, ev.reason || refusal.status);
     };
     ws.onerror = () => {
       /* a close event follows */
     };
+  }
+
+  /**
+   * A server that is full or draining refuses the upgrade with 503 (or 429) and a
+   * `Retry-After`; the next attempt waits at least that long. Only Node's `ws` shows the
+   * refused answer (its `unexpected-response` event); browsers and Node's own WebSocket
+   * hide it, and their reconnect keeps to the backoff. The returned `status` (`HTTP 503`)
+   * names the refusal once the close event comes.
+   */
+  private watchRefusal(ws: WebSocketLike, conn: number): { status: string } {
+    const refusal = { status: "" };
+    const node = ws as unknown as {
+      once?: (event: string, listener: (req: unknown, res: { statusCode?: number; headers?: Record<string, string | string[] | undefined> }) => void) => unknown;
+      terminate?: () => void;
+    };
+    if (typeof node.once !== "function" || typeof node.terminate !== "function") return refusal;
+    node.once("unexpected-response", (_req, res) => {
+      refusal.status = `HTTP ${res.statusCode}`;
+      const wait = retryAfterMs(res.headers?.["retry-after"]);
+      if (conn === this.conn && wait > 0) this.retryAfterUntil = Math.max(this.retryAfterUntil, Date.now() + wait);
+      node.terminate!(); // with a listener, `ws` leaves ending the refused handshake to us (a close event follows)
+    });
+    return refusal;
   }
 
   /** Gives a socket up locally (no answer to a ping, connect timeout) and reconnects. */
@@ -533,6 +567,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.retryAttempt = 0;
     this.refreshAttempt = 0;
     this.lastReceived = Date.now();
+    this.pacer.reset(this.opts.maxInFlight ?? 16);
     this.setState("connected");
     this.emit("connected", this.welcome);
     if (!this.established) return; // a listener disconnected
@@ -907,23 +942,16 @@ export class ChatClient extends Emitter<ClientEvents> {
     }));
   }
 
-  /** Puts what the outbox may send on the wire: in order, at most `maxInFlight` unacknowledged. */
+  /**
+   * Puts what the outbox may send on the wire: in order, as many as the pacer lets go now
+   * (at most `maxInFlight` unacknowledged; after `rate_limited`, one at a time at the
+   * server's pace), and wakes up again when the next may go.
+   */
   private flush(): void {
     if (!this.established || !this.ws || this.outbox.size === 0) return;
     const now = Date.now();
-    if (now < this.pauseUntil) {
-      if (!this.timers.flush) {
-        this.timers.flush = setTimeout(() => {
-          delete this.timers.flush;
-          this.flush();
-        }, this.pauseUntil - now);
-      }
-      return;
-    }
-    const max = this.opts.maxInFlight ?? 16;
     const blocked = new Set<string>();
     for (const e of this.outbox.entries) {
-      if (this.inflight.size >= max) break;
       if (this.inflight.has(e.client_msg_id)) continue;
       if (e.kind === "message") {
         if (blocked.has(e.room)) continue;
@@ -933,6 +961,16 @@ export class ChatClient extends Emitter<ClientEvents> {
           blocked.add(e.room);
           continue;
         }
+      }
+      const at = this.pacer.nextAt(now, this.inflight.size);
+      if (at === null) return; // the window is full: an acknowledgement flushes again
+      if (at > now) {
+        this.clearTimer("flush");
+        this.timers.flush = setTimeout(() => {
+          delete this.timers.flush;
+          this.flush();
+        }, at - now);
+        return;
       }
       const id = this.nextId();
       this.inflight.set(e.client_msg_id, id);
@@ -944,6 +982,7 @@ export class ChatClient extends Emitter<ClientEvents> {
           ? { type: "message", id, room: e.room, text: e.text, client_msg_id: e.client_msg_id }
           : { type: "dm", id, to: e.to, text: e.text, client_msg_id: e.client_msg_id };
       if (!this.send_(frame)) return;
+      this.pacer.sent(now);
     }
   }
 
@@ -978,6 +1017,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.inflightAt.delete(cmid);
     this.orphans.delete(cmid);
     this.retryAttempt = 0;
+    this.pacer.acknowledged();
     const waiter = this.sendWaiters.get(cmid);
     if (waiter) {
       this.sendWaiters.delete(cmid);
@@ -992,6 +1032,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     const cmid = this.inflightReq.get(id)!;
     this.inflightReq.delete(id);
     if (this.inflight.get(cmid) !== id) return; // an answer to an earlier write of a send written again
+    const writtenAt = this.inflightAt.get(cmid);
     this.inflight.delete(cmid);
     this.inflightAt.delete(cmid);
     const entry = this.outbox.entries.find((e) => e.client_msg_id === cmid);
@@ -1000,9 +1041,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (orphan && RETRYABLE_CODES.has(err.code)) {
       // Its room was left after it was written: it is not tried again (nor on a later join).
       this.dropOrphan(cmid);
-      if (err.code === "rate_limited") this.pause(err.retryAfterMs ?? 1000);
+      if (err.code === "rate_limited") this.rateLimited(err, writtenAt);
     } else if (err.code === "rate_limited") {
-      this.pause(err.retryAfterMs ?? 1000);
+      this.rateLimited(err, writtenAt);
     } else if (RETRYABLE_CODES.has(err.code)) {
       this.pause(this.retryDelay());
     } else if (err.code === "not_in_room" && entry.kind === "message" && this.rooms.has(entry.room) && !orphan) {
@@ -1027,7 +1068,18 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   private pause(ms: number): void {
-    this.pauseUntil = Math.max(this.pauseUntil, Date.now() + ms);
+    this.pacer.pause(Date.now() + ms);
+    this.clearTimer("flush");
+    this.flush();
+  }
+
+  /**
+   * The user's bucket is empty: every send waits for `retry_after_ms`, then they go one at
+   * a time at the server's pace, or each pause would end in a window of refusals (and a
+   * long run of them in a 4102).
+   */
+  private rateLimited(err: ChatError, writtenAt?: number): void {
+    this.pacer.rateLimited(Date.now(), err.retryAfterMs ?? 1000, writtenAt);
     this.clearTimer("flush");
     this.flush();
   }

@@ -1,9 +1,10 @@
 export { ChatClient, jwtExpiry, randomId } from "./client.js";
 export type { ClientOptions, UrlInfo } from "./client.js";
 export { ChatError, RETRYABLE_CODES } from "./errors.js";
-export { backoffDelay, closePolicy, PAUSE_DELAY } from "./backoff.js";
+export { backoffDelay, closePolicy, PAUSE_DELAY, retryAfterMs } from "./backoff.js";
 export type { BackoffOptions, ClosePolicy } from "./backoff.js";
 export { Outbox, memoryOutbox, webStorageOutbox } from "./outbox.js";
+export { Pacer, PACE_MARGIN } from "./pacer.js";
 export type { OutboxEntry, OutboxStorage, WebStorageLike } from "./outbox.js";
 export { Emitter } from "./emitter.js";
 export type { Listener } from "./emitter.js";

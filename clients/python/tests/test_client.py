@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from conftest import TIMEOUT, Recorder
-from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState,
+from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState, Disconnected,
                            FileOutboxStore, OutboxFull, RequestTimeout, RoomState)
 
 FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
@@ -610,4 +610,23 @@ async def test_leave_says_a_send_written_before_a_lost_connection_may_be_stored(
         await peer.send(type="left", id=left["id"], room="r")
         await leaving
         assert client.pending == []
+        await client.close()
+
+
+async def test_a_moderation_request_cut_off_by_a_disconnect_fails_and_is_not_resent() -> None:
+    """A mute written when the connection drops may or may not have been done: it fails
+    with Disconnected and is not written again on the next connection."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake)
+        muting = asyncio.create_task(client.mute("r", "u2", duration=60))
+        await peer.recv("mute")
+        peer = await fake.drop(peer)
+        with pytest.raises(Disconnected):
+            await asyncio.wait_for(muting, TIMEOUT)
+        probe = asyncio.create_task(client.ping())
+        kinds = []
+        while not kinds or kinds[-1] != "ping":
+            kinds.append((await peer.recv())["type"])
+        assert "mute" not in kinds, f"written again after the reconnect: {kinds}"
+        probe.cancel()
         await client.close()

@@ -35,9 +35,25 @@ impl Backoff {
     }
 }
 
+/// A `Retry-After` header's wait (delta-seconds, as wschat sends it with a 503 or 429
+/// refusing the upgrade); `None` when it is not a number of seconds.
+pub(crate) fn retry_after_header(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_headers_are_seconds() {
+        assert_eq!(retry_after_header("5"), Some(Duration::from_secs(5)));
+        assert_eq!(retry_after_header(" 2.5 "), Some(Duration::from_millis(2500)));
+        for bad in ["", "0", "-1", "soon", "Wed, 21 Oct 2015 07:28:00 GMT", "NaN", "inf"] {
+            assert_eq!(retry_after_header(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn grows_exponentially_within_bounds() {

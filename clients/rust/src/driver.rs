@@ -20,9 +20,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::backoff::retry_after_header;
 use crate::client::{Acked, ClientBuilder, Event, Joined, Op, Reply, Snapshot};
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
+use crate::pacer::Pacer;
 use crate::protocol::{close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent};
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::expiry_of;
@@ -62,6 +64,8 @@ struct Refused {
     reason: String,
     /// HTTP 401: the token was refused before the upgrade.
     unauthorized: bool,
+    /// The refusal's `Retry-After` (a full or draining server's 503, a 429).
+    retry_after: Option<Duration>,
 }
 
 /// How one connection ended.
@@ -109,12 +113,11 @@ pub(crate) struct Driver {
     heartbeat: Duration,
     /// A retry of refused sends is due (one timer for all of them).
     flush_scheduled: bool,
-    /// No send is written before this: the server refused one (`rate_limited`
-    /// until its `retry_after_ms`, `unavailable` for a backoff).
-    pause_until: Option<Instant>,
-    /// How many sends may be written and unacknowledged now: `max_in_flight`, down
-    /// to 1 after `rate_limited`, one wider again per acknowledgement.
-    send_window: usize,
+    /// How many sends may be written and unacknowledged now (`max_in_flight`, down
+    /// to 1 after `rate_limited`, one wider again per acknowledgement), the pause
+    /// after a refusal (`rate_limited` until its `retry_after_ms`, `unavailable` for
+    /// a backoff), and after `rate_limited` the server's pace (`pacer.rs`).
+    pacer: Pacer,
     /// A look for sends written long ago and still unacknowledged is due.
     resend_check_scheduled: bool,
     /// Refusals in a row (`unavailable`), for the retry backoff; reset by an ack.
@@ -143,7 +146,7 @@ impl Driver {
         outbox: Outbox,
     ) {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
-        let send_window = cfg.max_in_flight;
+        let pacer = Pacer::new(cfg.max_in_flight);
         let driver = Driver {
             cfg,
             ops,
@@ -172,8 +175,7 @@ impl Driver {
             refresh_rid: None,
             heartbeat: Duration::from_secs(30),
             flush_scheduled: false,
-            pause_until: None,
-            send_window,
+            pacer,
             resend_check_scheduled: false,
             send_retries: 0,
             debug: std::env::var_os("WSCHAT_CLIENT_DEBUG").is_some_and(|v| v == "1"),
@@ -192,8 +194,12 @@ impl Driver {
                 Ok(Some(socket)) => self.serve(socket).await,
                 Ok(None) => return self.shut_down(Error::Closed),
                 // A token refused at the upgrade (401) is what 4001/4002 are on an open socket.
-                Err(Refused { reason, unauthorized: true }) => Ended { code: Some(4001), reason, by_app: None },
-                Err(Refused { reason, .. }) => Ended { code: None, reason, by_app: None },
+                Err(Refused { reason, unauthorized: true, .. }) => Ended { code: Some(4001), reason, by_app: None },
+                Err(Refused { reason, retry_after, .. }) => {
+                    // A full or draining server says when to come back: not sooner.
+                    self.retry_after = self.retry_after.max(retry_after);
+                    Ended { code: None, reason, by_app: None }
+                }
             };
             self.went_offline();
             match ended.by_app {
@@ -252,22 +258,26 @@ impl Driver {
         let token_fn = self.cfg.token.clone();
         let attempt = async move {
             let token = match token_fn {
-                Some(get) => Some(get().await.map_err(|e| (format!("token callback: {e}"), None))?),
+                Some(get) => Some(get().await.map_err(|e| (format!("token callback: {e}"), None, None))?),
                 None => None,
             };
-            let mut request = url.as_str().into_client_request().map_err(|e| (format!("{url}: {e}"), None))?;
+            let mut request = url.as_str().into_client_request().map_err(|e| (format!("{url}: {e}"), None, None))?;
             if let Some(token) = &token {
-                let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| (e.to_string(), None))?;
+                let value =
+                    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| (e.to_string(), None, None))?;
                 request.headers_mut().insert("authorization", value);
             }
             let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| {
-                let status = match &e {
-                    tokio_tungstenite::tungstenite::Error::Http(response) => Some(response.status().as_u16()),
-                    _ => None,
+                let (status, retry_after) = match &e {
+                    tokio_tungstenite::tungstenite::Error::Http(response) => {
+                        let header = response.headers().get("retry-after").and_then(|v| v.to_str().ok());
+                        (Some(response.status().as_u16()), header.and_then(retry_after_header))
+                    }
+                    _ => (None, None),
                 };
-                (format!("{url}: {e}"), status)
+                (format!("{url}: {e}"), status, retry_after)
             })?;
-            Ok::<_, (String, Option<u16>)>((socket, token))
+            Ok::<_, (String, Option<u16>, Option<Duration>)>((socket, token))
         };
         let attempt = timeout(self.cfg.connect_timeout, attempt);
         tokio::pin!(attempt);
@@ -279,13 +289,17 @@ impl Driver {
                             self.token = token;
                             Ok(Some(socket))
                         }
-                        Ok(Err((reason, status))) => {
+                        Ok(Err((reason, status, retry_after))) => {
                             if reason.starts_with("token callback") {
                                 self.emit(Event::Error(Error::Token(reason.clone())));
                             }
-                            Err(Refused { reason, unauthorized: status == Some(401) })
+                            Err(Refused { reason, unauthorized: status == Some(401), retry_after })
                         }
-                        Err(_) => Err(Refused { reason: "connection attempt timed out".into(), unauthorized: false }),
+                        Err(_) => Err(Refused {
+                            reason: "connection attempt timed out".into(),
+                            unauthorized: false,
+                            retry_after: None,
+                        }),
                     };
                 }
                 op = self.ops.recv() => match op {
@@ -398,15 +412,29 @@ impl Driver {
             self.emit(Event::Room { room, state: RoomState::Joining });
         }
         // A leave in flight is done: the server dropped the membership with the socket.
-        let leaves: Vec<u64> = self
+        // A kick, mute or unmute written on it may or may not have been carried out:
+        // it fails (`disconnected`) rather than being done twice by a resend. Reads
+        // (`history`, `list_users`, `ping`) wait for the next connection and go again.
+        let generation = self.generation;
+        let settled: Vec<u64> = self
             .requests
             .iter()
-            .filter(|(_, r)| matches!(r.cmd, ClientCommand::Leave { .. }))
+            .filter(|(_, r)| {
+                matches!(r.cmd, ClientCommand::Leave { .. })
+                    || (r.cmd.moderation().is_some() && r.sent_on == Some(generation))
+            })
             .map(|(id, _)| *id)
             .collect();
-        for rid in leaves {
+        for rid in settled {
             if let Some(req) = self.requests.remove(&rid) {
-                let _ = req.reply.send(LEFT);
+                let result = match req.cmd.moderation() {
+                    Some(what) => Err(Error::local(
+                        "disconnected",
+                        format!("the connection closed before the {what} was answered: it may have been done"),
+                    )),
+                    None => LEFT,
+                };
+                let _ = req.reply.send(result);
             }
         }
         self.set_state(ConnectionState::Disconnected);
@@ -651,21 +679,11 @@ impl Driver {
     }
 
     /// Writes the outbox entries whose target is ready on this connection, oldest
-    /// first, while fewer than `send_window` are in flight and no pause is on.
+    /// first, as long as the pacer lets them go now (the window, a pause, the pace
+    /// after `rate_limited`); wakes up again when the next may go.
     fn flush_outbox(&mut self) {
         if !self.online {
             return;
-        }
-        if let Some(until) = self.pause_until {
-            let now = Instant::now();
-            if now < until {
-                if !self.flush_scheduled {
-                    self.flush_scheduled = true;
-                    self.later(until - now, Internal::Flush);
-                }
-                return;
-            }
-            self.pause_until = None;
         }
         let generation = self.generation;
         let rooms = &self.rooms;
@@ -684,7 +702,26 @@ impl Driver {
                 None => acks.contains_key(&entry.client_msg_id),
             },
         };
-        let written = self.outbox.take_unsent(generation, Instant::now().into_std(), self.send_window, ready);
+        // One at a time, as long as the pacer lets them go now.
+        let now = Instant::now().into_std();
+        let mut in_flight = self.outbox.in_flight(generation);
+        let mut written = Vec::new();
+        while let Some(at) = self.pacer.next_at(now, in_flight) {
+            if at > now {
+                if !self.flush_scheduled && self.outbox.has_unsent(generation, ready) {
+                    self.flush_scheduled = true;
+                    self.later(at - now, Internal::Flush);
+                }
+                break;
+            }
+            let one = self.outbox.take_unsent(generation, now, in_flight + 1, ready);
+            if one.is_empty() {
+                break;
+            }
+            self.pacer.sent(now);
+            in_flight += 1;
+            written.extend(one);
+        }
         if !written.is_empty() && !self.resend_check_scheduled {
             self.resend_check_scheduled = true;
             self.later(self.cfg.resend_after, Internal::ResendStale);
@@ -836,6 +873,7 @@ impl Driver {
         self.online = true;
         self.attempt = 0;
         self.retry_after = None;
+        self.pacer.reset();
         self.set_state(ConnectionState::Connected);
         self.schedule_refresh();
         let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
@@ -865,7 +903,7 @@ impl Driver {
         let Some(cmid) = client_msg_id else { return };
         if self.outbox.remove(cmid).is_some() {
             self.send_retries = 0;
-            self.send_window = (self.send_window + 1).min(self.cfg.max_in_flight);
+            self.pacer.acknowledged();
             self.save_outbox();
             let ack = ack();
             if let Some(reply) = self.acks.remove(cmid) {
@@ -957,25 +995,23 @@ impl Driver {
                 Some(delay) => {
                     // Not acknowledged: it goes out again (same client_msg_id) once the
                     // whole outbox has waited: `retry_after_ms` for `rate_limited` (then
-                    // one send at a time, widening again with each acknowledgement), a
-                    // pause that grows while the server keeps refusing otherwise.
+                    // one send at a time, at the server's pace, the window widening again
+                    // with each acknowledgement: `pacer.rs`), a pause that grows while
+                    // the server keeps refusing otherwise.
+                    let mut written_at = None;
                     if let Some(pending) = self.outbox.get_mut(&cmid) {
                         pending.sent_on = None;
+                        written_at = pending.sent_at;
                     }
-                    let now = Instant::now();
-                    let paused = self.pause_until.is_some_and(|until| until > now);
-                    let delay = if rate_limited {
-                        self.send_window = 1;
-                        delay
-                    } else if paused {
-                        // One refusal of a batch written together counts once.
-                        Duration::ZERO
-                    } else {
+                    let now = Instant::now().into_std();
+                    if rate_limited {
+                        self.pacer.rate_limited(now, delay, written_at);
+                    } else if !self.pacer.paused(now) {
+                        // (One refusal of a batch written together counts once.)
                         let backoff = self.cfg.backoff.delay(self.send_retries, fastrand::f64());
                         self.send_retries = self.send_retries.saturating_add(1);
-                        delay.max(backoff)
-                    };
-                    self.pause_until = self.pause_until.max(Some(now + delay));
+                        self.pacer.pause(now + delay.max(backoff));
+                    }
                     self.flush_outbox();
                 }
                 None => {

@@ -23,6 +23,7 @@ mod client;
 mod driver;
 mod error;
 mod outbox;
+mod pacer;
 pub mod protocol;
 mod rooms;
 mod token;

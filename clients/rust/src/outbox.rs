@@ -117,6 +117,11 @@ impl Outbox {
         out
     }
 
+    /// Whether an entry not yet written on connection `generation` is `ready`.
+    pub fn has_unsent(&self, generation: u64, ready: impl Fn(&OutboxEntry) -> bool) -> bool {
+        self.entries.iter().any(|p| p.sent_on != Some(generation) && ready(&p.entry))
+    }
+
     /// Marks entries written at or before `before` and still unacknowledged as
     /// unsent (their echo may be lost: the server dedupes the resend). Returns
     /// how many entries stay written after `before`, so still awaited.
@@ -200,6 +205,7 @@ mod tests {
         assert_eq!(ids(outbox.take_unsent(1, t0, 4, |_| true)), ["d"]);
         // A new connection has nothing in flight.
         assert_eq!(ids(outbox.take_unsent(2, t0, 1, |_| true)), ["b"]);
+        assert!(outbox.has_unsent(2, |_| true) && !outbox.has_unsent(2, |e| e.client_msg_id == "b"));
     }
 
     #[test]

@@ -118,6 +118,17 @@ impl ClientCommand {
         self
     }
 
+    /// `kick`, `mute` or `unmute`: moderation, which a resend could carry out twice
+    /// (or lift a mute placed in between); `None` for any other command.
+    pub(crate) fn moderation(&self) -> Option<&'static str> {
+        match self {
+            ClientCommand::Kick { .. } => Some("kick"),
+            ClientCommand::Mute { .. } => Some("mute"),
+            ClientCommand::Unmute { .. } => Some("unmute"),
+            _ => None,
+        }
+    }
+
     /// The command as one JSON text frame.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("commands always serialize")

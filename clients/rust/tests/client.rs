@@ -172,6 +172,48 @@ async fn moderation_mute_and_kick() {
     assert_eq!(u.send("modroom", "back?").await.unwrap_err().code(), Some("not_in_room"));
 }
 
+/// A kick or mute written when the connection drops may or may not have been done:
+/// it fails with `disconnected` and is not written again on the next connection (a
+/// resent mute reaches its target twice). A read in flight is simply asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderation_in_flight_at_a_disconnect_fails_and_is_not_resent() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (m, rec_m) = signed_in(&s.url, h.moderator_token("mona", "modroom").await);
+    let (u, rec_u) = signed_in(&s.url, h.token("ugo", 600.0).await);
+    m.join("modroom").await.unwrap();
+    u.join("modroom").await.unwrap();
+
+    let mute = m.mute("modroom", "ugo", Some(Duration::from_secs(60)));
+    let kick = m.kick("modroom", "ugo", None);
+    let users = m.list_users("modroom");
+    tokio::pin!(mute, kick, users);
+    // One poll each hands the requests to the client's task, in order; it writes them
+    // before it reads the reconnect below.
+    tokio::select! {
+        biased;
+        r = &mut mute => panic!("mute answered before it was written: {r:?}"),
+        r = &mut kick => panic!("kick answered before it was written: {r:?}"),
+        r = &mut users => panic!("list_users answered before it was written: {r:?}"),
+        _ = std::future::ready(()) => {}
+    }
+    m.reconnect();
+    let wait = scaled(20.0);
+    let mute = tokio::time::timeout(wait, mute).await.expect("the mute settled");
+    assert_eq!(mute.as_ref().map_err(Error::code), Err(Some("disconnected")), "{mute:?}");
+    let kick = tokio::time::timeout(wait, kick).await.expect("the kick settled");
+    assert_eq!(kick.as_ref().map_err(Error::code), Err(Some("disconnected")), "{kick:?}");
+    tokio::time::timeout(wait, users).await.expect("list_users settled").expect("list_users is asked again");
+
+    // Whatever the new connection carried from the moderator was done before this ping's
+    // pong; ugo's `muted` events were queued before the pong to ugo's own ping.
+    rec_m.wait("reconnected", 20.0, |ev| ev.iter().filter(|e| matches!(e, Event::Welcome { .. })).count() >= 2).await;
+    m.ping().await.unwrap();
+    u.ping().await.unwrap();
+    let muted = rec_u.count(|e| matches!(e, Event::Muted { .. }));
+    assert!(muted <= 1, "ugo was muted {muted} times: the mute was written again after the reconnect");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_ends_by_itself() {
     let h = Harness::start().await;
@@ -425,6 +467,74 @@ async fn a_burst_of_sends_stays_within_the_rate_limit() {
     ids.sort();
     assert_eq!(ids, (1..=100).collect::<Vec<_>>());
     assert_eq!(disconnections(&rec_a), [], "the connection stayed up");
+}
+
+/// 100 sends at once, 20 over the server's burst then 50 a second: after the first
+/// `rate_limited` the sends are paced, so the server refuses about a window of them, not
+/// one or two per message (a window widened by each acknowledgement writes two sends
+/// where one token is left); all arrive once, in id order, and the paced ones in the
+/// order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_rate_limit_draws_few_refusals() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({"RATE_LIMIT": "50", "RATE_LIMIT_BURST": "20"})).await;
+    let (a, rec_a) = signed_in(&s.url, h.token("dora", 600.0).await);
+    a.join("pace").await.unwrap();
+    let before = common::refusals(&s).await;
+    let sends = (0..100).map(|i| {
+        let a = a.clone();
+        async move { a.send("pace", &format!("m{i}")).await }
+    });
+    let sent = tokio::time::timeout(scaled(60.0), futures_util::future::join_all(sends)).await.expect("acknowledged");
+    let refused = common::refusals(&s).await - before;
+    assert!(refused <= 40, "{refused} rate_limited refusals for 100 sends");
+    assert_eq!(disconnections(&rec_a), [], "the connection stayed up");
+    let sent: Vec<_> =
+        sent.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}; {:#?}", disconnections(&rec_a)))).collect();
+    let ids: Vec<u64> = sent.iter().map(|m| m.id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, (1..=100).collect::<Vec<_>>(), "a send lost or stored twice");
+    // The window on the wire when the bucket ran dry (16 sends) may interleave where it
+    // refilled between two of them (README: order); every other send keeps its place.
+    let moved: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] != i as u64 + 1).collect();
+    assert!(moved.last().is_none_or(|last| last - moved[0] < 16), "stored out of order: {ids:?}");
+    rec_a.wait("every message delivered", 20.0, |ev| common::message_ids(ev, "pace").len() >= 100).await;
+    let mut wanted: Vec<(u64, String)> = sent.into_iter().map(|m| (m.id, m.text)).collect();
+    wanted.sort();
+    assert_eq!(common::messages(&rec_a.events(), "pace"), wanted);
+}
+
+/// A full server (`MAX_CONNECTIONS`) answers the upgrade with 503 and `Retry-After: 5`:
+/// the next attempt waits that long, not the 50 .. 200 ms of the client's own backoff,
+/// even once a slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_s_retry_after_is_waited_before_reconnecting() {
+    const RETRY_AFTER: Duration = Duration::from_secs(5);
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({"MAX_CONNECTIONS": "1"})).await;
+    let (first, _) = signed_in(&s.url, h.token("ann", 600.0).await);
+    first.wait_connected(scaled(20.0)).await.unwrap();
+    let token = h.token("bea", 600.0).await;
+    let (second, events) = Client::builder(&s.url)
+        .token(move || {
+            let t = token.clone();
+            async move { Ok(t) }
+        })
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .connect();
+    let rec = Recorder::new(events);
+    rec.wait("the refused upgrade", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let refused_at = tokio::time::Instant::now();
+    let Event::Disconnected { reason, reconnect_in, .. } = disconnections(&rec).remove(0) else { unreachable!() };
+    assert!(reason.contains("503"), "{reason}");
+    assert!(reconnect_in.is_some_and(|d| d >= RETRY_AFTER), "reconnecting in {reconnect_in:?} after {reason}");
+    first.close(); // a slot is free now: only Retry-After holds the second back
+    second.wait_connected(RETRY_AFTER + scaled(20.0)).await.unwrap();
+    let waited = refused_at.elapsed();
+    assert!(waited >= RETRY_AFTER - Duration::from_millis(5), "reconnected {waited:?} after the 503");
+    assert_eq!(disconnections(&rec).len(), 1, "one refusal, then connected");
+    second.close();
 }
 
 /// A write that fails because the server's Close frame came first reports that

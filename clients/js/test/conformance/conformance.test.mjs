@@ -446,3 +446,53 @@ test("memory server restart: its ids start over, and the clients follow", async 
   assert.deepEqual(b.app.ids(room), [1, 2, 3, 4, 5, 1, 2, 3]);
   assert.equal(b.app.text(room, 3), "after 2");
 });
+
+/** The server's count of `rate_limited` refusals so far (its `/metrics/json`). */
+async function refusals(s) {
+  const r = await fetch(`${s.metrics}/metrics/json`, { signal: AbortSignal.timeout(TIMEOUT) });
+  return (await r.json()).rate_limited;
+}
+
+test("rate limit: a burst past it is paced after the first rate_limited, drawing few refusals; all arrive once, in order", async () => {
+  // 20 at once, then 50 a second. Refilling the whole window after every pause drew ~15
+  // refusals per message (over 1,100 for these 100).
+  const s = await harness.server({ env: { RATE_LIMIT: "50", RATE_LIMIT_BURST: "20" } });
+  const room = "pace";
+  const [dora] = await members(room, [s.url, "dora"]);
+  const before = await refusals(s);
+  const sent = await Promise.all(Array.from({ length: 100 }, (_, i) => dora.c.send(room, `m${i}`)));
+  const refused = (await refusals(s)) - before;
+  assert.ok(refused <= 40, `${refused} rate_limited refusals for 100 sends`);
+  assert.deepEqual(dora.app.events.filter((e) => e.event === "disconnected"), []);
+  const ids = sent.map((m) => m.id);
+  const upTo = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+  assert.deepEqual([...ids].sort((x, y) => x - y), upTo(1, 100), "a send lost or stored twice");
+  // The window on the wire when the bucket ran dry (16 sends) may interleave where it refilled
+  // between two of them (README: Limits); every other send keeps its place.
+  const moved = ids.flatMap((id, i) => (id === i + 1 ? [] : [i]));
+  assert.ok(moved.length === 0 || moved.at(-1) - moved[0] < 16, `stored out of order: ${ids}`);
+  await until(() => dora.app.ids(room).length >= 100, "every message delivered");
+  assert.deepEqual(dora.app.ids(room), upTo(1, 100));
+  for (const m of sent) assert.equal(dora.app.text(room, m.id), m.text);
+});
+
+test("refused upgrade: a full server's 503 Retry-After is waited before reconnecting", async () => {
+  // MAX_CONNECTIONS=1: the second client's upgrade gets 503 with Retry-After: 5. Its own
+  // backoff (50 .. 200 ms) must not bring it back sooner, even once a slot is free.
+  const retryAfter = 5000;
+  const s = await harness.server({ env: { MAX_CONNECTIONS: "1" } });
+  const first = client(s.url, { token: await harness.token("ann") });
+  await first.connect();
+  const second = client(s.url, { token: await harness.token("bea"), minReconnectDelay: 50, maxReconnectDelay: 200 });
+  const refused = next(second, "connecting", (e) => e.attempt === 1);
+  void second.connect();
+  const refusal = await refused;
+  const refusedAt = Date.now();
+  assert.ok(refusal.delay >= retryAfter - 50, `reconnecting in ${refusal.delay} ms after ${refusal.code} ${refusal.reason}`);
+  assert.equal(refusal.reason, "HTTP 503");
+  const connected = next(second, "connected", () => true, retryAfter + TIMEOUT);
+  first.disconnect(); // a slot is free now: only Retry-After holds the second back
+  await connected;
+  const waited = Date.now() - refusedAt;
+  assert.ok(waited >= retryAfter - 5, `reconnected ${waited} ms after the 503`);
+});

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { backoffDelay, closePolicy, PAUSE_DELAY } from "../../dist/index.mjs";
+import { backoffDelay, closePolicy, PAUSE_DELAY, retryAfterMs } from "../../dist/index.mjs";
 
 test("backoff: full jitter between 0 and min(max, min * 2^attempt)", () => {
   const top = () => 0.999999;
@@ -24,4 +24,13 @@ test("close codes: which reconnect, which pause, which need a token, which stop"
   for (const code of [4001, 4002]) assert.equal(closePolicy(code), "token", `${code}`);
   for (const code of [1002, 1003, 1007, 1008, 1009, 1010, 4000, 4003, 4099, 4200, 4999]) assert.equal(closePolicy(code), "terminal", `${code}`);
   assert.ok(PAUSE_DELAY >= 1000);
+});
+
+test("Retry-After: delta-seconds in ms; anything else is no wait", () => {
+  assert.equal(retryAfterMs("5"), 5000);
+  assert.equal(retryAfterMs(" 2.5 "), 2500);
+  assert.equal(retryAfterMs(["3", "9"]), 3000);
+  for (const bad of [undefined, null, "", "0", "-1", "soon", "Wed, 21 Oct 2015 07:28:00 GMT", "Infinity"]) {
+    assert.equal(retryAfterMs(bad), 0, String(bad));
+  }
 });

@@ -442,7 +442,7 @@ test("moderation: a refused rejoin (banned) is a removed event; muted errors car
   c.disconnect();
 });
 
-test("moderation: kick/mute/unmute resolve with the moderated reply; a lost socket rejects them", async () => {
+test("moderation: kick/mute/unmute resolve with the moderated reply; a lost socket rejects them, and they are not written again", async () => {
   const { server, c } = setup();
   server.replies.push((ws, f) => {
     if (!["kick", "mute", "unmute"].includes(f.type)) return false;
@@ -455,9 +455,13 @@ test("moderation: kick/mute/unmute resolve with the moderated reply; a lost sock
   assert.equal((await c.mute("r", "bob", { duration: 60 })).until, 99);
   assert.equal(server.last.sent.find((f) => f.type === "kick").reason, "spam");
   const lost = c.unmute("black-hole", "bob");
-  await tick(10);
-  server.drop(server.last, 1006);
+  const first = server.last;
+  await until(() => first.sent.some((f) => f.type === "unmute"), "the unmute written");
+  server.drop(first, 1006);
   await assert.rejects(lost, { code: "disconnected" });
+  await until(() => server.last !== first && c.state === "connected", "the reconnect");
+  await c.history("r"); // a round trip on the new socket: whatever was resent came before it
+  assert.deepEqual(server.last.sent.map((f) => f.type).filter((t) => t !== "history"), [], "written again after the reconnect");
   c.disconnect();
 });
 

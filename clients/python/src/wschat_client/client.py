@@ -42,6 +42,7 @@ from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message
                      Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
                      StateChange, TypingEvent, Unmuted, User, Welcome)
 from .outbox import Outbox, OutboxStore, PendingSend
+from .pacer import Pacer
 
 log = logging.getLogger("wschat_client")
 T = TypeVar("T")
@@ -125,7 +126,9 @@ class Client:
             outbox does not flood the server after a reconnect. Keep it within the
             server's ``RATE_LIMIT_BURST`` (20 by default): once a burst is spent each
             send on the wire can be refused, and more than twice the burst refused in
-            a row gets the connection closed (4102).
+            a row gets the connection closed (4102). After a ``rate_limited`` refusal
+            the window starts again at one send and sends are paced at the server's
+            rate (see :class:`~wschat_client.pacer.Pacer`).
         outbox_store: persists the outbox across runs of the app (see
             :class:`FileOutboxStore`).
         ack_timeout: seconds without an echo after which a send is written again on
@@ -182,7 +185,7 @@ class Client:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._retry_after = 0.0  # from the latest rate_limited error, for a 4102
-        self._paused_until = 0.0  # loop time: after rate_limited no send goes out before
+        self._pacer = Pacer(max_in_flight)  # the window, and the pace after rate_limited
         self.last_close: Disconnect | None = None
 
     # -- events --------------------------------------------------------------------------
@@ -486,9 +489,10 @@ class Client:
         send of that target is on the wire until one gets through, so a retry
         cannot overtake the sends queued after it; after ``rate_limited`` nothing
         is written, to any target, until ``retry_after_ms`` (the bucket is the
-        user's). A send whose echo has not come within ``ack_timeout`` on a live
-        connection is written again: the server answers a copy it already stored
-        with the original.
+        user's), and then the pacer lets one send go at a time, at the server's
+        pace (:class:`~wschat_client.pacer.Pacer`). A send whose echo has not come
+        within ``ack_timeout`` on a live connection is written again: the server
+        answers a copy it already stored with the original.
         """
         if self._flush_timer is not None:
             self._flush_timer.cancel()
@@ -511,12 +515,7 @@ class Client:
         on_wire = {e.key for e in entries if e.wire_generation == self._generation}
         in_flight = sum(1 for e in entries if e.wire_generation == self._generation)
         held: set[str] = set()
-        if self._paused_until > now:  # rate_limited
-            wake = min(wake or self._paused_until, self._paused_until)
-            entries = []
         for entry in entries:
-            if in_flight >= self.max_in_flight:
-                break
             key = entry.key
             if entry.wire_generation == self._generation or key in held:
                 continue
@@ -532,18 +531,26 @@ class Client:
                 if room is None or room.info.state is not RoomState.JOINED or not room.caught_up:
                     held.add(key)
                     continue
+            at = self._pacer.next_at(now, in_flight)
+            if at is None:
+                break  # the window is full: an acknowledgement flushes again
+            if at > now:
+                wake = min(wake or at, at)
+                break
             entry.request_id = self._rid()
             entry.wire_generation = self._generation
             entry.sent_at = now
             wake = min(wake or now + self.ack_timeout, now + self.ack_timeout)
             self._sent[entry.request_id] = entry
             self._write(entry.frame(entry.request_id))
+            self._pacer.sent(now)
             on_wire.add(key)
             in_flight += 1
         if wake is not None:
             self._flush_timer = loop.call_at(wake, self._flush)
 
     def _acknowledged(self, entry: PendingSend, result: Message | DirectMessage) -> None:
+        self._pacer.acknowledged()
         self._outbox.remove(entry)
         self._probing.discard(entry.key)
         if entry.request_id is not None:
@@ -562,9 +569,10 @@ class Client:
             # rate_limited says how long; unavailable (Redis, the database) backs off.
             wait = (err.retry_after_ms or 0) / 1000 or self.backoff.delay(entry.failures)
         if err.code == "rate_limited":
-            # The bucket is the user's, not the room's: every send waits, or the
-            # window would fill with refusals until the server closes with 4102.
-            self._paused_until = max(self._paused_until, now + wait)
+            # The bucket is the user's, not the room's: every send waits, and then
+            # goes at the server's pace, or each pause would end in a window of
+            # refusals (and a long run of them in a 4102).
+            self._pacer.rate_limited(now, wait, entry.sent_at)
         if entry.left:
             # Its room was left: never resent, so a retryable refusal ends it too.
             self._fail(entry, ChatError("not_in_room", f"left {entry.target}", details=err.details)
@@ -881,6 +889,7 @@ class Client:
     async def _serve(self, ws: ClientConnection, welcome: dict[str, Any]) -> tuple[int, str]:
         self._ws = ws
         self._generation += 1
+        self._pacer.reset(self.max_in_flight)
         self._out = queue = asyncio.Queue[str]()
         writer = asyncio.create_task(self._writer(ws, queue))
         info = self._welcomed(welcome)

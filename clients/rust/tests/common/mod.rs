@@ -33,6 +33,8 @@ pub struct Harness {
 pub struct Server {
     pub id: String,
     pub url: String,
+    /// `http://127.0.0.1:<METRICS_PORT>` (`/metrics/json`, `/api/`).
+    pub metrics: String,
 }
 
 impl Harness {
@@ -68,7 +70,11 @@ impl Harness {
 
     pub async fn server(&self, backend: &str, workers: u32, env: Value) -> Server {
         let reply = self.post("/servers", json!({"backend": backend, "workers": workers, "env": env})).await;
-        Server { id: reply["id"].as_str().unwrap().into(), url: reply["url"].as_str().unwrap().into() }
+        Server {
+            id: reply["id"].as_str().unwrap().into(),
+            url: reply["url"].as_str().unwrap().into(),
+            metrics: reply["metrics"].as_str().unwrap().into(),
+        }
     }
 
     pub async fn stop(&self, server: &Server) {
@@ -107,12 +113,26 @@ impl Drop for Harness {
 
 /// A minimal HTTP/1.1 POST (the harness closes each connection after its reply).
 pub async fn post(control: &str, path: &str, body: Value) -> Value {
-    let addr = control.trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let body = body.to_string();
+    exchange(control, "POST", path, Some(body)).await
+}
+
+/// A minimal HTTP/1.1 GET of a JSON document (the server's `/metrics/json`).
+pub async fn get(base: &str, path: &str) -> Value {
+    exchange(base, "GET", path, None).await
+}
+
+/// The server's count of `rate_limited` refusals so far.
+pub async fn refusals(server: &Server) -> u64 {
+    get(&server.metrics, "/metrics/json").await["rate_limited"].as_u64().expect("rate_limited in /metrics/json")
+}
+
+async fn exchange(base: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+    let addr = base.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
     let exchange = async {
         let mut stream = TcpStream::connect(&addr).await?;
         let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
@@ -123,12 +143,12 @@ pub async fn post(control: &str, path: &str, body: Value) -> Value {
     };
     let reply = tokio::time::timeout(scaled(120.0), exchange)
         .await
-        .unwrap_or_else(|_| panic!("harness {path}: no reply"))
-        .unwrap_or_else(|e| panic!("harness {path}: {e}"));
+        .unwrap_or_else(|_| panic!("{method} {base}{path}: no reply"))
+        .unwrap_or_else(|e| panic!("{method} {base}{path}: {e}"));
     let reply = String::from_utf8_lossy(&reply);
-    let (head, json_body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("harness {path}: {reply}"));
+    let (head, json_body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{method} {base}{path}: {reply}"));
     let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    assert_eq!(status, 200, "harness {path} answered {status}: {json_body}");
+    assert_eq!(status, 200, "{method} {base}{path} answered {status}: {json_body}");
     serde_json::from_str(json_body).unwrap()
 }
 

@@ -1,0 +1,116 @@
+/**
+ * Send pacing: how many sends may be on the wire, and when the next may go. No I/O and
+ * no clock: every call takes `now` (ms), so the maths is unit-tested. The Python
+ * (`pacer.py`) and Rust (`pacer.rs`) libraries hold the same rules.
+ */
+
+/** A bucket refilled for exactly one token's time must hold that token, whatever floating point makes of it. */
+const EPSILON = 1e-9;
+/**
+ * Paced sends go this much slower than the server's rate: what its bucket saves up absorbs
+ * the jitter of the way there (a send that arrives a little early is refused).
+ */
+export const PACE_MARGIN = 1.1;
+/** Write times kept to find the one before a refused send. */
+const WRITES_KEPT = 64;
+
+/**
+ * A send window, and after the server's `rate_limited` a copy of its token bucket.
+ *
+ * Until the first `rate_limited` only the window holds sends back: `limit` written and not
+ * yet acknowledged. The server's bucket is the user's; when it refuses a send it says how
+ * long until the bucket holds a token again (`retry_after_ms`). The send written before the
+ * refused one took a token (or was refused for the same one), so from that write to the
+ * next token is at most one token's refill time, and exactly that when the bucket was left
+ * empty: the longest such span seen, plus a tenth, is taken as the pace (`interval`). From
+ * then on:
+ *
+ * - the window drops to one send and widens by one per acknowledgement;
+ * - nothing is written before the `retry_after_ms` has passed;
+ * - each send spends a token of a local bucket refilled one per `interval` and holding at
+ *   most `limit`, so a long queue goes out at the server's rate instead of drawing a
+ *   refusal for most sends, and after a quiet spell a whole window may go at once again.
+ *
+ * `reset` (a new connection, perhaps to a server with other limits) forgets the pace but
+ * keeps a pause that has not ended (the bucket is the user's, not the connection's).
+ */
+export class Pacer {
+  /** Sends on the wire at most (`maxInFlight`). */
+  limit: number;
+  /** Sends that may be on the wire now. */
+  window: number;
+  /** ms per token; 0 until a `rate_limited` told us. */
+  interval = 0;
+  pausedUntil = 0;
+  private tokens = 0;
+  private stamp = 0;
+  private writes: number[] = [];
+
+  constructor(limit: number) {
+    this.limit = Math.max(1, limit);
+    this.window = this.limit;
+  }
+
+  /**
+   * When the next send may be written (`now` if at once), with `inFlight` sends
+   * unacknowledged; null while the window is full (an acknowledgement frees a place).
+   */
+  nextAt(now: number, inFlight: number): number | null {
+    if (inFlight >= this.window) return null;
+    let at = Math.max(now, this.pausedUntil);
+    if (this.interval) {
+      const tokens = this.tokensAt(at);
+      if (tokens < 1 - EPSILON) at += (1 - tokens) * this.interval;
+    }
+    return at;
+  }
+
+  /** A send was written at `now` (when `nextAt` allowed it). */
+  sent(now: number): void {
+    this.writes.push(now);
+    if (this.writes.length > WRITES_KEPT) this.writes.shift();
+    if (this.interval) {
+      this.tokens = Math.max(0, this.tokensAt(now) - 1);
+      this.stamp = now;
+    }
+  }
+
+  /** A send's echo came: the window widens by one, up to `limit`. */
+  acknowledged(): void {
+    this.window = Math.min(this.limit, this.window + 1);
+  }
+
+  /** The server refused, at `now`, a send written at `writtenAt`: no token for `retryAfter` ms. */
+  rateLimited(now: number, retryAfter: number, writtenAt?: number): void {
+    this.window = 1;
+    this.pause(now + retryAfter);
+    if (retryAfter <= 0) return;
+    let span = retryAfter;
+    if (writtenAt !== undefined) {
+      // The writes up to the refused one, in order; the one before it.
+      const earlier = this.writes.filter((t) => t <= writtenAt);
+      if (earlier.length >= 2) span += writtenAt - earlier[earlier.length - 2]!;
+    }
+    this.interval = Math.max(this.interval, span * PACE_MARGIN);
+    // The server's bucket holds its next token at now + retryAfter.
+    this.tokens = Math.max(0, 1 - retryAfter / this.interval);
+    this.stamp = now;
+  }
+
+  /** No send before `until` (the server cannot take one: `unavailable`). */
+  pause(until: number): void {
+    this.pausedUntil = Math.max(this.pausedUntil, until);
+  }
+
+  /** A new connection: a full window, no pace; a pause not yet over stays. */
+  reset(limit?: number): void {
+    if (limit !== undefined) this.limit = Math.max(1, limit);
+    this.window = this.limit;
+    this.interval = this.tokens = this.stamp = 0;
+    this.writes = [];
+  }
+
+  private tokensAt(now: number): number {
+    return Math.min(this.limit, this.tokens + Math.max(0, now - this.stamp) / this.interval);
+  }
+}

@@ -1,0 +1,92 @@
+// The send pacer's maths: the window, the pause and the pace after rate_limited (the
+// same cases as the Python library's tests/test_pacer.py).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Pacer } from "../../dist/index.mjs";
+
+const close = (actual, expected, what) => assert.ok(Math.abs(actual - expected) < 1e-6, `${what}: ${actual} != ${expected}`);
+
+/** Writes sends while the pacer allows at `now`; how many went. */
+function drain(pacer, now, waiting, inFlight = 0) {
+  let written = 0;
+  while (written < waiting && pacer.nextAt(now, inFlight + written) === now) {
+    pacer.sent(now);
+    written++;
+  }
+  return written;
+}
+
+test("pacer: only the window holds sends back before any refusal", () => {
+  const pacer = new Pacer(16);
+  assert.equal(drain(pacer, 0, 100), 16);
+  assert.equal(pacer.nextAt(0, 16), null);
+  assert.equal(pacer.nextAt(0, 15), 0);
+});
+
+test("pacer: rate_limited pauses and drops the window to one; each acknowledgement widens it", () => {
+  const pacer = new Pacer(4);
+  pacer.rateLimited(10_000, 100);
+  assert.equal(pacer.nextAt(10_000, 0), 10_100);
+  assert.equal(drain(pacer, 10_100, 5), 1);
+  assert.equal(pacer.nextAt(10_100, 1), null);
+  pacer.acknowledged();
+  assert.equal(pacer.window, 2);
+  for (let i = 0; i < 5; i++) pacer.acknowledged();
+  assert.equal(pacer.window, 4);
+});
+
+test("pacer: after rate_limited a long queue goes one send per interval, not in refused bursts", () => {
+  const pacer = new Pacer(16);
+  pacer.rateLimited(0, 20);
+  pacer.rateLimited(1, 19); // the rest of the batch: the same token
+  close(pacer.interval, 22, "interval");
+  let now = 0;
+  const times = [];
+  for (let i = 0; i < 20; i++) {
+    now = pacer.nextAt(now, 0); // each acknowledged before the next
+    times.push(now);
+    pacer.sent(now);
+    pacer.acknowledged();
+  }
+  close(times[0], 20, "first");
+  for (let i = 1; i < times.length; i++) close(times[i] - times[i - 1], 22, `gap ${i}`);
+});
+
+test("pacer: a quiet spell refills the local bucket up to the window", () => {
+  const pacer = new Pacer(8);
+  pacer.rateLimited(0, 100);
+  for (let i = 0; i < 8; i++) pacer.acknowledged();
+  assert.equal(drain(pacer, 100, 100), 1);
+  assert.equal(drain(pacer, 100 + 4 * pacer.interval, 100), 4);
+  assert.equal(drain(pacer, 100_000, 100), 8);
+});
+
+test("pacer: reset forgets the pace but not a pause", () => {
+  const pacer = new Pacer(4);
+  pacer.rateLimited(0, 1000);
+  pacer.reset(6);
+  assert.deepEqual([pacer.window, pacer.interval], [6, 0]);
+  assert.equal(pacer.nextAt(500, 0), 1000);
+  assert.equal(drain(pacer, 1000, 100), 6);
+});
+
+test("pacer: a pace guessed too fast is corrected by the next refusal", () => {
+  // The first refusal came when the bucket was half full again (10 ms of a 20 ms token).
+  const pacer = new Pacer(16);
+  pacer.sent(0); // accepted: the bucket is empty from here
+  pacer.sent(10);
+  pacer.rateLimited(11, 10, 10);
+  close(pacer.interval, 22, "10 ms since the write before + 10 ms, plus a tenth");
+  const fast = new Pacer(16);
+  fast.sent(10);
+  fast.rateLimited(11, 10, 10); // no write before it known
+  close(fast.interval, 11, "retry_after plus a tenth");
+  const first = fast.nextAt(11, 0);
+  close(first, 21, "first");
+  fast.sent(first); // accepted: the server's bucket is empty at 21 ms
+  const second = fast.nextAt(first, 0);
+  close(second, 32, "second");
+  fast.sent(second); // 11 ms later: the server needs 9 more
+  fast.rateLimited(second + 1, 9, second);
+  close(fast.interval, 22, "corrected");
+});

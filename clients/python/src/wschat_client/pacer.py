@@ -1,0 +1,115 @@
+"""Send pacing: how many sends may be on the wire, and when the next may go.
+
+No I/O and no clock: every call takes ``now`` (seconds on any monotonic clock), so
+the maths is unit-tested. The JavaScript (``pacer.ts``) and Rust (``pacer.rs``)
+libraries hold the same rules.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+# A bucket refilled for exactly one token's time must hold that token, whatever
+# floating point makes of the division.
+EPSILON = 1e-9
+# Paced sends go this much slower than the server's rate: what its bucket saves up
+# absorbs the jitter of the way there (a send that arrives a little early is refused).
+PACE_MARGIN = 1.1
+
+
+@dataclass(slots=True)
+class Pacer:
+    """A send window, and after the server's ``rate_limited`` a copy of its token bucket.
+
+    Until the first ``rate_limited`` only the window holds sends back: ``limit`` written
+    and not yet acknowledged. The server's bucket is the user's; when it refuses a send
+    it says how long until the bucket holds a token again (``retry_after_ms``). The
+    send written before the refused one took a token (or was refused for the same
+    one), so from that write to the next token is at most one token's refill time,
+    and exactly that when the bucket was left empty: the longest such span seen, plus
+    a tenth, is taken as the pace (``interval``). From then on:
+
+    - the window drops to one send and widens by one per acknowledgement;
+    - nothing is written before the ``retry_after_ms`` has passed;
+    - each send spends a token of a local bucket refilled one per ``interval`` and
+      holding at most ``limit``, so a long queue goes out at the server's rate instead
+      of drawing a refusal for most sends, and after a quiet spell a whole window may
+      go at once again.
+
+    :meth:`reset` (a new connection, perhaps to a server with other limits) forgets the
+    pace but keeps a pause that has not ended (the bucket is the user's, not the
+    connection's).
+
+    Args:
+        limit: sends on the wire at most (``max_in_flight``).
+    """
+
+    limit: int
+    window: int = field(init=False)
+    interval: float = 0.0  # seconds per token; 0 until a rate_limited told us
+    paused_until: float = 0.0
+    _tokens: float = 0.0
+    _stamp: float = 0.0
+    _writes: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+    def __post_init__(self) -> None:
+        self.limit = max(1, self.limit)
+        self.window = self.limit
+
+    def next_at(self, now: float, in_flight: int) -> float | None:
+        """When the next send may be written (``now`` if at once), with ``in_flight``
+        sends unacknowledged; None while the window is full (an acknowledgement frees
+        a place)."""
+        if in_flight >= self.window:
+            return None
+        at = max(now, self.paused_until)
+        if self.interval:
+            tokens = self._tokens_at(at)
+            if tokens < 1 - EPSILON:
+                at += (1 - tokens) * self.interval
+        return at
+
+    def sent(self, now: float) -> None:
+        """A send was written at ``now`` (when :meth:`next_at` allowed it)."""
+        self._writes.append(now)
+        if self.interval:
+            self._tokens = max(0.0, self._tokens_at(now) - 1)
+            self._stamp = now
+
+    def acknowledged(self) -> None:
+        """A send's echo came: the window widens by one, up to ``limit``."""
+        self.window = min(self.limit, self.window + 1)
+
+    def rate_limited(self, now: float, retry_after: float,
+                     written_at: float | None = None) -> None:
+        """The server refused, at ``now``, a send written at ``written_at``: no token
+        for ``retry_after`` seconds."""
+        self.window = 1
+        self.pause(now + retry_after)
+        if retry_after > 0:
+            span = retry_after
+            if written_at is not None:
+                # The writes up to the refused one, in order; the one before it.
+                earlier = [t for t in self._writes if t <= written_at]
+                if len(earlier) >= 2:
+                    span += written_at - earlier[-2]
+            self.interval = max(self.interval, span * PACE_MARGIN)
+            # The server's bucket holds its next token at now + retry_after.
+            self._tokens = max(0.0, 1 - retry_after / self.interval)
+            self._stamp = now
+
+    def pause(self, until: float) -> None:
+        """No send before ``until`` (the server cannot take one: ``unavailable``)."""
+        self.paused_until = max(self.paused_until, until)
+
+    def reset(self, limit: int | None = None) -> None:
+        """A new connection: a full window, no pace; a pause not yet over stays."""
+        if limit is not None:
+            self.limit = max(1, limit)
+        self.window = self.limit
+        self.interval = self._tokens = self._stamp = 0.0
+        self._writes.clear()
+
+    def _tokens_at(self, now: float) -> float:
+        return min(float(self.limit), self._tokens + max(0.0, now - self._stamp) / self.interval)

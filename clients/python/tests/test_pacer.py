@@ -1,0 +1,103 @@
+"""The send pacer's maths: the window, the pause and the pace after rate_limited."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+
+from wschat_client.pacer import Pacer
+
+
+def drain(pacer: Pacer, now: float, waiting: int, in_flight: int = 0) -> int:
+    """Write sends while the pacer allows at ``now``; how many went."""
+    written = 0
+    while written < waiting and pacer.next_at(now, in_flight + written) == now:
+        pacer.sent(now)
+        written += 1
+    return written
+
+
+def test_only_the_window_holds_sends_back_before_any_refusal() -> None:
+    """A full window goes at once; the next waits for an acknowledgement (None)."""
+    pacer = Pacer(16)
+    assert drain(pacer, 0.0, 100) == 16
+    assert pacer.next_at(0.0, 16) is None
+    assert pacer.next_at(0.0, 15) == 0.0
+
+
+def test_rate_limited_pauses_and_drops_the_window_to_one() -> None:
+    """Nothing before retry_after; then one send; each acknowledgement widens by one."""
+    pacer = Pacer(4)
+    pacer.rate_limited(10.0, 0.1)
+    assert pacer.next_at(10.0, 0) == pytest.approx(10.1)
+    assert drain(pacer, 10.1, 5) == 1
+    assert pacer.next_at(10.1, 1) is None
+    pacer.acknowledged()
+    assert pacer.window == 2
+    for _ in range(5):
+        pacer.acknowledged()
+    assert pacer.window == 4
+
+
+def test_after_rate_limited_sends_go_at_the_server_s_pace() -> None:
+    """A long queue goes one send per interval (the longest retry_after seen, plus a
+    tenth), not in bursts the empty bucket would refuse."""
+    pacer = Pacer(16)
+    pacer.rate_limited(0.0, 0.02)
+    pacer.rate_limited(0.001, 0.019)  # the rest of the batch: the same token
+    assert pacer.interval == pytest.approx(0.022)
+    now, times = 0.0, []
+    for _ in range(20):
+        now = pacer.next_at(now, 0)  # each acknowledged before the next (in_flight 0)
+        times.append(now)
+        pacer.sent(now)
+        pacer.acknowledged()
+    gaps = [b - a for a, b in pairwise(times)]
+    assert times[0] == pytest.approx(0.02)
+    assert gaps == pytest.approx([0.022] * 19)
+
+
+def test_a_quiet_spell_refills_the_local_bucket_up_to_the_window() -> None:
+    """After idling for a whole window's worth of tokens, a full window goes at once;
+    after half of it, half."""
+    pacer = Pacer(8)
+    pacer.rate_limited(0.0, 0.1)
+    for _ in range(8):
+        pacer.acknowledged()
+    assert drain(pacer, 0.1, 100) == 1
+    assert drain(pacer, 0.1 + 4 * pacer.interval, 100) == 4
+    assert drain(pacer, 100.0, 100) == 8
+
+
+def test_reset_forgets_the_pace_but_not_a_pause() -> None:
+    """A new connection: full window, no pace; a retry_after not yet over still holds."""
+    pacer = Pacer(4)
+    pacer.rate_limited(0.0, 1.0)
+    pacer.reset(6)
+    assert (pacer.window, pacer.interval) == (6, 0.0)
+    assert pacer.next_at(0.5, 0) == 1.0
+    assert drain(pacer, 1.0, 100) == 6
+
+
+def test_a_pace_guessed_too_fast_is_corrected_by_the_next_refusal() -> None:
+    """The first refusal came when the bucket was half full again (retry_after 10 ms of
+    a 20 ms token): the paced send after it is refused too, and the span from the write
+    before it to the next token (20 ms) becomes the pace."""
+    pacer = Pacer(16)
+    pacer.sent(0.0)  # accepted: the bucket is empty from here
+    pacer.sent(0.010)
+    pacer.rate_limited(0.011, 0.010, written_at=0.010)
+    assert pacer.interval == pytest.approx(0.02 * 1.1)  # 10 ms since the write before + 10 ms
+    fast = Pacer(16)
+    fast.sent(0.010)
+    fast.rate_limited(0.011, 0.010, written_at=0.010)  # no write before it known
+    assert fast.interval == pytest.approx(0.011)
+    first = fast.next_at(0.011, 0)
+    assert first == pytest.approx(0.021)
+    fast.sent(first)  # accepted: the server's bucket is empty at 21 ms
+    second = fast.next_at(first, 0)
+    assert second == pytest.approx(0.032)
+    fast.sent(second)  # 11 ms later: the server needs 9 more
+    fast.rate_limited(second + 0.001, 0.009, written_at=second)
+    assert fast.interval == pytest.approx(0.02 * 1.1)
