@@ -128,7 +128,6 @@ function startClient() {
     // Per tab and per identity: a reload keeps the sends, another tab or user never sends them
     // (in memory only where the browser keeps no site data).
     outboxStorage: tab ? webStorageOutbox(`wschat-outbox:${identityKey(id)}`, tab) : memoryOutbox(),
-    WebSocket: RateWatchingWebSocket,
   });
   state.client = client;
   const on = (event, fn) => client.on(event, (payload) => { if (gen === state.generation) fn(payload); });
@@ -141,6 +140,7 @@ function startClient() {
   on("message", (m) => addMessage(roomKey(m.room), m));
   on("dm", receivedDm);
   on("ack", acknowledged);
+  on("rateLimited", ({ retryAfterMs }) => slowDown(retryAfterMs)); // the send waits, then retries
   on("presence", presence);
   on("typing", typing);
   on("error", clientError);
@@ -164,25 +164,6 @@ function restartClient() {
   state.generation++;
   old?.disconnect();
   startClient();
-}
-
-/**
- * The library retries a send the server refused with `rate_limited` by itself, after the
- * server's `retry_after_ms`, and tells the app nothing: the message just waits at
- * "Sending…". To say why, the page hands the library this WebSocket, which reads the same
- * frames (a cheap text check first: nearly no frame mentions rate_limited).
- */
-class RateWatchingWebSocket extends WebSocket {
-  constructor(...args) {
-    super(...args);
-    this.addEventListener("message", ({ data }) => {
-      if (typeof data !== "string" || !data.includes('"rate_limited"')) return;
-      try {
-        const frame = JSON.parse(data);
-        if (frame.type === "error" && frame.code === "rate_limited") slowDown(frame.retry_after_ms);
-      } catch { /* not ours to judge: the library reports bad frames */ }
-    });
-  }
 }
 
 let slowUntil = 0;

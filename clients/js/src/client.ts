@@ -1079,7 +1079,10 @@ export class ChatClient extends Emitter<ClientEvents> {
    * long run of them in a 4102).
    */
   private rateLimited(err: ChatError, writtenAt?: number): void {
-    this.pacer.rateLimited(Date.now(), err.retryAfterMs ?? 1000, writtenAt);
+    const now = Date.now();
+    const retryAfterMs = err.retryAfterMs ?? 1000;
+    this.pacer.rateLimited(now, retryAfterMs, writtenAt);
+    this.emit("rateLimited", { retryAfterMs, until: now + retryAfterMs });
     this.clearTimer("flush");
     this.flush();
   }

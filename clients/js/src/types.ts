@@ -145,6 +145,14 @@ export interface DisconnectedEvent {
   reconnect: false;
 }
 
+/** Sends are held back: the server's bucket for this user is empty. */
+export interface RateLimitedEvent {
+  /** The server's `retry_after_ms`. */
+  retryAfterMs: number;
+  /** `Date.now()` at which sends may go again. */
+  until: number;
+}
+
 export interface ClientEvents {
   state: StateEvent;
   connecting: ConnectingEvent;
@@ -162,6 +170,8 @@ export interface ClientEvents {
   unmuted: UnmutedEvent;
   /** A send the server acknowledged (also for sends restored from storage, which have no promise). */
   ack: ChatMessage | DirectMessage;
+  /** The server refused a send with `rate_limited`: sends wait until `until`, then go at its pace. */
+  rateLimited: RateLimitedEvent;
   error: ChatError;
 }
 

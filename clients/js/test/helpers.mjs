@@ -108,7 +108,7 @@ export function recorder(client) {
   client.on("ack", (m) => {
     if (m.type === "message") ACKED.set(`${m.room}#${m.id}`, m.text);
   });
-  for (const e of ["state", "connecting", "connected", "disconnected", "joined", "recoveryFailed", "error"]) {
+  for (const e of ["state", "connecting", "connected", "disconnected", "joined", "recoveryFailed", "rateLimited", "error"]) {
     client.on(e, (payload) => events.push({ event: e, payload, t: Date.now() }));
   }
   return { ids: (room) => rooms.get(room) ?? [], text: (room, id) => texts.get(`${room}#${id}`), events };

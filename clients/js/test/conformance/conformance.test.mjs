@@ -464,6 +464,12 @@ test("rate limit: a burst past it is paced after the first rate_limited, drawing
   const refused = (await refusals(s)) - before;
   assert.ok(refused <= 40, `${refused} rate_limited refusals for 100 sends`);
   assert.deepEqual(dora.app.events.filter((e) => e.event === "disconnected"), []);
+  // The app is told, once per refusal, for how long sends wait (a page says "slow down").
+  const told = dora.app.events.filter((e) => e.event === "rateLimited");
+  assert.ok(told.length >= 1 && told.length <= refused, `${told.length} rateLimited events, ${refused} refusals`);
+  for (const { payload, t } of told) {
+    assert.ok(payload.retryAfterMs > 0 && Math.abs(payload.until - (t + payload.retryAfterMs)) <= 5, JSON.stringify(payload));
+  }
   const ids = sent.map((m) => m.id);
   const upTo = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
   assert.deepEqual([...ids].sort((x, y) => x - y), upTo(1, 100), "a send lost or stored twice");
