@@ -153,10 +153,15 @@ _METRICS_DIR_PREFIX = "wschat-prometheus-"
 
 def _sweep_orphaned_metrics_dirs():
     """A master killed with SIGKILL never runs on_exit: delete the sample directories
-    of masters that are gone (their names carry the master's pid)."""
+    of masters that are gone (their names carry the master's pid). Runs before this
+    master makes its own, so one with this master's pid is an earlier master's: in a
+    container the master is PID 1 every time, and /tmp may outlive it (an emptyDir)."""
     for path in glob.glob(os.path.join(tempfile.gettempdir(), _METRICS_DIR_PREFIX + "*")):
         pid = os.path.basename(path)[len(_METRICS_DIR_PREFIX):].split("-")[0]
         if not pid.isdigit():
+            continue
+        if int(pid) == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
             continue
         try:
             os.kill(int(pid), 0)

@@ -443,20 +443,29 @@ def test_ready_flips_while_redis_is_down() -> None:
 
 
 def test_orphaned_sample_directories_are_swept(tmp_path: Any, monkeypatch: Any) -> None:
-    """A sample directory left by a SIGKILLed master is deleted; a live master's is kept."""
+    """A sample directory left by a SIGKILLed master is deleted; a live master's is kept.
+    One named with the starting master's own pid is a dead one's too: in a container the
+    master is PID 1 every time, and a /tmp kept across restarts (an emptyDir) kept the
+    old one forever, since pid 1 is always alive."""
     import runpy
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen(["true"])
     gone.wait(TIMEOUT)
-    orphan = tmp_path / f"wschat-prometheus-{gone.pid}-abc"
-    alive = tmp_path / f"wschat-prometheus-{os.getpid()}-def"
-    for d in (orphan, alive):
-        d.mkdir()
-        (d / "counter_1.db").write_bytes(b"")
-    runpy.run_path(str(ROOT / "gunicorn.conf.py"))["_sweep_orphaned_metrics_dirs"]()
-    assert not orphan.exists() and alive.exists()
+    other_master = subprocess.Popen(["sleep", "30"])
+    try:
+        orphan = tmp_path / f"wschat-prometheus-{gone.pid}-abc"
+        alive = tmp_path / f"wschat-prometheus-{other_master.pid}-def"
+        same_pid = tmp_path / f"wschat-prometheus-{os.getpid()}-ghi"
+        for d in (orphan, alive, same_pid):
+            d.mkdir()
+            (d / "counter_1.db").write_bytes(b"")
+        runpy.run_path(str(ROOT / "gunicorn.conf.py"))["_sweep_orphaned_metrics_dirs"]()
+        assert (orphan.exists(), alive.exists(), same_pid.exists()) == (False, True, False)
+    finally:
+        other_master.kill()
+        other_master.wait(TIMEOUT)
 
 
 def test_message_path_counts_are_folded_in_exactly_at_flush() -> None:
