@@ -757,3 +757,21 @@ def test_container_install_starts_as_non_root_and_stops_on_sigterm(default_relea
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sqlite_on_its_own_volume_renders_with_the_documented_recreate_strategy() -> None:
+    """docs/deployment.md's SQLite set-up: a ReadWriteOnce claim, so Recreate instead of
+    the default rolling update (whose new pod would wait for the old pod's volume). The
+    documented values give a strategy Kubernetes accepts: Recreate, with no rollingUpdate
+    left over from the defaults (the API server refuses one with Recreate)."""
+    release = render({
+        "config": {"enablePersistence": True},
+        "database": {"url": "sqlite:////data/wschat.db"},
+        "updateStrategy": {"type": "Recreate", "rollingUpdate": None},
+        "extraVolumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "wschat-data"}}],
+        "extraVolumeMounts": [{"name": "data", "mountPath": "/data"}],
+    })
+    assert release.deployment()["spec"]["strategy"] == {"type": "Recreate"}
+    assert {"name": "data", "mountPath": "/data"} in release.container()["volumeMounts"]
+    problems = _validate_manifests(release)
+    assert not problems, "\n".join(problems)
