@@ -582,6 +582,50 @@ def test_a_value_the_database_refuses_fails_its_own_job_not_its_batch(
         writer.close()
 
 
+def test_jobs_the_watchdog_failed_are_not_written_when_their_refused_batch_is_split(
+        message_log: MessageLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused batch whose senders were already told 'database write timed out' (the
+    watchdog, SUBMIT_TIMEOUT) is not split and written afterwards: those senders would
+    retry a message that is stored and published (a second copy without a
+    client_msg_id), as a timed-out job still queued is never written. (Found by review:
+    'a', 'b', 'c' were stored and published after their senders had the error.)"""
+    write = message_log.write
+    writes: list[int] = []
+
+    def first_write_slow(jobs: list[Any]) -> None:
+        if not writes:
+            gevent.sleep(1.5)  # the database is slow: the watchdog answers first (1 s)
+        writes.append(len(jobs))
+        write(jobs)
+
+    monkeypatch.setattr(message_log, "write", first_write_slow)
+    published: list[RoomPost] = []
+    writer = GroupCommitWriter(message_log, published.extend)
+    monkeypatch.setattr(writer, "SUBMIT_TIMEOUT", 1.0)
+    monkeypatch.setattr(writer, "WATCH_EVERY", 0.1)
+    writer.start()
+
+    room = f"split-{uuid.uuid4().hex[:8]}"  # PostgreSQL's database is the module's
+
+    def post(text: str, user: str = "u1") -> RoomPost:
+        return RoomPost(room=room, user_id=user,
+                        draft=draft_message(room, "u1", "u1", text, 1, None), created_ms=1)
+
+    try:
+        sent = [gevent.spawn(writer.submit, job)
+                for job in (post("a"), post("surrogate", "\ud800"), post("b"), post("c"))]
+        gevent.joinall(sent, timeout=TIMEOUT)
+        assert all("timed out" in str(g.exception) for g in sent), [g.exception for g in sent]
+        # The writer takes jobs in order: once this one is written, the batch before it
+        # is done with.
+        assert writer.submit(post("d")).msg_id == 1
+        assert [orjson.loads(e)["text"] for e in message_log.after(room, 0, 10)] == ["d"]
+        assert [orjson.loads(j.event)["text"] for j in published] == ["d"]
+        assert writes == [4, 1]
+    finally:
+        writer.close()
+
+
 def test_ids_issued_before_persistence_are_never_reused(
         durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
     """A window that already issued ids (e.g. Redis before persistence) lifts the log's sequence."""

@@ -141,14 +141,18 @@ class GroupCommitWriter:
         """Commit ``jobs``, adding them to ``written``. A batch the database refused for
         a value in it (rolled back: nothing written) is written again in halves, in
         order, down to the jobs it refuses alone: those fail, the others are stored as
-        if nothing had happened, and the database is not marked down for them."""
+        if nothing had happened, and the database is not marked down for them. Jobs the
+        watchdog has failed meanwhile (their senders were told it timed out) are left
+        out of the halves, as queued ones are never written once failed."""
         try:
             self._log.write(jobs)
         except BatchRefused as exc:
             if len(jobs) > 1:
                 half = len(jobs) // 2
-                self._write(jobs[:half], written)
-                self._write(jobs[half:], written)
+                for part in (jobs[:half], jobs[half:]):
+                    part = [job for job in part if not job.cancelled]
+                    if part:
+                        self._write(part, written)
                 return
             self._on_error()
             log.error("database refused a %s: %s", type(jobs[0]).__name__, first_line(exc))
