@@ -294,6 +294,7 @@ from gevent import monkey; monkey.patch_all()
 import os, signal, sys, gevent, redis
 from wschat.stores.redis import broker as broker_module
 broker_module.IDLE_CHECK, broker_module.PING_AFTER, broker_module.ANSWER_TIMEOUT = 0.1, 0.3, 0.5
+broker_module.RECONNECT_AFTER = 1.0
 broker_module.RedisBroker.RECONNECT_DELAYS = (0.05,)
 url, pid = sys.argv[1], int(sys.argv[2])
 broker = broker_module.RedisBroker(redis.Redis.from_url(url, socket_timeout=0.5,
@@ -325,14 +326,63 @@ broker.close()
 def test_a_hung_redis_turns_the_listener_unhealthy_until_it_answers() -> None:
     """A Redis that stops answering without closing its connections (SIGSTOP: a frozen
     VM, a cut network) was never noticed: the listener's PING went unanswered forever,
-    so /ready stayed green while every post timed out. Now an unanswered PING, and a
-    reconnect whose SUBSCRIBE is not confirmed, count as lost: unhealthy (and /ready
-    503) until Redis answers again, with no flapping on the way."""
+    so /ready stayed green while every post timed out. Now an unanswered PING makes the
+    worker unhealthy (and /ready 503) until Redis answers again; past RECONNECT_AFTER
+    the connection counts as lost, and a reconnect whose SUBSCRIBE is not confirmed
+    keeps it unhealthy: no flapping on the way, through both."""
     with own_redis() as server:
         assert server.proc is not None
         out = subprocess.run([sys.executable, "-c", HUNG, server.url, str(server.proc.pid)],
                              capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["True", "True", "True", "True"], out
+
+
+STALL = """
+from gevent import monkey; monkey.patch_all()
+import os, signal, socket, sys, gevent, redis
+from wschat.stores.redis import broker as broker_module
+from wschat.stores.redis.keys import user_channel
+broker_module.IDLE_CHECK, broker_module.PING_AFTER, broker_module.ANSWER_TIMEOUT = 0.1, 0.3, 0.5
+broker_module.RECONNECT_AFTER = 30.0
+url, port, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+got = gevent.event.Event()
+broker = broker_module.RedisBroker(redis.Redis.from_url(url, socket_timeout=0.5,
+                                                        socket_connect_timeout=0.5))
+broker.start(lambda *_: None, lambda user, data: data == b"hello" and got.set())
+broker.subscribe_user("ann")
+publisher = socket.create_connection(("127.0.0.1", port), timeout=10)
+os.kill(pid, signal.SIGSTOP)
+try:
+    deadline = gevent.get_hub().loop.now() + 10
+    while broker.healthy() and gevent.get_hub().loop.now() < deadline:
+        gevent.sleep(0.02)
+    print(broker.healthy(), end=" ")  # not ready while Redis does not answer
+    channel = user_channel("ann")  # a DM published during the stall, run when Redis resumes
+    publisher.sendall(f"*3\\r\\n$7\\r\\nPUBLISH\\r\\n${len(channel)}\\r\\n{channel}"
+                      "\\r\\n$5\\r\\nhello\\r\\n".encode())
+finally:
+    os.kill(pid, signal.SIGCONT)
+print(publisher.recv(100).strip() == b":1", got.wait(10), end=" ")
+deadline = gevent.get_hub().loop.now() + 10
+while not broker.healthy() and gevent.get_hub().loop.now() < deadline:
+    gevent.sleep(0.02)
+print(broker.healthy())
+broker.close()
+"""
+
+
+def test_a_redis_stall_keeps_the_connection_and_what_was_published_meanwhile() -> None:
+    """A Redis that stalls (a fork, a slow command) for longer than ANSWER_TIMEOUT but
+    less than RECONNECT_AFTER: the worker is not ready meanwhile, and keeps its pub/sub
+    connection, so a DM Redis accepted during the stall (its sender acknowledged, the
+    subscriber counted) reaches it when Redis resumes. (Found by review: dropping the
+    connection at ANSWER_TIMEOUT lost it.)"""
+    with own_redis() as server:
+        assert server.proc is not None
+        out = subprocess.run([sys.executable, "-c", STALL, server.url, str(server.port),
+                              str(server.proc.pid)],
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "True", "True", "True"], out
 
 
 def test_a_full_redis_is_unavailable_not_an_internal_error() -> None:

@@ -27,9 +27,13 @@ IDLE_CHECK = 1.0  # seconds a listener waits for a message before it counts as i
 PING_AFTER = 10.0  # seconds of silence after which the listener PINGs Redis
 # Seconds Redis has to answer the listener's PING, and a new connection's first
 # SUBSCRIBE. A Redis that stops answering without closing its connections (frozen,
-# cut off) is only noticed this way: the connection counts as lost, the worker is
-# not ready, and it reconnects until Redis answers again.
+# cut off) is only noticed this way: the worker is not ready (and takes no message)
+# until Redis answers again. The connection is kept: a Redis that resumes sends what
+# was published to it meanwhile, which a new connection would never get.
 ANSWER_TIMEOUT = 5.0
+# Seconds without an answer after which the connection counts as lost and is made
+# again: a half-open connection (the host gone, no reset) would never answer.
+RECONNECT_AFTER = 30.0
 
 
 class RedisBroker(Broker):
@@ -153,12 +157,21 @@ class RedisBroker(Broker):
                 response = replies.read()
             except TimeoutError:  # nothing for IDLE_CHECK seconds
                 idle += IDLE_CHECK
-                if pinged and idle >= ANSWER_TIMEOUT:
+                if pinged and idle >= RECONNECT_AFTER:
                     raise redis.TimeoutError("redis did not answer PING") from None
+                if pinged and idle >= ANSWER_TIMEOUT and self._healthy:
+                    log.warning("redis has not answered PING for %.0f s; not ready until it "
+                                "does", idle)
+                    self._healthy = False
+                    if self._metrics is not None:
+                        self._metrics.store_error("redis")
                 if not pinged and idle >= PING_AFTER:
                     pubsub.ping()  # a closed connection fails the write; a hung Redis the wait
                     idle, pinged = 0.0, True
                 continue
+            if not self._healthy:
+                log.warning("redis answered again; ready")
+                self._healthy = True
             idle, pinged = 0.0, False
             if not isinstance(response, list) or len(response) < 3:
                 continue  # a PING's reply
