@@ -391,16 +391,22 @@ def test_mute_and_kick_are_explained(web_server: Server, people: Callable[..., C
     expect(bob.page.locator("#members li", has_text="alice")).to_have_count(1)
 
 
+def dm_after_they_left(sender: ChatPage, peer: ChatPage, name: str, text: str) -> Any:
+    """``sender`` opens a DM with ``peer`` (shown as ``name``), ``peer`` leaves, and then
+    ``sender`` writes ``text``: the message's entry, refused or not."""
+    sender.page.locator("#members button", has_text=name).click()
+    peer.close()
+    expect(sender.page.locator("#members li", has_text=name)).to_have_count(0)
+    sender.say(text)
+    return sender.page.locator("#messages .msg", has_text=text)
+
+
 def test_dm_to_someone_who_left_says_why(web_server: Server,
                                         people: Callable[..., ChatPage]) -> None:
     """A DM the server refuses (the peer went offline) stays, marked, with the reason."""
     alice = people(web_server, "alice")
-    bob = people(web_server, "bob")
-    alice.page.locator("#members button", has_text="bob").click()
-    bob.close()
-    expect(alice.page.locator("#members li", has_text="bob")).to_have_count(0)
-    alice.say("are you there?")
-    refused = alice.page.locator("#messages .msg.failed", has_text="are you there?")
+    refused = dm_after_they_left(alice, people(web_server, "bob"), "bob", "are you there?")
+    expect(refused).to_have_class(re.compile(r"\bfailed\b"))
     expect(refused.locator(".error")).to_contain_text("bob is not online")
     expect(alice.page.locator("#dms li", has_text="bob")).to_have_count(1)
 
@@ -728,12 +734,9 @@ def test_a_refused_dm_survives_a_reload_and_can_be_retried(
     """A DM refused because its reader was offline is still there after a reload, and Retry
     sends it once the reader is back."""
     alice = people(web_server, token=token_for("u-alice2", "Alice"))
-    bob = people(web_server, token=token_for("u-bob2", "Bob"))
-    alice.page.locator("#members button", has_text="Bob").click()
-    bob.close()
-    expect(alice.page.locator("#members li", has_text="Bob")).to_have_count(0)
-    alice.say("call me back")
-    refused = alice.page.locator("#messages .msg.failed", has_text="call me back")
+    refused = dm_after_they_left(alice, people(web_server, token=token_for("u-bob2", "Bob")),
+                                 "Bob", "call me back")
+    expect(refused).to_have_class(re.compile(r"\bfailed\b"))
     expect(refused.locator(".error")).to_contain_text("Bob is not online")
     alice.page.reload()
     alice.wait_online()
@@ -761,20 +764,13 @@ def test_dm_notices_say_what_persistence_keeps(people: Callable[..., ChatPage],
         alice = people(srv, token=token_for("u-alice3", "Alice"))
         bob = people(srv, token=token_for("u-bob3", "Bob"))
         guest = people(srv, "carol")
-        alice.page.locator("#members button", has_text="Bob").click()
-        bob.close()
-        expect(alice.page.locator("#members li", has_text="Bob")).to_have_count(0)
-        alice.say("see you tomorrow")
-        expect(alice.messages("see you tomorrow")).not_to_have_class(PENDING)
+        kept = dm_after_they_left(alice, bob, "Bob", "see you tomorrow")
+        expect(kept).not_to_have_class(PENDING)
         expect(alice.page.locator("#messages .msg.failed")).to_have_count(0)
         bob = people(srv, token=token_for("u-bob3", "Bob"))
         bob.page.locator("#dms button.open", has_text="Alice").click()
         expect(bob.messages("see you tomorrow")).to_have_count(1)
 
-        alice.page.locator("#members button", has_text="carol").click()
-        guest.close()
-        expect(alice.page.locator("#members li", has_text="carol")).to_have_count(0)
-        alice.say("still there?")
-        refused = alice.page.locator("#messages .msg.failed", has_text="still there?")
+        refused = dm_after_they_left(alice, guest, "carol", "still there?")
         expect(refused.locator(".error")).to_contain_text(
             "carol is not online, and direct messages are kept only for signed-in users")
