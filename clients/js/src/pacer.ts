@@ -11,6 +11,8 @@ const EPSILON = 1e-9;
  * the jitter of the way there (a send that arrives a little early is refused).
  */
 export const PACE_MARGIN = 1.1;
+/** The pace is forgotten after this many intervals with no write and no refusal. */
+export const PACE_MEMORY = 10;
 /** Write times kept to find the one before a refused send. */
 const WRITES_KEPT = 64;
 
@@ -22,14 +24,29 @@ const WRITES_KEPT = 64;
  * long until the bucket holds a token again (`retry_after_ms`). The send written before the
  * refused one took a token (or was refused for the same one), so from that write to the
  * next token is at most one token's refill time, and exactly that when the bucket was left
- * empty: the longest such span seen, plus a tenth, is taken as the pace (`interval`). From
- * then on:
+ * empty. But the bucket is shared with the user's other connections (and `typing`, and for
+ * guests the address's bucket): the write before may be long ago, and another connection
+ * emptied the bucket since. So that gap counts for at most one token's time as far as it is
+ * known: `retry_after` (never more than one token's time), or the token time the pace already
+ * stands for (`interval` less its tenth) if longer. The first span is then between
+ * `retry_after` and twice it (the pace at worst about half the server's rate), a later one
+ * adds at most `retry_after` (and a tenth) to the pace, and a quiet spell is never taken for
+ * the pace. The longest span seen, plus a tenth, is the pace (`interval`); a span too short
+ * draws another refusal, whose gap (a paced one: the pace) lengthens it past the server's
+ * token time. From then on:
  *
  * - the window drops to one send and widens by one per acknowledgement;
  * - nothing is written before the `retry_after_ms` has passed;
  * - each send spends a token of a local bucket refilled one per `interval` and holding at
  *   most `limit`, so a long queue goes out at the server's rate instead of drawing a
  *   refusal for most sends, and after a quiet spell a whole window may go at once again.
+ *
+ * The pace only grows while refusals come, so it is forgotten (`interval` back to 0, as before
+ * any refusal) once the connection has neither written nor been refused for `PACE_MEMORY`
+ * intervals: a connection that keeps writing keeps its pace (a long queue draws no new window
+ * of refusals), a quiet one starts afresh with its next refusal (at most a window of them,
+ * `limit`, within the server's burst), so a pace learnt from another connection's burst, or a
+ * slower one, does not last.
  *
  * `reset` (a new connection, perhaps to a server with other limits) forgets the pace but
  * keeps a pause that has not ended (the bucket is the user's, not the connection's).
@@ -58,7 +75,7 @@ export class Pacer {
   nextAt(now: number, inFlight: number): number | null {
     if (inFlight >= this.window) return null;
     let at = Math.max(now, this.pausedUntil);
-    if (this.interval) {
+    if (this.interval && !this.stale(at)) {
       const tokens = this.tokensAt(at);
       if (tokens < 1 - EPSILON) at += (1 - tokens) * this.interval;
     }
@@ -69,6 +86,7 @@ export class Pacer {
   sent(now: number): void {
     this.writes.push(now);
     if (this.writes.length > WRITES_KEPT) this.writes.shift();
+    this.forgetStale(now);
     if (this.interval) {
       this.tokens = Math.max(0, this.tokensAt(now) - 1);
       this.stamp = now;
@@ -84,12 +102,18 @@ export class Pacer {
   rateLimited(now: number, retryAfter: number, writtenAt?: number): void {
     this.window = 1;
     this.pause(now + retryAfter);
+    this.forgetStale(now);
     if (retryAfter <= 0) return;
     let span = retryAfter;
     if (writtenAt !== undefined) {
-      // The writes up to the refused one, in order; the one before it.
+      // The writes up to the refused one, in order; the one before it. The gap since then
+      // counts for at most one token's time as far as we know it (another connection may have
+      // emptied the bucket in it).
       const earlier = this.writes.filter((t) => t <= writtenAt);
-      if (earlier.length >= 2) span += writtenAt - earlier[earlier.length - 2]!;
+      if (earlier.length >= 2) {
+        const token = Math.max(retryAfter, this.interval / PACE_MARGIN);
+        span += Math.min(writtenAt - earlier[earlier.length - 2]!, token);
+      }
     }
     this.interval = Math.max(this.interval, span * PACE_MARGIN);
     // The server's bucket holds its next token at now + retryAfter.
@@ -108,6 +132,15 @@ export class Pacer {
     this.window = this.limit;
     this.interval = this.tokens = this.stamp = 0;
     this.writes = [];
+  }
+
+  /** Whether the pace is too old at `now`: no write and no refusal (`stamp`, the latest) for `PACE_MEMORY` intervals. */
+  private stale(now: number): boolean {
+    return now - this.stamp >= PACE_MEMORY * this.interval;
+  }
+
+  private forgetStale(now: number): void {
+    if (this.interval && this.stale(now)) this.interval = this.tokens = 0;
   }
 
   private tokensAt(now: number): number {

@@ -141,3 +141,27 @@ async def test_a_burst_past_the_rate_limit_draws_few_refusals(harness: Harness) 
     assert [(m.id, m.text) for m in rec.messages["pace"]] == sorted(
         (m.id, m.text) for m in sent)
     await dora.close()
+
+
+async def test_a_refusal_another_connection_caused_does_not_slow_this_one(
+        harness: Harness) -> None:
+    """The bucket is the user's: a phone writes once and is quiet, a laptop of the same
+    user empties the bucket, the phone's next send is refused (retry_after 0.1 s). The
+    phone's quiet spell is not the server's pace: its 4 sends go out at about the
+    server's rate (10 a second), not one per quiet spell."""
+    server = await harness.server("memory", env={"RATE_LIMIT": "10", "RATE_LIMIT_BURST": "5"})
+    phone, _ = await connected(harness, server["url"], "ann", "r")
+    laptop, _ = await connected(harness, server["url"], "ann", "r")
+    await phone.send("r", "hello")  # the phone's write before the refused one
+    await asyncio.sleep(1.5)  # the scenario: a quiet spell on the phone (no event to await)
+    before = await asyncio.to_thread(refusals, server)
+    await asyncio.wait_for(
+        asyncio.gather(*(laptop.send("r", f"laptop {i}") for i in range(5))), TIMEOUT)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(4):
+        await asyncio.wait_for(phone.send("r", f"phone {i}"), LONG)
+    took = loop.time() - started
+    assert await asyncio.to_thread(refusals, server) > before, "the phone was never refused"
+    assert took < 1.2, f"4 sends took {took:.1f} s (pacer interval {phone._pacer.interval:.2f} s)"
+    await asyncio.gather(phone.close(), laptop.close())

@@ -83,7 +83,8 @@ def test_reset_forgets_the_pace_but_not_a_pause() -> None:
 def test_a_pace_guessed_too_fast_is_corrected_by_the_next_refusal() -> None:
     """The first refusal came when the bucket was half full again (retry_after 10 ms of
     a 20 ms token): the paced send after it is refused too, and the span from the write
-    before it to the next token (20 ms) becomes the pace."""
+    before it to the next token becomes the pace, the gap counted for at most the token
+    time the pace stood for (10 ms): 19 ms plus a tenth, past the server's 20 ms."""
     pacer = Pacer(16)
     pacer.sent(0.0)  # accepted: the bucket is empty from here
     pacer.sent(0.010)
@@ -100,4 +101,49 @@ def test_a_pace_guessed_too_fast_is_corrected_by_the_next_refusal() -> None:
     assert second == pytest.approx(0.032)
     fast.sent(second)  # 11 ms later: the server needs 9 more
     fast.rate_limited(second + 0.001, 0.009, written_at=second)
-    assert fast.interval == pytest.approx(0.02 * 1.1)
+    assert fast.interval == pytest.approx(0.019 * 1.1)
+    assert fast.interval > 0.02
+
+
+def test_a_refusal_after_a_quiet_spell_does_not_make_the_quiet_spell_the_pace() -> None:
+    """One write, a quiet minute, then a send refused for 100 ms because another
+    connection of the same user (the bucket is the user's) emptied the bucket: the gap
+    since the write before counts for at most retry_after, so the next sends go about
+    0.2 s apart, not a minute."""
+    pacer = Pacer(16)
+    pacer.sent(0.0)
+    pacer.sent(60.0)
+    pacer.rate_limited(60.005, 0.1, written_at=60.0)
+    assert pacer.interval == pytest.approx(0.2 * 1.1)  # (0.1 + min(60, 0.1)) plus a tenth
+    now = pacer.next_at(60.005, 0)
+    assert now == pytest.approx(60.105)  # the retried send: when the server has a token
+    pacer.sent(now)
+    pacer.acknowledged()
+    for _ in range(3):
+        at = pacer.next_at(now, 0)
+        assert at - now <= 0.2 * 1.1 + 1e-9
+        now = at
+        pacer.sent(now)
+        pacer.acknowledged()
+
+
+def test_the_pace_is_forgotten_after_a_quiet_spell_and_learnt_again() -> None:
+    """Ten intervals with no write and no refusal: the pace is forgotten (a whole window
+    goes at once, not only the ten tokens the local bucket saved); a new refusal learns
+    it again. A connection that keeps writing keeps its pace."""
+    pacer = Pacer(16)
+    pacer.rate_limited(0.0, 0.1)
+    interval = pacer.interval
+    for _ in range(16):
+        pacer.acknowledged()
+    now = 0.1
+    for _ in range(30):  # a long paced queue: no refusal, but writes all along
+        now = pacer.next_at(now, 0)
+        pacer.sent(now)
+    assert pacer.interval == interval
+    assert drain(pacer, now + 9 * interval, 100) == 9  # nine intervals: still paced
+    quiet = now + 9 * interval + 10.5 * interval
+    assert drain(pacer, quiet, 100) == 16  # the pace is forgotten: the whole window
+    assert pacer.interval == 0.0
+    pacer.rate_limited(quiet + 0.001, 0.05)
+    assert pacer.interval == pytest.approx(0.055)

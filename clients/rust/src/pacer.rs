@@ -8,9 +8,17 @@
 //! user's; when it refuses a send it says how long until the bucket holds a token
 //! again (`retry_after_ms`). The send written before the refused one took a token (or
 //! was refused for the same one), so from that write to the next token is at most
-//! one token's refill time, and exactly that when the bucket was left empty: the
-//! longest such span seen, plus a tenth, is taken as the pace (`interval`). From then
-//! on:
+//! one token's refill time, and exactly that when the bucket was left empty. But the
+//! bucket is shared with the user's other connections (and `typing`, and for guests the
+//! address's bucket): the write before may be long ago, and another connection emptied the
+//! bucket since. So that gap counts for at most one token's time as far as it is known:
+//! `retry_after` (never more than one token's time), or the token time the pace already
+//! stands for (`interval` less its tenth) if longer. The first span is then between
+//! `retry_after` and twice it (the pace at worst about half the server's rate), a later one
+//! adds at most `retry_after` (and a tenth) to the pace, and a quiet spell is never taken for
+//! the pace. The longest span seen, plus a tenth, is the pace (`interval`); a span too short
+//! draws another refusal, whose gap (a paced one: the pace) lengthens it past the server's
+//! token time. From then on:
 //!
 //! - the window drops to one send and widens by one per acknowledgement;
 //! - nothing is written before the `retry_after_ms` has passed;
@@ -18,6 +26,13 @@
 //!   holding at most `limit`, so a long queue goes out at the server's rate instead
 //!   of drawing a refusal for most sends, and after a quiet spell a whole window may
 //!   go at once again.
+//!
+//! The pace only grows while refusals come, so it is forgotten (`interval` back to zero, as
+//! before any refusal) once the connection has neither written nor been refused for
+//! `PACE_MEMORY` intervals: a connection that keeps writing keeps its pace (a long queue
+//! draws no new window of refusals), a quiet one starts afresh with its next refusal (at most
+//! a window of them, `limit`, within the server's burst), so a pace learnt from another
+//! connection's burst, or a slower one, does not last.
 //!
 //! [`Pacer::reset`] (a new connection, perhaps to a server with other limits)
 //! forgets the pace but keeps a pause that has not ended (the bucket is the user's,
@@ -32,6 +47,8 @@ const PACE_MARGIN: f64 = 1.1;
 /// A bucket refilled for exactly one token's time must hold that token, whatever
 /// floating point makes of it.
 const EPSILON: f64 = 1e-9;
+/// The pace is forgotten after this many intervals with no write and no refusal.
+const PACE_MEMORY: u32 = 10;
 /// Write times kept to find the one before a refused send.
 const WRITES_KEPT: usize = 64;
 
@@ -68,7 +85,7 @@ impl Pacer {
             return None;
         }
         let mut at = self.paused_until.map_or(now, |until| until.max(now));
-        if !self.interval.is_zero() {
+        if !self.interval.is_zero() && !self.stale(at) {
             let tokens = self.tokens_at(at);
             if tokens < 1.0 - EPSILON {
                 at += self.interval.mul_f64(1.0 - tokens);
@@ -83,6 +100,7 @@ impl Pacer {
         if self.writes.len() > WRITES_KEPT {
             self.writes.pop_front();
         }
+        self.forget_stale(now);
         if !self.interval.is_zero() {
             self.tokens = (self.tokens_at(now) - 1.0).max(0.0);
             self.stamp = Some(now);
@@ -99,15 +117,19 @@ impl Pacer {
     pub(crate) fn rate_limited(&mut self, now: Instant, retry_after: Duration, written_at: Option<Instant>) {
         self.window = 1;
         self.pause(now + retry_after);
+        self.forget_stale(now);
         if retry_after.is_zero() {
             return;
         }
         let mut span = retry_after;
         if let Some(written_at) = written_at {
-            // The writes up to the refused one, in order; the one before it.
+            // The writes up to the refused one, in order; the one before it. The gap since
+            // then counts for at most one token's time as far as we know it (another
+            // connection may have emptied the bucket in it).
             let mut earlier = self.writes.iter().filter(|t| **t <= written_at).rev();
             if let (Some(_), Some(before)) = (earlier.next(), earlier.next()) {
-                span += written_at.saturating_duration_since(*before);
+                let token = retry_after.max(self.interval.div_f64(PACE_MARGIN));
+                span += written_at.saturating_duration_since(*before).min(token);
             }
         }
         self.interval = self.interval.max(span.mul_f64(PACE_MARGIN));
@@ -133,6 +155,19 @@ impl Pacer {
         self.tokens = 0.0;
         self.stamp = None;
         self.writes.clear();
+    }
+
+    /// Whether the pace is too old at `now`: no write and no refusal (`stamp`, the latest)
+    /// for `PACE_MEMORY` intervals.
+    fn stale(&self, now: Instant) -> bool {
+        self.stamp.is_none_or(|stamp| now.saturating_duration_since(stamp) >= self.interval * PACE_MEMORY)
+    }
+
+    fn forget_stale(&mut self, now: Instant) {
+        if !self.interval.is_zero() && self.stale(now) {
+            self.interval = Duration::ZERO;
+            self.tokens = 0.0;
+        }
     }
 
     fn tokens_at(&self, now: Instant) -> f64 {
@@ -259,6 +294,57 @@ mod tests {
         close(second - t0, ms(32.0));
         fast.sent(second); // 11 ms later: the server needs 9 more
         fast.rate_limited(second + ms(1.0), ms(9.0), Some(second));
-        close(fast.interval, ms(22.0));
+        close(fast.interval, ms(20.9)); // 9 ms + the 10 ms the pace stood for, plus a tenth
+        assert!(fast.interval > ms(20.0));
+    }
+    /// One write, a quiet minute, then a send refused for 100 ms because another connection
+    /// of the same user (the bucket is the user's) emptied the bucket: the gap since the write
+    /// before counts for at most retry_after, so the next sends go about 0.2 s apart.
+    #[test]
+    fn a_refusal_after_a_quiet_spell_does_not_make_the_quiet_spell_the_pace() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(16);
+        pacer.sent(t0);
+        let written = t0 + Duration::from_secs(60);
+        pacer.sent(written);
+        pacer.rate_limited(written + ms(5.0), ms(100.0), Some(written));
+        close(pacer.interval, ms(220.0)); // (100 + min(60000, 100)) plus a tenth
+        let mut now = pacer.next_at(written + ms(5.0), 0).unwrap();
+        close(now - t0, Duration::from_secs(60) + ms(105.0)); // the retried send
+        pacer.sent(now);
+        pacer.acknowledged();
+        for i in 0..3 {
+            let at = pacer.next_at(now, 0).unwrap();
+            assert!(at - now <= ms(220.0) + Duration::from_micros(1), "send {i} waits {:?}", at - now);
+            now = at;
+            pacer.sent(now);
+            pacer.acknowledged();
+        }
+    }
+
+    /// Ten intervals with no write and no refusal: a whole window goes at once (not only the
+    /// ten tokens the local bucket saved); a new refusal learns the pace again. A connection
+    /// that keeps writing keeps its pace.
+    #[test]
+    fn the_pace_is_forgotten_after_a_quiet_spell_and_learnt_again() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(16);
+        pacer.rate_limited(t0, ms(100.0), None);
+        let interval = pacer.interval;
+        for _ in 0..16 {
+            pacer.acknowledged();
+        }
+        let mut now = t0 + ms(100.0);
+        for _ in 0..30 {
+            now = pacer.next_at(now, 0).unwrap(); // a long paced queue: writes all along
+            pacer.sent(now);
+        }
+        assert_eq!(pacer.interval, interval);
+        assert_eq!(drain(&mut pacer, now + interval * 9, 100), 9, "nine intervals: still paced");
+        let quiet = now + interval * 9 + interval.mul_f64(10.5);
+        assert_eq!(drain(&mut pacer, quiet, 100), 16, "the pace is forgotten: the whole window");
+        assert_eq!(pacer.interval, Duration::ZERO);
+        pacer.rate_limited(quiet + ms(1.0), ms(50.0), None);
+        close(pacer.interval, ms(55.0));
     }
 }

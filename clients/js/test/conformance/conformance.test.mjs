@@ -482,6 +482,24 @@ test("rate limit: a burst past it is paced after the first rate_limited, drawing
   for (const m of sent) assert.equal(dora.app.text(room, m.id), m.text);
 });
 
+test("rate limit: a refusal another connection of the user caused does not slow this one", async () => {
+  // The bucket is the user's: a phone writes once and is quiet, a laptop of the same user
+  // empties the bucket, the phone's next send is refused (retry_after 100 ms). The phone's
+  // quiet spell is not the server's pace: its 4 sends go at about the server's 10 a second.
+  const s = await harness.server({ env: { RATE_LIMIT: "10", RATE_LIMIT_BURST: "5" } });
+  const room = "r";
+  const [phone, laptop] = await members(room, [s.url, "ann"], [s.url, "ann"]);
+  await phone.c.send(room, "hello", { timeout: TIMEOUT }); // the phone's write before the refused one
+  await new Promise((r) => setTimeout(r, 1500)); // the scenario: a quiet spell (no event to await)
+  const before = await refusals(s);
+  await Promise.all(Array.from({ length: 5 }, (_, i) => laptop.c.send(room, `laptop ${i}`, { timeout: TIMEOUT })));
+  const started = Date.now();
+  for (let i = 0; i < 4; i++) await phone.c.send(room, `phone ${i}`, { timeout: TIMEOUT });
+  const took = Date.now() - started;
+  assert.ok((await refusals(s)) > before, "the phone was never refused");
+  assert.ok(took < 1200, `4 sends took ${took} ms (pacer interval ${phone.c.pacer.interval} ms)`);
+});
+
 test("refused upgrade: a full server's 503 Retry-After is waited before reconnecting", async () => {
   // MAX_CONNECTIONS=1: the second client's upgrade gets 503 with Retry-After: 5. Its own
   // backoff (50 .. 200 ms) must not bring it back sooner, even once a slot is free.

@@ -88,5 +88,49 @@ test("pacer: a pace guessed too fast is corrected by the next refusal", () => {
   close(second, 32, "second");
   fast.sent(second); // 11 ms later: the server needs 9 more
   fast.rateLimited(second + 1, 9, second);
-  close(fast.interval, 22, "corrected");
+  close(fast.interval, 20.9, "corrected: 9 ms + the 10 ms the pace stood for, plus a tenth");
+});
+
+test("pacer: a refusal after a quiet spell does not make the quiet spell the pace", () => {
+  // One write, a quiet minute, then a send refused for 100 ms because another connection of
+  // the same user (the bucket is the user's) emptied the bucket: the gap since the write
+  // before counts for at most retry_after, so the next sends go about 0.2 s apart.
+  const pacer = new Pacer(16);
+  pacer.sent(0);
+  pacer.sent(60_000);
+  pacer.rateLimited(60_005, 100, 60_000);
+  close(pacer.interval, 220, "(100 + min(60000, 100)) plus a tenth");
+  let now = pacer.nextAt(60_005, 0);
+  close(now, 60_105, "the retried send");
+  pacer.sent(now);
+  pacer.acknowledged();
+  for (let i = 0; i < 3; i++) {
+    const at = pacer.nextAt(now, 0);
+    assert.ok(at - now <= 220 + 1e-6, `send ${i} waits ${at - now} ms`);
+    now = at;
+    pacer.sent(now);
+    pacer.acknowledged();
+  }
+});
+
+test("pacer: the pace is forgotten after a quiet spell and learnt again", () => {
+  // Ten intervals with no write and no refusal: a whole window goes at once (not only the ten
+  // tokens the local bucket saved); a new refusal learns the pace again. A connection that
+  // keeps writing keeps its pace.
+  const pacer = new Pacer(16);
+  pacer.rateLimited(0, 100);
+  const interval = pacer.interval;
+  for (let i = 0; i < 16; i++) pacer.acknowledged();
+  let now = 100;
+  for (let i = 0; i < 30; i++) {
+    now = pacer.nextAt(now, 0); // a long paced queue: no refusal, but writes all along
+    pacer.sent(now);
+  }
+  assert.equal(pacer.interval, interval);
+  assert.equal(drain(pacer, now + 9 * interval, 100), 9, "nine intervals: still paced");
+  const quiet = now + 9 * interval + 10.5 * interval;
+  assert.equal(drain(pacer, quiet, 100), 16, "the pace is forgotten: the whole window");
+  assert.equal(pacer.interval, 0);
+  pacer.rateLimited(quiet + 1, 50);
+  close(pacer.interval, 55, "learnt again");
 });

@@ -16,6 +16,8 @@ EPSILON = 1e-9
 # Paced sends go this much slower than the server's rate: what its bucket saves up
 # absorbs the jitter of the way there (a send that arrives a little early is refused).
 PACE_MARGIN = 1.1
+# The pace is forgotten after this many intervals with no write and no refusal.
+PACE_MEMORY = 10
 
 
 @dataclass(slots=True)
@@ -27,8 +29,17 @@ class Pacer:
     it says how long until the bucket holds a token again (``retry_after_ms``). The
     send written before the refused one took a token (or was refused for the same
     one), so from that write to the next token is at most one token's refill time,
-    and exactly that when the bucket was left empty: the longest such span seen, plus
-    a tenth, is taken as the pace (``interval``). From then on:
+    and exactly that when the bucket was left empty. But the bucket is shared with the
+    user's other connections (and ``typing``, and for guests the address's bucket): the
+    write before may be long ago, and another connection emptied the bucket since. So
+    that gap counts for at most one token's time as far as it is known: ``retry_after``
+    (never more than one token's time), or the token time the pace already stands for
+    (``interval`` less its tenth) if longer. The first span is then between
+    ``retry_after`` and twice it (the pace at worst about half the server's rate), a
+    later one adds at most ``retry_after`` (and a tenth) to the pace, and a quiet
+    spell is never taken for the pace. The longest span seen, plus a tenth, is the
+    pace (``interval``); a span too short draws another refusal, whose gap (a paced
+    one: the pace) lengthens it past the server's token time. From then on:
 
     - the window drops to one send and widens by one per acknowledgement;
     - nothing is written before the ``retry_after_ms`` has passed;
@@ -36,6 +47,13 @@ class Pacer:
       holding at most ``limit``, so a long queue goes out at the server's rate instead
       of drawing a refusal for most sends, and after a quiet spell a whole window may
       go at once again.
+
+    The pace only grows while refusals come, so it is forgotten (``interval`` back to
+    0, as before any refusal) once the connection has neither written nor been refused
+    for ``PACE_MEMORY`` intervals: a connection that keeps writing keeps its pace (a
+    long queue draws no new window of refusals), a quiet one starts afresh with its
+    next refusal (at most a window of them, ``limit``, within the server's burst), so a
+    pace learnt from another connection's burst, or a slower one, does not last.
 
     :meth:`reset` (a new connection, perhaps to a server with other limits) forgets the
     pace but keeps a pause that has not ended (the bucket is the user's, not the
@@ -64,7 +82,7 @@ class Pacer:
         if in_flight >= self.window:
             return None
         at = max(now, self.paused_until)
-        if self.interval:
+        if self.interval and not self._stale(at):
             tokens = self._tokens_at(at)
             if tokens < 1 - EPSILON:
                 at += (1 - tokens) * self.interval
@@ -73,6 +91,7 @@ class Pacer:
     def sent(self, now: float) -> None:
         """A send was written at ``now`` (when :meth:`next_at` allowed it)."""
         self._writes.append(now)
+        self._forget_stale(now)
         if self.interval:
             self._tokens = max(0.0, self._tokens_at(now) - 1)
             self._stamp = now
@@ -87,13 +106,17 @@ class Pacer:
         for ``retry_after`` seconds."""
         self.window = 1
         self.pause(now + retry_after)
+        self._forget_stale(now)
         if retry_after > 0:
             span = retry_after
             if written_at is not None:
-                # The writes up to the refused one, in order; the one before it.
+                # The writes up to the refused one, in order; the one before it. The
+                # gap since then counts for at most one token's time as far as we know
+                # it (another connection may have emptied the bucket in it).
                 earlier = [t for t in self._writes if t <= written_at]
                 if len(earlier) >= 2:
-                    span += written_at - earlier[-2]
+                    token = max(retry_after, self.interval / PACE_MARGIN)
+                    span += min(written_at - earlier[-2], token)
             self.interval = max(self.interval, span * PACE_MARGIN)
             # The server's bucket holds its next token at now + retry_after.
             self._tokens = max(0.0, 1 - retry_after / self.interval)
@@ -110,6 +133,15 @@ class Pacer:
         self.window = self.limit
         self.interval = self._tokens = self._stamp = 0.0
         self._writes.clear()
+
+    def _stale(self, now: float) -> bool:
+        """Whether the pace is too old at ``now``: no write and no refusal for
+        ``PACE_MEMORY`` intervals (``_stamp`` is the latest of them)."""
+        return now - self._stamp >= PACE_MEMORY * self.interval
+
+    def _forget_stale(self, now: float) -> None:
+        if self.interval and self._stale(now):
+            self.interval = self._tokens = 0.0
 
     def _tokens_at(self, now: float) -> float:
         return min(float(self.limit), self._tokens + max(0.0, now - self._stamp) / self.interval)
