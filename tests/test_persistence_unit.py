@@ -626,6 +626,46 @@ def test_jobs_the_watchdog_failed_are_not_written_when_their_refused_batch_is_sp
         writer.close()
 
 
+def test_a_job_committed_in_an_earlier_half_is_acknowledged_not_timed_out(
+        message_log: MessageLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side of the test above: [a, surrogate, b, c] is refused, [a, surrogate]
+    too, [a] commits, then [surrogate] alone is slow and the watchdog fires. 'a' is
+    stored and published: its sender gets its id, not 'database write timed out' (which
+    it got, found by a second review); only the jobs not yet written time out."""
+    write = message_log.write
+    writes: list[int] = []
+
+    def slow_fourth_write(jobs: list[Any]) -> None:
+        writes.append(len(jobs))
+        if len(writes) == 4:  # [surrogate] alone, after [a] committed
+            gevent.sleep(1.5)
+        write(jobs)
+
+    monkeypatch.setattr(message_log, "write", slow_fourth_write)
+    published: list[RoomPost] = []
+    writer = GroupCommitWriter(message_log, published.extend)
+    monkeypatch.setattr(writer, "SUBMIT_TIMEOUT", 1.0)
+    monkeypatch.setattr(writer, "WATCH_EVERY", 0.1)
+    writer.start()
+    room = f"split-{uuid.uuid4().hex[:8]}"
+
+    def post(text: str, user: str = "u1") -> RoomPost:
+        return RoomPost(room=room, user_id=user,
+                        draft=draft_message(room, "u1", "u1", text, 1, None), created_ms=1)
+
+    try:
+        sent = [gevent.spawn(writer.submit, job)
+                for job in (post("a"), post("surrogate", "\ud800"), post("b"), post("c"))]
+        gevent.joinall(sent, timeout=TIMEOUT)
+        assert sent[0].exception is None and sent[0].value.msg_id == 1, sent[0].exception
+        assert all("timed out" in str(g.exception) for g in sent[1:]), [g.exception for g in sent]
+        assert [orjson.loads(e)["text"] for e in message_log.after(room, 0, 10)] == ["a"]
+        assert [orjson.loads(j.event)["text"] for j in published] == ["a"]
+        assert writes == [4, 2, 1, 1]
+    finally:
+        writer.close()
+
+
 def test_ids_issued_before_persistence_are_never_reused(
         durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
     """A window that already issued ids (e.g. Redis before persistence) lifts the log's sequence."""

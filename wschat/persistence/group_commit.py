@@ -158,6 +158,8 @@ class GroupCommitWriter:
             log.error("database refused a %s: %s", type(jobs[0]).__name__, first_line(exc))
             jobs[0].error = exc
             return
+        for job in jobs:
+            job.committed = True
         written.extend(jobs)
 
     def _expire_forever(self) -> None:
@@ -166,7 +168,8 @@ class GroupCommitWriter:
 
     def _expire(self, submitted_before: float) -> None:
         """Fail the jobs submitted before ``submitted_before``: queued ones are dropped (never
-        written); a batch still in the database may yet commit, like any timed-out request."""
+        written); a batch still in the database may yet commit, like any timed-out request.
+        Jobs already committed (a refused batch written in parts) keep their outcome."""
         expired: list[Job] = []
         while self._queue and self._queue[0].submitted < submitted_before:
             expired.append(self._queue.popleft())
@@ -176,11 +179,11 @@ class GroupCommitWriter:
         if not expired:
             return
         for job in expired:
-            if not job.finished:
+            if not job.finished and not job.committed:
                 job.cancelled, job.finished = True, True
                 job.error = DatabaseUnavailable("database write timed out")
-        if in_flight is not None and in_flight[0][0].finished:
-            in_flight[1].set()
+        if in_flight is not None and any(job.finished for job in in_flight[0]):
+            in_flight[1].set()  # wakes its failed senders; a committed one waits on
         # Queued jobs' senders wait on the batch being gathered: wake them (the others wait
         # again on a fresh event).
         waiting, self._gathering = self._gathering, gevent.event.Event()

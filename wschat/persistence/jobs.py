@@ -23,6 +23,9 @@ class Job:
     finished: bool = field(default=False, init=False)  # the outcome (or error) is filled in
     submitted: float = field(default=0.0, init=False)  # time.monotonic()
     cancelled: bool = field(default=False, init=False)
+    # In a transaction that committed (the batch may still be writing other parts of
+    # itself): the watchdog leaves it to its outcome.
+    committed: bool = field(default=False, init=False)
     error: Exception | None = field(default=None, init=False)
 
 
