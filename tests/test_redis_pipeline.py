@@ -291,7 +291,8 @@ def test_a_quiet_pub_sub_connection_pings_redis() -> None:
 
 HUNG = """
 from gevent import monkey; monkey.patch_all()
-import os, signal, sys, gevent, redis
+import logging, os, signal, sys, gevent, redis
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="LOG %(message)s")
 from wschat.stores.redis import broker as broker_module
 broker_module.IDLE_CHECK, broker_module.PING_AFTER, broker_module.ANSWER_TIMEOUT = 0.1, 0.3, 0.5
 broker_module.RECONNECT_AFTER = 1.0
@@ -335,6 +336,46 @@ def test_a_hung_redis_turns_the_listener_unhealthy_until_it_answers() -> None:
         out = subprocess.run([sys.executable, "-c", HUNG, server.url, str(server.proc.pid)],
                              capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["True", "True", "True", "True"], out
+    logs = [line for line in out.stderr.splitlines() if line.startswith("LOG")]
+    for said in ("has not answered PING for 0.5 s; not ready", "redis pub/sub lost",
+                 "redis pub/sub reconnected"):  # the operations guide's words
+        assert any(said in line for line in logs), (said, logs)
+
+
+BUSY = """
+from gevent import monkey; monkey.patch_all()
+import socket, sys, gevent, redis
+from wschat.stores.redis import broker as broker_module
+broker_module.IDLE_CHECK, broker_module.PING_AFTER, broker_module.ANSWER_TIMEOUT = 0.1, 0.3, 0.5
+url, port = sys.argv[1], int(sys.argv[2])
+redis.Redis.from_url(url).config_set("busy-reply-threshold", 100)
+broker = broker_module.RedisBroker(redis.Redis.from_url(url, socket_timeout=0.5,
+                                                        socket_connect_timeout=0.5))
+broker.start(lambda *_: None, lambda *_: None)
+broker.subscribe_room("quiet")
+script = socket.create_connection(("127.0.0.1", port))
+script.sendall(b"*3\\r\\n$4\\r\\nEVAL\\r\\n$17\\r\\nwhile true do end\\r\\n$1\\r\\n0\\r\\n")
+def until(healthy):
+    deadline = gevent.get_hub().loop.now() + 10
+    while broker.healthy() != healthy and gevent.get_hub().loop.now() < deadline:
+        gevent.sleep(0.02)
+    return broker.healthy() == healthy
+print(until(False), end=" ")
+redis.Redis.from_url(url, socket_timeout=5).script_kill()
+print(until(True))
+broker.close()
+"""
+
+
+def test_a_redis_busy_with_a_script_is_not_an_answer() -> None:
+    """A script running past busy-reply-threshold makes Redis answer every command,
+    the listener's PING included, with -BUSY, and run none: posts fail. That error
+    reply counted as an answer, so /ready stayed green (found by a second review). The
+    worker is now unready until Redis answers for real (SCRIPT KILL here)."""
+    with own_redis() as server:
+        out = subprocess.run([sys.executable, "-c", BUSY, server.url, str(server.port)],
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True"], out
 
 
 STALL = """

@@ -158,16 +158,22 @@ class RedisBroker(Broker):
             except TimeoutError:  # nothing for IDLE_CHECK seconds
                 idle += IDLE_CHECK
                 if pinged and idle >= RECONNECT_AFTER:
+                    # (unhealthy since ANSWER_TIMEOUT, so the reconnect loop says nothing)
+                    log.warning("redis pub/sub lost (no answer to PING for %g s); reconnecting",
+                                idle)
                     raise redis.TimeoutError("redis did not answer PING") from None
-                if pinged and idle >= ANSWER_TIMEOUT and self._healthy:
-                    log.warning("redis has not answered PING for %.0f s; not ready until it "
-                                "does", idle)
-                    self._healthy = False
-                    if self._metrics is not None:
-                        self._metrics.store_error("redis")
+                if pinged and idle >= ANSWER_TIMEOUT:
+                    self._not_answering(f"has not answered PING for {idle:g} s")
                 if not pinged and idle >= PING_AFTER:
                     pubsub.ping()  # a closed connection fails the write; a hung Redis the wait
                     idle, pinged = 0.0, True
+                continue
+            if isinstance(response, Exception):
+                # An error reply to the PING: -BUSY (a script running past
+                # busy-reply-threshold), -LOADING. Redis runs no command meanwhile: not an
+                # answer. PING again after the next quiet IDLE_CHECK.
+                self._not_answering(f"answered PING with an error ({response})")
+                idle, pinged = PING_AFTER, False
                 continue
             if not self._healthy:
                 log.warning("redis answered again; ready")
@@ -194,6 +200,14 @@ class RedisBroker(Broker):
                     if pending[1] <= 0:
                         del self._pending[channel]
                         pending[0].set()
+
+    def _not_answering(self, why: str) -> None:
+        """Not ready (posts refused, /ready 503) until Redis answers on this connection."""
+        if self._healthy:
+            log.warning("redis %s; not ready until it answers", why)
+            self._healthy = False
+            if self._metrics is not None:
+                self._metrics.store_error("redis")
 
     def _subscribe(self, channel: str, wait: bool = True) -> None:
         key = channel.encode()
