@@ -212,9 +212,12 @@ def test_flood_disconnects_with_4102(limited: Server) -> None:
     r = room()
     with user(limited, max_queue=None) as c:
         c.join(r)
-        for i in range(BURST + 3 * BURST):
-            c.send({"type": "message", "room": r, "text": f"f{i}"})
-        events = []
+        try:
+            for i in range(BURST + 3 * BURST):
+                c.send({"type": "message", "room": r, "text": f"f{i}"})
+        except ConnectionClosed:
+            pass  # a server faster than this client closes before the last ones are written
+        events = []  # what came before the close is still read, then the close
         with pytest.raises(ConnectionClosed):
             while True:
                 events.append(c.recv())
