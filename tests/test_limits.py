@@ -207,11 +207,15 @@ def test_connections_of_one_user_share_a_bucket(limited: Server) -> None:
 
 
 def test_flood_disconnects_with_4102(limited: Server) -> None:
-    """A client that keeps flooding past 2 x burst refusals is told why and closed with 4102."""
+    """A client that keeps flooding past 2 x burst refusals is told why and closed with 4102:
+    at its (2 x burst + 1)-th refusal in a row. A token that comes back during the flood
+    (RATE per second; the flood is quick, but not on a loaded machine with Redis round
+    trips: seen once) lets one message through and starts the count again."""
     before = metric(limited, "wschat_disconnects_total", reason="rate_limited")
     r = room()
     with user(limited, max_queue=None) as c:
         c.join(r)
+        started = time.monotonic()
         try:
             for i in range(BURST + 3 * BURST):
                 c.send({"type": "message", "room": r, "text": f"f{i}"})
@@ -221,15 +225,19 @@ def test_flood_disconnects_with_4102(limited: Server) -> None:
         with pytest.raises(ConnectionClosed):
             while True:
                 events.append(c.recv())
+        flooded_for = time.monotonic() - started
         assert c.ws.close_code == 4102
         flooder = c.user_id
     errors = [e for e in events if e["type"] == "error"]
-    assert len(errors) == 2 * BURST + 1 and errors[-1] is events[-1]
+    assert errors and errors[-1] is events[-1]
     with user(limited) as reader:
         reader.join(r)
         history = reader.request({"type": "history", "room": r, "limit": 50}, "history")
     accepted = [m["text"] for m in history["messages"] if m["user_id"] == flooder]
-    assert BURST <= len(accepted) <= BURST + 1
+    refilled = len(accepted) - BURST  # usually 0, at most one a token's time (1 / RATE)
+    assert 0 <= refilled <= 1 + RATE * flooded_for
+    # Each refilled token's message ended a run of fewer than 2 x burst + 1 refusals.
+    assert 2 * BURST + 1 <= len(errors) <= 2 * BURST + 1 + 2 * BURST * refilled
     echoes = [e["text"] for e in events if e["type"] == "message"]
     if "REDIS_URL" in limited.env:
         # Echoes come through pub/sub: those still on their way when the 4102 closes

@@ -191,10 +191,14 @@ def test_sustained_rate_matches_configuration(bench: Bench) -> None:
         assert allowed == burst + int(rate * 0.6) - 1 or allowed == burst + int(rate * 0.6)
         return
     started = time.monotonic()
+    attempts = 0
     while time.monotonic() - started < 0.5:
         allowed += limiter.hit("a") == 0
+        attempts += 1
     elapsed = time.monotonic() - started
-    assert burst + rate * elapsed * 0.9 - 2 <= allowed <= burst + rate * elapsed + 2
+    # No more than the rate; as many as the rate, unless the round trips themselves were
+    # slower than it (a loaded machine once made only 80 attempts in 0.5 s: all passed).
+    assert min(attempts, burst + rate * elapsed * 0.9 - 2) <= allowed <= burst + rate * elapsed + 2
 
 
 # -- memory only -----------------------------------------------------------------------
