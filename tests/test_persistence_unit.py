@@ -582,6 +582,45 @@ def test_a_value_the_database_refuses_fails_its_own_job_not_its_batch(
         writer.close()
 
 
+class SlowSplit:
+    """A group-commit writer over the real ``message_log`` whose ``slow_write``-th write
+    (1-based) takes 1.5 s while the watchdog answers after 1 s, and a batch of four in a
+    fresh room (PostgreSQL's database is the module's): a, a refused one (a lone
+    surrogate), b, c. ``writes`` holds each write's size, ``published`` what was."""
+
+    def __init__(self, message_log: MessageLog, monkeypatch: pytest.MonkeyPatch,
+                 slow_write: int) -> None:
+        write = message_log.write
+        self.writes: list[int] = []
+
+        def counted(jobs: list[Any]) -> None:
+            self.writes.append(len(jobs))
+            if len(self.writes) == slow_write:
+                gevent.sleep(1.5)
+            write(jobs)
+
+        monkeypatch.setattr(message_log, "write", counted)
+        self.published: list[RoomPost] = []
+        self.writer = GroupCommitWriter(message_log, self.published.extend)
+        monkeypatch.setattr(self.writer, "SUBMIT_TIMEOUT", 1.0)
+        monkeypatch.setattr(self.writer, "WATCH_EVERY", 0.1)
+        self.room = f"split-{uuid.uuid4().hex[:8]}"
+
+    def post(self, text: str, user: str = "u1") -> RoomPost:
+        return RoomPost(room=self.room, user_id=user, created_ms=1,
+                        draft=draft_message(self.room, "u1", "u1", text, 1, None))
+
+    def send_batch(self) -> list[gevent.Greenlet]:
+        self.writer.start()
+        sent = [gevent.spawn(self.writer.submit, job) for job in (
+            self.post("a"), self.post("surrogate", "\ud800"), self.post("b"), self.post("c"))]
+        gevent.joinall(sent, timeout=TIMEOUT)
+        return sent
+
+    def published_texts(self) -> list[str]:
+        return [orjson.loads(j.event)["text"] for j in self.published]
+
+
 def test_jobs_the_watchdog_failed_are_not_written_when_their_refused_batch_is_split(
         message_log: MessageLog, monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused batch whose senders were already told 'database write timed out' (the
@@ -589,41 +628,18 @@ def test_jobs_the_watchdog_failed_are_not_written_when_their_refused_batch_is_sp
     retry a message that is stored and published (a second copy without a
     client_msg_id), as a timed-out job still queued is never written. (Found by review:
     'a', 'b', 'c' were stored and published after their senders had the error.)"""
-    write = message_log.write
-    writes: list[int] = []
-
-    def first_write_slow(jobs: list[Any]) -> None:
-        if not writes:
-            gevent.sleep(1.5)  # the database is slow: the watchdog answers first (1 s)
-        writes.append(len(jobs))
-        write(jobs)
-
-    monkeypatch.setattr(message_log, "write", first_write_slow)
-    published: list[RoomPost] = []
-    writer = GroupCommitWriter(message_log, published.extend)
-    monkeypatch.setattr(writer, "SUBMIT_TIMEOUT", 1.0)
-    monkeypatch.setattr(writer, "WATCH_EVERY", 0.1)
-    writer.start()
-
-    room = f"split-{uuid.uuid4().hex[:8]}"  # PostgreSQL's database is the module's
-
-    def post(text: str, user: str = "u1") -> RoomPost:
-        return RoomPost(room=room, user_id=user,
-                        draft=draft_message(room, "u1", "u1", text, 1, None), created_ms=1)
-
+    split = SlowSplit(message_log, monkeypatch, slow_write=1)
     try:
-        sent = [gevent.spawn(writer.submit, job)
-                for job in (post("a"), post("surrogate", "\ud800"), post("b"), post("c"))]
-        gevent.joinall(sent, timeout=TIMEOUT)
+        sent = split.send_batch()
         assert all("timed out" in str(g.exception) for g in sent), [g.exception for g in sent]
         # The writer takes jobs in order: once this one is written, the batch before it
         # is done with.
-        assert writer.submit(post("d")).msg_id == 1
-        assert [orjson.loads(e)["text"] for e in message_log.after(room, 0, 10)] == ["d"]
-        assert [orjson.loads(j.event)["text"] for j in published] == ["d"]
-        assert writes == [4, 1]
+        assert split.writer.submit(split.post("d")).msg_id == 1
+        assert [orjson.loads(e)["text"] for e in message_log.after(split.room, 0, 10)] == ["d"]
+        assert split.published_texts() == ["d"]
+        assert split.writes == [4, 1]
     finally:
-        writer.close()
+        split.writer.close()
 
 
 def test_a_job_committed_in_an_earlier_half_is_acknowledged_not_timed_out(
@@ -632,38 +648,16 @@ def test_a_job_committed_in_an_earlier_half_is_acknowledged_not_timed_out(
     too, [a] commits, then [surrogate] alone is slow and the watchdog fires. 'a' is
     stored and published: its sender gets its id, not 'database write timed out' (which
     it got, found by a second review); only the jobs not yet written time out."""
-    write = message_log.write
-    writes: list[int] = []
-
-    def slow_fourth_write(jobs: list[Any]) -> None:
-        writes.append(len(jobs))
-        if len(writes) == 4:  # [surrogate] alone, after [a] committed
-            gevent.sleep(1.5)
-        write(jobs)
-
-    monkeypatch.setattr(message_log, "write", slow_fourth_write)
-    published: list[RoomPost] = []
-    writer = GroupCommitWriter(message_log, published.extend)
-    monkeypatch.setattr(writer, "SUBMIT_TIMEOUT", 1.0)
-    monkeypatch.setattr(writer, "WATCH_EVERY", 0.1)
-    writer.start()
-    room = f"split-{uuid.uuid4().hex[:8]}"
-
-    def post(text: str, user: str = "u1") -> RoomPost:
-        return RoomPost(room=room, user_id=user,
-                        draft=draft_message(room, "u1", "u1", text, 1, None), created_ms=1)
-
+    split = SlowSplit(message_log, monkeypatch, slow_write=4)  # [surrogate], after [a]
     try:
-        sent = [gevent.spawn(writer.submit, job)
-                for job in (post("a"), post("surrogate", "\ud800"), post("b"), post("c"))]
-        gevent.joinall(sent, timeout=TIMEOUT)
+        sent = split.send_batch()
         assert sent[0].exception is None and sent[0].value.msg_id == 1, sent[0].exception
         assert all("timed out" in str(g.exception) for g in sent[1:]), [g.exception for g in sent]
-        assert [orjson.loads(e)["text"] for e in message_log.after(room, 0, 10)] == ["a"]
-        assert [orjson.loads(j.event)["text"] for j in published] == ["a"]
-        assert writes == [4, 2, 1, 1]
+        assert [orjson.loads(e)["text"] for e in message_log.after(split.room, 0, 10)] == ["a"]
+        assert split.published_texts() == ["a"]
+        assert split.writes == [4, 2, 1, 1]
     finally:
-        writer.close()
+        split.writer.close()
 
 
 def test_ids_issued_before_persistence_are_never_reused(
