@@ -425,6 +425,18 @@ fn disconnections(rec: &Recorder) -> Vec<Event> {
     rec.events().into_iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect()
 }
 
+/// `a` sends `m0` .. `m{n-1}` to `room` all at once; their acknowledgements, in the order
+/// sent (a failure panics with the client's disconnections).
+async fn send_at_once(a: &Client, rec: &Recorder, room: &str, n: usize) -> Vec<wschat::ChatMessage> {
+    let sends = (0..n).map(|i| {
+        let a = a.clone();
+        let room = room.to_owned();
+        async move { a.send(&room, &format!("m{i}")).await }
+    });
+    let sent = tokio::time::timeout(scaled(60.0), futures_util::future::join_all(sends)).await.expect("acknowledged");
+    sent.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}; {:#?}", disconnections(rec)))).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_faster_than_the_rate_limit_wait_for_retry_after() {
     let h = Harness::start().await;
@@ -457,13 +469,7 @@ async fn a_burst_of_sends_stays_within_the_rate_limit() {
     let s = h.server("memory", 1, json!({"RATE_LIMIT": "50", "RATE_LIMIT_BURST": "10"})).await;
     let (a, rec_a) = signed_in(&s.url, h.token("bert", 600.0).await);
     a.join("burst").await.unwrap();
-    let sends = (0..100).map(|i| {
-        let a = a.clone();
-        async move { a.send("burst", &format!("m{i}")).await }
-    });
-    let sent = tokio::time::timeout(scaled(60.0), futures_util::future::join_all(sends)).await.expect("acknowledged");
-    let mut ids: Vec<u64> =
-        sent.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}; {:#?}", disconnections(&rec_a))).id).collect();
+    let mut ids: Vec<u64> = send_at_once(&a, &rec_a, "burst", 100).await.iter().map(|m| m.id).collect();
     ids.sort();
     assert_eq!(ids, (1..=100).collect::<Vec<_>>());
     assert_eq!(disconnections(&rec_a), [], "the connection stayed up");
@@ -481,16 +487,10 @@ async fn a_burst_past_the_rate_limit_draws_few_refusals() {
     let (a, rec_a) = signed_in(&s.url, h.token("dora", 600.0).await);
     a.join("pace").await.unwrap();
     let before = common::refusals(&s).await;
-    let sends = (0..100).map(|i| {
-        let a = a.clone();
-        async move { a.send("pace", &format!("m{i}")).await }
-    });
-    let sent = tokio::time::timeout(scaled(60.0), futures_util::future::join_all(sends)).await.expect("acknowledged");
+    let sent = send_at_once(&a, &rec_a, "pace", 100).await;
     let refused = common::refusals(&s).await - before;
     assert!(refused <= 40, "{refused} rate_limited refusals for 100 sends");
     assert_eq!(disconnections(&rec_a), [], "the connection stayed up");
-    let sent: Vec<_> =
-        sent.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}; {:#?}", disconnections(&rec_a)))).collect();
     let ids: Vec<u64> = sent.iter().map(|m| m.id).collect();
     let mut sorted = ids.clone();
     sorted.sort();
