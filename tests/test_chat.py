@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from wschat.auth import Authenticator, Identity
-from wschat.chat import Chat, Session
+from wschat.chat import HOLD_GRACE, Chat, Session
 from wschat.config import Settings
 from wschat.protocol import CloseCode, Ping
 from wschat.ratelimit import MemoryRateLimiter
@@ -187,6 +187,54 @@ def test_rate_limit_shared_by_a_users_connections(chat: Chat) -> None:
     send(chat, a1, type="message", room="r", text="3")
     send(chat, a2, type="message", room="r", text="4")
     assert [e["code"] for e in a2.events("error")] == ["rate_limited"]
+
+
+def test_a_refused_send_keeps_its_place(chat: Chat, clock: Clock) -> None:
+    """After a send with a client_msg_id is refused rate_limited, the connection's later
+    sends are refused until it comes again, though a token refilled meanwhile: the
+    sender's order is the stored order."""
+    a, b = connect(chat, "a"), connect(chat, "b")
+    for s in (a, b):
+        send(chat, s, type="join", room="r")
+    for i in range(3):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    send(chat, a, type="message", room="r", text="m3", client_msg_id="c3")
+    assert a.events("error")[-1]["code"] == "rate_limited"
+    clock.now += 1.0  # a token for m3
+    send(chat, a, type="message", room="r", text="m4", client_msg_id="c4", id="late")
+    held = a.events("error")[-1]
+    assert held["code"] == "rate_limited" and held.get("id") == "late", (
+        f"m4 went before the refused m3: {[e['text'] for e in b.events('message')]}")
+    assert held["retry_after_ms"] >= 1
+    send(chat, a, type="dm", to="b", text="d", client_msg_id="c5", id="dm")
+    assert a.events("error")[-1].get("id") == "dm", "a DM went before the refused m3"
+    send(chat, a, type="message", room="r", text="m3", client_msg_id="c3")
+    clock.now += 1.0
+    send(chat, a, type="message", room="r", text="m4", client_msg_id="c4")
+    assert [e["text"] for e in b.events("message")] == ["m0", "m1", "m2", "m3", "m4"]
+
+
+def test_a_refused_send_is_waited_for_a_short_while(chat: Chat, clock: Clock) -> None:
+    """A client that never sends the refused message again is held back for no longer
+    than its retry_after and HOLD_GRACE; a send without a client_msg_id holds nothing;
+    another connection of the same user is not held."""
+    a, a2 = connect(chat, "a"), connect(chat, "a")
+    for s in (a, a2):
+        send(chat, s, type="join", room="r")
+    for i in range(3):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    send(chat, a, type="message", room="r", text="dropped", client_msg_id="gone")
+    clock.now += 1.0
+    send(chat, a2, type="message", room="r", text="other tab")
+    assert not a2.events("error"), "the hold is the refused connection's only"
+    clock.now += 1.0 + HOLD_GRACE
+    send(chat, a, type="message", room="r", text="after the hold", client_msg_id="c9")
+    assert a.events("message")[-1]["text"] == "after the hold"
+    for i in range(4):
+        send(chat, a, type="message", room="r", text=f"n{i}")  # no client_msg_id
+    clock.now += 1.0
+    send(chat, a, type="message", room="r", text="unheld", client_msg_id="c10")
+    assert a.events("message")[-1]["text"] == "unheld"
 
 
 def test_auth_required_gates_commands(clock: Clock) -> None:

@@ -206,6 +206,54 @@ def test_connections_of_one_user_share_a_bucket(limited: Server) -> None:
     assert BURST <= BURST + 6 - refused <= BURST + 1  # +1: a token may refill meanwhile
 
 
+def post_until_accepted(client: Client, r: str, text: str, client_msg_id: str) -> None:
+    """Send one message again after each rate_limited's retry_after_ms, as a client does."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        client.send({"type": "message", "room": r, "text": text,
+                     "client_msg_id": client_msg_id})
+        event = client.recv()
+        while event["type"] != "error" and event.get("client_msg_id") != client_msg_id:
+            event = client.recv()
+        if event["type"] != "error":
+            return
+        assert event["code"] == "rate_limited", event
+        time.sleep(event["retry_after_ms"] / 1000)
+    raise AssertionError(f"{text} not accepted within {TIMEOUT} s")
+
+
+def test_a_refused_send_keeps_its_place(limited: Server) -> None:
+    """A send refused rate_limited holds back the connection's later sends until it comes
+    again, though the bucket refilled meanwhile: stored in the order sent (both backends;
+    with Redis the post script refuses, not the worker's limiter)."""
+    r = room()
+    with user(limited, max_queue=None) as a:
+        a.join(r)
+        texts = [f"m{i}" for i in range(2 * BURST)]
+        for text in texts:
+            a.send({"type": "message", "room": r, "text": text, "client_msg_id": text,
+                    "id": text})
+        answers = {}  # an echo names its client_msg_id, an error its request id
+        for _ in texts:
+            event = a.recv()
+            answers[event["client_msg_id"] if event["type"] == "message" else event["id"]] = event
+        kinds = [answers[text]["type"] for text in texts]
+        assert "error" in kinds, f"{len(texts)} sends at once, none refused: {kinds}"
+        first = kinds.index("error")
+        assert kinds == ["message"] * first + ["error"] * (len(texts) - first), (
+            f"a send after a refused one was stored before it: {kinds}")
+        time.sleep(2 * answers[texts[first]]["retry_after_ms"] / 1000)  # the bucket refills
+        a.send({"type": "message", "room": r, "text": "later", "client_msg_id": "later",
+                "id": "later"})
+        event = a.recv()
+        assert event["type"] == "error" and event.get("id") == "later", (
+            f"a later send was stored before the refused {texts[first]}: {event}")
+        for text in texts[first:] + ["later"]:
+            post_until_accepted(a, r, text, text)
+        history = a.request({"type": "history", "room": r, "limit": 50}, "history")
+    assert [m["text"] for m in history["messages"]] == texts + ["later"]
+
+
 def test_flood_disconnects_with_4102(limited: Server) -> None:
     """A client that keeps flooding past 2 x burst refusals is told why and closed with 4102:
     at its (2 x burst + 1)-th refusal in a row. A token that comes back during the flood

@@ -53,6 +53,12 @@ PRESENCE_BURST = 4.0
 ROOM_PRESENCE_RATE = 20.0
 ROOM_PRESENCE_BURST = 100.0
 UNAVAILABLE_LOG_EVERY = 10.0  # seconds between "store unavailable" warnings
+# After a message or DM with a client_msg_id is refused rate_limited, the same
+# connection's later ones are refused too until it comes again (its sender's order
+# is the stored order), for at most this long past its retry_after: a client that
+# never sends it again is held back no longer than a slow round trip.
+HOLD_GRACE = 2.0
+POST_KINDS = (SendMessage, SendDm)
 
 
 class _Deadlines:
@@ -434,7 +440,10 @@ class Chat:
                                     "authenticate first with {type: auth, token}",
                                     command.request_id)
             if isinstance(command, RATE_LIMITED_KINDS):
-                if not (self._posts_charge and isinstance(command, (SendMessage, SendDm))):
+                posting = isinstance(command, POST_KINDS)
+                if posting and session.held_send is not None:
+                    self._keep_send_order(session, command, session.held_send)
+                if not (self._posts_charge and posting):
                     self._check_rate(session, command)
             else:
                 self._check_requests(session, command)
@@ -523,10 +532,25 @@ class Chat:
         """_check_rate's buckets, for a store that spends them in the post itself."""
         return self._buckets(session) if self._posts_charge else ()
 
+    def _keep_send_order(self, session: Session, command: SendMessage | SendDm,
+                         held: tuple[str, float]) -> None:
+        """While a refused send is held (:data:`HOLD_GRACE`), refuse the connection's
+        later ones: a token that refilled meanwhile would otherwise store them before
+        it. Its own return, or the end of the hold, lets posts through again."""
+        held_id, token_at = held
+        now = self.monotonic()
+        if command.client_msg_id == held_id or now >= token_at + HOLD_GRACE:
+            session.held_send = None
+            return
+        self._refuse(session, command, max(1, int((token_at - now) * 1000)))
+
     def _refuse(self, session: Session, command: Command | None, retry_ms: int) -> None:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102)."""
         self.metrics.rate_limited(type(command).__name__ if command else "")
         session.flood_strikes += 1
+        if (session.held_send is None and isinstance(command, POST_KINDS)
+                and command.client_msg_id):
+            session.held_send = (command.client_msg_id, self.monotonic() + retry_ms / 1000)
         error = ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
                               command.request_id if command else None,
                               retry_after_ms=retry_ms)

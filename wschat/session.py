@@ -49,8 +49,8 @@ class Session:
     """
 
     __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
-                 "typing", "remote_addr", "opened_at", "flood_strikes", "closed_by_chat",
-                 "access", "__weakref__")
+                 "typing", "remote_addr", "opened_at", "flood_strikes", "held_send",
+                 "closed_by_chat", "access", "__weakref__")
 
     def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
                  remote_addr: str = "") -> None:
@@ -64,6 +64,9 @@ class Session:
         self.remote_addr = remote_addr
         self.opened_at = time.monotonic()
         self.flood_strikes = 0
+        # (client_msg_id, monotonic time of its token): a send refused rate_limited,
+        # which this connection's later sends wait for (Chat._keep_send_order)
+        self.held_send: tuple[str, float] | None = None
         self.closed_by_chat = False
         self.access = SessionAccess(identity)
 
