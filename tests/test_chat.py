@@ -189,17 +189,25 @@ def test_rate_limit_shared_by_a_users_connections(chat: Chat) -> None:
     assert [e["code"] for e in a2.events("error")] == ["rate_limited"]
 
 
+def burst_then_refused(chat: Chat, sender: FakeSession, *others: FakeSession,
+                       refused: tuple[str, str]) -> None:
+    """Everyone joins r; ``sender`` spends its burst (3, as m0-m2 with client_msg_ids
+    c0-c2), then its message ``refused`` (text, client_msg_id) is refused rate_limited."""
+    for s in (sender, *others):
+        send(chat, s, type="join", room="r")
+    for i in range(3):
+        send(chat, sender, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    text, client_msg_id = refused
+    send(chat, sender, type="message", room="r", text=text, client_msg_id=client_msg_id)
+    assert sender.events("error")[-1]["code"] == "rate_limited"
+
+
 def test_a_refused_send_keeps_its_place(chat: Chat, clock: Clock) -> None:
     """After a send with a client_msg_id is refused rate_limited, the connection's later
     sends are refused until it comes again, though a token refilled meanwhile: the
     sender's order is the stored order."""
     a, b = connect(chat, "a"), connect(chat, "b")
-    for s in (a, b):
-        send(chat, s, type="join", room="r")
-    for i in range(3):
-        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
-    send(chat, a, type="message", room="r", text="m3", client_msg_id="c3")
-    assert a.events("error")[-1]["code"] == "rate_limited"
+    burst_then_refused(chat, a, b, refused=("m3", "c3"))
     clock.now += 1.0  # a token for m3
     send(chat, a, type="message", room="r", text="m4", client_msg_id="c4", id="late")
     held = a.events("error")[-1]
@@ -219,11 +227,7 @@ def test_a_refused_send_is_waited_for_a_short_while(chat: Chat, clock: Clock) ->
     than its retry_after and HOLD_GRACE; a send without a client_msg_id holds nothing;
     another connection of the same user is not held."""
     a, a2 = connect(chat, "a"), connect(chat, "a")
-    for s in (a, a2):
-        send(chat, s, type="join", room="r")
-    for i in range(3):
-        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
-    send(chat, a, type="message", room="r", text="dropped", client_msg_id="gone")
+    burst_then_refused(chat, a, a2, refused=("dropped", "gone"))
     clock.now += 1.0
     send(chat, a2, type="message", room="r", text="other tab")
     assert not a2.events("error"), "the hold is the refused connection's only"
