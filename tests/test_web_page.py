@@ -89,6 +89,32 @@ def texts(person: ChatPage) -> list[str]:
     return person.page.locator("#messages .msg .text").all_inner_texts()
 
 
+def watch_live_regions(person: ChatPage) -> None:
+    """From now on, ``window.announced`` lists the texts put into live regions (an element
+    with aria-live other than "off", or role log, status or alert): what a screen reader
+    would be told."""
+    person.page.evaluate("""() => {
+        window.announced = [];
+        const live = (node) => {
+          const region = (node.nodeType === 1 ? node : node.parentElement)
+            ?.closest('[aria-live], [role="log"], [role="status"], [role="alert"]');
+          return region && region.getAttribute('aria-live') !== 'off';
+        };
+        new MutationObserver((records) => {
+          for (const r of records) {
+            for (const node of r.type === 'characterData' ? [r.target] : r.addedNodes) {
+              const text = node.textContent.trim();
+              if (text && live(node)) window.announced.push(text);
+            }
+          }
+        }).observe(document.body, { childList: true, subtree: true, characterData: true });
+    }""")
+
+
+def announced(person: ChatPage) -> list[str]:
+    return person.page.evaluate("window.announced")
+
+
 # ---- serving ------------------------------------------------------------------------------
 
 def test_page_and_its_files_are_served(web_server: Server) -> None:
@@ -632,6 +658,44 @@ def test_new_messages_leave_the_shown_ones_alone(web_server: Server,
         writer.say("steady", "at the bottom")
         expect(alice.messages("at the bottom")).to_be_in_viewport()
         assert scroller.evaluate(at_bottom), "a reader at the bottom stays at the bottom"
+
+
+def test_opening_a_conversation_announces_only_what_arrives(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """Joining a room, switching rooms, opening a DM and loading older messages put nothing
+    old in a live region (nor a refused send's reason again); a message that arrives in the
+    open conversation is announced, and so is a send refused there (before: #messages was
+    the live region, so each switch read out the whole conversation)."""
+    with Client(web_server.url, "username=writer") as writer:
+        writer.join("archive")
+        for i in range(1, 56):
+            writer.say("archive", f"archived {i}")
+        alice = people(web_server, "alice")
+        writer.send({"type": "dm", "to": alice.page.locator("#members li.self").get_attribute(
+            "data-user-id"), "text": "archived dm"})
+        expect(alice.page.locator("#dms li", has_text="writer").locator(".unread")).to_have_text("1")
+        alice.say("z" * 70)  # over MAX_TEXT_CHARS: refused, shown with its reason in #general
+        expect(alice.page.locator("#messages .msg.failed")).to_have_count(1)
+        watch_live_regions(alice)
+        join_room(alice, "archive")
+        expect(alice.messages("archived 55")).to_have_count(1)
+        alice.page.locator("#scroller").evaluate("el => { el.scrollTop = 0; }")
+        expect(alice.page.locator("#messages .msg")).to_have_count(55)  # the older ones
+        alice.open_conversation("room:general")
+        alice.page.locator("#dms li", has_text="writer").locator(".open").click()
+        expect(alice.messages("archived dm")).to_have_count(1)
+        alice.open_conversation("room:archive")
+        expect(alice.messages("archived 55")).to_have_count(1)
+        writer.say("archive", "fresh news")
+        expect(alice.messages("fresh news")).to_have_count(1)
+        expect(alice.page.locator("#messages .msg")).to_have_count(56)
+        heard = announced(alice)
+        old = [t for t in heard if "archived" in t or "Too long" in t]
+        assert not old, f"{len(old)} old messages announced, such as {old[:3]}"
+        assert [t for t in heard if "fresh news" in t], f"the new message was not announced: {heard}"
+        alice.say("y" * 70)  # refused now: that is said
+        expect(alice.page.locator("#messages .msg.failed")).to_have_count(1)
+        assert [t for t in announced(alice) if "Too long" in t], announced(alice)
 
 
 def test_thirty_messages_appear_quickly_with_1500_loaded(people: Callable[..., ChatPage]) -> None:
