@@ -235,6 +235,14 @@ def test_a_token_in_the_address_leaves_the_address_bar(
         tom.close()
 
 
+# An init script: localStorage and sessionStorage throw, as where the browser keeps no site data.
+BLOCK_STORAGE = """
+    for (const name of ["localStorage", "sessionStorage"]) {
+      Object.defineProperty(window, name, { get() {
+        throw new DOMException("blocked", "SecurityError"); } });
+    }"""
+
+
 def test_the_page_works_where_the_browser_keeps_no_site_data(
         web_server: Server, browser: Any) -> None:
     """With localStorage and sessionStorage blocked (a browser set to keep no site data,
@@ -242,14 +250,50 @@ def test_the_page_works_where_the_browser_keeps_no_site_data(
     (before: it stayed on "Connecting…")."""
     blocked = ChatPage(browser, web_server)
     try:
-        blocked.page.add_init_script("""
-            for (const name of ["localStorage", "sessionStorage"]) {
-              Object.defineProperty(window, name, { get() {
-                throw new DOMException("blocked", "SecurityError"); } });
-            }""")
+        blocked.page.add_init_script(BLOCK_STORAGE)
         blocked.open().sign_in("nodata")
         blocked.say("no storage needed")
         expect(blocked.messages("no storage needed")).not_to_have_class(PENDING)
+        assert not blocked.errors
+    finally:
+        blocked.close()
+
+
+def test_without_site_data_a_pending_send_survives_a_new_client(
+        web_server: Server, browser: Any) -> None:
+    """Where the browser keeps no site data the outbox is in memory; a send not yet
+    acknowledged still goes out, once, after the client is replaced (here: signing in again;
+    before: the new client started with an empty outbox, and the send sat at "Sending…")."""
+    network = {"drop_sends": True}
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def from_page(frame: str | bytes) -> None:
+            if not (network["drop_sends"] and '"type":"message"' in str(frame)):
+                server.send(frame)
+
+        ws.on_message(from_page)
+
+    blocked = ChatPage(browser, web_server)
+    try:
+        blocked.page.add_init_script(BLOCK_STORAGE)
+        blocked.context.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+        blocked.open().sign_in("nodata2")
+        blocked.say("kept in memory")
+        waiting = blocked.messages("kept in memory")
+        expect(waiting).to_contain_text("Sending…")
+        network["drop_sends"] = False
+        blocked.page.locator("#switch-user").click()
+        blocked.page.locator("#signin-go").click()  # the same name: a new ChatClient
+        blocked.wait_online()
+        expect(waiting).not_to_have_class(PENDING)
+        expect(waiting).to_have_class(MINE)
+        expect(waiting).to_have_count(1)
+        with Client(web_server.url, "username=check") as check:
+            check.join("general")
+            history = check.request({"type": "history", "room": "general"}, "history")
+        assert [m["text"] for m in history["messages"]].count("kept in memory") == 1
         assert not blocked.errors
     finally:
         blocked.close()

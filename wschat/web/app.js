@@ -119,15 +119,26 @@ function socketUrl() {
   return url.toString();
 }
 
+/**
+ * Per tab and per identity: a reload keeps the sends, another tab or user never sends them.
+ * Where the browser keeps no site data they are kept in memory, for as long as the page:
+ * a client replaced by restartClient hands its unsent sends to the next one.
+ */
+const memoryOutboxes = new Map(); // identity key -> memoryOutbox()
+function outboxStorage(id) {
+  const key = identityKey(id);
+  if (tab) return webStorageOutbox(`wschat-outbox:${key}`, tab);
+  if (!memoryOutboxes.has(key)) memoryOutboxes.set(key, memoryOutbox());
+  return memoryOutboxes.get(key);
+}
+
 function startClient() {
   const gen = ++state.generation;
   const id = state.identity;
   const client = new ChatClient({
     url: socketUrl(),
     ...(id.kind === "token" ? { token: id.token } : { username: id.name }),
-    // Per tab and per identity: a reload keeps the sends, another tab or user never sends them
-    // (in memory only where the browser keeps no site data).
-    outboxStorage: tab ? webStorageOutbox(`wschat-outbox:${identityKey(id)}`, tab) : memoryOutbox(),
+    outboxStorage: outboxStorage(id),
   });
   state.client = client;
   const on = (event, fn) => client.on(event, (payload) => { if (gen === state.generation) fn(payload); });
@@ -153,7 +164,7 @@ function startClient() {
     joinRoom(c.name).catch((err) => { if (gen === state.generation) joinFailed(c.name, err); });
   }
   client.connect().catch(() => { /* reported by the "disconnected" event */ });
-  // The outbox is restored from sessionStorage as connect() starts: show what waits in it.
+  // The outbox is restored from its storage as connect() starts: show what waits in it.
   setTimeout(() => gen === state.generation && showRestoredPending(), 0);
   setStatus("connecting", "Connecting…");
 }
@@ -504,7 +515,7 @@ function send(c, text) {
   render(c.key, { toBottom: true });
 }
 
-/** Sends restored from sessionStorage (a reload) are shown as pending in their conversation. */
+/** Sends restored from the outbox storage (a reload, a new client) are shown as pending where they belong. */
 function showRestoredPending() {
   for (const e of state.client.pending) {
     const key = e.kind === "message" ? roomKey(e.room) : dmKey(e.to);
