@@ -597,6 +597,40 @@ def test_pending_send_survives_a_reload(web_server: Server,
     assert [m["text"] for m in history["messages"]].count("kept in the outbox") == 1
 
 
+def test_the_reconnect_countdown_is_shown_but_said_once(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """While the page waits to reconnect, #status counts the seconds down, but a screen
+    reader is told why once, not each second (before: #status, a live region, was
+    rewritten every second, and every second was announced)."""
+    alice = people(web_server, "alice")
+    sockets: list[Any] = []
+
+    def route(ws: Any) -> None:
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    alice.context.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    alice.page.reload()  # from now on through the route
+    alice.wait_online()
+    watch_live_regions(alice)
+    sockets[-1].close(code=4102, reason="test: too many")  # the page waits 5 s and more
+    status = alice.page.locator("#status")
+    shown: list[str] = []
+    deadline = time.monotonic() + RECONNECT_MS / 1000
+    while status.get_attribute("data-state") != "connected" and time.monotonic() < deadline:
+        text = status.inner_text()
+        if not shown or shown[-1] != text:
+            shown.append(text)
+        time.sleep(0.1)
+    alice.wait_online()
+    counted = [t for t in shown if re.search(r"reconnecting in \d+ s", t)]
+    assert len(counted) >= 3, f"the countdown is not shown: {shown}"
+    assert all(t.startswith("Too many messages at once") for t in counted), shown
+    heard = announced(alice)
+    assert [t for t in heard if re.search(r"\d+ s", t)] == [], f"the seconds were announced: {heard}"
+    assert len([t for t in heard if "Too many messages at once" in t]) == 1, heard
+
+
 def test_phone_width(web_server: Server, people: Callable[..., ChatPage]) -> None:
     """At phone width the sidebar is a menu; the chat still works."""
     from browser import PHONE

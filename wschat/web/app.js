@@ -217,10 +217,12 @@ function reconnecting(attempt, delay, code) {
   else if (!outage && !state.me) outage = "Cannot reach the server";
   else if (!outage && code) outage = CLOSE_WORDS[code] ?? "Disconnected";
   const until = Date.now() + delay;
+  // The words are a live region, said once; the seconds are not (they change every second).
+  setStatus("reconnecting", outage ? `${outage}; reconnecting` : "Connecting…");
   const show = () => {
     const left = Math.ceil((until - Date.now()) / 1000);
-    const when = left > 0 ? `reconnecting in ${left} s…` : "reconnecting…";
-    setStatus("reconnecting", outage ? `${outage}; ${when}` : `Connecting… (${when})`);
+    const when = left > 0 ? ` in ${left} s…` : "…";
+    setText($("status-countdown"), outage ? when : ` (reconnecting${when})`);
     $("retry").hidden = left <= 1;
     if (left <= 0) clearInterval(countdown);
   };
@@ -248,11 +250,14 @@ function stopped(code, reason) {
 function setStatus(kind, text) {
   const wasConnected = state.status.state === "connected";
   state.status = { state: kind, text };
-  const el = $("status");
-  el.dataset.state = kind;
-  el.textContent = text;
-  if (kind !== "reconnecting") $("retry").hidden = true;
-  if (kind === "connected") { clearInterval(countdown); outage = null; }
+  $("status").dataset.state = kind;
+  setText($("status-text"), text);
+  if (kind !== "reconnecting") {
+    clearInterval(countdown);
+    setText($("status-countdown"), "");
+    $("retry").hidden = true;
+  }
+  if (kind === "connected") outage = null;
   // Pending sends say "Sending…" or "Waiting for the connection…": only they are redrawn.
   if (wasConnected !== (kind === "connected")) render(state.current);
   else renderComposer();
