@@ -14,6 +14,7 @@ from wschat.chat import HOLD_GRACE, Chat, Session
 from wschat.config import Settings
 from wschat.protocol import CloseCode, Ping
 from wschat.ratelimit import MemoryRateLimiter
+from wschat.stores.base import Unavailable
 from wschat.stores.memory import create_memory_stores
 
 SECRET = "unit-secret-0123456789abcdef0123456789"
@@ -239,6 +240,103 @@ def test_a_refused_send_is_waited_for_a_short_while(chat: Chat, clock: Clock) ->
     clock.now += 1.0
     send(chat, a, type="message", room="r", text="unheld", client_msg_id="c10")
     assert a.events("message")[-1]["text"] == "unheld"
+
+
+def test_a_client_that_gives_up_a_refused_send_is_not_closed(clock: Clock) -> None:
+    """The refused send never comes again (its room was left, its user gave it up); the
+    client sends a new one after every retry_after_ms it is told: refused until the hold
+    ends, never closed 4102, each wait at least the time of one token (RATE_LIMIT 10)."""
+    chat = make_chat(clock, RATE_LIMIT="10", RATE_LIMIT_BURST="20")
+    a = connect(chat, "a")
+    send(chat, a, type="join", room="r")
+    for i in range(21):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    refused = a.events("error")[-1]
+    started, waits = clock.now, [refused["retry_after_ms"]]
+    while clock.now - started < 10:
+        clock.now += waits[-1] / 1000 + 0.001  # as told, and a 1 ms round trip
+        send(chat, a, type="message", room="r", text="next", client_msg_id="next")
+        answer = a.events()[-1]
+        if answer["type"] == "message":
+            break
+        assert answer["code"] == "rate_limited" and a.closed_with is None, (answer, waits)
+        waits.append(answer["retry_after_ms"])
+    assert a.events()[-1]["text"] == "next", f"never accepted; waits {waits}"
+    assert min(waits[1:]) >= 100, waits
+    assert clock.now - started <= refused["retry_after_ms"] / 1000 + HOLD_GRACE + 0.2
+
+
+def test_a_held_refusal_waits_until_the_token(chat: Chat, clock: Clock) -> None:
+    """A held refusal's retry_after_ms is rounded up, as the bucket's: the refused send,
+    sent again when it says, gets its token."""
+    chat = make_chat(clock, RATE_LIMIT="10", RATE_LIMIT_BURST="20")
+    a = connect(chat, "a")
+    send(chat, a, type="join", room="r")
+    for i in range(21):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    clock.now += 0.0005
+    send(chat, a, type="message", room="r", text="m21", client_msg_id="c21")
+    clock.now += a.events("error")[-1]["retry_after_ms"] / 1000
+    send(chat, a, type="message", room="r", text="m20", client_msg_id="c20")
+    assert a.events()[-1]["type"] == "message", a.events()[-1]
+
+
+def failing_once(chat: Chat, client_msg_id: str) -> None:
+    """The store refuses the post of ``client_msg_id`` once: Unavailable (Redis or the
+    database down, a commit that failed)."""
+    store = chat.stores.messages
+    post_room = store.post_room
+
+    def post(room: str, user_id: str, draft: Any, charge: Any = ()) -> Any:
+        if draft.client_msg_id == client_msg_id:
+            store.post_room = post_room  # type: ignore[method-assign]
+            raise Unavailable("down")
+        return post_room(room, user_id, draft, charge)
+
+    store.post_room = post  # type: ignore[method-assign]
+
+
+def test_an_earlier_refused_send_passes_the_hold(clock: Clock) -> None:
+    """c19 is refused unavailable and c20, behind it, rate_limited: c19, sent again
+    first as clients do, is not held behind c20; c21 (new) is, and so is a new one
+    while c19 sent again is refused unavailable once more."""
+    chat = make_chat(clock, RATE_LIMIT="10", RATE_LIMIT_BURST="20")
+    a, b = connect(chat, "a"), connect(chat, "b")
+    for s in (a, b):
+        send(chat, s, type="join", room="r")
+    for i in range(19):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    failing_once(chat, "c19")
+    for i in (19, 20):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}", id=i)
+    assert [(e["id"], e["code"]) for e in a.events("error")] == [
+        (19, "unavailable"), (20, "rate_limited")]
+    clock.now += 0.5
+    send(chat, a, type="message", room="r", text="m21", client_msg_id="c21", id=21)
+    assert a.events("error")[-1]["id"] == 21, "a new send overtook the refused ones"
+    failing_once(chat, "c19")
+    send(chat, a, type="message", room="r", text="m19", client_msg_id="c19", id="again")
+    send(chat, a, type="message", room="r", text="m21", client_msg_id="c21", id="21b")
+    assert [e["id"] for e in a.events("error")][-2:] == ["again", "21b"]
+    for i in (19, 20, 21):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    assert [e["text"] for e in b.events("message")] == [f"m{i}" for i in range(22)]
+    assert a.closed_with is None
+
+
+def test_the_hold_ends_with_its_identity(clock: Clock) -> None:
+    """A guest's refused send does not hold back the user it then signs in as."""
+    chat = make_chat(clock, RATE_LIMIT="10", RATE_LIMIT_BURST="20")
+    g = connect(chat, "guest-9")
+    send(chat, g, type="join", room="r")
+    for i in range(21):
+        send(chat, g, type="message", room="r", text=f"g{i}", client_msg_id=f"g{i}")
+    token = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, SECRET,
+                       algorithm="HS256")
+    send(chat, g, type="auth", token=token)
+    send(chat, g, type="join", room="r")
+    send(chat, g, type="message", room="r", text="kim's first", client_msg_id="k1")
+    assert g.events()[-1]["type"] == "message", g.events()[-1]
 
 
 def test_auth_required_gates_commands(clock: Clock) -> None:

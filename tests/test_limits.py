@@ -254,6 +254,24 @@ def test_a_refused_send_keeps_its_place(limited: Server) -> None:
     assert [m["text"] for m in history["messages"]] == texts + ["later"]
 
 
+def test_a_refused_send_given_up_holds_back_the_next_briefly(limited: Server) -> None:
+    """The refused send never comes again (its room was left, the app gave it up); the
+    next one, sent again after every retry_after_ms, is accepted once the hold ends, and
+    the connection is never closed 4102 meanwhile."""
+    r = room()
+    with user(limited, max_queue=None) as a:
+        a.join(r)
+        for i in range(BURST + 1):
+            a.send({"type": "message", "room": r, "text": f"m{i}", "client_msg_id": f"c{i}"})
+        refused = a.expect("error")
+        assert refused["code"] == "rate_limited", refused
+        time.sleep(refused["retry_after_ms"] / 1000)
+        started = time.monotonic()
+        post_until_accepted(a, r, "next", "next")
+        assert time.monotonic() - started < 2.0 + 1.0  # HOLD_GRACE, and slack
+        assert a.ws.close_code is None
+
+
 def test_flood_disconnects_with_4102(limited: Server) -> None:
     """A client that keeps flooding past 2 x burst refusals is told why and closed with 4102:
     at its (2 x burst + 1)-th refusal in a row. A token that comes back during the flood

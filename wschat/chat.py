@@ -13,6 +13,7 @@ import heapq
 from collections import deque
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,11 +55,13 @@ ROOM_PRESENCE_RATE = 20.0
 ROOM_PRESENCE_BURST = 100.0
 UNAVAILABLE_LOG_EVERY = 10.0  # seconds between "store unavailable" warnings
 # After a message or DM with a client_msg_id is refused rate_limited, the same
-# connection's later ones are refused too until it comes again (its sender's order
-# is the stored order), for at most this long past its retry_after: a client that
-# never sends it again is held back no longer than a slow round trip.
+# connection's new ones are refused too until it comes again (its sender's order is
+# the stored order), for at most this long past its retry_after: a client that never
+# sends it again is held back no longer than a slow round trip.
 HOLD_GRACE = 2.0
 POST_KINDS = (SendMessage, SendDm)
+# client_msg_ids refused on a connection (to be sent again) it remembers, at most
+REFUSED_SENDS_KEPT = 64
 
 
 class _Deadlines:
@@ -452,6 +455,7 @@ class Chat:
             self.metrics.error(err.code.value)
             session.send(err.to_event())
         except Unavailable as exc:
+            self._note_refused(session, command)
             # The cause (hosts, ports, driver messages) is for the log, not the client.
             now = self.monotonic()
             if now - self._unavailable_logged_at >= UNAVAILABLE_LOG_EVERY:
@@ -462,6 +466,7 @@ class Chat:
                                        command.request_id if command else None).to_event())
         except Exception:
             log.exception("error handling a frame from %s", session.conn_id)
+            self._note_refused(session, command)
             self.metrics.error(ErrorCode.INTERNAL.value)
             session.send(ProtocolError(ErrorCode.INTERNAL, "internal error",
                                        command.request_id if command else None).to_event())
@@ -535,22 +540,64 @@ class Chat:
     def _keep_send_order(self, session: Session, command: SendMessage | SendDm,
                          held: tuple[str, float]) -> None:
         """While a refused send is held (:data:`HOLD_GRACE`), refuse the connection's
-        later ones: a token that refilled meanwhile would otherwise store them before
-        it. Its own return, or the end of the hold, lets posts through again."""
+        new ones: a token that refilled meanwhile would otherwise store them before it.
+        Its own return, or the end of the hold, lets them through again; sends refused
+        before (:meth:`_note_refused`: sent earlier, resent first) pass meanwhile."""
         held_id, token_at = held
-        now = self.monotonic()
-        if command.client_msg_id == held_id or now >= token_at + HOLD_GRACE:
+        client_msg_id = command.client_msg_id
+        if client_msg_id == held_id:
             session.held_send = None
             return
-        self._refuse(session, command, max(1, int((token_at - now) * 1000)))
+        if client_msg_id is not None and client_msg_id in (session.refused_sends or ()):
+            return
+        now = self.monotonic()
+        if now >= token_at + HOLD_GRACE:
+            session.held_send = None
+            return
+        if now < token_at:  # the bucket would refuse it too: a flood strike as ever
+            self._refuse(session, command, math.ceil((token_at - now) * 1000), held=True)
+        # The token is there, kept for the refused send: no strike (a client that gave
+        # it up is no flooder), and a wait of one token's time, what the clients'
+        # pacers take a retry_after_ms for.
+        self._refuse(session, command, math.ceil(1000 / self.limiter.rate), held=True,
+                     strike=False)
 
-    def _refuse(self, session: Session, command: Command | None, retry_ms: int) -> None:
-        """Raise ``rate_limited``; close a client that keeps going regardless (4102)."""
+    def _note_refused(self, session: Session, command: Command | None,
+                      retry_ms: int = 0) -> None:
+        """A send refused for now (``rate_limited``, ``unavailable``,
+        ``internal_error``): its client sends it again before any newer one, so it
+        passes a hold, and it holds the newer ones (:meth:`_keep_send_order`) unless
+        an earlier refusal does already."""
+        if isinstance(command, POST_KINDS) and command.client_msg_id:
+            refused = session.refused_sends
+            if refused is None:
+                refused = session.refused_sends = {}
+            refused[command.client_msg_id] = None
+            if len(refused) > REFUSED_SENDS_KEPT:
+                del refused[next(iter(refused))]
+            if session.held_send is None:
+                session.held_send = (command.client_msg_id,
+                                     self.monotonic() + retry_ms / 1000)
+
+    @staticmethod
+    def _settled(session: Session, command: SendMessage | SendDm) -> None:
+        """A send stored (or found stored): no longer one to wait for."""
+        refused = session.refused_sends
+        if refused is not None and command.client_msg_id is not None:
+            refused.pop(command.client_msg_id, None)
+            if not refused:
+                session.refused_sends = None
+
+    def _refuse(self, session: Session, command: Command | None, retry_ms: int,
+                held: bool = False, strike: bool = True) -> None:
+        """Raise ``rate_limited``; close a client that keeps going regardless (4102).
+        ``held``: refused by :meth:`_keep_send_order`, not by a bucket; ``strike``:
+        counts towards the 4102."""
         self.metrics.rate_limited(type(command).__name__ if command else "")
-        session.flood_strikes += 1
-        if (session.held_send is None and isinstance(command, POST_KINDS)
-                and command.client_msg_id):
-            session.held_send = (command.client_msg_id, self.monotonic() + retry_ms / 1000)
+        if strike:
+            session.flood_strikes += 1
+        if not held:
+            self._note_refused(session, command, retry_ms)
         error = ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
                               command.request_id if command else None,
                               retry_after_ms=retry_ms)
@@ -658,6 +705,7 @@ class Chat:
         if waiting or len(self._unfinished) > queued:
             session.conn_id = f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
         session.user_id, session.username = identity.user_id, identity.username
+        session.held_send = session.refused_sends = None  # the old user's sends
         self.hub.add_user(session)
         self.stores.presence.connect(session.conn_id, session.user)
 
@@ -803,6 +851,8 @@ class Chat:
             self._refuse(session, cmd, exc.retry_after_ms)
             raise
         session.flood_strikes = 0
+        if session.refused_sends is not None:
+            self._settled(session, cmd)
         if posted.duplicate:
             # A retry: echo the original, unless this connection has it (or will have
             # it) from the room itself, e.g. in the replay of its `join` with `since`.
@@ -843,6 +893,8 @@ class Chat:
             self._refuse(session, cmd, exc.retry_after_ms)
             raise
         session.flood_strikes = 0
+        if session.refused_sends is not None:
+            self._settled(session, cmd)
         if not posted.duplicate:
             self.metrics.posted("dm")
         elif not posted.redelivered:

@@ -50,7 +50,7 @@ class Session:
 
     __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
                  "typing", "remote_addr", "opened_at", "flood_strikes", "held_send",
-                 "closed_by_chat", "access", "__weakref__")
+                 "refused_sends", "closed_by_chat", "access", "__weakref__")
 
     def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
                  remote_addr: str = "") -> None:
@@ -67,6 +67,8 @@ class Session:
         # (client_msg_id, monotonic time of its token): a send refused rate_limited,
         # which this connection's later sends wait for (Chat._keep_send_order)
         self.held_send: tuple[str, float] | None = None
+        # client_msg_ids refused for now, oldest first (Chat._note_refused); None if none
+        self.refused_sends: dict[str, None] | None = None
         self.closed_by_chat = False
         self.access = SessionAccess(identity)
 

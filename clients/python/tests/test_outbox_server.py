@@ -17,7 +17,7 @@ from typing import Any
 
 from conftest import TIMEOUT, Harness, Recorder
 from wschat.config import Settings
-from wschat_client import Backoff, Client, Message
+from wschat_client import Backoff, ChatError, Client, Message
 
 BACKOFF = Backoff(min_delay=0.2, max_delay=1.0, pause=1.0)
 LONG = 6 * TIMEOUT
@@ -162,3 +162,25 @@ async def test_a_refusal_another_connection_caused_does_not_slow_this_one(
     assert await asyncio.to_thread(refusals, server) > before, "the phone was never refused"
     assert took < 1.2, f"4 sends took {took:.1f} s (pacer interval {phone._pacer.interval:.2f} s)"
     await asyncio.gather(phone.close(), laptop.close())
+
+
+async def test_a_refused_send_of_a_left_room_does_not_hold_the_others_for_long(
+        harness: Harness) -> None:
+    """A send to room a is refused rate_limited, and a is left before it is sent again:
+    the client fails it, so it never comes again. The sends to room b written with it,
+    held back by the server until then (it keeps a sender's order), go out within the
+    hold's 2 s, and the connection is not closed as a flooder (it was, 4102, when each
+    held refusal asked for 1 ms and counted as a strike)."""
+    server = await harness.server("memory", env={"RATE_LIMIT": "10", "RATE_LIMIT_BURST": "20"})
+    alice, rec = await connected(harness, server["url"], "alice", "a")
+    await alice.join("b")
+    await asyncio.gather(*(alice.send("b", f"burst{i}") for i in range(20)))  # the bucket's
+    dropped = asyncio.create_task(alice.send("a", "dropped"))
+    later = [asyncio.create_task(alice.send("b", f"n{i}")) for i in range(3)]
+    await asyncio.sleep(0)  # all four written
+    await alice.leave("a")
+    assert isinstance((await asyncio.gather(dropped, return_exceptions=True))[0], ChatError)
+    sent = await asyncio.wait_for(asyncio.gather(*later), LONG)
+    assert [m.text for m in sent] == ["n0", "n1", "n2"]
+    assert not rec.of("disconnected"), rec.of("disconnected")
+    await alice.close()
