@@ -12,18 +12,20 @@
 # receives only that venv and gunicorn.conf.py, and runs them as an
 # unprivileged user. No compiler, pip cache, source tree or tests reach it.
 #
-# tests/test_packaging.py reads this file (EXTRAS, the COPY lines, USER, CMD
-# and HEALTHCHECK) and performs the same install without Docker, then starts
-# the result as a non-root user: keep those instructions in the simple forms
-# used here (exec-form JSON for CMD and HEALTHCHECK).
+# The dependencies come from requirements/image.txt, a lock of exact versions
+# with the hash of every file: two builds of one commit install the same
+# packages, whatever PyPI has published since. docs/deployment.md says how to
+# regenerate it after a change to pyproject.toml's dependencies.
+#
+# tests/test_packaging.py reads this file (the COPY lines, the build stage's
+# pip commands, USER, CMD and HEALTHCHECK) and performs the same install
+# without Docker, then starts the result as a non-root user: keep those
+# instructions in the simple forms used here (one `pip ...` or `python -m ...`
+# command per `&&`, exec-form JSON for CMD and HEALTHCHECK).
 
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
-
-# The optional extras baked into the image: Redis (several workers or pods)
-# and PostgreSQL (ENABLE_PERSISTENCE with a postgresql:// DATABASE_URL).
-ARG EXTRAS=redis,postgres
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -33,11 +35,26 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-# Only what `pip install .` needs: the metadata (pyproject.toml names
-# README.md as the long description) and the package itself.
+# The dependencies, exactly as locked: the runtime dependencies plus the
+# optional extras baked into the image, Redis (several workers or pods) and
+# PostgreSQL (ENABLE_PERSISTENCE with a postgresql:// DATABASE_URL); the
+# extras are chosen when the lock is compiled (--extra redis --extra postgres).
+# --require-hashes refuses any file whose hash the lock does not list,
+# --no-deps any package it does not pin, and --only-binary any source build
+# (which would fetch an unpinned build backend): the lock has wheels for
+# linux x86_64 and aarch64. Its own layer, so a change to the code alone
+# reuses it.
+COPY requirements/image.txt ./requirements/
+RUN pip install --no-cache-dir --require-hashes --only-binary=:all: --no-deps \
+        -r requirements/image.txt
+# Then the project itself (pyproject.toml names README.md as the long
+# description), adding nothing to the lock; `pip check` fails the build if a
+# dependency of the project or of a locked package is missing or at a version
+# it refuses (the extras' are checked by tests/test_packaging.py).
 COPY pyproject.toml README.md ./
 COPY wschat ./wschat
-RUN pip install --no-cache-dir "/src[${EXTRAS}]" \
+RUN pip install --no-cache-dir --no-deps /src \
+    && pip check \
     && python -m compileall -q /opt/venv
 
 

