@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
+import heapq
+import math
+from itertools import count, pairwise
 
 import pytest
 
@@ -33,10 +35,10 @@ def test_rate_limited_pauses_and_drops_the_window_to_one() -> None:
     assert pacer.next_at(10.0, 0) == pytest.approx(10.1)
     assert drain(pacer, 10.1, 5) == 1
     assert pacer.next_at(10.1, 1) is None
-    pacer.acknowledged()
+    pacer.acknowledged(10.1)
     assert pacer.window == 2
     for _ in range(5):
-        pacer.acknowledged()
+        pacer.acknowledged(10.1)
     assert pacer.window == 4
 
 
@@ -52,7 +54,7 @@ def test_after_rate_limited_sends_go_at_the_server_s_pace() -> None:
         now = pacer.next_at(now, 0)  # each acknowledged before the next (in_flight 0)
         times.append(now)
         pacer.sent(now)
-        pacer.acknowledged()
+        pacer.acknowledged(now)
     gaps = [b - a for a, b in pairwise(times)]
     assert times[0] == pytest.approx(0.02)
     assert gaps == pytest.approx([0.022] * 19)
@@ -64,7 +66,7 @@ def test_a_quiet_spell_refills_the_local_bucket_up_to_the_window() -> None:
     pacer = Pacer(8)
     pacer.rate_limited(0.0, 0.1)
     for _ in range(8):
-        pacer.acknowledged()
+        pacer.acknowledged(0.0)
     assert drain(pacer, 0.1, 100) == 1
     assert drain(pacer, 0.1 + 4 * pacer.interval, 100) == 4
     assert drain(pacer, 100.0, 100) == 8
@@ -118,13 +120,13 @@ def test_a_refusal_after_a_quiet_spell_does_not_make_the_quiet_spell_the_pace() 
     now = pacer.next_at(60.005, 0)
     assert now == pytest.approx(60.105)  # the retried send: when the server has a token
     pacer.sent(now)
-    pacer.acknowledged()
+    pacer.acknowledged(now)
     for _ in range(3):
         at = pacer.next_at(now, 0)
         assert at - now <= 0.2 * 1.1 + 1e-9
         now = at
         pacer.sent(now)
-        pacer.acknowledged()
+        pacer.acknowledged(now)
 
 
 def test_the_pace_is_forgotten_after_a_quiet_spell_and_learnt_again() -> None:
@@ -135,7 +137,7 @@ def test_the_pace_is_forgotten_after_a_quiet_spell_and_learnt_again() -> None:
     pacer.rate_limited(0.0, 0.1)
     interval = pacer.interval
     for _ in range(16):
-        pacer.acknowledged()
+        pacer.acknowledged(0.0)
     now = 0.1
     for _ in range(30):  # a long paced queue: no refusal, but writes all along
         now = pacer.next_at(now, 0)
@@ -147,3 +149,87 @@ def test_the_pace_is_forgotten_after_a_quiet_spell_and_learnt_again() -> None:
     assert pacer.interval == 0.0
     pacer.rate_limited(quiet + 0.001, 0.05)
     assert pacer.interval == pytest.approx(0.055)
+
+
+def test_an_acknowledgement_keeps_the_pace_across_a_long_round_trip() -> None:
+    """A round trip of twenty intervals, the window full: no write and no refusal for
+    longer than ten intervals, but the acknowledgement shows the connection is still in
+    the paced exchange, so the pace stays. Ten quiet intervals after the acknowledgement
+    (no write, no refusal, no acknowledgement) forget it as before."""
+    pacer = Pacer(16)
+    pacer.rate_limited(0.0, 0.1)
+    interval = pacer.interval
+    now = pacer.next_at(0.0, 0)
+    pacer.sent(now)
+    assert pacer.next_at(now, 1) is None  # the window (one) is full
+    now += 20 * interval  # the round trip
+    pacer.acknowledged(now)
+    assert drain(pacer, now, 100) == 2  # the window (two); the local bucket saved them
+    assert pacer.interval == interval  # still paced
+    pacer.acknowledged(now + 5 * interval)
+    quiet = now + 15.5 * interval  # ten and a half intervals after the acknowledgement
+    assert drain(pacer, quiet, 100) == 3
+    assert pacer.interval == 0.0  # forgotten
+
+
+def simulate(sends: int, rate: float, burst: int, latency: float, limit: int = 16) -> int:
+    """``sends`` queued at once, written when the pacer allows, to a server ``latency``
+    seconds away each way whose bucket (``rate`` per second, ``burst``) answers as
+    ``wschat.ratelimit.take`` does: an echo, or ``rate_limited`` with ``retry_after_ms``;
+    a refused send is written again. Returns the number of refusals."""
+    pacer = Pacer(limit)
+    events: list[tuple[float, int, str, float]] = []  # (time, order, what, written at)
+    order = count()
+    tokens, last, queued, in_flight, refusals = float(burst), 0.0, sends, 0, 0
+    write_due = False
+
+    def write(now: float) -> None:
+        nonlocal queued, in_flight, write_due
+        while queued:
+            at = pacer.next_at(now, in_flight)
+            if at is None:
+                return
+            if at > now:
+                if not write_due:
+                    write_due = True
+                    heapq.heappush(events, (at, next(order), "write", 0.0))
+                return
+            pacer.sent(now)
+            queued, in_flight = queued - 1, in_flight + 1
+            heapq.heappush(events, (now + latency, next(order), "arrive", now))
+
+    write(0.0)
+    while events:
+        now, _, what, written_at = heapq.heappop(events)
+        if what == "arrive":
+            tokens = min(burst, tokens + (now - last) * rate)
+            last = now
+            if tokens >= 1 - 1e-9:
+                tokens = max(0.0, tokens - 1)
+                heapq.heappush(events, (now + latency, next(order), "echo", written_at))
+            else:
+                retry_ms = max(1, math.ceil((1 - tokens) / rate * 1000))
+                heapq.heappush(events, (now + latency, next(order), f"refused {retry_ms}",
+                                        written_at))
+            continue
+        if what == "write":
+            write_due = False
+        elif what == "echo":
+            in_flight -= 1
+            pacer.acknowledged(now)
+        elif what.startswith("refused"):
+            in_flight, queued, refusals = in_flight - 1, queued + 1, refusals + 1
+            pacer.rate_limited(now, int(what.split()[1]) / 1000, written_at)
+        write(now)
+    assert queued == in_flight == 0
+    return refusals
+
+
+def test_a_round_trip_longer_than_ten_intervals_does_not_relearn_the_pace() -> None:
+    """300 sends at a server of 20/s with a burst of 20, 0.3 s away each way (0.6 s, over
+    ten of the pacer's 55 ms intervals): the window, not the pace, holds writes back
+    between acknowledgements. Forgetting the pace in that wait learnt it again, with a
+    window of refusals, every few round trips (24 refusals); kept fresh by the
+    acknowledgements it is learnt once (4)."""
+    assert simulate(300, rate=20, burst=20, latency=0.3) <= 6
+    assert simulate(300, rate=20, burst=20, latency=0.01) <= 20  # a short one: about a window

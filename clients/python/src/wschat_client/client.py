@@ -550,7 +550,7 @@ class Client:
             self._flush_timer = loop.call_at(wake, self._flush)
 
     def _acknowledged(self, entry: PendingSend, result: Message | DirectMessage) -> None:
-        self._pacer.acknowledged()
+        self._pacer.acknowledged(asyncio.get_running_loop().time())
         self._outbox.remove(entry)
         self._probing.discard(entry.key)
         if entry.request_id is not None:

@@ -16,7 +16,8 @@ EPSILON = 1e-9
 # Paced sends go this much slower than the server's rate: what its bucket saves up
 # absorbs the jitter of the way there (a send that arrives a little early is refused).
 PACE_MARGIN = 1.1
-# The pace is forgotten after this many intervals with no write and no refusal.
+# The pace is forgotten after this many intervals with no write, no refusal and no
+# acknowledgement.
 PACE_MEMORY = 10
 
 
@@ -49,9 +50,13 @@ class Pacer:
       go at once again.
 
     The pace only grows while refusals come, so it is forgotten (``interval`` back to
-    0, as before any refusal) once the connection has neither written nor been refused
-    for ``PACE_MEMORY`` intervals: a connection that keeps writing keeps its pace (a
-    long queue draws no new window of refusals), a quiet one starts afresh with its
+    0, as before any refusal) once the connection has neither written, nor been
+    refused, nor had a send acknowledged for ``PACE_MEMORY`` intervals: a connection
+    that keeps writing keeps its pace (a long queue draws no new window of refusals),
+    and so does one whose writes wait for acknowledgements (a round trip longer than
+    ``PACE_MEMORY`` intervals, the window full: the acknowledgement shows it is still
+    in the paced exchange, and forgetting there would learn the pace again with a
+    window of refusals every round trip); a quiet one starts afresh with its
     next refusal (at most a window of them, ``limit``, within the server's burst), so a
     pace learnt from another connection's burst, or a slower one, does not last.
 
@@ -68,7 +73,8 @@ class Pacer:
     interval: float = 0.0  # seconds per token; 0 until a rate_limited told us
     paused_until: float = 0.0
     _tokens: float = 0.0
-    _stamp: float = 0.0
+    _stamp: float = 0.0  # when ``_tokens`` was counted
+    _fresh: float = 0.0  # the latest write, refusal or acknowledgement while paced
     _writes: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     def __post_init__(self) -> None:
@@ -94,11 +100,14 @@ class Pacer:
         self._forget_stale(now)
         if self.interval:
             self._tokens = max(0.0, self._tokens_at(now) - 1)
-            self._stamp = now
+            self._stamp = self._fresh = now
 
-    def acknowledged(self) -> None:
-        """A send's echo came: the window widens by one, up to ``limit``."""
+    def acknowledged(self, now: float) -> None:
+        """A send's echo came at ``now``: the window widens by one, up to ``limit``,
+        and the pace stays fresh (however long the round trip was)."""
         self.window = min(self.limit, self.window + 1)
+        if self.interval:
+            self._fresh = now
 
     def rate_limited(self, now: float, retry_after: float,
                      written_at: float | None = None) -> None:
@@ -120,7 +129,7 @@ class Pacer:
             self.interval = max(self.interval, span * PACE_MARGIN)
             # The server's bucket holds its next token at now + retry_after.
             self._tokens = max(0.0, 1 - retry_after / self.interval)
-            self._stamp = now
+            self._stamp = self._fresh = now
 
     def pause(self, until: float) -> None:
         """No send before ``until`` (the server cannot take one: ``unavailable``)."""
@@ -131,13 +140,13 @@ class Pacer:
         if limit is not None:
             self.limit = max(1, limit)
         self.window = self.limit
-        self.interval = self._tokens = self._stamp = 0.0
+        self.interval = self._tokens = self._stamp = self._fresh = 0.0
         self._writes.clear()
 
     def _stale(self, now: float) -> bool:
-        """Whether the pace is too old at ``now``: no write and no refusal for
-        ``PACE_MEMORY`` intervals (``_stamp`` is the latest of them)."""
-        return now - self._stamp >= PACE_MEMORY * self.interval
+        """Whether the pace is too old at ``now``: no write, no refusal and no
+        acknowledgement for ``PACE_MEMORY`` intervals (``_fresh`` is the latest)."""
+        return now - self._fresh >= PACE_MEMORY * self.interval
 
     def _forget_stale(self, now: float) -> None:
         if self.interval and self._stale(now):
