@@ -1017,7 +1017,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.inflightAt.delete(cmid);
     this.orphans.delete(cmid);
     this.retryAttempt = 0;
-    this.pacer.acknowledged();
+    this.pacer.acknowledged(Date.now());
     const waiter = this.sendWaiters.get(cmid);
     if (waiter) {
       this.sendWaiters.delete(cmid);

@@ -11,7 +11,7 @@ const EPSILON = 1e-9;
  * the jitter of the way there (a send that arrives a little early is refused).
  */
 export const PACE_MARGIN = 1.1;
-/** The pace is forgotten after this many intervals with no write and no refusal. */
+/** The pace is forgotten after this many intervals with no write, no refusal and no acknowledgement. */
 export const PACE_MEMORY = 10;
 /** Write times kept to find the one before a refused send. */
 const WRITES_KEPT = 64;
@@ -42,9 +42,13 @@ const WRITES_KEPT = 64;
  *   refusal for most sends, and after a quiet spell a whole window may go at once again.
  *
  * The pace only grows while refusals come, so it is forgotten (`interval` back to 0, as before
- * any refusal) once the connection has neither written nor been refused for `PACE_MEMORY`
- * intervals: a connection that keeps writing keeps its pace (a long queue draws no new window
- * of refusals), a quiet one starts afresh with its next refusal (at most a window of them,
+ * any refusal) once the connection has neither written, nor been refused, nor had a send
+ * acknowledged for `PACE_MEMORY` intervals: a connection that keeps writing keeps its pace (a
+ * long queue draws no new window of refusals), and so does one whose writes wait for
+ * acknowledgements (a round trip longer than `PACE_MEMORY` intervals, the window full: the
+ * acknowledgement shows it is still in the paced exchange, and forgetting there would learn
+ * the pace again with a window of refusals every round trip); a quiet one starts afresh with
+ * its next refusal (at most a window of them,
  * `limit`, within the server's burst), so a pace learnt from another connection's burst, or a
  * slower one, does not last.
  *
@@ -60,7 +64,10 @@ export class Pacer {
   interval = 0;
   pausedUntil = 0;
   private tokens = 0;
+  /** When `tokens` was counted. */
   private stamp = 0;
+  /** The latest write, refusal or acknowledgement while paced. */
+  private fresh = 0;
   private writes: number[] = [];
 
   constructor(limit: number) {
@@ -89,13 +96,17 @@ export class Pacer {
     this.forgetStale(now);
     if (this.interval) {
       this.tokens = Math.max(0, this.tokensAt(now) - 1);
-      this.stamp = now;
+      this.stamp = this.fresh = now;
     }
   }
 
-  /** A send's echo came: the window widens by one, up to `limit`. */
-  acknowledged(): void {
+  /**
+   * A send's echo came at `now`: the window widens by one, up to `limit`, and the pace stays
+   * fresh (however long the round trip was).
+   */
+  acknowledged(now: number): void {
     this.window = Math.min(this.limit, this.window + 1);
+    if (this.interval) this.fresh = now;
   }
 
   /** The server refused, at `now`, a send written at `writtenAt`: no token for `retryAfter` ms. */
@@ -118,7 +129,7 @@ export class Pacer {
     this.interval = Math.max(this.interval, span * PACE_MARGIN);
     // The server's bucket holds its next token at now + retryAfter.
     this.tokens = Math.max(0, 1 - retryAfter / this.interval);
-    this.stamp = now;
+    this.stamp = this.fresh = now;
   }
 
   /** No send before `until` (the server cannot take one: `unavailable`). */
@@ -130,13 +141,16 @@ export class Pacer {
   reset(limit?: number): void {
     if (limit !== undefined) this.limit = Math.max(1, limit);
     this.window = this.limit;
-    this.interval = this.tokens = this.stamp = 0;
+    this.interval = this.tokens = this.stamp = this.fresh = 0;
     this.writes = [];
   }
 
-  /** Whether the pace is too old at `now`: no write and no refusal (`stamp`, the latest) for `PACE_MEMORY` intervals. */
+  /**
+   * Whether the pace is too old at `now`: no write, no refusal and no acknowledgement (`fresh`,
+   * the latest) for `PACE_MEMORY` intervals.
+   */
   private stale(now: number): boolean {
-    return now - this.stamp >= PACE_MEMORY * this.interval;
+    return now - this.fresh >= PACE_MEMORY * this.interval;
   }
 
   private forgetStale(now: number): void {

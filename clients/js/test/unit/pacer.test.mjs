@@ -29,9 +29,9 @@ test("pacer: rate_limited pauses and drops the window to one; each acknowledgeme
   assert.equal(pacer.nextAt(10_000, 0), 10_100);
   assert.equal(drain(pacer, 10_100, 5), 1);
   assert.equal(pacer.nextAt(10_100, 1), null);
-  pacer.acknowledged();
+  pacer.acknowledged(10_100);
   assert.equal(pacer.window, 2);
-  for (let i = 0; i < 5; i++) pacer.acknowledged();
+  for (let i = 0; i < 5; i++) pacer.acknowledged(10_100);
   assert.equal(pacer.window, 4);
 });
 
@@ -46,7 +46,7 @@ test("pacer: after rate_limited a long queue goes one send per interval, not in 
     now = pacer.nextAt(now, 0); // each acknowledged before the next
     times.push(now);
     pacer.sent(now);
-    pacer.acknowledged();
+    pacer.acknowledged(now);
   }
   close(times[0], 20, "first");
   for (let i = 1; i < times.length; i++) close(times[i] - times[i - 1], 22, `gap ${i}`);
@@ -55,7 +55,7 @@ test("pacer: after rate_limited a long queue goes one send per interval, not in 
 test("pacer: a quiet spell refills the local bucket up to the window", () => {
   const pacer = new Pacer(8);
   pacer.rateLimited(0, 100);
-  for (let i = 0; i < 8; i++) pacer.acknowledged();
+  for (let i = 0; i < 8; i++) pacer.acknowledged(0);
   assert.equal(drain(pacer, 100, 100), 1);
   assert.equal(drain(pacer, 100 + 4 * pacer.interval, 100), 4);
   assert.equal(drain(pacer, 100_000, 100), 8);
@@ -103,13 +103,13 @@ test("pacer: a refusal after a quiet spell does not make the quiet spell the pac
   let now = pacer.nextAt(60_005, 0);
   close(now, 60_105, "the retried send");
   pacer.sent(now);
-  pacer.acknowledged();
+  pacer.acknowledged(now);
   for (let i = 0; i < 3; i++) {
     const at = pacer.nextAt(now, 0);
     assert.ok(at - now <= 220 + 1e-6, `send ${i} waits ${at - now} ms`);
     now = at;
     pacer.sent(now);
-    pacer.acknowledged();
+    pacer.acknowledged(now);
   }
 });
 
@@ -120,7 +120,7 @@ test("pacer: the pace is forgotten after a quiet spell and learnt again", () => 
   const pacer = new Pacer(16);
   pacer.rateLimited(0, 100);
   const interval = pacer.interval;
-  for (let i = 0; i < 16; i++) pacer.acknowledged();
+  for (let i = 0; i < 16; i++) pacer.acknowledged(0);
   let now = 100;
   for (let i = 0; i < 30; i++) {
     now = pacer.nextAt(now, 0); // a long paced queue: no refusal, but writes all along
@@ -133,4 +133,104 @@ test("pacer: the pace is forgotten after a quiet spell and learnt again", () => 
   assert.equal(pacer.interval, 0);
   pacer.rateLimited(quiet + 1, 50);
   close(pacer.interval, 55, "learnt again");
+});
+
+test("pacer: an acknowledgement keeps the pace across a long round trip", () => {
+  // A round trip of twenty intervals, the window full: no write and no refusal for longer than
+  // ten intervals, but the acknowledgement shows the connection is still in the paced exchange,
+  // so the pace stays. Ten quiet intervals after the acknowledgement (no write, no refusal, no
+  // acknowledgement) forget it as before.
+  const pacer = new Pacer(16);
+  pacer.rateLimited(0, 100);
+  const interval = pacer.interval;
+  let now = pacer.nextAt(0, 0);
+  pacer.sent(now);
+  assert.equal(pacer.nextAt(now, 1), null, "the window (one) is full");
+  now += 20 * interval; // the round trip
+  pacer.acknowledged(now);
+  assert.equal(drain(pacer, now, 100), 2, "the window (two); the local bucket saved them");
+  assert.equal(pacer.interval, interval, "still paced");
+  pacer.acknowledged(now + 5 * interval);
+  const quiet = now + 15.5 * interval; // ten and a half intervals after the acknowledgement
+  assert.equal(drain(pacer, quiet, 100), 3);
+  assert.equal(pacer.interval, 0, "forgotten");
+});
+
+/**
+ * `sends` queued at once, written when the pacer allows, to a server `latency` ms away each
+ * way whose bucket (`rate` per second, `burst`) answers as the server's `take`
+ * (wschat/ratelimit.py) does: an echo, or `rate_limited` with `retry_after_ms`; a refused send
+ * is written again. Returns the number of refusals.
+ */
+function simulate(sends, { rate, burst, latency, limit = 16 }) {
+  const pacer = new Pacer(limit);
+  const events = []; // {at, order, what, writtenAt, retryMs}, taken earliest first (then in order)
+  let order = 0;
+  const push = (e) => events.push({ ...e, order: order++ });
+  const next = () => {
+    let best = 0;
+    for (let i = 1; i < events.length; i++) {
+      const a = events[i], b = events[best];
+      if (a.at < b.at || (a.at === b.at && a.order < b.order)) best = i;
+    }
+    return events.splice(best, 1)[0];
+  };
+  let tokens = burst, last = 0, queued = sends, inFlight = 0, refusals = 0, writeDue = false;
+  const write = (now) => {
+    while (queued) {
+      const at = pacer.nextAt(now, inFlight);
+      if (at === null) return;
+      if (at > now) {
+        if (!writeDue) push({ at, what: "write" });
+        writeDue = true;
+        return;
+      }
+      pacer.sent(now);
+      queued--;
+      inFlight++;
+      push({ at: now + latency, what: "arrive", writtenAt: now });
+    }
+  };
+  write(0);
+  while (events.length) {
+    const e = next();
+    if (e.what === "arrive") {
+      tokens = Math.min(burst, tokens + ((e.at - last) / 1000) * rate);
+      last = e.at;
+      if (tokens >= 1 - 1e-9) {
+        tokens = Math.max(0, tokens - 1);
+        push({ at: e.at + latency, what: "echo" });
+      } else {
+        const retryMs = Math.max(1, Math.ceil(((1 - tokens) / rate) * 1000));
+        push({ at: e.at + latency, what: "refused", writtenAt: e.writtenAt, retryMs });
+      }
+      continue;
+    }
+    if (e.what === "write") {
+      writeDue = false;
+    } else if (e.what === "echo") {
+      inFlight--;
+      pacer.acknowledged(e.at);
+    } else if (e.what === "refused") {
+      inFlight--;
+      queued++;
+      refusals++;
+      pacer.rateLimited(e.at, e.retryMs, e.writtenAt);
+    }
+    write(e.at);
+  }
+  assert.deepEqual([queued, inFlight], [0, 0]);
+  return refusals;
+}
+
+test("pacer: a round trip longer than ten intervals does not relearn the pace", () => {
+  // 300 sends at a server of 20/s with a burst of 20, 0.3 s away each way (0.6 s, over ten of
+  // the pacer's 55 ms intervals): the window, not the pace, holds writes back between
+  // acknowledgements. Forgetting the pace in that wait learnt it again, with a window of
+  // refusals, every few round trips (24 refusals); kept fresh by the acknowledgements it is
+  // learnt once (4).
+  const long = simulate(300, { rate: 20, burst: 20, latency: 300 });
+  assert.ok(long <= 6, `${long} refusals`);
+  const short = simulate(300, { rate: 20, burst: 20, latency: 10 });
+  assert.ok(short <= 20, `a short round trip: about a window, not ${short}`);
 });
