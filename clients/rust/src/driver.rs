@@ -903,7 +903,7 @@ impl Driver {
         let Some(cmid) = client_msg_id else { return };
         if self.outbox.remove(cmid).is_some() {
             self.send_retries = 0;
-            self.pacer.acknowledged();
+            self.pacer.acknowledged(Instant::now().into_std());
             self.save_outbox();
             let ack = ack();
             if let Some(reply) = self.acks.remove(cmid) {

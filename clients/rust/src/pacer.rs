@@ -28,11 +28,14 @@
 //!   go at once again.
 //!
 //! The pace only grows while refusals come, so it is forgotten (`interval` back to zero, as
-//! before any refusal) once the connection has neither written nor been refused for
-//! `PACE_MEMORY` intervals: a connection that keeps writing keeps its pace (a long queue
-//! draws no new window of refusals), a quiet one starts afresh with its next refusal (at most
-//! a window of them, `limit`, within the server's burst), so a pace learnt from another
-//! connection's burst, or a slower one, does not last.
+//! before any refusal) once the connection has neither written, nor been refused, nor had a
+//! send acknowledged for `PACE_MEMORY` intervals: a connection that keeps writing keeps its
+//! pace (a long queue draws no new window of refusals), and so does one whose writes wait for
+//! acknowledgements (a round trip longer than `PACE_MEMORY` intervals, the window full: the
+//! acknowledgement shows it is still in the paced exchange, and forgetting there would learn
+//! the pace again with a window of refusals every round trip); a quiet one starts afresh with
+//! its next refusal (at most a window of them, `limit`, within the server's burst), so a pace
+//! learnt from another connection's burst, or a slower one, does not last.
 //!
 //! [`Pacer::reset`] (a new connection, perhaps to a server with other limits)
 //! forgets the pace but keeps a pause that has not ended (the bucket is the user's,
@@ -47,7 +50,8 @@ const PACE_MARGIN: f64 = 1.1;
 /// A bucket refilled for exactly one token's time must hold that token, whatever
 /// floating point makes of it.
 const EPSILON: f64 = 1e-9;
-/// The pace is forgotten after this many intervals with no write and no refusal.
+/// The pace is forgotten after this many intervals with no write, no refusal and no
+/// acknowledgement.
 const PACE_MEMORY: u32 = 10;
 /// Write times kept to find the one before a refused send.
 const WRITES_KEPT: usize = 64;
@@ -60,7 +64,10 @@ pub(crate) struct Pacer {
     interval: Duration,
     paused_until: Option<Instant>,
     tokens: f64,
+    /// When `tokens` was counted.
     stamp: Option<Instant>,
+    /// The latest write, refusal or acknowledgement while paced.
+    fresh: Option<Instant>,
     writes: VecDeque<Instant>,
 }
 
@@ -74,6 +81,7 @@ impl Pacer {
             paused_until: None,
             tokens: 0.0,
             stamp: None,
+            fresh: None,
             writes: VecDeque::new(),
         }
     }
@@ -104,12 +112,17 @@ impl Pacer {
         if !self.interval.is_zero() {
             self.tokens = (self.tokens_at(now) - 1.0).max(0.0);
             self.stamp = Some(now);
+            self.fresh = Some(now);
         }
     }
 
-    /// A send's echo came: the window widens by one, up to `limit`.
-    pub(crate) fn acknowledged(&mut self) {
+    /// A send's echo came at `now`: the window widens by one, up to `limit`, and the pace
+    /// stays fresh (however long the round trip was).
+    pub(crate) fn acknowledged(&mut self, now: Instant) {
         self.window = (self.window + 1).min(self.limit);
+        if !self.interval.is_zero() {
+            self.fresh = Some(now);
+        }
     }
 
     /// The server refused, at `now`, a send written at `written_at`: no token for
@@ -136,6 +149,7 @@ impl Pacer {
         // The server's bucket holds its next token at now + retry_after.
         self.tokens = (1.0 - retry_after.as_secs_f64() / self.interval.as_secs_f64()).max(0.0);
         self.stamp = Some(now);
+        self.fresh = Some(now);
     }
 
     /// No send before `until` (the server cannot take one: `unavailable`).
@@ -154,13 +168,14 @@ impl Pacer {
         self.interval = Duration::ZERO;
         self.tokens = 0.0;
         self.stamp = None;
+        self.fresh = None;
         self.writes.clear();
     }
 
-    /// Whether the pace is too old at `now`: no write and no refusal (`stamp`, the latest)
-    /// for `PACE_MEMORY` intervals.
+    /// Whether the pace is too old at `now`: no write, no refusal and no acknowledgement
+    /// (`fresh`, the latest) for `PACE_MEMORY` intervals.
     fn stale(&self, now: Instant) -> bool {
-        self.stamp.is_none_or(|stamp| now.saturating_duration_since(stamp) >= self.interval * PACE_MEMORY)
+        self.fresh.is_none_or(|fresh| now.saturating_duration_since(fresh) >= self.interval * PACE_MEMORY)
     }
 
     fn forget_stale(&mut self, now: Instant) {
@@ -219,10 +234,10 @@ mod tests {
         assert_eq!(pacer.next_at(t0, 0), Some(t0 + ms(100.0)));
         assert_eq!(drain(&mut pacer, t0 + ms(100.0), 5), 1);
         assert_eq!(pacer.next_at(t0 + ms(100.0), 1), None);
-        pacer.acknowledged();
+        pacer.acknowledged(t0 + ms(100.0));
         assert_eq!(pacer.window, 2);
         for _ in 0..5 {
-            pacer.acknowledged();
+            pacer.acknowledged(t0 + ms(100.0));
         }
         assert_eq!(pacer.window, 4);
     }
@@ -240,7 +255,7 @@ mod tests {
             now = pacer.next_at(now, 0).unwrap(); // each acknowledged before the next
             times.push(now);
             pacer.sent(now);
-            pacer.acknowledged();
+            pacer.acknowledged(now);
         }
         close(times[0] - t0, ms(20.0));
         for pair in times.windows(2) {
@@ -254,7 +269,7 @@ mod tests {
         let mut pacer = Pacer::new(8);
         pacer.rate_limited(t0, ms(100.0), None);
         for _ in 0..8 {
-            pacer.acknowledged();
+            pacer.acknowledged(t0);
         }
         let start = t0 + ms(100.0);
         assert_eq!(drain(&mut pacer, start, 100), 1);
@@ -312,13 +327,13 @@ mod tests {
         let mut now = pacer.next_at(written + ms(5.0), 0).unwrap();
         close(now - t0, Duration::from_secs(60) + ms(105.0)); // the retried send
         pacer.sent(now);
-        pacer.acknowledged();
+        pacer.acknowledged(now);
         for i in 0..3 {
             let at = pacer.next_at(now, 0).unwrap();
             assert!(at - now <= ms(220.0) + Duration::from_micros(1), "send {i} waits {:?}", at - now);
             now = at;
             pacer.sent(now);
-            pacer.acknowledged();
+            pacer.acknowledged(now);
         }
     }
 
@@ -332,7 +347,7 @@ mod tests {
         pacer.rate_limited(t0, ms(100.0), None);
         let interval = pacer.interval;
         for _ in 0..16 {
-            pacer.acknowledged();
+            pacer.acknowledged(t0);
         }
         let mut now = t0 + ms(100.0);
         for _ in 0..30 {
@@ -346,5 +361,113 @@ mod tests {
         assert_eq!(pacer.interval, Duration::ZERO);
         pacer.rate_limited(quiet + ms(1.0), ms(50.0), None);
         close(pacer.interval, ms(55.0));
+    }
+
+    /// A round trip of twenty intervals, the window full: no write and no refusal for longer
+    /// than ten intervals, but the acknowledgement shows the connection is still in the paced
+    /// exchange, so the pace stays. Ten quiet intervals after the acknowledgement (no write, no
+    /// refusal, no acknowledgement) forget it as before.
+    #[test]
+    fn an_acknowledgement_keeps_the_pace_across_a_long_round_trip() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(16);
+        pacer.rate_limited(t0, ms(100.0), None);
+        let interval = pacer.interval;
+        let mut now = pacer.next_at(t0, 0).unwrap();
+        pacer.sent(now);
+        assert_eq!(pacer.next_at(now, 1), None, "the window (one) is full");
+        now += interval * 20; // the round trip
+        pacer.acknowledged(now);
+        assert_eq!(drain(&mut pacer, now, 100), 2, "the window (two); the local bucket saved them");
+        assert_eq!(pacer.interval, interval, "still paced");
+        pacer.acknowledged(now + interval * 5);
+        let quiet = now + interval.mul_f64(15.5); // ten and a half intervals after the acknowledgement
+        assert_eq!(drain(&mut pacer, quiet, 100), 3);
+        assert_eq!(pacer.interval, Duration::ZERO, "forgotten");
+    }
+
+    /// What a simulated exchange has next.
+    enum Step {
+        Write,
+        Arrive { written_at: Instant },
+        Echo,
+        Refused { written_at: Instant, retry_after: Duration },
+    }
+
+    /// `sends` queued at once, written when the pacer allows, to a server `latency` away each
+    /// way whose bucket (`rate` per second, `burst`) answers as the server's `take`
+    /// (wschat/ratelimit.py) does: an echo, or `rate_limited` with `retry_after_ms`; a refused
+    /// send is written again. Returns the number of refusals.
+    fn simulate(sends: usize, rate: f64, burst: f64, latency: Duration) -> usize {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(16);
+        let mut steps: Vec<(Instant, usize, Step)> = Vec::new(); // taken earliest first, then in order
+        let mut order = 0;
+        let mut push = |steps: &mut Vec<(Instant, usize, Step)>, at: Instant, step: Step| {
+            order += 1;
+            steps.push((at, order, step));
+        };
+        let (mut tokens, mut last) = (burst, t0);
+        let (mut queued, mut in_flight, mut refusals) = (sends, 0, 0);
+        let (mut now, mut write_due) = (t0, false);
+        loop {
+            while queued > 0 {
+                let Some(at) = pacer.next_at(now, in_flight) else { break };
+                if at > now {
+                    if !write_due {
+                        write_due = true;
+                        push(&mut steps, at, Step::Write);
+                    }
+                    break;
+                }
+                pacer.sent(now);
+                queued -= 1;
+                in_flight += 1;
+                push(&mut steps, now + latency, Step::Arrive { written_at: now });
+            }
+            let Some(first) = (0..steps.len()).min_by_key(|i| (steps[*i].0, steps[*i].1)) else { break };
+            let (at, _, step) = steps.swap_remove(first);
+            now = at;
+            match step {
+                Step::Write => write_due = false,
+                Step::Arrive { written_at } => {
+                    tokens = (tokens + (now - last).as_secs_f64() * rate).min(burst);
+                    last = now;
+                    if tokens >= 1.0 - EPSILON {
+                        tokens = (tokens - 1.0).max(0.0);
+                        push(&mut steps, now + latency, Step::Echo);
+                    } else {
+                        let retry_ms = ((1.0 - tokens) / rate * 1000.0).ceil().max(1.0);
+                        let retry_after = Duration::from_millis(retry_ms as u64);
+                        push(&mut steps, now + latency, Step::Refused { written_at, retry_after });
+                    }
+                }
+                Step::Echo => {
+                    in_flight -= 1;
+                    pacer.acknowledged(now);
+                }
+                Step::Refused { written_at, retry_after } => {
+                    in_flight -= 1;
+                    queued += 1;
+                    refusals += 1;
+                    pacer.rate_limited(now, retry_after, Some(written_at));
+                }
+            }
+        }
+        assert_eq!((queued, in_flight), (0, 0));
+        refusals
+    }
+
+    /// 300 sends at a server of 20/s with a burst of 20, 0.3 s away each way (0.6 s, over ten
+    /// of the pacer's 55 ms intervals): the window, not the pace, holds writes back between
+    /// acknowledgements. Forgetting the pace in that wait learnt it again, with a window of
+    /// refusals, every few round trips (24 refusals); kept fresh by the acknowledgements it is
+    /// learnt once (4).
+    #[test]
+    fn a_round_trip_longer_than_ten_intervals_does_not_relearn_the_pace() {
+        let long = simulate(300, 20.0, 20.0, ms(300.0));
+        assert!(long <= 6, "{long} refusals");
+        let short = simulate(300, 20.0, 20.0, ms(10.0));
+        assert!(short <= 20, "a short round trip: about a window, not {short}");
     }
 }
