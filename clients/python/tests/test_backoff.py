@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wschat_client import Backoff
-from wschat_client.client import refresh_delay, token_expiry
+from wschat_client.client import _retry_after_header, refresh_delay, token_expiry
 
 
 def test_delay_grows_exponentially_then_caps() -> None:
@@ -78,3 +78,18 @@ def test_token_expiry_and_refresh_point() -> None:
     assert refresh_delay(4.0) == 3.0
     assert refresh_delay(3600.0) == 3540.0
     assert refresh_delay(-1.0) == 0.0
+
+
+def test_retry_after_is_delta_seconds_or_an_http_date() -> None:
+    """RFC 9110: Retry-After is delta-seconds or an HTTP-date (IMF-fixdate, or the
+    obsolete RFC 850 and asctime forms a recipient must accept); a date is counted from
+    now, one in the past is 0, and so is anything else."""
+    now = 1445412450.0  # Wed, 21 Oct 2015 07:27:30 GMT
+    assert _retry_after_header("5", now) == 5.0
+    assert _retry_after_header(" 2.5 ", now) == 2.5
+    for date in ("Wed, 21 Oct 2015 07:28:00 GMT", "Wednesday, 21-Oct-15 07:28:00 GMT",
+                 "Wed Oct 21 07:28:00 2015"):
+        assert _retry_after_header(date, now) == pytest.approx(30.0), date
+    assert _retry_after_header("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # past
+    for bad in (None, "", "0", "-1", "soon", "Wed, 32 Oct 2015 07:28:00 GMT"):
+        assert _retry_after_header(bad, now) == 0.0, bad

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import email.utils
 import inspect
 import json
 import logging
@@ -1011,8 +1013,20 @@ def _with_query(url: str, **params: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def _retry_after_header(value: str | None) -> float:
-    try:
-        return max(0.0, float(value)) if value else 0.0
-    except ValueError:
+def _retry_after_header(value: str | None, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header asks to wait: delta-seconds (as wschat sends it
+    with a 503 or 429), or an HTTP-date (RFC 9110), counted from ``now`` (``time.time()``
+    by default); a date in the past, or a value that is neither, is 0."""
+    if not value:
         return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:  # asctime's form has no zone: HTTP-dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
