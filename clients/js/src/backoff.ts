@@ -50,11 +50,42 @@ export function closePolicy(code: number): ClosePolicy {
 }
 
 /**
- * A `Retry-After` header's wait in ms (delta-seconds, as wschat sends it with a 503 or 429
- * refusing the upgrade); 0 when absent or not a number.
+ * A `Retry-After` header's wait in ms: delta-seconds (as wschat sends it with a 503 or 429
+ * refusing the upgrade), or an HTTP-date (RFC 9110) counted from `now`; 0 when absent, a date
+ * in the past, or neither.
  */
-export function retryAfterMs(value: string | string[] | null | undefined): number {
+export function retryAfterMs(value: string | string[] | null | undefined, now: number = Date.now()): number {
   const first = Array.isArray(value) ? value[0] : value;
-  const seconds = first === undefined || first === null || first.trim() === "" ? NaN : Number(first);
-  return Number.isFinite(seconds) && seconds > 0 ? Math.ceil(seconds * 1000) : 0;
+  if (first === undefined || first === null || first.trim() === "") return 0;
+  const seconds = Number(first);
+  if (!Number.isNaN(seconds)) return Number.isFinite(seconds) && seconds > 0 ? Math.ceil(seconds * 1000) : 0;
+  const at = httpDate(first, now);
+  return Number.isNaN(at) ? 0 : Math.max(0, at - now);
+}
+
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+/** Fifty years: an RFC 850 date's two-digit year further ahead than this is of the century before. */
+const FIFTY_YEARS = 50 * 365.2425 * 86_400_000;
+
+/**
+ * An HTTP-date in ms since the epoch, NaN when `value` is none: IMF-fixdate
+ * (`Wed, 21 Oct 2015 07:28:00 GMT`), or the obsolete forms a recipient must accept, RFC 850
+ * (`Wednesday, 21-Oct-15 07:28:00 GMT`) and asctime (`Wed Oct 21 07:28:00 2015`). Not
+ * `Date.parse`, which takes `"5"` for a date in 2001 and asctime for local time.
+ */
+function httpDate(value: string, now: number): number {
+  const t = value.trim().split(/[ ,-]+/);
+  let day: string, month: string, year: string, clock: string;
+  if (t.length === 6 && t[5] === "GMT") [, day, month, year, clock] = t as [string, string, string, string, string];
+  else if (t.length === 5) [, month, day, clock, year] = t as [string, string, string, string, string];
+  else return NaN;
+  const m = MONTHS.indexOf(month);
+  const hms = /^(\d\d):(\d\d):(\d\d)$/.exec(clock);
+  if (!/^[A-Za-z]+$/.test(t[0]!) || m < 0 || !hms || !/^\d\d?$/.test(day) || !/^(\d\d|\d{4})$/.test(year)) return NaN;
+  const [d, h, min, s] = [Number(day), Number(hms[1]), Number(hms[2]), Number(hms[3])];
+  if (h > 23 || min > 59 || s > 60) return NaN;
+  let y = Number(year);
+  if (year.length === 2) y += Date.UTC(2000 + y, m, d) - now > FIFTY_YEARS ? 1900 : 2000;
+  const at = Date.UTC(y, m, d, h, min, s);
+  return d >= 1 && new Date(Date.UTC(y, m, d)).getUTCDate() === d ? at : NaN; // no 31 Feb
 }

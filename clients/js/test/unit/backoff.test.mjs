@@ -26,11 +26,18 @@ test("close codes: which reconnect, which pause, which need a token, which stop"
   assert.ok(PAUSE_DELAY >= 1000);
 });
 
-test("Retry-After: delta-seconds in ms; anything else is no wait", () => {
-  assert.equal(retryAfterMs("5"), 5000);
-  assert.equal(retryAfterMs(" 2.5 "), 2500);
-  assert.equal(retryAfterMs(["3", "9"]), 3000);
-  for (const bad of [undefined, null, "", "0", "-1", "soon", "Wed, 21 Oct 2015 07:28:00 GMT", "Infinity"]) {
-    assert.equal(retryAfterMs(bad), 0, String(bad));
+test("Retry-After: delta-seconds or an HTTP-date, in ms; a past date or anything else is no wait", () => {
+  // RFC 9110: IMF-fixdate, or the obsolete RFC 850 and asctime forms a recipient must accept.
+  const now = Date.UTC(2015, 9, 21, 7, 27, 30); // Wed, 21 Oct 2015 07:27:30 GMT
+  assert.equal(retryAfterMs("5", now), 5000);
+  assert.equal(retryAfterMs(" 2.5 ", now), 2500);
+  assert.equal(retryAfterMs(["3", "9"], now), 3000);
+  for (const date of ["Wed, 21 Oct 2015 07:28:00 GMT", "Wednesday, 21-Oct-15 07:28:00 GMT", "Wed Oct 21 07:28:00 2015"]) {
+    assert.equal(retryAfterMs(date, now), 30_000, date);
+  }
+  assert.equal(retryAfterMs("Wed, 21 Oct 2015 07:27:00 GMT", now), 0, "a date in the past");
+  assert.ok(retryAfterMs(new Date(Date.now() + 60_000).toUTCString()) > 50_000, "now by default");
+  for (const bad of [undefined, null, "", "0", "-1", "soon", "Infinity", "Wed, 32 Oct 2015 07:28:00 GMT", "Sat, 31 Feb 2015 07:28:00 GMT"]) {
+    assert.equal(retryAfterMs(bad, now), 0, String(bad));
   }
 });
