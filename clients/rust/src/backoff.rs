@@ -2,7 +2,7 @@
 //! (`min + rand(0, min(max, min * 2^attempt))`), so a fleet of clients that lost
 //! the same server spreads its reconnects instead of arriving together.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Backoff bounds (defaults 0.5 s .. 20 s).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,24 +35,112 @@ impl Backoff {
     }
 }
 
-/// A `Retry-After` header's wait (delta-seconds, as wschat sends it with a 503 or 429
-/// refusing the upgrade); `None` when it is not a number of seconds.
+/// A `Retry-After` header's wait: delta-seconds (as wschat sends it with a 503 or 429
+/// refusing the upgrade), or an HTTP-date (RFC 9110) counted from now; `None` when it asks
+/// for no wait (zero, a date in the past) or is neither.
 pub(crate) fn retry_after_header(value: &str) -> Option<Duration> {
-    let secs: f64 = value.trim().parse().ok()?;
-    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+    retry_after_at(value, SystemTime::now())
+}
+
+/// [`retry_after_header`] with the time given (tests).
+fn retry_after_at(value: &str, now: SystemTime) -> Option<Duration> {
+    let wait = match value.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return None,
+        Err(_) => http_date(value, now)?.duration_since(now).ok()?,
+    };
+    (!wait.is_zero()).then(|| wait.min(Duration::from_secs(86_400)))
+}
+
+const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+/// An HTTP-date: IMF-fixdate (`Wed, 21 Oct 2015 07:28:00 GMT`), or the obsolete forms a
+/// recipient must accept, RFC 850 (`Wednesday, 21-Oct-15 07:28:00 GMT`, a two-digit year
+/// more than fifty years ahead of `now` being of the century before) and asctime
+/// (`Wed Oct 21 07:28:00 2015`).
+fn http_date(value: &str, now: SystemTime) -> Option<SystemTime> {
+    let t: Vec<&str> = value.split([' ', ',', '-']).filter(|s| !s.is_empty()).collect();
+    let (day, month, year, clock) = match t[..] {
+        [_, day, month, year, clock, "GMT"] => (day, month, year, clock),
+        [_, month, day, clock, year] => (day, month, year, clock),
+        _ => return None,
+    };
+    let digits = |s: &str, lengths: &[usize]| {
+        (lengths.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten()
+    };
+    if !t[0].bytes().all(|b| b.is_ascii_alphabetic()) {
+        return None;
+    }
+    let m = MONTHS.iter().position(|name| *name == month)? as u64 + 1;
+    let d = digits(day, &[1, 2])?;
+    let mut y = digits(year, &[2, 4])?;
+    let hms: Vec<u64> = clock.split(':').map(|part| digits(part, &[2])).collect::<Option<_>>()?;
+    let [h, min, s] = hms[..] else { return None };
+    let at =
+        |y: u64| Some(UNIX_EPOCH + Duration::from_secs(days_since_epoch(y, m, d)? * 86_400 + h * 3600 + min * 60 + s));
+    if year.len() == 2 {
+        let fifty_years = Duration::from_secs(50 * 31_556_952); // 365.2425 days each
+        y += if at(2000 + y)?.duration_since(now).is_ok_and(|ahead| ahead > fifty_years) { 1900 } else { 2000 };
+    }
+    if d < 1 || d > days_in_month(y, m) || h > 23 || min > 59 || s > 60 {
+        return None;
+    }
+    at(y)
+}
+
+fn days_in_month(y: u64, m: u64) -> u64 {
+    match m {
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to the date (proleptic Gregorian; Howard Hinnant's `days_from_civil`),
+/// `None` before 1970.
+fn days_since_epoch(y: u64, m: u64, d: u64) -> Option<u64> {
+    let y = if m <= 2 { y.checked_sub(1)? } else { y };
+    let era = y / 400;
+    let yoe = y % 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe).checked_sub(719_468)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// RFC 9110: Retry-After is delta-seconds or an HTTP-date (IMF-fixdate, or the obsolete
+    /// RFC 850 and asctime forms a recipient must accept); a date is counted from now, one in
+    /// the past is no wait, and so is anything else.
     #[test]
-    fn retry_after_headers_are_seconds() {
-        assert_eq!(retry_after_header("5"), Some(Duration::from_secs(5)));
-        assert_eq!(retry_after_header(" 2.5 "), Some(Duration::from_millis(2500)));
-        for bad in ["", "0", "-1", "soon", "Wed, 21 Oct 2015 07:28:00 GMT", "NaN", "inf"] {
-            assert_eq!(retry_after_header(bad), None, "{bad:?}");
+    fn retry_after_headers_are_seconds_or_http_dates() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_450); // Wed, 21 Oct 2015 07:27:30 GMT
+        assert_eq!(retry_after_at("5", now), Some(Duration::from_secs(5)));
+        assert_eq!(retry_after_at(" 2.5 ", now), Some(Duration::from_millis(2500)));
+        for date in ["Wed, 21 Oct 2015 07:28:00 GMT", "Wednesday, 21-Oct-15 07:28:00 GMT", "Wed Oct 21 07:28:00 2015"] {
+            assert_eq!(retry_after_at(date, now), Some(Duration::from_secs(30)), "{date:?}");
         }
+        assert_eq!(retry_after_at("Wed, 21 Oct 2015 07:27:00 GMT", now), None, "a date in the past");
+        assert_eq!(retry_after_at("Sun, 29 Feb 2032 00:00:00 GMT", now), Some(Duration::from_secs(86_400)), "capped");
+        assert_eq!(http_date("Thu, 01 Jan 1970 00:00:00 GMT", now), Some(UNIX_EPOCH));
+        assert_eq!(
+            http_date("Sunday, 06-Nov-94 08:49:37 GMT", now),
+            Some(UNIX_EPOCH + Duration::from_secs(784_111_777))
+        );
+        assert_eq!(http_date("Sun Nov  6 08:49:37 1994", now), Some(UNIX_EPOCH + Duration::from_secs(784_111_777)));
+        assert_eq!(
+            http_date("Thu, 29 Feb 2024 00:00:00 GMT", now),
+            Some(UNIX_EPOCH + Duration::from_secs(1_709_164_800))
+        );
+        let bad =
+            ["", "0", "-1", "soon", "NaN", "inf", "Wed, 32 Oct 2015 07:28:00 GMT", "Sat, 29 Feb 2015 07:28:00 GMT"];
+        for bad in bad {
+            assert_eq!(retry_after_at(bad, now), None, "{bad:?}");
+        }
+        assert!(retry_after_header("5").is_some(), "now by default");
     }
 
     #[test]
