@@ -25,7 +25,9 @@ use crate::client::{Acked, ClientBuilder, Event, Joined, Op, Reply, Snapshot};
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
 use crate::pacer::Pacer;
-use crate::protocol::{close_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent};
+use crate::protocol::{
+    close_action, refusal_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent,
+};
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::expiry_of;
 
@@ -62,8 +64,8 @@ struct PendingRequest {
 /// Why a connection attempt failed.
 struct Refused {
     reason: String,
-    /// HTTP 401: the token was refused before the upgrade.
-    unauthorized: bool,
+    /// The HTTP status of a refused upgrade (401: the token was refused).
+    status: Option<u16>,
     /// The refusal's `Retry-After` (a full or draining server's 503, a 429).
     retry_after: Option<Duration>,
 }
@@ -194,11 +196,12 @@ impl Driver {
                 Ok(Some(socket)) => self.serve(socket).await,
                 Ok(None) => return self.shut_down(Error::Closed),
                 // A token refused at the upgrade (401) is what 4001/4002 are on an open socket.
-                Err(Refused { reason, unauthorized: true, .. }) => Ended { code: Some(4001), reason, by_app: None },
-                Err(Refused { reason, retry_after, .. }) => {
+                Err(Refused { reason, status: Some(401), .. }) => Ended { code: Some(4001), reason, by_app: None },
+                Err(Refused { reason, status, retry_after }) => {
                     // A full or draining server says when to come back: not sooner.
                     self.retry_after = self.retry_after.max(retry_after);
-                    Ended { code: None, reason, by_app: None }
+                    // The HTTP status (never a close code: those start at 1000) decides.
+                    Ended { code: status, reason, by_app: None }
                 }
             };
             self.went_offline();
@@ -220,11 +223,16 @@ impl Driver {
         }
     }
 
-    /// The delay before the next attempt, or `None` when the close code forbids one.
+    /// The delay before the next attempt, or `None` when the close code (or the HTTP
+    /// status of a refused upgrade: 403, 400, 404, ... cannot change by retrying) forbids one.
     fn next_delay(&mut self, code: Option<u16>) -> Option<Duration> {
         let r = fastrand::f64();
         let b = self.cfg.backoff;
-        let delay = match close_action(code) {
+        let action = match code {
+            Some(status @ ..1000) => refusal_action(status),
+            code => close_action(code),
+        };
+        let delay = match action {
             CloseAction::ReconnectNow => b.going_away_delay(r),
             CloseAction::Reconnect => b.delay(self.attempt, r),
             CloseAction::ReconnectAfterPause => b.delay(self.attempt + 3, r),
@@ -293,11 +301,11 @@ impl Driver {
                             if reason.starts_with("token callback") {
                                 self.emit(Event::Error(Error::Token(reason.clone())));
                             }
-                            Err(Refused { reason, unauthorized: status == Some(401), retry_after })
+                            Err(Refused { reason, status, retry_after })
                         }
                         Err(_) => Err(Refused {
                             reason: "connection attempt timed out".into(),
-                            unauthorized: false,
+                            status: None,
                             retry_after: None,
                         }),
                     };

@@ -26,7 +26,9 @@ pub enum Error {
     #[error("token callback failed: {0}")]
     Token(String),
     /// The server closed with a code that forbids reconnecting (1002, 1003, 1007,
-    /// 1009, or 4001/4002 without a token callback).
+    /// 1009, 40xx, or 4001/4002 without a token callback), or refused the upgrade with
+    /// an HTTP status retrying cannot change (`code` 403: origin not allowed, 400: a
+    /// malformed request or username, 404: no such endpoint, ...; not 401, 408, 429, 5xx).
     #[error("connection closed for good (code {code:?}): {reason}")]
     Terminal { code: Option<u16>, reason: String },
     /// The client was closed (or its task ended).

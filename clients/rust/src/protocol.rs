@@ -350,6 +350,19 @@ pub fn close_action(code: Option<u16>) -> CloseAction {
     }
 }
 
+/// Classifies the HTTP status of a refused upgrade, as the Python and TypeScript clients do:
+/// 401 (the token) needs a fresh token; 408, 429 and 5xx (busy, full, draining, Redis away)
+/// are retried, not before their `Retry-After`; any other answer (403: origin not allowed,
+/// 400: a malformed request or username, 404: no such endpoint, ...) will not change by
+/// retrying: terminal.
+pub fn refusal_action(status: u16) -> CloseAction {
+    match status {
+        401 => CloseAction::NeedsFreshToken,
+        408 | 429 | 500..=599 => CloseAction::Reconnect,
+        _ => CloseAction::Terminal,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,5 +493,16 @@ mod tests {
         assert_eq!(close_action(Some(1006)), CloseAction::Reconnect);
         assert_eq!(close_action(Some(4101)), CloseAction::ReconnectAfterPause);
         assert_eq!(close_action(Some(4102)), CloseAction::ReconnectAfterPause);
+    }
+
+    #[test]
+    fn refused_upgrades_retry_only_what_may_change() {
+        assert_eq!(refusal_action(401), CloseAction::NeedsFreshToken);
+        for status in [408, 429, 500, 502, 503, 504] {
+            assert_eq!(refusal_action(status), CloseAction::Reconnect, "{status}");
+        }
+        for status in [200, 301, 400, 403, 404, 405, 426] {
+            assert_eq!(refusal_action(status), CloseAction::Terminal, "{status}");
+        }
     }
 }

@@ -573,3 +573,63 @@ async fn a_write_after_the_close_frame_reports_its_code() {
     let _ = done_tx.send(());
     server.await.unwrap();
 }
+
+/// The refusals of one client, waited for until it gives up, plus half a second in which
+/// its 50 .. 200 ms backoff would have tried again twice.
+async fn refused_for_good(url: String, status: u16) -> Client {
+    let (c, events) = Client::builder(url).backoff(Duration::from_millis(50), Duration::from_millis(200)).connect();
+    let rec = Recorder::new(events);
+    rec.wait("a terminal error", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Error(Error::Terminal { .. })))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gone = disconnections(&rec);
+    assert!(
+        matches!(gone[..], [Event::Disconnected { code: Some(code), reconnect_in: None, .. }] if code == status),
+        "one attempt, refused with {status}, then nothing: {gone:?}"
+    );
+    let errors: Vec<Event> = rec.events().into_iter().filter(|e| matches!(e, Event::Error(_))).collect();
+    assert!(
+        matches!(errors[..], [Event::Error(Error::Terminal { code: Some(code), .. })] if code == status),
+        "{errors:?}"
+    );
+    assert_eq!(c.join("r").await.unwrap_err(), Error::Closed);
+    c
+}
+
+/// An upgrade refused with a status retrying cannot change stops the client, as a terminal
+/// close code does (and as the Python client does): the real server's 400 for a guest name
+/// it refuses, and its 404 for a path that is not the WebSocket endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_refused_for_good_stops_the_client() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    refused_for_good(format!("{}?username=no/slashes", s.url), 400).await;
+    refused_for_good(format!("{}/nowhere", s.url.trim_end_matches("/ws")), 404).await;
+}
+
+/// A 403 (the server's answer to an `Origin` not in `ALLOWED_ORIGINS`; this client sends
+/// none, so a fake server answers it) is terminal too: one connection, not one per backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_refused_with_403_is_not_retried() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut request = [0u8; 4096];
+            let _ = tcp.read(&mut request).await;
+            let body = "origin not allowed\n";
+            let answer = format!(
+                "HTTP/1.1 403 FORBIDDEN\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tcp.write_all(answer.as_bytes()).await;
+        }
+    });
+    refused_for_good(url, 403).await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 1, "connections to the refusing server");
+    server.abort();
+}
