@@ -50,6 +50,19 @@ export function closePolicy(code: number): ClosePolicy {
 }
 
 /**
+ * What the HTTP status of a refused upgrade asks of the client, as in the Python and Rust
+ * clients: 401 needs a fresh token; 408, 429 and 5xx (busy, full, draining, Redis away)
+ * reconnect, not before their `Retry-After`; any other answer (403: an `Origin` not in
+ * `ALLOWED_ORIGINS`, 400: a malformed request or guest name, 404: not the WebSocket path, ...)
+ * is terminal: retrying gets the same answer.
+ */
+export function refusalPolicy(status: number): ClosePolicy {
+  if (status === 401) return "token";
+  if (status === 408 || status === 429 || status >= 500) return "reconnect";
+  return "terminal";
+}
+
+/**
  * A `Retry-After` header's wait in ms: delta-seconds (as wschat sends it with a 503 or 429
  * refusing the upgrade), or an HTTP-date (RFC 9110) counted from `now`; 0 when absent, a date
  * in the past, or neither.

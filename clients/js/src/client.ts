@@ -3,7 +3,7 @@
  * rejoins its rooms with `since`, and resends unacknowledged sends, so that the app sees
  * every message once and in order.
  */
-import { backoffDelay, closePolicy, PAUSE_DELAY, retryAfterMs } from "./backoff.js";
+import { backoffDelay, closePolicy, type ClosePolicy, PAUSE_DELAY, refusalPolicy, retryAfterMs } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
@@ -295,7 +295,10 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (conn === this.conn) this.onFrame(ev.data);
     };
     ws.onclose = (ev) => {
-      if (conn === this.conn) this.onClosed(ev.code, ev.reason || refusal.status);
+      if (conn !== this.conn) return;
+      // A refused upgrade (seen with `ws` only) is judged by its HTTP status, not the 1006.
+      if (refusal.code) this.onClosed(refusal.code, refusal.status, refusalPolicy(refusal.code));
+      else this.onClosed(ev.code, ev.reason || refusal.status);
     };
     ws.onerror = () => {
       /* a close event follows */
@@ -304,19 +307,21 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   /**
    * A server that is full or draining refuses the upgrade with 503 (or 429) and a
-   * `Retry-After`; the next attempt waits at least that long. Only Node's `ws` shows the
-   * refused answer (its `unexpected-response` event); browsers and Node's own WebSocket
-   * hide it, and their reconnect keeps to the backoff. The returned `status` (`HTTP 503`)
-   * names the refusal once the close event comes.
+   * `Retry-After`; the next attempt waits at least that long. Other refusals (403, 400, 404)
+   * will not change by retrying: the client stops (`refusalPolicy`). Only Node's `ws` shows
+   * the refused answer (its `unexpected-response` event); browsers and Node's own WebSocket
+   * hide it, and their reconnect keeps to the backoff. The returned `code` (503) and `status`
+   * (`HTTP 503`) name the refusal once the close event comes.
    */
-  private watchRefusal(ws: WebSocketLike, conn: number): { status: string } {
-    const refusal = { status: "" };
+  private watchRefusal(ws: WebSocketLike, conn: number): { code: number; status: string } {
+    const refusal = { code: 0, status: "" };
     const node = ws as unknown as {
       once?: (event: string, listener: (req: unknown, res: { statusCode?: number; headers?: Record<string, string | string[] | undefined> }) => void) => unknown;
       terminate?: () => void;
     };
     if (typeof node.once !== "function" || typeof node.terminate !== "function") return refusal;
     node.once("unexpected-response", (_req, res) => {
+      refusal.code = res.statusCode ?? 0;
       refusal.status = `HTTP ${res.statusCode}`;
       const wait = retryAfterMs(res.headers?.["retry-after"]);
       if (conn === this.conn && wait > 0) this.retryAfterUntil = Math.max(this.retryAfterUntil, Date.now() + wait);
@@ -347,11 +352,10 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
   }
 
-  private onClosed(code: number, reason: string): void {
+  private onClosed(code: number, reason: string, policy: ClosePolicy = closePolicy(code)): void {
     this.detachSocket(4000, reason);
     this.connectionLost();
     if (!this.wanted) return;
-    const policy = closePolicy(code);
     if (policy === "terminal" || (policy === "token" && !this.opts.getToken)) {
       this.stop(code, reason, new ChatError("closed", `connection closed for good: ${code} ${reason}`, { closeCode: code }));
     } else {

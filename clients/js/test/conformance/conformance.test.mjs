@@ -517,3 +517,45 @@ test("refused upgrade: a full server's 503 Retry-After is waited before reconnec
   const waited = Date.now() - refusedAt;
   assert.ok(waited >= retryAfter - 5, `reconnected ${waited} ms after the 503`);
 });
+
+test("refused upgrade: 403, 400 and 404 stop the client instead of reconnecting forever", async () => {
+  // Retrying gets the same answer: an Origin not in ALLOWED_ORIGINS (403), a guest name the
+  // server refuses (400), a path that is not the WebSocket endpoint (404). As the Python and
+  // Rust clients do, the client stops: `disconnected` with the status, `error` and a rejected
+  // `connect()` with `closed` and `closeCode`, and no second attempt (its 50 .. 200 ms backoff
+  // would have made a few in the half second waited).
+  const s = await harness.server({ env: { ALLOWED_ORIGINS: "http://chat.example" } });
+  let attempts = 0;
+  class FromElsewhere extends WebSocket {
+    constructor(url) {
+      super(url, { origin: "http://elsewhere.example" }); // what a browser on another site sends
+      attempts++;
+    }
+  }
+  const cases = [
+    [403, s.url, { username: "ann", WebSocket: FromElsewhere }],
+    [400, s.url, { username: "no/slashes" }],
+    [404, s.url.replace(/\/ws$/, "/nowhere"), { username: "ann" }],
+  ];
+  for (const [status, url, options] of cases) {
+    const c = client(url, { minReconnectDelay: 50, maxReconnectDelay: 200, ...options });
+    const app = recorder(c);
+    const err = await Promise.race([
+      c.connect().then(() => assert.fail(`connected despite ${status}`), (e) => e),
+      new Promise((r) => setTimeout(r, 5000)),
+    ]);
+    const retries = app.events.filter((e) => e.event === "connecting");
+    assert.ok(err, `${status}: still trying after 5 s, ${retries.length} attempts, the last: ${JSON.stringify(retries.at(-1)?.payload)}`);
+    assert.equal(err.code, "closed", `${status}: ${err}`);
+    assert.equal(err.closeCode, status);
+    await new Promise((r) => setTimeout(r, 500));
+    const seen = app.events.filter((e) => ["connecting", "disconnected", "error"].includes(e.event));
+    assert.deepEqual(
+      seen.map((e) => [e.event, e.payload.code, e.payload.closeCode, e.payload.reconnect]),
+      [["error", "closed", status, undefined], ["disconnected", status, undefined, false]],
+      `${status}: ${JSON.stringify(seen)}`,
+    );
+    assert.equal(c.state, "disconnected");
+  }
+  assert.equal(attempts, 1, "upgrades sent with the refused Origin");
+});

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { backoffDelay, closePolicy, PAUSE_DELAY, retryAfterMs } from "../../dist/index.mjs";
+import { backoffDelay, closePolicy, PAUSE_DELAY, refusalPolicy, retryAfterMs } from "../../dist/index.mjs";
 
 test("backoff: full jitter between 0 and min(max, min * 2^attempt)", () => {
   const top = () => 0.999999;
@@ -40,4 +40,10 @@ test("Retry-After: delta-seconds or an HTTP-date, in ms; a past date or anything
   for (const bad of [undefined, null, "", "0", "-1", "soon", "Infinity", "Wed, 32 Oct 2015 07:28:00 GMT", "Sat, 31 Feb 2015 07:28:00 GMT"]) {
     assert.equal(retryAfterMs(bad, now), 0, String(bad));
   }
+});
+
+test("refused upgrades: 401 needs a token, 408/429/5xx reconnect, any other answer is terminal", () => {
+  assert.equal(refusalPolicy(401), "token");
+  for (const status of [408, 429, 500, 502, 503, 504]) assert.equal(refusalPolicy(status), "reconnect", `${status}`);
+  for (const status of [200, 301, 400, 403, 404, 405, 426]) assert.equal(refusalPolicy(status), "terminal", `${status}`);
 });
