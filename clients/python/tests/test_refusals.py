@@ -2,15 +2,17 @@
 
 A server that is full (``MAX_CONNECTIONS``) or draining answers the upgrade with 503
 and ``Retry-After``; the client must not knock again before that, however short its
-own backoff.
+own backoff. A refusal retrying cannot change (403, 400, 404) stops the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from conftest import TIMEOUT, Harness, Recorder
-from wschat_client import Backoff, Client, ConnectionState
+from wschat_client import Backoff, Client, ClientClosed, ConnectionState
 
 FAST = Backoff(min_delay=0.05, max_delay=0.2, pause=0.2)
 RETRY_AFTER = 5.0  # what the server sends with a 503 for MAX_CONNECTIONS
@@ -42,3 +44,28 @@ async def test_a_full_server_s_retry_after_is_waited_before_reconnecting(
     assert waited >= RETRY_AFTER - TIMER_SLACK, f"reconnected {waited:.2f} s after the 503"
     assert [d.code for d in rec.of("disconnected")] == [503], "one refusal, then connected"
     await second.close()
+
+
+async def test_an_upgrade_refused_for_good_stops_the_client(harness: Harness) -> None:
+    """403 (an Origin not in ALLOWED_ORIGINS), 400 (a guest name the server refuses) and
+    404 (not the WebSocket path) will not change by retrying: one attempt, then
+    ``ClientClosed`` with the status as ``close_code``, as the JS and Rust clients do.
+    Half a second more shows no second attempt (the backoff would have made a few)."""
+    server = await harness.server("memory", env={"ALLOWED_ORIGINS": "http://chat.example"})
+    cases = [
+        (403, server["url"], "ann", {"origin": "http://elsewhere.example"}),
+        (400, server["url"], "no/slashes", {}),
+        (404, server["url"].removesuffix("/ws") + "/nowhere", "ann", {}),
+    ]
+    for status, url, name, options in cases:
+        client = Client(url, username=name, backoff=FAST, request_timeout=TIMEOUT,
+                        websocket_options=options)
+        rec = Recorder(client)
+        with pytest.raises(ClientClosed) as refused:
+            await asyncio.wait_for(client.connect(), TIMEOUT)
+        assert refused.value.close_code == status, refused.value
+        await asyncio.sleep(0.5)
+        assert [(d.code, d.reconnect_in) for d in rec.of("disconnected")] == [(status, None)]
+        assert [e.close_code for e in rec.of("error")] == [status]
+        assert client.state is ConnectionState.DISCONNECTED
+        await client.close()
