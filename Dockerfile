@@ -48,12 +48,13 @@ COPY requirements/image.txt ./requirements/
 RUN pip install --no-cache-dir --require-hashes --only-binary=:all: --no-deps \
         -r requirements/image.txt
 # Then the project itself (pyproject.toml names README.md as the long
-# description), adding nothing to the lock; `pip check` fails the build if a
+# description), adding nothing to the lock and built by the lock's setuptools
+# (--no-build-isolation: no unpinned build backend); `pip check` fails the build if a
 # dependency of the project or of a locked package is missing or at a version
 # it refuses (the extras' are checked by tests/test_packaging.py).
 COPY pyproject.toml README.md ./
 COPY wschat ./wschat
-RUN pip install --no-cache-dir --no-deps /src \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation /src \
     && pip check \
     && python -m compileall -q /opt/venv
 

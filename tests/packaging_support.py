@@ -31,7 +31,8 @@ PYPROJECT = ROOT / "pyproject.toml"
 IMAGE_LOCK = ROOT / "requirements" / "image.txt"
 # The command that writes IMAGE_LOCK, as pip-compile records it in the file's header.
 # Run from the repository root under the image's Python (docs/deployment.md).
-LOCK_COMMAND = ("pip-compile --allow-unsafe --extra=postgres --extra=redis --generate-hashes "
+LOCK_COMMAND = ("pip-compile --all-build-deps --allow-unsafe --extra=postgres --extra=redis "
+                "--generate-hashes "
                 "--output-file=requirements/image.txt --strip-extras pyproject.toml")
 SERVICEMONITOR_SCHEMA = CI_VALUES_DIR / "servicemonitor-v1.schema.json"
 PROMETHEUSRULE_SCHEMA = CI_VALUES_DIR / "prometheusrule-v1.schema.json"

@@ -610,6 +610,8 @@ def test_dockerfile_shape() -> None:
     assert len(installs) == 2, installs
     assert {"--require-hashes", "--no-deps", "-r", lock} <= set(installs[0]), installs[0]
     assert "--no-deps" in installs[1] and installs[1][-1] == "/src", installs[1]
+    # ... built by the lock's setuptools, not an unpinned one fetched for an isolated build
+    assert "--no-build-isolation" in installs[1], installs[1]
     assert ["pip", "check"] in build_commands, build_commands
     assert any(lock in sources for sources, _ in copy_sources(dockerfile.stage("build")))
 
@@ -663,9 +665,11 @@ def test_image_lock_pins_what_pyproject_asks_for() -> None:
     unhashed = sorted(name for name, hashes in lock.hashes.items() if not hashes)
     assert not unhashed, f"pins without hashes: {unhashed}; {REGENERATE}"
 
-    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    pyproject = tomllib.loads(PYPROJECT.read_text())
+    project = pyproject["project"]
     extras = lock_extras()
     wanted = [(line, "dependencies") for line in project["dependencies"]]
+    wanted += [(line, "build-system") for line in pyproject["build-system"]["requires"]]
     for extra in extras:
         assert extra in project["optional-dependencies"], f"no extra {extra!r} in pyproject.toml"
         wanted += [(line, f"extra {extra}") for line in project["optional-dependencies"][extra]]
