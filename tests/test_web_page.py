@@ -115,6 +115,33 @@ def announced(person: ChatPage) -> list[str]:
     return person.page.evaluate("window.announced")
 
 
+def cuttable(person: ChatPage) -> Callable[[bool], None]:
+    """Routes ``person``'s WebSocket through the test (the page is reloaded for it) and
+    returns ``down``: ``down(True)`` cuts the connection and turns away new ones until
+    ``down(False)``."""
+    network: dict[str, Any] = {"down": False, "sockets": []}
+
+    def route(ws: Any) -> None:
+        if network["down"]:
+            ws.close(code=1001, reason="test: network down")
+            return
+        ws.connect_to_server()
+        network["sockets"].append(ws)
+
+    def down(on: bool) -> None:
+        network["down"] = on
+        if on:
+            for ws in network["sockets"]:
+                ws.close(code=1001, reason="test: network down")
+            network["sockets"].clear()
+            expect(person.page.locator("#status")).not_to_have_attribute("data-state", "connected")
+
+    person.context.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    person.page.reload()
+    person.wait_online()
+    return down
+
+
 # ---- serving ------------------------------------------------------------------------------
 
 def test_page_and_its_files_are_served(web_server: Server) -> None:
@@ -511,6 +538,7 @@ def test_memory_server_restart_mid_conversation(people: Callable[..., ChatPage])
             alice.say(text)
         expect(bob.messages("third words")).to_have_count(1)
         alice.page.evaluate("window.notReloaded = true")
+        watch_live_regions(alice)
 
         srv.stop()
         expect(alice.page.locator("#status")).to_contain_text("The server is restarting")
@@ -526,6 +554,8 @@ def test_memory_server_restart_mid_conversation(people: Callable[..., ChatPage])
         expect(alice.messages("bob hears you")).to_have_count(1)
         expect(alice.messages("after the restart")).to_have_class(MINE)
         assert alice.page.evaluate("window.notReloaded") is True
+        heard = announced(alice)
+        assert len([t for t in heard if "server restarted" in t]) == 1, heard
 
 
 def test_redis_server_restart_recovers_in_order(people: Callable[..., ChatPage]) -> None:
@@ -774,6 +804,29 @@ def test_opening_a_conversation_announces_only_what_arrives(
         alice.say("y" * 70)  # refused now: that is said
         expect(alice.page.locator("#messages .msg.failed")).to_have_count(1)
         assert [t for t in announced(alice) if "Too long" in t], announced(alice)
+
+
+def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
+    """When the server no longer has all that was missed during an outage, the page shows
+    the latest and says why, once (before: the notice was shown but not said)."""
+    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+        alice = people(srv, "alice")
+        down = cuttable(alice)
+        expect(alice.page.locator("#messages .notice", has_text="start of # general")).to_be_visible()
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("general")
+            writer.say("general", "before the cut")
+            expect(alice.messages("before the cut")).to_have_count(1)
+            watch_live_regions(alice)
+            down(True)
+            for i in range(1, 11):  # more than the server keeps
+                writer.say("general", f"while away {i}")
+            down(False)
+            expect(alice.page.locator("#messages .notice", has_text="Some messages were missed"),
+                   RECONNECT_MS).to_be_visible()
+            expect(alice.messages("while away 10")).to_have_count(1)
+        heard = announced(alice)
+        assert len([t for t in heard if "Some messages were missed" in t]) == 1, heard
 
 
 def test_thirty_messages_appear_quickly_with_1500_loaded(people: Callable[..., ChatPage]) -> None:

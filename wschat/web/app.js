@@ -420,7 +420,7 @@ async function checkRejoin(c, recovered) {
     if (recovered === false) {
       c.messages = new Map(latest.map((m) => [m.id, m]));
       c.atStart = latest.length < PAGE;
-      c.notices = [{ afterId: 0, text: "Some messages were missed while you were away; showing the latest.", warn: true }];
+      restartNotices(c, "Some messages were missed while you were away; showing the latest.");
       render(c.key, { toBottom: true });
     }
   } catch { /* the next reconnect checks again */ }
@@ -431,7 +431,7 @@ function serverForgot() {
   for (const c of state.conversations.values()) {
     if (c.kind !== "room") continue;
     c.messages.clear();
-    c.notices = [{ afterId: 0, text: "The server restarted and lost earlier messages.", warn: true }];
+    restartNotices(c, "The server restarted and lost earlier messages.");
     c.atStart = false;
     c.loaded = false;
     c.unread = 0;
@@ -460,9 +460,15 @@ async function loadOlder(c) {
 const lastKnownId = (c) => (c.messages.size ? Math.max(...c.messages.keys()) : 0);
 
 /** A notice after the latest message; said aloud if `c` is open. */
-function addNotice(c, text, warn) {
-  c.notices.push({ afterId: lastKnownId(c), text, warn });
+function addNotice(c, text, warn, afterId = lastKnownId(c)) {
+  c.notices.push({ afterId, text, warn });
   if (state.current === c.key) announce(text);
+}
+
+/** The view of `c` starts again: its old notices go, this warning heads it (and is said if `c` is open). */
+function restartNotices(c, text) {
+  c.notices = [];
+  addNotice(c, text, true, 0);
 }
 
 // ---- messages ------------------------------------------------------------------------------
