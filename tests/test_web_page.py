@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 import pytest
 
-from browser import ChatPage, chromium_path, launched
+from browser import WAIT_MS, ChatPage, chromium_path, launched
 from conftest import (
     SCALE, TIMEOUT, Client, Server, redis_url_or_skip, service_unavailable,
 )
@@ -25,6 +25,7 @@ from conftest import (
 JWT_SECRET = "browser-tests-secret-0123456789abcdef"
 API_KEY = "browser-tests-api-key-0123456789"
 RECONNECT_MS = int(40_000 * SCALE)  # the library's backoff grows to 20 s while a server is down
+ANNOUNCED_KEPT_MS = 10_000  # app.js: a line said in #arrivals goes after this
 MINE = re.compile(r"\bmine\b")
 PENDING = re.compile(r"\bpending\b")
 # Short enough that a test can write one message the server refuses (the page allows 4000).
@@ -827,6 +828,18 @@ def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
             expect(alice.messages("while away 10")).to_have_count(1)
         heard = announced(alice)
         assert len([t for t in heard if "Some messages were missed" in t]) == 1, heard
+
+
+def test_announced_lines_leave_the_live_region(web_server: Server,
+                                               people: Callable[..., ChatPage]) -> None:
+    """A line said in #arrivals goes some seconds later, so one reading the page through
+    does not meet old arrivals after the conversation (before: the last 20 stayed there)."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    bob.say("said, then gone")
+    lines = alice.page.locator("#arrivals p")
+    expect(lines.filter(has_text="said, then gone")).to_have_count(1)
+    expect(lines, ANNOUNCED_KEPT_MS + WAIT_MS).to_have_count(0)
 
 
 def test_thirty_messages_appear_quickly_with_1500_loaded(people: Callable[..., ChatPage]) -> None:

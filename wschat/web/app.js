@@ -697,15 +697,20 @@ function setText(node, text) {
   if (node.textContent !== text) node.textContent = text;
 }
 
+const ANNOUNCED_KEPT_MS = 10_000; // then a line leaves #arrivals (it was said when it came)
+
 /**
  * Says `text` to screen readers (#arrivals, a polite live region): what arrives in the open
  * conversation. #messages is no live region: opening a conversation or loading history
- * would read out every message in it.
+ * would read out every message in it. A line goes some seconds later: one reading the page
+ * through would meet old arrivals after the conversation (a removal is not announced).
  */
 function announce(text) {
   const log = $("arrivals");
-  log.append(el("p", {}, text));
+  const line = el("p", {}, text);
+  log.append(line);
   while (log.childElementCount > 20) log.firstElementChild.remove();
+  setTimeout(() => line.remove(), ANNOUNCED_KEPT_MS);
 }
 
 const keyedNodes = new WeakMap(); // list element -> Map(key -> node)
