@@ -828,6 +828,32 @@ def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
             expect(alice.messages("while away 10")).to_have_count(1)
         heard = announced(alice)
         assert len([t for t in heard if "Some messages were missed" in t]) == 1, heard
+        assert not [t for t in heard if "while away" in t], f"the replay was read out: {heard}"
+
+
+def test_messages_missed_while_away_are_said_in_one_line(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """What the server replays after a reconnect is said in one line ("12 new messages in
+    # replayed while you were away."), and what comes after it one by one, as it comes
+    (before: each replayed message was said, 12 in a row)."""
+    alice = people(web_server, "alice")
+    down = cuttable(alice)
+    join_room(alice, "replayed")
+    expect(alice.page.locator("#messages .notice", has_text="start of # replayed")).to_be_visible()
+    with Client(web_server.url, "username=writer") as writer:
+        writer.join("replayed")
+        writer.say("replayed", "before the cut")
+        expect(alice.messages("before the cut")).to_have_count(1)
+        watch_live_regions(alice)
+        down(True)
+        for i in range(1, 13):
+            writer.say("replayed", f"while away {i}")
+        down(False)
+        expect(alice.messages("while away 12"), RECONNECT_MS).to_have_count(1)
+        writer.say("replayed", "back live")
+        expect(alice.messages("back live")).to_have_count(1)
+    heard = [t for t in announced(alice) if "away" in t or "live" in t]
+    assert heard == ["12 new messages in # replayed while you were away.", "writer: back live"], heard
 
 
 def test_announced_lines_leave_the_live_region(web_server: Server,

@@ -79,6 +79,7 @@ function newConversation(key, kind, name, peerId = null) {
     atStart: false, loadingOlder: false, loaded: false,
     joinState: "joining", // then "joined", or "removed" (kicked, banned: not rejoined)
     mutedUntil: 0, // ms; Infinity: until lifted
+    replay: null, // after a rejoin, while the missed messages come: see replayStarts
   };
 }
 
@@ -366,14 +367,17 @@ async function leaveRoom(room) {
   try { await state.client.leave(room); } catch { /* the room is gone from the view anyway */ }
 }
 
-function joined({ room, users, recovered, rejoin }) {
+function joined({ room, users, recovered, rejoin, last_id: lastId }) {
   const c = conv(roomKey(room));
   if (!c) return;
   c.joinState = "joined";
   c.members = new Map(users.map((u) => [u.user_id, { username: u.username, guest: isGuest(u) }]));
   clearTyping(c);
   if (!rejoin || !c.loaded) loadLatest(c);
-  else checkRejoin(c, recovered);
+  else {
+    replayStarts(c, lastId, recovered === false);
+    checkRejoin(c, recovered);
+  }
   persistConversations();
   renderAll();
 }
@@ -430,6 +434,7 @@ async function checkRejoin(c, recovered) {
 function serverForgot() {
   for (const c of state.conversations.values()) {
     if (c.kind !== "room") continue;
+    if (c.replay) replayEnds(c, true);
     c.messages.clear();
     restartNotices(c, "The server restarted and lost earlier messages.");
     c.atStart = false;
@@ -459,6 +464,36 @@ async function loadOlder(c) {
 
 const lastKnownId = (c) => (c.messages.size ? Math.max(...c.messages.keys()) : 0);
 
+const REPLAY_GAP_MS = 2000; // a replay that stops short (the connection went again) is summed up after this
+
+/**
+ * After a rejoin the server replays what was missed, up to `upTo` (the `joined` reply's
+ * last_id), as ordinary messages arriving all at once: said one by one, a screen reader
+ * would read out 50 in a row. They are counted instead, and said in one line when the last
+ * has come ("12 new messages in # general while you were away."; a single one is said as
+ * it is); what comes after it is said as it comes. After `recovered: false` (`quiet`) the
+ * "Some messages were missed" notice says it instead.
+ */
+function replayStarts(c, upTo, quiet) {
+  if (!(upTo > lastKnownId(c))) return; // nothing was missed
+  c.replay ??= { heard: [], quiet: false, timer: null };
+  c.replay.upTo = upTo;
+  c.replay.quiet ||= quiet;
+  replayWaits(c);
+}
+function replayWaits(c) {
+  clearTimeout(c.replay.timer);
+  c.replay.timer = setTimeout(() => replayEnds(c), REPLAY_GAP_MS);
+}
+function replayEnds(c, silently = false) {
+  const { heard, quiet, timer } = c.replay;
+  clearTimeout(timer);
+  c.replay = null;
+  if (silently || quiet || state.current !== c.key || !heard.length) return;
+  announce(heard.length === 1 ? said(heard[0])
+    : `${heard.length} new messages in # ${c.name} while you were away.`);
+}
+
 /** A notice after the latest message; said aloud if `c` is open. */
 function addNotice(c, text, warn, afterId = lastKnownId(c)) {
   c.notices.push({ afterId, text, warn });
@@ -482,13 +517,22 @@ function addMessage(key, m) {
   const t = c.typing.get(m.user_id);
   if (t) { clearTimeout(t.timer); c.typing.delete(m.user_id); }
   if (fresh && !isMine(m) && (state.current !== key || document.hidden)) c.unread++;
-  if (fresh && !isMine(m) && state.current === key) announce(`${m.from}: ${m.text}`);
+  const replayed = c.replay && c.kind === "room" && m.id <= c.replay.upTo;
+  if (fresh && !isMine(m)) {
+    if (replayed) c.replay.heard.push(m); // said at the end of the replay, in one line
+    else if (state.current === key) announce(said(m));
+  }
+  if (replayed) {
+    if (m.id >= c.replay.upTo) replayEnds(c);
+    else replayWaits(c);
+  }
   if (c.kind === "dm") persistConversations();
   render(key);
   if (t) renderMembers();
 }
 
 const dmId = (m) => `${m.id}:${m.timestamp}`;
+const said = (m) => `${m.from}: ${m.text}`;
 
 function receivedDm(m) {
   const mine = isMine(m);
