@@ -613,6 +613,30 @@ async def test_leave_says_a_send_written_before_a_lost_connection_may_be_stored(
         await client.close()
 
 
+async def test_reads_cut_off_by_a_disconnect_are_asked_again() -> None:
+    """history, list_users and ping written when the connection drops change nothing on
+    the server: each is asked again on the next connection and answered there."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake)
+        reading = asyncio.gather(client.history("r", limit=5), client.list_users("r"),
+                                 client.ping())
+        for kind in ("history", "list_users", "ping"):
+            await peer.recv(kind)
+        peer = await fake.drop(peer)
+        await peer.joined()
+        asked = {}
+        while len(asked) < 3:
+            frame = await peer.recv()
+            if frame["type"] in ("history", "list_users", "ping"):
+                asked[frame["type"]] = frame["id"]
+        await peer.send(type="history", id=asked["history"], room="r", messages=[])
+        await peer.send(type="users", id=asked["list_users"], room="r", users=[])
+        await peer.send(type="pong", id=asked["ping"])
+        history, users, _ = await asyncio.wait_for(reading, TIMEOUT)
+        assert history == [] and users == []
+        await client.close()
+
+
 async def test_a_moderation_request_cut_off_by_a_disconnect_fails_and_is_not_resent() -> None:
     """A mute written when the connection drops may or may not have been done: it fails
     with Disconnected and is not written again on the next connection."""

@@ -361,12 +361,12 @@ class Client:
             frame["limit"] = limit
         if before is not None:
             frame["before"] = before
-        reply = await self._request(frame, timeout)
+        reply = await self._request(frame, timeout, read=True)
         return [Message.from_wire(m) for m in reply.get("messages", [])]
 
     async def list_users(self, room: str, *, timeout: float | None = None) -> list[User]:
         """Who is in ``room`` now, across every worker and server."""
-        reply = await self._request({"type": "list_users", "room": room}, timeout)
+        reply = await self._request({"type": "list_users", "room": room}, timeout, read=True)
         return [User.from_wire(u) for u in reply.get("users", [])]
 
     async def kick(self, room: str, user_id: str, *, reason: str | None = None,
@@ -392,7 +392,7 @@ class Client:
 
     async def ping(self, *, timeout: float | None = None) -> None:
         """A round trip through the server."""
-        await self._request({"type": "ping"}, timeout)
+        await self._request({"type": "ping"}, timeout, read=True)
 
     def typing(self, room: str, status: bool = True) -> None:
         """Say the user is typing in ``room``: call it on each keystroke.
@@ -443,18 +443,26 @@ class Client:
             if ready in self._ready:
                 self._ready.remove(ready)
 
-    async def _request(self, frame: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    async def _request(self, frame: dict[str, Any], timeout: float | None,
+                       read: bool = False) -> dict[str, Any]:
+        """Write ``frame`` and wait for its reply. A ``read`` (it changes nothing on the
+        server) whose connection drops first is asked again on the next one, within the
+        same timeout; anything else fails with :class:`Disconnected`."""
         deadline = self._deadline(timeout or self.request_timeout)
-        await self._wait_connected(deadline)
-        rid = self._rid()
-        future = asyncio.get_running_loop().create_future()
-        self._requests[rid] = _Request(frame["type"], future)
-        self._write({**frame, "id": rid})
-        try:
-            return await self._await(future, max(0.0, deadline - asyncio.get_running_loop().time()),
-                                     f"reply to {frame['type']}")
-        finally:
-            self._requests.pop(rid, None)
+        while True:
+            await self._wait_connected(deadline)
+            rid = self._rid()
+            future = asyncio.get_running_loop().create_future()
+            self._requests[rid] = _Request(frame["type"], future)
+            self._write({**frame, "id": rid})
+            try:
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
+                return await self._await(future, left, f"reply to {frame['type']}")
+            except Disconnected:
+                if not read:
+                    raise
+            finally:
+                self._requests.pop(rid, None)
 
     def _rid(self) -> str:
         self._next_rid += 1
