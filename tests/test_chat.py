@@ -296,10 +296,12 @@ def failing_once(chat: Chat, client_msg_id: str) -> None:
     store.post_room = post  # type: ignore[method-assign]
 
 
-def test_an_earlier_refused_send_passes_the_hold(clock: Clock) -> None:
-    """c19 is refused unavailable and c20, behind it, rate_limited: c19, sent again
-    first as clients do, is not held behind c20; c21 (new) is, and so is a new one
-    while c19 sent again is refused unavailable once more."""
+def test_a_send_refused_unavailable_holds_the_newer_ones_as_unavailable(
+        clock: Clock) -> None:
+    """c19 is refused unavailable (Redis or the database down): c20, written with it,
+    and a new one later are refused unavailable too (not rate_limited: a client must not
+    take an outage for its pace) until c19 comes again, also when c19 is refused once
+    more; then all are stored in the order sent."""
     chat = make_chat(clock, RATE_LIMIT="10", RATE_LIMIT_BURST="20")
     a, b = connect(chat, "a"), connect(chat, "b")
     for s in (a, b):
@@ -309,19 +311,41 @@ def test_an_earlier_refused_send_passes_the_hold(clock: Clock) -> None:
     failing_once(chat, "c19")
     for i in (19, 20):
         send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}", id=i)
-    assert [(e["id"], e["code"]) for e in a.events("error")] == [
-        (19, "unavailable"), (20, "rate_limited")]
     clock.now += 0.5
     send(chat, a, type="message", room="r", text="m21", client_msg_id="c21", id=21)
-    assert a.events("error")[-1]["id"] == 21, "a new send overtook the refused ones"
     failing_once(chat, "c19")
     send(chat, a, type="message", room="r", text="m19", client_msg_id="c19", id="again")
     send(chat, a, type="message", room="r", text="m21", client_msg_id="c21", id="21b")
-    assert [e["id"] for e in a.events("error")][-2:] == ["again", "21b"]
+    assert [(e["id"], e["code"]) for e in a.events("error")] == [
+        (19, "unavailable"), (20, "unavailable"), (21, "unavailable"),
+        ("again", "unavailable"), ("21b", "unavailable")]
     for i in (19, 20, 21):
         send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
     assert [e["text"] for e in b.events("message")] == [f"m{i}" for i in range(22)]
     assert a.closed_with is None
+
+
+def test_an_earlier_refused_send_passes_a_later_hold(clock: Clock) -> None:
+    """c19, refused unavailable, comes again only after its hold ended, while c40,
+    refused rate_limited, holds the newer ones: c19 was sent before c40 and passes;
+    a new one does not."""
+    chat = make_chat(clock, RATE_LIMIT="10", RATE_LIMIT_BURST="20")
+    a = connect(chat, "a")
+    send(chat, a, type="join", room="r")
+    for i in range(19):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}")
+    failing_once(chat, "c19")
+    send(chat, a, type="message", room="r", text="m19", client_msg_id="c19")
+    clock.now += 2.1  # past c19's hold, the bucket full again
+    for i in range(20, 41):
+        send(chat, a, type="message", room="r", text=f"m{i}", client_msg_id=f"c{i}", id=i)
+    assert [(e.get("id"), e["code"]) for e in a.events("error")][-1] == (40, "rate_limited")
+    clock.now += 0.15  # a token
+    send(chat, a, type="message", room="r", text="m19", client_msg_id="c19", id="19b")
+    assert a.events()[-1].get("client_msg_id") == "c19", a.events()[-1]
+    clock.now += 0.15
+    send(chat, a, type="message", room="r", text="m41", client_msg_id="c41", id=41)
+    assert a.events()[-1].get("id") == 41 and a.events()[-1]["code"] == "rate_limited"
 
 
 def test_the_hold_ends_with_its_identity(clock: Clock) -> None:

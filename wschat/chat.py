@@ -538,12 +538,15 @@ class Chat:
         return self._buckets(session) if self._posts_charge else ()
 
     def _keep_send_order(self, session: Session, command: SendMessage | SendDm,
-                         held: tuple[str, float]) -> None:
+                         held: tuple[str, float, bool]) -> None:
         """While a refused send is held (:data:`HOLD_GRACE`), refuse the connection's
         new ones: a token that refilled meanwhile would otherwise store them before it.
         Its own return, or the end of the hold, lets them through again; sends refused
-        before (:meth:`_note_refused`: sent earlier, resent first) pass meanwhile."""
-        held_id, token_at = held
+        before (:meth:`_note_refused`: sent earlier, resent first) pass meanwhile.
+        They are refused as the held one was: ``rate_limited``, or ``unavailable``
+        (``unavailable``, ``internal_error``) so that a client does not take an outage
+        for its own pace."""
+        held_id, token_at, unavailable = held
         client_msg_id = command.client_msg_id
         if client_msg_id == held_id:
             session.held_send = None
@@ -554,6 +557,9 @@ class Chat:
         if now >= token_at + HOLD_GRACE:
             session.held_send = None
             return
+        if unavailable:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "temporarily unavailable; retry",
+                                command.request_id)
         if now < token_at:  # the bucket would refuse it too: a flood strike as ever
             self._refuse(session, command, math.ceil((token_at - now) * 1000), held=True)
         # The token is there, kept for the refused send: no strike (a client that gave
@@ -563,11 +569,11 @@ class Chat:
                      strike=False)
 
     def _note_refused(self, session: Session, command: Command | None,
-                      retry_ms: int = 0) -> None:
-        """A send refused for now (``rate_limited``, ``unavailable``,
-        ``internal_error``): its client sends it again before any newer one, so it
-        passes a hold, and it holds the newer ones (:meth:`_keep_send_order`) unless
-        an earlier refusal does already."""
+                      retry_ms: int | None = None) -> None:
+        """A send refused for now (``rate_limited`` after ``retry_ms``; ``unavailable``
+        or ``internal_error``, None): its client sends it again before any newer one,
+        so it passes a hold, and it holds the newer ones (:meth:`_keep_send_order`)
+        unless an earlier refusal does already."""
         if isinstance(command, POST_KINDS) and command.client_msg_id:
             refused = session.refused_sends
             if refused is None:
@@ -577,7 +583,8 @@ class Chat:
                 del refused[next(iter(refused))]
             if session.held_send is None:
                 session.held_send = (command.client_msg_id,
-                                     self.monotonic() + retry_ms / 1000)
+                                     self.monotonic() + (retry_ms or 0) / 1000,
+                                     retry_ms is None)
 
     @staticmethod
     def _settled(session: Session, command: SendMessage | SendDm) -> None:

@@ -64,9 +64,10 @@ class Session:
         self.remote_addr = remote_addr
         self.opened_at = time.monotonic()
         self.flood_strikes = 0
-        # (client_msg_id, monotonic time of its token): a send refused rate_limited,
-        # which this connection's later sends wait for (Chat._keep_send_order)
-        self.held_send: tuple[str, float] | None = None
+        # (client_msg_id, monotonic time of its token, refused as unavailable): a send
+        # refused for now, which this connection's newer sends wait for
+        # (Chat._keep_send_order)
+        self.held_send: tuple[str, float, bool] | None = None
         # client_msg_ids refused for now, oldest first (Chat._note_refused); None if none
         self.refused_sends: dict[str, None] | None = None
         self.closed_by_chat = False
