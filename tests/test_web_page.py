@@ -116,17 +116,29 @@ def announced(person: ChatPage) -> list[str]:
     return person.page.evaluate("window.announced")
 
 
-def cuttable(person: ChatPage) -> Callable[[bool], None]:
+def cuttable(person: ChatPage, drop: Callable[[dict[str, Any], bool], bool] | None = None
+             ) -> Callable[[bool], None]:
     """Routes ``person``'s WebSocket through the test (the page is reloaded for it) and
     returns ``down``: ``down(True)`` cuts the connection and turns away new ones until
-    ``down(False)``."""
+    ``down(False)``. With ``drop``, ``drop(frame, to_server)`` sees every JSON frame (the
+    page's when ``to_server``, else the server's) and one it returns true for is lost."""
     network: dict[str, Any] = {"down": False, "sockets": []}
+
+    def passes(frame: str | bytes, to_server: bool) -> bool:
+        try:
+            parsed = json.loads(frame)
+        except (TypeError, ValueError):
+            return True
+        return not (isinstance(parsed, dict) and drop is not None and drop(parsed, to_server))
 
     def route(ws: Any) -> None:
         if network["down"]:
             ws.close(code=1001, reason="test: network down")
             return
-        ws.connect_to_server()
+        server = ws.connect_to_server()
+        if drop is not None:
+            ws.on_message(lambda frame: server.send(frame) if passes(frame, True) else None)
+            server.on_message(lambda frame: ws.send(frame) if passes(frame, False) else None)
         network["sockets"].append(ws)
 
     def down(on: bool) -> None:
@@ -829,6 +841,53 @@ def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
         heard = announced(alice)
         assert len([t for t in heard if "Some messages were missed" in t]) == 1, heard
         assert not [t for t in heard if "while away" in t], f"the replay was read out: {heard}"
+
+
+@pytest.mark.parametrize("lost", ["request", "reply"])
+def test_a_cut_before_the_first_history_comes_hides_no_gap(
+        people: Callable[..., ChatPage], lost: str) -> None:
+    """The connection goes right after joining a room, before its history came (the page's
+    request, or the server's reply, is lost with it); meanwhile more is posted than the
+    server keeps. Back online the page shows what the server still holds, in order, once,
+    and says that some messages were missed (before: the room counted as not loaded, the
+    rejoin only reloaded the history, and the gap went unsaid)."""
+    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+        alice = people(srv, "alice")
+        lost_frames: list[dict[str, Any]] = []
+
+        def drop(frame: dict[str, Any], to_server: bool) -> bool:
+            first = (frame.get("type") == "history" and frame.get("room") == "fresh"
+                     and to_server == (lost == "request") and not lost_frames)
+            if first:
+                lost_frames.append(frame)
+            return first
+
+        down = cuttable(alice, drop)
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("fresh")
+            writer.say("fresh", "before alice came")
+            join_room(alice, "fresh")
+            writer.say("fresh", "seen live")  # reaches Alice, her history does not
+            expect(alice.messages("seen live")).to_have_count(1)
+            assert len(lost_frames) == 1, lost_frames
+            expect(alice.messages("before alice came")).to_have_count(0)
+            watch_live_regions(alice)
+            down(True)
+            for i in range(1, 11):  # more than the server keeps
+                writer.say("fresh", f"while away {i}")
+            down(False)
+            expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+                "data-state", "connected")
+            expect(alice.messages("while away 10")).to_have_count(1)
+            missed = alice.page.locator("#messages .notice", has_text="Some messages were missed")
+            expect(missed).to_be_visible()
+            writer.say("fresh", "back live")
+            expect(alice.messages("back live")).to_have_count(1)
+        assert texts(alice) == [f"while away {i}" for i in range(6, 11)] + ["back live"]
+        heard = announced(alice)
+        assert len([t for t in heard if "Some messages were missed" in t]) == 1, heard
+        assert not [t for t in heard if "could not be loaded" in t], heard
+        assert [t for t in heard if "back live" in t], heard
 
 
 def test_messages_missed_while_away_are_said_in_one_line(

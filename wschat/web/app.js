@@ -77,6 +77,8 @@ function newConversation(key, kind, name, peerId = null) {
     members: new Map(), // user_id -> {username, guest}
     typing: new Map(), // user_id -> {name, timer}
     atStart: false, loadingOlder: false, loaded: false,
+    loading: null, // the client whose first history load is on its way (the library resends it after a reconnect)
+    baseId: 0, // the first `joined` reply's last_id: the view holds every id above it that came
     joinState: "joining", // then "joined", or "removed" (kicked, banned: not rejoined)
     mutedUntil: 0, // ms; Infinity: until lifted
     replay: null, // after a rejoin, while the missed messages come: see replayStarts
@@ -373,10 +375,15 @@ function joined({ room, users, recovered, rejoin, last_id: lastId }) {
   c.joinState = "joined";
   c.members = new Map(users.map((u) => [u.user_id, { username: u.username, guest: isGuest(u) }]));
   clearTyping(c);
-  if (!rejoin || !c.loaded) loadLatest(c);
-  else {
+  if (!rejoin) {
+    c.baseId = lastId ?? 0;
+    loadLatest(c);
+  } else {
+    // Also when the first history load has not come back yet (the connection went first):
+    // what was missed meanwhile is checked all the same, and the load still comes.
     replayStarts(c, lastId, recovered === false);
     checkRejoin(c, recovered);
+    if (!c.loaded && c.loading !== state.client) loadLatest(c);
   }
   persistConversations();
   renderAll();
@@ -384,16 +391,20 @@ function joined({ room, users, recovered, rejoin, last_id: lastId }) {
 
 async function loadLatest(c) {
   const client = state.client;
+  c.loading = client;
   try {
     const messages = await client.history(c.name, { limit: PAGE });
     if (client !== state.client || conv(c.key) !== c) return;
     for (const m of messages) c.messages.set(m.id, m);
-    c.atStart = messages.length < PAGE;
+    if (!c.loaded) c.atStart = messages.length < PAGE; // else a reload after a rejoin set it
     c.loaded = true;
     render(c.key, { toBottom: true });
   } catch (err) {
+    if (client !== state.client || conv(c.key) !== c) return;
     addNotice(c, `History could not be loaded: ${describe(err)}`, true);
     render(c.key);
+  } finally {
+    if (c.loading === client) c.loading = null;
   }
 }
 
@@ -407,8 +418,8 @@ async function loadLatest(c) {
  */
 async function checkRejoin(c, recovered) {
   const client = state.client;
-  const since = lastKnownId(c);
-  if (!since) return;
+  const since = seenUpTo(c);
+  if (!since && recovered !== false) return;
   try {
     const [atSince] = await client.history(c.name, { before: since + 1, limit: 1 });
     const latest = recovered === false ? await client.history(c.name, { limit: PAGE }) : [];
@@ -424,6 +435,7 @@ async function checkRejoin(c, recovered) {
     if (recovered === false) {
       c.messages = new Map(latest.map((m) => [m.id, m]));
       c.atStart = latest.length < PAGE;
+      c.loaded = true;
       restartNotices(c, "Some messages were missed while you were away; showing the latest.");
       render(c.key, { toBottom: true });
     }
@@ -463,6 +475,11 @@ async function loadOlder(c) {
 }
 
 const lastKnownId = (c) => (c.messages.size ? Math.max(...c.messages.keys()) : 0);
+/**
+ * The id a rejoin's `since` is (the library's last id): the newest shown or, before any
+ * came (the first history load may not have come either), the first `joined`'s last_id.
+ */
+const seenUpTo = (c) => Math.max(lastKnownId(c), c.baseId);
 
 const REPLAY_GAP_MS = 2000; // a replay that stops short (the connection went again) is summed up after this
 
@@ -475,7 +492,7 @@ const REPLAY_GAP_MS = 2000; // a replay that stops short (the connection went ag
  * "Some messages were missed" notice says it instead.
  */
 function replayStarts(c, upTo, quiet) {
-  if (!(upTo > lastKnownId(c))) return; // nothing was missed
+  if (!(upTo > seenUpTo(c))) return; // nothing was missed
   c.replay ??= { heard: [], quiet: false, timer: null };
   c.replay.upTo = upTo;
   c.replay.quiet ||= quiet;
