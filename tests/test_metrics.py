@@ -80,7 +80,7 @@ def metrics_json(srv: Server) -> dict[str, Any]:
 
 
 def wait_for_values(srv: Server, expected: dict[tuple[str, tuple[tuple[str, str], ...]], float],
-                    baseline: Scrape | None = None) -> Scrape:
+                    baseline: Scrape | None = None, timeout: float = TIMEOUT) -> Scrape:
     """Scrape until every series reads its expected value (minus ``baseline``), then
     once more to be sure none of them keeps counting past it."""
 
@@ -97,7 +97,7 @@ def wait_for_values(srv: Server, expected: dict[tuple[str, tuple[tuple[str, str]
         return s if last == expected else None
 
     try:
-        result = wait_until(settled, message="the expected metric values")
+        result = wait_until(settled, timeout, message="the expected metric values")
     except AssertionError:
         raise AssertionError(f"expected {expected}, last read {last}") from None
     assert reads(scrape(srv)) == expected
@@ -407,8 +407,9 @@ def test_dead_worker_leaves_the_gauges(cluster: Server) -> None:
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: victim not in cluster.worker_pids() and len(
             cluster.worker_pids()) == 2, message="the worker to be replaced")
+        # The replacement counts once it has booted: seconds on a loaded machine.
         after = wait_for_values(cluster, {series("wschat_connections_total"): n - lost,
-                                          series("wschat_workers"): 2})
+                                          series("wschat_workers"): 2}, timeout=6 * TIMEOUT)
         assert after.value("wschat_connections_opened_total") >= before.value(
             "wschat_connections_opened_total")
         assert metrics_json(cluster)["connections"] == n - lost
