@@ -48,6 +48,10 @@ class TargetSpec:
     description: str
     redis_url: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # The server's working directory. gunicorn puts its working directory first on
+    # sys.path before it reads its config (which imports wschat), ahead of PYTHONPATH:
+    # a wschat started in REPO imports REPO's wschat whatever --server-tree says.
+    cwd: str | None = None
 
 
 def bun_binary() -> str | None:
@@ -101,7 +105,7 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
                 "Redis backend")
         if env_overrides:
             env.update(env_overrides)
-        return TargetSpec(name, "plain", argv, env, "http", desc, redis_url=redis)
+        return TargetSpec(name, "plain", argv, env, "http", desc, redis_url=redis, cwd=str(tree))
     if name == "socketio":
         argv = [py, str(PEERS / "socketio_gevent.py"), "--port", str(port)]
         return TargetSpec(name, "socketio", argv, env, "tcp", "python-socketio 5 on gevent pywsgi")
@@ -135,7 +139,7 @@ class Server:
             _flush_redis(self.spec.redis_url)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.spec.argv, env=self.spec.env, cwd=str(REPO), stdout=self._log,
+        self.proc = subprocess.Popen(self.spec.argv, env=self.spec.env, cwd=self.spec.cwd or str(REPO), stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
