@@ -90,8 +90,9 @@ def baseline_tree(rev: str, tree: Path) -> Path:
 def imported_from(tree: Path) -> Path:
     """Where a server started for ``tree`` imports wschat from (it must be ``tree``)."""
     env = dict(os.environ, PYTHONPATH=tree_pythonpath(tree, os.environ.get("PYTHONPATH")))
+    # cwd=tree: where the server is started (gunicorn puts its cwd first on sys.path)
     out = subprocess.run([sys.executable, "-c", "import wschat; print(wschat.__file__)"],
-                         env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True,
+                         env=env, cwd=str(tree), capture_output=True, text=True,
                          check=True)
     return Path(out.stdout.strip()).resolve().parent.parent
 
@@ -105,6 +106,17 @@ def run_once(tree: Path, scenario: list[str], out: Path) -> dict[float, float]:
     [report] = json.loads(out.read_text())["runs"]
     if not report.get("ok"):
         raise RuntimeError(f"run against {tree} failed: {report.get('problems') or report.get('error')}")
+    keep = os.environ.get("AB_KEEP")  # (worktree aid) keep every run's report
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        (Path(keep) / f"{out.stem}-{tree.name}.json").write_text(out.read_text())
+    for level in report["result"]["levels"]:
+        cpu = level["cpu_with_drain"]
+        print(f"  run {tree.name}: {level['offered_msgs_per_s']:g} msg/s lost {level.get('lost')} "
+              f"gaps {level.get('gaps')} dups {level.get('dups')} p99 "
+              f"{level['latency_ms'].get('p99_ms')} ms; CPU % server {cpu['server_cpu_pct']} "
+              f"redis {cpu.get('redis_cpu_pct')} generator {cpu['generator_cpu_pct']} "
+              f"other {cpu['other_cpu_pct']}", flush=True)
     return us_per_message(report)
 
 
