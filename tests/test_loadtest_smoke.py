@@ -198,6 +198,28 @@ def test_ab_compares_two_checkouts_in_pairs(tmp_path: Path) -> None:
     assert "250 msg/s, 2 pairs: B/A" in proc.stdout
 
 
+def test_a_server_tree_runs_its_own_wschat(tmp_path: Path) -> None:
+    """``--server-tree`` (what loadtest.ab's two sides are) starts that tree's wschat.
+    gunicorn puts its working directory first on sys.path before it reads its config,
+    so a server started in this repository ran this repository's wschat whatever the
+    tree: every A/B before the fix compared a checkout with itself."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD", "wschat", "gunicorn.conf.py"],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    conf = tree / "gunicorn.conf.py"
+    conf.write_text(conf.read_text() + "\nimport pathlib as _p, wschat as _w\n"
+                    "_p.Path(__file__).with_name('imported-from').write_text(_w.__file__)\n")
+    proc = subprocess.run([sys.executable, "-m", "loadtest", "smallrooms", "-n", "4", "--rate",
+                           "20", "-d", "1", "--warmup", "0.2", "--quiet-gate", "0", "--workers",
+                           "1", "--source-ips", "2", "--server-tree", str(tree)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120 * SCALE)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    imported = Path((tree / "imported-from").read_text()).resolve()
+    assert imported.is_relative_to(tree.resolve()), f"the server ran {imported}"
+
+
 def test_ab_verdicts() -> None:
     """A difference is resolved only when the interval of the pairs excludes none."""
     from loadtest.ab import describe, verdict
