@@ -890,6 +890,55 @@ def test_a_cut_before_the_first_history_comes_hides_no_gap(
         assert [t for t in heard if "back live" in t], heard
 
 
+def first_items(person: ChatPage, n: int) -> list[str]:
+    """The texts of the first ``n`` entries of the message list (notices included)."""
+    return person.page.locator("#messages > li").all_inner_texts()[:n]
+
+
+def test_the_start_is_shown_only_where_the_room_starts(people: Callable[..., ChatPage]) -> None:
+    """"This is the start of # room." heads the list only when its first message (id 1) is
+    there. A server that keeps only HISTORY_SIZE messages answers a page of 50 with fewer
+    although older ones were written: the list then says they are no longer kept (before:
+    it said "This is the start", also above "Some messages were missed…" after a
+    `recovered: false` reload)."""
+    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+        alice = people(srv, "alice")
+        down = cuttable(alice)
+        start = alice.page.locator("#messages .notice", has_text="This is the start")
+        gone = alice.page.locator("#messages .notice", has_text="Older messages are no longer kept")
+        with Client(srv.url, "username=writer") as writer:
+            for room, count in (("short", 3), ("trimmed", 8)):
+                writer.join(room)
+                for i in range(1, count + 1):
+                    writer.say(room, f"{room} {i}")
+            join_room(alice, "trimmed")
+            expect(alice.messages("trimmed 8")).to_have_count(1)
+            assert texts(alice) == [f"trimmed {i}" for i in range(4, 9)]
+            expect(gone).to_have_count(1)
+            expect(start).to_have_count(0)
+            assert first_items(alice, 1) == ["Older messages are no longer kept."]
+
+            join_room(alice, "short")
+            expect(alice.messages("short 3")).to_have_count(1)
+            expect(start).to_have_count(1)
+            expect(gone).to_have_count(0)
+            assert first_items(alice, 1) == ["This is the start of # short."]
+
+            down(True)
+            for i in range(1, 11):  # more than the server keeps
+                writer.say("short", f"while away {i}")
+            down(False)
+            expect(alice.page.locator("#messages .notice", has_text="Some messages were missed"),
+                   RECONNECT_MS).to_be_visible()
+            expect(alice.messages("while away 10")).to_have_count(1)
+            assert texts(alice) == [f"while away {i}" for i in range(6, 11)]
+            expect(gone).to_have_count(1)
+            expect(start).to_have_count(0)
+            assert first_items(alice, 2) == [
+                "Older messages are no longer kept.",
+                "Some messages were missed while you were away; showing the latest."]
+
+
 def test_messages_missed_while_away_are_said_in_one_line(
         web_server: Server, people: Callable[..., ChatPage]) -> None:
     """What the server replays after a reconnect is said in one line ("12 new messages in

@@ -76,7 +76,9 @@ function newConversation(key, kind, name, peerId = null) {
     unread: 0,
     members: new Map(), // user_id -> {username, guest}
     typing: new Map(), // user_id -> {name, timer}
-    atStart: false, loadingOlder: false, loaded: false,
+    // Before the oldest message held: "start" (it is the room's first), "gone" (the server
+    // no longer keeps the older ones), "more" (scrolling up loads them); null: not known yet.
+    older: null, olderCheck: null, loadingOlder: false, loaded: false,
     loading: null, // the client whose first history load is on its way (the library resends it after a reconnect)
     baseId: 0, // the first `joined` reply's last_id: the view holds every id above it that came
     joinState: "joining", // then "joined", or "removed" (kicked, banned: not rejoined)
@@ -396,9 +398,10 @@ async function loadLatest(c) {
     const messages = await client.history(c.name, { limit: PAGE });
     if (client !== state.client || conv(c.key) !== c) return;
     for (const m of messages) c.messages.set(m.id, m);
-    if (!c.loaded) c.atStart = messages.length < PAGE; // else a reload after a rejoin set it
+    const first = !c.loaded; // else a reload after a rejoin said what lies before
     c.loaded = true;
     render(c.key, { toBottom: true });
+    if (first) settleOlder(c, messages.length, PAGE);
   } catch (err) {
     if (client !== state.client || conv(c.key) !== c) return;
     addNotice(c, `History could not be loaded: ${describe(err)}`, true);
@@ -434,10 +437,10 @@ async function checkRejoin(c, recovered) {
     }
     if (recovered === false) {
       c.messages = new Map(latest.map((m) => [m.id, m]));
-      c.atStart = latest.length < PAGE;
       c.loaded = true;
       restartNotices(c, "Some messages were missed while you were away; showing the latest.");
       render(c.key, { toBottom: true });
+      settleOlder(c, latest.length, PAGE);
     }
   } catch { /* the next reconnect checks again */ }
 }
@@ -449,7 +452,8 @@ function serverForgot() {
     if (c.replay) replayEnds(c, true);
     c.messages.clear();
     restartNotices(c, "The server restarted and lost earlier messages.");
-    c.atStart = false;
+    c.older = null;
+    c.olderCheck = null;
     c.loaded = false;
     c.unread = 0;
   }
@@ -457,17 +461,47 @@ function serverForgot() {
   renderAll();
 }
 
+/**
+ * Says what lies before the oldest message held, after a history page of `got` messages
+ * (`asked` were asked for). Room ids start at 1 with no gaps (docs/delivery.md): the start
+ * is where id 1 is, or an empty room that never had a message. A short page is no proof of
+ * the start: a server keeps only its latest HISTORY_SIZE messages, and answers a page of 50
+ * with fewer although older ones were written; one more look (`before` the oldest) tells
+ * whether they are gone.
+ */
+async function settleOlder(c, got, asked) {
+  const check = (c.olderCheck = {});
+  const settled = (older) => {
+    if (c.olderCheck !== check || conv(c.key) !== c) return;
+    c.olderCheck = null;
+    if (c.older !== older) { c.older = older; render(c.key, { keepFromBottom: true }); }
+  };
+  const oldest = c.messages.size ? Math.min(...c.messages.keys()) : 0;
+  if (oldest === 1) return settled("start");
+  if (!oldest) return settled(c.baseId > 0 ? "gone" : "start"); // nothing kept, or nothing written
+  if (got >= asked) return settled("more");
+  c.older = null; // not known yet: neither said
+  const client = state.client;
+  try {
+    const [before] = await client.history(c.name, { before: oldest, limit: 1 });
+    if (client === state.client) settled(before ? "more" : "gone");
+  } catch {
+    if (client === state.client) settled("more"); // scrolling up asks again
+  }
+}
+
 async function loadOlder(c) {
-  if (c.kind !== "room" || c.atStart || c.loadingOlder || !c.loaded) return;
+  if (c.kind !== "room" || c.older !== "more" || c.loadingOlder || !c.loaded) return;
   const oldest = Math.min(...c.messages.keys());
-  if (!Number.isFinite(oldest) || oldest <= 1) { c.atStart = true; render(c.key); return; }
+  if (!Number.isFinite(oldest)) return;
   c.loadingOlder = true;
   $("older").hidden = false;
   try {
     const messages = await state.client.history(c.name, { before: oldest, limit: PAGE });
     for (const m of messages) c.messages.set(m.id, m);
-    c.atStart = messages.length < PAGE;
+    if (!messages.length) c.older = "gone";
     render(c.key, { keepFromBottom: true });
+    if (messages.length) await settleOlder(c, messages.length, PAGE);
   } catch { /* scrolling up again retries */ } finally {
     c.loadingOlder = false;
     $("older").hidden = true;
@@ -1008,7 +1042,8 @@ function render(key, { toBottom = false, keepFromBottom = false } = {}) {
   if (!c) {
     entries.push(fixedEntry("empty", "empty", state.conversations.size ? "Pick a conversation." : "Join a room to start chatting."));
   } else {
-    if (c.kind === "room" && c.atStart && c.loaded) entries.push(fixedEntry("start", "notice", `This is the start of # ${c.name}.`));
+    if (c.kind === "room" && c.loaded && c.older === "start") entries.push(fixedEntry("start", "notice", `This is the start of # ${c.name}.`));
+    if (c.kind === "room" && c.loaded && c.older === "gone") entries.push(fixedEntry("gone", "notice", "Older messages are no longer kept."));
     if (c.kind === "dm") entries.push(fixedEntry("intro", "notice", `Direct messages with ${c.name}; they reach ${c.name} while online.`));
     const ordered = [...c.messages.entries()].sort((a, b) => (c.kind === "room" ? a[0] - b[0] : a[1].timestamp - b[1].timestamp));
     let n = 0;
