@@ -890,6 +890,19 @@ def test_a_cut_before_the_first_history_comes_hides_no_gap(
         assert [t for t in heard if "back live" in t], heard
 
 
+def lose_first_history(room: str, to_server: bool, lost: list[dict[str, Any]]
+                       ) -> Callable[[dict[str, Any], bool], bool]:
+    """A ``drop`` for ``cuttable``: loses the first history frame of ``room`` (the page's
+    request if ``to_server``, else the server's reply) and keeps it in ``lost``."""
+    def drop(frame: dict[str, Any], going_to_server: bool) -> bool:
+        first = (frame.get("type") == "history" and frame.get("room") == room
+                 and going_to_server == to_server and not lost)
+        if first:
+            lost.append(frame)
+        return first
+    return drop
+
+
 def first_items(person: ChatPage, n: int) -> list[str]:
     """The texts of the first ``n`` entries of the message list (notices included)."""
     return person.page.locator("#messages > li").all_inner_texts()[:n]
@@ -937,6 +950,47 @@ def test_the_start_is_shown_only_where_the_room_starts(people: Callable[..., Cha
             assert first_items(alice, 2) == [
                 "Older messages are no longer kept.",
                 "Some messages were missed while you were away; showing the latest."]
+
+
+@pytest.mark.parametrize("away", [3, 10])
+def test_a_first_history_load_that_timed_out_in_a_long_cut(
+        people: Callable[..., ChatPage], away: int) -> None:
+    """Alice's first history request for a room is lost, then the connection goes for
+    longer than the library's request timeout (the page keeps its default, 10 s): the page
+    says "History could not be loaded". Back online it loads the history, and the notice
+    goes (before: it stayed above the loaded history when the rejoin said
+    `recovered: true`); with more missed than the server keeps (`recovered: false`) it shows
+    the latest and says some were missed."""
+    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+        alice = people(srv, "alice")
+        lost: list[dict[str, Any]] = []
+        down = cuttable(alice, lose_first_history("slow", True, lost))
+        failed = alice.page.locator("#messages .notice", has_text="History could not be loaded")
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("slow")
+            writer.say("slow", "before alice came")
+            join_room(alice, "slow")
+            writer.say("slow", "seen live")
+            expect(alice.messages("seen live")).to_have_count(1)
+            assert len(lost) == 1, lost
+            down(True)
+            expect(failed, int(20_000 * SCALE)).to_contain_text("No answer from the server in time")
+            for i in range(1, away + 1):
+                writer.say("slow", f"while away {i}")
+            down(False)
+            expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+                "data-state", "connected")
+            expect(alice.messages(f"while away {away}")).to_have_count(1)
+            if away > 5:  # the server keeps 5: some are gone
+                expect(alice.page.locator("#messages .notice", has_text="Some messages were missed")
+                       ).to_be_visible()
+            else:
+                expect(alice.messages("before alice came")).to_have_count(1)
+            writer.say("slow", "back live")
+            expect(alice.messages("back live")).to_have_count(1)
+        expect(failed).to_have_count(0)
+        written = ["before alice came", "seen live", *(f"while away {i}" for i in range(1, away + 1))]
+        assert texts(alice) == (written[-5:] if away > 5 else written) + ["back live"]
 
 
 def test_messages_missed_while_away_are_said_in_one_line(

@@ -72,7 +72,7 @@ function newConversation(key, kind, name, peerId = null) {
     key, kind, name, peerId,
     messages: new Map(), // room: message id -> message; DM: `${id}:${timestamp}` -> dm
     pending: new Map(), // client_msg_id -> {text, error, created}
-    notices: [], // {afterId, text, warn}
+    notices: [], // {afterId, text, warn, kind}
     unread: 0,
     members: new Map(), // user_id -> {username, guest}
     typing: new Map(), // user_id -> {name, timer}
@@ -398,13 +398,15 @@ async function loadLatest(c) {
     const messages = await client.history(c.name, { limit: PAGE });
     if (client !== state.client || conv(c.key) !== c) return;
     for (const m of messages) c.messages.set(m.id, m);
+    // An earlier load that failed (timed out during a long cut, say) is no longer true.
+    c.notices = c.notices.filter((n) => n.kind !== "history");
     const first = !c.loaded; // else a reload after a rejoin said what lies before
     c.loaded = true;
     render(c.key, { toBottom: true });
     if (first) settleOlder(c, messages.length, PAGE);
   } catch (err) {
     if (client !== state.client || conv(c.key) !== c) return;
-    addNotice(c, `History could not be loaded: ${describe(err)}`, true);
+    addNotice(c, `History could not be loaded: ${describe(err)}`, true, lastKnownId(c), "history");
     render(c.key);
   } finally {
     if (c.loading === client) c.loading = null;
@@ -545,9 +547,9 @@ function replayEnds(c, silently = false) {
     : `${heard.length} new messages in # ${c.name} while you were away.`);
 }
 
-/** A notice after the latest message; said aloud if `c` is open. */
-function addNotice(c, text, warn, afterId = lastKnownId(c)) {
-  c.notices.push({ afterId, text, warn });
+/** A notice after the latest message; said aloud if `c` is open. `kind` marks one that a later event takes back. */
+function addNotice(c, text, warn, afterId = lastKnownId(c), kind = null) {
+  c.notices.push({ afterId, text, warn, kind });
   if (state.current === c.key) announce(text);
 }
 
