@@ -953,6 +953,51 @@ def test_the_start_is_shown_only_where_the_room_starts(people: Callable[..., Cha
 
 
 @pytest.mark.parametrize("away", [3, 10])
+def test_a_cut_before_an_empty_room_s_first_history_comes(
+        people: Callable[..., ChatPage], away: int) -> None:
+    """Alice joins an empty room (`joined` last_id 0: the library rejoins with `since` 0)
+    and the connection goes before the history reply comes. Messages are written meanwhile:
+    fewer than the server keeps (3: `recovered: true`, all replayed) or more (10:
+    `recovered: false`). Back online the page shows what the server holds, in order, once,
+    and says that some were missed only when some were."""
+    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+        alice = people(srv, "alice")
+        lost: list[dict[str, Any]] = []
+        down = cuttable(alice, lose_first_history("empty", False, lost))
+        join_room(alice, "empty")
+        for _ in range(200):
+            if lost:
+                break
+            alice.page.wait_for_timeout(25)
+        assert len(lost) == 1 and lost[0]["messages"] == [], lost
+        watch_live_regions(alice)
+        down(True)
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("empty")
+            for i in range(1, away + 1):
+                writer.say("empty", f"while away {i}")
+            down(False)
+            expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+                "data-state", "connected")
+            expect(alice.messages(f"while away {away}")).to_have_count(1)
+            missed = alice.page.locator("#messages .notice", has_text="Some messages were missed")
+            if away > 5:
+                expect(missed).to_be_visible()
+            writer.say("empty", "back live")
+            expect(alice.messages("back live")).to_have_count(1)
+        kept = range(max(1, away - 4), away + 1)
+        assert texts(alice) == [f"while away {i}" for i in kept] + ["back live"]
+        heard = announced(alice)
+        assert len([t for t in heard if "Some messages were missed" in t]) == (away > 5), heard
+        assert not [t for t in heard if "could not be loaded" in t], heard
+        expect(missed).to_have_count(int(away > 5))
+        start = alice.page.locator("#messages .notice", has_text="This is the start")
+        gone = alice.page.locator("#messages .notice", has_text="Older messages are no longer kept")
+        expect(start).to_have_count(int(away <= 5))
+        expect(gone).to_have_count(int(away > 5))
+
+
+@pytest.mark.parametrize("away", [3, 10])
 def test_a_first_history_load_that_timed_out_in_a_long_cut(
         people: Callable[..., ChatPage], away: int) -> None:
     """Alice's first history request for a room is lost, then the connection goes for
