@@ -93,3 +93,14 @@ def test_retry_after_is_delta_seconds_or_an_http_date() -> None:
     assert _retry_after_header("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # past
     for bad in (None, "", "0", "-1", "soon", "Wed, 32 Oct 2015 07:28:00 GMT"):
         assert _retry_after_header(bad, now) == 0.0, bad
+
+
+def test_retry_after_is_capped_at_a_day() -> None:
+    """A wait far ahead is a day at most (as in the JS and Rust clients), and one that
+    is not a number of seconds at all ("inf", "1e400", "nan") is no wait: they used to
+    mean never reconnecting."""
+    now = 1445412450.0  # Wed, 21 Oct 2015 07:27:30 GMT
+    assert _retry_after_header("3000000", now) == 86_400.0
+    assert _retry_after_header("Sun, 29 Feb 2032 00:00:00 GMT", now) == 86_400.0
+    for bad in ("inf", "Infinity", "-inf", "1e400", "nan"):
+        assert _retry_after_header(bad, now) == 0.0, bad

@@ -8,6 +8,8 @@ own backoff. A refusal retrying cannot change (403, 400, 404) stops the client.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import time
 
 import pytest
 
@@ -69,3 +71,43 @@ async def test_an_upgrade_refused_for_good_stops_the_client(harness: Harness) ->
         assert [e.close_code for e in rec.of("error")] == [status]
         assert client.state is ConnectionState.DISCONNECTED
         await client.close()
+
+
+async def fake_503(retry_after: str) -> tuple[asyncio.Server, str, list[int]]:
+    """A server answering every upgrade with 503 and ``Retry-After: retry_after``."""
+    attempts: list[int] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(1)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(f"HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after}\r\n"
+                     "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"ws://127.0.0.1:{port}/ws", attempts
+
+
+@pytest.mark.parametrize("header", [
+    "inf",
+    "1e400",
+    "3000000",
+    email.utils.formatdate(time.time() + 3 * 365 * 86400, usegmt=True),
+])
+async def test_a_refusal_s_retry_after_is_capped_at_a_day(header: str) -> None:
+    """A Retry-After far ahead (a proxy's mistake) waits a day at most, as in the JS and
+    Rust clients: "inf" and "1e400" used to mean never reconnecting, a date three years
+    ahead waiting three years."""
+    server, url, attempts = await fake_503(header)
+    client = Client(url, backoff=FAST)
+    rec = Recorder(client)
+    await client.connect(wait=False)
+    await rec.wait_for(lambda: rec.of("disconnected"), what="the refused upgrade")
+    refusal = rec.of("disconnected")[0]
+    await client.close()
+    server.close()
+    assert refusal.code == 503, refusal
+    assert refusal.reconnect_in is not None and refusal.reconnect_in <= 86_400, refusal
+    assert attempts == [1]

@@ -27,6 +27,7 @@ import email.utils
 import inspect
 import json
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -1021,20 +1022,28 @@ def _with_query(url: str, **params: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+RETRY_AFTER_CAP = 86_400.0
+"""The longest wait a ``Retry-After`` can ask for, seconds (a day, as in the JS and Rust
+clients): one further ahead is a proxy's mistake, not a reason to never reconnect."""
+
+
 def _retry_after_header(value: str | None, now: float | None = None) -> float:
     """Seconds a ``Retry-After`` header asks to wait: delta-seconds (as wschat sends it
     with a 503 or 429), or an HTTP-date (RFC 9110), counted from ``now`` (``time.time()``
-    by default); a date in the past, or a value that is neither, is 0."""
+    by default); a date in the past, or a value that is neither, is 0. At most a day
+    (``RETRY_AFTER_CAP``), as in the JS and Rust clients."""
     if not value:
         return 0.0
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return min(RETRY_AFTER_CAP, seconds) if math.isfinite(seconds) and seconds > 0 else 0.0
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return 0.0
     if when.tzinfo is None:  # asctime's form has no zone: HTTP-dates are GMT
         when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(RETRY_AFTER_CAP, max(0.0, when.timestamp() - (time.time() if now is None else now)))
