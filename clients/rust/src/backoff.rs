@@ -35,6 +35,9 @@ impl Backoff {
     }
 }
 
+/// The longest wait a `Retry-After` can ask for: a day, as in the JS and Python clients.
+pub(crate) const RETRY_AFTER_CAP: Duration = Duration::from_secs(86_400);
+
 /// A `Retry-After` header's wait: delta-seconds (as wschat sends it with a 503 or 429
 /// refusing the upgrade), or an HTTP-date (RFC 9110) counted from now; `None` when it asks
 /// for no wait (zero, a date in the past) or is neither.
@@ -45,11 +48,12 @@ pub(crate) fn retry_after_header(value: &str) -> Option<Duration> {
 /// [`retry_after_header`] with the time given (tests).
 fn retry_after_at(value: &str, now: SystemTime) -> Option<Duration> {
     let wait = match value.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+        // Capped before the conversion: `from_secs_f64` panics above about 1.8e19 s.
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs.min(RETRY_AFTER_CAP.as_secs_f64())),
         Ok(_) => return None,
         Err(_) => http_date(value, now)?.duration_since(now).ok()?,
     };
-    (!wait.is_zero()).then(|| wait.min(Duration::from_secs(86_400)))
+    (!wait.is_zero()).then(|| wait.min(RETRY_AFTER_CAP))
 }
 
 const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
@@ -141,6 +145,17 @@ mod tests {
             assert_eq!(retry_after_at(bad, now), None, "{bad:?}");
         }
         assert!(retry_after_header("5").is_some(), "now by default");
+    }
+
+    /// A delta-seconds too large for a `Duration` (`from_secs_f64` panics above about
+    /// 1.8e19 s) is capped at a day, not a panic that kills the driver task.
+    #[test]
+    fn a_huge_retry_after_is_capped_not_a_panic() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_450);
+        for v in ["100000000000000000000", "18446744073709551616"] {
+            let got = std::panic::catch_unwind(|| retry_after_at(v, now));
+            assert!(matches!(got, Ok(Some(d)) if d == Duration::from_secs(86_400)), "{v}: {got:?}");
+        }
     }
 
     #[test]

@@ -633,3 +633,31 @@ async fn an_upgrade_refused_with_403_is_not_retried() {
     assert_eq!(attempts.load(Ordering::SeqCst), 1, "connections to the refusing server");
     server.abort();
 }
+
+/// A 503 whose `Retry-After` is more seconds than a `Duration` holds (a misconfigured proxy)
+/// is waited, capped at a day, like any other: it used to panic the driver task, and the app
+/// saw no error, no event, and a client that never connected again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_is_capped_at_a_day() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = tcp.read(&mut request).await;
+            let answer = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 100000000000000000000\r\n\
+                          Content-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = tcp.write_all(answer.as_bytes()).await;
+        }
+    });
+    let (c, events) = Client::builder(url).backoff(Duration::from_millis(50), Duration::from_millis(200)).connect();
+    let rec = Recorder::new(events);
+    rec.wait("the refused upgrade", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let Event::Disconnected { code, reconnect_in, .. } = disconnections(&rec).remove(0) else { unreachable!() };
+    assert_eq!(code, Some(503));
+    assert_eq!(reconnect_in, Some(Duration::from_secs(86_400)), "a day, the cap");
+    c.close();
+    server.abort();
+}
