@@ -71,10 +71,16 @@ export function retryAfterMs(value: string | string[] | null | undefined, now: n
   const first = Array.isArray(value) ? value[0] : value;
   if (first === undefined || first === null || first.trim() === "") return 0;
   const seconds = Number(first);
-  if (!Number.isNaN(seconds)) return Number.isFinite(seconds) && seconds > 0 ? Math.ceil(seconds * 1000) : 0;
+  if (!Number.isNaN(seconds)) return Number.isFinite(seconds) && seconds > 0 ? Math.min(RETRY_AFTER_CAP, Math.ceil(seconds * 1000)) : 0;
   const at = httpDate(first, now);
-  return Number.isNaN(at) ? 0 : Math.max(0, at - now);
+  return Number.isNaN(at) ? 0 : Math.min(RETRY_AFTER_CAP, Math.max(0, at - now));
 }
+
+/** The longest wait a `Retry-After` can ask for, ms: a day, as in the Python and Rust clients. */
+export const RETRY_AFTER_CAP = 86_400_000;
+
+/** The longest delay a timer holds, ms: Node and browsers run a longer `setTimeout` at once. */
+export const MAX_TIMER_DELAY = 2 ** 31 - 1;
 
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 /** Fifty years: an RFC 850 date's two-digit year further ahead than this is of the century before. */

@@ -3,7 +3,7 @@
  * rejoins its rooms with `since`, and resends unacknowledged sends, so that the app sees
  * every message once and in order.
  */
-import { backoffDelay, closePolicy, type ClosePolicy, PAUSE_DELAY, refusalPolicy, retryAfterMs } from "./backoff.js";
+import { backoffDelay, closePolicy, type ClosePolicy, MAX_TIMER_DELAY, PAUSE_DELAY, refusalPolicy, retryAfterMs } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
@@ -402,7 +402,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       random: this.opts.random,
     });
     if (policy === "pause") delay += PAUSE_DELAY;
-    delay = Math.max(delay, this.retryAfterUntil - Date.now());
+    delay = Math.min(MAX_TIMER_DELAY, Math.max(delay, this.retryAfterUntil - Date.now()));
     this.attempt++;
     this.setState("connecting");
     this.emit("connecting", { attempt: this.attempt, delay, code, reason });

@@ -42,6 +42,14 @@ test("Retry-After: delta-seconds or an HTTP-date, in ms; a past date or anything
   }
 });
 
+test("Retry-After: capped at a day", () => {
+  const now = Date.UTC(2015, 9, 21, 7, 27, 30);
+  assert.equal(retryAfterMs("3000000", now), 86_400_000);
+  assert.equal(retryAfterMs("100000000000000000000", now), 86_400_000);
+  assert.equal(retryAfterMs("Sun, 29 Feb 2032 00:00:00 GMT", now), 86_400_000);
+  assert.equal(retryAfterMs(new Date(Date.now() + 30 * 86_400_000).toUTCString()), 86_400_000);
+});
+
 test("refused upgrades: 401 needs a token, 408/429/5xx reconnect, any other answer is terminal", () => {
   assert.equal(refusalPolicy(401), "token");
   for (const status of [408, 429, 500, 502, 503, 504]) assert.equal(refusalPolicy(status), "reconnect", `${status}`);

@@ -1,5 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import http from "node:http";
+import WebSocket from "ws";
 import { ChatClient, jwtExpiry, randomId } from "../../dist/index.mjs";
 import { FakeServer, fakeToken, tick } from "./fake-server.mjs";
 
@@ -96,6 +98,49 @@ test("state machine: 4102 waits the pause and the server's retry_after_ms", asyn
   assert.ok(e.delay >= 6900, `delay ${e.delay}`);
   c.disconnect();
 });
+
+test("state machine: a wait longer than a timer holds (2^31-1 ms) is clamped, not run at once", async () => {
+  // Node runs a setTimeout over 2^31-1 ms after 1 ms: the client reconnected at once.
+  const { server, c, events } = setup();
+  await c.connect();
+  server.push(server.last, { type: "error", code: "rate_limited", message: "flood", retry_after_ms: 3e9 });
+  server.drop(server.last, 4102, "flooding");
+  try {
+    assert.equal(events("connecting").at(-1).delay, 2 ** 31 - 1);
+    await tick(100);
+    assert.equal(server.sockets.length, 1, "no reconnect within 100 ms");
+  } finally {
+    c.disconnect();
+  }
+});
+
+for (const [what, header] of [
+  ["an HTTP-date 30 days ahead", () => new Date(Date.now() + 30 * 86_400_000).toUTCString()],
+  ["3000000 seconds (35 days)", () => "3000000"],
+]) {
+  test(`refused upgrades: a 503's Retry-After of ${what} waits a day, the cap`, async () => {
+    let upgrades = 0;
+    const refusing = http.createServer();
+    refusing.on("upgrade", (_req, socket) => {
+      upgrades++;
+      socket.end(`HTTP/1.1 503 Service Unavailable\r\nRetry-After: ${header()}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+    });
+    await new Promise((r) => refusing.listen(0, "127.0.0.1", r));
+    const c = new ChatClient({ url: `ws://127.0.0.1:${refusing.address().port}/ws`, WebSocket, minReconnectDelay: 10, maxReconnectDelay: 50 });
+    const delays = [];
+    c.on("connecting", (e) => delays.push(e.delay));
+    try {
+      c.connect().catch(() => {});
+      await until(() => delays.length > 0, "the refusal's reconnect");
+      await tick(300);
+      assert.equal(upgrades, 1, "upgrade attempts in 300 ms");
+      assert.ok(delays[0] > 86_390_000 && delays[0] <= 86_400_000, `reconnect delay ${delays[0]} ms`);
+    } finally {
+      c.disconnect();
+      refusing.close();
+    }
+  });
+}
 
 test("state machine: the URL function is asked for every attempt", async () => {
   const server = new FakeServer();
