@@ -63,16 +63,23 @@ export function refusalPolicy(status: number): ClosePolicy {
 }
 
 /**
- * A `Retry-After` header's wait in ms: delta-seconds (as wschat sends it with a 503 or 429
- * refusing the upgrade), or an HTTP-date (RFC 9110) counted from `now`; 0 when absent, a date
- * in the past, or neither.
+ * A `Retry-After` header's wait in ms (RFC 9110), 0 when it asks for none (or is absent), with
+ * the rule the three client libraries (JS, Python, Rust) share, tested by each against the same
+ * cases (`clients/conformance/retry-after.json`; the rule: `clients/conformance/README.md`):
+ *
+ * - surrounding spaces and tabs are ignored; of several headers, the first counts;
+ * - delta-seconds are ASCII digits only (`"2.5"`, `"1e20"`, `"0x10"`, `"inf"`, `"-5"`, `"+5"` are
+ *   not); `"0"` is no wait;
+ * - otherwise an HTTP-date (`httpDate`) counted from `now`; one not ahead is no wait;
+ * - the wait is capped at a day (`RETRY_AFTER_CAP`), however many digits;
+ * - anything else is no wait from the header: the normal backoff applies.
  */
 export function retryAfterMs(value: string | string[] | null | undefined, now: number = Date.now()): number {
   const first = Array.isArray(value) ? value[0] : value;
-  if (first === undefined || first === null || first.trim() === "") return 0;
-  const seconds = Number(first);
-  if (!Number.isNaN(seconds)) return Number.isFinite(seconds) && seconds > 0 ? Math.min(RETRY_AFTER_CAP, Math.ceil(seconds * 1000)) : 0;
-  const at = httpDate(first, now);
+  if (first === undefined || first === null) return 0;
+  const v = first.replace(/^[ \t]+|[ \t]+$/g, "");
+  if (/^[0-9]+$/.test(v)) return Math.min(RETRY_AFTER_CAP, Number(v) * 1000); // Infinity past 308 digits: capped
+  const at = httpDate(v, now);
   return Number.isNaN(at) ? 0 : Math.min(RETRY_AFTER_CAP, Math.max(0, at - now));
 }
 
@@ -87,13 +94,20 @@ const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "
 const FIFTY_YEARS = 50 * 365.2425 * 86_400_000;
 
 /**
- * An HTTP-date in ms since the epoch, NaN when `value` is none: IMF-fixdate
- * (`Wed, 21 Oct 2015 07:28:00 GMT`), or the obsolete forms a recipient must accept, RFC 850
- * (`Wednesday, 21-Oct-15 07:28:00 GMT`) and asctime (`Wed Oct 21 07:28:00 2015`). Not
- * `Date.parse`, which takes `"5"` for a date in 2001 and asctime for local time.
+ * An HTTP-date in ms since the epoch, NaN when `value` is none, as the three client libraries read
+ * it: IMF-fixdate (`Wed, 21 Oct 2015 07:28:00 GMT`), or the obsolete forms a recipient must
+ * accept, RFC 850 (`Wednesday, 21-Oct-15 07:28:00 GMT`) and asctime (`Wed Oct 21 07:28:00 2015`).
+ * Split at runs of spaces, commas and hyphens: a weekday of ASCII letters (not checked against
+ * the date), day (1 or 2 digits), month (`Jan` .. `Dec`, case as written), year (4 digits, or 2),
+ * `hh:mm:ss` (2 digits each), then `GMT` (no other zone: `UTC`, `+0000` are not HTTP-dates); or
+ * asctime's weekday, month, day, time, year (GMT). Hour 00-23, minute 00-59, second 00-60 (60: a
+ * leap second, read as the next minute's 00: the clock has none), a day the month has, year 1970
+ * or later. A two-digit year is 20yy, or 19yy when 20yy is more than fifty years (of 365.2425
+ * days) ahead of `now` (RFC 9110). Not `Date.parse`, which takes `"5"` for a date in 2001 and
+ * asctime for local time.
  */
 function httpDate(value: string, now: number): number {
-  const t = value.trim().split(/[ ,-]+/);
+  const t = value.split(/[ ,-]+/).filter((token) => token !== "");
   let day: string, month: string, year: string, clock: string;
   if (t.length === 6 && t[5] === "GMT") [, day, month, year, clock] = t as [string, string, string, string, string];
   else if (t.length === 5) [, month, day, clock, year] = t as [string, string, string, string, string];
@@ -104,7 +118,8 @@ function httpDate(value: string, now: number): number {
   const [d, h, min, s] = [Number(day), Number(hms[1]), Number(hms[2]), Number(hms[3])];
   if (h > 23 || min > 59 || s > 60) return NaN;
   let y = Number(year);
-  if (year.length === 2) y += Date.UTC(2000 + y, m, d) - now > FIFTY_YEARS ? 1900 : 2000;
+  if (year.length === 2) y += Date.UTC(2000 + y, m, d, h, min, s) - now > FIFTY_YEARS ? 1900 : 2000;
+  if (y < 1970) return NaN;
   const at = Date.UTC(y, m, d, h, min, s);
   return d >= 1 && new Date(Date.UTC(y, m, d)).getUTCDate() === d ? at : NaN; // no 31 Feb
 }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from wschat_client import Backoff
@@ -86,13 +89,25 @@ def test_retry_after_is_delta_seconds_or_an_http_date() -> None:
     now, one in the past is 0, and so is anything else."""
     now = 1445412450.0  # Wed, 21 Oct 2015 07:27:30 GMT
     assert _retry_after_header("5", now) == 5.0
-    assert _retry_after_header(" 2.5 ", now) == 2.5
     for date in ("Wed, 21 Oct 2015 07:28:00 GMT", "Wednesday, 21-Oct-15 07:28:00 GMT",
                  "Wed Oct 21 07:28:00 2015"):
         assert _retry_after_header(date, now) == pytest.approx(30.0), date
     assert _retry_after_header("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # past
     for bad in (None, "", "0", "-1", "soon", "Wed, 32 Oct 2015 07:28:00 GMT"):
         assert _retry_after_header(bad, now) == 0.0, bad
+
+
+RETRY_AFTER_CASES = json.loads(
+    (Path(__file__).parents[2] / "conformance" / "retry-after.json").read_text())
+
+
+@pytest.mark.parametrize(("value", "wait"), RETRY_AFTER_CASES["cases"])
+def test_retry_after_reads_as_in_the_js_and_rust_clients(value: str, wait: int | None) -> None:
+    """The three client libraries read the shared cases (clients/conformance/
+    retry-after.json) alike: delta-seconds are digits only, an HTTP-date is GMT,
+    a two-digit year follows RFC 9110, second 60 is a leap second, the cap a day."""
+    got = _retry_after_header(value, RETRY_AFTER_CASES["now"])
+    assert got == (wait or 0.0), (value, got)
 
 
 def test_retry_after_is_capped_at_a_day() -> None:

@@ -38,30 +38,43 @@ impl Backoff {
 /// The longest wait a `Retry-After` can ask for: a day, as in the JS and Python clients.
 pub(crate) const RETRY_AFTER_CAP: Duration = Duration::from_secs(86_400);
 
-/// A `Retry-After` header's wait: delta-seconds (as wschat sends it with a 503 or 429
-/// refusing the upgrade), or an HTTP-date (RFC 9110) counted from now; `None` when it asks
-/// for no wait (zero, a date in the past) or is neither.
+/// A `Retry-After` header's wait (RFC 9110), `None` when it asks for none, with the rule the
+/// three client libraries (Rust, JS, Python) share, tested by each against the same cases
+/// (`clients/conformance/retry-after.json`; the rule: `clients/conformance/README.md`):
+///
+/// - surrounding spaces and tabs are ignored;
+/// - delta-seconds are ASCII digits only (`"2.5"`, `"1e20"`, `"0x10"`, `"inf"`, `"-5"`, `"+5"`
+///   are not); `"0"` is no wait;
+/// - otherwise an HTTP-date (see [`http_date`]) counted from now; one not ahead is no wait;
+/// - the wait is capped at a day ([`RETRY_AFTER_CAP`]), whatever the number of digits;
+/// - anything else is no wait from the header: the normal backoff applies.
 pub(crate) fn retry_after_header(value: &str) -> Option<Duration> {
     retry_after_at(value, SystemTime::now())
 }
 
 /// [`retry_after_header`] with the time given (tests).
 fn retry_after_at(value: &str, now: SystemTime) -> Option<Duration> {
-    let wait = match value.trim().parse::<f64>() {
-        // Capped before the conversion: `from_secs_f64` panics above about 1.8e19 s.
-        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs.min(RETRY_AFTER_CAP.as_secs_f64())),
-        Ok(_) => return None,
-        Err(_) => http_date(value, now)?.duration_since(now).ok()?,
+    let value = value.trim_matches([' ', '\t']);
+    let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Only too many digits for a u64 fail to parse: far above the cap.
+        value.parse::<u64>().map_or(RETRY_AFTER_CAP, Duration::from_secs)
+    } else {
+        http_date(value, now)?.duration_since(now).ok()?
     };
     (!wait.is_zero()).then(|| wait.min(RETRY_AFTER_CAP))
 }
 
 const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
-/// An HTTP-date: IMF-fixdate (`Wed, 21 Oct 2015 07:28:00 GMT`), or the obsolete forms a
-/// recipient must accept, RFC 850 (`Wednesday, 21-Oct-15 07:28:00 GMT`, a two-digit year
-/// more than fifty years ahead of `now` being of the century before) and asctime
-/// (`Wed Oct 21 07:28:00 2015`).
+/// An HTTP-date, as the three client libraries read it: IMF-fixdate (`Wed, 21 Oct 2015 07:28:00
+/// GMT`), or the obsolete forms a recipient must accept, RFC 850 (`Wednesday, 21-Oct-15 07:28:00
+/// GMT`) and asctime (`Wed Oct 21 07:28:00 2015`). Split at runs of spaces, commas and hyphens:
+/// a weekday of ASCII letters (not checked against the date), day (1 or 2 digits), month (`Jan` ..
+/// `Dec`, case as written), year (4 digits, or 2), `hh:mm:ss` (2 digits each), then `GMT` (no
+/// other zone: `UTC`, `+0000` are not HTTP-dates); or asctime's weekday, month, day, time, year
+/// (GMT). Hour 00-23, minute 00-59, second 00-60 (60: a leap second, read as the next minute's
+/// 00: the clock has none), a day the month has, year 1970 or later. A two-digit year is 20yy,
+/// or 19yy when 20yy is more than fifty years (of 365.2425 days) ahead of `now` (RFC 9110).
 fn http_date(value: &str, now: SystemTime) -> Option<SystemTime> {
     let t: Vec<&str> = value.split([' ', ',', '-']).filter(|s| !s.is_empty()).collect();
     let (day, month, year, clock) = match t[..] {
@@ -123,7 +136,6 @@ mod tests {
     fn retry_after_headers_are_seconds_or_http_dates() {
         let now = UNIX_EPOCH + Duration::from_secs(1_445_412_450); // Wed, 21 Oct 2015 07:27:30 GMT
         assert_eq!(retry_after_at("5", now), Some(Duration::from_secs(5)));
-        assert_eq!(retry_after_at(" 2.5 ", now), Some(Duration::from_millis(2500)));
         for date in ["Wed, 21 Oct 2015 07:28:00 GMT", "Wednesday, 21-Oct-15 07:28:00 GMT", "Wed Oct 21 07:28:00 2015"] {
             assert_eq!(retry_after_at(date, now), Some(Duration::from_secs(30)), "{date:?}");
         }
@@ -145,6 +157,25 @@ mod tests {
             assert_eq!(retry_after_at(bad, now), None, "{bad:?}");
         }
         assert!(retry_after_header("5").is_some(), "now by default");
+    }
+
+    /// The three client libraries read the shared cases (`clients/conformance/retry-after.json`)
+    /// alike: delta-seconds are digits only, an HTTP-date is GMT, a two-digit year follows
+    /// RFC 9110, second 60 is a leap second, the cap a day.
+    #[test]
+    fn retry_after_reads_as_in_the_js_and_python_clients() {
+        let shared: serde_json::Value =
+            serde_json::from_str(include_str!("../../conformance/retry-after.json")).unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(shared["now"].as_u64().unwrap());
+        let mut wrong = Vec::new();
+        for case in shared["cases"].as_array().unwrap() {
+            let (value, wait) = (case[0].as_str().unwrap(), case[1].as_u64().map(Duration::from_secs));
+            let got = std::panic::catch_unwind(|| retry_after_at(value, now));
+            if !matches!(got, Ok(w) if w == wait) {
+                wrong.push(format!("{value:?}: {got:?}, not {wait:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
     /// A delta-seconds too large for a `Duration` (`from_secs_f64` panics above about

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
-import email.utils
+import calendar
 import inspect
 import json
 import logging
-import math
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -1026,24 +1025,69 @@ RETRY_AFTER_CAP = 86_400.0
 """The longest wait a ``Retry-After`` can ask for, seconds (a day, as in the JS and Rust
 clients): one further ahead is a proxy's mistake, not a reason to never reconnect."""
 
+_DIGITS = re.compile(r"[0-9]+")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_FIFTY_YEARS = 50 * 31_556_952  # seconds, of 365.2425 days each
+
 
 def _retry_after_header(value: str | None, now: float | None = None) -> float:
-    """Seconds a ``Retry-After`` header asks to wait: delta-seconds (as wschat sends it
-    with a 503 or 429), or an HTTP-date (RFC 9110), counted from ``now`` (``time.time()``
-    by default); a date in the past, or a value that is neither, is 0. At most a day
-    (``RETRY_AFTER_CAP``), as in the JS and Rust clients."""
-    if not value:
+    """Seconds a ``Retry-After`` header asks to wait (RFC 9110), counted from ``now``
+    (``time.time()`` by default), 0 when none, with the rule the three client libraries
+    (Python, JS, Rust) share, tested by each against the same cases
+    (``clients/conformance/retry-after.json``; the rule: ``clients/conformance/README.md``):
+
+    - surrounding spaces and tabs are ignored;
+    - delta-seconds are ASCII digits only (``"2.5"``, ``"1e20"``, ``"0x10"``, ``"inf"``,
+      ``"-5"``, ``"+5"`` are not); ``"0"`` is no wait;
+    - otherwise an HTTP-date (``_http_date``); one not ahead is no wait;
+    - the wait is capped at a day (``RETRY_AFTER_CAP``), however many digits;
+    - anything else is no wait from the header: the normal backoff applies.
+    """
+    if value is None:
         return 0.0
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
+    value = value.strip(" \t")
+    if _DIGITS.fullmatch(value):
+        # int() refuses over 4300 digits; nine are already far above the cap.
+        return min(RETRY_AFTER_CAP, float(int(value))) if len(value) <= 9 else RETRY_AFTER_CAP
+    now = time.time() if now is None else now
+    at = _http_date(value, now)
+    return 0.0 if at is None else min(RETRY_AFTER_CAP, max(0.0, at - now))
+
+
+def _http_date(value: str, now: float) -> int | None:
+    """An HTTP-date in seconds since the epoch, None when ``value`` is none, as the three
+    client libraries read it (not ``email.utils``, which takes other zones, no seconds,
+    and two-digit years by another rule): IMF-fixdate (``Wed, 21 Oct 2015 07:28:00 GMT``),
+    or the obsolete forms a recipient must accept, RFC 850 (``Wednesday, 21-Oct-15
+    07:28:00 GMT``) and asctime (``Wed Oct 21 07:28:00 2015``). Split at runs of spaces,
+    commas and hyphens: a weekday of ASCII letters (not checked against the date), day (1
+    or 2 digits), month (``Jan`` .. ``Dec``, case as written), year (4 digits, or 2),
+    ``hh:mm:ss`` (2 digits each), then ``GMT`` (no other zone: ``UTC``, ``+0000`` are not
+    HTTP-dates); or asctime's weekday, month, day, time, year (GMT). Hour 00-23, minute
+    00-59, second 00-60 (60: a leap second, read as the next minute's 00: the clock has
+    none), a day the month has, year 1970 or later. A two-digit year is 20yy, or 19yy when
+    20yy is more than fifty years (of 365.2425 days) ahead of ``now`` (RFC 9110)."""
+    t = [token for token in re.split(r"[ ,-]+", value) if token]
+    if len(t) == 6 and t[5] == "GMT":
+        _, day, month, year, clock, _ = t
+    elif len(t) == 5:
+        _, month, day, clock, year = t
     else:
-        return min(RETRY_AFTER_CAP, seconds) if math.isfinite(seconds) and seconds > 0 else 0.0
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return 0.0
-    if when.tzinfo is None:  # asctime's form has no zone: HTTP-dates are GMT
-        when = when.replace(tzinfo=datetime.UTC)
-    return min(RETRY_AFTER_CAP, max(0.0, when.timestamp() - (time.time() if now is None else now)))
+        return None
+    hms = re.fullmatch(r"([0-9]{2}):([0-9]{2}):([0-9]{2})", clock)
+    if (not re.fullmatch(r"[A-Za-z]+", t[0]) or month not in _MONTHS or hms is None
+            or not re.fullmatch(r"[0-9]{1,2}", day) or not re.fullmatch(r"[0-9]{2}|[0-9]{4}", year)):
+        return None
+    m, d, y = _MONTHS.index(month) + 1, int(day), int(year)
+    h, mi, s = (int(part) for part in hms.groups())
+    if h > 23 or mi > 59 or s > 60:
+        return None
+
+    def at(y: int) -> int:  # arithmetic: second 60 is the next minute's 00
+        return calendar.timegm((y, m, d, h, mi, s))
+
+    if len(year) == 2:
+        y += 1900 if at(2000 + y) - now > _FIFTY_YEARS else 2000
+    if y < 1970 or not 1 <= d <= calendar.monthrange(y, m)[1]:
+        return None
+    return at(y)
