@@ -119,3 +119,24 @@ def test_retry_after_is_capped_at_a_day() -> None:
     assert _retry_after_header("Sun, 29 Feb 2032 00:00:00 GMT", now) == 86_400.0
     for bad in ("inf", "Infinity", "-inf", "1e400", "nan"):
         assert _retry_after_header(bad, now) == 0.0, bad
+
+
+REFUSALS = ("Refused upgrades, the same in the Python, JS and Rust clients: 401 with a token "
+            "callback, 408, 429 and 5xx retry; other statuses stop.")
+
+
+@pytest.mark.parametrize("library", ["python", "js", "rust"])
+def test_the_readmes_say_which_refusals_are_retried_as_the_code_does(library: str) -> None:
+    """Each library's README says the same about refused upgrades, and says what
+    ``after_refusal`` does (the Python README said "429/5xx retry ... other 4xx stop",
+    while 408 is retried too)."""
+    readme = (Path(__file__).parents[2] / library / "README.md").read_text()
+    assert REFUSALS in " ".join(readme.split()), library
+    assert "other 4xx stop" not in readme
+    b = Backoff(random=lambda: 0.0)
+    assert b.after_refusal(401, 0, can_refresh=True) is not None
+    assert b.after_refusal(401, 0, can_refresh=False) is None
+    for status in (408, 429, 500, 502, 503, 504):
+        assert b.after_refusal(status, 0, can_refresh=False) is not None, status
+    for status in (400, 403, 404, 405, 426):
+        assert b.after_refusal(status, 0, can_refresh=True) is None, status

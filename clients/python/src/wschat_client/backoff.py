@@ -73,8 +73,9 @@ class Backoff:
         """Seconds before retrying a handshake refused with HTTP ``status``, or None.
 
         401 (bad or expired token) retries only with a ``get_token`` callback;
-        429/503 (busy, shutting down) and 5xx retry, honouring ``Retry-After``;
-        any other 4xx (403 origin, 400 username, ...) will not change by retrying.
+        408 (timeout), 429 (busy) and 5xx (full, shutting down) retry, honouring
+        ``Retry-After``; any other status (403 origin, 400 username, 404, ...) will not
+        change by retrying. The same in the JS and Rust clients.
         """
         if status == 401:
             return self.delay(attempt) if can_refresh else None
