@@ -819,6 +819,16 @@ def test_opening_a_conversation_announces_only_what_arrives(
         assert [t for t in announced(alice) if "Too long" in t], announced(alice)
 
 
+def written_while_cut(down: Callable[[bool], None], writer: Client, room: str,
+                      count: int) -> None:
+    """``writer`` posts "while away 1".."while away ``count``" to ``room`` while the page
+    is cut off (``cuttable``'s ``down``), then the page may connect again."""
+    down(True)
+    for i in range(1, count + 1):
+        writer.say(room, f"while away {i}")
+    down(False)
+
+
 def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
     """When the server no longer has all that was missed during an outage, the page shows
     the latest and says why, once (before: the notice was shown but not said)."""
@@ -831,10 +841,7 @@ def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
             writer.say("general", "before the cut")
             expect(alice.messages("before the cut")).to_have_count(1)
             watch_live_regions(alice)
-            down(True)
-            for i in range(1, 11):  # more than the server keeps
-                writer.say("general", f"while away {i}")
-            down(False)
+            written_while_cut(down, writer, "general", 10)  # more than the server keeps
             expect(alice.page.locator("#messages .notice", has_text="Some messages were missed"),
                    RECONNECT_MS).to_be_visible()
             expect(alice.messages("while away 10")).to_have_count(1)
@@ -872,10 +879,7 @@ def test_a_cut_before_the_first_history_comes_hides_no_gap(
             assert len(lost_frames) == 1, lost_frames
             expect(alice.messages("before alice came")).to_have_count(0)
             watch_live_regions(alice)
-            down(True)
-            for i in range(1, 11):  # more than the server keeps
-                writer.say("fresh", f"while away {i}")
-            down(False)
+            written_while_cut(down, writer, "fresh", 10)  # more than the server keeps
             expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
                 "data-state", "connected")
             expect(alice.messages("while away 10")).to_have_count(1)
@@ -937,10 +941,7 @@ def test_the_start_is_shown_only_where_the_room_starts(people: Callable[..., Cha
             expect(gone).to_have_count(0)
             assert first_items(alice, 1) == ["This is the start of # short."]
 
-            down(True)
-            for i in range(1, 11):  # more than the server keeps
-                writer.say("short", f"while away {i}")
-            down(False)
+            written_while_cut(down, writer, "short", 10)  # more than the server keeps
             expect(alice.page.locator("#messages .notice", has_text="Some messages were missed"),
                    RECONNECT_MS).to_be_visible()
             expect(alice.messages("while away 10")).to_have_count(1)
@@ -1052,10 +1053,7 @@ def test_messages_missed_while_away_are_said_in_one_line(
         writer.say("replayed", "before the cut")
         expect(alice.messages("before the cut")).to_have_count(1)
         watch_live_regions(alice)
-        down(True)
-        for i in range(1, 13):
-            writer.say("replayed", f"while away {i}")
-        down(False)
+        written_while_cut(down, writer, "replayed", 12)
         expect(alice.messages("while away 12"), RECONNECT_MS).to_have_count(1)
         writer.say("replayed", "back live")
         expect(alice.messages("back live")).to_have_count(1)
