@@ -1039,6 +1039,108 @@ def test_a_first_history_load_that_timed_out_in_a_long_cut(
         assert texts(alice) == (written[-5:] if away > 5 else written) + ["back live"]
 
 
+def tab_to(person: ChatPage, target: Any, start: str = "#join-room", most: int = 40) -> None:
+    """Focuses ``start``, then presses Tab until ``target`` has the focus (fails after ``most``)."""
+    person.page.locator(start).focus()
+    for _ in range(most):
+        person.page.keyboard.press("Tab")
+        if target.evaluate("el => el === document.activeElement"):
+            return
+    raise AssertionError(f"{target} not reached with Tab from {start}")
+
+
+def test_older_messages_load_with_a_button_when_the_list_does_not_scroll(
+        people: Callable[..., ChatPage], tmp_path: Any) -> None:
+    """With persistence and HISTORY_SIZE 3 a page of history is 3 messages: a list too short
+    to scroll, even with all 7 of the room's messages. "Load older messages" (reached with Tab, pressed with Enter) loads them, is
+    busy while it does, keeps the focus, is not left busy when its client is replaced
+    (another name) before the reply comes, and at the room's start gives way (and the focus)
+    to "This is the start of # room." (before: only scrolling to the top loaded them, so
+    such a list, and a keyboard, had no way to)."""
+    env = {**SERVER_ENV, "ENABLE_PERSISTENCE": "true", "HISTORY_SIZE": "3",
+           "DATABASE_URL": f"sqlite:///{tmp_path}/wschat.db"}
+    with Server(env) as srv:
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("archive")
+            for i in range(1, 8):
+                writer.say("archive", f"archived {i}")
+        alice = people(srv, "alice")
+        # The page's `history` requests with `before` wait here while hold["on"].
+        hold: dict[str, Any] = {"on": False, "held": []}
+
+        def route(ws: Any) -> None:
+            server = ws.connect_to_server()
+
+            def from_page(frame: str | bytes) -> None:
+                try:
+                    parsed = json.loads(frame)
+                except (TypeError, ValueError):
+                    parsed = None
+                if (hold["on"] and isinstance(parsed, dict) and parsed.get("type") == "history"
+                        and "before" in parsed):
+                    hold["held"].append(lambda: server.send(frame))
+                    return
+                server.send(frame)
+
+            ws.on_message(from_page)
+
+        alice.context.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+        alice.page.reload()
+        alice.wait_online()
+        join_room(alice, "archive")
+        expect(alice.messages("archived 7")).to_have_count(1)
+        button = alice.page.locator("#load-older")
+        start = alice.page.locator("#messages .notice", has_text="This is the start of # archive")
+        expect(button).to_be_visible()
+        expect(button).to_have_text("Load older messages")
+        assert texts(alice) == [f"archived {i}" for i in range(5, 8)]
+        scroller = alice.page.locator("#scroller")
+        assert scroller.evaluate("el => el.scrollHeight <= el.clientHeight"), "the list scrolls"
+
+        tab_to(alice, button)
+        hold["on"] = True
+        alice.page.keyboard.press("Enter")
+        expect(button).to_have_text("Loading older messages…")
+        expect(button).to_have_attribute("aria-disabled", "true")
+        expect(button).to_be_focused()
+        alice.page.keyboard.press("Enter")  # busy: pressing again asks nothing more
+        assert len(hold["held"]) == 1, hold
+        hold["on"] = False
+        hold["held"].pop()()
+        expect(alice.messages("archived 2")).to_have_count(1)
+        assert texts(alice) == [f"archived {i}" for i in range(2, 8)]
+        expect(button).to_have_text("Load older messages")  # more before 2
+        expect(button).not_to_have_attribute("aria-disabled", "true")
+        expect(button).to_be_focused()
+        expect(start).to_have_count(0)
+        assert scroller.evaluate("el => el.scrollHeight <= el.clientHeight"), "the list scrolls"
+
+        # A load whose client is replaced (another name: restartClient) before the reply came:
+        # the button is not left busy, and the next client loads the page.
+        hold["on"] = True
+        alice.page.keyboard.press("Enter")
+        expect(button).to_have_text("Loading older messages…")
+        assert len(hold["held"]) == 1, hold
+        alice.page.locator("#switch-user").click()
+        alice.page.locator("#signin-name").fill("alice2")
+        alice.page.locator("#signin-go").click()
+        expect(alice.page.locator("#me")).to_contain_text("alice2")
+        alice.wait_online()
+        hold["on"] = False
+        expect(button).to_have_text("Load older messages")
+        expect(button).not_to_have_attribute("aria-disabled", "true")
+        assert texts(alice) == [f"archived {i}" for i in range(2, 8)]
+
+        tab_to(alice, button)
+        alice.page.keyboard.press("Enter")
+        expect(alice.messages("archived 1")).to_have_count(1)
+        assert texts(alice) == [f"archived {i}" for i in range(1, 8)]
+        assert scroller.evaluate("el => el.scrollHeight <= el.clientHeight"), "the list scrolls"
+        expect(button).to_be_hidden()
+        expect(start).to_be_visible()
+        expect(start).to_be_focused()  # the line that took the button's place
+
+
 def test_messages_missed_while_away_are_said_in_one_line(
         web_server: Server, people: Callable[..., ChatPage]) -> None:
     """What the server replays after a reconnect is said in one line ("12 new messages in

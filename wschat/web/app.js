@@ -77,7 +77,8 @@ function newConversation(key, kind, name, peerId = null) {
     members: new Map(), // user_id -> {username, guest}
     typing: new Map(), // user_id -> {name, timer}
     // Before the oldest message held: "start" (it is the room's first), "gone" (the server
-    // no longer keeps the older ones), "more" (scrolling up loads them); null: not known yet.
+    // no longer keeps the older ones), "more" (scrolling up or the "Load older messages" button loads them); null: not known yet.
+    // loadingOlder: the client whose older page is on its way, else false.
     older: null, olderCheck: null, loadingOlder: false, loaded: false,
     loading: null, // the client whose first history load is on its way (the library resends it after a reconnect)
     baseId: 0, // the first `joined` reply's last_id: the view holds every id above it that came
@@ -492,22 +493,50 @@ async function settleOlder(c, got, asked) {
   }
 }
 
+/**
+ * Loads the page before the oldest message held: on scrolling to the top, or with the "Load
+ * older messages" button (the only way when the list is too short to scroll, and for a
+ * keyboard). A reply that comes for a client since replaced (restartClient) is ignored.
+ */
 async function loadOlder(c) {
   if (c.kind !== "room" || c.older !== "more" || c.loadingOlder || !c.loaded) return;
   const oldest = Math.min(...c.messages.keys());
   if (!Number.isFinite(oldest)) return;
-  c.loadingOlder = true;
-  $("older").hidden = false;
+  const client = state.client;
+  const button = $("load-older");
+  const fromButton = document.activeElement === button; // pressed: keep the reader's place after
+  c.loadingOlder = client;
+  renderOlder();
   try {
-    const messages = await state.client.history(c.name, { before: oldest, limit: PAGE });
+    const messages = await client.history(c.name, { before: oldest, limit: PAGE });
+    if (client !== state.client || conv(c.key) !== c) return;
     for (const m of messages) c.messages.set(m.id, m);
     if (!messages.length) c.older = "gone";
     render(c.key, { keepFromBottom: true });
     if (messages.length) await settleOlder(c, messages.length, PAGE);
-  } catch { /* scrolling up again retries */ } finally {
-    c.loadingOlder = false;
-    $("older").hidden = true;
+  } catch { /* the button, or scrolling up again, retries */ } finally {
+    if (c.loadingOlder === client) c.loadingOlder = false;
+    renderOlder();
+    // The button stays focused while it says it is busy (aria-disabled, not disabled: a
+    // disabled button would drop the focus). When it goes (the start, or nothing older kept),
+    // the focus goes to the line that took its place, at the top of the list.
+    if (fromButton && state.current === c.key && (document.activeElement === button
+        || document.activeElement === document.body || !document.activeElement)) {
+      const target = button.hidden ? $("messages").querySelector("li[tabindex]") : button;
+      target?.focus({ preventScroll: true });
+    }
   }
+}
+
+/** The "Load older messages" button: shown while the open room may have older messages. */
+function renderOlder() {
+  const c = conv(state.current);
+  const button = $("load-older");
+  const busy = !!c?.loadingOlder;
+  button.hidden = !(c?.kind === "room" && c.loaded && (c.older === "more" || busy));
+  setText(button, busy ? "Loading older messages…" : "Load older messages");
+  if (busy) button.setAttribute("aria-disabled", "true");
+  else button.removeAttribute("aria-disabled");
 }
 
 const lastKnownId = (c) => (c.messages.size ? Math.max(...c.messages.keys()) : 0);
@@ -1017,7 +1046,7 @@ function noticeEntry(n) {
   if (!noticeIds.has(n)) noticeIds.set(n, ++noticeCount);
   return { key: `n:${noticeIds.get(n)}`, sig: "", make: () => el("li", { class: `notice${n.warn ? " warn" : ""}` }, n.text) };
 }
-const fixedEntry = (key, cls, text) => ({ key, sig: text, make: () => el("li", { class: cls }, text) });
+const fixedEntry = (key, cls, text, props = {}) => ({ key, sig: text, make: () => el("li", { class: cls, ...props }, text) });
 
 /** The conversation whose messages #messages holds (its nodes are keyed by message id). */
 let shownKey;
@@ -1044,8 +1073,9 @@ function render(key, { toBottom = false, keepFromBottom = false } = {}) {
   if (!c) {
     entries.push(fixedEntry("empty", "empty", state.conversations.size ? "Pick a conversation." : "Join a room to start chatting."));
   } else {
-    if (c.kind === "room" && c.loaded && c.older === "start") entries.push(fixedEntry("start", "notice", `This is the start of # ${c.name}.`));
-    if (c.kind === "room" && c.loaded && c.older === "gone") entries.push(fixedEntry("gone", "notice", "Older messages are no longer kept."));
+    // Focusable from script only: where the focus goes when they replace the button (loadOlder).
+    if (c.kind === "room" && c.loaded && c.older === "start") entries.push(fixedEntry("start", "notice", `This is the start of # ${c.name}.`, { tabindex: "-1" }));
+    if (c.kind === "room" && c.loaded && c.older === "gone") entries.push(fixedEntry("gone", "notice", "Older messages are no longer kept.", { tabindex: "-1" }));
     if (c.kind === "dm") entries.push(fixedEntry("intro", "notice", `Direct messages with ${c.name}; they reach ${c.name} while online.`));
     const ordered = [...c.messages.entries()].sort((a, b) => (c.kind === "room" ? a[0] - b[0] : a[1].timestamp - b[1].timestamp));
     let n = 0;
@@ -1057,6 +1087,7 @@ function render(key, { toBottom = false, keepFromBottom = false } = {}) {
     for (const [cmid, p] of c.pending) entries.push(pendingEntry(c, cmid, p));
   }
   reconcile(list, entries);
+  renderOlder();
   if (toBottom || nearBottom) scroller.scrollTop = scroller.scrollHeight;
   else if (keepFromBottom) scroller.scrollTop = scroller.scrollHeight - fromBottom;
   renderSidebar();
@@ -1248,6 +1279,10 @@ $("draft").addEventListener("input", () => {
   fitDraft();
   const c = conv(state.current);
   if (c?.kind === "room" && $("draft").value) state.client?.typing(c.name);
+});
+$("load-older").addEventListener("click", () => {
+  const c = conv(state.current);
+  if (c) loadOlder(c);
 });
 $("scroller").addEventListener("scroll", () => {
   const c = conv(state.current);
