@@ -262,8 +262,23 @@ def test_a_client_that_gives_up_a_refused_send_is_not_closed(clock: Clock) -> No
         assert answer["code"] == "rate_limited" and a.closed_with is None, (answer, waits)
         waits.append(answer["retry_after_ms"])
     assert a.events()[-1]["text"] == "next", f"never accepted; waits {waits}"
-    assert min(waits[1:]) >= 100, waits
+    # one token's time, the last one what remained of the hold
+    assert set(waits[1:-1]) == {100} and 1 <= waits[-1] <= 100, waits
     assert clock.now - started <= refused["retry_after_ms"] / 1000 + HOLD_GRACE + 0.2
+
+
+def test_a_held_refusal_asks_no_longer_than_the_hold(clock: Clock) -> None:
+    """With a slow rate (a token per 100 s) a held refusal past the token asks for what
+    remains of the hold, not a token's time."""
+    chat = make_chat(clock, RATE_LIMIT="0.01", RATE_LIMIT_BURST="1")
+    a = connect(chat, "a")
+    send(chat, a, type="join", room="r")
+    send(chat, a, type="message", room="r", text="m0", client_msg_id="c0")
+    send(chat, a, type="message", room="r", text="m1", client_msg_id="c1")
+    clock.now += a.events("error")[-1]["retry_after_ms"] / 1000 + 0.5
+    send(chat, a, type="message", room="r", text="m2", client_msg_id="c2")
+    held = a.events("error")[-1]
+    assert held["code"] == "rate_limited" and held["retry_after_ms"] <= 1500, held
 
 
 def test_a_held_refusal_waits_until_the_token(chat: Chat, clock: Clock) -> None:

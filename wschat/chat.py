@@ -54,10 +54,11 @@ PRESENCE_BURST = 4.0
 ROOM_PRESENCE_RATE = 20.0
 ROOM_PRESENCE_BURST = 100.0
 UNAVAILABLE_LOG_EVERY = 10.0  # seconds between "store unavailable" warnings
-# After a message or DM with a client_msg_id is refused rate_limited, the same
-# connection's new ones are refused too until it comes again (its sender's order is
-# the stored order), for at most this long past its retry_after: a client that never
-# sends it again is held back no longer than a slow round trip.
+# After a message or DM with a client_msg_id is refused for now (rate_limited,
+# unavailable, internal_error), the same connection's new ones are refused too until it
+# comes again (its sender's order is the stored order), for at most this long past its
+# token (rate_limited) or its refusal: a client that never sends it again is held back
+# no longer than a slow round trip.
 HOLD_GRACE = 2.0
 POST_KINDS = (SendMessage, SendDm)
 # client_msg_ids refused on a connection (to be sent again) it remembers, at most
@@ -564,9 +565,9 @@ class Chat:
             self._refuse(session, command, math.ceil((token_at - now) * 1000), held=True)
         # The token is there, kept for the refused send: no strike (a client that gave
         # it up is no flooder), and a wait of one token's time, what the clients'
-        # pacers take a retry_after_ms for.
-        self._refuse(session, command, math.ceil(1000 / self.limiter.rate), held=True,
-                     strike=False)
+        # pacers take a retry_after_ms for, but no longer than the hold lasts.
+        retry_ms = min(1000 / self.limiter.rate, (token_at + HOLD_GRACE - now) * 1000)
+        self._refuse(session, command, max(1, math.ceil(retry_ms)), held=True, strike=False)
 
     def _note_refused(self, session: Session, command: Command | None,
                       retry_ms: int | None = None) -> None:
