@@ -588,8 +588,10 @@ class Chat:
                                      retry_ms is None)
 
     @staticmethod
-    def _settled(session: Session, command: SendMessage | SendDm) -> None:
-        """A send stored (or found stored): no longer one to wait for."""
+    def _accepted(session: Session, command: SendMessage | SendDm) -> None:
+        """A send stored (or found stored): the flood count starts again, and it is no
+        longer one to wait for."""
+        session.flood_strikes = 0
         refused = session.refused_sends
         if refused is not None and command.client_msg_id is not None:
             refused.pop(command.client_msg_id, None)
@@ -858,9 +860,7 @@ class Chat:
         except RateLimited as exc:
             self._refuse(session, cmd, exc.retry_after_ms)
             raise
-        session.flood_strikes = 0
-        if session.refused_sends is not None:
-            self._settled(session, cmd)
+        self._accepted(session, cmd)
         if posted.duplicate:
             # A retry: echo the original, unless this connection has it (or will have
             # it) from the room itself, e.g. in the replay of its `join` with `since`.
@@ -900,9 +900,7 @@ class Chat:
         except RateLimited as exc:
             self._refuse(session, cmd, exc.retry_after_ms)
             raise
-        session.flood_strikes = 0
-        if session.refused_sends is not None:
-            self._settled(session, cmd)
+        self._accepted(session, cmd)
         if not posted.duplicate:
             self.metrics.posted("dm")
         elif not posted.redelivered:
