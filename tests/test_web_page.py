@@ -819,6 +819,15 @@ def test_opening_a_conversation_announces_only_what_arrives(
         assert [t for t in announced(alice) if "Too long" in t], announced(alice)
 
 
+def seen_before_the_cut(person: ChatPage, writer: Client, room: str) -> None:
+    """``writer`` joins ``room`` and posts "before the cut", which ``person``'s page shows;
+    what its live regions say is recorded from here (``announced``)."""
+    writer.join(room)
+    writer.say(room, "before the cut")
+    expect(person.messages("before the cut")).to_have_count(1)
+    watch_live_regions(person)
+
+
 def written_while_cut(down: Callable[[bool], None], writer: Client, room: str,
                       count: int) -> None:
     """``writer`` posts "while away 1".."while away ``count``" to ``room`` while the page
@@ -837,10 +846,7 @@ def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
         down = cuttable(alice)
         expect(alice.page.locator("#messages .notice", has_text="start of # general")).to_be_visible()
         with Client(srv.url, "username=writer") as writer:
-            writer.join("general")
-            writer.say("general", "before the cut")
-            expect(alice.messages("before the cut")).to_have_count(1)
-            watch_live_regions(alice)
+            seen_before_the_cut(alice, writer, "general")
             written_while_cut(down, writer, "general", 10)  # more than the server keeps
             expect(alice.page.locator("#messages .notice", has_text="Some messages were missed"),
                    RECONNECT_MS).to_be_visible()
@@ -1151,10 +1157,7 @@ def test_messages_missed_while_away_are_said_in_one_line(
     join_room(alice, "replayed")
     expect(alice.page.locator("#messages .notice", has_text="start of # replayed")).to_be_visible()
     with Client(web_server.url, "username=writer") as writer:
-        writer.join("replayed")
-        writer.say("replayed", "before the cut")
-        expect(alice.messages("before the cut")).to_have_count(1)
-        watch_live_regions(alice)
+        seen_before_the_cut(alice, writer, "replayed")
         written_while_cut(down, writer, "replayed", 12)
         expect(alice.messages("while away 12"), RECONNECT_MS).to_have_count(1)
         writer.say("replayed", "back live")
