@@ -26,7 +26,7 @@ REPO = HERE.parent
 PEERS = HERE / "peers"
 LOGS = HERE / "results" / "logs"
 
-TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "node-ws", "bun")
+TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "gevent-bare", "node-ws", "bun")
 #: the Redis database wschat-redis runs use; flushed before each such run. Empty: a
 #: private redis-server started for the run (free port, no persistence, stopped at exit)
 DEFAULT_REDIS_URL = ""
@@ -112,6 +112,10 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
     if name == "websockets":
         argv = [py, str(PEERS / "websockets_server.py"), "--port", str(port)]
         return TargetSpec(name, "plain", argv, env, "tcp", "websockets (asyncio + uvloop)")
+    if name == "gevent-bare":
+        argv = [py, str(PEERS / "gevent_bare.py"), "--port", str(port)]
+        return TargetSpec(name, "plain", argv, env, "tcp",
+                          "gevent + orjson, no framework: the floor of wschat's stack")
     if name == "node-ws":
         argv = ["node", str(PEERS / "node_ws" / "server.js"), "--port", str(port)]
         return TargetSpec(name, "plain", argv, env, "tcp", "Node.js + ws 8")

@@ -97,6 +97,19 @@ def test_smallrooms_smoke(tmp_path: Path) -> None:
     assert "generator_cpu_s" in level["cpu_window"] and "other_cpu_pct" in level["cpu_window"]
 
 
+def test_the_gevent_floor_peer_speaks_the_scenario(tmp_path: Path) -> None:
+    """The bare gevent peer (the stack's floor in RESULTS.md) serves smallrooms whole:
+    its figures mean nothing if it drops, repeats or reorders what it routes."""
+    report = run_loadtest(tmp_path, "smallrooms", "--target", "gevent-bare", "--connections", "28",
+                          "--room-sizes", "2,3,4,5", "--dm-share", "0.25", "--rate", "100",
+                          "--duration", "2", "--warmup", "0.5", "--drain", "5", "--workers", "2",
+                          "--source-ips", "2", target="gevent-bare")
+    [level] = report["result"]["levels"]
+    assert level["dm_sent"] > 0 and level["delivered_dm"] == 2 * level["dm_sent"]
+    assert level["lost"] == 0 and level["gaps"] == 0 and level["dups"] == 0
+    assert level["delivered"] == level["expected_deliveries"] > level["sent"]
+
+
 def test_fanout_smoke_on_redis_starts_its_own_redis(tmp_path: Path) -> None:
     """wschat-redis without --redis-url: the tool starts a private redis-server, reports
     its CPU beside the server's (and server+Redis CPU per message), and stops it."""
