@@ -21,6 +21,9 @@ HEADLINES: dict[str, list[tuple[str, str, bool]]] = {
                ("redis_cpu_pct", "Redis CPU %", False),
                ("gen_cpu_pct", "generator CPU %", False),
                ("other_cpu_pct", "other CPU %", False),
+               # CPU the hypervisor gave other guests while this VM wanted it: high steal
+               # makes every figure slower (caches are shared too); compare within a run.
+               ("steal_cpu_pct", "steal CPU %", False),
                ("rss_late_mib_min", "server RSS MiB/min, 2nd half", False),
                ("redis_rss_late_mib_min", "Redis RSS MiB/min, 2nd half", False),
                ("deliveries_per_cpu_s", "deliveries per server CPU-s", True),
@@ -71,6 +74,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                             gen_cpu_pct=cpu.get("generator_cpu_pct"),
                             cpu_us_per_msg=lv.get("server_redis_cpu_us_per_msg"),
                             other_cpu_pct=cpu.get("other_cpu_pct"),
+                            steal_cpu_pct=cpu.get("steal_cpu_pct"),
                             rss_late_mib_min=lv.get("server_rss_mib_per_min_late"),
                             redis_rss_late_mib_min=lv.get("redis_rss_mib_per_min_late"),
                             deliveries_per_cpu_s=lv.get("deliveries_per_server_cpu_s"),
