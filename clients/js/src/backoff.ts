@@ -86,6 +86,20 @@ export function retryAfterMs(value: string | string[] | null | undefined, now: n
 /** The longest wait a `Retry-After` can ask for, ms: a day, as in the Python and Rust clients. */
 export const RETRY_AFTER_CAP = 86_400_000;
 
+/**
+ * The wait an `error` event's `retry_after_ms` asks for, ms, or `undefined` for none, with the
+ * rule the three client libraries (JS, Python, Rust) share, tested by each against the same
+ * cases (`clients/conformance/retry-after-ms.json`; the rule: `clients/conformance/README.md`):
+ * only a JSON number that is finite and >= 0 counts (a string, a boolean, `null`, a negative,
+ * `1e400`, which `JSON.parse` reads as `Infinity`, are no wait: the default applies); a
+ * fraction is rounded up to whole ms; the wait is capped at a day (`RETRY_AFTER_CAP`), so no
+ * timer downstream gets a delay over 2^31-1 ms, which runs at once.
+ */
+export function serverRetryAfterMs(value: unknown): number | undefined {
+  if (typeof value !== "number" || !Number.isFinite(value) || value < 0) return undefined;
+  return Math.min(RETRY_AFTER_CAP, Math.ceil(value)) + 0; // + 0: -0 is 0
+}
+
 /** The longest delay a timer holds, ms: Node and browsers run a longer `setTimeout` at once. */
 export const MAX_TIMER_DELAY = 2 ** 31 - 1;
 

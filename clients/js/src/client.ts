@@ -3,7 +3,7 @@
  * rejoins its rooms with `since`, and resends unacknowledged sends, so that the app sees
  * every message once and in order.
  */
-import { backoffDelay, closePolicy, type ClosePolicy, MAX_TIMER_DELAY, PAUSE_DELAY, refusalPolicy, retryAfterMs } from "./backoff.js";
+import { backoffDelay, closePolicy, type ClosePolicy, MAX_TIMER_DELAY, PAUSE_DELAY, refusalPolicy, retryAfterMs, serverRetryAfterMs } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
@@ -584,10 +584,10 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.flush();
   }
 
-  private onError(msg: { id?: unknown; code: string; message: string; retry_after_ms?: number }): void {
+  private onError(msg: { id?: unknown; code: string; message: string; retry_after_ms?: unknown }): void {
     const err = errorFrom(msg);
-    if (msg.code === "rate_limited" && typeof msg.retry_after_ms === "number") {
-      this.retryAfterUntil = Math.max(this.retryAfterUntil, Date.now() + msg.retry_after_ms);
+    if (msg.code === "rate_limited" && err.retryAfterMs !== undefined) {
+      this.retryAfterUntil = Math.max(this.retryAfterUntil, Date.now() + err.retryAfterMs);
     }
     const id = msg.id === undefined || msg.id === null ? null : String(msg.id);
     if (id !== null) {
@@ -1261,10 +1261,16 @@ function validRoom(room: string): boolean {
   return typeof room === "string" && /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(room);
 }
 
+/**
+ * An `error` event as a ChatError. `retry_after_ms` is read here, where it comes off the wire,
+ * by `serverRetryAfterMs`: a finite number >= 0, rounded up, at most a day; anything else is
+ * none. Every timer downstream (the pacer's flush, a join's retry, a refresh's retry, the
+ * reconnect) then gets a sane delay, whatever a buggy server or a proxy sent.
+ */
 function errorFrom(msg: { code?: unknown; message?: unknown; retry_after_ms?: unknown }): ChatError {
   const { type: _type, id: _id, ...details } = msg as Record<string, unknown>;
   return new ChatError(String(msg.code), String(msg.message ?? msg.code), {
-    retryAfterMs: typeof msg.retry_after_ms === "number" ? msg.retry_after_ms : undefined,
+    retryAfterMs: serverRetryAfterMs(msg.retry_after_ms),
     details,
   });
 }

@@ -67,3 +67,19 @@ test("refused upgrades: 401 needs a token, 408/429/5xx reconnect, any other answ
   for (const status of [408, 429, 500, 502, 503, 504]) assert.equal(refusalPolicy(status), "reconnect", `${status}`);
   for (const status of [200, 301, 400, 403, 404, 405, 426]) assert.equal(refusalPolicy(status), "terminal", `${status}`);
 });
+
+test("retry_after_ms: read as in the Python and Rust clients (clients/conformance/retry-after-ms.json)", async () => {
+  // Only a finite JSON number >= 0 counts, rounded up to whole ms, capped at a day; a string, a
+  // boolean, a negative, 1e400 (JSON.parse: Infinity) are none. Imported by name from the
+  // module's namespace, so a library without the function fails this test, not the file.
+  const lib = await import("../../dist/index.mjs");
+  assert.equal(typeof lib.serverRetryAfterMs, "function", "serverRetryAfterMs is exported");
+  const shared = JSON.parse(readFileSync(new URL("../../../conformance/retry-after-ms.json", import.meta.url), "utf8"));
+  assert.equal(shared.cap, 86_400_000);
+  const wrong = [];
+  for (const [text, wait] of shared.cases) {
+    const got = lib.serverRetryAfterMs(JSON.parse(text));
+    if (!Object.is(got, wait ?? undefined)) wrong.push(`${text}: ${got}, not ${wait ?? undefined}`);
+  }
+  assert.deepEqual(wrong, []);
+});

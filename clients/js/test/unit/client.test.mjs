@@ -1,5 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import http from "node:http";
 import WebSocket from "ws";
 import { ChatClient, jwtExpiry, randomId } from "../../dist/index.mjs";
@@ -99,14 +100,16 @@ test("state machine: 4102 waits the pause and the server's retry_after_ms", asyn
   c.disconnect();
 });
 
-test("state machine: a wait longer than a timer holds (2^31-1 ms) is clamped, not run at once", async () => {
-  // Node runs a setTimeout over 2^31-1 ms after 1 ms: the client reconnected at once.
+test("state machine: a wait longer than a timer holds (2^31-1 ms) is capped at a day, not run at once", async () => {
+  // Node runs a setTimeout over 2^31-1 ms after 1 ms: the client reconnected at once. The
+  // retry_after_ms is capped at a day where it is read (clients/conformance/retry-after-ms.json).
   const { server, c, events } = setup();
   await c.connect();
   server.push(server.last, { type: "error", code: "rate_limited", message: "flood", retry_after_ms: 3e9 });
   server.drop(server.last, 4102, "flooding");
   try {
-    assert.equal(events("connecting").at(-1).delay, 2 ** 31 - 1);
+    const delay = events("connecting").at(-1).delay;
+    assert.ok(delay > 86_400_000 - 1000 && delay <= 86_400_000, `delay ${delay}`);
     await tick(100);
     assert.equal(server.sockets.length, 1, "no reconnect within 100 ms");
   } finally {
@@ -678,4 +681,69 @@ test("token: a refused refresh is tried again with a growing delay, not every se
   assert.ok(refused.length <= 7, `${refused.length} refused refreshes in 20 s (gaps ${gaps})`);
   for (let i = 1; i < gaps.length; i++) assert.ok(gaps[i] >= gaps[i - 1] - 50, `the delay shrank: ${gaps}`);
   assert.ok(gaps.at(-1) >= 4000, `the delay did not grow: ${gaps}`);
+});
+
+/** Delivers `text` (raw JSON, so `1e400` or `"5"` reach the client as a proxy would send them) to `ws`. */
+const pushRaw = (ws, text) => ws.onmessage?.({ data: text });
+
+test("retry_after_ms from the wire: the error's retryAfterMs follows the shared cases (clients/conformance/retry-after-ms.json)", async () => {
+  const shared = JSON.parse(readFileSync(new URL("../../../conformance/retry-after-ms.json", import.meta.url), "utf8"));
+  const { server, c } = setup();
+  let next = null;
+  server.replies.push((ws, f) => {
+    if (f.type !== "history") return false;
+    pushRaw(ws, `{"type": "error", "id": ${JSON.stringify(f.id)}, "code": "bad_request", "message": "no", "retry_after_ms": ${next}}`);
+    return true;
+  });
+  await c.connect();
+  const wrong = [];
+  try {
+    for (const [text, wait] of shared.cases) {
+      next = text;
+      const err = await c.history("r").then(() => null, (e) => e);
+      if (err?.code !== "bad_request" || !Object.is(err.retryAfterMs, wait ?? undefined)) {
+        wrong.push(`${text}: ${err?.code} ${err?.retryAfterMs}, not ${wait ?? undefined}`);
+      }
+    }
+  } finally {
+    c.disconnect();
+  }
+  assert.deepEqual(wrong, []);
+});
+
+test("retry_after_ms from the wire: a hostile value schedules no timer over a day, and the refused send still goes", async () => {
+  // 1e400 is Infinity to JSON.parse: the pacer was paused until Infinity, and its flush timer
+  // (setTimeout(Infinity) runs after 1 ms) fired again and again: a hot loop, the send stuck.
+  const realSetTimeout = globalThis.setTimeout;
+  const delays = [];
+  globalThis.setTimeout = (fn, ms, ...args) => {
+    delays.push(ms);
+    return realSetTimeout(fn, ms, ...args);
+  };
+  const { server, c } = setup();
+  const limited = [];
+  c.on("rateLimited", (e) => limited.push(e.retryAfterMs));
+  const hostile = ["1e400", "\"5\"", "-5"];
+  server.replies.push((ws, f) => {
+    if (f.type !== "message" || hostile.length === 0) return false;
+    pushRaw(ws, `{"type": "error", "id": ${JSON.stringify(f.id)}, "code": "rate_limited", "message": "slow down", "retry_after_ms": ${hostile.shift()}}`);
+    return true;
+  });
+  try {
+    await c.connect();
+    await c.join("r");
+    delays.length = 0;
+    const started = Date.now();
+    const m = await within(c.send("r", "hello"), 8000, "the send, refused three times");
+    assert.equal(m.text, "hello");
+    // Each refusal without a usable wait: the default second (the pace may add to it).
+    assert.deepEqual(limited, [1000, 1000, 1000]);
+    assert.ok(Date.now() - started >= 2900, "not resent before the default wait");
+    const huge = delays.filter((d) => !(d <= 86_400_000));
+    assert.deepEqual(huge, [], "no timer over a day (nor NaN)");
+    assert.ok(delays.length < 200, `${delays.length} timers: a hot loop`);
+  } finally {
+    globalThis.setTimeout = realSetTimeout;
+    c.disconnect();
+  }
 });
