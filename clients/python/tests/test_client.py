@@ -654,3 +654,66 @@ async def test_a_moderation_request_cut_off_by_a_disconnect_fails_and_is_not_res
         assert "mute" not in kinds, f"written again after the reconnect: {kinds}"
         probe.cancel()
         await client.close()
+
+
+RETRY_AFTER_MS_CASES = json.loads(
+    (Path(__file__).parents[2] / "conformance" / "retry-after-ms.json").read_text())
+
+
+@pytest.mark.parametrize(("text", "wait"), RETRY_AFTER_MS_CASES["cases"],
+                         ids=[text[:24] for text, _ in RETRY_AFTER_MS_CASES["cases"]])
+def test_retry_after_ms_reads_as_in_the_js_and_rust_clients(text: str, wait: int | None) -> None:
+    """The three client libraries read an error's retry_after_ms by one rule (the shared
+    cases, clients/conformance/retry-after-ms.json): a finite JSON number >= 0, rounded up
+    to whole ms, capped at a day; anything else ("5", true, -5, 1e400) is none."""
+    from wschat_client.client import _retry_after_ms  # here: a library without it fails this test
+    got = _retry_after_ms(json.loads(text))
+    assert got == wait and type(got) is type(wait), (text[:40], got)
+
+
+def _error_frame(rid: Any, code: str, retry_after_ms: str) -> str:
+    """An error event with ``retry_after_ms`` as raw JSON text (``1e400``, ``"5"``), as a
+    buggy server or a proxy could send it."""
+    return (f'{{"type": "error", "id": {json.dumps(rid)}, "code": "{code}", '
+            f'"message": "slow down", "retry_after_ms": {retry_after_ms}}}')
+
+
+async def test_retry_after_ms_off_the_wire_follows_the_shared_cases() -> None:
+    """Every shared case, sent by the server: the ChatError's retry_after_ms is the rule's."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        wrong = []
+        for text, wait in RETRY_AFTER_MS_CASES["cases"]:
+            request = asyncio.create_task(client.history("r"))
+            frame = await peer.recv("history")
+            await peer.ws.send(_error_frame(frame["id"], "invalid_room", text))
+            try:
+                await request
+            except ChatError as err:
+                if err.code != "invalid_room" or err.retry_after_ms != wait:
+                    wrong.append((text[:40], err.code, err.retry_after_ms, wait))
+        assert wrong == []
+        await client.close()
+
+
+async def test_a_hostile_retry_after_ms_is_no_wait_and_the_reader_survives() -> None:
+    """rate_limited with a retry_after_ms that is not a finite number >= 0 is taken as
+    none: the send backs off and goes again on the same connection. A string ("5") used
+    to raise TypeError in the reader (`/ 1000`); 1e400 and Infinity (json.loads reads
+    both as inf) paused every send for ever."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        sending = asyncio.create_task(client.send("r", "hi"))
+        frame = await peer.recv("message")
+        for raw in ('"5"', "1e400", "Infinity", "-5", "true"):
+            await peer.ws.send(_error_frame(frame["id"], "rate_limited", raw))
+            try:
+                again = await peer.recv("message")
+            except TimeoutError:
+                raise AssertionError(f"not resent after retry_after_ms {raw}") from None
+            assert again["client_msg_id"] == frame["client_msg_id"], raw
+            frame = again
+        await peer.echo(frame, 1)
+        assert (await asyncio.wait_for(sending, TIMEOUT)).id == 1
+        assert fake.count == 1, "the connection was lost"
+        await client.close()

@@ -26,6 +26,7 @@ import calendar
 import inspect
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -789,8 +790,11 @@ class Client:
         self._emit("dm", dm)
 
     def _on_error(self, obj: dict[str, Any]) -> None:
+        # retry_after_ms is read here, off the wire, by one rule (_retry_after_ms), so
+        # every wait downstream (a refused send's, a join's, a reconnect's after 4102)
+        # is a sane number whatever a buggy server or a proxy sent.
         err = ChatError(str(obj.get("code", "")), str(obj.get("message", "")),
-                        obj.get("retry_after_ms"), obj)
+                        _retry_after_ms(obj.get("retry_after_ms")), obj)
         if err.code == "rate_limited" and err.retry_after_ms:
             self._retry_after = err.retry_after_ms / 1000
         rid = obj.get("id")
@@ -1024,6 +1028,26 @@ def _with_query(url: str, **params: str) -> str:
 RETRY_AFTER_CAP = 86_400.0
 """The longest wait a ``Retry-After`` can ask for, seconds (a day, as in the JS and Rust
 clients): one further ahead is a proxy's mistake, not a reason to never reconnect."""
+
+def _retry_after_ms(value: Any) -> int | None:
+    """The wait an ``error`` event's ``retry_after_ms`` asks for, whole ms, or None for
+    none, with the rule the three client libraries (Python, JS, Rust) share, tested by
+    each against the same cases (``clients/conformance/retry-after-ms.json``; the rule:
+    ``clients/conformance/README.md``): only a JSON number that is finite and >= 0
+    counts (a string such as ``"5"``, a bool, None, a negative, and ``1e400`` or
+    ``Infinity``, which ``json.loads`` reads as ``inf``, or an integer past a double's
+    range, are none: the default wait applies); a fraction is rounded up (never shorter than asked); the wait is capped at
+    a day (``RETRY_AFTER_CAP``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int past a double's range: Infinity to JS, none here too
+        return None
+    if not finite or value < 0:
+        return None
+    return min(math.ceil(value), int(RETRY_AFTER_CAP * 1000))
+
 
 _DIGITS = re.compile(r"[0-9]+")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

@@ -26,7 +26,9 @@ class ChatError(Exception):
         code: the server's error code (``not_in_room``, ``rate_limited``, ...) or
             one of the local codes above.
         message: human-readable text.
-        retry_after_ms: for ``rate_limited``, how long the server asked to wait.
+        retry_after_ms: for ``rate_limited``, how long the server asked to wait (whole
+            ms, at most a day; None when the server's value was not a finite number
+            >= 0: ``client._retry_after_ms``).
         details: the server's whole ``error`` event (``room``, ``until`` for
             ``forbidden``/``muted``, ...); empty for local errors.
     """
