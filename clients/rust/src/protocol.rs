@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backoff::RETRY_AFTER_CAP;
+
 /// The optional `id` of a request, echoed by its direct reply or `error`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -282,7 +284,9 @@ pub enum ServerEvent {
         code: String,
         #[serde(default)]
         message: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// For `rate_limited`: the wait, read by [`retry_after_ms`] (a finite number >= 0,
+        /// rounded up, at most a day; anything else is `None`, never a lost event).
+        #[serde(default, deserialize_with = "lenient_retry_after_ms", skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
@@ -299,10 +303,63 @@ pub enum ServerEvent {
     Unknown,
 }
 
+/// An `error` frame's essentials, for [`ServerEvent::parse`] when the whole event does not
+/// parse: a plain struct skips the fields it does not name without reading their numbers.
+#[derive(Deserialize)]
+struct BareError {
+    #[serde(rename = "type")]
+    kind: String,
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    id: Option<RequestId>,
+}
+
+/// The wait an `error` event's `retry_after_ms` asks for, in whole ms, or `None` for none, with
+/// the rule the three client libraries (Rust, JS, Python) share, tested by each against the same
+/// cases (`clients/conformance/retry-after-ms.json`; the rule: `clients/conformance/README.md`):
+/// only a JSON number that is finite and >= 0 counts (a string such as `"5"`, a boolean, `null`,
+/// a negative are none: the default wait applies); a fraction is rounded up (never shorter than
+/// asked); the wait is capped at a day (`RETRY_AFTER_CAP`, as for `Retry-After`), so
+/// `u64::MAX` never reaches `Instant + Duration` (which panics on overflow).
+pub fn retry_after_ms(value: &serde_json::Value) -> Option<u64> {
+    let cap = RETRY_AFTER_CAP.as_millis() as u64;
+    let serde_json::Value::Number(n) = value else { return None };
+    if let Some(ms) = n.as_u64() {
+        return Some(ms.min(cap));
+    }
+    if let Some(ms) = n.as_i64() {
+        return u64::try_from(ms).ok().map(|ms| ms.min(cap));
+    }
+    // A float (serde_json reads an integer past u64 as one too); never NaN or infinite.
+    n.as_f64().filter(|ms| ms.is_finite() && *ms >= 0.0).map(|ms| ms.ceil().min(cap as f64) as u64)
+}
+
+/// `retry_after_ms` as any JSON value, read by [`retry_after_ms`]: an odd value is no wait,
+/// never a failure of the whole `error` event.
+fn lenient_retry_after_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(retry_after_ms(&serde_json::Value::deserialize(d)?))
+}
+
 impl ServerEvent {
     /// Parses one text frame.
+    ///
+    /// An `error` whose fields hold a number `serde_json` cannot read (`"retry_after_ms":
+    /// 1e400`: out of a double's range) is still an error, with its `code`, `message` and
+    /// `id` and no wait, so the refusal it answers is handled (a `rate_limited` send is
+    /// retried) instead of the frame being dropped as unparsable.
     pub fn parse(text: &str) -> Result<ServerEvent, serde_json::Error> {
-        serde_json::from_str(text)
+        serde_json::from_str(text).or_else(|e| match serde_json::from_str::<BareError>(text) {
+            Ok(bare) if bare.kind == "error" => Ok(ServerEvent::Error {
+                code: bare.code,
+                message: bare.message,
+                retry_after_ms: None,
+                id: bare.id,
+                details: Default::default(),
+            }),
+            _ => Err(e),
+        })
     }
 
     /// The request `id` this event answers, if it is a direct reply.
@@ -464,6 +521,30 @@ mod tests {
             let back = serde_json::to_value(&event).unwrap();
             assert_eq!(back, wire);
         }
+    }
+
+    /// The three client libraries read an error's `retry_after_ms` by one rule (the shared
+    /// cases, `clients/conformance/retry-after-ms.json`), and an odd value never loses the
+    /// event: `120.5` or `1e20` made the whole frame unparsable (the refusal it answered was
+    /// never handled), `u64::MAX` became a wait that overflows `Instant + Duration`.
+    #[test]
+    fn retry_after_ms_reads_as_in_the_js_and_python_clients() {
+        let shared: serde_json::Value =
+            serde_json::from_str(include_str!("../../conformance/retry-after-ms.json")).unwrap();
+        assert_eq!(shared["cap"].as_u64(), Some(86_400_000));
+        let mut wrong = Vec::new();
+        for case in shared["cases"].as_array().unwrap() {
+            let (text, wait) = (case[0].as_str().unwrap(), case[1].as_u64());
+            let frame = format!(
+                r#"{{"type": "error", "code": "rate_limited", "message": "slow down", "retry_after_ms": {text}, "id": 7}}"#
+            );
+            match ServerEvent::parse(&frame) {
+                Ok(ServerEvent::Error { code, retry_after_ms, id: Some(RequestId::Int(7)), .. })
+                    if code == "rate_limited" && retry_after_ms == wait => {}
+                got => wrong.push(format!("{text:.40}: {got:?}, not {wait:?}")),
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
     #[test]

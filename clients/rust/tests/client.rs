@@ -661,3 +661,107 @@ async fn a_huge_retry_after_is_capped_at_a_day() {
     c.close();
     server.abort();
 }
+
+/// A fake server that joins, answers `history`, and refuses each `message` with a
+/// `rate_limited` whose `retry_after_ms` is the next raw JSON text of `refusals` (as a buggy
+/// server or a proxy could send it), then echoes the message.
+async fn refusing_server(refusals: Vec<&'static str>) -> (String, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    fake_server(move |mut ws| async move {
+        let mut refusals = refusals.into_iter();
+        let mut seq = 0;
+        while let Some(Ok(Message::Text(text))) = ws.next().await {
+            let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            let id = cmd["id"].clone();
+            let reply = match cmd["type"].as_str().unwrap() {
+                "join" => json!({"type": "joined", "room": cmd["room"], "users": [], "last_id": 0, "id": id}).to_string(),
+                "ping" => json!({"type": "pong", "id": id}).to_string(),
+                "history" => json!({"type": "history", "room": cmd["room"], "messages": [], "id": id}).to_string(),
+                "message" => match refusals.next() {
+                    Some(raw) => format!(
+                        r#"{{"type": "error", "code": "rate_limited", "message": "slow down", "retry_after_ms": {raw}, "id": {id}}}"#
+                    ),
+                    None => {
+                        seq += 1;
+                        json!({"type": "message", "id": seq, "room": cmd["room"], "from": "u1", "user_id": "u1",
+                               "text": cmd["text"], "timestamp": 0, "client_msg_id": cmd["client_msg_id"]})
+                        .to_string()
+                    }
+                },
+                _ => continue,
+            };
+            if ws.send(Message::text(reply)).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await
+}
+
+/// A `retry_after_ms` that is not a whole number (`120.5`, `1e400`) is read by the shared rule
+/// (121 ms; none, so the default second): the refusal is handled and the send goes again. It
+/// used to make the whole `error` unparsable: the refusal was dropped as `invalid_event`, and
+/// the send waited for an answer that had already come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_odd_retry_after_ms_still_refuses_and_the_send_goes_again() {
+    let (url, server) = refusing_server(vec!["120.5", "1e400"]).await;
+    let (c, events) = Client::builder(url).connect();
+    let rec = Recorder::new(events);
+    c.join("r").await.unwrap();
+    let started = std::time::Instant::now();
+    let sent =
+        tokio::time::timeout(scaled(10.0), c.send("r", "hi")).await.expect("the send, refused twice, went again");
+    assert_eq!(sent.unwrap().text, "hi");
+    assert!(started.elapsed() >= Duration::from_millis(1100), "not before 121 ms, then the default second");
+    let invalid: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Error(e) if e.code() == Some("invalid_event")))
+        .collect();
+    assert!(invalid.is_empty(), "{invalid:?}");
+    c.close();
+    server.abort();
+}
+
+/// `retry_after_ms: 18446744073709551615` (`u64::MAX`) is capped at a day where it is read: the
+/// app's error says a day, and so does the reconnect after a 4102 (the wait is a floor for it).
+/// It used to be `u64::MAX` ms, about 584 million years: no reconnect ever (and an `Instant`
+/// near overflow for every computation that adds to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_ms_is_capped_at_a_day() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (url, server) = fake_server(|mut ws| async move {
+        while !matches!(ws.next().await, Some(Ok(Message::Text(_))) | None) {}
+        let flood =
+            r#"{"type": "error", "code": "rate_limited", "message": "flood", "retry_after_ms": 18446744073709551615}"#;
+        ws.send(Message::text(flood)).await.unwrap();
+        let close = CloseFrame { code: CloseCode::from(4102), reason: "flooding".into() };
+        ws.send(Message::Close(Some(close))).await.unwrap();
+        let _ = done_rx.await;
+    })
+    .await;
+    let (c, events) = Client::builder(url).connect();
+    let rec = Recorder::new(events);
+    c.wait_connected(scaled(20.0)).await.unwrap();
+    let c2 = c.clone();
+    let _dm = tokio::spawn(async move { c2.dm("someone", "one").await });
+    rec.wait("disconnected", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let day = Duration::from_secs(86_400);
+    let waits: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Error(Error::Server { retry_after_ms, .. }) => {
+                Some(("error", retry_after_ms.map(Duration::from_millis)))
+            }
+            Event::Disconnected { reconnect_in, .. } => Some(("reconnect", reconnect_in)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(waits, [("error", Some(day)), ("reconnect", Some(day))]);
+    c.close();
+    let _ = done_tx.send(());
+    server.abort();
+}
