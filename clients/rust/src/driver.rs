@@ -819,9 +819,10 @@ impl Driver {
             ServerEvent::Presence(presence) => self.emit(Event::Presence(presence)),
             ServerEvent::Typing(typing) => self.emit(Event::Typing(typing)),
             ServerEvent::Error { code, message, retry_after_ms, id, details } => {
-                if let Some(ms) = retry_after_ms {
-                    // A floor for the next reconnect, should the server close (4102).
-                    self.retry_after = Some(Duration::from_millis(ms));
+                if let (Some(ms), "rate_limited") = (retry_after_ms, code.as_str()) {
+                    // A floor for the next reconnect, should the server close (4102); only a
+                    // refusal for pace is one, as in the JS and Python clients.
+                    self.retry_after = self.retry_after.max(Some(Duration::from_millis(ms)));
                 }
                 let error = Error::Server { code, message, retry_after_ms, details };
                 match id {

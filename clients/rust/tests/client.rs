@@ -723,6 +723,46 @@ async fn an_odd_retry_after_ms_still_refuses_and_the_send_goes_again() {
     server.abort();
 }
 
+/// Only a `rate_limited` error's wait is a floor for the next reconnect, as in the JS and Python
+/// clients: a `forbidden` carrying a `retry_after_ms` (a day here) used to hold the reconnect after
+/// a 4102 for that day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_rate_limited_wait_holds_the_reconnect() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (url, server) = fake_server(|mut ws| async move {
+        while !matches!(ws.next().await, Some(Ok(Message::Text(_))) | None) {}
+        let odd = r#"{"type": "error", "code": "forbidden", "message": "no", "retry_after_ms": 86400000}"#;
+        ws.send(Message::text(odd)).await.unwrap();
+        let close = CloseFrame { code: CloseCode::from(4102), reason: "flooding".into() };
+        ws.send(Message::Close(Some(close))).await.unwrap();
+        let _ = done_rx.await;
+    })
+    .await;
+    let (c, events) = Client::builder(url).connect();
+    let rec = Recorder::new(events);
+    c.wait_connected(scaled(20.0)).await.unwrap();
+    let c2 = c.clone();
+    let _dm = tokio::spawn(async move { c2.dm("someone", "one").await });
+    rec.wait("disconnected", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let waits: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Disconnected { reconnect_in, .. } => Some(reconnect_in),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(waits[..], [Some(wait)] if wait < Duration::from_secs(3600)),
+        "a forbidden's wait held the reconnect: {waits:?}"
+    );
+    c.close();
+    let _ = done_tx.send(());
+    server.abort();
+}
+
 /// `retry_after_ms: 18446744073709551615` (`u64::MAX`) is capped at a day where it is read: the
 /// app's error says a day, and so does the reconnect after a 4102 (the wait is a floor for it).
 /// It used to be `u64::MAX` ms, about 584 million years: no reconnect ever (and an `Instant`

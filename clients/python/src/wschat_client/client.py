@@ -187,7 +187,7 @@ class Client:
         self._wake: asyncio.Event | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._closing = False
-        self._retry_after = 0.0  # from the latest rate_limited error, for a 4102
+        self._retry_after = 0.0  # longest rate_limited wait, for a 4102
         self._pacer = Pacer(max_in_flight)  # the window, and the pace after rate_limited
         self.last_close: Disconnect | None = None
 
@@ -717,7 +717,7 @@ class Client:
 
     # -- incoming frames -------------------------------------------------------------------
     def _dispatch(self, raw: str | bytes) -> None:
-        obj = json.loads(raw)
+        obj = _loads(raw)
         kind = obj.get("type")
         if kind == "message":
             self._on_message(obj)
@@ -796,7 +796,7 @@ class Client:
         err = ChatError(str(obj.get("code", "")), str(obj.get("message", "")),
                         _retry_after_ms(obj.get("retry_after_ms")), obj)
         if err.code == "rate_limited" and err.retry_after_ms:
-            self._retry_after = err.retry_after_ms / 1000
+            self._retry_after = max(self._retry_after, err.retry_after_ms / 1000)
         rid = obj.get("id")
         entry = self._sent.get(str(rid)) if rid is not None else None
         if entry is not None:
@@ -1023,6 +1023,22 @@ def _with_query(url: str, **params: str) -> str:
     query = dict(parse_qsl(parts.query))
     query.update(params)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _loads(raw: str | bytes) -> Any:
+    """A frame's JSON. An integer longer than ``int()`` converts (4,300 digits, CPython's
+    guard against slow conversions) is read as a float, i.e. as JS and Rust read it (a
+    hostile ``retry_after_ms`` then counts as none instead of losing the whole event)."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            raise
+        return json.loads(raw, parse_int=_int_or_float)
+
+
+def _int_or_float(digits: str) -> int | float:
+    return int(digits) if len(digits) <= 4000 else float(digits)
 
 
 RETRY_AFTER_CAP = 86_400.0
