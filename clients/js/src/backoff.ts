@@ -100,6 +100,26 @@ export function serverRetryAfterMs(value: unknown): number | undefined {
   return Math.min(RETRY_AFTER_CAP, Math.ceil(value)) + 0; // + 0: -0 is 0
 }
 
+/** The shortest and longest heartbeat interval taken from a `welcome`, seconds, and the default. */
+export const HEARTBEAT_MIN = 1;
+export const HEARTBEAT_MAX = 86_400;
+export const HEARTBEAT_DEFAULT = 30;
+
+/**
+ * The interval a `welcome` event's `heartbeat_interval` asks for, seconds, or `undefined` for
+ * none (as if absent: the default 30 s applies), with the rule the three client libraries (JS,
+ * Python, Rust) share, tested by each against the same cases
+ * (`clients/conformance/heartbeat-interval.json`; the rule: `clients/conformance/README.md`):
+ * only a JSON number that is finite and > 0 counts (a string, a boolean, `null`, an object,
+ * `0`, a negative, `1e400`, which `JSON.parse` reads as `Infinity`, are none); it is floored
+ * at a second (`HEARTBEAT_MIN`) and capped at a day (`HEARTBEAT_MAX`), so the ping timers
+ * never get a NaN delay (runs after 1 ms, again and again) nor one over 2^31-1 ms.
+ */
+export function serverHeartbeatInterval(value: unknown): number | undefined {
+  if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) return undefined;
+  return Math.min(HEARTBEAT_MAX, Math.max(HEARTBEAT_MIN, value));
+}
+
 /** The longest delay a timer holds, ms: Node and browsers run a longer `setTimeout` at once. */
 export const MAX_TIMER_DELAY = 2 ** 31 - 1;
 

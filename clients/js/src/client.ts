@@ -3,7 +3,7 @@
  * rejoins its rooms with `since`, and resends unacknowledged sends, so that the app sees
  * every message once and in order.
  */
-import { backoffDelay, closePolicy, type ClosePolicy, MAX_TIMER_DELAY, PAUSE_DELAY, refusalPolicy, retryAfterMs, serverRetryAfterMs } from "./backoff.js";
+import { backoffDelay, closePolicy, type ClosePolicy, HEARTBEAT_DEFAULT, MAX_TIMER_DELAY, PAUSE_DELAY, refusalPolicy, retryAfterMs, serverHeartbeatInterval, serverRetryAfterMs } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
@@ -565,7 +565,7 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   private onEstablished(w: Welcome): void {
     this.clearTimer("connect");
-    this.welcome = welcomeOf(w);
+    const welcome = (this.welcome = welcomeOf(w));
     this.established = true;
     this.attempt = 0;
     this.retryAttempt = 0;
@@ -576,7 +576,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.emit("connected", this.welcome);
     if (!this.established) return; // a listener disconnected
     this.scheduleRefresh();
-    this.startPing(w.heartbeat_interval);
+    this.startPing(welcome.heartbeat_interval ?? HEARTBEAT_DEFAULT);
     for (const room of this.rooms.values()) this.sendJoin(room);
     for (const [id, req] of this.requests) {
       if (!req.sent) req.sent = this.send_({ ...req.frame, id });
@@ -683,8 +683,9 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   // -- heartbeat ---------------------------------------------------------------------------
+  /** `intervalSeconds`: the welcome's, as `serverHeartbeatInterval` read it (1 s to a day). */
   private startPing(intervalSeconds: number): void {
-    const interval = Math.max(1, intervalSeconds || 30) * 1000;
+    const interval = intervalSeconds * 1000;
     const pongTimeout = Math.min(this.opts.pongTimeout ?? 10_000, interval);
     const conn = this.conn;
     const tick = () => {
@@ -1275,9 +1276,15 @@ function errorFrom(msg: { code?: unknown; message?: unknown; retry_after_ms?: un
   });
 }
 
+/**
+ * A `welcome` as the app sees it. `heartbeat_interval` is read here, where it comes off the
+ * wire, by `serverHeartbeatInterval`: a finite number > 0, at least a second, at most a day;
+ * anything else is dropped, as if the server had sent none (the ping timers use 30 s).
+ */
 function welcomeOf(w: Welcome & { id?: unknown; type?: unknown }): Welcome {
-  const { id: _id, type: _type, ...welcome } = w;
-  return welcome;
+  const { id: _id, type: _type, heartbeat_interval: raw, ...rest } = w as Welcome & { id?: unknown; type?: unknown; heartbeat_interval?: unknown };
+  const heartbeat_interval = serverHeartbeatInterval(raw);
+  return heartbeat_interval === undefined ? rest : { ...rest, heartbeat_interval };
 }
 
 function toChatError(err: unknown, code: string): ChatError {

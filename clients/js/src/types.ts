@@ -55,7 +55,12 @@ export interface Welcome {
   username: string;
   authenticated: boolean;
   auth_required: boolean;
-  heartbeat_interval: number;
+  /**
+   * Seconds between the server's pings, as the client reads it (a finite number > 0, at least
+   * 1, at most 86400; absent when the server sent none or anything else: the client then
+   * assumes 30). Rule shared with the Python and Rust clients: `serverHeartbeatInterval`.
+   */
+  heartbeat_interval?: number;
   dm_backlog?: number;
 }
 

@@ -83,3 +83,20 @@ test("retry_after_ms: read as in the Python and Rust clients (clients/conformanc
   }
   assert.deepEqual(wrong, []);
 });
+
+test("heartbeat_interval: read as in the Python and Rust clients (clients/conformance/heartbeat-interval.json)", async () => {
+  // Only a finite JSON number > 0 counts, floored at a second, capped at a day; a string, a
+  // boolean, 0, a negative, 1e400 (JSON.parse: Infinity) are none (the default 30 s applies).
+  // Imported by name from the module's namespace, so a library without the function fails this
+  // test, not the file.
+  const lib = await import("../../dist/index.mjs");
+  assert.equal(typeof lib.serverHeartbeatInterval, "function", "serverHeartbeatInterval is exported");
+  const shared = JSON.parse(readFileSync(new URL("../../../conformance/heartbeat-interval.json", import.meta.url), "utf8"));
+  assert.deepEqual([shared.min, shared.max, shared.default], [1, 86_400, 30]);
+  const wrong = [];
+  for (const [text, seconds] of shared.cases) {
+    const got = lib.serverHeartbeatInterval(JSON.parse(text));
+    if (!Object.is(got, seconds ?? undefined)) wrong.push(`${text.slice(0, 40)}: ${got}, not ${seconds ?? undefined}`);
+  }
+  assert.deepEqual(wrong, []);
+});

@@ -747,3 +747,66 @@ test("retry_after_ms from the wire: a hostile value schedules no timer over a da
     c.disconnect();
   }
 });
+
+/** A server whose greeting carries `heartbeat_interval` as the raw JSON text `text`, as a proxy could send it. */
+function rawWelcome(server, text) {
+  server.accept = function (ws) {
+    if (ws.readyState !== 0) return;
+    ws.readyState = 1;
+    ws.onopen?.({});
+    ws.user = { user_id: `guest-${this.sockets.length}`, username: "guest" };
+    pushRaw(ws, `{"type": "welcome", "user_id": "${ws.user.user_id}", "username": "guest", "authenticated": false, "auth_required": false, "heartbeat_interval": ${text}}`);
+  };
+}
+
+test("heartbeat_interval from the wire: the connected event's follows the shared cases (clients/conformance/heartbeat-interval.json)", async () => {
+  const shared = JSON.parse(readFileSync(new URL("../../../conformance/heartbeat-interval.json", import.meta.url), "utf8"));
+  const wrong = [];
+  for (const [text, seconds] of shared.cases) {
+    const { server, c, events } = setup();
+    rawWelcome(server, text);
+    try {
+      await within(c.connect(), 2000, `connect with heartbeat_interval ${text.slice(0, 40)}`);
+      const [welcome] = events("connected");
+      const got = welcome.heartbeat_interval;
+      // none: as if the field were absent
+      if (!Object.is(got, seconds ?? undefined) || (seconds === null && "heartbeat_interval" in welcome)) {
+        wrong.push(`${text.slice(0, 40)}: ${JSON.stringify(got)}, not ${seconds ?? undefined}`);
+      }
+    } finally {
+      c.disconnect();
+    }
+  }
+  assert.deepEqual(wrong, []);
+});
+
+test("heartbeat_interval from the wire: a hostile value runs no timer loop and no timer over a day", async () => {
+  // A string or an object gave the ping timer a NaN delay (runs after 1 ms, then again: a hot
+  // loop); 1e400 (JSON.parse: Infinity) and 1e20 a delay over 2^31-1 ms, which runs at once.
+  const realSetTimeout = globalThis.setTimeout;
+  const delays = [];
+  globalThis.setTimeout = (fn, ms, ...args) => {
+    delays.push(ms);
+    return realSetTimeout(fn, ms, ...args);
+  };
+  const wrong = [];
+  try {
+    for (const text of ['"abc"', "{}", "[1, 2]", "1e400", "1e20", "-1", "0"]) {
+      const { server, c } = setup();
+      rawWelcome(server, text);
+      try {
+        delays.length = 0;
+        await c.connect();
+        await new Promise((resolve) => realSetTimeout(resolve, 200));
+        const huge = delays.filter((d) => !(d <= 86_400_000));
+        if (huge.length > 0 || delays.length > 20) wrong.push(`${text}: ${delays.length} timers in 200 ms, ${huge.length} over a day or NaN`);
+        assert.equal(server.last.sent.filter((f) => f.type === "ping").length, 0, `${text}: no ping before an interval of silence`);
+      } finally {
+        c.disconnect();
+      }
+    }
+  } finally {
+    globalThis.setTimeout = realSetTimeout;
+  }
+  assert.deepEqual(wrong, []);
+});
