@@ -82,6 +82,7 @@ class FakeServer:
         self.peers: asyncio.Queue[Peer] = asyncio.Queue()
         self.count = 0
         self.process_request = process_request
+        self.heartbeat_interval = "30"  # the welcome's, as raw JSON text (a test may set "1e400")
 
     async def __aenter__(self) -> FakeServer:
         self.server = await serve(self._handle, "127.0.0.1", 0,
@@ -97,9 +98,10 @@ class FakeServer:
     async def _handle(self, ws: ServerConnection) -> None:
         self.count += 1
         peer = Peer(ws)
-        await ws.send(json.dumps({"type": "welcome", "user_id": f"u{self.count}",
-                                  "username": "alice", "authenticated": False,
-                                  "auth_required": False, "heartbeat_interval": 30}))
+        welcome = json.dumps({"type": "welcome", "user_id": f"u{self.count}",
+                              "username": "alice", "authenticated": False,
+                              "auth_required": False})
+        await ws.send(f'{welcome[:-1]}, "heartbeat_interval": {self.heartbeat_interval}}}')
         await self.peers.put(peer)
         await ws.wait_closed()
 
@@ -718,3 +720,42 @@ async def test_a_hostile_retry_after_ms_is_no_wait_and_the_reader_survives() -> 
         assert (await asyncio.wait_for(sending, TIMEOUT)).id == 1
         assert fake.count == 1, "the connection was lost"
         await client.close()
+
+
+HEARTBEAT_INTERVAL_CASES = json.loads(
+    (Path(__file__).parents[2] / "conformance" / "heartbeat-interval.json").read_text())
+
+
+@pytest.mark.parametrize(("text", "seconds"), HEARTBEAT_INTERVAL_CASES["cases"],
+                         ids=[text[:24] for text, _ in HEARTBEAT_INTERVAL_CASES["cases"]])
+def test_heartbeat_interval_reads_as_in_the_js_and_rust_clients(
+        text: str, seconds: float | None) -> None:
+    """The three client libraries read a welcome's heartbeat_interval by one rule (the shared
+    cases, clients/conformance/heartbeat-interval.json): a finite JSON number > 0, floored at
+    a second, capped at a day; anything else ("30", true, 0, -1, 1e400) is none."""
+    from wschat_client.client import _heartbeat_interval  # here: a library without it fails this test
+    got = _heartbeat_interval(json.loads(text))
+    assert got == seconds and type(got) is (float if seconds is not None else type(None)), \
+        (text[:40], got)
+
+
+async def test_heartbeat_interval_off_the_wire_follows_the_shared_cases() -> None:
+    """Every shared case in the server's welcome: the connected event's Welcome carries the
+    rule's interval (None when none), and the client reads on: a join still completes. The
+    value used to be handed to the app as it came (a string, inf, -1, 1e20)."""
+    async with FakeServer() as fake:
+        wrong = []
+        for text, seconds in HEARTBEAT_INTERVAL_CASES["cases"]:
+            fake.heartbeat_interval = text
+            client = client_for(fake)
+            rec = Recorder(client)
+            await client.connect()
+            peer = await fake.accept()
+            join = asyncio.create_task(client.join("r"))
+            await peer.joined()
+            await asyncio.wait_for(join, TIMEOUT)
+            got = rec.of("connected")[0].heartbeat_interval
+            if got != seconds or type(got) is not (float if seconds is not None else type(None)):
+                wrong.append((text[:40], got, seconds))
+            await client.close()
+        assert wrong == []

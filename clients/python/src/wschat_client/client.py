@@ -830,8 +830,10 @@ class Client:
         self.user_id = str(obj.get("user_id", ""))
         self.username = str(obj.get("username", ""))
         self.authenticated = bool(obj.get("authenticated"))
+        # heartbeat_interval is read here, off the wire, by one rule (_heartbeat_interval),
+        # so the app never gets a string, inf, 0 or 1e20 to time anything by.
         return Welcome(self.user_id, self.username, self.authenticated,
-                       obj.get("heartbeat_interval"))
+                       _heartbeat_interval(obj.get("heartbeat_interval")))
 
     # -- the connection ----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -1063,6 +1065,31 @@ def _retry_after_ms(value: Any) -> int | None:
     if not finite or value < 0:
         return None
     return min(math.ceil(value), int(RETRY_AFTER_CAP * 1000))
+
+
+HEARTBEAT_MIN = 1.0
+HEARTBEAT_MAX = 86_400.0
+"""The shortest and longest ``heartbeat_interval`` taken from a ``welcome``, seconds."""
+
+
+def _heartbeat_interval(value: Any) -> float | None:
+    """The interval a ``welcome`` event's ``heartbeat_interval`` asks for, seconds, or None
+    for none (as if absent), with the rule the three client libraries (Python, JS, Rust)
+    share, tested by each against the same cases (``clients/conformance/heartbeat-interval.json``;
+    the rule: ``clients/conformance/README.md``): only a JSON number that is finite and > 0
+    counts (a string such as ``"30"``, a bool, None, 0, a negative, and ``1e400`` or
+    ``Infinity``, which ``json.loads`` reads as ``inf``, or an integer past a double's range,
+    are none: the JS and Rust clients then assume 30 s); it is floored at a second
+    (``HEARTBEAT_MIN``) and capped at a day (``HEARTBEAT_MAX``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past a double's range: Infinity to JS, none here too
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(HEARTBEAT_MAX, max(HEARTBEAT_MIN, seconds))
 
 
 _DIGITS = re.compile(r"[0-9]+")

@@ -117,6 +117,8 @@ class Welcome:
     user_id: str
     username: str
     authenticated: bool
+    # Seconds between the server's pings, read by the rule the three libraries share (a finite
+    # number > 0, at least 1, at most 86400; None when absent or anything else).
     heartbeat_interval: float | None = None
 
 
