@@ -766,8 +766,10 @@ impl Driver {
         };
         match event {
             ServerEvent::Welcome { user_id, username, authenticated, heartbeat_interval, id, .. } => {
-                if let Some(hb) = heartbeat_interval.filter(|hb| *hb > 0.0) {
-                    self.heartbeat = Duration::from_secs_f64(hb);
+                // Read by protocol::heartbeat_interval (1 s to a day, or none: the default
+                // stays), so from_secs_f64 cannot panic; try_ all the same, for a hand-built event.
+                if let Some(hb) = heartbeat_interval.and_then(|hb| Duration::try_from_secs_f64(hb).ok()) {
+                    self.heartbeat = hb;
                 }
                 self.snapshot.send_modify(|s| {
                     s.user_id = Some(user_id.clone());

@@ -207,9 +207,12 @@ pub enum ServerEvent {
         authenticated: bool,
         #[serde(default)]
         auth_required: bool,
-        #[serde(default)]
+        /// Seconds between the server's pings, read by [`heartbeat_interval`] (a finite number
+        /// > 0, at least 1, at most 86400; anything else is `None`, never a lost welcome).
+        #[serde(default, deserialize_with = "lenient_heartbeat_interval")]
         heartbeat_interval: Option<f64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// How many kept DMs follow; anything but a whole number >= 0 is `None` (not a lost welcome).
+        #[serde(default, deserialize_with = "lenient_count", skip_serializing_if = "Option::is_none")]
         dm_backlog: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
@@ -316,6 +319,51 @@ struct BareError {
     id: Option<RequestId>,
 }
 
+/// A `welcome`'s essentials, for [`ServerEvent::parse`] when the whole event does not parse
+/// (a number `serde_json` cannot hold, `"heartbeat_interval": 1e400`): as [`BareError`].
+#[derive(Deserialize)]
+struct BareWelcome {
+    #[serde(rename = "type")]
+    kind: String,
+    user_id: String,
+    username: String,
+    #[serde(default)]
+    authenticated: bool,
+    #[serde(default)]
+    auth_required: bool,
+    #[serde(default)]
+    id: Option<RequestId>,
+}
+
+/// The shortest and longest `heartbeat_interval` taken from a `welcome`, seconds.
+pub const HEARTBEAT_MIN: f64 = 1.0;
+pub const HEARTBEAT_MAX: f64 = 86_400.0;
+
+/// The interval a `welcome` event's `heartbeat_interval` asks for, in seconds, or `None` for
+/// none (as if absent: the driver keeps its default, 30 s), with the rule the three client
+/// libraries (Rust, JS, Python) share, tested by each against the same cases
+/// (`clients/conformance/heartbeat-interval.json`; the rule: `clients/conformance/README.md`):
+/// only a JSON number that is finite and > 0 counts (a string such as `"30"`, a boolean,
+/// `null`, `0`, a negative are none); it is floored at a second (`HEARTBEAT_MIN`) and capped
+/// at a day (`HEARTBEAT_MAX`), so `Duration::from_secs_f64` (which panics past `u64::MAX`
+/// seconds, `1e20`) and `Instant + Duration` always get a value in range.
+pub fn heartbeat_interval(value: &serde_json::Value) -> Option<f64> {
+    let serde_json::Value::Number(n) = value else { return None };
+    // serde_json reads an integer past u64 as a float too; a JSON number is never NaN or infinite.
+    n.as_f64().filter(|s| s.is_finite() && *s > 0.0).map(|s| s.clamp(HEARTBEAT_MIN, HEARTBEAT_MAX))
+}
+
+/// `heartbeat_interval` as any JSON value, read by [`heartbeat_interval`]: an odd value is none,
+/// never a failure of the whole `welcome`.
+fn lenient_heartbeat_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(heartbeat_interval(&serde_json::Value::deserialize(d)?))
+}
+
+/// A count (`dm_backlog`) as any JSON value: a whole number >= 0, else `None`.
+fn lenient_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_u64())
+}
+
 /// The wait an `error` event's `retry_after_ms` asks for, in whole ms, or `None` for none, with
 /// the rule the three client libraries (Rust, JS, Python) share, tested by each against the same
 /// cases (`clients/conformance/retry-after-ms.json`; the rule: `clients/conformance/README.md`):
@@ -349,17 +397,34 @@ impl ServerEvent {
     /// 1e400`: out of a double's range) is still an error, with its `code`, `message` and
     /// `id` and no wait, so the refusal it answers is handled (a `rate_limited` send is
     /// retried) instead of the frame being dropped as unparsable.
+    ///
+    /// A `welcome` likewise (`"heartbeat_interval": 1e400`) is still the welcome, with its
+    /// `user_id`, `username`, `authenticated`, `auth_required` and `id`, no interval and no
+    /// `dm_backlog`, so the connection comes up instead of waiting for a welcome it dropped.
     pub fn parse(text: &str) -> Result<ServerEvent, serde_json::Error> {
-        serde_json::from_str(text).or_else(|e| match serde_json::from_str::<BareError>(text) {
-            Ok(bare) if bare.kind == "error" => Ok(ServerEvent::Error {
-                code: bare.code,
-                message: bare.message,
-                retry_after_ms: None,
-                id: bare.id,
-                details: Default::default(),
-            }),
-            _ => Err(e),
-        })
+        serde_json::from_str(text)
+            .or_else(|e| match serde_json::from_str::<BareError>(text) {
+                Ok(bare) if bare.kind == "error" => Ok(ServerEvent::Error {
+                    code: bare.code,
+                    message: bare.message,
+                    retry_after_ms: None,
+                    id: bare.id,
+                    details: Default::default(),
+                }),
+                _ => Err(e),
+            })
+            .or_else(|e| match serde_json::from_str::<BareWelcome>(text) {
+                Ok(bare) if bare.kind == "welcome" => Ok(ServerEvent::Welcome {
+                    user_id: bare.user_id,
+                    username: bare.username,
+                    authenticated: bare.authenticated,
+                    auth_required: bare.auth_required,
+                    heartbeat_interval: None,
+                    dm_backlog: None,
+                    id: bare.id,
+                }),
+                _ => Err(e),
+            })
     }
 
     /// The request `id` this event answers, if it is a direct reply.
@@ -542,6 +607,35 @@ mod tests {
                 Ok(ServerEvent::Error { code, retry_after_ms, id: Some(RequestId::Int(7)), .. })
                     if code == "rate_limited" && retry_after_ms == wait => {}
                 got => wrong.push(format!("{text:.40}: {got:?}, not {wait:?}")),
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// The three client libraries read a welcome's `heartbeat_interval` by one rule (the shared
+    /// cases, `clients/conformance/heartbeat-interval.json`), and an odd value never loses the
+    /// welcome: a string or `1e400` made the whole frame unparsable (never connected), `1e20`
+    /// went to `Duration::from_secs_f64`, which panicked in the driver.
+    #[test]
+    fn heartbeat_interval_reads_as_in_the_js_and_python_clients() {
+        let shared: serde_json::Value =
+            serde_json::from_str(include_str!("../../conformance/heartbeat-interval.json")).unwrap();
+        assert_eq!((shared["min"].as_f64(), shared["max"].as_f64()), (Some(1.0), Some(86_400.0)));
+        let mut wrong = Vec::new();
+        for case in shared["cases"].as_array().unwrap() {
+            let (text, seconds) = (case[0].as_str().unwrap(), case[1].as_f64());
+            let frame = format!(
+                r#"{{"type": "welcome", "user_id": "u", "username": "n", "authenticated": true, "auth_required": false, "heartbeat_interval": {text}, "dm_backlog": 2, "id": 7}}"#
+            );
+            match ServerEvent::parse(&frame) {
+                Ok(ServerEvent::Welcome {
+                    user_id,
+                    authenticated: true,
+                    heartbeat_interval,
+                    id: Some(RequestId::Int(7)),
+                    ..
+                }) if user_id == "u" && heartbeat_interval == seconds => {}
+                got => wrong.push(format!("{text:.40}: {got:?}, not {seconds:?}")),
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");

@@ -364,6 +364,16 @@ where
     F: FnOnce(FakeSocket) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
+    fake_server_greeting(welcome.to_string(), serve).await
+}
+
+/// [`fake_server`] greeting with `welcome`, raw JSON text (as a buggy server or a proxy could send it).
+async fn fake_server_greeting<F, Fut>(welcome: String, serve: F) -> (String, tokio::task::JoinHandle<()>)
+where
+    F: FnOnce(FakeSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     use futures_util::SinkExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/ws", listener.local_addr().unwrap());
@@ -371,8 +381,7 @@ where
         let (tcp, _) = listener.accept().await.unwrap();
         drop(listener);
         let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-        let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
-        ws.send(Message::text(welcome.to_string())).await.unwrap();
+        ws.send(Message::text(welcome)).await.unwrap();
         serve(ws).await;
     });
     (url, task)
@@ -804,4 +813,41 @@ async fn a_huge_retry_after_ms_is_capped_at_a_day() {
     c.close();
     let _ = done_tx.send(());
     server.abort();
+}
+
+/// A welcome whose `heartbeat_interval` is `1e20`, a string or `1e400` still connects, and the
+/// driver lives on (a join is answered). `1e20` went to `Duration::from_secs_f64`, which
+/// panicked and killed the driver task; `"30"` and `1e400` made the welcome unparsable (dropped
+/// as `invalid_event`: never connected). Now read by the shared rule: a day, or none (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_odd_heartbeat_interval_neither_kills_the_driver_nor_loses_the_welcome() {
+    use futures_util::{SinkExt, StreamExt};
+    for raw in ["1e20", "-1", "\"30\"", "1e400", "1e-300", "18446744073709551616"] {
+        let welcome = format!(
+            r#"{{"type": "welcome", "user_id": "u1", "username": "u1", "authenticated": false, "auth_required": false, "heartbeat_interval": {raw}}}"#
+        );
+        let (url, server) = fake_server_greeting(welcome, |mut ws| async move {
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                let id = cmd["id"].clone();
+                let reply = match cmd["type"].as_str().unwrap() {
+                    "join" => json!({"type": "joined", "room": cmd["room"], "users": [], "last_id": 0, "id": id}),
+                    "ping" => json!({"type": "pong", "id": id}),
+                    _ => continue,
+                };
+                if ws.send(Message::text(reply.to_string())).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let (c, events) = Client::builder(url).connect();
+        let rec = Recorder::new(events);
+        let connected = c.wait_connected(scaled(5.0)).await;
+        assert!(connected.is_ok(), "heartbeat_interval {raw}: not connected: {connected:?}, {:?}", rec.events());
+        let joined = tokio::time::timeout(scaled(5.0), c.join("r")).await;
+        assert!(matches!(joined, Ok(Ok(_))), "heartbeat_interval {raw}: the join: {joined:?}");
+        c.close();
+        server.abort();
+    }
 }
