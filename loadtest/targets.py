@@ -26,7 +26,7 @@ REPO = HERE.parent
 PEERS = HERE / "peers"
 LOGS = HERE / "results" / "logs"
 
-TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "gevent-bare", "node-ws", "bun")
+TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "gevent-bare", "gevent-bare-redis", "node-ws", "bun")
 #: the Redis database wschat-redis runs use; flushed before each such run. Empty: a
 #: private redis-server started for the run (free port, no persistence, stopped at exit)
 DEFAULT_REDIS_URL = ""
@@ -116,6 +116,13 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
         argv = [py, str(PEERS / "gevent_bare.py"), "--port", str(port)]
         return TargetSpec(name, "plain", argv, env, "tcp",
                           "gevent + orjson, no framework: the floor of wschat's stack")
+    if name == "gevent-bare-redis":
+        redis_url = redis_url or private_redis_url()
+        argv = [py, str(PEERS / "gevent_bare_redis.py"), "--port", str(port),
+                "--workers", str(redis_workers), "--redis-url", redis_url]
+        return TargetSpec(name, "plain", argv, env, "tcp",
+                          f"gevent-bare across {redis_workers} processes through Redis, "
+                          "redis-py used plainly (no pipelining)", redis_url=redis_url)
     if name == "node-ws":
         argv = ["node", str(PEERS / "node_ws" / "server.js"), "--port", str(port)]
         return TargetSpec(name, "plain", argv, env, "tcp", "Node.js + ws 8")

@@ -110,6 +110,21 @@ def test_the_gevent_floor_peer_speaks_the_scenario(tmp_path: Path) -> None:
     assert level["delivered"] == level["expected_deliveries"] > level["sent"]
 
 
+def test_the_gevent_peer_through_redis_speaks_the_scenario(tmp_path: Path) -> None:
+    """Its Redis twin (two workers, ids and fan-out through Redis, redis-py used plainly:
+    issue 24's reference for wschat's pipelining) too."""
+    report = run_loadtest(tmp_path, "smallrooms", "--target", "gevent-bare-redis",
+                          "--connections", "28", "--room-sizes", "2,3,4,5", "--dm-share", "0.25",
+                          "--rate", "100", "--duration", "2", "--warmup", "0.5", "--drain", "5",
+                          "--workers", "2", "--source-ips", "2", target="gevent-bare-redis",
+                          timeout=60.0)
+    [level] = report["result"]["levels"]
+    assert level["dm_sent"] > 0 and level["delivered_dm"] == 2 * level["dm_sent"]
+    assert level["lost"] == 0 and level["gaps"] == 0 and level["dups"] == 0
+    assert level["delivered"] == level["expected_deliveries"] > level["sent"]
+    assert level["cpu_window"]["redis_cpu_s"] > 0  # Redis's CPU is counted beside the workers'
+
+
 def test_fanout_smoke_on_redis_starts_its_own_redis(tmp_path: Path) -> None:
     """wschat-redis without --redis-url: the tool starts a private redis-server, reports
     its CPU beside the server's (and server+Redis CPU per message), and stops it."""

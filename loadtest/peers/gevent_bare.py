@@ -105,9 +105,9 @@ def handle(sock, _addr) -> None:
         return
     path, buf = got
     query = parse_qs(urlsplit(path).query)
-    user_id = f"u-{next(_ids)}"
+    user_id = f"{USER_PREFIX}{next(_ids)}"
     me = Conn(sock, user_id, query.get("username", [user_id])[0])
-    users.setdefault(user_id, set()).add(me)
+    HOOKS[0](me)
     conns.add(me)
     me.send_obj({"type": "welcome", "user_id": user_id, "username": me.username})
     try:
@@ -145,13 +145,26 @@ def handle(sock, _addr) -> None:
     finally:
         for room in list(me.rooms):
             leave(me, room)
-        mine = users.get(user_id)
-        if mine is not None:
-            mine.discard(me)
-            if not mine:
-                del users[user_id]
+        HOOKS[1](me)
         conns.discard(me)
         sock.close()
+
+
+def connected(me: Conn) -> None:
+    users.setdefault(me.user_id, set()).add(me)
+
+
+def disconnected(me: Conn) -> None:
+    mine = users.get(me.user_id)
+    if mine is not None:
+        mine.discard(me)
+        if not mine:
+            del users[me.user_id]
+
+
+# What gevent_bare_redis.py replaces to route through Redis (with on_text and leave).
+USER_PREFIX = "u-"
+HOOKS = (connected, disconnected)
 
 
 def leave(me: Conn, room: str) -> None:
