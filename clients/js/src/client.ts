@@ -646,9 +646,14 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.clearTimer("refresh");
     if (!this.opts.getToken || !this.token || !this.established) return;
     const exp = jwtExpiry(this.token);
-    if (exp === null) return;
+    if (exp === null || !Number.isFinite(exp)) return;
     const remaining = exp - Date.now();
     const delay = Math.max(0, remaining - Math.min(this.opts.tokenRefreshMargin ?? 30_000, remaining / 2));
+    if (delay > MAX_TIMER_DELAY) {
+      // A timer longer than ~24.8 days runs at once: a 30-day token was refreshed in a loop.
+      this.timers.refresh = setTimeout(() => this.scheduleRefresh(), MAX_TIMER_DELAY);
+      return;
+    }
     this.timers.refresh = setTimeout(() => void this.refreshToken(), delay);
   }
 

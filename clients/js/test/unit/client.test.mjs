@@ -327,6 +327,23 @@ test("token: refreshed before expiry with getToken, and fetched again for every 
   assert.equal(jwtExpiry("not a jwt"), null);
 });
 
+test("token: one valid for longer than a timer can wait (24.8 days) is not refreshed at once, nor in a loop", async () => {
+  let calls = 0;
+  const { server, c } = setup({
+    getToken: () => {
+      calls++;
+      return fakeToken("tina", 30 * 86_400);
+    },
+  });
+  await c.connect();
+  const auths = () => server.last.sent.filter((f) => f.type === "auth").length;
+  const sent = auths();
+  await tick(200);
+  assert.equal(calls, 1, "getToken called again: the refresh timer overflowed");
+  assert.equal(auths(), sent, "a refresh was sent");
+  c.disconnect();
+});
+
 test("token: getToken returning null stops the client", async () => {
   const { c, events } = setup({ getToken: () => null });
   await assert.rejects(c.connect(), { code: "closed" });
