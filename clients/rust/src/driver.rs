@@ -133,6 +133,9 @@ const SEEN_DMS: usize = 1024;
 const TYPING_REPEAT: Duration = Duration::from_secs(1);
 /// `typing: false` goes out by itself this long after the app's last call.
 const TYPING_IDLE: Duration = Duration::from_secs(3);
+/// After the server's Close frame, how long to wait for it to close the TCP connection before
+/// the client ends it (the server waits as long for a client's answer, `CLOSE_HANDSHAKE_TIMEOUT`).
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 /// What a `leave` resolves with when no reply is needed (offline, or the socket
 /// is gone and the membership with it); `Client::leave` returns `()` anyway.
@@ -328,10 +331,16 @@ impl Driver {
         let (mut sink, mut stream) = socket.split();
         let mut last_frame = Instant::now();
         let mut close: Option<(u16, String)> = None;
+        let mut closed_at: Option<Instant> = None;
         let far = Duration::from_secs(86400 * 365);
         let ended = loop {
             // The server pings every heartbeat interval; silence for two means the path is dead.
-            let liveness = sleep_until(last_frame + self.heartbeat * 2 + Duration::from_secs(5));
+            // After its Close frame (answered by tungstenite), the server closes the TCP
+            // connection: wait for that only CLOSE_WAIT (RFC 6455 7.1.1), not two heartbeats.
+            let liveness = sleep_until(match closed_at {
+                Some(at) => at + CLOSE_WAIT,
+                None => last_frame + self.heartbeat * 2 + Duration::from_secs(5),
+            });
             let refresh = sleep_until(self.refresh_at.unwrap_or_else(|| Instant::now() + far));
             tokio::select! {
                 frame = stream.next() => match frame {
@@ -346,6 +355,7 @@ impl Driver {
                             }
                             Message::Close(frame) => {
                                 close = frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+                                closed_at.get_or_insert_with(Instant::now);
                             }
                             _ => {}
                         }
@@ -366,7 +376,11 @@ impl Driver {
                     Some(op) => self.handle_op(op),
                 },
                 Some(internal) = self.internal_rx.recv() => self.handle_internal(internal),
-                _ = liveness => break Ended { code: None, reason: "no frame from the server for two heartbeats".into(), by_app: None },
+                _ = liveness => break match (closed_at, close.clone()) {
+                    (Some(_), Some((code, reason))) => Ended { code: Some(code), reason, by_app: None },
+                    (Some(_), None) => Ended { code: None, reason: "connection closed".into(), by_app: None },
+                    (None, _) => Ended { code: None, reason: "no frame from the server for two heartbeats".into(), by_app: None },
+                },
                 _ = refresh, if self.refresh_at.is_some() => {
                     self.refresh_at = None;
                     self.fetch_token();

@@ -732,6 +732,37 @@ async fn an_odd_retry_after_ms_still_refuses_and_the_send_goes_again() {
     server.abort();
 }
 
+/// A server (or a proxy) that sends its Close frame and then keeps the TCP connection open ends
+/// the connection within the close wait (3 s), with its close code: the client used to wait for
+/// two heartbeats and 5 s (65 s here) before it noticed, "connected" all that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_frame_ends_the_connection_even_if_the_server_keeps_the_socket() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (url, server) = fake_server(|mut ws| async move {
+        let close = CloseFrame { code: CloseCode::from(4102), reason: "flooding".into() };
+        ws.send(Message::Close(Some(close))).await.unwrap();
+        let _ = done_rx.await; // the socket stays open, unread
+    })
+    .await;
+    let (c, events) = Client::builder(url).connect();
+    let rec = Recorder::new(events);
+    rec.wait("disconnected", 15.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let ends: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Disconnected { code, reason, .. } => Some((code, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, [(Some(4102), "flooding".to_owned())]);
+    c.close();
+    let _ = done_tx.send(());
+    server.abort();
+}
+
 /// Only a `rate_limited` error's wait is a floor for the next reconnect, as in the JS and Python
 /// clients: a `forbidden` carrying a `retry_after_ms` (a day here) used to hold the reconnect after
 /// a 4102 for that day.
