@@ -15,18 +15,18 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import hashlib  # noqa: E402
-import itertools  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from urllib.parse import parse_qs, urlsplit  # noqa: E402
+import argparse
+import base64
+import hashlib
+import itertools
+import os
+import time
+from urllib.parse import parse_qs, urlsplit
 
-import gevent  # noqa: E402
-import orjson  # noqa: E402
-from gevent.server import StreamServer  # noqa: E402
-from websockets.speedups import apply_mask  # noqa: E402
+import gevent
+import orjson
+from gevent.server import StreamServer
+from websockets.speedups import apply_mask
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _ids = itertools.count(1)
@@ -47,7 +47,7 @@ def frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 
 class Conn:
-    __slots__ = ("sock", "raw", "user_id", "username", "rooms", "alive")
+    __slots__ = ("alive", "raw", "rooms", "sock", "user_id", "username")
 
     def __init__(self, sock, user_id: str, username: str) -> None:
         self.sock = sock

@@ -25,19 +25,19 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
-import gevent  # noqa: E402
-import gevent_bare as bare  # noqa: E402  (this folder is the script's, so on sys.path)
-import orjson  # noqa: E402
-import redis  # noqa: E402
-from gevent.server import StreamServer  # noqa: E402
+import gevent
+import gevent_bare as bare  # (this folder is the script's, so on sys.path)
+import orjson
+import redis
+from gevent.server import StreamServer
 
 POST = """local id = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', KEYS[2], ARGV[1] .. id .. ARGV[2])
