@@ -837,8 +837,9 @@ impl Driver {
             ServerEvent::Error { code, message, retry_after_ms, id, details } => {
                 if let (Some(ms), "rate_limited") = (retry_after_ms, code.as_str()) {
                     // A floor for the next reconnect, should the server close (4102); only a
-                    // refusal for pace is one, as in the JS and Python clients.
-                    self.retry_after = self.retry_after.max(Some(Duration::from_millis(ms)));
+                    // refusal for pace is one, as in the JS and Python clients. The latest: an
+                    // earlier, longer wait may have run out already (this one is relative).
+                    self.retry_after = Some(Duration::from_millis(ms));
                 }
                 let error = Error::Server { code, message, retry_after_ms, details };
                 match id {

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -187,7 +188,7 @@ class Client:
         self._wake: asyncio.Event | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._closing = False
-        self._retry_after = 0.0  # longest rate_limited wait, for a 4102
+        self._retry_after = 0.0  # from the latest rate_limited error, for a 4102
         self._pacer = Pacer(max_in_flight)  # the window, and the pace after rate_limited
         self.last_close: Disconnect | None = None
 
@@ -796,7 +797,7 @@ class Client:
         err = ChatError(str(obj.get("code", "")), str(obj.get("message", "")),
                         _retry_after_ms(obj.get("retry_after_ms")), obj)
         if err.code == "rate_limited" and err.retry_after_ms:
-            self._retry_after = max(self._retry_after, err.retry_after_ms / 1000)
+            self._retry_after = err.retry_after_ms / 1000
         rid = obj.get("id")
         entry = self._sent.get(str(rid)) if rid is not None else None
         if entry is not None:
@@ -894,7 +895,7 @@ class Client:
         options = {"open_timeout": self.connect_timeout, "max_size": 2**24, **self._ws_options}
         ws = await connect(url, additional_headers=headers, **options)
         try:
-            first = json.loads(await asyncio.wait_for(ws.recv(), self.connect_timeout))
+            first = _loads(await asyncio.wait_for(ws.recv(), self.connect_timeout))
             if first.get("type") != "welcome":
                 raise ChatError("invalid_message", f"expected welcome, got {first.get('type')}")
         except BaseException:
@@ -1028,8 +1029,8 @@ def _with_query(url: str, **params: str) -> str:
 
 
 def _loads(raw: str | bytes) -> Any:
-    """A frame's JSON. An integer longer than ``int()`` converts (4,300 digits, CPython's
-    guard against slow conversions) is read as a float, i.e. as JS and Rust read it (a
+    """A frame's JSON. An integer longer than ``int()`` converts (4,300 digits by default,
+    CPython's guard against slow conversions) is read as a float, i.e. as JS and Rust read it (a
     hostile ``retry_after_ms`` then counts as none instead of losing the whole event)."""
     try:
         return json.loads(raw)
@@ -1040,7 +1041,8 @@ def _loads(raw: str | bytes) -> Any:
 
 
 def _int_or_float(digits: str) -> int | float:
-    return int(digits) if len(digits) <= 4000 else float(digits)
+    limit = sys.get_int_max_str_digits()  # 0: no limit
+    return int(digits) if not limit or len(digits.lstrip("-")) <= limit else float(digits)
 
 
 RETRY_AFTER_CAP = 86_400.0
