@@ -763,18 +763,15 @@ async fn a_close_frame_ends_the_connection_even_if_the_server_keeps_the_socket()
     server.abort();
 }
 
-/// Only a `rate_limited` error's wait is a floor for the next reconnect, as in the JS and Python
-/// clients: a `forbidden` carrying a `retry_after_ms` (a day here) used to hold the reconnect after
-/// a 4102 for that day.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_a_rate_limited_wait_holds_the_reconnect() {
+/// Connects, writes a DM, and gets `error` (raw JSON) then a Close frame 4102 in answer, the
+/// server keeping the socket open after it: the events up to the disconnect.
+async fn error_then_4102(error: &'static str) -> Vec<Event> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let (url, server) = fake_server(|mut ws| async move {
+    let (url, server) = fake_server(move |mut ws| async move {
         while !matches!(ws.next().await, Some(Ok(Message::Text(_))) | None) {}
-        let odd = r#"{"type": "error", "code": "forbidden", "message": "no", "retry_after_ms": 86400000}"#;
-        ws.send(Message::text(odd)).await.unwrap();
+        ws.send(Message::text(error)).await.unwrap();
         let close = CloseFrame { code: CloseCode::from(4102), reason: "flooding".into() };
         ws.send(Message::Close(Some(close))).await.unwrap();
         let _ = done_rx.await;
@@ -786,8 +783,20 @@ async fn only_a_rate_limited_wait_holds_the_reconnect() {
     let c2 = c.clone();
     let _dm = tokio::spawn(async move { c2.dm("someone", "one").await });
     rec.wait("disconnected", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
-    let waits: Vec<_> = rec
-        .events()
+    c.close();
+    let _ = done_tx.send(());
+    server.abort();
+    rec.events()
+}
+
+/// Only a `rate_limited` error's wait is a floor for the next reconnect, as in the JS and Python
+/// clients: a `forbidden` carrying a `retry_after_ms` (a day here) used to hold the reconnect after
+/// a 4102 for that day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_rate_limited_wait_holds_the_reconnect() {
+    let events =
+        error_then_4102(r#"{"type": "error", "code": "forbidden", "message": "no", "retry_after_ms": 86400000}"#).await;
+    let waits: Vec<_> = events
         .into_iter()
         .filter_map(|e| match e {
             Event::Disconnected { reconnect_in, .. } => Some(reconnect_in),
@@ -798,9 +807,6 @@ async fn only_a_rate_limited_wait_holds_the_reconnect() {
         matches!(waits[..], [Some(wait)] if wait < Duration::from_secs(3600)),
         "a forbidden's wait held the reconnect: {waits:?}"
     );
-    c.close();
-    let _ = done_tx.send(());
-    server.abort();
 }
 
 /// `retry_after_ms: 18446744073709551615` (`u64::MAX`) is capped at a day where it is read: the
@@ -809,28 +815,12 @@ async fn only_a_rate_limited_wait_holds_the_reconnect() {
 /// near overflow for every computation that adds to it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_retry_after_ms_is_capped_at_a_day() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let (url, server) = fake_server(|mut ws| async move {
-        while !matches!(ws.next().await, Some(Ok(Message::Text(_))) | None) {}
-        let flood =
-            r#"{"type": "error", "code": "rate_limited", "message": "flood", "retry_after_ms": 18446744073709551615}"#;
-        ws.send(Message::text(flood)).await.unwrap();
-        let close = CloseFrame { code: CloseCode::from(4102), reason: "flooding".into() };
-        ws.send(Message::Close(Some(close))).await.unwrap();
-        let _ = done_rx.await;
-    })
+    let events = error_then_4102(
+        r#"{"type": "error", "code": "rate_limited", "message": "flood", "retry_after_ms": 18446744073709551615}"#,
+    )
     .await;
-    let (c, events) = Client::builder(url).connect();
-    let rec = Recorder::new(events);
-    c.wait_connected(scaled(20.0)).await.unwrap();
-    let c2 = c.clone();
-    let _dm = tokio::spawn(async move { c2.dm("someone", "one").await });
-    rec.wait("disconnected", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
     let day = Duration::from_secs(86_400);
-    let waits: Vec<_> = rec
-        .events()
+    let waits: Vec<_> = events
         .into_iter()
         .filter_map(|e| match e {
             Event::Error(Error::Server { retry_after_ms, .. }) => {
@@ -841,9 +831,6 @@ async fn a_huge_retry_after_ms_is_capped_at_a_day() {
         })
         .collect();
     assert_eq!(waits, [("error", Some(day)), ("reconnect", Some(day))]);
-    c.close();
-    let _ = done_tx.send(());
-    server.abort();
 }
 
 /// A welcome whose `heartbeat_interval` is `1e20`, a string or `1e400` still connects, and the
