@@ -378,6 +378,26 @@ def test_the_hold_ends_with_its_identity(clock: Clock) -> None:
     assert g.events()[-1]["type"] == "message", g.events()[-1]
 
 
+def test_a_guest_that_signs_in_stops_spending_its_addresss_tokens(clock: Clock) -> None:
+    """A guest's sends spend its address's bucket too; signed in, only its user's: the
+    buckets a session spends (built once per identity) follow the identity."""
+    chat = make_chat(clock, RATE_LIMIT_GUEST_IP="0.01", RATE_LIMIT_GUEST_IP_BURST="2")
+    g = connect(chat, "guest-7")
+    send(chat, g, type="join", room="r")
+    for i in range(3):  # the user's burst is 3, the address's 2
+        send(chat, g, type="message", room="r", text=f"g{i}")
+    assert [e["text"] for e in g.events("message")] == ["g0", "g1"]
+    assert g.events("error")[-1]["code"] == "rate_limited"
+    token = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, SECRET,
+                       algorithm="HS256")
+    send(chat, g, type="auth", token=token)
+    send(chat, g, type="join", room="r")
+    g.clear()
+    for i in range(3):
+        send(chat, g, type="message", room="r", text=f"k{i}")
+    assert [e["text"] for e in g.events("message")] == ["k0", "k1", "k2"], g.events()
+
+
 def test_auth_required_gates_commands(clock: Clock) -> None:
     """With AUTH_REQUIRED only auth and ping work before a token; silence ends in 4001."""
     chat = make_chat(clock, AUTH_REQUIRED="true", AUTH_TIMEOUT="10")

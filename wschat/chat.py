@@ -520,8 +520,23 @@ class Chat:
 
     def _buckets(self, session: Session) -> Charge:
         """The buckets a message or DM spends, in order (:meth:`_guest_charge`)."""
-        return self._guest_charge(session, "", self.limiter.rate, self.limiter.burst,
-                                  self.settings.guest_ip_rate, self.settings.guest_ip_burst)
+        return self._charges(session)[2]
+
+    def _charges(self, session: Session) -> tuple[str, bool, Charge, Charge]:
+        """The session's buckets for posts and for other requests, built once per
+        identity (a guest that signs in, or becomes another user, gets new ones)."""
+        charges = session.charges
+        if (charges is None or charges[0] is not session.user_id
+                or charges[1] is not session.authenticated):
+            settings, limiter = self.settings, self.limiter
+            charges = session.charges = (
+                session.user_id, session.authenticated,
+                self._guest_charge(session, "", limiter.rate, limiter.burst,
+                                   settings.guest_ip_rate, settings.guest_ip_burst),
+                self._guest_charge(session, "req:", settings.request_rate,
+                                   settings.request_burst, 10 * settings.request_rate,
+                                   10 * settings.request_burst))
+        return charges
 
     @staticmethod
     def _guest_charge(session: Session, scope: str, rate: float, burst: float,
@@ -529,9 +544,9 @@ class Chat:
         """The user's bucket, and for a guest its address's after it. The user's comes
         first, so a flooding guest spends no more of its neighbours' shared IP tokens
         than its own rate allows."""
-        buckets: Charge = ((f"{scope}u:{session.user_id}", rate, burst),)
+        buckets: Charge = ((f"{scope}u:{session.user_id}", float(rate), float(burst)),)
         if not session.authenticated and session.remote_addr:
-            buckets += ((f"{scope}ip:{session.remote_addr}", ip_rate, ip_burst),)
+            buckets += ((f"{scope}ip:{session.remote_addr}", float(ip_rate), float(ip_burst)),)
         return buckets
 
     def _charge(self, session: Session) -> Charge:
@@ -631,11 +646,7 @@ class Chat:
         a frame that is no command at all, ``None``)."""
         if cost is None:
             cost = REQUEST_COSTS.get(type(command), 1.0) if command else 1.0
-        settings = self.settings
-        buckets = self._guest_charge(session, "req:", settings.request_rate,
-                                     settings.request_burst, 10 * settings.request_rate,
-                                     10 * settings.request_burst)
-        retry_ms = self.limiter.spend(buckets, cost)
+        retry_ms = self.limiter.spend(self._charges(session)[3], cost)
         if retry_ms:
             self._refuse(session, command, retry_ms)
         session.flood_strikes = 0

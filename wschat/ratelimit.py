@@ -113,6 +113,22 @@ class MemoryRateLimiter(RateLimiter):
             self._sweep(now)
         return retry_ms
 
+    def spend(self, charge: Charge, cost: float = 1.0) -> int:
+        # RateLimiter.spend with the clock read once and the sweep checked once: a
+        # message's one or two buckets are on every post's path.
+        now = self._clock()
+        buckets = self._buckets
+        retry_ms = 0
+        for key, rate, burst in charge:
+            tokens, last, _ = buckets.get(key) or (burst, now, now)
+            tokens, last, retry_ms = take(tokens, last, now, rate, burst, cost)
+            buckets[key] = (tokens, last, last + (burst - tokens) / rate)
+            if retry_ms:
+                break
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return retry_ms
+
     def __len__(self) -> int:
         """Buckets held (full ones may linger until the next sweep)."""
         return len(self._buckets)

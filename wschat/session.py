@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from .auth import Identity
 from .protocol import CloseCode, text_frame
+from .ratelimit import Charge
 from .stores.base import User
 
 
@@ -50,7 +51,7 @@ class Session:
 
     __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
                  "typing", "remote_addr", "opened_at", "flood_strikes", "held_send",
-                 "refused_sends", "closed_by_chat", "access", "__weakref__")
+                 "refused_sends", "closed_by_chat", "access", "charges", "__weakref__")
 
     def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
                  remote_addr: str = "") -> None:
@@ -72,6 +73,9 @@ class Session:
         self.refused_sends: dict[str, None] | None = None
         self.closed_by_chat = False
         self.access = SessionAccess(identity)
+        # (user_id, authenticated, post buckets, request buckets): the rate-limit
+        # buckets of the identity it was built for (Chat._charges), None until needed
+        self.charges: tuple[str, bool, Charge, Charge] | None = None
 
     @property
     def user(self) -> User:
