@@ -31,10 +31,11 @@ class _Recovery:
 
 class LocalHub:
     def __init__(self, broker: Broker,
-                 on_delivered: Callable[[int, bytes], None] = lambda n, event: None
+                 on_delivered: Callable[[int, bytes, str | None], None] | None = None
                  ) -> None:
         self._broker = broker
-        self._on_delivered = on_delivered
+        # (deliveries, event, its type if known): the delivery counts (Metrics.delivered)
+        self._on_delivered = on_delivered or (lambda n, event, kind: None)
         # room -> live local members (ordered), each with the id above which the room's
         # stream brings it every message (a join with `since`; else None)
         self.rooms: dict[str, dict[Session, int | None]] = {}
@@ -209,7 +210,7 @@ class LocalHub:
                         continue  # it has this one already, from the store
                     session.send_frame(frame)
                     sent += 1
-            self._on_delivered(sent, event)
+            self._on_delivered(sent, event, "message" if msg_id is not None else None)
         if floors:
             for session in [s for s, floor in floors.items() if floor <= msg_id]:  # type: ignore[operator]
                 del floors[session]

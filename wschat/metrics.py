@@ -195,9 +195,10 @@ class PrometheusChatMetrics(Metrics):
         pending = self._posted
         pending[kind] = pending.get(kind, 0) + 1
 
-    def delivered(self, count: int, event: bytes = b"") -> None:
+    def delivered(self, count: int, event: bytes = b"", kind: str | None = None) -> None:
         if count:
-            kind = event_type(event) or ""
+            if kind is None:
+                kind = event_type(event) or ""
             if kind not in self._delivered_children:
                 kind = "other"
             pending = self._delivered
