@@ -53,9 +53,10 @@ class LeaveResult:
     room_empty: bool  # nobody is left: the room is dropped
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Posted:
-    """A stored room message or DM: its id and the exact event JSON members receive."""
+    """A stored room message or DM: its id and the exact event JSON members receive
+    (not frozen, for speed: see the commands in :mod:`wschat.protocol`)."""
 
     msg_id: int
     event: bytes
