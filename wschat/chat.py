@@ -551,7 +551,7 @@ class Chat:
 
     def _charge(self, session: Session) -> Charge:
         """_check_rate's buckets, for a store that spends them in the post itself."""
-        return self._buckets(session) if self._posts_charge else ()
+        return self._charges(session)[2] if self._posts_charge else ()
 
     def _keep_send_order(self, session: Session, command: SendMessage | SendDm,
                          held: tuple[str, float, bool]) -> None:

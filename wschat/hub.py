@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .protocol import event_type, message_id_of, text_frame
+from .protocol import DM_PREFIX, event_type, message_id_of, text_frame
 from .stores.base import Broker
 
 if TYPE_CHECKING:
@@ -203,13 +203,19 @@ class LocalHub:
         floors = self._floors.get(room) if msg_id is not None else None
         if members:
             frame = text_frame(event)
-            sent = 0
-            for session in list(members):
-                if session.user_id != exclude_user:
-                    if floors and floors.get(session, 0) >= msg_id:  # type: ignore[operator]
-                        continue  # it has this one already, from the store
+            if exclude_user is None and not floors:  # a room message, as a rule
+                targets = list(members)
+                for session in targets:
                     session.send_frame(frame)
-                    sent += 1
+                sent = len(targets)
+            else:
+                sent = 0
+                for session in list(members):
+                    if session.user_id != exclude_user:
+                        if floors and floors.get(session, 0) >= msg_id:  # type: ignore[operator]
+                            continue  # it has this one already, from the store
+                        session.send_frame(frame)
+                        sent += 1
             self._on_delivered(sent, event, "message" if msg_id is not None else None)
         if floors:
             for session in [s for s, floor in floors.items() if floor <= msg_id]:  # type: ignore[operator]
@@ -228,7 +234,8 @@ class LocalHub:
             frame = text_frame(event)
             for session in list(sessions):
                 session.send_frame(frame)
-            self._on_delivered(len(sessions), event)
+            self._on_delivered(len(sessions), event,
+                               "dm" if event.startswith(DM_PREFIX) else None)
 
     # -- figures -----------------------------------------------------------------------
     def sessions(self) -> list[Session]:

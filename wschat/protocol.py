@@ -455,7 +455,7 @@ def draft_dm(to: str, username: str, user_id: str, text: str, timestamp_ms: int,
              "text": text, "timestamp": timestamp_ms})
     if client_msg_id is not None:
         body["client_msg_id"] = client_msg_id
-    return MessageDraft(_DM_PREFIX, b"," + orjson.dumps(body)[1:], client_msg_id,
+    return MessageDraft(DM_PREFIX, b"," + orjson.dumps(body)[1:], client_msg_id,
                         timestamp_ms)
 
 
@@ -493,7 +493,7 @@ def event_type(event: bytes) -> str | None:
 _MESSAGE_PREFIX = b'{"type":"message","id":'
 
 
-_DM_PREFIX = b'{"type":"dm","id":'
+DM_PREFIX = b'{"type":"dm","id":'
 
 
 def message_id_of(event: bytes) -> int | None:
@@ -506,7 +506,7 @@ def message_id_of(event: bytes) -> int | None:
 
 def stored_id_of(event: bytes) -> int:
     """The id a store gave a ``message`` or ``dm`` event (see :class:`MessageDraft`)."""
-    prefix = _MESSAGE_PREFIX if event.startswith(_MESSAGE_PREFIX) else _DM_PREFIX
+    prefix = _MESSAGE_PREFIX if event.startswith(_MESSAGE_PREFIX) else DM_PREFIX
     if not event.startswith(prefix):
         raise ValueError("not a stored message or dm")
     return int(event[len(prefix):event.index(b",", len(prefix))])
@@ -514,7 +514,7 @@ def stored_id_of(event: bytes) -> int:
 
 def addressed_to(event: bytes) -> str | None:
     """The recipient of a stored ``dm`` event, None for any other event."""
-    if not event.startswith(_DM_PREFIX):
+    if not event.startswith(DM_PREFIX):
         return None
     to = orjson.loads(event).get("to")
     return to if isinstance(to, str) else None

@@ -1,7 +1,7 @@
 """Token buckets: ``RATE_LIMIT`` tokens per second, at most ``RATE_LIMIT_BURST`` saved up.
 
 The maths lives in :func:`take` (pure, clock injected) so the memory limiter
-and the Redis limiter (``stores/redis/scripts/charge.lua``, a line-by-line port
+and the Redis limiter (``stores/redis/scripts/charge.lua``, a step-by-step port
 of the same function) agree exactly. With Redis, a room message or DM spends
 its tokens inside the script that posts it (a :data:`Charge` handed to
 ``post_room``/``post_dm``): one round trip for both. A bucket that has not been touched for
@@ -47,10 +47,16 @@ def take(tokens: float, last: float, now: float, rate: float, burst: float,
         (tokens left, new timestamp, retry_after_ms); retry_after_ms is 0 when
         the request is allowed, else how long until ``cost`` tokens are available.
     """
-    cost = min(cost, burst)
-    tokens = min(burst, tokens + max(0.0, now - last) * rate)
+    # min() and max() spelled as comparisons: this runs for every bucket of every post.
+    if cost > burst:
+        cost = burst
+    if now > last:
+        tokens += (now - last) * rate
+    if tokens > burst:
+        tokens = burst
     if tokens >= cost - EPSILON:
-        return max(0.0, tokens - cost), now, 0
+        tokens -= cost
+        return (tokens if tokens > 0.0 else 0.0), now, 0
     return tokens, now, max(1, math.ceil((cost - tokens) / rate * 1000))
 
 

@@ -1,4 +1,4 @@
--- Token buckets, spent in order (wschat.ratelimit.take() ported line by line): the
+-- Token buckets, spent in order (wschat.ratelimit.take() ported step by step): the
 -- start of rate_limit.lua, and of post_room.lua and post_dm.lua when a message pays
 -- for itself in the same call (one round trip for the limit and the post).
 -- KEYS: ... then the NB bucket keys last: "<tokens> <last>" or missing (= full)
