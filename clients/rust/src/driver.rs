@@ -29,7 +29,7 @@ use crate::protocol::{
     close_action, refusal_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent,
 };
 use crate::rooms::{RoomSeq, Verdict};
-use crate::token::expiry_of;
+use crate::token::{expiry_of, refresh_wait, RefreshDue};
 
 enum Internal {
     Token(Result<String, String>),
@@ -110,7 +110,9 @@ pub(crate) struct Driver {
     attempt: u32,
     retry_after: Option<Duration>,
     token: Option<String>,
-    refresh_at: Option<Instant>,
+    /// When the refresh timer fires, and what is due then (a wait past a day is capped:
+    /// `token::refresh_wait`).
+    refresh_at: Option<(Instant, RefreshDue)>,
     refresh_rid: Option<u64>,
     heartbeat: Duration,
     /// A retry of refused sends is due (one timer for all of them).
@@ -341,7 +343,7 @@ impl Driver {
                 Some(at) => at + CLOSE_WAIT,
                 None => last_frame + self.heartbeat * 2 + Duration::from_secs(5),
             });
-            let refresh = sleep_until(self.refresh_at.unwrap_or_else(|| Instant::now() + far));
+            let refresh = sleep_until(self.refresh_at.map_or_else(|| Instant::now() + far, |(at, _)| at));
             tokio::select! {
                 frame = stream.next() => match frame {
                     Some(Ok(message)) => {
@@ -381,10 +383,10 @@ impl Driver {
                     (Some(_), None) => Ended { code: None, reason: "connection closed".into(), by_app: None },
                     (None, _) => Ended { code: None, reason: "no frame from the server for two heartbeats".into(), by_app: None },
                 },
-                _ = refresh, if self.refresh_at.is_some() => {
-                    self.refresh_at = None;
-                    self.fetch_token();
-                }
+                _ = refresh, if self.refresh_at.is_some() => match self.refresh_at.take() {
+                    Some((_, RefreshDue::LookAgain)) => self.schedule_refresh(),
+                    _ => self.fetch_token(),
+                },
             }
             if !self.outgoing.is_empty() {
                 let mut failed = None;
@@ -615,7 +617,7 @@ impl Driver {
             Internal::Token(Err(e)) => {
                 self.emit(Event::Error(Error::Token(e)));
                 if self.online {
-                    self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+                    self.refresh_at = Some((Instant::now() + Duration::from_secs(1), RefreshDue::Fetch));
                 }
             }
             Internal::Flush => {
@@ -678,10 +680,10 @@ impl Driver {
         }
         let Some(exp) = self.token.as_deref().and_then(expiry_of) else { return };
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        let lifetime = (exp as f64 - now).max(0.0);
-        // Refresh a quarter of the lifetime before expiry, at most a minute before.
-        let ahead = (lifetime / 4.0).min(60.0);
-        self.refresh_at = Some(Instant::now() + Duration::from_secs_f64(lifetime - ahead));
+        // A quarter of the lifetime before expiry, at most a minute before; a wait over a day
+        // (a long-lived token, or an `exp` past an `Instant`'s range) is a day, then look again.
+        let (wait, due) = refresh_wait(exp, now);
+        self.refresh_at = Some((Instant::now() + wait, due));
     }
 
     fn send_join(&mut self, room: &str) {
@@ -1070,7 +1072,7 @@ impl Driver {
         } else if Some(rid) == self.refresh_rid {
             self.refresh_rid = None;
             self.emit(Event::Error(error));
-            self.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+            self.refresh_at = Some((Instant::now() + Duration::from_secs(1), RefreshDue::Fetch));
         } else if self.synced(rid) {
             // The `ping` behind a join was refused: its answer still comes after the replay.
             self.flush_outbox();

@@ -869,3 +869,61 @@ async fn an_odd_heartbeat_interval_neither_kills_the_driver_nor_loses_the_welcom
         server.abort();
     }
 }
+
+/// A JWT (unsigned: the fake server does not check it) whose payload is `{"sub":"u1","exp":<raw>}`.
+fn jwt_with_exp(raw: &str) -> String {
+    fn b64url(bytes: &[u8]) -> String {
+        const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+    let payload = format!(r#"{{"sub":"u1","exp":{raw}}}"#);
+    format!("{}.{}.c2ln", b64url(br#"{"alg":"HS256","typ":"JWT"}"#), b64url(payload.as_bytes()))
+}
+
+/// A token whose `exp` is further ahead than an `Instant` or a `Duration` reaches (`u64::MAX`,
+/// `1e19`, `9.3e18` seconds) neither kills the driver nor ends the connection: the refresh is
+/// looked at again after a day at most (as the JS client re-arms its timer), and the client
+/// stays connected and answers. It used to panic in `schedule_refresh` right after the welcome
+/// (`Instant + Duration` overflowed, or `Duration::from_secs_f64` did), killing the driver task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_past_an_instant_s_range_does_not_kill_the_driver() {
+    use futures_util::{SinkExt, StreamExt};
+    let mut wrong = Vec::new();
+    for raw in ["18446744073709551615", "1e19", "9.3e18", "9300000000000000000", "1e300"] {
+        let token = jwt_with_exp(raw);
+        assert!(token.split('.').nth(1).is_some_and(|p| !p.contains('=')));
+        let (url, server) = fake_server(|mut ws| async move {
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                let id = cmd["id"].clone();
+                let reply = match cmd["type"].as_str().unwrap() {
+                    "join" => json!({"type": "joined", "room": cmd["room"], "users": [], "last_id": 0, "id": id}),
+                    "ping" => json!({"type": "pong", "id": id}),
+                    _ => continue,
+                };
+                if ws.send(Message::text(reply.to_string())).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let (c, rec) = signed_in(&url, token);
+        let connected = c.wait_connected(scaled(5.0)).await;
+        let joined = tokio::time::timeout(scaled(5.0), c.join("r")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let state = c.state();
+        if connected.is_err() || !matches!(joined, Ok(Ok(_))) || state != wschat::ConnectionState::Connected {
+            wrong.push(format!("exp {raw}: {connected:?}, the join {joined:?}, then {state:?}: {:?}", rec.events()));
+        }
+        c.close();
+        server.abort();
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
