@@ -234,19 +234,21 @@ pub enum ServerEvent {
         /// The moderator's `user_id`, or `api`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
-        /// A ban's end (Unix ms); absent or null: until lifted.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// A ban's end (Unix ms); absent or null: until lifted. Read by [`until_ms`]: an odd
+        /// value is `None`, never a lost event.
+        #[serde(default, deserialize_with = "lenient_until", skip_serializing_if = "Option::is_none")]
         until: Option<i64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         note: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
     },
-    /// Muted in `room` (absent: everywhere) until `until` (Unix ms; null: until lifted).
+    /// Muted in `room` (absent: everywhere) until `until` (Unix ms; null: until lifted; read by
+    /// [`until_ms`]: an odd value is `None`, never a lost event).
     Muted {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         room: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default, deserialize_with = "lenient_until", skip_serializing_if = "Option::is_none")]
         until: Option<i64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
@@ -260,7 +262,8 @@ pub enum ServerEvent {
         action: String,
         room: String,
         user_id: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The mute's end (Unix ms), read by [`until_ms`].
+        #[serde(default, deserialize_with = "lenient_until", skip_serializing_if = "Option::is_none")]
         until: Option<i64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lifted: Option<bool>,
@@ -335,6 +338,51 @@ struct BareWelcome {
     id: Option<RequestId>,
 }
 
+/// A `left`, `muted` or `moderated` event's fields but `until`, for [`ServerEvent::parse`] when the
+/// whole event does not parse (a number `serde_json` cannot hold, `"until": 1e400`): as
+/// [`BareError`]; the event is kept, with `until` `None`.
+#[derive(Deserialize)]
+struct BareUntil {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    room: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    by: Option<String>,
+    #[serde(default)]
+    note: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    lifted: Option<bool>,
+    #[serde(default)]
+    id: Option<RequestId>,
+}
+
+impl BareUntil {
+    /// The event, with no `until`; `None` if it is not one of the three or lacks a required field.
+    fn event(self) -> Option<ServerEvent> {
+        let BareUntil { kind, room, reason, by, note, action, user_id, lifted, id } = self;
+        match kind.as_str() {
+            "left" => Some(ServerEvent::Left { room: room?, reason, by, until: None, note, id }),
+            "muted" => Some(ServerEvent::Muted { room, until: None, by }),
+            "moderated" => Some(ServerEvent::Moderated {
+                action: action?,
+                room: room?,
+                user_id: user_id?,
+                until: None,
+                lifted,
+                id,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// The shortest and longest `heartbeat_interval` taken from a `welcome`, seconds.
 pub const HEARTBEAT_MIN: f64 = 1.0;
 pub const HEARTBEAT_MAX: f64 = 86_400.0;
@@ -390,6 +438,33 @@ fn lenient_retry_after_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Opti
     Ok(retry_after_ms(&serde_json::Value::deserialize(d)?))
 }
 
+/// A ban's or a mute's end (`until` of `left`, `muted`, `moderated`), Unix ms, or `None` (as if
+/// null: until lifted), read tolerantly as `retry_after_ms` and `heartbeat_interval` are: a JSON
+/// integer in `i64`'s range is itself; another finite number (`1.7e12`, `1700000000000.5`) is
+/// rounded up to a whole ms (an end never earlier than the server's) if that is in `i64`'s range;
+/// anything else (a string such as `"1700000000000"`, a boolean, `1e19`, an integer past
+/// `i64::MAX`) is `None`, never a failure of the whole event (`1e400`, which `serde_json` cannot
+/// read at all, is handled by [`ServerEvent::parse`]).
+pub fn until_ms(value: &serde_json::Value) -> Option<i64> {
+    let serde_json::Value::Number(n) = value else { return None };
+    if let Some(ms) = n.as_i64() {
+        return Some(ms);
+    }
+    if n.is_u64() {
+        return None; // past i64::MAX
+    }
+    // A float (serde_json reads an integer past u64 as one too); never NaN or infinite.
+    // `i64::MAX as f64` is 2^63, itself out of range.
+    const RANGE: std::ops::Range<f64> = (i64::MIN as f64)..(i64::MAX as f64);
+    n.as_f64().map(f64::ceil).filter(|ms| RANGE.contains(ms)).map(|ms| ms as i64)
+}
+
+/// `until` as any JSON value, read by [`until_ms`]: an odd value is none, never a failure of the
+/// whole event.
+fn lenient_until<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(until_ms(&serde_json::Value::deserialize(d)?))
+}
+
 impl ServerEvent {
     /// Parses one text frame.
     ///
@@ -401,6 +476,9 @@ impl ServerEvent {
     /// A `welcome` likewise (`"heartbeat_interval": 1e400`) is still the welcome, with its
     /// `user_id`, `username`, `authenticated`, `auth_required` and `id`, no interval and no
     /// `dm_backlog`, so the connection comes up instead of waiting for a welcome it dropped.
+    ///
+    /// A `left`, `muted` or `moderated` likewise (`"until": 1e400`) is still that event, with
+    /// no `until` (see [`until_ms`] for the values that are read).
     pub fn parse(text: &str) -> Result<ServerEvent, serde_json::Error> {
         serde_json::from_str(text)
             .or_else(|e| match serde_json::from_str::<BareError>(text) {
@@ -425,6 +503,7 @@ impl ServerEvent {
                 }),
                 _ => Err(e),
             })
+            .or_else(|e| serde_json::from_str::<BareUntil>(text).ok().and_then(BareUntil::event).ok_or(e))
     }
 
     /// The request `id` this event answers, if it is a direct reply.
@@ -636,6 +715,74 @@ mod tests {
                     ..
                 }) if user_id == "u" && heartbeat_interval == seconds => {}
                 got => wrong.push(format!("{text:.40}: {got:?}, not {seconds:?}")),
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// A ban's or a mute's `until` (Unix ms) that is not a whole number in `i64`'s range never
+    /// loses the event: a finite number is rounded up to a whole ms (never an earlier end than the
+    /// server's) if that is in range, anything else (a string, a boolean, `1e19`, `1e400`) is
+    /// `None`, and the rest of the `left`, `muted` or `moderated` is kept. `1.7e12` or
+    /// `1700000000000.5` made the whole frame unparsable: the removal was dropped as
+    /// `invalid_event` (the room stayed "joined"), and a `mute()` waited for a reply that had come.
+    #[test]
+    fn an_odd_until_is_none_or_rounded_and_the_event_is_kept() {
+        let cases: &[(&str, Option<i64>)] = &[
+            ("1700000000000", Some(1_700_000_000_000)),
+            ("null", None),
+            ("1.7e12", Some(1_700_000_000_000)),
+            ("1700000000000.5", Some(1_700_000_000_001)),
+            ("1700000000000.0", Some(1_700_000_000_000)),
+            ("-1.5", Some(-1)),
+            ("-5", Some(-5)),
+            ("0", Some(0)),
+            ("1e-300", Some(1)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("18446744073709551615", None),
+            ("1e19", None),
+            ("-1e19", None),
+            ("1e300", None),
+            ("1e400", None),
+            ("-1e400", None),
+            ("\"1700000000000\"", None),
+            ("true", None),
+            ("[1]", None),
+            ("{\"ms\": 1}", None),
+        ];
+        let mut wrong = Vec::new();
+        for &(raw, until) in cases {
+            let left = format!(
+                r#"{{"type": "left", "room": "r", "reason": "banned", "by": "api", "until": {raw}, "note": "n"}}"#
+            );
+            let want = ServerEvent::Left {
+                room: "r".into(),
+                reason: Some("banned".into()),
+                by: Some("api".into()),
+                until,
+                note: Some("n".into()),
+                id: None,
+            };
+            let muted = format!(r#"{{"type": "muted", "room": "r", "until": {raw}, "by": "mod"}}"#);
+            let want_muted = ServerEvent::Muted { room: Some("r".into()), until, by: Some("mod".into()) };
+            let moderated = format!(
+                r#"{{"type": "moderated", "action": "mute", "room": "r", "user_id": "u", "until": {raw}, "lifted": false, "id": 4}}"#
+            );
+            let want_moderated = ServerEvent::Moderated {
+                action: "mute".into(),
+                room: "r".into(),
+                user_id: "u".into(),
+                until,
+                lifted: Some(false),
+                id: Some(RequestId::Int(4)),
+            };
+            for (frame, want) in [(left, want), (muted, want_muted), (moderated, want_moderated)] {
+                match ServerEvent::parse(&frame) {
+                    Ok(got) if got == want => {}
+                    got => wrong.push(format!("{frame}: {got:?}, not until {until:?}")),
+                }
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");
