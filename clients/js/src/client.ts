@@ -90,9 +90,15 @@ type Waiter<T> = { resolve: (v: T) => void; reject: (e: ChatError) => void; time
 interface Room {
   name: string;
   state: RoomState;
-  /** The last message id surfaced to the app; null until the first `joined`. */
+  /**
+   * The last message id surfaced to the app; null until the first `joined` (and after one
+   * whose `last_id` was unreadable, until the next message). Only ever a `wireId`.
+   */
   lastId: number | null;
-  /** After `recovered: false`: the next message is taken whatever its id (even a lower one). */
+  /**
+   * After `recovered: false`, or a first `joined` whose `last_id` was unreadable: the next
+   * message is taken whatever its id (even a lower one).
+   */
   acceptJump: boolean;
   /**
    * The id of the `ping` sent right behind the `join`: the server answers commands in
@@ -783,15 +789,22 @@ export class ChatClient extends Emitter<ClientEvents> {
     room.joinReq = null;
     room.users = msg.users ?? [];
     const rejoin = pending.since !== null;
+    // A `last_id` that is not a whole number >= 0 ("5", null, 2.5, -1, 1e400) is never stored:
+    // it would poison every later `since` and the gap check.
+    const lastId = wireId(msg.last_id);
     if (!rejoin) {
-      room.lastId = msg.last_id;
+      // Unreadable: no baseline; the next message sets it (nothing of this join is missed:
+      // the server's messages after `joined` are the room's next ones).
+      room.lastId = lastId;
+      room.acceptJump = lastId === null;
     } else if (msg.recovered === false) {
       // Some messages after `since` are gone: the app must reload history. The replay that
       // follows starts wherever the server's history does.
       room.acceptJump = true;
-      this.emit("recoveryFailed", { room: room.name, since: pending.since!, last_id: msg.last_id });
+      this.emit("recoveryFailed", { room: room.name, since: pending.since!, last_id: lastId ?? room.lastId ?? 0 });
     }
-    const result: JoinResult = { room: msg.room, users: room.users, last_id: msg.last_id };
+    // Reported to the app: the server's last_id, or (unreadable) the room's own, or 0.
+    const result: JoinResult = { room: msg.room, users: room.users, last_id: lastId ?? room.lastId ?? 0 };
     if (msg.recovered !== undefined) result.recovered = msg.recovered;
     this.setRoomState(room, "joined");
     this.emit("joined", { ...result, rejoin });
@@ -879,16 +892,20 @@ export class ChatClient extends Emitter<ClientEvents> {
   private onRoomMessage(m: ChatMessage): void {
     this.acknowledge(m);
     const room = this.rooms.get(m.room);
-    if (!room || room.lastId === null || typeof m.id !== "number") return;
+    // An id that is not a whole number >= 0 (1e400, 2.5, "41") is never a room's lastId: such
+    // a message cannot be put in order, and is not surfaced.
+    const id = wireId(m.id);
+    if (!room || id === null || (room.lastId === null && !room.acceptJump)) return;
+    const last = room.lastId;
     // After `recovered: false` the next message sets the baseline, even below the last id:
     // a server that lost its ids (a restarted memory backend) numbers from 1 again.
-    if (room.acceptJump || m.id === room.lastId + 1) {
-      room.lastId = m.id;
+    if (room.acceptJump || (last !== null && id === last + 1)) {
+      room.lastId = id;
       room.acceptJump = false;
       this.emit("message", m);
       return;
     }
-    if (m.id <= room.lastId) return; // seen: never surfaced twice
+    if (last === null || id <= last) return; // seen: never surfaced twice
     // A gap: something between lastId and m.id was missed. Rejoin with `since`; the server
     // replays the missing messages, this one included, in order.
     if (room.joinReq === null && this.established) this.sendJoin(room);
@@ -1219,6 +1236,16 @@ function withUsername(url: string, username?: string): string {
   const u = new URL(url);
   u.searchParams.set("username", username);
   return u.toString();
+}
+
+/**
+ * A message id from the wire (`joined`'s `last_id`, a `message`'s `id`), or null: only a safe
+ * integer >= 0 counts. Not `"5"` (string concatenation in `lastId + 1`), null, `true`, 2.5 or -1
+ * (a `since` the server replays from, then a gap, again and again), `1e400` (Infinity, sent on
+ * as `since: null`), nor one past 2^53 - 1 (`lastId + 1` cannot tell it from its neighbour).
+ */
+function wireId(value: unknown): number | null {
+  return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 ? value : null;
 }
 
 /** The `exp` of a JWT in ms, or null (not a JWT, no exp). The signature is the server's business. */

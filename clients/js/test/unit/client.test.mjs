@@ -830,3 +830,73 @@ test("heartbeat_interval from the wire: a hostile value runs no timer loop and n
   }
   assert.deepEqual(wrong, []);
 });
+
+test("last_id from the wire: a joined whose last_id is not a whole number >= 0 never becomes the room's lastId", async (t) => {
+  const wrong = [];
+  for (const raw of ['"5"', "null", "1e400", "-1", "2.5", "true", "{}", "9007199254740993", "absent"]) {
+    const { server, c, messages } = setup();
+    t.after(() => c.disconnect());
+    server.replies.push((ws, f) => {
+      if (f.type !== "join" || f.since !== undefined) return false;
+      server.room(f.room).members.add(ws);
+      const lastId = raw === "absent" ? "" : `, "last_id": ${raw}`;
+      pushRaw(ws, `{"type": "joined", "id": ${JSON.stringify(f.id)}, "room": "${f.room}", "users": []${lastId}}`);
+      return true;
+    });
+    for (let i = 1; i <= 3; i++) server.post("r", `before ${i}`); // the room is at 3
+    await c.connect();
+    const joined = await c.join("r");
+    // The next live messages are taken as they come (the first sets the baseline), never
+    // dropped as "seen" nor taken for a gap; a reconnect then re-joins with `since` 5.
+    server.post("r", "4");
+    server.post("r", "5");
+    await until(() => messages.length >= 2, "the live messages").catch(() => {});
+    const lastId = c.lastId("r");
+    const joins = server.last.sent.filter((f) => f.type === "join").length;
+    const first = server.last;
+    server.drop(first, 1006);
+    await until(() => server.last !== first && server.last.sent.some((f) => f.type === "join"), "the rejoin").catch(() => {});
+    const since = server.last === first ? "no rejoin" : server.last.sent.find((f) => f.type === "join").since;
+    const got = { joined: joined.last_id, messages, lastId, joins, since };
+    const want = { joined: 0, messages: [4, 5], lastId: 5, joins: 1, since: 5 };
+    if (JSON.stringify(got) !== JSON.stringify(want)) wrong.push(`last_id ${raw}: ${JSON.stringify(got)}`);
+    c.disconnect();
+  }
+  assert.deepEqual(wrong, []);
+});
+
+test("message ids from the wire: after recovered:false only a whole number >= 0 sets the new baseline", async (t) => {
+  const { server, c, events, messages } = setup();
+  t.after(() => c.disconnect());
+  server.replies.push((ws, f) => {
+    if (f.type !== "join" || f.since === undefined) return false;
+    pushRaw(ws, `{"type": "joined", "id": ${JSON.stringify(f.id)}, "room": "r", "users": [], "last_id": 40, "recovered": false}`);
+    for (const id of ["1e400", "2.5", "-1", '"40"', "null", "9007199254740993", "40", "41"]) {
+      pushRaw(ws, `{"type": "message", "id": ${id}, "room": "r", "from": "x", "user_id": "x", "text": "t", "timestamp": 1}`);
+    }
+    return true;
+  });
+  await c.connect();
+  await c.join("r", { since: 7 });
+  await until(() => messages.length >= 2, "the kept messages").catch(() => {});
+  assert.deepEqual(messages, [40, 41]);
+  assert.equal(c.lastId("r"), 41);
+  assert.deepEqual(events("recoveryFailed"), [{ room: "r", since: 7, last_id: 40 }]);
+  c.disconnect();
+});
+
+test("last_id from the wire: a rejoin's recovered:false with an unreadable last_id reports a number", async (t) => {
+  const { server, c, events } = setup();
+  t.after(() => c.disconnect());
+  server.replies.push((ws, f) => {
+    if (f.type !== "join" || f.since === undefined) return false;
+    pushRaw(ws, `{"type": "joined", "id": ${JSON.stringify(f.id)}, "room": "r", "users": [], "last_id": "40", "recovered": false}`);
+    return true;
+  });
+  await c.connect();
+  const joined = await c.join("r", { since: 7 });
+  assert.equal(joined.last_id, 7, "the room's own lastId, as the server's is unreadable");
+  assert.deepEqual(events("recoveryFailed"), [{ room: "r", since: 7, last_id: 7 }]);
+  assert.equal(c.lastId("r"), 7);
+  c.disconnect();
+});
