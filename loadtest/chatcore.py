@@ -15,6 +15,14 @@ syscall, gevent's hub): ``python -m loadtest smallrooms`` plus py-spy measure
 those (loadtest/RESULTS.md). ``--wschat DIR`` imports wschat from another
 checkout (e.g. ``git archive main wschat | tar -x -C /tmp/main``) so that two
 versions are compared in one session.
+
+``python -m loadtest.chatcore --ab DIR_A DIR_B [--rounds R]`` compares two
+checkouts on a shared, noisy machine: each side is built in a process of its
+own (same rooms, sessions and frames), and the two take turns, in random order,
+timing ``-n`` room messages (then DMs) per turn for R rounds. It prints the
+median per-message time of each side and the median of the rounds' B/A ratios
+with its quartiles; ``--json`` writes every round. Run ``--ab DIR DIR`` first:
+it should read ~1.0.
 """
 
 from __future__ import annotations
@@ -44,10 +52,19 @@ def bench(fn: Callable[[int], Any], n: int, repeat: int = 5) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--wschat", help="import wschat from this directory (another checkout)")
-    p.add_argument("-n", type=int, default=20000, help="messages per timed run [20000]")
+    p.add_argument("-n", type=int, default=None,
+                   help="messages per timed run [20000; --ab: per turn, 2000]")
     p.add_argument("--size", type=int, default=100, help="text bytes [100]")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--json", nargs="?", const="-", default=None,
+                   help="print the figures as JSON (--ab: write every round to this file)")
+    p.add_argument("--ab", nargs=2, metavar=("DIR_A", "DIR_B"),
+                   help="alternate two checkouts' chat cores, each in its own process")
+    p.add_argument("--rounds", type=int, default=40, help="--ab: turns per side [40]")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # an --ab side
     args = p.parse_args(argv)
+    if args.ab:
+        return ab(args.ab, args.rounds, args.n or 2000, args.size, args.json)
+    args.n = args.n or 20000
     # As under gunicorn: multiprocess counters (a lock and an mmap write per update).
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wschat-chatcore-")
     if args.wschat:
@@ -109,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     dms = [orjson.dumps({"type": "dm", "to": sessions[(i + k // 2) % k].user_id,
                          "text": f"{time.time_ns()} {pad}"}).decode() for i in range(k)]
     m = k
+    if args.serve:
+        return serve(chat, sessions, msgs, dms, os.path.dirname(wschat.__file__))
     out: dict[str, Any] = {"wschat": os.path.dirname(wschat.__file__), "n": n,
                            "avg_room_members": round(len(sessions) / len(rooms), 2)}
     steps: dict[str, float] = {}
@@ -149,6 +168,76 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  Chat.receive, dm:           {out['receive_dm_us']:8.2f} us")
         for name, us in out["steps_us"].items():
             print(f"    {name:28s} {us:8.2f} us")
+    return 0
+
+
+def serve(chat: Any, sessions: list[Any], msgs: list[str], dms: list[str],
+          imported_from: str) -> int:
+    """An --ab side: time what the coordinator asks for ("msg N" or "dm N", one line
+    each), answering microseconds per call."""
+    k = len(sessions)
+    frames = {"msg": msgs, "dm": dms}
+    for kind in frames:  # warm up both paths
+        for i in range(5000):
+            chat.receive(sessions[i % k], frames[kind][i % k])
+    print("ready", imported_from, flush=True)
+    for line in sys.stdin:
+        kind, count = line.split()
+        todo, n = frames[kind], int(count)
+        t0 = time.perf_counter_ns()
+        for i in range(n):
+            chat.receive(sessions[i % k], todo[i % k])
+        print((time.perf_counter_ns() - t0) / n / 1000, flush=True)
+    return 0
+
+
+def ab(trees: list[str], rounds: int, n: int, size: int, json_path: str | None) -> int:
+    import random
+    import statistics
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sides = []
+    for tree in trees:
+        tree = os.path.abspath(tree)
+        env = dict(os.environ, PYTHONPATH=root)  # loadtest from here, wschat from the tree
+        # Started outside any checkout, so that the working directory on sys.path
+        # cannot shadow the tree's wschat.
+        proc = subprocess.Popen([sys.executable, "-m", "loadtest.chatcore", "--serve",
+                                 "--wschat", tree, "--size", str(size)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                cwd=tempfile.gettempdir(), env=env)
+        assert proc.stdout is not None and proc.stdin is not None
+        ready = proc.stdout.readline().split(maxsplit=1)
+        if ready[:1] != ["ready"] or not os.path.abspath(ready[1].strip()).startswith(tree):
+            raise SystemExit(f"side {tree} did not start on its own wschat: {ready}")
+        sides.append(proc)
+    report: dict[str, Any] = {"a": trees[0], "b": trees[1], "n": n, "rounds": rounds}
+    try:
+        for kind in ("msg", "dm"):
+            times: tuple[list[float], list[float]] = ([], [])
+            for _ in range(rounds):
+                for side in random.sample((0, 1), 2):
+                    proc = sides[side]
+                    proc.stdin.write(f"{kind} {n}\n")  # type: ignore[union-attr]
+                    proc.stdin.flush()  # type: ignore[union-attr]
+                    times[side].append(float(proc.stdout.readline()))  # type: ignore[union-attr]
+            ratios = [b / a for a, b in zip(*times)]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            name = "room message" if kind == "msg" else "dm"
+            print(f"{name:12s}: A {statistics.median(times[0]):6.2f} us, "
+                  f"B {statistics.median(times[1]):6.2f} us (medians); B/A median "
+                  f"{statistics.median(ratios):.3f}, quartiles {q1:.3f}-{q3:.3f}")
+            report[kind] = {"a_us": times[0], "b_us": times[1],
+                            "ratio_median": statistics.median(ratios), "ratio_q1": q1,
+                            "ratio_q3": q3}
+    finally:
+        for proc in sides:
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait(timeout=30)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(report, out)
     return 0
 
 

@@ -271,3 +271,32 @@ def test_late_growth_is_the_slope_of_the_second_half() -> None:
     leaking = [(t / 2, t / 2 * mib) for t in range(0, 121)]
     assert late_growth(leaking, 60.0) == 60.0
     assert late_growth(leaking[:3], 60.0) is None  # too few points in the second half
+
+
+def test_the_chat_core_ab_runs_each_side_on_its_own_wschat(tmp_path: Path) -> None:
+    """``loadtest.chatcore --ab`` builds each side from its own tree, and refuses a tree
+    without wschat instead of timing this repository's twice."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD", "wschat"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, "-m", "loadtest.chatcore", "--ab", str(tree),
+                           str(ROOT), "--rounds", "2", "-n", "100", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120 * SCALE,
+                          check=False)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    report = json.loads(out.read_text())
+    assert (report["a"], report["b"]) == (str(tree), str(ROOT))
+    for kind in ("msg", "dm"):
+        assert len(report[kind]["a_us"]) == len(report[kind]["b_us"]) == 2
+        assert all(us > 0 for us in report[kind]["a_us"] + report[kind]["b_us"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "loadtest.chatcore", "--ab", str(empty),
+                           str(ROOT), "--rounds", "1", "-n", "10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120 * SCALE,
+                          check=False)
+    assert proc.returncode != 0 and "did not start on its own wschat" in proc.stderr, \
+        f"{proc.stdout}\n{proc.stderr}"
