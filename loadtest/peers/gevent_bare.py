@@ -162,7 +162,8 @@ def disconnected(me: Conn) -> None:
             del users[me.user_id]
 
 
-# What gevent_bare_redis.py replaces to route through Redis (with on_text and leave).
+# What gevent_bare_redis.py replaces to route through Redis (with post_message, post_dm,
+# enter, announce and leave).
 USER_PREFIX = "u-"
 HOOKS = (connected, disconnected)
 
@@ -172,8 +173,7 @@ def leave(me: Conn, room: str) -> None:
     members = rooms.get(room)
     if members is None or members.pop(me, None) is None:
         return
-    broadcast(members, frame(orjson.dumps({"type": "presence", "room": room, "user": me.username,
-                                          "user_id": me.user_id, "status": "offline"})))
+    announce(me, room, "offline")
     if not members:
         del rooms[room]
 
@@ -190,39 +190,19 @@ def on_text(me: Conn, raw: bytes) -> None:
         if room not in me.rooms:
             me.send_obj({"type": "error", "code": "not_in_room", "message": "join first"})
             return
-        seqs[room] = seq = seqs.get(room, 0) + 1
-        event = {"type": "message", "room": room, "id": seq, "from": me.username,
-                 "user_id": me.user_id, "text": cmd.get("text", ""),
-                 "timestamp": time.time_ns() // 1_000_000}
-        if "client_msg_id" in cmd:
-            event["client_msg_id"] = cmd["client_msg_id"]
-        broadcast(rooms[room], frame(orjson.dumps(event)))
+        post_message(me, room, cmd)
     elif kind == "dm":
-        to_id = cmd.get("to")
-        to = users.get(to_id)
-        if not to:
-            me.send_obj({"type": "error", "code": "user_not_found", "message": "no such user online"})
-            return
-        event = {"type": "dm", "id": next(_dm_ids), "from": me.username, "user_id": me.user_id,
-                 "to": to_id, "text": cmd.get("text", ""), "timestamp": time.time_ns() // 1_000_000}
-        if "client_msg_id" in cmd:
-            event["client_msg_id"] = cmd["client_msg_id"]
-        data = frame(orjson.dumps(event))
-        broadcast(to, data)
-        if to_id != me.user_id:
-            broadcast(users[me.user_id], data)
+        post_dm(me, cmd)
     elif kind == "join":
         room = str(cmd.get("room"))
-        members = rooms.setdefault(room, {})
-        members[me] = (me.user_id, me.username)
+        members = enter(me, room)
         me.rooms.add(room)
         reply = {"type": "joined", "room": room,
                  "users": [{"user_id": u, "username": n} for u, n in members.values()]}
         if "id" in cmd:
             reply["id"] = cmd["id"]
         me.send_obj(reply)
-        broadcast(members, frame(orjson.dumps({"type": "presence", "room": room, "user": me.username,
-                                              "user_id": me.user_id, "status": "online"})), me)
+        announce(me, room, "online")
     elif kind == "leave":
         room = str(cmd.get("room"))
         leave(me, room)
@@ -231,6 +211,46 @@ def on_text(me: Conn, raw: bytes) -> None:
         me.send_obj({"type": "pong"})
     else:
         me.send_obj({"type": "error", "code": "unknown_type", "message": str(kind)})
+
+
+def post_message(me: Conn, room: str, cmd: dict) -> None:
+    seqs[room] = seq = seqs.get(room, 0) + 1
+    event = {"type": "message", "room": room, "id": seq, "from": me.username,
+             "user_id": me.user_id, "text": cmd.get("text", ""),
+             "timestamp": time.time_ns() // 1_000_000}
+    if "client_msg_id" in cmd:
+        event["client_msg_id"] = cmd["client_msg_id"]
+    broadcast(rooms[room], frame(orjson.dumps(event)))
+
+
+def post_dm(me: Conn, cmd: dict) -> None:
+    to_id = cmd.get("to")
+    to = users.get(to_id)
+    if not to:
+        me.send_obj({"type": "error", "code": "user_not_found", "message": "no such user online"})
+        return
+    event = {"type": "dm", "id": next(_dm_ids), "from": me.username, "user_id": me.user_id,
+             "to": to_id, "text": cmd.get("text", ""), "timestamp": time.time_ns() // 1_000_000}
+    if "client_msg_id" in cmd:
+        event["client_msg_id"] = cmd["client_msg_id"]
+    data = frame(orjson.dumps(event))
+    broadcast(to, data)
+    if to_id != me.user_id:
+        broadcast(users[me.user_id], data)
+
+
+def enter(me: Conn, room: str) -> dict:
+    """``me`` among ``room``'s members; the members (those the ``joined`` reply lists)."""
+    members = rooms.setdefault(room, {})
+    members[me] = (me.user_id, me.username)
+    return members
+
+
+def announce(me: Conn, room: str, status: str) -> None:
+    """``me``'s presence to the other members of ``room``."""
+    broadcast(rooms.get(room, ()), frame(orjson.dumps({
+        "type": "presence", "room": room, "user": me.username, "user_id": me.user_id,
+        "status": status})), me)
 
 
 def heartbeat(interval: float) -> None:

@@ -62,62 +62,39 @@ def split_at_id(head: dict, rest: dict) -> tuple[bytes, bytes]:
     return orjson.dumps(head)[:-1] + b',"id":', b"," + orjson.dumps(rest)[1:]
 
 
-def presence(room: str, me: bare.Conn, status: str) -> None:
+def announce(me: bare.Conn, room: str, status: str) -> None:
     event = orjson.dumps({"type": "presence", "room": room, "user": me.username,
                           "user_id": me.user_id, "status": status})
     client.publish(f"r:{room}", b"P" + me.user_id.encode() + b"\n" + event)
 
 
-def on_text(me: bare.Conn, raw: bytes) -> None:
-    try:
-        cmd = orjson.loads(raw)
-        kind = cmd.get("type")
-    except (orjson.JSONDecodeError, AttributeError):
-        me.send_obj({"type": "error", "code": "invalid_json", "message": "bad JSON"})
-        return
-    now = time.time_ns() // 1_000_000
-    if kind == "message":
-        room = cmd.get("room")
-        if room not in me.rooms:
-            me.send_obj({"type": "error", "code": "not_in_room", "message": "join first"})
-            return
-        rest = {"from": me.username, "user_id": me.user_id, "text": cmd.get("text", ""),
-                "timestamp": now}
-        if "client_msg_id" in cmd:
-            rest["client_msg_id"] = cmd["client_msg_id"]
-        head, tail = split_at_id({"type": "message", "room": room}, rest)
-        post_script(keys=[f"seq:{room}", f"r:{room}"], args=[head, tail])
-    elif kind == "dm":
-        to_id = cmd.get("to")
-        rest = {"from": me.username, "user_id": me.user_id, "to": to_id,
-                "text": cmd.get("text", ""), "timestamp": now}
-        if "client_msg_id" in cmd:
-            rest["client_msg_id"] = cmd["client_msg_id"]
-        head, tail = split_at_id({"type": "dm"}, rest)
-        if not dm_script(keys=["seq:dm", f"u:{to_id}", f"u:{me.user_id}"], args=[head, tail]):
-            me.send_obj({"type": "error", "code": "user_not_found", "message": "no such user online"})
-    elif kind == "join":
-        room = str(cmd.get("room"))
-        members = rooms.get(room)
-        if members is None:
-            members = rooms[room] = {}
-            pubsub.subscribe(f"r:{room}")
-        members[me] = (me.user_id, me.username)
-        me.rooms.add(room)
-        reply = {"type": "joined", "room": room,
-                 "users": [{"user_id": u, "username": n} for u, n in members.values()]}
-        if "id" in cmd:
-            reply["id"] = cmd["id"]
-        me.send_obj(reply)
-        presence(room, me, "online")
-    elif kind == "leave":
-        room = str(cmd.get("room"))
-        leave(me, room)
-        me.send_obj({"type": "left", "room": room})
-    elif kind == "ping":
-        me.send_obj({"type": "pong"})
-    else:
-        me.send_obj({"type": "error", "code": "unknown_type", "message": str(kind)})
+def post_message(me: bare.Conn, room: str, cmd: dict) -> None:
+    rest = {"from": me.username, "user_id": me.user_id, "text": cmd.get("text", ""),
+            "timestamp": time.time_ns() // 1_000_000}
+    if "client_msg_id" in cmd:
+        rest["client_msg_id"] = cmd["client_msg_id"]
+    head, tail = split_at_id({"type": "message", "room": room}, rest)
+    post_script(keys=[f"seq:{room}", f"r:{room}"], args=[head, tail])
+
+
+def post_dm(me: bare.Conn, cmd: dict) -> None:
+    to_id = cmd.get("to")
+    rest = {"from": me.username, "user_id": me.user_id, "to": to_id,
+            "text": cmd.get("text", ""), "timestamp": time.time_ns() // 1_000_000}
+    if "client_msg_id" in cmd:
+        rest["client_msg_id"] = cmd["client_msg_id"]
+    head, tail = split_at_id({"type": "dm"}, rest)
+    if not dm_script(keys=["seq:dm", f"u:{to_id}", f"u:{me.user_id}"], args=[head, tail]):
+        me.send_obj({"type": "error", "code": "user_not_found", "message": "no such user online"})
+
+
+def enter(me: bare.Conn, room: str) -> dict:
+    members = rooms.get(room)
+    if members is None:
+        members = rooms[room] = {}
+        pubsub.subscribe(f"r:{room}")
+    members[me] = (me.user_id, me.username)
+    return members
 
 
 def leave(me: bare.Conn, room: str) -> None:
@@ -128,7 +105,7 @@ def leave(me: bare.Conn, room: str) -> None:
     if not members:
         del rooms[room]
         pubsub.unsubscribe(f"r:{room}")
-    presence(room, me, "offline")
+    announce(me, room, "offline")
 
 
 def deliver_forever() -> None:
@@ -173,7 +150,8 @@ def serve(fd: int, redis_url: str) -> None:
     pubsub = client.pubsub()
     pubsub.subscribe("bare:workers")  # listen() returns at once without a subscription
     # gevent_bare's connection handling, routed through Redis instead of its dicts.
-    bare.on_text, bare.leave = on_text, leave
+    bare.post_message, bare.post_dm, bare.enter, bare.announce, bare.leave = (
+        post_message, post_dm, enter, announce, leave)
     bare.HOOKS = (on_connect, on_disconnect)
     bare.USER_PREFIX = f"u-{os.getpid()}-"
     gevent.spawn(deliver_forever)
