@@ -387,6 +387,23 @@ where
     (url, task)
 }
 
+/// A fake server's loop answering every `join` (an empty room, `last_id` 0) and `ping`.
+async fn answer_joins_and_pings(mut ws: FakeSocket) {
+    use futures_util::{SinkExt, StreamExt};
+    while let Some(Ok(Message::Text(text))) = ws.next().await {
+        let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        let id = cmd["id"].clone();
+        let reply = match cmd["type"].as_str().unwrap() {
+            "join" => json!({"type": "joined", "room": cmd["room"], "users": [], "last_id": 0, "id": id}),
+            "ping" => json!({"type": "pong", "id": id}),
+            _ => continue,
+        };
+        if ws.send(Message::text(reply.to_string())).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// A send written before the `leave` and refused after it (`rate_limited`) is not
 /// kept for a retry the server would only answer with `not_in_room`: it fails with
 /// the refusal.
@@ -839,26 +856,11 @@ async fn a_huge_retry_after_ms_is_capped_at_a_day() {
 /// as `invalid_event`: never connected). Now read by the shared rule: a day, or none (30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_odd_heartbeat_interval_neither_kills_the_driver_nor_loses_the_welcome() {
-    use futures_util::{SinkExt, StreamExt};
     for raw in ["1e20", "-1", "\"30\"", "1e400", "1e-300", "18446744073709551616"] {
         let welcome = format!(
             r#"{{"type": "welcome", "user_id": "u1", "username": "u1", "authenticated": false, "auth_required": false, "heartbeat_interval": {raw}}}"#
         );
-        let (url, server) = fake_server_greeting(welcome, |mut ws| async move {
-            while let Some(Ok(Message::Text(text))) = ws.next().await {
-                let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
-                let id = cmd["id"].clone();
-                let reply = match cmd["type"].as_str().unwrap() {
-                    "join" => json!({"type": "joined", "room": cmd["room"], "users": [], "last_id": 0, "id": id}),
-                    "ping" => json!({"type": "pong", "id": id}),
-                    _ => continue,
-                };
-                if ws.send(Message::text(reply.to_string())).await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await;
+        let (url, server) = fake_server_greeting(welcome, answer_joins_and_pings).await;
         let (c, events) = Client::builder(url).connect();
         let rec = Recorder::new(events);
         let connected = c.wait_connected(scaled(5.0)).await;
@@ -894,26 +896,11 @@ fn jwt_with_exp(raw: &str) -> String {
 /// (`Instant + Duration` overflowed, or `Duration::from_secs_f64` did), killing the driver task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_expires_past_an_instant_s_range_does_not_kill_the_driver() {
-    use futures_util::{SinkExt, StreamExt};
     let mut wrong = Vec::new();
     for raw in ["18446744073709551615", "1e19", "9.3e18", "9300000000000000000", "1e300"] {
         let token = jwt_with_exp(raw);
         assert!(token.split('.').nth(1).is_some_and(|p| !p.contains('=')));
-        let (url, server) = fake_server(|mut ws| async move {
-            while let Some(Ok(Message::Text(text))) = ws.next().await {
-                let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
-                let id = cmd["id"].clone();
-                let reply = match cmd["type"].as_str().unwrap() {
-                    "join" => json!({"type": "joined", "room": cmd["room"], "users": [], "last_id": 0, "id": id}),
-                    "ping" => json!({"type": "pong", "id": id}),
-                    _ => continue,
-                };
-                if ws.send(Message::text(reply.to_string())).await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await;
+        let (url, server) = fake_server(answer_joins_and_pings).await;
         let (c, rec) = signed_in(&url, token);
         let connected = c.wait_connected(scaled(5.0)).await;
         let joined = tokio::time::timeout(scaled(5.0), c.join("r")).await;
