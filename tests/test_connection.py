@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.socket
 import pytest
 from wsproto import ConnectionType, WSConnection
@@ -300,6 +301,36 @@ def test_an_idle_connection_holds_no_greenlet(transport: Transport) -> None:
     assert not serving, "a parked connection's bytes are read by nobody"
     conn.abort("test")  # a parked connection still notices its end
     wait_forgotten(transport, conn)
+
+
+def test_wschat_greenlets_counts_a_reading_greenlet_while_it_serves(transport: Transport
+                                                                     ) -> None:
+    """A greenlet reading a connection counts in ``wschat_greenlets`` while it serves (here:
+    blocked in a handler), not once it has parked."""
+    counted: list[int] = []
+    transport.metrics.greenlets = counted.append  # type: ignore[method-assign]
+    release = gevent.event.Event()
+    handled = gevent.event.Event()
+    receive = transport.chat.receive
+
+    def blocking_receive(session: Any, text: str) -> None:
+        handled.set()
+        release.wait(TIMEOUT)
+        receive(session, text)
+
+    transport.chat.receive = blocking_receive  # type: ignore[method-assign]
+    conn, peer = serve(transport)
+    assert peer.next_text()["type"] == "welcome"
+    before = sum(counted)
+    peer.send(TextMessage(data=json.dumps({"type": "ping", "id": "p1"})))
+    assert handled.wait(TIMEOUT)
+    assert sum(counted) == before + 1
+    release.set()
+    assert peer.next_text() == {"type": "pong", "id": "p1"}
+    with gevent.Timeout(TIMEOUT):
+        while conn._watch is None or not conn._watch.active:
+            gevent.sleep(0.001)
+    assert sum(counted) == before
 
 
 def test_the_close_handshake_from_the_server_waits_for_the_peer(transport: Transport) -> None:
