@@ -900,3 +900,38 @@ test("last_id from the wire: a rejoin's recovered:false with an unreadable last_
   assert.equal(c.lastId("r"), 7);
   c.disconnect();
 });
+
+test("last_id from the wire: a joined's last_id and a message's id follow the shared cases (clients/conformance/last-id.json)", async (t) => {
+  const shared = JSON.parse(readFileSync(new URL("../../../conformance/last-id.json", import.meta.url), "utf8"));
+  const { server, c } = setup();
+  t.after(() => c.disconnect());
+  const delivered = new Map();
+  c.on("message", (m) => delivered.set(m.room, [...(delivered.get(m.room) ?? []), m.id]));
+  // Room j<i> is joined with last_id <text>; room m<i> with an unreadable last_id (no
+  // position: the next message sets it), then gets a message whose id is <text>, then a ping.
+  server.replies.push((ws, f) => {
+    if (f.type !== "join") return false;
+    const i = Number(f.room.slice(1));
+    const lastId = f.room[0] === "j" ? shared.cases[i][0] : "null";
+    pushRaw(ws, `{"type": "joined", "id": ${JSON.stringify(f.id)}, "room": "${f.room}", "users": [], "last_id": ${lastId}}`);
+    if (f.room[0] === "m") {
+      pushRaw(ws, `{"type": "message", "id": ${shared.cases[i][0]}, "room": "${f.room}", "from": "x", "user_id": "x", "text": "t", "timestamp": 1}`);
+    }
+    return true;
+  });
+  await c.connect();
+  const wrong = [];
+  for (const [i, [text, want]] of shared.cases.entries()) {
+    const joined = await within(c.join(`j${i}`), 2000, `join with last_id ${text.slice(0, 40)}`);
+    if (joined.last_id !== (want ?? 0) || c.lastId(`j${i}`) !== want) {
+      wrong.push(`last_id ${text.slice(0, 40)}: joined ${JSON.stringify(joined.last_id)}, lastId ${JSON.stringify(c.lastId(`j${i}`))}, not ${want}`);
+    }
+    await within(c.join(`m${i}`), 2000, `join m${i}`);
+    await tick(5);
+    const got = delivered.get(`m${i}`) ?? [];
+    if (JSON.stringify(got) !== JSON.stringify(want === null ? [] : [want]) || c.lastId(`m${i}`) !== want) {
+      wrong.push(`message id ${text.slice(0, 40)}: delivered ${JSON.stringify(got)}, lastId ${JSON.stringify(c.lastId(`m${i}`))}, not ${want}`);
+    }
+  }
+  assert.deepEqual(wrong, []);
+});
