@@ -760,3 +760,234 @@ async def test_heartbeat_interval_off_the_wire_follows_the_shared_cases() -> Non
                 wrong.append((text[:40], got, seconds))
             await client.close()
         assert wrong == []
+
+
+LAST_ID_CASES = json.loads(
+    (Path(__file__).parents[2] / "conformance" / "last-id.json").read_text())
+SHORT = TIMEOUT / 5  # for what comes at once when it comes at all (a failure's wait stays short)
+
+
+@pytest.mark.parametrize(("text", "want"), LAST_ID_CASES["cases"],
+                         ids=[text[:24] for text, _ in LAST_ID_CASES["cases"]])
+def test_last_id_reads_as_in_the_js_and_rust_clients(text: str, want: int | None) -> None:
+    """The three client libraries read a joined's last_id and a message's id by one rule (the
+    shared cases, clients/conformance/last-id.json): a JSON number that is a whole number
+    >= 0 and at most 2^53 - 1; anything else ("5", null, true, -1, 2.5, 1e400, 2^53) is none."""
+    # here: a library without them fails this test
+    from wschat_client.client import _loads, _wire_id
+    got = _wire_id(_loads(text))
+    assert got == want and type(got) is type(want), (text[:40], got)
+
+
+def _raw_joined(rid: Any, room: str, last_id: str | None, **extra: Any) -> str:
+    """A joined event with ``last_id`` as raw JSON text (None: absent)."""
+    fields = {"type": "joined", "id": rid, "room": room, "users": [], **extra}
+    text = json.dumps(fields)
+    return text if last_id is None else f'{text[:-1]}, "last_id": {last_id}}}'
+
+
+def _raw_message(mid: str, room: str = "r", **extra: Any) -> str:
+    """A room message with ``id`` as raw JSON text."""
+    text = json.dumps({"type": "message", "room": room, "text": f"m{mid[:20]}", "user_id": "u",
+                       "timestamp": 0, "from": "x", **extra})
+    return f'{text[:-1]}, "id": {mid}}}'
+
+
+async def _round_trip(client: Client, peer: Peer) -> list[str]:
+    """The kinds of the frames the client wrote so far (pings answered): a ``history``
+    request written now marks their end, and its answer comes after whatever the server
+    sent before."""
+    probe = asyncio.create_task(client.history("probe"))
+    kinds = []
+    while (frame := await peer.recv())["type"] != "history":
+        if frame["type"] == "ping":
+            await peer.send(type="pong", id=frame["id"])
+        kinds.append(frame["type"])
+    await peer.send(type="history", id=frame["id"], room="probe", messages=[])
+    await probe
+    return kinds
+
+
+async def _join_of(peer: Peer, room: str) -> dict[str, Any]:
+    """The client's next join of ``room`` (answering pings, skipping other rooms' joins)."""
+    while True:
+        frame = await peer.recv_answering_pings("join", f"a join of {room}")
+        if frame["room"] == room:
+            return frame
+
+
+async def test_last_id_off_the_wire_follows_the_shared_cases() -> None:
+    """Every shared case, sent by the server: as a joined's last_id (the Joined's last_id is
+    the id, or 0; the room's position the id, or None), and as the id of the first message
+    in a room joined without a last_id (delivered, and the room's position, only when the id
+    counts)."""
+    async with FakeServer() as fake:
+        client = client_for(fake)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        wrong = []
+        for i, (text, want) in enumerate(LAST_ID_CASES["cases"]):
+            label = text[:40]
+            joining = asyncio.create_task(client.join(f"j{i}", timeout=SHORT))
+            frame = await _join_of(peer, f"j{i}")
+            await peer.ws.send(_raw_joined(frame["id"], f"j{i}", text))
+            try:
+                joined = await joining
+                if joined.last_id != (want or 0) or client.rooms[f"j{i}"].last_id != want:
+                    wrong.append(f"last_id {label}: Joined {joined.last_id!r}, position "
+                                 f"{client.rooms[f'j{i}'].last_id!r}, not {want}")
+            except ChatError as err:
+                wrong.append(f"last_id {label}: the join failed ({err.code})")
+            joining = asyncio.create_task(client.join(f"m{i}", timeout=SHORT))
+            frame = await _join_of(peer, f"m{i}")
+            await peer.ws.send(_raw_joined(frame["id"], f"m{i}", None))
+            await peer.ws.send(_raw_message(text, f"m{i}"))
+            await joining
+            await _round_trip(client, peer)  # the message came before the history
+            got = rec.ids(f"m{i}")
+            if got != ([] if want is None else [want]) or client.rooms[f"m{i}"].last_id != want:
+                wrong.append(f"message id {label}: delivered {got}, position "
+                             f"{client.rooms[f'm{i}'].last_id!r}, not {want}")
+        assert not wrong, "\n".join(wrong)
+        await client.close()
+
+
+HOSTILE_LAST_IDS = ['"5"', "null", "1e400", "-1", "2.5", "true", "{}", "9007199254740993",
+                    "1" + "0" * 4400, None]  # None: absent
+
+
+async def test_last_id_unreadable_on_a_first_join_the_next_message_sets_the_position() -> None:
+    """A first joined whose last_id is not a whole number >= 0 still completes the join
+    (Joined.last_id 0), the room keeps no position, a send goes out at once (nothing to
+    replay), and the next messages set the position: 4 and 5 are delivered, one join, and
+    the re-join after a drop says since 5. null, 1e400 and {} raised in the reader (the join
+    timed out, the room stayed joining); "5" and 2^53+1 made 4 and 5 look seen; -1, 2.5, true
+    and an absent last_id (0) took 4 for a gap and joined again."""
+    wrong = []
+    for raw in HOSTILE_LAST_IDS:
+        label = "absent" if raw is None else raw[:20]
+        async with FakeServer() as fake:
+            client = client_for(fake)
+            rec = Recorder(client)
+            await client.connect()
+            peer = await fake.accept()
+            joining = asyncio.create_task(client.join("r", timeout=SHORT))
+            frame = await peer.recv("join")
+            await peer.ws.send(_raw_joined(frame["id"], "r", raw))
+            got: dict[str, Any] = {}
+            try:
+                got["joined"] = (await joining).last_id
+            except ChatError as err:
+                got["joined"] = err.code
+            sending = asyncio.create_task(client.send("r", "mine"))
+            try:
+                mine = await asyncio.wait_for(peer.recv("message"), SHORT)
+                await peer.echo(mine, 4)
+                await peer.message(5)
+                await asyncio.wait_for(sending, SHORT)
+                await rec.wait_for(lambda r=rec: len(r.ids("r")) >= 2, SHORT)
+            except (TimeoutError, AssertionError):
+                pass
+            joins = 1 + (await _round_trip(client, peer)).count("join")
+            got.update(messages=rec.ids("r"), position=client.rooms["r"].last_id, joins=joins)
+            peer = await fake.drop(peer)
+            got["since"] = (await peer.recv("join")).get("since")
+            want = {"joined": 0, "messages": [4, 5], "position": 5, "joins": 1, "since": 5}
+            if got != want:
+                wrong.append(f"last_id {label}: {got}")
+            sending.cancel()
+            await client.close()
+    assert not wrong, "\n".join(wrong)
+
+
+async def test_message_ids_after_recovered_false_only_a_whole_number_sets_the_position() -> None:
+    """After recovered: false the next message sets the position whatever its id, but only an
+    id that is a whole number >= 0 (at most 2^53 - 1): 1e400, 2.5, -1, "40", null and 2^53+1
+    are not delivered and change nothing; 40 and 41 are delivered. 2.5 used to become the
+    position 2 (delivered), "40" then looked like a gap (a join again), 1e400 and null raised
+    in the reader."""
+    async with FakeServer() as fake:
+        client, rec, peer = await dropped_after_one(fake, last_id=6)
+        join = await peer.recv("join")
+        assert join["since"] == 7
+        await peer.ws.send(_raw_joined(join["id"], "r", "40", recovered=False))
+        for raw in ("1e400", "2.5", "-1", '"40"', "null", "9007199254740993", "40", "41"):
+            await peer.ws.send(_raw_message(raw))
+        await rec.wait_for(lambda: rec.ids("r")[-1:] == [41], SHORT, "message 41")
+        assert rec.ids("r") == [7, 40, 41]
+        assert client.rooms["r"].last_id == 41
+        assert [(f.room, f.since, f.last_id) for f in rec.of("recovery_failed")] == [("r", 7, 40)]
+        kinds = await _round_trip(client, peer)
+        assert "join" not in kinds, f"joined again: {kinds}"
+        await client.close()
+
+
+async def test_last_id_unreadable_on_a_rejoin_keeps_the_position() -> None:
+    """A re-join's joined whose last_id is not a whole number >= 0 keeps the room's position
+    (since, 7): Joined.last_id and recovery_failed's last_id say 7, the replay ends with the
+    answer to a ping written behind the join (its end is unknown), then the send made while
+    disconnected goes out, and 8 and its echo 9 are delivered. "40" used to be taken (Joined
+    and recovery_failed said 40; with recovered: true the send waited for message 40, no ping
+    being written), null and 1e400 raised in the reader (no joined: the room stayed joining)."""
+    wrong = []
+    for raw in ('"40"', "null", "2.5", "1e400"):
+        for recovered in (False, True):
+            label = f"last_id {raw}, recovered {recovered}"
+            async with FakeServer() as fake:
+                client, rec, peer = await dropped_after_one(fake, last_id=6)
+                sending = asyncio.create_task(client.send("r", "after"))
+                join = await peer.recv("join")
+                await peer.ws.send(_raw_joined(join["id"], "r", raw, recovered=recovered))
+                got: dict[str, Any] = {}
+                try:
+                    await rec.wait_for(lambda r=rec: len(r.of("joined")) == 2, SHORT)
+                    got["joined"] = rec.of("joined")[-1].last_id
+                    got["lost"] = [(f.since, f.last_id) for f in rec.of("recovery_failed")]
+                    await peer.message(8)  # the replay
+                    ping = await asyncio.wait_for(peer.recv(), SHORT)
+                    got["then"] = ping["type"]  # the ping behind the join, not the send
+                    if ping["type"] == "ping":
+                        await peer.send(type="pong", id=ping["id"])
+                        frame = await asyncio.wait_for(peer.recv("message"), SHORT)
+                        await peer.echo(frame, 9)
+                        got["sent"] = (await asyncio.wait_for(sending, SHORT)).id
+                except (TimeoutError, AssertionError) as exc:
+                    got["stuck"] = type(exc).__name__
+                got.update(messages=rec.ids("r"), position=client.rooms["r"].last_id)
+                want = {"joined": 7, "lost": [(7, 7)] if recovered is False else [],
+                        "then": "ping", "sent": 9, "messages": [7, 8, 9], "position": 9}
+                if got != want:
+                    wrong.append(f"{label}: {got}")
+                sending.cancel()
+                await client.close()
+    assert not wrong, "\n".join(wrong)
+
+
+async def test_message_id_unreadable_acknowledges_the_send_but_is_not_delivered() -> None:
+    """An echo whose id is not a whole number >= 0 still acknowledges the send (its Message
+    has id -1) but is not delivered and changes no position: the next message, 1, is. "1"
+    and 1.5 used to be delivered as 1 (then the real 1 was dropped as seen), null and 1e400
+    raised in the reader: the send stayed unacknowledged."""
+    wrong = []
+    for raw in ('"1"', "1.5", "null", "1e400"):
+        async with FakeServer() as fake:
+            client, rec, peer = await joined_client(fake, last_id=0)
+            sending = asyncio.create_task(client.send("r", "mine"))
+            frame = await peer.recv("message")
+            await peer.ws.send(_raw_message(raw, client_msg_id=frame["client_msg_id"]))
+            await peer.message(1)
+            got: dict[str, Any] = {}
+            try:
+                got["sent"] = (await asyncio.wait_for(sending, SHORT)).id
+            except TimeoutError:
+                got["sent"] = "not acknowledged"
+            await _round_trip(client, peer)
+            got.update(messages=rec.ids("r"), position=client.rooms["r"].last_id,
+                       acks=[a.id for a in rec.of("ack")])
+            want = {"sent": -1, "messages": [1], "position": 1, "acks": [-1]}
+            if got != want:
+                wrong.append(f"id {raw}: {got}")
+            sending.cancel()
+            await client.close()
+    assert not wrong, "\n".join(wrong)

@@ -44,7 +44,7 @@ from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
 from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
                      Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
-                     StateChange, TypingEvent, Unmuted, User, Welcome)
+                     StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, _wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
 from .pacer import Pacer
 
@@ -60,6 +60,7 @@ EVENTS = frozenset({"state", "connected", "disconnected", "message", "dm", "pres
                     "ack", "error"})
 REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong", "moderated"})
 DM_IDS_KEPT = 10_000
+REPLAY_END_UNKNOWN = WIRE_ID_MAX + 1  # above every id taken: only the ping's answer ends it
 
 
 @dataclass(slots=True, eq=False)
@@ -68,14 +69,18 @@ class _Room:
     waiters: list[asyncio.Future[Joined]] = field(default_factory=list)
     join_rid: str | None = None  # the join request in flight
     catch_up_to: int = 0  # the server's last_id at the latest joined: the replay ends there
-    accept_next: bool = False  # after recovered: false the next id starts afresh
+    # after recovered: false, or a first joined whose last_id does not count, the next id
+    # starts afresh
+    accept_next: bool = False
     sync_rid: str | None = None  # a ping behind a replay that may be empty: its answer ends it
     retry: asyncio.TimerHandle | None = None
     joined: Joined | None = None
 
     @property
     def caught_up(self) -> bool:
-        return self.info.last_id is not None and self.info.last_id >= self.catch_up_to
+        # Nothing to wait for (a first join without a position too), or the replay came.
+        return self.catch_up_to == 0 or (
+            self.info.last_id is not None and self.info.last_id >= self.catch_up_to)
 
 
 @dataclass(slots=True)
@@ -665,22 +670,34 @@ class Client:
     def _on_joined(self, room: _Room, obj: dict[str, Any]) -> None:
         room.join_rid = None
         since = room.info.last_id
-        last_id = int(obj.get("last_id", 0))
+        # Only a whole number >= 0 is ever a position (_wire_id): "5", null, 2.5, -1, 1e400
+        # would poison every later since and gap check, or raise here (a lost joined).
+        last_id = _wire_id(obj.get("last_id"))
         recovered = obj.get("recovered") if since is not None else None
-        room.catch_up_to = last_id  # the replay (if any) ends there
+        # The replay (if any) ends at last_id; on a re-join without one that counts, the
+        # answer to a ping behind the join tells (no message id reaches REPLAY_END_UNKNOWN).
+        room.catch_up_to = (last_id if last_id is not None
+                            else 0 if since is None else REPLAY_END_UNKNOWN)
         if since is None:
+            # Without a last_id that counts, no position: the next message sets it (nothing
+            # of the join is missed: the server's messages after joined are the room's next).
             room.info.last_id = last_id
+            room.accept_next = last_id is None
         elif recovered is False:
             room.accept_next = True
-            if last_id <= since:
+            if last_id is not None and last_id <= since:
                 room.catch_up_to = 0  # no replay; the server may even have started afresh
             else:
                 # What the server still holds is replayed up to last_id, or nothing is
                 # (a since too far back for it): a ping tells, its answer comes after.
                 self._sync(room)
-            self._emit("recovery_failed", RecoveryFailed(room.info.name, since, last_id))
+            self._emit("recovery_failed", RecoveryFailed(
+                room.info.name, since, since if last_id is None else last_id))
+        elif last_id is None:
+            self._sync(room)  # the room keeps its position; the replay ends with the pong
         room.info.users = [User.from_wire(u) for u in obj.get("users", [])]
-        room.joined = Joined(room.info.name, list(room.info.users), last_id,
+        shown = last_id if last_id is not None else room.info.last_id or 0
+        room.joined = Joined(room.info.name, list(room.info.users), shown,
                              since is not None, recovered)
         self._set_room_state(room, RoomState.JOINED)
         self._emit("joined", room.joined)
@@ -758,13 +775,18 @@ class Client:
         if entry is not None and entry.kind == "message" and entry.target == message.room:
             self._acknowledged(entry, message)  # our echo, or the original of a resend
         room = self._rooms.get(message.room)
-        if room is None or room.info.last_id is None:
-            return  # not a room of ours (any more)
+        if room is None or message.id < 0:
+            # Not a room of ours (any more); or an id that is not a whole number >= 0
+            # (Message.from_wire made it -1): it cannot be put in order, nor be a position.
+            return
         if room.accept_next:
             # After recovered: false the next message starts afresh, even below the
             # last id: a server that lost its state (a memory backend restarted)
             # numbers from 1 again. Frames from before the re-join came before it.
+            # After a first joined without a last_id that counts, it sets the position.
             room.accept_next = False
+        elif room.info.last_id is None:
+            return  # not joined yet
         elif message.id <= room.info.last_id:
             return  # already delivered
         elif message.id != room.info.last_id + 1:

@@ -60,9 +60,34 @@ class User:
         return cls(str(obj.get("user_id", "")), str(obj.get("username", "")))
 
 
+WIRE_ID_MAX = 2**53 - 1
+"""The largest message id taken from the wire (JS's largest safe integer, as in the JS and
+Rust clients: position + 1 is exact in all three)."""
+
+
+def _wire_id(value: Any) -> int | None:
+    """A message id from the wire (a ``joined``'s ``last_id``, a ``message``'s ``id``), or
+    None for none, with the rule the three client libraries (Python, JS, Rust) share, tested
+    by each against the same cases (``clients/conformance/last-id.json``; the rule:
+    ``clients/conformance/README.md``): only a JSON number that is a whole number >= 0 and at
+    most ``WIRE_ID_MAX`` counts (``5.0`` is 5, as JS cannot tell them apart); a string such as
+    ``"5"``, a bool, None, a negative, a fraction, and ``1e400``, which ``json.loads`` reads
+    as ``inf``, are none. ``int()`` took ``"5"`` and ``True``, truncated 2.5, and raised on
+    None or ``inf`` in the reader."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float):
+        if not value.is_integer():  # a fraction, inf or nan
+            return None
+        value = int(value)
+    return value if 0 <= value <= WIRE_ID_MAX else None
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A room message. ``id`` is the room's gap-free sequence number."""
+    """A room message. ``id`` is the room's gap-free sequence number; -1 when the server's is
+    not a whole number >= 0 (:func:`_wire_id`): such a message is never a ``message`` event,
+    only a send's acknowledgement or an entry of ``history`` can carry it."""
 
     id: int
     room: str
@@ -74,7 +99,8 @@ class Message:
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Message:
-        return cls(int(obj["id"]), str(obj["room"]), str(obj.get("from", "")),
+        mid = _wire_id(obj.get("id"))
+        return cls(-1 if mid is None else mid, str(obj["room"]), str(obj.get("from", "")),
                    str(obj.get("user_id", "")), str(obj.get("text", "")),
                    int(obj.get("timestamp", 0)), obj.get("client_msg_id"))
 
@@ -156,7 +182,7 @@ class Joined:
 
     room: str
     users: list[User]
-    last_id: int
+    last_id: int  # the server's if it counts (a whole number >= 0), else the room's position, or 0
     rejoin: bool
     recovered: bool | None
 
@@ -167,7 +193,7 @@ class RecoveryFailed:
 
     room: str
     since: int
-    last_id: int
+    last_id: int  # the server's if it counts (a whole number >= 0), else ``since``
 
 
 @dataclass(frozen=True, slots=True)
