@@ -29,6 +29,8 @@ pub(crate) type UrlFn = Arc<dyn Fn() -> String + Send + Sync>;
 pub struct Joined {
     pub room: String,
     pub users: Vec<User>,
+    /// The server's `last_id` when it counts (a whole number >= 0, at most 2^53 - 1:
+    /// `protocol::wire_id`), else the room's position (the `since` of a re-join), else 0.
     pub last_id: u64,
     /// `None` for a fresh join; `Some(false)` after a re-join with `since` whose
     /// messages the server no longer holds (some are lost: fetch `history`).
@@ -52,7 +54,8 @@ pub enum Event {
     /// messages were lost across a reconnect or gap.
     Joined(Joined),
     /// A re-join could not replay everything after `since` (the server no longer
-    /// holds it): reload `history`. Follows its `Joined`.
+    /// holds it): reload `history`. Follows its `Joined`. `last_id` is the server's when it
+    /// counts (`protocol::wire_id`), else `since`.
     RecoveryFailed { room: String, since: u64, last_id: u64 },
     /// One of this client's sends was acknowledged (also one restored from the
     /// outbox store, which has no future waiting for it).

@@ -814,11 +814,16 @@ impl Driver {
                 r.joined_on = Some(generation);
                 // The replay ends at `last_id`; after `recovered: false` with nothing
                 // above `since` there is none (the server may even have started afresh).
-                let no_replay = recovered == Some(false) && since.is_some_and(|since| last_id <= since);
-                r.replay_until = if no_replay { 0 } else { last_id };
+                // Without a `last_id` (none of `"5"`, `null`, `2.5`, `1e400` counts:
+                // protocol::wire_id) the `pong` behind the `join` ends it: no id reaches u64::MAX.
+                let no_replay = recovered == Some(false)
+                    && matches!((since, last_id), (Some(since), Some(last_id)) if last_id <= since);
+                r.replay_until = if no_replay { 0 } else { last_id.unwrap_or(u64::MAX) };
                 let newly = r.state != RoomState::Joined;
                 r.state = RoomState::Joined;
-                let joined = Joined { room: room.clone(), users, last_id, recovered };
+                // The app is shown the server's `last_id`, else the room's position, else 0.
+                let shown = last_id.or(r.seq.last()).unwrap_or(0);
+                let joined = Joined { room: room.clone(), users, last_id: shown, recovered };
                 for w in r.waiters.drain(..) {
                     let _ = w.send(Ok(joined.clone()));
                 }
@@ -828,7 +833,7 @@ impl Driver {
                 }
                 self.emit(Event::Joined(joined));
                 if let (Some(false), Some(since)) = (recovered, since) {
-                    self.emit(Event::RecoveryFailed { room: room_name, since, last_id });
+                    self.emit(Event::RecoveryFailed { room: room_name, since, last_id: last_id.unwrap_or(since) });
                 }
                 self.flush_outbox();
             }

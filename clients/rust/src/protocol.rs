@@ -147,6 +147,9 @@ pub struct User {
 /// A room message: `id` is the room's gap-free sequence number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// Read by [`wire_id`] (`5.0` is 5), or any `u64` (one past [`MAX_WIRE_ID`] is never a
+    /// room's position: `RoomSeq` drops it); anything else (`"5"`, `2.5`, `-1`) does not parse.
+    #[serde(deserialize_with = "message_id")]
     pub id: u64,
     pub room: String,
     pub from: String,
@@ -220,7 +223,10 @@ pub enum ServerEvent {
     Joined {
         room: String,
         users: Vec<User>,
-        last_id: u64,
+        /// The room's last message id, read by [`wire_id`] (a whole number >= 0, at most
+        /// [`MAX_WIRE_ID`]); anything else, or absent, is `None`, never a lost `joined`.
+        #[serde(default, deserialize_with = "lenient_last_id", skip_serializing_if = "Option::is_none")]
+        last_id: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -338,6 +344,21 @@ struct BareWelcome {
     id: Option<RequestId>,
 }
 
+/// A `joined`'s fields but `last_id`, for [`ServerEvent::parse`] when the whole event does not
+/// parse (a number `serde_json` cannot hold, `"last_id": 1e400`): as [`BareError`]; the event is
+/// kept, with `last_id` `None`.
+#[derive(Deserialize)]
+struct BareJoined {
+    #[serde(rename = "type")]
+    kind: String,
+    room: String,
+    users: Vec<User>,
+    #[serde(default)]
+    recovered: Option<bool>,
+    #[serde(default)]
+    id: Option<RequestId>,
+}
+
 /// A `left`, `muted` or `moderated` event's fields but `until`, for [`ServerEvent::parse`] when the
 /// whole event does not parse (a number `serde_json` cannot hold, `"until": 1e400`): as
 /// [`BareError`]; the event is kept, with `until` `None`.
@@ -438,6 +459,46 @@ fn lenient_retry_after_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Opti
     Ok(retry_after_ms(&serde_json::Value::deserialize(d)?))
 }
 
+/// The largest message id taken from the wire: 2^53 - 1, JS's largest safe integer, so that a
+/// room's position + 1 is exact in the three client libraries.
+pub const MAX_WIRE_ID: u64 = (1 << 53) - 1;
+
+/// A message id from the wire (a `joined`'s `last_id`, a `message`'s `id`), or `None` for none,
+/// with the rule the three client libraries (Rust, JS, Python) share, tested by each against
+/// the same cases (`clients/conformance/last-id.json`; the rule: `clients/conformance/README.md`):
+/// only a JSON number that is a whole number >= 0 and at most [`MAX_WIRE_ID`] counts (`5.0` and
+/// `1e2` are 5 and 100: JS cannot tell them apart); a string such as `"5"`, a boolean, `null`, a
+/// negative, a fraction, `2^53` or `u64::MAX` are none (the last overflowed `last + 1`).
+pub fn wire_id(value: &serde_json::Value) -> Option<u64> {
+    let serde_json::Value::Number(n) = value else { return None };
+    if let Some(id) = n.as_u64() {
+        return Some(id).filter(|id| *id <= MAX_WIRE_ID);
+    }
+    if n.is_i64() {
+        return None; // below 0
+    }
+    // A float (serde_json reads an integer past u64 as one too); never NaN or infinite. `-0.0` is 0.
+    const RANGE: std::ops::RangeInclusive<f64> = 0.0..=(MAX_WIRE_ID as f64);
+    n.as_f64().filter(|f| f.fract() == 0.0 && RANGE.contains(f)).map(|f| f as u64)
+}
+
+/// `last_id` as any JSON value, read by [`wire_id`]: an odd value is none, never a failure of the
+/// whole `joined` (`1e400`, which `serde_json` cannot read at all, is handled by
+/// [`ServerEvent::parse`]).
+fn lenient_last_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(wire_id(&serde_json::Value::deserialize(d)?))
+}
+
+/// A message's `id`: an id by [`wire_id`] (`5.0`, `-0`), or any `u64` (past [`MAX_WIRE_ID`]
+/// it still parses, so the echo of a send acknowledges it; it never becomes a position). Anything
+/// else is an error: the message cannot be put in order.
+fn message_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    wire_id(&value).or_else(|| value.as_u64()).ok_or_else(|| {
+        serde::de::Error::custom(format_args!("a message id must be a whole number >= 0, not {value:.40}"))
+    })
+}
+
 /// A ban's or a mute's end (`until` of `left`, `muted`, `moderated`), Unix ms, or `None` (as if
 /// null: until lifted), read tolerantly as `retry_after_ms` and `heartbeat_interval` are: a JSON
 /// integer in `i64`'s range is itself; another finite number (`1.7e12`, `1700000000000.5`) is
@@ -479,6 +540,9 @@ impl ServerEvent {
     ///
     /// A `left`, `muted` or `moderated` likewise (`"until": 1e400`) is still that event, with
     /// no `until` (see [`until_ms`] for the values that are read).
+    ///
+    /// A `joined` likewise (`"last_id": 1e400`) is still the answer to its `join`, with no
+    /// `last_id` (see [`wire_id`] for the values that are read).
     pub fn parse(text: &str) -> Result<ServerEvent, serde_json::Error> {
         serde_json::from_str(text)
             .or_else(|e| match serde_json::from_str::<BareError>(text) {
@@ -499,6 +563,16 @@ impl ServerEvent {
                     auth_required: bare.auth_required,
                     heartbeat_interval: None,
                     dm_backlog: None,
+                    id: bare.id,
+                }),
+                _ => Err(e),
+            })
+            .or_else(|e| match serde_json::from_str::<BareJoined>(text) {
+                Ok(bare) if bare.kind == "joined" => Ok(ServerEvent::Joined {
+                    room: bare.room,
+                    users: bare.users,
+                    last_id: None,
+                    recovered: bare.recovered,
                     id: bare.id,
                 }),
                 _ => Err(e),
@@ -715,6 +789,59 @@ mod tests {
                     ..
                 }) if user_id == "u" && heartbeat_interval == seconds => {}
                 got => wrong.push(format!("{text:.40}: {got:?}, not {seconds:?}")),
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// The three client libraries read a joined's `last_id` by one rule (the shared cases,
+    /// `clients/conformance/last-id.json`: a whole number >= 0, at most 2^53 - 1), and an odd
+    /// value never loses the event: `"5"`, `2.5`, `-1`, `null` or `1e400` made the whole
+    /// `joined` unparsable (the join it answers timed out, the room stayed joining), and
+    /// `2^53`, `u64::MAX` were taken (`last + 1` then overflowed: a panic in the driver).
+    #[test]
+    fn last_id_reads_as_in_the_js_and_python_clients() {
+        let shared: serde_json::Value = serde_json::from_str(include_str!("../../conformance/last-id.json")).unwrap();
+        assert_eq!(shared["max"].as_u64(), Some(9_007_199_254_740_991));
+        let mut wrong = Vec::new();
+        for case in shared["cases"].as_array().unwrap() {
+            let (text, want) = (case[0].as_str().unwrap(), case[1].as_u64());
+            let frame = format!(
+                r#"{{"type": "joined", "room": "r", "users": [{{"user_id": "u", "username": "n"}}], "last_id": {text}, "recovered": false, "id": 7}}"#
+            );
+            match ServerEvent::parse(&frame) {
+                Ok(event @ ServerEvent::Joined { recovered: Some(false), id: Some(RequestId::Int(7)), .. })
+                    if serde_json::to_value(&event).unwrap()["last_id"].as_u64() == want
+                        && serde_json::to_value(&event).unwrap()["users"][0]["user_id"] == "u" => {}
+                got => wrong.push(format!("{text:.40}: {got:?}, not {want:?}")),
+            }
+        }
+        // Absent: none too, and still the joined.
+        match ServerEvent::parse(r#"{"type": "joined", "room": "r", "users": [], "id": 7}"#) {
+            Ok(event @ ServerEvent::Joined { .. }) if serde_json::to_value(&event).unwrap()["last_id"].is_null() => {}
+            got => wrong.push(format!("absent: {got:?}")),
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// A room message's `id` by the same rule: an id that counts is the message's, whatever its
+    /// spelling (`5.0`, `1e2`, `-0` used to make the message unparsable); anything else is not a
+    /// position: unparsable as before (`"5"`, `2.5`, `-1`, `1e400`), or a `u64` past 2^53 - 1,
+    /// which the room's bookkeeping drops (`RoomSeq::message`).
+    #[test]
+    fn message_ids_read_as_in_the_js_and_python_clients() {
+        let shared: serde_json::Value = serde_json::from_str(include_str!("../../conformance/last-id.json")).unwrap();
+        let mut wrong = Vec::new();
+        for case in shared["cases"].as_array().unwrap() {
+            let (text, want) = (case[0].as_str().unwrap(), case[1].as_u64());
+            let frame = format!(
+                r#"{{"type": "message", "id": {text}, "room": "r", "from": "n", "user_id": "u", "text": "t", "timestamp": 1}}"#
+            );
+            match (ServerEvent::parse(&frame), want) {
+                (Ok(ServerEvent::Message(m)), Some(want)) if m.id == want => {}
+                (Ok(ServerEvent::Message(m)), None) if m.id > 9_007_199_254_740_991 => {}
+                (Err(_), None) => {}
+                (got, _) => wrong.push(format!("{text:.40}: {got:?}, not {want:?}")),
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");

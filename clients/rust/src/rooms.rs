@@ -2,6 +2,8 @@
 //! below the last one seen is dropped) and gap detection (an id above last + 1
 //! means something was missed: re-join with `since`).
 
+use crate::protocol::MAX_WIRE_ID;
+
 /// What to do with an incoming room message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -36,13 +38,15 @@ impl RoomSeq {
         self.recovering = true;
     }
 
-    /// The server answered `joined`.
-    pub fn joined(&mut self, last_id: u64, recovered: Option<bool>) {
+    /// The server answered `joined`, with its `last_id` if it counts (`protocol::wire_id`).
+    pub fn joined(&mut self, last_id: Option<u64>, recovered: Option<bool>) {
         self.recovering = false;
         match (recovered, self.last) {
-            // A fresh join: only messages above `last_id` follow.
+            // A fresh join: only messages above `last_id` follow. Without a `last_id` that
+            // counts, a first join keeps no position (the next message sets it: the server's
+            // messages after `joined` are the room's next ones), a re-join keeps its own.
             (None, _) | (_, None) => {
-                self.last = Some(last_id);
+                self.last = last_id.filter(|id| *id <= MAX_WIRE_ID).or(self.last);
                 self.accept_jump = false;
             }
             // Every message after `since` follows in order.
@@ -53,6 +57,11 @@ impl RoomSeq {
 
     /// Decides about message `id`, and records it when delivered.
     pub fn message(&mut self, id: u64) -> Verdict {
+        if id > MAX_WIRE_ID {
+            // Never a position (`protocol::wire_id`): such a message cannot be put in order
+            // (and `u64::MAX` would overflow `last + 1`).
+            return Verdict::Drop;
+        }
         let Some(last) = self.last else {
             // Not joined yet: nothing to compare with.
             self.last = Some(id);
@@ -79,7 +88,7 @@ mod tests {
     #[test]
     fn delivers_in_order_and_drops_duplicates() {
         let mut seq = RoomSeq::default();
-        seq.joined(3, None);
+        seq.joined(Some(3), None);
         assert_eq!(seq.message(4), Verdict::Deliver);
         assert_eq!(seq.message(5), Verdict::Deliver);
         assert_eq!(seq.message(5), Verdict::Drop);
@@ -90,12 +99,12 @@ mod tests {
     #[test]
     fn a_gap_asks_for_one_rejoin_and_the_replay_fills_it() {
         let mut seq = RoomSeq::default();
-        seq.joined(0, None);
+        seq.joined(Some(0), None);
         assert_eq!(seq.message(1), Verdict::Deliver);
         assert_eq!(seq.message(3), Verdict::Gap { since: 1 });
         // Further messages while the re-join is in flight come again in the replay.
         assert_eq!(seq.message(4), Verdict::Drop);
-        seq.joined(4, Some(true));
+        seq.joined(Some(4), Some(true));
         assert_eq!(seq.message(2), Verdict::Deliver);
         assert_eq!(seq.message(3), Verdict::Deliver);
         assert_eq!(seq.message(4), Verdict::Deliver);
@@ -105,21 +114,35 @@ mod tests {
     #[test]
     fn unrecovered_rejoin_accepts_the_next_id() {
         let mut seq = RoomSeq::default();
-        seq.joined(10, None);
+        seq.joined(Some(10), None);
         seq.rejoining();
-        seq.joined(50, Some(false));
+        seq.joined(Some(50), Some(false));
         assert_eq!(seq.message(40), Verdict::Deliver);
         assert_eq!(seq.message(41), Verdict::Deliver);
         assert_eq!(seq.message(43), Verdict::Gap { since: 41 });
     }
 
+    /// An id past 2^53 - 1 (the largest the JS client can add 1 to) is never a position: it
+    /// used to become one, and `u64::MAX` then overflowed `last + 1` at the next message (a
+    /// panic that killed the driver task).
+    #[test]
+    fn ids_past_2_53_are_never_a_position() {
+        let mut seq = RoomSeq::default();
+        assert_eq!(seq.message(u64::MAX), Verdict::Drop);
+        assert_eq!(seq.message(9_007_199_254_740_992), Verdict::Drop);
+        assert_eq!(seq.message(3), Verdict::Deliver);
+        assert_eq!(seq.message(u64::MAX), Verdict::Drop);
+        assert_eq!(seq.message(4), Verdict::Deliver);
+        assert_eq!(seq.last(), Some(4));
+    }
+
     #[test]
     fn ids_that_started_again_are_followed() {
         let mut seq = RoomSeq::default();
-        seq.joined(10, None);
+        seq.joined(Some(10), None);
         seq.rejoining();
         // A restarted memory server answers with `last_id` = since and numbers from 1.
-        seq.joined(10, Some(false));
+        seq.joined(Some(10), Some(false));
         assert_eq!(seq.message(1), Verdict::Deliver);
         assert_eq!(seq.message(2), Verdict::Deliver);
         assert_eq!(seq.message(2), Verdict::Drop);

@@ -914,3 +914,293 @@ async fn a_token_that_expires_past_an_instant_s_range_does_not_kill_the_driver()
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// The frames a client wrote to a [`scripted_server`], with the number of their connection (from 1).
+type Frames = Arc<Mutex<Vec<(usize, serde_json::Value)>>>;
+
+/// A fake server for every connection attempt: `welcome`, then each frame of the client goes to
+/// `script` (with its connection's number, from 1), which returns the raw JSON texts to send
+/// back (as a buggy server or a proxy could write them); a `ping` it leaves unanswered gets its
+/// `pong`. Returns the URL, the frames written so far, and the server's task.
+async fn scripted_server(
+    script: impl Fn(&serde_json::Value, usize) -> Vec<String> + Send + Sync + 'static,
+) -> (String, Frames, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    let script = Arc::new(script);
+    let frames = Frames::default();
+    let seen = frames.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        for n in 1.. {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (script, seen) = (script.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
+                let _ = ws.send(Message::text(welcome.to_string())).await;
+                while let Some(Ok(Message::Text(text))) = ws.next().await {
+                    let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                    seen.lock().unwrap().push((n, cmd.clone()));
+                    let mut replies = script(&cmd, n);
+                    if replies.is_empty() && cmd["type"] == "ping" {
+                        replies.push(json!({"type": "pong", "id": cmd["id"]}).to_string());
+                    }
+                    for reply in replies {
+                        if ws.send(Message::text(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, frames, task)
+}
+
+/// A `joined` answering `join`, with `last_id` as raw JSON text (`None`: absent).
+fn raw_joined(join: &serde_json::Value, last_id: Option<&str>, recovered: Option<bool>) -> String {
+    let mut joined = json!({"type": "joined", "room": join["room"], "users": [], "id": join["id"]});
+    if let Some(recovered) = recovered {
+        joined["recovered"] = json!(recovered);
+    }
+    let text = joined.to_string();
+    match last_id {
+        Some(raw) => format!(r#"{}, "last_id": {raw}}}"#, &text[..text.len() - 1]),
+        None => text,
+    }
+}
+
+/// A room message with `id` as raw JSON text (an echo when `client_msg_id` is given).
+fn raw_message(id: &str, room: &str, text: &str, client_msg_id: Option<&str>) -> String {
+    let mut message =
+        json!({"type": "message", "room": room, "from": "x", "user_id": "x", "text": text, "timestamp": 1});
+    if let Some(cmid) = client_msg_id {
+        message["client_msg_id"] = json!(cmid);
+    }
+    let body = message.to_string();
+    format!(r#"{}, "id": {id}}}"#, &body[..body.len() - 1])
+}
+
+/// Waits up to `secs` (scaled) for `ok`, without failing: the test reports what it saw.
+async fn eventually(secs: f64, ok: impl Fn() -> bool) {
+    let _ = tokio::time::timeout(scaled(secs), async {
+        while !ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// The `join` frames written on connection `n`.
+fn joins_on(frames: &Frames, n: usize) -> Vec<serde_json::Value> {
+    frames.lock().unwrap().iter().filter(|(c, f)| *c == n && f["type"] == "join").map(|(_, f)| f.clone()).collect()
+}
+
+fn invalid_events(rec: &Recorder) -> usize {
+    rec.count(|e| matches!(e, Event::Error(e) if e.code() == Some("invalid_event")))
+}
+
+/// A first `joined` whose `last_id` is not a whole number >= 0 (at most 2^53 - 1) still answers
+/// the `join` (its `last_id` 0), the room keeps no position, and the next messages set it: 4 and
+/// 5 arrive, the send goes out and its echo 6 arrives, one join, and the re-join after a
+/// reconnect says `since` 6. `"5"`, `null`, `1e400`, `-1`, `2.5`, `true`, `{}` and an absent
+/// `last_id` made the whole `joined` unparsable (`invalid_event`): the `join` timed out, the room
+/// stayed joining (its sends held) though its messages were delivered; `2^53 + 1` made 4 and 5
+/// look seen; `u64::MAX` overflowed `last + 1` at the next message and killed the driver task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_odd_last_id_on_a_first_join_still_joins_and_the_next_message_sets_the_position() {
+    let mut wrong = Vec::new();
+    for raw in
+        [r#""5""#, "null", "1e400", "-1", "2.5", "true", "{}", "9007199254740993", "18446744073709551615", "absent"]
+    {
+        let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+            Some("join") => vec![
+                raw_joined(cmd, Some(raw).filter(|r| *r != "absent"), None),
+                raw_message("4", "r", "4", None),
+                raw_message("5", "r", "5", None),
+            ],
+            Some("message") => vec![raw_message("6", "r", "mine", cmd["client_msg_id"].as_str())],
+            _ => vec![],
+        })
+        .await;
+        let (c, events) = Client::builder(url)
+            .request_timeout(scaled(2.0))
+            .send_timeout(scaled(2.0))
+            .backoff(Duration::from_millis(50), Duration::from_millis(200))
+            .connect();
+        let rec = Recorder::new(events);
+        let joined = c.join("r").await.map(|j| j.last_id);
+        let sent = c.send("r", "mine").await.map(|m| m.id);
+        eventually(1.0, || rec.ids("r").len() >= 3).await;
+        let joins = joins_on(&frames, 1).len();
+        c.reconnect();
+        eventually(2.0, || !joins_on(&frames, 2).is_empty()).await;
+        let since = joins_on(&frames, 2).first().map(|j| j["since"].clone());
+        let got = format!(
+            "joined {joined:?}, sent {sent:?}, messages {:?}, {joins} join(s), rejoin since {since:?}, {} invalid_event",
+            rec.ids("r"),
+            invalid_events(&rec)
+        );
+        let want =
+            "joined Ok(0), sent Ok(6), messages [4, 5, 6], 1 join(s), rejoin since Some(Number(6)), 0 invalid_event";
+        if got != want {
+            wrong.push(format!("last_id {raw}: {got}"));
+        }
+        c.close();
+        server.abort();
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// A re-join's `joined` whose `last_id` is not a whole number >= 0 keeps the room's position
+/// (`since`, 7): the `Joined` and the `RecoveryFailed` (with `recovered: false`) say 7, the
+/// replay (8) is delivered, and the send made meanwhile goes out (its echo 9). It used to make
+/// the whole `joined` unparsable: no `Joined`, the room stayed joining and the send held until
+/// it timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_odd_last_id_on_a_rejoin_keeps_the_position() {
+    let mut wrong = Vec::new();
+    for raw in [r#""40""#, "null", "2.5", "-1", "1e400", "9007199254740992"] {
+        for recovered in [false, true] {
+            let (url, _frames, server) = scripted_server(move |cmd, n| match (cmd["type"].as_str(), n) {
+                (Some("join"), 1) => vec![raw_joined(cmd, Some("6"), None), raw_message("7", "r", "7", None)],
+                (Some("join"), _) => {
+                    vec![raw_joined(cmd, Some(raw), Some(recovered)), raw_message("8", "r", "8", None)]
+                }
+                (Some("message"), _) => vec![raw_message("9", "r", "after", cmd["client_msg_id"].as_str())],
+                _ => vec![],
+            })
+            .await;
+            let (c, events) = Client::builder(url)
+                .request_timeout(scaled(2.0))
+                .send_timeout(scaled(2.0))
+                .backoff(Duration::from_millis(50), Duration::from_millis(200))
+                .connect();
+            let rec = Recorder::new(events);
+            c.join("r").await.unwrap();
+            eventually(2.0, || rec.ids("r") == [7]).await;
+            c.reconnect();
+            let sent = c.send("r", "after").await.map(|m| m.id);
+            eventually(1.0, || rec.ids("r").len() >= 3).await;
+            let events = rec.events();
+            let joined: Vec<_> =
+                events.iter().filter_map(|e| if let Event::Joined(j) = e { Some(j.last_id) } else { None }).collect();
+            let lost: Vec<_> = events
+                .iter()
+                .filter_map(|e| {
+                    if let Event::RecoveryFailed { since, last_id, .. } = e {
+                        Some((*since, *last_id))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let got = format!("joined {joined:?}, lost {lost:?}, sent {sent:?}, messages {:?}", rec.ids("r"));
+            let want_lost = if recovered { "[]" } else { "[(7, 7)]" };
+            let want = format!("joined [6, 7], lost {want_lost}, sent Ok(9), messages [7, 8, 9]");
+            if got != want {
+                wrong.push(format!("last_id {raw}, recovered {recovered}: {got}"));
+            }
+            c.close();
+            server.abort();
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// After `recovered: false` the next message sets the position whatever its id, but only an id
+/// that is a whole number >= 0 and at most 2^53 - 1: `2^53 + 1` and `u64::MAX` are not
+/// delivered (nor taken for a gap), `1e400`, `2.5`, `-1`, `"40"` and `null` still make the
+/// message unparsable (`invalid_event`, as before: nothing waits for it), and 40 and 41 are
+/// delivered, with no join again. `2^53 + 1` used to become the position (40 and 41 were then
+/// dropped as seen, `u64::MAX` taken for a gap: a re-join).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_ids_after_recovered_false_only_a_whole_number_sets_the_position() {
+    let ids = ["1e400", "2.5", "-1", r#""40""#, "null", "9007199254740993", "18446744073709551615", "40", "41"];
+    let (url, frames, server) = scripted_server(move |cmd, n| match (cmd["type"].as_str(), n) {
+        (Some("join"), 1) => vec![raw_joined(cmd, Some("6"), None), raw_message("7", "r", "7", None)],
+        (Some("join"), _) if cmd["since"] == 7 => std::iter::once(raw_joined(cmd, Some("40"), Some(false)))
+            .chain(ids.iter().map(|id| raw_message(id, "r", "t", None)))
+            .collect(),
+        (Some("join"), _) => vec![raw_joined(cmd, Some("41"), Some(true))],
+        _ => vec![],
+    })
+    .await;
+    let (c, events) = Client::builder(url).backoff(Duration::from_millis(50), Duration::from_millis(200)).connect();
+    let rec = Recorder::new(events);
+    c.join("r").await.unwrap();
+    eventually(2.0, || rec.ids("r") == [7]).await;
+    c.reconnect();
+    eventually(2.0, || rec.ids("r").len() >= 3).await;
+    c.ping().await.unwrap(); // everything before its pong is in
+    let lost: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter_map(
+            |e| if let Event::RecoveryFailed { since, last_id, .. } = e { Some((since, last_id)) } else { None },
+        )
+        .collect();
+    let got = format!(
+        "messages {:?}, lost {lost:?}, joins {}, {} invalid_event",
+        rec.ids("r"),
+        joins_on(&frames, 2).len(),
+        invalid_events(&rec)
+    );
+    assert_eq!(got, "messages [7, 40, 41], lost [(7, 40)], joins 1, 5 invalid_event");
+    c.close();
+    server.abort();
+}
+
+/// Every case of `clients/conformance/last-id.json` through the client: as a first `joined`'s
+/// `last_id` (the `Joined` says the id, or 0, and the room's position is the id: message 1,
+/// which follows, is delivered only after 0 or no position), and as the id of the first
+/// message of a room joined without a `last_id` (delivered only when the id counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_id_off_the_wire_follows_the_shared_cases() {
+    let shared: serde_json::Value = serde_json::from_str(include_str!("../../conformance/last-id.json")).unwrap();
+    let cases: Vec<(String, Option<u64>)> = shared["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c[0].as_str().unwrap().to_owned(), c[1].as_u64()))
+        .collect();
+    let texts: Vec<String> = cases.iter().map(|(t, _)| t.clone()).collect();
+    let (url, _frames, server) = scripted_server(move |cmd, _| {
+        let Some(room) = cmd["room"].as_str().filter(|_| cmd["type"] == "join") else { return vec![] };
+        let text = &texts[room[1..].parse::<usize>().unwrap()];
+        if room.starts_with('j') {
+            vec![raw_joined(cmd, Some(text), None), raw_message("1", room, "one", None)]
+        } else {
+            vec![raw_joined(cmd, Some("null"), None), raw_message(text, room, "first", None)]
+        }
+    })
+    .await;
+    let (c, events) = Client::builder(url).request_timeout(scaled(2.0)).connect();
+    let rec = Recorder::new(events);
+    let joins = (0..cases.len()).flat_map(|i| [format!("j{i}"), format!("m{i}")]).map(|room| {
+        let c = c.clone();
+        async move { c.join(&room).await.map(|j| j.last_id) }
+    });
+    let joined = futures_util::future::join_all(joins).await;
+    let _ = c.ping().await; // everything before its pong is in
+    let mut wrong = Vec::new();
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let label: String = text.chars().take(40).collect();
+        let one = if want.is_none_or(|w| w == 0) { vec![1] } else { vec![] };
+        let got = (&joined[2 * i], rec.ids(&format!("j{i}")));
+        if got != (&Ok(want.unwrap_or(0)), one.clone()) {
+            wrong.push(format!(
+                "last_id {label}: joined {:?}, then message 1: {:?} (not {want:?}, {one:?})",
+                got.0, got.1
+            ));
+        }
+        let first = rec.ids(&format!("m{i}"));
+        if first != want.map_or(vec![], |w| vec![w]) {
+            wrong.push(format!("message id {label}: delivered {first:?}, not {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    c.close();
+    server.abort();
+}
