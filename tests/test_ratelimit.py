@@ -110,6 +110,20 @@ def test_take_ignores_a_clock_going_backwards() -> None:
 
 # -- both limiters, same cases ---------------------------------------------------------
 
+@pytest.mark.parametrize("variable", ["RATE_LIMIT", "RATE_LIMIT_GUEST_IP",
+                                      "RATE_LIMIT_REQUESTS"])
+def test_a_rate_is_at_most_a_billion_a_second(variable: str) -> None:
+    """A rate past 1e9 is refused at start: RATE_LIMIT=1e308 made a guest address's
+    default rate (10x) infinite, which take() and charge.lua answer differently, and
+    Redis refused the bucket's zero expiry (every guest post failed)."""
+    from wschat.config import MAX_RATE, ConfigError, Settings
+
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: "1e308"})
+    settings = Settings.from_env({variable: str(MAX_RATE)})
+    assert settings.guest_ip_rate < float("inf") and settings.request_rate < float("inf")
+
+
 def test_burst_then_refused_with_retry_after(bench: Bench) -> None:
     """``burst`` requests pass at once; the next is refused with about 1/rate to wait."""
     limiter = bench.make(10, 3)

@@ -49,7 +49,7 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _float(lo: float | None = None) -> Callable[[str], float]:
+def _float(lo: float | None = None, hi: float | None = None) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
             value = float(raw.strip())
@@ -59,9 +59,17 @@ def _float(lo: float | None = None) -> Callable[[str], float]:
             raise ValueError(f"expected a finite number, got {raw!r}")
         if lo is not None and value < lo:
             raise ValueError(f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ValueError(f"must be <= {hi:g}, got {value:g}")
         return value
 
     return parse
+
+
+# A rate's highest value: its tenfold (a guest address's default) stays finite, and so
+# does every bucket's refill time (an infinite rate would make take() disagree with
+# charge.lua, and Redis refuse a bucket's zero expiry). A billion a second is no limit.
+MAX_RATE = 1e9
 
 
 def _bool(raw: str) -> bool:
@@ -168,14 +176,14 @@ class Settings:
     # Per worker (each worker counts its own); 0: no cap.
     max_connections_per_ip: int = _var("MAX_CONNECTIONS_PER_IP", _int(0), 1000)
     max_connections_per_user: int = _var("MAX_CONNECTIONS_PER_USER", _int(0), 50)
-    rate_limit: float = _var("RATE_LIMIT", _float(0.001), 10.0)
+    rate_limit: float = _var("RATE_LIMIT", _float(0.001, MAX_RATE), 10.0)
     rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1), 20)
     # Guests from one address together (unset: 10 users' worth, for NATs and offices).
-    rate_limit_guest_ip: float | None = _var("RATE_LIMIT_GUEST_IP", _float(0.001), None)
+    rate_limit_guest_ip: float | None = _var("RATE_LIMIT_GUEST_IP", _float(0.001, MAX_RATE), None)
     rate_limit_guest_ip_burst: int | None = _var("RATE_LIMIT_GUEST_IP_BURST", _int(1), None)
     # Every other command (join, leave, list_users, history, auth, ping); unset:
     # RATE_LIMIT per second and 5 x RATE_LIMIT_BURST at once.
-    rate_limit_requests: float | None = _var("RATE_LIMIT_REQUESTS", _float(0.001), None)
+    rate_limit_requests: float | None = _var("RATE_LIMIT_REQUESTS", _float(0.001, MAX_RATE), None)
     rate_limit_requests_burst: int | None = _var("RATE_LIMIT_REQUESTS_BURST", _int(1), None)
     heartbeat_interval: float = _var("HEARTBEAT_INTERVAL", _float(0.05), 30.0)
     enable_persistence: bool = _var("ENABLE_PERSISTENCE", _bool, False)

@@ -41,7 +41,8 @@ EPSILON = 1e-9
 
 def take(tokens: float, last: float, now: float, rate: float, burst: float,
          cost: float = 1.0) -> tuple[float, float, int]:
-    """One request costing ``cost`` tokens (at most ``burst``) against a bucket.
+    """One request costing ``cost`` tokens (at most ``burst``) against a bucket (``rate``
+    finite and > 0: the settings see to it, :data:`wschat.config.MAX_RATE`).
 
     Returns:
         (tokens left, new timestamp, retry_after_ms); retry_after_ms is 0 when
