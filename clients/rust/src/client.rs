@@ -76,7 +76,8 @@ pub enum Event {
     /// A mute was lifted.
     Unmuted { room: Option<String> },
     /// An error not tied to a request (a server `error` without `id`, a failed
-    /// token refresh, a send that could not be delivered, a terminal close).
+    /// token refresh, a send that could not be delivered, a terminal close, a panic of
+    /// the client's task: [`Error::Terminal`], the last event).
     Error(Error),
 }
 
@@ -245,14 +246,35 @@ pub enum Acked {
     Dm(DirectMessage),
 }
 
+/// What a [`Client`] asks of the driver. (`Panic`, tests only: the driver panics with its message
+/// where it handles an op, a stand-in for a bug of the library that neither an app nor a server
+/// can trigger in a build.)
 pub(crate) enum Op {
-    Join { room: String, reply: Reply<Joined> },
-    Leave { room: String, reply: Reply<ServerEvent> },
-    Send { target: Target, text: String, reply: Reply<Acked> },
-    Request { cmd: ClientCommand, reply: Reply<ServerEvent> },
-    Typing { room: String, status: bool },
+    Join {
+        room: String,
+        reply: Reply<Joined>,
+    },
+    Leave {
+        room: String,
+        reply: Reply<ServerEvent>,
+    },
+    Send {
+        target: Target,
+        text: String,
+        reply: Reply<Acked>,
+    },
+    Request {
+        cmd: ClientCommand,
+        reply: Reply<ServerEvent>,
+    },
+    Typing {
+        room: String,
+        status: bool,
+    },
     Reconnect,
     Close,
+    #[cfg(test)]
+    Panic(String),
 }
 
 /// A handle to a running client; clone it freely. The client stops when the
@@ -423,8 +445,76 @@ impl Client {
     pub fn close(&self) {
         let _ = self.ops.send(Op::Close);
     }
+
+    /// Tests only: makes the client's task panic, as a bug of the library would.
+    #[cfg(test)]
+    pub(crate) fn panic_driver(&self, message: &str) {
+        let _ = self.ops.send(Op::Panic(message.to_owned()));
+    }
 }
 
 fn unexpected(event: ServerEvent) -> Error {
     Error::local("unexpected_reply", format!("{event:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// A server that greets one connection with a `welcome` and then answers nothing.
+    async fn silent_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let welcome = r#"{"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0}"#;
+            ws.send(Message::text(welcome)).await.unwrap();
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        url
+    }
+
+    /// A panic of the client's task (a bug: an `Instant + Duration` overflow did it once) is
+    /// final and told: the state is `Disconnected`, the events end with `Disconnected`
+    /// (`reconnect_in: None`) and `Error::Terminal` carrying the panic's message, a call
+    /// waiting for an answer fails at once (not after its timeout) and later calls fail.
+    #[tokio::test]
+    async fn a_panic_of_the_driver_is_final_and_told() {
+        let wait = Duration::from_secs(5);
+        let url = silent_server().await;
+        let (c, mut events) = Client::builder(url).request_timeout(Duration::from_secs(60)).connect();
+        c.wait_connected(wait).await.unwrap();
+        // A ping the server never answers, handed to the driver (polled once) before the panic.
+        let ping = c.ping();
+        tokio::pin!(ping);
+        assert!(timeout(Duration::from_millis(50), &mut ping).await.is_err());
+        c.panic_driver("boom: a test asked for it");
+
+        let failed = timeout(wait, &mut ping).await;
+        let state = c.state();
+        assert_eq!(failed, Ok(Err(Error::Closed)), "the pending ping");
+        assert_eq!(state, ConnectionState::Disconnected, "the state once the pending ping failed");
+
+        let mut seen = Vec::new();
+        let ended = timeout(wait, async {
+            while let Some(event) = events.recv().await {
+                seen.push(event);
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the events did not end: {seen:?}");
+        let reason = "the client's task panicked (a bug in wschat): boom: a test asked for it".to_owned();
+        let tail = [
+            Event::State(ConnectionState::Disconnected),
+            Event::Disconnected { code: None, reason: reason.clone(), reconnect_in: None },
+            Event::Error(Error::Terminal { code: None, reason }),
+        ];
+        assert!(seen.ends_with(&tail), "the events ended with {seen:#?}");
+
+        assert_eq!(c.join("r").await, Err(Error::Closed));
+        assert_eq!(c.wait_connected(wait).await, Err(Error::Closed));
+    }
 }

@@ -8,10 +8,12 @@
 //! block: they update state and queue frames in `outgoing`, which the serving
 //! loop writes after each one.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -30,6 +32,41 @@ use crate::protocol::{
 };
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::{expiry_of, refresh_wait, RefreshDue};
+
+/// Runs the driver and, should it panic (a bug of this library), tells the app that the client
+/// is gone for good, as a close that forbids reconnecting is told: the state `Disconnected`,
+/// `Event::Disconnected` with `reconnect_in: None` and `Event::Error(Error::Terminal)`, both
+/// with the panic's message. Only then is the driver dropped, and with it its pending replies
+/// (their calls fail with `Closed` at once) and its end of the events, which then end. Without
+/// this, Tokio dropped the task quietly: `state()` still said `Connected` and the events ended
+/// with no word. (With `panic = "abort"` the process ends instead: nothing to tell.)
+async fn supervise(
+    run: impl std::future::Future<Output = ()>,
+    events: mpsc::UnboundedSender<Event>,
+    snapshot: watch::Sender<Snapshot>,
+) {
+    // Unwind safe enough: after a panic the driver's state is never used again, only dropped.
+    let run = AssertUnwindSafe(run).catch_unwind();
+    tokio::pin!(run);
+    if let Err(panic) = run.as_mut().await {
+        let reason = format!("the client's task panicked (a bug in wschat): {}", panic_message(&*panic));
+        let disconnected = ConnectionState::Disconnected;
+        if snapshot.send_if_modified(|s| std::mem::replace(&mut s.state, disconnected) != disconnected) {
+            let _ = events.send(Event::State(disconnected));
+        }
+        let _ = events.send(Event::Disconnected { code: None, reason: reason.clone(), reconnect_in: None });
+        let _ = events.send(Event::Error(Error::Terminal { code: None, reason }));
+    }
+}
+
+/// The message a panic was given (`panic!("...")` carries a `&str` or a `String`).
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => message,
+        (_, Some(message)) => message,
+        _ => "(no message)",
+    }
+}
 
 enum Internal {
     Token(Result<String, String>),
@@ -187,7 +224,8 @@ impl Driver {
             send_retries: 0,
             debug: std::env::var_os("WSCHAT_CLIENT_DEBUG").is_some_and(|v| v == "1"),
         };
-        tokio::spawn(driver.run());
+        let (events, snapshot) = (driver.events.clone(), driver.snapshot.clone());
+        tokio::spawn(supervise(driver.run(), events, snapshot));
     }
 
     async fn run(mut self) {
@@ -601,6 +639,8 @@ impl Driver {
             }
             // Handled by the loops that own the socket.
             Op::Reconnect | Op::Close => {}
+            #[cfg(test)]
+            Op::Panic(message) => panic!("{message}"),
         }
     }
 

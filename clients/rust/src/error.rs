@@ -29,6 +29,8 @@ pub enum Error {
     /// 1009, 40xx, or 4001/4002 without a token callback), or refused the upgrade with
     /// an HTTP status retrying cannot change (`code` 403: origin not allowed, 400: a
     /// malformed request or username, 404: no such endpoint, ...; not 401, 408, 429, 5xx).
+    /// Also when the client's task panicked (a bug of this library): `code` `None`, `reason`
+    /// "the client's task panicked (a bug in wschat): " and the panic's message.
     #[error("connection closed for good (code {code:?}): {reason}")]
     Terminal { code: Option<u16>, reason: String },
     /// The client was closed (or its task ended).
