@@ -715,10 +715,18 @@ export class ChatClient extends Emitter<ClientEvents> {
   // -- rooms -------------------------------------------------------------------------------
   /**
    * Joins `room` and keeps it joined across reconnects until `leave`. `since`: resume
-   * after this message id (e.g. one the app persisted). Resolves with the `joined` reply.
-   * A timeout rejects the promise, but the room stays wanted: call `leave` to give up.
+   * after this message id (e.g. one the app persisted from `lastId(room)`; undefined or null:
+   * none). Resolves with the `joined` reply. A timeout rejects the promise, but the room stays
+   * wanted: call `leave` to give up. A `since` that is not a whole number >= 0 and at most
+   * 2^53 - 1 (the rule for ids off the wire, `wireId`) rejects at once with `invalid_message`,
+   * the server's answer to it, and keeps nothing.
    */
-  join(room: string, opts: { since?: number; timeout?: number } = {}): Promise<JoinResult> {
+  join(room: string, opts: { since?: number | null; timeout?: number } = {}): Promise<JoinResult> {
+    const since = opts.since ?? null;
+    if (since !== null && wireId(since) === null) {
+      const why = `join ${room}: since must be a whole number >= 0 and at most 2^53 - 1, not ${shown(since)}`;
+      return handled(Promise.reject(new ChatError("invalid_message", why)));
+    }
     let r = this.rooms.get(room);
     if (r?.state === "joined") {
       return Promise.resolve({ room, users: r.users, last_id: r.lastId ?? 0 });
@@ -730,7 +738,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       r = {
         name: room,
         state: "left",
-        lastId: opts.since ?? null,
+        lastId: since,
         acceptJump: false,
         syncReq: null,
         joinReq: null,
@@ -1246,6 +1254,17 @@ function withUsername(url: string, username?: string): string {
  */
 function wireId(value: unknown): number | null {
   return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 ? value : null;
+}
+
+/** An app's argument as an error message shows it: strings quoted, `5n`, `NaN`, `{"a":1}`. */
+function shown(value: unknown): string {
+  if (typeof value === "bigint") return `${value}n`;
+  if (typeof value !== "object" && typeof value !== "string") return String(value);
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return Object.prototype.toString.call(value);
+  }
 }
 
 /** The `exp` of a JWT in ms, or null (not a JWT, no exp). The signature is the server's business. */

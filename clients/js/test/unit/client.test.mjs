@@ -412,6 +412,32 @@ test("rooms: a join the server refuses rejects with its code and leaves nothing 
   c.disconnect();
 });
 
+test("rooms: join's own since is taken only as a whole number >= 0 (the rule for ids off the wire), else rejected at once", async (t) => {
+  const { server, c } = setup({ requestTimeout: 300 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  const joinsOf = (room) => server.last.sent.filter((f) => f.type === "join" && f.room === room);
+  const bad = ["5", "", -1, -0.5, 2.5, 0.5, NaN, Infinity, -Infinity, 2 ** 53, 2 ** 53 + 2, 1e20, true, false, {}, [5], 5n];
+  const wrong = [];
+  for (const [i, since] of bad.entries()) {
+    const room = `bad${i}`;
+    // A synchronous throw would be wrong too: it is caught and reported.
+    const outcome = await Promise.resolve()
+      .then(() => c.join(room, { since }))
+      .then((j) => `resolved ${JSON.stringify(j)}`, (e) => `${e.name} ${e.code ?? ""}: ${e.message}`);
+    await tick(5);
+    const got = { outcome, state: c.roomState(room), joins: joinsOf(room).length };
+    const ok = outcome.startsWith("ChatError invalid_message: ") && outcome.includes("since") && got.state === "left" && got.joins === 0;
+    if (!ok) wrong.push(`since ${typeof since} ${String(since)}: ${JSON.stringify(got)}`);
+  }
+  assert.deepEqual(wrong, []);
+  // Whole numbers >= 0 up to 2^53 - 1 go out as they are; undefined and null are no since.
+  for (const [room, since, want] of [["a", 0, 0], ["b", 7, 7], ["c", 2 ** 53 - 1, 2 ** 53 - 1], ["d", -0, 0], ["e", null, undefined], ["f", undefined, undefined]]) {
+    await c.join(room, { since });
+    assert.equal(joinsOf(room)[0].since, want, `since ${since}`);
+  }
+});
+
 test("unhandled: promises an app forgets never crash it", async () => {
   const { c } = setup({ requestTimeout: 10 });
   void c.connect();
