@@ -915,6 +915,17 @@ async fn a_token_that_expires_past_an_instant_s_range_does_not_kill_the_driver()
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
+/// A client of a [`scripted_server`] that gives up on a request or a send after 2 s (scaled)
+/// and reconnects within 200 ms, with its events recorded.
+fn impatient_client(url: String) -> (Client, Recorder) {
+    let (c, events) = Client::builder(url)
+        .request_timeout(scaled(2.0))
+        .send_timeout(scaled(2.0))
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .connect();
+    (c, Recorder::new(events))
+}
+
 /// The frames a client wrote to a [`scripted_server`], with the number of their connection (from 1).
 type Frames = Arc<Mutex<Vec<(usize, serde_json::Value)>>>;
 
@@ -1024,12 +1035,7 @@ async fn an_odd_last_id_on_a_first_join_still_joins_and_the_next_message_sets_th
             _ => vec![],
         })
         .await;
-        let (c, events) = Client::builder(url)
-            .request_timeout(scaled(2.0))
-            .send_timeout(scaled(2.0))
-            .backoff(Duration::from_millis(50), Duration::from_millis(200))
-            .connect();
-        let rec = Recorder::new(events);
+        let (c, rec) = impatient_client(url);
         let joined = c.join("r").await.map(|j| j.last_id);
         let sent = c.send("r", "mine").await.map(|m| m.id);
         eventually(1.0, || rec.ids("r").len() >= 3).await;
@@ -1072,12 +1078,7 @@ async fn an_odd_last_id_on_a_rejoin_keeps_the_position() {
                 _ => vec![],
             })
             .await;
-            let (c, events) = Client::builder(url)
-                .request_timeout(scaled(2.0))
-                .send_timeout(scaled(2.0))
-                .backoff(Duration::from_millis(50), Duration::from_millis(200))
-                .connect();
-            let rec = Recorder::new(events);
+            let (c, rec) = impatient_client(url);
             c.join("r").await.unwrap();
             eventually(2.0, || rec.ids("r") == [7]).await;
             c.reconnect();
