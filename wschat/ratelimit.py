@@ -111,19 +111,12 @@ class MemoryRateLimiter(RateLimiter):
 
     def hit(self, key: str, rate: float | None = None, burst: float | None = None,
             cost: float = 1.0) -> int:
-        rate = self.rate if rate is None else float(rate)
-        burst = self.burst if burst is None else float(burst)
-        now = self._clock()
-        tokens, last, _ = self._buckets.get(key, (burst, now, now))
-        tokens, last, retry_ms = take(tokens, last, now, rate, burst, cost)
-        self._buckets[key] = (tokens, last, last + (burst - tokens) / rate)
-        if now >= self._next_sweep:
-            self._sweep(now)
-        return retry_ms
+        return self.spend(((key, self.rate if rate is None else float(rate),
+                            self.burst if burst is None else float(burst)),), cost)
 
     def spend(self, charge: Charge, cost: float = 1.0) -> int:
-        # RateLimiter.spend with the clock read once and the sweep checked once: a
-        # message's one or two buckets are on every post's path.
+        # RateLimiter.spend with the clock read once and the sweep checked once (a
+        # message's one or two buckets are on every post's path); hit() is a charge of one.
         now = self._clock()
         buckets = self._buckets
         retry_ms = 0
