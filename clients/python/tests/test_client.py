@@ -774,8 +774,8 @@ def test_last_id_reads_as_in_the_js_and_rust_clients(text: str, want: int | None
     shared cases, clients/conformance/last-id.json): a JSON number that is a whole number
     >= 0 and at most 2^53 - 1; anything else ("5", null, true, -1, 2.5, 1e400, 2^53) is none."""
     # here: a library without them fails this test
-    from wschat_client.client import _loads, _wire_id
-    got = _wire_id(_loads(text))
+    from wschat_client.client import _loads, wire_id
+    got = wire_id(_loads(text))
     assert got == want and type(got) is type(want), (text[:40], got)
 
 

@@ -44,7 +44,7 @@ from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
 from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
                      Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
-                     StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, _wire_id)
+                     StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
 from .pacer import Pacer
 
@@ -670,9 +670,9 @@ class Client:
     def _on_joined(self, room: _Room, obj: dict[str, Any]) -> None:
         room.join_rid = None
         since = room.info.last_id
-        # Only a whole number >= 0 is ever a position (_wire_id): "5", null, 2.5, -1, 1e400
+        # Only a whole number >= 0 is ever a position (wire_id): "5", null, 2.5, -1, 1e400
         # would poison every later since and gap check, or raise here (a lost joined).
-        last_id = _wire_id(obj.get("last_id"))
+        last_id = wire_id(obj.get("last_id"))
         recovered = obj.get("recovered") if since is not None else None
         # The replay (if any) ends at last_id; on a re-join without one that counts, the
         # answer to a ping behind the join tells (no message id reaches REPLAY_END_UNKNOWN).

@@ -65,7 +65,7 @@ WIRE_ID_MAX = 2**53 - 1
 Rust clients: position + 1 is exact in all three)."""
 
 
-def _wire_id(value: Any) -> int | None:
+def wire_id(value: Any) -> int | None:
     """A message id from the wire (a ``joined``'s ``last_id``, a ``message``'s ``id``), or
     None for none, with the rule the three client libraries (Python, JS, Rust) share, tested
     by each against the same cases (``clients/conformance/last-id.json``; the rule:
@@ -86,7 +86,7 @@ def _wire_id(value: Any) -> int | None:
 @dataclass(frozen=True, slots=True)
 class Message:
     """A room message. ``id`` is the room's gap-free sequence number; -1 when the server's is
-    not a whole number >= 0 (:func:`_wire_id`): such a message is never a ``message`` event,
+    not a whole number >= 0 (:func:`wire_id`): such a message is never a ``message`` event,
     only a send's acknowledgement or an entry of ``history`` can carry it."""
 
     id: int
@@ -99,7 +99,7 @@ class Message:
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Message:
-        mid = _wire_id(obj.get("id"))
+        mid = wire_id(obj.get("id"))
         return cls(-1 if mid is None else mid, str(obj["room"]), str(obj.get("from", "")),
                    str(obj.get("user_id", "")), str(obj.get("text", "")),
                    int(obj.get("timestamp", 0)), obj.get("client_msg_id"))
