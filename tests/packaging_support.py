@@ -290,11 +290,12 @@ class Rendered:
         return {k: base64.b64decode(v).decode() for k, v in secrets[0].get("data", {}).items()}
 
 
-def render(values: dict[str, Any] | None = None, *, name: str = RELEASE) -> Rendered:
+def render(values: dict[str, Any] | None = None, *, name: str = RELEASE,
+           chart_dir: Path = CHART_DIR) -> Rendered:
     import helm_python
     import yaml
 
-    chart = helm_python.Chart.load(str(CHART_DIR))
+    chart = helm_python.Chart.load(str(chart_dir))
     try:
         templates = chart.render(values or {}, name=name, namespace=NAMESPACE, is_install=True)
     finally:

@@ -477,6 +477,37 @@ def test_chart_refuses_several_pods_without_redis(values: dict[str, Any]) -> Non
         render(values)
 
 
+# A template that renders the Deployment's "replicas:" line against stand-ins for
+# what `lookup` returns (offline rendering has no cluster: it always returns nothing).
+REPLICAS_PROBE = """\
+{{- $root := . }}
+{{- range $name, $live := dict "none" (dict) "no-spec" (dict "metadata" (dict))
+      "seven" (dict "spec" (dict "replicas" 7)) "zero" (dict "spec" (dict "replicas" 0)) }}
+{{ $name }}: {{ include "wschat.replicas" (dict "root" $root "live" $live) | trim | quote }}
+{{- end }}
+"""
+
+
+@pytest.mark.parametrize("autoscaling", [False, True], ids=["replicaCount", "autoscaling"])
+def test_turning_the_hpa_on_keeps_the_running_pods(autoscaling: bool, tmp_path: Path) -> None:
+    """With the HPA on, the Deployment's manifest keeps the count the cluster has
+    (lookup): a manifest that drops the line makes the API server reset it to 1."""
+    chart = tmp_path / "helm"
+    shutil.copytree(CHART_DIR, chart)
+    (chart / "templates" / "replicas-probe.yaml").write_text(REPLICAS_PROBE)
+    values = {"replicaCount": 3, "redis": {"enabled": True},
+              "autoscaling": {"enabled": autoscaling}}
+    probe = yaml.safe_load(render(values, chart_dir=chart).template("replicas-probe.yaml"))
+    if autoscaling:
+        assert probe == {"none": "", "no-spec": "", "seven": "replicas: 7",
+                         "zero": "replicas: 0"}
+    else:
+        assert set(probe.values()) == {"replicas: 3"}
+    # The Deployment itself: offline, lookup finds nothing (as for a first install).
+    spec = render(values).deployment()["spec"]
+    assert spec.get("replicas") == (None if autoscaling else 3)
+
+
 def test_without_redis_the_server_gets_one_worker() -> None:
     release = render({"config": {"workers": 4}, "redis": {"enabled": False}})
     assert release.config_env()["WEB_CONCURRENCY"] == "1"

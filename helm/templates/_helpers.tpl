@@ -87,6 +87,27 @@ app.kubernetes.io/part-of: wschat
 {{- end }}
 {{- end }}
 
+{{/*
+The Deployment's "replicas:" line. Autoscaling off: replicaCount. On: the
+running Deployment's own count, read with `lookup` ("live", its manifest as
+the cluster has it), or no line when there is none to read (a first install,
+or offline rendering: helm template, Argo CD). A line dropped from a running
+Deployment's manifest (turning the HPA on) is reset by the API server to 1,
+closing every other pod's connections until the HPA scales up again; the
+count the cluster already has changes nothing, and leaves the HPA in charge.
+Called with (dict "root" $ "live" <the lookup's result>).
+*/}}
+{{- define "wschat.replicas" -}}
+{{- if not .root.Values.autoscaling.enabled }}
+replicas: {{ .root.Values.replicaCount }}
+{{- else }}
+{{- $spec := dig "spec" dict (.live | default dict) }}
+{{- if hasKey $spec "replicas" }}
+replicas: {{ $spec.replicas }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* "true" when the release runs more than one wschat pod (now or by autoscaling). */}}
 {{- define "wschat.multiPod" -}}
 {{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
