@@ -519,6 +519,11 @@ def test_dm_to_someone_who_left_says_why(web_server: Server,
     expect(refused).to_have_class(re.compile(r"\bfailed\b"))
     expect(refused.locator(".error")).to_contain_text("bob is not online")
     expect(alice.page.locator("#dms li", has_text="bob")).to_have_count(1)
+    # Closing the conversation drops it and opens the room again.
+    alice.page.get_by_role("button", name="Close the conversation with bob").click()
+    expect(alice.page.locator("#dms li", has_text="bob")).to_have_count(0)
+    expect(alice.page.locator('[data-conv="room:general"]')).to_have_attribute("aria-current",
+                                                                             "true")
 
 
 def test_history_on_join_and_older_on_scroll(web_server: Server,

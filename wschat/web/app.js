@@ -361,14 +361,7 @@ function joinFailed(room, err) {
 }
 
 async function leaveRoom(room) {
-  const key = roomKey(room);
-  const hadFocus = focusWithin(key);
-  state.conversations.delete(key);
-  if (state.current === key) state.current = [...state.conversations.keys()][0] ?? null;
-  persistConversations();
-  persistFailed();
-  renderAll();
-  if (hadFocus) focusCurrent();
+  closeConversation(roomKey(room));
   try { await state.client.leave(room); } catch { /* the room is gone from the view anyway */ }
 }
 
@@ -949,7 +942,7 @@ function conversationEntry(c) {
       const li = el("li", { data: { conv: key } },
         el("button", { type: "button", class: "open", onclick: () => open(key) }),
         el("button", { type: "button", class: "leave",
-          onclick: () => (kind === "room" ? leaveRoom(name) : closeDm(key)) }, "×"));
+          onclick: () => (kind === "room" ? leaveRoom(name) : closeConversation(key)) }, "×"));
       update(li);
       return li;
     },
@@ -1123,7 +1116,8 @@ function open(key) {
   renderMembers();
 }
 
-function closeDm(key) {
+/** Drop conversation `key` from the view (a room left, a DM closed); the next one opens. */
+function closeConversation(key) {
   const hadFocus = focusWithin(key);
   state.conversations.delete(key);
   if (state.current === key) state.current = [...state.conversations.keys()][0] ?? null;
