@@ -254,3 +254,30 @@ def test_dm_ids_and_dedupe(stores: Stores) -> None:
     assert d2.duplicate and d2.event == d1.event
     assert d3.msg_id > d1.msg_id
     assert stored_id_of(d3.event) == d3.msg_id
+
+
+@pytest.mark.parametrize("kind", ["room", "dm"])
+def test_a_redis_post_answers_with_the_id_not_the_event(stores: Stores, kind: str) -> None:
+    """The post scripts answer with the id alone: the worker splices it into the draft it
+    holds, the same bytes the script stored and published (before: the whole event came
+    back, a second copy of every message on Redis's network besides the pub/sub ones)."""
+    if stores.name != "redis":
+        pytest.skip("Redis's own byte counters")
+    import redis
+
+    counters = redis.Redis.from_url(redis_url(10))
+    text = "x" * 20_000
+    before = int(counters.info("stats")["total_net_output_bytes"])
+    if kind == "room":
+        draft = draft_message("big", ALICE.username, ALICE.user_id, text, 1, "c-1")
+        posted = stores.messages.post_room("big", ALICE.user_id, draft)
+    else:
+        draft = draft_dm(BOB.user_id, ALICE.username, ALICE.user_id, text, 1, "c-1")
+        posted = stores.messages.post_dm(ALICE.user_id, BOB.user_id, draft)
+    sent = int(counters.info("stats")["total_net_output_bytes"]) - before
+    counters.close()
+    assert posted.event == draft.with_id(posted.msg_id)
+    if kind == "room":
+        assert stores.messages.recent("big", 1) == [posted.event]
+    # Nobody subscribes here: what Redis sent was the post's answer (and one INFO reply).
+    assert sent < 5_000, f"Redis sent {sent} bytes for one post of a 20 kB event"

@@ -116,14 +116,14 @@ class RedisMessageStore(MessageStore):
             raise Unavailable("redis: resubscribing after an outage")
 
     def _posted(self, out: list[Any], draft: MessageDraft, room: str | None = None) -> Posted:
-        outcome, event = out
+        outcome, value = out
+        if outcome == 0:  # the id: the event is the draft with it, as the script stored it
+            return Posted(value, draft.with_id(value), False)
         if outcome == 2:
-            raise RateLimited(int(event))
+            raise RateLimited(int(value))
         if outcome == 3:
             raise RecipientOffline("no such user online")
-        if outcome == 1:
-            return self._retried(bytes(event), draft, room)
-        return Posted(stored_id_of(event), bytes(event), False)
+        return self._retried(bytes(value), draft, room)
 
     def _retried(self, seen: bytes, draft: MessageDraft, room: str | None) -> Posted:
         """A retry's echo from its dedupe key's ``<id> <timestamp_ms>``: the room's copy

@@ -1,11 +1,12 @@
 -- A room message in one round trip: charge.lua and take_id.lua (prepended) spend the
 -- sender's rate-limit tokens, deduplicate and take the next id; this appends to the
 -- history and PUBLISHes (payload: an empty exclude id, a newline, the event).
--- Returns {0, event}, {1, "<id> <timestamp_ms>"} for a retry (take_id.lua), or
+-- Returns {0, id} (the worker splices it into its draft as this did: the event is
+-- not sent back), {1, "<id> <timestamp_ms>"} for a retry (take_id.lua), or
 -- {2, retry_after_ms} when a bucket refused.
 -- KEYS: seq hist channel [dedupe] [buckets...]
 -- ARGV: prefix suffix dedupe_ttl timestamp_ms history_size [rate burst cost]... NB
 redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 redis.call('PUBLISH', KEYS[3], '\n' .. msg)
-return {0, msg}
+return {0, n}
