@@ -426,6 +426,26 @@ def test_token_expiry_closes_4002_unless_refreshed(chat: Chat, clock: Clock) -> 
     assert b.closed_with is None
 
 
+def test_token_expiry_holds_after_the_wall_clock_steps_back(clock: Clock) -> None:
+    """The expiry deadline is kept in monotonic time, the token's end in wall time: when
+    the wall clock steps back (NTP, a resumed VM), the deadline comes while the token is
+    not over yet. It is watched again, and the session still closes when it ends (before:
+    forgotten, and the connection outlived its token for good)."""
+    wall = Clock()
+    chat = make_chat(clock)
+    chat.clock = wall  # wall time apart from the monotonic `clock`
+    a = connect(chat, "a", authenticated=True, expires_at=wall.now + 60)
+    wall.now -= 2  # the wall clock steps back 2 s
+    clock.now += 61
+    wall.now += 61
+    chat.tick()
+    assert a.closed_with is None  # 1 s of the token is left
+    clock.now += 2
+    wall.now += 2
+    chat.tick()
+    assert a.closed_with is not None and a.closed_with[0] == 4002
+
+
 def test_auth_switch_leaves_rooms_of_old_identity(chat: Chat, clock: Clock) -> None:
     """auth as another user makes the guest identity leave its rooms first."""
     watcher, guest = connect(chat, "w"), connect(chat, "guest-9")

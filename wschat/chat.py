@@ -496,12 +496,17 @@ class Chat:
                 session.close(CloseCode.AUTH_TIMEOUT, "authentication timeout")
         wall = self.clock()
         for session in self._expiry_deadlines.due(now):
-            if (session.expires_at is not None and session.expires_at <= wall
-                    and not session.closed_by_chat):
-                session.send(ProtocolError(ErrorCode.TOKEN_EXPIRED,
-                                           "token expired; reconnect with a fresh one").to_event())
-                self.metrics.disconnected("token_expired")
-                session.close(CloseCode.TOKEN_EXPIRED, "token expired")
+            if session.expires_at is None or session.closed_by_chat:
+                continue
+            if session.expires_at > wall:
+                # The wall clock stepped back since the deadline was set: not over yet,
+                # so watched again (the token's end is wall time, the deadline monotonic).
+                self._watch_expiry(session)
+                continue
+            session.send(ProtocolError(ErrorCode.TOKEN_EXPIRED,
+                                       "token expired; reconnect with a fresh one").to_event())
+            self.metrics.disconnected("token_expired")
+            session.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     def _watch_expiry(self, session: Session) -> None:
         if session.expires_at is not None:
