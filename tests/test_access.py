@@ -292,8 +292,7 @@ def test_kick_during_a_join_is_carried_out_after_it(clock: Clock) -> None:
     b.access.joining.clear()  # as if admitted before the ban: the join itself is not refused
     chat.access.store.lift("ban", "r", "b")
     send(chat, b, type="join", room="r")
-    assert "r" in b.rooms
-    chat.tick()
+    assert b.events("joined")  # joined, then out as the join ends
     assert b.events("left")[0]["reason"] == "banned" and "r" not in b.rooms
     chat.tick()  # carried out once
     assert len(b.events("left")) == 1
@@ -323,6 +322,31 @@ def test_a_ban_written_during_the_joins_ban_check_is_carried_out(clock: Clock) -
     assert b.events("joined")
     chat.tick()
     assert b.events("left")[-1]["reason"] == "banned" and "r" not in b.rooms
+
+
+def test_a_ban_held_during_a_join_is_carried_out_before_the_next_command(clock: Clock) -> None:
+    """The ban's kick held while the join was under way is carried out as the join ends,
+    so the banned user's next frame (pipelined behind the join) cannot post to the room
+    (before: only on the next tick, and the message reached the members)."""
+    chat = core(clock)
+    a, b = user(chat, "a"), user(chat, "b")
+    send(chat, a, type="join", room="r")
+    standing = chat.access.store.standing
+
+    def ban_lands_meanwhile(room: str | None, user_id: str) -> Standing:
+        before = standing(room, user_id)
+        if room == "r" and user_id == "b":
+            chat.access.ban("b", "r", float("inf"))
+        return before
+
+    chat.access.store.standing = ban_lands_meanwhile  # type: ignore[method-assign]
+    send(chat, b, type="join", room="r")
+    send(chat, b, type="message", room="r", text="after the ban")
+    assert "r" not in b.rooms and b.events("left")[-1]["reason"] == "banned"
+    assert [e["code"] for e in b.events("error")] == ["not_in_room"]
+    assert not [m for m in a.events("message") if m["text"] == "after the ban"]
+    chat.tick()  # carried out once
+    assert len(b.events("left")) == 1
 
 
 def test_a_mute_arriving_during_a_standing_read_is_not_undone_by_it(clock: Clock) -> None:

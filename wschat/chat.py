@@ -764,6 +764,7 @@ class Chat:
             raise
         self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members}, base)
         session.access.joining.pop(room, None)
+        self._carry_out_held_kicks(session, room)
 
     def _join_and_replay(self, session: Session, cmd: Join, member: bool
                          ) -> tuple[int, list[User], int | None]:
@@ -1028,6 +1029,18 @@ class Chat:
                                        **extra).to_event())
             self.metrics.disconnected(reason)
             session.close(CloseCode.DISCONNECTED, reason)
+
+    def _carry_out_held_kicks(self, session: Session, room: str) -> None:
+        """Kicks held while this join was under way, carried out as it ends: before the
+        connection's next command (a message pipelined behind the join), not a tick later."""
+        if not self._early_kicks:
+            return
+        held = [op for s, op in self._early_kicks if s is session and op.get("room") == room]
+        if held:
+            self._early_kicks = [(s, op) for s, op in self._early_kicks
+                                 if not (s is session and op.get("room") == room)]
+            for op in held:
+                self._control_session(session, op)
 
     def _retry_early_kicks(self) -> None:
         """Kicks that arrived while their room's join was under way: carried out once it is
