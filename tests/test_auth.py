@@ -197,6 +197,7 @@ def test_expired_token_with_bad_signature_is_auth_failed() -> None:
     ({"sub": 12345}, "non-string sub"),
     ({"sub": "x" * 129}, "sub too long"),
     ({"exp": "tomorrow"}, "non-numeric exp"),
+    ({"exp": 10**400}, "exp beyond any date"),
 ])
 def test_bad_claims_refused(changes: dict, why: str) -> None:
     """Tokens with a missing or wrong registered claim are refused with auth_failed."""

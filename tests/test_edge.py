@@ -57,6 +57,8 @@ BAD_TOKENS: dict[str, tuple[Callable[[], str], str]] = {
     "signed_by_another_key": (lambda: sign(good_claims(), OTHER_KEY, "RS256"), "auth_failed"),
     "no_exp": (lambda: sign({k: v for k, v in good_claims().items() if k != "exp"}, KEY,
                             "RS256"), "auth_failed"),
+    "exp_beyond_any_date": (lambda: sign({**good_claims(), "exp": 10**400}, KEY, "RS256"),
+                            "auth_failed"),
 }
 
 

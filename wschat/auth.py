@@ -252,14 +252,18 @@ class Authenticator:
                             "invalid token: control characters in 'sub'")
         if sub == RESERVED_SUB:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: 'sub' system is reserved")
-        exp = claims["exp"]
+        try:
+            # PyJWT took it for an integer; one beyond any float (10**400) is no date
+            expires_at = float(claims["exp"]) + self._leeway
+        except (OverflowError, TypeError, ValueError):
+            raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: 'exp' is out of range"
+                            ) from None
         try:
             rooms = room_patterns(claims.get("rooms"))
             mod_rooms = room_patterns(claims.get("mod_rooms")) or ()
         except ValueError as exc:
             raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: {exc}") from None
-        return Identity(sub, _display_name(claims, sub), float(exp) + self._leeway,
-                        rooms, mod_rooms)
+        return Identity(sub, _display_name(claims, sub), expires_at, rooms, mod_rooms)
 
 
 def _display_name(claims: dict[str, Any], sub: str) -> str:
