@@ -64,6 +64,8 @@ def test_hs256_token_gives_identity() -> None:
     ({"name": 42, "preferred_username": "pref"}, "pref"),
     ({"name": "  Al\x00ice\n  "}, "Alice"),
     ({"name": "x" * 300}, "x" * 64),
+    ({"name": None, "sub": " al\u202eice\u200b "}, "alice"),  # sub too: printable, trimmed
+    ({"name": None, "sub": "\u200b"}, "\\u200b"),  # nothing printable: escaped
 ])
 def test_username_from_claims(extra: dict, expected: str) -> None:
     """username is name, else preferred_username, else sub: printable, trimmed, <= 64 chars."""

@@ -268,13 +268,13 @@ class Authenticator:
 
 def _display_name(claims: dict[str, Any], sub: str) -> str:
     """``name``, else ``preferred_username``, else ``sub``: printable, trimmed, capped."""
-    for claim in ("name", "preferred_username"):
-        value = claims.get(claim)
+    for value in (claims.get("name"), claims.get("preferred_username"), sub):
         if isinstance(value, str):
             name = "".join(ch for ch in value if ch.isprintable()).strip()
             if name:
                 return name[:MAX_USERNAME_CHARS]
-    return sub[:MAX_USERNAME_CHARS]
+    # A sub of nothing printable (invisible format characters, separators): escaped.
+    return sub.encode("ascii", "backslashreplace").decode()[:MAX_USERNAME_CHARS]
 
 
 def mint_token(secret: str, sub: str, name: str | None = None, ttl: float = 3600,
