@@ -262,6 +262,12 @@ def test_algorithms_that_do_not_fit_the_key_refuse_to_start(rsa, env_of_key, alg
      "JWT_PUBLIC_KEY"),
     ({"JWT_JWKS_URL": "file:///etc/passwd"}, "JWT_JWKS_URL"),
     ({"JWT_ALGORITHMS": "none"}, "JWT_ALGORITHMS"),
+    # Two sources of keys: one would be ignored in silence (JWT_SECRET won, a JWKS was
+    # never asked, and a development secret left in the environment signed tokens).
+    ({"JWT_SECRET": SECRET, "JWT_JWKS_URL": "https://id.example.test/jwks"}, "JWT_JWKS_URL"),
+    ({"JWT_SECRET": SECRET, "JWT_PUBLIC_KEY": "/no/such/file.pem"}, "JWT_PUBLIC_KEY"),
+    ({"JWT_PUBLIC_KEY": "/no/such/file.pem", "JWT_JWKS_URL": "https://id.example.test/jwks"},
+     "JWT_JWKS_URL"),
 ])
 def test_bad_key_settings_name_the_variable(env: dict, variable: str) -> None:
     """A bad key setting stops start-up with a message naming the variable."""

@@ -253,6 +253,14 @@ class Settings:
             )
         if self.port and self.port == self.metrics_port:
             raise ConfigError("METRICS_PORT: must differ from PORT")
+        sources = [name for name, value in (("JWT_SECRET", self.jwt_secret),
+                                            ("JWT_PUBLIC_KEY", self.jwt_public_key),
+                                            ("JWT_JWKS_URL", self.jwt_jwks_url)) if value]
+        if len(sources) > 1:
+            raise ConfigError(
+                f"{' and '.join(sources)}: set only one of them (tokens are verified with "
+                "keys from exactly one source; the others would be ignored)"
+            )
         if self.auth_required and not self.jwt_configured:
             raise ConfigError(
                 "AUTH_REQUIRED: true needs JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS_URL"
