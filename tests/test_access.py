@@ -349,6 +349,34 @@ def test_a_ban_held_during_a_join_is_carried_out_before_the_next_command(clock: 
     assert len(b.events("left")) == 1
 
 
+def test_a_kick_during_the_joins_store_round_trips_comes_after_joined(clock: Clock) -> None:
+    """A ban's kick that reaches the connection after its store join, while the join still
+    reads the room (Redis round trips the listener runs during), is carried out as the
+    join ends: the client hears `joined`, then `left` (before: `left`, then `joined` for a
+    room it was no longer in, so a client took itself for a member of the room it was
+    banned from)."""
+    chat = core(clock)
+    a, b = user(chat, "a"), user(chat, "b")
+    send(chat, a, type="join", room="r")
+    last_id = chat.stores.messages.last_id
+
+    def ban_lands_meanwhile(room: str) -> int:
+        if room == "r" and "r" in b.rooms:
+            chat.access.ban("b", "r", float("inf"))
+        return last_id(room)
+
+    chat.stores.messages.last_id = ban_lands_meanwhile  # type: ignore[method-assign]
+    send(chat, b, type="join", room="r")
+    order = [e["type"] for e in b.events() if e["type"] in ("joined", "left")]
+    assert order == ["joined", "left"]
+    assert b.events("left")[0]["reason"] == "banned" and "r" not in b.rooms
+    assert [e["status"] for e in a.events("presence")] == ["online", "offline"]
+    send(chat, a, type="message", room="r", text="after")
+    assert not b.events("message")
+    chat.tick()  # carried out once
+    assert len(b.events("left")) == 1
+
+
 def test_a_mute_arriving_during_a_standing_read_is_not_undone_by_it(clock: Clock) -> None:
     """A mute everywhere lands while a join reads the user's standing (from before the
     mute): the mute stays (before: the read's "not muted" wiped it, and the muted user

@@ -1001,9 +1001,12 @@ class Chat:
         kind = op.get("op")
         if kind == "kick":
             room = op["room"]
+            if self.access.kick_may_be_early(session, room):
+                # Its join is under way (in the room already or not yet): carried out
+                # as the join ends, so that the client hears `joined` before `left`.
+                self._early_kicks.append((session, op))
+                return
             if room not in session.rooms:
-                if self.access.kick_may_be_early(session, room):
-                    self._early_kicks.append((session, op))  # its join is under way
                 return
             if op.get("keep_granted") and session.access.granted_exactly(room):
                 return
