@@ -515,6 +515,18 @@ def test_without_redis_the_server_gets_one_worker() -> None:
     assert "lowered to 1" in release.notes
 
 
+@pytest.mark.parametrize("auth", [
+    {"jwtSecret": "s3cret", "jwksUrl": "https://idp.example/jwks.json"},
+    {"existingSecret": "jwt", "publicKey": "-----BEGIN PUBLIC KEY-----"},
+    {"publicKey": "-----BEGIN PUBLIC KEY-----", "jwksUrl": "https://idp.example/jwks.json"},
+], ids=["secret-and-jwks", "existing-secret-and-public-key", "public-key-and-jwks"])
+def test_chart_refuses_two_sources_of_token_keys(auth: dict[str, Any]) -> None:
+    """The server refuses to start with two of JWT_SECRET, JWT_PUBLIC_KEY, JWT_JWKS_URL
+    (one would be ignored); the chart says so at install, not in a crash-looping pod."""
+    with pytest.raises(helm_python.HelmRenderError, match="only one of auth.jwtSecret"):
+        render({"auth": auth})
+
+
 @pytest.mark.parametrize("values", [
     {"terminationGracePeriodSeconds": 30},
     {"config": {"gracefulTimeout": 40}},

@@ -170,6 +170,11 @@ names the values to change.
 {{- if and .Values.auth.required (not (or .Values.auth.jwtSecret .Values.auth.existingSecret .Values.auth.publicKey .Values.auth.jwksUrl)) }}
 {{- fail "wschat: auth.required needs auth.jwtSecret, auth.existingSecret, auth.publicKey or auth.jwksUrl." }}
 {{- end }}
+{{- $a := .Values.auth }}
+{{- $keySources := compact (list (or $a.jwtSecret $a.existingSecret) $a.publicKey $a.jwksUrl) }}
+{{- if gt (len $keySources) 1 }}
+{{- fail "wschat: set only one of auth.jwtSecret (or auth.existingSecret), auth.publicKey and auth.jwksUrl: the server verifies tokens with keys from exactly one source, and refuses to start with more (JWT_SECRET, JWT_PUBLIC_KEY, JWT_JWKS_URL)." }}
+{{- end }}
 {{- if and .Values.config.enablePersistence (not (or .Values.database.url .Values.database.existingSecret)) }}
 {{- fail "wschat: config.enablePersistence needs database.url or database.existingSecret (postgresql://..., or sqlite:////path on a volume from extraVolumes): the root filesystem is read-only and a pod's disk does not outlive it." }}
 {{- end }}
