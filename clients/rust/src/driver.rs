@@ -815,6 +815,13 @@ impl Driver {
         let event = match ServerEvent::parse(text) {
             Ok(event) => event,
             Err(e) => {
+                // A room message whose `id` is not a message id cannot be put in order (nor
+                // delivered), but if it echoes a send, the send is acknowledged, as in the JS
+                // and Python clients: the server stored it (written again, it would only be
+                // answered with the same echo, until `send_timeout`).
+                if let Some(echo) = ChatMessage::unordered(text) {
+                    self.acknowledge(echo.client_msg_id.clone().as_deref(), || Acked::Message(echo));
+                }
                 let message = format!("unparsable event ({e}): {text:.200}");
                 self.emit(Event::Error(Error::local("invalid_event", message)));
                 return;

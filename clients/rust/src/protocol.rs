@@ -148,7 +148,8 @@ pub struct User {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// Read by [`wire_id`] (`5.0` is 5), or any `u64` (one past [`MAX_WIRE_ID`] is never a
-    /// room's position: `RoomSeq` drops it); anything else (`"5"`, `2.5`, `-1`) does not parse.
+    /// room's position: `RoomSeq` drops it); anything else (`"5"`, `2.5`, `-1`) does not parse
+    /// (the echo of a send still acknowledges it, its `id` then `u64::MAX`).
     #[serde(deserialize_with = "message_id")]
     pub id: u64,
     pub room: String,
@@ -326,6 +327,34 @@ struct BareError {
     message: String,
     #[serde(default)]
     id: Option<RequestId>,
+}
+
+/// A room message's fields but `id`, for [`ChatMessage::unordered`] when the whole event does
+/// not parse because of its `id` (`2.5`, `"7"`, `null`, `-1`, `1e400`, absent): as [`BareError`].
+#[derive(Deserialize)]
+struct BareMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    room: String,
+    from: String,
+    user_id: String,
+    text: String,
+    timestamp: i64,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A `message` frame that does not parse because its `id` is not a message id (see
+    /// [`wire_id`]), with `id` `u64::MAX`: never a position (`RoomSeq` drops it), as Python's
+    /// -1. Only for the echo of a send: its `client_msg_id` still acknowledges the send, as in
+    /// the JS and Python clients (the server stored it), instead of the send being written
+    /// again until it times out. `None` for any other frame.
+    pub(crate) fn unordered(text: &str) -> Option<ChatMessage> {
+        let bare = serde_json::from_str::<BareMessage>(text).ok().filter(|b| b.kind == "message")?;
+        let BareMessage { room, from, user_id, text, timestamp, client_msg_id, .. } = bare;
+        Some(ChatMessage { id: u64::MAX, room, from, user_id, text, timestamp, client_msg_id })
+    }
 }
 
 /// A `welcome`'s essentials, for [`ServerEvent::parse`] when the whole event does not parse

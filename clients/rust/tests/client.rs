@@ -1210,3 +1210,44 @@ async fn last_id_off_the_wire_follows_the_shared_cases() {
     c.close();
     server.abort();
 }
+
+/// The echo of a send whose `id` is not a whole number >= 0 (`2.5`, `"7"`, `null`, `-1`,
+/// `1e400`, absent) still acknowledges the send by its `client_msg_id`, as in the JS and Python
+/// clients: the send resolves (its `id` `u64::MAX`, never a position), written once, and the app
+/// gets no `Message` for it (it cannot be put in order). Such an echo used to be unparsable: the
+/// send was written again every `resend_after` until `send_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_with_an_odd_id_still_acknowledges_the_send() {
+    let mut wrong = Vec::new();
+    for raw in ["2.5", r#""7""#, "null", "-1", "1e400", "absent"] {
+        let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+            Some("join") => vec![raw_joined(cmd, Some("6"), None)],
+            Some("message") => {
+                let echo = raw_message(raw, "r", "mine", cmd["client_msg_id"].as_str());
+                vec![if raw == "absent" { echo.replace(r#", "id": absent"#, "") } else { echo }]
+            }
+            _ => vec![],
+        })
+        .await;
+        let (c, events) = Client::builder(url)
+            .send_timeout(scaled(3.0))
+            .resend_after(Duration::from_millis(200))
+            .backoff(Duration::from_millis(50), Duration::from_millis(200))
+            .connect();
+        let rec = Recorder::new(events);
+        c.join("r").await.unwrap();
+        let sent = c.send("r", "mine").await.map(|m| m.id);
+        c.ping().await.unwrap(); // a resend would be written before the ping
+        let writes = frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "message").count();
+        eventually(1.0, || rec.count(|e| matches!(e, Event::Ack(_))) >= 1).await; // the events lag the calls
+        let acks = rec.count(|e| matches!(e, Event::Ack(_)));
+        let got = format!("sent {sent:?}, written {writes}, {acks} ack, messages {:?}", rec.ids("r"));
+        let want = format!("sent Ok({}), written 1, 1 ack, messages []", u64::MAX);
+        if got != want {
+            wrong.push(format!("id {raw}: {got}"));
+        }
+        c.close();
+        server.abort();
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
