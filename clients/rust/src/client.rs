@@ -106,6 +106,9 @@ pub(crate) struct Snapshot {
     pub(crate) user_id: Option<String>,
     pub(crate) username: Option<String>,
     pub(crate) outbox_len: usize,
+    /// Why the client's task ended, if not by [`Client::close`] or the last handle going: its
+    /// panic (`Error::Terminal`), which calls made after it fail with.
+    pub(crate) ended: Option<Error>,
 }
 
 /// Configures and starts a [`Client`].
@@ -225,6 +228,7 @@ impl ClientBuilder {
             user_id: None,
             username: None,
             outbox_len: outbox.len(),
+            ended: None,
         });
         let client = Client {
             ops: ops_tx,
@@ -315,22 +319,38 @@ impl Client {
     /// Waits until the client is `connected` (or `wait` passes).
     pub async fn wait_connected(&self, wait: Duration) -> Result<(), Error> {
         let mut rx = self.snapshot.clone();
-        let result = timeout(wait, rx.wait_for(|s| s.state == ConnectionState::Connected)).await;
-        match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(Error::Closed),
+        let result = timeout(wait, rx.wait_for(|s| s.state == ConnectionState::Connected || s.ended.is_some())).await;
+        match result.map(|r| r.map(|s| s.ended.is_none())) {
+            Ok(Ok(true)) => Ok(()),
+            Ok(_) => Err(self.ended().await),
             Err(_) => Err(Error::Timeout),
         }
     }
 
     async fn call<T>(&self, wait: Duration, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
-        self.ops.send(make(tx)).map_err(|_| Error::Closed)?;
+        if self.ops.send(make(tx)).is_err() {
+            return Err(self.ended().await);
+        }
         match timeout(wait, rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Closed),
+            Ok(Err(_)) => Err(self.ended().await),
             Err(_) => Err(Error::Timeout),
         }
+    }
+
+    /// What a call fails with once the client's task has dropped it: the task's panic
+    /// (`Error::Terminal`, as the events tell it), else `Error::Closed`. A task that unwinds
+    /// drops the calls it held before its supervisor records the panic, so once the task is
+    /// gone (its `ops` closed) this waits for that record, or for the supervisor to end
+    /// without one (the snapshot's sender dropped): at once either way.
+    async fn ended(&self) -> Error {
+        if !self.ops.is_closed() {
+            return Error::Closed; // the task is running (a reply dropped unanswered)
+        }
+        let mut rx = self.snapshot.clone();
+        let ended = rx.wait_for(|s| s.ended.is_some()).await.map(|s| s.ended.clone());
+        ended.ok().flatten().unwrap_or(Error::Closed)
     }
 
     /// Joins `room` (and re-joins it with `since` after every reconnect until left).
@@ -480,7 +500,9 @@ mod tests {
     /// A panic of the client's task (a bug: an `Instant + Duration` overflow did it once) is
     /// final and told: the state is `Disconnected`, the events end with `Disconnected`
     /// (`reconnect_in: None`) and `Error::Terminal` carrying the panic's message, a call
-    /// waiting for an answer fails at once (not after its timeout) and later calls fail.
+    /// waiting for an answer fails at once (not after its timeout) and later calls fail, each
+    /// with that `Error::Terminal` (they failed with a plain `Error::Closed`, which said nothing
+    /// of the panic).
     #[tokio::test]
     async fn a_panic_of_the_driver_is_final_and_told() {
         let wait = Duration::from_secs(5);
@@ -495,7 +517,9 @@ mod tests {
 
         let failed = timeout(wait, &mut ping).await;
         let state = c.state();
-        assert_eq!(failed, Ok(Err(Error::Closed)), "the pending ping");
+        let reason = "the client's task panicked (a bug in wschat): boom: a test asked for it".to_owned();
+        let terminal = Error::Terminal { code: None, reason: reason.clone() };
+        assert_eq!(failed, Ok(Err(terminal.clone())), "the pending ping");
         assert_eq!(state, ConnectionState::Disconnected, "the state once the pending ping failed");
 
         let mut seen = Vec::new();
@@ -506,15 +530,15 @@ mod tests {
         })
         .await;
         assert!(ended.is_ok(), "the events did not end: {seen:?}");
-        let reason = "the client's task panicked (a bug in wschat): boom: a test asked for it".to_owned();
         let tail = [
             Event::State(ConnectionState::Disconnected),
-            Event::Disconnected { code: None, reason: reason.clone(), reconnect_in: None },
-            Event::Error(Error::Terminal { code: None, reason }),
+            Event::Disconnected { code: None, reason, reconnect_in: None },
+            Event::Error(terminal.clone()),
         ];
         assert!(seen.ends_with(&tail), "the events ended with {seen:#?}");
 
-        assert_eq!(c.join("r").await, Err(Error::Closed));
-        assert_eq!(c.wait_connected(wait).await, Err(Error::Closed));
+        let later = (c.join("r").await.map(|_| ()), c.send("r", "hi").await.map(|_| ()), c.wait_connected(wait).await);
+        let want = Err(terminal);
+        assert_eq!(later, (want.clone(), want.clone(), want), "later calls");
     }
 }

@@ -50,12 +50,19 @@ async fn supervise(
     tokio::pin!(run);
     if let Err(panic) = run.as_mut().await {
         let reason = format!("the client's task panicked (a bug in wschat): {}", panic_message(&*panic));
+        let terminal = Error::Terminal { code: None, reason: reason.clone() };
         let disconnected = ConnectionState::Disconnected;
-        if snapshot.send_if_modified(|s| std::mem::replace(&mut s.state, disconnected) != disconnected) {
+        let mut was = disconnected;
+        // With the state, the error calls fail with from now on (`Client::call`).
+        snapshot.send_modify(|s| {
+            was = std::mem::replace(&mut s.state, disconnected);
+            s.ended = Some(terminal.clone());
+        });
+        if was != disconnected {
             let _ = events.send(Event::State(disconnected));
         }
-        let _ = events.send(Event::Disconnected { code: None, reason: reason.clone(), reconnect_in: None });
-        let _ = events.send(Event::Error(Error::Terminal { code: None, reason }));
+        let _ = events.send(Event::Disconnected { code: None, reason, reconnect_in: None });
+        let _ = events.send(Event::Error(terminal));
     }
 }
 
