@@ -1137,11 +1137,21 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   // -- reads -------------------------------------------------------------------------------
-  /** The room's recent messages, oldest first (`before`: ids below it, for paging back). */
-  async history(room: string, opts: { limit?: number; before?: number; timeout?: number } = {}): Promise<ChatMessage[]> {
+  /**
+   * The room's recent messages, oldest first (`before`: ids below it, for paging back;
+   * undefined or null: none). A `before` that is not a whole number >= 0 and at most 2^53 - 1
+   * (the rule for ids off the wire, `wireId`, as for `join`'s `since`) rejects at once with
+   * `invalid_message`, the server's answer to it, and writes nothing.
+   */
+  async history(room: string, opts: { limit?: number; before?: number | null; timeout?: number } = {}): Promise<ChatMessage[]> {
+    const before = opts.before ?? null;
+    if (before !== null && wireId(before) === null) {
+      const why = `history ${room}: before must be a whole number >= 0 and at most 2^53 - 1, not ${shown(before)}`;
+      throw new ChatError("invalid_message", why);
+    }
     const frame: Record<string, unknown> = { type: "history", room };
     if (opts.limit !== undefined) frame.limit = opts.limit;
-    if (opts.before !== undefined) frame.before = opts.before;
+    if (before !== null) frame.before = before;
     const reply = await this.request<{ messages: ChatMessage[] }>(frame, "resend", opts.timeout);
     return reply.messages;
   }

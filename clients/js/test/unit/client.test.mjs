@@ -438,6 +438,34 @@ test("rooms: join's own since is taken only as a whole number >= 0 (the rule for
   }
 });
 
+test("requests: history's before is taken only as a whole number >= 0 (the rule for ids off the wire), else rejected at once", async (t) => {
+  const { server, c } = setup({ requestTimeout: 300 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  const histories = () => server.last.sent.filter((f) => f.type === "history");
+  const bad = ["5", "", -1, -0.5, 2.5, 0.5, NaN, Infinity, -Infinity, 2 ** 53, 2 ** 53 + 2, 1e20, true, false, {}, [5], 5n];
+  const wrong = [];
+  for (const before of bad) {
+    const written = histories().length;
+    // A synchronous throw would be wrong too: it is caught and reported.
+    const outcome = await Promise.resolve()
+      .then(() => c.history("r", { before }))
+      .then((m) => `resolved ${JSON.stringify(m)}`, (e) => `${e.name} ${e.code ?? ""}: ${e.message}`);
+    await tick(5);
+    const ok = outcome.startsWith("ChatError invalid_message: ") && outcome.includes("before") && histories().length === written;
+    if (!ok) wrong.push(`before ${typeof before} ${String(before)}: ${outcome}, ${histories().length - written} written`);
+  }
+  assert.deepEqual(wrong, []);
+  // Whole numbers >= 0 up to 2^53 - 1 go out as they are; undefined and null are no before.
+  for (const [before, want] of [[0, 0], [7, 7], [2 ** 53 - 1, 2 ** 53 - 1], [-0, 0], [null, undefined], [undefined, undefined]]) {
+    await c.history("r", { before });
+    const frame = histories().at(-1);
+    assert.ok(Object.is(frame.before, want) || frame.before === want, `before ${before}: ${JSON.stringify(frame)}`);
+    assert.equal("before" in frame, want !== undefined, `before ${before}: ${JSON.stringify(frame)}`);
+  }
+});
+
 test("unhandled: promises an app forgets never crash it", async () => {
   const { c } = setup({ requestTimeout: 10 });
   void c.connect();
