@@ -362,12 +362,24 @@ class Client:
 
     async def history(self, room: str, *, limit: int | None = None, before: int | None = None,
                       timeout: float | None = None) -> list[Message]:
-        """The latest messages of ``room`` (oldest first), or those before id ``before``."""
+        """The latest messages of ``room`` (oldest first), or those before id ``before``.
+
+        Raises:
+            ChatError: ``invalid_message`` at once, with nothing written, for a ``before``
+                that is not a whole number >= 0 and at most 2**53 - 1 (``wire_id``, the rule
+                for ids off the wire; ``5.0`` is 5): ``"5"``, ``2.5``, ``-1``, ``True``, nan;
+                else the server's refusal (``not_in_room``, ...).
+            RequestTimeout: no answer in time.
+        """
         frame: dict[str, Any] = {"type": "history", "room": room}
         if limit is not None:
             frame["limit"] = limit
         if before is not None:
-            frame["before"] = before
+            before_id = wire_id(before)
+            if before_id is None:
+                raise ChatError("invalid_message", f"history {room}: before must be a whole "
+                                f"number >= 0 and at most 2**53 - 1, not {before!r:.40}")
+            frame["before"] = before_id
         reply = await self._request(frame, timeout, read=True)
         return [Message.from_wire(m) for m in reply.get("messages", [])]
 
