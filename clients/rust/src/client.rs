@@ -17,7 +17,7 @@ use crate::backoff::Backoff;
 use crate::driver::Driver;
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{Outbox, OutboxStore, Target};
-use crate::protocol::{ChatMessage, ClientCommand, DirectMessage, Presence, ServerEvent, Typing, User};
+use crate::protocol::{ChatMessage, ClientCommand, DirectMessage, Presence, ServerEvent, Typing, User, MAX_WIRE_ID};
 
 /// What the token callback returns.
 pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
@@ -386,13 +386,20 @@ impl Client {
         }
     }
 
-    /// The room's recent messages, oldest first (`limit` default 50; `before` an id).
+    /// The room's recent messages, oldest first (`limit` default 50; `before` an id). A `before`
+    /// past 2^53 - 1 ([`MAX_WIRE_ID`](crate::protocol::MAX_WIRE_ID), the rule for ids off the
+    /// wire, as in the JS and Python clients) fails at once with `invalid_message`, the server's
+    /// answer to it, and nothing is written.
     pub async fn history(
         &self,
         room: &str,
         limit: Option<u32>,
         before: Option<u64>,
     ) -> Result<Vec<ChatMessage>, Error> {
+        if let Some(before) = before.filter(|b| *b > MAX_WIRE_ID) {
+            let why = format!("history {room}: before must be at most 2^53 - 1, not {before}");
+            return Err(Error::local("invalid_message", why));
+        }
         let cmd = ClientCommand::History { room: room.to_owned(), limit, before, id: None };
         match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
             ServerEvent::History { messages, .. } => Ok(messages),
@@ -495,6 +502,22 @@ mod tests {
             while let Some(Ok(_)) = ws.next().await {}
         });
         url
+    }
+
+    /// `history`'s `before` is held to the rule for ids off the wire (at most 2^53 - 1, as in the
+    /// JS and Python clients): past it the call fails at once with `invalid_message`, which the
+    /// server would answer, instead of being written. (A `u64` cannot be negative or a fraction.)
+    #[tokio::test]
+    async fn a_history_before_past_the_largest_id_fails_at_once() {
+        let url = silent_server().await;
+        let (c, _events) = Client::builder(url).request_timeout(Duration::from_millis(300)).connect();
+        c.wait_connected(Duration::from_secs(5)).await.unwrap();
+        for before in [MAX_WIRE_ID + 1, u64::MAX] {
+            let got = c.history("r", None, Some(before)).await;
+            assert_eq!(got.as_ref().map_err(Error::code), Err(Some("invalid_message")), "before {before}: {got:?}");
+        }
+        // The largest id is written (the silent server never answers it).
+        assert_eq!(c.history("r", None, Some(MAX_WIRE_ID)).await, Err(Error::Timeout));
     }
 
     /// A panic of the client's task (a bug: an `Instant + Duration` overflow did it once) is
