@@ -44,9 +44,11 @@ pub enum Event {
     State(ConnectionState),
     /// The server's `welcome`: who this connection is (after every connect).
     Welcome { user_id: String, username: String, authenticated: bool },
-    /// The socket ended, or the attempt failed; `code` is the close code, or the HTTP
-    /// status of a refused upgrade (below 1000; a 401 is reported as 4001). `reconnect_in`
-    /// is `None` when the client gives up.
+    /// The socket ended, or the attempt failed; `code` is the close code (1005 for a Close
+    /// frame without one, RFC 6455 7.1.5; `None` when the connection dropped without a Close
+    /// frame, or the attempt failed without an answer), or the HTTP status of a refused
+    /// upgrade (below 1000; a 401 is reported as 4001). `reconnect_in` is `None` when the
+    /// client gives up.
     Disconnected { code: Option<u16>, reason: String, reconnect_in: Option<Duration> },
     /// A room's state changed.
     Room { room: String, state: RoomState },

@@ -401,7 +401,11 @@ impl Driver {
                                 self.handle_text(text.as_str())
                             }
                             Message::Close(frame) => {
-                                close = frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+                                // No status code in the frame is 1005 (RFC 6455 7.1.5), as the JS
+                                // and Python clients report it; `None` stays a drop without a Close.
+                                close = Some(frame.map_or((1005, String::new()), |f| {
+                                    (u16::from(f.code), f.reason.as_str().to_owned())
+                                }));
                                 closed_at.get_or_insert_with(Instant::now);
                             }
                             _ => {}

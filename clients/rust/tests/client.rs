@@ -780,6 +780,34 @@ async fn a_close_frame_ends_the_connection_even_if_the_server_keeps_the_socket()
     server.abort();
 }
 
+/// A Close frame without a status code is reported as 1005 ("no status code present", RFC 6455
+/// 7.1.5), as the JS (the `WebSocket` API) and Python clients report it; the connection is
+/// reconnected with the usual backoff. It was reported as `None`, which also stands for a
+/// connection dropped without any Close frame (1006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_frame_without_a_status_code_is_reported_as_1005() {
+    use futures_util::{SinkExt, StreamExt};
+    let (url, server) = fake_server(|mut ws| async move {
+        ws.send(Message::Close(None)).await.unwrap();
+        while ws.next().await.is_some() {} // the client's answer, then the end
+    })
+    .await;
+    let (c, events) = Client::builder(url).backoff(Duration::from_secs(60), Duration::from_secs(60)).connect();
+    let rec = Recorder::new(events);
+    rec.wait("disconnected", 15.0, |ev| ev.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    let ends: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Disconnected { code, reason, reconnect_in } => Some((code, reason, reconnect_in.is_some())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, [(Some(1005), String::new(), true)]);
+    c.close();
+    server.abort();
+}
+
 /// Connects, writes a DM, and gets `error` (raw JSON) then a Close frame 4102 in answer, the
 /// server keeping the socket open after it: the events up to the disconnect.
 async fn error_then_4102(error: &'static str) -> Vec<Event> {
