@@ -258,6 +258,10 @@ impl Driver {
             match ended.by_app {
                 Some(false) => return self.shut_down(Error::Closed),
                 Some(true) => {
+                    // The app asks for a fresh attempt now: a `rate_limited` wait this connection
+                    // was told (a floor for the reconnect after a 4102 here) is not carried over
+                    // to a refusal of the next one (as in the JS and Python clients).
+                    self.retry_after = None;
                     wait = Duration::ZERO;
                     self.emit(Event::Disconnected { code: ended.code, reason: ended.reason, reconnect_in: Some(wait) });
                     continue;

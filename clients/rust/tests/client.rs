@@ -1279,3 +1279,53 @@ async fn an_echo_with_an_odd_id_still_acknowledges_the_send() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// `client.reconnect()` is the app asking for a fresh attempt now: a `rate_limited` wait the old
+/// connection was told (a floor for the reconnect after a 4102 there) is not carried over to the
+/// next one. Its upgrade refused with a 503 without `Retry-After`, the client retries with its
+/// backoff (at most 200 ms here), as the Python client, which forgets that wait whenever a
+/// connection ends, and the JS client after `disconnect()` and `connect()`. The 60 s the old
+/// connection was told used to hold that retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_forgets_the_old_connection_s_rate_limited_wait() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
+        ws.send(Message::text(welcome.to_string())).await.unwrap();
+        let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow down", "retry_after_ms": 60000});
+        ws.send(Message::text(refusal.to_string())).await.unwrap();
+        while ws.next().await.is_some() {}
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = tcp.read(&mut request).await;
+            let answer = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = tcp.write_all(answer.as_bytes()).await;
+        }
+    });
+    let (c, events) = Client::builder(url).backoff(Duration::from_millis(50), Duration::from_millis(200)).connect();
+    let rec = Recorder::new(events);
+    let told = |ev: &[Event]| ev.iter().any(|e| matches!(e, Event::Error(e) if e.code() == Some("rate_limited")));
+    rec.wait("the rate_limited error", 10.0, told).await;
+    c.reconnect();
+    let refused = |ev: &[Event]| ev.iter().any(|e| matches!(e, Event::Disconnected { code: Some(503), .. }));
+    rec.wait("the refused upgrade", 10.0, refused).await;
+    let waits: Vec<_> = disconnections(&rec)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Disconnected { code: Some(503), reconnect_in, .. } => Some(reconnect_in),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(waits[..], [Some(wait), ..] if wait <= Duration::from_millis(200)),
+        "the retry after the refused upgrade waited {waits:?}"
+    );
+    c.close();
+    server.abort();
+}
