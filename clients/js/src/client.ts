@@ -245,6 +245,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (!this.wanted) {
       this.wanted = true;
       this.attempt = 0;
+      // A fresh start: a wait an earlier connection was told (`rate_limited`, a refusal's
+      // `Retry-After`) does not hold this one's reconnects, as in the Python and Rust clients.
+      this.retryAfterUntil = 0;
       this.listenOnline(true);
       this.restored ??= this.outbox.restore();
       void this.open();

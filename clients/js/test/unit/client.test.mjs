@@ -100,6 +100,26 @@ test("state machine: 4102 waits the pause and the server's retry_after_ms", asyn
   c.disconnect();
 });
 
+test("state machine: disconnect() and connect() forget the old connection's rate_limited wait", async () => {
+  // connect() after disconnect() is the app asking for a fresh attempt now: the 7 s the old
+  // connection was told (a floor for its reconnect after a 4102) does not hold the reconnect
+  // after the new connection drops, as in the Python client (which forgets it whenever a
+  // connection ends) and the Rust client's reconnect().
+  const { server, c, events } = setup();
+  await c.connect();
+  server.push(server.last, { type: "error", code: "rate_limited", message: "flood", retry_after_ms: 7000 });
+  c.disconnect();
+  await c.connect();
+  server.drop(server.last, 1006, "network");
+  const e = events("connecting").at(-1);
+  try {
+    assert.equal(e.code, 1006);
+    assert.ok(e.delay <= 500, `delay ${e.delay}`);
+  } finally {
+    c.disconnect();
+  }
+});
+
 test("state machine: a wait longer than a timer holds (2^31-1 ms) is capped at a day, not run at once", async () => {
   // Node runs a setTimeout over 2^31-1 ms after 1 ms: the client reconnected at once. The
   // retry_after_ms is capped at a day where it is read (clients/conformance/retry-after-ms.json).
