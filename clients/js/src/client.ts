@@ -1049,13 +1049,14 @@ export class ChatClient extends Emitter<ClientEvents> {
   private acknowledge(m: ChatMessage | DirectMessage): void {
     const cmid = m.client_msg_id;
     if (!cmid || !this.outbox.remove(cmid)) return;
+    const inFlight = this.inflight.size; // this one among them, if written on this socket
     if (this.inflight.delete(cmid)) {
       for (const [req, c] of this.inflightReq) if (c === cmid) this.inflightReq.delete(req);
     }
     this.inflightAt.delete(cmid);
     this.orphans.delete(cmid);
     this.retryAttempt = 0;
-    this.pacer.acknowledged(Date.now());
+    this.pacer.acknowledged(Date.now(), inFlight);
     const waiter = this.sendWaiters.get(cmid);
     if (waiter) {
       this.sendWaiters.delete(cmid);

@@ -47,8 +47,10 @@ const WRITES_KEPT = 64;
  * long queue draws no new window of refusals), and so does one whose writes wait for
  * acknowledgements (a round trip longer than `PACE_MEMORY` intervals, the window full: the
  * acknowledgement shows it is still in the paced exchange, and forgetting there would learn
- * the pace again with a window of refusals every round trip); a quiet one starts afresh with
- * its next refusal (at most a window of them,
+ * the pace again with a window of refusals every round trip); a quiet one (the window not
+ * full: nothing waited) forgets it, and the late acknowledgement of a send written before the
+ * quiet spell does not bring it back; it starts afresh with its next refusal (at most a window
+ * of them,
  * `limit`, within the server's burst), so a pace learnt from another connection's burst, or a
  * slower one, does not last.
  *
@@ -101,10 +103,14 @@ export class Pacer {
   }
 
   /**
-   * A send's echo came at `now`: the window widens by one, up to `limit`, and the pace stays
-   * fresh (however long the round trip was).
+   * A send's echo came at `now`, with `inFlight` sends unacknowledged (this one among them):
+   * the window widens by one, up to `limit`. With the window full (writes waited for this
+   * acknowledgement) the pace stays fresh, however long the round trip was; otherwise a pace
+   * already stale is forgotten first, as by a write, and the acknowledgement does not bring
+   * it back.
    */
-  acknowledged(now: number): void {
+  acknowledged(now: number, inFlight: number): void {
+    if (inFlight < this.window) this.forgetStale(now);
     this.window = Math.min(this.limit, this.window + 1);
     if (this.interval) this.fresh = now;
   }

@@ -35,10 +35,10 @@ def test_rate_limited_pauses_and_drops_the_window_to_one() -> None:
     assert pacer.next_at(10.0, 0) == pytest.approx(10.1)
     assert drain(pacer, 10.1, 5) == 1
     assert pacer.next_at(10.1, 1) is None
-    pacer.acknowledged(10.1)
+    pacer.acknowledged(10.1, 1)
     assert pacer.window == 2
     for _ in range(5):
-        pacer.acknowledged(10.1)
+        pacer.acknowledged(10.1, 0)
     assert pacer.window == 4
 
 
@@ -54,7 +54,7 @@ def test_after_rate_limited_sends_go_at_the_server_s_pace() -> None:
         now = pacer.next_at(now, 0)  # each acknowledged before the next (in_flight 0)
         times.append(now)
         pacer.sent(now)
-        pacer.acknowledged(now)
+        pacer.acknowledged(now, 1)
     gaps = [b - a for a, b in pairwise(times)]
     assert times[0] == pytest.approx(0.02)
     assert gaps == pytest.approx([0.022] * 19)
@@ -66,7 +66,7 @@ def test_a_quiet_spell_refills_the_local_bucket_up_to_the_window() -> None:
     pacer = Pacer(8)
     pacer.rate_limited(0.0, 0.1)
     for _ in range(8):
-        pacer.acknowledged(0.0)
+        pacer.acknowledged(0.0, 0)
     assert drain(pacer, 0.1, 100) == 1
     assert drain(pacer, 0.1 + 4 * pacer.interval, 100) == 4
     assert drain(pacer, 100.0, 100) == 8
@@ -120,13 +120,13 @@ def test_a_refusal_after_a_quiet_spell_does_not_make_the_quiet_spell_the_pace() 
     now = pacer.next_at(60.005, 0)
     assert now == pytest.approx(60.105)  # the retried send: when the server has a token
     pacer.sent(now)
-    pacer.acknowledged(now)
+    pacer.acknowledged(now, 1)
     for _ in range(3):
         at = pacer.next_at(now, 0)
         assert at - now <= 0.2 * 1.1 + 1e-9
         now = at
         pacer.sent(now)
-        pacer.acknowledged(now)
+        pacer.acknowledged(now, 1)
 
 
 def test_the_pace_is_forgotten_after_a_quiet_spell_and_learnt_again() -> None:
@@ -137,7 +137,7 @@ def test_the_pace_is_forgotten_after_a_quiet_spell_and_learnt_again() -> None:
     pacer.rate_limited(0.0, 0.1)
     interval = pacer.interval
     for _ in range(16):
-        pacer.acknowledged(0.0)
+        pacer.acknowledged(0.0, 0)
     now = 0.1
     for _ in range(30):  # a long paced queue: no refusal, but writes all along
         now = pacer.next_at(now, 0)
@@ -163,13 +163,33 @@ def test_an_acknowledgement_keeps_the_pace_across_a_long_round_trip() -> None:
     pacer.sent(now)
     assert pacer.next_at(now, 1) is None  # the window (one) is full
     now += 20 * interval  # the round trip
-    pacer.acknowledged(now)
+    pacer.acknowledged(now, 1)  # the window (one) was full
     assert drain(pacer, now, 100) == 2  # the window (two); the local bucket saved them
     assert pacer.interval == interval  # still paced
-    pacer.acknowledged(now + 5 * interval)
+    pacer.acknowledged(now + 5 * interval, 2)
     quiet = now + 15.5 * interval  # ten and a half intervals after the acknowledgement
     assert drain(pacer, quiet, 100) == 3
     assert pacer.interval == 0.0  # forgotten
+
+
+def test_a_late_acknowledgement_does_not_bring_back_a_pace_forgotten_in_a_quiet_spell() -> None:
+    """One send on the wire, the window (16) not full, then eleven intervals with no write,
+    no refusal and no acknowledgement: nothing waited for an acknowledgement, so the pace
+    is forgotten (the whole window may go), and the late acknowledgement of that send does
+    not bring it back (the local bucket held eleven tokens then, not the whole window). A
+    full window waiting for its acknowledgement keeps the pace (the test above)."""
+    pacer = Pacer(16)
+    pacer.rate_limited(0.0, 0.1)
+    interval = pacer.interval
+    for _ in range(15):
+        pacer.acknowledged(0.0, 0)  # the window back to 16
+    now = pacer.next_at(0.0, 0)
+    pacer.sent(now)
+    late = now + 11 * interval
+    assert pacer.next_at(late, 1) == late  # forgotten: no wait for a token
+    pacer.acknowledged(late, 1)  # one on the wire: the window (16) was not full
+    assert pacer.interval == 0.0, "the late acknowledgement brought the pace back"
+    assert drain(pacer, late, 100) == 16
 
 
 def simulate(sends: int, rate: float, burst: int, latency: float, limit: int = 16) -> int:
@@ -215,8 +235,8 @@ def simulate(sends: int, rate: float, burst: int, latency: float, limit: int = 1
         if what == "write":
             write_due = False
         elif what == "echo":
+            pacer.acknowledged(now, in_flight)
             in_flight -= 1
-            pacer.acknowledged(now)
         elif what.startswith("refused"):
             in_flight, queued, refusals = in_flight - 1, queued + 1, refusals + 1
             pacer.rate_limited(now, int(what.split()[1]) / 1000, written_at)

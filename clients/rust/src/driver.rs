@@ -996,9 +996,10 @@ impl Driver {
     /// (128 random bits: a match is ours, even under an earlier guest identity).
     fn acknowledge(&mut self, client_msg_id: Option<&str>, ack: impl FnOnce() -> Acked) {
         let Some(cmid) = client_msg_id else { return };
+        let in_flight = self.outbox.in_flight(self.generation); // this one among them
         if self.outbox.remove(cmid).is_some() {
             self.send_retries = 0;
-            self.pacer.acknowledged(Instant::now().into_std());
+            self.pacer.acknowledged(Instant::now().into_std(), in_flight);
             self.save_outbox();
             let ack = ack();
             if let Some(reply) = self.acks.remove(cmid) {

@@ -33,7 +33,9 @@
 //! pace (a long queue draws no new window of refusals), and so does one whose writes wait for
 //! acknowledgements (a round trip longer than `PACE_MEMORY` intervals, the window full: the
 //! acknowledgement shows it is still in the paced exchange, and forgetting there would learn
-//! the pace again with a window of refusals every round trip); a quiet one starts afresh with
+//! the pace again with a window of refusals every round trip); a quiet one (the window not
+//! full: nothing waited) forgets it, and the late acknowledgement of a send written before the
+//! quiet spell does not bring it back; it starts afresh with
 //! its next refusal (at most a window of them, `limit`, within the server's burst), so a pace
 //! learnt from another connection's burst, or a slower one, does not last.
 //!
@@ -116,9 +118,15 @@ impl Pacer {
         }
     }
 
-    /// A send's echo came at `now`: the window widens by one, up to `limit`, and the pace
-    /// stays fresh (however long the round trip was).
-    pub(crate) fn acknowledged(&mut self, now: Instant) {
+    /// A send's echo came at `now`, with `in_flight` sends unacknowledged (this one among
+    /// them): the window widens by one, up to `limit`. With the window full (writes waited for
+    /// this acknowledgement) the pace stays fresh, however long the round trip was; otherwise
+    /// a pace already stale is forgotten first, as by a write, and the acknowledgement does
+    /// not bring it back.
+    pub(crate) fn acknowledged(&mut self, now: Instant, in_flight: usize) {
+        if in_flight < self.window {
+            self.forget_stale(now);
+        }
         self.window = (self.window + 1).min(self.limit);
         if !self.interval.is_zero() {
             self.fresh = Some(now);
@@ -234,10 +242,10 @@ mod tests {
         assert_eq!(pacer.next_at(t0, 0), Some(t0 + ms(100.0)));
         assert_eq!(drain(&mut pacer, t0 + ms(100.0), 5), 1);
         assert_eq!(pacer.next_at(t0 + ms(100.0), 1), None);
-        pacer.acknowledged(t0 + ms(100.0));
+        pacer.acknowledged(t0 + ms(100.0), 1);
         assert_eq!(pacer.window, 2);
         for _ in 0..5 {
-            pacer.acknowledged(t0 + ms(100.0));
+            pacer.acknowledged(t0 + ms(100.0), 0);
         }
         assert_eq!(pacer.window, 4);
     }
@@ -255,7 +263,7 @@ mod tests {
             now = pacer.next_at(now, 0).unwrap(); // each acknowledged before the next
             times.push(now);
             pacer.sent(now);
-            pacer.acknowledged(now);
+            pacer.acknowledged(now, 1);
         }
         close(times[0] - t0, ms(20.0));
         for pair in times.windows(2) {
@@ -269,7 +277,7 @@ mod tests {
         let mut pacer = Pacer::new(8);
         pacer.rate_limited(t0, ms(100.0), None);
         for _ in 0..8 {
-            pacer.acknowledged(t0);
+            pacer.acknowledged(t0, 0);
         }
         let start = t0 + ms(100.0);
         assert_eq!(drain(&mut pacer, start, 100), 1);
@@ -327,13 +335,13 @@ mod tests {
         let mut now = pacer.next_at(written + ms(5.0), 0).unwrap();
         close(now - t0, Duration::from_secs(60) + ms(105.0)); // the retried send
         pacer.sent(now);
-        pacer.acknowledged(now);
+        pacer.acknowledged(now, 1);
         for i in 0..3 {
             let at = pacer.next_at(now, 0).unwrap();
             assert!(at - now <= ms(220.0) + Duration::from_micros(1), "send {i} waits {:?}", at - now);
             now = at;
             pacer.sent(now);
-            pacer.acknowledged(now);
+            pacer.acknowledged(now, 1);
         }
     }
 
@@ -347,7 +355,7 @@ mod tests {
         pacer.rate_limited(t0, ms(100.0), None);
         let interval = pacer.interval;
         for _ in 0..16 {
-            pacer.acknowledged(t0);
+            pacer.acknowledged(t0, 0);
         }
         let mut now = t0 + ms(100.0);
         for _ in 0..30 {
@@ -377,13 +385,36 @@ mod tests {
         pacer.sent(now);
         assert_eq!(pacer.next_at(now, 1), None, "the window (one) is full");
         now += interval * 20; // the round trip
-        pacer.acknowledged(now);
+        pacer.acknowledged(now, 1); // the window (one) was full
         assert_eq!(drain(&mut pacer, now, 100), 2, "the window (two); the local bucket saved them");
         assert_eq!(pacer.interval, interval, "still paced");
-        pacer.acknowledged(now + interval * 5);
+        pacer.acknowledged(now + interval * 5, 2);
         let quiet = now + interval.mul_f64(15.5); // ten and a half intervals after the acknowledgement
         assert_eq!(drain(&mut pacer, quiet, 100), 3);
         assert_eq!(pacer.interval, Duration::ZERO, "forgotten");
+    }
+
+    /// One send on the wire, the window (16) not full, then eleven intervals with no write, no
+    /// refusal and no acknowledgement: nothing waited for an acknowledgement, so the pace is
+    /// forgotten (the whole window may go), and the late acknowledgement of that send does not
+    /// bring it back (the local bucket held eleven tokens then, not the whole window). A full
+    /// window waiting for its acknowledgement keeps the pace (the test above).
+    #[test]
+    fn a_late_acknowledgement_does_not_bring_back_a_pace_forgotten_in_a_quiet_spell() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(16);
+        pacer.rate_limited(t0, ms(100.0), None);
+        let interval = pacer.interval;
+        for _ in 0..15 {
+            pacer.acknowledged(t0, 0); // the window back to 16
+        }
+        let now = pacer.next_at(t0, 0).unwrap();
+        pacer.sent(now);
+        let late = now + interval * 11;
+        assert_eq!(pacer.next_at(late, 1), Some(late), "forgotten: no wait for a token");
+        pacer.acknowledged(late, 1); // one on the wire: the window (16) was not full
+        assert_eq!(pacer.interval, Duration::ZERO, "the late acknowledgement brought the pace back");
+        assert_eq!(drain(&mut pacer, late, 100), 16);
     }
 
     /// What a simulated exchange has next.
@@ -443,8 +474,8 @@ mod tests {
                     }
                 }
                 Step::Echo => {
+                    pacer.acknowledged(now, in_flight);
                     in_flight -= 1;
-                    pacer.acknowledged(now);
                 }
                 Step::Refused { written_at, retry_after } => {
                     in_flight -= 1;

@@ -29,9 +29,9 @@ test("pacer: rate_limited pauses and drops the window to one; each acknowledgeme
   assert.equal(pacer.nextAt(10_000, 0), 10_100);
   assert.equal(drain(pacer, 10_100, 5), 1);
   assert.equal(pacer.nextAt(10_100, 1), null);
-  pacer.acknowledged(10_100);
+  pacer.acknowledged(10_100, 1);
   assert.equal(pacer.window, 2);
-  for (let i = 0; i < 5; i++) pacer.acknowledged(10_100);
+  for (let i = 0; i < 5; i++) pacer.acknowledged(10_100, 0);
   assert.equal(pacer.window, 4);
 });
 
@@ -46,7 +46,7 @@ test("pacer: after rate_limited a long queue goes one send per interval, not in 
     now = pacer.nextAt(now, 0); // each acknowledged before the next
     times.push(now);
     pacer.sent(now);
-    pacer.acknowledged(now);
+    pacer.acknowledged(now, 1);
   }
   close(times[0], 20, "first");
   for (let i = 1; i < times.length; i++) close(times[i] - times[i - 1], 22, `gap ${i}`);
@@ -55,7 +55,7 @@ test("pacer: after rate_limited a long queue goes one send per interval, not in 
 test("pacer: a quiet spell refills the local bucket up to the window", () => {
   const pacer = new Pacer(8);
   pacer.rateLimited(0, 100);
-  for (let i = 0; i < 8; i++) pacer.acknowledged(0);
+  for (let i = 0; i < 8; i++) pacer.acknowledged(0, 0);
   assert.equal(drain(pacer, 100, 100), 1);
   assert.equal(drain(pacer, 100 + 4 * pacer.interval, 100), 4);
   assert.equal(drain(pacer, 100_000, 100), 8);
@@ -103,13 +103,13 @@ test("pacer: a refusal after a quiet spell does not make the quiet spell the pac
   let now = pacer.nextAt(60_005, 0);
   close(now, 60_105, "the retried send");
   pacer.sent(now);
-  pacer.acknowledged(now);
+  pacer.acknowledged(now, 1);
   for (let i = 0; i < 3; i++) {
     const at = pacer.nextAt(now, 0);
     assert.ok(at - now <= 220 + 1e-6, `send ${i} waits ${at - now} ms`);
     now = at;
     pacer.sent(now);
-    pacer.acknowledged(now);
+    pacer.acknowledged(now, 1);
   }
 });
 
@@ -120,7 +120,7 @@ test("pacer: the pace is forgotten after a quiet spell and learnt again", () => 
   const pacer = new Pacer(16);
   pacer.rateLimited(0, 100);
   const interval = pacer.interval;
-  for (let i = 0; i < 16; i++) pacer.acknowledged(0);
+  for (let i = 0; i < 16; i++) pacer.acknowledged(0, 0);
   let now = 100;
   for (let i = 0; i < 30; i++) {
     now = pacer.nextAt(now, 0); // a long paced queue: no refusal, but writes all along
@@ -147,13 +147,32 @@ test("pacer: an acknowledgement keeps the pace across a long round trip", () => 
   pacer.sent(now);
   assert.equal(pacer.nextAt(now, 1), null, "the window (one) is full");
   now += 20 * interval; // the round trip
-  pacer.acknowledged(now);
+  pacer.acknowledged(now, 1); // the window (one) was full
   assert.equal(drain(pacer, now, 100), 2, "the window (two); the local bucket saved them");
   assert.equal(pacer.interval, interval, "still paced");
-  pacer.acknowledged(now + 5 * interval);
+  pacer.acknowledged(now + 5 * interval, 2);
   const quiet = now + 15.5 * interval; // ten and a half intervals after the acknowledgement
   assert.equal(drain(pacer, quiet, 100), 3);
   assert.equal(pacer.interval, 0, "forgotten");
+});
+
+test("pacer: a late acknowledgement does not bring back a pace forgotten in a quiet spell", () => {
+  // One send on the wire, the window (16) not full, then eleven intervals with no write, no
+  // refusal and no acknowledgement: nothing waited for an acknowledgement, so the pace is
+  // forgotten (the whole window may go), and the late acknowledgement of that send does not
+  // bring it back (the local bucket held eleven tokens then, not the whole window). A full
+  // window waiting for its acknowledgement keeps the pace (the test above).
+  const pacer = new Pacer(16);
+  pacer.rateLimited(0, 100);
+  const interval = pacer.interval;
+  for (let i = 0; i < 15; i++) pacer.acknowledged(0, 0); // the window back to 16
+  const now = pacer.nextAt(0, 0);
+  pacer.sent(now);
+  const late = now + 11 * interval;
+  assert.equal(pacer.nextAt(late, 1), late, "forgotten: no wait for a token");
+  pacer.acknowledged(late, 1); // one on the wire: the window (16) was not full
+  assert.equal(pacer.interval, 0, "the late acknowledgement brought the pace back");
+  assert.equal(drain(pacer, late, 100), 16);
 });
 
 /**
@@ -209,8 +228,8 @@ function simulate(sends, { rate, burst, latency, limit = 16 }) {
     if (e.what === "write") {
       writeDue = false;
     } else if (e.what === "echo") {
+      pacer.acknowledged(e.at, inFlight);
       inFlight--;
-      pacer.acknowledged(e.at);
     } else if (e.what === "refused") {
       inFlight--;
       queued++;

@@ -579,7 +579,8 @@ class Client:
             self._flush_timer = loop.call_at(wake, self._flush)
 
     def _acknowledged(self, entry: PendingSend, result: Message | DirectMessage) -> None:
-        self._pacer.acknowledged(asyncio.get_running_loop().time())
+        in_flight = sum(1 for e in self._outbox if e.wire_generation == self._generation)
+        self._pacer.acknowledged(asyncio.get_running_loop().time(), in_flight)
         self._outbox.remove(entry)
         self._probing.discard(entry.key)
         if entry.request_id is not None:

@@ -56,7 +56,9 @@ class Pacer:
     and so does one whose writes wait for acknowledgements (a round trip longer than
     ``PACE_MEMORY`` intervals, the window full: the acknowledgement shows it is still
     in the paced exchange, and forgetting there would learn the pace again with a
-    window of refusals every round trip); a quiet one starts afresh with its
+    window of refusals every round trip); a quiet one (the window not full: nothing
+    waited) forgets it, and the late acknowledgement of a send written before the quiet
+    spell does not bring it back; it starts afresh with its
     next refusal (at most a window of them, ``limit``, within the server's burst), so a
     pace learnt from another connection's burst, or a slower one, does not last.
 
@@ -102,9 +104,14 @@ class Pacer:
             self._tokens = max(0.0, self._tokens_at(now) - 1)
             self._stamp = self._fresh = now
 
-    def acknowledged(self, now: float) -> None:
-        """A send's echo came at ``now``: the window widens by one, up to ``limit``,
-        and the pace stays fresh (however long the round trip was)."""
+    def acknowledged(self, now: float, in_flight: int) -> None:
+        """A send's echo came at ``now``, with ``in_flight`` sends unacknowledged (this one
+        among them): the window widens by one, up to ``limit``. With the window full
+        (writes waited for this acknowledgement) the pace stays fresh, however long the
+        round trip was; otherwise a pace already stale is forgotten first, as by a write,
+        and the acknowledgement does not bring it back."""
+        if in_flight < self.window:
+            self._forget_stale(now)
         self.window = min(self.limit, self.window + 1)
         if self.interval:
             self._fresh = now
