@@ -17,7 +17,9 @@ from typing import Any
 import jwt
 import pytest
 
-from conftest import SCALE, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until
+from conftest import (
+    SCALE, TIMEOUT, Client, Server, free_port, own_redis, redis_url_or_skip, wait_until,
+)
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
 from wschat.hub import LocalHub
@@ -708,3 +710,60 @@ def _joins_again(client: Client, r: str) -> bool:
     while event.get("type") not in ("joined", "error"):
         event = client.recv()
     return event["type"] == "joined"
+
+
+# -- 9. Redis refusing for now is `unavailable`, not an internal error ----------------------
+def _busy(admin: Any) -> bool:
+    import redis as redis_py
+
+    try:
+        admin.ping()
+    except redis_py.ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    return False
+
+
+def test_a_redis_busy_or_read_only_is_unavailable_not_an_internal_error() -> None:
+    """Redis runs a script past ``busy-reply-threshold``: it answers every command with
+    ``-BUSY`` and runs none; then it is demoted to a replica (a failover), which answers
+    writes with ``-READONLY``. Requests that need it get ``unavailable``, as
+    docs/operations.md says, a ping its ``pong``, and the refused message goes through once Redis takes writes
+    again (before: those replies were ResponseErrors, so a ping, a join or a message got
+    ``internal_error``)."""
+    import socket
+
+    import redis as redis_py
+
+    with own_redis("--busy-reply-threshold", "50") as redis_server, \
+            Server({**COMMON, "REDIS_URL": redis_server.url}) as srv, \
+            Client(srv.url, f"token={token('alice')}") as alice:
+        r = room()
+        alice.join(r)
+        admin = redis_py.Redis.from_url(redis_server.url, socket_timeout=TIMEOUT)
+        script = socket.create_connection(("127.0.0.1", redis_server.port))
+        try:
+            script.sendall(b"*3\r\n$4\r\nEVAL\r\n$17\r\nwhile true do end\r\n$1\r\n0\r\n")
+            wait_until(lambda: _busy(admin), timeout=TIMEOUT, message="redis to be busy")
+            # A ping needs no Redis: its rate limit falls back to the worker's own.
+            assert alice.request({"type": "ping", "id": "p"}, "pong")["id"] == "p"
+            for request in ({"type": "join", "room": room(), "id": "j"},
+                            {"type": "message", "room": r, "text": "m", "client_msg_id": "c1",
+                             "id": "m"}):
+                alice.send(request)
+                refused = alice.expect("error", id=request["id"])
+                assert refused["code"] == "unavailable", refused
+            admin.script_kill()
+            wait_until(lambda: not _busy(admin), timeout=TIMEOUT, message="the script to end")
+            admin.replicaof("127.0.0.1", str(free_port()))  # a master nobody runs
+            alice.send({"type": "message", "room": r, "text": "m", "client_msg_id": "c1",
+                        "id": "again"})
+            refused = alice.expect("error", id="again")
+            assert refused["code"] == "unavailable", refused
+            admin.replicaof("NO", "ONE")
+            wait_until(lambda: srv.http("/ready")[0] == 200, timeout=20 * SCALE,
+                       message="the worker to be ready")
+            echo = alice.say(r, "m", client_msg_id="c1")
+            assert echo["id"] == 1
+        finally:
+            script.close()
+            admin.close()

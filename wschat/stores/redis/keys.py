@@ -32,22 +32,43 @@ RATE_LIMITS = PREFIX + "rl:"  # + a bucket's key (RedisRateLimiter's default pre
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: What counts as Redis being out of service: unreachable, slow, still loading, or at
-#: ``maxmemory`` (``noeviction`` refuses writes: ``OOM``). The client is told to retry,
-#: not that the server failed.
+#: What counts as Redis being out of service: unreachable, slow, still loading, at
+#: ``maxmemory`` (``noeviction`` refuses writes: ``OOM``), or refusing every command for
+#: now (:data:`REFUSALS`). The client is told to retry, not that the server failed.
 OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-           redis.exceptions.OutOfMemoryError, OSError)
+           redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+           redis.exceptions.MasterDownError, OSError)
+#: Error replies (their first word) that say "not now", not "wrong", and that redis-py
+#: raises as a plain ``ResponseError``: a script running past ``busy-reply-threshold``,
+#: a failed RDB save (``stop-writes-on-bgsave-error``), too few replicas
+#: (``min-replicas-to-write``). A failover's demoted master (``READONLY``) and a replica
+#: without its master (``MASTERDOWN``) are in :data:`OUTAGES`.
+REFUSALS = ("BUSY ", "MISCONF ", "NOREPLICAS ")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised by a Redis call) means Redis is out of service for now."""
+    if isinstance(exc, OUTAGES):
+        return True
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    # redis-py's pipelines put "Command # 1 (...) of pipeline caused error: " first
+    text = str(exc)
+    _, caused, reply = text.partition(" of pipeline caused error: ")
+    return (reply if caused else text).startswith(REFUSALS)
 
 
 def guarded(method: F) -> F:
-    """Turn a Redis outage (:data:`OUTAGES`) into :class:`Unavailable` (the request is
+    """Turn a Redis outage (:func:`is_outage`) into :class:`Unavailable` (the request is
     refused, not lost)."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except OUTAGES as exc:
+        except (*OUTAGES, redis.ResponseError) as exc:
+            if not is_outage(exc):
+                raise
             if self._metrics is not None:
                 self._metrics.store_error("redis")
             raise Unavailable(f"redis: {exc.__class__.__name__}") from exc

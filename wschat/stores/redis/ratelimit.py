@@ -7,8 +7,10 @@ import logging
 import time
 from typing import Any
 
+import redis
+
 from ...ratelimit import Charge, MemoryRateLimiter, RateLimiter
-from .keys import OUTAGES, RATE_LIMITS, charged, script
+from .keys import OUTAGES, RATE_LIMITS, charged, is_outage, script
 
 log = logging.getLogger("wschat.ratelimit")
 
@@ -19,7 +21,8 @@ class RedisRateLimiter(RateLimiter):
     the clock is the Redis server's TIME (skew between machines can neither mint nor
     burn tokens), and the key expires when the bucket would be full again.
 
-    If Redis cannot be reached (or is full: ``OOM`` at ``maxmemory``), buckets fall
+    If Redis cannot be reached (or is full: ``OOM`` at ``maxmemory``; or refuses for now:
+    ``BUSY``, ``READONLY``, ...: :func:`~.keys.is_outage`), buckets fall
     back to this process (:class:`MemoryRateLimiter`): limiting stays on, per worker instead of per
     server, rather than failing every message. Redis is tried again
     ``RETRY_AFTER`` seconds later, so an outage costs one slow check per
@@ -58,7 +61,9 @@ class RedisRateLimiter(RateLimiter):
         keys, args = charged([], [], charge, cost, self.prefix)
         try:
             retry_ms = self._script(keys=keys, args=args)
-        except OUTAGES as exc:
+        except (*OUTAGES, redis.ResponseError) as exc:
+            if not is_outage(exc):
+                raise
             now = time.monotonic()
             self._down_until = now + self.RETRY_AFTER
             if now >= self._next_warning:
