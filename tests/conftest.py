@@ -214,6 +214,31 @@ def client_factory(server: Server) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
+def listening(url: str, *user_ids: str) -> Iterator[None]:
+    """A worker's pub/sub connection, as far as a store's DM is concerned: subscribed
+    (and confirmed) to these users' channels. A DM nobody is subscribed for is refused
+    (post_dm.lua), as nobody would ever get it."""
+    import redis
+
+    from wschat.stores.redis.keys import user_channel
+
+    client = redis.Redis.from_url(url)
+    pubsub = client.pubsub()
+    try:
+        pubsub.subscribe(*(user_channel(u) for u in user_ids))
+        confirmed = 0
+        deadline = time.monotonic() + TIMEOUT
+        while confirmed < len(user_ids):
+            assert time.monotonic() < deadline, "the subscriptions were not confirmed"
+            reply = pubsub.get_message(timeout=TIMEOUT)
+            confirmed += reply is not None and reply["type"] == "subscribe"
+        yield
+    finally:
+        pubsub.close()
+        client.close()
+
+
+@contextlib.contextmanager
 def own_redis(*extra_args: str) -> Iterator[PrivateRedis]:
     """A Redis of the test's own (to stop and restart; ``extra_args``: more
     redis-server options), removed afterwards; skip (fail under CI) when

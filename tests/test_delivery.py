@@ -18,7 +18,8 @@ import jwt
 import pytest
 
 from conftest import (
-    SCALE, TIMEOUT, Client, Server, free_port, own_redis, redis_url_or_skip, wait_until,
+    SCALE, TIMEOUT, Client, Server, free_port, listening, own_redis, redis_url_or_skip,
+    wait_until,
 )
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
@@ -225,9 +226,10 @@ def redis_stores() -> Iterator[Any]:
     url = redis_url_or_skip(REDIS_DB + 1)
     client = redis_module.redis.Redis.from_url(url)
     node = redis_module._Node()
-    yield (redis_module, client, node,
-           redis_module.RedisMessageStore(client, 100),
-           redis_module.RedisRoomStore(client, node, 3600))
+    with listening(url, "bob"):  # the DMs below are to bob
+        yield (redis_module, client, node,
+               redis_module.RedisMessageStore(client, 100),
+               redis_module.RedisRoomStore(client, node, 3600))
     client.close()
 
 
@@ -767,3 +769,32 @@ def test_a_redis_busy_or_read_only_is_unavailable_not_an_internal_error() -> Non
         finally:
             script.close()
             admin.close()
+
+
+# -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
+def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered() -> None:
+    """Worker A has lost its pub/sub connection (Redis dropped it) and not made it again
+    yet; alice, connected to A, still counts as online. Bob's DM to her must not be
+    acknowledged: a DM has no history a resync could fill it from. It gets
+    ``unavailable``, and the retry after A is back reaches her once (before: bob got his
+    echo, and alice never the DM)."""
+    import os
+    import signal
+
+    with _alice_on_a_bob_on_b() as (redis_server, a, _, alice, bob):
+        worker = a.worker_pids()[0]
+        dm = {"type": "dm", "to": "alice", "text": "hello", "client_msg_id": "d1", "id": "d"}
+        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
+        try:
+            _kill_pubsub_of(redis_server.url, worker)
+            bob.send(dm)
+            refused = bob.expect("error", id="d")
+            assert refused["code"] == "unavailable", refused
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(lambda: "re-registered" in a.output(),
+                   timeout=10 * SCALE, message="A to resubscribe and resync")
+        echo = bob.request(dm, "dm")
+        got = alice.expect("dm", 2 * TIMEOUT)
+        assert (got["id"], got["text"], got["client_msg_id"]) == (echo["id"], "hello", "d1")
+        alice.assert_silent("dm")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TIMEOUT, free_port, redis_url_or_skip, wait_until
+from conftest import TIMEOUT, free_port, listening, redis_url_or_skip, wait_until
 from wschat.protocol import draft_dm, draft_message
 from wschat.stores.redis.ratelimit import RedisRateLimiter
 from wschat.ratelimit import (
@@ -56,7 +56,8 @@ def redis_client(redis_url: str) -> Iterator[Any]:
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    yield client
+    with listening(redis_url, "bob"):  # the DMs below are to bob
+        yield client
     client.flushdb()
     client.close()
 
@@ -362,14 +363,15 @@ def test_redis_post_with_its_charge_is_one_evalsha(redis_url: str) -> None:
     room = f"one-trip-{time.monotonic_ns()}"
     worker.hset("wschat:presence", "bob", 1)
     charge: Charge = (("u:one-trip", 100.0, 100.0), ("ip:127.0.0.9", 1000.0, 1000.0))
-    _post(store, room, charge), _post(store, room, charge, dm=True)  # load the scripts
 
     def post() -> None:
         for _ in range(3):
             _post(store, room, charge)
             _post(store, room, charge, dm=True)
 
-    assert _commands_sent(redis_url, worker, post) == ["EVALSHA"] * 6
+    with listening(redis_url, "bob"):  # the DMs are to bob
+        _post(store, room, charge), _post(store, room, charge, dm=True)  # load the scripts
+        assert _commands_sent(redis_url, worker, post) == ["EVALSHA"] * 6
     worker.close()
 
 
@@ -394,7 +396,8 @@ def test_redis_post_refused_by_an_empty_bucket(redis_client: Any, dm: bool) -> N
     assert _post(store, room, charge, dm).msg_id == second.msg_id + 1
 
 
-def test_redis_dm_to_an_offline_user_refused_in_the_same_call(redis_client: Any) -> None:
+def test_redis_dm_to_an_offline_user_refused_in_the_same_call(redis_client: Any,
+                                                              redis_url: str) -> None:
     """user_not_found from the post script: no id taken, nothing published; an empty
     bucket answers first (rate_limited, as with the separate checks before)."""
     from wschat.stores.base import RecipientOffline
@@ -408,7 +411,8 @@ def test_redis_dm_to_an_offline_user_refused_in_the_same_call(redis_client: Any)
     with pytest.raises(RateLimited):  # the one token went to the refused DM
         _post(store, "", ((f"u:off-{tag}", 10.0, 1.0),), dm=True, to=f"nobody-{tag}")
     redis_client.hset("wschat:presence", f"somebody-{tag}", 1)
-    assert _post(store, "", (), dm=True, to=f"somebody-{tag}").msg_id > seq
+    with listening(redis_url, f"somebody-{tag}"):
+        assert _post(store, "", (), dm=True, to=f"somebody-{tag}").msg_id > seq
 
 
 def test_redis_post_charges_buckets_in_order(redis_client: Any) -> None:

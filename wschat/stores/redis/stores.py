@@ -123,6 +123,8 @@ class RedisMessageStore(MessageStore):
             raise RateLimited(int(value))
         if outcome == 3:
             raise RecipientOffline("no such user online")
+        if outcome == 4:  # post_dm.lua: no worker would have delivered it
+            raise Unavailable("redis: the recipient's workers are not subscribed")
         return self._retried(bytes(value), draft, room)
 
     def _retried(self, seen: bytes, draft: MessageDraft, room: str | None) -> Posted:
