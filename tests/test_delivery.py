@@ -798,3 +798,34 @@ def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered
         got = alice.expect("dm", 2 * TIMEOUT)
         assert (got["id"], got["text"], got["client_msg_id"]) == (echo["id"], "hello", "d1")
         alice.assert_silent("dm")
+
+
+# -- 11. members a pub/sub outage left behind the room's history are told -----------------
+def test_members_a_pubsub_outage_left_behind_the_history_are_told() -> None:
+    """Worker A loses its pub/sub connection while more messages are accepted in a room
+    than its history holds: A can no longer bring its member every one of them, so it
+    closes the member's connection (1013), whose join with ``since`` then says
+    ``recovered: false`` (before: A delivered what the history still held, ids 4 to 8,
+    and alice went on past 1 to 3 with nothing telling her)."""
+    import os
+    import signal
+
+    with own_redis() as redis_server:
+        env = {**COMMON, "REDIS_URL": redis_server.url, "HISTORY_SIZE": "5"}
+        with Server(env) as a, Server(env) as b, \
+                Client(a.url, f"token={token('alice')}") as alice, \
+                Client(b.url, f"token={token('bob')}") as bob:
+            r = room()
+            alice.join(r)
+            bob.join(r)
+            worker = a.worker_pids()[0]
+            os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
+            try:
+                _kill_pubsub_of(redis_server.url, worker)
+                assert [bob.say(r, f"m{i}")["id"] for i in range(8)] == list(range(1, 9))
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            assert alice.close_code_when_closed(4 * TIMEOUT) == 1013
+            with Client(a.url, f"token={token('alice')}") as again:
+                joined = again.join(r, since=0)
+                assert joined["recovered"] is False and joined["last_id"] == 8

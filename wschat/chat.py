@@ -29,7 +29,7 @@ from .protocol import (
     text_frame,
 )
 from .ratelimit import Charge, RateLimited, RateLimiter
-from .stores.base import InboxFull, RecipientOffline, Stores, Unavailable, User
+from .stores.base import InboxFull, RecipientOffline, Replay, Stores, Unavailable, User
 from .session import Session
 from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
 from .telemetry import Metrics, NoMetrics
@@ -400,11 +400,28 @@ class Chat:
         # the hub drops whatever of it the live stream brings as well.
         filled = 0
         for room, (after, _) in points.items():
-            for event in self.stores.messages.since(room, after).messages:
+            replay = self.stores.messages.since(room, after)
+            if not replay.complete:
+                self._close_behind(room, replay)
+            for event in replay.messages:
                 self.hub.deliver_room(room, event)
                 filled += 1
         if filled:
             log.warning("delivered %d room messages published while reconnecting", filled)
+
+    def _close_behind(self, room: str, replay: Replay) -> None:
+        """After a pub/sub outage the room's history no longer holds every message this
+        worker missed: its live members the fill cannot bring all of them to are closed
+        (1013), so that they join again with ``since`` and hear ``recovered: false``,
+        rather than go on past a gap nobody told them of."""
+        first = (message_id_of(replay.messages[0]) if replay.messages else None
+                 ) or self.stores.messages.last_id(room) + 1
+        for session in list(self.hub.rooms.get(room, ())):
+            if (self.hub.delivered_to(room, session) or 0) < first - 1:
+                log.warning("closing %s: messages of %s it missed are no longer held",
+                            session.conn_id, room)
+                self.metrics.disconnected("missed_messages")
+                session.close(CloseCode.TRY_AGAIN_LATER, "missed messages; join again")
 
     def _moderated_meanwhile(self, session: Session) -> bool:
         """After a pub/sub outage: what the moderation events this worker missed would
