@@ -1019,3 +1019,43 @@ async def test_message_id_unreadable_acknowledges_the_send_but_is_not_delivered(
             sending.cancel()
             await client.close()
     assert not wrong, "\n".join(wrong)
+
+
+def _raw_dm(mid: str | None, **extra: Any) -> str:
+    """A direct message with ``id`` as raw JSON text (None: absent)."""
+    text = json.dumps({"type": "dm", "to": "u2", "text": "hi", "user_id": "u1", "timestamp": 0,
+                       "from": "alice", **extra})
+    return text if mid is None else f'{text[:-1]}, "id": {mid}}}'
+
+
+async def test_dm_id_unreadable_acknowledges_the_send_but_is_not_delivered() -> None:
+    """As for a room message: the echo of a dm whose id is not a whole number >= 0 and at most
+    2**53 - 1 (wire_id) still acknowledges the send by its client_msg_id (its DirectMessage has
+    id -1), but is no ``dm`` event (its id cannot tell it from another DM); the
+    next DM, 2, is one. int() made 2.5 a 2 (then the real DM 2 was dropped as seen) and "7" a 7;
+    null, 1e400 and an absent id raised in the reader: the send stayed unacknowledged."""
+    wrong = []
+    for raw in ("2.5", '"7"', "null", "-1", "1e400", "18446744073709551616", "9007199254740992",
+                None):
+        async with FakeServer() as fake:
+            client = client_for(fake, send_timeout=TIMEOUT)
+            rec = Recorder(client)
+            await client.connect()
+            peer = await fake.accept()
+            sending = asyncio.create_task(client.dm("u2", "mine"))
+            frame = await peer.recv("dm")
+            await peer.ws.send(_raw_dm(raw, client_msg_id=frame["client_msg_id"]))
+            await peer.ws.send(_raw_dm("2"))
+            got: dict[str, Any] = {}
+            try:
+                got["sent"] = (await asyncio.wait_for(sending, SHORT)).id
+            except TimeoutError:
+                got["sent"] = "not acknowledged"
+            await _round_trip(client, peer)
+            got.update(dms=[d.id for d in rec.of("dm")], acks=[a.id for a in rec.of("ack")])
+            want = {"sent": -1, "dms": [2], "acks": [-1]}
+            if got != want:
+                wrong.append(f"id {raw}: {got}")
+            sending.cancel()
+            await client.close()
+    assert not wrong, "\n".join(wrong)

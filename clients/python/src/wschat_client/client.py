@@ -817,7 +817,11 @@ class Client:
         dm = DirectMessage.from_wire(obj)
         entry = self._outbox.get(dm.client_msg_id)
         if entry is not None and entry.kind == "dm":
-            self._acknowledged(entry, dm)
+            self._acknowledged(entry, dm)  # whatever its id: the server stored it
+        if dm.id < 0:
+            # An id that is not a whole number >= 0 (DirectMessage.from_wire made it -1), as
+            # for a room message: it cannot tell this DM from another one, so it is not one.
+            return
         if dm.id in self._dm_seen:
             return
         self._dm_seen[dm.id] = None

@@ -107,6 +107,11 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class DirectMessage:
+    """A direct message. ``id`` tells it from the others (a DM comes once, whichever of your
+    connections sent it); -1 when the server's is not a whole number >= 0 (:func:`wire_id`,
+    as for a room message): such a DM is never a ``dm`` event, only a send's acknowledgement
+    can carry it."""
+
     id: int
     from_: str
     user_id: str
@@ -117,7 +122,8 @@ class DirectMessage:
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> DirectMessage:
-        return cls(int(obj["id"]), str(obj.get("from", "")), str(obj.get("user_id", "")),
+        mid = wire_id(obj.get("id"))
+        return cls(-1 if mid is None else mid, str(obj.get("from", "")), str(obj.get("user_id", "")),
                    str(obj.get("to", "")), str(obj.get("text", "")),
                    int(obj.get("timestamp", 0)), obj.get("client_msg_id"))
 
