@@ -29,6 +29,7 @@ use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
 use crate::pacer::Pacer;
 use crate::protocol::{
     close_action, refusal_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent,
+    MAX_WIRE_ID,
 };
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::{expiry_of, refresh_wait, RefreshDue};
@@ -834,8 +835,12 @@ impl Driver {
                 // delivered), but if it echoes a send, the send is acknowledged, as in the JS
                 // and Python clients: the server stored it (written again, it would only be
                 // answered with the same echo, until `send_timeout`).
+                // The same for a direct message (as for a room message, it is not delivered:
+                // its id could not tell it from another DM).
                 if let Some(echo) = ChatMessage::unordered(text) {
                     self.acknowledge(echo.client_msg_id.clone().as_deref(), || Acked::Message(echo));
+                } else if let Some(echo) = DirectMessage::unordered(text) {
+                    self.acknowledge(echo.client_msg_id.clone().as_deref(), || Acked::Dm(echo));
                 }
                 let message = format!("unparsable event ({e}): {text:.200}");
                 self.emit(Event::Error(Error::local("invalid_event", message)));
@@ -1056,7 +1061,9 @@ impl Driver {
 
     fn on_dm(&mut self, dm: DirectMessage) {
         self.acknowledge(dm.client_msg_id.clone().as_deref(), || Acked::Dm(dm.clone()));
-        if !self.seen_dm_set.insert(dm.id) {
+        // A `u64` past 2^53 - 1 is not an id (the rule for ids off the wire, as for a room
+        // message): it could not tell this DM from another one.
+        if dm.id > MAX_WIRE_ID || !self.seen_dm_set.insert(dm.id) {
             return;
         }
         self.seen_dms.push_back(dm.id);

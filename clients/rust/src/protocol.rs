@@ -164,6 +164,11 @@ pub struct ChatMessage {
 /// A direct message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DirectMessage {
+    /// Tells this DM from the others (it comes once, whichever of your connections sent it).
+    /// Read as a room message's [`ChatMessage::id`]: by [`wire_id`] (`5.0` is 5), or any `u64`
+    /// (one past [`MAX_WIRE_ID`] is never an `Event::Dm`); anything else (`"5"`, `2.5`, `-1`)
+    /// does not parse (the echo of a send still acknowledges it, its `id` then `u64::MAX`).
+    #[serde(deserialize_with = "message_id")]
     pub id: u64,
     pub from: String,
     pub user_id: String,
@@ -354,6 +359,32 @@ impl ChatMessage {
         let bare = serde_json::from_str::<BareMessage>(text).ok().filter(|b| b.kind == "message")?;
         let BareMessage { room, from, user_id, text, timestamp, client_msg_id, .. } = bare;
         Some(ChatMessage { id: u64::MAX, room, from, user_id, text, timestamp, client_msg_id })
+    }
+}
+
+/// A direct message's fields but `id`, for [`DirectMessage::unordered`]: as [`BareMessage`].
+#[derive(Deserialize)]
+struct BareDm {
+    #[serde(rename = "type")]
+    kind: String,
+    from: String,
+    user_id: String,
+    to: String,
+    text: String,
+    timestamp: i64,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+impl DirectMessage {
+    /// A `dm` frame that does not parse because its `id` is not a message id (see [`wire_id`]),
+    /// with `id` `u64::MAX`, as [`ChatMessage::unordered`]: never an `Event::Dm` (its id could
+    /// not tell it from another DM), only the acknowledgement of the send it echoes. `None` for
+    /// any other frame.
+    pub(crate) fn unordered(text: &str) -> Option<DirectMessage> {
+        let bare = serde_json::from_str::<BareDm>(text).ok().filter(|b| b.kind == "dm")?;
+        let BareDm { from, user_id, to, text, timestamp, client_msg_id, .. } = bare;
+        Some(DirectMessage { id: u64::MAX, from, user_id, to, text, timestamp, client_msg_id })
     }
 }
 

@@ -1329,3 +1329,64 @@ async fn reconnect_forgets_the_old_connection_s_rate_limited_wait() {
     c.close();
     server.abort();
 }
+
+/// A direct message with `id` as raw JSON text (`None`: absent; an echo when `client_msg_id` is
+/// given).
+fn raw_dm(id: Option<&str>, client_msg_id: Option<&str>) -> String {
+    let mut dm = json!({"type": "dm", "from": "u1", "user_id": "u1", "to": "u2", "text": "hi", "timestamp": 1});
+    if let Some(cmid) = client_msg_id {
+        dm["client_msg_id"] = json!(cmid);
+    }
+    let body = dm.to_string();
+    match id {
+        Some(id) => format!(r#"{}, "id": {id}}}"#, &body[..body.len() - 1]),
+        None => body,
+    }
+}
+
+/// As for a room message: the echo of a `dm` whose `id` is not a whole number >= 0 and at most
+/// 2^53 - 1 (`2.5`, `"7"`, `null`, `-1`, `1e400`, past `u64`, 2^53, absent) still acknowledges
+/// the send by its `client_msg_id` (its `id` `u64::MAX`, or the `u64` it parses as), written
+/// once, but is no `Event::Dm` (its id could not tell it from another DM); the next DM, 2, is
+/// one. Such an echo used to be unparsable (the send written again every `resend_after` until
+/// `send_timeout`), and 2^53 was delivered as a DM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dm_echo_with_an_odd_id_still_acknowledges_the_send() {
+    let mut wrong = Vec::new();
+    for raw in ["2.5", r#""7""#, "null", "-1", "1e400", "18446744073709551616", "9007199254740992", "absent"] {
+        let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+            Some("dm") => {
+                let id = Some(raw).filter(|raw| *raw != "absent");
+                vec![raw_dm(id, cmd["client_msg_id"].as_str()), raw_dm(Some("2"), None)]
+            }
+            _ => vec![],
+        })
+        .await;
+        let (c, events) = Client::builder(url)
+            .send_timeout(scaled(3.0))
+            .resend_after(Duration::from_millis(200))
+            .backoff(Duration::from_millis(50), Duration::from_millis(200))
+            .connect();
+        let rec = Recorder::new(events);
+        let sent = c.dm("u2", "mine").await.map(|m| m.id);
+        c.ping().await.unwrap(); // a resend would be written before the ping
+        let writes = frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "dm").count();
+        let dm_ids = || -> Vec<u64> {
+            let events = rec.events();
+            events.iter().filter_map(|e| if let Event::Dm(dm) = e { Some(dm.id) } else { None }).collect()
+        };
+        eventually(1.0, || dm_ids().contains(&2)).await; // the events lag the calls
+        let acks = rec.count(|e| matches!(e, Event::Ack(_)));
+        let ids = dm_ids();
+        let got = format!("sent {sent:?}, written {writes}, {acks} ack, dms {ids:?}");
+        // A `u64` parses (as for a room message): the send resolves with it, still no `Dm`.
+        let id = if raw == "9007199254740992" { 1 << 53 } else { u64::MAX };
+        let want = format!("sent Ok({id}), written 1, 1 ack, dms [2]");
+        if got != want {
+            wrong.push(format!("id {raw}: {got}"));
+        }
+        c.close();
+        server.abort();
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
