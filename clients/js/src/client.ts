@@ -924,8 +924,11 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   private onDm(m: DirectMessage): void {
     this.acknowledge(m);
-    if (typeof m.id !== "number" || this.seenDms.has(m.id)) return;
-    this.seenDms.add(m.id);
+    // As for a room message: an id that is not a whole number >= 0 (2.5, -1, 1e400, one past
+    // 2^53 - 1) cannot tell this DM from another one, so it is not surfaced.
+    const id = wireId(m.id);
+    if (id === null || this.seenDms.has(id)) return;
+    this.seenDms.add(id);
     if (this.seenDms.size > 2000) {
       const oldest = this.seenDms.values().next().value as number;
       this.seenDms.delete(oldest);

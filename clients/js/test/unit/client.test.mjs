@@ -407,6 +407,39 @@ test("dm: doubles (same id) are surfaced once", async () => {
   c.disconnect();
 });
 
+test("dm: an echo whose id is not a whole number >= 0 resolves the send but is no dm event (the rule for ids off the wire)", async () => {
+  const wrong = [];
+  for (const raw of ["2.5", '"7"', "null", "-1", "1e400", "18446744073709551616", "9007199254740992", undefined]) {
+    const { server, c } = setup({ ackTimeout: 10_000 });
+    const dms = [];
+    const acks = [];
+    c.on("dm", (m) => dms.push(m.id));
+    c.on("ack", (m) => acks.push(m.client_msg_id));
+    // Raw JSON text, as a buggy server could write it: 1e400 is no JSON.stringify output.
+    const rawDm = (id, extra) => {
+      const body = JSON.stringify({ type: "dm", from: "x", user_id: "x", to: "someone", text: "hi", timestamp: 1, ...extra });
+      return id === undefined ? body : `${body.slice(0, -1)}, "id": ${id}}`;
+    };
+    server.replies.push((ws, f) => {
+      if (f.type !== "dm") return false;
+      ws.onmessage?.({ data: rawDm(raw, { client_msg_id: f.client_msg_id }) });
+      ws.onmessage?.({ data: rawDm("2") }); // then a DM that counts
+      return true;
+    });
+    await c.connect();
+    const outcome = await within(c.dm("someone", "mine"), 1000, `dm echoed with id ${raw}`).then(
+      (m) => `resolved (${m.text})`,
+      (e) => `${e.name}: ${e.message}`,
+    );
+    await tick();
+    const written = server.last.sent.filter((f) => f.type === "dm").length;
+    const got = `${outcome}, written ${written}, ${acks.length} ack, dms ${JSON.stringify(dms)}`;
+    if (got !== "resolved (hi), written 1, 1 ack, dms [2]") wrong.push(`id ${raw}: ${got}`);
+    c.disconnect();
+  }
+  assert.deepEqual(wrong, []);
+});
+
 test("randomId: UUID v4 shaped and distinct", () => {
   const ids = new Set(Array.from({ length: 100 }, () => randomId()));
   assert.equal(ids.size, 100);
