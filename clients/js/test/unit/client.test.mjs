@@ -519,6 +519,34 @@ test("requests: history's before is taken only as a whole number >= 0 (the rule 
   }
 });
 
+test("requests: history's limit is taken only as a whole number >= 1 (the server's rule), else rejected at once", async (t) => {
+  const { server, c } = setup({ requestTimeout: 300 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  const histories = () => server.last.sent.filter((f) => f.type === "history");
+  const bad = ["5", "", 0, -0, -1, 0.5, 2.5, NaN, Infinity, -Infinity, 2 ** 53, 1e20, true, false, {}, [5], 5n];
+  const wrong = [];
+  for (const limit of bad) {
+    const written = histories().length;
+    const outcome = await Promise.resolve()
+      .then(() => c.history("r", { limit }))
+      .then((m) => `resolved ${JSON.stringify(m)}`, (e) => `${e.name} ${e.code ?? ""}: ${e.message}`);
+    await tick(5);
+    const ok = outcome.startsWith("ChatError invalid_message: ") && outcome.includes("limit") && histories().length === written;
+    if (!ok) wrong.push(`limit ${typeof limit} ${String(limit)}: ${outcome}, ${histories().length - written} written`);
+  }
+  assert.deepEqual(wrong, []);
+  // Whole numbers >= 1 up to 2^53 - 1 go out as they are (the server caps them at HISTORY_SIZE);
+  // undefined and null are no limit (the server's default, 50).
+  for (const [limit, want] of [[1, 1], [50, 50], [1000, 1000], [2 ** 53 - 1, 2 ** 53 - 1], [null, undefined], [undefined, undefined]]) {
+    await c.history("r", { limit });
+    const frame = histories().at(-1);
+    assert.equal(frame.limit, want, `limit ${limit}: ${JSON.stringify(frame)}`);
+    assert.equal("limit" in frame, want !== undefined, `limit ${limit}: ${JSON.stringify(frame)}`);
+  }
+});
+
 test("unhandled: promises an app forgets never crash it", async () => {
   const { c } = setup({ requestTimeout: 10 });
   void c.connect();
