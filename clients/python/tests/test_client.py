@@ -643,6 +643,35 @@ async def test_history_before_is_held_to_the_rule_for_ids_off_the_wire() -> None
         await client.close()
 
 
+async def test_history_limit_is_held_to_the_servers_rule() -> None:
+    """``limit`` counts only as a whole number >= 1 and at most 2**53 - 1, the server's rule
+    (5.0 is 5, written as 5; the server serves at most HISTORY_SIZE whatever the limit):
+    anything else raises ``ChatError("invalid_message")`` at once and writes nothing; None is
+    no ``limit`` (the server's default, 50)."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake)
+        wrong = []
+        for limit in ["5", "", 0, -0.0, -1, 0.5, 2.5, float("nan"), float("inf"), 2**53, 10**30,
+                      True, False, [5], {}]:
+            try:
+                await client.history("r", limit=limit, timeout=0.2)  # type: ignore[arg-type]
+                wrong.append(f"{limit!r}: answered")
+            except ChatError as exc:
+                if exc.code != "invalid_message" or "limit" not in str(exc):
+                    wrong.append(f"{limit!r}: {type(exc).__name__} {exc.code} {exc}")
+        assert wrong == []
+        for limit, want in [(1, 1), (50, 50), (1000, 1000), (2**53 - 1, 2**53 - 1), (5.0, 5),
+                            (None, None)]:
+            reading = asyncio.create_task(client.history("r", limit=limit))  # type: ignore[arg-type]
+            frame = await peer.recv()  # the first frame written since: nothing of the above
+            assert frame["type"] == "history" and frame.get("limit") == want, (limit, frame)
+            assert type(frame.get("limit")) is type(want), (limit, frame)
+            assert ("limit" in frame) == (want is not None), (limit, frame)
+            await peer.send(type="history", id=frame["id"], room="r", messages=[])
+            assert await asyncio.wait_for(reading, TIMEOUT) == []
+        await client.close()
+
+
 async def test_reads_cut_off_by_a_disconnect_are_asked_again() -> None:
     """history, list_users and ping written when the connection drops change nothing on
     the server: each is asked again on the next connection and answered there."""

@@ -364,16 +364,24 @@ class Client:
                       timeout: float | None = None) -> list[Message]:
         """The latest messages of ``room`` (oldest first), or those before id ``before``.
 
+        ``limit``: how many (None: the server's default, 50; it serves at most HISTORY_SIZE).
+
         Raises:
             ChatError: ``invalid_message`` at once, with nothing written, for a ``before``
                 that is not a whole number >= 0 and at most 2**53 - 1 (``wire_id``, the rule
                 for ids off the wire; ``5.0`` is 5): ``"5"``, ``2.5``, ``-1``, ``True``, nan;
-                else the server's refusal (``not_in_room``, ...).
+                and for a ``limit`` that is not a whole number >= 1 and at most 2**53 - 1 (the
+                server's rule; ``5.0`` is 5): ``0``, ``2.5``, ``"5"``, ``True``; else the
+                server's refusal (``not_in_room``, ...).
             RequestTimeout: no answer in time.
         """
         frame: dict[str, Any] = {"type": "history", "room": room}
         if limit is not None:
-            frame["limit"] = limit
+            count = wire_id(limit)
+            if count is None or count < 1:
+                raise ChatError("invalid_message", f"history {room}: limit must be a whole "
+                                f"number >= 1 and at most 2**53 - 1, not {limit!r:.40}")
+            frame["limit"] = count
         if before is not None:
             before_id = wire_id(before)
             if before_id is None:
