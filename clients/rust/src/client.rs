@@ -391,7 +391,8 @@ impl Client {
     /// The room's recent messages, oldest first (`limit` default 50; `before` an id). A `before`
     /// past 2^53 - 1 ([`MAX_WIRE_ID`](crate::protocol::MAX_WIRE_ID), the rule for ids off the
     /// wire, as in the JS and Python clients) fails at once with `invalid_message`, the server's
-    /// answer to it, and nothing is written.
+    /// answer to it, and nothing is written; so does a `limit` of 0 (the server's rule: a whole
+    /// number >= 1; it serves at most `HISTORY_SIZE` whatever the limit).
     pub async fn history(
         &self,
         room: &str,
@@ -400,6 +401,10 @@ impl Client {
     ) -> Result<Vec<ChatMessage>, Error> {
         if let Some(before) = before.filter(|b| *b > MAX_WIRE_ID) {
             let why = format!("history {room}: before must be at most 2^53 - 1, not {before}");
+            return Err(Error::local("invalid_message", why));
+        }
+        if limit == Some(0) {
+            let why = format!("history {room}: limit must be a whole number >= 1, not 0");
             return Err(Error::local("invalid_message", why));
         }
         let cmd = ClientCommand::History { room: room.to_owned(), limit, before, id: None };
@@ -520,6 +525,22 @@ mod tests {
         }
         // The largest id is written (the silent server never answers it).
         assert_eq!(c.history("r", None, Some(MAX_WIRE_ID)).await, Err(Error::Timeout));
+    }
+
+    /// `history`'s `limit` is held to the server's rule (a whole number >= 1, as in the JS and
+    /// Python clients): 0 fails at once with `invalid_message`, which the server would answer,
+    /// instead of being written. (A `u32` cannot be negative, a fraction or past 2^53 - 1.)
+    #[tokio::test]
+    async fn a_history_limit_of_0_fails_at_once() {
+        let url = silent_server().await;
+        let (c, _events) = Client::builder(url).request_timeout(Duration::from_millis(300)).connect();
+        c.wait_connected(Duration::from_secs(5)).await.unwrap();
+        let got = c.history("r", Some(0), None).await;
+        assert_eq!(got.as_ref().map_err(Error::code), Err(Some("invalid_message")), "limit 0: {got:?}");
+        // 1 and the largest are written (the silent server never answers them).
+        for limit in [1, u32::MAX] {
+            assert_eq!(c.history("r", Some(limit), None).await, Err(Error::Timeout), "limit {limit}");
+        }
     }
 
     /// A panic of the client's task (a bug: an `Instant + Duration` overflow did it once) is
