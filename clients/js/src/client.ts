@@ -1146,16 +1146,17 @@ export class ChatClient extends Emitter<ClientEvents> {
   // -- reads -------------------------------------------------------------------------------
   /**
    * The room's recent messages, oldest first (`before`: ids below it, for paging back;
-   * undefined or null: none). A `before` that is not a whole number >= 0 and at most 2^53 - 1
-   * (the rule for ids off the wire, `wireId`, as for `join`'s `since`) rejects at once with
-   * `invalid_message`, the server's answer to it, and writes nothing. So does a `limit` (how
+   * undefined or null: none). A `before` that is not a whole number >= 1 and at most 2^53 - 1
+   * (the server's rule: the rule for ids off the wire, `wireId`, without 0, as its ids start
+   * at 1) rejects at once with `invalid_message`, the server's answer to it, and writes nothing. So
+   * does a `limit` (how
    * many; undefined or null: the server's default, 50) that is not a whole number >= 1 and at
    * most 2^53 - 1, the server's rule (it serves at most `HISTORY_SIZE` whatever the limit).
    */
   async history(room: string, opts: { limit?: number | null; before?: number | null; timeout?: number } = {}): Promise<ChatMessage[]> {
     const before = opts.before ?? null;
-    if (before !== null && wireId(before) === null) {
-      const why = `history ${room}: before must be a whole number >= 0 and at most 2^53 - 1, not ${shown(before)}`;
+    if (before !== null && !((wireId(before) ?? 0) >= 1)) {
+      const why = `history ${room}: before must be a whole number >= 1 and at most 2^53 - 1, not ${shown(before)}`;
       throw new ChatError("invalid_message", why);
     }
     const limit = opts.limit ?? null;

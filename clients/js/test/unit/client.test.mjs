@@ -491,13 +491,13 @@ test("rooms: join's own since is taken only as a whole number >= 0 (the rule for
   }
 });
 
-test("requests: history's before is taken only as a whole number >= 0 (the rule for ids off the wire), else rejected at once", async (t) => {
+test("requests: history's before is taken only as a whole number >= 1 (the server's rule), else rejected at once", async (t) => {
   const { server, c } = setup({ requestTimeout: 300 });
   t.after(() => c.disconnect());
   await c.connect();
   await c.join("r");
   const histories = () => server.last.sent.filter((f) => f.type === "history");
-  const bad = ["5", "", -1, -0.5, 2.5, 0.5, NaN, Infinity, -Infinity, 2 ** 53, 2 ** 53 + 2, 1e20, true, false, {}, [5], 5n];
+  const bad = [0, -0, "5", "", -1, -0.5, 2.5, 0.5, NaN, Infinity, -Infinity, 2 ** 53, 2 ** 53 + 2, 1e20, true, false, {}, [5], 5n];
   const wrong = [];
   for (const before of bad) {
     const written = histories().length;
@@ -510,8 +510,8 @@ test("requests: history's before is taken only as a whole number >= 0 (the rule 
     if (!ok) wrong.push(`before ${typeof before} ${String(before)}: ${outcome}, ${histories().length - written} written`);
   }
   assert.deepEqual(wrong, []);
-  // Whole numbers >= 0 up to 2^53 - 1 go out as they are; undefined and null are no before.
-  for (const [before, want] of [[0, 0], [7, 7], [2 ** 53 - 1, 2 ** 53 - 1], [-0, 0], [null, undefined], [undefined, undefined]]) {
+  // Whole numbers >= 1 up to 2^53 - 1 go out as they are; undefined and null are no before.
+  for (const [before, want] of [[1, 1], [7, 7], [2 ** 53 - 1, 2 ** 53 - 1], [null, undefined], [undefined, undefined]]) {
     await c.history("r", { before });
     const frame = histories().at(-1);
     assert.ok(Object.is(frame.before, want) || frame.before === want, `before ${before}: ${JSON.stringify(frame)}`);
