@@ -615,14 +615,15 @@ async def test_leave_says_a_send_written_before_a_lost_connection_may_be_stored(
         await client.close()
 
 
-async def test_history_before_is_held_to_the_rule_for_ids_off_the_wire() -> None:
-    """``before`` counts only as a whole number >= 0 and at most 2**53 - 1 (``wire_id``,
-    the rule for ids off the wire; 5.0 is 5, written as 5): anything else raises
-    ``ChatError("invalid_message")`` at once and writes nothing; None is no ``before``."""
+async def test_history_before_is_held_to_the_servers_rule() -> None:
+    """``before`` counts only as a whole number >= 1 and at most 2**53 - 1 (the server's rule:
+    ``wire_id``, the rule for ids off the wire, without 0; 5.0 is 5, written as 5): anything
+    else raises ``ChatError("invalid_message")`` at once and writes nothing; None is no
+    ``before``."""
     async with FakeServer() as fake:
         client, _, peer = await joined_client(fake)
         wrong = []
-        for before in ["5", "", -1, -0.5, 2.5, float("nan"), float("inf"), 2**53, 10**30,
+        for before in [0, -0.0, 0.0, "5", "", -1, -0.5, 2.5, float("nan"), float("inf"), 2**53, 10**30,
                        True, False, [5], {}]:
             try:
                 await client.history("r", before=before, timeout=0.2)  # type: ignore[arg-type]
@@ -631,8 +632,7 @@ async def test_history_before_is_held_to_the_rule_for_ids_off_the_wire() -> None
                 if exc.code != "invalid_message" or "before" not in str(exc):
                     wrong.append(f"{before!r}: {type(exc).__name__} {exc.code} {exc}")
         assert wrong == []
-        for before, want in [(0, 0), (7, 7), (2**53 - 1, 2**53 - 1), (5.0, 5), (-0.0, 0),
-                             (None, None)]:
+        for before, want in [(1, 1), (7, 7), (2**53 - 1, 2**53 - 1), (5.0, 5), (None, None)]:
             reading = asyncio.create_task(client.history("r", before=before))  # type: ignore[arg-type]
             frame = await peer.recv()  # the first frame written since: nothing of the above
             assert frame["type"] == "history" and frame.get("before") == want, (before, frame)

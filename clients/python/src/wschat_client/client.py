@@ -368,8 +368,9 @@ class Client:
 
         Raises:
             ChatError: ``invalid_message`` at once, with nothing written, for a ``before``
-                that is not a whole number >= 0 and at most 2**53 - 1 (``wire_id``, the rule
-                for ids off the wire; ``5.0`` is 5): ``"5"``, ``2.5``, ``-1``, ``True``, nan;
+                that is not a whole number >= 1 and at most 2**53 - 1 (the server's rule:
+                ``wire_id``, the rule for ids off the wire, without 0, as the server's ids
+                start at 1; ``5.0`` is 5): ``0``, ``"5"``, ``2.5``, ``-1``, ``True``, nan;
                 and for a ``limit`` that is not a whole number >= 1 and at most 2**53 - 1 (the
                 server's rule; ``5.0`` is 5): ``0``, ``2.5``, ``"5"``, ``True``; else the
                 server's refusal (``not_in_room``, ...).
@@ -384,9 +385,9 @@ class Client:
             frame["limit"] = count
         if before is not None:
             before_id = wire_id(before)
-            if before_id is None:
+            if before_id is None or before_id < 1:
                 raise ChatError("invalid_message", f"history {room}: before must be a whole "
-                                f"number >= 0 and at most 2**53 - 1, not {before!r:.40}")
+                                f"number >= 1 and at most 2**53 - 1, not {before!r:.40}")
             frame["before"] = before_id
         reply = await self._request(frame, timeout, read=True)
         return [Message.from_wire(m) for m in reply.get("messages", [])]
