@@ -389,18 +389,18 @@ impl Client {
     }
 
     /// The room's recent messages, oldest first (`limit` default 50; `before` an id). A `before`
-    /// past 2^53 - 1 ([`MAX_WIRE_ID`](crate::protocol::MAX_WIRE_ID), the rule for ids off the
-    /// wire, as in the JS and Python clients) fails at once with `invalid_message`, the server's
-    /// answer to it, and nothing is written; so does a `limit` of 0 (the server's rule: a whole
-    /// number >= 1; it serves at most `HISTORY_SIZE` whatever the limit).
+    /// of 0 or past 2^53 - 1 ([`MAX_WIRE_ID`](crate::protocol::MAX_WIRE_ID); the server's rule, a
+    /// whole number >= 1, as in the JS and Python clients) fails at once with `invalid_message`,
+    /// the server's answer to it, and nothing is written; so does a `limit` of 0 (the server's
+    /// rule: a whole number >= 1; it serves at most `HISTORY_SIZE` whatever the limit).
     pub async fn history(
         &self,
         room: &str,
         limit: Option<u32>,
         before: Option<u64>,
     ) -> Result<Vec<ChatMessage>, Error> {
-        if let Some(before) = before.filter(|b| *b > MAX_WIRE_ID) {
-            let why = format!("history {room}: before must be at most 2^53 - 1, not {before}");
+        if let Some(before) = before.filter(|b| !(1..=MAX_WIRE_ID).contains(b)) {
+            let why = format!("history {room}: before must be at least 1 and at most 2^53 - 1, not {before}");
             return Err(Error::local("invalid_message", why));
         }
         if limit == Some(0) {
@@ -511,20 +511,23 @@ mod tests {
         url
     }
 
-    /// `history`'s `before` is held to the rule for ids off the wire (at most 2^53 - 1, as in the
-    /// JS and Python clients): past it the call fails at once with `invalid_message`, which the
-    /// server would answer, instead of being written. (A `u64` cannot be negative or a fraction.)
+    /// `history`'s `before` is held to the server's rule (at least 1 and at most 2^53 - 1, as in
+    /// the JS and Python clients): 0 or past 2^53 - 1 the call fails at once with
+    /// `invalid_message`, which the server would answer, instead of being written. (A `u64`
+    /// cannot be negative or a fraction.)
     #[tokio::test]
-    async fn a_history_before_past_the_largest_id_fails_at_once() {
+    async fn a_history_before_of_0_or_past_the_largest_id_fails_at_once() {
         let url = silent_server().await;
         let (c, _events) = Client::builder(url).request_timeout(Duration::from_millis(300)).connect();
         c.wait_connected(Duration::from_secs(5)).await.unwrap();
-        for before in [MAX_WIRE_ID + 1, u64::MAX] {
+        for before in [0, MAX_WIRE_ID + 1, u64::MAX] {
             let got = c.history("r", None, Some(before)).await;
             assert_eq!(got.as_ref().map_err(Error::code), Err(Some("invalid_message")), "before {before}: {got:?}");
         }
-        // The largest id is written (the silent server never answers it).
-        assert_eq!(c.history("r", None, Some(MAX_WIRE_ID)).await, Err(Error::Timeout));
+        // 1 and the largest id are written (the silent server never answers them).
+        for before in [1, MAX_WIRE_ID] {
+            assert_eq!(c.history("r", None, Some(before)).await, Err(Error::Timeout), "before {before}");
+        }
     }
 
     /// `history`'s `limit` is held to the server's rule (a whole number >= 1, as in the JS and
