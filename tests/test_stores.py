@@ -257,13 +257,12 @@ def test_dm_ids_and_dedupe(stores: Stores) -> None:
     assert stored_id_of(d3.event) == d3.msg_id
 
 
+@pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
 @pytest.mark.parametrize("kind", ["room", "dm"])
 def test_a_redis_post_answers_with_the_id_not_the_event(stores: Stores, kind: str) -> None:
     """The post scripts answer with the id alone: the worker splices it into the draft it
     holds, the same bytes the script stored and published (before: the whole event came
     back, a second copy of every message on Redis's network besides the pub/sub ones)."""
-    if stores.name != "redis":
-        pytest.skip("Redis's own byte counters")
     import redis
 
     counters = redis.Redis.from_url(redis_url(10))
