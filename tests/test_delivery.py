@@ -696,10 +696,10 @@ def test_sequences_resume_above_what_a_member_was_handed_at_its_join() -> None:
 
 
 @contextlib.contextmanager
-def _alice_on_a_bob_on_b() -> Iterator[tuple[Any, Server, Server, Client, Client]]:
+def _alice_on_a_bob_on_b(**extra_env: str) -> Iterator[tuple[Any, Server, Server, Client, Client]]:
     """A Redis of the test's own, servers A and B on it, alice connected to A, bob to B."""
     with own_redis() as redis_server:
-        env = {**COMMON, "REDIS_URL": redis_server.url}
+        env = {**COMMON, "REDIS_URL": redis_server.url, **extra_env}
         with Server(env) as a, Server(env) as b, \
                 Client(a.url, f"token={token('alice')}") as alice, \
                 Client(b.url, f"token={token('bob')}") as bob:
@@ -810,22 +810,18 @@ def test_members_a_pubsub_outage_left_behind_the_history_are_told() -> None:
     import os
     import signal
 
-    with own_redis() as redis_server:
-        env = {**COMMON, "REDIS_URL": redis_server.url, "HISTORY_SIZE": "5"}
-        with Server(env) as a, Server(env) as b, \
-                Client(a.url, f"token={token('alice')}") as alice, \
-                Client(b.url, f"token={token('bob')}") as bob:
-            r = room()
-            alice.join(r)
-            bob.join(r)
-            worker = a.worker_pids()[0]
-            os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
-            try:
-                _kill_pubsub_of(redis_server.url, worker)
-                assert [bob.say(r, f"m{i}")["id"] for i in range(8)] == list(range(1, 9))
-            finally:
-                os.kill(worker, signal.SIGCONT)
-            assert alice.close_code_when_closed(4 * TIMEOUT) == 1013
-            with Client(a.url, f"token={token('alice')}") as again:
-                joined = again.join(r, since=0)
-                assert joined["recovered"] is False and joined["last_id"] == 8
+    with _alice_on_a_bob_on_b(HISTORY_SIZE="5") as (redis_server, a, _, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        worker = a.worker_pids()[0]
+        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
+        try:
+            _kill_pubsub_of(redis_server.url, worker)
+            assert [bob.say(r, f"m{i}")["id"] for i in range(8)] == list(range(1, 9))
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert alice.close_code_when_closed(4 * TIMEOUT) == 1013
+        with Client(a.url, f"token={token('alice')}") as again:
+            joined = again.join(r, since=0)
+            assert joined["recovered"] is False and joined["last_id"] == 8

@@ -620,27 +620,11 @@ async def test_history_before_is_held_to_the_servers_rule() -> None:
     ``wire_id``, the rule for ids off the wire, without 0; 5.0 is 5, written as 5): anything
     else raises ``ChatError("invalid_message")`` at once and writes nothing; None is no
     ``before``."""
-    async with FakeServer() as fake:
-        client, _, peer = await joined_client(fake)
-        wrong = []
-        for before in [0, -0.0, 0.0, "5", "", -1, -0.5, 2.5, float("nan"), float("inf"), 2**53, 10**30,
-                       True, False, [5], {}]:
-            try:
-                await client.history("r", before=before, timeout=0.2)  # type: ignore[arg-type]
-                wrong.append(f"{before!r}: answered")
-            except ChatError as exc:
-                if exc.code != "invalid_message" or "before" not in str(exc):
-                    wrong.append(f"{before!r}: {type(exc).__name__} {exc.code} {exc}")
-        assert wrong == []
-        for before, want in [(1, 1), (7, 7), (2**53 - 1, 2**53 - 1), (5.0, 5), (None, None)]:
-            reading = asyncio.create_task(client.history("r", before=before))  # type: ignore[arg-type]
-            frame = await peer.recv()  # the first frame written since: nothing of the above
-            assert frame["type"] == "history" and frame.get("before") == want, (before, frame)
-            assert type(frame.get("before")) is type(want), (before, frame)
-            assert ("before" in frame) == (want is not None), (before, frame)
-            await peer.send(type="history", id=frame["id"], room="r", messages=[])
-            assert await asyncio.wait_for(reading, TIMEOUT) == []
-        await client.close()
+    await _history_argument_is_held_to_the_servers_rule(
+        "before",
+        [0, -0.0, 0.0, "5", "", -1, -0.5, 2.5, float("nan"), float("inf"), 2**53, 10**30,
+         True, False, [5], {}],
+        [(1, 1), (7, 7), (2**53 - 1, 2**53 - 1), (5.0, 5), (None, None)])
 
 
 async def test_history_limit_is_held_to_the_servers_rule() -> None:
@@ -648,25 +632,35 @@ async def test_history_limit_is_held_to_the_servers_rule() -> None:
     (5.0 is 5, written as 5; the server serves at most HISTORY_SIZE whatever the limit):
     anything else raises ``ChatError("invalid_message")`` at once and writes nothing; None is
     no ``limit`` (the server's default, 50)."""
+    await _history_argument_is_held_to_the_servers_rule(
+        "limit",
+        ["5", "", 0, -0.0, -1, 0.5, 2.5, float("nan"), float("inf"), 2**53, 10**30,
+         True, False, [5], {}],
+        [(1, 1), (50, 50), (1000, 1000), (2**53 - 1, 2**53 - 1), (5.0, 5), (None, None)])
+
+
+async def _history_argument_is_held_to_the_servers_rule(
+        name: str, refused: list[Any], written: list[tuple[Any, Any]]) -> None:
+    """``history(room, **{name: value})``: each of ``refused`` raises ``invalid_message``
+    naming the argument and writes nothing; each ``(value, want)`` of ``written`` goes out
+    as ``want`` (None: no such field)."""
     async with FakeServer() as fake:
         client, _, peer = await joined_client(fake)
         wrong = []
-        for limit in ["5", "", 0, -0.0, -1, 0.5, 2.5, float("nan"), float("inf"), 2**53, 10**30,
-                      True, False, [5], {}]:
+        for value in refused:
             try:
-                await client.history("r", limit=limit, timeout=0.2)  # type: ignore[arg-type]
-                wrong.append(f"{limit!r}: answered")
+                await client.history("r", timeout=0.2, **{name: value})
+                wrong.append(f"{value!r}: answered")
             except ChatError as exc:
-                if exc.code != "invalid_message" or "limit" not in str(exc):
-                    wrong.append(f"{limit!r}: {type(exc).__name__} {exc.code} {exc}")
+                if exc.code != "invalid_message" or name not in str(exc):
+                    wrong.append(f"{value!r}: {type(exc).__name__} {exc.code} {exc}")
         assert wrong == []
-        for limit, want in [(1, 1), (50, 50), (1000, 1000), (2**53 - 1, 2**53 - 1), (5.0, 5),
-                            (None, None)]:
-            reading = asyncio.create_task(client.history("r", limit=limit))  # type: ignore[arg-type]
+        for value, want in written:
+            reading = asyncio.create_task(client.history("r", **{name: value}))
             frame = await peer.recv()  # the first frame written since: nothing of the above
-            assert frame["type"] == "history" and frame.get("limit") == want, (limit, frame)
-            assert type(frame.get("limit")) is type(want), (limit, frame)
-            assert ("limit" in frame) == (want is not None), (limit, frame)
+            assert frame["type"] == "history" and frame.get(name) == want, (value, frame)
+            assert type(frame.get(name)) is type(want), (value, frame)
+            assert (name in frame) == (want is not None), (value, frame)
             await peer.send(type="history", id=frame["id"], room="r", messages=[])
             assert await asyncio.wait_for(reading, TIMEOUT) == []
         await client.close()
