@@ -488,6 +488,37 @@ def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock
         assert alice.events("dm")[-1]["text"] == "later"
 
 
+def test_retry_of_a_kept_dm_to_a_full_inbox_gets_the_stored_one(tmp_path: Any,
+                                                                clock: Clock) -> None:
+    """The DM that filled bob's inbox, sent again with its client_msg_id (its echo was
+    lost), is answered with the stored one: it was accepted and bob gets it once (before:
+    ``inbox_full``, "not accepted, try later", and the user's later try was a second copy)."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        durable.max_kept_dms = 2
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        chat.close(bob)
+        alice = FakeSession("alice", "Alice", True)
+        chat.open(alice)
+        for i in range(2):
+            chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": f"t{i}",
+                                            "client_msg_id": f"k{i}"}))
+        first = [(e["id"], e["client_msg_id"]) for e in alice.events("dm")]
+        assert [cmid for _, cmid in first] == ["k0", "k1"]
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "t1",
+                                        "client_msg_id": "k1", "id": "retry"}))
+        assert alice.events("error") == []
+        assert [(e["id"], e["client_msg_id"]) for e in alice.events("dm")] == [*first,
+                                                                                first[1]]
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "t2",
+                                        "client_msg_id": "k2", "id": "new"}))
+        assert [(e["id"], e["code"]) for e in alice.events("error")] == [("new", "inbox_full")]
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        assert bob.events("welcome")[0]["dm_backlog"] == 2
+        assert [e["text"] for e in bob.events("dm")] == ["t0", "t1"]
+
+
 def _committed_never_published(durable: Any, text: str, cmid: str) -> int:
     """A DM from alice to bob that the log committed while its worker never learnt it
     (the commit's reply was lost) or never published it (Redis failed after COMMIT)."""

@@ -22,7 +22,7 @@ from ..stores.base import Unavailable
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .schema import (
     AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL, DM_PAGE, DM_SCOPE,
-    DM_SEQ_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
+    DM_SEQ_SQL, DM_STORED_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
     MARK_DELIVERED_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION, UPSERT_USER_SQL,
     VERSION_TABLE_SQL, Dialect, SchemaTooNew, room_scope,
 )
@@ -93,6 +93,10 @@ class MessageLog(ABC):
 
     def knows_user(self, user_id: str) -> bool:
         return bool(self._read_call(self._rows, KNOWS_USER_SQL, (user_id,)))
+
+    def stores_dm(self, sender_id: str, client_msg_id: str) -> bool:
+        """Is a DM of ``sender_id`` with this ``client_msg_id`` stored (a retry's original)?"""
+        return bool(self._read_call(self._rows, DM_STORED_SQL, (client_msg_id, sender_id)))
 
     def kept_dms(self, user_id: str, after_id: int, limit: int = DM_PAGE) -> list[bytes]:
         """DMs kept for ``user_id`` with ids > ``after_id`` (not yet delivered), oldest first."""

@@ -116,6 +116,7 @@ BEFORE_SQL = "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id D
 NEWEST_SQL = "SELECT event FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
 AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?"
 KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
+DM_STORED_SQL = "SELECT 1 FROM dms WHERE client_msg_id = ? AND sender_id = ?"
 DEDUPE_ROOM_SQL = "SELECT room, user_id, client_msg_id, event FROM messages WHERE "
 DEDUPE_DM_SQL = "SELECT sender_id, client_msg_id, event FROM dms WHERE "
 # A batch is a fixed handful of statements whatever its size, its rows passed as one

@@ -109,8 +109,11 @@ class DurableMessageStore(MessageStore):
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         self.check_delivering()
-        if not recipient_online and self.log.kept_count(recipient_id) >= self.max_kept_dms:
-            # Refused where the sender can see it, never dropped later.
+        if (not recipient_online and self.log.kept_count(recipient_id) >= self.max_kept_dms
+                and not (draft.client_msg_id is not None
+                         and self.log.stores_dm(sender_id, draft.client_msg_id))):
+            # Refused where the sender can see it, never dropped later. A retry of a
+            # stored DM is not refused: it was accepted (the stored one answers it).
             raise InboxFull(f"{recipient_id} has {self.max_kept_dms} undelivered direct "
                             "messages; try again once they have connected")
         job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
