@@ -30,7 +30,7 @@ from wschat.persistence import (
     open_message_log,
 )
 from wschat.protocol import draft_dm, draft_message, message_id_of
-from wschat.stores.base import Unavailable, User
+from wschat.stores.base import InboxFull, Unavailable, User
 from wschat.stores.durable import DurableMessageStore
 from wschat.stores.memory import create_memory_stores
 from wschat.telemetry import NoMetrics
@@ -351,6 +351,41 @@ def test_a_dm_retried_while_its_recipient_is_offline_is_kept_again(
     message_log.write(pair)  # type: ignore[arg-type]
     assert pair[1].duplicate and message_log.kept_dms(bob, online.msg_id, 10) == [pair[0].event]
     assert message_log.kept_count("carol") == 0
+
+
+def test_the_kept_dm_bound_holds_for_concurrent_senders(url: str) -> None:
+    """Two workers (two durable stores on one database), three senders on each, DM one
+    offline user at once with room for two kept DMs: two are kept, four get InboxFull,
+    and the kept ones' ids come with no gap (before: the bound was read outside the
+    transaction, every sender saw it free, and all six were kept)."""
+    bob = f"bob-{uuid.uuid4().hex[:6]}"
+    workers = []
+    for _ in range(2):
+        stores = create_memory_stores(history_size=3, room_ttl=3600)
+        stores.broker.start(lambda *a: None, lambda *a: None)
+        durable = DurableMessageStore(stores.messages, open_message_log(url))
+        durable.start()
+        durable.max_kept_dms = 2
+        workers.append(durable)
+
+    def send(durable: DurableMessageStore, sender: str) -> int | None:
+        draft = draft_dm(bob, sender, sender, "hi", 1, f"{bob}-{sender}")
+        try:
+            return durable.post_dm(sender, bob, draft, recipient_online=False).msg_id
+        except InboxFull:
+            return None
+
+    try:
+        workers[0].log.write([Arrival(user_id=bob, username="bob", seen_ms=1)])
+        sends = [gevent.spawn(send, durable, f"s{w}{i}")
+                 for w, durable in enumerate(workers) for i in range(3)]
+        gevent.joinall(sends, timeout=TIMEOUT, raise_error=True)
+        kept = sorted(g.value for g in sends if g.value is not None)
+        assert len(kept) == 2 and workers[0].log.kept_count(bob) == 2, kept
+        assert kept[1] == kept[0] + 1
+    finally:
+        for durable in workers:
+            durable.close()
 
 
 @pytest.fixture

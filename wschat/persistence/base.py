@@ -22,9 +22,9 @@ from ..stores.base import Unavailable
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .schema import (
     AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL, DM_PAGE, DM_SCOPE,
-    DM_SEQ_SQL, DM_STORED_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
-    MARK_DELIVERED_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION, UPSERT_USER_SQL,
-    VERSION_TABLE_SQL, Dialect, SchemaTooNew, room_scope,
+    DM_SEQ_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
+    LOCK_DM_SEQ_PARAMS, MARK_DELIVERED_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION,
+    UPSERT_USER_SQL, VERSION_TABLE_SQL, Dialect, SchemaTooNew, room_scope,
 )
 
 log = logging.getLogger("wschat.persistence")
@@ -93,10 +93,6 @@ class MessageLog(ABC):
 
     def knows_user(self, user_id: str) -> bool:
         return bool(self._read_call(self._rows, KNOWS_USER_SQL, (user_id,)))
-
-    def stores_dm(self, sender_id: str, client_msg_id: str) -> bool:
-        """Is a DM of ``sender_id`` with this ``client_msg_id`` stored (a retry's original)?"""
-        return bool(self._read_call(self._rows, DM_STORED_SQL, (client_msg_id, sender_id)))
 
     def kept_dms(self, user_id: str, after_id: int, limit: int = DM_PAGE) -> list[bytes]:
         """DMs kept for ``user_id`` with ids > ``after_id`` (not yet delivered), oldest first."""
@@ -235,6 +231,8 @@ class DirectLog(MessageLog):
             self._insert_messages(conn, [(p.room, p.msg_id, p.user_id, p.client_msg_id,
                                           p.created_ms, p.event)
                                          for p in number_rooms(by_room, taken)])
+        # After the rooms' rows: every writer locks the rooms' sequence rows, then the DMs'.
+        new_dms = self._within_inbox_bound(conn, new_dms, dm_retries)
         if new_dms:
             last = conn.execute(d.q(DM_SEQ_SQL), (DM_SCOPE, len(new_dms), len(new_dms))
                                 ).fetchone()[0]
@@ -255,6 +253,33 @@ class DirectLog(MessageLog):
                 job.kept = int(conn.execute(d.q(COUNT_KEPT_SQL), (job.user_id,)).fetchone()[0])
             elif isinstance(job, DmsDelivered):
                 conn.execute(d.q(MARK_DELIVERED_SQL), (job.user_id, job.up_to))
+
+    def _within_inbox_bound(self, conn: Any, posts: list[DmPost],
+                            retries: list[tuple[DmPost, DmPost]]) -> list[DmPost]:
+        """The new DMs to store: a DM to keep whose recipient has ``keep_at_most`` kept
+        already (counting those kept before it in this batch) is left out with
+        ``inbox_full`` set, and so is a retry of it in this batch. Counted under the
+        DM sequence's row lock, so that writers keeping DMs for one recipient at once
+        cannot each find room for theirs. Retries of stored DMs are never counted."""
+        bounded = {p.recipient_id for p in posts
+                   if not p.delivered and p.keep_at_most is not None}
+        if not bounded:
+            return posts
+        d = self.dialect
+        conn.execute(d.q(DM_SEQ_SQL), LOCK_DM_SEQ_PARAMS).fetchone()
+        kept = {r: int(conn.execute(d.q(COUNT_KEPT_SQL), (r,)).fetchone()[0])
+                for r in sorted(bounded)}
+        stored: list[DmPost] = []
+        for post in posts:
+            if not post.delivered and post.keep_at_most is not None:
+                if kept[post.recipient_id] >= post.keep_at_most:
+                    post.inbox_full = True
+                    continue
+                kept[post.recipient_id] += 1
+            stored.append(post)
+        for retry, original in retries:
+            retry.inbox_full = original.inbox_full
+        return stored
 
     def _dedupe(self, conn: Any, posts: list[Any], sql: str, key: Callable[[Any], tuple[str, ...]]
                 ) -> tuple[list[Any], list[tuple[Any, Any]]]:

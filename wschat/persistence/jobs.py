@@ -63,6 +63,11 @@ class DmPost(Post):
     sender_id: str
     recipient_id: str
     delivered: bool = True  # False: kept for the recipient's next connection
+    # Kept only while the recipient has fewer than this many kept (None: no bound),
+    # counted in the transaction that would keep it; past it ``inbox_full`` is set
+    # and nothing is stored.
+    keep_at_most: int | None = None
+    inbox_full: bool = False
 
 
 @dataclass(slots=True, eq=False, kw_only=True)

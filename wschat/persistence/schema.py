@@ -102,6 +102,10 @@ KEPT_DMS_SQL = (
     "SELECT event FROM dms WHERE recipient_id = ? AND NOT delivered AND id > ?"
     " ORDER BY id LIMIT ?")
 COUNT_KEPT_SQL = "SELECT COUNT(*) FROM dms WHERE recipient_id = ? AND NOT delivered"
+# DM_SEQ_SQL with n = 0: locks the DM sequence's row until COMMIT and changes nothing, so
+# that the kept DMs counted next are final (another writer keeping one for the same
+# recipient waits for this transaction, and counts after it).
+LOCK_DM_SEQ_PARAMS = (DM_SCOPE, 0, 0)
 MARK_DELIVERED_SQL = (
     "UPDATE dms SET delivered = TRUE WHERE recipient_id = ? AND NOT delivered AND id <= ?")
 # A retry of a stored DM while its recipient is offline: its first publish may never
@@ -116,7 +120,6 @@ BEFORE_SQL = "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id D
 NEWEST_SQL = "SELECT event FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
 AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?"
 KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
-DM_STORED_SQL = "SELECT 1 FROM dms WHERE client_msg_id = ? AND sender_id = ?"
 DEDUPE_ROOM_SQL = "SELECT room, user_id, client_msg_id, event FROM messages WHERE "
 DEDUPE_DM_SQL = "SELECT sender_id, client_msg_id, event FROM dms WHERE "
 # A batch is a fixed handful of statements whatever its size, its rows passed as one

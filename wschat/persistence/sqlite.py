@@ -50,7 +50,7 @@ from ..db_wait import READ, wait_first
 from .base import (
     BatchRefused, DatabaseUnavailable, DirectLog, MessageLog, json_rows, to_json,
 )
-from .jobs import Arrival, Job, Post
+from .jobs import Arrival, DmPost, Job, Post
 from .schema import SchemaTooNew, SQLiteDialect, room_scope
 
 log = logging.getLogger("wschat.persistence")
@@ -274,13 +274,17 @@ class WriterProcess:
 
 def _fill_in(job: Job, outcome: Any) -> None:
     """Copy what the writer process filled in on its copy of ``job``."""
-    if isinstance(job, Post):
+    if isinstance(job, DmPost):
+        job.msg_id, job.event, job.duplicate, job.inbox_full = outcome
+    elif isinstance(job, Post):
         job.msg_id, job.event, job.duplicate = outcome
     elif isinstance(job, Arrival):
         job.backlog, job.kept = outcome
 
 
 def _outcome(job: Job) -> Any:
+    if isinstance(job, DmPost):
+        return job.msg_id, job.event, job.duplicate, job.inbox_full
     if isinstance(job, Post):
         return job.msg_id, job.event, job.duplicate
     if isinstance(job, Arrival):

@@ -109,16 +109,16 @@ class DurableMessageStore(MessageStore):
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         self.check_delivering()
-        if (not recipient_online and self.log.kept_count(recipient_id) >= self.max_kept_dms
-                and not (draft.client_msg_id is not None
-                         and self.log.stores_dm(sender_id, draft.client_msg_id))):
-            # Refused where the sender can see it, never dropped later. A retry of a
-            # stored DM is not refused: it was accepted (the stored one answers it).
+        # The bound is counted in the transaction that would keep the DM, so concurrent
+        # senders cannot take the inbox past it; a retry of a stored DM is not counted.
+        job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
+                     delivered=bool(recipient_online),
+                     keep_at_most=None if recipient_online else self.max_kept_dms)
+        self.writer.submit(job)
+        if job.inbox_full:
+            # Refused where the sender can see it, never dropped later.
             raise InboxFull(f"{recipient_id} has {self.max_kept_dms} undelivered direct "
                             "messages; try again once they have connected")
-        job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
-                     delivered=recipient_online)
-        self.writer.submit(job)
         if job.duplicate and recipient_online and addressed_to(job.event) == recipient_id:
             self._deliver_again(job)
             return Posted(job.msg_id, job.event, True, redelivered=True)
@@ -153,7 +153,7 @@ class DurableMessageStore(MessageStore):
         for job in batch:
             if isinstance(job, RoomPost) and not job.duplicate:
                 fresh.append((job, Stored(job.msg_id, job.event, job.room)))
-            elif isinstance(job, DmPost) and not job.duplicate:
+            elif isinstance(job, DmPost) and not job.duplicate and not job.inbox_full:
                 fresh.append((job, Stored(job.msg_id, job.event, None, job.sender_id,
                                           job.recipient_id if job.delivered else "")))
         if not fresh:
