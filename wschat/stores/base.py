@@ -100,6 +100,10 @@ def dm_parties(sender_id: str, recipient_id: str) -> list[str]:
 PUBLISHED = 1  # delivered (and everything held behind it)
 HELD = 0  # an earlier id is not published yet: held until it is (or fetched from the log)
 STALE = -1  # the room's window is already past this id: not published again
+# A DM to a recipient online: no worker is subscribed to the recipient's channel (Redis:
+# its pub/sub connection is being made again), so nobody got it, and its sender's channel
+# was not told either (publish_dm.lua)
+UNHEARD = 2
 
 
 def retry_echo(draft: MessageDraft, msg_id: int, timestamp_ms: int,
@@ -227,7 +231,7 @@ class MessageStore(ABC):
     def publish_stored(self, messages: list[Stored]) -> list[int]:
         """Add committed messages to the window and deliver them, room messages in id order.
 
-        Returns PUBLISHED, HELD or STALE for each (see those constants).
+        Returns PUBLISHED, HELD, STALE or UNHEARD for each (see those constants).
         """
         raise NotImplementedError(f"{type(self).__name__} cannot publish stored messages")
 

@@ -37,7 +37,7 @@ from ..protocol import MessageDraft, addressed_to, message_id_of
 from ..ratelimit import Charge
 from ..telemetry import Metrics
 from .base import (
-    HELD, STALE, InboxFull, MessageStore, Posted, Replay, Stored, Unavailable, User,
+    HELD, STALE, UNHEARD, InboxFull, MessageStore, Posted, Replay, Stored, Unavailable, User,
 )
 
 log = logging.getLogger("wschat.persistence")
@@ -45,6 +45,7 @@ log = logging.getLogger("wschat.persistence")
 REPLAY_LIMIT = 1000  # a `since` further behind than this gets recovered: false (reload)
 MAX_KEPT_DMS = 1000  # DMs kept for one offline user; past it the sender gets `inbox_full`
 PRIMED_MAX = 100_000
+UNHEARD_DM = "stored, but not delivered (the recipient's workers are not subscribed); retry"
 
 
 class DurableMessageStore(MessageStore):
@@ -130,8 +131,10 @@ class DurableMessageStore(MessageStore):
         was lost), and the log cannot tell; DM ids are unique, so a recipient that had
         it drops the copy. (Recipient offline: the log keeps it for their next
         connection instead, in the retry's transaction.)"""
-        self.inner.publish_stored([Stored(job.msg_id, job.event, None, job.sender_id,
-                                          job.recipient_id)])
+        outcome, = self.inner.publish_stored([Stored(job.msg_id, job.event, None,
+                                                     job.sender_id, job.recipient_id)])
+        if outcome == UNHEARD:
+            raise Unavailable(UNHEARD_DM)
 
     def user_arrived(self, user: User) -> tuple[list[bytes], int] | None:
         job = Arrival(user_id=user.user_id, username=user.username)
@@ -167,8 +170,12 @@ class DurableMessageStore(MessageStore):
             for job, _ in fresh:
                 job.error = Unavailable(f"stored, but not delivered ({exc}); retry")
             return
-        for (_, stored), outcome in zip(fresh, outcomes, strict=True):
-            if outcome == HELD and stored.room is not None:
+        for (job, stored), outcome in zip(fresh, outcomes, strict=True):
+            if outcome == UNHEARD:
+                # Nobody got it, and a DM has no history to catch it up from: the
+                # sender is told to retry (the retry publishes it again, _deliver_again).
+                job.error = Unavailable(UNHEARD_DM)
+            elif outcome == HELD and stored.room is not None:
                 self._watch_held(stored.room, stored.msg_id)
             elif outcome == STALE and stored.room is not None:
                 log.warning("room %s: message %d committed after its window moved past it "

@@ -19,7 +19,7 @@ from ...ratelimit import Charge, RateLimited
 from ...telemetry import Metrics
 from ..base import (
     PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline,
-    Replay, RoomStore, Stored, Unavailable, User, retry_echo,
+    UNHEARD, Replay, RoomStore, Stored, Unavailable, User, retry_echo,
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
@@ -108,6 +108,7 @@ class RedisMessageStore(MessageStore):
                                       prelude=("charge", "dm_online", "take_id"))
         self._raise_seq = script(client, "raise_seq")
         self._publish_stored = script(client, "publish_stored")
+        self._publish_dm = script(client, "publish_dm")
         #: Whether posts can be delivered: the broker's health, set by the factory.
         self.delivering: Callable[[], bool] = lambda: True
 
@@ -207,7 +208,12 @@ class RedisMessageStore(MessageStore):
         # One pipeline for the whole committed batch: one round trip, in id order.
         with self._client.pipeline(transaction=False) as pipe:
             for m in messages:
-                if m.room is None:
+                if m.room is None and m.recipient_id:  # UNHEARD if nobody could get it
+                    self._publish_dm(keys=[user_channel(m.recipient_id),
+                                           user_channel(m.sender_id)],
+                                     args=[m.event], client=pipe)
+                    continue
+                if m.room is None:  # kept for later: the sender's other connections
                     for user_id in m.dm_parties():
                         pipe.publish(user_channel(user_id), m.event)
                     continue
@@ -219,7 +225,9 @@ class RedisMessageStore(MessageStore):
         out: list[int] = []
         it = iter(replies)
         for m in messages:
-            if m.room is None:
+            if m.room is None and m.recipient_id:
+                out.append(PUBLISHED if int(next(it)) else UNHEARD)
+            elif m.room is None:
                 for _ in m.dm_parties():
                     next(it)
                 out.append(PUBLISHED)
