@@ -516,6 +516,41 @@ def test_one_user_cannot_take_every_slot(tight: Server) -> None:
         b.close()
 
 
+def test_one_user_cannot_take_every_slot_in_a_burst(tight: Server) -> None:
+    """MAX_CONNECTIONS_PER_USER holds for upgrades that arrive together: a connection
+    counts from its admission, not only once the chat has registered it (all ten of a
+    burst used to be admitted with a cap of 2). The slots come back when they close."""
+    t = token("bursty")
+    socks = [socket.create_connection(("127.0.0.1", tight.port), TIMEOUT, (fresh_ip(), 0))
+             for _ in range(10)]
+    try:
+        for sock in socks:  # every request out before any response is read
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall((f"GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        statuses = []
+        for sock in socks:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(1)
+                if not chunk:
+                    raise Closed("closed during the handshake")
+                head += chunk
+            statuses.append(int(head.split(b" ", 2)[1]))
+        assert sorted(statuses) == [101] * 2 + [429] * 8, statuses
+    finally:
+        for sock in socks:
+            sock.close()
+
+    def connects() -> bool:
+        status, sock = handshake(tight.port, f"token={t}", fresh_ip())
+        sock.close()
+        return status == 101
+
+    wait_until(connects, message="the user's slots given back")
+
+
 # -- 7. guests cannot pass for signed-in users ----------------------------------------------
 
 def test_guest_events_are_marked(srv: Server) -> None:

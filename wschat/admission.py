@@ -175,8 +175,13 @@ class Admission:
             return Refusal(503, f"{stores.name} unreachable; retry", "unavailable",
                            {"Retry-After": "2"})
         cap = self.settings.max_connections_per_user
+        # The hub counts a user's connections once the chat has registered them; the
+        # transport counts those admitted meanwhile (a burst of upgrades, all checked
+        # before the first one is registered, would each see none).
+        opening = self.transport.opening
         if (authenticated and cap
-                and len(self.chat.hub.users.get(identity.user_id, ())) >= cap):
+                and len(self.chat.hub.users.get(identity.user_id, ()))
+                + opening.counts.get(identity.user_id, 0) >= cap):
             return Refusal(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
                            "max_connections_per_user", {"Retry-After": "5"})
         if not self.transport.addresses.claim(addr):
@@ -190,12 +195,16 @@ class Admission:
         # Never negotiate permessage-deflate: it costs ~100 KiB of zlib state per
         # connection and would make shared, encode-once frames impossible.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        if authenticated:
+            opening.claim(identity.user_id)
         return Admitted(identity, authenticated, addr)
 
     def release(self, admitted: Admitted) -> None:
         """Admitted, but the handshake failed before :meth:`Transport.serve` took the slot over."""
         self.transport.budget.release()
         self.transport.addresses.release(admitted.addr)
+        if admitted.authenticated:
+            self.transport.opening.release(admitted.identity.user_id)
 
 
 def _guest_identity(username: str | None) -> Identity:

@@ -149,6 +149,7 @@ class Host(Protocol):
 
     def spawn(self, func: Any, *args: Any) -> gevent.Greenlet: ...
     def spawn_later(self, seconds: float, func: Any, *args: Any) -> gevent.Greenlet: ...
+    def opened(self, conn: WebSocketConnection) -> None: ...
     def forget(self, conn: WebSocketConnection) -> None: ...
 
 
@@ -447,7 +448,10 @@ class WebSocketConnection(Session):
             alive = True
             if not self._started:
                 self._started = True
-                self._opened()
+                try:
+                    self._opened()
+                finally:
+                    self.transport.opened(self)
                 # Frames that came in the same TCP segments as the upgrade request
                 # are handled before any wait.
                 if self._buf:
