@@ -682,3 +682,40 @@ def test_budget_settings_defaults() -> None:
     assert settings.memory_history_bytes == 128 * 1024 * 1024
     custom = Settings.from_env({"RATE_LIMIT_REQUESTS": "2.5", "RATE_LIMIT_REQUESTS_BURST": "9"})
     assert (custom.request_rate, custom.request_burst) == (2.5, 9)
+
+
+# -- 10. recovery replays -------------------------------------------------------------------
+
+def test_join_replays_of_a_client_that_never_reads_stay_bounded() -> None:
+    """A replay is written as the client reads, outside MAX_OUTBOUND_BYTES; a client
+    that never reads must not make the server hold one for every `join` with `since`
+    it sends (re-joining a room it is in replays it again). 100 joins of a room with
+    2.4 MB of history made the worker hold all 100 replays (RSS +240 MB) for two
+    heartbeat intervals; a replay now pays one request token per 64 KiB, as `history` does."""
+    env = {"JWT_SECRET": SECRET, "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000",
+           "RATE_LIMIT_REQUESTS": "10", "RATE_LIMIT_REQUESTS_BURST": "100"}
+    room = "replayed-" + os.urandom(4).hex()
+    with Server(env) as server, Client(server.url, f"token={token('filler')}",
+                                       source_address=(fresh_ip(), 0)) as filler:
+        filler.join(room)
+        for i in range(100):  # 24 KB each: JSON spells a control character in 6 bytes
+            filler.say(room, "\x01" * 3990 + str(i))
+        before = worker_rss_kib(server)
+        attacker = socket.socket()
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        attacker.bind((fresh_ip(), 0))
+        attacker.connect(("127.0.0.1", server.port))
+        attacker.settimeout(TIMEOUT)
+        key = base64.b64encode(os.urandom(16)).decode()
+        query = f"token={token('rejoiner')}"
+        attacker.sendall((f"GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+                         + text({"type": "join", "room": room, "since": 0}) * 100)
+        try:
+            wait_until(lambda: metric(server, "wschat_messages_received_total",
+                                      type="join") >= 101, message="the 100 joins handled")
+            grown_mib = (worker_rss_kib(server) - before) / 1024
+        finally:
+            attacker.close()
+        assert grown_mib < 48, f"worker RSS grew {grown_mib:.0f} MiB"

@@ -39,8 +39,9 @@ log = logging.getLogger("wschat.chat")
 RATE_LIMITED_KINDS = (SendMessage, SendDm, Typing)
 PRE_AUTH_KINDS = (Auth, Ping)
 # Every other command spends tokens of the user's request bucket
-# (RATE_LIMIT_REQUESTS): these costs, and a history reply 1 more per 64 KiB it
-# holds (charged once it is built: its size is what it costs the network).
+# (RATE_LIMIT_REQUESTS): these costs, and a history reply or a join's replay 1 more
+# per 64 KiB it holds (charged once it is read: its size is what it costs the network,
+# and a replay's what the worker holds until the client has read it).
 REQUEST_COSTS: dict[type, float] = {Join: 1.0, Leave: 1.0, ListUsers: 1.0, Ping: 1.0,
                                     Auth: 5.0, History: 1.0}
 HISTORY_BYTES_PER_TOKEN = 65536
@@ -804,6 +805,13 @@ class Chat:
             session.send(encode_reply("joined", cmd.request_id, **reply))
             return up_to, members, None  # retries are echoed, as they always were
         replay = self.stores.messages.since(room, cmd.since)
+        # The replay goes out as the client reads, outside MAX_OUTBOUND_BYTES: like a
+        # history reply it pays a request token more per 64 KiB, or a client that never
+        # reads would have the worker hold a replay for every join it sends. Refused:
+        # the join is undone (see _join) and nothing is sent; the client retries later.
+        size = sum(map(len, replay.messages))
+        if size >= HISTORY_BYTES_PER_TOKEN:
+            self._check_requests(session, cmd, size // HISTORY_BYTES_PER_TOKEN)
         if replay.messages:
             up_to = message_id_of(replay.messages[-1]) or cmd.since
         elif replay.complete:
