@@ -395,3 +395,19 @@ def test_invalid_utf8_fails_fast_inside_a_frame_still_arriving(transport: Transp
     frame = raw_frame(0x1, bad)
     peer.sock.sendall(frame[:-6])  # everything but the last (valid) bytes
     assert close_code_of(peer) == CloseCode.INVALID_PAYLOAD
+
+
+def test_an_unexpected_failure_closes_with_1011_on_the_wire(transport: Transport,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A failure no handler expected (a bug) ends only its own connection, and the client
+    is told so with a close frame 1011, the code the close line logs; the socket used
+    to be dropped without one (the client saw 1006)."""
+    def broken(session: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(transport.chat, "open", broken)
+    conn, peer = serve(transport)
+    assert close_code_of(peer) == CloseCode.INTERNAL_ERROR
+    wait_forgotten(transport, conn)
+    assert conn.close_code == CloseCode.INTERNAL_ERROR

@@ -470,6 +470,8 @@ class WebSocketConnection(Session):
             pass
         except Exception:
             log.exception("connection %s failed", self.conn_id)
+            # Said on the wire too (unless a close frame went already), then the socket goes.
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
             self.close_code, self.close_reason = int(CloseCode.INTERNAL_ERROR), "internal error"
         self._finish()
 
