@@ -488,6 +488,49 @@ def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock
         assert alice.events("dm")[-1]["text"] == "later"
 
 
+class _HeldSession(FakeSession):
+    """A connection whose paced frames are not handed over yet (a client slow to read):
+    ``on_sent`` waits in ``held``."""
+
+    __slots__ = ("held",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.held: list[Any] = []
+
+    def send_paced(self, frames: list[bytes], on_sent: Any = None) -> None:
+        self.frames.extend(frames)
+        self.held.append(on_sent)
+
+
+def test_a_token_refresh_does_not_send_the_kept_dms_again(tmp_path: Any, clock: Clock) -> None:
+    """``auth`` as the user the connection already is (a token refresh) is answered with a
+    ``welcome`` of ``dm_backlog: 0``: the kept DMs came, or are coming, with the connection's
+    first ``welcome`` (before: each refresh while that page was still going out queued the
+    same page again, a duplicate of every kept DM per refresh)."""
+    with durable_chat(tmp_path, clock) as (chat, _):
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        chat.close(bob)
+        alice = FakeSession("alice", "Alice", True)
+        chat.open(alice)
+        for i in range(3):
+            chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": f"t{i}"}))
+        bob = _HeldSession("bob", "Bob", True)
+        chat.open(bob)
+        assert bob.events("welcome")[0]["dm_backlog"] == 3
+        for n in range(3):
+            chat.receive(bob, json.dumps({"type": "auth", "token": token("bob"), "id": n}))
+        assert [w.get("dm_backlog") for w in bob.events("welcome")] == [3, 0, 0, 0]
+        assert [e["text"] for e in bob.events("dm")] == ["t0", "t1", "t2"]
+        for on_sent in bob.held:
+            on_sent()
+        chat.close(bob)
+        again = FakeSession("bob", "Bob", True)
+        chat.open(again)
+        assert again.events("welcome")[0]["dm_backlog"] == 0
+
+
 def test_retry_of_a_kept_dm_to_a_full_inbox_gets_the_stored_one(tmp_path: Any,
                                                                 clock: Clock) -> None:
     """The DM that filled bob's inbox, sent again with its client_msg_id (its echo was

@@ -276,10 +276,16 @@ class Chat:
         session.close(CloseCode.DISCONNECTED, "banned")
         return True
 
-    def _greet(self, session: Session, request_id: RequestId = None) -> None:
+    def _greet(self, session: Session, request_id: RequestId = None,
+               refresh: bool = False) -> None:
         """``welcome`` (on connect, and after a successful ``auth``), then the DMs kept
-        for the user while it was away."""
-        backlog = self._dm_backlog(session)
+        for the user while it was away. ``refresh``: an ``auth`` as the user the connection
+        already was; its kept DMs came (or are coming, paced) with its first ``welcome``,
+        and DMs since then came live, so none are fetched again (``dm_backlog: 0``)."""
+        if refresh and self.settings.enable_persistence:
+            backlog: tuple[list[bytes], int] | None = ([], 0)
+        else:
+            backlog = self._dm_backlog(session)
         session.send(self._welcome(session, backlog, request_id))
         self._send_kept_dms(session, backlog[0] if backlog else [])
 
@@ -693,6 +699,7 @@ class Chat:
             self.metrics.auth_failed(err.code.value)
             raise ProtocolError(err.code, err.message, cmd.request_id) from None
         same_user = identity.user_id == session.user_id
+        refresh = same_user and session.authenticated
         cap = self.settings.max_connections_per_user
         if (not same_user and cap
                 and len(self.hub.users.get(identity.user_id, ())) >= cap):
@@ -712,7 +719,7 @@ class Chat:
         if self._banned_everywhere(session, cmd.request_id):
             return
         self._watch_expiry(session)
-        self._greet(session, cmd.request_id)
+        self._greet(session, cmd.request_id, refresh)
 
     def _stored_member(self, session: Session, room: str) -> bool:
         """A private room's membership, for a connection whose new grants no longer
