@@ -9,6 +9,7 @@ end is wsproto on the other socket (as websockets tests its sync layer).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -411,3 +412,19 @@ def test_an_unexpected_failure_closes_with_1011_on_the_wire(transport: Transport
     assert close_code_of(peer) == CloseCode.INTERNAL_ERROR
     wait_forgotten(transport, conn)
     assert conn.close_code == CloseCode.INTERNAL_ERROR
+
+
+def test_shutdown_keeps_to_its_timeout_when_the_store_is_slow(
+        transport: Transport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shutdown's timeout counts from its start: a store slow to release the worker's
+    connections (a hung Redis: up to its socket timeout) eats into the close handshakes'
+    wait instead of adding to it, so that gunicorn's graceful timeout does not kill the
+    worker before the stores are closed (the persistence log's last batch). Before, the
+    wait began after the store's release: 1 s + 1 s here."""
+    conn, _peer = serve(transport)  # a peer that never answers the close frame
+    monkeypatch.setattr(transport.chat, "shutdown", lambda: gevent.sleep(1.0))
+    started = time.monotonic()
+    transport.shutdown(timeout=1.0)
+    took = time.monotonic() - started
+    assert conn.state is ConnState.CLOSED, "the silent peer was dropped at the deadline"
+    assert took < 1.8, f"shutdown took {took:.2f} s of a 1 s timeout"

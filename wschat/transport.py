@@ -168,7 +168,12 @@ class Transport:
 
     # -- shutdown ----------------------------------------------------------------------
     def shutdown(self, timeout: float) -> None:
-        """Close every connection with 1001 and wait (bounded) until they are gone."""
+        """Close every connection with 1001 and wait (bounded) until they are gone.
+
+        ``timeout`` counts from here: a store slow to release the connections (a hung
+        Redis, up to its socket timeout) shortens the wait for close handshakes rather
+        than adding to it, so the worker is done before gunicorn's graceful timeout."""
+        deadline = time.monotonic() + timeout
         self.shutting_down = True
         try:
             self.chat.shutdown()
@@ -176,7 +181,6 @@ class Transport:
             log.exception("releasing this worker's connections from the store failed")
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
-        deadline = time.monotonic() + timeout
         while self.connections and time.monotonic() < deadline:
             gevent.sleep(0.05)
         for conn in list(self.connections):
