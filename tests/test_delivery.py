@@ -846,47 +846,23 @@ def test_a_redis_busy_or_read_only_is_unavailable_not_an_internal_error() -> Non
 
 
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
-def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered() -> None:
+@pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
+def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered(
+        persistence: bool, tmp_path: Any) -> None:
     """Worker A has lost its pub/sub connection (Redis dropped it) and not made it again
     yet; alice, connected to A, still counts as online. Bob's DM to her must not be
     acknowledged: a DM has no history a resync could fill it from. It gets
     ``unavailable``, and the retry after A is back reaches her once (before: bob got his
-    echo, and alice never the DM)."""
+    echo, and alice never the DM). With persistence the DM is committed before it is
+    published, so it is stored, but bob still gets ``unavailable`` ("stored, but not
+    delivered"; before: his echo, the DM stored as delivered, and alice never got it, in
+    this connection or the next)."""
     import os
     import signal
 
-    with _alice_on_a_bob_on_b() as (redis_server, a, _, alice, bob):
-        worker = a.worker_pids()[0]
-        dm = {"type": "dm", "to": "alice", "text": "hello", "client_msg_id": "d1", "id": "d"}
-        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
-        try:
-            _kill_pubsub_of(redis_server.url, worker)
-            bob.send(dm)
-            refused = bob.expect("error", id="d")
-            assert refused["code"] == "unavailable", refused
-        finally:
-            os.kill(worker, signal.SIGCONT)
-        wait_until(lambda: "re-registered" in a.output(),
-                   timeout=10 * SCALE, message="A to resubscribe and resync")
-        echo = bob.request(dm, "dm")
-        got = alice.expect("dm", 2 * TIMEOUT)
-        assert (got["id"], got["text"], got["client_msg_id"]) == (echo["id"], "hello", "d1")
-        alice.assert_silent("dm")
-
-
-def test_a_stored_dm_to_a_user_whose_worker_is_not_subscribed_is_not_acknowledged(
-        tmp_path: Any) -> None:
-    """The same with persistence: the DM is committed before it is published, so it is
-    stored, but with nobody subscribed to alice's channel bob gets ``unavailable``
-    ("stored, but not delivered"), not his echo, and his retry after A is back reaches
-    her once (before: bob got his echo, the DM was stored as delivered, and alice never
-    got it, in this connection or the next)."""
-    import os
-    import signal
-
-    with _alice_on_a_bob_on_b(ENABLE_PERSISTENCE="true",
-                              DATABASE_URL=f"sqlite:///{tmp_path}/dm.db") as (
-            redis_server, a, _, alice, bob):
+    env = ({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/dm.db"}
+           if persistence else {})
+    with _alice_on_a_bob_on_b(**env) as (redis_server, a, _, alice, bob):
         worker = a.worker_pids()[0]
         dm = {"type": "dm", "to": "alice", "text": "hello", "client_msg_id": "d1", "id": "d"}
         os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once

@@ -71,17 +71,26 @@ def handshake(port: int, query: str = "", source: str = "127.0.0.1"
               ) -> tuple[int, socket.socket]:
     """(HTTP status, socket) of an upgrade request; only the response head is read."""
     sock = socket.create_connection(("127.0.0.1", port), TIMEOUT, (source, 0))
+    send_upgrade(sock, query)
+    return upgrade_status(sock), sock
+
+
+def send_upgrade(sock: socket.socket, query: str = "") -> None:
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /ws{'?' + query if query else ''} HTTP/1.1\r\nHost: x\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+
+
+def upgrade_status(sock: socket.socket) -> int:
+    """The HTTP status of the upgrade's response; only its head is read."""
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(1)
         if not chunk:
             raise Closed("closed during the handshake")
         head += chunk
-    return int(head.split(b" ", 2)[1]), sock
+    return int(head.split(b" ", 2)[1])
 
 
 def upgrade(port: int, query: str = "", source: str = "127.0.0.1") -> socket.socket:
@@ -525,19 +534,8 @@ def test_one_user_cannot_take_every_slot_in_a_burst(tight: Server) -> None:
              for _ in range(10)]
     try:
         for sock in socks:  # every request out before any response is read
-            key = base64.b64encode(os.urandom(16)).decode()
-            sock.sendall((f"GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                          "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        statuses = []
-        for sock in socks:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = sock.recv(1)
-                if not chunk:
-                    raise Closed("closed during the handshake")
-                head += chunk
-            statuses.append(int(head.split(b" ", 2)[1]))
+            send_upgrade(sock, f"token={t}")
+        statuses = [upgrade_status(sock) for sock in socks]
         assert sorted(statuses) == [101] * 2 + [429] * 8, statuses
     finally:
         for sock in socks:
