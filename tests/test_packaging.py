@@ -605,6 +605,27 @@ def test_servicemonitor_check_is_not_vacuous(scaled_release: Rendered) -> None:
         kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
 
 
+@pytest.mark.parametrize("monitor", [
+    {"interval": "5s"},
+    {"interval": "30s", "scrapeTimeout": "1m"},
+    {"interval": "1m", "scrapeTimeout": "1m500ms"},
+], ids=["short-interval", "long-timeout", "milliseconds"])
+def test_chart_refuses_a_scrape_timeout_longer_than_the_interval(monitor: dict[str, Any]) -> None:
+    """The Prometheus Operator skips a ServiceMonitor whose scrapeTimeout exceeds its interval
+    ("skipping servicemonitor ... scrapeTimeout greater than scrapeInterval"): no wschat
+    series, and every wschat alert silent. serviceMonitor.interval=5s alone, with the default
+    10s timeout, did that; the chart says so at install instead."""
+    with pytest.raises(helm_python.HelmRenderError, match="scrapeTimeout"):
+        render({"serviceMonitor": {"enabled": True, **monitor}})
+    # Equal, or shorter in another unit, is what Prometheus accepts.
+    for fine in ({"interval": "10s"}, {"interval": "1m", "scrapeTimeout": "59s"},
+                 {"interval": "1h", "scrapeTimeout": "1m30s"},
+                 {"interval": "2s", "scrapeTimeout": "1500ms"}):
+        endpoint = render({"serviceMonitor": {"enabled": True, **fine}}).get(
+            "ServiceMonitor")["spec"]["endpoints"][0]
+        assert endpoint["interval"] == fine["interval"]
+
+
 # --------------------------------------------------------------------------
 # Dockerfile
 # --------------------------------------------------------------------------

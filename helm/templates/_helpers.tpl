@@ -199,6 +199,22 @@ CRDs), "false" never. Called with (list <enabled value> . <kind>).
 {{- end }}
 {{- end }}
 
+{{/*
+A Prometheus duration of the forms the schema allows (1h, 1m30s, 500ms) in
+milliseconds.
+*/}}
+{{- define "wschat.durationMs" -}}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|h|m|s)" (toString .) -1 }}
+{{- if hasSuffix "ms" . }}{{ $total = add $total (trimSuffix "ms" . | int) }}
+{{- else if hasSuffix "h" . }}{{ $total = add $total (mul (trimSuffix "h" . | int) 3600000) }}
+{{- else if hasSuffix "m" . }}{{ $total = add $total (mul (trimSuffix "m" . | int) 60000) }}
+{{- else }}{{ $total = add $total (mul (trimSuffix "s" . | int) 1000) }}
+{{- end }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
 {{/* Whether to render the ServiceMonitor. */}}
 {{- define "wschat.serviceMonitorEnabled" -}}
 {{- include "wschat.monitoringEnabled" (list .Values.serviceMonitor.enabled . "ServiceMonitor") }}
