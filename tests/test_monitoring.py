@@ -268,6 +268,43 @@ def test_thresholds_are_values(values: dict[str, Any], alert: str, tmp_path: Pat
     assert failing == {alert}, output
 
 
+def test_latency_bound_is_below_the_top_finite_bucket(tmp_path: Path) -> None:
+    """histogram_quantile never answers more than the largest finite bucket of
+    wschat_fanout_seconds (a p99 in the +Inf bucket reads as that bound), so a
+    latency.p99Seconds at or above it made an alert that could never fire, however slow
+    the messages: the schema refuses it."""
+    import helm_python
+
+    from wschat.metrics import FANOUT
+
+    bounds = [b for b in FANOUT._upper_bounds if b != float("inf")]
+    top = max(bounds)
+    # Every message of ten minutes took longer than the top bucket: p99 reads as `top`.
+    series = [{"series": f'wschat_fanout_seconds_bucket{{le="{b}"}}', "values": "0+0x10"}
+              for b in bounds]
+    series.append({"series": 'wschat_fanout_seconds_bucket{le="+Inf"}', "values": "0+60x10"})
+    (tmp_path / "empty.yaml").write_text("groups: []\n")
+    (tmp_path / "cap.yaml").write_text(yaml.safe_dump({
+        "rule_files": ["empty.yaml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [{
+            "expr": "histogram_quantile(0.99, sum by (le) "
+                    "(rate(wschat_fanout_seconds_bucket[5m])))",
+            "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": top}]}]}]}))
+    result = run_promtool("test", "rules", "cap.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    latency = schema["properties"]["prometheusRule"]["properties"]["alerts"]["properties"][
+        "latency"]["properties"]["p99Seconds"]
+    assert latency.get("exclusiveMaximum") == top, "schema bound out of step with metrics.py"
+    for dead in (top, 2 * top):
+        with pytest.raises(helm_python.HelmValuesError):
+            render({"prometheusRule": {"enabled": True,
+                                       "alerts": {"latency": {"p99Seconds": dead}}}})
+    rules = rules_of(render({"prometheusRule": {"enabled": True, "alerts": {
+        "latency": {"p99Seconds": top / 2}}}}))
+    assert any(f"> {top / 2}" in r["expr"] for r in rules)
+
+
 def test_alerts_can_be_turned_off_labelled_and_follow_max_connections() -> None:
     """Per-alert switches, extra labels on every alert, the ruleSelector's labels, and
     MAX_CONNECTIONS from extraEnv when it overrides config.maxConnections."""
