@@ -974,6 +974,26 @@ def test_container_install_starts_as_non_root_and_stops_on_sigterm(default_relea
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.parametrize("pods", [
+    {"replicaCount": 2},
+    {"autoscaling": {"enabled": True}},
+], ids=["replicas", "autoscaling"])
+def test_chart_refuses_sqlite_for_several_pods(pods: dict[str, Any]) -> None:
+    """SQLite serves one machine (docs/persistence.md; database.url says "one pod only"):
+    several pods would each write their own file (or fight over one ReadWriteOnce volume),
+    so a room's stored history would depend on the pod a client reached. The chart refuses
+    it at install; one pod with several workers sharing the file stays allowed."""
+    sqlite = {"config": {"enablePersistence": True},
+              "database": {"url": "sqlite:////data/wschat.db"}}
+    with pytest.raises(helm_python.HelmRenderError, match="SQLite"):
+        render({**sqlite, **pods})
+    one_pod = render({**sqlite, "config": {"enablePersistence": True, "workers": 2}})
+    assert one_pod.config_env()["WEB_CONCURRENCY"] == "2"
+    several = render({"config": {"enablePersistence": True},
+                      "database": {"url": "postgresql://chat@db/chat"}, **pods})
+    assert several.deployment()
+
+
 def test_sqlite_on_its_own_volume_renders_with_the_documented_recreate_strategy() -> None:
     """docs/deployment.md's SQLite set-up: a ReadWriteOnce claim, so Recreate instead of
     the default rolling update (whose new pod would wait for the old pod's volume). The

@@ -178,6 +178,9 @@ names the values to change.
 {{- if and .Values.config.enablePersistence (not (or .Values.database.url .Values.database.existingSecret)) }}
 {{- fail "wschat: config.enablePersistence needs database.url or database.existingSecret (postgresql://..., or sqlite:////path on a volume from extraVolumes): the root filesystem is read-only and a pod's disk does not outlive it." }}
 {{- end }}
+{{- if and .Values.config.enablePersistence (hasPrefix "sqlite:" (toString .Values.database.url)) (include "wschat.multiPod" .) }}
+{{- fail "wschat: SQLite (database.url sqlite:...) serves one pod only: several pods (replicaCount > 1 or autoscaling.enabled) would each keep their own file, or wait for one ReadWriteOnce volume, and a room's stored history would depend on the pod a client reached. Use PostgreSQL (database.url postgresql://...) for several pods, or replicaCount=1 without autoscaling." }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.connectionsPerPod.enabled) }}
 {{- fail "wschat: autoscaling.enabled needs a metric: autoscaling.targetCPUUtilizationPercentage and/or autoscaling.connectionsPerPod.enabled." }}
 {{- end }}
