@@ -508,6 +508,22 @@ def test_turning_the_hpa_on_keeps_the_running_pods(autoscaling: bool, tmp_path: 
     assert spec.get("replicas") == (None if autoscaling else 3)
 
 
+def test_chart_refuses_a_cpu_target_without_a_cpu_request() -> None:
+    """The HPA's CPU target is a share of resources.requests.cpu: without a request (and
+    no CPU limit, which Kubernetes would copy into it) the HPA reports "missing request
+    for cpu" and never scales. The chart says so at install; a limit alone, or scaling
+    on connections only, stays allowed."""
+    no_request = {"resources": {"requests": {"cpu": None}}}
+    rendered = render(no_request)  # without the HPA nothing needs the request
+    assert "cpu" not in rendered.container()["resources"].get("requests", {})
+    with pytest.raises(helm_python.HelmRenderError, match="resources.requests.cpu"):
+        render({"autoscaling": {"enabled": True}, **no_request})
+    render({"autoscaling": {"enabled": True},
+            "resources": {"requests": {"cpu": None}, "limits": {"cpu": "1"}}})
+    render({"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None,
+                            "connectionsPerPod": {"enabled": True}}, **no_request})
+
+
 def test_without_redis_the_server_gets_one_worker() -> None:
     release = render({"config": {"workers": 4}, "redis": {"enabled": False}})
     assert release.config_env()["WEB_CONCURRENCY"] == "1"

@@ -184,6 +184,10 @@ names the values to change.
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.connectionsPerPod.enabled) }}
 {{- fail "wschat: autoscaling.enabled needs a metric: autoscaling.targetCPUUtilizationPercentage and/or autoscaling.connectionsPerPod.enabled." }}
 {{- end }}
+{{- $res := .Values.resources | default dict }}
+{{- if and .Values.autoscaling.enabled .Values.autoscaling.targetCPUUtilizationPercentage (not (or (dig "requests" "cpu" "" $res) (dig "limits" "cpu" "" $res))) }}
+{{- fail "wschat: autoscaling.targetCPUUtilizationPercentage is a share of resources.requests.cpu, which is not set: the HPA would report \"missing request for cpu\" and never scale. Set resources.requests.cpu (500m by default), or scale on connections only (autoscaling.targetCPUUtilizationPercentage=null with autoscaling.connectionsPerPod.enabled=true)." }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "wschat: autoscaling.maxReplicas must be at least autoscaling.minReplicas." }}
 {{- end }}
