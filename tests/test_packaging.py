@@ -524,6 +524,30 @@ def test_chart_refuses_a_cpu_target_without_a_cpu_request() -> None:
                             "connectionsPerPod": {"enabled": True}}, **no_request})
 
 
+@pytest.mark.parametrize("values", [
+    {"podDisruptionBudget": {"minAvailable": 1}},
+    {"podDisruptionBudget": {"minAvailable": "100%"}},
+    {"podDisruptionBudget": {"maxUnavailable": 0}},
+    {"podDisruptionBudget": {"maxUnavailable": "0%"}},
+    {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": 3}},
+    {"autoscaling": {"enabled": True, "minReplicas": 2},
+     "podDisruptionBudget": {"minAvailable": 2}},
+], ids=["one-of-one", "all-percent", "none-unavailable", "zero-percent", "three-of-three",
+        "hpa-minimum"])
+def test_chart_refuses_a_budget_that_blocks_every_drain(values: dict[str, Any]) -> None:
+    """A PodDisruptionBudget that lets no pod go (minAvailable at least the pods there
+    are, or maxUnavailable 0) makes every node drain wait forever: cluster upgrades and
+    the cluster autoscaler stall on a wschat pod. docs/deployment.md promises drains
+    that take one pod at a time; the chart refuses the values that give none."""
+    with pytest.raises(helm_python.HelmRenderError, match="podDisruptionBudget"):
+        render(values)
+    for fine in ({"replicaCount": 3, "podDisruptionBudget": {"minAvailable": 2}},
+                 {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": "50%"}},
+                 {"podDisruptionBudget": {"maxUnavailable": "50%"}},
+                 {"podDisruptionBudget": {"enabled": False, "maxUnavailable": 0}}):
+        render(fine)
+
+
 def test_without_redis_the_server_gets_one_worker() -> None:
     release = render({"config": {"workers": 4}, "redis": {"enabled": False}})
     assert release.config_env()["WEB_CONCURRENCY"] == "1"

@@ -184,6 +184,27 @@ names the values to change.
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.connectionsPerPod.enabled) }}
 {{- fail "wschat: autoscaling.enabled needs a metric: autoscaling.targetCPUUtilizationPercentage and/or autoscaling.connectionsPerPod.enabled." }}
 {{- end }}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if $pdb.enabled }}
+{{- $pods := ternary (int .Values.autoscaling.minReplicas) (int .Values.replicaCount) (not (not .Values.autoscaling.enabled)) }}
+{{- $min := toString $pdb.minAvailable }}
+{{- $max := toString $pdb.maxUnavailable }}
+{{- $blocks := false }}
+{{- if ne $min "" }}
+{{- if hasSuffix "%" $min }}
+{{- /* Kubernetes rounds minAvailable up: ceil(p * pods / 100) >= pods. */}}
+{{- $blocks = gt (mul (int (trimSuffix "%" $min)) $pods) (mul 100 (sub $pods 1)) }}
+{{- else }}
+{{- $blocks = ge (int $min) $pods }}
+{{- end }}
+{{- else }}
+{{- /* maxUnavailable rounds up too: only 0 (or 0%) lets no pod go. */}}
+{{- $blocks = eq (int (trimSuffix "%" $max)) 0 }}
+{{- end }}
+{{- if $blocks }}
+{{- fail (printf "wschat: podDisruptionBudget lets none of the %d pods (replicaCount, or autoscaling.minReplicas) go (minAvailable %q, maxUnavailable %q): every node drain would wait forever. Lower podDisruptionBudget.minAvailable below the pod count, or set podDisruptionBudget.maxUnavailable to 1 or more." $pods $min $max) }}
+{{- end }}
+{{- end }}
 {{- $res := .Values.resources | default dict }}
 {{- if and .Values.autoscaling.enabled .Values.autoscaling.targetCPUUtilizationPercentage (not (or (dig "requests" "cpu" "" $res) (dig "limits" "cpu" "" $res))) }}
 {{- fail "wschat: autoscaling.targetCPUUtilizationPercentage is a share of resources.requests.cpu, which is not set: the HPA would report \"missing request for cpu\" and never scale. Set resources.requests.cpu (500m by default), or scale on connections only (autoscaling.targetCPUUtilizationPercentage=null with autoscaling.connectionsPerPod.enabled=true)." }}
