@@ -75,6 +75,27 @@ if _settings.log_format == "json":
 control_socket_disable = True
 preload_app = False  # the app must be imported after gevent patches the worker
 
+def _split_rooms(workers):
+    """Why ``workers`` workers cannot run, or None. Settings refuses WEB_CONCURRENCY > 1
+    without REDIS_URL; gunicorn's own --workers (command line, GUNICORN_CMD_ARGS) overrides
+    this file, and SIGTTIN adds workers at run time: the same rule holds for them."""
+    if workers is not None and workers > 1 and not _settings.redis_url:
+        return (f"{workers} workers need REDIS_URL; without it each worker would hold its "
+                "own rooms and users would silently not see each other. Set REDIS_URL or "
+                "run one worker (WEB_CONCURRENCY=1, no --workers)")
+    return None
+
+
+def nworkers_changed(server, new_value, old_value):
+    problem = _split_rooms(new_value)
+    if problem is None:
+        return
+    if old_value is None:  # at start (the arbiter's setup): refuse to run at all
+        sys.exit(f"wschat: configuration error: {problem}")
+    server.log.error("wschat: refusing SIGTTIN: %s", problem)
+    server.num_workers = old_value  # before gunicorn spawns anyone
+
+
 MAX_WORKER_SLOTS = 512
 _worker_slots = RawArray("q", MAX_WORKER_SLOTS)  # live connections per worker slot
 _slots_ever_used = set()  # a worker forked into one of these replaces one that exited

@@ -436,6 +436,35 @@ def test_many_workers_without_redis_refused() -> None:
     assert "WEB_CONCURRENCY" in srv.output() and "REDIS_URL" in srv.output()
 
 
+def test_workers_from_gunicorn_options_without_redis_refused() -> None:
+    """gunicorn's own --workers (here through GUNICORN_CMD_ARGS, which overrides the config
+    file) cannot start a second worker without REDIS_URL either: rooms would split."""
+    srv = Server({"REDIS_URL": "", "GUNICORN_CMD_ARGS": "--workers 2"})
+    srv.start(wait=False)
+    assert srv.proc is not None
+    try:
+        assert srv.proc.wait(20) != 0, srv.output()
+    finally:
+        srv.kill()
+    assert "2 workers need REDIS_URL" in srv.output(), srv.output()
+
+
+def test_sigttin_without_redis_adds_no_worker() -> None:
+    """SIGTTIN asks gunicorn for one more worker; without REDIS_URL the master refuses
+    (the two would hold separate rooms) and keeps serving with one."""
+    import signal
+
+    with Server({"REDIS_URL": ""}) as srv:
+        assert srv.proc is not None
+        [worker] = srv.worker_pids()
+        srv.proc.send_signal(signal.SIGTTIN)
+        wait_until(lambda: "2 workers need REDIS_URL" in srv.output(),
+                   message="the refusal in the master's log")
+        # The change is refused before gunicorn acts on it, in the same turn of its loop.
+        assert srv.worker_pids() == [worker], srv.output()
+        assert srv.http("/ready")[0] == 200
+
+
 def test_bad_config_value_names_variable() -> None:
     """A malformed variable stops the server and names the variable."""
     srv = Server({"HISTORY_SIZE": "lots"})
