@@ -76,6 +76,9 @@ def test_help_is_plain_text() -> None:
      "DATABASE_URL: expected postgresql://USER@HOST:PORT/DB"),
     ({"JWT_PUBLIC_KEY": "/nonexistent.pem"}, "JWT_PUBLIC_KEY: neither a PEM value"),
     ({"PORT": "eighty"}, "PORT: expected a number"),
+    # Port 0 would bind some free port, and /metrics and /api, served only on the port
+    # METRICS_PORT names, would then answer 404 on every port.
+    ({"METRICS_PORT": "0"}, "METRICS_PORT: must be >= 1"),
 ])
 def test_configuration_errors_are_one_clear_line(env: dict[str, str], says: str) -> None:
     """A bad setting stops the server with one line naming the variable, no traceback."""

@@ -170,7 +170,8 @@ class Settings:
 
     host: str = _var("HOST", str.strip, "0.0.0.0")
     port: int = _var("PORT", _int(0, 65535), 8080)
-    metrics_port: int = _var("METRICS_PORT", _int(0, 65535), 8081)
+    # Never 0 (some free port): /metrics and /api answer only on the port named here.
+    metrics_port: int = _var("METRICS_PORT", _int(1, 65535), 8081)
     web_concurrency: int = _var("WEB_CONCURRENCY", _int(1, 256), 1)
     max_connections: int = _var("MAX_CONNECTIONS", _int(1), 10000)
     # Per worker (each worker counts its own); 0: no cap.
