@@ -6,6 +6,7 @@ patches anything, so besides the standard library it imports only
 the same :class:`~wschat.config.Settings` the app reads, validated once here.
 """
 
+import contextlib
 import glob
 import os
 import shutil
@@ -150,13 +151,14 @@ def child_exit(server, worker):
     if slot is not None:
         _worker_slots[slot] = 0
     _forget_worker_gauges(worker.pid, server.log)
+    _fold_worker_totals(worker.pid, server.log)
 
 
 def _forget_worker_gauges(pid, log):
     """Delete a dead worker's Prometheus gauge files (what prometheus_client's
     ``mark_process_dead`` does for ``live*`` gauges, and every other gauge mode too:
-    a dead worker has no present to report). Its counter and histogram files stay,
-    so server totals never go backwards."""
+    a dead worker has no present to report). Its counts are kept: see
+    :func:`_fold_worker_totals`."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return
@@ -167,6 +169,71 @@ def _forget_worker_gauges(pid, log):
             pass
         except OSError as exc:  # never let bookkeeping take the master down
             log.warning("could not delete %s of dead worker %s: %s", path, pid, exc)
+
+
+_TOTALS = ("counter", "histogram", "summary")  # additive: a sum per key merges them
+
+
+def _fold_worker_totals(pid, log):
+    """Add a dead worker's counter and histogram samples into one ``<type>_dead.db`` file
+    per type and delete its own, so that server totals never go backwards and the
+    directory (which every scrape reads whole) does not grow by two files per worker
+    restart. The sum is written to a new file that replaces the old one (a scrape reads
+    one or the other, whole); the dead worker's file is deleted right after."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    for kind in _TOTALS:
+        dead = os.path.join(directory, f"{kind}_{int(pid)}.db")
+        if not os.path.exists(dead):
+            continue
+        folded = os.path.join(directory, f"{kind}_dead.db")
+        try:
+            _fold(dead, folded)
+            os.unlink(dead)
+        except Exception as exc:  # noqa: BLE001 (bookkeeping never takes the master down)
+            log.warning("could not fold %s of dead worker %s into %s: %s", dead, pid,
+                        folded, exc)
+
+
+def _mmaped_dict():
+    """prometheus_client's sample-file class, loaded from its own file: importing the
+    package would bring ssl, http.server and threading locks into the master, and so into
+    every worker it forks afterwards, before gevent patches them. mmap_dict.py itself
+    imports only json, mmap, os, struct and typing."""
+    global _MmapedDict
+    if _MmapedDict is None:
+        import importlib.util
+
+        package = importlib.util.find_spec("prometheus_client")  # found, not imported
+        path = os.path.join(os.path.dirname(package.origin), "mmap_dict.py")
+        spec = importlib.util.spec_from_file_location("_wschat_mmap_dict", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MmapedDict = module.MmapedDict
+    return _MmapedDict
+
+
+_MmapedDict = None
+
+
+def _fold(dead, folded):
+    MmapedDict = _mmaped_dict()
+    totals = {}
+    for path in (folded, dead):
+        if os.path.exists(path):
+            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(path):
+                totals[key] = totals.get(key, 0.0) + value
+    partial = folded + ".partial"  # not *.db: scrapes never read it
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)
+    out = MmapedDict(partial)
+    try:
+        for key, value in totals.items():
+            out.write_value(key, value, 0.0)
+    finally:
+        out.close()
+    os.replace(partial, folded)
 
 
 _METRICS_DIR_PREFIX = "wschat-prometheus-"

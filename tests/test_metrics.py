@@ -543,3 +543,38 @@ def test_store_times_are_folded_per_backend_at_flush() -> None:
             ("redis", b)] == expected, b
         assert value("wschat_store_seconds_bucket", backend="database", le=b) - before[
             ("database", b)] == (1 if b == "+Inf" else 0), b
+
+
+def test_worker_restarts_do_not_grow_the_sample_directory() -> None:
+    """Every worker writes its own counter and histogram files; a dead worker's were kept
+    (its counts must stay in the totals), so each restart left two more files for every
+    scrape to read, without bound. They are folded into one file per type: the directory
+    stays the live workers' files plus those, and no total goes backwards."""
+    import glob
+    import tempfile
+
+    with Server() as srv:
+        assert srv.proc is not None
+        directory, = glob.glob(os.path.join(tempfile.gettempdir(),
+                                            f"wschat-prometheus-{srv.proc.pid}-*"))
+        restarts = 3
+        for generation in range(restarts + 1):
+            with Client(srv.url) as c:
+                r = room()
+                c.join(r)
+                c.say(r, f"generation {generation}")
+            wait_for_values(srv, {series("wschat_connections_opened_total"): generation + 1,
+                                  series("wschat_fanout_seconds_count"): generation + 1,
+                                  series("wschat_connections_total"): 0})
+            if generation == restarts:
+                break
+            [victim] = srv.worker_pids()
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda victim=victim: srv.worker_pids() not in ([], [victim]),
+                       timeout=3 * TIMEOUT, message="the replacement worker")
+            wait_until(lambda: srv.http("/ready")[0] == 200, timeout=6 * TIMEOUT,
+                       message="the replacement to be ready")
+        assert scrape(srv).value("wschat_worker_restarts_total") == restarts
+        files = sorted(os.listdir(directory))
+        for kind in ("counter", "histogram"):
+            assert len([f for f in files if f.startswith(f"{kind}_")]) <= 2, files

@@ -14,6 +14,7 @@ hook calls :func:`attach_worker`, which starts it (:meth:`Runtime.start`), and
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -96,8 +97,25 @@ def _init_prometheus(app: Flask) -> Any:
     # multiprocess classes do register theirs there), so the exporter gets its own.
     PrometheusMetrics(app, path=None, registry=CollectorRegistry(), **options)
     scrape_registry = CollectorRegistry()
-    MultiProcessCollector(scrape_registry)
+    SampleFilesCollector(scrape_registry)
     return scrape_registry
+
+
+class SampleFilesCollector(MultiProcessCollector):
+    """All workers' sample files, listed again if one vanished while being read: when the
+    master reaps a worker it deletes that worker's gauge files and, once folded into
+    ``<type>_dead.db``, its counter and histogram files (gunicorn.conf.py). A scrape that
+    listed them just before would otherwise fail with FileNotFoundError (500)."""
+
+    def collect(self) -> Any:
+        for attempt in range(3):
+            files = glob.glob(os.path.join(self._path, "*.db"))
+            try:
+                return self.merge(files, accumulate=True)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        return None  # not reached
 
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
