@@ -79,6 +79,9 @@ def test_help_is_plain_text() -> None:
     # Port 0 would bind some free port, and /metrics and /api, served only on the port
     # METRICS_PORT names, would then answer 404 on every port.
     ({"METRICS_PORT": "0"}, "METRICS_PORT: must be >= 1"),
+    # gunicorn's worker_connections (MAX_CONNECTIONS + 100) sizes a C semaphore: a value
+    # past a C long made every worker die at boot and be respawned forever.
+    ({"MAX_CONNECTIONS": "10000000000000000000000"}, "MAX_CONNECTIONS: must be <= 10000000"),
 ])
 def test_configuration_errors_are_one_clear_line(env: dict[str, str], says: str) -> None:
     """A bad setting stops the server with one line naming the variable, no traceback."""

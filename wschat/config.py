@@ -72,6 +72,10 @@ def _float(lo: float | None = None, hi: float | None = None) -> Callable[[str], 
 MAX_RATE = 1e9
 
 
+# Ten million per server: beyond any one machine's memory at tens of KiB per connection.
+MAX_CONNECTIONS_LIMIT = 10_000_000
+
+
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -173,7 +177,8 @@ class Settings:
     # Never 0 (some free port): /metrics and /api answer only on the port named here.
     metrics_port: int = _var("METRICS_PORT", _int(1, 65535), 8081)
     web_concurrency: int = _var("WEB_CONCURRENCY", _int(1, 256), 1)
-    max_connections: int = _var("MAX_CONNECTIONS", _int(1), 10000)
+    # Bounded: gunicorn's worker_connections (this + 100) sizes a gevent semaphore, a C long.
+    max_connections: int = _var("MAX_CONNECTIONS", _int(1, MAX_CONNECTIONS_LIMIT), 10000)
     # Per worker (each worker counts its own); 0: no cap.
     max_connections_per_ip: int = _var("MAX_CONNECTIONS_PER_IP", _int(0), 1000)
     max_connections_per_user: int = _var("MAX_CONNECTIONS_PER_USER", _int(0), 50)
