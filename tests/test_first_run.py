@@ -82,6 +82,10 @@ def test_help_is_plain_text() -> None:
     # gunicorn's worker_connections (MAX_CONNECTIONS + 100) sizes a C semaphore: a value
     # past a C long made every worker die at boot and be respawned forever.
     ({"MAX_CONNECTIONS": "10000000000000000000000"}, "MAX_CONNECTIONS: must be <= 10000000"),
+    # Redis's EXPIRE refuses such a TTL: the leave script that empties a room failed at
+    # its EXPIRE ("value is not an integer or out of range"), leaving the room's
+    # sequence and history without any expiry.
+    ({"ROOM_TTL": "1e300"}, "ROOM_TTL: must be <= 1e+09"),
 ])
 def test_configuration_errors_are_one_clear_line(env: dict[str, str], says: str) -> None:
     """A bad setting stops the server with one line naming the variable, no traceback."""

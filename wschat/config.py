@@ -206,7 +206,8 @@ class Settings:
     socket_send_buffer: int = _var("SOCKET_SEND_BUFFER", _int(0, 64 * 1024 * 1024), 262144)
     max_rooms_per_connection: int = _var("MAX_ROOMS_PER_CONNECTION", _int(1), 100)
     presence_ttl: float = _var("PRESENCE_TTL", _float(1.0), 30.0)
-    room_ttl: float = _var("ROOM_TTL", _float(1.0), 3600.0)
+    # At most ~31 years: Redis's EXPIRE refuses what overflows its milliseconds.
+    room_ttl: float = _var("ROOM_TTL", _float(1.0, 1e9), 3600.0)
     typing_timeout: float = _var("TYPING_TIMEOUT", _float(0.05), 5.0)
     allowed_origins: tuple[str, ...] = _var("ALLOWED_ORIGINS", _csv, ())
     trusted_proxies: int = _var("TRUSTED_PROXIES", _int(0, 10), 0)
