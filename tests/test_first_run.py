@@ -86,6 +86,11 @@ def test_help_is_plain_text() -> None:
     # its EXPIRE ("value is not an integer or out of range"), leaving the room's
     # sequence and history without any expiry.
     ({"ROOM_TTL": "1e300"}, "ROOM_TTL: must be <= 1e+09"),
+    # A bucket's key expires when it would be full again, (burst - tokens) / rate: past
+    # what Redis's SET PX takes, every command of every user got internal_error.
+    ({"RATE_LIMIT_BURST": "100000000000000000"}, "RATE_LIMIT_BURST: must be <= 1000000000"),
+    ({"RATE_LIMIT_GUEST_IP_BURST": "100000000000000000000000"},
+     "RATE_LIMIT_GUEST_IP_BURST: must be <= 1000000000"),
 ])
 def test_configuration_errors_are_one_clear_line(env: dict[str, str], says: str) -> None:
     """A bad setting stops the server with one line naming the variable, no traceback."""

@@ -70,6 +70,10 @@ def _float(lo: float | None = None, hi: float | None = None) -> Callable[[str], 
 # does every bucket's refill time (an infinite rate would make take() disagree with
 # charge.lua, and Redis refuse a bucket's zero expiry). A billion a second is no limit.
 MAX_RATE = 1e9
+# A bucket's highest size: its key in Redis expires when the bucket would be full again,
+# (burst - tokens) / rate, and SET PX refuses past ~9.2e18 ms. With 10 x this (a guest
+# address's default) over the lowest rate (0.001/s) that is 1e16 ms: well inside.
+MAX_BURST = 1_000_000_000
 
 
 # Ten million per server: beyond any one machine's memory at tens of KiB per connection.
@@ -183,14 +187,14 @@ class Settings:
     max_connections_per_ip: int = _var("MAX_CONNECTIONS_PER_IP", _int(0), 1000)
     max_connections_per_user: int = _var("MAX_CONNECTIONS_PER_USER", _int(0), 50)
     rate_limit: float = _var("RATE_LIMIT", _float(0.001, MAX_RATE), 10.0)
-    rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1), 20)
+    rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1, MAX_BURST), 20)
     # Guests from one address together (unset: 10 users' worth, for NATs and offices).
     rate_limit_guest_ip: float | None = _var("RATE_LIMIT_GUEST_IP", _float(0.001, MAX_RATE), None)
-    rate_limit_guest_ip_burst: int | None = _var("RATE_LIMIT_GUEST_IP_BURST", _int(1), None)
+    rate_limit_guest_ip_burst: int | None = _var("RATE_LIMIT_GUEST_IP_BURST", _int(1, MAX_BURST), None)
     # Every other command (join, leave, list_users, history, auth, ping); unset:
     # RATE_LIMIT per second and 5 x RATE_LIMIT_BURST at once.
     rate_limit_requests: float | None = _var("RATE_LIMIT_REQUESTS", _float(0.001, MAX_RATE), None)
-    rate_limit_requests_burst: int | None = _var("RATE_LIMIT_REQUESTS_BURST", _int(1), None)
+    rate_limit_requests_burst: int | None = _var("RATE_LIMIT_REQUESTS_BURST", _int(1, MAX_BURST), None)
     heartbeat_interval: float = _var("HEARTBEAT_INTERVAL", _float(0.05), 30.0)
     enable_persistence: bool = _var("ENABLE_PERSISTENCE", _bool, False)
     database_url: str = _var("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL)
