@@ -26,7 +26,11 @@ try:
 except ConfigError as exc:
     sys.exit(f"wschat: configuration error: {exc}")
 
-bind = [f"{_settings.host}:{_settings.port}", f"{_settings.host}:{_settings.metrics_port}"]
+# An IPv6 address (HOST=::) is bracketed: gunicorn reads the text after the last colon as
+# the port, and refused ":::8080" with "'' is not a valid port number".
+_host = f"[{_settings.host}]" if ":" in _settings.host and not _settings.host.startswith("[") \
+    else _settings.host
+bind = [f"{_host}:{_settings.port}", f"{_host}:{_settings.metrics_port}"]
 worker_class = "gevent"
 workers = _settings.web_concurrency
 # gunicorn's pool (default 1000 per gevent worker) bounds requests in flight. An

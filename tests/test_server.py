@@ -465,6 +465,15 @@ def test_sigttin_without_redis_adds_no_worker() -> None:
         assert srv.http("/ready")[0] == 200
 
 
+def test_ipv6_host_listens() -> None:
+    """HOST=:: (every address, IPv6 and, dual-stack, IPv4) is a listen address like
+    0.0.0.0: gunicorn needs it bracketed in its bind address."""
+    with Server({"HOST": "::"}) as srv:  # the helper reaches it on 127.0.0.1
+        assert srv.http("/health")[0] == 200 and srv.http("/ready", metrics=True)[0] == 200
+        with Client(srv.url) as c:
+            assert c.welcome["type"] == "welcome"
+
+
 def test_bad_config_value_names_variable() -> None:
     """A malformed variable stops the server and names the variable."""
     srv = Server({"HISTORY_SIZE": "lots"})
