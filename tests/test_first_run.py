@@ -91,6 +91,11 @@ def test_help_is_plain_text() -> None:
     ({"RATE_LIMIT_BURST": "100000000000000000"}, "RATE_LIMIT_BURST: must be <= 1000000000"),
     ({"RATE_LIMIT_GUEST_IP_BURST": "100000000000000000000000"},
      "RATE_LIMIT_GUEST_IP_BURST: must be <= 1000000000"),
+    # Browsers send scheme://host[:port]: an entry without a scheme, or a CORS-style "*",
+    # matched no Origin at all, and every browser got 403 from a server that started fine.
+    ({"ALLOWED_ORIGINS": "*"}, "ALLOWED_ORIGINS: '*' is not an origin"),
+    ({"ALLOWED_ORIGINS": "https://chat.example, chat.example"},
+     "ALLOWED_ORIGINS: 'chat.example' is not an origin"),
 ])
 def test_configuration_errors_are_one_clear_line(env: dict[str, str], says: str) -> None:
     """A bad setting stops the server with one line naming the variable, no traceback."""

@@ -103,6 +103,25 @@ def _csv(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """Origins as browsers send them: scheme://host[:port] (or the literal ``null``)."""
+    origins = _csv(raw)
+    for origin in origins:
+        if origin == "null":
+            continue
+        try:
+            parts = urlsplit(origin.rstrip("/"))
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError:
+            parts = None
+        if (parts is None or "://" not in origin or not parts.scheme or not parts.hostname
+                or parts.path or parts.query or parts.fragment or parts.username):
+            hint = "; unset allows any origin" if origin == "*" else ""
+            raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], as browsers "
+                             f"send it (e.g. https://chat.example){hint}")
+    return origins
+
+
 def _optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -213,7 +232,7 @@ class Settings:
     # At most ~31 years: Redis's EXPIRE refuses what overflows its milliseconds.
     room_ttl: float = _var("ROOM_TTL", _float(1.0, 1e9), 3600.0)
     typing_timeout: float = _var("TYPING_TIMEOUT", _float(0.05), 5.0)
-    allowed_origins: tuple[str, ...] = _var("ALLOWED_ORIGINS", _csv, ())
+    allowed_origins: tuple[str, ...] = _var("ALLOWED_ORIGINS", _origins, ())
     trusted_proxies: int = _var("TRUSTED_PROXIES", _int(0, 10), 0)
     log_format: str = _var("LOG_FORMAT", _choice("text", "json"), "text")
     log_level: str = _var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
