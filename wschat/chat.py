@@ -279,13 +279,8 @@ class Chat:
     def _greet(self, session: Session, request_id: RequestId = None,
                refresh: bool = False) -> None:
         """``welcome`` (on connect, and after a successful ``auth``), then the DMs kept
-        for the user while it was away. ``refresh``: an ``auth`` as the user the connection
-        already was; its kept DMs came (or are coming, paced) with its first ``welcome``,
-        and DMs since then came live, so none are fetched again (``dm_backlog: 0``)."""
-        if refresh and self.settings.enable_persistence:
-            backlog: tuple[list[bytes], int] | None = ([], 0)
-        else:
-            backlog = self._dm_backlog(session)
+        for the user while it was away (``refresh``: see :meth:`_dm_backlog`)."""
+        backlog = self._dm_backlog(session, refresh)
         session.send(self._welcome(session, backlog, request_id))
         self._send_kept_dms(session, backlog[0] if backlog else [])
 
@@ -298,13 +293,16 @@ class Chat:
                             auth_required=self.settings.auth_required,
                             heartbeat_interval=self.settings.heartbeat_interval, **extra)
 
-    def _dm_backlog(self, session: Session) -> tuple[list[bytes], int] | None:
+    def _dm_backlog(self, session: Session, refresh: bool = False
+                    ) -> tuple[list[bytes], int] | None:
         """The first page of the DMs kept for this user while it was away, and how many
         are kept (None: persistence is off, so none are ever kept). Guests exist only
-        while connected, so nothing is ever kept for them."""
+        while connected, so nothing is ever kept for them. ``refresh``: an ``auth`` as the
+        user the connection already was; its kept DMs came (or are coming, paced) with its
+        first ``welcome``, and DMs since then came live, so none are fetched again."""
         if not self.settings.enable_persistence:
             return None
-        if not session.authenticated:
+        if not session.authenticated or refresh:
             return [], 0
         try:
             return self.stores.messages.user_arrived(session.user) or ([], 0)
