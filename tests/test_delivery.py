@@ -462,17 +462,23 @@ def durable_chat(tmp_path: Any, clock: Clock, **env: str) -> Iterator[tuple[Any,
         durable.close()
 
 
+def _alice_online_bob_away(chat: Any) -> FakeSession:
+    """bob has connected once (so DMs to him are kept) and left; alice is online."""
+    bob = FakeSession("bob", "Bob", True)
+    chat.open(bob)
+    chat.close(bob)
+    alice = FakeSession("alice", "Alice", True)
+    chat.open(alice)
+    return alice
+
+
 def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock: Clock
                                                             ) -> None:
     """Past MAX_KEPT_DMS kept DMs, a DM to that offline user is refused with ``inbox_full``
     (never accepted and dropped later); once they connected, DMs are accepted again."""
     with durable_chat(tmp_path, clock) as (chat, durable):
         durable.max_kept_dms = 3
-        bob = FakeSession("bob", "Bob", True)
-        chat.open(bob)
-        chat.close(bob)
-        alice = FakeSession("alice", "Alice", True)
-        chat.open(alice)
+        alice = _alice_online_bob_away(chat)
         for i in range(5):
             chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": f"t{i}",
                                             "id": i}))
@@ -509,11 +515,7 @@ def test_a_token_refresh_does_not_send_the_kept_dms_again(tmp_path: Any, clock: 
     first ``welcome`` (before: each refresh while that page was still going out queued the
     same page again, a duplicate of every kept DM per refresh)."""
     with durable_chat(tmp_path, clock) as (chat, _):
-        bob = FakeSession("bob", "Bob", True)
-        chat.open(bob)
-        chat.close(bob)
-        alice = FakeSession("alice", "Alice", True)
-        chat.open(alice)
+        alice = _alice_online_bob_away(chat)
         for i in range(3):
             chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": f"t{i}"}))
         bob = _HeldSession("bob", "Bob", True)
@@ -538,11 +540,7 @@ def test_retry_of_a_kept_dm_to_a_full_inbox_gets_the_stored_one(tmp_path: Any,
     ``inbox_full``, "not accepted, try later", and the user's later try was a second copy)."""
     with durable_chat(tmp_path, clock) as (chat, durable):
         durable.max_kept_dms = 2
-        bob = FakeSession("bob", "Bob", True)
-        chat.open(bob)
-        chat.close(bob)
-        alice = FakeSession("alice", "Alice", True)
-        chat.open(alice)
+        alice = _alice_online_bob_away(chat)
         for i in range(2):
             chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": f"t{i}",
                                             "client_msg_id": f"k{i}"}))
@@ -601,11 +599,7 @@ def test_retry_of_a_dm_committed_but_never_published_is_kept_for_the_offline_rec
     """With bob offline at the retry, the log keeps the DM for his next connection
     (before: it stayed marked delivered, and bob never got it)."""
     with durable_chat(tmp_path, clock) as (chat, durable):
-        bob = FakeSession("bob", "Bob", True)
-        chat.open(bob)
-        chat.close(bob)
-        alice = FakeSession("alice", "Alice", True)
-        chat.open(alice)
+        alice = _alice_online_bob_away(chat)
         msg_id = _committed_never_published(durable, "while away", "c-2")
         chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "while away",
                                         "client_msg_id": "c-2"}))

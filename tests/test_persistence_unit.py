@@ -353,6 +353,16 @@ def test_a_dm_retried_while_its_recipient_is_offline_is_kept_again(
     assert message_log.kept_count("carol") == 0
 
 
+def _worker_on(url: str) -> DurableMessageStore:
+    """One worker's durable store on the database at ``url`` (its deliveries go nowhere),
+    started; the caller closes it."""
+    stores = create_memory_stores(history_size=3, room_ttl=3600)
+    stores.broker.start(lambda *a: None, lambda *a: None)
+    durable = DurableMessageStore(stores.messages, open_message_log(url))
+    durable.start()
+    return durable
+
+
 def test_the_kept_dm_bound_holds_for_concurrent_senders(url: str) -> None:
     """Two workers (two durable stores on one database), three senders on each, DM one
     offline user at once with room for two kept DMs: two are kept, four get InboxFull,
@@ -361,10 +371,7 @@ def test_the_kept_dm_bound_holds_for_concurrent_senders(url: str) -> None:
     bob = f"bob-{uuid.uuid4().hex[:6]}"
     workers = []
     for _ in range(2):
-        stores = create_memory_stores(history_size=3, room_ttl=3600)
-        stores.broker.start(lambda *a: None, lambda *a: None)
-        durable = DurableMessageStore(stores.messages, open_message_log(url))
-        durable.start()
+        durable = _worker_on(url)
         durable.max_kept_dms = 2
         workers.append(durable)
 
@@ -710,10 +717,7 @@ def test_a_restart_continues_room_and_dm_ids(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/restart.db"
     ids = []
     for _ in range(2):
-        stores = create_memory_stores(history_size=3, room_ttl=3600)
-        stores.broker.start(lambda *a: None, lambda *a: None)
-        durable = DurableMessageStore(stores.messages, open_message_log(url))
-        durable.start()
+        durable = _worker_on(url)
         try:
             durable.last_id("r")
             room = durable.post_room("r", "u1", draft_message("r", "a", "u1", "hi", 1, None))

@@ -1015,6 +1015,14 @@ async def test_last_id_unreadable_on_a_rejoin_keeps_the_position() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+async def _sent_id(sending: asyncio.Task[Any]) -> Any:
+    """The id a send resolved with, or "not acknowledged" if it did not within SHORT."""
+    try:
+        return (await asyncio.wait_for(sending, SHORT)).id
+    except TimeoutError:
+        return "not acknowledged"
+
+
 async def test_message_id_unreadable_acknowledges_the_send_but_is_not_delivered() -> None:
     """An echo whose id is not a whole number >= 0 still acknowledges the send (its Message
     has id -1) but is not delivered and changes no position: the next message, 1, is. "1"
@@ -1028,11 +1036,7 @@ async def test_message_id_unreadable_acknowledges_the_send_but_is_not_delivered(
             frame = await peer.recv("message")
             await peer.ws.send(_raw_message(raw, client_msg_id=frame["client_msg_id"]))
             await peer.message(1)
-            got: dict[str, Any] = {}
-            try:
-                got["sent"] = (await asyncio.wait_for(sending, SHORT)).id
-            except TimeoutError:
-                got["sent"] = "not acknowledged"
+            got: dict[str, Any] = {"sent": await _sent_id(sending)}
             await _round_trip(client, peer)
             got.update(messages=rec.ids("r"), position=client.rooms["r"].last_id,
                        acks=[a.id for a in rec.of("ack")])
@@ -1069,11 +1073,7 @@ async def test_dm_id_unreadable_acknowledges_the_send_but_is_not_delivered() -> 
             frame = await peer.recv("dm")
             await peer.ws.send(_raw_dm(raw, client_msg_id=frame["client_msg_id"]))
             await peer.ws.send(_raw_dm("2"))
-            got: dict[str, Any] = {}
-            try:
-                got["sent"] = (await asyncio.wait_for(sending, SHORT)).id
-            except TimeoutError:
-                got["sent"] = "not acknowledged"
+            got: dict[str, Any] = {"sent": await _sent_id(sending)}
             await _round_trip(client, peer)
             got.update(dms=[d.id for d in rec.of("dm")], acks=[a.id for a in rec.of("ack")])
             want = {"sent": -1, "dms": [2], "acks": [-1]}
