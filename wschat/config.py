@@ -209,11 +209,13 @@ class Settings:
     rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1, MAX_BURST), 20)
     # Guests from one address together (unset: 10 users' worth, for NATs and offices).
     rate_limit_guest_ip: float | None = _var("RATE_LIMIT_GUEST_IP", _float(0.001, MAX_RATE), None)
-    rate_limit_guest_ip_burst: int | None = _var("RATE_LIMIT_GUEST_IP_BURST", _int(1, MAX_BURST), None)
+    rate_limit_guest_ip_burst: int | None = _var("RATE_LIMIT_GUEST_IP_BURST", _int(1, MAX_BURST),
+                                                 None)
     # Every other command (join, leave, list_users, history, auth, ping); unset:
     # RATE_LIMIT per second and 5 x RATE_LIMIT_BURST at once.
     rate_limit_requests: float | None = _var("RATE_LIMIT_REQUESTS", _float(0.001, MAX_RATE), None)
-    rate_limit_requests_burst: int | None = _var("RATE_LIMIT_REQUESTS_BURST", _int(1, MAX_BURST), None)
+    rate_limit_requests_burst: int | None = _var("RATE_LIMIT_REQUESTS_BURST", _int(1, MAX_BURST),
+                                                 None)
     heartbeat_interval: float = _var("HEARTBEAT_INTERVAL", _float(0.05), 30.0)
     enable_persistence: bool = _var("ENABLE_PERSISTENCE", _bool, False)
     database_url: str = _var("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL)
