@@ -103,20 +103,29 @@ class Client:
 
     def expect(self, kind: str, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
         """Next event of type ``kind`` (matching ``match``); other events are kept."""
+        return self.expect_any((kind, match), timeout=timeout)
+
+    def expect_any(self, *kinds: tuple[str, dict[str, Any]], timeout: float = TIMEOUT
+                   ) -> dict[str, Any]:
+        """The next event matching one of ``(kind, match)``; other events are kept."""
+        def matches(event: dict[str, Any]) -> bool:
+            return any(event.get("type") == kind and all(event.get(k) == v for k, v in m.items())
+                       for kind, m in kinds)
+
         for i, event in enumerate(self.backlog):
-            if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+            if matches(event):
                 return self.backlog.pop(i)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {kind} {match or ''} within {timeout}s; "
-                                     f"got {self.backlog}")
+                wanted = " or ".join(f"{kind} {m or ''}" for kind, m in kinds)
+                raise AssertionError(f"no {wanted} within {timeout}s; got {self.backlog}")
             try:
                 event = json.loads(self.ws.recv(left))
             except TimeoutError:
                 continue
-            if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+            if matches(event):
                 return event
             self.backlog.append(event)
 
@@ -185,6 +194,15 @@ def redis_url_or_skip(db: int) -> str:
     except redis.RedisError as exc:
         service_unavailable(f"Redis not reachable at {url}: {exc}")
     return url
+
+
+def first_start(client: Any) -> None:
+    """What a worker's first start does on an empty Redis: name the data's epoch, which
+    opens the post scripts' gate (wschat.stores.redis.epoch). For stores a test builds
+    by hand."""
+    from wschat.stores.redis.epoch import Epoch
+
+    Epoch(client, "test-node", 30).begin()
 
 
 @pytest.fixture(scope="module")

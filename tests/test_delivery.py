@@ -8,6 +8,7 @@ Each test here reproduced one defect before its fix; the fault suite
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 import uuid
@@ -18,8 +19,8 @@ import jwt
 import pytest
 
 from conftest import (
-    SCALE, TIMEOUT, Client, Server, free_port, listening, own_redis, redis_url_or_skip,
-    wait_until,
+    SCALE, TIMEOUT, Client, Server, first_start, free_port, listening, own_redis,
+    redis_url_or_skip, wait_until,
 )
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
@@ -226,6 +227,7 @@ def redis_stores() -> Iterator[Any]:
     url = redis_url_or_skip(REDIS_DB + 1)
     client = redis_module.redis.Redis.from_url(url)
     node = redis_module._Node()
+    first_start(client)
     with listening(url, "bob"):  # the DMs below are to bob
         yield (redis_module, client, node,
                redis_module.RedisMessageStore(client, 100),
@@ -759,8 +761,179 @@ def test_sequences_resume_above_what_a_member_was_handed_at_its_join() -> None:
                        timeout=15 * SCALE, message="both workers to resync")
         wait_until(lambda: _joins_again(bob, r), timeout=10 * SCALE,
                    message="bob to join again")
-        assert bob.say(r, "after the restart")["id"] == 6
+        assert _posted_once_taken(bob, {"type": "message", "room": r,
+                                        "text": "after the restart"})["id"] == 6
         assert alice.expect("message", 2 * TIMEOUT)["id"] == 6
+
+
+def _posted_once_taken(client: Client, post: dict[str, Any]) -> dict[str, Any]:
+    """Send ``post`` (a message or a DM) until it is taken; its echo. Right after Redis
+    lost its data it is refused (``unavailable``) until every worker caught up."""
+    deadline = time.monotonic() + 15 * SCALE
+    for attempt in itertools.count():
+        client.send({**post, "id": f"try-{attempt}"})
+        answer = client.expect_any(("error", {"id": f"try-{attempt}"}),
+                                   (post["type"], {"text": post["text"]}))
+        if answer["type"] != "error":
+            return answer
+        assert answer["code"] == "unavailable", answer
+        assert time.monotonic() < deadline, "the post was never taken"
+        time.sleep(0.1)  # a retry's pace, not a wait for an event
+    raise AssertionError("unreachable")
+
+
+# -- 12. no id issued twice after Redis lost its data ---------------------------------------
+def test_no_room_id_is_issued_twice_while_a_stalled_worker_catches_up() -> None:
+    """Redis restarts empty while worker A is stalled (SIGSTOP): A's member alice has
+    ids 1 to 3 of a room in which B has no member any more. A post through B must wait
+    until A has raised the room's sequence: refused (``unavailable``) meanwhile, then
+    id 4, which alice gets (before: B took it at once as id 1, an id alice already had,
+    and she never saw the message)."""
+    import os
+    import signal
+
+    with _alice_on_a_bob_on_b() as (redis_server, a, b, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        assert [bob.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+        assert [alice.expect("message")["id"] for _ in range(3)] == [1, 2, 3]
+        bob.request({"type": "leave", "room": r}, "left")
+        worker = a.worker_pids()[0]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            redis_server.stop()
+            redis_server.start()
+            wait_until(lambda: "re-registered" in b.output(), timeout=15 * SCALE,
+                       message="B to resync")
+            wait_until(lambda: _joins_again(bob, r), timeout=10 * SCALE,
+                       message="bob to join again")
+            bob.send({"type": "message", "room": r, "text": "while A is stalled", "id": "s"})
+            refused = bob.expect("error", id="s")
+            assert refused["code"] == "unavailable", refused
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "A is back"})
+        assert echo["id"] == 4
+        assert alice.expect("message", 2 * TIMEOUT, text="A is back")["id"] == 4
+        alice.assert_silent("message")
+
+
+def test_dm_ids_continue_above_those_delivered_after_redis_lost_its_data() -> None:
+    """Redis restarts empty after bob sent alice DMs 1 to 3: the next DM is 4 (before:
+    1 again, which a client that drops DM ids it has, as docs/delivery.md asks, drops)."""
+    with _alice_on_a_bob_on_b() as (redis_server, a, b, alice, bob):
+        for i in range(3):
+            bob.request({"type": "dm", "to": "alice", "text": f"d{i}"}, "dm")
+        assert [alice.expect("dm")["id"] for _ in range(3)] == [1, 2, 3]
+        redis_server.stop()
+        redis_server.start()
+        for server in (a, b):
+            wait_until(lambda s=server: "re-registered" in s.output(),
+                       timeout=15 * SCALE, message="both workers to resync")
+        echo = _posted_once_taken(bob, {"type": "dm", "to": "alice", "text": "after"})
+        assert echo["id"] == 4
+        assert alice.expect("dm", 2 * TIMEOUT, text="after")["id"] == 4
+
+
+def test_room_ids_continue_after_a_flush_no_connection_noticed() -> None:
+    """FLUSHALL drops Redis's data and none of its connections: the next post is not
+    taken until the worker has found the loss and raised its sequences, then it is
+    id 4 (before: id 1, taken at once; the worker noticed at its next heartbeat)."""
+    import redis as redis_py
+
+    with own_redis() as redis_server, \
+            Server({**COMMON, "REDIS_URL": redis_server.url}) as srv, \
+            Client(srv.url, f"token={token('alice')}") as alice:
+        r = room()
+        alice.join(r)
+        assert [alice.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+        admin = redis_py.Redis.from_url(redis_server.url)
+        try:
+            admin.flushall()
+        finally:
+            admin.close()
+        echo = _posted_once_taken(alice, {"type": "message", "room": r, "text": "after"})
+        assert echo["id"] == 4
+
+
+def test_the_gate_waits_for_every_worker_that_knew_the_data_or_its_time_limit() -> None:
+    """epoch.py step by step on a real Redis: a first start opens the posts at once;
+    after the data is lost, they wait until every worker listed as recovering is done,
+    and no longer than the list's time limit for one that never comes back."""
+    import redis as redis_py
+
+    from wschat.stores.base import Unavailable
+    from wschat.stores.redis import RedisMessageStore
+    from wschat.stores.redis.epoch import Epoch
+
+    client = redis_py.Redis.from_url(redis_url_or_skip(28))  # no other module uses it
+    store = RedisMessageStore(client, 100)
+    draft = draft_message("g", "a", "u1", "x", 1, None)
+
+    def taken() -> bool:
+        try:
+            store.post_room("g", "u1", draft)
+        except Unavailable:
+            return False
+        return True
+
+    try:
+        one, two = Epoch(client, "one", 30), Epoch(client, "two", 30)
+        assert not taken()  # no epoch: nobody has looked at this data yet
+        assert (one.begin(), two.begin()) == (False, False)  # a first start, then the same
+        assert taken()
+        client.flushdb()
+        assert not taken()
+        assert one.begin(["one", "two"]) is True  # lost: both listed
+        assert not taken()
+        assert one.done() is False and not taken()  # "two" still raising
+        assert two.begin() is True
+        assert two.done() is True and taken()
+        client.flushdb()
+        late = Epoch(client, "late", 0.3)
+        late.seen = one.seen
+        assert late.begin(["gone"]) is True and late.done() is False
+        assert not taken()
+        wait_until(taken, timeout=5 * SCALE, message="the time limit to open the gate")
+    finally:
+        client.close()
+
+
+def test_a_redis_restart_that_kept_its_data_holds_posts_until_every_worker_caught_up() -> None:
+    """Redis restarts with its data (here from its append-only file; a snapshot, or a
+    failover to a replica, may hold older sequences than the workers delivered): its
+    ``run_id`` is new, so the workers treat it as a loss, and posts wait for every worker
+    the registry lists as alive (before the gate: taken at once, from what may be an
+    older sequence). A reconnect to the same run of Redis holds nothing."""
+    import redis as redis_py
+
+    from wschat.stores.base import Unavailable
+    from wschat.stores.redis import RedisMessageStore
+    from wschat.stores.redis.epoch import Epoch
+    from wschat.stores.redis.keys import NODES
+
+    with own_redis("--appendonly", "yes", "--appendfsync", "always") as redis_server:
+        client = redis_py.Redis.from_url(redis_server.url)
+        store = RedisMessageStore(client, 100)
+        draft = draft_message("k", "a", "u1", "x", 1, None)
+        try:
+            one, two = Epoch(client, "one", 30), Epoch(client, "two", 30)
+            assert (one.begin(), two.begin()) == (False, False)
+            assert store.post_room("k", "u1", draft).msg_id == 1
+            assert one.begin(["two"]) is False  # the same run of Redis: nothing held
+            client.zadd(NODES, {"two": time.time() * 1000})  # "two" beat: alive
+            redis_server.stop()
+            redis_server.start()
+            assert client.get("wschat:{r:k}:seq") == b"1"  # the data was kept, but
+            assert one.begin() is True  # Redis restarted: "two", in the registry, listed too
+            with pytest.raises(Unavailable):
+                store.post_room("k", "u1", draft)
+            assert one.done() is False
+            assert two.begin() is True and two.done() is True
+            assert store.post_room("k", "u1", draft).msg_id == 2
+        finally:
+            client.close()
 
 
 @contextlib.contextmanager

@@ -172,7 +172,7 @@ def test_redis_cost_reports_what_redis_keeps() -> None:
     """loadtest.redis_cost's memory table (docs/operations.md, "Sizing Redis") measures
     real keys: a dedupe key, a held message and a bucket, each with its value inside."""
     import redis
-    from conftest import redis_url_or_skip
+    from conftest import first_start, redis_url_or_skip
 
     from loadtest.redis_cost import memory_kept
     from wschat.protocol import draft_message
@@ -181,6 +181,7 @@ def test_redis_cost_reports_what_redis_keeps() -> None:
     client = redis.Redis.from_url(redis_url_or_skip(26))  # no other module uses it
     try:
         messages = RedisMessageStore(client, 100)
+        first_start(client)
         for i in range(50):
             messages.post_room("sizing", "ann", draft_message(
                 "sizing", "ann", "ann", "x" * 100, 1, f"sizing-{i}"))

@@ -21,7 +21,7 @@ import gevent.event
 import orjson
 import pytest
 
-from conftest import TIMEOUT, redis_url_or_skip, wait_until
+from conftest import TIMEOUT, first_start, redis_url_or_skip, wait_until
 from test_persistence import pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
@@ -764,6 +764,7 @@ def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
     listener = client.pubsub()
     listener.subscribe(redis_stores.room_channel(room))
     inner = redis_stores.RedisMessageStore(client, history_size=10)
+    first_start(client)
     durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/held.db"))
     durable.HOLD_TIMEOUT = 0.1
     durable.start()
@@ -831,6 +832,7 @@ def test_posts_refused_while_the_broker_resynchronises(tmp_path: Path, persisten
     client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
     room = f"resync-{uuid.uuid4().hex[:6]}"
     inner = redis_stores.RedisMessageStore(client, history_size=10)
+    first_start(client)
     store: Any = inner
     if persistence:
         store = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/g.db"))

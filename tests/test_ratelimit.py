@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TIMEOUT, free_port, listening, redis_url_or_skip, wait_until
+from conftest import TIMEOUT, first_start, free_port, listening, redis_url_or_skip, wait_until
 from wschat.protocol import draft_dm, draft_message
 from wschat.stores.redis.ratelimit import RedisRateLimiter
 from wschat.ratelimit import (
@@ -341,6 +341,7 @@ def test_redis_guest_check_of_two_buckets_is_one_evalsha(redis_url: str) -> None
 def _store(client: Any) -> Any:
     from wschat.stores.redis import RedisMessageStore
 
+    first_start(client)
     return RedisMessageStore(client, 100)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import gevent
 import pytest
 
-from conftest import TIMEOUT, free_port, own_redis, redis_url_or_skip
+from conftest import TIMEOUT, first_start, free_port, own_redis, redis_url_or_skip
 from wschat.protocol import draft_message
 
 DB = 4  # no other module uses it
@@ -40,8 +40,10 @@ from gevent import monkey; monkey.patch_all()
 import sys, gevent, redis
 from wschat.protocol import draft_message
 from wschat.stores.redis import RedisMessageStore
+from wschat.stores.redis.epoch import Epoch
 from wschat.stores.redis.pipeline import Pipelined
 fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+Epoch(fast, "t", 30).begin()  # the gate opened, as by a worker's first start
 store = RedisMessageStore(fast, 100)
 # One post first: the script is then loaded (another test flushes scripts; a NOSCRIPT
 # for each of the hundred would send their SCRIPT LOADs and retries one by one).
@@ -111,6 +113,7 @@ def test_scripts_survive_a_script_flush(client: Any) -> None:
     from wschat.stores.redis import RedisMessageStore
 
     store = RedisMessageStore(client, 100)
+    first_start(client)
     draft = draft_message("flush", "a", "u1", "x", 1, None)
     assert store.post_room("flush", "u1", draft).msg_id == 1
     client.client.script_flush()
@@ -156,7 +159,8 @@ def test_connection_lost_mid_batch_fails_the_unanswered_then_reconnects() -> Non
 
 def test_redis_restart_fails_fast_then_recovers() -> None:
     """Redis gone: commands fail (Unavailable in the stores), never hang; Redis back,
-    the stale socket is replaced before the next batch and scripts are loaded again."""
+    the stale socket is replaced before the next batch and scripts are loaded again
+    (the first post is refused by the gate: Redis came back without its data)."""
     import redis
 
     from wschat.stores.base import Unavailable
@@ -166,6 +170,7 @@ def test_redis_restart_fails_fast_then_recovers() -> None:
     with own_redis() as server:
         fast = Pipelined(redis.Redis.from_url(server.url, socket_connect_timeout=1))
         store = RedisMessageStore(fast, 100)
+        first_start(fast)
         draft = draft_message("restart", "a", "u1", "x", 1, None)
         assert store.post_room("restart", "u1", draft).msg_id == 1
         server.stop()
@@ -174,7 +179,12 @@ def test_redis_restart_fails_fast_then_recovers() -> None:
             store.post_room("restart", "u1", draft)
         assert time.monotonic() - started < TIMEOUT
         server.start()
-        assert store.post_room("restart", "u1", draft).msg_id == 1  # Redis came back empty
+        # Redis came back empty: the post scripts' gate refuses until a worker's
+        # recovery names the data again (wschat.stores.redis.epoch)
+        with pytest.raises(Unavailable):
+            store.post_room("restart", "u1", draft)
+        first_start(fast)
+        assert store.post_room("restart", "u1", draft).msg_id == 1
         fast.close()
 
 
@@ -205,8 +215,10 @@ from gevent import monkey; monkey.patch_all()
 import sys, gevent.event, redis
 from wschat.protocol import draft_message
 from wschat.stores.redis import RedisBroker, RedisMessageStore
+from wschat.stores.redis.epoch import Epoch
 from wschat.stores.redis.pipeline import Pipelined
 fast = Pipelined(redis.Redis.from_url(sys.argv[1]))
+Epoch(fast, "t", 30).begin()  # the gate opened, as by a worker's first start
 heard, arrived = [], gevent.event.Event()
 broker = RedisBroker(fast)
 broker.start(lambda room, event, exclude: (heard.append(event), arrived.set()), lambda *_: None)
@@ -443,6 +455,7 @@ def test_a_full_redis_is_unavailable_not_an_internal_error() -> None:
         client = redis.Redis.from_url(server.url)
         try:
             messages = RedisMessageStore(client, 100)
+            first_start(client)
             posted = 0
             with pytest.raises(Unavailable):
                 for i in range(100_000):  # 2 MB of dedupe keys and history, then OOM

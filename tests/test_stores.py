@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import listening, redis_url, redis_url_or_skip
+from conftest import first_start, listening, redis_url, redis_url_or_skip
 from wschat.config import Settings
 from wschat.protocol import draft_dm, draft_message, message_id_of, stored_id_of
 from wschat.stores.base import Stores, User
@@ -33,6 +33,7 @@ def stores(request: Any) -> Iterator[Stores]:
 
         client = Pipelined(client)
     node = redis_stores._Node()
+    first_start(client)
     with listening(url, BOB.user_id):  # the DMs below are to bob
         yield Stores(redis_stores.RedisRoomStore(client, node, 3600),
                      redis_stores.RedisPresenceStore(client, node),

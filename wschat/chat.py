@@ -381,13 +381,15 @@ class Chat:
         if it lost it (or reaped this worker as dead), rooms and presence return,
         and room sequences resume above the highest id this worker knows of
         (:meth:`~wschat.hub.LocalHub.resume_points`: delivered here, or handed to a
-        member at its join). Bans, mutes and revoked memberships whose events were
+        member at its join), the DM sequence above the highest DM delivered here. Bans, mutes and revoked memberships whose events were
         published meanwhile are read from the store and carried out.
         """
         points = self.hub.resume_points()
         for room, (_, known) in points.items():
             if known:
                 self.stores.messages.raise_sequence(room, known)
+        if self.hub.max_dm_id:
+            self.stores.messages.raise_dm_sequence(self.hub.max_dm_id)
         for session in self.hub.sessions():
             if self._moderated_meanwhile(session):
                 continue

@@ -49,6 +49,8 @@ class LocalHub:
         # Highest message id delivered here per room: if the shared store loses its
         # data, sequences restart above it, so no id is ever issued twice.
         self.max_seen: dict[str, int] = {}
+        # The same for DMs (one sequence for all of them).
+        self.max_dm_id = 0
 
     # -- membership --------------------------------------------------------------------
     def _ensure_room(self, room: str) -> None:
@@ -234,8 +236,17 @@ class LocalHub:
             frame = text_frame(event)
             for session in list(sessions):
                 session.send_frame(frame)
-            self._on_delivered(len(sessions), event,
-                               "dm" if event.startswith(DM_PREFIX) else None)
+            if event.startswith(DM_PREFIX):
+                self._dm_delivered(event)
+                self._on_delivered(len(sessions), event, "dm")
+            else:
+                self._on_delivered(len(sessions), event, None)
+
+    def _dm_delivered(self, event: bytes) -> None:
+        start = len(DM_PREFIX)
+        digits = event[start:event.find(b",", start)]
+        if digits.isdigit() and int(digits) > self.max_dm_id:
+            self.max_dm_id = int(digits)
 
     # -- figures -----------------------------------------------------------------------
     def sessions(self) -> list[Session]:

@@ -227,6 +227,10 @@ class MessageStore(ABC):
     def raise_sequence(self, room: str, at_least: int) -> None:
         """Never issue ids <= ``at_least`` again (after the store lost its data)."""
 
+    def raise_dm_sequence(self, at_least: int) -> None:
+        """Never issue DM ids <= ``at_least`` again (after the store lost its data; with
+        persistence the database issues them)."""
+
     # -- persistence (wschat.stores.durable wraps a store and uses these) ---------------
     def publish_stored(self, messages: list[Stored]) -> list[int]:
         """Add committed messages to the window and deliver them, room messages in id order.

@@ -10,6 +10,8 @@
   worker's memberships (with the same leave script as a user's leave).
 * :mod:`.pipeline`: auto-pipelining; the hot path's commands (scripts,
   ``PUBLISH``, ``HGET``) of concurrent greenlets go out together.
+* :mod:`.epoch`: after Redis lost its data, posts wait until every worker that
+  knew it raised its sequences, so that no id is issued twice.
 
 Event JSON is built only by :mod:`wschat.protocol`; the scripts splice ids into
 drafts it made and never encode an event themselves.
@@ -17,14 +19,18 @@ drafts it made and never encode an event themselves.
 When Redis goes away, workers keep their WebSockets, answer ``unavailable``
 to requests that need Redis, reconnect with back-off, resubscribe, and
 re-register their live connections (so presence and rooms come back even if
-Redis lost its data), and restore room sequence numbers from the highest id
-they delivered so no id is ever issued twice.
+Redis lost its data), and restore room and DM sequence numbers from the highest
+id they delivered, every worker before any takes a post again, so no id is ever
+issued twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+
+import gevent
+import gevent.lock
 
 try:
     import hiredis  # noqa: F401  (replies.py reads the hot path's replies with it)
@@ -36,6 +42,7 @@ from ...config import Settings
 from ...telemetry import Metrics
 from ..base import Stores
 from .broker import RedisBroker
+from .epoch import Epoch
 from .keys import escape_id, room_channel, room_payload, split_room_payload, user_channel
 from .moderation import RedisModerationStore
 from .nodes import Node, NodeKeeper
@@ -56,10 +63,52 @@ _Node = Node  # the name the store tests construct a node by
 
 class RedisStores(Stores):
     keeper: NodeKeeper
+    epoch: Epoch
+    _recovering: gevent.lock.Semaphore  # one recovery at a time (set by the factory)
+    _epoch_checked = 0.0  # when the gate's refusal last made this worker check
 
     def start(self) -> None:
         super().start()
+        try:
+            # A first start names the epoch, or learns it. A worker just started has no
+            # sequence to raise: if it is the first to find Redis restarted, the others
+            # are waited for, not it.
+            if self.epoch.begin():
+                self.epoch.done()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis epoch not read at start (%s); read at the reconnect", exc)
         self.keeper.start()
+
+    def recover(self) -> None:
+        """After a reconnect (or this node found reaped): the chat core's re-registration
+        (``broker.on_reconnect``), inside the epoch's check: if Redis lost its data, no
+        worker takes a post until this one's sequences are raised too."""
+        with self._recovering:
+            self._resync_in_epoch(always=True)
+
+    def check_epoch(self) -> None:
+        """The gate refused a post: Redis lost its data. If no connection of this worker
+        noticed (a flush keeps them open), recover now rather than at the next heartbeat.
+        At most once a second, never beside a recovery already running."""
+        now = time.monotonic()
+        if now - self._epoch_checked < 1.0 or self._recovering.locked():
+            return
+        self._epoch_checked = now
+        gevent.spawn(self._check_epoch)
+
+    def _check_epoch(self) -> None:
+        try:
+            with self._recovering:
+                self._resync_in_epoch(always=False)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis epoch check failed (%s); the next heartbeat tries again", exc)
+
+    def _resync_in_epoch(self, always: bool) -> None:
+        lost = self.epoch.begin(self.keeper.peers)
+        if (lost or always) and self.broker.on_reconnect is not None:
+            self.broker.on_reconnect()
+        if lost:
+            self.epoch.done()
 
     def release_local(self) -> bool:
         try:
@@ -115,8 +164,14 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     stores.pipelined = fast  # type: ignore[assignment]
     stores.client = client
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
-    # The chat core's re-registration (set as the broker's on_reconnect) serves both.
-    stores.keeper.on_reaped = lambda: broker.on_reconnect and broker.on_reconnect()
+    # A worker that never comes back is waited for as long as a silent one counts as alive.
+    stores.epoch = Epoch(client, node.node_id, settings.presence_ttl)
+    stores._recovering = gevent.lock.Semaphore()
+    # The chat core's re-registration (set as the broker's on_reconnect), in the epoch's
+    # check, serves both.
+    broker.recover = stores.recover
+    stores.keeper.on_reaped = stores.recover
+    messages.on_gate_closed = stores.check_epoch
     stores.rate_limiter = RedisRateLimiter(fast, settings.rate_limit, settings.rate_limit_burst)
 
     stores.moderation = RedisModerationStore(client, metrics)

@@ -6,6 +6,7 @@ on a room channel are ``<exclude_user_id>\\n<event JSON>`` (:func:`~.keys.room_p
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -56,6 +57,9 @@ class RedisBroker(Broker):
         self._listener: gevent.Greenlet | None = None
         self._healthy = False
         self._stopping = False
+        #: Run after a reconnect instead of ``on_reconnect`` when set: the factory's
+        #: wrapping of it in the epoch's check (epoch.py).
+        self.recover: Callable[[], None] | None = None
 
     def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:
         self._on_room, self._on_user = on_room, on_user
@@ -101,7 +105,9 @@ class RedisBroker(Broker):
                     log.warning("redis pub/sub reconnected; resubscribed %d channels",
                                 len(self._channels))
                     attempt = 0
-                    if self.on_reconnect is not None:
+                    if self.recover is not None:
+                        self.recover()
+                    elif self.on_reconnect is not None:
                         self.on_reconnect()
                     # Healthy only now: until its connections are registered again and
                     # its sequences raised, this worker takes no message (see Chat).

@@ -28,6 +28,11 @@ MEMBERSHIPS = PREFIX + "memberships"
 PRESENCE = PREFIX + "presence"
 DM_SEQ = PREFIX + "dm:seq"
 CONTROL = PREFIX + "control"
+# The data's epoch, and the gate of posts after Redis lost its data (epoch.py); gate.lua
+# spells these three names out.
+EPOCH = PREFIX + "epoch"
+READY = PREFIX + "ready"
+RECOVERING = PREFIX + "recovering"
 RATE_LIMITS = PREFIX + "rl:"  # + a bucket's key (RedisRateLimiter's default prefix)
 
 F = TypeVar("F", bound=Callable[..., Any])

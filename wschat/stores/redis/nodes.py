@@ -54,6 +54,9 @@ class NodeKeeper:
         self._greenlet: gevent.Greenlet | None = None
         self._registered = False
         self._reregister = False
+        #: The nodes alive at the last heartbeat (this one too): the workers waited for
+        #: if Redis loses its data (epoch.py).
+        self.peers: list[str] = []
         # Called when this node finds it was reaped as dead (it stalled longer than
         # PRESENCE_TTL) while its connections lived on: they must be registered again.
         self.on_reaped: Callable[[], None] | None = None
@@ -76,7 +79,8 @@ class NodeKeeper:
             gevent.sleep(self._interval)
 
     def beat_and_reap(self) -> int:
-        known, dead = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        known, dead, alive = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        self.peers = [raw.decode() for raw in alive]
         if self._registered and not known:
             log.warning("node %s was reaped as dead (stalled, or Redis lost its data); "
                         "registering its connections again", self._node.node_id)

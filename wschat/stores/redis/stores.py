@@ -102,15 +102,18 @@ class RedisMessageStore(MessageStore):
         self._client = client
         self._size = history_size
         self._metrics = metrics
-        self._post_room = script(client, "post_room", prelude=("charge", "take_id"))
-        self._post_dm = script(client, "post_dm", prelude=("charge", "take_id"))
+        self._post_room = script(client, "post_room", prelude=("gate", "charge", "take_id"))
+        self._post_dm = script(client, "post_dm", prelude=("gate", "charge", "take_id"))
         self._post_dm_online = script(client, "post_dm",
-                                      prelude=("charge", "dm_online", "take_id"))
+                                      prelude=("gate", "charge", "dm_online", "take_id"))
         self._raise_seq = script(client, "raise_seq")
         self._publish_stored = script(client, "publish_stored")
         self._publish_dm = script(client, "publish_dm")
         #: Whether posts can be delivered: the broker's health, set by the factory.
         self.delivering: Callable[[], bool] = lambda: True
+        #: Told when the gate refused a post (gate.lua: Redis lost its data): the
+        #: factory's check of the epoch, which finds a flush no connection noticed.
+        self.on_gate_closed: Callable[[], None] = lambda: None
 
     def check_delivering(self) -> None:
         if not self.delivering():
@@ -126,6 +129,9 @@ class RedisMessageStore(MessageStore):
             raise RecipientOffline("no such user online")
         if outcome == 4:  # post_dm.lua: no worker would have delivered it
             raise Unavailable("redis: the recipient's workers are not subscribed")
+        if outcome == 5:  # gate.lua: Redis lost its data, sequences are being raised
+            self.on_gate_closed()
+            raise Unavailable("redis: recovering from a loss of its data")
         return self._retried(bytes(value), draft, room)
 
     def _retried(self, seen: bytes, draft: MessageDraft, room: str | None) -> Posted:
@@ -202,6 +208,10 @@ class RedisMessageStore(MessageStore):
     @guarded
     def raise_sequence(self, room: str, at_least: int) -> None:
         self._raise_seq(keys=[room_keys(room)[4]], args=[at_least])
+
+    @guarded
+    def raise_dm_sequence(self, at_least: int) -> None:
+        self._raise_seq(keys=[DM_SEQ], args=[at_least])
 
     @guarded
     def publish_stored(self, messages: list[Stored]) -> list[int]:

@@ -1,8 +1,11 @@
 -- This node's heartbeat. Returns {1 if this node was registered before this beat
--- else 0, ids of nodes silent longer than ttl_ms}.
+-- else 0, ids of nodes silent longer than ttl_ms, ids of the live ones, this one too
+-- (epoch.py's peers if Redis loses its data)}.
 -- KEYS: nodes   ARGV: node_id ttl_ms
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-return {known, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))}
+local silent = now - tonumber(ARGV[2])
+return {known, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', silent),
+        redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. silent, '+inf')}

@@ -1,4 +1,4 @@
--- Never lets a room's sequence go backwards.
+-- Never lets a sequence (a room's, or the DMs') go backwards.
 -- KEYS: seq   ARGV: at_least
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
