@@ -1074,3 +1074,57 @@ def test_members_a_pubsub_outage_left_behind_the_history_are_told() -> None:
         with Client(a.url, f"token={token('alice')}") as again:
             joined = again.join(r, since=0)
             assert joined["recovered"] is False and joined["last_id"] == 8
+
+
+def _redis_stores_of_a_worker(url: str) -> Any:
+    """A worker's Redis stores as the factory builds them (nothing started)."""
+    from wschat.config import Settings
+    from wschat.stores.redis import create_redis_stores
+
+    stores = create_redis_stores(Settings(redis_url=url))
+    stores.messages.delivering = lambda: True  # no broker started: its health aside
+    stores.messages.on_gate_closed = lambda: None  # recoveries run by the test only
+    return stores
+
+
+def _post_taken(stores: Any, room_name: str) -> bool:
+    try:
+        stores.messages.post_room(room_name, "u1", draft_message(room_name, "a", "u1", "x", 1,
+                                                                  None))
+    except Unavailable:
+        return False
+    return True
+
+
+def test_a_recovery_that_failed_half_way_is_finished_by_its_retry() -> None:
+    """Redis lost its data, and the worker's re-registration failed after it was listed
+    as recovering (Redis gone again for a moment, or refusing): the broker (or the next
+    heartbeat) runs the recovery again, and that one must take the worker off the list
+    (before: the retry found the epoch it had already seen, "the same data", and never
+    called done: every post on every worker refused for PRESENCE_TTL)."""
+    import redis as redis_py
+
+    with own_redis() as redis_server:
+        stores = _redis_stores_of_a_worker(redis_server.url)
+        admin = redis_py.Redis.from_url(redis_server.url)
+        try:
+            assert stores.epoch.begin() is False  # a first start: the gate open
+            assert _post_taken(stores, "half")
+            calls: list[int] = []
+
+            def resync() -> None:
+                calls.append(1)
+                if len(calls) == 1:
+                    raise Unavailable("redis: ConnectionError")
+
+            stores.broker.on_reconnect = resync
+            admin.flushall()
+            with pytest.raises(Unavailable):
+                stores.recover()
+            assert not _post_taken(stores, "half")
+            stores.recover()  # the broker's (or the heartbeat's) retry
+            assert calls == [1, 1]
+            assert _post_taken(stores, "half"), admin.smembers("wschat:recovering")
+        finally:
+            admin.close()
+            stores.client.close()

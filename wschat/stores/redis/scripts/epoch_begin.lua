@@ -16,7 +16,12 @@
 local current = redis.call('GET', KEYS[1])
 local run = ARGV[5]
 if current and (run == '' or string.sub(current, -#run - 1) == ':' .. run) then
-  if current == ARGV[2] or ARGV[2] == '' then return {0, current} end
+  if current == ARGV[2] or ARGV[2] == '' then
+    -- Still listed: its recovery was begun (by itself, or a peer listed it) and not
+    -- done (it failed half way): it raises its sequences again and says so.
+    if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return {1, current} end
+    return {0, current}
+  end
   if redis.call('EXISTS', KEYS[3]) == 1 then
     redis.call('SADD', KEYS[3], ARGV[1])  -- keeps the set's time limit
     return {1, current}
