@@ -1128,3 +1128,40 @@ def test_a_recovery_that_failed_half_way_is_finished_by_its_retry() -> None:
         finally:
             admin.close()
             stores.client.close()
+
+
+def test_a_flush_found_by_a_heartbeat_waits_for_the_workers_known_before_it() -> None:
+    """FLUSHALL while worker A is stalled; B's heartbeat is the first to find the loss
+    (its node gone from the registry). B must list A, which it knew of at its heartbeat
+    before the flush, and posts wait for A (before: the beat that found the loss had
+    already replaced B's peers with the registry as the flush left it, B alone; B
+    listed only itself and took bob's post at once, id 1, an id alice already had)."""
+    import os
+    import signal
+
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b(PRESENCE_TTL="6") as (redis_server, a, b, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        assert [bob.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+        assert [alice.expect("message")["id"] for _ in range(3)] == [1, 2, 3]
+        bob.request({"type": "leave", "room": r}, "left")
+        worker = a.worker_pids()[0]
+        admin = redis_py.Redis.from_url(redis_server.url)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            admin.flushall()
+            wait_until(lambda: "re-registered" in b.output(), timeout=15 * SCALE,
+                       message="B's heartbeat to find the flush")
+            assert _joins_again(bob, r)
+            bob.send({"type": "message", "room": r, "text": "while A is stalled", "id": "s"})
+            answer = bob.expect_any(("error", {"id": "s"}), ("message", {"text": "while A is stalled"}))
+            assert answer.get("code") == "unavailable", answer
+        finally:
+            os.kill(worker, signal.SIGCONT)
+            admin.close()
+        echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "A is back"})
+        assert echo["id"] == 4
+        assert alice.expect("message", 2 * TIMEOUT, text="A is back")["id"] == 4

@@ -80,15 +80,17 @@ class NodeKeeper:
 
     def beat_and_reap(self) -> int:
         known, dead, alive = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
-        self.peers = [raw.decode() for raw in alive]
         if self._registered and not known:
             log.warning("node %s was reaped as dead (stalled, or Redis lost its data); "
                         "registering its connections again", self._node.node_id)
             self._reregister = True
         self._registered = True
         if self._reregister and self.on_reaped is not None:
+            # With the peers of the beat before: if Redis lost its data, this beat's
+            # registry lists only the workers that beat since (epoch.py waits for all).
             self.on_reaped()  # if it fails, it is tried again on the next beat
             self._reregister = False
+        self.peers = [raw.decode() for raw in alive]
         reaped = 0
         for raw in dead:
             node_id = raw.decode()
