@@ -1165,3 +1165,35 @@ def test_a_flush_found_by_a_heartbeat_waits_for_the_workers_known_before_it() ->
         echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "A is back"})
         assert echo["id"] == 4
         assert alice.expect("message", 2 * TIMEOUT, text="A is back")["id"] == 4
+
+
+def test_a_failed_recovery_started_by_a_refused_post_is_logged_not_raised(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate refused a post and the recovery it started failed with ``Unavailable``
+    (the stores' word for Redis gone again): a warning, and the next refusal or
+    heartbeat tries again (before: the exception escaped the greenlet, a traceback on
+    stderr from gevent's hub)."""
+    import gevent
+    import redis as redis_py
+
+    escaped: list[Any] = []
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "handle_error",
+                        lambda context, kind, value, tb: escaped.append(value))
+    with own_redis() as redis_server:
+        stores = _redis_stores_of_a_worker(redis_server.url)
+        admin = redis_py.Redis.from_url(redis_server.url)
+        try:
+            assert stores.epoch.begin() is False
+
+            def resync() -> None:
+                raise Unavailable("redis: ConnectionError")
+
+            stores.broker.on_reconnect = resync
+            admin.flushall()
+            stores.check_epoch()
+            gevent.sleep(0.5)
+            assert escaped == []
+        finally:
+            admin.close()
+            stores.client.close()

@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from ...config import Settings
 from ...telemetry import Metrics
-from ..base import Stores
+from ..base import Stores, Unavailable
 from .broker import RedisBroker
 from .epoch import Epoch
 from .keys import escape_id, room_channel, room_payload, split_room_payload, user_channel
@@ -100,7 +100,7 @@ class RedisStores(Stores):
         try:
             with self._recovering:
                 self._resync_in_epoch(always=False)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, Unavailable) as exc:  # the resync's: Unavailable
             log.warning("redis epoch check failed (%s); the next heartbeat tries again", exc)
 
     def _resync_in_epoch(self, always: bool) -> None:
