@@ -1197,3 +1197,41 @@ def test_a_failed_recovery_started_by_a_refused_post_is_logged_not_raised(
         finally:
             admin.close()
             stores.client.close()
+
+
+def test_a_recovery_done_after_redis_lost_its_data_again_does_not_open_the_gate() -> None:
+    """Worker "one" raised its sequences into the data of one epoch; Redis lost its data
+    again before it said done, and "two" listed it for the new epoch. Its done (for the
+    old epoch) must not take it off the new list: its sequences are not raised in the new
+    data (before: it did, the list emptied, and the gate opened)."""
+    import redis as redis_py
+
+    from wschat.stores.redis import RedisMessageStore
+    from wschat.stores.redis.epoch import Epoch
+
+    with own_redis() as redis_server:
+        client = redis_py.Redis.from_url(redis_server.url)
+        store = RedisMessageStore(client, 100)
+        draft = draft_message("again", "a", "u1", "x", 1, None)
+
+        def taken() -> bool:
+            try:
+                store.post_room("again", "u1", draft)
+            except Unavailable:
+                return False
+            return True
+
+        try:
+            one, two = Epoch(client, "one", 30), Epoch(client, "two", 30)
+            assert (one.begin(), two.begin()) == (False, False)
+            client.flushall()
+            assert one.begin(["two"]) is True  # one raises its sequences ...
+            assert two.begin() is True and two.done() is False
+            client.flushall()  # ... and Redis loses its data again meanwhile
+            assert two.begin(["one"]) is True and two.done() is False
+            assert one.done() is False  # done with the data lost before
+            assert not taken()
+            assert one.begin() is True and one.done() is True  # the new data's turn
+            assert taken()
+        finally:
+            client.close()

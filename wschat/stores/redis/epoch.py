@@ -91,5 +91,5 @@ class Epoch:
 
     def done(self) -> bool:
         """This worker's sequences are raised; True if posts are taken now."""
-        return bool(self._done(keys=[EPOCH, READY, RECOVERING], args=[self._node_id]))
+        return bool(self._done(keys=[EPOCH, READY, RECOVERING], args=[self._node_id, self.seen]))
 
