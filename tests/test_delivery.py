@@ -857,6 +857,31 @@ def test_room_ids_continue_after_a_flush_no_connection_noticed() -> None:
         assert echo["id"] == 4
 
 
+def test_a_flush_is_recovered_by_every_worker_at_once_not_at_its_heartbeat() -> None:
+    """FLUSHALL drops no connection. The worker that finds it (a refused post) tells the
+    others on the control channel, so a worker it waits for raises its sequences at once,
+    not at its next heartbeat (PRESENCE_TTL / 3: 100 s here): the post is taken within
+    seconds, with the next id (before: refused until that heartbeat)."""
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b(PRESENCE_TTL="300") as (redis_server, a, b, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        assert [bob.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+        assert [alice.expect("message")["id"] for _ in range(3)] == [1, 2, 3]
+        admin = redis_py.Redis.from_url(redis_server.url)
+        try:
+            admin.flushall()
+        finally:
+            admin.close()
+        # bob's worker B started after A: it knew A at its first heartbeat, and waits for it
+        echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "after"})
+        assert echo["id"] == 4
+        assert alice.expect("message", 2 * TIMEOUT, text="after")["id"] == 4
+        assert "redis lost its data" in a.output()
+
+
 def test_the_gate_waits_for_every_worker_that_knew_the_data_or_its_time_limit() -> None:
     """epoch.py step by step on a real Redis: a first start opens the posts at once;
     after the data is lost, they wait until every worker listed as recovering is done,

@@ -87,9 +87,10 @@ class RedisStores(Stores):
             self._resync_in_epoch(always=True)
 
     def check_epoch(self) -> None:
-        """The gate refused a post: Redis lost its data. If no connection of this worker
-        noticed (a flush keeps them open), recover now rather than at the next heartbeat.
-        At most once a second, never beside a recovery already running."""
+        """The gate refused a post, or another worker found Redis's data lost (it says so
+        on the control channel). If no connection of this worker noticed (a flush keeps
+        them open), recover now rather than at the next heartbeat. At most once a
+        second, never beside a recovery already running."""
         now = time.monotonic()
         if now - self._epoch_checked < 1.0 or self._recovering.locked():
             return
@@ -172,6 +173,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     broker.recover = stores.recover
     stores.keeper.on_reaped = stores.recover
     messages.on_gate_closed = stores.check_epoch
+    broker.on_control = lambda _: stores.check_epoch()  # another worker found a loss
     stores.rate_limiter = RedisRateLimiter(fast, settings.rate_limit, settings.rate_limit_burst)
 
     stores.moderation = RedisModerationStore(client, metrics)

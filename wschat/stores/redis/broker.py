@@ -60,6 +60,8 @@ class RedisBroker(Broker):
         #: Run after a reconnect instead of ``on_reconnect`` when set: the factory's
         #: wrapping of it in the epoch's check (epoch.py).
         self.recover: Callable[[], None] | None = None
+        #: Told of each message on the control channel (epoch.py: "look at the epoch now").
+        self.on_control: Callable[[bytes], None] | None = None
 
     def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:
         self._on_room, self._on_user = on_room, on_user
@@ -156,6 +158,7 @@ class RedisBroker(Broker):
         on_room, on_user = self._on_room, self._on_user
         room_prefix = (PREFIX + "room:").encode()
         user_prefix = (PREFIX + "user:").encode()
+        control = CONTROL.encode()
         idle = 0.0
         pinged = False
         while not self._stopping and pubsub is self._pubsub:
@@ -197,6 +200,8 @@ class RedisBroker(Broker):
                         on_room(room, event, exclude)
                 elif channel.startswith(user_prefix) and on_user is not None:
                     on_user(channel[len(user_prefix):].decode(), data)
+                elif channel == control and self.on_control is not None:
+                    self.on_control(data)
                 continue
             pubsub.handle_message(response)
             if kind == b"subscribe":

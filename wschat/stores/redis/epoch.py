@@ -15,8 +15,10 @@ So Redis holds an *epoch*, a name for the data it holds, and a gate every post p
   means the data may be older than what workers delivered (restored from a snapshot,
   or a failover to a replica that was behind). The first worker to find either names
   a new epoch and lists itself, every other worker it knew of (the node registry as of
-  its last heartbeat) and those the registry still lists as alive as *recovering*; a
-  later one that finds the new epoch adds itself.
+  its last heartbeat) and those the registry still lists as alive as *recovering*, and
+  tells every worker on ``wschat:control`` to look now (a flush drops no connection, and
+  would otherwise be found at each worker's next heartbeat); a later one that finds the
+  new epoch adds itself.
 * Posts are refused (``unavailable``) while the epoch is missing or any worker is
   recovering; each takes itself off once its sequences are raised
   (``epoch_done.lua``), and the last one opens the gate.
@@ -42,7 +44,7 @@ from collections.abc import Iterable
 
 import redis
 
-from .keys import EPOCH, NODES, READY, RECOVERING, script
+from .keys import CONTROL, EPOCH, NODES, READY, RECOVERING, script
 
 log = logging.getLogger("wschat.redis")
 
@@ -67,7 +69,7 @@ class Epoch:
         waited for too if it is the first to find the loss."""
         others = [p for p in peers if p != self._node_id]
         state, epoch = self._begin(
-            keys=[EPOCH, READY, RECOVERING, NODES],
+            keys=[EPOCH, READY, RECOVERING, NODES, CONTROL],
             args=[self._node_id, self.seen, secrets.token_hex(8), self._ttl_ms,
                   self._run_id(), *others])
         self.seen = epoch.decode() if isinstance(epoch, bytes) else str(epoch)

@@ -3,7 +3,8 @@
 -- Redis that holds it ("<token>:<run_id>"): a worker that finds none, another token, or
 -- one named before Redis restarted, knows that Redis lost its data or may hold older
 -- sequences than workers delivered (a snapshot, a failover to a replica behind).
--- KEYS: epoch ready recovering nodes
+-- KEYS: epoch ready recovering nodes control (the channel every worker listens on:
+--       told "epoch" when a loss is found, so that none waits for its next heartbeat)
 -- ARGV: node_id, the epoch this worker last saw ('' if none), a new token, the time
 --       limit in ms, Redis's run_id ('' if INFO is refused), then the other nodes this
 --       worker knew of
@@ -45,4 +46,5 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], now - tonumber(ARGV[4
   redis.call('SADD', KEYS[3], node)
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('PUBLISH', KEYS[5], 'epoch')
 return {1, epoch}
