@@ -1037,6 +1037,85 @@ def test_a_redis_busy_or_read_only_is_unavailable_not_an_internal_error() -> Non
             admin.close()
 
 
+class _MovableAddress:
+    """A TCP forwarder on a free port standing in for a failover's moving address (a DNS
+    name, a virtual IP): connections made go on reaching the server they reached;
+    new ones reach ``target`` (a port on 127.0.0.1), which the test may change."""
+
+    def __init__(self, target: int) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=TIMEOUT)
+                server.settimeout(None)
+            except OSError:
+                return
+            self._sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: Any, sink: Any) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_failover_that_moves_redis_s_address_is_followed() -> None:
+    """A failover: the primary is demoted (REPLICAOF the new one) and its address now
+    leads to the new primary. The worker's connections, made before, still reach the
+    demoted server, which answers writes with READONLY: they are made again through the
+    address, and chat resumes on the new primary, ids going on above those delivered
+    (before: every message got ``unavailable`` for as long as those connections lived;
+    the demoted server answers the pub/sub connection's PINGs)."""
+    import redis as redis_py
+
+    with own_redis() as old, own_redis() as new:
+        address = _MovableAddress(old.port)
+        try:
+            with Server({**COMMON, "REDIS_URL": f"redis://127.0.0.1:{address.port}/0"}) as srv, \
+                    Client(srv.url, f"token={token('alice')}") as alice:
+                r = room()
+                alice.join(r)
+                assert [alice.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+                address.target = new.port
+                demoted = redis_py.Redis.from_url(old.url)
+                try:
+                    demoted.replicaof("127.0.0.1", str(new.port))
+                finally:
+                    demoted.close()
+                echo = _posted_once_taken(alice, {"type": "message", "room": r,
+                                                  "text": "after the failover"})
+                assert echo["id"] == 4
+                assert "redis answered READONLY" in srv.output()
+        finally:
+            address.close()
+
+
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
 @pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
 def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered(

@@ -66,6 +66,7 @@ class RedisStores(Stores):
     epoch: Epoch
     _recovering: gevent.lock.Semaphore  # one recovery at a time (set by the factory)
     _epoch_checked = 0.0  # when the gate's refusal last made this worker check
+    _failed_over = 0.0  # when a READONLY answer last made this worker connect again
 
     def start(self) -> None:
         super().start()
@@ -110,6 +111,24 @@ class RedisStores(Stores):
             self.broker.on_reconnect()
         if lost:
             self.epoch.done()
+
+    def connect_again(self) -> None:
+        """Redis answered ``READONLY``: a failover demoted the server this worker's
+        connections reached, and its address (a DNS name, a virtual IP) now names the new
+        primary. Every connection is made again, through a new lookup: the pool's, the
+        pipeline's, and the pub/sub one, whose reconnect runs the recovery (the new
+        primary is another run of Redis, which may be behind: epoch.py). At most once a
+        second."""
+        now = time.monotonic()
+        if now - self._failed_over < 1.0:
+            return
+        self._failed_over = now
+        log.warning("redis answered READONLY (a failover demoted it); connecting again")
+        if self.client is not None:
+            self.client.connection_pool.disconnect()
+        if self.pipelined is not None:
+            self.pipelined.pipeliner.reconnect()
+        self.broker.reconnect()  # type: ignore[attr-defined]
 
     def release_local(self) -> bool:
         try:
@@ -171,7 +190,9 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     # The chat core's re-registration (set as the broker's on_reconnect), in the epoch's
     # check, serves both.
     broker.recover = stores.recover
+    fast.pipeliner.on_read_only = stores.connect_again  # type: ignore[attr-defined]
     stores.keeper.on_reaped = stores.recover
+    stores.keeper.on_read_only = stores.connect_again
     messages.on_gate_closed = stores.check_epoch
     broker.on_control = lambda _: stores.check_epoch()  # another worker found a loss
     stores.rate_limiter = RedisRateLimiter(fast, settings.rate_limit, settings.rate_limit_burst)

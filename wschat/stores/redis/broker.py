@@ -97,6 +97,13 @@ class RedisBroker(Broker):
     def healthy(self) -> bool:
         return self._healthy
 
+    def reconnect(self) -> None:
+        """Make the pub/sub connection again (a failover moved Redis's address): not
+        ready until then; the listener reconnects and runs the recovery."""
+        if self._pubsub is not None:
+            self._healthy = False
+            self._drop_pubsub()
+
     def _listen_forever(self) -> None:
         attempt = 0
         while not self._stopping:

@@ -60,6 +60,8 @@ class NodeKeeper:
         # Called when this node finds it was reaped as dead (it stalled longer than
         # PRESENCE_TTL) while its connections lived on: they must be registered again.
         self.on_reaped: Callable[[], None] | None = None
+        # Called when Redis answered READONLY: a failover demoted the server reached.
+        self.on_read_only: Callable[[], None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -74,6 +76,9 @@ class NodeKeeper:
                 self.beat_and_reap()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.debug("node heartbeat failed: %s", exc)
+            except redis.ReadOnlyError:
+                if self.on_read_only is not None:
+                    self.on_read_only()
             except Exception:
                 log.exception("node heartbeat failed")
             gevent.sleep(self._interval)

@@ -32,14 +32,18 @@ sent by a flusher greenlet that hands each reply back. Failures are what redis-p
   batch connects again;
 * before each batch, a socket that is readable while no reply is owed (EOF after
   a Redis restart, stray data) is reconnected first: the check redis-py's pool
-  makes for every command, here once per batch and one non-blocking peek.
+  makes for every command, here once per batch and one non-blocking peek;
+* a ``READONLY`` reply (a failover demoted the server this connection reached: the
+  address now names another) goes to its caller as any error reply, and the
+  connection is made again after the batch, through a new address lookup, and
+  ``on_read_only`` is told (the factory reconnects the worker's other connections).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -72,6 +76,8 @@ class Pipeliner:
         self._busy = False  # a batch is being sent or its replies read
         self._flusher: gevent.Greenlet | None = None
         self._closed = False
+        #: Told when Redis answered ``READONLY`` (see the module's docstring).
+        self.on_read_only: Callable[[], None] | None = None
         #: Writes made and commands sent (their ratio is the mean batch).
         self.batches = 0
         self.commands = 0
@@ -130,6 +136,7 @@ class Pipeliner:
     def _send(self, batch: list[tuple[bytes, gevent.event.AsyncResult]]) -> None:
         conn = self._conn
         done = 0
+        demoted = False
         try:
             replies = self._replies
             if replies is None or replies.stale():
@@ -144,6 +151,7 @@ class Pipeliner:
                 reply = replies.read()
                 if isinstance(reply, Exception):  # an error reply: its caller's alone
                     result.set_exception(reply)
+                    demoted = demoted or isinstance(reply, redis.ReadOnlyError)
                 else:
                     result.set(reply)
                 done += 1
@@ -157,6 +165,15 @@ class Pipeliner:
             raise
         if self._metrics is not None:  # the batch's round trip, as its callers waited
             self._metrics.store_seconds("redis", time.perf_counter() - sent)
+        if demoted:
+            self._disconnect()  # the next batch looks the address up again
+            if self.on_read_only is not None:
+                self.on_read_only()
+
+    def reconnect(self) -> None:
+        """Drop the connection; the next batch makes it again (a failover)."""
+        if not self._busy:
+            self._disconnect()
 
     def _disconnect(self) -> None:
         replies, self._replies = self._replies, None
