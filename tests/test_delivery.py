@@ -12,7 +12,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
@@ -864,7 +864,7 @@ def test_a_flush_is_recovered_by_every_worker_at_once_not_at_its_heartbeat() -> 
     seconds, with the next id (before: refused until that heartbeat)."""
     import redis as redis_py
 
-    with _alice_on_a_bob_on_b(PRESENCE_TTL="300") as (redis_server, a, b, alice, bob):
+    with _alice_on_a_bob_on_b(PRESENCE_TTL="300") as (redis_server, a, _, alice, bob):
         r = room()
         alice.join(r)
         bob.join(r)
@@ -882,27 +882,35 @@ def test_a_flush_is_recovered_by_every_worker_at_once_not_at_its_heartbeat() -> 
         assert "redis lost its data" in a.output()
 
 
+def _posts_taken(client: Any, room_name: str) -> Callable[[], bool]:
+    """Asks whether a post to ``room_name``, through a message store on ``client``, is
+    taken now (the epoch's gate open) or refused (``Unavailable``): the post is made."""
+    from wschat.stores.base import Unavailable
+    from wschat.stores.redis import RedisMessageStore
+
+    store = RedisMessageStore(client, 100)
+    draft = draft_message(room_name, "a", "u1", "x", 1, None)
+
+    def taken() -> bool:
+        try:
+            store.post_room(room_name, "u1", draft)
+        except Unavailable:
+            return False
+        return True
+
+    return taken
+
+
 def test_the_gate_waits_for_every_worker_that_knew_the_data_or_its_time_limit() -> None:
     """epoch.py step by step on a real Redis: a first start opens the posts at once;
     after the data is lost, they wait until every worker listed as recovering is done,
     and no longer than the list's time limit for one that never comes back."""
     import redis as redis_py
 
-    from wschat.stores.base import Unavailable
-    from wschat.stores.redis import RedisMessageStore
     from wschat.stores.redis.epoch import Epoch
 
     client = redis_py.Redis.from_url(redis_url_or_skip(28))  # no other module uses it
-    store = RedisMessageStore(client, 100)
-    draft = draft_message("g", "a", "u1", "x", 1, None)
-
-    def taken() -> bool:
-        try:
-            store.post_room("g", "u1", draft)
-        except Unavailable:
-            return False
-        return True
-
+    taken = _posts_taken(client, "g")
     try:
         one, two = Epoch(client, "one", 30), Epoch(client, "two", 30)
         assert not taken()  # no epoch: nobody has looked at this data yet
@@ -1310,21 +1318,11 @@ def test_a_recovery_done_after_redis_lost_its_data_again_does_not_open_the_gate(
     data (before: it did, the list emptied, and the gate opened)."""
     import redis as redis_py
 
-    from wschat.stores.redis import RedisMessageStore
     from wschat.stores.redis.epoch import Epoch
 
     with own_redis() as redis_server:
         client = redis_py.Redis.from_url(redis_server.url)
-        store = RedisMessageStore(client, 100)
-        draft = draft_message("again", "a", "u1", "x", 1, None)
-
-        def taken() -> bool:
-            try:
-                store.post_room("again", "u1", draft)
-            except Unavailable:
-                return False
-            return True
-
+        taken = _posts_taken(client, "again")
         try:
             one, two = Epoch(client, "one", 30), Epoch(client, "two", 30)
             assert (one.begin(), two.begin()) == (False, False)
