@@ -783,6 +783,27 @@ def _posted_once_taken(client: Client, post: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- 12. no id issued twice after Redis lost its data ---------------------------------------
+def _three_messages_in_a_room(alice: Client, bob: Client) -> str:
+    """A new room both joined, where bob said ids 1 to 3 and alice got them."""
+    r = room()
+    alice.join(r)
+    bob.join(r)
+    assert [bob.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
+    assert [alice.expect("message")["id"] for _ in range(3)] == [1, 2, 3]
+    return r
+
+
+def _flush_all(redis_url: str) -> None:
+    """FLUSHALL: every key gone, no connection dropped."""
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_url)
+    try:
+        admin.flushall()
+    finally:
+        admin.close()
+
+
 def test_no_room_id_is_issued_twice_while_a_stalled_worker_catches_up() -> None:
     """Redis restarts empty while worker A is stalled (SIGSTOP): A's member alice has
     ids 1 to 3 of a room in which B has no member any more. A post through B must wait
@@ -793,11 +814,7 @@ def test_no_room_id_is_issued_twice_while_a_stalled_worker_catches_up() -> None:
     import signal
 
     with _alice_on_a_bob_on_b() as (redis_server, a, b, alice, bob):
-        r = room()
-        alice.join(r)
-        bob.join(r)
-        assert [bob.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
-        assert [alice.expect("message")["id"] for _ in range(3)] == [1, 2, 3]
+        r = _three_messages_in_a_room(alice, bob)
         bob.request({"type": "leave", "room": r}, "left")
         worker = a.worker_pids()[0]
         os.kill(worker, signal.SIGSTOP)
@@ -840,19 +857,13 @@ def test_room_ids_continue_after_a_flush_no_connection_noticed() -> None:
     """FLUSHALL drops Redis's data and none of its connections: the next post is not
     taken until the worker has found the loss and raised its sequences, then it is
     id 4 (before: id 1, taken at once; the worker noticed at its next heartbeat)."""
-    import redis as redis_py
-
     with own_redis() as redis_server, \
             Server({**COMMON, "REDIS_URL": redis_server.url}) as srv, \
             Client(srv.url, f"token={token('alice')}") as alice:
         r = room()
         alice.join(r)
         assert [alice.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
-        admin = redis_py.Redis.from_url(redis_server.url)
-        try:
-            admin.flushall()
-        finally:
-            admin.close()
+        _flush_all(redis_server.url)
         echo = _posted_once_taken(alice, {"type": "message", "room": r, "text": "after"})
         assert echo["id"] == 4
 
@@ -862,19 +873,9 @@ def test_a_flush_is_recovered_by_every_worker_at_once_not_at_its_heartbeat() -> 
     others on the control channel, so a worker it waits for raises its sequences at once,
     not at its next heartbeat (PRESENCE_TTL / 3: 100 s here): the post is taken within
     seconds, with the next id (before: refused until that heartbeat)."""
-    import redis as redis_py
-
     with _alice_on_a_bob_on_b(PRESENCE_TTL="300") as (redis_server, a, _, alice, bob):
-        r = room()
-        alice.join(r)
-        bob.join(r)
-        assert [bob.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
-        assert [alice.expect("message")["id"] for _ in range(3)] == [1, 2, 3]
-        admin = redis_py.Redis.from_url(redis_server.url)
-        try:
-            admin.flushall()
-        finally:
-            admin.close()
+        r = _three_messages_in_a_room(alice, bob)
+        _flush_all(redis_server.url)
         # bob's worker B started after A: it knew A at its first heartbeat, and waits for it
         echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "after"})
         assert echo["id"] == 4
@@ -1254,11 +1255,7 @@ def test_a_flush_found_by_a_heartbeat_waits_for_the_workers_known_before_it() ->
     import redis as redis_py
 
     with _alice_on_a_bob_on_b(PRESENCE_TTL="6") as (redis_server, a, b, alice, bob):
-        r = room()
-        alice.join(r)
-        bob.join(r)
-        assert [bob.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
-        assert [alice.expect("message")["id"] for _ in range(3)] == [1, 2, 3]
+        r = _three_messages_in_a_room(alice, bob)
         bob.request({"type": "leave", "room": r}, "left")
         worker = a.worker_pids()[0]
         admin = redis_py.Redis.from_url(redis_server.url)
