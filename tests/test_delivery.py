@@ -1125,6 +1125,24 @@ def test_a_failover_that_moves_redis_s_address_is_followed() -> None:
             address.close()
 
 
+def test_a_redis_that_stays_read_only_is_an_outage_not_a_failing_listener() -> None:
+    """REDIS_URL names a read-only replica (on purpose, or a failover's address not moved
+    yet): each READONLY (the heartbeat's, every second here) makes the connections again,
+    and the pub/sub connection's recovery is refused with READONLY too. That is an
+    outage, retried with the listener's back-off, not a listener bug (before: "redis
+    listener failed; restarting it" and a traceback, every second for as long as Redis
+    stayed read-only)."""
+    with own_redis() as primary, \
+            own_redis("--replicaof", "127.0.0.1", str(primary.port)) as replica, \
+            Server({**COMMON, "REDIS_URL": replica.url, "PRESENCE_TTL": "3"}) as srv:
+        time.sleep(5 * SCALE)
+        assert srv.http("/ready")[0] == 503  # no connection taken: posts would be refused
+        output = srv.output()
+        assert "redis answered READONLY" in output
+        assert "redis listener failed" not in output, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+
+
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
 @pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
 def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered(

@@ -113,7 +113,6 @@ class RedisBroker(Broker):
                         self._connect()
                     log.warning("redis pub/sub reconnected; resubscribed %d channels",
                                 len(self._channels))
-                    attempt = 0
                     if self.recover is not None:
                         self.recover()
                     elif self.on_reconnect is not None:
@@ -121,15 +120,22 @@ class RedisBroker(Broker):
                     # Healthy only now: until its connections are registered again and
                     # its sequences raised, this worker takes no message (see Chat).
                     self._healthy = True
+                    attempt = 0  # only now: a recovery refused each time backs off too
                 self._listen()
-            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError,
+                    redis.ReadOnlyError, Unavailable) as exc:
                 # ValueError: redis-py dropped the socket under us ("Invalid file object").
+                # READONLY (Unavailable: a store's word for it): the recovery was refused
+                # by a read-only server (a failover whose address has not moved yet, a
+                # replica): an outage, made again with the back-off, not a listener bug.
                 if self._stopping:
                     return
                 if self._healthy:
                     log.warning("redis pub/sub lost (%s); reconnecting", exc)
                     if self._metrics is not None:
                         self._metrics.store_error("redis")
+                elif isinstance(exc, (redis.ReadOnlyError, Unavailable)):
+                    log.warning("redis refused this worker's recovery (%s); reconnecting", exc)
                 self._healthy = False
                 self._drop_pubsub()
                 gevent.sleep(self.RECONNECT_DELAYS[min(attempt, len(self.RECONNECT_DELAYS) - 1)])
