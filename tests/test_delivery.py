@@ -1143,6 +1143,55 @@ def test_a_redis_that_stays_read_only_is_an_outage_not_a_failing_listener() -> N
         assert "Traceback" not in output, output[-3000:]
 
 
+_CONNECT_AGAIN_DURING_RECOVERY = """
+from gevent import monkey; monkey.patch_all()
+import logging, sys, time, gevent
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(message)s")
+from wschat.config import Settings
+from wschat.stores.redis import create_redis_stores
+stores = create_redis_stores(Settings.from_env({"REDIS_URL": sys.argv[1]}))
+broker = stores.broker
+recoveries = []
+def recover():  # a READONLY answered meanwhile (the pipeline's, the heartbeat's)
+    recoveries.append(time.monotonic())
+    if len(recoveries) == 1:
+        stores._failed_over = 0.0
+        gevent.spawn(stores.connect_again)
+        gevent.sleep(0.1)
+broker.recover = recover
+stores.start()
+broker.start(lambda *_: None, lambda *_: None)
+broker.subscribe_room("r")
+stores._failed_over = 0.0
+started = time.monotonic()
+stores.connect_again()  # the first READONLY
+deadline = started + 10
+while not (broker.healthy() and len(recoveries) >= 2) and time.monotonic() < deadline:
+    gevent.sleep(0.02)
+print("RESULT", broker.healthy(), len(recoveries), round(time.monotonic() - started, 2))
+stores.close()
+"""
+
+
+def test_a_read_only_answer_during_the_recovery_reconnects_without_a_listener_failure(
+) -> None:
+    """A READONLY answered while the pub/sub connection's recovery runs drops that
+    connection under it: the listener makes it again at once and recovers again (before:
+    it went on to listen on the dropped connection, AttributeError on None, logged as
+    "redis listener failed; restarting it" with a traceback, and a second's wait)."""
+    import subprocess
+    import sys
+
+    with own_redis() as redis_server:
+        out = subprocess.run([sys.executable, "-c", _CONNECT_AGAIN_DURING_RECOVERY,
+                              redis_server.url], capture_output=True, text=True,
+                             timeout=30 * SCALE, check=True).stdout
+    assert "redis listener failed" not in out, out
+    result = next(line for line in out.splitlines() if line.startswith("RESULT")).split()
+    assert result[1:3] == ["True", "2"], out
+    assert float(result[3]) < 0.9, out  # not the second a listener failure waits
+
+
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
 @pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
 def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered(

@@ -113,10 +113,15 @@ class RedisBroker(Broker):
                         self._connect()
                     log.warning("redis pub/sub reconnected; resubscribed %d channels",
                                 len(self._channels))
+                    pubsub = self._pubsub
                     if self.recover is not None:
                         self.recover()
                     elif self.on_reconnect is not None:
                         self.on_reconnect()
+                    if self._pubsub is not pubsub:
+                        # Dropped while the recovery ran (reconnect(): a READONLY answered
+                        # meanwhile): not ready; made again, and recovered again, at once.
+                        continue
                     # Healthy only now: until its connections are registered again and
                     # its sequences raised, this worker takes no message (see Chat).
                     self._healthy = True
