@@ -1192,6 +1192,55 @@ def test_a_read_only_answer_during_the_recovery_reconnects_without_a_listener_fa
     assert float(result[3]) < 0.9, out  # not the second a listener failure waits
 
 
+_CONNECT_AGAIN_WHILE_A_COMMAND_RUNS = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent, redis
+from wschat.config import Settings
+from wschat.stores.redis import create_redis_stores
+stores = create_redis_stores(Settings.from_env({"REDIS_URL": sys.argv[1]}))
+pool = stores.client
+admin = redis.Redis.from_url(sys.argv[1])
+# A write, then 0.3 s of work: the reply is awaited when the READONLY comes.
+SLOW = ("redis.call('INCR', KEYS[1]) local t = redis.call('TIME') "
+        "repeat local u = redis.call('TIME') "
+        "until (u[1] - t[1]) * 1000000 + u[2] - t[2] > 300000 return 1")
+def slow():
+    pipe = pool.pipeline(transaction=False)
+    pipe.client_id()
+    pipe.eval(SLOW, 1, "slow:k")
+    try:
+        return pipe.execute()
+    except Exception as exc:
+        return repr(exc)
+job = gevent.spawn(slow)
+gevent.sleep(0.1)
+stores.connect_again()  # another greenlet got READONLY
+job.join()
+print("RESULT", repr(job.value if isinstance(job.value, str) else job.value[1]))
+ids = {c["id"] for c in admin.client_list()}
+print("REMADE", isinstance(job.value, list) and job.value[0] not in ids)
+print("WRITES", int(admin.get("slow:k")))
+"""
+
+
+def test_a_read_only_answer_does_not_fail_commands_other_greenlets_await() -> None:
+    """connect_again drops the pool's connections: one another greenlet is using (a
+    moderation write, a join's pipeline, the heartbeat) is not closed under it, which
+    failed a command Redis had carried out (ConnectionError; ValueError "Invalid file
+    object: None" at other instants, an internal error past ``guarded``); it finishes,
+    and is made again when it goes back to the pool."""
+    import subprocess
+    import sys
+
+    with own_redis() as redis_server:
+        out = subprocess.run([sys.executable, "-c", _CONNECT_AGAIN_WHILE_A_COMMAND_RUNS,
+                              redis_server.url], capture_output=True, text=True,
+                             timeout=30 * SCALE, check=True).stdout
+    assert "RESULT 1" in out, out
+    assert "REMADE True" in out, out
+    assert "WRITES 1" in out, out
+
+
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
 @pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
 def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered(

@@ -125,7 +125,7 @@ class RedisStores(Stores):
         self._failed_over = now
         log.warning("redis answered READONLY (a failover demoted it); connecting again")
         if self.client is not None:
-            self.client.connection_pool.disconnect()
+            _disconnect_pool(self.client.connection_pool)
         if self.pipelined is not None:
             self.pipelined.pipeliner.reconnect()
         self.broker.reconnect()  # type: ignore[attr-defined]
@@ -160,6 +160,23 @@ class RedisStores(Stores):
         self.broker.close()
         if self.pipelined is not None:
             self.pipelined.pipeliner.close()
+
+
+def _disconnect_pool(pool: redis.ConnectionPool) -> None:
+    """Drop the pool's idle connections; one a greenlet is using (a join's pipeline,
+    moderation, the heartbeat, the pub/sub one being made) is not closed under its
+    command, which Redis may have carried out, but made again when it goes back to the
+    pool (redis-py's ``mark_for_reconnect``; where it has none, it stays until a later
+    READONLY finds it idle)."""
+    in_use = getattr(pool, "_get_in_use_connections", None)
+    for conn in (in_use() if in_use is not None else ()):
+        mark = getattr(conn, "mark_for_reconnect", None)
+        if mark is not None:
+            mark()
+    try:
+        pool.disconnect(inuse_connections=False)
+    except TypeError:  # redis-py 5's BlockingConnectionPool drops all or nothing
+        pool.disconnect()
 
 
 def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> Stores:
