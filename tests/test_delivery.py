@@ -1241,6 +1241,43 @@ def test_a_read_only_answer_does_not_fail_commands_other_greenlets_await() -> No
     assert "WRITES 1" in out, out
 
 
+_CONTROL_DURING_A_RECOVERY = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent
+from wschat.config import Settings
+from wschat.stores.redis import create_redis_stores
+stores = create_redis_stores(Settings.from_env({"REDIS_URL": sys.argv[1]}))
+stores.start()
+stores.broker.start(lambda *_: None, lambda *_: None)
+gevent.sleep(0.2)
+looked = []
+resync = stores._resync_in_epoch
+stores._resync_in_epoch = lambda always: (looked.append(always), resync(always))
+with stores._recovering:  # a recovery whose epoch_begin ran before the loss was named
+    stores.broker.on_control(b"epoch")  # another worker names it, and says so
+    gevent.sleep(0.2)
+gevent.sleep(0.5)
+print("LOOKED", len(looked))
+stores.close()
+"""
+
+
+def test_a_loss_told_on_the_control_channel_during_a_recovery_is_looked_at_after_it(
+) -> None:
+    """The control channel's "epoch" arriving while this worker's own recovery runs
+    (its epoch was read before the other worker named the new one) is looked at once
+    that recovery is over (before: dropped, so this worker, listed as recovering, kept
+    every post refused until its next heartbeat, PRESENCE_TTL / 3)."""
+    import subprocess
+    import sys
+
+    with own_redis() as redis_server:
+        out = subprocess.run([sys.executable, "-c", _CONTROL_DURING_A_RECOVERY,
+                              redis_server.url], capture_output=True, text=True,
+                             timeout=30 * SCALE, check=True).stdout
+    assert "LOOKED 1" in out, out
+
+
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
 @pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
 def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered(

@@ -66,6 +66,7 @@ class RedisStores(Stores):
     epoch: Epoch
     _recovering: gevent.lock.Semaphore  # one recovery at a time (set by the factory)
     _epoch_checked = 0.0  # when the gate's refusal last made this worker check
+    _check_waiting = False  # a check waits for the recovery running to be over
     _failed_over = 0.0  # when a READONLY answer last made this worker connect again
 
     def start(self) -> None:
@@ -91,16 +92,25 @@ class RedisStores(Stores):
         """The gate refused a post, or another worker found Redis's data lost (it says so
         on the control channel). If no connection of this worker noticed (a flush keeps
         them open), recover now rather than at the next heartbeat. At most once a
-        second, never beside a recovery already running."""
+        second, never beside a recovery already running (once it is over instead)."""
         now = time.monotonic()
-        if now - self._epoch_checked < 1.0 or self._recovering.locked():
+        if self._recovering.locked():
+            # The recovery running may have read the epoch before another worker named a
+            # new one (and said so on the control channel): look once it is over.
+            if not self._check_waiting:
+                self._check_waiting = True
+                gevent.spawn(self._check_epoch, True)
+            return
+        if now - self._epoch_checked < 1.0:
             return
         self._epoch_checked = now
         gevent.spawn(self._check_epoch)
 
-    def _check_epoch(self) -> None:
+    def _check_epoch(self, waiting: bool = False) -> None:
         try:
             with self._recovering:
+                if waiting:
+                    self._check_waiting = False
                 self._resync_in_epoch(always=False)
         except (redis.RedisError, OSError, Unavailable) as exc:  # the resync's: Unavailable
             log.warning("redis epoch check failed (%s); the next heartbeat tries again", exc)
