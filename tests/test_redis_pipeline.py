@@ -475,3 +475,26 @@ def test_a_full_redis_is_unavailable_not_an_internal_error() -> None:
                 refused, "ann", "ann", "again", 1, "again")).msg_id == taken + 1
         finally:
             client.close()
+
+
+def test_a_refusal_inside_a_script_as_redis_6_reports_it_is_an_outage() -> None:
+    """Redis 6 reports a command refused inside a Lua script wrapped in the script's own
+    error ("Error running script ...: -READONLY ..."), Redis 7 as the command's error. Both
+    are outages (``unavailable``), and a wrapped READONLY still means a demoted server, which
+    makes the worker connect again (before: a plain ResponseError, so ``internal_error`` and
+    no reconnect; Redis 7.0 here, so the text is written out)."""
+    import redis
+
+    from wschat.stores.redis.keys import is_outage, is_read_only
+
+    read_only = redis.ResponseError(
+        "Error running script (call to f_3b1d6c0f): @user_script:7: -READONLY You can't "
+        "write against a read only replica. ")
+    assert is_outage(read_only) and is_read_only(read_only)
+    oom = redis.ResponseError("Error running script (call to f_3b1d6c0f): @user_script:3: "
+                              "-OOM command not allowed when used memory > 'maxmemory'. ")
+    assert is_outage(oom) and not is_read_only(oom)
+    assert is_read_only(redis.ReadOnlyError("You can't write against a read only replica."))
+    bug = redis.ResponseError("Error running script (call to f_3b1d6c0f): @user_script:3: "
+                              "user_script:3: attempt to compare nil with number")
+    assert not is_outage(bug) and not is_read_only(bug)

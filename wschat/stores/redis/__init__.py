@@ -77,7 +77,7 @@ class RedisStores(Stores):
             # are waited for, not it.
             if self.epoch.begin():
                 self.epoch.done()
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, Unavailable) as exc:
             log.warning("redis epoch not read at start (%s); read at the reconnect", exc)
         self.keeper.start()
 

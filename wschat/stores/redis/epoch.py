@@ -44,7 +44,7 @@ from collections.abc import Iterable
 
 import redis
 
-from .keys import CONTROL, EPOCH, NODES, READY, RECOVERING, script
+from .keys import CONTROL, EPOCH, NODES, READY, RECOVERING, guarded, script
 
 log = logging.getLogger("wschat.redis")
 
@@ -60,8 +60,10 @@ class Epoch:
         self._ttl_ms = max(1, int(recovering_ttl * 1000))
         self._begin = script(client, "epoch_begin")
         self._done = script(client, "epoch_done")
+        self._metrics = None  # guarded's: the stores count their own errors
         self.seen = ""  # the epoch this worker last saw ("" before the first)
 
+    @guarded  # an outage (READONLY too, in a script on Redis 6): Unavailable
     def begin(self, peers: Iterable[str] = ()) -> bool:
         """Before this worker raises its sequences: whether Redis lost its data (or
         restarted, and may hold older sequences) since it last looked; this worker is
@@ -91,6 +93,7 @@ class Epoch:
         except redis.ResponseError:
             return ""
 
+    @guarded
     def done(self) -> bool:
         """This worker's sequences are raised; True if posts are taken now."""
         return bool(self._done(keys=[EPOCH, READY, RECOVERING], args=[self._node_id, self.seen]))

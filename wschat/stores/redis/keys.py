@@ -11,6 +11,7 @@ rolling update.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -49,6 +50,10 @@ OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
 #: (``min-replicas-to-write``). A failover's demoted master (``READONLY``) and a replica
 #: without its master (``MASTERDOWN``) are in :data:`OUTAGES`.
 REFUSALS = ("BUSY ", "MISCONF ", "NOREPLICAS ")
+#: The same refusals met by a command inside a Lua script, as Redis 6 reports them (Redis 7
+#: answers with the command's own error): "Error running script (call to f_...):
+#: @user_script:7: -READONLY You can't write against a read only replica."
+_IN_SCRIPT = re.compile(r": -(READONLY|MASTERDOWN|OOM|BUSY|MISCONF|NOREPLICAS) ")
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -60,7 +65,14 @@ def is_outage(exc: BaseException) -> bool:
     # redis-py's pipelines put "Command # 1 (...) of pipeline caused error: " first
     text = str(exc)
     _, caused, reply = text.partition(" of pipeline caused error: ")
-    return (reply if caused else text).startswith(REFUSALS)
+    return (reply if caused else text).startswith(REFUSALS) or bool(_IN_SCRIPT.search(text))
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server reached refuses writes as a replica (``READONLY``:
+    a failover demoted it), also from inside a script on Redis 6."""
+    return isinstance(exc, redis.ReadOnlyError) or (
+        isinstance(exc, redis.ResponseError) and ": -READONLY " in str(exc))
 
 
 def guarded(method: F) -> F:

@@ -18,10 +18,10 @@ import redis
 
 from ...protocol import encode_presence
 from ...telemetry import Metrics
-from ..base import new_node_id
+from ..base import Unavailable, new_node_id
 from .keys import (
-    NODES, PRESENCE, membership_keys, membership_token, node_conns, node_memberships,
-    room_channel, room_payload, script, split_token,
+    NODES, PRESENCE, is_read_only, membership_keys, membership_token, node_conns,
+    node_memberships, room_channel, room_payload, script, split_token,
 )
 
 log = logging.getLogger("wschat.redis")
@@ -74,10 +74,12 @@ class NodeKeeper:
         while True:
             try:
                 self.beat_and_reap()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, OSError, Unavailable) as exc:
                 log.debug("node heartbeat failed: %s", exc)
-            except redis.ReadOnlyError:
-                if self.on_read_only is not None:
+            except redis.ResponseError as exc:
+                if not is_read_only(exc):
+                    log.exception("node heartbeat failed")
+                elif self.on_read_only is not None:
                     self.on_read_only()
             except Exception:
                 log.exception("node heartbeat failed")

@@ -53,6 +53,7 @@ from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
 from ...telemetry import Metrics
+from .keys import is_read_only
 from .replies import ReplyReader
 
 log = logging.getLogger("wschat.redis")
@@ -151,7 +152,7 @@ class Pipeliner:
                 reply = replies.read()
                 if isinstance(reply, Exception):  # an error reply: its caller's alone
                     result.set_exception(reply)
-                    demoted = demoted or isinstance(reply, redis.ReadOnlyError)
+                    demoted = demoted or is_read_only(reply)
                 else:
                     result.set(reply)
                 done += 1
