@@ -381,8 +381,9 @@ class Chat:
         if it lost it (or reaped this worker as dead), rooms and presence return,
         and room sequences resume above the highest id this worker knows of
         (:meth:`~wschat.hub.LocalHub.resume_points`: delivered here, or handed to a
-        member at its join), the DM sequence above the highest DM delivered here. Bans, mutes and revoked memberships whose events were
-        published meanwhile are read from the store and carried out.
+        member at its join), the DM sequence above the highest DM delivered here.
+        Bans, mutes and revoked memberships whose events were published meanwhile are
+        read from the store and carried out.
         """
         points = self.hub.resume_points()
         for room, (_, known) in points.items():
