@@ -1253,29 +1253,44 @@ gevent.sleep(0.2)
 looked = []
 resync = stores._resync_in_epoch
 stores._resync_in_epoch = lambda always: (looked.append(always), resync(always))
-with stores._recovering:  # a recovery whose epoch_begin ran before the loss was named
-    stores.broker.on_control(b"epoch")  # another worker names it, and says so
+if sys.argv[2] == "during":
+    with stores._recovering:  # a recovery whose epoch_begin ran before the loss was named
+        stores.broker.on_control(b"epoch")  # another worker names it, and says so
+        gevent.sleep(0.2)
+    gevent.sleep(0.5)
+elif sys.argv[2] == "soon":  # this worker checked less than a second ago (a refused post)
+    stores.check_epoch()
     gevent.sleep(0.2)
-gevent.sleep(0.5)
+    stores.broker.on_control(b"epoch")
+    gevent.sleep(1.5)
+else:  # "released": shutting down, its memberships gone from Redis
+    stores.release_local()
+    stores.broker.on_control(b"epoch")
+    gevent.sleep(0.5)
 print("LOOKED", len(looked))
 stores.close()
 """
 
 
+@pytest.mark.parametrize("when", ["during", "soon", "released"])
 def test_a_loss_told_on_the_control_channel_during_a_recovery_is_looked_at_after_it(
-) -> None:
+        when: str) -> None:
     """The control channel's "epoch" arriving while this worker's own recovery runs
     (its epoch was read before the other worker named the new one) is looked at once
     that recovery is over (before: dropped, so this worker, listed as recovering, kept
-    every post refused until its next heartbeat, PRESENCE_TTL / 3)."""
+    every post refused until its next heartbeat, PRESENCE_TTL / 3). The same when it
+    arrives less than a second after this worker's last check: it waits for the second
+    to pass (before: dropped as well). Not once the worker released its memberships to
+    shut down: a recovery would register its closing connections again, with nobody left
+    to remove them."""
     import subprocess
     import sys
 
     with own_redis() as redis_server:
         out = subprocess.run([sys.executable, "-c", _CONTROL_DURING_A_RECOVERY,
-                              redis_server.url], capture_output=True, text=True,
+                              redis_server.url, when], capture_output=True, text=True,
                              timeout=30 * SCALE, check=True).stdout
-    assert "LOOKED 1" in out, out
+    assert f"LOOKED {({'during': 1, 'soon': 2, 'released': 0})[when]}" in out, out
 
 
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------

@@ -68,6 +68,7 @@ class RedisStores(Stores):
     _epoch_checked = 0.0  # when the gate's refusal last made this worker check
     _check_waiting = False  # a check waits for the recovery running to be over
     _failed_over = 0.0  # when a READONLY answer last made this worker connect again
+    _released = False  # shutting down: its memberships are gone, no recovery brings them back
 
     def start(self) -> None:
         super().start()
@@ -92,25 +93,27 @@ class RedisStores(Stores):
         """The gate refused a post, or another worker found Redis's data lost (it says so
         on the control channel). If no connection of this worker noticed (a flush keeps
         them open), recover now rather than at the next heartbeat. At most once a
-        second, never beside a recovery already running (once it is over instead)."""
-        now = time.monotonic()
-        if self._recovering.locked():
-            # The recovery running may have read the epoch before another worker named a
-            # new one (and said so on the control channel): look once it is over.
-            if not self._check_waiting:
-                self._check_waiting = True
-                gevent.spawn(self._check_epoch, True)
+        second and never beside a recovery already running, but never dropped: one check
+        waits for the second to pass, or for the recovery to be over (which may have read
+        the epoch before another worker named a new one and said so)."""
+        if self._check_waiting:
+            return  # one is queued, and looks after whatever asked this
+        wait = 1.0 - (time.monotonic() - self._epoch_checked)
+        if wait > 0 or self._recovering.locked():
+            self._check_waiting = True
+            gevent.spawn_later(max(0.0, wait), self._check_epoch, True)
             return
-        if now - self._epoch_checked < 1.0:
-            return
-        self._epoch_checked = now
+        self._epoch_checked = time.monotonic()
         gevent.spawn(self._check_epoch)
 
     def _check_epoch(self, waiting: bool = False) -> None:
+        if self._released:
+            return
         try:
             with self._recovering:
                 if waiting:
                     self._check_waiting = False
+                    self._epoch_checked = time.monotonic()
                 self._resync_in_epoch(always=False)
         except (redis.RedisError, OSError, Unavailable) as exc:  # the resync's: Unavailable
             log.warning("redis epoch check failed (%s); the next heartbeat tries again", exc)
@@ -141,6 +144,7 @@ class RedisStores(Stores):
         self.broker.reconnect()  # type: ignore[attr-defined]
 
     def release_local(self) -> bool:
+        self._released = True
         try:
             count = self.keeper.release()
         except (redis.RedisError, OSError) as exc:
@@ -165,6 +169,7 @@ class RedisStores(Stores):
             return None
 
     def close(self) -> None:
+        self._released = True
         self.messages.close()  # flushes persistence while Redis can still publish
         self.keeper.stop()
         self.broker.close()
