@@ -498,3 +498,13 @@ def test_a_refusal_inside_a_script_as_redis_6_reports_it_is_an_outage() -> None:
     bug = redis.ResponseError("Error running script (call to f_3b1d6c0f): @user_script:3: "
                               "user_script:3: attempt to compare nil with number")
     assert not is_outage(bug) and not is_read_only(bug)
+
+
+def test_the_gate_spells_out_the_key_names_keys_py_gives() -> None:
+    """gate.lua names its three keys itself (the post scripts' KEYS keep their layout):
+    they must be the ones the epoch's scripts are given (keys.py)."""
+    from wschat.stores.redis.keys import EPOCH, READY, RECOVERING, _source
+
+    gate = _source("gate")
+    for key in (EPOCH, READY, RECOVERING):
+        assert f"'{key}'" in gate, key
