@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .protocol import DM_PREFIX, event_type, message_id_of, text_frame
+from .protocol import DM_PREFIX, event_type, message_id_of, stored_id_of, text_frame
 from .stores.base import Broker
 
 if TYPE_CHECKING:
@@ -243,10 +243,11 @@ class LocalHub:
                 self._on_delivered(len(sessions), event, None)
 
     def _dm_delivered(self, event: bytes) -> None:
-        start = len(DM_PREFIX)
-        digits = event[start:event.find(b",", start)]
-        if digits.isdigit() and int(digits) > self.max_dm_id:
-            self.max_dm_id = int(digits)
+        try:
+            dm_id = stored_id_of(event)
+        except ValueError:  # no whole-number id: not one a store issued
+            return
+        self.max_dm_id = max(self.max_dm_id, dm_id)
 
     # -- figures -----------------------------------------------------------------------
     def sessions(self) -> list[Session]:
