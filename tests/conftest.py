@@ -11,6 +11,7 @@ CI and fail under ``CI=true``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -133,6 +134,22 @@ class Client:
                 ) -> dict[str, Any]:
         self.send(obj)
         return self.expect(reply, timeout)
+
+    def post_until_taken(self, post: dict[str, Any], timeout: float = 15 * SCALE
+                         ) -> dict[str, Any]:
+        """Send ``post`` (a message or a DM) until it is taken; its echo. Each refusal
+        must be ``unavailable`` (Redis coming back: until every worker caught up)."""
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            self.send({**post, "id": f"try-{attempt}"})
+            answer = self.expect_any(("error", {"id": f"try-{attempt}"}),
+                                     (post["type"], {"text": post["text"]}))
+            if answer["type"] != "error":
+                return answer
+            assert answer["code"] == "unavailable", answer
+            assert time.monotonic() < deadline, "the post was never taken"
+            time.sleep(0.1)  # a retry's pace, not a wait for an event
+        raise AssertionError("unreachable")
 
     def join(self, room: str, **extra: Any) -> dict[str, Any]:
         return self.request({"type": "join", "room": room, **extra}, "joined")

@@ -8,7 +8,6 @@ Each test here reproduced one defect before its fix; the fault suite
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import time
 import uuid
@@ -761,25 +760,9 @@ def test_sequences_resume_above_what_a_member_was_handed_at_its_join() -> None:
                        timeout=15 * SCALE, message="both workers to resync")
         wait_until(lambda: _joins_again(bob, r), timeout=10 * SCALE,
                    message="bob to join again")
-        assert _posted_once_taken(bob, {"type": "message", "room": r,
-                                        "text": "after the restart"})["id"] == 6
+        assert bob.post_until_taken({"type": "message", "room": r,
+                                     "text": "after the restart"})["id"] == 6
         assert alice.expect("message", 2 * TIMEOUT)["id"] == 6
-
-
-def _posted_once_taken(client: Client, post: dict[str, Any]) -> dict[str, Any]:
-    """Send ``post`` (a message or a DM) until it is taken; its echo. Right after Redis
-    lost its data it is refused (``unavailable``) until every worker caught up."""
-    deadline = time.monotonic() + 15 * SCALE
-    for attempt in itertools.count():
-        client.send({**post, "id": f"try-{attempt}"})
-        answer = client.expect_any(("error", {"id": f"try-{attempt}"}),
-                                   (post["type"], {"text": post["text"]}))
-        if answer["type"] != "error":
-            return answer
-        assert answer["code"] == "unavailable", answer
-        assert time.monotonic() < deadline, "the post was never taken"
-        time.sleep(0.1)  # a retry's pace, not a wait for an event
-    raise AssertionError("unreachable")
 
 
 # -- 12. no id issued twice after Redis lost its data ---------------------------------------
@@ -830,7 +813,7 @@ def test_no_room_id_is_issued_twice_while_a_stalled_worker_catches_up() -> None:
             assert refused["code"] == "unavailable", refused
         finally:
             os.kill(worker, signal.SIGCONT)
-        echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "A is back"})
+        echo = bob.post_until_taken({"type": "message", "room": r, "text": "A is back"})
         assert echo["id"] == 4
         assert alice.expect("message", 2 * TIMEOUT, text="A is back")["id"] == 4
         alice.assert_silent("message")
@@ -848,7 +831,7 @@ def test_dm_ids_continue_above_those_delivered_after_redis_lost_its_data() -> No
         for server in (a, b):
             wait_until(lambda s=server: "re-registered" in s.output(),
                        timeout=15 * SCALE, message="both workers to resync")
-        echo = _posted_once_taken(bob, {"type": "dm", "to": "alice", "text": "after"})
+        echo = bob.post_until_taken({"type": "dm", "to": "alice", "text": "after"})
         assert echo["id"] == 4
         assert alice.expect("dm", 2 * TIMEOUT, text="after")["id"] == 4
 
@@ -864,7 +847,7 @@ def test_room_ids_continue_after_a_flush_no_connection_noticed() -> None:
         alice.join(r)
         assert [alice.say(r, f"m{i}")["id"] for i in range(3)] == [1, 2, 3]
         _flush_all(redis_server.url)
-        echo = _posted_once_taken(alice, {"type": "message", "room": r, "text": "after"})
+        echo = alice.post_until_taken({"type": "message", "room": r, "text": "after"})
         assert echo["id"] == 4
 
 
@@ -877,7 +860,7 @@ def test_a_flush_is_recovered_by_every_worker_at_once_not_at_its_heartbeat() -> 
         r = _three_messages_in_a_room(alice, bob)
         _flush_all(redis_server.url)
         # bob's worker B started after A: it knew A at its first heartbeat, and waits for it
-        echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "after"})
+        echo = bob.post_until_taken({"type": "message", "room": r, "text": "after"})
         assert echo["id"] == 4
         assert alice.expect("message", 2 * TIMEOUT, text="after")["id"] == 4
         assert "redis lost its data" in a.output()
@@ -1117,8 +1100,8 @@ def test_a_failover_that_moves_redis_s_address_is_followed() -> None:
                     demoted.replicaof("127.0.0.1", str(new.port))
                 finally:
                     demoted.close()
-                echo = _posted_once_taken(alice, {"type": "message", "room": r,
-                                                  "text": "after the failover"})
+                echo = alice.post_until_taken({"type": "message", "room": r,
+                                               "text": "after the failover"})
                 assert echo["id"] == 4
                 assert "redis answered READONLY" in srv.output()
         finally:
@@ -1439,7 +1422,7 @@ def test_a_flush_found_by_a_heartbeat_waits_for_the_workers_known_before_it() ->
         finally:
             os.kill(worker, signal.SIGCONT)
             admin.close()
-        echo = _posted_once_taken(bob, {"type": "message", "room": r, "text": "A is back"})
+        echo = bob.post_until_taken({"type": "message", "room": r, "text": "A is back"})
         assert echo["id"] == 4
         assert alice.expect("message", 2 * TIMEOUT, text="A is back")["id"] == 4
 
