@@ -35,7 +35,7 @@ Snapshot = dict[str, float]
 def snapshot(client: Any) -> Snapshot:
     out: Snapshot = {}
     for name, stats in client.info("commandstats").items():
-        out[name.removeprefix("cmdstat_")] = float(stats["calls"])
+        out[name.removeprefix("cmdstat_").replace("|", " ")] = float(stats["calls"])
     stats = client.info("stats")
     out["@in"] = float(stats["total_net_input_bytes"])
     out["@out"] = float(stats["total_net_output_bytes"])

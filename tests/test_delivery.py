@@ -1313,6 +1313,45 @@ def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered
         bob.assert_silent("dm")
 
 
+@pytest.mark.parametrize("deaf", ["recipient", "sender"])
+@pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
+def test_a_dm_whose_party_is_on_a_worker_not_subscribed_is_refused_then_delivered(
+        persistence: bool, deaf: str, tmp_path: Any) -> None:
+    """Alice is connected to workers A and B; A has lost its pub/sub connection and not
+    made it again yet. A DM to her from bob (``recipient``), or from her connection to B
+    to bob (``sender``: her other connections get a copy), reaches B's subscription
+    only, so her connection to A would never get it: it is refused ``unavailable``, as
+    when none of the recipient's workers is subscribed, and the retry after A is back
+    reaches every connection of the two once (before: one subscriber was enough, the
+    sender got the echo, and alice's connection to A never got the DM)."""
+    import os
+    import signal
+
+    env = ({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/dm.db"}
+           if persistence else {})
+    with _alice_on_a_bob_on_b(**env) as (redis_server, a, b, alice, bob), \
+            Client(b.url, f"token={token('alice')}") as alice_on_b:
+        sender, to = (bob, "alice") if deaf == "recipient" else (alice_on_b, "bob")
+        worker = a.worker_pids()[0]
+        dm = {"type": "dm", "to": to, "text": "hello", "client_msg_id": "d2", "id": "d"}
+        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
+        try:
+            _kill_pubsub_of(redis_server.url, worker)
+            sender.send(dm)
+            refused = sender.expect("error", id="d")
+            assert refused["code"] == "unavailable", refused
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(lambda: "re-registered" in a.output(),
+                   timeout=10 * SCALE, message="A to resubscribe and resync")
+        echo = sender.request(dm, "dm")
+        for connection in (alice, alice_on_b, bob):
+            if connection is not sender:
+                got = connection.expect("dm", 2 * TIMEOUT)
+                assert (got["id"], got["text"]) == (echo["id"], "hello")
+            connection.assert_silent("dm")
+
+
 # -- 11. members a pub/sub outage left behind the room's history are told -----------------
 def test_members_a_pubsub_outage_left_behind_the_history_are_told() -> None:
     """Worker A loses its pub/sub connection while more messages are accepted in a room
@@ -1358,6 +1397,52 @@ def _post_taken(stores: Any, room_name: str) -> bool:
     except Unavailable:
         return False
     return True
+
+
+def test_a_dm_waits_for_the_live_workers_of_its_recipient_only() -> None:
+    """dm_heard.lua: a DM goes out only if every worker its recipient is connected at is
+    subscribed to her channel, a worker counting while its last heartbeat is younger than
+    two beats' time (live_window_ms). One that beats but is not subscribed (its pub/sub
+    connection being made again) holds her DMs back; one killed with a connection of hers
+    (no beat since) stops holding them then, not only once it is reaped."""
+    import redis as redis_py
+
+    from wschat.stores.redis.nodes import live_window_ms
+
+    with own_redis() as redis_server:
+        here, there = (_redis_stores_of_a_worker(redis_server.url) for _ in range(2))
+        admin = redis_py.Redis.from_url(redis_server.url)
+        hearing = admin.pubsub()
+        try:
+            here.epoch.begin()
+            here.presence.connect("c1", User("alice", "alice"))
+            there.presence.connect("c2", User("alice", "alice"))
+            hearing.subscribe("wschat:user:alice")  # this worker's subscription; none there
+            assert hearing.get_message(timeout=5) is not None
+            seconds, micros = admin.time()
+            now_ms = seconds * 1000 + micros // 1000
+
+            def dm_taken(there_beat_ms: int) -> bool:
+                admin.zadd("wschat:nodes", {here.node_id: now_ms, there.node_id: there_beat_ms})
+                try:
+                    here.messages.post_dm("bob", "alice", draft_dm("alice", "bob", "bob", "hi",
+                                                                   1, None), None)
+                except Unavailable:
+                    return False
+                return True
+
+            assert not dm_taken(now_ms)  # there: alive, not subscribed
+            assert dm_taken(now_ms - live_window_ms(30.0) - 1000)  # there: dead
+            other = admin.pubsub()
+            other.subscribe("wschat:user:alice")  # there subscribed again
+            assert other.get_message(timeout=5) is not None
+            assert dm_taken(now_ms)
+            other.close()
+        finally:
+            hearing.close()
+            admin.close()
+            for stores in (here, there):
+                stores.client.close()
 
 
 def test_a_recovery_that_failed_half_way_is_finished_by_its_retry() -> None:

@@ -152,6 +152,12 @@ def node_conns(node_id: str) -> str:
     return f"{PREFIX}node:{node_id}:conns"
 
 
+def user_nodes(user_id: str) -> str:
+    """The nodes a user is connected at (node id -> its connections of the user): how
+    many workers must hear a DM to the user (post_dm.lua)."""
+    return f"{PREFIX}user:{escape_id(user_id)}:nodes"
+
+
 def room_channel(room: str) -> str:
     return f"{PREFIX}room:{room}"
 

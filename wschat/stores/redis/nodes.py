@@ -21,10 +21,18 @@ from ...telemetry import Metrics
 from ..base import Unavailable, new_node_id
 from .keys import (
     NODES, PRESENCE, is_read_only, membership_keys, membership_token, node_conns,
-    node_memberships, room_channel, room_payload, script, split_token,
+    node_memberships, room_channel, room_payload, script, split_token, user_nodes,
 )
 
 log = logging.getLogger("wschat.redis")
+
+BEATS_PER_TTL = 3  # a node beats every PRESENCE_TTL / 3: it is reaped after missing ~3
+
+
+def live_window_ms(presence_ttl: float) -> int:
+    """How recent a node's last beat must be for it to count as live before it is
+    reaped: two beats' time (a worker that misses one beat still counts)."""
+    return int(presence_ttl * 1000 * 2 / BEATS_PER_TTL)
 
 
 class Node:
@@ -44,7 +52,7 @@ class NodeKeeper:
         self._client = client
         self._node = node
         self._ttl_ms = int(presence_ttl * 1000)
-        self._interval = presence_ttl / 3
+        self._interval = presence_ttl / BEATS_PER_TTL
         self._room_ttl = int(room_ttl)
         self._metrics = metrics
         self._beat = script(client, "node_beat")
@@ -147,7 +155,8 @@ class NodeKeeper:
                     pipe.publish(room_channel(room), room_payload(
                         encode_presence(room, user_id, name.decode(), "offline"), user_id))
             for conn_id, user_id in self._client.hgetall(conns).items():
-                self._disconnect(keys=[conns, PRESENCE], args=[conn_id, user_id], client=pipe)
+                self._disconnect(keys=[conns, PRESENCE, user_nodes(user_id.decode())],
+                                 args=[conn_id, user_id, node_id], client=pipe)
             pipe.delete(memberships, conns)
             # Only now, all gone: a reaper that failed before this leaves the node
             # listed, and a later beat reaps it again (leaving twice is a no-op).

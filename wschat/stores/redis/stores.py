@@ -22,10 +22,10 @@ from ..base import (
     UNHEARD, Replay, RoomStore, Stored, Unavailable, User, retry_echo,
 )
 from .keys import (
-    DM_SEQ, MEMBERSHIPS, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
-    membership_keys, membership_token, room_channel, room_keys, script, user_channel,
+    DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
+    membership_keys, membership_token, room_channel, room_keys, script, user_channel, user_nodes,
 )
-from .nodes import Node
+from .nodes import Node, live_window_ms
 
 DEDUPE_TTL = 3600
 
@@ -82,11 +82,15 @@ class RedisPresenceStore(PresenceStore):
 
     @guarded
     def connect(self, conn_id: str, user: User) -> None:
-        self._connect(keys=[self._node.conns, PRESENCE], args=[conn_id, user.user_id])
+        node = self._node
+        self._connect(keys=[node.conns, PRESENCE, user_nodes(user.user_id)],
+                      args=[conn_id, user.user_id, node.node_id])
 
     @guarded
     def disconnect(self, conn_id: str, user_id: str) -> None:
-        self._disconnect(keys=[self._node.conns, PRESENCE], args=[conn_id, user_id])
+        node = self._node
+        self._disconnect(keys=[node.conns, PRESENCE, user_nodes(user_id)],
+                         args=[conn_id, user_id, node.node_id])
 
     @guarded
     def is_online(self, user_id: str) -> bool:
@@ -98,17 +102,20 @@ class RedisMessageStore(MessageStore):
     charges_posts = True  # the post scripts spend the sender's tokens (charge.lua)
     checks_recipient = True  # post_dm(recipient_online=None): dm_online.lua
 
-    def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None,
+                 presence_ttl: float = 30.0) -> None:
         self._client = client
         self._size = history_size
+        self._live_ms = live_window_ms(presence_ttl)  # dm_heard.lua's fresh_ms
         self._metrics = metrics
         self._post_room = script(client, "post_room", prelude=("gate", "charge", "take_id"))
-        self._post_dm = script(client, "post_dm", prelude=("gate", "charge", "take_id"))
-        self._post_dm_online = script(client, "post_dm",
-                                      prelude=("gate", "charge", "dm_online", "take_id"))
+        self._post_dm = script(client, "post_dm",
+                               prelude=("gate", "charge", "dm_heard", "take_id"))
+        self._post_dm_online = script(
+            client, "post_dm", prelude=("gate", "charge", "dm_heard", "dm_online", "take_id"))
         self._raise_seq = script(client, "raise_seq")
         self._publish_stored = script(client, "publish_stored")
-        self._publish_dm = script(client, "publish_dm")
+        self._publish_dm = script(client, "publish_dm", prelude=("charge", "dm_heard"))
         #: Whether posts can be delivered: the broker's health, set by the factory.
         self.delivering: Callable[[], bool] = lambda: True
         #: Told when the gate refused a post (gate.lua: Redis lost its data): the
@@ -163,12 +170,14 @@ class RedisMessageStore(MessageStore):
         script_keys = [DM_SEQ, user_channel(recipient_id), user_channel(sender_id)]
         if draft.client_msg_id:
             script_keys.append(dedupe_key(f"{PREFIX}dm:", sender_id, draft.client_msg_id))
-        args: list[Any] = [draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms]
+        args: list[Any] = [draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms,
+                           self._live_ms]
         post = self._post_dm
         if recipient_online is None:  # checked in the same call (dm_online.lua)
             script_keys.append(PRESENCE)
             args.append(recipient_id)
             post = self._post_dm_online
+        script_keys += (NODES, user_nodes(recipient_id), user_nodes(sender_id))  # dm_heard.lua
         script_keys, args = charged(script_keys, args, charge)
         return self._posted(post(keys=script_keys, args=args), draft)
 
@@ -220,8 +229,10 @@ class RedisMessageStore(MessageStore):
             for m in messages:
                 if m.room is None and m.recipient_id:  # UNHEARD if nobody could get it
                     self._publish_dm(keys=[user_channel(m.recipient_id),
-                                           user_channel(m.sender_id)],
-                                     args=[m.event], client=pipe)
+                                           user_channel(m.sender_id), NODES,
+                                           user_nodes(m.recipient_id), user_nodes(m.sender_id)],
+                                     args=[m.event, self._live_ms, 0],  # no bucket (charge.lua)
+                                     client=pipe)
                     continue
                 if m.room is None:  # kept for later: the sender's other connections
                     for user_id in m.dm_parties():
