@@ -56,8 +56,8 @@ DASHBOARD = CHART_DIR / "dashboards" / "wschat.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
 RUNBOOK_HEADING = "## Alerts: runbook"
 # Series the rules read from kube-state-metrics rather than from wschat.
-KUBE_STATE_METRICS = {"kube_pod_status_ready", "kube_pod_container_status_restarts_total",
-                      "kube_pod_owner"}
+KUBE_STATE_METRICS = {"kube_pod_status_ready", "kube_pod_status_phase",
+                      "kube_pod_container_status_restarts_total", "kube_pod_owner"}
 # Labels Prometheus (the ServiceMonitor) adds to every scraped series.
 TARGET_LABELS = {"namespace", "pod", "service", "job", "instance", "container", "endpoint"}
 # What Grafana substitutes for the dashboard's variables, for checking its queries here.
