@@ -548,6 +548,57 @@ def test_chart_refuses_a_budget_that_blocks_every_drain(values: dict[str, Any]) 
         render(fine)
 
 
+# The chart's own Redis: its maxmemory (Redis units: b, k = 1000, kb = 1024, m, mb, g, gb,
+# any case) against its container's memory limit (a Kubernetes quantity: Ki, Mi, Gi, k, M,
+# G, exponents, plain bytes, or a number). At most 75% of the limit: the rest is Redis's own.
+@pytest.mark.parametrize("redis", [
+    {"maxmemory": "384mb"},  # 384mb is the default limit (384Mi) itself
+    {"maxmemory": "1gb"},
+    {"maxmemory": "300MB"},  # 78% of 384Mi
+    {"maxmemory": "0"},  # Redis: no maxmemory at all
+    {"maxmemory": "769mb", "resources": {"limits": {"memory": "1Gi"}}},
+    {"maxmemory": "200mb", "resources": {"limits": {"memory": "256M"}}},  # M: 10^6
+    {"maxmemory": "300001k", "resources": {"limits": {"memory": "4e8"}}},
+    {"maxmemory": "385mb", "resources": {"limits": {"memory": 536870912}}},
+    {"maxmemory": "3000000001", "resources": {"limits": {"memory": "4G"}}},
+    {"extraArgs": ["--maxmemory-policy", "noeviction", "--maxmemory", "1gb"]},
+], ids=["at-the-limit", "above", "just-above-75", "unlimited", "gi", "decimal-m",
+        "exponent", "number", "plain-bytes", "extra-args"])
+def test_chart_refuses_a_redis_maxmemory_its_memory_limit_cannot_hold(
+        redis: dict[str, Any]) -> None:
+    """The chart's Redis runs with --maxmemory redis.maxmemory under the memory limit
+    redis.resources.limits.memory. Redis's own overhead (client output buffers, allocator
+    fragmentation) comes on top of maxmemory: with maxmemory at or near the limit the
+    kernel OOM-kills Redis before it refuses a write, and the chart's Redis, which keeps
+    nothing on disk, comes back empty (rooms, history, sequences: docs/delivery.md). The
+    chart refuses a maxmemory above 75% of the limit (or none: 0), whatever the units."""
+    with pytest.raises(helm_python.HelmRenderError,
+                       match=r"redis\.(maxmemory|extraArgs).*redis\.resources\.limits\.memory"):
+        render({"replicaCount": 2, "redis": redis})
+
+
+def test_chart_accepts_a_redis_maxmemory_with_room_under_its_limit() -> None:
+    """The defaults (256mb under 384Mi: 67%) render, as does exactly 75% in any units; no
+    check without a memory limit, or when the chart runs no Redis of its own."""
+    default = render({"replicaCount": 2})
+    args = default.container("redis")["args"]
+    assert args[args.index("--maxmemory") + 1] == "256mb"
+    assert default.container("redis")["resources"]["limits"]["memory"] == "384Mi"
+    for redis in ({"maxmemory": "768mb", "resources": {"limits": {"memory": "1Gi"}}},
+                  {"maxmemory": "3g", "resources": {"limits": {"memory": "4G"}}},
+                  {"maxmemory": "384MB", "resources": {"limits": {"memory": 536870912}}},
+                  {"maxmemory": "402653184", "resources": {"limits": {"memory": "536870912"}}},
+                  {"maxmemory": "300000k", "resources": {"limits": {"memory": "0.4G"}}},
+                  {"maxmemory": "3000000000b", "resources": {"limits": {"memory": "4e9"}}},
+                  {"maxmemory": "8gb", "resources": {"limits": {"memory": None}}},
+                  {"extraArgs": ["--maxmemory", "128mb"], "maxmemory": "1gb"}):
+        render({"replicaCount": 2, "redis": redis})
+    # One pod without the chart's Redis: redis.* is unused, nothing to refuse.
+    alone = render({"redis": {"maxmemory": "8gb"}})
+    assert not [d for d in alone.all("Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"]
+
+
 def test_without_redis_the_server_gets_one_worker() -> None:
     release = render({"config": {"workers": 4}, "redis": {"enabled": False}})
     assert release.config_env()["WEB_CONCURRENCY"] == "1"

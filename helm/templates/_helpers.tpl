@@ -212,6 +212,81 @@ names the values to change.
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "wschat: autoscaling.maxReplicas must be at least autoscaling.minReplicas." }}
 {{- end }}
+{{- if eq $mode "internal" }}
+{{- /* The chart's Redis: maxmemory must leave a quarter of the container's memory limit
+to Redis itself (client output buffers, pub/sub backlogs, allocator fragmentation, none
+of which maxmemory counts, or counts in full). At or near the limit the kernel OOM-kills
+Redis before maxmemory refuses a write, and it comes back empty. The last --maxmemory of
+redis.extraArgs is the one redis-server keeps. */}}
+{{- $r := .Values.redis }}
+{{- $maxName := "redis.maxmemory" }}
+{{- $max := toString $r.maxmemory }}
+{{- range $i, $arg := $r.extraArgs }}
+{{- if and (eq (toString $arg) "--maxmemory") (lt (add1 $i) (len $r.extraArgs)) }}
+{{- $maxName = "redis.extraArgs --maxmemory" }}
+{{- $max = toString (index $r.extraArgs (add1 $i)) }}
+{{- end }}
+{{- end }}
+{{- $limit := dig "limits" "memory" "" ($r.resources | default dict) }}
+{{- $limitBytes := include "wschat.quantityBytes" $limit }}
+{{- $maxBytes := include "wschat.redisBytes" $max }}
+{{- if and $limit $limitBytes $maxBytes }}
+{{- $allowed := printf "%.0f" (floor (mulf (float64 $limitBytes) 0.75)) }}
+{{- if eq (float64 $maxBytes) 0.0 }}
+{{- fail (printf "wschat: %s is 0, no limit at all: the chart's Redis would grow until the kernel OOM-kills it at redis.resources.limits.memory (%s), and it comes back empty (rooms, history, message sequences; docs/delivery.md). Set %s to at most 75%% of the limit (%s bytes, e.g. %dmb), or raise redis.resources.limits.memory." $maxName (toString $limit) $maxName $allowed (int (div (int64 $allowed) 1048576))) }}
+{{- else if gt (float64 $maxBytes) (float64 $allowed) }}
+{{- fail (printf "wschat: %s (%s, %s bytes) must be at most 75%% of redis.resources.limits.memory (%s, %s bytes), that is %s bytes (e.g. %dmb): Redis needs the rest for itself (client and pub/sub buffers, fragmentation), and nearer the limit the kernel OOM-kills the chart's Redis before maxmemory refuses a write; it comes back empty (rooms, history, message sequences; docs/delivery.md). Lower %s or raise redis.resources.limits.memory." $maxName $max $maxBytes (toString $limit) $limitBytes $allowed (int (div (int64 $allowed) 1048576)) $maxName) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Bytes of a Kubernetes quantity as resources.limits.memory takes it: a number, or a
+string such as 512Mi, 1.5Gi, 400M, 4e8, 402653184 (binary suffixes Ki..Ei, decimal k..E,
+m for thousandths, or a decimal exponent). Printed whole; "" when it is none of those.
+*/}}
+{{- define "wschat.quantityBytes" -}}
+{{- $q := . }}
+{{- if or (kindIs "float64" $q) (kindIs "int64" $q) (kindIs "int" $q) }}
+{{- printf "%.0f" (float64 $q) }}
+{{- else }}
+{{- $s := toString $q | trim }}
+{{- $pattern := "^([0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$" }}
+{{- if regexMatch $pattern $s }}
+{{- $n := float64 (regexReplaceAll $pattern $s "${1}") }}
+{{- $suffix := regexReplaceAll $pattern $s "${2}" }}
+{{- $units := dict "" 1.0 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0
+      "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12
+      "P" 1e15 "E" 1e18 }}
+{{- if eq $suffix "m" }}
+{{- $n = divf $n 1000 }}
+{{- else if hasKey $units $suffix }}
+{{- $n = mulf $n (get $units $suffix) }}
+{{- else }}
+{{- $exp := int (trimPrefix "+" (substr 1 -1 $suffix)) }}
+{{- /* At most 10^±40: a limit beyond that is no limit to check against. */}}
+{{- range until (int (min 40 (max $exp (mul -1 $exp)))) }}
+{{- $n = ternary (mulf $n 10) (divf $n 10) (gt $exp 0) }}
+{{- end }}
+{{- end }}
+{{- printf "%.0f" $n }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Bytes of a Redis memory size as redis-server reads it (maxmemory): digits with no unit
+or b (bytes), k (1000), kb (1024), m, mb, g, gb, in any case. "" when it is not one.
+*/}}
+{{- define "wschat.redisBytes" -}}
+{{- $s := toString . | trim | lower }}
+{{- $pattern := "^([0-9]+)(b|k|kb|m|mb|g|gb)?$" }}
+{{- if regexMatch $pattern $s }}
+{{- $units := dict "" 1.0 "b" 1.0 "k" 1e3 "kb" 1024.0 "m" 1e6 "mb" 1048576.0 "g" 1e9
+      "gb" 1073741824.0 }}
+{{- printf "%.0f" (mulf (float64 (regexReplaceAll $pattern $s "${1}")) (get $units (regexReplaceAll $pattern $s "${2}"))) }}
+{{- end }}
 {{- end }}
 
 {{/*
