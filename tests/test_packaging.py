@@ -599,6 +599,58 @@ def test_chart_accepts_a_redis_maxmemory_with_room_under_its_limit() -> None:
                 if d["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"]
 
 
+READ_TIMEOUT = "nginx.ingress.kubernetes.io/proxy-read-timeout"
+
+
+@pytest.mark.parametrize("values, timeout, heartbeat", [
+    ({"ingress": {"websocketTimeoutSeconds": 20}},
+     "ingress.websocketTimeoutSeconds (20", "config.heartbeatInterval (30"),
+    ({"ingress": {"websocketTimeoutSeconds": 30}},
+     "ingress.websocketTimeoutSeconds (30", "config.heartbeatInterval (30"),
+    ({"ingress": {"websocketTimeoutSeconds": 31}},
+     "ingress.websocketTimeoutSeconds (31", "config.heartbeatInterval (30"),
+    ({"ingress": {"websocketTimeoutSeconds": 60}, "config": {"heartbeatInterval": 120}},
+     "ingress.websocketTimeoutSeconds (60", "config.heartbeatInterval (120"),
+    ({"ingress": {"websocketTimeoutSeconds": 60}, "extraEnv": {"HEARTBEAT_INTERVAL": "90"}},
+     "ingress.websocketTimeoutSeconds (60", "extraEnv.HEARTBEAT_INTERVAL (90"),
+    ({"ingress": {"annotations": {READ_TIMEOUT: "25"}}},
+     f"ingress.annotations.{READ_TIMEOUT} (25", "config.heartbeatInterval (30"),
+], ids=["below", "equal", "ping-late", "long-heartbeat", "extra-env", "annotation"])
+def test_chart_refuses_an_ingress_timeout_within_the_heartbeat(
+        values: dict[str, Any], timeout: str, heartbeat: str) -> None:
+    """ingress-nginx closes a proxied WebSocket that carried nothing for proxy-read-timeout
+    seconds (the one timer it keeps on an idle upgraded connection). An idle client's
+    connection carries only the server's ping (and the client's pong), once every
+    HEARTBEAT_INTERVAL, up to a second late (the heartbeat timer's step): a timeout not
+    above that cuts healthy idle clients off, all of them, every few seconds. The chart
+    refuses it and names the two values in effect (extraEnv overrides config,
+    ingress.annotations override websocketTimeoutSeconds)."""
+    values = copy.deepcopy(values)
+    values["ingress"]["enabled"] = True
+    with pytest.raises(helm_python.HelmRenderError) as refused:
+        render(values)
+    message = str(refused.value)
+    assert timeout in message and heartbeat in message, message
+
+
+def test_chart_accepts_an_ingress_timeout_above_the_heartbeat() -> None:
+    """The defaults (3600 s against 30 s), ingress-nginx's own default of 60 s, the first
+    whole second past interval + 1 s, a short interval, an annotation that overrides a
+    short websocketTimeoutSeconds, and no Ingress at all."""
+    for values in ({},
+                   {"ingress": {"websocketTimeoutSeconds": 60}},
+                   {"ingress": {"websocketTimeoutSeconds": 32}},
+                   {"ingress": {"websocketTimeoutSeconds": 2}, "config": {"heartbeatInterval": 0.5}},
+                   {"ingress": {"websocketTimeoutSeconds": 10,
+                                "annotations": {READ_TIMEOUT: "3600"}}}):
+        values = copy.deepcopy(values)
+        values.setdefault("ingress", {})["enabled"] = True
+        annotations = render(values).get("Ingress")["metadata"]["annotations"]
+        assert int(annotations[READ_TIMEOUT]) > float(
+            values.get("config", {}).get("heartbeatInterval", 30)) + 1
+    assert not render({"ingress": {"websocketTimeoutSeconds": 10}}).all("Ingress")
+
+
 def test_without_redis_the_server_gets_one_worker() -> None:
     release = render({"config": {"workers": 4}, "redis": {"enabled": False}})
     assert release.config_env()["WEB_CONCURRENCY"] == "1"

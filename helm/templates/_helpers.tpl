@@ -212,6 +212,32 @@ names the values to change.
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "wschat: autoscaling.maxReplicas must be at least autoscaling.minReplicas." }}
 {{- end }}
+{{- if .Values.ingress.enabled }}
+{{- /* ingress-nginx closes a proxied WebSocket that carried nothing for proxy-read-timeout
+seconds: on an upgraded connection that is the one timer it keeps, re-armed by traffic either
+way. An idle client's connection carries only the server's ping (and its pong), once every
+HEARTBEAT_INTERVAL and up to 1 s late (the server's heartbeat timer runs at least once a second), so
+the timeout must be more than that, or every idle client is cut off and reconnects. The
+values in effect: extraEnv overrides config (wschat.env), ingress.annotations override
+websocketTimeoutSeconds (ingress.yaml). */}}
+{{- $hbName := "config.heartbeatInterval" }}
+{{- $hb := float64 .Values.config.heartbeatInterval }}
+{{- if hasKey .Values.extraEnv "HEARTBEAT_INTERVAL" }}
+{{- $hbName = "extraEnv.HEARTBEAT_INTERVAL" }}
+{{- $hb = float64 (index .Values.extraEnv "HEARTBEAT_INTERVAL") }}
+{{- end }}
+{{- $readTimeout := "nginx.ingress.kubernetes.io/proxy-read-timeout" }}
+{{- $toName := "ingress.websocketTimeoutSeconds" }}
+{{- $to := float64 .Values.ingress.websocketTimeoutSeconds }}
+{{- $override := toString (index (.Values.ingress.annotations | default dict) $readTimeout | default "") }}
+{{- if regexMatch "^[0-9]+$" $override }}
+{{- $toName = printf "ingress.annotations.%s" $readTimeout }}
+{{- $to = float64 $override }}
+{{- end }}
+{{- if le $to (addf $hb 1) }}
+{{- fail (printf "wschat: %s (%v) must be more than %s (%v) + 1 second: ingress-nginx closes a WebSocket that carried nothing for that many seconds (proxy-read-timeout), and an idle client's connection carries only the server's ping, once every HEARTBEAT_INTERVAL seconds and up to 1 s late, so healthy idle clients would be cut off and reconnect again and again. Raise %s (3600 by default) or lower %s." $toName $to $hbName $hb $toName $hbName) }}
+{{- end }}
+{{- end }}
 {{- if eq $mode "internal" }}
 {{- /* The chart's Redis: maxmemory must leave a quarter of the container's memory limit
 to Redis itself (client output buffers, pub/sub backlogs, allocator fragmentation, none
