@@ -1057,16 +1057,26 @@ class _MovableAddress:
                 return
             self._sockets += [client, server]
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, a is client),
+                                 daemon=True).start()
 
-    @staticmethod
-    def _pump(source: Any, sink: Any) -> None:
+    def hold(self, data: bytes) -> float:
+        """Seconds to hold ``data`` (bytes a client sends) before it goes on."""
+        return 0.0
+
+    def _pump(self, source: Any, sink: Any, from_client: bool) -> None:
+        import socket
+
         try:
             while data := source.recv(65536):
+                if from_client and (seconds := self.hold(data)):
+                    time.sleep(seconds)
                 sink.sendall(data)
         except OSError:
             pass
-        for end in (source, sink):
+        for end in (source, sink):  # shutdown: a close alone would not wake the other pump
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 end.close()
 
@@ -1104,6 +1114,57 @@ def test_a_failover_that_moves_redis_s_address_is_followed() -> None:
                                                "text": "after the failover"})
                 assert echo["id"] == 4
                 assert "redis answered READONLY" in srv.output()
+        finally:
+            address.close()
+
+
+class _SlowResubscription(_MovableAddress):
+    """Holds a worker's SUBSCRIBE of its room channels (the resubscription after its
+    pub/sub connection was lost) for ``seconds``, once armed, and can cut the pub/sub
+    connections it carries."""
+
+    def __init__(self, target: int, seconds: float) -> None:
+        super().__init__(target)
+        self.seconds = seconds
+        self.armed = False
+
+    def hold(self, data: bytes) -> float:
+        return self.seconds if self.armed and b"SUBSCRIBE" in data and b"wschat:room:" in data \
+            else 0.0
+
+
+def test_messages_posted_while_a_worker_resubscribes_reach_its_members() -> None:
+    """Worker A's pub/sub connection is lost; when A connects again, Redis makes its room
+    subscriptions late (here: held for 2 s on their way). A's recovery must not read the
+    room's history before those subscriptions are made: a message posted between that
+    read and the subscription would come neither from the history nor live (before: A
+    read the history at once, and alice never got "during"; the recovery now waits for
+    Redis to answer a PING sent after the SUBSCRIBE)."""
+    import os
+
+    with own_redis() as redis_server:
+        # Under the listener's ANSWER_TIMEOUT (5 s), after which it would connect again.
+        address = _SlowResubscription(redis_server.port, 2.0)
+        env = {**COMMON, "REDIS_URL": redis_server.url}
+        try:
+            with Server({**env, "REDIS_URL": f"redis://127.0.0.1:{address.port}/0"}) as a, \
+                    Server(env) as b, \
+                    Client(a.url, f"token={token('alice')}") as alice, \
+                    Client(b.url, f"token={token('bob')}") as bob:
+                r = room()
+                alice.join(r)
+                bob.join(r)
+                assert bob.say(r, "before")["id"] == 1
+                assert alice.expect("message")["text"] == "before"
+                address.armed = True
+                _kill_pubsub_of(redis_server.url, os.getpid())  # A's, through the forwarder
+                wait_until(lambda: "re-registered" in a.output(), timeout=10 * SCALE,
+                           message="A to connect again and recover")
+                assert bob.say(r, "during")["id"] == 2
+                assert bob.say(r, "after")["id"] == 3
+                got = [alice.expect("message", 4 * TIMEOUT)["text"] for _ in range(2)]
+                assert got == ["during", "after"]
+                alice.assert_silent("message")
         finally:
             address.close()
 

@@ -6,6 +6,7 @@ on a room channel are ``<exclude_user_id>\\n<event JSON>`` (:func:`~.keys.room_p
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,9 @@ ANSWER_TIMEOUT = 5.0
 # Seconds without an answer after which the connection counts as lost and is made
 # again: a half-open connection (the host gone, no reset) would never answer.
 RECONNECT_AFTER = 30.0
+_ROOM_PREFIX = (PREFIX + "room:").encode()
+_USER_PREFIX = (PREFIX + "user:").encode()
+_CONTROL = CONTROL.encode()
 
 
 class RedisBroker(Broker):
@@ -53,6 +57,7 @@ class RedisBroker(Broker):
         # confirmation of the last SUBSCRIBE sent for it.
         self._pending: dict[bytes, list[Any]] = {}
         self._pubsub: Any = None
+        self._early: list[tuple[bytes, bytes]] = []  # (channel, data): see _await_subscriptions
         self._lock = gevent.lock.RLock()
         self._listener: gevent.Greenlet | None = None
         self._healthy = False
@@ -84,15 +89,39 @@ class RedisBroker(Broker):
         if pubsub.get_message(timeout=ANSWER_TIMEOUT) is None:
             pubsub.reset()
             raise redis.TimeoutError("redis did not confirm the subscription")
-        if self._channels:
-            pubsub.subscribe(*self._channels)
         for key, pending in list(self._pending.items()):
             if key in self._channels:
-                pending[1] = 1  # one SUBSCRIBE each, just sent
+                pending[1] = 1  # one SUBSCRIBE each, sent now
             else:  # unsubscribed meanwhile: nobody waits for it any more
                 del self._pending[key]
                 pending[0].set()
+        if self._channels:
+            pubsub.subscribe(*self._channels)
+            self._early = self._await_subscriptions(pubsub)
         self._pubsub = pubsub
+
+    def _await_subscriptions(self, pubsub: Any) -> list[tuple[bytes, bytes]]:
+        """Wait until Redis has made every subscription just sent (the PONG to a PING
+        sent after them): only then may the recovery read what was published meanwhile
+        from the history; a message published after that read reaches this worker
+        live. Returns the messages that came before the PONG (the listener delivers
+        them first)."""
+        pubsub.ping()
+        early: list[tuple[bytes, bytes]] = []
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "pong":
+                return early
+            if kind == "message":
+                early.append((message["channel"], message["data"]))
+            elif kind == "subscribe":
+                self._confirmed(message["channel"])
+        pubsub.reset()
+        raise redis.TimeoutError("redis did not confirm the subscriptions")
 
     def healthy(self) -> bool:
         return self._healthy
@@ -173,10 +202,9 @@ class RedisBroker(Broker):
             replies.close()
 
     def _read(self, pubsub: Any, replies: ReplyReader) -> None:
-        on_room, on_user = self._on_room, self._on_user
-        room_prefix = (PREFIX + "room:").encode()
-        user_prefix = (PREFIX + "user:").encode()
-        control = CONTROL.encode()
+        early, self._early = self._early, []
+        for channel, data in early:  # what came while the subscriptions were confirmed
+            self._deliver(channel, data)
         idle = 0.0
         pinged = False
         while not self._stopping and pubsub is self._pubsub:
@@ -210,25 +238,31 @@ class RedisBroker(Broker):
                 continue  # a PING's reply
             kind, channel = response[0], response[1]
             if kind == b"message":
-                data = response[2]
-                if channel.startswith(room_prefix):
-                    room = channel[len(room_prefix):].decode()
-                    exclude, event = split_room_payload(data)
-                    if on_room is not None:
-                        on_room(room, event, exclude)
-                elif channel.startswith(user_prefix) and on_user is not None:
-                    on_user(channel[len(user_prefix):].decode(), data)
-                elif channel == control and self.on_control is not None:
-                    self.on_control(data)
+                self._deliver(channel, response[2])
                 continue
             pubsub.handle_message(response)
             if kind == b"subscribe":
-                pending = self._pending.get(channel)
-                if pending is not None:
-                    pending[1] -= 1
-                    if pending[1] <= 0:
-                        del self._pending[channel]
-                        pending[0].set()
+                self._confirmed(channel)
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        if channel.startswith(_ROOM_PREFIX):
+            if self._on_room is not None:
+                exclude, event = split_room_payload(data)
+                self._on_room(channel[len(_ROOM_PREFIX):].decode(), event, exclude)
+        elif channel.startswith(_USER_PREFIX):
+            if self._on_user is not None:
+                self._on_user(channel[len(_USER_PREFIX):].decode(), data)
+        elif channel == _CONTROL and self.on_control is not None:
+            self.on_control(data)
+
+    def _confirmed(self, channel: bytes) -> None:
+        """Redis confirmed a SUBSCRIBE: release the joiners waiting for the last one."""
+        pending = self._pending.get(channel)
+        if pending is not None:
+            pending[1] -= 1
+            if pending[1] <= 0:
+                del self._pending[channel]
+                pending[0].set()
 
     def _not_answering(self, why: str) -> None:
         """Not ready (posts refused, /ready 503) until Redis answers on this connection."""
