@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 import uuid
@@ -11,6 +13,7 @@ import jwt
 import pytest
 
 from conftest import TIMEOUT, Client, Server, wait_until
+from rawws import RawClient
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 
@@ -425,6 +428,37 @@ def test_sigterm_closes_clients_with_1001() -> None:
             assert c.close_code_when_closed() == 1001
     finally:
         srv.kill()
+
+
+def test_stopping_worker_keeps_its_heartbeat() -> None:
+    """A worker told to stop while the master runs on (SIGTTOU, a worker signalled
+    itself, the old workers of a SIGHUP once gunicorn stops waiting for them) keeps its
+    heartbeat while it closes its connections: gunicorn aborts a worker silent for
+    `timeout` (WORKER TIMEOUT, exit 1), which would cut the closes and the stores'
+    flush short. Scaled down: gunicorn's --timeout 2 against a client that never
+    answers its close frame (3 s); in production 30 s against a store that hangs."""
+    with Server({"GUNICORN_CMD_ARGS": "--timeout 2"}) as srv:
+        [worker] = srv.worker_pids()
+        raw = RawClient(srv.port)
+        os.kill(worker, signal.SIGTERM)
+        raw.drain_to_close()
+        assert raw.close_code == 1001
+
+        def exited() -> bool:
+            try:
+                os.kill(worker, 0)  # until the master has reaped it
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(exited, 4 * TIMEOUT, message=f"worker {worker} to exit")
+        output = srv.output()
+        assert "WORKER TIMEOUT" not in output, output
+        assert f"user={raw.user_id} code=1001 reason=server shutting down" in output, output
+        assert "exited with code" not in output, output
+        raw.close()
+        # Its replacement serves (and, booted, will heed the SIGTERM that ends the test).
+        wait_until(lambda: srv.http("/ready")[0] == 200, message="the replacement worker")
 
 
 def test_many_workers_without_redis_refused() -> None:

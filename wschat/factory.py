@@ -151,6 +151,7 @@ def attach_worker(app: Flask, worker: Any, slots: Any, slot: int,
     (an SQLite file that cannot be opened) stops the server with one line."""
     runtime = of(app)
     runtime.transport.budget.attach(slots, slot)
+    worker.tmp = _HeartbeatKeptOpen(worker.tmp)
     if replacement:
         worker_restarted()
     with exit_on_config_error():
@@ -169,9 +170,46 @@ def attach_worker(app: Flask, worker: Any, slots: Any, slot: int,
 def finish_worker(app: Any, worker: Any) -> None:
     """Called by gunicorn's ``worker_exit`` with the app it loaded (if it got that far):
     WebSockets run outside gunicorn's request pool, so the worker must not exit
-    before their close handshakes are done."""
+    before their close handshakes are done. It beats gunicorn's heartbeat meanwhile
+    (:class:`_HeartbeatKeptOpen`)."""
     runtime = getattr(app, "extensions", {}).get("wschat")
     if runtime is None or runtime.shutdown is None:
         return
     worker.alive = False
-    runtime.shutdown.join(timeout=runtime.settings.graceful_timeout)
+    heartbeat = gevent.spawn(_beat, worker.tmp)
+    try:
+        runtime.shutdown.join(timeout=runtime.settings.graceful_timeout)
+    finally:
+        heartbeat.kill(block=False)
+
+
+HEARTBEAT_SECONDS = 1.0  # as often as gunicorn's gevent worker beats in its own loop
+
+
+class _HeartbeatKeptOpen:
+    """gunicorn's heartbeat file (``worker.tmp``), left open when gunicorn closes it.
+
+    The master aborts a worker whose heartbeat is older than gunicorn's ``timeout``
+    (SIGABRT, "WORKER TIMEOUT"). gunicorn's worker beats only in its own loop, and
+    closes the file before ``worker_exit``, where this worker still closes its
+    WebSockets and stores: a drain longer than ``timeout`` (a hung store) would be
+    aborted whenever the master's loop runs meanwhile (SIGTTOU, a reload's old workers
+    once it stops waiting for them). :func:`finish_worker` beats on until the drain is
+    done; a hub blocked for ``timeout`` still misses its beats. The file closes when
+    the process exits.
+    """
+
+    def __init__(self, tmp: Any) -> None:
+        self._tmp = tmp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tmp, name)
+
+    def close(self) -> None:
+        pass
+
+
+def _beat(tmp: Any) -> None:
+    while True:
+        tmp.notify()
+        gevent.sleep(HEARTBEAT_SECONDS)
