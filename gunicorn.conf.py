@@ -8,6 +8,7 @@ the same :class:`~wschat.config.Settings` the app reads, validated once here.
 
 import contextlib
 import glob
+import math
 import os
 import shutil
 import sys
@@ -37,7 +38,9 @@ workers = _settings.web_concurrency
 # established WebSocket leaves it (wschat serves it in its own greenlet), but a
 # reconnect storm of MAX_CONNECTIONS handshakes must not queue behind the default.
 worker_connections = _settings.max_connections + 100
-graceful_timeout = int(_settings.graceful_timeout)
+# gunicorn counts whole seconds (its validator refuses a float): rounded up, so the
+# master never SIGKILLs a worker before the GRACEFUL_TIMEOUT the worker budgets with.
+graceful_timeout = math.ceil(_settings.graceful_timeout)
 timeout = 30
 # Also the handshake deadline: the gevent worker reads every HTTP request, the
 # first included, under a gevent.Timeout of `keepalive` seconds, so a socket

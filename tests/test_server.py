@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
 import jwt
 import pytest
 
-from conftest import TIMEOUT, Client, Server, wait_until
+from conftest import ROOT, TIMEOUT, Client, Server, wait_until
 from rawws import RawClient
 
 SECRET = "test-secret-0123456789abcdef0123456789"
@@ -459,6 +462,22 @@ def test_stopping_worker_keeps_its_heartbeat() -> None:
         raw.close()
         # Its replacement serves (and, booted, will heed the SIGTERM that ends the test).
         wait_until(lambda: srv.http("/ready")[0] == 200, message="the replacement worker")
+
+
+@pytest.mark.parametrize("value, seconds", [("2.9", 3), ("1.5", 2), ("25", 25)])
+def test_fractional_graceful_timeout_rounded_up(value: str, seconds: int) -> None:
+    """gunicorn counts GRACEFUL_TIMEOUT in whole seconds (the master SIGKILLs the workers
+    that long after SIGTERM): a fraction is rounded up, never down below the time the
+    worker budgets its drain with."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+         "--print-config", "wschat:app"],
+        env={**os.environ, "GRACEFUL_TIMEOUT": value}, cwd=ROOT, capture_output=True,
+        text=True, timeout=6 * TIMEOUT, check=False)
+    assert done.returncode == 0, done.stderr
+    printed = re.search(r"^graceful_timeout\s*=\s*(\S+)$", done.stdout, re.MULTILINE)
+    assert printed is not None, done.stdout
+    assert printed.group(1) == str(seconds), f"GRACEFUL_TIMEOUT={value}: {printed.group(0)}"
 
 
 def test_many_workers_without_redis_refused() -> None:
