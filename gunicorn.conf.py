@@ -18,14 +18,15 @@ from multiprocessing.sharedctypes import RawArray
 
 
 try:
-    from wschat.config import ConfigError, Settings
+    from wschat.config import ConfigError, Settings, report_config_error
 except ImportError as exc:
     sys.exit(f"wschat: cannot import the package ({exc}); is it installed?")
 try:
     # Every variable validated once, in the master, before any worker forks.
     _settings = Settings.from_env()
 except ConfigError as exc:
-    sys.exit(f"wschat: configuration error: {exc}")
+    report_config_error(str(exc))
+    sys.exit(1)
 
 # An IPv6 address (HOST=::) is bracketed: gunicorn reads the text after the last colon as
 # the port, and refused ":::8080" with "'' is not a valid port number".
@@ -99,7 +100,8 @@ def nworkers_changed(server, new_value, old_value):
     if problem is None:
         return
     if old_value is None:  # at start (the arbiter's setup): refuse to run at all
-        sys.exit(f"wschat: configuration error: {problem}")
+        report_config_error(problem)
+        sys.exit(1)
     server.log.error("wschat: refusing SIGTTIN: %s", problem)
     server.num_workers = old_value  # before gunicorn spawns anyone
 

@@ -117,6 +117,38 @@ def test_tokens_and_message_text_never_logged(json_server: Server) -> None:
         assert secret not in output, f"{secret[:20]}... was logged"
 
 
+@pytest.mark.parametrize("env, says, status", [
+    ({"PORT": "abc"}, "PORT: expected a number", 1),  # read by the master
+    ({"JWT_PUBLIC_KEY": "/nonexistent.pem"}, "JWT_PUBLIC_KEY: neither a PEM value", 3),  # worker
+    ({"REDIS_URL": "", "GUNICORN_CMD_ARGS": "--workers 2"}, "2 workers need REDIS_URL", 1),
+], ids=["master", "worker", "workers"])
+def test_configuration_error_is_a_json_line(env: dict[str, str], says: str, status: int
+                                            ) -> None:
+    """With LOG_FORMAT=json, the line saying why the server refused to start is a JSON
+    log line like every other (level error), and the exit status is kept."""
+    srv = Server({"LOG_FORMAT": "json", **env}).start(wait=False)
+    try:
+        assert srv.proc is not None
+        assert srv.proc.wait(6 * TIMEOUT) == status, srv.output()
+    finally:
+        srv.kill()
+    [error] = [e for e in json_lines(srv) if "configuration error" in e["msg"]]
+    assert says in error["msg"] and error["level"] == "error", error
+    assert error["logger"] == "wschat.config" and {"ts", "pid"} <= error.keys(), error
+
+
+def test_configuration_error_is_plain_when_log_format_is_not_json() -> None:
+    """A bad LOG_FORMAT cannot choose the error's format: the line stays plain text."""
+    srv = Server({"LOG_FORMAT": "xml"}).start(wait=False)
+    try:
+        assert srv.proc is not None
+        assert srv.proc.wait(6 * TIMEOUT) == 1, srv.output()
+    finally:
+        srv.kill()
+    assert srv.output().splitlines() == [
+        "wschat: configuration error: LOG_FORMAT: expected one of text, json, got 'xml'"]
+
+
 def test_redact_blanks_credentials_in_any_line() -> None:
     """Query-string tokens and Bearer credentials are blanked, other text kept."""
     line = 'GET /ws?username=bo&token=abc.def-ghi&x=1 "Authorization: Bearer eyJ0.eyJ1.sig"'

@@ -6,6 +6,7 @@ Every variable is parsed and validated here, once; a bad value raises
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import WschatError
+from .logs import JsonFormatter
 from .protocol import room_patterns  # the one place room-name patterns are validated
 
 
@@ -30,8 +32,27 @@ def exit_on_config_error() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        print(f"wschat: configuration error: {exc}", file=sys.stderr, flush=True)
+        report_config_error(str(exc))
         raise SystemExit(3) from None
+
+
+def report_config_error(message: str, environ: Mapping[str, str] | None = None) -> None:
+    """Print why the server cannot start, one line on stderr: with ``LOG_FORMAT=json``
+    a JSON log line (:class:`wschat.logs.JsonFormatter`'s shape, logger
+    ``wschat.config``), as a log pipeline reading JSON lines expects; otherwise, and when
+    ``LOG_FORMAT`` itself is unusable, ``wschat: configuration error: <message>``."""
+    environ = os.environ if environ is None else environ
+    try:
+        json_format = _log_format(environ.get("LOG_FORMAT", "text")) == "json"
+    except ValueError:
+        json_format = False
+    if json_format:
+        record = logging.LogRecord("wschat.config", logging.ERROR, __file__, 0,
+                                   f"configuration error: {message}", None, None)
+        line = JsonFormatter().format(record)
+    else:
+        line = f"wschat: configuration error: {message}"
+    print(line, file=sys.stderr, flush=True)
 
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
@@ -97,6 +118,9 @@ def _choice(*options: str) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+_log_format = _choice("text", "json")
 
 
 def _csv(raw: str) -> tuple[str, ...]:
@@ -236,7 +260,7 @@ class Settings:
     typing_timeout: float = _var("TYPING_TIMEOUT", _float(0.05), 5.0)
     allowed_origins: tuple[str, ...] = _var("ALLOWED_ORIGINS", _origins, ())
     trusted_proxies: int = _var("TRUSTED_PROXIES", _int(0, 10), 0)
-    log_format: str = _var("LOG_FORMAT", _choice("text", "json"), "text")
+    log_format: str = _var("LOG_FORMAT", _log_format, "text")
     log_level: str = _var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
     graceful_timeout: float = _var("GRACEFUL_TIMEOUT", _float(1.0), 25.0)
     auth_required: bool = _var("AUTH_REQUIRED", _bool, False)
