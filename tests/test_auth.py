@@ -369,6 +369,30 @@ def test_jwks_outage_keeps_known_keys(jwks_server: JwksServer, rsa) -> None:
     assert jwks_server.hits["/jwks"] == 2  # the initial fetch and one failed refresh
 
 
+def test_jwks_loaded_at_start_and_kept_through_a_failed_refresh(jwks_server: JwksServer,
+                                                                rsa) -> None:
+    """load() fetches until a key set is loaded (the worker is not ready before); once one
+    is, a refresh that fails keeps it in use and loaded (an outage of the identity
+    provider does not take every ready worker out), and load() fetches no more."""
+    jwks_server.documents["/jwks"] = 503
+    url = jwks_server.url("/jwks")
+    clock = FakeClock()
+    keys = JwksKeys(url, min_interval=30, max_age=60, clock=clock)
+    assert (keys.load(), keys.loaded) == (False, False)
+    assert keys.load() is False  # a retry: the worker paces them, not min_interval
+    assert jwks_server.hits["/jwks"] == 2
+    jwks_server.serve_keys("/jwks", jwk(rsa, "k"))
+    assert (keys.load(), keys.loaded) == (True, True)
+    jwks_server.documents["/jwks"] = 503
+    clock.now += 61
+    auth = authenticator(JWT_JWKS_URL=url)
+    auth.jwks = keys
+    assert auth.verify(sign(claims(), rsa, "RS256", kid="k")).user_id == "alice"
+    assert jwks_server.hits["/jwks"] == 4  # the refresh was tried, and failed
+    assert (keys.load(), keys.loaded) == (True, True)
+    assert jwks_server.hits["/jwks"] == 4
+
+
 @pytest.mark.parametrize("header", ["jku", "x5u"])
 def test_key_urls_in_token_headers_are_never_fetched(jwks_server: JwksServer, rsa,
                                                      header: str) -> None:

@@ -9,6 +9,7 @@ UTF-8, nothing at all).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import struct
@@ -394,6 +395,27 @@ def test_jku_header_never_followed(jwks_server: Server, jwks: JwksServer) -> Non
             Client(jwks_server.url, f"token={token}")
         assert info.value.response.status_code == 401
     assert jwks.hits["/evil"] == 0
+
+
+def test_not_ready_until_a_jwks_key_set_is_loaded(jwks: JwksServer) -> None:
+    """A worker whose JWKS cannot be fetched refuses every token: /ready says so (503,
+    "jwks unreachable") until a key set is loaded, then turns 200 and tokens work."""
+    jwks.documents["/later"] = 503
+    token = sign(good_claims("hana"), KEY, "RS256", kid="key-1")
+    with Server({"JWT_JWKS_URL": jwks.url("/later"), "JWT_AUDIENCE": AUDIENCE,
+                 "JWT_ISSUER": ISSUER}) as srv:
+        with pytest.raises(InvalidStatus) as info:
+            Client(srv.url, f"token={token}")
+        assert info.value.response.status_code == 401  # the worker authenticates nobody
+        for metrics in (False, True):
+            status, body = srv.http("/ready", metrics=metrics)
+            assert status == 503, body
+            assert json.loads(body)["problems"] == ["jwks unreachable"]
+        jwks.serve_keys("/later", jwk(KEY, "key-1"))
+        wait_until(lambda: srv.http("/ready")[0] == 200, 4 * TIMEOUT,
+                   message="/ready once the JWKS answers")
+        with Client(srv.url, f"token={token}") as c:
+            assert c.welcome["user_id"] == "hana"
 
 
 # -- Origin allow-list -----------------------------------------------------------------

@@ -101,6 +101,9 @@ class JwksKeys:
     is at least ``min_interval`` old, so a stream of forged ``kid``s costs the
     identity provider nothing. When a fetch fails the keys already known stay
     in use. The URL is only ever the configured one.
+
+    Until a first set is loaded (:meth:`load`, from the worker's start on) no
+    token can be verified, and the worker is not ready (:attr:`loaded`).
     """
 
     def __init__(self, url: str, min_interval: float = JWKS_MIN_INTERVAL,
@@ -121,6 +124,23 @@ class JwksKeys:
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last fetch, successful or not
         self._lock = threading.Lock()  # gevent-patched in workers: one fetch at a time
+
+    @property
+    def loaded(self) -> bool:
+        """A key set has been fetched; a later failed refresh keeps it (and this) as it is."""
+        return self._fetched_at is not None
+
+    def load(self) -> bool:
+        """Fetch the key set now unless one is loaded or a fetch is under way; whether one
+        is loaded. For the worker's start and its retries, not for tokens: it does not
+        wait for ``min_interval``."""
+        if not self.loaded and self._lock.acquire(blocking=False):
+            try:
+                if not self.loaded:
+                    self._fetch(self._clock())
+            finally:
+                self._lock.release()
+        return self.loaded
 
     def get(self, kid: Any) -> jwt.PyJWK:
         """The key named ``kid``.

@@ -29,6 +29,7 @@ from .version import __version__
 log = logging.getLogger("wschat.app")
 
 GAUGE_SAMPLE_SECONDS = 1.0
+JWKS_RETRY_SECONDS = 5.0  # while no JWKS key set is loaded (and the worker is not ready)
 
 
 @dataclass(eq=False)
@@ -46,10 +47,12 @@ class Runtime:
     started: bool = False
     shutdown: gevent.Greenlet | None = None  # closes every connection when the worker stops
     _sampler: gevent.Greenlet | None = field(default=None, repr=False)
+    _jwks_loader: gevent.Greenlet | None = field(default=None, repr=False)
 
     def start(self) -> None:
         """Connect the stores (persistence: connect and migrate; Redis: subscribe) and start
-        the timer and the gauge sampler. Once; a later call does nothing.
+        the timer, the gauge sampler and, with ``JWT_JWKS_URL``, the key set's loader. Once;
+        a later call does nothing.
 
         Raises:
             ConfigError: the database named by ``DATABASE_URL`` cannot be used.
@@ -61,6 +64,8 @@ class Runtime:
         self.transport.start()
         self.metrics.started(self.stores.name, persistence=self.settings.enable_persistence)
         self._sampler = gevent.spawn(self._sample_gauges_forever)
+        if self.admission.authenticator.jwks is not None:
+            self._jwks_loader = gevent.spawn(self._load_jwks)
         self.started = True
         log.info("wschat %s ready: backend=%s persistence=%s", __version__, self.stores.name,
                  self.stores.persistence)
@@ -71,6 +76,8 @@ class Runtime:
         self.transport.shutdown(timeout=timeout)
         self.stores.close()
         self.transport.stop()
+        if self._jwks_loader is not None:
+            self._jwks_loader.kill(block=False)
         if self._sampler is not None:
             self._sampler.kill(block=False)
             sample_worker_gauges(self._outbound_bytes())  # its last word: the queues are gone
@@ -83,6 +90,11 @@ class Runtime:
         if self.transport.shutting_down:
             problems.append("shutting down")
         problems.extend(self.stores.problems())
+        jwks = self.admission.authenticator.jwks
+        if jwks is not None and not jwks.loaded:
+            # Every token would be refused. Once a set is loaded, a failed refresh keeps
+            # it in use: an identity provider's blip does not take every pod out at once.
+            problems.append("jwks unreachable")
         return problems
 
     # -- gauges ------------------------------------------------------------------------
@@ -114,6 +126,17 @@ class Runtime:
 
     def _outbound_bytes(self) -> int:
         return sum(c.outbound_bytes for c in list(self.transport.connections))
+
+    def _load_jwks(self) -> None:
+        """Fetch the JWKS key set at start, and again every few seconds until one is loaded."""
+        jwks = self.admission.authenticator.jwks
+        assert jwks is not None
+        failed = False
+        while not jwks.load():
+            failed = True
+            gevent.sleep(JWKS_RETRY_SECONDS)
+        if failed:
+            log.info("JWKS key set loaded from %s; ready", jwks.url)
 
     def _sample_gauges_forever(self) -> None:
         """Every worker refreshes its own share of the sampled gauges, scraped or not
