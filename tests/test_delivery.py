@@ -1440,6 +1440,55 @@ def test_members_a_pubsub_outage_left_behind_the_history_are_told() -> None:
             assert joined["recovered"] is False and joined["last_id"] == 8
 
 
+@pytest.mark.parametrize("case", ["newcomer", "member-rejoining", "given-them-all"])
+def test_a_session_joining_while_the_stream_lost_more_than_the_history_holds_is_told(
+        clock: Clock, case: str) -> None:
+    """A session is joining a room (given ids up to 1) when this worker finds that its
+    pub/sub stream lost messages the room's history no longer holds (2 of 2..6, with
+    HISTORY_SIZE 4). The recovery closes the live members it cannot bring them to
+    (1013); the joining one is checked when its join is done and closed the same way,
+    so that it joins again with ``since`` and hears ``recovered: false`` (before: it was
+    not a live member when the recovery looked, and went on past id 2). A member whose
+    re-join fails meanwhile is closed too: what it has is not known. One whose join
+    read the room's last id after the loss (``given-them-all``) goes on."""
+    chat = make_chat(clock, HISTORY_SIZE="4")
+    chat.start()
+    joiner = FakeSession("j", "Jo", True)
+    chat.open(joiner)
+    stores = chat.stores
+    post = lambda text: stores.messages.post_room(  # noqa: E731
+        "r", "w", draft_message("r", "w", "w", text, 0, None), ())
+    if case == "member-rejoining":
+        chat.receive(joiner, json.dumps({"type": "join", "room": "r"}))
+    post("one")  # delivered (live, or held for the joiner) before the stream is lost
+    read_last_id = stores.messages.last_id
+
+    def outage() -> None:
+        on_room, stores.broker._on_room = stores.broker._on_room, None  # the stream lost
+        for text in ("two", "three", "four", "five", "six"):
+            post(text)
+        stores.broker._on_room = on_room
+        chat.resync()  # the worker's recovery, while the join waits on the store
+
+    def last_id_and_an_outage(room: str) -> int:
+        if case == "given-them-all":
+            outage()
+            return read_last_id(room)
+        given = read_last_id(room)
+        outage()
+        if case == "member-rejoining":
+            raise Unavailable("redis: the re-join's reply timed out")
+        return given
+
+    stores.messages.last_id = last_id_and_an_outage  # type: ignore[method-assign]
+    chat.receive(joiner, json.dumps({"type": "join", "room": "r"}))
+    if case == "given-them-all":
+        assert joiner.closed_with is None
+        assert joiner.events("joined")[-1]["last_id"] == 6
+    else:
+        assert joiner.closed_with == (1013, "missed messages; join again")
+
+
 def _redis_stores_of_a_worker(url: str) -> Any:
     """A worker's Redis stores as the factory builds them (nothing started)."""
     from wschat.config import Settings

@@ -426,10 +426,16 @@ class Chat:
                  ) or self.stores.messages.last_id(room) + 1
         for session in list(self.hub.rooms.get(room, ())):
             if (self.hub.delivered_to(room, session) or 0) < first - 1:
-                log.warning("closing %s: messages of %s it missed are no longer held",
-                            session.conn_id, room)
-                self.metrics.disconnected("missed_messages")
-                session.close(CloseCode.TRY_AGAIN_LATER, "missed messages; join again")
+                self._close_missed(session, room)
+        # Sessions joining meanwhile are told when their join is done (_join): only
+        # then is it known what they were given.
+        self.hub.mark_joiners_behind(room, first)
+
+    def _close_missed(self, session: Session, room: str) -> None:
+        log.warning("closing %s: messages of %s it missed are no longer held",
+                    session.conn_id, room)
+        self.metrics.disconnected("missed_messages")
+        session.close(CloseCode.TRY_AGAIN_LATER, "missed messages; join again")
 
     def _moderated_meanwhile(self, session: Session) -> bool:
         """After a pub/sub outage: what the moderation events this worker missed would
@@ -783,13 +789,18 @@ class Chat:
             # store, even if its join seemed to fail: a join whose reply timed out may
             # have run there (leaving is a no-op where it did not).
             if member:
-                self.hub.abort_recovery(room, session)
+                if not self.hub.abort_recovery(room, session):
+                    self._close_missed(session, room)
             else:
                 self._leave_room(session, room)
             session.access.joining.pop(room, None)
             raise
-        self.hub.finish_recovery(room, session, up_to, {m.user_id for m in members}, base)
+        caught_up = self.hub.finish_recovery(room, session, up_to,
+                                             {m.user_id for m in members}, base)
         session.access.joining.pop(room, None)
+        if not caught_up:  # a pub/sub outage meanwhile lost what it was not given
+            self._close_missed(session, room)
+            return
         self._carry_out_held_kicks(session, room)
 
     def _join_and_replay(self, session: Session, cmd: Join, member: bool

@@ -21,12 +21,15 @@ if TYPE_CHECKING:
 
 
 class _Recovery:
-    """A session catching up on a room: live events wait here until the replay is sent."""
+    """A session catching up on a room: live events wait here until the replay is sent.
+    ``behind``: the first id this worker could still bring it after its stream was lost
+    (:meth:`LocalHub.mark_joiners_behind`; 0: none lost)."""
 
-    __slots__ = ("pending",)
+    __slots__ = ("behind", "pending")
 
     def __init__(self) -> None:
         self.pending: list[bytes] = []
+        self.behind = 0
 
 
 class LocalHub:
@@ -75,9 +78,18 @@ class LocalHub:
             if not members:
                 del self.rooms[room]
 
+    def mark_joiners_behind(self, room: str, first: int) -> None:
+        """This worker's stream of ``room`` lost messages the history no longer holds:
+        it can bring the sessions joining it every message from ``first`` on only.
+        :meth:`finish_recovery` tells whether one was given less than that at its join."""
+        for recovery in self._recovering.get(room, {}).values():
+            recovery.behind = max(recovery.behind, first)
+
     def finish_recovery(self, room: str, session: Session, replayed_up_to: int,
-                        present: set[str], base: int | None = None) -> None:
-        """Send what arrived while the session joined, then go live.
+                        present: set[str], base: int | None = None) -> bool:
+        """Send what arrived while the session joined, then go live. False when it
+        missed messages nobody can bring it any more (:meth:`mark_joiners_behind`:
+        it was given ids up to ``replayed_up_to`` only, and the stream lost the next).
 
         Held events may predate the state the session was just given (a publish
         reaches this worker through the broker after the store changed), so
@@ -89,7 +101,7 @@ class LocalHub:
         if waiting is not None and not waiting:
             del self._recovering[room]
         if recovery is None:
-            return
+            return True
         present = set(present)
         for event in recovery.pending:
             msg_id = message_id_of(event)
@@ -109,6 +121,7 @@ class LocalHub:
         if replayed_up_to > self.max_seen.get(room, 0):
             self._floors.setdefault(room, {})[session] = replayed_up_to
         self.rooms.setdefault(room, {})[session] = base
+        return replayed_up_to >= recovery.behind - 1
 
     def resume_points(self) -> dict[str, tuple[int, int]]:
         """For every room with local members, live or joining: ``(after, known)``.
@@ -149,8 +162,10 @@ class LocalHub:
         base = self.rooms[room][session]
         return base is not None and msg_id > base
 
-    def abort_recovery(self, room: str, session: Session) -> None:
-        """A member's re-join failed: it goes on live, with every event held meanwhile."""
+    def abort_recovery(self, room: str, session: Session) -> bool:
+        """A member's re-join failed: it goes on live, with every event held meanwhile.
+        False when the stream lost messages meanwhile that the history no longer holds
+        (:meth:`mark_joiners_behind`): what the member has is then not known."""
         waiting = self._recovering.get(room)
         recovery = waiting.pop(session, None) if waiting else None
         if waiting is not None and not waiting:
@@ -158,6 +173,7 @@ class LocalHub:
         for event in recovery.pending if recovery is not None else ():
             session.send_frame(text_frame(event))
         self.rooms.setdefault(room, {})[session] = None
+        return recovery is None or not recovery.behind
 
     def _drop_floor(self, room: str, session: Session) -> None:
         floors = self._floors.get(room)
