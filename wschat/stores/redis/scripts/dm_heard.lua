@@ -11,18 +11,22 @@
 -- keys before these three.
 local NODES, R_NODES, S_NODES = KEYS[NK - 2], KEYS[NK - 1], KEYS[NK]
 NK = NK - 3
-local function subscribed(channel, user_nodes, at_least, since_ms)
+local function subscribed(channel, user_nodes, at_least, fresh_ms)
+  local hearing = redis.call('PUBSUB', 'NUMSUB', channel)[2]
+  if hearing >= math.max(redis.call('HLEN', user_nodes), at_least) then
+    return true  -- every worker it is connected at (the usual case: no beat read)
+  end
+  local t = redis.call('TIME')
+  local since_ms = t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(fresh_ms)
   local live = 0
   for _, id in ipairs(redis.call('HKEYS', user_nodes)) do
     local beat = redis.call('ZSCORE', NODES, id)
     if beat and tonumber(beat) >= since_ms then live = live + 1 end
   end
-  return redis.call('PUBSUB', 'NUMSUB', channel)[2] >= math.max(live, at_least)
+  return hearing >= math.max(live, at_least)
 end
 local function HEARD(recipient_channel, sender_channel, fresh_ms)
-  local t = redis.call('TIME')
-  local since_ms = t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(fresh_ms)
-  return subscribed(recipient_channel, R_NODES, 1, since_ms)
+  return subscribed(recipient_channel, R_NODES, 1, fresh_ms)
     and (sender_channel == recipient_channel
-         or subscribed(sender_channel, S_NODES, 0, since_ms))
+         or subscribed(sender_channel, S_NODES, 0, fresh_ms))
 end
