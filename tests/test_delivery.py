@@ -1338,6 +1338,28 @@ def test_a_loss_told_on_the_control_channel_during_a_recovery_is_looked_at_after
 
 
 # -- 10. a DM is not acknowledged while its recipient's worker cannot receive it ----------
+def _refused_until_a_resubscribes(redis_url: str, a: Server, sender: Client,
+                                  dm: dict[str, Any]) -> dict[str, Any]:
+    """Server A's worker loses its pub/sub connection (stopped, so that it cannot make it
+    again at once): ``dm`` from ``sender`` gets ``unavailable``; once A is back, its
+    retry is taken. Returns the retry's echo."""
+    import os
+    import signal
+
+    worker = a.worker_pids()[0]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        _kill_pubsub_of(redis_url, worker)
+        sender.send(dm)
+        refused = sender.expect("error", id=dm["id"])
+        assert refused["code"] == "unavailable", refused
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    wait_until(lambda: "re-registered" in a.output(),
+               timeout=10 * SCALE, message="A to resubscribe and resync")
+    return sender.request(dm, "dm")
+
+
 @pytest.mark.parametrize("persistence", [False, True], ids=["redis", "redis-and-database"])
 def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered(
         persistence: bool, tmp_path: Any) -> None:
@@ -1349,25 +1371,11 @@ def test_a_dm_to_a_user_whose_worker_is_not_subscribed_is_refused_then_delivered
     published, so it is stored, but bob still gets ``unavailable`` ("stored, but not
     delivered"; before: his echo, the DM stored as delivered, and alice never got it, in
     this connection or the next)."""
-    import os
-    import signal
-
     env = ({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/dm.db"}
            if persistence else {})
     with _alice_on_a_bob_on_b(**env) as (redis_server, a, _, alice, bob):
-        worker = a.worker_pids()[0]
         dm = {"type": "dm", "to": "alice", "text": "hello", "client_msg_id": "d1", "id": "d"}
-        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
-        try:
-            _kill_pubsub_of(redis_server.url, worker)
-            bob.send(dm)
-            refused = bob.expect("error", id="d")
-            assert refused["code"] == "unavailable", refused
-        finally:
-            os.kill(worker, signal.SIGCONT)
-        wait_until(lambda: "re-registered" in a.output(),
-                   timeout=10 * SCALE, message="A to resubscribe and resync")
-        echo = bob.request(dm, "dm")
+        echo = _refused_until_a_resubscribes(redis_server.url, a, bob, dm)
         got = alice.expect("dm", 2 * TIMEOUT)
         assert (got["id"], got["text"], got["client_msg_id"]) == (echo["id"], "hello", "d1")
         alice.assert_silent("dm")
@@ -1385,27 +1393,13 @@ def test_a_dm_whose_party_is_on_a_worker_not_subscribed_is_refused_then_delivere
     when none of the recipient's workers is subscribed, and the retry after A is back
     reaches every connection of the two once (before: one subscriber was enough, the
     sender got the echo, and alice's connection to A never got the DM)."""
-    import os
-    import signal
-
     env = ({"ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/dm.db"}
            if persistence else {})
     with _alice_on_a_bob_on_b(**env) as (redis_server, a, b, alice, bob), \
             Client(b.url, f"token={token('alice')}") as alice_on_b:
         sender, to = (bob, "alice") if deaf == "recipient" else (alice_on_b, "bob")
-        worker = a.worker_pids()[0]
         dm = {"type": "dm", "to": to, "text": "hello", "client_msg_id": "d2", "id": "d"}
-        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
-        try:
-            _kill_pubsub_of(redis_server.url, worker)
-            sender.send(dm)
-            refused = sender.expect("error", id="d")
-            assert refused["code"] == "unavailable", refused
-        finally:
-            os.kill(worker, signal.SIGCONT)
-        wait_until(lambda: "re-registered" in a.output(),
-                   timeout=10 * SCALE, message="A to resubscribe and resync")
-        echo = sender.request(dm, "dm")
+        echo = _refused_until_a_resubscribes(redis_server.url, a, sender, dm)
         for connection in (alice, alice_on_b, bob):
             if connection is not sender:
                 got = connection.expect("dm", 2 * TIMEOUT)
@@ -1456,8 +1450,10 @@ def test_a_session_joining_while_the_stream_lost_more_than_the_history_holds_is_
     joiner = FakeSession("j", "Jo", True)
     chat.open(joiner)
     stores = chat.stores
-    post = lambda text: stores.messages.post_room(  # noqa: E731
-        "r", "w", draft_message("r", "w", "w", text, 0, None), ())
+
+    def post(text: str) -> None:
+        stores.messages.post_room("r", "w", draft_message("r", "w", "w", text, 0, None), ())
+
     if case == "member-rejoining":
         chat.receive(joiner, json.dumps({"type": "join", "room": "r"}))
     post("one")  # delivered (live, or held for the joiner) before the stream is lost
