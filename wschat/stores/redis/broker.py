@@ -274,11 +274,14 @@ class RedisBroker(Broker):
 
     def _subscribe(self, channel: str, wait: bool = True) -> None:
         key = channel.encode()
-        self._channels.add(key)
-        if self._pubsub is None:
-            return  # the reconnect resubscribes everything in _channels
         try:
+            # Under the lock: while the listener (re)connects (it holds the lock), a
+            # channel added after its SUBSCRIBE went out would be in _channels but never
+            # subscribed on the new connection; this waits for it to be made instead.
             with self._lock:
+                self._channels.add(key)
+                if self._pubsub is None:
+                    return  # the reconnect resubscribes everything in _channels
                 pending = self._pending.get(key)
                 if pending is None:
                     pending = self._pending[key] = [gevent.event.Event(), 0]
@@ -300,13 +303,13 @@ class RedisBroker(Broker):
 
     def _unsubscribe(self, channel: str) -> None:
         key = channel.encode()
-        self._channels.discard(key)
-        if self._pubsub is not None:
-            try:
-                with self._lock:
+        with self._lock:  # as in _subscribe: not between a reconnect's SUBSCRIBE and its end
+            self._channels.discard(key)
+            if self._pubsub is not None:
+                try:
                     self._pubsub.unsubscribe(key)
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                pass  # the reconnect subscribes only what is still wanted
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    pass  # the reconnect subscribes only what is still wanted
 
     def subscribe_room(self, room: str) -> None:
         self._subscribe(room_channel(room), wait=True)

@@ -1,0 +1,88 @@
+"""The Redis broker's resubscription (broker.py ``_connect``/``_await_subscriptions``):
+what another greenlet subscribes meanwhile, what arrives right behind the PONG, and the
+messages that came before it when the connection is lost before the listener read them.
+
+Each case runs in a monkey-patched subprocess (as a worker does) against a Redis of the
+test's own; the race is staged by wrapping ``_await_subscriptions`` at the one point it
+waits.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import own_redis
+
+RUN_TIMEOUT = 60  # seconds for one subprocess (every wait inside it has its own limit)
+
+PRELUDE = """
+from gevent import monkey; monkey.patch_all()
+import socket, sys, time, gevent, gevent.event, redis
+from wschat.stores.base import Unavailable
+from wschat.stores.redis import RedisBroker
+client = redis.Redis.from_url(sys.argv[1])
+other = redis.Redis.from_url(sys.argv[1])
+heard, arrived = [], gevent.event.Event()
+def on_user(user_id, event):
+    heard.append((user_id, event))
+    arrived.set()
+broker = RedisBroker(client)
+broker.start(lambda *_: None, on_user)
+broker.subscribe_user("bob")
+reconnected = gevent.event.Event()
+broker.on_reconnect = reconnected.set
+def until(condition, what, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        gevent.sleep(0.005)  # polls a condition nothing signals (a socket's buffer)
+def heard_dm(payload, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if any(event == payload for _, event in heard):
+            return True
+        arrived.clear()
+        arrived.wait(left)
+    return any(event == payload for _, event in heard)
+real_await = broker._await_subscriptions
+"""
+
+SUBSCRIBED_MEANWHILE = PRELUDE + """
+late = []
+def awaiting(pubsub):
+    # Another connection's user arrives while the resubscription is being confirmed.
+    late.append(gevent.spawn(broker.subscribe_user, "carol"))
+    gevent.sleep(0)  # let it run as far as it goes now
+    return real_await(pubsub)
+broker._await_subscriptions = awaiting
+broker.reconnect()
+if not reconnected.wait(10):
+    raise SystemExit("no reconnect")
+late[0].join(20)
+if not late[0].ready():
+    raise SystemExit("subscribe_user never returned")
+late[0].get()
+print("numsub", other.pubsub_numsub("wschat:user:carol")[0][1])
+other.publish("wschat:user:carol", b"to-carol")
+print("heard", heard_dm(b"to-carol"))
+"""
+
+
+def _run(script: str) -> list[str]:
+    with own_redis() as server:
+        out = subprocess.run([sys.executable, "-c", script, server.url], check=False,
+                             capture_output=True,
+                             text=True, timeout=RUN_TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split("\n")
+
+
+def test_a_subscription_made_while_the_resubscription_is_confirmed_is_made() -> None:
+    """A user arriving on the worker while its pub/sub connection waits for the PONG
+    behind its SUBSCRIBE: its channel must be subscribed on the new connection, or
+    nothing for it is ever heard here (and dm_heard.lua refuses every DM to it)."""
+    lines = _run(SUBSCRIBED_MEANWHILE)
+    assert "numsub 1" in lines, lines
+    assert "heard True" in lines, lines
