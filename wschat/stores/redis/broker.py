@@ -20,7 +20,7 @@ from ..base import Broker, RoomHandler, Unavailable, UserHandler
 from .keys import (
     CONTROL, PREFIX, guarded, room_channel, room_payload, split_room_payload, user_channel,
 )
-from .replies import ReplyReader
+from .replies import ReplyReader, connection_socket
 
 log = logging.getLogger("wschat.redis")
 
@@ -58,6 +58,7 @@ class RedisBroker(Broker):
         self._pending: dict[bytes, list[Any]] = {}
         self._pubsub: Any = None
         self._early: list[tuple[bytes, bytes]] = []  # (channel, data): see _await_subscriptions
+        self._replies: ReplyReader | None = None  # its reader, for the listener to go on with
         self._lock = gevent.lock.RLock()
         self._listener: gevent.Greenlet | None = None
         self._healthy = False
@@ -97,29 +98,41 @@ class RedisBroker(Broker):
                 pending[0].set()
         if self._channels:
             pubsub.subscribe(*self._channels)
-            self._early = self._await_subscriptions(pubsub)
+            self._early, self._replies = self._await_subscriptions(pubsub)
         self._pubsub = pubsub
 
-    def _await_subscriptions(self, pubsub: Any) -> list[tuple[bytes, bytes]]:
+    def _await_subscriptions(self, pubsub: Any) -> tuple[list[tuple[bytes, bytes]], ReplyReader]:
         """Wait until Redis has made every subscription just sent (the PONG to a PING
         sent after them): only then may the recovery read what was published meanwhile
         from the history; a message published after that read reaches this worker
         live. Returns the messages that came before the PONG (the listener delivers
-        them first)."""
+        them first) and the reader it read them with, which the listener goes on
+        with: what came in the same read as the PONG is in its buffer (redis-py's
+        get_message would keep it in a parser the listener never reads)."""
         pubsub.ping()
+        replies = ReplyReader(pubsub.connection, read_timeout=IDLE_CHECK)
         early: list[tuple[bytes, bytes]] = []
         deadline = time.monotonic() + ANSWER_TIMEOUT
-        while (left := deadline - time.monotonic()) > 0:
-            message = pubsub.get_message(timeout=left)
-            if message is None:
-                continue
-            kind = message["type"]
-            if kind == "pong":
-                return early
-            if kind == "message":
-                early.append((message["channel"], message["data"]))
-            elif kind == "subscribe":
-                self._confirmed(message["channel"])
+        try:
+            while deadline - time.monotonic() > 0:
+                try:
+                    response = replies.read()
+                except TimeoutError:
+                    continue
+                if isinstance(response, list) and len(response) >= 3:
+                    kind, channel = response[0], response[1]
+                    if kind == b"message":
+                        early.append((channel, response[2]))
+                        continue
+                    pubsub.handle_message(response)
+                    if kind == b"subscribe":
+                        self._confirmed(channel)
+                elif _is_pong(response):
+                    return early, replies
+        except BaseException:
+            replies.close()
+            raise
+        replies.close()
         pubsub.reset()
         raise redis.TimeoutError("redis did not confirm the subscriptions")
 
@@ -182,6 +195,9 @@ class RedisBroker(Broker):
 
     def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies.close()
         if pubsub is not None:
             try:
                 pubsub.reset()
@@ -195,7 +211,11 @@ class RedisBroker(Broker):
         # replies still go through redis-py's handle_message, which keeps its channel
         # bookkeeping.
         pubsub = self._pubsub
-        replies = ReplyReader(pubsub.connection, read_timeout=IDLE_CHECK)
+        replies, self._replies = self._replies, None
+        if replies is None or replies.sock is not connection_socket(pubsub.connection):
+            if replies is not None:
+                replies.close()
+            replies = ReplyReader(pubsub.connection, read_timeout=IDLE_CHECK)
         try:
             self._read(pubsub, replies)
         finally:
@@ -343,3 +363,12 @@ class RedisBroker(Broker):
         if self._listener is not None:
             self._listener.kill(block=False)
         self._drop_pubsub()
+
+
+def _is_pong(response: Any) -> bool:
+    """The reply to the PING of _await_subscriptions: ``PONG`` (RESP3) or ``[pong, ""]``
+    (RESP2, subscribed); not redis-py's health check (``[pong, redis-py-health-check]``)."""
+    if isinstance(response, bytes):
+        return response.upper() == b"PONG"
+    return (isinstance(response, list) and len(response) == 2
+            and response[0].lower() == b"pong" and not response[1])
