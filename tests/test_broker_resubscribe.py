@@ -96,6 +96,32 @@ if not reconnected.wait(10):
 print("heard", heard_dm(b"behind-the-pong"))
 """
 
+LOST_BEFORE_READ = PRELUDE + """
+def awaiting(pubsub):
+    real_ping = pubsub.ping
+    def ping(*args, **kwargs):
+        # Subscribed (the SUBSCRIBE is made), the PONG not asked for yet: an early DM.
+        until(lambda: other.pubsub_numsub("wschat:user:bob")[0][1] == 1, "bob subscribed")
+        if other.publish("wschat:user:bob", b"early") != 1:
+            raise SystemExit("bob's channel not subscribed")
+        return real_ping(*args, **kwargs)
+    pubsub.ping = ping
+    broker._await_subscriptions = real_await  # once
+    return real_await(pubsub)
+refusals = []
+def recover():
+    if not refusals:  # the first recovery is refused (a Redis outage, READONLY)
+        refusals.append(1)
+        raise Unavailable("redis: refused")
+    reconnected.set()
+broker.recover = recover
+broker._await_subscriptions = awaiting
+broker.reconnect()
+if not reconnected.wait(10):
+    raise SystemExit("no second reconnect")
+print("heard", heard_dm(b"early"))
+"""
+
 
 def _run(script: str) -> list[str]:
     with own_redis() as server:
@@ -119,4 +145,11 @@ def test_a_message_right_behind_the_pong_is_delivered() -> None:
     """What arrived in the same read as the PONG (redis-py's parser holds it) reaches
     the hub: a DM has no history to be caught up from."""
     lines = _run(BEHIND_THE_PONG)
+    assert "heard True" in lines, lines
+
+
+def test_messages_before_the_pong_survive_a_connection_dropped_before_they_are_read() -> None:
+    """A DM that came before the PONG, on a connection dropped before the listener read
+    it (the recovery refused): it is still delivered, after the next connection."""
+    lines = _run(LOST_BEFORE_READ)
     assert "heard True" in lines, lines

@@ -98,7 +98,10 @@ class RedisBroker(Broker):
                 pending[0].set()
         if self._channels:
             pubsub.subscribe(*self._channels)
-            self._early, self._replies = self._await_subscriptions(pubsub)
+            early, self._replies = self._await_subscriptions(pubsub)
+            # After those of a connection dropped before the listener read them (its
+            # recovery refused): a DM among them has no history to come back from.
+            self._early += early
         self._pubsub = pubsub
 
     def _await_subscriptions(self, pubsub: Any) -> tuple[list[tuple[bytes, bytes]], ReplyReader]:
