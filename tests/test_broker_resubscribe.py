@@ -122,6 +122,21 @@ if not reconnected.wait(10):
 print("heard", heard_dm(b"early"))
 """
 
+RECONNECT_MEANWHILE = PRELUDE + """
+made = []
+def awaiting(pubsub):
+    made.append(pubsub)
+    if len(made) == 1:
+        broker.reconnect()  # a READONLY answered meanwhile: the address names another server
+    return real_await(pubsub)
+broker._await_subscriptions = awaiting
+broker.reconnect()
+if not reconnected.wait(10):
+    raise SystemExit("no reconnect")
+until(lambda: len(made) >= 2 and broker.healthy(), "the connection made again", 10)
+print("connections", len(made))
+"""
+
 
 def _run(script: str) -> list[str]:
     with own_redis() as server:
@@ -153,3 +168,12 @@ def test_messages_before_the_pong_survive_a_connection_dropped_before_they_are_r
     it (the recovery refused): it is still delivered, after the next connection."""
     lines = _run(LOST_BEFORE_READ)
     assert "heard True" in lines, lines
+
+
+def test_a_reconnect_asked_while_the_connection_is_made_makes_it_again() -> None:
+    """reconnect() (a failover: READONLY) while the listener's new connection waits for
+    its PONG: that connection, looked up before the failover, is made again (before:
+    reconnect() found no connection to drop, and the listener went on with one to the
+    demoted server, where nothing published on the new primary arrives)."""
+    lines = _run(RECONNECT_MEANWHILE)
+    assert "connections 2" in lines, lines

@@ -63,6 +63,8 @@ class RedisBroker(Broker):
         self._listener: gevent.Greenlet | None = None
         self._healthy = False
         self._stopping = False
+        self._connecting = False  # the listener is making its connection
+        self._connect_again = False  # reconnect() asked meanwhile
         #: Run after a reconnect instead of ``on_reconnect`` when set: the factory's
         #: wrapping of it in the epoch's check (epoch.py).
         self.recover: Callable[[], None] | None = None
@@ -148,6 +150,8 @@ class RedisBroker(Broker):
         if self._pubsub is not None:
             self._healthy = False
             self._drop_pubsub()
+        elif self._connecting:  # one being made: it was looked up before, made again
+            self._connect_again = True
 
     def _listen_forever(self) -> None:
         attempt = 0
@@ -155,7 +159,14 @@ class RedisBroker(Broker):
             try:
                 if self._pubsub is None:
                     with self._lock:
-                        self._connect()
+                        self._connecting, self._connect_again = True, False
+                        try:
+                            self._connect()
+                        finally:
+                            self._connecting = False
+                    if self._connect_again:  # reconnect() meanwhile: not this one
+                        self._drop_pubsub()
+                        continue
                     log.warning("redis pub/sub reconnected; resubscribed %d channels",
                                 len(self._channels))
                     pubsub = self._pubsub
