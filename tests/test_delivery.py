@@ -836,6 +836,44 @@ def test_dm_ids_continue_above_those_delivered_after_redis_lost_its_data() -> No
         assert alice.expect("dm", 2 * TIMEOUT, text="after")["id"] == 4
 
 
+def test_dms_reach_a_user_whose_connection_a_rolled_back_redis_still_lists() -> None:
+    """Redis restarts from a snapshot taken while alice was connected to A (a failover to
+    a replica that was behind does the same): A's registrations come back with a
+    connection of hers that has closed since. Once the workers recovered, alice, now on B,
+    must get DMs again (before: dm_heard.lua counted A among her workers for as long as A
+    lived, A was not subscribed to her channel, and every DM to her was refused
+    ``unavailable``)."""
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b() as (redis_server, a, b, alice, bob):
+        admin = redis_py.Redis.from_url(redis_server.url)
+        try:
+            admin.save()  # the snapshot: alice connected to A
+        finally:
+            admin.close()
+        alice.close()
+        wait_until(lambda: not _online(redis_server.url, "alice"), timeout=10 * SCALE,
+                   message="alice's connection to A to be gone from Redis")
+        redis_server.stop()
+        redis_server.start()  # loads the snapshot
+        for server in (a, b):
+            wait_until(lambda s=server: "re-registered" in s.output(),
+                       timeout=15 * SCALE, message="both workers to resync")
+        with Client(b.url, f"token={token('alice')}") as alice_on_b:
+            echo = bob.post_until_taken({"type": "dm", "to": "alice", "text": "after"})
+            assert alice_on_b.expect("dm", 2 * TIMEOUT, text="after")["id"] == echo["id"]
+
+
+def _online(redis_url: str, user_id: str) -> bool:
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_url)
+    try:
+        return bool(admin.hget("wschat:presence", user_id))
+    finally:
+        admin.close()
+
+
 def test_room_ids_continue_after_a_flush_no_connection_noticed() -> None:
     """FLUSHALL drops Redis's data and none of its connections: the next post is not
     taken until the worker has found the loss and raised its sequences, then it is

@@ -121,6 +121,10 @@ class RedisStores(Stores):
     def _resync_in_epoch(self, always: bool) -> None:
         lost = self.epoch.begin(self.keeper.peers)
         if (lost or always) and self.broker.on_reconnect is not None:
+            if lost:
+                # Lost, or rolled back to a snapshot listing connections closed since:
+                # all out, the live ones back in (posts wait for this recovery meanwhile).
+                self.presence.disconnect_all()  # type: ignore[attr-defined]
             self.broker.on_reconnect()
         if lost:
             self.epoch.done()

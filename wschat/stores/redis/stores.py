@@ -93,6 +93,20 @@ class RedisPresenceStore(PresenceStore):
                          args=[conn_id, user_id, node.node_id])
 
     @guarded
+    def disconnect_all(self) -> int:
+        """Take every connection this node registered out (Redis rolled back to a snapshot:
+        it may list some that closed since; the worker's resync registers its live ones
+        again). Left, a closed one would count its user online and, in the user's
+        ``nodes``, this worker among hers for as long as it lives: dm_heard.lua would
+        refuse every DM to her, since this worker is not subscribed to her channel."""
+        node = self._node
+        conns = self._client.hgetall(node.conns)
+        for conn_id, user_id in conns.items():
+            self._disconnect(keys=[node.conns, PRESENCE, user_nodes(user_id.decode())],
+                             args=[conn_id, user_id, node.node_id])
+        return len(conns)
+
+    @guarded
     def is_online(self, user_id: str) -> bool:
         count = self._client.hget(PRESENCE, user_id)
         return bool(count) and int(count) > 0
