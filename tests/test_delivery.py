@@ -1445,6 +1445,39 @@ def test_a_dm_whose_party_is_on_a_worker_not_subscribed_is_refused_then_delivere
             connection.assert_silent("dm")
 
 
+def test_a_kept_dm_whose_sender_is_on_a_worker_not_subscribed_is_refused_then_delivered(
+        tmp_path: Any) -> None:
+    """With persistence, a DM to a user offline (carol, known: it is kept for her) goes
+    to the sender's other connections only. Alice is connected to A and B; A has lost
+    its pub/sub connection and not made it again yet: her DM from B reaches B's
+    subscription only, so her connection to A would never get its copy. It is refused
+    ``unavailable`` (stored, not delivered), as a DM to a user online is, and the retry
+    after A is back reaches her connection to A (before: acknowledged, and her connection
+    to A never got it)."""
+    import os
+    import signal
+
+    env = {"ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/dm.db"}
+    with _alice_on_a_bob_on_b(**env) as (redis_server, a, b, alice, _), \
+            Client(b.url, f"token={token('alice')}") as alice_on_b:
+        Client(b.url, f"token={token('carol')}").close()  # carol is known: DMs are kept
+        worker = a.worker_pids()[0]
+        dm = {"type": "dm", "to": "carol", "text": "hello", "client_msg_id": "k2", "id": "k"}
+        os.kill(worker, signal.SIGSTOP)  # so that it cannot resubscribe at once
+        try:
+            _kill_pubsub_of(redis_server.url, worker)
+            alice_on_b.send(dm)
+            answer = alice_on_b.expect_any(("error", {"id": "k"}), ("dm", {"text": "hello"}))
+            assert answer["type"] == "error" and answer["code"] == "unavailable", answer
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(lambda: "re-registered" in a.output(),
+                   timeout=10 * SCALE, message="A to resubscribe and resync")
+        echo = alice_on_b.request(dm, "dm")
+        got = alice.expect("dm", 2 * TIMEOUT)
+        assert (got["id"], got["text"]) == (echo["id"], "hello")
+
+
 # -- 11. members a pub/sub outage left behind the room's history are told -----------------
 def test_members_a_pubsub_outage_left_behind_the_history_are_told() -> None:
     """Worker A loses its pub/sub connection while more messages are accepted in a room

@@ -100,9 +100,9 @@ def dm_parties(sender_id: str, recipient_id: str) -> list[str]:
 PUBLISHED = 1  # delivered (and everything held behind it)
 HELD = 0  # an earlier id is not published yet: held until it is (or fetched from the log)
 STALE = -1  # the room's window is already past this id: not published again
-# A DM to a recipient online: no worker is subscribed to the recipient's channel (Redis:
-# its pub/sub connection is being made again), so nobody got it, and its sender's channel
-# was not told either (publish_dm.lua)
+# A DM: a live worker of the recipient's (online) or of the sender's is not subscribed to
+# their channel (Redis: its pub/sub connection is being made again), so nothing was
+# published (publish_dm.lua; publish_kept.lua for a DM kept for a recipient offline)
 UNHEARD = 2
 
 

@@ -45,7 +45,8 @@ log = logging.getLogger("wschat.persistence")
 REPLAY_LIMIT = 1000  # a `since` further behind than this gets recovered: false (reload)
 MAX_KEPT_DMS = 1000  # DMs kept for one offline user; past it the sender gets `inbox_full`
 PRIMED_MAX = 100_000
-UNHEARD_DM = "stored, but not delivered (the recipient's workers are not subscribed); retry"
+UNHEARD_DM = ("stored, but not delivered (a worker of the recipient's or the sender's is not "
+              "subscribed); retry")
 
 
 class DurableMessageStore(MessageStore):
@@ -120,19 +121,21 @@ class DurableMessageStore(MessageStore):
             # Refused where the sender can see it, never dropped later.
             raise InboxFull(f"{recipient_id} has {self.max_kept_dms} undelivered direct "
                             "messages; try again once they have connected")
-        if job.duplicate and recipient_online and addressed_to(job.event) == recipient_id:
-            self._deliver_again(job)
+        if job.duplicate and addressed_to(job.event) == recipient_id:
+            self._deliver_again(job, bool(recipient_online))
             return Posted(job.msg_id, job.event, True, redelivered=True)
         return Posted(job.msg_id, job.event, job.duplicate)
 
-    def _deliver_again(self, job: DmPost) -> None:
-        """A retry of a stored DM, its recipient online: publish it again. Its first
-        publish may never have happened (Redis failed after COMMIT, the commit's reply
-        was lost), and the log cannot tell; DM ids are unique, so a recipient that had
-        it drops the copy. (Recipient offline: the log keeps it for their next
-        connection instead, in the retry's transaction.)"""
-        outcome, = self.inner.publish_stored([Stored(job.msg_id, job.event, None,
-                                                     job.sender_id, job.recipient_id)])
+    def _deliver_again(self, job: DmPost, recipient_online: bool) -> None:
+        """A retry of a stored DM: publish it again. Its first publish may never have
+        happened (Redis failed after COMMIT, the commit's reply was lost, or a worker of
+        the sender's was not subscribed: UNHEARD), and the log cannot tell; DM ids are
+        unique, so a connection that had it drops the copy. Recipient offline: to the
+        sender's connections only; the log keeps it for the recipient's next connection,
+        in the retry's transaction."""
+        outcome, = self.inner.publish_stored([Stored(
+            job.msg_id, job.event, None, job.sender_id,
+            job.recipient_id if recipient_online else "")])
         if outcome == UNHEARD:
             raise Unavailable(UNHEARD_DM)
 

@@ -130,6 +130,7 @@ class RedisMessageStore(MessageStore):
         self._raise_seq = script(client, "raise_seq")
         self._publish_stored = script(client, "publish_stored")
         self._publish_dm = script(client, "publish_dm", prelude=("charge", "dm_heard"))
+        self._publish_kept = script(client, "publish_kept", prelude=("charge", "dm_heard"))
         #: Whether posts can be delivered: the broker's health, set by the factory.
         self.delivering: Callable[[], bool] = lambda: True
         #: Told when the gate refused a post (gate.lua: Redis lost its data): the
@@ -249,8 +250,11 @@ class RedisMessageStore(MessageStore):
                                      client=pipe)
                     continue
                 if m.room is None:  # kept for later: the sender's other connections
-                    for user_id in m.dm_parties():
-                        pipe.publish(user_channel(user_id), m.event)
+                    if m.sender_id:  # UNHEARD if one of them could not get it
+                        sender_nodes = user_nodes(m.sender_id)
+                        self._publish_kept(keys=[user_channel(m.sender_id), NODES,
+                                                 sender_nodes, sender_nodes],
+                                           args=[m.event, self._live_ms, 0], client=pipe)
                     continue
                 keys = room_keys(m.room)
                 self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
@@ -260,11 +264,9 @@ class RedisMessageStore(MessageStore):
         out: list[int] = []
         it = iter(replies)
         for m in messages:
-            if m.room is None and m.recipient_id:
+            if m.room is None and (m.recipient_id or m.sender_id):
                 out.append(PUBLISHED if int(next(it)) else UNHEARD)
             elif m.room is None:
-                for _ in m.dm_parties():
-                    next(it)
                 out.append(PUBLISHED)
             else:
                 out.append(int(next(it)))
