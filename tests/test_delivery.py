@@ -1622,6 +1622,55 @@ def test_a_dm_waits_for_the_live_workers_of_its_recipient_only() -> None:
                 stores.client.close()
 
 
+def test_a_connection_made_while_its_worker_is_reaped_does_not_hold_dms_back() -> None:
+    """Worker ``there`` stalled and is reaped as dead by ``here``; it comes back during
+    the reaping and registers a connection of alice's after the reaper read its
+    connections. Then it finds itself reaped, registers its connections again, and
+    alice's connection there closes: she is connected to ``here`` only (subscribed),
+    and a DM to her must be taken (before: the reaper deleted ``there``'s connections
+    hash with the new one in it, undone by no decrement of her ``nodes``, so ``there``
+    counted among her workers for as long as it lived, and every DM to her was refused)."""
+    import redis as redis_py
+
+    from wschat.stores.redis.keys import node_conns
+
+    with own_redis() as redis_server:
+        here, there = (_redis_stores_of_a_worker(redis_server.url) for _ in range(2))
+        admin = redis_py.Redis.from_url(redis_server.url)
+        hearing = admin.pubsub()
+        try:
+            here.epoch.begin()
+            here.presence.connect("c1", User("alice", "alice"))
+            hearing.subscribe("wschat:user:alice")  # here's subscription
+            assert hearing.get_message(timeout=5) is not None
+            reaper = here.keeper
+            reaper.beat_and_reap()  # here beats
+            admin.zadd("wschat:nodes", {there.node_id: 1})  # silent since 1970
+            real_hgetall = reaper._client.hgetall
+
+            def hgetall(key: str) -> Any:
+                found = real_hgetall(key)
+                if key == node_conns(there.node_id):  # there comes back meanwhile
+                    there.presence.connect("c2", User("alice", "alice"))
+                return found
+
+            reaper._client.hgetall = hgetall  # type: ignore[method-assign]
+            try:
+                reaper._reap_node(there.node_id, 1000)
+            finally:
+                del reaper._client.hgetall
+            there.keeper.beat_and_reap()  # live again: registered anew
+            there.presence.connect("c2", User("alice", "alice"))  # its resync
+            there.presence.disconnect("c2", "alice")  # alice's connection there closes
+            assert here.messages.post_dm("bob", "alice", draft_dm("alice", "bob", "bob", "hi",
+                                                                  1, None), None).msg_id == 1
+        finally:
+            hearing.close()
+            admin.close()
+            for stores in (here, there):
+                stores.client.close()
+
+
 def test_a_recovery_that_failed_half_way_is_finished_by_its_retry() -> None:
     """Redis lost its data, and the worker's re-registration failed after it was listed
     as recovering (Redis gone again for a moment, or refusing): the broker (or the next

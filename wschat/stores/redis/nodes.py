@@ -157,7 +157,11 @@ class NodeKeeper:
             for conn_id, user_id in self._client.hgetall(conns).items():
                 self._disconnect(keys=[conns, PRESENCE, user_nodes(user_id.decode())],
                                  args=[conn_id, user_id, node_id], client=pipe)
-            pipe.delete(memberships, conns)
+            # Not `conns`: each disconnect above takes its connection out, and one the
+            # node (alive after all) registered since it was read stays, counted where
+            # connect.lua counted it (its user's presence and nodes); deleting it would
+            # leave those counts behind for as long as the node lives.
+            pipe.delete(memberships)
             # Only now, all gone: a reaper that failed before this leaves the node
             # listed, and a later beat reaps it again (leaving twice is a no-op).
             pipe.zrem(NODES, node_id)
