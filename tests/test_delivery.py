@@ -1671,6 +1671,59 @@ def test_a_connection_made_while_its_worker_is_reaped_does_not_hold_dms_back() -
                 stores.client.close()
 
 
+# What a reaper of the release before 743b6a1 runs for each connection of a node it
+# reaps (scripts/disconnect.lua then): the user's `nodes` hash is not touched.
+_OLD_DISCONNECT = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
+end
+return 1
+"""
+
+
+def test_a_worker_reaped_by_a_previous_release_does_not_hold_dms_back() -> None:
+    """During a rolling update, a worker of the previous release reaps worker A (stalled)
+    with its own disconnect script, which leaves alice's ``nodes`` hash as it was. A
+    finds itself reaped and registers alice's connection again; then that connection
+    closes and alice is connected to B only. A DM to her must be taken (before: A's
+    entry in her ``nodes`` was counted twice and taken off once, so A counted among her
+    workers for as long as it lived, not subscribed to her channel: every DM refused)."""
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b(PRESENCE_TTL="3") as (redis_server, a, b, alice, bob):
+        admin = redis_py.Redis.from_url(redis_server.url)
+        try:
+            a_node = next(n.decode() for n in admin.zrange("wschat:nodes", 0, -1)
+                          if b"alice" in admin.hvals(f"wschat:node:{n.decode()}:conns"))
+            conns = f"wschat:node:{a_node}:conns"
+            old_disconnect = admin.register_script(_OLD_DISCONNECT)
+            for conn_id, user_id in admin.hgetall(conns).items():
+                old_disconnect(keys=[conns, "wschat:presence"], args=[conn_id, user_id])
+            admin.delete(f"wschat:node:{a_node}:memberships", conns)
+            admin.zrem("wschat:nodes", a_node)
+        finally:
+            admin.close()
+        wait_until(lambda: "was reaped as dead" in a.output()
+                   and "re-registered" in a.output(),
+                   timeout=10 * SCALE, message="A to register its connections again")
+        with Client(b.url, f"token={token('alice')}") as alice_on_b:
+            alice.close()
+            wait_until(lambda: _online_count(redis_server.url, "alice") == 1,
+                       timeout=10 * SCALE, message="alice's connection to A to be gone")
+            echo = bob.post_until_taken({"type": "dm", "to": "alice", "text": "after"})
+            assert alice_on_b.expect("dm", 2 * TIMEOUT, text="after")["id"] == echo["id"]
+
+
+def _online_count(redis_url: str, user_id: str) -> int:
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_url)
+    try:
+        return int(admin.hget("wschat:presence", user_id) or 0)
+    finally:
+        admin.close()
+
+
 def test_a_recovery_that_failed_half_way_is_finished_by_its_retry() -> None:
     """Redis lost its data, and the worker's re-registration failed after it was listed
     as recovering (Redis gone again for a moment, or refusing): the broker (or the next

@@ -79,18 +79,30 @@ class RedisPresenceStore(PresenceStore):
         self._metrics = metrics
         self._connect = script(client, "connect")
         self._disconnect = script(client, "disconnect")
+        # user id -> this worker's connections of the user: at a user's last one,
+        # disconnect.lua takes this node out of her `nodes` whatever its count says
+        # (a reaper of the previous release, which does not keep that count, may have
+        # taken her connections here out of Redis before this worker registered them again)
+        self._local: dict[str, set[str]] = {}
 
     @guarded
     def connect(self, conn_id: str, user: User) -> None:
         node = self._node
+        self._local.setdefault(user.user_id, set()).add(conn_id)
         self._connect(keys=[node.conns, PRESENCE, user_nodes(user.user_id)],
                       args=[conn_id, user.user_id, node.node_id])
 
     @guarded
     def disconnect(self, conn_id: str, user_id: str) -> None:
         node = self._node
+        local = self._local.get(user_id)
+        if local is not None:
+            local.discard(conn_id)
+            if not local:
+                del self._local[user_id]
+        last = "1" if user_id not in self._local else "0"
         self._disconnect(keys=[node.conns, PRESENCE, user_nodes(user_id)],
-                         args=[conn_id, user_id, node.node_id])
+                         args=[conn_id, user_id, node.node_id, last])
 
     @guarded
     def disconnect_all(self) -> int:
