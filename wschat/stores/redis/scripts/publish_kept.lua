@@ -6,8 +6,6 @@
 -- (the sender is told to retry; the retry publishes it again).
 -- Returns 1 published, 0 not every worker of the sender's would have heard it.
 -- KEYS: sender_channel nodes sender_nodes sender_nodes   ARGV: msg fresh_ms 0
-local t = redis.call('TIME')
-local since_ms = t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ARGV[2])
-if not subscribed(KEYS[1], S_NODES, 0, since_ms) then return 0 end
+if not subscribed(KEYS[1], S_NODES, 0, ARGV[2]) then return 0 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
