@@ -503,6 +503,32 @@ def test_internal_error_is_contained(chat: Chat) -> None:
     assert b.events("joined")
 
 
+def test_a_clean_up_that_keeps_failing_does_not_hold_up_the_others(chat: Chat) -> None:
+    """A queued clean-up that fails for another reason than an outage (a bug, a refusal)
+    would fail at every tick: it is logged and given up, and the ones queued behind it
+    are done (before: tick() stopped at it every time, and b stayed online for good)."""
+    from wschat.stores.base import Unavailable
+
+    a, b = connect(chat, "a"), connect(chat, "b")
+    disconnect = chat.stores.presence.disconnect
+    out = {"on": True}
+
+    def failing(conn_id: str, user_id: str) -> None:
+        if user_id == "a":
+            raise RuntimeError("a bug")
+        if out["on"]:
+            raise Unavailable("redis: ConnectionError")
+        disconnect(conn_id, user_id)
+
+    chat.stores.presence.disconnect = failing  # type: ignore[method-assign]
+    chat.close(a)
+    chat.close(b)
+    out["on"] = False
+    chat.tick()
+    assert not chat.stores.presence.is_online("b")
+    assert not chat._unfinished
+
+
 def test_failed_leave_on_close_is_retried(chat: Chat) -> None:
     """A leave the store refused while a connection closed is retried by tick():
     the room is cleaned up and the others see offline once it succeeds."""

@@ -370,8 +370,14 @@ class Chat:
                     self.stores.presence.disconnect(session.conn_id, session.user_id)
                 else:
                     self._store_leave(session, room)
+            except Unavailable:
+                return  # the store is still out: try again on the next tick
             except Exception:
-                return  # still failing: try again on the next tick
+                # Not an outage (a bug, a refusal): the same call will fail again, and
+                # the clean-ups queued behind it must not wait for it forever (with
+                # Redis, a user's presence and DMs refused to her: dm_heard.lua).
+                log.exception("giving up clearing %s of %s from the store",
+                              "presence" if room is None else f"room {room}", session.conn_id)
             self._unfinished.popleft()
 
     def resync(self) -> None:
