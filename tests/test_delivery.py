@@ -1576,15 +1576,12 @@ def _post_taken(stores: Any, room_name: str) -> bool:
     return True
 
 
-def test_a_dm_waits_for_the_live_workers_of_its_recipient_only() -> None:
-    """dm_heard.lua: a DM goes out only if every worker its recipient is connected at is
-    subscribed to her channel, a worker counting while its last heartbeat is younger than
-    two beats' time (live_window_ms). One that beats but is not subscribed (its pub/sub
-    connection being made again) holds her DMs back; one killed with a connection of hers
-    (no beat since) stops holding them then, not only once it is reaped."""
+@contextlib.contextmanager
+def _two_workers_alice_heard_by_one() -> Iterator[tuple[Any, Any, Any, Any]]:
+    """Two workers' Redis stores (``here``, ``there``) on a Redis of the test's own, the
+    data's epoch named, alice connected to ``here``, and a pub/sub connection subscribed
+    to her channel standing in for ``here``'s; also the admin client."""
     import redis as redis_py
-
-    from wschat.stores.redis.nodes import live_window_ms
 
     with own_redis() as redis_server:
         here, there = (_redis_stores_of_a_worker(redis_server.url) for _ in range(2))
@@ -1593,33 +1590,45 @@ def test_a_dm_waits_for_the_live_workers_of_its_recipient_only() -> None:
         try:
             here.epoch.begin()
             here.presence.connect("c1", User("alice", "alice"))
-            there.presence.connect("c2", User("alice", "alice"))
-            hearing.subscribe("wschat:user:alice")  # this worker's subscription; none there
+            hearing.subscribe("wschat:user:alice")
             assert hearing.get_message(timeout=5) is not None
-            seconds, micros = admin.time()
-            now_ms = seconds * 1000 + micros // 1000
-
-            def dm_taken(there_beat_ms: int) -> bool:
-                admin.zadd("wschat:nodes", {here.node_id: now_ms, there.node_id: there_beat_ms})
-                try:
-                    here.messages.post_dm("bob", "alice", draft_dm("alice", "bob", "bob", "hi",
-                                                                   1, None), None)
-                except Unavailable:
-                    return False
-                return True
-
-            assert not dm_taken(now_ms)  # there: alive, not subscribed
-            assert dm_taken(now_ms - live_window_ms(30.0) - 1000)  # there: dead
-            other = admin.pubsub()
-            other.subscribe("wschat:user:alice")  # there subscribed again
-            assert other.get_message(timeout=5) is not None
-            assert dm_taken(now_ms)
-            other.close()
+            yield here, there, admin, hearing
         finally:
             hearing.close()
             admin.close()
             for stores in (here, there):
                 stores.client.close()
+
+
+def test_a_dm_waits_for_the_live_workers_of_its_recipient_only() -> None:
+    """dm_heard.lua: a DM goes out only if every worker its recipient is connected at is
+    subscribed to her channel, a worker counting while its last heartbeat is younger than
+    two beats' time (live_window_ms). One that beats but is not subscribed (its pub/sub
+    connection being made again) holds her DMs back; one killed with a connection of hers
+    (no beat since) stops holding them then, not only once it is reaped."""
+    from wschat.stores.redis.nodes import live_window_ms
+
+    with _two_workers_alice_heard_by_one() as (here, there, admin, _):
+        there.presence.connect("c2", User("alice", "alice"))  # not subscribed there
+        seconds, micros = admin.time()
+        now_ms = seconds * 1000 + micros // 1000
+
+        def dm_taken(there_beat_ms: int) -> bool:
+            admin.zadd("wschat:nodes", {here.node_id: now_ms, there.node_id: there_beat_ms})
+            try:
+                here.messages.post_dm("bob", "alice", draft_dm("alice", "bob", "bob", "hi",
+                                                               1, None), None)
+            except Unavailable:
+                return False
+            return True
+
+        assert not dm_taken(now_ms)  # there: alive, not subscribed
+        assert dm_taken(now_ms - live_window_ms(30.0) - 1000)  # there: dead
+        other = admin.pubsub()
+        other.subscribe("wschat:user:alice")  # there subscribed again
+        assert other.get_message(timeout=5) is not None
+        assert dm_taken(now_ms)
+        other.close()
 
 
 def test_a_connection_made_while_its_worker_is_reaped_does_not_hold_dms_back() -> None:
@@ -1630,45 +1639,30 @@ def test_a_connection_made_while_its_worker_is_reaped_does_not_hold_dms_back() -
     and a DM to her must be taken (before: the reaper deleted ``there``'s connections
     hash with the new one in it, undone by no decrement of her ``nodes``, so ``there``
     counted among her workers for as long as it lived, and every DM to her was refused)."""
-    import redis as redis_py
-
     from wschat.stores.redis.keys import node_conns
 
-    with own_redis() as redis_server:
-        here, there = (_redis_stores_of_a_worker(redis_server.url) for _ in range(2))
-        admin = redis_py.Redis.from_url(redis_server.url)
-        hearing = admin.pubsub()
+    with _two_workers_alice_heard_by_one() as (here, there, admin, _):
+        reaper = here.keeper
+        reaper.beat_and_reap()  # here beats
+        admin.zadd("wschat:nodes", {there.node_id: 1})  # silent since 1970
+        real_hgetall = reaper._client.hgetall
+
+        def hgetall(key: str) -> Any:
+            found = real_hgetall(key)
+            if key == node_conns(there.node_id):  # there comes back meanwhile
+                there.presence.connect("c2", User("alice", "alice"))
+            return found
+
+        reaper._client.hgetall = hgetall  # type: ignore[method-assign]
         try:
-            here.epoch.begin()
-            here.presence.connect("c1", User("alice", "alice"))
-            hearing.subscribe("wschat:user:alice")  # here's subscription
-            assert hearing.get_message(timeout=5) is not None
-            reaper = here.keeper
-            reaper.beat_and_reap()  # here beats
-            admin.zadd("wschat:nodes", {there.node_id: 1})  # silent since 1970
-            real_hgetall = reaper._client.hgetall
-
-            def hgetall(key: str) -> Any:
-                found = real_hgetall(key)
-                if key == node_conns(there.node_id):  # there comes back meanwhile
-                    there.presence.connect("c2", User("alice", "alice"))
-                return found
-
-            reaper._client.hgetall = hgetall  # type: ignore[method-assign]
-            try:
-                reaper._reap_node(there.node_id, 1000)
-            finally:
-                del reaper._client.hgetall
-            there.keeper.beat_and_reap()  # live again: registered anew
-            there.presence.connect("c2", User("alice", "alice"))  # its resync
-            there.presence.disconnect("c2", "alice")  # alice's connection there closes
-            assert here.messages.post_dm("bob", "alice", draft_dm("alice", "bob", "bob", "hi",
-                                                                  1, None), None).msg_id == 1
+            reaper._reap_node(there.node_id, 1000)
         finally:
-            hearing.close()
-            admin.close()
-            for stores in (here, there):
-                stores.client.close()
+            del reaper._client.hgetall
+        there.keeper.beat_and_reap()  # live again: registered anew
+        there.presence.connect("c2", User("alice", "alice"))  # its resync
+        there.presence.disconnect("c2", "alice")  # alice's connection there closes
+        assert here.messages.post_dm("bob", "alice", draft_dm("alice", "bob", "bob", "hi",
+                                                              1, None), None).msg_id == 1
 
 
 # What a reaper of the release before 743b6a1 runs for each connection of a node it
