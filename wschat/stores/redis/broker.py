@@ -85,25 +85,21 @@ class RedisBroker(Broker):
 
     def _connect(self) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=False)
-        # A pub/sub connection needs at least one subscription before it can listen;
-        # its confirmation is also the proof that Redis answers (a hung Redis accepts
-        # the TCP connection and the write, and never replies).
-        pubsub.subscribe(CONTROL)
-        if pubsub.get_message(timeout=ANSWER_TIMEOUT) is None:
-            pubsub.reset()
-            raise redis.TimeoutError("redis did not confirm the subscription")
         for key, pending in list(self._pending.items()):
             if key in self._channels:
                 pending[1] = 1  # one SUBSCRIBE each, sent now
             else:  # unsubscribed meanwhile: nobody waits for it any more
                 del self._pending[key]
                 pending[0].set()
-        if self._channels:
-            pubsub.subscribe(*self._channels)
-            early, self._replies = self._await_subscriptions(pubsub)
-            # After those of a connection dropped before the listener read them (its
-            # recovery refused): a DM among them has no history to come back from.
-            self._early += early
+        # A pub/sub connection needs at least one subscription before it can listen (the
+        # control channel's); the PONG awaited after the SUBSCRIBE is also the proof that
+        # Redis answers (a hung Redis accepts the TCP connection and the write, and never
+        # replies).
+        pubsub.subscribe(CONTROL, *self._channels)
+        early, self._replies = self._await_subscriptions(pubsub)
+        # After those of a connection dropped before the listener read them (its
+        # recovery refused): a DM among them has no history to come back from.
+        self._early += early
         self._pubsub = pubsub
 
     def _await_subscriptions(self, pubsub: Any) -> tuple[list[tuple[bytes, bytes]], ReplyReader]:
