@@ -44,6 +44,17 @@ class Node:
         self.conns = node_conns(self.node_id)
 
 
+def disconnect_registered(disconnect: Any, client: Any, node_id: str, pipe: Any = None) -> int:
+    """Run disconnect.lua (``disconnect``, registered) for every connection the node's
+    ``conns`` hash lists, on ``pipe`` if given; return how many it listed."""
+    conns = node_conns(node_id)
+    registered = client.hgetall(conns)
+    for conn_id, user_id in registered.items():
+        disconnect(keys=[conns, PRESENCE, user_nodes(user_id.decode())],
+                   args=[conn_id, user_id, node_id], client=pipe)
+    return len(registered)
+
+
 class NodeKeeper:
     """Heartbeats this node and reaps nodes that died without cleaning up."""
 
@@ -140,7 +151,7 @@ class NodeKeeper:
         claim_args: list[Any] = [node_id] if silent_ms is None else [node_id, silent_ms]
         if not self._claim(keys=[NODES], args=claim_args):
             return 0  # alive again, or another reaper has it
-        memberships, conns = node_memberships(node_id), node_conns(node_id)
+        memberships = node_memberships(node_id)
         tokens = [t for t in (split_token(raw.decode())
                               for raw in self._client.smembers(memberships)) if t]
         with self._client.pipeline(transaction=False) as pipe:
@@ -154,9 +165,7 @@ class NodeKeeper:
                 if last:
                     pipe.publish(room_channel(room), room_payload(
                         encode_presence(room, user_id, name.decode(), "offline"), user_id))
-            for conn_id, user_id in self._client.hgetall(conns).items():
-                self._disconnect(keys=[conns, PRESENCE, user_nodes(user_id.decode())],
-                                 args=[conn_id, user_id, node_id], client=pipe)
+            disconnect_registered(self._disconnect, self._client, node_id, pipe)
             # Not `conns`: each disconnect above takes its connection out, and one the
             # node (alive after all) registered since it was read stays, counted where
             # connect.lua counted it (its user's presence and nodes); deleting it would

@@ -25,7 +25,7 @@ from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
     membership_keys, membership_token, room_channel, room_keys, script, user_channel, user_nodes,
 )
-from .nodes import Node, live_window_ms
+from .nodes import Node, disconnect_registered, live_window_ms
 
 DEDUPE_TTL = 3600
 
@@ -111,12 +111,7 @@ class RedisPresenceStore(PresenceStore):
         again). Left, a closed one would count its user online and, in the user's
         ``nodes``, this worker among hers for as long as it lives: dm_heard.lua would
         refuse every DM to her, since this worker is not subscribed to her channel."""
-        node = self._node
-        conns = self._client.hgetall(node.conns)
-        for conn_id, user_id in conns.items():
-            self._disconnect(keys=[node.conns, PRESENCE, user_nodes(user_id.decode())],
-                             args=[conn_id, user_id, node.node_id])
-        return len(conns)
+        return disconnect_registered(self._disconnect, self._client, self._node.node_id)
 
     @guarded
     def is_online(self, user_id: str) -> bool:
