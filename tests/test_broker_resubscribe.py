@@ -47,6 +47,24 @@ def heard_dm(payload, timeout=5.0):
         arrived.wait(left)
     return any(event == payload for _, event in heard)
 real_await = broker._await_subscriptions
+def dm_to_bob(payload):
+    if other.publish("wschat:user:bob", payload) != 1:
+        raise SystemExit("bob's channel not subscribed")
+# An _await_subscriptions that runs `before` and `after` around the PING it sends
+# (`once`: for the next connection only).
+def at_the_ping(before=lambda pubsub: None, after=lambda pubsub: None, once=False):
+    def awaiting(pubsub):
+        real_ping = pubsub.ping
+        def ping(*args, **kwargs):
+            before(pubsub)
+            out = real_ping(*args, **kwargs)
+            after(pubsub)
+            return out
+        pubsub.ping = ping
+        if once:
+            broker._await_subscriptions = real_await
+        return real_await(pubsub)
+    return awaiting
 """
 
 SUBSCRIBED_MEANWHILE = PRELUDE + """
@@ -70,26 +88,19 @@ print("heard", heard_dm(b"to-carol"))
 """
 
 BEHIND_THE_PONG = PRELUDE + """
-def awaiting(pubsub):
-    real_ping = pubsub.ping
+def behind_the_pong(pubsub):
     sock = pubsub.connection._sock
     def peek():
         try:
             return sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return b""
-    def ping(*args, **kwargs):
-        out = real_ping(*args, **kwargs)
-        # The PONG is on its way; a DM published now comes right behind it, in the
-        # same read as the PONG.
-        until(lambda: b"pong" in peek().lower(), "the pong")
-        if other.publish("wschat:user:bob", b"behind-the-pong") != 1:
-            raise SystemExit("bob's channel not subscribed")
-        until(lambda: b"behind-the-pong" in peek(), "the DM in the socket")
-        return out
-    pubsub.ping = ping
-    return real_await(pubsub)
-broker._await_subscriptions = awaiting
+    # The PONG is on its way; a DM published now comes right behind it, in the same
+    # read as the PONG.
+    until(lambda: b"pong" in peek().lower(), "the pong")
+    dm_to_bob(b"behind-the-pong")
+    until(lambda: b"behind-the-pong" in peek(), "the DM in the socket")
+broker._await_subscriptions = at_the_ping(after=behind_the_pong)
 broker.reconnect()
 if not reconnected.wait(10):
     raise SystemExit("no reconnect")
@@ -97,17 +108,10 @@ print("heard", heard_dm(b"behind-the-pong"))
 """
 
 LOST_BEFORE_READ = PRELUDE + """
-def awaiting(pubsub):
-    real_ping = pubsub.ping
-    def ping(*args, **kwargs):
-        # Subscribed (the SUBSCRIBE is made), the PONG not asked for yet: an early DM.
-        until(lambda: other.pubsub_numsub("wschat:user:bob")[0][1] == 1, "bob subscribed")
-        if other.publish("wschat:user:bob", b"early") != 1:
-            raise SystemExit("bob's channel not subscribed")
-        return real_ping(*args, **kwargs)
-    pubsub.ping = ping
-    broker._await_subscriptions = real_await  # once
-    return real_await(pubsub)
+def early_dm(pubsub):
+    # Subscribed (the SUBSCRIBE is made), the PONG not asked for yet: an early DM.
+    until(lambda: other.pubsub_numsub("wschat:user:bob")[0][1] == 1, "bob subscribed")
+    dm_to_bob(b"early")
 refusals = []
 def recover():
     if not refusals:  # the first recovery is refused (a Redis outage, READONLY)
@@ -115,7 +119,7 @@ def recover():
         raise Unavailable("redis: refused")
     reconnected.set()
 broker.recover = recover
-broker._await_subscriptions = awaiting
+broker._await_subscriptions = at_the_ping(before=early_dm, once=True)
 broker.reconnect()
 if not reconnected.wait(10):
     raise SystemExit("no second reconnect")
