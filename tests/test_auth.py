@@ -8,9 +8,11 @@ sets from a local HTTP server and count its requests.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -391,6 +393,66 @@ def test_jwks_loaded_at_start_and_kept_through_a_failed_refresh(jwks_server: Jwk
     assert jwks_server.hits["/jwks"] == 4  # the refresh was tried, and failed
     assert (keys.load(), keys.loaded) == (True, True)
     assert jwks_server.hits["/jwks"] == 4
+
+
+@pytest.fixture
+def auth_log() -> Iterator[list[logging.LogRecord]]:
+    """The records of wschat.auth, caught on the logger itself: once an app is built in
+    this process (configure_logging), wschat's loggers no longer propagate to pytest's."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("wschat.auth")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_jwks_outage_logged_once_then_backed_off_and_recovery_once(
+        jwks_server: JwksServer, rsa, auth_log: list[logging.LogRecord]) -> None:
+    """A worker retrying an unreachable JWKS every 5 s for two minutes logs the first
+    failure as a warning and then at most one warning a minute, with the count; the
+    success that ends the outage is logged once, at info; a later outage warns again."""
+    jwks_server.documents["/jwks"] = 503
+    url = jwks_server.url("/jwks")
+    clock = FakeClock()
+    keys = JwksKeys(url, min_interval=30, max_age=60, clock=clock)
+
+    def lines(level: int) -> list[str]:
+        return [r.getMessage() for r in auth_log if r.levelno == level]
+
+    for _ in range(25):  # t = 0, 5, ..., 120 (the worker's retries)
+        assert keys.load() is False
+        clock.now += 5
+    assert jwks_server.hits["/jwks"] == 25
+    warnings = lines(logging.WARNING)
+    assert len(warnings) == 3, warnings  # t = 0, 60, 120
+    assert "failed (keeping 0 known keys)" in warnings[0]
+    assert "13 failed attempts in 60 s" in warnings[1]
+    assert "25 failed attempts in 120 s" in warnings[2]
+    assert lines(logging.INFO) == []
+
+    jwks_server.serve_keys("/jwks", jwk(rsa, "k"))
+    assert keys.load() is True
+    assert keys.load() is True
+    infos = lines(logging.INFO)
+    assert len(infos) == 1, infos
+    assert "succeeded after 25 failed attempts in 125 s (1 keys)" in infos[0]
+    assert len(lines(logging.WARNING)) == 3
+
+    # Loaded, then a refresh fails: a new outage, warned about at once.
+    jwks_server.documents["/jwks"] = 503
+    clock.now += 61
+    auth = authenticator(JWT_JWKS_URL=url)
+    auth.jwks = keys
+    assert auth.verify(sign(claims(), rsa, "RS256", kid="k")).user_id == "alice"
+    warnings = lines(logging.WARNING)
+    assert len(warnings) == 4 and "failed (keeping 1 known keys)" in warnings[3], warnings
 
 
 @pytest.mark.parametrize("header", ["jku", "x5u"])

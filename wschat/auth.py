@@ -35,6 +35,7 @@ RESERVED_SUB = "system"  # the server API's user_id (wschat.api.SYSTEM_USER)
 JWKS_MIN_INTERVAL = 30.0  # at most one JWKS fetch per this many seconds
 JWKS_MAX_AGE = 300.0  # refetch keys this old (key rotation), still at most once per interval
 JWKS_FETCH_TIMEOUT = 5.0
+JWKS_FAILURE_LOG_INTERVAL = 60.0  # while fetches keep failing, one warning per this many seconds
 MIN_HMAC_SECRET_BYTES = 32  # RFC 7518 3.2: a key at least as long as the hash output
 
 
@@ -102,6 +103,11 @@ class JwksKeys:
     identity provider nothing. When a fetch fails the keys already known stay
     in use. The URL is only ever the configured one.
 
+    A run of failed fetches is logged as an operator reads it: the first failure as a
+    warning, the repeats at most once per ``JWKS_FAILURE_LOG_INTERVAL`` with their count
+    (a worker retrying every few seconds would otherwise write a warning each time),
+    and the first success after them once, at info.
+
     Until a first set is loaded (:meth:`load`, from the worker's start on) no
     token can be verified, and the worker is not ready (:attr:`loaded`).
     """
@@ -123,6 +129,9 @@ class JwksKeys:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last fetch, successful or not
+        self._failures = 0  # fetches failed in a row
+        self._failing_since = 0.0  # the first of them
+        self._failure_logged_at = 0.0  # the last warning about them
         self._lock = threading.Lock()  # gevent-patched in workers: one fetch at a time
 
     @property
@@ -188,11 +197,29 @@ class JwksKeys:
         try:
             keys = self._client.get_signing_keys()
         except (jwt.PyJWTError, ValueError, OSError) as exc:  # down, not JSON, no keys
-            log.warning("JWKS fetch from %s failed (keeping %d known keys): %s",
-                        self.url, len(self._keys), exc)
+            self._failed(now, exc)
             return
         self._keys = {k.key_id: k for k in keys if k.key_id}
         self._fetched_at = now
+        if self._failures:
+            log.info("JWKS fetch from %s succeeded after %d failed attempts in %.0f s "
+                     "(%d keys)", self.url, self._failures, now - self._failing_since,
+                     len(self._keys))
+            self._failures = 0
+
+    def _failed(self, now: float, exc: Exception) -> None:
+        self._failures += 1
+        if self._failures == 1:
+            self._failing_since = self._failure_logged_at = now
+            log.warning("JWKS fetch from %s failed (keeping %d known keys): %s",
+                        self.url, len(self._keys), exc)
+        elif now - self._failure_logged_at >= JWKS_FAILURE_LOG_INTERVAL:
+            self._failure_logged_at = now
+            log.warning("JWKS fetch from %s still failing: %d failed attempts in %.0f s "
+                        "(keeping %d known keys): %s", self.url, self._failures,
+                        now - self._failing_since, len(self._keys), exc)
+        else:
+            log.debug("JWKS fetch from %s failed again: %s", self.url, exc)
 
 
 class Authenticator:

@@ -128,15 +128,13 @@ class Runtime:
         return sum(c.outbound_bytes for c in list(self.transport.connections))
 
     def _load_jwks(self) -> None:
-        """Fetch the JWKS key set at start, and again every few seconds until one is loaded."""
+        """Fetch the JWKS key set at start, and again every few seconds until one is loaded
+        (:class:`~wschat.auth.JwksKeys` logs the failures, backed off, and the success
+        that ends them)."""
         jwks = self.admission.authenticator.jwks
         assert jwks is not None
-        failed = False
         while not jwks.load():
-            failed = True
             gevent.sleep(JWKS_RETRY_SECONDS)
-        if failed:
-            log.info("JWKS key set loaded from %s; ready", jwks.url)
 
     def _sample_gauges_forever(self) -> None:
         """Every worker refreshes its own share of the sampled gauges, scraped or not
