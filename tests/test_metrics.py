@@ -318,6 +318,37 @@ def test_rate_limited_messages_are_counted(cluster: Server) -> None:
         }, baseline=before)
 
 
+def test_held_refusals_are_told_apart_from_bucket_refusals(cluster: Server) -> None:
+    """A send refused because an earlier refused one of its connection is awaited (the
+    sender's order) counts as reason "held"; the bucket's refusal as reason "bucket"."""
+    r, held = room(), 2
+    with user(cluster) as c:
+        c.join(r)
+        before = scrape(cluster)
+        for i in range(BURST + 1):
+            c.send({"type": "message", "room": r, "text": f"b{i}", "client_msg_id": f"b{i}"})
+        for i in range(BURST):
+            c.expect("message", text=f"b{i}")
+        assert c.expect("error")["code"] == "rate_limited"  # b10: the bucket is empty
+        for i in range(held):  # newer sends wait behind b10 (not sent again)
+            c.send({"type": "message", "room": r, "text": f"n{i}", "client_msg_id": f"n{i}",
+                    "id": f"n{i}"})
+            assert c.expect("error", id=f"n{i}")["code"] == "rate_limited"
+        after = wait_for_values(cluster, {
+            series("wschat_rate_limited_total", type="message", reason="bucket"): 1,
+            series("wschat_rate_limited_total", type="message", reason="held"): held,
+            series("wschat_rate_limited_total", type="message"): 1 + held,
+            series("wschat_errors_total", code="rate_limited"): 1 + held,
+        }, baseline=before)
+        assert after.value("wschat_rate_limited_total", type="dm", reason="held") == 0
+        # Each series is there from the start, at 0: "held" only for what can be held.
+        reasons = {(labels["type"], labels["reason"]) for name, labels, _ in after.samples
+                   if name == "wschat_rate_limited_total"}
+        assert {("message", "held"), ("dm", "held"), ("join", "bucket"),
+                ("invalid", "bucket")} <= reasons
+        assert ("join", "held") not in reasons
+
+
 def test_refusals_and_auth_failures_are_counted(cluster: Server) -> None:
     """Each refused upgrade counts once by reason; bad tokens count as auth failures
     whether they came with the upgrade or in an auth message."""

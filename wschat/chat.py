@@ -660,7 +660,7 @@ class Chat:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102).
         ``held``: refused by :meth:`_keep_send_order`, not by a bucket; ``strike``:
         counts towards the 4102."""
-        self.metrics.rate_limited(type(command).__name__ if command else "")
+        self.metrics.rate_limited(type(command).__name__ if command else "", held=held)
         if strike:
             session.flood_strikes += 1
         if not held:

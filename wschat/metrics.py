@@ -55,6 +55,7 @@ DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
 REFUSAL_REASONS = ("not_websocket", "bad_handshake", "origin", "auth", "username",
                    "max_connections", "shutting_down", "unavailable")
 REFUSAL_REASONS += ("max_connections_per_ip", "max_connections_per_user")
+HELD_TYPES = ("SendMessage", "SendDm")  # what a refused send holds back
 AUTH_FAILURE_REASONS = (ErrorCode.AUTH_FAILED.value, ErrorCode.TOKEN_EXPIRED.value)
 
 # The chat core reports command classes; Prometheus labels use the wire names.
@@ -92,7 +93,9 @@ DELIVERED = Counter("wschat_messages_delivered_total",
 ERRORS = Counter("wschat_errors_total", "error events sent to clients, by code", ["code"])
 RATE_LIMITED = Counter("wschat_rate_limited_total",
                        "Client requests refused by rate limiting, by type ('invalid': a "
-                       "frame that is no command)", ["type"])
+                       "frame that is no command) and reason ('bucket': over a rate limit; "
+                       "'held': a message or DM waiting behind an earlier refused one of "
+                       "its connection)", ["type", "reason"])
 DISCONNECTS = Counter("wschat_disconnects_total",
                       "Connections closed by the server, by reason", ["reason"])
 OPENED = Counter("wschat_connections_opened_total", "WebSocket connections accepted")
@@ -155,9 +158,14 @@ class PrometheusChatMetrics(Metrics):
                                     for name, wire in _WIRE_TYPES.items()}
         self._delivered_children = {t: DELIVERED.labels(t) for t in DELIVERED_TYPES}
         self._posted_children = {k: POSTED.labels(k) for k in POSTED_KINDS}
-        # Every type exported from the start (0), as for received.
-        self._rate_limited_children = {name: RATE_LIMITED.labels(wire)
-                                       for name, wire in (*_WIRE_TYPES.items(), ("", "invalid"))}
+        # Every type exported from the start (0), as for received; "held" only for the
+        # kinds a refused send holds back (Chat._keep_send_order).
+        self._rate_limited_children = {
+            (name, False): RATE_LIMITED.labels(wire, "bucket")
+            for name, wire in (*_WIRE_TYPES.items(), ("", "invalid"))}
+        self._rate_limited_children.update(
+            {(name, True): RATE_LIMITED.labels(_WIRE_TYPES[name], "held")
+             for name in HELD_TYPES})
         # Pending counts: command class / event type / kind -> n, since the last flush.
         self._received: dict[str, int] = {}
         self._delivered: dict[str, int] = {}
@@ -236,10 +244,13 @@ class PrometheusChatMetrics(Metrics):
     def error(self, code: str) -> None:
         (self._errors.get(code) or ERRORS.labels(code)).inc()
 
-    def rate_limited(self, kind: str = "") -> None:
+    def rate_limited(self, kind: str = "", held: bool = False) -> None:
         """``kind``: the refused command's class name, as for :meth:`received` ("": a
-        frame that is no command)."""
-        (self._rate_limited_children.get(kind) or self._rate_limited_children[""]).inc()
+        frame that is no command); ``held``: refused behind an earlier refused send
+        (reason "held"), not by a bucket (reason "bucket")."""
+        child = (self._rate_limited_children.get((kind, held))
+                 or self._rate_limited_children[("", False)])
+        child.inc()
 
     def disconnected(self, reason: str) -> None:
         DISCONNECTS.labels(reason).inc()
