@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
+import gevent.event
 import jwt
 import pytest
 from flask import Flask
@@ -28,7 +30,7 @@ from conftest import redis_url_or_skip
 from services import free_port
 from wschat import runtime
 from wschat.config import ConfigError, Settings
-from wschat.factory import create_app
+from wschat.factory import EXIT_SECONDS, attach_worker, create_app, finish_worker
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 ORIGIN = "https://chat.example.com"
@@ -177,6 +179,59 @@ def test_start_logs_the_ready_line_once(make_app: MakeApp) -> None:
         logger.removeHandler(handler)
     ready = [line for line in lines if " ready: " in line]
     assert len(ready) == 1 and ready[0].endswith("ready: backend=memory persistence=off")
+
+
+class FakeWorker:
+    """What attach_worker and finish_worker use of a gunicorn worker."""
+
+    class Tmp:
+        def notify(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.pid = os.getpid()
+        self.tmp: Any = self.Tmp()
+
+
+def test_hung_drain_ends_within_graceful_timeout_of_the_signal(
+        make_app: MakeApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a drain that hangs (a store that never answers), finish_worker (gunicorn's
+    worker_exit) returns before GRACEFUL_TIMEOUT has passed since the worker was told to
+    stop, though gunicorn calls it up to a second after the signal: the worker exits by
+    itself before the master's SIGKILL, due GRACEFUL_TIMEOUT after its SIGTERM."""
+    graceful = 2.0
+    app = make_app(graceful_timeout=graceful)
+    rt = runtime.of(app)
+    released = gevent.event.Event()
+    monkeypatch.setattr(rt, "stop", lambda timeout: released.wait(60))
+    worker = FakeWorker()
+    attach_worker(app, worker, [0], 0)
+    assert rt.shutdown is not None
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("wschat.app")  # configure_logging: no propagation to pytest
+    logger.addHandler(handler)
+    try:
+        signalled = time.monotonic()
+        worker.alive = False  # what gunicorn's SIGTERM handler does
+        # gunicorn's loop sleeps a second between its looks at worker.alive, and calls
+        # worker_exit after the look that finds it false: up to a second after the signal.
+        gevent.sleep(0.9)
+        finish_worker(app, worker)
+        took = time.monotonic() - signalled
+        assert not rt.shutdown.ready(), "the drain was to hang: the limit must end the wait"
+        assert took <= graceful - EXIT_SECONDS + 0.2, took
+        assert took >= graceful - EXIT_SECONDS - 0.3, f"gave up on the drain early: {took}"
+        assert any("shutdown not done" in line for line in warnings), warnings
+    finally:
+        logger.removeHandler(handler)
+        released.set()
+        rt.shutdown.join(timeout=5)
 
 
 def test_apps_do_not_share_state(make_app: MakeApp) -> None:

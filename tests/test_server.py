@@ -15,7 +15,7 @@ import uuid
 import jwt
 import pytest
 
-from conftest import ROOT, TIMEOUT, Client, Server, wait_until
+from conftest import ROOT, TIMEOUT, Client, Server, own_redis, wait_until
 from rawws import RawClient
 
 SECRET = "test-secret-0123456789abcdef0123456789"
@@ -462,6 +462,29 @@ def test_stopping_worker_keeps_its_heartbeat() -> None:
         raw.close()
         # Its replacement serves (and, booted, will heed the SIGTERM that ends the test).
         wait_until(lambda: srv.http("/ready")[0] == 200, message="the replacement worker")
+
+
+def test_worker_with_a_hung_store_exits_within_graceful_timeout() -> None:
+    """SIGTERM while Redis hangs (SIGSTOP: the drain waits out its 5 s socket timeout): the
+    worker gives up on the drain and exits by itself before the master's SIGKILL, due
+    GRACEFUL_TIMEOUT (3 s) after the master's SIGTERM, though gunicorn calls worker_exit up
+    to a second after the signal."""
+    graceful = 3
+    with own_redis() as redis, Server({"REDIS_URL": redis.url,
+                                       "GRACEFUL_TIMEOUT": str(graceful)}) as srv:
+        assert redis.proc is not None
+        with Client(srv.url) as c:
+            c.join("hung-store")
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                assert srv.stop() == 0
+                took = time.monotonic() - started
+            finally:
+                os.kill(redis.proc.pid, signal.SIGCONT)
+        output = srv.output()
+        assert "shutdown not done" in output, output  # the worker's limit ended the drain
+        assert took < graceful, f"{took:.2f} s: the master had to kill the worker\n{output}"
 
 
 @pytest.mark.parametrize("value, seconds", [("2.9", 3), ("1.5", 2), ("25", 25)])

@@ -159,7 +159,10 @@ def attach_worker(app: Flask, worker: Any, slots: Any, slot: int,
 
     def watch_for_shutdown() -> None:
         while worker.alive:
-            gevent.sleep(0.1)
+            gevent.sleep(WATCH_SECONDS)
+        # gunicorn's SIGTERM handler cleared worker.alive at most one look ago: the
+        # master's graceful timeout runs from then (finish_worker's limit too).
+        runtime.stopping_since = time.monotonic() - WATCH_SECONDS
         log.info("worker %s stopping: closing %d connections", worker.pid,
                  len(runtime.transport.connections))
         runtime.stop(timeout=max(1.0, runtime.settings.graceful_timeout - 3))
@@ -171,19 +174,35 @@ def finish_worker(app: Any, worker: Any) -> None:
     """Called by gunicorn's ``worker_exit`` with the app it loaded (if it got that far):
     WebSockets run outside gunicorn's request pool, so the worker must not exit
     before their close handshakes are done. It beats gunicorn's heartbeat meanwhile
-    (:class:`_HeartbeatKeptOpen`)."""
+    (:class:`_HeartbeatKeptOpen`).
+
+    The wait ends ``EXIT_SECONDS`` before ``GRACEFUL_TIMEOUT`` counted from the moment
+    the worker was told to stop (SIGTERM), not from this call: gunicorn's own loop
+    notices the signal up to a second later and only then calls ``worker_exit``,
+    while the master's SIGKILL is due ``graceful_timeout`` after its SIGTERM. A drain
+    that hangs (a store that does not answer) thus ends with the worker exiting by
+    itself, its clients' sockets closed, rather than with the master's SIGKILL."""
     runtime = getattr(app, "extensions", {}).get("wschat")
     if runtime is None or runtime.shutdown is None:
         return
     worker.alive = False
+    since = runtime.stopping_since if runtime.stopping_since is not None else time.monotonic()
+    left = since + runtime.settings.graceful_timeout - EXIT_SECONDS - time.monotonic()
     heartbeat = gevent.spawn(_beat, worker.tmp)
     try:
-        runtime.shutdown.join(timeout=runtime.settings.graceful_timeout)
+        runtime.shutdown.join(timeout=max(0.0, left))
+        if not runtime.shutdown.ready():
+            log.warning("worker %s: shutdown not done %.1f s after the signal (GRACEFUL_TIMEOUT "
+                        "%g s); exiting with %d connections open", worker.pid,
+                        time.monotonic() - since, runtime.settings.graceful_timeout,
+                        len(runtime.transport.connections))
     finally:
         heartbeat.kill(block=False)
 
 
 HEARTBEAT_SECONDS = 1.0  # as often as gunicorn's gevent worker beats in its own loop
+WATCH_SECONDS = 0.1  # how often the shutdown watcher looks at worker.alive
+EXIT_SECONDS = 0.5  # of GRACEFUL_TIMEOUT, left for the worker process to exit
 
 
 class _HeartbeatKeptOpen:

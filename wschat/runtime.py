@@ -46,6 +46,7 @@ class Runtime:
     echo: bool = False  # WSCHAT_ECHO_ENDPOINT=1: /echo is served (conformance tests only)
     started: bool = False
     shutdown: gevent.Greenlet | None = None  # closes every connection when the worker stops
+    stopping_since: float | None = None  # time.monotonic() when the worker was told to stop
     _sampler: gevent.Greenlet | None = field(default=None, repr=False)
     _jwks_loader: gevent.Greenlet | None = field(default=None, repr=False)
 
