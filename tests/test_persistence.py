@@ -393,3 +393,46 @@ def test_redis_losing_a_room_continues_ids_from_the_database(pods: tuple[Server,
 def redis_url_or_skip_keep() -> str:
     """The Redis URL of the pods' database, without flushing it."""
     return redis_url(15)
+
+
+# -- persistence turned on over a Redis that numbered messages already -------------------
+
+API_KEY = "persistence-api-key-0123456789abcdef"
+
+
+def api_post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.metrics_port}{path}", data=json.dumps(body).encode(),
+        method="POST", headers={"Content-Type": "application/json",
+                                "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def test_turning_persistence_on_over_redis_reuses_no_room_or_dm_id(tmp_path: Path) -> None:
+    """Redis numbered room messages and DMs before persistence was on; the database starts
+    empty. The first ids the database gives are above Redis's, also for a post that no
+    join came before (/api/publish) and for DMs, whose ids clients dedupe by."""
+    env = {"REDIS_URL": redis_url_or_skip(29), "JWT_SECRET": SECRET, "API_KEY": API_KEY,
+           "RATE_LIMIT": "100000", "RATE_LIMIT_BURST": "100000"}
+    room = unique("r")
+    alice, bob = unique("alice"), unique("bob")
+    with Server(env) as server, Client(server.url, as_user(alice)) as a, \
+            Client(server.url, as_user(bob)) as b:
+        a.join(room)
+        assert [a.say(room, f"before {i}")["id"] for i in range(3)] == [1, 2, 3]
+        for i in range(2):
+            a.send({"type": "dm", "to": bob, "text": f"dm before {i}"})
+        assert [b.expect("dm")["id"] for _ in range(2)] == [1, 2]
+    with Server({**env, **COMMON, "DATABASE_URL": f"sqlite:///{tmp_path}/on.db"}) as server:
+        published = api_post(server, "/api/publish", {"room": room, "text": "first stored"})
+        assert published["id"] == 4, published
+        with Client(server.url, as_user(alice)) as a, Client(server.url, as_user(bob)) as b:
+            a.send({"type": "dm", "to": bob, "text": "first stored dm"})
+            assert b.expect("dm", text="first stored dm")["id"] == 3
+            joined = b.join(room, since=3)
+            assert joined["recovered"] is True and joined["last_id"] == 4
+            assert b.expect("message")["text"] == "first stored"

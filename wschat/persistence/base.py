@@ -215,8 +215,8 @@ class DirectLog(MessageLog):
 
     def _raise_floor(self, conn: Any, floor: SequenceFloor) -> None:
         d = self.dialect
-        conn.execute(d.q(FLOOR_SQL.format(greatest=d.greatest)),
-                     (room_scope(floor.room), floor.at_least))
+        scope = DM_SCOPE if floor.room is None else room_scope(floor.room)
+        conn.execute(d.q(FLOOR_SQL.format(greatest=d.greatest)), (scope, floor.at_least))
 
     def _apply(self, conn: Any, jobs: list[Job]) -> None:
         d = self.dialect

@@ -92,7 +92,8 @@ class DmsDelivered(Job):
 
 @dataclass(slots=True, eq=False, kw_only=True)
 class SequenceFloor(Job):
-    """Never issue a room id <= ``at_least`` (ids another store issued before the log)."""
+    """Never issue an id <= ``at_least`` in ``room`` (None: the DMs' sequence): ids
+    another store issued before the log."""
 
-    room: str
+    room: str | None
     at_least: int

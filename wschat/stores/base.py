@@ -227,6 +227,11 @@ class MessageStore(ABC):
     def raise_sequence(self, room: str, at_least: int) -> None:
         """Never issue ids <= ``at_least`` again (after the store lost its data)."""
 
+    def dm_last_id(self) -> int:
+        """The highest DM id this store issued (0: none; with persistence the database
+        issues them, and this is what the store issued before it was turned on)."""
+        return 0
+
     def raise_dm_sequence(self, at_least: int) -> None:
         """Never issue DM ids <= ``at_least`` again (after the store lost its data; with
         persistence the database issues them)."""

@@ -61,6 +61,7 @@ class DurableMessageStore(MessageStore):
         self._replay_limit = replay_limit
         self.max_kept_dms = MAX_KEPT_DMS
         self._primed: set[str] = set()
+        self._dms_primed = False
         self._releasing: dict[str, int] = {}  # room -> highest held id a releaser waits for
         self.writer = GroupCommitWriter(message_log, self._publish_committed, self._count_error,
                                         self._time_commit)
@@ -87,6 +88,10 @@ class DurableMessageStore(MessageStore):
     def post_room(self, room: str, user_id: str, draft: MessageDraft,
                   charge: Charge = ()) -> Posted:  # charges_posts is False: never given
         self.check_delivering()
+        if room not in self._primed:
+            # Not only a join: a post no join came before (/api/publish) must not take
+            # an id the window's store issued before persistence was on.
+            self._last_id(room)
         job = RoomPost(room=room, user_id=user_id, draft=draft)
         self.writer.submit(job)
         if job.duplicate:
@@ -111,6 +116,8 @@ class DurableMessageStore(MessageStore):
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
         self.check_delivering()
+        if not self._dms_primed:
+            self._prime_dms()
         # The bound is counted in the transaction that would keep the DM, so concurrent
         # senders cannot take the inbox past it; a retry of a stored DM is not counted.
         job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
@@ -125,6 +132,15 @@ class DurableMessageStore(MessageStore):
             self._deliver_again(job, bool(recipient_online))
             return Posted(job.msg_id, job.event, True, redelivered=True)
         return Posted(job.msg_id, job.event, job.duplicate)
+
+    def _prime_dms(self) -> None:
+        """DM ids the window's store issued before persistence was on (Redis keeps its
+        DM sequence): the log continues above them, since clients drop a DM whose id
+        they have. Once per worker; a floor is only a lower bound."""
+        issued = self.inner.dm_last_id()
+        if issued:
+            self.writer.submit(SequenceFloor(room=None, at_least=issued))
+        self._dms_primed = True
 
     def _deliver_again(self, job: DmPost, recipient_online: bool) -> None:
         """A retry of a stored DM: publish it again. Its first publish may never have

@@ -229,6 +229,9 @@ class MemoryMessageStore(MessageStore):
         log = self._logs.get(room)
         return log.last_id if log else 0
 
+    def dm_last_id(self) -> int:
+        return self._dm_last_id
+
     def raise_sequence(self, room: str, at_least: int) -> None:
         log = self._log_for(room)
         log.last_id = max(log.last_id, at_least)

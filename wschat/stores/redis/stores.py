@@ -241,6 +241,10 @@ class RedisMessageStore(MessageStore):
         self._raise_seq(keys=[room_keys(room)[4]], args=[at_least])
 
     @guarded
+    def dm_last_id(self) -> int:
+        return int(self._client.get(DM_SEQ) or 0)
+
+    @guarded
     def raise_dm_sequence(self, at_least: int) -> None:
         self._raise_seq(keys=[DM_SEQ], args=[at_least])
 
