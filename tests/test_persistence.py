@@ -436,3 +436,50 @@ def test_turning_persistence_on_over_redis_reuses_no_room_or_dm_id(tmp_path: Pat
             joined = b.join(room, since=3)
             assert joined["recovered"] is True and joined["last_id"] == 4
             assert b.expect("message")["text"] == "first stored"
+
+
+def ids_until(client: Client, last: int) -> list[int]:
+    """The ids of the room messages ``client`` gets, up to ``last``."""
+    ids = [client.expect("message")["id"]]
+    while ids[-1] < last:
+        ids.append(client.expect("message")["id"])
+    return ids
+
+
+def test_more_than_a_thousand_committed_and_unpublished_messages_all_reach_the_room(
+        tmp_path: Path) -> None:
+    """1,500 messages committed that no worker published (its publishes failed: Redis
+    refused them, or it died between its commits and its publishes). The room's next
+    message is held behind them and they are published from the log: every one of them,
+    in order, to the members, and the window holds no hole that `join` with `since` or
+    `history` would skip (HISTORY_SIZE above them, so the window keeps them all)."""
+    from wschat.persistence import RoomPost, SQLiteFile
+    from wschat.protocol import draft_message
+
+    path = tmp_path / "gap.db"
+    room = unique("r")
+    env = {**COMMON, "DATABASE_URL": f"sqlite:///{path}", "REDIS_URL": redis_url_or_skip(30),
+           "HISTORY_SIZE": "2000"}
+    with Server(env) as server, Client(server.url, as_user(unique("w"))) as writer, \
+            Client(server.url, as_user(unique("m"))) as member:
+        writer.join(room)
+        member.join(room)
+        assert writer.say(room, "before")["id"] == 1
+        assert member.expect("message")["id"] == 1
+        log = SQLiteFile(str(path))  # another worker's commits
+        try:
+            for first in range(0, 1500, 500):
+                log.write([RoomPost(room=room, user_id="ghost", draft=draft_message(
+                    room, "ghost", "ghost", f"unpublished {i}", 1, f"g{i}"))
+                    for i in range(first, first + 500)])
+        finally:
+            log.close()
+        assert writer.say(room, "after", client_msg_id="after")["id"] == 1502
+        assert ids_until(member, 1502) == list(range(2, 1503))
+        with Client(server.url) as late:
+            joined = late.join(room, since=1)
+            assert joined["recovered"] is True and joined["last_id"] == 1502
+            assert ids_until(late, 1502) == list(range(2, 1503))
+            page = late.request({"type": "history", "room": room, "limit": 100, "before": 600},
+                                "history")
+            assert [m["id"] for m in page["messages"]] == list(range(500, 600))

@@ -51,7 +51,10 @@ UNHEARD_DM = ("stored, but not delivered (a worker of the recipient's or the sen
 
 class DurableMessageStore(MessageStore):
     HOLD_TIMEOUT = 1.0  # how long a held id waits for its predecessor before the log fills in
-    FILL_LIMIT = 1000  # at most this many missing messages are republished from the log
+    # A room whose window lost its sequence gets at most this many missing messages
+    # republished from the log (its members had the older ones live).
+    FILL_LIMIT = 1000
+    FILL_PAGE = 100  # missing messages are read from the log and published this many at a time
 
     def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Metrics | None = None,
                  replay_limit: int = REPLAY_LIMIT) -> None:
@@ -208,7 +211,11 @@ class DurableMessageStore(MessageStore):
             gevent.spawn_later(self.HOLD_TIMEOUT, self._release_held, room)
 
     def _release_held(self, room: str) -> None:
-        """Publish, from the log, what a dead or slow worker committed but never published."""
+        """Publish, from the log, what a dead or slow worker committed but never published:
+        every message between the window's last id and the highest held one, in order,
+        :attr:`FILL_PAGE` at a time (so that the worker holds one page, not the whole gap).
+        None is skipped: the members get them all, and the window, which ``since`` and
+        ``history`` read, keeps no hole (a hole there would be called complete)."""
         attempt = 0
         while True:
             target = self._releasing.get(room, 0)
@@ -217,16 +224,21 @@ class DurableMessageStore(MessageStore):
                 if published >= target:
                     self._releasing.pop(room, None)
                     return
-                missing = target - published - 1
-                if missing > self.FILL_LIMIT:
+                if published == 0 and target - 1 > self.FILL_LIMIT:
+                    # The window knows nothing of the room (the shared store lost its keys):
+                    # it has no hole to leave, and its members had the older ones live.
                     self.inner.raise_sequence(room, target - 1 - self.FILL_LIMIT)
                     published = target - 1 - self.FILL_LIMIT
                 # up to the target itself: it may have been committed and never published
-                stored = self.log.after(room, published, target - published)
+                stored = self.log.after(room, published, min(target - published, self.FILL_PAGE))
                 log.warning("room %s: publishing %d messages committed by a worker that did "
                             "not publish them", room, len(stored))
                 self.inner.publish_stored([Stored(message_id_of(e) or 0, e, room)
                                            for e in stored])
+                if self.inner.last_id(room) > published:
+                    attempt = 0
+                    gevent.sleep(0)  # the next page at once, after the other greenlets
+                    continue
             except Unavailable as exc:
                 log.warning("room %s: cannot release held messages yet (%s)", room, exc)
             attempt += 1
