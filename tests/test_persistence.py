@@ -483,3 +483,45 @@ def test_more_than_a_thousand_committed_and_unpublished_messages_all_reach_the_r
             page = late.request({"type": "history", "room": room, "limit": 100, "before": 600},
                                 "history")
             assert [m["id"] for m in page["messages"]] == list(range(500, 600))
+
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+def test_a_replay_from_the_database_is_bounded_by_bytes(database_url: str) -> None:
+    """1,000 messages of 60 KB after a joiner's `since` (each within the 64 KiB frame
+    limit): the worker does not load them (60 MB) for one join. The joiner hears
+    `recovered: false` and pages back with `history`; a `since` whose replay fits is
+    replayed as ever."""
+    from wschat.persistence import RoomPost, SQLiteFile, open_message_log
+    from wschat.protocol import draft_message
+
+    room = unique("r")
+    text = "x" * 60_000
+    sqlite_path = database_url.removeprefix("sqlite:///")
+    log = SQLiteFile(sqlite_path) if sqlite_path != database_url else open_message_log(
+        database_url)
+    try:
+        log.migrate()
+        for first in range(0, 1000, 100):  # posted earlier, through a server
+            log.write([RoomPost(room=room, user_id="u", draft=draft_message(
+                room, "u", "u", f"{i} {text}", 1, None)) for i in range(first, first + 100)])
+    finally:
+        log.close()
+    with persistent_server(database_url, MAX_TEXT_CHARS="60010") as server, \
+            Client(server.url, as_user(unique("u"))) as c:
+        worker = server.worker_pids()[0]
+        near = c.join(room, since=990)
+        assert near["recovered"] is True and near["last_id"] == 1000
+        assert ids_until(c, 1000) == list(range(991, 1001))
+        before = peak_rss_kib(worker)
+        with Client(server.url, as_user(unique("u"))) as far:
+            joined = far.join(room, since=0)
+            assert joined["recovered"] is False and joined["last_id"] == 1000
+            far.assert_silent("message")
+            grown_mib = (peak_rss_kib(worker) - before) / 1024
+            assert grown_mib < 24, f"the worker's peak grew by {grown_mib:.0f} MiB for one join"
+            page = far.request({"type": "history", "room": room, "limit": 5}, "history")
+            assert [m["id"] for m in page["messages"]] == [996, 997, 998, 999, 1000]

@@ -851,3 +851,21 @@ def test_posts_refused_while_the_broker_resynchronises(tmp_path: Path, persisten
     finally:
         store.close()
         client.close()
+
+
+def test_a_read_bounded_by_bytes_says_when_it_left_messages_out(message_log: MessageLog) -> None:
+    """log.after with max_bytes: what it returns comes to more than the bound exactly when
+    it left messages out, also when the messages it kept end exactly at the bound."""
+    room = f"bytes-{uuid.uuid4().hex[:6]}"
+    posts = [room_post(room, "x" * n) for n in (100, 200, 300)]
+    message_log.write(posts)
+    sizes = [len(p.event) for p in posts]
+
+    def read(max_bytes: int) -> list[int]:
+        return [message_id_of(e) or 0 for e in message_log.after(room, 0, 10, max_bytes)]
+
+    assert read(sum(sizes)) == [1, 2, 3]  # all of them, at the bound: nothing left out
+    assert read(sizes[0] + sizes[1]) == [1, 2, 3]  # the third starts at the bound: over it
+    assert read(sizes[0] + sizes[1] - 1) == [1, 2]  # over the bound; the third left out
+    assert read(0) == [1]
+    assert read(10_000) == [1, 2, 3] and message_log.after(room, 1, 1, 10_000) == [posts[1].event]

@@ -21,7 +21,7 @@ from ..protocol import stored_id_of
 from ..stores.base import Unavailable
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .schema import (
-    AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL, DM_PAGE, DM_SCOPE,
+    AFTER_BYTES_SQL, AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL, DM_PAGE, DM_SCOPE,
     DM_SEQ_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
     LOCK_DM_SEQ_PARAMS, MARK_DELIVERED_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION,
     UPSERT_USER_SQL, VERSION_TABLE_SQL, Dialect, SchemaTooNew, room_scope,
@@ -86,10 +86,18 @@ class MessageLog(ABC):
             rows = self._read_call(self._rows, BEFORE_SQL, (room, before_id, limit))
         return [bytes(r[0]) for r in reversed(rows)]
 
-    def after(self, room: str, after_id: int, limit: int) -> list[bytes]:
-        """Up to ``limit`` messages with ids > ``after_id``, oldest first."""
-        return [bytes(r[0]) for r in self._read_call(self._rows, AFTER_SQL,
-                                                     (room, after_id, limit))]
+    def after(self, room: str, after_id: int, limit: int, max_bytes: int | None = None
+              ) -> list[bytes]:
+        """Up to ``limit`` messages with ids > ``after_id``, oldest first; with
+        ``max_bytes``, only those whose predecessors come to at most ``max_bytes``: if
+        they come to more than ``max_bytes`` in all, some may have been left out (one
+        message past the bound at most was read); if not, none was."""
+        if max_bytes is None:
+            rows = self._read_call(self._rows, AFTER_SQL, (room, after_id, limit))
+        else:
+            rows = self._read_call(self._rows, AFTER_BYTES_SQL,
+                                   (room, after_id, limit, max_bytes))
+        return [bytes(r[0]) for r in rows]
 
     def knows_user(self, user_id: str) -> bool:
         return bool(self._read_call(self._rows, KNOWS_USER_SQL, (user_id,)))

@@ -119,6 +119,15 @@ LAST_ID_SQL = (
 BEFORE_SQL = "SELECT event FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?"
 NEWEST_SQL = "SELECT event FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
 AFTER_SQL = "SELECT event FROM messages WHERE room = ? AND id > ? ORDER BY id LIMIT ?"
+# AFTER_SQL up to a number of bytes: the rows whose predecessors (in the page) come to
+# at most the bound, so at most the bound and one message leave the database, and a
+# caller sees that rows were left out when those it got come to more (the first one
+# left out starts past the bound). length() counts a blob's (a bytea's) bytes in both
+# dialects.
+AFTER_BYTES_SQL = (
+    "SELECT event FROM (SELECT id, event, SUM(length(event)) OVER (ORDER BY id)"
+    " - length(event) AS ahead FROM (SELECT id, event FROM messages WHERE room = ? AND id > ?"
+    " ORDER BY id LIMIT ?) AS page) AS counted WHERE ahead <= ? ORDER BY id")
 KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
 DEDUPE_ROOM_SQL = "SELECT room, user_id, client_msg_id, event FROM messages WHERE "
 DEDUPE_DM_SQL = "SELECT sender_id, client_msg_id, event FROM dms WHERE "

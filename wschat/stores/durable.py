@@ -43,6 +43,10 @@ from .base import (
 log = logging.getLogger("wschat.persistence")
 
 REPLAY_LIMIT = 1000  # a `since` further behind than this gets recovered: false (reload)
+# ... and one whose replay would come to more bytes than this (what one join makes the
+# worker read and hold until the client has read it): 1,000 messages at the 64 KiB frame
+# limit would be 64 MB per joiner.
+REPLAY_MAX_BYTES = 4 * 1024 * 1024
 MAX_KEPT_DMS = 1000  # DMs kept for one offline user; past it the sender gets `inbox_full`
 PRIMED_MAX = 100_000
 UNHEARD_DM = ("stored, but not delivered (a worker of the recipient's or the sender's is not "
@@ -57,11 +61,13 @@ class DurableMessageStore(MessageStore):
     FILL_PAGE = 100  # missing messages are read from the log and published this many at a time
 
     def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Metrics | None = None,
-                 replay_limit: int = REPLAY_LIMIT) -> None:
+                 replay_limit: int = REPLAY_LIMIT,
+                 replay_max_bytes: int = REPLAY_MAX_BYTES) -> None:
         self.inner = inner
         self.log = message_log
         self._metrics = metrics
         self._replay_limit = replay_limit
+        self._replay_max_bytes = replay_max_bytes
         self.max_kept_dms = MAX_KEPT_DMS
         self._primed: set[str] = set()
         self._dms_primed = False
@@ -279,6 +285,10 @@ class DurableMessageStore(MessageStore):
         return self.log.before(room, oldest, limit - len(held)) + held
 
     def since(self, room: str, after_id: int) -> Replay:
+        """From the window if it holds everything after ``after_id``, else from the log:
+        at most :data:`REPLAY_LIMIT` messages and :data:`REPLAY_MAX_BYTES`, read a page
+        bounded by both; further behind is ``recovered: false`` (the client pages back
+        with ``history``)."""
         try:
             last = self._last_id(room)
             replay = self.inner.since(room, after_id)
@@ -286,11 +296,12 @@ class DurableMessageStore(MessageStore):
                 return replay
             if after_id > last:
                 return Replay([], False)  # ids this server never issued
-            stored = self.log.after(room, after_id, self._replay_limit + 1)
+            stored = self.log.after(room, after_id, self._replay_limit + 1,
+                                    self._replay_max_bytes)
         except DatabaseUnavailable as exc:
             log.warning("room %s: recovery from memory only (%s)", room, exc)
             return self.inner.since(room, after_id)
-        if len(stored) > self._replay_limit:
+        if len(stored) > self._replay_limit or sum(map(len, stored)) > self._replay_max_bytes:
             return Replay([], False)
         return Replay(stored, True)
 
