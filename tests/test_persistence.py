@@ -525,3 +525,31 @@ def test_a_replay_from_the_database_is_bounded_by_bytes(database_url: str) -> No
             assert grown_mib < 24, f"the worker's peak grew by {grown_mib:.0f} MiB for one join"
             page = far.request({"type": "history", "room": room, "limit": 5}, "history")
             assert [m["id"] for m in page["messages"]] == [996, 997, 998, 999, 1000]
+
+
+def test_a_server_started_while_sqlite_is_locked_waits_for_the_lock(tmp_path: Path) -> None:
+    """SQLite's write lock held longer than its 1 s busy wait while the server starts (a
+    sibling server's worker on the same file, an operator's `sqlite3` session): a busy
+    file is not one that cannot be opened. The worker starts not ready, and takes writes
+    once the lock is released."""
+    path = tmp_path / "busy.db"
+    with persistent_server(f"sqlite:///{path}"):
+        pass  # the file exists, in WAL mode, migrated
+    room = unique("r")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    server = persistent_server(f"sqlite:///{path}")
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        server.start(wait=False)
+        wait_until(lambda: "database is locked" in server.output(), timeout=TIMEOUT * 2,
+                   message="the worker to find the file locked")
+        holder.execute("ROLLBACK")
+        server.wait_healthy()
+        wait_until(lambda: server.http("/ready")[0] == 200, timeout=TIMEOUT * 2,
+                   message="/ready once the lock was released")
+        with Client(server.url, as_user(unique("u"))) as c:
+            c.join(room)
+            assert c.say(room, "after the lock")["id"] == 1
+    finally:
+        holder.close()
+        server.stop()

@@ -27,7 +27,7 @@ This package owns the database (docs/persistence.md):
 
 from __future__ import annotations
 
-from .base import BatchRefused, DatabaseUnavailable, DirectLog, MessageLog
+from .base import BatchRefused, DatabaseBusy, DatabaseUnavailable, DirectLog, MessageLog
 from .group_commit import GroupCommitWriter
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .postgres import PostgresLog
@@ -35,7 +35,8 @@ from .schema import DM_PAGE, MIGRATIONS, SCHEMA_VERSION, SchemaTooNew
 from .sqlite import SQLiteFile, SQLiteLog
 
 __all__ = [
-    "DM_PAGE", "MIGRATIONS", "SCHEMA_VERSION", "Arrival", "BatchRefused", "DatabaseUnavailable",
+    "DM_PAGE", "MIGRATIONS", "SCHEMA_VERSION", "Arrival", "BatchRefused", "DatabaseBusy",
+    "DatabaseUnavailable",
     "DirectLog", "DmPost", "DmsDelivered", "GroupCommitWriter", "Job", "MessageLog", "Post",
     "PostgresLog", "RoomPost", "SQLiteFile", "SQLiteLog", "SchemaTooNew", "SequenceFloor",
     "now_ms", "open_message_log",

@@ -36,6 +36,13 @@ class DatabaseUnavailable(Unavailable):
     """The database cannot be reached or refused the write; nothing was acknowledged."""
 
 
+class DatabaseBusy(DatabaseUnavailable):
+    """SQLite's write lock was held by another connection for longer than its busy
+    wait: the file is there and usable, another process is writing (or holds a
+    transaction open). Unavailable for now, like any outage, but never a reason to
+    refuse to start (:meth:`~wschat.stores.durable.DurableMessageStore.start`)."""
+
+
 class BatchRefused(Exception):
     """The database refused a value in a batch (one no statement parameter can carry, or
     one the database cannot hold): the transaction rolled back and nothing of the batch

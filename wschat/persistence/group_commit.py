@@ -60,6 +60,7 @@ class GroupCommitWriter:
         self._probe_now = gevent.event.Event()  # a write failed: the prober's wait ends
         self.ready = False  # migrated and answering
         self.last_error = "not connected yet"
+        self.last_failure: BaseException | None = None  # what last_error says
         self._greenlet: gevent.Greenlet | None = None
         self._prober: gevent.Greenlet | None = None
         self._watchdog: gevent.Greenlet | None = None
@@ -197,7 +198,7 @@ class GroupCommitWriter:
                 log.warning("database %s unavailable: %s", self._log.url_for_logs, message)
             else:
                 log.error("database write failed", exc_info=exc)
-        self.last_error = message
+        self.last_error, self.last_failure = message, exc
         self.ready = False
         self._probe_now.set()
 
@@ -212,7 +213,7 @@ class GroupCommitWriter:
         if not was_ready:
             log.info("database %s ready (schema version %d)", self._log.url_for_logs, version)
         self.ready = True
-        self.last_error = ""
+        self.last_error, self.last_failure = "", None
 
     def _probe_forever(self) -> None:
         """Every PROBE_HEALTHY while the database answers, every PROBE_DOWN once anything

@@ -18,6 +18,7 @@ The pipe carries length-prefixed pickles between two processes of this same
 installation: a request ``(op, payload)`` with ``op`` one of ``write`` (a list
 of :class:`~wschat.persistence.jobs.Job`), ``migrate``, ``ping``; a reply
 ``("ok", result)``, ``("schema", message)`` (:class:`SchemaTooNew`) or
+``("busy", message)`` (:class:`DatabaseBusy`: the write lock stayed taken) or
 ``("error", message)`` (:class:`DatabaseUnavailable`).
 
 The writer process ends when its stdin closes: the worker closed it on
@@ -48,7 +49,7 @@ import orjson
 
 from ..db_wait import READ, wait_first
 from .base import (
-    BatchRefused, DatabaseUnavailable, DirectLog, MessageLog, json_rows, to_json,
+    BatchRefused, DatabaseBusy, DatabaseUnavailable, DirectLog, MessageLog, json_rows, to_json,
 )
 from .jobs import Arrival, DmPost, Job, Post
 from .schema import SchemaTooNew, SQLiteDialect, room_scope
@@ -124,6 +125,8 @@ class SQLiteFile(DirectLog):
             if not isinstance(exc, sqlite3.IntegrityError):
                 # Disk or file trouble: reopen next time rather than keep a bad handle.
                 self.close()
+            if _is_busy(exc):
+                raise DatabaseBusy(f"sqlite: {exc}") from exc
             raise DatabaseUnavailable(f"sqlite: {exc}") from exc
 
     _write_call = _read_call = call
@@ -166,6 +169,14 @@ class SQLiteFile(DirectLog):
                 conn.close()
             except sqlite3.Error:
                 pass
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """The write lock (or a table's lock) stayed taken past the busy wait."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "database is locked" in str(exc)
 
 
 class SQLiteLog(MessageLog):
@@ -236,6 +247,8 @@ class WriterProcess:
             raise SchemaTooNew(value)
         if status == "refused":
             raise BatchRefused(value)
+        if status == "busy":
+            raise DatabaseBusy(value)
         raise DatabaseUnavailable(value)
 
     def _start(self) -> gevent.subprocess.Popen:
@@ -341,6 +354,8 @@ def _answer(file: SQLiteFile, op: str, payload: Any) -> tuple[str, Any]:
         return "schema", str(exc)
     except BatchRefused as exc:
         return "refused", str(exc)
+    except DatabaseBusy as exc:
+        return "busy", str(exc)
     except DatabaseUnavailable as exc:
         return "error", str(exc)
     except Exception as exc:

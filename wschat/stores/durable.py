@@ -30,8 +30,8 @@ import gevent
 
 from ..config import ConfigError
 from ..persistence import (
-    Arrival, DatabaseUnavailable, DmPost, DmsDelivered, GroupCommitWriter, Job, MessageLog, RoomPost,
-    SequenceFloor, SQLiteLog,
+    Arrival, DatabaseBusy, DatabaseUnavailable, DmPost, DmsDelivered, GroupCommitWriter, Job,
+    MessageLog, RoomPost, SequenceFloor, SQLiteLog,
 )
 from ..protocol import MessageDraft, addressed_to, message_id_of
 from ..ratelimit import Charge
@@ -78,9 +78,11 @@ class DurableMessageStore(MessageStore):
     def start(self) -> None:
         """Connect and migrate. A PostgreSQL server that is not up yet is waited for
         (the worker runs, not ready); a SQLite file that cannot be opened is a
-        configuration error and stops start-up."""
+        configuration error and stops start-up, but one whose write lock another
+        process holds is waited for like a PostgreSQL that is not up yet."""
         self.writer.start()
-        if isinstance(self.log, SQLiteLog) and not self.writer.ready:
+        if (isinstance(self.log, SQLiteLog) and not self.writer.ready
+                and not isinstance(self.writer.last_failure, DatabaseBusy)):
             self.close()
             raise ConfigError(f"DATABASE_URL: cannot use {self.log.url_for_logs}: "
                               f"{self.writer.last_error}")
