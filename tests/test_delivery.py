@@ -1843,3 +1843,198 @@ def test_a_recovery_done_after_redis_lost_its_data_again_does_not_open_the_gate(
             assert taken()
         finally:
             client.close()
+
+
+# -- 13. a connection is registered whole, or refused with nothing of it left --------------
+# One worker's chat core on a Redis of the test's own (argv[1]); kim connected at another
+# worker ("there": its registration, and a pub/sub connection standing in for its
+# subscription). A guest here signs in as kim while the subscription of kim's channel is
+# not confirmed in time (the SUBSCRIBE goes out, Redis confirms it later: a timeout).
+_SIGN_IN_WHILE_THE_SUBSCRIPTION_FAILS = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, time
+import gevent.event, jwt, redis
+from wschat.auth import Authenticator, Identity
+from wschat.chat import Chat
+from wschat.config import Settings
+from wschat.protocol import draft_dm
+from wschat.session import Session
+from wschat.stores.base import Unavailable, User
+from wschat.stores.redis import create_redis_stores
+
+url, secret = sys.argv[1], sys.argv[2]
+settings = Settings.from_env({"REDIS_URL": url, "JWT_SECRET": secret})
+here = create_redis_stores(settings)
+chat = Chat(settings, here, Authenticator(settings), here.rate_limiter, start=False)
+here.start()
+chat.start()
+there = create_redis_stores(settings)
+there.messages.delivering = lambda: True  # its broker is the stand-in below
+admin = redis.Redis.from_url(url)
+stand_in = admin.pubsub()
+stand_in.subscribe("wschat:user:kim")
+if stand_in.get_message(timeout=5) is None:
+    raise SystemExit("the stand-in's subscription was not confirmed")
+there.keeper.beat_and_reap()
+there.presence.connect("c-there", User("kim", "Kim"))
+
+class Conn(Session):
+    def __init__(self, conn_id, user_id):
+        super().__init__(conn_id, Identity(user_id, user_id, None), False, "10.0.0.1")
+        self.events, self.arrived, self.closed_with = [], gevent.event.Event(), None
+    def send_frame(self, frame):
+        length = frame[1] & 0x7F
+        offset = 2 if length < 126 else 4 if length == 126 else 10
+        self.events.append(json.loads(frame[offset:]))
+        self.arrived.set()
+    def close(self, code, reason):
+        self.closed_with = (int(code), reason)
+    def reply(self, request_id, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events:
+                if event.get("id") == request_id:
+                    return event
+            self.arrived.clear()
+            self.arrived.wait(deadline - time.monotonic())
+        raise SystemExit(f"no reply to {request_id}")
+    def heard(self, kind, text, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(e["type"] == kind and e.get("text") == text for e in self.events):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.arrived.clear()
+            self.arrived.wait(left)
+
+def online(user_id):
+    return int(admin.hget("wschat:presence", user_id) or 0)
+
+deadline = time.monotonic() + 10
+while not here.broker.healthy():
+    if time.monotonic() > deadline:
+        raise SystemExit("the worker's pub/sub connection was not made")
+    gevent.sleep(0.02)
+guest = Conn("c-guest", "guest-1")
+chat.open(guest)
+token = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(time.time()) + 600}, secret,
+                   algorithm="HS256")
+real_await = here.broker._await
+def not_confirmed(key, waiter):
+    here.broker._await = real_await
+    raise Unavailable("redis: subscription not confirmed")
+here.broker._await = not_confirmed
+chat.receive(guest, json.dumps({"type": "auth", "token": token, "id": "a1"}))
+print("first", guest.reply("a1").get("code"))
+print("still", guest.user_id, guest.authenticated, sorted(chat.hub.users), online("kim"),
+      online("guest-1"))
+chat.receive(guest, json.dumps({"type": "auth", "token": token, "id": "a2"}))
+welcome = guest.reply("a2")
+print("second", welcome["type"], welcome.get("user_id"), welcome.get("authenticated"))
+print("online", online("kim"), [len(s) for u, s in chat.hub.users.items() if u == "kim"])
+draft = draft_dm("kim", "bob", "bob", "to every kim", int(time.time() * 1000), None)
+there.messages.post_dm("bob", "kim", draft, None)
+print("dm", guest.heard("dm", "to every kim"))
+"""
+
+
+def test_a_sign_in_whose_subscription_failed_leaves_the_connection_as_it_was() -> None:
+    """A guest signs in as kim (connected at another worker too) while this worker's
+    subscription of kim's channel is not confirmed in time. The sign-in is answered
+    ``unavailable`` and the connection goes on as the guest, registered as before; its
+    retry signs it in whole, and a DM to kim reaches it (before: the guest's identity was
+    gone, kim's was half made, an empty set in the hub's users and no presence; the
+    retry, "the same user" now, skipped the registration, so the connection was signed
+    in as kim and got none of her DMs, which dm_heard.lua counted as heard: the channel
+    was subscribed, by Redis's late confirmation)."""
+    import subprocess
+    import sys
+
+    with own_redis() as redis_server:
+        out = subprocess.run([sys.executable, "-c", _SIGN_IN_WHILE_THE_SUBSCRIPTION_FAILS,
+                              redis_server.url, SECRET], capture_output=True, text=True,
+                             timeout=60 * SCALE, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "first unavailable" in lines, out.stdout
+    assert "still guest-1 False ['guest-1'] 1 1" in lines, out.stdout
+    assert "second welcome kim True" in lines, out.stdout
+    assert "online 2 [1]" in lines, out.stdout
+    assert "dm True" in lines, out.stdout
+
+
+def test_a_registration_that_fails_half_way_leaves_nothing_registered(clock: Clock) -> None:
+    """The presence step of a connection's registration fails after the store made it
+    (its reply lost), once for a new connection and once for a guest signing in as kim:
+    the first is refused with nothing of it left (before: its hub entry and channel
+    stayed until the transport's close was done), the second is answered ``unavailable``
+    and stays the guest, registered as before (before: it was kim in the hub, on no
+    presence, and "the same user" for its retry, which never registered it)."""
+    from test_chat import SECRET as CHAT_SECRET
+
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    wanted: set[str] = set()  # the user channels this worker is subscribed to
+    chat.stores.broker.subscribe_user = wanted.add  # type: ignore[method-assign]
+    chat.stores.broker.unsubscribe_user = wanted.discard  # type: ignore[method-assign]
+    presence = chat.stores.presence
+    connect = presence.connect
+
+    def connect_then_lose_the_reply(conn_id: str, user: User) -> None:
+        connect(conn_id, user)
+        raise Unavailable("redis: TimeoutError")
+
+    presence.connect = connect_then_lose_the_reply  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        chat.open(FakeSession("kim", "Kim", True))
+    assert (chat.hub.users, wanted, presence.is_online("kim")) == ({}, set(), False)
+    del presence.connect
+    guest = FakeSession("guest-1", "guest-1")
+    chat.open(guest)
+    kim = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, CHAT_SECRET,
+                     algorithm="HS256")
+    presence.connect = connect_then_lose_the_reply  # type: ignore[method-assign]
+    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a1"}))
+    assert [(e["code"], e["id"]) for e in guest.events("error")] == [("unavailable", "a1")]
+    assert (guest.user_id, guest.authenticated) == ("guest-1", False)
+    assert (set(chat.hub.users), wanted) == ({"guest-1"}, {"guest-1"})
+    assert presence.is_online("guest-1") and not presence.is_online("kim")
+    del presence.connect
+    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a2"}))
+    assert guest.events("welcome")[-1]["user_id"] == "kim"
+    assert (set(chat.hub.users), wanted) == ({"kim"}, {"kim"})
+    assert presence.is_online("kim") and not presence.is_online("guest-1")
+
+
+def test_a_recovery_during_a_sign_in_registers_the_connection_as_what_it_is_now(
+        clock: Clock) -> None:
+    """A recovery (Redis rolled back: every registration out, the live ones in again) runs
+    while a guest signing in as kim waits for the store to take the guest out of its
+    room. It must register the connection as kim, which it is by then (before: as the
+    guest, whose registration the sign-in then took out, and kim's, made before the
+    recovery wiped it, was never made again: kim's connection counted nowhere)."""
+    from test_chat import SECRET as CHAT_SECRET
+
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    guest = FakeSession("guest-1", "guest-1")
+    chat.open(guest)
+    chat.receive(guest, json.dumps({"type": "join", "room": "r"}))
+    rooms, presence = chat.stores.rooms, chat.stores.presence
+    leave = rooms.leave
+
+    def leave_during_a_recovery(*args: Any) -> Any:
+        del rooms.leave
+        presence._conns.clear()  # type: ignore[attr-defined]  # the rollback
+        chat.resync()
+        return leave(*args)
+
+    rooms.leave = leave_during_a_recovery  # type: ignore[method-assign]
+    kim = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, CHAT_SECRET,
+                     algorithm="HS256")
+    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a1"}))
+    assert guest.events("welcome")[-1]["user_id"] == "kim"
+    assert "leave" not in vars(rooms), "the guest's leave did not run"
+    assert presence.is_online("kim") and not presence.is_online("guest-1")
+    assert rooms.members("r") == []
+

@@ -251,9 +251,10 @@ class Chat:
 
     # -- connection lifecycle ----------------------------------------------------------
     def open(self, session: Session) -> None:
-        """Register a new connection and greet it."""
-        self.hub.add_user(session)
-        self.stores.presence.connect(session.conn_id, session.user)
+        """Register a new connection and greet it. If it cannot be registered whole
+        (:meth:`_register`), it raises with nothing of it registered (the transport closes
+        the connection: 1013)."""
+        self._register(session, session.conn_id, session.user)
         self._watch_expiry(session)
         if self.settings.auth_required and not session.authenticated:
             self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
@@ -275,6 +276,22 @@ class Chat:
         self.metrics.disconnected("banned")
         session.close(CloseCode.DISCONNECTED, "banned")
         return True
+
+    def _register(self, session: Session, conn_id: str, user: User) -> None:
+        """``session`` hears ``user``'s events here (its channel subscribed, confirmed) and
+        counts as ``user``'s connection ``conn_id`` (presence, and with Redis this worker
+        among the user's: dm_heard.lua). All or nothing: if a step fails, what the others
+        did is undone before the error goes on, so that no DM is counted as heard by a
+        connection that cannot hear it, and a retry starts afresh."""
+        self.hub.add_user(session, user.user_id)
+        try:
+            self.stores.presence.connect(conn_id, user)
+        except BaseException:
+            self.hub.remove_user(session, user.user_id)
+            # Its reply may be what failed (a timeout): the connect may have been made.
+            self._disconnect_in_store(Session(conn_id, Identity(user.user_id, user.username,
+                                                                None), True))
+            raise
 
     def _greet(self, session: Session, request_id: RequestId = None,
                refresh: bool = False) -> None:
@@ -747,31 +764,34 @@ class Chat:
             return False
 
     def _become(self, session: Session, identity: Identity) -> None:
-        """The connection authenticates as another user (a guest signing in): its old
-        identity leaves everything it was part of, as a closing connection does, and the
-        new one connects. What the store could not do now is retried from tick() as the
-        old identity (``former``, a session nobody writes to), never as the new one; the
-        connection then goes on under a new ``conn_id``, so that those retries cannot
-        touch the new identity's entries (the store keys connections by ``conn_id``)."""
+        """The connection authenticates as another user (a guest signing in): the new
+        identity is registered (:meth:`_register`), under a new ``conn_id``, then the old
+        one leaves everything it was part of, as a closing connection does. If the new
+        one cannot be registered, the connection stays what it was (the ``auth`` is
+        answered ``unavailable``; its retry starts afresh). What the store could not do
+        for the old one is retried from tick() as the old identity (``former``, a
+        session nobody writes to), never as the new one: the store keys connections by
+        ``conn_id``, and the new one's is another."""
+        conn_id = f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
+        self._register(session, conn_id, User(identity.user_id, identity.username))
         former = Session(session.conn_id, Identity(session.user_id, session.username, None),
                          session.authenticated, session.remote_addr)
-        waiting = False
         for i, (who, room) in enumerate(self._unfinished):  # queued before, as the old identity
             if who is session:
                 self._unfinished[i] = (former, room)
-                waiting = True
-        queued = len(self._unfinished)
-        for room in list(session.rooms):
+        rooms = list(session.rooms)
+        for room in rooms:
             self._forget_locally(session, room)
-            self._leave_in_store(former, room)
-        self._disconnect_in_store(former)
         self.hub.remove_user(session)
-        if waiting or len(self._unfinished) > queued:
-            session.conn_id = f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
+        # The new identity from here on, before the old one's store steps: a recovery
+        # (Chat.resync) running while they wait registers the connection as what it is
+        # now; what it registered of the old one meanwhile, those steps take out.
+        session.conn_id = conn_id
         session.user_id, session.username = identity.user_id, identity.username
         session.held_send = session.refused_sends = None  # the old user's sends
-        self.hub.add_user(session)
-        self.stores.presence.connect(session.conn_id, session.user)
+        for room in rooms:
+            self._leave_in_store(former, room)
+        self._disconnect_in_store(former)
 
     def _join(self, session: Session, cmd: Join) -> None:
         room = cmd.room

@@ -43,6 +43,8 @@ class LocalHub:
         # stream brings it every message (a join with `since`; else None)
         self.rooms: dict[str, dict[Session, int | None]] = {}
         self.users: dict[str, set[Session]] = {}
+        # user id -> sessions waiting for the user's channel to be subscribed (add_user)
+        self._adding: dict[str, int] = {}
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
         # room -> {session: id}: sessions that went live with ids up to `id` from the
         # store while this worker's pub/sub stream had not delivered them yet (it lags
@@ -194,21 +196,46 @@ class LocalHub:
                 del self._recovering[room]
         self._maybe_drop_room(room)
 
-    def add_user(self, session: Session) -> None:
-        sessions = self.users.get(session.user_id)
+    def add_user(self, session: Session, user_id: str | None = None) -> None:
+        """Deliver the events of ``user_id`` (the session's user unless given) to
+        ``session``. A user's first session here subscribes this worker to the user's
+        channel and waits for Redis to confirm it. If that fails, nothing of it is left:
+        the session is in no ``users`` set, and the channel is wanted no longer unless
+        another session of the user is here or on its way (a set left behind would make
+        the user's next session here skip the subscription, and a session missing from
+        its set would hear none of the DMs dm_heard.lua counted as heard here)."""
+        user_id = session.user_id if user_id is None else user_id
+        sessions = self.users.get(user_id)
         if sessions is None:
-            sessions = self.users[session.user_id] = set()
-            self._broker.subscribe_user(session.user_id)
+            self._adding[user_id] = self._adding.get(user_id, 0) + 1
+            try:
+                self._broker.subscribe_user(user_id)
+            except BaseException:
+                self._added(user_id)
+                if user_id not in self.users and user_id not in self._adding:
+                    self._broker.unsubscribe_user(user_id)
+                raise
+            self._added(user_id)
+            sessions = self.users.setdefault(user_id, set())
         sessions.add(session)
 
-    def remove_user(self, session: Session) -> None:
-        sessions = self.users.get(session.user_id)
+    def _added(self, user_id: str) -> None:
+        left = self._adding[user_id] - 1
+        if left:
+            self._adding[user_id] = left
+        else:
+            del self._adding[user_id]
+
+    def remove_user(self, session: Session, user_id: str | None = None) -> None:
+        user_id = session.user_id if user_id is None else user_id
+        sessions = self.users.get(user_id)
         if sessions is None:
             return
         sessions.discard(session)
         if not sessions:
-            del self.users[session.user_id]
-            self._broker.unsubscribe_user(session.user_id)
+            del self.users[user_id]
+            if user_id not in self._adding:  # else the one on its way keeps it (or drops it)
+                self._broker.unsubscribe_user(user_id)
 
     # -- delivery (called by the broker) -----------------------------------------------
     def deliver_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
@@ -267,4 +294,6 @@ class LocalHub:
 
     # -- figures -----------------------------------------------------------------------
     def sessions(self) -> list[Session]:
-        return [s for group in self.users.values() for s in group]
+        """Every local session, once (one signing in as another user is listed under
+        both for a moment: Chat._become)."""
+        return list({s: None for group in self.users.values() for s in group})
