@@ -2038,3 +2038,66 @@ def test_a_recovery_during_a_sign_in_registers_the_connection_as_what_it_is_now(
     assert presence.is_online("kim") and not presence.is_online("guest-1")
     assert rooms.members("r") == []
 
+
+# -- 14. room members a rolled-back Redis lists but that are gone are taken out --------------
+def _room_members(redis_url: str, room_name: str) -> tuple[list[str], int]:
+    """(the users listed in the room, its connections) as Redis holds them."""
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(redis_url)
+    try:
+        users = sorted(u.decode() for u in admin.zrange(f"wschat:{{r:{room_name}}}:order", 0, -1))
+        return users, int(admin.hlen(f"wschat:{{r:{room_name}}}:conns"))
+    finally:
+        admin.close()
+
+
+def test_room_members_a_rolled_back_redis_lists_but_that_are_gone_are_taken_out() -> None:
+    """Redis restarts from a snapshot taken while carol (on A, alive) and dave (on C) were
+    in a room with alice and bob; carol has left since, and C was killed. Once the workers
+    recovered, the room lists alice and bob only: carol is taken out by A (its own
+    registrations, as the snapshot has them), dave by the reaper (C, dead, is in the
+    snapshot's registry). Before: carol stayed in the room, its users list and counts,
+    for as long as A lived (A registered its live connections again, and took the closed
+    ones out of presence only, not out of their rooms). The snapshot is younger than
+    PRESENCE_TTL: an older one has every worker's beat so old that the reaper takes the
+    live workers for dead too, and they register themselves again."""
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b(PRESENCE_TTL="12") as (redis_server, a, b, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        env = {**COMMON, "REDIS_URL": redis_server.url, "PRESENCE_TTL": "12"}
+        everyone = ["alice", "bob", "carol", "dave"]
+        with Server(env) as c:
+            carol = Client(a.url, f"token={token('carol')}")
+            dave = Client(c.url, f"token={token('dave')}")
+            carol.join(r)
+            dave.join(r)
+            assert _room_members(redis_server.url, r) == (everyone, 4)
+            admin = redis_py.Redis.from_url(redis_server.url)
+            try:
+                admin.save()  # the snapshot: carol and dave in the room
+            finally:
+                admin.close()
+            carol.close()
+            wait_until(lambda: _room_members(redis_server.url, r)[0] == ["alice", "bob", "dave"],
+                       message="carol to leave")
+            c.kill()
+            with contextlib.suppress(Exception):
+                dave.close()
+        redis_server.stop()
+        redis_server.start()  # loads the snapshot
+        assert _room_members(redis_server.url, r) == (everyone, 4)
+        for server in (a, b):
+            wait_until(lambda s=server: "re-registered" in s.output(),
+                       timeout=15 * SCALE, message="both workers to resync")
+        try:
+            wait_until(lambda: _room_members(redis_server.url, r) == (["alice", "bob"], 2),
+                       timeout=30 * SCALE, message="the room to list alice and bob only")
+        finally:
+            print("room members:", _room_members(redis_server.url, r))
+        assert "was reaped as dead" not in a.output() + b.output()  # not why carol went
+        users = bob.request({"type": "list_users", "room": r}, "users")["users"]
+        assert sorted(u["user_id"] for u in users) == ["alice", "bob"]

@@ -123,8 +123,10 @@ class RedisStores(Stores):
         if (lost or always) and self.broker.on_reconnect is not None:
             if lost:
                 # Lost, or rolled back to a snapshot listing connections closed since:
-                # all out, the live ones back in (posts wait for this recovery meanwhile).
+                # all out, the live ones back in (posts wait for this recovery meanwhile),
+                # and out of their rooms the memberships this worker no longer has.
                 self.presence.disconnect_all()  # type: ignore[attr-defined]
+                self.rooms.leave_gone()  # type: ignore[attr-defined]
             self.broker.on_reconnect()
         if lost:
             self.epoch.done()

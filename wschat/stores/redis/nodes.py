@@ -55,6 +55,29 @@ def disconnect_registered(disconnect: Any, client: Any, node_id: str, pipe: Any 
     return len(registered)
 
 
+def leave_memberships(leave: Any, client: Any, memberships: str,
+                      tokens: list[tuple[str, str, str]], room_ttl: int) -> list[Any]:
+    """Run leave.lua (``leave``) for each ``(room, conn_id, user_id)`` a node's
+    ``memberships`` set lists, in one pipeline; return its replies, in order."""
+    if not tokens:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for room, conn_id, user_id in tokens:
+            leave(keys=membership_keys(room, memberships),
+                  args=[room, conn_id, user_id, membership_token(room, conn_id, user_id),
+                        room_ttl], client=pipe)
+        return pipe.execute()
+
+
+def announce_offline(pipe: Any, tokens: list[tuple[str, str, str]], left: list[Any]) -> None:
+    """Publish (on ``pipe``) ``offline`` in each room where :func:`leave_memberships` took
+    a user's last connection out."""
+    for (room, _, user_id), (_, last, _, name) in zip(tokens, left, strict=True):
+        if last:
+            pipe.publish(room_channel(room), room_payload(
+                encode_presence(room, user_id, name.decode(), "offline"), user_id))
+
+
 class NodeKeeper:
     """Heartbeats this node and reaps nodes that died without cleaning up."""
 
@@ -154,17 +177,9 @@ class NodeKeeper:
         memberships = node_memberships(node_id)
         tokens = [t for t in (split_token(raw.decode())
                               for raw in self._client.smembers(memberships)) if t]
+        left = leave_memberships(self._leave, self._client, memberships, tokens, self._room_ttl)
         with self._client.pipeline(transaction=False) as pipe:
-            for room, conn_id, user_id in tokens:
-                self._leave(keys=membership_keys(room, memberships),
-                            args=[room, conn_id, user_id, membership_token(room, conn_id, user_id),
-                                  self._room_ttl], client=pipe)
-            left = pipe.execute() if tokens else []
-        with self._client.pipeline(transaction=False) as pipe:
-            for (room, _, user_id), (_, last, _, name) in zip(tokens, left, strict=True):
-                if last:
-                    pipe.publish(room_channel(room), room_payload(
-                        encode_presence(room, user_id, name.decode(), "offline"), user_id))
+            announce_offline(pipe, tokens, left)
             disconnect_registered(self._disconnect, self._client, node_id, pipe)
             # Not `conns`: each disconnect above takes its connection out, and one the
             # node (alive after all) registered since it was read stays, counted where

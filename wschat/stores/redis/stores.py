@@ -23,9 +23,12 @@ from ..base import (
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
-    membership_keys, membership_token, room_channel, room_keys, script, user_channel, user_nodes,
+    membership_keys, membership_token, room_channel, room_keys, script, split_token, user_channel,
+    user_nodes,
 )
-from .nodes import Node, disconnect_registered, live_window_ms
+from .nodes import (
+    Node, announce_offline, disconnect_registered, leave_memberships, live_window_ms,
+)
 
 DEDUPE_TTL = 3600
 
@@ -39,22 +42,45 @@ class RedisRoomStore(RoomStore):
         self._metrics = metrics
         self._join = script(client, "join")
         self._leave = script(client, "leave")
+        # The memberships (their tokens) this worker joined and has not left since, made
+        # in Redis or on their way: see leave_gone.
+        self._local: set[str] = set()
 
     @guarded
     def join(self, room: str, conn_id: str, user: User) -> JoinResult:
+        token = membership_token(room, conn_id, user.user_id)
+        self._local.add(token)
         out = self._join(keys=membership_keys(room, self._node.memberships), args=[
-            room, conn_id, user.user_id, user.username,
-            membership_token(room, conn_id, user.user_id)])
+            room, conn_id, user.user_id, user.username, token])
         members = [User(out[i].decode(), out[i + 1].decode()) for i in range(1, len(out), 2)]
         return JoinResult(bool(out[0]), members)
 
     @guarded
     def leave(self, room: str, conn_id: str, user_id: str) -> LeaveResult:
+        token = membership_token(room, conn_id, user_id)
+        self._local.discard(token)
         _, last, empty, _ = self._leave(keys=membership_keys(room, self._node.memberships),
-                                        args=[room, conn_id, user_id,
-                                              membership_token(room, conn_id, user_id),
-                                              self._room_ttl])
+                                        args=[room, conn_id, user_id, token, self._room_ttl])
         return LeaveResult(bool(last), bool(empty))
+
+    @guarded
+    def leave_gone(self) -> int:
+        """Take out of their rooms the memberships Redis lists for this node that it no
+        longer has (announcing ``offline`` where one was a user's last there), as the
+        reaper does for a dead node's; return how many. After Redis rolled back to a
+        snapshot (or a failover to a replica behind), the node's memberships are as the
+        snapshot has them: ones that ended since (connections closed, rooms left) would
+        stay in their rooms' member lists and counts for as long as the worker lives,
+        since the worker's re-registration only adds its live ones again."""
+        memberships = self._node.memberships
+        listed = (raw.decode() for raw in self._client.smembers(memberships))
+        tokens = [t for t in (split_token(raw) for raw in listed if raw not in self._local) if t]
+        left = leave_memberships(self._leave, self._client, memberships, tokens, self._room_ttl)
+        if any(last for _, last, _, _ in left):
+            with self._client.pipeline(transaction=False) as pipe:
+                announce_offline(pipe, tokens, left)
+                pipe.execute()
+        return sum(int(removed) for removed, *_ in left)
 
     @guarded
     def members(self, room: str) -> list[User]:
