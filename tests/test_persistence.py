@@ -415,7 +415,8 @@ def api_post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
 def test_turning_persistence_on_over_redis_reuses_no_room_or_dm_id(tmp_path: Path) -> None:
     """Redis numbered room messages and DMs before persistence was on; the database starts
     empty. The first ids the database gives are above Redis's, also for a post that no
-    join came before (/api/publish) and for DMs, whose ids clients dedupe by."""
+    join came before (/api/publish) and for DMs, whose ids clients dedupe by. Turned off
+    again, Redis's DM ids go on above the database's."""
     env = {"REDIS_URL": redis_url_or_skip(29), "JWT_SECRET": SECRET, "API_KEY": API_KEY,
            "RATE_LIMIT": "100000", "RATE_LIMIT_BURST": "100000"}
     room = unique("r")
@@ -436,6 +437,11 @@ def test_turning_persistence_on_over_redis_reuses_no_room_or_dm_id(tmp_path: Pat
             joined = b.join(room, since=3)
             assert joined["recovered"] is True and joined["last_id"] == 4
             assert b.expect("message")["text"] == "first stored"
+    # ... and turned off again: Redis numbers DMs once more, above the database's.
+    with Server(env) as server, Client(server.url, as_user(alice)) as a, \
+            Client(server.url, as_user(bob)) as b:
+        a.send({"type": "dm", "to": bob, "text": "after persistence"})
+        assert b.expect("dm", text="after persistence")["id"] == 4
 
 
 def ids_until(client: Client, last: int) -> list[int]:

@@ -297,6 +297,11 @@ class RedisMessageStore(MessageStore):
                 self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
                                            held_key(m.room)],
                                      args=[m.msg_id, m.event, self._size], client=pipe)
+            # The database numbers DMs while persistence is on: Redis's sequence follows
+            # it, so that turning persistence off again reuses no id a client holds.
+            dm_ids = [m.msg_id for m in messages if m.room is None]
+            if dm_ids:
+                self._raise_seq(keys=[DM_SEQ], args=[max(dm_ids)], client=pipe)
             replies = pipe.execute()
         out: list[int] = []
         it = iter(replies)
