@@ -549,6 +549,82 @@ def test_one_user_cannot_take_every_slot_in_a_burst(tight: Server) -> None:
     wait_until(connects, message="the user's slots given back")
 
 
+def unread_by_server(port: int, socks: list[socket.socket]) -> int:
+    """Bytes the server has not read yet from these client sockets (the receive queues
+    of its ends, from /proc/net/tcp)."""
+    def hex_addr(addr: tuple[str, int]) -> str:
+        return f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
+
+    peers = {hex_addr(sock.getsockname()) for sock in socks}
+    local = f"0100007F:{port:04X}"
+    unread = 0
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[2] in peers:
+                unread += int(fields[4].split(":")[1], 16)
+    return unread
+
+
+def accepted_in_a_burst(srv: Server, redis_client: Any, t: str, upgrades: int, auths: int
+                        ) -> int:
+    """Upgrades with token ``t`` and ``auth`` as its user on open guest connections, all
+    read by the server while Redis holds its writes (CLIENT PAUSE), so that every check
+    runs before any store call returns: how many connections the user got (101s and
+    ``welcome`` replies)."""
+    guests = [RawClient(srv.port, source=fresh_ip()) for _ in range(auths)]
+    socks = [socket.create_connection(("127.0.0.1", srv.port), TIMEOUT, (fresh_ip(), 0))
+             for _ in range(upgrades)]
+    redis_client.execute_command("CLIENT", "PAUSE", int(TIMEOUT * 1000), "WRITE")
+    try:
+        for sock in socks:
+            send_upgrade(sock, f"token={t}")
+        blob = text({"type": "auth", "token": t, "id": "burst"})
+        for guest in guests:
+            guest.sock.sendall(blob)
+        everyone = socks + [guest.sock for guest in guests]
+        wait_until(lambda: unread_by_server(srv.port, everyone) == 0,
+                   message="the server to read every request")
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+        accepted = [upgrade_status(sock) for sock in socks].count(101)
+        for guest in guests:
+            while (event := guest.next_event()).get("id") != "burst":
+                pass
+            assert event["type"] == "welcome" or event["code"] == "too_many_connections", event
+            accepted += event["type"] == "welcome"
+        return accepted
+    finally:
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+        for sock in socks:
+            sock.close()
+        for guest in guests:
+            guest.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_user_cannot_take_every_slot_with_auth_on_redis(workers: int) -> None:
+    """MAX_CONNECTIONS_PER_USER holds for ``auth`` as it does for upgrades (on each
+    worker), alone and mixed with upgrades: becoming the user waits for Redis before the
+    hub counts the connection, and all ten concurrent auths with a cap of 2 used to be
+    accepted, on one worker as on two."""
+    import redis
+
+    from conftest import redis_url_or_skip
+
+    url = redis_url_or_skip(29)
+    client = redis.Redis.from_url(url)
+    try:
+        with Server({"JWT_SECRET": SECRET, "REDIS_URL": url, "MAX_CONNECTIONS_PER_IP": "50",
+                     "MAX_CONNECTIONS_PER_USER": "2", "RATE_LIMIT": "1000",
+                     "RATE_LIMIT_BURST": "1000"}, workers=workers) as rsrv:
+            accepted = accepted_in_a_burst(rsrv, client, token("auth-burst"), 0, 10)
+            assert 2 <= accepted <= 2 * workers, accepted  # the cap on each worker, no more
+            accepted = accepted_in_a_burst(rsrv, client, token("mixed-burst"), 10, 10)
+            assert 2 <= accepted <= 2 * workers, accepted
+    finally:
+        client.close()
+
+
 # -- 7. guests cannot pass for signed-in users ----------------------------------------------
 
 def test_guest_events_are_marked(srv: Server) -> None:

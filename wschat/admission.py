@@ -175,13 +175,9 @@ class Admission:
             return Refusal(503, f"{stores.name} unreachable; retry", "unavailable",
                            {"Retry-After": "2"})
         cap = self.settings.max_connections_per_user
-        # The hub counts a user's connections once the chat has registered them; the
-        # transport counts those admitted meanwhile (a burst of upgrades, all checked
-        # before the first one is registered, would each see none).
-        opening = self.transport.opening
-        if (authenticated and cap
-                and len(self.chat.hub.users.get(identity.user_id, ()))
-                + opening.counts.get(identity.user_id, 0) >= cap):
+        # Counted from its admission (hub.arrive below), not only once the chat has
+        # registered it: a burst of upgrades, all checked first, would each see none.
+        if authenticated and cap and self.chat.hub.connections_of(identity.user_id) >= cap:
             return Refusal(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
                            "max_connections_per_user", {"Retry-After": "5"})
         if not self.transport.addresses.claim(addr):
@@ -196,7 +192,7 @@ class Admission:
         # connection and would make shared, encode-once frames impossible.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
         if authenticated:
-            opening.claim(identity.user_id)
+            self.chat.hub.arrive(identity.user_id)
         return Admitted(identity, authenticated, addr)
 
     def release(self, admitted: Admitted) -> None:
@@ -204,7 +200,7 @@ class Admission:
         self.transport.budget.release()
         self.transport.addresses.release(admitted.addr)
         if admitted.authenticated:
-            self.transport.opening.release(admitted.identity.user_id)
+            self.chat.hub.arrived(admitted.identity.user_id)
 
 
 def _guest_identity(username: str | None) -> Identity:

@@ -731,12 +731,17 @@ class Chat:
         same_user = identity.user_id == session.user_id
         refresh = same_user and session.authenticated
         cap = self.settings.max_connections_per_user
-        if (not same_user and cap
-                and len(self.hub.users.get(identity.user_id, ())) >= cap):
+        if not same_user and cap and self.hub.connections_of(identity.user_id) >= cap:
             raise ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
                                 f"at most {cap} connections per user", cmd.request_id)
-        if identity.user_id != session.user_id:
-            self._become(session, identity)
+        if not same_user:
+            # Counted until _become has added it: its store calls may wait, and other
+            # auths as this user would pass the cap meanwhile.
+            self.hub.arrive(identity.user_id)
+            try:
+                self._become(session, identity)
+            finally:
+                self.hub.arrived(identity.user_id)
         session.username = identity.username
         session.authenticated = True
         session.expires_at = identity.expires_at

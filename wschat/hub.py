@@ -45,6 +45,10 @@ class LocalHub:
         self.users: dict[str, set[Session]] = {}
         # user id -> sessions waiting for the user's channel to be subscribed (add_user)
         self._adding: dict[str, int] = {}
+        # Signed-in users' connections on their way into ``users``: an upgrade admitted
+        # but not yet opened, an ``auth`` whose store calls run before it is added.
+        # MAX_CONNECTIONS_PER_USER counts them (:meth:`connections_of`).
+        self.arriving: dict[str, int] = {}
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
         # room -> {session: id}: sessions that went live with ids up to `id` from the
         # store while this worker's pub/sub stream had not delivered them yet (it lags
@@ -195,6 +199,23 @@ class LocalHub:
             if not waiting:
                 del self._recovering[room]
         self._maybe_drop_room(room)
+
+    def connections_of(self, user_id: str) -> int:
+        """The user's connections here, those on their way in included: checks of
+        MAX_CONNECTIONS_PER_USER that run while others wait (an upgrade's handshake, a
+        store call) would each see none of them otherwise."""
+        return len(self.users.get(user_id, ())) + self.arriving.get(user_id, 0)
+
+    def arrive(self, user_id: str) -> None:
+        self.arriving[user_id] = self.arriving.get(user_id, 0) + 1
+
+    def arrived(self, user_id: str) -> None:
+        """Added to ``users`` (or given up): no longer counted as on its way."""
+        held = self.arriving.get(user_id, 0)
+        if held <= 1:
+            self.arriving.pop(user_id, None)
+        else:
+            self.arriving[user_id] = held - 1
 
     def add_user(self, session: Session, user_id: str | None = None) -> None:
         """Deliver the events of ``user_id`` (the session's user unless given) to

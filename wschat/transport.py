@@ -47,9 +47,6 @@ class Transport:
         self.heartbeat_interval = settings.heartbeat_interval
         self.connections: set[WebSocketConnection] = set()
         self.addresses = AddressLimit(settings.max_connections_per_ip)
-        # Signed-in users' connections admitted but not yet registered by the chat
-        # (MAX_CONNECTIONS_PER_USER counts them with the hub's): no limit of its own.
-        self.opening = AddressLimit(0)
         self.node_id = chat.stores.node_id  # the same id as its node in Redis
         self._conn_seq = itertools.count(1)
         self.shutting_down = False
@@ -88,7 +85,7 @@ class Transport:
     def opened(self, conn: WebSocketConnection) -> None:
         """The chat has registered ``conn`` (or failed to): the hub counts it from now."""
         if conn.authenticated:
-            self.opening.release(conn.user_id)
+            self.chat.hub.arrived(conn.user_id)
 
     def forget(self, conn: WebSocketConnection) -> None:
         if conn in self.connections:
