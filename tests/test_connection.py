@@ -175,6 +175,40 @@ def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> N
     assert event.code == CloseCode.SLOW_CONSUMER
 
 
+def test_pings_and_pongs_go_ahead_of_a_backlog_between_whole_frames(transport: Transport
+                                                                    ) -> None:
+    """A heartbeat ping and the pongs to the peer's pings are written at the backlog's
+    next frame boundary, in the order they were made, not behind the whole backlog;
+    every data frame still arrives whole and in order (RFC 6455 5.4, 5.5)."""
+    conn, peer = serve(transport, EchoConnection)
+
+    def send(i: int) -> None:
+        payload = f"{i:04d}".encode() + b"x" * 5000
+        conn.send_frame(b"\x81\x7e" + len(payload).to_bytes(2, "big") + payload)
+
+    frames = 0
+    while conn.outbound_bytes == 0:  # until the socket pair's buffers are full
+        assert frames < 1000, "no backlog formed"
+        send(frames)
+        frames += 1
+    for _ in range(6):  # a backlog of 6 frames more, under MAX_OUTBOUND_BYTES (64 KiB)
+        send(frames)
+        frames += 1
+    transport.heartbeat(conn.next_ping)
+    conn.write_control(b"\x8a\x01a")  # as _frame answers a peer's ping "a", then "b"
+    conn.write_control(b"\x8a\x01b")
+    events = []
+    with gevent.Timeout(TIMEOUT):
+        while sum(isinstance(e, TextMessage) for e in events) < frames:
+            events.append(peer.next_event())
+    texts = [e.data[:4] for e in events if isinstance(e, TextMessage)]
+    assert texts == [f"{i:04d}" for i in range(frames)]
+    controls = [(i, e) for i, e in enumerate(events) if not isinstance(e, TextMessage)]
+    assert [e for _, e in controls] == [Ping(payload=b""), Pong(payload=b"a"),
+                                        Pong(payload=b"b")], events
+    assert controls[-1][0] < len(events) - 2, "the control frames waited for the backlog"
+
+
 # -- the frame parser (wschat.connection: strict RFC 6455, server side) -----------------
 def raw_frame(opcode: int, payload: bytes = b"", fin: bool = True, masked: bool = True,
               rsv: int = 0) -> bytes:

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
 from conftest import TIMEOUT, Client, Server, redis_url_or_skip, wait_until
-from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawClient, client_frame
+from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawClient, client_frame
 
 SECRET = "limits-secret-0123456789abcdef0123"
 RATE, BURST = 20, 10
@@ -511,6 +511,50 @@ def test_one_large_reply_is_not_a_backlog(srv: Server) -> None:
         history = reader.request({"type": "history", "room": r, "limit": 25}, "history")
         assert [m["id"] for m in history["messages"]] == list(range(1, 26))
         assert reader.request({"type": "ping", "id": 1}, "pong")["id"] == 1
+
+
+def test_heartbeat_reaches_a_slow_but_steady_reader() -> None:
+    """A client reading a backlog slowly but steadily is alive: the heartbeat's pings go
+    out at the backlog's next frame boundary (RFC 6455 5.5: control frames may come
+    between data frames), so it answers them while it reads. They used to wait behind
+    the whole backlog (up to MAX_OUTBOUND_BYTES), and a reader taking longer than two
+    intervals over it was closed as silent (4100)."""
+    heartbeat, count, rate = 2.0, 200, 128 * 1024  # ~800 KiB of backlog, read in ~6 s
+    with Server({"HEARTBEAT_INTERVAL": str(heartbeat), "SOCKET_SEND_BUFFER": "8192",
+                 "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000",
+                 "JWT_SECRET": SECRET}) as server:
+        r = room()
+        reader = RawClient(server.port, rcvbuf=4096)
+        try:
+            reader.send({"type": "join", "room": r})
+            reader.expect("joined")
+            with user(server) as publisher:
+                publisher.join(r)
+                for i in range(count):
+                    publisher.send({"type": "message", "room": r, "text": f"{i} " + "s" * 3990})
+                publisher.expect("message", text=f"{count - 1} " + "s" * 3990)
+            started, read, pings, close = time.monotonic(), 0, 0, None
+            while read < count and close is None:
+                assert time.monotonic() < started + 6 * heartbeat + TIMEOUT, (read, pings)
+                frame = reader._parse()
+                if frame is None:
+                    held = len(reader.buf)
+                    reader._fill(TIMEOUT)
+                    time.sleep((len(reader.buf) - held) / rate)  # the reader's pace
+                elif frame[0] == OP_PING:
+                    reader.send_frame(OP_PONG, frame[1])  # as a browser does
+                    pings += 1
+                elif frame[0] == OP_CLOSE:
+                    close = reader.close_code
+                elif json.loads(frame[1]).get("type") == "message":
+                    read += 1
+            took = time.monotonic() - started
+        finally:
+            reader.close()
+        assert close is None and read == count, (close, read)
+        assert took > 2 * heartbeat  # it was slow: silent for two intervals without pings
+        assert metric(server, "wschat_disconnects_total", reason="heartbeat_timeout") == 0
+        assert pings >= 2, pings  # pings came while it read, not after the backlog
 
 
 # -- backpressure ----------------------------------------------------------------------

@@ -77,6 +77,8 @@ COALESCE_BYTES = 65536
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPS = (OP_CONT, OP_TEXT, OP_BINARY)
 _CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
+# The first byte of our ping and pong frames (FIN set; we never fragment them).
+_CONTROL_FIRST_BYTES = (0x80 | OP_PING, 0x80 | OP_PONG)
 # Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry; 3000-4999 are
 # for libraries and applications). 1004-1006 and 1015 must never be on the wire.
 _PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
@@ -320,6 +322,26 @@ class WebSocketConnection(Session):
             return
         if sent < len(data):
             self._queue(memoryview(data)[sent:])
+
+    def write_control(self, frame: bytes) -> None:
+        """Write a ping or a pong ahead of any backlog, at its first frame boundary:
+        behind the entry being written (the head may be half sent; every entry after it
+        is whole frames) and the control frames already put there, before the data
+        frames. RFC 6455 5.5 lets control frames come between data frames, never inside
+        one. A heartbeat then measures whether the peer reads, not how long the backlog
+        takes (a slow but steady reader of up to MAX_OUTBOUND_BYTES answers in time),
+        and the peer's own pings are answered as soon as it reads on."""
+        if self.state is not _OPEN:
+            return  # our close frame is queued or sent: nothing may follow it
+        outbox = self._outbox
+        if outbox is None:
+            self.write(frame)  # no backlog: at once
+            return
+        at = 1
+        while at < len(outbox) and outbox[at][0] in _CONTROL_FIRST_BYTES:
+            at += 1
+        outbox.insert(at, frame)
+        self._outbox_bytes += len(frame)
 
     def _queue(self, data: bytes | memoryview) -> None:
         outbox = self._outbox
@@ -622,7 +644,7 @@ class WebSocketConnection(Session):
             self.transport.chat.cut_off_flooder(self)
             return False
         if opcode == OP_PING and self.state is _OPEN:
-            self.write(control_frame(OP_PONG, payload))
+            self.write_control(control_frame(OP_PONG, payload))
         return True
 
     def _control_allowed(self) -> bool:

@@ -161,7 +161,7 @@ class Transport:
                 conn.drop_slow_consumer()
             elif now >= conn.next_ping:
                 conn.next_ping = now + self.heartbeat_interval
-                conn.write(PING_FRAME)
+                conn.write_control(PING_FRAME)  # ahead of a backlog (RFC 6455 5.5)
 
     # -- shutdown ----------------------------------------------------------------------
     def shutdown(self, timeout: float) -> None:
