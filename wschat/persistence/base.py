@@ -255,6 +255,13 @@ class DirectLog(MessageLog):
                                      p.created_ms, p.delivered, p.event)
                                     for p in number(new_dms, int(last))])
         copy_originals(room_retries + dm_retries)
+        if any(isinstance(j, (Arrival, DmsDelivered)) for j in jobs) or any(
+                p.duplicate and not p.delivered for p in dms):
+            # Users' and kept DMs' rows are locked below in job order, which two writers
+            # may have in opposite orders (PostgreSQL: deadlock detected, a failed batch).
+            # Under the DM sequence's row, taken after the rooms' as every writer takes
+            # it, no two transactions lock them at once.
+            conn.execute(d.q(DM_SEQ_SQL), LOCK_DM_SEQ_PARAMS).fetchone()
         for post in dms:
             if post.duplicate and not post.delivered:
                 conn.execute(d.q(KEEP_AGAIN_SQL),
