@@ -44,7 +44,7 @@ class LocalHub:
         self.rooms: dict[str, dict[Session, int | None]] = {}
         self.users: dict[str, set[Session]] = {}
         # user id -> sessions waiting for the user's channel to be subscribed (add_user)
-        self._adding: dict[str, int] = {}
+        self._subscribing: dict[str, int] = {}
         # Signed-in users' connections on their way into ``users``: an upgrade admitted
         # but not yet opened, an ``auth`` whose store calls run before it is added.
         # MAX_CONNECTIONS_PER_USER counts them (:meth:`connections_of`).
@@ -228,24 +228,24 @@ class LocalHub:
         user_id = session.user_id if user_id is None else user_id
         sessions = self.users.get(user_id)
         if sessions is None:
-            self._adding[user_id] = self._adding.get(user_id, 0) + 1
+            self._subscribing[user_id] = self._subscribing.get(user_id, 0) + 1
             try:
                 self._broker.subscribe_user(user_id)
             except BaseException:
-                self._added(user_id)
-                if user_id not in self.users and user_id not in self._adding:
+                self._done_subscribing(user_id)
+                if user_id not in self.users and user_id not in self._subscribing:
                     self._broker.unsubscribe_user(user_id)
                 raise
-            self._added(user_id)
+            self._done_subscribing(user_id)
             sessions = self.users.setdefault(user_id, set())
         sessions.add(session)
 
-    def _added(self, user_id: str) -> None:
-        left = self._adding[user_id] - 1
+    def _done_subscribing(self, user_id: str) -> None:
+        left = self._subscribing[user_id] - 1
         if left:
-            self._adding[user_id] = left
+            self._subscribing[user_id] = left
         else:
-            del self._adding[user_id]
+            del self._subscribing[user_id]
 
     def remove_user(self, session: Session, user_id: str | None = None) -> None:
         user_id = session.user_id if user_id is None else user_id
@@ -255,7 +255,7 @@ class LocalHub:
         sessions.discard(session)
         if not sessions:
             del self.users[user_id]
-            if user_id not in self._adding:  # else the one on its way keeps it (or drops it)
+            if user_id not in self._subscribing:  # the one on its way keeps it (or drops it)
                 self._broker.unsubscribe_user(user_id)
 
     # -- delivery (called by the broker) -----------------------------------------------
