@@ -129,6 +129,14 @@ interface Request {
 
 /** Request ids are strings (never mistaken for a message id); these prefixes mark ids whose answers need no routing. */
 const TYPING_PREFIX = "t";
+/**
+ * The answers to a new connection's `auth` that say "not now" rather than judge its token
+ * (README "Error codes"): the server registered nothing of the sign-in, and the client
+ * reconnects and signs in again. `forbidden` (banned everywhere; the server closes with 4003)
+ * stops it; anything else (`auth_failed`, `token_expired`: a refused token) needs a fresh
+ * token (getToken), else stops.
+ */
+const AUTH_RETRY_LATER = new Set(["unavailable", "internal_error", "rate_limited", "too_many_connections"]);
 const SYNC_PREFIX = "s";
 
 export class ChatClient extends Emitter<ClientEvents> {
@@ -646,6 +654,17 @@ export class ChatClient extends Emitter<ClientEvents> {
       this.timers.refresh = setTimeout(() => conn === this.conn && void this.refreshToken(), this.refreshRetryDelay(err));
       return;
     }
+    if (AUTH_RETRY_LATER.has(err.code)) {
+      // Not a verdict on the token: the server could not sign us in for now (`unavailable`:
+      // its store away; `internal_error`; `rate_limited`, whose `retry_after_ms` onError
+      // noted; `too_many_connections`), and registered nothing of it. A new connection
+      // tries again after the backoff (not before `retry_after_ms`), with the same rooms
+      // and outbox, as after a close with 1013 (try again later).
+      this.onClosed(1013, `auth not carried out: ${err.code}`, "reconnect");
+      return;
+    }
+    // Banned everywhere: the 4003 close that follows, at once (no fresh token changes it).
+    if (err.code === "forbidden") return this.onClosed(4003, `auth refused: ${err.code}`);
     // The token of a new connection was refused: a fresh one may do (getToken), else stop.
     if (this.opts.getToken) this.onClosed(4002, `auth refused: ${err.code}`);
     else this.onClosed(4001, `auth refused: ${err.code}`);

@@ -238,6 +238,49 @@ test("redis_restart", async () => {
   }
 });
 
+test("auth answered unavailable (Redis away): the client signs in again, its session kept", async () => {
+  // The store goes away between the upgrade (admitted while Redis answered) and the client's
+  // `auth`: the server registers nothing and answers `unavailable` (retry later). The socket
+  // holds that first `auth` until Redis is stopped, so the answer is `unavailable` every time.
+  // A fixed token, no getToken: the client must not take it for a refused token (4001, stop).
+  const s = await harness.server({ backend: "redis" });
+  const room = "signin";
+  const [b] = await members(room, [s.url, "bob"]);
+  let held = null;
+  let release;
+  class HoldFirstAuth extends WebSocket {
+    send(data, ...rest) {
+      if (release === undefined && JSON.parse(String(data)).type === "auth") {
+        release = () => super.send(data, ...rest);
+        held = String(data);
+        return;
+      }
+      super.send(data, ...rest);
+    }
+  }
+  const c = client(s.url, { token: await harness.token("ann"), WebSocket: HoldFirstAuth });
+  const app = recorder(c);
+  c.join(room).catch(() => {}); // wanted before connecting: joined once signed in
+  const queued = c.send(room, "queued before signing in");
+  const connected = c.connect();
+  await until(() => held !== null, "the first auth on the wire");
+  await harness.call("/redis/stop");
+  await until(async () => (await fetch(`${s.http}/ready`)).status === 503, "the server seeing Redis away");
+  const refused = next(c, "error", (e) => e.code === "unavailable");
+  release();
+  await refused;
+  await harness.call("/redis/start");
+  await connected;
+  assert.equal(c.userId, "ann");
+  assert.equal(c.authenticated, true);
+  await until(() => c.roomState(room) === "joined", "the room joined");
+  const sent = [(await queued).id, (await c.send(room, "after signing in")).id];
+  await until(() => b.app.ids(room).includes(sent[1]), "bob has ann's messages");
+  assertExactlyOnce(b.app, room, sent, 0, "bob", { contiguous: false });
+  const stops = app.events.filter((e) => e.event === "disconnected" || (e.event === "error" && e.payload.code === "closed"));
+  assert.deepEqual(stops, []);
+});
+
 test("kill_worker", async () => {
   const s = await harness.server({ backend: "redis", workers: 2 });
   const room = "crash";

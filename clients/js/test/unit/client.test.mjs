@@ -197,6 +197,62 @@ test("guest username goes on the URL; a token goes in an auth message, never the
   t.c.disconnect();
 });
 
+test("auth of a new connection: unavailable, internal_error, rate_limited, too_many_connections reconnect; auth_failed, token_expired are token refusals; forbidden stops", async () => {
+  // The server could not sign the client in for now: a fixed token stays good, the client
+  // signs in again on a new connection (a rate_limited not before its retry_after_ms),
+  // keeping its rooms and outbox. Only a refused token needs a fresh one, else stops (4001).
+  for (const code of ["unavailable", "internal_error", "rate_limited", "too_many_connections"]) {
+    const { server, c, events } = setup({ token: fakeToken("ada") });
+    let refusedAt = 0;
+    let againAt = 0;
+    server.replies.push((ws, f) => {
+      if (f.type === "auth" && refusedAt) againAt ||= Date.now();
+      if (f.type !== "auth" || refusedAt) return false;
+      refusedAt = Date.now();
+      server.push(ws, { type: "error", id: f.id, code, message: "not now", ...(code === "rate_limited" ? { retry_after_ms: 300 } : {}) });
+      return true;
+    });
+    const joined = c.join("kept");
+    const sent = c.send("kept", "queued");
+    await within(c.connect(), 2000, `${code}: connect`);
+    assert.equal(c.userId, "ada");
+    assert.equal(server.sockets.length, 2, `${code}: a new connection signed in`);
+    assert.equal(server.sockets[0].closedWith?.code, 4000, `${code}: the refused socket closed`);
+    const [lost] = events("connecting").filter((e) => e.code !== undefined);
+    assert.equal(lost.code, 1013, `${code}: ${JSON.stringify(lost)}`);
+    assert.equal(events("error").map((e) => e.code).join(), code);
+    assert.deepEqual(events("disconnected"), []);
+    if (code === "rate_limited") {
+      const waited = againAt - refusedAt;
+      assert.ok(lost.delay >= 290 && waited >= 290, `reconnected ${waited} ms after retry_after_ms 300 (delay ${lost.delay})`);
+    }
+    await within(joined, 2000, `${code}: the join made before connecting`);
+    assert.equal((await within(sent, 2000, `${code}: the queued send`)).text, "queued");
+    c.disconnect();
+  }
+  for (const code of ["auth_failed", "token_expired"]) {
+    const fixed = setup({ token: fakeToken("ada") });
+    fixed.server.replies.push((ws, f) => f.type === "auth" && (fixed.server.push(ws, { type: "error", id: f.id, code, message: "no" }), true));
+    const err = await within(fixed.c.connect().then(() => null, (e) => e), 2000, `${code}: a fixed token stops`);
+    assert.equal(err?.closeCode, 4001, `${code}: ${err}`);
+    assert.equal(fixed.server.sockets.length, 1);
+    let calls = 0;
+    const fresh = setup({ getToken: () => fakeToken(`ada${++calls}`) });
+    fresh.server.replies.push((ws, f) => f.type === "auth" && calls === 1 && (fresh.server.push(ws, { type: "error", id: f.id, code, message: "no" }), true));
+    await within(fresh.c.connect(), 2000, `${code}: getToken gives a fresh one`);
+    assert.equal(fresh.events("connecting").find((e) => e.code !== undefined).code, 4002);
+    assert.equal(fresh.c.userId, "ada2");
+    fresh.c.disconnect();
+  }
+  // Banned everywhere: the server answers forbidden and closes with 4003; no token changes it.
+  const banned = setup({ getToken: () => fakeToken("ada") });
+  banned.server.replies.push((ws, f) => f.type === "auth" && (banned.server.push(ws, { type: "error", id: f.id, code: "forbidden", message: "banned", reason: "banned" }), true));
+  const err = await within(banned.c.connect().then(() => null, (e) => e), 2000, "forbidden stops");
+  assert.equal(err?.closeCode, 4003, `forbidden: ${err}`);
+  await tick(50);
+  assert.equal(banned.server.sockets.length, 1, "no reconnect after a ban");
+});
+
 test("rooms: rejoined with since after a reconnect; joining/joined/left states", async () => {
   const { server, c, events, messages } = setup();
   await c.connect();
