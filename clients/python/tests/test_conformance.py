@@ -262,6 +262,35 @@ async def test_token_refresh(harness: Harness) -> None:
     await client.close()
 
 
+async def test_a_refresh_refused_for_now_waits_for_retry_after_ms(harness: Harness) -> None:
+    """A token refresh the server cannot carry out now (its `auth` answered `rate_limited`
+    here; `unavailable` and `internal_error` are the same case) keeps the connection and
+    its token, and is tried again after the backoff, never before `retry_after_ms`: one
+    refusal, then the fresh token is in use and the session goes on."""
+    server = await harness.server("memory", env={"RATE_LIMIT_REQUESTS": "1",
+                                                 "RATE_LIMIT_REQUESTS_BURST": "5"})
+    issued: list[str] = []
+
+    async def get_token() -> str:
+        issued.append(await harness.token("rita", ttl=4))
+        return issued[-1]
+
+    client, rec = make_client(server["url"], get_token=get_token)
+    await client.connect()
+    for _ in range(5):  # the user's request bucket spent: the refresh's auth (5) must wait
+        await client.ping()
+    await eventually(lambda: len(issued) >= 2 and client._token == issued[-1],
+                     "the refreshed token in use", 4 * TIMEOUT)
+    refused = [e for e in rec.of("error") if e.code == "rate_limited"]
+    assert len(refused) == 1, [(e.code, e.retry_after_ms) for e in refused]
+    assert refused[0].retry_after_ms and refused[0].retry_after_ms >= 500
+    assert [e.code for e in rec.of("error")] == ["rate_limited"]
+    assert not rec.of("disconnected") and client.state is ConnectionState.CONNECTED
+    await client.join("refresh")
+    assert (await client.send("refresh", "after the refresh")).user_id == "rita"
+    await client.close()
+
+
 async def test_outbox_resend(harness: Harness) -> None:
     """Sends pending when the socket is cut, and sends made while disconnected, arrive once, in order."""
     server = await harness.server("memory")

@@ -1054,8 +1054,13 @@ class Client:
             except ChatError as err:
                 if isinstance(err, Disconnected):
                     return
+                # Refused (a token refusal: get_token is asked again; unavailable,
+                # internal_error, rate_limited: the server cannot now): the connection
+                # and its current token stay; tried again after the backoff, and never
+                # before the server's retry_after_ms (as the JS and Rust clients do).
                 self._emit("error", err)
-                delay, failures = self.backoff.delay(failures), failures + 1
+                delay = max(self.backoff.delay(failures), (err.retry_after_ms or 0) / 1000)
+                failures += 1
                 continue
             except Exception as exc:
                 log.warning("get_token failed: %s", exc)
