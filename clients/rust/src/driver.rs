@@ -159,6 +159,8 @@ pub(crate) struct Driver {
     /// `token::refresh_wait`).
     refresh_at: Option<(Instant, RefreshDue)>,
     refresh_rid: Option<u64>,
+    /// Token refreshes refused (or token callback failures) in a row: the next waits longer.
+    refresh_failures: u32,
     heartbeat: Duration,
     /// A retry of refused sends is due (one timer for all of them).
     flush_scheduled: bool,
@@ -225,6 +227,7 @@ impl Driver {
             token: None,
             refresh_at: None,
             refresh_rid: None,
+            refresh_failures: 0,
             heartbeat: Duration::from_secs(30),
             flush_scheduled: false,
             pacer,
@@ -673,7 +676,7 @@ impl Driver {
             Internal::Token(Err(e)) => {
                 self.emit(Event::Error(Error::Token(e)));
                 if self.online {
-                    self.refresh_at = Some((Instant::now() + Duration::from_secs(1), RefreshDue::Fetch));
+                    self.retry_refresh(None);
                 }
             }
             Internal::Flush => {
@@ -727,6 +730,18 @@ impl Driver {
                 let _ = tx.send(Internal::Token(get().await));
             });
         }
+    }
+
+    /// A refresh refused by the server (any code: a token refusal asks the callback again;
+    /// `unavailable`, `internal_error`, `rate_limited`: the server cannot now), or a token
+    /// callback that failed: the connection and its current token stay, and the refresh is
+    /// tried again after 1 s, then the backoff growing while refusals go on, never before
+    /// the server's `retry_after_ms` (as the JS and Python clients do).
+    fn retry_refresh(&mut self, retry_after_ms: Option<u64>) {
+        let backoff = self.cfg.backoff.delay(self.refresh_failures, fastrand::f64());
+        self.refresh_failures = self.refresh_failures.saturating_add(1);
+        let wait = backoff.max(Duration::from_secs(1)).max(Duration::from_millis(retry_after_ms.unwrap_or(0)));
+        self.refresh_at = Some((Instant::now() + wait, RefreshDue::Fetch));
     }
 
     fn schedule_refresh(&mut self) {
@@ -863,6 +878,7 @@ impl Driver {
                 if refresh {
                     self.emit(welcome);
                     self.refresh_rid = None;
+                    self.refresh_failures = 0;
                     self.schedule_refresh();
                 } else if !self.online {
                     self.set_state(ConnectionState::Connected);
@@ -972,6 +988,7 @@ impl Driver {
     fn came_online(&mut self) {
         self.online = true;
         self.attempt = 0;
+        self.refresh_failures = 0;
         self.retry_after = None;
         self.pacer.reset();
         self.set_state(ConnectionState::Connected);
@@ -1146,8 +1163,12 @@ impl Driver {
             let _ = req.reply.send(Err(error));
         } else if Some(rid) == self.refresh_rid {
             self.refresh_rid = None;
+            let retry_after_ms = match &error {
+                Error::Server { retry_after_ms, .. } => *retry_after_ms,
+                _ => None,
+            };
             self.emit(Event::Error(error));
-            self.refresh_at = Some((Instant::now() + Duration::from_secs(1), RefreshDue::Fetch));
+            self.retry_refresh(retry_after_ms);
         } else if self.synced(rid) {
             // The `ping` behind a join was refused: its answer still comes after the replay.
             self.flush_outbox();

@@ -101,6 +101,50 @@ async fn a_refused_token_without_callback_is_terminal() {
     assert!(matches!(last, Some(Event::Disconnected { reconnect_in: None, .. })), "{last:?}");
 }
 
+/// A token refresh the server cannot carry out now (its `auth` answered `rate_limited` here;
+/// `unavailable` and `internal_error` are the same case) keeps the connection and its token,
+/// and is tried again not before `retry_after_ms`: one refusal, then the fresh token's
+/// `welcome`, and the session goes on. It was tried again after a fixed second, refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_refused_for_now_waits_for_retry_after_ms() {
+    let h = Harness::start().await;
+    let env = json!({"RATE_LIMIT_REQUESTS": "1", "RATE_LIMIT_REQUESTS_BURST": "5"});
+    let s = h.server("memory", 1, env).await;
+    let control = h.control.clone();
+    let (c, events) = Client::builder(s.url.clone())
+        .backoff(Duration::from_millis(100), Duration::from_secs(2))
+        .token(move || {
+            let control = control.clone();
+            async move {
+                let reply = common::post(&control, "/token", json!({"sub": "rita", "ttl": 4})).await;
+                Ok(reply["token"].as_str().unwrap().to_owned())
+            }
+        })
+        .connect();
+    let rec = Recorder::new(events);
+    c.wait_connected(scaled(20.0)).await.unwrap();
+    for _ in 0..5 {
+        // The user's request bucket (5) spent: the refresh's auth (cost 5) must wait.
+        c.ping().await.unwrap();
+    }
+    let welcomes = |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::Welcome { .. })).count();
+    rec.wait("the refreshed token's welcome", 20.0, |ev| welcomes(ev) >= 2).await;
+    let refused: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Error(Error::Server { code, retry_after_ms, .. }) => Some((code, retry_after_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "rate_limited");
+    assert!(refused[0].1.is_some_and(|ms| ms >= 500), "{refused:?}");
+    assert!(disconnections(&rec).is_empty(), "{:?}", rec.events());
+    c.join("refresh").await.unwrap();
+    assert_eq!(c.send("refresh", "after the refresh").await.unwrap().user_id, "rita");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dms_are_acknowledged_and_delivered_once() {
     let h = Harness::start().await;
