@@ -855,6 +855,55 @@ def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
         client.close()
 
 
+def test_an_id_held_while_the_releaser_ends_is_released_too(tmp_path: Path) -> None:
+    """Redis: the releaser of a room finds everything it waited for published and ends,
+    while (during its look at Redis) another message of the room is held behind one a
+    dead worker committed. _watch_held starts no second releaser for it (one runs), so
+    the ending one must wait for it too: members get 3 and 4 from the log (before: the
+    releaser dropped the new target with its own, and 3 and 4 waited, held, for a later
+    message of the room or the senders' retries)."""
+    from wschat.stores import redis as redis_stores
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"held-late-{uuid.uuid4().hex[:6]}"
+    inner = redis_stores.RedisMessageStore(client, history_size=10)
+    first_start(client)
+    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/late.db"))
+    durable.HOLD_TIMEOUT = 0.05
+    durable.start()
+    looks_at_2 = 0
+    last_id = inner.last_id
+
+    def last_id_meanwhile(name: str) -> int:
+        # The releaser's second look that finds 2 published: the one it ends on. Meanwhile
+        # a dead worker commits 3, and 4 is posted here and held behind it.
+        nonlocal looks_at_2
+        value = last_id(name)
+        if name == room and value == 2:
+            looks_at_2 += 1
+            if looks_at_2 == 2:
+                durable.log.write([room_post(room, "3: committed, never published")])
+                posted = durable.post_room(room, "u1", draft_message(room, "a", "u1", "4", 1,
+                                                                     None))
+                assert posted.msg_id == 4 and last_id(room) == 2  # 4 is held
+        return value
+
+    inner.last_id = last_id_meanwhile  # type: ignore[method-assign]
+    try:
+        durable.last_id(room)
+        durable.log.write([room_post(room, "1: committed, never published")])
+        posted = durable.post_room(room, "u1", draft_message(room, "a", "u1", "2", 1, None))
+        assert posted.msg_id == 2
+        wait_until(lambda: gevent.sleep(0.05) or looks_at_2 >= 2,
+                   message="the releaser to publish 1 and 2")
+        wait_until(lambda: gevent.sleep(0.05) or last_id(room) == 4, timeout=TIMEOUT,
+                   message="3 and 4 to be released from the log")
+        assert [message_id_of(e) for e in inner.recent(room, 10)] == [1, 2, 3, 4]
+    finally:
+        durable.close()
+        client.close()
+
+
 def test_memory_since_with_raised_sequence_and_no_messages() -> None:
     """A window whose sequence was raised from the log but holds nothing says 'incomplete'."""
     stores = create_memory_stores(history_size=3, room_ttl=3600)

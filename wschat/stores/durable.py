@@ -226,9 +226,12 @@ class DurableMessageStore(MessageStore):
         ``history`` read, keeps no hole (a hole there would be called complete)."""
         attempt = 0
         while True:
-            target = self._releasing.get(room, 0)
             try:
                 published = self.inner.last_id(room)
+                # The target read after that look, with no yield before the pop: an id held
+                # during the look raised it (_watch_held starts no second releaser while
+                # this one runs), and this one must not end without it.
+                target = self._releasing.get(room, 0)
                 if published >= target:
                     self._releasing.pop(room, None)
                     return
