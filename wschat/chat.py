@@ -250,11 +250,12 @@ class Chat:
         self.stores.broker.start(self.hub.deliver_room, self._deliver_user)
 
     # -- connection lifecycle ----------------------------------------------------------
-    def open(self, session: Session) -> None:
+    def open(self, session: Session, arriving: bool = False) -> None:
         """Register a new connection and greet it. If it cannot be registered whole
         (:meth:`_register`), it raises with nothing of it registered (the transport closes
-        the connection: 1013)."""
-        self._register(session, session.conn_id, session.user)
+        the connection: 1013). ``arriving``: the hub counts it among its user's
+        connections on their way in (its admission did), until it is registered."""
+        self._register(session, session.conn_id, session.user, arriving)
         self._watch_expiry(session)
         if self.settings.auth_required and not session.authenticated:
             self._auth_deadlines.add(self.monotonic() + self.settings.auth_timeout, session)
@@ -277,13 +278,23 @@ class Chat:
         session.close(CloseCode.DISCONNECTED, "banned")
         return True
 
-    def _register(self, session: Session, conn_id: str, user: User) -> None:
+    def _register(self, session: Session, conn_id: str, user: User,
+                  arriving: bool = False) -> None:
         """``session`` hears ``user``'s events here (its channel subscribed, confirmed) and
         counts as ``user``'s connection ``conn_id`` (presence, and with Redis this worker
         among the user's: dm_heard.lua). All or nothing: if a step fails, what the others
         did is undone before the error goes on, so that no DM is counted as heard by a
-        connection that cannot hear it, and a retry starts afresh."""
-        self.hub.add_user(session, user.user_id)
+        connection that cannot hear it, and a retry starts afresh.
+
+        ``arriving``: counted by the hub as on its way in (MAX_CONNECTIONS_PER_USER), it
+        passes to the hub's users the moment it is added there (or leaves the count if
+        that fails): counted by both meanwhile, the presence step's wait would refuse
+        another connection of the user's under the cap."""
+        try:
+            self.hub.add_user(session, user.user_id)
+        finally:
+            if arriving:
+                self.hub.arrived(user.user_id)
         try:
             self.stores.presence.connect(conn_id, user)
         except BaseException:
@@ -735,13 +746,7 @@ class Chat:
             raise ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
                                 f"at most {cap} connections per user", cmd.request_id)
         if not same_user:
-            # Counted until _become has added it: its store calls may wait, and other
-            # auths as this user would pass the cap meanwhile.
-            self.hub.arrive(identity.user_id)
-            try:
-                self._become(session, identity)
-            finally:
-                self.hub.arrived(identity.user_id)
+            self._become(session, identity)  # counted against the cap from here
         session.username = identity.username
         session.authenticated = True
         session.expires_at = identity.expires_at
@@ -778,7 +783,11 @@ class Chat:
         session nobody writes to), never as the new one: the store keys connections by
         ``conn_id``, and the new one's is another."""
         conn_id = f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
-        self._register(session, conn_id, User(identity.user_id, identity.username))
+        # Counted against MAX_CONNECTIONS_PER_USER (checked by _auth just before, with no
+        # wait since) from here, while its registration waits for the store.
+        self.hub.arrive(identity.user_id)
+        self._register(session, conn_id, User(identity.user_id, identity.username),
+                       arriving=True)
         former = Session(session.conn_id, Identity(session.user_id, session.username, None),
                          session.authenticated, session.remote_addr)
         for i, (who, room) in enumerate(self._unfinished):  # queued before, as the old identity

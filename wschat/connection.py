@@ -151,7 +151,6 @@ class Host(Protocol):
 
     def spawn(self, func: Any, *args: Any) -> gevent.Greenlet: ...
     def spawn_later(self, seconds: float, func: Any, *args: Any) -> gevent.Greenlet: ...
-    def opened(self, conn: WebSocketConnection) -> None: ...
     def forget(self, conn: WebSocketConnection) -> None: ...
 
 
@@ -470,10 +469,7 @@ class WebSocketConnection(Session):
             alive = True
             if not self._started:
                 self._started = True
-                try:
-                    self._opened()
-                finally:
-                    self.transport.opened(self)
+                self._opened()
                 # Frames that came in the same TCP segments as the upgrade request
                 # are handled before any wait.
                 if self._buf:
@@ -746,8 +742,10 @@ class WebSocketConnection(Session):
 
     # -- what a connection is for: the chat (EchoConnection overrides these) ---------
     def _opened(self) -> None:
+        """Registered by the chat; a signed-in connection admitted leaves the hub's count
+        of its user's connections on their way in then (Admission.check counted it)."""
         try:
-            self.transport.chat.open(self)
+            self.transport.chat.open(self, arriving=self.authenticated)
         except Unavailable as exc:
             # The store went away after admission checked it: 1013, retry.
             log.warning("connection %s not registered (%s); closing with 1013",
@@ -771,7 +769,8 @@ class EchoConnection(WebSocketConnection):
     __slots__ = ()
 
     def _opened(self) -> None:
-        pass
+        if self.authenticated:  # admitted as its user, as a chat connection is
+            self.transport.chat.hub.arrived(self.user_id)
 
     def _on_text(self, text: str) -> None:
         self.write(text_frame(text.encode()))

@@ -82,11 +82,6 @@ class Transport:
         conn.start()
         return conn
 
-    def opened(self, conn: WebSocketConnection) -> None:
-        """The chat has registered ``conn`` (or failed to): the hub counts it from now."""
-        if conn.authenticated:
-            self.chat.hub.arrived(conn.user_id)
-
     def forget(self, conn: WebSocketConnection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
