@@ -2101,3 +2101,36 @@ def test_room_members_a_rolled_back_redis_lists_but_that_are_gone_are_taken_out(
         assert "was reaped as dead" not in a.output() + b.output()  # not why carol went
         users = bob.request({"type": "list_users", "room": r}, "users")["users"]
         assert sorted(u["user_id"] for u in users) == ["alice", "bob"]
+
+
+def test_a_recovery_while_a_sign_in_registers_the_new_identity_registers_it_again(
+        clock: Clock) -> None:
+    """A recovery (Redis rolled back: every registration out, the live ones in again) runs
+    while a guest signing in as kim waits for the reply to kim's presence step, which
+    Redis carried out before the rollback's clean-up. The connection is still the guest
+    then, so the recovery registers the guest, whom the sign-in then takes out: kim's
+    registration must be made again (before: it was gone, and kim's connection counted
+    nowhere, so dm_heard.lua took this worker for none of hers)."""
+    from test_chat import SECRET as CHAT_SECRET
+
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
+    guest = FakeSession("guest-1", "guest-1")
+    chat.open(guest)
+    presence = chat.stores.presence
+    connect = presence.connect
+
+    def connect_then_a_recovery(conn_id: str, user: User) -> None:
+        connect(conn_id, user)
+        if user.user_id == "kim":
+            del presence.connect
+            presence._conns.clear()  # type: ignore[attr-defined]  # the rollback
+            chat.resync()
+
+    presence.connect = connect_then_a_recovery  # type: ignore[method-assign]
+    kim = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, CHAT_SECRET,
+                     algorithm="HS256")
+    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a1"}))
+    assert guest.events("welcome")[-1]["user_id"] == "kim"
+    assert "connect" not in vars(presence), "no recovery ran"
+    assert presence.is_online("kim") and not presence.is_online("guest-1")
+    assert presence._conns == {"kim": {guest.conn_id}}  # type: ignore[attr-defined]

@@ -232,6 +232,7 @@ class Chat:
         # disconnect storm): retried from tick() so no membership is left behind.
         self._unfinished: deque[tuple[Session, str | None]] = deque()
         self._renamed = itertools.count(1)  # see _become
+        self._recoveries = 0  # resyncs begun: see _become
         self._early_kicks: list[tuple[Session, dict[str, Any]]] = []  # see _control_session
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
                                     stores.broker, clock)
@@ -419,6 +420,7 @@ class Chat:
         Bans, mutes and revoked memberships whose events were published meanwhile are
         read from the store and carried out.
         """
+        self._recoveries += 1
         points = self.hub.resume_points()
         for room, (_, known) in points.items():
             if known:
@@ -786,6 +788,7 @@ class Chat:
         # Counted against MAX_CONNECTIONS_PER_USER (checked by _auth just before, with no
         # wait since) from here, while its registration waits for the store.
         self.hub.arrive(identity.user_id)
+        recoveries = self._recoveries
         self._register(session, conn_id, User(identity.user_id, identity.username),
                        arriving=True)
         former = Session(session.conn_id, Identity(session.user_id, session.username, None),
@@ -803,6 +806,17 @@ class Chat:
         session.conn_id = conn_id
         session.user_id, session.username = identity.user_id, identity.username
         session.held_send = session.refused_sends = None  # the old user's sends
+        if self._recoveries != recoveries:
+            # A recovery began while the new identity was being registered: it may have
+            # taken that registration out (Redis carried it out before the rollback's
+            # clean-up) and registered the connection as the old identity, which it still
+            # was (and which the steps below take out). Registered again, as it is now.
+            try:
+                self.stores.presence.connect(conn_id, session.user)
+            except Exception as exc:
+                log.warning("could not register %s again after a recovery (%s); closing "
+                            "it with 1013", conn_id, exc)
+                session.close(CloseCode.TRY_AGAIN_LATER, "temporarily unavailable; retry")
         for room in rooms:
             self._leave_in_store(former, room)
         self._disconnect_in_store(former)
