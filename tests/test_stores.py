@@ -284,3 +284,59 @@ def test_a_redis_post_answers_with_the_id_not_the_event(stores: Stores, kind: st
     # for the room), the post's answer and one INFO reply.
     copies = 0 if kind == "room" else 1
     assert sent < copies * len(posted.event) + 5_000, f"Redis sent {sent} bytes"
+
+
+def test_a_leave_during_leave_gone_is_not_announced_twice() -> None:
+    """After a rollback, leave_gone takes out the memberships Redis lists for this worker
+    that it no longer has. One whose own leave runs meanwhile (a connection leaving
+    while the recovery runs: out of the worker's memberships already, its leave script
+    not yet run when leave_gone read the list) was announced ``offline`` by that leave's
+    caller; leave_gone, finding it gone, must announce nothing (before: a second
+    ``offline``, named with the user's id, as leave.lua names a user it finds gone)."""
+    import time
+    import uuid
+
+    import redis
+
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.redis.keys import room_channel
+
+    url = redis_url_or_skip(10)
+    client = redis.Redis.from_url(url)
+    watcher = redis.Redis.from_url(url)
+    pubsub = watcher.pubsub()
+    try:
+        first_start(client)
+        node = redis_stores._Node()
+        rooms = redis_stores.RedisRoomStore(client, node, 3600)
+        room = f"gone-{uuid.uuid4().hex[:8]}"
+        rooms.join(room, "c-alice", ALICE)
+        rooms.join(room, "c-bob", BOB)
+        pubsub.subscribe(room_channel(room))
+        assert pubsub.get_message(timeout=5) is not None, "subscription not confirmed"
+        smembers = client.smembers
+        announced: list[Any] = []
+
+        def smembers_then_bob_leaves(key: str) -> Any:
+            listed = smembers(key)
+            del client.smembers
+            announced.append(rooms.leave(room, "c-bob", BOB.user_id).last_of_user)
+            return listed
+
+        client.smembers = smembers_then_bob_leaves  # type: ignore[method-assign]
+        assert rooms.leave_gone() == 0
+        assert "smembers" not in vars(client) and announced == [True]
+        client.publish(room_channel(room), b"marker")
+        seen: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while not seen or seen[-1] != b"marker":
+            assert time.monotonic() < deadline, seen
+            message = pubsub.get_message(timeout=1)
+            if message is not None and message["type"] == "message":
+                seen.append(message["data"])
+        assert seen == [b"marker"], seen
+        assert sorted(u.user_id for u in rooms.members(room)) == [ALICE.user_id]
+    finally:
+        pubsub.close()
+        watcher.close()
+        client.close()

@@ -76,11 +76,16 @@ class RedisRoomStore(RoomStore):
         listed = (raw.decode() for raw in self._client.smembers(memberships))
         tokens = [t for t in (split_token(raw) for raw in listed if raw not in self._local) if t]
         left = leave_memberships(self._leave, self._client, memberships, tokens, self._room_ttl)
-        if any(last for _, last, _, _ in left):
+        # Only those it took out: one found gone already was left meanwhile, by its
+        # connection's own leave (discarded from _local after the list was read), whose
+        # caller announced it, with the user's name (leave.lua names a gone user by id).
+        taken = [(token, reply) for token, reply in zip(tokens, left, strict=True)
+                 if int(reply[0])]
+        if any(last for _, (_, last, _, _) in taken):
             with self._client.pipeline(transaction=False) as pipe:
-                announce_offline(pipe, tokens, left)
+                announce_offline(pipe, [t for t, _ in taken], [r for _, r in taken])
                 pipe.execute()
-        return sum(int(removed) for removed, *_ in left)
+        return len(taken)
 
     @guarded
     def members(self, room: str) -> list[User]:
