@@ -462,3 +462,41 @@ def test_shutdown_keeps_to_its_timeout_when_the_store_is_slow(
     took = time.monotonic() - started
     assert conn.state is ConnState.CLOSED, "the silent peer was dropped at the deadline"
     assert took < 1.8, f"shutdown took {took:.2f} s of a 1 s timeout"
+
+
+def test_a_connection_on_its_way_in_counts_once_for_its_user(transport: Transport) -> None:
+    """MAX_CONNECTIONS_PER_USER counts an admitted upgrade from its admission on, and
+    once the chat has it in the hub's users, there: never in both. While its welcome
+    waits for the store (here its presence step), the user has one connection, not two
+    (before: two, so a user under a cap of 2 was refused a second connection, 429, for
+    as long as the first one's greeting waited for Redis or the database)."""
+    hub = transport.chat.hub
+    presence = transport.chat.stores.presence
+    connect = presence.connect
+    entered, go = gevent.event.Event(), gevent.event.Event()
+
+    def slow_connect(conn_id: str, user: Any) -> None:
+        entered.set()
+        assert go.wait(TIMEOUT), "never let go"
+        connect(conn_id, user)
+
+    presence.connect = slow_connect  # type: ignore[method-assign]
+    hub.arrive("u-ada")  # as Admission.check does for an upgrade with a token
+    server_sock, client_sock = gevent.socket.socketpair()
+    _, peer = handshake(server_sock, client_sock)
+
+    class Accepted:  # what flask-sock hands the route
+        sock = server_sock
+        connected = True
+
+    conn = transport.serve(Accepted(), Identity("u-ada", "ada", None), True, "127.0.0.1")
+    assert entered.wait(TIMEOUT), "the connection was not opened"
+    counted = hub.connections_of("u-ada")
+    go.set()
+    assert peer.next_text()["type"] == "welcome"
+    assert (counted, hub.connections_of("u-ada")) == (1, 1)
+    conn.abort("test over")
+    with gevent.Timeout(TIMEOUT):
+        while conn in transport.connections:
+            gevent.sleep(0.01)
+    assert (hub.connections_of("u-ada"), hub.arriving) == (0, {})
