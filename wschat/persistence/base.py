@@ -21,8 +21,8 @@ from ..protocol import stored_id_of
 from ..stores.base import Unavailable
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .schema import (
-    AFTER_BYTES_SQL, AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL, DM_PAGE, DM_SCOPE,
-    DM_SEQ_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
+    AFTER_BYTES_SQL, AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL,
+    DM_PAGE, DM_SCOPE, DM_SEQ_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
     LOCK_DM_SEQ_PARAMS, MARK_DELIVERED_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION,
     UPSERT_USER_SQL, VERSION_TABLE_SQL, Dialect, SchemaTooNew, room_scope,
 )
@@ -103,7 +103,7 @@ class MessageLog(ABC):
             rows = self._read_call(self._rows, AFTER_SQL, (room, after_id, limit))
         else:
             rows = self._read_call(self._rows, AFTER_BYTES_SQL,
-                                   (room, after_id, limit, max_bytes))
+                                   (room, after_id, limit, room, max_bytes))
         return [bytes(r[0]) for r in rows]
 
     def knows_user(self, user_id: str) -> bool:
