@@ -1965,6 +1965,16 @@ def test_a_sign_in_whose_subscription_failed_leaves_the_connection_as_it_was() -
     assert "dm True" in lines, out.stdout
 
 
+def sign_in_as_kim(chat: Any, guest: Any, clock: Any) -> str:
+    """The guest sends ``auth`` (request id ``a1``) with a token for kim: the token."""
+    from test_chat import SECRET as CHAT_SECRET
+
+    kim = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, CHAT_SECRET,
+                     algorithm="HS256")
+    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a1"}))
+    return kim
+
+
 def test_a_registration_that_fails_half_way_leaves_nothing_registered(clock: Clock) -> None:
     """The presence step of a connection's registration fails after the store made it
     (its reply lost), once for a new connection and once for a guest signing in as kim:
@@ -1972,8 +1982,6 @@ def test_a_registration_that_fails_half_way_leaves_nothing_registered(clock: Clo
     stayed until the transport's close was done), the second is answered ``unavailable``
     and stays the guest, registered as before (before: it was kim in the hub, on no
     presence, and "the same user" for its retry, which never registered it)."""
-    from test_chat import SECRET as CHAT_SECRET
-
     chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
     wanted: set[str] = set()  # the user channels this worker is subscribed to
     chat.stores.broker.subscribe_user = wanted.add  # type: ignore[method-assign]
@@ -1992,10 +2000,8 @@ def test_a_registration_that_fails_half_way_leaves_nothing_registered(clock: Clo
     del presence.connect
     guest = FakeSession("guest-1", "guest-1")
     chat.open(guest)
-    kim = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, CHAT_SECRET,
-                     algorithm="HS256")
     presence.connect = connect_then_lose_the_reply  # type: ignore[method-assign]
-    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a1"}))
+    kim = sign_in_as_kim(chat, guest, clock)
     assert [(e["code"], e["id"]) for e in guest.events("error")] == [("unavailable", "a1")]
     assert (guest.user_id, guest.authenticated) == ("guest-1", False)
     assert (set(chat.hub.users), wanted) == ({"guest-1"}, {"guest-1"})
@@ -2014,8 +2020,6 @@ def test_a_recovery_during_a_sign_in_registers_the_connection_as_what_it_is_now(
     room. It must register the connection as kim, which it is by then (before: as the
     guest, whose registration the sign-in then took out, and kim's, made before the
     recovery wiped it, was never made again: kim's connection counted nowhere)."""
-    from test_chat import SECRET as CHAT_SECRET
-
     chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
     guest = FakeSession("guest-1", "guest-1")
     chat.open(guest)
@@ -2030,9 +2034,7 @@ def test_a_recovery_during_a_sign_in_registers_the_connection_as_what_it_is_now(
         return leave(*args)
 
     rooms.leave = leave_during_a_recovery  # type: ignore[method-assign]
-    kim = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, CHAT_SECRET,
-                     algorithm="HS256")
-    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a1"}))
+    sign_in_as_kim(chat, guest, clock)
     assert guest.events("welcome")[-1]["user_id"] == "kim"
     assert "leave" not in vars(rooms), "the guest's leave did not run"
     assert presence.is_online("kim") and not presence.is_online("guest-1")
@@ -2111,8 +2113,6 @@ def test_a_recovery_while_a_sign_in_registers_the_new_identity_registers_it_agai
     then, so the recovery registers the guest, whom the sign-in then takes out: kim's
     registration must be made again (before: it was gone, and kim's connection counted
     nowhere, so dm_heard.lua took this worker for none of hers)."""
-    from test_chat import SECRET as CHAT_SECRET
-
     chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000")
     guest = FakeSession("guest-1", "guest-1")
     chat.open(guest)
@@ -2127,9 +2127,7 @@ def test_a_recovery_while_a_sign_in_registers_the_new_identity_registers_it_agai
             chat.resync()
 
     presence.connect = connect_then_a_recovery  # type: ignore[method-assign]
-    kim = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(clock.now) + 600}, CHAT_SECRET,
-                     algorithm="HS256")
-    chat.receive(guest, json.dumps({"type": "auth", "token": kim, "id": "a1"}))
+    sign_in_as_kim(chat, guest, clock)
     assert guest.events("welcome")[-1]["user_id"] == "kim"
     assert "connect" not in vars(presence), "no recovery ran"
     assert presence.is_online("kim") and not presence.is_online("guest-1")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,18 @@ def test_hostile_text_is_stored_byte_for_byte(message_log: MessageLog) -> None:
     assert [(r.msg_id, r.event) for r in retries] == [(p.msg_id, p.event) for p in posts[:2]]
 
 
+def write_side_by_side(logs: list[MessageLog], write_batches: Callable[[MessageLog, int], None],
+                       errors: list[BaseException]) -> None:
+    """``write_batches(log, i)`` for every log at once, one thread each (the writers of
+    several workers); none may fail or hang."""
+    threads = [threading.Thread(target=write_batches, args=(log, i)) for i, log in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 4)
+    assert not any(t.is_alive() for t in threads) and errors == [], errors[:3]
+
+
 def test_postgres_room_batch_in_one_statement_takes_no_id_for_a_retry(
         fresh_pg_url: str) -> None:
     """PostgreSQL stores a batch of room messages in one statement; a batch holding a retry
@@ -186,7 +199,6 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(
     row while the batch's posts wait for another writer's.
     (SQLite: six SQLiteFiles on threads, as six workers' writer processes would run them.)"""
     import random
-    import threading
 
     rooms = [f"shared-{uuid.uuid4().hex[:6]}-{i}" for i in range(30)]
     writers, batches = 6, 25
@@ -222,13 +234,8 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=write_batches, args=(log, i)) for i, log in enumerate(logs)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT * 4)
-        assert not any(t.is_alive() for t in threads) and errors == []
+        write_side_by_side(logs, write_batches, errors)
         for room in rooms:
             ids = [message_id_of(e) for e in logs[0].before(room, None, 10_000)]
             assert ids == list(range(1, len(ids) + 1)) and logs[0].last_id(room) == len(ids)
@@ -312,7 +319,6 @@ def test_concurrent_writers_on_shared_users_do_not_deadlock(url: str) -> None:
     writer deadlocks (PostgreSQL used to fail batches with 'deadlock detected', whose
     users got ``unavailable``), and the DM ids are taken once each."""
     import random
-    import threading
 
     tag = f"member-{uuid.uuid4().hex[:6]}"
     users = [f"{tag}-{i}" for i in range(10)]
@@ -354,13 +360,8 @@ def test_concurrent_writers_on_shared_users_do_not_deadlock(url: str) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=write_batches, args=(log, i)) for i, log in enumerate(logs)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT * 4)
-        assert not any(t.is_alive() for t in threads) and errors == [], errors[:3]
+        write_side_by_side(logs, write_batches, errors)
         ids = [r[0] for r in logs[0]._read_call(
             logs[0]._rows, "SELECT id FROM dms WHERE recipient_id LIKE ?", (f"{tag}-%",))]
         assert len(ids) == len(set(ids)) == writers * batches * len(users)
