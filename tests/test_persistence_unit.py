@@ -152,6 +152,29 @@ def test_hostile_text_is_stored_byte_for_byte(message_log: MessageLog) -> None:
     assert [(r.msg_id, r.event) for r in retries] == [(p.msg_id, p.event) for p in posts[:2]]
 
 
+def migrated_writers(url: str, writers: int) -> list[MessageLog]:
+    """``writers`` logs of one database, as many workers' writers (SQLite: SQLiteFiles,
+    run on threads as the workers' writer processes would run them)."""
+    logs = [SQLiteFile(url.removeprefix("sqlite:///")) if url.startswith("sqlite:")
+            else open_message_log(url) for _ in range(writers)]
+    for log in logs:
+        log.migrate()
+    return logs
+
+
+def write_until_taken(url: str, log: MessageLog, jobs: list[Any]) -> None:
+    """SQLite gives up on its write lock after 1 s (busy_timeout), which six threads can
+    exceed on a loaded machine: that batch rolled back whole, so it is written again (and
+    the ids must still be gap-free). A real deadlock would fail every try."""
+    for _ in range(20):
+        try:
+            return log.write(jobs)
+        except DatabaseUnavailable as exc:
+            if not (url.startswith("sqlite:") and "locked" in str(exc)):
+                raise
+    raise AssertionError("the SQLite write lock was never taken")
+
+
 def write_side_by_side(logs: list[MessageLog], write_batches: Callable[[MessageLog, int], None],
                        errors: list[BaseException]) -> None:
     """``write_batches(log, i)`` for every log at once, one thread each (the writers of
@@ -202,23 +225,8 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(
 
     rooms = [f"shared-{uuid.uuid4().hex[:6]}-{i}" for i in range(30)]
     writers, batches = 6, 25
-    logs = [SQLiteFile(url.removeprefix("sqlite:///")) if url.startswith("sqlite:")
-            else open_message_log(url) for _ in range(writers)]
-    for log in logs:
-        log.migrate()
+    logs = migrated_writers(url, writers)
     errors: list[BaseException] = []
-
-    def write_until_taken(log: MessageLog, jobs: list[Any]) -> None:
-        """SQLite gives up on its write lock after 1 s (busy_timeout), which six threads can
-        exceed on a loaded machine: that batch rolled back whole, so it is written again
-        (and the ids must still be gap-free). A real deadlock would fail every try."""
-        for _ in range(20):
-            try:
-                return log.write(jobs)
-            except DatabaseUnavailable as exc:
-                if not (url.startswith("sqlite:") and "locked" in str(exc)):
-                    raise
-        raise AssertionError("the SQLite write lock was never taken")
 
     def write_batches(log: MessageLog, seed: int) -> None:
         shuffle = random.Random(seed).shuffle
@@ -230,7 +238,7 @@ def test_concurrent_writers_on_shared_rooms_neither_deadlock_nor_repeat_ids(
                                    for room in order[:3]] if floors else []
                 jobs += [room_post(room, f"w{seed}-{n}") for room in order
                          for _ in range(1 + (n + seed) % 3)]
-                write_until_taken(log, jobs)
+                write_until_taken(url, log, jobs)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -323,21 +331,8 @@ def test_concurrent_writers_on_shared_users_do_not_deadlock(url: str) -> None:
     tag = f"member-{uuid.uuid4().hex[:6]}"
     users = [f"{tag}-{i}" for i in range(10)]
     writers, batches = 6, 20
-    logs = [SQLiteFile(url.removeprefix("sqlite:///")) if url.startswith("sqlite:")
-            else open_message_log(url) for _ in range(writers)]
-    for log in logs:
-        log.migrate()
+    logs = migrated_writers(url, writers)
     errors: list[BaseException] = []
-
-    def write_until_taken(log: MessageLog, jobs: list[Any]) -> None:
-        """As in the rooms' test above: SQLite's write lock may time out under load."""
-        for _ in range(20):
-            try:
-                return log.write(jobs)
-            except DatabaseUnavailable as exc:
-                if not (url.startswith("sqlite:") and "locked" in str(exc)):
-                    raise
-        raise AssertionError("the SQLite write lock was never taken")
 
     def dm(sender: str, to: str, cmid: str, delivered: bool) -> DmPost:
         return DmPost(sender_id=sender, recipient_id=to, created_ms=1, delivered=delivered,
@@ -350,13 +345,14 @@ def test_concurrent_writers_on_shared_users_do_not_deadlock(url: str) -> None:
             for n in range(batches):
                 # New DMs take the DM sequence's row, so their batches are written one at
                 # a time; batches without any are the ones that ran side by side.
-                write_until_taken(log, [dm(sender, u, f"{seed}-{n}-{u}", False) for u in users])
+                write_until_taken(url, log,
+                                  [dm(sender, u, f"{seed}-{n}-{u}", False) for u in users])
                 jobs: list[Any] = [Arrival(user_id=u, username=u, seen_ms=n) for u in users]
                 jobs += [DmsDelivered(user_id=u, up_to=10**12) for u in users]
                 if n:  # the last batch's DMs again, delivered by now: kept again
                     jobs += [dm(sender, u, f"{seed}-{n - 1}-{u}", False) for u in users]
                 rng.shuffle(jobs)
-                write_until_taken(log, jobs)
+                write_until_taken(url, log, jobs)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
