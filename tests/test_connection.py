@@ -481,7 +481,7 @@ def test_a_connection_on_its_way_in_counts_once_for_its_user(transport: Transpor
         connect(conn_id, user)
 
     presence.connect = slow_connect  # type: ignore[method-assign]
-    hub.arrive("u-ada")  # as Admission.check does for an upgrade with a token
+    hub.arriving.add("u-ada")  # as Admission.check does for an upgrade with a token
     server_sock, client_sock = gevent.socket.socketpair()
     _, peer = handshake(server_sock, client_sock)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .auth import Authenticator, AuthError, Identity
 from .config import Settings
+from .hub import Tally
 from .protocol import valid_username
 from .telemetry import Metrics
 
@@ -65,7 +66,7 @@ class AddressLimit:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.counts: dict[str, int] = {}
+        self.counts = Tally()
 
     def claim(self, addr: str) -> bool:
         """Count one more connection from ``addr``; False (nothing counted) at the limit.
@@ -73,15 +74,11 @@ class AddressLimit:
         held = self.counts.get(addr, 0)
         if self.limit and held >= self.limit:
             return False
-        self.counts[addr] = held + 1
+        self.counts.add(addr)
         return True
 
     def release(self, addr: str) -> None:
-        held = self.counts.get(addr, 0)
-        if held <= 1:
-            self.counts.pop(addr, None)
-        else:
-            self.counts[addr] = held - 1
+        self.counts.remove(addr)
 
 
 def remote_address(environ: dict[str, Any], trusted_proxies: int = 0) -> str:
@@ -175,7 +172,7 @@ class Admission:
             return Refusal(503, f"{stores.name} unreachable; retry", "unavailable",
                            {"Retry-After": "2"})
         cap = self.settings.max_connections_per_user
-        # Counted from its admission (hub.arrive below), not only once the chat has
+        # Counted from its admission (hub.arriving below), not only once the chat has
         # registered it: a burst of upgrades, all checked first, would each see none.
         if authenticated and cap and self.chat.hub.connections_of(identity.user_id) >= cap:
             return Refusal(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
@@ -192,7 +189,7 @@ class Admission:
         # connection and would make shared, encode-once frames impossible.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
         if authenticated:
-            self.chat.hub.arrive(identity.user_id)
+            self.chat.hub.arriving.add(identity.user_id)
         return Admitted(identity, authenticated, addr)
 
     def release(self, admitted: Admitted) -> None:
@@ -200,7 +197,7 @@ class Admission:
         self.transport.budget.release()
         self.transport.addresses.release(admitted.addr)
         if admitted.authenticated:
-            self.chat.hub.arrived(admitted.identity.user_id)
+            self.chat.hub.arriving.remove(admitted.identity.user_id)
 
 
 def _guest_identity(username: str | None) -> Identity:

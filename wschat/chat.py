@@ -295,7 +295,7 @@ class Chat:
             self.hub.add_user(session, user.user_id)
         finally:
             if arriving:
-                self.hub.arrived(user.user_id)
+                self.hub.arriving.remove(user.user_id)
         try:
             self.stores.presence.connect(conn_id, user)
         except BaseException:
@@ -787,7 +787,7 @@ class Chat:
         conn_id = f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
         # Counted against MAX_CONNECTIONS_PER_USER (checked by _auth just before, with no
         # wait since) from here, while its registration waits for the store.
-        self.hub.arrive(identity.user_id)
+        self.hub.arriving.add(identity.user_id)
         recoveries = self._recoveries
         self._register(session, conn_id, User(identity.user_id, identity.username),
                        arriving=True)

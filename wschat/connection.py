@@ -770,7 +770,7 @@ class EchoConnection(WebSocketConnection):
 
     def _opened(self) -> None:
         if self.authenticated:  # admitted as its user, as a chat connection is
-            self.transport.chat.hub.arrived(self.user_id)
+            self.transport.chat.hub.arriving.remove(self.user_id)
 
     def _on_text(self, text: str) -> None:
         self.write(text_frame(text.encode()))

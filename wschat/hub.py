@@ -32,6 +32,21 @@ class _Recovery:
         self.behind = 0
 
 
+class Tally(dict[str, int]):
+    """How many of each key are held: a count per key, a key at 0 not kept (so an empty
+    tally is ``{}``). The per-user and per-address counts of connections use it."""
+
+    def add(self, key: str) -> None:
+        self[key] = self.get(key, 0) + 1
+
+    def remove(self, key: str) -> None:
+        held = self.get(key, 0)
+        if held <= 1:
+            self.pop(key, None)
+        else:
+            self[key] = held - 1
+
+
 class LocalHub:
     def __init__(self, broker: Broker,
                  on_delivered: Callable[[int, bytes, str | None], None] | None = None
@@ -44,11 +59,11 @@ class LocalHub:
         self.rooms: dict[str, dict[Session, int | None]] = {}
         self.users: dict[str, set[Session]] = {}
         # user id -> sessions waiting for the user's channel to be subscribed (add_user)
-        self._subscribing: dict[str, int] = {}
+        self._subscribing = Tally()
         # Signed-in users' connections on their way into ``users``: an upgrade admitted
         # but not yet opened, an ``auth`` whose store calls run before it is added.
         # MAX_CONNECTIONS_PER_USER counts them (:meth:`connections_of`).
-        self.arriving: dict[str, int] = {}
+        self.arriving = Tally()
         self._recovering: dict[str, dict[Session, _Recovery]] = {}
         # room -> {session: id}: sessions that went live with ids up to `id` from the
         # store while this worker's pub/sub stream had not delivered them yet (it lags
@@ -206,17 +221,6 @@ class LocalHub:
         store call) would each see none of them otherwise."""
         return len(self.users.get(user_id, ())) + self.arriving.get(user_id, 0)
 
-    def arrive(self, user_id: str) -> None:
-        self.arriving[user_id] = self.arriving.get(user_id, 0) + 1
-
-    def arrived(self, user_id: str) -> None:
-        """Added to ``users`` (or given up): no longer counted as on its way."""
-        held = self.arriving.get(user_id, 0)
-        if held <= 1:
-            self.arriving.pop(user_id, None)
-        else:
-            self.arriving[user_id] = held - 1
-
     def add_user(self, session: Session, user_id: str | None = None) -> None:
         """Deliver the events of ``user_id`` (the session's user unless given) to
         ``session``. A user's first session here subscribes this worker to the user's
@@ -228,24 +232,17 @@ class LocalHub:
         user_id = session.user_id if user_id is None else user_id
         sessions = self.users.get(user_id)
         if sessions is None:
-            self._subscribing[user_id] = self._subscribing.get(user_id, 0) + 1
+            self._subscribing.add(user_id)
             try:
                 self._broker.subscribe_user(user_id)
             except BaseException:
-                self._done_subscribing(user_id)
+                self._subscribing.remove(user_id)
                 if user_id not in self.users and user_id not in self._subscribing:
                     self._broker.unsubscribe_user(user_id)
                 raise
-            self._done_subscribing(user_id)
+            self._subscribing.remove(user_id)
             sessions = self.users.setdefault(user_id, set())
         sessions.add(session)
-
-    def _done_subscribing(self, user_id: str) -> None:
-        left = self._subscribing[user_id] - 1
-        if left:
-            self._subscribing[user_id] = left
-        else:
-            del self._subscribing[user_id]
 
     def remove_user(self, session: Session, user_id: str | None = None) -> None:
         user_id = session.user_id if user_id is None else user_id
