@@ -156,6 +156,58 @@ def test_heartbeat_pings_and_closes_a_silent_peer(transport: Transport) -> None:
     assert isinstance(closed, CloseConnection) and closed.code == CloseCode.HEARTBEAT_TIMEOUT
 
 
+def test_held_presence_is_released_in_small_steps_between_ticks(
+        transport: Transport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While presence changes are held, the timer releases them every PRESENCE_STEP,
+    not once per tick: a room's second's worth at once (20 changes, each to every
+    member) held a worker of a 1,000-member room for ~70 ms (loadtest, fan-out p99)."""
+    chat = transport.chat
+    calls = {"tick": 0, "release": 0}
+    ticked = gevent.event.Event()
+
+    def tick() -> None:
+        calls["tick"] += 1
+        ticked.set()
+
+    def release() -> None:
+        calls["release"] += 1
+
+    monkeypatch.setattr(chat, "tick", tick)
+    monkeypatch.setattr(chat, "release_presence", release)
+    monkeypatch.setattr(type(chat), "presence_held", property(lambda self: True))
+    transport.start()
+    try:
+        assert ticked.wait(TIMEOUT), "the timer never ticked"
+        releases_before_the_tick = calls["release"]
+    finally:
+        transport.stop()
+    # The step is 1 s here (HEARTBEAT_INTERVAL 5): about 19 releases before the tick.
+    assert releases_before_the_tick >= 5
+
+
+def test_held_presence_released_by_the_timer_reaches_the_room() -> None:
+    """release_presence publishes what the buckets allow, as tick() does: the room's
+    burst at once, then a change per 1/20 s of refill."""
+    from test_chat import Clock, connect, make_chat, send
+
+    clock = Clock()
+    chat = make_chat(clock, RATE_LIMIT_REQUESTS="1000", RATE_LIMIT_REQUESTS_BURST="1000")
+    watcher = connect(chat, "w")
+    send(chat, watcher, type="join", room="r")
+    for i in range(103):
+        send(chat, connect(chat, f"g{i}"), type="join", room="r")
+    # The watcher's own join spent one of the room's 100: 99 heard, 4 held.
+    assert len(watcher.events("presence")) == 99 and chat.presence_held
+    chat.release_presence()
+    assert len(watcher.events("presence")) == 99  # the room's bucket is empty
+    clock.now += 0.06  # 1.2 tokens
+    chat.release_presence()
+    assert len(watcher.events("presence")) == 100
+    clock.now += 0.15
+    chat.release_presence()
+    assert len(watcher.events("presence")) == 103 and not chat.presence_held
+
+
 def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> None:
     """A client that reads nothing: once more than MAX_OUTBOUND_BYTES wait for it, the
     backlog goes and the connection closes with 4101 (the close frame follows a whole

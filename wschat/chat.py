@@ -547,11 +547,8 @@ class Chat:
             self._retry_unfinished()
         if self._early_kicks:
             self._retry_early_kicks()
+        self.release_presence()
         now = self.monotonic()
-        for room, user_id, username, status, guest in self._presence.due(now):
-            self.stores.broker.publish_room(
-                room, encode_presence(room, user_id, username, status, guest),
-                exclude_user=user_id)
         for session, room in self._typing_deadlines.due(now):
             deadline = session.typing.get(room)
             if deadline is not None and deadline <= now and not session.closed_by_chat:
@@ -574,6 +571,20 @@ class Chat:
                                        "token expired; reconnect with a fresh one").to_event())
             self.metrics.disconnected("token_expired")
             session.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    @property
+    def presence_held(self) -> bool:
+        """Presence changes wait for their buckets to refill."""
+        return self._presence.held > 0
+
+    def release_presence(self) -> None:
+        """Publish the held presence changes their buckets now allow. The worker's
+        timer calls this every few tens of milliseconds while changes are held, so a
+        room's budget goes out a change or two at a time, not a second's worth at once."""
+        for room, user_id, username, status, guest in self._presence.due(self.monotonic()):
+            self.stores.broker.publish_room(
+                room, encode_presence(room, user_id, username, status, guest),
+                exclude_user=user_id)
 
     def _watch_expiry(self, session: Session) -> None:
         if session.expires_at is not None:
