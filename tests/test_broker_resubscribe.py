@@ -141,6 +141,28 @@ until(lambda: len(made) >= 2 and broker.healthy(), "the connection made again", 
 print("connections", len(made))
 """
 
+SHARED_WAIT_OUTLIVES_A_TIMEOUT = PRELUDE + """
+import wschat.stores.redis.broker as broker_module
+release = gevent.event.Event()
+real_confirmed = broker._confirmed
+def held_confirmed(channel):
+    release.wait(10)  # Redis's confirmations reach the listener late (a busy worker)
+    real_confirmed(channel)
+broker._confirmed = held_confirmed
+broker_module.SUBSCRIBE_TIMEOUT = 0.3
+first = gevent.spawn(broker.subscribe_room, "r")
+gevent.sleep(0)  # it sends its SUBSCRIBE and waits, 0.3 s
+broker_module.SUBSCRIBE_TIMEOUT = 10.0
+second = gevent.spawn(broker.subscribe_room, "r")  # a second joiner of the room, 10 s
+gevent.sleep(0)
+first.join(5)
+print("first", type(first.exception).__name__)
+release.set()
+second.join(5)
+print("second", "confirmed" if second.successful() else "waiting" if not second.ready()
+      else type(second.exception).__name__)
+"""
+
 
 def _run(script: str) -> list[str]:
     with own_redis() as server:
@@ -181,3 +203,14 @@ def test_a_reconnect_asked_while_the_connection_is_made_makes_it_again() -> None
     demoted server, where nothing published on the new primary arrives)."""
     lines = _run(RECONNECT_MEANWHILE)
     assert "connections 2" in lines, lines
+
+
+def test_a_joiner_whose_wait_times_out_leaves_the_others_their_confirmation() -> None:
+    """Two joiners of one room share the wait for Redis's confirmation. The first one's
+    wait ends (SUBSCRIBE_TIMEOUT) before the confirmations come: the second, still
+    within its time, is released by them. Before, the first one's timeout removed the
+    shared wait, so the confirmations released nobody and the second joiner got
+    ``unavailable`` too."""
+    lines = _run(SHARED_WAIT_OUTLIVES_A_TIMEOUT)
+    assert "first Unavailable" in lines, lines
+    assert "second confirmed" in lines, lines

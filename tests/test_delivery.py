@@ -1922,7 +1922,7 @@ chat.open(guest)
 token = jwt.encode({"sub": "kim", "name": "Kim", "exp": int(time.time()) + 600}, secret,
                    algorithm="HS256")
 real_await = here.broker._await
-def not_confirmed(key, waiter):
+def not_confirmed(waiter):
     here.broker._await = real_await
     raise Unavailable("redis: subscription not confirmed")
 here.broker._await = not_confirmed

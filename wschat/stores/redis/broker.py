@@ -323,12 +323,13 @@ class RedisBroker(Broker):
         # Generous: during a reconnect storm the listener greenlet queues behind
         # thousands of handshakes on a saturated worker.
         if wait:
-            self._await(key, pending[0])
+            self._await(pending[0])
 
-    def _await(self, key: bytes, waiter: gevent.event.Event) -> None:
+    def _await(self, waiter: gevent.event.Event) -> None:
+        # On a timeout the shared wait stays: other joiners of the channel may still be
+        # within their time, and the confirmations (or the next connection's, which
+        # _connect counts afresh) release them.
         if not waiter.wait(timeout=SUBSCRIBE_TIMEOUT):
-            if self._pending.get(key, [None])[0] is waiter:
-                del self._pending[key]
             raise Unavailable("redis: subscription not confirmed")
 
     def _unsubscribe(self, channel: str) -> None:
@@ -348,7 +349,7 @@ class RedisBroker(Broker):
         key = room_channel(room).encode()
         pending = self._pending.get(key)
         if pending is not None:
-            self._await(key, pending[0])
+            self._await(pending[0])
 
     def unsubscribe_room(self, room: str) -> None:
         self._unsubscribe(room_channel(room))
