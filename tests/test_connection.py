@@ -208,6 +208,33 @@ def test_held_presence_released_by_the_timer_reaches_the_room() -> None:
     assert len(watcher.events("presence")) == 103 and not chat.presence_held
 
 
+def test_held_presence_costs_the_timer_nothing_per_change_while_rooms_wait() -> None:
+    """The timer asks for held presence every 50 ms; a reconnect storm can hold
+    thousands of changes. A room whose bucket is empty is passed over whole: with
+    10,000 changes held in 100 rooms, a look before any bucket refilled tries none of
+    them (it tried all 10,000, ~7 ms each time), and the next 50 ms free one a room."""
+    from wschat.chat import _PresenceGate
+
+    gate = _PresenceGate()
+    for room in range(100):
+        for user in range(200):  # 100 go out at once (the room's burst), 100 held
+            gate.offer(f"r{room}", f"u{user}", f"u{user}", "online", False, 1000.0)
+    assert gate.held == 10_000
+    gate.due(1000.0)  # its first call also sweeps the full buckets
+    tried = []
+    spend = gate._spend
+
+    def counted(key: tuple[str, str], now: float) -> bool:
+        tried.append(key)
+        return spend(key, now)
+
+    gate._spend = counted  # type: ignore[method-assign]
+    assert gate.due(1000.001) == [] and tried == []
+    released = gate.due(1000.06)  # 1.2 tokens a room
+    assert len(released) == 100 and len(tried) == 100 and gate.held == 9_900
+    assert sorted({room for room, *_ in released}) == sorted(f"r{r}" for r in range(100))
+
+
 def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> None:
     """A client that reads nothing: once more than MAX_OUTBOUND_BYTES wait for it, the
     backlog goes and the connection closes with 4101 (the close frame follows a whole

@@ -143,34 +143,49 @@ class _PresenceGate:
     (:data:`ROOM_PRESENCE_BURST`, :data:`ROOM_PRESENCE_RATE`). A change neither
     allows is held; a later change of the same user replaces it, and one that
     brings it back to what was last sent cancels it. Held changes go out, oldest
-    first, as the buckets refill (:meth:`due`, from the ticker)."""
+    first in each room, as the buckets refill (:meth:`due`, from the timer)."""
 
     def __init__(self) -> None:
         # (room, user) -> (bucket, last status sent): the state it starts from is
         # the opposite of its first change (joining means it was offline).
         self._users: dict[tuple[str, str], tuple[_Bucket, str]] = {}
         self._rooms: dict[str, _Bucket] = {}
-        self._held: dict[tuple[str, str], tuple[str, str, bool]] = {}  # status, name, guest
+        # room -> user -> (status, name, guest), oldest first: due() looks at a room
+        # only while its bucket has a token (the timer asks every 50 ms while any is
+        # held, and a reconnect storm can hold thousands).
+        self._held: dict[str, dict[str, tuple[str, str, bool]]] = {}
+        self._held_count = 0
         self._next_sweep = 0.0
 
     def __len__(self) -> int:
-        return len(self._users) + len(self._rooms) + len(self._held)
+        return len(self._users) + len(self._rooms) + self._held_count
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return self._held_count
+
+    def _room_bucket(self, room: str, now: float) -> _Bucket:
+        bucket = self._rooms.get(room)
+        if bucket is None:
+            bucket = self._rooms[room] = _Bucket(ROOM_PRESENCE_BURST, now)
+        return bucket
 
     def _spend(self, key: tuple[str, str], now: float) -> bool:
         user = self._users[key][0]
-        room = self._rooms.get(key[0])
-        if room is None:
-            room = self._rooms[key[0]] = _Bucket(ROOM_PRESENCE_BURST, now)
+        room = self._room_bucket(key[0], now)
         if (user.level(now, PRESENCE_RATE, PRESENCE_BURST) < 1.0
                 or room.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST) < 1.0):
             return False
         user.tokens -= 1.0
         room.tokens -= 1.0
         return True
+
+    def _unhold(self, room: str, user_id: str) -> None:
+        held = self._held.get(room)
+        if held is not None and held.pop(user_id, None) is not None:
+            self._held_count -= 1
+            if not held:
+                del self._held[room]
 
     def offer(self, room: str, user_id: str, username: str, status: str, guest: bool,
               now: float) -> bool:
@@ -181,25 +196,39 @@ class _PresenceGate:
             state = self._users[key] = (_Bucket(PRESENCE_BURST, now),
                                         "offline" if status == "online" else "online")
         if status == state[1]:  # back to what the room last heard: nothing to say
-            self._held.pop(key, None)
+            self._unhold(room, user_id)
             return False
-        if key not in self._held and self._spend(key, now):
+        held = self._held.get(room)
+        if (held is None or user_id not in held) and self._spend(key, now):
             self._users[key] = (state[0], status)
             return True
-        self._held[key] = (status, username, guest)
+        if held is None:
+            held = self._held[room] = {}
+        if user_id not in held:
+            self._held_count += 1
+        held[user_id] = (status, username, guest)  # a replaced change keeps its place
         return False
 
     def due(self, now: float) -> list[tuple[str, str, str, str, bool]]:
         """Held changes the buckets now allow: (room, user_id, username, status, guest)."""
         out = []
-        for key, (status, username, guest) in list(self._held.items()):
-            if self._spend(key, now):
-                del self._held[key]
+        for room, held in list(self._held.items()):
+            bucket = self._room_bucket(room, now)
+            allowed = []
+            for user_id, change in held.items():
+                if bucket.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST) < 1.0:
+                    break  # nothing more for this room until its bucket refills
+                if self._spend((room, user_id), now):
+                    allowed.append((user_id, change))
+            for user_id, (status, username, guest) in allowed:
+                self._unhold(room, user_id)
+                key = (room, user_id)
                 self._users[key] = (self._users[key][0], status)
-                out.append((key[0], key[1], username, status, guest))
+                out.append((room, user_id, username, status, guest))
         if now >= self._next_sweep:  # full buckets mean nothing: forget them
             self._next_sweep = now + 10.0
-            self._users = {k: v for k, v in self._users.items() if k in self._held
+            self._users = {k: v for k, v in self._users.items()
+                           if k[1] in self._held.get(k[0], ())
                            or v[0].level(now, PRESENCE_RATE, PRESENCE_BURST) < PRESENCE_BURST}
             self._rooms = {r: b for r, b in self._rooms.items()
                            if b.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST)
