@@ -291,6 +291,44 @@ def test_history_keeps_last_history_size() -> None:
             assert replay["recovered"] is False
 
 
+def test_replays_and_history_replies_are_bounded_by_bytes() -> None:
+    """Without persistence too, a join's replay is at most 4 MiB (further behind:
+    `recovered: false`, then the newest messages that fit) and a history reply at most
+    1 MiB (the newest that fit, `truncated: true`; `before` pages back for the rest)."""
+    env = {"HISTORY_SIZE": "300", "MAX_TEXT_CHARS": "16000", "RATE_LIMIT": "1000",
+           "RATE_LIMIT_BURST": "1000", "RATE_LIMIT_REQUESTS": "1000",
+           "RATE_LIMIT_REQUESTS_BURST": "1000"}
+    with Server(env) as srv:
+        r = room()
+        with Client(srv.url) as writer:
+            writer.join(r)
+            for i in range(300):  # 300 x ~15 KB: 4.5 MB, all of it held (HISTORY_SIZE)
+                writer.say(r, f"{i:05d}" + "x" * 14995)
+        with Client(srv.url) as c:
+            c.send({"type": "join", "room": r, "since": 0})
+            c.send({"type": "ping"})  # answered after the joined and the whole replay
+            joined = c.expect("joined")
+            c.expect("pong")
+            replayed = [e for e in c.backlog if e["type"] == "message"]
+            size = sum(len(json.dumps(e, separators=(",", ":"), ensure_ascii=False))
+                       for e in replayed)
+            assert joined["recovered"] is False, (len(replayed), size)
+            ids = [e["id"] for e in replayed]
+            assert ids == list(range(ids[0], 301)) and ids[0] > 1
+            assert joined["last_id"] == 300
+            assert size <= 4 * 1024 * 1024
+            c.backlog.clear()
+            page = c.request({"type": "history", "room": r, "limit": 300}, "history")
+            ids = [m["id"] for m in page["messages"]]
+            assert page.get("truncated") is True, (len(ids), ids[:1])
+            assert ids == list(range(ids[0], 301)) and 200 < ids[0]
+            assert len(json.dumps(page, separators=(",", ":"))) <= 1024 * 1024 + 200
+            older = c.request({"type": "history", "room": r, "limit": 10, "before": ids[0]},
+                              "history")
+            assert [m["id"] for m in older["messages"]] == list(range(ids[0] - 10, ids[0]))
+            assert "truncated" not in older
+
+
 def test_join_since_replays_missed_messages(client_factory) -> None:
     """join with since replays every later message in order, then recovered: true."""
     r = room()

@@ -236,6 +236,49 @@ def test_since_complete_and_incomplete(stores: Stores) -> None:
     assert not stores.messages.since("a", 8).complete  # never issued
 
 
+REPLAY_BOUND = 4 * 1024 * 1024  # REPLAY_MAX_BYTES, as README.md documents it
+HISTORY_BOUND = 1024 * 1024  # HISTORY_MAX_BYTES, as README.md documents it
+
+
+def ids_of(events: list[bytes]) -> list[int | None]:
+    return [message_id_of(m) for m in events]
+
+
+def test_a_replay_is_bounded_by_bytes(stores: Stores) -> None:
+    """since() replays at most 4 MiB, as the database's replay does: further behind is
+    complete=False (`recovered: false`), with the newest messages that fit. Before, the
+    whole history came back as complete (5 x 0.9 MiB held per joiner)."""
+    for i in range(5):  # the whole history (HISTORY_SIZE 5), 0.9 MiB each
+        post(stores, "big", f"{i}" * 943_000)
+    replay = stores.messages.since("big", 0)
+    assert not replay.complete
+    assert ids_of(replay.messages) == [2, 3, 4, 5]
+    assert sum(map(len, replay.messages)) <= REPLAY_BOUND
+    within = stores.messages.since("big", 1)  # 2..5: 3.6 MiB
+    assert within.complete and ids_of(within.messages) == [2, 3, 4, 5]
+    assert stores.messages.since("big", 5).complete
+
+
+def test_a_history_page_is_bounded_by_bytes(stores: Stores) -> None:
+    """history_page() holds at most 1 MiB: the newest messages that fit, `truncated`
+    when older ones within the limit were left out (paged back with `before`), and
+    always the newest one, however large."""
+    for i in range(5):
+        post(stores, "big", f"{i}" * 300_000)
+    page = stores.messages.history_page("big", 50)
+    assert page.truncated and ids_of(page.messages) == [3, 4, 5]
+    assert sum(map(len, page.messages)) <= HISTORY_BOUND
+    older = stores.messages.history_page("big", 50, before=3)
+    assert not older.truncated and ids_of(older.messages) == [1, 2]
+    limited = stores.messages.history_page("big", 2)  # the limit, not the bound, stops it
+    assert not limited.truncated and ids_of(limited.messages) == [4, 5]
+    post(stores, "big", "x" * 1_500_000)
+    alone = stores.messages.history_page("big", 50)
+    assert alone.truncated and ids_of(alone.messages) == [6]
+    small = stores.messages.history_page("small", 50)
+    assert small.messages == [] and not small.truncated
+
+
 @pytest.mark.parametrize("stores", ["redis"], indirect=True)
 def test_raise_sequence_never_goes_back(stores: Stores) -> None:
     """After Redis lost its data, the sequence resumes above what was delivered."""

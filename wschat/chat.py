@@ -1094,8 +1094,12 @@ class Chat:
     def _history(self, session: Session, cmd: History) -> None:
         if cmd.room not in session.rooms:
             self.access.admit(session, cmd.room, cmd.request_id)
-        messages = self.stores.messages.recent(cmd.room, cmd.limit, cmd.before)
-        reply = encode_history(cmd.room, messages, cmd.request_id)
+        # At most HISTORY_MAX_BYTES (one frame, written at once): the newest that fit,
+        # `truncated: true` when older ones within `limit` were left out (page back with
+        # `before`, as for any older page).
+        page = self.stores.messages.history_page(cmd.room, cmd.limit, cmd.before)
+        extra = {"truncated": True} if page.truncated else {}
+        reply = encode_history(cmd.room, page.messages, cmd.request_id, **extra)
         if len(reply) >= HISTORY_BYTES_PER_TOKEN:  # refused: not sent, retry later
             self._check_requests(session, cmd, len(reply) // HISTORY_BYTES_PER_TOKEN)
         session.send(reply)

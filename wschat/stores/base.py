@@ -66,10 +66,44 @@ class Posted:
     redelivered: bool = False
 
 
+# What one `join` with `since` may replay, in bytes (the events' JSON): the worker holds
+# the replay until the client has read it, so without a bound a full history of messages
+# at the frame limit (HISTORY_SIZE x MAX_MESSAGE_BYTES, 6.4 MB by default) would be held
+# per joiner. Further behind: `recovered: false`, from every store (with persistence the
+# database's replay has the same bound, see wschat.stores.durable).
+REPLAY_MAX_BYTES = 4 * 1024 * 1024
+# What one `history` reply may hold, in bytes: it is one frame, written at once (not
+# paced), so it is kept to the default outbound budget (MAX_OUTBOUND_BYTES, 1 MiB). The
+# newest messages that fit are sent (always at least one), with `truncated: true`; the
+# client pages back for the rest with `before`.
+HISTORY_MAX_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Replay:
     messages: list[bytes]  # event JSON, oldest first
-    complete: bool  # False: the store no longer holds every message after `since`
+    # False: the store no longer holds every message after `since`, or they come to more
+    # than REPLAY_MAX_BYTES (then `messages` are the newest that fit, possibly none)
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    messages: list[bytes]  # event JSON, oldest first
+    truncated: bool  # older messages within `limit` were left out for the byte bound
+
+
+def newest_within(events: list[bytes], max_bytes: int, at_least_one: bool = False
+                  ) -> tuple[list[bytes], bool]:
+    """The newest of ``events`` (oldest first) whose bytes together come to at most
+    ``max_bytes`` (``at_least_one``: the newest one even if it alone is over), oldest
+    first, and whether any was left out."""
+    total = 0
+    for i in range(len(events) - 1, -1, -1):
+        total += len(events[i])
+        if total > max_bytes and not (at_least_one and i == len(events) - 1):
+            return events[i + 1:], True
+    return events, False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,9 +243,20 @@ class MessageStore(ABC):
     def recent(self, room: str, limit: int, before: int | None = None) -> list[bytes]:
         """Up to ``limit`` messages (ids < ``before`` if given), oldest first."""
 
+    def history_page(self, room: str, limit: int, before: int | None = None,
+                     max_bytes: int = HISTORY_MAX_BYTES) -> HistoryPage:
+        """What a ``history`` reply holds: :meth:`recent`, its oldest messages left out
+        (``truncated``) while they come to more than ``max_bytes`` (the newest is always
+        kept)."""
+        messages, truncated = newest_within(self.recent(room, limit, before), max_bytes,
+                                            at_least_one=True)
+        return HistoryPage(messages, truncated)
+
     @abstractmethod
     def since(self, room: str, after_id: int) -> Replay:
-        """Every message with id > ``after_id``, or ``complete=False`` if some are gone."""
+        """Every message with id > ``after_id``, or ``complete=False`` if some are gone
+        or they come to more than the store's replay bound (:data:`REPLAY_MAX_BYTES`):
+        then the newest of them that fit, oldest first."""
 
     @abstractmethod
     def last_id(self, room: str) -> int: ...

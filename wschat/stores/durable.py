@@ -37,16 +37,17 @@ from ..protocol import MessageDraft, addressed_to, message_id_of
 from ..ratelimit import Charge
 from ..telemetry import Metrics
 from .base import (
-    HELD, STALE, UNHEARD, InboxFull, MessageStore, Posted, Replay, Stored, Unavailable, User,
+    HELD, REPLAY_MAX_BYTES, STALE, UNHEARD, InboxFull, MessageStore, Posted, Replay, Stored,
+    Unavailable, User,
 )
 
 log = logging.getLogger("wschat.persistence")
 
 REPLAY_LIMIT = 1000  # a `since` further behind than this gets recovered: false (reload)
-# ... and one whose replay would come to more bytes than this (what one join makes the
-# worker read and hold until the client has read it): 1,000 messages at the 64 KiB frame
-# limit would be 64 MB per joiner.
-REPLAY_MAX_BYTES = 4 * 1024 * 1024
+# ... and one whose replay would come to more bytes than REPLAY_MAX_BYTES (what one join
+# makes the worker read and hold until the client has read it): 1,000 messages at the
+# 64 KiB frame limit would be 64 MB per joiner. The same bound as the memory and Redis
+# stores' replays (wschat.stores.base), imported here under its old name too.
 MAX_KEPT_DMS = 1000  # DMs kept for one offline user; past it the sender gets `inbox_full`
 PRIMED_MAX = 100_000
 UNHEARD_DM = ("stored, but not delivered (a worker of the recipient's or the sender's is not "

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from ..protocol import MessageDraft
 from ..ratelimit import Charge
 from .base import (
-    HELD, PUBLISHED, Broker, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, Replay,
-    RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties, retry_echo,
+    HELD, PUBLISHED, REPLAY_MAX_BYTES, Broker, JoinResult, LeaveResult, MessageStore, Posted,
+    PresenceStore, Replay, RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties,
+    newest_within, retry_echo,
 )
 
 DEDUPE_TTL = 3600.0
@@ -95,12 +96,15 @@ class MemoryMessageStore(MessageStore):
     ``max_bytes`` (``MEMORY_HISTORY_BYTES``) for all rooms together. Over the latter,
     emptied rooms go first (oldest first, as if their ``ROOM_TTL`` had passed), then
     the oldest messages of the rooms written to least recently; a room's sequence
-    number stays while it has members."""
+    number stays while it has members. A replay (``since``) is at most
+    ``replay_max_bytes``."""
 
     def __init__(self, broker: Broker, history_size: int, room_ttl: float,
                  clock: Callable[[], float] = time.monotonic,
-                 max_bytes: int = 128 * 1024 * 1024) -> None:
+                 max_bytes: int = 128 * 1024 * 1024,
+                 replay_max_bytes: int = REPLAY_MAX_BYTES) -> None:
         self._broker = broker
+        self._replay_max_bytes = replay_max_bytes
         self._size = history_size
         self._room_ttl = room_ttl
         self._clock = clock
@@ -223,7 +227,9 @@ class MemoryMessageStore(MessageStore):
         if not log.messages:  # ids raised from the durable log, messages not loaded
             return Replay([], False)
         oldest = log.messages[0][0]
-        return Replay([e for i, e in log.messages if i > after_id], after_id >= oldest - 1)
+        newer, cut = newest_within([e for i, e in log.messages if i > after_id],
+                                   self._replay_max_bytes)
+        return Replay(newer, after_id >= oldest - 1 and not cut)
 
     def last_id(self, room: str) -> int:
         log = self._logs.get(room)

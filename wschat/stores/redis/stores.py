@@ -18,14 +18,16 @@ from ...protocol import MessageDraft, message_id_of, stored_id_of
 from ...ratelimit import Charge, RateLimited
 from ...telemetry import Metrics
 from ..base import (
-    PUBLISHED, JoinResult, LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline,
-    UNHEARD, Replay, RoomStore, Stored, Unavailable, User, retry_echo,
+    HISTORY_MAX_BYTES, PUBLISHED, REPLAY_MAX_BYTES, HistoryPage, JoinResult, LeaveResult,
+    MessageStore, Posted, PresenceStore, RecipientOffline, UNHEARD, Replay, RoomStore, Stored,
+    Unavailable, User, retry_echo,
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
     membership_keys, membership_token, room_channel, room_keys, script, split_token, user_channel,
     user_nodes,
 )
+from .pipeline import Pipelined
 from .nodes import (
     Node, announce_offline, disconnect_registered, leave_memberships, live_window_ms,
 )
@@ -155,9 +157,10 @@ class RedisMessageStore(MessageStore):
     checks_recipient = True  # post_dm(recipient_online=None): dm_online.lua
 
     def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None,
-                 presence_ttl: float = 30.0) -> None:
+                 presence_ttl: float = 30.0, replay_max_bytes: int = REPLAY_MAX_BYTES) -> None:
         self._client = client
         self._size = history_size
+        self._replay_max_bytes = replay_max_bytes
         self._live_ms = live_window_ms(presence_ttl)  # dm_heard.lua's fresh_ms
         self._metrics = metrics
         self._post_room = script(client, "post_room", prelude=("gate", "charge", "take_id"))
@@ -166,6 +169,8 @@ class RedisMessageStore(MessageStore):
         self._post_dm_online = script(
             client, "post_dm", prelude=("gate", "charge", "dm_heard", "dm_online", "take_id"))
         self._raise_seq = script(client, "raise_seq")
+        # Reads of the history stay off the auto-pipeline (large replies), as LRANGE did.
+        self._tail = script(client.client if isinstance(client, Pipelined) else client, "tail")
         self._publish_stored = script(client, "publish_stored")
         self._publish_dm = script(client, "publish_dm", prelude=("charge", "dm_heard"))
         self._publish_kept = script(client, "publish_kept", prelude=("charge", "dm_heard"))
@@ -244,18 +249,25 @@ class RedisMessageStore(MessageStore):
         return held[-limit:]
 
     @guarded
-    def since(self, room: str, after_id: int) -> Replay:
+    def history_page(self, room: str, limit: int, before: int | None = None,
+                     max_bytes: int = HISTORY_MAX_BYTES) -> HistoryPage:
         keys = room_keys(room)
-        with self._client.pipeline(transaction=False) as pipe:
-            last, held = pipe.get(keys[4]).lrange(keys[5], 0, -1).execute()
-        last = int(last or 0)
+        _, _, cut, *events = self._tail(keys=[keys[4], keys[5]],
+                                        args=[-1, before or 0, limit, max_bytes, 1])
+        return HistoryPage([bytes(e) for e in events], bool(cut))
+
+    @guarded
+    def since(self, room: str, after_id: int) -> Replay:
+        """Read by tail.lua newest first, at most ``replay_max_bytes`` of it (and one
+        message more) leaving Redis."""
+        keys = room_keys(room)
+        last, oldest, cut, *events = self._tail(
+            keys=[keys[4], keys[5]], args=[after_id, 0, 0, self._replay_max_bytes, 0])
         if after_id > last:
             return Replay([], False)
         if after_id == last:
             return Replay([], True)
-        newer = [m for m in held if (message_id_of(m) or 0) > after_id]
-        oldest = message_id_of(held[0]) if held else last + 1
-        return Replay(newer, oldest is not None and after_id >= oldest - 1)
+        return Replay([bytes(e) for e in events], after_id >= oldest - 1 and not cut)
 
     @guarded
     def last_id(self, room: str) -> int:
