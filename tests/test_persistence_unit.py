@@ -814,6 +814,61 @@ def test_a_commit_whose_reply_was_lost_is_published_before_the_next_message(
     assert len(delivered) == 2
 
 
+def test_the_releaser_moves_past_messages_retention_deleted(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A dead worker committed 2 and 3 and never published them; retention then deleted 2
+    (docs/persistence.md: prune with SQL). 4 is held behind the gap. 2 is gone for good:
+    the releaser publishes 3 and 4 and says so once, and a `since` below 3 is not
+    recovered, from the window (1, 3, 4) or the log (before: the releaser read 3 and 4,
+    found them held behind 2, and tried again every 10 s forever, a warning each time;
+    members never got 3 or 4)."""
+    durable, delivered = durable_on_memory
+    durable.HOLD_TIMEOUT = 0.05
+    room = f"pruned-{uuid.uuid4().hex[:6]}"
+    durable.last_id(room)
+    assert durable.post_room(room, "u1", draft_message(room, "a", "u1", "1", 1, None)).msg_id == 1
+    durable.log.write([room_post(room, "2: committed, never published"),
+                       room_post(room, "3: committed, never published")])
+    with sqlite3.connect(tmp_path / "d.db", timeout=5) as db:  # retention, by hand
+        db.execute("DELETE FROM messages WHERE room = ? AND id = 2", (room,))
+    db.close()
+    caplog.set_level("WARNING", logger="wschat.persistence")
+    posted = durable.post_room(room, "u2", draft_message(room, "b", "u2", "4", 1, None))
+    assert posted.msg_id == 4
+    wait_until(lambda: gevent.sleep(0.02) or len(delivered) == 3, timeout=5,
+               message="3 and 4 to be released past the deleted 2")
+    assert [message_id_of(e) for e in delivered] == [1, 3, 4]
+    gevent.sleep(0.3)  # a releaser still retrying would warn again meanwhile
+    skipped = [r for r in caplog.records if "no longer holds them" in r.getMessage()]
+    assert len(skipped) == 1 and "messages 2 to 2" in skipped[0].getMessage()
+    assert room not in durable._releasing
+    for since in (0, 1):  # the window holds 1, 3, 4: a hole, not a replay
+        replay = durable.since(room, since)
+        assert not replay.complete, (since, [message_id_of(e) for e in replay.messages])
+    whole = durable.since(room, 2)
+    assert whole.complete and [message_id_of(e) for e in whole.messages] == [3, 4]
+
+
+def test_a_replay_from_the_log_over_deleted_rows_is_not_recovered(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]], tmp_path: Path) -> None:
+    """Rows retention deleted leave a hole in the log: a `since` below it is answered
+    `recovered: false` (before: the log's rows after the hole came back as complete, a
+    gap the client was never told of)."""
+    durable, _ = durable_on_memory
+    room = f"holed-{uuid.uuid4().hex[:6]}"
+    durable.last_id(room)
+    for i in range(6):  # the window (3) holds 4..6
+        durable.post_room(room, "u1", draft_message(room, "a", "u1", f"m{i}", 1, None))
+    with sqlite3.connect(tmp_path / "d.db", timeout=5) as db:
+        db.execute("DELETE FROM messages WHERE room = ? AND id <= 2", (room,))
+    db.close()
+    assert not durable.since(room, 0).complete
+    assert not durable.since(room, 1).complete
+    replay = durable.since(room, 2)
+    assert replay.complete and [message_id_of(e) for e in replay.messages] == [3, 4, 5, 6]
+
+
 def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
         tmp_path: Path) -> None:
     """Redis: id 2 waits for id 1; when 1's worker died after committing, 1 comes from the log,

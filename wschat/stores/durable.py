@@ -223,8 +223,11 @@ class DurableMessageStore(MessageStore):
         """Publish, from the log, what a dead or slow worker committed but never published:
         every message between the window's last id and the highest held one, in order,
         :attr:`FILL_PAGE` at a time (so that the worker holds one page, not the whole gap).
-        None is skipped: the members get them all, and the window, which ``since`` and
-        ``history`` read, keeps no hole (a hole there would be called complete)."""
+        None the log holds is skipped: the members get them all. Ids the log no longer
+        holds were deleted (retention: ids are taken in the committing transaction, so a
+        later id committed means this one was too) and are gone for good: the window's
+        sequence moves past them, with one warning, rather than waiting for them forever.
+        The window then has a hole there, which :meth:`since` does not call complete."""
         attempt = 0
         while True:
             try:
@@ -242,11 +245,21 @@ class DurableMessageStore(MessageStore):
                     self.inner.raise_sequence(room, target - 1 - self.FILL_LIMIT)
                     published = target - 1 - self.FILL_LIMIT
                 # up to the target itself: it may have been committed and never published
-                stored = self.log.after(room, published, min(target - published, self.FILL_PAGE))
-                log.warning("room %s: publishing %d messages committed by a worker that did "
-                            "not publish them", room, len(stored))
-                self.inner.publish_stored([Stored(message_id_of(e) or 0, e, room)
-                                           for e in stored])
+                stored = [e for e in self.log.after(room, published,
+                                                    min(target - published, self.FILL_PAGE))
+                          if (message_id_of(e) or 0) <= target]
+                first = (message_id_of(stored[0]) or 0) if stored else target + 1
+                if first > published + 1:
+                    log.warning("room %s: messages %d to %d were committed and never published, "
+                                "and the database no longer holds them (deleted by retention?); "
+                                "moving past them (`since` below %d answers recovered: false)",
+                                room, published + 1, first - 1, first)
+                    self.inner.raise_sequence(room, first - 1)
+                if stored:
+                    log.warning("room %s: publishing %d messages committed by a worker that "
+                                "did not publish them", room, len(stored))
+                    self.inner.publish_stored([Stored(message_id_of(e) or 0, e, room)
+                                               for e in stored])
                 if self.inner.last_id(room) > published:
                     attempt = 0
                     gevent.sleep(0)  # the next page at once, after the other greenlets
@@ -298,7 +311,7 @@ class DurableMessageStore(MessageStore):
         try:
             last = self._last_id(room)
             replay = self.inner.since(room, after_id)
-            if replay.complete:
+            if replay.complete and _unbroken(replay.messages, after_id):
                 return replay
             if after_id > last:
                 return Replay([], False)  # ids this server never issued
@@ -306,10 +319,14 @@ class DurableMessageStore(MessageStore):
                                     self._replay_max_bytes)
         except DatabaseUnavailable as exc:
             log.warning("room %s: recovery from memory only (%s)", room, exc)
-            return self.inner.since(room, after_id)
+            replay = self.inner.since(room, after_id)
+            return Replay(replay.messages,
+                          replay.complete and _unbroken(replay.messages, after_id))
         if len(stored) > self._replay_limit or sum(map(len, stored)) > self._replay_max_bytes:
             return Replay([], False)
-        return Replay(stored, True)
+        # Rows deleted by retention (or ids the log never had: issued before persistence
+        # was on) leave a hole: not recovered, never a gap the client is not told of.
+        return Replay(stored, _unbroken(stored, after_id) and after_id + len(stored) >= last)
 
     def raise_sequence(self, room: str, at_least: int) -> None:
         self.inner.raise_sequence(room, at_least)
@@ -330,3 +347,11 @@ class DurableMessageStore(MessageStore):
         self.log.close()
         self.inner.close()
 
+
+def _unbroken(events: list[bytes], after_id: int) -> bool:
+    """Whether ``events`` (oldest first) are every id from ``after_id + 1`` to the last
+    one's, with no hole (ids only rise, so the ends and the count tell)."""
+    if not events:
+        return True
+    return (message_id_of(events[0]) == after_id + 1
+            and message_id_of(events[-1]) == after_id + len(events))
