@@ -133,10 +133,13 @@ const TYPING_PREFIX = "t";
  * The answers to a new connection's `auth` that say "not now" rather than judge its token
  * (README "Error codes"): the server registered nothing of the sign-in, and the client
  * reconnects and signs in again. `forbidden` (banned everywhere; the server closes with 4003)
- * stops it; anything else (`auth_failed`, `token_expired`: a refused token) needs a fresh
- * token (getToken), else stops.
+ * stops it; a refused token (`AUTH_TOKEN_REFUSED`) needs a fresh token (getToken), else
+ * stops; anything else stops (1008): `invalid_message` (the token is no string, empty or
+ * over 8192 characters: no retry reads better) and a code this client does not know.
  */
 const AUTH_RETRY_LATER = new Set(["unavailable", "internal_error", "rate_limited", "too_many_connections"]);
+/** The answers to a new connection's `auth` that refuse its token. */
+const AUTH_TOKEN_REFUSED = new Set(["auth_failed", "token_expired"]);
 const SYNC_PREFIX = "s";
 
 export class ChatClient extends Emitter<ClientEvents> {
@@ -665,9 +668,20 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
     // Banned everywhere: the 4003 close that follows, at once (no fresh token changes it).
     if (err.code === "forbidden") return this.onClosed(4003, `auth refused: ${err.code}`);
-    // The token of a new connection was refused: a fresh one may do (getToken), else stop.
-    if (this.opts.getToken) this.onClosed(4002, `auth refused: ${err.code}`);
-    else this.onClosed(4001, `auth refused: ${err.code}`);
+    if (AUTH_TOKEN_REFUSED.has(err.code)) {
+      // The token of a new connection was refused: a fresh one may do (getToken), else stop.
+      if (this.opts.getToken) this.onClosed(4002, `auth refused: ${err.code}`);
+      else this.onClosed(4001, `auth refused: ${err.code}`);
+      return;
+    }
+    // `invalid_message`: the server could not read the auth, i.e. its token (not a string,
+    // empty, over 8192 characters); the next token from the same source is no better, and
+    // retrying would only loop. Any other code is one this client does not know (a newer
+    // server's): it cannot tell "not now" from "never", and stops rather than loop, as
+    // centrifuge-js does with a connect error not marked temporary. Either way the app is
+    // told (the `error` above, then `disconnected` 1008, as a policy violation), and the
+    // rooms and outbox are kept for its `connect()`.
+    this.onClosed(1008, `auth refused: ${err.code}`);
   }
 
   private scheduleRefresh(): void {

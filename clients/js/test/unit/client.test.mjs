@@ -253,6 +253,36 @@ test("auth of a new connection: unavailable, internal_error, rate_limited, too_m
   assert.equal(banned.server.sockets.length, 1, "no reconnect after a ban");
 });
 
+test("auth of a new connection: invalid_message and a code this client does not know stop it (no token loop), rooms and outbox kept", async () => {
+  // invalid_message: the server could not read the auth (its token not a string, empty or
+  // over 8192 characters): a fresh token from the same source is no better, retrying only
+  // loops. A code this client does not know (a newer server's) cannot be judged: the client
+  // stops, as centrifuge-js does with a connect error not marked temporary, and tells the app.
+  for (const code of ["invalid_message", "not_a_code_yet"]) {
+    for (const how of ["token", "getToken"]) {
+      let calls = 0;
+      const opts = how === "token" ? { token: fakeToken("ada") } : { getToken: () => (calls++, fakeToken("ada")) };
+      const { server, c, events } = setup(opts);
+      server.replies.push((ws, f) => f.type === "auth" && (server.push(ws, { type: "error", id: f.id, code, message: "no" }), true));
+      const joined = c.join("kept");
+      c.send("kept", "queued").catch(() => {});
+      const err = await within(c.connect().then(() => null, (e) => e), 2000, `${code} (${how}): connect`);
+      assert.equal(err?.code, "closed", `${code} (${how}): ${err}`);
+      assert.equal(err?.closeCode, 1008, `${code} (${how}): ${err}`);
+      assert.match(err.message, new RegExp(`auth refused: ${code}`));
+      await tick(50);
+      assert.equal(server.sockets.length, 1, `${code} (${how}): no reconnect`);
+      if (how === "getToken") assert.equal(calls, 1, `${code}: getToken asked again`);
+      assert.ok(events("error").some((e) => e.code === code), `${code} (${how}): the server's error reaches the app`);
+      assert.deepEqual(events("disconnected").map((e) => e.code), [1008]);
+      assert.deepEqual(events("connecting").filter((e) => e.code !== undefined), [], `${code} (${how}): no reconnect scheduled`);
+      assert.deepEqual(c.joinedRooms, ["kept"], "rooms kept for connect()");
+      assert.equal(c.pending.length, 1, "the outbox kept for connect()");
+      await joined.catch(() => {});
+    }
+  }
+});
+
 test("rooms: rejoined with since after a reconnect; joining/joined/left states", async () => {
   const { server, c, events, messages } = setup();
   await c.connect();
