@@ -1082,9 +1082,17 @@ export class ChatClient extends Emitter<ClientEvents> {
     }, Math.max(0, oldest + timeout - Date.now()));
   }
 
-  private acknowledge(m: ChatMessage | DirectMessage): void {
-    const cmid = m.client_msg_id;
+  /**
+   * The echo `m` (a room message or a DM naming a `client_msg_id`) acknowledges that send:
+   * the server stored it. Its promise and the `ack` event get the message with `id` -1 when
+   * the server's `id` is no message id (`wireId`: missing, not a whole number, negative or
+   * past 2^53 - 1), as Python's -1 and Rust's `u64::MAX`: a number that is never an id,
+   * not the frame's value passed on as one.
+   */
+  private acknowledge(echo: ChatMessage | DirectMessage): void {
+    const cmid = echo.client_msg_id;
     if (!cmid || !this.outbox.remove(cmid)) return;
+    const m = wireId(echo.id) === null ? { ...echo, id: -1 } : echo;
     const inFlight = this.inflight.size; // this one among them, if written on this socket
     if (this.inflight.delete(cmid)) {
       for (const [req, c] of this.inflightReq) if (c === cmid) this.inflightReq.delete(req);

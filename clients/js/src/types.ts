@@ -12,6 +12,10 @@ export interface User {
 /** A room message (`message` event); `id` is the room's gap-free sequence number. */
 export interface ChatMessage {
   type: "message";
+  /**
+   * The room's sequence number; -1 (never an id) on a send's result or `ack` whose echo
+   * carried no message id (missing, not a whole number, negative or past 2^53 - 1).
+   */
   id: number;
   room: string;
   from: string;
@@ -24,6 +28,7 @@ export interface ChatMessage {
 /** A direct message (`dm` event). */
 export interface DirectMessage {
   type: "dm";
+  /** Tells this DM from the others; -1 on a send's result or `ack`, as for `ChatMessage.id`. */
   id: number;
   from: string;
   user_id: string;

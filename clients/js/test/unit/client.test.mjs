@@ -526,6 +526,44 @@ test("dm: an echo whose id is not a whole number >= 0 resolves the send but is n
   assert.deepEqual(wrong, []);
 });
 
+test("sends: an echo whose id is no message id resolves the send with id -1, as in Python (Rust: u64::MAX)", async () => {
+  // The server stored the send (its echo names the client_msg_id), so it resolves, but with
+  // the id the three clients agree on for "none" (never a message id), not the frame's own:
+  // "7" typed as a number, 2.5, -5, 2^53 handed to the app as if they were ids.
+  const wrong = [];
+  const body = (type, extra) =>
+    JSON.stringify(type === "message"
+      ? { type, room: "r", from: "x", user_id: "x", text: "mine", timestamp: 1, ...extra }
+      : { type, from: "x", user_id: "x", to: "someone", text: "mine", timestamp: 1, ...extra });
+  const raw = (type, id, extra) => (id === undefined ? body(type, extra) : `${body(type, extra).slice(0, -1)}, "id": ${id}}`);
+  for (const type of ["message", "dm"]) {
+    for (const id of ["2.5", '"7"', "null", "-5", "1e400", "9007199254740992", "18446744073709551616", "true", undefined]) {
+      const { server, c, messages } = setup({ ackTimeout: 10_000 });
+      const acks = [];
+      c.on("ack", (m) => acks.push(m.id));
+      server.replies.push((ws, f) => {
+        if (f.type !== type) return false;
+        ws.onmessage?.({ data: raw(type, id, { client_msg_id: f.client_msg_id }) });
+        if (type === "message") ws.onmessage?.({ data: raw(type, "1", {}) }); // the room's next message counts
+        return true;
+      });
+      await c.connect();
+      if (type === "message") await c.join("r");
+      const sending = type === "message" ? c.send("r", "mine") : c.dm("someone", "mine");
+      const outcome = await within(sending, 1000, `${type} echoed with id ${id}`).then(
+        (m) => `resolved id ${JSON.stringify(m.id)} (${m.text})`,
+        (e) => `${e.name}: ${e.message}`,
+      );
+      await tick();
+      const got = `${outcome}, acks ${JSON.stringify(acks)}, messages ${JSON.stringify(messages)}`;
+      const want = `resolved id -1 (mine), acks [-1], messages ${type === "message" ? "[1]" : "[]"}`;
+      if (got !== want) wrong.push(`${type} id ${id}: ${got}`);
+      c.disconnect();
+    }
+  }
+  assert.deepEqual(wrong, []);
+});
+
 test("randomId: UUID v4 shaped and distinct", () => {
   const ids = new Set(Array.from({ length: 100 }, () => randomId()));
   assert.equal(ids.size, 100);
