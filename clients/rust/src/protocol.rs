@@ -147,9 +147,11 @@ pub struct User {
 /// A room message: `id` is the room's gap-free sequence number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// Read by [`wire_id`] (`5.0` is 5), or any `u64` (one past [`MAX_WIRE_ID`] is never a
-    /// room's position: `RoomSeq` drops it); anything else (`"5"`, `2.5`, `-1`) does not parse
-    /// (the echo of a send still acknowledges it, its `id` then `u64::MAX`).
+    /// Read by [`wire_id`] (`5.0` is 5); `u64::MAX` when the server's is no message id: a `u64`
+    /// past [`MAX_WIRE_ID`] (never a room's position: `RoomSeq` drops it), or, through
+    /// [`ChatMessage::unordered`], anything else (`"5"`, `2.5`, `-1`, absent: the event does not
+    /// parse, but the echo of a send still acknowledges it). So a send's result never carries an
+    /// id that is not one: `u64::MAX` is the JS and Python clients' -1.
     #[serde(deserialize_with = "message_id")]
     pub id: u64,
     pub room: String,
@@ -165,9 +167,9 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DirectMessage {
     /// Tells this DM from the others (it comes once, whichever of your connections sent it).
-    /// Read as a room message's [`ChatMessage::id`]: by [`wire_id`] (`5.0` is 5), or any `u64`
-    /// (one past [`MAX_WIRE_ID`] is never an `Event::Dm`); anything else (`"5"`, `2.5`, `-1`)
-    /// does not parse (the echo of a send still acknowledges it, its `id` then `u64::MAX`).
+    /// Read as a room message's [`ChatMessage::id`]: by [`wire_id`] (`5.0` is 5), else
+    /// `u64::MAX` (never an `Event::Dm`; a `u64` past [`MAX_WIRE_ID`] parses as it, anything else
+    /// does not parse, but the echo of a send still acknowledges it with that `id`).
     #[serde(deserialize_with = "message_id")]
     pub id: u64,
     pub from: String,
@@ -549,12 +551,13 @@ fn lenient_last_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>
     Ok(wire_id(&serde_json::Value::deserialize(d)?))
 }
 
-/// A message's `id`: an id by [`wire_id`] (`5.0`, `-0`), or any `u64` (past [`MAX_WIRE_ID`]
-/// it still parses, so the echo of a send acknowledges it; it never becomes a position). Anything
-/// else is an error: the message cannot be put in order.
+/// A message's `id`: an id by [`wire_id`] (`5.0`, `-0`), or `u64::MAX` for any `u64` past
+/// [`MAX_WIRE_ID`] (it still parses, so the echo of a send acknowledges it; it never becomes a
+/// position, and a send's result never carries it as if it were an id: the JS and Python
+/// clients' -1). Anything else is an error: the message cannot be put in order.
 fn message_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let value = serde_json::Value::deserialize(d)?;
-    wire_id(&value).or_else(|| value.as_u64()).ok_or_else(|| {
+    wire_id(&value).or_else(|| value.as_u64().map(|_| u64::MAX)).ok_or_else(|| {
         serde::de::Error::custom(format_args!("a message id must be a whole number >= 0, not {value:.40}"))
     })
 }
@@ -887,7 +890,8 @@ mod tests {
     /// A room message's `id` by the same rule: an id that counts is the message's, whatever its
     /// spelling (`5.0`, `1e2`, `-0` used to make the message unparsable); anything else is not a
     /// position: unparsable as before (`"5"`, `2.5`, `-1`, `1e400`), or a `u64` past 2^53 - 1,
-    /// which the room's bookkeeping drops (`RoomSeq::message`).
+    /// read as `u64::MAX` (the room's bookkeeping drops it, `RoomSeq::message`; it used to be
+    /// that `u64`, which a send's result then carried as if it were an id).
     #[test]
     fn message_ids_read_as_in_the_js_and_python_clients() {
         let shared: serde_json::Value = serde_json::from_str(include_str!("../../conformance/last-id.json")).unwrap();
@@ -899,7 +903,7 @@ mod tests {
             );
             match (ServerEvent::parse(&frame), want) {
                 (Ok(ServerEvent::Message(m)), Some(want)) if m.id == want => {}
-                (Ok(ServerEvent::Message(m)), None) if m.id > 9_007_199_254_740_991 => {}
+                (Ok(ServerEvent::Message(m)), None) if m.id == u64::MAX => {}
                 (Err(_), None) => {}
                 (got, _) => wrong.push(format!("{text:.40}: {got:?}, not {want:?}")),
             }
