@@ -1024,17 +1024,20 @@ async def _sent_id(sending: asyncio.Task[Any]) -> Any:
 
 
 async def test_message_id_unreadable_acknowledges_the_send_but_is_not_delivered() -> None:
-    """An echo whose id is not a whole number >= 0 still acknowledges the send (its Message
-    has id -1) but is not delivered and changes no position: the next message, 1, is. "1"
-    and 1.5 used to be delivered as 1 (then the real 1 was dropped as seen), null and 1e400
-    raised in the reader: the send stayed unacknowledged."""
+    """An echo whose id is no message id (not a whole number >= 0 and at most 2**53 - 1, or
+    absent) still acknowledges the send (its Message has id -1, as in JS; Rust's u64::MAX) but
+    is not delivered and changes no position: the next message, 1, is. "1" and 1.5 used to be
+    delivered as 1 (then the real 1 was dropped as seen), null and 1e400 raised in the reader:
+    the send stayed unacknowledged."""
     wrong = []
-    for raw in ('"1"', "1.5", "null", "1e400"):
+    for raw in ('"1"', "1.5", "null", "1e400", "-1", "true", "9007199254740992",
+                "18446744073709551616", None):
         async with FakeServer() as fake:
             client, rec, peer = await joined_client(fake, last_id=0)
             sending = asyncio.create_task(client.send("r", "mine"))
             frame = await peer.recv("message")
-            await peer.ws.send(_raw_message(raw, client_msg_id=frame["client_msg_id"]))
+            echo = _raw_message(raw or "0", client_msg_id=frame["client_msg_id"])
+            await peer.ws.send(echo if raw is not None else echo.replace(', "id": 0}', "}"))
             await peer.message(1)
             got: dict[str, Any] = {"sent": await _sent_id(sending)}
             await _round_trip(client, peer)
