@@ -33,7 +33,8 @@ export interface ClientOptions {
   url: string | ((info: UrlInfo) => string | Promise<string>);
   /**
    * Returns a JWT; called before every connection attempt and again before the token
-   * expires (read from its `exp`). Return `null` to stop connecting (terminal).
+   * expires (read from its `exp`). Return `null` (or an empty string) to stop connecting
+   * (terminal); at a refresh, the current token is kept until it expires.
    */
   getToken?: () => string | null | Promise<string | null>;
   /** A fixed token (no refresh; an expired one ends the connection for good). */
@@ -284,8 +285,10 @@ export class ChatClient extends Emitter<ClientEvents> {
       url = typeof u === "function" ? await u({ attempt: this.attempt }) : u;
       if (this.opts.getToken) {
         token = await this.opts.getToken();
-        if (token === null) {
-          if (conn === this.conn) this.stop(4001, "getToken returned null", new ChatError("token", "no token"));
+        if (token === null || token === "") {
+          // An empty token is no token: connecting as a guest instead would hand the app
+          // a session it did not ask for.
+          if (conn === this.conn) this.stop(4001, `getToken returned ${token === null ? "null" : "an empty token"}`, new ChatError("token", "no token"));
           return;
         }
       } else {
@@ -723,7 +726,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       this.timers.refresh = setTimeout(() => void this.refreshToken(), this.refreshRetryDelay());
       return;
     }
-    if (conn !== this.conn || !this.established || token === null) return;
+    if (conn !== this.conn || !this.established || token === null || token === "") return;
     this.token = token;
     this.auth = { id: this.nextId(), purpose: "refresh" };
     this.send_({ type: "auth", id: this.auth.id, token });

@@ -460,6 +460,17 @@ test("token: getToken returning null stops the client", async () => {
   assert.equal(events("error").at(-1).code, "token");
 });
 
+test("token: getToken returning an empty string stops the client as null does, not a guest session", async () => {
+  const { c, events } = setup({ getToken: () => "" });
+  try {
+    await assert.rejects(c.connect(), { code: "closed" });
+    assert.equal(c.state, "disconnected");
+    assert.equal(events("error").at(-1).code, "token");
+  } finally {
+    c.disconnect(); // a guest session (the defect) would keep the test run from ending
+  }
+});
+
 test("typing: one true while typing goes on, false after the idle timeout; send ends it silently", async () => {
   const { server, c } = setup({ typingTimeout: 40 });
   await c.connect();
