@@ -235,6 +235,72 @@ def test_held_presence_costs_the_timer_nothing_per_change_while_rooms_wait() -> 
     assert sorted({room for room, *_ in released}) == sorted(f"r{r}" for r in range(100))
 
 
+def test_typing_expires_in_small_steps_between_ticks(
+        transport: Transport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While typing indicators are on, the timer expires the due ones every
+    PRESENCE_STEP, not once per tick: a second's worth at once (40 stops in a room of
+    1,000, each to every member) held a worker for ~100 ms (loadtest, typing run)."""
+    chat = transport.chat
+    calls = {"tick": 0, "expire": 0}
+    ticked = gevent.event.Event()
+
+    def tick() -> None:
+        calls["tick"] += 1
+        ticked.set()
+
+    def expire(budget: int = 0) -> None:
+        calls["expire"] += 1
+
+    monkeypatch.setattr(chat, "tick", tick)
+    monkeypatch.setattr(chat, "expire_typing", expire)
+    monkeypatch.setattr(type(chat), "typing_pending", property(lambda self: True))
+    transport.start()
+    try:
+        assert ticked.wait(TIMEOUT), "the timer never ticked"
+        expiries_before_the_tick = calls["expire"]
+    finally:
+        transport.stop()
+    # The step is 1 s here (HEARTBEAT_INTERVAL 5): about 19 steps before the tick.
+    assert expiries_before_the_tick >= 5
+
+
+def test_typing_expiries_due_together_go_out_in_bounded_steps() -> None:
+    """Indicators that expire together are turned off a budget of deliveries at a time,
+    oldest deadline first; each still exactly once, and none before its deadline."""
+    from test_chat import Clock, connect, make_chat, send
+
+    clock = Clock()
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000",
+                     RATE_LIMIT_REQUESTS="1000", RATE_LIMIT_REQUESTS_BURST="1000")
+    watcher = connect(chat, "w")
+    send(chat, watcher, type="join", room="r")
+    typers = [connect(chat, f"t{i}") for i in range(10)]
+    for typer in typers:
+        send(chat, typer, type="join", room="r")
+    for typer in typers:
+        send(chat, typer, type="typing", room="r", status=True)
+        clock.now += 0.01
+    assert chat.typing_pending
+
+    def stopped() -> list[str]:
+        return [e["user_id"] for e in watcher.events("typing") if not e["status"]]
+
+    chat.expire_typing()
+    assert stopped() == []  # none is due yet
+    clock.now += 5.0  # all ten due
+    # Each stop reaches the room's 11 members (+1): a budget of 30 allows three.
+    chat.expire_typing(budget=30)
+    assert stopped() == ["t0", "t1", "t2"]
+    chat.expire_typing(budget=30)
+    assert stopped() == [f"t{i}" for i in range(6)]
+    chat.tick()  # the tick takes its step too
+    chat.expire_typing(budget=10_000)
+    assert stopped() == [f"t{i}" for i in range(10)]
+    assert not chat.typing_pending
+    chat.tick()
+    assert len(stopped()) == 10
+
+
 def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> None:
     """A client that reads nothing: once more than MAX_OUTBOUND_BYTES wait for it, the
     backlog goes and the connection closes with 4101 (the close frame follows a whole

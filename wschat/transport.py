@@ -32,7 +32,8 @@ __all__ = ["Transport", "remote_address"]  # remote_address: its old home
 
 log = logging.getLogger("wschat.transport")
 
-# While presence changes are held, the timer releases them this often (seconds).
+# While presence changes are held or typing indicators are on, the timer releases
+# the one and expires the other this often (seconds).
 PRESENCE_STEP = 0.05
 
 
@@ -132,16 +133,19 @@ class Transport:
         next_tick = time.monotonic() + step
         while True:
             wait = next_tick - time.monotonic()
-            if self.chat.presence_held:
+            if self.chat.presence_held or self.chat.typing_pending:
                 # Held presence goes out as its buckets refill, a little every
                 # PRESENCE_STEP: a room's second's worth at once (20 changes, each to
-                # every member) held the worker for ~70 ms in a room of 1,000.
+                # every member) held the worker for ~70 ms in a room of 1,000. Typing
+                # indicators expire as they come due, in bounded steps, for the same
+                # reason (40 a second in a room of 1,000: ~100 ms at once).
                 wait = min(wait, PRESENCE_STEP)
             gevent.sleep(max(0.0, wait))
             try:
                 now = time.monotonic()
                 if now < next_tick:
                     self.chat.release_presence()
+                    self.chat.expire_typing()
                     continue
                 next_tick = now + step
                 self.chat.tick()
