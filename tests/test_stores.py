@@ -236,6 +236,27 @@ def test_since_complete_and_incomplete(stores: Stores) -> None:
     assert not stores.messages.since("a", 8).complete  # never issued
 
 
+def test_since_over_ids_the_history_never_held_is_not_complete(stores: Stores) -> None:
+    """Redis came back from an older snapshot (history 1..3) and the resync raised the
+    room's sequence above what its workers had delivered (10): ids 4..10 are gone for
+    good. A `since` below them is not complete, and replays only what follows the hole
+    (its first id tells the resync whom to close); before, the history's oldest id alone
+    decided, and since(2) answered complete with 3 and 11 (a silent gap)."""
+    for i in range(3):
+        post(stores, "gap", f"m{i}")
+    stores.messages.raise_sequence("gap", 10)
+    assert not stores.messages.since("gap", 2).complete  # 3 is held, 4..10 are not
+    assert not stores.messages.since("gap", 5).complete  # nothing held after 5
+    assert stores.messages.since("gap", 10).complete
+    post(stores, "gap", "after")  # 11
+    replay = stores.messages.since("gap", 2)  # only what follows the hole: 11
+    assert not replay.complete and ids_of(replay.messages) == [11]
+    assert not stores.messages.since("gap", 3).complete
+    assert not stores.messages.since("gap", 9).complete
+    tail = stores.messages.since("gap", 10)
+    assert tail.complete and ids_of(tail.messages) == [11]
+
+
 REPLAY_BOUND = 4 * 1024 * 1024  # REPLAY_MAX_BYTES, as README.md documents it
 HISTORY_BOUND = 1024 * 1024  # HISTORY_MAX_BYTES, as README.md documents it
 

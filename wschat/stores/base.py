@@ -93,6 +93,21 @@ class HistoryPage:
     truncated: bool  # older messages within `limit` were left out for the byte bound
 
 
+def run_to(events: list[bytes], after_id: int, last_id: int) -> tuple[list[bytes], bool]:
+    """The newest of ``events`` (oldest first, ids above ``after_id``) whose ids run
+    without a hole up to ``last_id``, and whether they are every id from ``after_id + 1``
+    on. A history may hold fewer ids than its sequence issued (Redis came back from an
+    older snapshot and the resync raised the sequence; the durable releaser moved past
+    deleted rows): what comes before such a hole is never replayed as if complete, and
+    not at all, so that the replay's first id tells where the session's gap ends."""
+    expected = last_id
+    i = len(events)
+    while i > 0 and message_id_of(events[i - 1]) == expected:
+        i -= 1
+        expected -= 1
+    return events[i:], expected == after_id
+
+
 def newest_within(events: list[bytes], max_bytes: int, at_least_one: bool = False
                   ) -> tuple[list[bytes], bool]:
     """The newest of ``events`` (oldest first) whose bytes together come to at most

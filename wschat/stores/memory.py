@@ -16,7 +16,7 @@ from ..ratelimit import Charge
 from .base import (
     HELD, PUBLISHED, REPLAY_MAX_BYTES, Broker, JoinResult, LeaveResult, MessageStore, Posted,
     PresenceStore, Replay, RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties,
-    newest_within, retry_echo,
+    newest_within, retry_echo, run_to,
 )
 
 DEDUPE_TTL = 3600.0
@@ -226,10 +226,10 @@ class MemoryMessageStore(MessageStore):
         assert log is not None
         if not log.messages:  # ids raised from the durable log, messages not loaded
             return Replay([], False)
-        oldest = log.messages[0][0]
         newer, cut = newest_within([e for i, e in log.messages if i > after_id],
                                    self._replay_max_bytes)
-        return Replay(newer, after_id >= oldest - 1 and not cut)
+        newer, unbroken = run_to(newer, after_id, last)  # the sequence may have been raised
+        return Replay(newer, unbroken and not cut)
 
     def last_id(self, room: str) -> int:
         log = self._logs.get(room)

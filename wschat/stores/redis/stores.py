@@ -20,7 +20,7 @@ from ...telemetry import Metrics
 from ..base import (
     HISTORY_MAX_BYTES, PUBLISHED, REPLAY_MAX_BYTES, HistoryPage, JoinResult, LeaveResult,
     MessageStore, Posted, PresenceStore, RecipientOffline, UNHEARD, Replay, RoomStore, Stored,
-    Unavailable, User, retry_echo,
+    Unavailable, User, retry_echo, run_to,
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
@@ -267,7 +267,11 @@ class RedisMessageStore(MessageStore):
             return Replay([], False)
         if after_id == last:
             return Replay([], True)
-        return Replay([bytes(e) for e in events], after_id >= oldest - 1 and not cut)
+        # Every id after `since` up to the sequence, not only the oldest one held: after
+        # Redis came back from an older snapshot the resync raised the sequence above the
+        # history, and the ids between are gone for good.
+        newer, unbroken = run_to([bytes(e) for e in events], after_id, last)
+        return Replay(newer, after_id >= oldest - 1 and unbroken and not cut)
 
     @guarded
     def last_id(self, room: str) -> int:
