@@ -665,3 +665,40 @@ def test_a_sign_in_under_way_counts_once_against_the_per_user_cap(clock: Clock) 
     assert [e["type"] for e in first.events() + second.events()].count("welcome") == 4, (
         first.events(), second.events())
     assert chat.hub.connections_of("kim") == 2 and chat.hub.arriving == {}
+
+
+def test_a_change_made_while_held_presence_is_published_goes_out_after_it(clock: Clock) -> None:
+    """release_presence publishes the changes due() released one after another; with
+    Redis each publish can yield. A user whose held `offline` is still waiting behind
+    another user's publish, and who comes back meanwhile, must not have the room hear
+    `online` before that `offline`: before, the join's `online` went out at once (the
+    gate already counted the `offline` as sent), then the stale `offline`, and the room
+    was told the user was gone while it was back."""
+    chat = make_chat(clock, RATE_LIMIT_REQUESTS="1000", RATE_LIMIT_REQUESTS_BURST="1000")
+    watcher = connect(chat, "w")
+    send(chat, watcher, type="join", room="r")
+    guests = [connect(chat, f"g{i}") for i in range(99)]  # the room's burst of 100
+    for guest in guests:
+        send(chat, guest, type="join", room="r")
+    assert not chat.presence_held
+    send(chat, guests[0], type="leave", room="r")  # held: the room's bucket is empty
+    send(chat, guests[1], type="leave", room="r")
+    assert chat.presence_held
+    real_publish = chat.stores.broker.publish_room
+    back: list[FakeSession] = []
+
+    def publish_room(room: str, event: bytes, exclude_user: str | None = None) -> None:
+        if not back and b'"user_id":"g0"' in event:
+            # While g0's `offline` is being published (a Redis round trip), g1 returns.
+            back.append(connect(chat, "g1"))
+            send(chat, back[0], type="join", room="r")
+        real_publish(room, event, exclude_user)
+
+    chat.stores.broker.publish_room = publish_room  # type: ignore[method-assign]
+    clock.now += 0.15  # 3 tokens: both held changes, and one more
+    chat.release_presence()
+    clock.now += 1.0
+    chat.release_presence()
+    heard = [e["status"] for e in watcher.events("presence") if e["user_id"] == "g1"]
+    assert heard[-1] == "online", heard
+    assert "g1" in [m.user_id for m in chat.stores.rooms.members("r")]

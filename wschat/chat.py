@@ -168,6 +168,9 @@ class _PresenceGate:
         # held, and a reconnect storm can hold thousands).
         self._held: dict[str, dict[str, tuple[str, str, bool]]] = {}
         self._held_count = 0
+        # Released by due() and not published yet (the caller's publish can yield): a
+        # change of theirs meanwhile is held, never published ahead of the released one.
+        self._sending: set[tuple[str, str]] = set()
         self._next_sweep = 0.0
 
     def __len__(self) -> int:
@@ -212,7 +215,8 @@ class _PresenceGate:
             self._unhold(room, user_id)
             return False
         held = self._held.get(room)
-        if (held is None or user_id not in held) and self._spend(key, now):
+        if ((held is None or user_id not in held) and key not in self._sending
+                and self._spend(key, now)):
             self._users[key] = (state[0], status)
             return True
         if held is None:
@@ -222,8 +226,13 @@ class _PresenceGate:
         held[user_id] = (status, username, guest)  # a replaced change keeps its place
         return False
 
+    def sent(self, room: str, user_id: str) -> None:
+        """A change due() released has been published (or failed to be)."""
+        self._sending.discard((room, user_id))
+
     def due(self, now: float) -> list[tuple[str, str, str, str, bool]]:
-        """Held changes the buckets now allow: (room, user_id, username, status, guest)."""
+        """Held changes the buckets now allow: (room, user_id, username, status, guest).
+        Each counts as being published until :meth:`sent` says it was."""
         out = []
         for room, held in list(self._held.items()):
             bucket = self._room_bucket(room, now)
@@ -231,12 +240,13 @@ class _PresenceGate:
             for user_id, change in held.items():
                 if bucket.level(now, ROOM_PRESENCE_RATE, ROOM_PRESENCE_BURST) < 1.0:
                     break  # nothing more for this room until its bucket refills
-                if self._spend((room, user_id), now):
+                if (room, user_id) not in self._sending and self._spend((room, user_id), now):
                     allowed.append((user_id, change))
             for user_id, (status, username, guest) in allowed:
                 self._unhold(room, user_id)
                 key = (room, user_id)
                 self._users[key] = (self._users[key][0], status)
+                self._sending.add(key)
                 out.append((room, user_id, username, status, guest))
         if now >= self._next_sweep:  # full buckets mean nothing: forget them
             self._next_sweep = now + 10.0
@@ -619,10 +629,18 @@ class Chat:
         """Publish the held presence changes their buckets now allow. The worker's
         timer calls this every few tens of milliseconds while changes are held, so a
         room's budget goes out a change or two at a time, not a second's worth at once."""
-        for room, user_id, username, status, guest in self._presence.due(self.monotonic()):
-            self.stores.broker.publish_room(
-                room, encode_presence(room, user_id, username, status, guest),
-                exclude_user=user_id)
+        due = self._presence.due(self.monotonic())
+        try:
+            for room, user_id, username, status, guest in due:
+                self.stores.broker.publish_room(
+                    room, encode_presence(room, user_id, username, status, guest),
+                    exclude_user=user_id)
+                # Only now: a change of the user's made while this publish waited (a
+                # Redis round trip) was held, and goes out after this one.
+                self._presence.sent(room, user_id)
+        finally:
+            for room, user_id, *_ in due:
+                self._presence.sent(room, user_id)
 
     @property
     def typing_pending(self) -> bool:
