@@ -17,7 +17,8 @@ local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local oldest = last + 1
 local first = redis.call('LINDEX', KEYS[2], 0)
 if first then
-  -- not a message (never stored so): taken as far older than any `since`
+  -- not a message (never stored so): its id unknown, taken as newer than any `since`,
+  -- so that no replay over it is called complete
   oldest = tonumber(string.match(first, pattern) or '9007199254740991')
 end
 local picked, total, cut, done = {}, 0, 0, false
