@@ -156,33 +156,37 @@ def test_heartbeat_pings_and_closes_a_silent_peer(transport: Transport) -> None:
     assert isinstance(closed, CloseConnection) and closed.code == CloseCode.HEARTBEAT_TIMEOUT
 
 
-def test_held_presence_is_released_in_small_steps_between_ticks(
-        transport: Transport, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While presence changes are held, the timer releases them every PRESENCE_STEP,
-    not once per tick: a room's second's worth at once (20 changes, each to every
-    member) held a worker of a 1,000-member room for ~70 ms (loadtest, fan-out p99)."""
+@pytest.mark.parametrize("step, waiting", [("release_presence", "presence_held"),
+                                           ("expire_typing", "typing_pending")])
+def test_held_presence_and_due_typing_go_out_in_small_steps_between_ticks(
+        transport: Transport, monkeypatch: pytest.MonkeyPatch, step: str, waiting: str
+        ) -> None:
+    """While presence changes are held or typing indicators are on, the timer releases
+    or expires them every PRESENCE_STEP, not once per tick: a second's worth at once
+    (20 presence changes, or 40 typing stops, each to every member of a room of 1,000)
+    held the worker for ~70-100 ms (loadtest: fan-out p99, and a typing run)."""
     chat = transport.chat
-    calls = {"tick": 0, "release": 0}
+    calls = {"tick": 0, "step": 0}
     ticked = gevent.event.Event()
 
     def tick() -> None:
         calls["tick"] += 1
         ticked.set()
 
-    def release() -> None:
-        calls["release"] += 1
+    def stepped(*args: Any) -> None:
+        calls["step"] += 1
 
     monkeypatch.setattr(chat, "tick", tick)
-    monkeypatch.setattr(chat, "release_presence", release)
-    monkeypatch.setattr(type(chat), "presence_held", property(lambda self: True))
+    monkeypatch.setattr(chat, step, stepped)
+    monkeypatch.setattr(type(chat), waiting, property(lambda self: True))
     transport.start()
     try:
         assert ticked.wait(TIMEOUT), "the timer never ticked"
-        releases_before_the_tick = calls["release"]
+        steps_before_the_tick = calls["step"]
     finally:
         transport.stop()
-    # The step is 1 s here (HEARTBEAT_INTERVAL 5): about 19 releases before the tick.
-    assert releases_before_the_tick >= 5
+    # The step is 1 s here (HEARTBEAT_INTERVAL 5): about 19 steps before the tick.
+    assert steps_before_the_tick >= 5
 
 
 def test_held_presence_released_by_the_timer_reaches_the_room() -> None:
@@ -233,35 +237,6 @@ def test_held_presence_costs_the_timer_nothing_per_change_while_rooms_wait() -> 
     released = gate.due(1000.06)  # 1.2 tokens a room
     assert len(released) == 100 and len(tried) == 100 and gate.held == 9_900
     assert sorted({room for room, *_ in released}) == sorted(f"r{r}" for r in range(100))
-
-
-def test_typing_expires_in_small_steps_between_ticks(
-        transport: Transport, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While typing indicators are on, the timer expires the due ones every
-    PRESENCE_STEP, not once per tick: a second's worth at once (40 stops in a room of
-    1,000, each to every member) held a worker for ~100 ms (loadtest, typing run)."""
-    chat = transport.chat
-    calls = {"tick": 0, "expire": 0}
-    ticked = gevent.event.Event()
-
-    def tick() -> None:
-        calls["tick"] += 1
-        ticked.set()
-
-    def expire(budget: int = 0) -> None:
-        calls["expire"] += 1
-
-    monkeypatch.setattr(chat, "tick", tick)
-    monkeypatch.setattr(chat, "expire_typing", expire)
-    monkeypatch.setattr(type(chat), "typing_pending", property(lambda self: True))
-    transport.start()
-    try:
-        assert ticked.wait(TIMEOUT), "the timer never ticked"
-        expiries_before_the_tick = calls["expire"]
-    finally:
-        transport.stop()
-    # The step is 1 s here (HEARTBEAT_INTERVAL 5): about 19 steps before the tick.
-    assert expiries_before_the_tick >= 5
 
 
 def test_typing_expiries_due_together_go_out_in_bounded_steps() -> None:
