@@ -633,6 +633,45 @@ def test_held_presence_already_in_users_list_is_dropped(chat: Chat) -> None:
         ("c", "online"), ("a", "offline"), ("a", "online")]
 
 
+def test_a_recovery_announces_users_the_store_lost_through_the_rooms_presence_budget(
+        clock: Clock) -> None:
+    """After the store lost its data (or this worker was reaped), resync() registers every
+    connection again, and the room hears "online" for each user it had lost. Those go
+    through the room's presence budget like any change: 100 at once, then 20 a second
+    from the timer, each user once. Before, all of them went out at once (here 150
+    fan-outs in one go; a 1,000-member room's recovery was a million deliveries)."""
+    import dataclasses
+
+    chat = make_chat(clock, RATE_LIMIT_REQUESTS="1000", RATE_LIMIT_REQUESTS_BURST="1000")
+    watcher = connect(chat, "w")
+    send(chat, watcher, type="join", room="r")
+    for i in range(150):
+        send(chat, connect(chat, f"g{i}"), type="join", room="r")
+    clock.now += 100.0  # the joins' presence all went out; the room's bucket is full again
+    chat.release_presence()
+    heard_before = len(watcher.events("presence"))
+    assert heard_before == 150
+    join = chat.stores.rooms.join
+
+    def join_after_a_loss(*args: Any) -> Any:  # the store no longer knew anyone
+        return dataclasses.replace(join(*args), first_of_user=True)
+
+    chat.stores.rooms.join = join_after_a_loss  # type: ignore[method-assign]
+    clock.now += 100.0  # the bucket full again
+    chat.resync()
+    # The room's burst of 100, the first of them the watcher's own "online" (not to itself).
+    assert len(watcher.events("presence")) - heard_before == 99
+    # g149's "online" is held; it leaves meanwhile. The room may have heard it online
+    # before the loss, so the leave must not cancel back to "offline" silently.
+    g149 = next(s for s in chat.hub.sessions() if s.user_id == "g149")
+    send(chat, g149, type="leave", room="r")
+    clock.now += 10.0
+    chat.release_presence()
+    again = [(e["user_id"], e["status"]) for e in watcher.events("presence")[heard_before:]]
+    assert sorted(again) == sorted([(f"g{i}", "online") for i in range(149)]
+                                   + [("g149", "offline")])  # each once, g149 as it is now
+
+
 def test_a_sign_in_under_way_counts_once_against_the_per_user_cap(clock: Clock) -> None:
     """MAX_CONNECTIONS_PER_USER counts a sign-in while its registration waits for the
     store, and once registered by the hub's users: never both. Counted twice while its
