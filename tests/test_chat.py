@@ -672,6 +672,68 @@ def test_a_recovery_announces_users_the_store_lost_through_the_rooms_presence_bu
                                    + [("g149", "offline")])  # each once, g149 as it is now
 
 
+def test_held_presence_and_typing_that_cannot_be_published_wait_for_the_store(
+        clock: Clock) -> None:
+    """The store away (Redis down): held presence the timer releases is held again, not
+    lost, and goes out once the store answers; a typing indicator's expiry is dropped
+    (the clients expire it themselves). Neither raises into the timer, whose other
+    duties (auth deadlines, token expiry) come after them in tick(). Before, the first
+    failed publish raised out of tick() and the rest of the released changes were lost."""
+    from wschat.stores.base import Unavailable
+
+    chat = make_chat(clock, RATE_LIMIT_REQUESTS="1000", RATE_LIMIT_REQUESTS_BURST="1000")
+    watcher = connect(chat, "w")
+    send(chat, watcher, type="join", room="r")
+    typist = connect(chat, "t")
+    send(chat, typist, type="join", room="r")
+    send(chat, typist, type="typing", room="r", status=True)
+    for i in range(102):
+        send(chat, connect(chat, f"g{i}"), type="join", room="r")
+    heard = len(watcher.events("presence"))
+    assert heard == 99 and chat.presence_held  # the room's 100: w's own, t's, 98 guests
+    publish = chat.stores.broker.publish_room
+
+    def store_away(*args: Any, **kwargs: Any) -> None:
+        raise Unavailable("redis: ConnectionError")
+
+    chat.stores.broker.publish_room = store_away  # type: ignore[method-assign]
+    clock.now += 10.0
+    chat.tick()  # releases the 4 held changes and expires the typing: every publish fails
+    assert len(watcher.events("presence")) == heard and chat.presence_held
+    assert "r" not in typist.typing
+    chat.stores.broker.publish_room = publish  # type: ignore[method-assign]
+    chat.release_presence()
+    released = [e["user_id"] for e in watcher.events("presence")[heard:]]
+    assert sorted(released) == ["g100", "g101", "g98", "g99"] and not chat.presence_held
+
+
+def test_a_presence_change_that_failed_to_publish_is_held_again_or_cancelled() -> None:
+    """unsent(): the room still has what it heard before the failed change. With no
+    change of the user's since, the failed one is held again; a change back to what the
+    room has cancels both."""
+    from wschat.chat import _PresenceGate
+
+    gate = _PresenceGate()
+    for status in ("online", "offline", "online", "offline"):  # the user's bucket of 4
+        assert gate.offer("r", "u", "U", status, False, 0.0)
+
+    def released(now: float) -> list[str]:
+        return [status for _, user, _, status, _ in gate.due(now) if user == "u"]
+
+    assert gate.offer("r", "u", "U", "online", False, 0.0) is False  # held
+    assert released(1.0) == ["online"]
+    gate.unsent("r", "u", ("online", "U", False))  # the store was away
+    assert gate.held == 1  # held again ...
+    assert released(2.0) == ["online"]  # ... and out when the bucket allows
+    gate.sent("r", "u")
+
+    assert gate.offer("r", "u", "U", "offline", False, 2.0) is False  # held
+    assert released(3.0) == ["offline"]
+    assert gate.offer("r", "u", "U", "online", False, 3.0) is False  # while it is sent
+    gate.unsent("r", "u", ("offline", "U", False))
+    assert gate.held == 0 and released(20.0) == []  # the room has online, as the user is
+
+
 def test_a_sign_in_under_way_counts_once_against_the_per_user_cap(clock: Clock) -> None:
     """MAX_CONNECTIONS_PER_USER counts a sign-in while its registration waits for the
     store, and once registered by the hub's users: never both. Counted twice while its

@@ -189,6 +189,25 @@ def test_held_presence_and_due_typing_go_out_in_small_steps_between_ticks(
     assert steps_before_the_tick >= 5
 
 
+def test_the_heartbeat_runs_when_the_chat_cores_timer_duties_fail(
+        transport: Transport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing chat-core tick (the store away) does not stop the worker's heartbeat:
+    silent peers are still closed and the others pinged. Before, the heartbeat ran after
+    tick() in the same try, and never ran while tick() raised."""
+    beat = gevent.event.Event()
+
+    def failing_tick() -> None:
+        raise RuntimeError("the store is away")
+
+    monkeypatch.setattr(transport.chat, "tick", failing_tick)
+    monkeypatch.setattr(transport, "heartbeat", lambda now: beat.set())
+    transport.start()
+    try:
+        assert beat.wait(TIMEOUT), "no heartbeat while tick() failed"
+    finally:
+        transport.stop()
+
+
 def test_held_presence_released_by_the_timer_reaches_the_room() -> None:
     """release_presence publishes what the buckets allow, as tick() does: the room's
     burst at once, then a change per 1/20 s of refill."""

@@ -170,7 +170,8 @@ class _PresenceGate:
         self._held_count = 0
         # Released by due() and not published yet (the caller's publish can yield): a
         # change of theirs meanwhile is held, never published ahead of the released one.
-        self._sending: set[tuple[str, str]] = set()
+        # -> what the room had heard before it (restored if the publish fails).
+        self._sending: dict[tuple[str, str], str] = {}
         self._next_sweep = 0.0
 
     def __len__(self) -> int:
@@ -235,8 +236,25 @@ class _PresenceGate:
         self._users[(room, user_id)] = (bucket, "")
 
     def sent(self, room: str, user_id: str) -> None:
-        """A change due() released has been published (or failed to be)."""
-        self._sending.discard((room, user_id))
+        """A change due() released has been published."""
+        self._sending.pop((room, user_id), None)
+
+    def unsent(self, room: str, user_id: str, change: tuple[str, str, bool]) -> None:
+        """A change due() released could not be published (the store is away): the room
+        heard what it had before, and the change is held again, unless the user made a
+        newer one meanwhile (held: it wins, or cancels if it is what the room heard)."""
+        key = (room, user_id)
+        before = self._sending.pop(key, None)
+        if before is None:
+            return
+        self._users[key] = (self._users[key][0], before)
+        held = self._held.get(room)
+        newer = held.get(user_id) if held is not None else None
+        if newer is None:
+            self._held_count += 1
+            self._held.setdefault(room, {})[user_id] = change
+        elif newer[0] == before:
+            self._unhold(room, user_id)
 
     def due(self, now: float) -> list[tuple[str, str, str, str, bool]]:
         """Held changes the buckets now allow: (room, user_id, username, status, guest).
@@ -253,8 +271,9 @@ class _PresenceGate:
             for user_id, (status, username, guest) in allowed:
                 self._unhold(room, user_id)
                 key = (room, user_id)
-                self._users[key] = (self._users[key][0], status)
-                self._sending.add(key)
+                bucket, before = self._users[key]
+                self._users[key] = (bucket, status)
+                self._sending[key] = before
                 out.append((room, user_id, username, status, guest))
         if now >= self._next_sweep:  # full buckets mean nothing: forget them
             self._next_sweep = now + 10.0
@@ -640,17 +659,23 @@ class Chat:
         timer calls this every few tens of milliseconds while changes are held, so a
         room's budget goes out a change or two at a time, not a second's worth at once."""
         due = self._presence.due(self.monotonic())
-        try:
-            for room, user_id, username, status, guest in due:
-                self.stores.broker.publish_room(
-                    room, encode_presence(room, user_id, username, status, guest),
-                    exclude_user=user_id)
-                # Only now: a change of the user's made while this publish waited (a
-                # Redis round trip) was held, and goes out after this one.
-                self._presence.sent(room, user_id)
-        finally:
-            for room, user_id, *_ in due:
-                self._presence.sent(room, user_id)
+        failed: Exception | None = None
+        for room, user_id, username, status, guest in due:
+            if failed is None:
+                try:
+                    self.stores.broker.publish_room(
+                        room, encode_presence(room, user_id, username, status, guest),
+                        exclude_user=user_id)
+                except Exception as exc:  # the store is away: held again, tried later
+                    failed = exc
+                else:
+                    # Only now: a change of the user's made while this publish waited
+                    # (a Redis round trip) was held, and goes out after this one.
+                    self._presence.sent(room, user_id)
+                    continue
+            self._presence.unsent(room, user_id, (status, username, guest))
+        if failed is not None:
+            log.debug("presence held again: %s", failed)
 
     @property
     def typing_pending(self) -> bool:
@@ -673,7 +698,10 @@ class Chat:
             deadline = session.typing.get(room)
             if deadline is not None and deadline <= now and not session.closed_by_chat:
                 del session.typing[room]
-                self._publish_typing(session, room, False)
+                try:
+                    self._publish_typing(session, room, False)
+                except Exception:
+                    return  # the store is away: the clients expire the indicator anyway
                 spent += len(self.hub.rooms.get(room, ())) + 1
 
     def _watch_expiry(self, session: Session) -> None:

@@ -141,17 +141,23 @@ class Transport:
                 # reason (40 a second in a room of 1,000: ~100 ms at once).
                 wait = min(wait, PRESENCE_STEP)
             gevent.sleep(max(0.0, wait))
-            try:
-                now = time.monotonic()
-                if now < next_tick:
+            now = time.monotonic()
+            if now < next_tick:
+                try:
                     self.chat.release_presence()
                     self.chat.expire_typing()
-                    continue
-                next_tick = now + step
+                except Exception:
+                    log.exception("timer failed")
+                continue
+            next_tick = now + step
+            try:
                 self.chat.tick()
-                self.heartbeat(now)
             except Exception:
                 log.exception("timer failed")
+            try:  # whatever the chat core's duties did, peers are pinged and checked
+                self.heartbeat(now)
+            except Exception:
+                log.exception("heartbeat failed")
 
     def heartbeat(self, now: float) -> None:
         """Close peers silent for two intervals and backlogs stuck as long; ping the
