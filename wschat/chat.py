@@ -247,7 +247,9 @@ class _PresenceGate:
         before = self._sending.pop(key, None)
         if before is None:
             return
-        self._users[key] = (self._users[key][0], before)
+        state = self._users.get(key)
+        if state is not None:
+            self._users[key] = (state[0], before)
         held = self._held.get(room)
         newer = held.get(user_id) if held is not None else None
         if newer is None:
