@@ -84,9 +84,8 @@ class _Deadlines:
 
     def due(self, now: float) -> list[tuple[Session, str]]:
         out = []
-        while self._heap and self._heap[0][0] <= now:
-            _, _, session, key = heapq.heappop(self._heap)
-            out.append((session, key))
+        while (entry := self.pop_due(now)) is not None:
+            out.append(entry)
         return out
 
     def pop_due(self, now: float) -> tuple[Session, str] | None:
