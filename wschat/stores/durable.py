@@ -311,7 +311,7 @@ class DurableMessageStore(MessageStore):
         try:
             last = self._last_id(room)
             replay = self.inner.since(room, after_id)
-            if replay.complete and _unbroken(replay.messages, after_id):
+            if replay.complete:  # every id from after_id + 1 to the window's last (run_to)
                 return replay
             if after_id > last:
                 return Replay([], False)  # ids this server never issued
@@ -319,9 +319,7 @@ class DurableMessageStore(MessageStore):
                                     self._replay_max_bytes)
         except DatabaseUnavailable as exc:
             log.warning("room %s: recovery from memory only (%s)", room, exc)
-            replay = self.inner.since(room, after_id)
-            return Replay(replay.messages,
-                          replay.complete and _unbroken(replay.messages, after_id))
+            return self.inner.since(room, after_id)
         if len(stored) > self._replay_limit or sum(map(len, stored)) > self._replay_max_bytes:
             return Replay([], False)
         # Rows deleted by retention (or ids the log never had: issued before persistence
