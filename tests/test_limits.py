@@ -467,6 +467,20 @@ def test_a_flood_of_pings_or_junk_is_closed_and_the_others_are_served(
     assert max(round_trips) < 1.5, round_trips
 
 
+def publish_backlog(server: Server, reader: RawClient, r: str, count: int, fill: str
+                    ) -> None:
+    """``reader`` (a raw client) joins ``r``, then ``count`` messages of ~4 KB
+    (``{i} `` + ``fill``) are published there and acknowledged: what ``reader`` has not
+    read of them waits in the server for it."""
+    reader.send({"type": "join", "room": r})
+    reader.expect("joined")
+    with user(server) as publisher:
+        publisher.join(r)
+        for i in range(count):
+            publisher.send({"type": "message", "room": r, "text": f"{i} " + fill * 3990})
+        publisher.expect("message", text=f"{count - 1} " + fill * 3990)
+
+
 def test_talking_but_never_reading_is_dropped(srv: Server) -> None:
     """A client that keeps sending (so it is never silent) but reads nothing is closed as a
     slow consumer once its backlog has not moved for two intervals, well under the limit."""
@@ -475,13 +489,8 @@ def test_talking_but_never_reading_is_dropped(srv: Server) -> None:
     r = room()
     raw = RawClient(srv.port, rcvbuf=4096)
     try:
-        raw.send({"type": "join", "room": r})
-        raw.expect("joined")
-        with user(srv) as publisher:
-            publisher.join(r)
-            for i in range(BURST):  # ~40 KB: more than the kernel buffers, less than the limit
-                publisher.send({"type": "message", "room": r, "text": f"{i} " + "z" * 3990})
-            publisher.expect("message", text=f"{BURST - 1} " + "z" * 3990)
+        # ~40 KB: more than the kernel buffers, less than the limit
+        publish_backlog(srv, raw, r, BURST, "z")
         backlog_since = time.monotonic()
         deadline = backlog_since + 4 * HEARTBEAT + TIMEOUT
         while metric(srv, "wschat_disconnects_total", reason="slow_consumer") == slow_before:
@@ -526,13 +535,7 @@ def test_heartbeat_reaches_a_slow_but_steady_reader() -> None:
         r = room()
         reader = RawClient(server.port, rcvbuf=4096)
         try:
-            reader.send({"type": "join", "room": r})
-            reader.expect("joined")
-            with user(server) as publisher:
-                publisher.join(r)
-                for i in range(count):
-                    publisher.send({"type": "message", "room": r, "text": f"{i} " + "s" * 3990})
-                publisher.expect("message", text=f"{count - 1} " + "s" * 3990)
+            publish_backlog(server, reader, r, count, "s")
             started, read, pings, close = time.monotonic(), 0, 0, None
             while read < count and close is None:
                 assert time.monotonic() < started + 6 * heartbeat + TIMEOUT, (read, pings)
