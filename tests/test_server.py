@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, TIMEOUT, Client, Server, own_redis, wait_until
 from rawws import RawClient
+from test_api import API_KEY, call
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 
@@ -297,7 +298,7 @@ def test_replays_and_history_replies_are_bounded_by_bytes() -> None:
     1 MiB (the newest that fit, `truncated: true`; `before` pages back for the rest)."""
     env = {"HISTORY_SIZE": "300", "MAX_TEXT_CHARS": "16000", "RATE_LIMIT": "1000",
            "RATE_LIMIT_BURST": "1000", "RATE_LIMIT_REQUESTS": "1000",
-           "RATE_LIMIT_REQUESTS_BURST": "1000"}
+           "RATE_LIMIT_REQUESTS_BURST": "1000", "API_KEY": API_KEY}
     with Server(env) as srv:
         r = room()
         with Client(srv.url) as writer:
@@ -327,6 +328,14 @@ def test_replays_and_history_replies_are_bounded_by_bytes() -> None:
                               "history")
             assert [m["id"] for m in older["messages"]] == list(range(ids[0] - 10, ids[0]))
             assert "truncated" not in older
+        # The server API's history (metrics port) is bounded the same way.
+        status, page = call(srv, "GET", f"/api/rooms/{r}/history?limit=300")
+        assert status == 200 and page.get("truncated") is True
+        api_ids = [m["id"] for m in page["messages"]]
+        assert api_ids == list(range(api_ids[0], 301)) and 200 < api_ids[0]
+        assert len(json.dumps(page, separators=(",", ":"))) <= 1024 * 1024 + 200
+        status, older = call(srv, "GET", f"/api/rooms/{r}/history?limit=10&before={api_ids[0]}")
+        assert status == 200 and "truncated" not in older and len(older["messages"]) == 10
 
 
 def test_join_since_replays_missed_messages(client_factory) -> None:

@@ -206,8 +206,14 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
         frame: dict[str, Any] = {"type": "history", "room": room,
                                  "limit": _int_arg("limit", 1), "before": _int_arg("before", 1)}
         cmd: History = _parsed(chat, frame)
-        messages = stores.messages.recent(cmd.room, cmd.limit, cmd.before)
-        return _reply({"room": cmd.room, "messages": [orjson.Fragment(m) for m in messages]})
+        # Bounded as the WebSocket `history` reply: the newest that fit in HISTORY_MAX_BYTES,
+        # `truncated: true` when older ones within `limit` were left out (page with `before`).
+        page = stores.messages.history_page(cmd.room, cmd.limit, cmd.before)
+        body: dict[str, Any] = {"room": cmd.room,
+                                "messages": [orjson.Fragment(m) for m in page.messages]}
+        if page.truncated:
+            body["truncated"] = True
+        return _reply(body)
 
     @api.get("/rooms/<room>/members")
     def room_members(room: str) -> Response:
@@ -451,7 +457,10 @@ OPENAPI: dict[str, Any] = {
         "/api/rooms/{room}/history": {"get": _op(
             "A room's latest messages, oldest first",
             _schema(["room", "messages"], room=_STR,
-                    messages={"type": "array", "items": {"type": "object"}}),
+                    messages={"type": "array", "items": {"type": "object"}},
+                    truncated={"type": "boolean", "description":
+                               "present (true) when older messages within `limit` were left "
+                               "out to keep the reply within 1 MiB; page back with `before`"}),
             params=[_ROOM_PARAM, _query_param("limit", "default 50, at most HISTORY_SIZE"),
                     _query_param("before", "only messages with a smaller id")])},
         "/api/rooms/{room}/members": {
