@@ -36,6 +36,10 @@ ANSWER_TIMEOUT = 5.0
 # Seconds without an answer after which the connection counts as lost and is made
 # again: a half-open connection (the host gone, no reset) would never answer.
 RECONNECT_AFTER = 30.0
+# Seconds the listener may deliver without a wait before it lets the event loop poll the
+# other sockets: a backlog (after a stall, a burst) read without a wait would otherwise go
+# out in one stretch, with every connection's reads, heartbeats and timers behind it.
+TURN = 0.005
 _ROOM_PREFIX = (PREFIX + "room:").encode()
 _USER_PREFIX = (PREFIX + "user:").encode()
 _CONTROL = CONTROL.encode()
@@ -237,7 +241,15 @@ class RedisBroker(Broker):
             self._deliver(channel, data)
         idle = 0.0
         pinged = False
+        waits, turn_began = replies.waits, time.monotonic()
         while not self._stopping and pubsub is self._pubsub:
+            if replies.waits != waits:  # read() waited: a new turn
+                waits, turn_began = replies.waits, time.monotonic()
+            elif time.monotonic() - turn_began > TURN:
+                # A timer, not sleep(0): gevent runs its callbacks without polling.
+                gevent.sleep(0.000001)
+                turn_began = time.monotonic()
+                continue  # (dropped or stopped meanwhile?)
             try:
                 response = replies.read()
             except TimeoutError:  # nothing for IDLE_CHECK seconds

@@ -43,7 +43,7 @@ class ReplyReader:
     (no ``Timeout`` object per wait, no ``SO_SNDBUF`` lookup per write)."""
 
     __slots__ = ("_buf", "_raw", "_read_timeout", "_reader", "_timeout", "_timer", "_waiter",
-                 "_watch", "sock")
+                 "_watch", "sock", "waits")
 
     def __init__(self, conn: Any, read_timeout: float | None = None) -> None:
         """``read_timeout``: seconds :meth:`read` waits for data (TimeoutError after), if
@@ -61,6 +61,7 @@ class ReplyReader:
         self._timer: Any = None
         self._timeout: float | None = None  # the timer's
         self._waiter: Any = None  # the greenlet in _wait
+        self.waits = 0  # times a read waited for the socket (the listener's turns)
         if (raw is not self.sock and raw.gettimeout() == 0.0
                 and not hasattr(self.sock, "pending")):  # gevent's socket, not TLS
             self._raw = raw
@@ -109,6 +110,7 @@ class ReplyReader:
         return reply
 
     def _recv_through_socket(self) -> int:
+        self.waits += 1  # it may wait inside the socket: counted as a wait
         sock, timeout = self.sock, self._read_timeout
         if timeout is None:
             return sock.recv_into(self._buf)
@@ -136,6 +138,7 @@ class ReplyReader:
                 self._timeout = timeout
             timer.again(me.throw, TimeoutError("timed out"), update=False)
         self._waiter = me
+        self.waits += 1
         try:
             hub.wait(self._watch)
         finally:
