@@ -141,10 +141,11 @@ def pre_fork(server, worker):
 
 def post_worker_init(worker):
     # worker.wsgi: the app gunicorn has just loaded (wschat:app), built but not started.
-    from wschat.factory import attach_worker
+    from wschat.factory import attach_worker, freeze_startup_heap
 
     attach_worker(worker.wsgi, worker, _worker_slots, worker._wschat_slot,
                   worker._wschat_replacement)
+    freeze_startup_heap(worker)
 
 
 def worker_exit(server, worker):

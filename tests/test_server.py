@@ -480,6 +480,24 @@ def test_sigterm_closes_clients_with_1001() -> None:
         srv.kill()
 
 
+def test_a_worker_freezes_what_it_was_built_from() -> None:
+    """Each worker, once started, collects and freezes its start-up heap (gc.freeze):
+    full collections later scan only the connections' objects, not the ~56,000 the
+    modules, app and stores are made of (loadtest/RESULTS.md: their pauses shrink by
+    15-25 ms at 10,000 connections)."""
+    with Server() as srv:
+        [worker] = srv.worker_pids()
+        found: list[str] = []
+
+        def logged() -> bool:
+            found[:] = re.findall(rf"worker {worker}: (\d+) objects from start-up frozen",
+                                  srv.output())
+            return bool(found)
+
+        wait_until(logged, message="the worker's freeze line")
+        assert int(found[0]) > 10_000, found
+
+
 def test_stopping_worker_keeps_its_heartbeat() -> None:
     """A worker told to stop while the master runs on (SIGTTOU, a worker signalled
     itself, the old workers of a SIGHUP once gunicorn stops waiting for them) keeps its

@@ -14,6 +14,7 @@ hook calls :func:`attach_worker`, which starts it (:meth:`Runtime.start`), and
 
 from __future__ import annotations
 
+import gc
 import glob
 import logging
 import os
@@ -168,6 +169,18 @@ def attach_worker(app: Flask, worker: Any, slots: Any, slot: int,
         runtime.stop(timeout=max(1.0, runtime.settings.graceful_timeout - 3))
 
     runtime.shutdown = gevent.spawn(watch_for_shutdown)
+
+
+def freeze_startup_heap(worker: Any) -> None:
+    """Called by gunicorn's ``post_worker_init`` after :func:`attach_worker`: what the
+    worker was built from (modules, the app, its stores and metrics: ~56,000 objects)
+    lives as long as the worker, so it is collected once and frozen (``gc.freeze``).
+    Full collections then scan only what came later: while 10,000 connections open,
+    their pauses went from 19-60 ms to 4-36 ms (loadtest/RESULTS.md)."""
+    gc.collect()
+    gc.freeze()
+    log.info("worker %s: %d objects from start-up frozen out of garbage collection",
+             worker.pid, gc.get_freeze_count())
 
 
 def finish_worker(app: Any, worker: Any) -> None:
