@@ -2132,3 +2132,71 @@ def test_a_recovery_while_a_sign_in_registers_the_new_identity_registers_it_agai
     assert "connect" not in vars(presence), "no recovery ran"
     assert presence.is_online("kim") and not presence.is_online("guest-1")
     assert presence._conns == {"kim": {guest.conn_id}}  # type: ignore[attr-defined]
+
+
+# -- 11. a worker's shutdown leaves nobody registered behind it ----------------------------
+_JOIN_DURING_THE_RELEASE = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, gevent, gevent.event
+sys.path.insert(0, sys.argv[2])
+from test_chat import FakeSession
+from wschat.config import Settings
+from wschat.factory import create_app
+from wschat.runtime import of
+
+settings = Settings.from_env({"REDIS_URL": sys.argv[1], "JWT_SECRET": "s" * 40})
+runtime = of(create_app(settings))
+runtime.start()
+chat, stores = runtime.chat, runtime.stores
+ann, bob = FakeSession("ann", "Ann", True), FakeSession("bob", "Bob", True)
+chat.open(ann)
+chat.receive(ann, json.dumps({"type": "join", "room": "lobby"}))
+entered, go = gevent.event.Event(), gevent.event.Event()
+join, connect = stores.rooms.join, stores.presence.connect
+def held_join(*args, **kwargs):
+    entered.set()
+    go.wait(10)
+    return join(*args, **kwargs)
+def held_connect(*args, **kwargs):
+    entered.set()
+    go.wait(10)
+    return connect(*args, **kwargs)
+if sys.argv[3] == "join":  # ann's join of "hall" reaches Redis after the release
+    stores.rooms.join = held_join
+    late = gevent.spawn(chat.receive, ann, json.dumps({"type": "join", "room": "hall"}))
+else:  # bob's connection is registered after the release
+    stores.presence.connect = held_connect
+    late = gevent.spawn(chat.open, bob)
+assert entered.wait(10)
+chat.shutdown()  # SIGTERM: the worker releases what it registered, then closes 1001
+go.set()
+late.join(10)
+for session in (ann, bob):
+    chat.close(session)  # each connection's end, once its close handshake is done
+print("HALL", sorted(m.user_id for m in stores.rooms.members("hall")))
+print("LOBBY", sorted(m.user_id for m in stores.rooms.members("lobby")))
+print("ONLINE", [u for u in ("ann", "bob") if stores.presence.is_online(u)])
+runtime.stop(timeout=1)
+"""
+
+
+@pytest.mark.parametrize("late", ["join", "connect"])
+def test_what_registers_while_a_worker_releases_for_shutdown_is_removed_too(late: str
+                                                                            ) -> None:
+    """A join (or a new connection) whose store call reaches Redis while the worker
+    releases its registrations for a shutdown is taken out when its connection closes
+    (before: the release had marked every connection as done with, so nothing removed
+    it, and the worker was no longer listed for the reaper: the user stayed in the
+    room's users and online for good, and no offline was ever announced)."""
+    import os
+    import subprocess
+    import sys
+
+    with own_redis() as redis_server:
+        out = subprocess.run([sys.executable, "-c", _JOIN_DURING_THE_RELEASE,
+                              redis_server.url, os.path.dirname(__file__), late],
+                             capture_output=True, text=True, timeout=30 * SCALE, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "HALL []" in out.stdout, out.stdout
+    assert "LOBBY []" in out.stdout, out.stdout
+    assert "ONLINE []" in out.stdout, out.stdout

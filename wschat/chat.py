@@ -314,6 +314,12 @@ class Chat:
         self._renamed = itertools.count(1)  # see _become
         self._recoveries = 0  # resyncs begun: see _become
         self._early_kicks: list[tuple[Session, dict[str, Any]]] = []  # see _control_session
+        # Shutdown: the store releases this worker's registrations in one step (shutdown).
+        # What a connection registers in the store from then on (a join, a connection's
+        # presence, whose call was on its way) the release may not see: each closing
+        # connection takes its own out (room, or None for its presence; see close).
+        self._releasing = False
+        self._registered_late: dict[Session, set[str | None]] = {}
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
                                     stores.broker, clock)
         stores.broker.on_reconnect = self.resync
@@ -378,6 +384,7 @@ class Chat:
                 self.hub.arriving.remove(user.user_id)
         try:
             self.stores.presence.connect(conn_id, user)
+            self._registered(session, None)
         except BaseException:
             self.hub.remove_user(session, user.user_id)
             # Its reply may be what failed (a timeout): the connect may have been made.
@@ -444,8 +451,10 @@ class Chat:
         Idempotent; every exit path of the transport ends here.
         """
         if session.closed_by_chat:
+            self._undo_late_registrations(session)
             return
         session.closed_by_chat = True
+        self._registered_late.pop(session, None)  # every room and its presence go below
         self._expiry_deadlines.discard(session)
         for room in list(session.rooms):
             self._leave_room(session, room)
@@ -463,11 +472,32 @@ class Chat:
 
     def shutdown(self) -> None:
         """The worker stops: take all its connections out of the shared store at once
-        (one Redis script instead of a leave per connection and room)."""
+        (one Redis script instead of a leave per connection and room). What a connection
+        registers while or after that runs, its close takes out
+        (:meth:`_undo_late_registrations`): the worker is no longer listed for a reaper,
+        so nobody else ever would."""
         self.metrics.flush()
+        self._releasing = True
         if self.stores.release_local():
             for session in self.hub.sessions():
                 session.closed_by_chat = True
+
+    def _registered(self, session: Session, room: str | None) -> None:
+        """The store registered ``session`` in ``room`` (None: its presence)."""
+        if self._releasing:
+            self._registered_late.setdefault(session, set()).add(room)
+
+    def _undo_late_registrations(self, session: Session) -> None:
+        """A connection closing after the shutdown's release: take out of the store what
+        it registered since the release began (the release may have missed it)."""
+        late = self._registered_late.pop(session, None)
+        if not late:
+            return
+        for room in late:
+            if room is not None and room in session.rooms:
+                self._leave_room(session, room)
+        if None in late:
+            self._disconnect_in_store(session)
 
     def _retry_unfinished(self, budget: int = 500) -> None:
         for _ in range(min(budget, len(self._unfinished))):
@@ -998,6 +1028,7 @@ class Chat:
         else:
             result = self.stores.rooms.join(room, session.conn_id, session.user)
             session.rooms.add(room)
+            self._registered(session, room)
             members = result.members
             if result.first_of_user:
                 self.stores.messages.room_occupied(room)
