@@ -85,7 +85,14 @@ class RedisStores(Stores):
     def recover(self) -> None:
         """After a reconnect (or this node found reaped): the chat core's re-registration
         (``broker.on_reconnect``), inside the epoch's check: if Redis lost its data, no
-        worker takes a post until this one's sequences are raised too."""
+        worker takes a post until this one's sequences are raised too. Not once the
+        worker released its registrations to shut down: its closing connections would
+        be registered again, and nobody would take them out (no longer listed, this
+        worker is nobody's to reap)."""
+        if self._released:
+            log.info("pub/sub connection made again while shutting down: nothing to "
+                     "register again")
+            return
         with self._recovering:
             self._resync_in_epoch(always=True)
 
