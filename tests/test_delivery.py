@@ -419,6 +419,31 @@ def test_large_dm_backlog_arrives_whole_and_is_kept_until_handed_over(tmp_path: 
         wait_until(lambda: kept() == 0, message="the handed-over DMs to count as delivered")
 
 
+def test_a_live_dm_arriving_during_a_kept_backlog_comes_after_all_of_it(tmp_path: Any
+                                                                         ) -> None:
+    """A DM sent to a user while the DMs kept for her are still being written (paced, a
+    page of 50 at a time) comes after every one of them, in id order (before: after the
+    page being written, ahead of the older kept DMs of the next pages)."""
+    bob = f"bob-{uuid.uuid4().hex[:6]}"
+    env = {**PACED, "ENABLE_PERSISTENCE": "true", "DATABASE_URL": f"sqlite:///{tmp_path}/d.db"}
+    with Server(env) as server:
+        Client(server.url, f"token={token(bob)}").close()  # bob is known: DMs are kept
+        with Client(server.url, f"token={token('alice')}", max_queue=None) as alice:
+            for i in range(60):  # two pages, ~240 KB
+                alice.send({"type": "dm", "to": bob, "text": f"{i} {BIG_TEXT}"})
+            kept = [alice.expect("dm", 2 * TIMEOUT)["id"] for _ in range(60)]
+            # bob reads nothing yet: the first page waits for him
+            reader = RawClient(server.port, f"token={token(bob)}", rcvbuf=4096)
+            assert reader.welcome is not None and reader.welcome["dm_backlog"] == 60
+            alice.send({"type": "dm", "to": bob, "text": "live", "client_msg_id": "live-1"})
+            live = alice.expect("dm", 2 * TIMEOUT, client_msg_id="live-1")["id"]
+        try:
+            got = [reader.expect("dm", 2 * TIMEOUT)["id"] for _ in range(61)]
+        finally:
+            reader.close()
+        assert got == [*kept, live]
+
+
 def test_large_recovery_replay_is_paced_not_dropped() -> None:
     """A prompt client recovering ~1.5 MB (``since`` far back) gets every message and stays
     connected (before: ``recovered: true``, then 4101 part-way through the replay)."""
@@ -493,6 +518,27 @@ def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock
         chat.close(bob)
         chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "later", "id": 9}))
         assert alice.events("dm")[-1]["text"] == "later"
+
+
+def test_a_dm_arriving_while_the_backlog_is_read_comes_after_welcome_and_backlog(
+        tmp_path: Any, clock: Clock) -> None:
+    """A DM to a user whose connection is reading its kept DMs from the database (online
+    already, so the DM goes out live) comes after ``welcome`` and the kept DMs (before:
+    ahead of both, the connection's first frame)."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        alice = _alice_online_bob_away(chat)
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "kept"}))
+        arrived = durable.user_arrived
+
+        def arrival_meanwhile_a_dm(user: User) -> Any:
+            chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "live"}))
+            return arrived(user)
+
+        durable.user_arrived = arrival_meanwhile_a_dm
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        assert [(e["type"], e.get("text")) for e in bob.events()] == [
+            ("welcome", None), ("dm", "kept"), ("dm", "live")]
 
 
 class _HeldSession(FakeSession):

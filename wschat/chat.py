@@ -342,6 +342,9 @@ class Chat:
         (:meth:`_register`), it raises with nothing of it registered (the transport closes
         the connection: 1013). ``arriving``: the hub counts it among its user's
         connections on their way in (its admission did), until it is registered."""
+        if self.settings.enable_persistence:
+            # Live DMs wait behind the welcome and the DMs kept for the user (_greet).
+            self.hub.hold_dms(session, self.settings.max_outbound_bytes)
         self._register(session, session.conn_id, session.user, arriving)
         self._watch_expiry(session)
         if self.settings.auth_required and not session.authenticated:
@@ -398,7 +401,8 @@ class Chat:
         for the user while it was away (``refresh``: see :meth:`_dm_backlog`)."""
         backlog = self._dm_backlog(session, refresh)
         session.send(self._welcome(session, backlog, request_id))
-        self._send_kept_dms(session, backlog[0] if backlog else [])
+        if not refresh:  # a refresh: a backlog still on its way goes on, held DMs wait
+            self._send_kept_dms(session, backlog[0] if backlog else [])
 
     def _welcome(self, session: Session, backlog: tuple[list[bytes], int] | None = None,
                  request_id: RequestId = None) -> bytes:
@@ -429,7 +433,8 @@ class Chat:
     def _send_kept_dms(self, session: Session, page: list[bytes]) -> None:
         """Kept DMs go out a page at a time, as the client reads; a page counts as
         delivered (no longer kept) only once it was handed to the connection's socket."""
-        if not page:
+        if not page:  # all kept ones are queued: the live DMs held meanwhile follow
+            self.hub.release_dms(session)
             return
         user_id, last = session.user_id, stored_id_of(page[-1])
         session.send_paced([text_frame(event) for event in page],
@@ -441,9 +446,12 @@ class Chat:
             page = self.stores.messages.kept_dms(user_id, last)
         except Unavailable as exc:  # the rest stays kept, for the next connection
             log.warning("kept DMs of %s after %d not sent: %s", user_id, last, exc)
+            self.hub.release_dms(session)
             return
         if not session.closed_by_chat and session.user_id == user_id:
             self._send_kept_dms(session, page)
+        else:
+            self.hub.release_dms(session)
 
     def close(self, session: Session) -> None:
         """Forget a connection: leave its rooms (presence offline) and its user entry.
@@ -921,6 +929,8 @@ class Chat:
         if self._banned_everywhere(session, cmd.request_id):
             return
         self._watch_expiry(session)
+        if self.settings.enable_persistence and not refresh:
+            self.hub.hold_dms(session, self.settings.max_outbound_bytes)  # as open() does
         self._greet(session, cmd.request_id, refresh)
 
     def _stored_member(self, session: Session, room: str) -> bool:

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .protocol import DM_PREFIX, event_type, message_id_of, stored_id_of, text_frame
+from .protocol import (
+    DM_PREFIX, CloseCode, event_type, message_id_of, stored_id_of, text_frame,
+)
 from .stores.base import Broker
 
 if TYPE_CHECKING:
@@ -75,6 +77,9 @@ class LocalHub:
         self.max_seen: dict[str, int] = {}
         # The same for DMs (one sequence for all of them).
         self.max_dm_id = 0
+        # session -> [bytes held, limit, frames]: live DMs that wait until the DMs kept
+        # for the session's user while it was away have all been queued (hold_dms).
+        self._held_dms: dict[Session, list] = {}
 
     # -- membership --------------------------------------------------------------------
     def _ensure_room(self, room: str) -> None:
@@ -244,7 +249,21 @@ class LocalHub:
             sessions = self.users.setdefault(user_id, set())
         sessions.add(session)
 
+    def hold_dms(self, session: Session, limit: int) -> None:
+        """Live DMs to ``session`` wait (:meth:`release_dms`) behind the welcome and the
+        DMs kept for its user (written a page at a time as the client reads), so that it
+        gets them all in id order. More than ``limit`` bytes held: a slow consumer."""
+        self._held_dms[session] = [0, limit, []]
+
+    def release_dms(self, session: Session) -> None:
+        """Send the live DMs held for ``session`` (after the last kept page) and stop
+        holding them."""
+        held = self._held_dms.pop(session, None)
+        for frame in held[2] if held is not None else ():
+            session.send_frame(frame)
+
     def remove_user(self, session: Session, user_id: str | None = None) -> None:
+        self._held_dms.pop(session, None)
         user_id = session.user_id if user_id is None else user_id
         sessions = self.users.get(user_id)
         if sessions is None:
@@ -295,9 +314,19 @@ class LocalHub:
         sessions = self.users.get(user_id)
         if sessions:
             frame = text_frame(event)
+            is_dm = event.startswith(DM_PREFIX)
             for session in list(sessions):
-                session.send_frame(frame)
-            if event.startswith(DM_PREFIX):
+                held = self._held_dms.get(session) if is_dm and self._held_dms else None
+                if held is None:
+                    session.send_frame(frame)
+                    continue
+                held[0] += len(frame)
+                if held[0] > held[1]:  # as a backlog behind paced frames counts
+                    del self._held_dms[session]
+                    session.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                else:
+                    held[2].append(frame)
+            if is_dm:
                 self._dm_delivered(event)
                 self._on_delivered(len(sessions), event, "dm")
             else:
