@@ -541,6 +541,36 @@ def test_a_dm_arriving_while_the_backlog_is_read_comes_after_welcome_and_backlog
             ("welcome", None), ("dm", "kept"), ("dm", "live")]
 
 
+@pytest.mark.parametrize("backlog", [False, True])
+def test_a_dm_kept_for_a_user_who_connects_meanwhile_reaches_her_connection(
+        tmp_path: Any, clock: Clock, backlog: bool) -> None:
+    """A DM whose check found its recipient offline, committed as kept after her new
+    connection had read her kept DMs, still reaches that connection, once (before: the
+    sender had its echo and she got nothing until her next connection, maybe days
+    later). With a backlog being written, the copy sent live is not sent a second time."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        alice = _alice_online_bob_away(chat)
+        if backlog:
+            chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "kept"}))
+        bob = _HeldSession("bob", "Bob", True)
+        knows = durable.keeps_dms_for
+
+        def bob_connects_meanwhile(user_id: str) -> bool:
+            known = knows(user_id)
+            chat.open(bob)
+            return known
+
+        durable.keeps_dms_for = bob_connects_meanwhile
+        chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "race"}))
+        assert alice.events("dm")[-1]["text"] == "race"  # acknowledged
+        while bob.held:  # bob reads what is written to him, page after page
+            on_sent = bob.held.pop(0)
+            if on_sent is not None:
+                on_sent()
+        expected = ["kept", "race"] if backlog else ["race"]
+        assert [e["text"] for e in bob.events("dm")] == expected
+
+
 class _HeldSession(FakeSession):
     """A connection whose paced frames are not handed over yet (a client slow to read):
     ``on_sent`` waits in ``held``."""

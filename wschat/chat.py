@@ -29,7 +29,9 @@ from .protocol import (
     text_frame,
 )
 from .ratelimit import Charge, RateLimited, RateLimiter
-from .stores.base import InboxFull, RecipientOffline, Replay, Stores, Unavailable, User
+from .stores.base import (
+    InboxFull, Posted, RecipientOffline, Replay, Stores, Unavailable, User,
+)
 from .session import Session
 from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
 from .telemetry import Metrics, NoMetrics
@@ -436,6 +438,7 @@ class Chat:
         if not page:  # all kept ones are queued: the live DMs held meanwhile follow
             self.hub.release_dms(session)
             return
+        self.hub.kept_dms_sent(session, [stored_id_of(event) for event in page])
         user_id, last = session.user_id, stored_id_of(page[-1])
         session.send_paced([text_frame(event) for event in page],
                            lambda: self._kept_dms_sent(session, user_id, last))
@@ -1189,8 +1192,22 @@ class Chat:
         self._accepted(session, cmd)
         if not posted.duplicate:
             self.metrics.posted("dm")
+            if online is False:
+                self._deliver_if_arrived(cmd.to, posted)
         elif not posted.redelivered:
             session.send(posted.event)
+
+    def _deliver_if_arrived(self, user_id: str, posted: Posted) -> None:
+        """A DM kept for a user offline at the check: if she has connected since, her
+        connection may have read her kept DMs before this one was committed, and would
+        not get it before her next connection. It goes to her connections now too (it
+        stays kept: at least once, and DM ids are unique)."""
+        try:
+            if self.stores.presence.is_online(user_id):
+                self.stores.messages.deliver_kept(user_id, posted)
+        except Unavailable as exc:  # kept: it comes with her next connection
+            log.warning("DM %d kept for %s, who connected meanwhile, not delivered live: %s",
+                        posted.msg_id, user_id, exc)
 
     def _typing(self, session: Session, cmd: Typing) -> None:
         if cmd.room not in session.rooms:

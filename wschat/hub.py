@@ -34,6 +34,13 @@ class _Recovery:
         self.behind = 0
 
 
+def _dm_id(event: bytes) -> int | None:
+    try:
+        return stored_id_of(event)
+    except ValueError:  # no whole-number id: not one a store issued
+        return None
+
+
 class Tally(dict[str, int]):
     """How many of each key are held: a count per key, a key at 0 not kept (so an empty
     tally is ``{}``). The per-user and per-address counts of connections use it."""
@@ -77,8 +84,9 @@ class LocalHub:
         self.max_seen: dict[str, int] = {}
         # The same for DMs (one sequence for all of them).
         self.max_dm_id = 0
-        # session -> [bytes held, limit, frames]: live DMs that wait until the DMs kept
-        # for the session's user while it was away have all been queued (hold_dms).
+        # session -> [bytes held, limit, [(id, frame)], ids of the kept DMs sent]: live
+        # DMs that wait until the DMs kept for the session's user while it was away have
+        # all been queued (hold_dms).
         self._held_dms: dict[Session, list] = {}
 
     # -- membership --------------------------------------------------------------------
@@ -253,14 +261,22 @@ class LocalHub:
         """Live DMs to ``session`` wait (:meth:`release_dms`) behind the welcome and the
         DMs kept for its user (written a page at a time as the client reads), so that it
         gets them all in id order. More than ``limit`` bytes held: a slow consumer."""
-        self._held_dms[session] = [0, limit, []]
+        self._held_dms[session] = [0, limit, [], set()]
+
+    def kept_dms_sent(self, session: Session, ids: list[int]) -> None:
+        """Kept DMs queued for ``session`` while its live DMs are held: a held copy of one
+        (Chat._deliver_if_arrived) is not sent a second time."""
+        held = self._held_dms.get(session)
+        if held is not None:
+            held[3].update(ids)
 
     def release_dms(self, session: Session) -> None:
         """Send the live DMs held for ``session`` (after the last kept page) and stop
         holding them."""
         held = self._held_dms.pop(session, None)
-        for frame in held[2] if held is not None else ():
-            session.send_frame(frame)
+        for dm_id, frame in held[2] if held is not None else ():
+            if dm_id not in held[3]:
+                session.send_frame(frame)
 
     def remove_user(self, session: Session, user_id: str | None = None) -> None:
         self._held_dms.pop(session, None)
@@ -325,7 +341,7 @@ class LocalHub:
                     del self._held_dms[session]
                     session.close(CloseCode.SLOW_CONSUMER, "slow consumer")
                 else:
-                    held[2].append(frame)
+                    held[2].append((_dm_id(event), frame))
             if is_dm:
                 self._dm_delivered(event)
                 self._on_delivered(len(sessions), event, "dm")
@@ -333,11 +349,9 @@ class LocalHub:
                 self._on_delivered(len(sessions), event, None)
 
     def _dm_delivered(self, event: bytes) -> None:
-        try:
-            dm_id = stored_id_of(event)
-        except ValueError:  # no whole-number id: not one a store issued
-            return
-        self.max_dm_id = max(self.max_dm_id, dm_id)
+        dm_id = _dm_id(event)
+        if dm_id is not None:
+            self.max_dm_id = max(self.max_dm_id, dm_id)
 
     # -- figures -----------------------------------------------------------------------
     def sessions(self) -> list[Session]:

@@ -321,6 +321,12 @@ class MessageStore(ABC):
         """Whether a DM to this offline user is kept for later (else ``user_not_found``)."""
         return False
 
+    def deliver_kept(self, recipient_id: str, posted: Posted) -> None:
+        """Publish a DM just kept for ``recipient_id`` to her connections (not the
+        sender's: they had it) and leave it kept: she connected after the DM's check
+        found her offline, and her connection may have read her kept DMs before it was
+        committed. Raises :class:`Unavailable` if it could not be published."""
+
     def healthy(self) -> bool:
         return True
 

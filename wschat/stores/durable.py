@@ -145,6 +145,12 @@ class DurableMessageStore(MessageStore):
             return Posted(job.msg_id, job.event, True, redelivered=True)
         return Posted(job.msg_id, job.event, job.duplicate)
 
+    def deliver_kept(self, recipient_id: str, posted: Posted) -> None:
+        outcome, = self.inner.publish_stored([Stored(
+            posted.msg_id, posted.event, None, recipient_id, recipient_id)])
+        if outcome == UNHEARD:
+            raise Unavailable("a worker of the recipient's is not subscribed")
+
     def _prime_dms(self) -> None:
         """DM ids the window's store issued before persistence was on (Redis keeps its
         DM sequence): the log continues above them, since clients drop a DM whose id
