@@ -2243,6 +2243,9 @@ if sys.argv[3] == "join":  # ann's join of "hall" reaches Redis after the releas
 elif sys.argv[3] == "connect":  # bob's connection is registered after the release
     stores.presence.connect = held_connect
     late = gevent.spawn(chat.open, bob)
+elif sys.argv[3] == "resync":  # a recovery under way registers ann again after it
+    stores.presence.connect = held_connect
+    late = gevent.spawn(stores.recover)
 else:  # the pub/sub connection is made again during the drain (a Redis blip)
     late = None
     entered.set()
@@ -2262,7 +2265,7 @@ runtime.stop(timeout=1)
 """
 
 
-@pytest.mark.parametrize("late", ["join", "connect", "reconnect"])
+@pytest.mark.parametrize("late", ["join", "connect", "reconnect", "resync"])
 def test_what_registers_while_a_worker_releases_for_shutdown_is_removed_too(late: str
                                                                             ) -> None:
     """A join (or a new connection) whose store call reaches Redis while the worker
@@ -2270,7 +2273,8 @@ def test_what_registers_while_a_worker_releases_for_shutdown_is_removed_too(late
     (before: the release had marked every connection as done with, so nothing removed
     it, and the worker was no longer listed for the reaper: the user stayed in the
     room's users and online for good, and no offline was ever announced). A pub/sub
-    reconnect during the drain registers nobody again, for the same reason."""
+    reconnect during the drain registers nobody again, for the same reason, and what a
+    recovery already under way registers is taken out as well."""
     import os
     import subprocess
     import sys

@@ -552,8 +552,11 @@ class Chat:
             if self._moderated_meanwhile(session):
                 continue
             self.stores.presence.connect(session.conn_id, session.user)
+            self._registered(session, None)  # a shutdown's release under way: see close
             for room in list(session.rooms):
-                if self.stores.rooms.join(room, session.conn_id, session.user).first_of_user:
+                joined = self.stores.rooms.join(room, session.conn_id, session.user)
+                self._registered(session, room)
+                if joined.first_of_user:
                     # The store had lost the user (or the reaper announced them offline):
                     # the room hears "online" again, through its presence budget, as any
                     # change. Published at once, every user of a 1,000-member room was
