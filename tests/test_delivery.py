@@ -2287,3 +2287,56 @@ def test_what_registers_while_a_worker_releases_for_shutdown_is_removed_too(late
     assert "HALL []" in out.stdout, out.stdout
     assert "LOBBY []" in out.stdout, out.stdout
     assert "ONLINE []" in out.stdout, out.stdout
+
+
+_TYPING_AT_SHUTDOWN = """
+from gevent import monkey; monkey.patch_all()
+import json, sys
+import redis
+sys.path.insert(0, sys.argv[2])
+from test_chat import FakeSession
+from wschat.config import Settings
+from wschat.factory import create_app
+from wschat.runtime import of
+
+settings = Settings.from_env({"REDIS_URL": sys.argv[1], "JWT_SECRET": "s" * 40,
+                              "TYPING_TIMEOUT": "60"})
+runtime = of(create_app(settings))
+runtime.start()
+chat = runtime.chat
+ann = FakeSession("ann", "Ann", True)
+chat.open(ann)
+chat.receive(ann, json.dumps({"type": "join", "room": "lobby"}))
+listener = redis.Redis.from_url(sys.argv[1]).pubsub()
+listener.subscribe("wschat:room:lobby")  # another server's members of the room
+assert listener.get_message(timeout=5)["type"] == "subscribe"
+chat.receive(ann, json.dumps({"type": "typing", "room": "lobby", "status": True}))
+chat.shutdown()  # SIGTERM
+heard = []
+while True:
+    message = listener.get_message(timeout=2)
+    if message is None:
+        break
+    if message["type"] == "message":
+        event = json.loads(message["data"].partition(b"\\n")[2])
+        if event["type"] == "typing":
+            heard.append(event["status"])
+print("TYPING", heard)
+runtime.stop(timeout=1)
+"""
+
+
+def test_a_typing_indicator_of_a_stopping_worker_is_turned_off() -> None:
+    """A user typing on a worker told to stop (a deploy) is announced as no longer
+    typing (before: the worker, whose timer would have expired the indicator, exited
+    first, and the other servers' members kept seeing "typing" for good)."""
+    import os
+    import subprocess
+    import sys
+
+    with own_redis() as redis_server:
+        out = subprocess.run([sys.executable, "-c", _TYPING_AT_SHUTDOWN, redis_server.url,
+                              os.path.dirname(__file__)], capture_output=True, text=True,
+                             timeout=30 * SCALE, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "TYPING [True, False]" in out.stdout, out.stdout

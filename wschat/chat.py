@@ -489,9 +489,23 @@ class Chat:
         so nobody else ever would."""
         self.metrics.flush()
         self._releasing = True
+        self._typing_off()
         if self.stores.release_local():
             for session in self.hub.sessions():
                 session.closed_by_chat = True
+
+    def _typing_off(self) -> None:
+        """Shutdown: every typing indicator goes off now. The timer that would expire
+        them stops with the worker, and the other servers' members would see "typing"
+        for good. The first failure ends it (a store away: each would wait as long)."""
+        for session in self.hub.sessions():
+            for room in list(session.typing):
+                del session.typing[room]
+                try:
+                    self._publish_typing(session, room, False)
+                except Exception as exc:  # the clients expire the indicator anyway
+                    log.warning("typing indicators not turned off at shutdown: %s", exc)
+                    return
 
     def _registered(self, session: Session, room: str | None) -> None:
         """The store registered ``session`` in ``room`` (None: its presence)."""
