@@ -618,6 +618,9 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (this.joins.has(id)) return this.onJoinError(id, err);
       if (this.inflightReq.has(id)) return this.onSendError(id, err);
       if (id.startsWith(TYPING_PREFIX)) return; // typing is best effort
+      // The ping behind a join refused (rate_limited: the request bucket ran dry at this
+      // join): its answer comes after the joined and the replay all the same, as a pong would.
+      if (id.startsWith(SYNC_PREFIX)) return this.onSynced(id);
       if (this.requests.has(id)) return this.settle(id, msg);
     }
     if (msg.code === "token_expired" && this.opts.getToken) void this.refreshToken();

@@ -1205,3 +1205,22 @@ test("last_id from the wire: a joined's last_id and a message's id follow the sh
   }
   assert.deepEqual(wrong, []);
 });
+
+test("rooms: a rejoin's ping refused (rate_limited: the request bucket ran dry at this join) still ends the replay, and the room's sends go", async (t) => {
+  const { server, c, events } = setup();
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  // The server answers the ping behind the join, like any request over RATE_LIMIT_REQUESTS,
+  // with an error: it comes after the joined and the replay all the same.
+  server.replies.push((ws, f) => {
+    if (f.type !== "ping") return false;
+    server.push(ws, { type: "error", id: f.id, code: "rate_limited", message: "slow down", retry_after_ms: 100 });
+    return true;
+  });
+  server.drop(server.last, 1006);
+  await until(() => c.roomState("r") === "joined" && server.sockets.length === 2, "the rejoin");
+  const sent = await within(c.send("r", "after the rejoin"), 2000, "the send after a refused sync ping");
+  assert.equal(sent.text, "after the rejoin");
+  assert.deepEqual(events("error").filter((e) => e.code === "rate_limited"), [], "the ping's refusal is the client's own business");
+});
