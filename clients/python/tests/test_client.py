@@ -24,8 +24,9 @@ FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
 class Peer:
     """One connection to the fake server, seen from the server."""
 
-    def __init__(self, ws: ServerConnection) -> None:
+    def __init__(self, ws: ServerConnection, user_id: str) -> None:
         self.ws = ws
+        self.user_id = user_id  # the welcome's
         self.closed = asyncio.Event()
 
     async def recv(self, kind: str | None = None) -> dict[str, Any]:
@@ -67,12 +68,14 @@ class Peer:
             await request
         assert err.value.code == code
 
-    async def message(self, mid: int, room: str = "r", **extra: Any) -> None:
-        await self.send(type="message", id=mid, room=room, text=f"m{mid}", user_id="u",
+    async def message(self, mid: int, room: str = "r", user_id: str = "u", **extra: Any) -> None:
+        await self.send(type="message", id=mid, room=room, text=f"m{mid}", user_id=user_id,
                         timestamp=0, **{"from": "x"}, **extra)
 
     async def echo(self, frame: dict[str, Any], mid: int) -> None:
-        await self.message(mid, frame["room"], client_msg_id=frame["client_msg_id"])
+        """The server's echo of ``frame``: it carries the sender's user_id (this connection's)."""
+        await self.message(mid, frame["room"], user_id=self.user_id,
+                           client_msg_id=frame["client_msg_id"])
 
 
 class FakeServer:
@@ -97,7 +100,7 @@ class FakeServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.count += 1
-        peer = Peer(ws)
+        peer = Peer(ws, f"u{self.count}")
         welcome = json.dumps({"type": "welcome", "user_id": f"u{self.count}",
                               "username": "alice", "authenticated": False,
                               "auth_required": False})
@@ -1036,7 +1039,8 @@ async def test_message_id_unreadable_acknowledges_the_send_but_is_not_delivered(
             client, rec, peer = await joined_client(fake, last_id=0)
             sending = asyncio.create_task(client.send("r", "mine"))
             frame = await peer.recv("message")
-            echo = _raw_message(raw or "0", client_msg_id=frame["client_msg_id"])
+            echo = _raw_message(raw or "0", client_msg_id=frame["client_msg_id"],
+                                user_id=peer.user_id)
             await peer.ws.send(echo if raw is not None else echo.replace(', "id": 0}', "}"))
             await peer.message(1)
             got: dict[str, Any] = {"sent": await _sent_id(sending)}
@@ -1085,3 +1089,29 @@ async def test_dm_id_unreadable_acknowledges_the_send_but_is_not_delivered() -> 
             sending.cancel()
             await client.close()
     assert not wrong, "\n".join(wrong)
+
+
+async def test_another_members_message_with_my_client_msg_id_acknowledges_nothing() -> None:
+    """client_msg_id is unique per sender (the server dedupes per user), and every member gets
+    the sender's: another member's message carrying the id of a send of ours is not its echo.
+    It resolved that send with the other member's message and took it out of the outbox, so a
+    send still waiting its turn was never written: lost. Only the echo of a user this client
+    has been acknowledges; the send then goes out and its own echo resolves it."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, last_id=0, max_in_flight=1)
+        first = asyncio.create_task(client.send("r", "first", client_msg_id="c1"))
+        written = await peer.recv("message")
+        second = asyncio.create_task(client.send("r", "second", client_msg_id="c2"))
+        # Bob's own send, his client_msg_id "c2" too, stored as 1; dm "c2" from him as well.
+        await peer.message(1, user_id="bob", client_msg_id="c2")
+        await peer.send(type="dm", id=1, to="u1", text="hi", user_id="bob", timestamp=0,
+                        client_msg_id="c2", **{"from": "bob"})
+        await peer.echo(written, 2)
+        assert (await first).id == 2
+        again = await peer.recv("message")
+        assert again["client_msg_id"] == "c2" and again["text"] == "second"
+        await peer.echo(again, 3)
+        mine = await asyncio.wait_for(second, TIMEOUT)
+        assert (mine.id, mine.user_id, mine.client_msg_id) == (3, "u1", "c2")
+        assert rec.ids("r") == [1, 2, 3]
+        await client.close()

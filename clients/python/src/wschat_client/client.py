@@ -181,6 +181,9 @@ class Client:
         self._sent: dict[str, PendingSend] = {}  # request id -> send on the wire
         self._probing: set[str] = set()  # targets refused lately: one send at a time
         self._dm_seen: OrderedDict[int, None] = OrderedDict()
+        # Every user_id a welcome gave this client (a guest gets a new one per connection):
+        # only an echo from one of them acknowledges a send (_is_echo).
+        self._own_ids: set[str] = set()
         self._typing: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._ready: list[asyncio.Future[None]] = []
 
@@ -794,7 +797,8 @@ class Client:
     def _on_message(self, obj: dict[str, Any]) -> None:
         message = Message.from_wire(obj)
         entry = self._outbox.get(message.client_msg_id)
-        if entry is not None and entry.kind == "message" and entry.target == message.room:
+        if (entry is not None and entry.kind == "message" and entry.target == message.room
+                and self._is_echo(entry, message.user_id)):
             self._acknowledged(entry, message)  # our echo, or the original of a resend
         room = self._rooms.get(message.room)
         if room is None or message.id < 0:
@@ -825,7 +829,7 @@ class Client:
     def _on_dm(self, obj: dict[str, Any]) -> None:
         dm = DirectMessage.from_wire(obj)
         entry = self._outbox.get(dm.client_msg_id)
-        if entry is not None and entry.kind == "dm":
+        if entry is not None and entry.kind == "dm" and self._is_echo(entry, dm.user_id):
             self._acknowledged(entry, dm)  # whatever its id: the server stored it
         if dm.id < 0:
             # An id that is not a whole number >= 0 (DirectMessage.from_wire made it -1), as
@@ -837,6 +841,15 @@ class Client:
         if len(self._dm_seen) > DM_IDS_KEPT:
             self._dm_seen.popitem(last=False)
         self._emit("dm", dm)
+
+    def _is_echo(self, entry: PendingSend, sender: str) -> bool:
+        """Whether a message or DM from ``sender`` carrying ``entry``'s client_msg_id is its
+        echo. A client_msg_id is unique per sender only (the server dedupes per user), and
+        every member gets the sender's: another member's message with the same one is not
+        ours, and taking it for the echo would drop a send never written. A send restored
+        from the store was written, if at all, by an earlier run, perhaps as another guest
+        id: any sender's copy is taken for it, as before."""
+        return sender in self._own_ids or entry.restored
 
     def _on_error(self, obj: dict[str, Any]) -> None:
         # retry_after_ms is read here, off the wire, by one rule (_retry_after_ms), so
@@ -877,6 +890,7 @@ class Client:
 
     def _welcomed(self, obj: dict[str, Any]) -> Welcome:
         self.user_id = str(obj.get("user_id", ""))
+        self._own_ids.add(self.user_id)
         self.username = str(obj.get("username", ""))
         self.authenticated = bool(obj.get("authenticated"))
         # heartbeat_interval is read here, off the wire, by one rule (_heartbeat_interval),

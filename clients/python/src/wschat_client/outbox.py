@@ -38,6 +38,7 @@ class PendingSend:
     not_before: float = 0.0  # loop time before which it is not (re)sent
     failures: int = 0  # retryable refusals in a row (for the backoff)
     left: bool = False  # its room was left while it was on the wire: settled, never resent
+    restored: bool = False  # from the store: written (if ever) by an earlier run, as whoever
 
     @property
     def key(self) -> str:
@@ -107,7 +108,8 @@ class Outbox:
             if (kind in ("message", "dm") and isinstance(target, str) and isinstance(text, str)
                     and isinstance(cmid, str) and cmid not in self._entries
                     and len(self._entries) < self.limit):
-                entry = PendingSend(kind, target, text, cmid)  # type: ignore[arg-type]
+                entry = PendingSend(kind, target, text, cmid,  # type: ignore[arg-type]
+                                    restored=True)
                 self._entries[cmid] = entry
                 restored.append(entry)
         return restored
