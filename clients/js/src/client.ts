@@ -184,6 +184,13 @@ export class ChatClient extends Emitter<ClientEvents> {
    */
   private retryAfterUntil = 0;
   private seenDms = new Set<number>();
+  /**
+   * Every user_id a welcome gave this client (a guest gets a new one per connection): only an
+   * echo from one of them acknowledges a send (`isEcho`).
+   */
+  private ownIds = new Set<string>();
+  /** The client_msg_ids restored from `outboxStorage`: written, if ever, by an earlier run. */
+  private restoredIds = new Set<string>();
   private typingState = new Map<string, { sentAt: number; timer: ReturnType<typeof setTimeout> }>();
   private lastReceived = 0;
   private pingSentAt = 0;
@@ -261,7 +268,9 @@ export class ChatClient extends Emitter<ClientEvents> {
       // `Retry-After`) does not hold this one's reconnects, as in the Python and Rust clients.
       this.retryAfterUntil = 0;
       this.listenOnline(true);
-      this.restored ??= this.outbox.restore();
+      this.restored ??= this.outbox.restore().then((fresh) => {
+        for (const e of fresh) this.restoredIds.add(e.client_msg_id);
+      });
       void this.open();
     }
     return settled;
@@ -581,6 +590,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (purpose === "connect") this.onEstablished(w);
     else {
       this.welcome = welcomeOf(w);
+      this.ownIds.add(this.welcome.user_id);
       this.refreshAttempt = 0;
       this.scheduleRefresh();
     }
@@ -589,6 +599,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   private onEstablished(w: Welcome): void {
     this.clearTimer("connect");
     const welcome = (this.welcome = welcomeOf(w));
+    this.ownIds.add(welcome.user_id);
     this.established = true;
     this.attempt = 0;
     this.retryAttempt = 0;
@@ -940,7 +951,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   private onRoomMessage(m: ChatMessage): void {
-    this.acknowledge(m);
+    if (this.isEcho(m, "message")) this.acknowledge(m);
     const room = this.rooms.get(m.room);
     // An id that is not a whole number >= 0 (1e400, 2.5, "41") is never a room's lastId: such
     // a message cannot be put in order, and is not surfaced.
@@ -962,7 +973,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   private onDm(m: DirectMessage): void {
-    this.acknowledge(m);
+    if (this.isEcho(m, "dm")) this.acknowledge(m);
     // As for a room message: an id that is not a whole number >= 0 (2.5, -1, 1e400, one past
     // 2^53 - 1) cannot tell this DM from another one, so it is not surfaced.
     const id = wireId(m.id);
@@ -1095,9 +1106,27 @@ export class ChatClient extends Emitter<ClientEvents> {
    * past 2^53 - 1), as Python's -1 and Rust's `u64::MAX`: a number that is never an id,
    * not the frame's value passed on as one.
    */
+  /**
+   * Whether `m` is the echo of the pending send with its client_msg_id: a send of that kind
+   * (and room), and from a user this client has been. A client_msg_id is unique per sender
+   * only (the server dedupes per user), and every member gets the sender's: another member's
+   * message with the same one is not ours, and taking it for the echo would drop a send never
+   * written. A send restored from storage was written, if at all, by an earlier run, perhaps
+   * as another guest id: any sender's copy is taken for it.
+   */
+  private isEcho(m: ChatMessage | DirectMessage, kind: "message" | "dm"): boolean {
+    const cmid = m.client_msg_id;
+    if (!cmid) return false;
+    const entry = this.outbox.entries.find((e) => e.client_msg_id === cmid);
+    if (!entry || entry.kind !== kind) return false;
+    if (entry.kind === "message" && entry.room !== (m as ChatMessage).room) return false;
+    return this.ownIds.has(m.user_id) || this.restoredIds.has(cmid);
+  }
+
   private acknowledge(echo: ChatMessage | DirectMessage): void {
     const cmid = echo.client_msg_id;
     if (!cmid || !this.outbox.remove(cmid)) return;
+    this.restoredIds.delete(cmid);
     const m = wireId(echo.id) === null ? { ...echo, id: -1 } : echo;
     const inFlight = this.inflight.size; // this one among them, if written on this socket
     if (this.inflight.delete(cmid)) {

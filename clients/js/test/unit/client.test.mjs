@@ -519,7 +519,7 @@ test("dm: an echo whose id is not a whole number >= 0 resolves the send but is n
     };
     server.replies.push((ws, f) => {
       if (f.type !== "dm") return false;
-      ws.onmessage?.({ data: rawDm(raw, { client_msg_id: f.client_msg_id }) });
+      ws.onmessage?.({ data: rawDm(raw, { client_msg_id: f.client_msg_id, user_id: ws.user.user_id }) });
       ws.onmessage?.({ data: rawDm("2") }); // then a DM that counts
       return true;
     });
@@ -554,7 +554,7 @@ test("sends: an echo whose id is no message id resolves the send with id -1, as 
       c.on("ack", (m) => acks.push(m.id));
       server.replies.push((ws, f) => {
         if (f.type !== type) return false;
-        ws.onmessage?.({ data: raw(type, id, { client_msg_id: f.client_msg_id }) });
+        ws.onmessage?.({ data: raw(type, id, { client_msg_id: f.client_msg_id, user_id: ws.user.user_id }) });
         if (type === "message") ws.onmessage?.({ data: raw(type, "1", {}) }); // the room's next message counts
         return true;
       });
@@ -1223,4 +1223,28 @@ test("rooms: a rejoin's ping refused (rate_limited: the request bucket ran dry a
   const sent = await within(c.send("r", "after the rejoin"), 2000, "the send after a refused sync ping");
   assert.equal(sent.text, "after the rejoin");
   assert.deepEqual(events("error").filter((e) => e.code === "rate_limited"), [], "the ping's refusal is the client's own business");
+});
+
+test("sends: another member's message or dm carrying our clientMsgId acknowledges nothing (ids are unique per sender only)", async (t) => {
+  const { server, c } = setup({ maxInFlight: 1 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true; // the first send stored, its echo late: the second waits its turn
+  const first = c.send("r", "first", { clientMsgId: "c1" });
+  await until(() => server.room("r").messages.length === 1, "the first send stored");
+  const second = c.send("r", "second", { clientMsgId: "c2" });
+  const ws = server.last;
+  // Bob's own message and dm, his client_msg_id "c2" too: every member gets it.
+  const room = server.room("r");
+  const bobs = { type: "message", id: ++room.seq, room: "r", from: "bob", user_id: "bob", text: "bob's", timestamp: 1, client_msg_id: "c2" };
+  room.messages.push(bobs);
+  server.push(ws, bobs);
+  server.push(ws, { type: "dm", id: 1, from: "bob", user_id: "bob", to: ws.user.user_id, text: "hi", timestamp: 1, client_msg_id: "c2" });
+  server.holdEchoes = false;
+  server.push(ws, room.messages[0]); // the first one's echo: the window opens
+  assert.equal((await within(first, 2000, "the first send")).text, "first");
+  const mine = await within(second, 2000, "the second send");
+  assert.deepEqual([mine.text, mine.user_id, mine.id], ["second", ws.user.user_id, 3]);
+  assert.equal(ws.sent.filter((f) => f.type === "message" && f.client_msg_id === "c2").length, 1, "written once");
 });
