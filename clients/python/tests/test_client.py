@@ -1115,3 +1115,32 @@ async def test_another_members_message_with_my_client_msg_id_acknowledges_nothin
         assert (mine.id, mine.user_id, mine.client_msg_id) == (3, "u1", "c2")
         assert rec.ids("r") == [1, 2, 3]
         await client.close()
+
+
+async def test_sends_keep_their_order_when_the_server_lost_our_membership() -> None:
+    """Sends on the wire refused with not_in_room (the server lost the membership) are sent
+    again after the re-join, in order: a send queued meanwhile does not overtake the ones
+    still waiting for their refusal. The rejoin left the room joined and caught up, so the
+    first refused one went out again at once behind the join, and a send made then went with
+    it, ahead of the two refused after it: stored as m1, m4, m2, m3."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, last_id=0)
+        sends = [asyncio.create_task(client.send("r", f"m{i}")) for i in (1, 2, 3)]
+        frames = [await peer.recv("message") for _ in range(3)]
+        await peer.send(type="error", id=frames[0]["id"], code="not_in_room", message="no")
+        join = await peer.recv("join")
+        assert join["since"] == 0
+        sends.append(asyncio.create_task(client.send("r", "m4")))
+        await asyncio.sleep(0)  # one step: the send is queued (and written, if it may go)
+        for frame in frames[1:]:
+            await peer.send(type="error", id=frame["id"], code="not_in_room", message="no")
+        await peer.send(type="joined", id=join["id"], room="r", users=[], last_id=0,
+                        recovered=True)
+        written = []
+        while len(written) < 4:
+            frame = await peer.recv_answering_pings("message", f"after {written}")
+            written.append(frame["text"])
+            await peer.echo(frame, len(written))
+        assert written == ["m1", "m2", "m3", "m4"]
+        assert [(await s).text for s in sends] == ["m1", "m2", "m3", "m4"]
+        await client.close()

@@ -624,7 +624,11 @@ class Client:
             entry.failures += 1
             entry.not_before = now + wait
         elif err.code == "not_in_room" and room is not None:
-            self._rejoin(room)  # the server lost our membership: join again, then resend
+            # The server lost our membership: join again, then resend. The room's sends
+            # wait for that joined (and its replay), so the ones still on the wire, refused
+            # in turn, go again in order, not behind one queued meanwhile (as in JS).
+            self._set_room_state(room, RoomState.JOINING)
+            self._rejoin(room)
         else:
             self._fail(entry, err)
         self._flush()
