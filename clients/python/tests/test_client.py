@@ -1144,3 +1144,29 @@ async def test_sends_keep_their_order_when_the_server_lost_our_membership() -> N
         assert written == ["m1", "m2", "m3", "m4"]
         assert [(await s).text for s in sends] == ["m1", "m2", "m3", "m4"]
         await client.close()
+
+
+async def test_a_send_before_connect_keeps_the_previous_runs_outbox(tmp_path: Path) -> None:
+    """A send queued before connect() (sends queue until then) saved the outbox with that
+    send alone, over what the previous run had left in the store, before connect() restored
+    it: the previous run's unacknowledged sends were gone. They are restored first now, and
+    go out before the new one."""
+    store = FileOutboxStore(tmp_path / "outbox.json")
+    store.save([{"kind": "dm", "target": "u9", "text": "left by the last run",
+                 "client_msg_id": "old-1"}])
+    async with FakeServer() as fake:
+        client = client_for(fake, outbox_store=store)
+        sending = asyncio.create_task(client.dm("u9", "new"))
+        await asyncio.sleep(0)  # one step: the dm is queued (and the store saved)
+        assert [e["client_msg_id"] for e in store.load()][0] == "old-1"
+        await client.connect()
+        peer = await fake.accept()
+        first, second = await peer.recv("dm"), await peer.recv("dm")
+        assert (first["client_msg_id"], second["text"]) == ("old-1", "new")
+        for i, frame in enumerate((first, second), 1):
+            await peer.send(type="dm", id=i, to="u9", text=frame["text"], user_id=peer.user_id,
+                            timestamp=0, client_msg_id=frame["client_msg_id"], **{"from": "a"})
+        assert (await sending).text == "new"
+        await Recorder(client).wait_for(lambda: not client.pending, what="both acknowledged")
+        assert store.load() == []
+        await client.close()

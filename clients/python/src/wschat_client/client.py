@@ -252,9 +252,7 @@ class Client:
         """
         if self._run_task is None or self._run_task.done():
             self._closing = False
-            if not self._restored:
-                self._restored = True
-                self._outbox.restore()
+            self._restore_outbox()
             self._run_task = asyncio.create_task(self._run(), name="wschat-client")
         if wait:
             await self._wait_connected(self._deadline(timeout or 3 * self.connect_timeout))
@@ -508,10 +506,19 @@ class Client:
         if self._closing or (self._run_task is not None and self._run_task.done()):
             raise ClientClosed("the client is closed: call connect() first",
                                self.last_close.code if self.last_close else None)
+        self._restore_outbox()  # before this send is saved over what the store kept
         entry = self._outbox.add(entry)
         future = self._future_of(entry)
         self._flush()
         return future
+
+    def _restore_outbox(self) -> None:
+        """Queue what ``outbox_store`` kept from the previous run, once: at the first
+        :meth:`connect` or the first send, whichever comes first (a send queued before
+        :meth:`connect` saves the outbox, which would otherwise replace the stored one)."""
+        if not self._restored:
+            self._restored = True
+            self._outbox.restore()
 
     @staticmethod
     def _future_of(entry: PendingSend) -> asyncio.Future[Any]:
