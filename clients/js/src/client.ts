@@ -268,9 +268,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       // `Retry-After`) does not hold this one's reconnects, as in the Python and Rust clients.
       this.retryAfterUntil = 0;
       this.listenOnline(true);
-      this.restored ??= this.outbox.restore().then((fresh) => {
-        for (const e of fresh) this.restoredIds.add(e.client_msg_id);
-      });
+      this.restoreOutbox();
       void this.open();
     }
     return settled;
@@ -1011,7 +1009,19 @@ export class ChatClient extends Emitter<ClientEvents> {
     ) as Promise<DirectMessage>;
   }
 
+  /**
+   * Queues what `outboxStorage` kept from the previous page or run, once: at the first
+   * `connect()` or the first send, whichever comes first (a send queued before `connect()`
+   * saves the outbox, which would otherwise replace the stored one).
+   */
+  private restoreOutbox(): void {
+    this.restored ??= this.outbox.restore().then((fresh) => {
+      for (const e of fresh) this.restoredIds.add(e.client_msg_id);
+    });
+  }
+
   private enqueue(entry: OutboxEntry, timeout?: number): Promise<ChatMessage | DirectMessage> {
+    this.restoreOutbox(); // before this send is saved over what the storage kept
     if (this.outbox.has(entry.client_msg_id)) {
       return handled(Promise.reject(new ChatError("invalid_message", `client_msg_id ${entry.client_msg_id} is already pending`)));
     }

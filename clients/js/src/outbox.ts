@@ -82,6 +82,9 @@ export class Outbox {
   private list: OutboxEntry[] = [];
   private saving: Promise<void> | null = null;
   private dirty = false;
+  /** A restore is reading an asynchronous storage: saves wait for it (`deferred`). */
+  private restoring = false;
+  private deferred = false;
 
   constructor(
     readonly limit: number,
@@ -110,14 +113,27 @@ export class Outbox {
     if (!this.storage) return [];
     let loaded: OutboxEntry[];
     try {
-      loaded = (await this.storage.load()).filter(isEntry);
+      // A synchronous storage is read at once (no await): a send queued right after this
+      // call is saved with what the storage kept, not over it.
+      const result = this.storage.load();
+      if (result && typeof (result as Promise<OutboxEntry[]>).then === "function") {
+        this.restoring = true; // saves wait: the storage may not have been read yet
+        loaded = await result;
+      } else {
+        loaded = result as OutboxEntry[];
+      }
+      loaded = loaded.filter(isEntry);
     } catch (err) {
       this.onStorageError(err);
-      return [];
+      loaded = [];
     }
+    this.restoring = false;
     const fresh = loaded.filter((e) => !this.has(e.client_msg_id));
     this.list = [...fresh, ...this.list];
-    if (fresh.length) this.persist();
+    if (fresh.length || this.deferred) {
+      this.deferred = false;
+      this.persist();
+    }
     return fresh;
   }
 
@@ -141,6 +157,11 @@ export class Outbox {
 
   private persist(): void {
     if (!this.storage) return;
+    if (this.restoring) {
+      // Saving now could replace what the storage kept before it has been read.
+      this.deferred = true;
+      return;
+    }
     if (this.saving) {
       this.dirty = true;
       return;

@@ -159,3 +159,34 @@ test("persistence: a failing storage is reported, the send still goes", async ()
   assert.ok(errors.includes("storage"));
   c.disconnect();
 });
+
+const until = async (pred, what) => {
+  for (let i = 0; i < 400; i++) {
+    if (pred()) return;
+    await tick(5);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+};
+
+test("persistence: a send before connect (or before an asynchronous storage has loaded) keeps the previous run's outbox", async () => {
+  const old = { kind: "dm", to: "u9", text: "left by the last page", client_msg_id: "old-1", created: 1 };
+  // A synchronous storage, and one that reads a tick later (as IndexedDB would).
+  const sync = memoryOutbox([old]);
+  let kept = [old];
+  const slow = { load: async () => (await tick(1), kept.map((e) => ({ ...e }))), save: (entries) => { kept = entries.map((e) => ({ ...e })); } };
+  for (const [name, storage, connectFirst] of [["send before connect", sync, false], ["asynchronous load", slow, true]]) {
+    const server = new FakeServer();
+    const c = new ChatClient({ url: "ws://fake/ws", WebSocket: server.WebSocket, outboxStorage: storage });
+    try {
+      const connected = connectFirst ? c.connect() : null;
+      const sending = c.dm("u9", "new");
+      await (connected ?? c.connect());
+      assert.equal((await sending).text, "new", name);
+      await c.outboxSaved();
+      await until(() => server.last.sent.filter((f) => f.type === "dm").length === 2, `${name}: both dms written`);
+      assert.deepEqual(server.last.sent.filter((f) => f.type === "dm").map((f) => f.client_msg_id)[0], "old-1", name);
+    } finally {
+      c.disconnect();
+    }
+  }
+});
