@@ -102,9 +102,18 @@ interface Room {
    */
   acceptJump: boolean;
   /**
-   * The id of the `ping` sent right behind the `join`: the server answers commands in
-   * order, so its `pong` comes after `joined` and the whole replay. The outbox waits for
-   * it before resending to this room (the replay may acknowledge the very messages).
+   * After a rejoin's `joined` with `recovered: true`: its `last_id`, where the replay that
+   * follows ends (0: nothing to wait for). The outbox waits until `lastId` reaches it before
+   * resending to this room (the replay may acknowledge the very messages).
+   */
+  catchUpTo: number;
+  /**
+   * The id of a `ping` sent behind a rejoin's `joined` whose replay has no known end
+   * (`recovered: false`, which may come with a partial replay or none, or a `last_id` that
+   * does not count): the server answers commands in order, so its `pong` (or its refusal)
+   * comes after the whole replay. The outbox waits for it too. Only then: a ping per join
+   * doubled the requests of a (re)connect, and with many rooms (70 of the server's 100) that
+   * drew over 2 x RATE_LIMIT_BURST refusals in a row, closed with 4102 on every attempt.
    */
   syncReq: string | null;
   /** The pending `join` request's id. */
@@ -791,6 +800,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         state: "left",
         lastId: since,
         acceptJump: false,
+        catchUpTo: 0,
         syncReq: null,
         joinReq: null,
         users: [],
@@ -833,9 +843,19 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.joins.set(id, { room: room.name, since: room.lastId });
     const frame: Record<string, unknown> = { type: "join", id, room: room.name };
     if (room.lastId !== null) frame.since = room.lastId;
+    room.syncReq = null; // a ping behind an earlier join no longer counts
     this.send_(frame);
+  }
+
+  /** A `ping` behind the `joined` just handled: its answer marks the end of the replay. */
+  private sync(room: Room): void {
     room.syncReq = this.nextId(SYNC_PREFIX);
     this.send_({ type: "ping", id: room.syncReq });
+  }
+
+  /** The room's replay is in (or there is none to wait for): its sends may go. */
+  private caughtUp(room: Room): boolean {
+    return room.catchUpTo === 0 || (room.lastId !== null && room.lastId >= room.catchUpTo);
   }
 
   private onJoined(msg: JoinResult & { id?: unknown }): void {
@@ -851,16 +871,24 @@ export class ChatClient extends Emitter<ClientEvents> {
     // A `last_id` that is not a whole number >= 0 ("5", null, 2.5, -1, 1e400) is never stored:
     // it would poison every later `since` and the gap check.
     const lastId = wireId(msg.last_id);
+    room.catchUpTo = 0;
     if (!rejoin) {
       // Unreadable: no baseline; the next message sets it (nothing of this join is missed:
-      // the server's messages after `joined` are the room's next ones).
+      // the server's messages after `joined` are the room's next ones). No replay follows.
       room.lastId = lastId;
       room.acceptJump = lastId === null;
     } else if (msg.recovered === false) {
       // Some messages after `since` are gone: the app must reload history. The replay that
-      // follows starts wherever the server's history does.
+      // follows starts wherever the server's history does, up to `last_id`, or there is none
+      // (a `since` too far back): a ping tells. A `last_id` not above `since`: no replay (the
+      // server may even have started afresh).
       room.acceptJump = true;
+      if (lastId === null || lastId > pending.since!) this.sync(room);
       this.emit("recoveryFailed", { room: room.name, since: pending.since!, last_id: lastId ?? room.lastId ?? 0 });
+    } else if (lastId === null) {
+      this.sync(room); // the room keeps its position; the replay ends with the pong
+    } else {
+      room.catchUpTo = lastId; // recovered: the replay ends at last_id
     }
     // Reported to the app: the server's last_id, or (unreadable) the room's own, or 0.
     const result: JoinResult = { room: msg.room, users: room.users, last_id: lastId ?? room.lastId ?? 0 };
@@ -959,9 +987,11 @@ export class ChatClient extends Emitter<ClientEvents> {
     // After `recovered: false` the next message sets the baseline, even below the last id:
     // a server that lost its ids (a restarted memory backend) numbers from 1 again.
     if (room.acceptJump || (last !== null && id === last + 1)) {
+      const caughtUp = this.caughtUp(room);
       room.lastId = id;
       room.acceptJump = false;
       this.emit("message", m);
+      if (!caughtUp && this.caughtUp(room)) this.flush(); // the replay is in: sends may go
       return;
     }
     if (last === null || id <= last) return; // seen: never surfaced twice
@@ -1058,7 +1088,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         if (blocked.has(e.room)) continue;
         const room = this.rooms.get(e.room);
         // The room's rejoin and replay come first: the replay may hold this very message.
-        if (!room || room.state !== "joined" || room.joinReq || room.syncReq) {
+        if (!room || room.state !== "joined" || room.joinReq || room.syncReq || !this.caughtUp(room)) {
           blocked.add(e.room);
           continue;
         }

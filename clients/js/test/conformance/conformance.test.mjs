@@ -602,3 +602,29 @@ test("refused upgrade: 403, 400 and 404 stop the client instead of reconnecting 
   }
   assert.equal(attempts, 1, "upgrades sent with the refused Origin");
 });
+
+test("many rooms: joining 80 rooms at once stays within the request bucket (no 4102 flooding close), at connect and after a reconnect", async () => {
+  // RATE_LIMIT_REQUESTS_BURST is 100 by default (5 x RATE_LIMIT_BURST) and MAX_ROOMS_PER_CONNECTION
+  // 100: a join and a ping written per room drew over 2 x RATE_LIMIT_BURST refusals in a row,
+  // and the server closed the connection with 4102, on every attempt again.
+  const s = await harness.server({ env: { RATE_LIMIT: "10", RATE_LIMIT_BURST: "20" } }); // the defaults
+  const { c, app } = await signedIn(s.url, "manny");
+  const rooms = Array.from({ length: 80 }, (_, i) => `many-${i}`);
+  const closes = [];
+  c.on("connecting", (e) => closes.push(e.code));
+  const refused = [];
+  c.on("error", (e) => refused.push(e.code));
+  const joins = await Promise.allSettled(rooms.map((r) => c.join(r, { timeout: 4 * TIMEOUT })));
+  assert.deepEqual({ closes, failed: joins.filter((j) => j.status === "rejected").length, refused: refused.length },
+    { closes: [], failed: 0, refused: 0 }, "joined without a close");
+  const sent = await c.send(rooms.at(-1), "after 80 joins");
+  assert.equal(sent.id, 1);
+  // A rolling restart moves the client: it joins all 80 again, with since.
+  const rejoined = rooms.map((r) => next(c, "joined", (e) => e.room === r && e.rejoin, 8 * TIMEOUT));
+  await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
+  await harness.call(`/servers/${s.id}/start`);
+  await Promise.all(rejoined);
+  assert.deepEqual(closes.filter((code) => code === 4102), [], "no flooding close after the restart");
+  assert.equal((await c.send(rooms[0], "after the rejoins")).text, "after the rejoins");
+  assert.ok(app.events.length > 0);
+});

@@ -1211,8 +1211,15 @@ test("rooms: a rejoin's ping refused (rate_limited: the request bucket ran dry a
   t.after(() => c.disconnect());
   await c.connect();
   await c.join("r");
-  // The server answers the ping behind the join, like any request over RATE_LIMIT_REQUESTS,
+  // A rejoin whose replay has no known end (recovered: false, last_id above since) is
+  // followed by a ping; the server answers it, like any request over RATE_LIMIT_REQUESTS,
   // with an error: it comes after the joined and the replay all the same.
+  server.replies.push((ws, f) => {
+    if (f.type !== "join" || f.since === undefined) return false;
+    server.room(f.room).members.add(ws);
+    server.push(ws, { type: "joined", id: f.id, room: f.room, users: [], last_id: f.since + 5, recovered: false });
+    return true;
+  });
   server.replies.push((ws, f) => {
     if (f.type !== "ping") return false;
     server.push(ws, { type: "error", id: f.id, code: "rate_limited", message: "slow down", retry_after_ms: 100 });
@@ -1220,6 +1227,7 @@ test("rooms: a rejoin's ping refused (rate_limited: the request bucket ran dry a
   });
   server.drop(server.last, 1006);
   await until(() => c.roomState("r") === "joined" && server.sockets.length === 2, "the rejoin");
+  assert.equal(server.last.sent.filter((f) => f.type === "ping").length, 1, "a ping behind the rejoin");
   const sent = await within(c.send("r", "after the rejoin"), 2000, "the send after a refused sync ping");
   assert.equal(sent.text, "after the rejoin");
   assert.deepEqual(events("error").filter((e) => e.code === "rate_limited"), [], "the ping's refusal is the client's own business");

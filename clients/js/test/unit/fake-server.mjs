@@ -89,7 +89,8 @@ export class FakeServer {
           return reply("joined", { room: f.room, users: [ws.user], last_id: f.since, recovered: false });
         }
         const replay = room.messages.filter((m) => m.id > f.since);
-        reply("joined", { room: f.room, users: [ws.user], last_id: room.seq, recovered: true });
+        // As the real server: last_id is where the replay ends (since, when there is none).
+        reply("joined", { room: f.room, users: [ws.user], last_id: replay.at(-1)?.id ?? f.since, recovered: true });
         for (const m of replay) this.push(ws, m);
         return;
       }
