@@ -576,6 +576,33 @@ async def test_leave_settles_the_sends_on_the_wire_before_leaving() -> None:
         await client.close()
 
 
+async def test_a_join_while_leaving_keeps_the_room_joined_on_the_server() -> None:
+    """join() again while leave() waits for the room's sends on the wire: the leave was
+    written after them, so the server got join then leave and the room, joined for the
+    app, got nothing more. The leave is not written once the room is wanted again."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        sending = asyncio.create_task(client.send("r", "on the wire"))
+        frame = await peer.recv("message")
+        leaving = asyncio.create_task(client.leave("r"))
+        await asyncio.sleep(0)
+        joining = asyncio.create_task(client.join("r"))
+        await peer.joined(last_id=0)
+        await joining
+        await peer.echo(frame, 1)
+        assert (await sending).id == 1
+        probe = asyncio.create_task(client.ping())
+        after = await peer.recv()
+        assert after["type"] == "ping", f"{after['type']} written after the re-join"
+        await peer.send(type="pong", id=after["id"])
+        await probe
+        await asyncio.wait_for(leaving, TIMEOUT)
+        assert client.rooms["r"].state is RoomState.JOINED
+        await peer.message(2)
+        await rec.wait_for(lambda: 2 in rec.ids("r"), what="a message after the re-join")
+        await client.close()
+
+
 async def test_rate_limited_pauses_every_send() -> None:
     """The rate limit is the user's: after rate_limited no send goes out, to any target,
     before retry_after_ms; then the refused one goes first."""

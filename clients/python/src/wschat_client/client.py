@@ -311,6 +311,8 @@ class Client:
         then is the server told: its echo comes through the room, so leaving first
         could lose it. One still unanswered when ``timeout`` ends, or when the
         connection closes, fails with ``not_in_room``: it may have been stored.
+        A :meth:`join` of the room meanwhile wins: the leave is then not written (it
+        would reach the server after that join, and the room would go silent).
         """
         r = self._rooms.pop(room, None)
         if r is None:
@@ -322,7 +324,7 @@ class Client:
         try:
             if written:
                 await asyncio.wait(written, timeout=max(0.0, deadline - loop.time()))
-            if self.state is ConnectionState.CONNECTED:
+            if self.state is ConnectionState.CONNECTED and room not in self._rooms:
                 try:
                     await self._request({"type": "leave", "room": room},
                                         max(0.001, deadline - loop.time()))
