@@ -40,9 +40,12 @@ def test_token_codes_need_a_token() -> None:
 
 
 def test_going_away_reconnects_at_once_with_spread() -> None:
-    """1001 (deploy): within min_delay, whatever the attempt count."""
-    assert Backoff(random=lambda: 0.5).after_close(1001, 9, has_token=False,
-                                                   can_refresh=False) == 0.25
+    """1001 (deploy) after a connection that stayed up: within min_delay. After one that did
+    not (attempt > 0: a server closing with 1001 as soon as it accepts) the backoff grows as
+    for any other code, or such a server was tried again every min_delay for ever."""
+    b = Backoff(random=lambda: 0.5)
+    assert b.after_close(1001, 0, has_token=False, can_refresh=False) == 0.25
+    assert b.after_close(1001, 3, has_token=False, can_refresh=False) == b.delay(3) == 2.5
 
 
 @pytest.mark.parametrize("code", [1000, 1006, 1011, 1012, 4100])

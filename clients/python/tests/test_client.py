@@ -170,6 +170,42 @@ async def test_state_machine_connects_reconnects_and_closes() -> None:
         assert rec.of("disconnected")[0].reconnect_in is not None
 
 
+async def _closed_at_once(fake: FakeServer, client: Client, rec: Recorder, code: int,
+                          times: int) -> list[float]:
+    """Close the client's next ``times`` connections with ``code`` right after the welcome;
+    the reconnect delays the client chose."""
+    before = len(rec.of("disconnected"))
+    for _ in range(times):
+        peer = await fake.accept()
+        await peer.ws.close(code, "at once")
+    await rec.wait_for(lambda: len(rec.of("disconnected")) >= before + times,
+                       what=f"{times} closes")
+    return [d.reconnect_in for d in rec.of("disconnected")[before:before + times]]
+
+
+@pytest.mark.parametrize("code", [1013, 1001, 1011, 4100])
+async def test_a_server_closing_right_after_welcome_is_retried_with_growing_delays(
+        code: int) -> None:
+    """The backoff was reset by every welcome: a server that accepts and then closes at once
+    (1013 in an outage, a draining pod's 1001) was tried again at the shortest delay for
+    ever, by every client together. Only a connection that stayed up ``stable_after``
+    resets it now."""
+    async with FakeServer() as fake:
+        backoff = Backoff(min_delay=0.01, max_delay=0.2, random=lambda: 0.5, stable_after=0.3)
+        client = Client(fake.url, backoff=backoff, request_timeout=TIMEOUT)
+        rec = Recorder(client)
+        await client.connect(wait=False)
+        delays = await _closed_at_once(fake, client, rec, code, 4)
+        assert delays == sorted(delays) and delays[-1] > 2 * delays[0], delays
+        stable = await fake.accept()
+        await asyncio.sleep(0.35)  # up longer than stable_after
+        await stable.ws.close(code, "after a while")
+        await rec.wait_for(lambda: len(rec.of("disconnected")) == 5, what="the fifth close")
+        assert rec.of("disconnected")[-1].reconnect_in <= delays[0], "not reset"
+        await fake.accept()
+        await client.close()
+
+
 @pytest.mark.parametrize("code", [4002, 1003, 4001])
 async def test_terminal_close_codes_stop_reconnecting(code: int) -> None:
     """Without a token source, 4001/4002 and 'fix the client' codes end the client."""

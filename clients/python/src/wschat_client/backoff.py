@@ -28,12 +28,17 @@ class Backoff:
         max_delay: seconds; no delay is longer.
         pause: seconds at least after 4101/4102 (the server asked for a pause).
         random: returns a float in [0, 1); injectable for tests.
+        stable_after: seconds a connection must stay up before the delays start again
+            from the first; a server that accepts and closes at once (1013 in an outage,
+            4102, a draining pod's 1001) is retried with growing delays, not every
+            ``min_delay`` by every client together.
     """
 
     min_delay: float = 0.5
     max_delay: float = 20.0
     pause: float = 5.0
     random: Callable[[], float] = _random.random
+    stable_after: float = 10.0
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before reconnect attempt ``attempt`` (0 = the first retry)."""
@@ -46,7 +51,8 @@ class Backoff:
 
         Args:
             code: the close code (1006 when the connection dropped without one).
-            attempt: failed attempts since the last successful connection.
+            attempt: attempts since the last connection that stayed up ``stable_after``
+                (0: the connection just closed did).
             has_token: the client can present some token (a 4001 then needs it).
             can_refresh: a ``get_token`` callback can fetch a fresh token (4002).
             retry_after: seconds the server asked to wait (``retry_after_ms``).
@@ -59,9 +65,10 @@ class Backoff:
             return self.delay(attempt) if can_refresh else None
         if 4000 <= code < 4100:
             return None  # 40xx: not with the same credentials
-        if code == 1001:
+        if code == 1001 and attempt == 0:
             # The server is going away (a deploy): reconnect at once, spread over
-            # min_delay so a whole pod's clients do not land in the same instant.
+            # min_delay so a whole pod's clients do not land in the same instant. Not
+            # after a connection that did not stay up: the backoff then grows as below.
             return max(retry_after, self.random() * self.min_delay)
         wait = self.delay(attempt)
         if code in PAUSE_FIRST:

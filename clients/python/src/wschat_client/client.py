@@ -932,8 +932,13 @@ class Client:
                 code, reason = 1006, f"{type(exc).__name__}: {exc}"
                 reconnect_in = self.backoff.delay(attempt)
             else:
-                attempt = 0
+                # Only a connection that stayed up resets the backoff: a server that
+                # accepts and closes at once (1013, 4102, 1001) would otherwise be tried
+                # again every min_delay, by all its clients together.
+                opened_at = time.monotonic()
                 code, reason = await self._serve(ws, welcome)
+                if time.monotonic() - opened_at >= self.backoff.stable_after:
+                    attempt = 0
                 reconnect_in = self.backoff.after_close(
                     code, attempt, has_token=bool(self._token or self._get_token),
                     can_refresh=self._get_token is not None, retry_after=self._retry_after)
