@@ -24,7 +24,7 @@ import type {
 } from "./types.js";
 
 export interface UrlInfo {
-  /** 0 for the first attempt after a connection was up (or the very first), then 1, 2, ... */
+  /** 0 for the first attempt after a connection that stayed up `stableAfter` (or the very first), then 1, 2, ... */
   attempt: number;
 }
 
@@ -46,6 +46,13 @@ export interface ClientOptions {
   /** Reconnect backoff: full jitter between 0 and min(max, min * 2^attempt) ms. */
   minReconnectDelay?: number;
   maxReconnectDelay?: number;
+  /**
+   * How long a connection must stay up before the reconnect backoff starts again from the
+   * first delay, ms (default 10000). A `welcome` alone does not reset it: a server that
+   * accepts and closes at once (1013 in an outage, 4102, a draining pod's 1001) is retried
+   * with growing delays, not every `minReconnectDelay` by all its clients together.
+   */
+  stableAfter?: number;
   /** Timeout of join, leave, history and listUsers, ms (default 10000). */
   requestTimeout?: number;
   /**
@@ -162,6 +169,8 @@ export class ChatClient extends Emitter<ClientEvents> {
   private conn = 0;
   private established = false;
   private attempt = 0;
+  /** When the current connection got its `welcome` (ms): one up `stableAfter` resets `attempt`. */
+  private establishedAt = 0;
   private welcome: Welcome | null = null;
   private token: string | null = null;
   private restored: Promise<unknown> | null = null;
@@ -392,6 +401,9 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   private onClosed(code: number, reason: string, policy: ClosePolicy = closePolicy(code)): void {
+    // Only a connection that stayed up resets the backoff (not its welcome): a server that
+    // accepts and closes at once would otherwise be tried again at the shortest delay for ever.
+    if (this.established && Date.now() - this.establishedAt >= (this.opts.stableAfter ?? 10_000)) this.attempt = 0;
     this.detachSocket(4000, reason);
     this.connectionLost();
     if (!this.wanted) return;
@@ -608,7 +620,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     const welcome = (this.welcome = welcomeOf(w));
     this.ownIds.add(welcome.user_id);
     this.established = true;
-    this.attempt = 0;
+    this.establishedAt = Date.now();
     this.retryAttempt = 0;
     this.refreshAttempt = 0;
     this.lastReceived = Date.now();

@@ -89,6 +89,34 @@ test("state machine: exponential backoff while the server stays away; attempts c
   assert.deepEqual(delays, [9, 19, 39]);
 });
 
+for (const code of [1013, 1001, 1011, 4100]) {
+  test(`state machine: a server closing with ${code} right after welcome is retried with growing delays`, async () => {
+    // Every welcome reset the backoff: a server that accepts and closes at once (1013 in an
+    // outage, a draining pod's 1001) was tried again at the shortest delay for ever, by every
+    // client together. Only a connection that stayed up stableAfter resets it now.
+    const { server, c, events } = setup({ maxReconnectDelay: 1000, stableAfter: 150 });
+    let closing = true;
+    const accept = server.accept.bind(server);
+    server.accept = (ws) => {
+      accept(ws);
+      if (closing) setTimeout(() => server.drop(ws, code, "at once"), 0);
+    };
+    try {
+      c.connect().catch(() => {});
+      await until(() => events("connecting").length >= 4, "four closes");
+      closing = false;
+      const delays = events("connecting").slice(0, 4).map((e) => e.delay);
+      assert.deepEqual(delays, [5, 10, 20, 40]);
+      await until(() => c.state === "connected", "a connection that stays up");
+      await tick(200); // longer than stableAfter
+      server.drop(server.last, code, "after a while");
+      assert.equal(events("connecting").at(-1).delay, 5, "the backoff starts again after a stable connection");
+    } finally {
+      c.disconnect();
+    }
+  });
+}
+
 test("state machine: 4102 waits the pause and the server's retry_after_ms", async () => {
   const { server, c, events } = setup();
   await c.connect();
