@@ -83,7 +83,7 @@ def test_token_expiry_and_refresh_point() -> None:
     assert token_expiry(None) is None
     assert refresh_delay(4.0) == 3.0
     assert refresh_delay(3600.0) == 3540.0
-    assert refresh_delay(-1.0) == 0.0
+    assert refresh_delay(-1.0) == refresh_delay(0.5) == 1.0  # the floor: never at once
 
 
 def test_retry_after_is_delta_seconds_or_an_http_date() -> None:

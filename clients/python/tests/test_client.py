@@ -471,6 +471,39 @@ async def test_refused_token_retries_only_with_get_token() -> None:
         await refreshing.close()
 
 
+def _jwt(exp: float) -> str:
+    import base64
+    body = base64.urlsafe_b64encode(json.dumps({"sub": "a", "exp": exp}).encode())
+    return f"h.{body.rstrip(b'=').decode()}.s"
+
+
+async def test_a_token_already_expired_on_our_clock_is_not_refreshed_in_a_loop() -> None:
+    """get_token gives a token whose exp is past on the client's clock (a clock ahead of the
+    server's, whose leeway still takes it): the refresh delay was 0, and each refresh got
+    such a token again, so auth went out in a tight loop. It is at least a second now, and
+    grows while the fresh tokens are no better."""
+    import time
+    async with FakeServer() as fake:
+        client = client_for(fake, get_token=lambda: _jwt(time.time() - 30))
+        await client.connect()
+        peer = await fake.accept()
+        auths = 0
+
+        async def answer() -> None:
+            nonlocal auths
+            while True:
+                frame = await peer.recv("auth")
+                auths += 1
+                await peer.send(type="welcome", id=frame["id"], user_id="u1",
+                                username="alice", authenticated=True)
+
+        answering = asyncio.create_task(answer())
+        await asyncio.sleep(1.5)
+        answering.cancel()
+        assert 0 < auths <= 2, f"{auths} auth requests in 1.5 s"
+        await client.close()
+
+
 async def test_join_refused_and_leave_fail_what_waits_with_a_code() -> None:
     """A refused join raises the server's code; leave fails the room's queued sends."""
     async with FakeServer() as fake:

@@ -101,10 +101,15 @@ def token_expiry(token: str | None) -> float | None:
         return None
 
 
+REFRESH_FLOOR = 1.0  # seconds: the soonest a token is replaced, even one already expired
+
+
 def refresh_delay(remaining: float) -> float:
     """Seconds until a token with ``remaining`` seconds of life should be replaced:
-    a quarter of its life before expiry, at most a minute before."""
-    return max(0.0, remaining - min(60.0, remaining / 4))
+    a quarter of its life before expiry, at most a minute before, and never sooner than
+    ``REFRESH_FLOOR``: a token already past its ``exp`` on this clock (one ahead of the
+    server's, whose leeway still takes it) was replaced at once, again and again."""
+    return max(REFRESH_FLOOR, remaining - min(60.0, remaining / 4))
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -1103,7 +1108,15 @@ class Client:
             expiry = token_expiry(token)
             if expiry is None:
                 return
-            delay, failures = refresh_delay(expiry - time.time()), 0
+            remaining = expiry - time.time()
+            if remaining > 0:
+                delay, failures = refresh_delay(remaining), 0
+            else:
+                # Past its exp on this clock already, like the one it replaced: another
+                # one at once would be no better (a clock ahead, or a token source that
+                # caches): the wait grows as after a refusal.
+                delay = max(refresh_delay(remaining), self.backoff.delay(failures))
+                failures += 1
 
 
 def _with_query(url: str, **params: str) -> str:
