@@ -72,7 +72,11 @@ export interface ClientOptions {
    * one send and sends are paced at the server's rate (see `Pacer`).
    */
   maxInFlight?: number;
-  /** Refresh the token this long before it expires, at most half its remaining life, ms (default 30000). */
+  /**
+   * Refresh the token this long before it expires, at most half its remaining life, ms (default
+   * 30000); never sooner than 1 s, and a token already past its `exp` on this clock after a
+   * growing wait (1 s .. 60 s, as a refused refresh).
+   */
   tokenRefreshMargin?: number;
   /** After `typing(room)`, `status: false` is sent when no keystroke came for this long, ms (default 3000). */
   typingTimeout?: number;
@@ -158,6 +162,8 @@ const AUTH_RETRY_LATER = new Set(["unavailable", "internal_error", "rate_limited
 /** The answers to a new connection's `auth` that refuse its token. */
 const AUTH_TOKEN_REFUSED = new Set(["auth_failed", "token_expired"]);
 const SYNC_PREFIX = "s";
+/** The soonest a token is refreshed, ms, even one expiring sooner (a refresh at once could loop). */
+const REFRESH_FLOOR = 1000;
 
 export class ChatClient extends Emitter<ClientEvents> {
   private readonly opts: ClientOptions;
@@ -610,8 +616,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     else {
       this.welcome = welcomeOf(w);
       this.ownIds.add(this.welcome.user_id);
-      this.refreshAttempt = 0;
-      this.scheduleRefresh();
+      this.scheduleRefresh(); // resets refreshAttempt, unless this token is no better
     }
   }
 
@@ -726,7 +731,16 @@ export class ChatClient extends Emitter<ClientEvents> {
     const exp = jwtExpiry(this.token);
     if (exp === null || !Number.isFinite(exp)) return;
     const remaining = exp - Date.now();
-    const delay = Math.max(0, remaining - Math.min(this.opts.tokenRefreshMargin ?? 30_000, remaining / 2));
+    let delay: number;
+    if (remaining > 0) {
+      this.refreshAttempt = 0;
+      delay = Math.max(REFRESH_FLOOR, remaining - Math.min(this.opts.tokenRefreshMargin ?? 30_000, remaining / 2));
+    } else {
+      // Past its exp on this clock already (one ahead of the server's, whose leeway still takes
+      // it): refreshing at once got such a token again, in a loop. The wait grows as after a
+      // refused refresh while the fresh tokens are no better.
+      delay = this.refreshRetryDelay();
+    }
     if (delay > MAX_TIMER_DELAY) {
       // A timer longer than ~24.8 days runs at once: a 30-day token was refreshed in a loop.
       this.timers.refresh = setTimeout(() => this.scheduleRefresh(), MAX_TIMER_DELAY);

@@ -445,20 +445,36 @@ test("token: refreshed before expiry with getToken, and fetched again for every 
   const { server, c } = setup({
     getToken: () => {
       calls++;
-      return fakeToken("tina", 0.2);
+      return fakeToken("tina", 1.2);
     },
     tokenRefreshMargin: 100,
   });
   await c.connect();
   assert.equal(calls, 1);
-  await until(() => server.last.sent.filter((f) => f.type === "auth").length >= 3, "two refreshes");
-  assert.ok(calls >= 3);
+  // Refreshed 100 ms before it expires (never sooner than 1 s): within the 2 s of until().
+  await until(() => server.last.sent.filter((f) => f.type === "auth").length >= 2, "a refresh");
+  assert.ok(calls >= 2);
   server.drop(server.last, 4002, "token expired");
   await until(() => server.sockets.length === 2 && c.state === "connected", "a reconnect with a fresh token");
   assert.equal(c.userId, "tina");
   c.disconnect();
   assert.equal(jwtExpiry(fakeToken("x", 10)) > Date.now() + 9000, true);
   assert.equal(jwtExpiry("not a jwt"), null);
+});
+
+test("token: one already past its exp on our clock is not refreshed in a loop", async () => {
+  // A clock ahead of the server's (whose leeway still takes the token): the refresh delay was
+  // 0, and each refresh got such a token again, so auth went out in a tight loop. It is at
+  // least a second now, and grows while the fresh tokens are no better.
+  const { server, c } = setup({ getToken: () => fakeToken("tina", -30) });
+  try {
+    await c.connect();
+    const auths = () => server.last.sent.filter((f) => f.type === "auth").length;
+    await tick(1500);
+    assert.ok(auths() <= 3, `${auths()} auth frames in 1.5 s`);
+  } finally {
+    c.disconnect();
+  }
 });
 
 test("token: one valid for longer than a timer can wait (24.8 days) is not refreshed at once, nor in a loop", async () => {
