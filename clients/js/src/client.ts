@@ -1166,13 +1166,6 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   /**
-   * The echo `m` (a room message or a DM naming a `client_msg_id`) acknowledges that send:
-   * the server stored it. Its promise and the `ack` event get the message with `id` -1 when
-   * the server's `id` is no message id (`wireId`: missing, not a whole number, negative or
-   * past 2^53 - 1), as Python's -1 and Rust's `u64::MAX`: a number that is never an id,
-   * not the frame's value passed on as one.
-   */
-  /**
    * Whether `m` is the echo of the pending send with its client_msg_id: a send of that kind
    * (and room), and from a user this client has been. A client_msg_id is unique per sender
    * only (the server dedupes per user), and every member gets the sender's: another member's
@@ -1189,6 +1182,13 @@ export class ChatClient extends Emitter<ClientEvents> {
     return this.ownIds.has(m.user_id) || this.restoredIds.has(cmid);
   }
 
+  /**
+   * The echo `m` (a room message or a DM naming a `client_msg_id`) acknowledges that send:
+   * the server stored it. Its promise and the `ack` event get the message with `id` -1 when
+   * the server's `id` is no message id (`wireId`: missing, not a whole number, negative or
+   * past 2^53 - 1), as Python's -1 and Rust's `u64::MAX`: a number that is never an id,
+   * not the frame's value passed on as one.
+   */
   private acknowledge(echo: ChatMessage | DirectMessage): void {
     const cmid = echo.client_msg_id;
     if (!cmid || !this.outbox.remove(cmid)) return;
