@@ -610,6 +610,112 @@ def test_a_token_refresh_does_not_send_the_kept_dms_again(tmp_path: Any, clock: 
         assert again.events("welcome")[0]["dm_backlog"] == 0
 
 
+def _dm(chat: Any, sender: FakeSession, to: str, text: str) -> None:
+    chat.receive(sender, json.dumps({"type": "dm", "to": to, "text": text}))
+
+
+def _read_all(session: _HeldSession) -> None:
+    """The client reads whatever is written to it, page after page."""
+    while session.held:
+        on_sent = session.held.pop(0)
+        if on_sent is not None:
+            on_sent()
+
+
+def test_a_dm_arriving_while_a_guest_signs_in_comes_after_welcome_and_backlog(
+        tmp_path: Any, clock: Clock) -> None:
+    """A guest signing in as bob: a DM to bob arriving while the sign-in's store steps
+    wait (bob's channel already subscribed, his kept DMs not read yet) comes after the
+    ``welcome`` and the DMs kept for him (before: ahead of both, out of id order)."""
+    with durable_chat(tmp_path, clock) as (chat, _):
+        alice = _alice_online_bob_away(chat)
+        _dm(chat, alice, "bob", "kept")
+        guest = FakeSession("guest-1", "Guest", False)
+        chat.open(guest)
+        guest.clear()
+        standing = chat.access.read_standing
+
+        def a_dm_meanwhile(session: Any, room: Any) -> Any:
+            chat.access.read_standing = standing  # once
+            _dm(chat, alice, "bob", "live")
+            return standing(session, room)
+
+        chat.access.read_standing = a_dm_meanwhile  # type: ignore[method-assign]
+        chat.receive(guest, json.dumps({"type": "auth", "token": token("bob")}))
+        assert chat.access.read_standing == standing, "the sign-in read no standing"
+        assert [(e["type"], e.get("text")) for e in guest.events()] == [
+            ("welcome", None), ("dm", "kept"), ("dm", "live")]
+
+
+def test_a_sign_in_as_another_user_during_a_kept_backlog_keeps_the_new_one_in_order(
+        tmp_path: Any, clock: Clock) -> None:
+    """ann's connection signs in as bob while ann's kept DMs are still being written:
+    once ann's page has been read, bob's live DMs still wait behind bob's kept ones
+    (before: the end of ann's backlog released bob's held DMs, and a live DM to bob
+    went out ahead of his second kept page)."""
+    with durable_chat(tmp_path, clock) as (chat, _):
+        alice = _alice_online_bob_away(chat)
+        ann = FakeSession("ann", "Ann", True)
+        chat.open(ann)
+        chat.close(ann)
+        _dm(chat, alice, "ann", "for ann")
+        for i in range(51):  # two pages
+            _dm(chat, alice, "bob", f"k{i}")
+        conn = _HeldSession("ann", "Ann", True)
+        chat.open(conn)  # ann's page written, not read yet
+        chat.receive(conn, json.dumps({"type": "auth", "token": token("bob")}))
+        assert [w.get("dm_backlog") for w in conn.events("welcome")] == [1, 51]
+        ann_read = conn.held.pop(0)
+        ann_read()  # the client reads ann's page: the rest of bob's is still coming
+        _dm(chat, alice, "bob", "live")
+        _read_all(conn)
+        assert [e["text"] for e in conn.events("dm")] == [
+            "for ann", *(f"k{i}" for i in range(51)), "live"]
+
+
+@pytest.mark.parametrize("sign_in", ["done", "unavailable"])
+def test_live_dms_held_behind_a_backlog_survive_a_sign_in_as_another_user(
+        tmp_path: Any, clock: Clock, sign_in: str) -> None:
+    """A live DM to ann, held behind ann's kept DMs still being written, reaches the
+    connection when it signs in as bob, or tries to and is answered ``unavailable``
+    (before: the held DM was dropped with the hold, though the sender had its echo and
+    it was never kept, since ann was online: ann never got it)."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        alice = _alice_online_bob_away(chat)
+        ann = FakeSession("ann", "Ann", True)
+        chat.open(ann)
+        chat.close(ann)
+        _dm(chat, alice, "ann", "kept")
+        conn = _HeldSession("ann", "Ann", True)
+        chat.open(conn)  # ann's page written, not read yet
+        _dm(chat, alice, "ann", "live")  # held behind it
+        assert alice.events("dm")[-1]["text"] == "live"  # acknowledged
+        if sign_in == "unavailable":
+            presence = chat.stores.presence
+            connect = presence.connect
+
+            def refused(conn_id: str, user: User) -> None:
+                raise Unavailable("redis away")
+
+            presence.connect = refused  # type: ignore[method-assign]
+            chat.receive(conn, json.dumps({"type": "auth", "token": token("bob"), "id": 1}))
+            presence.connect = connect  # type: ignore[method-assign]
+            assert [e["code"] for e in conn.events("error")] == ["unavailable"]
+            assert conn.user_id == "ann"
+        else:
+            chat.receive(conn, json.dumps({"type": "auth", "token": token("bob")}))
+            assert conn.user_id == "bob"
+        _read_all(conn)
+        assert [e["text"] for e in conn.events("dm")] == ["kept", "live"]
+        if sign_in == "unavailable":  # still ann's: what comes now comes live
+            _dm(chat, alice, "ann", "after")
+            assert [e["text"] for e in conn.events("dm")] == ["kept", "live", "after"]
+        chat.close(conn)
+        again = FakeSession("ann", "Ann", True)
+        chat.open(again)
+        assert again.events("welcome")[0]["dm_backlog"] == 0
+
+
 def test_retry_of_a_kept_dm_to_a_full_inbox_gets_the_stored_one(tmp_path: Any,
                                                                 clock: Clock) -> None:
     """The DM that filled bob's inbox, sent again with its client_msg_id (its echo was

@@ -401,10 +401,11 @@ class Chat:
                refresh: bool = False) -> None:
         """``welcome`` (on connect, and after a successful ``auth``), then the DMs kept
         for the user while it was away (``refresh``: see :meth:`_dm_backlog`)."""
+        hold = self.hub.dms_held(session)  # this greeting's (open, _auth)
         backlog = self._dm_backlog(session, refresh)
         session.send(self._welcome(session, backlog, request_id))
         if not refresh:  # a refresh: a backlog still on its way goes on, held DMs wait
-            self._send_kept_dms(session, backlog[0] if backlog else [])
+            self._send_kept_dms(session, backlog[0] if backlog else [], hold)
 
     def _welcome(self, session: Session, backlog: tuple[list[bytes], int] | None = None,
                  request_id: RequestId = None) -> bytes:
@@ -432,29 +433,33 @@ class Chat:
             log.warning("DM backlog of %s not available: %s", session.user_id, exc)
             return [], 0
 
-    def _send_kept_dms(self, session: Session, page: list[bytes]) -> None:
+    def _send_kept_dms(self, session: Session, page: list[bytes],
+                       hold: list | None = None) -> None:
         """Kept DMs go out a page at a time, as the client reads; a page counts as
-        delivered (no longer kept) only once it was handed to the connection's socket."""
+        delivered (no longer kept) only once it was handed to the connection's socket.
+        ``hold``: the live DMs waiting for this backlog (:meth:`LocalHub.hold_dms`)."""
         if not page:  # all kept ones are queued: the live DMs held meanwhile follow
-            self.hub.release_dms(session)
+            self.hub.release_dms(session, hold)
             return
         self.hub.kept_dms_sent(session, [stored_id_of(event) for event in page])
         user_id, last = session.user_id, stored_id_of(page[-1])
         session.send_paced([text_frame(event) for event in page],
-                           lambda: self._kept_dms_sent(session, user_id, last))
+                           lambda: self._kept_dms_sent(session, user_id, last, hold))
 
-    def _kept_dms_sent(self, session: Session, user_id: str, last: int) -> None:
+    def _kept_dms_sent(self, session: Session, user_id: str, last: int,
+                       hold: list | None = None) -> None:
         try:
             self.stores.messages.dms_delivered(user_id, last)
             page = self.stores.messages.kept_dms(user_id, last)
         except Unavailable as exc:  # the rest stays kept, for the next connection
             log.warning("kept DMs of %s after %d not sent: %s", user_id, last, exc)
-            self.hub.release_dms(session)
+            self.hub.release_dms(session, hold)
             return
-        if not session.closed_by_chat and session.user_id == user_id:
-            self._send_kept_dms(session, page)
-        else:
-            self.hub.release_dms(session)
+        if (not session.closed_by_chat and session.user_id == user_id
+                and self.hub.dms_held(session) is hold):
+            self._send_kept_dms(session, page, hold)
+        else:  # closed, or signed in as another user since: whose backlog is another's
+            self.hub.release_dms(session, hold)
 
     def close(self, session: Session) -> None:
         """Forget a connection: leave its rooms (presence offline) and its user entry.
@@ -465,6 +470,7 @@ class Chat:
             self._undo_late_registrations(session)
             return
         session.closed_by_chat = True
+        self.hub.drop_held_dms(session)
         self._registered_late.pop(session, None)  # every room and its presence go below
         self._expiry_deadlines.discard(session)
         for room in list(session.rooms):
@@ -935,8 +941,20 @@ class Chat:
         if not same_user and cap and self.hub.connections_of(identity.user_id) >= cap:
             raise ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
                                 f"at most {cap} connections per user", cmd.request_id)
+        hold = None
+        if self.settings.enable_persistence and not refresh:
+            # Live DMs held behind the backlog of what the connection was go out now
+            # (they were delivered to it as that user, who has them nowhere else); those
+            # of the user it becomes wait behind the welcome and that user's kept DMs
+            # from the moment its channel is subscribed (_become), as open() does.
+            self.hub.release_dms(session)
+            hold = self.hub.hold_dms(session, self.settings.max_outbound_bytes)
         if not same_user:
-            self._become(session, identity)  # counted against the cap from here
+            try:
+                self._become(session, identity)  # counted against the cap from here
+            except BaseException:  # it stays what it was: nothing waits any more
+                self.hub.release_dms(session, hold)
+                raise
         session.username = identity.username
         session.authenticated = True
         session.expires_at = identity.expires_at
@@ -949,8 +967,6 @@ class Chat:
         if self._banned_everywhere(session, cmd.request_id):
             return
         self._watch_expiry(session)
-        if self.settings.enable_persistence and not refresh:
-            self.hub.hold_dms(session, self.settings.max_outbound_bytes)  # as open() does
         self._greet(session, cmd.request_id, refresh)
 
     def _stored_member(self, session: Session, room: str) -> bool:

@@ -257,11 +257,18 @@ class LocalHub:
             sessions = self.users.setdefault(user_id, set())
         sessions.add(session)
 
-    def hold_dms(self, session: Session, limit: int) -> None:
+    def hold_dms(self, session: Session, limit: int) -> list:
         """Live DMs to ``session`` wait (:meth:`release_dms`) behind the welcome and the
         DMs kept for its user (written a page at a time as the client reads), so that it
-        gets them all in id order. More than ``limit`` bytes held: a slow consumer."""
-        self._held_dms[session] = [0, limit, [], set()]
+        gets them all in id order. More than ``limit`` bytes held: a slow consumer.
+        Returns the hold: the backlog it waits for releases that one only."""
+        held: list = [0, limit, [], set()]
+        self._held_dms[session] = held
+        return held
+
+    def dms_held(self, session: Session) -> list | None:
+        """The session's hold (:meth:`hold_dms`) while its live DMs wait, else None."""
+        return self._held_dms.get(session)
 
     def kept_dms_sent(self, session: Session, ids: list[int]) -> None:
         """Kept DMs queued for ``session`` while its live DMs are held: a held copy of one
@@ -270,16 +277,25 @@ class LocalHub:
         if held is not None:
             held[3].update(ids)
 
-    def release_dms(self, session: Session) -> None:
+    def release_dms(self, session: Session, hold: list | None = None) -> None:
         """Send the live DMs held for ``session`` (after the last kept page) and stop
-        holding them."""
-        held = self._held_dms.pop(session, None)
-        for dm_id, frame in held[2] if held is not None else ():
+        holding them. ``hold``: only if that is still the session's hold (the backlog of
+        a user the connection no longer is ends after a hold of its new user began)."""
+        held = self._held_dms.get(session)
+        if held is None or (hold is not None and held is not hold):
+            return
+        del self._held_dms[session]
+        for dm_id, frame in held[2]:
             if dm_id not in held[3]:
                 session.send_frame(frame)
 
-    def remove_user(self, session: Session, user_id: str | None = None) -> None:
+    def drop_held_dms(self, session: Session) -> None:
+        """The connection is gone: what was held for it goes with it."""
         self._held_dms.pop(session, None)
+
+    def remove_user(self, session: Session, user_id: str | None = None) -> None:
+        # The session's held DMs are not dropped here: a sign-in as another user (or its
+        # rollback) removes a user of a connection that goes on (Chat._auth releases them).
         user_id = session.user_id if user_id is None else user_id
         sessions = self.users.get(user_id)
         if sessions is None:
