@@ -183,6 +183,8 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
             raise ApiError(409, ErrorCode.INBOX_FULL.value, str(exc)) from None
         if not posted.duplicate:
             chat.metrics.posted("dm")
+            if not online:  # she may have connected since the check, as for a user's dm
+                chat.deliver_if_arrived(cmd.to, posted)
         return _reply({"id": posted.msg_id, "to": cmd.to, "duplicate": posted.duplicate,
                        "delivered": online})
 

@@ -1226,11 +1226,11 @@ class Chat:
         if not posted.duplicate:
             self.metrics.posted("dm")
             if online is False:
-                self._deliver_if_arrived(cmd.to, posted)
+                self.deliver_if_arrived(cmd.to, posted)
         elif not posted.redelivered:
             session.send(posted.event)
 
-    def _deliver_if_arrived(self, user_id: str, posted: Posted) -> None:
+    def deliver_if_arrived(self, user_id: str, posted: Posted) -> None:
         """A DM kept for a user offline at the check: if she has connected since, her
         connection may have read her kept DMs before this one was committed, and would
         not get it before her next connection. It goes to her connections now too (it

@@ -272,7 +272,7 @@ class LocalHub:
 
     def kept_dms_sent(self, session: Session, ids: list[int]) -> None:
         """Kept DMs queued for ``session`` while its live DMs are held: a held copy of one
-        (Chat._deliver_if_arrived) is not sent a second time."""
+        (Chat.deliver_if_arrived) is not sent a second time."""
         held = self._held_dms.get(session)
         if held is not None:
             held[3].update(ids)
