@@ -2349,20 +2349,25 @@ if sys.argv[3] == "join":  # ann's join of "hall" reaches Redis after the releas
 elif sys.argv[3] == "connect":  # bob's connection is registered after the release
     stores.presence.connect = held_connect
     late = gevent.spawn(chat.open, bob)
-elif sys.argv[3] == "resync":  # a recovery under way registers ann again after it
-    stores.presence.connect = held_connect
+elif sys.argv[3] in ("resync", "resync-after-close"):  # a recovery under way
+    chat.open(bob)  # (resync-after-close: both close before the recovery gets on)
+    chat.receive(bob, json.dumps({"type": "join", "room": "lobby"}))
+    stores.presence.connect = held_connect  # it registers ann again after the release
     late = gevent.spawn(stores.recover)
 else:  # the pub/sub connection is made again during the drain (a Redis blip)
     late = None
     entered.set()
 assert entered.wait(10)
 chat.shutdown()  # SIGTERM: the worker releases what it registered, then closes 1001
+if sys.argv[3] == "resync-after-close":  # their close handshakes were quick
+    for session in (ann, bob):
+        chat.close(session)
 go.set()
 if late is None:
     stores.recover()  # what the broker's listener runs once it is subscribed again
 else:
     late.join(10)
-for session in (ann, bob):
+for session in (ann, bob) if sys.argv[3] != "resync-after-close" else ():
     chat.close(session)  # each connection's end, once its close handshake is done
 print("HALL", sorted(m.user_id for m in stores.rooms.members("hall")))
 print("LOBBY", sorted(m.user_id for m in stores.rooms.members("lobby")))
@@ -2371,7 +2376,8 @@ runtime.stop(timeout=1)
 """
 
 
-@pytest.mark.parametrize("late", ["join", "connect", "reconnect", "resync"])
+@pytest.mark.parametrize("late", ["join", "connect", "reconnect", "resync",
+                                  "resync-after-close"])
 def test_what_registers_while_a_worker_releases_for_shutdown_is_removed_too(late: str
                                                                             ) -> None:
     """A join (or a new connection) whose store call reaches Redis while the worker
@@ -2380,7 +2386,9 @@ def test_what_registers_while_a_worker_releases_for_shutdown_is_removed_too(late
     it, and the worker was no longer listed for the reaper: the user stayed in the
     room's users and online for good, and no offline was ever announced). A pub/sub
     reconnect during the drain registers nobody again, for the same reason, and what a
-    recovery already under way registers is taken out as well."""
+    recovery already under way registers is taken out as well, also when it registers
+    a connection that has closed meanwhile (before: ann, whose registration the recovery
+    was waiting for, and bob, whom it had not reached yet, stayed online and in lobby)."""
     import os
     import subprocess
     import sys

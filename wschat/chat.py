@@ -322,6 +322,9 @@ class Chat:
         # connection takes its own out (room, or None for its presence; see close).
         self._releasing = False
         self._registered_late: dict[Session, set[str | None]] = {}
+        # Connections whose close ran since the release began: what a recovery under way
+        # registers for one of them afterwards is taken out at once (_registered).
+        self._closed_late: set[Session] = set()
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
                                     stores.broker, clock)
         stores.broker.on_reconnect = self.resync
@@ -466,6 +469,8 @@ class Chat:
 
         Idempotent; every exit path of the transport ends here.
         """
+        if self._releasing:
+            self._closed_late.add(session)
         if session.closed_by_chat:
             self._undo_late_registrations(session)
             return
@@ -513,10 +518,20 @@ class Chat:
                     log.warning("typing indicators not turned off at shutdown: %s", exc)
                     return
 
-    def _registered(self, session: Session, room: str | None) -> None:
-        """The store registered ``session`` in ``room`` (None: its presence)."""
-        if self._releasing:
-            self._registered_late.setdefault(session, set()).add(room)
+    def _registered(self, session: Session, room: str | None) -> bool:
+        """The store registered ``session`` in ``room`` (None: its presence). False when
+        the connection had closed meanwhile (a recovery's call on its way while the
+        shutdown's release ran and the close was done): taken out again at once."""
+        if not self._releasing:
+            return True
+        if session in self._closed_late:
+            if room is None:
+                self._disconnect_in_store(session)
+            else:
+                self._leave_in_store(session, room)
+            return False
+        self._registered_late.setdefault(session, set()).add(room)
+        return True
 
     def _undo_late_registrations(self, session: Session) -> None:
         """A connection closing after the shutdown's release: take out of the store what
@@ -569,13 +584,15 @@ class Chat:
         if self.hub.max_dm_id:
             self.stores.messages.raise_dm_sequence(self.hub.max_dm_id)
         for session in self.hub.sessions():
-            if self._moderated_meanwhile(session):
-                continue
+            if session in self._closed_late or self._moderated_meanwhile(session):
+                continue  # closed since a shutdown's release began: nothing to register
             self.stores.presence.connect(session.conn_id, session.user)
-            self._registered(session, None)  # a shutdown's release under way: see close
+            if not self._registered(session, None):  # a shutdown's release under way
+                continue
             for room in list(session.rooms):
                 joined = self.stores.rooms.join(room, session.conn_id, session.user)
-                self._registered(session, room)
+                if not self._registered(session, room):
+                    continue
                 if joined.first_of_user:
                     # The store had lost the user (or the reaper announced them offline):
                     # the room hears "online" again, through its presence budget, as any
