@@ -118,6 +118,7 @@ pub struct ClientBuilder {
     pub(crate) url: UrlFn,
     pub(crate) token: Option<TokenFn>,
     pub(crate) backoff: Backoff,
+    pub(crate) stable_after: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) send_timeout: Duration,
     pub(crate) connect_timeout: Duration,
@@ -141,6 +142,7 @@ impl ClientBuilder {
             url: Arc::new(url),
             token: None,
             backoff: Backoff::default(),
+            stable_after: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
@@ -165,6 +167,16 @@ impl ClientBuilder {
     /// Reconnect delays (default 0.5 s .. 20 s, full jitter).
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.backoff = Backoff { min, max };
+        self
+    }
+
+    /// How long a connection must stay up before the reconnect delays start again from the
+    /// shortest (default 10 s). A server that accepts and closes at once (1013 in an outage,
+    /// 4102, a draining pod's 1001) is retried with growing delays, not every `min` by all of
+    /// its clients together (as the JS client's `stableAfter` and the Python client's
+    /// `Backoff.stable_after`).
+    pub fn stable_after(mut self, t: Duration) -> Self {
+        self.stable_after = t;
         self
     }
 

@@ -161,6 +161,8 @@ pub(crate) struct Driver {
     refresh_rid: Option<u64>,
     /// Token refreshes refused (or token callback failures) in a row: the next waits longer.
     refresh_failures: u32,
+    /// When the current connection got its `welcome` (see `went_offline`).
+    online_since: Option<Instant>,
     heartbeat: Duration,
     /// A retry of refused sends is due (one timer for all of them).
     flush_scheduled: bool,
@@ -228,6 +230,7 @@ impl Driver {
             refresh_at: None,
             refresh_rid: None,
             refresh_failures: 0,
+            online_since: None,
             heartbeat: Duration::from_secs(30),
             flush_scheduled: false,
             pacer,
@@ -291,7 +294,10 @@ impl Driver {
             code => close_action(code),
         };
         let delay = match action {
-            CloseAction::ReconnectNow => b.going_away_delay(r),
+            // "At once" after a connection that stayed up; after one that did not (a pod
+            // draining as soon as it greets), the backoff grows as for any other close.
+            CloseAction::ReconnectNow if self.attempt == 0 => b.going_away_delay(r),
+            CloseAction::ReconnectNow => b.delay(self.attempt, r),
             CloseAction::Reconnect => b.delay(self.attempt, r),
             CloseAction::ReconnectAfterPause => b.delay(self.attempt + 3, r),
             CloseAction::NeedsFreshToken if self.cfg.token.is_some() => b.delay(self.attempt, r),
@@ -475,6 +481,9 @@ impl Driver {
     /// The socket ended: rooms go back to joining, requests wait for the next one.
     fn went_offline(&mut self) {
         self.online = false;
+        if self.online_since.take().is_some_and(|since| since.elapsed() >= self.cfg.stable_after) {
+            self.attempt = 0;
+        }
         self.refresh_at = None;
         self.refresh_rid = None;
         self.send_rids.clear();
@@ -750,10 +759,17 @@ impl Driver {
             return;
         }
         let Some(exp) = self.token.as_deref().and_then(expiry_of) else { return };
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let now = unix_now();
         // A quarter of the lifetime before expiry, at most a minute before; a wait over a day
         // (a long-lived token, or an `exp` past an `Instant`'s range) is a day, then look again.
-        let (wait, due) = refresh_wait(exp, now);
+        let (mut wait, due) = refresh_wait(exp, now);
+        if (exp as f64) <= now {
+            // Past its `exp` on this clock already (a clock ahead of the server's, whose
+            // leeway still takes it, or a token source that caches): another one at once
+            // would be no better. The wait grows as after a refused refresh.
+            wait = wait.max(self.cfg.backoff.delay(self.refresh_failures, fastrand::f64()));
+            self.refresh_failures = self.refresh_failures.saturating_add(1);
+        }
         self.refresh_at = Some((Instant::now() + wait, due));
     }
 
@@ -878,7 +894,9 @@ impl Driver {
                 if refresh {
                     self.emit(welcome);
                     self.refresh_rid = None;
-                    self.refresh_failures = 0;
+                    if self.token.as_deref().and_then(expiry_of).is_none_or(|exp| exp as f64 > unix_now()) {
+                        self.refresh_failures = 0; // (an expired one keeps the count: see schedule_refresh)
+                    }
                     self.schedule_refresh();
                 } else if !self.online {
                     self.set_state(ConnectionState::Connected);
@@ -987,7 +1005,9 @@ impl Driver {
     /// `welcome` on a new socket: re-join rooms with `since`, resend what waits.
     fn came_online(&mut self) {
         self.online = true;
-        self.attempt = 0;
+        // The attempts start again from 0 only once this connection has stayed up
+        // `stable_after` (went_offline): one closed at once keeps the backoff growing.
+        self.online_since = Some(Instant::now());
         self.refresh_failures = 0;
         self.retry_after = None;
         self.pacer.reset();
@@ -1176,4 +1196,9 @@ impl Driver {
             self.emit(Event::Error(error));
         }
     }
+}
+
+/// Seconds since the Unix epoch, by this machine's clock (a token's `exp` counts so).
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }

@@ -18,6 +18,10 @@ pub fn expiry_of(token: &str) -> Option<u64> {
 /// less than a day away, as the JS client re-arms its timer at `MAX_TIMER_DELAY` (about 24.8 days).
 pub(crate) const REFRESH_LOOK_AGAIN: Duration = Duration::from_secs(86_400);
 
+/// The soonest a token is replaced, even one already past its `exp` (as the JS and Python
+/// clients: `REFRESH_FLOOR`).
+pub(crate) const REFRESH_FLOOR: Duration = Duration::from_secs(1);
+
 /// What the driver does when its refresh timer fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RefreshDue {
@@ -34,7 +38,9 @@ pub(crate) enum RefreshDue {
 /// `Instant` out of range (an `exp` of `1e19` used to panic the driver in `Instant + Duration`).
 pub(crate) fn refresh_wait(exp: u64, now: f64) -> (Duration, RefreshDue) {
     let lifetime = (exp as f64 - now).max(0.0);
-    let wait = lifetime - (lifetime / 4.0).min(60.0);
+    // Never sooner than REFRESH_FLOOR: a token already past its `exp` on this clock (one
+    // ahead of the server's, whose leeway still takes it) was replaced at once, over and over.
+    let wait = (lifetime - (lifetime / 4.0).min(60.0)).max(REFRESH_FLOOR.as_secs_f64());
     if wait <= REFRESH_LOOK_AGAIN.as_secs_f64() {
         (Duration::from_secs_f64(wait), RefreshDue::Fetch)
     } else {
@@ -87,7 +93,8 @@ mod tests {
         // A quarter of the remaining life before expiry, at most a minute before; at once if expired.
         assert_eq!(refresh_wait(1_700_000_100, now), (Duration::from_secs(75), RefreshDue::Fetch));
         assert_eq!(refresh_wait(1_700_003_600, now), (Duration::from_secs(3540), RefreshDue::Fetch));
-        assert_eq!(refresh_wait(1_600_000_000, now), (Duration::ZERO, RefreshDue::Fetch));
+        assert_eq!(refresh_wait(1_600_000_000, now), (REFRESH_FLOOR, RefreshDue::Fetch));
+        assert_eq!(refresh_wait(1_700_000_001, now), (REFRESH_FLOOR, RefreshDue::Fetch));
         assert_eq!(refresh_wait(1_700_086_460, now), (day, RefreshDue::Fetch));
         assert_eq!(refresh_wait(1_700_086_461, now), (day, RefreshDue::LookAgain));
         // Past an `Instant`'s or a `Duration`'s range: a day, then look again.

@@ -1462,3 +1462,93 @@ async fn a_dm_echo_with_an_odd_id_still_acknowledges_the_send() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// A fake server for every connection attempt that greets and then holds each connection
+/// `hold` before closing it with `code`; returns its URL and task.
+async fn closing_server(code: u16, hold: Duration) -> (String, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
+                let _ = ws.send(Message::text(welcome.to_string())).await;
+                tokio::time::sleep(hold).await;
+                let close = CloseFrame { code: CloseCode::from(code), reason: "not now".into() };
+                let _ = ws.send(Message::Close(Some(close))).await;
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    });
+    (url, task)
+}
+
+/// The `reconnect_in` of the first `n` disconnections of a client of `url`.
+async fn reconnect_waits(url: String, stable_after: Duration, n: usize) -> Vec<Duration> {
+    let (c, events) = Client::builder(url)
+        .backoff(Duration::from_millis(5), Duration::from_secs(2))
+        .stable_after(stable_after)
+        .connect();
+    let rec = Recorder::new(events);
+    rec.wait("the disconnections", 30.0, |ev| {
+        ev.iter().filter(|e| matches!(e, Event::Disconnected { .. })).count() >= n
+    })
+    .await;
+    c.close();
+    disconnections(&rec)
+        .into_iter()
+        .take(n)
+        .map(|e| match e {
+            Event::Disconnected { reconnect_in: Some(wait), .. } => wait,
+            other => panic!("no reconnect: {other:?}"),
+        })
+        .collect()
+}
+
+/// Only a connection that stayed up `stable_after` resets the reconnect backoff, as in the JS
+/// and Python clients: a server that greets and closes at once (1013 in an outage, a draining
+/// pod's 1001) is retried with growing delays. It was retried at the shortest delay for ever
+/// (every wait under 2 x `min`, 10 ms here), by every client together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_closing_right_after_welcome_is_retried_with_growing_delays() {
+    let min = Duration::from_millis(5);
+    for code in [1013, 1001] {
+        let (url, server) = closing_server(code, Duration::ZERO).await;
+        let waits = reconnect_waits(url, Duration::from_secs(10), 7).await;
+        server.abort();
+        // Full jitter: the k-th wait is drawn from [min, min + min * 2^k] (1001's first from
+        // [0, min)); all seven under 2 x min by chance: about one in 2^21.
+        assert!(waits.iter().any(|w| *w > 2 * min), "{code}: {waits:?}");
+    }
+    // A connection that stayed up (200 ms here) starts the delays again from the first.
+    let (url, server) = closing_server(1013, Duration::from_millis(300)).await;
+    let waits = reconnect_waits(url, Duration::from_millis(200), 3).await;
+    server.abort();
+    assert!(waits.iter().all(|w| *w <= 2 * min), "{waits:?}");
+}
+
+/// A token already past its `exp` on the client's clock (the server's leeway still takes it)
+/// is replaced after at least a second, then after growing waits: it was replaced at once, over
+/// and over (hundreds of `auth` frames a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_not_refreshed_in_a_tight_loop() {
+    let (url, frames, server) = scripted_server(|cmd, _| match cmd["type"].as_str() {
+        Some("auth") => {
+            vec![json!({"type": "welcome", "user_id": "u1", "username": "u1", "id": cmd["id"]}).to_string()]
+        }
+        _ => vec![],
+    })
+    .await;
+    let expired = jwt_with_exp("1600000000");
+    let (c, _rec) = signed_in(&url, expired);
+    c.wait_connected(scaled(5.0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the count of what it wrote meanwhile
+    let auths = frames.lock().unwrap().iter().filter(|(_, cmd)| cmd["type"] == "auth").count();
+    c.close();
+    server.abort();
+    assert!(auths <= 3, "{auths} auth frames in 1.5 s");
+}
