@@ -133,33 +133,26 @@ def test_an_api_dm_kept_for_a_user_who_connects_meanwhile_reaches_her_connection
     """/api/dm to a user its check found offline, who connects before the DM is
     committed as kept (her connection read her kept DMs first), reaches that connection,
     as a user's dm does (before: 200, and she got nothing until her next connection)."""
-    from test_chat import FakeSession
-    from test_delivery import _HeldSession, durable_chat
+    from test_delivery import (
+        _away,
+        _connects_during_the_dm_check,
+        _HeldSession,
+        _read_all,
+        durable_chat,
+    )
 
     clock = Clock()
     with durable_chat(tmp_path, clock, API_KEY=API_KEY) as (chat, durable):
-        fay = FakeSession("fay", "Fay", True)
-        chat.open(fay)
-        chat.close(fay)
+        _away(chat, "fay", "Fay")
         again = _HeldSession("fay", "Fay", True)
-        knows = durable.keeps_dms_for
-
-        def fay_connects_meanwhile(user_id: str) -> bool:
-            known = knows(user_id)
-            chat.open(again)
-            return known
-
-        durable.keeps_dms_for = fay_connects_meanwhile
+        _connects_during_the_dm_check(chat, durable, again)
         app = Flask(__name__)
         register_api(app, chat, 8081, clock)
         sent = app.test_client().post("/api/dm", json={"to": "fay", "text": "race"},
                                       base_url="http://localhost:8081",
                                       headers={"Authorization": f"Bearer {API_KEY}"})
         assert sent.status_code == 200 and sent.json["delivered"] is False
-        while again.held:  # she reads what is written to her
-            on_sent = again.held.pop(0)
-            if on_sent is not None:
-                on_sent()
+        _read_all(again)  # she reads what is written to her
         assert [(e["id"], e["text"]) for e in again.events("dm")] == [(sent.json["id"],
                                                                        "race")]
 

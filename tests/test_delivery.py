@@ -488,11 +488,29 @@ def durable_chat(tmp_path: Any, clock: Clock, **env: str) -> Iterator[tuple[Any,
         durable.close()
 
 
+def _away(chat: Any, user_id: str, username: str) -> None:
+    """``user_id`` has connected once (so DMs to them are kept) and left."""
+    once = FakeSession(user_id, username, True)
+    chat.open(once)
+    chat.close(once)
+
+
+def _connects_during_the_dm_check(chat: Any, durable: Any, session: FakeSession) -> None:
+    """The next DM's recipient connects (``session``) right after its check found her
+    offline: her connection may read her kept DMs before that DM is committed."""
+    knows = durable.keeps_dms_for
+
+    def connects_meanwhile(user_id: str) -> bool:
+        known = knows(user_id)
+        chat.open(session)
+        return known
+
+    durable.keeps_dms_for = connects_meanwhile
+
+
 def _alice_online_bob_away(chat: Any) -> FakeSession:
     """bob has connected once (so DMs to him are kept) and left; alice is online."""
-    bob = FakeSession("bob", "Bob", True)
-    chat.open(bob)
-    chat.close(bob)
+    _away(chat, "bob", "Bob")
     alice = FakeSession("alice", "Alice", True)
     chat.open(alice)
     return alice
@@ -553,20 +571,10 @@ def test_a_dm_kept_for_a_user_who_connects_meanwhile_reaches_her_connection(
         if backlog:
             chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "kept"}))
         bob = _HeldSession("bob", "Bob", True)
-        knows = durable.keeps_dms_for
-
-        def bob_connects_meanwhile(user_id: str) -> bool:
-            known = knows(user_id)
-            chat.open(bob)
-            return known
-
-        durable.keeps_dms_for = bob_connects_meanwhile
+        _connects_during_the_dm_check(chat, durable, bob)
         chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "race"}))
         assert alice.events("dm")[-1]["text"] == "race"  # acknowledged
-        while bob.held:  # bob reads what is written to him, page after page
-            on_sent = bob.held.pop(0)
-            if on_sent is not None:
-                on_sent()
+        _read_all(bob)
         expected = ["kept", "race"] if backlog else ["race"]
         assert [e["text"] for e in bob.events("dm")] == expected
 
@@ -655,9 +663,7 @@ def test_a_sign_in_as_another_user_during_a_kept_backlog_keeps_the_new_one_in_or
     went out ahead of his second kept page)."""
     with durable_chat(tmp_path, clock) as (chat, _):
         alice = _alice_online_bob_away(chat)
-        ann = FakeSession("ann", "Ann", True)
-        chat.open(ann)
-        chat.close(ann)
+        _away(chat, "ann", "Ann")
         _dm(chat, alice, "ann", "for ann")
         for i in range(51):  # two pages
             _dm(chat, alice, "bob", f"k{i}")
@@ -680,11 +686,9 @@ def test_live_dms_held_behind_a_backlog_survive_a_sign_in_as_another_user(
     connection when it signs in as bob, or tries to and is answered ``unavailable``
     (before: the held DM was dropped with the hold, though the sender had its echo and
     it was never kept, since ann was online: ann never got it)."""
-    with durable_chat(tmp_path, clock) as (chat, durable):
+    with durable_chat(tmp_path, clock) as (chat, _):
         alice = _alice_online_bob_away(chat)
-        ann = FakeSession("ann", "Ann", True)
-        chat.open(ann)
-        chat.close(ann)
+        _away(chat, "ann", "Ann")
         _dm(chat, alice, "ann", "kept")
         conn = _HeldSession("ann", "Ann", True)
         chat.open(conn)  # ann's page written, not read yet
