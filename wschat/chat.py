@@ -21,7 +21,7 @@ from typing import Any
 from .access import AccessControl, forbidden, parse_control
 from .auth import Authenticator, AuthError, Identity
 from .config import Settings
-from .hub import LocalHub
+from .hub import DmHold, LocalHub
 from .protocol import (
     Auth, CloseCode, Command, ErrorCode, History, Join, Leave, Limits, ListUsers, Moderate, Ping,
     ProtocolError, RequestId, SendDm, SendMessage, Typing, draft_dm, draft_message, encode_history,
@@ -437,7 +437,7 @@ class Chat:
             return [], 0
 
     def _send_kept_dms(self, session: Session, page: list[bytes],
-                       hold: list | None = None) -> None:
+                       hold: DmHold | None = None) -> None:
         """Kept DMs go out a page at a time, as the client reads; a page counts as
         delivered (no longer kept) only once it was handed to the connection's socket.
         ``hold``: the live DMs waiting for this backlog (:meth:`LocalHub.hold_dms`)."""
@@ -450,7 +450,7 @@ class Chat:
                            lambda: self._kept_dms_sent(session, user_id, last, hold))
 
     def _kept_dms_sent(self, session: Session, user_id: str, last: int,
-                       hold: list | None = None) -> None:
+                       hold: DmHold | None = None) -> None:
         try:
             self.stores.messages.dms_delivered(user_id, last)
             page = self.stores.messages.kept_dms(user_id, last)

@@ -34,6 +34,20 @@ class _Recovery:
         self.behind = 0
 
 
+class DmHold:
+    """Live DMs to one connection waiting behind the DMs kept for its user
+    (:meth:`LocalHub.hold_dms`). The object itself identifies the hold: the backlog it
+    waits for releases this one only."""
+
+    __slots__ = ("frames", "held_bytes", "kept_ids", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.held_bytes = 0
+        self.limit = limit  # more held: a slow consumer
+        self.frames: list[tuple[int | None, bytes]] = []  # (DM id, frame), in arrival order
+        self.kept_ids: set[int] = set()  # the kept DMs already queued: their held copy is not sent
+
+
 def _dm_id(event: bytes) -> int | None:
     try:
         return stored_id_of(event)
@@ -84,10 +98,9 @@ class LocalHub:
         self.max_seen: dict[str, int] = {}
         # The same for DMs (one sequence for all of them).
         self.max_dm_id = 0
-        # session -> [bytes held, limit, [(id, frame)], ids of the kept DMs sent]: live
-        # DMs that wait until the DMs kept for the session's user while it was away have
-        # all been queued (hold_dms).
-        self._held_dms: dict[Session, list] = {}
+        # Live DMs that wait until the DMs kept for the session's user while it was away
+        # have all been queued (hold_dms).
+        self._held_dms: dict[Session, DmHold] = {}
 
     # -- membership --------------------------------------------------------------------
     def _ensure_room(self, room: str) -> None:
@@ -257,16 +270,15 @@ class LocalHub:
             sessions = self.users.setdefault(user_id, set())
         sessions.add(session)
 
-    def hold_dms(self, session: Session, limit: int) -> list:
+    def hold_dms(self, session: Session, limit: int) -> DmHold:
         """Live DMs to ``session`` wait (:meth:`release_dms`) behind the welcome and the
         DMs kept for its user (written a page at a time as the client reads), so that it
         gets them all in id order. More than ``limit`` bytes held: a slow consumer.
         Returns the hold: the backlog it waits for releases that one only."""
-        held: list = [0, limit, [], set()]
-        self._held_dms[session] = held
-        return held
+        hold = self._held_dms[session] = DmHold(limit)
+        return hold
 
-    def dms_held(self, session: Session) -> list | None:
+    def dms_held(self, session: Session) -> DmHold | None:
         """The session's hold (:meth:`hold_dms`) while its live DMs wait, else None."""
         return self._held_dms.get(session)
 
@@ -275,9 +287,9 @@ class LocalHub:
         (Chat.deliver_if_arrived) is not sent a second time."""
         held = self._held_dms.get(session)
         if held is not None:
-            held[3].update(ids)
+            held.kept_ids.update(ids)
 
-    def release_dms(self, session: Session, hold: list | None = None) -> None:
+    def release_dms(self, session: Session, hold: DmHold | None = None) -> None:
         """Send the live DMs held for ``session`` (after the last kept page) and stop
         holding them. ``hold``: only if that is still the session's hold (the backlog of
         a user the connection no longer is ends after a hold of its new user began)."""
@@ -285,8 +297,8 @@ class LocalHub:
         if held is None or (hold is not None and held is not hold):
             return
         del self._held_dms[session]
-        for dm_id, frame in held[2]:
-            if dm_id not in held[3]:
+        for dm_id, frame in held.frames:
+            if dm_id not in held.kept_ids:
                 session.send_frame(frame)
 
     def drop_held_dms(self, session: Session) -> None:
@@ -352,12 +364,12 @@ class LocalHub:
                 if held is None:
                     session.send_frame(frame)
                     continue
-                held[0] += len(frame)
-                if held[0] > held[1]:  # as a backlog behind paced frames counts
+                held.held_bytes += len(frame)
+                if held.held_bytes > held.limit:  # as a backlog behind paced frames counts
                     del self._held_dms[session]
                     session.close(CloseCode.SLOW_CONSUMER, "slow consumer")
                 else:
-                    held[2].append((_dm_id(event), frame))
+                    held.frames.append((_dm_id(event), frame))
             if is_dm:
                 self._dm_delivered(event)
                 self._on_delivered(len(sessions), event, "dm")
