@@ -227,7 +227,12 @@ def test_redis_restart_mid_conversation(private_redis) -> None:
         assert after["id"] >= 4  # never reuses ids 1..3 although Redis lost them
         users = y.request({"type": "list_users", "room": r}, "users")["users"]
         assert sorted(u["username"] for u in users) == ["xena", "yuri"]
-        joined = Client(b.url).join(r, since=1)
+        # b's /ready answered for one of its workers; the other may still be reconnecting
+        # and refuse the upgrade with 503 (Retry-After) for a moment, as a client expects.
+        late = wait_until(lambda: _admitted(b), timeout=15 * SCALE, interval=0.2,
+                          message="b to admit an upgrade")
+        joined = late.join(r, since=1)
+        late.close()
         assert joined["recovered"] is False  # history was lost: the client must reload
         for server in (a, b):
             assert "redis pub/sub lost" in server.output()
@@ -303,12 +308,20 @@ def test_worker_boots_while_redis_is_down(private_redis) -> None:
 
 def _joins(server: Server) -> bool:
     """A new connection joins a room (False: the upgrade was refused with 503, not ready)."""
+    client = _admitted(server)
+    if client is None:
+        return False
+    with client:
+        return client.join(room())["users"][0]["user_id"] == client.user_id
+
+
+def _admitted(server: Server) -> Client | None:
+    """A new connection (None: the upgrade was refused with 503, its worker not ready)."""
     try:
-        with Client(server.url) as c:
-            return c.join(room())["users"][0]["user_id"] == c.user_id
+        return Client(server.url)
     except InvalidStatus as exc:
         assert exc.response.status_code == 503
-        return False
+        return None
 
 
 def _status(server: Server, path: str) -> int | None:
