@@ -328,6 +328,41 @@ def test_a_reaper_that_fails_half_way_leaves_the_dead_node_to_a_later_beat(
     assert client.zscore(NODES, dead.node_id) is None
 
 
+def test_redis_numbered_posts_wait_for_a_database_numbering_node_alive_not_a_dead_one(
+        redis_stores: Any) -> None:
+    """While a node that numbers messages in the database beats (persistence on, during
+    a rolling update that turns it on or off), posts numbered in Redis are refused
+    `unavailable`, even after an epoch check reopened the gate; a node that stops, or
+    one that died and is silent past the TTL, no longer holds them."""
+    from wschat.stores.redis.keys import NUMBERED_BY_DATABASE, READY
+
+    redis_module, client, _, messages, _ = redis_stores
+    r = room()
+
+    def post() -> int:
+        return messages.post_room(r, "u", draft_message(r, "u", "u", "hi", 1, None)).msg_id
+
+    first = post()
+    database = redis_module.NodeKeeper(client, redis_module._Node(), 0.3, 3600,
+                                       numbers_in_database=True)
+    database.beat_and_reap()
+    with pytest.raises(Unavailable, match="numbered by the database"):
+        post()
+    epoch = redis_module.Epoch(client, "another", 1.0)
+    epoch.begin()
+    epoch.done()  # a worker's epoch check does not reopen the gate meanwhile
+    with pytest.raises(Unavailable, match="numbered by the database"):
+        post()
+    database.stop()
+    assert post() == first + 1
+    client.zadd(NUMBERED_BY_DATABASE, {"died": 1})  # its beat, silent since 1970
+    client.delete(READY)
+    with pytest.raises(Unavailable, match="numbered by the database"):
+        post()
+    redis_module.NodeKeeper(client, redis_module._Node(), 0.3, 3600).beat_and_reap()
+    assert post() == first + 2
+
+
 def test_control_characters_in_sub_are_refused(redis_server: Server) -> None:
     """A token whose ``sub`` holds a control character is refused at the upgrade (401)
     and in ``auth``; a ``name`` with them is shown without them."""

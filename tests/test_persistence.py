@@ -559,3 +559,42 @@ def test_a_server_started_while_sqlite_is_locked_waits_for_the_lock(tmp_path: Pa
     finally:
         holder.close()
         server.stop()
+
+
+def test_mixed_numbering_during_a_rollout_issues_no_id_twice(tmp_path: Path) -> None:
+    """Persistence turned on (or off) by a rolling update: for a while, workers that number
+    in the database and workers that number in Redis serve one room together. Posts must
+    never take one id twice: the Redis-numbering side refuses them (`unavailable`) while a
+    database-numbering worker lives, and takes them again once it is gone."""
+    env = {"REDIS_URL": redis_url_or_skip(31), "JWT_SECRET": SECRET,
+           "RATE_LIMIT": "100000", "RATE_LIMIT_BURST": "100000"}
+    room = unique("r")
+    with Server(env) as old, Client(old.url, as_user(unique("o"))) as o:
+        o.join(room)
+        assert [o.say(room, f"old {i}")["id"] for i in range(3)] == [1, 2, 3]
+        with Server({**env, **COMMON, "DATABASE_URL": f"sqlite:///{tmp_path}/on.db"}) as new, \
+                Client(new.url, as_user(unique("n"))) as n:
+            n.join(room)
+            ids = []
+            for i in range(5):
+                ids.append(n.say(room, f"new {i}")["id"])
+                taken = _posted(o, room, f"old again {i}")
+                if taken is not None:
+                    ids.append(taken)
+            assert len(ids) == len(set(ids)), ids
+            assert [o.expect("message", text=f"new {i}")["id"] for i in range(5)] == ids[:5]
+        # the database-numbering worker is gone: the Redis side posts again, above its ids
+        after = wait_until(lambda: _posted(o, room, "after"), timeout=15, interval=0.2,
+                           message="posts taken again")
+        assert after > max(ids)
+
+
+def _posted(client: Client, room: str, text: str) -> int | None:
+    """The id ``text`` was posted with, or None if it was refused ``unavailable``."""
+    tag = unique("post")
+    client.send({"type": "message", "room": room, "text": text, "id": tag})
+    reply = client.expect_any(("error", {"id": tag}), ("message", {"text": text}))
+    if reply["type"] == "error":
+        assert reply["code"] == "unavailable", reply
+        return None
+    return int(reply["id"])

@@ -228,7 +228,8 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
         messages, broker, "redis", node_id=node.node_id)
     stores.pipelined = fast  # type: ignore[assignment]
     stores.client = client
-    stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics)
+    stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics,
+                               numbers_in_database=settings.enable_persistence)
     # A worker that never comes back is waited for as long as a silent one counts as alive.
     stores.epoch = Epoch(client, node.node_id, settings.presence_ttl)
     stores._recovering = gevent.lock.Semaphore()

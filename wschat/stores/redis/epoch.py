@@ -44,7 +44,7 @@ from collections.abc import Iterable
 
 import redis
 
-from .keys import CONTROL, EPOCH, NODES, READY, RECOVERING, guarded, script
+from .keys import CONTROL, EPOCH, NODES, NUMBERED_BY_DATABASE, READY, RECOVERING, guarded, script
 
 log = logging.getLogger("wschat.redis")
 
@@ -71,7 +71,7 @@ class Epoch:
         waited for too if it is the first to find the loss."""
         others = [p for p in peers if p != self._node_id]
         state, epoch = self._begin(
-            keys=[EPOCH, READY, RECOVERING, NODES, CONTROL],
+            keys=[EPOCH, READY, RECOVERING, NODES, CONTROL, NUMBERED_BY_DATABASE],
             args=[self._node_id, self.seen, secrets.token_hex(8), self._ttl_ms,
                   self._run_id(), *others])
         self.seen = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
@@ -96,5 +96,6 @@ class Epoch:
     @guarded
     def done(self) -> bool:
         """This worker's sequences are raised; True if posts are taken now."""
-        return bool(self._done(keys=[EPOCH, READY, RECOVERING], args=[self._node_id, self.seen]))
+        return bool(self._done(keys=[EPOCH, READY, RECOVERING, NUMBERED_BY_DATABASE],
+                               args=[self._node_id, self.seen]))
 

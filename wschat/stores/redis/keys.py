@@ -30,10 +30,14 @@ PRESENCE = PREFIX + "presence"
 DM_SEQ = PREFIX + "dm:seq"
 CONTROL = PREFIX + "control"
 # The data's epoch, and the gate of posts after Redis lost its data (epoch.py); gate.lua
-# spells these three names out.
+# spells these three names out, and the next one.
 EPOCH = PREFIX + "epoch"
 READY = PREFIX + "ready"
 RECOVERING = PREFIX + "recovering"
+# The workers that number messages in the database (ENABLE_PERSISTENCE), by last heartbeat;
+# while any lives, READY is not set and posts numbered in Redis are refused (nodes.py;
+# gate.lua spells it out).
+NUMBERED_BY_DATABASE = PREFIX + "numbered_by_database"
 RATE_LIMITS = PREFIX + "rl:"  # + a bucket's key (RedisRateLimiter's default prefix)
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -20,7 +20,7 @@ from ...protocol import encode_presence
 from ...telemetry import Metrics
 from ..base import Unavailable, new_node_id
 from .keys import (
-    NODES, PRESENCE, is_read_only, membership_keys, membership_token, node_conns,
+    NODES, NUMBERED_BY_DATABASE, PRESENCE, READY, is_read_only, membership_keys, membership_token, node_conns,
     node_memberships, room_channel, room_payload, script, split_token, user_nodes,
 )
 
@@ -82,9 +82,14 @@ class NodeKeeper:
     """Heartbeats this node and reaps nodes that died without cleaning up."""
 
     def __init__(self, client: redis.Redis, node: Node, presence_ttl: float, room_ttl: float,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, numbers_in_database: bool = False) -> None:
         self._client = client
         self._node = node
+        #: ENABLE_PERSISTENCE: this node numbers messages in the database. Its beats list
+        #: it in NUMBERED_BY_DATABASE, and while any such node lives, posts numbered in
+        #: Redis are refused (gate.lua): during a rolling update that turns persistence
+        #: on or off, two numberings of one room would otherwise issue an id twice.
+        self._database = "1" if numbers_in_database else "0"
         self._ttl_ms = int(presence_ttl * 1000)
         self._interval = presence_ttl / BEATS_PER_TTL
         self._room_ttl = int(room_ttl)
@@ -128,7 +133,8 @@ class NodeKeeper:
             gevent.sleep(self._interval)
 
     def beat_and_reap(self) -> int:
-        known, dead, alive = self._beat(keys=[NODES], args=[self._node.node_id, self._ttl_ms])
+        known, dead, alive = self._beat(keys=[NODES, NUMBERED_BY_DATABASE, READY],
+                                        args=[self._node.node_id, self._ttl_ms, self._database])
         if self._registered and not known:
             log.warning("node %s was reaped as dead (stalled, or Redis lost its data); "
                         "registering its connections again", self._node.node_id)
@@ -155,7 +161,10 @@ class NodeKeeper:
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
         try:
-            self._client.zrem(NODES, self._node.node_id)
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.zrem(NODES, self._node.node_id)
+                pipe.zrem(NUMBERED_BY_DATABASE, self._node.node_id)
+                pipe.execute()
         except Exception:
             pass
 

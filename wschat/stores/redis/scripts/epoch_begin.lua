@@ -5,6 +5,7 @@
 -- sequences than workers delivered (a snapshot, a failover to a replica behind).
 -- KEYS: epoch ready recovering nodes control (the channel every worker listens on:
 --       told "epoch" when a loss is found, so that none waits for its next heartbeat)
+--       numbered_by_database (while it exists, ready is not set: gate.lua)
 -- ARGV: node_id, the epoch this worker last saw ('' if none), a new token, the time
 --       limit in ms, Redis's run_id ('' if INFO is refused), then the other nodes this
 --       worker knew of
@@ -32,7 +33,7 @@ end
 local epoch = ARGV[3] .. ':' .. run
 redis.call('SET', KEYS[1], epoch)
 if ARGV[2] == '' and not current then
-  redis.call('SET', KEYS[2], '1')
+  if redis.call('EXISTS', KEYS[6]) == 0 then redis.call('SET', KEYS[2], '1') end
   return {2, epoch}
 end
 redis.call('DEL', KEYS[2])

@@ -1,11 +1,20 @@
 -- This node's heartbeat. Returns {1 if this node was registered before this beat
 -- else 0, ids of nodes silent longer than ttl_ms, ids of the live ones, this one too
 -- (epoch.py's peers if Redis loses its data)}.
--- KEYS: nodes   ARGV: node_id ttl_ms
+-- KEYS: nodes numbered_by_database ready
+-- ARGV: node_id ttl_ms database ('1': this node numbers messages in the database,
+--       ENABLE_PERSISTENCE, and posts numbered in Redis must wait while it lives;
+--       gate.lua)
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 local silent = now - tonumber(ARGV[2])
+-- A database-numbering node that died is forgotten with the other dead nodes.
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', silent)
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  redis.call('DEL', KEYS[3])
+end
 return {known, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', silent),
         redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. silent, '+inf')}
