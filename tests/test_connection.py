@@ -314,6 +314,37 @@ def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> N
     assert event.code == CloseCode.SLOW_CONSUMER
 
 
+class DisconnectCounts(NoMetrics):
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def disconnected(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def test_live_dms_held_behind_kept_ones_past_the_limit_count_as_a_slow_consumer(
+        transport: Transport) -> None:
+    """Live DMs held behind a kept backlog (LocalHub.hold_dms) past the limit close the
+    connection with 4101 counted once in ``wschat_disconnects_total{reason="slow_consumer"}``,
+    as every other 4101 is (before: closed, never counted); a second drop of the closing
+    connection counts nothing more."""
+    metrics = transport.metrics = DisconnectCounts()
+    conn, peer = serve(transport)
+    assert peer.next_text()["type"] == "welcome"
+    hub = transport.chat.hub
+    hub.hold_dms(conn, 1000)
+    dm = b'{"type":"dm","id":7,"from":"bo","user_id":"u-bo","to":"u-ada","text":"%s"}'
+    hub.deliver_user("u-ada", dm % b"x")  # held: under the limit
+    assert conn.state is ConnState.OPEN
+    hub.deliver_user("u-ada", dm % (b"y" * 2000))
+    event = peer.next_event()
+    assert isinstance(event, CloseConnection), event
+    assert event.code == CloseCode.SLOW_CONSUMER
+    assert metrics.reasons == ["slow_consumer"]
+    conn.drop_slow_consumer()  # e.g. a stalled backlog found at the same time
+    assert metrics.reasons == ["slow_consumer"]
+
+
 def test_pings_and_pongs_go_ahead_of_a_backlog_between_whole_frames(transport: Transport
                                                                     ) -> None:
     """A heartbeat ping and the pongs to the peer's pings are written at the backlog's

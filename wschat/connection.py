@@ -411,7 +411,10 @@ class WebSocketConnection(Session):
         a close frame after half a frame would corrupt the stream. Every other
         entry is a whole frame, so the close frame follows a frame boundary.
         The close timer aborts the socket if even that cannot be written.
+        Counted once: a connection already closing is left as it is.
         """
+        if self.state is not _OPEN:
+            return
         self.transport.metrics.disconnected("slow_consumer")
         self._paced = None
         self._paced_counted = 0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from .protocol import (
-    DM_PREFIX, CloseCode, event_type, message_id_of, stored_id_of, text_frame,
+    DM_PREFIX, event_type, message_id_of, stored_id_of, text_frame,
 )
 from .stores.base import Broker
 
@@ -367,7 +367,7 @@ class LocalHub:
                 held.held_bytes += len(frame)
                 if held.held_bytes > held.limit:  # as a backlog behind paced frames counts
                     del self._held_dms[session]
-                    session.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                    session.drop_slow_consumer()
                 else:
                     held.frames.append((_dm_id(event), frame))
             if is_dm:

@@ -98,3 +98,8 @@ class Session:
 
     def close(self, code: CloseCode, reason: str) -> None:
         raise NotImplementedError
+
+    def drop_slow_consumer(self) -> None:
+        """Close with 4101: more is waiting for the client than it may (the transport
+        also counts it, ``wschat_disconnects_total{reason="slow_consumer"}``)."""
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
