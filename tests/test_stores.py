@@ -404,3 +404,38 @@ def test_a_leave_during_leave_gone_is_not_announced_twice() -> None:
         pubsub.close()
         watcher.close()
         client.close()
+
+
+def test_memory_rooms_published_to_without_members_expire_after_room_ttl() -> None:
+    """A room posted to while nobody is in it (``/api/publish``), never joined or
+    emptied, keeps its history for ``ROOM_TTL`` from that post, not for good (before:
+    each such room stayed in the worker's memory, so a script publishing to many room
+    names grew it without bound); a later post does not extend it, and a room with
+    members is never dropped."""
+    from wschat.stores.memory import MemoryBroker, MemoryMessageStore
+
+    now = [0.0]
+    store = MemoryMessageStore(MemoryBroker(), 5, room_ttl=10, clock=lambda: now[0])
+
+    def post(room: str) -> None:
+        store.post_room(room, "system", draft_message(room, "api", "system", "x", 0, None))
+
+    store.room_occupied("lived-in")
+    store.room_occupied("emptied")
+    store.room_emptied("emptied")  # no history yet: its first post starts the clock
+    for room in ("lived-in", "never-joined", "emptied"):
+        post(room)
+    empty = store.held_bytes
+    now[0] = 9
+    post("never-joined")  # does not extend it
+    assert store.last_id("never-joined") == 2
+    now[0] = 11
+    post("elsewhere")
+    assert store.last_id("never-joined") == store.last_id("emptied") == 0
+    assert store.recent("never-joined", 10) == store.recent("emptied", 10) == []
+    assert store.last_id("lived-in") == 1
+    assert store.held_bytes < empty  # two rooms gone, one added
+    store.room_occupied("elsewhere")  # joined in time: kept
+    now[0] = 100
+    post("another")
+    assert store.last_id("elsewhere") == 1 and store.last_id("lived-in") == 1

@@ -96,7 +96,10 @@ class MemoryMessageStore(MessageStore):
     ``max_bytes`` (``MEMORY_HISTORY_BYTES``) for all rooms together. Over the latter,
     emptied rooms go first (oldest first, as if their ``ROOM_TTL`` had passed), then
     the oldest messages of the rooms written to least recently; a room's sequence
-    number stays while it has members. A replay (``since``) is at most
+    number stays while it has members. A room without members (emptied, or never
+    joined: ``/api/publish``) keeps its history and ids for ``ROOM_TTL`` after it
+    emptied or, if it had none, after the first message posted to it since; a post
+    does not extend that, as in Redis. A replay (``since``) is at most
     ``replay_max_bytes``."""
 
     def __init__(self, broker: Broker, history_size: int, room_ttl: float,
@@ -112,6 +115,7 @@ class MemoryMessageStore(MessageStore):
         self._bytes = 0  # charged to the bound: events plus overheads
         self._logs: OrderedDict[str, _RoomLog] = OrderedDict()  # least recently written first
         self._idle: OrderedDict[str, float] = OrderedDict()  # emptied room -> when
+        self._occupied: set[str] = set()  # rooms with members (room_occupied)
         # (room or "", user, client_msg_id) -> (when, message id, its timestamp): a
         # retry's echo is the room's copy while the history holds it, else rebuilt from
         # the retry's own draft, so no event is kept twice.
@@ -178,8 +182,9 @@ class MemoryMessageStore(MessageStore):
         key = (room, user_id, draft.client_msg_id) if draft.client_msg_id else None
         if key and (hit := self._seen(key, draft)):
             return hit
+        self._expire_idle()
         log = self._log_for(room)
-        self._idle.pop(room, None)
+        self._posted_to(room)
         log.last_id += 1
         event = draft.with_id(log.last_id)
         self._append(room, log, log.last_id, event)
@@ -254,22 +259,28 @@ class MemoryMessageStore(MessageStore):
                     self._broker.publish_user(user_id, message.event)
                 outcomes.append(PUBLISHED)
                 continue
+            self._expire_idle()
             log = self._log_for(message.room)
             if message.msg_id > log.last_id + 1:
                 outcomes.append(HELD)
                 continue
-            self._idle.pop(message.room, None)
+            self._posted_to(message.room)
             log.last_id = max(log.last_id, message.msg_id)
             self._append(message.room, log, message.msg_id, message.event)
             self._broker.publish_room(message.room, message.event)
             outcomes.append(PUBLISHED)
         return outcomes
 
-    def room_emptied(self, room: str) -> None:
+    def _posted_to(self, room: str) -> None:
+        """A message was added to ``room``'s history: one without members (a publish
+        through the server API) starts its ``ROOM_TTL`` now, unless it is running already
+        (as a Redis room's keys keep the TTL its last leave set). Before, such a room's
+        history was kept for good, and so was each of many rooms published to."""
+        if room not in self._occupied and room not in self._idle:
+            self._idle[room] = self._clock()
+
+    def _expire_idle(self) -> None:
         now = self._clock()
-        if room in self._logs:
-            self._idle[room] = now
-            self._idle.move_to_end(room)
         while self._idle:
             oldest, at = next(iter(self._idle.items()))
             if now - at < self._room_ttl:
@@ -277,7 +288,15 @@ class MemoryMessageStore(MessageStore):
             del self._idle[oldest]
             self._drop_log(oldest)
 
+    def room_emptied(self, room: str) -> None:
+        self._occupied.discard(room)
+        if room in self._logs:
+            self._idle[room] = self._clock()
+            self._idle.move_to_end(room)
+        self._expire_idle()
+
     def room_occupied(self, room: str) -> None:
+        self._occupied.add(room)
         self._idle.pop(room, None)
 
 
