@@ -614,6 +614,34 @@ def test_a_dm_kept_for_a_user_who_connects_meanwhile_reaches_her_connection(
         assert [e["text"] for e in bob.events("dm")] == expected
 
 
+def test_a_kept_dm_its_backlog_wrote_is_not_written_again_by_its_live_copy(
+        tmp_path: Any, clock: Clock) -> None:
+    """bob's connection reads his kept DMs, the one just committed among them, and its
+    backlog is done before that DM's live copy (Chat.deliver_if_arrived) reaches it:
+    the copy is not written to it a second time (before: it got the DM twice)."""
+    with durable_chat(tmp_path, clock) as (chat, _):
+        alice = _alice_online_bob_away(chat)
+        bob = FakeSession("bob", "Bob", True)  # reads at once
+        presence = chat.stores.presence
+        is_online = presence.is_online
+        checks: list[str] = []
+
+        def connects_after_the_commit(user_id: str) -> bool:
+            checks.append(user_id)
+            if user_id == "bob" and len(checks) == 2:  # deliver_if_arrived's check
+                chat.open(bob)  # his backlog, this DM in it, is written and done
+                assert [e["text"] for e in bob.events("dm")] == ["race"]
+            return is_online(user_id)
+
+        presence.is_online = connects_after_the_commit  # type: ignore[method-assign]
+        _dm(chat, alice, "bob", "race")
+        assert checks == ["bob", "bob"], "the DM was not checked twice"
+        assert alice.events("dm")[-1]["text"] == "race"  # acknowledged
+        assert [e["text"] for e in bob.events("dm")] == ["race"]
+        _dm(chat, alice, "bob", "later")  # live DMs still reach him
+        assert [e["text"] for e in bob.events("dm")] == ["race", "later"]
+
+
 class _HeldSession(FakeSession):
     """A connection whose paced frames are not handed over yet (a client slow to read):
     ``on_sent`` waits in ``held``."""

@@ -39,13 +39,12 @@ class DmHold:
     (:meth:`LocalHub.hold_dms`). The object itself identifies the hold: the backlog it
     waits for releases this one only."""
 
-    __slots__ = ("frames", "held_bytes", "kept_ids", "limit")
+    __slots__ = ("frames", "held_bytes", "limit")
 
     def __init__(self, limit: int) -> None:
         self.held_bytes = 0
         self.limit = limit  # more held: a slow consumer
         self.frames: list[tuple[int | None, bytes]] = []  # (DM id, frame), in arrival order
-        self.kept_ids: set[int] = set()  # the kept DMs already queued: their held copy is not sent
 
 
 def _dm_id(event: bytes) -> int | None:
@@ -101,6 +100,12 @@ class LocalHub:
         # Live DMs that wait until the DMs kept for the session's user while it was away
         # have all been queued (hold_dms).
         self._held_dms: dict[Session, DmHold] = {}
+        # The ids of the kept DMs queued for a session by its backlogs, until it closes:
+        # a live copy of one (Chat.deliver_if_arrived, a retry) is not written to it a
+        # second time, whether it comes while the backlog is written or after (DM ids are
+        # unique: the connection has that event). About its users' kept DMs
+        # (MAX_KEPT_DMS, 1000, each), for connections that had any.
+        self._kept_sent: dict[Session, set[int]] = {}
 
     # -- membership --------------------------------------------------------------------
     def _ensure_room(self, room: str) -> None:
@@ -283,11 +288,10 @@ class LocalHub:
         return self._held_dms.get(session)
 
     def kept_dms_sent(self, session: Session, ids: list[int]) -> None:
-        """Kept DMs queued for ``session`` while its live DMs are held: a held copy of one
-        (Chat.deliver_if_arrived) is not sent a second time."""
-        held = self._held_dms.get(session)
-        if held is not None:
-            held.kept_ids.update(ids)
+        """Kept DMs queued for ``session`` by its backlog: a live copy of one
+        (Chat.deliver_if_arrived), held or arriving later, is not sent a second time."""
+        if not session.closed_by_chat:  # its close dropped them (drop_held_dms)
+            self._kept_sent.setdefault(session, set()).update(ids)
 
     def release_dms(self, session: Session, hold: DmHold | None = None) -> None:
         """Send the live DMs held for ``session`` (after the last kept page) and stop
@@ -297,13 +301,15 @@ class LocalHub:
         if held is None or (hold is not None and held is not hold):
             return
         del self._held_dms[session]
+        kept = self._kept_sent.get(session, ())
         for dm_id, frame in held.frames:
-            if dm_id not in held.kept_ids:
+            if dm_id not in kept:
                 session.send_frame(frame)
 
     def drop_held_dms(self, session: Session) -> None:
         """The connection is gone: what was held for it goes with it."""
         self._held_dms.pop(session, None)
+        self._kept_sent.pop(session, None)
 
     def remove_user(self, session: Session, user_id: str | None = None) -> None:
         # The session's held DMs are not dropped here: a sign-in as another user (or its
@@ -359,7 +365,10 @@ class LocalHub:
         if sessions:
             frame = text_frame(event)
             is_dm = event.startswith(DM_PREFIX)
+            dm_id = _dm_id(event) if is_dm and self._kept_sent else None
             for session in list(sessions):
+                if dm_id is not None and dm_id in self._kept_sent.get(session, ()):
+                    continue  # its backlog queued this one (kept_dms_sent)
                 held = self._held_dms.get(session) if is_dm and self._held_dms else None
                 if held is None:
                     session.send_frame(frame)
