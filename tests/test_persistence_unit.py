@@ -907,6 +907,28 @@ def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
         client.close()
 
 
+def test_a_room_published_to_from_the_log_without_members_expires_in_redis() -> None:
+    """Redis with persistence: a committed message of a room nobody is in (``/api/publish``)
+    leaves the room's sequence and history to expire ``ROOM_TTL`` from then, as a post
+    without persistence does (before: never joined, they stayed in Redis for good)."""
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.base import Stored
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"api-only-{uuid.uuid4().hex[:6]}"
+    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
+    first_start(client)
+    seq, hist = room_keys(room)[4:]
+    try:
+        event = draft_message(room, "api", "system", "x", 1, None).with_id(1)
+        assert inner.publish_stored([Stored(1, event, room)]) == [1]
+        assert 0 < client.ttl(seq) <= 600 and 0 < client.ttl(hist) <= 600
+    finally:
+        client.delete(seq, hist)
+        client.close()
+
+
 def test_an_id_held_while_the_releaser_ends_is_released_too(tmp_path: Path) -> None:
     """Redis: the releaser of a room finds everything it waited for published and ends,
     while (during its look at Redis) another message of the room is held behind one a

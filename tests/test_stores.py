@@ -439,3 +439,36 @@ def test_memory_rooms_published_to_without_members_expire_after_room_ttl() -> No
     now[0] = 100
     post("another")
     assert store.last_id("elsewhere") == 1 and store.last_id("lived-in") == 1
+
+
+def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Stores) -> None:
+    """Redis as the memory store: a room posted to while nobody is in it (``/api/publish``)
+    keeps its sequence and history ``ROOM_TTL`` from that post (before: never joined,
+    they had no expiry and stayed for good); a later post does not extend it, a join
+    takes it off, and a room with members gets none."""
+    if stores.name != "redis":
+        pytest.skip("Redis keys")
+    import redis
+
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis.Redis.from_url(redis_url(10))  # the fixture's database
+
+    def ttls(room: str) -> list[int]:
+        return [client.ttl(key) for key in room_keys(room)[4:]]  # seq, hist
+
+    try:
+        post(stores, "never-joined", "x")
+        assert all(0 < ttl <= 3600 for ttl in ttls("never-joined")), ttls("never-joined")
+        client.expire(room_keys("never-joined")[4], 100)  # as if time had passed
+        client.expire(room_keys("never-joined")[5], 100)
+        post(stores, "never-joined", "y")
+        assert all(0 < ttl <= 100 for ttl in ttls("never-joined")), "extended"
+        stores.rooms.join("never-joined", "c1", ALICE)
+        assert ttls("never-joined") == [-1, -1]
+        post(stores, "never-joined", "z")
+        assert ttls("never-joined") == [-1, -1]  # a room with members keeps its keys
+        stores.rooms.leave("never-joined", "c1", ALICE.user_id)
+        assert all(0 < ttl <= 3600 for ttl in ttls("never-joined"))
+    finally:
+        client.close()

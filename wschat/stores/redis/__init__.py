@@ -220,7 +220,8 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     fast: redis.Redis = Pipelined(client, metrics)  # type: ignore[assignment]
     node = Node()
     broker = RedisBroker(fast, metrics)
-    messages = RedisMessageStore(fast, settings.history_size, metrics, settings.presence_ttl)
+    messages = RedisMessageStore(fast, settings.history_size, metrics, settings.presence_ttl,
+                                 room_ttl=settings.room_ttl)
     messages.delivering = broker.healthy
     stores = RedisStores(
         RedisRoomStore(fast, node, settings.room_ttl, metrics),

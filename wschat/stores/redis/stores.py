@@ -161,9 +161,11 @@ class RedisMessageStore(MessageStore):
     checks_recipient = True  # post_dm(recipient_online=None): dm_online.lua
 
     def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None,
-                 presence_ttl: float = 30.0, replay_max_bytes: int = REPLAY_MAX_BYTES) -> None:
+                 presence_ttl: float = 30.0, replay_max_bytes: int = REPLAY_MAX_BYTES,
+                 room_ttl: float = 3600.0) -> None:
         self._client = client
         self._size = history_size
+        self._room_ttl = int(room_ttl)  # a room posted to while nobody is in it
         self._replay_max_bytes = replay_max_bytes
         self._live_ms = live_window_ms(presence_ttl)  # dm_heard.lua's fresh_ms
         self._metrics = metrics
@@ -236,7 +238,8 @@ class RedisMessageStore(MessageStore):
             script_keys.append(dedupe_key(f"{PREFIX}{{r:{room}}}:", user_id,
                                            draft.client_msg_id))
         script_keys, args = charged(script_keys, [
-            draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms, self._size], charge)
+            draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms, self._size,
+            self._room_ttl], charge)
         return self._posted(self._post_room(keys=script_keys, args=args), draft, room)
 
     @guarded
@@ -335,7 +338,8 @@ class RedisMessageStore(MessageStore):
                 keys = room_keys(m.room)
                 self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
                                            held_key(m.room)],
-                                     args=[m.msg_id, m.event, self._size], client=pipe)
+                                     args=[m.msg_id, m.event, self._size, self._room_ttl],
+                                     client=pipe)
             # The database numbers DMs while persistence is on: Redis's sequence follows
             # it, so that turning persistence off again reuses no id a client holds.
             dm_ids = [m.msg_id for m in messages if m.room is None]

@@ -5,8 +5,17 @@
 -- not sent back), {1, "<id> <timestamp_ms>"} for a retry (take_id.lua), or
 -- {2, retry_after_ms} when a bucket refused.
 -- KEYS: seq hist channel [dedupe] [buckets...]
--- ARGV: prefix suffix dedupe_ttl timestamp_ms history_size [rate burst cost]... NB
+-- ARGV: prefix suffix dedupe_ttl timestamp_ms history_size room_ttl [rate burst cost]... NB
 redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+-- A room nobody is in (posted to through the server API) keeps its sequence and history
+-- ARGV[6] seconds (ROOM_TTL) from this post, as after its last leave (never joined, they
+-- stayed for good); an emptied room's TTL runs on. join.lua takes it off. Its conns
+-- key is named here, not in KEYS (as gate.lua's): the same hash tag, so the same slot.
+if redis.call('TTL', KEYS[1]) == -1
+    and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
 redis.call('PUBLISH', KEYS[3], '\n' .. msg)
 return {0, n}
