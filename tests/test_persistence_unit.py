@@ -922,7 +922,7 @@ def test_a_room_published_to_from_the_log_without_members_expires_in_redis() -> 
     seq, hist = room_keys(room)[4:]
     try:
         event = draft_message(room, "api", "system", "x", 1, None).with_id(1)
-        assert inner.publish_stored([Stored(1, event, room)]) == [1]
+        assert inner.publish_stored([Stored(1, event, room, "system")]) == [1]
         assert 0 < client.ttl(seq) <= 600 and 0 < client.ttl(hist) <= 600
     finally:
         client.delete(seq, hist)

@@ -450,7 +450,10 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
         pytest.skip("Redis keys")
     import redis
 
+    from wschat.stores.base import API_USER
     from wschat.stores.redis.keys import room_keys
+
+    API = User(API_USER, "the server API")
 
     client = redis.Redis.from_url(redis_url(10))  # the fixture's database
 
@@ -458,15 +461,17 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
         return [client.ttl(key) for key in room_keys(room)[4:]]  # seq, hist
 
     try:
-        post(stores, "never-joined", "x")
+        post(stores, "a-member-posts", "x")  # a member's post (she left meanwhile) sets none
+        assert ttls("a-member-posts") == [-1, -1]
+        post(stores, "never-joined", "x", user=API)
         assert all(0 < ttl <= 3600 for ttl in ttls("never-joined")), ttls("never-joined")
         client.expire(room_keys("never-joined")[4], 100)  # as if time had passed
         client.expire(room_keys("never-joined")[5], 100)
-        post(stores, "never-joined", "y")
+        post(stores, "never-joined", "y", user=API)
         assert all(0 < ttl <= 100 for ttl in ttls("never-joined")), "extended"
         stores.rooms.join("never-joined", "c1", ALICE)
         assert ttls("never-joined") == [-1, -1]
-        post(stores, "never-joined", "z")
+        post(stores, "never-joined", "z", user=API)
         assert ttls("never-joined") == [-1, -1]  # a room with members keeps its keys
         stores.rooms.leave("never-joined", "c1", ALICE.user_id)
         assert all(0 < ttl <= 3600 for ttl in ttls("never-joined"))

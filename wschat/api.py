@@ -29,7 +29,7 @@ from .protocol import (
     ErrorCode, History, ProtocolError, SendDm, SendMessage, draft_dm, draft_message,
     parse_command,
 )
-from .stores.base import InboxFull, Unavailable
+from .stores.base import API_USER, InboxFull, Unavailable
 from .stores.moderation import until_ms, until_of
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wschat.api")
 
-SYSTEM_USER = "system"  # the user_id of everything the API posts (reserved: see auth)
+SYSTEM_USER = API_USER  # the user_id of everything the API posts (reserved: see auth)
 MAX_BODY_BYTES = 256 * 1024
 MAX_NAME_CHARS = 64
 MAX_DURATION = 10 * 365 * 86400

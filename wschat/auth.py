@@ -31,7 +31,7 @@ log = logging.getLogger("wschat.auth")
 
 MAX_USERNAME_CHARS = 64
 MAX_SUB_CHARS = 128
-RESERVED_SUB = "system"  # the server API's user_id (wschat.api.SYSTEM_USER)
+RESERVED_SUB = "system"  # the server API's user_id (wschat.stores.base.API_USER)
 JWKS_MIN_INTERVAL = 30.0  # at most one JWKS fetch per this many seconds
 JWKS_MAX_AGE = 300.0  # refetch keys this old (key rotation), still at most once per interval
 JWKS_FETCH_TIMEOUT = 5.0

@@ -121,6 +121,12 @@ def newest_within(events: list[bytes], max_bytes: int, at_least_one: bool = Fals
     return events, False
 
 
+#: The user_id of everything the server API posts (``/api/publish``: reserved, see
+#: auth). Its posts are the only ones into a room nobody is in, so only they start
+#: that room's ``ROOM_TTL`` (every other sender is a member).
+API_USER = "system"
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     """A message the durable log has numbered and committed, ready to be published."""

@@ -192,7 +192,7 @@ class DurableMessageStore(MessageStore):
         fresh: list[tuple[Job, Stored]] = []
         for job in batch:
             if isinstance(job, RoomPost) and not job.duplicate:
-                fresh.append((job, Stored(job.msg_id, job.event, job.room)))
+                fresh.append((job, Stored(job.msg_id, job.event, job.room, job.user_id)))
             elif isinstance(job, DmPost) and not job.duplicate and not job.inbox_full:
                 fresh.append((job, Stored(job.msg_id, job.event, None, job.sender_id,
                                           job.recipient_id if job.delivered else "")))

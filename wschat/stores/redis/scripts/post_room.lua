@@ -8,11 +8,12 @@
 -- ARGV: prefix suffix dedupe_ttl timestamp_ms history_size room_ttl [rate burst cost]... NB
 redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
--- A room nobody is in (posted to through the server API) keeps its sequence and history
--- ARGV[6] seconds (ROOM_TTL) from this post, as after its last leave (never joined, they
--- stayed for good); an emptied room's TTL runs on. join.lua takes it off. Its conns
--- key is named here, not in KEYS (as gate.lua's): the same hash tag, so the same slot.
-if redis.call('TTL', KEYS[1]) == -1
+-- A room nobody is in (the server API's posts, the only ones that pass a nonzero
+-- ARGV[6]: a member's post skips these two commands) keeps its sequence and history
+-- ARGV[6] seconds (ROOM_TTL) from this post, as after its last leave (never joined,
+-- they stayed for good); an emptied room's TTL runs on. join.lua takes it off. Its
+-- conns key is named here, not in KEYS (as gate.lua's): same hash tag, same slot.
+if ARGV[6] ~= '0' and redis.call('TTL', KEYS[1]) == -1
     and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])

@@ -22,11 +22,12 @@ while msg do
 end
 redis.call('SET', KEYS[1], seq, 'KEEPTTL')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
--- A room nobody is in (posted to through the server API) keeps its sequence and history
--- ARGV[4] seconds (ROOM_TTL) from this post, as after its last leave (never joined, they
--- stayed for good); an emptied room's TTL runs on. join.lua takes it off. Its conns
--- key is named here, not in KEYS (as gate.lua's): the same hash tag, so the same slot.
-if redis.call('TTL', KEYS[1]) == -1
+-- A room nobody is in (the server API's posts, the only ones that pass a nonzero
+-- ARGV[4]: a member's post skips these two commands) keeps its sequence and history
+-- ARGV[4] seconds (ROOM_TTL) from this post, as after its last leave (never joined,
+-- they stayed for good); an emptied room's TTL runs on. join.lua takes it off. Its
+-- conns key is named here, not in KEYS (as gate.lua's): same hash tag, same slot.
+if ARGV[4] ~= '0' and redis.call('TTL', KEYS[1]) == -1
     and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
