@@ -1,7 +1,7 @@
 /** Reconnect delays and the close-code policy (README "Close codes"). */
 
 export interface BackoffOptions {
-  /** First delay's upper bound, ms (default 500). */
+  /** Shortest delay, ms (default 500): attempt 0 waits between this and twice this. */
   minDelay?: number;
   /** Largest delay, ms (default 20000). */
   maxDelay?: number;
@@ -10,16 +10,27 @@ export interface BackoffOptions {
 }
 
 /**
- * "Full jitter": a uniformly random delay in [0, min(maxDelay, minDelay * 2^attempt)).
- * Attempt 0 waits at most `minDelay`, so a server's 1001 sends its clients back at once
- * but spread over half a second instead of all in the same millisecond.
+ * Exponential backoff with full jitter, as centrifuge-js does and as the Python and Rust clients
+ * compute it: `minDelay + rand(0, min(maxDelay, minDelay * 2^attempt))` ms, capped at `maxDelay`.
+ * Never below `minDelay`: a retry is not sent back at ~0 ms (the jitter only spreads a fleet of
+ * clients over the range). The one "at once" case, a 1001 after a connection that stayed up, is
+ * `goingAwayDelay`.
  */
 export function backoffDelay(attempt: number, opts: BackoffOptions = {}): number {
   const min = opts.minDelay ?? 500;
   const max = opts.maxDelay ?? 20_000;
   const random = opts.random ?? Math.random;
-  const cap = Math.min(max, min * 2 ** Math.min(attempt, 30));
-  return Math.floor(random() * cap);
+  const cap = Math.min(max, min * 2 ** Math.min(Math.max(attempt, 0), 30));
+  return Math.floor(Math.min(max, min + random() * cap));
+}
+
+/**
+ * The delay after the server said it is going away (1001, a deploy) on a connection that stayed
+ * up: "at once", but spread over `[0, minDelay)` so a pod's clients do not all land in the same
+ * millisecond (the Python `Backoff.after_close` and Rust `going_away_delay` alike).
+ */
+export function goingAwayDelay(opts: BackoffOptions = {}): number {
+  return Math.floor((opts.random ?? Math.random)() * (opts.minDelay ?? 500));
 }
 
 export type ClosePolicy =
@@ -32,7 +43,7 @@ export type ClosePolicy =
   /** Do not reconnect: the client or its credentials must change. */
   | "terminal";
 
-/** The pause before reconnecting after 4101/4102, ms. */
+/** The least wait before reconnecting after 4101/4102, ms (Python's `Backoff.pause`). */
 export const PAUSE_DELAY = 5_000;
 
 /**
@@ -47,6 +58,19 @@ export function closePolicy(code: number): ClosePolicy {
   if (code >= 4000) return "terminal";
   if ([1002, 1003, 1007, 1008, 1009, 1010].includes(code)) return "terminal";
   return "reconnect";
+}
+
+/**
+ * The wait before reconnect attempt `attempt` after close `code` (or a refused upgrade's status)
+ * whose `policy` reconnects, ms, as the Python client's `Backoff.after_close`/`after_refusal`
+ * compute it: 1001 at attempt 0 (the connection stayed up) `goingAwayDelay`; otherwise
+ * `backoffDelay`, at least `PAUSE_DELAY` for a `"pause"` (4101, 4102); and never less than
+ * `retryAfter` (ms: the server's `retry_after_ms` or a refusal's `Retry-After` still to run).
+ */
+export function reconnectDelay(code: number, policy: ClosePolicy, attempt: number, opts: BackoffOptions = {}, retryAfter = 0): number {
+  let delay = code === 1001 && attempt === 0 ? goingAwayDelay(opts) : backoffDelay(attempt, opts);
+  if (policy === "pause") delay = Math.max(delay, PAUSE_DELAY);
+  return Math.min(MAX_TIMER_DELAY, Math.max(delay, retryAfter));
 }
 
 /**

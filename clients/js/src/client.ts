@@ -3,7 +3,7 @@
  * rejoins its rooms with `since`, and resends unacknowledged sends, so that the app sees
  * every message once and in order.
  */
-import { backoffDelay, closePolicy, type ClosePolicy, HEARTBEAT_DEFAULT, MAX_TIMER_DELAY, PAUSE_DELAY, refusalPolicy, retryAfterMs, serverHeartbeatInterval, serverRetryAfterMs } from "./backoff.js";
+import { backoffDelay, closePolicy, type ClosePolicy, HEARTBEAT_DEFAULT, MAX_TIMER_DELAY, reconnectDelay, refusalPolicy, retryAfterMs, serverHeartbeatInterval, serverRetryAfterMs } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
@@ -43,7 +43,7 @@ export interface ClientOptions {
   username?: string;
   /** The WebSocket class. Default: the global one, else `ws` (Node 20). */
   WebSocket?: WebSocketConstructor;
-  /** Reconnect backoff: full jitter between 0 and min(max, min * 2^attempt) ms. */
+  /** Reconnect backoff, ms (500 / 20000): `min + rand(0, min(max, min * 2^attempt))`, at most max (`backoffDelay`). */
   minReconnectDelay?: number;
   maxReconnectDelay?: number;
   /**
@@ -452,14 +452,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
   }
 
-  private scheduleReconnect(code: number, reason: string, policy: string): void {
-    let delay = backoffDelay(this.attempt, {
-      minDelay: this.opts.minReconnectDelay,
-      maxDelay: this.opts.maxReconnectDelay,
-      random: this.opts.random,
-    });
-    if (policy === "pause") delay += PAUSE_DELAY;
-    delay = Math.min(MAX_TIMER_DELAY, Math.max(delay, this.retryAfterUntil - Date.now()));
+  private scheduleReconnect(code: number, reason: string, policy: ClosePolicy): void {
+    const backoff = { minDelay: this.opts.minReconnectDelay, maxDelay: this.opts.maxReconnectDelay, random: this.opts.random };
+    const delay = reconnectDelay(code, policy, this.attempt, backoff, this.retryAfterUntil - Date.now());
     this.attempt++;
     this.setState("connecting");
     this.emit("connecting", { attempt: this.attempt, delay, code, reason });
@@ -1271,10 +1266,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.flush();
   }
 
-  /** Backoff for requests the server could not serve (`unavailable`): 100 ms .. 5 s, jittered. */
+  /** Backoff for requests the server could not serve (`unavailable`): 250 ms .. 5 s, jittered. */
   private retryDelay(): number {
-    const delay = backoffDelay(this.retryAttempt++, { minDelay: 250, maxDelay: 5000, random: this.opts.random });
-    return Math.max(100, delay);
+    return backoffDelay(this.retryAttempt++, { minDelay: 250, maxDelay: 5000, random: this.opts.random });
   }
 
   private rejectSend(cmid: string, err: ChatError): void {

@@ -1,7 +1,7 @@
 export { ChatClient, jwtExpiry, randomId } from "./client.js";
 export type { ClientOptions, UrlInfo } from "./client.js";
 export { ChatError, RETRYABLE_CODES } from "./errors.js";
-export { backoffDelay, closePolicy, PAUSE_DELAY, refusalPolicy, retryAfterMs, serverHeartbeatInterval, serverRetryAfterMs } from "./backoff.js";
+export { backoffDelay, closePolicy, goingAwayDelay, PAUSE_DELAY, reconnectDelay, refusalPolicy, retryAfterMs, serverHeartbeatInterval, serverRetryAfterMs } from "./backoff.js";
 export type { BackoffOptions, ClosePolicy } from "./backoff.js";
 export { Outbox, memoryOutbox, webStorageOutbox } from "./outbox.js";
 export { Pacer, PACE_MARGIN } from "./pacer.js";

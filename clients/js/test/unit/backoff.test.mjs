@@ -1,22 +1,44 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { backoffDelay, closePolicy, PAUSE_DELAY, refusalPolicy, retryAfterMs } from "../../dist/index.mjs";
+import { backoffDelay, closePolicy, goingAwayDelay, PAUSE_DELAY, reconnectDelay, refusalPolicy, retryAfterMs } from "../../dist/index.mjs";
 
-test("backoff: full jitter between 0 and min(max, min * 2^attempt)", () => {
+test("backoff: min + full jitter up to min(max, min * 2^attempt), capped at max, as in the Python and Rust clients", () => {
   const top = () => 0.999999;
   const caps = [0, 1, 2, 3, 4, 5, 6, 10, 50].map((n) => backoffDelay(n, { random: top }));
-  assert.deepEqual(caps, [499, 999, 1999, 3999, 7999, 15999, 19999, 19999, 19999]);
-  for (let n = 0; n < 12; n++) assert.equal(backoffDelay(n, { random: () => 0 }), 0);
-  assert.equal(backoffDelay(3, { random: () => 0.5 }), 2000);
-  assert.equal(backoffDelay(2, { minDelay: 100, maxDelay: 300, random: top }), 299);
+  assert.deepEqual(caps, [999, 1499, 2499, 4499, 8499, 16499, 20000, 20000, 20000]);
+  for (let n = 0; n < 12; n++) assert.equal(backoffDelay(n, { random: () => 0 }), 500, "never below minDelay: no retry at ~0 ms");
+  // The cases of Rust's grows_exponentially_within_bounds and Python's test_backoff.
+  assert.equal(backoffDelay(0, { random: () => 1 }), 1000);
+  assert.equal(backoffDelay(1, { random: () => 1 }), 1500);
+  assert.equal(backoffDelay(3, { random: () => 1 }), 4500);
+  assert.equal(backoffDelay(3, { random: () => 0.5 }), 2500);
+  assert.equal(backoffDelay(2 ** 40, { random: top }), 20000);
+  assert.equal(backoffDelay(4, { minDelay: 1000, maxDelay: 60_000, random: () => 0 }), 1000);
+  assert.equal(backoffDelay(2, { minDelay: 100, maxDelay: 300, random: top }), 300);
 });
 
-test("backoff: the delays spread (no reconnect storm)", () => {
+test("backoff: the delays spread (no reconnect storm), never under minDelay", () => {
   const delays = Array.from({ length: 1000 }, () => backoffDelay(0));
-  assert.ok(Math.min(...delays) >= 0 && Math.max(...delays) < 500);
+  assert.ok(Math.min(...delays) >= 500 && Math.max(...delays) < 1000);
   const buckets = new Set(delays.map((d) => Math.floor(d / 50)));
-  assert.equal(buckets.size, 10, "a thousand first attempts fall into every 50 ms slot of the first 500 ms");
+  assert.equal(buckets.size, 10, "a thousand first attempts fall into every 50 ms slot of 500 .. 1000 ms");
+});
+
+test("reconnect delay: 1001 after a stable connection at once (spread), 4101/4102 at least the pause, never before retry_after", () => {
+  const half = { random: () => 0.5 };
+  assert.equal(goingAwayDelay(half), 250);
+  assert.equal(goingAwayDelay({ random: () => 0 }), 0);
+  assert.equal(reconnectDelay(1001, "reconnect", 0, half), 250, "going away, the connection stayed up: within minDelay");
+  assert.equal(reconnectDelay(1001, "reconnect", 2, half), 1500, "going away again at once: the backoff grows");
+  assert.equal(reconnectDelay(1001, "reconnect", 0, half, 3000), 3000, "not before a retry_after");
+  assert.equal(reconnectDelay(1006, "reconnect", 0, half), 750);
+  assert.equal(reconnectDelay(4102, "pause", 0, half), PAUSE_DELAY, "the pause is a floor, not added");
+  assert.equal(reconnectDelay(4102, "pause", 6, half), 10_500, "past the pause, the backoff");
+  assert.equal(reconnectDelay(4102, "pause", 0, half, 9000), 9000);
+  assert.equal(reconnectDelay(503, "reconnect", 1, half, 5000), 5000, "a refusal's Retry-After");
+  assert.equal(reconnectDelay(503, "reconnect", 0, half, -20), 750, "a Retry-After that ran out");
+  assert.equal(reconnectDelay(1006, "reconnect", 0, half, 1e12), 2 ** 31 - 1, "no timer over 2^31-1 ms");
 });
 
 test("close codes: which reconnect, which pause, which need a token, which stop", () => {

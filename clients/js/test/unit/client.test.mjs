@@ -44,7 +44,7 @@ test("state machine: disconnected -> connecting -> connected, reconnect on 1006,
   assert.equal(c.state, "connecting");
   const [lost] = events("connecting").filter((e) => e.code === 1006);
   assert.equal(lost.attempt, 1);
-  assert.equal(lost.delay, 5, "full jitter: 0.5 x min(max, 10 ms x 2^0)");
+  assert.equal(lost.delay, 15, "10 ms + full jitter: 0.5 x min(max, 10 ms x 2^0)");
   await until(() => c.state === "connected", "the reconnect");
   assert.equal(server.sockets.length, 2);
   c.disconnect();
@@ -86,7 +86,7 @@ test("state machine: exponential backoff while the server stays away; attempts c
   await until(() => events("connecting").length >= 4, "four attempts");
   c.disconnect();
   const delays = events("connecting").slice(0, 3).map((e) => e.delay);
-  assert.deepEqual(delays, [9, 19, 39]);
+  assert.deepEqual(delays, [19, 29, 49], "10 ms + 0.999 x 10, 20, 40 ms");
 });
 
 for (const code of [1013, 1001, 1011, 4100]) {
@@ -106,11 +106,12 @@ for (const code of [1013, 1001, 1011, 4100]) {
       await until(() => events("connecting").length >= 4, "four closes");
       closing = false;
       const delays = events("connecting").slice(0, 4).map((e) => e.delay);
-      assert.deepEqual(delays, [5, 10, 20, 40]);
+      // 10 ms + 0.5 x 10, 20, 40, 80 ms; a 1001 at attempt 0 within 10 ms (going away).
+      assert.deepEqual(delays, [code === 1001 ? 5 : 15, 20, 30, 50]);
       await until(() => c.state === "connected", "a connection that stays up");
       await tick(200); // longer than stableAfter
       server.drop(server.last, code, "after a while");
-      assert.equal(events("connecting").at(-1).delay, 5, "the backoff starts again after a stable connection");
+      assert.equal(events("connecting").at(-1).delay, code === 1001 ? 5 : 15, "the backoff starts again after a stable connection");
     } finally {
       c.disconnect();
     }
