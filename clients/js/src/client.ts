@@ -196,7 +196,8 @@ export class ChatClient extends Emitter<ClientEvents> {
    * written again.
    */
   private orphans = new Map<string, ChatError>();
-  private sendWaiters = new Map<string, Waiter<ChatMessage | DirectMessage>>();
+  /** Who waits for each pending send: a send again with the same `clientMsgId` adds a waiter. */
+  private sendWaiters = new Map<string, Waiter<ChatMessage | DirectMessage>[]>();
   /** The send window, pauses, and the pace after `rate_limited`. */
   private readonly pacer: Pacer;
   private retryAttempt = 0;
@@ -485,11 +486,14 @@ export class ChatClient extends Emitter<ClientEvents> {
         w.reject(new ChatError("disconnected", `the client disconnected before ${room.name} was joined`));
       }
     }
-    for (const [cmid, w] of this.sendWaiters) {
-      if (w.timer === undefined) continue;
-      this.sendWaiters.delete(cmid);
-      clearTimeout(w.timer);
-      w.reject(new ChatError("disconnected", "the client disconnected; the send stays in the outbox"));
+    for (const [cmid, waiters] of this.sendWaiters) {
+      const timed = waiters.filter((w) => w.timer !== undefined);
+      if (timed.length === waiters.length) this.sendWaiters.delete(cmid);
+      else this.sendWaiters.set(cmid, waiters.filter((w) => w.timer === undefined));
+      for (const w of timed) {
+        clearTimeout(w.timer);
+        w.reject(new ChatError("disconnected", "the client disconnected; the send stays in the outbox"));
+      }
     }
     if (error) this.emit("error", error);
     this.setState("disconnected");
@@ -1039,7 +1043,10 @@ export class ChatClient extends Emitter<ClientEvents> {
   /**
    * Sends `text` to `room` and resolves with the message as the server stored it (its
    * echo). Until then it is kept in the outbox and resent after a reconnect; the server
-   * deduplicates by `client_msg_id`, so it is delivered once.
+   * deduplicates by `client_msg_id`, so it is delivered once. A send again with the
+   * `clientMsgId` of one still pending (an application retrying after a timeout) waits for
+   * that same send, as in the Python client: nothing is written twice, and it resolves or
+   * rejects with the first one's echo or refusal (the first one's room and text are sent).
    */
   send(room: string, text: string, opts: { clientMsgId?: string; timeout?: number } = {}): Promise<ChatMessage> {
     if (!this.rooms.has(room)) {
@@ -1073,22 +1080,25 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   private enqueue(entry: OutboxEntry, timeout?: number): Promise<ChatMessage | DirectMessage> {
     this.restoreOutbox(); // before this send is saved over what the storage kept
-    if (this.outbox.has(entry.client_msg_id)) {
-      return handled(Promise.reject(new ChatError("invalid_message", `client_msg_id ${entry.client_msg_id} is already pending`)));
-    }
-    if (this.outbox.full) {
+    // The same clientMsgId still pending: wait for that send (Python's Outbox.add returns it).
+    const pending = this.outbox.has(entry.client_msg_id);
+    if (!pending && this.outbox.full) {
       return handled(Promise.reject(new ChatError("outbox_full", `${this.outbox.limit} sends are already waiting`)));
     }
+    const cmid = entry.client_msg_id;
     return handled(new Promise((resolve, reject) => {
       const waiter: Waiter<ChatMessage | DirectMessage> = { resolve, reject };
       const ms = timeout ?? this.opts.sendTimeout ?? 0;
       if (ms > 0) {
         waiter.timer = setTimeout(() => {
-          this.sendWaiters.delete(entry.client_msg_id);
+          const rest = (this.sendWaiters.get(cmid) ?? []).filter((w) => w !== waiter);
+          if (rest.length > 0) this.sendWaiters.set(cmid, rest);
+          else this.sendWaiters.delete(cmid);
           reject(new ChatError("timeout", "not acknowledged in time; it stays in the outbox"));
         }, ms);
       }
-      this.sendWaiters.set(entry.client_msg_id, waiter);
+      this.sendWaiters.set(cmid, [...(this.sendWaiters.get(cmid) ?? []), waiter]);
+      if (pending) return;
       this.outbox.add(entry);
       this.flush();
     }));
@@ -1197,12 +1207,11 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.orphans.delete(cmid);
     this.retryAttempt = 0;
     this.pacer.acknowledged(Date.now(), inFlight);
-    const waiter = this.sendWaiters.get(cmid);
-    if (waiter) {
-      this.sendWaiters.delete(cmid);
+    for (const waiter of this.sendWaiters.get(cmid) ?? []) {
       clearTimeout(waiter.timer);
       waiter.resolve(m);
     }
+    this.sendWaiters.delete(cmid);
     this.emit("ack", m);
     this.flush();
   }
@@ -1272,11 +1281,12 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   private rejectSend(cmid: string, err: ChatError): void {
-    const waiter = this.sendWaiters.get(cmid);
-    if (!waiter) return;
+    const waiters = this.sendWaiters.get(cmid) ?? [];
     this.sendWaiters.delete(cmid);
-    clearTimeout(waiter.timer);
-    waiter.reject(err);
+    for (const waiter of waiters) {
+      clearTimeout(waiter.timer);
+      waiter.reject(err);
+    }
   }
 
   // -- reads -------------------------------------------------------------------------------

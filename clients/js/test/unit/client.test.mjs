@@ -1301,3 +1301,41 @@ test("sends: another member's message or dm carrying our clientMsgId acknowledge
   assert.deepEqual([mine.text, mine.user_id, mine.id], ["second", ws.user.user_id, 3]);
   assert.equal(ws.sent.filter((f) => f.type === "message" && f.client_msg_id === "c2").length, 1, "written once");
 });
+
+test("sends: a send again with the clientMsgId of one still pending waits for that send, as in the Python client; written once", async (t) => {
+  // It was refused at once with invalid_message ("already pending"): an application retrying
+  // a send that timed out, with the same id so that the server deduplicates, got an error.
+  const { server, c } = setup();
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  server.holdEchoes = true; // stored, its echo late
+  const first = c.send("r", "hello", { clientMsgId: "same", timeout: 20 });
+  await assert.rejects(first, (e) => e.code === "timeout");
+  const again = c.send("r", "hello", { clientMsgId: "same" });
+  const third = c.dm("bob", "other text", { clientMsgId: "same" }); // the first one's room and text go
+  const ws = server.last;
+  server.holdEchoes = false;
+  server.push(ws, server.room("r").messages[0]);
+  const [a, b] = await within(Promise.all([again, third]), 2000, "the repeated sends");
+  assert.deepEqual([a.id, a.text, a.client_msg_id], [1, "hello", "same"]);
+  assert.equal(b, a, "the same echo");
+  assert.equal(ws.sent.filter((f) => f.client_msg_id === "same").length, 1, "written once");
+  assert.equal(server.room("r").messages.length, 1);
+});
+
+test("sends: a refusal rejects every caller waiting for the same clientMsgId; full outbox still takes the repeat", async (t) => {
+  const { server, c } = setup({ outboxLimit: 1 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  server.replies.push((ws, f) => {
+    if (f.type !== "message") return false;
+    server.push(ws, { type: "error", id: f.id, code: "message_too_large", message: "too long" });
+    return true;
+  });
+  const first = c.send("r", "x".repeat(10), { clientMsgId: "big" });
+  const again = c.send("r", "x".repeat(10), { clientMsgId: "big" }); // the outbox (1) is full: not a new send
+  for (const p of [first, again]) await assert.rejects(within(p, 2000, "the refusal"), (e) => e.code === "message_too_large");
+  assert.equal(server.last.sent.filter((f) => f.type === "message").length, 1, "written once");
+});
