@@ -323,3 +323,48 @@ async def test_outbox_resend(harness: Harness) -> None:
     assert sorted(d.text for d in got) == sorted(f"dm {i}" for i in range(10))
     assert sorted(d.id for d in got) == sorted(dm_ids) and len(set(dm_ids)) == 10
     await close_all(a, b)
+
+
+async def test_many_rooms_rejoined_by_two_tabs_are_paced_not_cut_off(harness: Harness) -> None:
+    """70 rooms joined, then rejoined after a cut, by two connections of one user at once:
+    they share the user's request bucket (RATE_LIMIT_REQUESTS_BURST 5 here). Every join
+    was written at once: 5 joined, then 2 x RATE_LIMIT_BURST (20) refusals in a row and the
+    connection closed with 4102, reconnected and did it again. Now at most 4 joins are on
+    the wire and a refused one holds them all back until its retry_after_ms: every room
+    ends joined, on both, and nothing is closed. The refusals in a row: the window's 4,
+    and a few more when the other tab keeps taking the tokens (each doubles the pause)."""
+    server = await harness.server("memory", env={
+        "RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "50", "RATE_LIMIT_REQUESTS_BURST": "5"})
+    rooms = [f"many-{i}" for i in range(70)]
+    tabs = [await connected(harness, server["url"], "tab") for _ in range(2)]
+    refusals: list[list[str]] = [[], []]
+    for n, (client, _) in enumerate(tabs):
+        original = client._dispatch
+
+        def dispatch(raw: Any, original: Any = original, seen: list[str] = refusals[n]) -> None:
+            if '"rate_limited"' in str(raw):
+                seen.append("refused")
+            elif '"joined"' in str(raw):
+                seen.append("joined")
+            original(raw)
+        client._dispatch = dispatch  # type: ignore[method-assign]
+    joined = await asyncio.wait_for(asyncio.gather(
+        *(client.join(room, timeout=LONG) for client, _ in tabs for room in rooms)), LONG)
+    assert len(joined) == 140
+    for client, rec in tabs:
+        cut(client)
+    for client, rec in tabs:
+        await rec.wait_for(lambda rec=rec: len(rec.of("connected")) >= 2, LONG, "the reconnect")
+        await rec.wait_for(lambda rec=rec: len(rec.of("joined")) >= 140, LONG, "the rejoins")
+    for client, rec in tabs:
+        assert [d.code for d in rec.of("disconnected") if d.code != 1006] == [], refusals
+        assert all(r.state.value == "joined" for r in client.rooms.values()), client.rooms
+        assert len(client.rooms) == 70
+    for seen in refusals:
+        run = longest = 0
+        for what in seen:
+            run = run + 1 if what == "refused" else 0
+            longest = max(longest, run)
+        assert "refused" in seen, "the bucket was never empty: the test tests nothing"
+        assert longest < 20, f"{longest} refusals in a row: {''.join(w[0] for w in seen)}"
+    await close_all(*(client for client, _ in tabs))

@@ -8,7 +8,7 @@ from itertools import count, pairwise
 
 import pytest
 
-from wschat_client.pacer import Pacer
+from wschat_client.pacer import JOIN_WINDOW, JoinPacer, Pacer
 
 
 def drain(pacer: Pacer, now: float, waiting: int, in_flight: int = 0) -> int:
@@ -253,3 +253,78 @@ def test_a_round_trip_longer_than_ten_intervals_does_not_relearn_the_pace() -> N
     acknowledgements it is learnt once (4)."""
     assert simulate(300, rate=20, burst=20, latency=0.3) <= 6
     assert simulate(300, rate=20, burst=20, latency=0.01) <= 20  # a short one: about a window
+
+
+def test_joins_go_a_window_at_a_time() -> None:
+    """A reconnect's 70 rejoins: JOIN_WINDOW (4) on the wire, the next when one is answered."""
+    joins = JoinPacer(random=lambda: 0.5)
+    for key in range(JOIN_WINDOW):
+        assert joins.next_at(0.0) == 0.0
+        joins.sent(key, 0.0)
+    assert joins.next_at(0.0) is None
+    assert joins.joined(0, 0.01)
+    assert not joins.joined(0, 0.01), "answered already"
+    assert joins.next_at(0.01) == 0.01
+
+
+def test_a_rate_limited_join_holds_every_join_until_retry_after_then_one_at_a_time() -> None:
+    """The window refused together: nothing before retry_after_ms, then one join, and the
+    rest at the pace learnt; only the window's joins were refused in a row."""
+    joins = JoinPacer(random=lambda: 0.5)
+    for key in range(4):
+        joins.sent(key, 0.0)
+    assert joins.joined(0, 0.001)
+    for key in (1, 2, 3):  # the bucket is empty: the rest of the window is refused
+        assert joins.refused(key, 0.002, 0.1)
+    assert joins.next_at(0.002) == pytest.approx(0.102)
+    joins.sent(4, 0.102)
+    assert joins.next_at(0.102) is None, "one at a time after a refusal"
+    assert joins.joined(4, 0.103)
+    at = joins.next_at(0.103)
+    assert at is not None and at > 0.103 + 0.09, "paced at the server's rate, about 0.1 s"
+
+
+def test_a_join_refused_again_after_the_pause_doubles_it_with_jitter() -> None:
+    """Another tab of the user took the tokens: each join refused after a refusal waits
+    twice as long as the one before (times 1 to 2, the jitter), until a joined."""
+    rnd = iter([0.0] * 7 + [1.0])
+    joins = JoinPacer(random=lambda: next(rnd))
+    joins.sent("a", 0.0)
+    joins.refused("a", 0.0, 0.1)
+    assert joins.next_at(0.0) == pytest.approx(0.1)
+    now, waits = 0.1, []
+    for n in range(8):
+        joins.sent(n, now)
+        joins.refused(n, now, 0.1)
+        at = joins.next_at(now)
+        assert at is not None
+        waits.append(round(at - now, 6))
+        now = at
+    assert waits[:7] == [0.2, 0.4, 0.8, 1.6, 3.2, 3.2, 3.2], "at most 32 times retry_after"
+    assert waits[7] == 6.4, "the jitter: up to twice that"
+    joins.sent("b", now)
+    assert joins.joined("b", now)
+    joins.sent("c", now + 1)
+    joins.refused("c", now + 1, 0.1)
+    assert joins.next_at(now + 1) == pytest.approx(now + 1.1), "a joined starts the doubling again"
+
+
+def test_other_join_refusals_free_a_place_and_pause_nothing() -> None:
+    joins = JoinPacer(limit=1)
+    joins.sent("a", 0.0)
+    assert joins.next_at(0.0) is None
+    assert joins.refused("a", 0.0, None)  # unavailable: the client retries it after a backoff
+    assert joins.next_at(0.0) == 0.0
+    assert not joins.refused("zzz", 0.0, 0.1), "none of ours"
+    assert joins.next_at(0.0) == 0.0
+
+
+def test_a_new_connection_forgets_the_joins_on_the_wire_not_the_pause() -> None:
+    joins = JoinPacer()
+    for key in range(4):
+        joins.sent(key, 0.0)
+    joins.refused(0, 0.0, 2.0)
+    joins.reset()
+    assert joins.next_at(1.0) == pytest.approx(2.0), "the bucket is the user's"
+    assert joins.next_at(2.0) == 2.0
+    assert not joins.joined(1, 2.0)

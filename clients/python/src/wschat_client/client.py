@@ -31,7 +31,7 @@ import re
 import sys
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -46,7 +46,7 @@ from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message
                      Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
                      StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
-from .pacer import Pacer
+from .pacer import JOIN_WINDOW, JoinPacer, Pacer
 
 log = logging.getLogger("wschat_client")
 T = TypeVar("T")
@@ -75,6 +75,7 @@ class _Room:
     sync_rid: str | None = None  # a ping behind a replay that may be empty: its answer ends it
     retry: asyncio.TimerHandle | None = None
     joined: Joined | None = None
+    join_queued: bool = False  # waits in the join queue for the join pacer
 
     @property
     def caught_up(self) -> bool:
@@ -143,6 +144,14 @@ class Client:
             a row gets the connection closed (4102). After a ``rate_limited`` refusal
             the window starts again at one send and sends are paced at the server's
             rate (see :class:`~wschat_client.pacer.Pacer`).
+        max_joins_in_flight: joins on the wire at once (4); the rest, a reconnect's
+            rejoins of many rooms too, wait their turn. They draw on the user's request
+            bucket (``RATE_LIMIT_REQUESTS_BURST``, shared by all the user's connections):
+            after a ``rate_limited`` join no join is written before its
+            ``retry_after_ms``, the refused ones go again first, one at a time and then
+            at the server's pace, with a growing pause while they are refused still
+            (:class:`~wschat_client.pacer.JoinPacer`): a few refusals come in a row, not
+            the 2 x ``RATE_LIMIT_BURST`` the server closes with 4102.
         outbox_store: persists the outbox across runs of the app (see
             :class:`FileOutboxStore`).
         ack_timeout: seconds without an echo after which a send is written again on
@@ -157,6 +166,7 @@ class Client:
                  request_timeout: float = 10.0, send_timeout: float | None = None,
                  connect_timeout: float = 10.0, backoff: Backoff | None = None,
                  max_outbox: int = 1000, max_in_flight: int = 16,
+                 max_joins_in_flight: int = JOIN_WINDOW,
                  outbox_store: OutboxStore | None = None, ack_timeout: float = 10.0,
                  typing_idle: float = 3.0,
                  websocket_options: dict[str, Any] | None = None) -> None:
@@ -203,6 +213,12 @@ class Client:
         self._closing = False
         self._retry_after = 0.0  # from the latest rate_limited error, for a 4102
         self._pacer = Pacer(max_in_flight)  # the window, and the pace after rate_limited
+        # Joins wait their turn: at most max_joins_in_flight on the wire, and after a
+        # rate_limited join none before its retry_after_ms, then at the server's pace
+        # (the request bucket is not the sends' bucket: a pacer of their own).
+        self._join_pacer = JoinPacer(max_joins_in_flight, self.backoff.random)
+        self._join_queue: deque[_Room] = deque()
+        self._join_timer: asyncio.TimerHandle | None = None
         self.last_close: Disconnect | None = None
 
     # -- events --------------------------------------------------------------------------
@@ -300,7 +316,7 @@ class Client:
             r = self._rooms[room] = _Room(RoomInfo(room, RoomState.LEFT))
             self._set_room_state(r, RoomState.JOINING)
             if self.state is ConnectionState.CONNECTED:
-                self._send_join(r)
+                self._queue_join(r)
         elif r.info.state is RoomState.JOINED and r.joined is not None:
             return r.joined
         waiter = asyncio.get_running_loop().create_future()
@@ -696,6 +712,48 @@ class Client:
         return written
 
     # -- rooms -------------------------------------------------------------------------------
+    def _queue_join(self, room: _Room, *, first: bool = False) -> None:
+        """Have ``room`` joined as soon as the join pacer lets a join go (``first``: before
+        the rooms already waiting, for a join the server refused)."""
+        room.retry = None
+        if room.join_queued or self._rooms.get(room.info.name) is not room:
+            return
+        room.join_queued = True
+        if first:
+            self._join_queue.appendleft(room)
+        else:
+            self._join_queue.append(room)
+        self._flush_joins()
+
+    def _flush_joins(self) -> None:
+        """Write the queued joins the join pacer lets go now: at most
+        ``max_joins_in_flight`` unanswered; after ``rate_limited`` none before its
+        ``retry_after_ms``, then at the server's pace. Wakes up when the next may go."""
+        if self._join_timer is not None:
+            self._join_timer.cancel()
+            self._join_timer = None
+        if self._out is None:
+            return
+        loop = asyncio.get_running_loop()
+        while self._join_queue:
+            room = self._join_queue[0]
+            if (self._rooms.get(room.info.name) is not room or room.join_rid is not None
+                    or not room.join_queued):
+                self._join_queue.popleft()  # left, or joined some other way meanwhile
+                room.join_queued = False
+                continue
+            now = loop.time()
+            at = self._join_pacer.next_at(now)
+            if at is None:
+                return  # the window is full: an answer frees a place
+            if at > now:
+                self._join_timer = loop.call_at(at, self._flush_joins)
+                return
+            self._join_queue.popleft()
+            room.join_queued = False
+            self._send_join(room)
+            self._join_pacer.sent(room.join_rid, now)
+
     def _send_join(self, room: _Room) -> None:
         room.retry = room.sync_rid = None
         rid = room.join_rid = self._rid()
@@ -708,7 +766,7 @@ class Client:
     def _rejoin(self, room: _Room) -> None:
         """Join again with ``since`` (a gap, or the server forgot us); one at a time."""
         if room.join_rid is None and room.retry is None and self._out is not None:
-            self._send_join(room)
+            self._queue_join(room)
 
     def _on_joined(self, room: _Room, obj: dict[str, Any]) -> None:
         room.join_rid = None
@@ -766,9 +824,14 @@ class Client:
 
     def _join_refused(self, room: _Room, err: ChatError) -> None:
         room.join_rid = None
+        if err.code == "rate_limited":
+            # The request bucket is empty: the join pacer holds every join back until
+            # retry_after_ms, and this one goes again first (its flush wakes up then).
+            self._queue_join(room, first=True)
+            return
         if err.code in RETRYABLE_CODES:
             wait = max(self.backoff.delay(0), (err.retry_after_ms or 0) / 1000)
-            room.retry = asyncio.get_running_loop().call_later(wait, self._send_join, room)
+            room.retry = asyncio.get_running_loop().call_later(wait, self._queue_join, room)
             return
         self._rooms.pop(room.info.name, None)
         self._set_room_state(room, RoomState.LEFT)
@@ -793,6 +856,8 @@ class Client:
         elif kind == "joined":
             request = self._requests.pop(str(obj.get("id")), None)
             room = self._rooms.get(request.room or "") if request else None
+            if self._join_pacer.joined(str(obj.get("id")), asyncio.get_running_loop().time()):
+                self._flush_joins()
             if room is not None and room.join_rid == obj.get("id"):
                 self._on_joined(room, obj)
         elif kind == "error":
@@ -886,9 +951,13 @@ class Client:
         if request is None:
             self._emit("error", err)
         elif request.kind == "join":
+            self._join_pacer.refused(
+                str(rid), asyncio.get_running_loop().time(),
+                (err.retry_after_ms or 1000) / 1000 if err.code == "rate_limited" else None)
             room = self._rooms.get(request.room or "")
             if room is not None and room.join_rid == rid:
                 self._join_refused(room, err)
+            self._flush_joins()
         elif request.kind == "sync":
             self._synced(request, rid)
         elif request.future is not None and not request.future.done():
@@ -992,6 +1061,7 @@ class Client:
         self._ws = ws
         self._generation += 1
         self._pacer.reset(self.max_in_flight)
+        self._join_pacer.reset()
         self._out = queue = asyncio.Queue[str]()
         writer = asyncio.create_task(self._writer(ws, queue))
         info = self._welcomed(welcome)
@@ -1003,7 +1073,7 @@ class Client:
         self._schedule_refresh()
         for room in list(self._rooms.values()):
             room.accept_next = False
-            self._send_join(room)
+            self._queue_join(room)
         self._flush()
         code, reason = 1006, ""
         try:
@@ -1041,8 +1111,14 @@ class Client:
         self._requests.clear()
         self._fail_left(None, "the connection closed before its echo")
         self._sent.clear()
+        self._join_pacer.reset()
+        self._join_queue.clear()
+        if self._join_timer is not None:
+            self._join_timer.cancel()
+            self._join_timer = None
         for room in self._rooms.values():
             room.join_rid = None
+            room.join_queued = False
             if room.retry is not None:
                 room.retry.cancel()
                 room.retry = None

@@ -7,7 +7,10 @@ libraries hold the same rules.
 
 from __future__ import annotations
 
+import math
+import random as _random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # A bucket refilled for exactly one token's time must hold that token, whatever
@@ -161,3 +164,82 @@ class Pacer:
 
     def _tokens_at(self, now: float) -> float:
         return min(float(self.limit), self._tokens + max(0.0, now - self._stamp) / self.interval)
+
+
+# Joins on the wire at once, by default (the JS and Rust clients keep the same number).
+JOIN_WINDOW = 4
+# A refused join written after a refusal doubles the pause, up to 2**(JOIN_PROBES_MAX - 1)
+# (32) times ``retry_after_ms``, and the jitter (once to twice that).
+JOIN_PROBES_MAX = 6
+
+
+@dataclass(slots=True)
+class JoinPacer:
+    """When the next ``join`` may be written: a connection rejoining many rooms draws on
+    the user's request bucket (``RATE_LIMIT_REQUESTS_BURST``), which every connection of
+    the user shares, and more than ``2 x RATE_LIMIT_BURST`` refusals in a row get the
+    connection closed (4102). So:
+
+    - at most ``limit`` joins are unanswered (a :class:`Pacer` window), so at most that
+      many are refused together once the bucket is empty;
+    - after a ``rate_limited`` join none is written before its ``retry_after_ms``, then one
+      at a time and at the server's pace (the :class:`Pacer` rules);
+    - a join written after a refusal and refused too (another connection of the user took
+      the tokens meanwhile) makes the pause grow: ``retry_after`` times ``2**(n-1)`` (at
+      most 32), from once to twice that (jitter, so two tabs do not keep colliding), for
+      the ``n``-th refusal since the latest ``joined`` (the first: ``retry_after``). So
+      a few refusals come in a row, not a flood.
+
+    No I/O and no clock, like :class:`Pacer`. ``key``: the join's request id.
+    """
+
+    limit: int = JOIN_WINDOW
+    random: Callable[[], float] = _random.random
+    pacer: Pacer = field(init=False)
+    in_flight: dict[object, float] = field(default_factory=dict)  # key -> when written
+    probes: int = 0  # refused joins written after a refusal, since the latest joined
+    refused_at: float = -math.inf  # when the latest refusal came
+
+    def __post_init__(self) -> None:
+        self.limit = max(1, self.limit)
+        self.pacer = Pacer(self.limit)
+
+    def next_at(self, now: float) -> float | None:
+        """When the next join may be written (``now``: at once); None: the window is full."""
+        return self.pacer.next_at(now, len(self.in_flight))
+
+    def sent(self, key: object, now: float) -> None:
+        self.in_flight[key] = now
+        self.pacer.sent(now)
+
+    def joined(self, key: object, now: float) -> bool:
+        """The join ``key`` was answered ``joined``; False if it is none of ours."""
+        if key not in self.in_flight:
+            return False
+        self.pacer.acknowledged(now, len(self.in_flight))
+        del self.in_flight[key]
+        self.probes = 0
+        return True
+
+    def refused(self, key: object, now: float, retry_after: float | None) -> bool:
+        """The join ``key`` was refused: ``retry_after`` seconds for ``rate_limited``
+        (its ``retry_after_ms``; None for another refusal). False if it is none of ours."""
+        written_at = self.in_flight.pop(key, None)
+        if written_at is None:
+            return False
+        if retry_after is None:
+            return True
+        self.pacer.rate_limited(now, retry_after, written_at)
+        if written_at > self.refused_at:
+            self.probes = min(self.probes + 1, JOIN_PROBES_MAX)
+            if self.probes > 1:
+                grown = retry_after * 2 ** (self.probes - 1) * (1 + self.random())
+                self.pacer.pause(now + grown)
+        self.refused_at = now
+        return True
+
+    def reset(self) -> None:
+        """A new connection: nothing in flight, a full window; a pause not over stays."""
+        self.in_flight.clear()
+        self.pacer.reset(self.limit)
+        self.probes = 0
