@@ -125,6 +125,7 @@ pub struct ClientBuilder {
     pub(crate) resend_after: Duration,
     pub(crate) outbox_capacity: usize,
     pub(crate) max_in_flight: usize,
+    pub(crate) max_joins_in_flight: usize,
     pub(crate) outbox_store: Option<Arc<dyn OutboxStore>>,
 }
 
@@ -149,6 +150,7 @@ impl ClientBuilder {
             resend_after: Duration::from_secs(5),
             outbox_capacity: 1000,
             max_in_flight: 16,
+            max_joins_in_flight: crate::pacer::JOIN_WINDOW,
             outbox_store: None,
         }
     }
@@ -218,6 +220,18 @@ impl ClientBuilder {
     /// server's rate limit all at once.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// How many joins may be written and not yet answered at a time (default 4); the rest,
+    /// a reconnect's re-joins of many rooms too, wait their turn. They draw on the user's
+    /// request bucket (`RATE_LIMIT_REQUESTS_BURST`, shared by all the user's connections):
+    /// after a `rate_limited` join none is written before its `retry_after_ms`, the refused
+    /// ones go again first, one at a time and then at the server's pace, with a growing,
+    /// jittered pause while they are refused still, as in the Python and JS clients: a few
+    /// refusals come in a row, not the 2 x `RATE_LIMIT_BURST` the server closes with 4102.
+    pub fn max_joins_in_flight(mut self, n: usize) -> Self {
+        self.max_joins_in_flight = n.max(1);
         self
     }
 

@@ -26,7 +26,7 @@ use crate::backoff::retry_after_header;
 use crate::client::{Acked, ClientBuilder, Event, Joined, Op, Reply, Snapshot};
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
-use crate::pacer::Pacer;
+use crate::pacer::{JoinPacer, Pacer};
 use crate::protocol::{
     close_action, refusal_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent,
     MAX_WIRE_ID,
@@ -81,6 +81,7 @@ enum Internal {
     Flush,
     ResendStale,
     RetryJoin(String),
+    FlushJoins,
     TypingIdle(String),
 }
 
@@ -98,6 +99,8 @@ struct Room {
     /// may have none, and then no message reaches `replay_until`).
     sync_rid: Option<u64>,
     waiters: Vec<Reply<Joined>>,
+    /// Waits in the join queue for the join pacer.
+    join_queued: bool,
 }
 
 struct PendingRequest {
@@ -140,6 +143,13 @@ pub(crate) struct Driver {
     send_rids: HashMap<u64, String>,
     /// Request id of a written join -> its room.
     join_rids: HashMap<u64, String>,
+    /// Rooms whose join waits for the join pacer, in order (a refused one goes first).
+    join_queue: VecDeque<String>,
+    /// How many joins may be unanswered now, the pause after a `rate_limited` join, and
+    /// the pace after it (`pacer::JoinPacer`).
+    join_pacer: JoinPacer,
+    /// A wake-up of the join queue is due.
+    join_flush_scheduled: bool,
     seen_dms: VecDeque<u64>,
     seen_dm_set: HashSet<u64>,
     /// When `typing: true` last went out, per room (cleared by `false`, a send, a new socket).
@@ -203,6 +213,7 @@ impl Driver {
     ) {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let pacer = Pacer::new(cfg.max_in_flight);
+        let join_pacer = JoinPacer::new(cfg.max_joins_in_flight);
         let driver = Driver {
             cfg,
             ops,
@@ -216,6 +227,9 @@ impl Driver {
             requests: HashMap::new(),
             send_rids: HashMap::new(),
             join_rids: HashMap::new(),
+            join_queue: VecDeque::new(),
+            join_pacer,
+            join_flush_scheduled: false,
             seen_dms: VecDeque::new(),
             seen_dm_set: HashSet::new(),
             typing_sent: HashMap::new(),
@@ -488,11 +502,14 @@ impl Driver {
         self.refresh_rid = None;
         self.send_rids.clear();
         self.join_rids.clear();
+        self.join_queue.clear();
+        self.join_pacer.reset();
         self.typing_sent.clear();
         let mut changed = Vec::new();
         for (name, room) in self.rooms.iter_mut() {
             room.joined_on = None;
             room.sync_rid = None;
+            room.join_queued = false;
             if room.state == RoomState::Joined {
                 room.state = RoomState::Joining;
                 changed.push(name.clone());
@@ -590,6 +607,7 @@ impl Driver {
                     replay_until: 0,
                     sync_rid: None,
                     waiters: Vec::new(),
+                    join_queued: false,
                 });
                 entry.waiters.push(reply);
                 if entry.state == RoomState::Left {
@@ -597,7 +615,7 @@ impl Driver {
                     self.emit(Event::Room { room: room.clone(), state: RoomState::Joining });
                 }
                 if self.online {
-                    self.send_join(&room);
+                    self.send_join(&room, false);
                 }
             }
             Op::Leave { room, reply } => {
@@ -726,8 +744,12 @@ impl Driver {
                 // A first join, a re-join after a reconnect, or one after a gap: all
                 // still wanted while the room is ours (a re-join is harmless).
                 if self.online && self.rooms.contains_key(&room) {
-                    self.send_join(&room);
+                    self.send_join(&room, false);
                 }
+            }
+            Internal::FlushJoins => {
+                self.join_flush_scheduled = false;
+                self.flush_joins();
             }
         }
     }
@@ -773,20 +795,73 @@ impl Driver {
         self.refresh_at = Some((Instant::now() + wait, due));
     }
 
-    fn send_join(&mut self, room: &str) {
+    /// Has `room` joined as soon as the join pacer lets a join go (`first`: before the rooms
+    /// already waiting, for a join the server refused). Its sends wait for the `joined`.
+    fn send_join(&mut self, room: &str, first: bool) {
+        if !self.online || self.join_rids.values().any(|r| r == room) {
+            return;
+        }
         let Some(r) = self.rooms.get_mut(room) else { return };
-        let since = r.seq.last();
-        if since.is_some() {
-            r.seq.rejoining();
+        r.joined_on = None;
+        if r.join_queued {
+            return;
         }
+        r.join_queued = true;
+        if first {
+            self.join_queue.push_front(room.to_owned());
+        } else {
+            self.join_queue.push_back(room.to_owned());
+        }
+        self.flush_joins();
+    }
+
+    /// Writes the queued joins the join pacer lets go now: at most `max_joins_in_flight`
+    /// unanswered; after `rate_limited` none before its `retry_after_ms`, then at the
+    /// server's pace. Wakes up when the next may go.
+    fn flush_joins(&mut self) {
+        if !self.online {
+            return;
+        }
+        while let Some(room) = self.join_queue.front().cloned() {
+            if !self.rooms.get(&room).is_some_and(|r| r.join_queued) {
+                self.join_queue.pop_front(); // left meanwhile
+                continue;
+            }
+            let now = Instant::now().into_std();
+            match self.join_pacer.next_at(now) {
+                None => return, // the window is full: an answer frees a place
+                Some(at) if at > now => {
+                    if !self.join_flush_scheduled {
+                        self.join_flush_scheduled = true;
+                        self.later(at - now, Internal::FlushJoins);
+                    }
+                    return;
+                }
+                Some(_) => {}
+            }
+            self.join_queue.pop_front();
+            if let Some(r) = self.rooms.get_mut(&room) {
+                r.join_queued = false;
+            }
+            let id = self.write_join(&room);
+            self.join_pacer.sent(id, now);
+        }
+    }
+
+    /// Writes the `join` (with `since`: the last id delivered), and returns its request id.
+    /// A `ping` goes behind it only once the `joined` shows a replay with no known end.
+    fn write_join(&mut self, room: &str) -> u64 {
         let id = self.rid();
-        let sync = self.rid();
         if let Some(r) = self.rooms.get_mut(room) {
-            r.sync_rid = Some(sync);
+            let since = r.seq.last();
+            if since.is_some() {
+                r.seq.rejoining();
+            }
+            r.sync_rid = None;
+            self.join_rids.insert(id, room.to_owned());
+            self.write(&ClientCommand::Join { room: room.to_owned(), since, id: Some(RequestId::Int(id)) });
         }
-        self.join_rids.insert(id, room.to_owned());
-        self.write(&ClientCommand::Join { room: room.to_owned(), since, id: Some(RequestId::Int(id)) });
-        self.write(&ClientCommand::Ping { id: Some(RequestId::Int(sync)) });
+        id
     }
 
     /// Writes the outbox entries whose target is ready on this connection, oldest
@@ -907,6 +982,9 @@ impl Driver {
             ServerEvent::Joined { room, users, last_id, recovered, id } => {
                 if let Some(RequestId::Int(rid)) = id {
                     self.join_rids.remove(&rid);
+                    if self.join_pacer.joined(rid, Instant::now().into_std()) {
+                        self.flush_joins();
+                    }
                 }
                 let generation = self.generation;
                 let Some(r) = self.rooms.get_mut(&room) else { return };
@@ -920,6 +998,12 @@ impl Driver {
                 let no_replay = recovered == Some(false)
                     && matches!((since, last_id), (Some(since), Some(last_id)) if last_id <= since);
                 r.replay_until = if no_replay { 0 } else { last_id.unwrap_or(u64::MAX) };
+                // A `ping` written now is answered after the replay: only where the replay's
+                // end is not known (no `last_id` that counts, or `recovered: false`, whose
+                // replay may stop short of `last_id` or not come at all). One request per
+                // room otherwise, as in the JS and Python clients: a join and a ping per room
+                // doubled what a reconnect with many rooms drew from the request bucket.
+                let ping = !no_replay && (last_id.is_none() || recovered == Some(false));
                 let newly = r.state != RoomState::Joined;
                 r.state = RoomState::Joined;
                 // The app is shown the server's `last_id`, else the room's position, else 0.
@@ -934,7 +1018,18 @@ impl Driver {
                 }
                 self.emit(Event::Joined(joined));
                 if let (Some(false), Some(since)) = (recovered, since) {
-                    self.emit(Event::RecoveryFailed { room: room_name, since, last_id: last_id.unwrap_or(since) });
+                    self.emit(Event::RecoveryFailed {
+                        room: room_name.clone(),
+                        since,
+                        last_id: last_id.unwrap_or(since),
+                    });
+                }
+                if ping {
+                    let sync = self.rid();
+                    if let Some(r) = self.rooms.get_mut(&room_name) {
+                        r.sync_rid = Some(sync);
+                    }
+                    self.write(&ClientCommand::Ping { id: Some(RequestId::Int(sync)) });
                 }
                 self.flush_outbox();
             }
@@ -1011,12 +1106,13 @@ impl Driver {
         self.refresh_failures = 0;
         self.retry_after = None;
         self.pacer.reset();
+        self.join_pacer.reset();
         self.set_state(ConnectionState::Connected);
         self.schedule_refresh();
         let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
         rooms.sort();
         for room in rooms {
-            self.send_join(&room);
+            self.send_join(&room, false);
         }
         let generation = self.generation;
         self.requests.retain(|_, r| !r.reply.is_closed());
@@ -1092,7 +1188,7 @@ impl Driver {
             }
             Verdict::Drop => {}
             // A re-join with `since` = the last id delivered: its replay fills the gap.
-            Verdict::Gap { .. } => self.send_join(&message.room),
+            Verdict::Gap { .. } => self.send_join(&message.room, false),
         }
     }
 
@@ -1167,8 +1263,16 @@ impl Driver {
                 }
             }
         } else if let Some(room) = self.join_rids.remove(&rid) {
+            let limited = retry.filter(|_| rate_limited);
+            self.join_pacer.refused(rid, Instant::now().into_std(), limited, fastrand::f64());
             match retry {
-                Some(delay) => self.later(delay, Internal::RetryJoin(room)),
+                // The request bucket is empty: the join pacer holds every join back until
+                // `retry_after_ms`, and this one goes again first (the flush wakes up then).
+                Some(_) if rate_limited => self.send_join(&room, true),
+                Some(delay) => {
+                    self.later(delay, Internal::RetryJoin(room));
+                    self.flush_joins();
+                }
                 None => {
                     if let Some(r) = self.rooms.remove(&room) {
                         for w in r.waiters {
@@ -1177,6 +1281,7 @@ impl Driver {
                         self.emit(Event::Room { room, state: RoomState::Left });
                     }
                     self.emit(Event::Error(error));
+                    self.flush_joins();
                 }
             }
         } else if let Some(req) = self.requests.remove(&rid) {

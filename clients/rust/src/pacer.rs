@@ -201,6 +201,90 @@ impl Pacer {
     }
 }
 
+/// Joins on the wire at once, by default (the Python and JS clients keep the same number).
+pub(crate) const JOIN_WINDOW: usize = 4;
+/// A refused join written after a refusal doubles the pause, up to 2^(JOIN_PROBES_MAX - 1)
+/// (32) times `retry_after_ms`, and the jitter.
+const JOIN_PROBES_MAX: u32 = 6;
+
+/// When the next `join` may be written, as the Python (`JoinPacer`) and JS clients decide it.
+/// A connection rejoining many rooms draws on the user's request bucket
+/// (`RATE_LIMIT_REQUESTS_BURST`), which every connection of the user shares, and more than
+/// 2 x `RATE_LIMIT_BURST` refusals in a row get the connection closed (4102). So:
+///
+/// - at most `limit` joins are unanswered (a [`Pacer`] window), so at most that many are
+///   refused together once the bucket is empty;
+/// - after a `rate_limited` join none is written before its `retry_after_ms`, then one at a
+///   time and at the server's pace (the [`Pacer`] rules);
+/// - a join written after a refusal and refused too (another connection of the user took the
+///   tokens meanwhile) makes the pause grow: `retry_after` times 2^(n-1) (at most 32), from
+///   once to twice that (jitter, so two tabs do not keep colliding), for the n-th refusal since
+///   the latest `joined` (the first: `retry_after`). So a few refusals come in a row, not a flood.
+///
+/// No I/O and no clock, like [`Pacer`]. The key: the join's request id.
+#[derive(Debug)]
+pub(crate) struct JoinPacer {
+    pacer: Pacer,
+    /// Join request id -> when it was written.
+    in_flight: std::collections::HashMap<u64, Instant>,
+    /// Refused joins written after a refusal, since the latest `joined`.
+    probes: u32,
+    /// When the latest refusal came.
+    refused_at: Option<Instant>,
+}
+
+impl JoinPacer {
+    pub(crate) fn new(limit: usize) -> Self {
+        JoinPacer { pacer: Pacer::new(limit), in_flight: Default::default(), probes: 0, refused_at: None }
+    }
+
+    /// When the next join may be written (`now`: at once); `None` while the window is full.
+    pub(crate) fn next_at(&self, now: Instant) -> Option<Instant> {
+        self.pacer.next_at(now, self.in_flight.len())
+    }
+
+    pub(crate) fn sent(&mut self, key: u64, now: Instant) {
+        self.in_flight.insert(key, now);
+        self.pacer.sent(now);
+    }
+
+    /// The join `key` was answered `joined`; false if it is none of ours.
+    pub(crate) fn joined(&mut self, key: u64, now: Instant) -> bool {
+        if !self.in_flight.contains_key(&key) {
+            return false;
+        }
+        self.pacer.acknowledged(now, self.in_flight.len());
+        self.in_flight.remove(&key);
+        self.probes = 0;
+        true
+    }
+
+    /// The join `key` was refused: `retry_after` for `rate_limited` (its `retry_after_ms`;
+    /// `None` for another refusal), `random` in `[0, 1)` for the jitter. False if it is none
+    /// of ours.
+    pub(crate) fn refused(&mut self, key: u64, now: Instant, retry_after: Option<Duration>, random: f64) -> bool {
+        let Some(written_at) = self.in_flight.remove(&key) else { return false };
+        let Some(retry_after) = retry_after else { return true };
+        self.pacer.rate_limited(now, retry_after, Some(written_at));
+        if self.refused_at.is_none_or(|at| written_at > at) {
+            self.probes = (self.probes + 1).min(JOIN_PROBES_MAX);
+            if self.probes > 1 {
+                let factor = 2f64.powi(self.probes as i32 - 1) * (1.0 + random.clamp(0.0, 1.0));
+                self.pacer.pause(now + retry_after.mul_f64(factor));
+            }
+        }
+        self.refused_at = Some(now);
+        true
+    }
+
+    /// A new connection: nothing in flight, a full window; a pause not over stays.
+    pub(crate) fn reset(&mut self) {
+        self.in_flight.clear();
+        self.pacer.reset();
+        self.probes = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,5 +584,87 @@ mod tests {
         assert!(long <= 6, "{long} refusals");
         let short = simulate(300, 20.0, 20.0, ms(10.0));
         assert!(short <= 20, "a short round trip: about a window, not {short}");
+    }
+
+    // The join pacer (the same cases as the Python library's test_pacer.py).
+
+    fn msi(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn joins_go_a_window_at_a_time() {
+        let t0 = Instant::now();
+        let mut joins = JoinPacer::new(JOIN_WINDOW);
+        for key in 0..JOIN_WINDOW as u64 {
+            assert_eq!(joins.next_at(t0), Some(t0));
+            joins.sent(key, t0);
+        }
+        assert_eq!(joins.next_at(t0), None);
+        let t = t0 + msi(10);
+        assert!(joins.joined(0, t));
+        assert!(!joins.joined(0, t), "answered already");
+        assert_eq!(joins.next_at(t), Some(t));
+    }
+
+    #[test]
+    fn a_rate_limited_join_holds_every_join_until_retry_after_then_one_at_a_time() {
+        let t0 = Instant::now();
+        let mut joins = JoinPacer::new(4);
+        for key in 0..4 {
+            joins.sent(key, t0);
+        }
+        assert!(joins.joined(0, t0 + msi(1)));
+        for key in 1..4 {
+            assert!(joins.refused(key, t0 + msi(2), Some(msi(100)), 0.5)); // the bucket is empty
+        }
+        assert_eq!(joins.next_at(t0 + msi(2)), Some(t0 + msi(102)), "not before retry_after");
+        joins.sent(4, t0 + msi(102));
+        assert_eq!(joins.next_at(t0 + msi(102)), None, "one at a time after a refusal");
+        assert!(joins.joined(4, t0 + msi(103)));
+        assert!(joins.next_at(t0 + msi(103)).unwrap() > t0 + msi(193), "paced at the server's rate");
+    }
+
+    #[test]
+    fn a_join_refused_again_after_the_pause_doubles_it_with_jitter() {
+        let t0 = Instant::now();
+        let mut joins = JoinPacer::new(4);
+        joins.sent(100, t0);
+        joins.refused(100, t0, Some(msi(100)), 0.0);
+        assert_eq!(joins.next_at(t0), Some(t0 + msi(100)), "the first refusal: retry_after");
+        let mut now = t0 + msi(100);
+        let mut waits = Vec::new();
+        for n in 0..8 {
+            joins.sent(n, now);
+            joins.refused(n, now, Some(msi(100)), if n == 7 { 1.0 } else { 0.0 });
+            let at = joins.next_at(now).unwrap();
+            waits.push(((at - now).as_secs_f64() * 1000.0).round() as u64);
+            now = at;
+        }
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 3200, 3200, 6400], "at most 32 x, then the jitter");
+        joins.sent(200, now);
+        assert!(joins.joined(200, now));
+        joins.sent(201, now + msi(1000));
+        joins.refused(201, now + msi(1000), Some(msi(100)), 0.0);
+        assert_eq!(joins.next_at(now + msi(1000)), Some(now + msi(1100)), "a joined starts the doubling again");
+    }
+
+    #[test]
+    fn other_join_refusals_free_a_place_and_a_new_connection_keeps_the_pause() {
+        let t0 = Instant::now();
+        let mut one = JoinPacer::new(1);
+        one.sent(1, t0);
+        assert_eq!(one.next_at(t0), None);
+        assert!(one.refused(1, t0, None, 0.0)); // unavailable: retried after a backoff
+        assert_eq!(one.next_at(t0), Some(t0));
+        assert!(!one.refused(99, t0, Some(msi(100)), 0.0), "none of ours");
+        let mut joins = JoinPacer::new(4);
+        for key in 0..4 {
+            joins.sent(key, t0);
+        }
+        joins.refused(0, t0, Some(msi(2000)), 0.0);
+        joins.reset();
+        assert_eq!(joins.next_at(t0 + msi(1000)), Some(t0 + msi(2000)), "the bucket is the user's");
+        assert!(!joins.joined(1, t0 + msi(2000)));
     }
 }

@@ -1552,3 +1552,50 @@ async fn an_expired_token_is_not_refreshed_in_a_tight_loop() {
     server.abort();
     assert!(auths <= 3, "{auths} auth frames in 1.5 s");
 }
+
+/// 70 rooms joined, then re-joined after a cut, by two connections of one user at once: they
+/// share the user's request bucket (`RATE_LIMIT_REQUESTS_BURST` 5 here). Every join was written
+/// at once, a `ping` behind each: 5 answered, then over 2 x `RATE_LIMIT_BURST` (20) refusals in a
+/// row and the server closed the connection with 4102, reconnected and did it again. Now at most
+/// 4 joins are on the wire, a refused one holds them all back until its `retry_after_ms`, and a
+/// `ping` goes only behind a `joined` whose replay has no known end: every room ends joined, on
+/// both, and nothing is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_rooms_rejoined_by_two_tabs_are_paced_not_cut_off() {
+    let h = Harness::start().await;
+    let env = json!({"RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "50", "RATE_LIMIT_REQUESTS_BURST": "5"});
+    let s = h.server("memory", 1, env).await;
+    let token = h.token("tabby", 600.0).await;
+    let tabs = [signed_in(&s.url, token.clone()), signed_in(&s.url, token)];
+    for (c, _) in &tabs {
+        c.wait_connected(scaled(20.0)).await.unwrap();
+    }
+    let rooms: Vec<String> = (0..70).map(|i| format!("tabs-{i}")).collect();
+    let joins = tabs.iter().flat_map(|(c, _)| rooms.iter().map(move |r| c.join(r)));
+    let joined = tokio::time::timeout(scaled(60.0), futures_util::future::join_all(joins)).await.expect("the joins");
+    assert!(joined.iter().all(|j| j.is_ok()), "{joined:?}");
+    let refused = common::refusals(&s).await;
+    assert!(refused > 0, "the bucket was never empty: the test tests nothing");
+    for (c, _) in &tabs {
+        c.reconnect();
+    }
+    let joined_events = |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::Joined(_))).count();
+    for (_, rec) in &tabs {
+        rec.wait("the re-joins", 60.0, |ev| joined_events(ev) >= 140).await;
+    }
+    assert!(common::refusals(&s).await > refused, "the re-joins met an empty bucket too");
+    for (c, rec) in &tabs {
+        let closes: Vec<_> =
+            disconnections(rec).into_iter().filter(|e| !matches!(e, Event::Disconnected { code: None, .. })).collect();
+        assert!(closes.is_empty(), "{closes:?}");
+        assert_eq!(c.state(), wschat::ConnectionState::Connected);
+        let mut last = std::collections::HashMap::new();
+        for e in rec.events() {
+            if let Event::Room { room, state } = e {
+                last.insert(room, state);
+            }
+        }
+        assert_eq!(last.len(), 70);
+        assert!(last.values().all(|s| *s == wschat::RoomState::Joined), "{last:?}");
+    }
+}
