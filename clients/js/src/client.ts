@@ -7,7 +7,7 @@ import { backoffDelay, closePolicy, type ClosePolicy, HEARTBEAT_DEFAULT, MAX_TIM
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
-import { Pacer } from "./pacer.js";
+import { JOIN_WINDOW, JoinPacer, Pacer } from "./pacer.js";
 import type {
   ChatMessage,
   ClientEvents,
@@ -73,6 +73,15 @@ export interface ClientOptions {
    */
   maxInFlight?: number;
   /**
+   * Joins on the wire at once (default 4); the rest, a reconnect's rejoins of many rooms too,
+   * wait their turn. They draw on the user's request bucket (`RATE_LIMIT_REQUESTS_BURST`,
+   * shared by all the user's connections): after a `rate_limited` join none is written before
+   * its `retry_after_ms`, the refused ones go again first, one at a time and then at the
+   * server's pace, with a growing pause while they are refused still (`JoinPacer`): a few
+   * refusals come in a row, not the 2 x `RATE_LIMIT_BURST` the server closes with 4102.
+   */
+  maxJoinsInFlight?: number;
+  /**
    * Refresh the token this long before it expires, at most half its remaining life, ms (default
    * 30000); never sooner than 1 s, and a token already past its `exp` on this clock after a
    * growing wait (1 s .. 60 s, as a refused refresh).
@@ -132,6 +141,8 @@ interface Room {
   users: User[];
   waiters: Waiter<JoinResult>[];
   retryTimer?: ReturnType<typeof setTimeout>;
+  /** Waits in the join queue for the join pacer. */
+  joinQueued?: boolean;
 }
 
 /**
@@ -200,6 +211,10 @@ export class ChatClient extends Emitter<ClientEvents> {
   private sendWaiters = new Map<string, Waiter<ChatMessage | DirectMessage>[]>();
   /** The send window, pauses, and the pace after `rate_limited`. */
   private readonly pacer: Pacer;
+  /** The joins on the wire, the pause after a `rate_limited` join, and the pace after it. */
+  private readonly joinPacer: JoinPacer;
+  /** Rooms whose join waits for the join pacer, in order (a refused one goes first). */
+  private joinQueue: Room[] = [];
   private retryAttempt = 0;
   /** Token refreshes refused (or `getToken` failures) in a row on this connection: the next one backs off. */
   private refreshAttempt = 0;
@@ -219,7 +234,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   private typingState = new Map<string, { sentAt: number; timer: ReturnType<typeof setTimeout> }>();
   private lastReceived = 0;
   private pingSentAt = 0;
-  private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack", ReturnType<typeof setTimeout>>> = {};
+  private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack" | "joins", ReturnType<typeof setTimeout>>> = {};
   private onlineListener: (() => void) | null = null;
   private visibleListener: (() => void) | null = null;
 
@@ -230,6 +245,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
     this.opts = options;
     this.pacer = new Pacer(options.maxInFlight ?? 16);
+    this.joinPacer = new JoinPacer(options.maxJoinsInFlight ?? JOIN_WINDOW, options.random);
     this.outbox = new Outbox(options.outboxLimit ?? 1000, options.outboxStorage, (err) =>
       this.emit("error", new ChatError("storage", `outbox storage failed: ${String(err)}`)),
     );
@@ -426,7 +442,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.established = false;
     this.auth = null;
     this.pingSentAt = 0;
-    for (const t of ["connect", "ping", "refresh", "flush", "ack"] as const) this.clearTimer(t);
+    for (const t of ["connect", "ping", "refresh", "flush", "ack", "joins"] as const) this.clearTimer(t);
+    this.joinPacer.reset();
+    this.joinQueue = [];
     this.inflight.clear();
     this.inflightReq.clear();
     this.inflightAt.clear();
@@ -447,6 +465,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
     for (const room of this.rooms.values()) {
       room.joinReq = null;
+      room.joinQueued = false;
       room.syncReq = null;
       clearTimeout(room.retryTimer);
       if (room.state === "joined") this.setRoomState(room, "joining");
@@ -629,6 +648,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.refreshAttempt = 0;
     this.lastReceived = Date.now();
     this.pacer.reset(this.opts.maxInFlight ?? 16);
+    this.joinPacer.reset();
     this.setState("connected");
     this.emit("connected", this.welcome);
     if (!this.established) return; // a listener disconnected
@@ -860,9 +880,51 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
   }
 
-  private sendJoin(room: Room): void {
-    if (!this.established || room.joinReq) return;
+  /**
+   * Has `room` joined as soon as the join pacer lets a join go (`first`: before the rooms
+   * already waiting, for a join the server refused).
+   */
+  private sendJoin(room: Room, first = false): void {
+    if (!this.established || room.joinReq || room.joinQueued || this.rooms.get(room.name) !== room) return;
     clearTimeout(room.retryTimer);
+    room.joinQueued = true;
+    if (first) this.joinQueue.unshift(room);
+    else this.joinQueue.push(room);
+    this.flushJoins();
+  }
+
+  /**
+   * Writes the queued joins the join pacer lets go now: at most `maxJoinsInFlight`
+   * unanswered; after `rate_limited` none before its `retry_after_ms`, then at the server's
+   * pace. Wakes up when the next may go.
+   */
+  private flushJoins(): void {
+    this.clearTimer("joins");
+    if (!this.established) return;
+    while (this.joinQueue.length > 0) {
+      const room = this.joinQueue[0]!;
+      if (this.rooms.get(room.name) !== room || room.joinReq || !room.joinQueued) {
+        this.joinQueue.shift(); // left, or joined some other way meanwhile
+        room.joinQueued = false;
+        continue;
+      }
+      const now = Date.now();
+      const at = this.joinPacer.nextAt(now);
+      if (at === null) return; // the window is full: an answer frees a place
+      if (at > now) {
+        this.timers.joins = setTimeout(() => {
+          delete this.timers.joins;
+          this.flushJoins();
+        }, Math.min(MAX_TIMER_DELAY, at - now));
+        return;
+      }
+      this.joinQueue.shift();
+      room.joinQueued = false;
+      this.joinPacer.sent(this.writeJoin(room), now);
+    }
+  }
+
+  private writeJoin(room: Room): string {
     const id = this.nextId();
     room.joinReq = id;
     this.joins.set(id, { room: room.name, since: room.lastId });
@@ -870,6 +932,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     if (room.lastId !== null) frame.since = room.lastId;
     room.syncReq = null; // a ping behind an earlier join no longer counts
     this.send_(frame);
+    return id;
   }
 
   /** A `ping` behind the `joined` just handled: its answer marks the end of the replay. */
@@ -888,6 +951,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     const pending = this.joins.get(id);
     if (!pending) return;
     this.joins.delete(id);
+    if (this.joinPacer.joined(id, Date.now())) this.flushJoins();
     const room = this.rooms.get(pending.room);
     if (!room || room.joinReq !== id) return;
     room.joinReq = null;
@@ -975,9 +1039,17 @@ export class ChatClient extends Emitter<ClientEvents> {
   private onJoinError(id: string, err: ChatError): void {
     const pending = this.joins.get(id)!;
     this.joins.delete(id);
+    const limited = err.code === "rate_limited";
+    this.joinPacer.refused(id, Date.now(), limited ? (err.retryAfterMs ?? 1000) : null);
     const room = this.rooms.get(pending.room);
-    if (!room || room.joinReq !== id) return;
+    if (!room || room.joinReq !== id) return this.flushJoins();
     room.joinReq = null;
+    if (limited) {
+      // The request bucket is empty: the join pacer holds every join back until
+      // retry_after_ms, and this one goes again first (the flush wakes up then).
+      return this.sendJoin(room, true);
+    }
+    this.flushJoins();
     if (RETRYABLE_CODES.has(err.code)) {
       const delay = Math.max(err.retryAfterMs ?? 0, this.retryDelay());
       room.retryTimer = setTimeout(() => this.sendJoin(room), delay);

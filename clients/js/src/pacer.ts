@@ -167,3 +167,87 @@ export class Pacer {
     return Math.min(this.limit, this.tokens + Math.max(0, now - this.stamp) / this.interval);
   }
 }
+
+/** Joins on the wire at once, by default (the Python and Rust clients keep the same number). */
+export const JOIN_WINDOW = 4;
+/** A refused join written after a refusal doubles the pause, up to 2^(JOIN_PROBES_MAX - 1) (32) times `retry_after_ms`, and the jitter. */
+export const JOIN_PROBES_MAX = 6;
+
+/**
+ * When the next `join` may be written, as the Python (`JoinPacer`) and Rust clients decide it.
+ * A connection rejoining many rooms draws on the user's request bucket
+ * (`RATE_LIMIT_REQUESTS_BURST`), which every connection of the user shares, and more than
+ * 2 x `RATE_LIMIT_BURST` refusals in a row get the connection closed (4102). So:
+ *
+ * - at most `limit` joins are unanswered (a `Pacer` window), so at most that many are refused
+ *   together once the bucket is empty;
+ * - after a `rate_limited` join none is written before its `retry_after_ms`, then one at a
+ *   time and at the server's pace (the `Pacer` rules);
+ * - a join written after a refusal and refused too (another connection of the user took the
+ *   tokens meanwhile) makes the pause grow: `retryAfter` times 2^(n-1) (at most 32), from once
+ *   to twice that (jitter, so two tabs do not keep colliding), for the n-th refusal since the
+ *   latest `joined` (the first: `retryAfter`). So a few refusals come in a row, not a flood.
+ *
+ * No I/O and no clock, like `Pacer` (times in ms). `key`: the join's request id.
+ */
+export class JoinPacer {
+  readonly limit: number;
+  private readonly random: () => number;
+  private readonly pacer: Pacer;
+  /** Join request id -> when it was written. */
+  private readonly inFlight = new Map<string, number>();
+  /** Refused joins written after a refusal, since the latest `joined`. */
+  private probes = 0;
+  /** When the latest refusal came. */
+  private refusedAt = -Infinity;
+
+  constructor(limit: number = JOIN_WINDOW, random: () => number = Math.random) {
+    this.limit = Math.max(1, limit);
+    this.random = random;
+    this.pacer = new Pacer(this.limit);
+  }
+
+  /** When the next join may be written (`now`: at once); null while the window is full. */
+  nextAt(now: number): number | null {
+    return this.pacer.nextAt(now, this.inFlight.size);
+  }
+
+  sent(key: string, now: number): void {
+    this.inFlight.set(key, now);
+    this.pacer.sent(now);
+  }
+
+  /** The join `key` was answered `joined`; false if it is none of ours. */
+  joined(key: string, now: number): boolean {
+    if (!this.inFlight.has(key)) return false;
+    this.pacer.acknowledged(now, this.inFlight.size);
+    this.inFlight.delete(key);
+    this.probes = 0;
+    return true;
+  }
+
+  /**
+   * The join `key` was refused: `retryAfter` ms for `rate_limited` (its `retry_after_ms`; null
+   * for another refusal). False if it is none of ours.
+   */
+  refused(key: string, now: number, retryAfter: number | null): boolean {
+    const writtenAt = this.inFlight.get(key);
+    if (writtenAt === undefined) return false;
+    this.inFlight.delete(key);
+    if (retryAfter === null) return true;
+    this.pacer.rateLimited(now, retryAfter, writtenAt);
+    if (writtenAt > this.refusedAt) {
+      this.probes = Math.min(this.probes + 1, JOIN_PROBES_MAX);
+      if (this.probes > 1) this.pacer.pause(now + retryAfter * 2 ** (this.probes - 1) * (1 + this.random()));
+    }
+    this.refusedAt = now;
+    return true;
+  }
+
+  /** A new connection: nothing in flight, a full window; a pause not over stays. */
+  reset(): void {
+    this.inFlight.clear();
+    this.pacer.reset(this.limit);
+    this.probes = 0;
+  }
+}

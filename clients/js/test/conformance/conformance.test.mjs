@@ -628,3 +628,47 @@ test("many rooms: joining 80 rooms at once stays within the request bucket (no 4
   assert.equal((await c.send(rooms[0], "after the rejoins")).text, "after the rejoins");
   assert.ok(app.events.length > 0);
 });
+
+test("many rooms, two tabs: 70 rooms joined and rejoined after a cut by two connections of one user are paced, never closed with 4102", async () => {
+  // They share the user's request bucket (RATE_LIMIT_REQUESTS_BURST 5 here). Every join was
+  // written at once: 5 joined, then over 2 x RATE_LIMIT_BURST (20) refusals in a row and the
+  // server closed the connection with 4102, reconnected and did it again. Now at most 4 joins
+  // are on the wire, and a refused one holds them all back until its retry_after_ms. The
+  // refusals in a row: the window's 4, and a few more when the other tab keeps taking the
+  // tokens (each doubles the pause).
+  const s = await harness.server({ env: { RATE_LIMIT_BURST: "10", RATE_LIMIT_REQUESTS: "50", RATE_LIMIT_REQUESTS_BURST: "5" } });
+  const rooms = Array.from({ length: 70 }, (_, i) => `tabs-${i}`);
+  const tabs = [];
+  for (let n = 0; n < 2; n++) {
+    const sockets = [];
+    const seen = []; // "r" a rate_limited refusal, "j" a joined, in arrival order
+    class Tapped extends WebSocket {
+      constructor(url, protocols) {
+        super(url, protocols);
+        sockets.push(this);
+        this.addEventListener("message", (e) => {
+          const type = JSON.parse(String(e.data));
+          if (type.type === "error" && type.code === "rate_limited") seen.push("r");
+          else if (type.type === "joined") seen.push("j");
+        });
+      }
+    }
+    const tab = await signedIn(s.url, "tabby", { WebSocket: Tapped });
+    const closes = [];
+    tab.c.on("connecting", (e) => closes.push(e.code));
+    tabs.push({ ...tab, sockets, seen, closes });
+  }
+  const joins = tabs.flatMap(({ c }) => rooms.map((r) => c.join(r, { timeout: 4 * TIMEOUT })));
+  assert.equal((await Promise.all(joins)).length, 140);
+  const rejoined = tabs.flatMap(({ c }) => rooms.map((r) => next(c, "joined", (e) => e.room === r && e.rejoin, 4 * TIMEOUT)));
+  for (const { sockets } of tabs) sockets.at(-1)._socket.destroy();
+  await Promise.all(rejoined);
+  for (const { c, closes, seen } of tabs) {
+    assert.deepEqual(closes.filter((code) => code !== 1006), [], "no close but the cut");
+    assert.equal(c.state, "connected");
+    assert.deepEqual(rooms.filter((r) => c.roomState(r) !== "joined"), []);
+    const longest = Math.max(...seen.join("").split("j").map((run) => run.length));
+    assert.ok(seen.includes("r"), "the bucket was never empty: the test tests nothing");
+    assert.ok(longest < 20, `${longest} refusals in a row: ${seen.join("")}`);
+  }
+});

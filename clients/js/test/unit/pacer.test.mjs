@@ -2,7 +2,7 @@
 // same cases as the Python library's tests/test_pacer.py).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Pacer } from "../../dist/index.mjs";
+import { JOIN_WINDOW, JoinPacer, Pacer } from "../../dist/index.mjs";
 
 const close = (actual, expected, what) => assert.ok(Math.abs(actual - expected) < 1e-6, `${what}: ${actual} != ${expected}`);
 
@@ -252,4 +252,68 @@ test("pacer: a round trip longer than ten intervals does not relearn the pace", 
   assert.ok(long <= 6, `${long} refusals`);
   const short = simulate(300, { rate: 20, burst: 20, latency: 10 });
   assert.ok(short <= 20, `a short round trip: about a window, not ${short}`);
+});
+
+// The join pacer (the same cases as the Python library's test_pacer.py, in ms).
+
+test("joins: a window at a time (a reconnect's 70 rejoins: 4 on the wire, the next when one is answered)", () => {
+  const joins = new JoinPacer(undefined, () => 0.5);
+  for (let key = 0; key < JOIN_WINDOW; key++) {
+    assert.equal(joins.nextAt(0), 0);
+    joins.sent(String(key), 0);
+  }
+  assert.equal(joins.nextAt(0), null);
+  assert.ok(joins.joined("0", 10));
+  assert.ok(!joins.joined("0", 10), "answered already");
+  assert.equal(joins.nextAt(10), 10);
+});
+
+test("joins: a rate_limited join holds every join until retry_after, then one at a time at the pace learnt", () => {
+  const joins = new JoinPacer(4, () => 0.5);
+  for (let key = 0; key < 4; key++) joins.sent(String(key), 0);
+  assert.ok(joins.joined("0", 1));
+  for (const key of ["1", "2", "3"]) assert.ok(joins.refused(key, 2, 100)); // the bucket is empty
+  close(joins.nextAt(2), 102, "not before retry_after");
+  joins.sent("4", 102);
+  assert.equal(joins.nextAt(102), null, "one at a time after a refusal");
+  assert.ok(joins.joined("4", 103));
+  assert.ok(joins.nextAt(103) > 103 + 90, "paced at the server's rate, about 100 ms");
+});
+
+test("joins: a join refused again after the pause doubles it, with jitter, up to 32 x; a joined starts again", () => {
+  const rnd = [...Array(7).fill(0), 1];
+  const joins = new JoinPacer(4, () => rnd.shift());
+  joins.sent("a", 0);
+  joins.refused("a", 0, 100);
+  close(joins.nextAt(0), 100, "the first refusal: retry_after");
+  let now = 100;
+  const waits = [];
+  for (let n = 0; n < 8; n++) {
+    joins.sent(String(n), now);
+    joins.refused(String(n), now, 100);
+    const at = joins.nextAt(now);
+    waits.push(Math.round(at - now));
+    now = at;
+  }
+  assert.deepEqual(waits, [200, 400, 800, 1600, 3200, 3200, 3200, 6400]);
+  joins.sent("b", now);
+  assert.ok(joins.joined("b", now));
+  joins.sent("c", now + 1000);
+  joins.refused("c", now + 1000, 100);
+  close(joins.nextAt(now + 1000), now + 1100, "a joined starts the doubling again");
+});
+
+test("joins: other refusals free a place and pause nothing; a new connection keeps the pause", () => {
+  const one = new JoinPacer(1);
+  one.sent("a", 0);
+  assert.equal(one.nextAt(0), null);
+  assert.ok(one.refused("a", 0, null)); // unavailable: the client retries it after a backoff
+  assert.equal(one.nextAt(0), 0);
+  assert.ok(!one.refused("zzz", 0, 100), "none of ours");
+  const joins = new JoinPacer();
+  for (let key = 0; key < 4; key++) joins.sent(String(key), 0);
+  joins.refused("0", 0, 2000);
+  joins.reset();
+  close(joins.nextAt(1000), 2000, "the bucket is the user's");
+  assert.ok(!joins.joined("1", 2000));
 });
