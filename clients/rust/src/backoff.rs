@@ -28,12 +28,23 @@ impl Backoff {
         Duration::from_secs_f64(secs)
     }
 
+    /// The delay after the server closed for a client's own behaviour (4101 slow consumer,
+    /// 4102 flooding): the backoff, but at least 5 s, as the Python and JS clients
+    /// wait, so a client that is cut off for reading too slowly or sending too much does
+    /// not come straight back to do it again.
+    pub fn pause_delay(&self, attempt: u32, random: f64) -> Duration {
+        self.delay(attempt, random).max(PAUSE)
+    }
+
     /// The delay after the server said it is going away (1001): "at once", but
     /// spread over `[0, min)` so a deploy's clients do not all arrive in one instant.
     pub fn going_away_delay(&self, random: f64) -> Duration {
         self.min.mul_f64(random.clamp(0.0, 1.0))
     }
 }
+
+/// The least wait after 4101 or 4102 ([`Backoff::pause_delay`]).
+pub(crate) const PAUSE: Duration = Duration::from_secs(5);
 
 /// The longest wait a `Retry-After` can ask for: a day, as in the JS and Python clients.
 pub(crate) const RETRY_AFTER_CAP: Duration = Duration::from_secs(86_400);
@@ -211,5 +222,13 @@ mod tests {
         assert!(high > Duration::from_secs(16) && high < Duration::from_secs(17), "{high:?}");
         assert!(b.going_away_delay(0.5) == Duration::from_millis(500));
         assert!(b.going_away_delay(0.0).is_zero());
+    }
+
+    #[test]
+    fn a_pause_after_4101_or_4102_is_at_least_five_seconds_then_the_backoff() {
+        let b = Backoff::default();
+        assert_eq!(b.pause_delay(0, 0.0), PAUSE);
+        assert_eq!(b.pause_delay(0, 0.99), PAUSE); // 0.5 + 0.99 * 0.5 s: below the pause
+        assert_eq!(b.pause_delay(10, 0.99), Duration::from_secs(20)); // the backoff's cap
     }
 }

@@ -313,7 +313,7 @@ impl Driver {
             CloseAction::ReconnectNow if self.attempt == 0 => b.going_away_delay(r),
             CloseAction::ReconnectNow => b.delay(self.attempt, r),
             CloseAction::Reconnect => b.delay(self.attempt, r),
-            CloseAction::ReconnectAfterPause => b.delay(self.attempt + 3, r),
+            CloseAction::ReconnectAfterPause => b.pause_delay(self.attempt, r),
             CloseAction::NeedsFreshToken if self.cfg.token.is_some() => b.delay(self.attempt, r),
             CloseAction::NeedsFreshToken | CloseAction::Terminal => return None,
         };
