@@ -363,6 +363,57 @@ def test_redis_numbered_posts_wait_for_a_database_numbering_node_alive_not_a_dea
     assert post() == first + 2
 
 
+def test_redis_numbered_posts_stay_refused_after_a_loss_of_redis_data_during_the_rollout(
+        ) -> None:
+    """A rolling update turns persistence on (or off); Redis loses its data meanwhile (a
+    restart without persistence, a flush): the list of database-numbering workers goes with
+    it. The workers' recovery (epoch.py) ends with the last one's epoch_done, well before the
+    database-numbering worker's next heartbeat lists it again (PRESENCE_TTL / 3): posts
+    numbered in Redis must stay refused, whichever worker is done last (before: the last
+    one set `ready`, and for up to a heartbeat the two numberings issued ids twice; the
+    database's copy of an id Redis had issued was published as stale, never delivered
+    live, though its sender had its acknowledgement). Likewise a database-numbering worker
+    that starts on a Redis without an epoch does not open the gate before it beats."""
+    import redis as redis_py
+
+    from wschat.config import Settings
+    from wschat.stores.redis import create_redis_stores
+
+    with own_redis() as redis_server:
+        admin = redis_py.Redis.from_url(redis_server.url)
+        redis_side = _redis_stores_of_a_worker(redis_server.url)
+        database_side = create_redis_stores(Settings(redis_url=redis_server.url,
+                                                     enable_persistence=True))
+        try:
+            # A database-numbering worker starts first on an empty Redis (RedisStores.start).
+            if database_side.epoch.begin():
+                database_side.epoch.done()
+            assert not _post_taken(redis_side, "r")  # before its first heartbeat too
+            if redis_side.epoch.begin():
+                redis_side.epoch.done()
+            for stores in (redis_side, database_side):
+                stores.keeper.beat_and_reap()
+            assert not _post_taken(redis_side, "r")
+            for last in (database_side, redis_side):
+                admin.flushall()
+                assert not _post_taken(redis_side, "r")  # no epoch: recovering
+                # Each worker's recovery (RedisStores._resync_in_epoch), no heartbeat between.
+                for stores in (redis_side, database_side):
+                    assert stores.epoch.begin(stores.keeper.peers)
+                first = redis_side if last is database_side else database_side
+                first.epoch.done()
+                last.epoch.done()
+                assert not _post_taken(redis_side, "r"), f"{last.keeper.node_id} done last"
+                for stores in (redis_side, database_side):
+                    stores.keeper.beat_and_reap()
+            database_side.keeper.stop()  # the last database-numbering worker is gone
+            assert _post_taken(redis_side, "r")
+        finally:
+            admin.close()
+            for stores in (redis_side, database_side):
+                stores.client.close()
+
+
 def test_control_characters_in_sub_are_refused(redis_server: Server) -> None:
     """A token whose ``sub`` holds a control character is refused at the upgrade (401)
     and in ``auth``; a ``name`` with them is shown without them."""

@@ -232,7 +232,8 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics,
                                numbers_in_database=settings.enable_persistence)
     # A worker that never comes back is waited for as long as a silent one counts as alive.
-    stores.epoch = Epoch(client, node.node_id, settings.presence_ttl)
+    stores.epoch = Epoch(client, node.node_id, settings.presence_ttl,
+                         numbers_in_database=settings.enable_persistence)
     stores._recovering = gevent.lock.Semaphore()
     # The chat core's re-registration (set as the broker's on_reconnect), in the epoch's
     # check, serves both.

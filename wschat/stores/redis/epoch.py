@@ -54,9 +54,14 @@ SAME, LOST, FRESH, LOST_AND_OPEN = 0, 1, 2, 3
 class Epoch:
     """This worker's view of which data Redis holds (one per worker)."""
 
-    def __init__(self, client: redis.Redis, node_id: str, recovering_ttl: float) -> None:
+    def __init__(self, client: redis.Redis, node_id: str, recovering_ttl: float,
+                 numbers_in_database: bool = False) -> None:
         self._client = client
         self._node_id = node_id
+        #: ENABLE_PERSISTENCE: :meth:`begin` lists this worker in NUMBERED_BY_DATABASE (as
+        #: its heartbeat does), and :meth:`done` never opens the gate: a loss of Redis's
+        #: data took the list with it, and the recovery may end before the next heartbeat.
+        self._database = "1" if numbers_in_database else "0"
         self._ttl_ms = max(1, int(recovering_ttl * 1000))
         self._begin = script(client, "epoch_begin")
         self._done = script(client, "epoch_done")
@@ -73,7 +78,7 @@ class Epoch:
         state, epoch = self._begin(
             keys=[EPOCH, READY, RECOVERING, NODES, CONTROL, NUMBERED_BY_DATABASE],
             args=[self._node_id, self.seen, secrets.token_hex(8), self._ttl_ms,
-                  self._run_id(), *others])
+                  self._run_id(), self._database, *others])
         self.seen = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         if state == LOST:
             log.warning("redis lost its data or restarted: posts wait until every worker "
@@ -97,5 +102,5 @@ class Epoch:
     def done(self) -> bool:
         """This worker's sequences are raised; True if posts are taken now."""
         return bool(self._done(keys=[EPOCH, READY, RECOVERING, NUMBERED_BY_DATABASE],
-                               args=[self._node_id, self.seen]))
+                               args=[self._node_id, self.seen, self._database]))
 

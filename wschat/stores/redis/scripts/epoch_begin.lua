@@ -7,14 +7,22 @@
 --       told "epoch" when a loss is found, so that none waits for its next heartbeat)
 --       numbered_by_database (while it exists, ready is not set: gate.lua)
 -- ARGV: node_id, the epoch this worker last saw ('' if none), a new token, the time
---       limit in ms, Redis's run_id ('' if INFO is refused), then the other nodes this
---       worker knew of
+--       limit in ms, Redis's run_id ('' if INFO is refused), database ('1': this worker
+--       numbers messages in the database), then the other nodes this worker knew of
 -- Returns {state, epoch}: 0 the same data as before; 1 Redis lost or rolled back its
 -- data and this worker must raise its sequences before posts are taken again (it is
 -- listed in recovering); 2 a fresh start (no epoch, and this worker saw none: posts
 -- are taken at once; a worker that saw no epoch has no sequence to raise, and this is
 -- also the first start of a release with epochs over the data of one without); 3 lost,
 -- but posts were taken again already (recovering is over).
+-- A database-numbering worker lists itself first, as its heartbeat does (node_beat.lua):
+-- after a loss of Redis's data the list went with it, and the recovery this begins may be
+-- over (the last epoch_done) before its next heartbeat; a first start has not beaten yet.
+if ARGV[6] == '1' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+  redis.call('DEL', KEYS[2])
+end
 local current = redis.call('GET', KEYS[1])
 local run = ARGV[5]
 if current and (run == '' or string.sub(current, -#run - 1) == ':' .. run) then
@@ -40,7 +48,7 @@ redis.call('DEL', KEYS[2])
 -- Waited for: this worker, those it knew of, and those the registry lists as alive
 -- (it survives a restart that kept the data).
 redis.call('SADD', KEYS[3], ARGV[1])
-for i = 6, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
+for i = 7, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], now - tonumber(ARGV[4]), '+inf')) do
