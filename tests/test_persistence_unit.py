@@ -907,6 +907,43 @@ def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
         client.close()
 
 
+def test_a_held_message_is_released_when_its_worker_stops_before_its_releaser(
+        tmp_path: Path) -> None:
+    """Persistence turned off by a rolling update: the last worker that numbers in the
+    database holds an acknowledged message behind one whose publish failed, and stops
+    before its releaser ran (HOLD_TIMEOUT). Its close releases it, before its node leaves
+    the list of database-numbering workers (RedisStores.close); before, workers numbering
+    in Redis went on from the room's sequence below it: they issued its id (and the one
+    before) again, and the acknowledged message was never published."""
+    from wschat.stores import redis as redis_stores
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"held-{uuid.uuid4().hex[:6]}"
+    first_start(client)
+    inner = redis_stores.RedisMessageStore(client, history_size=10)
+    keeper = redis_stores.NodeKeeper(client, redis_stores._Node(), 30, 3600,
+                                     numbers_in_database=True)
+    keeper.beat_and_reap()
+    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/stop.db"))
+    durable.HOLD_TIMEOUT = 30  # the stop comes first
+    durable.start()
+    without_persistence = redis_stores.RedisMessageStore(client, history_size=10)
+    try:
+        durable.last_id(room)
+        failed = room_post(room, "committed, its publish failed")
+        durable.log.write([failed])
+        acked = durable.post_room(room, "u1", draft_message(room, "a", "u1", "acked", 1, None))
+        assert (failed.msg_id, acked.msg_id) == (1, 2) and inner.last_id(room) == 0  # held
+        durable.close()
+        keeper.stop()  # as RedisStores.close, after the message store
+        assert [message_id_of(e) for e in inner.recent(room, 10)] == [1, 2]
+        assert without_persistence.post_room(room, "u2", draft_message(
+            room, "b", "u2", "next", 1, None)).msg_id == 3
+    finally:
+        client.delete(*(f"wschat:{{r:{room}}}:{k}" for k in ("seq", "hist", "held")))
+        client.close()
+
+
 def test_a_room_published_to_from_the_log_without_members_expires_in_redis() -> None:
     """Redis with persistence: a committed message of a room nobody is in (``/api/publish``)
     leaves the room's sequence and history to expire ``ROOM_TTL`` from then, as a post

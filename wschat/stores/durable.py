@@ -225,7 +225,7 @@ class DurableMessageStore(MessageStore):
         if waiting is None:
             gevent.spawn_later(self.HOLD_TIMEOUT, self._release_held, room)
 
-    def _release_held(self, room: str) -> None:
+    def _release_held(self, room: str, once: bool = False) -> None:
         """Publish, from the log, what a dead or slow worker committed but never published:
         every message between the window's last id and the highest held one, in order,
         :attr:`FILL_PAGE` at a time (so that the worker holds one page, not the whole gap).
@@ -233,7 +233,8 @@ class DurableMessageStore(MessageStore):
         holds were deleted (retention: ids are taken in the committing transaction, so a
         later id committed means this one was too) and are gone for good: the window's
         sequence moves past them, with one warning, rather than waiting for them forever.
-        The window then has a hole there, which :meth:`since` does not call complete."""
+        The window then has a hole there, which :meth:`since` does not call complete.
+        ``once``: at shutdown, one pass that gives up rather than waits."""
         attempt = 0
         while True:
             try:
@@ -272,6 +273,8 @@ class DurableMessageStore(MessageStore):
                     continue
             except Unavailable as exc:
                 log.warning("room %s: cannot release held messages yet (%s)", room, exc)
+            if once:
+                return
             attempt += 1
             gevent.sleep(min(self.HOLD_TIMEOUT * attempt, 10.0))
 
@@ -348,6 +351,17 @@ class DurableMessageStore(MessageStore):
 
     def close(self) -> None:
         self.writer.close()
+        # Messages held behind an unpublished predecessor were acknowledged; their
+        # releaser may not have run yet (HOLD_TIMEOUT). Released now, before this worker
+        # stops numbering (RedisStores.close: NodeKeeper.stop next): if it was the last
+        # one that numbers in the database, workers numbering in Redis go on from Redis's
+        # sequence, and would issue those ids again, the acknowledged messages never
+        # published.
+        for room in list(self._releasing):
+            try:
+                self._release_held(room, once=True)
+            except Exception as exc:  # the shutdown goes on
+                log.warning("room %s: held messages not released at shutdown (%s)", room, exc)
         self.log.close()
         self.inner.close()
 
