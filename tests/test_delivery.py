@@ -363,6 +363,26 @@ def test_redis_numbered_posts_wait_for_a_database_numbering_node_alive_not_a_dea
     assert post() == first + 2
 
 
+def test_a_database_numbering_node_is_not_forgotten_by_a_node_with_a_shorter_ttl(
+        redis_stores: Any) -> None:
+    """A rolling update that changes PRESENCE_TTL with ENABLE_PERSISTENCE: a node without
+    persistence and a PRESENCE_TTL shorter than the database-numbering node's beat interval
+    must not forget that node between its beats (before: it pruned every listing older than
+    its own TTL, and its posts numbered in Redis were taken until the next beat)."""
+    redis_module, client, _, messages, _ = redis_stores
+    r = room()
+    database = redis_module.NodeKeeper(client, redis_module._Node(), 30.0, 3600,
+                                       numbers_in_database=True)  # beats every 10 s
+    database.beat_and_reap()
+    hasty = redis_module.NodeKeeper(client, redis_module._Node(), 0.3, 3600)
+    time.sleep(0.5)  # longer than hasty's TTL, well within the database node's
+    hasty.beat_and_reap()
+    with pytest.raises(Unavailable, match="numbered by the database"):
+        messages.post_room(r, "u", draft_message(r, "u", "u", "hi", 1, None))
+    database.stop()
+    assert messages.post_room(r, "u", draft_message(r, "u", "u", "hi", 1, None)).msg_id == 1
+
+
 def test_redis_numbered_posts_stay_refused_after_a_loss_of_redis_data_during_the_rollout(
         ) -> None:
     """A rolling update turns persistence on (or off); Redis loses its data meanwhile (a

@@ -34,7 +34,8 @@ CONTROL = PREFIX + "control"
 EPOCH = PREFIX + "epoch"
 READY = PREFIX + "ready"
 RECOVERING = PREFIX + "recovering"
-# The workers that number messages in the database (ENABLE_PERSISTENCE), by last heartbeat;
+# The workers that number messages in the database (ENABLE_PERSISTENCE), scored by the time
+# until which each counts as alive (its last heartbeat plus its own PRESENCE_TTL);
 # while any lives, READY is not set and posts numbered in Redis are refused (nodes.py;
 # gate.lua spells it out).
 NUMBERED_BY_DATABASE = PREFIX + "numbered_by_database"

@@ -20,7 +20,9 @@
 -- over (the last epoch_done) before its next heartbeat; a first start has not beaten yet.
 if ARGV[6] == '1' then
   local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+  -- listed until its beat plus the time limit (PRESENCE_TTL), as node_beat.lua lists it
+  redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4]),
+             ARGV[1])
   redis.call('DEL', KEYS[2])
 end
 local current = redis.call('GET', KEYS[1])

@@ -10,10 +10,13 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 local silent = now - tonumber(ARGV[2])
--- A database-numbering node that died is forgotten with the other dead nodes.
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', silent)
+-- A database-numbering node that died is forgotten once its own listing ran out: its
+-- score is the time until which it counts as alive (its beat plus its PRESENCE_TTL), not
+-- its beat, so that a node with a shorter PRESENCE_TTL (a rolling update changing both
+-- settings) does not drop it between its beats.
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
 if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
   redis.call('DEL', KEYS[3])
 end
 return {known, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', silent),
