@@ -966,6 +966,46 @@ def test_a_room_published_to_from_the_log_without_members_expires_in_redis() -> 
         client.close()
 
 
+def test_a_room_only_the_api_posts_to_continues_from_the_log_once_its_keys_expired(
+        tmp_path: Path) -> None:
+    """Redis with persistence: a room only ``/api/publish`` writes to gets ``ROOM_TTL`` on
+    its keys; once they expired, the API's next post to it (through a worker that has read
+    the room's last id before) is published at once, and the keys get their TTL again
+    (before: the worker's window read the room's id once, so the post was held behind the
+    ids the keys had lost and published HOLD_TIMEOUT later by the releaser, which filled the
+    history again from the log, with a warning meant for a dead worker's messages, and left
+    the room's keys with no expiry: kept in Redis for good)."""
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.base import API_USER
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"api-only-{uuid.uuid4().hex[:6]}"
+    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
+    first_start(client)
+    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/api.db"))
+    durable.HOLD_TIMEOUT = 0.05
+    durable.start()
+    seq, hist = room_keys(room)[4:]
+
+    def publish(text: str) -> int:
+        return durable.post_room(room, API_USER, draft_message(room, "api", API_USER, text,
+                                                               1, None)).msg_id
+
+    try:
+        assert [publish(f"m{i}") for i in range(3)] == [1, 2, 3]
+        assert 0 < client.ttl(seq) <= 600
+        client.delete(seq, hist)  # ROOM_TTL passed
+        assert publish("later") == 4
+        assert inner.last_id(room) == 4, "held behind the ids the expired keys had"
+        gevent.sleep(0.2)  # a releaser, if one was started (HOLD_TIMEOUT 0.05 s), has run
+        assert 0 < client.ttl(seq) <= 600 and 0 < client.ttl(hist) <= 600
+    finally:
+        durable.close()
+        client.delete(seq, hist)
+        client.close()
+
+
 def test_an_id_held_while_the_releaser_ends_is_released_too(tmp_path: Path) -> None:
     """Redis: the releaser of a room finds everything it waited for published and ends,
     while (during its look at Redis) another message of the room is held behind one a
