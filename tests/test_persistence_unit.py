@@ -1006,6 +1006,39 @@ def test_a_room_only_the_api_posts_to_continues_from_the_log_once_its_keys_expir
         client.close()
 
 
+def test_a_room_only_the_api_posts_to_continues_from_the_log_in_memory_too(
+        tmp_path: Path) -> None:
+    """The memory store as Redis above: a room only ``/api/publish`` writes to is dropped
+    from the window ``ROOM_TTL`` after its first post (its expiry runs when the store is
+    next written to); the API's next post continues from the log and is published at once,
+    not held behind the ids the window dropped."""
+    from wschat.stores.base import API_USER
+    from wschat.stores.memory import MemoryBroker, MemoryMessageStore
+
+    now = [0.0]
+    delivered: list[bytes] = []
+    broker = MemoryBroker()
+    broker.start(lambda room, event, exclude: delivered.append(event),
+                 lambda user, event: delivered.append(event))
+    inner = MemoryMessageStore(broker, 10, room_ttl=10, clock=lambda: now[0])
+    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/mem.db"))
+    durable.HOLD_TIMEOUT = 30  # a releaser would not run during the test
+    durable.start()
+
+    def publish(text: str) -> int:
+        return durable.post_room("news", API_USER, draft_message(
+            "news", "api", API_USER, text, 1, None)).msg_id
+
+    try:
+        assert [publish(f"m{i}") for i in range(3)] == [1, 2, 3]
+        now[0] = 11  # ROOM_TTL passed
+        assert publish("later") == 4
+        assert message_id_of(delivered[-1]) == 4, "held behind the ids the window dropped"
+        assert inner.last_id("news") == 4
+    finally:
+        durable.close()
+
+
 def test_an_id_held_while_the_releaser_ends_is_released_too(tmp_path: Path) -> None:
     """Redis: the releaser of a room finds everything it waited for published and ends,
     while (during its look at Redis) another message of the room is held behind one a

@@ -237,6 +237,11 @@ class MemoryMessageStore(MessageStore):
         return Replay(newer, unbroken and not cut)
 
     def last_id(self, room: str) -> int:
+        # Rooms past their ROOM_TTL go first, as the next post would drop them: the
+        # durable store reads this before a post to decide whether the window lost the
+        # room (and continues it from the log), and must not read a sequence that the
+        # post's publish then drops (the post would be held behind the ids gone).
+        self._expire_idle()
         log = self._logs.get(room)
         return log.last_id if log else 0
 
