@@ -711,6 +711,15 @@ def test_a_kept_dm_its_backlog_wrote_is_not_written_again_by_its_live_copy(
         assert [e["text"] for e in bob.events("dm")] == ["race"]
         _dm(chat, alice, "bob", "later")  # live DMs still reach him
         assert [e["text"] for e in bob.events("dm")] == ["race", "later"]
+        # the backlog's ids are remembered for a grace period, not for the connection's life
+        from wschat.hub import KEPT_IDS_GRACE
+        chat.tick()
+        clock.now += KEPT_IDS_GRACE - 1
+        chat.tick()
+        assert chat.hub._kept_sent, "forgotten before the grace period was over"
+        clock.now += 2
+        chat.tick()
+        assert not chat.hub._kept_sent and not chat.hub._kept_forget_at
 
 
 class _HeldSession(FakeSession):

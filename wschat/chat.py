@@ -713,6 +713,7 @@ class Chat:
         self.release_presence()
         self.expire_typing()
         now = self.monotonic()
+        self.hub.forget_kept_ids(now)
         for session, _ in self._auth_deadlines.due(now):
             if not session.authenticated and not session.closed_by_chat:
                 self.metrics.disconnected("auth_timeout")

@@ -34,6 +34,11 @@ class _Recovery:
         self.behind = 0
 
 
+#: Seconds after a connection's kept-DM backlog ended that the hub still recognises
+#: the live copy of one of those DMs (LocalHub.kept_dms_sent) and does not write it again.
+KEPT_IDS_GRACE = 60.0
+
+
 class DmHold:
     """Live DMs to one connection waiting behind the DMs kept for its user
     (:meth:`LocalHub.hold_dms`). The object itself identifies the hold: the backlog it
@@ -100,12 +105,17 @@ class LocalHub:
         # Live DMs that wait until the DMs kept for the session's user while it was away
         # have all been queued (hold_dms).
         self._held_dms: dict[Session, DmHold] = {}
-        # The ids of the kept DMs queued for a session by its backlogs, until it closes:
-        # a live copy of one (Chat.deliver_if_arrived, a retry) is not written to it a
-        # second time, whether it comes while the backlog is written or after (DM ids are
-        # unique: the connection has that event). About its users' kept DMs
-        # (MAX_KEPT_DMS, 1000, each), for connections that had any.
+        # The ids of the kept DMs queued for a session by its backlogs, until
+        # KEPT_IDS_GRACE after its backlog ended: a live copy of one
+        # (Chat.deliver_if_arrived, a retry) is not written to it a second time, whether
+        # it comes while the backlog is written or after (DM ids are unique: the
+        # connection has that event). A live copy follows its commit by a round trip, so
+        # a minute is ample, and a connection does not hold up to MAX_KEPT_DMS ids for
+        # its whole life.
         self._kept_sent: dict[Session, set[int]] = {}
+        # Sessions whose backlog ended: when their ids go (None: stamped at the next
+        # forget_kept_ids, from the chat's tick).
+        self._kept_forget_at: dict[Session, float | None] = {}
 
     # -- membership --------------------------------------------------------------------
     def _ensure_room(self, room: str) -> None:
@@ -292,6 +302,7 @@ class LocalHub:
         (Chat.deliver_if_arrived), held or arriving later, is not sent a second time."""
         if not session.closed_by_chat:  # its close dropped them (drop_held_dms)
             self._kept_sent.setdefault(session, set()).update(ids)
+            self._kept_forget_at.pop(session, None)  # a backlog again: kept until it ends
 
     def release_dms(self, session: Session, hold: DmHold | None = None) -> None:
         """Send the live DMs held for ``session`` (after the last kept page) and stop
@@ -302,14 +313,27 @@ class LocalHub:
             return
         del self._held_dms[session]
         kept = self._kept_sent.get(session, ())
+        if kept:
+            self._kept_forget_at[session] = None
         for dm_id, frame in held.frames:
             if dm_id not in kept:
                 session.send_frame(frame)
+
+    def forget_kept_ids(self, now: float) -> None:
+        """The chat's tick (``now``: its monotonic clock): forget the kept-DM ids of the
+        sessions whose backlog ended at least :data:`KEPT_IDS_GRACE` seconds ago."""
+        for session, at in list(self._kept_forget_at.items()):
+            if at is None:
+                self._kept_forget_at[session] = now + KEPT_IDS_GRACE
+            elif at <= now:
+                del self._kept_forget_at[session]
+                self._kept_sent.pop(session, None)
 
     def drop_held_dms(self, session: Session) -> None:
         """The connection is gone: what was held for it goes with it."""
         self._held_dms.pop(session, None)
         self._kept_sent.pop(session, None)
+        self._kept_forget_at.pop(session, None)
 
     def remove_user(self, session: Session, user_id: str | None = None) -> None:
         # The session's held DMs are not dropped here: a sign-in as another user (or its
