@@ -441,13 +441,12 @@ def test_memory_rooms_published_to_without_members_expire_after_room_ttl() -> No
     assert store.last_id("elsewhere") == 1 and store.last_id("lived-in") == 1
 
 
+@pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
 def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Stores) -> None:
     """Redis as the memory store: a room posted to while nobody is in it (``/api/publish``)
     keeps its sequence and history ``ROOM_TTL`` from that post (before: never joined,
     they had no expiry and stayed for good); a later post does not extend it, a join
     takes it off, and a room with members gets none."""
-    if stores.name != "redis":
-        pytest.skip("Redis keys")
     import redis
 
     from wschat.stores.base import API_USER
