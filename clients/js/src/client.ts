@@ -1007,7 +1007,8 @@ export class ChatClient extends Emitter<ClientEvents> {
   private dropRoom(room: Room, err: ChatError): void {
     this.rooms.delete(room.name);
     clearTimeout(room.retryTimer);
-    if (room.joinReq) this.joins.delete(room.joinReq);
+    // Its join on the wire, if any, stays in `joins`: its answer still frees a place in the
+    // join pacer's window (onJoined/onJoinError see the room is gone and do no more).
     room.joinReq = room.syncReq = null;
     this.setRoomState(room, "left");
     for (const w of room.waiters.splice(0)) {

@@ -1339,3 +1339,29 @@ test("sends: a refusal rejects every caller waiting for the same clientMsgId; fu
   for (const p of [first, again]) await assert.rejects(within(p, 2000, "the refusal"), (e) => e.code === "message_too_large");
   assert.equal(server.last.sent.filter((f) => f.type === "message").length, 1, "written once");
 });
+
+test("rooms: a join answered after its room was left frees its place in the join window", async (t) => {
+  // leave() (or a removed event) dropped the join's entry while it was on the wire: its late
+  // joined (or error) was then ignored before the JoinPacer heard of it, the place stayed
+  // taken for the life of the connection, and after maxJoinsInFlight of them no join was
+  // written any more (every later join timed out).
+  const { server, c } = setup({ maxJoinsInFlight: 1, requestTimeout: 1000 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  const ws = server.last;
+  let held = null;
+  server.replies.push((_ws, f) => {
+    if (f.type !== "join" || f.room !== "a" || held) return false;
+    held = f;
+    return true;
+  });
+  const first = c.join("a");
+  await until(() => held !== null, "the join of a");
+  await c.leave("a");
+  await assert.rejects(first, (e) => e.code === "left");
+  server.push(ws, { type: "joined", id: held.id, room: "a", users: [], last_id: 0 });
+  await tick(5);
+  const b = await within(c.join("b"), 2000, "the join of b");
+  assert.equal(b.room, "b");
+  assert.equal(ws.sent.filter((f) => f.type === "join" && f.room === "b").length, 1);
+});
