@@ -101,6 +101,9 @@ struct Room {
     waiters: Vec<Reply<Joined>>,
     /// Waits in the join queue for the join pacer.
     join_queued: bool,
+    /// The request id of this room's `join` on the wire, until its answer. An answer to
+    /// another join of the room's name (one written before a `leave`) is not this room's.
+    join_rid: Option<u64>,
 }
 
 struct PendingRequest {
@@ -510,6 +513,7 @@ impl Driver {
             room.joined_on = None;
             room.sync_rid = None;
             room.join_queued = false;
+            room.join_rid = None;
             if room.state == RoomState::Joined {
                 room.state = RoomState::Joining;
                 changed.push(name.clone());
@@ -608,6 +612,7 @@ impl Driver {
                     sync_rid: None,
                     waiters: Vec::new(),
                     join_queued: false,
+                    join_rid: None,
                 });
                 entry.waiters.push(reply);
                 if entry.state == RoomState::Left {
@@ -798,10 +803,13 @@ impl Driver {
     /// Has `room` joined as soon as the join pacer lets a join go (`first`: before the rooms
     /// already waiting, for a join the server refused). Its sends wait for the `joined`.
     fn send_join(&mut self, room: &str, first: bool) {
-        if !self.online || self.join_rids.values().any(|r| r == room) {
+        if !self.online {
             return;
         }
         let Some(r) = self.rooms.get_mut(room) else { return };
+        if r.join_rid.is_some() {
+            return; // its join is on the wire: its answer (and replay) serves this one too
+        }
         r.joined_on = None;
         if r.join_queued {
             return;
@@ -858,6 +866,7 @@ impl Driver {
                 r.seq.rejoining();
             }
             r.sync_rid = None;
+            r.join_rid = Some(id);
             self.join_rids.insert(id, room.to_owned());
             self.write(&ClientCommand::Join { room: room.to_owned(), since, id: Some(RequestId::Int(id)) });
         }
@@ -988,6 +997,12 @@ impl Driver {
                 }
                 let generation = self.generation;
                 let Some(r) = self.rooms.get_mut(&room) else { return };
+                if let Some(RequestId::Int(rid)) = id {
+                    if r.join_rid != Some(rid) {
+                        return; // a join written before a `leave` of the room: not this room's
+                    }
+                    r.join_rid = None;
+                }
                 let since = r.seq.last();
                 r.seq.joined(last_id, recovered);
                 r.joined_on = Some(generation);
@@ -1265,6 +1280,12 @@ impl Driver {
         } else if let Some(room) = self.join_rids.remove(&rid) {
             let limited = retry.filter(|_| rate_limited);
             self.join_pacer.refused(rid, Instant::now().into_std(), limited, fastrand::f64());
+            match self.rooms.get_mut(&room) {
+                Some(r) if r.join_rid == Some(rid) => r.join_rid = None,
+                // A join written before a `leave` of the room: the room (left, or joined
+                // again with a join of its own) is not this refusal's.
+                _ => return self.flush_joins(),
+            }
             match retry {
                 // The request bucket is empty: the join pacer holds every join back until
                 // `retry_after_ms`, and this one goes again first (the flush wakes up then).

@@ -1599,3 +1599,46 @@ async fn many_rooms_rejoined_by_two_tabs_are_paced_not_cut_off() {
         assert!(last.values().all(|s| *s == wschat::RoomState::Joined), "{last:?}");
     }
 }
+
+/// `join`, `leave` and `join` again of one room, before the first `join` is answered: the
+/// server sees join, leave, join, and the room ends joined there. The second `join` was
+/// coalesced with the first (still unanswered, its request id still the room's), so it was
+/// never written: the first one's `joined`, answered before the `left`, marked the room joined
+/// while the server had the user out of it (no messages, every send `not_in_room`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_after_a_leave_is_written_though_the_first_join_is_unanswered() {
+    let held = Arc::new(Mutex::new(None::<serde_json::Value>));
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if held.lock().unwrap().is_none() => {
+            *held.lock().unwrap() = Some(cmd.clone());
+            vec![]
+        }
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        Some("leave") => {
+            let first = held.lock().unwrap().clone().unwrap();
+            vec![
+                raw_joined(&first, Some("0"), None),
+                json!({"type": "left", "room": cmd["room"], "id": cmd["id"]}).to_string(),
+            ]
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, _rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let (first, left, again) = tokio::join!(c.join("flip"), c.leave("flip"), c.join("flip"));
+    assert!(first.is_err(), "the leave ends the first join");
+    left.unwrap();
+    again.unwrap();
+    eventually(2.0, || joins_on(&frames, 1).len() >= 2).await;
+    let kinds: Vec<String> = frames
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, f)| f["type"] != "ping")
+        .map(|(_, f)| f["type"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(kinds, ["join", "leave", "join"], "the server must see the last join");
+    c.close();
+    server.abort();
+}
