@@ -635,7 +635,10 @@ impl Driver {
                 // Sends already written go ahead of the `leave`: the server stores them
                 // and their echoes come before the `left`.
                 self.drop_room_sends(&room, &Error::local("not_in_room", format!("left {room}")));
-                if self.online {
+                // Only a room the server has the user in: one whose join still waits for the
+                // join pacer (or a retry) was never joined on this connection, and the server
+                // would answer `not_in_room` (as the JS client, which writes no `leave` then).
+                if self.online && (left.state == RoomState::Joined || left.join_rid.is_some()) {
                     let id = self.rid();
                     let cmd = ClientCommand::Leave { room, id: Some(RequestId::Int(id)) };
                     self.write(&cmd);

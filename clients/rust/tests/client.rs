@@ -1642,3 +1642,40 @@ async fn a_join_after_a_leave_is_written_though_the_first_join_is_unanswered() {
     c.close();
     server.abort();
 }
+
+/// `leave` of a room whose `join` still waits for the join pacer (never written) succeeds and
+/// writes no `leave`: the server does not have the user in it, and answered `not_in_room`,
+/// which `leave` returned as its error (the JS client writes no `leave` then either, the
+/// Python one takes `not_in_room` as left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_of_a_room_whose_join_waits_for_the_pacer_writes_no_leave() {
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if cmd["room"] == "held" => vec![],
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        Some("leave") => {
+            vec![json!({"type": "error", "code": "not_in_room", "message": "not in room", "id": cmd["id"]}).to_string()]
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, _events) = Client::builder(url).request_timeout(scaled(2.0)).max_joins_in_flight(1).connect();
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let (held, queued, left) = tokio::join!(
+        tokio::time::timeout(Duration::from_millis(300), c.join("held")),
+        c.join("queued"),
+        c.leave("queued")
+    );
+    assert!(held.is_err(), "never answered");
+    assert!(queued.is_err(), "ended by the leave");
+    left.unwrap();
+    let kinds: Vec<(String, String)> = frames
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, f)| f["type"] != "ping")
+        .map(|(_, f)| (f["type"].as_str().unwrap_or("").to_owned(), f["room"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    assert_eq!(kinds, [("join".to_owned(), "held".to_owned())]);
+    c.close();
+    server.abort();
+}
