@@ -37,8 +37,8 @@ from ..protocol import MessageDraft, addressed_to, message_id_of
 from ..ratelimit import Charge
 from ..telemetry import Metrics
 from .base import (
-    API_USER, HELD, REPLAY_MAX_BYTES, STALE, UNHEARD, InboxFull, MessageStore, Posted, Replay, Stored,
-    Unavailable, User,
+    API_USER, HELD, REPLAY_MAX_BYTES, STALE, UNHEARD, InboxFull, MessageStore, Posted, Replay,
+    Stored, Unavailable, User,
 )
 
 log = logging.getLogger("wschat.persistence")

@@ -20,8 +20,9 @@ from ...protocol import encode_presence
 from ...telemetry import Metrics
 from ..base import Unavailable, new_node_id
 from .keys import (
-    NODES, NUMBERED_BY_DATABASE, PRESENCE, READY, is_read_only, membership_keys, membership_token, node_conns,
-    node_memberships, room_channel, room_payload, script, split_token, user_nodes,
+    NODES, NUMBERED_BY_DATABASE, PRESENCE, READY, is_read_only, membership_keys,
+    membership_token, node_conns, node_memberships, room_channel, room_payload, script,
+    split_token, user_nodes,
 )
 
 log = logging.getLogger("wschat.redis")

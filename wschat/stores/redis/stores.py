@@ -20,9 +20,9 @@ from ...protocol import MessageDraft, message_id_of, stored_id_of
 from ...ratelimit import Charge, RateLimited
 from ...telemetry import Metrics
 from ..base import (
-    API_USER, HISTORY_MAX_BYTES, PUBLISHED, REPLAY_MAX_BYTES, HistoryPage, JoinResult, LeaveResult,
-    MessageStore, Posted, PresenceStore, RecipientOffline, UNHEARD, Replay, RoomStore, Stored,
-    Unavailable, User, retry_echo, run_to,
+    API_USER, HISTORY_MAX_BYTES, PUBLISHED, REPLAY_MAX_BYTES, HistoryPage, JoinResult,
+    LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline, UNHEARD, Replay,
+    RoomStore, Stored, Unavailable, User, retry_echo, run_to,
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
