@@ -1191,8 +1191,10 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (e.kind === "message") {
         if (blocked.has(e.room)) continue;
         const room = this.rooms.get(e.room);
-        // The room's rejoin and replay come first: the replay may hold this very message.
-        if (!room || room.state !== "joined" || room.joinReq || room.syncReq || !this.caughtUp(room)) {
+        // The room's rejoin and replay come first: the replay may hold this very message
+        // (a rejoin waiting for the join pacer too).
+        if (!room || room.state !== "joined" || room.joinReq || room.joinQueued || room.syncReq
+            || !this.caughtUp(room)) {
           blocked.add(e.room);
           continue;
         }

@@ -1340,6 +1340,42 @@ test("sends: a refusal rejects every caller waiting for the same clientMsgId; fu
   assert.equal(server.last.sent.filter((f) => f.type === "message").length, 1, "written once");
 });
 
+test("rooms: a room's sends wait while its gap rejoin waits for the join pacer, as while it is on the wire", async (t) => {
+  // The rejoin's replay may hold the very message a send would repeat; the sends of a room
+  // whose rejoin was only queued (the join window full) went out before it.
+  const { server, c, messages } = setup({ maxJoinsInFlight: 1 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  const ws = server.last;
+  server.post("r", "1");
+  await until(() => messages.length === 1, "message 1");
+  let held = null;
+  server.replies.push((_ws, f) => {
+    if (f.type !== "join" || f.room !== "a" || held) return false;
+    held = f;
+    return true;
+  });
+  const a = c.join("a");
+  await until(() => held !== null, "the join of a, unanswered: the window is full");
+  server.room("r").members.delete(ws);
+  server.post("r", "2");  // a gap for this socket
+  server.room("r").members.add(ws);
+  server.post("r", "3");
+  await tick(10);
+  const sent = c.send("r", "during the queued rejoin");
+  await tick(20);
+  assert.equal(ws.sent.filter((f) => f.type === "message").length, 0, "a send before the room's rejoin");
+  server.push(ws, { type: "joined", id: held.id, room: "a", users: [], last_id: 0 });
+  await within(a, 2000, "the join of a");
+  const ack = await within(sent, 2000, "the send after the rejoin");
+  assert.equal(ack.text, "during the queued rejoin");
+  const order = ws.sent.filter((f) => f.type === "message" || (f.type === "join" && f.room === "r"));
+  assert.deepEqual(order.map((f) => f.type), ["join", "join", "message"]);
+  await until(() => messages.length === 4, "the replay and the send's message");
+  assert.deepEqual(messages, [1, 2, 3, 4]);
+});
+
 test("rooms: a join answered after its room was left frees its place in the join window", async (t) => {
   // leave() (or a removed event) dropped the join's entry while it was on the wire: its late
   // joined (or error) was then ignored before the JoinPacer heard of it, the place stayed
