@@ -246,6 +246,30 @@ async def test_gap_triggers_rejoin_with_since_and_no_doubles() -> None:
         await client.close()
 
 
+async def test_a_rooms_sends_wait_for_its_gap_rejoin() -> None:
+    """A send to a room whose gap re-join is on the wire goes after the re-join's answer
+    and replay, as the JS and Rust clients do: the replay may hold the very message a
+    send would repeat (before, it went at once, ahead of the re-join)."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, last_id=5)
+        await peer.message(6)
+        await peer.message(8)  # 7 is missing
+        rejoin = await peer.recv("join")
+        sending = asyncio.ensure_future(client.send("r", "during the rejoin"))
+        with pytest.raises(TimeoutError):  # nothing else is written meanwhile
+            await asyncio.wait_for(peer.ws.recv(), 0.3)
+        await peer.send(type="joined", id=rejoin["id"], room="r", users=[], last_id=8,
+                        recovered=True)
+        await peer.message(7)
+        await peer.message(8)
+        frame = await peer.recv_answering_pings("message", "the send after the replay")
+        assert frame["text"] == "during the rejoin"
+        await peer.echo(frame, 9)
+        assert (await asyncio.wait_for(sending, TIMEOUT)).id == 9
+        assert rec.ids("r") == [6, 7, 8, 9]
+        await client.close()
+
+
 async def test_reconnect_rejoins_with_since_and_reports_recovery_failed() -> None:
     """After a drop every room is joined again with since; recovered: false is an event."""
     async with FakeServer() as fake:

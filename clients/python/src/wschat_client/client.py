@@ -599,7 +599,10 @@ class Client:
                 continue
             if entry.kind == "message":
                 room = self._rooms.get(entry.target)
-                if room is None or room.info.state is not RoomState.JOINED or not room.caught_up:
+                # A re-join (on the wire, or waiting for the join pacer) and its replay come
+                # first: the replay may hold the very message this send would repeat.
+                if (room is None or room.info.state is not RoomState.JOINED
+                        or room.join_rid is not None or room.join_queued or not room.caught_up):
                     held.add(key)
                     continue
             at = self._pacer.next_at(now, in_flight)
