@@ -1340,6 +1340,17 @@ test("sends: a refusal rejects every caller waiting for the same clientMsgId; fu
   assert.equal(server.last.sent.filter((f) => f.type === "message").length, 1, "written once");
 });
 
+/** The first join of `room` gets no answer from the fake server: `held.frame` is that join. */
+function holdJoinOf(server, room) {
+  const held = { frame: null };
+  server.replies.push((_ws, f) => {
+    if (f.type !== "join" || f.room !== room || held.frame) return false;
+    held.frame = f;
+    return true;
+  });
+  return held;
+}
+
 test("rooms: a room's sends wait while its gap rejoin waits for the join pacer, as while it is on the wire", async (t) => {
   // The rejoin's replay may hold the very message a send would repeat; the sends of a room
   // whose rejoin was only queued (the join window full) went out before it.
@@ -1350,14 +1361,9 @@ test("rooms: a room's sends wait while its gap rejoin waits for the join pacer, 
   const ws = server.last;
   server.post("r", "1");
   await until(() => messages.length === 1, "message 1");
-  let held = null;
-  server.replies.push((_ws, f) => {
-    if (f.type !== "join" || f.room !== "a" || held) return false;
-    held = f;
-    return true;
-  });
+  const held = holdJoinOf(server, "a");
   const a = c.join("a");
-  await until(() => held !== null, "the join of a, unanswered: the window is full");
+  await until(() => held.frame !== null, "the join of a, unanswered: the window is full");
   server.room("r").members.delete(ws);
   server.post("r", "2");  // a gap for this socket
   server.room("r").members.add(ws);
@@ -1366,7 +1372,7 @@ test("rooms: a room's sends wait while its gap rejoin waits for the join pacer, 
   const sent = c.send("r", "during the queued rejoin");
   await tick(20);
   assert.equal(ws.sent.filter((f) => f.type === "message").length, 0, "a send before the room's rejoin");
-  server.push(ws, { type: "joined", id: held.id, room: "a", users: [], last_id: 0 });
+  server.push(ws, { type: "joined", id: held.frame.id, room: "a", users: [], last_id: 0 });
   await within(a, 2000, "the join of a");
   const ack = await within(sent, 2000, "the send after the rejoin");
   assert.equal(ack.text, "during the queued rejoin");
@@ -1385,17 +1391,12 @@ test("rooms: a join answered after its room was left frees its place in the join
   t.after(() => c.disconnect());
   await c.connect();
   const ws = server.last;
-  let held = null;
-  server.replies.push((_ws, f) => {
-    if (f.type !== "join" || f.room !== "a" || held) return false;
-    held = f;
-    return true;
-  });
+  const held = holdJoinOf(server, "a");
   const first = c.join("a");
-  await until(() => held !== null, "the join of a");
+  await until(() => held.frame !== null, "the join of a");
   await c.leave("a");
   await assert.rejects(first, (e) => e.code === "left");
-  server.push(ws, { type: "joined", id: held.id, room: "a", users: [], last_id: 0 });
+  server.push(ws, { type: "joined", id: held.frame.id, room: "a", users: [], last_id: 0 });
   await tick(5);
   const b = await within(c.join("b"), 2000, "the join of b");
   assert.equal(b.room, "b");
