@@ -9,8 +9,6 @@ atomically.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +31,6 @@ from .pipeline import Pipelined
 from .nodes import (
     Node, announce_offline, disconnect_registered, leave_memberships, live_window_ms,
 )
-
-log = logging.getLogger("wschat.redis")
 
 DEDUPE_TTL = 3600
 
@@ -185,16 +181,6 @@ class RedisMessageStore(MessageStore):
         #: Told when the gate refused a post (gate.lua: Redis lost its data): the
         #: factory's check of the epoch, which finds a flush no connection noticed.
         self.on_gate_closed: Callable[[], None] = lambda: None
-        self._numbered_elsewhere_told = -60.0  # when that refusal was last logged
-
-    def _tell_numbered_elsewhere(self) -> None:
-        now = time.monotonic()
-        if now - self._numbered_elsewhere_told >= 60.0:
-            self._numbered_elsewhere_told = now
-            log.warning("posts refused: a worker that numbers messages in the database "
-                        "(ENABLE_PERSISTENCE) is alive; a rolling update turning persistence "
-                        "on or off is under way (docs/persistence.md); once it is gone, posts "
-                        "are taken again")
 
     def _ttl_if_unattended(self, sender_id: str) -> int:
         """The post scripts' ``room_ttl``: for the server API's posts, the only ones into a
@@ -220,9 +206,10 @@ class RedisMessageStore(MessageStore):
             self.on_gate_closed()
             raise Unavailable("redis: recovering from a loss of its data")
         if outcome == 6:  # gate.lua: another worker numbers messages in the database
-            self._tell_numbered_elsewhere()
+            # Logged as every refusal is (Chat: "refusing requests: store unavailable").
             raise Unavailable("messages are numbered by the database in another worker "
-                              "(ENABLE_PERSISTENCE there); posts wait until it is gone")
+                              "(ENABLE_PERSISTENCE there: a rolling update turning it on or "
+                              "off); posts wait until it is gone")
         return self._retried(bytes(value), draft, room)
 
     def _retried(self, seen: bytes, draft: MessageDraft, room: str | None) -> Posted:
