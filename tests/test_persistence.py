@@ -584,9 +584,8 @@ def test_mixed_numbering_during_a_rollout_issues_no_id_twice(tmp_path: Path) -> 
             assert len(ids) == len(set(ids)), ids
             assert [o.expect("message", text=f"new {i}")["id"] for i in range(5)] == ids[:5]
         # the database-numbering worker is gone: the Redis side posts again, above its ids
-        after = wait_until(lambda: _posted(o, room, "after"), timeout=15, interval=0.2,
-                           message="posts taken again")
-        assert after > max(ids)
+        after = o.post_until_taken({"type": "message", "room": room, "text": "after"})
+        assert after["id"] > max(ids)
 
 
 def _posted(client: Client, room: str, text: str) -> int | None:
