@@ -22,7 +22,7 @@ import gevent.event
 import orjson
 import pytest
 
-from conftest import TIMEOUT, first_start, redis_url_or_skip, wait_until
+from conftest import TIMEOUT, first_start, own_redis, redis_url_or_skip, wait_until
 from test_persistence import pg_url_or_skip
 from wschat.config import DEFAULT_DATABASE_URL, ConfigError, Settings
 from wschat.persistence import (
@@ -1166,3 +1166,67 @@ def test_a_read_bounded_by_bytes_says_when_it_left_messages_out(message_log: Mes
     assert read(sizes[0] + sizes[1] - 1) == [1, 2]  # over the bound; the third left out
     assert read(0) == [1]
     assert read(10_000) == [1, 2, 3] and message_log.after(room, 1, 1, 10_000) == [posts[1].event]
+
+
+def test_a_database_numbering_worker_listed_again_reads_the_room_sequences_again(
+        tmp_path: Path) -> None:
+    """Persistence turned on (or off) by a rolling update; a worker that numbers in the
+    database stalls (or loses Redis) past its PRESENCE_TTL: another node's heartbeat forgets
+    its listing, and posts numbered in Redis are taken again meanwhile. When it is listed
+    again (its heartbeat, or the recovery at its reconnect), its next posts must go on above
+    what Redis issued meanwhile (before: it had read each room's and the DMs' sequence once,
+    numbered from the database's, issued those ids again, and its copies were published as
+    stale: acknowledged, never delivered live)."""
+    from wschat.config import Settings
+    from wschat.stores import create_stores
+    from wschat.stores.redis import user_channel
+    from wschat.stores.redis.keys import NUMBERED_BY_DATABASE
+
+    with own_redis() as redis_server:
+        database_side = create_stores(Settings(
+            redis_url=redis_server.url, enable_persistence=True,
+            database_url=f"sqlite:///{tmp_path}/relisted.db"))
+        redis_side = create_stores(Settings(redis_url=redis_server.url))
+        durable = database_side.messages
+        for stores in (database_side, redis_side):
+            inner = getattr(stores.messages, "inner", stores.messages)
+            inner.delivering = lambda: True  # no broker started: its health aside
+            inner.on_gate_closed = lambda: None
+        durable.start()
+        # the DMs' users are heard (dm_heard.lua): a pub/sub connection stands in for theirs
+        listener = database_side.client.pubsub()
+        listener.subscribe(user_channel("u1"), user_channel("u2"))
+        wait_until(lambda: database_side.client.pubsub_numsub(user_channel("u2"))[0][1] == 1,
+                   message="the DMs' recipient to be heard")
+        try:
+            database_side.epoch.begin()
+            redis_side.epoch.begin()
+            for stores in (database_side, redis_side):
+                stores.keeper.beat_and_reap()
+
+            def post(stores: Any, text: str) -> int:
+                return stores.messages.post_room("r", "u1", draft_message(
+                    "r", "a", "u1", text, 1, None)).msg_id
+
+            def dm(stores: Any, text: str) -> int:
+                return stores.messages.post_dm("u1", "u2", draft_dm(
+                    "u2", "a", "u1", text, 1, None)).msg_id
+
+            assert (post(database_side, "first"), dm(database_side, "first")) == (1, 1)
+            with pytest.raises(Unavailable):
+                post(redis_side, "refused")
+            for listed_again in (lambda: database_side.keeper.beat_and_reap(),
+                                 lambda: database_side.epoch.begin()):
+                # its listing ran out (a stall): another node's heartbeat pruned it
+                database_side.client.zrem(NUMBERED_BY_DATABASE, database_side.keeper.node_id)
+                taken = post(redis_side, "meanwhile"), dm(redis_side, "meanwhile")
+                listed_again()
+                with pytest.raises(Unavailable):
+                    post(redis_side, "refused again")
+                assert post(database_side, "after") == taken[0] + 1
+                assert dm(database_side, "after") == taken[1] + 1
+        finally:
+            listener.close()
+            durable.close()
+            for stores in (database_side, redis_side):
+                stores.client.close()

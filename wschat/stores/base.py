@@ -293,6 +293,12 @@ class MessageStore(ABC):
     def raise_sequence(self, room: str, at_least: int) -> None:
         """Never issue ids <= ``at_least`` again (after the store lost its data)."""
 
+    def sequences_moved(self) -> None:
+        """Another numbering may have issued ids since this store last read the shared
+        sequences (with Redis: this worker numbers in the database, and its listing had run
+        out, so workers numbering in Redis took posts): read them again before the next
+        post of each room and DM. Nothing to do for a store that reads them every time."""
+
     def dm_last_id(self) -> int:
         """The highest DM id this store issued (0: none; with persistence the database
         issues them, and this is what the store issued before it was turned on)."""

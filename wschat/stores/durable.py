@@ -342,6 +342,12 @@ class DurableMessageStore(MessageStore):
     def raise_sequence(self, room: str, at_least: int) -> None:
         self.inner.raise_sequence(room, at_least)
 
+    def sequences_moved(self) -> None:
+        # Each room's next post, and the next DM, read the window's sequence again (and
+        # floor the log's above it): the ids Redis issued meanwhile are not issued again.
+        self._primed.clear()
+        self._dms_primed = False
+
     def room_emptied(self, room: str) -> None:
         self.inner.room_emptied(room)
         self._primed.discard(room)

@@ -234,6 +234,11 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     # A worker that never comes back is waited for as long as a silent one counts as alive.
     stores.epoch = Epoch(client, node.node_id, settings.presence_ttl,
                          numbers_in_database=settings.enable_persistence)
+    # Listed anew as numbering in the database: its listing may have run out meanwhile, and
+    # workers numbering in Redis taken posts (stores.messages: the durable store, once
+    # create_stores wrapped the window in it).
+    stores.keeper.on_listed_anew = stores.epoch.on_listed_anew = (
+        lambda: stores.messages.sequences_moved())
     stores._recovering = gevent.lock.Semaphore()
     # The chat core's re-registration (set as the broker's on_reconnect), in the epoch's
     # check, serves both.

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -67,6 +67,9 @@ class Epoch:
         self._done = script(client, "epoch_done")
         self._metrics = None  # guarded's: the stores count their own errors
         self.seen = ""  # the epoch this worker last saw ("" before the first)
+        #: Called when :meth:`begin` listed this database-numbering worker anew (as
+        #: NodeKeeper.on_listed_anew): posts numbered in Redis may have been taken meanwhile.
+        self.on_listed_anew: Callable[[], None] | None = None
 
     @guarded  # an outage (READONLY too, in a script on Redis 6): Unavailable
     def begin(self, peers: Iterable[str] = ()) -> bool:
@@ -75,11 +78,13 @@ class Epoch:
         then waited for until :meth:`done`. ``peers``: the other workers it knew of,
         waited for too if it is the first to find the loss."""
         others = [p for p in peers if p != self._node_id]
-        state, epoch = self._begin(
+        state, epoch, anew = self._begin(
             keys=[EPOCH, READY, RECOVERING, NODES, CONTROL, NUMBERED_BY_DATABASE],
             args=[self._node_id, self.seen, secrets.token_hex(8), self._ttl_ms,
                   self._run_id(), self._database, *others])
         self.seen = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        if anew and self.on_listed_anew is not None:
+            self.on_listed_anew()
         if state == LOST:
             log.warning("redis lost its data or restarted: posts wait until every worker "
                         "that knew it raised its sequences (epoch %s)", self.seen)

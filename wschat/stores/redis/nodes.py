@@ -110,6 +110,10 @@ class NodeKeeper:
         self.on_reaped: Callable[[], None] | None = None
         # Called when Redis answered READONLY: a failover demoted the server reached.
         self.on_read_only: Callable[[], None] | None = None
+        # Called when a beat listed this database-numbering node anew in
+        # NUMBERED_BY_DATABASE: its listing may have run out (it stalled past its TTL),
+        # and posts numbered in Redis were taken meanwhile (MessageStore.sequences_moved).
+        self.on_listed_anew: Callable[[], None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -134,8 +138,11 @@ class NodeKeeper:
             gevent.sleep(self._interval)
 
     def beat_and_reap(self) -> int:
-        known, dead, alive = self._beat(keys=[NODES, NUMBERED_BY_DATABASE, READY],
-                                        args=[self._node.node_id, self._ttl_ms, self._database])
+        known, dead, alive, anew = self._beat(
+            keys=[NODES, NUMBERED_BY_DATABASE, READY],
+            args=[self._node.node_id, self._ttl_ms, self._database])
+        if anew and self.on_listed_anew is not None:
+            self.on_listed_anew()
         if self._registered and not known:
             log.warning("node %s was reaped as dead (stalled, or Redis lost its data); "
                         "registering its connections again", self._node.node_id)

@@ -14,14 +14,17 @@
 -- listed in recovering); 2 a fresh start (no epoch, and this worker saw none: posts
 -- are taken at once; a worker that saw no epoch has no sequence to raise, and this is
 -- also the first start of a release with epochs over the data of one without); 3 lost,
--- but posts were taken again already (recovering is over).
+-- but posts were taken again already (recovering is over). A third element: 1 if this
+-- worker numbers in the database and was not listed (first start, a loss of the data,
+-- or its listing ran out meanwhile), else 0.
 -- A database-numbering worker lists itself first, as its heartbeat does (node_beat.lua):
 -- after a loss of Redis's data the list went with it, and the recovery this begins may be
 -- over (the last epoch_done) before its next heartbeat; a first start has not beaten yet.
+local anew = 0
 if ARGV[6] == '1' then
   local t = redis.call('TIME')
   -- listed until its beat plus the time limit (PRESENCE_TTL), as node_beat.lua lists it
-  redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4]),
+  anew = redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4]),
              ARGV[1])
   redis.call('DEL', KEYS[2])
 end
@@ -31,20 +34,20 @@ if current and (run == '' or string.sub(current, -#run - 1) == ':' .. run) then
   if current == ARGV[2] or ARGV[2] == '' then
     -- Still listed: its recovery was begun (by itself, or a peer listed it) and not
     -- done (it failed half way): it raises its sequences again and says so.
-    if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return {1, current} end
-    return {0, current}
+    if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return {1, current, anew} end
+    return {0, current, anew}
   end
   if redis.call('EXISTS', KEYS[3]) == 1 then
     redis.call('SADD', KEYS[3], ARGV[1])  -- keeps the set's time limit
-    return {1, current}
+    return {1, current, anew}
   end
-  return {3, current}
+  return {3, current, anew}
 end
 local epoch = ARGV[3] .. ':' .. run
 redis.call('SET', KEYS[1], epoch)
 if ARGV[2] == '' and not current then
   if redis.call('EXISTS', KEYS[6]) == 0 then redis.call('SET', KEYS[2], '1') end
-  return {2, epoch}
+  return {2, epoch, anew}
 end
 redis.call('DEL', KEYS[2])
 -- Waited for: this worker, those it knew of, and those the registry lists as alive
@@ -58,4 +61,4 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], now - tonumber(ARGV[4
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', KEYS[5], 'epoch')
-return {1, epoch}
+return {1, epoch, anew}

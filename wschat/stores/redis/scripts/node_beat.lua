@@ -1,6 +1,8 @@
 -- This node's heartbeat. Returns {1 if this node was registered before this beat
 -- else 0, ids of nodes silent longer than ttl_ms, ids of the live ones, this one too
--- (epoch.py's peers if Redis loses its data)}.
+-- (epoch.py's peers if Redis loses its data), 1 if this beat listed this node in
+-- numbered_by_database anew (not listed before: its first beat, or its listing ran out
+-- while it stalled and posts numbered in Redis were taken meanwhile) else 0}.
 -- KEYS: nodes numbered_by_database ready
 -- ARGV: node_id ttl_ms database ('1': this node numbers messages in the database,
 --       ENABLE_PERSISTENCE, and posts numbered in Redis must wait while it lives;
@@ -15,9 +17,10 @@ local silent = now - tonumber(ARGV[2])
 -- its beat, so that a node with a shorter PRESENCE_TTL (a rolling update changing both
 -- settings) does not drop it between its beats.
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
+local anew = 0
 if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+  anew = redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
   redis.call('DEL', KEYS[3])
 end
 return {known, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', silent),
-        redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. silent, '+inf')}
+        redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. silent, '+inf'), anew}
