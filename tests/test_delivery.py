@@ -363,6 +363,24 @@ def test_redis_numbered_posts_wait_for_a_database_numbering_node_alive_not_a_dea
     assert post() == first + 2
 
 
+def test_the_refusal_names_a_database_numbering_worker_that_holds_it(
+        redis_stores: Any) -> None:
+    """Posts numbered in Redis refused because a worker numbers in the database: the
+    refusal (logged by the chat core, and the 503 of /api/publish) names one such worker,
+    so that an operator whose posts stay refused can tell which pod holds them (another
+    deployment with persistence on the same Redis holds them for as long as it runs)."""
+    redis_module, client, _, messages, _ = redis_stores
+    r = room()
+    database = redis_module.NodeKeeper(client, redis_module._Node(), 30.0, 3600,
+                                       numbers_in_database=True)
+    database.beat_and_reap()
+    try:
+        with pytest.raises(Unavailable, match=f"numbered by the database.*{database.node_id}"):
+            messages.post_room(r, "u", draft_message(r, "u", "u", "hi", 1, None))
+    finally:
+        database.stop()
+
+
 def test_a_database_numbering_node_is_not_forgotten_by_a_node_with_a_shorter_ttl(
         redis_stores: Any) -> None:
     """A rolling update that changes PRESENCE_TTL with ENABLE_PERSISTENCE: a node without

@@ -207,9 +207,11 @@ class RedisMessageStore(MessageStore):
             raise Unavailable("redis: recovering from a loss of its data")
         if outcome == 6:  # gate.lua: another worker numbers messages in the database
             # Logged as every refusal is (Chat: "refusing requests: store unavailable").
-            raise Unavailable("messages are numbered by the database in another worker "
-                              "(ENABLE_PERSISTENCE there: a rolling update turning it on or "
-                              "off); posts wait until it is gone")
+            holder = value.decode() if isinstance(value, bytes) else str(value)
+            raise Unavailable(f"messages are numbered by the database in another worker "
+                              f"({holder}, and maybe others: ENABLE_PERSISTENCE there, a "
+                              f"rolling update turning it on or off); posts wait until "
+                              f"none is left")
         return self._retried(bytes(value), draft, room)
 
     def _retried(self, seen: bytes, draft: MessageDraft, room: str | None) -> Posted:
