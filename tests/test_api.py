@@ -128,6 +128,38 @@ def test_dm_to_a_full_inbox_is_409_inbox_full(tmp_path: Path) -> None:
         assert "409" in OPENAPI["paths"]["/api/dm"]["post"]["responses"]
 
 
+def test_a_publish_refused_by_the_store_is_logged_as_a_websocket_request_is(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """/api/publish refused with 503 because the store cannot take it (Redis away, or a
+    worker numbering in the database during a rolling update that turns persistence on or
+    off) is logged by the worker as a refused WebSocket request is, at most once per 10 s
+    (before: only its caller saw why; a server posting through the API alone logged
+    nothing, and its operator could not tell why messages stopped)."""
+    from wschat.stores.base import Unavailable
+
+    clock = Clock()
+    chat = make_chat(clock, API_KEY=API_KEY)
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise Unavailable("messages are numbered by the database in another worker")
+
+    chat.stores.messages.post_room = refused  # type: ignore[method-assign]
+    app = Flask(__name__)
+    register_api(app, chat, 8081, clock)
+    client = app.test_client()
+
+    def publish() -> Any:
+        return client.post("/api/publish", json={"room": "news", "text": "x"},
+                           base_url="http://localhost:8081",
+                           headers={"Authorization": f"Bearer {API_KEY}"})
+
+    with caplog.at_level("WARNING", logger="wschat.chat"):
+        assert [publish().status_code for _ in range(3)] == [503] * 3
+    logged = [r.getMessage() for r in caplog.records if "store unavailable" in r.getMessage()]
+    assert logged == ["refusing requests: store unavailable (messages are numbered by the "
+                      "database in another worker)"]
+
+
 def test_an_api_dm_kept_for_a_user_who_connects_meanwhile_reaches_her_connection(
         tmp_path: Path) -> None:
     """/api/dm to a user its check found offline, who connects before the DM is

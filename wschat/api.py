@@ -319,6 +319,7 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
 
     @api.errorhandler(Unavailable)
     def unavailable(exc: Unavailable) -> Response:
+        chat.log_unavailable(exc)  # as a refused WebSocket request is
         return _error(503, ErrorCode.UNAVAILABLE.value, f"temporarily unavailable ({exc}); retry",
                       {"Retry-After": "1"})
 

@@ -688,10 +688,7 @@ class Chat:
         except Unavailable as exc:
             self._note_refused(session, command)
             # The cause (hosts, ports, driver messages) is for the log, not the client.
-            now = self.monotonic()
-            if now - self._unavailable_logged_at >= UNAVAILABLE_LOG_EVERY:
-                self._unavailable_logged_at = now
-                log.warning("refusing requests: store unavailable (%s)", exc)
+            self.log_unavailable(exc)
             self.metrics.error(ErrorCode.UNAVAILABLE.value)
             session.send(ProtocolError(ErrorCode.UNAVAILABLE, "temporarily unavailable; retry",
                                        command.request_id if command else None).to_event())
@@ -701,6 +698,15 @@ class Chat:
             self.metrics.error(ErrorCode.INTERNAL.value)
             session.send(ProtocolError(ErrorCode.INTERNAL, "internal error",
                                        command.request_id if command else None).to_event())
+
+    def log_unavailable(self, exc: Unavailable) -> None:
+        """A request refused because a store cannot take it (a WebSocket request, or an
+        API call's 503): logged with its cause, at most once per
+        :data:`UNAVAILABLE_LOG_EVERY` seconds for the worker."""
+        now = self.monotonic()
+        if now - self._unavailable_logged_at >= UNAVAILABLE_LOG_EVERY:
+            self._unavailable_logged_at = now
+            log.warning("refusing requests: store unavailable (%s)", exc)
 
     def tick(self) -> None:
         """Expire typing indicators, tokens and auth deadlines, retry failed clean-ups
