@@ -1006,6 +1006,41 @@ def test_a_room_only_the_api_posts_to_continues_from_the_log_once_its_keys_expir
         client.close()
 
 
+def test_messages_the_releaser_publishes_to_a_room_nobody_is_in_expire_in_redis(
+        tmp_path: Path) -> None:
+    """Redis with persistence: a worker committed a room's first message (an ``/api/publish``)
+    and died before publishing it; a member's post (2) is held behind it, and the member
+    leaves before the releaser publishes both from the log (its leave found no keys to give
+    ``ROOM_TTL``). The keys the releaser creates expire ``ROOM_TTL`` from then, as after the
+    API's own posts to a room nobody is in (before: the releaser published as nobody, the
+    script skipped the TTL, and the room's sequence and history stayed in Redis for good)."""
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.base import API_USER
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"api-held-{uuid.uuid4().hex[:6]}"
+    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
+    first_start(client)
+    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/held.db"))
+    durable.HOLD_TIMEOUT = 0.05
+    durable.start()
+    seq, hist = room_keys(room)[4:]
+    try:
+        durable.last_id(room)  # the member's join
+        durable.log.write([room_post(room, "1: committed, never published", user=API_USER)])
+        posted = durable.post_room(room, "u1", draft_message(room, "a", "u1", "2", 1, None))
+        assert posted.msg_id == 2 and inner.last_id(room) == 0  # held behind 1
+        wait_until(lambda: gevent.sleep(0.02) or inner.last_id(room) == 2,
+                   message="the held message to be released")
+        assert [message_id_of(e) for e in inner.recent(room, 10)] == [1, 2]
+        assert 0 < client.ttl(seq) <= 600 and 0 < client.ttl(hist) <= 600
+    finally:
+        durable.close()
+        client.delete(seq, hist, f"wschat:{{r:{room}}}:held")
+        client.close()
+
+
 def test_a_room_only_the_api_posts_to_continues_from_the_log_in_memory_too(
         tmp_path: Path) -> None:
     """The memory store as Redis above: a room only ``/api/publish`` writes to is dropped

@@ -476,3 +476,26 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
         assert all(0 < ttl <= 3600 for ttl in ttls("never-joined"))
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
+def test_redis_raising_an_emptied_rooms_sequence_keeps_its_expiry(stores: Stores) -> None:
+    """A sequence raised (a worker's resync after an outage, the durable releaser moving
+    past ids the log lost) keeps the ``ROOM_TTL`` its room's last leave gave it (before:
+    raise_seq.lua's SET took it off, and the sequence stayed in Redis for good)."""
+    import redis
+
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis.Redis.from_url(redis_url(10))  # the fixture's database
+    seq = room_keys("raised")[4]
+    try:
+        stores.rooms.join("raised", "c1", ALICE)
+        post(stores, "raised", "x")
+        stores.rooms.leave("raised", "c1", ALICE.user_id)
+        assert 0 < client.ttl(seq) <= 3600
+        stores.messages.raise_sequence("raised", 40)
+        assert stores.messages.last_id("raised") == 40
+        assert 0 < client.ttl(seq) <= 3600
+    finally:
+        client.close()

@@ -134,6 +134,8 @@ class Stored:
     msg_id: int
     event: bytes
     room: str | None  # None: a DM
+    # A room message's "": read back from the log (the durable store's releaser), its room
+    # perhaps empty by now
     sender_id: str = ""
     recipient_id: str = ""  # DMs only; "" when the recipient was offline (kept for later)
 

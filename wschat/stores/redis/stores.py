@@ -184,9 +184,12 @@ class RedisMessageStore(MessageStore):
 
     def _ttl_if_unattended(self, sender_id: str) -> int:
         """The post scripts' ``room_ttl``: for the server API's posts, the only ones into a
-        room nobody may be in, ``ROOM_TTL`` (the script then gives such a room's keys that
-        expiry); 0 for a member's post, which skips that check (two commands less)."""
-        return self._room_ttl if sender_id == API_USER else 0
+        room nobody may be in, and for messages the durable store's releaser publishes from
+        the log (no sender: the room may have emptied since they were committed, before
+        their keys existed for its last leave to give them ``ROOM_TTL``), ``ROOM_TTL`` (the
+        script then gives such a room's keys that expiry); 0 for a member's post, which
+        skips that check (two commands less)."""
+        return self._room_ttl if sender_id in (API_USER, "") else 0
 
     def check_delivering(self) -> None:
         if not self.delivering():
