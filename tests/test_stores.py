@@ -499,3 +499,16 @@ def test_redis_raising_an_emptied_rooms_sequence_keeps_its_expiry(stores: Stores
         assert 0 < client.ttl(seq) <= 3600
     finally:
         client.close()
+
+
+def test_a_committed_message_published_twice_reaches_the_window_once(stores: Stores) -> None:
+    """Every store as Redis's publish script: an id the window is past already is STALE,
+    neither kept nor published again (before, the memory store appended and published it
+    a second time: two workers' durable stores, or two greenlets of one, refilling a room
+    from the log at once would have put every message into its history twice)."""
+    from wschat.stores.base import PUBLISHED, STALE, Stored
+
+    event = draft_message("twice", "a", "alice", "x", 1, None).with_id(1)
+    assert stores.messages.publish_stored([Stored(1, event, "twice", "alice")]) == [PUBLISHED]
+    assert stores.messages.publish_stored([Stored(1, event, "twice", "alice")]) == [STALE]
+    assert [message_id_of(e) for e in stores.messages.recent("twice", 10)] == [1]

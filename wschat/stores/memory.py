@@ -14,9 +14,9 @@ from collections.abc import Callable
 from ..protocol import MessageDraft
 from ..ratelimit import Charge
 from .base import (
-    HELD, PUBLISHED, REPLAY_MAX_BYTES, Broker, JoinResult, LeaveResult, MessageStore, Posted,
-    PresenceStore, Replay, RoomHandler, RoomStore, Stored, Stores, User, UserHandler, dm_parties,
-    newest_within, retry_echo, run_to,
+    HELD, PUBLISHED, REPLAY_MAX_BYTES, STALE, Broker, JoinResult, LeaveResult, MessageStore,
+    Posted, PresenceStore, Replay, RoomHandler, RoomStore, Stored, Stores, User, UserHandler,
+    dm_parties, newest_within, retry_echo, run_to,
 )
 
 DEDUPE_TTL = 3600.0
@@ -256,7 +256,9 @@ class MemoryMessageStore(MessageStore):
         """One writer publishes in commit order, which is id order. A gap before an id
         is a message committed and never published (its commit's reply was lost, or
         the writer died after COMMIT): the id is held, not published over the gap,
-        and the durable store publishes both from the log (``_release_held``)."""
+        and the durable store publishes both from the log (``_release_held``). An id
+        the window is past already is not published (or kept) a second time (STALE),
+        as in Redis."""
         outcomes: list[int] = []
         for message in messages:
             if message.room is None:
@@ -268,6 +270,9 @@ class MemoryMessageStore(MessageStore):
             log = self._log_for(message.room)
             if message.msg_id > log.last_id + 1:
                 outcomes.append(HELD)
+                continue
+            if message.msg_id <= log.last_id:  # published already: not a second time
+                outcomes.append(STALE)
                 continue
             self._posted_to(message.room)
             log.last_id = max(log.last_id, message.msg_id)
