@@ -907,6 +907,52 @@ def test_held_message_is_released_from_the_log_when_its_predecessor_never_comes(
         client.close()
 
 
+def test_a_rooms_first_message_a_dead_worker_committed_reaches_its_members(
+        tmp_path: Path) -> None:
+    """Redis, two workers: Carol is in a new room (her worker read its last id, 0); Alice's
+    worker commits the room's first message and dies before publishing it. Bob joins on a
+    third worker, the first to read the room there: the window knows nothing of the room,
+    and the log has 1. Members get 1 all the same, before Alice's retry is echoed (before:
+    the window's sequence was raised to 1 without publishing it, so the retry was answered
+    with the stored message, acknowledged, and nobody ever published it to the room: Carol
+    never got it)."""
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    room = f"first-{uuid.uuid4().hex[:6]}"
+    listener = client.pubsub()
+    listener.subscribe(redis_stores.room_channel(room))
+    first_start(client)
+    url = f"sqlite:///{tmp_path}/first.db"
+    carols, bobs = (DurableMessageStore(redis_stores.RedisMessageStore(client, 10),
+                                        open_message_log(url)) for _ in range(2))
+    for durable in (carols, bobs):
+        durable.HOLD_TIMEOUT = 0.05
+        durable.start()
+    try:
+        assert carols.last_id(room) == 0  # Carol's join
+        alices = room_post(room, "1: committed, its worker died", cmid="a-1")
+        carols.log.write([alices])  # as Alice's worker did
+        assert bobs.last_id(room) == 1  # Bob's join: he is a member from 1 on
+        retry = carols.post_room(room, "u1", alices.draft)  # Alice, reconnected
+        assert retry.duplicate and retry.msg_id == 1
+        published = None
+        while published is None:
+            message = listener.get_message(timeout=TIMEOUT)
+            assert message is not None, "1 was never published to the room"
+            if message["type"] == "message":
+                published = message_id_of(message["data"].partition(b"\n")[2])
+        assert published == 1
+        assert [message_id_of(e) for e in carols.inner.recent(room, 10)] == [1]
+    finally:
+        for durable in (carols, bobs):
+            durable.close()
+        listener.close()
+        client.delete(*room_keys(room)[4:], f"wschat:{{r:{room}}}:held")
+        client.close()
+
+
 def test_a_held_message_is_released_when_its_worker_stops_before_its_releaser(
         tmp_path: Path) -> None:
     """Persistence turned off by a rolling update: the last worker that numbers in the

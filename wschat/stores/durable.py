@@ -38,7 +38,7 @@ from ..ratelimit import Charge
 from ..telemetry import Metrics
 from .base import (
     API_USER, HELD, REPLAY_MAX_BYTES, STALE, UNHEARD, InboxFull, MessageStore, Posted, Replay,
-    Stored, Unavailable, User,
+    Stored, Unavailable, User, run_to,
 )
 
 log = logging.getLogger("wschat.persistence")
@@ -60,6 +60,9 @@ class DurableMessageStore(MessageStore):
     # republished from the log (its members had the older ones live).
     FILL_LIMIT = 1000
     FILL_PAGE = 100  # missing messages are read from the log and published this many at a time
+    # A window that knows nothing of a room the log has messages of continues from the log
+    # with this many of its last ones published again (see _continue_from_log).
+    REFILL = 100
 
     def __init__(self, inner: MessageStore, message_log: MessageLog, metrics: Metrics | None = None,
                  replay_limit: int = REPLAY_LIMIT,
@@ -220,8 +223,9 @@ class DurableMessageStore(MessageStore):
                 self._watch_held(stored.room, stored.msg_id)
             elif outcome == STALE and stored.room is not None:
                 log.warning("room %s: message %d committed after its window moved past it "
-                            "(the shared store lost the room's keys?); it is in the database",
-                            stored.room, stored.msg_id)
+                            "(the shared store lost the room's keys?); it is in the database, "
+                            "and was published from there unless %d or more came after it",
+                            stored.room, stored.msg_id, self.REFILL)
 
     def _watch_held(self, room: str, msg_id: int) -> None:
         waiting = self._releasing.get(room)
@@ -290,7 +294,7 @@ class DurableMessageStore(MessageStore):
             return last
         logged = self.log.last_id(room)
         if last == 0 and logged:
-            self.inner.raise_sequence(room, logged)
+            self._continue_from_log(room, logged)
             last = logged
         elif last > logged:
             # ids issued before persistence was on: the log must continue above them
@@ -299,6 +303,28 @@ class DurableMessageStore(MessageStore):
             self._primed.clear()
         self._primed.add(room)
         return max(last, logged)
+
+    def _continue_from_log(self, room: str, logged: int) -> None:
+        """The window knows nothing of a room the log has messages of, up to ``logged``:
+        its keys expired (``ROOM_TTL``), Redis lost them, or a worker committed the room's
+        first messages and died before publishing them. The window continues from the
+        log's last :attr:`REFILL` messages, published again (a member's worker drops
+        those it delivered already, the hub; with Redis, another worker doing the same
+        finds them published), not from ``logged`` alone: raised past them, a message
+        committed and never published was published by nobody (its held successors
+        neither), and its sender's retry was acknowledged with it while no member got it.
+        The refilled window serves ``since`` and ``history`` again, too."""
+        floor = max(0, logged - self.REFILL)
+        self.inner.raise_sequence(room, floor)
+        tail = [e for e in self.log.after(room, floor, self.REFILL)
+                if (message_id_of(e) or 0) <= logged]
+        # Rows retention deleted leave a hole: only the run up to `logged` after it.
+        tail, _ = run_to(tail, floor, logged)
+        first = (message_id_of(tail[0]) or 0) if tail else logged + 1
+        if first - 1 > floor:
+            self.inner.raise_sequence(room, first - 1)
+        if tail:
+            self.inner.publish_stored([Stored(message_id_of(e) or 0, e, room) for e in tail])
 
     def last_id(self, room: str) -> int:
         try:
