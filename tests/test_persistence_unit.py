@@ -814,6 +814,37 @@ def test_a_commit_whose_reply_was_lost_is_published_before_the_next_message(
     assert len(delivered) == 2
 
 
+def test_a_retry_of_an_unpublished_message_the_window_cannot_be_read_for_is_refused(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
+    """A retry of a message committed and never published, while the window's last id
+    cannot be read (Redis failing that instant): the retry gets ``unavailable``, so its
+    sender tries again, and that retry publishes it (before: it was answered as a
+    duplicate, and nothing published it until the room's next message, perhaps never:
+    the sender, told nothing, waited for an echo no stream brought)."""
+    durable, delivered = durable_on_memory
+    durable.HOLD_TIMEOUT = 0.05
+    room = f"unread-{uuid.uuid4().hex[:6]}"
+    durable.last_id(room)
+    lost = room_post(room, "committed, never published", cmid="c-1")
+    durable.log.write([lost])
+    last_id = durable.inner.last_id
+
+    def failing(name: str) -> int:
+        raise Unavailable("redis: connection reset")
+
+    durable.inner.last_id = failing  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Unavailable):
+            durable.post_room(room, "u1", lost.draft)
+    finally:
+        durable.inner.last_id = last_id  # type: ignore[method-assign]
+    retry = durable.post_room(room, "u1", lost.draft)
+    assert retry.duplicate and retry.msg_id == 1
+    wait_until(lambda: gevent.sleep(0.02) or len(delivered) == 1,
+               message="the retried message to be published")
+    assert [message_id_of(e) for e in delivered] == [1]
+
+
 def test_the_releaser_moves_past_messages_retention_deleted(
         durable_on_memory: tuple[DurableMessageStore, list[bytes]], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:

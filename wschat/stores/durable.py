@@ -125,12 +125,12 @@ class DurableMessageStore(MessageStore):
     def _publish_if_missing(self, room: str, msg_id: int) -> None:
         """A retry of a message committed but never published (Redis failed right after
         the commit, its worker died): publish it from the log now, not only when a
-        later message of the room finds the gap."""
-        try:
-            if self.inner.last_id(room) < msg_id:
-                self._watch_held(room, msg_id)
-        except Unavailable:
-            pass  # the retry's retry, or the room's next message, tries again
+        later message of the room finds the gap. If the window cannot tell (Unavailable),
+        the retry is refused as such: answered as stored, it would get no echo (the
+        stream brings it, as far as the sender's connection can tell) while nothing
+        published it, and its sender would not try again."""
+        if self.inner.last_id(room) < msg_id:
+            self._watch_held(room, msg_id)
 
     def post_dm(self, sender_id: str, recipient_id: str, draft: MessageDraft,
                 recipient_online: bool | None = True, charge: Charge = ()) -> Posted:
