@@ -845,6 +845,27 @@ def test_a_retry_of_an_unpublished_message_the_window_cannot_be_read_for_is_refu
     assert [message_id_of(e) for e in delivered] == [1]
 
 
+def test_a_replay_holds_the_messages_held_behind_one_a_dead_worker_committed(
+        durable_on_memory: tuple[DurableMessageStore, list[bytes]]) -> None:
+    """A member's message (3) is committed and held behind 2, which a dead worker committed
+    and never published, until the releaser publishes both (HOLD_TIMEOUT). Meanwhile the
+    member leaves: what it is sent before ``left`` (Chat._send_in_flight: every message
+    accepted before the leave that the stream has not brought it) is read with `since`,
+    and holds 2 and 3, from the log (before: the window's, which said it was complete
+    without them: ``left`` came first, and the member never got the echo of its message,
+    which the room got)."""
+    durable, delivered = durable_on_memory
+    durable.HOLD_TIMEOUT = 30  # the releaser does not run during the test
+    room = f"leaving-{uuid.uuid4().hex[:6]}"
+    durable.last_id(room)
+    durable.post_room(room, "u2", draft_message(room, "b", "u2", "1", 1, None))
+    durable.log.write([room_post(room, "2: committed, its worker died")])
+    posted = durable.post_room(room, "u1", draft_message(room, "a", "u1", "3", 1, "c-3"))
+    assert posted.msg_id == 3 and [message_id_of(e) for e in delivered] == [1]  # 3 held
+    replay = durable.since(room, 1)
+    assert replay.complete and [message_id_of(e) for e in replay.messages] == [2, 3]
+
+
 def test_the_releaser_moves_past_messages_retention_deleted(
         durable_on_memory: tuple[DurableMessageStore, list[bytes]], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:

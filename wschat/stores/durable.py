@@ -346,11 +346,15 @@ class DurableMessageStore(MessageStore):
         """From the window if it holds everything after ``after_id``, else from the log:
         at most :data:`REPLAY_LIMIT` messages and :data:`REPLAY_MAX_BYTES`, read a page
         bounded by both; further behind is ``recovered: false`` (the client pages back
-        with ``history``)."""
+        with ``history``). Also from the log while this worker holds messages of the
+        room committed and not yet published (:meth:`_watch_held`): a member leaving
+        is sent what was accepted before its leave from here (Chat._send_in_flight),
+        its own held message among them, whose echo it would never get otherwise."""
         try:
             last = self._last_id(room)
             replay = self.inner.since(room, after_id)
-            if replay.complete:  # every id from after_id + 1 to the window's last (run_to)
+            # every id from after_id + 1 to the window's last (run_to), none held here
+            if replay.complete and room not in self._releasing:
                 return replay
             if after_id > last:
                 return Replay([], False)  # ids this server never issued
