@@ -60,6 +60,9 @@ BAD_TOKENS: dict[str, tuple[Callable[[], str], str]] = {
                             "RS256"), "auth_failed"),
     "exp_beyond_any_date": (lambda: sign({**good_claims(), "exp": 10**400}, KEY, "RS256"),
                             "auth_failed"),
+    # A lone surrogate (JSON "\ud800"): no UTF-8, so no event, key or log line can hold it.
+    "sub_lone_surrogate": (lambda: sign(good_claims("\ud800x"), KEY, "RS256"),
+                           "auth_failed"),
 }
 
 

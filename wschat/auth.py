@@ -293,10 +293,14 @@ class Authenticator:
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUB_CHARS:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: bad 'sub'")
-        if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in sub):
-            # a user id travels in keys, payloads and logs: no control characters
+        if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000
+               for ch in sub):
+            # A user id travels in keys, payloads and logs: no control characters, and
+            # no lone surrogate (JSON's "\ud800"), which has no UTF-8 at all: the
+            # welcome could not be encoded (the connection failed with 1011, or an
+            # `auth` had already made the session that user when it failed).
             raise AuthError(ErrorCode.AUTH_FAILED,
-                            "invalid token: control characters in 'sub'")
+                            "invalid token: control characters or lone surrogates in 'sub'")
         if sub == RESERVED_SUB:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: 'sub' system is reserved")
         try:
