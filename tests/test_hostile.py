@@ -475,6 +475,46 @@ def test_one_address_cannot_take_every_slot(tight: Server) -> None:
                   reason="max_connections_per_ip") >= 1
 
 
+def test_one_host_cannot_take_every_slot_by_changing_its_address() -> None:
+    """Addresses that are one client count as one for MAX_CONNECTIONS_PER_IP and the guests'
+    per-address bucket: an IPv6 /64 (one host, or one subscriber, holds a whole /64 and may
+    pick any address in it), an IPv4 address as an IPv4-mapped IPv6 one, and an address
+    behind a proxy that writes its port into X-Forwarded-For. Each used to be a new
+    address, so one host could take every slot and every guest token."""
+    from websockets.exceptions import InvalidStatus
+
+    from wschat.auth import Identity
+    from wschat.chat import Chat
+    from wschat.session import Session
+
+    def via(hop: str) -> Client:
+        return Client(server.url, headers={"X-Forwarded-For": f"{hop}, 10.0.0.9"})
+
+    def refused(hop: str) -> int:
+        with pytest.raises(InvalidStatus) as info:
+            via(hop).close()
+        return info.value.response.status_code
+
+    with Server({"MAX_CONNECTIONS_PER_IP": "2", "TRUSTED_PROXIES": "2"}) as server:
+        held = [via("2001:db8:1:2::1"), via("2001:db8:1:2:aaaa::2")]
+        assert refused("2001:db8:1:2:ffff:ffff:ffff:3") == 429
+        assert refused("[2001:DB8:1:2::4]:4431") == 429
+        held.append(via("2001:db8:1:3::1"))  # the next /64: another client
+        held += [via("198.51.100.7:50001"), via("::ffff:198.51.100.7")]
+        assert refused("198.51.100.7") == 429
+        held.append(via("198.51.100.8"))
+        for client in held:
+            client.close()
+
+    def ip_bucket(addr: str) -> str:
+        guest = Session("c", Identity("guest-1", "g", None), False, addr)
+        return Chat._guest_charge(guest, "", 1, 1, 1, 1)[-1][0]
+
+    assert ip_bucket("2001:db8:1:2::1") == ip_bucket("2001:db8:1:2:ffff::9")
+    assert ip_bucket("2001:db8:1:2::1") != ip_bucket("2001:db8:1:3::1")
+    assert ip_bucket("198.51.100.7") == ip_bucket("::ffff:198.51.100.7")
+
+
 def test_an_upgrade_the_worker_cannot_serve_gives_its_slot_back() -> None:
     """A worker out of descriptors admits an upgrade (its MAX_CONNECTIONS_PER_IP slot
     taken) and then cannot take the socket over: the client gets a close frame, 1013,

@@ -21,6 +21,7 @@ from .auth import Authenticator, AuthError, Identity
 from .config import Settings
 from .hub import Tally
 from .protocol import valid_username
+from .ratelimit import address_key
 from .telemetry import Metrics
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ class ConnectionBudget:
 
 class AddressLimit:
     """``MAX_CONNECTIONS_PER_IP`` for this worker: connections (and admissions under way)
-    per address; 0 means no limit."""
+    per client address (:func:`~wschat.ratelimit.address_key`: an IPv6 /64 is one);
+    0 means no limit."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -71,14 +73,15 @@ class AddressLimit:
     def claim(self, addr: str) -> bool:
         """Count one more connection from ``addr``; False (nothing counted) at the limit.
         Released when the connection ends (or when the handshake fails before it began)."""
-        held = self.counts.get(addr, 0)
+        key = address_key(addr)
+        held = self.counts.get(key, 0)
         if self.limit and held >= self.limit:
             return False
-        self.counts.add(addr)
+        self.counts.add(key)
         return True
 
     def release(self, addr: str) -> None:
-        self.counts.remove(addr)
+        self.counts.remove(address_key(addr))
 
 
 def remote_address(environ: dict[str, Any], trusted_proxies: int = 0) -> str:

@@ -28,7 +28,7 @@ from .protocol import (
     encode_presence, encode_reply, encode_typing, message_id_of, parse_command, stored_id_of,
     text_frame,
 )
-from .ratelimit import Charge, RateLimited, RateLimiter
+from .ratelimit import Charge, RateLimited, RateLimiter, address_key
 from .stores.base import (
     InboxFull, Posted, RecipientOffline, Replay, Stores, Unavailable, User,
 )
@@ -836,7 +836,8 @@ class Chat:
         than its own rate allows."""
         buckets: Charge = ((f"{scope}u:{session.user_id}", float(rate), float(burst)),)
         if not session.authenticated and session.remote_addr:
-            buckets += ((f"{scope}ip:{session.remote_addr}", float(ip_rate), float(ip_burst)),)
+            key = address_key(session.remote_addr)  # an IPv6 /64 is one client
+            buckets += ((f"{scope}ip:{key}", float(ip_rate), float(ip_burst)),)
         return buckets
 
     def _charge(self, session: Session) -> Charge:

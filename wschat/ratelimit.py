@@ -12,6 +12,7 @@ sweep; Redis: the key's TTL), so idle users cost nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -33,6 +34,31 @@ class RateLimited(WschatError):
     def __init__(self, retry_after_ms: int) -> None:
         super().__init__(f"rate limited for {retry_after_ms} ms")
         self.retry_after_ms = retry_after_ms
+
+
+def address_key(addr: str) -> str:
+    """The key a client address is counted under by per-address limits (the guests'
+    buckets, ``MAX_CONNECTIONS_PER_IP``): the client, not each address it may use.
+
+    An IPv6 address counts as its /64 (one host, or one subscriber, is given a whole /64
+    and may use any address in it); an IPv4-mapped IPv6 address as its IPv4 address; a
+    port a proxy wrote after the address (``1.2.3.4:5678``, ``[2001:db8::1]:443``) is
+    left out. Anything that is no IP address counts as it is."""
+    host = addr.strip()
+    if host.startswith("["):  # [v6] or [v6]:port
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # v4:port
+        host = host.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return addr
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+
 
 # A client that waited exactly retry_after_ms must get its token, whatever
 # floating point makes of the refill (0.05 s x 20/s may come out as 0.9999...).
