@@ -68,7 +68,11 @@ def test_moderation_commands_parse() -> None:
     for bad in ('{"type": "unmute", "room": "r"}', '{"type": "mute", "room": "r", '
                 '"user_id": "u", "duration": true}',
                 '{"type": "kick", "room": "r", "user_id": "u", "reason": "%s"}' % ("x" * 201),
-                '{"type": "kick", "room": "r", "user_id": ""}'):
+                '{"type": "kick", "room": "r", "user_id": ""}',
+                # shown to the kicked user: no control or bidi characters (as /api/kick)
+                '{"type": "kick", "room": "r", "user_id": "u", "reason": "\\u202eamps"}',
+                '{"type": "kick", "room": "r", "user_id": "u", "reason": "a\\u0000b"}',
+                '{"type": "kick", "room": "r", "user_id": "u", "reason": "\\u001b[2J"}'):
         with pytest.raises(ProtocolError) as info:
             parse_command(bad)
         assert info.value.code.value == "invalid_message"

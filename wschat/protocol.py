@@ -339,6 +339,10 @@ def _moderate(kind: str, obj: dict[str, Any], rid: RequestId) -> Moderate:
     if reason is not None and len(reason) > MAX_REASON_CHARS:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE,
                             f"'reason' is longer than {MAX_REASON_CHARS}", rid)
+    if reason is not None and not reason.isprintable():
+        # The kicked user's client shows it: no control characters (NUL, ESC) and no
+        # bidi overrides or other format characters, as /api/kick's reason.
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'reason' must be printable", rid)
     return Moderate(kind, _room(obj, rid), UserId(user_id),
                     float(duration) if duration is not None else None, reason, rid)
 
