@@ -479,6 +479,35 @@ def test_fragments_count_towards_the_message_limit(transport: Transport) -> None
     assert close_code_of(peer) == CloseCode.MESSAGE_TOO_BIG
 
 
+def test_a_frame_dribbled_in_small_pieces_costs_what_it_costs_at_once() -> None:
+    """A frame that comes in many small reads is not copied whole at each one: a client
+    trickling a 16 MiB frame (MAX_MESSAGE_BYTES allows it) in 8 KiB pieces made the
+    worker copy ~16 GiB, 8 MiB per piece on average: a byte cost up to a 16 MiB copy. The
+    pieces are appended in place: the CPU it takes is of the order of the same frame in
+    one read (CPU time of this process, so other work on the machine does not count)."""
+    settings = Settings.from_env({"MAX_MESSAGE_BYTES": str(16 << 20)})
+    chat = Chat(settings, create_memory_stores(settings.history_size, settings.room_ttl),
+                Authenticator(settings),
+                MemoryRateLimiter(settings.rate_limit, settings.rate_limit_burst))
+    host = Transport(chat, NoMetrics(), ConnectionBudget(10))
+    frame = client_frame(0x1, b"x" * ((16 << 20) - 100))
+    spent = []
+    for piece in (len(frame), 8192):
+        server_sock, client_sock = gevent.socket.socketpair()
+        conn = EchoConnection(host, server_sock, host.new_conn_id(),
+                              Identity("u-ada", "ada", None), True, "127.0.0.1")
+        started = time.process_time()
+        for at in range(0, len(frame), piece):
+            assert conn._receive(frame[at:at + piece])
+        spent.append(time.process_time() - started)
+        assert conn.outbound_bytes > 0 or conn._outbox is None  # echoed (or all sent)
+        conn.abort("test over")
+        server_sock.close()
+        client_sock.close()
+    whole, dribbled = spent
+    assert dribbled < 3 * whole + 0.3, spent
+
+
 def test_frames_sent_with_the_upgrade_are_handled_after_the_welcome(transport: Transport
                                                                    ) -> None:
     pending = raw_frame(0x1, json.dumps({"type": "ping", "id": "early"}).encode())
