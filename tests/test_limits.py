@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
 from conftest import TIMEOUT, Client, Server, redis_url_or_skip, wait_until
-from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawClient, client_frame
+from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Closed, RawClient, client_frame
 
 SECRET = "limits-secret-0123456789abcdef0123"
 RATE, BURST = 20, 10
@@ -558,6 +558,51 @@ def test_heartbeat_reaches_a_slow_but_steady_reader() -> None:
         assert took > 2 * heartbeat  # it was slow: silent for two intervals without pings
         assert metric(server, "wschat_disconnects_total", reason="heartbeat_timeout") == 0
         assert pings >= 2, pings  # pings came while it read, not after the backlog
+
+
+def test_a_slow_reader_of_one_large_frame_is_not_silent() -> None:
+    """A client reading one large frame (a full history) slowly, sending nothing, is
+    alive: a backlog that moves is as much a sign of life as a pong. The heartbeat's ping
+    can only follow that frame (RFC 6455 5.5: never inside one), so a reader taking more
+    than two intervals over it used to be closed as silent (4100) in the middle of it,
+    and was reset a second later without ever seeing the close frame."""
+    heartbeat, rate = 1.0, 64 * 1024  # ~400 KiB in one frame, read in ~6 s
+    with Server({"HEARTBEAT_INTERVAL": str(heartbeat), "SOCKET_SEND_BUFFER": "8192",
+                 "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000",
+                 "JWT_SECRET": SECRET}) as server:
+        r = room()
+        with user(server) as writer:
+            writer.join(r)
+            for i in range(100):
+                writer.send({"type": "message", "room": r, "text": f"{i} " + "h" * 3990})
+            writer.expect("message", text="99 " + "h" * 3990)
+        reader = RawClient(server.port, rcvbuf=4096)
+        try:
+            reader.send({"type": "history", "room": r, "limit": 100, "id": "h"})
+            started, history, ended = time.monotonic(), None, None
+            while history is None and ended is None:
+                assert time.monotonic() < started + 20 * heartbeat + TIMEOUT
+                try:
+                    frame = reader._parse()
+                    if frame is None:
+                        held = len(reader.buf)
+                        reader._fill(TIMEOUT)
+                        time.sleep((len(reader.buf) - held) / rate)  # the reader's pace
+                    elif frame[0] == OP_CLOSE:
+                        ended = f"close {reader.close_code}"
+                    elif frame[0] == OP_TEXT and json.loads(frame[1]).get("id") == "h":
+                        history = json.loads(frame[1])
+                except (Closed, ConnectionResetError) as exc:
+                    ended = repr(exc)
+            took = time.monotonic() - started
+            assert ended is None and history is not None, ended
+            assert len(history["messages"]) == 100
+            assert took > 2 * heartbeat  # it was slow: silent for two intervals
+            reader.send({"type": "ping", "id": "after"})
+            assert reader.expect("pong")["id"] == "after"
+        finally:
+            reader.close()
+        assert metric(server, "wschat_disconnects_total", reason="heartbeat_timeout") == 0
 
 
 # -- backpressure ----------------------------------------------------------------------

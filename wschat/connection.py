@@ -244,6 +244,7 @@ class WebSocketConnection(Session):
         self._started = False
         self._control: tuple[float, float] | None = None  # pings' bucket, once one came
         self.state = _OPEN
+        # The peer's last sign of life: bytes from it, or bytes of its backlog it took.
         self.last_seen = time.monotonic()
         # Each connection's pings keep their own phase, spread over the interval:
         # 10,000 pings (and 10,000 pongs) at once stalled delivery for ~200 ms.
@@ -382,7 +383,11 @@ class WebSocketConnection(Session):
                     hub.wait(self._wwatch)  # until writable
                     continue
                 self._outbox_bytes -= sent
-                self._progress_at = time.monotonic()
+                # The kernel took bytes it had no room for: the peer read (its ACKs made
+                # the room). That is a sign of life for the heartbeat as a pong is: a
+                # ping cannot go inside the frame being written, and a peer reading one
+                # large frame (a full history) slowly was closed as silent mid-frame.
+                self._progress_at = self.last_seen = time.monotonic()
                 if sent >= len(chunk):
                     outbox.popleft()
                 else:
