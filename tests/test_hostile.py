@@ -340,6 +340,31 @@ def test_history_pays_by_the_byte() -> None:
         ("error", "rate_limited")]
 
 
+def test_users_lists_pay_by_the_byte() -> None:
+    """A `users` reply, and the `users` of a `joined`, cost one request token more per
+    64 KiB, as a history reply does: in a big room each costs the worker milliseconds
+    (3.5 ms and 640 KB at 10,000 members, memory store) and a request burst of 100 of
+    them held it for a third of a second. Here ~140 KB lists cost 3 tokens: 30 tokens
+    pay a re-join and 9 lists; the tenth list is refused for its size and not sent."""
+    from test_chat import Clock, connect, make_chat, send
+
+    chat = make_chat(Clock(), RATE_LIMIT_REQUESTS="0.001", RATE_LIMIT_REQUESTS_BURST="30")
+    for i in range(700):
+        member = connect(chat, f"member-{i:03d}-" + "m" * 100, "M" * 60, authenticated=True)
+        send(chat, member, type="join", room="big")
+    asker = connect(chat, "asker", authenticated=True)
+    send(chat, asker, type="join", room="big", id="j")
+    assert [e["type"] for e in asker.events()] == ["welcome", "joined"]
+    for i in range(9):
+        send(chat, asker, type="list_users", room="big", id=i)
+    sent = [len(f) for f in asker.frames if b'"type":"users"' in f[:40]]
+    assert len(sent) == 9 and all(2 * 65536 <= n < 3 * 65536 for n in sent), sent
+    asker.clear()
+    send(chat, asker, type="list_users", room="big", id="late")
+    assert [(e["type"], e.get("code")) for e in asker.events()] == [
+        ("error", "rate_limited")]
+
+
 # -- 2. fragments ---------------------------------------------------------------------------
 
 def test_fragment_count_is_bounded_but_fine_fragmentation_works(srv: Server) -> None:

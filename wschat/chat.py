@@ -1107,16 +1107,12 @@ class Chat:
         reply: dict[str, Any] = {"room": room, "users": [m.as_json() for m in members]}
         if cmd.since is None:
             up_to = reply["last_id"] = self.stores.messages.last_id(room)
-            session.send(encode_reply("joined", cmd.request_id, **reply))
+            joined = encode_reply("joined", cmd.request_id, **reply)
+            if len(joined) >= HISTORY_BYTES_PER_TOKEN:  # a big room's users, as a history
+                self._check_requests(session, cmd, len(joined) // HISTORY_BYTES_PER_TOKEN)
+            session.send(joined)
             return up_to, members, None  # retries are echoed, as they always were
         replay = self.stores.messages.since(room, cmd.since)
-        # The replay goes out as the client reads, outside MAX_OUTBOUND_BYTES: like a
-        # history reply it pays a request token more per 64 KiB, or a client that never
-        # reads would have the worker hold a replay for every join it sends. Refused:
-        # the join is undone (see _join) and nothing is sent; the client retries later.
-        size = sum(map(len, replay.messages))
-        if size >= HISTORY_BYTES_PER_TOKEN:
-            self._check_requests(session, cmd, size // HISTORY_BYTES_PER_TOKEN)
         if replay.messages:
             up_to = message_id_of(replay.messages[-1]) or cmd.since
         elif replay.complete:
@@ -1128,7 +1124,16 @@ class Chat:
             up_to = self.stores.messages.last_id(room)
         reply["recovered"] = replay.complete
         reply["last_id"] = up_to
-        session.send(encode_reply("joined", cmd.request_id, **reply))
+        joined = encode_reply("joined", cmd.request_id, **reply)
+        # The replay goes out as the client reads, outside MAX_OUTBOUND_BYTES: like a
+        # history reply it pays a request token more per 64 KiB, or a client that never
+        # reads would have the worker hold a replay for every join it sends; so does
+        # the users list of a big room in `joined`. Refused: the join is undone (see
+        # _join) and nothing is sent; the client retries later.
+        size = len(joined) + sum(map(len, replay.messages))
+        if size >= HISTORY_BYTES_PER_TOKEN:
+            self._check_requests(session, cmd, size // HISTORY_BYTES_PER_TOKEN)
+        session.send(joined)
         # Paced: a long replay is written as the client reads, never all at once,
         # and what arrives meanwhile waits behind it.
         session.send_paced([text_frame(event) for event in replay.messages])
@@ -1295,7 +1300,10 @@ class Chat:
         if cmd.room not in session.rooms:
             self.access.admit(session, cmd.room, cmd.request_id)
         users = [m.as_json() for m in self.stores.rooms.members(cmd.room)]
-        session.send(encode_reply("users", cmd.request_id, room=cmd.room, users=users))
+        reply = encode_reply("users", cmd.request_id, room=cmd.room, users=users)
+        if len(reply) >= HISTORY_BYTES_PER_TOKEN:  # a big room's: paid as a history reply
+            self._check_requests(session, cmd, len(reply) // HISTORY_BYTES_PER_TOKEN)
+        session.send(reply)
 
     def _history(self, session: Session, cmd: History) -> None:
         if cmd.room not in session.rooms:
