@@ -80,7 +80,8 @@ enum Internal {
     Token(Result<String, String>),
     Flush,
     ResendStale,
-    RetryJoin(String),
+    /// The retry of a room's refused join: its room and the retry's number (`Room::retry`).
+    RetryJoin(String, u64),
     FlushJoins,
     TypingIdle(String),
 }
@@ -104,6 +105,10 @@ struct Room {
     /// The request id of this room's `join` on the wire, until its answer. An answer to
     /// another join of the room's name (one written before a `leave`) is not this room's.
     join_rid: Option<u64>,
+    /// The number of the retry due for a join refused for now (`unavailable`): a retry
+    /// whose number is not the room's (the room was left, the connection lost, or a join
+    /// went meanwhile) is cancelled.
+    retry: Option<u64>,
 }
 
 struct PendingRequest {
@@ -514,6 +519,7 @@ impl Driver {
             room.sync_rid = None;
             room.join_queued = false;
             room.join_rid = None;
+            room.retry = None;
             if room.state == RoomState::Joined {
                 room.state = RoomState::Joining;
                 changed.push(name.clone());
@@ -613,6 +619,7 @@ impl Driver {
                     waiters: Vec::new(),
                     join_queued: false,
                     join_rid: None,
+                    retry: None,
                 });
                 entry.waiters.push(reply);
                 if entry.state == RoomState::Left {
@@ -748,10 +755,12 @@ impl Driver {
                     self.later(TYPING_IDLE - idle, Internal::TypingIdle(room));
                 }
             }
-            Internal::RetryJoin(room) => {
-                // A first join, a re-join after a reconnect, or one after a gap: all
-                // still wanted while the room is ours (a re-join is harmless).
-                if self.online && self.rooms.contains_key(&room) {
+            Internal::RetryJoin(room, retry) => {
+                // A first join, a re-join after a reconnect, or one after a gap: still wanted
+                // unless the room was left (a room of that name joined again is another
+                // room), the connection lost (the new one re-joins every room), or a join
+                // of the room went meanwhile.
+                if self.rooms.get(&room).is_some_and(|r| r.retry == Some(retry)) {
                     self.send_join(&room, false);
                 }
             }
@@ -810,6 +819,7 @@ impl Driver {
             return;
         }
         let Some(r) = self.rooms.get_mut(room) else { return };
+        r.retry = None; // this join serves a retry due
         if r.join_rid.is_some() {
             return; // its join is on the wire: its answer (and replay) serves this one too
         }
@@ -1294,7 +1304,11 @@ impl Driver {
                 // `retry_after_ms`, and this one goes again first (the flush wakes up then).
                 Some(_) if rate_limited => self.send_join(&room, true),
                 Some(delay) => {
-                    self.later(delay, Internal::RetryJoin(room));
+                    let retry = self.rid();
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        r.retry = Some(retry);
+                    }
+                    self.later(delay, Internal::RetryJoin(room, retry));
                     self.flush_joins();
                 }
                 None => {

@@ -1679,3 +1679,57 @@ async fn leave_of_a_room_whose_join_waits_for_the_pacer_writes_no_leave() {
     c.close();
     server.abort();
 }
+
+/// A `join` refused `unavailable` is tried again after a backoff; a `leave` of the room, and a
+/// reconnect, cancel that retry. The retry held only the room's name: after a leave and a join
+/// again (answered), it still wrote a join a backoff later (and the room's sends waited for its
+/// answer); after a reconnect whose re-join was answered, it wrote one more on the new
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_retry_is_cancelled_by_a_leave_and_by_a_reconnect() {
+    let refused = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if refused.lock().unwrap().insert(cmd["room"].as_str().unwrap_or("").to_owned()) => {
+            let refusal = json!({"type": "error", "code": "unavailable", "message": "later", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        _ => vec![],
+    })
+    .await;
+    // The retry of a refused join comes 0.3 to 0.6 s after the refusal.
+    let (c, _events) = Client::builder(url)
+        .request_timeout(scaled(2.0))
+        .backoff(Duration::from_millis(300), Duration::from_millis(600))
+        .connect();
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let refused_join = |room: &'static str| {
+        let c = c.clone();
+        async move {
+            let _ = tokio::time::timeout(Duration::from_millis(100), c.join(room)).await;
+            c.ping().await.unwrap(); // its pong comes after the refusal
+        }
+    };
+    refused_join("left").await;
+    c.leave("left").await.unwrap();
+    c.join("left").await.unwrap();
+    refused_join("cut").await;
+    c.reconnect();
+    eventually(5.0, || joins_on(&frames, 2).len() >= 2).await;
+    let joins =
+        |room: &str| frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "join" && f["room"] == room).count();
+    // Past the retries' time: a join of either would have been written by then.
+    eventually(1.5, || joins("left") > 3 || joins("cut") > 2).await;
+    let written: Vec<(usize, String)> = frames
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, f)| f["type"] == "join")
+        .map(|(n, f)| (*n, f["room"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    let expected = [(1, "left"), (1, "left"), (1, "cut"), (2, "cut"), (2, "left")];
+    let expected: Vec<(usize, String)> = expected.iter().map(|(n, r)| (*n, r.to_string())).collect();
+    assert_eq!(written, expected);
+    c.close();
+    server.abort();
+}
