@@ -91,13 +91,14 @@ struct Room {
     seq: RoomSeq,
     /// The connection generation on which `joined` arrived.
     joined_on: Option<u64>,
-    /// The `last_id` of that `joined`: the replay ends there. Sends wait for it,
-    /// since the replay may hold the lost echo of a send (its acknowledgement).
+    /// The `last_id` of a re-join's `joined`: the replay ends there (0: no replay to wait
+    /// for). Sends wait for it, since the replay may hold the lost echo of a send (its
+    /// acknowledgement): see [`Room::replayed`].
     replay_until: u64,
-    /// The request id of the `ping` written right behind the last `join`, until its
-    /// `pong`: the server answers a connection's frames in order, so the `pong`
-    /// comes after the `joined` and its whole replay, if any (a `recovered: false`
-    /// may have none, and then no message reaches `replay_until`).
+    /// The request id of the `ping` written behind a `joined` whose replay has no known end,
+    /// until its answer: the server answers a connection's frames in order, so it comes
+    /// after the `joined` and its whole replay, if any (a `recovered: false` may have none,
+    /// and then no message reaches `replay_until`), and ends the replay.
     sync_rid: Option<u64>,
     waiters: Vec<Reply<Joined>>,
     /// Waits in the join queue for the join pacer.
@@ -109,6 +110,14 @@ struct Room {
     /// whose number is not the room's (the room was left, the connection lost, or a join
     /// went meanwhile) is cancelled.
     retry: Option<u64>,
+}
+
+impl Room {
+    /// Whether the replay of the latest `joined` is in: none was due, the messages up to its
+    /// `last_id` came, or the answer to the `ping` behind it did.
+    fn replayed(&self) -> bool {
+        self.replay_until == 0 || self.seq.last().is_some_and(|last| last >= self.replay_until)
+    }
 }
 
 struct PendingRequest {
@@ -901,10 +910,7 @@ impl Driver {
             Target::Room(room) => match rooms.get(room) {
                 // Joined here, and its replay is over (caught up with it, or the `pong`
                 // behind it came).
-                Some(r) => {
-                    r.joined_on == Some(generation)
-                        && (r.sync_rid.is_none() || r.seq.last().is_some_and(|last| last >= r.replay_until))
-                }
+                Some(r) => r.joined_on == Some(generation) && r.replayed(),
                 // Not a room of ours: a send the app makes now gets the server's
                 // `not_in_room`; one loaded from the store waits for the app to join.
                 None => acks.contains_key(&entry.client_msg_id),
@@ -1019,12 +1025,14 @@ impl Driver {
                 let since = r.seq.last();
                 r.seq.joined(last_id, recovered);
                 r.joined_on = Some(generation);
-                // The replay ends at `last_id`; after `recovered: false` with nothing
-                // above `since` there is none (the server may even have started afresh).
-                // Without a `last_id` (none of `"5"`, `null`, `2.5`, `1e400` counts:
-                // protocol::wire_id) the `pong` behind the `join` ends it: no id reaches u64::MAX.
-                let no_replay = recovered == Some(false)
-                    && matches!((since, last_id), (Some(since), Some(last_id)) if last_id <= since);
+                // A re-join's replay ends at `last_id`; a first join has none, nor has a
+                // `recovered: false` with nothing above `since` (the server may even have
+                // started afresh). Without a `last_id` (none of `"5"`, `null`, `2.5`, `1e400`
+                // counts: protocol::wire_id) the answer to a `ping` ends it: no id reaches
+                // u64::MAX. The room's sends wait for it (`Room::replayed`).
+                let no_replay = since.is_none()
+                    || recovered == Some(false)
+                        && matches!((since, last_id), (Some(since), Some(last_id)) if last_id <= since);
                 r.replay_until = if no_replay { 0 } else { last_id.unwrap_or(u64::MAX) };
                 // A `ping` written now is answered after the replay: only where the replay's
                 // end is not known (no `last_id` that counts, or `recovered: false`, whose
@@ -1114,6 +1122,7 @@ impl Driver {
         match self.rooms.values_mut().find(|r| r.sync_rid == Some(rid)) {
             Some(r) => {
                 r.sync_rid = None;
+                r.replay_until = 0;
                 true
             }
             None => false,
@@ -1208,7 +1217,7 @@ impl Driver {
         let Some(room) = self.rooms.get_mut(&message.room) else { return };
         match room.seq.message(message.id) {
             Verdict::Deliver => {
-                let caught_up = room.seq.last().is_some_and(|last| last >= room.replay_until);
+                let caught_up = room.replayed();
                 self.emit(Event::Message(message));
                 if caught_up {
                     self.flush_outbox();

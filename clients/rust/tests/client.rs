@@ -1733,3 +1733,53 @@ async fn a_join_retry_is_cancelled_by_a_leave_and_by_a_reconnect() {
     c.close();
     server.abort();
 }
+
+/// A send written, its echo lost with the connection; the re-join's `joined` says
+/// `recovered: true` and `last_id` 2, and the replay (message 2: that echo) comes a little
+/// later. The send waits for the replay, which acknowledges it: it is not written again, and
+/// no `ping` goes behind that `joined` (its `last_id` says where the replay ends), nor behind a
+/// first one. Since the ping behind every join was dropped, a `joined` with no ping behind it
+/// let the room's sends go at once: the send went again before the replay that held its echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waits_for_the_replay_a_recovered_rejoin_announces() {
+    let cmid = Arc::new(Mutex::new(None::<String>));
+    let (url, frames, server) = scripted_server(move |cmd, n| match (cmd["type"].as_str(), n) {
+        (Some("join"), 1) => vec![raw_joined(cmd, Some("0"), None), raw_message("1", "r", "one", None)],
+        (Some("join"), _) => vec![raw_joined(cmd, Some("2"), Some(true))],
+        (Some("message"), 1) => {
+            *cmid.lock().unwrap() = cmd["client_msg_id"].as_str().map(str::to_owned);
+            vec![] // the echo is lost with the connection
+        }
+        // The replay, held until the test asks with a ping.
+        (Some("ping"), 2) => match cmid.lock().unwrap().clone() {
+            Some(id) => {
+                vec![raw_message("2", "r", "mine", Some(&id)), json!({"type": "pong", "id": cmd["id"]}).to_string()]
+            }
+            None => vec![],
+        },
+        _ => vec![],
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    c.join("r").await.unwrap();
+    let sending = tokio::spawn({
+        let c = c.clone();
+        async move { c.send("r", "mine").await.map(|m| m.id) }
+    });
+    let messages_on =
+        |n: usize| frames.lock().unwrap().iter().filter(|(c, f)| *c == n && f["type"] == "message").count();
+    eventually(5.0, || messages_on(1) == 1).await;
+    c.reconnect();
+    rec.wait("the re-join", 10.0, |ev| ev.iter().filter(|e| matches!(e, Event::Joined(_))).count() >= 2).await;
+    c.ping().await.unwrap(); // the replay comes before its pong
+    let sent = tokio::time::timeout(scaled(5.0), sending).await.expect("the send").unwrap();
+    assert_eq!(sent.unwrap(), 2);
+    assert_eq!(messages_on(2), 0, "written again before the replay");
+    assert_eq!(rec.ids("r"), [1, 2]);
+    let pings: Vec<usize> =
+        frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "ping").map(|(n, _)| *n).collect();
+    assert_eq!(pings, [2], "only the test's own ping");
+    c.close();
+    server.abort();
+}
