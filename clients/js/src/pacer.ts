@@ -172,6 +172,12 @@ export class Pacer {
 export const JOIN_WINDOW = 4;
 /** A refused join written after a refusal doubles the pause, up to 2^(JOIN_PROBES_MAX - 1) (32) times `retry_after_ms`, and the jitter. */
 export const JOIN_PROBES_MAX = 6;
+/**
+ * The shortest pause after a `rate_limited` join, ms, whatever its `retry_after_ms` (the server's
+ * is at least 1 ms; a 0 from a proxy or a buggy server would never grow by doubling, and the
+ * refusals would come back to back). A missing `retry_after_ms` is a second, as for sends.
+ */
+export const JOIN_RETRY_FLOOR = 50;
 
 /**
  * When the next `join` may be written, as the Python (`JoinPacer`) and Rust clients decide it.
@@ -181,19 +187,24 @@ export const JOIN_PROBES_MAX = 6;
  *
  * - at most `limit` joins are unanswered (a `Pacer` window), so at most that many are refused
  *   together once the bucket is empty;
- * - after a `rate_limited` join none is written before its `retry_after_ms`, then one at a
- *   time and at the server's pace (the `Pacer` rules);
+ * - after a `rate_limited` join none is written before its `retry_after_ms` (at least
+ *   `JOIN_RETRY_FLOOR`), then one at a time and at the server's pace (the `Pacer` rules);
  * - a join written after a refusal and refused too (another connection of the user took the
  *   tokens meanwhile) makes the pause grow: `retryAfter` times 2^(n-1) (at most 32), from once
  *   to twice that (jitter, so two tabs do not keep colliding), for the n-th refusal since the
  *   latest `joined` (the first: `retryAfter`). So a few refusals come in a row, not a flood.
+ *
+ * A new connection starts with a clean join pacer (`reset`): the pause and the count of refusals
+ * belong to the connection they were learnt on (the next may be to another server, with other
+ * limits, and what the user's bucket holds by then is the server's to say: at most a window of
+ * joins is refused before the new connection learns it again).
  *
  * No I/O and no clock, like `Pacer` (times in ms). `key`: the join's request id.
  */
 export class JoinPacer {
   readonly limit: number;
   private readonly random: () => number;
-  private readonly pacer: Pacer;
+  private pacer: Pacer;
   /** Join request id -> when it was written. */
   private readonly inFlight = new Map<string, number>();
   /** Refused joins written after a refusal, since the latest `joined`. */
@@ -235,19 +246,23 @@ export class JoinPacer {
     if (writtenAt === undefined) return false;
     this.inFlight.delete(key);
     if (retryAfter === null) return true;
+    // The pace is learnt from what the server said; the pause is at least the floor.
     this.pacer.rateLimited(now, retryAfter, writtenAt);
+    const wait = Math.max(retryAfter, JOIN_RETRY_FLOOR);
+    this.pacer.pause(now + wait);
     if (writtenAt > this.refusedAt) {
       this.probes = Math.min(this.probes + 1, JOIN_PROBES_MAX);
-      if (this.probes > 1) this.pacer.pause(now + retryAfter * 2 ** (this.probes - 1) * (1 + this.random()));
+      if (this.probes > 1) this.pacer.pause(now + wait * 2 ** (this.probes - 1) * (1 + this.random()));
     }
     this.refusedAt = now;
     return true;
   }
 
-  /** A new connection: nothing in flight, a full window; a pause not over stays. */
+  /** A new connection: nothing in flight, a full window, no pace, no pause, no refusal. */
   reset(): void {
     this.inFlight.clear();
-    this.pacer.reset(this.limit);
+    this.pacer = new Pacer(this.limit);
     this.probes = 0;
+    this.refusedAt = -Infinity;
   }
 }

@@ -550,6 +550,25 @@ async def test_join_refused_and_leave_fail_what_waits_with_a_code() -> None:
         await client.close()
 
 
+async def test_a_join_refused_rate_limited_with_no_wait_goes_again_after_the_floor() -> None:
+    """retry_after_ms 0 (a proxy's, never the server's) holds the join for JOIN_RETRY_FLOOR
+    (50 ms), as in the JS and Rust clients; it was taken for none, and the join waited 1 s."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        joining = asyncio.create_task(client.join("b"))
+        join = await peer.recv("join")
+        loop = asyncio.get_running_loop()
+        refused_at = loop.time()
+        await peer.send(type="error", id=join["id"], code="rate_limited", message="slow down",
+                        retry_after_ms=0)
+        again = await peer.recv("join")
+        assert again["room"] == "b"
+        assert loop.time() - refused_at < 0.5
+        await peer.send(type="joined", id=again["id"], room="b", users=[], last_id=0)
+        await joining
+        await client.close()
+
+
 async def test_a_send_without_echo_is_written_again_on_the_same_connection() -> None:
     """No echo within ack_timeout: the same client_msg_id goes out again; one echo resolves it."""
     async with FakeServer() as fake:

@@ -8,7 +8,7 @@ from itertools import count, pairwise
 
 import pytest
 
-from wschat_client.pacer import JOIN_WINDOW, JoinPacer, Pacer
+from wschat_client.pacer import JOIN_RETRY_FLOOR, JOIN_WINDOW, JoinPacer, Pacer
 
 
 def drain(pacer: Pacer, now: float, waiting: int, in_flight: int = 0) -> int:
@@ -319,12 +319,34 @@ def test_other_join_refusals_free_a_place_and_pause_nothing() -> None:
     assert joins.next_at(0.0) == 0.0
 
 
-def test_a_new_connection_forgets_the_joins_on_the_wire_not_the_pause() -> None:
-    joins = JoinPacer()
+def test_a_new_connection_starts_with_a_clean_join_pacer() -> None:
+    """No pause, no pace, no count of refusals from the old connection: a join refused for
+    2 s there no longer holds the new one's joins, and its first refusal pauses for its own
+    retry_after_ms, not a doubled one."""
+    joins = JoinPacer(random=lambda: 0.0)
     for key in range(4):
         joins.sent(key, 0.0)
     joins.refused(0, 0.0, 2.0)
     joins.reset()
-    assert joins.next_at(1.0) == pytest.approx(2.0), "the bucket is the user's"
-    assert joins.next_at(2.0) == 2.0
-    assert not joins.joined(1, 2.0)
+    assert joins.next_at(1.0) == 1.0, "the old connection's pause is gone"
+    assert not joins.joined(1, 1.0)
+    joins.sent(10, 1.0)
+    joins.refused(10, 1.0, 0.1)
+    assert joins.next_at(1.0) == pytest.approx(1.1), "the new connection's own pause"
+
+
+def test_a_join_refused_with_no_wait_pauses_for_the_floor_and_grows_from_it() -> None:
+    """retry_after_ms 0 (never the server's, which says at least 1 ms) still pauses the
+    joins, for JOIN_RETRY_FLOOR, and the pause doubles from it; a wait over the floor is
+    the server's."""
+    joins = JoinPacer(random=lambda: 0.0)
+    joins.sent(1, 0.0)
+    joins.refused(1, 0.0, 0.0)
+    assert joins.next_at(0.0) == pytest.approx(JOIN_RETRY_FLOOR)
+    joins.sent(2, JOIN_RETRY_FLOOR)
+    joins.refused(2, JOIN_RETRY_FLOOR, 0.0)
+    assert joins.next_at(JOIN_RETRY_FLOOR) == pytest.approx(3 * JOIN_RETRY_FLOOR), "doubled"
+    slow = JoinPacer(random=lambda: 0.0)
+    slow.sent(1, 0.0)
+    slow.refused(1, 0.0, 0.3)
+    assert slow.next_at(0.0) == pytest.approx(0.3)

@@ -206,6 +206,10 @@ pub(crate) const JOIN_WINDOW: usize = 4;
 /// A refused join written after a refusal doubles the pause, up to 2^(JOIN_PROBES_MAX - 1)
 /// (32) times `retry_after_ms`, and the jitter.
 const JOIN_PROBES_MAX: u32 = 6;
+/// The shortest pause after a `rate_limited` join, whatever its `retry_after_ms` (the server's
+/// is at least 1 ms; a 0 from a proxy or a buggy server would never grow by doubling, and the
+/// refusals would come back to back). A missing `retry_after_ms` is a second, as for sends.
+pub(crate) const JOIN_RETRY_FLOOR: Duration = Duration::from_millis(50);
 
 /// When the next `join` may be written, as the Python (`JoinPacer`) and JS clients decide it.
 /// A connection rejoining many rooms draws on the user's request bucket
@@ -214,12 +218,17 @@ const JOIN_PROBES_MAX: u32 = 6;
 ///
 /// - at most `limit` joins are unanswered (a [`Pacer`] window), so at most that many are
 ///   refused together once the bucket is empty;
-/// - after a `rate_limited` join none is written before its `retry_after_ms`, then one at a
-///   time and at the server's pace (the [`Pacer`] rules);
+/// - after a `rate_limited` join none is written before its `retry_after_ms` (at least
+///   [`JOIN_RETRY_FLOOR`]), then one at a time and at the server's pace (the [`Pacer`] rules);
 /// - a join written after a refusal and refused too (another connection of the user took the
 ///   tokens meanwhile) makes the pause grow: `retry_after` times 2^(n-1) (at most 32), from
 ///   once to twice that (jitter, so two tabs do not keep colliding), for the n-th refusal since
 ///   the latest `joined` (the first: `retry_after`). So a few refusals come in a row, not a flood.
+///
+/// A new connection starts with a clean join pacer: the pause and the count of refusals belong
+/// to the connection they were learnt on (the next may be to another server, with other limits,
+/// and what the user's bucket holds by then is the server's to say: at most a window of joins is
+/// refused before the new connection learns it again).
 ///
 /// No I/O and no clock, like [`Pacer`]. The key: the join's request id.
 #[derive(Debug)]
@@ -265,23 +274,24 @@ impl JoinPacer {
     pub(crate) fn refused(&mut self, key: u64, now: Instant, retry_after: Option<Duration>, random: f64) -> bool {
         let Some(written_at) = self.in_flight.remove(&key) else { return false };
         let Some(retry_after) = retry_after else { return true };
+        // The pace is learnt from what the server said; the pause is at least the floor.
         self.pacer.rate_limited(now, retry_after, Some(written_at));
+        let wait = retry_after.max(JOIN_RETRY_FLOOR);
+        self.pacer.pause(now + wait);
         if self.refused_at.is_none_or(|at| written_at > at) {
             self.probes = (self.probes + 1).min(JOIN_PROBES_MAX);
             if self.probes > 1 {
                 let factor = 2f64.powi(self.probes as i32 - 1) * (1.0 + random.clamp(0.0, 1.0));
-                self.pacer.pause(now + retry_after.mul_f64(factor));
+                self.pacer.pause(now + wait.mul_f64(factor));
             }
         }
         self.refused_at = Some(now);
         true
     }
 
-    /// A new connection: nothing in flight, a full window; a pause not over stays.
+    /// A new connection: nothing in flight, a full window, no pace, no pause, no refusal.
     pub(crate) fn reset(&mut self) {
-        self.in_flight.clear();
-        self.pacer.reset();
-        self.probes = 0;
+        *self = JoinPacer::new(self.pacer.limit);
     }
 }
 
@@ -649,8 +659,30 @@ mod tests {
         assert_eq!(joins.next_at(now + msi(1000)), Some(now + msi(1100)), "a joined starts the doubling again");
     }
 
+    /// A `retry_after_ms` of 0 (never the server's, which says at least 1 ms) still pauses the
+    /// joins, for the floor, and the pause grows from it. It used to let them go back to back.
     #[test]
-    fn other_join_refusals_free_a_place_and_a_new_connection_keeps_the_pause() {
+    fn a_join_refused_with_no_wait_pauses_for_the_floor_and_grows_from_it() {
+        let t0 = Instant::now();
+        let mut joins = JoinPacer::new(4);
+        joins.sent(1, t0);
+        joins.refused(1, t0, Some(Duration::ZERO), 0.0);
+        assert_eq!(joins.next_at(t0), Some(t0 + JOIN_RETRY_FLOOR));
+        let now = t0 + JOIN_RETRY_FLOOR;
+        joins.sent(2, now);
+        joins.refused(2, now, Some(Duration::ZERO), 0.0);
+        assert_eq!(joins.next_at(now), Some(now + JOIN_RETRY_FLOOR * 2), "doubled");
+        let mut slow = JoinPacer::new(4);
+        slow.sent(1, t0);
+        slow.refused(1, t0, Some(msi(300)), 0.0);
+        assert_eq!(slow.next_at(t0), Some(t0 + msi(300)), "a wait over the floor is the server's");
+    }
+
+    /// A new connection starts with no pause, no pace and no count of refusals: a join refused
+    /// for 2 s on the old one no longer holds the new one's joins, and its first refusal pauses
+    /// for its own `retry_after_ms`, not a doubled one.
+    #[test]
+    fn other_join_refusals_free_a_place_and_a_new_connection_starts_clean() {
         let t0 = Instant::now();
         let mut one = JoinPacer::new(1);
         one.sent(1, t0);
@@ -664,7 +696,11 @@ mod tests {
         }
         joins.refused(0, t0, Some(msi(2000)), 0.0);
         joins.reset();
-        assert_eq!(joins.next_at(t0 + msi(1000)), Some(t0 + msi(2000)), "the bucket is the user's");
-        assert!(!joins.joined(1, t0 + msi(2000)));
+        let now = t0 + msi(1000);
+        assert_eq!(joins.next_at(now), Some(now), "the old connection's pause is gone");
+        assert!(!joins.joined(1, now));
+        joins.sent(10, now);
+        joins.refused(10, now, Some(msi(100)), 0.0);
+        assert_eq!(joins.next_at(now), Some(now + msi(100)), "the new connection's own pause");
     }
 }

@@ -2,7 +2,7 @@
 // same cases as the Python library's tests/test_pacer.py).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { JOIN_WINDOW, JoinPacer, Pacer } from "../../dist/index.mjs";
+import { JOIN_RETRY_FLOOR, JOIN_WINDOW, JoinPacer, Pacer } from "../../dist/index.mjs";
 
 const close = (actual, expected, what) => assert.ok(Math.abs(actual - expected) < 1e-6, `${what}: ${actual} != ${expected}`);
 
@@ -303,17 +303,37 @@ test("joins: a join refused again after the pause doubles it, with jitter, up to
   close(joins.nextAt(now + 1000), now + 1100, "a joined starts the doubling again");
 });
 
-test("joins: other refusals free a place and pause nothing; a new connection keeps the pause", () => {
+test("joins: other refusals free a place and pause nothing", () => {
   const one = new JoinPacer(1);
   one.sent("a", 0);
   assert.equal(one.nextAt(0), null);
   assert.ok(one.refused("a", 0, null)); // unavailable: the client retries it after a backoff
   assert.equal(one.nextAt(0), 0);
   assert.ok(!one.refused("zzz", 0, 100), "none of ours");
-  const joins = new JoinPacer();
+});
+
+test("joins: a new connection starts clean: no pause, no pace, no count of refusals from the old one", () => {
+  const joins = new JoinPacer(4, () => 0);
   for (let key = 0; key < 4; key++) joins.sent(String(key), 0);
   joins.refused("0", 0, 2000);
   joins.reset();
-  close(joins.nextAt(1000), 2000, "the bucket is the user's");
-  assert.ok(!joins.joined("1", 2000));
+  assert.equal(joins.nextAt(1000), 1000, "the old connection's pause is gone");
+  assert.ok(!joins.joined("1", 1000));
+  joins.sent("10", 1000);
+  joins.refused("10", 1000, 100);
+  close(joins.nextAt(1000), 1100, "the new connection's own pause, not a doubled one");
+});
+
+test("joins: retry_after_ms 0 still pauses for the floor, and the pause doubles from it", () => {
+  const joins = new JoinPacer(4, () => 0);
+  joins.sent("1", 0);
+  joins.refused("1", 0, 0);
+  close(joins.nextAt(0), JOIN_RETRY_FLOOR);
+  joins.sent("2", JOIN_RETRY_FLOOR);
+  joins.refused("2", JOIN_RETRY_FLOOR, 0);
+  close(joins.nextAt(JOIN_RETRY_FLOOR), 3 * JOIN_RETRY_FLOOR, "doubled");
+  const slow = new JoinPacer(4, () => 0);
+  slow.sent("1", 0);
+  slow.refused("1", 0, 300);
+  close(slow.nextAt(0), 300, "a wait over the floor is the server's");
 });

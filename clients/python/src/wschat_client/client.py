@@ -46,7 +46,7 @@ from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message
                      Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
                      StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
-from .pacer import JOIN_WINDOW, JoinPacer, Pacer
+from .pacer import JOIN_RETRY_DEFAULT, JOIN_WINDOW, JoinPacer, Pacer
 
 log = logging.getLogger("wschat_client")
 T = TypeVar("T")
@@ -956,7 +956,8 @@ class Client:
         elif request.kind == "join":
             self._join_pacer.refused(
                 str(rid), asyncio.get_running_loop().time(),
-                (err.retry_after_ms or 1000) / 1000 if err.code == "rate_limited" else None)
+                (JOIN_RETRY_DEFAULT if err.retry_after_ms is None else err.retry_after_ms / 1000)
+                if err.code == "rate_limited" else None)
             room = self._rooms.get(request.room or "")
             if room is not None and room.join_rid == rid:
                 self._join_refused(room, err)

@@ -171,6 +171,12 @@ JOIN_WINDOW = 4
 # A refused join written after a refusal doubles the pause, up to 2**(JOIN_PROBES_MAX - 1)
 # (32) times ``retry_after_ms``, and the jitter (once to twice that).
 JOIN_PROBES_MAX = 6
+# The shortest pause after a rate_limited join, seconds, whatever its retry_after_ms (the
+# server's is at least 1 ms; a 0 from a proxy or a buggy server would never grow by doubling,
+# and the refusals would come back to back). A missing retry_after_ms is a second, as in the
+# JS and Rust clients.
+JOIN_RETRY_FLOOR = 0.05
+JOIN_RETRY_DEFAULT = 1.0
 
 
 @dataclass(slots=True)
@@ -182,13 +188,19 @@ class JoinPacer:
 
     - at most ``limit`` joins are unanswered (a :class:`Pacer` window), so at most that
       many are refused together once the bucket is empty;
-    - after a ``rate_limited`` join none is written before its ``retry_after_ms``, then one
-      at a time and at the server's pace (the :class:`Pacer` rules);
+    - after a ``rate_limited`` join none is written before its ``retry_after_ms`` (at least
+      ``JOIN_RETRY_FLOOR``), then one at a time and at the server's pace (the :class:`Pacer`
+      rules);
     - a join written after a refusal and refused too (another connection of the user took
       the tokens meanwhile) makes the pause grow: ``retry_after`` times ``2**(n-1)`` (at
       most 32), from once to twice that (jitter, so two tabs do not keep colliding), for
       the ``n``-th refusal since the latest ``joined`` (the first: ``retry_after``). So
       a few refusals come in a row, not a flood.
+
+    A new connection starts with a clean join pacer (:meth:`reset`): the pause and the count
+    of refusals belong to the connection they were learnt on (the next may be to another
+    server, with other limits, and what the user's bucket holds by then is the server's to
+    say: at most a window of joins is refused before the new connection learns it again).
 
     No I/O and no clock, like :class:`Pacer`. ``key``: the join's request id.
     """
@@ -229,17 +241,22 @@ class JoinPacer:
             return False
         if retry_after is None:
             return True
+        # The pace is learnt from what the server said; the pause is at least the floor.
         self.pacer.rate_limited(now, retry_after, written_at)
+        wait = max(retry_after, JOIN_RETRY_FLOOR)
+        self.pacer.pause(now + wait)
         if written_at > self.refused_at:
             self.probes = min(self.probes + 1, JOIN_PROBES_MAX)
             if self.probes > 1:
-                grown = retry_after * 2 ** (self.probes - 1) * (1 + self.random())
+                grown = wait * 2 ** (self.probes - 1) * (1 + self.random())
                 self.pacer.pause(now + grown)
         self.refused_at = now
         return True
 
     def reset(self) -> None:
-        """A new connection: nothing in flight, a full window; a pause not over stays."""
+        """A new connection: nothing in flight, a full window, no pace, no pause, no
+        refusal."""
         self.in_flight.clear()
-        self.pacer.reset(self.limit)
+        self.pacer = Pacer(self.limit)
         self.probes = 0
+        self.refused_at = -math.inf
