@@ -165,8 +165,9 @@ pub(crate) struct Driver {
     /// How many joins may be unanswered now, the pause after a `rate_limited` join, and
     /// the pace after it (`pacer::JoinPacer`).
     join_pacer: JoinPacer,
-    /// A wake-up of the join queue is due.
-    join_flush_scheduled: bool,
+    /// When the earliest wake-up of the join queue is due. One due later (an earlier pause
+    /// of the join pacer, or another connection's) gets an earlier one beside it.
+    join_flush_at: Option<std::time::Instant>,
     seen_dms: VecDeque<u64>,
     seen_dm_set: HashSet<u64>,
     /// When `typing: true` last went out, per room (cleared by `false`, a send, a new socket).
@@ -246,7 +247,7 @@ impl Driver {
             join_rids: HashMap::new(),
             join_queue: VecDeque::new(),
             join_pacer,
-            join_flush_scheduled: false,
+            join_flush_at: None,
             seen_dms: VecDeque::new(),
             seen_dm_set: HashSet::new(),
             typing_sent: HashMap::new(),
@@ -521,6 +522,7 @@ impl Driver {
         self.join_rids.clear();
         self.join_queue.clear();
         self.join_pacer.reset();
+        self.join_flush_at = None; // the new connection's pacer has no pause to wake up from
         self.typing_sent.clear();
         let mut changed = Vec::new();
         for (name, room) in self.rooms.iter_mut() {
@@ -774,7 +776,10 @@ impl Driver {
                 }
             }
             Internal::FlushJoins => {
-                self.join_flush_scheduled = false;
+                // Only the wake-up due (a later one may still come: it finds nothing to do).
+                if self.join_flush_at.is_some_and(|at| at <= Instant::now().into_std()) {
+                    self.join_flush_at = None;
+                }
                 self.flush_joins();
             }
         }
@@ -861,8 +866,8 @@ impl Driver {
             match self.join_pacer.next_at(now) {
                 None => return, // the window is full: an answer frees a place
                 Some(at) if at > now => {
-                    if !self.join_flush_scheduled {
-                        self.join_flush_scheduled = true;
+                    if self.join_flush_at.is_none_or(|due| due > at) {
+                        self.join_flush_at = Some(at);
                         self.later(at - now, Internal::FlushJoins);
                     }
                     return;

@@ -1783,3 +1783,36 @@ async fn a_send_waits_for_the_replay_a_recovered_rejoin_announces() {
     c.close();
     server.abort();
 }
+
+/// A join refused `rate_limited` for 5 s, then a reconnect: the new connection's join, refused
+/// for 100 ms, goes again about 100 ms later. The new connection starts with a clean join
+/// pacer, but the wake-up of the old one's pause still counted as scheduled: no wake-up was
+/// set for the new pause, and the join waited for the old one, 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_s_join_pause_is_not_held_by_the_old_connection_s_wake_up() {
+    let refused_on = Arc::new(Mutex::new(std::collections::HashSet::<usize>::new()));
+    let (url, frames, server) = scripted_server(move |cmd, n| match cmd["type"].as_str() {
+        // The first join of each connection is refused.
+        Some("join") if refused_on.lock().unwrap().insert(n) => {
+            let wait = if n == 1 { 5000 } else { 100 };
+            let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow down",
+                                 "retry_after_ms": wait, "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        _ => vec![],
+    })
+    .await;
+    let (c, _rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(100), c.join("r")).await;
+    c.ping().await.unwrap(); // its pong comes after the refusal
+    c.reconnect();
+    eventually(5.0, || !joins_on(&frames, 2).is_empty()).await;
+    let started = std::time::Instant::now();
+    eventually(4.0, || joins_on(&frames, 2).len() >= 2).await;
+    assert_eq!(joins_on(&frames, 2).len(), 2, "the re-join refused for 100 ms went again");
+    assert!(started.elapsed() < Duration::from_secs(2), "it waited {:?}", started.elapsed());
+    c.close();
+    server.abort();
+}
