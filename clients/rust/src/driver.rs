@@ -1326,12 +1326,16 @@ impl Driver {
                     self.flush_joins();
                 }
                 None => {
+                    // `invalid_room`, `too_many_rooms`, `forbidden` (a ban, a grant revoked): the
+                    // room cannot be joined. Its sends waiting for the join fail with the refusal,
+                    // as in the JS and Python clients (nothing else would have written them).
                     if let Some(r) = self.rooms.remove(&room) {
                         for w in r.waiters {
                             let _ = w.send(Err(error.clone()));
                         }
-                        self.emit(Event::Room { room, state: RoomState::Left });
+                        self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
                     }
+                    self.drop_room_sends(&room, &error);
                     self.emit(Event::Error(error));
                     self.flush_joins();
                 }

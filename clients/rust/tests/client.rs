@@ -1816,3 +1816,37 @@ async fn a_new_connection_s_join_pause_is_not_held_by_the_old_connection_s_wake_
     c.close();
     server.abort();
 }
+
+/// A re-join refused for good (`forbidden`: banned meanwhile) fails the room's sends waiting for
+/// it with that refusal, as in the JS and Python clients, and writes none of them. They were
+/// written to the room the server does not have the user in, and failed with its `not_in_room`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_refused_for_good_fails_the_room_s_waiting_sends_with_its_refusal() {
+    let (url, frames, server) = scripted_server(move |cmd, n| match (cmd["type"].as_str(), n) {
+        (Some("join"), 1) => vec![raw_joined(cmd, Some("0"), None)],
+        (Some("join"), _) => {
+            let refusal = json!({"type": "error", "code": "forbidden", "message": "banned", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        (Some("message"), _) => {
+            let refusal = json!({"type": "error", "code": "not_in_room", "message": "no", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    c.join("r").await.unwrap();
+    c.reconnect();
+    let sent = c.send("r", "held").await;
+    rec.wait("the room left", 5.0, |ev| {
+        ev.iter().any(|e| matches!(e, Event::Room { state: wschat::RoomState::Left, .. }))
+    })
+    .await;
+    assert_eq!(sent.as_ref().err().and_then(|e| e.code()), Some("forbidden"), "{sent:?}");
+    let messages = frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "message").count();
+    assert_eq!(messages, 0);
+    c.close();
+    server.abort();
+}
