@@ -83,6 +83,17 @@ def replies(client: Client, count: int) -> tuple[list[dict[str, Any]], list[dict
     return accepted, refused
 
 
+def read_paced(reader: RawClient, rate: float) -> tuple[int, bytes] | None:
+    """A slow client's step: its next whole frame if one is buffered, else one read of
+    what the server sent, taking as long as reading it at ``rate`` bytes a second does."""
+    frame = reader._parse()
+    if frame is None:
+        held = len(reader.buf)
+        reader._fill(TIMEOUT)
+        time.sleep((len(reader.buf) - held) / rate)  # the reader's pace, not a wait
+    return frame
+
+
 def refusals(client: Client) -> list[dict[str, Any]]:
     """The rate_limited errors for everything this connection sent so far.
 
@@ -539,12 +550,10 @@ def test_heartbeat_reaches_a_slow_but_steady_reader() -> None:
             started, read, pings, close = time.monotonic(), 0, 0, None
             while read < count and close is None:
                 assert time.monotonic() < started + 6 * heartbeat + TIMEOUT, (read, pings)
-                frame = reader._parse()
+                frame = read_paced(reader, rate)
                 if frame is None:
-                    held = len(reader.buf)
-                    reader._fill(TIMEOUT)
-                    time.sleep((len(reader.buf) - held) / rate)  # the reader's pace
-                elif frame[0] == OP_PING:
+                    continue
+                if frame[0] == OP_PING:
                     reader.send_frame(OP_PONG, frame[1])  # as a browser does
                     pings += 1
                 elif frame[0] == OP_CLOSE:
@@ -583,12 +592,10 @@ def test_a_slow_reader_of_one_large_frame_is_not_silent() -> None:
             while history is None and ended is None:
                 assert time.monotonic() < started + 20 * heartbeat + TIMEOUT
                 try:
-                    frame = reader._parse()
+                    frame = read_paced(reader, rate)
                     if frame is None:
-                        held = len(reader.buf)
-                        reader._fill(TIMEOUT)
-                        time.sleep((len(reader.buf) - held) / rate)  # the reader's pace
-                    elif frame[0] == OP_CLOSE:
+                        continue
+                    if frame[0] == OP_CLOSE:
                         ended = f"close {reader.close_code}"
                     elif frame[0] == OP_TEXT and json.loads(frame[1]).get("id") == "h":
                         history = json.loads(frame[1])

@@ -1064,6 +1064,21 @@ def test_a_room_published_to_from_the_log_without_members_expires_in_redis() -> 
         client.close()
 
 
+
+def _durable_on_redis(tmp_path: Path) -> tuple[Any, Any, DurableMessageStore]:
+    """A started durable store over a Redis message store (history 10, ``ROOM_TTL`` 600 s)
+    on the test Redis, its log in ``tmp_path``, releasing held messages after 0.05 s:
+    (Redis client, inner store, durable store)."""
+    from wschat.stores import redis as redis_stores
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
+    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
+    first_start(client)
+    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/log.db"))
+    durable.HOLD_TIMEOUT = 0.05
+    durable.start()
+    return client, inner, durable
+
 def test_a_room_only_the_api_posts_to_continues_from_the_log_once_its_keys_expired(
         tmp_path: Path) -> None:
     """Redis with persistence: a room only ``/api/publish`` writes to gets ``ROOM_TTL`` on
@@ -1073,17 +1088,11 @@ def test_a_room_only_the_api_posts_to_continues_from_the_log_once_its_keys_expir
     ids the keys had lost and published HOLD_TIMEOUT later by the releaser, which filled the
     history again from the log, with a warning meant for a dead worker's messages, and left
     the room's keys with no expiry: kept in Redis for good)."""
-    from wschat.stores import redis as redis_stores
     from wschat.stores.base import API_USER
     from wschat.stores.redis.keys import room_keys
 
-    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
     room = f"api-only-{uuid.uuid4().hex[:6]}"
-    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
-    first_start(client)
-    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/api.db"))
-    durable.HOLD_TIMEOUT = 0.05
-    durable.start()
+    client, inner, durable = _durable_on_redis(tmp_path)
     seq, hist = room_keys(room)[4:]
 
     def publish(text: str) -> int:
@@ -1112,17 +1121,11 @@ def test_messages_the_releaser_publishes_to_a_room_nobody_is_in_expire_in_redis(
     ``ROOM_TTL``). The keys the releaser creates expire ``ROOM_TTL`` from then, as after the
     API's own posts to a room nobody is in (before: the releaser published as nobody, the
     script skipped the TTL, and the room's sequence and history stayed in Redis for good)."""
-    from wschat.stores import redis as redis_stores
     from wschat.stores.base import API_USER
     from wschat.stores.redis.keys import room_keys
 
-    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
     room = f"api-held-{uuid.uuid4().hex[:6]}"
-    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
-    first_start(client)
-    durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/held.db"))
-    durable.HOLD_TIMEOUT = 0.05
-    durable.start()
+    client, inner, durable = _durable_on_redis(tmp_path)
     seq, hist = room_keys(room)[4:]
     try:
         durable.last_id(room)  # the member's join
