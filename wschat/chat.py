@@ -942,6 +942,13 @@ class Chat:
             self._refuse(session, command, retry_ms)
         session.flood_strikes = 0
 
+    def _pay_for_size(self, session: Session, command: Command, size: int) -> None:
+        """A reply or replay of ``size`` bytes (a history, a big room's users) pays a
+        request token more per :data:`HISTORY_BYTES_PER_TOKEN`; refused, it raises
+        ``rate_limited`` before anything is sent."""
+        if size >= HISTORY_BYTES_PER_TOKEN:
+            self._check_requests(session, command, size // HISTORY_BYTES_PER_TOKEN)
+
     def _publish_presence(self, session: Session, room: str, status: str) -> None:
         guest = not session.authenticated
         if self._presence.offer(room, session.user_id, session.username, status, guest,
@@ -1108,8 +1115,7 @@ class Chat:
         if cmd.since is None:
             up_to = reply["last_id"] = self.stores.messages.last_id(room)
             joined = encode_reply("joined", cmd.request_id, **reply)
-            if len(joined) >= HISTORY_BYTES_PER_TOKEN:  # a big room's users, as a history
-                self._check_requests(session, cmd, len(joined) // HISTORY_BYTES_PER_TOKEN)
+            self._pay_for_size(session, cmd, len(joined))  # a big room's users
             session.send(joined)
             return up_to, members, None  # retries are echoed, as they always were
         replay = self.stores.messages.since(room, cmd.since)
@@ -1130,9 +1136,7 @@ class Chat:
         # reads would have the worker hold a replay for every join it sends; so does
         # the users list of a big room in `joined`. Refused: the join is undone (see
         # _join) and nothing is sent; the client retries later.
-        size = len(joined) + sum(map(len, replay.messages))
-        if size >= HISTORY_BYTES_PER_TOKEN:
-            self._check_requests(session, cmd, size // HISTORY_BYTES_PER_TOKEN)
+        self._pay_for_size(session, cmd, len(joined) + sum(map(len, replay.messages)))
         session.send(joined)
         # Paced: a long replay is written as the client reads, never all at once,
         # and what arrives meanwhile waits behind it.
@@ -1301,8 +1305,7 @@ class Chat:
             self.access.admit(session, cmd.room, cmd.request_id)
         users = [m.as_json() for m in self.stores.rooms.members(cmd.room)]
         reply = encode_reply("users", cmd.request_id, room=cmd.room, users=users)
-        if len(reply) >= HISTORY_BYTES_PER_TOKEN:  # a big room's: paid as a history reply
-            self._check_requests(session, cmd, len(reply) // HISTORY_BYTES_PER_TOKEN)
+        self._pay_for_size(session, cmd, len(reply))  # a big room's
         session.send(reply)
 
     def _history(self, session: Session, cmd: History) -> None:
@@ -1314,8 +1317,7 @@ class Chat:
         page = self.stores.messages.history_page(cmd.room, cmd.limit, cmd.before)
         extra = {"truncated": True} if page.truncated else {}
         reply = encode_history(cmd.room, page.messages, cmd.request_id, **extra)
-        if len(reply) >= HISTORY_BYTES_PER_TOKEN:  # refused: not sent, retry later
-            self._check_requests(session, cmd, len(reply) // HISTORY_BYTES_PER_TOKEN)
+        self._pay_for_size(session, cmd, len(reply))  # refused: not sent, retry later
         session.send(reply)
 
     # -- moderation --------------------------------------------------------------------
