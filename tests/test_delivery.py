@@ -2619,3 +2619,46 @@ def test_a_typing_indicator_of_a_stopping_worker_is_turned_off() -> None:
                              timeout=30 * SCALE, check=False)
     assert out.returncode == 0, out.stderr
     assert "TYPING [True, False]" in out.stdout, out.stdout
+
+
+# -- 15. a room used again after ROOM_TTL numbers on, and an old `since` is not recovered --
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_client_back_after_room_ttl_is_not_told_recovered_over_new_ids(backend: str) -> None:
+    """A member leaves a room after 1 to 3; nobody is in it for longer than ROOM_TTL (its
+    history expires), then others use it again. The room goes on from 4, and the member,
+    back with ``since: 2``, gets ``recovered: false`` and finds the newer messages by
+    ``history`` (before: the numbering began at 1 again, so the new room's 3 was replayed
+    as what followed its 2, with ``recovered: true``: the new room's 1 and 2 were never
+    shown, and its ids named other messages than the ones it had)."""
+    env = {**COMMON, "ROOM_TTL": "1"}
+    with contextlib.ExitStack() as stack:
+        if backend == "redis":
+            env["REDIS_URL"] = stack.enter_context(own_redis()).url
+        server = stack.enter_context(Server(env))
+        name = room()
+        with Client(server.url, "username=ann") as ann:
+            ann.join(name)
+            assert [ann.say(name, f"old {i}")["id"] for i in range(3)] == [1, 2, 3]
+        if backend == "redis":
+            import redis
+
+            from wschat.stores.redis.keys import room_keys
+
+            client = redis.Redis.from_url(env["REDIS_URL"])
+            stack.callback(client.close)
+            wait_until(lambda: not client.exists(room_keys(name)[5]), 5 * SCALE, 0.05,
+                       "the emptied room's history to expire")
+        else:
+            time.sleep(1.5)  # ROOM_TTL must pass: time, not an event
+            # The memory store drops rooms past their ROOM_TTL when it is next used (here
+            # a join of another room); a join of the room itself would keep it.
+            with Client(server.url, "username=carl") as carl:
+                carl.join(room())
+        with Client(server.url, "username=bob") as bob:
+            bob.join(name)
+            assert [bob.say(name, f"new {i}")["id"] for i in range(3)] == [4, 5, 6]
+            with Client(server.url, "username=ann") as ann:
+                joined = ann.join(name, since=2)
+                assert joined["recovered"] is False and joined["last_id"] == 6, joined
+                page = ann.request({"type": "history", "room": name}, "history")
+                assert [m["text"] for m in page["messages"]] == ["new 0", "new 1", "new 2"]

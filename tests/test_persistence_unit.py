@@ -1044,21 +1044,23 @@ def test_a_held_message_is_released_when_its_worker_stops_before_its_releaser(
 
 def test_a_room_published_to_from_the_log_without_members_expires_in_redis() -> None:
     """Redis with persistence: a committed message of a room nobody is in (``/api/publish``)
-    leaves the room's sequence and history to expire ``ROOM_TTL`` from then, as a post
-    without persistence does (before: never joined, they stayed in Redis for good)."""
+    leaves the room's history to expire ``ROOM_TTL`` from then and its sequence
+    ``ROOM_NUMBERING_TTL``, as a post without persistence does (before: never joined,
+    they stayed in Redis for good)."""
     from wschat.stores import redis as redis_stores
     from wschat.stores.base import Stored
     from wschat.stores.redis.keys import room_keys
 
     client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
     room = f"api-only-{uuid.uuid4().hex[:6]}"
-    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
+    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600,
+                                           numbering_ttl=900)
     first_start(client)
     seq, hist = room_keys(room)[4:]
     try:
         event = draft_message(room, "api", "system", "x", 1, None).with_id(1)
         assert inner.publish_stored([Stored(1, event, room, "system")]) == [1]
-        assert 0 < client.ttl(seq) <= 600 and 0 < client.ttl(hist) <= 600
+        assert 600 < client.ttl(seq) <= 900 and 0 < client.ttl(hist) <= 600
     finally:
         client.delete(seq, hist)
         client.close()
@@ -1066,13 +1068,14 @@ def test_a_room_published_to_from_the_log_without_members_expires_in_redis() -> 
 
 
 def _durable_on_redis(tmp_path: Path) -> tuple[Any, Any, DurableMessageStore]:
-    """A started durable store over a Redis message store (history 10, ``ROOM_TTL`` 600 s)
-    on the test Redis, its log in ``tmp_path``, releasing held messages after 0.05 s:
-    (Redis client, inner store, durable store)."""
+    """A started durable store over a Redis message store (history 10, ``ROOM_TTL`` 600 s,
+    ``ROOM_NUMBERING_TTL`` 900 s) on the test Redis, its log in ``tmp_path``, releasing held
+    messages after 0.05 s: (Redis client, inner store, durable store)."""
     from wschat.stores import redis as redis_stores
 
     client = redis_stores.redis.Redis.from_url(redis_url_or_skip(15))
-    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600)
+    inner = redis_stores.RedisMessageStore(client, history_size=10, room_ttl=600,
+                                           numbering_ttl=900)
     first_start(client)
     durable = DurableMessageStore(inner, open_message_log(f"sqlite:///{tmp_path}/log.db"))
     durable.HOLD_TIMEOUT = 0.05
@@ -1101,12 +1104,12 @@ def test_a_room_only_the_api_posts_to_continues_from_the_log_once_its_keys_expir
 
     try:
         assert [publish(f"m{i}") for i in range(3)] == [1, 2, 3]
-        assert 0 < client.ttl(seq) <= 600
+        assert 600 < client.ttl(seq) <= 900
         client.delete(seq, hist)  # ROOM_TTL passed
         assert publish("later") == 4
         assert inner.last_id(room) == 4, "held behind the ids the expired keys had"
         gevent.sleep(0.2)  # a releaser, if one was started (HOLD_TIMEOUT 0.05 s), has run
-        assert 0 < client.ttl(seq) <= 600 and 0 < client.ttl(hist) <= 600
+        assert 600 < client.ttl(seq) <= 900 and 0 < client.ttl(hist) <= 600
     finally:
         durable.close()
         client.delete(seq, hist)
@@ -1135,7 +1138,7 @@ def test_messages_the_releaser_publishes_to_a_room_nobody_is_in_expire_in_redis(
         wait_until(lambda: gevent.sleep(0.02) or inner.last_id(room) == 2,
                    message="the held message to be released")
         assert [message_id_of(e) for e in inner.recent(room, 10)] == [1, 2]
-        assert 0 < client.ttl(seq) <= 600 and 0 < client.ttl(hist) <= 600
+        assert 600 < client.ttl(seq) <= 900 and 0 < client.ttl(hist) <= 600
     finally:
         durable.close()
         client.delete(seq, hist, f"wschat:{{r:{room}}}:held")

@@ -153,8 +153,9 @@ def test_a_retry_gets_the_rooms_copy_while_the_history_holds_it(stores: Stores) 
 
 def test_a_retry_into_a_renumbered_room_is_not_answered_with_another_message(
         stores: Stores) -> None:
-    """A room that expired starts its ids again; a retry of a message from before (its
-    dedupe entry lives an hour) must not be answered with the new message of that id."""
+    """A room whose numbering expired starts its ids again; a retry of a message from
+    before (its dedupe entry lives an hour) must not be answered with the new message of
+    that id."""
     first = stores.messages.post_room("a", ALICE.user_id, draft_message(
         "a", "alice", ALICE.user_id, "before", 1111, "cm"))
     expire_room(stores, "a")
@@ -165,20 +166,45 @@ def test_a_retry_into_a_renumbered_room_is_not_answered_with_another_message(
     assert retry.duplicate and retry.event == first.event != other.event
 
 
-def expire_room(stores: Stores, room: str) -> None:
-    """The room's ids and history as after ROOM_TTL with nobody in it."""
+def expire_room(stores: Stores, room: str, numbering_too: bool = True) -> None:
+    """The room's history as after ROOM_TTL with nobody in it, and its ids as after
+    ROOM_NUMBERING_TTL (``numbering_too``)."""
     if stores.name == "memory":
-        stores.messages._drop_log(room)  # what room_emptied does once ROOM_TTL passed
+        messages = stores.messages
+        messages._drop_log(room, 0.0)  # what room_emptied does once ROOM_TTL passed
+        if numbering_too:
+            messages._retired.pop(room)  # and ROOM_NUMBERING_TTL
         return
     import redis
 
     from wschat.stores.redis.keys import room_keys
 
     client = redis.Redis.from_url(redis_url(10))  # the fixture's database
+    seq, hist = room_keys(room)[4:]
     try:
-        client.delete(*room_keys(room)[4:])  # seq and hist: what their EXPIRE does
+        client.delete(*((seq, hist) if numbering_too else (hist,)))  # what EXPIRE does
     finally:
         client.close()
+
+
+def test_a_room_used_again_after_its_history_expired_goes_on_from_its_last_id(
+        stores: Stores) -> None:
+    """An empty room's history expires (ROOM_TTL), its last id later (ROOM_NUMBERING_TTL):
+    used again in between, it numbers on, and a ``since`` from before is not recovered
+    (before: its ids began at 1 again, so a client away longer than ROOM_TTL that had
+    seen 2 was told ``recovered: true`` with only the new numbering's 3, its 1 and 2
+    missing unannounced, and its old ids named other messages)."""
+    for i in range(3):
+        post(stores, "back", f"old {i}")
+    expire_room(stores, "back", numbering_too=False)
+    assert stores.messages.last_id("back") == 3
+    assert stores.messages.since("back", 3).complete  # nothing was missed
+    assert not stores.messages.since("back", 2).complete
+    assert stores.messages.recent("back", 10) == []
+    assert [post(stores, "back", f"new {i}").msg_id for i in range(3)] == [4, 5, 6]
+    replay = stores.messages.since("back", 2)
+    assert not replay.complete, "told recovered over ids it never got"
+    assert [message_id_of(e) for e in stores.messages.since("back", 4).messages] == [5, 6]
 
 
 def test_a_dm_retry_is_rebuilt_with_the_original_id_and_time(stores: Stores) -> None:
@@ -431,8 +457,9 @@ def test_memory_rooms_published_to_without_members_expire_after_room_ttl() -> No
     assert store.last_id("never-joined") == 2
     now[0] = 11
     post("elsewhere")
-    assert store.last_id("never-joined") == store.last_id("emptied") == 0
     assert store.recent("never-joined", 10) == store.recent("emptied", 10) == []
+    # their last ids stay (ROOM_NUMBERING_TTL, default 7 days)
+    assert store.last_id("never-joined") == 2 and store.last_id("emptied") == 1
     assert store.last_id("lived-in") == 1
     assert store.held_bytes < empty  # two rooms gone, one added
     store.room_occupied("elsewhere")  # joined in time: kept
@@ -441,29 +468,75 @@ def test_memory_rooms_published_to_without_members_expire_after_room_ttl() -> No
     assert store.last_id("elsewhere") == 1 and store.last_id("lived-in") == 1
 
 
+def test_memory_last_ids_outlive_the_history_and_give_way_before_rooms_in_use() -> None:
+    """The memory store keeps an emptied room's last id ``ROOM_NUMBERING_TTL`` from when
+    it emptied, charged to ``MEMORY_HISTORY_BYTES``; over that bound, those ids go (oldest
+    first) after the emptied rooms' histories and before any message of a room in use
+    (an id given up is a room numbered anew, as every emptied room was before)."""
+    from wschat.stores.memory import RETIRED_OVERHEAD, MemoryBroker, MemoryMessageStore
+
+    now = [0.0]
+    store = MemoryMessageStore(MemoryBroker(), 5, room_ttl=10, clock=lambda: now[0],
+                               numbering_ttl=100)
+
+    def post(room: str) -> int:
+        return store.post_room(room, "u", draft_message(room, "a", "u", "x" * 50, 0,
+                                                        None)).msg_id
+
+    for i, room in enumerate(("gone-1", "gone-2", "gone-3")):
+        now[0] = i
+        store.room_occupied(room)
+        post(room)
+        post(room)
+        store.room_emptied(room)
+    store.room_occupied("in-use")
+    post("in-use")
+    now[0] = 12.5  # past ROOM_TTL for all three
+    post("in-use")
+    assert all(store.recent(f"gone-{i}", 5) == [] for i in (1, 2, 3))
+    assert all(store.last_id(f"gone-{i}") == 2 for i in (1, 2, 3))
+    one_more = len(draft_message("in-use", "a", "u", "x" * 50, 0, None).with_id(3)) + 100
+    store._max_bytes = store.held_bytes + one_more - RETIRED_OVERHEAD // 2
+    post("in-use")  # over the bound by half a last id's charge
+    assert store.last_id("gone-1") == 0, "the oldest last id goes first"
+    assert store.last_id("gone-2") == store.last_id("gone-3") == 2
+    assert len(store.recent("in-use", 5)) == 3
+    now[0] = 101.5  # ROOM_NUMBERING_TTL since gone-2 emptied, not since it was dropped
+    held = store.held_bytes
+    assert store.last_id("gone-2") == 0 and store.held_bytes == held - RETIRED_OVERHEAD
+    assert store.last_id("gone-3") == 2
+    assert post("gone-2") == 1  # numbered anew
+
+
 @pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
 def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Stores) -> None:
     """Redis as the memory store: a room posted to while nobody is in it (``/api/publish``)
-    keeps its sequence and history ``ROOM_TTL`` from that post (before: never joined,
-    they had no expiry and stayed for good); a later post does not extend it, a join
-    takes it off, and a room with members gets none."""
+    keeps its history ``ROOM_TTL`` and its sequence ``ROOM_NUMBERING_TTL`` from that post
+    (before: never joined, they had no expiry and stayed for good); a later post does not
+    extend them, a join takes them off, a room with members gets none, and a post to a
+    room whose history expired while its sequence lives gives the new history its TTL."""
     import redis
 
     from wschat.stores.base import API_USER
     from wschat.stores.redis.keys import room_keys
 
     API = User(API_USER, "the server API")
+    WEEK = 7 * 24 * 3600
 
     client = redis.Redis.from_url(redis_url(10))  # the fixture's database
 
     def ttls(room: str) -> list[int]:
         return [client.ttl(key) for key in room_keys(room)[4:]]  # seq, hist
 
+    def expiring(room: str) -> bool:
+        seq, hist = ttls(room)
+        return 3600 < seq <= WEEK and 0 < hist <= 3600
+
     try:
         post(stores, "a-member-posts", "x")  # a member's post (she left meanwhile) sets none
         assert ttls("a-member-posts") == [-1, -1]
         post(stores, "never-joined", "x", user=API)
-        assert all(0 < ttl <= 3600 for ttl in ttls("never-joined")), ttls("never-joined")
+        assert expiring("never-joined"), ttls("never-joined")
         client.expire(room_keys("never-joined")[4], 100)  # as if time had passed
         client.expire(room_keys("never-joined")[5], 100)
         post(stores, "never-joined", "y", user=API)
@@ -473,7 +546,10 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
         post(stores, "never-joined", "z", user=API)
         assert ttls("never-joined") == [-1, -1]  # a room with members keeps its keys
         stores.rooms.leave("never-joined", "c1", ALICE.user_id)
-        assert all(0 < ttl <= 3600 for ttl in ttls("never-joined"))
+        assert expiring("never-joined"), ttls("never-joined")
+        client.delete(room_keys("never-joined")[5])  # ROOM_TTL passed, the numbering lives
+        assert post(stores, "never-joined", "again", user=API).msg_id == 4
+        assert expiring("never-joined"), ttls("never-joined")
     finally:
         client.close()
 
@@ -481,8 +557,9 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
 @pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
 def test_redis_raising_an_emptied_rooms_sequence_keeps_its_expiry(stores: Stores) -> None:
     """A sequence raised (a worker's resync after an outage, the durable releaser moving
-    past ids the log lost) keeps the ``ROOM_TTL`` its room's last leave gave it (before:
-    raise_seq.lua's SET took it off, and the sequence stayed in Redis for good)."""
+    past ids the log lost) keeps the expiry its room's last leave gave it
+    (``ROOM_NUMBERING_TTL``) (before: raise_seq.lua's SET took it off, and the sequence
+    stayed in Redis for good)."""
     import redis
 
     from wschat.stores.redis.keys import room_keys
@@ -493,10 +570,10 @@ def test_redis_raising_an_emptied_rooms_sequence_keeps_its_expiry(stores: Stores
         stores.rooms.join("raised", "c1", ALICE)
         post(stores, "raised", "x")
         stores.rooms.leave("raised", "c1", ALICE.user_id)
-        assert 0 < client.ttl(seq) <= 3600
+        assert 3600 < client.ttl(seq) <= 7 * 24 * 3600
         stores.messages.raise_sequence("raised", 40)
         assert stores.messages.last_id("raised") == 40
-        assert 0 < client.ttl(seq) <= 3600
+        assert 3600 < client.ttl(seq) <= 7 * 24 * 3600
     finally:
         client.close()
 

@@ -257,6 +257,9 @@ class Settings:
     presence_ttl: float = _var("PRESENCE_TTL", _float(1.0), 30.0)
     # At most ~31 years: Redis's EXPIRE refuses what overflows its milliseconds.
     room_ttl: float = _var("ROOM_TTL", _float(1.0, 1e9), 3600.0)
+    # How long an empty room's last id outlives its history (at least ROOM_TTL is used).
+    room_numbering_ttl: float = _var("ROOM_NUMBERING_TTL", _float(1.0, 1e9),
+                                     7 * 24 * 3600.0)
     typing_timeout: float = _var("TYPING_TIMEOUT", _float(0.05), 5.0)
     allowed_origins: tuple[str, ...] = _var("ALLOWED_ORIGINS", _origins, ())
     trusted_proxies: int = _var("TRUSTED_PROXIES", _int(0, 10), 0)

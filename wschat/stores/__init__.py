@@ -19,7 +19,8 @@ def create_stores(settings: Settings, metrics: Metrics | None = None) -> Stores:
         from .memory import create_memory_stores
 
         stores = create_memory_stores(settings.history_size, settings.room_ttl,
-                                      settings.memory_history_bytes)
+                                      settings.memory_history_bytes,
+                                      settings.room_numbering_ttl)
     if settings.enable_persistence:
         from ..persistence import open_message_log
         from .durable import DurableMessageStore

@@ -72,6 +72,11 @@ class Posted:
 # per joiner. Further behind: `recovered: false`, from every store (with persistence the
 # database's replay has the same bound, see wschat.stores.durable).
 REPLAY_MAX_BYTES = 4 * 1024 * 1024
+# How long an empty room's last id outlives its history (ROOM_TTL) by default
+# (ROOM_NUMBERING_TTL): a room used again within it goes on numbering from there, so a
+# client that was away longer than ROOM_TTL is told `recovered: false`, never handed the
+# new messages under ids it took for ones it had.
+ROOM_NUMBERING_TTL = 7 * 24 * 3600.0
 # What one `history` reply may hold, in bytes: it is one frame, written at once (not
 # paced), so it is kept to the default outbound budget (MAX_OUTBOUND_BYTES, 1 MiB). The
 # newest messages that fit are sent (always at least one), with `truncated: true`; the

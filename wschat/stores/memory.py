@@ -14,9 +14,9 @@ from collections.abc import Callable
 from ..protocol import MessageDraft
 from ..ratelimit import Charge
 from .base import (
-    HELD, PUBLISHED, REPLAY_MAX_BYTES, STALE, Broker, JoinResult, LeaveResult, MessageStore,
-    Posted, PresenceStore, Replay, RoomHandler, RoomStore, Stored, Stores, User, UserHandler,
-    dm_parties, newest_within, retry_echo, run_to,
+    HELD, PUBLISHED, REPLAY_MAX_BYTES, ROOM_NUMBERING_TTL, STALE, Broker, JoinResult,
+    LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomHandler, RoomStore, Stored,
+    Stores, User, UserHandler, dm_parties, newest_within, retry_echo, run_to,
 )
 
 DEDUPE_TTL = 3600.0
@@ -26,6 +26,7 @@ DEDUPE_MAX = 100_000  # entries: ids, not events (~0.3 KiB each at the longest n
 # rooms holding nothing but a sequence number, cannot slip under it.
 MESSAGE_OVERHEAD = 100
 ROOM_OVERHEAD = 400
+RETIRED_OVERHEAD = 150  # a dropped room's last id, kept for ROOM_NUMBERING_TTL
 
 
 class MemoryRoomStore(RoomStore):
@@ -99,22 +100,30 @@ class MemoryMessageStore(MessageStore):
     number stays while it has members. A room without members (emptied, or never
     joined: ``/api/publish``) keeps its history and ids for ``ROOM_TTL`` after it
     emptied or, if it had none, after the first message posted to it since; a post
-    does not extend that, as in Redis. A replay (``since``) is at most
+    does not extend that, as in Redis. Its last id outlives its history: a room used
+    again within ``numbering_ttl`` (``ROOM_NUMBERING_TTL``, counted from the same
+    moment) goes on from it, so a ``since`` from before is never taken for an id of
+    the new messages (those last ids are dropped from the bound after the emptied
+    rooms, before any history of the rooms in use). A replay (``since``) is at most
     ``replay_max_bytes``."""
 
     def __init__(self, broker: Broker, history_size: int, room_ttl: float,
                  clock: Callable[[], float] = time.monotonic,
                  max_bytes: int = 128 * 1024 * 1024,
-                 replay_max_bytes: int = REPLAY_MAX_BYTES) -> None:
+                 replay_max_bytes: int = REPLAY_MAX_BYTES,
+                 numbering_ttl: float = ROOM_NUMBERING_TTL) -> None:
         self._broker = broker
         self._replay_max_bytes = replay_max_bytes
         self._size = history_size
         self._room_ttl = room_ttl
+        self._numbering_ttl = max(room_ttl, numbering_ttl)
         self._clock = clock
         self._max_bytes = max_bytes
         self._bytes = 0  # charged to the bound: events plus overheads
         self._logs: OrderedDict[str, _RoomLog] = OrderedDict()  # least recently written first
         self._idle: OrderedDict[str, float] = OrderedDict()  # emptied room -> when
+        # dropped room -> (when it emptied, its last id): used again, it goes on from there
+        self._retired: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._occupied: set[str] = set()  # rooms with members (room_occupied)
         # (room or "", user, client_msg_id) -> (when, message id, its timestamp): a
         # retry's echo is the room's copy while the history holds it, else rebuilt from
@@ -149,6 +158,10 @@ class MemoryMessageStore(MessageStore):
         if log is None:
             log = self._logs[room] = _RoomLog(self._size)
             self._bytes += ROOM_OVERHEAD
+            retired = self._retired.pop(room, None)
+            if retired is not None:
+                log.last_id = retired[1]
+                self._bytes -= RETIRED_OVERHEAD
         return log
 
     def _append(self, room: str, log: _RoomLog, msg_id: int, event: bytes) -> None:
@@ -160,16 +173,28 @@ class MemoryMessageStore(MessageStore):
         if self._bytes > self._max_bytes:
             self._shrink()
 
-    def _drop_log(self, room: str) -> None:
+    def _drop_log(self, room: str, emptied_at: float) -> None:
+        """The room's history goes; its last id stays (``_retired``) for
+        ``numbering_ttl`` from ``emptied_at``."""
         log = self._logs.pop(room, None)
         if log is not None:
             self._bytes -= ROOM_OVERHEAD + sum(len(e) + MESSAGE_OVERHEAD
                                                for _, e in log.messages)
+            if log.last_id:
+                self._retired[room] = (emptied_at, log.last_id)
+                self._bytes += RETIRED_OVERHEAD
+
+    def _last_id_kept(self, room: str) -> int:
+        retired = self._retired.get(room)
+        return retired[1] if retired else 0
 
     def _shrink(self) -> None:
         while self._bytes > self._max_bytes and self._idle:
-            room, _ = self._idle.popitem(last=False)
-            self._drop_log(room)
+            room, at = self._idle.popitem(last=False)
+            self._drop_log(room, at)
+        while self._bytes > self._max_bytes and self._retired:
+            self._retired.popitem(last=False)
+            self._bytes -= RETIRED_OVERHEAD
         for log in self._logs.values():  # least recently written first
             while log.messages and self._bytes > self._max_bytes:
                 _, event = log.messages.popleft()
@@ -223,13 +248,13 @@ class MemoryMessageStore(MessageStore):
 
     def since(self, room: str, after_id: int) -> Replay:
         log = self._logs.get(room)
-        last = log.last_id if log else 0
+        last = log.last_id if log else self._last_id_kept(room)
         if after_id > last:
             return Replay([], False)  # the client saw ids this store never issued
         if after_id == last:
             return Replay([], True)
-        assert log is not None
-        if not log.messages:  # ids raised from the durable log, messages not loaded
+        # history dropped (ROOM_TTL), or ids raised from the durable log, messages not loaded
+        if log is None or not log.messages:
             return Replay([], False)
         newer, cut = newest_within([e for i, e in log.messages if i > after_id],
                                    self._replay_max_bytes)
@@ -243,7 +268,7 @@ class MemoryMessageStore(MessageStore):
         # post's publish then drops (the post would be held behind the ids gone).
         self._expire_idle()
         log = self._logs.get(room)
-        return log.last_id if log else 0
+        return log.last_id if log else self._last_id_kept(room)
 
     def dm_last_id(self) -> int:
         return self._dm_last_id
@@ -296,7 +321,13 @@ class MemoryMessageStore(MessageStore):
             if now - at < self._room_ttl:
                 break
             del self._idle[oldest]
-            self._drop_log(oldest)
+            self._drop_log(oldest, at)
+        while self._retired:
+            oldest, (at, _) = next(iter(self._retired.items()))
+            if now - at < self._numbering_ttl:
+                break
+            del self._retired[oldest]
+            self._bytes -= RETIRED_OVERHEAD
 
     def room_emptied(self, room: str) -> None:
         self._occupied.discard(room)
@@ -342,8 +373,10 @@ class MemoryBroker(Broker):
 
 
 def create_memory_stores(history_size: int, room_ttl: float,
-                         max_history_bytes: int = 128 * 1024 * 1024) -> Stores:
+                         max_history_bytes: int = 128 * 1024 * 1024,
+                         numbering_ttl: float = ROOM_NUMBERING_TTL) -> Stores:
     broker = MemoryBroker()
     return Stores(MemoryRoomStore(), MemoryPresenceStore(),
                   MemoryMessageStore(broker, history_size, room_ttl,
-                                     max_bytes=max_history_bytes), broker, "memory")
+                                     max_bytes=max_history_bytes,
+                                     numbering_ttl=numbering_ttl), broker, "memory")

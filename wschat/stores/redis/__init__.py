@@ -221,16 +221,19 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     node = Node()
     broker = RedisBroker(fast, metrics)
     messages = RedisMessageStore(fast, settings.history_size, metrics, settings.presence_ttl,
-                                 room_ttl=settings.room_ttl)
+                                 room_ttl=settings.room_ttl,
+                                 numbering_ttl=settings.room_numbering_ttl)
     messages.delivering = broker.healthy
     stores = RedisStores(
-        RedisRoomStore(fast, node, settings.room_ttl, metrics),
+        RedisRoomStore(fast, node, settings.room_ttl, metrics,
+                       numbering_ttl=settings.room_numbering_ttl),
         RedisPresenceStore(fast, node, metrics),
         messages, broker, "redis", node_id=node.node_id)
     stores.pipelined = fast  # type: ignore[assignment]
     stores.client = client
     stores.keeper = NodeKeeper(client, node, settings.presence_ttl, settings.room_ttl, metrics,
-                               numbers_in_database=settings.enable_persistence)
+                               numbers_in_database=settings.enable_persistence,
+                               numbering_ttl=settings.room_numbering_ttl)
     # A worker that never comes back is waited for as long as a silent one counts as alive.
     stores.epoch = Epoch(client, node.node_id, settings.presence_ttl,
                          numbers_in_database=settings.enable_persistence)

@@ -14,7 +14,7 @@ import functools
 import re
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote
 
 import redis
@@ -121,6 +121,19 @@ def charged(keys: list[str], args: list[Any], charge: Charge, cost: float = 1.0,
         args += (repr(float(rate)), repr(float(burst)), repr(float(cost)))
     args.append(len(charge))
     return keys, args
+
+
+class RoomTtls(NamedTuple):
+    """An empty room's expiries in Redis, in seconds, as leave.lua and the post scripts
+    take them: its history's (``ROOM_TTL``) and its sequence's (``ROOM_NUMBERING_TTL``,
+    never shorter), so that a room used again goes on from its last id."""
+
+    history: int
+    numbering: int
+
+    @classmethod
+    def of(cls, room_ttl: float, numbering_ttl: float) -> RoomTtls:
+        return cls(int(room_ttl), int(max(room_ttl, numbering_ttl)))
 
 
 def room_keys(room: str) -> list[str]:

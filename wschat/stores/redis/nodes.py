@@ -18,9 +18,9 @@ import redis
 
 from ...protocol import encode_presence
 from ...telemetry import Metrics
-from ..base import Unavailable, new_node_id
+from ..base import ROOM_NUMBERING_TTL, Unavailable, new_node_id
 from .keys import (
-    NODES, NUMBERED_BY_DATABASE, PRESENCE, READY, is_read_only, membership_keys,
+    NODES, NUMBERED_BY_DATABASE, PRESENCE, READY, RoomTtls, is_read_only, membership_keys,
     membership_token, node_conns, node_memberships, room_channel, room_payload, script,
     split_token, user_nodes,
 )
@@ -57,7 +57,7 @@ def disconnect_registered(disconnect: Any, client: Any, node_id: str, pipe: Any 
 
 
 def leave_memberships(leave: Any, client: Any, memberships: str,
-                      tokens: list[tuple[str, str, str]], room_ttl: int) -> list[Any]:
+                      tokens: list[tuple[str, str, str]], ttls: RoomTtls) -> list[Any]:
     """Run leave.lua (``leave``) for each ``(room, conn_id, user_id)`` a node's
     ``memberships`` set lists, in one pipeline; return its replies, in order."""
     if not tokens:
@@ -66,7 +66,7 @@ def leave_memberships(leave: Any, client: Any, memberships: str,
         for room, conn_id, user_id in tokens:
             leave(keys=membership_keys(room, memberships),
                   args=[room, conn_id, user_id, membership_token(room, conn_id, user_id),
-                        room_ttl], client=pipe)
+                        *ttls], client=pipe)
         return pipe.execute()
 
 
@@ -83,7 +83,8 @@ class NodeKeeper:
     """Heartbeats this node and reaps nodes that died without cleaning up."""
 
     def __init__(self, client: redis.Redis, node: Node, presence_ttl: float, room_ttl: float,
-                 metrics: Metrics | None = None, numbers_in_database: bool = False) -> None:
+                 metrics: Metrics | None = None, numbers_in_database: bool = False,
+                 numbering_ttl: float = ROOM_NUMBERING_TTL) -> None:
         self._client = client
         self._node = node
         #: ENABLE_PERSISTENCE: this node numbers messages in the database. Its beats list
@@ -93,7 +94,7 @@ class NodeKeeper:
         self._database = "1" if numbers_in_database else "0"
         self._ttl_ms = int(presence_ttl * 1000)
         self._interval = presence_ttl / BEATS_PER_TTL
-        self._room_ttl = int(room_ttl)
+        self._ttls = RoomTtls.of(room_ttl, numbering_ttl)
         self._metrics = metrics
         self._beat = script(client, "node_beat")
         self._claim = script(client, "claim_node")
@@ -194,7 +195,7 @@ class NodeKeeper:
         memberships = node_memberships(node_id)
         tokens = [t for t in (split_token(raw.decode())
                               for raw in self._client.smembers(memberships)) if t]
-        left = leave_memberships(self._leave, self._client, memberships, tokens, self._room_ttl)
+        left = leave_memberships(self._leave, self._client, memberships, tokens, self._ttls)
         with self._client.pipeline(transaction=False) as pipe:
             announce_offline(pipe, tokens, left)
             disconnect_registered(self._disconnect, self._client, node_id, pipe)

@@ -19,13 +19,13 @@ from ...ratelimit import Charge, RateLimited
 from ...telemetry import Metrics
 from ..base import (
     API_USER, HISTORY_MAX_BYTES, PUBLISHED, REPLAY_MAX_BYTES, HistoryPage, JoinResult,
-    LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline, UNHEARD, Replay,
-    RoomStore, Stored, Unavailable, User, retry_echo, run_to,
+    LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline, ROOM_NUMBERING_TTL,
+    UNHEARD, Replay, RoomStore, Stored, Unavailable, User, retry_echo, run_to,
 )
 from .keys import (
-    DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, charged, dedupe_key, guarded, held_key,
-    membership_keys, membership_token, room_channel, room_keys, script, split_token, user_channel,
-    user_nodes,
+    DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, RoomTtls, charged, dedupe_key, guarded,
+    held_key, membership_keys, membership_token, room_channel, room_keys, script, split_token,
+    user_channel, user_nodes,
 )
 from .pipeline import Pipelined
 from .nodes import (
@@ -37,10 +37,11 @@ DEDUPE_TTL = 3600
 
 class RedisRoomStore(RoomStore):
     def __init__(self, client: redis.Redis, node: Node, room_ttl: float,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 numbering_ttl: float = ROOM_NUMBERING_TTL) -> None:
         self._client = client
         self._node = node
-        self._room_ttl = int(room_ttl)
+        self._ttls = RoomTtls.of(room_ttl, numbering_ttl)
         self._metrics = metrics
         self._join = script(client, "join")
         self._leave = script(client, "leave")
@@ -62,7 +63,7 @@ class RedisRoomStore(RoomStore):
         token = membership_token(room, conn_id, user_id)
         self._local.discard(token)
         _, last, empty, _ = self._leave(keys=membership_keys(room, self._node.memberships),
-                                        args=[room, conn_id, user_id, token, self._room_ttl])
+                                        args=[room, conn_id, user_id, token, *self._ttls])
         return LeaveResult(bool(last), bool(empty))
 
     @guarded
@@ -77,7 +78,7 @@ class RedisRoomStore(RoomStore):
         memberships = self._node.memberships
         listed = (raw.decode() for raw in self._client.smembers(memberships))
         tokens = [t for t in (split_token(raw) for raw in listed if raw not in self._local) if t]
-        left = leave_memberships(self._leave, self._client, memberships, tokens, self._room_ttl)
+        left = leave_memberships(self._leave, self._client, memberships, tokens, self._ttls)
         # Only those it took out: one found gone already was left meanwhile, by its
         # connection's own leave (discarded from _local after the list was read), whose
         # caller announced it, with the user's name (leave.lua names a gone user by id).
@@ -158,10 +159,10 @@ class RedisMessageStore(MessageStore):
 
     def __init__(self, client: redis.Redis, history_size: int, metrics: Metrics | None = None,
                  presence_ttl: float = 30.0, replay_max_bytes: int = REPLAY_MAX_BYTES,
-                 room_ttl: float = 3600.0) -> None:
+                 room_ttl: float = 3600.0, numbering_ttl: float = ROOM_NUMBERING_TTL) -> None:
         self._client = client
         self._size = history_size
-        self._room_ttl = int(room_ttl)  # a room the server API posts to while nobody is in it
+        self._ttls = RoomTtls.of(room_ttl, numbering_ttl)  # a room posted to with nobody in it
         self._replay_max_bytes = replay_max_bytes
         self._live_ms = live_window_ms(presence_ttl)  # dm_heard.lua's fresh_ms
         self._metrics = metrics
@@ -182,14 +183,15 @@ class RedisMessageStore(MessageStore):
         #: factory's check of the epoch, which finds a flush no connection noticed.
         self.on_gate_closed: Callable[[], None] = lambda: None
 
-    def _ttl_if_unattended(self, sender_id: str) -> int:
-        """The post scripts' ``room_ttl``: for the server API's posts, the only ones into a
-        room nobody may be in, and for messages the durable store's releaser publishes from
-        the log (no sender: the room may have emptied since they were committed, before
-        their keys existed for its last leave to give them ``ROOM_TTL``), ``ROOM_TTL`` (the
-        script then gives such a room's keys that expiry); 0 for a member's post, which
-        skips that check (two commands less)."""
-        return self._room_ttl if sender_id in (API_USER, "") else 0
+    def _ttls_if_unattended(self, sender_id: str) -> tuple[int, int]:
+        """The post scripts' ``room_ttl numbering_ttl``: for the server API's posts, the only
+        ones into a room nobody may be in, and for messages the durable store's releaser
+        publishes from the log (no sender: the room may have emptied since they were
+        committed, before their keys existed for its last leave to give them expiries),
+        ``ROOM_TTL`` and ``ROOM_NUMBERING_TTL`` (the script then gives such a room's history
+        and sequence those expiries); 0 for a member's post, which skips that check (two
+        commands less)."""
+        return self._ttls if sender_id in (API_USER, "") else (0, 0)
 
     def check_delivering(self) -> None:
         if not self.delivering():
@@ -237,7 +239,7 @@ class RedisMessageStore(MessageStore):
                                            draft.client_msg_id))
         script_keys, args = charged(script_keys, [
             draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms, self._size,
-            self._ttl_if_unattended(user_id)], charge)
+            *self._ttls_if_unattended(user_id)], charge)
         return self._posted(self._post_room(keys=script_keys, args=args), draft, room)
 
     @guarded
@@ -337,7 +339,7 @@ class RedisMessageStore(MessageStore):
                 self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
                                            held_key(m.room)],
                                      args=[m.msg_id, m.event, self._size,
-                                           self._ttl_if_unattended(m.sender_id)],
+                                           *self._ttls_if_unattended(m.sender_id)],
                                      client=pipe)
             # The database numbers DMs while persistence is on: Redis's sequence follows
             # it, so that turning persistence off again reuses no id a client holds.

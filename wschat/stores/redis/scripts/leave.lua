@@ -4,10 +4,11 @@
 -- room; last 1 if the user has no connection left there (name: the user's
 -- display name, for the offline presence the caller publishes), also when this
 -- connection was gone already (a retry whose first run's reply was lost must
--- still announce it); empty 1 if the room has no connection left (its sequence
--- and history then expire).
+-- still announce it); empty 1 if the room has no connection left (its history then
+-- expires after room_ttl, its sequence after numbering_ttl: a room used again within
+-- it goes on from its last id).
 -- KEYS: conns counts names order seq hist rooms memberships node_memberships
--- ARGV: room conn user_id membership_token room_ttl
+-- ARGV: room conn user_id membership_token room_ttl numbering_ttl
 local conns, counts, names, order, seq, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if redis.call('HDEL', conns, ARGV[2]) == 0 then
   local gone = redis.call('HEXISTS', counts, ARGV[3]) == 0
@@ -28,7 +29,7 @@ local empty = 0
 if redis.call('HLEN', conns) == 0 then
   redis.call('SREM', KEYS[7], ARGV[1])
   redis.call('DEL', counts, names, order)
-  redis.call('EXPIRE', seq, ARGV[5])
+  redis.call('EXPIRE', seq, ARGV[6])
   redis.call('EXPIRE', hist, ARGV[5])
   empty = 1
 end

@@ -2,7 +2,7 @@
 -- one in id order across workers: "seq" is then the highest id published. An id
 -- whose predecessor is not published yet waits in "held" until it is.
 -- Returns 1 published (with whatever it released), 0 held, -1 already past it.
--- KEYS: seq hist channel held   ARGV: id msg history_size room_ttl
+-- KEYS: seq hist channel held   ARGV: id msg history_size room_ttl numbering_ttl
 local id = tonumber(ARGV[1])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 if id <= seq then return -1 end
@@ -23,13 +23,12 @@ end
 redis.call('SET', KEYS[1], seq, 'KEEPTTL')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 -- A room nobody is in (the server API's posts, the only ones that pass a nonzero
--- ARGV[4]: a member's post skips these two commands) keeps its sequence and history
--- ARGV[4] seconds (ROOM_TTL) from this post, as after its last leave (never joined,
--- they stayed for good); an emptied room's TTL runs on. join.lua takes it off. Its
--- conns key is named here, not in KEYS (as gate.lua's): same hash tag, same slot.
-if ARGV[4] ~= '0' and redis.call('TTL', KEYS[1]) == -1
+-- ARGV[4]: a member's post skips these two commands) keeps its history ARGV[4] seconds
+-- (ROOM_TTL) and its sequence ARGV[5] (ROOM_NUMBERING_TTL) from this post, as
+-- post_room.lua does.
+if ARGV[4] ~= '0' and redis.call('TTL', KEYS[2]) == -1
     and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 return 1
