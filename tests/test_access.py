@@ -91,7 +91,8 @@ def test_settings_validate_patterns_and_api_key() -> None:
 
 
 def test_token_claims_become_grants(capsys: pytest.CaptureFixture[str]) -> None:
-    """`rooms`/`mod_rooms` claims reach the identity; malformed ones and sub "system" are refused."""
+    """`rooms`/`mod_rooms` claims reach the identity; malformed ones, and subs "system" and
+    "api", are refused."""
     from wschat.__main__ import main as cli_main
     from wschat.auth import Authenticator, AuthError
 
@@ -101,7 +102,8 @@ def test_token_claims_become_grants(capsys: pytest.CaptureFixture[str]) -> None:
     identity = auth.verify(capsys.readouterr().out.strip())
     assert (identity.rooms, identity.mod_rooms) == (("team-red", "proj-*"), ("team-red",))
     assert auth.verify(token("bo")).rooms is None
-    for bad in (token("al", rooms="team-red"), token("al", mod_rooms=["a b"]), token("system")):
+    for bad in (token("al", rooms="team-red"), token("al", mod_rooms=["a b"]), token("system"),
+                token("api")):
         with pytest.raises(AuthError):
             auth.verify(bad)
 
@@ -631,6 +633,21 @@ def test_server_moderator_kick_and_mute(server: Server) -> None:
         mia.request({"type": "kick", "room": "help-1", "user_id": "carl"}, "moderated")
         assert carl.expect("left")["reason"] == "kicked"
         assert mia.expect("presence", user_id="carl")["status"] == "offline"
+
+
+def test_no_moderator_poses_as_the_server_api(server: Server) -> None:
+    """Moderation through the API reaches users with `by: "api"`, so no token may have sub
+    "api", as none may have sub "system" (before: a moderator with sub "api" was accepted,
+    and its kick reached the user as `left` `by: "api"`, the server API's mark)."""
+    with Client(server.url, "username=guest") as guest, \
+            Client(server.url, f"token={token('carl')}") as carl:
+        carl.join("help-2")
+        guest.send({"type": "auth", "token": token("api", mod_rooms=["help-*"]), "id": 1})
+        refused = guest.expect_any(("error", {"id": 1}), ("welcome", {"id": 1}))
+        assert (refused["type"], refused.get("code")) == ("error", "auth_failed")
+        guest.send({"type": "kick", "room": "help-2", "user_id": "carl", "id": 2})
+        assert guest.expect("error", id=2)["code"] == "forbidden"
+        carl.assert_silent("left")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,9 @@ log = logging.getLogger("wschat.auth")
 
 MAX_USERNAME_CHARS = 64
 MAX_SUB_CHARS = 128
-RESERVED_SUB = "system"  # the server API's user_id (wschat.stores.base.API_USER)
+# The server API's user_id (wschat.stores.base.API_USER), and the `by` of its moderation
+# events (wschat.access): no user may pose as either.
+RESERVED_SUBS = ("system", "api")
 JWKS_MIN_INTERVAL = 30.0  # at most one JWKS fetch per this many seconds
 JWKS_MAX_AGE = 300.0  # refetch keys this old (key rotation), still at most once per interval
 JWKS_FETCH_TIMEOUT = 5.0
@@ -301,8 +303,8 @@ class Authenticator:
             # `auth` had already made the session that user when it failed).
             raise AuthError(ErrorCode.AUTH_FAILED,
                             "invalid token: control characters or lone surrogates in 'sub'")
-        if sub == RESERVED_SUB:
-            raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: 'sub' system is reserved")
+        if sub in RESERVED_SUBS:
+            raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: 'sub' {sub} is reserved")
         try:
             # PyJWT took it for an integer; one beyond any float (10**400) is no date
             expires_at = float(claims["exp"]) + self._leeway
