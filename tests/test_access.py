@@ -90,6 +90,14 @@ def test_settings_validate_patterns_and_api_key() -> None:
         Settings.from_env({"API_KEY": "short"})
 
 
+def test_an_api_key_that_clients_send_differently_is_refused_at_start() -> None:
+    """API_KEY must be printable ASCII: it travels in an HTTP header, whose bytes the server
+    reads as Latin-1 (before: a key with an accent was taken, and curl, sending it as UTF-8,
+    got 401 with the right key, while Python's urllib, sending Latin-1, got in)."""
+    with pytest.raises(ConfigError, match="API_KEY"):
+        Settings.from_env({"API_KEY": "cl\u00e9-secr\u00e8te-0123456789abcdef"})
+
+
 def test_token_claims_become_grants(capsys: pytest.CaptureFixture[str]) -> None:
     """`rooms`/`mod_rooms` claims reach the identity; malformed ones, and subs "system" and
     "api", are refused."""

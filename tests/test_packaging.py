@@ -725,7 +725,8 @@ def test_api_key_comes_from_a_secret_and_room_patterns_from_the_config() -> None
     assert defaults.config_env()["GUEST_ROOMS"] == "*"
     assert "PRIVATE_ROOMS" not in defaults.config_env()
     assert "API_KEY" not in json.dumps(defaults.deployment())
-    for bad in ({"api": {"key": "short"}}, {"config": {"privateRooms": ["team/*"]}}):
+    for bad in ({"api": {"key": "short"}}, {"api": {"key": "cl\u00e9-0123456789abcdef"}},
+                {"config": {"privateRooms": ["team/*"]}}):
         with pytest.raises(helm_python.HelmValuesError):
             render(bad)
 

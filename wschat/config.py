@@ -205,6 +205,10 @@ MIN_API_KEY_CHARS = 16
 
 def _api_key(raw: str) -> str | None:
     value = raw.strip()
+    if any(not " " <= ch <= "~" for ch in value):
+        # It travels in an HTTP header, read as Latin-1: a non-ASCII key matches only for
+        # clients that send Latin-1 (Python), never for those that send UTF-8 (curl).
+        raise ValueError("must be printable ASCII (it travels in an HTTP header)")
     if value and len(value) < MIN_API_KEY_CHARS:
         raise ValueError(f"must be at least {MIN_API_KEY_CHARS} characters (a random token, "
                          "e.g. python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
