@@ -295,6 +295,42 @@ def test_ban_everywhere_closes_and_refuses_connections(clock: Clock) -> None:
     assert user(chat, "b").events("welcome")
 
 
+def test_a_new_identity_whose_standing_cannot_be_read_is_closed_to_connect_again(
+        clock: Clock) -> None:
+    """The moderation store cannot be read when a signed-in connection opens, or when a
+    connection signs in (``auth``): it is closed with 1013 to connect again, not let in
+    unchecked (before: a user banned or muted everywhere was let in, and could send DMs,
+    which check neither, until the connection ended). A recheck of a connection checked
+    before (after a pub/sub outage) keeps it while the store is out."""
+    from wschat.stores.base import Unavailable
+
+    chat = core(clock)
+    chat.access.ban("b", None, float("inf"), "abuse")
+    chat.access.mute("m", None, float("inf"))
+    standing = chat.access.store.standing
+    out = [True]
+
+    def unreadable(room: str | None, user_id: str) -> Standing:
+        if out[0]:
+            raise Unavailable("redis: ConnectionError")
+        return standing(room, user_id)
+
+    chat.access.store.standing = unreadable  # type: ignore[method-assign]
+    banned = user(chat, "b")
+    assert banned.closed_with == (1013, "temporarily unavailable; retry")
+    assert not banned.events("welcome")
+    guest = FakeSession("m", "m", authenticated=False)
+    chat.open(guest)
+    send(chat, guest, type="auth", token=mint_token(SECRET_CORE, "m"))
+    assert guest.closed_with == (1013, "temporarily unavailable; retry")
+    out[0] = False
+    checked = user(chat, "c")
+    out[0] = True
+    assert not chat._moderated_meanwhile(checked) and checked.closed_with is None
+    out[0] = False
+    assert user(chat, "b").closed_with == (4003, "banned")
+
+
 def test_kick_during_a_join_is_carried_out_after_it(clock: Clock) -> None:
     """A ban's kick that arrives while the join is under way (after its ban check, before
     the room is the session's: Redis round trips) removes the user once the join is done."""

@@ -358,13 +358,23 @@ class Chat:
             return
         self._greet(session)
 
-    def _banned_everywhere(self, session: Session, request_id: RequestId = None) -> bool:
-        """Close a connection whose user is banned everywhere; note mutes everywhere."""
+    def _banned_everywhere(self, session: Session, request_id: RequestId = None,
+                           fail_closed: bool = True) -> bool:
+        """Close a connection whose user is banned everywhere; note mutes everywhere.
+        ``fail_closed``: a standing that cannot be read closes it too (1013, to connect
+        again), as for a new identity (a connect, a sign-in) nothing else would check it:
+        a user banned or muted everywhere could send DMs until the connection ended. A
+        recheck of a user checked before (a fresh token of the user signed in, after a
+        pub/sub outage) keeps the connection instead: the store's outage is no reason to
+        drop it."""
         try:
             standing = self.access.read_standing(session, None)
         except Unavailable as exc:  # joins still check, and refuse while it is unreachable
             log.warning("moderation state of %s not available: %s", session.user_id, exc)
-            return False
+            if not fail_closed:
+                return False
+            session.close(CloseCode.TRY_AGAIN_LATER, "temporarily unavailable; retry")
+            return True
         if standing.banned_everywhere is None:
             return False
         session.send(forbidden("you are banned from this server", request_id, reason="banned",
@@ -641,7 +651,7 @@ class Chat:
         have done, from the store (the events are not kept): closed if banned
         everywhere (True), out of each room it is banned from or no longer a member
         of, its mutes as stored."""
-        if self._banned_everywhere(session):
+        if self._banned_everywhere(session, fail_closed=False):
             return True
         for room in list(session.rooms):
             try:
@@ -996,7 +1006,9 @@ class Chat:
                     self.access.is_private(room) and self._stored_member(session, room)):
                 self._leave_room(session, room)
                 session.send(encode_reply("left", room=room, reason="forbidden"))
-        if self._banned_everywhere(session, cmd.request_id):
+        # A fresh token of the user signed in (checked then) is not dropped for an
+        # unreadable store; a new identity is.
+        if self._banned_everywhere(session, cmd.request_id, fail_closed=not refresh):
             return
         self._watch_expiry(session)
         self._greet(session, cmd.request_id, refresh)
