@@ -192,8 +192,10 @@ pub(crate) struct Driver {
     /// When the current connection got its `welcome` (see `went_offline`).
     online_since: Option<Instant>,
     heartbeat: Duration,
-    /// A retry of refused sends is due (one timer for all of them).
-    flush_scheduled: bool,
+    /// When the earliest wake-up of the outbox is due (the end of a pause, or the pace's next
+    /// token; one timer for all the sends). One due later (an earlier pause or pace, or another
+    /// connection's) gets an earlier one beside it.
+    flush_at: Option<std::time::Instant>,
     /// How many sends may be written and unacknowledged now (`max_in_flight`, down
     /// to 1 after `rate_limited`, one wider again per acknowledgement), the pause
     /// after a refusal (`rate_limited` until its `retry_after_ms`, `unavailable` for
@@ -264,7 +266,7 @@ impl Driver {
             refresh_failures: 0,
             online_since: None,
             heartbeat: Duration::from_secs(30),
-            flush_scheduled: false,
+            flush_at: None,
             pacer,
             resend_check_scheduled: false,
             send_retries: 0,
@@ -523,6 +525,7 @@ impl Driver {
         self.join_queue.clear();
         self.join_pacer.reset();
         self.join_flush_at = None; // the new connection's pacer has no pause to wake up from
+        self.flush_at = None; // the new connection's flush sets its own wake-up (its pacer's)
         self.typing_sent.clear();
         let mut changed = Vec::new();
         for (name, room) in self.rooms.iter_mut() {
@@ -733,7 +736,10 @@ impl Driver {
                 }
             }
             Internal::Flush => {
-                self.flush_scheduled = false;
+                // Only the wake-up due (a later one may still come: it finds nothing to do).
+                if self.flush_at.is_some_and(|at| at <= Instant::now().into_std()) {
+                    self.flush_at = None;
+                }
                 self.flush_outbox();
             }
             Internal::ResendStale => {
@@ -927,8 +933,9 @@ impl Driver {
         let mut written = Vec::new();
         while let Some(at) = self.pacer.next_at(now, in_flight) {
             if at > now {
-                if !self.flush_scheduled && self.outbox.has_unsent(generation, ready) {
-                    self.flush_scheduled = true;
+                let sooner = self.flush_at.is_none_or(|due| due > at);
+                if sooner && self.outbox.has_unsent(generation, ready) {
+                    self.flush_at = Some(at);
                     self.later(at - now, Internal::Flush);
                 }
                 break;

@@ -1850,3 +1850,70 @@ async fn a_rejoin_refused_for_good_fails_the_room_s_waiting_sends_with_its_refus
     c.close();
     server.abort();
 }
+
+/// A send refused `rate_limited` for 3 s on the first connection: once it goes and is
+/// acknowledged, the next send waits for the pace that refusal taught (about 3.3 s), and the
+/// client reconnects. On the new connection (no pause, no pace) that send goes at once and is
+/// refused for 100 ms: it goes again about 100 ms later. The wake-up due at the end of the old
+/// connection's pace still counted as scheduled: none was set for the new pause, and the send
+/// waited for the old one, over 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_s_send_pause_is_not_held_by_the_old_connection_s_wake_up() {
+    let writes = Arc::new(Mutex::new(std::collections::HashMap::<(usize, String), usize>::new()));
+    let (url, frames, server) = scripted_server(move |cmd, n| match cmd["type"].as_str() {
+        Some("join") if n == 1 => vec![raw_joined(cmd, Some("0"), None)],
+        Some("join") => vec![raw_joined(cmd, Some("1"), Some(true))],
+        Some("message") => {
+            let text = cmd["text"].as_str().unwrap_or_default().to_owned();
+            let mut writes = writes.lock().unwrap();
+            let count = writes.entry((n, text.clone())).or_default();
+            *count += 1;
+            match (text.as_str(), n, *count) {
+                ("A", 1, 1) | ("B", 2, 1) => {
+                    let wait = if n == 1 { 3000 } else { 100 };
+                    let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow down",
+                                         "retry_after_ms": wait, "id": cmd["id"]});
+                    vec![refusal.to_string()]
+                }
+                (_, _, _) => {
+                    let id = if text == "A" { "1" } else { "2" };
+                    vec![raw_message(id, "r", &text, cmd["client_msg_id"].as_str())]
+                }
+            }
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, _rec) = Client::builder(url)
+        .send_timeout(scaled(10.0))
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .connect();
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    c.join("r").await.unwrap();
+    // The connections a send was written on, one per write.
+    let writes_of = |text: &str| -> Vec<usize> {
+        let frames = frames.lock().unwrap();
+        frames.iter().filter(|(_, f)| f["type"] == "message" && f["text"] == text).map(|(n, _)| *n).collect()
+    };
+    let sending_a = tokio::spawn({
+        let c = c.clone();
+        async move { c.send("r", "A").await.map(|m| m.id) }
+    });
+    eventually(5.0, || !writes_of("A").is_empty()).await;
+    let sending_b = tokio::spawn({
+        let c = c.clone();
+        async move { c.send("r", "B").await.map(|m| m.id) }
+    });
+    let a = tokio::time::timeout(scaled(10.0), sending_a).await.expect("A acknowledged").unwrap();
+    assert_eq!(a.unwrap(), 1);
+    assert!(writes_of("B").is_empty(), "B waits for the pace of the first connection");
+    c.reconnect();
+    eventually(5.0, || !writes_of("B").is_empty()).await;
+    let started = std::time::Instant::now();
+    let b = tokio::time::timeout(scaled(10.0), sending_b).await.expect("B acknowledged").unwrap();
+    assert_eq!(b.unwrap(), 2);
+    assert_eq!(writes_of("B"), [2, 2]);
+    assert!(started.elapsed() < Duration::from_millis(1500), "it waited {:?}", started.elapsed());
+    c.close();
+    server.abort();
+}
