@@ -381,7 +381,9 @@ impl Client {
         ended.ok().flatten().unwrap_or(Error::Closed)
     }
 
-    /// Joins `room` (and re-joins it with `since` after every reconnect until left).
+    /// Joins `room` (and re-joins it with `since` after every reconnect until left). A room
+    /// already joined resolves at once with its latest `Joined` and writes nothing; one joining
+    /// resolves with the answer to the join under way (as in the JS and Python clients).
     pub async fn join(&self, room: &str) -> Result<Joined, Error> {
         let room = room.to_owned();
         self.call(self.request_timeout, |reply| Op::Join { room, reply }).await

@@ -101,6 +101,9 @@ struct Room {
     /// and then no message reaches `replay_until`), and ends the replay.
     sync_rid: Option<u64>,
     waiters: Vec<Reply<Joined>>,
+    /// The answer to the latest join (on any connection): a `join` of the room while it is
+    /// `Joined` resolves with it at once.
+    joined: Option<Joined>,
     /// Waits in the join queue for the join pacer.
     join_queued: bool,
     /// The request id of this room's `join` on the wire, until its answer. An answer to
@@ -631,17 +634,28 @@ impl Driver {
                     replay_until: 0,
                     sync_rid: None,
                     waiters: Vec::new(),
+                    joined: None,
                     join_queued: false,
                     join_rid: None,
                     retry: None,
                 });
-                entry.waiters.push(reply);
-                if entry.state == RoomState::Left {
-                    entry.state = RoomState::Joining;
-                    self.emit(Event::Room { room: room.clone(), state: RoomState::Joining });
-                }
-                if self.online {
-                    self.send_join(&room, false);
+                // Joined: its latest answer, at once; joining: the answer of the join (or retry)
+                // under way; only a new room writes a join, as in the JS and Python clients.
+                // (Writing one for a joined room re-joined it with `since`: a replay and a
+                // request token for nothing.)
+                match (entry.state, &entry.joined) {
+                    (RoomState::Joined, Some(joined)) => {
+                        let _ = reply.send(Ok(joined.clone()));
+                    }
+                    (RoomState::Left, _) => {
+                        entry.waiters.push(reply);
+                        entry.state = RoomState::Joining;
+                        self.emit(Event::Room { room: room.clone(), state: RoomState::Joining });
+                        if self.online {
+                            self.send_join(&room, false);
+                        }
+                    }
+                    _ => entry.waiters.push(reply),
                 }
             }
             Op::Leave { room, reply } => {
@@ -1057,6 +1071,7 @@ impl Driver {
                 // The app is shown the server's `last_id`, else the room's position, else 0.
                 let shown = last_id.or(r.seq.last()).unwrap_or(0);
                 let joined = Joined { room: room.clone(), users, last_id: shown, recovered };
+                r.joined = Some(joined.clone());
                 for w in r.waiters.drain(..) {
                     let _ = w.send(Ok(joined.clone()));
                 }

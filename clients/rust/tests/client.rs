@@ -1917,3 +1917,25 @@ async fn a_new_connection_s_send_pause_is_not_held_by_the_old_connection_s_wake_
     c.close();
     server.abort();
 }
+
+/// `join` of a room already joined resolves at once with its latest `Joined` and writes
+/// nothing, as in the JS and Python clients. It wrote a second `join`: a re-join with `since`
+/// and its replay, drawing on the user's request bucket for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_of_a_room_already_joined_writes_no_join() {
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if cmd.get("since").is_none() => vec![raw_joined(cmd, Some("0"), None)],
+        Some("join") => vec![raw_joined(cmd, Some("0"), Some(true))],
+        _ => vec![],
+    })
+    .await;
+    let (c, _rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let first = c.join("r").await.unwrap();
+    let again = c.join("r").await.unwrap();
+    c.ping().await.unwrap(); // a join written before it would be in the frames by its pong
+    assert_eq!(again, first);
+    assert_eq!(joins_on(&frames, 1).len(), 1);
+    c.close();
+    server.abort();
+}
