@@ -398,7 +398,8 @@ impl Client {
 
     /// Sends `text` to `room`; resolves with the message once the server's echo
     /// (its acknowledgement) arrives. Kept in the outbox, and resent after a
-    /// reconnect, until then.
+    /// reconnect, until then; refused `not_in_room` in a room of ours (the server lost
+    /// the membership), resent once the room is joined again.
     pub async fn send(&self, room: &str, text: &str) -> Result<ChatMessage, Error> {
         let (target, text) = (Target::Room(room.to_owned()), text.to_owned());
         match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {

@@ -870,6 +870,19 @@ impl Driver {
         self.flush_joins();
     }
 
+    /// The server says the user is not in `room` (a send refused `not_in_room`): the room is
+    /// `Joining` until a join, queued now (or already under way), is answered.
+    fn rejoin(&mut self, room: &str) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        if r.state == RoomState::Joined {
+            r.state = RoomState::Joining;
+            self.emit(Event::Room { room: room.to_owned(), state: RoomState::Joining });
+        }
+        // (A join on the wire, the server's answer to which comes after this refusal, is the
+        // one its sends wait for: `send_join` leaves it.)
+        self.send_join(room, false);
+    }
+
     /// Writes the queued joins the join pacer lets go now: at most `max_joins_in_flight`
     /// unanswered; after `rate_limited` none before its `retry_after_ms`, then at the
     /// server's pace. Wakes up when the next may go.
@@ -1291,6 +1304,25 @@ impl Driver {
                 .outbox
                 .get_mut(&cmid)
                 .is_some_and(|p| matches!(&p.entry.target, Target::Room(r) if !self.rooms.contains_key(r)));
+            // The server lost the membership (its store restarted, say): the room is joined
+            // again (with `since`) and the send goes again once joined (its replay in), with
+            // the same `client_msg_id`, as in the JS and Python clients. The room's sends still
+            // on the wire, refused in turn, wait for that same join and go in order. A re-join
+            // refused for good fails them with its refusal (`on_error` for a join).
+            let room = match self.outbox.get_mut(&cmid) {
+                Some(p) if error.code() == Some("not_in_room") && !left => match &p.entry.target {
+                    Target::Room(room) => {
+                        p.sent_on = None;
+                        Some(room.clone())
+                    }
+                    Target::Dm(_) => None,
+                },
+                _ => None,
+            };
+            if let Some(room) = room {
+                self.rejoin(&room);
+                return self.flush_outbox(); // its place in the window is free
+            }
             match retry.filter(|_| !left) {
                 Some(delay) => {
                     // Not acknowledged: it goes out again (same client_msg_id) once the

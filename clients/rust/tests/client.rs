@@ -1939,3 +1939,99 @@ async fn join_of_a_room_already_joined_writes_no_join() {
     c.close();
     server.abort();
 }
+
+/// Two sends refused `not_in_room` (the server lost the membership: a store restarted, say) have
+/// the room joined again, once, with `since`, and go again once joined, in order, with the same
+/// `client_msg_id`s, as in the JS and Python clients; the room is `Joining` meanwhile. They used
+/// to fail with `not_in_room`, the room staying `Joined` for the client and not for the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_refused_not_in_room_rejoin_and_go_again_in_order() {
+    let refusal = |cmd: &serde_json::Value| {
+        json!({"type": "error", "code": "not_in_room", "message": "join first", "id": cmd["id"]}).to_string()
+    };
+    let writes = Arc::new(Mutex::new(std::collections::HashMap::<String, usize>::new()));
+    let held = Arc::new(Mutex::new(None::<serde_json::Value>));
+    let (url, frames, server) = scripted_server(move |cmd, _| {
+        let text = cmd["text"].as_str().unwrap_or_default().to_owned();
+        match cmd["type"].as_str() {
+            Some("join") if cmd.get("since").is_none() => vec![raw_joined(cmd, Some("0"), None)],
+            Some("join") => vec![raw_joined(cmd, Some("0"), Some(true))],
+            Some("message") => {
+                let mut writes = writes.lock().unwrap();
+                let count = writes.entry(text.clone()).or_default();
+                *count += 1;
+                match (text.as_str(), *count) {
+                    // Both on the wire before the first refusal comes.
+                    ("a", 1) => {
+                        *held.lock().unwrap() = Some(cmd.clone());
+                        vec![]
+                    }
+                    ("b", 1) => {
+                        let a = held.lock().unwrap().take().expect("a written first");
+                        vec![refusal(&a), refusal(cmd)]
+                    }
+                    _ => {
+                        let id = if text == "a" { "1" } else { "2" };
+                        vec![raw_message(id, "r", &text, cmd["client_msg_id"].as_str())]
+                    }
+                }
+            }
+            _ => vec![],
+        }
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    c.join("r").await.unwrap();
+    let (a, b) = tokio::join!(c.send("r", "a"), c.send("r", "b"));
+    assert_eq!((a.map(|m| m.id), b.map(|m| m.id)), (Ok(1), Ok(2)));
+    let frames = frames.lock().unwrap().iter().map(|(_, f)| f.clone()).collect::<Vec<_>>();
+    let kinds: Vec<String> = frames.iter().map(|f| format!("{} {}", f["type"], f["text"]).replace('"', "")).collect();
+    assert_eq!(kinds, ["join null", "message a", "message b", "join null", "message a", "message b"]);
+    assert_eq!(frames[3]["since"], 0, "the re-join says where the room was");
+    assert_eq!(frames[1]["client_msg_id"], frames[4]["client_msg_id"]);
+    assert_eq!(frames[2]["client_msg_id"], frames[5]["client_msg_id"]);
+    let room_states = |ev: &[Event]| -> Vec<wschat::RoomState> {
+        ev.iter().filter_map(|e| if let Event::Room { state, .. } = e { Some(*state) } else { None }).collect()
+    };
+    rec.wait("the room joined again", 5.0, |ev| room_states(ev).len() >= 4).await;
+    use wschat::RoomState::{Joined, Joining};
+    assert_eq!(room_states(&rec.events()), [Joining, Joined, Joining, Joined]);
+    c.close();
+    server.abort();
+}
+
+/// The re-join a send refused `not_in_room` asks for is refused for good (`forbidden`: banned
+/// meanwhile): the send fails with that refusal and the room is left, as in the JS and Python
+/// clients; the send is not written again. It used to fail with `not_in_room`, and no re-join
+/// was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_refused_not_in_room_whose_rejoin_is_refused_for_good_fails_with_that_refusal() {
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if cmd.get("since").is_none() => vec![raw_joined(cmd, Some("0"), None)],
+        Some("join") => {
+            let refusal = json!({"type": "error", "code": "forbidden", "message": "banned", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        Some("message") => {
+            let refusal = json!({"type": "error", "code": "not_in_room", "message": "join first", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    c.join("r").await.unwrap();
+    let sent = c.send("r", "hi").await;
+    assert_eq!(sent.as_ref().err().and_then(|e| e.code()), Some("forbidden"), "{sent:?}");
+    rec.wait("the room left", 5.0, |ev| {
+        ev.iter().any(|e| matches!(e, Event::Room { state: wschat::RoomState::Left, .. }))
+    })
+    .await;
+    let kinds: Vec<String> =
+        frames.lock().unwrap().iter().filter_map(|(_, f)| f["type"].as_str().map(str::to_owned)).collect();
+    assert_eq!(kinds, ["join", "message", "join"]);
+    c.close();
+    server.abort();
+}
