@@ -2035,3 +2035,41 @@ async fn a_send_refused_not_in_room_whose_rejoin_is_refused_for_good_fails_with_
     c.close();
     server.abort();
 }
+
+/// `join` of a room whose join was refused `unavailable` and waits for its retry (after the
+/// backoff, 2 s at least here) writes nothing: both calls resolve with the retry's answer, as in
+/// the JS and Python clients. The second call wrote a join at once, cutting the backoff short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_of_a_room_waiting_for_a_join_retry_writes_no_join() {
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if !refused.swap(true, Ordering::SeqCst) => {
+            let refusal = json!({"type": "error", "code": "unavailable", "message": "later", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        _ => vec![],
+    })
+    .await;
+    let (c, _events) = Client::builder(url)
+        .request_timeout(scaled(10.0))
+        .backoff(Duration::from_secs(2), Duration::from_secs(4))
+        .connect();
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let first = tokio::spawn({
+        let c = c.clone();
+        async move { c.join("r").await }
+    });
+    eventually(5.0, || joins_on(&frames, 1).len() == 1).await;
+    c.ping().await.unwrap(); // its pong comes after the refusal
+                             // `join!` polls in order: the second `join` goes to the client before the `ping`, so a join
+                             // written for it is in the frames by the `pong`.
+    let (again, ()) = tokio::join!(c.join("r"), async {
+        c.ping().await.unwrap();
+        assert_eq!(joins_on(&frames, 1).len(), 1, "the second join waits for the retry");
+    });
+    assert_eq!(first.await.unwrap().unwrap(), again.unwrap());
+    assert_eq!(joins_on(&frames, 1).len(), 2);
+    c.close();
+    server.abort();
+}
