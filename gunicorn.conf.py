@@ -33,11 +33,14 @@ except ConfigError as exc:
 _host = f"[{_settings.host}]" if ":" in _settings.host and not _settings.host.startswith("[") \
     else _settings.host
 bind = [f"{_host}:{_settings.port}", f"{_host}:{_settings.metrics_port}"]
-worker_class = "gevent"
+# gunicorn's gevent worker, with a bound on the sockets waiting for their request, per
+# client address (MAX_HANDSHAKES_PER_IP) and in all (wschat/worker.py).
+worker_class = "wschat.worker.Worker"
 workers = _settings.web_concurrency
 # gunicorn's pool (default 1000 per gevent worker) bounds requests in flight. An
 # established WebSocket leaves it (wschat serves it in its own greenlet), but a
 # reconnect storm of MAX_CONNECTIONS handshakes must not queue behind the default.
+# Sockets still waiting for their request may hold all but 100 of it (wschat.worker).
 worker_connections = _settings.max_connections + 100
 # gunicorn counts whole seconds (its validator refuses a float): rounded up, so the
 # master never SIGKILLs a worker before the GRACEFUL_TIMEOUT the worker budgets with.
@@ -45,7 +48,8 @@ graceful_timeout = math.ceil(_settings.graceful_timeout)
 timeout = 30
 # Also the handshake deadline: the gevent worker reads every HTTP request, the
 # first included, under a gevent.Timeout of `keepalive` seconds, so a socket
-# that sends nothing, or drips its headers (slowloris), is closed after 5 s.
+# that sends nothing, or drips its headers (slowloris), is closed after 5 s (or
+# sooner, past MAX_HANDSHAKES_PER_IP or the pool's budget: wschat/worker.py).
 # 0 would mean no deadline at all.
 keepalive = 5
 # The upgrade request is small: refuse oversized request lines and headers early.

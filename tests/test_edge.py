@@ -102,8 +102,9 @@ def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool
 class RawSocket:
     """A TCP connection speaking hand-made HTTP and WebSocket frames."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
+                                             source_address=(source, 0))
         self.buffer = b""
 
     def send(self, data: bytes) -> None:
@@ -453,6 +454,173 @@ def test_silent_and_slow_sockets_closed_by_handshake_deadline(raw) -> None:
     assert silent.wait_eof(10) < 6.0
     assert slow.wait_eof(10) < 6.0
     assert time.monotonic() - started >= 4.5
+
+
+# A small pool: gunicorn's worker_connections is MAX_CONNECTIONS + 100 = 110 sockets a worker.
+SMALL_POOL = {"MAX_CONNECTIONS": "10"}
+# The request line and one header of an upgrade, the rest never sent: each such socket waits
+# for its request until gunicorn's handshake deadline (keepalive, 5 s).
+DRIP = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+def dripping(port: int, sources: list[str]) -> list[socket.socket]:
+    """One socket from each of ``sources`` that sends the start of its request, no more."""
+    socks = []
+    for source in sources:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        socks.append(s)
+        s.settimeout(TIMEOUT)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(DRIP)
+    return socks
+
+
+def still_open(socks: list[socket.socket]) -> int:
+    """How many of ``socks`` the server has not closed (nor reset)."""
+    count = 0
+    for s in socks:
+        s.setblocking(False)  # with a timeout, recv would wait for bytes first
+        try:
+            count += s.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            count += 1
+        except OSError:
+            pass
+    return count
+
+
+def welcomed_within(port: int, seconds: float, source: str = "127.0.0.1") -> None:
+    """A client from ``source`` gets its 101 and its welcome within ``seconds``."""
+    started = time.monotonic()
+    s = RawSocket(port, source)
+    try:
+        s.sock.settimeout(seconds)
+        try:
+            status, _ = s.upgrade()
+            _, opcode, payload = s.read_frame()
+        except TimeoutError:
+            raise AssertionError(f"no welcome within {seconds} s: the worker did not "
+                                 "accept or answer the client") from None
+        assert status == 101 and opcode == OP_TEXT and b'"welcome"' in payload
+        assert time.monotonic() - started < seconds
+    finally:
+        s.close()
+
+
+# Handshakes are not scaled with SCALE: the dripping sockets hold the pool for the fixed
+# 5 s of gunicorn's keepalive, and a client accepted only once they time out takes as long.
+WELCOME_WITHIN = 3.0
+
+
+def test_dripping_handshakes_from_few_addresses_cannot_fill_the_pool() -> None:
+    """Three addresses open 180 sockets, more than the worker's pool of 110, and drip their
+    upgrade requests: each address keeps at most MAX_HANDSHAKES_PER_IP of them (the oldest
+    are closed), and a client from another address is accepted and welcomed at once (it
+    used to wait in the listen queue until the dripping sockets' 5 s deadline), as is one
+    from a dripping address (its request comes before 8 newer sockets of its address)."""
+    with Server({**SMALL_POOL, "MAX_HANDSHAKES_PER_IP": "8"}) as srv:
+        socks = dripping(srv.port, [f"127.0.0.{2 + i % 3}" for i in range(180)])
+        try:
+            welcomed_within(srv.port, WELCOME_WITHIN)
+            welcomed_within(srv.port, WELCOME_WITHIN, source="127.0.0.2")
+            # Each address's 8 newest wait on; the rest were closed as newer ones came.
+            wait_until(lambda: still_open(socks) <= 3 * 8, TIMEOUT,
+                       message="the excess dripping sockets closed")
+            assert still_open(socks[-3:]) == 3
+            # Each went as a client that hung up goes (gunicorn: a debug line), no traceback.
+            assert "Traceback" not in srv.output()
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_dripping_handshakes_from_many_addresses_leave_room() -> None:
+    """150 addresses, each under MAX_HANDSHAKES_PER_IP, open one dripping socket each,
+    more than the pool of 110: past the budget of sockets waiting for their request (half
+    the pool here) the oldest waiting one is closed for each new one, so the worker keeps
+    accepting and a client is welcomed at once."""
+    with Server(SMALL_POOL) as srv:
+        socks = dripping(srv.port, [f"127.0.1.{1 + i}" for i in range(150)])
+        try:
+            welcomed_within(srv.port, WELCOME_WITHIN)
+            wait_until(lambda: still_open(socks) <= 55, TIMEOUT,
+                       message="the oldest dripping sockets closed")
+            assert "Traceback" not in srv.output()
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_idle_kept_alive_connections_count_as_waiting() -> None:
+    """A kept-alive HTTP connection waits for its next request like a new socket for its
+    first: past MAX_HANDSHAKES_PER_IP the oldest idle one of the address is closed, long
+    before the 5 s keepalive (one fast request each, then idling, fills no pool either)."""
+    with Server({"MAX_HANDSHAKES_PER_IP": "2"}) as srv:
+        socks = []
+        try:
+            for _ in range(3):
+                s = RawSocket(srv.port, "127.0.0.2")
+                socks.append(s)
+                s.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert s.read_response()[0] == 200
+            assert socks[0].wait_eof(3.0) < 3.0
+            assert still_open([s.sock for s in socks]) == 2
+        finally:
+            for s in socks:
+                s.close()
+
+
+class Pair:
+    """A connected pair of sockets: ``sock`` as a worker holds it, ``peer`` the client's."""
+
+    def __init__(self) -> None:
+        self.sock, self.peer = socket.socketpair()
+
+    @property
+    def shut(self) -> bool:
+        return still_open([self.peer]) == 0
+
+
+def test_waiting_sockets_close_oldest_per_address_and_in_all() -> None:
+    """Past MAX_HANDSHAKES_PER_IP the oldest socket of that address is closed (an IPv6 /64
+    and an IPv4-mapped address count as one), past the budget the oldest of all; a socket
+    whose request is being served no longer counts."""
+    from wschat.ratelimit import address_key
+    from wschat.worker import Waiting, peer_key, waiting_budget
+
+    # The worker's quick key groups peers as address_key does.
+    same = [("2001:db8::1", "2001:db8::ffff:1"), ("::ffff:10.0.0.1", "10.0.0.1"),
+            ("fe80::1%lo", "fe80::2%lo")]
+    for x, y in same:
+        assert peer_key(x) == (peer_key(y) if ":" in y else y)
+        assert address_key(x) == address_key(y)
+    assert peer_key("2001:db8::1") != peer_key("2001:db8:0:1::1")
+
+    assert waiting_budget(10_100) == 10_000 and waiting_budget(110) == 55
+    waiting = Waiting(per_address=2, budget=4)
+    a, b, c = Pair(), Pair(), Pair()
+    waiting.arrive(a.sock, ("2001:db8::1", 1, 0, 0))
+    waiting.arrive(b.sock, ("2001:db8::ffff", 2, 0, 0))  # the same /64
+    waiting.arrive(c.sock, ("2001:db8:0:0:1::2", 3, 0, 0))
+    assert (a.shut, b.shut, c.shut) == (True, False, False)
+    waiting.leave(b.sock)  # its request arrived: served, no longer waiting
+    d, e = Pair(), Pair()
+    waiting.arrive(d.sock, ("::ffff:10.0.0.1", 4, 0, 0))
+    waiting.arrive(e.sock, ("10.0.0.1", 5))  # d's address too: two of it now
+    assert not any(s.shut for s in (b, c, d, e))
+    others = [Pair() for _ in range(3)]
+    for i, s in enumerate(others):
+        waiting.arrive(s.sock, (f"10.0.1.{i}", 6))
+    # Four may wait in all: c and d, the oldest, made room for the last two.
+    assert [s.shut for s in (c, d, e, *others)] == [True, True, False, False, False, False]
+    assert len(waiting.sockets) == 4 and waiting.closed == 3
+    for s in (e, *others):
+        waiting.leave(s.sock)
+    assert not waiting.sockets and not waiting.by_address
+    for s in (a, b, c, d, e, *others):
+        s.sock.close()
+        s.peer.close()
 
 
 # -- frame-level RFC 6455 behaviour ----------------------------------------------------

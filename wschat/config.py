@@ -233,6 +233,8 @@ class Settings:
     # Per worker (each worker counts its own); 0: no cap.
     max_connections_per_ip: int = _var("MAX_CONNECTIONS_PER_IP", _int(0), 1000)
     max_connections_per_user: int = _var("MAX_CONNECTIONS_PER_USER", _int(0), 50)
+    # Sockets from one address waiting for their request, per worker (wschat.worker); 0: no cap.
+    max_handshakes_per_ip: int = _var("MAX_HANDSHAKES_PER_IP", _int(0), 100)
     rate_limit: float = _var("RATE_LIMIT", _float(0.001, MAX_RATE), 10.0)
     rate_limit_burst: int = _var("RATE_LIMIT_BURST", _int(1, MAX_BURST), 20)
     # Guests from one address together (unset: 10 users' worth, for NATs and offices).

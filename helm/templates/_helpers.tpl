@@ -385,6 +385,7 @@ A number as the server parses it: whole numbers without exponent or decimals
   "WEB_CONCURRENCY" (include "wschat.workers" .)
   "MAX_CONNECTIONS" (include "wschat.num" $c.maxConnections)
   "MAX_CONNECTIONS_PER_IP" (include "wschat.num" $c.maxConnectionsPerIp)
+  "MAX_HANDSHAKES_PER_IP" (include "wschat.num" $c.maxHandshakesPerIp)
   "MAX_CONNECTIONS_PER_USER" (include "wschat.num" $c.maxConnectionsPerUser)
   "RATE_LIMIT" (include "wschat.num" $c.rateLimit)
   "RATE_LIMIT_BURST" (include "wschat.num" $c.rateLimitBurst)

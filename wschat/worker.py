@@ -1,0 +1,142 @@
+"""wschat's gunicorn worker: gunicorn's gevent worker with a bound on the sockets that wait
+for their request (``gunicorn.conf.py``: ``worker_class``).
+
+gunicorn's gevent worker serves each accepted socket in a greenlet of a pool of
+``worker_connections``, and stops accepting while the pool is full. A socket holds its
+slot while it waits for its HTTP request (the WebSocket upgrade, or the next request of
+a kept-alive connection) for up to the handshake deadline (``keepalive``, 5 s); the
+admission's limits (:mod:`wschat.admission`) see it only once the request has arrived.
+Sockets that send their request slowly, or never, opened faster than they time out (about
+2,000 a second, each held 5 s, fill a pool of 10,100) would fill the pool, and the worker
+would accept no one else.
+
+:class:`Waiting` counts those sockets from the moment their greenlet starts, per client
+address (:func:`~wschat.ratelimit.address_key`: an IPv6 /64 is one) and in all, and
+closes the oldest one past either limit: ``MAX_HANDSHAKES_PER_IP`` for one address,
+:func:`waiting_budget` for the worker. A socket stops waiting while the app serves its
+request (a WebSocket leaves for good: the transport takes it over).
+"""
+
+from __future__ import annotations
+
+import _socket
+import socket
+from typing import Any
+
+from gunicorn.workers.ggevent import GeventWorker
+
+from .config import Settings
+from .ratelimit import address_key
+
+
+def waiting_budget(worker_connections: int) -> int:
+    """How many sockets of a worker may wait for their request together: the pool but
+    100 slots for requests being served (``worker_connections`` is ``MAX_CONNECTIONS +
+    100``), and never less than half the pool."""
+    return max(1, worker_connections - 100, worker_connections // 2)
+
+
+def peer_key(host: str) -> Any:
+    """An IPv6 peer's key: its /64, as :func:`~wschat.ratelimit.address_key` counts it, in
+    ~0.3 us rather than ipaddress's ~8 (an IPv4 peer, as accept() gives it, is its own)."""
+    if host.startswith("::ffff:") and "." in host:  # IPv4-mapped: the IPv4 address
+        return host[7:]
+    try:
+        return socket.inet_pton(socket.AF_INET6, host)[:8]
+    except OSError:  # a scope ("fe80::1%eth0"), or no IPv6 address at all
+        return address_key(host)
+
+
+class Waiting:
+    """The sockets waiting for their request, oldest first: in all and per address.
+
+    ``per_address``: at most that many from one address (0: no cap); ``budget``: at most
+    that many in all. Past either, the oldest waiting socket (of that address, or of
+    all) is shut down: its greenlet's read ends, and gunicorn closes it and frees its
+    slot. The oldest rather than the new one, so that a client sharing an address with
+    the dripping sockets still gets in if its request arrives in time."""
+
+    def __init__(self, per_address: int, budget: int) -> None:
+        self.per_address = per_address
+        self.budget = budget
+        self.sockets: dict[Any, Any] = {}  # socket -> its address key, oldest first
+        self.by_address: dict[Any, dict[Any, None]] = {}  # key -> its sockets, oldest first
+        self.closed = 0  # shut down for being over a limit
+
+    def arrive(self, sock: Any, addr: Any) -> None:
+        host = addr[0] if isinstance(addr, tuple) else str(addr)
+        key = host if ":" not in host else peer_key(host)
+        if self.per_address:
+            mine = self.by_address.get(key)
+            if mine is None:
+                mine = self.by_address[key] = {}
+            elif len(mine) >= self.per_address:
+                self.close(next(iter(mine)))
+            mine[sock] = None
+        if len(self.sockets) >= self.budget:
+            self.close(next(iter(self.sockets)))
+        self.sockets[sock] = key
+
+    def leave(self, sock: Any) -> None:
+        key = self.sockets.pop(sock, None)
+        if key is None:
+            return
+        mine = self.by_address.get(key)
+        if mine is not None:
+            del mine[sock]
+            if not mine:
+                del self.by_address[key]
+
+    def close(self, sock: Any) -> None:
+        self.leave(sock)
+        self.closed += 1
+        shut_down(sock)
+
+
+def shut_down(sock: Any) -> None:
+    """End ``sock``'s stream both ways from outside the greenlet reading it, in the kernel
+    only: that greenlet wakes to an end of stream, which gunicorn takes for a client that
+    went away (a debug line). gevent's own ``shutdown`` would wake it with "File descriptor
+    was closed in another greenlet", which gunicorn logs with a traceback, once for each
+    socket closed."""
+    try:
+        raw = _socket.socket(sock.family, sock.type, 0, sock.fileno())
+    except (OSError, ValueError):  # closed already (its descriptor: -1)
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:  # the peer is gone already
+        pass
+    finally:
+        raw.detach()  # the descriptor stays the worker's
+
+
+class Worker(GeventWorker):
+    """gunicorn's gevent worker (``-k gevent``) whose sockets waiting for a request are
+    counted by :class:`Waiting`."""
+
+    waiting: Waiting
+
+    def run(self) -> None:
+        settings = Settings.from_env()  # validated by the master: the same environment
+        # Behind proxies (TRUSTED_PROXIES) every socket comes from one of them, and the
+        # client's address is known only from the request: no cap per peer address then.
+        per_address = 0 if settings.trusted_proxies else settings.max_handshakes_per_ip
+        self.waiting = Waiting(per_address, waiting_budget(self.worker_connections))
+        super().run()
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        waiting = self.waiting
+        waiting.arrive(client, addr)
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            waiting.leave(client)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        self.waiting.leave(sock)
+        kept = super().handle_request(listener_name, req, sock, addr)
+        # Kept alive (no exception: a WebSocket's request ends with StopIteration, and
+        # a closing response too): it waits for its next request.
+        self.waiting.arrive(sock, addr)
+        return kept
