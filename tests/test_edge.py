@@ -528,6 +528,9 @@ def test_dripping_handshakes_from_few_addresses_cannot_fill_the_pool() -> None:
             wait_until(lambda: still_open(socks) <= 3 * 8, TIMEOUT,
                        message="the excess dripping sockets closed")
             assert still_open(socks[-3:]) == 3
+            closed = 'wschat_waiting_sockets_closed_total{reason="max_handshakes_per_ip"}'
+            # The client from 127.0.0.2 made one more of its address's dripping sockets go.
+            assert metric(srv, closed) == 180 + 1 - 3 * 8
             # Each went as a client that hung up goes (gunicorn: a debug line), no traceback.
             assert "Traceback" not in srv.output()
         finally:
@@ -546,6 +549,9 @@ def test_dripping_handshakes_from_many_addresses_leave_room() -> None:
             welcomed_within(srv.port, WELCOME_WITHIN)
             wait_until(lambda: still_open(socks) <= 55, TIMEOUT,
                        message="the oldest dripping sockets closed")
+            # The client's own socket waited too (until its request came): 150 + 1 - 55.
+            closed = 'wschat_waiting_sockets_closed_total{reason="pool"}'
+            assert metric(srv, closed) >= 150 - 55
             assert "Traceback" not in srv.output()
         finally:
             for s in socks:
@@ -598,7 +604,8 @@ def test_waiting_sockets_close_oldest_per_address_and_in_all() -> None:
     assert peer_key("2001:db8::1") != peer_key("2001:db8:0:1::1")
 
     assert waiting_budget(10_100) == 10_000 and waiting_budget(110) == 55
-    waiting = Waiting(per_address=2, budget=4)
+    reasons: list[str] = []
+    waiting = Waiting(per_address=2, budget=4, on_close=reasons.append)
     a, b, c = Pair(), Pair(), Pair()
     waiting.arrive(a.sock, ("2001:db8::1", 1, 0, 0))
     waiting.arrive(b.sock, ("2001:db8::ffff", 2, 0, 0))  # the same /64
@@ -615,6 +622,7 @@ def test_waiting_sockets_close_oldest_per_address_and_in_all() -> None:
     # Four may wait in all: c and d, the oldest, made room for the last two.
     assert [s.shut for s in (c, d, e, *others)] == [True, True, False, False, False, False]
     assert len(waiting.sockets) == 4 and waiting.closed == 3
+    assert reasons == ["max_handshakes_per_ip", "pool", "pool"]
     for s in (e, *others):
         waiting.leave(s.sock)
     assert not waiting.sockets and not waiting.by_address

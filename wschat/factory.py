@@ -152,6 +152,8 @@ def attach_worker(app: Flask, worker: Any, slots: Any, slot: int,
     (an SQLite file that cannot be opened) stops the server with one line."""
     runtime = of(app)
     runtime.transport.budget.attach(slots, slot)
+    # wschat.worker.Worker counts the sockets it closes while they wait for a request.
+    worker.wschat_waiting_closed = runtime.metrics.waiting_closed
     worker.tmp = _HeartbeatKeptOpen(worker.tmp)
     if replacement:
         worker_restarted()

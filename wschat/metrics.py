@@ -55,6 +55,7 @@ DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
 REFUSAL_REASONS = ("not_websocket", "bad_handshake", "origin", "auth", "username",
                    "max_connections", "shutting_down", "unavailable")
 REFUSAL_REASONS += ("max_connections_per_ip", "max_connections_per_user")
+WAITING_CLOSE_REASONS = ("max_handshakes_per_ip", "pool")  # wschat.worker.Waiting
 HELD_TYPES = ("SendMessage", "SendDm")  # what a refused send holds back
 AUTH_FAILURE_REASONS = (ErrorCode.AUTH_FAILED.value, ErrorCode.TOKEN_EXPIRED.value)
 
@@ -101,6 +102,10 @@ DISCONNECTS = Counter("wschat_disconnects_total",
 OPENED = Counter("wschat_connections_opened_total", "WebSocket connections accepted")
 REFUSED = Counter("wschat_handshakes_refused_total",
                   "Upgrade requests refused before the handshake, by reason", ["reason"])
+WAITING_CLOSED = Counter("wschat_waiting_sockets_closed_total",
+                         "Sockets closed while still waiting for their HTTP request, the "
+                         "oldest past a limit, by reason ('max_handshakes_per_ip': of one "
+                         "address; 'pool': of all, near the worker's pool size)", ["reason"])
 AUTH_FAILURES = Counter("wschat_auth_failures_total",
                         "Rejected tokens (upgrade request or auth message), by reason",
                         ["reason"])
@@ -181,6 +186,7 @@ class PrometheusChatMetrics(Metrics):
             REFUSED.labels(reason)
         for reason in AUTH_FAILURE_REASONS:
             AUTH_FAILURES.labels(reason)
+        self._waiting_closed = {r: WAITING_CLOSED.labels(r) for r in WAITING_CLOSE_REASONS}
 
     def started(self, backend: str, persistence: bool = False) -> None:
         """This worker is serving: count it and say what it runs. The store-error series of
@@ -271,6 +277,9 @@ class PrometheusChatMetrics(Metrics):
 
     def auth_failed(self, reason: str) -> None:
         AUTH_FAILURES.labels(reason).inc()
+
+    def waiting_closed(self, reason: str) -> None:
+        self._waiting_closed[reason].inc()
 
     def store_error(self, backend: str) -> None:
         STORE_ERRORS.labels(backend).inc()

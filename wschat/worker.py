@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import _socket
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.workers.ggevent import GeventWorker
@@ -56,12 +57,15 @@ class Waiting:
     slot. The oldest rather than the new one, so that a client sharing an address with
     the dripping sockets still gets in if its request arrives in time."""
 
-    def __init__(self, per_address: int, budget: int) -> None:
+    def __init__(self, per_address: int, budget: int,
+                 on_close: Callable[[str], None] | None = None) -> None:
         self.per_address = per_address
         self.budget = budget
         self.sockets: dict[Any, Any] = {}  # socket -> its address key, oldest first
         self.by_address: dict[Any, dict[Any, None]] = {}  # key -> its sockets, oldest first
         self.closed = 0  # shut down for being over a limit
+        # Told each time, with the limit ("max_handshakes_per_ip" or "pool"): the metrics.
+        self.on_close = on_close
 
     def arrive(self, sock: Any, addr: Any) -> None:
         host = addr[0] if isinstance(addr, tuple) else str(addr)
@@ -71,10 +75,10 @@ class Waiting:
             if mine is None:
                 mine = self.by_address[key] = {}
             elif len(mine) >= self.per_address:
-                self.close(next(iter(mine)))
+                self.close(next(iter(mine)), "max_handshakes_per_ip")
             mine[sock] = None
         if len(self.sockets) >= self.budget:
-            self.close(next(iter(self.sockets)))
+            self.close(next(iter(self.sockets)), "pool")
         self.sockets[sock] = key
 
     def leave(self, sock: Any) -> None:
@@ -87,9 +91,11 @@ class Waiting:
             if not mine:
                 del self.by_address[key]
 
-    def close(self, sock: Any) -> None:
+    def close(self, sock: Any, reason: str) -> None:
         self.leave(sock)
         self.closed += 1
+        if self.on_close is not None:
+            self.on_close(reason)
         shut_down(sock)
 
 
@@ -122,7 +128,9 @@ class Worker(GeventWorker):
         # Behind proxies (TRUSTED_PROXIES) every socket comes from one of them, and the
         # client's address is known only from the request: no cap per peer address then.
         per_address = 0 if settings.trusted_proxies else settings.max_handshakes_per_ip
-        self.waiting = Waiting(per_address, waiting_budget(self.worker_connections))
+        # Set by wschat.factory.attach_worker (gunicorn's post_worker_init, before run).
+        on_close = getattr(self, "wschat_waiting_closed", None)
+        self.waiting = Waiting(per_address, waiting_budget(self.worker_connections), on_close)
         super().run()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
