@@ -84,6 +84,7 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
             "RATE_LIMIT": "1000000",
             "RATE_LIMIT_BURST": "1000000",
             "MAX_CONNECTIONS_PER_IP": "0",  # the load comes from a few loopback addresses
+            "MAX_HANDSHAKES_PER_IP": "0",  # and opens connections by the thousand
             "LOG_LEVEL": "warning",
             "GRACEFUL_TIMEOUT": "5",
             "WEB_CONCURRENCY": "1",
