@@ -530,6 +530,9 @@ impl Driver {
         self.join_flush_at = None; // the new connection's pacer has no pause to wake up from
         self.flush_at = None; // the new connection's flush sets its own wake-up (its pacer's)
         self.typing_sent.clear();
+        // The answers to the sends of a left room went with the socket: they fail, and are not
+        // written again (`drop_room_sends`).
+        self.fail_left(None, "the connection closed before its answer");
         let mut changed = Vec::new();
         for (name, room) in self.rooms.iter_mut() {
             room.joined_on = None;
@@ -765,6 +768,8 @@ impl Driver {
                 // resubscribes to Redis): write those sends again; the server
                 // answers a resend with the original message.
                 let stale = Instant::now() - self.cfg.resend_after;
+                // Those of a left room are not: they fail (`drop_room_sends`).
+                self.fail_left(Some(stale.into_std()), "no echo came within resend_after");
                 let (expired, waiting) = self.outbox.expire_sent(stale.into_std());
                 if expired > 0 {
                     self.flush_outbox();
@@ -1227,27 +1232,62 @@ impl Driver {
 
     /// The room is no longer ours: its sends not written on this connection fail
     /// with `error`. Those written went to the server before the `leave` (or the
-    /// removal): their echo or their error, which come first, settles them.
+    /// removal): their echo or their error, which come first, settles them. They are
+    /// marked left (`Pending::left`), as the JS client's `orphans` and the Python
+    /// client's `entry.left`: never written again, not even into the room joined again
+    /// (a new membership, not theirs), a refusal for now (`rate_limited`, `unavailable`)
+    /// fails them with `error`, and so do a lost connection and `resend_after` without
+    /// their echo (`fail_left`).
     fn drop_room_sends(&mut self, room: &str, error: &Error) {
-        let on_wire = |cmid: &str| self.online && self.outbox.written_on(cmid, self.generation);
-        let doomed: Vec<String> = self
-            .outbox
-            .snapshot()
-            .into_iter()
-            .filter(|e| matches!(&e.target, Target::Room(r) if r == room) && !on_wire(&e.client_msg_id))
-            .map(|e| e.client_msg_id)
-            .collect();
+        let mut doomed = Vec::new();
+        for entry in self.outbox.snapshot() {
+            let Target::Room(r) = &entry.target else { continue };
+            match self.outbox.get_mut(&entry.client_msg_id) {
+                Some(p) if r == room && self.online && p.sent_on == Some(self.generation) => {
+                    p.left.get_or_insert_with(|| error.clone());
+                }
+                _ if r == room => doomed.push(entry.client_msg_id),
+                _ => {}
+            }
+        }
         if doomed.is_empty() {
             return;
         }
         for cmid in doomed {
             self.outbox.remove(&cmid);
-            match self.acks.remove(&cmid) {
-                Some(reply) => {
-                    let _ = reply.send(Err(error.clone()));
-                }
-                None => self.emit(Event::Error(error.clone())),
+            self.fail_send(&cmid, error.clone());
+        }
+        self.save_outbox();
+    }
+
+    /// The send `cmid`, out of the outbox, fails with `error`: its future, or (nobody waits
+    /// for it: restored from the store) an `Event::Error`.
+    fn fail_send(&mut self, cmid: &str, error: Error) {
+        match self.acks.remove(cmid) {
+            Some(reply) => {
+                let _ = reply.send(Err(error));
             }
+            None => self.emit(Event::Error(error)),
+        }
+    }
+
+    /// Sends of a left room written at or before `before` (`None`: all, their answers lost
+    /// with the connection) and still without an echo: they fail with their room's error,
+    /// noting `why` (the server may have stored them), and are not written again.
+    fn fail_left(&mut self, before: Option<std::time::Instant>, why: &str) {
+        let failed = self.outbox.take_left(before);
+        if failed.is_empty() {
+            return;
+        }
+        for (entry, error) in failed {
+            let error = match error {
+                Error::Server { code, message, retry_after_ms, details } => {
+                    let message = format!("{message}; {why}: it may have been stored");
+                    Error::Server { code, message, retry_after_ms, details }
+                }
+                error => error,
+            };
+            self.fail_send(&entry.client_msg_id, error);
         }
         self.save_outbox();
     }
@@ -1298,12 +1338,20 @@ impl Driver {
             _ => None,
         };
         if let Some(cmid) = self.send_rids.remove(&rid) {
-            // A send to a room left meanwhile is not retried: the server would only
-            // answer `not_in_room`.
-            let left = self
-                .outbox
-                .get_mut(&cmid)
-                .is_some_and(|p| matches!(&p.entry.target, Target::Room(r) if !self.rooms.contains_key(r)));
+            // A send whose room was left after it was written is not tried again, not even
+            // in the room joined again since (a new membership: the send was for the one
+            // left), as in the JS and Python clients: a refusal for now fails it with its
+            // room's error (`drop_room_sends`), any other with the refusal. Nor is one to a
+            // room not ours (the app never joined it): the server would only answer
+            // `not_in_room`.
+            let rooms = &self.rooms;
+            let (left, left_error) = match self.outbox.get_mut(&cmid) {
+                Some(p) => (
+                    p.left.is_some() || matches!(&p.entry.target, Target::Room(r) if !rooms.contains_key(r)),
+                    p.left.clone(),
+                ),
+                None => (false, None),
+            };
             // The server lost the membership (its store restarted, say): the room is joined
             // again (with `since`) and the send goes again once joined (its replay in), with
             // the same `client_msg_id`, as in the JS and Python clients. The room's sends still
@@ -1347,14 +1395,18 @@ impl Driver {
                     self.flush_outbox();
                 }
                 None => {
-                    self.outbox.remove(&cmid);
-                    self.save_outbox();
-                    match self.acks.remove(&cmid) {
-                        Some(reply) => {
-                            let _ = reply.send(Err(error));
-                        }
-                        None => self.emit(Event::Error(error)),
+                    let written_at = self.outbox.remove_pending(&cmid).and_then(|p| p.sent_at);
+                    if let (Some(delay), true) = (retry, rate_limited) {
+                        // Not retried (its room left), but the bucket is the user's: the
+                        // other sends wait all the same.
+                        self.pacer.rate_limited(Instant::now().into_std(), delay, written_at);
                     }
+                    self.save_outbox();
+                    let error = match left_error {
+                        Some(left_error) if retry.is_some() => left_error,
+                        _ => error,
+                    };
+                    self.fail_send(&cmid, error);
                     self.flush_outbox();
                 }
             }

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use crate::error::Error;
+
 /// Where a send goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,6 +47,9 @@ pub(crate) struct Pending {
     pub sent_on: Option<u64>,
     /// When it was last written.
     pub sent_at: Option<Instant>,
+    /// Its room was left (or the user removed from it) while it was on the wire: it is never
+    /// written again, and fails with this error (the room's) unless its echo comes.
+    pub left: Option<Error>,
 }
 
 /// A bounded queue of sends, oldest first.
@@ -67,14 +72,19 @@ impl Outbox {
         if self.entries.len() >= self.capacity {
             return Err(OutboxFull);
         }
-        self.entries.push_back(Pending { entry, sent_on: None, sent_at: None });
+        self.entries.push_back(Pending { entry, sent_on: None, sent_at: None, left: None });
         Ok(())
     }
 
     /// Removes the entry with this `client_msg_id` (acknowledged or failed).
     pub fn remove(&mut self, client_msg_id: &str) -> Option<OutboxEntry> {
+        self.remove_pending(client_msg_id).map(|p| p.entry)
+    }
+
+    /// [`Outbox::remove`], with what is known of its writes.
+    pub fn remove_pending(&mut self, client_msg_id: &str) -> Option<Pending> {
         let at = self.entries.iter().position(|p| p.entry.client_msg_id == client_msg_id)?;
-        self.entries.remove(at).map(|p| p.entry)
+        self.entries.remove(at)
     }
 
     pub fn get_mut(&mut self, client_msg_id: &str) -> Option<&mut Pending> {
@@ -84,11 +94,6 @@ impl Outbox {
     /// Entries written on connection `generation` and not yet acknowledged.
     pub fn in_flight(&self, generation: u64) -> usize {
         self.entries.iter().filter(|p| p.sent_on == Some(generation)).count()
-    }
-
-    /// Whether the entry with this `client_msg_id` was written on connection `generation`.
-    pub fn written_on(&self, client_msg_id: &str, generation: u64) -> bool {
-        self.entries.iter().any(|p| p.entry.client_msg_id == client_msg_id && p.sent_on == Some(generation))
     }
 
     /// Entries not yet written on connection `generation` for which `ready`
@@ -107,7 +112,7 @@ impl Outbox {
             if in_flight >= window {
                 break;
             }
-            if pending.sent_on != Some(generation) && ready(&pending.entry) {
+            if pending.sent_on != Some(generation) && pending.left.is_none() && ready(&pending.entry) {
                 pending.sent_on = Some(generation);
                 pending.sent_at = Some(now);
                 out.push(pending.entry.clone());
@@ -119,17 +124,37 @@ impl Outbox {
 
     /// Whether an entry not yet written on connection `generation` is `ready`.
     pub fn has_unsent(&self, generation: u64, ready: impl Fn(&OutboxEntry) -> bool) -> bool {
-        self.entries.iter().any(|p| p.sent_on != Some(generation) && ready(&p.entry))
+        self.entries.iter().any(|p| p.sent_on != Some(generation) && p.left.is_none() && ready(&p.entry))
+    }
+
+    /// Takes out the entries of a left room (`Pending::left`) written at or before `before`
+    /// (`None`: all of them), each with its room's error.
+    pub fn take_left(&mut self, before: Option<Instant>) -> Vec<(OutboxEntry, Error)> {
+        let due = |p: &Pending| p.left.is_some() && before.is_none_or(|b| p.sent_at.is_some_and(|at| at <= b));
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.entries.len());
+        for pending in self.entries.drain(..) {
+            if due(&pending) {
+                let error = pending.left.clone().expect("a left entry");
+                taken.push((pending.entry, error));
+            } else {
+                kept.push_back(pending);
+            }
+        }
+        self.entries = kept;
+        taken
     }
 
     /// Marks entries written at or before `before` and still unacknowledged as
-    /// unsent (their echo may be lost: the server dedupes the resend). Returns
-    /// how many entries stay written after `before`, so still awaited.
+    /// unsent (their echo may be lost: the server dedupes the resend); not those of a
+    /// left room, never written again (`take_left`). Returns how many were marked, and
+    /// how many others stay written, so still awaited (their echo, or a left room's
+    /// `take_left`).
     pub fn expire_sent(&mut self, before: Instant) -> (usize, usize) {
         let (mut expired, mut waiting) = (0, 0);
         for pending in self.entries.iter_mut() {
             match pending.sent_at {
-                Some(at) if pending.sent_on.is_some() && at <= before => {
+                Some(at) if pending.sent_on.is_some() && pending.left.is_none() && at <= before => {
                     pending.sent_on = None;
                     expired += 1;
                 }
@@ -198,7 +223,8 @@ mod tests {
         assert_eq!(ids(outbox.take_unsent(1, t0, 2, |_| true)), ["a", "b"]);
         assert!(outbox.take_unsent(1, t0, 2, |_| true).is_empty());
         assert_eq!(outbox.in_flight(1), 2);
-        assert!(outbox.written_on("a", 1) && !outbox.written_on("c", 1) && !outbox.written_on("a", 2));
+        let on = |outbox: &mut Outbox, id: &str| outbox.get_mut(id).and_then(|p| p.sent_on);
+        assert_eq!((on(&mut outbox, "a"), on(&mut outbox, "c")), (Some(1), None));
         // An acknowledgement frees a place; a wider window takes more.
         outbox.remove("a");
         assert_eq!(ids(outbox.take_unsent(1, t0, 2, |_| true)), ["c"]);
@@ -222,6 +248,34 @@ mod tests {
         let again: Vec<_> = outbox.take_unsent(1, t1, 10, |_| true).into_iter().map(|e| e.client_msg_id).collect();
         assert_eq!(again, ["a", "b"]);
         assert_eq!(outbox.expire_sent(t0), (0, 3));
+    }
+
+    #[test]
+    fn entries_of_a_left_room_are_never_written_again_and_are_taken_out_with_their_error() {
+        let mut outbox = Outbox::new(10);
+        for id in ["a", "b", "c"] {
+            outbox.push(entry(id, "r")).unwrap();
+        }
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_secs(5);
+        outbox.take_unsent(1, t0, 1, |_| true);
+        outbox.take_unsent(1, t1, 2, |_| true);
+        let left = Error::local("not_in_room", "left r".into());
+        for id in ["a", "b"] {
+            outbox.get_mut(id).unwrap().left = Some(left.clone());
+        }
+        // Neither expired for a resend (still awaited: their echo, or their time to fail)
+        // nor written on a new connection.
+        assert_eq!(outbox.expire_sent(t1), (0, 2));
+        let ids = |v: Vec<OutboxEntry>| v.into_iter().map(|e| e.client_msg_id).collect::<Vec<_>>();
+        assert_eq!(ids(outbox.take_unsent(2, t1, 10, |_| true)), ["c"]);
+        assert!(!outbox.has_unsent(3, |e| e.client_msg_id != "c"));
+        // Out once written long enough ago, or all of them.
+        let taken = outbox.take_left(Some(t0));
+        assert_eq!(taken, [(entry("a", "r"), left.clone())]);
+        assert_eq!(outbox.take_left(None), [(entry("b", "r"), left)]);
+        assert_eq!(ids(outbox.take_left(None).into_iter().map(|(e, _)| e).collect()), Vec::<String>::new());
+        assert_eq!(outbox.snapshot(), [entry("c", "r")]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -479,9 +479,10 @@ async fn answer_joins_and_pings(mut ws: FakeSocket) {
 
 /// A send written before the `leave` and refused after it (`rate_limited`) is not
 /// kept for a retry the server would only answer with `not_in_room`: it fails with
-/// the refusal.
+/// the leave's `not_in_room`, as in the Python client (the JS client's `left`), not with
+/// the refusal, which asks for a retry into a room the user left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_written_send_refused_after_leave_fails_with_the_refusal() {
+async fn a_written_send_refused_after_leave_fails_with_the_leave_s_error() {
     use futures_util::{SinkExt, StreamExt};
     let (url, server) = fake_server(|mut ws| async move {
         let mut held = None; // the first message: refused once the `leave` came
@@ -514,7 +515,11 @@ async fn a_written_send_refused_after_leave_fails_with_the_refusal() {
     // `join!` polls in order: the send is written, then the `leave`.
     let (sent, left) = tokio::join!(c.send("exit", "late"), c.leave("exit"));
     left.unwrap();
-    assert_eq!(sent.unwrap_err().code(), Some("rate_limited"));
+    let err = sent.unwrap_err();
+    assert!(
+        matches!(&err, Error::Server { code, message, .. } if code == "not_in_room" && message == "left exit"),
+        "{err:?}"
+    );
     assert_eq!(c.outbox_len(), 0);
     c.close();
     server.await.unwrap();
@@ -1033,11 +1038,13 @@ type Frames = Arc<Mutex<Vec<(usize, serde_json::Value)>>>;
 /// A fake server for every connection attempt: `welcome`, then each frame of the client goes to
 /// `script` (with its connection's number, from 1), which returns the raw JSON texts to send
 /// back (as a buggy server or a proxy could write them); a `ping` it leaves unanswered gets its
-/// `pong`. Returns the URL, the frames written so far, and the server's task.
+/// `pong`; a reply [`CLOSE`] closes the connection (1012) instead. Returns the URL, the frames
+/// written so far, and the server's task.
 async fn scripted_server(
     script: impl Fn(&serde_json::Value, usize) -> Vec<String> + Send + Sync + 'static,
 ) -> (String, Frames, tokio::task::JoinHandle<()>) {
     use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
     let script = Arc::new(script);
     let frames = Frames::default();
     let seen = frames.clone();
@@ -1059,6 +1066,11 @@ async fn scripted_server(
                         replies.push(json!({"type": "pong", "id": cmd["id"]}).to_string());
                     }
                     for reply in replies {
+                        if reply == CLOSE {
+                            let frame = CloseFrame { code: CloseCode::Restart, reason: "".into() };
+                            let _ = ws.close(Some(frame)).await;
+                            return;
+                        }
                         if ws.send(Message::text(reply)).await.is_err() {
                             return;
                         }
@@ -1069,6 +1081,9 @@ async fn scripted_server(
     });
     (url, frames, task)
 }
+
+/// A [`scripted_server`]'s reply closing the connection.
+const CLOSE: &str = "close";
 
 /// A `joined` answering `join`, with `last_id` as raw JSON text (`None`: absent).
 fn raw_joined(join: &serde_json::Value, last_id: Option<&str>, recovered: Option<bool>) -> String {
@@ -2072,4 +2087,77 @@ async fn join_of_a_room_waiting_for_a_join_retry_writes_no_join() {
     assert_eq!(joins_on(&frames, 1).len(), 2);
     c.close();
     server.abort();
+}
+
+/// A send written before `leave` of its room whose answer comes only once the room is joined
+/// again fails and is not written again, as in the JS and Python clients: the user left the room
+/// it was for, and the new membership is not its. A refusal for now (`rate_limited`,
+/// `unavailable`) fails it with the leave's `not_in_room` ("left r"), as would a connection lost
+/// or no echo within `resend_after`; `not_in_room` with the server's refusal. It was written
+/// again into the re-joined room (after the pause; after a re-join of its own for `not_in_room`;
+/// on the next connection; after `resend_after`), and resolved with that copy's echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_of_a_room_left_and_joined_again_is_not_written_again() {
+    let mut wrong = Vec::new();
+    for way in ["rate_limited", "unavailable", "not_in_room", "closed", "silent"] {
+        let (joins, messages) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let held = Arc::new(Mutex::new(None::<serde_json::Value>));
+        let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+            Some("join") => {
+                let joined = raw_joined(cmd, Some("0"), cmd.get("since").map(|_| true));
+                if joins.fetch_add(1, Ordering::SeqCst) != 1 {
+                    return vec![joined];
+                }
+                // The join after the leave: the send's answer (if any) comes before its `joined`.
+                let Some(message) = held.lock().unwrap().take() else { return vec![joined] };
+                let mut refusal = json!({"type": "error", "code": way, "message": "refused", "id": message["id"]});
+                if way == "rate_limited" {
+                    refusal["retry_after_ms"] = json!(50);
+                }
+                match way {
+                    "closed" => vec![joined, CLOSE.into()],
+                    "silent" => vec![joined],
+                    _ => vec![refusal.to_string(), joined],
+                }
+            }
+            Some("message") if messages.fetch_add(1, Ordering::SeqCst) == 0 => {
+                *held.lock().unwrap() = Some(cmd.clone());
+                vec![]
+            }
+            // Written again: the server takes it.
+            Some("message") => vec![raw_message("1", "r", "a", cmd["client_msg_id"].as_str())],
+            Some("leave") => vec![json!({"type": "left", "room": cmd["room"], "id": cmd["id"]}).to_string()],
+            _ => vec![],
+        })
+        .await;
+        let resend_after = if way == "silent" { Duration::from_millis(300) } else { scaled(20.0) };
+        let (c, _events) = Client::builder(url)
+            .request_timeout(scaled(5.0))
+            .send_timeout(scaled(5.0))
+            .resend_after(resend_after)
+            .backoff(Duration::from_millis(50), Duration::from_millis(200))
+            .connect();
+        c.join("r").await.unwrap();
+        let send = tokio::spawn({
+            let c = c.clone();
+            async move { c.send("r", "a").await }
+        });
+        let written = || frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "message").count();
+        eventually(5.0, || written() == 1).await;
+        c.leave("r").await.unwrap();
+        c.join("r").await.unwrap();
+        let got = match send.await.unwrap() {
+            Ok(m) => format!("resolved with {}", m.id),
+            Err(Error::Server { code, message, .. }) => format!("{code}: {}", message.split(';').next().unwrap()),
+            Err(e) => format!("{e:?}"),
+        };
+        let got = format!("{got}, written {}, outbox {}", written(), c.outbox_len());
+        let why = if way == "not_in_room" { "refused" } else { "left r" };
+        if got != format!("not_in_room: {why}, written 1, outbox 0") {
+            wrong.push(format!("{way}: {got}"));
+        }
+        c.close();
+        server.abort();
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
