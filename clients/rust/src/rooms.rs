@@ -23,7 +23,8 @@ pub struct RoomSeq {
     recovering: bool,
     /// The server said `recovered: false`: accept the next id, whatever it is
     /// (even a lower one: a server that lost its state numbers from 1 again;
-    /// frames from before the re-join all came before its `joined`).
+    /// frames from before the re-join all came before its `joined`). Also after a
+    /// first `joined` without a `last_id` that counts: the next id sets the position.
     accept_jump: bool,
 }
 
@@ -47,7 +48,7 @@ impl RoomSeq {
             // messages after `joined` are the room's next ones), a re-join keeps its own.
             (None, _) | (_, None) => {
                 self.last = last_id.filter(|id| *id <= MAX_WIRE_ID).or(self.last);
-                self.accept_jump = false;
+                self.accept_jump = self.last.is_none();
             }
             // Every message after `since` follows in order.
             (Some(true), Some(_)) => {}
@@ -63,8 +64,16 @@ impl RoomSeq {
             return Verdict::Drop;
         }
         let Some(last) = self.last else {
-            // Not joined yet: nothing to compare with.
+            if !self.accept_jump {
+                // Before the room's first `joined`: a message of an earlier membership, left
+                // since (the server sends a room's messages to its members only), say the echo
+                // of a send written before the `leave`. The `joined`'s `last_id` counts it: it
+                // is no message of this membership, as in the JS and Python clients.
+                return Verdict::Drop;
+            }
+            // The first after a `joined` without a `last_id` that counts: it sets the position.
             self.last = Some(id);
+            self.accept_jump = false;
             return Verdict::Deliver;
         };
         if id == last + 1 || self.accept_jump {
@@ -128,12 +137,31 @@ mod tests {
     #[test]
     fn ids_past_2_53_are_never_a_position() {
         let mut seq = RoomSeq::default();
+        seq.joined(None, None); // a first join without a position: the next id sets it
         assert_eq!(seq.message(u64::MAX), Verdict::Drop);
         assert_eq!(seq.message(9_007_199_254_740_992), Verdict::Drop);
         assert_eq!(seq.message(3), Verdict::Deliver);
         assert_eq!(seq.message(u64::MAX), Verdict::Drop);
         assert_eq!(seq.message(4), Verdict::Deliver);
         assert_eq!(seq.last(), Some(4));
+    }
+
+    /// A message before the first `joined` is one of an earlier membership of the room (the
+    /// echo of a send written before a `leave`, say): the `joined`'s `last_id` counts it. It was
+    /// delivered, and set the position, as if it were the new membership's first message.
+    #[test]
+    fn a_message_before_the_first_joined_is_dropped() {
+        let mut seq = RoomSeq::default();
+        assert_eq!(seq.message(1), Verdict::Drop);
+        assert_eq!(seq.last(), None);
+        seq.joined(Some(1), None);
+        assert_eq!(seq.message(2), Verdict::Deliver);
+        // Without a `last_id` that counts, the first message after the `joined` sets the position.
+        let mut seq = RoomSeq::default();
+        assert_eq!(seq.message(7), Verdict::Drop);
+        seq.joined(None, None);
+        assert_eq!(seq.message(8), Verdict::Deliver);
+        assert_eq!(seq.message(10), Verdict::Gap { since: 8 });
     }
 
     #[test]

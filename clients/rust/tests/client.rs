@@ -2161,3 +2161,48 @@ async fn a_send_of_a_room_left_and_joined_again_is_not_written_again() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// The echo of a send written before `leave` of its room that comes once the room is joined
+/// again (the server stored the send before the `leave`) resolves the send, with `Event::Ack`,
+/// as in the JS and Python clients. It is no `Event::Message` of the room joined again, as
+/// there: it came before that membership's `joined`, whose `last_id` counts it; the next
+/// message (2) is that membership's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_of_a_send_of_a_room_left_and_joined_again_resolves_it() {
+    let joins = Arc::new(AtomicUsize::new(0));
+    let held = Arc::new(Mutex::new(None::<serde_json::Value>));
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if joins.fetch_add(1, Ordering::SeqCst) == 0 => vec![raw_joined(cmd, Some("0"), None)],
+        Some("join") => {
+            let message = held.lock().unwrap().take().expect("the send written before the leave");
+            let echo = raw_message("1", "r", "a", message["client_msg_id"].as_str());
+            vec![echo, raw_joined(cmd, Some("1"), None)]
+        }
+        Some("message") if cmd["text"] == "a" => {
+            *held.lock().unwrap() = Some(cmd.clone());
+            vec![]
+        }
+        Some("message") => vec![raw_message("2", "r", "b", cmd["client_msg_id"].as_str())],
+        Some("leave") => vec![json!({"type": "left", "room": cmd["room"], "id": cmd["id"]}).to_string()],
+        _ => vec![],
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.join("r").await.unwrap();
+    let send = tokio::spawn({
+        let c = c.clone();
+        async move { c.send("r", "a").await }
+    });
+    eventually(5.0, || frames.lock().unwrap().iter().any(|(_, f)| f["type"] == "message")).await;
+    c.leave("r").await.unwrap();
+    c.join("r").await.unwrap();
+    assert_eq!(send.await.unwrap().map(|m| m.id), Ok(1));
+    assert_eq!(c.send("r", "b").await.map(|m| m.id), Ok(2));
+    rec.wait("two acks and message 2", 5.0, |ev| {
+        common::message_ids(ev, "r").contains(&2) && ev.iter().filter(|e| matches!(e, Event::Ack(_))).count() >= 2
+    })
+    .await;
+    assert_eq!(rec.ids("r"), [2]);
+    c.close();
+    server.abort();
+}
