@@ -508,6 +508,43 @@ def test_memory_last_ids_outlive_the_history_and_give_way_before_rooms_in_use() 
     assert post("gone-2") == 1  # numbered anew
 
 
+def test_memory_a_last_id_is_kept_while_its_room_has_members_again() -> None:
+    """A room joined again after its history expired keeps its last id while members are in
+    it, as Redis's join takes its sequence's expiry off, and counts ROOM_NUMBERING_TTL
+    anew when it empties again (before: the id stayed among the dropped rooms' ones, to
+    expire ROOM_NUMBERING_TTL after the first emptying or to give way to the memory bound
+    with members in, and the room's next message was 1: the hub drops ids at or below a
+    member's join point, so members that joined at 3 never got the new 1 to 3)."""
+    from wschat.stores.memory import MemoryBroker, MemoryMessageStore
+
+    now = [0.0]
+    store = MemoryMessageStore(MemoryBroker(), 5, room_ttl=10, clock=lambda: now[0],
+                               numbering_ttl=100)
+
+    def post(room: str) -> int:
+        return store.post_room(room, "u", draft_message(room, "a", "u", "x", 0,
+                                                        None)).msg_id
+
+    store.room_occupied("back")
+    assert [post("back") for _ in range(3)] == [1, 2, 3]
+    store.room_emptied("back")
+    now[0] = 11
+    store.last_id("elsewhere")  # past ROOM_TTL: the history goes, the last id stays
+    assert store.recent("back", 5) == [] and store.last_id("back") == 3
+    store.room_occupied("back")  # members back; nobody posts for a while
+    store.room_occupied("busy")
+    post("busy")
+    store._max_bytes = store.held_bytes
+    post("busy")  # over the bound: a room in use gives up its oldest message, not its id
+    assert store.last_id("back") == 3 and len(store.recent("busy", 5)) == 1
+    now[0] = 150  # ROOM_NUMBERING_TTL since the first emptying, members in all along
+    assert post("back") == 4
+    store.room_emptied("back")
+    now[0] = 200  # past ROOM_TTL since the second emptying, ROOM_NUMBERING_TTL from it too
+    assert store.last_id("back") == 4 and store.recent("back", 5) == []
+    assert post("back") == 5
+
+
 @pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
 def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Stores) -> None:
     """Redis as the memory store: a room posted to while nobody is in it (``/api/publish``)
