@@ -614,6 +614,35 @@ def test_redis_raising_an_emptied_rooms_sequence_keeps_its_expiry(stores: Stores
     finally:
         client.close()
 
+@pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
+def test_redis_a_sequence_raised_in_a_room_nobody_is_in_expires(stores: Stores) -> None:
+    """A sequence raised where Redis has none for a room nobody is in (a worker's resync
+    after Redis lost its data, for a room whose only local members closed before they were
+    registered again; the durable store continuing a room from the log, or moving past ids
+    it lost, with nothing left to publish) expires ``ROOM_NUMBERING_TTL`` from then, as
+    after a leave; with members in, it has none, and the DM sequence never has one (before:
+    raise_seq.lua's SET made the key without expiry, and it stayed in Redis for good)."""
+    import redis
+
+    from wschat.stores.redis.keys import DM_SEQ, room_keys
+
+    client = redis.Redis.from_url(redis_url(10))  # the fixture's database
+    seq = room_keys("raised-empty")[4]
+    try:
+        stores.messages.raise_sequence("raised-empty", 40)
+        assert stores.messages.last_id("raised-empty") == 40
+        assert 3600 < client.ttl(seq) <= 7 * 24 * 3600, client.ttl(seq)
+        stores.rooms.join("raised-empty", "c1", ALICE)
+        stores.messages.raise_sequence("raised-empty", 50)
+        assert client.ttl(seq) == -1  # a room with members keeps its sequence
+        stores.rooms.leave("raised-empty", "c1", ALICE.user_id)
+        assert 3600 < client.ttl(seq) <= 7 * 24 * 3600
+        stores.messages.raise_dm_sequence(7)
+        assert client.ttl(DM_SEQ) == -1
+    finally:
+        client.close()
+
+
 
 def test_a_committed_message_published_twice_reaches_the_window_once(stores: Stores) -> None:
     """Every store as Redis's publish script: an id the window is past already is STALE,

@@ -306,7 +306,11 @@ class RedisMessageStore(MessageStore):
 
     @guarded
     def raise_sequence(self, room: str, at_least: int) -> None:
-        self._raise_seq(keys=[room_keys(room)[4]], args=[at_least])
+        # With the room's conns and ROOM_NUMBERING_TTL: a sequence this makes for a room
+        # nobody is in (a resync's, the durable store's with nothing left to publish)
+        # expires as after a leave, rather than stay in Redis for good.
+        keys = room_keys(room)
+        self._raise_seq(keys=[keys[4], keys[0]], args=[at_least, self._ttls.numbering])
 
     @guarded
     def dm_last_id(self) -> int:
