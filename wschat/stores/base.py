@@ -128,7 +128,7 @@ def newest_within(events: list[bytes], max_bytes: int, at_least_one: bool = Fals
 
 #: The user_id of everything the server API posts (``/api/publish``: reserved, see
 #: auth). Its posts are the only ones into a room nobody is in, so only they start
-#: that room's ``ROOM_TTL`` (every other sender is a member).
+#: that room's ``ROOM_TTL`` and ``ROOM_NUMBERING_TTL`` (every other sender is a member).
 API_USER = "system"
 
 
@@ -175,8 +175,8 @@ def retry_echo(draft: MessageDraft, msg_id: int, timestamp_ms: int,
     it is there, else the retry's draft under the original id and time.
 
     The copy must carry the same timestamp and ``client_msg_id`` too: a room whose
-    numbering restarted after it expired (``ROOM_TTL``) holds other messages under old
-    ids."""
+    numbering restarted after it expired (``ROOM_NUMBERING_TTL``) holds other messages
+    under old ids."""
     for event in held:
         if message_id_of(event) == msg_id:
             stored = orjson.loads(event)

@@ -107,7 +107,8 @@ class DurableMessageStore(MessageStore):
             # Not only a join: a post no join came before (/api/publish) must not take
             # an id the window's store issued before persistence was on. And the server
             # API's posts, the only ones to a room nobody is in, every time: the window
-            # drops such a room ROOM_TTL after its first post (no leave unprimes it), and
+            # forgets such a room's ids ROOM_NUMBERING_TTL after its first post (no leave
+            # unprimes it; the memory window sooner, over MEMORY_HISTORY_BYTES), and
             # its next post would be held behind the ids the window forgot (one lookup of
             # the window's sequence; the log is read only when the window lost it).
             self._last_id(room)
@@ -306,7 +307,9 @@ class DurableMessageStore(MessageStore):
 
     def _continue_from_log(self, room: str, logged: int) -> None:
         """The window knows nothing of a room the log has messages of, up to ``logged``:
-        its keys expired (``ROOM_TTL``), Redis lost them, or a worker committed the room's
+        its sequence expired (``ROOM_NUMBERING_TTL``: a window that lost only the history,
+        ``ROOM_TTL``, still knows the last id, and reads go to the log), Redis lost it, the
+        memory window gave it up to its bound, or a worker committed the room's
         first messages and died before publishing them. The window continues from the
         log's last :attr:`REFILL` messages, published again (a member's worker drops
         those it delivered already, the hub; with Redis, another worker doing the same

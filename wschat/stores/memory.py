@@ -96,16 +96,16 @@ class MemoryMessageStore(MessageStore):
     """History and ids per room, bounded twice: ``HISTORY_SIZE`` messages per room and
     ``max_bytes`` (``MEMORY_HISTORY_BYTES``) for all rooms together. Over the latter,
     emptied rooms go first (oldest first, as if their ``ROOM_TTL`` had passed), then
-    the oldest messages of the rooms written to least recently; a room's sequence
-    number stays while it has members. A room without members (emptied, or never
-    joined: ``/api/publish``) keeps its history and ids for ``ROOM_TTL`` after it
-    emptied or, if it had none, after the first message posted to it since; a post
-    does not extend that, as in Redis. Its last id outlives its history: a room used
-    again within ``numbering_ttl`` (``ROOM_NUMBERING_TTL``, counted from the same
-    moment) goes on from it, so a ``since`` from before is never taken for an id of
-    the new messages (those last ids are dropped from the bound after the emptied
-    rooms, before any history of the rooms in use). A replay (``since``) is at most
-    ``replay_max_bytes``."""
+    the last ids kept of dropped rooms, then the oldest messages of the rooms written to
+    least recently; a room's sequence number stays while it has members. A room without
+    members (emptied, or never joined: ``/api/publish``) keeps its history for
+    ``ROOM_TTL`` after it emptied or, if it had none, after the first message posted to
+    it since; a post does not extend that, as in Redis. Its last id outlives its
+    history: a room used again within ``numbering_ttl`` (``ROOM_NUMBERING_TTL``, counted
+    from the same moment) goes on from it, so a ``since`` from before is never taken for
+    an id of the new messages (those last ids are dropped from the bound after the
+    emptied rooms, before any history of the rooms in use; a room joined again is one in
+    use). A replay (``since``) is at most ``replay_max_bytes``."""
 
     def __init__(self, broker: Broker, history_size: int, room_ttl: float,
                  clock: Callable[[], float] = time.monotonic,
