@@ -508,6 +508,60 @@ def test_turning_the_hpa_on_keeps_the_running_pods(autoscaling: bool, tmp_path: 
     assert spec.get("replicas") == (None if autoscaling else 3)
 
 
+# A template that renders the Deployment's update strategy against stand-ins for the
+# Deployment and the ConfigMap `lookup` finds (the release as it runs before this upgrade).
+LIVE_STORE_PROBE = """\
+{{- $root := . }}
+{{- $memoryPods := dict "spec" (dict "template" (dict "spec" (dict "containers" (list
+      (dict "name" "wschat" "envFrom" (list)))))) }}
+{{- $secretPods := dict "spec" (dict "template" (dict "spec" (dict "containers" (list
+      (dict "name" "wschat" "env" (list (dict "name" "REDIS_URL"))))))) }}
+{{- $plain := dict "data" (dict "PORT" "8080") }}
+{{- $withRedis := dict "data" (dict "REDIS_URL" "redis://wschat-redis:6379/0") }}
+{{- $cases := dict
+      "first-install" (list (dict) (dict))
+      "from-memory" (list $memoryPods $plain)
+      "from-charts-redis" (list $memoryPods $withRedis)
+      "from-secret-redis" (list $secretPods $plain) }}
+{{- range $name, $live := $cases }}
+{{ $name }}: {{ include "wschat.strategy" (dict "root" $root "deployment" (index $live 0)
+      "configMap" (index $live 1)) | fromYaml | toJson }}
+{{- end }}
+"""
+ROLLING = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+RECREATE = {"type": "Recreate"}
+
+
+def test_pods_that_share_no_store_are_never_rolled_side_by_side(tmp_path: Path) -> None:
+    """A rolling update runs the new pods beside the old ones (minReadySeconds, the preStop
+    sleep, the drain: 15 s and more), and the Service sends clients to both. That is safe
+    only when both hold their rooms in one Redis. Without Redis each pod is a chat of its
+    own: a message acknowledged to a sender on the old pod never reaches a member who
+    joined on the new one meanwhile, and that member's connection never ends to tell it.
+    The same when an upgrade moves the pods from the in-memory store to Redis (the
+    documented first scale-out, --set replicaCount=3) or back. Those pods are replaced
+    with Recreate: every old pod stops (1001) before a new one starts."""
+    assert render().deployment()["spec"]["strategy"] == RECREATE  # one pod, no Redis
+    assert render({"replicaCount": 3}).deployment()["spec"]["strategy"] == ROLLING
+    problems = _validate_manifests(render())
+    assert not problems, "\n".join(problems)
+
+    chart = tmp_path / "helm"
+    shutil.copytree(CHART_DIR, chart)
+    (chart / "templates" / "live-store-probe.yaml").write_text(LIVE_STORE_PROBE)
+
+    def probe(values: dict[str, Any]) -> dict[str, Any]:
+        return yaml.safe_load(render(values, chart_dir=chart).template("live-store-probe.yaml"))
+
+    assert probe({"replicaCount": 3}) == {
+        "first-install": ROLLING, "from-memory": RECREATE,
+        "from-charts-redis": ROLLING, "from-secret-redis": ROLLING}
+    external = {"replicaCount": 3, "redis": {"external": {"url": "redis://shared:6379/0"}}}
+    assert probe(external)["from-memory"] == RECREATE
+    assert probe(external)["from-secret-redis"] == ROLLING
+    assert set(map(json.dumps, probe({}).values())) == {json.dumps(RECREATE)}
+
+
 def test_chart_refuses_a_cpu_target_without_a_cpu_request() -> None:
     """The HPA's CPU target is a share of resources.requests.cpu: without a request (and
     no CPU limit, which Kubernetes would copy into it) the HPA reports "missing request

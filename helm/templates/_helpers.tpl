@@ -108,6 +108,56 @@ replicas: {{ $spec.replicas }}
 {{- end }}
 {{- end }}
 
+{{/*
+Where the pods keep their rooms: "redis" (REDIS_URL set: the chart's Redis, an external
+one, or extraEnv.REDIS_URL) or "memory" (each pod its own).
+*/}}
+{{- define "wschat.store" -}}
+{{- if or (ne (include "wschat.redisMode" .) "none") (hasKey .Values.extraEnv "REDIS_URL") }}redis{{ else }}memory{{ end }}
+{{- end }}
+
+{{/*
+The same for the release as it runs before this upgrade, from its Deployment and
+ConfigMap as `lookup` reads them: REDIS_URL in the ConfigMap, or in the wschat
+container's env (from a Secret). "" when there is no Deployment to read (a first
+install, or offline rendering: helm template, Argo CD).
+Called with (dict "deployment" <live Deployment> "configMap" <live ConfigMap>).
+*/}}
+{{- define "wschat.liveStore" -}}
+{{- $deployment := .deployment | default dict }}
+{{- if dig "spec" "template" "spec" "containers" list $deployment }}
+{{- $redis := ne (dig "data" "REDIS_URL" "" (.configMap | default dict)) "" }}
+{{- range dig "spec" "template" "spec" "containers" list $deployment }}
+{{- if eq (toString .name) "wschat" }}
+{{- range .env | default list }}
+{{- if eq (toString .name) "REDIS_URL" }}{{ $redis = true }}{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- ternary "redis" "memory" $redis }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Deployment's update strategy. A rolling update runs new pods beside old ones
+(minReadySeconds, the preStop sleep, the drain) and the Service sends clients to both:
+safe only when both keep their rooms in one Redis. Pods without Redis are each a chat
+of their own, and so are old pods on the in-memory store beside new ones on Redis (an
+upgrade that turns Redis on or off): a message acknowledged on one never reaches the
+members on the other. Those are replaced with Recreate, every old pod stopped (close
+1001) before a new one starts; otherwise updateStrategy.
+Called with (dict "root" $ "deployment" <live Deployment> "configMap" <live ConfigMap>).
+*/}}
+{{- define "wschat.strategy" -}}
+{{- $store := include "wschat.store" .root }}
+{{- $live := include "wschat.liveStore" (dict "deployment" .deployment "configMap" .configMap) }}
+{{- if or (eq $store "memory") (and $live (ne $live $store)) }}
+type: Recreate
+{{- else }}
+{{ toYaml .root.Values.updateStrategy }}
+{{- end }}
+{{- end }}
+
 {{/* "true" when the release runs more than one wschat pod (now or by autoscaling). */}}
 {{- define "wschat.multiPod" -}}
 {{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
