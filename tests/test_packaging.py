@@ -562,6 +562,22 @@ def test_pods_that_share_no_store_are_never_rolled_side_by_side(tmp_path: Path) 
     assert set(map(json.dumps, probe({}).values())) == {json.dumps(RECREATE)}
 
 
+def test_image_tags_given_as_numbers_render_as_written_or_are_refused() -> None:
+    """Helm reads every number in a values file as a float: a tag written unquoted (tag:
+    20240101, a build number) rendered as "2.0240101e+07", an image reference no registry
+    has, so every new pod of the rollout failed to pull; and tag: 1.10 rendered as "1.1",
+    another release's image, rolled out without a word. Whole numbers render with all their
+    digits; any other number is refused by the schema (quote such tags)."""
+    release = render({"replicaCount": 2, "image": {"tag": 20240101},
+                      "redis": {"image": {"tag": 7}}})
+    assert release.container()["image"] == "wschat:20240101"
+    assert release.container("redis")["image"] == "redis:7"
+    assert render({"image": {"tag": "1.10"}}).container()["image"] == "wschat:1.10"
+    for values in ({"image": {"tag": 1.1}}, {"redis": {"enabled": True, "image": {"tag": 7.2}}}):
+        with pytest.raises(helm_python.HelmValuesError):
+            render(values)
+
+
 def test_chart_refuses_a_cpu_target_without_a_cpu_request() -> None:
     """The HPA's CPU target is a share of resources.requests.cpu: without a request (and
     no CPU limit, which Kubernetes would copy into it) the HPA reports "missing request

@@ -83,8 +83,14 @@ app.kubernetes.io/part-of: wschat
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- printf "%s:%s" .Values.image.repository (include "wschat.tag" (default .Chart.AppVersion .Values.image.tag)) }}
 {{- end }}
+{{- end }}
+
+{{/* An image tag as written: Helm reads an unquoted 20240101 as a float, which toString
+prints as 2.0240101e+07. The schema allows whole numbers only beside strings. */}}
+{{- define "wschat.tag" -}}
+{{- if kindIs "string" . }}{{ . }}{{ else }}{{ include "wschat.num" . }}{{ end }}
 {{- end }}
 
 {{/*
