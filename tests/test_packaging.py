@@ -744,10 +744,16 @@ def test_chart_refuses_two_sources_of_token_keys(auth: dict[str, Any]) -> None:
     {"terminationGracePeriodSeconds": 30},
     {"config": {"gracefulTimeout": 40}},
     {"lifecycle": {"preStopSleepSeconds": 25}},
-], ids=["short-grace", "long-graceful-timeout", "long-prestop"])
+    {"extraEnv": {"GRACEFUL_TIMEOUT": "40"}},
+    {"extraEnv": {"GRACEFUL_TIMEOUT": 34.5}},
+], ids=["short-grace", "long-graceful-timeout", "long-prestop", "extra-env", "extra-env-number"])
 def test_chart_refuses_a_grace_period_shorter_than_the_shutdown(values: dict[str, Any]) -> None:
+    """The kubelet SIGKILLs the pod terminationGracePeriodSeconds after it began stopping
+    it: the preStop sleep and then GRACEFUL_TIMEOUT, as the pods get it (extraEnv overrides
+    config.gracefulTimeout, values.yaml says), must fit, or clients get no close 1001."""
     with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds"):
         render(values)
+    render({"extraEnv": {"GRACEFUL_TIMEOUT": "40"}, "terminationGracePeriodSeconds": 51})
 
 
 def test_jwt_secret_is_stored_in_a_secret_and_config_changes_roll_pods() -> None:

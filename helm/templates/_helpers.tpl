@@ -218,10 +218,17 @@ names the values to change.
 {{- if and (eq $mode "none") (include "wschat.multiPod" .) }}
 {{- fail "wschat: more than one pod (replicaCount > 1 or autoscaling.enabled) needs Redis, or each pod would hold its own rooms and users would silently miss each other's messages. Set redis.enabled=auto (the chart's own Redis) or redis.external.url / redis.external.existingSecret, or use replicaCount=1 without autoscaling." }}
 {{- end }}
+{{- /* GRACEFUL_TIMEOUT as the pods get it: extraEnv overrides config (wschat.env). */}}
+{{- $gracefulName := "config.gracefulTimeout" }}
+{{- $graceful := float64 .Values.config.gracefulTimeout }}
+{{- if hasKey .Values.extraEnv "GRACEFUL_TIMEOUT" }}
+{{- $gracefulName = "extraEnv.GRACEFUL_TIMEOUT" }}
+{{- $graceful = float64 (index .Values.extraEnv "GRACEFUL_TIMEOUT") }}
+{{- end }}
 {{- $grace := int .Values.terminationGracePeriodSeconds }}
-{{- $needed := add (int .Values.lifecycle.preStopSleepSeconds) (int (ceil .Values.config.gracefulTimeout)) }}
+{{- $needed := add (int .Values.lifecycle.preStopSleepSeconds) (int (ceil $graceful)) }}
 {{- if le $grace (int $needed) }}
-{{- fail (printf "wschat: terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + config.gracefulTimeout (%d), or Kubernetes kills the pod before every client got close 1001." $grace (int $needed)) }}
+{{- fail (printf "wschat: terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + %s (%d), or Kubernetes kills the pod before every client got close 1001." $grace $gracefulName (int $needed)) }}
 {{- end }}
 {{- if and .Values.auth.required (not (or .Values.auth.jwtSecret .Values.auth.existingSecret .Values.auth.publicKey .Values.auth.jwksUrl)) }}
 {{- fail "wschat: auth.required needs auth.jwtSecret, auth.existingSecret, auth.publicKey or auth.jwksUrl." }}
