@@ -578,6 +578,27 @@ def test_image_tags_given_as_numbers_render_as_written_or_are_refused() -> None:
             render(values)
 
 
+@pytest.mark.parametrize("values", [
+    {"connectionsPerPod": {"averageValue": 10000}},
+    {"connectionsPerPod": {"averageValue": "12k"}},
+    {"connectionsPerPod": {"averageValue": 4000}, "maxConnections": 4000},
+    {"connectionsPerPod": {"averageValue": 5000}, "extraEnv": {"MAX_CONNECTIONS": "3000"}},
+], ids=["at-the-limit", "quantity", "config", "extra-env"])
+def test_chart_refuses_a_connections_target_a_pod_cannot_reach(values: dict[str, Any]) -> None:
+    """A pod holds at most MAX_CONNECTIONS (its upgrades beyond get 503), so the average the
+    HPA reads never passes a target at or above it: the HPA would never add a pod for
+    connections, and clients would be refused while the metric looked fine."""
+    hpa = {"enabled": True, "connectionsPerPod": {"enabled": True,
+                                                  **values["connectionsPerPod"]}}
+    config = {"maxConnections": values["maxConnections"]} if "maxConnections" in values else {}
+    with pytest.raises(helm_python.HelmRenderError, match="averageValue"):
+        render({"autoscaling": hpa, "config": config, "extraEnv": values.get("extraEnv", {})})
+    render({"autoscaling": {"enabled": True, "connectionsPerPod": {
+        "enabled": True, "averageValue": "9999"}}})
+    render({"autoscaling": {"enabled": True, "connectionsPerPod": {"enabled": False}},
+            "config": {"maxConnections": 4000}})
+
+
 def test_chart_refuses_a_cpu_target_without_a_cpu_request() -> None:
     """The HPA's CPU target is a share of resources.requests.cpu: without a request (and
     no CPU limit, which Kubernetes would copy into it) the HPA reports "missing request

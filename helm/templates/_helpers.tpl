@@ -272,6 +272,16 @@ names the values to change.
 {{- if and .Values.autoscaling.enabled .Values.autoscaling.targetCPUUtilizationPercentage (not (or (dig "requests" "cpu" "" $res) (dig "limits" "cpu" "" $res))) }}
 {{- fail "wschat: autoscaling.targetCPUUtilizationPercentage is a share of resources.requests.cpu, which is not set: the HPA would report \"missing request for cpu\" and never scale. Set resources.requests.cpu (500m by default), or scale on connections only (autoscaling.targetCPUUtilizationPercentage=null with autoscaling.connectionsPerPod.enabled=true)." }}
 {{- end }}
+{{- $perPod := .Values.autoscaling.connectionsPerPod }}
+{{- if and .Values.autoscaling.enabled $perPod.enabled }}
+{{- /* A pod holds at most MAX_CONNECTIONS (as the pods get it: extraEnv overrides config),
+so the average the HPA reads never reaches a target at or above it. */}}
+{{- $target := include "wschat.quantityBytes" $perPod.averageValue }}
+{{- $limit := include "wschat.maxConnections" . }}
+{{- if and $target (ge (float64 $target) (float64 $limit)) }}
+{{- fail (printf "wschat: autoscaling.connectionsPerPod.averageValue (%v) must be below MAX_CONNECTIONS (%s: config.maxConnections, or extraEnv.MAX_CONNECTIONS): a pod holds at most that many connections and refuses the rest with 503, so the average per pod never passes the target and the HPA never adds a pod for connections. Lower the target (half of MAX_CONNECTIONS by default) or raise config.maxConnections." $perPod.averageValue $limit) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "wschat: autoscaling.maxReplicas must be at least autoscaling.minReplicas." }}
 {{- end }}
