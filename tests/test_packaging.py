@@ -802,6 +802,28 @@ def test_jwt_secret_is_stored_in_a_secret_and_config_changes_roll_pods() -> None
         render({"auth": {"required": True}})
 
 
+def test_extra_env_numbers_reach_the_server_as_written() -> None:
+    """extraEnv takes numbers (the schema allows them) and Helm reads every number in a
+    values file as a float: MEMORY_HISTORY_BYTES: 134217728 reached the server as
+    "1.34217728e+08", which it refuses for a whole number, so no worker started; so did
+    MAX_CONNECTIONS: 1000000 ("1e+06"), whose alert threshold printed the same way."""
+    release = render({"extraEnv": {"MEMORY_HISTORY_BYTES": 134217728,
+                                   "MAX_CONNECTIONS": 1000000, "TYPING_TIMEOUT": 2.5,
+                                   "ROOM_TTL": "86400", "TRUSTED_PROXIES": 1,
+                                   "ENABLE_DEBUG_THING": True}})
+    env = release.config_env()
+    assert env["MEMORY_HISTORY_BYTES"] == "134217728"
+    assert env["MAX_CONNECTIONS"] == "1000000"
+    assert env["TYPING_TIMEOUT"] == "2.5"
+    assert env["ROOM_TTL"] == "86400"
+    assert env["TRUSTED_PROXIES"] == "1"
+    assert env["ENABLE_DEBUG_THING"] == "true"
+    chart = render({"extraEnv": {"MAX_CONNECTIONS": 1000000}, "prometheusRule": {
+        "enabled": True}}).get("PrometheusRule")
+    rules = {r["alert"]: r for g in chart["spec"]["groups"] for r in g["rules"]}
+    assert "> 1000000 * 0.9" in rules["WschatConnectionsNearLimit"]["expr"]
+
+
 def test_api_key_comes_from_a_secret_and_room_patterns_from_the_config() -> None:
     """api.key goes to the chart's Secret (or api.existingSecret), never the ConfigMap;
     config.guestRooms/privateRooms become GUEST_ROOMS/PRIVATE_ROOMS."""

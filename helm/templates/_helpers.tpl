@@ -434,8 +434,16 @@ milliseconds.
 
 {{/* MAX_CONNECTIONS as the pods get it (extraEnv overrides config). */}}
 {{- define "wschat.maxConnections" -}}
-{{- if hasKey .Values.extraEnv "MAX_CONNECTIONS" }}{{ index .Values.extraEnv "MAX_CONNECTIONS" }}
+{{- if hasKey .Values.extraEnv "MAX_CONNECTIONS" }}{{ include "wschat.envValue" (index .Values.extraEnv "MAX_CONNECTIONS") }}
 {{- else }}{{ include "wschat.num" .Values.config.maxConnections }}{{ end }}
+{{- end }}
+
+{{/* An extraEnv value as the server reads it: a string as it is, a number as
+wschat.num writes it (Helm reads 134217728 as a float, which toString prints as
+1.34217728e+08), true and false in lower case. */}}
+{{- define "wschat.envValue" -}}
+{{- if or (kindIs "float64" .) (kindIs "int64" .) (kindIs "int" .) }}{{ include "wschat.num" . }}
+{{- else }}{{ toString . }}{{ end }}
 {{- end }}
 
 {{/*
@@ -485,7 +493,7 @@ A number as the server parses it: whole numbers without exponent or decimals
 {{- if eq (include "wschat.redisMode" .) "internal" }}
 {{- $_ := set $env "REDIS_URL" (printf "redis://%s:6379/0" (include "wschat.redis.fullname" .)) }}
 {{- end }}
-{{- range $k, $v := .Values.extraEnv }}{{ $_ := set $env $k (toString $v) }}{{ end }}
+{{- range $k, $v := .Values.extraEnv }}{{ $_ := set $env $k (include "wschat.envValue" $v) }}{{ end }}
 {{- range $k := keys $env | sortAlpha }}
 {{ $k }}: {{ get $env $k | quote }}
 {{- end }}
