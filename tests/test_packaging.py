@@ -824,6 +824,56 @@ def test_extra_env_numbers_reach_the_server_as_written() -> None:
     assert "> 1000000 * 0.9" in rules["WschatConnectionsNearLimit"]["expr"]
 
 
+@pytest.mark.parametrize("config", [
+    {"allowedOrigins": ["chat.example.com"]},
+    {"allowedOrigins": ["https://chat.example.com/app"]},
+    {"allowedOrigins": ["*"]},
+    {"rateLimit": 0.0005},
+    {"rateLimit": 2e9},
+], ids=["origin-without-scheme", "origin-with-path", "origin-star", "rate-too-low",
+        "rate-too-high"])
+def test_schema_refuses_settings_the_server_refuses(config: dict[str, Any]) -> None:
+    """What the server refuses at start (its workers exit with the variable's name) the
+    schema refuses at install: rendered, such a value took every new pod into a crash loop,
+    and with Recreate (pods without Redis) left none serving."""
+    from wschat.config import ConfigError, Settings
+
+    env = {**render().config_env(), "ALLOWED_ORIGINS": ",".join(config.get("allowedOrigins", [])),
+           "RATE_LIMIT": repr(config.get("rateLimit", 10))}
+    with pytest.raises(ConfigError):
+        Settings.from_env(env)
+    with pytest.raises(helm_python.HelmValuesError):
+        render({"config": config})
+
+
+@pytest.mark.parametrize("values, env, message", [
+    ({"config": {"enablePersistence": True}, "database": {"url": "sqlite:/data/wschat.db"}},
+     {"ENABLE_PERSISTENCE": "true", "DATABASE_URL": "sqlite:/data/wschat.db"}, None),
+    ({"containerPorts": {"http": 8080, "metrics": 8080}},
+     {"PORT": "8080", "METRICS_PORT": "8080"}, "containerPorts"),
+], ids=["sqlite-url", "one-port"])
+def test_chart_refuses_what_the_server_refuses_at_start(
+        values: dict[str, Any], env: dict[str, str], message: str | None) -> None:
+    from wschat.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError):
+        Settings.from_env({**render().config_env(), **env})
+    error = helm_python.HelmRenderError if message else helm_python.HelmValuesError
+    with pytest.raises(error, match=message):
+        render(values)
+
+
+def test_origins_and_rates_the_server_takes_pass_the_schema() -> None:
+    from wschat.config import Settings
+
+    origins = ["https://chat.example.com", "http://localhost:8080/", "null",
+               "http://[::1]:8080", "app://desk.example"]
+    env = render({"config": {"allowedOrigins": origins, "rateLimit": 0.001}}).config_env()
+    settings = Settings.from_env(env)
+    assert len(settings.allowed_origins) == len(origins)
+    assert settings.rate_limit == 0.001
+
+
 def test_api_key_comes_from_a_secret_and_room_patterns_from_the_config() -> None:
     """api.key goes to the chart's Secret (or api.existingSecret), never the ConfigMap;
     config.guestRooms/privateRooms become GUEST_ROOMS/PRIVATE_ROOMS."""

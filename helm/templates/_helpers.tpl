@@ -218,6 +218,9 @@ names the values to change.
 {{- if and (eq $mode "none") (include "wschat.multiPod" .) }}
 {{- fail "wschat: more than one pod (replicaCount > 1 or autoscaling.enabled) needs Redis, or each pod would hold its own rooms and users would silently miss each other's messages. Set redis.enabled=auto (the chart's own Redis) or redis.external.url / redis.external.existingSecret, or use replicaCount=1 without autoscaling." }}
 {{- end }}
+{{- if eq (int .Values.containerPorts.http) (int .Values.containerPorts.metrics) }}
+{{- fail "wschat: containerPorts.http and containerPorts.metrics must differ (PORT and METRICS_PORT): the server refuses one port for both, since it tells /metrics and /api/ from the public routes by the port a request came in on." }}
+{{- end }}
 {{- /* GRACEFUL_TIMEOUT as the pods get it: extraEnv overrides config (wschat.env). */}}
 {{- $gracefulName := "config.gracefulTimeout" }}
 {{- $graceful := float64 .Values.config.gracefulTimeout }}
