@@ -599,6 +599,19 @@ def test_chart_refuses_a_connections_target_a_pod_cannot_reach(values: dict[str,
             "config": {"maxConnections": 4000}})
 
 
+def test_notes_warn_that_an_hpa_on_cpu_alone_does_not_see_connections(
+        scaled_release: Rendered) -> None:
+    """An idle WebSocket costs next to no CPU: an HPA on CPU alone scales down to fewer pods
+    than the connections need (MAX_CONNECTIONS each), and the removed pods' clients then get
+    503 from full pods until CPU rises again. The release notes say so when the HPA has no
+    connections metric."""
+    cpu_only = render({"autoscaling": {"enabled": True}}).notes
+    assert "does not see connections" in cpu_only
+    assert "10000 each" in cpu_only and "autoscaling.connectionsPerPod.enabled" in cpu_only
+    assert "does not see connections" not in scaled_release.notes
+    assert "does not see connections" not in render({"replicaCount": 3}).notes
+
+
 def test_chart_refuses_a_cpu_target_without_a_cpu_request() -> None:
     """The HPA's CPU target is a share of resources.requests.cpu: without a request (and
     no CPU limit, which Kubernetes would copy into it) the HPA reports "missing request
