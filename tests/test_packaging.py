@@ -335,6 +335,25 @@ def _assert_server_pod_contract(release: Rendered) -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == selector
 
 
+def test_liveness_outlasts_a_stall_gunicorn_itself_survives(default_release: Rendered) -> None:
+    """/health is answered on the same gevent loop as every WebSocket. gunicorn already
+    replaces a worker whose loop missed its heartbeat for `timeout` seconds (one worker,
+    not the pod). A liveness probe that gives up sooner restarts the whole container for a
+    loop that was only busy (a reconnect storm after another pod went away, a long
+    collection): every client of the pod is dropped onto pods as busy, whose probes then
+    fail the same way. The probe must fail for longer than gunicorn's timeout plus the
+    time to start a new worker before the kubelet restarts anything."""
+    match = re.search(r"^timeout = (\d+)$", (ROOT / "gunicorn.conf.py").read_text(), re.MULTILINE)
+    assert match, "gunicorn.conf.py sets no timeout"
+    gunicorn_timeout = int(match.group(1))
+    probe = default_release.container()["livenessProbe"]
+    # From the start of a stall until the kubelet acts: the probe that began with it times
+    # out, and failureThreshold - 1 more fail, periodSeconds apart.
+    restart_after = (probe["failureThreshold"] - 1) * probe["periodSeconds"] \
+        + probe["timeoutSeconds"]
+    assert restart_after > gunicorn_timeout + 10, probe
+
+
 def test_default_release_is_one_pod_without_redis(default_release: Rendered) -> None:
     _assert_server_pod_contract(default_release)
     kinds = default_release.kinds()
