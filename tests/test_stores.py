@@ -551,7 +551,9 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
     keeps its history ``ROOM_TTL`` and its sequence ``ROOM_NUMBERING_TTL`` from that post
     (before: never joined, they had no expiry and stayed for good); a later post does not
     extend them, a join takes them off, a room with members gets none, and a post to a
-    room whose history expired while its sequence lives gives the new history its TTL."""
+    room whose history expired while its sequence lives gives the new history its TTL, as
+    does a member's post that began the history of a room its sender's leave emptied
+    (before: that history, kept by nobody, stayed in Redis for good)."""
     import redis
 
     from wschat.stores.base import API_USER
@@ -570,8 +572,11 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
         return 3600 < seq <= WEEK and 0 < hist <= 3600
 
     try:
-        post(stores, "a-member-posts", "x")  # a member's post (she left meanwhile) sets none
-        assert ttls("a-member-posts") == [-1, -1]
+        post(stores, "a-member-posts", "x")  # the member's leave came first: it began
+        assert expiring("a-member-posts"), "kept for good"  # the history of an empty room
+        client.persist(room_keys("a-member-posts")[5])
+        post(stores, "a-member-posts", "y")  # a member's later posts skip the check
+        assert ttls("a-member-posts")[1] == -1
         post(stores, "never-joined", "x", user=API)
         assert expiring("never-joined"), ttls("never-joined")
         client.expire(room_keys("never-joined")[4], 100)  # as if time had passed
@@ -587,6 +592,29 @@ def test_redis_rooms_posted_to_without_members_expire_after_room_ttl(stores: Sto
         client.delete(room_keys("never-joined")[5])  # ROOM_TTL passed, the numbering lives
         assert post(stores, "never-joined", "again", user=API).msg_id == 4
         assert expiring("never-joined"), ttls("never-joined")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
+def test_redis_a_members_message_published_into_an_emptied_room_expires(
+        stores: Stores) -> None:
+    """With persistence a member's committed message is published after the room emptied
+    (its sender left in between, its history had expired): the history it begins gets
+    ``ROOM_TTL`` and the sequence ``ROOM_NUMBERING_TTL`` (before: only the API's and the
+    releaser's did, and this history stayed in Redis for good)."""
+    import redis
+
+    from wschat.stores.base import PUBLISHED, Stored
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis.Redis.from_url(redis_url(10))  # the fixture's database
+    seq, hist = room_keys("left-first")[4:]
+    try:
+        event = draft_message("left-first", "alice", ALICE.user_id, "x", 1, None).with_id(1)
+        assert stores.messages.publish_stored(
+            [Stored(1, event, "left-first", ALICE.user_id)]) == [PUBLISHED]
+        assert 3600 < client.ttl(seq) <= 7 * 24 * 3600 and 0 < client.ttl(hist) <= 3600
     finally:
         client.close()
 

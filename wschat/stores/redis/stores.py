@@ -183,15 +183,16 @@ class RedisMessageStore(MessageStore):
         #: factory's check of the epoch, which finds a flush no connection noticed.
         self.on_gate_closed: Callable[[], None] = lambda: None
 
-    def _ttls_if_unattended(self, sender_id: str) -> tuple[int, int]:
-        """The post scripts' ``room_ttl numbering_ttl``: for the server API's posts, the only
-        ones into a room nobody may be in, and for messages the durable store's releaser
-        publishes from the log (no sender: the room may have emptied since they were
-        committed, before their keys existed for its last leave to give them expiries),
-        ``ROOM_TTL`` and ``ROOM_NUMBERING_TTL`` (the script then gives such a room's history
-        and sequence those expiries); 0 for a member's post, which skips that check (two
+    def _expiries(self, sender_id: str) -> tuple[int, int, int]:
+        """The post scripts' ``room_ttl numbering_ttl unattended``: the expiries they give
+        a room nobody is in, and 1 for the server API's posts, the only ones meant for a
+        room nobody may be in, and for messages the durable store's releaser publishes from
+        the log (no sender: the room may have emptied since they were committed, before
+        their keys existed for its last leave to give them expiries): the script then looks
+        whether the room has connections. A member's post is looked at only when it began
+        the room's history (the member's leave came first); its others skip that check (two
         commands less)."""
-        return self._ttls if sender_id in (API_USER, "") else (0, 0)
+        return (*self._ttls, 1 if sender_id in (API_USER, "") else 0)
 
     def check_delivering(self) -> None:
         if not self.delivering():
@@ -239,7 +240,7 @@ class RedisMessageStore(MessageStore):
                                            draft.client_msg_id))
         script_keys, args = charged(script_keys, [
             draft.prefix, draft.suffix, DEDUPE_TTL, draft.timestamp_ms, self._size,
-            *self._ttls_if_unattended(user_id)], charge)
+            *self._expiries(user_id)], charge)
         return self._posted(self._post_room(keys=script_keys, args=args), draft, room)
 
     @guarded
@@ -343,7 +344,7 @@ class RedisMessageStore(MessageStore):
                 self._publish_stored(keys=[keys[4], keys[5], room_channel(m.room),
                                            held_key(m.room)],
                                      args=[m.msg_id, m.event, self._size,
-                                           *self._ttls_if_unattended(m.sender_id)],
+                                           *self._expiries(m.sender_id)],
                                      client=pipe)
             # The database numbers DMs while persistence is on: Redis's sequence follows
             # it, so that turning persistence off again reuses no id a client holds.

@@ -6,16 +6,18 @@
 -- {2, retry_after_ms} when a bucket refused.
 -- KEYS: seq hist channel [dedupe] [buckets...]
 -- ARGV: prefix suffix dedupe_ttl timestamp_ms history_size room_ttl numbering_ttl
---       [rate burst cost]... NB
-redis.call('RPUSH', KEYS[2], msg)
+--       unattended [rate burst cost]... NB
+local length = redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
--- A room nobody is in (the server API's posts, the only ones that pass a nonzero
--- ARGV[6]: a member's post skips these two commands) keeps its history ARGV[6] seconds
--- (ROOM_TTL) and its sequence ARGV[7] (ROOM_NUMBERING_TTL) from this post, as after its
--- last leave (never joined, they stayed for good); an emptied room's TTLs run on (its
--- history has one, unless it expired and this post began it again). join.lua takes
--- them off. Its conns key is named here, not in KEYS (as gate.lua's): same hash tag.
-if ARGV[6] ~= '0' and redis.call('TTL', KEYS[2]) == -1
+-- A room nobody is in keeps its history ARGV[6] seconds (ROOM_TTL) and its sequence
+-- ARGV[7] (ROOM_NUMBERING_TTL) from this post, as after its last leave (never joined, or
+-- its history expired, they stayed for good); an emptied room's TTLs run on. Looked at
+-- for the server API's posts (ARGV[8] '1': the only ones meant for a room nobody may be
+-- in) and for a post that began the room's history (a member's that landed after the
+-- member's leave emptied the room); a member's other posts skip these two commands.
+-- join.lua takes the TTLs off. Its conns key is named here, not in KEYS (as gate.lua's):
+-- same hash tag, same slot.
+if (ARGV[8] == '1' or length == 1) and redis.call('TTL', KEYS[2]) == -1
     and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('EXPIRE', KEYS[2], ARGV[6])

@@ -2,7 +2,8 @@
 -- one in id order across workers: "seq" is then the highest id published. An id
 -- whose predecessor is not published yet waits in "held" until it is.
 -- Returns 1 published (with whatever it released), 0 held, -1 already past it.
--- KEYS: seq hist channel held   ARGV: id msg history_size room_ttl numbering_ttl
+-- KEYS: seq hist channel held
+-- ARGV: id msg history_size room_ttl numbering_ttl unattended
 local id = tonumber(ARGV[1])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 if id <= seq then return -1 end
@@ -12,8 +13,9 @@ if id > seq + 1 then
   return 0
 end
 local msg = ARGV[2]
+local began = false  -- the history: this began it
 while msg do
-  redis.call('RPUSH', KEYS[2], msg)
+  if redis.call('RPUSH', KEYS[2], msg) == 1 then began = true end
   redis.call('PUBLISH', KEYS[3], '\n' .. msg)
   seq = seq + 1
   local nxt = string.format('%d', seq + 1)
@@ -22,11 +24,10 @@ while msg do
 end
 redis.call('SET', KEYS[1], seq, 'KEEPTTL')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
--- A room nobody is in (the server API's posts, the only ones that pass a nonzero
--- ARGV[4]: a member's post skips these two commands) keeps its history ARGV[4] seconds
--- (ROOM_TTL) and its sequence ARGV[5] (ROOM_NUMBERING_TTL) from this post, as
--- post_room.lua does.
-if ARGV[4] ~= '0' and redis.call('TTL', KEYS[2]) == -1
+-- A room nobody is in keeps its history ARGV[4] seconds (ROOM_TTL) and its sequence
+-- ARGV[5] (ROOM_NUMBERING_TTL) from here, looked at as post_room.lua does (ARGV[6] '1':
+-- the server API's messages, or the releaser's, whose sender's leave may have come first).
+if (ARGV[6] == '1' or began) and redis.call('TTL', KEYS[2]) == -1
     and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
