@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -699,3 +699,119 @@ def test_a_connection_on_its_way_in_counts_once_for_its_user(transport: Transpor
         while conn in transport.connections:
             gevent.sleep(0.01)
     assert (hub.connections_of("u-ada"), hub.arriving) == (0, {})
+
+
+# -- unfinished messages: the worker's MAX_INBOUND_BUFFER_BYTES ------------------------
+def wait_held(transport: Transport, held: int) -> None:
+    with gevent.Timeout(TIMEOUT, AssertionError(f"held {transport.inbound_held}, not {held}")):
+        while transport.inbound_held != held:
+            gevent.sleep(0.01)
+
+
+def end_by_peer_close(conn: WebSocketConnection, peer: Peer) -> None:
+    peer.sock.sendall(raw_frame(0x8, (1000).to_bytes(2, "big")))
+
+
+def end_by_abort(conn: WebSocketConnection, peer: Peer) -> None:
+    conn.abort("killed")
+
+
+def end_by_protocol_error(conn: WebSocketConnection, peer: Peer) -> None:
+    peer.sock.sendall(raw_frame(0x0, b"\xff", fin=False))  # invalid UTF-8: 1007
+
+
+def end_by_oversize(conn: WebSocketConnection, peer: Peer) -> None:
+    peer.sock.sendall(raw_frame(0x0, b"y" * 70000, fin=False))  # 1009
+
+
+def end_by_a_bug(conn: WebSocketConnection, peer: Peer) -> None:
+    def broken(session: Any, text: str) -> None:
+        raise RuntimeError("a bug")
+
+    conn.transport.chat.receive = broken  # type: ignore[assignment,method-assign]
+    peer.sock.sendall(raw_frame(0x0, b"}"))  # the message completes: 1011
+
+
+@pytest.mark.parametrize(("end", "code"), [
+    (end_by_peer_close, 1000), (end_by_abort, 1006), (end_by_protocol_error, 1007),
+    (end_by_oversize, 1009), (end_by_a_bug, 1011)])
+def test_an_unfinished_message_leaves_the_budget_however_its_connection_ends(
+        transport: Transport, end: Callable[[WebSocketConnection, Peer], None], code: int
+) -> None:
+    """The bytes of a message still arriving (earlier fragments and the frame in
+    progress) are charged to the worker's budget while they are held, and given back
+    when the message completes or the connection ends, whichever way it ends."""
+    conn, peer = serve(transport)
+    first = raw_frame(0x1, b"{" + b"x" * 999, fin=False)
+    second = raw_frame(0x0, b"y" * 3000, fin=False)
+    peer.sock.sendall(first + second[:2000])  # a fragment, and 2,000 bytes of the next
+    wait_held(transport, 1000 + 2000)
+    peer.sock.sendall(second[2000:])
+    wait_held(transport, 1000 + 3000)
+    end(conn, peer)
+    wait_forgotten(transport, conn)
+    assert (conn.close_code, transport.inbound_held) == (code, 0)
+
+
+def test_a_completed_message_leaves_the_budget(transport: Transport) -> None:
+    _, peer = serve(transport, EchoConnection)
+    frame = raw_frame(0x1, b"x" * 5000)
+    peer.sock.sendall(frame[:3000])
+    wait_held(transport, 3000)
+    peer.sock.sendall(frame[3000:])
+    assert peer.next_event() == TextMessage(data="x" * 5000)
+    assert transport.inbound_held == 0
+
+
+def test_over_the_budget_the_connection_is_closed_with_1013_and_the_others_go_on(
+        transport: Transport) -> None:
+    """The connection whose unfinished message would pass MAX_INBOUND_BUFFER_BYTES is
+    closed with 1013 (try again later): its frame in progress is skipped, so its close
+    frame is still read. Those within the budget keep their messages."""
+    transport.max_inbound_buffer_bytes = 100_000
+    _, peer = serve(transport, EchoConnection)
+    over, over_peer = serve(transport, EchoConnection)
+    frame = raw_frame(0x1, b"x" * 60000)
+    peer.sock.sendall(frame[:-1])
+    wait_held(transport, len(frame) - 1)
+    over_peer.sock.sendall(frame[:-1])
+    assert close_code_of(over_peer) == CloseCode.TRY_AGAIN_LATER
+    over_peer.sock.sendall(frame[-1:] + raw_frame(0x8, (1013).to_bytes(2, "big")))
+    wait_forgotten(transport, over)
+    assert over.close_code == CloseCode.TRY_AGAIN_LATER
+    assert transport.inbound_held == len(frame) - 1
+    peer.sock.sendall(frame[-1:])  # the one within the budget completes its message
+    assert peer.next_event() == TextMessage(data="x" * 60000)
+    assert transport.inbound_held == 0
+
+
+def test_text_fragments_are_held_as_the_bytes_that_came() -> None:
+    """Text fragments are checked for UTF-8 as they come and kept as such: they used to
+    be kept decoded, and one 4-byte character in each fragment made each a str of 4
+    bytes a character, so an unfinished message held 4 x MAX_MESSAGE_BYTES."""
+    import tracemalloc
+
+    settings = Settings.from_env({"MAX_MESSAGE_BYTES": str(1 << 20)})
+    chat = Chat(settings, create_memory_stores(settings.history_size, settings.room_ttl),
+                Authenticator(settings),
+                MemoryRateLimiter(settings.rate_limit, settings.rate_limit_burst))
+    host = Transport(chat, NoMetrics(), ConnectionBudget(10))
+    server_sock, client_sock = gevent.socket.socketpair()
+    conn = EchoConnection(host, server_sock, host.new_conn_id(),
+                          Identity("u-ada", "ada", None), True, "127.0.0.1")
+    fragment = ("\U0001F600" + "a" * 16380).encode()
+    frames = [raw_frame(0x1 if i == 0 else 0x0, fragment, fin=False) for i in range(60)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for frame in frames:
+            assert conn._receive(frame)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        conn.abort("test over")
+        server_sock.close()
+        client_sock.close()
+    sent = len(fragment) * len(frames)
+    assert held < 1.3 * sent, f"{held / sent:.2f} bytes held per byte received"
+    assert host.inbound_held == sent

@@ -803,7 +803,8 @@ def test_control_characters_never_reach_the_logs_raw(json_format: bool) -> None:
 @pytest.mark.parametrize("variable, bad", [
     ("MAX_CONNECTIONS_PER_IP", "-1"), ("MAX_CONNECTIONS_PER_USER", "many"),
     ("RATE_LIMIT_REQUESTS", "0"), ("RATE_LIMIT_REQUESTS_BURST", "0"),
-    ("MEMORY_HISTORY_BYTES", "1000"),
+    ("MEMORY_HISTORY_BYTES", "1000"), ("MAX_INBOUND_BUFFER_BYTES", "100"),
+    ("MAX_INBOUND_BUFFER_BYTES", "65535"),  # under MAX_MESSAGE_BYTES
 ])
 def test_budget_settings_are_validated(variable: str, bad: str) -> None:
     from wschat.config import ConfigError, Settings
@@ -819,6 +820,7 @@ def test_budget_settings_defaults() -> None:
     assert (settings.request_rate, settings.request_burst) == (4.0, 35)
     assert (settings.max_connections_per_ip, settings.max_connections_per_user) == (1000, 50)
     assert settings.memory_history_bytes == 128 * 1024 * 1024
+    assert settings.max_inbound_buffer_bytes == 128 * 1024 * 1024
     custom = Settings.from_env({"RATE_LIMIT_REQUESTS": "2.5", "RATE_LIMIT_REQUESTS_BURST": "9"})
     assert (custom.request_rate, custom.request_burst) == (2.5, 9)
 

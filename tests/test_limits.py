@@ -725,6 +725,66 @@ def test_memory_bounded_when_many_clients_stop_reading(bulk: Server) -> None:
             c.close()
 
 
+def hold_unfinished(port: int, size: int) -> RawClient:
+    """A raw client (from an address of its own) that sends the first fragment of a text
+    message of ``size`` bytes and never finishes it; returned once the server has read
+    the fragment and counted it (it answered a ping sent after the pong to the ping
+    behind the fragment: control frames may come between fragments), or closed it."""
+    raw = RawClient(port, source=fresh_ip())
+    raw.sock.sendall(client_frame(OP_TEXT, b"x" * size, fin=False)
+                     + client_frame(OP_PING, b"read"))
+    for ping in (b"read", b"held"):
+        while (frame := raw.next_frame()) != (OP_PONG, ping):
+            if frame[0] == OP_CLOSE:
+                return raw
+        if ping == b"read":
+            raw.send_frame(OP_PING, b"held")
+    return raw
+
+
+def test_unfinished_messages_over_the_worker_budget_are_refused() -> None:
+    """A worker's unfinished incoming messages share MAX_INBOUND_BUFFER_BYTES: hostile
+    clients holding nearly-full messages that never end (each from its own address, so
+    MAX_CONNECTIONS_PER_IP does not stop them) fill it, and the next connection whose
+    unfinished message would pass it is closed with 1013 (try again later), while others
+    keep chatting. The budget comes back when a message completes or its connection
+    closes. Before, each such connection held what it sent (up to 4 x MAX_MESSAGE_BYTES
+    for text fragments) for as long as it lived, and enough of them could get the worker
+    killed for running out of memory."""
+    size, held = 60000, 4  # the budget has room for 4 such messages, not 5
+    with Server({"MAX_MESSAGE_BYTES": "65536", "MAX_INBOUND_BUFFER_BYTES": str(4 * 65536),
+                 "JWT_SECRET": SECRET}) as server:
+        r = room()
+        hostile: list[RawClient] = []
+        with user(server) as alice, user(server) as bob:
+            alice.join(r), bob.join(r)
+            try:
+                for _ in range(held):
+                    hostile.append(hold_unfinished(server.port, size))
+                    assert hostile[-1].close_code is None
+                alice.say(r, "still here")
+                bob.expect("message", text="still here")
+                over = hold_unfinished(server.port, size)
+                hostile.append(over)
+                assert over.close_code == 1013
+                assert metric(server, "wschat_disconnects_total", reason="inbound_budget") == 1
+                bob.say(r, "and here")
+                alice.expect("message", text="and here")
+                # A message that completes gives its share back; so does a closed connection.
+                hostile[0].sock.sendall(client_frame(0x0, b"x"))
+                assert hostile[0].expect("error")["code"] in ("invalid_json", "invalid_message")
+                hostile[1].close()
+                for _ in range(2):
+                    hostile.append(hold_unfinished(server.port, size))
+                    assert hostile[-1].close_code is None
+                assert hold_unfinished(server.port, size).close_code == 1013
+                alice.say(r, "to the end")
+                bob.expect("message", text="to the end")
+            finally:
+                for c in hostile:
+                    c.close()
+
+
 # -- churn -----------------------------------------------------------------------------
 
 def _cycle(port: int, rooms: list[str], i: int) -> str:

@@ -255,6 +255,9 @@ class Settings:
     memory_history_bytes: int = _var("MEMORY_HISTORY_BYTES", _int(1024 * 1024),
                                      128 * 1024 * 1024)
     max_message_bytes: int = _var("MAX_MESSAGE_BYTES", _int(256, 16 * 1024 * 1024), 65536)
+    # What all of a worker's unfinished incoming messages may hold together.
+    max_inbound_buffer_bytes: int = _var("MAX_INBOUND_BUFFER_BYTES", _int(256),
+                                         128 * 1024 * 1024)
     max_text_chars: int = _var("MAX_TEXT_CHARS", _int(1), 4000)
     max_outbound_bytes: int = _var("MAX_OUTBOUND_BYTES", _int(4096), 1024 * 1024)
     # The kernel's share of a stalled client's backlog (Linux doubles it); 0: autotuned.
@@ -325,6 +328,12 @@ class Settings:
             raise ConfigError(
                 f"{' and '.join(sources)}: set only one of them (tokens are verified with "
                 "keys from exactly one source; the others would be ignored)"
+            )
+        if self.max_inbound_buffer_bytes < self.max_message_bytes:
+            raise ConfigError(
+                f"MAX_INBOUND_BUFFER_BYTES: {self.max_inbound_buffer_bytes} is less than "
+                f"MAX_MESSAGE_BYTES ({self.max_message_bytes}): a message that size could "
+                "never arrive in more than one read"
             )
         if self.auth_required and not self.jwt_configured:
             raise ConfigError(

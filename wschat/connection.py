@@ -96,6 +96,19 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
         n, "little")
 
 
+def _frame_size(buf: bytes | bytearray) -> int | None:
+    """The size of the frame ``buf`` starts with (header and payload), or None while
+    its header is not all there."""
+    if len(buf) < 2:
+        return None
+    length = buf[1] & 0x7F
+    if length == 126:
+        return 8 + int.from_bytes(buf[2:4], "big") if len(buf) >= 8 else None
+    if length == 127:
+        return 14 + int.from_bytes(buf[2:10], "big") if len(buf) >= 14 else None
+    return 6 + length
+
+
 def control_frame(opcode: int, payload: bytes = b"") -> bytes:
     """A final, unmasked server frame with a payload under 126 bytes."""
     return bytes((0x80 | opcode, len(payload))) + payload
@@ -146,6 +159,8 @@ class Host(Protocol):
     metrics: Metrics
     max_outbound_bytes: int
     max_message_bytes: int
+    max_inbound_buffer_bytes: int
+    inbound_held: int  # what the connections' unfinished messages hold, all together
     socket_send_buffer: int
     heartbeat_interval: float
 
@@ -194,7 +209,7 @@ class WebSocketConnection(Session):
                  "_flusher", "_wwatch", "_close_timer", "_parts", "_part_size", "_msg_op",
                  "_utf8", "_pcheck", "state", "last_seen", "close_code", "close_reason", "_progress_at",
                  "next_ping", "_read_after_close", "_paced", "_paced_counted", "_started",
-                 "_control")
+                 "_control", "_held")
 
     def __init__(self, transport: Host, sock: socket.socket, conn_id: str,
                  identity: Identity, authenticated: bool, remote_addr: str,
@@ -240,6 +255,9 @@ class WebSocketConnection(Session):
         self._part_size = 0
         self._utf8: Any = None
         self._pcheck: list[Any] | None = None  # [decoder, bytes checked] of a partial text frame
+        # What the unfinished message holds (the incomplete frame and earlier fragments),
+        # charged to the worker's MAX_INBOUND_BUFFER_BYTES.
+        self._held = 0
         self._read_after_close = 0
         self._started = False
         self._control: tuple[float, float] | None = None  # pings' bucket, once one came
@@ -528,6 +546,47 @@ class WebSocketConnection(Session):
         watch.start(_dispatch, self)
 
     def _receive(self, data: bytes) -> bool:
+        """Parse and handle the frames in ``data`` (after what an incomplete frame left),
+        and charge what the unfinished message then holds; False when the connection is
+        done."""
+        if not self._parse(data):
+            return False  # _finish gives back what it held
+        held = len(self._buf) + self._part_size
+        return held == self._held or self._charge(held) or self._over_budget()
+
+    def _charge(self, held: int) -> bool:
+        """Hold ``held`` bytes of the worker's MAX_INBOUND_BUFFER_BYTES (instead of what
+        this connection held so far); False, charging nothing more, if that passes it."""
+        host = self.transport
+        grows = held - self._held
+        if grows > 0 and host.inbound_held + grows > host.max_inbound_buffer_bytes:
+            return False
+        host.inbound_held += grows
+        self._held = held
+        return True
+
+    def _over_budget(self) -> bool:
+        """The unfinished message would take the worker past MAX_INBOUND_BUFFER_BYTES:
+        drop it, skip the rest of its frame (the peer's close frame is still read) and
+        close with 1013, try again later (the server is short of room, the client is not
+        at fault). False when the connection is done."""
+        self._reset_message()
+        size = _frame_size(self._buf)
+        if size is not None:
+            self._skip = size - len(self._buf)
+            self._buf = b""
+        host = self.transport
+        host.inbound_held -= self._held - len(self._buf)  # a header's 13 bytes at most stay
+        self._held = len(self._buf)
+        if self.state is not _OPEN:
+            return False  # closing already: read no more of it
+        self.transport.metrics.disconnected("inbound_budget")
+        log.warning("connection %s: unfinished messages over MAX_INBOUND_BUFFER_BYTES (%d); "
+                    "closing with 1013", self.conn_id, self.transport.max_inbound_buffer_bytes)
+        self.close(CloseCode.TRY_AGAIN_LATER, "server busy; retry")
+        return True
+
+    def _parse(self, data: bytes) -> bool:
         """Parse and handle the frames in ``data`` (after what an incomplete frame left);
         False when the connection is done."""
         if self._skip:
@@ -682,24 +741,24 @@ class WebSocketConnection(Session):
             self._msg_op = opcode
             if opcode == OP_TEXT:
                 self._utf8 = _Utf8Decoder()
-                self._parts = io.StringIO()
-            else:
-                self._parts = io.BytesIO()
+            self._parts = io.BytesIO()
         self._part_size += len(payload) if fin else max(len(payload), MIN_FRAGMENT_CHARGE)
         if self._utf8 is not None:
+            # Checked as it comes, kept as UTF-8: decoded fragments were kept as str before,
+            # and a fragment with one emoji in it made a str of 4 bytes a character, so an
+            # unfinished message held up to 4 x MAX_MESSAGE_BYTES.
             try:
-                self._parts.write(self._utf8.decode(payload, bool(fin)))
+                self._utf8.decode(payload, bool(fin))
             except UnicodeDecodeError:
                 return self._protocol_error(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
-        else:
-            self._parts.write(payload)
+        self._parts.write(payload)
         if not fin:
             return True
         whole = self._parts.getvalue()
         op = self._msg_op
         self._reset_message()
         if op == OP_TEXT:
-            self._on_text(whole)
+            self._on_text(whole.decode())
         else:
             self._on_bytes(whole)
         return True
@@ -738,6 +797,10 @@ class WebSocketConnection(Session):
         return False  # else the peer answered our close
 
     def _finish(self) -> None:
+        # First, whatever ended the connection: its unfinished message leaves the budget.
+        self._buf = b""
+        self._reset_message()
+        self._charge(0)
         if self._close_timer is not None:
             self._close_timer.kill(block=False)
         if self.state is not _CLOSED and self._flusher is not None:
@@ -750,8 +813,6 @@ class WebSocketConnection(Session):
         if self._watch is not None:
             self._watch.close()
             self._watch = None
-        self._buf = b""
-        self._reset_message()
         try:
             self._raw.close()
         except OSError:

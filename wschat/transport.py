@@ -48,6 +48,9 @@ class Transport:
         self.max_outbound_bytes = settings.max_outbound_bytes
         self.socket_send_buffer = settings.socket_send_buffer
         self.max_message_bytes = settings.max_message_bytes
+        # Bytes this worker's unfinished incoming messages hold, and their budget.
+        self.max_inbound_buffer_bytes = settings.max_inbound_buffer_bytes
+        self.inbound_held = 0
         self.heartbeat_interval = settings.heartbeat_interval
         self.connections: set[WebSocketConnection] = set()
         self.addresses = AddressLimit(settings.max_connections_per_ip)
