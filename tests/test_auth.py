@@ -202,6 +202,15 @@ def test_expired_token_with_bad_signature_is_auth_failed() -> None:
     ({"sub": "x" * 129}, "sub too long"),
     ({"exp": "tomorrow"}, "non-numeric exp"),
     ({"exp": 10**400}, "exp beyond any date"),
+    # RFC 7519 2: a NumericDate is a JSON number. PyJWT takes what int() takes: a string
+    # of digits passed as a date, and true as 1 (an exp of true was token_expired).
+    ({"exp": str(int(time.time()) + 600)}, "exp as a string of digits"),
+    ({"exp": True}, "exp as a boolean"),
+    ({"exp": [int(time.time()) + 600]}, "exp as a list"),
+    ({"nbf": "0"}, "nbf as a string"),
+    ({"nbf": True}, "nbf as a boolean"),
+    ({"iat": str(int(time.time()))}, "iat as a string"),
+    ({"iat": False}, "iat as a boolean"),
 ])
 def test_bad_claims_refused(changes: dict, why: str) -> None:
     """Tokens with a missing or wrong registered claim are refused with auth_failed."""

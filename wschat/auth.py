@@ -3,7 +3,7 @@
 Algorithms are always pinned (``JWT_ALGORITHMS``, or the one family that fits
 the configured key), so ``alg: none`` and HS256-signed-with-the-public-key
 tokens are refused by construction. ``exp`` and ``sub`` are required; ``nbf``
-and ``iat`` are checked when present, ``aud``/``iss`` when configured (a token
+and ``iat`` are checked when present (all three must be JSON numbers), ``aud``/``iss`` when configured (a token
 with an ``aud`` is refused when no ``JWT_AUDIENCE`` is set).
 
 Keys come from exactly one place in the configuration: ``JWT_SECRET``,
@@ -289,9 +289,13 @@ class Authenticator:
                 options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
+            # Well signed (PyJWT checks the signature before the claims), but an exp of
+            # true is no date: PyJWT took it for 1.
+            _check_numeric_dates(jwt.decode(token, options={"verify_signature": False}))
             raise AuthError(ErrorCode.TOKEN_EXPIRED, "token has expired") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: {exc}") from None
+        _check_numeric_dates(claims)
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUB_CHARS:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: bad 'sub'")
@@ -317,6 +321,17 @@ class Authenticator:
         except ValueError as exc:
             raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: {exc}") from None
         return Identity(sub, _display_name(claims, sub), expires_at, rooms, mod_rooms)
+
+
+def _check_numeric_dates(claims: dict[str, Any]) -> None:
+    """``exp``, ``nbf`` and ``iat``, when present, must be JSON numbers (RFC 7519 2,
+    NumericDate): PyJWT takes whatever ``int()`` takes, so "1796279945" passed as a
+    date, and true or false as 1 or 0."""
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool)
+                               or not isinstance(value, int | float)):
+            raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: '{name}' is not a number")
 
 
 def _display_name(claims: dict[str, Any], sub: str) -> str:
