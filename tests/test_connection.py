@@ -314,6 +314,46 @@ def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> N
     assert event.code == CloseCode.SLOW_CONSUMER
 
 
+def test_a_slow_consumer_is_closed_right_after_the_frame_being_written(
+        transport: Transport) -> None:
+    """A client reading slowly, dropped as a slow consumer: the close frame follows the
+    frame being written, not the frames joined with it for one send. The flusher used to
+    keep a send's join (up to 64 KiB of whole frames) as the queue's head, and the close
+    frame waited behind all of it, long enough for a slow reader's close timer to reset
+    the connection before it ever saw the 4101."""
+    conn, peer = serve(transport, EchoConnection)
+
+    def send(i: int) -> None:
+        payload = f"{i:04d}".encode() + b"x" * 996
+        conn.send_frame(b"\x81\x7e" + len(payload).to_bytes(2, "big") + payload)
+
+    sent = 0
+    while conn.outbound_bytes == 0:  # until the socket pair's buffers are full
+        assert sent < 10000, "no backlog formed"
+        send(sent)
+        sent += 1
+    for _ in range(50):  # 50 KB more wait in the queue, under MAX_OUTBOUND_BYTES
+        send(sent)
+        sent += 1
+    queued = conn.outbound_bytes
+    with gevent.Timeout(TIMEOUT):
+        while conn.outbound_bytes == queued:  # read a little: the flusher writes on
+            peer.ws.receive_data(peer.sock.recv(8192))
+            peer.pending.extend(peer.ws.events())
+            gevent.sleep(0.01)
+    waiting = conn.outbound_bytes // 1004  # whole frames still queued, about
+    assert waiting >= 3, waiting
+    conn.drop_slow_consumer()
+    events = [peer.next_event()]
+    while not isinstance(events[-1], CloseConnection):
+        events.append(peer.next_event())
+    texts = [e.data[:4] for e in events if isinstance(e, Message)]
+    assert texts == [f"{i:04d}" for i in range(len(texts))]  # whole frames, in order
+    assert events[-1] == CloseConnection(code=CloseCode.SLOW_CONSUMER, reason="slow consumer")
+    # What the kernel held, and the frame being written: not those that waited behind it.
+    assert sent - len(texts) >= waiting - 1, (sent, len(texts), waiting)
+
+
 class DisconnectCounts(NoMetrics):
     def __init__(self) -> None:
         self.reasons: list[str] = []

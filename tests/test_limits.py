@@ -665,6 +665,59 @@ def test_stalled_reader_dropped_others_latency_unchanged(bulk: Server) -> None:
     assert p99_during <= max(3 * p99_base, p99_base + 0.005), (p99_base, p99_during)
 
 
+def test_a_slow_reader_dropped_for_its_backlog_reads_the_4101() -> None:
+    """A member that reads, but slower than its room talks, is closed as a slow consumer
+    (4101) and, still reading at its pace, gets the close frame and its code: right after
+    the frame being written (not behind up to 64 KiB of frames the flusher had joined
+    for one send), and the close wait lasts while it takes what precedes the close
+    frame. It used to be reset 1 s after the decision, its close frame unread in the
+    server's queue or its own receive buffer: it saw a reset, never why."""
+    rate = 16 * 1024  # bytes a second the reader takes
+    with Server({"MAX_OUTBOUND_BYTES": "65536", "SOCKET_SEND_BUFFER": "8192",
+                 "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000", "HEARTBEAT_INTERVAL": "30",
+                 "JWT_SECRET": SECRET}) as server:
+        r = room()
+        reader = RawClient(server.port, rcvbuf=4096)
+        frames: list[tuple[int, bytes]] = []
+        ended: list[str] = []
+
+        def read_slowly() -> None:
+            deadline = time.monotonic() + 30
+            try:
+                while time.monotonic() < deadline:
+                    frame = read_paced(reader, rate)
+                    if frame is not None:
+                        frames.append(frame)
+                        if frame[0] == OP_CLOSE:
+                            ended.append(f"close {reader.close_code}")
+                            return
+                ended.append("still reading")
+            except (Closed, ConnectionResetError, TimeoutError) as exc:
+                ended.append(repr(exc))
+
+        try:
+            reader.send({"type": "join", "room": r})
+            reader.expect("joined")
+            thread = threading.Thread(target=read_slowly, daemon=True)
+            thread.start()
+            with user(server, max_queue=None) as publisher:
+                publisher.join(r)
+                for i in range(400):  # ~1.6 MB at ~400 KB/s, far faster than it reads
+                    publisher.send({"type": "message", "room": r, "text": f"{i} " + "s" * 3990})
+                    if i % 10 == 9:
+                        if metric(server, "wschat_disconnects_total", reason="slow_consumer"):
+                            break
+                        time.sleep(0.1)
+                assert metric(server, "wschat_disconnects_total", reason="slow_consumer") == 1
+            thread.join(40)
+        finally:
+            reader.close()
+        assert ended == ["close 4101"], ended
+        ids = [json.loads(p)["text"].split()[0] for op, p in frames if op == OP_TEXT
+               and json.loads(p).get("type") == "message"]
+        assert ids == [str(i) for i in range(len(ids))]  # whole frames, in order
+
+
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import codecs
 import enum
+import fcntl
 import io
+import itertools
 import logging
 import random
 import socket
 import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,6 +65,8 @@ CLOSE_HANDSHAKE_TIMEOUT = 3.0  # after our close frame, wait this long for the p
 # destroy our close frame in the peer's receive buffer, and with it the reason.)
 READ_AFTER_CLOSE_BYTES = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+# The ioctl that tells a TCP socket's bytes not yet acknowledged (Linux's SIOCOUTQ).
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
 # Each fragment of a message but the last counts at least this many bytes against
 # MAX_MESSAGE_BYTES, so a message has at most MAX_MESSAGE_BYTES / 64 fragments (1024
 # by default) and a stream of empty continuation frames is cut off like an
@@ -209,7 +214,7 @@ class WebSocketConnection(Session):
                  "_flusher", "_wwatch", "_close_timer", "_parts", "_part_size", "_msg_op",
                  "_utf8", "_pcheck", "state", "last_seen", "close_code", "close_reason", "_progress_at",
                  "next_ping", "_read_after_close", "_paced", "_paced_counted", "_started",
-                 "_control", "_held")
+                 "_control", "_held", "_head_started")
 
     def __init__(self, transport: Host, sock: socket.socket, conn_id: str,
                  identity: Identity, authenticated: bool, remote_addr: str,
@@ -236,8 +241,10 @@ class WebSocketConnection(Session):
         # bytes read along with the upgrade request, handled before any read.
         self._buf: bytes | bytearray = pending
         self._skip = 0  # payload bytes still to discard (an oversized frame)
-        # What waits for the kernel to take it (created on the first backlog).
+        # What waits for the kernel to take it (created on the first backlog): whole frames,
+        # but for the first, which may be the rest of a frame partly written.
         self._outbox: deque[bytes | memoryview] | None = None
+        self._head_started = False  # the first entry is such a rest
         self._outbox_bytes = 0
         self._flusher: gevent.Greenlet | None = None
         self._wwatch: Any = None  # the flusher's write watcher
@@ -342,6 +349,7 @@ class WebSocketConnection(Session):
             return
         if sent < len(data):
             self._queue(memoryview(data)[sent:])
+            self._head_started = sent > 0
 
     def write_control(self, frame: bytes) -> None:
         """Write a ping or a pong ahead of any backlog, at its first frame boundary:
@@ -385,14 +393,16 @@ class WebSocketConnection(Session):
                 outbox = self._outbox
                 chunk = outbox[0]
                 if len(outbox) > 1 and len(chunk) < COALESCE_BYTES:
-                    parts = [outbox.popleft()]
+                    # Joined for the send only: the queue keeps its frames, so a close
+                    # can still follow the frame being written (drop_slow_consumer).
+                    parts = [chunk]
                     size = len(chunk)
-                    while outbox and size < COALESCE_BYTES:
-                        part = outbox.popleft()
+                    for part in itertools.islice(outbox, 1, None):
+                        if size >= COALESCE_BYTES:
+                            break
                         parts.append(part)
                         size += len(part)
                     chunk = b"".join(parts)
-                    outbox.appendleft(chunk)
                 try:
                     sent = self._raw.send(chunk)
                 except BlockingIOError:
@@ -406,10 +416,12 @@ class WebSocketConnection(Session):
                 # ping cannot go inside the frame being written, and a peer reading one
                 # large frame (a full history) slowly was closed as silent mid-frame.
                 self._progress_at = self.last_seen = time.monotonic()
-                if sent >= len(chunk):
-                    outbox.popleft()
-                else:
-                    outbox[0] = memoryview(chunk)[sent:]
+                while outbox and sent >= len(outbox[0]):
+                    sent -= len(outbox.popleft())
+                    self._head_started = False
+                if sent:
+                    outbox[0] = memoryview(outbox[0])[sent:]
+                    self._head_started = True
                 if not outbox:
                     self._outbox_bytes = 0
                     self._outbox = None
@@ -430,38 +442,78 @@ class WebSocketConnection(Session):
         return now - self._progress_at if self._outbox else 0.0
 
     def drop_slow_consumer(self) -> None:
-        """Backlog over the limit (or stuck): drop it and say why.
-
-        The head stays: it may be half written (or in the flusher's hands), and
-        a close frame after half a frame would corrupt the stream. Every other
-        entry is a whole frame, so the close frame follows a frame boundary.
-        The close timer aborts the socket if even that cannot be written.
-        Counted once: a connection already closing is left as it is.
-        """
+        """Backlog over the limit (or stuck): drop it and say why, right after the frame
+        being written. Counted once: a connection already closing is left as it is."""
         if self.state is not _OPEN:
             return
         self.transport.metrics.disconnected("slow_consumer")
+        self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", 1.0, discard_backlog=True)
+
+    def _discard_backlog(self) -> None:
+        """Drop every frame not yet begun, paced ones too. The rest of a frame partly
+        written stays: a close frame after half a frame would corrupt the stream."""
         self._paced = None
         self._paced_counted = 0
-        if self._outbox:
-            head = self._outbox[0]
-            self._outbox.clear()
-            self._outbox.append(head)
-            self._outbox_bytes = len(head)
-        self._begin_close(CloseCode.SLOW_CONSUMER, "slow consumer", timeout=1.0)
+        outbox = self._outbox
+        if outbox:
+            head = outbox[0]
+            outbox.clear()
+            if self._head_started:
+                outbox.append(head)
+            self._outbox_bytes = len(outbox[0]) if outbox else 0
 
     # -- closing -----------------------------------------------------------------------
     def close(self, code: CloseCode, reason: str = "",
-              timeout: float = CLOSE_HANDSHAKE_TIMEOUT) -> None:
-        """Start the close handshake; the socket goes when the peer answers or ``timeout``."""
-        if self.state is _OPEN:
-            self._begin_close(code, reason, timeout)
+              timeout: float = CLOSE_HANDSHAKE_TIMEOUT, discard_backlog: bool = False
+              ) -> None:
+        """Start the close handshake; the socket goes when the peer answers or ``timeout``
+        (longer while the peer still reads what precedes our close frame: _close_wait).
 
-    def _begin_close(self, code: int, reason: str, timeout: float) -> None:
+        ``discard_backlog``: the close frame goes right after the frame being written,
+        not behind the whole backlog (a peer that does not read it, 4100 and 4101); every
+        other close (1001 at shutdown above all) delivers what was queued first."""
+        if self.state is _OPEN:
+            self._begin_close(code, reason, timeout, discard_backlog)
+
+    def _begin_close(self, code: int, reason: str, timeout: float,
+                     discard_backlog: bool = False) -> None:
         self.state = _CLOSING
         self.close_code, self.close_reason = int(code), reason
+        if discard_backlog:
+            self._discard_backlog()
         self.write(close_frame(int(code), reason))
-        self._close_timer = self.transport.spawn_later(timeout, self.abort, "close timeout")
+        self._close_timer = self.transport.spawn(self._close_wait, timeout)
+
+    def _close_wait(self, timeout: float) -> None:
+        """Wait ``timeout`` for the peer's close frame, then drop the connection. But while
+        the peer takes what precedes our close frame (our queue and the kernel's shrink),
+        wait on, until CLOSE_HANDSHAKE_TIMEOUT after the last time some was left, up to two
+        heartbeat intervals in all: a slow reader still gets the close frame and its code,
+        which a reset would destroy unread. A peer that takes nothing goes after
+        ``timeout``, as before."""
+        now = time.monotonic()
+        deadline = now + timeout
+        until = now + max(timeout, 2 * self.transport.heartbeat_interval)
+        unsent = self._unsent()
+        while now < deadline:
+            gevent.sleep(min(timeout / 4, deadline - now))
+            now = time.monotonic()
+            left = self._unsent()
+            if 0 < left < unsent:
+                deadline = min(until, max(deadline, now + CLOSE_HANDSHAKE_TIMEOUT))
+            unsent = left
+        self.abort("close timeout")
+
+    def _unsent(self) -> int:
+        """Our bytes the peer has not acknowledged yet: our queue and the kernel's."""
+        kernel = 0
+        if _OUTQ is not None:
+            try:
+                kernel = struct.unpack("i", fcntl.ioctl(self._raw.fileno(), _OUTQ,
+                                                        b"\0\0\0\0"))[0]
+            except (OSError, ValueError):
+                pass
+        return self._outbox_bytes + kernel
 
     def abort(self, reason: str = "aborted") -> None:
         """Drop the TCP connection now; the connection's reader (woken by the

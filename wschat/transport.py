@@ -177,7 +177,8 @@ class Transport:
                 continue
             if now - conn.last_seen > limit:
                 self.metrics.disconnected("heartbeat_timeout")
-                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", close_wait)
+                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", close_wait,
+                           discard_backlog=True)
             elif conn.stalled_for(now) > limit:
                 # It talks but has not read a byte for two intervals: a stuck
                 # flusher must not hold the connection and its backlog forever.
