@@ -418,6 +418,33 @@ def test_silent_peer_closed_within_two_intervals(srv: Server) -> None:
                == before + 1, message="exactly one heartbeat timeout counted")
 
 
+def test_a_message_dribbled_for_two_intervals_is_closed(srv: Server) -> None:
+    """A client that is never silent, sending a byte of one message every tenth of a
+    second, is closed with 1013 once that message has taken two heartbeat intervals:
+    before, any byte counted as a sign of life, and a few bytes a minute held the
+    message's buffer (and its share of MAX_INBOUND_BUFFER_BYTES) for good."""
+    before = metric(srv, "wschat_disconnects_total", reason="slow_message")
+    raw = RawClient(srv.port)
+    try:
+        frame = client_frame(OP_TEXT, json.dumps({"type": "ping", "x": "y" * 200}).encode())
+        started = time.monotonic()
+        for i in range(len(frame) - 1):
+            assert time.monotonic() < started + 4 * HEARTBEAT + TIMEOUT, "never closed"
+            try:
+                raw.sock.sendall(frame[i:i + 1])
+                opcode, _ = raw.next_frame(timeout=0.1)
+            except TimeoutError:
+                continue
+            if opcode == OP_CLOSE:
+                break
+        took = time.monotonic() - started
+    finally:
+        raw.close()
+    assert raw.close_code == 1013
+    assert 2 * HEARTBEAT <= took < 4 * HEARTBEAT + 1, took
+    assert metric(srv, "wschat_disconnects_total", reason="slow_message") == before + 1
+
+
 def test_json_ping_pong_and_keepalive(srv: Server) -> None:
     """The seed's JSON ping gets a pong echoing its id, and a client that sends only JSON
     pings (never answering WebSocket pings) counts as alive."""

@@ -214,7 +214,7 @@ class WebSocketConnection(Session):
                  "_flusher", "_wwatch", "_close_timer", "_parts", "_part_size", "_msg_op",
                  "_utf8", "_pcheck", "state", "last_seen", "close_code", "close_reason", "_progress_at",
                  "next_ping", "_read_after_close", "_paced", "_paced_counted", "_started",
-                 "_control", "_held", "_head_started")
+                 "_control", "_held", "unfinished_since", "_head_started")
 
     def __init__(self, transport: Host, sock: socket.socket, conn_id: str,
                  identity: Identity, authenticated: bool, remote_addr: str,
@@ -265,6 +265,9 @@ class WebSocketConnection(Session):
         # What the unfinished message holds (the incomplete frame and earlier fragments),
         # charged to the worker's MAX_INBOUND_BUFFER_BYTES.
         self._held = 0
+        # When the message still arriving began (its first byte came), 0 without one: the
+        # heartbeat closes a connection that takes longer than two intervals over one.
+        self.unfinished_since = 0.0
         self._read_after_close = 0
         self._started = False
         self._control: tuple[float, float] | None = None  # pings' bucket, once one came
@@ -604,6 +607,8 @@ class WebSocketConnection(Session):
         if not self._parse(data):
             return False  # _finish gives back what it held
         held = len(self._buf) + self._part_size
+        if held and not self.unfinished_since:
+            self.unfinished_since = time.monotonic()
         return held == self._held or self._charge(held) or self._over_budget()
 
     def _charge(self, held: int) -> bool:
@@ -762,6 +767,7 @@ class WebSocketConnection(Session):
                 text = payload.decode()
             except UnicodeDecodeError:
                 return self._protocol_error(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
+            self.unfinished_since = 0.0
             self._on_text(text)
             return True
         if opcode < 8:
@@ -818,6 +824,7 @@ class WebSocketConnection(Session):
     def _reset_message(self) -> None:
         self._msg_op, self._parts, self._part_size, self._utf8 = 0, None, 0, None
         self._pcheck = None
+        self.unfinished_since = 0.0
 
     def _too_big(self) -> None:
         self._reset_message()

@@ -163,8 +163,9 @@ class Transport:
                 log.exception("heartbeat failed")
 
     def heartbeat(self, now: float) -> None:
-        """Close peers silent for two intervals and backlogs stuck as long; ping the
-        connections whose turn it is (each once per interval, phases spread out).
+        """Close peers silent for two intervals, backlogs stuck as long and messages
+        that take as long to arrive; ping the connections whose turn it is (each once
+        per interval, phases spread out).
 
         One loop and one shared ping frame per worker, never a timer per connection.
         A silent peer is not waiting for our close frame: it gets at most one
@@ -179,6 +180,12 @@ class Transport:
                 self.metrics.disconnected("heartbeat_timeout")
                 conn.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", close_wait,
                            discard_backlog=True)
+            elif conn.unfinished_since and now - conn.unfinished_since > limit:
+                # Not silent (its bytes keep coming) but dribbling one message: without
+                # this, a few bytes a minute held the message's buffer, and its share of
+                # MAX_INBOUND_BUFFER_BYTES, for as long as the client liked.
+                self.metrics.disconnected("slow_message")
+                conn.close(CloseCode.TRY_AGAIN_LATER, "message too slow; retry")
             elif conn.stalled_for(now) > limit:
                 # It talks but has not read a byte for two intervals: a stuck
                 # flusher must not hold the connection and its backlog forever.
