@@ -842,6 +842,7 @@ def test_unfinished_messages_over_the_worker_budget_are_refused() -> None:
                 for _ in range(held):
                     hostile.append(hold_unfinished(server.port, size))
                     assert hostile[-1].close_code is None
+                assert metric(server, "wschat_inbound_buffered_bytes") == held * size
                 alice.say(r, "still here")
                 bob.expect("message", text="still here")
                 over = hold_unfinished(server.port, size)
@@ -863,6 +864,8 @@ def test_unfinished_messages_over_the_worker_budget_are_refused() -> None:
             finally:
                 for c in hostile:
                     c.close()
+        wait_until(lambda: metric(server, "wschat_inbound_buffered_bytes") == 0,
+                   message="every unfinished message given back")
 
 
 # -- churn -----------------------------------------------------------------------------

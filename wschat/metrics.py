@@ -78,6 +78,10 @@ WORKERS = Gauge("wschat_workers", "Live gunicorn workers", multiprocess_mode="li
 OUTBOUND = Gauge("wschat_outbound_queued_bytes",
                  "Bytes waiting in connections' outbound queues (sampled every second)",
                  multiprocess_mode="livesum")
+INBOUND = Gauge("wschat_inbound_buffered_bytes",
+                "Bytes held by unfinished incoming messages (sampled every second); each "
+                "worker's are bounded by MAX_INBOUND_BUFFER_BYTES",
+                multiprocess_mode="livesum")
 GREENLETS = Gauge("wschat_greenlets",
                   "Greenlets serving WebSockets: one per connection whose bytes are being "
                   "handled (an idle connection holds none), plus flushers, close timers and "
@@ -347,9 +351,10 @@ def refresh_scrape_gauges(rooms: int | None, members: int | None,
     UPTIME.set(time.time() - _STARTED_AT)
 
 
-def sample_worker_gauges(outbound_bytes: int) -> None:
+def sample_worker_gauges(outbound_bytes: int, inbound_bytes: int) -> None:
     """Called about once a second by every worker: its share of the live-summed gauges."""
     OUTBOUND.set(outbound_bytes)
+    INBOUND.set(inbound_bytes)
     UPTIME.set(time.time() - _STARTED_AT)
 
 
@@ -442,6 +447,7 @@ def server_summary(snapshot: Snapshot) -> dict[str, Any]:
                                            nonzero=True),
         "store_errors": int(snapshot.value("wschat_store_errors_total")),
         "outbound_queued_bytes": int(snapshot.value("wschat_outbound_queued_bytes")),
+        "inbound_buffered_bytes": int(snapshot.value("wschat_inbound_buffered_bytes")),
         "greenlets": int(snapshot.value("wschat_greenlets")),
         "fanout_ms_since_start": {
             "count": int(snapshot.value("wschat_fanout_seconds_count")),

@@ -81,7 +81,7 @@ class Runtime:
             self._jwks_loader.kill(block=False)
         if self._sampler is not None:
             self._sampler.kill(block=False)
-            sample_worker_gauges(self._outbound_bytes())  # its last word: the queues are gone
+            self._sample_worker_gauges()  # its last word: the queues are gone
 
     def problems(self) -> list[str]:
         """Why this worker is not ready (``/ready``); empty when it is."""
@@ -115,7 +115,7 @@ class Runtime:
         # them would make the scrape wait for a second timeout.
         memory = self._store_memory() if rooms is not None else None
         refresh_scrape_gauges(rooms, memberships, memory)
-        sample_worker_gauges(self._outbound_bytes())
+        self._sample_worker_gauges()
 
     def _store_memory(self) -> tuple[str, int, int] | None:
         try:
@@ -125,8 +125,9 @@ class Runtime:
             return None
         return None if memory is None else (self.stores.name, *memory)
 
-    def _outbound_bytes(self) -> int:
-        return sum(c.outbound_bytes for c in list(self.transport.connections))
+    def _sample_worker_gauges(self) -> None:
+        sample_worker_gauges(sum(c.outbound_bytes for c in list(self.transport.connections)),
+                             self.transport.inbound_held)
 
     def _load_jwks(self) -> None:
         """Fetch the JWKS key set at start, and again every few seconds until one is loaded
@@ -142,7 +143,7 @@ class Runtime:
         (a scrape is answered by one worker; the others' values must not go stale)."""
         while True:
             try:
-                sample_worker_gauges(self._outbound_bytes())
+                self._sample_worker_gauges()
             except Exception:
                 log.exception("sampling worker gauges failed")
             gevent.sleep(GAUGE_SAMPLE_SECONDS)
