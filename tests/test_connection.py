@@ -354,6 +354,36 @@ def test_a_slow_consumer_is_closed_right_after_the_frame_being_written(
     assert sent - len(texts) >= waiting - 1, (sent, len(texts), waiting)
 
 
+def test_a_close_that_keeps_the_backlog_waits_while_the_peer_reads_it(
+        transport: Transport) -> None:
+    """Closes other than 4100 and 4101 (1001 at shutdown above all) deliver what was
+    queued before the close frame; the close wait lasts while the peer takes it, so a
+    peer reading a long backlog slowly gets every frame and the code. It used to be
+    reset when the close timeout ran out, however steadily it read."""
+    transport.socket_send_buffer = 4096
+    transport.max_outbound_bytes = 1 << 20
+    conn, peer = serve(transport, EchoConnection)
+    payload = b"x" * 4000
+    frame = b"\x81\x7e" + len(payload).to_bytes(2, "big") + payload
+    count = 0
+    while conn.outbound_bytes < 200_000:  # ~200 KB queued behind the kernel's buffer
+        conn.send_frame(frame)
+        count += 1
+    conn.close(CloseCode.GOING_AWAY, "server shutting down", timeout=0.3)
+    started = time.monotonic()
+    events: list[Any] = []
+    with gevent.Timeout(TIMEOUT, AssertionError("the close frame never came")):
+        while not any(isinstance(e, CloseConnection) for e in events):
+            data = peer.sock.recv(8192)
+            assert data, f"reset after {len(events)} events"
+            peer.ws.receive_data(data)
+            events.extend(peer.ws.events())
+            gevent.sleep(0.02)  # ~400 KB/s: the backlog takes longer than the timeout
+    assert time.monotonic() - started > 0.3
+    assert "".join(e.data for e in events if isinstance(e, Message)) == "x" * 4000 * count
+    assert events[-1] == CloseConnection(code=1001, reason="server shutting down")
+
+
 class DisconnectCounts(NoMetrics):
     def __init__(self) -> None:
         self.reasons: list[str] = []
