@@ -637,9 +637,9 @@ class WebSocketConnection(Session):
         self._held = len(self._buf)
         if self.state is not _OPEN:
             return False  # closing already: read no more of it
-        self.transport.metrics.disconnected("inbound_budget")
-        log.warning("connection %s: unfinished messages over MAX_INBOUND_BUFFER_BYTES (%d); "
-                    "closing with 1013", self.conn_id, self.transport.max_inbound_buffer_bytes)
+        # Counted, and logged by its close line: no line of its own, which an attack would
+        # repeat for every connection it opens.
+        host.metrics.disconnected("inbound_budget")
         self.close(CloseCode.TRY_AGAIN_LATER, "server busy; retry")
         return True
 
