@@ -10,12 +10,16 @@ RFC 6455 for a server without extensions).
   reusable ones (:func:`_dispatch`) reads until the socket would block, runs the
   handlers (blocking-style code: a Redis round trip just waits), and parks the
   connection again. A greenlet's saved stack and its frame-data chunk cost ~10 KB,
-  which was two thirds of an idle connection's memory;
+  which was two thirds of an idle connection's memory. What a message still
+  arriving holds is charged to the worker's ``MAX_INBOUND_BUFFER_BYTES`` (over
+  it: 1013), and the heartbeat closes one still arriving after two intervals;
 * writing: ``send_frame`` tries one non-blocking ``send`` of the already-encoded
   frame; only what the kernel does not take is queued, and a flusher greenlet
   exists only while a queue does. A queue over ``MAX_OUTBOUND_BYTES`` closes
   the connection (4101 slow consumer), so one slow member never stalls a room
   and memory stays bounded. Queues are created when needed, not per connection.
+  A close for 4100 or 4101 drops the queue but the frame being written; any
+  close waits on while the peer still takes what precedes our close frame.
 
 :class:`EchoConnection` is the test-only ``/echo`` endpoint's variant.
 """
