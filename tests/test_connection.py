@@ -833,6 +833,22 @@ def test_a_completed_message_leaves_the_budget(transport: Transport) -> None:
     assert transport.inbound_held == 0
 
 
+def test_a_frame_that_came_in_two_reads_leaves_no_message_arriving(
+        transport: Transport) -> None:
+    """A control frame (a pong, a ping) split over two reads is not a message still
+    arriving once it is whole (before: its first half stamped the connection as receiving
+    a message, nothing but a text message cleared the stamp, and a client that only
+    answered pings afterwards was closed 1013 "message too slow" two intervals later)."""
+    conn, peer = serve(transport, EchoConnection)
+    ping = raw_frame(0x9, b"hi")
+    peer.sock.sendall(ping[:3])
+    wait_held(transport, 3)
+    assert conn.unfinished_since
+    peer.sock.sendall(ping[3:])
+    assert peer.next_event() == Pong(payload=b"hi")
+    assert transport.inbound_held == 0 and conn.unfinished_since == 0.0
+
+
 def test_over_the_budget_the_connection_is_closed_with_1013_and_the_others_go_on(
         transport: Transport) -> None:
     """The connection whose unfinished message would pass MAX_INBOUND_BUFFER_BYTES is

@@ -611,7 +611,9 @@ class WebSocketConnection(Session):
         if not self._parse(data):
             return False  # _finish gives back what it held
         held = len(self._buf) + self._part_size
-        if held and not self.unfinished_since:
+        if not held:  # every frame whole, no message between fragments: nothing arriving
+            self.unfinished_since = 0.0
+        elif not self.unfinished_since:
             self.unfinished_since = time.monotonic()
         return held == self._held or self._charge(held) or self._over_budget()
 
