@@ -631,6 +631,29 @@ def test_waiting_sockets_close_oldest_per_address_and_in_all() -> None:
         s.peer.close()
 
 
+def test_one_waiting_socket_per_address_keeps_its_cap_and_leaves_cleanly() -> None:
+    """MAX_HANDSHAKES_PER_IP=1: each new socket of the address closes the one before it,
+    and each leaves without a trace (before: closing the only one deleted the address's
+    entry while the newcomer was filed in it, so the next went uncapped and the newcomer's
+    leave raised KeyError in gunicorn's handler)."""
+    from wschat.worker import Waiting
+
+    waiting = Waiting(per_address=1, budget=10)
+    pairs = [Pair() for _ in range(3)]
+    try:
+        for i, p in enumerate(pairs):
+            waiting.arrive(p.sock, ("10.0.0.9", i))
+        assert [p.shut for p in pairs] == [True, True, False]
+        assert waiting.closed == 2 and list(waiting.by_address) == ["10.0.0.9"]
+        for p in pairs:
+            waiting.leave(p.sock)
+        assert not waiting.sockets and not waiting.by_address
+    finally:
+        for p in pairs:
+            p.sock.close()
+            p.peer.close()
+
+
 # -- frame-level RFC 6455 behaviour ----------------------------------------------------
 
 def test_invalid_utf8_closes_1007(raw) -> None:

@@ -72,11 +72,10 @@ class Waiting:
         key = host if ":" not in host else peer_key(host)
         if self.per_address:
             mine = self.by_address.get(key)
-            if mine is None:
-                mine = self.by_address[key] = {}
-            elif len(mine) >= self.per_address:
+            if mine is not None and len(mine) >= self.per_address:
                 self.close(next(iter(mine)), "max_handshakes_per_ip")
-            mine[sock] = None
+            # Looked up again: closing the address's last socket took its entry away.
+            self.by_address.setdefault(key, {})[sock] = None
         if len(self.sockets) >= self.budget:
             self.close(next(iter(self.sockets)), "pool")
         self.sockets[sock] = key
