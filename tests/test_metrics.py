@@ -500,6 +500,20 @@ def test_orphaned_sample_directories_are_swept(tmp_path: Any, monkeypatch: Any) 
         other_master.wait(TIMEOUT)
 
 
+def test_the_inbound_budget_closes_are_exported_before_the_first() -> None:
+    """The 1013 closes for MAX_INBOUND_BUFFER_BYTES and for a message too slow are series
+    from the start, at 0, as every other disconnect reason is (before: absent until the
+    first one, so an alert on their rate saw no data rather than 0)."""
+    from prometheus_client import REGISTRY
+
+    from wschat.metrics import PrometheusChatMetrics
+
+    PrometheusChatMetrics()
+    for reason in ("inbound_budget", "slow_message"):
+        sample = REGISTRY.get_sample_value("wschat_disconnects_total", {"reason": reason})
+        assert sample is not None, reason
+
+
 def test_message_path_counts_are_folded_in_exactly_at_flush() -> None:
     """The per-message calls count in plain ints; flush() adds exactly those counts to
     the series, the fan-out histogram's buckets and sum as observe() would have."""

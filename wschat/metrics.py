@@ -51,7 +51,8 @@ _STARTED_AT = float(os.environ.get("WSCHAT_STARTED_AT") or time.time())
 DELIVERED_TYPES = ("message", "dm", "presence", "typing")
 POSTED_KINDS = ("room", "dm")
 DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
-                      "token_expired", "rate_limited", "missed_messages")
+                      "token_expired", "rate_limited", "missed_messages", "inbound_budget",
+                      "slow_message")
 REFUSAL_REASONS = ("not_websocket", "bad_handshake", "origin", "auth", "username",
                    "max_connections", "shutting_down", "unavailable")
 REFUSAL_REASONS += ("max_connections_per_ip", "max_connections_per_user")
