@@ -500,16 +500,17 @@ def test_orphaned_sample_directories_are_swept(tmp_path: Any, monkeypatch: Any) 
         other_master.wait(TIMEOUT)
 
 
-def test_the_inbound_budget_closes_are_exported_before_the_first() -> None:
-    """The 1013 closes for MAX_INBOUND_BUFFER_BYTES and for a message too slow are series
-    from the start, at 0, as every other disconnect reason is (before: absent until the
-    first one, so an alert on their rate saw no data rather than 0)."""
+def test_every_disconnect_reason_is_exported_before_the_first() -> None:
+    """Every reason the server closes connections for is a series from the start, at 0:
+    the 1013 closes for MAX_INBOUND_BUFFER_BYTES and for a message too slow, and the
+    server API's 4003 closes (before: absent until the first one, so an alert on their
+    rate saw no data rather than 0)."""
     from prometheus_client import REGISTRY
 
     from wschat.metrics import PrometheusChatMetrics
 
     PrometheusChatMetrics()
-    for reason in ("inbound_budget", "slow_message"):
+    for reason in ("inbound_budget", "slow_message", "banned", "disconnected"):
         sample = REGISTRY.get_sample_value("wschat_disconnects_total", {"reason": reason})
         assert sample is not None, reason
 

@@ -52,7 +52,7 @@ DELIVERED_TYPES = ("message", "dm", "presence", "typing")
 POSTED_KINDS = ("room", "dm")
 DISCONNECT_REASONS = ("slow_consumer", "heartbeat_timeout", "auth_timeout",
                       "token_expired", "rate_limited", "missed_messages", "inbound_budget",
-                      "slow_message")
+                      "slow_message", "banned", "disconnected")
 REFUSAL_REASONS = ("not_websocket", "bad_handshake", "origin", "auth", "username",
                    "max_connections", "shutting_down", "unavailable")
 REFUSAL_REASONS += ("max_connections_per_ip", "max_connections_per_user")
