@@ -838,7 +838,8 @@ def test_a_frame_that_came_in_two_reads_leaves_no_message_arriving(
     """A control frame (a pong, a ping) split over two reads is not a message still
     arriving once it is whole (before: its first half stamped the connection as receiving
     a message, nothing but a text message cleared the stamp, and a client that only
-    answered pings afterwards was closed 1013 "message too slow" two intervals later)."""
+    answered pings afterwards was closed 1013 "message too slow" two intervals later); a
+    read that completes one and ends inside the next frame dates that frame from then."""
     conn, peer = serve(transport, EchoConnection)
     ping = raw_frame(0x9, b"hi")
     peer.sock.sendall(ping[:3])
@@ -847,6 +848,14 @@ def test_a_frame_that_came_in_two_reads_leaves_no_message_arriving(
     peer.sock.sendall(ping[3:])
     assert peer.next_event() == Pong(payload=b"hi")
     assert transport.inbound_held == 0 and conn.unfinished_since == 0.0
+    peer.sock.sendall(ping[:3])  # a read that ends inside the frame after the ping:
+    wait_held(transport, 3)  # what is arriving is that frame, from this read on
+    began = time.monotonic()
+    text = raw_frame(0x1, b"x" * 100)
+    peer.sock.sendall(ping[3:] + text[:10])
+    assert peer.next_event() == Pong(payload=b"hi")
+    wait_held(transport, 10)
+    assert conn.unfinished_since >= began
 
 
 def test_over_the_budget_the_connection_is_closed_with_1013_and_the_others_go_on(

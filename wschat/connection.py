@@ -785,6 +785,8 @@ class WebSocketConnection(Session):
             return False
         if opcode == OP_PING and self.state is _OPEN:
             self.write_control(control_frame(OP_PONG, payload))
+        if self._parts is None:  # between messages: the one arriving, if any, is newer
+            self.unfinished_since = 0.0
         return True
 
     def _control_allowed(self) -> bool:
