@@ -610,6 +610,45 @@ async def test_a_kick_removes_the_room_for_good_and_mutes_are_events() -> None:
         await client.close()
 
 
+async def test_a_kick_settles_the_sends_on_the_wire_by_their_answer() -> None:
+    """left (kicked) while sends are on the wire: the server's answer settles each, as in
+    the JS and Rust clients: an echo after the left resolves the send (the server stored
+    it), a refusal fails it; one not yet written fails at once with the reason."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, max_in_flight=2)
+        sends = [asyncio.create_task(client.send("r", f"t{i}")) for i in range(3)]
+        first, second = await peer.recv("message"), await peer.recv("message")
+        await peer.send(type="left", room="r", reason="kicked", by="mod")
+        with pytest.raises(ChatError) as err:
+            await sends[2]  # never written
+        assert err.value.code == "kicked"
+        await peer.echo(first, 1)
+        await peer.send(type="error", id=second["id"], code="not_in_room", message="no")
+        results = await asyncio.gather(sends[0], sends[1], return_exceptions=True)
+        assert getattr(results[0], "id", results[0]) == 1, "a send the server stored failed"
+        assert getattr(results[1], "code", results[1]) == "not_in_room"
+        assert client.pending == [] and [m.id for m in rec.of("ack")] == [1]
+        await client.close()
+
+
+async def test_a_kicked_rooms_send_without_an_answer_fails_after_ack_timeout() -> None:
+    """A send on the wire when the room was removed gets no answer: it is not written
+    again (the room is not ours), and fails with the removal's reason after ack_timeout."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, ack_timeout=0.2)
+        sending = asyncio.create_task(client.send("r", "unanswered"))
+        await peer.recv("message")
+        await peer.send(type="left", room="r", reason="banned", by="mod")
+        with pytest.raises(ChatError) as err:
+            await asyncio.wait_for(sending, TIMEOUT)
+        assert err.value.code == "banned" and "may have been stored" in err.value.message
+        assert client.pending == []
+        probe = asyncio.create_task(client.ping())
+        assert (await peer.recv())["type"] == "ping", "the send was written again"
+        probe.cancel()
+        await client.close()
+
+
 async def test_sends_go_out_after_recovered_false_without_a_replay() -> None:
     """recovered: false and nothing replayed (a since too far back): the held send goes out
     once the server answered the ping behind the joined, without a new message."""

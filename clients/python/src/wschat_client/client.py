@@ -341,7 +341,7 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = self._deadline(timeout or self.request_timeout)
         self._set_room_state(r, RoomState.LEFT)
-        written = self._drop_room(r, ChatError("not_in_room", f"left {room}"), keep_written=True)
+        written = self._drop_room(r, ChatError("not_in_room", f"left {room}"))
         try:
             if written:
                 await asyncio.wait(written, timeout=max(0.0, deadline - loop.time()))
@@ -572,17 +572,20 @@ class Client:
             return
         loop = asyncio.get_running_loop()
         now, wake = loop.time(), None
-        entries = list(self._outbox)
-        for entry in entries:
-            if entry.wire_generation == self._generation and not entry.left:
+        for entry in list(self._outbox):
+            if entry.wire_generation == self._generation:
                 due = entry.sent_at + self.ack_timeout
-                if due <= now:
+                if due <= now and entry.left:
+                    # Its room is not ours any more: it is not written again.
+                    self._fail_left_entry(entry, f"no echo within {self.ack_timeout} s")
+                elif due <= now:
                     log.info("no echo for %s after %.1f s; sending it again",
                              entry.client_msg_id, self.ack_timeout)
                     self._sent.pop(entry.request_id or "", None)
                     entry.wire_generation = None
                 else:
                     wake = min(wake or due, due)
+        entries = list(self._outbox)
         on_wire = {e.key for e in entries if e.wire_generation == self._generation}
         in_flight = sum(1 for e in entries if e.wire_generation == self._generation)
         held: set[str] = set()
@@ -649,8 +652,9 @@ class Client:
             # refusals (and a long run of them in a 4102).
             self._pacer.rate_limited(now, wait, entry.sent_at)
         if entry.left:
-            # Its room was left: never resent, so a retryable refusal ends it too.
-            self._fail(entry, ChatError("not_in_room", f"left {entry.target}", details=err.details)
+            # Its room was left or removed: never resent, so a retryable refusal ends it too,
+            # with the room's error (not_in_room after leave, the reason after a removal).
+            self._fail(entry, ChatError(entry.left.code, entry.left.message, details=err.details)
                        if err.code in RETRYABLE_CODES else err)
         elif err.code in RETRYABLE_CODES:
             self._probing.add(entry.key)
@@ -679,17 +683,20 @@ class Client:
         have been stored, and cannot be sent again (the room is not joined)."""
         for entry in self._outbox:
             if entry.left and room in (None, entry.target):
-                self._outbox.remove(entry)
-                self._sent.pop(entry.request_id or "", None)
-                if entry.future is not None and not entry.future.done():
-                    entry.future.set_exception(ChatError(
-                        "not_in_room", f"left {entry.target}; {why}: it may have been stored"))
+                self._fail_left_entry(entry, why)
 
-    def _drop_room(self, room: _Room, err: ChatError, *,
-                   keep_written: bool = False) -> list[asyncio.Future[Any]]:
-        """Fail what waits for ``room`` with ``err``. With ``keep_written`` the sends
-        on the wire of this connection stay until their echo or refusal settles them
-        (their futures are returned)."""
+    def _fail_left_entry(self, entry: PendingSend, why: str) -> None:
+        left = cast(ChatError, entry.left)
+        self._fail(entry, ChatError(left.code, f"{left.message}; {why}: it may have been stored",
+                                    details=left.details))
+
+    def _drop_room(self, room: _Room, err: ChatError) -> list[asyncio.Future[Any]]:
+        """Fail what waits for ``room`` with ``err``. Its sends on the wire of this
+        connection stay until their echo or refusal settles them (their futures are
+        returned), as in the JS and Rust clients: the server may have stored them before
+        the leave, kick or ban, and failing one whose echo then comes would report a
+        delivered message as lost. One without an answer fails with ``err`` after
+        ``ack_timeout`` (it is never written again), or when the connection closes."""
         for waiter in room.waiters:
             if not waiter.done():
                 waiter.set_exception(err)
@@ -701,14 +708,14 @@ class Client:
             if entry.kind != "message" or entry.target != room.info.name:
                 continue
             on_wire = self._out is not None and entry.wire_generation == self._generation
-            if keep_written and on_wire:
-                entry.left = True
+            if on_wire:
+                entry.left = err
                 written.append(self._future_of(entry))
                 continue
             self._outbox.remove(entry)
             self._sent.pop(entry.request_id or "", None)  # its refusal is no news
             if entry.future is not None and not entry.future.done():
-                lost = keep_written and entry.wire_generation is not None
+                lost = entry.wire_generation is not None
                 entry.future.set_exception(ChatError(
                     err.code, f"{err.message}; written on a connection lost since: it may have "
                               "been stored") if lost else err)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .errors import OutboxFull
+from .errors import ChatError, OutboxFull
 
 Kind = Literal["message", "dm"]
 
@@ -37,7 +37,9 @@ class PendingSend:
     sent_at: float = 0.0  # loop time it was last written
     not_before: float = 0.0  # loop time before which it is not (re)sent
     failures: int = 0  # retryable refusals in a row (for the backoff)
-    left: bool = False  # its room was left while it was on the wire: settled, never resent
+    # Its room was left or removed while it was on the wire (with that error): its echo or
+    # the server's refusal settles it; never written again.
+    left: ChatError | None = None
     restored: bool = False  # from the store: written (if ever) by an earlier run, as whoever
 
     @property
