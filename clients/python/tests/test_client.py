@@ -754,6 +754,27 @@ async def test_a_join_while_leaving_keeps_the_room_joined_on_the_server() -> Non
         await client.close()
 
 
+async def test_a_late_answer_to_a_leave_that_timed_out_is_no_removal() -> None:
+    """leave() timed out, then join() again: the server's left answering that leave (it has
+    the leave's id) comes before the joined. It is no kick: the room stays joined."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        removed: list[Any] = []
+        client.on("removed", removed.append)
+        with pytest.raises(RequestTimeout):
+            await client.leave("r", timeout=0.1)
+        leave = await peer.recv("leave")
+        joining = asyncio.create_task(client.join("r"))
+        join = await peer.recv("join")
+        await peer.send(type="left", id=leave["id"], room="r")
+        await peer.send(type="joined", id=join["id"], room="r", users=[], last_id=0)
+        await asyncio.wait_for(joining, TIMEOUT)
+        assert removed == [] and client.rooms["r"].state is RoomState.JOINED
+        await peer.message(1)
+        await rec.wait_for(lambda: rec.ids("r") == [1], what="a message after the re-join")
+        await client.close()
+
+
 async def test_rate_limited_pauses_every_send() -> None:
     """The rate limit is the user's: after rate_limited no send goes out, to any target,
     before retry_after_ms; then the refused one goes first."""

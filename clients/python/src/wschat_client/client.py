@@ -872,7 +872,9 @@ class Client:
                 self._on_joined(room, obj)
         elif kind == "error":
             self._on_error(obj)
-        elif kind == "left" and str(obj.get("id")) not in self._requests:
+        elif kind == "left" and obj.get("id") is None:
+            # Without an id the server removed us; with one it answers our leave, perhaps
+            # one that timed out (as in JS): not a removal of the room joined again since.
             self._removed(obj)
         elif kind == "muted":
             self._emit("muted", Muted(obj.get("room"), obj.get("until"), obj.get("by")))
