@@ -727,6 +727,28 @@ async def test_leave_settles_the_sends_on_the_wire_before_leaving() -> None:
         await client.close()
 
 
+async def test_a_cancelled_leave_still_leaves_on_the_server() -> None:
+    """leave() cancelled while it waits for the room's send on the wire: the room is gone
+    for the app, so the leave still goes to the server after the echo (the server kept
+    the user in the room, its member count and presence, and sent it every message)."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        sending = asyncio.create_task(client.send("r", "on the wire"))
+        frame = await peer.recv("message")
+        leaving = asyncio.create_task(client.leave("r"))
+        await asyncio.sleep(0)
+        leaving.cancel()
+        await peer.echo(frame, 1)
+        assert (await sending).id == 1
+        probe = asyncio.create_task(client.ping())
+        after = await peer.recv()
+        assert after["type"] == "leave", "the cancelled leave was never written"
+        await peer.send(type="left", id=after["id"], room="r")
+        probe.cancel()
+        assert "r" not in client.rooms
+        await client.close()
+
+
 async def test_a_join_while_leaving_keeps_the_room_joined_on_the_server() -> None:
     """join() again while leave() waits for the room's sends on the wire: the leave was
     written after them, so the server got join then leave and the room, joined for the

@@ -220,6 +220,7 @@ class Client:
         self._join_queue: deque[_Room] = deque()
         self._join_timer: asyncio.TimerHandle | None = None
         self.last_close: Disconnect | None = None
+        self._leaving: set[asyncio.Future[None]] = set()  # leaves their callers may not await
 
     # -- events --------------------------------------------------------------------------
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
@@ -334,14 +335,30 @@ class Client:
         connection closes, fails with ``not_in_room``: it may have been stored.
         A :meth:`join` of the room meanwhile wins: the leave is then not written (it
         would reach the server after that join, and the room would go silent).
+        Cancelling the call does not stop the leave (the room is already gone for the
+        app): its sends are settled and the server is told all the same, as for a
+        cancelled :meth:`send`, which is still delivered.
         """
         r = self._rooms.pop(room, None)
         if r is None:
             return
-        loop = asyncio.get_running_loop()
         deadline = self._deadline(timeout or self.request_timeout)
         self._set_room_state(r, RoomState.LEFT)
         written = self._drop_room(r, ChatError("not_in_room", f"left {room}"))
+        leaving = asyncio.ensure_future(self._leave(room, written, deadline))
+        self._leaving.add(leaving)  # a task the loop alone refers to may be collected
+        leaving.add_done_callback(self._left)
+        await asyncio.shield(leaving)
+
+    def _left(self, leaving: asyncio.Future[None]) -> None:
+        self._leaving.discard(leaving)
+        if not leaving.cancelled():
+            leaving.exception()  # nobody may await it any more (a cancelled leave): no warning
+
+    async def _leave(self, room: str, written: list[asyncio.Future[Any]],
+                     deadline: float) -> None:
+        """The rest of :meth:`leave`, which its cancellation does not stop."""
+        loop = asyncio.get_running_loop()
         try:
             if written:
                 await asyncio.wait(written, timeout=max(0.0, deadline - loop.time()))
