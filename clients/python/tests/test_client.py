@@ -424,6 +424,41 @@ async def test_persisted_outbox_is_sent_by_the_next_run(tmp_path: Path) -> None:
         await second.close()
 
 
+class FailingStore:
+    """An outbox store whose save raises once ``broken`` (a full disk, a lost mount)."""
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def load(self) -> list[dict[str, str]]:
+        return []
+
+    def save(self, entries: list[dict[str, str]]) -> None:
+        if self.broken:
+            raise OSError(28, "No space left on device")
+
+
+async def test_a_failing_outbox_store_is_an_error_event_not_a_lost_echo() -> None:
+    """The store fails when an echo removes the send from the outbox: the send still
+    resolves and the message is delivered; the failure is an error event (code storage),
+    as in the JS client. A send queued while it fails is written and acknowledged too."""
+    store = FailingStore()
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, outbox_store=store)
+        sending = asyncio.create_task(client.send("r", "first"))
+        frame = await peer.recv("message")
+        store.broken = True
+        await peer.echo(frame, 1)
+        assert (await asyncio.wait_for(sending, TIMEOUT)).id == 1
+        await rec.wait_for(lambda: rec.ids("r") == [1], what="the echo as a message")
+        second = asyncio.create_task(client.send("r", "second"))
+        frame = await peer.recv("message")
+        await peer.echo(frame, 2)
+        assert (await asyncio.wait_for(second, TIMEOUT)).id == 2 and client.pending == []
+        assert {e.code for e in rec.of("error")} == {"storage"}
+        await client.close()
+
+
 async def test_url_function_is_called_per_attempt() -> None:
     """A URL function picks the server for each connection attempt."""
     async with FakeServer() as a, FakeServer() as b:

@@ -182,7 +182,7 @@ class Client:
         self.ack_timeout = ack_timeout
         self.typing_idle = typing_idle
         self._ws_options = dict(websocket_options or {})
-        self._outbox = Outbox(max_outbox, outbox_store)
+        self._outbox = Outbox(max_outbox, outbox_store, self._store_failed)
         self._restored = False
 
         self.state = ConnectionState.DISCONNECTED
@@ -242,6 +242,10 @@ class Client:
                     asyncio.ensure_future(result)
             except Exception:
                 log.exception("a %r handler failed", event)
+
+    def _store_failed(self, exc: Exception) -> None:
+        log.warning("the outbox store failed: %s", exc)
+        self._emit("error", ChatError("storage", f"the outbox store failed: {exc}"))
 
     def _set_state(self, new: ConnectionState) -> None:
         old, self.state = self.state, new

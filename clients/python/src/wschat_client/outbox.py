@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -92,19 +92,31 @@ class FileOutboxStore:
 
 
 class Outbox:
-    """Unacknowledged sends in order, at most ``limit``, mirrored to ``store`` if given."""
+    """Unacknowledged sends in order, at most ``limit``, mirrored to ``store`` if given.
 
-    def __init__(self, limit: int = 1000, store: OutboxStore | None = None) -> None:
+    A store that raises (a full disk) is reported to ``on_store_error`` and the outbox
+    goes on in memory, as the JS client's: the failure never cuts an acknowledgement or a
+    send short halfway (an echo not handed on, a send never resolved).
+    """
+
+    def __init__(self, limit: int = 1000, store: OutboxStore | None = None,
+                 on_store_error: Callable[[Exception], None] | None = None) -> None:
         if limit < 1:
             raise ValueError("the outbox limit must be at least 1")
         self.limit = limit
         self.store = store
+        self.on_store_error = on_store_error
         self._entries: dict[str, PendingSend] = {}  # by client_msg_id, in insertion order
 
     def restore(self) -> list[PendingSend]:
         """Queue the sends the store kept from a previous run (no futures: nobody awaits them)."""
         restored = []
-        for obj in self.store.load() if self.store else []:
+        try:
+            loaded = self.store.load() if self.store else []
+        except Exception as exc:
+            self._store_failed(exc)
+            loaded = []
+        for obj in loaded:
             kind, target = obj.get("kind"), obj.get("target")
             text, cmid = obj.get("text"), obj.get("client_msg_id")
             if (kind in ("message", "dm") and isinstance(target, str) and isinstance(text, str)
@@ -147,4 +159,12 @@ class Outbox:
 
     def _save(self) -> None:
         if self.store is not None:
-            self.store.save([e.to_json() for e in self._entries.values()])
+            try:
+                self.store.save([e.to_json() for e in self._entries.values()])
+            except Exception as exc:
+                self._store_failed(exc)
+
+    def _store_failed(self, exc: Exception) -> None:
+        if self.on_store_error is None:
+            raise exc
+        self.on_store_error(exc)
