@@ -335,8 +335,8 @@ class Client:
         are settled first, by their echo (they resolve: the server stored them) or by
         the server's refusal (they fail; a retryable one with ``not_in_room``), and only
         then is the server told: its echo comes through the room, so leaving first
-        could lose it. One still unanswered when ``timeout`` ends, or when the
-        connection closes, fails with ``not_in_room``: it may have been stored.
+        could lose it. One still unanswered when ``timeout`` or ``ack_timeout`` ends,
+        or when the connection closes, fails with ``not_in_room``: it may have been stored.
         A :meth:`join` of the room meanwhile wins: the leave is then not written (it
         would reach the server after that join, and the room would go silent).
         Cancelling the call does not stop the leave (the room is already gone for the

@@ -11,7 +11,8 @@
 
 A send is never failed by a disconnection: it stays in the outbox and goes out
 again after the reconnect. Only the server's refusal (``invalid_room``,
-``message_too_large``, ...), leaving the room, or closing the client end it.
+``message_too_large``, ...), leaving the room or being removed from it, or closing
+the client end it.
 """
 
 from __future__ import annotations
