@@ -459,6 +459,26 @@ async def test_a_failing_outbox_store_is_an_error_event_not_a_lost_echo() -> Non
         await client.close()
 
 
+async def test_a_cancelled_close_still_ends_what_waits() -> None:
+    """close() cancelled while it closes the socket (wait_for(close(), t), a second Ctrl-C):
+    the client is closed all the same, and a send waiting for its echo raises ClientClosed
+    (it waited for ever: no reconnect was coming to write it again)."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        sending = asyncio.create_task(client.send("r", "no echo"))
+        await peer.recv("message")
+        closing = asyncio.create_task(client.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(sending, TIMEOUT)
+        await asyncio.wait_for(peer.ws.wait_closed(), TIMEOUT)
+        await rec.wait_for(lambda: client.state is ConnectionState.DISCONNECTED,
+                           what="the disconnected state")
+        assert [e.text for e in client.pending] == ["no echo"]  # kept for the next connect
+        assert fake.count == 1  # not reconnected
+
+
 async def test_url_function_is_called_per_attempt() -> None:
     """A URL function picks the server for each connection attempt."""
     async with FakeServer() as a, FakeServer() as b:

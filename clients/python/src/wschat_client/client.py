@@ -285,21 +285,25 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting. Unacknowledged sends stay in the
-        outbox (and its store); their awaitables raise :class:`ClientClosed`."""
+        outbox (and its store); their awaitables raise :class:`ClientClosed`, also when
+        this call is cancelled while it closes the socket (the client is closed all the
+        same: nothing waits for a reconnect that will not come)."""
         self._closing = True
         if self._wake is not None:
             self._wake.set()
         ws, task = self._ws, self._run_task
-        if ws is not None:
-            await ws.close()
-        if task is not None and not task.done():
-            if ws is None:
-                task.cancel()  # between attempts, or in a handshake
-            done, _ = await asyncio.wait([task], timeout=self.connect_timeout)
-            if not done:
-                task.cancel()
-        self._shut_down(ClientClosed())
-        self._set_state(ConnectionState.DISCONNECTED)
+        try:
+            if ws is not None:
+                await ws.close()
+            if task is not None and not task.done():
+                if ws is None:
+                    task.cancel()  # between attempts, or in a handshake
+                done, _ = await asyncio.wait([task], timeout=self.connect_timeout)
+                if not done:
+                    task.cancel()
+        finally:
+            self._shut_down(ClientClosed())
+            self._set_state(ConnectionState.DISCONNECTED)
 
     async def __aenter__(self) -> Client:
         await self.connect()
