@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from conftest import TIMEOUT, Recorder
 from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState, Disconnected,
-                           FileOutboxStore, OutboxFull, RequestTimeout, RoomState)
+                           FileOutboxStore, OutboxFull, RequestTimeout, RoomState, SyncClient)
 
 FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
 
@@ -1446,3 +1447,38 @@ async def test_a_send_before_connect_keeps_the_previous_runs_outbox(tmp_path: Pa
         await Recorder(client).wait_for(lambda: not client.pending, what="both acknowledged")
         assert store.load() == []
         await client.close()
+
+
+async def test_a_sync_client_call_from_its_handler_raises_instead_of_hanging() -> None:
+    """SyncClient handlers run on the client's thread: a blocking call from one (a bot
+    replying with chat.send in its message handler) waited for that very thread, and the
+    client hung for good. It raises RuntimeError; the client goes on."""
+    async with FakeServer() as fake:
+        chat = SyncClient(fake.url, backoff=FAST, request_timeout=TIMEOUT)
+        outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+        def reply(message: Any) -> None:
+            try:
+                chat.send("r", f"re: {message.text}")
+            except BaseException as exc:
+                outcome.put(exc)
+            else:
+                outcome.put(None)
+
+        chat.on("message", reply)
+        await asyncio.to_thread(chat.connect)
+        peer = await fake.accept()
+        joining = asyncio.create_task(asyncio.to_thread(chat.join, "r"))
+        await peer.joined()
+        await joining
+        await peer.message(1)
+        try:
+            result = await asyncio.to_thread(outcome.get, True, TIMEOUT)
+        except queue.Empty:
+            raise AssertionError("the handler's send never returned") from None
+        assert isinstance(result, RuntimeError), result
+        sending = asyncio.create_task(asyncio.to_thread(chat.send, "r", "from the app"))
+        frame = await peer.recv("message")
+        await peer.echo(frame, 2)
+        assert (await sending).id == 2
+        await asyncio.to_thread(chat.close)

@@ -1,7 +1,9 @@
 """A blocking wrapper: the asyncio :class:`Client` on an event loop in a thread of its own.
 
 Every method blocks until the coroutine it runs is done; event handlers are called
-on the client's thread, so keep them short (or hand the work to a queue).
+on the client's thread, so keep them short (or hand the work to a queue). A handler
+cannot call the blocking methods (they raise ``RuntimeError``: they would wait for
+the very thread the handler holds); ``typing``, ``on`` and the attributes do not block and may be used.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ class SyncClient:
         self.client = Client(url, **options)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            # A handler (it runs on the client's thread) would wait for its own thread: the
+            # client would hang for good.
+            coro.close()
+            raise RuntimeError("a SyncClient method was called from an event handler, on the "
+                               "client's thread, which it would wait for: hand the work to "
+                               "another thread (a queue.Queue), or use the asyncio Client")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     @property
@@ -52,6 +61,8 @@ class SyncClient:
 
     @property
     def rooms(self) -> dict[str, RoomInfo]:
+        if threading.current_thread() is self._thread:
+            return self.client.rooms  # from a handler: already on the client's thread
         return self._run(_value(lambda: self.client.rooms))
 
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
