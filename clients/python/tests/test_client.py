@@ -1455,12 +1455,12 @@ async def test_a_sync_client_call_from_its_handler_raises_instead_of_hanging() -
     client hung for good. It raises RuntimeError; the client goes on."""
     async with FakeServer() as fake:
         chat = SyncClient(fake.url, backoff=FAST, request_timeout=TIMEOUT)
-        outcome: queue.Queue[BaseException | None] = queue.Queue()
+        outcome: queue.Queue[Exception | None] = queue.Queue()
 
         def reply(message: Any) -> None:
             try:
                 chat.send("r", f"re: {message.text}")
-            except BaseException as exc:
+            except Exception as exc:
                 outcome.put(exc)
             else:
                 outcome.put(None)

@@ -3,7 +3,8 @@
 Every method blocks until the coroutine it runs is done; event handlers are called
 on the client's thread, so keep them short (or hand the work to a queue). A handler
 cannot call the blocking methods (they raise ``RuntimeError``: they would wait for
-the very thread the handler holds); ``typing``, ``on`` and the attributes do not block and may be used.
+the very thread the handler holds); ``typing``, ``on`` and the attributes do not
+block and may be used.
 """
 
 from __future__ import annotations
