@@ -638,6 +638,25 @@ async def test_a_send_without_echo_is_written_again_on_the_same_connection() -> 
         await client.close()
 
 
+async def test_a_late_refusal_of_a_send_written_again_is_no_error_event() -> None:
+    """No echo within ack_timeout: the send is written again; the server's late answer to
+    the first write (here rate_limited) is not news, as in the JS client: the second write
+    is answered on its own, and the app gets no error event for a send that went through."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, ack_timeout=0.2)
+        sending = asyncio.create_task(client.send("r", "slow"))
+        first = await peer.recv("message")
+        again = await peer.recv("message")
+        await peer.send(type="error", id=first["id"], code="rate_limited", message="slow down",
+                        retry_after_ms=10)
+        await peer.echo(again, 1)
+        assert (await sending).id == 1
+        await peer.message(2)
+        await rec.wait_for(lambda: rec.ids("r") == [1, 2], what="the next message")
+        assert rec.of("error") == []
+        await client.close()
+
+
 async def test_a_kick_removes_the_room_for_good_and_mutes_are_events() -> None:
     """A server-sent left (kick) drops the room: its sends fail, no re-join after a reconnect."""
     async with FakeServer() as fake:

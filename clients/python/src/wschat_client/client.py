@@ -194,6 +194,9 @@ class Client:
         self._rooms: dict[str, _Room] = {}
         self._requests: dict[str, _Request] = {}
         self._sent: dict[str, PendingSend] = {}  # request id -> send on the wire
+        # Request ids of earlier writes of sends written again (ack_timeout): their late
+        # answers are no news (the latest write is answered on its own), as in JS.
+        self._stale: dict[str, PendingSend] = {}
         self._probing: set[str] = set()  # targets refused lately: one send at a time
         self._dm_seen: OrderedDict[int, None] = OrderedDict()
         # Every user_id a welcome gave this client (a guest gets a new one per connection):
@@ -607,6 +610,7 @@ class Client:
                     log.info("no echo for %s after %.1f s; sending it again",
                              entry.client_msg_id, self.ack_timeout)
                     self._sent.pop(entry.request_id or "", None)
+                    self._stale[entry.request_id or ""] = entry
                     entry.wire_generation = None
                 else:
                     wake = min(wake or due, due)
@@ -655,6 +659,7 @@ class Client:
         in_flight = sum(1 for e in self._outbox if e.wire_generation == self._generation)
         self._pacer.acknowledged(asyncio.get_running_loop().time(), in_flight)
         self._outbox.remove(entry)
+        self._forget_stale(entry)
         self._probing.discard(entry.key)
         if entry.request_id is not None:
             self._sent.pop(entry.request_id, None)
@@ -695,8 +700,13 @@ class Client:
             self._fail(entry, err)
         self._flush()
 
+    def _forget_stale(self, entry: PendingSend) -> None:
+        for rid in [rid for rid, stale in self._stale.items() if stale is entry]:
+            del self._stale[rid]
+
     def _fail(self, entry: PendingSend, err: ChatError) -> None:
         self._outbox.remove(entry)
+        self._forget_stale(entry)
         self._sent.pop(entry.request_id or "", None)
         if entry.future is not None and not entry.future.done():
             entry.future.set_exception(err)
@@ -980,6 +990,8 @@ class Client:
         if err.code == "rate_limited" and err.retry_after_ms:
             self._retry_after = err.retry_after_ms / 1000
         rid = obj.get("id")
+        if rid is not None and self._stale.pop(str(rid), None) is not None:
+            return  # the answer to an earlier write of a send written again since
         entry = self._sent.get(str(rid)) if rid is not None else None
         if entry is not None:
             self._refused(entry, err)
@@ -1149,6 +1161,7 @@ class Client:
         self._requests.clear()
         self._fail_left(None, "the connection closed before its echo")
         self._sent.clear()
+        self._stale.clear()
         self._join_pacer.reset()
         self._join_queue.clear()
         if self._join_timer is not None:
