@@ -314,6 +314,20 @@ def test_backlog_over_the_limit_drops_a_slow_consumer(transport: Transport) -> N
     assert event.code == CloseCode.SLOW_CONSUMER
 
 
+def fill_backlog(conn: WebSocketConnection, size: int, more: int) -> int:
+    """Text frames of ``size`` bytes numbered 0000, 0001, ... sent to ``conn`` until the
+    socket pair's buffers are full and ``more`` wait in its queue; how many were sent."""
+    sent = 0
+    while conn.outbound_bytes == 0 or more:
+        assert sent < 10000, "no backlog formed"
+        if conn.outbound_bytes:
+            more -= 1
+        payload = f"{sent:04d}".encode() + b"x" * (size - 4)
+        conn.send_frame(b"\x81\x7e" + len(payload).to_bytes(2, "big") + payload)
+        sent += 1
+    return sent
+
+
 def test_a_slow_consumer_is_closed_right_after_the_frame_being_written(
         transport: Transport) -> None:
     """A client reading slowly, dropped as a slow consumer: the close frame follows the
@@ -322,19 +336,7 @@ def test_a_slow_consumer_is_closed_right_after_the_frame_being_written(
     frame waited behind all of it, long enough for a slow reader's close timer to reset
     the connection before it ever saw the 4101."""
     conn, peer = serve(transport, EchoConnection)
-
-    def send(i: int) -> None:
-        payload = f"{i:04d}".encode() + b"x" * 996
-        conn.send_frame(b"\x81\x7e" + len(payload).to_bytes(2, "big") + payload)
-
-    sent = 0
-    while conn.outbound_bytes == 0:  # until the socket pair's buffers are full
-        assert sent < 10000, "no backlog formed"
-        send(sent)
-        sent += 1
-    for _ in range(50):  # 50 KB more wait in the queue, under MAX_OUTBOUND_BYTES
-        send(sent)
-        sent += 1
+    sent = fill_backlog(conn, 1000, more=50)  # 50 KB queued, under MAX_OUTBOUND_BYTES
     queued = conn.outbound_bytes
     with gevent.Timeout(TIMEOUT):
         while conn.outbound_bytes == queued:  # read a little: the flusher writes on
@@ -421,19 +423,7 @@ def test_pings_and_pongs_go_ahead_of_a_backlog_between_whole_frames(transport: T
     next frame boundary, in the order they were made, not behind the whole backlog;
     every data frame still arrives whole and in order (RFC 6455 5.4, 5.5)."""
     conn, peer = serve(transport, EchoConnection)
-
-    def send(i: int) -> None:
-        payload = f"{i:04d}".encode() + b"x" * 5000
-        conn.send_frame(b"\x81\x7e" + len(payload).to_bytes(2, "big") + payload)
-
-    frames = 0
-    while conn.outbound_bytes == 0:  # until the socket pair's buffers are full
-        assert frames < 1000, "no backlog formed"
-        send(frames)
-        frames += 1
-    for _ in range(6):  # a backlog of 6 frames more, under MAX_OUTBOUND_BYTES (64 KiB)
-        send(frames)
-        frames += 1
+    frames = fill_backlog(conn, 5004, more=6)  # 6 frames queued, under MAX_OUTBOUND_BYTES
     transport.heartbeat(conn.next_ping)
     conn.write_control(b"\x8a\x01a")  # as _frame answers a peer's ping "a", then "b"
     conn.write_control(b"\x8a\x01b")
