@@ -964,6 +964,43 @@ def test_the_start_is_shown_only_where_the_room_starts(people: Callable[..., Cha
                 "Some messages were missed while you were away; showing the latest."]
 
 
+def test_a_room_whose_history_expired_while_away_is_no_server_restart(
+        people: Callable[..., ChatPage]) -> None:
+    """Alice is cut off; a message is written to a room, and the room stays empty longer
+    than ROOM_TTL: its history expires, its ids go on (ROOM_NUMBERING_TTL). Back, her rejoin
+    gets `recovered: false` with a last_id above hers and history holds nothing: the room
+    says some messages were missed and goes on (before: the empty history was taken for a
+    server that lost its ids, every room said "The server restarted and lost earlier
+    messages" and the client was replaced)."""
+    with Server({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
+        alice = people(srv, "alice")
+        down = cuttable(alice)
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            join_room(alice, "quiet")
+            writer.say("quiet", "before")
+            expect(alice.messages("before")).to_have_count(1)
+            watch_live_regions(alice)
+            down(True)
+            writer.say("quiet", "while away")
+        time.sleep(1.5)  # ROOM_TTL must pass with the room empty: time, not an event
+        with Client(srv.url, "username=carl") as carl:
+            carl.join("elsewhere")  # the memory store drops expired rooms when next used
+        down(False)
+        expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+            "data-state", "connected")
+        missed = alice.page.locator("#messages .notice", has_text="Some messages were missed")
+        expect(missed).to_be_visible()
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            writer.say("quiet", "back live")
+            expect(alice.messages("back live")).to_have_count(1)
+        assert texts(alice) == ["back live"]
+        restarted = alice.page.locator("#messages .notice", has_text="server restarted")
+        expect(restarted).to_have_count(0)
+        assert not [t for t in announced(alice) if "server restarted" in t], announced(alice)
+
+
 @pytest.mark.parametrize("away", [3, 10])
 def test_a_cut_before_an_empty_room_s_first_history_comes(
         people: Callable[..., ChatPage], away: int) -> None:

@@ -378,7 +378,7 @@ function joined({ room, users, recovered, rejoin, last_id: lastId }) {
     // Also when the first history load has not come back yet (the connection went first):
     // what was missed meanwhile is checked all the same, and the load still comes.
     replayStarts(c, lastId, recovered === false);
-    checkRejoin(c, recovered);
+    checkRejoin(c, recovered, lastId);
     if (!c.loaded && c.loading !== state.client) loadLatest(c);
   }
   persistConversations();
@@ -411,11 +411,14 @@ async function loadLatest(c) {
  * After a reconnect the library rejoined with `since` and replayed what was missed. Two
  * things it cannot see are checked here: `recovered: false` (some messages are gone: the
  * view is reloaded from history) and a server whose ids started again at 1 (a restarted
- * memory backend: the message we hold as id N is not the server's N, or the server's ids
- * are all below N). Then the view is reset, and the client replaced, because the library
- * skips every id up to the one it saw last.
+ * memory backend: the message we hold as id N is not the server's N, or the server's last
+ * id, the `joined` reply's `lastId`, is below N). Then the view is reset, and the client
+ * replaced, because the library skips every id up to the one it saw last. A history with
+ * nothing at or above N is no such proof: a room empty longer than ROOM_TTL loses its
+ * history but numbers on (ROOM_NUMBERING_TTL), and its `joined` says so with a `lastId`
+ * at or above N.
  */
-async function checkRejoin(c, recovered) {
+async function checkRejoin(c, recovered, lastId) {
   const client = state.client;
   const since = seenUpTo(c);
   if (!since && recovered !== false) return;
@@ -424,10 +427,9 @@ async function checkRejoin(c, recovered) {
     const latest = recovered === false ? await client.history(c.name, { limit: PAGE }) : [];
     if (client !== state.client || conv(c.key) !== c) return;
     const ours = c.messages.get(since);
-    const newest = latest.length ? latest[latest.length - 1].id : 0;
     const differs = atSince && ours && atSince.id === since &&
       (atSince.timestamp !== ours.timestamp || atSince.user_id !== ours.user_id);
-    if (differs || (recovered === false && newest < since)) {
+    if (differs || (recovered === false && !(lastId >= since))) {
       serverForgot();
       return;
     }
