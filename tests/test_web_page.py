@@ -969,9 +969,10 @@ def test_a_room_whose_history_expired_while_away_is_no_server_restart(
     """Alice is cut off; a message is written to a room, and the room stays empty longer
     than ROOM_TTL: its history expires, its ids go on (ROOM_NUMBERING_TTL). Back, her rejoin
     gets `recovered: false` with a last_id above hers and history holds nothing: the room
-    says some messages were missed and goes on (before: the empty history was taken for a
-    server that lost its ids, every room said "The server restarted and lost earlier
-    messages" and the client was replaced)."""
+    says some messages were missed, that older ones are no longer kept, and goes on (before:
+    the empty history was taken for a server that lost its ids, every room said "The server
+    restarted and lost earlier messages" and the client was replaced; then the room said it
+    started at its next message)."""
     with Server({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
         alice = people(srv, "alice")
         down = cuttable(alice)
@@ -996,6 +997,10 @@ def test_a_room_whose_history_expired_while_away_is_no_server_restart(
             writer.say("quiet", "back live")
             expect(alice.messages("back live")).to_have_count(1)
         assert texts(alice) == ["back live"]
+        # Its first messages went with the history: no "This is the start of # quiet."
+        assert first_items(alice, 2) == [
+            "Older messages are no longer kept.",
+            "Some messages were missed while you were away; showing the latest."]
         restarted = alice.page.locator("#messages .notice", has_text="server restarted")
         expect(restarted).to_have_count(0)
         assert not [t for t in announced(alice) if "server restarted" in t], announced(alice)

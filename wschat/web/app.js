@@ -81,7 +81,7 @@ function newConversation(key, kind, name, peerId = null) {
     // loadingOlder: the client whose older page is on its way, else false.
     older: null, olderCheck: null, loadingOlder: false, loaded: false,
     loading: null, // the client whose first history load is on its way (the library resends it after a reconnect)
-    baseId: 0, // the first `joined` reply's last_id: the view holds every id above it that came
+    baseId: 0, // the first `joined` reply's last_id (raised to `since` by a `recovered: false` reset): ids up to it were written
     joinState: "joining", // then "joined", or "removed" (kicked, banned: not rejoined)
     mutedUntil: 0, // ms; Infinity: until lifted
     replay: null, // after a rejoin, while the missed messages come: see replayStarts
@@ -435,6 +435,9 @@ async function checkRejoin(c, recovered, lastId) {
     }
     if (recovered === false) {
       c.messages = new Map(latest.map((m) => [m.id, m]));
+      // Ids up to `since` were written: with none of them held the room does not start
+      // here (its history may have expired while it was empty, its ids going on).
+      c.baseId = Math.max(c.baseId, since);
       c.loaded = true;
       restartNotices(c, "Some messages were missed while you were away; showing the latest.");
       render(c.key, { toBottom: true });
