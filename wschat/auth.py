@@ -3,8 +3,9 @@
 Algorithms are always pinned (``JWT_ALGORITHMS``, or the one family that fits
 the configured key), so ``alg: none`` and HS256-signed-with-the-public-key
 tokens are refused by construction. ``exp`` and ``sub`` are required; ``nbf``
-and ``iat`` are checked when present (all three must be JSON numbers), ``aud``/``iss`` when configured (a token
-with an ``aud`` is refused when no ``JWT_AUDIENCE`` is set).
+and ``iat`` are checked when present (all three must be JSON numbers),
+``aud``/``iss`` when configured (a token with an ``aud`` is refused when no
+``JWT_AUDIENCE`` is set).
 
 Keys come from exactly one place in the configuration: ``JWT_SECRET``,
 ``JWT_PUBLIC_KEY`` or ``JWT_JWKS_URL``. Header fields that name other keys
