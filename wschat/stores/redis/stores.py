@@ -166,7 +166,8 @@ class RedisMessageStore(MessageStore):
         self._replay_max_bytes = replay_max_bytes
         self._live_ms = live_window_ms(presence_ttl)  # dm_heard.lua's fresh_ms
         self._metrics = metrics
-        self._post_room = script(client, "post_room", prelude=("gate", "charge", "take_id"))
+        self._post_room = script(client, "post_room",
+                                 prelude=("gate", "charge", "take_id", "unattended"))
         self._post_dm = script(client, "post_dm",
                                prelude=("gate", "charge", "dm_heard", "take_id"))
         self._post_dm_online = script(
@@ -174,7 +175,7 @@ class RedisMessageStore(MessageStore):
         self._raise_seq = script(client, "raise_seq")
         # Reads of the history stay off the auto-pipeline (large replies), as LRANGE did.
         self._tail = script(client.client if isinstance(client, Pipelined) else client, "tail")
-        self._publish_stored = script(client, "publish_stored")
+        self._publish_stored = script(client, "publish_stored", prelude="unattended")
         self._publish_dm = script(client, "publish_dm", prelude=("charge", "dm_heard"))
         self._publish_kept = script(client, "publish_kept", prelude=("charge", "dm_heard"))
         #: Whether posts can be delivered: the broker's health, set by the factory.

@@ -9,18 +9,12 @@
 --       unattended [rate burst cost]... NB
 local length = redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
--- A room nobody is in keeps its history ARGV[6] seconds (ROOM_TTL) and its sequence
--- ARGV[7] (ROOM_NUMBERING_TTL) from this post, as after its last leave (never joined, or
--- its history expired, they stayed for good); an emptied room's TTLs run on. Looked at
--- for the server API's posts (ARGV[8] '1': the only ones meant for a room nobody may be
--- in) and for a post that began the room's history (a member's that landed after the
--- member's leave emptied the room); a member's other posts skip these two commands.
--- join.lua takes the TTLs off. Its conns key is named here, not in KEYS (as gate.lua's):
--- same hash tag, same slot.
-if (ARGV[8] == '1' or length == 1) and redis.call('TTL', KEYS[2]) == -1
-    and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
+-- A room nobody is in gets its TTLs (unattended.lua): looked at for the server API's
+-- posts (ARGV[8] '1': the only ones meant for a room nobody may be in) and for a post
+-- that began the room's history (a member's that landed after the member's leave
+-- emptied the room); a member's other posts skip these two commands.
+if ARGV[8] == '1' or length == 1 then
+  expire_if_unattended(KEYS[1], KEYS[2], ARGV[6], ARGV[7])
 end
 redis.call('PUBLISH', KEYS[3], '\n' .. msg)
 return {0, n}

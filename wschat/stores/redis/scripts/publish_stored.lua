@@ -24,12 +24,10 @@ while msg do
 end
 redis.call('SET', KEYS[1], seq, 'KEEPTTL')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
--- A room nobody is in keeps its history ARGV[4] seconds (ROOM_TTL) and its sequence
--- ARGV[5] (ROOM_NUMBERING_TTL) from here, looked at as post_room.lua does (ARGV[6] '1':
--- the server API's messages, or the releaser's, whose sender's leave may have come first).
-if (ARGV[6] == '1' or began) and redis.call('TTL', KEYS[2]) == -1
-    and redis.call('EXISTS', (string.gsub(KEYS[1], '}:seq$', '}:conns'))) == 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
+-- A room nobody is in gets its TTLs (unattended.lua), looked at as post_room.lua does
+-- (ARGV[6] '1': the server API's messages, or the releaser's, whose sender's leave may
+-- have come first).
+if ARGV[6] == '1' or began then
+  expire_if_unattended(KEYS[1], KEYS[2], ARGV[4], ARGV[5])
 end
 return 1
