@@ -2662,3 +2662,78 @@ def test_a_client_back_after_room_ttl_is_not_told_recovered_over_new_ids(backend
                 assert joined["recovered"] is False and joined["last_id"] == 6, joined
                 page = ann.request({"type": "history", "room": name}, "history")
                 assert [m["text"] for m in page["messages"]] == ["new 0", "new 1", "new 2"]
+
+
+# -- 16. a `since` counted in another numbering of the room is not recovered (epoch) --
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_since_from_a_numbering_that_ended_is_not_recovered_over_the_new_one(
+        backend: str) -> None:
+    """Nobody uses a room for longer than ROOM_NUMBERING_TTL, so its ids start again from
+    1; a member back with ``since: 2`` and the epoch its ids were counted in gets
+    ``recovered: false``, no replay, and the new epoch (before, epochs did not exist:
+    the new room's 3 and 4 were replayed as what followed its 2, ``recovered: true``,
+    and the member never learned that the room's 1 and 2 were other messages)."""
+    env = {**COMMON, "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}
+    with contextlib.ExitStack() as stack:
+        if backend == "redis":
+            env["REDIS_URL"] = stack.enter_context(own_redis()).url
+        server = stack.enter_context(Server(env))
+        name = room()
+        with Client(server.url, "username=ann") as ann:
+            first = ann.join(name)
+            assert [ann.say(name, f"old {i}")["id"] for i in range(3)] == [1, 2, 3]
+            rejoined = ann.join(name)  # a member asking again: the same numbering
+            assert rejoined["epoch"] == first["epoch"] and rejoined["last_id"] == 3
+        if backend == "redis":
+            import redis
+
+            from wschat.stores.redis.keys import room_epoch_key, room_keys
+
+            client = redis.Redis.from_url(env["REDIS_URL"])
+            stack.callback(client.close)
+            # the epoch expires with the sequence, never after it
+            assert 0 < client.pttl(room_epoch_key(name)) <= client.pttl(room_keys(name)[4])
+            wait_until(lambda: not client.exists(room_keys(name)[4]), 5 * SCALE, 0.05,
+                       "the emptied room's sequence to expire")
+            assert not client.exists(room_epoch_key(name))
+        else:
+            time.sleep(1.5)  # ROOM_NUMBERING_TTL must pass: time, not an event
+            with Client(server.url, "username=carl") as carl:
+                carl.join(room())  # the memory store drops what expired when next used
+        with Client(server.url, "username=bob") as bob:
+            bob.join(name)
+            assert [bob.say(name, f"new {i}")["id"] for i in range(4)] == [1, 2, 3, 4]
+            with Client(server.url, "username=ann") as ann:
+                joined = ann.join(name, since=2, epoch=first["epoch"])
+                assert joined["recovered"] is False and joined["last_id"] == 4, joined
+                assert joined["epoch"] != first["epoch"]
+                ann.assert_silent("message")
+                # in the new epoch, the same `since` is recovered as before
+                ann.send({"type": "leave", "room": name})
+                ann.expect("left")
+                again = ann.join(name, since=2, epoch=joined["epoch"])
+                assert again["recovered"] is True and again["epoch"] == joined["epoch"]
+                assert [ann.expect("message")["text"] for _ in range(2)] == ["new 2", "new 3"]
+
+
+def test_a_since_from_before_a_memory_server_restarted_is_not_recovered() -> None:
+    """The memory backend forgets every room when its server restarts (a deploy), and
+    numbers from 1 again: a member back after others posted past its ``since`` gets
+    ``recovered: false`` (before: the new messages above its ``since`` were replayed as
+    the ones it missed, ``recovered: true``)."""
+    name = room()
+    with Server(COMMON) as server, Client(server.url, "username=ann") as ann:
+        ann.join(name)
+        assert [ann.say(name, f"old {i}")["id"] for i in range(2)] == [1, 2]
+        seen = ann.join(name)
+    with Server(COMMON) as server, Client(server.url, "username=bob") as bob:
+        bob.join(name)
+        assert [bob.say(name, f"new {i}")["id"] for i in range(4)] == [1, 2, 3, 4]
+        with Client(server.url, "username=ann") as ann:
+            joined = ann.join(name, since=2, epoch=seen["epoch"])
+            assert joined["recovered"] is False and joined["last_id"] == 4, joined
+            ann.assert_silent("message")
+            # a client of the release before, without the epoch, is answered as it was
+            ann.send({"type": "leave", "room": name})
+            ann.expect("left")
+            assert ann.join(name, since=2)["recovered"] is True

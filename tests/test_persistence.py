@@ -95,21 +95,23 @@ def whole_room(client: Client, room: str, page: int = 5) -> list[dict[str, Any]]
 # -- restart, paging, recovery ----------------------------------------------------------
 
 def test_history_and_ids_continue_after_restart(database_url: str) -> None:
-    """After a restart, history pages back through the log, since reads it, and ids go on."""
+    """After a restart, history pages back through the log, since reads it, and ids go on,
+    in the same epoch (the database's: a `since` counted before the restart is recovered)."""
     room = unique("r")
     with persistent_server(database_url) as server, Client(server.url, as_user(unique("u"))) as c:
-        c.join(room)
+        epoch = c.join(room)["epoch"]
         acks = [c.say(room, f"m{i}")["id"] for i in range(12)]
         assert acks == list(range(1, 13))
     with persistent_server(database_url) as server, Client(server.url, as_user(unique("u"))) as c:
-        assert c.join(room)["last_id"] == 12
+        rejoined = c.join(room)
+        assert rejoined["last_id"] == 12 and rejoined["epoch"] == epoch
         newest = c.request({"type": "history", "room": room, "limit": 5}, "history")
         assert [m["id"] for m in newest["messages"]] == [8, 9, 10, 11, 12]
         page = c.request({"type": "history", "room": room, "limit": 5, "before": 3}, "history")
         assert [m["text"] for m in page["messages"]] == ["m0", "m1"]
         assert [m["id"] for m in whole_room(c, room)] == list(range(1, 13))
         with Client(server.url) as late:
-            joined = late.join(room, since=2)
+            joined = late.join(room, since=2, epoch=epoch)
             assert joined["recovered"] is True and joined["last_id"] == 12
             assert [late.expect("message")["id"] for _ in range(10)] == list(range(3, 13))
             assert late.join(unique("r"), since=7)["recovered"] is False  # never issued

@@ -16,6 +16,7 @@ from wschat.protocol import (
 @pytest.mark.parametrize("raw, command", [
     ('{"type":"join","room":"general"}', Join("general")),
     ('{"type":"join","room":"a.b:c-d_1","since":0,"id":"x"}', Join("a.b:c-d_1", 0, "x")),
+    ('{"type":"join","room":"r","since":4,"epoch":"Zm9vYmFy"}', Join("r", 4, None, "Zm9vYmFy")),
     ('{"type":"leave","room":"general","id":3}', Leave("general", 3)),
     ('{"type":"message","room":"r","text":"hi","client_msg_id":"c"}',
      SendMessage("r", "hi", "c")),
@@ -43,6 +44,9 @@ def test_parse_valid_commands(raw: str, command: object) -> None:
     # "$" would match before the newline: a look-alike no PRIVATE_ROOMS pattern covers
     ('{"type":"join","room":"team-red\\n"}', ErrorCode.INVALID_ROOM, None),
     ('{"type":"join","room":"r","since":-1}', ErrorCode.INVALID_MESSAGE, None),
+    ('{"type":"join","room":"r","since":1,"epoch":7,"id":2}', ErrorCode.INVALID_MESSAGE, 2),
+    ('{"type":"join","room":"r","since":1,"epoch":""}', ErrorCode.INVALID_MESSAGE, None),
+    ('{"type":"join","room":"r","epoch":"' + "e" * 129 + '"}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"message","room":"r"}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"message","room":"r","text":""}', ErrorCode.INVALID_MESSAGE, None),
     ('{"type":"message","room":"r","text":"x","client_msg_id":""}',

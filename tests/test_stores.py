@@ -672,6 +672,91 @@ def test_redis_a_sequence_raised_in_a_room_nobody_is_in_expires(stores: Stores) 
 
 
 
+def test_memory_a_rooms_epoch_lasts_as_long_as_its_numbering() -> None:
+    """A room's epoch (the name of its numbering, ``joined``'s) stays while its ids go on:
+    through an emptying, its history's expiry and its last id kept meanwhile; once that
+    last id is given up (``ROOM_NUMBERING_TTL``) the room numbers from 1 under a new
+    one. Another room, or another server (a restart), has another."""
+    from wschat.stores.memory import MemoryBroker, MemoryMessageStore
+
+    now = [0.0]
+    store = MemoryMessageStore(MemoryBroker(), 5, room_ttl=10, clock=lambda: now[0],
+                               numbering_ttl=100)
+
+    def post(room: str) -> int:
+        return store.post_room(room, "u", draft_message(room, "a", "u", "x", 0, None)).msg_id
+
+    store.room_occupied("r")
+    epoch = store.epoch("r")
+    assert post("r") == 1 and store.epoch("r") == epoch
+    store.room_emptied("r")
+    now[0] = 50  # past ROOM_TTL: the history goes, the numbering stays
+    assert store.epoch("r") == epoch and store.recent("r", 5) == []
+    assert post("r") == 2
+    store.room_emptied("r")
+    now[0] = 200  # ROOM_NUMBERING_TTL after it emptied: its ids start again
+    assert store.last_id("r") == 0
+    store.room_occupied("r")
+    assert store.epoch("r") != epoch and post("r") == 1
+    assert store.epoch("other") != store.epoch("r")
+    restarted = MemoryMessageStore(MemoryBroker(), 5, room_ttl=10)
+    assert restarted.epoch("r") != store.epoch("r")
+
+
+@pytest.mark.parametrize("stores", ["redis", "redis-pipelined"], indirect=True)
+def test_redis_a_rooms_epoch_expires_with_its_sequence_never_after_it(stores: Stores) -> None:
+    """Redis keeps a room's epoch beside its sequence and gives it the same expiry in
+    the same step wherever the sequence gets one (a leave, a post to a room nobody is in,
+    a raise) or loses it (a join), so a numbering that starts again from 1 is never named
+    as the old one was; a join names one where there is none, with the sequence's
+    remaining time, and heals one left without an expiry beside a sequence with one (a
+    leave by a worker of the release before epochs)."""
+    import redis
+
+    from wschat.stores.base import API_USER
+    from wschat.stores.redis.keys import room_epoch_key, room_keys
+
+    client = redis.Redis.from_url(redis_url(10))  # the fixture's database
+    seq, epoch = room_keys("numbered")[4], room_epoch_key("numbered")
+
+    def in_step() -> bool:  # the epoch never outlives a sequence that expires
+        seq_ms, epoch_ms = client.pttl(seq), client.pttl(epoch)
+        return seq_ms < 0 or 0 < epoch_ms <= seq_ms or epoch_ms == -2
+
+    try:
+        stores.rooms.join("numbered", "c1", ALICE)
+        named = stores.messages.epoch("numbered")
+        assert client.pttl(epoch) == -1 and in_step()
+        post(stores, "numbered", "x")
+        stores.rooms.leave("numbered", "c1", ALICE.user_id)
+        assert 3600_000 < client.pttl(epoch) and in_step()
+        assert stores.messages.epoch("numbered") == named
+        post(stores, "numbered", "y", user=User(API_USER, "the server API"))
+        stores.messages.raise_sequence("numbered", 40)
+        assert in_step() and stores.messages.epoch("numbered") == named
+        stores.rooms.join("numbered", "c1", ALICE)
+        assert client.pttl(seq) == client.pttl(epoch) == -1
+        stores.rooms.leave("numbered", "c1", ALICE.user_id)
+        client.persist(epoch)  # as an older release's leave.lua left it
+        assert stores.messages.epoch("numbered") == named and in_step()
+        client.persist(epoch)  # as an older release's leave.lua left it, and then
+        client.delete(seq)  # its sequence expired: the emptied room's next join renames it
+        stores.rooms.join("numbered", "c1", ALICE)
+        renamed = stores.messages.epoch("numbered")
+        assert renamed != named
+        stores.rooms.join("numbered", "c2", BOB)  # a second member: the same numbering
+        assert stores.messages.epoch("numbered") == renamed
+        for conn, user in (("c1", ALICE), ("c2", BOB)):
+            stores.rooms.leave("numbered", conn, user.user_id)
+        client.delete(seq, epoch)  # expired together (ROOM_NUMBERING_TTL)
+        stores.messages.raise_sequence("numbered", 3)  # a room nobody is in: expiring
+        stores.rooms.join("numbered", "c1", ALICE)
+        assert stores.messages.epoch("numbered") not in (named, renamed)
+        assert client.pttl(seq) == client.pttl(epoch) == -1
+    finally:
+        client.close()
+
+
 def test_a_committed_message_published_twice_reaches_the_window_once(stores: Stores) -> None:
     """Every store as Redis's publish script: an id the window is past already is STALE,
     neither kept nor published again (before, the memory store appended and published it

@@ -1124,13 +1124,21 @@ class Chat:
                 self.stores.messages.room_occupied(room)
                 self._publish_presence(session, room, "online")
         reply: dict[str, Any] = {"room": room, "users": [m.as_json() for m in members]}
+        epoch = self.stores.messages.epoch(room)
         if cmd.since is None:
             up_to = reply["last_id"] = self.stores.messages.last_id(room)
+            reply["epoch"] = epoch
             joined = encode_reply("joined", cmd.request_id, **reply)
             self._pay_for_size(session, cmd, len(joined))  # a big room's users
             session.send(joined)
             return up_to, members, None  # retries are echoed, as they always were
-        replay = self.stores.messages.since(room, cmd.since)
+        if cmd.since and cmd.epoch is not None and cmd.epoch != epoch:
+            # Counted in another numbering (a memory server restarted, Redis lost its data,
+            # the room unused past ROOM_NUMBERING_TTL): its ids name other messages, and
+            # replaying ours above it would pass them off as what followed.
+            replay = Replay([], False)
+        else:
+            replay = self.stores.messages.since(room, cmd.since)
         if replay.messages:
             up_to = message_id_of(replay.messages[-1]) or cmd.since
         elif replay.complete:
@@ -1142,6 +1150,7 @@ class Chat:
             up_to = self.stores.messages.last_id(room)
         reply["recovered"] = replay.complete
         reply["last_id"] = up_to
+        reply["epoch"] = epoch
         joined = encode_reply("joined", cmd.request_id, **reply)
         # The replay goes out as the client reads, outside MAX_OUTBOUND_BYTES: like a
         # history reply it pays a request token more per 64 KiB, or a client that never

@@ -109,6 +109,9 @@ class Join:
     room: RoomName
     since: int | None = None
     request_id: RequestId = None
+    # The room's epoch (``joined``'s) that ``since`` counts in: another epoch's ids name
+    # other messages, so the join replays nothing and answers ``recovered: false``.
+    epoch: str | None = None
 
 
 @dataclass(slots=True)
@@ -300,7 +303,8 @@ def parse_command(raw: str | bytes, limits: Limits = Limits()) -> Command:
     if kind == "ping":
         return Ping(rid)
     if kind == "join":
-        return Join(_room(obj, rid), _counter(obj, "since", rid, 0), rid)
+        return Join(_room(obj, rid), _counter(obj, "since", rid, 0), rid,
+                    _short_id(obj, "epoch", rid))
     if kind == "leave":
         return Leave(_room(obj, rid), rid)
     if kind == "dm":

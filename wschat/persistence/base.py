@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 import orjson
 
 from ..protocol import stored_id_of
-from ..stores.base import Unavailable
+from ..stores.base import Unavailable, new_epoch
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .schema import (
     AFTER_BYTES_SQL, AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL,
-    DM_PAGE, DM_SCOPE, DM_SEQ_SQL, FLOOR_SQL, KEEP_AGAIN_SQL, KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL,
-    LOCK_DM_SEQ_PARAMS, MARK_DELIVERED_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION,
-    UPSERT_USER_SQL, VERSION_TABLE_SQL, Dialect, SchemaTooNew, room_scope,
+    DM_PAGE, DM_SCOPE, DM_SEQ_SQL, EPOCH_INSERT_SQL, EPOCH_SQL, FLOOR_SQL, KEEP_AGAIN_SQL,
+    KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL, LOCK_DM_SEQ_PARAMS, MARK_DELIVERED_SQL,
+    META_TABLE_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION, UPSERT_USER_SQL, VERSION_TABLE_SQL,
+    Dialect, SchemaTooNew, room_scope,
 )
 
 log = logging.getLogger("wschat.persistence")
@@ -105,6 +106,11 @@ class MessageLog(ABC):
             rows = self._read_call(self._rows, AFTER_BYTES_SQL,
                                    (room, after_id, limit, room, max_bytes))
         return [bytes(r[0]) for r in rows]
+
+    def epoch(self) -> str | None:
+        """The name of the log's numbering (every room's), made by :meth:`migrate`."""
+        value = self._read_call(self._scalar, EPOCH_SQL, ())
+        return None if value is None else str(value)
 
     def knows_user(self, user_id: str) -> bool:
         return bool(self._read_call(self._rows, KNOWS_USER_SQL, (user_id,)))
@@ -211,6 +217,8 @@ class DirectLog(MessageLog):
     def _migrate_in_transaction(self, conn: Any) -> int:
         self._migration_lock(conn)
         conn.execute(VERSION_TABLE_SQL)
+        conn.execute(META_TABLE_SQL)
+        conn.execute(self.dialect.q(EPOCH_INSERT_SQL), (new_epoch(),))
         current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version"
                                ).fetchone()[0]
         if current > SCHEMA_VERSION:

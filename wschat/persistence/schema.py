@@ -88,6 +88,13 @@ class PostgresDialect(Dialect):
 VERSION_TABLE_SQL = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
     " description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
+# Outside MIGRATIONS on purpose, as schema_version: a server of the release before neither
+# needs nor refuses it, so a rolling update or a rollback across it needs no step.
+META_TABLE_SQL = "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+# The database's epoch (every room's: its ids never start again while it lives), made once.
+EPOCH_INSERT_SQL = ("INSERT INTO meta (name, value) VALUES ('epoch', ?)"
+                    " ON CONFLICT (name) DO NOTHING")
+EPOCH_SQL = "SELECT value FROM meta WHERE name = 'epoch'"
 DM_SEQ_SQL = (
     "INSERT INTO sequences (scope, last_id) VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM dms) + ?)"
     " ON CONFLICT (scope) DO UPDATE SET last_id = sequences.last_id + ? RETURNING last_id")

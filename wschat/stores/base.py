@@ -290,6 +290,14 @@ class MessageStore(ABC):
     def last_id(self, room: str) -> int: ...
 
     @abstractmethod
+    def epoch(self, room: str) -> str:
+        """The name of the room's numbering (``joined``'s ``epoch``), asked by a member
+        (after its store join): the same for as long as the room's ids go on from one
+        another, another one once they may start again from 1 (a memory server restarted,
+        Redis lost its data, the room unused past ``ROOM_NUMBERING_TTL``). A ``since``
+        counted in another epoch names other messages."""
+
+    @abstractmethod
     def room_emptied(self, room: str) -> None:
         """The room has no members left: let its history expire after ROOM_TTL."""
 
@@ -400,6 +408,12 @@ class Broker(ABC):
 
     def close(self) -> None:
         return None
+
+
+def new_epoch() -> str:
+    """A room numbering's name (:meth:`MessageStore.epoch`): 72 random bits, so that two
+    numberings of one room never share one."""
+    return secrets.token_urlsafe(9)
 
 
 def new_node_id() -> str:

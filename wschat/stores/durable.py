@@ -76,6 +76,7 @@ class DurableMessageStore(MessageStore):
         self._primed: set[str] = set()
         self._dms_primed = False
         self._releasing: dict[str, int] = {}  # room -> highest held id a releaser waits for
+        self._epoch: str | None = None  # the log's, read once
         self.writer = GroupCommitWriter(message_log, self._publish_committed, self._count_error,
                                         self._time_commit)
 
@@ -371,6 +372,16 @@ class DurableMessageStore(MessageStore):
         # Rows deleted by retention (or ids the log never had: issued before persistence
         # was on) leave a hole: not recovered, never a gap the client is not told of.
         return Replay(stored, _unbroken(stored, after_id) and after_id + len(stored) >= last)
+
+    def epoch(self, room: str) -> str:
+        """The database's, every room's: its ids never start again while it lives (nor
+        after Redis lost its data, as the window's would)."""
+        if self._epoch is None:
+            epoch = self.log.epoch()  # DatabaseUnavailable: the join answers unavailable
+            if epoch is None:  # not migrated yet: the worker is not ready either
+                raise Unavailable("the database has no epoch yet")
+            self._epoch = epoch
+        return self._epoch
 
     def raise_sequence(self, room: str, at_least: int) -> None:
         self.inner.raise_sequence(room, at_least)

@@ -16,7 +16,7 @@ from ..ratelimit import Charge
 from .base import (
     HELD, PUBLISHED, REPLAY_MAX_BYTES, ROOM_NUMBERING_TTL, STALE, Broker, JoinResult,
     LeaveResult, MessageStore, Posted, PresenceStore, Replay, RoomHandler, RoomStore, Stored,
-    Stores, User, UserHandler, dm_parties, newest_within, retry_echo, run_to,
+    Stores, User, UserHandler, dm_parties, new_epoch, newest_within, retry_echo, run_to,
 )
 
 DEDUPE_TTL = 3600.0
@@ -26,7 +26,7 @@ DEDUPE_MAX = 100_000  # entries: ids, not events (~0.3 KiB each at the longest n
 # rooms holding nothing but a sequence number, cannot slip under it.
 MESSAGE_OVERHEAD = 100
 ROOM_OVERHEAD = 400
-RETIRED_OVERHEAD = 150  # a dropped room's last id, kept for ROOM_NUMBERING_TTL
+RETIRED_OVERHEAD = 250  # a dropped room's last id and epoch, kept for ROOM_NUMBERING_TTL
 
 
 class MemoryRoomStore(RoomStore):
@@ -85,11 +85,12 @@ class MemoryPresenceStore(PresenceStore):
 
 
 class _RoomLog:
-    __slots__ = ("last_id", "messages")
+    __slots__ = ("epoch", "last_id", "messages")
 
     def __init__(self, size: int) -> None:
         self.last_id = 0
         self.messages: deque[tuple[int, bytes]] = deque(maxlen=size)
+        self.epoch = new_epoch()  # this numbering's name; a retired one keeps it
 
 
 class MemoryMessageStore(MessageStore):
@@ -122,8 +123,9 @@ class MemoryMessageStore(MessageStore):
         self._bytes = 0  # charged to the bound: events plus overheads
         self._logs: OrderedDict[str, _RoomLog] = OrderedDict()  # least recently written first
         self._idle: OrderedDict[str, float] = OrderedDict()  # emptied room -> when
-        # dropped room -> (when it emptied, its last id): used again, it goes on from there
-        self._retired: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        # dropped room -> (when it emptied, its last id, its epoch): used again, it goes on
+        # from there, in the same epoch
+        self._retired: OrderedDict[str, tuple[float, int, str]] = OrderedDict()
         self._occupied: set[str] = set()  # rooms with members (room_occupied)
         # (room or "", user, client_msg_id) -> (when, message id, its timestamp): a
         # retry's echo is the room's copy while the history holds it, else rebuilt from
@@ -160,7 +162,7 @@ class MemoryMessageStore(MessageStore):
             self._bytes += ROOM_OVERHEAD
             retired = self._retired.pop(room, None)
             if retired is not None:
-                log.last_id = retired[1]
+                _, log.last_id, log.epoch = retired
                 self._bytes -= RETIRED_OVERHEAD
         return log
 
@@ -180,8 +182,8 @@ class MemoryMessageStore(MessageStore):
         if log is not None:
             self._bytes -= ROOM_OVERHEAD + sum(len(e) + MESSAGE_OVERHEAD
                                                for _, e in log.messages)
-            if log.last_id:
-                self._retired[room] = (emptied_at, log.last_id)
+            if log.last_id:  # a numbering without ids has nothing a `since` could name
+                self._retired[room] = (emptied_at, log.last_id, log.epoch)
                 self._bytes += RETIRED_OVERHEAD
 
     def _last_id_kept(self, room: str) -> int:
@@ -270,6 +272,21 @@ class MemoryMessageStore(MessageStore):
         log = self._logs.get(room)
         return log.last_id if log else self._last_id_kept(room)
 
+    def epoch(self, room: str) -> str:
+        # A new log is a new numbering, from 1 (a restarted server's every room's); one
+        # dropped keeps its epoch with its last id. A member asks (the room is kept while
+        # it has members); a room nobody is in ages as one posted to.
+        self._expire_idle()
+        log = self._logs.get(room)
+        if log is not None:
+            return log.epoch
+        retired = self._retired.get(room)
+        if retired is not None:
+            return retired[2]
+        log = self._log_for(room)
+        self._posted_to(room)
+        return log.epoch
+
     def dm_last_id(self) -> int:
         return self._dm_last_id
 
@@ -323,7 +340,7 @@ class MemoryMessageStore(MessageStore):
             del self._idle[oldest]
             self._drop_log(oldest, at)
         while self._retired:
-            oldest, (at, _) = next(iter(self._retired.items()))
+            oldest, (at, _, _) = next(iter(self._retired.items()))
             if now - at < self._numbering_ttl:
                 break
             del self._retired[oldest]

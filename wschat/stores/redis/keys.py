@@ -143,6 +143,12 @@ def room_keys(room: str) -> list[str]:
     return [base + k for k in ("conns", "counts", "names", "order", "seq", "hist")]
 
 
+def room_epoch_key(room: str) -> str:
+    """The name of the room's numbering (room_epoch.lua); numbering.lua names it from
+    the seq key."""
+    return f"{PREFIX}{{r:{room}}}:epoch"
+
+
 def held_key(room: str) -> str:
     return f"{PREFIX}{{r:{room}}}:held"
 

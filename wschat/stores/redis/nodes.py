@@ -98,7 +98,7 @@ class NodeKeeper:
         self._metrics = metrics
         self._beat = script(client, "node_beat")
         self._claim = script(client, "claim_node")
-        self._leave = script(client, "leave")
+        self._leave = script(client, "leave", prelude="numbering")
         self._disconnect = script(client, "disconnect")
         self._greenlet: gevent.Greenlet | None = None
         self._registered = False

@@ -20,11 +20,12 @@ from ...telemetry import Metrics
 from ..base import (
     API_USER, HISTORY_MAX_BYTES, PUBLISHED, REPLAY_MAX_BYTES, HistoryPage, JoinResult,
     LeaveResult, MessageStore, Posted, PresenceStore, RecipientOffline, ROOM_NUMBERING_TTL,
-    UNHEARD, Replay, RoomStore, Stored, Unavailable, User, retry_echo, run_to,
+    UNHEARD, Replay, RoomStore, Stored, Unavailable, User, new_epoch, retry_echo, run_to,
 )
 from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, RoomTtls, charged, dedupe_key, guarded,
-    held_key, membership_keys, membership_token, room_channel, room_keys, script, split_token,
+    held_key, membership_keys, membership_token, room_channel, room_epoch_key, room_keys, script,
+    split_token,
     user_channel, user_nodes,
 )
 from .pipeline import Pipelined
@@ -43,8 +44,8 @@ class RedisRoomStore(RoomStore):
         self._node = node
         self._ttls = RoomTtls.of(room_ttl, numbering_ttl)
         self._metrics = metrics
-        self._join = script(client, "join")
-        self._leave = script(client, "leave")
+        self._join = script(client, "join", prelude="numbering")
+        self._leave = script(client, "leave", prelude="numbering")
         # The memberships (their tokens) this worker joined and has not left since, made
         # in Redis or on their way: see leave_gone.
         self._local: set[str] = set()
@@ -167,15 +168,17 @@ class RedisMessageStore(MessageStore):
         self._live_ms = live_window_ms(presence_ttl)  # dm_heard.lua's fresh_ms
         self._metrics = metrics
         self._post_room = script(client, "post_room",
-                                 prelude=("gate", "charge", "take_id", "unattended"))
+                                 prelude=("gate", "charge", "take_id", "numbering", "unattended"))
         self._post_dm = script(client, "post_dm",
                                prelude=("gate", "charge", "dm_heard", "take_id"))
         self._post_dm_online = script(
             client, "post_dm", prelude=("gate", "charge", "dm_heard", "dm_online", "take_id"))
-        self._raise_seq = script(client, "raise_seq")
+        self._raise_seq = script(client, "raise_seq", prelude="numbering")
+        self._room_epoch = script(client, "room_epoch")
         # Reads of the history stay off the auto-pipeline (large replies), as LRANGE did.
         self._tail = script(client.client if isinstance(client, Pipelined) else client, "tail")
-        self._publish_stored = script(client, "publish_stored", prelude="unattended")
+        self._publish_stored = script(client, "publish_stored",
+                                      prelude=("numbering", "unattended"))
         self._publish_dm = script(client, "publish_dm", prelude=("charge", "dm_heard"))
         self._publish_kept = script(client, "publish_kept", prelude=("charge", "dm_heard"))
         #: Whether posts can be delivered: the broker's health, set by the factory.
@@ -299,6 +302,15 @@ class RedisMessageStore(MessageStore):
     @guarded
     def last_id(self, room: str) -> int:
         return int(self._client.get(room_keys(room)[4]) or 0)
+
+    @guarded
+    def epoch(self, room: str) -> str:
+        # Lost with Redis's data, the next join names a new one (no id is issued twice
+        # then either, but the history went: a `since` from before is not recovered).
+        keys = room_keys(room)
+        epoch = self._room_epoch(keys=[keys[4], room_epoch_key(room), keys[0]],
+                                 args=[new_epoch()])
+        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
     def room_emptied(self, room: str) -> None:
         pass  # the leave script already set the TTLs

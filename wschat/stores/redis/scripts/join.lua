@@ -8,7 +8,7 @@ local first = 0
 if redis.call('HEXISTS', conns, ARGV[2]) == 0 then
   if redis.call('HLEN', conns) == 0 then
     redis.call('SADD', KEYS[7], ARGV[1])
-    redis.call('PERSIST', seq)
+    persist_numbering(seq)
     redis.call('PERSIST', hist)
   end
   redis.call('HSET', conns, ARGV[2], ARGV[3])

@@ -29,7 +29,7 @@ local empty = 0
 if redis.call('HLEN', conns) == 0 then
   redis.call('SREM', KEYS[7], ARGV[1])
   redis.call('DEL', counts, names, order)
-  redis.call('EXPIRE', seq, ARGV[6])
+  expire_numbering(seq, ARGV[6])
   redis.call('EXPIRE', hist, ARGV[5])
   empty = 1
 end

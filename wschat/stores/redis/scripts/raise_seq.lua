@@ -7,6 +7,6 @@
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL') end
 if ARGV[2] and redis.call('TTL', KEYS[1]) == -1 and redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  expire_numbering(KEYS[1], ARGV[2])
 end
 return 1
