@@ -577,6 +577,21 @@ def test_idle_kept_alive_connections_count_as_waiting() -> None:
                 s.close()
 
 
+def test_a_worker_class_given_on_the_command_line_is_warned_of() -> None:
+    """gunicorn's ``-k gevent`` (here through GUNICORN_CMD_ARGS, as an old Dockerfile's
+    command would give it) overrides gunicorn.conf.py's worker class: the server runs, but
+    without the bound on sockets dripping their upgrade requests, so each worker says so
+    (before: silently, and MAX_HANDSHAKES_PER_IP did nothing)."""
+    with Server({"GUNICORN_CMD_ARGS": "--worker-class gevent"}) as srv:
+        welcomed_within(srv.port, WELCOME_WITHIN)
+        wait_until(lambda: "is not wschat.worker.Worker" in srv.output(), TIMEOUT,
+                   message="the worker class warning")
+        assert "gevent.GeventWorker is not wschat.worker.Worker" in srv.output()
+    with Server() as srv:
+        welcomed_within(srv.port, WELCOME_WITHIN)
+        assert "is not wschat.worker.Worker" not in srv.output()
+
+
 class Pair:
     """A connected pair of sockets: ``sock`` as a worker holds it, ``peer`` the client's."""
 

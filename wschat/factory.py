@@ -40,6 +40,7 @@ from .ratelimit import MemoryRateLimiter, RateLimiter
 from .runtime import Runtime, of
 from .stores import create_stores
 from .transport import Transport
+from .worker import Worker
 
 log = logging.getLogger("wschat.app")
 
@@ -154,6 +155,14 @@ def attach_worker(app: Flask, worker: Any, slots: Any, slot: int,
     runtime.transport.budget.attach(slots, slot)
     # wschat.worker.Worker counts the sockets it closes while they wait for a request.
     worker.wschat_waiting_closed = runtime.metrics.waiting_closed
+    if not isinstance(worker, Worker):
+        # `-k gevent` (or GUNICORN_CMD_ARGS, an old Dockerfile's command) overrides
+        # gunicorn.conf.py's worker_class: it runs, but a few addresses dripping their
+        # upgrade requests can then fill the pool, and nobody would know why.
+        log.warning("gunicorn worker class %s.%s is not wschat.worker.Worker (a -k or "
+                    "--worker-class option overrides gunicorn.conf.py): sockets waiting for "
+                    "their request are not bounded (MAX_HANDSHAKES_PER_IP); drop the option",
+                    type(worker).__module__, type(worker).__qualname__)
     worker.tmp = _HeartbeatKeptOpen(worker.tmp)
     if replacement:
         worker_restarted()
