@@ -720,8 +720,8 @@ def test_redis_a_rooms_epoch_expires_with_its_sequence_never_after_it(stores: St
     seq, epoch = room_keys("numbered")[4], room_epoch_key("numbered")
 
     def in_step() -> bool:  # the epoch never outlives a sequence that expires
-        seq_ms, epoch_ms = client.pttl(seq), client.pttl(epoch)
-        return seq_ms < 0 or 0 < epoch_ms <= seq_ms or epoch_ms == -2
+        seq_at, epoch_at = (client.execute_command("PEXPIRETIME", key) for key in (seq, epoch))
+        return seq_at < 0 or 0 < epoch_at <= seq_at or epoch_at == -2
 
     try:
         stores.rooms.join("numbered", "c1", ALICE)
