@@ -87,10 +87,10 @@ class MemoryPresenceStore(PresenceStore):
 class _RoomLog:
     __slots__ = ("epoch", "last_id", "messages")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, epoch: str) -> None:
         self.last_id = 0
         self.messages: deque[tuple[int, bytes]] = deque(maxlen=size)
-        self.epoch = new_epoch()  # this numbering's name; a retired one keeps it
+        self.epoch = epoch  # this numbering's name; its last id retired keeps it
 
 
 class MemoryMessageStore(MessageStore):
@@ -127,6 +127,10 @@ class MemoryMessageStore(MessageStore):
         # from there, in the same epoch
         self._retired: OrderedDict[str, tuple[float, int, str]] = OrderedDict()
         self._occupied: set[str] = set()  # rooms with members (room_occupied)
+        # The epochs members of rooms without a log were told (nothing posted yet): no log
+        # is made for them (a join must not cost a room's share of the bound), and the
+        # room's first post numbers in it.
+        self._epochs: dict[str, str] = {}
         # (room or "", user, client_msg_id) -> (when, message id, its timestamp): a
         # retry's echo is the room's copy while the history holds it, else rebuilt from
         # the retry's own draft, so no event is kept twice.
@@ -158,7 +162,8 @@ class MemoryMessageStore(MessageStore):
     def _log_for(self, room: str) -> _RoomLog:
         log = self._logs.get(room)
         if log is None:
-            log = self._logs[room] = _RoomLog(self._size)
+            epoch = self._epochs.pop(room, None) or new_epoch()
+            log = self._logs[room] = _RoomLog(self._size, epoch)
             self._bytes += ROOM_OVERHEAD
             retired = self._retired.pop(room, None)
             if retired is not None:
@@ -274,8 +279,7 @@ class MemoryMessageStore(MessageStore):
 
     def epoch(self, room: str) -> str:
         # A new log is a new numbering, from 1 (a restarted server's every room's); one
-        # dropped keeps its epoch with its last id. A member asks (the room is kept while
-        # it has members); a room nobody is in ages as one posted to.
+        # dropped keeps its epoch with its last id. A member asks: the room is occupied.
         self._expire_idle()
         log = self._logs.get(room)
         if log is not None:
@@ -283,9 +287,9 @@ class MemoryMessageStore(MessageStore):
         retired = self._retired.get(room)
         if retired is not None:
             return retired[2]
-        log = self._log_for(room)
-        self._posted_to(room)
-        return log.epoch
+        if room not in self._occupied:
+            return new_epoch()  # nobody to keep it for: no id could be counted in it
+        return self._epochs.setdefault(room, new_epoch())
 
     def dm_last_id(self) -> int:
         return self._dm_last_id
@@ -348,6 +352,7 @@ class MemoryMessageStore(MessageStore):
 
     def room_emptied(self, room: str) -> None:
         self._occupied.discard(room)
+        self._epochs.pop(room, None)
         if room in self._logs:
             self._idle[room] = self._clock()
             self._idle.move_to_end(room)
