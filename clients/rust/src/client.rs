@@ -33,8 +33,15 @@ pub struct Joined {
     /// `protocol::wire_id`), else the room's position (the `since` of a re-join), else 0.
     pub last_id: u64,
     /// `None` for a fresh join; `Some(false)` after a re-join with `since` whose
-    /// messages the server no longer holds (some are lost: fetch `history`).
+    /// messages the server no longer holds (some are lost: fetch `history`), or whose `since`
+    /// was counted in another `epoch`.
     pub recovered: Option<bool>,
+    /// The name of the room's numbering (the server's `epoch`): the same while its ids go on
+    /// from one another, another once they start again from 1 (a memory server restarted,
+    /// Redis lost its data, the room unused past `ROOM_NUMBERING_TTL`). `last_id` and the ids
+    /// of the messages that follow are counted in it. `None` from a server of the release
+    /// before epochs (or one whose `epoch` is not 1-64 characters without control characters).
+    pub epoch: Option<String>,
 }
 
 /// What the app hears, in the order it happened.
@@ -57,8 +64,13 @@ pub enum Event {
     Joined(Joined),
     /// A re-join could not replay everything after `since` (the server no longer
     /// holds it): reload `history`. Follows its `Joined`. `last_id` is the server's when it
-    /// counts (`protocol::wire_id`), else `since`.
-    RecoveryFailed { room: String, since: u64, last_id: u64 },
+    /// counts (`protocol::wire_id`), else `since` (0 when `epoch_changed`).
+    ///
+    /// `epoch_changed`: the room's numbering began again from 1 since `since` was counted (the
+    /// `Joined`'s `epoch` is another one than the re-join sent): nothing was replayed, `since`
+    /// names no message of the room now, and its ids go on from `last_id` in the new epoch;
+    /// reload the room's `history`, which holds only the new numbering's messages.
+    RecoveryFailed { room: String, since: u64, last_id: u64, epoch_changed: bool },
     /// One of this client's sends was acknowledged (also one restored from the
     /// outbox store, which has no future waiting for it).
     Ack(Acked),

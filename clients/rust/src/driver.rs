@@ -921,19 +921,21 @@ impl Driver {
         }
     }
 
-    /// Writes the `join` (with `since`: the last id delivered), and returns its request id.
-    /// A `ping` goes behind it only once the `joined` shows a replay with no known end.
+    /// Writes the `join` (with `since`: the last id delivered, and the `epoch` it was counted
+    /// in, when the server named one), and returns its request id. A `ping` goes behind it
+    /// only once the `joined` shows a replay with no known end.
     fn write_join(&mut self, room: &str) -> u64 {
         let id = self.rid();
         if let Some(r) = self.rooms.get_mut(room) {
             let since = r.seq.last();
+            let epoch = since.and(r.seq.epoch()).map(str::to_owned);
             if since.is_some() {
                 r.seq.rejoining();
             }
             r.sync_rid = None;
             r.join_rid = Some(id);
             self.join_rids.insert(id, room.to_owned());
-            self.write(&ClientCommand::Join { room: room.to_owned(), since, id: Some(RequestId::Int(id)) });
+            self.write(&ClientCommand::Join { room: room.to_owned(), since, epoch, id: Some(RequestId::Int(id)) });
         }
         id
     }
@@ -1051,7 +1053,7 @@ impl Driver {
                     self.came_online();
                 }
             }
-            ServerEvent::Joined { room, users, last_id, recovered, id } => {
+            ServerEvent::Joined { room, users, last_id, recovered, epoch, id } => {
                 if let Some(RequestId::Int(rid)) = id {
                     self.join_rids.remove(&rid);
                     if self.join_pacer.joined(rid, Instant::now().into_std()) {
@@ -1067,14 +1069,18 @@ impl Driver {
                     r.join_rid = None;
                 }
                 let since = r.seq.last();
-                r.seq.joined(last_id, recovered);
+                // Another epoch than our `since`'s: the room's ids started again from 1, and
+                // the position is the new numbering's (`RoomSeq::joined_in`).
+                let epoch_changed = r.seq.joined_in(last_id, recovered, epoch.as_deref());
                 r.joined_on = Some(generation);
                 // A re-join's replay ends at `last_id`; a first join has none, nor has a
                 // `recovered: false` with nothing above `since` (the server may even have
-                // started afresh). Without a `last_id` (none of `"5"`, `null`, `2.5`, `1e400`
-                // counts: protocol::wire_id) the answer to a `ping` ends it: no id reaches
-                // u64::MAX. The room's sends wait for it (`Room::replayed`).
+                // started afresh), nor one in another epoch (the server replays nothing: our
+                // ids name other messages there). Without a `last_id` (none of `"5"`, `null`,
+                // `2.5`, `1e400` counts: protocol::wire_id) the answer to a `ping` ends it: no
+                // id reaches u64::MAX. The room's sends wait for it (`Room::replayed`).
                 let no_replay = since.is_none()
+                    || epoch_changed
                     || recovered == Some(false)
                         && matches!((since, last_id), (Some(since), Some(last_id)) if last_id <= since);
                 r.replay_until = if no_replay { 0 } else { last_id.unwrap_or(u64::MAX) };
@@ -1088,7 +1094,7 @@ impl Driver {
                 r.state = RoomState::Joined;
                 // The app is shown the server's `last_id`, else the room's position, else 0.
                 let shown = last_id.or(r.seq.last()).unwrap_or(0);
-                let joined = Joined { room: room.clone(), users, last_id: shown, recovered };
+                let joined = Joined { room: room.clone(), users, last_id: shown, recovered, epoch };
                 r.joined = Some(joined.clone());
                 for w in r.waiters.drain(..) {
                     let _ = w.send(Ok(joined.clone()));
@@ -1099,10 +1105,13 @@ impl Driver {
                 }
                 self.emit(Event::Joined(joined));
                 if let (Some(false), Some(since)) = (recovered, since) {
+                    // (`since` is of the old numbering after a new epoch: not a position now.)
+                    let fallback = if epoch_changed { 0 } else { since };
                     self.emit(Event::RecoveryFailed {
                         room: room_name.clone(),
                         since,
-                        last_id: last_id.unwrap_or(since),
+                        last_id: last_id.unwrap_or(fallback),
+                        epoch_changed,
                     });
                 }
                 if ping {

@@ -28,6 +28,10 @@ pub enum ClientCommand {
         room: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<u64>,
+        /// The `epoch` of the `joined` in which `since` was counted: another epoch's ids name
+        /// other messages, and the server then replays nothing (`recovered: false`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
     },
@@ -237,6 +241,11 @@ pub enum ServerEvent {
         last_id: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// The name of the room's numbering, read by [`epoch`] (1-64 characters, none a
+        /// control character); anything else, or absent (a server of the release before), is
+        /// `None`: the epoch is not known, and none is sent back.
+        #[serde(default, deserialize_with = "lenient_epoch", skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
     },
@@ -417,6 +426,8 @@ struct BareJoined {
     users: Vec<User>,
     #[serde(default)]
     recovered: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_epoch")]
+    epoch: Option<String>,
     #[serde(default)]
     id: Option<RequestId>,
 }
@@ -551,6 +562,26 @@ fn lenient_last_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>
     Ok(wire_id(&serde_json::Value::deserialize(d)?))
 }
 
+/// The longest `epoch` the server takes in a `join` (its `MAX_ID_CHARS`), in characters.
+pub const MAX_EPOCH_CHARS: usize = 64;
+
+/// A `joined`'s `epoch` (the name of the room's numbering), or `None` for none: only a string of
+/// 1 to [`MAX_EPOCH_CHARS`] characters, none of them a control character (U+0000-U+001F,
+/// U+007F), counts, the server's rule for the `epoch` of a `join`. Anything else is not sent back
+/// with a re-join: the server would refuse that `join` (`invalid_message`), and the room with it.
+pub fn epoch(value: &serde_json::Value) -> Option<String> {
+    let serde_json::Value::String(s) = value else { return None };
+    let control = s.chars().any(|c| c <= '\u{1f}' || c == '\u{7f}');
+    let fits = (1..=MAX_EPOCH_CHARS).contains(&s.chars().count());
+    (fits && !control).then(|| s.clone())
+}
+
+/// `epoch` as any JSON value, read by [`epoch`]: an odd value is none, never a failure of the
+/// whole `joined`.
+fn lenient_epoch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(epoch(&serde_json::Value::deserialize(d)?))
+}
+
 /// A message's `id`: an id by [`wire_id`] (`5.0`, `-0`), or `u64::MAX` for any `u64` past
 /// [`MAX_WIRE_ID`] (it still parses, so the echo of a send acknowledges it; it never becomes a
 /// position, and a send's result never carries it as if it were an id: the JS and Python
@@ -636,6 +667,7 @@ impl ServerEvent {
                     users: bare.users,
                     last_id: None,
                     recovered: bare.recovered,
+                    epoch: bare.epoch,
                     id: bare.id,
                 }),
                 _ => Err(e),
@@ -717,11 +749,15 @@ mod tests {
     #[test]
     fn commands_serialize_as_the_readme_says() {
         round_trip_command(
-            ClientCommand::Join { room: "general".into(), since: Some(7), id: Some(RequestId::Int(3)) },
+            ClientCommand::Join { room: "general".into(), since: Some(7), epoch: None, id: Some(RequestId::Int(3)) },
             json!({"type": "join", "room": "general", "since": 7, "id": 3}),
         );
         round_trip_command(
-            ClientCommand::Join { room: "general".into(), since: None, id: None },
+            ClientCommand::Join { room: "r".into(), since: Some(7), epoch: Some("e1".into()), id: None },
+            json!({"type": "join", "room": "r", "since": 7, "epoch": "e1"}),
+        );
+        round_trip_command(
+            ClientCommand::Join { room: "general".into(), since: None, epoch: None, id: None },
             json!({"type": "join", "room": "general"}),
         );
         round_trip_command(
@@ -882,6 +918,48 @@ mod tests {
         // Absent: none too, and still the joined.
         match ServerEvent::parse(r#"{"type": "joined", "room": "r", "users": [], "id": 7}"#) {
             Ok(event @ ServerEvent::Joined { .. }) if serde_json::to_value(&event).unwrap()["last_id"].is_null() => {}
+            got => wrong.push(format!("absent: {got:?}")),
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// A joined's `epoch` is taken only as the server's rule for a join's `epoch` has it (a string
+    /// of 1-64 characters, none a control character), so a re-join never sends one the server
+    /// refuses (`invalid_message`, which would lose the room); anything else, or absent (a server
+    /// of the release before), is `None` and never loses the `joined`, also with a `last_id`
+    /// `serde_json` cannot read.
+    #[test]
+    fn epoch_reads_only_what_a_join_may_send_back() {
+        let long = "e".repeat(64);
+        let cases: &[(String, Option<&str>)] = &[
+            (r#""Xy-9_ab""#.into(), Some("Xy-9_ab")),
+            (format!(r#""{long}""#), Some(&long)),
+            (r#""ééé""#.into(), Some("ééé")), // characters, not bytes
+            (format!(r#""{long}e""#), None),
+            (r#""""#.into(), None),
+            (r#""a\nb""#.into(), None),
+            (r#""a\u007fb""#.into(), None),
+            (r#""\u0000""#.into(), None),
+            ("5".into(), None),
+            ("null".into(), None),
+            ("true".into(), None),
+            (r#"["e"]"#.into(), None),
+        ];
+        let mut wrong = Vec::new();
+        for (raw, want) in cases {
+            for last_id in ["3", "1e400"] {
+                let frame = format!(
+                    r#"{{"type": "joined", "room": "r", "users": [], "last_id": {last_id}, "recovered": false, "epoch": {raw}, "id": 7}}"#
+                );
+                match ServerEvent::parse(&frame) {
+                    Ok(ServerEvent::Joined { epoch, recovered: Some(false), id: Some(RequestId::Int(7)), .. })
+                        if epoch.as_deref() == *want => {}
+                    got => wrong.push(format!("epoch {raw}, last_id {last_id}: {got:?}, not {want:?}")),
+                }
+            }
+        }
+        match ServerEvent::parse(r#"{"type": "joined", "room": "r", "users": [], "last_id": 3}"#) {
+            Ok(ServerEvent::Joined { epoch: None, last_id: Some(3), .. }) => {}
             got => wrong.push(format!("absent: {got:?}")),
         }
         assert!(wrong.is_empty(), "{wrong:#?}");

@@ -1,6 +1,7 @@
 //! Per-room message-id bookkeeping, with no I/O: client-side dedupe (an id at or
 //! below the last one seen is dropped) and gap detection (an id above last + 1
-//! means something was missed: re-join with `since`).
+//! means something was missed: re-join with `since`). The ids are counted in the room's
+//! numbering, its `epoch`, kept with them: a numbering begun again from 1 is a new baseline.
 
 use crate::protocol::MAX_WIRE_ID;
 
@@ -19,6 +20,9 @@ pub enum Verdict {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoomSeq {
     last: Option<u64>,
+    /// The `epoch` of the latest `joined` (`None`: not known, a server of the release before):
+    /// the numbering `last` is counted in, sent with it as a re-join's `since`.
+    epoch: Option<String>,
     /// A re-join with `since` is in flight: its replay will bring what is missing.
     recovering: bool,
     /// The server said `recovered: false`: accept the next id, whatever it is
@@ -34,14 +38,43 @@ impl RoomSeq {
         self.last
     }
 
+    /// The `epoch` of the latest `joined`, in which [`RoomSeq::last`] is counted (what a
+    /// re-join sends with `since`); `None` when not known.
+    pub fn epoch(&self) -> Option<&str> {
+        self.epoch.as_deref()
+    }
+
     /// A re-join with `since` was sent (after a reconnect or a gap).
     pub fn rejoining(&mut self) {
         self.recovering = true;
     }
 
-    /// The server answered `joined`, with its `last_id` if it counts (`protocol::wire_id`).
+    /// The server answered `joined`, with its `last_id` if it counts (`protocol::wire_id`), from
+    /// a server that names no numbering (the release before epochs): [`RoomSeq::joined_in`]
+    /// without an `epoch`.
     pub fn joined(&mut self, last_id: Option<u64>, recovered: Option<bool>) {
+        self.joined_in(last_id, recovered, None);
+    }
+
+    /// The server answered `joined`, with its `last_id` if it counts (`protocol::wire_id`) and
+    /// its `epoch` if it has one (`protocol::epoch`). Returns whether the room's numbering
+    /// began again: a re-join with `since` > 0, counted in a known epoch, answered
+    /// `recovered: false` in another one. The server replays nothing then (its ids name other
+    /// messages than ours), and the room's ids are taken afresh: the position is the `joined`'s
+    /// `last_id` (the next message is `last_id + 1`; without a `last_id` that counts, the next
+    /// message sets it), so that nothing of the new numbering is dropped as seen in the old
+    /// one, nor taken for a gap, and a later re-join's `since` is one of the new numbering.
+    pub fn joined_in(&mut self, last_id: Option<u64>, recovered: Option<bool>, epoch: Option<&str>) -> bool {
         self.recovering = false;
+        let changed = recovered == Some(false)
+            && self.last.is_some_and(|since| since > 0)
+            && matches!((self.epoch.as_deref(), epoch), (Some(was), Some(now)) if was != now);
+        self.epoch = epoch.map(str::to_owned);
+        if changed {
+            self.last = last_id.filter(|id| *id <= MAX_WIRE_ID);
+            self.accept_jump = self.last.is_none();
+            return true;
+        }
         match (recovered, self.last) {
             // A fresh join: only messages above `last_id` follow. Without a `last_id` that
             // counts, a first join keeps no position (the next message sets it: the server's
@@ -54,6 +87,7 @@ impl RoomSeq {
             (Some(true), Some(_)) => {}
             (Some(false), Some(_)) => self.accept_jump = true,
         }
+        false
     }
 
     /// Decides about message `id`, and records it when delivered.
@@ -174,5 +208,75 @@ mod tests {
         assert_eq!(seq.message(1), Verdict::Deliver);
         assert_eq!(seq.message(2), Verdict::Deliver);
         assert_eq!(seq.message(2), Verdict::Drop);
+    }
+
+    /// A re-join counted in an epoch the room's numbering no longer has (a memory server
+    /// restarted; the room unused past `ROOM_NUMBERING_TTL`) is answered `recovered: false` in a
+    /// new epoch: the position becomes the new numbering's `last_id`, so its next message (5) is
+    /// delivered and a replayed-looking lower id is seen, not a jump. Before epochs the position
+    /// stayed the old `since` (2) with "accept the next id": a re-join before that message asked
+    /// for `since` 2 of the new numbering (its 3 and 4 replayed as ours), and ids of the old
+    /// numbering above the new `last_id` were taken for duplicates.
+    #[test]
+    fn a_new_epoch_is_a_new_baseline() {
+        let mut seq = RoomSeq::default();
+        assert!(!seq.joined_in(Some(0), None, Some("old")));
+        assert_eq!(seq.epoch(), Some("old"));
+        assert_eq!(seq.message(1), Verdict::Deliver);
+        assert_eq!(seq.message(2), Verdict::Deliver);
+        seq.rejoining();
+        assert!(seq.joined_in(Some(4), Some(false), Some("new")));
+        assert_eq!((seq.last(), seq.epoch()), (Some(4), Some("new")));
+        assert_eq!(seq.message(4), Verdict::Drop);
+        assert_eq!(seq.message(5), Verdict::Deliver);
+        assert_eq!(seq.message(7), Verdict::Gap { since: 5 });
+        // A new numbering behind the old one (fewer ids than our `since`): its next id is 2.
+        let mut seq = RoomSeq::default();
+        seq.joined_in(Some(10), None, Some("old"));
+        seq.rejoining();
+        assert!(seq.joined_in(Some(1), Some(false), Some("new")));
+        assert_eq!(seq.message(2), Verdict::Deliver);
+        // No `last_id` that counts: the next message sets the position.
+        let mut seq = RoomSeq::default();
+        seq.joined_in(Some(10), None, Some("old"));
+        seq.rejoining();
+        assert!(seq.joined_in(None, Some(false), Some("new")));
+        assert_eq!(seq.last(), None);
+        assert_eq!(seq.message(3), Verdict::Deliver);
+        assert_eq!(seq.message(4), Verdict::Deliver);
+    }
+
+    /// Only a re-join with a known epoch and `since` > 0, answered `recovered: false` in another
+    /// epoch, is a numbering begun again. The same epoch with `recovered: false` (history lost),
+    /// a server naming no epoch (the release before, or a rollback to it), and a `since` of 0 (the
+    /// server replays the new numbering from its first id) keep the rules as before.
+    #[test]
+    fn only_another_epoch_after_recovered_false_is_a_new_numbering() {
+        let mut seq = RoomSeq::default();
+        seq.joined_in(Some(10), None, Some("e"));
+        seq.rejoining();
+        assert!(!seq.joined_in(Some(50), Some(false), Some("e")));
+        // Accepted whatever it is, as before.
+        assert_eq!(seq.message(40), Verdict::Deliver);
+        // Without epochs: as before, and the epoch is forgotten (none is sent).
+        let mut seq = RoomSeq::default();
+        seq.joined_in(Some(10), None, Some("e"));
+        seq.rejoining();
+        assert!(!seq.joined_in(Some(10), Some(false), None));
+        assert_eq!(seq.epoch(), None);
+        assert_eq!(seq.message(1), Verdict::Deliver);
+        let mut seq = RoomSeq::default();
+        seq.joined(Some(10), None);
+        seq.rejoining();
+        assert!(!seq.joined_in(Some(3), Some(false), Some("first")));
+        assert_eq!(seq.epoch(), Some("first"));
+        assert_eq!(seq.message(1), Verdict::Deliver);
+        // `since` 0: the replay of the new numbering is every message, from 1.
+        let mut seq = RoomSeq::default();
+        seq.joined_in(Some(0), None, Some("old"));
+        seq.rejoining();
+        assert!(!seq.joined_in(Some(2), Some(true), Some("new")));
+        assert_eq!(seq.message(1), Verdict::Deliver);
+        assert_eq!(seq.message(2), Verdict::Deliver);
     }
 }

@@ -390,7 +390,10 @@ async fn a_send_goes_out_after_an_unrecovered_rejoin_without_replay() {
     offline.store(false, Ordering::SeqCst);
     rec_a
         .wait("recovery failed", 30.0, |ev| {
-            ev.iter().any(|e| matches!(e, Event::RecoveryFailed { room, since: 1, last_id: 1002 } if room == "far"))
+            ev.iter().any(|e| {
+                let lost = Event::RecoveryFailed { room: "far".into(), since: 1, last_id: 1002, epoch_changed: false };
+                *e == lost
+            })
         })
         .await;
     // Nothing else is posted: the send must go out after the `joined` alone.
@@ -2205,4 +2208,124 @@ async fn the_echo_of_a_send_of_a_room_left_and_joined_again_resolves_it() {
     assert_eq!(rec.ids("r"), [2]);
     c.close();
     server.abort();
+}
+
+/// A `joined` answering `join` (`last_id` and `recovered` as [`raw_joined`]) naming the room's
+/// numbering `epoch` (`None`: none, as a server of the release before epochs answers).
+fn joined_in(join: &serde_json::Value, last_id: &str, recovered: Option<bool>, epoch: Option<&str>) -> String {
+    let mut joined: serde_json::Value = serde_json::from_str(&raw_joined(join, Some(last_id), recovered)).unwrap();
+    if let Some(epoch) = epoch {
+        joined["epoch"] = json!(epoch);
+    }
+    joined.to_string()
+}
+
+/// The `since` and `epoch` of each `join` of `room`, with its connection's number.
+fn rejoins(frames: &Frames, room: &str) -> Vec<(usize, serde_json::Value, serde_json::Value)> {
+    let frames = frames.lock().unwrap();
+    let joins = frames.iter().filter(|(_, f)| f["type"] == "join" && f["room"] == room);
+    joins.map(|(n, f)| (*n, f["since"].clone(), f["epoch"].clone())).collect()
+}
+
+/// A re-join sends the `epoch` of the room's latest `joined` with its `since`; answered
+/// `recovered: false` in another epoch (the room's ids started again: 3 messages of a new
+/// numbering), the room's position is the new numbering's `last_id`: the next re-join says
+/// `since` 3 in the new epoch, and the new numbering's message 4 is delivered. Before epochs the
+/// re-join sent no `epoch` (the server could not tell numberings apart and replayed the new one's
+/// messages above our `since` as ours), and the position stayed the old `since`, 7, so the
+/// re-join after asked for the new numbering's messages above 7. A room whose `joined` names no
+/// epoch (a server of the release before) is re-joined with `since` alone, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_sends_the_epoch_and_a_new_epoch_is_a_new_baseline() {
+    let (url, frames, server) = scripted_server(move |cmd, n| {
+        let old = cmd["room"] == "old"; // a server of the release before: no epoch
+        match (cmd["type"].as_str(), n) {
+            (Some("join"), 1) if old => vec![joined_in(cmd, "6", None, None), raw_message("7", "old", "7", None)],
+            (Some("join"), _) if old => vec![joined_in(cmd, "7", Some(true), None)],
+            (Some("join"), 1) => vec![joined_in(cmd, "6", None, Some("E1")), raw_message("7", "r", "7", None)],
+            // The room's ids started again, and 3 messages of the new numbering were posted.
+            (Some("join"), 2) => vec![joined_in(cmd, "3", Some(false), Some("E2"))],
+            (Some("join"), _) => vec![joined_in(cmd, "3", Some(true), Some("E2")), raw_message("4", "r", "4", None)],
+            _ => vec![],
+        }
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    let first = c.join("r").await.unwrap();
+    assert_eq!((first.last_id, first.epoch.as_deref()), (6, Some("E1")));
+    assert_eq!(c.join("old").await.unwrap().epoch, None);
+    eventually(2.0, || rec.ids("r") == [7] && rec.ids("old") == [7]).await;
+    let joined = |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::Joined(j) if j.room == "r")).count();
+    c.reconnect();
+    rec.wait("the re-join in the new epoch", 10.0, |ev| joined(ev) >= 2).await;
+    c.reconnect();
+    rec.wait("the re-join after it", 10.0, |ev| joined(ev) >= 3).await;
+    eventually(2.0, || rec.ids("r").len() >= 2).await;
+    c.ping().await.unwrap(); // anything else of the room came before its pong
+    let lost: Vec<Event> = rec.events().into_iter().filter(|e| matches!(e, Event::RecoveryFailed { .. })).collect();
+    let got = format!(
+        "r: joins {:?}, messages {:?}; old: joins {:?}, messages {:?}; {lost:?}; pings {:?}",
+        rejoins(&frames, "r"),
+        rec.ids("r"),
+        rejoins(&frames, "old"),
+        rec.ids("old"),
+        frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "ping").map(|(n, _)| *n).collect::<Vec<_>>()
+    );
+    let lost = Event::RecoveryFailed { room: "r".into(), since: 7, last_id: 3, epoch_changed: true };
+    let want = format!(
+        "r: joins [(1, Null, Null), (2, Number(7), String(\"E1\")), (3, Number(3), String(\"E2\"))], \
+         messages [7, 4]; old: joins [(1, Null, Null), (2, Number(7), Null), (3, Number(7), Null)], \
+         messages [7]; [{lost:?}]; pings [3]"
+    );
+    assert_eq!(got, want);
+    c.close();
+    server.abort();
+}
+
+/// A memory server restarts (a deploy): every room's ids start again from 1, in a new epoch.
+/// Another client posts 4 messages to the room before this one is back; its re-join (with
+/// `since` 2 and the old epoch) gets `recovered: false` with `epoch_changed`, no message of the
+/// new numbering is taken for one of ours, and the room's position is the new numbering's: after
+/// one more reconnect (a re-join with `since` 4 in the new epoch) the next message, 5, is
+/// delivered, and so is the echo of our send, 6. Before epochs the re-join was told
+/// `recovered: true` and given the new numbering's 3 and 4 as the messages that followed our 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_memory_server_restart_the_new_numbering_is_followed() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (a, rec_a, offline) = common::switchable(&s.url, h.token("nina", 600.0).await);
+    let first = a.join("renumbered").await.unwrap();
+    assert!(first.epoch.is_some(), "{first:?}");
+    for i in 0..2 {
+        a.send("renumbered", &format!("old {i}")).await.unwrap();
+    }
+    rec_a.wait("the old messages", 20.0, |ev| common::message_ids(ev, "renumbered") == [1, 2]).await;
+    offline.store(true, Ordering::SeqCst);
+    h.stop(&s).await;
+    h.restart(&s).await; // a memory server forgets rooms, history and ids
+    let (b, _) = Client::builder(format!("{}?username=otto", s.url)).connect();
+    b.join("renumbered").await.unwrap();
+    for i in 0..4 {
+        assert_eq!(b.send("renumbered", &format!("new {i}")).await.unwrap().id, i + 1);
+    }
+    offline.store(false, Ordering::SeqCst);
+    rec_a.wait("recovery failed", 30.0, |ev| ev.iter().any(|e| matches!(e, Event::RecoveryFailed { .. }))).await;
+    let joined: Vec<wschat::Joined> =
+        rec_a.events().into_iter().filter_map(|e| if let Event::Joined(j) = e { Some(j) } else { None }).collect();
+    let renumbered = &joined[1];
+    assert_eq!((renumbered.recovered, renumbered.last_id), (Some(false), 4), "{joined:#?}");
+    assert!(renumbered.epoch.is_some() && renumbered.epoch != first.epoch, "{joined:#?}");
+    let lost = Event::RecoveryFailed { room: "renumbered".into(), since: 2, last_id: 4, epoch_changed: true };
+    assert_eq!(rec_a.count(|e| *e == lost), 1, "{:#?}", rec_a.events());
+    // Once more: the re-join's `since` is the new numbering's (4): nothing is replayed.
+    a.reconnect();
+    let joins = |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::Joined(_))).count();
+    rec_a.wait("the second re-join", 20.0, |ev| joins(ev) >= 3).await;
+    let again =
+        rec_a.events().into_iter().filter_map(|e| if let Event::Joined(j) = e { Some(j) } else { None }).next_back();
+    assert_eq!(again.map(|j| (j.recovered, j.last_id)), Some((Some(true), 4)));
+    assert_eq!(b.send("renumbered", "new 4").await.unwrap().id, 5);
+    assert_eq!(a.send("renumbered", "mine").await.unwrap().id, 6);
+    rec_a.wait("the new messages", 20.0, |ev| common::message_ids(ev, "renumbered").len() >= 4).await;
+    assert_eq!(rec_a.ids("renumbered"), [1, 2, 5, 6]);
 }
