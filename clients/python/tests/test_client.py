@@ -1501,3 +1501,201 @@ async def test_a_sync_client_call_from_its_handler_raises_instead_of_hanging() -
         await peer.echo(frame, 2)
         assert (await sending).id == 2
         await asyncio.to_thread(chat.close)
+
+
+# -- epochs: the name of a room's numbering ---------------------------------------------------
+async def joined_in_epoch(fake: FakeServer, epoch: str | None,
+                          last_id: int = 0) -> tuple[Client, Recorder, Peer]:
+    """A client joined to r, whose joined said ``last_id`` and ``epoch`` (None: no epoch,
+    a server of the release before)."""
+    client = client_for(fake)
+    rec = Recorder(client)
+    await client.connect()
+    peer = await fake.accept()
+    join = asyncio.create_task(client.join("r"))
+    await peer.joined(last_id=last_id, **({} if epoch is None else {"epoch": epoch}))
+    await join
+    return client, rec, peer
+
+
+async def test_a_rejoin_sends_the_epoch_of_the_latest_joined() -> None:
+    """The room's epoch (the latest joined's) goes with since on every re-join, a gap's and
+    a reconnect's, so that the server can tell ids of a numbering that began again; the app
+    reads it next to last_id (rooms[...].epoch, Joined.epoch), to persist the two together.
+    The client sent since alone, and a numbering that had started again from 1 was replayed
+    as what followed it."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_in_epoch(fake, "E1", last_id=5)
+        assert rec.of("joined")[0].epoch == "E1"
+        assert (client.rooms["r"].last_id, client.rooms["r"].epoch) == (5, "E1")
+        await peer.message(6)
+        await peer.message(8)  # 7 is missing
+        gap = await peer.recv("join")
+        assert (gap.get("since"), gap.get("epoch")) == (6, "E1")
+        await peer.send(type="joined", id=gap["id"], room="r", users=[], last_id=8,
+                        recovered=True, epoch="E1")
+        await peer.message(7)
+        await peer.message(8)
+        await rec.wait_for(lambda: rec.ids("r")[-1:] == [8], what="the gap's replay")
+        peer = await fake.drop(peer)
+        again = await peer.recv("join")
+        assert (again.get("since"), again.get("epoch")) == (8, "E1")
+        await client.close()
+
+
+@pytest.mark.parametrize("new_last", [6, 2], ids=["above-since", "below-since"])
+async def test_a_numbering_that_began_again_is_followed_from_its_last_id(new_last: int) -> None:
+    """The room's ids started again from 1 while the client was away (a memory server
+    restarted): the re-join's joined has another epoch, recovered: false, the new last_id.
+    recovery_failed says epoch_changed; the position becomes that last_id in the new epoch
+    at once, so a reconnect before the next message resumes from it (since 4 of the old
+    numbering would have the new ids above 4 replayed as what followed ours), the send
+    made while away goes out, and the next live ids are delivered, not taken for
+    duplicates or a gap."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_in_epoch(fake, "E1", last_id=3)
+        await peer.message(4)
+        await rec.wait_for(lambda: rec.ids("r") == [4])
+        peer = await fake.drop(peer)
+        sending = asyncio.create_task(client.send("r", "after the restart"))
+        join = await peer.joined(last_id=new_last, recovered=False, epoch="E2")
+        assert (join.get("since"), join.get("epoch")) == (4, "E1")
+        await rec.wait_for(lambda: len(rec.of("joined")) == 2, what="the re-join")
+        lost = rec.of("recovery_failed")
+        assert [(f.since, f.last_id, f.epoch_changed) for f in lost] == [(4, new_last, True)]
+        joined = rec.of("joined")[-1]
+        assert (joined.recovered, joined.epoch, joined.last_id) == (False, "E2", new_last)
+        assert (client.rooms["r"].last_id, client.rooms["r"].epoch) == (new_last, "E2")
+        peer = await fake.drop(peer)  # before any message of the new numbering
+        join = await peer.joined(last_id=new_last, recovered=True, epoch="E2")
+        assert (join.get("since"), join.get("epoch")) == (new_last, "E2")
+        frame = await peer.recv_answering_pings("message", "the send made while away")
+        await peer.echo(frame, new_last + 1)
+        await peer.message(new_last + 2)
+        await rec.wait_for(lambda: rec.ids("r")[-1:] == [new_last + 2], what="the live ids")
+        assert rec.ids("r") == [4, new_last + 1, new_last + 2]
+        assert (await sending).id == new_last + 1
+        assert len(rec.of("recovery_failed")) == 1
+        await client.close()
+
+
+async def test_since_0_in_another_epoch_is_a_replay_from_1_not_a_lost_numbering() -> None:
+    """since 0 names no message, in any numbering: the server replays the new one from 1,
+    recovered: true; the client delivers it and reports nothing lost."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_in_epoch(fake, "E1", last_id=0)
+        peer = await fake.drop(peer)
+        join = await peer.joined(last_id=2, recovered=True, epoch="E2")
+        assert (join.get("since"), join.get("epoch")) == (0, "E1")
+        await peer.message(1)
+        await peer.message(2)
+        await rec.wait_for(lambda: rec.ids("r") == [1, 2], what="the replay")
+        assert not rec.of("recovery_failed")
+        assert (client.rooms["r"].last_id, client.rooms["r"].epoch) == (2, "E2")
+        await client.close()
+
+
+@pytest.mark.parametrize("epoch", [None, "", "x" * 65, 5, "a\nb", "tab\there", "del\x7f"],
+                         ids=["absent", "empty", "too-long", "number", "newline", "tab", "del"])
+async def test_a_joined_without_an_epoch_is_followed_as_before(epoch: Any) -> None:
+    """A server of the release before sends no epoch: the room has none and its re-joins
+    carry since alone, answered as before. So does an epoch the server would refuse back
+    in a join (not a string of 1-64 characters without control characters): sent again,
+    it would have every re-join refused with invalid_message."""
+    async with FakeServer() as fake:
+        client = client_for(fake)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        join = asyncio.create_task(client.join("r"))
+        await peer.joined(last_id=3, **({} if epoch is None else {"epoch": epoch}))
+        assert (await join).epoch is None and client.rooms["r"].epoch is None
+        await peer.message(4)
+        await rec.wait_for(lambda: rec.ids("r") == [4])
+        peer = await fake.drop(peer)
+        again = await peer.joined(last_id=5, recovered=True)
+        assert again.get("since") == 4 and "epoch" not in again
+        await peer.message(5)
+        await rec.wait_for(lambda: rec.ids("r") == [4, 5], what="the replay")
+        assert not rec.of("recovery_failed")
+        await client.close()
+
+
+async def test_a_server_that_stops_naming_the_epoch_is_sent_none() -> None:
+    """A joined without epoch after one with (a rollback to the release before): the
+    epoch is unknown from then on, not the old one kept (the ids go on in a numbering
+    nobody named)."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_in_epoch(fake, "E1", last_id=3)
+        peer = await fake.drop(peer)
+        join = await peer.joined(last_id=3, recovered=True)
+        await rec.wait_for(lambda: len(rec.of("joined")) == 2, what="the re-join")
+        assert join.get("epoch") == "E1" and client.rooms["r"].epoch is None
+        peer = await fake.drop(peer)
+        join = await peer.joined(last_id=3, recovered=True)
+        assert join.get("since") == 3 and "epoch" not in join
+        await client.close()
+
+
+async def test_join_resumes_from_a_persisted_since_and_epoch() -> None:
+    """join(room, since=, epoch=) resumes where an earlier run stopped: both go on the join,
+    the replay follows, and Joined says a re-join; a numbering that began again since is
+    told as for a reconnect (epoch_changed). Without the parameters an app could not resume
+    at all."""
+    async with FakeServer() as fake:
+        client = client_for(fake)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        joining = asyncio.create_task(client.join("r", since=9, epoch="E1"))
+        join = await peer.joined(last_id=11, recovered=True, epoch="E1")
+        assert (join.get("since"), join.get("epoch")) == (9, "E1")
+        joined = await joining
+        assert (joined.rejoin, joined.recovered, joined.epoch) == (True, True, "E1")
+        await peer.message(10)
+        await peer.message(11)
+        await rec.wait_for(lambda: rec.ids("r") == [10, 11], what="the replay")
+        resuming = asyncio.create_task(client.join("s", since=7, epoch="E1"))
+        join = await peer.joined("s", last_id=2, recovered=False, epoch="E2")
+        assert (join.get("since"), join.get("epoch")) == (7, "E1")
+        assert (await resuming).recovered is False
+        (lost,) = rec.of("recovery_failed")
+        assert (lost.room, lost.since, lost.last_id, lost.epoch_changed) == ("s", 7, 2, True)
+        assert (client.rooms["s"].last_id, client.rooms["s"].epoch) == (2, "E2")
+        fresh = asyncio.create_task(client.join("t", epoch="E1"))  # no since: no epoch
+        join = await peer.joined("t", last_id=4, epoch="E3")
+        assert "since" not in join and "epoch" not in join
+        assert (await fresh).rejoin is False
+        await client.close()
+
+
+@pytest.mark.parametrize(("since", "epoch"), [
+    ("5", None), (-1, None), (2.5, None), (True, None), (2**53, None),
+    (5, ""), (5, "x" * 65), (5, "a\x00b"), (5, 7)])
+async def test_join_refuses_a_since_or_epoch_the_server_would(since: Any, epoch: Any) -> None:
+    """A since or epoch the server refuses raises invalid_message at once, nothing written
+    and no room kept (the room would otherwise be joined again and refused for ever)."""
+    async with FakeServer() as fake:
+        client = client_for(fake)
+        await client.connect()
+        peer = await fake.accept()
+        with pytest.raises(ChatError) as err:
+            await client.join("r", since=since, epoch=epoch)
+        assert err.value.code == "invalid_message" and "r" not in client.rooms
+        assert await _round_trip(client, peer) == []
+        await client.close()
+
+
+async def test_a_sync_client_resumes_with_since_and_epoch() -> None:
+    """SyncClient.join passes since and epoch on, as Client.join does; rooms shows the epoch."""
+    async with FakeServer() as fake:
+        chat = SyncClient(fake.url, backoff=FAST, request_timeout=TIMEOUT)
+        await asyncio.to_thread(chat.connect)
+        peer = await fake.accept()
+        joining = asyncio.create_task(asyncio.to_thread(chat.join, "r", since=4, epoch="E1"))
+        join = await peer.joined(last_id=4, recovered=True, epoch="E1")
+        assert (join.get("since"), join.get("epoch")) == (4, "E1")
+        assert (await joining).epoch == "E1"
+        room = await asyncio.to_thread(lambda: chat.rooms["r"])
+        assert (room.last_id, room.epoch) == (4, "E1")
+        await asyncio.to_thread(chat.close)

@@ -368,3 +368,49 @@ async def test_many_rooms_rejoined_by_two_tabs_are_paced_not_cut_off(harness: Ha
         assert "refused" in seen, "the bucket was never empty: the test tests nothing"
         assert longest < 20, f"{longest} refusals in a row: {''.join(w[0] for w in seen)}"
     await close_all(*(client for client, _ in tabs))
+
+
+async def test_a_memory_server_restart_is_told_apart_by_the_epoch(harness: Harness) -> None:
+    """A memory server restarts: the room numbers from 1 again under a new epoch, and pete
+    posts past cara's last id before she is back. Her re-join carries since 3 and the old
+    epoch: recovered: false, nothing replayed (the new 4 and 5 are not what followed her 3),
+    recovery_failed with epoch_changed, and her position is the new numbering's 5, so the
+    next live message, 6, is delivered. Without the epoch the server replayed the new 4 and
+    5 as recovered."""
+    server = await harness.server("memory")
+    back = asyncio.Event()
+    attempts = 0
+
+    async def url() -> str:  # cara stays away until pete has posted in the new numbering
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:
+            await back.wait()
+        return server["url"]
+
+    cara, rec = await connected(harness, url, "cara", "lobby")
+    pete, rec_pub = await connected(harness, server["url"], "pete", "lobby")
+    before = await publish(pete, "lobby", 3, "before ")
+    await rec.wait_for(lambda: rec.ids("lobby") == [1, 2, 3])
+    epoch = cara.rooms["lobby"].epoch
+    assert epoch and rec.of("joined")[0].epoch == epoch
+    await harness.call(f"/servers/{server['id']}/stop", {"signal": "TERM"})
+    await harness.call(f"/servers/{server['id']}/start")
+    await rec_pub.wait_for(lambda: len(rec_pub.of("joined")) >= 2, LONG, "pete's re-join")
+    during = await publish(pete, "lobby", 5, "new numbering ")
+    assert ids(during) == [1, 2, 3, 4, 5], f"not a new numbering: {ids(during)}"
+    back.set()
+    await rec.wait_for(lambda: len(rec.of("joined")) >= 2, LONG, "cara's re-join")
+    rejoin = rec.of("joined")[-1]
+    assert (rejoin.rejoin, rejoin.recovered, rejoin.last_id) == (True, False, 5)
+    assert rejoin.epoch and rejoin.epoch != epoch
+    assert [(f.since, f.last_id, f.epoch_changed) for f in rec.of("recovery_failed")] == [
+        (3, 5, True)]
+    assert (cara.rooms["lobby"].last_id, cara.rooms["lobby"].epoch) == (5, rejoin.epoch)
+    after = await publish(pete, "lobby", 1, "after ")
+    mine = await cara.send("lobby", "cara is back")
+    assert (ids(after), mine.id) == ([6], 7)
+    await rec.wait_for(lambda: rec.ids("lobby")[-1:] == [7], LONG, "6 and 7 at cara")
+    assert [(m.id, m.text) for m in rec.messages["lobby"]] == [
+        (m.id, m.text) for m in before + after + [mine]]
+    await close_all(cara, pete)

@@ -3,9 +3,11 @@
 What it promises the app, and how:
 
 - **Nothing lost.** Every joined room remembers the id of the last message handed to
-  the app; after a reconnect, or when an id is not last + 1 (a gap), the room is
-  joined again with ``since`` and the server replays what was missed. When it no
-  longer can (``recovered: false``) the ``recovery_failed`` event says so.
+  the app, and the ``epoch`` (the name of the room's numbering) it counts in; after a
+  reconnect, or when an id is not last + 1 (a gap), the room is joined again with
+  ``since`` and ``epoch``, and the server replays what was missed. When it no longer
+  can (``recovered: false``; or the room's ids started again from 1, another epoch) the
+  ``recovery_failed`` event says so.
 - **Nothing doubled.** A room message whose id is not above the last one delivered is
   dropped; a DM id seen before is dropped.
 - **Sends survive disconnections.** Each send gets a ``client_msg_id`` and waits in the
@@ -44,7 +46,8 @@ from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
 from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
                      Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
-                     StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, wire_id)
+                     StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, wire_epoch,
+                     wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
 from .pacer import JOIN_RETRY_DEFAULT, JOIN_WINDOW, JoinPacer, Pacer
 
@@ -68,6 +71,7 @@ class _Room:
     info: RoomInfo
     waiters: list[asyncio.Future[Joined]] = field(default_factory=list)
     join_rid: str | None = None  # the join request in flight
+    join_epoch: str | None = None  # the epoch that join carried with its since
     catch_up_to: int = 0  # the server's last_id at the latest joined: the replay ends there
     # after recovered: false, or a first joined whose last_id does not count, the next id
     # starts afresh
@@ -263,8 +267,10 @@ class Client:
     # -- public API ------------------------------------------------------------------------
     @property
     def rooms(self) -> dict[str, RoomInfo]:
-        """The rooms the app joined (state, last id delivered, users at the last join)."""
-        return {name: RoomInfo(r.info.name, r.info.state, r.info.last_id, list(r.info.users))
+        """The rooms the app joined (state, last id delivered, users at the last join, and
+        the epoch the last id counts in: persist it with the id, for :meth:`join`)."""
+        return {name: RoomInfo(r.info.name, r.info.state, r.info.last_id, list(r.info.users),
+                               r.info.epoch)
                 for name, r in self._rooms.items()}
 
     @property
@@ -315,17 +321,38 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def join(self, room: str, *, timeout: float | None = None) -> Joined:
+    async def join(self, room: str, *, since: int | None = None, epoch: str | None = None,
+                   timeout: float | None = None) -> Joined:
         """Join ``room`` (kept joined across reconnects until :meth:`leave`).
 
+        ``since`` resumes after that message id, and ``epoch`` names the numbering it was
+        counted in: both from ``rooms[room]`` (``last_id``, ``epoch``) of an earlier run,
+        persisted together. The server then replays what came after (``recovered``), or,
+        when the room's ids started again since (another epoch), replays nothing and the
+        ``recovery_failed`` event says so (``epoch_changed``). Without ``epoch`` the server
+        cannot tell a numbering that began again. ``epoch`` counts only with ``since``;
+        both are ignored for a room already wanted.
+
         Raises:
-            ChatError: the server refused (``invalid_room``, ``too_many_rooms``, ...).
+            ChatError: ``invalid_message`` at once, with nothing kept, for a ``since`` that
+                is not a whole number >= 0 and at most 2**53 - 1, or an ``epoch`` that is
+                not a string of 1 to 64 characters without control characters (the
+                server's rules); the server refused (``invalid_room``, ``too_many_rooms``,
+                ...).
             RequestTimeout: no ``joined`` in time; the room stays wanted and is
                 joined as soon as the server answers.
         """
+        position = None if since is None else wire_id(since)
+        if since is not None and position is None:
+            raise ChatError("invalid_message", f"join {room}: since must be a whole number "
+                            f">= 0 and at most 2**53 - 1, not {since!r:.40}")
+        if epoch is not None and wire_epoch(epoch) is None:
+            raise ChatError("invalid_message", f"join {room}: epoch must be 1-64 characters, "
+                            f"none of them control characters, not {epoch!r:.80}")
         r = self._rooms.get(room)
         if r is None:
-            r = self._rooms[room] = _Room(RoomInfo(room, RoomState.LEFT))
+            r = self._rooms[room] = _Room(RoomInfo(
+                room, RoomState.LEFT, position, epoch=epoch if position is not None else None))
             self._set_room_state(r, RoomState.JOINING)
             if self.state is ConnectionState.CONNECTED:
                 self._queue_join(r)
@@ -803,8 +830,13 @@ class Client:
         room.retry = room.sync_rid = None
         rid = room.join_rid = self._rid()
         frame: dict[str, Any] = {"type": "join", "room": room.info.name, "id": rid}
+        room.join_epoch = None
         if room.info.last_id is not None:
             frame["since"] = room.info.last_id
+            if room.info.epoch is not None:
+                # The numbering since counts in: if the room's ids started again from 1
+                # since, the server replays nothing rather than the new ids above ours.
+                frame["epoch"] = room.join_epoch = room.info.epoch
         self._requests[rid] = _Request("join", room=room.info.name)
         self._write(frame)
 
@@ -820,6 +852,13 @@ class Client:
         # would poison every later since and gap check, or raise here (a lost joined).
         last_id = wire_id(obj.get("last_id"))
         recovered = obj.get("recovered") if since is not None else None
+        # A server of the release before names no numbering: then none is sent again.
+        epoch = room.info.epoch = wire_epoch(obj.get("epoch"))
+        # Only with since > 0 (since 0 names no message, in any numbering: the server
+        # replays the new one from 1), and only when both epochs are known.
+        epoch_changed = bool(since and room.join_epoch is not None and epoch is not None
+                             and epoch != room.join_epoch)
+        room.join_epoch = None
         # The replay (if any) ends at last_id; on a re-join without one that counts, the
         # answer to a ping behind the join tells (no message id reaches REPLAY_END_UNKNOWN).
         room.catch_up_to = (last_id if last_id is not None
@@ -829,6 +868,18 @@ class Client:
             # of the join is missed: the server's messages after joined are the room's next).
             room.info.last_id = last_id
             room.accept_next = last_id is None
+        elif epoch_changed:
+            # The room's ids started again from 1: ours name other messages now. The server
+            # replays nothing; the position is its last_id in the new numbering (the next
+            # live message is last_id + 1, and a reconnect resumes from there), never our
+            # since, which would take the new ids up to it for duplicates, or have the next
+            # re-join replay the new ones above it as what followed ours.
+            recovered = False
+            room.catch_up_to = 0
+            room.info.last_id = last_id
+            room.accept_next = last_id is None  # no position: the next message sets it
+            self._emit("recovery_failed", RecoveryFailed(
+                room.info.name, since, last_id or 0, epoch_changed=True))
         elif recovered is False:
             room.accept_next = True
             if last_id is not None and last_id <= since:
@@ -844,7 +895,7 @@ class Client:
         room.info.users = [User.from_wire(u) for u in obj.get("users", [])]
         shown = last_id if last_id is not None else room.info.last_id or 0
         room.joined = Joined(room.info.name, list(room.info.users), shown,
-                             since is not None, recovered)
+                             since is not None, recovered, epoch)
         self._set_room_state(room, RoomState.JOINED)
         self._emit("joined", room.joined)
         for waiter in room.waiters:

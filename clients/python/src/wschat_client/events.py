@@ -29,6 +29,7 @@ handler receives, and when:
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,22 @@ def wire_id(value: Any) -> int | None:
             return None
         value = int(value)
     return value if 0 <= value <= WIRE_ID_MAX else None
+
+
+EPOCH_MAX_CHARS = 64
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
+def wire_epoch(value: Any) -> str | None:
+    """A room numbering's name from the wire (a ``joined``'s ``epoch``), or None for none:
+    only what the server takes back in a ``join`` counts, a string of 1 to 64 characters
+    none of which is a control character. Anything else (a number, ``""``, a longer one,
+    absent: a server of the release before) is no epoch: keeping it would have every
+    later re-join refused with ``invalid_message``, so the rooms would never rejoin."""
+    if (not isinstance(value, str) or not 0 < len(value) <= EPOCH_MAX_CHARS
+            or _CONTROL_CHARS.search(value)):
+        return None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +201,9 @@ class Joined:
     Attributes:
         rejoin: True when this is a re-join (after a reconnect or a gap) with ``since``.
         recovered: with ``since``: True when every missed message follows; None on a first join.
+            False too when the room's numbering changed (``epoch``), whatever the server said.
+        epoch: the name of the room's numbering, in which ``last_id`` counts (None: a server
+            of the release before, which names none).
     """
 
     room: str
@@ -191,15 +211,26 @@ class Joined:
     last_id: int  # the server's if it counts (a whole number >= 0), else the room's position, or 0
     rejoin: bool
     recovered: bool | None
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RecoveryFailed:
-    """Messages after ``since`` may be missing in ``room``: reload ``history``."""
+    """Messages after ``since`` may be missing in ``room``: reload ``history``.
+
+    Attributes:
+        epoch_changed: the room's ids started again from 1 (a memory server restarted, Redis
+            lost its data, the room unused past the server's ``ROOM_NUMBERING_TTL``): ``since``
+            counted in a numbering that is gone, its ids name other messages now, and
+            ``last_id`` is the new numbering's (the room goes on from there). Reload
+            ``history`` whole: nothing held under the old ids matches the new ones.
+    """
 
     room: str
     since: int
-    last_id: int  # the server's if it counts (a whole number >= 0), else ``since``
+    # the server's if it counts (a whole number >= 0), else ``since`` (0 after epoch_changed)
+    last_id: int
+    epoch_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,3 +277,6 @@ class RoomInfo:
     state: RoomState = RoomState.JOINING
     last_id: int | None = None  # the last message id delivered to the app
     users: list[User] = field(default_factory=list)
+    # The room's numbering (the latest joined's epoch), in which last_id counts: persist the
+    # two together to resume with join(room, since=last_id, epoch=epoch). None: unknown.
+    epoch: str | None = None

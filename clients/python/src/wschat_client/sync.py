@@ -89,8 +89,11 @@ class SyncClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def join(self, room: str, *, timeout: float | None = None) -> Joined:
-        return self._run(self.client.join(room, timeout=timeout))
+    def join(self, room: str, *, since: int | None = None, epoch: str | None = None,
+             timeout: float | None = None) -> Joined:
+        """As :meth:`Client.join`: ``since`` and ``epoch`` resume from a persisted
+        ``rooms[room]`` (``last_id`` and ``epoch``, kept together)."""
+        return self._run(self.client.join(room, since=since, epoch=epoch, timeout=timeout))
 
     def leave(self, room: str, *, timeout: float | None = None) -> None:
         self._run(self.client.leave(room, timeout=timeout))
