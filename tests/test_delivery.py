@@ -2739,3 +2739,79 @@ def test_a_since_from_before_a_memory_server_restarted_is_not_recovered() -> Non
             ann.send({"type": "leave", "room": name})
             ann.expect("left")
             assert ann.join(name, since=2)["recovered"] is True
+
+
+# -- 16. a full Redis (maxmemory) does not make the workers reap each other -----------------
+def _beats_after(admin: Any, since_ms: int, beats: int) -> Callable[[], bool]:
+    """True once every node listed has beaten ``beats`` times after ``since_ms`` (Redis
+    time): each call records the scores it sees, so a beat is counted once."""
+    seen: dict[bytes, set[float]] = {}
+
+    def done() -> bool:
+        listed = admin.zrange("wschat:nodes", 0, -1, withscores=True)
+        for node, score in listed:
+            if score >= since_ms:
+                seen.setdefault(node, set()).add(score)
+        return len(listed) == 2 and all(len(seen.get(n, ())) >= beats for n, _ in listed)
+
+    return done
+
+
+def test_a_full_redis_for_longer_than_presence_ttl_reaps_no_live_worker() -> None:
+    """Redis at ``maxmemory`` (``noeviction``) for longer than PRESENCE_TTL, then freed:
+    nobody goes ``offline`` (before: the heartbeat script's first write, its ``ZADD``, was
+    refused with ``OOM`` like any write that may grow memory, so every worker fell silent,
+    and the first beat after the memory was freed reaped every other worker as dead: their
+    users went ``offline`` in every room, left the rooms' ``users`` lists and got their DMs
+    refused, until their workers registered them again). docs/operations.md: under OOM
+    "history, typing and the delivery of what was posted go on"."""
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b(PRESENCE_TTL="1.5") as (redis_server, a, b, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        alice.expect("presence", status="online", user_id="bob")
+        admin = redis_py.Redis.from_url(redis_server.url)
+        admin.config_set("maxmemory", "1")
+        try:
+            alice.send({"type": "message", "room": r, "text": "while full", "id": "full"})
+            assert alice.expect("error", id="full")["code"] == "unavailable"
+            time.sleep(3.0)  # PRESENCE_TTL must pass with Redis full: time, not an event
+        finally:
+            admin.config_set("maxmemory", "0")
+        seconds, micros = admin.time()
+        freed_ms = seconds * 1000 + micros // 1000
+        # Two beats of each worker after that: a reaper's work follows its own beat.
+        wait_until(_beats_after(admin, freed_ms, 2), timeout=4 * TIMEOUT)
+        assert alice.post_until_taken(
+            {"type": "message", "room": r, "text": "after"})["text"] == "after"
+        assert bob.expect("message", text="after")
+        # Presence of a reaping would have come before it, on the room's channel.
+        assert [e for e in alice.backlog + bob.backlog if e.get("type") == "presence"] == []
+        users = bob.request({"type": "list_users", "room": r}, "users")["users"]
+        assert sorted(u["user_id"] for u in users) == ["alice", "bob"]
+        assert "reaped" not in a.output() + b.output()
+
+
+def test_a_worker_killed_while_redis_is_full_is_reaped() -> None:
+    """A worker dies (``kill -9``) while Redis is at ``maxmemory``: the reaper still takes
+    its users out of their rooms (``offline``), as it does with room to spare (before: the
+    claim's first write, a ``ZADD``, was refused with ``OOM``, so they stayed online, and
+    a DM to them refused as unheard, for as long as Redis stayed full)."""
+    import os
+    import signal
+
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b(PRESENCE_TTL="1.5") as (redis_server, a, _, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        admin = redis_py.Redis.from_url(redis_server.url)
+        admin.config_set("maxmemory", "1")
+        try:
+            os.kill(a.worker_pids()[0], signal.SIGKILL)
+            assert bob.expect("presence", 4 * TIMEOUT, status="offline")["user_id"] == "alice"
+        finally:
+            admin.config_set("maxmemory", "0")

@@ -13,5 +13,9 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if ARGV[2] and tonumber(score) > now - tonumber(ARGV[2]) then
   return 0
 end
+-- Out and in again: a ZADD first would be refused (OOM) by a Redis at maxmemory, and a
+-- worker that died while Redis was full never reaped; a script that wrote already (the
+-- ZREM, which never grows memory) may write on.
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 return 1
