@@ -2815,3 +2815,65 @@ def test_a_worker_killed_while_redis_is_full_is_reaped() -> None:
             assert bob.expect("presence", 4 * TIMEOUT, status="offline")["user_id"] == "alice"
         finally:
             admin.config_set("maxmemory", "0")
+
+
+# -- 17. a recovery registers no connection or membership that ended while it ran ----------
+def test_a_recovery_does_not_register_again_what_ended_while_it_ran() -> None:
+    """A worker's recovery (Chat.resync, after its pub/sub connection was made again)
+    registers its connections and memberships one by one, each a round trip, from a list
+    taken when it began. A connection that closes meanwhile (carol) and a room a member
+    leaves meanwhile (alice: the one not registered yet) stay out of Redis (before: the
+    recovery registered them again after the close and the leave had taken them out, and
+    nothing ever took them out again while the worker lived: carol online, and this worker
+    among her nodes, so every DM to her was refused, ``unavailable``, even once she
+    connected elsewhere; alice in the room's ``users`` for good)."""
+    import redis as redis_py
+
+    from wschat.auth import Authenticator
+    from wschat.chat import Chat
+    from wschat.config import Settings
+    from wschat.stores.redis import create_redis_stores
+    from wschat.stores.redis.keys import room_keys, user_nodes
+
+    with own_redis() as redis_server:
+        settings = Settings.from_env({**COMMON, "REDIS_URL": redis_server.url})
+        stores = create_redis_stores(settings)
+        stores.messages.delivering = lambda: True  # no broker started: its health aside
+        admin = redis_py.Redis.from_url(redis_server.url)
+        try:
+            stores.epoch.begin()
+            chat = Chat(settings, stores, Authenticator(settings), stores.rate_limiter,
+                        start=False)
+            alice, carol = FakeSession("alice", "Alice", True), FakeSession("carol", "Carol", True)
+            chat.open(alice)
+            chat.open(carol)
+            for r in ("r1", "r2"):
+                chat.receive(alice, json.dumps({"type": "join", "room": r}))
+            assert len(alice.events("joined")) == 2
+            join, connect = stores.rooms.join, stores.presence.connect
+
+            def join_while_alice_leaves_one(room_name: str, conn_id: str, user: User) -> Any:
+                if not alice.events("left"):  # her leave, while the recovery waits for Redis
+                    other = "r2" if room_name == "r1" else "r1"
+                    chat.receive(alice, json.dumps({"type": "leave", "room": other}))
+                return join(room_name, conn_id, user)
+
+            def connect_while_carol_closes(conn_id: str, user: User) -> None:
+                if user.user_id == "alice":  # her close, while the recovery waits
+                    chat.close(carol)
+                connect(conn_id, user)
+
+            stores.rooms.join = join_while_alice_leaves_one  # type: ignore[method-assign]
+            stores.presence.connect = connect_while_carol_closes  # type: ignore[method-assign]
+            chat.resync()
+            left = alice.events("left")[0]["room"]
+            kept = "r2" if left == "r1" else "r1"
+            assert admin.hget("wschat:presence", "carol") is None
+            assert admin.hlen(user_nodes("carol")) == 0
+            assert not admin.hexists(room_keys(left)[0], alice.conn_id)
+            assert admin.zrange(room_keys(left)[3], 0, -1) == []
+            assert admin.hexists(room_keys(kept)[0], alice.conn_id)  # what lives stays
+            assert admin.hget("wschat:presence", "alice") == b"1"
+        finally:
+            admin.close()
+            stores.close()

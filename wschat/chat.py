@@ -593,17 +593,26 @@ class Chat:
                 self.stores.messages.raise_sequence(room, known)
         if self.hub.max_dm_id:
             self.stores.messages.raise_dm_sequence(self.hub.max_dm_id)
+        # Each step waits for the store, and the connections go on meanwhile: one that
+        # closed, or left a room, since this list was taken is not registered again (its
+        # close or leave took it out already, and nothing would again while the worker
+        # lives). One that ends while its step is on its way is taken out after it: the
+        # steps and its close's go to Redis in the order they were made.
         for session in self.hub.sessions():
-            if session in self._closed_late or self._moderated_meanwhile(session):
-                continue  # closed since a shutdown's release began: nothing to register
+            if session in self._closed_late or session.closed_by_chat:
+                continue  # closed since the list was taken (or a shutdown's release began)
+            if self._moderated_meanwhile(session) or session.closed_by_chat:
+                continue
             self.stores.presence.connect(session.conn_id, session.user)
             if not self._registered(session, None):  # a shutdown's release under way
                 continue
             for room in list(session.rooms):
+                if room not in session.rooms or session.closed_by_chat:
+                    continue  # left (or closed) while an earlier step waited
                 joined = self.stores.rooms.join(room, session.conn_id, session.user)
                 if not self._registered(session, room):
                     continue
-                if joined.first_of_user:
+                if joined.first_of_user and room in session.rooms:
                     # The store had lost the user (or the reaper announced them offline):
                     # the room hears "online" again, through its presence budget, as any
                     # change. Published at once, every user of a 1,000-member room was
