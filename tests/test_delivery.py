@@ -2817,6 +2817,40 @@ def test_a_worker_killed_while_redis_is_full_is_reaped() -> None:
             admin.config_set("maxmemory", "0")
 
 
+
+def test_a_worker_whose_pubsub_connection_drops_while_redis_is_full_recovers() -> None:
+    """Redis at ``maxmemory`` drops a worker's pub/sub connection (a client output
+    buffer limit, a network blip): the worker makes it again and is ready, and what is
+    published reaches its members (typing), while Redis is still full (before: its
+    recovery registered its live connections again with connect.lua, whose first write,
+    an ``HSETNX`` of a connection Redis already held, was refused with ``OOM``; so the
+    recovery failed, the connection was dropped and made again every few seconds, and the
+    worker stayed not ready, ``/ready`` 503 and its members deaf to every event, until
+    Redis had room again)."""
+    import redis as redis_py
+
+    with _alice_on_a_bob_on_b() as (redis_server, a, _, alice, bob):
+        r = room()
+        alice.join(r)
+        bob.join(r)
+        alice.expect("presence", status="online", user_id="bob")
+        admin = redis_py.Redis.from_url(redis_server.url)
+        admin.config_set("maxmemory", "1")
+        try:
+            _kill_pubsub_of(redis_server.url, a.worker_pids()[0])
+            wait_until(lambda: "re-registered" in a.output(), timeout=10 * SCALE,
+                       message="A to resubscribe and resync while Redis is full")
+            wait_until(lambda: a.http("/ready")[0] == 200, timeout=10 * SCALE,
+                       message="A to be ready while Redis is full")
+            bob.send({"type": "typing", "room": r, "status": True})
+            assert alice.expect("typing", 2 * TIMEOUT)["user_id"] == "bob"
+            # A new connection needs memory to be registered: refused, to come again.
+            with Client(a.url, expect_welcome=False) as newcomer:
+                assert newcomer.close_code_when_closed() == 1013
+        finally:
+            admin.config_set("maxmemory", "0")
+
+
 # -- 17. a recovery registers no connection or membership that ended while it ran ----------
 def test_a_recovery_does_not_register_again_what_ended_while_it_ran() -> None:
     """A worker's recovery (Chat.resync, after its pub/sub connection was made again)
