@@ -2741,7 +2741,7 @@ def test_a_since_from_before_a_memory_server_restarted_is_not_recovered() -> Non
             assert ann.join(name, since=2)["recovered"] is True
 
 
-# -- 16. a full Redis (maxmemory) does not make the workers reap each other -----------------
+# -- 17. a full Redis (maxmemory) does not make the workers reap each other -----------------
 def _beats_after(admin: Any, since_ms: int, beats: int) -> Callable[[], bool]:
     """True once every node listed has beaten ``beats`` times after ``since_ms`` (Redis
     time): each call records the scores it sees, so a beat is counted once."""
@@ -2851,7 +2851,7 @@ def test_a_worker_whose_pubsub_connection_drops_while_redis_is_full_recovers() -
             admin.config_set("maxmemory", "0")
 
 
-# -- 17. a recovery registers no connection or membership that ended while it ran ----------
+# -- 18. a recovery registers no connection or membership that ended while it ran ----------
 def test_a_recovery_does_not_register_again_what_ended_while_it_ran() -> None:
     """A worker's recovery (Chat.resync, after its pub/sub connection was made again)
     registers its connections and memberships one by one, each a round trip, from a list
