@@ -3,9 +3,10 @@
 //! (`driver.rs`), and the events that task sends back ([`Events`],
 //! a `Stream`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +18,9 @@ use crate::backoff::Backoff;
 use crate::driver::Driver;
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{Outbox, OutboxStore, Target};
-use crate::protocol::{ChatMessage, ClientCommand, DirectMessage, Presence, ServerEvent, Typing, User, MAX_WIRE_ID};
+use crate::protocol::{
+    valid_epoch, ChatMessage, ClientCommand, DirectMessage, Presence, ServerEvent, Typing, User, MAX_WIRE_ID,
+};
 
 /// What the token callback returns.
 pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
@@ -42,6 +45,40 @@ pub struct Joined {
     /// of the messages that follow are counted in it. `None` from a server of the release
     /// before epochs (or one whose `epoch` is not 1-64 characters without control characters).
     pub epoch: Option<String>,
+}
+
+/// Where the app is in a room: what to persist to resume it in a later run of the app, with
+/// [`Client::join_from`]`(room, last_id, epoch)`. Read with [`Client::position`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomPosition {
+    /// The id of the room's last message handed to the app (`None`: none yet, and the room's
+    /// `joined` gave no `last_id` that counts).
+    pub last_id: Option<u64>,
+    /// The numbering `last_id` is counted in: the `epoch` of the room's latest `joined` (or the
+    /// one the app resumed with, until the `joined`); `None` when not known (a server of the
+    /// release before epochs). Persist it with `last_id`: a `since` alone cannot tell the
+    /// server that the room's ids started again since.
+    pub epoch: Option<String>,
+}
+
+/// The rooms' positions as of the events handed to the app, shared by [`Events`] (which records
+/// them) and the [`Client`] handles (which read them).
+pub(crate) type Positions = Arc<Mutex<HashMap<String, RoomPosition>>>;
+
+/// An event on its way to the app, with the position of the room it is about, as the client's
+/// task had it when it sent the event (`None` inside: the room is no longer ours). [`Events`]
+/// records it as it hands the event over, so that [`Client::position`] is never ahead of the
+/// events the app has read: a position taken from the task itself could name messages still
+/// queued for the app, and an app that persisted it and stopped would never see them.
+pub(crate) struct Delivery {
+    pub(crate) event: Event,
+    pub(crate) position: Option<(String, Option<RoomPosition>)>,
+}
+
+impl From<Event> for Delivery {
+    fn from(event: Event) -> Delivery {
+        Delivery { event, position: None }
+    }
 }
 
 /// What the app hears, in the order it happened.
@@ -97,20 +134,36 @@ pub enum Event {
 
 /// The events of one client, as a `Stream` (or with [`Events::recv`]).
 pub struct Events {
-    rx: mpsc::UnboundedReceiver<Event>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    positions: Positions,
 }
 
 impl Events {
     /// The next event; `None` once the client is closed and every event was read.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// The next delivery, its room's position recorded as the event is handed over.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx).map(|delivery| {
+            let Delivery { event, position } = delivery?;
+            if let Some((room, position)) = position {
+                let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+                match position {
+                    Some(position) => positions.insert(room, position),
+                    None => positions.remove(&room),
+                };
+            }
+            Some(event)
+        })
     }
 }
 
 impl Stream for Events {
     type Item = Event;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.rx.poll_recv(cx)
+        self.poll_event(cx)
     }
 }
 
@@ -270,14 +323,16 @@ impl ClientBuilder {
             outbox_len: outbox.len(),
             ended: None,
         });
+        let positions = Positions::default();
         let client = Client {
             ops: ops_tx,
             snapshot: snap_rx,
+            positions: positions.clone(),
             request_timeout: self.request_timeout,
             send_timeout: self.send_timeout,
         };
         Driver::spawn(self, ops_rx, events_tx, snap_tx, outbox);
-        (client, Events { rx: events_rx })
+        (client, Events { rx: events_rx, positions })
     }
 }
 
@@ -296,6 +351,8 @@ pub enum Acked {
 pub(crate) enum Op {
     Join {
         room: String,
+        /// `since` and its `epoch` (`Client::join_from`), for a room not ours yet.
+        from: Option<(u64, Option<String>)>,
         reply: Reply<Joined>,
     },
     Leave {
@@ -327,6 +384,7 @@ pub(crate) enum Op {
 pub struct Client {
     ops: mpsc::UnboundedSender<Op>,
     snapshot: watch::Receiver<Snapshot>,
+    positions: Positions,
     request_timeout: Duration,
     send_timeout: Duration,
 }
@@ -354,6 +412,16 @@ impl Client {
     /// Sends not yet acknowledged.
     pub fn outbox_len(&self) -> usize {
         self.snapshot.borrow().outbox_len
+    }
+
+    /// Where the app is in `room`: the id of its last message the [`Events`] handed over and the
+    /// epoch it is counted in, to persist for [`Client::join_from`] in a later run; `None` for
+    /// a room not ours (never joined, or left, or removed, as far as the events read tell).
+    /// It follows the events the app has read, not the client's task: messages still queued for
+    /// the app are not counted, so a position persisted after handling an event never skips
+    /// one. (With the events dropped, nothing is handed over and it stays as it was.)
+    pub fn position(&self, room: &str) -> Option<RoomPosition> {
+        self.positions.lock().unwrap_or_else(|e| e.into_inner()).get(room).cloned()
     }
 
     /// Waits until the client is `connected` (or `wait` passes).
@@ -395,10 +463,39 @@ impl Client {
 
     /// Joins `room` (and re-joins it with `since` after every reconnect until left). A room
     /// already joined resolves at once with its latest `Joined` and writes nothing; one joining
-    /// resolves with the answer to the join under way (as in the JS and Python clients).
+    /// resolves with the answer to the join under way (as in the JS and Python clients). To
+    /// resume from a position saved in an earlier run, [`Client::join_from`].
     pub async fn join(&self, room: &str) -> Result<Joined, Error> {
         let room = room.to_owned();
-        self.call(self.request_timeout, |reply| Op::Join { room, reply }).await
+        self.call(self.request_timeout, |reply| Op::Join { room, from: None, reply }).await
+    }
+
+    /// Joins `room` resuming after message `since` (`None`: a plain [`Client::join`]), counted in
+    /// `epoch`: both as [`Client::position`] gave them in an earlier run of the app, persisted
+    /// together. The server replays what came after `since`, in order (`recovered: Some(true)`),
+    /// or answers `recovered: Some(false)` and [`Event::RecoveryFailed`] follows: the messages
+    /// are no longer held (reload `history`), or the room's ids started again since `since` was
+    /// counted (another `epoch`, `epoch_changed`: nothing is replayed, the room goes on from the
+    /// new numbering's `last_id`). Without `epoch` the server cannot tell a numbering that began
+    /// again (it would replay its ids above `since` as if they followed); `epoch` counts only
+    /// with `since`. A room already joined or joining is not joined again: the call answers as
+    /// [`Client::join`] does, `since` and `epoch` unused (as in the JS and Python clients).
+    ///
+    /// A `since` past 2^53 - 1 ([`MAX_WIRE_ID`]), or an `epoch` that is not 1-64 characters
+    /// without control characters (the server's rules), fails at once with `invalid_message`,
+    /// the server's answer to it: nothing is written and nothing kept.
+    pub async fn join_from(&self, room: &str, since: Option<u64>, epoch: Option<&str>) -> Result<Joined, Error> {
+        if let Some(since) = since.filter(|s| *s > MAX_WIRE_ID) {
+            let why = format!("join {room}: since must be a whole number >= 0 and at most 2^53 - 1, not {since}");
+            return Err(Error::local("invalid_message", why));
+        }
+        if let Some(epoch) = epoch.filter(|e| !valid_epoch(e)) {
+            let shown: String = epoch.chars().take(80).collect();
+            let why = format!("join {room}: epoch must be 1-64 characters, none a control character, not {shown:?}");
+            return Err(Error::local("invalid_message", why));
+        }
+        let (room, from) = (room.to_owned(), since.map(|s| (s, epoch.map(str::to_owned))));
+        self.call(self.request_timeout, |reply| Op::Join { room, from, reply }).await
     }
 
     /// Leaves `room`. Its sends not yet written fail with `not_in_room`; those

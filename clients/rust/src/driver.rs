@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::backoff::retry_after_header;
-use crate::client::{Acked, ClientBuilder, Event, Joined, Op, Reply, Snapshot};
+use crate::client::{Acked, ClientBuilder, Delivery, Event, Joined, Op, Reply, RoomPosition, Snapshot};
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
 use crate::pacer::{JoinPacer, Pacer};
@@ -43,7 +43,7 @@ use crate::token::{expiry_of, refresh_wait, RefreshDue};
 /// with no word. (With `panic = "abort"` the process ends instead: nothing to tell.)
 async fn supervise(
     run: impl std::future::Future<Output = ()>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Delivery>,
     snapshot: watch::Sender<Snapshot>,
 ) {
     // Unwind safe enough: after a panic the driver's state is never used again, only dropped.
@@ -60,10 +60,10 @@ async fn supervise(
             s.ended = Some(terminal.clone());
         });
         if was != disconnected {
-            let _ = events.send(Event::State(disconnected));
+            let _ = events.send(Event::State(disconnected).into());
         }
-        let _ = events.send(Event::Disconnected { code: None, reason, reconnect_in: None });
-        let _ = events.send(Event::Error(terminal));
+        let _ = events.send(Event::Disconnected { code: None, reason, reconnect_in: None }.into());
+        let _ = events.send(Event::Error(terminal).into());
     }
 }
 
@@ -151,7 +151,7 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 pub(crate) struct Driver {
     cfg: ClientBuilder,
     ops: mpsc::UnboundedReceiver<Op>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Delivery>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     snapshot: watch::Sender<Snapshot>,
@@ -230,7 +230,7 @@ impl Driver {
     pub(crate) fn spawn(
         cfg: ClientBuilder,
         ops: mpsc::UnboundedReceiver<Op>,
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::UnboundedSender<Delivery>,
         snapshot: watch::Sender<Snapshot>,
         outbox: Outbox,
     ) {
@@ -598,8 +598,25 @@ impl Driver {
         // once the receiver is dropped with `self`.
     }
 
+    /// Hands `event` to the app, with the position of the room it is about (`None`: not ours
+    /// any more) when it may have moved it: every change of a room's position (a message
+    /// delivered, a `joined`, the room joined or gone) is followed by one of these events, which
+    /// [`Events`](crate::Events) records as it hands them over (`Client::position`).
     fn emit(&self, event: Event) {
-        let _ = self.events.send(event);
+        let room = match &event {
+            Event::Message(ChatMessage { room, .. })
+            | Event::Joined(Joined { room, .. })
+            | Event::RecoveryFailed { room, .. }
+            | Event::Room { room, .. }
+            | Event::Removed { room, .. } => Some(room),
+            _ => None,
+        };
+        let position = room.map(|room| {
+            let seq = self.rooms.get(room).map(|r| &r.seq);
+            let at = seq.map(|seq| RoomPosition { last_id: seq.last(), epoch: seq.epoch().map(str::to_owned) });
+            (room.clone(), at)
+        });
+        let _ = self.events.send(Delivery { event, position });
     }
 
     fn set_state(&mut self, state: ConnectionState) {
@@ -629,10 +646,12 @@ impl Driver {
 
     fn handle_op(&mut self, op: Op) {
         match op {
-            Op::Join { room, reply } => {
+            Op::Join { room, from, reply } => {
                 let entry = self.rooms.entry(room.clone()).or_insert_with(|| Room {
                     state: RoomState::Left,
-                    seq: RoomSeq::default(),
+                    // Resumed (`Client::join_from`): its first join goes with `since` and `epoch`.
+                    seq: from
+                        .map_or_else(RoomSeq::default, |(since, epoch)| RoomSeq::resuming(since, epoch.as_deref())),
                     joined_on: None,
                     replay_until: 0,
                     sync_rid: None,

@@ -571,9 +571,14 @@ pub const MAX_EPOCH_CHARS: usize = 64;
 /// with a re-join: the server would refuse that `join` (`invalid_message`), and the room with it.
 pub fn epoch(value: &serde_json::Value) -> Option<String> {
     let serde_json::Value::String(s) = value else { return None };
+    valid_epoch(s).then(|| s.clone())
+}
+
+/// Whether `s` is an `epoch` the server takes in a `join` (the rule of [`epoch`]): the check of
+/// one an app passes to [`Client::join_from`](crate::Client::join_from), before anything is sent.
+pub fn valid_epoch(s: &str) -> bool {
     let control = s.chars().any(|c| c <= '\u{1f}' || c == '\u{7f}');
-    let fits = (1..=MAX_EPOCH_CHARS).contains(&s.chars().count());
-    (fits && !control).then(|| s.clone())
+    (1..=MAX_EPOCH_CHARS).contains(&s.chars().count()) && !control
 }
 
 /// `epoch` as any JSON value, read by [`epoch`]: an odd value is none, never a failure of the

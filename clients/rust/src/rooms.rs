@@ -33,6 +33,14 @@ pub struct RoomSeq {
 }
 
 impl RoomSeq {
+    /// A room the app resumes (`Client::join_from`): `since`, the last id it saw, counted in
+    /// `epoch` (`None`: not known). Its first join is written as a re-join with both, and
+    /// answered as one: the replay after `since`, or `recovered: false` (in another epoch, a new
+    /// baseline: [`RoomSeq::joined_in`]).
+    pub fn resuming(since: u64, epoch: Option<&str>) -> RoomSeq {
+        RoomSeq { last: Some(since), epoch: epoch.map(str::to_owned), ..RoomSeq::default() }
+    }
+
     /// The last message id seen (what a re-join sends as `since`).
     pub fn last(&self) -> Option<u64> {
         self.last
@@ -196,6 +204,31 @@ mod tests {
         seq.joined(None, None);
         assert_eq!(seq.message(8), Verdict::Deliver);
         assert_eq!(seq.message(10), Verdict::Gap { since: 8 });
+    }
+
+    /// A resumed room starts at the app's `since`, in its `epoch`: a replay in that epoch goes
+    /// on from `since` (nothing at or below it delivered again), another epoch is a new baseline.
+    #[test]
+    fn a_resumed_room_goes_on_from_since_in_its_epoch() {
+        let mut seq = RoomSeq::resuming(5, Some("e1"));
+        assert_eq!((seq.last(), seq.epoch()), (Some(5), Some("e1")));
+        seq.rejoining(); // the first join is written with `since`
+        assert!(!seq.joined_in(Some(7), Some(true), Some("e1")));
+        assert_eq!(seq.message(5), Verdict::Drop);
+        assert_eq!(seq.message(6), Verdict::Deliver);
+        assert_eq!(seq.message(7), Verdict::Deliver);
+        // Saved in an epoch the room no longer has: nothing replayed, the new numbering's
+        // `last_id` is the position.
+        let mut seq = RoomSeq::resuming(5, Some("old"));
+        seq.rejoining();
+        assert!(seq.joined_in(Some(2), Some(false), Some("new")));
+        assert_eq!((seq.last(), seq.epoch()), (Some(2), Some("new")));
+        assert_eq!(seq.message(3), Verdict::Deliver);
+        // Without an epoch: `since` alone, answered as before epochs.
+        let mut seq = RoomSeq::resuming(5, None);
+        seq.rejoining();
+        assert!(!seq.joined_in(Some(9), Some(false), Some("new")));
+        assert_eq!(seq.message(8), Verdict::Deliver);
     }
 
     #[test]

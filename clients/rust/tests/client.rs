@@ -2329,3 +2329,179 @@ async fn after_a_memory_server_restart_the_new_numbering_is_followed() {
     rec_a.wait("the new messages", 20.0, |ev| common::message_ids(ev, "renumbered").len() >= 4).await;
     assert_eq!(rec_a.ids("renumbered"), [1, 2, 5, 6]);
 }
+
+/// `join_from` resumes a room from a position the app persisted: its `join` carries `since` and
+/// `epoch` (`epoch` only with `since`), the server's replay is delivered from `since` + 1, and a
+/// `since` in an epoch the room no longer has is answered `recovered: false` with
+/// `epoch_changed`, the position then the new numbering's. A `since` past 2^53 - 1 or an `epoch`
+/// the server would refuse fails at once with `invalid_message`, nothing written and nothing
+/// kept; a room already joined answers with its latest `Joined`, nothing written (as the JS and
+/// Python clients). Before, the Rust client had no way to pass `since` or `epoch` to a join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_from_resumes_with_since_and_epoch_checked_first() {
+    let (url, frames, server) = scripted_server(move |cmd, _| match (cmd["type"].as_str(), cmd["room"].as_str()) {
+        (Some("join"), Some("r")) => vec![
+            joined_in(cmd, "7", Some(true), Some("E1")),
+            raw_message("6", "r", "6", None),
+            raw_message("7", "r", "7", None),
+        ],
+        // The room's ids started again since: 2 messages of the new numbering, none replayed.
+        (Some("join"), Some("stale")) => vec![joined_in(cmd, "2", Some(false), Some("E2"))],
+        (Some("join"), _) => vec![joined_in(cmd, "3", None, Some("E1"))],
+        _ => vec![],
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.wait_connected(scaled(5.0)).await.unwrap();
+    let long = "e".repeat(65);
+    let refused = [
+        c.join_from("r", Some(wschat::protocol::MAX_WIRE_ID + 1), Some("E1")).await,
+        c.join_from("r", Some(u64::MAX), None).await,
+        c.join_from("r", Some(5), Some("")).await,
+        c.join_from("r", Some(5), Some(&long)).await,
+        c.join_from("r", Some(5), Some("a\nb")).await,
+        c.join_from("r", None, Some("a\u{7f}")).await,
+    ];
+    let codes: Vec<_> = refused.iter().map(|r| r.as_ref().map(|_| ()).map_err(Error::code)).collect();
+    assert_eq!(codes, vec![Err(Some("invalid_message")); 6], "{refused:#?}");
+    c.ping().await.unwrap(); // anything written before it came first
+    assert!(joins_on(&frames, 1).is_empty(), "{:?}", joins_on(&frames, 1));
+    assert_eq!(c.position("r"), None, "nothing kept");
+
+    let joined = c.join_from("r", Some(5), Some("E1")).await.unwrap();
+    assert_eq!((joined.recovered, joined.last_id, joined.epoch.as_deref()), (Some(true), 7, Some("E1")));
+    rec.wait("the replay", 5.0, |ev| common::message_ids(ev, "r").len() >= 2).await;
+    // Joined already: its latest answer, `since` and `epoch` unused, nothing written.
+    assert_eq!(c.join_from("r", Some(1), Some("X")).await, Ok(joined));
+    // `epoch` without `since`: a plain join. `since` without `epoch`: `since` alone.
+    c.join_from("plain", None, Some("E9")).await.unwrap();
+    c.join_from("bare", Some(3), None).await.unwrap();
+    let stale = c.join_from("stale", Some(5), Some("E1")).await.unwrap();
+    assert_eq!((stale.recovered, stale.last_id, stale.epoch.as_deref()), (Some(false), 2, Some("E2")));
+    c.ping().await.unwrap();
+    let lost = Event::RecoveryFailed { room: "stale".into(), since: 5, last_id: 2, epoch_changed: true };
+    rec.wait("the recovery failed", 5.0, |ev| ev.contains(&lost)).await;
+    let sent: Vec<_> =
+        joins_on(&frames, 1).iter().map(|f| (f["room"].clone(), f["since"].clone(), f["epoch"].clone())).collect();
+    let want = vec![
+        (json!("r"), json!(5), json!("E1")),
+        (json!("plain"), json!(null), json!(null)),
+        (json!("bare"), json!(3), json!(null)),
+        (json!("stale"), json!(5), json!("E1")),
+    ];
+    assert_eq!(sent, want);
+    assert_eq!(rec.ids("r"), [6, 7]);
+    assert_eq!(rec.ids("stale"), Vec::<u64>::new());
+    let at = |last_id: Option<u64>, epoch: &str| Some(wschat::RoomPosition { last_id, epoch: Some(epoch.into()) });
+    let positions = ["r", "plain", "bare", "stale"].map(|room| c.position(room));
+    assert_eq!(positions, [at(Some(7), "E1"), at(Some(3), "E1"), at(Some(3), "E1"), at(Some(2), "E2")]);
+    c.close();
+    server.abort();
+}
+
+/// `Client::position` follows the events the app has read, not the client's task: messages
+/// still queued for the app do not count (an app that persisted a position ahead of them and
+/// stopped would never see them), and a room left is gone from it once its `Left` is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_position_follows_the_events_read() {
+    use futures_util::StreamExt;
+    let (url, _frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") => vec![
+            joined_in(cmd, "7", Some(true), Some("E1")),
+            raw_message("6", "r", "6", None),
+            raw_message("7", "r", "7", None),
+        ],
+        Some("leave") => vec![json!({"type": "left", "room": cmd["room"], "id": cmd["id"]}).to_string()],
+        _ => vec![],
+    })
+    .await;
+    let (c, mut events) = Client::builder(url).request_timeout(scaled(5.0)).connect();
+    c.join_from("r", Some(5), Some("E1")).await.unwrap();
+    c.ping().await.unwrap(); // the replay came before the pong: all of it is queued for the app
+    assert_eq!(c.position("r"), None, "no event read yet");
+    let mut seen = Vec::new();
+    async fn next(events: &mut wschat::Events) -> Event {
+        let event = tokio::time::timeout(scaled(5.0), events.next()).await;
+        event.expect("an event in time").expect("the events go on")
+    }
+    loop {
+        let event = next(&mut events).await;
+        let position = c.position("r").map(|p| (p.last_id, p.epoch));
+        let message = matches!(&event, Event::Message(m) if m.id == 7);
+        seen.push((event, position));
+        if message {
+            break;
+        }
+    }
+    let positions: Vec<_> = seen
+        .iter()
+        .filter_map(|(e, p)| match e {
+            Event::Room { .. } | Event::Joined(_) | Event::Message(_) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    // Room `Joining`, room `Joined`, `Joined`, then messages 6 and 7.
+    let want: Vec<_> = [5, 5, 5, 6, 7].map(|id| Some((Some(id), Some("E1".to_owned())))).into();
+    assert_eq!(positions, want, "{seen:#?}");
+    c.leave("r").await.unwrap();
+    assert!(c.position("r").is_some(), "the Left not read yet");
+    while !matches!(next(&mut events).await, Event::Room { state: wschat::RoomState::Left, .. }) {}
+    assert_eq!(c.position("r"), None);
+    c.close();
+    server.abort();
+}
+
+/// An app that saved a room's position (`Client::position`: last id and epoch) and stopped
+/// resumes it in a new client with `join_from` after others posted: it is given exactly the
+/// messages it missed, in order, with `recovered: true`, and its position goes on from them. The
+/// same position with an epoch the room does not have (say, saved before a memory server
+/// restarted) is answered `recovered: false` with `epoch_changed`, nothing replayed, and the
+/// room's next message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_resumes_a_room_from_its_saved_position() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let guest = |name: &str| {
+        let (c, events) = Client::builder(format!("{}?username={name}", s.url)).request_timeout(scaled(10.0)).connect();
+        (c, Recorder::new(events))
+    };
+    let (first, rec) = guest("ada");
+    let joined = first.join("resume").await.unwrap();
+    assert!(joined.epoch.is_some(), "{joined:?}");
+    for i in 0..2 {
+        first.send("resume", &format!("seen {i}")).await.unwrap();
+    }
+    rec.wait("our messages", 20.0, |ev| common::message_ids(ev, "resume") == [1, 2]).await;
+    let saved = first.position("resume").expect("a position");
+    assert_eq!(saved, wschat::RoomPosition { last_id: Some(2), epoch: joined.epoch.clone() });
+    first.close(); // the app stops
+
+    let (other, _) = guest("bob");
+    other.join("resume").await.unwrap();
+    for i in 0..3 {
+        assert_eq!(other.send("resume", &format!("missed {i}")).await.unwrap().id, i + 3);
+    }
+
+    let (again, rec) = guest("ada");
+    let resumed = again.join_from("resume", saved.last_id, saved.epoch.as_deref()).await.unwrap();
+    assert_eq!((resumed.recovered, resumed.last_id), (Some(true), 5), "{resumed:?}");
+    assert_eq!(resumed.epoch, joined.epoch);
+    rec.wait("the missed messages", 20.0, |ev| common::message_ids(ev, "resume").len() >= 3).await;
+    again.ping().await.unwrap(); // anything more of the replay came before the pong
+    let texts: Vec<_> = common::messages(&rec.events(), "resume");
+    let want: Vec<_> = (0..3).map(|i| (i + 3, format!("missed {i}"))).collect();
+    assert_eq!(texts, want);
+    assert_eq!(rec.count(|e| matches!(e, Event::RecoveryFailed { .. })), 0);
+    assert_eq!(again.position("resume"), Some(wschat::RoomPosition { last_id: Some(5), epoch: joined.epoch.clone() }));
+
+    let (stale, rec) = guest("ada");
+    let answer = stale.join_from("resume", Some(2), Some("not-the-room-s-epoch")).await.unwrap();
+    assert_eq!((answer.recovered, answer.last_id, &answer.epoch), (Some(false), 5, &joined.epoch));
+    let lost = Event::RecoveryFailed { room: "resume".into(), since: 2, last_id: 5, epoch_changed: true };
+    rec.wait("the recovery failed", 20.0, |ev| ev.contains(&lost)).await;
+    assert_eq!(other.send("resume", "next").await.unwrap().id, 6);
+    rec.wait("the next message", 20.0, |ev| !common::message_ids(ev, "resume").is_empty()).await;
+    stale.ping().await.unwrap();
+    assert_eq!(rec.ids("resume"), [6], "nothing replayed, the next message delivered");
+    assert_eq!(stale.position("resume"), Some(wschat::RoomPosition { last_id: Some(6), epoch: joined.epoch }));
+}
