@@ -2911,3 +2911,78 @@ def test_a_recovery_does_not_register_again_what_ended_while_it_ran() -> None:
         finally:
             admin.close()
             stores.close()
+
+
+# -- 19. a recovery registers a worker's connections some at once ---------------------------
+_RECOVERY_AT_ONCE = """
+from gevent import monkey; monkey.patch_all()
+import json, sys
+import redis
+sys.path.insert(0, sys.argv[2])
+from test_chat import FakeSession
+from wschat.config import Settings
+from wschat.factory import create_app
+from wschat.runtime import of
+from wschat.stores.base import Unavailable
+from wschat.stores.redis.keys import PRESENCE, room_keys
+
+settings = Settings.from_env({"REDIS_URL": sys.argv[1], "JWT_SECRET": "s" * 40,
+                              "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"})
+runtime = of(create_app(settings))
+runtime.start()
+chat = runtime.chat
+sessions = [FakeSession(f"u{i}", f"U{i}", True) for i in range(300)]
+for session in sessions:
+    chat.open(session)
+    for r in range(4):
+        chat.receive(session, json.dumps({"type": "join", "room": f"r{r}"}))
+assert all(len(s.events("joined")) == 4 for s in sessions)
+admin = redis.Redis.from_url(sys.argv[1])
+admin.flushall()  # Redis lost the worker's registrations
+pipeliner = chat.stores.pipelined.pipeliner
+before = pipeliner.batches
+chat.resync()
+out = {"batches": pipeliner.batches - before, "presence": admin.hlen(PRESENCE),
+       "members": [admin.hlen(room_keys(f"r{r}")[0]) for r in range(4)]}
+calls = [0]
+connect = chat.stores.presence.connect
+
+def connect_until_redis_fails(conn_id, user):
+    calls[0] += 1
+    if calls[0] == 10:
+        raise Unavailable("redis went away again")
+    connect(conn_id, user)
+
+chat.stores.presence.connect = connect_until_redis_fails
+try:
+    chat.resync()
+    out["raised"] = False
+except Unavailable:
+    out["raised"] = True
+out["connects"] = calls[0]
+runtime.stop(timeout=1)
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_a_recovery_registers_many_connections_some_at_once() -> None:
+    """A worker's recovery registers its connections and memberships again after Redis
+    lost them (here: flushed) several connections at once, their round trips sharing the
+    auto-pipeline's batches (before: one connection after another, each step a round
+    trip: 1,000 connections in 10 rooms took ~3 s, the worker refusing every post
+    meanwhile). Every connection and membership is back; a failure stops it: no
+    connection starts after it, and it is raised (the recovery is then made again)."""
+    import os
+    import subprocess
+    import sys
+
+    with own_redis() as redis_server:
+        out = subprocess.run([sys.executable, "-c", _RECOVERY_AT_ONCE, redis_server.url,
+                              os.path.dirname(__file__)], capture_output=True, text=True,
+                             timeout=60 * SCALE, check=False)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.rpartition("RESULT ")[2])
+    # one after another: at least 300 x (presence + 4 joins) = 1,500 round trips
+    assert result["batches"] < 300, result
+    assert (result["presence"], result["members"]) == (300, [300] * 4), result
+    assert result["raised"] and result["connects"] < 10 + 64, result

@@ -17,9 +17,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
+import gevent.pool
 
 from .admission import AddressLimit, ConnectionBudget, remote_address
 from .auth import Identity
@@ -37,12 +39,45 @@ log = logging.getLogger("wschat.transport")
 PRESENCE_STEP = 0.05
 
 
+# Connections a recovery (Chat.resync) registers again at once: enough for each round
+# trip to carry dozens of them in one pipeline, few enough not to flood Redis.
+RECOVERY_CONCURRENCY = 64
+
+
+def each_in_greenlets(limit: int) -> Callable[[Callable[[Any], None], Iterable[Any]], None]:
+    """Chat.each_concurrently for gevent: at most ``limit`` greenlets at once. After the
+    first failure no more start, those under way finish (none is cut off in the middle of
+    its round trips), and it is raised in the caller (a recovery is then made again)."""
+    def run(step: Callable[[Any], None], items: Iterable[Any]) -> None:
+        pool = gevent.pool.Pool(limit)
+        failures: list[Exception] = []
+
+        def guarded(item: Any) -> None:
+            try:
+                step(item)
+            except Exception as exc:
+                failures.append(exc)
+
+        try:
+            for item in items:
+                if failures:
+                    break
+                pool.spawn(guarded, item)  # waits for a free slot
+            pool.join()
+        finally:
+            pool.kill()  # the caller itself was stopped (a worker's shutdown)
+        if failures:
+            raise failures[0]
+    return run
+
+
 class Transport:
     """This worker's WebSocket connections: registry, heartbeat, shutdown."""
 
     def __init__(self, chat: Chat, metrics: Metrics, budget: ConnectionBudget) -> None:
         settings = chat.settings
         self.chat = chat
+        chat.each_concurrently = each_in_greenlets(RECOVERY_CONCURRENCY)
         self.metrics = metrics
         self.budget = budget
         self.max_outbound_bytes = settings.max_outbound_bytes
