@@ -329,6 +329,43 @@ def test_flood_disconnects_with_4102(limited: Server) -> None:
                == before + 1, message="the 4102 disconnect to be counted")
 
 
+def flood(client: Client, frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send ``frames`` then a ping, and read until the server closes: what came before.
+    Fails if the ping is answered (the flood was never cut off)."""
+    try:
+        for frame in frames:
+            client.send(frame)
+        client.send({"type": "ping", "id": "end"})
+    except ConnectionClosed:
+        pass  # a server faster than this client closes before the last ones are written
+    events = []
+    with pytest.raises(ConnectionClosed):
+        while True:
+            event = client.recv()
+            assert event.get("id") != "end", (
+                f"the flood was served to its end: {len(events)} answers, the last {event}")
+            events.append(event)
+    return events
+
+
+def test_posts_refused_before_the_store_spend_their_tokens(limited: Server) -> None:
+    """A message to a room the client has not joined is refused (not_in_room) and spends
+    its token as any message does: past the burst it is rate_limited (its id echoed),
+    and a client that keeps on is closed with 4102. With Redis a post spends its tokens
+    in the script that stores it, which a refused one never reached: such refusals cost
+    nothing there, and a client could send them at any pace, never refused nor closed,
+    while the memory backend closed it."""
+    with user(limited, max_queue=None) as c:
+        events = flood(c, [{"type": "message", "room": room(), "text": f"f{i}", "id": i}
+                           for i in range(40 * BURST)])
+        assert c.ws.close_code == 4102
+    codes = [e["code"] for e in events]
+    assert set(codes) == {"not_in_room", "rate_limited"}, codes
+    assert BURST <= codes.count("not_in_room") < 40 * BURST - 2 * BURST
+    assert codes[-1] == "rate_limited"
+    assert all(isinstance(e.get("id"), int) for e in events), events
+
+
 def test_guests_limited_per_connection_and_per_ip(limited: Server) -> None:
     """Guests from one address share a bucket (RATE_LIMIT_GUEST_IP_BURST at once), each
     guest connection has its own too, and signed-in users from that address are unaffected."""

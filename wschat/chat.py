@@ -1248,11 +1248,15 @@ class Chat:
             self.stores.messages.room_emptied(room)
 
     def _message(self, session: Session, cmd: SendMessage) -> None:
-        if cmd.room not in session.rooms:
-            self._refuse_outsider(session, cmd.room, cmd.request_id)
-            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join {cmd.room} before writing to it",
-                                cmd.request_id)
-        self.access.check_not_muted(session, cmd.room, cmd.request_id)
+        try:
+            if cmd.room not in session.rooms:
+                self._refuse_outsider(session, cmd.room, cmd.request_id)
+                raise ProtocolError(ErrorCode.NOT_IN_ROOM,
+                                    f"join {cmd.room} before writing to it", cmd.request_id)
+            self.access.check_not_muted(session, cmd.room, cmd.request_id)
+        except ProtocolError:
+            self._charge_refused_post(session, cmd)
+            raise
         # While reconnecting the store refuses (MessageStore.check_delivering).
         started = self.monotonic()
         draft = draft_message(cmd.room, session.username, session.user_id, cmd.text,
@@ -1281,8 +1285,22 @@ class Chat:
         if not self.access.allowed_by_grants(session, room) and not self.access.is_private(room):
             raise forbidden(f"room {room} is not open to you", request_id, room=room)
 
+    def _charge_refused_post(self, session: Session, cmd: SendMessage | SendDm) -> None:
+        """A message or DM refused before it reached the store (not in the room, muted)
+        spends its token all the same, as every post does on the memory backend, whose
+        check comes before the command: with Redis the post script spends them
+        (charge.lua), and such refusals cost nothing, never rate_limited nor closed
+        (4102) however fast they came. An empty bucket answers ``rate_limited`` instead,
+        as the memory backend does."""
+        if self._posts_charge:
+            self._check_rate(session, cmd)
+
     def _dm(self, session: Session, cmd: SendDm) -> None:
-        self.access.check_not_muted(session, None, cmd.request_id)
+        try:
+            self.access.check_not_muted(session, None, cmd.request_id)
+        except ProtocolError:
+            self._charge_refused_post(session, cmd)
+            raise
         online: bool | None = None  # Redis: the post itself checks (RecipientOffline)
         if not self.stores.messages.checks_recipient:
             online = self.stores.presence.is_online(cmd.to)
