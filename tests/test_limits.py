@@ -366,6 +366,19 @@ def test_posts_refused_before_the_store_spend_their_tokens(limited: Server) -> N
     assert all(isinstance(e.get("id"), int) for e in events), events
 
 
+def test_refused_junk_is_answered_with_its_id(srv: Server) -> None:
+    """Frames that are no command (here an unknown type) spend request tokens; once those
+    run out the rate_limited answer echoes the frame's id, as every error about a
+    request with a usable id does (it came without one)."""
+    with Client(srv.url, max_queue=None, source_address=(fresh_ip(), 0)) as c:
+        events = flood(c, [{"type": "no-such-type", "id": f"j{i}"}
+                           for i in range(40 * 5 * BURST)])
+        assert c.ws.close_code == 4102
+    assert {e["code"] for e in events} == {"unknown_type", "rate_limited"}
+    assert all(str(e.get("id")).startswith("j") for e in events), [
+        e for e in events if "id" not in e][:3]
+
+
 def test_guests_limited_per_connection_and_per_ip(limited: Server) -> None:
     """Guests from one address share a bucket (RATE_LIMIT_GUEST_IP_BURST at once), each
     guest connection has its own too, and signed-in users from that address are unaffected."""

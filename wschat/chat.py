@@ -699,10 +699,10 @@ class Chat:
         try:
             try:
                 command = parse_command(text, self.limits)
-            except ProtocolError:
+            except ProtocolError as bad:
                 # Not a command, but it cost us a parse and its error: a flood of
                 # junk is refused and closed (4102) like a flood of commands.
-                self._check_requests(session, None)
+                self._check_requests(session, None, request_id=bad.request_id)
                 raise
             self.metrics.received(type(command).__name__)
             if (self.settings.auth_required and not session.authenticated
@@ -942,17 +942,18 @@ class Chat:
                 session.refused_sends = None
 
     def _refuse(self, session: Session, command: Command | None, retry_ms: int,
-                held: bool = False, strike: bool = True) -> None:
+                held: bool = False, strike: bool = True,
+                request_id: RequestId = None) -> None:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102).
         ``held``: refused by :meth:`_keep_send_order`, not by a bucket; ``strike``:
-        counts towards the 4102."""
+        counts towards the 4102; ``request_id``: a frame's that is no command."""
         self.metrics.rate_limited(type(command).__name__ if command else "", held=held)
         if strike:
             session.flood_strikes += 1
         if not held:
             self._note_refused(session, command, retry_ms)
         error = ProtocolError(ErrorCode.RATE_LIMITED, "rate limit exceeded",
-                              command.request_id if command else None,
+                              command.request_id if command else request_id,
                               retry_after_ms=retry_ms)
         if session.flood_strikes > 2 * self.settings.rate_limit_burst:
             # The error goes out before the close frame so the client learns why;
@@ -968,15 +969,16 @@ class Chat:
         session.close(CloseCode.RATE_LIMITED, "flooding")
 
     def _check_requests(self, session: Session, command: Command | None,
-                        cost: float | None = None) -> None:
+                        cost: float | None = None, request_id: RequestId = None) -> None:
         """The same for every other command, against the request buckets
         (``RATE_LIMIT_REQUESTS``), at the command's cost (:data:`REQUEST_COSTS`; 1 for
-        a frame that is no command at all, ``None``)."""
+        a frame that is no command at all, ``None``, whose usable ``id`` is
+        ``request_id``: its ``rate_limited`` echoes it, as its other errors do)."""
         if cost is None:
             cost = REQUEST_COSTS.get(type(command), 1.0) if command else 1.0
         retry_ms = self.limiter.spend(self._charges(session)[3], cost)
         if retry_ms:
-            self._refuse(session, command, retry_ms)
+            self._refuse(session, command, retry_ms, request_id=request_id)
         session.flood_strikes = 0
 
     def _pay_for_size(self, session: Session, command: Command, size: int) -> None:
