@@ -379,6 +379,24 @@ def test_refused_junk_is_answered_with_its_id(srv: Server) -> None:
         e for e in events if "id" not in e][:3]
 
 
+def test_commands_refused_before_auth_spend_request_tokens() -> None:
+    """Under AUTH_REQUIRED, any command but auth and ping before signing in is refused
+    (auth_required) and spends a request token, as a frame that is no command does: a
+    client that keeps on is rate_limited, then closed with 4102. They were free: an
+    unauthenticated client could have the worker refuse them at any pace until its
+    AUTH_TIMEOUT, while junk was cut off."""
+    with Server({"AUTH_REQUIRED": "true", "AUTH_TIMEOUT": "60", "JWT_SECRET": SECRET,
+                 "RATE_LIMIT": str(RATE), "RATE_LIMIT_BURST": str(BURST)}) as server:
+        with Client(server.url, max_queue=None, source_address=(fresh_ip(), 0)) as c:
+            events = flood(c, [{"type": "join", "room": "r", "id": i}
+                               for i in range(40 * 5 * BURST)])
+            assert c.ws.close_code == 4102
+    codes = [e["code"] for e in events]
+    assert set(codes) == {"auth_required", "rate_limited"}, codes
+    assert codes[-1] == "rate_limited"
+    assert all(isinstance(e.get("id"), int) for e in events)
+
+
 def test_guests_limited_per_connection_and_per_ip(limited: Server) -> None:
     """Guests from one address share a bucket (RATE_LIMIT_GUEST_IP_BURST at once), each
     guest connection has its own too, and signed-in users from that address are unaffected."""

@@ -707,6 +707,9 @@ class Chat:
             self.metrics.received(type(command).__name__)
             if (self.settings.auth_required and not session.authenticated
                     and not isinstance(command, PRE_AUTH_KINDS)):
+                # Refused, but no more free than junk: else a client that never signs
+                # in has its commands refused at any pace until its AUTH_TIMEOUT.
+                self._check_requests(session, command, 1.0)
                 raise ProtocolError(ErrorCode.AUTH_REQUIRED,
                                     "authenticate first with {type: auth, token}",
                                     command.request_id)
