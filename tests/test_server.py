@@ -14,6 +14,7 @@ import uuid
 
 import jwt
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from conftest import ROOT, TIMEOUT, Client, Server, own_redis, wait_until
 from rawws import RawClient
@@ -401,6 +402,27 @@ def test_auth_message_switches_identity(client_factory) -> None:
         "frank", "Frank", True)
     c.send({"type": "auth", "token": "not.a.token"})
     assert c.expect("error")["code"] == "auth_failed"
+
+
+def test_a_token_cannot_take_a_guests_user_id(client_factory) -> None:
+    """Guest ids are the server's (``guest-`` and 12 hex digits), and every room a guest
+    joins sees its id: a token whose ``sub`` begins with ``guest-`` is refused, 401 on
+    the upgrade and auth_failed on ``auth``. Accepted, its holder became that guest's
+    user: it got the guest's DMs, spent its buckets, and sat in its rooms unseen (no
+    presence, one entry in the users list, marked a guest)."""
+    guest = client_factory()
+    stolen = token(guest.user_id, "Mallory")
+    with pytest.raises(InvalidStatus) as refused:
+        client_factory(f"token={stolen}")
+    assert refused.value.response.status_code == 401
+    other = client_factory()
+    other.send({"type": "auth", "token": stolen, "id": "a"})
+    assert other.expect("error", id="a")["code"] == "auth_failed"
+    other.send({"type": "auth", "token": token("guest-of-honour"), "id": "b"})
+    assert other.expect("error", id="b")["code"] == "auth_failed"
+    other.send({"type": "dm", "to": guest.user_id, "text": "for the guest only"})
+    assert guest.expect("dm")["text"] == "for the guest only"
+    assert other.expect("dm")["to"] == guest.user_id  # its own echo, and nothing else
 
 
 def test_binary_frame_closes_1003(server: Server) -> None:

@@ -26,7 +26,7 @@ import jwt
 
 from .config import ConfigError, Settings
 from .errors import WschatError
-from .protocol import ErrorCode, room_patterns
+from .protocol import GUEST_ID_PREFIX, ErrorCode, is_guest_id, room_patterns
 
 log = logging.getLogger("wschat.auth")
 
@@ -310,6 +310,12 @@ class Authenticator:
                             "invalid token: control characters or lone surrogates in 'sub'")
         if sub in RESERVED_SUBS:
             raise AuthError(ErrorCode.AUTH_FAILED, f"invalid token: 'sub' {sub} is reserved")
+        if is_guest_id(sub):
+            # The server names its guests so, and shows their ids to every room they
+            # join: a token with one would make its holder that guest's user (its DMs,
+            # its buckets, in its rooms unseen).
+            raise AuthError(ErrorCode.AUTH_FAILED,
+                            f"invalid token: 'sub' may not begin with {GUEST_ID_PREFIX!r}")
         try:
             # PyJWT took it for an integer; one beyond any float (10**400) is no date
             expires_at = float(claims["exp"]) + self._leeway
