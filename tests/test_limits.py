@@ -397,6 +397,65 @@ def test_commands_refused_before_auth_spend_request_tokens() -> None:
     assert all(isinstance(e.get("id"), int) for e in events)
 
 
+def script_calls(url: str) -> int:
+    """Scripts run by the Redis at ``url`` so far (INFO commandstats: EVALSHA)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("limited", ["redis"], indirect=True)
+def test_posts_before_a_refused_bucket_refills_cost_redis_nothing(
+        limited: Server) -> None:
+    """Once a message is refused rate_limited, the connection's messages, DMs and typing
+    are refused on the worker until its bucket can hold a token again (nothing else
+    fills it meanwhile), without asking Redis. Each was a Redis script: a client that
+    makes one request succeed (a ping) after every 2 x burst refusals is never closed
+    (4102), and had Redis run a script for each of its posts, at any pace, where
+    memory refuses them in microseconds."""
+    url = limited.env["REDIS_URL"]
+    r = room()
+    with user(limited, max_queue=None) as c:
+        c.join(r)
+        before = script_calls(url)
+        for i in range(20):
+            for j in range(15):
+                c.send({"type": "message", "room": r, "text": f"{i}-{j}", "id": f"{i}-{j}"})
+            c.request({"type": "ping", "id": i}, "pong")
+        spent = script_calls(url) - before
+        answers = [e for e in c.backlog if e["type"] in ("message", "error")]
+    refused = [e for e in answers if e["type"] == "error"]
+    assert all(e["code"] == "rate_limited" and e["id"] for e in refused), refused
+    assert len(answers) == 300 and len(refused) >= 300 - BURST - 20
+    # A ping or a post is one script, a refusal none but the first of each wait (at
+    # RATE, a wait is 50 ms: a loaded machine's flood may take seconds).
+    assert spent < 150, f"{spent} Redis scripts for 300 posts and 20 pings"
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_guest_refused_then_signed_in_posts_from_its_own_bucket(backend: str) -> None:
+    """A guest's posts refused for its bucket, then an ``auth``: the signed-in user's
+    first post (a DM to itself) is taken at once (its bucket is full), not refused by
+    the wait the guest's refusal announced (two seconds here)."""
+    env = {"RATE_LIMIT": "0.5", "RATE_LIMIT_BURST": "2", "JWT_SECRET": SECRET}
+    if backend == "redis":
+        env["REDIS_URL"] = redis_url_or_skip(REDIS_DB)
+    r = room()
+    with Server(env) as server, Client(server.url, source_address=(fresh_ip(), 0)) as c:
+        c.join(r)
+        for i in range(3):
+            c.send({"type": "message", "room": r, "text": f"guest {i}", "id": i})
+        assert c.expect("error", id=2)["code"] == "rate_limited"
+        assert c.request({"type": "auth", "token": token("signed-in-after")}, "welcome")
+        c.send({"type": "dm", "to": "signed-in-after", "text": "signed in", "id": "s"})
+        answer = c.expect_any(("dm", {"text": "signed in"}), ("error", {"id": "s"}))
+        assert answer["type"] == "dm", answer
+
+
 def test_guests_limited_per_connection_and_per_ip(limited: Server) -> None:
     """Guests from one address share a bucket (RATE_LIMIT_GUEST_IP_BURST at once), each
     guest connection has its own too, and signed-in users from that address are unaffected."""

@@ -51,7 +51,8 @@ class Session:
 
     __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
                  "typing", "remote_addr", "opened_at", "flood_strikes", "held_send",
-                 "refused_sends", "closed_by_chat", "access", "charges", "__weakref__")
+                 "refused_sends", "closed_by_chat", "access", "charges", "posts_empty_until",
+                 "__weakref__")
 
     def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
                  remote_addr: str = "") -> None:
@@ -76,6 +77,10 @@ class Session:
         # (user_id, authenticated, post buckets, request buckets): the rate-limit
         # buckets of the identity it was built for (Chat._charges), None until needed
         self.charges: tuple[str, bool, Charge, Charge] | None = None
+        # Monotonic time before which its post buckets cannot hold a token again (a
+        # refusal said so): its messages, DMs and typing are refused here until then
+        # (Chat._refuse_until_refilled), not by a store round trip each.
+        self.posts_empty_until = 0.0
 
     @property
     def user(self) -> User:
