@@ -163,6 +163,25 @@ print("second", "confirmed" if second.successful() else "waiting" if not second.
       else type(second.exception).__name__)
 """
 
+FAILED_WRITE = PRELUDE + """
+conn = broker._pubsub.connection
+real_send, real_connect = conn.send_packed_command, conn.connect
+def broken(*args, **kwargs):  # this one write fails, as on a connection Redis dropped
+    conn.send_packed_command = real_send
+    raise redis.ConnectionError("Error 32 while writing to socket. Broken pipe.")
+connects = []
+def connect(*args, **kwargs):
+    connects.append(1)
+    return real_connect(*args, **kwargs)
+conn.send_packed_command, conn.connect = broken, connect
+try:
+    broker.subscribe_user("carol")
+    print("subscribe ok")
+except Unavailable:
+    print("subscribe unavailable")
+print("connected again within the write", len(connects))
+"""
+
 
 def _run(script: str) -> list[str]:
     with own_redis() as server:
@@ -214,3 +233,14 @@ def test_a_joiner_whose_wait_times_out_leaves_the_others_their_confirmation() ->
     lines = _run(SHARED_WAIT_OUTLIVES_A_TIMEOUT)
     assert "first Unavailable" in lines, lines
     assert "second confirmed" in lines, lines
+
+
+def test_a_failed_write_on_the_pubsub_connection_is_not_followed_by_redis_pys_reconnect() -> None:
+    """A SUBSCRIBE whose write fails answers ``unavailable``, and the pub/sub connection
+    is left to the listener, which finds it gone and makes it again with the recovery
+    (before: redis-py's PubSub connected again at once behind the listener's back and
+    subscribed every channel on a socket nobody read, which Redis counted as this
+    worker's: a DM checked as heard and published there was acknowledged and lost)."""
+    lines = _run(FAILED_WRITE)
+    assert "subscribe unavailable" in lines, lines
+    assert "connected again within the write 0" in lines, lines

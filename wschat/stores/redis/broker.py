@@ -14,6 +14,9 @@ import gevent
 import gevent.event
 import gevent.lock
 import redis
+import redis.client
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ...telemetry import Metrics
 from ..base import Broker, RoomHandler, Unavailable, UserHandler
@@ -23,6 +26,29 @@ from .keys import (
 from .replies import ReplyReader, connection_socket
 
 log = logging.getLogger("wschat.redis")
+
+
+class _Once(Retry):
+    """The pub/sub connections' retry policy: a failed command raises, and nothing more.
+    After any failed command (even with no retries) redis-py's PubSub connects again and
+    subscribes every channel (its ``on_connect``): a socket the listener never reads,
+    which Redis counts as this worker's, so a DM checked as heard (dm_heard.lua) and
+    published there was acknowledged and lost. The listener finds the connection gone
+    and makes it again itself, with the recovery."""
+
+    def __init__(self) -> None:
+        super().__init__(NoBackoff(), 0)
+
+    def call_with_retry(self, do: Callable[[], Any], fail: Any, is_retryable: Any = None,
+                        with_failure_count: bool = False) -> Any:
+        return do()
+
+
+def pubsub_pool(pool: redis.ConnectionPool) -> redis.ConnectionPool:
+    """A pool of the pub/sub connections, as ``pool``'s (address, TLS, timeouts) but
+    with the :class:`_Once` policy, and apart from the commands' connections."""
+    return redis.ConnectionPool(connection_class=pool.connection_class,
+                                **{**pool.connection_kwargs, "retry": _Once()})
 
 SUBSCRIBE_TIMEOUT = 15.0
 IDLE_CHECK = 1.0  # seconds a listener waits for a message before it counts as idle
@@ -52,6 +78,7 @@ class RedisBroker(Broker):
 
     def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
         self._client = client
+        self._pool = pubsub_pool(client.connection_pool)
         self._metrics = metrics
         self._on_room: RoomHandler | None = None
         self._on_user: UserHandler | None = None
@@ -88,7 +115,7 @@ class RedisBroker(Broker):
         self._listener = gevent.spawn(self._listen_forever)
 
     def _connect(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        pubsub = redis.client.PubSub(self._pool, ignore_subscribe_messages=False)
         for key, pending in list(self._pending.items()):
             if key in self._channels:
                 pending[1] = 1  # one SUBSCRIBE each, sent now
@@ -99,8 +126,12 @@ class RedisBroker(Broker):
         # control channel's); the PONG awaited after the SUBSCRIBE is also the proof that
         # Redis answers (a hung Redis accepts the TCP connection and the write, and never
         # replies).
-        pubsub.subscribe(CONTROL, *self._channels)
-        early, self._replies = self._await_subscriptions(pubsub)
+        try:
+            pubsub.subscribe(CONTROL, *self._channels)
+            early, self._replies = self._await_subscriptions(pubsub)
+        except BaseException:
+            pubsub.reset()  # no connection stays behind, subscribed and never read
+            raise
         # After those of a connection dropped before the listener read them (its
         # recovery refused): a DM among them has no history to come back from.
         self._early += early
@@ -386,6 +417,7 @@ class RedisBroker(Broker):
         if self._listener is not None:
             self._listener.kill(block=False)
         self._drop_pubsub()
+        self._pool.disconnect()
 
 
 def _is_pong(response: Any) -> bool:
