@@ -535,6 +535,44 @@ def test_a_replay_from_the_database_is_bounded_by_bytes(database_url: str) -> No
             assert [m["id"] for m in page["messages"]] == [996, 997, 998, 999, 1000]
 
 
+def test_a_client_msg_id_others_used_costs_a_post_no_more_than_a_fresh_one(
+        database_url: str) -> None:
+    """1,500 messages of 60 KB in as many rooms and by as many users, all with one
+    `client_msg_id` (legal: it is unique per sender and room; a client numbering its
+    messages from 1, or a hostile one joining room after room). A post under that id,
+    and its retry, read their own row, if any: not every message anyone stored under it,
+    forever, in the transaction every other sender waits on (before: each one read all
+    90 MB of them, and the process that read them grew by as much)."""
+    from wschat.persistence import RoomPost, SQLiteFile, open_message_log
+    from wschat.protocol import draft_message
+
+    cmid, text = unique("same"), "x" * 60_000
+    sqlite_path = database_url.removeprefix("sqlite:///")
+    log = SQLiteFile(sqlite_path) if sqlite_path != database_url else open_message_log(
+        database_url)
+    try:
+        log.migrate()
+        for first in range(0, 1500, 100):  # posted earlier, through a server
+            log.write([RoomPost(room=f"{cmid}-{i}", user_id=f"u{i}", draft=draft_message(
+                f"{cmid}-{i}", "u", f"u{i}", text, 1, cmid)) for i in range(first, first + 100)])
+    finally:
+        log.close()
+    room, user = unique("r"), unique("u")
+    with persistent_server(database_url) as server, Client(server.url, as_user(user)) as c:
+        worker = server.worker_pids()[0]
+        # SQLite's statements run in the worker's writer process, PostgreSQL's in the worker
+        reader = sqlite_writer_of(worker) if sqlite_path != database_url else worker
+        c.join(room)
+        assert c.say(room, "warm-up")["id"] == 1
+        before = peak_rss_kib(reader)
+        assert c.say(room, "mine", client_msg_id=cmid)["id"] == 2
+        retry = c.request({"type": "message", "room": room, "text": "mine again",
+                           "client_msg_id": cmid}, "message")
+        assert (retry["id"], retry["text"]) == (2, "mine")
+        grown_mib = (peak_rss_kib(reader) - before) / 1024
+        assert grown_mib < 24, f"a post and its retry grew its reader by {grown_mib:.0f} MiB"
+
+
 def test_a_server_started_while_sqlite_is_locked_waits_for_the_lock(tmp_path: Path) -> None:
     """SQLite's write lock held longer than its 1 s busy wait while the server starts (a
     sibling server's worker on the same file, an operator's `sqlite3` session): a busy

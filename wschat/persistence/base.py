@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -316,11 +316,12 @@ class DirectLog(MessageLog):
         """Split posts into those to store and retries of a stored one or of an earlier post
         in this batch (returned as (retry, original) pairs; the original's id is copied once
         it has one). Retries of stored ones get the stored event now."""
-        cmids = sorted({p.client_msg_id for p in posts if p.client_msg_id})
+        keys = sorted({key(p) for p in posts if p.client_msg_id})
         stored: dict[tuple[str, ...], bytes] = {}
-        for chunk in _chunks(cmids, 500):
-            clause, params = self.dialect.any_of("client_msg_id", chunk)
-            for *row_key, event in conn.execute(sql + clause, params).fetchall():
+        if keys:
+            d = self.dialect
+            for *row_key, event in conn.execute(d.q(sql.format(keys=d.json_rows)),
+                                                (to_json(keys),)).fetchall():
                 stored[tuple(row_key)] = bytes(event)
         return split_retries(posts, stored, key)
 
@@ -397,11 +398,6 @@ def json_rows(rows: list[tuple[Any, ...]]) -> str:
     """Rows as one JSON array of arrays; the event (the last column: bytes of JSON)
     travels as a string and is turned back into the identical bytes by the SQL."""
     return to_json([(*row[:-1], row[-1].decode()) for row in rows])
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def first_line(exc: BaseException) -> str:

@@ -8,9 +8,6 @@ is refused (:class:`SchemaTooNew`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from ..errors import WschatError
 
 DM_SCOPE = "dm"
@@ -55,12 +52,11 @@ class Dialect:
     blob = ""
     without_rowid = ""
     greatest = ""
+    # One JSON parameter as a table of rows ``k``, each a JSON array read with ``k.value ->> i``
+    json_rows = ""
 
     def q(self, sql: str) -> str:
         return sql
-
-    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
-        raise NotImplementedError
 
 
 class SQLiteDialect(Dialect):
@@ -68,21 +64,17 @@ class SQLiteDialect(Dialect):
     blob = "BLOB"
     without_rowid = " WITHOUT ROWID"
     greatest = "max"
-
-    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
-        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+    json_rows = "json_each(?) AS k"
 
 
 class PostgresDialect(Dialect):
     name = "postgresql"
     blob = "BYTEA"
     greatest = "GREATEST"
+    json_rows = "jsonb_array_elements(?::jsonb) AS k (value)"
 
     def q(self, sql: str) -> str:
         return sql.replace("?", "%s")
-
-    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
-        return f"{column} = ANY(%s)", [list(values)]
 
 
 VERSION_TABLE_SQL = (
@@ -141,7 +133,17 @@ AFTER_BYTES_SQL = (
     " ORDER BY id LIMIT ?) AS page) AS counted ON m.id = counted.id"
     " WHERE m.room = ? AND counted.ahead <= ? ORDER BY m.id")
 KNOWS_USER_SQL = "SELECT 1 FROM users WHERE user_id = ?"
-DEDUPE_ROOM_SQL = "SELECT room, user_id, client_msg_id, event FROM messages WHERE "
-DEDUPE_DM_SQL = "SELECT sender_id, client_msg_id, event FROM dms WHERE "
+# The stored posts of a batch's keys (one JSON parameter: [[room, user_id, client_msg_id],
+# ...], or [[sender_id, client_msg_id], ...]), each looked up by its whole key in the
+# unique index. Not by client_msg_id alone: it is unique per sender (and room) only, and
+# every message anyone ever stored under it was read, in the transaction every writer
+# waits on (a hostile client could make that tens of thousands of events per post).
+DEDUPE_ROOM_SQL = (
+    "SELECT m.room, m.user_id, m.client_msg_id, m.event FROM {keys} CROSS JOIN messages AS m"
+    " WHERE m.client_msg_id = k.value ->> 2 AND m.room = k.value ->> 0"
+    " AND m.user_id = k.value ->> 1")
+DEDUPE_DM_SQL = (
+    "SELECT d.sender_id, d.client_msg_id, d.event FROM {keys} CROSS JOIN dms AS d"
+    " WHERE d.client_msg_id = k.value ->> 1 AND d.sender_id = k.value ->> 0")
 # A batch is a fixed handful of statements whatever its size, its rows passed as one
 # JSON parameter (see base.json_rows); the dialect modules hold those statements.
