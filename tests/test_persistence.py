@@ -335,6 +335,79 @@ def test_sqlite_writer_process_killed_is_replaced_and_dies_with_its_worker(
                    message="the writer process to exit after its worker died")
 
 
+class BusySibling:
+    """Another worker's SQLite writer on the same file, under load: it takes its turn
+    as every writer process does (``PATH-writers``, wschat.persistence.sqlite.WriterTurns),
+    holds SQLite's write lock for a batch (5 ms: a big batch's statements and fsync),
+    and takes it again half a millisecond after its commit (its reply and the next
+    batch on their way through the pipe), for as long as it runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.commits = 0
+        self.started = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import fcntl
+
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        turns = os.open(f"{self.path}-writers", os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            while not self._stop.is_set():
+                fcntl.flock(turns, fcntl.LOCK_EX)
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute("INSERT INTO sequences VALUES ('sibling', 1) ON CONFLICT (scope)"
+                               " DO UPDATE SET last_id = last_id + 1")
+                    time.sleep(0.005)  # the batch's work, lock held
+                    db.execute("COMMIT")
+                finally:
+                    fcntl.flock(turns, fcntl.LOCK_UN)
+                self.commits += 1
+                self.started.set()
+                time.sleep(0.0005)  # its reply and next batch in the pipe
+        finally:
+            os.close(turns)
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+
+
+def test_sqlite_writers_of_one_file_take_turns(tmp_path: Path) -> None:
+    """A worker whose sibling's writer (another worker of the server, or of a second
+    server on the machine) commits batch after batch on the same file: this worker's
+    messages are committed between them, each acknowledged. Before, SQLite's busy
+    handler looked at the lock after 1, 2, 5 ... then every 100 ms, and the sibling,
+    taking it again as soon as its commit returned, held it at nearly every look: after
+    1 s the worker took the database for down, refused its clients' messages
+    `unavailable` and turned /ready 503 (18 of 20 refused)."""
+    path = tmp_path / "shared.db"
+    room = unique("r")
+    with persistent_server(f"sqlite:///{path}") as server, \
+            Client(server.url, as_user(unique("u"))) as c:
+        c.join(room)
+        sibling = BusySibling(path)
+        try:
+            assert sibling.started.wait(TIMEOUT), "the sibling writer never committed"
+            before = sibling.commits
+            outcomes = []
+            for i in range(20):
+                c.send({"type": "message", "room": room, "text": f"m{i}", "id": i})
+                outcomes.append(c.expect_any(("error", {"id": i}), ("message", {"text": f"m{i}"}),
+                                             timeout=TIMEOUT * 2))
+            assert sibling.commits > before, "the sibling stopped committing meanwhile"
+        finally:
+            sibling.stop()
+        assert [o.get("code", o["type"]) for o in outcomes] == ["message"] * 20
+        assert [o["id"] for o in outcomes] == list(range(1, 21))
+        assert server.http("/ready")[0] == 200
+
+
 # -- several pods: Redis and PostgreSQL -------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,11 @@ of :class:`~wschat.persistence.jobs.Job`), ``migrate``, ``ping``; a reply
 ``("busy", message)`` (:class:`DatabaseBusy`: the write lock stayed taken) or
 ``("error", message)`` (:class:`DatabaseUnavailable`).
 
+Writers of one file take turns (:class:`WriterTurns`): each request is answered
+holding a lock on ``PATH-writers``, beside the database, which the writer
+processes of every worker (of every server) on the machine wait for in the
+kernel, woken when it is released. SQLite's own write lock is no queue.
+
 The writer process ends when its stdin closes: the worker closed it on
 shutdown, or died (even by ``kill -9``). It ignores SIGINT and SIGTERM, so a
 signal sent to the whole process group cannot cut off the worker's last
@@ -30,6 +35,8 @@ back as a whole, and was never acknowledged to anyone.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import pickle
@@ -325,17 +332,97 @@ def _receive(stream: IO[bytes]) -> Any:
 
 # -- the writer process ------------------------------------------------------------------
 
+class _TurnTimedOut(Exception):
+    pass
+
+
+class WriterTurns:
+    """Whose turn it is to write the file, among the writer processes of every worker
+    (of every server) on the machine: a lock (flock) on ``PATH-writers``, beside the
+    database, held while a request is answered.
+
+    SQLite's write lock is no queue. A writer that finds it taken sleeps in its busy
+    handler (1, 2, 5 ... then 100 ms at a time) and looks again; a worker under load
+    has its next batch ready the moment its commit returns and takes the lock again at
+    once. So the worker whose siblings were busy found it taken at nearly every look,
+    and after :data:`SQLITE_BUSY_TIMEOUT_MS` took the database for down: its clients'
+    messages refused ``unavailable``, /ready 503, while the others wrote. A writer
+    waiting here is woken by the kernel when the lock is released, ahead of the
+    holder's next batch (which has a reply and a request to travel first). SQLite's
+    busy wait still covers other processes (an operator's ``sqlite3``), which do not
+    take this lock. Only the writer process takes turns: it waits in its main thread,
+    where SIGALRM can end the wait."""
+
+    TIMEOUT = 5.0  # siblings each hold it for a request; the worker gives up after 10 s
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._fd: int | None = os.open(f"{path}-writers",
+                                           os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # SQLite says what is wrong with the place, if anything
+            log.warning("sqlite writers of %s cannot take turns (%s)", path, exc)
+            self._fd = None
+
+    def take(self) -> bool:
+        """Wait for this writer's turn (False: not within :attr:`TIMEOUT`)."""
+        if self._fd is None:
+            return True
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+        armed = True
+
+        def expire(signum: int, frame: Any) -> None:
+            if armed:  # one alarm, and none once the turn was had
+                raise _TurnTimedOut
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, self.TIMEOUT)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            armed = False
+            return True
+        except _TurnTimedOut:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # granted just before the alarm, maybe
+            return False
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    def give(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 def serve(path: str, requests: IO[bytes], replies: IO[bytes]) -> None:
-    """Answer requests until ``requests`` closes."""
+    """Answer requests until ``requests`` closes, each in this writer's turn."""
     file = SQLiteFile(path)
+    turns = WriterTurns(path)
     try:
         while True:
             try:
                 op, payload = _receive(requests)
             except EOFError:
                 return
-            _send(replies, _answer(file, op, payload))
+            if not turns.take():
+                _send(replies, ("busy", f"sqlite: the other writers of {path} held it for "
+                                        f"{turns.TIMEOUT:.0f}s"))
+                continue
+            try:
+                answer = _answer(file, op, payload)
+            finally:
+                turns.give()
+            _send(replies, answer)
     finally:
+        turns.close()
         file.close()
 
 
