@@ -803,3 +803,39 @@ def test_a_change_made_while_held_presence_is_published_goes_out_after_it(clock:
     heard = [e["status"] for e in watcher.events("presence") if e["user_id"] == "g1"]
     assert heard[-1] == "online", heard
     assert "g1" in [m.user_id for m in chat.stores.rooms.members("r")]
+
+
+def test_histories_refused_for_their_size_read_nothing_until_one_could_be_paid(
+        clock: Clock) -> None:
+    """A history of a big room (~400 KB: 6 request tokens more than its own) refused for
+    its size: the connection's next histories are refused before they read anything
+    until its bucket could pay for one, its own token included. Sent every 0.25 s at 5
+    tokens a second, they are read at most about once per reply paid for (before: each
+    one with its own token was read, ~1 MiB out of Redis at the largest, and refused
+    again: 20 reads, no reply)."""
+    chat = make_chat(clock, RATE_LIMIT="1000", RATE_LIMIT_BURST="1000",
+                     RATE_LIMIT_REQUESTS="5", RATE_LIMIT_REQUESTS_BURST="8")
+    ann = connect(chat, "ann", authenticated=True)
+    send(chat, ann, type="join", room="big")
+    for i in range(100):
+        send(chat, ann, type="message", room="big", text=f"{i} " + "x" * 3990)
+    reads = [0]
+    page = chat.stores.messages.history_page
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads[0] += 1
+        return page(*args, **kwargs)
+
+    chat.stores.messages.history_page = counted  # type: ignore[method-assign]
+    clock.now += 10  # the request bucket full again
+    send(chat, ann, type="history", room="big", limit=100)
+    send(chat, ann, type="history", room="big", limit=100)
+    assert len(ann.events("history")) == 1 and reads[0] == 2
+    assert ann.events("error")[-1]["code"] == "rate_limited"
+    reads[0] = 0
+    for _ in range(20):
+        clock.now += 0.25
+        send(chat, ann, type="history", room="big", limit=100)
+    paid = len(ann.events("history")) - 1
+    assert paid >= 2, paid
+    assert reads[0] - paid <= paid + 1, (reads[0], paid)

@@ -44,6 +44,8 @@ PRE_AUTH_KINDS = (Auth, Ping)
 # (RATE_LIMIT_REQUESTS): these costs, and a history reply or a join's replay 1 more
 # per 64 KiB it holds (charged once it is read: its size is what it costs the network,
 # and a replay's what the worker holds until the client has read it).
+# The requests whose replies pay for their size (Chat._pay_for_size).
+SIZED_KINDS = (History, ListUsers, Join)
 REQUEST_COSTS: dict[type, float] = {Join: 1.0, Leave: 1.0, ListUsers: 1.0, Ping: 1.0,
                                     Auth: 5.0, History: 1.0}
 HISTORY_BYTES_PER_TOKEN = 65536
@@ -722,6 +724,8 @@ class Chat:
                 else:  # the post spends its tokens in the store, unless refused here
                     self._refuse_until_refilled(session, command, self.monotonic())
             else:
+                if isinstance(command, SIZED_KINDS) and session.sized_empty_until:
+                    self._refuse_until_sized(session, command)
                 self._check_requests(session, command)
             self._handlers[type(command)](session, command)
         except ProtocolError as err:
@@ -883,7 +887,7 @@ class Chat:
         if (charges is None or charges[0] is not session.user_id
                 or charges[1] is not session.authenticated):
             settings, limiter = self.settings, self.limiter
-            session.posts_empty_until = 0.0  # another identity's buckets
+            session.posts_empty_until = session.sized_empty_until = 0.0  # another's buckets
             charges = session.charges = (
                 session.user_id, session.authenticated,
                 self._guest_charge(session, "", limiter.rate, limiter.burst,
@@ -1012,9 +1016,32 @@ class Chat:
     def _pay_for_size(self, session: Session, command: Command, size: int) -> None:
         """A reply or replay of ``size`` bytes (a history, a big room's users) pays a
         request token more per :data:`HISTORY_BYTES_PER_TOKEN`; refused, it raises
-        ``rate_limited`` before anything is sent."""
-        if size >= HISTORY_BYTES_PER_TOKEN:
-            self._check_requests(session, command, size // HISTORY_BYTES_PER_TOKEN)
+        ``rate_limited`` before anything is sent.
+
+        Refused, the connection's next `history`, `list_users` and `join` are refused
+        before they read anything until the buckets could pay for it and for the
+        request's own token (only time fills them): a client sending histories of a big
+        room at the request rate had each one read (~1 MiB out of Redis) and refused,
+        ~5-10 MB a second, where an honest reader gets a reply every second or two."""
+        if size < HISTORY_BYTES_PER_TOKEN:
+            return
+        asked = self.monotonic()
+        buckets = self._charges(session)[3]
+        retry_ms = self.limiter.spend(buckets, size // HISTORY_BYTES_PER_TOKEN)
+        if retry_ms:
+            # and one token more: the request's own, spent before its read
+            own = max(1 / rate for _, rate, _ in buckets) if buckets else 0.0
+            session.sized_empty_until = asked + (retry_ms - 1) / 1000 + own
+            self._refuse(session, command, retry_ms)
+        session.flood_strikes = 0
+
+    def _refuse_until_sized(self, session: Session, command: Command) -> None:
+        """Refuse a request whose reply pays for its size (:meth:`_pay_for_size`) while
+        the last one refused could not be paid for, before anything is read for it."""
+        wait = session.sized_empty_until - self.monotonic()
+        if wait > 0:
+            self._refuse(session, command, max(1, math.ceil(wait * 1000)))
+        session.sized_empty_until = 0.0
 
     def _publish_presence(self, session: Session, room: str, status: str) -> None:
         guest = not session.authenticated
@@ -1113,7 +1140,7 @@ class Chat:
         session.conn_id = conn_id
         session.user_id, session.username = identity.user_id, identity.username
         session.held_send = session.refused_sends = None  # the old user's sends
-        session.posts_empty_until = 0.0  # and buckets
+        session.posts_empty_until = session.sized_empty_until = 0.0  # and buckets
         if self._recoveries != recoveries:
             # A recovery began while the new identity was being registered: it may have
             # taken that registration out (Redis carried it out before the rollback's

@@ -52,7 +52,7 @@ class Session:
     __slots__ = ("conn_id", "user_id", "username", "authenticated", "expires_at", "rooms",
                  "typing", "remote_addr", "opened_at", "flood_strikes", "held_send",
                  "refused_sends", "closed_by_chat", "access", "charges", "posts_empty_until",
-                 "__weakref__")
+                 "sized_empty_until", "__weakref__")
 
     def __init__(self, conn_id: str, identity: Identity, authenticated: bool,
                  remote_addr: str = "") -> None:
@@ -81,6 +81,9 @@ class Session:
         # refusal said so): its messages, DMs and typing are refused here until then
         # (Chat._refuse_until_refilled), not by a store round trip each.
         self.posts_empty_until = 0.0
+        # The same for its requests whose replies pay for their size (a history, a big
+        # room's users, a join's replay): Chat._pay_for_size, Chat._refuse_until_sized.
+        self.sized_empty_until = 0.0
 
     @property
     def user(self) -> User:
