@@ -117,6 +117,13 @@ interface Room {
    */
   lastId: number | null;
   /**
+   * The `epoch` of the room's latest `joined` (the name of its numbering), in which `lastId`
+   * is counted; sent with `since` on every rejoin so that a server whose ids started again
+   * from 1 says so (`recovered: false`) instead of replaying its new messages above `lastId`
+   * as if they followed it. Null: not known (a server of the release before epochs), not sent.
+   */
+  epoch: string | null;
+  /**
    * After `recovered: false`, or a first `joined` whose `last_id` was unreadable: the next
    * message is taken whatever its id (even a lower one).
    */
@@ -194,7 +201,8 @@ export class ChatClient extends Emitter<ClientEvents> {
   private counter = 0;
   private rooms = new Map<string, Room>();
   private requests = new Map<string, Request>();
-  private joins = new Map<string, { room: string; since: number | null }>();
+  /** Joins on the wire: the room, and the `since` and `epoch` they carried. */
+  private joins = new Map<string, { room: string; since: number | null; epoch: string | null }>();
   private auth: { id: string; purpose: "connect" | "refresh" } | null = null;
   /** client_msg_id -> request id of its latest write on this socket; request id -> client_msg_id for every write. */
   private inflight = new Map<string, string>();
@@ -272,9 +280,20 @@ export class ChatClient extends Emitter<ClientEvents> {
   roomState(room: string): RoomState {
     return this.rooms.get(room)?.state ?? "left";
   }
-  /** The last message id delivered to the app for `room` (persist it to resume with `join(room, {since})`). */
+  /**
+   * The last message id delivered to the app for `room` (persist it, with `epoch(room)`, to
+   * resume with `join(room, {since, epoch})`).
+   */
   lastId(room: string): number | null {
     return this.rooms.get(room)?.lastId ?? null;
+  }
+  /**
+   * The name of `room`'s numbering in which `lastId(room)` is counted (the latest `joined`'s
+   * `epoch`); null before the first `joined`, or from a server of the release before epochs.
+   * Persist it together with `lastId(room)`: the two belong together.
+   */
+  epoch(room: string): string | null {
+    return this.rooms.get(room)?.epoch ?? null;
   }
   /** Rooms wanted (joining or joined). */
   get joinedRooms(): string[] {
@@ -821,20 +840,35 @@ export class ChatClient extends Emitter<ClientEvents> {
   /**
    * Joins `room` and keeps it joined across reconnects until `leave`. `since`: resume
    * after this message id (e.g. one the app persisted from `lastId(room)`; undefined or null:
-   * none). Resolves with the `joined` reply. A timeout rejects the promise, but the room stays
-   * wanted: call `leave` to give up. A `since` that is not a whole number >= 0 and at most
-   * 2^53 - 1 (the rule for ids off the wire, `wireId`) rejects at once with `invalid_message`,
-   * the server's answer to it, and keeps nothing.
+   * none). `epoch`: the `epoch(room)` that `since` was counted in, persisted with it (undefined
+   * or null: not known; without `since` it is not used): the server then answers
+   * `recovered: false` with `epochChanged` rather than replay the messages of a numbering that
+   * began again as if they followed `since`. Resolves with the `joined` reply. A timeout rejects
+   * the promise, but the room stays wanted: call `leave` to give up. A `since` that is not a
+   * whole number >= 0 and at most 2^53 - 1 (the rule for ids off the wire, `wireId`), or an
+   * `epoch` that is not a string of 1-64 characters without control characters (the server's
+   * rule), rejects at once with `invalid_message`, the server's answer to it, and keeps nothing.
    */
-  join(room: string, opts: { since?: number | null; timeout?: number } = {}): Promise<JoinResult> {
+  join(
+    room: string,
+    opts: { since?: number | null; epoch?: string | null; timeout?: number } = {},
+  ): Promise<JoinResult> {
     const since = opts.since ?? null;
     if (since !== null && wireId(since) === null) {
       const why = `join ${room}: since must be a whole number >= 0 and at most 2^53 - 1, not ${shown(since)}`;
       return handled(Promise.reject(new ChatError("invalid_message", why)));
     }
+    const epoch = opts.epoch ?? null;
+    if (epoch !== null && wireEpoch(epoch) === null) {
+      const why = `join ${room}: epoch must be a string of 1-64 characters, none a control `
+        + `character, not ${shown(epoch)}`;
+      return handled(Promise.reject(new ChatError("invalid_message", why)));
+    }
     let r = this.rooms.get(room);
     if (r?.state === "joined") {
-      return Promise.resolve({ room, users: r.users, last_id: r.lastId ?? 0 });
+      const result: JoinResult = { room, users: r.users, last_id: r.lastId ?? 0 };
+      if (r.epoch !== null) result.epoch = r.epoch;
+      return Promise.resolve(result);
     }
     if (!validRoom(room)) {
       return handled(Promise.reject(new ChatError("invalid_room", `invalid room name: ${JSON.stringify(room)}`)));
@@ -844,6 +878,7 @@ export class ChatClient extends Emitter<ClientEvents> {
         name: room,
         state: "left",
         lastId: since,
+        epoch: since === null ? null : epoch,
         acceptJump: false,
         catchUpTo: 0,
         syncReq: null,
@@ -927,9 +962,11 @@ export class ChatClient extends Emitter<ClientEvents> {
   private writeJoin(room: Room): string {
     const id = this.nextId();
     room.joinReq = id;
-    this.joins.set(id, { room: room.name, since: room.lastId });
+    const epoch = room.lastId === null ? null : room.epoch;
+    this.joins.set(id, { room: room.name, since: room.lastId, epoch });
     const frame: Record<string, unknown> = { type: "join", id, room: room.name };
     if (room.lastId !== null) frame.since = room.lastId;
+    if (epoch !== null) frame.epoch = epoch; // the numbering `since` is counted in
     room.syncReq = null; // a ping behind an earlier join no longer counts
     this.send_(frame);
     return id;
@@ -960,8 +997,25 @@ export class ChatClient extends Emitter<ClientEvents> {
     // A `last_id` that is not a whole number >= 0 ("5", null, 2.5, -1, 1e400) is never stored:
     // it would poison every later `since` and the gap check.
     const lastId = wireId(msg.last_id);
+    // Not a string of 1-64 characters: as if the server had sent none (never sent back).
+    const epoch = wireEpoch(msg.epoch);
+    // The room's ids started again from 1 since `since` was seen (the server replays nothing
+    // then; with `since` 0 it ignores the epoch, and may replay).
+    const epochChanged = rejoin && msg.recovered === false && pending.since! > 0
+      && pending.epoch !== null && epoch !== null && epoch !== pending.epoch;
+    room.epoch = epoch; // what lastId is counted in from now on (null: not known, not sent)
     room.catchUpTo = 0;
-    if (!rejoin) {
+    if (epochChanged) {
+      // `since`, and every id the room was checked against, name other messages of the new
+      // numbering: its baseline is the new `last_id`, as at a first join (so the next live
+      // message, last_id + 1, is delivered, and nothing is taken for a double or a gap of
+      // the old numbering). Nothing is replayed: no ping needed to see the end of it.
+      room.lastId = lastId;
+      room.acceptJump = lastId === null;
+      const since = pending.since!;
+      const lost = { room: room.name, since, last_id: lastId ?? 0, epochChanged: true as const };
+      this.emit("recoveryFailed", lost);
+    } else if (!rejoin) {
       // Unreadable: no baseline; the next message sets it (nothing of this join is missed:
       // the server's messages after `joined` are the room's next ones). No replay follows.
       room.lastId = lastId;
@@ -982,6 +1036,8 @@ export class ChatClient extends Emitter<ClientEvents> {
     // Reported to the app: the server's last_id, or (unreadable) the room's own, or 0.
     const result: JoinResult = { room: msg.room, users: room.users, last_id: lastId ?? room.lastId ?? 0 };
     if (msg.recovered !== undefined) result.recovered = msg.recovered;
+    if (epoch !== null) result.epoch = epoch;
+    if (epochChanged) result.epochChanged = true;
     this.setRoomState(room, "joined");
     this.emit("joined", { ...result, rejoin });
     for (const w of room.waiters.splice(0)) {
@@ -1500,6 +1556,18 @@ function withUsername(url: string, username?: string): string {
  */
 function wireId(value: unknown): number | null {
   return typeof value === "number" && Number.isSafeInteger(value) && value >= 0 ? value : null;
+}
+
+/**
+ * A room's `epoch` (from `joined`, or the app's `join`), or null: a string of 1-64 characters
+ * (code points, as the server counts them), none a control character (U+0000-U+001F, U+007F),
+ * the server's rule for `join.epoch`: one that is not would be refused with `invalid_message`
+ * at every rejoin.
+ */
+function wireEpoch(value: unknown): string | null {
+  if (typeof value !== "string") return null;
+  const length = [...value].length;
+  return length >= 1 && length <= 64 && !/[\u0000-\u001f\u007f]/.test(value) ? value : null;
 }
 
 /** An app's argument as an error message shows it: strings quoted, `5n`, `NaN`, `{"a":1}`. */

@@ -76,6 +76,18 @@ export interface JoinResult {
   last_id: number;
   /** Present when the join carried `since` (a rejoin): false means messages were lost. */
   recovered?: boolean;
+  /**
+   * The name of the room's numbering (the server's `joined.epoch`): the same while its ids go
+   * on from one another, another once they start again from 1. Absent from a server of the
+   * release before epochs (or one whose value is no string of 1-64 characters).
+   */
+  epoch?: string;
+  /**
+   * True when the join's `since` was counted in another epoch than the room's (a memory server
+   * restarted, Redis lost its data, the room was unused past `ROOM_NUMBERING_TTL`): nothing
+   * was replayed, `recovered` is false, and `last_id` is the new numbering's. Absent otherwise.
+   */
+  epochChanged?: true;
 }
 
 export interface JoinedEvent extends JoinResult {
@@ -89,6 +101,12 @@ export interface RecoveryFailedEvent {
   since: number;
   /** The server's latest id at the rejoin. Reload `history(room)` to fill the hole. */
   last_id: number;
+  /**
+   * True when the room's ids started again from 1 since `since` was seen (the `joined` named
+   * another `epoch` than the one sent): `since` and the ids the app holds name other messages
+   * of the new numbering; drop them and reload `history(room)`. Absent otherwise.
+   */
+  epochChanged?: true;
 }
 
 /** The server removed this client from a room (a `left` it did not ask for): kicked, banned, membership revoked, or a rejoin refused. */

@@ -164,6 +164,8 @@ test("recovery_after_server_close", async () => {
   const acked = await burst(pub.c, room, 5, "before");
   await until(() => c.app.ids(room).length === 5, "the first five");
 
+  const epoch = c.c.epoch(room);
+  assert.equal(typeof epoch, "string", "joined names the room's numbering");
   const rejoined = next(c.c, "joined", (e) => e.room === room && e.rejoin);
   const closed = next(c.c, "connecting");
   await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
@@ -172,6 +174,7 @@ test("recovery_after_server_close", async () => {
   await harness.call(`/servers/${s.id}/start`);
   const joined = await rejoined;
   assert.equal(joined.recovered, true);
+  assert.equal(joined.epoch, epoch, "Redis keeps the numbering: the rejoin's epoch is the room's");
   acked.push(...(await burst(pub.c, room, 5, "after")));
   await until(() => c.app.ids(room).at(-1) === acked.at(-1), "every message at carol");
   assertExactlyOnce(c.app, room, acked, 0, "carol");
@@ -488,6 +491,41 @@ test("memory server restart: its ids start over, and the clients follow", async 
   await until(() => b.app.ids(room).length === 8, "ben's three new messages");
   assert.deepEqual(b.app.ids(room), [1, 2, 3, 4, 5, 1, 2, 3]);
   assert.equal(b.app.text(room, 3), "after 2");
+});
+
+test("memory server restart while away: the rejoin's epoch tells the new numbering, none of it is replayed as ours", async () => {
+  // Bea is away while the server restarts and Ann writes past Bea's last id in the new
+  // numbering. Before epochs her rejoin (since 3) was answered recovered: true with the new
+  // 4 and 5 as what followed her 3.
+  const s = await harness.server();
+  const room = "numbering";
+  const [a, b] = await members(room, [s.url, "ann"], [s.url, "bea"]);
+  await burst(a.c, room, 3, "old");
+  await until(() => b.app.ids(room).length === 3, "bea's three");
+  const oldEpoch = b.app.events.find((e) => e.event === "joined").payload.epoch;
+  b.c.disconnect();
+  const annBack = next(a.c, "joined", (e) => e.room === room && e.rejoin);
+  await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
+  await harness.call(`/servers/${s.id}/start`);
+  await annBack;
+  assert.deepEqual(await burst(a.c, room, 5, "new"), [1, 2, 3, 4, 5]);
+  const rejoined = next(b.c, "joined", (e) => e.room === room && e.rejoin);
+  await b.c.connect();
+  const joined = await rejoined;
+  assert.deepEqual([joined.recovered, joined.last_id, joined.epochChanged], [false, 5, true]);
+  assert.equal(b.c.lastId(room), 5, "the new numbering's last id");
+  const [live] = await burst(a.c, room, 1, "live");
+  assert.equal(live, 6);
+  await until(() => b.app.ids(room).at(-1) === 6, "bea's next live message");
+  assert.deepEqual(b.app.ids(room), [1, 2, 3, 6], "nothing of the new numbering taken for what followed 3");
+  assert.equal(b.app.text(room, 3), "old 2");
+  assert.equal(b.app.text(room, 6), "live 0");
+  const failed = b.app.events.filter((e) => e.event === "recoveryFailed").map((e) => e.payload);
+  assert.deepEqual(failed, [{ room, since: 3, last_id: 5, epochChanged: true }]);
+  assert.equal(typeof oldEpoch, "string", "joined names the room's numbering");
+  assert.notEqual(joined.epoch, oldEpoch);
+  assert.equal(b.c.epoch(room), joined.epoch);
+  assert.equal(b.c.lastId(room), 6);
 });
 
 /** The server's count of `rate_limited` refusals so far (its `/metrics/json`). */

@@ -880,6 +880,148 @@ test("recovery: a server that lost its ids (numbers from 1 again) is followed, n
   c.disconnect();
 });
 
+test("epoch: a rejoin sends, with since, the epoch of the room's latest joined", async (t) => {
+  const { server, c, events, messages } = setup();
+  t.after(() => c.disconnect());
+  await c.connect();
+  const first = await c.join("r");
+  assert.equal(first.epoch, "epoch-1");
+  assert.equal(c.epoch("r"), "epoch-1");
+  server.post("r", "a");
+  server.post("r", "b");
+  await until(() => messages.length === 2, "two messages");
+  server.drop(server.last, 1006);
+  server.post("r", "c"); // while the client is away
+  await until(() => c.roomState("r") === "joined" && messages.length === 3, "the rejoin");
+  const join = server.last.sent.find((f) => f.type === "join");
+  assert.deepEqual([join.since, join.epoch], [2, "epoch-1"]);
+  const rejoined = events("joined").at(-1);
+  assert.deepEqual([rejoined.recovered, rejoined.epoch, rejoined.epochChanged], [true, "epoch-1", undefined]);
+  assert.deepEqual(messages, [1, 2, 3]);
+  // A gap's rejoin carries it too.
+  const ws = server.last;
+  server.room("r").members.delete(ws);
+  server.post("r", "d");
+  server.room("r").members.add(ws);
+  server.post("r", "e");
+  await until(() => messages.length === 5, "the gap's replay");
+  assert.deepEqual(ws.sent.filter((f) => f.type === "join").map((f) => [f.since, f.epoch]), [[2, "epoch-1"], [3, "epoch-1"]]);
+});
+
+test("epoch: a numbering begun again while away (another member posted past our last id) replays nothing as ours; the next message is delivered", async (t) => {
+  // Before: the rejoin carried no epoch, and a server whose ids had started again from 1
+  // answered recovered: true and replayed its new 4 and 5 as what followed our 3 (the new
+  // 1 to 3 missing unannounced, ids naming other messages), for the app to show as such.
+  const { server, c, events, messages } = setup();
+  t.after(() => c.disconnect());
+  const texts = [];
+  c.on("message", (m) => texts.push(m.text));
+  await c.connect();
+  await c.join("r");
+  for (const text of ["old 1", "old 2", "old 3"]) server.post("r", text);
+  await until(() => messages.length === 3, "three messages");
+  server.drop(server.last, 1001);
+  server.rooms.clear(); // the server restarted without its memory: a new numbering
+  for (let i = 1; i <= 5; i++) server.post("r", `new ${i}`);
+  await until(() => events("recoveryFailed").length === 1, "the failed recovery");
+  assert.deepEqual(events("recoveryFailed"), [{ room: "r", since: 3, last_id: 5, epochChanged: true }]);
+  const rejoined = events("joined").at(-1);
+  assert.deepEqual([rejoined.rejoin, rejoined.recovered, rejoined.last_id, rejoined.epoch, rejoined.epochChanged],
+    [true, false, 5, "epoch-2", true]);
+  assert.equal(c.lastId("r"), 5, "the new numbering's last id");
+  assert.equal(c.epoch("r"), "epoch-2");
+  server.push(server.last, server.room("r").messages[4]); // the new 5 again: not delivered
+  server.post("r", "new 6");
+  await until(() => messages.length === 4, "the next live message");
+  assert.deepEqual(texts, ["old 1", "old 2", "old 3", "new 6"]);
+  assert.deepEqual(messages, [1, 2, 3, 6]);
+  // Its sends go at once (nothing replayed to wait for), and the next rejoin is in the new epoch.
+  const sent = await within(c.send("r", "mine"), 1000, "a send after the new numbering");
+  assert.equal(sent.id, 7);
+  server.drop(server.last, 1006);
+  await until(() => c.roomState("r") === "joined", "the next rejoin");
+  const join = server.last.sent.find((f) => f.type === "join");
+  assert.deepEqual([join.since, join.epoch], [7, "epoch-2"]);
+  assert.equal(events("recoveryFailed").length, 1);
+});
+
+test("epoch: a joined without epoch (a server of the release before) works as before, and none is sent", async (t) => {
+  const { server, c, events, messages } = setup();
+  t.after(() => c.disconnect());
+  server.epochs = false;
+  await c.connect();
+  const first = await c.join("r");
+  assert.equal("epoch" in first, false);
+  assert.equal(c.epoch("r"), null);
+  server.post("r", "a");
+  server.post("r", "b");
+  await until(() => messages.length === 2, "two messages");
+  server.drop(server.last, 1006);
+  server.post("r", "c");
+  await until(() => c.roomState("r") === "joined" && messages.length === 3, "the rejoin");
+  const join = server.last.sent.find((f) => f.type === "join");
+  assert.equal(join.since, 2);
+  assert.equal("epoch" in join, false);
+  assert.equal(events("joined").at(-1).recovered, true);
+  // A restart is still followed as before: recovered: false, the next message sets the baseline.
+  server.rooms.clear();
+  server.drop(server.last, 1001);
+  await until(() => events("recoveryFailed").length === 1, "the failed recovery");
+  assert.equal("epochChanged" in events("recoveryFailed")[0], false);
+  server.post("r", "new 1");
+  await until(() => messages.length === 4, "the new message");
+  assert.deepEqual(messages, [1, 2, 3, 1]);
+  // An epoch that is no string of 1-64 characters is as none: never sent back.
+  for (const [i, bad] of [5, "", "x".repeat(65), "a\nb", null, true].entries()) {
+    const room = `odd${i}`;
+    server.replies.unshift((ws, f) => {
+      if (f.type !== "join" || f.room !== room) return false;
+      server.room(room).members.add(ws);
+      server.push(ws, { type: "joined", id: f.id, room, users: [], last_id: 0, ...(f.since === undefined ? {} : { recovered: true }), epoch: bad });
+      return true;
+    });
+    const joined = await c.join(room);
+    assert.equal(joined.epoch, undefined, `epoch ${JSON.stringify(bad)}`);
+    assert.equal(c.epoch(room), null);
+  }
+});
+
+test("epoch: join's own since goes with the app's epoch; an epoch not of 1-64 characters without control characters is rejected at once", async (t) => {
+  const { server, c, events } = setup({ requestTimeout: 300 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  const joinsOf = (room) => server.last.sent.filter((f) => f.type === "join" && f.room === room);
+  const bad = ["", "x".repeat(65), "\u{1F600}".repeat(65), "a\nb", "\u0000", "tab\there", "del\u007f", 5, true, {}, ["e"], 5n];
+  const wrong = [];
+  for (const [i, epoch] of bad.entries()) {
+    const room = `bad${i}`;
+    const outcome = await Promise.resolve()
+      .then(() => c.join(room, { since: 3, epoch }))
+      .then((j) => `resolved ${JSON.stringify(j)}`, (e) => `${e.name} ${e.code ?? ""}: ${e.message}`);
+    await tick(5);
+    const got = { outcome, state: c.roomState(room), joins: joinsOf(room).length };
+    const ok = outcome.startsWith("ChatError invalid_message: ") && outcome.includes("epoch") && got.state === "left" && got.joins === 0;
+    if (!ok) wrong.push(`epoch ${typeof epoch} ${String(epoch)}: ${JSON.stringify(got)}`);
+  }
+  assert.deepEqual(wrong, []);
+  // 64 characters (code points, as the server counts them) go out as they are.
+  const long = "\u{1F600}".repeat(64);
+  server.room("wide").epoch = long;
+  const wide = await c.join("wide", { since: 0, epoch: long });
+  assert.deepEqual([joinsOf("wide")[0].since, joinsOf("wide")[0].epoch, wide.epoch, wide.recovered], [0, long, long, true]);
+  // An epoch without since is not sent (there are no ids it counts).
+  await c.join("nosince", { epoch: "epoch-x" });
+  assert.equal("epoch" in joinsOf("nosince")[0], false);
+  // A persisted since with its epoch: the server's room numbers afresh, so nothing is replayed.
+  for (let i = 0; i < 4; i++) server.post("kept", `m${i}`);
+  const resumed = await c.join("kept", { since: 9, epoch: "epoch-gone" });
+  assert.deepEqual([joinsOf("kept")[0].since, joinsOf("kept")[0].epoch], [9, "epoch-gone"]);
+  assert.deepEqual([resumed.recovered, resumed.last_id, resumed.epochChanged], [false, 4, true]);
+  assert.deepEqual(events("recoveryFailed").at(-1), { room: "kept", since: 9, last_id: 4, epochChanged: true });
+  assert.equal(c.lastId("kept"), 4);
+  assert.equal(c.epoch("kept"), server.room("kept").epoch);
+});
+
 test("browser: pauseWhenHidden holds a due reconnect until the page is visible", async () => {
   const listeners = new Map();
   const doc = { hidden: true, addEventListener: (t, fn) => listeners.set(t, fn), removeEventListener: (t) => listeners.delete(t) };

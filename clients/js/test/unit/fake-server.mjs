@@ -11,6 +11,11 @@ export class FakeServer {
     this.holdEchoes = false; // true: messages are stored but not echoed (a lost echo)
     this.replies = []; // [(socket, frame) => true if handled], tried first
     this.users = new Map(); // token -> { user_id, username }
+    // As the real server: each room's numbering has a name, in every joined; a room made
+    // again (rooms.clear(): a restart) numbers from 1 under a new one. false: a server of
+    // the release before epochs (no epoch in joined, join's epoch ignored).
+    this.epochs = true;
+    this.epochCount = 0;
     const server = this;
     this.WebSocket = class FakeWebSocket {
       constructor(url) {
@@ -57,7 +62,9 @@ export class FakeServer {
   }
 
   room(name) {
-    if (!this.rooms.has(name)) this.rooms.set(name, { seq: 0, messages: [], members: new Set() });
+    if (!this.rooms.has(name)) {
+      this.rooms.set(name, { seq: 0, messages: [], members: new Set(), epoch: `epoch-${++this.epochCount}` });
+    }
     return this.rooms.get(name);
   }
 
@@ -83,14 +90,19 @@ export class FakeServer {
       case "join": {
         const room = this.room(f.room);
         room.members.add(ws);
-        if (f.since === undefined) return reply("joined", { room: f.room, users: [ws.user], last_id: room.seq });
+        const epoch = this.epochs ? { epoch: room.epoch } : {};
+        if (f.since === undefined) return reply("joined", { room: f.room, users: [ws.user], last_id: room.seq, ...epoch });
+        if (this.epochs && f.since > 0 && f.epoch !== undefined && f.epoch !== room.epoch) {
+          // As the real server: a since counted in another numbering replays nothing.
+          return reply("joined", { room: f.room, users: [ws.user], last_id: room.seq, recovered: false, ...epoch });
+        }
         if (f.since > room.seq) {
           // As the real server answers when its ids went back (a restarted memory backend).
-          return reply("joined", { room: f.room, users: [ws.user], last_id: f.since, recovered: false });
+          return reply("joined", { room: f.room, users: [ws.user], last_id: f.since, recovered: false, ...epoch });
         }
         const replay = room.messages.filter((m) => m.id > f.since);
         // As the real server: last_id is where the replay ends (since, when there is none).
-        reply("joined", { room: f.room, users: [ws.user], last_id: replay.at(-1)?.id ?? f.since, recovered: true });
+        reply("joined", { room: f.room, users: [ws.user], last_id: replay.at(-1)?.id ?? f.since, recovered: true, ...epoch });
         for (const m of replay) this.push(ws, m);
         return;
       }
