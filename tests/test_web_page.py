@@ -1006,6 +1006,52 @@ def test_a_room_whose_history_expired_while_away_is_no_server_restart(
         assert not [t for t in announced(alice) if "server restarted" in t], announced(alice)
 
 
+def test_a_numbering_begun_again_while_away_resets_the_room_by_its_epoch(
+        people: Callable[..., ChatPage]) -> None:
+    """Alice holds no message at her last id (the room's history expired while it was empty,
+    its ids going on). She is cut off while the memory server restarts and a writer posts
+    five messages in the new numbering, past her last id. Back, her rejoin names the old
+    epoch: the room starts again from the new numbering's history and says the server
+    restarted (before: the rejoin, with no epoch, was answered recovered: true with the new
+    4 and 5 as what followed her 3; the history probe had no message of hers at 3 to compare,
+    so the room showed them alone, the new 1 to 3 missing, unannounced)."""
+    with Server({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            for i in range(1, 4):
+                writer.say("quiet", f"old {i}")
+        time.sleep(1.5)  # ROOM_TTL must pass with the room empty: time, not an event
+        with Client(srv.url, "username=carl") as carl:
+            carl.join("elsewhere")  # the memory store drops expired rooms when next used
+        alice = people(srv, "alice")
+        down = cuttable(alice)
+        join_room(alice, "quiet")
+        expect(alice.page.locator("#messages .notice", has_text="no longer kept")).to_be_visible()
+        assert texts(alice) == []
+        alice.page.evaluate("window.notReloaded = true")
+        watch_live_regions(alice)
+        down(True)
+        srv.stop()
+        srv.start()
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            for i in range(1, 6):
+                writer.say("quiet", f"new {i}")
+            down(False)
+            expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+                "data-state", "connected")
+            restarted = alice.page.locator("#messages .notice", has_text="server restarted")
+            expect(restarted).to_be_visible()
+            expect(alice.messages("new 1")).to_have_count(1)
+            expect(alice.messages("new 5")).to_have_count(1)
+            writer.say("quiet", "live")
+            expect(alice.messages("live")).to_have_count(1)
+        assert texts(alice) == [f"new {i}" for i in range(1, 6)] + ["live"]
+        assert alice.page.evaluate("window.notReloaded") is True
+        heard = announced(alice)
+        assert len([t for t in heard if "server restarted" in t]) == 1, heard
+
+
 @pytest.mark.parametrize("away", [3, 10])
 def test_a_cut_before_an_empty_room_s_first_history_comes(
         people: Callable[..., ChatPage], away: int) -> None:

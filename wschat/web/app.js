@@ -365,7 +365,7 @@ async function leaveRoom(room) {
   try { await state.client.leave(room); } catch { /* the room is gone from the view anyway */ }
 }
 
-function joined({ room, users, recovered, rejoin, last_id: lastId }) {
+function joined({ room, users, recovered, rejoin, last_id: lastId, epochChanged }) {
   const c = conv(roomKey(room));
   if (!c) return;
   c.joinState = "joined";
@@ -374,6 +374,8 @@ function joined({ room, users, recovered, rejoin, last_id: lastId }) {
   if (!rejoin) {
     c.baseId = lastId ?? 0;
     loadLatest(c);
+  } else if (epochChanged) {
+    numberingBegunAgain(c, lastId);
   } else {
     // Also when the first history load has not come back yet (the connection went first):
     // what was missed meanwhile is checked all the same, and the load still comes.
@@ -413,7 +415,9 @@ async function loadLatest(c) {
  * view is reloaded from history) and a server whose ids started again at 1 (a restarted
  * memory backend: the message we hold as id N is not the server's N, or the server's last
  * id, the `joined` reply's `lastId`, is below N). Then the view is reset, and the client
- * replaced, because the library skips every id up to the one it saw last. A history with
+ * replaced, because the library skips every id up to the one it saw last. A server that
+ * names its numbering (`joined.epoch`) says the second itself, with `epochChanged`
+ * (numberingBegunAgain): these checks are for one of the release before. A history with
  * nothing at or above N is no such proof: a room empty longer than ROOM_TTL loses its
  * history but numbers on (ROOM_NUMBERING_TTL), and its `joined` says so with a `lastId`
  * at or above N.
@@ -446,7 +450,30 @@ async function checkRejoin(c, recovered, lastId) {
   } catch { /* the next reconnect checks again */ }
 }
 
-/** The server lost its history and ids (a restarted memory backend): start every room afresh. */
+/**
+ * The room's ids started again from 1 since the view's were counted: the rejoin's `joined`
+ * names another `epoch` than the one the library sent (a memory server restarted, Redis lost
+ * its data, the room was unused past ROOM_NUMBERING_TTL), and nothing was replayed. The
+ * messages held name other messages of the new numbering: merged with its ids they would
+ * replace or sit among them, so the view starts again from the new numbering's history. The
+ * library already counts in the new numbering (its baseline is `lastId`): no new client.
+ */
+function numberingBegunAgain(c, lastId) {
+  if (c.replay) replayEnds(c, true);
+  c.messages.clear();
+  restartNotices(c, "The server restarted and lost earlier messages.");
+  c.older = null;
+  c.olderCheck = null;
+  c.loaded = false;
+  c.unread = 0;
+  c.baseId = lastId ?? 0;
+  loadLatest(c);
+}
+
+/**
+ * The server lost its history and ids (a restarted memory backend), found by checkRejoin
+ * where there is no epoch to tell (a server of the release before): start every room afresh.
+ */
 function serverForgot() {
   for (const c of state.conversations.values()) {
     if (c.kind !== "room") continue;
