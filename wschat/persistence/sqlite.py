@@ -413,8 +413,8 @@ def serve(path: str, requests: IO[bytes], replies: IO[bytes]) -> None:
             except EOFError:
                 return
             if not turns.take():
-                _send(replies, ("busy", f"sqlite: the other writers of {path} held it for "
-                                        f"{turns.TIMEOUT:.0f}s"))
+                _send(replies, ("busy", (f"sqlite: the other writers of {path} held it for "
+                                         f"{turns.TIMEOUT:.0f}s")))
                 continue
             try:
                 answer = _answer(file, op, payload)
