@@ -459,6 +459,13 @@ async function checkRejoin(c, recovered, lastId) {
  * library already counts in the new numbering (its baseline is `lastId`): no new client.
  */
 function numberingBegunAgain(c, lastId) {
+  startRoomAgain(c);
+  c.baseId = lastId ?? 0;
+  loadLatest(c);
+}
+
+/** A room's view starts again, with a notice: the messages it held name other ones now. */
+function startRoomAgain(c) {
   if (c.replay) replayEnds(c, true);
   c.messages.clear();
   restartNotices(c, "The server restarted and lost earlier messages.");
@@ -466,8 +473,6 @@ function numberingBegunAgain(c, lastId) {
   c.olderCheck = null;
   c.loaded = false;
   c.unread = 0;
-  c.baseId = lastId ?? 0;
-  loadLatest(c);
 }
 
 /**
@@ -476,14 +481,7 @@ function numberingBegunAgain(c, lastId) {
  */
 function serverForgot() {
   for (const c of state.conversations.values()) {
-    if (c.kind !== "room") continue;
-    if (c.replay) replayEnds(c, true);
-    c.messages.clear();
-    restartNotices(c, "The server restarted and lost earlier messages.");
-    c.older = null;
-    c.olderCheck = null;
-    c.loaded = false;
-    c.unread = 0;
+    if (c.kind === "room") startRoomAgain(c);
   }
   restartClient();
   renderAll();
