@@ -333,9 +333,9 @@ class Chat:
         # registers for one of them afterwards is taken out at once (_registered).
         self._closed_late: set[Session] = set()
         #: Runs ``step(item)`` for each item, several at once where the runtime can (the
-        #: factory gives a greenlet pool: their store round trips then share pipelines),
-        #: raising the first failure once the others are stopped. By default one after
-        #: another (the chat core itself never waits on anything but its stores).
+        #: factory gives a greenlet pool: their store round trips then share pipelines);
+        #: after a failure none starts, and it is raised once those under way are done.
+        #: By default one after another (the chat core itself waits only on its stores).
         self.each_concurrently: Callable[[Callable[[Any], None], Iterable[Any]], None] = \
             _one_after_another
         self.access = AccessControl(settings, stores.moderation or MemoryModerationStore(clock),
