@@ -722,10 +722,13 @@ class Chat:
                 if not (self._posts_charge and posting):
                     self._check_rate(session, command)
                 else:  # the post spends its tokens in the store, unless refused here
-                    self._refuse_until_refilled(session, command, self.monotonic())
+                    self._refuse_before(session, command, session.posts_empty_until,
+                                        self.monotonic())
             else:
                 if isinstance(command, SIZED_KINDS) and session.sized_empty_until:
-                    self._refuse_until_sized(session, command)
+                    self._refuse_before(session, command, session.sized_empty_until,
+                                        self.monotonic())
+                    session.sized_empty_until = 0.0  # passed: no need to look again
                 self._check_requests(session, command)
             self._handlers[type(command)](session, command)
         except ProtocolError as err:
@@ -849,7 +852,7 @@ class Chat:
         """One token from the user's bucket (a guest's is its connection's), and for a
         guest one from its IP address's larger bucket too (:meth:`_buckets`)."""
         asked = self.monotonic()
-        self._refuse_until_refilled(session, command, asked)
+        self._refuse_before(session, command, session.posts_empty_until, asked)
         retry_ms = self.limiter.spend(self._buckets(session))
         if not retry_ms:
             session.flood_strikes = 0
@@ -866,13 +869,16 @@ class Chat:
         never later than the bucket's own answer would be."""
         session.posts_empty_until = asked + (retry_ms - 1) / 1000
 
-    def _refuse_until_refilled(self, session: Session, command: Command, now: float) -> None:
-        """Refuse a message, DM or typing (``rate_limited``, a flood strike as ever) that
-        comes before its buckets can hold a token (:meth:`_posts_empty`), without
-        asking them: with Redis each was a script, and a client making one request
-        succeed after every 2 x burst refusals (never closed, 4102) had Redis run one
-        for every post it sent, at any pace."""
-        wait = session.posts_empty_until - now
+    def _refuse_before(self, session: Session, command: Command, until: float,
+                       now: float) -> None:
+        """Refuse (``rate_limited``, a flood strike as ever) a command that comes before
+        ``until``, when a refusal said its buckets could pay for it, without asking
+        them: a message, DM or typing before its post buckets hold a token
+        (:meth:`_posts_empty`; with Redis each was a script, and a client making one
+        request succeed after every 2 x burst refusals, never closed, had Redis run one
+        for every post it sent), or a request whose reply pays for its size before they
+        could pay for the one refused (:meth:`_pay_for_size`; each was read first)."""
+        wait = until - now
         if wait > 0:
             self._refuse(session, command, max(1, math.ceil(wait * 1000)))
 
@@ -1001,15 +1007,22 @@ class Chat:
         session.close(CloseCode.RATE_LIMITED, "flooding")
 
     def _check_requests(self, session: Session, command: Command | None,
-                        cost: float | None = None, request_id: RequestId = None) -> None:
+                        cost: float | None = None, request_id: RequestId = None,
+                        sized: bool = False) -> None:
         """The same for every other command, against the request buckets
         (``RATE_LIMIT_REQUESTS``), at the command's cost (:data:`REQUEST_COSTS`; 1 for
         a frame that is no command at all, ``None``, whose usable ``id`` is
-        ``request_id``: its ``rate_limited`` echoes it, as its other errors do)."""
+        ``request_id``: its ``rate_limited`` echoes it, as its other errors do).
+        ``sized``: the cost of a reply's size (:meth:`_pay_for_size`)."""
         if cost is None:
             cost = REQUEST_COSTS.get(type(command), 1.0) if command else 1.0
-        retry_ms = self.limiter.spend(self._charges(session)[3], cost)
+        asked = self.monotonic() if sized else 0.0
+        buckets = self._charges(session)[3]
+        retry_ms = self.limiter.spend(buckets, cost)
         if retry_ms:
+            if sized:  # as _posts_empty, and one token more: the request's own, before its read
+                own = max(1 / rate for _, rate, _ in buckets) if buckets else 0.0
+                session.sized_empty_until = asked + (retry_ms - 1) / 1000 + own
             self._refuse(session, command, retry_ms, request_id=request_id)
         session.flood_strikes = 0
 
@@ -1023,25 +1036,8 @@ class Chat:
         request's own token (only time fills them): a client sending histories of a big
         room at the request rate had each one read (~1 MiB out of Redis) and refused,
         ~5-10 MB a second, where an honest reader gets a reply every second or two."""
-        if size < HISTORY_BYTES_PER_TOKEN:
-            return
-        asked = self.monotonic()
-        buckets = self._charges(session)[3]
-        retry_ms = self.limiter.spend(buckets, size // HISTORY_BYTES_PER_TOKEN)
-        if retry_ms:
-            # and one token more: the request's own, spent before its read
-            own = max(1 / rate for _, rate, _ in buckets) if buckets else 0.0
-            session.sized_empty_until = asked + (retry_ms - 1) / 1000 + own
-            self._refuse(session, command, retry_ms)
-        session.flood_strikes = 0
-
-    def _refuse_until_sized(self, session: Session, command: Command) -> None:
-        """Refuse a request whose reply pays for its size (:meth:`_pay_for_size`) while
-        the last one refused could not be paid for, before anything is read for it."""
-        wait = session.sized_empty_until - self.monotonic()
-        if wait > 0:
-            self._refuse(session, command, max(1, math.ceil(wait * 1000)))
-        session.sized_empty_until = 0.0
+        if size >= HISTORY_BYTES_PER_TOKEN:
+            self._check_requests(session, command, size // HISTORY_BYTES_PER_TOKEN, sized=True)
 
     def _publish_presence(self, session: Session, room: str, status: str) -> None:
         guest = not session.authenticated

@@ -79,10 +79,10 @@ class Session:
         self.charges: tuple[str, bool, Charge, Charge] | None = None
         # Monotonic time before which its post buckets cannot hold a token again (a
         # refusal said so): its messages, DMs and typing are refused here until then
-        # (Chat._refuse_until_refilled), not by a store round trip each.
+        # (Chat._refuse_before), not by a store round trip each.
         self.posts_empty_until = 0.0
         # The same for its requests whose replies pay for their size (a history, a big
-        # room's users, a join's replay): Chat._pay_for_size, Chat._refuse_until_sized.
+        # room's users, a join's replay): Chat._pay_for_size, Chat._refuse_before.
         self.sized_empty_until = 0.0
 
     @property

@@ -162,13 +162,15 @@ class MemoryMessageStore(MessageStore):
     def _log_for(self, room: str) -> _RoomLog:
         log = self._logs.get(room)
         if log is None:
-            epoch = self._epochs.pop(room, None) or new_epoch()
-            log = self._logs[room] = _RoomLog(self._size, epoch)
-            self._bytes += ROOM_OVERHEAD
             retired = self._retired.pop(room, None)
-            if retired is not None:
-                _, log.last_id, log.epoch = retired
+            if retired is None:  # a numbering from 1, in the epoch its members were told
+                log = _RoomLog(self._size, self._epochs.pop(room, None) or new_epoch())
+            else:  # going on from the last id kept, in its epoch
+                log = _RoomLog(self._size, retired[2])
+                log.last_id = retired[1]
                 self._bytes -= RETIRED_OVERHEAD
+            self._logs[room] = log
+            self._bytes += ROOM_OVERHEAD
         return log
 
     def _append(self, room: str, log: _RoomLog, msg_id: int, event: bytes) -> None:

@@ -25,8 +25,7 @@ from ..base import (
 from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, RoomTtls, charged, dedupe_key, guarded,
     held_key, membership_keys, membership_token, room_channel, room_epoch_key, room_keys, script,
-    split_token,
-    user_channel, user_nodes,
+    split_token, user_channel, user_nodes,
 )
 from .pipeline import Pipelined
 from .nodes import (
