@@ -120,7 +120,9 @@ pub enum Event {
     /// Someone started or stopped typing (an uncleared start expires on the server).
     Typing(Typing),
     /// The server removed this user from a room (kicked, banned, membership
-    /// revoked): the room is left for good and not re-joined.
+    /// revoked): the room is left for good and not re-joined. Also a re-join (a join with
+    /// `since`: after a reconnect, say) refused for good, after its `Event::Error`: `reason` is
+    /// the refusal's code (`forbidden`, `invalid_room`, `too_many_rooms`), `until` its `until`.
     Removed { room: String, reason: Option<String>, by: Option<String>, until: Option<i64>, note: Option<String> },
     /// Muted in `room` (`None`: everywhere) until `until` (Unix ms; `None`: until lifted).
     Muted { room: Option<String>, until: Option<i64>, by: Option<String> },

@@ -28,8 +28,8 @@ use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
 use crate::pacer::{JoinPacer, Pacer};
 use crate::protocol::{
-    close_action, refusal_action, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId, ServerEvent,
-    MAX_WIRE_ID,
+    close_action, refusal_action, until_ms, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId,
+    ServerEvent, MAX_WIRE_ID,
 };
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::{expiry_of, refresh_wait, RefreshDue};
@@ -109,6 +109,10 @@ struct Room {
     /// The request id of this room's `join` on the wire, until its answer. An answer to
     /// another join of the room's name (one written before a `leave`) is not this room's.
     join_rid: Option<u64>,
+    /// The join on the wire carried `since`: a re-join of a room the app had (after a
+    /// reconnect, a gap, a `not_in_room`, or `Client::join_from`). Refused for good, the room is
+    /// [`Event::Removed`].
+    join_since: bool,
     /// The number of the retry due for a join refused for now (`unavailable`): a retry
     /// whose number is not the room's (the room was left, the connection lost, or a join
     /// went meanwhile) is cancelled.
@@ -659,6 +663,7 @@ impl Driver {
                     joined: None,
                     join_queued: false,
                     join_rid: None,
+                    join_since: false,
                     retry: None,
                 });
                 // Joined: its latest answer, at once; joining: the answer of the join (or retry)
@@ -953,6 +958,7 @@ impl Driver {
             }
             r.sync_rid = None;
             r.join_rid = Some(id);
+            r.join_since = since.is_some();
             self.join_rids.insert(id, room.to_owned());
             self.write(&ClientCommand::Join { room: room.to_owned(), since, epoch, id: Some(RequestId::Int(id)) });
         }
@@ -1441,12 +1447,15 @@ impl Driver {
         } else if let Some(room) = self.join_rids.remove(&rid) {
             let limited = retry.filter(|_| rate_limited);
             self.join_pacer.refused(rid, Instant::now().into_std(), limited, fastrand::f64());
-            match self.rooms.get_mut(&room) {
-                Some(r) if r.join_rid == Some(rid) => r.join_rid = None,
+            let rejoin = match self.rooms.get_mut(&room) {
+                Some(r) if r.join_rid == Some(rid) => {
+                    r.join_rid = None;
+                    r.join_since
+                }
                 // A join written before a `leave` of the room: the room (left, or joined
                 // again with a join of its own) is not this refusal's.
                 _ => return self.flush_joins(),
-            }
+            };
             match retry {
                 // The request bucket is empty: the join pacer holds every join back until
                 // `retry_after_ms`, and this one goes again first (the flush wakes up then).
@@ -1470,7 +1479,23 @@ impl Driver {
                         self.emit(Event::Room { room: room.clone(), state: RoomState::Left });
                     }
                     self.drop_room_sends(&room, &error);
+                    // A re-join refused (the app had this room and lost it: banned while away,
+                    // say): after the error, the room's removal, as in the JS client, with the
+                    // refusal's code as the reason and its `until` (a ban's).
+                    let removed = match (&error, rejoin) {
+                        (Error::Server { code, details, .. }, true) => Some(Event::Removed {
+                            room: room.clone(),
+                            reason: Some(code.clone()),
+                            by: None,
+                            until: details.get("until").and_then(until_ms),
+                            note: None,
+                        }),
+                        _ => None,
+                    };
                     self.emit(Event::Error(error));
+                    if let Some(removed) = removed {
+                        self.emit(removed);
+                    }
                     self.flush_joins();
                 }
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{scaled, Harness, Recorder};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use wschat::{Client, Error, Event, OutboxEntry, OutboxStore};
+use wschat::{Client, ConnectionState, Error, Event, OutboxEntry, OutboxStore};
 
 /// An outbox store in memory, shared by the two "runs" of the app below.
 #[derive(Clone, Default)]
@@ -214,6 +214,53 @@ async fn moderation_mute_and_kick() {
     assert_eq!(u.list_users("general").await.unwrap().len(), 0, "a request round trip after the welcome");
     assert_eq!(joins(&rec_u.events()), before);
     assert_eq!(u.send("modroom", "back?").await.unwrap_err().code(), Some("not_in_room"));
+}
+
+/// Banned while away: the ban is written (through the other server's API) while the client's
+/// server is down, so no `left` reaches it. Its re-join after the reconnect is refused
+/// `forbidden`: the room is gone for good, and the app is told so with `Event::Removed` (reason
+/// `forbidden`, the ban's `until`) after the refusal's `Event::Error`, as in the JS client. It
+/// was an `Event::Error` only, which names no room the app had: nothing said it was removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_refused_after_a_ban_while_away_is_removed() {
+    let h = Harness::start().await;
+    let env = json!({"API_KEY": "rust-client-api-key-0123"});
+    let a = h.server("redis", 1, env.clone()).await;
+    let b = h.server("redis", 1, env).await;
+    let (u, rec) = signed_in(&a.url, h.token("bea", 600.0).await);
+    u.join("banroom").await.unwrap();
+    u.send("banroom", "before").await.unwrap();
+
+    h.stop(&a).await;
+    rec.wait("offline", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::State(ConnectionState::Disconnected)))).await;
+    let ban = common::api(
+        &b,
+        "rust-client-api-key-0123",
+        "/api/ban",
+        json!({"user_id": "bea", "room": "banroom", "duration": 600}),
+    )
+    .await;
+    let until = ban["until"].as_i64().expect("the ban's until");
+    h.restart(&a).await;
+
+    rec.wait("removed", 30.0, |ev| ev.iter().any(|e| matches!(e, Event::Removed { .. }))).await;
+    let events = rec.events();
+    let removed = events.iter().position(|e| matches!(e, Event::Removed { .. })).unwrap();
+    match &events[removed] {
+        Event::Removed { room, reason, by, until: got, note } => {
+            assert_eq!((room.as_str(), reason.as_deref()), ("banroom", Some("forbidden")));
+            assert_eq!((*got, by, note), (Some(until), &None, &None));
+        }
+        _ => unreachable!(),
+    }
+    let refused = events.iter().position(|e| matches!(e, Event::Error(err) if err.code() == Some("forbidden")));
+    assert!(refused.is_some_and(|i| i < removed), "the refusal's error, then removed: {events:#?}");
+    assert_eq!(rec.count(|e| matches!(e, Event::Removed { .. })), 1);
+    assert_eq!(u.position("banroom"), None, "not a room of ours any more");
+    // A first join refused is the join's error only: the app never had the room.
+    assert_eq!(u.join("banroom").await.unwrap_err().code(), Some("forbidden"));
+    assert_eq!(rec.count(|e| matches!(e, Event::Removed { .. })), 1);
+    assert_eq!(u.send("banroom", "back?").await.unwrap_err().code(), Some("not_in_room"));
 }
 
 /// A kick or mute written when the connection drops may or may not have been done:

@@ -113,12 +113,17 @@ impl Drop for Harness {
 
 /// A minimal HTTP/1.1 POST (the harness closes each connection after its reply).
 pub async fn post(control: &str, path: &str, body: Value) -> Value {
-    exchange(control, "POST", path, Some(body)).await
+    exchange(control, "POST", path, Some(body), "").await
+}
+
+/// A call of a server's admin API (`/api/...` on its metrics port), with the `API_KEY` it runs with.
+pub async fn api(server: &Server, key: &str, path: &str, body: Value) -> Value {
+    exchange(&server.metrics, "POST", path, Some(body), &format!("Authorization: Bearer {key}\r\n")).await
 }
 
 /// A minimal HTTP/1.1 GET of a JSON document (the server's `/metrics/json`).
 pub async fn get(base: &str, path: &str) -> Value {
-    exchange(base, "GET", path, None).await
+    exchange(base, "GET", path, None, "").await
 }
 
 /// The server's count of `rate_limited` refusals so far.
@@ -126,14 +131,14 @@ pub async fn refusals(server: &Server) -> u64 {
     get(&server.metrics, "/metrics/json").await["rate_limited"].as_u64().expect("rate_limited in /metrics/json")
 }
 
-async fn exchange(base: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+async fn exchange(base: &str, method: &str, path: &str, body: Option<Value>, headers: &str) -> Value {
     let addr = base.trim_start_matches("http://").trim_end_matches('/').to_owned();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let exchange = async {
         let mut stream = TcpStream::connect(&addr).await?;
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+             {headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await?;
