@@ -87,6 +87,10 @@ enum Internal {
 }
 
 struct Room {
+    /// When the app joined it (`Driver::rooms_joined` then): after a reconnect the rooms are
+    /// joined again in this order, the app's, as in the JS and Python clients (the room it
+    /// joined first is back first when the join pacer lets joins go a few at a time).
+    order: u64,
     state: RoomState,
     seq: RoomSeq,
     /// The connection generation on which `joined` arrived.
@@ -184,6 +188,8 @@ pub(crate) struct Driver {
     /// Frames to write after the current handler.
     outgoing: Vec<String>,
     next_rid: u64,
+    /// Rooms the app has joined so far (`Room::order`).
+    rooms_joined: u64,
     generation: u64,
     /// `welcome` arrived on the current socket.
     online: bool,
@@ -263,6 +269,7 @@ impl Driver {
             typing_calls: HashMap::new(),
             outgoing: Vec::new(),
             next_rid: 0,
+            rooms_joined: 0,
             generation: 0,
             online: false,
             attempt: 0,
@@ -546,10 +553,11 @@ impl Driver {
             room.retry = None;
             if room.state == RoomState::Joined {
                 room.state = RoomState::Joining;
-                changed.push(name.clone());
+                changed.push((room.order, name.clone()));
             }
         }
-        for room in changed {
+        changed.sort();
+        for (_, room) in changed {
             self.emit(Event::Room { room, state: RoomState::Joining });
         }
         // A leave in flight is done: the server dropped the membership with the socket.
@@ -651,7 +659,9 @@ impl Driver {
     fn handle_op(&mut self, op: Op) {
         match op {
             Op::Join { room, from, reply } => {
+                let order = self.rooms_joined;
                 let entry = self.rooms.entry(room.clone()).or_insert_with(|| Room {
+                    order,
                     state: RoomState::Left,
                     // Resumed (`Client::join_from`): its first join goes with `since` and `epoch`.
                     seq: from
@@ -675,6 +685,7 @@ impl Driver {
                         let _ = reply.send(Ok(joined.clone()));
                     }
                     (RoomState::Left, _) => {
+                        self.rooms_joined += 1;
                         entry.waiters.push(reply);
                         entry.state = RoomState::Joining;
                         self.emit(Event::Room { room: room.clone(), state: RoomState::Joining });
@@ -1225,9 +1236,9 @@ impl Driver {
         self.join_pacer.reset();
         self.set_state(ConnectionState::Connected);
         self.schedule_refresh();
-        let mut rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        let mut rooms: Vec<(u64, String)> = self.rooms.iter().map(|(name, r)| (r.order, name.clone())).collect();
         rooms.sort();
-        for room in rooms {
+        for (_, room) in rooms {
             self.send_join(&room, false);
         }
         let generation = self.generation;

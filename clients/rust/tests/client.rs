@@ -1792,7 +1792,8 @@ async fn a_join_retry_is_cancelled_by_a_leave_and_by_a_reconnect() {
         .filter(|(_, f)| f["type"] == "join")
         .map(|(n, f)| (*n, f["room"].as_str().unwrap_or("").to_owned()))
         .collect();
-    let expected = [(1, "left"), (1, "left"), (1, "cut"), (2, "cut"), (2, "left")];
+    // Re-joined in the order the app joined them: "left" (joined again) before "cut".
+    let expected = [(1, "left"), (1, "left"), (1, "cut"), (2, "left"), (2, "cut")];
     let expected: Vec<(usize, String)> = expected.iter().map(|(n, r)| (*n, r.to_string())).collect();
     assert_eq!(written, expected);
     c.close();
@@ -2001,6 +2002,49 @@ async fn join_of_a_room_already_joined_writes_no_join() {
     c.ping().await.unwrap(); // a join written before it would be in the frames by its pong
     assert_eq!(again, first);
     assert_eq!(joins_on(&frames, 1).len(), 1);
+    c.close();
+    server.abort();
+}
+
+/// After a reconnect the rooms are joined again in the order the app joined them (the room it
+/// joined first, often the one on screen, is back first when the join pacer lets joins go a
+/// few at a time), and go `Joining` in that order, as in the JS and Python clients. They were
+/// re-joined in the order of their names, and went `Joining` in no order at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_joined_again_in_the_order_the_app_joined_them() {
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") => vec![raw_joined(cmd, Some("0"), cmd.get("since").map(|_| true))],
+        Some("leave") => vec![json!({"type": "left", "room": cmd["room"], "id": cmd["id"]}).to_string()],
+        _ => vec![],
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let order = ["m", "c", "x", "a", "q"];
+    for room in order {
+        c.join(room).await.unwrap();
+    }
+    c.leave("c").await.unwrap();
+    c.join("c").await.unwrap(); // joined again: now the last one
+    let expected = ["m", "x", "a", "q", "c"];
+    c.reconnect();
+    // The first connection's joins: the five rooms, and "c" again.
+    let count = |ev: &[Event], state: wschat::RoomState| {
+        ev.iter().filter(|e| matches!(e, Event::Room { state: s, .. } if *s == state)).count()
+    };
+    rec.wait("every room joined again", 10.0, |ev| count(ev, wschat::RoomState::Joined) == 6 + order.len()).await;
+    let rooms: Vec<String> = joins_on(&frames, 2).iter().map(|f| f["room"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(rooms, expected);
+    let joining: Vec<String> = rec
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Room { room, state: wschat::RoomState::Joining } => Some(room.clone()),
+            _ => None,
+        })
+        .skip(6)
+        .collect();
+    assert_eq!(joining, expected);
     c.close();
     server.abort();
 }
