@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::backoff::retry_after_header;
+use crate::backoff::{retry_after_header, RETRY_AFTER_CAP};
 use crate::client::{Acked, ClientBuilder, Delivery, Event, Joined, Op, Reply, RoomPosition, Snapshot};
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
@@ -117,6 +117,9 @@ struct Room {
     /// reconnect, a gap, a `not_in_room`, or `Client::join_from`). Refused for good, the room is
     /// [`Event::Removed`].
     join_since: bool,
+    /// The joins of the room refused for now (`unavailable`) in a row on this connection: the
+    /// next retry waits the backoff of this attempt. A `joined`, and a new connection, reset it.
+    join_refusals: u32,
     /// The number of the retry due for a join refused for now (`unavailable`): a retry
     /// whose number is not the room's (the room was left, the connection lost, or a join
     /// went meanwhile) is cancelled.
@@ -551,6 +554,7 @@ impl Driver {
             room.join_queued = false;
             room.join_rid = None;
             room.retry = None;
+            room.join_refusals = 0;
             if room.state == RoomState::Joined {
                 room.state = RoomState::Joining;
                 changed.push((room.order, name.clone()));
@@ -674,6 +678,7 @@ impl Driver {
                     join_queued: false,
                     join_rid: None,
                     join_since: false,
+                    join_refusals: 0,
                     retry: None,
                 });
                 // Joined: its latest answer, at once; joining: the answer of the join (or retry)
@@ -1104,6 +1109,7 @@ impl Driver {
                     }
                     r.join_rid = None;
                 }
+                r.join_refusals = 0;
                 let since = r.seq.last();
                 // Another epoch than our `since`'s: the room's ids started again from 1, and
                 // the position is the new numbering's (`RoomSeq::joined_in`).
@@ -1471,12 +1477,24 @@ impl Driver {
                 // The request bucket is empty: the join pacer holds every join back until
                 // `retry_after_ms`, and this one goes again first (the flush wakes up then).
                 Some(_) if rate_limited => self.send_join(&room, true),
-                Some(delay) => {
+                Some(_) => {
+                    // Refused for now (`unavailable`, `internal_error`: the server's store is
+                    // away, say): again after a backoff that grows with the room's refusals in a
+                    // row, as in the JS client (at the shortest delay for ever, every room of
+                    // every client would keep asking through a whole outage), and not before the
+                    // refusal's `retry_after_ms`, should it carry one.
                     let retry = self.rid();
+                    let asked = match &error {
+                        Error::Server { retry_after_ms: Some(ms), .. } => Duration::from_millis(*ms),
+                        _ => Duration::ZERO,
+                    };
+                    let mut delay = asked;
                     if let Some(r) = self.rooms.get_mut(&room) {
                         r.retry = Some(retry);
+                        delay = delay.max(self.cfg.backoff.delay(r.join_refusals, fastrand::f64()));
+                        r.join_refusals = r.join_refusals.saturating_add(1);
                     }
-                    self.later(delay, Internal::RetryJoin(room, retry));
+                    self.later(delay.min(RETRY_AFTER_CAP), Internal::RetryJoin(room, retry));
                     self.flush_joins();
                 }
                 None => {

@@ -1800,6 +1800,44 @@ async fn a_join_retry_is_cancelled_by_a_leave_and_by_a_reconnect() {
     server.abort();
 }
 
+/// A join refused `unavailable` again and again (the server's store is away) is tried again
+/// after a backoff that grows with each refusal of the room, as in the JS client, not at the
+/// shortest delay for ever: with a backoff of 50 ms to 2 s, some 7 joins in 3 s, not 40. Once
+/// the room is joined, the next refusal starts again from the shortest delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_refused_unavailable_again_and_again_backs_off() {
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let serving = down.clone();
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if serving.load(Ordering::SeqCst) => {
+            let refusal = json!({"type": "error", "code": "unavailable", "message": "later", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        _ => vec![],
+    })
+    .await;
+    let (c, _events) = Client::builder(url)
+        .request_timeout(scaled(30.0))
+        .backoff(Duration::from_millis(50), Duration::from_secs(2))
+        .connect();
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let joined = tokio::spawn({
+        let c = c.clone();
+        async move { c.join("down").await }
+    });
+    let joins = || frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "join").count();
+    // At the shortest delay (50 to 100 ms) 30 joins go within 3 s; backing off, about 7.
+    eventually(3.0, || joins() >= 30).await;
+    let written = joins();
+    assert!(written < 20, "{written} joins in 3 s: the retries did not back off");
+    down.store(false, Ordering::SeqCst);
+    let joined = tokio::time::timeout(scaled(10.0), joined).await.expect("joined once the store is back");
+    assert!(joined.unwrap().is_ok());
+    c.close();
+    server.abort();
+}
+
 /// A send written, its echo lost with the connection; the re-join's `joined` says
 /// `recovered: true` and `last_id` 2, and the replay (message 2: that echo) comes a little
 /// later. The send waits for the replay, which acknowledges it: it is not written again, and
