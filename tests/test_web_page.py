@@ -564,7 +564,7 @@ def test_memory_server_restart_mid_conversation(people: Callable[..., ChatPage])
         for person in (alice, bob):
             expect(person.page.locator("#status"), RECONNECT_MS).to_have_attribute(
                 "data-state", "connected")
-            expect(person.page.locator("#messages .notice", has_text="server restarted")
+            expect(person.page.locator("#messages .notice", has_text="history began again")
                    ).to_be_visible()
         alice.say("after the restart")
         expect(bob.messages("after the restart")).to_have_count(1)
@@ -573,7 +573,7 @@ def test_memory_server_restart_mid_conversation(people: Callable[..., ChatPage])
         expect(alice.messages("after the restart")).to_have_class(MINE)
         assert alice.page.evaluate("window.notReloaded") is True
         heard = announced(alice)
-        assert len([t for t in heard if "server restarted" in t]) == 1, heard
+        assert len([t for t in heard if "history began again" in t]) == 1, heard
 
 
 def test_redis_server_restart_recovers_in_order(people: Callable[..., ChatPage]) -> None:
@@ -1001,9 +1001,9 @@ def test_a_room_whose_history_expired_while_away_is_no_server_restart(
         assert first_items(alice, 2) == [
             "Older messages are no longer kept.",
             "Some messages were missed while you were away; showing the latest."]
-        restarted = alice.page.locator("#messages .notice", has_text="server restarted")
-        expect(restarted).to_have_count(0)
-        assert not [t for t in announced(alice) if "server restarted" in t], announced(alice)
+        began = alice.page.locator("#messages .notice", has_text="history began again")
+        expect(began).to_have_count(0)
+        assert not [t for t in announced(alice) if "began again" in t], announced(alice)
 
 
 def test_a_numbering_begun_again_while_away_resets_the_room_by_its_epoch(
@@ -1011,10 +1011,11 @@ def test_a_numbering_begun_again_while_away_resets_the_room_by_its_epoch(
     """Alice holds no message at her last id (the room's history expired while it was empty,
     its ids going on). She is cut off while the memory server restarts and a writer posts
     five messages in the new numbering, past her last id. Back, her rejoin names the old
-    epoch: the room starts again from the new numbering's history and says the server
-    restarted (before: the rejoin, with no epoch, was answered recovered: true with the new
-    4 and 5 as what followed her 3; the history probe had no message of hers at 3 to compare,
-    so the room showed them alone, the new 1 to 3 missing, unannounced)."""
+    epoch: the room starts again from the new numbering's history and says that its history
+    began again on the server (before: the rejoin, with no epoch, was answered recovered:
+    true with the new 4 and 5 as what followed her 3; the history probe had no message of
+    hers at 3 to compare, so the room showed them alone, the new 1 to 3 missing,
+    unannounced)."""
     with Server({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
         with Client(srv.url, "username=writer") as writer:
             writer.join("quiet")
@@ -1040,8 +1041,8 @@ def test_a_numbering_begun_again_while_away_resets_the_room_by_its_epoch(
             down(False)
             expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
                 "data-state", "connected")
-            restarted = alice.page.locator("#messages .notice", has_text="server restarted")
-            expect(restarted).to_be_visible()
+            began = alice.page.locator("#messages .notice", has_text="history began again")
+            expect(began).to_be_visible()
             expect(alice.messages("new 1")).to_have_count(1)
             expect(alice.messages("new 5")).to_have_count(1)
             writer.say("quiet", "live")
@@ -1049,7 +1050,53 @@ def test_a_numbering_begun_again_while_away_resets_the_room_by_its_epoch(
         assert texts(alice) == [f"new {i}" for i in range(1, 6)] + ["live"]
         assert alice.page.evaluate("window.notReloaded") is True
         heard = announced(alice)
-        assert len([t for t in heard if "server restarted" in t]) == 1, heard
+        assert len([t for t in heard if "history began again" in t]) == 1, heard
+
+
+def numbering_retired_while_cut(down: Callable[[bool], None], srv: Server, room: str,
+                                new: int) -> None:
+    """Cuts the page off while ``room`` (no one else in it) stays empty past
+    ROOM_NUMBERING_TTL, without the server restarting: its ids retire. A writer then posts
+    "new 1".."new ``new``", numbered from 1 under another epoch; the page may connect again."""
+    down(True)
+    time.sleep(1.5)  # ROOM_NUMBERING_TTL must pass with the room empty: time, not an event
+    with Client(srv.url, "username=carl") as carl:
+        carl.join("elsewhere")  # the memory store drops expired rooms when next used
+    with Client(srv.url, "username=writer") as writer:
+        writer.join(room)
+        ids = [writer.say(room, f"new {i}")["id"] for i in range(1, new + 1)]
+    assert ids == list(range(1, new + 1)), ids  # numbered from 1 again
+    down(False)
+
+
+def test_a_numbering_retired_while_away_is_not_called_a_server_restart(
+        people: Callable[..., ChatPage]) -> None:
+    """Alice is cut off and the room stays empty past ROOM_NUMBERING_TTL: its ids start
+    again from 1 under another epoch, the server never restarted. Back, the room starts
+    again from the new numbering and says what the page knows, that the room's history
+    began again on the server (before: "The server restarted and lost earlier messages")."""
+    with Server({**SERVER_ENV, "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}) as srv:
+        alice = people(srv, "alice")
+        down = cuttable(alice)
+        join_room(alice, "quiet")
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            for i in range(1, 4):
+                writer.say("quiet", f"old {i}")
+            expect(alice.messages("old 3")).to_have_count(1)
+        watch_live_regions(alice)
+        numbering_retired_while_cut(down, srv, "quiet", 2)
+        expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+            "data-state", "connected")
+        began = alice.page.locator("#messages .notice", has_text="history began again")
+        expect(began).to_be_visible()
+        expect(alice.messages("new 2")).to_have_count(1)
+        assert texts(alice) == ["new 1", "new 2"]
+        notices = alice.page.locator("#messages .notice").all_inner_texts()
+        assert not [t for t in notices if "restarted" in t], notices
+        heard = announced(alice)
+        assert not [t for t in heard if "restarted" in t], heard
+        assert len([t for t in heard if "history began again" in t]) == 1, heard
 
 
 @pytest.mark.parametrize("away", [3, 10])

@@ -434,7 +434,7 @@ async function checkRejoin(c, recovered, lastId) {
     const differs = atSince && ours && atSince.id === since &&
       (atSince.timestamp !== ours.timestamp || atSince.user_id !== ours.user_id);
     if (differs || (recovered === false && !(lastId >= since))) {
-      serverForgot();
+      serverForgot(c);
       return;
     }
     if (recovered === false) {
@@ -459,16 +459,24 @@ async function checkRejoin(c, recovered, lastId) {
  * library already counts in the new numbering (its baseline is `lastId`): no new client.
  */
 function numberingBegunAgain(c, lastId) {
-  startRoomAgain(c);
+  startRoomAgain(c, BEGUN_AGAIN);
   c.baseId = lastId ?? 0;
   loadLatest(c);
 }
 
-/** A room's view starts again, with a notice: the messages it held name other ones now. */
-function startRoomAgain(c) {
+/**
+ * What the page knows when a room's ids started again: not why (a memory server restarted,
+ * Redis lost the room's keys, the room went unused past ROOM_NUMBERING_TTL), only that the
+ * server's history of it began again, and that the messages shown before are gone from view.
+ */
+const BEGUN_AGAIN = "This room's history began again on the server: earlier messages may be"
+  + " missing, and are no longer shown.";
+
+/** A room's view starts again, with a notice (`why`): the messages it held name other ones now. */
+function startRoomAgain(c, why) {
   if (c.replay) replayEnds(c, true);
   c.messages.clear();
-  restartNotices(c, "The server restarted and lost earlier messages.");
+  restartNotices(c, why);
   c.older = null;
   c.olderCheck = null;
   c.loaded = false;
@@ -476,12 +484,17 @@ function startRoomAgain(c) {
 }
 
 /**
- * The server lost its history and ids (a restarted memory backend), found by checkRejoin
- * where there is no epoch to tell (a server of the release before): start every room afresh.
+ * The ids of room `seen` started again (the server's message at the id held is another, or
+ * its last id is below it), found by checkRejoin where there is no epoch to tell (a server
+ * of the release before): every room starts afresh, as the new client joins them anew. Only
+ * `seen` is known to have begun again; the others are reloaded in case (their notice says so).
  */
-function serverForgot() {
+function serverForgot(seen) {
   for (const c of state.conversations.values()) {
-    if (c.kind === "room") startRoomAgain(c);
+    if (c.kind !== "room") continue;
+    startRoomAgain(c, c === seen ? BEGUN_AGAIN : `Reloaded from the server: the history of`
+      + ` # ${seen.name} began again there, so this room's may have too; earlier messages may`
+      + ` be missing.`);
   }
   restartClient();
   renderAll();
