@@ -1099,6 +1099,76 @@ def test_a_numbering_retired_while_away_is_not_called_a_server_restart(
         assert len([t for t in heard if "history began again" in t]) == 1, heard
 
 
+def test_a_history_check_answered_after_the_numbering_began_again_is_dropped(
+        people: Callable[..., ChatPage]) -> None:
+    """Back from a cut in which more was written than the server keeps, Alice's rejoin gets
+    `recovered: false` and the page checks the room's history (checkRejoin). The check is
+    lost with the next cut, in which the room stays empty past ROOM_NUMBERING_TTL: its ids
+    start again. The library sends the check again on the new connection, after the rejoin
+    that reset the room to the new numbering (another epoch): its answer, for the view
+    before the reset, is dropped, and the room goes on saying that its history began again
+    (before: the check went on with the old numbering's `since` and replaced that notice
+    with "Some messages were missed…")."""
+    env = {**SERVER_ENV, "HISTORY_SIZE": "5", "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}
+    with Server(env) as srv:
+        alice = people(srv, "alice")
+        frames: dict[str, Any] = {"armed": False, "check": None, "resent": False,
+                                  "loads": [], "answered": set()}
+
+        def drop(frame: dict[str, Any], to_server: bool) -> bool:
+            if not to_server:
+                frames["answered"].add(frame.get("id"))
+                return False
+            if frame.get("type") != "history" or frame.get("room") != "quiet":
+                return False
+            if frame.get("before") is None:
+                if frames["resent"]:
+                    frames["loads"].append(frame.get("id"))
+                return False
+            if frames["armed"] and frames["check"] is None:
+                frames["check"] = frame  # lost with the connection: sent again after it
+                return True
+            if frames["check"] is not None and frame.get("id") == frames["check"].get("id"):
+                frames["resent"] = True
+            return False
+
+        def until(done: Callable[[], bool], what: str) -> None:
+            # The route's callbacks run only while Playwright waits: a bounded poll.
+            deadline = time.monotonic() + WAIT_MS / 1000
+            while not done():
+                assert time.monotonic() < deadline, f"never: {what}"
+                alice.page.wait_for_timeout(20)
+
+        down = cuttable(alice, drop)
+        join_room(alice, "quiet")
+        with Client(srv.url, "username=writer") as writer:
+            seen_before_the_cut(alice, writer, "quiet")
+            frames["armed"] = True
+            written_while_cut(down, writer, "quiet", 10)  # more than the server keeps
+            expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+                "data-state", "connected")
+            until(lambda: frames["check"] is not None, "the rejoin's history check")
+        # The library's requests time out after 10 s: the next connection must come before.
+        numbering_retired_while_cut(down, srv, "quiet", 3)
+        expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+            "data-state", "connected")
+        began = alice.page.locator("#messages .notice", has_text="history began again")
+        expect(began).to_be_visible()
+        until(lambda: frames["resent"], "the check sent again")
+        # The reset's history load, then the check's page of the latest, both answered:
+        until(lambda: len(frames["loads"]) >= 2
+              and all(i in frames["answered"] for i in frames["loads"][:2]),
+              "the history loads after the reset answered")
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            writer.say("quiet", "after the check")  # reaches the page after those answers
+        expect(alice.messages("after the check")).to_have_count(1)
+        expect(began).to_be_visible()
+        missed = alice.page.locator("#messages .notice", has_text="Some messages were missed")
+        expect(missed).to_have_count(0)
+        assert texts(alice) == ["new 1", "new 2", "new 3", "after the check"]
+
+
 @pytest.mark.parametrize("away", [3, 10])
 def test_a_cut_before_an_empty_room_s_first_history_comes(
         people: Callable[..., ChatPage], away: int) -> None:

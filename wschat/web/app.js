@@ -85,6 +85,7 @@ function newConversation(key, kind, name, peerId = null) {
     joinState: "joining", // then "joined", or "removed" (kicked, banned: not rejoined)
     mutedUntil: 0, // ms; Infinity: until lifted
     replay: null, // after a rejoin, while the missed messages come: see replayStarts
+    resets: 0, // how often the view started again (startRoomAgain): older replies are not for it
   };
 }
 
@@ -424,12 +425,16 @@ async function loadLatest(c) {
  */
 async function checkRejoin(c, recovered, lastId) {
   const client = state.client;
+  const resets = c.resets;
   const since = seenUpTo(c);
   if (!since && recovered !== false) return;
   try {
     const [atSince] = await client.history(c.name, { before: since + 1, limit: 1 });
     const latest = recovered === false ? await client.history(c.name, { limit: PAGE }) : [];
-    if (client !== state.client || conv(c.key) !== c) return;
+    // The library resends a request the connection took with it: the answer may come after
+    // a later rejoin reset the room to a new numbering (numberingBegunAgain), when `since`,
+    // `lastId` and the ids held no longer count in the same numbering. Not for this view.
+    if (client !== state.client || conv(c.key) !== c || c.resets !== resets) return;
     const ours = c.messages.get(since);
     const differs = atSince && ours && atSince.id === since &&
       (atSince.timestamp !== ours.timestamp || atSince.user_id !== ours.user_id);
@@ -474,6 +479,7 @@ const BEGUN_AGAIN = "This room's history began again on the server: earlier mess
 
 /** A room's view starts again, with a notice (`why`): the messages it held name other ones now. */
 function startRoomAgain(c, why) {
+  c.resets++;
   if (c.replay) replayEnds(c, true);
   c.messages.clear();
   restartNotices(c, why);
