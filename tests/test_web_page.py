@@ -1483,6 +1483,31 @@ def test_a_refused_send_survives_a_reload_and_can_be_discarded(
     expect(refused).to_have_count(0)
 
 
+def test_someone_else_s_message_with_the_id_of_a_refused_send_leaves_it(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A send the server refused stays with its error until Alice retries, edits or
+    discards it. A message of someone else that carries its client_msg_id (a client that
+    reuses ids, or copies them) is no acknowledgement of it: the refused send stays (before:
+    any message naming that id took it away, and its text with it)."""
+    alice = people(web_server, "alice")
+    join_room(alice, "same-ids")
+    long_text = "y" * 70  # over the server's MAX_TEXT_CHARS (60)
+    alice.say(long_text)
+    refused = alice.page.locator("#messages .msg.failed", has_text=long_text)
+    expect(refused.locator(".error")).to_contain_text("Too long")
+    cmid = refused.get_attribute("data-cmid")
+    assert cmid
+    with Client(web_server.url, "username=mallory") as mallory:
+        mallory.join("same-ids")
+        mallory.say("same-ids", "the same id, from someone else", client_msg_id=cmid)
+    expect(alice.messages("the same id, from someone else")).to_have_count(1)
+    expect(refused).to_have_count(1)
+    expect(refused.locator(".error")).to_contain_text("Too long")
+    alice.say("mine again")
+    expect(alice.messages("mine again")).not_to_have_class(PENDING)
+    expect(refused).to_have_count(1)
+
+
 def test_a_refused_dm_survives_a_reload_and_can_be_retried(
         web_server: Server, people: Callable[..., ChatPage]) -> None:
     """A DM refused because its reader was offline is still there after a reload, and Retry

@@ -631,13 +631,20 @@ function restartNotices(c, text) {
 }
 
 // ---- messages ------------------------------------------------------------------------------
-function addMessage(key, m) {
+/**
+ * A room message or DM for conversation `key`. `acked`: the library took it for the echo of
+ * one of this tab's sends (the `ack` event: its outbox names that client_msg_id, and the
+ * sender is this identity, or the send was restored from storage).
+ */
+function addMessage(key, m, acked = false) {
   const c = conv(key);
   if (!c) return;
   const id = c.kind === "room" ? m.id : dmId(m);
   const fresh = !c.messages.has(id);
   c.messages.set(id, m);
-  if (m.client_msg_id) c.pending.delete(m.client_msg_id);
+  // A client_msg_id is the sender's: someone else's message naming it (a client that reuses
+  // ids, or copies them) is not one of ours, and leaves our pending or refused send alone.
+  if (m.client_msg_id && (acked || isMine(m))) c.pending.delete(m.client_msg_id);
   const t = c.typing.get(m.user_id);
   if (t) { clearTimeout(t.timer); c.typing.delete(m.user_id); }
   if (fresh && !isMine(m) && (state.current !== key || document.hidden)) c.unread++;
@@ -658,7 +665,7 @@ function addMessage(key, m) {
 const dmId = (m) => `${m.id}:${m.timestamp}`;
 const said = (m) => `${m.from}: ${m.text}`;
 
-function receivedDm(m) {
+function receivedDm(m, acked = false) {
   const mine = isMine(m);
   const peerId = mine ? m.to : m.user_id;
   let c = conv(dmKey(peerId));
@@ -668,13 +675,13 @@ function receivedDm(m) {
     state.conversations.set(c.key, c);
   }
   if (!mine) c.name = m.from;
-  addMessage(c.key, m);
+  addMessage(c.key, m, acked);
   renderSidebar();
 }
 
 function acknowledged(m) {
-  if (m.type === "dm") receivedDm(m);
-  else addMessage(roomKey(m.room), m);
+  if (m.type === "dm") receivedDm(m, true);
+  else addMessage(roomKey(m.room), m, true);
 }
 
 function send(c, text) {
