@@ -116,29 +116,43 @@ def announced(person: ChatPage) -> list[str]:
     return person.page.evaluate("window.announced")
 
 
-def cuttable(person: ChatPage, drop: Callable[[dict[str, Any], bool], bool] | None = None
+def cuttable(person: ChatPage, drop: Callable[[dict[str, Any], bool], bool] | None = None,
+             alter: Callable[[dict[str, Any], bool], None] | None = None
              ) -> Callable[[bool], None]:
     """Routes ``person``'s WebSocket through the test (the page is reloaded for it) and
     returns ``down``: ``down(True)`` cuts the connection and turns away new ones until
     ``down(False)``. With ``drop``, ``drop(frame, to_server)`` sees every JSON frame (the
-    page's when ``to_server``, else the server's) and one it returns true for is lost."""
+    page's when ``to_server``, else the server's) and one it returns true for is lost. With
+    ``alter``, ``alter(frame, to_server)`` may change a JSON frame that goes on."""
     network: dict[str, Any] = {"down": False, "sockets": []}
 
-    def passes(frame: str | bytes, to_server: bool) -> bool:
+    def passed(frame: str | bytes, to_server: bool) -> str | bytes | None:
         try:
             parsed = json.loads(frame)
         except (TypeError, ValueError):
-            return True
-        return not (isinstance(parsed, dict) and drop is not None and drop(parsed, to_server))
+            return frame
+        if not isinstance(parsed, dict):
+            return frame
+        if drop is not None and drop(parsed, to_server):
+            return None
+        if alter is None:
+            return frame
+        alter(parsed, to_server)
+        return json.dumps(parsed)
 
     def route(ws: Any) -> None:
         if network["down"]:
             ws.close(code=1001, reason="test: network down")
             return
         server = ws.connect_to_server()
-        if drop is not None:
-            ws.on_message(lambda frame: server.send(frame) if passes(frame, True) else None)
-            server.on_message(lambda frame: ws.send(frame) if passes(frame, False) else None)
+        if drop is not None or alter is not None:
+            def forward(to: Any, frame: str | bytes, to_server: bool) -> None:
+                frame_out = passed(frame, to_server)
+                if frame_out is not None:
+                    to.send(frame_out)
+
+            ws.on_message(lambda frame: forward(server, frame, True))
+            server.on_message(lambda frame: forward(ws, frame, False))
         network["sockets"].append(ws)
 
     def down(on: bool) -> None:
@@ -1097,6 +1111,46 @@ def test_a_numbering_retired_while_away_is_not_called_a_server_restart(
         heard = announced(alice)
         assert not [t for t in heard if "restarted" in t], heard
         assert len([t for t in heard if "history began again" in t]) == 1, heard
+
+
+def test_ids_begun_again_on_a_server_without_epochs_are_not_called_a_restart(
+        people: Callable[..., ChatPage]) -> None:
+    """A server of the release before names no `epoch` (its `joined` frames lose it here).
+    When its ids start again (a memory server restarted), the page finds it by ids (the
+    rejoin's last_id is below the one it holds in # general), resets every room and starts a
+    new client. # general says its history began again; # other, where nothing told, says it
+    was reloaded because # general's did (before: both said "The server restarted and lost
+    earlier messages", which the page could not know)."""
+    def no_epoch(frame: dict[str, Any], to_server: bool) -> None:
+        if not to_server and frame.get("type") == "joined":
+            frame.pop("epoch", None)
+
+    with Server(SERVER_ENV) as srv:
+        alice = people(srv, "alice")
+        down = cuttable(alice, alter=no_epoch)
+        for text in ("first words", "second words", "third words"):
+            alice.say(text)
+        expect(alice.messages("third words")).not_to_have_class(PENDING)
+        join_room(alice, "other")  # empty: nothing there to tell by
+        down(True)
+        srv.stop()
+        srv.start()
+        down(False)
+        expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+            "data-state", "connected")
+        reloaded = alice.page.locator(
+            "#messages .notice", has_text="the history of # general began again there")
+        expect(reloaded).to_be_visible()
+        alice.open_conversation("room:general")
+        began = alice.page.locator("#messages .notice", has_text="history began again on the")
+        expect(began).to_be_visible()
+        expect(alice.messages("first words")).to_have_count(0)
+        alice.say("after it began again")
+        expect(alice.messages("after it began again")).not_to_have_class(PENDING)
+        for room in ("general", "other"):
+            alice.open_conversation(f"room:{room}")
+            notices = alice.page.locator("#messages .notice").all_inner_texts()
+            assert not [t for t in notices if "restarted" in t], (room, notices)
 
 
 def test_a_history_check_answered_after_the_numbering_began_again_is_dropped(
