@@ -1067,6 +1067,15 @@ def test_a_numbering_begun_again_while_away_resets_the_room_by_its_epoch(
         assert len([t for t in heard if "history began again" in t]) == 1, heard
 
 
+def until(person: ChatPage, done: Callable[[], bool], what: str) -> None:
+    """Waits for ``done()`` (what a ``cuttable`` route saw): its callbacks run only while
+    Playwright waits, so this is a bounded poll."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not done():
+        assert time.monotonic() < deadline, f"never: {what}"
+        person.page.wait_for_timeout(20)
+
+
 def numbering_retired_while_cut(down: Callable[[bool], None], srv: Server, room: str,
                                 new: int) -> None:
     """Cuts the page off while ``room`` (no one else in it) stays empty past
@@ -1186,13 +1195,6 @@ def test_a_history_check_answered_after_the_numbering_began_again_is_dropped(
                 frames["resent"] = True
             return False
 
-        def until(done: Callable[[], bool], what: str) -> None:
-            # The route's callbacks run only while Playwright waits: a bounded poll.
-            deadline = time.monotonic() + WAIT_MS / 1000
-            while not done():
-                assert time.monotonic() < deadline, f"never: {what}"
-                alice.page.wait_for_timeout(20)
-
         down = cuttable(alice, drop)
         join_room(alice, "quiet")
         with Client(srv.url, "username=writer") as writer:
@@ -1201,16 +1203,16 @@ def test_a_history_check_answered_after_the_numbering_began_again_is_dropped(
             written_while_cut(down, writer, "quiet", 10)  # more than the server keeps
             expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
                 "data-state", "connected")
-            until(lambda: frames["check"] is not None, "the rejoin's history check")
+            until(alice, lambda: frames["check"] is not None, "the rejoin's history check")
         # The library's requests time out after 10 s: the next connection must come before.
         numbering_retired_while_cut(down, srv, "quiet", 3)
         expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
             "data-state", "connected")
         began = alice.page.locator("#messages .notice", has_text="history began again")
         expect(began).to_be_visible()
-        until(lambda: frames["resent"], "the check sent again")
+        until(alice, lambda: frames["resent"], "the check sent again")
         # The reset's history load, then the check's page of the latest, both answered:
-        until(lambda: len(frames["loads"]) >= 2
+        until(alice, lambda: len(frames["loads"]) >= 2
               and all(i in frames["answered"] for i in frames["loads"][:2]),
               "the history loads after the reset answered")
         with Client(srv.url, "username=writer") as writer:
@@ -1221,6 +1223,64 @@ def test_a_history_check_answered_after_the_numbering_began_again_is_dropped(
         missed = alice.page.locator("#messages .notice", has_text="Some messages were missed")
         expect(missed).to_have_count(0)
         assert texts(alice) == ["new 1", "new 2", "new 3", "after the check"]
+
+
+def test_older_messages_answered_after_the_numbering_began_again_are_dropped(
+        people: Callable[..., ChatPage]) -> None:
+    """Alice asks for the messages before the 50 shown ("Load older messages"); the request
+    is lost with a cut, in which the room stays empty past ROOM_NUMBERING_TTL and then
+    gets 70 messages numbered from 1 again. Back, the rejoin resets the room to the new
+    numbering's latest 50 (new 21 to 70); the library sends the old request again, `before`
+    the old numbering's oldest (11): its answer, new 1 to 10, is dropped (before: it was
+    shown above new 21, the 11 to 20 between them missing, under "This is the start")."""
+    env = {**SERVER_ENV, "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}
+    with Server(env) as srv:
+        alice = people(srv, "alice")
+        frames: dict[str, Any] = {"armed": False, "older": None, "resent": False,
+                                  "answered": set()}
+
+        def drop(frame: dict[str, Any], to_server: bool) -> bool:
+            if not to_server:
+                frames["answered"].add(frame.get("id"))
+                return False
+            if not (frame.get("type") == "history"
+                    and frame.get("before") is not None):
+                return False
+            if frames["armed"] and frames["older"] is None:
+                frames["older"] = frame  # lost with the connection: sent again after it
+                return True
+            if frames["older"] is not None and frame.get("id") == frames["older"].get("id"):
+                frames["resent"] = True
+            return False
+
+        down = cuttable(alice, drop)
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            for i in range(1, 61):
+                writer.say("quiet", f"old {i}")
+        join_room(alice, "quiet")
+        expect(alice.messages("old 60")).to_have_count(1)
+        assert len(texts(alice)) == 50
+        frames["armed"] = True
+        alice.page.locator("#load-older").click()
+        until(alice, lambda: frames["older"] is not None, "the request for older messages")
+        # The library's requests time out after 10 s: the next connection must come before.
+        numbering_retired_while_cut(down, srv, "quiet", 70)
+        expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute(
+            "data-state", "connected")
+        expect(alice.page.locator("#messages .notice", has_text="history began again")
+               ).to_be_visible()
+        expect(alice.messages("new 70")).to_have_count(1)
+        until(alice, lambda: frames["resent"] and frames["older"]["id"] in frames["answered"],
+              "the request for older messages sent again, and answered")
+        with Client(srv.url, "username=writer") as writer:
+            writer.join("quiet")
+            writer.say("quiet", "after the answer")  # reaches the page after that answer
+        expect(alice.messages("after the answer")).to_have_count(1)
+        assert texts(alice) == [f"new {i}" for i in range(21, 71)] + ["after the answer"]
+        expect(alice.page.locator("#messages .notice", has_text="This is the start")
+               ).to_have_count(0)
+        expect(alice.page.locator("#load-older")).to_be_visible()
 
 
 @pytest.mark.parametrize("away", [3, 10])

@@ -538,20 +538,24 @@ async function settleOlder(c, got, asked) {
 /**
  * Loads the page before the oldest message held: on scrolling to the top, or with the "Load
  * older messages" button (the only way when the list is too short to scroll, and for a
- * keyboard). A reply that comes for a client since replaced (restartClient) is ignored.
+ * keyboard). A reply that comes for a client since replaced (restartClient), or for a view
+ * since started again (startRoomAgain), is ignored.
  */
 async function loadOlder(c) {
   if (c.kind !== "room" || c.older !== "more" || c.loadingOlder || !c.loaded) return;
   const oldest = Math.min(...c.messages.keys());
   if (!Number.isFinite(oldest)) return;
   const client = state.client;
+  const resets = c.resets;
   const button = $("load-older");
   const fromButton = document.activeElement === button; // pressed: keep the reader's place after
   c.loadingOlder = client;
   renderOlder();
   try {
     const messages = await client.history(c.name, { before: oldest, limit: PAGE });
-    if (client !== state.client || conv(c.key) !== c) return;
+    // Resent after a cut, it may be answered after the room was reset to a new numbering:
+    // `oldest` was the old one's, and the page before it in the new one leaves a gap.
+    if (client !== state.client || conv(c.key) !== c || c.resets !== resets) return;
     for (const m of messages) c.messages.set(m.id, m);
     if (!messages.length) c.older = "gone";
     render(c.key, { keepFromBottom: true });
