@@ -149,6 +149,32 @@ def test_typing_expires_on_tick(chat: Chat, clock: Clock) -> None:
     assert b.events("typing") == []
 
 
+def test_typing_is_the_users_across_its_connections(chat: Chat, clock: Clock) -> None:
+    """Typing events name the user: two tabs typing show one indicator, which ends when
+    the last stops (or expires), and a message from either tab ends it for both."""
+    a, b1, b2 = connect(chat, "a"), connect(chat, "b"), connect(chat, "b")
+    for s in (a, b1, b2):
+        send(chat, s, type="join", room="r")
+    send(chat, b1, type="typing", room="r", status=True)
+    send(chat, b2, type="typing", room="r", status=True)
+    assert [e["status"] for e in a.events("typing")] == [True]
+    send(chat, b1, type="typing", room="r", status=False)  # b2 still types
+    assert [e["status"] for e in a.events("typing")] == [True]
+    clock.now += 5.1
+    chat.tick()
+    assert [e["status"] for e in a.events("typing")] == [True, False]
+    a.clear()
+    send(chat, b1, type="typing", room="r", status=True)
+    send(chat, b2, type="message", room="r", text="from the other tab")
+    assert [e["type"] for e in a.events() if e["type"] != "presence"] == [
+        "typing", "message", "typing"]
+    assert [e["status"] for e in a.events("typing")] == [True, False]
+    assert b1.typing == {} and b2.typing == {} and chat._typists == {}
+    clock.now += 5.1
+    chat.tick()  # nothing left to expire
+    assert [e["status"] for e in a.events("typing")] == [True, False]
+
+
 def test_message_clears_typing(chat: Chat) -> None:
     """Sending a message ends the sender's typing indicator."""
     a, b = connect(chat, "a"), connect(chat, "b")

@@ -121,6 +121,27 @@ def test_typing_across_servers(pair: tuple[Server, Server]) -> None:
         assert x.expect("typing", status=False)["user_id"] == y.user_id
 
 
+def test_message_from_a_tab_on_another_server_ends_typing(pair: tuple[Server, Server]
+                                                           ) -> None:
+    """One tab of a user types on one server, the other tab sends the message from the
+    other server: the typing indicator ends with the message, not at its expiry."""
+    a, b = pair
+    r = room()
+    t = token("hana", "Hana")
+    with Client(b.url) as watcher, Client(a.url, f"token={t}") as typist, \
+            Client(b.url, f"token={t}") as writer:
+        for client in (watcher, typist, writer):
+            client.join(r)
+        sent = time.monotonic()  # its expiry: TYPING_TIMEOUT (0.5 s) after this at the earliest
+        typist.send({"type": "typing", "room": r, "status": True})
+        assert watcher.expect("typing", status=True)["user_id"] == "hana"
+        writer.send({"type": "message", "room": r, "text": "from the other tab"})
+        watcher.expect("message", text="from the other tab")
+        off = watcher.expect("typing", status=False, timeout=sent + 0.49 - time.monotonic())
+        assert off["user_id"] == "hana"
+        watcher.assert_silent("typing", within=0.6)  # and once: no expiry after it
+
+
 def test_history_and_recovery_across_servers(pair: tuple[Server, Server]) -> None:
     """History written through one server is read and recovered through the other."""
     a, b = pair

@@ -253,6 +253,28 @@ def test_typing_cleared_explicitly(client_factory) -> None:
     a.expect("typing", status=False, timeout=0.4)
 
 
+def test_message_from_another_tab_ends_typing(client_factory) -> None:
+    """A message ends its user's typing indicator in the room, whichever of the user's
+    connections set it: one tab types, the other sends (typing events name the user).
+    With Redis and two workers the tabs may be on either."""
+    r = room()
+    t = token("dora", "Dora")
+    watcher = client_factory()
+    typist, writer = client_factory(f"token={t}"), client_factory(f"token={t}")
+    for client in (watcher, typist, writer):
+        client.join(r)
+    sent = time.monotonic()  # its expiry: TYPING_TIMEOUT (0.5 s) after this at the earliest
+    typist.send({"type": "typing", "room": r, "status": True})
+    assert watcher.expect("typing", status=True)["user_id"] == "dora"
+    writer.send({"type": "message", "room": r, "text": "from the other tab"})
+    watcher.expect("message", text="from the other tab")
+    off = watcher.expect("typing", status=False, timeout=sent + 0.49 - time.monotonic())
+    assert off["user_id"] == "dora"
+    watcher.assert_silent("typing", within=0.6)  # and once: no expiry after it
+    typist.send({"type": "typing", "room": r, "status": True})  # typing again: shown again
+    assert watcher.expect("typing", status=True)["user_id"] == "dora"
+
+
 def test_list_users(client_factory) -> None:
     """list_users answers users with {user_id, username} objects and echoes id."""
     r = room()

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
+
 from .access import AccessControl, forbidden, parse_control
 from .auth import Authenticator, AuthError, Identity
 from .config import Settings
@@ -313,6 +315,11 @@ class Chat:
         self.limits = Limits(settings.max_text_chars, settings.history_size)
         self.hub = LocalHub(stores.broker, self.metrics.delivered)
         self._typing_deadlines = _Deadlines()
+        # room -> user id -> the user's local sessions whose typing indicator is on there.
+        # The events name the user, not the connection: the user types while any of them
+        # does, and a message of the user, from whichever connection (or worker), ends
+        # them all (_end_typing_of, _deliver_room).
+        self._typists: dict[str, dict[str, set[Session]]] = {}
         self._auth_deadlines = _Deadlines()
         self._expiry_deadlines = _Expiries()
         self._presence = _PresenceGate()
@@ -352,7 +359,7 @@ class Chat:
 
     def start(self) -> None:
         """Receive what the broker delivers (with Redis: connect and subscribe)."""
-        self.stores.broker.start(self.hub.deliver_room, self._deliver_user)
+        self.stores.broker.start(self._deliver_room, self._deliver_user)
 
     # -- connection lifecycle ----------------------------------------------------------
     def open(self, session: Session, arriving: bool = False) -> None:
@@ -534,7 +541,8 @@ class Chat:
         for good. The first failure ends it (a store away: each would wait as long)."""
         for session in self.hub.sessions():
             for room in list(session.typing):
-                del session.typing[room]
+                if not self._typing_stopped(session, room):
+                    continue  # another connection of the user types there: its turn comes
                 try:
                     self._publish_typing(session, room, False)
                 except Exception as exc:  # the clients expire the indicator anyway
@@ -835,7 +843,8 @@ class Chat:
             session, room = due
             deadline = session.typing.get(room)
             if deadline is not None and deadline <= now and not session.closed_by_chat:
-                del session.typing[room]
+                if not self._typing_stopped(session, room):
+                    continue  # the user still types there, in another connection
                 try:
                     self._publish_typing(session, room, False)
                 except Exception:
@@ -1288,7 +1297,7 @@ class Chat:
     def _forget_locally(self, session: Session, room: str) -> None:
         session.rooms.discard(room)
         self.hub.remove_member(room, session)
-        if session.typing.pop(room, None) is not None:
+        if self._typing_stopped(session, room):
             try:
                 self._publish_typing(session, room, False)
             except Exception:
@@ -1332,8 +1341,7 @@ class Chat:
         else:
             self.metrics.fanout_seconds(self.monotonic() - started)
             self.metrics.posted("room")
-        if session.typing.pop(cmd.room, None) is not None:
-            self._publish_typing(session, cmd.room, False)
+        self._end_typing_of(session, cmd.room)
 
     def _refuse_outsider(self, session: Session, room: str, request_id: RequestId) -> None:
         """``forbidden`` rather than ``not_in_room`` for a room the grants do not open."""
@@ -1406,16 +1414,71 @@ class Chat:
                                 cmd.request_id)
         if cmd.status:
             self.access.check_not_muted(session, cmd.room, cmd.request_id)
-        was_typing = cmd.room in session.typing
         if cmd.status:
             deadline = self.monotonic() + self.settings.typing_timeout
-            session.typing[cmd.room] = deadline
-            self._typing_deadlines.add(deadline, session, cmd.room)
-            if not was_typing:
+            if self._typing_started(session, cmd.room, deadline):
                 self._publish_typing(session, cmd.room, True)
-        elif was_typing:
-            del session.typing[cmd.room]
+        elif self._typing_stopped(session, cmd.room):
             self._publish_typing(session, cmd.room, False)
+
+    def _typing_started(self, session: Session, room: str, deadline: float) -> bool:
+        """The session's indicator in ``room`` is on until ``deadline``. True when its
+        user was typing there in none of its connections here (``typing: true`` is due)."""
+        session.typing[room] = deadline
+        self._typing_deadlines.add(deadline, session, room)
+        typists = self._typists.setdefault(room, {}).setdefault(session.user_id, set())
+        first = not typists
+        typists.add(session)
+        return first
+
+    def _typing_stopped(self, session: Session, room: str) -> bool:
+        """The session's indicator in ``room`` goes off. True when it was on and was its
+        user's last one there on this worker (``typing: false`` is due)."""
+        if session.typing.pop(room, None) is None:
+            return False
+        users = self._typists.get(room)
+        typists = users.get(session.user_id) if users is not None else None
+        if typists is None:
+            return True
+        typists.discard(session)
+        if typists:
+            return False
+        del users[session.user_id]  # type: ignore[union-attr]
+        if not users:
+            del self._typists[room]
+        return True
+
+    def _end_typing_of(self, session: Session, room: str) -> None:
+        """The session's user wrote in ``room``: its typing indicator ends there, whichever
+        of its connections here set it (its connections on other workers: when the
+        message reaches them, :meth:`_deliver_room`)."""
+        typists = self._typists.get(room, {}).get(session.user_id)
+        if not typists:
+            return
+        for typist in list(typists):
+            self._typing_stopped(typist, room)
+        self._publish_typing(session, room, False)
+
+    def _deliver_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
+        """What the broker brings for a room goes to its local members; a room message
+        also ends its author's typing indicators here. With Redis the author may have
+        written from a connection on another worker, whose message ends the indicator a
+        connection of the same user set here: it falls due at once, and the timer turns it
+        off (expire_typing) within a step (this runs in the pub/sub reader, which does not
+        wait for a publish of its own)."""
+        self.hub.deliver_room(room, event, exclude_user)
+        users = self._typists.get(room)
+        if users and message_id_of(event) is not None:
+            try:
+                author = orjson.loads(event).get("user_id")
+            except orjson.JSONDecodeError:
+                return
+            typists = users.get(author) if isinstance(author, str) else None
+            if typists:
+                now = self.monotonic()
+                for typist in typists:
+                    typist.typing[room] = now
+                    self._typing_deadlines.add(now, typist, room)
 
     def _publish_typing(self, session: Session, room: str, status: bool) -> None:
         self.stores.broker.publish_room(
