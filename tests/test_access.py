@@ -78,6 +78,56 @@ def test_moderation_commands_parse() -> None:
         assert info.value.code.value == "invalid_message"
 
 
+# Ids no user can have: control characters (C0, DEL, C1), a lone surrogate, empty, too
+# long, the reserved `system` and `api`, and `guest-` ids the server never gives a guest.
+NO_USERS_IDS = ["a\x00b", "a\nb", "\x1b[2J", "a\x7fb", "a\x85b", "", "x" * 129,
+                "system", "api", "guest-", "guest-x", "guest-0123456789AB", "guest-0123456789abc"]
+USERS_IDS = ["u", "google/123", "x" * 128, "Ünïcode ✓", "guest-0123456789ab", "systems",
+             "api-2", "guest_1"]
+
+
+def test_moderation_user_ids_are_those_a_user_can_have() -> None:
+    """kick/mute/unmute name a user a token's `sub` may be (wschat.auth's rule) or a
+    guest's server-given id; any other is `invalid_message`, not a restriction stored
+    for an id nobody has."""
+    from wschat.auth import Authenticator, AuthError
+    from wschat.protocol import ProtocolError, parse_command
+
+    auth = Authenticator(Settings.from_env({"JWT_SECRET": SECRET_CORE}))
+    for kind in ("kick", "mute", "unmute"):
+        for user_id in NO_USERS_IDS:
+            with pytest.raises(ProtocolError) as info:
+                parse_command(json.dumps({"type": kind, "room": "r", "user_id": user_id}))
+            assert info.value.code.value == "invalid_message", user_id
+            assert "user_id" in info.value.message
+        for user_id in USERS_IDS:
+            assert parse_command(json.dumps({"type": kind, "room": "r", "user_id": user_id}
+                                            )).user_id == user_id
+    # the same rule as a token's sub, guests' ids apart (no token may hold one)
+    for user_id in [*NO_USERS_IDS, "\ud800", *USERS_IDS]:
+        if user_id.startswith("guest-"):
+            continue
+        try:
+            accepted = auth.verify(mint_token(SECRET_CORE, user_id)).user_id == user_id
+        except AuthError:
+            accepted = False
+        assert accepted == (user_id in USERS_IDS), user_id
+
+
+def test_moderators_kick_and_mute_guests(clock: Clock) -> None:
+    """A guest's id (`guest-` and 12 hex digits) is moderated as any user's."""
+    chat = core(clock)
+    mod = user(chat, "mod", mod_rooms=("*",))
+    guest = user(chat, "guest-0123456789ab", authenticated=False)
+    for s in (mod, guest):
+        send(chat, s, type="join", room="r")
+    send(chat, mod, type="mute", room="r", user_id=guest.user_id, duration=60)
+    send(chat, guest, type="message", room="r", text="x")
+    send(chat, mod, type="kick", room="r", user_id=guest.user_id)
+    assert codes(guest) == ["muted"] and codes(mod) == []
+    assert guest.events("left")[0]["by"] == "mod" and "r" not in guest.rooms
+
+
 def test_settings_validate_patterns_and_api_key() -> None:
     """GUEST_ROOMS/PRIVATE_ROOMS are comma lists of patterns; API_KEY has a minimum length."""
     settings = Settings.from_env({"GUEST_ROOMS": "lobby, help-*", "PRIVATE_ROOMS": "team-*"})

@@ -253,6 +253,37 @@ def test_kick_ban_unban_mute_unmute_disconnect(server: Server) -> None:
                message="eve's connections to close")
 
 
+def test_user_ids_are_those_a_user_can_have(server: Server) -> None:
+    """Every endpoint's user_id is one a token's sub may be, or a guest's server-given id:
+    control characters, `system`, `api` or a `guest-` id no guest has are 400 (and nothing
+    is stored for them); a guest is kicked, muted and banned as any user."""
+    bad = ["a\x00b", "a\nb", "a\x85b", "system", "api", "guest-x", "x" * 129]
+    for user_id in bad:
+        for path, body in (("/api/kick", {"room": "hall"}), ("/api/ban", {}),
+                           ("/api/unban", {}), ("/api/mute", {"room": "hall"}),
+                           ("/api/unmute", {}), ("/api/disconnect", {}),
+                           ("/api/rooms/team-x/members", {})):
+            status, got = call(server, "POST", path, {**body, "user_id": user_id})
+            assert (status, got["error"]["code"]) == (400, "invalid_request"), (path, user_id)
+            assert "user_id" in got["error"]["message"]
+    for path in ("system", "api", "a%00b", "a%09b", "guest-x"):
+        status, got = call(server, "DELETE", f"/api/rooms/team-x/members/{path}")
+        assert (status, got["error"]["code"]) == (400, "invalid_request"), path
+    assert call(server, "GET", "/api/rooms/team-x/members")[1]["members"] == []
+    with Client(server.url) as guest:
+        guest.join("hall")
+        assert call(server, "POST", "/api/mute", {"user_id": guest.user_id, "room": "hall"}
+                    )[0] == 200
+        guest.expect("muted")
+        status, body = call(server, "POST", "/api/kick", {"user_id": guest.user_id,
+                                                          "room": "hall"})
+        assert (status, body["kicked"]) == (200, True)
+        assert guest.expect("left")["by"] == "api"
+        status, body = call(server, "POST", "/api/ban", {"user_id": guest.user_id})
+        assert status == 200
+        assert guest.close_code_when_closed() == 4003
+
+
 @pytest.mark.parametrize("method, path, body, status, code", [
     ("POST", "/api/publish", {"room": "bad room", "text": "x"}, 400, "invalid_room"),
     ("POST", "/api/publish", {"room": "r"}, 400, "invalid_message"),

@@ -26,8 +26,8 @@ from werkzeug.exceptions import HTTPException
 from .version import __version__
 from .errors import WschatError
 from .protocol import (
-    ErrorCode, History, ProtocolError, SendDm, SendMessage, draft_dm, draft_message,
-    parse_command,
+    USER_ID_RULE, ErrorCode, History, ProtocolError, SendDm, SendMessage, draft_dm,
+    draft_message, parse_command, valid_user_id,
 )
 from .stores.base import API_USER, InboxFull, Unavailable
 from .stores.moderation import until_ms, until_of
@@ -100,9 +100,11 @@ def _post_request(chat: Chat, kind: str, target: str) -> tuple[Any, str]:
 
 def _user_id(body: dict[str, Any]) -> str:
     user_id = body.get("user_id")
-    if not isinstance(user_id, str) or not 0 < len(user_id) <= 128:
-        raise ApiError(400, "invalid_request", "'user_id' must be a string of 1-128 characters")
-    return user_id
+    if not valid_user_id(user_id):
+        # One no user can have (a control character, `system`, a `guest-` id no guest
+        # has): nothing would ever match what was stored or published for it.
+        raise ApiError(400, "invalid_request", USER_ID_RULE)
+    return str(user_id)
 
 
 def _optional_room(chat: Chat, body: dict[str, Any]) -> str | None:
@@ -367,7 +369,10 @@ def _schema(required: list[str], **props: dict[str, Any]) -> dict[str, Any]:
 
 _STR = {"type": "string"}
 _ROOM = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"}
-_USER_ID = {"type": "string", "minLength": 1, "maxLength": 128}
+_USER_ID = {"type": "string", "minLength": 1, "maxLength": 128,
+            "description": "a user's id: a token's possible sub (no control characters, "
+                           "not 'system' or 'api', not beginning with 'guest-') or a "
+                           "guest's ('guest-' and 12 hex digits)"}
 _FROM = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS,
          "description": "display name, printable; default 'system'"}
 _REASON = {"type": "string", "minLength": 1, "maxLength": 200, "description": "printable"}

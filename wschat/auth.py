@@ -26,15 +26,24 @@ import jwt
 
 from .config import ConfigError, Settings
 from .errors import WschatError
-from .protocol import GUEST_ID_PREFIX, ErrorCode, is_guest_id, room_patterns
+from .protocol import (
+    GUEST_ID_PREFIX,
+    MAX_USER_ID_CHARS,
+    RESERVED_USER_IDS,
+    ErrorCode,
+    is_guest_id,
+    room_patterns,
+    unsafe_id_chars,
+)
 
 log = logging.getLogger("wschat.auth")
 
 MAX_USERNAME_CHARS = 64
-MAX_SUB_CHARS = 128
-# The server API's user_id (wschat.stores.base.API_USER), and the `by` of its moderation
-# events (wschat.access): no user may pose as either.
-RESERVED_SUBS = ("system", "api")
+# The rule a token's sub shares with the ids that name a user to moderate
+# (wschat.protocol.valid_user_id): no user may pose as the server API (`system`) or as
+# the `by` of its moderation events (`api`).
+MAX_SUB_CHARS = MAX_USER_ID_CHARS
+RESERVED_SUBS = RESERVED_USER_IDS
 JWKS_MIN_INTERVAL = 30.0  # at most one JWKS fetch per this many seconds
 JWKS_MAX_AGE = 300.0  # refetch keys this old (key rotation), still at most once per interval
 JWKS_FETCH_TIMEOUT = 5.0
@@ -300,8 +309,7 @@ class Authenticator:
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUB_CHARS:
             raise AuthError(ErrorCode.AUTH_FAILED, "invalid token: bad 'sub'")
-        if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000
-               for ch in sub):
+        if unsafe_id_chars(sub):
             # A user id travels in keys, payloads and logs: no control characters, and
             # no lone surrogate (JSON's "\ud800"), which has no UTF-8 at all: the
             # welcome could not be encoded (the connection failed with 1011, or an

@@ -330,12 +330,14 @@ def parse_command(raw: str | bytes, limits: Limits = Limits()) -> Command:
 
 
 MAX_REASON_CHARS = 200
+USER_ID_RULE = ("'user_id' must be a user's id: 1-128 characters without control characters, "
+                "not 'system' or 'api', and one beginning with 'guest-' a guest's")
 
 
 def _moderate(kind: str, obj: dict[str, Any], rid: RequestId) -> Moderate:
     user_id = _field(obj, "user_id", str, rid)
-    if not 0 < len(user_id) <= 128:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'user_id' must be a user_id", rid)
+    if not valid_user_id(user_id):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, USER_ID_RULE, rid)
     duration = _field(obj, "duration", (int, float), rid, required=False)
     if duration is not None and not 0 < duration <= 10 * 365 * 86400:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'duration' is out of range", rid)
@@ -394,6 +396,35 @@ GUEST_ID_PREFIX = "guest-"
 def is_guest_id(user_id: str) -> bool:
     """Whether ``user_id`` is one the server generated for a guest (no token)."""
     return user_id.startswith(GUEST_ID_PREFIX)
+
+
+MAX_USER_ID_CHARS = 128  # a token's sub
+# The server API's user_id (wschat.stores.base.API_USER), and the `by` of its moderation
+# events (wschat.access): no user has either (wschat.auth refuses them as a token's sub).
+RESERVED_USER_IDS = ("system", "api")
+# A user id travels in keys, payloads and logs: no C0 or C1 control character, no DEL,
+# and no lone surrogate (JSON's "\ud800"), which has no UTF-8 at all.
+_UNSAFE_ID_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# What the server gives a guest (wschat.admission): "guest-" and 12 hex digits.
+_GUEST_ID = re.compile(f"{GUEST_ID_PREFIX}[0-9a-f]{{12}}\\Z")
+
+
+def unsafe_id_chars(user_id: str) -> bool:
+    """Whether ``user_id`` holds a control character or a lone surrogate."""
+    return _UNSAFE_ID_CHARS.search(user_id) is not None
+
+
+def valid_user_id(user_id: object) -> bool:
+    """Whether ``user_id`` is one a user can have: a token's ``sub`` as wschat.auth takes
+    it (1-128 characters, no control characters or lone surrogates, neither ``system``
+    nor ``api``, not beginning with ``guest-``), or a guest's id as the server makes them.
+    What names a user to moderate (``kick``, ``mute``, the server API) must be one."""
+    if not isinstance(user_id, str):
+        return False
+    if is_guest_id(user_id):
+        return _GUEST_ID.match(user_id) is not None
+    return (0 < len(user_id) <= MAX_USER_ID_CHARS and user_id not in RESERVED_USER_IDS
+            and not unsafe_id_chars(user_id))
 
 
 def _guest_mark(body: dict[str, Any], guest: bool) -> dict[str, Any]:
