@@ -131,6 +131,42 @@ def test_schema_is_versioned_and_created_by_the_server(tmp_path: Path) -> None:
     assert {"messages", "dms", "sequences", "users", "schema_version"} <= tables
 
 
+def test_sqlite_wal_shrinks_back_after_a_burst(tmp_path: Path) -> None:
+    """A burst of writes while a long read holds back the checkpoints grows the -wal file
+    past SQLITE_WAL_SIZE_LIMIT; once the read ends and a checkpoint has emptied the log,
+    the server's next write cuts the file back to the limit (SQLite reuses it otherwise,
+    at its largest for good)."""
+    from wschat.persistence.sqlite import SQLITE_WAL_SIZE_LIMIT
+
+    path = tmp_path / "burst.db"
+    wal = Path(f"{path}-wal")
+    room = unique("r")
+    text = "x" * 60_000
+    with persistent_server(f"sqlite:///{path}", MAX_TEXT_CHARS="60000") as server, \
+            Client(server.url, as_user(unique("w"))) as writer:
+        writer.join(room)
+        assert writer.say(room, "first")["id"] == 1
+        reader = sqlite3.connect(path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")  # a long read: no checkpoint may pass its snapshot
+            reader.execute("SELECT COUNT(*) FROM messages").fetchone()
+            count, window = SQLITE_WAL_SIZE_LIMIT // len(text) * 3 // 2, 8
+            for first in range(0, count, window):  # within the connection's backlog limits
+                for i in range(first, first + window):
+                    writer.send({"type": "message", "room": room, "text": text,
+                                 "client_msg_id": f"b{i}"})
+                assert [writer.expect("message")["id"] for _ in range(window)] == list(
+                    range(first + 2, first + window + 2))
+            assert wal.stat().st_size > SQLITE_WAL_SIZE_LIMIT  # the burst
+            reader.execute("COMMIT")
+            busy, frames, done = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert (busy, frames) == (0, done)  # the log is in the database now
+        finally:
+            reader.close()
+        writer.say(room, "after the burst")  # restarts the log from its beginning
+        assert 0 < wal.stat().st_size <= SQLITE_WAL_SIZE_LIMIT
+
+
 # -- crash safety ----------------------------------------------------------------------
 
 # One connection's messages are handled one after the other, each acknowledged

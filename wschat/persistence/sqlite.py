@@ -64,6 +64,12 @@ from .schema import SchemaTooNew, SQLiteDialect, room_scope
 log = logging.getLogger("wschat.persistence")
 
 SQLITE_BUSY_TIMEOUT_MS = 1000
+# The size the write-ahead log is cut back to once a checkpoint emptied it (PRAGMA
+# journal_size_limit): SQLite reuses the file without shrinking it, so a burst while a
+# long read held back the checkpoints (its WAL grows by every commit meanwhile) left the
+# file at its largest for good. Twice what the automatic checkpoint lets it reach between
+# checkpoints (1,000 pages, about 4 MB): steady writing never meets the limit.
+SQLITE_WAL_SIZE_LIMIT = 8 * 1024 * 1024
 SQLITE_MIN_VERSION = (3, 38, 0)
 WRITER_MODULE = "wschat.sqlite_log"  # python -m WRITER_MODULE PATH: the writer process
 
@@ -118,6 +124,9 @@ class SQLiteFile(DirectLog):
                 if str(mode).lower() != "wal":
                     raise sqlite3.OperationalError(f"could not switch {self.path} to WAL ({mode})")
                 conn.execute("PRAGMA synchronous = FULL")
+                # Applied by the connection whose write restarts the log after a
+                # checkpoint that emptied it: the writer's.
+                conn.execute(f"PRAGMA journal_size_limit = {SQLITE_WAL_SIZE_LIMIT}")
             except BaseException:
                 conn.close()
                 raise
