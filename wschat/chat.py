@@ -1436,14 +1436,14 @@ class Chat:
         user's last one there on this worker (``typing: false`` is due)."""
         if session.typing.pop(room, None) is None:
             return False
-        users = self._typists.get(room)
-        typists = users.get(session.user_id) if users is not None else None
+        users = self._typists.get(room, {})
+        typists = users.get(session.user_id)
         if typists is None:
             return True
         typists.discard(session)
         if typists:
             return False
-        del users[session.user_id]  # type: ignore[union-attr]
+        del users[session.user_id]
         if not users:
             del self._typists[room]
         return True
