@@ -175,6 +175,20 @@ def test_typing_is_the_users_across_its_connections(chat: Chat, clock: Clock) ->
     assert [e["status"] for e in a.events("typing")] == [True, False]
 
 
+def test_shutdown_turns_each_users_typing_off_once(chat: Chat) -> None:
+    """At shutdown every typing indicator goes off (the timer stops with the worker): one
+    `false` per user and room, however many of its connections typed there."""
+    a, b1, b2, c = connect(chat, "a"), connect(chat, "b"), connect(chat, "b"), connect(chat, "c")
+    for s in (a, b1, b2, c):
+        send(chat, s, type="join", room="r")
+    for s in (b1, b2, c):
+        send(chat, s, type="typing", room="r", status=True)
+    chat.shutdown()
+    assert [(e["user_id"], e["status"]) for e in a.events("typing")] == [
+        ("b", True), ("c", True), ("b", False), ("c", False)]
+    assert chat._typists == {}
+
+
 def test_message_clears_typing(chat: Chat) -> None:
     """Sending a message ends the sender's typing indicator."""
     a, b = connect(chat, "a"), connect(chat, "b")
