@@ -7,8 +7,11 @@ socket (port 0), so the timing and the faults are the test's to choose.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import queue
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -1699,3 +1702,96 @@ async def test_a_sync_client_resumes_with_since_and_epoch() -> None:
         room = await asyncio.to_thread(lambda: chat.rooms["r"])
         assert (room.last_id, room.epoch) == (4, "E1")
         await asyncio.to_thread(chat.close)
+
+
+async def test_a_coroutine_handler_is_kept_until_it_ends_and_its_failure_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A coroutine handler runs as a task the client keeps until it ends: asyncio holds
+    only a weak reference to a task, so one awaiting what nothing else refers to was
+    collected mid-way (its ``finally`` run by the garbage collector). Its exception is
+    logged as a plain handler's is (it was "Task exception was never retrieved", if ever)."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        pending: list[weakref.ref[asyncio.Future[None]]] = []
+        ended: list[str] = []
+        started = asyncio.Event()  # set by the handler, never awaited by it
+
+        async def held(message: Any) -> None:
+            waiting = asyncio.get_running_loop().create_future()  # only this task has it
+            pending.append(weakref.ref(waiting))
+            started.set()
+            try:
+                await waiting
+            finally:
+                ended.append("held")
+
+        async def failing(message: Any) -> None:
+            await asyncio.sleep(0)
+            raise RuntimeError(f"boom {message.id}")
+
+        client.on("message", held)
+        client.on("message", failing)
+        caplog.set_level(logging.ERROR, logger="wschat_client")
+        await peer.message(1)
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+
+        def failed() -> list[logging.LogRecord]:
+            return [r for r in caplog.records
+                    if r.name == "wschat_client" and r.exc_info is not None]
+
+        for _ in range(3):
+            gc.collect()
+            await asyncio.sleep(0)  # the failing handler's turns
+        assert ended == [], "a coroutine handler's task was collected before its end"
+        waiting = pending[0]()
+        assert waiting is not None
+        waiting.set_result(None)
+        await rec.wait_for(lambda: ended == ["held"] and bool(failed()), what="both ends")
+        record = failed()[0]
+        assert record.getMessage() == "a 'message' handler failed"
+        assert record.exc_info is not None and str(record.exc_info[1]) == "boom 1"
+        await client.close()
+
+
+async def test_close_lets_coroutine_handlers_finish() -> None:
+    """close() neither cancels the coroutine handlers still running (a message handed to
+    one counts as delivered: cancelling it could lose it) nor returns before they end, as
+    their loop may end with it (asyncio.run cancels what is left); a handler that closes
+    the client itself is not waited for by its own close()."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        release = asyncio.Event()
+        ended: list[str] = []
+
+        async def slow(message: Any) -> None:
+            try:
+                await release.wait()
+                ended.append("finished")
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+                raise
+
+        client.on("message", slow)
+        await peer.message(1)
+        await rec.wait_for(lambda: rec.ids("r") == [1], what="message 1")
+        closing = asyncio.create_task(client.close())
+        await rec.wait_for(lambda: client.state is ConnectionState.DISCONNECTED
+                           and rec.of("state")[-1].new is ConnectionState.DISCONNECTED,
+                           what="the close")
+        assert not closing.done(), "close() returned while a handler still ran"
+        release.set()
+        await asyncio.wait_for(closing, TIMEOUT)
+        assert ended == ["finished"]
+
+        other, _, peer = await joined_client(fake)
+        closed = asyncio.Event()
+
+        async def closing_handler(message: Any) -> None:
+            await other.close()
+            closed.set()
+
+        other.on("message", closing_handler)
+        await peer.message(1)
+        await asyncio.wait_for(closed.wait(), TIMEOUT)
+        assert other.state is ConnectionState.DISCONNECTED
+

@@ -17,7 +17,8 @@ What it promises the app, and how:
   ``joined`` says it is over), and the server answers a copy it already has with the
   original.
 
-Everything runs on one event loop; handlers are called on it, in order.
+Everything runs on one event loop; handlers are called on it, in order (a coroutine
+handler's run then goes on as a task of its own, not waited for: :meth:`Client.on`).
 """
 
 from __future__ import annotations
@@ -228,13 +229,21 @@ class Client:
         self._join_timer: asyncio.TimerHandle | None = None
         self.last_close: Disconnect | None = None
         self._leaving: set[asyncio.Future[None]] = set()  # leaves their callers may not await
+        # Coroutine handlers running: asyncio keeps only a weak reference to a task, and one
+        # awaiting what nothing else refers to would be collected before its end.
+        self._handling: set[asyncio.Future[Any]] = set()
 
     # -- events --------------------------------------------------------------------------
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
         """Call ``handler(payload)`` for each ``event`` (names and payloads: :mod:`.events`).
 
-        A handler may be a coroutine function; it then runs as a task. Returns a
-        function that removes the handler.
+        A handler may be a coroutine function: each call then runs as a task of its own,
+        which the client keeps until it ends and whose exception it logs, as a plain
+        handler's. The client does not wait for it: the next event is handed on at once,
+        so a slow coroutine handler holds nothing back and its tasks may pile up (for
+        one event at a time, queue the events in a plain handler and work the queue in
+        one task). :meth:`close` waits for the ones still running, without cancelling
+        them. Returns a function that removes the handler.
         """
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; one of {sorted(EVENTS)}")
@@ -246,9 +255,17 @@ class Client:
             try:
                 result = handler(payload)
                 if inspect.isawaitable(result):
-                    asyncio.ensure_future(result)
+                    task = asyncio.ensure_future(result)
+                    self._handling.add(task)
+                    task.add_done_callback(lambda done, event=event: self._handled(event, done))
             except Exception:
                 log.exception("a %r handler failed", event)
+
+    def _handled(self, event: str, task: asyncio.Future[Any]) -> None:
+        """A coroutine handler's task ended: forgotten, and its exception logged."""
+        self._handling.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a %r handler failed", event, exc_info=exc)
 
     def _store_failed(self, exc: Exception) -> None:
         log.warning("the outbox store failed: %s", exc)
@@ -296,7 +313,23 @@ class Client:
         """Close the connection and stop reconnecting. Unacknowledged sends stay in the
         outbox (and its store); their awaitables raise :class:`ClientClosed`, also when
         this call is cancelled while it closes the socket (the client is closed all the
-        same: nothing waits for a reconnect that will not come)."""
+        same: nothing waits for a reconnect that will not come).
+
+        Then it waits for the coroutine handlers still running, and the rest of the
+        leaves not awaited (:meth:`leave` cancelled), to end by themselves: none is
+        cancelled (a message handed to a handler counts as delivered: cutting its
+        handler short could lose it), and the app's loop may end after this call
+        (``asyncio.run`` cancels what is left). What they await of the client fails
+        with :class:`ClientClosed`; the rest is the app's to end. A handler that calls
+        ``close()`` is not waited for by its own call. Cancelling this call stops the
+        wait, not them."""
+        await self._close()
+        # Handlers may start more handlers (the events of what they do): until none is left.
+        current = asyncio.current_task()
+        while running := {t for t in self._handling | self._leaving if t is not current}:
+            await asyncio.wait(running)
+
+    async def _close(self) -> None:
         self._closing = True
         if self._wake is not None:
             self._wake.set()
