@@ -1795,3 +1795,45 @@ async def test_close_lets_coroutine_handlers_finish() -> None:
         await asyncio.wait_for(closed.wait(), TIMEOUT)
         assert other.state is ConnectionState.DISCONNECTED
 
+
+async def test_a_refused_send_that_then_fails_leaves_no_probe_behind() -> None:
+    """After a retryable refusal a target's sends go one at a time until one gets through
+    (``_probing``). When the refused send fails instead (its DM's recipient is gone, its
+    room left), nothing of it stays: the set grew with every such target, and the room's
+    sends went one per acknowledgement after it was joined again."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake)
+        dm = asyncio.create_task(client.dm("gone", "hello?"))
+        frame = await peer.recv("dm")
+        await peer.send(type="error", id=frame["id"], code="unavailable", message="redis",
+                        retry_after_ms=10)
+        await peer.refuse("dm", "user_not_found", dm)
+        assert client._probing == set(), "a DM that failed left its recipient probing"
+
+        sending = asyncio.create_task(client.send("r", "refused"))
+        frame = await peer.recv("message")
+        await peer.send(type="error", id=frame["id"], code="unavailable", message="redis",
+                        retry_after_ms=60_000)  # still waiting for its retry at the leave
+        probe = asyncio.create_task(client.ping())  # its pong comes after the refusal
+        await peer.send(type="pong", id=(await peer.recv("ping"))["id"])
+        await probe
+        assert client.pending[0].failures == 1 and "message:r" in client._probing
+        leaving = asyncio.create_task(client.leave("r"))
+        with pytest.raises(ChatError) as err:
+            await sending
+        assert err.value.code == "not_in_room"
+        left = await peer.recv("leave")
+        await peer.send(type="left", id=left["id"], room="r")
+        await leaving
+        assert client._probing == set(), "a send failed by leave left its room probing"
+
+        joining = asyncio.create_task(client.join("r"))
+        await peer.joined()
+        await joining
+        sends = [asyncio.create_task(client.send("r", f"t{i}")) for i in range(2)]
+        frames = [await peer.recv("message") for _ in range(2)]  # both before any echo
+        for mid, written in enumerate(frames, 1):
+            await peer.echo(written, mid)
+        assert [m.id for m in await asyncio.gather(*sends)] == [1, 2]
+        await client.close()
+

@@ -202,7 +202,10 @@ class Client:
         # Request ids of earlier writes of sends written again (ack_timeout): their late
         # answers are no news (the latest write is answered on its own), as in JS.
         self._stale: dict[str, PendingSend] = {}
-        self._probing: set[str] = set()  # targets refused lately: one send at a time
+        # Targets (PendingSend.key) whose send was refused with a retryable code: one send
+        # at a time there until one gets through. Only while the outbox holds one of theirs
+        # (_unprobe): a send that fails instead leaves nothing behind.
+        self._probing: set[str] = set()
         self._dm_seen: OrderedDict[int, None] = OrderedDict()
         # Every user_id a welcome gave this client (a guest gets a new one per connection):
         # only an echo from one of them acknowledges a send (_is_echo).
@@ -764,8 +767,16 @@ class Client:
         for rid in [rid for rid, stale in self._stale.items() if stale is entry]:
             del self._stale[rid]
 
+    def _unprobe(self, key: str) -> None:
+        """A send of ``key`` left the outbox unacknowledged: with none of its sends left,
+        the target probes no more (the next ones, after a leave and a join of the room,
+        or to a DM recipient written to again, go together as usual)."""
+        if key in self._probing and not any(e.key == key for e in self._outbox):
+            self._probing.discard(key)
+
     def _fail(self, entry: PendingSend, err: ChatError) -> None:
         self._outbox.remove(entry)
+        self._unprobe(entry.key)
         self._forget_stale(entry)
         self._sent.pop(entry.request_id or "", None)
         if entry.future is not None and not entry.future.done():
@@ -808,6 +819,7 @@ class Client:
                 written.append(self._future_of(entry))
                 continue
             self._outbox.remove(entry)
+            self._unprobe(entry.key)
             self._sent.pop(entry.request_id or "", None)  # its refusal is no news
             if entry.future is not None and not entry.future.done():
                 lost = entry.wire_generation is not None
