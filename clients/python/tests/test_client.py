@@ -20,7 +20,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from conftest import TIMEOUT, Recorder
 from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState, Disconnected,
-                           FileOutboxStore, OutboxFull, RequestTimeout, RoomState, SyncClient)
+                           FileOutboxStore, OutboxFull, Removed, RequestTimeout, RoomState,
+                           SyncClient)
 
 FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
 
@@ -1837,3 +1838,25 @@ async def test_a_refused_send_that_then_fails_leaves_no_probe_behind() -> None:
         assert [m.id for m in await asyncio.gather(*sends)] == [1, 2]
         await client.close()
 
+
+@pytest.mark.parametrize("code", ["forbidden", "invalid_room", "too_many_rooms"])
+async def test_a_rejoin_refused_for_good_is_a_removed_event(code: str) -> None:
+    """A rejoin (a join with since: the app had the room) refused for good drops the room,
+    with an error event and then removed (reason: the code; until: the ban's), as in the
+    JS client; it was an error event alone. A first join refused raises, and is no removal."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        removed: list[Removed] = []
+        client.on("removed", removed.append)
+        await peer.refuse("join", code, asyncio.create_task(client.join("other")))
+        assert removed == []
+        peer = await fake.drop(peer)
+        join = await peer.recv("join")
+        assert join["since"] == 0
+        await peer.send(type="error", id=join["id"], code=code, message="no", room="r",
+                        **({"reason": "banned", "until": 123} if code == "forbidden" else {}))
+        await rec.wait_for(lambda: bool(removed), what="the removal")
+        assert removed == [Removed("r", code, None, 123 if code == "forbidden" else None)]
+        assert [e.code for e in rec.of("error")] == [code]
+        assert "r" not in client.rooms and rec.of("room_state")[-1].new is RoomState.LEFT
+        await client.close()

@@ -94,6 +94,7 @@ class _Request:
     kind: str
     future: asyncio.Future[dict[str, Any]] | None = None
     room: str | None = None
+    since: int | None = None  # a join's: the position it resumed from (a rejoin)
 
 
 def token_expiry(token: str | None) -> float | None:
@@ -374,7 +375,8 @@ class Client:
                 is not a whole number >= 0 and at most 2**53 - 1, or an ``epoch`` that is
                 not a string of 1 to 64 characters without control characters (the
                 server's rules); the server refused (``invalid_room``, ``too_many_rooms``,
-                ...).
+                ``forbidden``, ...): with ``since``, a ``removed`` event tells it too, as
+                for a rejoin refused.
             RequestTimeout: no ``joined`` in time; the room stays wanted and is
                 joined as soon as the server answers.
         """
@@ -882,7 +884,7 @@ class Client:
                 # The numbering since counts in: if the room's ids started again from 1
                 # since, the server replays nothing rather than the new ids above ours.
                 frame["epoch"] = room.join_epoch = room.info.epoch
-        self._requests[rid] = _Request("join", room=room.info.name)
+        self._requests[rid] = _Request("join", room=room.info.name, since=room.info.last_id)
         self._write(frame)
 
     def _rejoin(self, room: _Room) -> None:
@@ -963,7 +965,11 @@ class Client:
             room.catch_up_to = 0
             self._flush()
 
-    def _join_refused(self, room: _Room, err: ChatError) -> None:
+    def _join_refused(self, room: _Room, err: ChatError, *, rejoin: bool = False) -> None:
+        """A join refused: tried again later (rate_limited, unavailable, ...), or the room
+        is dropped (invalid_room, too_many_rooms, forbidden: a ban, a grant revoked).
+        ``rejoin``: the join carried ``since`` (the app had the room and lost it): as in
+        the JS client, ``removed`` follows the ``error`` (reason: the code)."""
         room.join_rid = None
         if err.code == "rate_limited":
             # The request bucket is empty: the join pacer holds every join back until
@@ -979,6 +985,10 @@ class Client:
         if not room.waiters:
             self._emit("error", err)  # a re-join refused: nobody else would hear of it
         self._drop_room(room, err)
+        if rejoin:
+            # until: a ban's end (Unix ms; None: until lifted), as a left's is taken
+            self._emit("removed", Removed(room.info.name, err.code,
+                                          until=err.details.get("until")))
 
     # -- incoming frames -------------------------------------------------------------------
     def _dispatch(self, raw: str | bytes) -> None:
@@ -1102,7 +1112,7 @@ class Client:
                 if err.code == "rate_limited" else None)
             room = self._rooms.get(request.room or "")
             if room is not None and room.join_rid == rid:
-                self._join_refused(room, err)
+                self._join_refused(room, err, rejoin=request.since is not None)
             self._flush_joins()
         elif request.kind == "sync":
             self._synced(request, rid)

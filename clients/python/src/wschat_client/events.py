@@ -17,7 +17,8 @@ handler receives, and when:
   every missed message: reload ``history`` if you need them.
 - ``room_state`` (:class:`RoomStateChange`): a room went joining / joined / left.
 - ``removed`` (:class:`Removed`): the server took you out of a room (kicked, banned, membership
-  revoked, no longer granted by a fresh token); the room is not joined again by itself.
+  revoked, no longer granted by a fresh token), or refused a rejoin (a join with ``since``) for
+  good, after the ``error`` event; the room is not joined again by itself.
 - ``muted`` / ``unmuted`` (:class:`Muted` / :class:`Unmuted`): you may read but not post or
   type in ``room`` (None: everywhere) until ``until``; or that was lifted.
 - ``ack`` (:class:`Message` or :class:`DirectMessage`): the server acknowledged one of
@@ -239,8 +240,9 @@ class Removed:
 
     Attributes:
         reason: ``kicked`` (or the moderator's reason), ``banned``, ``membership revoked``,
-            ``forbidden``.
-        by: the moderator's ``user_id``, or ``api``.
+            ``forbidden``; for a rejoin refused, the refusal's code: ``forbidden`` (a ban, a
+            grant revoked), ``invalid_room``, ``too_many_rooms``.
+        by: the moderator's ``user_id``, or ``api``; None for a rejoin refused.
         until: for a ban, Unix ms (None: until lifted).
     """
 
