@@ -1757,8 +1757,8 @@ async def test_a_coroutine_handler_is_kept_until_it_ends_and_its_failure_logged(
 async def test_close_lets_coroutine_handlers_finish() -> None:
     """close() neither cancels the coroutine handlers still running (a message handed to
     one counts as delivered: cancelling it could lose it) nor returns before they end, as
-    their loop may end with it (asyncio.run cancels what is left); a handler that closes
-    the client itself is not waited for by its own close()."""
+    their loop may end with it (asyncio.run cancels what is left); handlers that close
+    the client themselves are not waited for by a close() (their own, or each other's)."""
     async with FakeServer() as fake:
         client, rec, peer = await joined_client(fake)
         release = asyncio.Event()
@@ -1785,15 +1785,19 @@ async def test_close_lets_coroutine_handlers_finish() -> None:
         assert ended == ["finished"]
 
         other, _, peer = await joined_client(fake)
-        closed = asyncio.Event()
+        closed: list[int] = []
+        both = asyncio.Event()
 
         async def closing_handler(message: Any) -> None:
-            await other.close()
-            closed.set()
+            await other.close()  # two of them: neither waits for the other
+            closed.append(message.id)
+            if len(closed) == 2:
+                both.set()
 
         other.on("message", closing_handler)
+        other.on("message", closing_handler)
         await peer.message(1)
-        await asyncio.wait_for(closed.wait(), TIMEOUT)
+        await asyncio.wait_for(both.wait(), TIMEOUT)
         assert other.state is ConnectionState.DISCONNECTED
 
 

@@ -236,6 +236,7 @@ class Client:
         # Coroutine handlers running: asyncio keeps only a weak reference to a task, and one
         # awaiting what nothing else refers to would be collected before its end.
         self._handling: set[asyncio.Future[Any]] = set()
+        self._closers: set[asyncio.Future[Any] | None] = set()  # tasks inside close()
 
     # -- events --------------------------------------------------------------------------
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
@@ -325,13 +326,19 @@ class Client:
         handler short could lose it), and the app's loop may end after this call
         (``asyncio.run`` cancels what is left). What they await of the client fails
         with :class:`ClientClosed`; the rest is the app's to end. A handler that calls
-        ``close()`` is not waited for by its own call. Cancelling this call stops the
-        wait, not them."""
-        await self._close()
-        # Handlers may start more handlers (the events of what they do): until none is left.
+        ``close()`` is not waited for by a ``close()`` call (its own, or another
+        handler's: each would wait for the other). Cancelling this call stops the wait,
+        not them."""
         current = asyncio.current_task()
-        while running := {t for t in self._handling | self._leaving if t is not current}:
-            await asyncio.wait(running)
+        self._closers.add(current)
+        try:
+            await self._close()
+            # Handlers may start more handlers (the events of what they do): until none
+            # is left.
+            while running := (self._handling | self._leaving) - self._closers:
+                await asyncio.wait(running)
+        finally:
+            self._closers.discard(current)
 
     async def _close(self) -> None:
         self._closing = True
