@@ -1801,6 +1801,32 @@ async def test_close_lets_coroutine_handlers_finish() -> None:
         assert other.state is ConnectionState.DISCONNECTED
 
 
+async def test_close_cancels_handlers_still_running_after_connect_timeout(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A coroutine handler waiting for what never comes holds close() for
+    ``connect_timeout`` at most: it is then cancelled, with a warning (before, close()
+    waited for it for ever)."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, connect_timeout=0.5)
+        ended: list[str] = []
+
+        async def stuck(message: Any) -> None:
+            try:
+                await asyncio.Event().wait()  # nothing will set it
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+                raise
+
+        client.on("message", stuck)
+        await peer.message(1)
+        await rec.wait_for(lambda: rec.ids("r") == [1], what="message 1")
+        with caplog.at_level(logging.WARNING, logger="wschat_client"):
+            await asyncio.wait_for(client.close(), TIMEOUT)
+        await asyncio.sleep(0)  # the cancelled task runs its except clause
+        assert ended == ["cancelled"]
+        assert "1 handler task(s) still running" in caplog.text
+
+
 async def test_a_refused_send_that_then_fails_leaves_no_probe_behind() -> None:
     """After a retryable refusal a target's sends go one at a time until one gets through
     (``_probing``). When the refused send fails instead (its DM's recipient is gone, its

@@ -321,24 +321,37 @@ class Client:
         same: nothing waits for a reconnect that will not come).
 
         Then it waits for the coroutine handlers still running, and the rest of the
-        leaves not awaited (:meth:`leave` cancelled), to end by themselves: none is
-        cancelled (a message handed to a handler counts as delivered: cutting its
-        handler short could lose it), and the app's loop may end after this call
-        (``asyncio.run`` cancels what is left). What they await of the client fails
-        with :class:`ClientClosed`; the rest is the app's to end. A handler that calls
-        ``close()`` is not waited for by a ``close()`` call (its own, or another
-        handler's: each would wait for the other). Cancelling this call stops the wait,
-        not them."""
+        leaves not awaited (:meth:`leave` cancelled), to end by themselves (a message
+        handed to a handler counts as delivered: cutting its handler short could lose
+        it), and the app's loop may end after this call (``asyncio.run`` cancels what
+        is left). What they await of the client fails with :class:`ClientClosed`. It
+        waits ``connect_timeout`` at most: those still running then are cancelled (a
+        warning says how many), so a handler that waits for something that never
+        comes cannot hold ``close()`` for ever. A handler that calls ``close()`` is not
+        waited for by a ``close()`` call (its own, or another handler's: each would
+        wait for the other). Cancelling this call stops the wait, not them."""
         current = asyncio.current_task()
         self._closers.add(current)
         try:
             await self._close()
-            # Handlers may start more handlers (the events of what they do): until none
-            # is left.
-            while running := (self._handling | self._leaving) - self._closers:
-                await asyncio.wait(running)
+            await self._wait_for_handlers(asyncio.get_running_loop().time()
+                                          + self.connect_timeout)
         finally:
             self._closers.discard(current)
+
+    async def _wait_for_handlers(self, deadline: float) -> None:
+        """Until no handler task is left (handlers may start more: the events of what
+        they do), or ``deadline``; those left then are cancelled."""
+        loop = asyncio.get_running_loop()
+        while running := (self._handling | self._leaving) - self._closers:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("close(): %d handler task(s) still running after %.1f s "
+                            "(connect_timeout) cancelled", len(running), self.connect_timeout)
+                for task in running:
+                    task.cancel()
+                return
+            await asyncio.wait(running, timeout=left)
 
     async def _close(self) -> None:
         self._closing = True
