@@ -174,3 +174,91 @@ def test_text_format_keeps_one_event_on_one_line() -> None:
     record = logging.LogRecord("wschat.test", logging.INFO, __file__, 1, "close reason=%s",
                                ("bye\n2026-01-01 INFO forged",), None)
     assert "\n" not in TextFormatter().format(record)
+
+
+# --------------------------------------------------------------------------
+# A flood of bad input: lines a client causes are few and short
+# --------------------------------------------------------------------------
+
+FLOOD = 200
+UPGRADE = ("GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+           "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           "Sec-WebSocket-Version: 13\r\n{headers}\r\n")
+
+
+def exchange(port: int, request: str) -> bytes:
+    """One request on its own TCP connection; the answer, read until the server closes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request.encode("latin-1"))
+        sock.shutdown(socket.SHUT_WR)  # a refused upgrade is kept alive: end it ourselves
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_flood_of_bad_requests_writes_few_short_lines() -> None:
+    """Each malformed request (gunicorn's "Invalid request from ...") and each refused
+    upgrade (a foreign Origin, a bad token) was one line, the client's text in it
+    unbounded but for the header limit (8 KB): a flood of them wrote as fast as it came.
+    Now each kind is written a burst of lines at most, then one every few seconds
+    saying how many were left out, each line cut short."""
+    from wschat.logs import CLIENT_LINES_BURST, MAX_CLIENT_TEXT
+
+    kinds = {
+        "Invalid request from": "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                                + "q" * 8000 + "\r\n\r\n",
+        "upgrade refused (403)": UPGRADE.format(
+            query="", headers="Origin: https://" + "e" * 8000 + ".example\r\n"),
+        "upgrade refused (401)": UPGRADE.format(query="?token=" + "t" * 3000, headers=""),
+    }
+    with Server({"JWT_SECRET": SECRET, "ALLOWED_ORIGINS": "https://chat.example"}) as srv:
+        for request in kinds.values():
+            for _ in range(FLOOD):
+                answer = exchange(srv.port, request)
+                assert answer.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5")), answer[:40]
+        output = srv.output().splitlines()
+        for kind, request in kinds.items():
+            lines = [line for line in output if kind in line]
+            # The burst, and what refilled while the flood ran (a line every few seconds).
+            assert CLIENT_LINES_BURST <= len(lines) <= CLIENT_LINES_BURST + 5, (kind, len(lines))
+            for line in lines:
+                assert len(line) < MAX_CLIENT_TEXT + 200, (kind, len(line))
+
+            def left_out_told(kind: str = kind, request: str = request) -> bool:
+                exchange(srv.port, request)  # one more, until the bucket lets a line out
+                return any(kind in line and "left out" in line
+                           for line in srv.output().splitlines())
+
+            wait_until(left_out_told, 6 * TIMEOUT, 0.2, f"a {kind} line telling the count")
+
+
+def test_client_line_throttle_counts_what_it_left_out() -> None:
+    """Per prefix: the burst, then one line per interval, the first after a gap saying how
+    many were left out; other lines pass untouched; a long message is cut."""
+    from wschat.logs import ClientLineThrottle
+
+    now = [100.0]
+    throttle = ClientLineThrottle(("bad thing",), burst=2, every=10.0, max_text=40,
+                                  clock=lambda: now[0])
+
+    def record(msg: str, *args: Any) -> logging.LogRecord:
+        return logging.LogRecord("x", logging.WARNING, __file__, 1, msg, args, None)
+
+    passed = [throttle.filter(record("bad thing %d", i)) for i in range(5)]
+    assert passed == [True, True, False, False, False]
+    assert all(throttle.filter(record("other %d", i)) for i in range(5))
+    now[0] += 10.0
+    line = record("bad thing %s", "x" * 100)
+    assert throttle.filter(line)
+    assert line.getMessage() == ("bad thing " + "x" * 30 + "... (70 characters cut)"
+                                 " (3 more like this left out)")
+    assert not throttle.filter(record("bad thing again"))
+    now[0] += 1000.0  # refilled to the burst, no more
+    assert [throttle.filter(record("bad thing")) for _ in range(3)] == [True, True, False]
+    kept = record("bad thing %s", "short")
+    now[0] += 10.0
+    assert throttle.filter(kept) and kept.getMessage() == (
+        "bad thing short (1 more like this left out)")

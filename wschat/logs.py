@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName"}
@@ -87,8 +88,69 @@ class JsonFormatter(logging.Formatter):
                                     json.dumps(entry, default=str, ensure_ascii=False)))
 
 
+# Lines a client's bad input causes, one per request: gunicorn's for a malformed request
+# (it quotes the client's text: a request line, a header), wschat's for a refused upgrade
+# (a foreign Origin, a bad token). Each kind, per worker: CLIENT_LINES_BURST lines at
+# once, then one every CLIENT_LINES_EVERY seconds; each cut to MAX_CLIENT_TEXT characters.
+CLIENT_LINES = {"gunicorn.error": ("Invalid request from",),
+                "wschat.app": ("upgrade refused (401)", "upgrade refused (403)")}
+CLIENT_LINES_BURST = 20
+CLIENT_LINES_EVERY = 5.0
+MAX_CLIENT_TEXT = 500
+
+
+class ClientLineThrottle(logging.Filter):
+    """A logger's filter that keeps a flood of bad requests from becoming a flood of log
+    lines: the lines whose message starts with one of ``prefixes`` get a token bucket
+    per prefix (``burst`` lines, one more every ``every`` seconds); a line written after
+    some were left out says how many. Their message is cut to ``max_text`` characters
+    (the client's text in it is bounded only by gunicorn's header limit, 8 KB)."""
+
+    def __init__(self, prefixes: tuple[str, ...], burst: int = CLIENT_LINES_BURST,
+                 every: float = CLIENT_LINES_EVERY, max_text: int = MAX_CLIENT_TEXT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.burst, self.every, self.max_text, self.clock = burst, every, max_text, clock
+        now = clock()
+        # prefix -> [tokens, when they were counted, lines left out since the last one]
+        self._buckets: dict[str, list[float]] = {p: [float(burst), now, 0] for p in prefixes}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if not isinstance(msg, str) or not msg.startswith(self.prefixes):
+            return True
+        bucket = self._buckets[next(p for p in self.prefixes if msg.startswith(p))]
+        now = self.clock()
+        tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) / self.every)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            bucket[2] += 1
+            return False
+        bucket[0] = tokens - 1
+        text = record.getMessage()
+        if len(text) > self.max_text:
+            text = f"{text[:self.max_text]}... ({len(text) - self.max_text} characters cut)"
+        if bucket[2]:
+            text += f" ({int(bucket[2])} more like this left out)"
+            bucket[2] = 0
+        record.msg, record.args = text, None
+        return True
+
+
+def throttle_client_lines() -> None:
+    """Put a :class:`ClientLineThrottle` on each logger of :data:`CLIENT_LINES` (once)."""
+    for name, prefixes in CLIENT_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ClientLineThrottle) for f in logger.filters):
+            logger.addFilter(ClientLineThrottle(prefixes))
+
+
 def configure_logging(fmt: str, level: str) -> None:
-    """Give the ``wschat`` loggers one stderr handler in ``fmt`` (idempotent)."""
+    """Give the ``wschat`` loggers one stderr handler in ``fmt`` (idempotent), and bound
+    the lines clients' bad requests cause (:func:`throttle_client_lines`)."""
+    throttle_client_lines()
     root = logging.getLogger("wschat")
     root.setLevel(level.upper())
     if any(getattr(h, "_wschat", False) for h in root.handlers):
