@@ -412,6 +412,21 @@ def test_dashboard_queries_pass_promtool(tmp_path: Path) -> None:
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
 
 
+def operations_queries() -> list[tuple[str, str]]:
+    """("docs/operations.md", PromQL) for each line of its ```promql blocks and each inline
+    `...` query (the runbook's **Check**s): operators paste them as they are."""
+    text = OPERATIONS.read_text()
+    queries = []
+    for block in re.findall(r"```promql\n(.*?)```", text, re.DOTALL):
+        queries += [line for line in block.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    queries += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text)
+                if "wschat_" in span and ("(" in span or "{" in span)]
+    assert len(queries) > 20, queries  # not vacuous: the dashboards block and the runbook
+    return [(OPERATIONS.name, query) for query in queries]
+
+
 @pytest.fixture(scope="module")
 def live_series(tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[dict[str, dict[str, set[str]]]]:
@@ -427,10 +442,12 @@ def live_series(tmp_path_factory: pytest.TempPathFactory
 
 def test_every_query_names_series_the_server_exports(
         live_series: dict[str, dict[str, set[str]]], alerts_release: Rendered) -> None:
-    """Each series a dashboard panel or an alert reads is in a live server's /metrics (or is
-    kube-state-metrics'), with the labels and label values its matchers ask for."""
+    """Each series a dashboard panel, an alert or a query in docs/operations.md reads is in a
+    live server's /metrics (or is kube-state-metrics'), with the labels and label values its
+    matchers ask for."""
     queries = [(f"panel {title!r}", grafana_to_promql(expr)) for title, expr in dashboard_queries()]
     queries += [(f"alert {r['alert']}", r["expr"]) for r in rules_of(alerts_release)]
+    queries += operations_queries()
     problems = []
     used = set()
     for where, expr in queries:
@@ -461,6 +478,54 @@ def test_every_query_names_series_the_server_exports(
         ("wschat_conections_total", [("reason", "=", "x")])]
     assert "wschat_fanout_seconds_bucket" in used and "wschat_worker_restarts_total" in used
     assert "wschat_store_seconds_bucket" in used
+
+
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+
+
+def grouping_labels(expr: str) -> list[set[str]]:
+    """The labels of each by/without/on/ignoring clause of an expression, in order."""
+    return [{label.strip() for label in match.group(1).split(",") if label.strip()}
+            for match in _GROUPING.finditer(_STRING.sub('""', expr))]
+
+
+def test_grouping_legend_and_annotation_labels_exist(
+        live_series: dict[str, dict[str, set[str]]], alerts_release: Rendered) -> None:
+    """A label a query groups by must be one of its series' (a misspelt one groups
+    everything into one empty-labelled series, silently); a panel's legend ({{label}}) and
+    an alert's annotation ($labels.label) may only name labels every grouping keeps,
+    else they render empty."""
+    queries = [(f"panel {panel['title']!r}", grafana_to_promql(target["expr"]),
+                re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+               for panel in dashboard()["panels"] for target in panel.get("targets", [])]
+    for rule in rules_of(alerts_release):
+        text = " ".join(rule["annotations"].values())
+        queries.append((f"alert {rule['alert']}", rule["expr"],
+                        re.findall(r"\$labels\.(\w+)", text)))
+    queries += [(where, expr, []) for where, expr in operations_queries()]
+    problems = []
+    for where, expr, shown in queries:
+        names = [name for name, _ in selectors(expr)]
+        known = set(TARGET_LABELS) | {"le"}
+        for name in names:
+            if name in KUBE_STATE_METRICS:
+                known |= {"namespace", "pod", "condition", "phase", "container",
+                          "owner_kind", "owner_name"}
+            known |= set(live_series.get(name, {}))
+        groupings = grouping_labels(expr)
+        for labels in groupings:
+            for label in labels - known:
+                problems.append(f"{where}: groups by {label!r}, a label none of "
+                                f"{names} has")
+        kept = set.intersection(*groupings) if groupings else set()
+        for label in set(shown) - kept:
+            problems.append(f"{where}: shows {{{{{label}}}}}, which its groupings {groupings} "
+                            "drop")
+    assert not problems, "\n".join(problems)
+    # Not vacuous: a misspelt grouping and a dropped legend label are caught.
+    assert grouping_labels("sum by (pod, reasn) (rate(x[5m])) / on (pod) y") == [
+        {"pod", "reasn"}, {"pod"}]
+    assert "reasn" not in live_series["wschat_disconnects_total"]
 
 
 # --------------------------------------------------------------------------
