@@ -7,6 +7,7 @@ the same :class:`~wschat.config.Settings` the app reads, validated once here.
 """
 
 import contextlib
+import fcntl
 import glob
 import math
 import os
@@ -203,11 +204,29 @@ def _fold_worker_totals(pid, log):
             continue
         folded = os.path.join(directory, f"{kind}_dead.db")
         try:
-            _fold(dead, folded)
-            os.unlink(dead)
+            partial = _fold(dead, folded)
+            # A scrape (wschat.factory.SampleFilesCollector) takes this lock shared: it
+            # reads the files before or after both steps, never the worker's counts in
+            # both files (a jump and a fall back, which Prometheus takes for a reset).
+            with _fold_lock(directory):
+                os.replace(partial, folded)
+                os.unlink(dead)
         except Exception as exc:  # noqa: BLE001 (bookkeeping never takes the master down)
             log.warning("could not fold %s of dead worker %s into %s: %s", dead, pid,
                         folded, exc)
+
+
+FOLD_LOCK = "fold.lock"  # in PROMETHEUS_MULTIPROC_DIR (wschat.factory.FOLD_LOCK too)
+
+
+@contextlib.contextmanager
+def _fold_lock(directory):
+    fd = os.open(os.path.join(directory, FOLD_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a scrape holds it for one read of the files
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 def _mmaped_dict():
@@ -232,6 +251,7 @@ _MmapedDict = None
 
 
 def _fold(dead, folded):
+    """Write the sum of ``folded`` and ``dead`` to a file beside them; its path."""
     MmapedDict = _mmaped_dict()
     totals = {}
     for path in (folded, dead):
@@ -247,7 +267,7 @@ def _fold(dead, folded):
             out.write_value(key, value, 0.0)
     finally:
         out.close()
-    os.replace(partial, folded)
+    return partial
 
 
 _METRICS_DIR_PREFIX = "wschat-prometheus-"

@@ -9,6 +9,7 @@ would fail here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -624,3 +625,57 @@ def test_worker_restarts_do_not_grow_the_sample_directory() -> None:
         files = sorted(os.listdir(directory))
         for kind in ("counter", "histogram"):
             assert len([f for f in files if f.startswith(f"{kind}_")]) <= 2, files
+
+
+def test_a_scrape_during_a_fold_never_counts_a_dead_worker_twice(tmp_path: Any,
+                                                                   monkeypatch: Any) -> None:
+    """When the master reaps a worker it replaces counter_dead.db with one that holds the
+    dead worker's counts, then deletes the worker's own file. A scrape that read the files
+    between the two counted that worker twice: the totals jumped up and fell back, which
+    Prometheus takes for a counter reset (rate() and increase() then spike by the whole
+    total). The fold and a scrape now exclude each other."""
+    import runpy
+    import threading
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from wschat.factory import SampleFilesCollector
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    name = "wschat_connections_opened_total"
+    for pid, value in ((111, 5.0), (222, 7.0)):  # a worker that died, one still alive
+        sample_file = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        sample_file.write_value(mmap_key(name, name, [], [], "opened"), value, 0.0)
+        sample_file.close()
+    collector = SampleFilesCollector(CollectorRegistry(), path=str(tmp_path))
+
+    def total() -> float:
+        return sum(s.value for family in collector.collect() for s in family.samples
+                   if s.name == name)
+
+    assert total() == 12.0
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    seen: list[float] = []
+    real_unlink = os.unlink
+    scrapes: list[threading.Thread] = []
+
+    def unlink_with_a_scrape(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith("counter_111.db") and not scrapes:
+            # The dead worker's counts are in counter_dead.db now: a scrape arrives.
+            scrape = threading.Thread(target=lambda: seen.append(total()))
+            scrapes.append(scrape)
+            scrape.start()
+            scrape.join(0.5)  # a scrape that is not kept out reads both files meanwhile
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink_with_a_scrape)
+    conf["_fold_worker_totals"](111, logging.getLogger("test"))
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    [scrape] = scrapes
+    scrape.join(TIMEOUT)
+    assert not scrape.is_alive()
+    assert seen == [12.0], "a scrape during the fold counted the dead worker twice"
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_222.db",
+                                                             "counter_dead.db"]
+    assert total() == 12.0

@@ -14,11 +14,14 @@ hook calls :func:`attach_worker`, which starts it (:meth:`Runtime.start`), and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import glob
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -103,21 +106,54 @@ def _init_prometheus(app: Flask) -> Any:
     return scrape_registry
 
 
+FOLD_LOCK = "fold.lock"  # gunicorn.conf.py's FOLD_LOCK
+FOLD_LOCK_WAIT = 2.0  # seconds a scrape waits for a fold before it reads anyway
+
+
 class SampleFilesCollector(MultiProcessCollector):
     """All workers' sample files, listed again if one vanished while being read: when the
     master reaps a worker it deletes that worker's gauge files and, once folded into
     ``<type>_dead.db``, its counter and histogram files (gunicorn.conf.py). A scrape that
-    listed them just before would otherwise fail with FileNotFoundError (500)."""
+    listed them just before would otherwise fail with FileNotFoundError (500).
+
+    The files are read under ``FOLD_LOCK`` (shared), which the master holds while it
+    swaps a dead worker's counts into ``<type>_dead.db`` and deletes its file: read
+    between the two, that worker's counts were in the totals twice."""
 
     def collect(self) -> Any:
-        for attempt in range(3):
-            files = glob.glob(os.path.join(self._path, "*.db"))
-            try:
-                return self.merge(files, accumulate=True)
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
+        with _shared_fold_lock(self._path):
+            for attempt in range(3):
+                files = glob.glob(os.path.join(self._path, "*.db"))
+                try:
+                    return self.merge(files, accumulate=True)
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
         return None  # not reached
+
+
+@contextlib.contextmanager
+def _shared_fold_lock(directory: str) -> Iterator[None]:
+    """The master's fold lock, shared; waited for cooperatively (the master holds it for
+    a rename and an unlink), at most FOLD_LOCK_WAIT s: a scrape is never refused for it."""
+    try:
+        fd = os.open(os.path.join(directory, FOLD_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # a read-only directory: read without it
+        yield
+        return
+    try:
+        deadline = time.monotonic() + FOLD_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                gevent.sleep(0.001)
+        yield
+    finally:
+        os.close(fd)
 
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
