@@ -423,6 +423,37 @@ def test_invented_http_methods_add_no_series(srv: Server) -> None:
     assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
 
 
+def test_invented_paths_add_no_series(srv: Server) -> None:
+    """Requests for paths that do not exist, on both ports (404s, upgrades to a wrong path,
+    files under /web/ and /api/ that are not there): the HTTP series are labelled by
+    route (``endpoint``), never by path, so none of the invented paths is a label value
+    and the exposition does not grow with them."""
+    upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+
+    def invent() -> set[str]:
+        tags = set()
+        for port in (srv.port, srv.metrics_port):
+            for shape, extra in (("/{}", ""), ("/ws/{}", upgrade), ("/web/{}.js", ""),
+                                 ("/api/{}", ""), ("/metrics/{}", "")):
+                tag = "p" + os.urandom(6).hex()
+                tags.add(tag)
+                with socket.create_connection(("127.0.0.1", port), TIMEOUT) as sock:
+                    sock.sendall(f"GET {shape.format(tag)} HTTP/1.1\r\nHost: x\r\n{extra}"
+                                 "Connection: close\r\n\r\n".encode())
+                    assert sock.recv(64).startswith(b"HTTP/1.1 4")
+        return tags
+
+    invent()  # each kind of refusal has its series once
+    before = srv.http("/metrics", metrics=True)[1].decode().count("\n")
+    tags = set()
+    for _ in range(20):
+        tags |= invent()
+    after = srv.http("/metrics", metrics=True)[1].decode()
+    assert after.count("\n") == before
+    assert not any(tag in after for tag in tags)
+
+
 # -- 4. memory backend bounds ---------------------------------------------------------------
 
 def test_history_of_all_rooms_stays_under_the_memory_bound(tight: Server) -> None:
