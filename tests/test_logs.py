@@ -262,3 +262,17 @@ def test_client_line_throttle_counts_what_it_left_out() -> None:
     now[0] += 10.0
     assert throttle.filter(kept) and kept.getMessage() == (
         "bad thing short (1 more like this left out)")
+
+
+def test_gunicorns_own_lines_are_redacted_in_text_format_too() -> None:
+    """With LOG_FORMAT=text gunicorn's lines keep gunicorn's format, which never passed
+    through wschat's formatters: a malformed request whose line carried ?token= was
+    logged with the token ("Invalid HTTP request line: 'GET /ws?token=...'")."""
+    marker = uuid.uuid4().hex
+    with Server({"LOG_FORMAT": "text"}) as srv:
+        answer = exchange(srv.port, f"GET /ws?token=tok-{marker}\x01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400")
+        wait_until(lambda: "Invalid request from" in srv.output(), message="gunicorn's line")
+        output = srv.output()
+    assert marker not in output
+    assert "token=[redacted]" in output

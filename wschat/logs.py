@@ -139,12 +139,29 @@ class ClientLineThrottle(logging.Filter):
         return True
 
 
+class RedactFilter(logging.Filter):
+    """Blanks credentials in a record's message (:func:`redact`), for lines no formatter of
+    ours writes: gunicorn's own with ``LOG_FORMAT=text``, which quote a malformed request
+    line (``?token=...`` included) or, for an application error, its URI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
 def throttle_client_lines() -> None:
-    """Put a :class:`ClientLineThrottle` on each logger of :data:`CLIENT_LINES` (once)."""
+    """Put a :class:`ClientLineThrottle` on each logger of :data:`CLIENT_LINES`, and a
+    :class:`RedactFilter` after it on gunicorn's (once)."""
     for name, prefixes in CLIENT_LINES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, ClientLineThrottle) for f in logger.filters):
             logger.addFilter(ClientLineThrottle(prefixes))
+    logger = logging.getLogger("gunicorn.error")
+    if not any(isinstance(f, RedactFilter) for f in logger.filters):
+        logger.addFilter(RedactFilter())
 
 
 def configure_logging(fmt: str, level: str) -> None:
