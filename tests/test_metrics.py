@@ -679,3 +679,44 @@ def test_a_scrape_during_a_fold_never_counts_a_dead_worker_twice(tmp_path: Any,
     assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_222.db",
                                                              "counter_dead.db"]
     assert total() == 12.0
+
+
+def test_moderation_commands_count_under_their_wire_types() -> None:
+    """kick, mute and unmute are one command class (Moderate) in the chat core: they were
+    counted as type="Moderate" in wschat_messages_received_total (the class name: no
+    series before the first, in no document, unlike every other type), and one refused
+    by the request rate limit as type="invalid", the label of frames that are no command."""
+    from prometheus_client import REGISTRY
+    from test_access import user as moderator
+    from test_chat import Clock, make_chat, send
+
+    from wschat.metrics import PrometheusChatMetrics
+
+    def received(kind: str) -> float:
+        return REGISTRY.get_sample_value("wschat_messages_received_total", {"type": kind}) or 0
+
+    def refused(kind: str) -> float:
+        return REGISTRY.get_sample_value("wschat_rate_limited_total",
+                                         {"type": kind, "reason": "bucket"}) or 0
+
+    metrics = PrometheusChatMetrics()
+    for kind in ("kick", "mute", "unmute"):  # series from the start, as for every type
+        assert REGISTRY.get_sample_value("wschat_messages_received_total",
+                                         {"type": kind}) is not None, kind
+        assert REGISTRY.get_sample_value("wschat_rate_limited_total",
+                                         {"type": kind, "reason": "bucket"}) is not None, kind
+    before = {kind: received(kind) for kind in ("kick", "mute", "unmute", "Moderate")}
+    refused_before = refused("kick"), refused("invalid")
+    chat = make_chat(Clock(), RATE_LIMIT_REQUESTS="0.001", RATE_LIMIT_REQUESTS_BURST="4")
+    chat.metrics = metrics
+    mod = moderator(chat, "mod", mod_rooms=("*",))
+    send(chat, mod, type="mute", room="r", user_id="b", duration=60)
+    send(chat, mod, type="unmute", room="r", user_id="b")
+    for _ in range(4):  # the last ones are over the request budget
+        send(chat, mod, type="kick", room="r", user_id="b")
+    metrics.flush()
+    assert "rate_limited" in [e["code"] for e in mod.events("error")]
+    assert {kind: received(kind) - n for kind, n in before.items()} == {
+        "kick": 4, "mute": 1, "unmute": 1, "Moderate": 0}
+    kicks_refused = refused("kick") - refused_before[0]
+    assert kicks_refused >= 1 and refused("invalid") == refused_before[1]

@@ -293,6 +293,15 @@ class _PresenceGate:
         return out
 
 
+def metric_kind(command: Command | None) -> str:
+    """What :class:`Metrics` calls a command: its class name, or a moderation command's
+    action (``kick``, ``mute``, ``unmute``: one class, three wire types); "" for a frame
+    that is no command."""
+    if command is None:
+        return ""
+    return command.action if isinstance(command, Moderate) else type(command).__name__
+
+
 def _one_after_another(step: Callable[[Any], None], items: Iterable[Any]) -> None:
     for item in items:
         step(item)
@@ -714,7 +723,7 @@ class Chat:
                 # junk is refused and closed (4102) like a flood of commands.
                 self._check_requests(session, None, request_id=bad.request_id)
                 raise
-            self.metrics.received(type(command).__name__)
+            self.metrics.received(metric_kind(command))
             if (self.settings.auth_required and not session.authenticated
                     and not isinstance(command, PRE_AUTH_KINDS)):
                 # Refused, but no more free than junk: else a client that never signs
@@ -994,7 +1003,7 @@ class Chat:
         """Raise ``rate_limited``; close a client that keeps going regardless (4102).
         ``held``: refused by :meth:`_keep_send_order`, not by a bucket; ``strike``:
         counts towards the 4102; ``request_id``: a frame's that is no command."""
-        self.metrics.rate_limited(type(command).__name__ if command else "", held=held)
+        self.metrics.rate_limited(metric_kind(command), held=held)
         if strike:
             session.flood_strikes += 1
         if not held:

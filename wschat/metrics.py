@@ -60,10 +60,12 @@ WAITING_CLOSE_REASONS = ("max_handshakes_per_ip", "pool")  # wschat.worker.Waiti
 HELD_TYPES = ("SendMessage", "SendDm")  # what a refused send holds back
 AUTH_FAILURE_REASONS = (ErrorCode.AUTH_FAILED.value, ErrorCode.TOKEN_EXPIRED.value)
 
-# The chat core reports command classes; Prometheus labels use the wire names.
+# The chat core reports command classes (a Moderate: its action, one of three wire
+# types); Prometheus labels use the wire names.
 _WIRE_TYPES = {"Auth": "auth", "Join": "join", "Leave": "leave", "SendMessage": "message",
                "SendDm": "dm", "Typing": "typing", "ListUsers": "list_users",
-               "History": "history", "Ping": "ping"}
+               "History": "history", "Ping": "ping",
+               "kick": "kick", "mute": "mute", "unmute": "unmute"}
 
 CONNECTIONS = Gauge("wschat_connections_total",
                     "Open WebSocket connections (a gauge despite the _total suffix, as documented)",
