@@ -679,6 +679,18 @@ def test_a_scrape_during_a_fold_never_counts_a_dead_worker_twice(tmp_path: Any,
     assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_222.db",
                                                              "counter_dead.db"]
     assert total() == 12.0
+    # A worker stopped (SIGSTOP) in the middle of a scrape, holding the lock, never hangs
+    # the master: it folds the next dead worker's counts after a second regardless.
+    import fcntl
+
+    with open(tmp_path / conf["FOLD_LOCK"], "a") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        os.replace(tmp_path / "counter_222.db", tmp_path / "counter_333.db")
+        started = time.monotonic()
+        conf["_fold_worker_totals"](333, logging.getLogger("test"))
+        assert time.monotonic() - started < 3 * conf["FOLD_LOCK_WAIT"]
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["counter_dead.db"]
+    assert total() == 12.0
 
 
 def test_moderation_commands_count_under_their_wire_types() -> None:
