@@ -276,3 +276,18 @@ def test_gunicorns_own_lines_are_redacted_in_text_format_too() -> None:
         output = srv.output()
     assert marker not in output
     assert "token=[redacted]" in output
+
+
+def test_redact_filter_blanks_credentials_and_passes_everything() -> None:
+    """The filter on gunicorn's logger rewrites a message with a credential, leaves the
+    rest as they are (arguments unformatted), and never drops or breaks a record."""
+    from wschat.logs import RedactFilter
+
+    leaky = logging.LogRecord("gunicorn.error", logging.ERROR, __file__, 1,
+                              "Error handling request %s %s", ("GET", "/ws?token=abc"), None)
+    plain = logging.LogRecord("gunicorn.error", logging.INFO, __file__, 1, "Booting %s",
+                              (42,), None)
+    broken = logging.LogRecord("gunicorn.error", logging.INFO, __file__, 1, "%d", ("x",), None)
+    assert all(RedactFilter().filter(r) for r in (leaky, plain, broken))
+    assert leaky.getMessage() == "Error handling request GET /ws?token=[redacted]"
+    assert (plain.msg, plain.args) == ("Booting %s", (42,))

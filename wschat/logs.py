@@ -145,7 +145,10 @@ class RedactFilter(logging.Filter):
     line (``?token=...`` included) or, for an application error, its URI."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 (a bad format: the handler reports it as ever)
+            return True
         clean = redact(text)
         if clean != text:
             record.msg, record.args = clean, None
