@@ -262,6 +262,8 @@ def test_client_line_throttle_counts_what_it_left_out() -> None:
     now[0] += 10.0
     assert throttle.filter(kept) and kept.getMessage() == (
         "bad thing short (1 more like this left out)")
+    now[0] += 10.0
+    assert throttle.filter(record("bad thing %d", "not a number"))  # passed on, not raised
 
 
 def test_gunicorns_own_lines_are_redacted_in_text_format_too() -> None:

@@ -129,7 +129,10 @@ class ClientLineThrottle(logging.Filter):
             bucket[2] += 1
             return False
         bucket[0] = tokens - 1
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 (a bad format: the handler reports it as ever)
+            return True
         if len(text) > self.max_text:
             text = f"{text[:self.max_text]}... ({len(text) - self.max_text} characters cut)"
         if bucket[2]:
