@@ -518,6 +518,35 @@ async def test_refused_sends_are_retried_in_order_one_probe_first() -> None:
         await client.close()
 
 
+async def test_a_join_refused_unavailable_again_and_again_backs_off() -> None:
+    """A store outage refuses a room's joins ``unavailable`` one after another: each retry
+    waits longer (the backoff of the refusals in a row, as JS and Rust), and a ``joined``
+    starts the count again (before: every retry waited the shortest delay, so every room
+    of every client kept asking for as long as the outage lasted)."""
+    backoff = Backoff(min_delay=0.02, max_delay=1.0, random=lambda: 1.0)
+    expected = [backoff.delay(n) for n in range(5)]  # 0.04, 0.06, 0.1, 0.18, 0.34
+    async with FakeServer() as fake:
+        client = Client(fake.url, backoff=backoff, request_timeout=TIMEOUT)
+        await client.connect()
+        peer = await fake.accept()
+        loop = asyncio.get_running_loop()
+        joining = asyncio.create_task(client.join("r"))
+        sent = []
+        for _ in range(len(expected)):
+            frame = await peer.recv("join")
+            sent.append(loop.time())
+            await peer.send(type="error", id=frame["id"], code="unavailable", message="redis")
+        await peer.joined()
+        sent.append(loop.time())
+        await asyncio.wait_for(joining, TIMEOUT)
+        gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+        # A wait is never shorter than its delay (a loaded machine only makes it longer).
+        assert all(gap >= want - 0.005 for gap, want in zip(gaps, expected, strict=True)), (
+            gaps, expected)
+        assert client._rooms["r"].join_refusals == 0
+        await client.close()
+
+
 async def test_a_server_that_started_afresh_is_followed_after_recovery_failed() -> None:
     """A restarted memory server numbers from 1 again: after recovered: false, 1 is delivered."""
     async with FakeServer() as fake:

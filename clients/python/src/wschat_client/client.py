@@ -64,6 +64,7 @@ EVENTS = frozenset({"state", "connected", "disconnected", "message", "dm", "pres
                     "ack", "error"})
 REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong", "moderated"})
 DM_IDS_KEPT = 10_000
+JOIN_RETRY_MAX = 5.0  # seconds: the longest wait of a join refused unavailable (as JS)
 REPLAY_END_UNKNOWN = WIRE_ID_MAX + 1  # above every id taken: only the ping's answer ends it
 
 
@@ -79,6 +80,7 @@ class _Room:
     accept_next: bool = False
     sync_rid: str | None = None  # a ping behind a replay that may be empty: its answer ends it
     retry: asyncio.TimerHandle | None = None
+    join_refusals: int = 0  # retryable refusals of its joins in a row (their backoff)
     joined: Joined | None = None
     join_queued: bool = False  # waits in the join queue for the join pacer
 
@@ -914,6 +916,7 @@ class Client:
 
     def _on_joined(self, room: _Room, obj: dict[str, Any]) -> None:
         room.join_rid = None
+        room.join_refusals = 0
         since = room.info.last_id
         # Only a whole number >= 0 is ever a position (wire_id): "5", null, 2.5, -1, 1e400
         # would poison every later since and gap check, or raise here (a lost joined).
@@ -997,7 +1000,12 @@ class Client:
             self._queue_join(room, first=True)
             return
         if err.code in RETRYABLE_CODES:
-            wait = max(self.backoff.delay(0), (err.retry_after_ms or 0) / 1000)
+            # unavailable again and again (a store outage): each retry waits longer, as
+            # JS's and Rust's do, up to JOIN_RETRY_MAX (every room asked at the shortest
+            # delay for as long as the outage lasted)
+            wait = max(min(self.backoff.delay(room.join_refusals), JOIN_RETRY_MAX),
+                       (err.retry_after_ms or 0) / 1000)
+            room.join_refusals += 1
             room.retry = asyncio.get_running_loop().call_later(wait, self._queue_join, room)
             return
         self._rooms.pop(room.info.name, None)
@@ -1296,6 +1304,7 @@ class Client:
         for room in self._rooms.values():
             room.join_rid = None
             room.join_queued = False
+            room.join_refusals = 0
             if room.retry is not None:
                 room.retry.cancel()
                 room.retry = None
