@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import logging
 import queue
@@ -539,7 +540,7 @@ async def test_a_join_refused_unavailable_again_and_again_backs_off() -> None:
         await peer.joined()
         sent.append(loop.time())
         await asyncio.wait_for(joining, TIMEOUT)
-        gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(sent)]
         # A wait is never shorter than its delay (a loaded machine only makes it longer).
         assert all(gap >= want - 0.005 for gap, want in zip(gaps, expected, strict=True)), (
             gaps, expected)
