@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         room = f"room-{r}"
         rooms.append(room)
         for _ in range(sizes[r % len(sizes)]):
-            s = NullSession(f"guest-{len(sessions)}")
+            s = NullSession(f"guest-{len(sessions):012x}")  # a guest id as the server makes them
             chat.open(s)
             chat.receive(s, json.dumps({"type": "join", "room": room}))
             sessions.append(s)

@@ -103,6 +103,16 @@ def test_moderation_user_ids_are_those_a_user_can_have() -> None:
         for user_id in USERS_IDS:
             assert parse_command(json.dumps({"type": kind, "room": "r", "user_id": user_id}
                                             )).user_id == user_id
+    # a DM's recipient too (before: "system", "api", "a\x85b" and made-up guest ids were
+    # taken, to be answered user_not_found or kept for nobody)
+    for user_id in NO_USERS_IDS:
+        with pytest.raises(ProtocolError) as info:
+            parse_command(json.dumps({"type": "dm", "to": user_id, "text": "hi"}))
+        assert info.value.code.value == "invalid_message", user_id
+        assert info.value.message.startswith("'to' must be a user's id"), info.value.message
+    for user_id in USERS_IDS:
+        assert parse_command(json.dumps({"type": "dm", "to": user_id, "text": "hi"})
+                             ).to == user_id
     # the same rule as a token's sub, guests' ids apart (no token may hold one)
     for user_id in [*NO_USERS_IDS, "\ud800", *USERS_IDS]:
         if user_id.startswith("guest-"):

@@ -309,8 +309,8 @@ def parse_command(raw: str | bytes, limits: Limits = Limits()) -> Command:
         return Leave(_room(obj, rid), rid)
     if kind == "dm":
         to = _field(obj, "to", str, rid)
-        if not 0 < len(to) <= 128 or _CONTROL_CHARS.search(to):
-            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'to' must be a user_id", rid)
+        if not valid_user_id(to):  # as kick's: one no user can have reaches nobody
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, DM_TO_RULE, rid)
         return SendDm(UserId(to), _text(obj, rid, limits),
                       _short_id(obj, "client_msg_id", rid), rid)
     if kind == "list_users":
@@ -332,6 +332,8 @@ def parse_command(raw: str | bytes, limits: Limits = Limits()) -> Command:
 MAX_REASON_CHARS = 200
 USER_ID_RULE = ("'user_id' must be a user's id: 1-128 characters without control characters, "
                 "not 'system' or 'api', and one beginning with 'guest-' a guest's")
+
+DM_TO_RULE = "'to'" + USER_ID_RULE.removeprefix("'user_id'")
 
 
 def _moderate(kind: str, obj: dict[str, Any], rid: RequestId) -> Moderate:
