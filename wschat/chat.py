@@ -368,7 +368,11 @@ class Chat:
 
     def start(self) -> None:
         """Receive what the broker delivers (with Redis: connect and subscribe)."""
-        self.stores.broker.start(self._deliver_room, self._deliver_user)
+        # Only another worker's room message needs _deliver_room's look at the typists:
+        # one of this worker ends its author's typing itself (_end_typing_of).
+        on_room = (self._deliver_room if self.stores.broker.spans_workers
+                   else self.hub.deliver_room)
+        self.stores.broker.start(on_room, self._deliver_user)
 
     # -- connection lifecycle ----------------------------------------------------------
     def open(self, session: Session, arriving: bool = False) -> None:
@@ -723,7 +727,10 @@ class Chat:
                 # junk is refused and closed (4102) like a flood of commands.
                 self._check_requests(session, None, request_id=bad.request_id)
                 raise
-            self.metrics.received(metric_kind(command))
+            kind = type(command).__name__  # metric_kind, spelt out on the message path
+            if kind == "Moderate" and isinstance(command, Moderate):
+                kind = command.action
+            self.metrics.received(kind)
             if (self.settings.auth_required and not session.authenticated
                     and not isinstance(command, PRE_AUTH_KINDS)):
                 # Refused, but no more free than junk: else a client that never signs
@@ -1350,7 +1357,8 @@ class Chat:
         else:
             self.metrics.fanout_seconds(self.monotonic() - started)
             self.metrics.posted("room")
-        self._end_typing_of(session, cmd.room)
+        if self._typists:  # nobody types on this worker, as most of the time: nothing to end
+            self._end_typing_of(session, cmd.room)
 
     def _refuse_outsider(self, session: Session, room: str, request_id: RequestId) -> None:
         """``forbidden`` rather than ``not_in_room`` for a room the grants do not open."""
@@ -1461,7 +1469,8 @@ class Chat:
         """The session's user wrote in ``room``: its typing indicator ends there, whichever
         of its connections here set it (its connections on other workers: when the
         message reaches them, :meth:`_deliver_room`)."""
-        typists = self._typists.get(room, {}).get(session.user_id)
+        users = self._typists.get(room)
+        typists = users.get(session.user_id) if users is not None else None
         if not typists:
             return
         for typist in list(typists):

@@ -376,6 +376,9 @@ class Broker(ABC):
     #: Called (in the broker's greenlet) after a lost connection to the shared
     #: store is back, so the chat core can re-register its live connections.
     on_reconnect: Callable[[], None] | None = None
+    #: Whether what it delivers may come from other workers (a room message of a user
+    #: whose connection on another worker posted it), not only from this one.
+    spans_workers: bool = True
 
     @abstractmethod
     def start(self, on_room: RoomHandler, on_user: UserHandler) -> None:

@@ -375,6 +375,8 @@ class MemoryMessageStore(MessageStore):
 class MemoryBroker(Broker):
     """Delivery within this process: publishing is calling the local hub."""
 
+    spans_workers = False
+
     def __init__(self) -> None:
         self._on_room: RoomHandler | None = None
         self._on_user: UserHandler | None = None
