@@ -1857,6 +1857,40 @@ async def test_close_cancels_handlers_still_running_after_connect_timeout(
         assert "1 handler task(s) still running" in caplog.text
 
 
+
+@pytest.mark.parametrize("how", ["wait_for", "shield", "task"])
+async def test_a_handler_closing_through_another_task_is_not_waited_for(how: str) -> None:
+    """A coroutine handler may await close() in a task of its own: ``asyncio.wait_for``
+    makes one on Python 3.11, ``asyncio.shield`` and ``create_task`` on any. That close()
+    waited for the handler, which waited for it: both hung for ``connect_timeout``, and then
+    the handler was cancelled (a warning said so) instead of going on after its close."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake, connect_timeout=3 * TIMEOUT)
+        ended: list[str] = []
+        done = asyncio.Event()
+
+        async def closing(message: Any) -> None:
+            try:
+                if how == "wait_for":
+                    await asyncio.wait_for(client.close(), 6 * TIMEOUT)
+                elif how == "shield":
+                    await asyncio.shield(client.close())
+                else:
+                    await asyncio.create_task(client.close())
+                ended.append("closed")
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+                raise
+            finally:
+                done.set()
+
+        client.on("message", closing)
+        await peer.message(1)
+        await asyncio.wait_for(done.wait(), TIMEOUT)
+        assert ended == ["closed"]
+        assert client.state is ConnectionState.DISCONNECTED
+
+
 async def test_a_refused_send_that_then_fails_leaves_no_probe_behind() -> None:
     """After a retryable refusal a target's sends go one at a time until one gets through
     (``_probing``). When the refused send fails instead (its DM's recipient is gone, its

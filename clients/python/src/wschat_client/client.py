@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import calendar
+import contextvars
 import inspect
 import json
 import logging
@@ -66,6 +67,12 @@ REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong", "moderat
 DM_IDS_KEPT = 10_000
 JOIN_RETRY_MAX = 5.0  # seconds: the longest wait of a join refused unavailable (as JS)
 REPLAY_END_UNKNOWN = WIRE_ID_MAX + 1  # above every id taken: only the ping's answer ends it
+# In a coroutine handler's task, and in every task it starts (they copy its context): that
+# handler's task. A close() called there does not wait for that handler, which waits for it
+# (asyncio.wait_for on Python 3.11, asyncio.shield, create_task: a task of their own, not the
+# handler's).
+_HANDLER_TASK: contextvars.ContextVar[asyncio.Future[Any] | None] = contextvars.ContextVar(
+    "wschat_client_handler_task", default=None)
 
 
 @dataclass(slots=True, eq=False)
@@ -119,6 +126,13 @@ def refresh_delay(remaining: float) -> float:
     ``REFRESH_FLOOR``: a token already past its ``exp`` on this clock (one ahead of the
     server's, whose leeway still takes it) was replaced at once, again and again."""
     return max(REFRESH_FLOOR, remaining - min(60.0, remaining / 4))
+
+
+async def _handler_run(result: Awaitable[Any]) -> Any:
+    """A coroutine handler's run, in a task whose context (copied by every task it starts)
+    names that task: :meth:`Client.close` called there does not wait for it."""
+    _HANDLER_TASK.set(asyncio.current_task())
+    return await result
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -238,7 +252,9 @@ class Client:
         # Coroutine handlers running: asyncio keeps only a weak reference to a task, and one
         # awaiting what nothing else refers to would be collected before its end.
         self._handling: set[asyncio.Future[Any]] = set()
-        self._closers: set[asyncio.Future[Any] | None] = set()  # tasks inside close()
+        # Tasks inside close(), and the handlers that started them (_HANDLER_TASK): one entry
+        # per close() call, so one that returns takes away its own only.
+        self._closers: list[asyncio.Future[Any] | None] = []
 
     # -- events --------------------------------------------------------------------------
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
@@ -262,7 +278,7 @@ class Client:
             try:
                 result = handler(payload)
                 if inspect.isawaitable(result):
-                    task = asyncio.ensure_future(result)
+                    task = asyncio.ensure_future(_handler_run(result))
                     self._handling.add(task)
                     task.add_done_callback(lambda done, event=event: self._handled(event, done))
             except Exception:
@@ -331,21 +347,25 @@ class Client:
         warning says how many), so a handler that waits for something that never
         comes cannot hold ``close()`` for ever. A handler that calls ``close()`` is not
         waited for by a ``close()`` call (its own, or another handler's: each would
-        wait for the other). Cancelling this call stops the wait, not them."""
-        current = asyncio.current_task()
-        self._closers.add(current)
+        wait for the other), also when it awaits it in a task it started
+        (``asyncio.wait_for`` on Python 3.11, ``asyncio.shield``, ``create_task``).
+        Cancelling this call stops the wait, not them."""
+        # This task, and the handler it runs for, even in a task of its own (_HANDLER_TASK)
+        ours = [asyncio.current_task(), _HANDLER_TASK.get()]
+        self._closers.extend(ours)
         try:
             await self._close()
             await self._wait_for_handlers(asyncio.get_running_loop().time()
                                           + self.connect_timeout)
         finally:
-            self._closers.discard(current)
+            for task in ours:
+                self._closers.remove(task)
 
     async def _wait_for_handlers(self, deadline: float) -> None:
         """Until no handler task is left (handlers may start more: the events of what
         they do), or ``deadline``; those left then are cancelled."""
         loop = asyncio.get_running_loop()
-        while running := (self._handling | self._leaving) - self._closers:
+        while running := (self._handling | self._leaving) - set(self._closers):
             left = deadline - loop.time()
             if left <= 0:
                 log.warning("close(): %d handler task(s) still running after %.1f s "
