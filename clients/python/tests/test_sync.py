@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import queue
+import threading
 
+import pytest
 from conftest import TIMEOUT, Harness
-from wschat_client import ChatError, ConnectionState, Message, SyncClient
+from wschat_client import ChatError, ClientClosed, ConnectionState, Message, SyncClient
 
 
 def test_sync_client_round_trip(harness: Harness) -> None:
@@ -31,3 +33,39 @@ def test_sync_client_round_trip(harness: Harness) -> None:
         else:
             raise AssertionError("a send to a room not joined was accepted")
     assert chat.state is ConnectionState.DISCONNECTED
+
+
+def test_a_call_from_another_thread_while_close_ends_raises(harness: Harness) -> None:
+    """A blocking call made from another thread while close() stops the client's thread
+    raises ClientClosed: its coroutine went to a loop stopped for good (or one stopped
+    before its answer came through), and the call waited for ever."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    chat = SyncClient(server["url"], username="ann", request_timeout=TIMEOUT)
+    chat.connect()
+    loop_thread = chat._thread
+    outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+    def other_thread() -> None:
+        try:
+            chat.ping()
+        except BaseException as exc:  # noqa: BLE001 - the test reports what it got
+            outcome.put(exc)
+        else:
+            outcome.put(None)
+
+    def join_then_call(timeout: float | None = None) -> None:
+        threading.Thread.join(loop_thread, timeout)  # the loop has stopped, not closed yet
+        caller = threading.Thread(target=other_thread, daemon=True)
+        caller.start()
+        caller.join(TIMEOUT)
+
+    loop_thread.join = join_then_call  # type: ignore[method-assign]
+    chat.close()
+    try:
+        got = outcome.get(timeout=TIMEOUT)
+    except queue.Empty:
+        raise AssertionError("a call made while close() ended never returned") from None
+    assert isinstance(got, ClientClosed), got
+    with pytest.raises(ClientClosed):
+        chat.ping()  # after close(): raises, as Client's calls do
+    chat.close()  # again: nothing to do

@@ -4,17 +4,19 @@ Every method blocks until the coroutine it runs is done; event handlers are call
 on the client's thread, so keep them short (or hand the work to a queue). A handler
 cannot call the blocking methods (they raise ``RuntimeError``: they would wait for
 the very thread the handler holds); ``typing``, ``on`` and the attributes do not
-block and may be used.
+block and may be used. ``close`` may be called from any other thread (:meth:`SyncClient.close`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .client import Client, Handler, UrlSource
+from .errors import ClientClosed
 from .events import ConnectionState, DirectMessage, Joined, Message, RoomInfo, User
 
 T = TypeVar("T")
@@ -37,6 +39,13 @@ class SyncClient:
                                         daemon=True)
         self._thread.start()
         self.client = Client(url, **options)
+        # The calls under way (their coroutines on the loop), and whether close() has begun to
+        # stop the loop: a call then raises ClientClosed rather than wait for a loop that
+        # will not run its coroutine (it waited for ever).
+        self._lock = threading.Lock()
+        self._calls: set[concurrent.futures.Future[Any]] = set()
+        self._stopping = False
+        self._close_lock = threading.Lock()  # a second close() waits for the first
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self._thread:
@@ -46,7 +55,21 @@ class SyncClient:
             raise RuntimeError("a SyncClient method was called from an event handler, on the "
                                "client's thread, which it would wait for: hand the work to "
                                "another thread (a queue.Queue), or use the asyncio Client")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        with self._lock:
+            if self._stopping:
+                coro.close()
+                raise ClientClosed("the SyncClient is closed")
+            call = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._calls.add(call)
+        try:
+            return call.result()
+        except concurrent.futures.CancelledError:
+            if self._stopping:  # cut short by close(): its loop stopped
+                raise ClientClosed("the SyncClient is closed") from None
+            raise
+        finally:
+            with self._lock:
+                self._calls.discard(call)
 
     @property
     def state(self) -> ConnectionState:
@@ -74,13 +97,27 @@ class SyncClient:
         self._run(self.client.connect(timeout=timeout))
 
     def close(self) -> None:
-        """Close the client and stop its thread."""
-        if self._loop.is_closed():
-            return
-        self._run(self.client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        """Close the client and stop its thread. The calls other threads made meanwhile end
+        first (what they wait for fails with ``ClientClosed``; one still running after
+        ``connect_timeout`` raises it); calls made after it raise ``ClientClosed``, and a
+        second ``close()`` returns once the first is done."""
+        if threading.current_thread() is self._thread:
+            self._run(self.client.close())  # raises: a handler would wait for its own thread
+        with self._close_lock:
+            if self._loop.is_closed():
+                return
+            self._run(self.client.close())
+            with self._lock:
+                self._stopping = True
+                calls = set(self._calls)
+            # Everything they wait for of the client failed: their coroutines end in a few
+            # turns of the loop, which must not stop before (their callers would wait for ever).
+            concurrent.futures.wait(calls, timeout=self.client.connect_timeout)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            for call in calls:
+                call.cancel()  # still running: its caller raises ClientClosed
+            self._loop.close()
 
     def __enter__(self) -> SyncClient:
         self.connect()
