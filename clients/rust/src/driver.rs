@@ -34,6 +34,10 @@ use crate::protocol::{
 use crate::rooms::{RoomSeq, Verdict};
 use crate::token::{expiry_of, refresh_wait, RefreshDue};
 
+/// The longest wait before a join refused for now (`unavailable`) goes again, whatever the
+/// reconnect backoff's `max` (5 s, as in the JS and Python clients).
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Runs the driver and, should it panic (a bug of this library), tells the app that the client
 /// is gone for good, as a close that forbids reconnecting is told: the state `Disconnected`,
 /// `Event::Disconnected` with `reconnect_in: None` and `Event::Error(Error::Terminal)`, both
@@ -1482,7 +1486,9 @@ impl Driver {
                     // away, say): again after a backoff that grows with the room's refusals in a
                     // row, as in the JS client (at the shortest delay for ever, every room of
                     // every client would keep asking through a whole outage), and not before the
-                    // refusal's `retry_after_ms`, should it carry one.
+                    // refusal's `retry_after_ms`, should it carry one. The backoff is held to
+                    // JOIN_RETRY_MAX (5 s, as JS and Python): a room back within seconds of the
+                    // store, not the reconnect backoff's 20 s.
                     let retry = self.rid();
                     let asked = match &error {
                         Error::Server { retry_after_ms: Some(ms), .. } => Duration::from_millis(*ms),
@@ -1491,7 +1497,8 @@ impl Driver {
                     let mut delay = asked;
                     if let Some(r) = self.rooms.get_mut(&room) {
                         r.retry = Some(retry);
-                        delay = delay.max(self.cfg.backoff.delay(r.join_refusals, fastrand::f64()));
+                        let backoff = self.cfg.backoff.delay(r.join_refusals, fastrand::f64());
+                        delay = delay.max(backoff.min(JOIN_RETRY_MAX));
                         r.join_refusals = r.join_refusals.saturating_add(1);
                     }
                     self.later(delay.min(RETRY_AFTER_CAP), Internal::RetryJoin(room, retry));

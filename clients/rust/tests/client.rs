@@ -1838,6 +1838,33 @@ async fn a_join_refused_unavailable_again_and_again_backs_off() {
     server.abort();
 }
 
+/// A join refused `unavailable` goes again within 5 s, whatever the reconnect backoff (as in the
+/// JS and Python clients): here its shortest delay is 20 s, which a refused join waited before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_refused_unavailable_goes_again_within_five_seconds() {
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if !refused.swap(true, Ordering::SeqCst) => {
+            let refusal = json!({"type": "error", "code": "unavailable", "message": "later", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        _ => vec![],
+    })
+    .await;
+    let (c, _events) = Client::builder(url)
+        .request_timeout(scaled(60.0))
+        .backoff(Duration::from_secs(20), Duration::from_secs(60))
+        .connect();
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let joined = tokio::time::timeout(Duration::from_secs(15), c.join("down")).await;
+    assert!(joined.expect("joined within 15 s: the retry waited the 20 s backoff").is_ok());
+    let joins = frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == "join").count();
+    assert_eq!(joins, 2);
+    c.close();
+    server.abort();
+}
+
 /// A send written, its echo lost with the connection; the re-join's `joined` says
 /// `recovered: true` and `last_id` 2, and the replay (message 2: that echo) comes a little
 /// later. The send waits for the replay, which acknowledges it: it is not written again, and
