@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,21 +255,26 @@ def test_kick_ban_unban_mute_unmute_disconnect(server: Server) -> None:
 
 
 def test_user_ids_are_those_a_user_can_have(server: Server) -> None:
-    """Every endpoint's user_id is one a token's sub may be, or a guest's server-given id:
-    control characters, `system`, `api` or a `guest-` id no guest has are 400 (and nothing
-    is stored for them); a guest is kicked, muted and banned as any user."""
+    """Every endpoint that stores or sends something for a user_id takes one a token's sub
+    may be, or a guest's server-given id: control characters, `system`, `api` or a
+    `guest-` id no guest has are 400 (and nothing is stored for them); a guest is kicked,
+    muted and banned as any user. The lifts take those too (what an earlier release
+    stored: test_restrictions_stored_for_ids_no_user_can_have_can_still_be_lifted), never
+    one over 128 characters."""
     bad = ["a\x00b", "a\nb", "a\x85b", "system", "api", "guest-x", "x" * 129]
     for user_id in bad:
         for path, body in (("/api/kick", {"room": "hall"}), ("/api/ban", {}),
-                           ("/api/unban", {}), ("/api/mute", {"room": "hall"}),
-                           ("/api/unmute", {}), ("/api/disconnect", {}),
+                           ("/api/mute", {"room": "hall"}), ("/api/disconnect", {}),
                            ("/api/rooms/team-x/members", {})):
             status, got = call(server, "POST", path, {**body, "user_id": user_id})
             assert (status, got["error"]["code"]) == (400, "invalid_request"), (path, user_id)
             assert "user_id" in got["error"]["message"]
-    for path in ("system", "api", "a%00b", "a%09b", "guest-x"):
-        status, got = call(server, "DELETE", f"/api/rooms/team-x/members/{path}")
+    for path in ("/api/unban", "/api/unmute"):
+        status, got = call(server, "POST", path, {"user_id": "x" * 129})
         assert (status, got["error"]["code"]) == (400, "invalid_request"), path
+        assert "user_id" in got["error"]["message"]
+    status, got = call(server, "DELETE", f"/api/rooms/team-x/members/{'x' * 129}")
+    assert (status, got["error"]["code"]) == (400, "invalid_request")
     assert call(server, "GET", "/api/rooms/team-x/members")[1]["members"] == []
     with Client(server.url) as guest:
         guest.join("hall")
@@ -282,6 +288,51 @@ def test_user_ids_are_those_a_user_can_have(server: Server) -> None:
         status, body = call(server, "POST", "/api/ban", {"user_id": guest.user_id})
         assert status == 200
         assert guest.close_code_when_closed() == 4003
+
+
+def test_restrictions_stored_for_ids_no_user_can_have_can_still_be_lifted() -> None:
+    """Before user ids were checked, the API stored memberships, bans and mutes for any
+    id of 1-128 characters (`system`, a made-up `guest-` id, a sub tokens may no longer
+    hold). Lifting stores nothing: DELETE of a member, unban and unmute still take such an
+    id, so what an earlier release stored can be taken out (GET members listed it, and
+    its DELETE was 400 for good)."""
+    from wschat.stores.moderation import EVERYWHERE
+
+    clock = Clock()
+    chat = make_chat(clock, API_KEY=API_KEY, PRIVATE_ROOMS="team-*")
+    store = chat.access.store
+    legacy = ["guest-x", "system", "api", "a\tb"]
+    for user_id in legacy:
+        store.set_member("team-x", user_id, True)
+        store.restrict("ban", EVERYWHERE, user_id, float("inf"))
+        store.restrict("mute", "hall", user_id, float("inf"))
+    app = Flask(__name__)
+    register_api(app, chat, 8081, clock)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def api(method: str, path: str, body: Any = None) -> Any:
+        return client.open(path, method=method, json=body, headers=auth,
+                           base_url="http://localhost:8081")
+
+    assert sorted(api("GET", "/api/rooms/team-x/members").json["members"]) == sorted(legacy)
+    for user_id in legacy:
+        quoted = urllib.parse.quote(user_id, safe="")
+        got = api("DELETE", f"/api/rooms/team-x/members/{quoted}")
+        assert (got.status_code, got.json.get("changed")) == (200, True), (user_id, got.json)
+        got = api("POST", "/api/unban", {"user_id": user_id})
+        assert (got.status_code, got.json.get("lifted")) == (200, True), (user_id, got.json)
+        got = api("POST", "/api/unmute", {"user_id": user_id, "room": "hall"})
+        assert (got.status_code, got.json.get("lifted")) == (200, True), (user_id, got.json)
+    assert api("GET", "/api/rooms/team-x/members").json["members"] == []
+    # never anything that could not have been stored: empty, too long, no string
+    for user_id in ("", "x" * 129, 7):
+        got = api("POST", "/api/unban", {"user_id": user_id})
+        assert (got.status_code, got.json["error"]["code"]) == (400, "invalid_request")
+    # and what stores one is as strict as before
+    for user_id in legacy:
+        got = api("POST", "/api/ban", {"user_id": user_id})
+        assert (got.status_code, got.json["error"]["code"]) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize("method, path, body, status, code", [

@@ -26,8 +26,8 @@ from werkzeug.exceptions import HTTPException
 from .version import __version__
 from .errors import WschatError
 from .protocol import (
-    USER_ID_RULE, ErrorCode, History, ProtocolError, SendDm, SendMessage, draft_dm,
-    draft_message, parse_command, valid_user_id,
+    MAX_USER_ID_CHARS, USER_ID_RULE, ErrorCode, History, ProtocolError, SendDm, SendMessage,
+    draft_dm, draft_message, parse_command, valid_user_id,
 )
 from .stores.base import API_USER, InboxFull, Unavailable
 from .stores.moderation import until_ms, until_of
@@ -105,6 +105,19 @@ def _user_id(body: dict[str, Any]) -> str:
         # has): nothing would ever match what was stored or published for it.
         raise ApiError(400, "invalid_request", USER_ID_RULE)
     return str(user_id)
+
+
+LIFTED_USER_ID_RULE = "'user_id' must be a string of 1-128 characters"
+
+
+def _lifted_user_id(body: dict[str, Any]) -> str:
+    """The user_id of a lift (unban, unmute, a member's removal): any id an earlier
+    release may have stored a restriction or membership for (1-128 characters, the rule
+    then), so that it can still be taken out; a lift stores nothing."""
+    user_id = body.get("user_id")
+    if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_USER_ID_CHARS:
+        raise ApiError(400, "invalid_request", LIFTED_USER_ID_RULE)
+    return user_id
 
 
 def _optional_room(chat: Chat, body: dict[str, Any]) -> str | None:
@@ -234,7 +247,7 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
 
     @api.delete("/rooms/<room>/members/<path:user_id>")  # a token's sub may hold "/"
     def remove_member(room: str, user_id: str) -> Response:
-        room, user_id = _room_path(chat, room), _user_id({"user_id": user_id})
+        room, user_id = _room_path(chat, room), _lifted_user_id({"user_id": user_id})
         changed = access.set_member(room, user_id, False)
         return _reply({"room": room, "user_id": user_id, "member": False, "changed": changed,
                        "private": access.is_private(room)})
@@ -259,7 +272,7 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
     @api.post("/unban")
     def unban() -> Response:
         body = _body()
-        user_id, room = _user_id(body), _optional_room(chat, body)
+        user_id, room = _lifted_user_id(body), _optional_room(chat, body)
         return _reply({"user_id": user_id, "room": room, "lifted": access.unban(user_id, room)})
 
     @api.post("/mute")
@@ -273,7 +286,7 @@ def create_api(chat: Chat, clock: Callable[[], float]) -> Blueprint:
     @api.post("/unmute")
     def unmute() -> Response:
         body = _body()
-        user_id, room = _user_id(body), _optional_room(chat, body)
+        user_id, room = _lifted_user_id(body), _optional_room(chat, body)
         return _reply({"user_id": user_id, "room": room,
                        "lifted": access.unmute(user_id, room)})
 
@@ -373,6 +386,13 @@ _USER_ID = {"type": "string", "minLength": 1, "maxLength": 128,
             "description": "a user's id: a token's possible sub (no control characters, "
                            "not 'system' or 'api', not beginning with 'guest-') or a "
                            "guest's ('guest-' and 12 hex digits)"}
+# What a lift (unban, unmute, a member's removal) takes: also an id an earlier release
+# stored something for, before ids were checked.
+_LIFTED_USER_ID = {"type": "string", "minLength": 1, "maxLength": 128,
+                   "description": "a user's id, or any other an earlier release stored a "
+                                  "restriction or membership for"}
+_DM_TO = {"type": "string", "minLength": 1, "maxLength": 128,
+          "description": "the recipient's user id, no control characters"}
 _FROM = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS,
          "description": "display name, printable; default 'system'"}
 _REASON = {"type": "string", "minLength": 1, "maxLength": 200, "description": "printable"}
@@ -417,7 +437,7 @@ _ROOM_PARAM = _path_param("room", _ROOM)
 _MUTE_BODY = _schema(["user_id"], user_id=_USER_ID, room=_OPTIONAL_ROOM, duration=_DURATION)
 _BAN_BODY = _schema(["user_id"], user_id=_USER_ID, room=_OPTIONAL_ROOM, duration=_DURATION,
                     reason=_REASON)
-_LIFT_BODY = _schema(["user_id"], user_id=_USER_ID, room=_OPTIONAL_ROOM)
+_LIFT_BODY = _schema(["user_id"], user_id=_LIFTED_USER_ID, room=_OPTIONAL_ROOM)
 _RESTRICTED = _schema(["user_id", "room", "until"], user_id=_STR,
                       room={"type": ["string", "null"]}, until=_UNTIL)
 _LIFTED = _schema(["user_id", "room", "lifted"], user_id=_STR,
@@ -449,7 +469,7 @@ OPENAPI: dict[str, Any] = {
             "Send a direct message to a user as the server",
             _schema(["id", "to", "duplicate", "delivered"], id={"type": "integer"}, to=_STR,
                     duplicate={"type": "boolean"}, delivered={"type": "boolean"}),
-            _schema(["to", "text"], to=_USER_ID, text=_STR, **{"from": _FROM},
+            _schema(["to", "text"], to=_DM_TO, text=_STR, **{"from": _FROM},
                     client_msg_id={**_STR, "maxLength": 64}),
             errors=("404", "409"))},
         "/api/rooms": {"get": _op(
@@ -481,7 +501,7 @@ OPENAPI: dict[str, Any] = {
                         _schema(["user_id"], user_id=_USER_ID), params=[_ROOM_PARAM])},
         "/api/rooms/{room}/members/{user_id}": {"delete": _op(
             "Revoke a membership (the user is removed from the private room at once)",
-            _MEMBERSHIP, params=[_ROOM_PARAM, _path_param("user_id", _USER_ID)])},
+            _MEMBERSHIP, params=[_ROOM_PARAM, _path_param("user_id", _LIFTED_USER_ID)])},
         "/api/kick": {"post": _op(
             "Remove a user from a room now (they may join again)",
             _schema(["room", "user_id", "kicked"], room=_STR, user_id=_STR,
