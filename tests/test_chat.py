@@ -175,6 +175,33 @@ def test_typing_is_the_users_across_its_connections(chat: Chat, clock: Clock) ->
     assert [e["status"] for e in a.events("typing")] == [True, False]
 
 
+def test_a_message_stored_is_not_refused_when_its_typing_off_cannot_go_out(
+        chat: Chat) -> None:
+    """The `typing: false` a message owes its user's indicator is best effort, as at a
+    leave or an expiry: when the store cannot publish it, the message (stored, numbered,
+    echoed) is not answered `unavailable` as well (its client would count it refused and
+    hold its next sends behind it)."""
+    from wschat.stores.base import Unavailable
+
+    a, b1, b2 = connect(chat, "a"), connect(chat, "b"), connect(chat, "b")
+    for s in (a, b1, b2):
+        send(chat, s, type="join", room="r")
+    send(chat, b1, type="typing", room="r", status=True)
+    publish = chat.stores.broker.publish_room
+
+    def no_typing(room: str, event: bytes, exclude_user: str | None = None) -> None:
+        if b'"typing"' in event:
+            raise Unavailable("redis went away")
+        publish(room, event, exclude_user)
+
+    chat.stores.broker.publish_room = no_typing  # type: ignore[method-assign]
+    send(chat, b2, type="message", room="r", text="hi", client_msg_id="m1", id=7)
+    assert [e["text"] for e in a.events("message")] == ["hi"]
+    assert b2.events("error") == []
+    assert b2.refused_sends is None and b2.held_send is None
+    assert b1.typing == {} and b2.typing == {} and chat._typists == {}
+
+
 def test_shutdown_turns_each_users_typing_off_once(chat: Chat) -> None:
     """At shutdown every typing indicator goes off (the timer stops with the worker): one
     `false` per user and room, however many of its connections typed there."""

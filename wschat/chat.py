@@ -9,6 +9,7 @@ rooms and presence are cleaned up, whatever ended it.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections import deque
 import itertools
@@ -1470,12 +1471,16 @@ class Chat:
         of its connections here set it (its connections on other workers: when the
         message reaches them, :meth:`_deliver_room`)."""
         users = self._typists.get(room)
-        typists = users.get(session.user_id) if users is not None else None
+        typists = users.get(session.user_id) if users else None
         if not typists:
             return
         for typist in list(typists):
             self._typing_stopped(typist, room)
-        self._publish_typing(session, room, False)
+        # Best effort, as at a leave: the message is stored and published, and must not be
+        # answered `unavailable` (its client would count it refused and hold its next
+        # sends behind it); the clients expire the indicator anyway.
+        with contextlib.suppress(Unavailable):
+            self._publish_typing(session, room, False)
 
     def _deliver_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
         """What the broker brings for a room goes to its local members; a room message
