@@ -202,6 +202,30 @@ def test_a_message_stored_is_not_refused_when_its_typing_off_cannot_go_out(
     assert b1.typing == {} and b2.typing == {} and chat._typists == {}
 
 
+def test_a_message_a_recovery_fills_in_ends_its_users_typing(chat: Chat, clock: Clock
+                                                             ) -> None:
+    """A message this worker missed (pub/sub away) and a recovery delivers from the history
+    ends its author's typing indicator here, as it would have live: it was written from
+    the author's connection on another worker, while one here typed."""
+    from wschat.protocol import draft_message
+
+    a, b = connect(chat, "a"), connect(chat, "b")
+    for s in (a, b):
+        send(chat, s, type="join", room="r")
+    send(chat, b, type="typing", room="r", status=True)
+    publish = chat.stores.broker.publish_room
+    chat.stores.broker.publish_room = lambda *args: None  # type: ignore[method-assign]
+    draft = draft_message("r", "b", "b", "from b's other tab", 0, None)
+    chat.stores.messages.post_room("r", "b", draft)  # published while this worker was away
+    chat.stores.broker.publish_room = publish  # type: ignore[method-assign]
+    chat.resync()
+    assert [e["text"] for e in a.events("message")] == ["from b's other tab"]
+    clock.now += 0.1  # a step of the timer, well before the indicator's expiry (5 s)
+    chat.expire_typing()
+    assert [e["status"] for e in a.events("typing")] == [True, False]
+    assert b.typing == {} and chat._typists == {}
+
+
 def test_shutdown_turns_each_users_typing_off_once(chat: Chat) -> None:
     """At shutdown every typing indicator goes off (the timer stops with the worker): one
     `false` per user and room, however many of its connections typed there."""

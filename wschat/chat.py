@@ -643,7 +643,7 @@ class Chat:
             if not replay.complete:
                 self._close_behind(room, replay)
             for event in replay.messages:
-                self.hub.deliver_room(room, event)
+                self._deliver_room(room, event)  # as live: its author's typing ends here
                 filled += 1
         if filled:
             log.warning("delivered %d room messages published while reconnecting", filled)
