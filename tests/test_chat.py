@@ -226,6 +226,35 @@ def test_a_message_a_recovery_fills_in_ends_its_users_typing(chat: Chat, clock: 
     assert b.typing == {} and chat._typists == {}
 
 
+def test_a_message_delivered_again_does_not_end_typing_begun_since(chat: Chat, clock: Clock
+                                                                     ) -> None:
+    """A room message the stream brings a second time (a recovery's fill met the live
+    stream: the hub drops it) is not news: it does not end the typing its author began
+    since the first (that one ended the indicator already)."""
+    from wschat.protocol import draft_message
+
+    a, b = connect(chat, "a"), connect(chat, "b")
+    for s in (a, b):
+        send(chat, s, type="join", room="r")
+    send(chat, b, type="typing", room="r", status=True)
+    publish = chat.stores.broker.publish_room
+    chat.stores.broker.publish_room = lambda *args: None  # type: ignore[method-assign]
+    draft = draft_message("r", "b", "b", "from b's other tab", 0, None)
+    event = chat.stores.messages.post_room("r", "b", draft).event  # from another worker
+    chat.stores.broker.publish_room = publish  # type: ignore[method-assign]
+    chat._deliver_room("r", event)  # what the broker hands over
+    clock.now += 0.1
+    chat.expire_typing()
+    assert [e["status"] for e in a.events("typing")] == [True, False]
+    send(chat, b, type="typing", room="r", status=True)  # typing the next one
+    chat._deliver_room("r", event)  # the same message again
+    clock.now += 0.1
+    chat.expire_typing()
+    assert [e["text"] for e in a.events("message")] == ["from b's other tab"]
+    assert [e["status"] for e in a.events("typing")] == [True, False, True]
+    assert "r" in b.typing
+
+
 def test_shutdown_turns_each_users_typing_off_once(chat: Chat) -> None:
     """At shutdown every typing indicator goes off (the timer stops with the worker): one
     `false` per user and room, however many of its connections typed there."""

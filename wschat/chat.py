@@ -1489,9 +1489,16 @@ class Chat:
         connection of the same user set here: it falls due at once, and the timer turns it
         off (expire_typing) within a step (this runs in the pub/sub reader, which does not
         wait for a publish of its own)."""
+        if room not in self._typists:  # as a rule: nobody types there
+            self.hub.deliver_room(room, event, exclude_user)
+            return
+        msg_id = message_id_of(event)
+        # One the hub delivered before (a recovery's fill met the stream) is no news: its
+        # author's indicator now is one begun since.
+        fresh = msg_id is not None and msg_id > self.hub.max_seen.get(room, 0)
         self.hub.deliver_room(room, event, exclude_user)
         users = self._typists.get(room)
-        if users and message_id_of(event) is not None:
+        if fresh and users:
             try:
                 author = orjson.loads(event).get("user_id")
             except orjson.JSONDecodeError:
