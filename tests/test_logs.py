@@ -235,6 +235,30 @@ def test_a_flood_of_bad_requests_writes_few_short_lines() -> None:
             wait_until(left_out_told, 6 * TIMEOUT, 0.2, f"a {kind} line telling the count")
 
 
+def test_a_flood_that_stops_is_told_its_count_too() -> None:
+    """The count of lines left out went out with the next line of their kind only: a
+    flood that stopped never had its last ones counted (here: all but the burst). Once
+    the kind may write again, the worker's timer writes the count by itself."""
+    from wschat.logs import CLIENT_LINES_BURST, CLIENT_LINES_EVERY
+
+    request = UPGRADE.format(query="", headers="Origin: https://elsewhere.example\r\n")
+    with Server({"ALLOWED_ORIGINS": "https://chat.example"}) as srv:
+        for _ in range(CLIENT_LINES_BURST + 30):
+            assert exchange(srv.port, request).startswith(b"HTTP/1.1 403")
+        ended = time.monotonic()
+
+        def told() -> list[str]:
+            return [line for line in srv.output().splitlines()
+                    if "upgrade refused (403)" in line and "left out" in line]
+
+        wait_until(lambda: bool(told()), CLIENT_LINES_EVERY + 2 * TIMEOUT, 0.2,
+                   "the count of the lines the flood's end left out")
+        assert time.monotonic() - ended < CLIENT_LINES_EVERY + 2 * TIMEOUT
+        [line] = told()
+        counted = int(line.rpartition("(")[2].split()[0])
+        assert 0 < counted <= 30, line
+
+
 def test_client_line_throttle_counts_what_it_left_out() -> None:
     """Per prefix: the burst, then one line per interval, the first after a gap saying how
     many were left out; other lines pass untouched; a long message is cut."""
@@ -264,6 +288,39 @@ def test_client_line_throttle_counts_what_it_left_out() -> None:
         "bad thing short (1 more like this left out)")
     now[0] += 10.0
     assert throttle.filter(record("bad thing %d", "not a number"))  # passed on, not raised
+
+
+def test_client_line_throttle_flush_tells_a_count_no_line_told() -> None:
+    """flush() writes `<prefix> ... (N more like this left out)` once the prefix may write
+    again, at the level of the lines left out; nothing when none were, or too early."""
+    from wschat.logs import ClientLineThrottle
+
+    now = [0.0]
+    throttle = ClientLineThrottle(("bad thing",), burst=1, every=10.0, clock=lambda: now[0])
+    logger = logging.getLogger(f"test.throttle.{uuid.uuid4().hex}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(throttle)
+    lines: list[tuple[int, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append((record.levelno, record.getMessage()))
+
+    logger.addHandler(Keep())
+    throttle.flush(logger)
+    for i in range(4):
+        logger.warning("bad thing %d", i)
+    assert lines == [(logging.WARNING, "bad thing 0")]
+    now[0] += 5.0
+    throttle.flush(logger)  # no line may go out yet
+    assert len(lines) == 1
+    now[0] += 5.0
+    throttle.flush(logger)
+    assert lines[1:] == [(logging.WARNING, "bad thing ... (3 more like this left out)")]
+    now[0] += 100.0
+    throttle.flush(logger)  # told already
+    assert len(lines) == 2
 
 
 def test_gunicorns_own_lines_are_redacted_in_text_format_too() -> None:

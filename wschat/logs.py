@@ -113,8 +113,10 @@ class ClientLineThrottle(logging.Filter):
         self.prefixes = prefixes
         self.burst, self.every, self.max_text, self.clock = burst, every, max_text, clock
         now = clock()
-        # prefix -> [tokens, when they were counted, lines left out since the last one]
-        self._buckets: dict[str, list[float]] = {p: [float(burst), now, 0] for p in prefixes}
+        # prefix -> [tokens, when they were counted, lines left out since the last one,
+        # the level of the last one left out]
+        self._buckets: dict[str, list[float]] = {
+            p: [float(burst), now, 0, logging.INFO] for p in prefixes}
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg
@@ -127,6 +129,7 @@ class ClientLineThrottle(logging.Filter):
         if tokens < 1:
             bucket[0] = tokens
             bucket[2] += 1
+            bucket[3] = record.levelno
             return False
         bucket[0] = tokens - 1
         try:
@@ -140,6 +143,16 @@ class ClientLineThrottle(logging.Filter):
             bucket[2] = 0
         record.msg, record.args = text, None
         return True
+
+
+    def flush(self, logger: logging.Logger) -> None:
+        """For each prefix with lines left out that may write a line again: one line,
+        ``<prefix> ... (N more like this left out)``, at their level. Else the count of
+        a flood that stopped was never written (it went out with the next line only)."""
+        now = self.clock()
+        for prefix, bucket in self._buckets.items():
+            if bucket[2] and bucket[0] + (now - bucket[1]) / self.every >= 1:
+                logger.log(int(bucket[3]), f"{prefix} ...")  # the count: filter() above
 
 
 class RedactFilter(logging.Filter):
@@ -168,6 +181,16 @@ def throttle_client_lines() -> None:
     logger = logging.getLogger("gunicorn.error")
     if not any(isinstance(f, RedactFilter) for f in logger.filters):
         logger.addFilter(RedactFilter())
+
+
+def flush_client_lines() -> None:
+    """Write the counts of client lines left out that no later line told
+    (:meth:`ClientLineThrottle.flush`); the worker's timer calls this every step."""
+    for name in CLIENT_LINES:
+        logger = logging.getLogger(name)
+        for throttle in logger.filters:
+            if isinstance(throttle, ClientLineThrottle):
+                throttle.flush(logger)
 
 
 def configure_logging(fmt: str, level: str) -> None:

@@ -27,6 +27,7 @@ from .admission import AddressLimit, ConnectionBudget, remote_address
 from .auth import Identity
 from .chat import Chat
 from .connection import CLOSE_HANDSHAKE_TIMEOUT, ConnState, EchoConnection, WebSocketConnection
+from .logs import flush_client_lines
 from .protocol import PING_FRAME, CloseCode
 from .telemetry import Metrics
 
@@ -190,6 +191,10 @@ class Transport:
             next_tick = now + step
             try:
                 self.chat.tick()
+            except Exception:
+                log.exception("timer failed")
+            try:  # a flood of bad requests that stopped: the count of its last lines
+                flush_client_lines()
             except Exception:
                 log.exception("timer failed")
             try:  # whatever the chat core's duties did, peers are pinged and checked
