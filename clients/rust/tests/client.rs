@@ -1085,6 +1085,20 @@ fn impatient_client(url: String) -> (Client, Recorder) {
 /// The frames a client wrote to a [`scripted_server`], with the number of their connection (from 1).
 type Frames = Arc<Mutex<Vec<(usize, serde_json::Value)>>>;
 
+/// A fake server that refuses the first `join` with `unavailable` and answers every later one.
+async fn server_refusing_the_first_join() -> (String, Frames, tokio::task::JoinHandle<()>) {
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") if !refused.swap(true, Ordering::SeqCst) => {
+            let refusal = json!({"type": "error", "code": "unavailable", "message": "later", "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        _ => vec![],
+    })
+    .await
+}
+
 /// A fake server for every connection attempt: `welcome`, then each frame of the client goes to
 /// `script` (with its connection's number, from 1), which returns the raw JSON texts to send
 /// back (as a buggy server or a proxy could write them); a `ping` it leaves unanswered gets its
@@ -1842,16 +1856,7 @@ async fn a_join_refused_unavailable_again_and_again_backs_off() {
 /// JS and Python clients): here its shortest delay is 20 s, which a refused join waited before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_refused_unavailable_goes_again_within_five_seconds() {
-    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
-        Some("join") if !refused.swap(true, Ordering::SeqCst) => {
-            let refusal = json!({"type": "error", "code": "unavailable", "message": "later", "id": cmd["id"]});
-            vec![refusal.to_string()]
-        }
-        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
-        _ => vec![],
-    })
-    .await;
+    let (url, frames, server) = server_refusing_the_first_join().await;
     let (c, _events) = Client::builder(url)
         .request_timeout(scaled(60.0))
         .backoff(Duration::from_secs(20), Duration::from_secs(60))
@@ -2215,16 +2220,7 @@ async fn a_send_refused_not_in_room_whose_rejoin_is_refused_for_good_fails_with_
 /// the JS and Python clients. The second call wrote a join at once, cutting the backoff short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_of_a_room_waiting_for_a_join_retry_writes_no_join() {
-    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
-        Some("join") if !refused.swap(true, Ordering::SeqCst) => {
-            let refusal = json!({"type": "error", "code": "unavailable", "message": "later", "id": cmd["id"]});
-            vec![refusal.to_string()]
-        }
-        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
-        _ => vec![],
-    })
-    .await;
+    let (url, frames, server) = server_refusing_the_first_join().await;
     let (c, _events) = Client::builder(url)
         .request_timeout(scaled(10.0))
         .backoff(Duration::from_secs(2), Duration::from_secs(4))
