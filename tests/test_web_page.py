@@ -1622,6 +1622,50 @@ def test_someone_else_s_message_with_the_id_of_a_refused_send_leaves_it(
     expect(refused).to_have_count(1)
 
 
+def test_someone_else_s_dm_with_the_id_of_a_restored_dm_leaves_it_pending(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A DM to Bob restored from the outbox (a reload) waits for its echo. Mallory's DM to
+    Alice naming the same client_msg_id (a client that copies ids) is no echo of it: it is
+    filed with Mallory, Alice's DM stays pending and reaches Bob once the network lets it
+    through. (Before: the library took any sender's DM for the echo of a restored send, so
+    Alice's DM left the outbox unsent and stayed "Sending…" for ever.)"""
+    bob = people(web_server, token=token_for("u-bob21", "Bob"))
+    alice = people(web_server, token=token_for("u-alice21", "Alice"))
+    network = {"hold_dms": True}
+
+    def drop(frame: dict[str, Any], to_server: bool) -> bool:
+        return network["hold_dms"] and to_server and frame.get("type") == "dm"
+
+    down = cuttable(alice, drop)
+    alice.page.locator("#members button", has_text="Bob").click()
+    expect(alice.page.locator("#title")).to_have_text("Bob (direct)")
+    alice.say("held back")
+    waiting = alice.messages("held back")
+    expect(waiting).to_have_class(PENDING)
+    alice.page.reload()  # restored from sessionStorage, written again, held back again
+    alice.wait_online()
+    expect(waiting).to_have_class(PENDING)
+    cmid = waiting.get_attribute("data-cmid")
+    assert cmid
+    with Client(web_server.url, "username=mallory") as mallory:
+        mallory.request({"type": "dm", "to": "u-alice21", "text": "the same id, from mallory",
+                         "client_msg_id": cmid}, "dm")
+    from_mallory = alice.page.locator("#dms li", has_text="mallory")
+    expect(from_mallory.locator(".unread")).to_have_text("1")
+    expect(alice.page.locator("#dms li")).to_have_count(2)  # Bob and Mallory: none with herself
+    expect(waiting).to_have_class(PENDING)
+    network["hold_dms"] = False
+    down(True)
+    down(False)
+    expect(waiting, RECONNECT_MS).not_to_have_class(PENDING)
+    expect(waiting).to_have_class(MINE)
+    bob.page.locator("#dms li", has_text="Alice").locator(".open").click()
+    expect(bob.messages("held back")).to_have_count(1)
+    from_mallory.locator(".open").click()
+    expect(alice.messages("the same id, from mallory")).to_have_count(1)
+    expect(alice.messages("the same id, from mallory")).not_to_have_class(MINE)
+
+
 def test_a_refused_dm_survives_a_reload_and_can_be_retried(
         web_server: Server, people: Callable[..., ChatPage]) -> None:
     """A DM refused because its reader was offline is still there after a reload, and Retry

@@ -638,7 +638,7 @@ function restartNotices(c, text) {
 /**
  * A room message or DM for conversation `key`. `acked`: the library took it for the echo of
  * one of this tab's sends (the `ack` event: its outbox names that client_msg_id, and the
- * sender is this identity, or the send was restored from storage).
+ * sender is this identity, or the send is a room message restored from storage).
  */
 function addMessage(key, m, acked = false) {
   const c = conv(key);
@@ -670,6 +670,9 @@ const dmId = (m) => `${m.id}:${m.timestamp}`;
 const said = (m) => `${m.from}: ${m.text}`;
 
 function receivedDm(m, acked = false) {
+  // The sender tells the side, not `acked`: the library takes for a DM's echo only a copy
+  // from the user this client is (welcomed, so in myIds, before it writes a send), and
+  // another user's DM naming the id of one of our sends is filed with that user.
   const mine = isMine(m);
   const peerId = mine ? m.to : m.user_id;
   let c = conv(dmKey(peerId));

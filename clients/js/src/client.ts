@@ -1306,15 +1306,22 @@ export class ChatClient extends Emitter<ClientEvents> {
    * (and room), and from a user this client has been. A client_msg_id is unique per sender
    * only (the server dedupes per user), and every member gets the sender's: another member's
    * message with the same one is not ours, and taking it for the echo would drop a send never
-   * written. A send restored from storage was written, if at all, by an earlier run, perhaps
-   * as another guest id: any sender's copy is taken for it.
+   * written. A room message restored from storage was written, if at all, by an earlier run,
+   * perhaps as another guest id, and a rejoin's replay may bring that copy: any sender's is
+   * taken for it. A DM has no such copy (it reaches only its sender's and its reader's
+   * connections, and no replay gives it back to its sender): its echo is always from this
+   * client's user and to the send's reader, restored or not (another user's DM to us naming
+   * the id of a restored DM took it out of the outbox unsent).
    */
   private isEcho(m: ChatMessage | DirectMessage, kind: "message" | "dm"): boolean {
     const cmid = m.client_msg_id;
     if (!cmid) return false;
     const entry = this.outbox.entries.find((e) => e.client_msg_id === cmid);
     if (!entry || entry.kind !== kind) return false;
-    if (entry.kind === "message" && entry.room !== (m as ChatMessage).room) return false;
+    if (entry.kind === "dm") {
+      return entry.to === (m as DirectMessage).to && this.ownIds.has(m.user_id);
+    }
+    if (entry.room !== (m as ChatMessage).room) return false;
     return this.ownIds.has(m.user_id) || this.restoredIds.has(cmid);
   }
 
