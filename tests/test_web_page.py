@@ -1622,6 +1622,50 @@ def test_someone_else_s_message_with_the_id_of_a_refused_send_leaves_it(
     expect(refused).to_have_count(1)
 
 
+def test_a_guest_s_dm_whose_echo_was_lost_is_filed_with_its_reader(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A guest's DM whose echo is lost, written again after a reload (restored from the
+    outbox) and after a reconnect, each time as a new guest id: the echo that comes at last
+    settles the pending entry, in the conversation with Bob (none with herself). Every echo
+    carries the id of the connection it came on: the server dedupes a client_msg_id per
+    sender, so a new guest id's write is stored anew (Bob gets a copy each time: the
+    client's documented limit for guests), never answered with the DM of an earlier id."""
+    bob = people(web_server, token=token_for("u-bob20", "Bob"))
+    alice = people(web_server, "alice")
+    text = "did you get this?"
+    network: dict[str, Any] = {"lose_echo": True, "echoes": []}
+
+    def drop(frame: dict[str, Any], to_server: bool) -> bool:
+        if to_server or frame.get("type") != "dm" or frame.get("text") != text:
+            return False
+        network["echoes"].append(frame["user_id"])
+        return bool(network["lose_echo"])
+
+    down = cuttable(alice, drop)
+    alice.page.locator("#members button", has_text="Bob").click()
+    expect(alice.page.locator("#title")).to_have_text("Bob (direct)")
+    alice.say(text)
+    sent = alice.messages(text)
+    expect(sent).to_have_class(PENDING)
+    copies = bob.page.locator("#dms li", has_text="alice")
+    expect(copies).to_have_count(1)  # stored and delivered; only Alice's echo was lost
+    alice.page.reload()  # restored from the outbox, written as a new guest: lost again
+    alice.wait_online()
+    expect(sent).to_have_class(PENDING)
+    expect(copies).to_have_count(2)
+    network["lose_echo"] = False
+    down(True)
+    down(False)  # a third guest id; the library writes it again
+    expect(sent, RECONNECT_MS).not_to_have_class(PENDING)
+    expect(sent).to_have_class(MINE)
+    expect(sent).to_have_count(1)
+    expect(alice.page.locator("#title")).to_have_text("Bob (direct)")
+    expect(alice.page.locator("#dms li")).to_have_count(1)
+    expect(alice.page.locator("#dms li", has_text="Bob")).to_have_count(1)
+    assert len(network["echoes"]) == 3
+    assert len(set(network["echoes"])) == 3, network["echoes"]
+
+
 def test_someone_else_s_dm_with_the_id_of_a_restored_dm_leaves_it_pending(
         web_server: Server, people: Callable[..., ChatPage]) -> None:
     """A DM to Bob restored from the outbox (a reload) waits for its echo. Mallory's DM to
