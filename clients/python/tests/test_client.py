@@ -1502,6 +1502,36 @@ async def test_a_send_before_connect_keeps_the_previous_runs_outbox(tmp_path: Pa
         await client.close()
 
 
+async def test_another_users_dm_with_the_id_of_a_restored_dm_acknowledges_nothing(
+        tmp_path: Path) -> None:
+    """A DM restored from the store is acknowledged only by a copy from this client's user
+    to its reader (no copy of a DM reaches a later guest id of its sender: any sender's
+    copy is taken only for a restored room message). Another user's DM to us naming its
+    client_msg_id took it out of the outbox and the store, never to be written again."""
+    store = FileOutboxStore(tmp_path / "outbox.json")
+    store.save([{"kind": "dm", "target": "u9", "text": "left by the last run",
+                 "client_msg_id": "old-1"}])
+    async with FakeServer() as fake:
+        client = client_for(fake, outbox_store=store)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        written = await peer.recv("dm")
+        assert written["client_msg_id"] == "old-1"
+        await peer.send(type="dm", id=1, to=peer.user_id, text="copied", user_id="mallory",
+                        timestamp=0, client_msg_id="old-1", **{"from": "mallory"})
+        await rec.wait_for(lambda: rec.of("dm"), what="mallory's DM")
+        assert rec.of("ack") == []
+        assert [e.client_msg_id for e in client.pending] == ["old-1"]
+        assert [e["client_msg_id"] for e in store.load()] == ["old-1"]
+        await peer.send(type="dm", id=2, to="u9", text=written["text"], user_id=peer.user_id,
+                        timestamp=0, client_msg_id="old-1", **{"from": "a"})
+        await rec.wait_for(lambda: not client.pending, what="the echo acknowledging it")
+        assert [m.id for m in rec.of("ack")] == [2]
+        assert store.load() == []
+        await client.close()
+
+
 async def test_a_sync_client_call_from_its_handler_raises_instead_of_hanging() -> None:
     """SyncClient handlers run on the client's thread: a blocking call from one (a bot
     replying with chat.send in its message handler) waited for that very thread, and the

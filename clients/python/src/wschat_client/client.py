@@ -1113,7 +1113,11 @@ class Client:
     def _on_dm(self, obj: dict[str, Any]) -> None:
         dm = DirectMessage.from_wire(obj)
         entry = self._outbox.get(dm.client_msg_id)
-        if entry is not None and entry.kind == "dm" and self._is_echo(entry, dm.user_id):
+        # A DM has no copy from an earlier run's guest id (it reaches only its sender's and
+        # its reader's connections, and no replay gives it back to its sender): its echo is
+        # from a user this client has been, to the send's reader, restored or not.
+        if (entry is not None and entry.kind == "dm" and dm.to == entry.target
+                and dm.user_id in self._own_ids):
             self._acknowledged(entry, dm)  # whatever its id: the server stored it
         if dm.id < 0:
             # An id that is not a whole number >= 0 (DirectMessage.from_wire made it -1), as
@@ -1130,9 +1134,10 @@ class Client:
         """Whether a message or DM from ``sender`` carrying ``entry``'s client_msg_id is its
         echo. A client_msg_id is unique per sender only (the server dedupes per user), and
         every member gets the sender's: another member's message with the same one is not
-        ours, and taking it for the echo would drop a send never written. A send restored
-        from the store was written, if at all, by an earlier run, perhaps as another guest
-        id: any sender's copy is taken for it, as before."""
+        ours, and taking it for the echo would drop a send never written. A room message
+        restored from the store was written, if at all, by an earlier run, perhaps as another
+        guest id, and a rejoin's replay may bring that copy: any sender's is taken for it, as
+        before (a DM's echo is checked in _on_dm)."""
         return sender in self._own_ids or entry.restored
 
     def _on_error(self, obj: dict[str, Any]) -> None:
