@@ -391,8 +391,6 @@ _USER_ID = {"type": "string", "minLength": 1, "maxLength": 128,
 _LIFTED_USER_ID = {"type": "string", "minLength": 1, "maxLength": 128,
                    "description": "a user's id, or any other an earlier release stored a "
                                   "restriction or membership for"}
-_DM_TO = {"type": "string", "minLength": 1, "maxLength": 128,
-          "description": "the recipient's user id, no control characters"}
 _FROM = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS,
          "description": "display name, printable; default 'system'"}
 _REASON = {"type": "string", "minLength": 1, "maxLength": 200, "description": "printable"}
@@ -469,7 +467,7 @@ OPENAPI: dict[str, Any] = {
             "Send a direct message to a user as the server",
             _schema(["id", "to", "duplicate", "delivered"], id={"type": "integer"}, to=_STR,
                     duplicate={"type": "boolean"}, delivered={"type": "boolean"}),
-            _schema(["to", "text"], to=_DM_TO, text=_STR, **{"from": _FROM},
+            _schema(["to", "text"], to=_USER_ID, text=_STR, **{"from": _FROM},
                     client_msg_id={**_STR, "maxLength": 64}),
             errors=("404", "409"))},
         "/api/rooms": {"get": _op(

@@ -144,7 +144,6 @@ class ClientLineThrottle(logging.Filter):
         record.msg, record.args = text, None
         return True
 
-
     def flush(self, logger: logging.Logger) -> None:
         """For each prefix with lines left out that may write a line again: one line,
         ``<prefix> ... (N more like this left out)``, at their level. Else the count of
