@@ -265,8 +265,8 @@ class Client:
         handler's. The client does not wait for it: the next event is handed on at once,
         so a slow coroutine handler holds nothing back and its tasks may pile up (for
         one event at a time, queue the events in a plain handler and work the queue in
-        one task). :meth:`close` waits for the ones still running, without cancelling
-        them. Returns a function that removes the handler.
+        one task). :meth:`close` waits for the ones still running, ``connect_timeout``
+        at most (then cancels them). Returns a function that removes the handler.
         """
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; one of {sorted(EVENTS)}")
