@@ -216,26 +216,19 @@ def _fold_worker_totals(pid, log):
                         folded, exc)
 
 
-FOLD_LOCK = "fold.lock"  # in PROMETHEUS_MULTIPROC_DIR (wschat.factory.FOLD_LOCK too)
 FOLD_LOCK_WAIT = 1.0  # seconds; a scrape holds the lock for one read of the files
 
 
 @contextlib.contextmanager
 def _fold_lock(directory):
-    """The lock, taken exclusive, or after FOLD_LOCK_WAIT s not at all: the master must
-    never hang on a worker stopped (SIGSTOP) in the middle of a scrape, since it is the
-    master that would kill that worker."""
+    """wschat.fold_lock's lock, taken exclusive, or after FOLD_LOCK_WAIT s not at all: the
+    master must never hang on a worker stopped (SIGSTOP) in the middle of a scrape, since
+    it is the master that would kill that worker."""
+    from wschat.fold_lock import FOLD_LOCK, flock_within
+
     fd = os.open(os.path.join(directory, FOLD_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + FOLD_LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.001)
+        flock_within(fd, fcntl.LOCK_EX, FOLD_LOCK_WAIT, time.sleep)
         yield
     finally:
         os.close(fd)  # and the lock with it

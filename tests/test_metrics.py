@@ -683,7 +683,9 @@ def test_a_scrape_during_a_fold_never_counts_a_dead_worker_twice(tmp_path: Any,
     # the master: it folds the next dead worker's counts after a second regardless.
     import fcntl
 
-    with open(tmp_path / conf["FOLD_LOCK"], "a") as held:
+    from wschat.fold_lock import FOLD_LOCK
+
+    with open(tmp_path / FOLD_LOCK, "a") as held:
         fcntl.flock(held, fcntl.LOCK_SH)
         os.replace(tmp_path / "counter_222.db", tmp_path / "counter_333.db")
         started = time.monotonic()

@@ -37,6 +37,7 @@ from .auth import Authenticator
 from .chat import Chat
 from .config import Settings, exit_on_config_error
 from .connection import NoReaderThread
+from .fold_lock import FOLD_LOCK, flock_within
 from .logs import configure_logging
 from .metrics import MULTIPROCESS, PrometheusChatMetrics, worker_restarted
 from .ratelimit import MemoryRateLimiter, RateLimiter
@@ -106,7 +107,6 @@ def _init_prometheus(app: Flask) -> Any:
     return scrape_registry
 
 
-FOLD_LOCK = "fold.lock"  # gunicorn.conf.py's FOLD_LOCK
 FOLD_LOCK_WAIT = 2.0  # seconds a scrape waits for a fold before it reads anyway
 
 
@@ -142,15 +142,7 @@ def _shared_fold_lock(directory: str) -> Iterator[None]:
         yield
         return
     try:
-        deadline = time.monotonic() + FOLD_LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break
-                gevent.sleep(0.001)
+        flock_within(fd, fcntl.LOCK_SH, FOLD_LOCK_WAIT, gevent.sleep)
         yield
     finally:
         os.close(fd)
