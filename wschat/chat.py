@@ -728,10 +728,7 @@ class Chat:
                 # junk is refused and closed (4102) like a flood of commands.
                 self._check_requests(session, None, request_id=bad.request_id)
                 raise
-            kind = type(command).__name__  # metric_kind, spelt out on the message path
-            if kind == "Moderate" and isinstance(command, Moderate):
-                kind = command.action
-            self.metrics.received(kind)
+            self.metrics.received(metric_kind(command))
             if (self.settings.auth_required and not session.authenticated
                     and not isinstance(command, PRE_AUTH_KINDS)):
                 # Refused, but no more free than junk: else a client that never signs
