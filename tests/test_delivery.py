@@ -2742,6 +2742,20 @@ def test_a_since_from_before_a_memory_server_restarted_is_not_recovered() -> Non
 
 
 # -- 17. a full Redis (maxmemory) does not make the workers reap each other -----------------
+@contextlib.contextmanager
+def _redis_full(url: str) -> Iterator[Any]:
+    """Redis at ``maxmemory`` (``noeviction``: every write that may grow memory refused
+    with ``OOM``) for the block, and given room again after it; yields its admin client."""
+    import redis as redis_py
+
+    admin = redis_py.Redis.from_url(url)
+    admin.config_set("maxmemory", "1")
+    try:
+        yield admin
+    finally:
+        admin.config_set("maxmemory", "0")
+
+
 def _beats_after(admin: Any, since_ms: int, beats: int) -> Callable[[], bool]:
     """True once every node listed has beaten ``beats`` times after ``since_ms`` (Redis
     time): each call records the scores it sees, so a beat is counted once."""
@@ -2765,21 +2779,15 @@ def test_a_full_redis_for_longer_than_presence_ttl_reaps_no_live_worker() -> Non
     users went ``offline`` in every room, left the rooms' ``users`` lists and got their DMs
     refused, until their workers registered them again). docs/operations.md: under OOM
     "history, typing and the delivery of what was posted go on"."""
-    import redis as redis_py
-
     with _alice_on_a_bob_on_b(PRESENCE_TTL="1.5") as (redis_server, a, b, alice, bob):
         r = room()
         alice.join(r)
         bob.join(r)
         alice.expect("presence", status="online", user_id="bob")
-        admin = redis_py.Redis.from_url(redis_server.url)
-        admin.config_set("maxmemory", "1")
-        try:
+        with _redis_full(redis_server.url) as admin:
             alice.send({"type": "message", "room": r, "text": "while full", "id": "full"})
             assert alice.expect("error", id="full")["code"] == "unavailable"
             time.sleep(3.0)  # PRESENCE_TTL must pass with Redis full: time, not an event
-        finally:
-            admin.config_set("maxmemory", "0")
         seconds, micros = admin.time()
         freed_ms = seconds * 1000 + micros // 1000
         # Two beats of each worker after that: a reaper's work follows its own beat.
@@ -2802,19 +2810,13 @@ def test_a_worker_killed_while_redis_is_full_is_reaped() -> None:
     import os
     import signal
 
-    import redis as redis_py
-
     with _alice_on_a_bob_on_b(PRESENCE_TTL="1.5") as (redis_server, a, _, alice, bob):
         r = room()
         alice.join(r)
         bob.join(r)
-        admin = redis_py.Redis.from_url(redis_server.url)
-        admin.config_set("maxmemory", "1")
-        try:
+        with _redis_full(redis_server.url):
             os.kill(a.worker_pids()[0], signal.SIGKILL)
             assert bob.expect("presence", 4 * TIMEOUT, status="offline")["user_id"] == "alice"
-        finally:
-            admin.config_set("maxmemory", "0")
 
 
 
@@ -2827,16 +2829,12 @@ def test_a_worker_whose_pubsub_connection_drops_while_redis_is_full_recovers() -
     recovery failed, the connection was dropped and made again every few seconds, and the
     worker stayed not ready, ``/ready`` 503 and its members deaf to every event, until
     Redis had room again)."""
-    import redis as redis_py
-
     with _alice_on_a_bob_on_b() as (redis_server, a, _, alice, bob):
         r = room()
         alice.join(r)
         bob.join(r)
         alice.expect("presence", status="online", user_id="bob")
-        admin = redis_py.Redis.from_url(redis_server.url)
-        admin.config_set("maxmemory", "1")
-        try:
+        with _redis_full(redis_server.url):
             _kill_pubsub_of(redis_server.url, a.worker_pids()[0])
             wait_until(lambda: "re-registered" in a.output(), timeout=10 * SCALE,
                        message="A to resubscribe and resync while Redis is full")
@@ -2847,8 +2845,6 @@ def test_a_worker_whose_pubsub_connection_drops_while_redis_is_full_recovers() -
             # A new connection needs memory to be registered: refused, to come again.
             with Client(a.url, expect_welcome=False) as newcomer:
                 assert newcomer.close_code_when_closed() == 1013
-        finally:
-            admin.config_set("maxmemory", "0")
 
 
 # -- 18. a recovery registers no connection or membership that ended while it ran ----------
