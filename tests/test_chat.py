@@ -202,11 +202,11 @@ def test_a_message_stored_is_not_refused_when_its_typing_off_cannot_go_out(
     assert b1.typing == {} and b2.typing == {} and chat._typists == {}
 
 
-def test_a_message_a_recovery_fills_in_ends_its_users_typing(chat: Chat, clock: Clock
-                                                             ) -> None:
-    """A message this worker missed (pub/sub away) and a recovery delivers from the history
-    ends its author's typing indicator here, as it would have live: it was written from
-    the author's connection on another worker, while one here typed."""
+def _b_typing_and_a_message_of_bs_unpublished(chat: Chat
+                                              ) -> tuple[FakeSession, FakeSession, bytes]:
+    """a and b in room r, b typing there; then a message of b's, stored but not published
+    here (written from b's connection on another worker, while this worker's pub/sub was
+    away, say). Returns a, b and the message's event."""
     from wschat.protocol import draft_message
 
     a, b = connect(chat, "a"), connect(chat, "b")
@@ -216,8 +216,17 @@ def test_a_message_a_recovery_fills_in_ends_its_users_typing(chat: Chat, clock: 
     publish = chat.stores.broker.publish_room
     chat.stores.broker.publish_room = lambda *args: None  # type: ignore[method-assign]
     draft = draft_message("r", "b", "b", "from b's other tab", 0, None)
-    chat.stores.messages.post_room("r", "b", draft)  # published while this worker was away
+    event = chat.stores.messages.post_room("r", "b", draft).event
     chat.stores.broker.publish_room = publish  # type: ignore[method-assign]
+    return a, b, event
+
+
+def test_a_message_a_recovery_fills_in_ends_its_users_typing(chat: Chat, clock: Clock
+                                                             ) -> None:
+    """A message this worker missed (pub/sub away) and a recovery delivers from the history
+    ends its author's typing indicator here, as it would have live: it was written from
+    the author's connection on another worker, while one here typed."""
+    a, b, _ = _b_typing_and_a_message_of_bs_unpublished(chat)
     chat.resync()
     assert [e["text"] for e in a.events("message")] == ["from b's other tab"]
     clock.now += 0.1  # a step of the timer, well before the indicator's expiry (5 s)
@@ -231,17 +240,7 @@ def test_a_message_delivered_again_does_not_end_typing_begun_since(chat: Chat, c
     """A room message the stream brings a second time (a recovery's fill met the live
     stream: the hub drops it) is not news: it does not end the typing its author began
     since the first (that one ended the indicator already)."""
-    from wschat.protocol import draft_message
-
-    a, b = connect(chat, "a"), connect(chat, "b")
-    for s in (a, b):
-        send(chat, s, type="join", room="r")
-    send(chat, b, type="typing", room="r", status=True)
-    publish = chat.stores.broker.publish_room
-    chat.stores.broker.publish_room = lambda *args: None  # type: ignore[method-assign]
-    draft = draft_message("r", "b", "b", "from b's other tab", 0, None)
-    event = chat.stores.messages.post_room("r", "b", draft).event  # from another worker
-    chat.stores.broker.publish_room = publish  # type: ignore[method-assign]
+    a, b, event = _b_typing_and_a_message_of_bs_unpublished(chat)
     chat._deliver_room("r", event)  # what the broker hands over
     clock.now += 0.1
     chat.expire_typing()
