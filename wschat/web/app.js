@@ -411,6 +411,16 @@ async function loadLatest(c) {
 }
 
 /**
+ * Whether a reply `client` was asked for while `c` had started `resets` times is still for what
+ * the page shows: the same client (restartClient replaces it), the same conversation, and the
+ * same numbering (startRoomAgain counts each start; the library resends a request a cut took
+ * with it, so its answer may come after one).
+ */
+function stillShown(c, client, resets) {
+  return client === state.client && conv(c.key) === c && c.resets === resets;
+}
+
+/**
  * After a reconnect the library rejoined with `since` and replayed what was missed. Two
  * things it cannot see are checked here: `recovered: false` (some messages are gone: the
  * view is reloaded from history) and a server whose ids started again at 1 (a restarted
@@ -434,7 +444,7 @@ async function checkRejoin(c, recovered, lastId) {
     // The library resends a request the connection took with it: the answer may come after
     // a later rejoin reset the room to a new numbering (numberingBegunAgain), when `since`,
     // `lastId` and the ids held no longer count in the same numbering. Not for this view.
-    if (client !== state.client || conv(c.key) !== c || c.resets !== resets) return;
+    if (!stillShown(c, client, resets)) return;
     const ours = c.messages.get(since);
     const differs = atSince && ours && atSince.id === since &&
       (atSince.timestamp !== ours.timestamp || atSince.user_id !== ours.user_id);
@@ -555,7 +565,7 @@ async function loadOlder(c) {
     const messages = await client.history(c.name, { before: oldest, limit: PAGE });
     // Resent after a cut, it may be answered after the room was reset to a new numbering:
     // `oldest` was the old one's, and the page before it in the new one leaves a gap.
-    if (client !== state.client || conv(c.key) !== c || c.resets !== resets) return;
+    if (!stillShown(c, client, resets)) return;
     for (const m of messages) c.messages.set(m.id, m);
     if (!messages.length) c.older = "gone";
     render(c.key, { keepFromBottom: true });
