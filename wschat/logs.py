@@ -18,6 +18,9 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from .ratelimit import take
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName"}
@@ -99,6 +102,16 @@ CLIENT_LINES_EVERY = 5.0
 MAX_CLIENT_TEXT = 500
 
 
+@dataclass(slots=True)
+class _ClientLines:
+    """One prefix's lines: its bucket, and those left out since the last one written."""
+
+    tokens: float
+    counted_at: float
+    left_out: int = 0
+    level: int = logging.INFO  # the last one left out's
+
+
 class ClientLineThrottle(logging.Filter):
     """A logger's filter that keeps a flood of bad requests from becoming a flood of log
     lines: the lines whose message starts with one of ``prefixes`` get a token bucket
@@ -113,34 +126,31 @@ class ClientLineThrottle(logging.Filter):
         self.prefixes = prefixes
         self.burst, self.every, self.max_text, self.clock = burst, every, max_text, clock
         now = clock()
-        # prefix -> [tokens, when they were counted, lines left out since the last one,
-        # the level of the last one left out]
-        self._buckets: dict[str, list[float]] = {
-            p: [float(burst), now, 0, logging.INFO] for p in prefixes}
+        self._lines = {p: _ClientLines(float(burst), now) for p in prefixes}
+
+    def _take(self, lines: _ClientLines, now: float) -> tuple[float, float, int]:
+        """The prefix's bucket after one more line at ``now`` (ratelimit.take's maths)."""
+        return take(lines.tokens, lines.counted_at, now, 1 / self.every, self.burst)
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg
         if not isinstance(msg, str) or not msg.startswith(self.prefixes):
             return True
-        bucket = self._buckets[next(p for p in self.prefixes if msg.startswith(p))]
-        now = self.clock()
-        tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) / self.every)
-        bucket[1] = now
-        if tokens < 1:
-            bucket[0] = tokens
-            bucket[2] += 1
-            bucket[3] = record.levelno
+        lines = self._lines[next(p for p in self.prefixes if msg.startswith(p))]
+        lines.tokens, lines.counted_at, wait_ms = self._take(lines, self.clock())
+        if wait_ms:
+            lines.left_out += 1
+            lines.level = record.levelno
             return False
-        bucket[0] = tokens - 1
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 (a bad format: the handler reports it as ever)
             return True
         if len(text) > self.max_text:
             text = f"{text[:self.max_text]}... ({len(text) - self.max_text} characters cut)"
-        if bucket[2]:
-            text += f" ({int(bucket[2])} more like this left out)"
-            bucket[2] = 0
+        if lines.left_out:
+            text += f" ({lines.left_out} more like this left out)"
+            lines.left_out = 0
         record.msg, record.args = text, None
         return True
 
@@ -149,9 +159,9 @@ class ClientLineThrottle(logging.Filter):
         ``<prefix> ... (N more like this left out)``, at their level. Else the count of
         a flood that stopped was never written (it went out with the next line only)."""
         now = self.clock()
-        for prefix, bucket in self._buckets.items():
-            if bucket[2] and bucket[0] + (now - bucket[1]) / self.every >= 1:
-                logger.log(int(bucket[3]), f"{prefix} ...")  # the count: filter() above
+        for prefix, lines in self._lines.items():
+            if lines.left_out and not self._take(lines, now)[2]:
+                logger.log(lines.level, f"{prefix} ...")  # the count: filter() above
 
 
 class RedactFilter(logging.Filter):
