@@ -26,8 +26,8 @@ from werkzeug.exceptions import HTTPException
 from .version import __version__
 from .errors import WschatError
 from .protocol import (
-    MAX_USER_ID_CHARS, USER_ID_RULE, ErrorCode, History, ProtocolError, SendDm, SendMessage,
-    draft_dm, draft_message, parse_command, valid_user_id,
+    LIFTED_USER_ID_RULE, USER_ID_RULE, ErrorCode, History, ProtocolError, SendDm, SendMessage,
+    draft_dm, draft_message, parse_command, valid_lifted_user_id, valid_user_id,
 )
 from .stores.base import API_USER, InboxFull, Unavailable
 from .stores.moderation import until_ms, until_of
@@ -107,17 +107,13 @@ def _user_id(body: dict[str, Any]) -> str:
     return str(user_id)
 
 
-LIFTED_USER_ID_RULE = "'user_id' must be a string of 1-128 characters"
-
-
 def _lifted_user_id(body: dict[str, Any]) -> str:
-    """The user_id of a lift (unban, unmute, a member's removal): any id an earlier
-    release may have stored a restriction or membership for (1-128 characters, the rule
-    then), so that it can still be taken out; a lift stores nothing."""
+    """The user_id of a lift (unban, unmute, a member's removal): see
+    protocol.valid_lifted_user_id."""
     user_id = body.get("user_id")
-    if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_USER_ID_CHARS:
+    if not valid_lifted_user_id(user_id):
         raise ApiError(400, "invalid_request", LIFTED_USER_ID_RULE)
-    return user_id
+    return str(user_id)
 
 
 def _optional_room(chat: Chat, body: dict[str, Any]) -> str | None:

@@ -334,11 +334,17 @@ USER_ID_RULE = ("'user_id' must be a user's id: 1-128 characters without control
                 "not 'system' or 'api', and one beginning with 'guest-' a guest's")
 
 DM_TO_RULE = "'to'" + USER_ID_RULE.removeprefix("'user_id'")
+LIFTED_USER_ID_RULE = "'user_id' must be a string of 1-128 characters"
 
 
 def _moderate(kind: str, obj: dict[str, Any], rid: RequestId) -> Moderate:
     user_id = _field(obj, "user_id", str, rid)
-    if not valid_user_id(user_id):
+    if kind == "unmute":
+        # A lift stores nothing: it takes what an earlier release may have stored a
+        # mute for (any id of 1-128 characters then), as /api/unmute does.
+        if not valid_lifted_user_id(user_id):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, LIFTED_USER_ID_RULE, rid)
+    elif not valid_user_id(user_id):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, USER_ID_RULE, rid)
     duration = _field(obj, "duration", (int, float), rid, required=False)
     if duration is not None and not 0 < duration <= 10 * 365 * 86400:
@@ -427,6 +433,14 @@ def valid_user_id(user_id: object) -> bool:
         return _GUEST_ID.match(user_id) is not None
     return (0 < len(user_id) <= MAX_USER_ID_CHARS and user_id not in RESERVED_USER_IDS
             and not unsafe_id_chars(user_id))
+
+
+def valid_lifted_user_id(user_id: object) -> bool:
+    """Whether ``user_id`` may name whom a lift (``unmute``, the API's unban, unmute and
+    a member's removal) is for: any id an earlier release may have stored a restriction
+    or membership for (1-128 characters, its rule then), so that it can still be taken
+    out. A lift stores nothing."""
+    return isinstance(user_id, str) and 0 < len(user_id) <= MAX_USER_ID_CHARS
 
 
 def _guest_mark(body: dict[str, Any], guest: bool) -> dict[str, Any]:
