@@ -452,6 +452,8 @@ def test_invented_paths_add_no_series(srv: Server) -> None:
     after = srv.http("/metrics", metrics=True)[1].decode()
     assert after.count("\n") == before
     assert not any(tag in after for tag in tags)
+    # they are counted, under one endpoint that says what they are (it was "None")
+    assert 'endpoint="unmatched"' in after and 'endpoint="None"' not in after
 
 
 # -- 4. memory backend bounds ---------------------------------------------------------------

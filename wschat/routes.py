@@ -76,13 +76,17 @@ def route_by_port() -> Response | None:
     return None
 
 
-def endpoint(req: Request) -> str | None:
+UNMATCHED_ENDPOINT = "unmatched"
+
+
+def endpoint(req: Request) -> str:
     """The ``endpoint`` label of the HTTP request series: the view's name without the
     prefix of these blueprints (``health``, as before they existed); the API's keep
-    theirs (``api.publish``)."""
+    theirs (``api.publish``); ``unmatched`` for a request no route took (404, 405), one
+    value whatever the path (a path is the client's, and would grow the series)."""
     name = req.endpoint
     if name is None:
-        return None
+        return UNMATCHED_ENDPOINT
     blueprint, _, view = name.rpartition(".")
     return view if blueprint in _UNPREFIXED else name
 
