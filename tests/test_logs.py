@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -350,3 +351,22 @@ def test_redact_filter_blanks_credentials_and_passes_everything() -> None:
     assert all(RedactFilter().filter(r) for r in (leaky, plain, broken))
     assert leaky.getMessage() == "Error handling request GET /ws?token=[redacted]"
     assert (plain.msg, plain.args) == ("Booting %s", (42,))
+
+
+def test_redact_filter_blanks_credentials_in_a_traceback_too() -> None:
+    """gunicorn's "Error handling request" carries the exception's traceback, whose
+    message may quote the request (an invalid header, a URL): it was written as raised,
+    token and all, with LOG_FORMAT=text. The filter writes it redacted, as the handler's
+    formatter would have written it."""
+    from wschat.logs import RedactFilter
+
+    try:
+        raise ValueError("bad request line 'GET /ws?token=secret-abc HTTP/1.1'")
+    except ValueError:
+        record = logging.LogRecord("gunicorn.error", logging.ERROR, __file__, 1,
+                                   "Error handling request %s", ("/ws",), sys.exc_info())
+    assert RedactFilter().filter(record)
+    line = logging.Formatter("%(message)s").format(record)
+    assert "secret-abc" not in line
+    assert "token=[redacted]" in line and "Traceback (most recent call last)" in line
+    assert line.startswith("Error handling request /ws\n")

@@ -165,11 +165,15 @@ class ClientLineThrottle(logging.Filter):
 
 
 class RedactFilter(logging.Filter):
-    """Blanks credentials in a record's message (:func:`redact`), for lines no formatter of
-    ours writes: gunicorn's own with ``LOG_FORMAT=text``, which quote a malformed request
-    line (``?token=...`` included) or, for an application error, its URI."""
+    """Blanks credentials in a record's message and traceback (:func:`redact`), for lines
+    no formatter of ours writes: gunicorn's own with ``LOG_FORMAT=text``, which quote a
+    malformed request line (``?token=...`` included) or, for an application error, its
+    URI, and whose traceback may quote it again (an exception's message)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not record.exc_text:
+            # What the handler's formatter would write (it uses exc_text when set).
+            record.exc_text = redact(_TRACEBACKS.formatException(record.exc_info))
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 (a bad format: the handler reports it as ever)
@@ -178,6 +182,9 @@ class RedactFilter(logging.Filter):
         if clean != text:
             record.msg, record.args = clean, None
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 def throttle_client_lines() -> None:
