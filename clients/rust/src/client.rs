@@ -315,7 +315,7 @@ impl ClientBuilder {
         let mut outbox = Outbox::new(self.outbox_capacity);
         if let Some(store) = &self.outbox_store {
             for entry in store.load() {
-                let _ = outbox.push(entry);
+                let _ = outbox.restore(entry);
             }
         }
         let (snap_tx, snap_rx) = watch::channel(Snapshot {
@@ -507,10 +507,11 @@ impl Client {
         self.call(self.request_timeout, |reply| Op::Leave { room, reply }).await.map(|_| ())
     }
 
-    /// Sends `text` to `room`; resolves with the message once the server's echo
-    /// (its acknowledgement) arrives. Kept in the outbox, and resent after a
-    /// reconnect, until then; refused `not_in_room` in a room of ours (the server lost
-    /// the membership), resent once the room is joined again.
+    /// Sends `text` to `room`; resolves with the message once the server's echo (its
+    /// acknowledgement: the room's message from this client's user carrying the send's
+    /// `client_msg_id`, never another member's with the same id) arrives. Kept in the outbox,
+    /// and resent after a reconnect, until then; refused `not_in_room` in a room of ours (the
+    /// server lost the membership), resent once the room is joined again.
     pub async fn send(&self, room: &str, text: &str) -> Result<ChatMessage, Error> {
         let (target, text) = (Target::Room(room.to_owned()), text.to_owned());
         match self.call(self.send_timeout, |reply| Op::Send { target, text, reply }).await? {

@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::backoff::{retry_after_header, RETRY_AFTER_CAP};
 use crate::client::{Acked, ClientBuilder, Delivery, Event, Joined, Op, Reply, RoomPosition, Snapshot};
 use crate::error::{ConnectionState, Error, RoomState};
-use crate::outbox::{new_client_msg_id, Outbox, OutboxEntry, Target};
+use crate::outbox::{new_client_msg_id, Echo, Outbox, OutboxEntry, Target};
 use crate::pacer::{JoinPacer, Pacer};
 use crate::protocol::{
     close_action, refusal_action, until_ms, ChatMessage, ClientCommand, CloseAction, DirectMessage, RequestId,
@@ -188,6 +188,10 @@ pub(crate) struct Driver {
     join_flush_at: Option<std::time::Instant>,
     seen_dms: VecDeque<u64>,
     seen_dm_set: HashSet<u64>,
+    /// Every user id a `welcome` gave this client (a guest gets a new one per connection; a
+    /// refreshed token may name another): only an echo from one of them acknowledges a send
+    /// (`Pending::echoed_by`), as in the JS and Python clients.
+    own_ids: HashSet<String>,
     /// When `typing: true` last went out, per room (cleared by `false`, a send, a new socket).
     typing_sent: HashMap<String, Instant>,
     /// When the app last called `typing(room, true)`.
@@ -272,6 +276,7 @@ impl Driver {
             join_flush_at: None,
             seen_dms: VecDeque::new(),
             seen_dm_set: HashSet::new(),
+            own_ids: HashSet::new(),
             typing_sent: HashMap::new(),
             typing_calls: HashMap::new(),
             outgoing: Vec::new(),
@@ -1063,9 +1068,9 @@ impl Driver {
                 // The same for a direct message (as for a room message, it is not delivered:
                 // its id could not tell it from another DM).
                 if let Some(echo) = ChatMessage::unordered(text) {
-                    self.acknowledge(echo.client_msg_id.clone().as_deref(), || Acked::Message(echo));
+                    self.acknowledge_message(&echo);
                 } else if let Some(echo) = DirectMessage::unordered(text) {
-                    self.acknowledge(echo.client_msg_id.clone().as_deref(), || Acked::Dm(echo));
+                    self.acknowledge_dm(&echo);
                 }
                 let message = format!("unparsable event ({e}): {text:.200}");
                 self.emit(Event::Error(Error::local("invalid_event", message)));
@@ -1084,6 +1089,9 @@ impl Driver {
                     s.username = Some(username.clone());
                 });
                 let refresh = matches!(id, Some(RequestId::Int(rid)) if Some(rid) == self.refresh_rid);
+                if refresh || !self.online {
+                    self.own_ids.insert(user_id.clone());
+                }
                 let welcome = Event::Welcome { user_id, username, authenticated };
                 if refresh {
                     self.emit(welcome);
@@ -1267,16 +1275,35 @@ impl Driver {
         self.flush_outbox();
     }
 
-    /// An echo carrying `client_msg_id` acknowledges the outbox entry it names
-    /// (128 random bits: a match is ours, even under an earlier guest identity).
-    fn acknowledge(&mut self, client_msg_id: Option<&str>, ack: impl FnOnce() -> Acked) {
-        let Some(cmid) = client_msg_id else { return };
+    /// A room message carrying the `client_msg_id` of a pending send acknowledges it if it is
+    /// its echo: in its room, from this client's user (or any sender's copy of a send restored
+    /// from the store), as [`Pending::echoed_by`](crate::outbox::Pending::echoed_by) decides.
+    fn acknowledge_message(&mut self, message: &ChatMessage) {
+        let Some(cmid) = &message.client_msg_id else { return };
+        let echo = Echo::Message { room: &message.room, user_id: &message.user_id };
+        if self.outbox.get(cmid).is_some_and(|p| p.echoed_by(echo, &self.own_ids)) {
+            self.acknowledge(cmid, Acked::Message(message.clone()));
+        }
+    }
+
+    /// A DM carrying the `client_msg_id` of a pending DM acknowledges it if it is its echo: to
+    /// the same reader, from this client's user, restored or not (`Pending::echoed_by`).
+    fn acknowledge_dm(&mut self, dm: &DirectMessage) {
+        let Some(cmid) = &dm.client_msg_id else { return };
+        let echo = Echo::Dm { to: &dm.to, user_id: &dm.user_id };
+        if self.outbox.get(cmid).is_some_and(|p| p.echoed_by(echo, &self.own_ids)) {
+            self.acknowledge(cmid, Acked::Dm(dm.clone()));
+        }
+    }
+
+    /// The echo `ack` (checked by `acknowledge_message` or `acknowledge_dm`) acknowledges the
+    /// outbox entry `cmid`.
+    fn acknowledge(&mut self, cmid: &str, ack: Acked) {
         let in_flight = self.outbox.in_flight(self.generation); // this one among them
         if self.outbox.remove(cmid).is_some() {
             self.send_retries = 0;
             self.pacer.acknowledged(Instant::now().into_std(), in_flight);
             self.save_outbox();
-            let ack = ack();
             if let Some(reply) = self.acks.remove(cmid) {
                 let _ = reply.send(Ok(ack.clone()));
             }
@@ -1348,7 +1375,7 @@ impl Driver {
     }
 
     fn on_message(&mut self, message: ChatMessage) {
-        self.acknowledge(message.client_msg_id.clone().as_deref(), || Acked::Message(message.clone()));
+        self.acknowledge_message(&message);
         let Some(room) = self.rooms.get_mut(&message.room) else { return };
         match room.seq.message(message.id) {
             Verdict::Deliver => {
@@ -1365,7 +1392,7 @@ impl Driver {
     }
 
     fn on_dm(&mut self, dm: DirectMessage) {
-        self.acknowledge(dm.client_msg_id.clone().as_deref(), || Acked::Dm(dm.clone()));
+        self.acknowledge_dm(&dm);
         // A `u64` past 2^53 - 1 is not an id (the rule for ids off the wire, as for a room
         // message): it could not tell this DM from another one.
         if dm.id > MAX_WIRE_ID || !self.seen_dm_set.insert(dm.id) {

@@ -4,7 +4,7 @@
 //! persistable through [`OutboxStore`], so sends survive a restart of the app.
 
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::error::Error;
@@ -50,6 +50,40 @@ pub(crate) struct Pending {
     /// Its room was left (or the user removed from it) while it was on the wire: it is never
     /// written again, and fails with this error (the room's) unless its echo comes.
     pub left: Option<Error>,
+    /// Loaded from the [`OutboxStore`]: written, if ever, by an earlier run of the app, perhaps
+    /// as another (guest) user id ([`Pending::echoed_by`]).
+    pub restored: bool,
+}
+
+/// A room message or a DM carrying a `client_msg_id`: what decides whether it is the echo of
+/// the pending send with that id ([`Pending::echoed_by`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Echo<'a> {
+    Message { room: &'a str, user_id: &'a str },
+    Dm { to: &'a str, user_id: &'a str },
+}
+
+impl Pending {
+    /// Whether `echo` is this send's echo, `own_ids` being every user id a `welcome` gave this
+    /// client (a guest gets a new one per connection), as the JS client's `isEcho` and the
+    /// Python client's `_is_echo`. A `client_msg_id` is unique per sender only (the server
+    /// dedupes per user), and every member gets the sender's: another member's message (or
+    /// another user's DM) with the same one is not ours, and taking it for the echo would drop
+    /// a send never written. So: a send of that kind, to that room or reader, from a user this
+    /// client has been. A room message restored from the store was written, if at all, by an
+    /// earlier run, perhaps as another guest id, and a re-join's replay may bring that copy:
+    /// any sender's in its room is taken for it. A DM has no such copy (it reaches only its
+    /// sender's and its reader's connections, and no replay gives it back to its sender): its
+    /// echo is always from this client's user, restored or not.
+    pub fn echoed_by(&self, echo: Echo<'_>, own_ids: &HashSet<String>) -> bool {
+        match (&self.entry.target, echo) {
+            (Target::Room(room), Echo::Message { room: r, user_id }) => {
+                room == r && (self.restored || own_ids.contains(user_id))
+            }
+            (Target::Dm(to), Echo::Dm { to: t, user_id }) => to == t && own_ids.contains(user_id),
+            _ => false,
+        }
+    }
 }
 
 /// A bounded queue of sends, oldest first.
@@ -69,10 +103,19 @@ impl Outbox {
     }
 
     pub fn push(&mut self, entry: OutboxEntry) -> Result<(), OutboxFull> {
+        self.push_as(entry, false)
+    }
+
+    /// [`Outbox::push`] of an entry loaded from the [`OutboxStore`] ([`Pending::restored`]).
+    pub fn restore(&mut self, entry: OutboxEntry) -> Result<(), OutboxFull> {
+        self.push_as(entry, true)
+    }
+
+    fn push_as(&mut self, entry: OutboxEntry, restored: bool) -> Result<(), OutboxFull> {
         if self.entries.len() >= self.capacity {
             return Err(OutboxFull);
         }
-        self.entries.push_back(Pending { entry, sent_on: None, sent_at: None, left: None });
+        self.entries.push_back(Pending { entry, sent_on: None, sent_at: None, left: None, restored });
         Ok(())
     }
 
@@ -85,6 +128,10 @@ impl Outbox {
     pub fn remove_pending(&mut self, client_msg_id: &str) -> Option<Pending> {
         let at = self.entries.iter().position(|p| p.entry.client_msg_id == client_msg_id)?;
         self.entries.remove(at)
+    }
+
+    pub fn get(&self, client_msg_id: &str) -> Option<&Pending> {
+        self.entries.iter().find(|p| p.entry.client_msg_id == client_msg_id)
     }
 
     pub fn get_mut(&mut self, client_msg_id: &str) -> Option<&mut Pending> {
@@ -276,6 +323,48 @@ mod tests {
         assert_eq!(outbox.take_left(None), [(entry("b", "r"), left)]);
         assert_eq!(ids(outbox.take_left(None).into_iter().map(|(e, _)| e).collect()), Vec::<String>::new());
         assert_eq!(outbox.snapshot(), [entry("c", "r")]);
+    }
+
+    /// As the JS client's `isEcho` and the Python client's `_is_echo`: a `client_msg_id` is
+    /// unique per sender only, so a room message or DM carrying it is the echo of the pending
+    /// send only if it is of that kind, in that room or to that reader, and from a user this
+    /// client has been; a room send restored from the store takes any sender's copy in its room
+    /// (an earlier run, as another guest id, may have written it), a restored DM does not.
+    #[test]
+    fn only_an_echo_of_the_send_s_kind_target_and_sender_is_its_echo() {
+        let own: HashSet<String> = ["u1".to_owned(), "guest-old".to_owned()].into();
+        let mut outbox = Outbox::new(10);
+        outbox.push(entry("room", "r")).unwrap();
+        outbox
+            .push(OutboxEntry { client_msg_id: "dm".into(), target: Target::Dm("u9".into()), text: "t".into() })
+            .unwrap();
+        outbox.restore(entry("old-room", "r")).unwrap();
+        outbox
+            .restore(OutboxEntry { client_msg_id: "old-dm".into(), target: Target::Dm("u9".into()), text: "t".into() })
+            .unwrap();
+        let msg = |room, user_id| Echo::Message { room, user_id };
+        let dm = |to, user_id| Echo::Dm { to, user_id };
+        let cases = [
+            ("room", msg("r", "u1"), true),
+            ("room", msg("r", "guest-old"), true), // a user this client has been
+            ("room", msg("r", "mallory"), false),  // another member's own send
+            ("room", msg("elsewhere", "u1"), false),
+            ("room", dm("u9", "u1"), false),
+            ("dm", dm("u9", "u1"), true),
+            ("dm", dm("u1", "mallory"), false), // another user's DM to us
+            ("dm", dm("u1", "u1"), false),      // ours, to another reader
+            ("dm", msg("r", "u1"), false),
+            ("old-room", msg("r", "mallory"), true), // an earlier run's copy, any sender's
+            ("old-room", msg("elsewhere", "u1"), false),
+            ("old-room", dm("u9", "u1"), false),
+            ("old-dm", dm("u9", "u1"), true),
+            ("old-dm", dm("u1", "mallory"), false),
+            ("old-dm", dm("u9", "mallory"), false),
+        ];
+        let wrong: Vec<_> =
+            cases.iter().filter(|(id, echo, want)| outbox.get(id).unwrap().echoed_by(*echo, &own) != *want).collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        assert!(!outbox.get("room").unwrap().restored && outbox.get("old-dm").unwrap().restored);
     }
 
     #[test]

@@ -1162,12 +1162,16 @@ fn raw_joined(join: &serde_json::Value, last_id: Option<&str>, recovered: Option
     }
 }
 
-/// A room message with `id` as raw JSON text (an echo when `client_msg_id` is given).
+/// A room message with `id` as raw JSON text: another member's, or, when `client_msg_id` is
+/// given, an echo (from "u1", the user the fake servers greet: only an echo from a user the
+/// client has been acknowledges a send).
 fn raw_message(id: &str, room: &str, text: &str, client_msg_id: Option<&str>) -> String {
     let mut message =
         json!({"type": "message", "room": room, "from": "x", "user_id": "x", "text": text, "timestamp": 1});
     if let Some(cmid) = client_msg_id {
         message["client_msg_id"] = json!(cmid);
+        message["from"] = json!("u1");
+        message["user_id"] = json!("u1");
     }
     let body = message.to_string();
     format!(r#"{}, "id": {id}}}"#, &body[..body.len() - 1])
@@ -1540,6 +1544,151 @@ async fn a_dm_echo_with_an_odd_id_still_acknowledges_the_send() {
         server.abort();
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// A [`scripted_server`] answering each `ping` with the frames put in the returned list (then
+/// its `pong`), so a test pushes them on cue, in order, and knows the client read them once the
+/// `ping` resolves; `joined` (`last_id` 0) for a join; and, for a written `message` or `dm`
+/// whose text is not in `held`, its echo from "u1", numbered from `first_id`.
+async fn pushing_server(
+    held: &'static [&'static str],
+    first_id: usize,
+) -> (String, Frames, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let pushed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (later, next_id) = (pushed.clone(), Arc::new(AtomicUsize::new(first_id)));
+    let (url, frames, server) = scripted_server(move |cmd, _| {
+        let cmid = cmd["client_msg_id"].as_str();
+        let text = cmd["text"].as_str().unwrap_or_default();
+        match cmd["type"].as_str() {
+            Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+            Some("ping") => {
+                let mut out: Vec<String> = later.lock().unwrap().drain(..).collect();
+                out.push(json!({"type": "pong", "id": cmd["id"]}).to_string());
+                out
+            }
+            Some("message" | "dm") if held.contains(&text) => vec![],
+            Some("message") => {
+                vec![raw_message(&next_id.fetch_add(1, Ordering::SeqCst).to_string(), "r", text, cmid)]
+            }
+            Some("dm") => {
+                let id = next_id.fetch_add(1, Ordering::SeqCst);
+                vec![json!({"type": "dm", "id": id, "from": "u1", "user_id": "u1", "to": cmd["to"],
+                            "text": text, "timestamp": 1, "client_msg_id": cmid})
+                .to_string()]
+            }
+            _ => vec![],
+        }
+    })
+    .await;
+    (url, frames, pushed, server)
+}
+
+/// The frames written so far of `kind` carrying `cmid`.
+fn written_with(frames: &Frames, kind: &str, cmid: &str) -> usize {
+    frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == kind && f["client_msg_id"] == cmid).count()
+}
+
+/// A `client_msg_id` is unique per sender only (the server dedupes per user), and every member
+/// gets the sender's: another user's message or DM carrying the id of a send of ours is not its
+/// echo, nor is one of ours of another kind or in another room, as in the JS client (`isEcho`)
+/// and the Python client (`_is_echo`). With one send on the wire (its echo late) and two
+/// waiting, Bob's DM naming the second one's id and his room message naming the third's
+/// acknowledged them: the second's `send` panicked (`unreachable!`: a room send acknowledged by
+/// a DM), the third resolved with Bob's message, and neither was ever written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_s_message_or_dm_with_our_client_msg_id_acknowledges_nothing() {
+    let (url, frames, pushed, server) = pushing_server(&["first"], 3).await;
+    let store = SharedStore::default();
+    let (c, events) = Client::builder(url)
+        .max_in_flight(1)
+        .outbox_store(store.clone())
+        .send_timeout(scaled(10.0))
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .connect();
+    let rec = Recorder::new(events);
+    c.join("r").await.unwrap();
+    let send = |text: &'static str| {
+        let c = c.clone();
+        tokio::spawn(async move { c.send("r", text).await })
+    };
+    let first = send("first");
+    eventually(10.0, || frames.lock().unwrap().iter().any(|(_, f)| f["text"] == "first")).await;
+    let second = send("second");
+    eventually(10.0, || store.load().len() == 2).await; // in the outbox in this order
+    let third = send("third");
+    eventually(10.0, || store.load().len() == 3).await;
+    let ids: Vec<String> = store.load().into_iter().map(|e| e.client_msg_id).collect();
+    let [c1, c2, c3] = &ids[..] else { panic!("three sends saved: {ids:?}") };
+    let bob = json!({"from": "bob", "user_id": "bob", "timestamp": 1});
+    let frame = |extra: serde_json::Value| {
+        let mut f = bob.clone();
+        f.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        f.to_string()
+    };
+    *pushed.lock().unwrap() = vec![
+        // Bob's own DM to us and his own message in the room, carrying our ids.
+        frame(json!({"type": "dm", "id": 1, "to": "u1", "text": "bob's dm", "client_msg_id": c2})),
+        frame(json!({"type": "message", "id": 1, "room": "r", "text": "bob's", "client_msg_id": c3})),
+        // Ours, but of another kind or in another room.
+        frame(json!({"type": "dm", "id": 2, "user_id": "u1", "to": "u2", "text": "x", "client_msg_id": c3})),
+        frame(json!({"type": "message", "id": 1, "room": "elsewhere", "user_id": "u1", "text": "x",
+                     "client_msg_id": c2})),
+        // The first send's echo, late: the next one may go.
+        raw_message("2", "r", "first", Some(c1)),
+    ];
+    c.ping().await.unwrap();
+    let within = |task| async move { tokio::time::timeout(scaled(10.0), task).await.expect("the send settles") };
+    let first = within(first).await.unwrap().unwrap();
+    let second = within(second).await.expect("the second send does not panic").unwrap();
+    let third = within(third).await.unwrap().unwrap();
+    let got: Vec<_> = [first, second, third].into_iter().map(|m| (m.id, m.user_id, m.text)).collect();
+    let mine = |id: u64, text: &str| (id, "u1".to_owned(), text.to_owned());
+    assert_eq!(got, [mine(2, "first"), mine(3, "second"), mine(4, "third")]);
+    assert_eq!((written_with(&frames, "message", c2), written_with(&frames, "message", c3)), (1, 1));
+    assert_eq!(rec.ids("r"), [1, 2, 3, 4], "Bob's message delivered as his");
+    assert!(store.load().is_empty());
+    c.close();
+    server.abort();
+}
+
+/// A DM restored from the store is acknowledged only by a copy from this client's user to its
+/// reader, as in the JS and Python clients: no copy of a DM reaches a later (guest) id of its
+/// sender, and no replay gives it back (any sender's copy is taken only for a restored room
+/// message). Another user's DM to us naming its `client_msg_id` took it out of the outbox and
+/// the store, never to be written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_s_dm_with_the_id_of_a_restored_dm_acknowledges_nothing() {
+    let (url, frames, pushed, server) = pushing_server(&["left by the last run"], 2).await;
+    let restored = OutboxEntry {
+        client_msg_id: "old-1".into(),
+        target: wschat::Target::Dm("u9".into()),
+        text: "left by the last run".into(),
+    };
+    let store = SharedStore::default();
+    store.save(std::slice::from_ref(&restored));
+    let (c, events) = Client::builder(url)
+        .outbox_store(store.clone())
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .connect();
+    let rec = Recorder::new(events);
+    eventually(10.0, || written_with(&frames, "dm", "old-1") == 1).await;
+    let mallory = json!({"type": "dm", "id": 1, "from": "mallory", "user_id": "mallory", "to": "u1",
+                         "text": "copied", "timestamp": 1, "client_msg_id": "old-1"});
+    pushed.lock().unwrap().push(mallory.to_string());
+    c.ping().await.unwrap();
+    rec.wait("mallory's DM", 10.0, |ev| ev.iter().any(|e| matches!(e, Event::Dm(d) if d.user_id == "mallory"))).await;
+    assert_eq!(rec.count(|e| matches!(e, Event::Ack(_))), 0, "mallory's DM acknowledges nothing");
+    assert_eq!((c.outbox_len(), store.load()), (1, vec![restored]));
+    let echo = json!({"type": "dm", "id": 2, "from": "u1", "user_id": "u1", "to": "u9",
+                      "text": "left by the last run", "timestamp": 1, "client_msg_id": "old-1"});
+    pushed.lock().unwrap().push(echo.to_string());
+    c.ping().await.unwrap();
+    let acked = |ev: &[Event]| ev.iter().any(|e| matches!(e, Event::Ack(wschat::Acked::Dm(d)) if d.id == 2));
+    rec.wait("the echo acknowledging it", 10.0, acked).await;
+    assert_eq!((rec.count(|e| matches!(e, Event::Ack(_))), c.outbox_len()), (1, 0));
+    assert!(store.load().is_empty());
+    c.close();
+    server.abort();
 }
 
 /// A fake server for every connection attempt that greets and then holds each connection
