@@ -263,6 +263,87 @@ async fn a_rejoin_refused_after_a_ban_while_away_is_removed() {
     assert_eq!(u.send("banroom", "back?").await.unwrap_err().code(), Some("not_in_room"));
 }
 
+/// The next frame of `kind` a raw connection reads (panics after 20 s, scaled).
+async fn next_frame(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    kind: &str,
+) -> serde_json::Value {
+    use futures_util::StreamExt;
+    let read = async {
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else { continue };
+            let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+        panic!("the connection ended before a {kind}");
+    };
+    tokio::time::timeout(scaled(20.0), read).await.unwrap_or_else(|_| panic!("no {kind} within 20 s"))
+}
+
+/// Against the real server: another user's message carrying the `client_msg_id` of our send
+/// is not its echo (the server dedupes per user: his is his own message). Our client is away
+/// (its server stopped) when the app sends; Mallory, on another server of the same Redis, posts
+/// in the room with that send's id, read from our outbox store. Back, the client re-joins with
+/// `since`: the replay brings Mallory's message before our send may go (it waits for the
+/// replay). It took that message for the echo: the send resolved with Mallory's message and was
+/// never written. Now it is written after the replay and resolves with its own echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_s_message_with_our_pending_send_s_id_acknowledges_nothing() {
+    use futures_util::SinkExt;
+    let h = Harness::start().await;
+    let a = h.server("redis", 1, json!({})).await;
+    let b = h.server("redis", 1, json!({})).await;
+    let store = SharedStore::default();
+    let token = h.token("olive", 600.0).await;
+    let (u, events) = Client::builder(a.url.clone())
+        .token(move || {
+            let t = token.clone();
+            async move { Ok(t) }
+        })
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .outbox_store(store.clone())
+        .connect();
+    let rec = Recorder::new(events);
+    u.join("copied").await.unwrap();
+    u.send("copied", "before").await.unwrap();
+
+    // Mallory, by hand: the client library never lets an app choose a client_msg_id.
+    let mallory_url = format!("{}?token={}", b.url, h.token("mallory", 600.0).await);
+    let (mut mallory, _) = tokio_tungstenite::connect_async(mallory_url.as_str()).await.unwrap();
+    next_frame(&mut mallory, "welcome").await;
+    let join = json!({"type": "join", "room": "copied", "id": 1});
+    mallory.send(Message::text(join.to_string())).await.unwrap();
+    next_frame(&mut mallory, "joined").await;
+
+    h.stop(&a).await;
+    rec.wait("offline", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::State(ConnectionState::Disconnected)))).await;
+    let sending = tokio::spawn({
+        let u = u.clone();
+        async move { u.send("copied", "mine").await }
+    });
+    let saved = async {
+        while store.load().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(scaled(10.0), saved).await.expect("the send saved");
+    let cmid = store.load()[0].client_msg_id.clone();
+    let copy = json!({"type": "message", "room": "copied", "text": "copied", "client_msg_id": cmid, "id": 2});
+    mallory.send(Message::text(copy.to_string())).await.unwrap();
+    let echo = next_frame(&mut mallory, "message").await;
+    assert_eq!((echo["user_id"].as_str(), echo["client_msg_id"].as_str()), (Some("mallory"), Some(cmid.as_str())));
+    h.restart(&a).await;
+
+    let mine = tokio::time::timeout(scaled(30.0), sending).await.expect("the send settles").unwrap().unwrap();
+    assert_eq!((mine.user_id.as_str(), mine.text.as_str()), ("olive", "mine"), "{mine:?}");
+    rec.wait("both messages", 20.0, |ev| common::message_ids(ev, "copied").len() >= 3).await;
+    let texts: Vec<_> = common::messages(&rec.events(), "copied").into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["before", "copied", "mine"]);
+    assert!(store.load().is_empty());
+}
+
 /// A kick or mute written when the connection drops may or may not have been done:
 /// it fails with `disconnected` and is not written again on the next connection (a
 /// resent mute reaches its target twice). A read in flight is simply asked again.
