@@ -895,6 +895,24 @@ def test_chart_refuses_what_the_server_refuses_at_start(
         render(values)
 
 
+@pytest.mark.parametrize("extra_env, value", [
+    ({"METRICS_PORT": 9090}, "containerPorts.metrics"),
+    ({"PORT": "9000"}, "containerPorts.http"),
+], ids=["metrics-port", "port"])
+def test_chart_refuses_ports_in_extra_env_that_its_probes_and_services_miss(
+        extra_env: dict[str, Any], value: str) -> None:
+    """extraEnv overrides the ConfigMap's PORT and METRICS_PORT, but the probes, both
+    Services, the ServiceMonitor and the scrape annotations follow containerPorts: with
+    extraEnv.METRICS_PORT the server listened for /metrics where nothing scraped it (no
+    metrics, no alerts, no connections metric for the HPA), with extraEnv.PORT every probe
+    failed and the pods never became ready. The same port written in both places is fine."""
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(value)):
+        render({"extraEnv": extra_env})
+    same = {"METRICS_PORT": 8081} if "METRICS_PORT" in extra_env else {"PORT": "8080"}
+    env = render({"extraEnv": same}).config_env()
+    assert (env["PORT"], env["METRICS_PORT"]) == ("8080", "8081")
+
+
 def test_origins_and_rates_the_server_takes_pass_the_schema() -> None:
     from wschat.config import Settings
 

@@ -221,6 +221,18 @@ names the values to change.
 {{- if eq (int .Values.containerPorts.http) (int .Values.containerPorts.metrics) }}
 {{- fail "wschat: containerPorts.http and containerPorts.metrics must differ (PORT and METRICS_PORT): the server refuses one port for both, since it tells /metrics and /api/ from the public routes by the port a request came in on." }}
 {{- end }}
+{{- /* extraEnv overrides the ConfigMap's PORT and METRICS_PORT (wschat.env), but the
+probes, the Services, the ServiceMonitor and the scrape annotations all follow
+containerPorts: a port set only in extraEnv would be one nothing probes or scrapes. */}}
+{{- range $var, $key := dict "PORT" "http" "METRICS_PORT" "metrics" }}
+{{- if hasKey $.Values.extraEnv $var }}
+{{- $given := include "wschat.envValue" (index $.Values.extraEnv $var) | trim }}
+{{- $port := include "wschat.num" (index $.Values.containerPorts $key) }}
+{{- if ne $given $port }}
+{{- fail (printf "wschat: extraEnv.%s (%s) differs from containerPorts.%s (%s): the probes, the Services, the ServiceMonitor and the scrape annotations use containerPorts.%s, so the server would listen where nothing probes or scrapes it. Set containerPorts.%s instead (the chart sets %s from it) and drop extraEnv.%s." $var $given $key $port $key $key $var $var) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- /* GRACEFUL_TIMEOUT as the pods get it: extraEnv overrides config (wschat.env). */}}
 {{- $gracefulName := "config.gracefulTimeout" }}
 {{- $graceful := float64 .Values.config.gracefulTimeout }}
