@@ -476,6 +476,34 @@ def test_chart_runs_its_own_redis_when_pods_must_share_rooms(values: dict[str, A
     assert policy["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": server_selector}}]
 
 
+def test_charts_redis_has_no_disruption_budget_and_takes_autoscaler_annotations() -> None:
+    """The chart's Redis is one pod. A budget that protects it (minAvailable 1,
+    maxUnavailable 0) lets no eviction through, so every drain of its node would wait
+    forever (node upgrades stall); one that lets it go (maxUnavailable 1) changes nothing.
+    So none selects it, and a drain restarts it empty (docs/deployment.md, "Node drains
+    and the chart's Redis"). What an operator can do is keep autoscalers from emptying it
+    to save a node: redis.podAnnotations reach its pod, and only its pod (the wschat pods'
+    podAnnotations stay theirs)."""
+    values = {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": 2},
+              "podAnnotations": {"example.com/wschat": "yes"},
+              "redis": {"podAnnotations": {
+                  "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}}}
+    release = render(values)
+    redis = release.deployment("redis")
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    for pdb in release.all("PodDisruptionBudget"):
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= redis_labels.items()
+    annotations = redis["spec"]["template"]["metadata"].get("annotations", {})
+    assert annotations == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    server = release.deployment()["spec"]["template"]["metadata"]["annotations"]
+    assert "cluster-autoscaler.kubernetes.io/safe-to-evict" not in server
+    assert server["example.com/wschat"] == "yes"
+    assert not _validate_manifests(release)
+    # None by default: a new annotation in the pod template would restart Redis, empty.
+    default = render({"replicaCount": 3}).deployment("redis")["spec"]["template"]["metadata"]
+    assert "annotations" not in default
+
+
 def test_external_redis_from_an_existing_secret_replaces_the_charts_redis() -> None:
     release = render({"replicaCount": 4, "redis": {"external": {
         "existingSecret": "shared-redis", "existingSecretKey": "url"}}})
