@@ -941,6 +941,43 @@ def test_chart_refuses_ports_in_extra_env_that_its_probes_and_services_miss(
     assert (env["PORT"], env["METRICS_PORT"]) == ("8080", "8081")
 
 
+def test_every_variable_the_chart_sets_is_one_the_server_reads_and_the_readme_lists() -> None:
+    """The ConfigMap's keys and the container's env (from Secrets) are the server's own
+    variable names: a misspelt one would be ignored without a word (Settings reads only the
+    names it knows), and the README's configuration table is where an operator looks
+    them up. Rendered with every optional setting on, so every key the chart can write
+    shows up."""
+    import dataclasses
+
+    from wschat.config import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE))
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    releases = [
+        render(), render(load_values_file("scaled-values.yaml")),
+        render({"replicaCount": 2, "config": {"allowedOrigins": ["https://chat.example.com"],
+                                              "privateRooms": ["team-*"],
+                                              "enablePersistence": True},
+                "database": {"url": "postgresql://u:p@db/chat"},
+                "api": {"key": "api-key-0123456789abcdef"},
+                "auth": {"required": True, "jwksUrl": "https://idp.example.com/jwks",
+                         "algorithms": ["RS256"], "audience": "chat", "issuer": "idp"}}),
+        render({"auth": {"publicKey": "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----",
+                         "jwtSecret": ""}}),
+        render({"auth": {"jwtSecret": "s3cret-s3cret-s3cret-s3cret-s3cret"}}),
+    ]
+    names = set()
+    for release in releases:
+        names |= set(release.config_env())
+        names |= {e["name"] for e in release.container().get("env", [])}
+    assert {"JWT_SECRET", "JWT_PUBLIC_KEY", "JWT_JWKS_URL", "DATABASE_URL", "REDIS_URL",
+            "API_KEY", "ALLOWED_ORIGINS", "PRIVATE_ROOMS"} <= names
+    assert names - known == set(), "set by the chart, never read by the server"
+    assert names - documented == set(), "set by the chart, missing from the README's table"
+
+
 def test_origins_and_rates_the_server_takes_pass_the_schema() -> None:
     from wschat.config import Settings
 
