@@ -231,6 +231,10 @@ export class ChatClient extends Emitter<ClientEvents> {
    * or the `Retry-After` of a refused upgrade.
    */
   private retryAfterUntil = 0;
+  /**
+   * The ids of the DMs surfaced, the newest 2000: a DM id seen is a double. Kept across
+   * connections only with persistence (`dm_backlog`), where a page of kept DMs may come again.
+   */
   private seenDms = new Set<number>();
   /**
    * Every user_id a welcome gave this client (a guest gets a new one per connection): only an
@@ -661,6 +665,11 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.clearTimer("connect");
     const welcome = (this.welcome = welcomeOf(w));
     this.ownIds.add(welcome.user_id);
+    // Without persistence (no `dm_backlog`) a new connection brings no DM delivered before,
+    // and a restarted memory server numbers DMs from 1 again: ids kept from an earlier
+    // connection would drop its new DMs as doubles. With persistence the database numbers
+    // them for good, and a page of kept DMs may come again: their ids are kept.
+    if (welcome.dm_backlog === undefined) this.seenDms.clear();
     this.established = true;
     this.establishedAt = Date.now();
     this.retryAttempt = 0;

@@ -528,6 +528,27 @@ test("memory server restart while away: the rejoin's epoch tells the new numberi
   assert.equal(b.c.lastId(room), 6);
 });
 
+test("memory server restart: its DM ids start over, and the new DMs are delivered, not dropped as doubles", async () => {
+  // Without persistence a restarted server numbers DMs from 1 again; the client kept the ids
+  // of the DMs it had and dropped the new 1 and 2 as doubles of them, unannounced.
+  const s = await harness.server();
+  const amy = await signedIn(s.url, "dmamy");
+  const ben = await signedIn(s.url, "dmben");
+  const texts = [];
+  amy.c.on("dm", (m) => texts.push(m.text));
+  for (const text of ["before 0", "before 1"]) await ben.c.dm(amy.c.userId, text);
+  await until(() => texts.length === 2, "amy's two DMs");
+  const back = [amy, ben].map((m) => next(m.c, "connected"));
+  await harness.call(`/servers/${s.id}/stop`, { signal: "TERM" });
+  await harness.call(`/servers/${s.id}/start`);
+  await Promise.all(back);
+  const ids = [];
+  for (const text of ["after 0", "after 1", "after 2"]) ids.push((await ben.c.dm(amy.c.userId, text)).id);
+  assert.deepEqual(ids, [1, 2, 3], "the restarted server numbers DMs from 1");
+  await until(() => texts.at(-1) === "after 2", "amy's last DM");
+  assert.deepEqual(texts, ["before 0", "before 1", "after 0", "after 1", "after 2"]);
+});
+
 /** The server's count of `rate_limited` refusals so far (its `/metrics/json`). */
 async function refusals(s) {
   const r = await fetch(`${s.metrics}/metrics/json`, { signal: AbortSignal.timeout(TIMEOUT) });

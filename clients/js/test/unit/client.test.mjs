@@ -549,6 +549,32 @@ test("dm: doubles (same id) are surfaced once", async () => {
   c.disconnect();
 });
 
+test("dm: ids are kept across connections with persistence (dm_backlog), forgotten without it (a restarted memory server numbers from 1)", async () => {
+  for (const persistence of [true, false]) {
+    const { server, c } = setup();
+    try {
+      if (persistence) server.welcomeExtra = { dm_backlog: 0 };
+      const dms = [];
+      c.on("dm", (m) => dms.push(m.text));
+      await c.connect();
+      const dm = (id, text) => ({ type: "dm", id, from: "ann", user_id: "ann", to: c.userId, text, timestamp: 1 });
+      server.push(server.last, dm(1, "first"));
+      await until(() => dms.length === 1, "the first dm");
+      server.drop(server.last, 1001);
+      await until(() => c.state === "connected" && server.sockets.length === 2, "the reconnect");
+      // With persistence: the same DM again (a page of kept ones sent twice). Without: a
+      // restarted server's first DM, whose id is 1 again.
+      server.push(server.last, dm(1, persistence ? "first" : "new first"));
+      server.push(server.last, dm(2, "second"));
+      await until(() => dms.at(-1) === "second", "the second dm");
+      const expected = persistence ? ["first", "second"] : ["first", "new first", "second"];
+      assert.deepEqual(dms, expected, `persistence: ${persistence}`);
+    } finally {
+      c.disconnect();
+    }
+  }
+});
+
 test("dm: an echo whose id is not a whole number >= 0 resolves the send but is no dm event (the rule for ids off the wire)", async () => {
   const wrong = [];
   for (const raw of ["2.5", '"7"', "null", "-1", "1e400", "18446744073709551616", "9007199254740992", undefined]) {

@@ -16,6 +16,7 @@ export class FakeServer {
     // the release before epochs (no epoch in joined, join's epoch ignored).
     this.epochs = true;
     this.epochCount = 0;
+    this.welcomeExtra = {}; // more fields of every connection's welcome ({dm_backlog: 0}: persistence on)
     const server = this;
     this.WebSocket = class FakeWebSocket {
       constructor(url) {
@@ -48,7 +49,7 @@ export class FakeServer {
     ws.readyState = 1;
     ws.onopen?.({});
     ws.user = { user_id: `guest-${this.sockets.length}`, username: "guest" };
-    this.push(ws, { type: "welcome", ...ws.user, authenticated: false, auth_required: false, heartbeat_interval: 30 });
+    this.push(ws, { type: "welcome", ...ws.user, authenticated: false, auth_required: false, heartbeat_interval: 30, ...this.welcomeExtra });
   }
 
   push(ws, event) {
