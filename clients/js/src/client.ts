@@ -248,6 +248,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   private pingSentAt = 0;
   private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack" | "joins", ReturnType<typeof setTimeout>>> = {};
   private onlineListener: (() => void) | null = null;
+  private offlineListener: (() => void) | null = null;
   private visibleListener: (() => void) | null = null;
 
   constructor(options: ClientOptions) {
@@ -567,17 +568,25 @@ export class ChatClient extends Emitter<ClientEvents> {
     const target = globalThis as { addEventListener?: Function; removeEventListener?: Function; window?: unknown };
     if (typeof target.window === "undefined" || typeof target.addEventListener !== "function") return;
     if (on && !this.onlineListener) {
-      // Back online: do not sit out the backoff.
+      // Back online: do not sit out the backoff (with `pauseWhenHidden`, not on a hidden page).
       this.onlineListener = () => {
         if (this.timers.reconnect) {
           this.clearTimer("reconnect");
-          void this.open();
+          if (!this.waitVisible()) void this.open();
         }
       };
+      // Offline: the socket is dead, or soon will be, and nothing would tell for up to a
+      // heartbeat interval and a pong timeout (40 s), while `online` found no reconnect
+      // to hasten. Give it up now, as centrifuge-js does; sends wait in the outbox.
+      this.offlineListener = () => {
+        if (this.ws) this.abandon(this.conn, "offline");
+      };
       target.addEventListener("online", this.onlineListener);
+      target.addEventListener("offline", this.offlineListener);
     } else if (!on && this.onlineListener) {
       target.removeEventListener!("online", this.onlineListener);
-      this.onlineListener = null;
+      target.removeEventListener!("offline", this.offlineListener);
+      this.onlineListener = this.offlineListener = null;
     }
   }
 

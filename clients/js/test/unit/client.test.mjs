@@ -800,6 +800,65 @@ test("browser: the online event ends the backoff wait at once", async () => {
   }
 });
 
+test("browser: the offline event gives the socket up (a dead one is not kept until the heartbeat notices); online reconnects at once", async () => {
+  const listeners = new Map();
+  globalThis.window = globalThis;
+  globalThis.addEventListener = (type, fn) => listeners.set(type, fn);
+  globalThis.removeEventListener = (type) => listeners.delete(type);
+  const { server, c, events } = setup({ minReconnectDelay: 60_000, random: () => 0.99 });
+  try {
+    await c.connect();
+    await c.join("r");
+    assert.equal(typeof listeners.get("offline"), "function");
+    listeners.get("offline")();
+    assert.equal(c.state, "connecting", "the socket is given up at once");
+    assert.notEqual(server.sockets[0].closedWith, null, "and closed");
+    assert.deepEqual(events("connecting").map((e) => [e.code, e.reason]), [[1006, "offline"]]);
+    await tick(20);
+    assert.equal(server.sockets.length, 1, "no reconnect before the backoff or online");
+    listeners.get("online")();
+    await until(() => c.state === "connected" && c.roomState("r") === "joined", "the reconnect on online");
+    assert.equal(server.sockets.length, 2);
+    c.disconnect();
+    assert.equal(listeners.has("offline"), false, "the listener goes with disconnect()");
+  } finally {
+    c.disconnect();
+    delete globalThis.window;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
+
+test("browser: with pauseWhenHidden the online event does not reconnect a hidden page; it does once visible", async () => {
+  const listeners = new Map();
+  const doc = { hidden: true, addEventListener: (t, fn) => listeners.set(t, fn), removeEventListener: (t) => listeners.delete(t) };
+  globalThis.window = globalThis;
+  globalThis.document = doc;
+  globalThis.addEventListener = (type, fn) => listeners.set(type, fn);
+  globalThis.removeEventListener = (type) => listeners.delete(type);
+  const { server, c } = setup({ pauseWhenHidden: true, minReconnectDelay: 60_000, random: () => 0.99 });
+  try {
+    await c.connect();
+    server.drop(server.last, 1006);
+    await tick(20);
+    listeners.get("online")();
+    await tick(30);
+    assert.equal(server.sockets.length, 1, "no reconnect while hidden");
+    assert.equal(typeof listeners.get("visibilitychange"), "function", "it waits for the page");
+    doc.hidden = false;
+    listeners.get("visibilitychange")();
+    await until(() => c.state === "connected", "the reconnect once visible");
+    assert.equal(server.sockets.length, 2);
+    c.disconnect();
+  } finally {
+    c.disconnect();
+    delete globalThis.window;
+    delete globalThis.document;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
+
 test("moderation: a left the client did not ask for removes the room for good", async () => {
   const { server, c, events } = setup();
   await c.connect();
