@@ -919,8 +919,16 @@ export class ChatClient extends Emitter<ClientEvents> {
     }));
   }
 
-  /** Leaves `room`; its sends not yet on the wire are dropped (their promises reject with `left`). */
-  async leave(room: string): Promise<void> {
+  /**
+   * Leaves `room`; its sends not yet on the wire are dropped (their promises reject with `left`).
+   * Its promise never causes an unhandled-rejection crash when the app ignores it (a leave on
+   * unmount, unanswered past `requestTimeout`), as those of `connect`, `join`, `send` and `dm`.
+   */
+  leave(room: string): Promise<void> {
+    return handled(this.leaveRoom(room));
+  }
+
+  private async leaveRoom(room: string): Promise<void> {
     const r = this.rooms.get(room);
     if (!r) return;
     const onServer = this.established && (r.state === "joined" || r.joinReq !== null);

@@ -762,6 +762,21 @@ test("unhandled: promises an app forgets never crash it", async () => {
   await tick(30);
 });
 
+test("unhandled: a leave an app forgets, left unanswered past its timeout, does not crash it", async () => {
+  const { server, c } = setup({ requestTimeout: 10 });
+  try {
+    await c.connect();
+    await c.join("r");
+    server.replies.push((_ws, f) => f.type === "leave"); // no answer
+    const left = c.leave("r");
+    void left; // fire and forget, as an unmount handler does
+    await tick(40);
+    await assert.rejects(left, (e) => e.code === "timeout", "it still rejects for whoever awaits it");
+  } finally {
+    c.disconnect();
+  }
+});
+
 test("heartbeat: a socket that answers nothing is given up and replaced", async () => {
   const { server, c, events } = setup({ pongTimeout: 30 });
   server.handle = () => {}; // deaf: never answers again
