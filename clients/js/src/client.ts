@@ -24,7 +24,11 @@ import type {
 } from "./types.js";
 
 export interface UrlInfo {
-  /** 0 for the first attempt after a connection that stayed up `stableAfter` (or the very first), then 1, 2, ... */
+  /**
+   * 0 at `connect()`; then the reconnect's number: 1 for the first after a connection that
+   * stayed up `stableAfter`, then 2, 3, ... while attempts fail or connections close at once
+   * (the `connecting` event's `attempt`).
+   */
   attempt: number;
 }
 

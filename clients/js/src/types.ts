@@ -7,6 +7,8 @@ export type RoomState = "joining" | "joined" | "left";
 export interface User {
   user_id: string;
   username: string;
+  /** Present (true) for a guest (no token); absent for a signed-in user. */
+  guest?: true;
 }
 
 /** A room message (`message` event); `id` is the room's gap-free sequence number. */
@@ -20,6 +22,8 @@ export interface ChatMessage {
   room: string;
   from: string;
   user_id: string;
+  /** Present (true) when the sender is a guest (no token); absent for a signed-in user. */
+  guest?: true;
   text: string;
   timestamp: number;
   client_msg_id?: string;
@@ -32,6 +36,8 @@ export interface DirectMessage {
   id: number;
   from: string;
   user_id: string;
+  /** Present (true) when the sender is a guest (no token); absent for a signed-in user. */
+  guest?: true;
   to: string;
   text: string;
   timestamp: number;
@@ -43,6 +49,8 @@ export interface PresenceEvent {
   room: string;
   user: string;
   user_id: string;
+  /** Present (true) when the user is a guest (no token). */
+  guest?: true;
   status: "online" | "offline";
 }
 
@@ -51,6 +59,8 @@ export interface TypingEvent {
   room: string;
   user: string;
   user_id: string;
+  /** Present (true) when the user is a guest (no token). */
+  guest?: true;
   status: boolean;
 }
 
@@ -157,7 +167,11 @@ export interface RoomStateEvent {
 
 /** Emitted when a (re)connection attempt is scheduled. */
 export interface ConnectingEvent {
-  /** 0 for the first attempt after a connection was up. */
+  /**
+   * Which reconnect this is: 1 for the first after a connection that stayed up `stableAfter`
+   * (or after `connect()`), then 2, 3, ... while attempts fail or connections close at once
+   * (the `attempt` the `url` function is then asked with; `connect()` itself is attempt 0).
+   */
   attempt: number;
   /** ms until the attempt starts. */
   delay: number;

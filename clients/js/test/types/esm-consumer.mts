@@ -6,3 +6,9 @@ chat.on("message", (m: ChatMessage) => m.id + 1);
 chat.on("removed", (e: RemovedEvent) => e.reason.toUpperCase());
 chat.on("error", (e) => (e instanceof ChatError ? e.code : ""));
 export const sent: Promise<ChatMessage> = chat.send("general", "hi");
+// What the server sends a guest's events with (README "Server -> client"): `guest: true`.
+chat.on("presence", (p) => (p.guest === true ? `${p.user} (guest)` : p.user));
+chat.on("typing", (t) => t.guest ?? false);
+chat.on("dm", (m) => (m.guest ? "guest" : m.from));
+chat.on("message", (m) => m.guest === true);
+chat.on("joined", (j) => j.users.filter((u) => !u.guest).map((u) => u.username));
