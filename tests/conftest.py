@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -183,7 +184,22 @@ class Client:
             return self.ws.close_code
 
     def close(self) -> None:
-        self.ws.close()
+        """The close handshake, reading meanwhile what is still unread (kept in the backlog).
+        websockets stops reading once ``max_queue`` (16) frames wait unread, so the server's
+        close frame behind them came only after ``close_timeout`` (10 s): 50 s of a 52 s
+        test whose 30 clients each had their fellows' presence unread."""
+        closing = threading.Thread(target=self.ws.close, daemon=True)
+        closing.start()
+        while closing.is_alive():
+            try:
+                data = self.ws.recv(0.05)
+            except TimeoutError:
+                continue
+            except ConnectionClosed:
+                break
+            with contextlib.suppress(ValueError):
+                self.backlog.append(json.loads(data))
+        closing.join()
 
     def __enter__(self) -> Client:
         return self
