@@ -58,6 +58,7 @@ class ChatPage:
         self.context.set_default_timeout(WAIT_MS)
         self.page = self.context.new_page()
         self.errors: list[str] = []
+        self.closed = False
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
 
     @property
@@ -103,4 +104,6 @@ class ChatPage:
         return self.page.locator("#messages .msg", has_text=text)
 
     def close(self) -> None:
-        self.context.close()
+        if not self.closed:
+            self.closed = True
+            self.context.close()

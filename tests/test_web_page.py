@@ -7,8 +7,10 @@ Playwright skips these tests; under ``CI=true`` it fails them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -52,10 +54,13 @@ def web_server() -> Iterator[Server]:
         yield srv
 
 
+OPENED: list[ChatPage] = []  # the pages people() opened in the running test
+
+
 @pytest.fixture
 def people(browser: Any) -> Iterator[Callable[..., ChatPage]]:
     """Opens the page for a new person (``people(server, "alice")``); closes them all after."""
-    opened: list[ChatPage] = []
+    opened = OPENED
 
     def person(server: Server, name: str = "", token: str = "", **kwargs: Any) -> ChatPage:
         page = ChatPage(browser, server, **kwargs)
@@ -63,11 +68,36 @@ def people(browser: Any) -> Iterator[Callable[..., ChatPage]]:
         page.open()
         return page.sign_in_with_token(token) if token else page.sign_in(name)
 
-    yield person
-    errors = [e for p in opened for e in p.errors]
-    for p in opened:
-        p.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
+    try:
+        yield person
+        errors = [e for p in opened for e in p.errors]
+        for p in opened:
+            p.close()
+        assert not errors, f"uncaught errors in the page: {errors}"
+    finally:
+        opened.clear()
+
+
+@contextlib.contextmanager
+def served(env: dict[str, str]) -> Iterator[Server]:
+    """``Server(env)`` for one test. When the test is done its pages see it stop (their
+    status leaves "connected"), then they close, then it finishes stopping: a page's idle
+    HTTP keep-alive connection held gunicorn's stop for its ``keepalive`` (5 s a test)."""
+    with Server(env) as srv:
+        try:
+            yield srv
+        except BaseException:
+            for page in OPENED:
+                if page.server is srv:
+                    page.close()
+            raise
+        pages = [p for p in OPENED if p.server is srv and not p.closed]
+        if pages and srv.proc is not None and srv.proc.poll() is None:
+            srv.proc.send_signal(signal.SIGTERM)  # Server.__exit__ waits for it to end
+            for page in pages:
+                expect(page.page.locator("#status")).not_to_have_attribute("data-state",
+                                                                           "connected")
+                page.close()
 
 
 def expect(locator: Any, timeout: int | None = None) -> Any:
@@ -473,7 +503,7 @@ def test_errors_show_next_to_their_cause(web_server: Server,
 
 def test_a_room_guests_may_not_join(people: Callable[..., ChatPage]) -> None:
     """A join the server forbids (GUEST_ROOMS) is explained next to the join box."""
-    with Server({**SERVER_ENV, "GUEST_ROOMS": "general"}) as srv:
+    with served({**SERVER_ENV, "GUEST_ROOMS": "general"}) as srv:
         alice = people(srv, "alice")
         alice.page.locator("#join-room").fill("staff")
         alice.page.locator("#join-room").press("Enter")
@@ -563,7 +593,7 @@ def test_history_on_join_and_older_on_scroll(web_server: Server,
 
 def test_memory_server_restart_mid_conversation(people: Callable[..., ChatPage]) -> None:
     """A restarted memory server (ids start again at 1) is detected; new messages show, no reload."""
-    with Server(SERVER_ENV) as srv:
+    with served(SERVER_ENV) as srv:
         alice = people(srv, "alice")
         bob = people(srv, "bob")
         for text in ("first words", "second words", "third words"):
@@ -594,7 +624,7 @@ def test_redis_server_restart_recovers_in_order(people: Callable[..., ChatPage])
     """With Redis, messages sent while Alice's server restarted arrive in order, once, no reset."""
     url = redis_url_or_skip(8)
     env = {**SERVER_ENV, "REDIS_URL": url}
-    with Server(env) as srv, Server(env) as other:
+    with served(env) as srv, Server(env) as other:
         alice = people(srv, "alice")
         alice.say("before")
         expect(alice.messages("before")).not_to_have_class(PENDING)
@@ -860,7 +890,7 @@ def written_while_cut(down: Callable[[bool], None], writer: Client, room: str,
 def test_missed_messages_are_said_once(people: Callable[..., ChatPage]) -> None:
     """When the server no longer has all that was missed during an outage, the page shows
     the latest and says why, once (before: the notice was shown but not said)."""
-    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+    with served({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
         alice = people(srv, "alice")
         down = cuttable(alice)
         expect(alice.page.locator("#messages .notice", has_text="start of # general")).to_be_visible()
@@ -883,7 +913,7 @@ def test_a_cut_before_the_first_history_comes_hides_no_gap(
     server keeps. Back online the page shows what the server still holds, in order, once,
     and says that some messages were missed (before: the room counted as not loaded, the
     rejoin only reloaded the history, and the gap went unsaid)."""
-    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+    with served({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
         alice = people(srv, "alice")
         lost_frames: list[dict[str, Any]] = []
 
@@ -943,7 +973,7 @@ def test_the_start_is_shown_only_where_the_room_starts(people: Callable[..., Cha
     although older ones were written: the list then says they are no longer kept (before:
     it said "This is the start", also above "Some messages were missed…" after a
     `recovered: false` reload)."""
-    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+    with served({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
         alice = people(srv, "alice")
         down = cuttable(alice)
         start = alice.page.locator("#messages .notice", has_text="This is the start")
@@ -987,7 +1017,7 @@ def test_a_room_whose_history_expired_while_away_is_no_server_restart(
     the empty history was taken for a server that lost its ids, every room said "The server
     restarted and lost earlier messages" and the client was replaced; then the room said it
     started at its next message)."""
-    with Server({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
+    with served({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
         alice = people(srv, "alice")
         down = cuttable(alice)
         with Client(srv.url, "username=writer") as writer:
@@ -1030,7 +1060,7 @@ def test_a_numbering_begun_again_while_away_resets_the_room_by_its_epoch(
     true with the new 4 and 5 as what followed her 3; the history probe had no message of
     hers at 3 to compare, so the room showed them alone, the new 1 to 3 missing,
     unannounced)."""
-    with Server({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
+    with served({**SERVER_ENV, "ROOM_TTL": "1"}) as srv:
         with Client(srv.url, "username=writer") as writer:
             writer.join("quiet")
             for i in range(1, 4):
@@ -1098,7 +1128,7 @@ def test_a_numbering_retired_while_away_is_not_called_a_server_restart(
     again from 1 under another epoch, the server never restarted. Back, the room starts
     again from the new numbering and says what the page knows, that the room's history
     began again on the server (before: "The server restarted and lost earlier messages")."""
-    with Server({**SERVER_ENV, "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}) as srv:
+    with served({**SERVER_ENV, "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}) as srv:
         alice = people(srv, "alice")
         down = cuttable(alice)
         join_room(alice, "quiet")
@@ -1134,7 +1164,7 @@ def test_ids_begun_again_on_a_server_without_epochs_are_not_called_a_restart(
         if not to_server and frame.get("type") == "joined":
             frame.pop("epoch", None)
 
-    with Server(SERVER_ENV) as srv:
+    with served(SERVER_ENV) as srv:
         alice = people(srv, "alice")
         down = cuttable(alice, alter=no_epoch)
         for text in ("first words", "second words", "third words"):
@@ -1173,7 +1203,7 @@ def test_a_history_check_answered_after_the_numbering_began_again_is_dropped(
     (before: the check went on with the old numbering's `since` and replaced that notice
     with "Some messages were missed…")."""
     env = {**SERVER_ENV, "HISTORY_SIZE": "5", "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}
-    with Server(env) as srv:
+    with served(env) as srv:
         alice = people(srv, "alice")
         frames: dict[str, Any] = {"armed": False, "check": None, "resent": False,
                                   "loads": [], "answered": set()}
@@ -1234,7 +1264,7 @@ def test_older_messages_answered_after_the_numbering_began_again_are_dropped(
     the old numbering's oldest (11): its answer, new 1 to 10, is dropped (before: it was
     shown above new 21, the 11 to 20 between them missing, under "This is the start")."""
     env = {**SERVER_ENV, "ROOM_TTL": "1", "ROOM_NUMBERING_TTL": "1"}
-    with Server(env) as srv:
+    with served(env) as srv:
         alice = people(srv, "alice")
         frames: dict[str, Any] = {"armed": False, "older": None, "resent": False,
                                   "answered": set()}
@@ -1291,7 +1321,7 @@ def test_a_cut_before_an_empty_room_s_first_history_comes(
     fewer than the server keeps (3: `recovered: true`, all replayed) or more (10:
     `recovered: false`). Back online the page shows what the server holds, in order, once,
     and says that some were missed only when some were."""
-    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+    with served({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
         alice = people(srv, "alice")
         lost: list[dict[str, Any]] = []
         down = cuttable(alice, lose_first_history("empty", False, lost))
@@ -1337,7 +1367,7 @@ def test_a_first_history_load_that_timed_out_in_a_long_cut(
     goes (before: it stayed above the loaded history when the rejoin said
     `recovered: true`); with more missed than the server keeps (`recovered: false`) it shows
     the latest and says some were missed."""
-    with Server({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
+    with served({**SERVER_ENV, "HISTORY_SIZE": "5"}) as srv:
         alice = people(srv, "alice")
         lost: list[dict[str, Any]] = []
         down = cuttable(alice, lose_first_history("slow", True, lost))
@@ -1389,7 +1419,7 @@ def test_older_messages_load_with_a_button_when_the_list_does_not_scroll(
     such a list, and a keyboard, had no way to)."""
     env = {**SERVER_ENV, "ENABLE_PERSISTENCE": "true", "HISTORY_SIZE": "3",
            "DATABASE_URL": f"sqlite:///{tmp_path}/wschat.db"}
-    with Server(env) as srv:
+    with served(env) as srv:
         with Client(srv.url, "username=writer") as writer:
             writer.join("archive")
             for i in range(1, 8):
@@ -1507,7 +1537,7 @@ def test_thirty_messages_appear_quickly_with_1500_loaded(people: Callable[..., C
     within 3 s (before: each one rebuilt the list, and they took 12.5 s)."""
     env = {**SERVER_ENV, "HISTORY_SIZE": "2000", "RATE_LIMIT": "100000",
            "RATE_LIMIT_BURST": "10000"}
-    with Server(env) as srv, Client(srv.url, "username=writer") as writer:
+    with served(env) as srv, Client(srv.url, "username=writer") as writer:
         writer.join("big")
         for i in range(1, 1501):
             writer.send({"type": "message", "room": "big", "text": f"old {i}"})
@@ -1561,7 +1591,7 @@ def test_rate_limit_is_explained_and_goes_away(people: Callable[..., ChatPage]) 
     # At most 2 x burst refusals in a row are allowed before the server closes with 4102.
     env = {**SERVER_ENV, "RATE_LIMIT": "0.5", "RATE_LIMIT_BURST": "4",
            "RATE_LIMIT_REQUESTS": "100", "RATE_LIMIT_REQUESTS_BURST": "100"}
-    with Server(env) as srv:
+    with served(env) as srv:
         alice = people(srv, "alice")
         for i in range(1, 5):
             alice.say(f"quick {i}")
@@ -1741,7 +1771,7 @@ def test_dm_notices_say_what_persistence_keeps(people: Callable[..., ChatPage],
     said "direct messages reach only connected users" whatever the server did.)"""
     env = {**SERVER_ENV, "ENABLE_PERSISTENCE": "true",
            "DATABASE_URL": f"sqlite:///{tmp_path}/page.db"}
-    with Server(env) as srv:
+    with served(env) as srv:
         alice = people(srv, token=token_for("u-alice3", "Alice"))
         bob = people(srv, token=token_for("u-bob3", "Bob"))
         guest = people(srv, "carol")
