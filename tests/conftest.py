@@ -25,7 +25,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from services import (  # noqa: F401 (re-exported for the test modules)
     ROOT, SCALE, TIMEOUT, PrivatePostgres, PrivateRedis, Server, ServiceMissing, free_port,
-    http_get, wait_until,
+    http_get, stopped_together, wait_until,
 )
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -18,6 +18,7 @@ conformance harness, clients/conformance/harness.py) use these classes too.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import os
 import pwd
@@ -31,6 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +259,7 @@ class Server:
         # Kept while the run lasts (a failing test quotes it), removed when it ends.
         atexit.register(Path(self.log.name).unlink, missing_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._terminated = False  # SIGTERM sent by terminate(), not yet waited for
 
     @property
     def url(self) -> str:
@@ -267,6 +270,7 @@ class Server:
         return http_get(f"http://127.0.0.1:{port}{path}")
 
     def start(self, wait: bool = True) -> Server:
+        self._terminated = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
              "wschat:app"],
@@ -297,10 +301,19 @@ class Server:
                              text=True).stdout
         return [int(p) for p in out.split()]
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting: the next :meth:`stop` waits for it (see
+        :func:`stopped_together`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20 * SCALE) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
+        if not (sig == signal.SIGTERM and self._terminated):
+            self.proc.send_signal(sig)
+        self._terminated = False
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -327,3 +340,15 @@ class Server:
         finally:
             self.kill()
             self.log.close()
+
+
+@contextlib.contextmanager
+def stopped_together(*servers: Server) -> Iterator[None]:
+    """On leaving the block, SIGTERM to each of ``servers`` at once; their own ``with``
+    (:meth:`Server.stop`) then waits for each. A gunicorn worker looks at its signal
+    once a second: servers stopped one after the other waited for that each."""
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.terminate()

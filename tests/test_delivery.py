@@ -19,7 +19,7 @@ import pytest
 
 from conftest import (
     SCALE, TIMEOUT, Client, Server, first_start, free_port, listening, own_redis,
-    redis_url_or_skip, wait_until,
+    redis_url_or_skip, stopped_together, wait_until,
 )
 from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
@@ -967,7 +967,7 @@ def test_worker_paused_past_presence_ttl_registers_its_users_again() -> None:
     import signal
 
     env = {**COMMON, "REDIS_URL": redis_url_or_skip(REDIS_DB + 2), "PRESENCE_TTL": "1.5"}
-    with Server(env) as a, Server(env) as b:
+    with Server(env) as a, Server(env) as b, stopped_together(a, b):
         r = room()
         with Client(a.url, f"token={token('sleeper')}") as x, \
                 Client(b.url, f"token={token('watcher')}") as y:
@@ -1343,7 +1343,7 @@ def _alice_on_a_bob_on_b(**extra_env: str) -> Iterator[tuple[Any, Server, Server
     """A Redis of the test's own, servers A and B on it, alice connected to A, bob to B."""
     with own_redis() as redis_server:
         env = {**COMMON, "REDIS_URL": redis_server.url, **extra_env}
-        with Server(env) as a, Server(env) as b, \
+        with Server(env) as a, Server(env) as b, stopped_together(a, b), \
                 Client(a.url, f"token={token('alice')}") as alice, \
                 Client(b.url, f"token={token('bob')}") as bob:
             yield redis_server, a, b, alice, bob
@@ -1533,7 +1533,7 @@ def test_messages_posted_while_a_worker_resubscribes_reach_its_members() -> None
         env = {**COMMON, "REDIS_URL": redis_server.url}
         try:
             with Server({**env, "REDIS_URL": f"redis://127.0.0.1:{address.port}/0"}) as a, \
-                    Server(env) as b, \
+                    Server(env) as b, stopped_together(a, b), \
                     Client(a.url, f"token={token('alice')}") as alice, \
                     Client(b.url, f"token={token('bob')}") as bob:
                 r = room()

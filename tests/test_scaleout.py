@@ -16,7 +16,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import (
-    SCALE, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, wait_until,
+    SCALE, TIMEOUT, Client, Server, own_redis, redis_url_or_skip, stopped_together, wait_until,
 )
 
 SECRET = "scaleout-secret-0123456789abcdef0123"
@@ -220,7 +220,7 @@ def test_redis_restart_mid_conversation(private_redis) -> None:
     url, (start_redis, stop_redis) = private_redis
     r = room()
     with Server({**COMMON, "REDIS_URL": url}, workers=2) as a, \
-            Server({**COMMON, "REDIS_URL": url}, workers=2) as b:
+            Server({**COMMON, "REDIS_URL": url}, workers=2) as b, stopped_together(a, b):
         x, y = Client(a.url, "username=xena"), Client(b.url, "username=yuri")
         x.join(r)
         y.join(r)
