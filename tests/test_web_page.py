@@ -1785,3 +1785,18 @@ def test_dm_notices_say_what_persistence_keeps(people: Callable[..., ChatPage],
         refused = dm_after_they_left(alice, guest, "carol", "still there?")
         expect(refused.locator(".error")).to_contain_text(
             "carol is not online, and direct messages are kept only for signed-in users")
+
+
+# ---- a review in the browser: focus, the phone menu, typing, bans, the page's own requests --
+
+def test_the_send_button_gives_the_focus_back_to_the_draft(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """A message sent with the Send button (mouse, or Tab and Space) leaves the focus in the
+    composer, ready for the next one (before: it stayed on the button, and typing went nowhere)."""
+    alice = people(web_server, "alice")
+    alice.page.locator("#draft").fill("sent with the button")
+    alice.page.locator("#send").click()
+    expect(alice.messages("sent with the button")).to_have_count(1)
+    expect(alice.page.locator("#draft")).to_be_focused()
+    alice.page.keyboard.type("and the next one")
+    expect(alice.page.locator("#draft")).to_have_value("and the next one")

@@ -1337,7 +1337,12 @@ function useIdentity(identity, remember) {
 
 // ---- wiring --------------------------------------------------------------------------------
 $("join-form").addEventListener("submit", (e) => { e.preventDefault(); joinFromForm($("join-room").value.trim()); });
-$("composer").addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  submit();
+  // Sent with the button (a click, or Tab then Space): the next message is typed at once.
+  $("draft").focus();
+});
 $("draft").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
 });
