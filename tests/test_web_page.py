@@ -1800,3 +1800,35 @@ def test_the_send_button_gives_the_focus_back_to_the_draft(
     expect(alice.page.locator("#draft")).to_be_focused()
     alice.page.keyboard.type("and the next one")
     expect(alice.page.locator("#draft")).to_have_value("and the next one")
+
+
+def test_the_closed_phone_menu_is_out_of_the_keyboard_s_way(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """At phone width the closed sidebar is off screen: Tab skips it (before: seven stops on
+    buttons nobody could see, which screen readers read out too). The menu button says
+    whether it is open, opening it takes the focus into it, Escape closes it and gives the
+    focus back, and opening a conversation from it leaves the focus in the composer."""
+    from browser import PHONE
+
+    alice = people(web_server, "alice", viewport=PHONE)
+    menu = alice.page.locator("#menu")
+    expect(menu).to_have_attribute("aria-expanded", "false")
+    alice.page.evaluate("document.activeElement.blur()")
+    alice.page.keyboard.press("Tab")
+    expect(menu).to_be_focused()
+    alice.page.keyboard.press("Enter")
+    expect(menu).to_have_attribute("aria-expanded", "true")
+    expect(alice.page.locator("#sidebar")).to_be_in_viewport()
+    expect(alice.page.locator('[data-conv="room:general"] > .open')).to_be_focused()
+    alice.page.keyboard.press("Escape")
+    expect(menu).to_have_attribute("aria-expanded", "false")
+    expect(alice.page.locator("#sidebar")).not_to_be_in_viewport()
+    expect(menu).to_be_focused()
+    alice.page.keyboard.press("Enter")
+    alice.page.keyboard.press("Enter")  # on the focused conversation: open it
+    expect(menu).to_have_attribute("aria-expanded", "false")
+    expect(alice.page.locator("#draft")).to_be_focused()
+    # Wide again (a phone turned, a window widened), the sidebar is in reach.
+    alice.page.set_viewport_size({"width": 1100, "height": 700})
+    alice.page.locator('[data-conv="room:general"] > .open').focus()
+    expect(alice.page.locator('[data-conv="room:general"] > .open')).to_be_focused()

@@ -1183,10 +1183,26 @@ function open(key) {
   $("draft").value = state.drafts[key] ?? "";
   fitDraft();
   $("send-error").hidden = true;
-  $("app").dataset.menu = "closed";
   persistConversations();
   render(key, { toBottom: true });
   renderMembers();
+  setMenu(false); // after render: the composer it may give the focus to is enabled or not by now
+}
+
+// ---- the phone menu ------------------------------------------------------------------------
+// Below 700 px (app.css) the sidebar is a menu that slides over the chat. Closed, it is off
+// screen and inert: Tab skips its buttons and screen readers do not read them.
+const narrow = matchMedia("(max-width: 700px)");
+const menuOpen = () => $("app").dataset.menu === "open";
+function setMenu(open) {
+  const sidebar = $("sidebar");
+  const hadFocus = sidebar.contains(document.activeElement);
+  $("app").dataset.menu = open ? "open" : "closed";
+  $("menu").setAttribute("aria-expanded", String(open));
+  sidebar.inert = narrow.matches && !open;
+  // The focused button went out of reach (a conversation opened from the menu): the
+  // composer, where one goes on, else the menu button.
+  if (sidebar.inert && hadFocus) ($("draft").disabled ? $("menu") : $("draft")).focus();
 }
 
 /** Drop conversation `key` from the view (a room left, a DM closed); the next one opens. */
@@ -1361,11 +1377,19 @@ $("scroller").addEventListener("scroll", () => {
   if (c && $("scroller").scrollTop < 40) loadOlder(c);
 });
 $("menu").addEventListener("click", () => {
-  $("app").dataset.menu = $("app").dataset.menu === "open" ? "closed" : "open";
+  setMenu(!menuOpen());
+  if (menuOpen()) focusCurrent(); // the menu's first use: its conversations
 });
 document.querySelector("main.chat").addEventListener("click", (e) => {
-  if ($("app").dataset.menu === "open" && !$("menu").contains(e.target)) $("app").dataset.menu = "closed";
+  if (menuOpen() && !$("menu").contains(e.target)) setMenu(false);
 });
+document.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape" || !menuOpen() || $("signin").open) return;
+  $("menu").focus();
+  setMenu(false);
+});
+narrow.addEventListener("change", () => setMenu(menuOpen()));
+setMenu(false);
 $("switch-user").addEventListener("click", () => showSignin());
 $("retry").addEventListener("click", retryNow);
 $("signin-form").addEventListener("submit", signinSubmitted);
