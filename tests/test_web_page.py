@@ -1832,3 +1832,32 @@ def test_the_closed_phone_menu_is_out_of_the_keyboard_s_way(
     alice.page.set_viewport_size({"width": 1100, "height": 700})
     alice.page.locator('[data-conv="room:general"] > .open').focus()
     expect(alice.page.locator('[data-conv="room:general"] > .open')).to_be_focused()
+
+
+SPY_SENT_FRAMES = """
+window.sentFrames = [];
+const realSend = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  window.sentFrames.push(String(data));
+  return realSend.call(this, data);
+};
+"""
+
+
+def test_emptying_the_draft_ends_typing_at_once(web_server: Server,
+                                                people: Callable[..., ChatPage]) -> None:
+    """A draft deleted down to nothing says "stopped typing" then and there (before: the
+    others saw "bob is typing…" for another 3 s, until the library's idle timer)."""
+    alice = people(web_server, "alice")
+    bob = people(web_server, "bob")
+    bob.page.add_init_script(SPY_SENT_FRAMES)
+    bob.page.reload()
+    bob.wait_online()
+    bob.page.locator("#draft").press_sequentially("hel")
+    expect(alice.page.locator("#typing")).to_contain_text("bob")
+    bob.page.locator("#draft").fill("")
+    # Read as the input event returns: the library's idle timer (3 s) cannot have run yet.
+    frames = [json.loads(f) for f in bob.page.evaluate("window.sentFrames")]
+    typing = [f["status"] for f in frames if f.get("type") == "typing"]
+    assert typing[-1:] == [False], f"typing frames sent: {typing}"
+    expect(alice.page.locator("#typing")).to_have_text("")

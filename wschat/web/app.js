@@ -1366,7 +1366,10 @@ $("draft").addEventListener("input", () => {
   saveDraft();
   fitDraft();
   const c = conv(state.current);
-  if (c?.kind === "room" && $("draft").value) state.client?.typing(c.name);
+  if (c?.kind !== "room") return;
+  // A draft deleted down to nothing ends typing now, not after the library's idle time.
+  if ($("draft").value) state.client?.typing(c.name);
+  else state.client?.stopTyping(c.name);
 });
 $("load-older").addEventListener("click", () => {
   const c = conv(state.current);
