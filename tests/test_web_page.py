@@ -1861,3 +1861,18 @@ def test_emptying_the_draft_ends_typing_at_once(web_server: Server,
     typing = [f["status"] for f in frames if f.get("type") == "typing"]
     assert typing[-1:] == [False], f"typing frames sent: {typing}"
     expect(alice.page.locator("#typing")).to_have_text("")
+
+
+def test_a_ban_everywhere_is_said_in_words_once(web_server: Server,
+                                                people: Callable[..., ChatPage]) -> None:
+    """A ban from the whole server says so in the status, with its end, and nothing else:
+    before, "connection closed for good: 4003 banned" (the library's words) also stood
+    under the composer, and the status spoke of "disconnected or banned"."""
+    alice = people(web_server, token=token_for("u-banned-everywhere", "Alice"))
+    api(web_server, "/api/ban", {"user_id": "u-banned-everywhere", "duration": 600})
+    status = alice.page.locator("#status")
+    expect(status).to_have_attribute("data-state", "failed")
+    expect(status).to_contain_text(re.compile(r"You are banned from this server until \d"))
+    expect(alice.page.locator("#send-error")).to_be_hidden()
+    expect(alice.page.locator("#draft")).to_have_attribute(
+        "placeholder", re.compile(r"^Not connected"))

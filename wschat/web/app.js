@@ -206,7 +206,7 @@ const CLOSE_WORDS = {
   1011: "The server had a problem",
   4001: "Sign-in timed out",
   4002: "Your sign-in expired",
-  4003: "The server ended this session (disconnected or banned)",
+  4003: "The server ended this session", // reason "banned": see stopped
   4100: "The connection went quiet",
   4101: "The connection was too slow",
   4102: "Too many messages at once",
@@ -248,7 +248,9 @@ function stopped(code, reason) {
   clearInterval(countdown);
   clearAllTyping();
   if (code === 1000 && reason === "client disconnect") return;
-  const why = CLOSE_WORDS[code] ?? `The server closed the connection (${reason || code})`;
+  const why = code === 4003 && reason === "banned"
+    ? `You are banned from this server${bannedUntil ? ` until ${time(bannedUntil)}` : ""}`
+    : CLOSE_WORDS[code] ?? `The server closed the connection (${reason || code})`;
   setStatus("failed", `${why}. Not reconnecting.`);
   $("retry").hidden = false;
   if (code === 4001 || code === 4002 || /auth/.test(reason)) showSignin("Your token was refused or expired: paste a new one, or pick a name.");
@@ -272,6 +274,7 @@ function setStatus(kind, text) {
 
 function welcomed(welcome) {
   state.me = welcome;
+  bannedUntil = null;
   state.myIds.add(welcome.user_id);
   const key = `myIds:${identityKey(state.identity)}`;
   saved.set(key, [...new Set([...saved.get(key, []), welcome.user_id])].slice(-50));
@@ -280,7 +283,15 @@ function welcomed(welcome) {
   renderAll();
 }
 
+let bannedUntil = null; // a ban everywhere's end (Unix ms), said when the server closes 4003
+
 function clientError(err) {
+  // The connection closed for good: stopped() says so in the status, in words.
+  if (err.code === "closed") return;
+  // A ban everywhere comes as `forbidden` with no room, just before the close.
+  if (err.code === "forbidden" && err.details?.reason === "banned" && !err.details.room) {
+    bannedUntil = err.details.until ?? null;
+  }
   // Errors that belong to a request reach its promise (shown next to it); these are the rest.
   if (["invalid_room", "too_many_rooms", "left", "user_not_found", "message_too_large",
     "invalid_message", "outbox_full", "forbidden", "muted"].includes(err.code)) { syncPending(err); return; }
@@ -1170,6 +1181,7 @@ function renderComposer() {
   draft.placeholder = !c ? "Join a room to chat"
     : c.joinState === "removed" ? "You are no longer in this room"
     : mutedNow ? "You are muted here"
+    : state.status.state === "failed" ? "Not connected: messages wait until you connect again (Retry now)"
     : state.status.state !== "connected" ? "Offline: messages wait and go out when the connection is back"
       : c.kind === "room" ? `Message # ${c.name}` : `Message ${c.name}`;
 }
