@@ -1876,3 +1876,19 @@ def test_a_ban_everywhere_is_said_in_words_once(web_server: Server,
     expect(alice.page.locator("#send-error")).to_be_hidden()
     expect(alice.page.locator("#draft")).to_have_attribute(
         "placeholder", re.compile(r"^Not connected"))
+
+
+def test_loading_the_page_asks_for_nothing_missing(web_server: Server,
+                                                  people: Callable[..., ChatPage]) -> None:
+    """The page names its icon, so the browser asks for no /favicon.ico (before: a 404 on
+    every visit, "Failed to load resource" in the console), and nothing it loads fails."""
+    alice = people(web_server, "alice")
+    failed: list[str] = []
+    alice.page.on("console", lambda m: failed.append(f"{m.text} {m.location.get('url')}")
+                  if m.type == "error" and "Failed to load" in m.text else None)
+    alice.page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+    alice.page.reload()
+    alice.wait_online()
+    alice.page.wait_for_load_state("networkidle")
+    assert alice.page.locator('head link[rel~="icon"]').count() == 1
+    assert not failed, failed
