@@ -1892,3 +1892,38 @@ def test_loading_the_page_asks_for_nothing_missing(web_server: Server,
     alice.page.wait_for_load_state("networkidle")
     assert alice.page.locator('head link[rel~="icon"]').count() == 1
     assert not failed, failed
+
+
+def test_a_name_typed_while_a_join_is_on_its_way_stays(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """The join box is emptied when its join is answered only if it still holds that room:
+    the next name typed meanwhile stays (before: the answer wiped it)."""
+    alice = people(web_server, "alice")
+    held: dict[str, Any] = {"frames": [], "release": False}
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def from_server(frame: str | bytes) -> None:
+            if not held["release"] and '"joined"' in str(frame) and '"slow"' in str(frame):
+                held["frames"].append(frame)  # the answer to the join of #slow waits
+            else:
+                ws.send(frame)
+
+        ws.on_message(server.send)
+        server.on_message(from_server)
+        held["page"] = ws
+
+    alice.context.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    alice.page.reload()
+    alice.wait_online()
+    alice.page.locator("#join-room").fill("slow")
+    alice.page.locator("#join-room").press("Enter")
+    expect(alice.page.locator('[data-conv="room:slow"]')).to_have_count(1)
+    until(alice, lambda: bool(held["frames"]), "the join's answer held")
+    alice.page.locator("#join-room").fill("next")
+    held["release"] = True
+    for frame in held["frames"]:
+        held["page"].send(frame)
+    expect(alice.page.locator("#title")).to_have_text("# slow")
+    expect(alice.page.locator("#join-room")).to_have_value("next")

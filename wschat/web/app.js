@@ -327,7 +327,8 @@ async function joinFromForm(room) {
   renderSidebar();
   try {
     await joining;
-    $("join-room").value = "";
+    // What was typed meanwhile (the next room's name) stays.
+    if ($("join-room").value.trim() === room) $("join-room").value = "";
     open(roomKey(room));
   } catch (err) {
     joinFailed(room, err);
