@@ -1927,3 +1927,23 @@ def test_a_name_typed_while_a_join_is_on_its_way_stays(
         held["page"].send(frame)
     expect(alice.page.locator("#title")).to_have_text("# slow")
     expect(alice.page.locator("#join-room")).to_have_value("next")
+
+
+def test_a_room_not_joined_yet_does_not_offer_to_keep_messages(
+        web_server: Server, people: Callable[..., ChatPage]) -> None:
+    """Reloaded while offline, a room is not joined yet and its composer is off: it says
+    so (before: "Offline: messages wait and go out when the connection is back", in a box
+    that took no text)."""
+    alice = people(web_server, "alice")
+    down = cuttable(alice)
+    down(True)
+    alice.page.reload()
+    expect(alice.page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    draft = alice.page.locator("#draft")
+    expect(draft).to_be_disabled()
+    expect(draft).to_have_attribute("placeholder", "Joining # general…")
+    down(False)
+    expect(alice.page.locator("#status"), RECONNECT_MS).to_have_attribute("data-state",
+                                                                          "connected")
+    expect(draft).to_be_enabled()
+    expect(draft).to_have_attribute("placeholder", "Message # general")

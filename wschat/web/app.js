@@ -1182,6 +1182,8 @@ function renderComposer() {
   draft.placeholder = !c ? "Join a room to chat"
     : c.joinState === "removed" ? "You are no longer in this room"
     : mutedNow ? "You are muted here"
+    // A room not joined yet (after a reload while offline, say) takes no message yet.
+    : !usable ? (state.status.state === "failed" ? "Not connected" : `Joining # ${c.name}…`)
     : state.status.state === "failed" ? "Not connected: messages wait until you connect again (Retry now)"
     : state.status.state !== "connected" ? "Offline: messages wait and go out when the connection is back"
       : c.kind === "room" ? `Message # ${c.name}` : `Message ${c.name}`;
