@@ -1947,3 +1947,20 @@ def test_a_room_not_joined_yet_does_not_offer_to_keep_messages(
                                                                           "connected")
     expect(draft).to_be_enabled()
     expect(draft).to_have_attribute("placeholder", "Message # general")
+
+
+def test_a_time_on_another_day_names_the_day(web_server: Server,
+                                             people: Callable[..., ChatPage]) -> None:
+    """A mute for three days says until which day (before: only the hour, "until 03:07 PM",
+    read as today); a message from today still shows just its time."""
+    alice = people(web_server, "alice")
+    alice.say("today's message")
+    stamp = alice.messages("today's message").locator("time")
+    expect(stamp).to_have_text(re.compile(r"^\d\d:\d\d"))
+    alice_id = alice.page.locator("#members li.self").get_attribute("data-user-id")
+    until = api(web_server, "/api/mute",
+                {"user_id": alice_id, "room": "general", "duration": 3 * 86400})["until"]
+    day = alice.page.evaluate(
+        "until => new Date(until).toLocaleString([], {month: 'short', day: 'numeric'})", until)
+    expect(alice.page.locator("#messages .notice", has_text="You are muted here")
+           ).to_contain_text(f"until {day}")

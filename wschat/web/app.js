@@ -893,7 +893,15 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 const badge = (text) => el("span", { class: `badge ${text}` }, text);
-const time = (ms) => new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+/** "14:05" today; "3 Dec, 14:05" another day (older history, a ban for a week); the year too in another year. */
+function time(ms) {
+  const at = new Date(ms);
+  const now = new Date();
+  const format = { hour: "2-digit", minute: "2-digit" };
+  if (at.toDateString() !== now.toDateString()) Object.assign(format, { month: "short", day: "numeric" });
+  if (at.getFullYear() !== now.getFullYear()) format.year = "numeric";
+  return at.toLocaleString([], format);
+}
 const byName = new Intl.Collator().compare;
 
 /** Sets a text only when it differs: an equal write would still re-announce a live region. */
