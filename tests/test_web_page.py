@@ -1964,3 +1964,18 @@ def test_a_time_on_another_day_names_the_day(web_server: Server,
         "until => new Date(until).toLocaleString([], {month: 'short', day: 'numeric'})", until)
     expect(alice.page.locator("#messages .notice", has_text="You are muted here")
            ).to_contain_text(f"until {day}")
+
+
+def test_a_mute_that_runs_out_says_so(web_server: Server,
+                                      people: Callable[..., ChatPage]) -> None:
+    """When a timed mute ends (the server sends nothing then) the room says one can post
+    again, as after an unmute (before: the composer came back without a word, below a
+    notice that still said "muted")."""
+    alice = people(web_server, "alice")
+    watch_live_regions(alice)
+    alice_id = alice.page.locator("#members li.self").get_attribute("data-user-id")
+    api(web_server, "/api/mute", {"user_id": alice_id, "room": "general", "duration": 2})
+    expect(alice.page.locator("#draft")).to_be_disabled()
+    expect(alice.page.locator("#messages .notice", has_text="post here again")).to_be_visible()
+    expect(alice.page.locator("#draft")).to_be_enabled()
+    assert any("post here again" in line for line in announced(alice))

@@ -359,7 +359,18 @@ function muted({ room, until }, on) {
       : "You can post here again.", on);
     render(c.key);
   }
-  if (on && until) setTimeout(renderComposer, Math.max(0, until - Date.now()) + 100);
+  if (on && until) setTimeout(() => muteEnded(rooms, until), Math.max(0, until - Date.now()) + 100);
+}
+
+/** A mute that ran out (the server sends no `unmuted` then): said as a lifted one is. */
+function muteEnded(rooms, until) {
+  for (const c of rooms) {
+    if (c.mutedUntil !== until || conv(c.key) !== c) continue; // lifted, or muted anew since
+    c.mutedUntil = 0;
+    addNotice(c, "Your mute ended: you can post here again.", false);
+    render(c.key);
+  }
+  renderComposer();
 }
 
 /** A join the server refused (invalid_room, too_many_rooms): the room leaves the list. */
