@@ -1979,3 +1979,23 @@ def test_a_mute_that_runs_out_says_so(web_server: Server,
     expect(alice.page.locator("#messages .notice", has_text="post here again")).to_be_visible()
     expect(alice.page.locator("#draft")).to_be_enabled()
     assert any("post here again" in line for line in announced(alice))
+
+
+def test_a_long_room_name_stays_inside_the_sidebar(web_server: Server,
+                                                   people: Callable[..., ChatPage]) -> None:
+    """A room name of 64 characters without a break wraps in "Members in # …" (before: the
+    heading ran out of the sidebar, which scrolled sideways, on a phone and a desktop)."""
+    from browser import PHONE
+
+    room = "r" + "x" * 63
+    for viewport in (PHONE, None):
+        alice = people(web_server, "alice", **({"viewport": viewport} if viewport else {}))
+        if viewport:
+            alice.page.locator("#menu").click()
+        join_room(alice, room)
+        if viewport:
+            alice.page.locator("#menu").click()
+        expect(alice.page.locator("#members-room")).to_contain_text(room)
+        sidebar = alice.page.locator("#sidebar")
+        wide, room_for = sidebar.evaluate("el => [el.scrollWidth, el.clientWidth]")
+        assert wide <= room_for, f"the sidebar scrolls sideways: {wide} > {room_for}"
