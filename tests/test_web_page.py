@@ -1999,3 +1999,30 @@ def test_a_long_room_name_stays_inside_the_sidebar(web_server: Server,
         sidebar = alice.page.locator("#sidebar")
         wide, room_for = sidebar.evaluate("el => [el.scrollWidth, el.clientWidth]")
         assert wide <= room_for, f"the sidebar scrolls sideways: {wide} > {room_for}"
+
+
+def test_banned_or_muted_while_away_is_said_on_return(web_server: Server,
+                                                      people: Callable[..., ChatPage]) -> None:
+    """Banned from a room while the connection was down, the rejoin is refused: the room
+    says "banned until" (before: "You were removed from # room: forbidden."). Muted in
+    another while away, the first send there is refused: the composer goes off with the
+    mute's notice (before: it stayed on, and each send failed in turn)."""
+    alice = people(web_server, token=token_for("u-away", "Alice"))
+    join_room(alice, "second")
+    alice.open_conversation("room:general")
+    down = cuttable(alice)
+    expect(alice.page.locator("#draft")).to_be_enabled()  # #general joined again
+    down(True)
+    alice.say("written while away")
+    api(web_server, "/api/ban", {"user_id": "u-away", "room": "general", "duration": 600})
+    api(web_server, "/api/mute", {"user_id": "u-away", "room": "second", "duration": 600})
+    down(False)
+    notice = alice.page.locator("#messages .notice.warn", has_text="You were banned from # general")
+    expect(notice, RECONNECT_MS).to_contain_text(re.compile(r"until \d"))
+    expect(alice.messages("written while away")).to_have_class(re.compile(r"\bfailed\b"))
+    alice.open_conversation("room:second")
+    alice.say("muted, unknowing")
+    expect(alice.messages("muted, unknowing")).to_have_class(re.compile(r"\bfailed\b"))
+    expect(alice.page.locator("#messages .notice", has_text="You are muted here until")
+           ).to_be_visible()
+    expect(alice.page.locator("#draft")).to_be_disabled()

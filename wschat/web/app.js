@@ -342,7 +342,10 @@ function removed({ room, reason, until }) {
   c.joinState = "removed";
   c.members.clear();
   clearTyping(c);
-  const text = reason === "banned" ? `You were banned from # ${room}${until ? ` until ${time(until)}` : ""}.`
+  // A rejoin refused (banned while away) comes as `forbidden`; only a ban has an `until`.
+  const banned = reason === "banned" || (reason === "forbidden" && until !== undefined);
+  const text = banned ? `You were banned from # ${room}${until ? ` until ${time(until)}` : ""}.`
+    : reason === "forbidden" ? `You may no longer use # ${room}.`
     : reason === "kicked" ? `You were removed from # ${room}.` : `You were removed from # ${room}: ${reason}.`;
   addNotice(c, text, true);
   persistConversations();
@@ -771,6 +774,10 @@ function syncPending(err) {
 function refused(c, p, err) {
   p.error = describe(err, c);
   if (state.current === c.key) announce(`Not sent: ${p.error}`);
+  // Muted while away: no `muted` event came, the refusal is the news (and says until when).
+  if (err?.code === "muted" && c.kind === "room" && !(c.mutedUntil > Date.now())) {
+    muted({ room: c.name, until: err.details?.until ?? null }, true);
+  }
 }
 
 function retry(c, cmid) {
