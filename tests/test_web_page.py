@@ -1853,6 +1853,7 @@ def test_emptying_the_draft_ends_typing_at_once(web_server: Server,
     bob.page.add_init_script(SPY_SENT_FRAMES)
     bob.page.reload()
     bob.wait_online()
+    expect(bob.page.locator("#draft")).to_be_enabled()  # #general joined again
     bob.page.locator("#draft").press_sequentially("hel")
     expect(alice.page.locator("#typing")).to_contain_text("bob")
     bob.page.locator("#draft").fill("")
