@@ -1830,6 +1830,7 @@ def test_the_closed_phone_menu_is_out_of_the_keyboard_s_way(
     expect(alice.page.locator("#draft")).to_be_focused()
     # Wide again (a phone turned, a window widened), the sidebar is in reach.
     alice.page.set_viewport_size({"width": 1100, "height": 700})
+    expect(alice.page.locator("#sidebar")).not_to_have_attribute("inert", re.compile(".*"))
     alice.page.locator('[data-conv="room:general"] > .open').focus()
     expect(alice.page.locator('[data-conv="room:general"] > .open')).to_be_focused()
 
