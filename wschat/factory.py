@@ -229,8 +229,9 @@ def finish_worker(app: Any, worker: Any) -> None:
     (:class:`_HeartbeatKeptOpen`).
 
     The wait ends ``EXIT_SECONDS`` before ``GRACEFUL_TIMEOUT`` counted from the moment
-    the worker was told to stop (SIGTERM), not from this call: gunicorn's own loop
-    notices the signal up to a second later and only then calls ``worker_exit``,
+    the worker was told to stop (SIGTERM), not from this call: the worker's loop
+    notices the signal later (:meth:`wschat.worker.Worker._serve`: within
+    ``LOOK_SECONDS``) and only then calls ``worker_exit``,
     while the master's SIGKILL is due ``graceful_timeout`` after its SIGTERM. A drain
     that hangs (a store that does not answer) thus ends with the worker exiting by
     itself, its clients' sockets closed, rather than with the master's SIGKILL."""
