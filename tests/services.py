@@ -345,8 +345,8 @@ class Server:
 @contextlib.contextmanager
 def stopped_together(*servers: Server) -> Iterator[None]:
     """On leaving the block, SIGTERM to each of ``servers`` at once; their own ``with``
-    (:meth:`Server.stop`) then waits for each. A gunicorn worker looks at its signal
-    once a second: servers stopped one after the other waited for that each."""
+    (:meth:`Server.stop`) then waits for each. A server's stop takes a few tenths of a
+    second (its drain, the master reaping its workers): stopped together, they overlap."""
     try:
         yield
     finally:
