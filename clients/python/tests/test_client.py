@@ -92,6 +92,7 @@ class FakeServer:
         self.count = 0
         self.process_request = process_request
         self.heartbeat_interval = "30"  # the welcome's, as raw JSON text (a test may set "1e400")
+        self.welcome_extra: dict[str, Any] = {}  # {"dm_backlog": 0}: persistence on
 
     async def __aenter__(self) -> FakeServer:
         self.server = await serve(self._handle, "127.0.0.1", 0,
@@ -109,7 +110,7 @@ class FakeServer:
         peer = Peer(ws, f"u{self.count}")
         welcome = json.dumps({"type": "welcome", "user_id": f"u{self.count}",
                               "username": "alice", "authenticated": False,
-                              "auth_required": False})
+                              "auth_required": False, **self.welcome_extra})
         await ws.send(f'{welcome[:-1]}, "heartbeat_interval": {self.heartbeat_interval}}}')
         await self.peers.put(peer)
         await ws.wait_closed()
@@ -1419,6 +1420,36 @@ async def test_dm_id_unreadable_acknowledges_the_send_but_is_not_delivered() -> 
             sending.cancel()
             await client.close()
     assert not wrong, "\n".join(wrong)
+
+
+async def test_dm_ids_are_kept_across_connections_only_with_persistence() -> None:
+    """With persistence (the welcome has dm_backlog) a page of kept DMs may come again on the
+    next connection: a DM id seen before is a double, dropped. Without it no DM comes on two
+    connections, and a restarted memory server numbers DMs from 1 again: its new 1 was dropped
+    as a double of the 1 seen before the restart. The ids are forgotten on such a connection."""
+    assert await _dms_over_a_reconnect(persistence=True) == ["first", "second"]
+    assert await _dms_over_a_reconnect(persistence=False) == ["first", "new first", "second"]
+
+
+async def _dms_over_a_reconnect(persistence: bool) -> list[str]:
+    """The texts of the dm events: DM 1, a reconnect, then DM 1 again and DM 2."""
+    async with FakeServer() as fake:
+        if persistence:
+            fake.welcome_extra = {"dm_backlog": 0}
+        client = client_for(fake)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        await peer.ws.send(_raw_dm("1", text="first"))
+        await rec.wait_for(lambda: len(rec.of("dm")) == 1, what="the first DM")
+        peer = await fake.drop(peer)
+        await rec.wait_for(lambda: len(rec.of("connected")) == 2, what="the reconnect")
+        # With persistence: the same DM again. Without: a restarted server's first DM.
+        await peer.ws.send(_raw_dm("1", text="first" if persistence else "new first"))
+        await peer.ws.send(_raw_dm("2", text="second"))
+        await rec.wait_for(lambda: rec.of("dm")[-1].text == "second", what="the second DM")
+        await client.close()
+        return [d.text for d in rec.of("dm")]
 
 
 async def test_another_members_message_with_my_client_msg_id_acknowledges_nothing() -> None:

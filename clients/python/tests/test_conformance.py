@@ -414,3 +414,27 @@ async def test_a_memory_server_restart_is_told_apart_by_the_epoch(harness: Harne
     assert [(m.id, m.text) for m in rec.messages["lobby"]] == [
         (m.id, m.text) for m in before + after + [mine]]
     await close_all(cara, pete)
+
+
+async def test_a_memory_server_restart_numbers_dms_from_1_and_they_are_delivered(
+        harness: Harness) -> None:
+    """Without persistence a restarted server numbers DMs from 1 again. The client kept the
+    ids of the DMs it had seen across connections and dropped the new 1 and 2 as doubles of
+    them, without a word; it keeps them across connections only with persistence (whose
+    welcome has dm_backlog), and a memory server's DMs after the restart are delivered."""
+    server = await harness.server("memory")
+    amy, rec = await connected(harness, server["url"], "dmamy")
+    ben, rec_ben = await connected(harness, server["url"], "dmben")
+    for text in ("before 0", "before 1"):
+        await ben.dm("dmamy", text)
+    await rec.wait_for(lambda: len(rec.of("dm")) == 2, what="amy's two DMs")
+    await harness.call(f"/servers/{server['id']}/stop", {"signal": "TERM"})
+    await harness.call(f"/servers/{server['id']}/start")
+    for r in (rec, rec_ben):
+        await r.wait_for(lambda r=r: len(r.of("connected")) == 2, LONG, "the reconnect")
+    after = [await ben.dm("dmamy", f"after {i}") for i in range(3)]
+    assert [d.id for d in after] == [1, 2, 3], "the restarted server numbers DMs from 1"
+    await rec.wait_for(lambda: rec.of("dm")[-1].text == "after 2", LONG, "amy's last DM")
+    assert [d.text for d in rec.of("dm")] == [
+        "before 0", "before 1", "after 0", "after 1", "after 2"]
+    await close_all(amy, ben)

@@ -223,6 +223,9 @@ class Client:
         # at a time there until one gets through. Only while the outbox holds one of theirs
         # (_unprobe): a send that fails instead leaves nothing behind.
         self._probing: set[str] = set()
+        # The ids of the DMs delivered, the newest DM_IDS_KEPT: a DM id seen is a double.
+        # Kept across connections only with persistence (the welcome has dm_backlog), where a
+        # page of kept DMs may come again (_serve).
         self._dm_seen: OrderedDict[int, None] = OrderedDict()
         # Every user_id a welcome gave this client (a guest gets a new one per connection):
         # only an echo from one of them acknowledges a send (_is_echo).
@@ -1274,6 +1277,12 @@ class Client:
         self._out = queue = asyncio.Queue[str]()
         writer = asyncio.create_task(self._writer(ws, queue))
         info = self._welcomed(welcome)
+        if welcome.get("dm_backlog") is None:
+            # Without persistence a new connection brings no DM delivered before, and a
+            # restarted memory server numbers DMs from 1 again: ids kept from an earlier
+            # connection would drop its new DMs as doubles. With persistence the database
+            # numbers them for good, and a page of kept DMs may come again: they are kept.
+            self._dm_seen.clear()
         self._set_state(ConnectionState.CONNECTED)
         for ready in self._ready:
             if not ready.done():
