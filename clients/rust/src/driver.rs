@@ -186,6 +186,9 @@ pub(crate) struct Driver {
     /// When the earliest wake-up of the join queue is due. One due later (an earlier pause
     /// of the join pacer, or another connection's) gets an earlier one beside it.
     join_flush_at: Option<std::time::Instant>,
+    /// The ids of the DMs surfaced, the newest `SEEN_DMS`: a DM id seen is a double. Kept
+    /// across connections only with persistence (the welcome has `dm_backlog`), where a page of
+    /// kept DMs may come again.
     seen_dms: VecDeque<u64>,
     seen_dm_set: HashSet<u64>,
     /// Every user id a `welcome` gave this client (a guest gets a new one per connection; a
@@ -1078,7 +1081,7 @@ impl Driver {
             }
         };
         match event {
-            ServerEvent::Welcome { user_id, username, authenticated, heartbeat_interval, id, .. } => {
+            ServerEvent::Welcome { user_id, username, authenticated, heartbeat_interval, dm_backlog, id, .. } => {
                 // Read by protocol::heartbeat_interval (1 s to a day, or none: the default
                 // stays), so from_secs_f64 cannot panic; try_ all the same, for a hand-built event.
                 if let Some(hb) = heartbeat_interval.and_then(|hb| Duration::try_from_secs_f64(hb).ok()) {
@@ -1101,6 +1104,15 @@ impl Driver {
                     }
                     self.schedule_refresh();
                 } else if !self.online {
+                    if dm_backlog.is_none() {
+                        // Without persistence a new connection brings no DM delivered before,
+                        // and a restarted memory server numbers DMs from 1 again: ids kept from
+                        // an earlier connection would drop its new DMs as doubles. With
+                        // persistence the database numbers them for good, and a page of kept
+                        // DMs may come again: their ids are kept.
+                        self.seen_dms.clear();
+                        self.seen_dm_set.clear();
+                    }
                     self.set_state(ConnectionState::Connected);
                     self.emit(welcome);
                     self.came_online();

@@ -456,6 +456,41 @@ async fn recovery_failed_after_a_memory_server_restart() {
     rec.wait("the new message", 20.0, |ev| common::message_ids(ev, "amnesia") == [1, 2, 3, 1]).await;
 }
 
+/// The texts of the DMs a client surfaced, in order.
+fn dm_texts(events: &[Event]) -> Vec<String> {
+    events.iter().filter_map(|e| if let Event::Dm(dm) = e { Some(dm.text.clone()) } else { None }).collect()
+}
+
+/// Without persistence a restarted server numbers DMs from 1 again. The client kept the ids of
+/// the DMs it had seen across connections and dropped the new 1 and 2 as doubles of them,
+/// without a word; it keeps them across connections only with persistence (whose welcome has
+/// `dm_backlog`), and a memory server's DMs after the restart are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dms_of_a_restarted_memory_server_are_delivered() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (amy, rec) = signed_in(&s.url, h.token("dmamy", 600.0).await);
+    let (ben, rec_ben) = signed_in(&s.url, h.token("dmben", 600.0).await);
+    ben.wait_connected(scaled(20.0)).await.unwrap();
+    amy.wait_connected(scaled(20.0)).await.unwrap();
+    for text in ["before 0", "before 1"] {
+        ben.dm("dmamy", text).await.unwrap();
+    }
+    rec.wait("amy's two DMs", 20.0, |ev| dm_texts(ev).len() == 2).await;
+    h.stop(&s).await;
+    h.restart(&s).await;
+    let connects = |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::State(ConnectionState::Connected))).count();
+    rec.wait("amy's reconnect", 30.0, |ev| connects(ev) == 2).await;
+    rec_ben.wait("ben's reconnect", 30.0, |ev| connects(ev) == 2).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(ben.dm("dmamy", &format!("after {i}")).await.unwrap().id);
+    }
+    assert_eq!(ids, [1, 2, 3], "the restarted server numbers DMs from 1");
+    rec.wait("amy's last DM", 20.0, |ev| dm_texts(ev).last().is_some_and(|t| t == "after 2")).await;
+    assert_eq!(dm_texts(&rec.events()), ["before 0", "before 1", "after 0", "after 1", "after 2"]);
+}
+
 /// A server with persistence in a SQLite file of its own (removed before and after).
 struct Database(std::path::PathBuf);
 
@@ -1188,6 +1223,15 @@ async fn server_refusing_the_first_join() -> (String, Frames, tokio::task::JoinH
 async fn scripted_server(
     script: impl Fn(&serde_json::Value, usize) -> Vec<String> + Send + Sync + 'static,
 ) -> (String, Frames, tokio::task::JoinHandle<()>) {
+    let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
+    scripted_server_greeting(welcome, script).await
+}
+
+/// A [`scripted_server`] greeting every connection with `welcome`.
+async fn scripted_server_greeting(
+    welcome: serde_json::Value,
+    script: impl Fn(&serde_json::Value, usize) -> Vec<String> + Send + Sync + 'static,
+) -> (String, Frames, tokio::task::JoinHandle<()>) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
     let script = Arc::new(script);
@@ -1198,11 +1242,10 @@ async fn scripted_server(
     let task = tokio::spawn(async move {
         for n in 1.. {
             let Ok((tcp, _)) = listener.accept().await else { return };
-            let (script, seen) = (script.clone(), seen.clone());
+            let (script, seen, welcome) = (script.clone(), seen.clone(), welcome.to_string());
             tokio::spawn(async move {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
-                let welcome = json!({"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0});
-                let _ = ws.send(Message::text(welcome.to_string())).await;
+                let _ = ws.send(Message::text(welcome)).await;
                 while let Some(Ok(Message::Text(text))) = ws.next().await {
                     let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
                     seen.lock().unwrap().push((n, cmd.clone()));
@@ -1625,6 +1668,54 @@ async fn a_dm_echo_with_an_odd_id_still_acknowledges_the_send() {
         server.abort();
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// With persistence (the welcome has `dm_backlog`) a page of kept DMs may come again on the
+/// next connection: a DM id seen before is a double, dropped. Without it no DM comes on two
+/// connections, and a restarted memory server numbers DMs from 1 again: its new 1 was dropped
+/// as a double of the 1 seen before the restart. The ids are forgotten on such a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dm_ids_are_kept_across_connections_only_with_persistence() {
+    for persistence in [true, false] {
+        let mut welcome = json!({"type": "welcome", "user_id": "u2", "username": "u2", "heartbeat_interval": 30.0});
+        if persistence {
+            welcome["dm_backlog"] = json!(0);
+        }
+        let dm = |id: u64, text: &str| {
+            json!({"type": "dm", "id": id, "from": "u1", "user_id": "u1", "to": "u2", "text": text, "timestamp": 1})
+                .to_string()
+        };
+        // The first connection: DM 1 at the first ping, then a close (1012). The second: DM
+        // 1 again (with persistence the same DM, without it a restarted server's new first),
+        // then DM 2.
+        let again = if persistence { "first" } else { "new first" };
+        let (url, _frames, server) = scripted_server_greeting(welcome, move |cmd, n| match (cmd["type"].as_str(), n) {
+            (Some("ping"), 1) => vec![dm(1, "first"), CLOSE.to_owned()],
+            (Some("ping"), _) => {
+                vec![dm(1, again), dm(2, "second"), json!({"type": "pong", "id": cmd["id"]}).to_string()]
+            }
+            _ => vec![],
+        })
+        .await;
+        let (c, events) = Client::builder(url)
+            .backoff(Duration::from_millis(50), Duration::from_millis(200))
+            .request_timeout(scaled(5.0))
+            .connect();
+        let rec = Recorder::new(events);
+        c.wait_connected(scaled(20.0)).await.unwrap();
+        let first = c.clone();
+        let _closed = tokio::spawn(async move { first.ping().await }); // answered by DM 1 and a close
+        rec.wait("the first DM", 20.0, |ev| dm_texts(ev) == ["first"]).await;
+        let connects =
+            |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::State(ConnectionState::Connected))).count();
+        rec.wait("the reconnect", 20.0, |ev| connects(ev) == 2).await;
+        c.ping().await.unwrap();
+        rec.wait("the second DM", 20.0, |ev| dm_texts(ev).last().is_some_and(|t| t == "second")).await;
+        let want: &[&str] = if persistence { &["first", "second"] } else { &["first", "new first", "second"] };
+        assert_eq!(dm_texts(&rec.events()), want, "persistence: {persistence}");
+        c.close();
+        server.abort();
+    }
 }
 
 /// A [`scripted_server`] answering each `ping` with the frames put in the returned list (then
