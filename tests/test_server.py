@@ -524,6 +524,27 @@ def test_sigterm_closes_clients_with_1001() -> None:
         srv.kill()
 
 
+@pytest.mark.parametrize("to_worker", [False, True], ids=["master", "group"])
+def test_sigint_still_drains_the_worker(to_worker: bool) -> None:
+    """SIGINT (Ctrl-C: to the master, or to the whole process group) is gunicorn's quick
+    shutdown: the master sends its workers SIGQUIT, whose gunicorn handler exits the worker
+    0.1 s later. The worker's drain still runs to its end: here it waits for a client that
+    never answers its close frame, and logs that connection's close (before: the worker's
+    loop, looking every 50 ms, reached worker_exit first, and that exit cut the drain, the
+    stores' flush with it, short)."""
+    with Server() as srv:
+        [worker] = srv.worker_pids()
+        raw = RawClient(srv.port)
+        if to_worker:
+            os.kill(worker, signal.SIGINT)
+        assert srv.stop(signal.SIGINT) == 0
+        raw.drain_to_close()
+        assert raw.close_code == 1001
+        output = srv.output()
+        assert f"user={raw.user_id} code=1001 reason=server shutting down" in output, output
+        raw.close()
+
+
 def test_a_worker_freezes_what_it_was_built_from() -> None:
     """Each worker, once started, collects and freezes its start-up heap (gc.freeze):
     full collections later scan only the connections' objects, not the ~56,000 the

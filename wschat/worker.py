@@ -167,6 +167,8 @@ class Worker(GeventWorker):
         try:
             for server in servers:  # accept no one else
                 server.close()
+            if self.quitting:  # a quick shutdown: the requests under way are not waited for
+                return
             # Serve the requests under way for up to graceful_timeout.
             started = time.monotonic()
             while time.monotonic() - started <= self.cfg.graceful_timeout:
@@ -178,6 +180,27 @@ class Worker(GeventWorker):
                 server.stop(timeout=1)
         except Exception:  # the worker exits regardless, as gunicorn's
             self.log.exception("Worker stop failed (pid:%s)", self.pid)
+
+    quitting = False  # told to quit (SIGQUIT, SIGINT) rather than to stop (SIGTERM)
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """SIGQUIT (the master's quick shutdown, on its SIGINT or SIGQUIT) or SIGINT
+        (Ctrl-C reaches the whole process group): the worker stops without waiting for the
+        requests under way, but its WebSockets still get their 1001 (``worker_exit``:
+        :func:`wschat.factory.finish_worker`, bounded by ``GRACEFUL_TIMEOUT``, as the
+        master's SIGKILL is).
+
+        gunicorn's handler clears ``alive`` and, 0.1 s later, exits the process (its
+        ``SystemExit`` thrown into the main greenlet). Its own loop, sleeping a second,
+        was mostly still asleep then, and the exit came before ``worker_exit``; this
+        worker's loop looks every ``LOOK_SECONDS`` and reaches ``worker_exit`` first, and
+        that exit would land in the middle of the drain. So the loop's end is the exit."""
+        self.quitting = True
+        gevent.spawn(self._quit)
+
+    def _quit(self) -> None:
+        self.alive = False
+        self.cfg.worker_int(self)  # gunicorn's hook, called where its handler calls it
 
     def _look(self, notified: float) -> float:
         """One step of the worker's loop: tell the master it lives once a second, then
