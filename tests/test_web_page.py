@@ -1983,6 +1983,24 @@ def test_a_mute_that_runs_out_says_so(web_server: Server,
     assert any("post here again" in line for line in announced(alice))
 
 
+def test_a_month_long_mute_does_not_end_at_once(web_server: Server,
+                                               people: Callable[..., ChatPage]) -> None:
+    """A mute for 30 days stays on: setTimeout takes at most 2^31 - 1 ms (24.8 days), and
+    the longer delay to the mute's end wrapped around (before: "Your mute ended" came at
+    once, and the composer came back for a mute with a month to run)."""
+    alice = people(web_server, "alice")
+    alice_id = alice.page.locator("#members li.self").get_attribute("data-user-id")
+    api(web_server, "/api/mute",
+        {"user_id": alice_id, "room": "general", "duration": 30 * 86400})
+    expect(alice.page.locator("#messages .notice", has_text="You are muted here")
+           ).to_be_visible()
+    # A timer the page sets now runs after every one due before it: the wrapped one too.
+    alice.page.evaluate("() => new Promise((done) => setTimeout(done, 100))")
+    expect(alice.page.locator("#messages .notice", has_text="post here again")
+           ).to_have_count(0)
+    expect(alice.page.locator("#draft")).to_be_disabled()
+
+
 def test_a_long_room_name_stays_inside_the_sidebar(web_server: Server,
                                                    people: Callable[..., ChatPage]) -> None:
     """A room name of 64 characters without a break wraps in "Members in # …" (before: the

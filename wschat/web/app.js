@@ -362,7 +362,17 @@ function muted({ room, until }, on) {
       : "You can post here again.", on);
     render(c.key);
   }
-  if (on && until) setTimeout(() => muteEnded(rooms, until), Math.max(0, until - Date.now()) + 100);
+  if (on && until) atTime(until + 100, () => muteEnded(rooms, until));
+}
+
+const MAX_TIMEOUT_MS = 2 ** 31 - 1; // setTimeout's longest delay
+
+/** Runs `fn` at `when` (Unix ms). setTimeout takes at most 2^31 - 1 ms (24.8 days): a longer
+ * delay (a mute for a month) wraps around, and ran `fn` at once. */
+function atTime(when, fn) {
+  const left = when - Date.now();
+  if (left > MAX_TIMEOUT_MS) setTimeout(() => atTime(when, fn), MAX_TIMEOUT_MS);
+  else setTimeout(fn, Math.max(0, left));
 }
 
 /** A mute that ran out (the server sends no `unmuted` then): said as a lifted one is. */
