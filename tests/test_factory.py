@@ -201,7 +201,8 @@ def test_hung_drain_ends_within_graceful_timeout_of_the_signal(
         make_app: MakeApp, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a drain that hangs (a store that never answers), finish_worker (gunicorn's
     worker_exit) returns before GRACEFUL_TIMEOUT has passed since the worker was told to
-    stop, though gunicorn calls it up to a second after the signal: the worker exits by
+    stop, though the worker's loop calls it later (once the requests under way are served,
+    here 0.9 s after the signal): the worker exits by
     itself before the master's SIGKILL, due GRACEFUL_TIMEOUT after its SIGTERM."""
     graceful = 2.0
     app = make_app(graceful_timeout=graceful)
@@ -219,8 +220,8 @@ def test_hung_drain_ends_within_graceful_timeout_of_the_signal(
     try:
         signalled = time.monotonic()
         worker.alive = False  # what gunicorn's SIGTERM handler does
-        # gunicorn's loop sleeps a second between its looks at worker.alive, and calls
-        # worker_exit after the look that finds it false: up to a second after the signal.
+        # The worker's loop calls worker_exit after the look that finds it false and the
+        # requests under way are served (wschat.worker.Worker._serve): later than the signal.
         gevent.sleep(0.9)
         finish_worker(app, worker)
         took = time.monotonic() - signalled

@@ -597,8 +597,8 @@ def test_stopping_worker_keeps_its_heartbeat() -> None:
 def test_worker_with_a_hung_store_exits_within_graceful_timeout() -> None:
     """SIGTERM while Redis hangs (SIGSTOP: the drain waits out its 5 s socket timeout): the
     worker gives up on the drain and exits by itself before the master's SIGKILL, due
-    GRACEFUL_TIMEOUT (3 s) after the master's SIGTERM, though gunicorn calls worker_exit up
-    to a second after the signal."""
+    GRACEFUL_TIMEOUT (3 s) after the master's SIGTERM, though the worker's loop calls
+    worker_exit later than the signal."""
     graceful = 3
     with own_redis() as redis, Server({"REDIS_URL": redis.url,
                                        "GRACEFUL_TIMEOUT": str(graceful)}) as srv:
