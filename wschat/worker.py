@@ -128,7 +128,8 @@ NOTIFY_SECONDS = 1.0  # how often it tells the master it lives (gunicorn's: ever
 
 class Worker(GeventWorker):
     """gunicorn's gevent worker (``-k gevent``) whose sockets waiting for a request are
-    counted by :class:`Waiting`."""
+    counted by :class:`Waiting`, and whose loop sees a signal to stop within
+    ``LOOK_SECONDS`` (:meth:`_serve`, :meth:`handle_quit`)."""
 
     waiting: Waiting
 
