@@ -142,6 +142,9 @@ def pre_fork(server, worker):
     worker._wschat_slot = slot
     worker._wschat_replacement = slot in _slots_ever_used
     _slots_ever_used.add(slot)
+    # Stop signals that reach the worker before it has its own handlers land here, in
+    # its copy of this queue: wschat.worker.Worker.init_signals takes them from it.
+    worker.arbiter_signals = server.SIG_QUEUE
 
 
 def post_worker_init(worker):

@@ -241,7 +241,9 @@ def http_get(url: str, timeout: float = TIMEOUT, headers: dict[str, str] | None 
 class Server:
     """A real ``gunicorn -c gunicorn.conf.py wschat:app`` on free ports."""
 
-    def __init__(self, env: dict[str, str] | None = None, workers: int = 1) -> None:
+    def __init__(self, env: dict[str, str] | None = None, workers: int = 1,
+                 config: Path = ROOT / "gunicorn.conf.py") -> None:
+        self.config = config
         # Two distinct ports: PORT == METRICS_PORT is a configuration error the server refuses.
         self.port, self.metrics_port = free_ports(2)
         self.env = {
@@ -272,8 +274,7 @@ class Server:
     def start(self, wait: bool = True) -> Server:
         self._terminated = False
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-             "wschat:app"],
+            [sys.executable, "-m", "gunicorn", "-c", str(self.config), "wschat:app"],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_healthy()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import jwt
 import pytest
@@ -543,6 +544,44 @@ def test_sigint_still_drains_the_worker(to_worker: bool) -> None:
         output = srv.output()
         assert f"user={raw.user_id} code=1001 reason=server shutting down" in output, output
         raw.close()
+
+
+# gunicorn.conf.py, and a post_fork hook that holds the new worker, still without its own
+# signal handlers, until the test lets it go on.
+HELD_BOOT_CONFIG = """
+import os, time
+__file__ = {config!r}
+exec(compile(open(__file__).read(), __file__, "exec"))
+
+def post_fork(server, worker):
+    open({held!r}, "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists({go!r}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+
+
+def test_sigterm_while_a_worker_boots_stops_it(tmp_path: Path) -> None:
+    """A SIGTERM that reaches a worker before it has its handlers (it boots: gevent
+    patches it, the app loads) stops it once it has booted. Before, the master's handler,
+    which the worker inherits at the fork, queued it where no one reads, and the worker
+    served on until the master's SIGKILL, GRACEFUL_TIMEOUT (30 s here) later."""
+    held, go = tmp_path / "held", tmp_path / "go"
+    config = tmp_path / "held_boot.conf.py"
+    config.write_text(HELD_BOOT_CONFIG.format(config=str(ROOT / "gunicorn.conf.py"),
+                                              held=str(held), go=str(go)))
+    srv = Server({"GRACEFUL_TIMEOUT": "30"}, config=config).start(wait=False)
+    try:
+        wait_until(held.exists, message="the worker held in post_fork")
+        [worker] = srv.worker_pids()
+        os.kill(worker, signal.SIGTERM)  # as the master's stop does, while the worker boots
+        srv.terminate()
+        go.touch()
+        assert srv.stop(timeout=20) == 0  # before: the master's SIGKILL at 30 s
+        output = srv.output()
+        assert f"Worker exiting (pid: {worker})" in output, output
+    finally:
+        srv.kill()
 
 
 def test_a_worker_freezes_what_it_was_built_from() -> None:

@@ -20,10 +20,12 @@ request (a WebSocket leaves for good: the transport takes it over).
 from __future__ import annotations
 
 import _socket
+import signal
 import socket
 import time
 from collections.abc import Callable
 from functools import partial
+from queue import Empty
 from typing import Any
 
 import gevent
@@ -126,12 +128,49 @@ LOOK_SECONDS = 0.05  # how often the worker's loop looks at `alive` and, stoppin
 NOTIFY_SECONDS = 1.0  # how often it tells the master it lives (gunicorn's: every loop)
 
 
+def taken_signals(queue: Any) -> list[int]:
+    """What a gunicorn master's signal queue holds, emptied: a ``queue.SimpleQueue``
+    (gunicorn 27) or a list (older releases); none for ``None``."""
+    if queue is None:
+        return []
+    if isinstance(queue, list):
+        taken = list(queue)
+        queue.clear()
+        return taken
+    taken = []
+    while True:
+        try:
+            taken.append(queue.get_nowait())
+        except Empty:
+            return taken
+
+
 class Worker(GeventWorker):
     """gunicorn's gevent worker (``-k gevent``) whose sockets waiting for a request are
     counted by :class:`Waiting`, and whose loop sees a signal to stop within
     ``LOOK_SECONDS`` (:meth:`_serve`, :meth:`handle_quit`)."""
 
     waiting: Waiting
+    # The master's signal queue as this process's memory holds it (gunicorn.conf.py's
+    # pre_fork sets it): see init_signals.
+    arbiter_signals: Any = None
+
+    def init_signals(self) -> None:
+        """gunicorn's handlers, then the stop signals that came before them.
+
+        From the fork until here the worker still has the master's handlers, which only
+        queue a signal in the master's queue (this process's copy of it, which no one
+        reads): gunicorn's patching of the worker by gevent and the master's
+        ``post_fork`` run meanwhile. A SIGTERM then (the master told to stop while a
+        worker boots, as a rolling update or a scale-down can) was lost, and the worker
+        served on until the master's SIGKILL, ``GRACEFUL_TIMEOUT`` later, without its
+        drain (gunicorn issue #1910). Such a signal is taken now."""
+        super().init_signals()
+        for sig in taken_signals(self.arbiter_signals):
+            if sig == signal.SIGTERM:
+                self.handle_exit(sig, None)
+            elif sig in (signal.SIGINT, signal.SIGQUIT):
+                self.handle_quit(sig, None)
 
     def run(self) -> None:
         settings = Settings.from_env()  # validated by the master: the same environment
