@@ -13,6 +13,7 @@ import type {
   ClientEvents,
   ConnectionState,
   DirectMessage,
+  HistoryPage,
   JoinResult,
   ModeratedResult,
   RemovedEvent,
@@ -1466,8 +1467,21 @@ export class ChatClient extends Emitter<ClientEvents> {
    * does a `limit` (how
    * many; undefined or null: the server's default, 50) that is not a whole number >= 1 and at
    * most 2^53 - 1, the server's rule (it serves at most `HISTORY_SIZE` whatever the limit).
+   * The messages of `historyPage`, without its `truncated`: to page back, use that.
    */
   async history(room: string, opts: { limit?: number | null; before?: number | null; timeout?: number } = {}): Promise<ChatMessage[]> {
+    return (await this.historyPage(room, opts)).messages;
+  }
+
+  /**
+   * A page of the room's history, as `history` asks for it (same `limit`, `before` and their
+   * rules), with the server's `truncated`: true when older messages within `limit` were left
+   * out because the reply reached the server's byte bound (`HISTORY_MAX_BYTES`, 1 MiB; the
+   * newest message always comes). Then the page may be shorter than `limit` although older
+   * messages are held: ask again with `before` = the oldest id of the page. Only the JSON
+   * boolean `true` counts; anything else (absent, `"true"`, 1) is false.
+   */
+  async historyPage(room: string, opts: { limit?: number | null; before?: number | null; timeout?: number } = {}): Promise<HistoryPage> {
     const before = opts.before ?? null;
     if (before !== null && !((wireId(before) ?? 0) >= 1)) {
       const why = `history ${room}: before must be a whole number >= 1 and at most 2^53 - 1, not ${shown(before)}`;
@@ -1481,8 +1495,8 @@ export class ChatClient extends Emitter<ClientEvents> {
     const frame: Record<string, unknown> = { type: "history", room };
     if (limit !== null) frame.limit = limit;
     if (before !== null) frame.before = before;
-    const reply = await this.request<{ messages: ChatMessage[] }>(frame, "resend", opts.timeout);
-    return reply.messages;
+    const reply = await this.request<{ messages: ChatMessage[]; truncated?: unknown }>(frame, "resend", opts.timeout);
+    return { messages: reply.messages, truncated: reply.truncated === true };
   }
 
   /** The users in a room. */

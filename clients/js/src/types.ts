@@ -144,6 +144,17 @@ export interface UnmutedEvent {
   room?: string;
 }
 
+/**
+ * A page of a room's history (`historyPage`): `messages` oldest first, and whether the server
+ * left out older messages within the `limit` asked for because the reply reached its byte bound
+ * (`HISTORY_MAX_BYTES`, 1 MiB): then page back with `before` = the oldest id here, whatever the
+ * page's length. `truncated` is true only for the server's JSON `true`.
+ */
+export interface HistoryPage {
+  messages: ChatMessage[];
+  truncated: boolean;
+}
+
 /** The reply to `kick`, `mute` and `unmute`. */
 export interface ModeratedResult {
   action: "kick" | "mute" | "unmute";

@@ -731,3 +731,32 @@ test("many rooms, two tabs: 70 rooms joined and rejoined after a cut by two conn
     assert.ok(longest < 20, `${longest} refusals in a row: ${seen.join("")}`);
   }
 });
+
+test("history_truncated", async () => {
+  // 20 messages of ~60 kB: 1.2 MB, past the 1 MiB a history reply holds (HISTORY_MAX_BYTES).
+  const s = await harness.server({ env: { MAX_TEXT_CHARS: "60000" } });
+  const { c } = await signedIn(s.url, "paula");
+  await c.join("big");
+  const texts = Array.from({ length: 20 }, (_, i) => `${String(i + 1).padStart(2, "0")} ${"x".repeat(59_990)}`);
+  const ids = [];
+  for (const text of texts) ids.push((await c.send("big", text)).id);
+  assert.deepEqual(ids, Array.from({ length: 20 }, (_, i) => i + 1));
+
+  const newest = await c.historyPage("big", { limit: 20 });
+  const got = newest.messages.map((m) => m.id);
+  assert.equal(newest.truncated, true, `${got.length} messages`);
+  assert.ok(got.length >= 1 && got.length < 20, `${got.length} messages`);
+  assert.deepEqual(got, Array.from({ length: got.length }, (_, i) => 21 - got.length + i), "the newest that fit");
+  assert.deepEqual(newest.messages.map((m) => m.text), texts.slice(20 - got.length));
+  assert.deepEqual((await c.history("big", { limit: 20 })).map((m) => m.id), got, "history: the same messages");
+  assert.deepEqual(await c.historyPage("big", { limit: 2 }), { messages: newest.messages.slice(-2), truncated: false });
+
+  // Paging back until a page is short of the limit without `truncated` gets every message.
+  const pages = [newest];
+  while (pages.at(-1).truncated || pages.at(-1).messages.length === 20) {
+    const before = pages.at(-1).messages[0].id;
+    pages.push(await c.historyPage("big", { limit: 20, before }));
+  }
+  assert.deepEqual(pages.reverse().flatMap((p) => p.messages.map((m) => m.id)), ids);
+  assert.equal(pages[0].truncated, false);
+});

@@ -4,4 +4,5 @@ import wschat = require("wschat-client");
 const chat = new wschat.ChatClient({ url: () => "ws://localhost:8080/ws", getToken: async () => "jwt" });
 chat.on("joined", (e) => e.rejoin === true);
 const n: number = wschat.backoffDelay(3);
-export = { chat, n };
+const page: Promise<wschat.HistoryPage> = chat.historyPage("general");
+export = { chat, n, page };

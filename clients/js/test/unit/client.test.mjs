@@ -753,6 +753,52 @@ test("requests: history's limit is taken only as a whole number >= 1 (the server
   }
 });
 
+test("requests: historyPage carries the server's truncated, true only for the JSON true; history is its messages", async (t) => {
+  const { server, c } = setup({ requestTimeout: 300 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  await c.join("r");
+  for (let i = 1; i <= 3; i++) server.post("r", `m${i}`);
+  // The reply to the next history: the room's messages before `before`, the oldest of them left
+  // out, with `truncated` set to `value` (undefined: absent), as the server's byte bound does.
+  let value;
+  const frames = [];
+  server.replies.push((ws, f) => {
+    if (f.type !== "history") return false;
+    frames.push(f);
+    const older = server.room("r").messages.filter((m) => f.before === undefined || m.id < f.before);
+    const reply = { type: "history", id: f.id, room: "r", messages: older.slice(1) };
+    if (value !== undefined) reply.truncated = value;
+    server.push(ws, reply);
+    return true;
+  });
+  value = true;
+  const page = await c.historyPage("r", { limit: 3 });
+  assert.deepEqual(Object.keys(page).sort(), ["messages", "truncated"]);
+  assert.deepEqual(page.messages.map((m) => m.id), [2, 3]);
+  assert.equal(page.truncated, true);
+  assert.deepEqual(frames.at(-1), { type: "history", room: "r", limit: 3, id: frames.at(-1).id });
+  // Paging back with `before` = the oldest id of the page.
+  value = undefined;
+  const older = await c.historyPage("r", { limit: 3, before: page.messages[0].id });
+  assert.equal(frames.at(-1).before, 2);
+  assert.deepEqual(older, { messages: [], truncated: false });
+  // Anything but the JSON true is false: as `recovered` is read.
+  for (const odd of ["true", 1, "yes", null, false, {}, [true]]) {
+    value = odd;
+    assert.equal((await c.historyPage("r")).truncated, false, `truncated ${JSON.stringify(odd)}`);
+  }
+  // history() is the page's messages, whatever its truncated.
+  value = true;
+  assert.deepEqual((await c.history("r", { limit: 3 })).map((m) => m.id), [2, 3]);
+  // The same rules for before and limit: rejected at once, nothing written.
+  const written = frames.length;
+  await assert.rejects(c.historyPage("r", { before: 0 }), { code: "invalid_message" });
+  await assert.rejects(c.historyPage("r", { limit: 2.5 }), { code: "invalid_message" });
+  await tick(5);
+  assert.equal(frames.length, written);
+});
+
 test("unhandled: promises an app forgets never crash it", async () => {
   const { c } = setup({ requestTimeout: 10 });
   void c.connect();
