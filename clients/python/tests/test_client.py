@@ -7,6 +7,7 @@ socket (port 0), so the timing and the faults are the test's to choose.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import itertools
 import json
@@ -21,8 +22,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from conftest import TIMEOUT, Recorder
 from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState, Disconnected,
-                           FileOutboxStore, OutboxFull, Removed, RequestTimeout, RoomState,
-                           SyncClient)
+                           FileOutboxStore, HistoryPage, Message, OutboxFull, Removed,
+                           RequestTimeout, RoomState, SyncClient)
 
 FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
 
@@ -997,6 +998,40 @@ async def _history_argument_is_held_to_the_servers_rule(
             assert (name in frame) == (want is not None), (value, frame)
             await peer.send(type="history", id=frame["id"], room="r", messages=[])
             assert await asyncio.wait_for(reading, TIMEOUT) == []
+        await client.close()
+
+
+async def test_history_page_carries_the_servers_truncated_only_the_json_true() -> None:
+    """``history_page`` answers the messages with the server's ``truncated`` (older messages
+    left out for the reply's byte bound), True only for the JSON ``true``, as ``recovered``
+    is read; ``history`` is the page's messages."""
+    message = {"type": "message", "id": 7, "room": "r", "from": "ann", "user_id": "ann",
+               "text": "big", "timestamp": 1}
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake)
+
+        async def answered(call: Any, **extra: Any) -> Any:
+            reading = asyncio.create_task(call)
+            frame = await peer.recv("history")
+            await peer.send(type="history", id=frame["id"], room="r", messages=[message],
+                            **extra)
+            return await asyncio.wait_for(reading, TIMEOUT), frame
+
+        page, frame = await answered(client.history_page("r", limit=3, before=8), truncated=True)
+        assert frame["limit"] == 3 and frame["before"] == 8
+        assert page == HistoryPage([Message.from_wire(message)], True)
+        page, _ = await answered(client.history_page("r"))
+        assert page.truncated is False and [m.id for m in page.messages] == [7]
+        for odd in ("true", 1, "yes", None, False, {}, [True]):
+            page, _ = await answered(client.history_page("r"), truncated=odd)
+            assert page.truncated is False, odd
+        messages, _ = await answered(client.history("r", limit=3), truncated=True)
+        assert messages == [Message.from_wire(message)]
+        with pytest.raises(ChatError) as err:
+            await client.history_page("r", before=0)
+        assert err.value.code == "invalid_message"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            page.truncated = True  # type: ignore[misc]
         await client.close()
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order, delivered
-from wschat_client import Backoff, Client, ConnectionState, Message
+from wschat_client import Backoff, Client, ConnectionState, HistoryPage, Message
 
 # Real timing, a little tighter at the top so the suite does not wait 20 s for a restart.
 BACKOFF = Backoff(min_delay=0.2, max_delay=3.0, pause=1.0)
@@ -323,6 +323,33 @@ async def test_outbox_resend(harness: Harness) -> None:
     assert sorted(d.text for d in got) == sorted(f"dm {i}" for i in range(10))
     assert sorted(d.id for d in got) == sorted(dm_ids) and len(set(dm_ids)) == 10
     await close_all(a, b)
+
+
+async def test_history_truncated(harness: Harness) -> None:
+    """A history page cut at the server's 1 MiB bound says ``truncated``; paging back with
+    ``before`` until a page is neither truncated nor full gets every message once."""
+    # 20 messages of ~60 kB: 1.2 MB, past the 1 MiB a history reply holds (HISTORY_MAX_BYTES).
+    server = await harness.server("memory", env={"MAX_TEXT_CHARS": "60000"})
+    client, _ = await connected(harness, server["url"], "paula", "big")
+    texts = [f"{i:02d} " + "x" * 59_990 for i in range(1, 21)]
+    sent = [await client.send("big", text) for text in texts]
+    assert ids(sent) == list(range(1, 21))
+
+    newest = await client.history_page("big", limit=20)
+    got = ids(newest.messages)
+    assert newest.truncated is True, len(got)
+    assert 1 <= len(got) < 20 and got == list(range(21 - len(got), 21)), got
+    assert [m.text for m in newest.messages] == texts[20 - len(got):]
+    assert await client.history("big", limit=20) == newest.messages
+    assert await client.history_page("big", limit=2) == HistoryPage(newest.messages[-2:], False)
+
+    pages = [newest]
+    while pages[-1].truncated or len(pages[-1].messages) == 20:
+        before = pages[-1].messages[0].id
+        pages.append(await client.history_page("big", limit=20, before=before))
+    assert [m.id for page in reversed(pages) for m in page.messages] == list(range(1, 21))
+    assert pages[-1].truncated is False
+    await close_all(client)
 
 
 async def test_many_rooms_rejoined_by_two_tabs_are_paced_not_cut_off(harness: Harness) -> None:

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 from conftest import TIMEOUT, Harness
-from wschat_client import ChatError, ClientClosed, ConnectionState, Message, SyncClient
+from wschat_client import (ChatError, ClientClosed, ConnectionState, HistoryPage, Message,
+                           SyncClient)
 
 
 def test_sync_client_round_trip(harness: Harness) -> None:
@@ -24,6 +25,7 @@ def test_sync_client_round_trip(harness: Harness) -> None:
         assert (sent.id, sent.text) == (1, "no asyncio here")
         assert received.get(timeout=TIMEOUT).id == 1
         assert [m.text for m in chat.history("plain")] == ["no asyncio here"]
+        assert chat.history_page("plain", limit=5) == HistoryPage([sent], False)
         assert chat.rooms["plain"].last_id == 1
         chat.typing("plain")
         try:

@@ -15,9 +15,9 @@ without asyncio.
 from .backoff import Backoff
 from .client import Client
 from .errors import ChatError, ClientClosed, Disconnected, OutboxFull, RequestTimeout
-from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
-                     Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
-                     StateChange, TypingEvent, Unmuted, User, Welcome)
+from .events import (ConnectionState, DirectMessage, Disconnect, HistoryPage, Joined, Message,
+                     Muted, Presence, RecoveryFailed, Removed, RoomInfo, RoomState,
+                     RoomStateChange, StateChange, TypingEvent, Unmuted, User, Welcome)
 from .outbox import FileOutboxStore, OutboxStore, PendingSend
 from .sync import SyncClient
 
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backoff", "ChatError", "Client", "ClientClosed", "ConnectionState", "DirectMessage",
-    "Disconnect", "Disconnected", "FileOutboxStore", "Joined", "Message", "Muted", "OutboxFull",
+    "Disconnect", "Disconnected", "FileOutboxStore", "HistoryPage", "Joined", "Message", "Muted",
+    "OutboxFull",
     "OutboxStore", "PendingSend", "Presence", "RecoveryFailed", "Removed", "RequestTimeout",
     "RoomInfo", "RoomState", "RoomStateChange", "StateChange", "SyncClient", "TypingEvent",
     "Unmuted", "User", "Welcome", "__version__",

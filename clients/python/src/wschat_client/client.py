@@ -46,10 +46,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
-from .events import (ConnectionState, DirectMessage, Disconnect, Joined, Message, Muted,
-                     Presence, RecoveryFailed, Removed, RoomInfo, RoomState, RoomStateChange,
-                     StateChange, TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, wire_epoch,
-                     wire_id)
+from .events import (ConnectionState, DirectMessage, Disconnect, HistoryPage, Joined, Message,
+                     Muted, Presence, RecoveryFailed, Removed, RoomInfo, RoomState,
+                     RoomStateChange, StateChange, TypingEvent, Unmuted, User, Welcome,
+                     WIRE_ID_MAX, wire_epoch, wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
 from .pacer import JOIN_RETRY_DEFAULT, JOIN_WINDOW, JoinPacer, Pacer
 
@@ -527,6 +527,8 @@ class Client:
         """The latest messages of ``room`` (oldest first), or those before id ``before``.
 
         ``limit``: how many (None: the server's default, 50; it serves at most HISTORY_SIZE).
+        The messages of :meth:`history_page`, without its ``truncated``: to page back, use
+        that.
 
         Raises:
             ChatError: ``invalid_message`` at once, with nothing written, for a ``before``
@@ -538,6 +540,19 @@ class Client:
                 server's refusal (``not_in_room``, ...).
             RequestTimeout: no answer in time.
         """
+        page = await self.history_page(room, limit=limit, before=before, timeout=timeout)
+        return page.messages
+
+    async def history_page(self, room: str, *, limit: int | None = None,
+                           before: int | None = None,
+                           timeout: float | None = None) -> HistoryPage:
+        """A page of ``room``'s history, as :meth:`history` asks for it (the same ``limit``,
+        ``before``, rules and errors), with the server's ``truncated``: True when older
+        messages within ``limit`` were left out because the reply reached the server's byte
+        bound (``HISTORY_MAX_BYTES``, 1 MiB; the newest message always comes). Then the page
+        may be shorter than ``limit`` although older messages are held: ask again with
+        ``before`` = its oldest id. Only the JSON ``true`` counts (absent, ``"true"``, 1:
+        False), as ``joined``'s ``recovered`` is read."""
         frame: dict[str, Any] = {"type": "history", "room": room}
         if limit is not None:
             count = wire_id(limit)
@@ -552,7 +567,8 @@ class Client:
                                 f"number >= 1 and at most 2**53 - 1, not {before!r:.40}")
             frame["before"] = before_id
         reply = await self._request(frame, timeout, read=True)
-        return [Message.from_wire(m) for m in reply.get("messages", [])]
+        return HistoryPage([Message.from_wire(m) for m in reply.get("messages", [])],
+                           reply.get("truncated") is True)
 
     async def list_users(self, room: str, *, timeout: float | None = None) -> list[User]:
         """Who is in ``room`` now, across every worker and server."""

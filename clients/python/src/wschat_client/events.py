@@ -124,6 +124,23 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A page of a room's history (:meth:`Client.history_page
+    <wschat_client.Client.history_page>`).
+
+    Attributes:
+        messages: oldest first.
+        truncated: the server left out older messages within the ``limit`` asked for, because
+            the reply reached its byte bound (``HISTORY_MAX_BYTES``, 1 MiB; the newest message
+            always comes): page back with ``before`` = the oldest id here, whatever the page's
+            length. True only for the server's JSON ``true``.
+    """
+
+    messages: list[Message]
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DirectMessage:
     """A direct message. ``id`` tells it from the others (a DM comes once, whichever of your
     connections sent it); -1 when the server's is not a whole number >= 0 (:func:`wire_id`,

@@ -13,11 +13,14 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .client import Client, Handler, UrlSource
 from .errors import ClientClosed
 from .events import ConnectionState, DirectMessage, Joined, Message, RoomInfo, User
+
+if TYPE_CHECKING:  # in annotations only
+    from .events import HistoryPage
 
 T = TypeVar("T")
 
@@ -147,6 +150,12 @@ class SyncClient:
     def history(self, room: str, *, limit: int | None = None, before: int | None = None,
                 timeout: float | None = None) -> list[Message]:
         return self._run(self.client.history(room, limit=limit, before=before, timeout=timeout))
+
+    def history_page(self, room: str, *, limit: int | None = None, before: int | None = None,
+                     timeout: float | None = None) -> HistoryPage:
+        """As :meth:`Client.history_page`: the messages and the server's ``truncated``."""
+        return self._run(self.client.history_page(room, limit=limit, before=before,
+                                                  timeout=timeout))
 
     def list_users(self, room: str, *, timeout: float | None = None) -> list[User]:
         return self._run(self.client.list_users(room, timeout=timeout))
