@@ -47,6 +47,19 @@ pub struct Joined {
     pub epoch: Option<String>,
 }
 
+/// A page of a room's history, read with [`Client::history_page`]: the messages, oldest first,
+/// and whether the server left older ones out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistoryPage {
+    /// Oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// The server left out older messages within the `limit` asked for because the reply reached
+    /// its byte bound (`HISTORY_MAX_BYTES`, 1 MiB; the newest message always comes): the page may
+    /// be far shorter than `limit` although older ones are held, so page back with `before` = the
+    /// oldest id here. `true` only for the server's JSON `true` (absent, `"true"`, `1`: `false`).
+    pub truncated: bool,
+}
+
 /// Where the app is in a room: what to persist to resume it in a later run of the app, with
 /// [`Client::join_from`]`(room, last_id, epoch)`. Read with [`Client::position`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -533,13 +546,28 @@ impl Client {
     /// of 0 or past 2^53 - 1 ([`MAX_WIRE_ID`](crate::protocol::MAX_WIRE_ID); the server's rule, a
     /// whole number >= 1, as in the JS and Python clients) fails at once with `invalid_message`,
     /// the server's answer to it, and nothing is written; so does a `limit` of 0 (the server's
-    /// rule: a whole number >= 1; it serves at most `HISTORY_SIZE` whatever the limit).
+    /// rule: a whole number >= 1; it serves at most `HISTORY_SIZE` whatever the limit). The
+    /// messages of [`Client::history_page`], without its `truncated`: to page back, use that.
     pub async fn history(
         &self,
         room: &str,
         limit: Option<u32>,
         before: Option<u64>,
     ) -> Result<Vec<ChatMessage>, Error> {
+        Ok(self.history_page(room, limit, before).await?.messages)
+    }
+
+    /// A page of the room's history, as [`Client::history`] asks for it (the same `limit`,
+    /// `before`, rules and errors), with the server's `truncated` ([`HistoryPage::truncated`]):
+    /// `true` when older messages within `limit` were left out because the reply reached the
+    /// server's byte bound (1 MiB), so the page may be shorter than `limit` although older ones
+    /// are held: ask again with `before` = its oldest id.
+    pub async fn history_page(
+        &self,
+        room: &str,
+        limit: Option<u32>,
+        before: Option<u64>,
+    ) -> Result<HistoryPage, Error> {
         if let Some(before) = before.filter(|b| !(1..=MAX_WIRE_ID).contains(b)) {
             let why = format!("history {room}: before must be at least 1 and at most 2^53 - 1, not {before}");
             return Err(Error::local("invalid_message", why));
@@ -550,7 +578,7 @@ impl Client {
         }
         let cmd = ClientCommand::History { room: room.to_owned(), limit, before, id: None };
         match self.call(self.request_timeout, |reply| Op::Request { cmd, reply }).await? {
-            ServerEvent::History { messages, .. } => Ok(messages),
+            ServerEvent::History { messages, truncated, .. } => Ok(HistoryPage { messages, truncated }),
             other => Err(unexpected(other)),
         }
     }
@@ -650,6 +678,70 @@ mod tests {
             while let Some(Ok(_)) = ws.next().await {}
         });
         url
+    }
+
+    /// A server that greets one connection with a `welcome` and answers its `history` requests in
+    /// turn, each with message 7 and the next of `truncated` (raw JSON; `None`: absent); each
+    /// request it read goes to the channel.
+    async fn history_server(
+        truncated: Vec<Option<&'static str>>,
+    ) -> (String, mpsc::UnboundedReceiver<serde_json::Value>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let (asked, requests) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let welcome = r#"{"type": "welcome", "user_id": "u1", "username": "u1", "heartbeat_interval": 30.0}"#;
+            ws.send(Message::text(welcome)).await.unwrap();
+            let mut answers = truncated.into_iter();
+            while let Some(Ok(frame)) = ws.next().await {
+                let Ok(request) = serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap_or("")) else {
+                    continue;
+                };
+                if request["type"] != "history" {
+                    continue;
+                }
+                let message = r#"{"type": "message", "id": 7, "room": "r", "from": "n", "user_id": "u", "text": "x", "timestamp": 1}"#;
+                let flag = answers.next().flatten().map(|raw| format!(r#", "truncated": {raw}"#)).unwrap_or_default();
+                let reply = format!(
+                    r#"{{"type": "history", "room": "r", "messages": [{message}]{flag}, "id": {}}}"#,
+                    request["id"]
+                );
+                let _ = asked.send(request);
+                ws.send(Message::text(reply)).await.unwrap();
+            }
+        });
+        (url, requests)
+    }
+
+    /// `history_page` carries the server's `truncated` (older messages left out for the reply's
+    /// byte bound), `true` only for the JSON `true`, as the JS and Python clients read it;
+    /// `history` is the page's messages.
+    #[tokio::test]
+    async fn history_page_carries_the_server_s_truncated() {
+        let answers = vec![Some("true"), None, Some("\"true\""), Some("1"), Some("false"), Some("true")];
+        let (url, mut requests) = history_server(answers).await;
+        let (c, _events) = Client::builder(url).request_timeout(Duration::from_secs(5)).connect();
+        c.wait_connected(Duration::from_secs(5)).await.unwrap();
+        let page = c.history_page("r", Some(3), Some(8)).await.unwrap();
+        assert!(page.truncated, "{page:?}");
+        assert_eq!(page.messages.iter().map(|m| m.id).collect::<Vec<_>>(), [7]);
+        let asked = requests.recv().await.unwrap();
+        assert_eq!(
+            (&asked["room"], &asked["limit"], &asked["before"]),
+            (&serde_json::json!("r"), &3.into(), &8.into())
+        );
+        for raw in ["absent", "\"true\"", "1", "false"] {
+            let page = c.history_page("r", None, None).await.unwrap();
+            assert!(!page.truncated, "truncated {raw}: {page:?}");
+            assert_eq!(page.messages.len(), 1, "truncated {raw}");
+        }
+        let messages = c.history("r", Some(3), None).await.unwrap();
+        assert_eq!(messages.iter().map(|m| m.id).collect::<Vec<_>>(), [7]);
+        // The same rules as history's: nothing written.
+        let got = c.history_page("r", Some(0), None).await;
+        assert_eq!(got.as_ref().map_err(Error::code), Err(Some("invalid_message")), "{got:?}");
     }
 
     /// `history`'s `before` is held to the server's rule (at least 1 and at most 2^53 - 1, as in

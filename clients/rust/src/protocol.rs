@@ -306,6 +306,11 @@ pub enum ServerEvent {
     History {
         room: String,
         messages: Vec<ChatMessage>,
+        /// Older messages within the `limit` were left out because the reply reached the server's
+        /// byte bound (`HISTORY_MAX_BYTES`, 1 MiB). Read by [`json_true`]: only the JSON `true`
+        /// is `true`; anything else, or absent, is `false`, never a lost reply.
+        #[serde(default, deserialize_with = "lenient_true", skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
     },
@@ -428,6 +433,19 @@ struct BareJoined {
     recovered: Option<bool>,
     #[serde(default, deserialize_with = "lenient_epoch")]
     epoch: Option<String>,
+    #[serde(default)]
+    id: Option<RequestId>,
+}
+
+/// A `history`'s fields but `truncated`, for [`ServerEvent::parse`] when the whole event does not
+/// parse (a number `serde_json` cannot hold, `"truncated": 1e400`): as [`BareError`]; the reply is
+/// kept, with `truncated` `false` (only the JSON `true` is `true`).
+#[derive(Deserialize)]
+struct BareHistory {
+    #[serde(rename = "type")]
+    kind: String,
+    room: String,
+    messages: Vec<ChatMessage>,
     #[serde(default)]
     id: Option<RequestId>,
 }
@@ -598,6 +616,20 @@ fn message_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     })
 }
 
+/// An optional flag of the server's (`history`'s `truncated`), which it sends only as `true`:
+/// only the JSON `true` counts, as the JS and Python clients read it (`=== true`, `is True`); a
+/// string such as `"true"`, a number, `null` are `false`.
+pub fn json_true(value: &serde_json::Value) -> bool {
+    matches!(value, serde_json::Value::Bool(true))
+}
+
+/// A flag as any JSON value, read by [`json_true`]: an odd value is `false`, never a failure of
+/// the whole event (`1e400`, which `serde_json` cannot read at all, is handled by
+/// [`ServerEvent::parse`]).
+fn lenient_true<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(json_true(&serde_json::Value::deserialize(d)?))
+}
+
 /// A ban's or a mute's end (`until` of `left`, `muted`, `moderated`), Unix ms, or `None` (as if
 /// null: until lifted), read tolerantly as `retry_after_ms` and `heartbeat_interval` are: a JSON
 /// integer in `i64`'s range is itself; another finite number (`1.7e12`, `1700000000000.5`) is
@@ -642,6 +674,9 @@ impl ServerEvent {
     ///
     /// A `joined` likewise (`"last_id": 1e400`) is still the answer to its `join`, with no
     /// `last_id` (see [`wire_id`] for the values that are read).
+    ///
+    /// A `history` likewise (`"truncated": 1e400`) is still the answer to its request, with
+    /// `truncated` `false` (see [`json_true`]).
     pub fn parse(text: &str) -> Result<ServerEvent, serde_json::Error> {
         serde_json::from_str(text)
             .or_else(|e| match serde_json::from_str::<BareError>(text) {
@@ -675,6 +710,12 @@ impl ServerEvent {
                     epoch: bare.epoch,
                     id: bare.id,
                 }),
+                _ => Err(e),
+            })
+            .or_else(|e| match serde_json::from_str::<BareHistory>(text) {
+                Ok(bare) if bare.kind == "history" => {
+                    Ok(ServerEvent::History { room: bare.room, messages: bare.messages, truncated: false, id: bare.id })
+                }
                 _ => Err(e),
             })
             .or_else(|e| serde_json::from_str::<BareUntil>(text).ok().and_then(BareUntil::event).ok_or(e))
@@ -1060,6 +1101,43 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// A `history`'s `truncated` (older messages left out for the reply's byte bound) is read as
+    /// the JS and Python clients read it: only the JSON `true` is `true`; anything else, or absent,
+    /// is `false`, and the reply is kept (`1e400` too), never dropped as `invalid_event`, which
+    /// would leave the request waiting for its timeout. It is written only when `true`.
+    #[test]
+    fn a_history_s_truncated_is_true_only_for_the_json_true() {
+        let message = json!({"type": "message", "id": 7, "room": "r", "from": "n", "user_id": "u",
+                             "text": "x", "timestamp": 1});
+        let cases: &[(&str, bool)] = &[
+            ("true", true),
+            ("false", false),
+            ("\"true\"", false),
+            ("1", false),
+            ("0", false),
+            ("null", false),
+            ("[true]", false),
+            ("{\"truncated\": true}", false),
+            ("1e400", false),
+        ];
+        let mut wrong = Vec::new();
+        for &(raw, truncated) in cases {
+            let frame =
+                format!(r#"{{"type": "history", "room": "r", "messages": [{message}], "truncated": {raw}, "id": 3}}"#);
+            match ServerEvent::parse(&frame) {
+                Ok(ServerEvent::History { room, messages, truncated: got, id: Some(RequestId::Int(3)) })
+                    if room == "r" && messages.len() == 1 && messages[0].id == 7 && got == truncated => {}
+                got => wrong.push(format!("{raw}: {got:?}, not truncated {truncated}")),
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        let absent = ServerEvent::parse(r#"{"type": "history", "room": "r", "messages": []}"#).unwrap();
+        assert!(matches!(absent, ServerEvent::History { truncated: false, .. }), "{absent:?}");
+        let cut = json!({"type": "history", "room": "r", "messages": [], "truncated": true});
+        let event: ServerEvent = serde_json::from_value(cut.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&event).unwrap(), cut);
     }
 
     #[test]

@@ -403,3 +403,39 @@ async fn outbox_resend() {
     }
     assert_eq!(a.outbox_len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_truncated() {
+    // 20 messages of ~60 kB: 1.2 MB, past the 1 MiB a history reply holds (HISTORY_MAX_BYTES).
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({"MAX_TEXT_CHARS": "60000"})).await;
+    let (c, _rec) = guest(&s.url, "paula");
+    c.join("big").await.unwrap();
+    let texts: Vec<String> = (1..=20).map(|i| format!("{i:02} {}", "x".repeat(59_990))).collect();
+    let mut ids = Vec::new();
+    for text in &texts {
+        ids.push(c.send("big", text).await.unwrap().id);
+    }
+    assert_eq!(ids, (1..=20).collect::<Vec<u64>>());
+
+    let newest = c.history_page("big", Some(20), None).await.unwrap();
+    let got: Vec<u64> = newest.messages.iter().map(|m| m.id).collect();
+    assert!(newest.truncated, "{} messages", got.len());
+    assert!(!got.is_empty() && got.len() < 20, "{} messages", got.len());
+    assert_eq!(got, (21 - got.len() as u64..=20).collect::<Vec<_>>(), "the newest that fit");
+    let got_texts: Vec<&String> = newest.messages.iter().map(|m| &m.text).collect();
+    assert_eq!(got_texts, texts[20 - got.len()..].iter().collect::<Vec<_>>());
+    assert_eq!(c.history("big", Some(20), None).await.unwrap(), newest.messages, "history: the same messages");
+    let two = c.history_page("big", Some(2), None).await.unwrap();
+    assert_eq!(two, wschat::HistoryPage { messages: newest.messages[got.len() - 2..].to_vec(), truncated: false });
+
+    // Paging back until a page is short of the limit without `truncated` gets every message.
+    let mut pages = vec![newest];
+    while pages.last().is_some_and(|p| p.truncated || p.messages.len() == 20) {
+        let before = pages.last().unwrap().messages[0].id;
+        pages.push(c.history_page("big", Some(20), Some(before)).await.unwrap());
+    }
+    let all: Vec<u64> = pages.iter().rev().flat_map(|p| p.messages.iter().map(|m| m.id)).collect();
+    assert_eq!(all, ids);
+    assert!(!pages.last().unwrap().truncated);
+}
