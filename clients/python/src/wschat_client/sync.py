@@ -13,14 +13,19 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from .client import Client, Handler, UrlSource
 from .errors import ClientClosed
-from .events import ConnectionState, DirectMessage, Joined, Message, RoomInfo, User
-
-if TYPE_CHECKING:  # in annotations only
-    from .events import HistoryPage
+from .events import (
+    ConnectionState,
+    DirectMessage,
+    HistoryPage,
+    Joined,
+    Message,
+    RoomInfo,
+    User,
+)
 
 T = TypeVar("T")
 
