@@ -342,9 +342,8 @@ function removed({ room, reason, until }) {
   c.joinState = "removed";
   c.members.clear();
   clearTyping(c);
-  // A rejoin refused (banned while away) comes as `forbidden`; only a ban has an `until`.
-  const banned = reason === "banned" || (reason === "forbidden" && until !== undefined);
-  const text = banned ? `You were banned from # ${room}${until ? ` until ${time(until)}` : ""}.`
+  // A rejoin refused for a ban (banned while away) says `banned` too, with its `until`.
+  const text = reason === "banned" ? `You were banned from # ${room}${until ? ` until ${time(until)}` : ""}.`
     : reason === "forbidden" ? `You may no longer use # ${room}.`
     : reason === "kicked" ? `You were removed from # ${room}.` : `You were removed from # ${room}: ${reason}.`;
   addNotice(c, text, true);

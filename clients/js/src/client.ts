@@ -1147,8 +1147,10 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.dropRoom(room, err);
     this.emit("error", err);
     if (pending.since !== null) {
-      // A rejoin refused: the app had this room and lost it.
-      const event: RemovedEvent = { room: room.name, reason: err.code };
+      // A rejoin refused: the app had this room and lost it. The refusal's reason
+      // (`banned`) where it gives one, as a live removal's `left` does, else its code.
+      const reason = typeof err.details.reason === "string" ? err.details.reason : err.code;
+      const event: RemovedEvent = { room: room.name, reason };
       if (err.details.until !== undefined) event.until = err.details.until as number | null;
       this.emit("removed", event);
     }

@@ -122,7 +122,9 @@ export interface RecoveryFailedEvent {
 /** The server removed this client from a room (a `left` it did not ask for): kicked, banned, membership revoked, or a rejoin refused. */
 export interface RemovedEvent {
   room: string;
-  /** `kicked` or a moderator's reason, `banned`, `membership revoked`, `forbidden`. */
+  /** `kicked` or a moderator's reason, `banned`, `membership revoked`, `forbidden` (a fresh
+   * token no longer grants the room, or a rejoin refused for a reason other than a ban). A
+   * rejoin refused for a ban says `banned`, as a ban while connected does. */
   reason: string;
   /** The moderator's user_id, or `api`. */
   by?: string;

@@ -941,7 +941,7 @@ test("moderation: a left the client did not ask for removes the room for good", 
   c.disconnect();
 });
 
-test("moderation: a refused rejoin (banned) is a removed event; muted errors carry until", async () => {
+test("moderation: a refused rejoin (banned) is a removed event saying banned; muted errors carry until", async () => {
   const { server, c, events } = setup();
   await c.connect();
   await c.join("r");
@@ -958,7 +958,7 @@ test("moderation: a refused rejoin (banned) is a removed event; muted errors car
   });
   server.drop(server.last, 1006);
   await until(() => events("removed").length === 1, "the refused rejoin");
-  assert.deepEqual(events("removed"), [{ room: "r", reason: "forbidden", until: 123 }]);
+  assert.deepEqual(events("removed"), [{ room: "r", reason: "banned", until: 123 }]);
   assert.equal(c.roomState("r"), "left");
   await c.join("quiet");
   const err = await c.send("quiet", "shh").catch((e) => e);
@@ -968,6 +968,23 @@ test("moderation: a refused rejoin (banned) is a removed event; muted errors car
   c.on("muted", (m) => muted.push(m));
   server.push(server.last, { type: "muted", room: "quiet", until: null, by: "mod" });
   assert.deepEqual(muted, [{ type: "muted", room: "quiet", until: null, by: "mod" }]);
+  c.disconnect();
+});
+
+test("moderation: a rejoin refused without a reason (a grant gone) is removed as forbidden", async () => {
+  const { server, c, events } = setup();
+  await c.connect();
+  await c.join("r");
+  server.replies.push((ws, f) => {
+    if (f.type === "join" && f.since !== undefined) {
+      server.push(ws, { type: "error", id: f.id, code: "forbidden", message: "not granted", room: f.room });
+      return true;
+    }
+    return false;
+  });
+  server.drop(server.last, 1006);
+  await until(() => events("removed").length === 1, "the refused rejoin");
+  assert.deepEqual(events("removed"), [{ room: "r", reason: "forbidden" }]);
   c.disconnect();
 });
 
