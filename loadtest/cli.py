@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--server-pid", type=int, help="with --url: the server's PID, for its CPU and RSS")
         s.add_argument("--json", type=Path, help="write the report(s) here")
         s.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    sp = sub.add_parser("setup-peers", help="npm ci in loadtest/peers (ws, bun)")
+    sp = sub.add_parser("setup-peers", help="npm ci in loadtest/peers (ws, prom-client, bun)")
     sp.add_argument("--check", action="store_true", help="only say what is missing")
     pl = sub.add_parser("plot", help="PNG plots from report JSON files")
     pl.add_argument("files", nargs="+", type=Path)
@@ -170,12 +170,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def setup_peers(check: bool) -> int:
     missing = []
-    if not (tg.PEERS / "node_modules" / "ws").exists():
-        missing.append("ws")
+    for package in ("ws", "prom-client"):  # prom-client: node_ws_full's metrics
+        if not (tg.PEERS / "node_modules" / package).exists():
+            missing.append(package)
     if tg.bun_binary() is None:
         missing.append("bun")
     if check or not missing:
-        print("peers: " + ("missing " + ", ".join(missing) if missing else "ws and bun installed"))
+        print("peers: " + ("missing " + ", ".join(missing) if missing
+                           else "ws, prom-client and bun installed"))
         return 1 if missing else 0
     cmd = ["npm", "ci", "--no-audit", "--no-fund"]
     print(f"$ (cd {tg.PEERS} && {' '.join(cmd)})")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 COLORS = {"wschat": "#d62728", "wschat-redis": "#ff7f0e", "socketio": "#9467bd", "websockets": "#2ca02c",
-          "node-ws": "#1f77b4", "bun": "#7f7f7f"}
+          "node-ws": "#1f77b4", "node-ws-full": "#17becf", "bun": "#7f7f7f"}
 
 
 def _plt():

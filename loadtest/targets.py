@@ -26,7 +26,8 @@ REPO = HERE.parent
 PEERS = HERE / "peers"
 LOGS = HERE / "results" / "logs"
 
-TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "gevent-bare", "gevent-bare-redis", "node-ws", "bun")
+TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "gevent-bare", "gevent-bare-redis",
+           "node-ws", "node-ws-full", "bun")
 #: the Redis database wschat-redis runs use; flushed before each such run. Empty: a
 #: private redis-server started for the run (free port, no persistence, stopped at exit)
 DEFAULT_REDIS_URL = ""
@@ -127,6 +128,14 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
     if name == "node-ws":
         argv = ["node", str(PEERS / "node_ws" / "server.js"), "--port", str(port)]
         return TargetSpec(name, "plain", argv, env, "tcp", "Node.js + ws 8")
+    if name == "node-ws-full":
+        # wschat's per-message work in Node, with the settings wschat runs under here
+        # (the rate limit out of the way, as in the wschat branch above).
+        env.update({"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000"})
+        argv = ["node", str(PEERS / "node_ws_full" / "server.js"), "--port", str(port)]
+        return TargetSpec(name, "plain", argv, env, "http",
+                          "Node.js + ws 8 doing wschat's per-message work (validation, rate "
+                          "limits, history, dedupe, prom-client metrics)")
     if name == "bun":
         bun = bun_binary()
         if bun is None:

@@ -110,6 +110,21 @@ def test_the_gevent_floor_peer_speaks_the_scenario(tmp_path: Path) -> None:
     assert level["delivered"] == level["expected_deliveries"] > level["sent"]
 
 
+def test_the_node_peer_with_wschats_features_speaks_the_scenario(tmp_path: Path) -> None:
+    """The Node peer doing wschat's per-message work (RESULTS.md, twenty-second session)
+    serves smallrooms whole, with a client_msg_id on every send (its dedupe looked at
+    each time) and its buckets refusing nothing at the loadtest's RATE_LIMIT."""
+    report = run_loadtest(tmp_path, "smallrooms", "--target", "node-ws-full", "--connections",
+                          "28", "--room-sizes", "2,3,4,5", "--dm-share", "0.25", "--rate", "100",
+                          "--duration", "2", "--warmup", "0.5", "--drain", "5", "--workers", "2",
+                          "--source-ips", "2", "--client-msg-id", target="node-ws-full")
+    [level] = report["result"]["levels"]
+    assert level["dm_sent"] > 0 and level["delivered_dm"] == 2 * level["dm_sent"]
+    assert level["lost"] == 0 and level["gaps"] == 0 and level["dups"] == 0
+    assert level["delivered"] == level["expected_deliveries"] > level["sent"]
+    assert not level.get("errors"), level.get("errors")
+
+
 def test_the_gevent_peer_through_redis_speaks_the_scenario(tmp_path: Path) -> None:
     """Its Redis twin (two workers, ids and fan-out through Redis, redis-py used plainly:
     issue 24's reference for wschat's pipelining) too."""
