@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--server-pid", type=int, help="with --url: the server's PID, for its CPU and RSS")
         s.add_argument("--json", type=Path, help="write the report(s) here")
         s.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    sp = sub.add_parser("setup-peers", help="npm ci in loadtest/peers (ws, prom-client, bun)")
+    sp = sub.add_parser("setup-peers", help="npm ci in loadtest/peers (ws, bun) and "
+                        "peers/node_ws_full (ws, prom-client)")
     sp.add_argument("--check", action="store_true", help="only say what is missing")
     pl = sub.add_parser("plot", help="PNG plots from report JSON files")
     pl.add_argument("files", nargs="+", type=Path)
@@ -169,16 +170,24 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def setup_peers(check: bool) -> int:
-    missing = []
-    for package in ("ws", "prom-client"):  # prom-client: node_ws_full's metrics
-        if not (tg.PEERS / "node_modules" / package).exists():
-            missing.append(package)
+    # Two npm projects: peers/ (ws for node_ws, bun) and peers/node_ws_full/ (ws and
+    # prom-client), which the test suite installs alone (bun is 100 MB).
+    projects = {tg.PEERS: [], tg.NODE_WS_FULL: []}
+    if not (tg.PEERS / "node_modules" / "ws").exists():
+        projects[tg.PEERS].append("ws")
     if tg.bun_binary() is None:
-        missing.append("bun")
+        projects[tg.PEERS].append("bun")
+    projects[tg.NODE_WS_FULL] = tg.node_ws_full_missing()
+    missing = [f"{name} ({folder.name})" for folder, names in projects.items() for name in names]
     if check or not missing:
         print("peers: " + ("missing " + ", ".join(missing) if missing
-                           else "ws, prom-client and bun installed"))
+                           else "ws, bun and node_ws_full's ws and prom-client installed"))
         return 1 if missing else 0
     cmd = ["npm", "ci", "--no-audit", "--no-fund"]
-    print(f"$ (cd {tg.PEERS} && {' '.join(cmd)})")
-    return subprocess.call(cmd, cwd=tg.PEERS)
+    for folder, names in projects.items():
+        if names:
+            print(f"$ (cd {folder} && {' '.join(cmd)})")
+            status = subprocess.call(cmd, cwd=folder)
+            if status:
+                return status
+    return 0

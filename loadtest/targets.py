@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PEERS = HERE / "peers"
+NODE_WS_FULL = PEERS / "node_ws_full"  # an npm project of its own (ws, prom-client)
 LOGS = HERE / "results" / "logs"
 
 TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "gevent-bare", "gevent-bare-redis",
@@ -31,6 +32,12 @@ TARGETS = ("wschat", "wschat-redis", "socketio", "websockets", "gevent-bare", "g
 #: the Redis database wschat-redis runs use; flushed before each such run. Empty: a
 #: private redis-server started for the run (free port, no persistence, stopped at exit)
 DEFAULT_REDIS_URL = ""
+
+
+def node_ws_full_missing() -> list[str]:
+    """The packages of ``peers/node_ws_full/package.json`` not installed there."""
+    return [name for name in ("ws", "prom-client")
+            if not (NODE_WS_FULL / "node_modules" / name / "package.json").exists()]
 
 
 def free_port() -> int:
@@ -132,7 +139,10 @@ def build(name: str, port: int, metrics_port: int, *, max_connections: int, hear
         # wschat's per-message work in Node, with the settings wschat runs under here
         # (the rate limit out of the way, as in the wschat branch above).
         env.update({"RATE_LIMIT": "1000000", "RATE_LIMIT_BURST": "1000000"})
-        argv = ["node", str(PEERS / "node_ws_full" / "server.js"), "--port", str(port)]
+        if node_ws_full_missing():
+            raise RuntimeError("node-ws-full needs its packages: "
+                               "run `python -m loadtest setup-peers`")
+        argv = ["node", str(NODE_WS_FULL / "server.js"), "--port", str(port)]
         return TargetSpec(name, "plain", argv, env, "http",
                           "Node.js + ws 8 doing wschat's per-message work (validation, rate "
                           "limits, history, dedupe, prom-client metrics)")

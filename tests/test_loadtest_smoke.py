@@ -113,7 +113,14 @@ def test_the_gevent_floor_peer_speaks_the_scenario(tmp_path: Path) -> None:
 def test_the_node_peer_with_wschats_features_speaks_the_scenario(tmp_path: Path) -> None:
     """The Node peer doing wschat's per-message work (RESULTS.md, twenty-second session)
     serves smallrooms whole, with a client_msg_id on every send (its dedupe looked at
-    each time) and its buckets refusing nothing at the loadtest's RATE_LIMIT."""
+    each time) and its buckets refusing nothing at the loadtest's RATE_LIMIT. Its
+    packages (ws, prom-client; not Bun's 100 MB) are installed first if missing."""
+    from loadtest.targets import NODE_WS_FULL, node_ws_full_missing
+
+    if node_ws_full_missing():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_WS_FULL, check=True,
+                       capture_output=True, timeout=300)
+    assert node_ws_full_missing() == []
     report = run_loadtest(tmp_path, "smallrooms", "--target", "node-ws-full", "--connections",
                           "28", "--room-sizes", "2,3,4,5", "--dm-share", "0.25", "--rate", "100",
                           "--duration", "2", "--warmup", "0.5", "--drain", "5", "--workers", "2",
