@@ -2039,7 +2039,7 @@ async def test_a_rejoin_refused_for_good_is_a_removed_event(code: str) -> None:
         removed: list[Removed] = []
         client.on("removed", removed.append)
         await peer.refuse("join", code, asyncio.create_task(client.join("other")))
-        assert removed == []
+        assert removed == [] and [e.code for e in rec.of("error")] == [code]
         peer = await fake.drop(peer)
         join = await peer.recv("join")
         assert join["since"] == 0
@@ -2047,6 +2047,46 @@ async def test_a_rejoin_refused_for_good_is_a_removed_event(code: str) -> None:
                         **({"reason": "banned", "until": 123} if code == "forbidden" else {}))
         await rec.wait_for(lambda: bool(removed), what="the removal")
         assert removed == [Removed("r", code, None, 123 if code == "forbidden" else None)]
-        assert [e.code for e in rec.of("error")] == [code]
+        assert [e.code for e in rec.of("error")] == [code, code]
         assert "r" not in client.rooms and rec.of("room_state")[-1].new is RoomState.LEFT
         await client.close()
+
+
+@pytest.mark.parametrize("code", ["forbidden", "invalid_room", "too_many_rooms"])
+async def test_a_join_refused_for_good_is_an_error_event_also_when_a_join_awaits_it(
+        code: str) -> None:
+    """A join refused for good raises in the join() awaiting it and is an error event too,
+    as in the JS and Rust clients. It was an error event only when no join() waited: a
+    join() whose timeout had passed still counted as waiting (its future stayed among the
+    room's), so a refusal coming after that timeout dropped the room without a word to
+    anyone, and asyncio logged "Future exception was never retrieved" for it."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        await peer.refuse("join", code, asyncio.create_task(client.join("awaited")))
+        assert [e.code for e in rec.of("error")] == [code]
+        with pytest.raises(RequestTimeout):
+            await client.join("late", timeout=0.01)  # the room stays wanted
+        assert "late" in client.rooms
+        join = await peer.recv("join")
+        await peer.send(type="error", id=join["id"], code=code, message="no", room="late")
+        await rec.wait_for(lambda: len(rec.of("error")) == 2, what="the late refusal's error")
+        assert [e.code for e in rec.of("error")] == [code, code]
+        assert "late" not in client.rooms and client._rooms == {"r": client._rooms["r"]}
+        await client.close()
+
+
+async def test_a_join_that_timed_out_leaves_no_future_behind(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """join()'s timeout (or cancellation) takes its future away from the room's: it stayed
+    there, one per call, and the refusal or the close that failed it later was logged by
+    asyncio as "Future exception was never retrieved"."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        for _ in range(3):
+            with pytest.raises(RequestTimeout):
+                await client.join("slow", timeout=0.01)
+        assert client._rooms["slow"].waiters == []
+        await client.close()
+        del client, rec, peer
+        gc.collect()
+    assert "never retrieved" not in caplog.text

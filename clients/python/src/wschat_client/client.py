@@ -420,10 +420,12 @@ class Client:
                 is not a whole number >= 0 and at most 2**53 - 1, or an ``epoch`` that is
                 not a string of 1 to 64 characters without control characters (the
                 server's rules); the server refused (``invalid_room``, ``too_many_rooms``,
-                ``forbidden``, ...): with ``since``, a ``removed`` event tells it too, as
-                for a rejoin refused.
+                ``forbidden``, ...): an ``error`` event tells it too (as in the JS and
+                Rust clients), and with ``since`` a ``removed`` event after it, as for a
+                rejoin refused.
             RequestTimeout: no ``joined`` in time; the room stays wanted and is
-                joined as soon as the server answers.
+                joined as soon as the server answers (a refusal coming later is an
+                ``error`` event, the room dropped).
         """
         position = None if since is None else wire_id(since)
         if since is not None and position is None:
@@ -443,7 +445,13 @@ class Client:
             return r.joined
         waiter = asyncio.get_running_loop().create_future()
         r.waiters.append(waiter)
-        return await self._await(waiter, timeout or self.request_timeout, "joined")
+        try:
+            return await self._await(waiter, timeout or self.request_timeout, "joined")
+        finally:
+            # Timed out or cancelled: nobody awaits it any more (it stayed, one per call, and
+            # the refusal or close that failed it later was "never retrieved").
+            if waiter in r.waiters:
+                r.waiters.remove(waiter)
 
     async def leave(self, room: str, *, timeout: float | None = None) -> None:
         """Leave ``room``: no more events from it.
@@ -1030,8 +1038,10 @@ class Client:
     def _join_refused(self, room: _Room, err: ChatError, *, rejoin: bool = False) -> None:
         """A join refused: tried again later (rate_limited, unavailable, ...), or the room
         is dropped (invalid_room, too_many_rooms, forbidden: a ban, a grant revoked).
-        ``rejoin``: the join carried ``since`` (the app had the room and lost it): as in
-        the JS client, ``removed`` follows the ``error`` (reason: the code)."""
+        A refusal for good is an ``error`` event, also when a :meth:`join` awaits it (it
+        raises there too), as in the JS and Rust clients. ``rejoin``: the join carried
+        ``since`` (the app had the room and lost it): as in the JS client, ``removed``
+        follows the ``error`` (reason: the code)."""
         room.join_rid = None
         if err.code == "rate_limited":
             # The request bucket is empty: the join pacer holds every join back until
@@ -1049,9 +1059,10 @@ class Client:
             return
         self._rooms.pop(room.info.name, None)
         self._set_room_state(room, RoomState.LEFT)
-        if not room.waiters:
-            self._emit("error", err)  # a re-join refused: nobody else would hear of it
         self._drop_room(room, err)
+        # Also when a join() awaits it (it raises there too), as in the JS and Rust clients:
+        # the app's error handler hears of every room it lost.
+        self._emit("error", err)
         if rejoin:
             # until: a ban's end (Unix ms; None: until lifted), as a left's is taken
             self._emit("removed", Removed(room.info.name, err.code,

@@ -24,7 +24,8 @@ handler receives, and when:
 - ``ack`` (:class:`Message` or :class:`DirectMessage`): the server acknowledged one of
   your sends (also those restored from an outbox store, which no one awaits).
 - ``error`` (:class:`~wschat_client.ChatError`): an error no request was waiting for
-  (a refused token refresh, a terminal close code, ...).
+  (a refused token refresh, a terminal close code, ...), and a join refused for good
+  (also raised by the :meth:`join` awaiting it, as in the JS and Rust clients).
 """
 
 from __future__ import annotations
