@@ -4,10 +4,12 @@ no token."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import TIMEOUT, Harness, Recorder
 
-from wschat_client import ChatError, Client, RequestTimeout
+from wschat_client import ChatError, Client, ClientClosed, RequestTimeout
 
 
 async def test_a_join_refused_after_its_timeout_is_an_error_event(harness: Harness) -> None:
@@ -29,4 +31,24 @@ async def test_a_join_refused_after_its_timeout_is_an_error_event(harness: Harne
         await client.join("still not one!")  # awaited: raised, and an error event too
     assert raised.value.code == "invalid_room"
     await rec.wait_for(lambda: len(rec.of("error")) == 2, what="the second error event")
+    await client.close()
+
+
+async def test_a_join_after_close_raises_client_closed_at_once(harness: Harness) -> None:
+    """join() on a closed client raises ClientClosed at once, as send() and the requests do:
+    it waited its whole timeout for a connection that would never come, then raised
+    RequestTimeout (the room kept as wanted)."""
+    server = await harness.server("memory")
+    client = Client(server["url"], username="ann", request_timeout=TIMEOUT)
+    await client.connect()
+    await client.join("hall")
+    await client.close()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ClientClosed):
+        await client.join("lobby")
+    assert loop.time() - started < TIMEOUT / 2
+    assert "lobby" not in client.rooms
+    await client.connect()  # open again: the rooms it kept are joined again
+    assert (await client.join("hall")).room == "hall"
     await client.close()

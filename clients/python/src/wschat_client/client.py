@@ -423,6 +423,8 @@ class Client:
                 ``forbidden``, ...): an ``error`` event tells it too (as in the JS and
                 Rust clients), and with ``since`` a ``removed`` event after it, as for a
                 rejoin refused.
+            ClientClosed: the client is closed (:meth:`close`, or a terminal close code),
+                at once, nothing kept; before :meth:`connect` the join waits for it.
             RequestTimeout: no ``joined`` in time; the room stays wanted and is
                 joined as soon as the server answers (a refusal coming later is an
                 ``error`` event, the room dropped).
@@ -434,6 +436,10 @@ class Client:
         if epoch is not None and wire_epoch(epoch) is None:
             raise ChatError("invalid_message", f"join {room}: epoch must be 1-64 characters, "
                             f"none of them control characters, not {epoch!r:.80}")
+        if self._closing or (self._run_task is not None and self._run_task.done()):
+            # As a send: no connection will come (it waited its whole timeout for one).
+            raise ClientClosed("the client is closed: call connect() first",
+                               self.last_close.code if self.last_close else None)
         r = self._rooms.get(room)
         if r is None:
             r = self._rooms[room] = _Room(RoomInfo(
