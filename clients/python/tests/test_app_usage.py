@@ -5,11 +5,19 @@ no token."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from conftest import TIMEOUT, Harness, Recorder
 
-from wschat_client import ChatError, Client, ClientClosed, RequestTimeout
+from wschat_client import (
+    ChatError,
+    Client,
+    ClientClosed,
+    ConnectionState,
+    RequestTimeout,
+    SyncClient,
+)
 
 
 async def test_a_join_refused_after_its_timeout_is_an_error_event(harness: Harness) -> None:
@@ -52,3 +60,39 @@ async def test_a_join_after_close_raises_client_closed_at_once(harness: Harness)
     await client.connect()  # open again: the rooms it kept are joined again
     assert (await client.join("hall")).room == "hall"
     await client.close()
+
+
+async def test_async_with_whose_connect_fails_leaves_no_task_running(harness: Harness) -> None:
+    """``async with Client(...)`` whose connect() raised (a full server's 503 until the
+    timeout) is closed: its reconnect loop went on in the background for as long as the
+    app's loop ran, since __aexit__ is not called when __aenter__ raises (an app retrying
+    so piled up clients knocking at the server)."""
+    server = await harness.server("memory", env={"MAX_CONNECTIONS": "1"})
+    first = Client(server["url"], username="ann", request_timeout=TIMEOUT)
+    await first.connect()
+    second = Client(server["url"], username="bea", connect_timeout=0.3)
+    with pytest.raises(RequestTimeout):
+        async with second:
+            raise AssertionError("connected to a full server")
+    assert second.state is ConnectionState.DISCONNECTED
+    assert second._run_task is not None and second._run_task.done()
+    await first.close()
+
+
+def _client_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "wschat-client")
+
+
+def test_sync_client_whose_connect_fails_leaves_no_thread(harness: Harness) -> None:
+    """``with SyncClient(...)`` whose connect raised (a 404: not the WebSocket path) stops
+    its thread, as does a SyncClient given an option Client does not take: each left a
+    thread running an event loop for as long as the process lived."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    before = _client_threads()
+    for _ in range(3):
+        nowhere = server["url"].removesuffix("/ws") + "/nowhere"
+        with pytest.raises(ClientClosed), SyncClient(nowhere, username="ann"):
+            raise AssertionError("connected to a path that is not the WebSocket's")
+    with pytest.raises(TypeError):
+        SyncClient(server["url"], no_such_option=1)
+    assert _client_threads() == before

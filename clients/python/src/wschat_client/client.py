@@ -397,7 +397,13 @@ class Client:
             self._set_state(ConnectionState.DISCONNECTED)
 
     async def __aenter__(self) -> Client:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            # __aexit__ is not called when this raises: the reconnect loop would go on,
+            # unseen, for as long as the app's loop runs.
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

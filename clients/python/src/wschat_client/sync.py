@@ -42,11 +42,11 @@ class SyncClient:
     """
 
     def __init__(self, url: UrlSource, **options: Any) -> None:
+        self.client = Client(url, **options)  # first: an option it refuses starts no thread
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="wschat-client",
                                         daemon=True)
         self._thread.start()
-        self.client = Client(url, **options)
         # The calls under way (their coroutines on the loop), and whether close() has begun to
         # stop the loop: a call then raises ClientClosed rather than wait for a loop that
         # will not run its coroutine (it waited for ever).
@@ -128,7 +128,13 @@ class SyncClient:
             self._loop.close()
 
     def __enter__(self) -> SyncClient:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            # __exit__ is not called when this raises: the thread and its reconnect loop
+            # would run for as long as the process lives.
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
