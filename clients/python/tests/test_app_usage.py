@@ -96,3 +96,57 @@ def test_sync_client_whose_connect_fails_leaves_no_thread(harness: Harness) -> N
     with pytest.raises(TypeError):
         SyncClient(server["url"], no_such_option=1)
     assert _client_threads() == before
+
+
+@pytest.mark.parametrize("no_token", [None, ""])
+async def test_a_token_source_without_a_token_stops_rather_than_connect_as_a_guest(
+        harness: Harness, no_token: str | None) -> None:
+    """get_token returning None or "" (the user signed out, a session gone) stops the client
+    (ClientClosed, close_code 4001), as the JS client does: it connected without a token, as
+    a guest, and the outbox's sends went out under a guest's name."""
+    server = await harness.server("memory")
+    tokens = iter([await harness.token("ann"), no_token])
+
+    async def get_token() -> str | None:
+        return next(tokens)
+
+    client = Client(server["url"], get_token=get_token,  # type: ignore[arg-type]
+                    request_timeout=TIMEOUT)
+    rec = Recorder(client)
+    await client.connect()
+    assert client.user_id == "ann"
+    await client.join("hall")
+    assert client._ws is not None
+    client._ws.transport.abort()  # the connection drops: the reconnect asks get_token
+    await rec.wait_for(lambda: any(isinstance(e, ClientClosed) for e in rec.of("error")),
+                       what="the stop")
+    assert client.state is ConnectionState.DISCONNECTED and client.user_id == "ann"
+    assert [w.user_id for w in rec.of("connected")] == ["ann"]
+    [closed] = [e for e in rec.of("error") if isinstance(e, ClientClosed)]
+    assert closed.close_code == 4001 and rec.of("disconnected")[-1].reconnect_in is None
+    with pytest.raises(ClientClosed):
+        await client.send("hall", "not as a guest")
+    await client.close()
+
+
+async def test_a_token_source_that_raises_is_an_error_event(harness: Harness) -> None:
+    """get_token raising on a connection attempt is an error event with code ``token``
+    (then the backoff and another attempt), as in the JS and Rust clients: it was only the
+    reason of a ``disconnected`` event, which looked like a network failure."""
+    server = await harness.server("memory")
+    calls = 0
+
+    async def get_token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the identity provider is down")
+        return await harness.token("ann")
+
+    client = Client(server["url"], get_token=get_token, request_timeout=TIMEOUT)
+    rec = Recorder(client)
+    await client.connect()
+    assert client.user_id == "ann"
+    [err] = rec.of("error")
+    assert err.code == "token" and "identity provider is down" in err.message
+    await client.close()

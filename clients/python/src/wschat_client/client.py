@@ -106,6 +106,10 @@ class _Request:
     since: int | None = None  # a join's: the position it resumed from (a rejoin)
 
 
+class _NoToken(Exception):
+    """``get_token`` gave no token (None, ``""``)."""
+
+
 def token_expiry(token: str | None) -> float | None:
     """The ``exp`` claim of a JWT (Unix seconds), read without verifying; None if absent."""
     try:
@@ -149,6 +153,8 @@ class Client:
         get_token: a function (plain or async) returning a fresh JWT; called before
             each connection attempt and again before the token expires (the new one is
             sent with ``auth`` on the open connection). Takes precedence over ``token``.
+            One that raises is an ``error`` event (code ``token``); one that returns no
+            token (None, ``""``) before a connection attempt stops the client (4001).
         username: a guest name (``?username=``) when no token is used.
         request_timeout: seconds ``join``, ``leave``, ``history`` and ``list_users``
             wait (including for a connection) before raising :class:`RequestTimeout`.
@@ -1253,6 +1259,8 @@ class Client:
                     retry_after=retry_after)
             except asyncio.CancelledError:
                 raise
+            except _NoToken as exc:
+                code, reason, reconnect_in = 4001, str(exc), None  # no token: stop, as JS
             except Exception as exc:
                 code, reason = 1006, f"{type(exc).__name__}: {exc}"
                 reconnect_in = self.backoff.delay(attempt)
@@ -1293,7 +1301,7 @@ class Client:
     async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:
         url = await _maybe_await(self._url() if callable(self._url) else self._url)
         if self._get_token is not None:
-            self._token = await _maybe_await(self._get_token())
+            self._token = await self._fetch_token()
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         if self._guest_name and not self._token:
             url = _with_query(url, username=self._guest_name)
@@ -1416,13 +1424,34 @@ class Client:
         delay = refresh_delay(expiry - time.time())
         self._refresh_task = asyncio.create_task(self._refresh_after(delay))
 
+    async def _fetch_token(self) -> str:
+        """A token from ``get_token``. One that raises is an ``error`` event (code
+        ``token``), as in the JS and Rust clients, and the exception goes on; one that
+        gives no token (None, ``""``) raises :class:`_NoToken`: connecting without one
+        would be a guest's session the app did not ask for (as in the JS client)."""
+        try:
+            token = await _maybe_await(self._get_token())  # type: ignore[misc]
+        except Exception as exc:
+            log.warning("get_token failed: %s", exc)
+            self._emit("error", ChatError("token", f"get_token failed: {exc}"))
+            raise
+        if not token:
+            raise _NoToken(f"get_token returned {token!r}: no token")
+        return cast(str, token)
+
     async def _refresh_after(self, delay: float) -> None:
         failures = 0
         while True:
             await asyncio.sleep(delay)
             try:
-                token = await _maybe_await(self._get_token())  # type: ignore[misc]
+                token = await self._fetch_token()
                 reply = await self._request({"type": "auth", "token": token}, None)
+            except _NoToken as exc:
+                # Nothing to send (the server would refuse it): the current token stays
+                # until it expires (then 4002, and the reconnect stops without a token).
+                self._emit("error", ChatError("token", str(exc)))
+                delay, failures = self.backoff.delay(failures), failures + 1
+                continue
             except ChatError as err:
                 if isinstance(err, Disconnected):
                     return
@@ -1434,8 +1463,7 @@ class Client:
                 delay = max(self.backoff.delay(failures), (err.retry_after_ms or 0) / 1000)
                 failures += 1
                 continue
-            except Exception as exc:
-                log.warning("get_token failed: %s", exc)
+            except Exception:  # get_token raised: told by _fetch_token
                 delay, failures = self.backoff.delay(failures), failures + 1
                 continue
             self._token = token
