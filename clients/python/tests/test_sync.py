@@ -7,8 +7,15 @@ import threading
 
 import pytest
 from conftest import TIMEOUT, Harness
-from wschat_client import (ChatError, ClientClosed, ConnectionState, HistoryPage, Message,
-                           SyncClient)
+from wschat_client import (
+    ChatError,
+    ClientClosed,
+    ConnectionState,
+    HistoryPage,
+    Message,
+    Removed,
+    SyncClient,
+)
 
 
 def test_sync_client_round_trip(harness: Harness) -> None:
@@ -71,3 +78,28 @@ def test_a_call_from_another_thread_while_close_ends_raises(harness: Harness) ->
     with pytest.raises(ClientClosed):
         chat.ping()  # after close(): raises, as Client's calls do
     chat.close()  # again: nothing to do
+
+
+def test_sync_client_moderates_and_shows_what_client_shows(harness: Harness) -> None:
+    """SyncClient has Client's kick, mute and unmute, and its authenticated, pending and
+    last_close: a moderation bot without asyncio could not kick (AttributeError)."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    mod = harness.call_sync("/token", {"sub": "mia", "mod_rooms": ["hall"]})["token"]
+    user = harness.call_sync("/token", {"sub": "ned"})["token"]
+    removed: queue.Queue[Removed] = queue.Queue()
+    with SyncClient(server["url"], token=mod, request_timeout=TIMEOUT) as moderator, \
+            SyncClient(server["url"], token=user, request_timeout=TIMEOUT) as member:
+        assert moderator.authenticated and moderator.pending == []
+        assert moderator.last_close is None
+        member.on("removed", removed.put)
+        moderator.join("hall")
+        member.join("hall")
+        assert moderator.mute("hall", "ned", duration=60)["type"] == "moderated"
+        with pytest.raises(ChatError) as err:
+            member.send("hall", "muted?")
+        assert err.value.code == "muted"
+        assert moderator.unmute("hall", "ned")["type"] == "moderated"
+        assert member.send("hall", "back").text == "back"
+        assert moderator.kick("hall", "ned", reason="enough")["type"] == "moderated"
+        assert removed.get(timeout=TIMEOUT).reason == "enough"
+    assert moderator.last_close is not None and moderator.last_close.reconnect_in is None

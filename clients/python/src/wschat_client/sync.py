@@ -20,12 +20,14 @@ from .errors import ClientClosed
 from .events import (
     ConnectionState,
     DirectMessage,
+    Disconnect,
     HistoryPage,
     Joined,
     Message,
     RoomInfo,
     User,
 )
+from .outbox import PendingSend
 
 T = TypeVar("T")
 
@@ -90,6 +92,21 @@ class SyncClient:
     @property
     def username(self) -> str | None:
         return self.client.username
+
+    @property
+    def authenticated(self) -> bool:
+        return self.client.authenticated
+
+    @property
+    def last_close(self) -> Disconnect | None:
+        return self.client.last_close
+
+    @property
+    def pending(self) -> list[PendingSend]:
+        """As :attr:`Client.pending`: the sends not yet acknowledged, oldest first."""
+        if threading.current_thread() is self._thread:
+            return self.client.pending
+        return self._run(_value(lambda: self.client.pending))
 
     @property
     def rooms(self) -> dict[str, RoomInfo]:
@@ -170,6 +187,21 @@ class SyncClient:
 
     def list_users(self, room: str, *, timeout: float | None = None) -> list[User]:
         return self._run(self.client.list_users(room, timeout=timeout))
+
+    def kick(self, room: str, user_id: str, *, reason: str | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
+        """As :meth:`Client.kick` (moderators)."""
+        return self._run(self.client.kick(room, user_id, reason=reason, timeout=timeout))
+
+    def mute(self, room: str, user_id: str, *, duration: float | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
+        """As :meth:`Client.mute` (moderators)."""
+        return self._run(self.client.mute(room, user_id, duration=duration, timeout=timeout))
+
+    def unmute(self, room: str, user_id: str, *,
+               timeout: float | None = None) -> dict[str, Any]:
+        """As :meth:`Client.unmute` (moderators)."""
+        return self._run(self.client.unmute(room, user_id, timeout=timeout))
 
     def ping(self, *, timeout: float | None = None) -> None:
         self._run(self.client.ping(timeout=timeout))
