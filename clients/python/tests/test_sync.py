@@ -103,3 +103,17 @@ def test_sync_client_moderates_and_shows_what_client_shows(harness: Harness) -> 
         assert moderator.kick("hall", "ned", reason="enough")["type"] == "moderated"
         assert removed.get(timeout=TIMEOUT).reason == "enough"
     assert moderator.last_close is not None and moderator.last_close.reconnect_in is None
+
+
+def test_rooms_and_pending_are_read_after_close(harness: Harness) -> None:
+    """rooms (and pending) after close() give what the client kept, as Client's do, so an app
+    can persist each room's last_id and epoch at exit (README, Resuming): they raised
+    ClientClosed, as they went through the stopped loop."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    with SyncClient(server["url"], username="ann", request_timeout=TIMEOUT) as chat:
+        chat.join("hall")
+        sent = chat.send("hall", "kept")
+        seen = chat.rooms["hall"]
+    after = chat.rooms["hall"]
+    assert (after.last_id, after.epoch) == (seen.last_id, seen.epoch) == (sent.id, seen.epoch)
+    assert after.epoch is not None and chat.pending == []

@@ -103,16 +103,28 @@ class SyncClient:
 
     @property
     def pending(self) -> list[PendingSend]:
-        """As :attr:`Client.pending`: the sends not yet acknowledged, oldest first."""
-        if threading.current_thread() is self._thread:
-            return self.client.pending
-        return self._run(_value(lambda: self.client.pending))
+        """As :attr:`Client.pending`: the sends not yet acknowledged, oldest first; also
+        after :meth:`close` (what the outbox kept)."""
+        return self._read(lambda: self.client.pending)
 
     @property
     def rooms(self) -> dict[str, RoomInfo]:
-        if threading.current_thread() is self._thread:
-            return self.client.rooms  # from a handler: already on the client's thread
-        return self._run(_value(lambda: self.client.rooms))
+        """As :attr:`Client.rooms`; also after :meth:`close`, to persist each room's
+        ``last_id`` and ``epoch`` at exit."""
+        return self._read(lambda: self.client.rooms)
+
+    def _read(self, get: Callable[[], T]) -> T:
+        """``get()`` on the client's thread while it runs; read at once from a handler
+        (already there), and once closed (no thread runs the client any more: it raised
+        ``ClientClosed``, so an app could not save its rooms' positions at exit)."""
+        if threading.current_thread() is self._thread or self._stopping:
+            return get()
+        try:
+            return self._run(_value(get))
+        except ClientClosed:
+            if not self._stopping:
+                raise
+            return get()  # close() stopped the thread meanwhile
 
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
         """As :meth:`Client.on`; ``handler`` runs on the client's thread."""
