@@ -2090,3 +2090,19 @@ async def test_a_join_that_timed_out_leaves_no_future_behind(
         del client, rec, peer
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_the_function_on_returns_may_be_called_twice() -> None:
+    """on()'s remover called a second time does nothing, as the JS client's (a cleanup run
+    twice raised ValueError); each registration of one handler has a remover of its own."""
+    client = Client("ws://127.0.0.1:9/ws")
+    seen: list[Any] = []
+    first = client.on("error", seen.append)
+    second = client.on("error", seen.append)
+    first()
+    first()  # raised ValueError
+    client._emit("error", "once")
+    assert seen == ["once"]
+    second()
+    client._emit("error", "none")
+    assert seen == ["once"]

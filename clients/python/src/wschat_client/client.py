@@ -275,12 +275,20 @@ class Client:
         so a slow coroutine handler holds nothing back and its tasks may pile up (for
         one event at a time, queue the events in a plain handler and work the queue in
         one task). :meth:`close` waits for the ones still running, ``connect_timeout``
-        at most (then cancels them). Returns a function that removes the handler.
+        at most (then cancels them). Returns a function that removes the handler (once:
+        calling it again does nothing).
         """
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; one of {sorted(EVENTS)}")
         self._handlers[event].append(handler)
-        return lambda: self._handlers[event].remove(handler)
+        added = True
+
+        def remove() -> None:  # a second call does nothing (it raised ValueError), as in JS
+            nonlocal added
+            if added:
+                added = False
+                self._handlers[event].remove(handler)
+        return remove
 
     def _emit(self, event: str, payload: Any) -> None:
         for handler in list(self._handlers[event]):
