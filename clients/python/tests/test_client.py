@@ -2106,3 +2106,11 @@ def test_the_function_on_returns_may_be_called_twice() -> None:
     second()
     client._emit("error", "none")
     assert seen == ["once"]
+
+
+def test_the_context_managers_are_typed_to_give_the_subclass() -> None:
+    """``async with MyClient(...) as chat`` is a MyClient to a type checker: __aenter__ and
+    SyncClient's __enter__ return Self (they said Client and SyncClient)."""
+    import typing
+    assert typing.get_type_hints(Client.__aenter__)["return"] is typing.Self
+    assert typing.get_type_hints(SyncClient.__enter__)["return"] is typing.Self

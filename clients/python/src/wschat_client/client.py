@@ -38,7 +38,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -410,7 +410,7 @@ class Client:
             self._shut_down(ClientClosed())
             self._set_state(ConnectionState.DISCONNECTED)
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         try:
             await self.connect()
         except BaseException:

@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from .client import Client, Handler, UrlSource
 from .errors import ClientClosed
@@ -156,7 +156,7 @@ class SyncClient:
                 call.cancel()  # still running: its caller raises ClientClosed
             self._loop.close()
 
-    def __enter__(self) -> SyncClient:
+    def __enter__(self) -> Self:
         try:
             self.connect()
         except BaseException:
