@@ -117,3 +117,14 @@ def test_rooms_and_pending_are_read_after_close(harness: Harness) -> None:
     after = chat.rooms["hall"]
     assert (after.last_id, after.epoch) == (seen.last_id, seen.epoch) == (sent.id, seen.epoch)
     assert after.epoch is not None and chat.pending == []
+
+
+def test_typing_after_close_does_nothing(harness: Harness) -> None:
+    """SyncClient.typing() after close() does nothing, as Client.typing() then (a keystroke
+    handler outliving the chat raised RuntimeError: Event loop is closed)."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    with SyncClient(server["url"], username="ann", request_timeout=TIMEOUT) as chat:
+        chat.join("hall")
+        chat.typing("hall")
+    chat.typing("hall")
+    chat.typing("hall", False)

@@ -219,7 +219,11 @@ class SyncClient:
         self._run(self.client.ping(timeout=timeout))
 
     def typing(self, room: str, status: bool = True) -> None:
-        self._loop.call_soon_threadsafe(self.client.typing, room, status)
+        """As :meth:`Client.typing`, without blocking; after :meth:`close` it does nothing,
+        as Client's (it raised ``RuntimeError``: the loop was closed)."""
+        with self._lock:
+            if not self._stopping:
+                self._loop.call_soon_threadsafe(self.client.typing, room, status)
 
 
 async def _value(get: Callable[[], T]) -> T:
