@@ -2114,3 +2114,26 @@ def test_the_context_managers_are_typed_to_give_the_subclass() -> None:
     import typing
     assert typing.get_type_hints(Client.__aenter__)["return"] is typing.Self
     assert typing.get_type_hints(SyncClient.__enter__)["return"] is typing.Self
+
+
+async def test_a_send_refused_after_its_timeout_is_an_error_event() -> None:
+    """send() timed out (the send stays in the outbox, to be delivered once), then the server
+    refused it for good (muted meanwhile): that is an error event, as in the JS client. Its
+    future still counted as awaited, and the refusal reached nobody: the app, told the send
+    would still go, never heard it did not. A refusal the caller awaits is raised only."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake)
+        with pytest.raises(RequestTimeout):
+            await client.send("r", "held", timeout=0.01)
+        frame = await peer.recv("message")
+        await peer.send(type="error", id=frame["id"], code="muted", message="muted", until=None)
+        await rec.wait_for(lambda: bool(rec.of("error")), what="the refusal's error event")
+        [err] = rec.of("error")
+        assert err.code == "muted" and client.pending == []
+        awaited = asyncio.create_task(client.dm("u9", "awaited"))
+        frame = await peer.recv("dm")
+        await peer.send(type="error", id=frame["id"], code="user_not_found", message="no")
+        with pytest.raises(ChatError):
+            await awaited  # the refusal was handled, error event or not, before this
+        assert [e.code for e in rec.of("error")] == ["muted"]
+        await client.close()

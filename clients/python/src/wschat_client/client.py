@@ -258,6 +258,8 @@ class Client:
         self._join_timer: asyncio.TimerHandle | None = None
         self.last_close: Disconnect | None = None
         self._leaving: set[asyncio.Future[None]] = set()  # leaves their callers may not await
+        # Sends' futures -> their send()/dm() calls still waiting (_fail: none, an error event)
+        self._send_waiters: dict[asyncio.Future[Any], int] = {}
         # Coroutine handlers running: asyncio keeps only a weak reference to a task, and one
         # awaiting what nothing else refers to would be collected before its end.
         self._handling: set[asyncio.Future[Any]] = set()
@@ -540,7 +542,8 @@ class Client:
                 the message (``message_too_large``, ...).
             OutboxFull: too many sends wait for their acknowledgement.
             ClientClosed: the client was closed (before :meth:`connect`, sends queue).
-            RequestTimeout: ``timeout`` passed; the send stays queued.
+            RequestTimeout: ``timeout`` passed; the send stays queued (delivered: an
+                ``ack`` event; refused later: an ``error`` event).
         """
         r = self._rooms.get(room)
         if r is None:
@@ -548,13 +551,23 @@ class Client:
         self._typing_cleared(room)
         future = self._queue(PendingSend("message", room, text,
                                          client_msg_id or uuid.uuid4().hex))
-        return cast(Message, await self._await(future, timeout or self.send_timeout, "echo"))
+        return cast(Message, await self._await_send(future, timeout or self.send_timeout))
 
     async def dm(self, to: str, text: str, *, client_msg_id: str | None = None,
                  timeout: float | None = None) -> DirectMessage:
         """Send a direct message to the user ``to`` (a ``user_id``); outbox as :meth:`send`."""
         future = self._queue(PendingSend("dm", to, text, client_msg_id or uuid.uuid4().hex))
-        return cast(DirectMessage, await self._await(future, timeout or self.send_timeout, "echo"))
+        return cast(DirectMessage, await self._await_send(future, timeout or self.send_timeout))
+
+    async def _await_send(self, future: asyncio.Future[Any], timeout: float | None) -> Any:
+        """A send's result, counting its callers still waiting (:meth:`_fail`: a refusal
+        none of them hears is an ``error`` event)."""
+        self._send_waiters[future] = self._send_waiters.get(future, 0) + 1
+        try:
+            return await self._await(future, timeout, "echo")
+        finally:
+            if left := self._send_waiters.pop(future) - 1:
+                self._send_waiters[future] = left
 
     async def history(self, room: str, *, limit: int | None = None, before: int | None = None,
                       timeout: float | None = None) -> list[Message]:
@@ -876,9 +889,12 @@ class Client:
         self._unprobe(entry.key)
         self._forget_stale(entry)
         self._sent.pop(entry.request_id or "", None)
+        # Nobody hears it through the future (restored from a store, or its callers timed
+        # out or were cancelled: the send stayed to be delivered): an error event, as in JS.
+        unheard = entry.future is None or not self._send_waiters.get(entry.future)
         if entry.future is not None and not entry.future.done():
             entry.future.set_exception(err)
-        else:
+        if unheard:
             self._emit("error", err)
 
     def _fail_left(self, room: str | None, why: str) -> None:
