@@ -150,3 +150,37 @@ async def test_a_token_source_that_raises_is_an_error_event(harness: Harness) ->
     [err] = rec.of("error")
     assert err.code == "token" and "identity provider is down" in err.message
     await client.close()
+
+
+@pytest.mark.parametrize("url", ["localhost:8080/ws", "http://localhost:8080/ws", ""])
+def test_a_url_that_is_no_websocket_url_raises_at_once(url: str) -> None:
+    """Client("localhost:8080/ws") (no ws:// or wss://) raises ValueError when made: the
+    client tried it again and again, each a disconnected event with websockets' InvalidURI as
+    the reason, and connect() raised RequestTimeout ("no connection") after 30 s."""
+    with pytest.raises(ValueError, match="ws:// or wss://"):
+        Client(url)
+    with pytest.raises(ValueError, match="ws:// or wss://"):
+        SyncClient(url)
+
+
+async def test_a_url_function_failing_is_an_error_event(harness: Harness) -> None:
+    """A url function that raises, or returns no WebSocket URL, is an error event with code
+    ``connect`` (then the backoff and another attempt), as in the JS client: it was only the
+    reason of a disconnected event, like a network failure."""
+    server = await harness.server("memory")
+    answers: list[object] = [RuntimeError("no server known yet"), "http://nowhere.example/ws",
+                             server["url"]]
+
+    def url() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    client = Client(url, username="ann", request_timeout=TIMEOUT)
+    rec = Recorder(client)
+    await client.connect()
+    errors = rec.of("error")
+    assert [e.code for e in errors] == ["connect", "connect"], errors
+    assert "no server known yet" in errors[0].message and "ws://" in errors[1].message
+    await client.close()

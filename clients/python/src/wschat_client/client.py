@@ -42,7 +42,8 @@ from typing import Any, Self, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.uri import parse_uri
 
 from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
@@ -148,7 +149,10 @@ class Client:
 
     Args:
         url: ``ws://host:port/ws``, or a function (plain or async) returning the URL
-            for each connection attempt (to move to another server).
+            for each connection attempt (to move to another server). One that is no
+            ``ws://`` or ``wss://`` URL raises ``ValueError`` here; the function's, or
+            the function raising, is an ``error`` event (code ``connect``) and another
+            attempt after the backoff.
         token: a JWT sent on the upgrade (``Authorization: Bearer``).
         get_token: a function (plain or async) returning a fresh JWT; called before
             each connection attempt and again before the token expires (the new one is
@@ -198,7 +202,7 @@ class Client:
                  outbox_store: OutboxStore | None = None, ack_timeout: float = 10.0,
                  typing_idle: float = 3.0,
                  websocket_options: dict[str, Any] | None = None) -> None:
-        self._url = url
+        self._url = url if callable(url) else _websocket_url(url)  # a typo raises here
         self._token = token
         self._get_token = get_token
         self._guest_name = username
@@ -1323,7 +1327,13 @@ class Client:
         self._set_state(ConnectionState.DISCONNECTED)
 
     async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:
-        url = await _maybe_await(self._url() if callable(self._url) else self._url)
+        try:
+            url = _websocket_url(await _maybe_await(
+                self._url() if callable(self._url) else self._url))
+        except Exception as exc:
+            # The url function's: an error event (code connect), as in JS; then the backoff.
+            self._emit("error", ChatError("connect", f"no URL to connect to: {exc}"))
+            raise
         if self._get_token is not None:
             self._token = await self._fetch_token()
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
@@ -1504,6 +1514,17 @@ class Client:
                 # caches): the wait grows as after a refusal.
                 delay = max(refresh_delay(remaining), self.backoff.delay(failures))
                 failures += 1
+
+
+def _websocket_url(url: Any) -> str:
+    """``url`` if it is a WebSocket URL (``ws://`` or ``wss://``), else ``ValueError``: a
+    typo does not change by trying again (it was tried again and again, and ``connect()``
+    said no more than that no connection came)."""
+    try:
+        parse_uri(url)
+    except (InvalidURI, TypeError, ValueError) as exc:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r:.200} ({exc})") from None
+    return cast(str, url)
 
 
 def _with_query(url: str, **params: str) -> str:
