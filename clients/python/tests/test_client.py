@@ -2137,3 +2137,33 @@ async def test_a_send_refused_after_its_timeout_is_an_error_event() -> None:
             await awaited  # the refusal was handled, error event or not, before this
         assert [e.code for e in rec.of("error")] == ["muted"]
         await client.close()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("idp down"), Disconnected("idp gone"),
+                                     None, ""])
+async def test_a_token_refresh_whose_get_token_fails_is_one_error_event_and_tried_again(
+        failure: Exception | str | None) -> None:
+    """get_token failing at a refresh (raising, even a ChatError such as Disconnected, or
+    giving no token) is one error event with code ``token``, the current token kept and the
+    refresh tried again after the backoff: no auth with a null token goes out."""
+    import time
+    calls = 0
+
+    def get_token() -> str | None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first refresh
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
+        return _jwt(time.time() + 0.5)  # due for a refresh after REFRESH_FLOOR, 1 s
+
+    async with FakeServer() as fake:
+        client = client_for(fake, get_token=get_token)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        frame = await peer.recv()  # the second refresh's auth: the first wrote nothing
+        assert frame["type"] == "auth" and isinstance(frame["token"], str) and calls == 3
+        assert [e.code for e in rec.of("error")] == ["token"]
+        await client.close()

@@ -1460,7 +1460,7 @@ class Client:
 
     async def _fetch_token(self) -> str:
         """A token from ``get_token``. One that raises is an ``error`` event (code
-        ``token``), as in the JS and Rust clients, and the exception goes on; one that
+        ``token``), as in the JS and Rust clients, and raises ``RuntimeError``; one that
         gives no token (None, ``""``) raises :class:`_NoToken`: connecting without one
         would be a guest's session the app did not ask for (as in the JS client)."""
         try:
@@ -1468,7 +1468,9 @@ class Client:
         except Exception as exc:
             log.warning("get_token failed: %s", exc)
             self._emit("error", ChatError("token", f"get_token failed: {exc}"))
-            raise
+            # Not a ChatError it may have raised: that would be taken for the server's
+            # answer to the refresh (told twice, or a Disconnected ending the refreshes).
+            raise RuntimeError(f"get_token failed: {exc}") from exc
         if not token:
             raise _NoToken(f"get_token returned {token!r}: no token")
         return cast(str, token)
