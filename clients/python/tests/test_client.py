@@ -2032,8 +2032,9 @@ async def test_a_refused_send_that_then_fails_leaves_no_probe_behind() -> None:
 @pytest.mark.parametrize("code", ["forbidden", "invalid_room", "too_many_rooms"])
 async def test_a_rejoin_refused_for_good_is_a_removed_event(code: str) -> None:
     """A rejoin (a join with since: the app had the room) refused for good drops the room,
-    with an error event and then removed (reason: the code; until: the ban's), as in the
-    JS client; it was an error event alone. A first join refused raises, and is no removal."""
+    with an error event and then removed (reason: the refusal's, banned for a ban, else the
+    code; until: the ban's), as in the JS client; it was an error event alone. A first join
+    refused raises, and is no removal."""
     async with FakeServer() as fake:
         client, rec, peer = await joined_client(fake)
         removed: list[Removed] = []
@@ -2046,7 +2047,8 @@ async def test_a_rejoin_refused_for_good_is_a_removed_event(code: str) -> None:
         await peer.send(type="error", id=join["id"], code=code, message="no", room="r",
                         **({"reason": "banned", "until": 123} if code == "forbidden" else {}))
         await rec.wait_for(lambda: bool(removed), what="the removal")
-        assert removed == [Removed("r", code, None, 123 if code == "forbidden" else None)]
+        assert removed == [Removed("r", "banned", None, 123) if code == "forbidden"
+                           else Removed("r", code, None, None)]
         assert [e.code for e in rec.of("error")] == [code, code]
         assert "r" not in client.rooms and rec.of("room_state")[-1].new is RoomState.LEFT
         await client.close()

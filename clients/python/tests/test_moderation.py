@@ -76,7 +76,7 @@ async def test_a_rejoin_refused_after_a_ban_is_a_removed_event(harness: Harness)
     await asyncio.to_thread(api, server, "ban", {"room": "hall", "user_id": "bob"})
     reconnect.set()
     await rec.wait_for(lambda: bool(removed), what="the refused rejoin")
-    assert removed == [Removed("hall", "forbidden", None, None)]
+    assert removed == [Removed("hall", "banned", None, None)]  # as a ban while connected
     [err] = rec.of("error")
     assert (err.code, err.details.get("reason")) == ("forbidden", "banned")
     assert [j.rejoin for j in rec.of("joined")] == [False]

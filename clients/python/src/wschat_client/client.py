@@ -1110,8 +1110,12 @@ class Client:
         # the app's error handler hears of every room it lost.
         self._emit("error", err)
         if rejoin:
-            # until: a ban's end (Unix ms; None: until lifted), as a left's is taken
-            self._emit("removed", Removed(room.info.name, err.code,
+            # The refusal's reason ("banned") where it gives one, as a live removal's left
+            # does, else its code; until: a ban's end (Unix ms; None: until lifted), as a
+            # left's is taken.
+            reason = err.details.get("reason")
+            self._emit("removed", Removed(room.info.name,
+                                          reason if isinstance(reason, str) else err.code,
                                           until=err.details.get("until")))
 
     # -- incoming frames -------------------------------------------------------------------
