@@ -420,6 +420,16 @@ struct BareWelcome {
     id: Option<RequestId>,
 }
 
+/// A `welcome`'s `dm_backlog` alone, for [`ServerEvent::parse`] when the whole welcome does not
+/// parse: the fields it does not name (the unreadable `heartbeat_interval`) are skipped without
+/// reading their numbers, so the `dm_backlog` a server with persistence sent is kept (without
+/// it the client forgets the DM ids it saw, and a page of kept DMs coming again is doubled).
+#[derive(Deserialize)]
+struct BareBacklog {
+    #[serde(default, deserialize_with = "lenient_count")]
+    dm_backlog: Option<u64>,
+}
+
 /// A `joined`'s fields but `last_id`, for [`ServerEvent::parse`] when the whole event does not
 /// parse (a number `serde_json` cannot hold, `"last_id": 1e400`): as [`BareError`]; the event is
 /// kept, with `last_id` `None`.
@@ -666,8 +676,10 @@ impl ServerEvent {
     /// retried) instead of the frame being dropped as unparsable.
     ///
     /// A `welcome` likewise (`"heartbeat_interval": 1e400`) is still the welcome, with its
-    /// `user_id`, `username`, `authenticated`, `auth_required` and `id`, no interval and no
-    /// `dm_backlog`, so the connection comes up instead of waiting for a welcome it dropped.
+    /// `user_id`, `username`, `authenticated`, `auth_required`, `dm_backlog` (if it can be read
+    /// itself) and `id`, and no interval, so the connection comes up instead of waiting for a
+    /// welcome it dropped, and a server with persistence is still known as one (the DM ids seen
+    /// are kept across connections, as in the JS and Python clients, which read the frame whole).
     ///
     /// A `left`, `muted` or `moderated` likewise (`"until": 1e400`) is still that event, with
     /// no `until` (see [`until_ms`] for the values that are read).
@@ -696,7 +708,8 @@ impl ServerEvent {
                     authenticated: bare.authenticated,
                     auth_required: bare.auth_required,
                     heartbeat_interval: None,
-                    dm_backlog: None,
+                    // Read alone: unreadable itself (`1e400`), it is none, and the welcome stays.
+                    dm_backlog: serde_json::from_str::<BareBacklog>(text).ok().and_then(|b| b.dm_backlog),
                     id: bare.id,
                 }),
                 _ => Err(e),
@@ -931,12 +944,24 @@ mod tests {
                     authenticated: true,
                     heartbeat_interval,
                     id: Some(RequestId::Int(7)),
+                    dm_backlog: Some(2),
                     ..
                 }) if user_id == "u" && heartbeat_interval == seconds => {}
-                got => wrong.push(format!("{text:.40}: {got:?}, not {seconds:?}")),
+                got => wrong.push(format!("{text:.40}: {got:?}, not {seconds:?} with dm_backlog 2")),
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");
+        // A `dm_backlog` that cannot be read itself (`1e400`) is none; the welcome still comes.
+        let frame =
+            r#"{"type": "welcome", "user_id": "u", "username": "n", "heartbeat_interval": 1e400, "dm_backlog": 1e400}"#;
+        assert!(
+            matches!(
+                ServerEvent::parse(frame),
+                Ok(ServerEvent::Welcome { heartbeat_interval: None, dm_backlog: None, .. })
+            ),
+            "{:?}",
+            ServerEvent::parse(frame)
+        );
     }
 
     /// The three client libraries read a joined's `last_id` by one rule (the shared cases,
