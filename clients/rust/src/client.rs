@@ -394,7 +394,9 @@ pub(crate) enum Op {
 }
 
 /// A handle to a running client; clone it freely. The client stops when the
-/// last handle is dropped or [`Client::close`] is called.
+/// last handle is dropped or [`Client::close`] is called, and with it every task it started
+/// (its timers, a token callback under way). A call still waiting (a `send` spawned on a task,
+/// say) holds a handle until it resolves.
 #[derive(Clone)]
 pub struct Client {
     ops: mpsc::UnboundedSender<Op>,

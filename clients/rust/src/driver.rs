@@ -862,12 +862,14 @@ impl Driver {
         }
     }
 
+    /// Asks the token callback for a fresh token, on a task of its own; a client that ends
+    /// meanwhile drops the callback's future (`until_ended`).
     fn fetch_token(&mut self) {
         if let Some(get) = self.cfg.token.clone() {
             let tx = self.internal_tx.clone();
-            tokio::spawn(async move {
+            tokio::spawn(until_ended(tx.clone(), async move {
                 let _ = tx.send(Internal::Token(get().await));
-            });
+            }));
         }
     }
 
@@ -1052,12 +1054,14 @@ impl Driver {
         }
     }
 
+    /// Hands `internal` to the driver after `delay`, from a task of its own that ends with the
+    /// client should the client end first (`until_ended`).
     fn later(&self, delay: Duration, internal: Internal) {
         let tx = self.internal_tx.clone();
-        tokio::spawn(async move {
+        tokio::spawn(until_ended(tx.clone(), async move {
             sleep(delay).await;
             let _ = tx.send(internal);
-        });
+        }));
     }
 
     fn handle_text(&mut self, text: &str) {
@@ -1590,6 +1594,18 @@ impl Driver {
         } else {
             self.emit(Event::Error(error));
         }
+    }
+}
+
+/// Runs `work` (a timer of the driver, a token callback) until it ends or the driver does (its
+/// `internal` receiver dropped with it), whichever comes first. A client dropped or closed
+/// leaves no task behind: a timer slept on to its end (up to a day, after a `rate_limited` or a
+/// `Retry-After` of a day), and a token callback that never answered was kept for good, with
+/// whatever it held.
+async fn until_ended(internal: mpsc::UnboundedSender<Internal>, work: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = work => {}
+        () = internal.closed() => {}
     }
 }
 

@@ -2978,3 +2978,78 @@ async fn an_app_resumes_a_room_from_its_saved_position() {
     assert_eq!(rec.ids("resume"), [6], "nothing replayed, the next message delivered");
     assert_eq!(stale.position("resume"), Some(wschat::RoomPosition { last_id: Some(6), epoch: joined.epoch }));
 }
+
+/// Dropping every handle of a client (the `Client`s and the `Events`) ends everything it
+/// started: the socket, the timers it set (here the wake-up of the outbox an hour ahead, after a
+/// `rate_limited` of an hour; the look for echoes `resend_after` ahead) and a token refresh
+/// under way (the callback's future, dropped: here one that never ends). The timers used to
+/// sleep on, each a task, to the end of their wait (a day at most), and a refresh whose callback
+/// hung stayed for good, with the callback and all it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_client_ends_every_task_it_started() {
+    let (url, frames, server) = scripted_server(|cmd, _| match cmd["type"].as_str() {
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        Some("message") => {
+            let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow down",
+                                 "retry_after_ms": 3_600_000, "id": cmd["id"]});
+            vec![refusal.to_string()]
+        }
+        _ => vec![],
+    })
+    .await;
+    let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let before = alive(); // the fake server's (its connections' end with them)
+
+    /// Tells when the future holding it is dropped.
+    struct Held(Option<tokio::sync::oneshot::Sender<()>>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = self.0.take().map(|tx| tx.send(()));
+        }
+    }
+    let (refreshing_tx, refreshing) = tokio::sync::oneshot::channel::<()>();
+    let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+    let refresh = Arc::new(Mutex::new(Some((refreshing_tx, dropped_tx))));
+    // Expires in 2 s: refreshed 1.5 s after the welcome, by a call that never ends.
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2;
+    let token = jwt_with_exp(&exp.to_string());
+    let calls = AtomicUsize::new(0);
+    let (c, events) = Client::builder(url)
+        .token(move || {
+            let token = token.clone();
+            let refresh = if calls.fetch_add(1, Ordering::SeqCst) == 0 { None } else { refresh.lock().unwrap().take() };
+            async move {
+                if let Some((refreshing, dropped)) = refresh {
+                    let _held = Held(Some(dropped));
+                    let _ = refreshing.send(());
+                    std::future::pending::<()>().await;
+                }
+                Ok(token)
+            }
+        })
+        .connect();
+    c.join("r").await.unwrap();
+    // The send stays in the outbox once its future is dropped (a spawned one would hold a handle).
+    let written = eventually(5.0, || frames.lock().unwrap().iter().any(|(_, f)| f["type"] == "message"));
+    tokio::select! {
+        sent = c.send("r", "hi") => panic!("the send was refused for an hour: {sent:?}"),
+        _ = written => {}
+    }
+    c.ping().await.unwrap(); // answered after the refusal: the outbox waits an hour now
+    tokio::time::timeout(scaled(10.0), refreshing).await.expect("the refresh began").unwrap();
+
+    drop((c, events));
+    let held = tokio::time::timeout(scaled(5.0), dropped).await;
+    assert!(held.is_ok(), "the token callback's future was not dropped");
+    let mut left = alive();
+    let _ = tokio::time::timeout(scaled(5.0), async {
+        while left > before {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            left = alive();
+        }
+    })
+    .await;
+    assert_eq!(left, before, "tasks alive after the client was dropped, beside the fake server's");
+    server.abort();
+}
