@@ -188,8 +188,9 @@ pub(crate) struct Snapshot {
     pub(crate) user_id: Option<String>,
     pub(crate) username: Option<String>,
     pub(crate) outbox_len: usize,
-    /// Why the client's task ended, if not by [`Client::close`] or the last handle going: its
-    /// panic (`Error::Terminal`), which calls made after it fail with.
+    /// Why the client's task ended, if not by [`Client::close`] or the last handle going: a close
+    /// (or refused upgrade) that forbids reconnecting, or its panic (`Error::Terminal` either
+    /// way), which calls made after it fail with.
     pub(crate) ended: Option<Error>,
 }
 
@@ -441,7 +442,10 @@ impl Client {
         self.positions.lock().unwrap_or_else(|e| e.into_inner()).get(room).cloned()
     }
 
-    /// Waits until the client is `connected` (or `wait` passes).
+    /// Waits until the client is `connected` (or `wait` passes: `Error::Timeout`). A client that
+    /// stopped for good fails it with why ([`Error::Terminal`]: a close code or a refused
+    /// upgrade that forbids reconnecting, 4001 for a refused token without a callback), one
+    /// closed by the app with [`Error::Closed`].
     pub async fn wait_connected(&self, wait: Duration) -> Result<(), Error> {
         let mut rx = self.snapshot.clone();
         let result = timeout(wait, rx.wait_for(|s| s.state == ConnectionState::Connected || s.ended.is_some())).await;
@@ -464,12 +468,16 @@ impl Client {
         }
     }
 
-    /// What a call fails with once the client's task has dropped it: the task's panic
-    /// (`Error::Terminal`, as the events tell it), else `Error::Closed`. A task that unwinds
+    /// What a call fails with once the client's task has dropped it: why the task ended for good
+    /// (`Error::Terminal`, as the events tell it: a terminal close or the task's panic), else
+    /// `Error::Closed`. A task that unwinds
     /// drops the calls it held before its supervisor records the panic, so once the task is
     /// gone (its `ops` closed) this waits for that record, or for the supervisor to end
     /// without one (the snapshot's sender dropped): at once either way.
     async fn ended(&self) -> Error {
+        if let Some(ended) = self.snapshot.borrow().ended.clone() {
+            return ended; // told before the task is gone (a terminal close), or after (a panic)
+        }
         if !self.ops.is_closed() {
             return Error::Closed; // the task is running (a reply dropped unanswered)
         }

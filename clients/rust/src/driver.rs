@@ -605,9 +605,14 @@ impl Driver {
         self.set_state(ConnectionState::Disconnected);
     }
 
+    /// The client stops: by the app (`Error::Closed`), or for good (`Error::Terminal`: a close
+    /// code or a refused upgrade that forbids reconnecting), which everything waiting fails
+    /// with, and every later call too (`Client::call`, `Client::wait_connected`), as after a
+    /// panic of the task: the app learns why (the code) where it waits, not only from the events.
     fn shut_down(mut self, error: Error) {
         self.online = false;
         if error != Error::Closed {
+            self.snapshot.send_modify(|s| s.ended = Some(error.clone()));
             self.emit(Event::Error(error.clone()));
         }
         for (_, room) in self.rooms.drain() {
@@ -622,8 +627,8 @@ impl Driver {
             let _ = req.reply.send(Err(error.clone()));
         }
         self.set_state(ConnectionState::Disconnected);
-        // Requests still queued in the channel get `Closed` from their handles
-        // once the receiver is dropped with `self`.
+        // Requests still queued in the channel get `Closed` (or the terminal error) from their
+        // handles once the receiver is dropped with `self`.
     }
 
     /// Hands `event` to the app, with the position of the room it is about (`None`: not ours

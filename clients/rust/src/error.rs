@@ -29,12 +29,13 @@ pub enum Error {
     /// 1009, 40xx, or 4001/4002 without a token callback), or refused the upgrade with
     /// an HTTP status retrying cannot change (`code` 403: origin not allowed, 400: a
     /// malformed request or username, 404: no such endpoint, ...; not 401, 408, 429, 5xx).
+    /// Every call waiting then, and every later one (`wait_connected` too), fails with it.
     /// Also when the client's task panicked (a bug of this library): `code` `None`, `reason`
-    /// "the client's task panicked (a bug in wschat): " and the panic's message; every call
-    /// waiting then, and every later one, fails with it.
+    /// "the client's task panicked (a bug in wschat): " and the panic's message.
     #[error("connection closed for good (code {code:?}): {reason}")]
     Terminal { code: Option<u16>, reason: String },
-    /// The client was closed (or its task ended; after a panic of the task: [`Error::Terminal`]).
+    /// The client was closed by the app (or its last handle dropped; after a close that forbids
+    /// reconnecting, or a panic of the task: [`Error::Terminal`]).
     #[error("the client is closed")]
     Closed,
     /// The room was left (by the app, or the server removed this user) before

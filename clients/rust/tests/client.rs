@@ -95,8 +95,13 @@ async fn a_refused_token_without_callback_is_terminal() {
     let s = h.server("memory", 1, json!({})).await;
     let (c, events) = Client::builder(format!("{}?token=not-a-jwt", s.url)).connect();
     let rec = Recorder::new(events);
+    // Waiting for the connection says why it will not come, as the calls after it do (they
+    // said `Error::Closed`, the refused token's 401 (4001) told by the events only).
+    let waited = c.wait_connected(scaled(20.0)).await;
+    assert!(matches!(waited, Err(Error::Terminal { code: Some(4001), .. })), "{waited:?}");
     rec.wait("a terminal error", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Error(Error::Terminal { .. })))).await;
-    assert_eq!(c.join("r").await.unwrap_err(), Error::Closed);
+    let later = c.join("r").await;
+    assert!(matches!(later, Err(Error::Terminal { code: Some(4001), .. })), "{later:?}");
     let last = rec.events().into_iter().rev().find(|e| matches!(e, Event::Disconnected { .. }));
     assert!(matches!(last, Some(Event::Disconnected { reconnect_in: None, .. })), "{last:?}");
 }
@@ -849,6 +854,9 @@ async fn a_write_after_the_close_frame_reports_its_code() {
 async fn refused_for_good(url: String, status: u16) -> Client {
     let (c, events) = Client::builder(url).backoff(Duration::from_millis(50), Duration::from_millis(200)).connect();
     let rec = Recorder::new(events);
+    // The wait for the connection ends with the refusal's status, not a bare `Error::Closed`.
+    let waited = c.wait_connected(scaled(20.0)).await;
+    assert!(matches!(waited, Err(Error::Terminal { code: Some(code), .. }) if code == status), "{waited:?}");
     rec.wait("a terminal error", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Error(Error::Terminal { .. })))).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let gone = disconnections(&rec);
@@ -861,7 +869,9 @@ async fn refused_for_good(url: String, status: u16) -> Client {
         matches!(errors[..], [Event::Error(Error::Terminal { code: Some(code), .. })] if code == status),
         "{errors:?}"
     );
-    assert_eq!(c.join("r").await.unwrap_err(), Error::Closed);
+    // And so does every later call: the client is gone for good, and this is why.
+    let later = c.join("r").await;
+    assert!(matches!(&later, Err(Error::Terminal { code: Some(code), .. }) if *code == status), "{later:?}");
     c
 }
 
