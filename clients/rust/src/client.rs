@@ -147,7 +147,8 @@ pub enum Event {
     Error(Error),
 }
 
-/// The events of one client, as a `Stream` (or with [`Events::recv`]).
+/// The events of one client, as a `Stream` (or with [`Events::recv`]). Read them, or drop
+/// them: kept and unread, they queue without bound (the client's task never waits for the app).
 pub struct Events {
     rx: mpsc::UnboundedReceiver<Delivery>,
     positions: Positions,
@@ -194,7 +195,9 @@ pub(crate) struct Snapshot {
     pub(crate) ended: Option<Error>,
 }
 
-/// Configures and starts a [`Client`].
+/// Configures and starts a [`Client`]. Each setting returns the builder, to be used (a setting
+/// whose result is dropped is lost: `#[must_use]`).
+#[must_use = "a builder does nothing until connect() is called"]
 pub struct ClientBuilder {
     pub(crate) url: UrlFn,
     pub(crate) token: Option<TokenFn>,
@@ -322,7 +325,19 @@ impl ClientBuilder {
         self
     }
 
-    /// Starts the client's task on the current Tokio runtime and connects.
+    /// Starts the client's task on the current Tokio runtime and connects (outside a Tokio
+    /// runtime it panics, as `tokio::spawn` does).
+    ///
+    /// The client runs while a [`Client`] handle is kept: dropping what this returns stops it
+    /// at once, which the compiler points out (`#[must_use]`):
+    ///
+    /// ```compile_fail
+    /// #![deny(unused_must_use)]
+    /// # async fn demo() {
+    /// wschat::Client::builder("ws://localhost:8080/ws?username=alice").connect(); // stopped at once
+    /// # }
+    /// ```
+    #[must_use = "the client stops as soon as its last Client handle is dropped"]
     pub fn connect(self) -> (Client, Events) {
         let (ops_tx, ops_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
