@@ -153,9 +153,9 @@ pub struct User {
 pub struct ChatMessage {
     /// Read by [`wire_id`] (`5.0` is 5); `u64::MAX` when the server's is no message id: a `u64`
     /// past [`MAX_WIRE_ID`] (never a room's position: `RoomSeq` drops it), or, through
-    /// `ChatMessage::unordered` (crate-private), anything else (`"5"`, `2.5`, `-1`, absent: the event does not
-    /// parse, but the echo of a send still acknowledges it). So a send's result never carries an
-    /// id that is not one: `u64::MAX` is the JS and Python clients' -1.
+    /// `ChatMessage::unordered` (crate-private), anything else (`"5"`, `2.5`, `-1`, absent: the
+    /// event does not parse, but the echo of a send still acknowledges it). So a send's result
+    /// never carries an id that is not one: `u64::MAX` is the JS and Python clients' -1.
     #[serde(deserialize_with = "message_id")]
     pub id: u64,
     pub room: String,
