@@ -176,6 +176,12 @@ impl Events {
     }
 }
 
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").field("queued", &self.rx.len()).finish_non_exhaustive()
+    }
+}
+
 impl Stream for Events {
     type Item = Event;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
@@ -211,6 +217,25 @@ pub struct ClientBuilder {
     pub(crate) max_in_flight: usize,
     pub(crate) max_joins_in_flight: usize,
     pub(crate) outbox_store: Option<Arc<dyn OutboxStore>>,
+}
+
+/// The settings, not the URL (a `?token=` may be in it) nor the callbacks.
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("token", &self.token.as_ref().map(|_| "<callback>"))
+            .field("backoff", &self.backoff)
+            .field("stable_after", &self.stable_after)
+            .field("request_timeout", &self.request_timeout)
+            .field("send_timeout", &self.send_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("resend_after", &self.resend_after)
+            .field("outbox_capacity", &self.outbox_capacity)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_joins_in_flight", &self.max_joins_in_flight)
+            .field("outbox_store", &self.outbox_store.as_ref().map(|_| "<store>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientBuilder {
@@ -420,6 +445,20 @@ pub struct Client {
     positions: Positions,
     request_timeout: Duration,
     send_timeout: Duration,
+}
+
+/// What tells this client from another: its state, who it is, its outbox.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.snapshot.borrow();
+        f.debug_struct("Client")
+            .field("state", &s.state)
+            .field("user_id", &s.user_id)
+            .field("username", &s.username)
+            .field("outbox_len", &s.outbox_len)
+            .field("ended", &s.ended)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -802,6 +841,20 @@ mod tests {
         for limit in [1, u32::MAX] {
             assert_eq!(c.history("r", Some(limit), None).await, Err(Error::Timeout), "limit {limit}");
         }
+    }
+
+    /// The public handles print with `{:?}` (an app's `#[derive(Debug)]` struct holding a
+    /// `Client` did not compile), showing what tells one client from another, and no token.
+    #[tokio::test]
+    async fn the_handles_are_debug() {
+        let builder = Client::builder("ws://127.0.0.1:1/ws").token(|| async { Ok("secret-jwt".to_owned()) });
+        let shown = format!("{builder:?}");
+        assert!(shown.contains("ClientBuilder") && shown.contains("request_timeout"), "{shown}");
+        let (c, events) = builder.connect();
+        let shown = format!("{c:?} {events:?}");
+        assert!(shown.contains("Client {") && shown.contains("Events"), "{shown}");
+        assert!(!format!("{shown} {:?}", Client::builder("ws://x/ws")).contains("secret-jwt"));
+        c.close();
     }
 
     /// A panic of the client's task (a bug: an `Instant + Duration` overflow did it once) is

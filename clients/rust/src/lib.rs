@@ -18,6 +18,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_debug_implementations)] // an app's `#[derive(Debug)]` may hold any public type
+
 mod backoff;
 mod client;
 mod driver;
