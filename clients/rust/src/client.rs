@@ -299,7 +299,8 @@ impl ClientBuilder {
     }
 
     /// How long `send` and `dm` wait for their acknowledgement (default 30 s);
-    /// after it the message stays in the outbox.
+    /// after it the message stays in the outbox (its echo comes as `Event::Ack`, a refusal
+    /// for good as `Event::Error`).
     pub fn send_timeout(mut self, t: Duration) -> Self {
         self.send_timeout = t;
         self

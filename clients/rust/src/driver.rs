@@ -1364,14 +1364,18 @@ impl Driver {
     }
 
     /// The send `cmid`, out of the outbox, fails with `error`: its future, or (nobody waits
-    /// for it: restored from the store) an `Event::Error`.
+    /// for it: restored from the store, or its future gone, past `send_timeout` say) an
+    /// `Event::Error`, so that a send the app was told stays in the outbox is never dropped
+    /// without a word.
     fn fail_send(&mut self, cmid: &str, error: Error) {
-        match self.acks.remove(cmid) {
-            Some(reply) => {
-                let _ = reply.send(Err(error));
-            }
-            None => self.emit(Event::Error(error)),
-        }
+        let unheard = match self.acks.remove(cmid) {
+            Some(reply) => match reply.send(Err(error)) {
+                Err(Err(error)) => error, // its future is gone
+                _ => return,
+            },
+            None => error,
+        };
+        self.emit(Event::Error(unheard));
     }
 
     /// Sends of a left room written at or before `before` (`None`: all, their answers lost

@@ -16,7 +16,8 @@ pub enum Error {
         details: serde_json::Map<String, serde_json::Value>,
     },
     /// No answer within the configured timeout. A `send`/`dm` that times out
-    /// stays in the outbox and is still delivered (its echo arrives as an event).
+    /// stays in the outbox and is still delivered (its echo arrives as an `Event::Ack`), or,
+    /// refused for good later on (`muted`, `forbidden`, a room left), told by an `Event::Error`.
     #[error("no reply within the timeout")]
     Timeout,
     /// The outbox holds `outbox_capacity` unacknowledged sends already.

@@ -3063,3 +3063,44 @@ async fn dropping_the_client_ends_every_task_it_started() {
     assert_eq!(left, before, "tasks alive after the client was dropped, beside the fake server's");
     server.abort();
 }
+
+/// A send whose future gave up (`send_timeout`: the send stays in the outbox) and that the
+/// server then refuses for good (`muted` here) is told as an `Event::Error` with the refusal, as
+/// a send restored from the store is: it is out of the outbox, never delivered. The refusal was
+/// handed to the future no one awaited any more, and the app, told that a send past its
+/// timeout is still delivered, never learnt it was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_refused_after_its_timeout_is_told_as_an_error_event() {
+    let written: Arc<Mutex<Option<serde_json::Value>>> = Arc::default();
+    let held = written.clone();
+    let (url, _frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        Some("message") => {
+            *held.lock().unwrap() = Some(cmd["id"].clone()); // answered at the next ping
+            vec![]
+        }
+        Some("ping") => {
+            let id = held.lock().unwrap().take();
+            let refusal = id.map(|id| {
+                json!({"type": "error", "code": "muted", "message": "you are muted", "id": id, "room": "r"}).to_string()
+            });
+            refusal.into_iter().chain([json!({"type": "pong", "id": cmd["id"]}).to_string()]).collect()
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, events) = Client::builder(url).send_timeout(Duration::from_millis(300)).connect();
+    let rec = Recorder::new(events);
+    c.join("r").await.unwrap();
+    assert_eq!(c.send("r", "hi").await.map(|m| m.text), Err(Error::Timeout));
+    assert!(written.lock().unwrap().is_some(), "the send was written");
+    assert_eq!(c.outbox_len(), 1, "a send past its timeout stays in the outbox");
+    c.ping().await.unwrap(); // the refusal came before the pong
+    assert_eq!(c.outbox_len(), 0, "refused for good: out of the outbox");
+    let muted = |e: &Event| matches!(e, Event::Error(e) if e.code() == Some("muted"));
+    rec.wait("the refusal, told", 5.0, |ev| ev.iter().any(muted)).await;
+    c.ping().await.unwrap();
+    assert_eq!(rec.count(muted), 1, "once: {:#?}", rec.events());
+    c.close();
+    server.abort();
+}
