@@ -151,6 +151,24 @@ struct Refused {
     status: Option<u16>,
     /// The refusal's `Retry-After` (a full or draining server's 503, a 429).
     retry_after: Option<Duration>,
+    /// No attempt can connect to this URL, whatever the server does (`unusable_url`).
+    for_good: bool,
+}
+
+/// Why no attempt can connect to the URL, whatever the server does, or `None` when a later one
+/// may (the TCP connection refused, say): `wss://` without TLS compiled in, a scheme other than
+/// `ws` or `wss`, no host. Retried, each such attempt failed the same, with the backoff, for ever.
+fn unusable_url(error: &tokio_tungstenite::tungstenite::Error) -> Option<&'static str> {
+    use tokio_tungstenite::tungstenite::error::{Error, UrlError};
+    match error {
+        Error::Url(UrlError::TlsFeatureNotEnabled) => Some(
+            "wss:// needs TLS, not compiled into tokio-tungstenite: enable its `native-tls` feature \
+             (or a `rustls-tls-*` one) in the app's Cargo.toml (see the wschat client's README)",
+        ),
+        Error::Url(UrlError::UnableToConnect(_)) => None,
+        Error::Url(_) => Some("the URL must be ws:// or wss:// with a host"),
+        _ => None,
+    }
 }
 
 /// How one connection ended.
@@ -315,9 +333,15 @@ impl Driver {
             let ended = match self.connect().await {
                 Ok(Some(socket)) => self.serve(socket).await,
                 Ok(None) => return self.shut_down(Error::Closed),
+                // Not a URL any attempt can connect to: stop, as after a terminal refusal.
+                Err(Refused { reason, for_good: true, .. }) => {
+                    self.went_offline();
+                    self.emit(Event::Disconnected { code: None, reason: reason.clone(), reconnect_in: None });
+                    return self.shut_down(Error::Terminal { code: None, reason });
+                }
                 // A token refused at the upgrade (401) is what 4001/4002 are on an open socket.
                 Err(Refused { reason, status: Some(401), .. }) => Ended { code: Some(4001), reason, by_app: None },
-                Err(Refused { reason, status, retry_after }) => {
+                Err(Refused { reason, status, retry_after, .. }) => {
                     // A full or draining server says when to come back: not sooner.
                     self.retry_after = self.retry_after.max(retry_after);
                     // The HTTP status (never a close code: those start at 1000) decides.
@@ -392,14 +416,18 @@ impl Driver {
         let url = (self.cfg.url)();
         let token_fn = self.cfg.token.clone();
         let attempt = async move {
+            let refused = |reason: String| Refused { reason, status: None, retry_after: None, for_good: false };
             let token = match token_fn {
-                Some(get) => Some(get().await.map_err(|e| (format!("token callback: {e}"), None, None))?),
+                Some(get) => Some(get().await.map_err(|e| refused(format!("token callback: {e}")))?),
                 None => None,
             };
-            let mut request = url.as_str().into_client_request().map_err(|e| (format!("{url}: {e}"), None, None))?;
+            // A URL that does not parse cannot connect: no later attempt is better.
+            let mut request = url
+                .as_str()
+                .into_client_request()
+                .map_err(|e| Refused { for_good: true, ..refused(format!("{url}: {e}")) })?;
             if let Some(token) = &token {
-                let value =
-                    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| (e.to_string(), None, None))?;
+                let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| refused(e.to_string()))?;
                 request.headers_mut().insert("authorization", value);
             }
             let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| {
@@ -410,9 +438,12 @@ impl Driver {
                     }
                     _ => (None, None),
                 };
-                (format!("{url}: {e}"), status, retry_after)
+                match unusable_url(&e) {
+                    Some(why) => Refused { for_good: true, ..refused(format!("{url}: {e}: {why}")) },
+                    None => Refused { status, retry_after, ..refused(format!("{url}: {e}")) },
+                }
             })?;
-            Ok::<_, (String, Option<u16>, Option<Duration>)>((socket, token))
+            Ok::<_, Refused>((socket, token))
         };
         let attempt = timeout(self.cfg.connect_timeout, attempt);
         tokio::pin!(attempt);
@@ -424,16 +455,17 @@ impl Driver {
                             self.token = token;
                             Ok(Some(socket))
                         }
-                        Ok(Err((reason, status, retry_after))) => {
-                            if reason.starts_with("token callback") {
-                                self.emit(Event::Error(Error::Token(reason.clone())));
+                        Ok(Err(refused)) => {
+                            if refused.reason.starts_with("token callback") {
+                                self.emit(Event::Error(Error::Token(refused.reason.clone())));
                             }
-                            Err(Refused { reason, status, retry_after })
+                            Err(refused)
                         }
                         Err(_) => Err(Refused {
                             reason: "connection attempt timed out".into(),
                             status: None,
                             retry_after: None,
+                            for_good: false,
                         }),
                     };
                 }

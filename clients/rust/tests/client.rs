@@ -3104,3 +3104,34 @@ async fn a_send_refused_after_its_timeout_is_told_as_an_error_event() {
     c.close();
     server.abort();
 }
+
+/// A URL no attempt can connect to, whatever the server does, stops the client at once with
+/// why (`Error::Terminal`, `code` `None`), as a refused upgrade that retrying cannot change
+/// does: `wss://` with no TLS compiled into tokio-tungstenite (the reason says how to add it),
+/// a scheme other than `ws`/`wss`, no host, no URL at all. Each was retried with the backoff
+/// for ever, `wait_connected` timing out and the events telling a new failure at every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_no_attempt_can_connect_to_stops_the_client() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut wrong = Vec::new();
+    for (url, says) in [
+        (format!("wss://{addr}/ws"), "TLS"),
+        (format!("http://{addr}/ws"), "scheme"),
+        ("ws:///ws".to_owned(), ""),
+        ("not a url".to_owned(), ""),
+    ] {
+        let (c, events) =
+            Client::builder(url.clone()).backoff(Duration::from_millis(10), Duration::from_millis(20)).connect();
+        let rec = Recorder::new(events);
+        let waited = c.wait_connected(scaled(5.0)).await;
+        let stopped = matches!(&waited, Err(Error::Terminal { code: None, reason }) if reason.contains(says));
+        rec.wait("the end of the events", 5.0, |ev| matches!(ev.last(), Some(Event::Error(_)))).await;
+        let gone = disconnections(&rec);
+        let once = matches!(gone[..], [Event::Disconnected { code: None, reconnect_in: None, .. }]);
+        if !stopped || !once {
+            wrong.push(format!("{url}: {waited:?}, {gone:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
