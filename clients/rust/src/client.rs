@@ -319,7 +319,8 @@ impl ClientBuilder {
         self
     }
 
-    /// How many unacknowledged sends the outbox holds (default 1000).
+    /// How many unacknowledged sends the outbox holds (default 1000): a send past it fails with
+    /// [`Error::OutboxFull`]. What the `outbox_store` kept is restored whole, past it too.
     pub fn outbox_capacity(mut self, n: usize) -> Self {
         self.outbox_capacity = n.max(1);
         self
@@ -370,7 +371,7 @@ impl ClientBuilder {
         let mut outbox = Outbox::new(self.outbox_capacity);
         if let Some(store) = &self.outbox_store {
             for entry in store.load() {
-                let _ = outbox.restore(entry);
+                outbox.restore(entry);
             }
         }
         let (snap_tx, snap_rx) = watch::channel(Snapshot {
