@@ -266,6 +266,11 @@ impl ClientBuilder {
 
     /// A callback that returns a JWT: called before every connection attempt and
     /// again before the current token expires (the fresh one is sent as `auth`).
+    ///
+    /// The client keeps the callback as long as it runs: a [`Client`] of this same client
+    /// held inside it (to read `user_id()`, say) is a handle that never goes, and the client
+    /// never stops when the app drops its own ones; call [`Client::close`], or keep no handle
+    /// in it. (So for [`ClientBuilder::with_url_fn`].)
     pub fn token<F, Fut>(mut self, get_token: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
