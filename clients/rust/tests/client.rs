@@ -1237,14 +1237,15 @@ async fn scripted_server(
     scripted_server_greeting(welcome, script).await
 }
 
-/// A [`scripted_server`] greeting every connection with `welcome`.
+/// A [`scripted_server`] greeting every connection with `welcome` (JSON, or raw JSON text as a
+/// buggy server or a proxy could send it).
 async fn scripted_server_greeting(
-    welcome: serde_json::Value,
+    welcome: impl std::fmt::Display,
     script: impl Fn(&serde_json::Value, usize) -> Vec<String> + Send + Sync + 'static,
 ) -> (String, Frames, tokio::task::JoinHandle<()>) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
-    let script = Arc::new(script);
+    let (script, welcome) = (Arc::new(script), welcome.to_string());
     let frames = Frames::default();
     let seen = frames.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1252,7 +1253,7 @@ async fn scripted_server_greeting(
     let task = tokio::spawn(async move {
         for n in 1.. {
             let Ok((tcp, _)) = listener.accept().await else { return };
-            let (script, seen, welcome) = (script.clone(), seen.clone(), welcome.to_string());
+            let (script, seen, welcome) = (script.clone(), seen.clone(), welcome.clone());
             tokio::spawn(async move {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
                 let _ = ws.send(Message::text(welcome)).await;
@@ -1684,13 +1685,15 @@ async fn a_dm_echo_with_an_odd_id_still_acknowledges_the_send() {
 /// next connection: a DM id seen before is a double, dropped. Without it no DM comes on two
 /// connections, and a restarted memory server numbers DMs from 1 again: its new 1 was dropped
 /// as a double of the 1 seen before the restart. The ids are forgotten on such a connection.
+/// A welcome whose `heartbeat_interval` cannot be read at all (`1e400`) still tells persistence
+/// by its `dm_backlog` (it was read without it: the ids were forgotten, and DM 1 doubled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_ids_are_kept_across_connections_only_with_persistence() {
-    for persistence in [true, false] {
-        let mut welcome = json!({"type": "welcome", "user_id": "u2", "username": "u2", "heartbeat_interval": 30.0});
-        if persistence {
-            welcome["dm_backlog"] = json!(0);
-        }
+    for (persistence, interval) in [(true, "30.0"), (false, "30.0"), (true, "1e400")] {
+        let backlog = if persistence { r#", "dm_backlog": 0"# } else { "" };
+        let welcome = format!(
+            r#"{{"type": "welcome", "user_id": "u2", "username": "u2", "heartbeat_interval": {interval}{backlog}}}"#
+        );
         let dm = |id: u64, text: &str| {
             json!({"type": "dm", "id": id, "from": "u1", "user_id": "u1", "to": "u2", "text": text, "timestamp": 1})
                 .to_string()
@@ -1722,7 +1725,7 @@ async fn dm_ids_are_kept_across_connections_only_with_persistence() {
         c.ping().await.unwrap();
         rec.wait("the second DM", 20.0, |ev| dm_texts(ev).last().is_some_and(|t| t == "second")).await;
         let want: &[&str] = if persistence { &["first", "second"] } else { &["first", "new first", "second"] };
-        assert_eq!(dm_texts(&rec.events()), want, "persistence: {persistence}");
+        assert_eq!(dm_texts(&rec.events()), want, "persistence: {persistence}, heartbeat_interval {interval}");
         c.close();
         server.abort();
     }
