@@ -155,6 +155,16 @@ struct Refused {
     for_good: bool,
 }
 
+/// `url` with the value of a `token` query parameter (the server takes a JWT there too) shown as
+/// `***`, for the reasons the app may log, as the server's logs blank it.
+fn redacted(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else { return url.to_owned() };
+    let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+    let params: Vec<&str> = query.split('&').map(|p| if p.starts_with("token=") { "token=***" } else { p }).collect();
+    let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
+    format!("{base}?{}{fragment}", params.join("&"))
+}
+
 /// Why no attempt can connect to the URL, whatever the server does, or `None` when a later one
 /// may (the TCP connection refused, say): `wss://` without TLS compiled in, a scheme other than
 /// `ws` or `wss`, no host. Retried, each such attempt failed the same, with the backoff, for ever.
@@ -414,6 +424,7 @@ impl Driver {
     /// One connection attempt: token, URL, handshake. `Ok(None)`: the app closed the client.
     async fn connect(&mut self) -> Result<Option<Socket>, Refused> {
         let url = (self.cfg.url)();
+        let shown = redacted(&url); // the URL as the reasons (events, errors) show it
         let token_fn = self.cfg.token.clone();
         let attempt = async move {
             let refused = |reason: String| Refused { reason, status: None, retry_after: None, for_good: false };
@@ -425,7 +436,7 @@ impl Driver {
             let mut request = url
                 .as_str()
                 .into_client_request()
-                .map_err(|e| Refused { for_good: true, ..refused(format!("{url}: {e}")) })?;
+                .map_err(|e| Refused { for_good: true, ..refused(format!("{shown}: {e}")) })?;
             if let Some(token) = &token {
                 let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| refused(e.to_string()))?;
                 request.headers_mut().insert("authorization", value);
@@ -439,8 +450,8 @@ impl Driver {
                     _ => (None, None),
                 };
                 match unusable_url(&e) {
-                    Some(why) => Refused { for_good: true, ..refused(format!("{url}: {e}: {why}")) },
-                    None => Refused { status, retry_after, ..refused(format!("{url}: {e}")) },
+                    Some(why) => Refused { for_good: true, ..refused(format!("{shown}: {e}: {why}")) },
+                    None => Refused { status, retry_after, ..refused(format!("{shown}: {e}")) },
                 }
             })?;
             Ok::<_, Refused>((socket, token))

@@ -35,7 +35,7 @@ pub enum Error {
     /// Every call waiting then, and every later one (`wait_connected` too), fails with it.
     /// Also when the client's task panicked (a bug of this library): `code` `None`, `reason`
     /// "the client's task panicked (a bug in wschat): " and the panic's message.
-    #[error("connection closed for good (code {code:?}): {reason}")]
+    #[error("connection closed for good ({}): {reason}", close_code(.code))]
     Terminal { code: Option<u16>, reason: String },
     /// The client was closed by the app (or its last handle dropped; after a close that forbids
     /// reconnecting, or a panic of the task: [`Error::Terminal`]).
@@ -45,6 +45,11 @@ pub enum Error {
     /// the join completed.
     #[error("left the room before joining completed")]
     Left,
+}
+
+/// `Error::Terminal`'s code as the message shows it: `4001`, or `no code` (not `Some(4001)`).
+fn close_code(code: &Option<u16>) -> String {
+    code.map_or_else(|| "no code".to_owned(), |code| code.to_string())
 }
 
 impl Error {

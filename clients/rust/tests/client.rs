@@ -99,6 +99,11 @@ async fn a_refused_token_without_callback_is_terminal() {
     // said `Error::Closed`, the refused token's 401 (4001) told by the events only).
     let waited = c.wait_connected(scaled(20.0)).await;
     assert!(matches!(waited, Err(Error::Terminal { code: Some(4001), .. })), "{waited:?}");
+    let shown = waited.unwrap_err().to_string();
+    assert!(shown.starts_with("connection closed for good (4001): "), "{shown}");
+    // The URL in the reasons keeps no token (`?token=` is one of the server's ways in), as the
+    // server's logs blank it: an app that logs its errors would write the token down.
+    assert!(shown.contains("token=***") && !shown.contains("not-a-jwt"), "{shown}");
     rec.wait("a terminal error", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Error(Error::Terminal { .. })))).await;
     let later = c.join("r").await;
     assert!(matches!(later, Err(Error::Terminal { code: Some(4001), .. })), "{later:?}");
