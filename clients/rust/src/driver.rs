@@ -1612,11 +1612,12 @@ impl Driver {
                     self.drop_room_sends(&room, &error);
                     // A re-join refused (the app had this room and lost it: banned while away,
                     // say): after the error, the room's removal, as in the JS client, with the
-                    // refusal's code as the reason and its `until` (a ban's).
+                    // refusal's reason (`banned`, as a ban while connected says) where it gives
+                    // one, else its code, and its `until` (a ban's).
                     let removed = match (&error, rejoin) {
                         (Error::Server { code, details, .. }, true) => Some(Event::Removed {
                             room: room.clone(),
-                            reason: Some(code.clone()),
+                            reason: Some(details.get("reason").and_then(|r| r.as_str()).unwrap_or(code).to_owned()),
                             by: None,
                             until: details.get("until").and_then(until_ms),
                             note: None,

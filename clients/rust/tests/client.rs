@@ -229,7 +229,8 @@ async fn moderation_mute_and_kick() {
 /// Banned while away: the ban is written (through the other server's API) while the client's
 /// server is down, so no `left` reaches it. Its re-join after the reconnect is refused
 /// `forbidden`: the room is gone for good, and the app is told so with `Event::Removed` (reason
-/// `forbidden`, the ban's `until`) after the refusal's `Event::Error`, as in the JS client. It
+/// `banned`, the refusal's, as a ban while connected says; the ban's `until`) after the refusal's
+/// `Event::Error`, as in the JS client. It
 /// was an `Event::Error` only, which names no room the app had: nothing said it was removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejoin_refused_after_a_ban_while_away_is_removed() {
@@ -258,7 +259,7 @@ async fn a_rejoin_refused_after_a_ban_while_away_is_removed() {
     let removed = events.iter().position(|e| matches!(e, Event::Removed { .. })).unwrap();
     match &events[removed] {
         Event::Removed { room, reason, by, until: got, note } => {
-            assert_eq!((room.as_str(), reason.as_deref()), ("banroom", Some("forbidden")));
+            assert_eq!((room.as_str(), reason.as_deref()), ("banroom", Some("banned")));
             assert_eq!((*got, by, note), (Some(until), &None, &None));
         }
         _ => unreachable!(),
