@@ -558,6 +558,57 @@ def test_dripping_handshakes_from_many_addresses_leave_room() -> None:
                 s.close()
 
 
+def not_reading(port: int, source: str, count: int, path: str = "/web/app.js"
+                ) -> list[socket.socket]:
+    """``count`` sockets from ``source`` that each ask for ``path`` 30 times over
+    (pipelined) with a tiny receive window, and never read: once the kernel's buffers are
+    full, the server's write of the responses waits for them."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        socks.append(s)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connect: the window
+        s.settimeout(TIMEOUT)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() * 30)
+    return socks
+
+
+TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
+
+
+def established(socks: list[socket.socket]) -> int:
+    """How many of ``socks`` are still connected as their kernel sees it: neither reset nor
+    ended by the server (its end of stream may sit behind data that the client has not
+    read: still_open's peek would count that one)."""
+    return sum(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED
+               for s in socks)
+
+
+def test_clients_that_never_read_their_responses_cannot_fill_the_pool() -> None:
+    """One address asks for the page's script on 120 sockets, more than the worker's pool
+    of 110, and reads none of it: each response's write waits for good once the kernel's
+    buffers are full. Those sockets count as waiting, as a slow request does (their
+    greenlets hold the pool the same way): the oldest past MAX_HANDSHAKES_PER_IP are reset
+    (the kernel drops what it still held for them), and a client from another address is
+    welcomed at once. Before, a socket left the count once its request had come: these
+    held the whole pool, for as long as they liked, and the worker accepted no one else."""
+    with Server({**SMALL_POOL, "MAX_HANDSHAKES_PER_IP": "8"}) as srv:
+        socks = not_reading(srv.port, "127.0.0.2", 120)
+        try:
+            welcomed_within(srv.port, WELCOME_WITHIN, source="127.0.0.3")
+            wait_until(lambda: established(socks) <= 8, TIMEOUT,
+                       message="the excess non-reading sockets reset")
+            assert established(socks[-8:]) == 8
+            closed = 'wschat_waiting_sockets_closed_total{reason="max_handshakes_per_ip"}'
+            assert metric(srv, closed) == 120 - 8
+            assert "Traceback" not in srv.output()
+        finally:
+            for s in socks:
+                s.close()
+
+
 def test_idle_kept_alive_connections_count_as_waiting() -> None:
     """A kept-alive HTTP connection waits for its next request like a new socket for its
     first: past MAX_HANDSHAKES_PER_IP the oldest idle one of the address is closed, long
@@ -640,6 +691,18 @@ def test_waiting_sockets_close_oldest_per_address_and_in_all() -> None:
     assert reasons == ["max_handshakes_per_ip", "pool", "pool"]
     for s in (e, *others):
         waiting.leave(s.sock)
+    assert not waiting.sockets and not waiting.by_address
+    # A response being written counts (responding); once written, the socket waits for its
+    # next request in the same place, and counted once.
+    f, g = Pair(), Pair()
+    waiting.arrive(f.sock, ("10.0.2.1", 7), responding=True)
+    waiting.arrive(g.sock, ("10.0.2.1", 8))
+    waiting.arrive(f.sock, ("10.0.2.1", 7))
+    assert list(waiting.sockets) == [f.sock, g.sock] and not waiting.responding
+    for s in (f, g):
+        waiting.leave(s.sock)
+        s.sock.close()
+        s.peer.close()
     assert not waiting.sockets and not waiting.by_address
     for s in (a, b, c, d, e, *others):
         s.sock.close()

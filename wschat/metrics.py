@@ -110,9 +110,11 @@ OPENED = Counter("wschat_connections_opened_total", "WebSocket connections accep
 REFUSED = Counter("wschat_handshakes_refused_total",
                   "Upgrade requests refused before the handshake, by reason", ["reason"])
 WAITING_CLOSED = Counter("wschat_waiting_sockets_closed_total",
-                         "Sockets closed while still waiting for their HTTP request, the "
-                         "oldest past a limit, by reason ('max_handshakes_per_ip': of one "
-                         "address; 'pool': of all, near the worker's pool size)", ["reason"])
+                         "Sockets closed while still waiting for their HTTP request (or "
+                         "reset while their response waits for a client that does not read "
+                         "it), the oldest past a limit, by reason ('max_handshakes_per_ip': "
+                         "of one address; 'pool': of all, near the worker's pool size)",
+                         ["reason"])
 AUTH_FAILURES = Counter("wschat_auth_failures_total",
                         "Rejected tokens (upgrade request or auth message), by reason",
                         ["reason"])

@@ -13,8 +13,12 @@ would accept no one else.
 :class:`Waiting` counts those sockets from the moment their greenlet starts, per client
 address (:func:`~wschat.ratelimit.address_key`: an IPv6 /64 is one) and in all, and
 closes the oldest one past either limit: ``MAX_HANDSHAKES_PER_IP`` for one address,
-:func:`waiting_budget` for the worker. A socket stops waiting while the app serves its
-request (a WebSocket leaves for good: the transport takes it over).
+:func:`waiting_budget` for the worker. A socket stops waiting while the app handles its
+request (a WebSocket leaves for good: the transport takes it over), and waits again from
+the moment its response is written: a client that never reads held its greenlet, and
+its slot of the pool, for as long as it liked (a page's script asked for over and over
+on one socket fills the kernel's buffers, then the write waits), so a few hundred such
+sockets from one address kept everyone else out.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import _socket
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from functools import partial
@@ -57,13 +62,16 @@ def peer_key(host: str) -> Any:
 
 
 class Waiting:
-    """The sockets waiting for their request, oldest first: in all and per address.
+    """The sockets waiting for their request, or for the client to take their response,
+    oldest first: in all and per address.
 
     ``per_address``: at most that many from one address (0: no cap); ``budget``: at most
     that many in all. Past either, the oldest waiting socket (of that address, or of
-    all) is shut down: its greenlet's read ends, and gunicorn closes it and frees its
-    slot. The oldest rather than the new one, so that a client sharing an address with
-    the dripping sockets still gets in if its request arrives in time."""
+    all) is shut down: its greenlet's read or write ends, and gunicorn closes it and frees
+    its slot. The oldest rather than the new one, so that a client sharing an address with
+    the dripping sockets still gets in if its request arrives in time. One shut down while
+    its response was being written is reset: what the kernel still held for a client that
+    does not read is dropped at once, not kept for minutes behind a closed window."""
 
     def __init__(self, per_address: int, budget: int,
                  on_close: Callable[[str], None] | None = None) -> None:
@@ -71,11 +79,18 @@ class Waiting:
         self.budget = budget
         self.sockets: dict[Any, Any] = {}  # socket -> its address key, oldest first
         self.by_address: dict[Any, dict[Any, None]] = {}  # key -> its sockets, oldest first
+        self.responding: set[Any] = set()  # those of them whose response is being written
         self.closed = 0  # shut down for being over a limit
         # Told each time, with the limit ("max_handshakes_per_ip" or "pool"): the metrics.
         self.on_close = on_close
 
-    def arrive(self, sock: Any, addr: Any) -> None:
+    def arrive(self, sock: Any, addr: Any, responding: bool = False) -> None:
+        """``sock`` waits (again): for its request, or with ``responding`` for the client to
+        take its response. Counted already (its response began), it keeps its place."""
+        if sock in self.sockets:
+            if not responding:  # the response is written: the next request is awaited
+                self.responding.discard(sock)
+            return
         host = addr[0] if isinstance(addr, tuple) else str(addr)
         key = host if ":" not in host else peer_key(host)
         if self.per_address:
@@ -87,11 +102,14 @@ class Waiting:
         if len(self.sockets) >= self.budget:
             self.close(next(iter(self.sockets)), "pool")
         self.sockets[sock] = key
+        if responding:
+            self.responding.add(sock)
 
     def leave(self, sock: Any) -> None:
         key = self.sockets.pop(sock, None)
         if key is None:
             return
+        self.responding.discard(sock)
         mine = self.by_address.get(key)
         if mine is not None:
             del mine[sock]
@@ -99,29 +117,61 @@ class Waiting:
                 del self.by_address[key]
 
     def close(self, sock: Any, reason: str) -> None:
+        reset = sock in self.responding
         self.leave(sock)
         self.closed += 1
         if self.on_close is not None:
             self.on_close(reason)
-        shut_down(sock)
+        shut_down(sock, reset)
 
 
-def shut_down(sock: Any) -> None:
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: the close sends a reset
+
+
+def shut_down(sock: Any, reset: bool = False) -> None:
     """End ``sock``'s stream both ways from outside the greenlet reading it, in the kernel
     only: that greenlet wakes to an end of stream, which gunicorn takes for a client that
     went away (a debug line). gevent's own ``shutdown`` would wake it with "File descriptor
     was closed in another greenlet", which gunicorn logs with a traceback, once for each
-    socket closed."""
+    socket closed. ``reset``: gunicorn's close of it then resets the connection, dropping
+    what the kernel has not sent yet (a greenlet writing to it wakes to a broken pipe)."""
     try:
         raw = _socket.socket(sock.family, sock.type, 0, sock.fileno())
     except (OSError, ValueError):  # closed already (its descriptor: -1)
         return
     try:
+        if reset:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         raw.shutdown(socket.SHUT_RDWR)
     except OSError:  # the peer is gone already
         pass
     finally:
         raw.detach()  # the descriptor stays the worker's
+
+
+class CountingResponses:
+    """The worker's app, with each socket counted as waiting again (:meth:`Waiting.arrive`,
+    ``responding``) once the app has answered and its response is about to be written. A
+    WebSocket's request never gets there (flask-sock ends it with StopIteration).
+
+    Everything else is the app's (``extensions`` above all: gunicorn's ``worker_exit``
+    hands ``worker.wsgi`` to :func:`wschat.factory.finish_worker`, which finds the
+    runtime there and drains the connections)."""
+
+    def __init__(self, app: Callable[..., Any], worker: Worker) -> None:
+        self.app = app
+        self.worker = worker
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        result = self.app(environ, start_response)
+        sock = environ.get("gunicorn.socket")
+        addr = self.worker.peers.get(sock)
+        if addr is not None:
+            self.worker.waiting.arrive(sock, addr, responding=True)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
 
 
 LOOK_SECONDS = 0.05  # how often the worker's loop looks at `alive` and, stopping, its pool
@@ -180,6 +230,8 @@ class Worker(GeventWorker):
         # Set by wschat.factory.attach_worker (gunicorn's post_worker_init, before run).
         on_close = getattr(self, "wschat_waiting_closed", None)
         self.waiting = Waiting(per_address, waiting_budget(self.worker_connections), on_close)
+        self.peers: dict[Any, Any] = {}  # each socket being handled -> its peer's address
+        self.wsgi = CountingResponses(self.wsgi, self)
         self._serve()
 
     def _serve(self) -> None:
@@ -255,15 +307,18 @@ class Worker(GeventWorker):
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         waiting = self.waiting
         waiting.arrive(client, addr)
+        self.peers[client] = addr
         try:
             super().handle(listener, client, addr)
         finally:
             waiting.leave(client)
+            self.peers.pop(client, None)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         self.waiting.leave(sock)
         kept = super().handle_request(listener_name, req, sock, addr)
         # Kept alive (no exception: a WebSocket's request ends with StopIteration, and
-        # a closing response too): it waits for its next request.
+        # a closing response too): it waits for its next request (counted already while
+        # its response was written, _counting_responses, in the same place).
         self.waiting.arrive(sock, addr)
         return kept
