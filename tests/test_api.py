@@ -345,6 +345,12 @@ def test_restrictions_stored_for_ids_no_user_can_have_can_still_be_lifted() -> N
     ("POST", "/api/mute", {"user_id": 7}, 400, "invalid_request"),
     ("POST", "/api/kick", {"user_id": "u"}, 400, "invalid_message"),
     ("GET", "/api/rooms/r/history?limit=x", None, 400, "invalid_request"),
+    # what Python's int() takes but is no integer in a URL: "1_0" was 10, "%D9%A5" (an
+    # Arabic-Indic 5) was 5, and " 5", "+5" were 5
+    ("GET", "/api/rooms/r/history?limit=1_0", None, 400, "invalid_request"),
+    ("GET", "/api/rooms/r/history?limit=%D9%A5", None, 400, "invalid_request"),
+    ("GET", "/api/rooms/r/history?limit=%205", None, 400, "invalid_request"),
+    ("GET", "/api/rooms/r/history?before=%2B5", None, 400, "invalid_request"),
     ("GET", "/api/nothing-here", None, 404, "not_found"),
     ("GET", "/api/publish", None, 405, "method_not_allowed"),
 ])
@@ -354,6 +360,24 @@ def test_errors_are_json_with_fitting_status(server: Server, method: str, path: 
     got_status, got = call(server, method, path, body)
     assert got_status == status
     assert got["error"]["code"] == code and got["error"]["message"]
+
+
+def test_method_not_allowed_names_the_allowed_ones(server: Server) -> None:
+    """A 405 says which methods the path takes (Allow, which RFC 9110 requires of it), as
+    the server's other paths do; its body is the API's error, as before."""
+    for method, path, allowed in (("PUT", "/api/publish", {"POST"}),
+                                  ("POST", "/api/info", {"GET", "HEAD"}),
+                                  ("GET", "/api/rooms/r/members/u", {"DELETE"})):
+        request = urllib.request.Request(f"http://127.0.0.1:{server.metrics_port}{path}",
+                                         method=method,
+                                         headers={"Authorization": f"Bearer {API_KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=TIMEOUT)
+        err = caught.value
+        assert err.code == 405
+        assert allowed <= {m.strip() for m in err.headers.get("Allow", "").split(",")}, path
+        assert err.headers.get("Content-Type") == "application/json"
+        assert json.loads(err.read())["error"]["code"] == "method_not_allowed"
 
 
 def test_invalid_json_and_oversized_bodies(server: Server) -> None:

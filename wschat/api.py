@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,10 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 def _http_error(exc: HTTPException) -> Response:
     code = (exc.name or "error").lower().replace(" ", "_")
-    return _error(exc.code or 500, code, exc.description or exc.name)
+    # The exception's own headers but its page's type: a 405's Allow (RFC 9110 15.5.6
+    # requires it; the API's 405 had none), a 401's WWW-Authenticate.
+    headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+    return _error(exc.code or 500, code, exc.description or exc.name, headers or None)
 
 
 # -- request parsing -------------------------------------------------------------------
@@ -148,14 +152,18 @@ def _text_field(body: dict[str, Any], name: str, limit: int) -> str | None:
     return value.strip()
 
 
+_INTEGER = re.compile("-?[0-9]+")
+
+
 def _int_arg(name: str, lo: int) -> int | None:
     raw = request.args.get(name)
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_request", f"'{name}' must be an integer") from None
+    # ASCII digits only, as the document's integer: Python's int() also took "1_0" (10),
+    # other scripts' digits, and spaces or a "+" around them.
+    if _INTEGER.fullmatch(raw) is None:
+        raise ApiError(400, "invalid_request", f"'{name}' must be an integer")
+    value = int(raw)
     if not lo <= value < 2**53:
         raise ApiError(400, "invalid_request", f"'{name}' is out of range")
     return value
