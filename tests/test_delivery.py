@@ -25,7 +25,7 @@ from rawws import RawClient
 from test_chat import Clock, FakeSession, make_chat
 from wschat.hub import LocalHub
 from wschat.protocol import draft_dm, draft_message
-from wschat.stores.base import Unavailable, User
+from wschat.stores.base import API_USER, InboxFull, Unavailable, User
 from wschat.stores.memory import MemoryBroker
 
 SECRET = "delivery-secret-0123456789abcdef0123"
@@ -660,6 +660,44 @@ def test_offline_backlog_has_a_bound_and_the_sender_is_told(tmp_path: Any, clock
         chat.close(bob)
         chat.receive(alice, json.dumps({"type": "dm", "to": "bob", "text": "later", "id": 9}))
         assert alice.events("dm")[-1]["text"] == "later"
+
+
+def test_one_sender_cannot_fill_an_offline_users_inbox(tmp_path: Any, clock: Clock) -> None:
+    """One sender may keep at most MAX_KEPT_DMS_PER_SENDER of an offline user's kept DMs,
+    and all guests together as much (a guest is one connection: a new one is a new id);
+    past it that sender gets ``inbox_full`` while the others' DMs are still kept, and the
+    server API's are bounded only by the inbox. Before, one guest's 1,000 DMs to a user who
+    was away refused everyone else's with ``inbox_full`` until the user came back."""
+    with durable_chat(tmp_path, clock) as (chat, durable):
+        durable.max_kept_dms = 10
+        durable.max_kept_dms_per_sender = 2
+        alice = _alice_online_bob_away(chat)
+        carol = FakeSession("carol", "Carol", True)
+        guests = [FakeSession(f"guest-00000000000{i}", f"g{i}", False) for i in range(2)]
+        for session in (carol, *guests):
+            chat.open(session)
+        for sender in (alice, guests[0], guests[1], carol):
+            for i in range(3):
+                chat.receive(sender, json.dumps({"type": "dm", "to": "bob", "id": i,
+                                                 "text": f"{sender.user_id} {i}"}))
+        assert [(e["id"], e["code"]) for e in alice.events("error")] == [(2, "inbox_full")]
+        guest_errors = guests[0].events("error") + guests[1].events("error")
+        assert [e["code"] for e in guest_errors] == ["inbox_full"] * 4
+        assert [e["id"] for e in carol.events("error")] == [2]
+        for i in range(3):  # the API's: only the inbox's bound
+            durable.post_dm(API_USER, "bob", draft_dm("bob", "system", API_USER, f"api {i}",
+                                                      1, None), recipient_online=False)
+        with pytest.raises(InboxFull):  # 2 + 2 (guests) + 2 + 3 + 1 = 10: full
+            durable.post_dm("dave", "bob", draft_dm("bob", "Dave", "dave", "x", 1, None),
+                            recipient_online=False)
+            durable.post_dm("erin", "bob", draft_dm("bob", "Erin", "erin", "y", 1, None),
+                            recipient_online=False)
+        bob = FakeSession("bob", "Bob", True)
+        chat.open(bob)
+        assert bob.events("welcome")[0]["dm_backlog"] == 10
+        assert [e["text"] for e in bob.events("dm")] == [
+            "alice 0", "alice 1", "guest-000000000000 0", "guest-000000000000 1",
+            "carol 0", "carol 1", "api 0", "api 1", "api 2", "x"]
 
 
 def test_a_dm_arriving_while_the_backlog_is_read_comes_after_welcome_and_backlog(
@@ -2206,7 +2244,7 @@ from wschat.chat import Chat
 from wschat.config import Settings
 from wschat.protocol import draft_dm
 from wschat.session import Session
-from wschat.stores.base import Unavailable, User
+from wschat.stores.base import API_USER, InboxFull, Unavailable, User
 from wschat.stores.redis import create_redis_stores
 
 url, secret = sys.argv[1], sys.argv[2]

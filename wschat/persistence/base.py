@@ -17,11 +17,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from ..protocol import stored_id_of
+from ..protocol import GUEST_ID_PREFIX, stored_id_of
 from ..stores.base import Unavailable, new_epoch
 from .jobs import Arrival, DmPost, DmsDelivered, Job, Post, RoomPost, SequenceFloor, now_ms
 from .schema import (
-    AFTER_BYTES_SQL, AFTER_SQL, BEFORE_SQL, COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL,
+    AFTER_BYTES_SQL, AFTER_SQL, BEFORE_SQL, COUNT_KEPT_FROM_GUESTS_SQL, COUNT_KEPT_FROM_SQL,
+    COUNT_KEPT_SQL, DEDUPE_DM_SQL, DEDUPE_ROOM_SQL,
     DM_PAGE, DM_SCOPE, DM_SEQ_SQL, EPOCH_INSERT_SQL, EPOCH_SQL, FLOOR_SQL, KEEP_AGAIN_SQL,
     KEPT_DMS_SQL, KNOWS_USER_SQL, LAST_ID_SQL, LOCK_DM_SEQ_PARAMS, MARK_DELIVERED_SQL,
     META_TABLE_SQL, MIGRATIONS, NEWEST_SQL, SCHEMA_VERSION, UPSERT_USER_SQL, VERSION_TABLE_SQL,
@@ -299,17 +300,34 @@ class DirectLog(MessageLog):
         conn.execute(d.q(DM_SEQ_SQL), LOCK_DM_SEQ_PARAMS).fetchone()
         kept = {r: int(conn.execute(d.q(COUNT_KEPT_SQL), (r,)).fetchone()[0])
                 for r in sorted(bounded)}
+        shares = {(p.recipient_id, p.sender_share) for p in posts
+                  if not p.delivered and p.keep_at_most is not None
+                  and p.keep_from_sender_at_most is not None}
+        kept_from = {share: self._kept_from(conn, *share) for share in sorted(shares)}
         stored: list[DmPost] = []
         for post in posts:
             if not post.delivered and post.keep_at_most is not None:
-                if kept[post.recipient_id] >= post.keep_at_most:
+                share = (post.recipient_id, post.sender_share)
+                if kept[post.recipient_id] >= post.keep_at_most or (
+                        post.keep_from_sender_at_most is not None
+                        and kept_from[share] >= post.keep_from_sender_at_most):
                     post.inbox_full = True
                     continue
                 kept[post.recipient_id] += 1
+                if share in kept_from:
+                    kept_from[share] += 1
             stored.append(post)
         for retry, original in retries:
             retry.inbox_full = original.inbox_full
         return stored
+
+    def _kept_from(self, conn: Any, recipient_id: str, share: str) -> int:
+        """The DMs kept for ``recipient_id`` in ``share`` (DmPost.sender_share)."""
+        if share == GUEST_ID_PREFIX:
+            row = conn.execute(self.dialect.q(COUNT_KEPT_FROM_GUESTS_SQL), (recipient_id,))
+        else:
+            row = conn.execute(self.dialect.q(COUNT_KEPT_FROM_SQL), (recipient_id, share))
+        return int(row.fetchone()[0])
 
     def _dedupe(self, conn: Any, posts: list[Any], sql: str, key: Callable[[Any], tuple[str, ...]]
                 ) -> tuple[list[Any], list[tuple[Any, Any]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..protocol import MessageDraft
+from ..protocol import GUEST_ID_PREFIX, MessageDraft, is_guest_id
 
 
 def now_ms() -> int:
@@ -67,7 +67,16 @@ class DmPost(Post):
     # counted in the transaction that would keep it; past it ``inbox_full`` is set
     # and nothing is stored.
     keep_at_most: int | None = None
+    # ... and while its sender (all guests together: see sender_share) has fewer than this
+    # many of them (None: no bound of its own, the server API's).
+    keep_from_sender_at_most: int | None = None
     inbox_full: bool = False
+
+    @property
+    def sender_share(self) -> str:
+        """Whose share of the recipient's kept DMs this one takes: its sender's, or for a
+        guest (a new connection is a new id) every guest's, ``guest-``."""
+        return GUEST_ID_PREFIX if is_guest_id(self.sender_id) else self.sender_id
 
 
 @dataclass(slots=True, eq=False, kw_only=True)

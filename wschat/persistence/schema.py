@@ -101,6 +101,10 @@ KEPT_DMS_SQL = (
     "SELECT event FROM dms WHERE recipient_id = ? AND NOT delivered AND id > ?"
     " ORDER BY id LIMIT ?")
 COUNT_KEPT_SQL = "SELECT COUNT(*) FROM dms WHERE recipient_id = ? AND NOT delivered"
+# Those of one sender, and of every guest (substr, not LIKE: SQLite's is case-insensitive,
+# and a token's sub may begin with "Guest-").
+COUNT_KEPT_FROM_SQL = COUNT_KEPT_SQL + " AND sender_id = ?"
+COUNT_KEPT_FROM_GUESTS_SQL = COUNT_KEPT_SQL + " AND substr(sender_id, 1, 6) = 'guest-'"
 # DM_SEQ_SQL with n = 0: locks the DM sequence's row until COMMIT and changes nothing, so
 # that the kept DMs counted next are final (another writer keeping one for the same
 # recipient waits for this transaction, and counts after it).

@@ -49,6 +49,10 @@ REPLAY_LIMIT = 1000  # a `since` further behind than this gets recovered: false 
 # 64 KiB frame limit would be 64 MB per joiner. The same bound as the memory and Redis
 # stores' replays (wschat.stores.base), imported here under its old name too.
 MAX_KEPT_DMS = 1000  # DMs kept for one offline user; past it the sender gets `inbox_full`
+# ... of which one sender (all guests together) may have this many, so that no one sender
+# can fill a user's inbox and have everyone else's DMs refused; the server API is bounded
+# by MAX_KEPT_DMS only.
+MAX_KEPT_DMS_PER_SENDER = 100
 PRIMED_MAX = 100_000
 UNHEARD_DM = ("stored, but not delivered (a worker of the recipient's or the sender's is not "
               "subscribed); retry")
@@ -73,6 +77,7 @@ class DurableMessageStore(MessageStore):
         self._replay_limit = replay_limit
         self._replay_max_bytes = replay_max_bytes
         self.max_kept_dms = MAX_KEPT_DMS
+        self.max_kept_dms_per_sender = MAX_KEPT_DMS_PER_SENDER
         self._primed: set[str] = set()
         self._dms_primed = False
         self._releasing: dict[str, int] = {}  # room -> highest held id a releaser waits for
@@ -143,12 +148,15 @@ class DurableMessageStore(MessageStore):
         # senders cannot take the inbox past it; a retry of a stored DM is not counted.
         job = DmPost(sender_id=sender_id, recipient_id=recipient_id, draft=draft,
                      delivered=bool(recipient_online),
-                     keep_at_most=None if recipient_online else self.max_kept_dms)
+                     keep_at_most=None if recipient_online else self.max_kept_dms,
+                     keep_from_sender_at_most=None if sender_id == API_USER
+                     else self.max_kept_dms_per_sender)
         self.writer.submit(job)
         if job.inbox_full:
             # Refused where the sender can see it, never dropped later.
-            raise InboxFull(f"{recipient_id} has {self.max_kept_dms} undelivered direct "
-                            "messages; try again once they have connected")
+            raise InboxFull(f"{recipient_id} has too many undelivered direct messages (at "
+                            f"most {self.max_kept_dms}, {self.max_kept_dms_per_sender} of "
+                            "them from one sender); try again once they have connected")
         if job.duplicate and addressed_to(job.event) == recipient_id:
             self._deliver_again(job, bool(recipient_online))
             return Posted(job.msg_id, job.event, True, redelivered=True)
