@@ -19,6 +19,7 @@ import random
 import socket
 import statistics
 import string
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -596,6 +597,28 @@ def test_an_upgrade_the_worker_cannot_serve_gives_its_slot_back() -> None:
         assert opcode == OP_CLOSE and int.from_bytes(payload[:2], "big") == 1013, payload
         wait_until(lambda: _connects(server.port, source), message="the slot given back")
         assert "could not serve an accepted WebSocket" in server.output()
+
+
+def test_upgrades_reset_before_their_answer_log_no_error() -> None:
+    """Clients that send an upgrade and reset the connection at once (SO_LINGER 0) make the
+    handshake's write of the 101 fail: that is a client gone, a debug line at most, and its
+    MAX_CONNECTIONS_PER_IP slot is free again. Before, each wrote an ERROR line with a
+    traceback ("Exception on /ws"): anyone could fill the server's log at will."""
+    with Server({"MAX_CONNECTIONS_PER_IP": "1"}) as server:
+        source = fresh_ip()
+        for _ in range(20):
+            s = socket.socket()
+            s.bind((source, 0))
+            s.connect(("127.0.0.1", server.port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            s.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        wait_until(lambda: _connects(server.port, source), message="the slot given back")
+        output = server.output()
+        assert "Traceback" not in output and " ERROR " not in output, output[-3000:]
 
 
 def _connects(port: int, source: str) -> bool:

@@ -165,6 +165,17 @@ def release_unserved(exc: BaseException | None) -> None:
         current().admission.release(admitted)
 
 
+@websocket.errorhandler(ConnectionError)
+@echo.errorhandler(ConnectionError)
+def upgrade_abandoned(exc: ConnectionError) -> Response:
+    """The client reset or closed its connection while the handshake answered it (the
+    101's write failed in simple-websocket): a client gone, as gunicorn takes one, worth a
+    debug line. Unhandled, Flask logged an ERROR with a traceback for each, which anyone
+    could repeat at will. The admission's slots go back as ever (release_unserved)."""
+    log.debug("upgrade from %s abandoned by the client: %s", request.remote_addr, exc)
+    return plain(400, "connection lost during the handshake")
+
+
 @_sock.route(WS_PATH, bp=websocket)
 def websocket_route(ws: Any) -> None:
     _serve(ws)
