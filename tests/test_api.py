@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import urllib.parse
 import urllib.request
@@ -360,6 +361,37 @@ def test_errors_are_json_with_fitting_status(server: Server, method: str, path: 
     got_status, got = call(server, method, path, body)
     assert got_status == status
     assert got["error"]["code"] == code and got["error"]["message"]
+
+
+def _raw_post(server: Server, framing: bytes) -> bytes:
+    """POST /api/publish with a hand-made body (``framing``: its headers' end and the
+    body); the answer, read to the end of the stream (the client sends no more)."""
+    with socket.create_connection(("127.0.0.1", server.metrics_port), timeout=TIMEOUT) as s:
+        s.sendall(b"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  + f"Authorization: Bearer {API_KEY}\r\n".encode() + framing)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("framing", [
+    b"Transfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n",  # no chunk size
+    b"Transfer-Encoding: chunked\r\n\r\n50\r\n{\"room\"",  # cut short
+    b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n",  # no CRLF after the chunk
+    b"Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFF\r\nxx",  # a chunk larger than any
+])
+def test_a_body_that_cannot_be_read_is_400(server: Server, framing: bytes) -> None:
+    """A request body broken in its framing (chunked encoding gone wrong) is the client's
+    error: 400 invalid_request, and no ERROR line. It was 500 internal_error, logged with a
+    traceback as the server's own failure."""
+    logged = len(server.output())
+    answer = _raw_post(server, framing)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    assert " ERROR " not in server.output()[logged:]
 
 
 def test_method_not_allowed_names_the_allowed_ones(server: Server) -> None:

@@ -73,8 +73,24 @@ def _http_error(exc: HTTPException) -> Response:
 
 # -- request parsing -------------------------------------------------------------------
 
+try:  # what gunicorn raises for a body broken in its framing (chunked encoding gone wrong)
+    from gunicorn.http.errors import ParseException as _BrokenFraming
+except ImportError:  # pragma: no cover - another WSGI server
+    _BrokenFraming = ValueError
+# A body that cannot be read: its framing broken, or the client gone while it was sent
+# (gunicorn: NoMoreData, an OSError, as a reset is).
+_UNREADABLE = (_BrokenFraming, OSError, ValueError)
+
+
 def _body() -> dict[str, Any]:
-    data = request.stream.read(MAX_BODY_BYTES + 1)  # bounded, with or without Content-Length
+    try:  # bounded, with or without Content-Length
+        data = request.stream.read(MAX_BODY_BYTES + 1)
+    except _UNREADABLE as exc:
+        # The client's error, not the server's: it was 500 internal_error and an ERROR
+        # line with a traceback.
+        log.debug("API call %s %s: body unreadable (%r)", request.method, request.path, exc)
+        raise ApiError(400, "invalid_request", "the body could not be read (its framing "
+                       "is broken, or it was cut short)") from None
     if len(data) > MAX_BODY_BYTES:
         raise ApiError(413, "too_large", f"request bodies are at most {MAX_BODY_BYTES} bytes")
     try:
