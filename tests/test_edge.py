@@ -444,6 +444,39 @@ def test_header_limits(raw) -> None:
     assert raw().upgrade(path="/ws?username=" + "a" * 5000)[0] == 414
 
 
+@pytest.mark.parametrize("changed", [
+    {"Host": None},  # RFC 6455 4.2.1 requires it: it was a 500 and an ERROR from h11
+    {"Connection": "notupgrade"},  # "upgrade" in it, but not the token wsproto wants
+    {"Upgrade": "h2c, websocket"},  # wsproto wants websocket alone
+    # what wsproto fails to decode (host names as IDNA, lists as ASCII): each was a 500
+    # and an ERROR with a traceback
+    {"Host": "xn--zz"}, {"Host": "\x80"}, {"Connection": "Upgrade, \x80"},
+    {"Sec-WebSocket-Protocol": "chat, \xe9"},
+])
+def test_a_malformed_upgrade_request_is_400(server: Server, changed: dict[str, str | None]
+                                            ) -> None:
+    """An upgrade request without Host, or with a field wsproto refuses or cannot decode
+    after the admission's checks passed it, is 400, counted as bad_handshake, and logs no
+    error: a client could write an ERROR line with a traceback (and get a 500) for each
+    one it sent."""
+    fields = {"Host": "127.0.0.1", "Upgrade": "websocket", "Connection": "Upgrade",
+              "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+              "Sec-WebSocket-Version": "13", **changed}
+    logged = len(server.output())
+    refused = 'wschat_handshakes_refused_total{reason="bad_handshake"}'
+    before = metric(server, refused)
+    s = RawSocket(server.port)
+    try:
+        s.send(("GET /ws HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()
+                                                if v is not None) + "\r\n").encode("latin-1"))
+        assert s.read_response()[0] == 400
+    finally:
+        s.close()
+    assert metric(server, refused) == before + 1
+    output = server.output()[logged:]
+    assert " ERROR " not in output and "Traceback" not in output, output
+
+
 def test_silent_and_slow_sockets_closed_by_handshake_deadline(raw) -> None:
     """A socket that sends nothing, or drips its request, is closed within 5 s (keepalive)."""
     silent, slow = raw(), raw()

@@ -246,6 +246,19 @@ def _handshake_problem(environ: dict[str, Any]) -> Refusal | None:
         valid_key = False
     if not valid_key:
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64", "bad_handshake")
-    if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
+    # Tokens, not substrings, as wsproto checks them after us: "Connection: notupgrade"
+    # passed here and was refused there, uncounted.
+    if "upgrade" not in _tokens(environ.get("HTTP_CONNECTION", "")):
         return Refusal(400, "Connection: Upgrade is required", "bad_handshake")
+    if environ.get("HTTP_UPGRADE", "").strip().lower() != "websocket":
+        return Refusal(400, "Upgrade: websocket is required (alone)", "bad_handshake")
+    if not environ.get("HTTP_HOST", "").strip():
+        # RFC 6455 4.2.1; h11 refused it in the handshake, unhandled: a 500 and an ERROR
+        # line with a traceback for every such request.
+        return Refusal(400, "Host is required", "bad_handshake")
     return None
+
+
+def _tokens(value: str) -> list[str]:
+    """A comma-separated header's tokens, lower-cased."""
+    return [token.strip().lower() for token in value.split(",")]

@@ -33,6 +33,7 @@ from typing import Any
 from flask import Blueprint, Request, Response, g, jsonify, request
 from flask_sock import Sock
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from wsproto.utilities import RemoteProtocolError as HandshakeRefused
 
 from .admission import Admitted, Refusal
 from .connection import feed_pipelined
@@ -174,6 +175,24 @@ def upgrade_abandoned(exc: ConnectionError) -> Response:
     could repeat at will. The admission's slots go back as ever (release_unserved)."""
     log.debug("upgrade from %s abandoned by the client: %s", request.remote_addr, exc)
     return plain(400, "connection lost during the handshake")
+
+
+# What wsproto raises for a handshake it refuses or cannot read: its own protocol error,
+# and UnicodeError for a field it decodes (Host as IDNA: "xn--zz", "\x80"; comma lists as
+# ASCII). Only the handshake runs in these views before Transport.serve, which handles
+# its own failures.
+@websocket.errorhandler(HandshakeRefused)
+@echo.errorhandler(HandshakeRefused)
+@websocket.errorhandler(UnicodeError)
+@echo.errorhandler(UnicodeError)
+def handshake_refused(exc: Exception) -> Response:
+    """wsproto refused a handshake the admission's checks passed (they check the fields it
+    checks: this is what they miss, such as a Host that is no IDNA name): the client's
+    error, 400 and counted as bad_handshake, not a 500 and an ERROR line with a
+    traceback."""
+    current().metrics.handshake_refused("bad_handshake")
+    log.debug("upgrade from %s refused by wsproto: %s", request.remote_addr, exc)
+    return plain(400, "bad WebSocket handshake")
 
 
 @_sock.route(WS_PATH, bp=websocket)
