@@ -43,6 +43,17 @@ REDIS_DB = 25  # this module's own database on the session's Redis
     (("*-ops",), "eu-ops", True),
     ((), "lobby", False),
     (("Lobby",), "lobby", False),  # case-sensitive, like room names
+    (("*a*a*b",), "xaxaxb", True),
+    (("*a*a*b",), "aab", True),
+    (("*a*a*b",), "ab", False),
+    (("a*a",), "a", False),  # the two ends may not share a character
+    (("a*a",), "aa", True),
+    (("a*",), "a", True),
+    (("*a*",), "a", True),
+    (("a**b",), "ab", True),
+    (("x*y*z",), "xzyz", True),
+    (("x*y*z",), "xzzy", False),
+    (("nope", "t*-*"), "t-red-", True),  # any of them
 ])
 def test_pattern_matching(patterns: tuple[str, ...], room: str, expected: bool) -> None:
     """`*` matches any run of characters; everything else is literal."""
@@ -745,6 +756,21 @@ def test_server_enforces_rooms_for_tokens_and_guests(server: Server) -> None:
                         {"user_id": "bob"})[0] == 200
         assert [u["user_id"] for u in bob.join("team-red")["users"]] == ["alice", "bob"]
         assert alice.expect("presence", user_id="bob")["status"] == "online"
+
+
+def test_a_pattern_with_many_stars_cannot_stall_the_worker() -> None:
+    """A token's ``rooms`` patterns are 1-64 room-name characters and ``*``: matched as a
+    backtracking regex, '*a*a*a*a*a*a*a*a*b' against a room of 64 'a's took 93 s, the
+    worker stalled all along (nobody else was answered; longer patterns: hours). The
+    match is linear now: the join is refused at once, and the others are answered."""
+    stars = "*a" * 8 + "*b"
+    with Server(SERVER_ENV) as srv, \
+            Client(srv.url, f"token={token('eve', rooms=[stars, stars + 'c'])}") as eve, \
+            Client(srv.url, f"token={token('bob')}") as bob:
+        eve.send({"type": "join", "room": "a" * 64, "id": 1})
+        bob.send({"type": "ping", "id": "bob"})
+        assert eve.expect("error", id=1)["code"] == "forbidden"
+        bob.expect("pong", id="bob")
 
 
 def test_server_moderator_kick_and_mute(server: Server) -> None:
