@@ -599,6 +599,49 @@ def test_an_upgrade_the_worker_cannot_serve_gives_its_slot_back() -> None:
         assert "could not serve an accepted WebSocket" in server.output()
 
 
+def test_pipelined_http_requests_do_not_hold_the_worker() -> None:
+    """One connection sends 20,000 `GET /health` back to back (pipelined) and reads every
+    answer: each next request was already read, so gunicorn handled them all without
+    going back to the hub, and every WebSocket of the worker waited until the last was
+    answered (50,000: 13 s). Between two requests of a connection the worker now lets the
+    others run: a WebSocket's ping is answered meanwhile."""
+    with Server({}) as server:
+        good = RawClient(server.port, source=fresh_ip())
+        flood = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT * 12)
+        count = 20_000
+        answered = 0
+
+        def read_answers() -> None:
+            nonlocal answered
+            status = b"HTTP/1.1 200"
+            tail = b""  # what may hold the start of a status line cut by the read
+            while answered < count:
+                data = flood.recv(1 << 20)
+                if not data:
+                    return
+                answered += (tail + data).count(status)
+                tail = (tail + data)[-(len(status) - 1):]
+
+        reader = threading.Thread(target=read_answers, daemon=True)
+        reader.start()
+        try:
+            flood.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * count)
+            assert answered < count, "the flood was answered before the ping could be sent"
+            round_trips = []
+            for n in range(5):
+                started = time.monotonic()
+                good.send({"type": "ping", "id": n})
+                good.expect("pong", timeout=TIMEOUT * 6)
+                round_trips.append(time.monotonic() - started)
+            reader.join(TIMEOUT * 12)
+            assert answered == count
+        finally:
+            flood.close()
+            good.close()
+    # ~5 s for the first before (the flood's length); a generous bound for a busy machine.
+    assert max(round_trips) < 1.0, round_trips
+
+
 def test_upgrades_reset_before_their_answer_log_no_error() -> None:
     """Clients that send an upgrade and reset the connection at once (SO_LINGER 0) make the
     handshake's write of the 101 fail: that is a client gone, a debug line at most, and its
