@@ -1087,7 +1087,7 @@ class Client:
         A refusal for good is an ``error`` event, also when a :meth:`join` awaits it (it
         raises there too), as in the JS and Rust clients. ``rejoin``: the join carried
         ``since`` (the app had the room and lost it): as in the JS client, ``removed``
-        follows the ``error`` (reason: the code)."""
+        follows the ``error`` (reason: the refusal's, ``banned`` for a ban, else its code)."""
         room.join_rid = None
         if err.code == "rate_limited":
             # The request bucket is empty: the join pacer holds every join back until
