@@ -255,6 +255,29 @@ def test_kick_ban_unban_mute_unmute_disconnect(server: Server) -> None:
                message="eve's connections to close")
 
 
+def test_a_ban_until_lifted_says_until_null_as_it_happens(server: Server) -> None:
+    """A ban without `duration` is told with `until: null` (README: "Unix ms, null: until
+    lifted") in the `left` of a room ban and the `error` `forbidden` before 4003 of a ban
+    everywhere, as a later `join` or connection is refused: the live events left `until`
+    out, so a client reading `until` got nothing (undefined, a missing key) instead of
+    null."""
+    with user(server, "ivy") as ivy:
+        ivy.join("den")
+        assert call(server, "POST", "/api/ban", {"user_id": "ivy", "room": "den"})[1][
+            "until"] is None
+        assert ivy.expect("left") == {"type": "left", "room": "den", "reason": "banned",
+                                      "by": "api", "until": None}
+        ivy.send({"type": "join", "room": "den", "id": 1})
+        assert ivy.expect("error", id=1)["until"] is None
+        assert call(server, "POST", "/api/ban", {"user_id": "ivy", "reason": "spam"})[0] == 200
+        assert ivy.expect("error") == {"type": "error", "code": "forbidden",
+                                       "message": "you are banned from this server",
+                                       "reason": "banned", "note": "spam", "until": None}
+        assert ivy.close_code_when_closed() == 4003
+    for room in (None, "den"):
+        call(server, "POST", "/api/unban", {"user_id": "ivy", "room": room})
+
+
 def test_user_ids_are_those_a_user_can_have(server: Server) -> None:
     """Every endpoint that stores or sends something for a user_id takes one a token's sub
     may be, or a guest's server-given id: control characters, `system`, `api` or a

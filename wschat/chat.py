@@ -303,6 +303,18 @@ def metric_kind(command: Command | None) -> str:
     return command.action if isinstance(command, Moderate) else type(command).__name__
 
 
+def _ban_terms(op: dict[str, Any]) -> dict[str, Any]:
+    """What a ban's `left` or `error` says of it beside its reason: `until` always (Unix
+    ms, null: until lifted, as a refused `join` says it), and the `note` given with it.
+    Nothing for a kick: its event has no `until` (a moderator's reason may be "banned")."""
+    if "until" not in op:
+        return {}
+    terms = {"until": op.get("until")}
+    if op.get("note") is not None:
+        terms["note"] = op["note"]
+    return terms
+
+
 def _one_after_another(step: Callable[[Any], None], items: Iterable[Any]) -> None:
     for item in items:
         step(item)
@@ -1582,9 +1594,8 @@ class Chat:
             if op.get("keep_granted") and session.access.granted_exactly(room):
                 return
             self._leave_room(session, room)
-            extra = {k: op[k] for k in ("note", "until") if op.get(k) is not None}
             session.send(encode_reply("left", room=room, reason=op.get("reason") or "kicked",
-                                      by=op.get("by"), **extra))
+                                      by=op.get("by"), **_ban_terms(op)))
         elif kind == "mute":
             session.access.mute_events += 1
             until = op.get("until")
@@ -1598,9 +1609,8 @@ class Chat:
         elif kind == "disconnect":
             reason = "banned" if op.get("reason") == "banned" else "disconnected"
             if reason == "banned":
-                extra = {k: op[k] for k in ("note", "until") if op.get(k) is not None}
                 session.send(forbidden("you are banned from this server", reason=reason,
-                                       **extra).to_event())
+                                       **_ban_terms(op)).to_event())
             self.metrics.disconnected(reason)
             session.close(CloseCode.DISCONNECTED, reason)
 
