@@ -255,6 +255,22 @@ def test_kick_ban_unban_mute_unmute_disconnect(server: Server) -> None:
                message="eve's connections to close")
 
 
+def test_room_users_are_as_the_openapi_document_says(server: Server) -> None:
+    """GET /api/rooms/{room}/users marks a guest `guest: true`, as `joined` does; the OpenAPI
+    document names every field an entry has (it left `guest` out)."""
+    item = OPENAPI["paths"]["/api/rooms/{room}/users"]["get"]["responses"]["200"]["content"][
+        "application/json"]["schema"]["properties"]["users"]["items"]
+    with user(server, "uma") as uma, Client(server.url, "username=gil") as gil:
+        uma.join("porch")
+        gil.join("porch")
+        status, body = call(server, "GET", "/api/rooms/porch/users")
+    assert status == 200 and body["users"] == [
+        {"user_id": "uma", "username": "uma"},
+        {"user_id": gil.user_id, "username": "gil", "guest": True}]
+    for entry in body["users"]:
+        assert set(entry) <= set(item["properties"]), entry
+
+
 def test_a_ban_until_lifted_says_until_null_as_it_happens(server: Server) -> None:
     """A ban without `duration` is told with `until: null` (README: "Unix ms, null: until
     lifted") in the `left` of a room ban and the `error` `forbidden` before 4003 of a ban

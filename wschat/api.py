@@ -498,7 +498,8 @@ OPENAPI: dict[str, Any] = {
         "/api/rooms/{room}/users": {"get": _op(
             "Users present in a room",
             _schema(["room", "users"], room=_STR, users={"type": "array", "items": _schema(
-                ["user_id", "username"], user_id=_STR, username=_STR)}),
+                ["user_id", "username"], user_id=_STR, username=_STR,
+                guest={"type": "boolean", "description": "present (true) for a guest"})}),
             params=[_ROOM_PARAM])},
         "/api/rooms/{room}/history": {"get": _op(
             "A room's latest messages, oldest first",
