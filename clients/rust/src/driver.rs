@@ -144,6 +144,9 @@ struct PendingRequest {
     sent_on: Option<u64>,
 }
 
+/// What a token callback that answered an empty token is told as (`Error::Token`).
+const NO_TOKEN: &str = "the callback returned an empty token";
+
 /// Why a connection attempt failed.
 struct Refused {
     reason: String,
@@ -151,8 +154,12 @@ struct Refused {
     status: Option<u16>,
     /// The refusal's `Retry-After` (a full or draining server's 503, a 429).
     retry_after: Option<Duration>,
-    /// No attempt can connect to this URL, whatever the server does (`unusable_url`).
+    /// No attempt can connect, whatever the server does: the URL (`unusable_url`), or a token
+    /// callback that gives no token.
     for_good: bool,
+    /// The close code the client stops with when `for_good` (4001 for no token, as the JS and
+    /// Python clients stop with it; `None` for an unusable URL).
+    stop_code: Option<u16>,
 }
 
 /// `url` with the value of a `token` query parameter (the server takes a JWT there too) shown as
@@ -344,10 +351,10 @@ impl Driver {
                 Ok(Some(socket)) => self.serve(socket).await,
                 Ok(None) => return self.shut_down(Error::Closed),
                 // Not a URL any attempt can connect to: stop, as after a terminal refusal.
-                Err(Refused { reason, for_good: true, .. }) => {
+                Err(Refused { reason, for_good: true, stop_code: code, .. }) => {
                     self.went_offline();
-                    self.emit(Event::Disconnected { code: None, reason: reason.clone(), reconnect_in: None });
-                    return self.shut_down(Error::Terminal { code: None, reason });
+                    self.emit(Event::Disconnected { code, reason: reason.clone(), reconnect_in: None });
+                    return self.shut_down(Error::Terminal { code, reason });
                 }
                 // A token refused at the upgrade (401) is what 4001/4002 are on an open socket.
                 Err(Refused { reason, status: Some(401), .. }) => Ended { code: Some(4001), reason, by_app: None },
@@ -427,11 +434,18 @@ impl Driver {
         let shown = redacted(&url); // the URL as the reasons (events, errors) show it
         let token_fn = self.cfg.token.clone();
         let attempt = async move {
-            let refused = |reason: String| Refused { reason, status: None, retry_after: None, for_good: false };
+            let refused =
+                |reason: String| Refused { reason, status: None, retry_after: None, for_good: false, stop_code: None };
             let token = match token_fn {
                 Some(get) => Some(get().await.map_err(|e| refused(format!("token callback: {e}")))?),
                 None => None,
             };
+            if token.as_deref() == Some("") {
+                // No token: stop (4001), as the JS and Python clients do; connecting with
+                // `Bearer ` was a 401, then the same again after each backoff, for ever.
+                let why = format!("token callback: {NO_TOKEN}");
+                return Err(Refused { for_good: true, stop_code: Some(4001), ..refused(why) });
+            }
             // A URL that does not parse cannot connect: no later attempt is better.
             let mut request = url
                 .as_str()
@@ -477,6 +491,7 @@ impl Driver {
                             status: None,
                             retry_after: None,
                             for_good: false,
+                            stop_code: None,
                         }),
                     };
                 }
@@ -916,7 +931,10 @@ impl Driver {
         if let Some(get) = self.cfg.token.clone() {
             let tx = self.internal_tx.clone();
             tokio::spawn(until_ended(tx.clone(), async move {
-                let _ = tx.send(Internal::Token(get().await));
+                // No token is the callback's failure: the current token stays, and the refresh
+                // is tried again (an `auth` with an empty token was refused, as in JS and Python).
+                let token = get().await.and_then(|t| if t.is_empty() { Err(NO_TOKEN.to_owned()) } else { Ok(t) });
+                let _ = tx.send(Internal::Token(token));
             }));
         }
     }

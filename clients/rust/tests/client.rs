@@ -111,6 +111,61 @@ async fn a_refused_token_without_callback_is_terminal() {
     assert!(matches!(last, Some(Event::Disconnected { reconnect_in: None, .. })), "{last:?}");
 }
 
+/// A token callback that gives no token (an empty string) stops the client with 4001 and an
+/// `Error::Token`, as the JS and Python clients stop: it connected with `Bearer `, was refused
+/// 401, and did the same again after every backoff, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_callback_giving_no_token_stops_the_client() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let (c, events) = Client::builder(s.url.clone())
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .token(|| async { Ok(String::new()) })
+        .connect();
+    let rec = Recorder::new(events);
+    let waited = c.wait_connected(scaled(20.0)).await;
+    assert!(matches!(waited, Err(Error::Terminal { code: Some(4001), .. })), "{waited:?}");
+    let stopped = |e: &Event| matches!(e, Event::Disconnected { code: Some(4001), reconnect_in: None, .. });
+    rec.wait("the stop", 20.0, |ev| ev.iter().any(stopped)).await;
+    let events = rec.events();
+    let told = events.iter().position(|e| matches!(e, Event::Error(Error::Token(_))));
+    assert!(told.is_some_and(|i| i < events.iter().position(stopped).unwrap()), "{events:?}");
+    assert_eq!(rec.count(|e| matches!(e, Event::Disconnected { .. })), 1, "{events:?}");
+}
+
+/// A refresh whose callback gives no token is an `Error::Token`, and the connection and its
+/// token stay (the refresh tried again later), as in the JS and Python clients: an `auth`
+/// with an empty token went out, and its refusal (`auth_failed`) was the app's to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_giving_no_token_keeps_the_connection() {
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({})).await;
+    let control = h.control.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let (c, events) = Client::builder(s.url.clone())
+        .token(move || {
+            let (control, first) = (control.clone(), counted.fetch_add(1, Ordering::SeqCst) == 0);
+            async move {
+                if !first {
+                    return Ok(String::new()); // the refresh: no token
+                }
+                let reply = common::post(&control, "/token", json!({"sub": "nora", "ttl": 4})).await;
+                Ok(reply["token"].as_str().unwrap().to_owned())
+            }
+        })
+        .connect();
+    let rec = Recorder::new(events);
+    c.wait_connected(scaled(20.0)).await.unwrap();
+    rec.wait("the refresh's token error", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Error(Error::Token(_)))))
+        .await;
+    c.ping().await.unwrap(); // an auth written before it would be answered before this pong
+    let refused = rec.count(|e| matches!(e, Event::Error(Error::Server { .. })));
+    assert_eq!(refused, 0, "{:?}", rec.events());
+    assert!(disconnections(&rec).is_empty(), "{:?}", rec.events());
+    assert_eq!(c.user_id().as_deref(), Some("nora"));
+}
+
 /// A token refresh the server cannot carry out now (its `auth` answered `rate_limited` here;
 /// `unavailable` and `internal_error` are the same case) keeps the connection and its token,
 /// and is tried again not before `retry_after_ms`: one refusal, then the fresh token's
