@@ -9,6 +9,7 @@ is refused (:class:`SchemaTooNew`).
 from __future__ import annotations
 
 from ..errors import WschatError
+from ..protocol import GUEST_ID_PREFIX
 
 DM_SCOPE = "dm"
 DM_PAGE = 50  # kept DMs are read, sent and marked delivered this many at a time
@@ -101,10 +102,11 @@ KEPT_DMS_SQL = (
     "SELECT event FROM dms WHERE recipient_id = ? AND NOT delivered AND id > ?"
     " ORDER BY id LIMIT ?")
 COUNT_KEPT_SQL = "SELECT COUNT(*) FROM dms WHERE recipient_id = ? AND NOT delivered"
-# Those of one sender, and of every guest (substr, not LIKE: SQLite's is case-insensitive,
-# and a token's sub may begin with "Guest-").
+# Those of one sender, and of every guest (is_guest_id's prefix; substr, not LIKE:
+# SQLite's is case-insensitive, and a token's sub may begin with "Guest-").
 COUNT_KEPT_FROM_SQL = COUNT_KEPT_SQL + " AND sender_id = ?"
-COUNT_KEPT_FROM_GUESTS_SQL = COUNT_KEPT_SQL + " AND substr(sender_id, 1, 6) = 'guest-'"
+COUNT_KEPT_FROM_GUESTS_SQL = (COUNT_KEPT_SQL + f" AND substr(sender_id, 1, {len(GUEST_ID_PREFIX)})"
+                              f" = '{GUEST_ID_PREFIX}'")
 # DM_SEQ_SQL with n = 0: locks the DM sequence's row until COMMIT and changes nothing, so
 # that the kept DMs counted next are final (another writer keeping one for the same
 # recipient waits for this transaction, and counts after it).
