@@ -1679,10 +1679,13 @@ def test_a_guest_s_dm_whose_echo_was_lost_is_filed_with_its_reader(
     expect(sent).to_have_class(PENDING)
     copies = bob.page.locator("#dms li", has_text="alice")
     expect(copies).to_have_count(1)  # stored and delivered; only Alice's echo was lost
+    # Bob's copy and Alice's echo come on two connections in either order: wait for the echo
+    until(alice, lambda: len(network["echoes"]) == 1, "the first echo")
     alice.page.reload()  # restored from the outbox, written as a new guest: lost again
     alice.wait_online()
     expect(sent).to_have_class(PENDING)
     expect(copies).to_have_count(2)
+    until(alice, lambda: len(network["echoes"]) == 2, "the second echo")
     network["lose_echo"] = False
     down(True)
     down(False)  # a third guest id; the library writes it again
