@@ -669,9 +669,30 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.auth = null;
     if (purpose === "connect") this.onEstablished(w);
     else {
+      const before = this.welcome?.user_id;
       this.welcome = welcomeOf(w);
       this.ownIds.add(this.welcome.user_id);
       this.scheduleRefresh(); // resets refreshAttempt, unless this token is no better
+      if (before !== undefined && this.welcome.user_id !== before) this.onUserChanged();
+    }
+  }
+
+  /**
+   * A refresh's `auth` signed the connection in as another user: the server left every room
+   * the connection was in, without a `left` (README, `auth`), so each joined room is joined
+   * again with `since`, as after a reconnect (its sends wait for it; a refusal removes it).
+   * A join written after the `auth` is answered for the new user already (the server takes
+   * commands in order), as is every join still queued: those are left as they are.
+   */
+  private onUserChanged(): void {
+    const conn = this.conn;
+    this.emit("userChanged", this.welcome!);
+    if (conn !== this.conn || !this.established) return; // a listener disconnected
+    for (const room of this.rooms.values()) {
+      if (room.state !== "joined" || room.joinReq || room.joinQueued) continue;
+      room.syncReq = null;
+      this.setRoomState(room, "joining");
+      this.sendJoin(room);
     }
   }
 

@@ -212,6 +212,11 @@ export interface ClientEvents {
   state: StateEvent;
   connecting: ConnectingEvent;
   connected: Welcome;
+  /**
+   * A token refresh signed the connection in as another user (its `welcome` names another
+   * `user_id`): the server left every room, and the client joins them again as the new user.
+   */
+  userChanged: Welcome;
   disconnected: DisconnectedEvent;
   message: ChatMessage;
   dm: DirectMessage;

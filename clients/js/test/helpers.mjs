@@ -55,7 +55,7 @@ export async function startHarness() {
     secret,
     call,
     server: (body = {}) => call("/servers", body),
-    token: async (sub, ttl = 3600, name = sub.toUpperCase()) => (await call("/token", { sub, name, ttl })).token,
+    token: async (sub, ttl = 3600, name = sub.toUpperCase(), claims = {}) => (await call("/token", { sub, name, ttl, ...claims })).token,
     async close() {
       child.stdin.end();
       const timer = setTimeout(() => child.kill("SIGKILL"), 30_000 * SCALE);

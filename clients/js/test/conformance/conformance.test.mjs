@@ -343,6 +343,54 @@ test("token_refresh", async () => {
   assert.equal(c.userId, "tess");
 });
 
+test("user_changed_on_refresh", async () => {
+  // The refresh's token is ben's (rooms claim ["open"]): the server left every room of the
+  // connection, with no left. The client says so once and joins each room again with since:
+  // open as ben, with what was posted from the refresh on exactly once; closed is refused.
+  const s = await harness.server();
+  let ready;
+  const setUp = new Promise((r) => (ready = r));
+  const issued = [];
+  const getToken = async () => {
+    issued.push(issued.length === 0 ? "ann" : "ben");
+    if (issued.length === 1) return harness.token("ann", 4);
+    await setUp; // ann has seen 1..3 of each room
+    return harness.token("ben", 3600, "Ben", { rooms: ["open"] });
+  };
+  const c = client(s.url, { getToken });
+  const app = recorder(c);
+  const changed = [];
+  const removed = [];
+  c.on("userChanged", (w) => changed.push(w));
+  c.on("removed", (e) => removed.push(e));
+  await c.connect();
+  assert.equal(c.userId, "ann");
+  const { c: pub } = await signedIn(s.url, "pat");
+  for (const room of ["open", "closed"]) {
+    await c.join(room);
+    await pub.join(room);
+  }
+  const before = await burst(pub, "open", 3, "open before");
+  await burst(pub, "closed", 3, "closed before");
+  await until(() => app.ids("open").length === 3 && app.ids("closed").length === 3, "1..3 of each room at ann");
+  const publisher = steady(pub, "open", "across the refresh");
+  ready();
+  await until(() => removed.length === 1 && c.roomState("open") === "joined" && changed.length === 1, "the rejoins", 4 * TIMEOUT);
+  assert.deepEqual(changed.map((w) => [w.user_id, w.username, w.authenticated]), [["ben", "Ben", true]]);
+  assert.equal(c.userId, "ben");
+  assert.deepEqual(removed.map((e) => [e.room, e.reason]), [["closed", "forbidden"]]);
+  const users = (await c.listUsers("open")).map((u) => u.user_id);
+  assert.ok(users.includes("ben") && !users.includes("ann"), `open's users: ${users}`);
+  const rejoined = publisher.acked.length;
+  await until(() => publisher.acked.length >= rejoined + 5, "five messages after the rejoin");
+  const mine = await c.send("open", "as ben");
+  assert.equal(mine.user_id, "ben");
+  const acked = [...before, ...(await publisher.stop()), mine.id];
+  await allDelivered("open", acked, [{ name: "ann/ben", app }]);
+  assert.deepEqual(app.ids("closed"), [1, 2, 3]);
+  assert.ok(!app.events.some((e) => e.event === "disconnected"), "the connection was kept");
+});
+
 test("outbox_resend", async () => {
   const s = await harness.server();
   const room = "outbox";

@@ -463,6 +463,47 @@ test("token: refreshed before expiry with getToken, and fetched again for every 
   assert.equal(jwtExpiry("not a jwt"), null);
 });
 
+test("token: a refresh that signs in as another user joins every room again, with since", async () => {
+  // The server left every room of the connection, without a `left`: the rooms stayed
+  // "joined" and nothing of them arrived until a send was refused not_in_room.
+  const tokens = [fakeToken("ann", 1.2), fakeToken("ben")];
+  const { server, c, messages, events } = setup({ getToken: () => tokens.shift() ?? fakeToken("ben"), tokenRefreshMargin: 100 });
+  const changed = [];
+  c.on("userChanged", (w) => changed.push(w.user_id));
+  await c.connect();
+  await c.join("a");
+  await c.join("b");
+  server.post("a", "a1");
+  server.post("b", "b1");
+  await until(() => messages.length === 2, "the first messages");
+  await until(() => changed.length === 1, "the refresh as ben");
+  assert.deepEqual(changed, ["ben"]);
+  assert.equal(c.userId, "ben");
+  await until(() => c.roomState("a") === "joined" && c.roomState("b") === "joined", "the rejoins");
+  const rejoins = server.last.sent.filter((f) => f.type === "join").slice(2);
+  assert.deepEqual(rejoins.map((f) => [f.room, f.since]), [["a", 1], ["b", 1]]);
+  assert.deepEqual(events("roomState").map((e) => `${e.room}:${e.state}`).slice(-4), ["a:joining", "b:joining", "a:joined", "b:joined"]);
+  server.post("a", "a2");
+  await until(() => messages.length === 3, "a message after the refresh");
+  assert.deepEqual(messages, [1, 1, 2]);
+  assert.equal((await c.send("b", "as ben")).user_id, "ben");
+  c.disconnect();
+});
+
+test("token: a refresh that keeps the user joins nothing again", async () => {
+  const { server, c } = setup({ getToken: () => fakeToken("tina", 1.2), tokenRefreshMargin: 100 });
+  const changed = [];
+  c.on("userChanged", (w) => changed.push(w));
+  await c.connect();
+  await c.join("a");
+  await until(() => server.last.sent.filter((f) => f.type === "auth").length >= 2, "a refresh");
+  await c.listUsers("a"); // the refresh's welcome came before this answer
+  assert.deepEqual(changed, []);
+  assert.equal(server.last.sent.filter((f) => f.type === "join").length, 1);
+  assert.equal(c.roomState("a"), "joined");
+  c.disconnect();
+});
+
 test("token: one already past its exp on our clock is not refreshed in a loop", async () => {
   // A clock ahead of the server's (whose leeway still takes the token): the refresh delay was
   // 0, and each refresh got such a token again, so auth went out in a tight loop. It is at

@@ -85,6 +85,9 @@ export class FakeServer {
     switch (f.type) {
       case "auth": {
         const claims = JSON.parse(atob(f.token.split(".")[1]));
+        // As the real server: signed in as another user, the connection has left every
+        // room, with no `left`.
+        if (claims.sub !== ws.user.user_id) for (const room of this.rooms.values()) room.members.delete(ws);
         ws.user = { user_id: claims.sub, username: claims.name ?? claims.sub };
         return reply("welcome", { ...ws.user, authenticated: true, auth_required: false, heartbeat_interval: 30 });
       }
