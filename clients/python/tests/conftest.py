@@ -76,8 +76,12 @@ class Harness:
     async def server(self, backend: str = "memory", **body: Any) -> dict[str, Any]:
         return await self.call("/servers", {"backend": backend, **body})
 
-    async def token(self, sub: str, ttl: float = 3600) -> str:
-        return (await self.call("/token", {"sub": sub, "name": sub.title(), "ttl": ttl}))["token"]
+    async def token(self, sub: str, ttl: float = 3600, rooms: list[str] | None = None) -> str:
+        """A token of ``sub`` (named ``sub.title()``); ``rooms``: its rooms claim."""
+        body: dict[str, Any] = {"sub": sub, "name": sub.title(), "ttl": ttl}
+        if rooms is not None:
+            body["rooms"] = rooms
+        return (await self.call("/token", body))["token"]
 
     def close(self) -> None:
         try:

@@ -23,7 +23,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from conftest import TIMEOUT, Recorder
 from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState, Disconnected,
                            FileOutboxStore, HistoryPage, Message, OutboxFull, Removed,
-                           RequestTimeout, RoomState, SyncClient)
+                           RequestTimeout, RoomState, SyncClient, Welcome)
 
 FAST = Backoff(min_delay=0.01, max_delay=0.05, pause=0.05)
 
@@ -2168,4 +2168,87 @@ async def test_a_token_refresh_whose_get_token_fails_is_one_error_event_and_trie
         frame = await peer.recv()  # the second refresh's auth: the first wrote nothing
         assert frame["type"] == "auth" and isinstance(frame["token"], str) and calls == 3
         assert [e.code for e in rec.of("error")] == ["token"]
+        await client.close()
+
+
+async def _refreshing_client(fake: FakeServer,
+                             rooms: dict[str, int]) -> tuple[Client, Recorder, Peer]:
+    """A client whose token is refreshed a second after connecting (REFRESH_FLOOR), joined
+    to each room at its last_id."""
+    import time
+    client = client_for(fake, get_token=lambda: _jwt(time.time() + 0.5))
+    rec = Recorder(client)
+    await client.connect()
+    peer = await fake.accept()
+    for room, last_id in rooms.items():
+        joining = asyncio.create_task(client.join(room))
+        await peer.joined(room, last_id=last_id)
+        await joining
+    return client, rec, peer
+
+
+async def test_a_refresh_that_signs_in_another_user_rejoins_every_room_with_since() -> None:
+    """The welcome answering a refresh's auth names another user: the server left every room
+    of the connection, without a left (README, auth). The client kept them joined, and
+    nothing of them came. Now it takes the new identity, says so once (user_changed, with
+    the welcome), and joins every room again with since, as after a reconnect: the room's
+    sends wait for the rejoin and its replay. A join written after the auth is the new
+    user's already: it is not written again, nor anything of it doubled."""
+    async with FakeServer() as fake:
+        client, rec, peer = await _refreshing_client(fake, {"r": 5, "s": 7})
+        changed: list[Welcome] = []
+        client.on("user_changed", changed.append)
+        auth = await peer.recv("auth")
+        joining = asyncio.create_task(client.join("t"))
+        late = await peer.recv("join")  # written after the auth: joined as the new user
+        assert late["room"] == "t" and "since" not in late
+        await peer.send(type="welcome", id=auth["id"], user_id="ben", username="Ben",
+                        authenticated=True)
+        rejoins = [await peer.recv("join") for _ in range(2)]
+        assert {j["room"]: j.get("since") for j in rejoins} == {"r": 5, "s": 7}
+        assert changed == [Welcome("ben", "Ben", True, None)]
+        assert (client.user_id, client.username, client.authenticated) == ("ben", "Ben", True)
+        assert client.rooms["r"].state is RoomState.JOINING
+        sending = asyncio.ensure_future(client.send("r", "as ben"))
+        await peer.send(type="joined", id=late["id"], room="t", users=[], last_id=2)
+        assert (await asyncio.wait_for(joining, TIMEOUT)).last_id == 2
+        by_room = {j["room"]: j for j in rejoins}
+        await peer.send(type="joined", id=by_room["r"]["id"], room="r", users=[], last_id=6,
+                        recovered=True)
+        await peer.message(6, "r")  # the replay: posted after the server left the room
+        await peer.send(type="joined", id=by_room["s"]["id"], room="s", users=[], last_id=7,
+                        recovered=True)
+        frame = await peer.recv_answering_pings("message", "the send after the rejoin")
+        assert frame["text"] == "as ben"
+        peer.user_id = "ben"
+        await peer.echo(frame, 7)
+        assert (await asyncio.wait_for(sending, TIMEOUT)).user_id == "ben"
+        probe = asyncio.create_task(client.ping())
+        assert (await peer.recv())["type"] == "ping"  # the next frame: no other join of t
+        probe.cancel()
+        assert rec.ids("r") == [6, 7]
+        assert {name: info.state for name, info in client.rooms.items()} == {
+            "r": RoomState.JOINED, "s": RoomState.JOINED, "t": RoomState.JOINED}
+        assert [j.rejoin for j in rec.of("joined")] == [False, False, False, True, True]
+        assert len(changed) == 1 and not rec.of("error")
+        await client.close()
+
+
+async def test_a_refresh_that_keeps_the_user_rejoins_nothing() -> None:
+    """The welcome answering a refresh's auth names the same user: the rooms stay joined on
+    the server, and nothing is joined again; no user_changed."""
+    async with FakeServer() as fake:
+        client, rec, peer = await _refreshing_client(fake, {"r": 5})
+        changed: list[Welcome] = []
+        client.on("user_changed", changed.append)
+        auth = await peer.recv("auth")
+        await peer.send(type="welcome", id=auth["id"], user_id="u1", username="alice",
+                        authenticated=True)
+        probe = asyncio.create_task(client.ping())
+        frame = await peer.recv()
+        assert frame["type"] == "ping", frame  # the next frame: no join
+        await peer.send(type="pong", id=frame["id"])
+        await asyncio.wait_for(probe, TIMEOUT)
+        assert changed == [] and client.rooms["r"].state is RoomState.JOINED
+        assert len(rec.of("joined")) == 1 and client.authenticated
         await client.close()

@@ -13,7 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order, delivered
-from wschat_client import Backoff, Client, ConnectionState, HistoryPage, Message
+from wschat_client import (
+    Backoff,
+    Client,
+    ConnectionState,
+    HistoryPage,
+    Message,
+    Removed,
+    RoomState,
+)
 
 # Real timing, a little tighter at the top so the suite does not wait 20 s for a restart.
 BACKOFF = Backoff(min_delay=0.2, max_delay=3.0, pause=1.0)
@@ -253,6 +261,7 @@ async def test_token_refresh(harness: Harness) -> None:
         await asyncio.sleep(0.5)
     assert client.state is ConnectionState.CONNECTED and client.authenticated
     assert not rec.of("disconnected") and not rec.of("error")
+    assert [j.rejoin for j in rec.of("joined")] == [False]  # the same user: no rejoin
     assert (await client.send("auth", "still here")).user_id == "tom"
     calls = len(issued)
     cut(client)
@@ -260,6 +269,62 @@ async def test_token_refresh(harness: Harness) -> None:
     assert len(issued) > calls  # the reconnect asked for a fresh token
     assert (await client.send("auth", "after reconnect")).user_id == "tom"
     await client.close()
+
+
+async def test_user_changed_on_refresh(harness: Harness) -> None:
+    """Scenario 11: the refresh's token is another user's (ben, whose rooms claim is
+    ["open"]). The server left every room of the connection, with no left: the client
+    says so once (user_changed, ben's welcome) and joins each room again with since, as
+    after a reconnect. open is joined again as ben, and what was posted there from the
+    refresh on arrives once, in order; closed is refused (forbidden), so it is removed.
+    Before, both stayed joined for the app, and nothing of them arrived."""
+    server = await harness.server("memory")
+    setup_done = asyncio.Event()
+    issued: list[str] = []
+
+    async def get_token() -> str:
+        issued.append("ann" if not issued else "ben")
+        if len(issued) == 1:
+            return await harness.token("ann", ttl=3)  # refreshed after 2.25 s
+        await asyncio.wait_for(setup_done.wait(), LONG)  # ann has seen 1..3 of each room
+        return await harness.token("ben", rooms=["open"])
+
+    client, rec = make_client(server["url"], get_token=get_token)
+    changed: list[Any] = []
+    removed: list[Removed] = []
+    client.on("user_changed", changed.append)
+    client.on("removed", removed.append)
+    await client.connect()
+    assert client.user_id == "ann"
+    pub, _ = await connected(harness, server["url"], "pat")
+    for room in ("open", "closed"):
+        await client.join(room)
+        await pub.join(room)
+    before = {room: await publish(pub, room, 3, f"{room} before ") for room in ("open", "closed")}
+    await rec.wait_for(lambda: rec.ids("open") == rec.ids("closed") == [1, 2, 3], LONG,
+                       "1..3 of each room at ann")
+    steady = Publisher(pub, "open", "across the refresh ")  # from the refresh on, and after
+    setup_done.set()
+    await rec.wait_for(lambda: bool(removed) and any(
+        j.room == "open" and j.rejoin for j in rec.of("joined")), LONG, "the rejoins")
+    assert [(w.user_id, w.username, w.authenticated) for w in changed] == [("ben", "Ben", True)]
+    assert (client.user_id, client.username, client.authenticated) == ("ben", "Ben", True)
+    assert [(r.room, r.reason) for r in removed] == [("closed", "forbidden")]
+    assert "closed" not in client.rooms
+    assert client.rooms["open"].state is RoomState.JOINED
+    assert "ben" in {u.user_id for u in await client.list_users("open")}
+    assert "ann" not in {u.user_id for u in await client.list_users("open")}
+    await steady.sent_more(5)  # posted after ben is in open again
+    mine = await client.send("open", "as ben")
+    assert mine.user_id == "ben"
+    acked = await steady.stop()
+    await all_delivered([rec], "open", before["open"] + acked + [mine])
+    got = rec.ids("open")
+    assert got == list(range(1, len(got) + 1)), f"lost, doubled or out of order: {got}"
+    assert rec.ids("closed") == [1, 2, 3]
+    assert [e.code for e in rec.of("error")] == ["forbidden"]
+    assert not rec.of("disconnected") and len(changed) == 1
+    await close_all(client, pub)
 
 
 async def test_a_refresh_refused_for_now_waits_for_retry_after_ms(harness: Harness) -> None:

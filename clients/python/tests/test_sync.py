@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from typing import Any
 
 import pytest
 from conftest import TIMEOUT, Harness
@@ -14,6 +15,7 @@ from wschat_client import (
     HistoryPage,
     Message,
     Removed,
+    RoomState,
     SyncClient,
 )
 
@@ -128,3 +130,23 @@ def test_typing_after_close_does_nothing(harness: Harness) -> None:
         chat.typing("hall")
     chat.typing("hall")
     chat.typing("hall", False)
+
+
+def test_a_sync_client_hears_user_changed(harness: Harness) -> None:
+    """A token refresh to another user's token is the user_changed event on the SyncClient
+    too (its handler on the client's thread), and the room is joined again as that user."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    first = harness.call_sync("/token", {"sub": "sue", "name": "Sue", "ttl": 2})["token"]
+    then = harness.call_sync("/token", {"sub": "sid", "name": "Sid"})["token"]
+    tokens = iter([first])
+    changed: queue.Queue[Any] = queue.Queue()
+    with SyncClient(server["url"], get_token=lambda: next(tokens, then),
+                    request_timeout=TIMEOUT) as chat:
+        chat.on("user_changed", changed.put)
+        assert chat.user_id == "sue"
+        chat.join("swap")
+        welcome = changed.get(timeout=3 * TIMEOUT)  # the refresh comes after 1.5 s
+        assert (welcome.user_id, welcome.username, chat.user_id) == ("sid", "Sid", "sid")
+        assert chat.send("swap", "as sid").user_id == "sid"
+        assert chat.rooms["swap"].state is RoomState.JOINED
+        assert changed.empty()

@@ -63,7 +63,7 @@ TokenSource = Callable[[], str | Awaitable[str]]
 
 EVENTS = frozenset({"state", "connected", "disconnected", "message", "dm", "presence", "typing",
                     "joined", "recovery_failed", "room_state", "removed", "muted", "unmuted",
-                    "ack", "error"})
+                    "ack", "error", "user_changed"})
 REPLY_TYPES = frozenset({"welcome", "left", "users", "history", "pong", "moderated"})
 DM_IDS_KEPT = 10_000
 JOIN_RETRY_MAX = 5.0  # seconds: the longest wait of a join refused unavailable (as JS)
@@ -156,7 +156,9 @@ class Client:
         token: a JWT sent on the upgrade (``Authorization: Bearer``).
         get_token: a function (plain or async) returning a fresh JWT; called before
             each connection attempt and again before the token expires (the new one is
-            sent with ``auth`` on the open connection). Takes precedence over ``token``.
+            sent with ``auth`` on the open connection; another user's token signs it in
+            as that user: the ``user_changed`` event, and every room joined again with
+            ``since``). Takes precedence over ``token``.
             One that raises is an ``error`` event (code ``token``); one that returns no
             token (None, ``""``) before a connection attempt stops the client (4001).
         username: a guest name (``?username=``) when no token is used.
@@ -1151,7 +1153,13 @@ class Client:
             self._emit("unmuted", Unmuted(obj.get("room")))
         elif kind in REPLY_TYPES:
             if kind == "welcome":
-                self._welcomed(obj)
+                # The answer to an auth (a connection's first welcome is read by _open),
+                # also one whose request timed out: the server changed the identity all the
+                # same.
+                before = self.user_id
+                welcome = self._welcomed(obj)
+                if welcome.user_id != before:
+                    self._user_changed(welcome)
             request = self._requests.pop(str(obj.get("id")), None)
             if request is not None and request.kind == "sync":
                 self._synced(request, obj.get("id"))
@@ -1273,6 +1281,31 @@ class Client:
         # so the app never gets a string, inf, 0 or 1e20 to time anything by.
         return Welcome(self.user_id, self.username, self.authenticated,
                        _heartbeat_interval(obj.get("heartbeat_interval")))
+
+    def _user_changed(self, welcome: Welcome) -> None:
+        """A refresh's ``auth`` signed in as another user (``welcome``, taken already): the
+        server has left every room of the connection, with no ``left`` for them (README,
+        ``auth``). Each room the app holds is joined again with ``since``, as after a
+        reconnect (the join pacer, a refusal for good a ``removed`` event, the replay's
+        dedupe, the room's sends held until it has caught up), so that nothing posted from
+        the refresh on is lost or doubled; then ``user_changed`` tells the app. A join on the
+        wire now, or still to be written (queued, or waiting to be tried again), was written
+        after the ``auth`` (the server answers in order: one written before was answered
+        before this welcome): the server joins it as the new user, and it is left alone.
+        Rooms being left are no longer held: they stay left."""
+        for _, timer in self._typing.values():
+            timer.cancel()  # the indicators went with the rooms
+        self._typing.clear()
+        for room in list(self._rooms.values()):
+            if room.join_rid is not None or room.join_queued or room.retry is not None:
+                continue
+            if self._rooms.get(room.info.name) is not room:
+                continue  # left by a room_state handler meanwhile
+            room.accept_next = False
+            self._set_room_state(room, RoomState.JOINING)
+            self._queue_join(room)
+        self._emit("user_changed", welcome)
+        self._flush()
 
     # -- the connection ----------------------------------------------------------------------
     async def _run(self) -> None:

@@ -5,6 +5,9 @@ handler receives, and when:
 
 - ``state`` (:class:`StateChange`): the connection state changed.
 - ``connected`` (:class:`Welcome`): connected and greeted (also after each reconnect).
+- ``user_changed`` (:class:`Welcome`): a token refresh (``get_token``) signed the open
+  connection in as another user (``user_id``): the new identity is taken, and every room
+  is being joined again with ``since`` (the server left them all, with no ``left``).
 - ``disconnected`` (:class:`Disconnect`): the socket closed; ``reconnect_in`` says what next.
 - ``message`` (:class:`Message`): a room message, once, in id order per room.
 - ``dm`` (:class:`DirectMessage`): a direct message, received or sent from any of your
