@@ -34,6 +34,7 @@ async fn main() {
                 }
                 Event::Joined(j) if j.recovered == Some(false) => println!("* some messages in {} were lost", j.room),
                 Event::Welcome { username, .. } => println!("* connected as {username}"),
+                Event::UserChanged(w) => println!("* now {} (the rooms are joined again)", w.username),
                 Event::Disconnected { code, reason, reconnect_in } => match reconnect_in {
                     Some(delay) => println!("* disconnected ({code:?} {reason}); reconnecting in {delay:.1?}"),
                     None => println!("* disconnected for good ({code:?} {reason})"),

@@ -47,6 +47,15 @@ pub struct Joined {
     pub epoch: Option<String>,
 }
 
+/// Who a connection is, as the server's `welcome` says: [`Event::UserChanged`] carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub user_id: String,
+    pub username: String,
+    /// Signed in with a token (`false`: a guest).
+    pub authenticated: bool,
+}
+
 /// A page of a room's history, read with [`Client::history_page`]: the messages, oldest first,
 /// and whether the server left older ones out.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -101,6 +110,16 @@ pub enum Event {
     State(ConnectionState),
     /// The server's `welcome`: who this connection is (after every connect).
     Welcome { user_id: String, username: String, authenticated: bool },
+    /// A token refresh (the token callback's fresh token, sent as `auth` on the open
+    /// connection) made the connection another user (its `welcome` names another `user_id`
+    /// than the one before: another `sub`, or a guest signing in): the new welcome, once, after
+    /// its `Event::Welcome`. `client.user_id()` and `client.username()` say the new user from
+    /// then on. The server has left every room of the connection (without a `left`): the
+    /// client joins each room it holds again with `since`, as after a reconnect (`Event::Room`
+    /// `Joining`, then `Joined`; a room the new user may not join is `Event::Removed` with the
+    /// refusal's reason), and the room's sends wait for that. A refresh that keeps the user
+    /// is no `UserChanged` and re-joins nothing.
+    UserChanged(Welcome),
     /// The socket ended, or the attempt failed; `code` is the close code (1005 for a Close
     /// frame without one, RFC 6455 7.1.5; `None` when the connection dropped without a Close
     /// frame, or the attempt failed without an answer), or the HTTP status of a refused

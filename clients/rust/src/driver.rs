@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::backoff::{retry_after_header, RETRY_AFTER_CAP};
-use crate::client::{Acked, ClientBuilder, Delivery, Event, Joined, Op, Reply, RoomPosition, Snapshot};
+use crate::client::{Acked, ClientBuilder, Delivery, Event, Joined, Op, Reply, RoomPosition, Snapshot, Welcome};
 use crate::error::{ConnectionState, Error, RoomState};
 use crate::outbox::{new_client_msg_id, Echo, Outbox, OutboxEntry, Target};
 use crate::pacer::{JoinPacer, Pacer};
@@ -1157,17 +1157,25 @@ impl Driver {
                 if let Some(hb) = heartbeat_interval.and_then(|hb| Duration::try_from_secs_f64(hb).ok()) {
                     self.heartbeat = hb;
                 }
+                let refresh = matches!(id, Some(RequestId::Int(rid)) if Some(rid) == self.refresh_rid);
+                // A refresh's welcome naming another user than the connection's (another `sub`,
+                // a guest signing in): the server has left every room of the connection.
+                let changed = refresh && self.snapshot.borrow().user_id.as_deref() != Some(user_id.as_str());
                 self.snapshot.send_modify(|s| {
                     s.user_id = Some(user_id.clone());
                     s.username = Some(username.clone());
                 });
-                let refresh = matches!(id, Some(RequestId::Int(rid)) if Some(rid) == self.refresh_rid);
                 if refresh || !self.online {
                     self.own_ids.insert(user_id.clone());
                 }
+                let new_user = Welcome { user_id: user_id.clone(), username: username.clone(), authenticated };
                 let welcome = Event::Welcome { user_id, username, authenticated };
                 if refresh {
                     self.emit(welcome);
+                    if changed {
+                        self.emit(Event::UserChanged(new_user));
+                        self.rejoin_all();
+                    }
                     self.refresh_rid = None;
                     if self.token.as_deref().and_then(expiry_of).is_none_or(|exp| exp as f64 > unix_now()) {
                         self.refresh_failures = 0; // (an expired one keeps the count: see schedule_refresh)
@@ -1322,6 +1330,34 @@ impl Driver {
     /// Whether `id` names a request of ours still waiting for its reply.
     fn is_request(&self, id: Option<&RequestId>) -> bool {
         matches!(id, Some(RequestId::Int(rid)) if self.requests.contains_key(rid))
+    }
+
+    /// A refresh made the connection another user: the server left every room of the connection
+    /// (without a `left`), so each room the app holds is joined again with `since`, in the order
+    /// the app joined them, through the path a reconnect takes (`send_join`: the join pacer, a
+    /// refusal for good is `Event::Removed`, the replay deduplicated by `RoomSeq`, the room's
+    /// sends held until its `joined` and replay). A room whose join is on the wire was written
+    /// after the `auth` (the server answers a connection's frames in order: one written before
+    /// was answered before this `welcome`), so the server joins it as the new user: its answer
+    /// serves, and no second join is written. The sends written after the `auth` are refused
+    /// `not_in_room` and go again after the re-join (`on_error`).
+    fn rejoin_all(&mut self) {
+        self.typing_sent.clear(); // the old user's typing ended with its rooms
+        let mut rooms: Vec<(u64, String)> = self.rooms.iter().map(|(name, r)| (r.order, name.clone())).collect();
+        rooms.sort();
+        for (_, room) in rooms {
+            let Some(r) = self.rooms.get_mut(&room) else { continue };
+            if r.join_rid.is_some() {
+                continue;
+            }
+            // A `ping` behind a join of the old membership no longer ends a replay of this one.
+            r.sync_rid = None;
+            if r.state == RoomState::Joined {
+                r.state = RoomState::Joining;
+                self.emit(Event::Room { room: room.clone(), state: RoomState::Joining });
+            }
+            self.send_join(&room, false);
+        }
     }
 
     /// `welcome` on a new socket: re-join rooms with `since`, resend what waits.

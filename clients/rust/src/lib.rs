@@ -31,7 +31,9 @@ mod rooms;
 mod token;
 
 pub use backoff::Backoff;
-pub use client::{Acked, Client, ClientBuilder, Event, Events, HistoryPage, Joined, RoomPosition, TokenFuture};
+pub use client::{
+    Acked, Client, ClientBuilder, Event, Events, HistoryPage, Joined, RoomPosition, TokenFuture, Welcome,
+};
 pub use error::{ConnectionState, Error, RoomState};
 pub use outbox::{OutboxEntry, OutboxStore, Target};
 pub use protocol::{ChatMessage, DirectMessage, Presence, Typing, User};

@@ -3199,3 +3199,122 @@ async fn a_url_no_attempt_can_connect_to_stops_the_client() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// A client of a [`scripted_server`] whose token callback gives a token expiring in 2 s, then,
+/// for the refresh (held until the test adds a permit to the returned gate), ones of an hour.
+fn refreshing_client(url: String) -> (Client, Recorder, Arc<tokio::sync::Semaphore>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (calls, held) = (Arc::new(AtomicUsize::new(0)), gate.clone());
+    let (c, events) = Client::builder(url)
+        .request_timeout(scaled(5.0))
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .token(move || {
+            let (first, gate) = (calls.fetch_add(1, Ordering::SeqCst) == 0, held.clone());
+            async move {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                if first {
+                    return Ok(jwt_with_exp(&(now + 2).to_string()));
+                }
+                let _open = gate.acquire().await.map_err(|e| e.to_string())?;
+                Ok(jwt_with_exp(&(now + 3600).to_string()))
+            }
+        })
+        .connect();
+    (c, Recorder::new(events), gate)
+}
+
+/// A token refresh whose `welcome` names another user (`u2`) than the connection's (`u1`): the
+/// server has left every room without a `left` (README, `auth`). The client says so once
+/// (`Event::UserChanged` with the new welcome; `user_id()` is u2's), and joins every room it
+/// holds again with `since` (its position: 2 in "r", 0 in "s"), each once, as after a reconnect;
+/// a room whose join went after the `auth` (the server joined it as u2 already: "t") is not
+/// joined twice; the room's send waits for its `joined`, and its message 3 is delivered once.
+/// A refresh that keeps the user (`u1`) joins nothing again. The client kept its rooms `Joined`
+/// with no join: nothing of them came any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_to_another_user_joins_every_room_again() {
+    for (next, changed) in [("u2", true), ("u1", false)] {
+        let auth_id = Arc::new(Mutex::new(None::<serde_json::Value>));
+        let (url, frames, server) = scripted_server(move |cmd, _| {
+            let welcome = |id: &serde_json::Value| {
+                let w = json!({"type": "welcome", "user_id": next, "username": next, "authenticated": true, "id": id});
+                w.to_string()
+            };
+            match (cmd["type"].as_str(), cmd["room"].as_str()) {
+                // The welcome is held until the client's next frame (the test's join of "t"),
+                // which the server then handles as the new user: after the welcome.
+                (Some("auth"), _) => {
+                    *auth_id.lock().unwrap() = Some(cmd["id"].clone());
+                    vec![]
+                }
+                (Some("join"), Some("t")) => {
+                    let held = auth_id.lock().unwrap().take();
+                    let mut replies: Vec<String> = held.iter().map(welcome).collect();
+                    replies.push(raw_joined(cmd, Some("0"), None));
+                    replies
+                }
+                (Some("join"), Some("r")) if cmd.get("since").is_none() => vec![
+                    raw_joined(cmd, Some("0"), None),
+                    raw_message("1", "r", "one", None),
+                    raw_message("2", "r", "two", None),
+                ],
+                (Some("join"), Some("r")) => {
+                    vec![raw_joined(cmd, Some("2"), Some(true)), raw_message("3", "r", "3", None)]
+                }
+                (Some("join"), _) => vec![raw_joined(cmd, Some("0"), cmd.get("since").map(|_| true))],
+                (Some("message"), _) => {
+                    let id = if changed { "4" } else { "3" };
+                    let mut echo: serde_json::Value =
+                        serde_json::from_str(&raw_message(id, "r", "mine", cmd["client_msg_id"].as_str())).unwrap();
+                    echo["user_id"] = json!(next);
+                    vec![echo.to_string()]
+                }
+                _ => vec![],
+            }
+        })
+        .await;
+        let (c, rec, gate) = refreshing_client(url);
+        c.wait_connected(scaled(10.0)).await.unwrap();
+        c.join("r").await.unwrap();
+        c.join("s").await.unwrap();
+        rec.wait("messages 1 and 2", 10.0, |ev| common::message_ids(ev, "r").len() == 2).await;
+        gate.add_permits(1);
+        let authed = || frames.lock().unwrap().iter().any(|(_, f)| f["type"] == "auth");
+        eventually(10.0, authed).await;
+        assert!(authed(), "no refresh: {:?}", rec.events());
+        c.join("t").await.unwrap();
+        let sent = tokio::time::timeout(scaled(5.0), c.send("r", "mine")).await.expect("the send");
+        assert_eq!(sent.unwrap().id, if changed { 4 } else { 3 });
+        c.ping().await.unwrap();
+        let delivered = if changed { 4 } else { 3 }; // the echo's Event::Message may trail the send
+        rec.wait("the echo delivered", 10.0, |ev| common::message_ids(ev, "r").len() >= delivered).await;
+        let frames_after_auth: Vec<serde_json::Value> = {
+            let frames = frames.lock().unwrap();
+            frames.iter().map(|(_, f)| f.clone()).skip_while(|f| f["type"] != "auth").collect()
+        };
+        let joins: Vec<(String, serde_json::Value)> = frames_after_auth
+            .iter()
+            .filter(|f| f["type"] == "join")
+            .map(|f| (f["room"].as_str().unwrap().to_owned(), f["since"].clone()))
+            .collect();
+        let changes: Vec<Event> = rec.events().into_iter().filter(|e| matches!(e, Event::UserChanged(_))).collect();
+        assert_eq!(c.user_id().as_deref(), Some(next));
+        if changed {
+            let welcome = wschat::Welcome { user_id: "u2".into(), username: "u2".into(), authenticated: true };
+            assert_eq!(changes, [Event::UserChanged(welcome)]);
+            assert_eq!(joins, [("t".to_owned(), json!(null)), ("r".into(), json!(2)), ("s".into(), json!(0))]);
+            // The send went after the re-join of its room, and 3 (its replay) came once.
+            let rejoin = frames_after_auth.iter().position(|f| f["type"] == "join" && f["room"] == "r");
+            let send = frames_after_auth.iter().position(|f| f["type"] == "message");
+            assert!(rejoin.is_some_and(|rejoin| send.is_some_and(|send| rejoin < send)), "{frames_after_auth:?}");
+            assert_eq!(rec.ids("r"), [1, 2, 3, 4]);
+        } else {
+            assert_eq!(changes, []);
+            assert_eq!(joins, [("t".to_owned(), json!(null))]);
+            assert_eq!(rec.ids("r"), [1, 2, 3]);
+        }
+        assert!(disconnections(&rec).is_empty(), "{:?}", rec.events());
+        c.close();
+        server.abort();
+    }
+}

@@ -321,6 +321,9 @@ async fn token_refresh() {
     let expired = rec.count(|e| matches!(e, Event::Error(err) if err.code() == Some("token_expired")));
     assert_eq!(expired, 0);
     assert_eq!(c.send(ROOM, "still here").await.unwrap().user_id, "alice");
+    // The same user: no `UserChanged`, and the room is not joined again.
+    assert_eq!(rec.count(|e| matches!(e, Event::UserChanged(_))), 0);
+    assert_eq!(rec.count(|e| matches!(e, Event::Joined(_))), 1);
 
     let before = calls.load(Ordering::SeqCst);
     c.reconnect();
@@ -438,4 +441,80 @@ async fn history_truncated() {
     let all: Vec<u64> = pages.iter().rev().flat_map(|p| p.messages.iter().map(|m| m.id)).collect();
     assert_eq!(all, ids);
     assert!(!pages.last().unwrap().truncated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_changed_on_refresh() {
+    // The token callback gives ann's token (8 s), then, for the refresh (held until the test is
+    // ready), ben's, whose grants open "open" only.
+    let h = Harness::start().await;
+    let s = h.server("memory", 1, json!({"JWT_LEEWAY": "1"})).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (control, calls, held) = (h.control.clone(), Arc::new(AtomicUsize::new(0)), gate.clone());
+    let (c, events) = wschat::ClientBuilder::new(s.url.clone())
+        .backoff(Duration::from_millis(100), Duration::from_secs(2))
+        .request_timeout(scaled(20.0))
+        .send_timeout(scaled(60.0))
+        .token(move || {
+            let (first, control, gate) = (calls.fetch_add(1, Ordering::SeqCst) == 0, control.clone(), held.clone());
+            async move {
+                let body = if first {
+                    json!({"sub": "ann", "name": "Ann", "ttl": 8})
+                } else {
+                    let _open = gate.acquire().await.map_err(|e| e.to_string())?;
+                    json!({"sub": "ben", "name": "Ben", "ttl": 3600, "rooms": ["open"]})
+                };
+                Ok(common::post(&control, "/token", body).await["token"].as_str().unwrap().to_owned())
+            }
+        })
+        .connect();
+    let rec = Recorder::new(events);
+    connected(&c).await;
+    assert_eq!(c.user_id().as_deref(), Some("ann"));
+    let (poster, _prec) = guest(&s.url, "poster");
+    for room in ["open", "closed"] {
+        c.join(room).await.unwrap();
+        poster.join(room).await.unwrap();
+    }
+    let mut acked = send_all(&poster, "open", 3, "before").await;
+    send_all(&poster, "closed", 3, "before").await;
+    rec.wait("1..3 in both rooms", 20.0, |ev| {
+        common::message_ids(ev, "open").len() == 3 && common::message_ids(ev, "closed").len() == 3
+    })
+    .await;
+
+    // The poster goes on posting in "open" across the refresh.
+    let publisher = Publisher::start(poster, "open");
+    publisher.sent_more(3).await;
+    gate.add_permits(1);
+    rec.wait("the user change", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::UserChanged(_)))).await;
+    rec.wait("open joined again", 20.0, |ev| {
+        ev.iter().filter(|e| matches!(e, Event::Joined(j) if j.room == "open")).count() >= 2
+    })
+    .await;
+    publisher.sent_more(5).await;
+    acked.extend(publisher.stop().await);
+    let mine = c.send("open", "as ben").await.unwrap();
+    assert_eq!(mine.user_id, "ben");
+    acked.push(mine.id);
+
+    rec.wait("every message of open", 20.0, |ev| common::message_ids(ev, "open").len() >= acked.len()).await;
+    assert_eq!(rec.ids("open"), acked, "every message once, in order, none of 1..3 again");
+    rec.wait("closed removed", 20.0, |ev| {
+        ev.iter().any(|e| matches!(e, Event::Removed { room, .. } if room == "closed"))
+    })
+    .await;
+    let removed: Vec<Event> = rec.events().into_iter().filter(|e| matches!(e, Event::Removed { .. })).collect();
+    assert!(
+        matches!(&removed[..], [Event::Removed { room, reason: Some(reason), .. }] if room == "closed" && reason == "forbidden"),
+        "{removed:?}"
+    );
+    assert_eq!(rec.ids("closed"), [1, 2, 3]);
+    let changes: Vec<Event> = rec.events().into_iter().filter(|e| matches!(e, Event::UserChanged(_))).collect();
+    let welcome = wschat::Welcome { user_id: "ben".into(), username: "Ben".into(), authenticated: true };
+    assert_eq!(changes, [Event::UserChanged(welcome)]);
+    assert_eq!((c.user_id().as_deref(), c.username().as_deref()), (Some("ben"), Some("Ben")));
+    let users: Vec<String> = c.list_users("open").await.unwrap().into_iter().map(|u| u.user_id).collect();
+    assert!(users.contains(&"ben".to_owned()) && !users.contains(&"ann".to_owned()), "{users:?}");
+    assert_eq!(disconnects(&rec), 0, "a refresh, not a reconnect: {:?}", rec.events());
 }
