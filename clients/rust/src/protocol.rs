@@ -155,7 +155,8 @@ pub struct ChatMessage {
     /// past [`MAX_WIRE_ID`] (never a room's position: `RoomSeq` drops it), or, through
     /// `ChatMessage::unordered` (crate-private), anything else (`"5"`, `2.5`, `-1`, absent: the
     /// event does not parse, but the echo of a send still acknowledges it). So a send's result
-    /// never carries an id that is not one: `u64::MAX` is the JS and Python clients' -1.
+    /// never carries an id that is not one: `u64::MAX` is the JS and Python clients' -1. In a
+    /// `history` reply, anything else is `u64::MAX` too (`ServerEvent::History`).
     #[serde(deserialize_with = "message_id")]
     pub id: u64,
     pub room: String,
@@ -305,6 +306,10 @@ pub enum ServerEvent {
     },
     History {
         room: String,
+        /// Each as a [`ChatMessage`], but one whose `id` is no message id (`"5"`, `2.5`, `-1`,
+        /// `null`, absent: see [`wire_id`]) is kept with `id` `u64::MAX`, as the Python client
+        /// keeps it with -1 and the JS client as it came: the reply still answers its request.
+        #[serde(deserialize_with = "history_messages")]
         messages: Vec<ChatMessage>,
         /// Older messages within the `limit` were left out because the reply reached the server's
         /// byte bound (`HISTORY_MAX_BYTES`, 1 MiB). Read by [`json_true`]: only the JSON `true`
@@ -455,6 +460,7 @@ struct BareHistory {
     #[serde(rename = "type")]
     kind: String,
     room: String,
+    #[serde(deserialize_with = "history_messages")]
     messages: Vec<ChatMessage>,
     #[serde(default)]
     id: Option<RequestId>,
@@ -624,6 +630,40 @@ fn message_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     wire_id(&value).or_else(|| value.as_u64().map(|_| u64::MAX)).ok_or_else(|| {
         serde::de::Error::custom(format_args!("a message id must be a whole number >= 0, not {value:.40}"))
     })
+}
+
+/// A message of a `history` reply: a [`ChatMessage`] whose `id` is read by [`wire_id`], anything
+/// else (`"5"`, `2.5`, `-1`, `null`, absent, past 2^53 - 1) being `u64::MAX`, never a failure of
+/// the whole reply (which left the `history` call waiting for its timeout).
+#[derive(Deserialize)]
+struct HistoryMessage {
+    #[serde(default = "no_message_id", deserialize_with = "any_message_id")]
+    id: u64,
+    room: String,
+    from: String,
+    user_id: String,
+    text: String,
+    timestamp: i64,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+fn no_message_id() -> u64 {
+    u64::MAX
+}
+
+fn any_message_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(wire_id(&serde_json::Value::deserialize(d)?).unwrap_or(u64::MAX))
+}
+
+/// A `history`'s `messages`, each read as a [`HistoryMessage`].
+fn history_messages<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ChatMessage>, D::Error> {
+    let messages = Vec::<HistoryMessage>::deserialize(d)?;
+    let message = |m: HistoryMessage| {
+        let HistoryMessage { id, room, from, user_id, text, timestamp, client_msg_id } = m;
+        ChatMessage { id, room, from, user_id, text, timestamp, client_msg_id }
+    };
+    Ok(messages.into_iter().map(message).collect())
 }
 
 /// An optional flag of the server's (`history`'s `truncated`), which it sends only as `true`:

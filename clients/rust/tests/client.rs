@@ -3318,3 +3318,47 @@ async fn a_refresh_to_another_user_joins_every_room_again() {
         server.abort();
     }
 }
+
+/// A `history` reply holding a message whose `id` is no message id (`"2"`, `2.5`, `-1`, `null`,
+/// absent, past 2^53 - 1) answers the call at once, with that message's `id` `u64::MAX` and the
+/// others as they are, as the Python client keeps such a message (its `id` -1) and the JS client
+/// keeps it as it came. The whole reply did not parse (`invalid_event`): `history` waited for
+/// its timeout and failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_message_with_an_odd_id_still_answers_the_call() {
+    let odd = ["\"2\"", "2.5", "-1", "null", "absent", "9007199254740993"];
+    let (url, _frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("history") => {
+            let raw = odd[cmd["before"].as_u64().unwrap() as usize - 1];
+            let two = raw_message(raw, "r", "two", None);
+            let two = if raw == "absent" { two.replace(r#", "id": absent"#, "") } else { two };
+            let messages = [raw_message("1", "r", "one", None), two, raw_message("3", "r", "three", None)];
+            vec![format!(
+                r#"{{"type": "history", "room": "r", "messages": [{}], "id": {}}}"#,
+                messages.join(", "),
+                cmd["id"]
+            )]
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    let mut wrong = Vec::new();
+    for (i, raw) in odd.iter().enumerate() {
+        match c.history("r", None, Some(i as u64 + 1)).await {
+            Ok(page) => {
+                let ids: Vec<u64> = page.iter().map(|m| m.id).collect();
+                let texts: Vec<&str> = page.iter().map(|m| m.text.as_str()).collect();
+                if ids != [1, u64::MAX, 3] || texts != ["one", "two", "three"] {
+                    wrong.push(format!("id {raw}: {ids:?} {texts:?}"));
+                }
+            }
+            Err(e) => wrong.push(format!("id {raw}: {e}")),
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert_eq!(invalid_events(&rec), 0, "{:?}", rec.events());
+    c.close();
+    server.abort();
+}
