@@ -227,7 +227,8 @@ pub enum ServerEvent {
         /// > 0, at least 1, at most 86400; anything else is `None`, never a lost welcome).
         #[serde(default, deserialize_with = "lenient_heartbeat_interval")]
         heartbeat_interval: Option<f64>,
-        /// How many kept DMs follow; anything but a whole number >= 0 is `None` (not a lost welcome).
+        /// How many kept DMs follow, read by [`wire_id`] (`2.0` is 2); anything but a whole number
+        /// >= 0 (at most 2^53 - 1) is `None` (not a lost welcome).
         #[serde(default, deserialize_with = "lenient_count", skip_serializing_if = "Option::is_none")]
         dm_backlog: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -535,9 +536,11 @@ fn lenient_heartbeat_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<
     Ok(heartbeat_interval(&serde_json::Value::deserialize(d)?))
 }
 
-/// A count (`dm_backlog`) as any JSON value: a whole number >= 0, else `None`.
+/// A count (`dm_backlog`) as any JSON value, read by [`wire_id`] (the number's value counts:
+/// `2.0` is 2, as in the JS and Python clients, which took it for persistence while this client
+/// did not), else `None`.
 fn lenient_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    Ok(serde_json::Value::deserialize(d)?.as_u64())
+    Ok(wire_id(&serde_json::Value::deserialize(d)?))
 }
 
 /// The wait an `error` event's `retry_after_ms` asks for, in whole ms, or `None` for none, with
@@ -1002,6 +1005,28 @@ mod tests {
             "{:?}",
             ServerEvent::parse(frame)
         );
+    }
+
+    /// A welcome's `dm_backlog` is read by the rule of ids (`clients/conformance/last-id.json`:
+    /// the number's value counts, `2.0` is 2), whatever else the welcome holds: `2.0` was `None`,
+    /// no persistence, while the JS and Python clients took it for persistence.
+    #[test]
+    fn dm_backlog_is_read_by_the_rule_of_ids() {
+        let shared: serde_json::Value = serde_json::from_str(include_str!("../../conformance/last-id.json")).unwrap();
+        let mut wrong = Vec::new();
+        for case in shared["cases"].as_array().unwrap() {
+            let (text, want) = (case[0].as_str().unwrap(), case[1].as_u64());
+            for interval in ["30", "1e400"] {
+                let frame = format!(
+                    r#"{{"type": "welcome", "user_id": "u", "username": "n", "heartbeat_interval": {interval}, "dm_backlog": {text}}}"#
+                );
+                match ServerEvent::parse(&frame) {
+                    Ok(ServerEvent::Welcome { dm_backlog, .. }) if dm_backlog == want => {}
+                    got => wrong.push(format!("{text:.40} ({interval}): {got:?}, not {want:?}")),
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
     /// The three client libraries read a joined's `last_id` by one rule (the shared cases,

@@ -1747,11 +1747,15 @@ async fn a_dm_echo_with_an_odd_id_still_acknowledges_the_send() {
 /// connections, and a restarted memory server numbers DMs from 1 again: its new 1 was dropped
 /// as a double of the 1 seen before the restart. The ids are forgotten on such a connection.
 /// A welcome whose `heartbeat_interval` cannot be read at all (`1e400`) still tells persistence
-/// by its `dm_backlog` (it was read without it: the ids were forgotten, and DM 1 doubled).
+/// by its `dm_backlog` (it was read without it: the ids were forgotten, and DM 1 doubled). A
+/// `dm_backlog` of `2.0` is 2 (read as `last-id.json` reads ids, as the JS and Python clients
+/// take it): it was taken for no persistence, and DM 1 doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_ids_are_kept_across_connections_only_with_persistence() {
-    for (persistence, interval) in [(true, "30.0"), (false, "30.0"), (true, "1e400")] {
-        let backlog = if persistence { r#", "dm_backlog": 0"# } else { "" };
+    let cases = [("0", "30.0"), ("", "30.0"), ("0", "1e400"), ("2.0", "30.0"), ("2.0", "1e400")];
+    for (raw_backlog, interval) in cases {
+        let persistence = !raw_backlog.is_empty();
+        let backlog = if persistence { format!(r#", "dm_backlog": {raw_backlog}"#) } else { String::new() };
         let welcome = format!(
             r#"{{"type": "welcome", "user_id": "u2", "username": "u2", "heartbeat_interval": {interval}{backlog}}}"#
         );
@@ -1786,7 +1790,7 @@ async fn dm_ids_are_kept_across_connections_only_with_persistence() {
         c.ping().await.unwrap();
         rec.wait("the second DM", 20.0, |ev| dm_texts(ev).last().is_some_and(|t| t == "second")).await;
         let want: &[&str] = if persistence { &["first", "second"] } else { &["first", "new first", "second"] };
-        assert_eq!(dm_texts(&rec.events()), want, "persistence: {persistence}, heartbeat_interval {interval}");
+        assert_eq!(dm_texts(&rec.events()), want, "dm_backlog {raw_backlog:?}, heartbeat_interval {interval}");
         c.close();
         server.abort();
     }
