@@ -3016,7 +3016,9 @@ def test_a_recovery_registers_many_connections_some_at_once() -> None:
                              timeout=60 * SCALE, check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.rpartition("RESULT ")[2])
-    # one after another: at least 300 x (presence + 4 joins) = 1,500 round trips
-    assert result["batches"] < 300, result
+    # one after another: at least 300 x (presence + 4 joins) = 1,500 round trips; at once,
+    # ~90 on an idle machine, 440 once under a loaded CI run (the steps come around slower
+    # than Redis answers, so fewer share a batch): half the sequential floor still tells them
+    assert result["batches"] < 750, result
     assert (result["presence"], result["members"]) == (300, [300] * 4), result
     assert result["raised"] and result["connects"] < 10 + 64, result
