@@ -1723,6 +1723,9 @@ function errorFrom(msg: { code?: unknown; message?: unknown; retry_after_ms?: un
 function welcomeOf(w: Welcome & { id?: unknown; type?: unknown }): Welcome {
   const { id: _id, type: _type, heartbeat_interval: raw, ...rest } = w as Welcome & { id?: unknown; type?: unknown; heartbeat_interval?: unknown };
   const heartbeat_interval = serverHeartbeatInterval(raw);
+  // `dm_backlog` (persistence on) counts only as a count, by the rule for ids off the wire,
+  // as in the Python and Rust clients: a `null`, `"2"` or `2.5` is no persistence.
+  if (rest.dm_backlog !== undefined && wireId(rest.dm_backlog) === null) delete rest.dm_backlog;
   return heartbeat_interval === undefined ? rest : { ...rest, heartbeat_interval };
 }
 

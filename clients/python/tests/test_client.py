@@ -1462,15 +1462,21 @@ async def test_dm_ids_are_kept_across_connections_only_with_persistence() -> Non
     next connection: a DM id seen before is a double, dropped. Without it no DM comes on two
     connections, and a restarted memory server numbers DMs from 1 again: its new 1 was dropped
     as a double of the 1 seen before the restart. The ids are forgotten on such a connection."""
-    assert await _dms_over_a_reconnect(persistence=True) == ["first", "second"]
-    assert await _dms_over_a_reconnect(persistence=False) == ["first", "new first", "second"]
+    # dm_backlog counts by the rule for ids off the wire, as in the JS and Rust clients.
+    for backlog in (0, 2.0, 100):
+        assert await _dms_over_a_reconnect(True, backlog) == ["first", "second"], backlog
+    for backlog in (None, "2", 2.5, -1, True):
+        assert await _dms_over_a_reconnect(False, backlog) == [
+            "first", "new first", "second"], backlog
+    assert await _dms_over_a_reconnect(False) == ["first", "new first", "second"]
 
 
-async def _dms_over_a_reconnect(persistence: bool) -> list[str]:
-    """The texts of the dm events: DM 1, a reconnect, then DM 1 again and DM 2."""
+async def _dms_over_a_reconnect(persistence: bool, *backlog: Any) -> list[str]:
+    """The texts of the dm events: DM 1, a reconnect, then DM 1 again and DM 2 (the welcome's
+    dm_backlog is ``backlog`` if given)."""
     async with FakeServer() as fake:
-        if persistence:
-            fake.welcome_extra = {"dm_backlog": 0}
+        if backlog:
+            fake.welcome_extra = {"dm_backlog": backlog[0]}
         client = client_for(fake)
         rec = Recorder(client)
         await client.connect()

@@ -591,10 +591,12 @@ test("dm: doubles (same id) are surfaced once", async () => {
 });
 
 test("dm: ids are kept across connections with persistence (dm_backlog), forgotten without it (a restarted memory server numbers from 1)", async () => {
-  for (const persistence of [true, false]) {
+  // dm_backlog counts by the rule for ids off the wire, as in the Python and Rust clients.
+  const cases = [[0, true], [2.0, true], [1e2, true], [undefined, false], [null, false], ["2", false], [2.5, false], [-1, false]];
+  for (const [backlog, persistence] of cases) {
     const { server, c } = setup();
     try {
-      if (persistence) server.welcomeExtra = { dm_backlog: 0 };
+      if (backlog !== undefined) server.welcomeExtra = { dm_backlog: backlog };
       const dms = [];
       c.on("dm", (m) => dms.push(m.text));
       await c.connect();
@@ -609,7 +611,7 @@ test("dm: ids are kept across connections with persistence (dm_backlog), forgott
       server.push(server.last, dm(2, "second"));
       await until(() => dms.at(-1) === "second", "the second dm");
       const expected = persistence ? ["first", "second"] : ["first", "new first", "second"];
-      assert.deepEqual(dms, expected, `persistence: ${persistence}`);
+      assert.deepEqual(dms, expected, `dm_backlog: ${JSON.stringify(backlog)}`);
     } finally {
       c.disconnect();
     }

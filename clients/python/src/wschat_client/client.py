@@ -1395,7 +1395,8 @@ class Client:
         self._out = queue = asyncio.Queue[str]()
         writer = asyncio.create_task(self._writer(ws, queue))
         info = self._welcomed(welcome)
-        if welcome.get("dm_backlog") is None:
+        # dm_backlog counts only as a count, by the rule for ids off the wire (as JS, Rust).
+        if wire_id(welcome.get("dm_backlog")) is None:
             # Without persistence a new connection brings no DM delivered before, and a
             # restarted memory server numbers DMs from 1 again: ids kept from an earlier
             # connection would drop its new DMs as doubles. With persistence the database
