@@ -1686,7 +1686,11 @@ impl Driver {
                 }
             }
         } else if let Some(req) = self.requests.remove(&rid) {
-            let _ = req.reply.send(Err(error));
+            // A `leave` answered `not_in_room`: the server had the user out of the room
+            // already (a refresh to another user left every room, say), which is what the
+            // app asked for, as in the JS and Python clients.
+            let left = matches!(req.cmd, ClientCommand::Leave { .. }) && error.code() == Some("not_in_room");
+            let _ = req.reply.send(if left { LEFT } else { Err(error) });
         } else if Some(rid) == self.refresh_rid {
             self.refresh_rid = None;
             let retry_after_ms = match &error {

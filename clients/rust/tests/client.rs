@@ -2475,6 +2475,34 @@ async fn join_of_a_room_already_joined_writes_no_join() {
     server.abort();
 }
 
+/// A `leave` the server answers `not_in_room` (it had the user out of the room already: a
+/// refresh to another user left every room, say) is done, as in the JS and Python clients: it
+/// failed with the server's error though the room was left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_answered_not_in_room_is_done() {
+    let (url, _frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        Some("leave") => vec![json!({"type": "error", "id": cmd["id"], "code": "not_in_room",
+            "message": "not in room"})
+        .to_string()],
+        Some("history") => vec![json!({"type": "error", "id": cmd["id"], "code": "not_in_room",
+            "message": "not in room"})
+        .to_string()],
+        _ => vec![],
+    })
+    .await;
+    let (c, _rec) = impatient_client(url);
+    c.wait_connected(scaled(10.0)).await.unwrap();
+    c.join("r").await.unwrap();
+    c.leave("r").await.unwrap();
+    assert_eq!(c.position("r"), None);
+    // Only a leave: another request refused so still fails.
+    let err = c.history("r", None, None).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_in_room"));
+    c.close();
+    server.abort();
+}
+
 /// After a reconnect the rooms are joined again in the order the app joined them (the room it
 /// joined first, often the one on screen, is back first when the join pacer lets joins go a
 /// few at a time), and go `Joining` in that order, as in the JS and Python clients. They were
