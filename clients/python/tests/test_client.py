@@ -381,6 +381,20 @@ async def test_retryable_refusals_are_retried_and_others_fail_with_the_code() ->
         await client.close()
 
 
+async def test_a_timeout_of_0_does_not_wait() -> None:
+    """``timeout=0`` is "do not wait" (asyncio's meaning), not "the default": ``timeout or
+    default`` took it for the client's 10 s (requests) or for ever (sends). A send so given
+    up stays in the outbox, as after any send timeout."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, send_timeout=30)  # requests: TIMEOUT
+        with pytest.raises(RequestTimeout):
+            await asyncio.wait_for(client.list_users("r", timeout=0), 5)
+        with pytest.raises(RequestTimeout):
+            await asyncio.wait_for(client.send("r", "later", timeout=0), 5)
+        assert [p.text for p in client.pending] == ["later"]
+        await client.close()
+
+
 async def test_request_errors_carry_the_server_code_and_time_out() -> None:
     """history/list_users reject with the server's code, or RequestTimeout when unanswered."""
     async with FakeServer() as fake:

@@ -355,7 +355,7 @@ class Client:
             self._restore_outbox()
             self._run_task = asyncio.create_task(self._run(), name="wschat-client")
         if wait:
-            await self._wait_connected(self._deadline(timeout or 3 * self.connect_timeout))
+            await self._wait_connected(self._deadline(_given(timeout, 3 * self.connect_timeout)))
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting. Unacknowledged sends stay in the
@@ -480,7 +480,7 @@ class Client:
         waiter = asyncio.get_running_loop().create_future()
         r.waiters.append(waiter)
         try:
-            return await self._await(waiter, timeout or self.request_timeout, "joined")
+            return await self._await(waiter, _given(timeout, self.request_timeout), "joined")
         finally:
             # Timed out or cancelled: nobody awaits it any more (it stayed, one per call, and
             # the refusal or close that failed it later was "never retrieved").
@@ -505,7 +505,7 @@ class Client:
         r = self._rooms.pop(room, None)
         if r is None:
             return
-        deadline = self._deadline(timeout or self.request_timeout)
+        deadline = self._deadline(_given(timeout, self.request_timeout))
         self._set_room_state(r, RoomState.LEFT)
         written = self._drop_room(r, ChatError("not_in_room", f"left {room}"))
         leaving = asyncio.ensure_future(self._leave(room, written, deadline))
@@ -557,13 +557,14 @@ class Client:
         self._typing_cleared(room)
         future = self._queue(PendingSend("message", room, text,
                                          client_msg_id or uuid.uuid4().hex))
-        return cast(Message, await self._await_send(future, timeout or self.send_timeout))
+        return cast(Message, await self._await_send(future, _given(timeout, self.send_timeout)))
 
     async def dm(self, to: str, text: str, *, client_msg_id: str | None = None,
                  timeout: float | None = None) -> DirectMessage:
         """Send a direct message to the user ``to`` (a ``user_id``); outbox as :meth:`send`."""
         future = self._queue(PendingSend("dm", to, text, client_msg_id or uuid.uuid4().hex))
-        return cast(DirectMessage, await self._await_send(future, timeout or self.send_timeout))
+        sent = await self._await_send(future, _given(timeout, self.send_timeout))
+        return cast(DirectMessage, sent)
 
     async def _await_send(self, future: asyncio.Future[Any], timeout: float | None) -> Any:
         """A send's result, counting its callers still waiting (:meth:`_fail`: a refusal
@@ -707,7 +708,7 @@ class Client:
         """Write ``frame`` and wait for its reply. A ``read`` (it changes nothing on the
         server) whose connection drops first is asked again on the next one, within the
         same timeout; anything else fails with :class:`Disconnected`."""
-        deadline = self._deadline(timeout or self.request_timeout)
+        deadline = self._deadline(_given(timeout, self.request_timeout))
         while True:
             await self._wait_connected(deadline)
             rid = self._rid()
@@ -1613,6 +1614,12 @@ def _retry_after_ms(value: Any) -> int | None:
     if not finite or value < 0:
         return None
     return min(math.ceil(value), int(RETRY_AFTER_CAP * 1000))
+
+
+def _given(timeout: float | None, default: T) -> float | T:
+    """A call's ``timeout``, or the client's ``default`` when none is given: only None is
+    none (``timeout or default`` took 0, "do not wait", for the default, 10 s or for ever)."""
+    return default if timeout is None else timeout
 
 
 HEARTBEAT_MIN = 1.0
