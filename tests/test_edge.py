@@ -477,6 +477,37 @@ def test_a_malformed_upgrade_request_is_400(server: Server, changed: dict[str, s
     assert " ERROR " not in output and "Traceback" not in output, output
 
 
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"<b>" * 3000 + b"\r\n\r\n", 431,
+     "headers_too_large"),
+    (b"BLAH <script>" + b"x" * 900 + b"\r\n\r\n", 400, "bad_request"),
+    (b"POST /api/rooms HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: zip\r\n\r\n", 501,
+     "not_implemented"),
+])
+def test_a_request_gunicorn_refuses_is_answered_in_json(
+        server: Server, request_bytes: bytes, status: int, code: str) -> None:
+    """A request gunicorn refuses before the app sees it (a request line over its limit, a
+    malformed line, headers too large, an unknown transfer coding) is answered as wschat's
+    other errors are, ``{"error": {"code", "message"}}``, the client's bytes in the message
+    cut short: it was gunicorn's HTML page, the client's text in it."""
+    from wschat.logs import MAX_CLIENT_TEXT
+
+    s = RawSocket(server.port)
+    try:
+        s.send(request_bytes)
+        got, headers, body = s.read_response()
+        while len(body) < int(headers["content-length"]):
+            body += s.sock.recv(65536)
+    finally:
+        s.close()
+    assert got == status
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == code, error
+    assert 0 < len(error["message"]) <= MAX_CLIENT_TEXT, error
+
+
 def test_silent_and_slow_sockets_closed_by_handshake_deadline(raw) -> None:
     """A socket that sends nothing, or drips its request, is closed within 5 s (keepalive)."""
     silent, slow = raw(), raw()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import _socket
 import fcntl
+import json
 import signal
 import socket
 import struct
@@ -38,11 +39,32 @@ from typing import Any
 import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gunicorn import util as gunicorn_util
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
 from .config import Settings
+from .logs import MAX_CLIENT_TEXT
 from .ratelimit import address_key
+
+#: The ``code`` of gunicorn's answers to a request it could not read, by status.
+REFUSED_REQUEST_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long",
+                         417: "expectation_failed", 431: "headers_too_large",
+                         501: "not_implemented"}
+
+
+def write_refusal(sock: Any, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it refused before the app saw it (a request line over
+    its limit, 414; a malformed line or header, 400; too many or too large headers, 431; an
+    unknown transfer coding, 501), as wschat's other errors are: ``{"error": {"code",
+    "message"}}``, not gunicorn's HTML page (``gunicorn.util.write_error``, which the
+    worker's ``handle_error`` calls). The message, which quotes the client's bytes, is cut
+    to ``MAX_CLIENT_TEXT`` characters, as in the log line."""
+    code = REFUSED_REQUEST_CODES.get(status, "internal_error" if status >= 500 else "bad_request")
+    body = json.dumps({"error": {"code": code, "message": message[:MAX_CLIENT_TEXT]}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def waiting_budget(worker_connections: int) -> int:
@@ -252,6 +274,7 @@ class Worker(GeventWorker):
                 self.handle_quit(sig, None)
 
     def run(self) -> None:
+        gunicorn_util.write_error = write_refusal  # (this process serves nothing else)
         settings = Settings.from_env()  # validated by the master: the same environment
         # Behind proxies (TRUSTED_PROXIES) every socket comes from one of them, and the
         # client's address is known only from the request: no cap per peer address then.
