@@ -103,8 +103,10 @@ impl From<Event> for Delivery {
     }
 }
 
-/// What the app hears, in the order it happened.
+/// What the app hears, in the order it happened. `#[non_exhaustive]`: a later release may
+/// add an event (as `UserChanged` was) without breaking a `match` that has a `_` arm.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Event {
     /// The connection state changed.
     State(ConnectionState),

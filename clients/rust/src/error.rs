@@ -2,8 +2,10 @@
 
 use std::fmt;
 
-/// What went wrong with a request or the connection.
+/// What went wrong with a request or the connection. `#[non_exhaustive]`: a later release
+/// may add a kind of error without breaking a `match` that has a `_` arm.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The server answered with an `error` event; `code` is its wire code
     /// (`not_in_room`, `rate_limited`, `unavailable`, ... see the README).
