@@ -162,6 +162,27 @@ def test_a_publish_refused_by_the_store_is_logged_as_a_websocket_request_is(
                       "database in another worker)"]
 
 
+def test_a_dm_no_worker_heard_is_not_logged_as_a_store_outage(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A DM stored but heard by no worker of its users (one was subscribing: churn) is
+    refused for a retry, and was logged "refusing requests: store unavailable", sending
+    operators after an outage that was not there. It is an INFO line of its own now (at
+    most one per 10 s), and does not use up the outage warning's turn."""
+    from wschat.stores.base import Unavailable, Unheard
+    from wschat.stores.durable import UNHEARD_DM
+
+    clock = Clock()
+    chat = make_chat(clock)
+    with caplog.at_level("DEBUG", logger="wschat.chat"):
+        for _ in range(3):
+            chat.log_unavailable(Unheard(UNHEARD_DM))
+        chat.log_unavailable(Unavailable("Redis went away"))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == ["INFO", "WARNING"], lines
+    assert "store unavailable" not in lines[0][1] and "retry" in lines[0][1], lines
+    assert lines[1][1] == "refusing requests: store unavailable (Redis went away)"
+
+
 def test_an_api_dm_kept_for_a_user_who_connects_meanwhile_reaches_her_connection(
         tmp_path: Path) -> None:
     """/api/dm to a user its check found offline, who connects before the DM is

@@ -33,7 +33,7 @@ from .protocol import (
 )
 from .ratelimit import Charge, RateLimited, RateLimiter, address_key
 from .stores.base import (
-    InboxFull, Posted, RecipientOffline, Replay, Stores, Unavailable, User,
+    InboxFull, Posted, RecipientOffline, Replay, Stores, Unavailable, Unheard, User,
 )
 from .session import Session
 from .stores.moderation import EVERYWHERE, MemoryModerationStore, until_ms, until_of
@@ -346,6 +346,7 @@ class Chat:
         self._expiry_deadlines = _Expiries()
         self._presence = _PresenceGate()
         self._unavailable_logged_at = float("-inf")
+        self._unheard_logged_at = float("-inf")
         # Store clean-ups that failed (Redis briefly unreachable, pool exhausted in a
         # disconnect storm): retried from tick() so no membership is left behind.
         self._unfinished: deque[tuple[Session, str | None]] = deque()
@@ -787,6 +788,14 @@ class Chat:
         API call's 503): logged with its cause, at most once per
         :data:`UNAVAILABLE_LOG_EVERY` seconds for the worker."""
         now = self.monotonic()
+        if isinstance(exc, Unheard):
+            # The store is up: a DM came while a worker of its users was (un)subscribing,
+            # and its sender retries. "store unavailable" sent operators after an outage.
+            if now - self._unheard_logged_at >= UNAVAILABLE_LOG_EVERY:
+                self._unheard_logged_at = now
+                log.info("a DM was stored but reached no worker of its users (one was "
+                         "subscribing or unsubscribing); its sender was told to retry")
+            return
         if now - self._unavailable_logged_at >= UNAVAILABLE_LOG_EVERY:
             self._unavailable_logged_at = now
             log.warning("refusing requests: store unavailable (%s)", exc)

@@ -191,6 +191,12 @@ class Unavailable(WschatError):
     """The shared store cannot be reached; the request is refused, not half-done."""
 
 
+class Unheard(Unavailable):
+    """A DM stored but heard by no worker it was for (the recipient's, or the sender's, was
+    between its subscriptions: a connection coming or going): the sender is told to retry
+    (its ``client_msg_id`` gets the stored DM delivered). The store itself is up."""
+
+
 class RecipientOffline(WschatError):
     """A DM refused by the store itself: its recipient has no connection (``user_not_found``)."""
 

@@ -38,7 +38,7 @@ from ..ratelimit import Charge
 from ..telemetry import Metrics
 from .base import (
     API_USER, HELD, REPLAY_MAX_BYTES, STALE, UNHEARD, InboxFull, MessageStore, Posted, Replay,
-    Stored, Unavailable, User, run_to,
+    Stored, Unavailable, Unheard, User, run_to,
 )
 
 log = logging.getLogger("wschat.persistence")
@@ -188,7 +188,7 @@ class DurableMessageStore(MessageStore):
             job.msg_id, job.event, None, job.sender_id,
             job.recipient_id if recipient_online else "")])
         if outcome == UNHEARD:
-            raise Unavailable(UNHEARD_DM)
+            raise Unheard(UNHEARD_DM)
 
     def user_arrived(self, user: User) -> tuple[list[bytes], int] | None:
         job = Arrival(user_id=user.user_id, username=user.username)
@@ -228,7 +228,7 @@ class DurableMessageStore(MessageStore):
             if outcome == UNHEARD:
                 # Nobody got it, and a DM has no history to catch it up from: the
                 # sender is told to retry (the retry publishes it again, _deliver_again).
-                job.error = Unavailable(UNHEARD_DM)
+                job.error = Unheard(UNHEARD_DM)
             elif outcome == HELD and stored.room is not None:
                 self._watch_held(stored.room, stored.msg_id)
             elif outcome == STALE and stored.room is not None:
