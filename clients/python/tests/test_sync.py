@@ -14,6 +14,7 @@ from wschat_client import (
     ConnectionState,
     HistoryPage,
     Message,
+    Presence,
     Removed,
     RoomState,
     SyncClient,
@@ -44,6 +45,34 @@ def test_sync_client_round_trip(harness: Harness) -> None:
         else:
             raise AssertionError("a send to a room not joined was accepted")
     assert chat.state is ConnectionState.DISCONNECTED
+
+
+def test_a_sync_client_dropped_without_close_disconnects(harness: Harness) -> None:
+    """A SyncClient the app drops without close() is closed when collected: its connection
+    (the user online to the others, reconnecting for ever) and its thread lived as long as
+    the process."""
+    import gc
+
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    token = harness.call_sync("/token", {"sub": "gone", "name": "Gone"})["token"]
+    presence: queue.Queue[Presence] = queue.Queue()
+    with SyncClient(server["url"], token=token, request_timeout=TIMEOUT) as watcher:
+        watcher.on("presence", presence.put)
+        watcher.join("lobby")
+        chat = SyncClient(server["url"], username="dropped", request_timeout=TIMEOUT)
+        chat.connect()
+        chat.join("lobby")
+        dropped = chat.user_id
+        loop_thread, loop = chat._thread, chat._loop
+        assert {u.user_id for u in watcher.list_users("lobby")} == {"gone", dropped}
+        del chat
+        gc.collect()
+        loop_thread.join(TIMEOUT)
+        assert not loop_thread.is_alive() and loop.is_closed()
+        while (event := presence.get(timeout=TIMEOUT)).status != "offline":
+            pass
+        assert event.user_id == dropped
+        assert [u.user_id for u in watcher.list_users("lobby")] == ["gone"]
 
 
 def test_a_call_from_another_thread_while_close_ends_raises(harness: Harness) -> None:

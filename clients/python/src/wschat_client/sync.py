@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Self, TypeVar
 
@@ -46,8 +47,9 @@ class SyncClient:
     def __init__(self, url: UrlSource, **options: Any) -> None:
         self.client = Client(url, **options)  # first: an option it refuses starts no thread
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="wschat-client",
-                                        daemon=True)
+        given_up = threading.Event()  # set by _abandon: the thread then closes the loop
+        self._thread = threading.Thread(target=_serve, args=(self._loop, given_up),
+                                        name="wschat-client", daemon=True)
         self._thread.start()
         # The calls under way (their coroutines on the loop), and whether close() has begun to
         # stop the loop: a call then raises ClientClosed rather than wait for a loop that
@@ -56,6 +58,10 @@ class SyncClient:
         self._calls: set[concurrent.futures.Future[Any]] = set()
         self._stopping = False
         self._close_lock = threading.Lock()  # a second close() waits for the first
+        # Dropped without close(): its connection (reconnecting for ever, the user online to
+        # the others) and its thread lived as long as the process.
+        self._abandoned = weakref.finalize(self, _abandon, self._loop, self.client, given_up)
+        self._abandoned.atexit = False
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self._thread:
@@ -140,6 +146,7 @@ class SyncClient:
         second ``close()`` returns once the first is done."""
         if threading.current_thread() is self._thread:
             self._run(self.client.close())  # raises: a handler would wait for its own thread
+        self._abandoned.detach()
         with self._close_lock:
             if self._loop.is_closed():
                 return
@@ -228,3 +235,24 @@ class SyncClient:
 
 async def _value(get: Callable[[], T]) -> T:
     return get()
+
+
+def _abandon(loop: asyncio.AbstractEventLoop, client: Client, given_up: threading.Event
+             ) -> None:
+    """A :class:`SyncClient` collected without :meth:`~SyncClient.close`: its client is
+    closed and its thread ends, unwaited (a finalizer runs on whichever thread collected
+    it, perhaps the client's own)."""
+    given_up.set()
+    try:
+        closing = asyncio.run_coroutine_threadsafe(client.close(), loop)
+    except RuntimeError:  # the loop was closed meanwhile
+        return
+    closing.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
+
+
+def _serve(loop: asyncio.AbstractEventLoop, given_up: threading.Event) -> None:
+    """The client's thread: its loop, until stopped; closed here when :func:`_abandon`
+    stopped it (close() closes it itself, once its callers' calls are cancelled)."""
+    loop.run_forever()
+    if given_up.is_set():
+        loop.close()
