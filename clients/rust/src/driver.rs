@@ -1343,9 +1343,7 @@ impl Driver {
     /// `not_in_room` and go again after the re-join (`on_error`).
     fn rejoin_all(&mut self) {
         self.typing_sent.clear(); // the old user's typing ended with its rooms
-        let mut rooms: Vec<(u64, String)> = self.rooms.iter().map(|(name, r)| (r.order, name.clone())).collect();
-        rooms.sort();
-        for (_, room) in rooms {
+        for room in self.rooms_in_join_order() {
             let Some(r) = self.rooms.get_mut(&room) else { continue };
             if r.join_rid.is_some() {
                 continue;
@@ -1360,6 +1358,14 @@ impl Driver {
         }
     }
 
+    /// The rooms held, in the order the app joined them: the order they are joined again in
+    /// (after a reconnect, or a refresh to another user).
+    fn rooms_in_join_order(&self) -> Vec<String> {
+        let mut rooms: Vec<(u64, &String)> = self.rooms.iter().map(|(name, r)| (r.order, name)).collect();
+        rooms.sort();
+        rooms.into_iter().map(|(_, name)| name.clone()).collect()
+    }
+
     /// `welcome` on a new socket: re-join rooms with `since`, resend what waits.
     fn came_online(&mut self) {
         self.online = true;
@@ -1372,9 +1378,7 @@ impl Driver {
         self.join_pacer.reset();
         self.set_state(ConnectionState::Connected);
         self.schedule_refresh();
-        let mut rooms: Vec<(u64, String)> = self.rooms.iter().map(|(name, r)| (r.order, name.clone())).collect();
-        rooms.sort();
-        for (_, room) in rooms {
+        for room in self.rooms_in_join_order() {
             self.send_join(&room, false);
         }
         let generation = self.generation;
