@@ -1294,9 +1294,7 @@ class Client:
         after the ``auth`` (the server answers in order: one written before was answered
         before this welcome): the server joins it as the new user, and it is left alone.
         Rooms being left are no longer held: they stay left."""
-        for _, timer in self._typing.values():
-            timer.cancel()  # the indicators went with the rooms
-        self._typing.clear()
+        self._all_typing_cleared()  # the indicators went with the rooms
         for room in list(self._rooms.values()):
             if room.join_rid is not None or room.join_queued or room.retry is not None:
                 continue
@@ -1463,9 +1461,7 @@ class Client:
                 room.retry.cancel()
                 room.retry = None
             self._set_room_state(room, RoomState.JOINING)
-        for _, timer in self._typing.values():
-            timer.cancel()
-        self._typing.clear()
+        self._all_typing_cleared()
 
     def _shut_down(self, err: ClientClosed) -> None:
         """Closed for good: everything still waiting raises ``err`` (sends stay queued)."""
@@ -1488,6 +1484,13 @@ class Client:
         previous = self._typing.pop(room, None)
         if previous is not None:
             previous[1].cancel()
+
+    def _all_typing_cleared(self) -> None:
+        """Every room's typing indicator ends with the connection's memberships: its timer
+        (the ``typing: false`` it would write) is cancelled."""
+        for _, timer in self._typing.values():
+            timer.cancel()
+        self._typing.clear()
 
     # -- tokens ------------------------------------------------------------------------------
     def _schedule_refresh(self) -> None:
