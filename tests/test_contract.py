@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "wschat"
@@ -84,10 +87,6 @@ def ticked(cell: str) -> list[str]:
 def first_column(rows: list[list[str]]) -> set[str]:
     """The names in backticks in the first column (a row may name several)."""
     return {name for row in rows for name in ticked(row[0])}
-
-
-def without_fences(text: str) -> str:
-    return re.sub(r"```.*?```", "", text, flags=re.DOTALL)
 
 
 def readme() -> str:
@@ -303,3 +302,226 @@ def test_documented_ranges_are_the_validation() -> None:
         if high is not None and (not accepted(high) or accepted(high * 2 if high else 1)):
             problems.append(f"{name}: README's highest is {high:g}")
     assert not problems, "\n".join(problems)
+
+
+# ==========================================================================
+# 2. Metrics: the series the code creates <-> docs/operations.md, README, the chart
+# ==========================================================================
+
+# The series table's label cell gives each label's values in backticks after "`label`:";
+# for these series, the values the code knows in advance (it exports each from 0) are
+# compared with the documented list. (depth: how deep in parentheses the list is.)
+LABEL_VALUE_LISTS = {
+    ("wschat_errors_total", "code"): ("wschat.protocol", "ErrorCode", 1),
+    ("wschat_disconnects_total", "reason"): ("wschat.metrics", "DISCONNECT_REASONS", 0),
+    ("wschat_handshakes_refused_total", "reason"): ("wschat.metrics", "REFUSAL_REASONS", 0),
+    ("wschat_waiting_sockets_closed_total", "reason"): ("wschat.metrics",
+                                                        "WAITING_CLOSE_REASONS", 0),
+    ("wschat_auth_failures_total", "reason"): ("wschat.metrics", "AUTH_FAILURE_REASONS", 0),
+    ("wschat_messages_received_total", "type"): ("wschat.metrics", "_WIRE_TYPES", 0),
+    ("wschat_messages_delivered_total", "type"): ("wschat.metrics", "DELIVERED_TYPES", 0),
+    ("wschat_messages_posted_total", "kind"): ("wschat.metrics", "POSTED_KINDS", 0),
+}
+HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[Any]:
+    """A started memory-backend app in this process (no server): building it registers
+    every series, prometheus-flask-exporter's too, in the default registry."""
+    from wschat import metrics, runtime
+    from wschat.config import Settings
+    from wschat.factory import create_app
+
+    if metrics.MULTIPROCESS:
+        pytest.skip("PROMETHEUS_MULTIPROC_DIR is set: the exporter's series are elsewhere")
+    application = create_app(Settings())
+    runtime.of(application).start()
+    yield application
+    runtime.of(application).stop(timeout=0)
+
+
+@pytest.fixture(scope="module")
+def series(app: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every wschat_ series the server creates: exposed name -> (type, label names)."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.metrics import MetricWrapperBase
+
+    found = {}
+    for collector in list(REGISTRY._collector_to_names):  # no public list of them
+        if isinstance(collector, MetricWrapperBase) and collector._name.startswith("wschat_"):
+            kind = collector._type
+            name = collector._name + ("_total" if kind == "counter" else "")
+            found[name] = (kind, tuple(collector._labelnames))
+    assert {"wschat_connections_total", "wschat_http_request_total"} <= set(found)
+    return found
+
+
+def _split_top(text: str, separator: str = ";") -> list[str]:
+    """``text`` split at ``separator``s outside parentheses."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == separator and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*parts, current]
+
+
+def _ticked_at_depth(text: str, depth: int) -> list[str]:
+    """Backticked names at exactly ``depth`` levels of parentheses."""
+    names, level, i = [], 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "`":
+            end = text.index("`", i + 1)
+            if level == depth:
+                names.append(text[i + 1:end])
+            i = end + 1
+            continue
+        level += (ch == "(") - (ch == ")")
+        i += 1
+    return names
+
+
+def documented_labels(cell: str) -> dict[str, list[str]]:
+    """A series row's label cell -> label -> the values named at each depth (0, 1):
+    "`a`, `b` (`x`, `y`)" (names only) or "`label`: `v1`, `v2`; `other`: ..."."""
+    labels: dict[str, list[str]] = {}
+    for part in _split_top(cell):
+        match = re.match(r"\s*`(\w+)`\s*:(.*)", part, re.DOTALL)
+        if match:
+            labels[match.group(1)] = [_ticked_at_depth(match.group(2), d) for d in (0, 1)]
+        else:
+            for name in _ticked_at_depth(part, 0):
+                labels[name] = [[], []]
+    return labels
+
+
+def documented_series() -> dict[str, tuple[str, dict[str, list[str]]]]:
+    """docs/operations.md's series table: name -> (type, labels)."""
+    rows = table(section(OPERATIONS.read_text(), "### Series"), "name", "type")
+    found = {}
+    for row in rows:
+        names = ticked(row[0])
+        assert len(names) == 1 and names[0].startswith("wschat_"), row[0]
+        found[names[0]] = (row[1], documented_labels(row[2]))
+    return found
+
+
+def test_every_series_is_documented_with_its_type_and_labels(
+        series: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    """Each series wschat/metrics.py (or the HTTP exporter) creates is a row of
+    docs/operations.md's table with its type and label names, and each row a series the
+    code creates. (test_metrics checks the same against a live Redis cluster's scrape.)"""
+    documented = documented_series()
+    assert set(series) - set(documented) == set(), "created, missing from operations.md"
+    assert set(documented) - set(series) == set(), "in operations.md, created by nothing"
+    problems = []
+    for name, (kind, labels) in series.items():
+        doc_kind, doc_labels = documented[name]
+        if doc_kind != kind:
+            problems.append(f"{name}: documented as a {doc_kind}, created as a {kind}")
+        if set(doc_labels) != set(labels):
+            problems.append(f"{name}: documented labels {sorted(doc_labels)}, code {labels}")
+    assert not problems, "\n".join(problems)
+
+
+def test_documented_label_values_are_the_code_values() -> None:
+    """Where the code knows a label's values in advance (error codes, disconnect and
+    refusal reasons, request types, ...), the table lists exactly those."""
+    import importlib
+
+    documented = documented_series()
+    problems = []
+    for (name, label), (module, attr, depth) in LABEL_VALUE_LISTS.items():
+        known = getattr(importlib.import_module(module), attr)
+        if isinstance(known, dict):
+            known = known.values()
+        code = {getattr(v, "value", v) for v in known}
+        listed = set(documented[name][1][label][depth])
+        if listed != code:
+            problems.append(f"{name}{{{label}}}: missing {sorted(code - listed)}, "
+                            f"not in the code {sorted(listed - code)}")
+    assert not problems, "\n".join(problems)
+
+
+def _exists(name: str, series: dict[str, tuple[str, tuple[str, ...]]]) -> bool:
+    if name in series:
+        return True
+    base, _, suffix = name.rpartition("_")
+    return f"_{suffix}" in HISTOGRAM_SUFFIXES and series.get(base, ("",))[0] == "histogram"
+
+
+def test_docs_and_chart_name_only_series_that_exist(
+        series: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    """Every wschat_ series name README.md, docs/*.md (prose and ```promql blocks; other
+    code blocks hold code, `from wschat_client import ...`) or any file of the chart
+    (values, templates, alerts, dashboard) mentions is one the server creates (a
+    histogram's _bucket/_count/_sum included)."""
+    problems = []
+    files = [README, *sorted((ROOT / "docs").glob("*.md")),
+             *sorted(p for p in HELM.rglob("*") if p.is_file() and p.suffix != ".tgz")]
+    for path in files:
+        text = path.read_text()
+        if path.suffix == ".md":
+            text = re.sub(r"```(?!promql)[^\n]*\n.*?```", "", text, flags=re.DOTALL)
+        for name in set(re.findall(r"(?<![\w/.-])(wschat_[a-z0-9_]+)", text)):
+            if not _exists(name, series):
+                problems.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not problems, "series that do not exist:\n" + "\n".join(sorted(problems))
+
+
+def test_alerts_and_dashboard_read_existing_series_and_labels(
+        series: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    """Every selector of the chart's alert rules (rendered by Helm) and dashboard names a
+    series the server creates, and matches only on labels that series has (or that
+    Prometheus adds to every scraped series). Offline: test_monitoring checks label
+    values against a live server's scrape."""
+    import test_monitoring as monitoring
+    from packaging_support import render
+
+    queries = [(f"panel {title!r}", monitoring.grafana_to_promql(expr))
+               for title, expr in monitoring.dashboard_queries()]
+    queries += [(f"alert {rule['alert']}", rule["expr"])
+                for rule in monitoring.rules_of(render(monitoring.ALERTS_ON))]
+    assert len(queries) > 20
+    problems = []
+    for where, expr in queries:
+        for name, matchers in monitoring.selectors(expr):
+            if name in monitoring.KUBE_STATE_METRICS:
+                continue
+            if not _exists(name, series):
+                problems.append(f"{where}: {name} does not exist")
+                continue
+            base = name if name in series else name.rpartition("_")[0]
+            labels = set(series[base][1]) | monitoring.TARGET_LABELS | {"le"}
+            for label, _, _ in matchers:
+                if label not in labels:
+                    problems.append(f"{where}: {name} has no label {label!r}")
+    assert not problems, "\n".join(problems)
+
+
+def _paths(value: Any, prefix: str = "") -> set[str]:
+    """The dotted paths of every key of nested objects."""
+    if not isinstance(value, dict):
+        return set()
+    return {p for k, v in value.items() for p in {prefix + k} | _paths(v, f"{prefix}{k}.")}
+
+
+def test_metrics_json_example_has_the_served_fields(app: Any) -> None:
+    """docs/operations.md's /metrics/json example has the fields the endpoint serves, and
+    no other, down to the per-type counts (maps of codes or reasons seen so far, and the
+    per-backend store figures, vary and are left out)."""
+    block = section(OPERATIONS.read_text(), "### `/metrics/json`")
+    documented = json.loads(re.search(r"```json\n(.*?)```", block, re.DOTALL).group(1))
+    served = app.test_client().get("/metrics/json", base_url="http://localhost:8081").get_json()
+    variable = ("errors", "disconnects", "handshakes_refused", "auth_failures",
+                "store_ms_since_start")
+    for body in (documented, served):
+        for key in variable:
+            assert isinstance(body.pop(key), dict), key
+    assert _paths(served) - _paths(documented) == set(), "served, not in the example"
+    assert _paths(documented) - _paths(served) == set(), "in the example, not served"
