@@ -40,9 +40,10 @@ def section(text: str, heading: str) -> str:
     lines = text.splitlines()
     assert heading in lines, f"no heading {heading!r}"
     start = lines.index(heading) + 1
-    out = []
+    out, fenced = [], False
     for line in lines[start:]:
-        match = re.match(r"(#+) ", line)
+        fenced ^= line.startswith("```")
+        match = None if fenced else re.match(r"(#+) ", line)  # a shell comment is no heading
         if match and len(match.group(1)) <= level:
             break
         out.append(line)
@@ -525,3 +526,105 @@ def test_metrics_json_example_has_the_served_fields(app: Any) -> None:
             assert isinstance(body.pop(key), dict), key
     assert _paths(served) - _paths(documented) == set(), "served, not in the example"
     assert _paths(documented) - _paths(served) == set(), "in the example, not served"
+
+
+# ==========================================================================
+# 3. Error codes: `error` codes, close codes, the server API's error codes
+# ==========================================================================
+
+def readme_error_codes() -> set[str]:
+    return first_column(table(section(readme(), "### Error codes"), "code", "when"))
+
+
+def test_every_error_code_is_in_the_readme_table_and_sent() -> None:
+    """The README's error-code table is exactly ErrorCode's values; each is used by the
+    server (outside the metrics, which only label them, and the HTTP API); and every
+    `error` event is built by protocol.encode_error, from an ErrorCode, so no code can
+    be sent as a bare string the enum does not know."""
+    from wschat.protocol import ErrorCode
+
+    codes = {code.value for code in ErrorCode}
+    documented = readme_error_codes()
+    assert codes - documented == set(), "sent as `error` codes, missing from README's table"
+    assert documented - codes == set(), "in README's table, no such ErrorCode"
+    used = enum_members_used("ErrorCode", "wschat/metrics.py", "wschat/api.py")
+    unused = {code.value for code in ErrorCode if code.name not in used}
+    assert unused == set(), "documented codes nothing sends"
+    builders = [(path.relative_to(ROOT), node.lineno) for path, tree in sources()
+                for node in ast.walk(tree) if isinstance(node, ast.Dict)
+                and any(isinstance(k, ast.Constant) and k.value == "type"
+                        and isinstance(v, ast.Constant) and v.value == "error"
+                        for k, v in zip(node.keys, node.values, strict=True))]
+    assert [str(path) for path, _ in builders] == ["wschat/protocol.py"], builders
+
+
+def test_every_close_code_the_server_sends_is_in_the_readme_table() -> None:
+    """Each CloseCode the server uses is a row of README's close-code table, and each row
+    a CloseCode (1000 is the client's own, echoed)."""
+    from wschat.protocol import CloseCode
+
+    rows = table(section(readme(), "### Close codes"), "code", "meaning")
+    documented = {int(row[0]) for row in rows if row[0].isdigit()}
+    assert len(documented) >= 10
+    used = {CloseCode[name].value for name in enum_members_used("CloseCode")}
+    assert used - documented == set(), "sent, missing from README's close-code table"
+    assert documented - {code.value for code in CloseCode} == set(), "documented, no CloseCode"
+
+
+def api_error_codes() -> set[tuple[str, int]]:
+    """(code, HTTP status) of every error the server API (or gunicorn, for a request it
+    refuses before the app) can answer with."""
+    from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+    from wschat import api, worker
+    from wschat.protocol import ErrorCode, Limits, ProtocolError, parse_command
+
+    found = set()
+    tree = ast.parse((PACKAGE / "api.py").read_text())
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("ApiError", "_error") and len(node.args) >= 2):
+            continue
+        status, code = node.args[:2]
+        if not isinstance(status, ast.Constant):
+            continue  # the pass-throughs, below
+        if isinstance(code, ast.Constant):
+            found.add((code.value, status.value))
+        else:  # ErrorCode.X.value
+            assert (isinstance(code, ast.Attribute) and code.attr == "value"
+                    and isinstance(code.value, ast.Attribute)), ast.dump(code)
+            found.add((ErrorCode[code.value.attr].value, status.value))
+    # The protocol's own refusals of what /api/publish and /api/dm are given (_parsed).
+    limits = Limits()
+    for frame in ({"type": "message", "room": "no room!", "text": "x"},
+                  {"type": "message", "room": "r", "text": None},
+                  {"type": "message", "room": "r", "text": "x" * (limits.max_text_chars + 1)},
+                  {"type": "dm", "to": "system", "text": "x"}):
+        with pytest.raises(ProtocolError) as refused:
+            parse_command(json.dumps(frame), limits)
+        code = refused.value.code
+        found.add((code.value, api.STATUS.get(code, 400)))
+    # A path or method the API does not have (api._http_error names werkzeug's).
+    for exc in (NotFound(), MethodNotAllowed()):
+        found.add((exc.name.lower().replace(" ", "_"), exc.code))
+    # gunicorn's refusals (wschat.worker.write_refusal); another 5xx is internal_error.
+    found |= {(code, status) for status, code in worker.REFUSED_REQUEST_CODES.items()}
+    found.add(("internal_error", 500))
+    return found
+
+
+def test_every_api_error_code_is_in_the_readme_table_with_its_status() -> None:
+    """README's server-API error table has every code the API can answer with, under
+    its HTTP status, and only codes it can answer with."""
+    rows = table(section(readme(), "## Server HTTP API"), "code", "status")
+    documented: dict[str, set[int]] = {}
+    for row in rows:
+        for code in ticked(row[0]):
+            documented.setdefault(code, set()).update(int(s) for s in
+                                                      re.findall(r"\b[1-5]\d\d\b", row[1]))
+    sent = api_error_codes()
+    assert {("too_large", 413), ("not_found", 404), ("uri_too_long", 414)} <= sent
+    missing = sorted(f"{code} ({status})" for code, status in sent
+                     if status not in documented.get(code, set()))
+    assert not missing, f"answered by the API, missing from README's table: {missing}"
+    assert set(documented) - {code for code, _ in sent} == set(), "documented, never sent"
