@@ -628,3 +628,88 @@ def test_every_api_error_code_is_in_the_readme_table_with_its_status() -> None:
                      if status not in documented.get(code, set()))
     assert not missing, f"answered by the API, missing from README's table: {missing}"
     assert set(documented) - {code for code, _ in sent} == set(), "documented, never sent"
+
+
+# ==========================================================================
+# 4. Protocol types: README's client -> server and server -> client tables
+# ==========================================================================
+
+def parse_command_types() -> set[str]:
+    """The ``type``s protocol.parse_command compares ``kind`` with."""
+    tree = ast.parse((PACKAGE / "protocol.py").read_text())
+    function = next(node for node in ast.walk(tree)
+                    if isinstance(node, ast.FunctionDef) and node.name == "parse_command")
+    types = set()
+    for node in ast.walk(function):
+        if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name)
+                and node.left.id == "kind"):
+            for right in node.comparators:
+                elements = (right.elts if isinstance(right, (ast.Tuple, ast.Set, ast.List))
+                            else [right])
+                types |= {e.value for e in elements if isinstance(e, ast.Constant)
+                          and isinstance(e.value, str)}
+    return types
+
+
+def test_every_command_parse_command_accepts_is_in_the_readme_table() -> None:
+    """The client -> server table is exactly what parse_command accepts: each documented
+    type parses (or is refused for its fields, never as unknown_type), and each type the
+    parser knows is documented."""
+    from wschat.protocol import ErrorCode, ProtocolError, parse_command
+
+    documented = first_column(table(section(readme(), "### Client -> server"), "type", "fields"))
+    accepted = parse_command_types()
+    assert {"auth", "join", "message", "kick"} <= accepted  # not vacuous
+    assert accepted - documented == set(), "parsed, missing from README's client -> server table"
+    assert documented - accepted == set(), "in README's client -> server table, not parsed"
+    for kind in documented | {"no_such_type"}:
+        try:
+            parse_command(json.dumps({"type": kind}))
+        except ProtocolError as exc:
+            assert (exc.code == ErrorCode.UNKNOWN_TYPE) == (kind == "no_such_type"), kind
+
+
+def _event_type(node: ast.AST) -> str | None:
+    """The event type a node builds: {"type": "x", ...}, encode_reply("x", ...), or a
+    prebuilt frame's bytes b'{"type":"x",...'."""
+    if isinstance(node, ast.Dict):
+        for key, value in zip(node.keys, node.values, strict=True):
+            if (isinstance(key, ast.Constant) and key.value == "type"
+                    and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                return value.value
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "encode_reply" and node.args
+            and isinstance(node.args[0], ast.Constant)):
+        return node.args[0].value
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
+        text = (node.value.decode("latin-1") if isinstance(node.value, bytes)
+                else node.value)
+        match = re.match(r'\{"type": ?"(\w+)"', text)
+        return match.group(1) if match else None
+    return None
+
+
+def server_event_types() -> dict[str, set[str]]:
+    """Every event type the server builds -> the modules that build it. The server API
+    (its OpenAPI schemas' "type"s, the commands it builds) and the terminal client (which
+    sends commands) build no events."""
+    found: dict[str, set[str]] = {}
+    for path, tree in sources("wschat/api.py", "wschat/__main__.py", "wschat/terminal.py"):
+        for node in ast.walk(tree):
+            kind = _event_type(node)
+            if kind:
+                found.setdefault(kind, set()).add(str(path.relative_to(ROOT)))
+    for path in PACKAGE.rglob("*.lua"):  # the stores' scripts (Redis) could build frames too
+        for kind in re.findall(r'\{\\?"type\\?": ?\\?"(\w+)', path.read_text()):
+            found.setdefault(kind, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_event_the_server_sends_is_in_the_readme_table() -> None:
+    """The server -> client table is exactly the event types the server builds."""
+    documented = first_column(table(section(readme(), "### Server -> client"), "type", "fields"))
+    built = server_event_types()
+    assert {"welcome", "message", "dm", "error", "moderated"} <= set(built)  # not vacuous
+    missing = {kind: sorted(where) for kind, where in built.items() if kind not in documented}
+    assert not missing, f"sent, missing from README's server -> client table: {missing}"
+    assert documented - set(built) == set(), "in README's server -> client table, never sent"
