@@ -713,3 +713,60 @@ def test_every_event_the_server_sends_is_in_the_readme_table() -> None:
     missing = {kind: sorted(where) for kind, where in built.items() if kind not in documented}
     assert not missing, f"sent, missing from README's server -> client table: {missing}"
     assert documented - set(built) == set(), "in README's server -> client table, never sent"
+
+
+# ==========================================================================
+# 5. The names the seed README and SPEC.md fixed: never renamed, never dropped
+# ==========================================================================
+
+# Copied from the seed README (shared/seed/wschat-seed-README.md) and the contract that
+# extends it (shared/design/SPEC.md), neither of which ships in the repository. The
+# checks above keep code and docs in step; these keep both on the original names, which
+# a rename made in both places at once would otherwise pass.
+SEED_DEFAULTS = {"HOST": "0.0.0.0", "PORT": "8080", "MAX_CONNECTIONS": "10000",
+                 "RATE_LIMIT": "10", "HEARTBEAT_INTERVAL": "30", "ENABLE_PERSISTENCE": "false",
+                 "METRICS_PORT": "8081", "HISTORY_SIZE": "100", "MAX_MESSAGE_BYTES": "65536",
+                 "MAX_OUTBOUND_BYTES": "1048576", "PRESENCE_TTL": "30"}
+SEED_VARIABLES = {*SEED_DEFAULTS, "DATABASE_URL", "REDIS_URL", "ALLOWED_ORIGINS", "LOG_FORMAT",
+                  "WEB_CONCURRENCY", "JWT_SECRET", "JWT_PUBLIC_KEY", "JWT_JWKS_URL",
+                  "JWT_ALGORITHMS", "JWT_AUDIENCE", "JWT_ISSUER", "JWT_LEEWAY", "AUTH_REQUIRED"}
+SEED_COMMANDS = {"auth", "join", "leave", "message", "dm", "typing", "list_users", "history",
+                 "ping"}
+SEED_EVENTS = {"welcome", "joined", "message", "presence", "typing", "error", "pong", "left",
+               "users", "history", "dm"}
+SEED_ERROR_CODES = {"invalid_json", "invalid_message", "unknown_type", "auth_required",
+                    "auth_failed", "token_expired", "not_in_room", "invalid_room",
+                    "rate_limited", "message_too_large", "too_many_rooms", "user_not_found"}
+SEED_SERIES = {"wschat_connections_total", "wschat_rooms_total", "wschat_room_members_total",
+               "wschat_uptime_seconds"}
+SEED_JSON_FIELDS = {"connections", "rooms", "total_memberships", "timestamp"}
+
+
+def test_the_seed_and_spec_names_are_kept(
+        app: Any, series: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    """Every variable (with the seed's default), command, event, error code, series and
+    /metrics/json field the seed or SPEC.md names is still documented and still in the
+    code, under the same name."""
+    from wschat.protocol import ErrorCode
+
+    text = readme()
+    variables = config_table()
+    fields = settings_fields()
+    assert SEED_VARIABLES - set(variables) == set(), "dropped from README's table"
+    assert SEED_VARIABLES - set(fields) == set(), "no longer read by Settings"
+    for name, default in SEED_DEFAULTS.items():
+        field = fields[name]
+        assert field.metadata["parse"](default) == field.default, f"{name}: not the seed's"
+    assert SEED_COMMANDS - parse_command_types() == set(), "no longer parsed"
+    assert SEED_COMMANDS - first_column(
+        table(section(text, "### Client -> server"), "type", "fields")) == set(), "undocumented"
+    assert SEED_EVENTS - set(server_event_types()) == set(), "no longer sent"
+    assert SEED_EVENTS - first_column(
+        table(section(text, "### Server -> client"), "type", "fields")) == set(), "undocumented"
+    assert SEED_ERROR_CODES - {code.value for code in ErrorCode} == set(), "gone from the code"
+    assert SEED_ERROR_CODES - readme_error_codes() == set(), "undocumented"
+    gauges = {n for n, (kind, _) in series.items() if kind == "gauge"}
+    assert SEED_SERIES - gauges == set(), "no longer gauges the server creates"
+    assert SEED_SERIES - set(documented_series()) == set(), "undocumented"
+    served = app.test_client().get("/metrics/json", base_url="http://localhost:8081").get_json()
+    assert SEED_JSON_FIELDS - set(served) == set(), "no longer in /metrics/json"
