@@ -505,6 +505,27 @@ def test_alerts_and_dashboard_read_existing_series_and_labels(
     assert not problems, "\n".join(problems)
 
 
+def test_readme_lists_every_alert_and_the_docs_name_only_alerts_that_exist() -> None:
+    """README's "What an operator gets" names every alert the chart's PrometheusRule
+    holds (rendered by Helm), and every Wschat... alert name in README.md, docs/*.md or
+    the chart is one of them (WschatError is the Python exception, not an alert)."""
+    import test_monitoring as monitoring
+    from packaging_support import render
+
+    alerts = {rule["alert"] for rule in monitoring.rules_of(render(monitoring.ALERTS_ON))}
+    assert len(alerts) >= 9
+    listed = {name for name in ticked(section(readme(), "### What an operator gets"))
+              if re.fullmatch(r"Wschat[A-Z]\w+", name)}
+    assert alerts - listed == set(), "alerts missing from README's list"
+    files = [README, *sorted((ROOT / "docs").glob("*.md")),
+             *sorted(p for p in HELM.rglob("*") if p.is_file())]
+    named = {(path.relative_to(ROOT), name) for path in files
+             for name in re.findall(r"\b(Wschat[A-Z]\w+)", path.read_text())}
+    unknown = sorted(f"{path}: {name}" for path, name in named
+                     if name not in alerts and name != "WschatError")
+    assert not unknown, f"no such alert: {unknown}"
+
+
 def _paths(value: Any, prefix: str = "") -> set[str]:
     """The dotted paths of every key of nested objects."""
     if not isinstance(value, dict):
