@@ -6,6 +6,9 @@ alerts and dashboard name what operators and clients rely on. The rule
 (shared/design/SPEC.md) is to keep every documented name exactly and only add: so a
 name the code has and the docs lack, or the docs have and the code lacks, is drift.
 
+The names the seed README and SPEC.md fixed are kept here too (section 5), so that a
+rename made in code and docs at once still fails.
+
 The docs are read by structure, not wording: names in backticks in a table's first
 column, under a known heading; a row's wording can change freely.
 """
