@@ -59,7 +59,6 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003  # a binary frame: the protocol is JSON text
     INVALID_PAYLOAD = 1007  # invalid UTF-8 in a text frame
-    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009  # frame or message over MAX_MESSAGE_BYTES
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
