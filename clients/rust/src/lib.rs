@@ -20,6 +20,12 @@
 
 #![warn(missing_debug_implementations)] // an app's `#[derive(Debug)]` may hold any public type
 
+/// The README's Rust examples, compiled by `cargo test` as doc-tests so they keep up with the
+/// API (`rust,no_run`: built, not run; `rust,ignore`: a fragment, neither).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod backoff;
 mod client;
 mod driver;
