@@ -144,3 +144,13 @@ def test_start_up_line_names_backend_and_persistence(tmp_path: Path) -> None:
     with Server() as srv:
         wait_until(lambda: "backend=memory persistence=off" in srv.output(),
                    message="the ready line")
+
+
+def test_readme_rust_example_is_the_crates_doc_tested_one() -> None:
+    """The README's Rust example is the Rust client README's first, which `cargo test` builds
+    (a doc-test): it was a fragment, without its `use` of `StreamExt`, no compiler saw."""
+    def rust_blocks(readme: Path) -> list[str]:
+        return re.findall(r"^```rust[a-z_,]*\n(.*?)^```", readme.read_text(),
+                          re.DOTALL | re.MULTILINE)
+    [shown] = rust_blocks(ROOT / "README.md")
+    assert shown == rust_blocks(ROOT / "clients" / "rust" / "README.md")[0]
