@@ -154,3 +154,22 @@ def test_readme_rust_example_is_the_crates_doc_tested_one() -> None:
                           re.DOTALL | re.MULTILINE)
     [shown] = rust_blocks(ROOT / "README.md")
     assert shown == rust_blocks(ROOT / "clients" / "rust" / "README.md")[0]
+
+
+def test_readme_token_example_mints_the_payload_it_shows() -> None:
+    """The README's room-access example: the command, run as written (with a secret), mints a
+    token whose payload has the claims the README's comment shows (the comment lacked `iat`)."""
+    import jwt
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"^```bash\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+                 if "--mod-rooms" in b)
+    command, *comment = block.splitlines()
+    shown = json.loads(" ".join(line.lstrip("# ").removeprefix("payload: ") for line in comment)
+                       .replace("...", "null"))
+    done = wschat_cli(*shlex.split(command)[3:], "--secret", SECRET)
+    assert done.returncode == 0, done.stderr
+    payload = jwt.decode(done.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert payload.keys() == shown.keys()
+    assert {k: v for k, v in payload.items() if shown[k] is not None} == \
+        {k: v for k, v in shown.items() if v is not None}
