@@ -93,3 +93,35 @@ def test_tokens_carry_room_grants(harness: tuple[Call, str]) -> None:
         c.send({"type": "join", "room": "lobby"})
         assert c.expect("error", code="forbidden")["room"] == "lobby"
     assert call("/token", {"sub": "bob", "rooms": "team-*"})[0] == 400
+
+
+@pytest.mark.parametrize("how", ["POST /shutdown", "SIGTERM"])
+def test_shutdown_with_stdin_open_exits_cleanly(how: str) -> None:
+    """POST /shutdown (the README's other way out) and SIGTERM end the harness with status 0,
+    its servers stopped, while its stdin is still open: its thread waiting for stdin's EOF held
+    the buffered reader's lock, and the interpreter's exit aborted on it (`Fatal Python error:
+    _enter_buffered_busy`, SIGABRT)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "clients/conformance/harness.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        control = json.loads(proc.stdout.readline())["control"]
+        request = urllib.request.Request(f"{control}/servers", method="POST", data=b"{}")
+        with urllib.request.urlopen(request, timeout=12 * TIMEOUT) as resp:
+            health = json.loads(resp.read())["http"] + "/health"
+        assert http_get(health)[0] == 200
+        if how == "SIGTERM":
+            proc.terminate()
+        else:
+            request = urllib.request.Request(f"{control}/shutdown", method="POST", data=b"{}")
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+                assert json.loads(resp.read()) == {}
+        status = proc.wait(12 * TIMEOUT)  # stdin left open (communicate() would close it)
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        assert status == 0 and b"Fatal Python error" not in err, (status, err.decode()[-2000:])
+        with pytest.raises(OSError):
+            http_get(health, timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)

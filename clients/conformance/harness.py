@@ -210,7 +210,11 @@ def serve(harness: Harness) -> ThreadingHTTPServer:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
 
     def stdin_closed() -> None:
-        sys.stdin.buffer.read()
+        # os.read, not sys.stdin's buffered reader: a thread blocked in the reader holds its
+        # lock, and an exit by /shutdown or SIGTERM with stdin open then aborted (SIGABRT,
+        # "Fatal Python error: _enter_buffered_busy") instead of exiting with status 0.
+        while os.read(sys.stdin.fileno(), 65536):
+            pass
         done.set()
 
     threading.Thread(target=stdin_closed, daemon=True).start()
