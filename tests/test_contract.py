@@ -654,6 +654,26 @@ def test_every_api_error_code_is_in_the_readme_table_with_its_status() -> None:
     assert set(documented) - {code for code, _ in sent} == set(), "documented, never sent"
 
 
+def test_every_api_status_mapping_is_reachable() -> None:
+    """api.STATUS maps the protocol's refusals of what a call is given (api._parsed) to
+    HTTP statuses: each code it maps is one the protocol's parsing raises. It mapped
+    forbidden, user_not_found and unavailable too, which parse_command never raises (the
+    API answers those itself: 404 in /api/dm, 503 from Unavailable): dead entries that
+    suggested statuses no call gave."""
+    from wschat import api
+    from wschat.protocol import ErrorCode
+
+    raised = set()
+    for node in ast.walk(ast.parse((PACKAGE / "protocol.py").read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "ProtocolError" and node.args
+                and isinstance(node.args[0], ast.Attribute)):
+            raised.add(ErrorCode[node.args[0].attr])
+    assert ErrorCode.MESSAGE_TOO_LARGE in raised
+    unreachable = sorted(code.value for code in set(api.STATUS) - raised)
+    assert not unreachable, f"api.STATUS maps codes the protocol never raises: {unreachable}"
+
+
 # ==========================================================================
 # 4. Protocol types: README's client -> server and server -> client tables
 # ==========================================================================

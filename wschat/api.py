@@ -42,9 +42,10 @@ SYSTEM_USER = API_USER  # the user_id of everything the API posts (reserved: see
 MAX_BODY_BYTES = 256 * 1024
 MAX_NAME_CHARS = 64
 MAX_DURATION = 10 * 365 * 86400
-# A protocol error code -> the HTTP status that fits it.
-STATUS = {ErrorCode.FORBIDDEN: 403, ErrorCode.USER_NOT_FOUND: 404,
-          ErrorCode.MESSAGE_TOO_LARGE: 413, ErrorCode.UNAVAILABLE: 503}
+# A refusal of the protocol's parsing (_parsed) -> the HTTP status that fits it; any other
+# is 400. Only codes parse_command raises: user_not_found (404 in /api/dm) and unavailable
+# (503, from Unavailable) the API answers itself, and forbidden no call can meet.
+STATUS = {ErrorCode.MESSAGE_TOO_LARGE: 413}
 
 
 class ApiError(WschatError):
