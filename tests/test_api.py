@@ -472,6 +472,34 @@ def test_method_not_allowed_names_the_allowed_ones(server: Server) -> None:
         assert json.loads(err.read())["error"]["code"] == "method_not_allowed"
 
 
+@pytest.mark.parametrize("metrics_port", [True, False])
+def test_a_method_http_does_not_define_is_answered_as_the_apis_errors(
+        server: Server, metrics_port: bool) -> None:
+    """A method HTTP does not define (PURGE) on an API path is 501 not_implemented as the
+    API's JSON error, on either port; it was text/plain ("method not implemented"), the
+    one answer under /api/ an API client could not read as {error: {code, message}}."""
+    port = server.metrics_port if metrics_port else server.port
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/info", method="PURGE",
+                                     headers={"Authorization": f"Bearer {API_KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=TIMEOUT)
+    err = caught.value
+    assert err.code == 501
+    assert err.headers.get("Content-Type") == "application/json"
+    assert json.loads(err.read())["error"]["code"] == "not_implemented"
+    assert server.http("/health")[0] == 200  # elsewhere, as before
+    assert _purge(server, "/health") == (501, b"method not implemented\n")
+
+
+def _purge(server: Server, path: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", method="PURGE")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
 def test_invalid_json_and_oversized_bodies(server: Server) -> None:
     """A body that is not JSON is 400; one over 256 KiB is 413 before it is parsed."""
     status, body = call(server, "POST", "/api/publish", raw=b"{nope")

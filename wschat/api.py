@@ -64,6 +64,18 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return _reply({"error": {"code": code, "message": message}}, status, headers)
 
 
+def is_api_path(path: str) -> bool:
+    """A path of the server API's: ``/api`` and below, on either port."""
+    return path == "/api" or path.startswith("/api/")
+
+
+def not_implemented() -> Response:
+    """The answer to a method HTTP does not define on an API path, which the app's WSGI
+    wrapper gives before Flask sees the request (wschat.factory): as the API's other
+    errors, where it was text/plain."""
+    return _error(501, "not_implemented", "the method is not one HTTP defines")
+
+
 def _http_error(exc: HTTPException) -> Response:
     code = (exc.name or "error").lower().replace(" ", "_")
     # The exception's own headers but its page's type: a 405's Allow (RFC 9110 15.5.6
@@ -369,7 +381,7 @@ def register_api(app: Flask, chat: Chat, metrics_port: int,
     port = str(metrics_port)
 
     def is_api() -> bool:
-        return request.path == "/api" or request.path.startswith("/api/")
+        return is_api_path(request.path)
 
     @app.before_request
     def guard_api() -> Response | None:

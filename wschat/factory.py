@@ -32,7 +32,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 
 from . import routes
 from .admission import Admission, ConnectionBudget
-from .api import register_api
+from .api import is_api_path, not_implemented, register_api
 from .auth import Authenticator
 from .chat import Chat
 from .config import Settings, exit_on_config_error
@@ -155,10 +155,13 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PA
 def _known_methods_only(wsgi_app: Any) -> Any:
     """Answer 501 to methods HTTP does not define, before Flask sees them: the
     exporter labels every request with its method, and a client inventing
-    methods would otherwise add series to ``/metrics`` without end."""
+    methods would otherwise add series to ``/metrics`` without end. Under ``/api``
+    the answer is the API's JSON error (``not_implemented``), elsewhere plain text."""
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("REQUEST_METHOD") not in HTTP_METHODS:
+            if is_api_path(environ.get("PATH_INFO", "")):
+                return not_implemented()(environ, start_response)
             body = b"method not implemented\n"
             start_response("501 Not Implemented", [("Content-Type", "text/plain"),
                                                    ("Content-Length", str(len(body)))])
