@@ -674,6 +674,115 @@ def test_every_api_status_mapping_is_reachable() -> None:
     assert not unreachable, f"api.STATUS maps codes the protocol never raises: {unreachable}"
 
 
+# Where the routes that are not the server API's are documented (the OpenAPI document
+# describes METRICS_PORT's /api/): README, by path. A new route fails until it is in the
+# document or here (and in README).
+NON_API_ROUTES = {"/", "/web/", "/ws", "/echo", "/health", "/ready", "/metrics",
+                  "/metrics/json"}
+
+
+def _api_views() -> tuple[dict[str, ast.FunctionDef], dict[str, ast.FunctionDef]]:
+    """api.py's views (endpoint -> definition, in create_api) and module functions."""
+    tree = ast.parse((PACKAGE / "api.py").read_text())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    views = {f"api.{node.name}": node for node in ast.walk(functions["create_api"])
+             if isinstance(node, ast.FunctionDef) and any(
+                 isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute)
+                 and isinstance(d.func.value, ast.Name) and d.func.value.id == "api"
+                 for d in node.decorator_list)}
+    return views, functions
+
+
+def _statuses(node: ast.AST, functions: dict[str, ast.FunctionDef],
+              seen: set[str] | None = None) -> set[int]:
+    """The HTTP statuses the code under ``node`` answers with: ApiError's and _error's
+    (api.STATUS's, and its default, for a status looked up there), and those of the
+    module's functions it calls, transitively. 503 where a store is used (``stores``,
+    ``access``: the blueprint answers Unavailable with 503)."""
+    from wschat import api
+
+    seen = set() if seen is None else seen
+    found = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and sub.id in ("stores", "access"):
+            found.add(503)
+        if not (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name)):
+            continue
+        name = sub.func.id
+        if name in ("ApiError", "_error") and sub.args:
+            status = sub.args[0]
+            if isinstance(status, ast.Constant):
+                found.add(status.value)
+            else:  # STATUS.get(err.code, 400)
+                assert ast.unparse(status).startswith("STATUS.get("), ast.unparse(status)
+                found |= set(api.STATUS.values()) | {status.args[1].value}  # type: ignore
+        elif name in functions and name not in seen:
+            seen.add(name)
+            found |= _statuses(functions[name], functions, seen)
+    return found
+
+
+def test_every_route_and_every_status_it_answers_is_documented(app: Any) -> None:
+    """Walks the app's url_map: each route under /api is in the OpenAPI document with its
+    methods, and each operation lists exactly the statuses its view can answer with (its
+    own and its helpers', the API's guard's, 500 from its handler of any exception, 503
+    where it uses a store); what any path may answer (404 for none, 405 with Allow for a
+    method it does not take, 501 for a method HTTP does not define, gunicorn's refusals)
+    is in components.responses; every other route is one README documents."""
+    from wschat import api, worker
+    from wschat.api import OPENAPI
+
+    views, functions = _api_views()
+    # The guard's answers, all but the API asked on PORT (the document is METRICS_PORT's).
+    guard = next(node for node in ast.walk(functions["register_api"])
+                 if isinstance(node, ast.FunctionDef) and node.name == "guard_api")
+    port_check = next(node for node in guard.body if isinstance(node, ast.If)
+                      and "SERVER_PORT" in ast.unparse(node.test))
+    every_call = _statuses(guard, functions) - _statuses(port_check, functions) | {500}
+    assert every_call == {401, 403, 413, 500}, every_call
+
+    documented: dict[str, dict[str, Any]] = OPENAPI["paths"]
+    served: dict[str, set[str]] = {}
+    text = readme()
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        if not path.startswith("/api/"):
+            bare = re.sub(r"\{\w+\}$", "", path)
+            assert bare in NON_API_ROUTES, f"{rule.rule}: a route in neither list"
+            assert f"`{bare}" in text or f" {bare} " in text or f"{bare})" in text, bare
+            continue
+        assert path in documented, f"{rule.rule}: served, missing from the OpenAPI document"
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            served.setdefault(path, set()).add(method.lower())
+            op = documented[path].get(method.lower())
+            assert op is not None, f"{method} {path}: served, missing from the document"
+            answers = _statuses(views[rule.endpoint], functions) | every_call
+            listed = {int(status) for status in op["responses"]} - {200}
+            assert answers - listed == set(), f"{method} {path}: answered, not listed"
+            assert listed - answers == set(), f"{method} {path}: listed, never answered"
+    assert served == {path: set(ops) for path, ops in documented.items()}
+
+    # What any path may answer, and the operations' own answers, each once under
+    # components.responses (with its headers), which the operations refer to.
+    responses = OPENAPI["components"]["responses"]
+    anywhere = {404, 405, 501, *worker.REFUSED_REQUEST_CODES}  # no route, no method, gunicorn
+    every = anywhere | {int(s) for ops in documented.values() for op in ops.values()
+                        for s in op["responses"]} - {200}
+    assert every - set(api.RESPONSES) == set(), "answered, not in components.responses"
+    named = {status: api.RESPONSES[status][0] for status in every}
+    assert set(responses) == set(named.values()), "components.responses no status uses"
+    for status, name in named.items():
+        assert responses[name]["description"].startswith(f"{status}: "), name
+        if status in anywhere:
+            assert "Any path: " in responses[name]["description"], name
+    for ops in documented.values():
+        for op in ops.values():
+            for status, response in op["responses"].items():
+                if status != "200":
+                    assert response == {"$ref": f"#/components/responses/{named[int(status)]}"}
+    for status, header in ((401, "WWW-Authenticate"), (405, "Allow"), (503, "Retry-After")):
+        assert header in responses[named[status]].get("headers", {}), (status, header)
+
 # ==========================================================================
 # 4. Protocol types: README's client -> server and server -> client tables
 # ==========================================================================

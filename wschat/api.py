@@ -431,21 +431,70 @@ _DURATION = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DURATION,
              "description": "seconds; omitted: until lifted"}
 _UNTIL = {"type": ["integer", "null"], "description": "end, Unix ms; null: until lifted"}
 _OPTIONAL_ROOM = {**_ROOM, "description": "omitted: everywhere"}
-_ERROR = {"description": "error", "content": {"application/json": {"schema": {
-    "$ref": "#/components/schemas/Error"}}}}
+_ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+
+
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+# Every error status the API answers with: its name under components.responses, the codes
+# it carries and when (README: the API's error codes), its headers. Those every call may
+# answer are in each operation (_op); those any path may answer (404 for no route, 405,
+# 501, gunicorn's refusals) are for no operation: a request no operation takes gets them.
+RESPONSES: dict[int, tuple[str, str, dict[str, Any]]] = {
+    400: ("BadRequest", ("invalid_json, invalid_request, invalid_room, invalid_message: the "
+                         "body or a parameter refused. Any path: bad_request, gunicorn's "
+                         "answer to a malformed request line or header"), {}),
+    401: ("Unauthorized", "unauthorized: Authorization: Bearer <API_KEY> missing or wrong",
+          {"WWW-Authenticate": _header('Bearer realm="wschat-api"')}),
+    403: ("Forbidden", ("api_disabled: API_KEY is not configured (every call). Any path: "
+                        "forbidden, gunicorn's, only with PROXY-protocol or TLS options "
+                        "wschat does not set"), {}),
+    404: ("NotFound", ("user_not_found: /api/dm to a user with no connection. Any path: "
+                       "not_found, no such path (a room with '/' is none), or /api asked "
+                       "on PORT"), {}),
+    405: ("MethodNotAllowed", "Any path: method_not_allowed, a method the path does not take",
+          {"Allow": _header("the methods the path takes")}),
+    409: ("Conflict", "inbox_full: /api/dm, as for users' DMs", {}),
+    413: ("RequestEntityTooLarge", (f"too_large: a body (any call's) over {MAX_BODY_BYTES} "
+                                    "bytes; message_too_large: a text over MAX_TEXT_CHARS"),
+          {}),
+    414: ("RequestUriTooLong", ("Any path: uri_too_long, gunicorn's answer to a request "
+                                "line over 4094 bytes"), {}),
+    417: ("ExpectationFailed", ("Any path: expectation_failed, gunicorn's answer to an "
+                                "Expect other than 100-continue"), {}),
+    431: ("RequestHeaderFieldsTooLarge", ("Any path: headers_too_large, gunicorn's answer "
+                                          "to too many or too large headers"), {}),
+    500: ("InternalServerError", ("internal_error: a bug, logged with its traceback; or "
+                                  "gunicorn failed on the request before the app saw it"),
+          {}),
+    501: ("NotImplemented", ("Any path: not_implemented, a method HTTP does not define; "
+                             "gunicorn's answer to an unknown Transfer-Encoding"), {}),
+    503: ("ServiceUnavailable", "unavailable: Redis or the database is unreachable; retry",
+          {"Retry-After": _header("seconds to wait before retrying")}),
+}
+EVERY_CALL = ("401", "403", "413", "500")  # the guard's, and the handler of any exception
+
+
+def _response(status: int) -> dict[str, Any]:
+    _name, description, headers = RESPONSES[status]
+    return {"description": f"{status}: {description}", "content": _ERROR_BODY,
+            **({"headers": headers} if headers else {})}
 
 
 def _op(summary: str, response: dict[str, Any], body: dict[str, Any] | None = None,
         params: list[dict[str, Any]] | None = None, errors: tuple[str, ...] = ()
         ) -> dict[str, Any]:
-    """``errors``: the statuses beyond those every call may answer (400, 401, 403, 503,
-    and 413 for a body over MAX_BODY_BYTES)."""
-    common = ("400", "401", "403", "503", *(("413",) if body is not None else ()))
+    """``errors``: the statuses the call answers beyond those every call may (EVERY_CALL:
+    401, 403, 413 for a body over MAX_BODY_BYTES, 500); tests/test_contract.py checks them
+    against the view's code."""
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {"200": {"description": "done", "content": {
             "application/json": {"schema": response}}},
-            **{status: _ERROR for status in sorted((*common, *errors))}},
+            **{status: {"$ref": f"#/components/responses/{RESPONSES[int(status)][0]}"}
+               for status in sorted((*EVERY_CALL, *errors))}},
     }
     if body is not None:
         op["requestBody"] = {"required": True,
@@ -477,16 +526,27 @@ _MEMBERSHIP = _schema(["room", "user_id", "member", "changed", "private"], room=
                       user_id=_STR, member={"type": "boolean"}, changed={"type": "boolean"},
                       private={"type": "boolean"})
 
+_STORED = ("503",)  # a call that reads or writes a store (Unavailable: 503)
+_CHECKED = ("400", *_STORED)  # one that also checks what it is given
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "wschat server API", "version": __version__,
              "description": "Served on METRICS_PORT (cluster-internal) under /api/; every "
-                            "call needs Authorization: Bearer <API_KEY>."},
+                            "call needs Authorization: Bearer <API_KEY>. Every error is "
+                            "{error: {code, message}}; each operation lists the statuses "
+                            "it answers. A request no operation takes may get those "
+                            "components.responses marks 'Any path': 404 (no such path), "
+                            "405 (a method the path does not take; Allow names those it "
+                            "does), 501 (a method HTTP does not define), and gunicorn's "
+                            "refusals (400, 403, 414, 417, 431, 501). HEAD answers as GET, "
+                            "without the body; OPTIONS answers 200 with Allow."},
     "security": [{"apiKey": []}],
     "components": {
         "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         "schemas": {"Error": _schema(["error"], error=_schema(
             ["code", "message"], code=_STR, message=_STR))},
+        "responses": {name: _response(status) for status, (name, _, _) in RESPONSES.items()},
     },
     "paths": {
         "/api/publish": {"post": _op(
@@ -495,25 +555,25 @@ OPENAPI: dict[str, Any] = {
                     duplicate={"type": "boolean"}),
             _schema(["room", "text"], room=_ROOM, text=_STR,
                     **{"from": _FROM},
-                    client_msg_id={**_STR, "maxLength": 64}))},
+                    client_msg_id={**_STR, "maxLength": 64}), errors=_CHECKED)},
         "/api/dm": {"post": _op(
             "Send a direct message to a user as the server",
             _schema(["id", "to", "duplicate", "delivered"], id={"type": "integer"}, to=_STR,
                     duplicate={"type": "boolean"}, delivered={"type": "boolean"}),
             _schema(["to", "text"], to=_USER_ID, text=_STR, **{"from": _FROM},
                     client_msg_id={**_STR, "maxLength": 64}),
-            errors=("404", "409"))},
+            errors=(*_CHECKED, "404", "409"))},
         "/api/rooms": {"get": _op(
             "Rooms with members",
             _schema(["rooms"], rooms={"type": "array", "items": _schema(
                 ["room", "users", "private"], room=_STR, users={"type": "integer"},
-                private={"type": "boolean"})}))},
+                private={"type": "boolean"})}), errors=_STORED)},
         "/api/rooms/{room}/users": {"get": _op(
             "Users present in a room",
             _schema(["room", "users"], room=_STR, users={"type": "array", "items": _schema(
                 ["user_id", "username"], user_id=_STR, username=_STR,
                 guest={"type": "boolean", "description": "present (true) for a guest"})}),
-            params=[_ROOM_PARAM])},
+            params=[_ROOM_PARAM], errors=_CHECKED)},
         "/api/rooms/{room}/history": {"get": _op(
             "A room's latest messages, oldest first",
             _schema(["room", "messages"], room=_STR,
@@ -522,33 +582,37 @@ OPENAPI: dict[str, Any] = {
                                "present (true) when older messages within `limit` were left "
                                "out to keep the reply within 1 MiB; page back with `before`"}),
             params=[_ROOM_PARAM, _query_param("limit", "default 50, at most HISTORY_SIZE"),
-                    _query_param("before", "only messages with a smaller id")])},
+                    _query_param("before", "only messages with a smaller id")],
+            errors=_CHECKED)},
         "/api/rooms/{room}/members": {
             "get": _op("Users granted membership of a (private) room",
                        _schema(["room", "private", "members"], room=_STR,
                                private={"type": "boolean"},
                                members={"type": "array", "items": _STR}),
-                       params=[_ROOM_PARAM]),
+                       params=[_ROOM_PARAM], errors=_CHECKED),
             "post": _op("Grant a user membership of a private room", _MEMBERSHIP,
-                        _schema(["user_id"], user_id=_USER_ID), params=[_ROOM_PARAM])},
+                        _schema(["user_id"], user_id=_USER_ID), params=[_ROOM_PARAM],
+                        errors=_CHECKED)},
         "/api/rooms/{room}/members/{user_id}": {"delete": _op(
             "Revoke a membership (the user is removed from the private room at once)",
-            _MEMBERSHIP, params=[_ROOM_PARAM, _path_param("user_id", _LIFTED_USER_ID)])},
+            _MEMBERSHIP, params=[_ROOM_PARAM, _path_param("user_id", _LIFTED_USER_ID)],
+            errors=_CHECKED)},
         "/api/kick": {"post": _op(
             "Remove a user from a room now (they may join again)",
             _schema(["room", "user_id", "kicked"], room=_STR, user_id=_STR,
                     kicked={"type": "boolean", "description": "the user was in the room"}),
-            _schema(["room", "user_id"], room=_ROOM, user_id=_USER_ID, reason=_REASON))},
+            _schema(["room", "user_id"], room=_ROOM, user_id=_USER_ID, reason=_REASON),
+            errors=_CHECKED)},
         "/api/ban": {"post": _op("Ban a user from a room or everywhere", _RESTRICTED,
-                                 _BAN_BODY)},
-        "/api/unban": {"post": _op("Lift a ban", _LIFTED, _LIFT_BODY)},
+                                 _BAN_BODY, errors=_CHECKED)},
+        "/api/unban": {"post": _op("Lift a ban", _LIFTED, _LIFT_BODY, errors=_CHECKED)},
         "/api/mute": {"post": _op("Mute a user in a room or everywhere", _RESTRICTED,
-                                  _MUTE_BODY)},
-        "/api/unmute": {"post": _op("Lift a mute", _LIFTED, _LIFT_BODY)},
+                                  _MUTE_BODY, errors=_CHECKED)},
+        "/api/unmute": {"post": _op("Lift a mute", _LIFTED, _LIFT_BODY, errors=_CHECKED)},
         "/api/disconnect": {"post": _op(
             "Close every connection of a user (close code 4003)",
             _schema(["user_id", "closed"], user_id=_STR, closed={"type": "integer"}),
-            _schema(["user_id"], user_id=_USER_ID))},
+            _schema(["user_id"], user_id=_USER_ID), errors=_CHECKED)},
         "/api/info": {"get": _op(
             "Pods, workers and connections",
             _schema(["version", "backend", "pods", "workers", "connections"], version=_STR,
@@ -559,7 +623,7 @@ OPENAPI: dict[str, Any] = {
                     connections={"type": "integer"}, rooms={"type": "integer"},
                     memberships={"type": "integer"},
                     guest_rooms={"type": "array", "items": _STR},
-                    private_rooms={"type": "array", "items": _STR}))},
+                    private_rooms={"type": "array", "items": _STR}), errors=_STORED)},
         "/api/openapi.json": {"get": _op("This document", {"type": "object"})},
     },
 }
