@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -12,6 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
+from websockets.sync.client import connect
 
 from conftest import ROOT, TIMEOUT, Client, http_get, wait_until
 
@@ -71,6 +73,25 @@ def test_worker_killed_and_replaced(harness: tuple[Call, str]) -> None:
     wait_until(lambda: http_get(ready)[0] == 200, 4 * TIMEOUT, 0.1, "the server ready again")
     with Client(server["url"]) as c:
         c.join("harness")
+
+
+def test_a_tls_front_serves_wss_with_a_certificate_of_its_ca(harness: tuple[Call, str]) -> None:
+    """``/servers/<id>/tls``: wss:// verified with the harness's CA; the system's CAs, or a
+    certificate made for another host name, fail verification."""
+    call, _ = harness
+    status, server = call("/servers", {"backend": "memory"})
+    assert status == 200
+    status, front = call(f"/servers/{server['id']}/tls")
+    assert status == 200 and front["url"].startswith("wss://localhost:"), front
+    trusted = ssl.create_default_context(cafile=front["ca"])
+    with connect(front["url"] + "?username=ann", ssl=trusted, open_timeout=TIMEOUT) as ws:
+        assert json.loads(ws.recv(TIMEOUT))["type"] == "welcome"
+    with pytest.raises(ssl.SSLCertVerificationError, match="local issuer"):
+        connect(front["url"], open_timeout=TIMEOUT)
+    status, other = call(f"/servers/{server['id']}/tls", {"hostname": "other.invalid"})
+    assert status == 200 and other["hostname"] == "other.invalid"
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        connect(other["url"], ssl=trusted, open_timeout=TIMEOUT)
 
 
 def test_bad_calls_are_refused(harness: tuple[Call, str]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import jwt  # noqa: E402 (after the path to tests/services.py)
 
 from services import TIMEOUT, PrivateRedis, Server, wait_until  # noqa: E402
+from tls_front import CertificateAuthority, TlsFront, make_ca
 
 DEFAULT_ENV = {"RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000", "PRESENCE_TTL": "3",
                "TYPING_TIMEOUT": "1", "GRACEFUL_TIMEOUT": "10"}
@@ -51,6 +53,8 @@ class Harness:
         self.redis: PrivateRedis | None = None
         self.servers: dict[str, Server] = {}
         self.lock = threading.Lock()
+        self.ca: CertificateAuthority | None = None
+        self.fronts: list[TlsFront] = []
 
     def redis_url(self) -> str:
         if self.redis is None:
@@ -110,6 +114,22 @@ class Harness:
         server.wait_healthy()
         return {"pid": victim}
 
+    def tls_front(self, server_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A TLS front (``tls_front.TlsFront``) for the server, its certificate for
+        ``hostname`` (default ``localhost``) signed by this harness's CA."""
+        server = self.server(server_id)
+        hostname = body.get("hostname", "localhost")
+        if not isinstance(hostname, str) or not hostname:
+            raise HarnessError(400, "hostname must be a non-empty string")
+        with self.lock:
+            if self.ca is None:
+                self.ca = make_ca()
+            cert, key = self.ca.issue(hostname, f"{server_id}-{len(self.fronts) + 1}")
+            front = TlsFront(cert, key, server.port)
+            self.fronts.append(front)
+        return {"url": f"wss://localhost:{front.port}/ws", "ca": str(self.ca.path),
+                "hostname": hostname}
+
     def token(self, body: dict[str, Any]) -> dict[str, Any]:
         sub = body.get("sub")
         if not isinstance(sub, str) or not sub:
@@ -138,6 +158,10 @@ class Harness:
         return {}
 
     def close(self) -> None:
+        for front in self.fronts:
+            front.close()
+        if self.ca is not None:
+            shutil.rmtree(self.ca.folder, ignore_errors=True)
         for server in self.servers.values():
             try:
                 server.stop()
@@ -162,6 +186,8 @@ class Harness:
                 return self.start_server(server_id)
             case ["servers", server_id, "kill-worker"]:
                 return self.kill_worker(server_id)
+            case ["servers", server_id, "tls"]:
+                return self.tls_front(server_id, body)
             case ["redis"]:
                 return {"url": self.redis_url()}
             case ["redis", "stop"]:
