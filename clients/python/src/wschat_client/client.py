@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import re
+import ssl
 import sys
 import time
 import uuid
@@ -1325,6 +1326,10 @@ class Client:
                 raise
             except _NoToken as exc:
                 code, reason, reconnect_in = 4001, str(exc), None  # no token: stop, as JS
+            except ssl.SSLCertVerificationError as exc:
+                # Not an outage: the next attempt gets the same certificate. Stop with the
+                # cause (1015: RFC 6455's code for a failed TLS handshake), as JS and Rust do.
+                code, reason, reconnect_in = TLS_CLOSE_CODE, _tls_reason(exc), None
             except Exception as exc:
                 code, reason = 1006, f"{type(exc).__name__}: {exc}"
                 reconnect_in = self.backoff.delay(attempt)
@@ -1569,6 +1574,18 @@ def _websocket_url(url: Any) -> str:
     except (InvalidURI, TypeError, ValueError) as exc:
         raise ValueError(f"not a ws:// or wss:// URL: {url!r:.200} ({exc})") from None
     return cast(str, url)
+
+
+TLS_CLOSE_CODE = 1015
+"""The ``close_code`` of a client stopped by a server certificate it could not verify (RFC
+6455 7.4.1: never sent on the wire, "the server certificate can't be verified")."""
+
+
+def _tls_reason(exc: ssl.SSLCertVerificationError) -> str:
+    """Why the certificate was refused, in the words the JS and Rust clients use too."""
+    cause = exc.verify_message or exc.reason or str(exc)
+    return (f"TLS certificate verification failed: {cause} (trust the server's CA with an ssl "
+            "context in websocket_options, or fix the URL's host name)")
 
 
 def _with_query(url: str, **params: str) -> str:

@@ -62,7 +62,8 @@ class ClientClosed(ChatError):
 
     Attributes:
         close_code: the WebSocket close code, or the HTTP status of a refused
-            handshake (401, 403, ...), or None when the app closed the client.
+            handshake (401, 403, ...), or 1015 when the server's TLS certificate failed
+            verification (the message says why), or None when the app closed the client.
     """
 
     def __init__(self, message: str = "client closed", close_code: int | None = None) -> None:
