@@ -49,14 +49,17 @@ export const PAUSE_DELAY = 5_000;
 /**
  * What a close code asks of the client. 1000 from the server (never sent by wschat
  * except as an answer), 1001, 1006, 1011-1014 and 41xx reconnect; 4001/4002 need a fresh
- * token; 1002/1003/1007/1008/1009/1010, other 40xx and unknown 4xxx codes are terminal.
+ * token; 1002/1003/1007/1008/1009/1010, 1015 (TLS), other 40xx and unknown 4xxx codes are
+ * terminal.
  */
 export function closePolicy(code: number): ClosePolicy {
   if (code === 4001 || code === 4002) return "token";
   if (code === 4101 || code === 4102) return "pause";
   if (code >= 4100 && code < 4200) return "reconnect";
   if (code >= 4000) return "terminal";
-  if ([1002, 1003, 1007, 1008, 1009, 1010].includes(code)) return "terminal";
+  // 1015: the TLS handshake failed, a server certificate that could not be verified (what a
+  // WebSocket API may report; never sent on the wire), which the next attempt gets again.
+  if ([1002, 1003, 1007, 1008, 1009, 1010, 1015].includes(code)) return "terminal";
   return "reconnect";
 }
 

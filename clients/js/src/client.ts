@@ -391,6 +391,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.ws = ws;
     this.timers.connect = setTimeout(() => this.abandon(conn, "connect timeout"), this.opts.connectTimeout ?? 15_000);
     const refusal = this.watchRefusal(ws, conn);
+    let certificate: string | null = null;
     ws.onmessage = (ev) => {
       if (conn === this.conn) this.onFrame(ev.data);
     };
@@ -398,10 +399,13 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (conn !== this.conn) return;
       // A refused upgrade (seen with `ws` only) is judged by its HTTP status, not the 1006.
       if (refusal.code) this.onClosed(refusal.code, refusal.status, refusalPolicy(refusal.code));
+      // A certificate that failed verification is no outage: the next attempt gets the same.
+      else if (certificate) this.onClosed(TLS_CLOSE_CODE, certificate, "terminal");
       else this.onClosed(ev.code, ev.reason || refusal.status);
     };
-    ws.onerror = () => {
-      /* a close event follows */
+    ws.onerror = (ev) => {
+      // A close event follows. `ws` (Node) tells why the socket failed; browsers never do.
+      certificate = certificateProblem(ev) ?? certificate;
     };
   }
 
@@ -521,17 +525,19 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.clearTimer("reconnect");
     this.detachSocket(1000, reason);
     this.connectionLost();
+    // Stopped for good (not by the app): what waits is told why.
+    const why = error ? ` (${error.message})` : "";
     for (const [id, req] of this.requests) {
       this.requests.delete(id);
       clearTimeout(req.waiter.timer);
-      req.waiter.reject(new ChatError("disconnected", "the client disconnected"));
+      req.waiter.reject(new ChatError("disconnected", `the client disconnected${why}`));
     }
     // Promises that would otherwise wait for their timeout (whose timer keeps Node alive):
     // the room stays wanted and the send stays in the outbox, as after a timeout.
     for (const room of this.rooms.values()) {
       for (const w of room.waiters.splice(0)) {
         clearTimeout(w.timer);
-        w.reject(new ChatError("disconnected", `the client disconnected before ${room.name} was joined`));
+        w.reject(new ChatError("disconnected", `the client disconnected before ${room.name} was joined${why}`));
       }
     }
     for (const [cmid, waiters] of this.sendWaiters) {
@@ -540,7 +546,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       else this.sendWaiters.set(cmid, waiters.filter((w) => w.timer === undefined));
       for (const w of timed) {
         clearTimeout(w.timer);
-        w.reject(new ChatError("disconnected", "the client disconnected; the send stays in the outbox"));
+        w.reject(new ChatError("disconnected", `the client disconnected; the send stays in the outbox${why}`));
       }
     }
     if (error) this.emit("error", error);
@@ -1727,6 +1733,38 @@ function welcomeOf(w: Welcome & { id?: unknown; type?: unknown }): Welcome {
   // as in the Python and Rust clients: a `null`, `"2"` or `2.5` is no persistence.
   if (rest.dm_backlog !== undefined && wireId(rest.dm_backlog) === null) delete rest.dm_backlog;
   return heartbeat_interval === undefined ? rest : { ...rest, heartbeat_interval };
+}
+
+/**
+ * The close code of a client stopped by a server certificate that failed verification: RFC
+ * 6455's 1015 (never sent on the wire; "the server certificate can't be verified"), as in the
+ * Python and Rust clients.
+ */
+export const TLS_CLOSE_CODE = 1015;
+
+/**
+ * OpenSSL's verification failures as Node names them (`err.code`: `CERT_HAS_EXPIRED`,
+ * `DEPTH_ZERO_SELF_SIGNED_CERT`, `UNABLE_TO_VERIFY_LEAF_SIGNATURE`, ...), and Node's own host
+ * name check (`ERR_TLS_CERT_ALTNAME_INVALID`).
+ */
+const CERTIFICATE_ERROR =
+  /^(?:ERR_TLS_CERT_ALTNAME_INVALID|HOSTNAME_MISMATCH|INVALID_CA|INVALID_PURPOSE|PATH_LENGTH_EXCEEDED|(?:ERROR_IN_)?CERT_\w+|(?:DEPTH_ZERO_)?SELF_SIGNED_CERT(?:_IN_CHAIN)?|UNABLE_TO_(?:GET_ISSUER_CERT(?:_LOCALLY)?|VERIFY_LEAF_SIGNATURE|DECRYPT_CERT_SIGNATURE|DECODE_ISSUER_PUBLIC_KEY))$/;
+
+/**
+ * The reason a socket's `error` event gives for a server certificate that failed verification
+ * (`ws`'s event carries Node's error; its `cause`s are looked at too), else null: browsers
+ * tell nothing, and other errors (a reset, a refused connection) are outages.
+ */
+export function certificateProblem(ev: unknown): string | null {
+  let err = (ev as { error?: unknown } | null)?.error ?? ev;
+  for (let depth = 0; depth < 4 && err && typeof err === "object"; depth++) {
+    const { code, message, cause } = err as { code?: unknown; message?: unknown; cause?: unknown };
+    if (typeof code === "string" && CERTIFICATE_ERROR.test(code)) {
+      return `TLS certificate verification failed: ${code}: ${String(message)}`;
+    }
+    err = cause;
+  }
+  return null;
 }
 
 function toChatError(err: unknown, code: string): ChatError {

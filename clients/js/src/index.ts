@@ -1,4 +1,4 @@
-export { ChatClient, jwtExpiry, randomId } from "./client.js";
+export { certificateProblem, ChatClient, jwtExpiry, randomId, TLS_CLOSE_CODE } from "./client.js";
 export type { ClientOptions, UrlInfo } from "./client.js";
 export { ChatError, RETRYABLE_CODES } from "./errors.js";
 export { backoffDelay, closePolicy, goingAwayDelay, PAUSE_DELAY, reconnectDelay, refusalPolicy, retryAfterMs, serverHeartbeatInterval, serverRetryAfterMs } from "./backoff.js";

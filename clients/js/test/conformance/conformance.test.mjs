@@ -5,6 +5,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
+import { readFileSync } from "node:fs";
 import WebSocket from "ws";
 import { ChatClient, memoryOutbox } from "../../dist/index.mjs";
 import { assertExactlyOnce, next, recorder, startHarness, TIMEOUT, until } from "../helpers.mjs";
@@ -708,6 +709,70 @@ test("refused upgrade: 403, 400 and 404 stop the client instead of reconnecting 
     assert.equal(c.state, "disconnected");
   }
   assert.equal(attempts, 1, "upgrades sent with the refused Origin");
+});
+
+test("TLS: a certificate that fails verification stops the client with 1015 and its cause, no retry loop", async () => {
+  // wss:// through the harness's TLS front (a certificate its CA signed, made at run time). A
+  // certificate no retry changes, signed by a CA not trusted here or made for another host
+  // name, stops the client at the first attempt, as in the Python and Rust clients:
+  // `connect()` rejects with `closed` and closeCode 1015 (RFC 6455: a failed TLS handshake),
+  // the message naming the problem, and a `join` waiting for the connection rejects too. It
+  // used to reconnect with the backoff for ever, the cause nowhere.
+  const s = await harness.server();
+  const untrusted = await harness.call(`/servers/${s.id}/tls`);
+  const otherHost = await harness.call(`/servers/${s.id}/tls`, { hostname: "wrong.invalid" });
+  const ca = readFileSync(untrusted.ca);
+  class TrustingTheCa extends WebSocket {
+    constructor(url) {
+      super(url, { ca }); // the README's way to trust a private CA
+    }
+  }
+  const cases = [
+    ["untrusted", untrusted.url, {}, /UNABLE_TO_VERIFY_LEAF_SIGNATURE/],
+    ["another host name", otherHost.url, { WebSocket: TrustingTheCa }, /ERR_TLS_CERT_ALTNAME_INVALID.*wrong\.invalid/],
+  ];
+  for (const [what, url, options, cause] of cases) {
+    const c = client(url, { username: "ann", minReconnectDelay: 50, maxReconnectDelay: 200, ...options });
+    const app = recorder(c);
+    const connecting = c.connect().then(() => assert.fail(`${what}: connected`), (e) => e);
+    const joining = c.join("general").then(() => assert.fail(`${what}: joined`), (e) => e);
+    const timeUp = new Promise((r) => setTimeout(r, 5000, null));
+    const err = await Promise.race([connecting, timeUp]);
+    const retries = app.events.filter((e) => e.event === "connecting");
+    assert.ok(err, `${what}: still trying after 5 s, ${retries.length} attempts, the last: ${JSON.stringify(retries.at(-1)?.payload)}`);
+    assert.equal(err.code, "closed", `${what}: ${err}`);
+    assert.equal(err.closeCode, 1015, `${what}: ${err}`);
+    assert.match(err.message, /TLS certificate verification failed/, what);
+    assert.match(err.message, cause, what);
+    const joinErr = await Promise.race([joining, timeUp]);
+    assert.ok(joinErr, `${what}: the join still waits`);
+    assert.match(joinErr.message, cause, `${what}: ${joinErr}`);
+    await new Promise((r) => setTimeout(r, 500));
+    const seen = app.events.filter((e) => ["connecting", "disconnected", "error"].includes(e.event));
+    assert.deepEqual(
+      seen.map((e) => [e.event, e.payload.code, e.payload.closeCode, e.payload.reconnect]),
+      [["error", "closed", 1015, undefined], ["disconnected", 1015, undefined, false]],
+      `${what}: ${JSON.stringify(seen)}`,
+    );
+    assert.match(seen[1].payload.reason, cause, what);
+    assert.equal(c.state, "disconnected");
+  }
+});
+
+test("TLS: a private CA given to ws as `ca` is trusted", async () => {
+  const s = await harness.server();
+  const front = await harness.call(`/servers/${s.id}/tls`);
+  const ca = readFileSync(front.ca);
+  class TrustingTheCa extends WebSocket {
+    constructor(url) {
+      super(url, { ca });
+    }
+  }
+  const c = client(front.url, { username: "ann", WebSocket: TrustingTheCa });
+  await c.connect();
+  await c.join("general");
+  const sent = await c.send("general", "over TLS");
+  assert.equal(sent.text, "over TLS");
 });
 
 test("many rooms: joining 80 rooms at once stays within the request bucket (no 4102 flooding close), at connect and after a reconnect", async () => {

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { backoffDelay, closePolicy, goingAwayDelay, PAUSE_DELAY, reconnectDelay, refusalPolicy, retryAfterMs } from "../../dist/index.mjs";
+import { backoffDelay, certificateProblem, closePolicy, goingAwayDelay, PAUSE_DELAY, reconnectDelay, refusalPolicy, retryAfterMs } from "../../dist/index.mjs";
 
 test("backoff: min + full jitter up to min(max, min * 2^attempt), capped at max, as in the Python and Rust clients", () => {
   const top = () => 0.999999;
@@ -45,7 +45,7 @@ test("close codes: which reconnect, which pause, which need a token, which stop"
   for (const code of [1000, 1001, 1005, 1006, 1011, 1012, 1013, 4100, 4150]) assert.equal(closePolicy(code), "reconnect", `${code}`);
   for (const code of [4101, 4102]) assert.equal(closePolicy(code), "pause", `${code}`);
   for (const code of [4001, 4002]) assert.equal(closePolicy(code), "token", `${code}`);
-  for (const code of [1002, 1003, 1007, 1008, 1009, 1010, 4000, 4003, 4099, 4200, 4999]) assert.equal(closePolicy(code), "terminal", `${code}`);
+  for (const code of [1002, 1003, 1007, 1008, 1009, 1010, 1015, 4000, 4003, 4099, 4200, 4999]) assert.equal(closePolicy(code), "terminal", `${code}`);
   assert.ok(PAUSE_DELAY >= 1000);
 });
 
@@ -121,4 +121,19 @@ test("heartbeat_interval: read as in the Python and Rust clients (clients/confor
     if (!Object.is(got, seconds ?? undefined)) wrong.push(`${text.slice(0, 40)}: ${got}, not ${seconds ?? undefined}`);
   }
   assert.deepEqual(wrong, []);
+});
+
+test("certificateProblem: a certificate that failed verification, as Node's errors name it, and nothing else", () => {
+  const tls = (code, message = "x") => Object.assign(new Error(message), { code });
+  // `ws`'s error event carries Node's error; a wrapper's `cause` is looked into.
+  const event = { type: "error", error: tls("DEPTH_ZERO_SELF_SIGNED_CERT", "self-signed certificate") };
+  assert.equal(certificateProblem(event), "TLS certificate verification failed: DEPTH_ZERO_SELF_SIGNED_CERT: self-signed certificate");
+  const codes = ["UNABLE_TO_VERIFY_LEAF_SIGNATURE", "SELF_SIGNED_CERT_IN_CHAIN", "UNABLE_TO_GET_ISSUER_CERT_LOCALLY", "CERT_HAS_EXPIRED", "CERT_NOT_YET_VALID", "ERR_TLS_CERT_ALTNAME_INVALID", "HOSTNAME_MISMATCH", "CERT_REVOKED"];
+  for (const code of codes) assert.match(certificateProblem({ error: tls(code) }) ?? "", new RegExp(code), code);
+  assert.match(certificateProblem({ error: new TypeError("fetch failed", { cause: tls("CERT_HAS_EXPIRED") }) }) ?? "", /CERT_HAS_EXPIRED/);
+  // Outages: retried, never taken for a certificate.
+  for (const code of ["ECONNRESET", "ECONNREFUSED", "ETIMEDOUT", "EPROTO", "ERR_SSL_WRONG_VERSION_NUMBER", undefined]) {
+    assert.equal(certificateProblem({ error: tls(code) }), null, String(code));
+  }
+  for (const ev of [null, undefined, {}, { type: "error" }, "CERT_HAS_EXPIRED"]) assert.equal(certificateProblem(ev), null, String(ev));
 });
