@@ -154,11 +154,12 @@ struct Refused {
     status: Option<u16>,
     /// The refusal's `Retry-After` (a full or draining server's 503, a 429).
     retry_after: Option<Duration>,
-    /// No attempt can connect, whatever the server does: the URL (`unusable_url`), or a token
-    /// callback that gives no token.
+    /// No attempt can connect, whatever the server does: the URL (`unusable_url`), a token
+    /// callback that gives no token, or a server certificate that fails verification
+    /// (`certificate_problem`).
     for_good: bool,
     /// The close code the client stops with when `for_good` (4001 for no token, as the JS and
-    /// Python clients stop with it; `None` for an unusable URL).
+    /// Python clients stop with it; 1015 for a certificate; `None` for an unusable URL).
     stop_code: Option<u16>,
 }
 
@@ -186,6 +187,37 @@ fn unusable_url(error: &tokio_tungstenite::tungstenite::Error) -> Option<&'stati
         Error::Url(_) => Some("the URL must be ws:// or wss:// with a host"),
         _ => None,
     }
+}
+
+/// The close code a client stops with when the server's TLS certificate fails verification:
+/// RFC 6455's 1015 (never sent on the wire: "the server certificate can't be verified"), as the
+/// JS and Python clients report it.
+pub(crate) const TLS_CLOSE_CODE: u16 = 1015;
+
+/// Words of a certificate that failed verification, as the TLS stacks word it: OpenSSL
+/// (native-tls on Linux: "certificate verify failed ... (unable to get local issuer
+/// certificate)", "(hostname mismatch)"), rustls ("invalid peer certificate: UnknownIssuer"),
+/// Apple's Security framework and Windows' SChannel ("... not trusted", "The target principal
+/// name is incorrect").
+const CERTIFICATE_FAILURES: &[&str] =
+    &["certificate verify failed", "invalid peer certificate", "not trusted", "target principal name is incorrect"];
+
+/// Why the server's TLS certificate failed verification (untrusted, self-signed, for another
+/// host, expired), or `None` for any other failure. Such a certificate is a configuration
+/// problem: the next attempt gets the same one (a handshake cut short, by a reset or a timeout,
+/// is an outage, and retried). Read from the error's text: the TLS stack is the app's choice
+/// (tokio-tungstenite's features), whose error types this crate cannot name.
+fn certificate_problem(error: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+    use tokio_tungstenite::tungstenite::Error;
+    let text = match error {
+        Error::Tls(tls) => tls.to_string(),
+        Error::Io(io) => io.to_string(), // rustls's errors come as `Io`
+        _ => return None,
+    };
+    let lower = text.to_lowercase();
+    CERTIFICATE_FAILURES.iter().any(|words| lower.contains(words)).then(|| {
+        format!("TLS certificate verification failed: {text} (trust its CA: see the wschat client's README, TLS)")
+    })
 }
 
 /// How one connection ended.
@@ -463,8 +495,16 @@ impl Driver {
                     }
                     _ => (None, None),
                 };
-                match unusable_url(&e) {
-                    Some(why) => Refused { for_good: true, ..refused(format!("{shown}: {e}: {why}")) },
+                if let Some(why) = unusable_url(&e) {
+                    return Refused { for_good: true, ..refused(format!("{shown}: {e}: {why}")) };
+                }
+                match certificate_problem(&e) {
+                    // Stop (1015), as the JS and Python clients do: it was retried for ever.
+                    Some(why) => Refused {
+                        for_good: true,
+                        stop_code: Some(TLS_CLOSE_CODE),
+                        ..refused(format!("{shown}: {why}"))
+                    },
                     None => Refused { status, retry_after, ..refused(format!("{shown}: {e}")) },
                 }
             })?;
@@ -1727,4 +1767,48 @@ async fn until_ended(internal: mpsc::UnboundedSender<Internal>, work: impl std::
 /// Seconds since the Unix epoch, by this machine's clock (a token's `exp` counts so).
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{certificate_problem, unusable_url};
+    use std::io;
+    use tokio_tungstenite::tungstenite::error::{Error, UrlError};
+
+    /// `wss://` without TLS compiled into tokio-tungstenite stops the client, the reason saying
+    /// how to add it. (The tests build it with native-tls, so `tests/client.rs` cannot show it
+    /// end to end: this is the rule it applies.)
+    #[test]
+    fn wss_without_tls_compiled_in_is_an_unusable_url() {
+        let why = unusable_url(&Error::Url(UrlError::TlsFeatureNotEnabled)).expect("unusable");
+        assert!(why.contains("native-tls"), "{why}");
+        assert!(unusable_url(&Error::Url(UrlError::UnableToConnect("x".into()))).is_none());
+        assert!(unusable_url(&Error::Url(UrlError::NoHostName)).is_some());
+    }
+
+    /// A certificate that failed verification, as OpenSSL (native-tls) and rustls word it, is
+    /// told apart from an outage (a reset, a refused connection, a timeout), which is retried.
+    #[test]
+    fn a_certificate_that_failed_verification_is_told_from_an_outage() {
+        let io_error = |text: &str| Error::Io(io::Error::other(text.to_owned()));
+        for text in [
+            "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate verify failed:\
+             ../ssl/statem/statem_clnt.c:1889: (unable to get local issuer certificate)",
+            "invalid peer certificate: UnknownIssuer",
+            "invalid peer certificate: NotValidForName",
+            "The certificate chain was issued by an authority that is not trusted.",
+        ] {
+            let why = certificate_problem(&io_error(text)).unwrap_or_else(|| panic!("not seen: {text}"));
+            assert!(why.starts_with("TLS certificate verification failed: ") && why.contains(text), "{why}");
+        }
+        for error in [
+            io_error("Connection reset by peer (os error 104)"),
+            io_error("Connection refused (os error 111)"),
+            io_error("error:0A00010B:SSL routines:ssl3_get_record:wrong version number"),
+            Error::ConnectionClosed,
+            Error::Url(UrlError::UnableToConnect("certificate verify failed".into())),
+        ] {
+            assert!(certificate_problem(&error).is_none(), "{error}");
+        }
+    }
 }

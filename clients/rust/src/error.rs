@@ -33,7 +33,9 @@ pub enum Error {
     /// an HTTP status retrying cannot change (`code` 403: origin not allowed, 400: a
     /// malformed request or username, 404: no such endpoint, ...; not 401, 408, 429, 5xx), or
     /// the URL is one no attempt can connect to (`code` `None`: `wss://` without TLS compiled
-    /// in, a scheme other than `ws`/`wss`, no host, not a URL).
+    /// in, a scheme other than `ws`/`wss`, no host, not a URL), or the server's TLS certificate
+    /// failed verification (`code` 1015: a CA not trusted, another host name; the reason says
+    /// which).
     /// Every call waiting then, and every later one (`wait_connected` too), fails with it.
     /// Also when the client's task panicked (a bug of this library): `code` `None`, `reason`
     /// "the client's task panicked (a bug in wschat): " and the panic's message.

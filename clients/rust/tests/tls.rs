@@ -1,0 +1,86 @@
+//! The client over `wss://` against the real server behind the harness's TLS front (its
+//! certificate signed by a CA the harness made at run time), built as an app with native-tls
+//! is (this crate's dev-dependencies turn tokio-tungstenite's `native-tls` on).
+//!
+//! A certificate the client cannot verify (signed by a CA it does not trust, or made for
+//! another host name) is no outage: the next attempt gets the same certificate. The client
+//! stops at the first one with `Error::Terminal { code: Some(1015), reason }`, the reason
+//! naming the problem, as the JS and Python clients do; it used to reconnect with the backoff
+//! for ever, a `join` ending in `Error::Timeout` and nothing saying why. A private CA is
+//! trusted through `SSL_CERT_FILE` (native-tls on Linux, OpenSSL), the README's way.
+//!
+//! One test, in a binary of its own: `SSL_CERT_FILE` is the process's, set after the case that
+//! must not trust the CA.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{scaled, Harness, Recorder};
+use serde_json::json;
+use wschat::{Client, Error, Event};
+
+/// A memory server behind a TLS front whose certificate names `hostname`: its URL and CA file.
+async fn tls_front(harness: &Harness, hostname: &str) -> (String, String) {
+    let server = harness.server("memory", 1, json!({})).await;
+    let front = harness.post(&format!("/servers/{}/tls", server.id), json!({"hostname": hostname})).await;
+    (front["url"].as_str().unwrap().to_owned(), front["ca"].as_str().unwrap().to_owned())
+}
+
+/// What is wrong with how a client of `url` stops, or `None` when it stops as it should: a
+/// `join` made while it connects fails with `Error::Terminal` 1015 whose reason names `cause`
+/// (not `Error::Timeout`), the events tell one `Disconnected` (1015, no reconnect) and then
+/// that error, and half a second more brings no second attempt (the backoff, 10 .. 20 ms,
+/// would have made many).
+async fn stops_with(url: &str, cause: &str) -> Option<String> {
+    let (c, events) = Client::builder(format!("{url}?username=ann"))
+        .backoff(Duration::from_millis(10), Duration::from_millis(20))
+        .request_timeout(scaled(5.0))
+        .connect();
+    let rec = Recorder::new(events);
+    let joined = c.join("general").await;
+    let named = |reason: &str| reason.contains("TLS certificate verification failed") && reason.contains(cause);
+    let mut wrong = Vec::new();
+    if !matches!(&joined, Err(Error::Terminal { code: Some(1015), reason }) if named(reason)) {
+        wrong.push(format!("join: {joined:?}"));
+    }
+    let waited = c.wait_connected(scaled(1.0)).await;
+    if !matches!(&waited, Err(Error::Terminal { code: Some(1015), .. })) {
+        wrong.push(format!("wait_connected: {waited:?}"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let told: Vec<Event> =
+        rec.events().into_iter().filter(|e| matches!(e, Event::Disconnected { .. } | Event::Error(_))).collect();
+    let once = match &told[..] {
+        [Event::Disconnected { code: Some(1015), reason, reconnect_in: None }, Event::Error(Error::Terminal { code: Some(1015), .. })] => {
+            named(reason)
+        }
+        _ => false,
+    };
+    if !once {
+        let first: Vec<_> = told.iter().take(3).collect();
+        wrong.push(format!("{} events, the first: {first:#?}", told.len()));
+    }
+    c.close();
+    (!wrong.is_empty()).then(|| format!("{url}: {wrong:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_fails_verification_stops_the_client_and_a_private_ca_is_trusted() {
+    let harness = Harness::start().await;
+    let (url, ca) = tls_front(&harness, "localhost").await;
+    let (other_url, _) = tls_front(&harness, "wrong.invalid").await;
+    // The system's CAs only: the harness's CA is none of them.
+    assert_eq!(stops_with(&url, "unable to get local issuer certificate").await, None);
+    // The CA trusted (the README's way for native-tls on Linux), the name wrong.
+    std::env::set_var("SSL_CERT_FILE", &ca);
+    assert_eq!(stops_with(&other_url, "hostname mismatch").await, None);
+    // The CA trusted, the name right: connected, joined, a send echoed.
+    let (c, events) = Client::builder(format!("{url}?username=bob")).request_timeout(scaled(10.0)).connect();
+    let _rec = Recorder::new(events);
+    c.wait_connected(scaled(10.0)).await.expect("connected over wss:// with the CA trusted");
+    c.join("general").await.expect("joined");
+    let sent = c.send("general", "over TLS").await.expect("sent");
+    assert_eq!(sent.text, "over TLS");
+    c.close();
+}
