@@ -2491,10 +2491,15 @@ async fn a_leave_answered_not_in_room_is_done() {
         _ => vec![],
     })
     .await;
-    let (c, _rec) = impatient_client(url);
+    let (c, rec) = impatient_client(url);
     c.wait_connected(scaled(10.0)).await.unwrap();
     c.join("r").await.unwrap();
     c.leave("r").await.unwrap();
+    // The position follows the events the app has read: the recorder reads them on its task.
+    rec.wait("the room left", 5.0, |ev| {
+        ev.iter().any(|e| matches!(e, Event::Room { state: wschat::RoomState::Left, .. }))
+    })
+    .await;
     assert_eq!(c.position("r"), None);
     // Only a leave: another request refused so still fails.
     let err = c.history("r", None, None).await.unwrap_err();
