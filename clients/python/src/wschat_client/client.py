@@ -684,9 +684,18 @@ class Client:
         return asyncio.get_running_loop().time() + timeout
 
     async def _await(self, future: asyncio.Future[T], timeout: float | None, what: str) -> T:
+        """``future``'s result within ``timeout`` (None: no limit), else RequestTimeout; the
+        future itself is never cancelled (a send stays in the outbox). ``asyncio.timeout``,
+        not ``asyncio.wait_for``: on Python 3.11 that returned the result of a future done in
+        the same turn of the loop as the caller's cancellation, and swallowed it (a task
+        cancelled by its TaskGroup or the app's shutdown went on)."""
+        deadline = asyncio.timeout(timeout)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            async with deadline:
+                return await asyncio.shield(future)
         except TimeoutError:
+            if not deadline.expired():
+                raise  # the future's own (never a local one today), not this wait's end
             raise RequestTimeout(f"no {what} within {timeout} s") from None
 
     async def _wait_connected(self, deadline: float) -> None:
