@@ -1,13 +1,20 @@
-"""Probe tests (scratch)."""
+"""The library as a demanding asyncio app uses it, against the real server: calls cut
+short by ``asyncio.wait_for`` and TaskGroups, ``close()`` twice and while reconnecting,
+``async with`` left by an exception, handlers that raise."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from conftest import TIMEOUT, Harness, Recorder
-
-from wschat_client import ChatError, Client, ClientClosed, ConnectionState, Message, RequestTimeout
+from wschat_client import (
+    Client,
+    ClientClosed,
+    ConnectionState,
+    Message,
+)
 
 
 async def test_a_cancel_as_the_echo_comes_is_not_swallowed(harness: Harness) -> None:
@@ -40,31 +47,33 @@ async def test_a_cancel_as_the_echo_comes_is_not_swallowed(harness: Harness) -> 
     await client.close()
 
 
-async def test_probe_timeouts_then_next_call(harness: Harness) -> None:
+async def test_calls_cut_short_by_wait_for_leave_nothing_behind(harness: Harness) -> None:
+    """send, history, ping, join and list_users cut short by ``asyncio.wait_for`` (cancelled
+    before any answer) again and again: the next calls work, each cut send is delivered
+    once, and no request, waiter or send future is left behind."""
     server = await harness.server("memory")
     client = Client(server["url"], username="ann", request_timeout=TIMEOUT)
     rec = Recorder(client)
     await client.connect()
     await client.join("hall")
     for _ in range(5):
-        for coro in (client.send("hall", "x"), client.history("hall"), client.ping(),
-                     client.join("lobby"), client.list_users("hall")):
-            try:
-                await asyncio.wait_for(coro, 0.0001)
-            except TimeoutError:
-                pass
-    m = await client.send("hall", "after")
-    assert m.text == "after"
-    await rec.wait_for(lambda: sum(1 for x in rec.of("message") if x.text == "x") == 5)
-    h = await client.history("hall")
-    texts = [x.text for x in h]
+        for call in (lambda: client.send("hall", "x"), lambda: client.history("hall"),
+                     client.ping, lambda: client.join("lobby"),
+                     lambda: client.list_users("hall")):
+            with contextlib.suppress(TimeoutError):  # a quick answer may beat it
+                await asyncio.wait_for(call(), 1e-4)  # after its first step
+    assert (await client.send("hall", "after")).text == "after"
+    await rec.wait_for(lambda: sum(1 for m in rec.of("message") if m.text == "x") == 5)
+    texts = [m.text for m in await client.history("hall")]
     assert texts.count("x") == 5 and texts.count("after") == 1, texts
-    print("pending", client.pending, client._requests, client._send_waiters, client._rooms["lobby"].waiters)
+    assert not client._rooms["lobby"].waiters
     assert not client.pending and not client._requests and not client._send_waiters
     await client.close()
 
 
-async def test_probe_taskgroup(harness: Harness) -> None:
+async def test_a_task_group_cancelling_its_calls_breaks_nothing(harness: Harness) -> None:
+    """A TaskGroup whose task fails cancels its sends, history and join mid-way: the client
+    goes on (the next calls work), and the cancelled sends are each delivered once."""
     server = await harness.server("memory")
     client = Client(server["url"], username="ann", request_timeout=TIMEOUT)
     await client.connect()
@@ -75,61 +84,70 @@ async def test_probe_taskgroup(harness: Harness) -> None:
         raise ValueError("boom")
 
     with pytest.raises(ExceptionGroup):
-        async with asyncio.TaskGroup() as tg:
+        async with asyncio.TaskGroup() as group:
             for i in range(20):
-                tg.create_task(client.send("hall", f"t{i}"))
-            tg.create_task(client.history("hall"))
-            tg.create_task(client.join("other"))
-            tg.create_task(boom())
+                group.create_task(client.send("hall", f"t{i}"))
+            group.create_task(client.history("hall"))
+            group.create_task(client.join("other"))
+            group.create_task(boom())
     assert (await client.send("hall", "next")).text == "next"
-    assert await client.history("hall")
+    texts = [m.text for m in await client.history("hall")]
+    assert sorted(texts) == sorted([f"t{i}" for i in range(20)] + ["next"]), texts
     await client.ping()
+    assert not client.pending
     await client.close()
 
 
-async def test_probe_close_twice_and_while_reconnecting(harness: Harness) -> None:
+async def test_close_twice_and_while_reconnecting(harness: Harness) -> None:
+    """close() twice at once and once more; close() while the server is gone and the client
+    waits to reconnect returns at once, and the send queued meanwhile raises ClientClosed."""
     server = await harness.server("memory")
     client = Client(server["url"], username="ann", request_timeout=TIMEOUT)
-    rec = Recorder(client)
     await client.connect()
     await client.join("hall")
     await asyncio.gather(client.close(), client.close())
     await client.close()
-    client2 = Client(server["url"], username="bo", request_timeout=TIMEOUT)
-    rec = Recorder(client2)
-    await client2.connect()
-    await client2.join("hall")
+    assert client.state is ConnectionState.DISCONNECTED
+    other = Client(server["url"], username="bo", request_timeout=TIMEOUT)
+    rec = Recorder(other)
+    await other.connect()
+    await other.join("hall")
     await harness.call(f"/servers/{server['id']}/stop")
-    await rec.wait_for(lambda: client2.state is ConnectionState.CONNECTING and rec.of("disconnected"))
-    s = asyncio.create_task(client2.send("hall", "queued"))
-    await asyncio.sleep(0.3)
+    await rec.wait_for(lambda: other.state is ConnectionState.CONNECTING
+                       and bool(rec.of("disconnected")), what="the reconnect's wait")
+    queued = asyncio.create_task(other.send("hall", "queued"))
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    await client2.close()
-    assert loop.time() - t0 < 1
+    started = loop.time()
+    await other.close()
+    assert loop.time() - started < TIMEOUT / 10
     with pytest.raises(ClientClosed):
-        await s
-    await client2.close()
+        await asyncio.wait_for(queued, TIMEOUT)
+    await other.close()
+    assert other.state is ConnectionState.DISCONNECTED
 
 
-async def test_probe_async_with_exception(harness: Harness) -> None:
+async def test_async_with_left_by_an_exception_closes(harness: Harness) -> None:
+    """``async with`` left by the app's exception closes the client and lets it through."""
     server = await harness.server("memory")
     with pytest.raises(KeyError):
-        async with Client(server["url"], username="ann") as c:
-            await c.join("hall")
-            raise KeyError("x")
-    assert c.state is ConnectionState.DISCONNECTED
+        async with Client(server["url"], username="ann") as chat:
+            await chat.join("hall")
+            raise KeyError("the app's")
+    assert chat.state is ConnectionState.DISCONNECTED and chat._run_task is not None
+    assert chat._run_task.done()
 
 
-async def test_probe_handler_raising(harness: Harness) -> None:
+async def test_handlers_raising_are_logged_and_the_client_goes_on(
+        harness: Harness) -> None:
+    """Plain and async handlers raising on every event: the client goes on."""
     server = await harness.server("memory")
     client = Client(server["url"], username="ann", request_timeout=TIMEOUT)
     rec = Recorder(client)
 
-    def bad(m):  # type: ignore[no-untyped-def]
+    def bad(_: object) -> None:
         raise RuntimeError("bad handler")
 
-    async def bad_async(m):  # type: ignore[no-untyped-def]
+    async def bad_async(_: object) -> None:
         raise RuntimeError("bad async handler")
 
     client.on("message", bad)
@@ -141,4 +159,32 @@ async def test_probe_handler_raising(harness: Harness) -> None:
     await client.join("hall")
     assert (await client.send("hall", "a")).text == "a"
     await rec.wait_for(lambda: rec.of("message"))
+    await client.close()
+
+
+async def test_a_handler_raising_cancelled_error_is_logged_and_the_client_goes_on(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A plain handler that raises ``asyncio.CancelledError`` (a BaseException: here it reads
+    the result of a cancelled future) is logged, and the client goes on, as for any other
+    exception: it ended the client's task, silently, its socket left open and its state
+    still ``connected``, and the next send raised ClientClosed ("call connect() first")."""
+    server = await harness.server("memory")
+    client = Client(server["url"], username="ann", request_timeout=TIMEOUT)
+    rec = Recorder(client)
+    cancelled = asyncio.get_running_loop().create_future()
+    cancelled.cancel()
+
+    def handler(message: Message) -> None:
+        if message.text == "a":
+            cancelled.result()  # the handler's bug: raises CancelledError
+
+    client.on("message", handler)
+    await client.connect()
+    await client.join("hall")
+    await client.send("hall", "a")
+    await rec.wait_for(lambda: [m.text for m in rec.of("message")] == ["a"])
+    assert (await client.send("hall", "b", timeout=TIMEOUT)).text == "b"
+    await rec.wait_for(lambda: [m.text for m in rec.of("message")] == ["a", "b"])
+    assert client.state is ConnectionState.CONNECTED and not rec.of("disconnected")
+    assert "a 'message' handler failed" in caplog.text
     await client.close()

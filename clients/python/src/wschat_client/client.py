@@ -307,7 +307,10 @@ class Client:
                     task = asyncio.ensure_future(_handler_run(result))
                     self._handling.add(task)
                     task.add_done_callback(lambda done, event=event: self._handled(event, done))
-            except Exception:
+            except (Exception, asyncio.CancelledError):
+                # CancelledError too: a plain call cannot be where a cancellation lands (that
+                # is an await), so it is the handler's own (the result of a cancelled future),
+                # and it ended the client's task, the socket left open, the state connected.
                 log.exception("a %r handler failed", event)
 
     def _handled(self, event: str, task: asyncio.Future[Any]) -> None:
