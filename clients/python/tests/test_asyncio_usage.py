@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import warnings
 
 import pytest
 from conftest import TIMEOUT, Harness, Recorder
@@ -188,3 +190,27 @@ async def test_a_handler_raising_cancelled_error_is_logged_and_the_client_goes_o
     assert client.state is ConnectionState.CONNECTED and not rec.of("disconnected")
     assert "a 'message' handler failed" in caplog.text
     await client.close()
+
+
+def test_a_client_left_open_at_the_loop_s_end_closes_its_socket(harness: Harness) -> None:
+    """An app whose ``asyncio.run`` ends with a client it never closed (a CLI returning
+    from main on an error path): asyncio.run cancels the client's task, which now aborts its
+    socket. It was left open: "unclosed transport" and "unclosed socket" ResourceWarnings
+    at exit, and, in a process that goes on, a connection nobody reads that the server kept
+    (the user online to the room) until its heartbeat timed out."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    clients: list[Client] = []
+
+    async def app() -> None:
+        client = Client(server["url"], username="ann", request_timeout=TIMEOUT)
+        clients.append(client)
+        await client.connect()
+        await client.join("hall")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        asyncio.run(app())
+        clients.clear()
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed

@@ -1440,6 +1440,11 @@ class Client:
             # The server's close frame (ws.close_code needs websockets 14.1; this works on 13).
             if closed.rcvd is not None:
                 code, reason = closed.rcvd.code, closed.rcvd.reason
+        except BaseException:
+            # Cancelled with the socket open (asyncio.run ending with a client never closed,
+            # or close() done waiting): it is ours to close, at once (it was left open).
+            ws.transport.abort()
+            raise
         finally:
             writer.cancel()
             self._connection_lost()
