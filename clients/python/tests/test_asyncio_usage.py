@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 import warnings
 
 import pytest
-from conftest import TIMEOUT, Harness, Recorder
+from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order
 from wschat_client import (
     Client,
     ClientClosed,
     ConnectionState,
     Message,
+    SyncClient,
 )
 
 
@@ -214,3 +216,39 @@ def test_a_client_left_open_at_the_loop_s_end_closes_its_socket(harness: Harness
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not unclosed, unclosed
+
+
+async def test_a_consumer_too_slow_for_the_server_loses_nothing(harness: Harness) -> None:
+    """A reader whose loop is stuck (a plain handler blocking it) while a room fills: its
+    socket buffers fill, the server's backlog for it passes ``MAX_OUTBOUND_BYTES`` and it is
+    closed as a slow consumer (4101); the client reconnects after the pause, the rejoin's
+    replay brings what the server dropped, and every message is delivered once, in order."""
+    server = await harness.server("memory", env={
+        "MAX_OUTBOUND_BYTES": "65536", "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000",
+        "MAX_TEXT_CHARS": "15000", "HISTORY_SIZE": "1000"})
+    reader = Client(server["url"], username="ann", request_timeout=TIMEOUT,
+                    connect_timeout=TIMEOUT)
+    rec = Recorder(reader)
+    stuck = [True]
+
+    def slow(message: Message) -> None:
+        if stuck[0]:
+            stuck[0] = False
+            time.sleep(3.0)  # the app's loop blocked: nothing is read meanwhile
+
+    reader.on("message", slow)
+    await reader.connect()
+    await reader.join("hall")
+    count = 200
+
+    def write() -> list[Message]:  # on a thread and loop of its own: the reader's is stuck
+        with SyncClient(server["url"], username="bo", request_timeout=TIMEOUT) as writer:
+            writer.join("hall")
+            return [writer.send("hall", f"{i:04d}" + "x" * 14_990) for i in range(count)]
+
+    sent = await asyncio.to_thread(write)
+    await rec.wait_for(lambda: len(rec.ids("hall")) >= count, timeout=6 * TIMEOUT,
+                       what="every message")
+    assert_exactly_once_in_order(rec, "hall", sent)
+    assert [d.code for d in rec.of("disconnected")] == [4101]
+    await reader.close()
