@@ -9,9 +9,11 @@ import contextlib
 import gc
 import time
 import warnings
+from typing import Any
 
 import pytest
 from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order
+from websockets.asyncio.client import ClientConnection
 from wschat_client import (
     Client,
     ClientClosed,
@@ -252,3 +254,35 @@ async def test_a_consumer_too_slow_for_the_server_loses_nothing(harness: Harness
     assert_exactly_once_in_order(rec, "hall", sent)
     assert [d.code for d in rec.of("disconnected")] == [4101]
     await reader.close()
+
+
+async def test_close_as_the_welcome_comes_returns_at_once(harness: Harness) -> None:
+    """close() called in the turn of the loop in which the ``welcome`` arrives (the client
+    then in its handshake, with no socket to close yet: it cancels the connecting task)
+    returns at once, and nothing connects once it has begun: on Python 3.11 ``asyncio.wait_for``
+    around the welcome's read swallowed the cancellation, the client went on to
+    ``connected``, and close() waited ``connect_timeout`` for a task that did not end."""
+    server = await harness.server("memory")
+    closing: list[asyncio.Task[None]] = []
+
+    class CloseOnWelcome(ClientConnection):
+        async def recv(self, *args: Any, **kwargs: Any) -> Any:
+            frame = await super().recv(*args, **kwargs)
+            if not closing:  # the welcome: close() starts before the client takes it
+                asyncio.get_running_loop().call_soon(
+                    lambda: closing.append(asyncio.create_task(client.close())))
+            return frame
+
+    client = Client(server["url"], username="ann", connect_timeout=TIMEOUT,
+                    websocket_options={"create_connection": CloseOnWelcome})
+    rec = Recorder(client)
+    connected_after_close: list[bool] = []
+    client.on("connected", lambda _: connected_after_close.append(bool(closing)))
+    await client.connect(wait=False)
+    await rec.wait_for(lambda: bool(closing), what="the welcome")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(closing[0], 2 * TIMEOUT)
+    assert loop.time() - started < TIMEOUT / 2
+    assert client.state is ConnectionState.DISCONNECTED
+    assert True not in connected_after_close

@@ -1395,7 +1395,12 @@ class Client:
         options = {"open_timeout": self.connect_timeout, "max_size": 2**24, **self._ws_options}
         ws = await connect(url, additional_headers=headers, **options)
         try:
-            first = _loads(await asyncio.wait_for(ws.recv(), self.connect_timeout))
+            # asyncio.timeout, not wait_for: on Python 3.11 that swallowed a close()'s
+            # cancellation coming as the welcome arrived (the client went on to connected,
+            # and close() waited connect_timeout for this task).
+            async with asyncio.timeout(self.connect_timeout):
+                raw = await ws.recv()
+            first = _loads(raw)
             if first.get("type") != "welcome":
                 raise ChatError("invalid_message", f"expected welcome, got {first.get('type')}")
         except BaseException:
