@@ -86,7 +86,7 @@ async def test_the_fragments_do_what_they_say(harness: Harness) -> None:
     server = await harness.server("memory")
     [resume] = [c for c in CLIENT_README if "chat.rooms[" in c]
     save_part, load_part = resume.split("\n...\n")
-    [paging] = [c for c in CLIENT_README if "history_page" in c]
+    [paging] = [c for c in CLIENT_README if "while page.truncated" in c]
     kept: list[Any] = []
     async with Client(server["url"], username="ann") as writer:
         await writer.join("general")
@@ -110,3 +110,28 @@ async def test_the_fragments_do_what_they_say(harness: Harness) -> None:
             await run_fragment(paging, {"chat": chat, "room": "general",
                                         "show": lambda ms: shown.extend(m.id for m in ms)})
             assert shown == [1, 2, 3, 4]
+
+
+async def test_the_first_page_and_the_live_messages_meet_without_a_double(
+        harness: Harness) -> None:
+    """The fragment's first page (before the joined's last_id + 1) and the message events
+    after the join hold every message once, however the posts of another member interleave
+    with the join and the history request."""
+    server = await harness.server("memory", env={"RATE_LIMIT": "1000",
+                                                 "RATE_LIMIT_BURST": "1000"})
+    [first_page] = [c for c in CLIENT_README if "before=joined.last_id + 1" in c]
+    async with Client(server["url"], username="ann") as writer:
+        await writer.join("general")
+        for i in range(20):
+            await writer.send("general", f"before {i}")
+        async with Client(server["url"], username="cat") as chat:
+            rec = Recorder(chat)
+            posting = asyncio.gather(*(writer.send("general", f"during {i}")
+                                       for i in range(30)))
+            names: dict[str, Any] = {"chat": chat, "room": "general"}
+            await run_fragment(first_page, names)
+            await posting
+            await rec.wait_for(lambda: len(rec.messages["general"]) + len(
+                names["page"].messages) >= 50, what="every message")
+            ids = [m.id for m in names["page"].messages] + rec.ids("general")
+            assert ids == list(range(1, 51)), ids
