@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import REPO, TIMEOUT, Harness, Recorder
-from wschat_client import Client
+from wschat_client import Client, Message
 
 README_URL = "ws://localhost:8080/ws"
 
@@ -135,3 +135,29 @@ async def test_the_first_page_and_the_live_messages_meet_without_a_double(
                 names["page"].messages) >= 50, what="every message")
             ids = [m.id for m in names["page"].messages] + rec.ids("general")
             assert ids == list(range(1, 51)), ids
+
+
+async def test_the_queue_example_answers_one_message_at_a_time(harness: Harness) -> None:
+    """The Handlers section's queue: a bot that answers each ``!ping`` in order, awaiting its
+    send before it takes the next message, and ends at ``!quit``."""
+    server = await harness.server("memory")
+    [bot] = [c for c in CLIENT_README if "inbox.put_nowait" in c]
+    async with Client(server["url"], username="ann") as user, \
+            Client(server["url"], username="bot") as chat:
+        rec = Recorder(user)
+        await user.join("general")
+        running = asyncio.create_task(run_fragment(
+            bot, {"chat": chat, "asyncio": asyncio, "Message": Message}))
+        await Recorder(chat).wait_for(lambda: "general" in chat.rooms, what="the bot's join")
+        await chat.join("general")  # the fragment's join, done
+        for text in ("!ping", "hello", "!ping", "!quit"):
+            await user.send("general", text)
+        await asyncio.wait_for(running, TIMEOUT)
+        await rec.wait_for(lambda: len(rec.messages["general"]) == 6, what="the answers")
+        texts = [(m.from_, m.text) for m in rec.messages["general"]]
+        assert [t for t in texts if t[0] == "ann"] == [
+            ("ann", "!ping"), ("ann", "hello"), ("ann", "!ping"), ("ann", "!quit")], texts
+        pongs = [i for i, t in enumerate(texts) if t == ("bot", "pong")]
+        assert len(pongs) == 2, texts
+        for k, at in enumerate(pongs, 1):  # each pong after its ping
+            assert [t for t in texts[:at] if t[1] == "!ping"][k - 1:], texts
