@@ -161,3 +161,35 @@ async def test_the_queue_example_answers_one_message_at_a_time(harness: Harness)
         assert len(pongs) == 2, texts
         for k, at in enumerate(pongs, 1):  # each pong after its ping
             assert [t for t in texts[:at] if t[1] == "!ping"][k - 1:], texts
+
+
+async def test_the_stream_example_reads_until_quit(harness: Harness) -> None:
+    """The ``events()`` example, as written: it prints each message and the position read up
+    to (the message's id, in the room's epoch), and its ``async for`` ends at ``!quit``, the
+    program with it."""
+    server = await harness.server("memory")
+    [code] = [c for c in CLIENT_README if "async for event in events" in c]
+    assert README_URL in code
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code.replace(README_URL, server["url"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            first = await proc.stdout.readline()  # type: ignore[union-attr]
+        assert first == b"#general carol: Hello from a stream\n", first
+        async with Client(server["url"], username="ann") as ann:
+            await ann.join("general")
+            await ann.send("general", "!quit")
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines = out.decode().splitlines()
+    assert err == b"" and proc.returncode == 0, (out, err)
+    assert re.fullmatch(r"read up to RoomPosition\(last_id=1, epoch='[^']+'\)", lines[0]), lines
+    assert lines[1] == "#general ann: !quit", lines
+    assert re.fullmatch(r"read up to RoomPosition\(last_id=2, epoch='[^']+'\)", lines[2]), lines
+    assert len(lines) == 3, lines
+

@@ -7,6 +7,8 @@
         await chat.join("general")
         await chat.send("general", "Hello!")   # resolves with the stored message
 
+or, as a stream: ``async for event in chat.events(): ...`` (:class:`Event`).
+
 See :class:`Client` for the options, :mod:`wschat_client.events` for the events,
 :mod:`wschat_client.errors` for the exceptions and :class:`SyncClient` for use
 without asyncio.
@@ -15,19 +17,21 @@ without asyncio.
 from .backoff import Backoff
 from .client import Client
 from .errors import ChatError, ClientClosed, Disconnected, OutboxFull, RequestTimeout
-from .events import (ConnectionState, DirectMessage, Disconnect, HistoryPage, Joined, Message,
-                     Muted, Presence, RecoveryFailed, Removed, RoomInfo, RoomState,
-                     RoomStateChange, StateChange, TypingEvent, Unmuted, User, Welcome)
+from .events import (ConnectionState, DirectMessage, Disconnect, Event, EventName, HistoryPage,
+                     Joined, Message, Muted, Payload, Presence, RecoveryFailed, Removed,
+                     RoomInfo, RoomPosition, RoomState, RoomStateChange, StateChange,
+                     TypingEvent, Unmuted, User, Welcome)
 from .outbox import FileOutboxStore, OutboxStore, PendingSend
+from .stream import Events
 from .sync import SyncClient
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backoff", "ChatError", "Client", "ClientClosed", "ConnectionState", "DirectMessage",
-    "Disconnect", "Disconnected", "FileOutboxStore", "HistoryPage", "Joined", "Message", "Muted",
-    "OutboxFull",
-    "OutboxStore", "PendingSend", "Presence", "RecoveryFailed", "Removed", "RequestTimeout",
-    "RoomInfo", "RoomState", "RoomStateChange", "StateChange", "SyncClient", "TypingEvent",
-    "Unmuted", "User", "Welcome", "__version__",
+    "Disconnect", "Disconnected", "Event", "EventName", "Events", "FileOutboxStore",
+    "HistoryPage", "Joined", "Message", "Muted", "OutboxFull",
+    "OutboxStore", "Payload", "PendingSend", "Presence", "RecoveryFailed", "Removed",
+    "RequestTimeout", "RoomInfo", "RoomPosition", "RoomState", "RoomStateChange", "StateChange",
+    "SyncClient", "TypingEvent", "Unmuted", "User", "Welcome", "__version__",
 ]

@@ -36,6 +36,7 @@ import ssl
 import sys
 import time
 import uuid
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,15 +49,17 @@ from websockets.uri import parse_uri
 
 from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
-from .events import (ConnectionState, DirectMessage, Disconnect, HistoryPage, Joined, Message,
-                     Muted, Presence, RecoveryFailed, Removed, RoomInfo, RoomState,
-                     RoomStateChange, StateChange, TypingEvent, Unmuted, User, Welcome,
-                     WIRE_ID_MAX, wire_epoch, wire_id)
+from .events import (ConnectionState, DirectMessage, Disconnect, Event, HistoryPage, Joined,
+                     Message, Muted, Presence, RecoveryFailed, Removed, RoomInfo, RoomPosition,
+                     RoomState, RoomStateChange, StateChange, TypingEvent, Unmuted, User,
+                     Welcome, WIRE_ID_MAX, wire_epoch, wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
 from .pacer import JOIN_RETRY_DEFAULT, JOIN_WINDOW, JoinPacer, Pacer
+from .stream import Events, _Feed
 
 log = logging.getLogger("wschat_client")
 T = TypeVar("T")
+FeedT = TypeVar("FeedT", bound=_Feed)
 
 Handler = Callable[[Any], Any]
 UrlSource = str | Callable[[], str | Awaitable[str]]
@@ -273,6 +276,13 @@ class Client:
         # Tasks inside close(), and the handlers that started them (_HANDLER_TASK): one entry
         # per close() call, so one that returns takes away its own only.
         self._closers: list[asyncio.Future[Any] | None] = []
+        # The iterators of events(), weakly: one the app dropped (after a break) is gone with
+        # its queue at once, its reference pruned by the next event. Not a WeakSet: a
+        # SyncEvents dropped on the app's thread would change the set there, under this loop's
+        # iteration of it. And whether the client is closed or stopped for good (a new one
+        # then ends at once; connect() starts the client again).
+        self._feeds: list[weakref.ref[_Feed]] = []
+        self._feeds_ended = False
 
     # -- events --------------------------------------------------------------------------
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
@@ -299,7 +309,61 @@ class Client:
                 self._handlers[event].remove(handler)
         return remove
 
+    def events(self) -> Events:
+        """Every event from now on, for ``async for``: an :class:`~wschat_client.Event` (its
+        ``name``, as :meth:`on` takes, and its ``payload``, what that event's handler gets),
+        in the order the handlers get them (each event is queued in every iterator before
+        the handlers are called). The queue is unbounded, as the Rust client's ``Events``
+        (the client never waits for the app; one read of the socket hands on hundreds of
+        events at once): read it, or drop the iterator (``break``: the client keeps only a
+        weak reference, so nothing is left behind), or :meth:`Events.close
+        <wschat_client.Events.close>` it. Several may run at once, each with every event.
+
+        The iteration ends, without an exception, once the events from before the client was
+        closed are read: after :meth:`close`, and after a stop for good (its ``error`` event,
+        a :class:`ClientClosed` with the ``close_code``, is the last, as for ``on``).
+        Made on a closed client, it ends at once; before :meth:`connect`, it waits for it.
+        :meth:`Events.position <wschat_client.Events.position>` follows the events read
+        from it: persist that, not :attr:`rooms`, which may be ahead of them."""
+        return self._subscribe(Events())
+
+    def _subscribe(self, feed: FeedT) -> FeedT:
+        """Have ``feed`` get every event from now on (on the client's loop)."""
+        feed._start({name: RoomPosition(r.info.last_id, r.info.epoch)
+                     for name, r in self._rooms.items()}, self._feeds_ended)
+        if not self._feeds_ended:
+            self._feeds.append(weakref.ref(feed))
+        return feed
+
+    def _live_feeds(self) -> list[_Feed]:
+        """The iterators the app still holds; the references of the others dropped."""
+        feeds = [feed for ref in self._feeds if (feed := ref()) is not None]
+        if len(feeds) < len(self._feeds):
+            self._feeds = [ref for ref in self._feeds if ref() is not None]
+        return feeds
+
+    def _end_feeds(self) -> None:
+        """Closed or stopped for good: the iterators end once what they hold is read."""
+        self._feeds_ended = True
+        for feed in self._live_feeds():
+            feed._end()
+        self._feeds = []
+
     def _emit(self, event: str, payload: Any) -> None:
+        if self._feeds:
+            # Queued before the handlers run: an event a handler causes (nested) comes after
+            # this one, and an iterator a handler makes starts after it. The room's position
+            # goes with it, for the iterator to record as it hands it over.
+            room = getattr(payload, "room", None)
+            position = None
+            if isinstance(room, str):
+                if (r := self._rooms.get(room)) is not None:
+                    position = RoomPosition(r.info.last_id, r.info.epoch)
+            else:
+                room = None
+            item = Event(cast(Any, event), payload)
+            for feed in self._live_feeds():
+                feed._push(item, room, position)
         for handler in list(self._handlers[event]):
             try:
                 result = handler(payload)
@@ -356,6 +420,7 @@ class Client:
         """
         if self._run_task is None or self._run_task.done():
             self._closing = False
+            self._feeds_ended = False  # iterators made from now on get the new run's events
             self._restore_outbox()
             self._run_task = asyncio.create_task(self._run(), name="wschat-client")
         if wait:
@@ -421,6 +486,7 @@ class Client:
         finally:
             self._shut_down(ClientClosed())
             self._set_state(ConnectionState.DISCONNECTED)
+            self._end_feeds()
 
     async def __aenter__(self) -> Self:
         try:
@@ -1377,6 +1443,8 @@ class Client:
                                f"{self.last_close.reason}", self.last_close.code)
             self._emit("error", err)
             self._shut_down(err)
+            self._set_state(ConnectionState.DISCONNECTED)
+            self._end_feeds()
         self._set_state(ConnectionState.DISCONNECTED)
 
     async def _open(self) -> tuple[ClientConnection, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Typed events and states: what the client hands to the app.
 
-Event names for :meth:`Client.on <wschat_client.Client.on>`, the payload each
-handler receives, and when:
+Event names for :meth:`Client.on <wschat_client.Client.on>` (and :attr:`Event.name` of
+:meth:`Client.events <wschat_client.Client.events>`), the payload each handler receives
+(:attr:`Event.payload`), and when:
 
 - ``state`` (:class:`StateChange`): the connection state changed.
 - ``connected`` (:class:`Welcome`): connected and greeted (also after each reconnect).
@@ -36,7 +37,9 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
+
+from .errors import ChatError
 
 
 class ConnectionState(enum.StrEnum):
@@ -303,3 +306,53 @@ class RoomInfo:
     # The room's numbering (the latest joined's epoch), in which last_id counts: persist the
     # two together to resume with join(room, since=last_id, epoch=epoch). None: unknown.
     epoch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPosition:
+    """Where the app is in a room, as of the events an iterator handed over
+    (:meth:`Events.position <wschat_client.Events.position>`): persist the two together and
+    resume with ``join(room, since=last_id, epoch=epoch)``.
+
+    Attributes:
+        last_id: the id of the room's last message handed over (None: none yet, and the
+            room's ``joined`` gave no position; or the position it was resumed from).
+        epoch: the numbering ``last_id`` counts in (None: not known).
+    """
+
+    last_id: int | None
+    epoch: str | None
+
+
+EventName: TypeAlias = Literal[
+    "state", "connected", "user_changed", "disconnected", "message", "dm", "presence", "typing",
+    "joined", "recovery_failed", "room_state", "removed", "muted", "unmuted", "ack", "error"]
+"""The names :meth:`Client.on <wschat_client.Client.on>` takes, and :attr:`Event.name`."""
+
+Payload: TypeAlias = (StateChange | Welcome | Disconnect | Message | DirectMessage | Presence
+                      | TypingEvent | Joined | RecoveryFailed | RoomStateChange | Removed | Muted
+                      | Unmuted | ChatError)
+"""What an ``on()`` handler receives, and :attr:`Event.payload`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of :meth:`Client.events <wschat_client.Client.events>`: its ``name`` (the
+    name :meth:`~wschat_client.Client.on` takes) and its ``payload`` (what that event's
+    handler receives: the same object). Made for ``match``::
+
+        match event:
+            case Event("message", Message(room="general", from_=who, text=text)):
+                print(who, text)
+            case Event("recovery_failed", RecoveryFailed(room=room)):
+                reload(room)
+            case Event("error", ClientClosed(close_code=code)):
+                print("stopped for good:", code)
+
+    The name tells apart events whose payloads share a class: ``message`` and ``ack``
+    (:class:`Message`), ``dm`` and ``ack`` (:class:`DirectMessage`), ``connected`` and
+    ``user_changed`` (:class:`Welcome`).
+    """
+
+    name: EventName
+    payload: Payload
