@@ -1,4 +1,4 @@
-"""``Client.events()``, the events as an iterator, against the real
+"""``Client.events()`` and ``SyncClient.events()``, the events as iterators, against the real
 server: every message once and in order through a reconnect, the end on close and on a stop
 for good, several iterators, a ``break`` that leaves nothing behind, the positions of the
 events read."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import urllib.request
 from typing import Any, get_args
 
@@ -25,6 +26,7 @@ from wschat_client import (
     Events,
     Message,
     RoomPosition,
+    SyncClient,
 )
 from wschat_client.client import EVENTS
 
@@ -319,3 +321,50 @@ async def test_a_break_leaves_nothing_behind_and_warns_nothing(harness: Harness)
             proc.kill()
             await proc.wait()
     assert (proc.returncode, out, err) == (0, b"done 2\n", b""), (out, err)
+
+
+def test_a_sync_client_s_events_block_and_end_on_close(harness: Harness) -> None:
+    """``SyncClient.events()``: a plain ``for`` on the app's thread gets every message, in
+    order; ``close()`` from another thread ends it after the events before it; read in a
+    handler (the client's thread) it raises ``RuntimeError`` rather than hang; made on the
+    closed client it ends at once."""
+    server = harness.call_sync("/servers", {"backend": "memory"})
+    failures: list[BaseException] = []
+    with SyncClient(server["url"], username="bo", request_timeout=TIMEOUT) as writer, \
+            SyncClient(server["url"], username="ann", request_timeout=TIMEOUT) as chat:
+        writer.join("general")
+        events = chat.events()
+
+        def in_handler(_: Any) -> None:
+            try:
+                next(events)
+            except RuntimeError as exc:
+                failures.append(exc)
+        remove = chat.on("joined", in_handler)
+        chat.join("general")
+        remove()
+        sent = [writer.send("general", f"m{i}") for i in range(5)]
+        got: list[Message] = []
+        for event in events:
+            if event.name == "message":
+                got.append(event.payload)
+                if len(got) == 5:
+                    break
+        assert [m.id for m in got] == [m.id for m in sent]
+        assert events.position("general") is not None
+        assert events.position("general").last_id == 5  # type: ignore[union-attr]
+        rest = chat.events()
+        writer.send("general", "last")
+        tail = []
+        for event in rest:
+            tail.append(event)
+            if event.name == "message":
+                break
+        closer = threading.Thread(target=chat.close)  # while the loop below blocks
+        closer.start()
+        tail += [e for e in rest]
+        closer.join(TIMEOUT)
+        assert [e.payload.text for e in tail if e.name == "message"] == ["last"]
+        assert tail[-1].name == "disconnected"
+        assert list(chat.events()) == []
+    assert len(failures) == 1 and "handler" in str(failures[0])

@@ -193,3 +193,10 @@ async def test_the_stream_example_reads_until_quit(harness: Harness) -> None:
     assert re.fullmatch(r"read up to RoomPosition\(last_id=2, epoch='[^']+'\)", lines[2]), lines
     assert len(lines) == 3, lines
 
+
+async def test_the_sync_stream_example_prints_its_message_and_ends(harness: Harness) -> None:
+    """``SyncClient.events()``'s example: its ``for`` gets the echo of its send and ends."""
+    server = await harness.server("memory")
+    [code] = [c for c in CLIENT_README if "for event in events:" in c and "SyncClient" in c]
+    out, err = await run_program(code, server["url"], "Hi from a for loop")
+    assert out == b"Hi from a for loop\n" and err == b"", (out, err)

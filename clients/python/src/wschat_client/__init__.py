@@ -22,7 +22,7 @@ from .events import (ConnectionState, DirectMessage, Disconnect, Event, EventNam
                      RoomInfo, RoomPosition, RoomState, RoomStateChange, StateChange,
                      TypingEvent, Unmuted, User, Welcome)
 from .outbox import FileOutboxStore, OutboxStore, PendingSend
-from .stream import Events
+from .stream import Events, SyncEvents
 from .sync import SyncClient
 
 __version__ = "0.1.0"
@@ -33,5 +33,5 @@ __all__ = [
     "HistoryPage", "Joined", "Message", "Muted", "OutboxFull",
     "OutboxStore", "Payload", "PendingSend", "Presence", "RecoveryFailed", "Removed",
     "RequestTimeout", "RoomInfo", "RoomPosition", "RoomState", "RoomStateChange", "StateChange",
-    "SyncClient", "TypingEvent", "Unmuted", "User", "Welcome", "__version__",
+    "SyncClient", "SyncEvents", "TypingEvent", "Unmuted", "User", "Welcome", "__version__",
 ]

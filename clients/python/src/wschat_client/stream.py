@@ -1,4 +1,5 @@
-"""The events as an iterator: :meth:`Client.events` (``async for``).
+"""The events as iterators: :meth:`Client.events` (``async for``) and
+:meth:`SyncClient.events` (a plain ``for``).
 
 Each iterator holds its own queue, unbounded: the client pushes every event into every
 iterator as it happens (before the ``on()`` handlers are called), and never waits for
@@ -16,6 +17,7 @@ messages the app has read: a position persisted after handling an event never sk
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from types import TracebackType
 from typing import Self
@@ -139,4 +141,67 @@ class Events(_Feed):
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class SyncEvents(_Feed):
+    """:class:`Events` for :class:`~wschat_client.SyncClient`: ``for event in
+    chat.events():`` blocks for the next event (on the app's thread; the client's thread
+    pushes them). It cannot be read on the client's thread (a handler: ``RuntimeError``),
+    which it would wait for."""
+
+    __slots__ = ("_cond", "_thread")
+
+    def __init__(self, thread: threading.Thread) -> None:
+        super().__init__()
+        self._cond = threading.Condition()  # an RLock: _stop and _start call _end
+        self._thread = thread
+
+    def _start(self, positions: dict[str, RoomPosition], ended: bool) -> None:
+        with self._cond:
+            super()._start(positions, ended)
+
+    def _push(self, event: Event, room: str | None, position: RoomPosition | None) -> None:
+        with self._cond:
+            super()._push(event, room, position)
+
+    def _end(self) -> None:
+        with self._cond:
+            super()._end()
+
+    def _wake(self) -> None:
+        self._cond.notify_all()  # with the lock held: _push and _end take it
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Event:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("SyncClient.events() was read from an event handler, on the "
+                               "client's thread, which it would wait for: read it on another "
+                               "thread")
+        with self._cond:
+            while True:
+                event = self._take()
+                if event is not None:
+                    return event
+                if self._ended:
+                    raise StopIteration
+                self._cond.wait()
+
+    def position(self, room: str) -> RoomPosition | None:
+        with self._cond:
+            return super().position(room)
+
+    def close(self) -> None:
+        """As :meth:`Events.close`: a thread blocked on the next event gets
+        ``StopIteration``."""
+        with self._cond:
+            self._stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()

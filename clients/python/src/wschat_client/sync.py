@@ -29,6 +29,7 @@ from .events import (
     User,
 )
 from .outbox import PendingSend
+from .stream import SyncEvents
 
 T = TypeVar("T")
 
@@ -135,6 +136,21 @@ class SyncClient:
     def on(self, event: str, handler: Handler) -> Callable[[], None]:
         """As :meth:`Client.on`; ``handler`` runs on the client's thread."""
         return self.client.on(event, handler)
+
+    def events(self) -> SyncEvents:
+        """As :meth:`Client.events`, for a plain ``for``: every event from now on, each
+        :meth:`~wschat_client.SyncEvents.__next__` blocking until the next one (on the app's
+        thread; reading it on the client's thread, in a handler, raises ``RuntimeError``).
+        It ends once the events from before :meth:`close` (from any thread), or a stop for
+        good, are read; made on a closed client, at once."""
+        feed = SyncEvents(self._thread)
+        if threading.current_thread() is self._thread:
+            return self.client._subscribe(feed)  # a handler: on the client's loop already
+        try:
+            return self._run(_value(lambda: self.client._subscribe(feed)))
+        except ClientClosed:
+            feed._end()  # closed meanwhile: nothing will come
+            return feed
 
     def connect(self, *, timeout: float | None = None) -> None:
         self._run(self.client.connect(timeout=timeout))
