@@ -14,7 +14,6 @@ from typing import Any, get_args
 
 import pytest
 from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order
-
 from wschat_client import (
     Backoff,
     Client,
