@@ -20,6 +20,7 @@ from wschat_client import (
     HistoryPage,
     Message,
     Removed,
+    RequestTimeout,
     RoomState,
 )
 
@@ -530,3 +531,69 @@ async def test_a_memory_server_restart_numbers_dms_from_1_and_they_are_delivered
     assert [d.text for d in rec.of("dm")] == [
         "before 0", "before 1", "after 0", "after 1", "after 2"]
     await close_all(amy, ben)
+
+
+async def test_a_burst_of_requests_is_paced_not_cut_off(harness: Harness) -> None:
+    """120 pings, histories and users reads at once against a request bucket of 25: each
+    was written at once, 25 answered, then 2 x RATE_LIMIT_BURST (20) refusals in a row and
+    the connection closed with 4102, the reads cut off by it asked again at once on the next
+    connection, flooding again; the refused ones failed with rate_limited. Now at most a
+    window of them is on the wire, a refused one holds the rest back until its
+    retry_after_ms and goes again first: every call is answered, nothing is closed, and a
+    few refusals come in a row, not a flood."""
+    server = await harness.server("memory", env={
+        "RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "50", "RATE_LIMIT_REQUESTS_BURST": "25"})
+    client, rec = await connected(harness, server["url"], "reader", "lobby")
+    seen: list[str] = []
+    original = client._dispatch
+
+    def dispatch(raw: Any) -> None:
+        seen.append("refused" if '"rate_limited"' in str(raw) else "answer")
+        original(raw)
+    client._dispatch = dispatch  # type: ignore[method-assign]
+    calls = [client.ping(timeout=LONG) if i % 3 == 0 else
+             client.history("lobby", limit=1, timeout=LONG) if i % 3 == 1 else
+             client.list_users("lobby", timeout=LONG) for i in range(120)]
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 2 * LONG)
+    closes = [d.code for d in rec.of("disconnected")]
+    failed = [repr(r) for r in results if isinstance(r, BaseException)]
+    assert closes.count(4102) == 0, f"closed 4102 {closes.count(4102)} times; {failed[:3]}"
+    assert failed == [], f"{len(failed)} failed: {failed[:3]}"
+    run = longest = 0
+    for what in seen:
+        run = run + 1 if what == "refused" else 0
+        longest = max(longest, run)
+    assert "refused" in seen, "the bucket was never empty: the test tests nothing"
+    assert longest < 20, f"{longest} refusals in a row"
+    await close_all(client)
+
+
+async def test_a_request_that_waits_too_long_in_the_queue_times_out_unsent(
+        harness: Harness) -> None:
+    """12 histories at once, each with a 1 s timeout, against a request bucket of 5 filled
+    at 2 a second: those the pacer cannot let go within their timeout raise RequestTimeout
+    (they raised rate_limited, the whole burst written at once) and are never written
+    afterwards: the list_users asked next is the only request written after them."""
+    server = await harness.server("memory", env={
+        "RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "2", "RATE_LIMIT_REQUESTS_BURST": "5"})
+    client, rec = await connected(harness, server["url"], "waiter", "lobby")
+    written: list[tuple[float, str]] = []
+    original = client._write
+
+    def write(frame: dict[str, Any]) -> None:
+        written.append((time.monotonic(), frame["type"]))
+        original(frame)
+    client._write = write  # type: ignore[method-assign]
+    results = await asyncio.wait_for(asyncio.gather(
+        *(client.history("lobby", limit=i + 1, timeout=1.0) for i in range(12)),
+        return_exceptions=True), LONG)
+    gave_up = time.monotonic()
+    others = [repr(r) for r in results
+              if isinstance(r, BaseException) and not isinstance(r, RequestTimeout)]
+    assert others == [], others
+    timed_out = sum(isinstance(r, RequestTimeout) for r in results)
+    assert 0 < timed_out < 12, results
+    assert await client.list_users("lobby", timeout=LONG)
+    assert {kind for at, kind in written if at > gave_up} == {"list_users"}, written
+    assert [d.code for d in rec.of("disconnected")] == []
+    await close_all(client)

@@ -54,7 +54,7 @@ from .events import (ConnectionState, DirectMessage, Disconnect, Event, HistoryP
                      RoomState, RoomStateChange, StateChange, TypingEvent, Unmuted, User,
                      Welcome, WIRE_ID_MAX, wire_epoch, wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
-from .pacer import JOIN_RETRY_DEFAULT, JOIN_WINDOW, JoinPacer, Pacer
+from .pacer import JOIN_RETRY_DEFAULT, JOIN_WINDOW, REQUEST_WINDOW, JoinPacer, Pacer
 from .stream import Events, _Feed
 
 log = logging.getLogger("wschat_client")
@@ -109,6 +109,18 @@ class _Request:
     future: asyncio.Future[dict[str, Any]] | None = None
     room: str | None = None
     since: int | None = None  # a join's: the position it resumed from (a rejoin)
+    queued: _Queued | None = None  # a paced request's place in the queue (written: requeued)
+
+
+@dataclass(slots=True, eq=False)
+class _Queued:
+    """A request waiting for the request pacer (:meth:`Client._flush_requests`), in the
+    order of the calls (``seq``); ``read``: asked again on the next connection if this
+    one drops before its answer."""
+    seq: int
+    frame: dict[str, Any]
+    future: asyncio.Future[dict[str, Any]]
+    read: bool
 
 
 class _NoToken(Exception):
@@ -190,6 +202,16 @@ class Client:
             at the server's pace, with a growing pause while they are refused still
             (:class:`~wschat_client.pacer.JoinPacer`): a few refusals come in a row, not
             the 2 x ``RATE_LIMIT_BURST`` the server closes with 4102.
+        max_requests_in_flight: the other requests (:meth:`ping`, :meth:`history`,
+            :meth:`list_users`, :meth:`leave`, :meth:`kick`, :meth:`mute`,
+            :meth:`unmute`) on the wire at once (4); the rest wait their turn, in the
+            order of the calls. They draw on the same request bucket, and are paced as
+            joins are (a pacer of their own): after a ``rate_limited`` answer none is
+            written before its ``retry_after_ms``, the refused one goes again first (the
+            server did not carry it out), then one at a time at the server's pace. A
+            call's ``timeout`` counts its wait in the queue: one that waits too long
+            raises :class:`RequestTimeout` and is never written. Reads cut off by a lost
+            connection are asked again on the next one, through the same queue.
         outbox_store: persists the outbox across runs of the app (see
             :class:`FileOutboxStore`).
         ack_timeout: seconds without an echo after which a send is written again on
@@ -205,6 +227,7 @@ class Client:
                  connect_timeout: float = 10.0, backoff: Backoff | None = None,
                  max_outbox: int = 1000, max_in_flight: int = 16,
                  max_joins_in_flight: int = JOIN_WINDOW,
+                 max_requests_in_flight: int = REQUEST_WINDOW,
                  outbox_store: OutboxStore | None = None, ack_timeout: float = 10.0,
                  typing_idle: float = 3.0,
                  websocket_options: dict[str, Any] | None = None) -> None:
@@ -266,6 +289,12 @@ class Client:
         self._join_pacer = JoinPacer(max_joins_in_flight, self.backoff.random)
         self._join_queue: deque[_Room] = deque()
         self._join_timer: asyncio.TimerHandle | None = None
+        # The other requests wait their turn too, in the order of the calls (a refused or
+        # cut-off one goes back to its place): the same rules, a pacer of their own.
+        self._request_pacer = JoinPacer(max_requests_in_flight, self.backoff.random)
+        self._request_queue: list[_Queued] = []
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._next_seq = 0
         self.last_close: Disconnect | None = None
         self._leaving: set[asyncio.Future[None]] = set()  # leaves their callers may not await
         # Sends' futures -> their send()/dm() calls still waiting (_fail: none, an error event)
@@ -783,11 +812,35 @@ class Client:
                 self._ready.remove(ready)
 
     async def _request(self, frame: dict[str, Any], timeout: float | None,
-                       read: bool = False) -> dict[str, Any]:
+                       read: bool = False, paced: bool = True) -> dict[str, Any]:
         """Write ``frame`` and wait for its reply. A ``read`` (it changes nothing on the
         server) whose connection drops first is asked again on the next one, within the
-        same timeout; anything else fails with :class:`Disconnected`."""
+        same timeout; anything else fails with :class:`Disconnected`. ``paced``: it waits
+        its turn in the request queue (:meth:`_flush_requests`); the timeout counts that
+        wait, and one that times out there is never written."""
         deadline = self._deadline(_given(timeout, self.request_timeout))
+        if not paced:
+            return await self._request_now(frame, deadline, read)
+        if self._run_task is None or self._run_task.done():
+            raise ClientClosed("not connected: call connect()",
+                               self.last_close.code if self.last_close else None)
+        self._next_seq += 1
+        entry = _Queued(self._next_seq, frame, asyncio.get_running_loop().create_future(), read)
+        self._enqueue(entry)
+        self._flush_requests()
+        try:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            return await self._await(entry.future, left, f"reply to {frame['type']}")
+        finally:
+            # Timed out or cancelled while waiting its turn: it is never written.
+            if entry in self._request_queue:
+                self._request_queue.remove(entry)
+            if not entry.future.done():
+                entry.future.cancel()  # a late answer or requeue finds nobody waiting
+
+    async def _request_now(self, frame: dict[str, Any], deadline: float,
+                           read: bool) -> dict[str, Any]:
+        """:meth:`_request` without the queue (``auth``: a token refresh waits for nobody)."""
         while True:
             await self._wait_connected(deadline)
             rid = self._rid()
@@ -802,6 +855,61 @@ class Client:
                     raise
             finally:
                 self._requests.pop(rid, None)
+
+    def _enqueue(self, entry: _Queued) -> None:
+        """Into the request queue at its call's place (one refused or cut off goes back
+        before the later calls)."""
+        if entry.future.done():
+            return
+        queue = self._request_queue
+        at = len(queue)
+        while at and queue[at - 1].seq > entry.seq:
+            at -= 1
+        queue.insert(at, entry)
+
+    def _flush_requests(self) -> None:
+        """Write the queued requests the request pacer lets go now: at most
+        ``max_requests_in_flight`` unanswered; after ``rate_limited`` none before its
+        ``retry_after_ms``, then at the server's pace. Wakes up when the next may go."""
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+        if self._out is None or self.state is not ConnectionState.CONNECTED:
+            return
+        loop = asyncio.get_running_loop()
+        while self._request_queue:
+            entry = self._request_queue[0]
+            if entry.future.done():  # its caller gave up
+                self._request_queue.pop(0)
+                continue
+            if entry.frame["type"] == "leave" and entry.frame["room"] in self._rooms:
+                # Joined again while the leave waited its turn: the join wins (as in _leave).
+                self._request_queue.pop(0)
+                entry.future.set_result({"type": "left", "room": entry.frame["room"]})
+                continue
+            now = loop.time()
+            at = self._request_pacer.next_at(now)
+            if at is None:
+                return  # the window is full: an answer frees a place
+            if at > now:
+                self._request_timer = loop.call_at(at, self._flush_requests)
+                return
+            self._request_queue.pop(0)
+            rid = self._rid()
+            self._requests[rid] = _Request(entry.frame["type"], entry.future, queued=entry)
+            self._write({**entry.frame, "id": rid})
+            self._request_pacer.sent(rid, now)
+
+    def _request_answered(self, rid: Any, retry_after: float | None = None) -> None:
+        """A paced request's answer came (``retry_after``: refused ``rate_limited``)."""
+        now = asyncio.get_running_loop().time()
+        pacer = self._request_pacer
+        if retry_after is None:
+            freed = pacer.joined(str(rid), now)
+        else:
+            freed = pacer.refused(str(rid), now, retry_after)
+        if freed:
+            self._flush_requests()
 
     def _rid(self) -> str:
         self._next_rid += 1
@@ -1241,6 +1349,7 @@ class Client:
                 if welcome.user_id != before:
                     self._user_changed(welcome)
             request = self._requests.pop(str(obj.get("id")), None)
+            self._request_answered(obj.get("id"))
             if request is not None and request.kind == "sync":
                 self._synced(request, obj.get("id"))
             elif request is not None and request.future is not None and not request.future.done():
@@ -1337,8 +1446,15 @@ class Client:
             self._flush_joins()
         elif request.kind == "sync":
             self._synced(request, rid)
-        elif request.future is not None and not request.future.done():
-            request.future.set_exception(err)
+        elif request.queued is not None and err.code == "rate_limited":
+            # Not carried out: it goes again first, when the request pacer lets it.
+            self._enqueue(request.queued)
+            self._request_answered(rid, JOIN_RETRY_DEFAULT if err.retry_after_ms is None
+                                   else err.retry_after_ms / 1000)
+        else:
+            self._request_answered(rid)
+            if request.future is not None and not request.future.done():
+                request.future.set_exception(err)
 
     def _removed(self, obj: dict[str, Any]) -> None:
         """The server took us out of a room (kick, ban, revoked): do not join it again."""
@@ -1481,6 +1597,7 @@ class Client:
         self._generation += 1
         self._pacer.reset(self.max_in_flight)
         self._join_pacer.reset()
+        self._request_pacer.reset()
         self._out = queue = asyncio.Queue[str]()
         writer = asyncio.create_task(self._writer(ws, queue))
         info = self._welcomed(welcome)
@@ -1500,6 +1617,7 @@ class Client:
         for room in list(self._rooms.values()):
             room.accept_next = False
             self._queue_join(room)
+        self._flush_requests()
         self._flush()
         code, reason = 1006, ""
         try:
@@ -1537,9 +1655,15 @@ class Client:
             self._refresh_task.cancel()
             self._refresh_task = None
         for request in self._requests.values():
-            if request.future is not None and not request.future.done():
+            if request.queued is not None and request.queued.read:
+                self._enqueue(request.queued)  # asked again on the next connection, paced
+            elif request.future is not None and not request.future.done():
                 request.future.set_exception(Disconnected())
         self._requests.clear()
+        self._request_pacer.reset()
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
         self._fail_left(None, "the connection closed before its echo")
         self._sent.clear()
         self._stale.clear()
@@ -1572,6 +1696,10 @@ class Client:
             if entry.future is not None and not entry.future.done():
                 entry.future.set_exception(err)
             entry.future = None
+        for queued in self._request_queue:
+            if not queued.future.done():
+                queued.future.set_exception(err)
+        self._request_queue.clear()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
 
@@ -1618,7 +1746,8 @@ class Client:
             await asyncio.sleep(delay)
             try:
                 token = await self._fetch_token()
-                reply = await self._request({"type": "auth", "token": token}, None)
+                reply = await self._request({"type": "auth", "token": token}, None,
+                                            paced=False)
             except _NoToken as exc:
                 # Nothing to send (the server would refuse it): the current token stays
                 # until it expires (then 4002, and the reconnect stops without a token).

@@ -168,6 +168,9 @@ class Pacer:
 
 # Joins on the wire at once, by default (the JS and Rust clients keep the same number).
 JOIN_WINDOW = 4
+# The other requests (ping, history, list_users, leave, moderation) on the wire at once, by
+# default: they draw on the same request bucket, paced by a JoinPacer of their own.
+REQUEST_WINDOW = 4
 # A refused join written after a refusal doubles the pause, up to 2**(JOIN_PROBES_MAX - 1)
 # (32) times ``retry_after_ms``, and the jitter (once to twice that).
 JOIN_PROBES_MAX = 6
