@@ -7,7 +7,7 @@ import { backoffDelay, closePolicy, type ClosePolicy, HEARTBEAT_DEFAULT, MAX_TIM
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
-import { JOIN_WINDOW, JoinPacer, Pacer } from "./pacer.js";
+import { JOIN_WINDOW, JoinPacer, Pacer, REQUEST_WINDOW } from "./pacer.js";
 import type {
   ChatMessage,
   ClientEvents,
@@ -86,6 +86,16 @@ export interface ClientOptions {
    * refusals come in a row, not the 2 x `RATE_LIMIT_BURST` the server closes with 4102.
    */
   maxJoinsInFlight?: number;
+  /**
+   * The other requests (`history`, `historyPage`, `listUsers`, `leave`, `kick`, `mute`,
+   * `unmute`) on the wire at once (default 4); the rest wait their turn, in the order of the
+   * calls. They draw on the same request bucket and are paced as joins are (a `JoinPacer` of
+   * their own): after a `rate_limited` answer none is written before its `retry_after_ms`,
+   * the refused one goes again first (the server did not carry it out; it is not rejected),
+   * then one at a time at the server's pace. A call's timeout counts its wait in the queue:
+   * one that waits too long rejects with `timeout` and is never written.
+   */
+  maxRequestsInFlight?: number;
   /**
    * Refresh the token this long before it expires, at most half its remaining life, ms (default
    * 30000); never sooner than 1 s, and a token already past its `exp` on this clock after a
@@ -226,6 +236,11 @@ export class ChatClient extends Emitter<ClientEvents> {
   private readonly pacer: Pacer;
   /** The joins on the wire, the pause after a `rate_limited` join, and the pace after it. */
   private readonly joinPacer: JoinPacer;
+  /**
+   * The other requests on the wire, the pause after a `rate_limited` one, and the pace after
+   * it; they wait in `requests` (in the order of the calls) until it lets them go.
+   */
+  private readonly requestPacer: JoinPacer;
   /** Rooms whose join waits for the join pacer, in order (a refused one goes first). */
   private joinQueue: Room[] = [];
   private retryAttempt = 0;
@@ -251,7 +266,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   private typingState = new Map<string, { sentAt: number; timer: ReturnType<typeof setTimeout> }>();
   private lastReceived = 0;
   private pingSentAt = 0;
-  private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack" | "joins", ReturnType<typeof setTimeout>>> = {};
+  private timers: Partial<Record<"reconnect" | "connect" | "ping" | "refresh" | "flush" | "ack" | "joins" | "requests", ReturnType<typeof setTimeout>>> = {};
   private onlineListener: (() => void) | null = null;
   private offlineListener: (() => void) | null = null;
   private visibleListener: (() => void) | null = null;
@@ -264,6 +279,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.opts = options;
     this.pacer = new Pacer(options.maxInFlight ?? 16);
     this.joinPacer = new JoinPacer(options.maxJoinsInFlight ?? JOIN_WINDOW, options.random);
+    this.requestPacer = new JoinPacer(options.maxRequestsInFlight ?? REQUEST_WINDOW, options.random);
     this.outbox = new Outbox(options.outboxLimit ?? 1000, options.outboxStorage, (err) =>
       this.emit("error", new ChatError("storage", `outbox storage failed: ${String(err)}`)),
     );
@@ -475,8 +491,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.established = false;
     this.auth = null;
     this.pingSentAt = 0;
-    for (const t of ["connect", "ping", "refresh", "flush", "ack", "joins"] as const) this.clearTimer(t);
+    for (const t of ["connect", "ping", "refresh", "flush", "ack", "joins", "requests"] as const) this.clearTimer(t);
     this.joinPacer.reset();
+    this.requestPacer.reset();
     this.joinQueue = [];
     this.inflight.clear();
     this.inflightReq.clear();
@@ -718,15 +735,14 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.lastReceived = Date.now();
     this.pacer.reset(this.opts.maxInFlight ?? 16);
     this.joinPacer.reset();
+    this.requestPacer.reset();
     this.setState("connected");
     this.emit("connected", this.welcome);
     if (!this.established) return; // a listener disconnected
     this.scheduleRefresh();
     this.startPing(welcome.heartbeat_interval ?? HEARTBEAT_DEFAULT);
     for (const room of this.rooms.values()) this.sendJoin(room);
-    for (const [id, req] of this.requests) {
-      if (!req.sent) req.sent = this.send_({ ...req.frame, id });
-    }
+    this.flushRequests();
     this.flush();
   }
 
@@ -745,6 +761,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       // join): its answer comes after the joined and the replay all the same, as a pong would.
       if (id.startsWith(SYNC_PREFIX)) return this.onSynced(id);
       if (this.requests.has(id)) return this.settle(id, msg);
+      this.requestAnswered(id, null); // of a request that timed out: its place is free
     }
     if (msg.code === "token_expired" && this.opts.getToken) void this.refreshToken();
     this.emit("error", err);
@@ -752,8 +769,15 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   private settle(id: string, msg: any): void {
     const req = this.requests.get(id);
-    if (!req) return;
+    if (!req) return this.requestAnswered(id, null);
+    if (msg.type === "error" && msg.code === "rate_limited" && req.sent) {
+      // Not carried out: it goes again first (it is the oldest waiting), when the pacer lets it.
+      req.sent = false;
+      const err = errorFrom(msg);
+      return this.requestAnswered(id, err.retryAfterMs ?? 1000);
+    }
     this.requests.delete(id);
+    this.requestAnswered(id, null);
     clearTimeout(req.waiter.timer);
     if (msg.type === "error") {
       req.waiter.reject(errorFrom(msg));
@@ -769,11 +793,52 @@ export class ChatClient extends Emitter<ClientEvents> {
       const req: Request = { frame, sent: false, onLost, waiter };
       this.requests.set(id, req);
       waiter.timer = setTimeout(() => {
+        // Still waiting its turn: gone from the queue, it is never written.
         this.requests.delete(id);
         reject(new ChatError("timeout", `no answer to ${String(frame.type)} in time`));
       }, timeout ?? this.opts.requestTimeout ?? 10_000);
-      if (this.established) req.sent = this.send_({ ...frame, id });
+      this.flushRequests();
     });
+  }
+
+  /**
+   * Writes the requests waiting in `requests` (in the order of the calls) that the request
+   * pacer lets go now: at most `maxRequestsInFlight` unanswered; after `rate_limited` none
+   * before its `retry_after_ms`, then at the server's pace. Wakes up when the next may go.
+   */
+  private flushRequests(): void {
+    this.clearTimer("requests");
+    if (!this.established) return;
+    for (const [id, req] of this.requests) {
+      if (req.sent) continue;
+      if (req.frame.type === "leave" && this.rooms.has(String(req.frame.room))) {
+        // Joined again while the leave waited its turn: the join wins (as in `leaveRoom`).
+        this.requests.delete(id);
+        clearTimeout(req.waiter.timer);
+        req.waiter.resolve(undefined);
+        continue;
+      }
+      const now = Date.now();
+      const at = this.requestPacer.nextAt(now);
+      if (at === null) return; // the window is full: an answer frees a place
+      if (at > now) {
+        this.timers.requests = setTimeout(() => {
+          delete this.timers.requests;
+          this.flushRequests();
+        }, Math.min(MAX_TIMER_DELAY, at - now));
+        return;
+      }
+      req.sent = this.send_({ ...req.frame, id });
+      if (!req.sent) return;
+      this.requestPacer.sent(id, now);
+    }
+  }
+
+  /** A paced request's answer came (`retryAfter`: refused `rate_limited`, ms). */
+  private requestAnswered(id: string, retryAfter: number | null): void {
+    const now = Date.now();
+    const freed = retryAfter === null ? this.requestPacer.joined(id, now) : this.requestPacer.refused(id, now, retryAfter);
+    if (freed) this.flushRequests();
   }
 
   // -- authentication ----------------------------------------------------------------------

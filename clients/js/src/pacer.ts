@@ -170,6 +170,11 @@ export class Pacer {
 
 /** Joins on the wire at once, by default (the Python and Rust clients keep the same number). */
 export const JOIN_WINDOW = 4;
+/**
+ * The other requests (history, listUsers, leave, moderation) on the wire at once, by default:
+ * they draw on the same request bucket, paced by a `JoinPacer` of their own.
+ */
+export const REQUEST_WINDOW = 4;
 /** A refused join written after a refusal doubles the pause, up to 2^(JOIN_PROBES_MAX - 1) (32) times `retry_after_ms`, and the jitter. */
 export const JOIN_PROBES_MAX = 6;
 /**

@@ -845,6 +845,66 @@ test("many rooms, two tabs: 70 rooms joined and rejoined after a cut by two conn
   }
 });
 
+/** A WebSocket class that records the frames it sends and the rate_limited refusals it gets ("r"; "a" any other). */
+function tapped() {
+  const tap = { written: [], seen: [] };
+  tap.WebSocket = class extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      this.addEventListener("message", (e) => {
+        const msg = JSON.parse(String(e.data));
+        tap.seen.push(msg.type === "error" && msg.code === "rate_limited" ? "r" : "a");
+      });
+    }
+    send(data, ...rest) {
+      tap.written.push({ at: Date.now(), type: JSON.parse(String(data)).type });
+      return super.send(data, ...rest);
+    }
+  };
+  return tap;
+}
+
+test("requests: 120 reads at once against a request burst of 25 are paced, all answered, never closed with 4102", async () => {
+  // Every request was written at once: 25 answered, then over 2 x RATE_LIMIT_BURST (20)
+  // refusals in a row and the server closed the connection with 4102; the refused ones
+  // rejected with rate_limited, the reads cut off were written again at once on the next
+  // connection, flooding again. Now at most 4 are on the wire, a refused one holds the rest
+  // back until its retry_after_ms and goes again first.
+  const s = await harness.server({ env: { RATE_LIMIT_BURST: "10", RATE_LIMIT_REQUESTS: "50", RATE_LIMIT_REQUESTS_BURST: "25" } });
+  const tap = tapped();
+  const { c } = await signedIn(s.url, "reader", { WebSocket: tap.WebSocket });
+  await c.join("lobby");
+  const closes = [];
+  c.on("connecting", (e) => closes.push(e.code));
+  const calls = Array.from({ length: 120 }, (_, i) =>
+    i % 2 ? c.history("lobby", { limit: 1, timeout: 6 * TIMEOUT }) : c.listUsers("lobby", { timeout: 6 * TIMEOUT }));
+  const results = await Promise.allSettled(calls);
+  const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.code);
+  assert.deepEqual({ closes, failed: failed.slice(0, 3), count: failed.length }, { closes: [], failed: [], count: 0 });
+  const longest = Math.max(...tap.seen.join("").split("a").map((run) => run.length));
+  assert.ok(tap.seen.includes("r"), "the bucket was never empty: the test tests nothing");
+  assert.ok(longest < 20, `${longest} refusals in a row`);
+});
+
+test("requests: one that waits too long in the queue rejects with timeout and is never written", async () => {
+  // A request bucket of 5 filled at 2 a second: 12 histories with a 1 s timeout. They were
+  // all written at once, the refused ones rejecting with rate_limited.
+  const s = await harness.server({ env: { RATE_LIMIT_BURST: "10", RATE_LIMIT_REQUESTS: "2", RATE_LIMIT_REQUESTS_BURST: "5" } });
+  const tap = tapped();
+  const { c } = await signedIn(s.url, "waiter", { WebSocket: tap.WebSocket });
+  await c.join("lobby");
+  const closes = [];
+  c.on("connecting", (e) => closes.push(e.code));
+  const results = await Promise.allSettled(Array.from({ length: 12 }, (_, i) => c.history("lobby", { limit: i + 1, timeout: 1000 })));
+  const gaveUp = Date.now();
+  const codes = results.filter((r) => r.status === "rejected").map((r) => r.reason.code);
+  assert.ok(codes.length > 0 && codes.length < 12, `${codes.length} rejected`);
+  assert.deepEqual([...new Set(codes)], ["timeout"]);
+  assert.ok((await c.listUsers("lobby", { timeout: 6 * TIMEOUT })).length > 0);
+  assert.deepEqual([...new Set(tap.written.filter((w) => w.at > gaveUp).map((w) => w.type))], ["list_users"]);
+  assert.deepEqual(closes, []);
+});
+
 test("history_truncated", async () => {
   // 20 messages of ~60 kB: 1.2 MB, past the 1 MiB a history reply holds (HISTORY_MAX_BYTES).
   const s = await harness.server({ env: { MAX_TEXT_CHARS: "60000" } });

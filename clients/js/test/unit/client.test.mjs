@@ -1750,3 +1750,23 @@ test("rooms: a join answered after its room was left frees its place in the join
   assert.equal(b.room, "b");
   assert.equal(ws.sent.filter((f) => f.type === "join" && f.room === "b").length, 1);
 });
+
+test("requests: at most maxRequestsInFlight on the wire, in the order of the calls; a rate_limited one goes again first, after its retry_after_ms, and is not rejected", async () => {
+  const { server, c } = setup({ maxRequestsInFlight: 2 });
+  await c.connect();
+  let refused = 0;
+  server.replies.push((ws, f) => {
+    if (f.type !== "list_users" || refused++ > 0) return false;
+    server.push(ws, { type: "error", code: "rate_limited", message: "slow down", retry_after_ms: 30, id: f.id });
+    return true;
+  });
+  const rooms = ["a", "b", "c", "d", "e"];
+  const calls = rooms.map((r) => c.listUsers(r, { timeout: 2000 }));
+  const written = () => server.last.sent.filter((f) => f.type === "list_users").map((f) => f.room);
+  assert.deepEqual(written(), ["a", "b"], "a window of two");
+  const results = await within(Promise.allSettled(calls), 2000, "the reads");
+  assert.deepEqual(results.map((r) => r.status), rooms.map(() => "fulfilled"));
+  assert.equal(written()[0], "a");
+  assert.deepEqual(written().slice(2), ["a", "c", "d", "e"], "the refused one first, then in order, one at a time");
+  c.disconnect();
+});
