@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order, delivered
 from wschat_client import (
     Backoff,
@@ -597,3 +598,28 @@ async def test_a_request_that_waits_too_long_in_the_queue_times_out_unsent(
     assert {kind for at, kind in written if at > gave_up} == {"list_users"}, written
     assert [d.code for d in rec.of("disconnected")] == []
     await close_all(client)
+
+
+async def test_a_leave_that_times_out_in_the_request_queue_is_still_written(
+        harness: Harness) -> None:
+    """A leave queued behind reads the request bucket cannot serve yet times out for its
+    caller, but the room is gone for the app already: the leave is written when its turn
+    comes (a read is not), so the server takes the user out of the room and the others see
+    her go."""
+    server = await harness.server("memory", env={
+        "RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "2", "RATE_LIMIT_REQUESTS_BURST": "5"})
+    alice, _ = await connected(harness, server["url"], "alice", "lobby")
+    bob, _ = await connected(harness, server["url"], "bob", "lobby")
+    gone = asyncio.Event()
+    bob.on("presence", lambda p: gone.set() if (p.user_id, p.status) == ("alice", "offline")
+           else None)
+    reads = [asyncio.ensure_future(alice.history("lobby", limit=i + 1, timeout=LONG))
+             for i in range(8)]
+    try:
+        with pytest.raises(RequestTimeout):
+            await alice.leave("lobby", timeout=0.05)
+        await asyncio.wait_for(gone.wait(), LONG)
+    finally:
+        for read in reads:
+            read.cancel()
+    await close_all(alice, bob)

@@ -116,11 +116,17 @@ class _Request:
 class _Queued:
     """A request waiting for the request pacer (:meth:`Client._flush_requests`), in the
     order of the calls (``seq``); ``read``: asked again on the next connection if this
-    one drops before its answer."""
+    one drops before its answer. A ``leave`` is written even once its caller gave up (the
+    room is gone for the app already: the server must hear of it), unless the connection
+    goes first (the membership went with it) or the room is joined again."""
     seq: int
     frame: dict[str, Any]
     future: asyncio.Future[dict[str, Any]]
     read: bool
+
+    @property
+    def kept(self) -> bool:
+        return self.frame["type"] == "leave"
 
 
 class _NoToken(Exception):
@@ -832,8 +838,9 @@ class Client:
             left = max(0.0, deadline - asyncio.get_running_loop().time())
             return await self._await(entry.future, left, f"reply to {frame['type']}")
         finally:
-            # Timed out or cancelled while waiting its turn: it is never written.
-            if entry in self._request_queue:
+            # Timed out or cancelled while waiting its turn: it is never written (a leave
+            # is, when its turn comes: see _Queued).
+            if entry in self._request_queue and not entry.kept:
                 self._request_queue.remove(entry)
             if not entry.future.done():
                 entry.future.cancel()  # a late answer or requeue finds nobody waiting
@@ -859,7 +866,7 @@ class Client:
     def _enqueue(self, entry: _Queued) -> None:
         """Into the request queue at its call's place (one refused or cut off goes back
         before the later calls)."""
-        if entry.future.done():
+        if entry.future.done() and not entry.kept:
             return
         queue = self._request_queue
         at = len(queue)
@@ -879,13 +886,14 @@ class Client:
         loop = asyncio.get_running_loop()
         while self._request_queue:
             entry = self._request_queue[0]
-            if entry.future.done():  # its caller gave up
+            if entry.future.done() and not entry.kept:  # its caller gave up
                 self._request_queue.pop(0)
                 continue
-            if entry.frame["type"] == "leave" and entry.frame["room"] in self._rooms:
+            if entry.kept and entry.frame["room"] in self._rooms:
                 # Joined again while the leave waited its turn: the join wins (as in _leave).
                 self._request_queue.pop(0)
-                entry.future.set_result({"type": "left", "room": entry.frame["room"]})
+                if not entry.future.done():
+                    entry.future.set_result({"type": "left", "room": entry.frame["room"]})
                 continue
             now = loop.time()
             at = self._request_pacer.next_at(now)
@@ -1660,6 +1668,11 @@ class Client:
             elif request.future is not None and not request.future.done():
                 request.future.set_exception(Disconnected())
         self._requests.clear()
+        for queued in [q for q in self._request_queue if q.kept]:
+            # A leave not yet written: the membership went with the socket.
+            self._request_queue.remove(queued)
+            if not queued.future.done():
+                queued.future.set_result({"type": "left", "room": queued.frame["room"]})
         self._request_pacer.reset()
         if self._request_timer is not None:
             self._request_timer.cancel()
