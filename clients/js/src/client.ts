@@ -793,8 +793,10 @@ export class ChatClient extends Emitter<ClientEvents> {
       const req: Request = { frame, sent: false, onLost, waiter };
       this.requests.set(id, req);
       waiter.timer = setTimeout(() => {
-        // Still waiting its turn: gone from the queue, it is never written.
-        this.requests.delete(id);
+        // Still waiting its turn: gone from the queue, it is never written. A leave is, when
+        // its turn comes (the room is gone for the app already: the server must hear of it),
+        // unless the connection goes first (the membership went with it).
+        if (!(frame.type === "leave" && !req.sent)) this.requests.delete(id);
         reject(new ChatError("timeout", `no answer to ${String(frame.type)} in time`));
       }, timeout ?? this.opts.requestTimeout ?? 10_000);
       this.flushRequests();

@@ -905,6 +905,21 @@ test("requests: one that waits too long in the queue rejects with timeout and is
   assert.deepEqual(closes, []);
 });
 
+test("requests: a leave that times out in the request queue is written all the same: the others see the user go", async () => {
+  // The room is gone for the app already; a leave dropped from the queue with its timeout
+  // left the user in the room on the server.
+  const s = await harness.server({ env: { RATE_LIMIT_BURST: "10", RATE_LIMIT_REQUESTS: "2", RATE_LIMIT_REQUESTS_BURST: "5" } });
+  const { c: alice } = await signedIn(s.url, "alice", { requestTimeout: 50 });
+  await alice.join("lobby", { timeout: TIMEOUT });
+  const { c: bob } = await signedIn(s.url, "bob");
+  await bob.join("lobby");
+  const gone = new Promise((resolve) => bob.on("presence", (p) => p.user_id === "alice" && p.status === "offline" && resolve(p)));
+  const reads = Array.from({ length: 8 }, (_, i) => alice.history("lobby", { limit: i + 1, timeout: 6 * TIMEOUT }).catch(() => {}));
+  await assert.rejects(alice.leave("lobby"), (err) => err.code === "timeout");
+  await Promise.race([gone, new Promise((_, reject) => setTimeout(() => reject(new Error("no offline presence for alice")), 3 * TIMEOUT))]);
+  await Promise.all(reads);
+});
+
 test("history_truncated", async () => {
   // 20 messages of ~60 kB: 1.2 MB, past the 1 MiB a history reply holds (HISTORY_MAX_BYTES).
   const s = await harness.server({ env: { MAX_TEXT_CHARS: "60000" } });
