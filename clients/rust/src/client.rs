@@ -237,6 +237,7 @@ pub struct ClientBuilder {
     pub(crate) outbox_capacity: usize,
     pub(crate) max_in_flight: usize,
     pub(crate) max_joins_in_flight: usize,
+    pub(crate) max_requests_in_flight: usize,
     pub(crate) outbox_store: Option<Arc<dyn OutboxStore>>,
 }
 
@@ -254,6 +255,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("outbox_capacity", &self.outbox_capacity)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_joins_in_flight", &self.max_joins_in_flight)
+            .field("max_requests_in_flight", &self.max_requests_in_flight)
             .field("outbox_store", &self.outbox_store.as_ref().map(|_| "<store>"))
             .finish_non_exhaustive()
     }
@@ -281,6 +283,7 @@ impl ClientBuilder {
             outbox_capacity: 1000,
             max_in_flight: 16,
             max_joins_in_flight: crate::pacer::JOIN_WINDOW,
+            max_requests_in_flight: crate::pacer::REQUEST_WINDOW,
             outbox_store: None,
         }
     }
@@ -369,6 +372,20 @@ impl ClientBuilder {
     /// refusals come in a row, not the 2 x `RATE_LIMIT_BURST` the server closes with 4102.
     pub fn max_joins_in_flight(mut self, n: usize) -> Self {
         self.max_joins_in_flight = n.max(1);
+        self
+    }
+
+    /// How many of the other requests ([`Client::ping`], [`Client::history`],
+    /// [`Client::history_page`], [`Client::list_users`], [`Client::leave`], [`Client::kick`],
+    /// [`Client::mute`], [`Client::unmute`]) may be written and not yet answered at a time
+    /// (default 4); the rest wait their turn, in the order of the calls. They draw on the same
+    /// request bucket as joins and are paced the same way, as in the Python and JS clients:
+    /// after a `rate_limited` answer none is written before its `retry_after_ms`, the refused
+    /// one goes again first (the server did not carry it out; it does not fail), then one at a
+    /// time at the server's pace. The request timeout counts the wait in the queue: a call that
+    /// waits too long fails with [`Error::Timeout`](crate::Error::Timeout) and is never written.
+    pub fn max_requests_in_flight(mut self, n: usize) -> Self {
+        self.max_requests_in_flight = n.max(1);
         self
     }
 

@@ -9,7 +9,7 @@
 //! loop writes after each one.
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,6 +87,7 @@ enum Internal {
     /// The retry of a room's refused join: its room and the retry's number (`Room::retry`).
     RetryJoin(String, u64),
     FlushJoins,
+    FlushRequests,
     TypingIdle(String),
 }
 
@@ -240,7 +241,14 @@ pub(crate) struct Driver {
     rooms: HashMap<String, Room>,
     outbox: Outbox,
     acks: HashMap<String, Reply<Acked>>,
-    requests: HashMap<u64, PendingRequest>,
+    /// Requests by id, in the order of the calls (ids grow): those not written on this
+    /// connection wait for the request pacer (`flush_requests`).
+    requests: BTreeMap<u64, PendingRequest>,
+    /// How many requests may be unanswered now, the pause after a `rate_limited` one, and the
+    /// pace after it (`pacer::JoinPacer`, the rules of joins).
+    request_pacer: JoinPacer,
+    /// When the earliest wake-up of the request queue is due.
+    request_flush_at: Option<std::time::Instant>,
     /// Request id of a written send -> its `client_msg_id`.
     send_rids: HashMap<u64, String>,
     /// Request id of a written join -> its room.
@@ -328,6 +336,7 @@ impl Driver {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let pacer = Pacer::new(cfg.max_in_flight);
         let join_pacer = JoinPacer::new(cfg.max_joins_in_flight);
+        let request_pacer = JoinPacer::new(cfg.max_requests_in_flight);
         let driver = Driver {
             cfg,
             ops,
@@ -338,7 +347,9 @@ impl Driver {
             rooms: HashMap::new(),
             outbox,
             acks: HashMap::new(),
-            requests: HashMap::new(),
+            requests: BTreeMap::new(),
+            request_pacer,
+            request_flush_at: None,
             send_rids: HashMap::new(),
             join_rids: HashMap::new(),
             join_queue: VecDeque::new(),
@@ -652,6 +663,8 @@ impl Driver {
         self.join_queue.clear();
         self.join_pacer.reset();
         self.join_flush_at = None; // the new connection's pacer has no pause to wake up from
+        self.request_pacer.reset();
+        self.request_flush_at = None;
         self.flush_at = None; // the new connection's flush sets its own wake-up (its pacer's)
         self.typing_sent.clear();
         // The answers to the sends of a left room went with the socket: they fail, and are not
@@ -721,7 +734,7 @@ impl Driver {
         for (_, reply) in self.acks.drain() {
             let _ = reply.send(Err(error.clone()));
         }
-        for (_, req) in self.requests.drain() {
+        for (_, req) in std::mem::take(&mut self.requests) {
             let _ = req.reply.send(Err(error.clone()));
         }
         self.set_state(ConnectionState::Disconnected);
@@ -832,10 +845,11 @@ impl Driver {
                 // join pacer (or a retry) was never joined on this connection, and the server
                 // would answer `not_in_room` (as the JS client, which writes no `leave` then).
                 if self.online && (left.state == RoomState::Joined || left.join_rid.is_some()) {
+                    // Its turn in the request queue (`flush_requests`), as the other requests.
                     let id = self.rid();
-                    let cmd = ClientCommand::Leave { room, id: Some(RequestId::Int(id)) };
-                    self.write(&cmd);
-                    self.requests.insert(id, PendingRequest { cmd, reply, sent_on: Some(self.generation) });
+                    let cmd = ClientCommand::Leave { room, id: None };
+                    self.requests.insert(id, PendingRequest { cmd, reply, sent_on: None });
+                    self.flush_requests();
                 } else {
                     let _ = reply.send(LEFT);
                 }
@@ -855,16 +869,13 @@ impl Driver {
             }
             Op::Request { cmd, reply } => {
                 if self.requests.len() >= 64 {
-                    // Callers that timed out leave their entries behind.
-                    self.requests.retain(|_, r| !r.reply.is_closed());
+                    // Callers that timed out leave their entries behind (a `leave` stays: it is
+                    // written all the same, `flush_requests`).
+                    self.requests.retain(|_, r| !r.reply.is_closed() || matches!(r.cmd, ClientCommand::Leave { .. }));
                 }
                 let id = self.rid();
-                let mut pending = PendingRequest { cmd, reply, sent_on: None };
-                if self.online {
-                    self.write(&pending.cmd.clone().with_id(RequestId::Int(id)));
-                    pending.sent_on = Some(self.generation);
-                }
-                self.requests.insert(id, pending);
+                self.requests.insert(id, PendingRequest { cmd, reply, sent_on: None });
+                self.flush_requests();
             }
             Op::Typing { room, status } => {
                 if !self.online {
@@ -954,6 +965,12 @@ impl Driver {
                 if self.rooms.get(&room).is_some_and(|r| r.retry == Some(retry)) {
                     self.send_join(&room, false);
                 }
+            }
+            Internal::FlushRequests => {
+                if self.request_flush_at.is_some_and(|at| at <= Instant::now().into_std()) {
+                    self.request_flush_at = None;
+                }
+                self.flush_requests();
             }
             Internal::FlushJoins => {
                 // Only the wake-up due (a later one may still come: it finds nothing to do).
@@ -1078,6 +1095,63 @@ impl Driver {
             }
             let id = self.write_join(&room);
             self.join_pacer.sent(id, now);
+        }
+    }
+
+    /// Writes the requests not yet written on this connection, in the order of the calls, that
+    /// the request pacer lets go now: at most `max_requests_in_flight` unanswered; after
+    /// `rate_limited` none before its `retry_after_ms`, then at the server's pace. Wakes up
+    /// when the next may go. One whose caller gave up (its timeout) is dropped, never written,
+    /// but for a `leave` (the room is gone for the app already: the server must hear of it;
+    /// `went_offline` settles one the connection took with it); a `leave` of a room joined
+    /// again meanwhile is not written (the join wins).
+    fn flush_requests(&mut self) {
+        if !self.online {
+            return;
+        }
+        let generation = self.generation;
+        let waiting: Vec<u64> =
+            self.requests.iter().filter(|(_, r)| r.sent_on != Some(generation)).map(|(id, _)| *id).collect();
+        for id in waiting {
+            let Some(req) = self.requests.get(&id) else { continue };
+            let leave = matches!(&req.cmd, ClientCommand::Leave { .. });
+            let joined_again = matches!(&req.cmd, ClientCommand::Leave { room, .. } if self.rooms.contains_key(room));
+            if (req.reply.is_closed() && !leave) || joined_again {
+                if let Some(req) = self.requests.remove(&id) {
+                    let _ = req.reply.send(LEFT);
+                }
+                continue;
+            }
+            let now = Instant::now().into_std();
+            match self.request_pacer.next_at(now) {
+                None => return, // the window is full: an answer frees a place
+                Some(at) if at > now => {
+                    if self.request_flush_at.is_none_or(|due| due > at) {
+                        self.request_flush_at = Some(at);
+                        self.later(at - now, Internal::FlushRequests);
+                    }
+                    return;
+                }
+                Some(_) => {}
+            }
+            let Some(req) = self.requests.get_mut(&id) else { continue };
+            req.sent_on = Some(generation);
+            let cmd = req.cmd.clone().with_id(RequestId::Int(id));
+            self.write(&cmd);
+            self.request_pacer.sent(id, now);
+        }
+    }
+
+    /// A request's answer came (`retry_after`: refused `rate_limited`): its place in the
+    /// request pacer's window is free.
+    fn request_answered(&mut self, rid: u64, retry_after: Option<Duration>) {
+        let now = Instant::now().into_std();
+        let freed = match retry_after {
+            None => self.request_pacer.joined(rid, now),
+            Some(_) => self.request_pacer.refused(rid, now, retry_after, fastrand::f64()),
+        };
+        if freed {
+            self.flush_requests();
         }
     }
 
@@ -1344,10 +1418,11 @@ impl Driver {
             | ServerEvent::Users { .. }
             | ServerEvent::History { .. }
             | ServerEvent::Pong { .. }) => {
-                if let Some(RequestId::Int(rid)) = reply.request_id() {
-                    if let Some(req) = self.requests.remove(rid) {
+                if let Some(&RequestId::Int(rid)) = reply.request_id() {
+                    if let Some(req) = self.requests.remove(&rid) {
                         let _ = req.reply.send(Ok(reply));
                     }
+                    self.request_answered(rid, None);
                 }
             }
             ServerEvent::Unknown => {}
@@ -1416,24 +1491,18 @@ impl Driver {
         self.retry_after = None;
         self.pacer.reset();
         self.join_pacer.reset();
+        self.request_pacer.reset();
+        self.request_flush_at = None;
         self.set_state(ConnectionState::Connected);
         self.schedule_refresh();
         for room in self.rooms_in_join_order() {
             self.send_join(&room, false);
         }
-        let generation = self.generation;
+        // Those waiting (reads cut off by the old socket among them) go through the request
+        // pacer, in the order of the calls: a reconnect does not write them all at once.
+        // (No `leave` is left: `went_offline` settled them.)
         self.requests.retain(|_, r| !r.reply.is_closed());
-        let mut resend: Vec<(u64, ClientCommand)> = Vec::new();
-        for (id, r) in self.requests.iter_mut() {
-            if r.sent_on != Some(generation) {
-                r.sent_on = Some(generation);
-                resend.push((*id, r.cmd.clone().with_id(RequestId::Int(*id))));
-            }
-        }
-        resend.sort_by_key(|(id, _)| *id);
-        for (_, cmd) in resend {
-            self.write(&cmd);
-        }
+        self.flush_requests();
         self.flush_outbox();
     }
 
@@ -1729,7 +1798,14 @@ impl Driver {
                     self.flush_joins();
                 }
             }
+        } else if rate_limited && self.requests.get(&rid).is_some_and(|r| r.sent_on == Some(self.generation)) {
+            // Not carried out: it goes again first (the oldest waiting), when the pacer lets it.
+            if let Some(req) = self.requests.get_mut(&rid) {
+                req.sent_on = None;
+            }
+            self.request_answered(rid, retry);
         } else if let Some(req) = self.requests.remove(&rid) {
+            self.request_answered(rid, None);
             // A `leave` answered `not_in_room`: the server had the user out of the room
             // already (a refresh to another user left every room, say), which is what the
             // app asked for, as in the JS and Python clients.
@@ -1747,6 +1823,7 @@ impl Driver {
             // The `ping` behind a join was refused: its answer still comes after the replay.
             self.flush_outbox();
         } else {
+            self.request_answered(rid, None); // of a request whose caller gave up: its place is free
             self.emit(Event::Error(error));
         }
     }

@@ -203,6 +203,9 @@ impl Pacer {
 
 /// Joins on the wire at once, by default (the Python and JS clients keep the same number).
 pub(crate) const JOIN_WINDOW: usize = 4;
+/// The other requests (`ping`, `history`, `list_users`, `leave`, moderation) on the wire at
+/// once, by default: they draw on the same request bucket, paced by a [`JoinPacer`] of their own.
+pub(crate) const REQUEST_WINDOW: usize = 4;
 /// A refused join written after a refusal doubles the pause, up to 2^(JOIN_PROBES_MAX - 1)
 /// (32) times `retry_after_ms`, and the jitter.
 const JOIN_PROBES_MAX: u32 = 6;

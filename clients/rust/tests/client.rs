@@ -3398,3 +3398,131 @@ async fn a_history_message_with_an_odd_id_still_answers_the_call() {
     c.close();
     server.abort();
 }
+
+/// The codes of the client's closes, as its `Disconnected` events tell them.
+fn close_codes(rec: &Recorder) -> Vec<Option<u16>> {
+    disconnections(rec)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Disconnected { code, .. } => Some(code),
+            _ => None,
+        })
+        .collect()
+}
+
+/// How many `type` commands the server has received so far.
+async fn received(server: &common::Server, kind: &str) -> u64 {
+    common::get(&server.metrics, "/metrics/json").await["messages"]["received"][kind].as_u64().unwrap_or(0)
+}
+
+/// 120 pings, histories and users reads at once against a request bucket of 25: each was
+/// written at once, 25 answered, then 2 x `RATE_LIMIT_BURST` (20) refusals in a row and the
+/// connection closed with 4102, the reads cut off by it written again at once on the next
+/// connection, flooding again; the refused ones failed with `rate_limited`. Now at most a
+/// window of them is on the wire, and a refused one holds the rest back until its
+/// `retry_after_ms` and goes again first: every call is answered and nothing is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_is_paced_not_cut_off() {
+    let h = Harness::start().await;
+    let env = json!({"RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "50", "RATE_LIMIT_REQUESTS_BURST": "25"});
+    let s = h.server("memory", 1, env).await;
+    let (a, rec) = signed_in(&s.url, h.token("reader", 600.0).await);
+    a.join("lobby").await.unwrap();
+    let before = common::refusals(&s).await;
+    let calls = (0..120).map(|i| {
+        let a = a.clone();
+        async move {
+            match i % 3 {
+                0 => a.ping().await,
+                1 => a.history("lobby", Some(1), None).await.map(|_| ()),
+                _ => a.list_users("lobby").await.map(|_| ()),
+            }
+        }
+    });
+    let results = tokio::time::timeout(scaled(60.0), futures_util::future::join_all(calls)).await.expect("answered");
+    let failed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+    let closes = close_codes(&rec);
+    assert_eq!((closes, failed.len(), failed.first()), (vec![], 0, None), "4102 closes and failed calls");
+    assert!(common::refusals(&s).await > before, "the bucket was never empty: the test tests nothing");
+}
+
+/// 12 histories at once, with a 1 s request timeout, against a request bucket of 5 filled at
+/// 2 a second: those the pacer cannot let go within the timeout fail with `Error::Timeout`
+/// (they failed with `rate_limited`, the whole burst written at once) and are never written
+/// afterwards: the server receives no history after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_too_long_in_the_queue_times_out_unsent() {
+    let h = Harness::start().await;
+    let env = json!({"RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "2", "RATE_LIMIT_REQUESTS_BURST": "5"});
+    let s = h.server("memory", 1, env).await;
+    let token = h.token("waiter", 600.0).await;
+    let (a, events) = Client::builder(&s.url)
+        .token(move || {
+            let t = token.clone();
+            async move { Ok(t) }
+        })
+        .request_timeout(Duration::from_secs(1))
+        .connect();
+    let rec = Recorder::new(events);
+    a.join("lobby").await.unwrap();
+    let calls = (0..12u32).map(|i| {
+        let a = a.clone();
+        async move { a.history("lobby", Some(i + 1), None).await }
+    });
+    let results = tokio::time::timeout(scaled(30.0), futures_util::future::join_all(calls)).await.expect("ended");
+    let written = received(&s, "history").await;
+    let others: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .filter(|e| **e != Error::Timeout)
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(others, Vec::<String>::new(), "failed otherwise than by the timeout");
+    let timed_out = results.iter().filter(|r| r.is_err()).count();
+    assert!(timed_out > 0 && timed_out < 12, "{timed_out} timed out");
+    // A read asked after them goes out behind anything still queued: once it is answered, a
+    // history left in the queue would have been written.
+    let mut answered = false;
+    for _ in 0..20 {
+        if a.list_users("lobby").await.is_ok() {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "list_users never answered");
+    assert_eq!(received(&s, "history").await, written, "a history written after its timeout");
+    assert_eq!(close_codes(&rec), vec![]);
+}
+
+/// A `leave` queued behind reads the request bucket cannot serve yet times out for its caller,
+/// but the room is gone for the app already: the leave is written when its turn comes (the
+/// reads whose callers gave up are not), so the server takes the user out of the room and the
+/// others see her go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_that_times_out_in_the_request_queue_is_still_written() {
+    let h = Harness::start().await;
+    let env = json!({"RATE_LIMIT_BURST": "10", "RATE_LIMIT_REQUESTS": "2", "RATE_LIMIT_REQUESTS_BURST": "5"});
+    let s = h.server("memory", 1, env).await;
+    let token = h.token("alice", 600.0).await;
+    let (alice, events) = Client::builder(&s.url)
+        .token(move || {
+            let t = token.clone();
+            async move { Ok(t) }
+        })
+        .request_timeout(Duration::from_millis(300))
+        .connect();
+    let rec_alice = Recorder::new(events);
+    let _ = alice.join("lobby").await; // a slow join times out, and is joined all the same
+    rec_alice.wait("her join", 20.0, |ev| ev.iter().any(|e| matches!(e, Event::Joined(_)))).await;
+    let (bob, rec_bob) = signed_in(&s.url, h.token("bob", 600.0).await);
+    bob.join("lobby").await.unwrap();
+    // The reads go first (their calls are made first, in order), the leave behind them.
+    let reads = futures_util::future::join_all((0..8u32).map(|i| alice.history("lobby", Some(i + 1), None)));
+    let (_, left) = tokio::join!(reads, alice.leave("lobby"));
+    assert!(matches!(left, Err(Error::Timeout)), "the leave: {left:?}");
+    rec_bob
+        .wait("her offline presence", 30.0, |ev| {
+            ev.iter().any(|e| matches!(e, Event::Presence(p) if p.user_id == "alice" && p.status == "offline"))
+        })
+        .await;
+}
