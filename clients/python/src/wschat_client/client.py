@@ -27,6 +27,7 @@ import asyncio
 import base64
 import calendar
 import contextvars
+import functools
 import inspect
 import json
 import logging
@@ -126,7 +127,8 @@ class _Queued:
 
     @property
     def kept(self) -> bool:
-        return self.frame["type"] == "leave"
+        kind: str = self.frame["type"]  # the frame's own type: the client wrote it
+        return kind == "leave"
 
 
 class _NoToken(Exception):
@@ -135,8 +137,10 @@ class _NoToken(Exception):
 
 def token_expiry(token: str | None) -> float | None:
     """The ``exp`` claim of a JWT (Unix seconds), read without verifying; None if absent."""
+    if token is None:
+        return None
     try:
-        payload = token.split(".")[1]  # type: ignore[union-attr]
+        payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         exp = claims.get("exp")
         return float(exp) if isinstance(exp, (int, float)) else None
@@ -405,7 +409,7 @@ class Client:
                 if inspect.isawaitable(result):
                     task = asyncio.ensure_future(_handler_run(result))
                     self._handling.add(task)
-                    task.add_done_callback(lambda done, event=event: self._handled(event, done))
+                    task.add_done_callback(functools.partial(self._handled, event))
             except (Exception, asyncio.CancelledError):
                 # CancelledError too: a plain call cannot be where a cancellation lands (that
                 # is an await), so it is the handler's own (the result of a cancelled future),
