@@ -41,7 +41,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Literal, Self, TypeVar, cast, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -50,10 +50,10 @@ from websockets.uri import parse_uri
 
 from .backoff import Backoff
 from .errors import (RETRYABLE_CODES, ChatError, ClientClosed, Disconnected, RequestTimeout)
-from .events import (ConnectionState, DirectMessage, Disconnect, Event, HistoryPage, Joined,
-                     Message, Muted, Presence, RecoveryFailed, Removed, RoomInfo, RoomPosition,
-                     RoomState, RoomStateChange, StateChange, TypingEvent, Unmuted, User,
-                     Welcome, WIRE_ID_MAX, wire_epoch, wire_id)
+from .events import (ConnectionState, DirectMessage, Disconnect, Event, EventName, HistoryPage,
+                     Joined, Message, Muted, Payload, Presence, RecoveryFailed, Removed,
+                     RoomInfo, RoomPosition, RoomState, RoomStateChange, StateChange,
+                     TypingEvent, Unmuted, User, Welcome, WIRE_ID_MAX, wire_epoch, wire_id)
 from .outbox import Outbox, OutboxStore, PendingSend
 from .pacer import JOIN_RETRY_DEFAULT, JOIN_WINDOW, REQUEST_WINDOW, JoinPacer, Pacer
 from .stream import Events, _Feed
@@ -63,6 +63,9 @@ T = TypeVar("T")
 FeedT = TypeVar("FeedT", bound=_Feed)
 
 Handler = Callable[[Any], Any]
+"""A handler as the client keeps it; :meth:`Client.on` types each event's (its overloads)."""
+Remove = Callable[[], None]
+"""What :meth:`Client.on` returns: removes the handler."""
 UrlSource = str | Callable[[], str | Awaitable[str]]
 TokenSource = Callable[[], str | Awaitable[str]]
 
@@ -324,8 +327,82 @@ class Client:
         self._feeds_ended = False
 
     # -- events --------------------------------------------------------------------------
-    def on(self, event: str, handler: Handler) -> Callable[[], None]:
-        """Call ``handler(payload)`` for each ``event`` (names and payloads: :mod:`.events`).
+    # One overload per event name, so that a type checker holds an app's handler to the
+    # payload of its event (the table in events.py): `on("message", h)` takes an `h` that
+    # accepts a Message. The last one is for a name the app holds in an EventName variable.
+    # A handler returns anything (an awaitable is run as a task): `object`.
+    @overload
+    def on(self, event: Literal["state"], handler: Callable[[StateChange], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["connected", "user_changed"],
+           handler: Callable[[Welcome], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["disconnected"],
+           handler: Callable[[Disconnect], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["message"], handler: Callable[[Message], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["dm"], handler: Callable[[DirectMessage], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["presence"], handler: Callable[[Presence], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["typing"], handler: Callable[[TypingEvent], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["joined"], handler: Callable[[Joined], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["recovery_failed"],
+           handler: Callable[[RecoveryFailed], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["room_state"],
+           handler: Callable[[RoomStateChange], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["removed"], handler: Callable[[Removed], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["muted"], handler: Callable[[Muted], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["unmuted"], handler: Callable[[Unmuted], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["ack"],
+           handler: Callable[[Message | DirectMessage], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["error"], handler: Callable[[ChatError], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: EventName, handler: Callable[[Payload], object]) -> Remove:
+        ...
+
+    def on(self, event: str, handler: Handler) -> Remove:
+        """Call ``handler(payload)`` for each ``event`` (names and payloads: :mod:`.events`;
+        an overload per name holds ``handler`` to its payload's type for a type checker).
 
         A handler may be a coroutine function: each call then runs as a task of its own,
         which the client keeps until it ends and whose exception it logs, as a plain

@@ -14,19 +14,30 @@ import concurrent.futures
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar, overload
 
-from .client import Client, Handler, UrlSource
-from .errors import ClientClosed
+from .client import Client, Handler, Remove, UrlSource
+from .errors import ChatError, ClientClosed
 from .events import (
     ConnectionState,
     DirectMessage,
     Disconnect,
+    EventName,
     HistoryPage,
     Joined,
     Message,
+    Muted,
+    Payload,
+    Presence,
+    RecoveryFailed,
+    Removed,
     RoomInfo,
+    RoomStateChange,
+    StateChange,
+    TypingEvent,
+    Unmuted,
     User,
+    Welcome,
 )
 from .outbox import PendingSend
 from .stream import SyncEvents
@@ -133,7 +144,77 @@ class SyncClient:
                 raise
             return get()  # close() stopped the thread meanwhile
 
-    def on(self, event: str, handler: Handler) -> Callable[[], None]:
+    # The overloads of Client.on: each event's handler held to its payload.
+    @overload
+    def on(self, event: Literal["state"], handler: Callable[[StateChange], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["connected", "user_changed"],
+           handler: Callable[[Welcome], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["disconnected"],
+           handler: Callable[[Disconnect], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["message"], handler: Callable[[Message], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["dm"], handler: Callable[[DirectMessage], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["presence"], handler: Callable[[Presence], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["typing"], handler: Callable[[TypingEvent], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["joined"], handler: Callable[[Joined], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["recovery_failed"],
+           handler: Callable[[RecoveryFailed], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["room_state"],
+           handler: Callable[[RoomStateChange], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["removed"], handler: Callable[[Removed], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["muted"], handler: Callable[[Muted], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["unmuted"], handler: Callable[[Unmuted], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["ack"],
+           handler: Callable[[Message | DirectMessage], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["error"], handler: Callable[[ChatError], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: EventName, handler: Callable[[Payload], object]) -> Remove:
+        ...
+
+    def on(self, event: EventName, handler: Handler) -> Remove:
         """As :meth:`Client.on`; ``handler`` runs on the client's thread."""
         return self.client.on(event, handler)
 
