@@ -9,6 +9,7 @@ own, so the check does not depend on where pytest runs from."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import typing
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from wschat_client import (
     Unmuted,
     Welcome,
 )
-from wschat_client.client import EVENTS
+from wschat_client.client import EVENTS, ClientOptions
 
 # The README's table of events: each name's payload.
 PAYLOADS: dict[str, Any] = {
@@ -92,6 +93,16 @@ def test_app_with_wrong_handlers_is_reported(mypy: Callable[..., tuple[str, int]
     assert reported == marked, out
     # nothing in the package, nor anywhere else
     assert not re.search(r"^(?!.*app_wrong\.py).*: error:", out, re.MULTILINE), out
+
+
+def test_sync_client_options_are_the_clients() -> None:
+    """``SyncClient(url, **options)`` is typed by ``ClientOptions``: the keyword options of
+    ``Client``, each with its type."""
+    params = inspect.signature(Client.__init__).parameters
+    keywords = {name for name, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    hints = get_type_hints(Client.__init__)
+    assert get_type_hints(ClientOptions) == {name: hints[name] for name in keywords}
+    assert not ClientOptions.__required_keys__  # each has its default
 
 
 @pytest.mark.parametrize("cls", [Client, SyncClient])

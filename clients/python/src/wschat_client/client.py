@@ -41,7 +41,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self, TypeVar, cast, overload
+from typing import Any, Literal, Self, TypedDict, TypeVar, cast, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -171,6 +171,28 @@ async def _handler_run(result: Awaitable[Any]) -> Any:
 
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword options of :class:`Client`, for ``SyncClient(url, **options)``: a type
+    checker holds each to its type there too (a misspelt one is an error). The same names
+    and types as ``Client.__init__``'s (``tests/test_typing.py`` compares them)."""
+
+    token: str | None
+    get_token: TokenSource | None
+    username: str | None
+    request_timeout: float
+    send_timeout: float | None
+    connect_timeout: float
+    backoff: Backoff | None
+    max_outbox: int
+    max_in_flight: int
+    max_joins_in_flight: int
+    max_requests_in_flight: int
+    outbox_store: OutboxStore | None
+    ack_timeout: float
+    typing_idle: float
+    websocket_options: dict[str, Any] | None
 
 
 class Client:

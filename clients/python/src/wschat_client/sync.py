@@ -14,9 +14,9 @@ import concurrent.futures
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, Self, TypeVar, overload
+from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
-from .client import Client, Handler, Remove, UrlSource
+from .client import Client, ClientOptions, Handler, Remove, UrlSource
 from .errors import ChatError, ClientClosed
 from .events import (
     ConnectionState,
@@ -56,7 +56,7 @@ class SyncClient:
             chat.send("general", "Hello!")
     """
 
-    def __init__(self, url: UrlSource, **options: Any) -> None:
+    def __init__(self, url: UrlSource, **options: Unpack[ClientOptions]) -> None:
         self.client = Client(url, **options)  # first: an option it refuses starts no thread
         self._loop = asyncio.new_event_loop()
         given_up = threading.Event()  # set by _abandon: the thread then closes the loop

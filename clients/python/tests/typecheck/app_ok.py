@@ -2,7 +2,7 @@
 
 Every event with a handler of its payload (a lambda's parameter is that payload: each lambda
 reads its attributes), a coroutine handler, wider handlers, a name in a variable, and
-``SyncClient``.
+``SyncClient`` (its handlers and its options).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import assert_type
 
 from wschat_client import (
+    Backoff,
     ChatError,
     Client,
     DirectMessage,
@@ -80,6 +81,11 @@ def handlers(chat: Client) -> None:
 def by_name(chat: Client, names: list[EventName]) -> None:
     for name in names:  # a name held in a variable: a handler of every payload
         chat.on(name, on_any)
+
+
+def sync_client() -> SyncClient:  # the options of Client
+    return SyncClient("ws://localhost:8080/ws", username="alice", send_timeout=None,
+                      backoff=Backoff(max_delay=5.0), websocket_options={"max_queue": 64})
 
 
 def sync_handlers(chat: SyncClient) -> None:

@@ -28,5 +28,10 @@ def handlers(chat: Client, sync: SyncClient, name: str) -> None:
     sync.on("dm", lambda d: d.room)  # error: a DirectMessage has no "room"
 
 
+def sync_clients() -> list[SyncClient]:
+    return [SyncClient("ws://localhost:8080/ws", usernme="alice"),  # error: no such option
+            SyncClient("ws://localhost:8080/ws", max_outbox="10")]  # error: not an int
+
+
 def on_presence(presence: Presence) -> None:
     print(presence.user)
