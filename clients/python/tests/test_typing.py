@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_args, get_overloads, get_type_hints
 
 import pytest
+import wschat_client
 from conftest import IN_CI
 from wschat_client import (
     ChatError,
@@ -97,7 +98,8 @@ def test_app_with_wrong_handlers_is_reported(mypy: Callable[..., tuple[str, int]
 
 def test_sync_client_options_are_the_clients() -> None:
     """``SyncClient(url, **options)`` is typed by ``ClientOptions``: the keyword options of
-    ``Client``, each with its type."""
+    ``Client``, each with its type, named by the package (an app's options dict)."""
+    assert wschat_client.ClientOptions is ClientOptions
     params = inspect.signature(Client.__init__).parameters
     keywords = {name for name, p in params.items() if p.kind is p.KEYWORD_ONLY}
     hints = get_type_hints(Client.__init__)

@@ -15,7 +15,7 @@ without asyncio.
 """
 
 from .backoff import Backoff
-from .client import Client
+from .client import Client, ClientOptions
 from .errors import ChatError, ClientClosed, Disconnected, OutboxFull, RequestTimeout
 from .events import (ConnectionState, DirectMessage, Disconnect, Event, EventName, HistoryPage,
                      Joined, Message, Muted, Payload, Presence, RecoveryFailed, Removed,
@@ -28,7 +28,7 @@ from .sync import SyncClient
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backoff", "ChatError", "Client", "ClientClosed", "ConnectionState", "DirectMessage",
+    "Backoff", "ChatError", "Client", "ClientClosed", "ClientOptions", "ConnectionState", "DirectMessage",
     "Disconnect", "Disconnected", "Event", "EventName", "Events", "FileOutboxStore",
     "HistoryPage", "Joined", "Message", "Muted", "OutboxFull",
     "OutboxStore", "Payload", "PendingSend", "Presence", "RecoveryFailed", "Removed",
