@@ -239,13 +239,33 @@ pub struct ClientBuilder {
     pub(crate) max_joins_in_flight: usize,
     pub(crate) max_requests_in_flight: usize,
     pub(crate) outbox_store: Option<Arc<dyn OutboxStore>>,
+    /// The app's TLS configuration for every connection attempt; `None`: tokio-tungstenite's
+    /// default (the TLS stack's default roots).
+    #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+    pub(crate) tls_connector: Option<crate::Connector>,
+}
+
+/// Which kind of connector it is, for `Debug` (tokio-tungstenite's has no `Debug`; a TLS
+/// configuration is no secret, but its certificates are noise).
+#[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+fn connector_kind(connector: &crate::Connector) -> &'static str {
+    use crate::Connector;
+    match connector {
+        Connector::Plain => "Plain",
+        #[cfg(feature = "native-tls")]
+        Connector::NativeTls(_) => "NativeTls",
+        #[cfg(any(feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+        Connector::Rustls(_) => "Rustls",
+        // A variant turned on by the app's own tokio-tungstenite features, or a later one.
+        _ => "<connector>",
+    }
 }
 
 /// The settings, not the URL (a `?token=` may be in it) nor the callbacks.
 impl std::fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientBuilder")
-            .field("token", &self.token.as_ref().map(|_| "<callback>"))
+        let mut d = f.debug_struct("ClientBuilder");
+        d.field("token", &self.token.as_ref().map(|_| "<callback>"))
             .field("backoff", &self.backoff)
             .field("stable_after", &self.stable_after)
             .field("request_timeout", &self.request_timeout)
@@ -256,8 +276,10 @@ impl std::fmt::Debug for ClientBuilder {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_joins_in_flight", &self.max_joins_in_flight)
             .field("max_requests_in_flight", &self.max_requests_in_flight)
-            .field("outbox_store", &self.outbox_store.as_ref().map(|_| "<store>"))
-            .finish_non_exhaustive()
+            .field("outbox_store", &self.outbox_store.as_ref().map(|_| "<store>"));
+        #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+        d.field("tls_connector", &self.tls_connector.as_ref().map(connector_kind));
+        d.finish_non_exhaustive()
     }
 }
 
@@ -285,6 +307,12 @@ impl ClientBuilder {
             max_joins_in_flight: crate::pacer::JOIN_WINDOW,
             max_requests_in_flight: crate::pacer::REQUEST_WINDOW,
             outbox_store: None,
+            #[cfg(any(
+                feature = "native-tls",
+                feature = "rustls-tls-native-roots",
+                feature = "rustls-tls-webpki-roots"
+            ))]
+            tls_connector: None,
         }
     }
 
@@ -392,6 +420,31 @@ impl ClientBuilder {
     /// Keeps the outbox in `store`; entries it holds now are resent after connecting.
     pub fn outbox_store(mut self, store: impl OutboxStore) -> Self {
         self.outbox_store = Some(Arc::new(store));
+        self
+    }
+
+    /// Connects to a `wss://` URL with this TLS configuration, on every attempt (the first and
+    /// each reconnect), instead of tokio-tungstenite's default (the TLS stack's default roots):
+    /// a private CA (a test cluster's, a company's) trusted by this client only, where
+    /// `SSL_CERT_FILE` would trust it process-wide; a client certificate; rustls settings. A
+    /// certificate it refuses stops the client with 1015, as one the default roots refuse.
+    /// `Connector::Plain` has no TLS: a `wss://` URL then stops the client (`code: None`).
+    /// Needs a TLS feature of this crate (`native-tls`, `rustls-tls-native-roots`,
+    /// `rustls-tls-webpki-roots`).
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "native-tls")]
+    /// # fn demo(ca_pem: &[u8]) -> Result<(), wschat::native_tls::Error> {
+    /// use wschat::native_tls::{Certificate, TlsConnector};
+    /// let tls = TlsConnector::builder().add_root_certificate(Certificate::from_pem(ca_pem)?).build()?;
+    /// let builder = wschat::Client::builder("wss://chat.internal/ws").tls_connector(wschat::Connector::NativeTls(tls));
+    /// # drop(builder);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+    pub fn tls_connector(mut self, connector: crate::Connector) -> Self {
+        self.tls_connector = Some(connector);
         self
     }
 
@@ -900,6 +953,25 @@ mod tests {
         assert!(shown.contains("Client {") && shown.contains("Events"), "{shown}");
         assert!(!format!("{shown} {:?}", Client::builder("ws://x/ws")).contains("secret-jwt"));
         c.close();
+    }
+
+    /// With a TLS feature, the builder shows which kind of connector it was given (not its
+    /// certificates); `Connector::Plain` for a `wss://` URL stops the client at once, saying
+    /// that the connector has no TLS (not that TLS is not compiled in, which it is).
+    #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+    #[tokio::test]
+    async fn a_plain_connector_is_shown_and_stops_a_wss_url() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("wss://{}/ws", listener.local_addr().unwrap());
+        let builder = Client::builder(url).tls_connector(crate::Connector::Plain);
+        let shown = format!("{builder:?}");
+        assert!(shown.contains(r#"tls_connector: Some("Plain")"#), "{shown}");
+        let (c, _events) = builder.connect();
+        match c.wait_connected(Duration::from_secs(5)).await {
+            Err(Error::Terminal { code: None, reason }) => assert!(reason.contains("`Connector::Plain`"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        drop(listener);
     }
 
     /// A panic of the client's task (a bug: an `Instant + Duration` overflow did it once) is

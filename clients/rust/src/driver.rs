@@ -17,6 +17,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::UrlError;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -178,11 +179,12 @@ fn redacted(url: &str) -> String {
 /// may (the TCP connection refused, say): `wss://` without TLS compiled in, a scheme other than
 /// `ws` or `wss`, no host. Retried, each such attempt failed the same, with the backoff, for ever.
 fn unusable_url(error: &tokio_tungstenite::tungstenite::Error) -> Option<&'static str> {
-    use tokio_tungstenite::tungstenite::error::{Error, UrlError};
+    use tokio_tungstenite::tungstenite::error::Error;
     match error {
         Error::Url(UrlError::TlsFeatureNotEnabled) => Some(
-            "wss:// needs TLS, not compiled into tokio-tungstenite: enable its `native-tls` feature \
-             (or a `rustls-tls-*` one) in the app's Cargo.toml (see the wschat client's README)",
+            "wss:// needs TLS, not compiled into tokio-tungstenite: enable the `native-tls` feature \
+             (or a `rustls-tls-*` one) of wschat or of tokio-tungstenite in the app's Cargo.toml \
+             (see the wschat client's README)",
         ),
         Error::Url(UrlError::UnableToConnect(_)) => None,
         Error::Url(_) => Some("the URL must be ws:// or wss:// with a host"),
@@ -476,6 +478,17 @@ impl Driver {
         let url = (self.cfg.url)();
         let shown = redacted(&url); // the URL as the reasons (events, errors) show it
         let token_fn = self.cfg.token.clone();
+        #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+        let tls_connector = self.cfg.tls_connector.clone();
+        // `Connector::Plain` fails a `wss://` URL as TLS not compiled in would: say which it is.
+        #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+        let plain_connector = matches!(tls_connector, Some(crate::Connector::Plain));
+        #[cfg(not(any(
+            feature = "native-tls",
+            feature = "rustls-tls-native-roots",
+            feature = "rustls-tls-webpki-roots"
+        )))]
+        let plain_connector = false;
         let attempt = async move {
             let refused =
                 |reason: String| Refused { reason, status: None, retry_after: None, for_good: false, stop_code: None };
@@ -498,7 +511,20 @@ impl Driver {
                 let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| refused(e.to_string()))?;
                 request.headers_mut().insert("authorization", value);
             }
-            let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| {
+            // The app's connector, if any (`None`: tokio-tungstenite's default, as `connect_async`).
+            #[cfg(any(
+                feature = "native-tls",
+                feature = "rustls-tls-native-roots",
+                feature = "rustls-tls-webpki-roots"
+            ))]
+            let connected = tokio_tungstenite::connect_async_tls_with_config(request, None, false, tls_connector).await;
+            #[cfg(not(any(
+                feature = "native-tls",
+                feature = "rustls-tls-native-roots",
+                feature = "rustls-tls-webpki-roots"
+            )))]
+            let connected = tokio_tungstenite::connect_async(request).await;
+            let (socket, _) = connected.map_err(|e| {
                 let (status, retry_after) = match &e {
                     tokio_tungstenite::tungstenite::Error::Http(response) => {
                         let header = response.headers().get("retry-after").and_then(|v| v.to_str().ok());
@@ -507,6 +533,14 @@ impl Driver {
                     _ => (None, None),
                 };
                 if let Some(why) = unusable_url(&e) {
+                    let why = match &e {
+                        tokio_tungstenite::tungstenite::Error::Url(UrlError::TlsFeatureNotEnabled)
+                            if plain_connector =>
+                        {
+                            "wss:// with the `tls_connector` `Connector::Plain`, which has no TLS"
+                        }
+                        _ => why,
+                    };
                     return Refused { for_good: true, ..refused(format!("{shown}: {e}: {why}")) };
                 }
                 match certificate_problem(&e) {

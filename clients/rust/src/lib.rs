@@ -44,3 +44,21 @@ pub use error::{ConnectionState, Error, RoomState};
 pub use outbox::{OutboxEntry, OutboxStore, Target};
 pub use protocol::{ChatMessage, DirectMessage, Presence, Typing, User};
 pub use rooms::{RoomSeq, Verdict};
+
+/// The TLS configuration [`ClientBuilder::tls_connector`] takes: `Connector::NativeTls` (a
+/// `native_tls::TlsConnector`, crate feature `native-tls`) or `Connector::Rustls` (an
+/// `Arc<rustls::ClientConfig>`, a `rustls-tls-*` feature); both crates are re-exported here.
+/// tokio-tungstenite's own type, re-exported so that an app needs not name its version.
+#[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+pub use tokio_tungstenite::Connector;
+
+/// The native-tls crate tokio-tungstenite connects with (crate feature `native-tls`), to build a
+/// [`Connector::NativeTls`]: `native_tls::TlsConnector::builder().add_root_certificate(..)`.
+#[cfg(feature = "native-tls")]
+pub use native_tls;
+
+/// The rustls crate tokio-tungstenite connects with (a `rustls-tls-*` feature), to build a
+/// [`Connector::Rustls`] (rustls wants a crypto provider: its `ring` or `aws-lc-rs` feature,
+/// turned on in the app's `Cargo.toml`, or one installed as the process's default).
+#[cfg(any(feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+pub use rustls;

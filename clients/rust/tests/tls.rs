@@ -7,10 +7,12 @@
 //! stops at the first one with `Error::Terminal { code: Some(1015), reason }`, the reason
 //! naming the problem, as the JS and Python clients do; it used to reconnect with the backoff
 //! for ever, a `join` ending in `Error::Timeout` and nothing saying why. A private CA is
-//! trusted through `SSL_CERT_FILE` (native-tls on Linux, OpenSSL), the README's way.
+//! trusted by one client through its `ClientBuilder::tls_connector` (this crate's `native-tls`
+//! feature: `cargo test --features native-tls`, as CI runs it), or process-wide through
+//! `SSL_CERT_FILE` (native-tls on Linux, OpenSSL), the README's two ways.
 //!
-//! One test, in a binary of its own: `SSL_CERT_FILE` is the process's, set after the case that
-//! must not trust the CA.
+//! One test, in a binary of its own: `SSL_CERT_FILE` is the process's, set after the cases that
+//! must not trust the CA through it (the connector's first: it must trust it on its own).
 
 mod common;
 
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use common::{scaled, Harness, Recorder};
 use serde_json::json;
-use wschat::{Client, Error, Event};
+use wschat::{Client, ClientBuilder, Error, Event};
 
 /// A memory server behind a TLS front whose certificate names `hostname`: its URL and CA file.
 async fn tls_front(harness: &Harness, hostname: &str) -> (String, String) {
@@ -31,12 +33,12 @@ async fn tls_front(harness: &Harness, hostname: &str) -> (String, String) {
 /// `join` made while it connects fails with `Error::Terminal` 1015 whose reason names `cause`
 /// (not `Error::Timeout`), the events tell one `Disconnected` (1015, no reconnect) and then
 /// that error, and half a second more brings no second attempt (the backoff, 10 .. 20 ms,
-/// would have made many).
-async fn stops_with(url: &str, cause: &str) -> Option<String> {
-    let (c, events) = Client::builder(format!("{url}?username=ann"))
+/// would have made many). `configure` sets the rest of the client (its TLS connector).
+async fn stops_with(url: &str, cause: &str, configure: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Option<String> {
+    let builder = Client::builder(format!("{url}?username=ann"))
         .backoff(Duration::from_millis(10), Duration::from_millis(20))
-        .request_timeout(scaled(5.0))
-        .connect();
+        .request_timeout(scaled(5.0));
+    let (c, events) = configure(builder).connect();
     let rec = Recorder::new(events);
     let joined = c.join("general").await;
     let named = |reason: &str| reason.contains("TLS certificate verification failed") && reason.contains(cause);
@@ -65,22 +67,58 @@ async fn stops_with(url: &str, cause: &str) -> Option<String> {
     (!wrong.is_empty()).then(|| format!("{url}: {wrong:#?}"))
 }
 
+/// A client of `url` (`?username=` `who`) connects, joins, has a send echoed, and does all
+/// that again after a reconnect (the connector, if any, is used for every attempt).
+async fn chats(url: &str, who: &str, configure: impl FnOnce(ClientBuilder) -> ClientBuilder) {
+    let builder = Client::builder(format!("{url}?username={who}")).request_timeout(scaled(10.0));
+    let (c, events) = configure(builder).connect();
+    let rec = Recorder::new(events);
+    c.wait_connected(scaled(10.0)).await.expect("connected over wss://");
+    c.join("general").await.expect("joined");
+    let sent = c.send("general", "over TLS").await.expect("sent");
+    assert_eq!(sent.text, "over TLS");
+    c.reconnect();
+    let welcomed = |events: &[Event]| events.iter().filter(|e| matches!(e, Event::Welcome { .. })).count() >= 2;
+    rec.wait("a second welcome after the reconnect", 10.0, welcomed).await;
+    // (`wait` also returns when the events end: a client stopped.)
+    assert!(welcomed(&rec.events()), "no second welcome: {:#?}", rec.events());
+    let sent = c.send("general", "again").await.expect("sent after the reconnect");
+    assert_eq!(sent.text, "again");
+    c.close();
+}
+
+/// Through `ClientBuilder::tls_connector`, with `SSL_CERT_FILE` not (yet) naming the CA: a
+/// connector trusting it connects (and reconnects); one without it, or the right CA for a
+/// certificate of another host name, stops the client with 1015 and the cause, as the
+/// default roots do.
+#[cfg(feature = "native-tls")]
+async fn through_a_connector(url: &str, other_url: &str, ca: &str) {
+    use wschat::native_tls::{Certificate, TlsConnector};
+    use wschat::Connector;
+    let pem = std::fs::read(ca).expect("the harness's CA file");
+    let trusting = || {
+        let ca = Certificate::from_pem(&pem).expect("a PEM certificate");
+        Connector::NativeTls(TlsConnector::builder().add_root_certificate(ca).build().expect("a TLS connector"))
+    };
+    let untrusting = Connector::NativeTls(TlsConnector::new().expect("a TLS connector"));
+    let untrusting = move |b: ClientBuilder| b.tls_connector(untrusting);
+    assert_eq!(stops_with(url, "unable to get local issuer certificate", untrusting).await, None);
+    assert_eq!(stops_with(other_url, "hostname mismatch", |b| b.tls_connector(trusting())).await, None);
+    chats(url, "cat", |b| b.tls_connector(trusting())).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_fails_verification_stops_the_client_and_a_private_ca_is_trusted() {
     let harness = Harness::start().await;
     let (url, ca) = tls_front(&harness, "localhost").await;
     let (other_url, _) = tls_front(&harness, "wrong.invalid").await;
+    #[cfg(feature = "native-tls")]
+    through_a_connector(&url, &other_url, &ca).await;
     // The system's CAs only: the harness's CA is none of them.
-    assert_eq!(stops_with(&url, "unable to get local issuer certificate").await, None);
+    assert_eq!(stops_with(&url, "unable to get local issuer certificate", |b| b).await, None);
     // The CA trusted (the README's way for native-tls on Linux), the name wrong.
     std::env::set_var("SSL_CERT_FILE", &ca);
-    assert_eq!(stops_with(&other_url, "hostname mismatch").await, None);
+    assert_eq!(stops_with(&other_url, "hostname mismatch", |b| b).await, None);
     // The CA trusted, the name right: connected, joined, a send echoed.
-    let (c, events) = Client::builder(format!("{url}?username=bob")).request_timeout(scaled(10.0)).connect();
-    let _rec = Recorder::new(events);
-    c.wait_connected(scaled(10.0)).await.expect("connected over wss:// with the CA trusted");
-    c.join("general").await.expect("joined");
-    let sent = c.send("general", "over TLS").await.expect("sent");
-    assert_eq!(sent.text, "over TLS");
-    c.close();
+    chats(&url, "bob", |b| b).await;
 }
