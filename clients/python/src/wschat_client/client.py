@@ -195,7 +195,104 @@ class ClientOptions(TypedDict, total=False):
     websocket_options: dict[str, Any] | None
 
 
-class Client:
+class EventHandlers:
+    """``on()``, shared by :class:`Client` and :class:`~wschat_client.SyncClient`: its
+    overloads hold each event's handler to that event's payload for a type checker."""
+
+    # One overload per event name, so that a type checker holds an app's handler to the
+    # payload of its event (the table in events.py): `on("message", h)` takes an `h` that
+    # accepts a Message. The last one is for a name the app holds in an EventName variable.
+    # A handler returns anything (an awaitable is run as a task): `object`.
+    @overload
+    def on(self, event: Literal["state"], handler: Callable[[StateChange], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["connected", "user_changed"],
+           handler: Callable[[Welcome], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["disconnected"],
+           handler: Callable[[Disconnect], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["message"], handler: Callable[[Message], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["dm"], handler: Callable[[DirectMessage], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["presence"], handler: Callable[[Presence], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["typing"], handler: Callable[[TypingEvent], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["joined"], handler: Callable[[Joined], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["recovery_failed"],
+           handler: Callable[[RecoveryFailed], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["room_state"],
+           handler: Callable[[RoomStateChange], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["removed"], handler: Callable[[Removed], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["muted"], handler: Callable[[Muted], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["unmuted"], handler: Callable[[Unmuted], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["ack"],
+           handler: Callable[[Message | DirectMessage], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: Literal["error"], handler: Callable[[ChatError], object]) -> Remove:
+        ...
+
+    @overload
+    def on(self, event: EventName, handler: Callable[[Payload], object]) -> Remove:
+        ...
+
+    def on(self, event: str, handler: Handler) -> Remove:
+        """Call ``handler(payload)`` for each ``event`` (names and payloads: :mod:`.events`;
+        an overload per name holds ``handler`` to its payload's type for a type checker).
+
+        A handler may be a coroutine function: each call then runs as a task of its own,
+        which the client keeps until it ends and whose exception it logs, as a plain
+        handler's. The client does not wait for it: the next event is handed on at once,
+        so a slow coroutine handler holds nothing back and its tasks may pile up (for
+        one event at a time, queue the events in a plain handler and work the queue in
+        one task). :meth:`close` waits for the ones still running, ``connect_timeout``
+        at most (then cancels them). Returns a function that removes the handler (once:
+        calling it again does nothing). On a :class:`~wschat_client.SyncClient` the
+        handlers run on the client's thread.
+        """
+        return self._add_handler(event, handler)
+
+    def _add_handler(self, event: str, handler: Handler) -> Remove:
+        raise NotImplementedError
+
+
+class Client(EventHandlers):
     """A wschat client that reconnects, recovers and resends by itself.
 
     Args:
@@ -349,92 +446,7 @@ class Client:
         self._feeds_ended = False
 
     # -- events --------------------------------------------------------------------------
-    # One overload per event name, so that a type checker holds an app's handler to the
-    # payload of its event (the table in events.py): `on("message", h)` takes an `h` that
-    # accepts a Message. The last one is for a name the app holds in an EventName variable.
-    # A handler returns anything (an awaitable is run as a task): `object`.
-    @overload
-    def on(self, event: Literal["state"], handler: Callable[[StateChange], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["connected", "user_changed"],
-           handler: Callable[[Welcome], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["disconnected"],
-           handler: Callable[[Disconnect], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["message"], handler: Callable[[Message], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["dm"], handler: Callable[[DirectMessage], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["presence"], handler: Callable[[Presence], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["typing"], handler: Callable[[TypingEvent], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["joined"], handler: Callable[[Joined], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["recovery_failed"],
-           handler: Callable[[RecoveryFailed], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["room_state"],
-           handler: Callable[[RoomStateChange], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["removed"], handler: Callable[[Removed], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["muted"], handler: Callable[[Muted], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["unmuted"], handler: Callable[[Unmuted], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["ack"],
-           handler: Callable[[Message | DirectMessage], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["error"], handler: Callable[[ChatError], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: EventName, handler: Callable[[Payload], object]) -> Remove:
-        ...
-
-    def on(self, event: str, handler: Handler) -> Remove:
-        """Call ``handler(payload)`` for each ``event`` (names and payloads: :mod:`.events`;
-        an overload per name holds ``handler`` to its payload's type for a type checker).
-
-        A handler may be a coroutine function: each call then runs as a task of its own,
-        which the client keeps until it ends and whose exception it logs, as a plain
-        handler's. The client does not wait for it: the next event is handed on at once,
-        so a slow coroutine handler holds nothing back and its tasks may pile up (for
-        one event at a time, queue the events in a plain handler and work the queue in
-        one task). :meth:`close` waits for the ones still running, ``connect_timeout``
-        at most (then cancels them). Returns a function that removes the handler (once:
-        calling it again does nothing).
-        """
+    def _add_handler(self, event: str, handler: Handler) -> Remove:
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; one of {sorted(EVENTS)}")
         self._handlers[event].append(handler)

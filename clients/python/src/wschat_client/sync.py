@@ -14,30 +14,19 @@ import concurrent.futures
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, Self, TypeVar, Unpack, overload
+from typing import Any, Self, TypeVar, Unpack
 
-from .client import Client, ClientOptions, Handler, Remove, UrlSource
-from .errors import ChatError, ClientClosed
+from .client import Client, ClientOptions, EventHandlers, Handler, Remove, UrlSource
+from .errors import ClientClosed
 from .events import (
     ConnectionState,
     DirectMessage,
     Disconnect,
-    EventName,
     HistoryPage,
     Joined,
     Message,
-    Muted,
-    Payload,
-    Presence,
-    RecoveryFailed,
-    Removed,
     RoomInfo,
-    RoomStateChange,
-    StateChange,
-    TypingEvent,
-    Unmuted,
     User,
-    Welcome,
 )
 from .outbox import PendingSend
 from .stream import SyncEvents
@@ -45,7 +34,7 @@ from .stream import SyncEvents
 T = TypeVar("T")
 
 
-class SyncClient:
+class SyncClient(EventHandlers):
     """``SyncClient(url, **options)`` takes the options of :class:`Client`.
 
     ::
@@ -144,79 +133,8 @@ class SyncClient:
                 raise
             return get()  # close() stopped the thread meanwhile
 
-    # The overloads of Client.on: each event's handler held to its payload.
-    @overload
-    def on(self, event: Literal["state"], handler: Callable[[StateChange], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["connected", "user_changed"],
-           handler: Callable[[Welcome], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["disconnected"],
-           handler: Callable[[Disconnect], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["message"], handler: Callable[[Message], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["dm"], handler: Callable[[DirectMessage], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["presence"], handler: Callable[[Presence], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["typing"], handler: Callable[[TypingEvent], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["joined"], handler: Callable[[Joined], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["recovery_failed"],
-           handler: Callable[[RecoveryFailed], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["room_state"],
-           handler: Callable[[RoomStateChange], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["removed"], handler: Callable[[Removed], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["muted"], handler: Callable[[Muted], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["unmuted"], handler: Callable[[Unmuted], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["ack"],
-           handler: Callable[[Message | DirectMessage], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: Literal["error"], handler: Callable[[ChatError], object]) -> Remove:
-        ...
-
-    @overload
-    def on(self, event: EventName, handler: Callable[[Payload], object]) -> Remove:
-        ...
-
-    def on(self, event: EventName, handler: Handler) -> Remove:
-        """As :meth:`Client.on`; ``handler`` runs on the client's thread."""
-        return self.client.on(event, handler)
+    def _add_handler(self, event: str, handler: Handler) -> Remove:  # on(), for the app
+        return self.client._add_handler(event, handler)
 
     def events(self) -> SyncEvents:
         """As :meth:`Client.events`, for a plain ``for``: every event from now on, each
