@@ -273,6 +273,46 @@ def documented_ranges() -> dict[str, tuple[float | None, float | None]]:
     return ranges
 
 
+# What start-up needs beside a variable to accept it (the combination checks of
+# Settings._check): more than one worker needs Redis.
+RANGE_CONTEXT = {"WEB_CONCURRENCY": {"REDIS_URL": "redis://localhost:6379/0"}}
+# Bounds the table gives in words: the lowest MAX_INBOUND_BUFFER_BYTES start-up takes is
+# MAX_MESSAGE_BYTES (checked with it), above the parser's own 256.
+RANGES_IN_WORDS = {"MAX_INBOUND_BUFFER_BYTES": "At least `MAX_MESSAGE_BYTES`"}
+
+
+def parser_bounds() -> dict[str, tuple[float | None, float | None]]:
+    """variable -> (lowest, highest) its parser (config's _int or _float) accepts."""
+    bounds = {}
+    for name, field in settings_fields().items():
+        parse = field.metadata["parse"]
+        closure = getattr(parse, "__closure__", None) or ()
+        cells = dict(zip(parse.__code__.co_freevars, (c.cell_contents for c in closure),
+                         strict=True)) if closure else {}
+        if {"lo", "hi"} <= set(cells) and (cells["lo"], cells["hi"]) != (None, None):
+            bounds[name] = (cells["lo"], cells["hi"])
+    return bounds
+
+
+def test_every_bounded_variable_has_its_range_in_the_table() -> None:
+    """A number start-up refuses outside a range has that range in the table (what an
+    operator reads before setting it): HISTORY_SIZE=1000000 stopped the server with
+    "must be <= 100000", which no row said. A lowest value of 0 and no highest (a
+    count or a duration that only may not be negative) needs none."""
+    bounds = parser_bounds()
+    assert {"PORT", "HISTORY_SIZE", "RATE_LIMIT", "HEARTBEAT_INTERVAL"} <= set(bounds)
+    documented, table_rows = documented_ranges(), config_table()
+    problems = []
+    for name, (low, high) in sorted(bounds.items()):
+        if name in RANGES_IN_WORDS:
+            if RANGES_IN_WORDS[name] not in table_rows[name][2]:
+                problems.append(f"{name}: no {RANGES_IN_WORDS[name]!r}")
+        elif (low, high) != (0, None) and documented.get(name) != (low, high):
+            problems.append(f"{name}: the code takes {low} to {high}, "
+                            f"README says {documented.get(name)}")
+    assert not problems, "\n".join(problems)
+
+
 def test_documented_ranges_are_the_validation() -> None:
     """Each range the table states is what start-up accepts: both ends parse, one step
     beyond either end stops the server naming the variable."""
@@ -293,7 +333,7 @@ def test_documented_ranges_are_the_validation() -> None:
 
         def accepted(value: float, name: str = name, raw: Any = raw) -> bool:
             try:
-                Settings.from_env({name: raw(value)})
+                Settings.from_env({**RANGE_CONTEXT.get(name, {}), name: raw(value)})
             except ConfigError as exc:
                 assert str(exc).startswith(name), exc
                 return False
