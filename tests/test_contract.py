@@ -499,6 +499,33 @@ def _exists(name: str, series: dict[str, tuple[str, tuple[str, ...]]]) -> bool:
     return f"_{suffix}" in HISTOGRAM_SUFFIXES and series.get(base, ("",))[0] == "histogram"
 
 
+def test_the_http_series_name_the_paths_they_leave_out(app: Any) -> None:
+    """The HTTP request series' rows name every plain HTTP route the exporter leaves out
+    (WebSocket routes are left out in words): their rows said only `/metrics`, and
+    `/metrics/json`, a route a person or script polls, was never counted either."""
+    from prometheus_client import REGISTRY
+
+    def requests() -> float:
+        return sum(sample.value for family in REGISTRY.collect()
+                   if family.name == "wschat_http_request" for sample in family.samples
+                   if sample.name == "wschat_http_request_total")
+
+    client, left_out = app.test_client(), set()
+    for path in sorted(NON_API_ROUTES - {"/ws", "/echo"}):
+        before = requests()
+        port = 8081 if path.startswith("/metrics") else 8080
+        client.get(path, base_url=f"http://localhost:{port}")
+        if requests() == before:
+            left_out.add(path)
+    assert "/metrics" in left_out and "/health" not in left_out  # not vacuous
+    rows = table(section(OPERATIONS.read_text(), "### Series"), "name", "type")
+    for row in rows:
+        if ticked(row[0])[0] in ("wschat_http_request_total",
+                                 "wschat_http_request_duration_seconds"):
+            named = set(ticked(row[3]))
+            assert left_out <= named, f"{row[0]}: left out, not named: {left_out - named}"
+
+
 def test_docs_and_chart_name_only_series_that_exist(
         series: dict[str, tuple[str, tuple[str, ...]]]) -> None:
     """Every wschat_ series name README.md, docs/*.md (prose and ```promql blocks; other
