@@ -160,6 +160,30 @@ def test_values_files_pass_yamllint() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_every_resource_the_chart_renders_is_in_the_deployment_table() -> None:
+    """docs/deployment.md's "What the chart creates" names every kind (and, where a row
+    names them, every name) the chart renders, with every optional resource on: it
+    lacked the ServiceAccount, the PrometheusRule and the dashboard's ConfigMap."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    lines = text.split("What the chart creates:\n", 1)[1].strip().splitlines()
+    table = lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    documented = [(set(re.findall(r"\b[A-Z][A-Za-z]+\b", re.sub(r"`[^`]*`", "", cell))),
+                   set(re.findall(r"`([^`]+)`", cell))) for cell, *_ in rows]
+    assert len(documented) >= 10
+    releases = [render(), render(load_values_file("scaled-values.yaml")),
+                render({"replicaCount": 2, "auth": {"jwtSecret": "s" * 32},
+                        "prometheusRule": {"enabled": True},
+                        "grafanaDashboard": {"enabled": True},
+                        "serviceMonitor": {"enabled": True}})]
+    rendered = {(m["kind"], m["metadata"]["name"]) for r in releases for m in r.manifests}
+    assert ("Deployment", f"{RELEASE}-redis") in rendered  # not vacuous
+    missing = sorted(f"{kind} {name}" for kind, name in rendered
+                     if not any(kind in kinds and (not names or name in names)
+                                for kinds, names in documented))
+    assert not missing, f"rendered, not in docs/deployment.md's table: {missing}"
+
+
 def test_values_schema_is_valid_and_accepts_the_defaults() -> None:
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
