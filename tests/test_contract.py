@@ -662,6 +662,48 @@ def test_every_close_code_the_server_sends_is_in_the_readme_table() -> None:
     assert documented - {code.value for code in CloseCode} == set(), "documented, no CloseCode"
 
 
+def close_calls() -> dict[int, set[str]]:
+    """Close code -> the literal reasons the server's ``.close(code, "reason")`` calls
+    give it (a CloseCode member or a bare integer)."""
+    from wschat.protocol import CloseCode
+
+    found: dict[int, set[str]] = {}
+    for _, tree in sources():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "close" and len(node.args) >= 2):
+                continue
+            code, reason = node.args[:2]
+            if (isinstance(code, ast.Attribute) and isinstance(code.value, ast.Name)
+                    and code.value.id == "CloseCode"):
+                number = CloseCode[code.attr].value
+            elif isinstance(code, ast.Constant) and isinstance(code.value, int):
+                number = code.value
+            else:
+                continue
+            reasons = found.setdefault(number, set())
+            if isinstance(reason, ast.Constant) and isinstance(reason.value, str):
+                reasons.add(reason.value)
+    return found
+
+
+def test_close_code_rows_that_name_reasons_name_every_reason() -> None:
+    """A close-code row that names the close frame's reasons (reason `...`) names every
+    one the server sends with that code, and a code written as a bare integer is in the
+    table too: 1013's row named three reasons but not `temporarily unavailable; retry`,
+    sent from three places (one of them `ws.close(1013, ...)`, which the CloseCode check
+    above does not see)."""
+    calls = close_calls()
+    assert "missed messages; join again" in calls[1013]  # not vacuous
+    rows = {int(row[0]): row[1] for row in
+            table(section(readme(), "### Close codes"), "code", "meaning") if row[0].isdigit()}
+    assert set(calls) - set(rows) == set(), "sent, missing from README's close-code table"
+    problems = [f"{code}: {sorted(reasons - set(ticked(rows[code])))}"
+                for code, reasons in sorted(calls.items())
+                if "reason `" in rows[code] and reasons - set(ticked(rows[code]))]
+    assert not problems, f"reasons sent, not in their row: {problems}"
+
+
 def api_error_codes() -> set[tuple[str, int]]:
     """(code, HTTP status) of every error the server API (or gunicorn, for a request it
     refuses before the app) can answer with."""
