@@ -603,6 +603,20 @@ def _paths(value: Any, prefix: str = "") -> set[str]:
     return {p for k, v in value.items() for p in {prefix + k} | _paths(v, f"{prefix}{k}.")}
 
 
+def test_metrics_port_paths_name_the_content_type_served(app: Any) -> None:
+    """docs/operations.md's table of METRICS_PORT's paths gives the Content-Type each
+    serves, as served (a scraper or proxy configured from it matches the header):
+    `/metrics` said `text/plain; version=0.0.4`, without the `charset=utf-8` it has."""
+    rows = {name: row for row in table(section(OPERATIONS.read_text(), "## Metrics"),
+                                       "path", "what") for name in ticked(row[0])}
+    client = app.test_client()
+    for path, kind in (("/metrics", "text/plain"), ("/metrics/json", "application/json")):
+        served = client.get(path, base_url="http://localhost:8081").headers["Content-Type"]
+        assert served.startswith(kind), served
+        named = [t for t in ticked(rows[path][1]) if t.startswith(kind)]
+        assert named in ([], [served]), f"{path}: documented {named}, served {served!r}"
+
+
 def test_metrics_json_example_has_the_served_fields(app: Any) -> None:
     """docs/operations.md's /metrics/json example has the fields the endpoint serves, and
     no other, down to the per-type counts (maps of codes or reasons seen so far, and the
