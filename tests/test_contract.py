@@ -1046,3 +1046,48 @@ def test_the_seed_and_spec_names_are_kept(
     assert SEED_SERIES - set(documented_series()) == set(), "undocumented"
     served = app.test_client().get("/metrics/json", base_url="http://localhost:8081").get_json()
     assert SEED_JSON_FIELDS - set(served) == set(), "no longer in /metrics/json"
+
+
+# ==========================================================================
+# 6. Code the docs point at: `name` in `file.py`, and dotted `wschat.x.y` names
+# ==========================================================================
+
+# Backticked dotted names that are no Python names (the SQLite file's default name).
+NOT_PYTHON_NAMES = {"wschat.db"}
+
+
+def test_code_the_docs_point_at_exists() -> None:
+    """Every "`name` in `path.py`" of README.md and docs/*.md names a file that defines
+    or uses that name, and every backticked `wschat.module.name` resolves: "`_admit()` in
+    `wschat/factory.py`" (docs/conformance.md) outlived the function by a refactor that
+    moved admission to wschat/routes.py and wschat/admission.py."""
+    import importlib
+
+    problems, checked = [], 0
+    for path in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        pointers = re.findall(r"`([A-Za-z_][\w.]*)(?:\(\))?` in `([\w/.]+\.py)`", text)
+        checked += len(pointers)
+        for name, file in pointers:
+            target = ROOT / file
+            last = name.rsplit(".", 1)[-1]
+            if not target.is_file() or not re.search(rf"\b{re.escape(last)}\b",
+                                                     target.read_text()):
+                problems.append(f"{where}: `{name}` in `{file}`")
+        for dotted in set(re.findall(r"`(wschat(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", text)):
+            if dotted in NOT_PYTHON_NAMES:
+                continue
+            parts = dotted.split(".")
+            for split in range(len(parts), 0, -1):
+                try:
+                    found: Any = importlib.import_module(".".join(parts[:split]))
+                except ImportError:
+                    continue
+                break
+            for attr in parts[split:]:
+                found = getattr(found, attr, None)
+            if found is None:
+                problems.append(f"{where}: `{dotted}`")
+    assert checked >= 4  # not vacuous
+    assert not problems, "the docs name code that is not there:\n" + "\n".join(problems)
