@@ -2,7 +2,8 @@
 
 README.md (configuration table, protocol tables, error and close codes, the server API's
 error codes), docs/operations.md (the series table, ``/metrics/json``) and the chart's
-alerts and dashboard name what operators and clients rely on. The rule
+alerts and dashboard name what operators and clients rely on; README.md and docs/*.md
+also point at code by name (section 6). The rule
 (shared/design/SPEC.md) is to keep every documented name exactly and only add: so a
 name the code has and the docs lack, or the docs have and the code lacks, is drift.
 
