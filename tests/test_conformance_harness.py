@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from conftest import ROOT, TIMEOUT, Client, http_get, wait_until
@@ -92,6 +93,34 @@ def test_a_tls_front_serves_wss_with_a_certificate_of_its_ca(harness: tuple[Call
     assert status == 200 and other["hostname"] == "other.invalid"
     with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
         connect(other["url"], ssl=trusted, open_timeout=TIMEOUT)
+
+
+def test_a_tls_fronts_certificate_is_swapped_on_its_port(harness: tuple[Call, str]) -> None:
+    """``/fronts/<front>/certificate``: the next handshake on the same port gets the new
+    certificate (one of a CA no client has: it fails verification; then the harness's CA's
+    again: it passes); ``drop`` cuts the connections open at the swap."""
+    call, _ = harness
+    _, server = call("/servers", {"backend": "memory"})
+    _, front = call(f"/servers/{server['id']}/tls")
+    trusted = ssl.create_default_context(cafile=front["ca"])
+    with connect(front["url"] + "?username=ann", ssl=trusted, open_timeout=TIMEOUT) as ws:
+        assert json.loads(ws.recv(TIMEOUT))["type"] == "welcome"
+        status, reply = call(f"/fronts/{front['front']}/certificate",
+                             {"issuer": "unknown", "drop": True})
+        assert status == 200 and reply["issuer"] == "unknown", reply
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(TIMEOUT)
+    with pytest.raises(ssl.SSLCertVerificationError, match="local issuer"):
+        connect(front["url"], ssl=trusted, open_timeout=TIMEOUT)
+    assert call(f"/fronts/{front['front']}/certificate", {"hostname": "other.invalid"})[0] == 200
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        connect(front["url"], ssl=trusted, open_timeout=TIMEOUT)
+    assert call(f"/fronts/{front['front']}/certificate")[0] == 200
+    with connect(front["url"] + "?username=ann", ssl=trusted, open_timeout=TIMEOUT) as ws:
+        assert json.loads(ws.recv(TIMEOUT))["type"] == "welcome"
+    assert call("/fronts/t99/certificate")[0] == 404
+    assert call(f"/fronts/{front['front']}/certificate", {"issuer": "self"})[0] == 400
 
 
 def test_bad_calls_are_refused(harness: tuple[Call, str]) -> None:

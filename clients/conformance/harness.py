@@ -54,7 +54,8 @@ class Harness:
         self.servers: dict[str, Server] = {}
         self.lock = threading.Lock()
         self.ca: CertificateAuthority | None = None
-        self.fronts: list[TlsFront] = []
+        self.unknown_ca: CertificateAuthority | None = None  # signs what no client trusts
+        self.fronts: dict[str, TlsFront] = {}
 
     def redis_url(self) -> str:
         if self.redis is None:
@@ -124,11 +125,34 @@ class Harness:
         with self.lock:
             if self.ca is None:
                 self.ca = make_ca()
-            cert, key = self.ca.issue(hostname, f"{server_id}-{len(self.fronts) + 1}")
+            front_id = f"t{len(self.fronts) + 1}"
+            cert, key = self.ca.issue(hostname, f"{server_id}-{front_id}")
             front = TlsFront(cert, key, server.port)
-            self.fronts.append(front)
+            self.fronts[front_id] = front
         return {"url": f"wss://localhost:{front.port}/ws", "ca": str(self.ca.path),
-                "hostname": hostname}
+                "hostname": hostname, "front": front_id}
+
+    def front_certificate(self, front_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A new certificate for a running front, from its next handshake on: for
+        ``hostname`` (default ``localhost``), signed by the harness's CA (``issuer`` ``ca``,
+        the default) or by one no client is given (``unknown``); ``drop``: cut the front's
+        open connections too."""
+        hostname, issuer = body.get("hostname", "localhost"), body.get("issuer", "ca")
+        if not isinstance(hostname, str) or not hostname:
+            raise HarnessError(400, "hostname must be a non-empty string")
+        if issuer not in ("ca", "unknown"):
+            raise HarnessError(400, f"issuer must be ca or unknown, not {issuer!r}")
+        with self.lock:
+            front = self.fronts.get(front_id)
+            if front is None or self.ca is None:
+                raise HarnessError(404, f"no TLS front {front_id!r}")
+            if issuer == "unknown" and self.unknown_ca is None:
+                self.unknown_ca = make_ca()
+            ca = self.ca if issuer == "ca" else self.unknown_ca
+            assert ca is not None
+            cert, key = ca.issue(hostname, f"{front_id}-{secrets.token_hex(4)}")
+        front.set_certificate(cert, key, drop=bool(body.get("drop", False)))
+        return {"front": front_id, "hostname": hostname, "issuer": issuer}
 
     def token(self, body: dict[str, Any]) -> dict[str, Any]:
         sub = body.get("sub")
@@ -158,10 +182,11 @@ class Harness:
         return {}
 
     def close(self) -> None:
-        for front in self.fronts:
+        for front in self.fronts.values():
             front.close()
-        if self.ca is not None:
-            shutil.rmtree(self.ca.folder, ignore_errors=True)
+        for ca in (self.ca, self.unknown_ca):
+            if ca is not None:
+                shutil.rmtree(ca.folder, ignore_errors=True)
         for server in self.servers.values():
             try:
                 server.stop()
@@ -188,6 +213,8 @@ class Harness:
                 return self.kill_worker(server_id)
             case ["servers", server_id, "tls"]:
                 return self.tls_front(server_id, body)
+            case ["fronts", front_id, "certificate"]:
+                return self.front_certificate(front_id, body)
             case ["redis"]:
                 return {"url": self.redis_url()}
             case ["redis", "stop"]:

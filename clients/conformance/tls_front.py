@@ -7,6 +7,10 @@ when it started (``ca.pem``, given to the caller): a client that trusts that CA 
 that does not meets an untrusted certificate, and a certificate made for another host name
 (``hostname``) is one for the wrong host. Nothing is mocked: the clients' own TLS stacks judge
 a real handshake.
+
+A front's certificate can be changed while it runs (:meth:`TlsFront.set_certificate`, the
+harness's ``POST /fronts/<front>/certificate``): the next handshakes get the new one, as after
+a server's certificate was rotated (wrongly, then rightly), on the same port.
 """
 
 from __future__ import annotations
@@ -96,8 +100,10 @@ class TlsFront:
     """
 
     def __init__(self, cert: Path, key: Path, backend_port: int) -> None:
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(cert, key)
+        self.context = self.current = _server_context(cert, key)
+        # Every handshake takes the certificate that is current when it starts (the callback
+        # runs on each ClientHello, with or without a server name in it).
+        self.context.sni_callback = self._pick_certificate
         self.backend_port = backend_port
         self.loop = asyncio.new_event_loop()
         # A client refusing the certificate fails the handshake here: what the tests want, not
@@ -123,6 +129,22 @@ class TlsFront:
             raise RuntimeError("the TLS front did not start")
         assert self.server is not None
         self.port: int = self.server.sockets[0].getsockname()[1]
+
+    def _pick_certificate(self, ssl_object: ssl.SSLObject, server_name: str | None,
+                          context: ssl.SSLContext) -> None:
+        if self.current is not context:
+            ssl_object.context = self.current
+
+    def set_certificate(self, cert: Path, key: Path, drop: bool = False) -> None:
+        """Serve ``cert`` from the next handshake on; ``drop``: also cut every connection open
+        now (their clients reconnect, and meet the new certificate)."""
+        self.current = _server_context(cert, key)
+        if drop:
+            async def cut() -> None:
+                for task in list(self.tasks):
+                    task.cancel()
+
+            asyncio.run_coroutine_threadsafe(cut(), self.loop).result(10)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -162,6 +184,12 @@ class TlsFront:
             asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def make_ca() -> CertificateAuthority:
