@@ -7,6 +7,9 @@ at the first such refusal with ``ClientClosed`` (``close_code`` 1015, RFC 6455's
 TLS handshake that failed), its message naming the certificate problem, as the JS and Rust
 clients do; it used to retry with the backoff for ever, ``connect()`` and ``join()`` ending
 in a bare timeout. A CA passed in an ``ssl`` context (``websocket_options``) is trusted.
+That holds until the client's first ``welcome`` since ``connect()``: once connected, such a
+failure on a reconnect is a server-side incident (a certificate expired or rotated wrongly),
+retried with the backoff (the front's certificate swapped: ``POST /fronts/<front>/certificate``).
 """
 
 from __future__ import annotations
@@ -73,3 +76,65 @@ async def test_a_private_ca_is_trusted_through_an_ssl_context(harness: Harness) 
         joined = await client.join("general")
         assert joined.room == "general"
         assert (await client.send("general", "over TLS")).text == "over TLS"
+
+
+async def test_after_a_connection_a_certificate_failure_is_an_outage_and_retried(
+        harness: Harness) -> None:
+    """Connected once since ``connect()``, the client takes a certificate failure on a
+    reconnect for a server-side incident (a certificate expired or rotated wrongly): each
+    attempt is a ``disconnected`` 1015 with the cause and ``reconnect_in`` set, and an
+    ``error`` event (``tls_certificate``); the rooms and the outbox are kept, and once the
+    front's certificate is trusted again the client is back by itself, re-joined with
+    ``since``, a send queued during the failure delivered exactly once. It used to stop for
+    good at the first failure, the queued send waiting for a restart of the app. A
+    ``connect()`` after ``close()`` is a first connection again: a failure stops it."""
+    server = await harness.server("memory")
+    front = await harness.call(f"/servers/{server['id']}/tls")
+    swap = f"/fronts/{front['front']}/certificate"
+    context = ssl.create_default_context(cafile=front["ca"])
+    client = Client(front["url"], username="ann", backoff=FAST, request_timeout=TIMEOUT,
+                    websocket_options={"ssl": context})
+    rec = Recorder(client)
+    async with Client(server["url"], username="bob", request_timeout=TIMEOUT) as bob:
+        seen = Recorder(bob)
+        await bob.join("general")
+        await asyncio.wait_for(client.connect(), TIMEOUT)
+        await client.join("general")
+        before = await client.send("general", "before")
+
+        await harness.call(swap, {"issuer": "unknown", "drop": True})
+
+        def failures() -> list[Any]:
+            return [d for d in rec.of("disconnected") if d.code == 1015]
+
+        await rec.wait_for(lambda: len(failures()) >= 2, what="two failed attempts")
+        assert all(d.reconnect_in is not None for d in failures()), failures()
+        assert "TLS certificate verification failed" in failures()[0].reason
+        assert "unable to get local issuer certificate" in failures()[0].reason.lower()
+        errors = [e for e in rec.of("error") if e.code == "tls_certificate"]
+        assert errors and "local issuer" in errors[0].message.lower(), rec.of("error")
+        assert not any(isinstance(e, ClientClosed) for e in rec.of("error")), rec.of("error")
+        assert client.state is ConnectionState.CONNECTING
+        during = asyncio.create_task(client.send("general", "during"))
+        await asyncio.sleep(0)
+        assert [p.text for p in client.pending] == ["during"]
+
+        await harness.call(swap, {"issuer": "ca"})
+        sent = await asyncio.wait_for(during, 3 * TIMEOUT)
+        assert sent.text == "during" and sent.id == before.id + 1
+        await seen.wait_for(lambda: len(seen.messages["general"]) >= 2, what="during at bob")
+        assert client.state is ConnectionState.CONNECTED
+        assert [j.rejoin for j in rec.of("joined")] == [False, True]
+        assert client.rooms["general"].last_id == sent.id
+        history = await bob.history("general")
+        assert [(m.id, m.text) for m in history] == [(before.id, "before"), (sent.id, "during")]
+        assert [(m.id, m.text) for m in seen.messages["general"]] == [
+            (before.id, "before"), (sent.id, "during")]
+        await client.close()
+
+        # A new start: never connected since this connect(), so the failure stops it again.
+        await harness.call(swap, {"issuer": "unknown"})
+        with pytest.raises(ClientClosed) as stopped:
+            await asyncio.wait_for(client.connect(), TIMEOUT)
+        assert stopped.value.close_code == 1015, stopped.value
+        assert rec.of("disconnected")[-1].reconnect_in is None

@@ -1627,6 +1627,8 @@ class Client(EventHandlers):
     # -- the connection ----------------------------------------------------------------------
     async def _run(self) -> None:
         attempt = 0
+        # A welcome came since connect(): a certificate failure is then an outage, retried.
+        connected = False
         while not self._closing:
             self._set_state(ConnectionState.CONNECTING)
             reconnect_in: float | None
@@ -1644,13 +1646,22 @@ class Client(EventHandlers):
             except _NoToken as exc:
                 code, reason, reconnect_in = 4001, str(exc), None  # no token: stop, as JS
             except ssl.SSLCertVerificationError as exc:
-                # Not an outage: the next attempt gets the same certificate. Stop with the
-                # cause (1015: RFC 6455's code for a failed TLS handshake), as JS and Rust do.
-                code, reason, reconnect_in = TLS_CLOSE_CODE, _tls_reason(exc), None
+                code, reason = TLS_CLOSE_CODE, _tls_reason(exc)  # 1015: RFC 6455's code
+                if not connected:
+                    # Never connected since connect(): a misconfiguration (the next attempt
+                    # gets the same certificate). Stop with the cause, as JS and Rust do.
+                    reconnect_in = None
+                else:
+                    # Connected before: the server's certificate changed (expired, rotated
+                    # wrongly), an incident its operator fixes. Retry with the backoff,
+                    # the rooms and the outbox kept, and tell the app at each attempt.
+                    reconnect_in = self.backoff.delay(attempt)
+                    self._emit("error", ChatError("tls_certificate", reason))
             except Exception as exc:
                 code, reason = 1006, f"{type(exc).__name__}: {exc}"
                 reconnect_in = self.backoff.delay(attempt)
             else:
+                connected = True
                 # Only a connection that stayed up resets the backoff: a server that
                 # accepts and closes at once (1013, 4102, 1001) would otherwise be tried
                 # again every min_delay, by all its clients together.
@@ -1929,7 +1940,9 @@ TLS_CLOSE_CODE = 1015
 
 
 def _tls_reason(exc: ssl.SSLCertVerificationError) -> str:
-    """Why the certificate was refused, in the words the JS and Rust clients use too."""
+    """Why the certificate was refused, in the words the JS and Rust clients use too (the
+    reason of the ``disconnected`` event, and the message of the stop or of the ``error``
+    event of a retried attempt)."""
     cause = exc.verify_message or exc.reason or str(exc)
     return (f"TLS certificate verification failed: {cause} (trust the server's CA with an ssl "
             "context in websocket_options, or fix the URL's host name)")

@@ -63,7 +63,9 @@ class ClientClosed(ChatError):
     Attributes:
         close_code: the WebSocket close code, or the HTTP status of a refused
             handshake (401, 403, ...), or 1015 when the server's TLS certificate failed
-            verification (the message says why), or None when the app closed the client.
+            verification before the first ``welcome`` since ``connect()`` (the message says
+            why; once connected it is retried, told by ``error`` events with code
+            ``tls_certificate``), or None when the app closed the client.
     """
 
     def __init__(self, message: str = "client closed", close_code: int | None = None) -> None:
