@@ -207,6 +207,12 @@ export class ChatClient extends Emitter<ClientEvents> {
   /** Incremented for every socket; callbacks of an older socket are ignored. */
   private conn = 0;
   private established = false;
+  /**
+   * A `welcome` came since the app's `connect()`: a certificate that fails verification is
+   * then a server-side incident (expired, rotated wrongly), retried; before, a
+   * misconfiguration that stops the client.
+   */
+  private connectedSinceStart = false;
   private attempt = 0;
   /** When the current connection got its `welcome` (ms): one up `stableAfter` resets `attempt`. */
   private establishedAt = 0;
@@ -349,6 +355,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     }));
     if (!this.wanted) {
       this.wanted = true;
+      this.connectedSinceStart = false;
       this.attempt = 0;
       // A fresh start: a wait an earlier connection was told (`rate_limited`, a refusal's
       // `Retry-After`) does not hold this one's reconnects, as in the Python and Rust clients.
@@ -415,14 +422,26 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (conn !== this.conn) return;
       // A refused upgrade (seen with `ws` only) is judged by its HTTP status, not the 1006.
       if (refusal.code) this.onClosed(refusal.code, refusal.status, refusalPolicy(refusal.code));
-      // A certificate that failed verification is no outage: the next attempt gets the same.
-      else if (certificate) this.onClosed(TLS_CLOSE_CODE, certificate, "terminal");
+      else if (certificate) this.onCertificateProblem(certificate);
       else this.onClosed(ev.code, ev.reason || refusal.status);
     };
     ws.onerror = (ev) => {
       // A close event follows. `ws` (Node) tells why the socket failed; browsers never do.
       certificate = certificateProblem(ev) ?? certificate;
     };
+  }
+
+  /**
+   * A server certificate that failed verification. Before any `welcome` since `connect()` it
+   * is a misconfiguration (the next attempt gets the same certificate): the client stops,
+   * 1015. Once connected it is a server-side incident (a certificate expired or rotated
+   * wrongly, fixed by its operator): each attempt is an `error` (`tls_certificate`, closeCode
+   * 1015) and a reconnect with the backoff (`connecting`, code 1015), rooms and outbox kept.
+   */
+  private onCertificateProblem(reason: string): void {
+    if (!this.connectedSinceStart) return this.onClosed(TLS_CLOSE_CODE, reason, "terminal");
+    this.emit("error", new ChatError("tls_certificate", reason, { closeCode: TLS_CLOSE_CODE }));
+    if (this.wanted) this.onClosed(TLS_CLOSE_CODE, reason, "reconnect");
   }
 
   /**
@@ -729,6 +748,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     // them for good, and a page of kept DMs may come again: their ids are kept.
     if (welcome.dm_backlog === undefined) this.seenDms.clear();
     this.established = true;
+    this.connectedSinceStart = true;
     this.establishedAt = Date.now();
     this.retryAttempt = 0;
     this.refreshAttempt = 0;

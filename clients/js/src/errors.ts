@@ -2,13 +2,14 @@
  * Every rejected promise and every `error` event carries a ChatError whose `code` is the
  * server's error code (README "Error codes") or one of the library's own:
  * `timeout`, `disconnected`, `outbox_full`, `left`, `removed`, `closed` (terminal close code),
- * `token`, `storage`, `connect`.
+ * `token`, `storage`, `connect`, `tls_certificate` (a reconnect's server certificate failed
+ * verification after the client had been connected: retried, `closeCode` 1015).
  */
 export class ChatError extends Error {
   readonly code: string;
   /** For `rate_limited`: how long the server asked to wait. */
   readonly retryAfterMs?: number;
-  /** For `closed`: the WebSocket close code. */
+  /** For `closed`: the WebSocket close code (1015 also for `tls_certificate`). */
   readonly closeCode?: number;
   /** The server's whole `error` event (`room`, `until` for `forbidden`/`muted`, ...), or the `left` that removed a room; empty for local errors. */
   readonly details: Record<string, unknown>;

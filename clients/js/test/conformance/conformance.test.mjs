@@ -775,6 +775,66 @@ test("TLS: a private CA given to ws as `ca` is trusted", async () => {
   assert.equal(sent.text, "over TLS");
 });
 
+test("TLS: once connected, a certificate failure on a reconnect is an outage: retried, and the client is back by itself when it is fixed", async () => {
+  // A client that has had a `welcome` since `connect()` takes a certificate that fails
+  // verification on a reconnect for a server-side incident (a certificate expired or rotated
+  // wrongly): each attempt is an `error` (`tls_certificate`, closeCode 1015) and a
+  // `connecting` with code 1015, the reason naming the problem; rooms and outbox are kept,
+  // and once the front's certificate is trusted again it reconnects, re-joins with `since`
+  // and sends what was queued, once. It used to stop for good (`closed` 1015), the queued
+  // send waiting for a restart of the app. A `connect()` after `disconnect()` is a first
+  // connection again: a failure stops it.
+  const s = await harness.server();
+  const front = await harness.call(`/servers/${s.id}/tls`);
+  const swap = `/fronts/${front.front}/certificate`;
+  const ca = readFileSync(front.ca);
+  class TrustingTheCa extends WebSocket {
+    constructor(url) {
+      super(url, { ca });
+    }
+  }
+  const { c: bob, app: seen } = await signedIn(s.url, "bob");
+  await bob.join("general");
+  const c = client(front.url, { username: "ann", WebSocket: TrustingTheCa, minReconnectDelay: 50, maxReconnectDelay: 200 });
+  const app = recorder(c);
+  await c.connect();
+  await c.join("general");
+  const before = await c.send("general", "before");
+
+  await harness.call(swap, { issuer: "unknown", drop: true });
+  const failures = () => app.events.filter((e) => e.event === "connecting" && e.payload.code === 1015);
+  await until(() => failures().length >= 2, "two failed attempts");
+  assert.match(failures()[0].payload.reason, /TLS certificate verification failed: UNABLE_TO_VERIFY_LEAF_SIGNATURE/);
+  const errors = app.events.filter((e) => e.event === "error").map((e) => e.payload);
+  assert.ok(errors.length >= 1, "no error event");
+  assert.ok(errors.every((e) => e.code === "tls_certificate" && e.closeCode === 1015), JSON.stringify(errors));
+  assert.match(errors[0].message, /UNABLE_TO_VERIFY_LEAF_SIGNATURE/);
+  assert.deepEqual(app.events.filter((e) => e.event === "disconnected"), []);
+  assert.equal(c.state, "connecting");
+  const during = c.send("general", "during");
+  await until(() => c.pending.length === 1, "the send queued");
+  assert.deepEqual(c.pending.map((p) => p.text), ["during"]);
+
+  await harness.call(swap, { issuer: "ca" });
+  const sent = await during;
+  assert.equal(sent.text, "during");
+  assert.equal(sent.id, before.id + 1);
+  await until(() => seen.ids("general").includes(sent.id), "during at bob");
+  assert.equal(c.state, "connected");
+  assert.deepEqual(app.events.filter((e) => e.event === "joined").map((e) => e.payload.rejoin), [false, true]);
+  const history = await bob.history("general");
+  assert.deepEqual(history.map((m) => [m.id, m.text]), [[before.id, "before"], [sent.id, "during"]]);
+  assert.deepEqual(seen.ids("general"), [before.id, sent.id]);
+
+  // A new start: never connected since this connect(), so the failure stops it again.
+  c.disconnect();
+  await harness.call(swap, { issuer: "unknown" });
+  const err = await c.connect().then(() => assert.fail("connected"), (e) => e);
+  assert.equal(err.closeCode, 1015, String(err));
+  assert.equal(app.events.at(-1).event, "disconnected");
+  assert.equal(app.events.at(-1).payload.code, 1015);
+});
+
 test("many rooms: joining 80 rooms at once stays within the request bucket (no 4102 flooding close), at connect and after a reconnect", async () => {
   // RATE_LIMIT_REQUESTS_BURST is 100 by default (5 x RATE_LIMIT_BURST) and MAX_ROOMS_PER_CONNECTION
   // 100: a join and a ping written per room drew over 2 x RATE_LIMIT_BURST refusals in a row,
