@@ -163,8 +163,10 @@ pub enum Event {
     /// A mute was lifted.
     Unmuted { room: Option<String> },
     /// An error not tied to a request (a server `error` without `id`, a failed
-    /// token refresh, a send that could not be delivered, a terminal close, a panic of
-    /// the client's task: [`Error::Terminal`], the last event).
+    /// token refresh, a send that could not be delivered, a reconnect of a client once
+    /// connected meeting a server certificate that fails verification: code
+    /// `tls_certificate`, retried; a terminal close, a panic of the client's task:
+    /// [`Error::Terminal`], the last event).
     Error(Error),
 }
 

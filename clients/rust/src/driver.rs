@@ -284,6 +284,9 @@ pub(crate) struct Driver {
     generation: u64,
     /// `welcome` arrived on the current socket.
     online: bool,
+    /// A `welcome` arrived since the client was started: a server certificate that fails
+    /// verification is then a server-side incident, retried (before, a misconfiguration).
+    connected_once: bool,
     attempt: u32,
     retry_after: Option<Duration>,
     token: Option<String>,
@@ -367,6 +370,7 @@ impl Driver {
             rooms_joined: 0,
             generation: 0,
             online: false,
+            connected_once: false,
             attempt: 0,
             retry_after: None,
             token: None,
@@ -395,7 +399,16 @@ impl Driver {
             let ended = match self.connect().await {
                 Ok(Some(socket)) => self.serve(socket).await,
                 Ok(None) => return self.shut_down(Error::Closed),
-                // Not a URL any attempt can connect to: stop, as after a terminal refusal.
+                // A certificate that fails verification after the client has been connected:
+                // the server's certificate expired or was rotated wrongly, an incident its
+                // operator fixes. Retried with the backoff (1015 reconnects), rooms and
+                // outbox kept, each attempt told (`Event::Error`, then `Disconnected`).
+                Err(Refused { reason, stop_code: Some(TLS_CLOSE_CODE), .. }) if self.connected_once => {
+                    self.emit(Event::Error(Error::local("tls_certificate", reason.clone())));
+                    Ended { code: Some(TLS_CLOSE_CODE), reason, by_app: None }
+                }
+                // Not a URL any attempt can connect to, or a certificate failure before any
+                // `welcome` (a misconfiguration): stop, as after a terminal refusal.
                 Err(Refused { reason, for_good: true, stop_code: code, .. }) => {
                     self.went_offline();
                     self.emit(Event::Disconnected { code, reason: reason.clone(), reconnect_in: None });
@@ -545,6 +558,7 @@ impl Driver {
                 }
                 match certificate_problem(&e) {
                     // Stop (1015), as the JS and Python clients do: it was retried for ever.
+                    // (`run` retries it instead once the client has been connected.)
                     Some(why) => Refused {
                         for_good: true,
                         stop_code: Some(TLS_CLOSE_CODE),
@@ -1518,6 +1532,7 @@ impl Driver {
     /// `welcome` on a new socket: re-join rooms with `since`, resend what waits.
     fn came_online(&mut self) {
         self.online = true;
+        self.connected_once = true;
         // The attempts start again from 0 only once this connection has stayed up
         // `stable_after` (went_offline): one closed at once keeps the backoff growing.
         self.online_since = Some(Instant::now());

@@ -34,8 +34,9 @@ pub enum Error {
     /// malformed request or username, 404: no such endpoint, ...; not 401, 408, 429, 5xx), or
     /// the URL is one no attempt can connect to (`code` `None`: `wss://` without TLS compiled
     /// in, a scheme other than `ws`/`wss`, no host, not a URL), or the server's TLS certificate
-    /// failed verification (`code` 1015: a CA not trusted, another host name; the reason says
-    /// which).
+    /// failed verification before the client's first `welcome` (`code` 1015: a CA not trusted,
+    /// another host name; the reason says which; once connected it is retried, told by an
+    /// `Event::Error` with code `tls_certificate`).
     /// Every call waiting then, and every later one (`wait_connected` too), fails with it.
     /// Also when the client's task panicked (a bug of this library): `code` `None`, `reason`
     /// "the client's task panicked (a bug in wschat): " and the panic's message.

@@ -11,8 +11,13 @@
 //! feature: `cargo test --features native-tls`, as CI runs it), or process-wide through
 //! `SSL_CERT_FILE` (native-tls on Linux, OpenSSL), the README's two ways.
 //!
-//! One test, in a binary of its own: `SSL_CERT_FILE` is the process's, set after the cases that
-//! must not trust the CA through it (the connector's first: it must trust it on its own).
+//! That stop holds until the client's first `welcome`: once connected, such a failure on a
+//! reconnect is a server-side incident (a certificate expired or rotated wrongly), retried with
+//! the backoff (the front's certificate swapped: `POST /fronts/<front>/certificate`).
+//!
+//! A binary of its own: `SSL_CERT_FILE` is the process's, set after the cases that must not
+//! trust the CA through it (the connector's first: it must trust it on its own). The other test
+//! trusts the CA through its connector and meets a CA no one trusts, whatever `SSL_CERT_FILE`.
 
 mod common;
 
@@ -127,4 +132,105 @@ async fn a_certificate_that_fails_verification_stops_the_client_and_a_private_ca
     assert_eq!(stops_with(&other_url, "hostname mismatch", |b| b).await, None);
     // The CA trusted, the name right: connected, joined, a send echoed.
     chats(&url, "bob", |b| b).await;
+}
+
+/// Once connected, a certificate that fails verification on a reconnect is a server-side
+/// incident (a certificate expired or rotated wrongly), not a misconfiguration: each attempt is
+/// an `Event::Error` (`tls_certificate`) and an `Event::Disconnected` 1015 with the cause and
+/// `reconnect_in` set; the rooms and the outbox are kept, and once the front's certificate is
+/// trusted again the client is back by itself, re-joined with `since`, a send made during the
+/// failure delivered exactly once. It used to stop for good (`Error::Terminal` 1015) at the
+/// first failure, the send waiting for a restart of the app. A new client (the app's next
+/// start) has never connected: the same failure stops it.
+#[cfg(feature = "native-tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_connected_a_certificate_failure_is_retried_and_the_client_comes_back() {
+    use wschat::native_tls::{Certificate, TlsConnector};
+    use wschat::{ConnectionState, Connector};
+    let harness = Harness::start().await;
+    let server = harness.server("memory", 1, json!({})).await;
+    let front = harness.post(&format!("/servers/{}/tls", server.id), json!({})).await;
+    let (url, ca) = (front["url"].as_str().unwrap().to_owned(), front["ca"].as_str().unwrap().to_owned());
+    let swap = format!("/fronts/{}/certificate", front["front"].as_str().unwrap());
+    let pem = std::fs::read(&ca).expect("the harness's CA file");
+    let trusting = || {
+        let ca = Certificate::from_pem(&pem).expect("a PEM certificate");
+        Connector::NativeTls(TlsConnector::builder().add_root_certificate(ca).build().expect("a TLS connector"))
+    };
+    let builder = || {
+        Client::builder(format!("{url}?username=ann"))
+            .backoff(Duration::from_millis(50), Duration::from_millis(200))
+            .request_timeout(scaled(10.0))
+            .send_timeout(scaled(30.0))
+            .tls_connector(trusting())
+    };
+    let (bob, bob_events) =
+        Client::builder(format!("{}?username=bob", server.url)).request_timeout(scaled(10.0)).connect();
+    let seen = Recorder::new(bob_events);
+    bob.join("general").await.expect("bob joined");
+    let (c, events) = builder().connect();
+    let rec = Recorder::new(events);
+    c.wait_connected(scaled(10.0)).await.expect("connected over wss://");
+    c.join("general").await.expect("joined");
+    let before = c.send("general", "before").await.expect("sent");
+
+    harness.post(&swap, json!({"issuer": "unknown", "drop": true})).await;
+    let failures = |events: &[Event]| {
+        events.iter().filter(|e| matches!(e, Event::Disconnected { code: Some(1015), .. })).cloned().collect::<Vec<_>>()
+    };
+    rec.wait("two failed attempts", 10.0, |events| failures(events).len() >= 2).await;
+    for failure in failures(&rec.events()) {
+        let Event::Disconnected { reason, reconnect_in, .. } = &failure else { unreachable!() };
+        assert!(reconnect_in.is_some(), "{failure:?}");
+        assert!(reason.contains("TLS certificate verification failed"), "{failure:?}");
+        assert!(reason.contains("unable to get local issuer certificate"), "{failure:?}");
+    }
+    let errors: Vec<Error> =
+        rec.events().into_iter().filter_map(|e| if let Event::Error(e) = e { Some(e) } else { None }).collect();
+    assert!(!errors.is_empty(), "no Event::Error");
+    for error in &errors {
+        assert_eq!(error.code(), Some("tls_certificate"), "{errors:?}");
+        assert!(error.to_string().contains("local issuer"), "{error}");
+    }
+    // Between attempts, as in any outage (`Disconnected` while it waits); not stopped.
+    let waited = c.wait_connected(Duration::from_millis(100)).await;
+    assert!(matches!(waited, Err(Error::Timeout)), "{waited:?}");
+    let during = tokio::spawn({
+        let c = c.clone();
+        async move { c.send("general", "during").await }
+    });
+    tokio::time::timeout(scaled(10.0), async {
+        while c.outbox_len() != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the send queued in the outbox");
+
+    harness.post(&swap, json!({"issuer": "ca"})).await;
+    let sent = tokio::time::timeout(scaled(30.0), during).await.expect("in time").expect("the task").expect("sent");
+    assert_eq!((sent.id, sent.text.as_str()), (before.id + 1, "during"));
+    seen.wait("during at bob", 10.0, |events| common::message_ids(events, "general").contains(&sent.id)).await;
+    assert_eq!(c.state(), ConnectionState::Connected);
+    let joins: Vec<Option<bool>> = rec
+        .events()
+        .into_iter()
+        .filter_map(|e| if let Event::Joined(j) = e { Some(j.recovered) } else { None })
+        .collect();
+    assert_eq!(joins, [None, Some(true)]);
+    let history = bob.history("general", None, None).await.expect("history");
+    let history: Vec<(u64, &str)> = history.iter().map(|m| (m.id, m.text.as_str())).collect();
+    assert_eq!(history, [(before.id, "before"), (sent.id, "during")]);
+    assert_eq!(
+        common::messages(&seen.events(), "general"),
+        [(before.id, "before".to_owned()), (sent.id, "during".to_owned())]
+    );
+    c.close();
+
+    // The app's next start: never connected, so the failure stops it (1015) at once.
+    harness.post(&swap, json!({"issuer": "unknown"})).await;
+    let (c, _events) = builder().connect();
+    let waited = c.wait_connected(scaled(10.0)).await;
+    assert!(matches!(&waited, Err(Error::Terminal { code: Some(1015), .. })), "{waited:?}");
+    bob.close();
 }
