@@ -243,13 +243,13 @@ pub struct ClientBuilder {
     pub(crate) outbox_store: Option<Arc<dyn OutboxStore>>,
     /// The app's TLS configuration for every connection attempt; `None`: tokio-tungstenite's
     /// default (the TLS stack's default roots).
-    #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+    #[cfg(feature = "__tls")]
     pub(crate) tls_connector: Option<crate::Connector>,
 }
 
 /// Which kind of connector it is, for `Debug` (tokio-tungstenite's has no `Debug`; a TLS
 /// configuration is no secret, but its certificates are noise).
-#[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+#[cfg(feature = "__tls")]
 fn connector_kind(connector: &crate::Connector) -> &'static str {
     use crate::Connector;
     match connector {
@@ -279,7 +279,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("max_joins_in_flight", &self.max_joins_in_flight)
             .field("max_requests_in_flight", &self.max_requests_in_flight)
             .field("outbox_store", &self.outbox_store.as_ref().map(|_| "<store>"));
-        #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+        #[cfg(feature = "__tls")]
         d.field("tls_connector", &self.tls_connector.as_ref().map(connector_kind));
         d.finish_non_exhaustive()
     }
@@ -309,11 +309,7 @@ impl ClientBuilder {
             max_joins_in_flight: crate::pacer::JOIN_WINDOW,
             max_requests_in_flight: crate::pacer::REQUEST_WINDOW,
             outbox_store: None,
-            #[cfg(any(
-                feature = "native-tls",
-                feature = "rustls-tls-native-roots",
-                feature = "rustls-tls-webpki-roots"
-            ))]
+            #[cfg(feature = "__tls")]
             tls_connector: None,
         }
     }
@@ -444,7 +440,7 @@ impl ClientBuilder {
     /// # Ok(())
     /// # }
     /// ```
-    #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+    #[cfg(feature = "__tls")]
     pub fn tls_connector(mut self, connector: crate::Connector) -> Self {
         self.tls_connector = Some(connector);
         self
@@ -960,7 +956,7 @@ mod tests {
     /// With a TLS feature, the builder shows which kind of connector it was given (not its
     /// certificates); `Connector::Plain` for a `wss://` URL stops the client at once, saying
     /// that the connector has no TLS (not that TLS is not compiled in, which it is).
-    #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+    #[cfg(feature = "__tls")]
     #[tokio::test]
     async fn a_plain_connector_is_shown_and_stops_a_wss_url() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -491,16 +491,12 @@ impl Driver {
         let url = (self.cfg.url)();
         let shown = redacted(&url); // the URL as the reasons (events, errors) show it
         let token_fn = self.cfg.token.clone();
-        #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+        #[cfg(feature = "__tls")]
         let tls_connector = self.cfg.tls_connector.clone();
         // `Connector::Plain` fails a `wss://` URL as TLS not compiled in would: say which it is.
-        #[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+        #[cfg(feature = "__tls")]
         let plain_connector = matches!(tls_connector, Some(crate::Connector::Plain));
-        #[cfg(not(any(
-            feature = "native-tls",
-            feature = "rustls-tls-native-roots",
-            feature = "rustls-tls-webpki-roots"
-        )))]
+        #[cfg(not(feature = "__tls"))]
         let plain_connector = false;
         let attempt = async move {
             let refused =
@@ -525,17 +521,9 @@ impl Driver {
                 request.headers_mut().insert("authorization", value);
             }
             // The app's connector, if any (`None`: tokio-tungstenite's default, as `connect_async`).
-            #[cfg(any(
-                feature = "native-tls",
-                feature = "rustls-tls-native-roots",
-                feature = "rustls-tls-webpki-roots"
-            ))]
+            #[cfg(feature = "__tls")]
             let connected = tokio_tungstenite::connect_async_tls_with_config(request, None, false, tls_connector).await;
-            #[cfg(not(any(
-                feature = "native-tls",
-                feature = "rustls-tls-native-roots",
-                feature = "rustls-tls-webpki-roots"
-            )))]
+            #[cfg(not(feature = "__tls"))]
             let connected = tokio_tungstenite::connect_async(request).await;
             let (socket, _) = connected.map_err(|e| {
                 let (status, retry_after) = match &e {

@@ -49,7 +49,7 @@ pub use rooms::{RoomSeq, Verdict};
 /// `native_tls::TlsConnector`, crate feature `native-tls`) or `Connector::Rustls` (an
 /// `Arc<rustls::ClientConfig>`, a `rustls-tls-*` feature); both crates are re-exported here.
 /// tokio-tungstenite's own type, re-exported so that an app needs not name its version.
-#[cfg(any(feature = "native-tls", feature = "rustls-tls-native-roots", feature = "rustls-tls-webpki-roots"))]
+#[cfg(feature = "__tls")]
 pub use tokio_tungstenite::Connector;
 
 /// The native-tls crate tokio-tungstenite connects with (crate feature `native-tls`), to build a
