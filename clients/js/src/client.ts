@@ -523,7 +523,9 @@ export class ChatClient extends Emitter<ClientEvents> {
     for (const t of this.typingState.values()) clearTimeout(t.timer);
     this.typingState.clear();
     for (const [id, req] of this.requests) {
-      if (req.onLost === "resend") {
+      // A read goes again; so does a kick, mute or unmute still waiting its turn: it was
+      // never written, so it was not done (as in the Python and Rust clients).
+      if (req.onLost === "resend" || (req.onLost === "reject" && !req.sent)) {
         req.sent = false;
         continue;
       }
@@ -781,7 +783,9 @@ export class ChatClient extends Emitter<ClientEvents> {
       // join): its answer comes after the joined and the replay all the same, as a pong would.
       if (id.startsWith(SYNC_PREFIX)) return this.onSynced(id);
       if (this.requests.has(id)) return this.settle(id, msg);
-      this.requestAnswered(id, null); // of a request that timed out: its place is free
+      // Of a request that timed out: its place is free, and a refusal's pause holds the
+      // next ones back all the same (the bucket is the user's).
+      this.requestAnswered(id, msg.code === "rate_limited" ? (err.retryAfterMs ?? 1000) : null);
     }
     if (msg.code === "token_expired" && this.opts.getToken) void this.refreshToken();
     this.emit("error", err);
@@ -813,10 +817,11 @@ export class ChatClient extends Emitter<ClientEvents> {
       const req: Request = { frame, sent: false, onLost, waiter };
       this.requests.set(id, req);
       waiter.timer = setTimeout(() => {
-        // Still waiting its turn: gone from the queue, it is never written. A leave is, when
-        // its turn comes (the room is gone for the app already: the server must hear of it),
-        // unless the connection goes first (the membership went with it).
-        if (!(frame.type === "leave" && !req.sent)) this.requests.delete(id);
+        // Still waiting its turn: gone from the queue, it is never written. A leave stays,
+        // written when its turn comes and again if refused `rate_limited` on the wire (the
+        // room is gone for the app already: the server must hear of it), unless the
+        // connection goes first (the membership went with it).
+        if (frame.type !== "leave") this.requests.delete(id);
         reject(new ChatError("timeout", `no answer to ${String(frame.type)} in time`));
       }, timeout ?? this.opts.requestTimeout ?? 10_000);
       this.flushRequests();

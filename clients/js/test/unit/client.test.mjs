@@ -1770,3 +1770,61 @@ test("requests: at most maxRequestsInFlight on the wire, in the order of the cal
   assert.deepEqual(written().slice(2), ["a", "c", "d", "e"], "the refused one first, then in order, one at a time");
   c.disconnect();
 });
+
+test("requests: a leave whose timeout ends on the wire and is then refused rate_limited is written again (the server must hear of it)", async () => {
+  const { server, c } = setup({ requestTimeout: 60 });
+  await c.connect();
+  await c.join("r");
+  let held = null;
+  server.replies.push((ws, f) => {
+    if (f.type !== "leave" || held) return false;
+    held = f; // no answer until its caller gave up
+    return true;
+  });
+  await assert.rejects(c.leave("r"), { code: "timeout" });
+  assert.ok(held, "the leave was written");
+  server.push(server.last, { type: "error", code: "rate_limited", message: "slow down", retry_after_ms: 20, id: held.id });
+  const leaves = () => server.last.sent.filter((f) => f.type === "leave");
+  await until(() => leaves().length === 2, "the refused leave written again");
+  await until(() => !server.room("r").members.has(server.last), "the server has the user out of the room");
+  c.disconnect();
+});
+
+test("requests: a late rate_limited for a read that timed out on the wire holds the next requests back for its retry_after_ms", async () => {
+  const { server, c } = setup({ maxRequestsInFlight: 1 });
+  await c.connect();
+  let held = null;
+  server.replies.push((ws, f) => {
+    if (f.type !== "list_users" || held) return false;
+    held = f;
+    return true;
+  });
+  await assert.rejects(c.listUsers("a", { timeout: 30 }), { code: "timeout" });
+  const next = c.listUsers("b", { timeout: 2000 });
+  assert.equal(server.last.sent.filter((f) => f.type === "list_users").length, 1, "the window is still full");
+  server.push(server.last, { type: "error", code: "rate_limited", message: "slow down", retry_after_ms: 150, id: held.id });
+  await tick(40);
+  assert.equal(server.last.sent.filter((f) => f.type === "list_users").length, 1, "nothing written before retry_after_ms");
+  await within(next, 2000, "the read behind it");
+  c.disconnect();
+});
+
+test("requests: a kick still waiting its turn when the connection drops was never written: it goes out on the next connection (as in the Python and Rust clients)", async () => {
+  const { server, c } = setup({ maxRequestsInFlight: 1 });
+  await c.connect();
+  const first = server.last;
+  server.replies.push((ws, f) => {
+    if (f.type === "history" && ws === first) return true; // unanswered on the first socket
+    if (f.type !== "kick") return false;
+    server.push(ws, { type: "moderated", id: f.id, action: "kick", room: f.room, user_id: f.user_id });
+    return true;
+  });
+  const read = c.history("r", { timeout: 2000 });
+  const kick = c.kick("r", "bob", { timeout: 2000 });
+  assert.deepEqual(first.sent.filter((f) => f.type === "kick"), [], "queued behind the read");
+  server.drop(first, 1006);
+  assert.deepEqual(await within(kick, 2000, "the kick"), { action: "kick", room: "r", user_id: "bob" });
+  await within(read, 2000, "the read asked again");
+  assert.equal(server.last.sent.filter((f) => f.type === "kick").length, 1);
+  c.disconnect();
+});
