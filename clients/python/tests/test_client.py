@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from conftest import TIMEOUT, Recorder
 from wschat_client import (Backoff, ChatError, Client, ClientClosed, ConnectionState, Disconnected,
@@ -2271,4 +2272,92 @@ async def test_a_refresh_that_keeps_the_user_rejoins_nothing() -> None:
         await asyncio.wait_for(probe, TIMEOUT)
         assert changed == [] and client.rooms["r"].state is RoomState.JOINED
         assert len(rec.of("joined")) == 1 and client.authenticated
+        await client.close()
+
+
+async def test_a_leave_timed_out_on_the_wire_then_refused_rate_limited_is_written_again() -> None:
+    """The leave's caller gave up while it was on the wire; the server then refused it
+    ``rate_limited`` (not carried out): it goes again (the room is gone for the app, the
+    server must hear of it), as in the JS and Rust clients."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake)
+        leaving = asyncio.create_task(client.leave("r", timeout=0.1))
+        first = await peer.recv("leave")
+        with pytest.raises(RequestTimeout):
+            await leaving
+        await peer.send(type="error", id=first["id"], code="rate_limited", message="slow",
+                        retry_after_ms=20)
+        again = await peer.recv("leave")
+        assert again["room"] == "r" and again["id"] != first["id"]
+        await client.close()
+
+
+async def test_a_kick_queued_at_a_lost_connection_goes_out_on_the_next() -> None:
+    """A kick still waiting its turn behind a read when the connection drops was never
+    written (so not done): it goes out on the next connection, after the read asked
+    again, in the order of the calls; one written before the drop would raise
+    Disconnected instead."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake, max_requests_in_flight=1)
+        reading = asyncio.create_task(client.list_users("r"))
+        kicking = asyncio.create_task(client.kick("r", "bob"))
+        await peer.recv("list_users")
+        peer = await fake.drop(peer)
+        await peer.joined()
+        read = await peer.recv_answering_pings("list_users", "the read asked again")
+        await peer.send(type="users", id=read["id"], room="r", users=[])
+        kick = await peer.recv_answering_pings("kick", "the queued kick")
+        await peer.send(type="moderated", id=kick["id"], action="kick", room="r",
+                        user_id="bob")
+        assert (await kicking)["action"] == "kick"
+        assert await reading == []
+        await client.close()
+
+
+async def test_close_settles_queued_and_written_requests_at_once() -> None:
+    """close() with reads on the wire and more waiting their turn: every call raises
+    ClientClosed at once (none waits for its timeout), and nothing is written after."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake, max_requests_in_flight=2)
+        calls = [asyncio.create_task(client.history("r")) for _ in range(5)]
+        calls.append(asyncio.create_task(client.kick("r", "bob")))
+        await peer.recv("history")
+        await peer.recv("history")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await client.close()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True),
+                                         TIMEOUT)
+        assert loop.time() - started < TIMEOUT / 2
+        assert all(isinstance(r, ClientClosed) for r in results), results
+        with pytest.raises(ConnectionClosed):  # the socket closed: no frame after close
+            while True:
+                frame = await peer.recv()
+                assert frame["type"] not in ("history", "kick"), frame
+
+
+@pytest.mark.parametrize("retry_after", [0, None, "5", 1e12])
+async def test_a_read_refused_rate_limited_waits_a_sane_time(retry_after: Any) -> None:
+    """retry_after_ms 0 (the floor, 50 ms), missing or not a number (1 s, as JS and Rust),
+    or far too long (a day's cap): no busy loop of writes, and the call's own timeout still
+    ends it (RequestTimeout, never written afterwards)."""
+    async with FakeServer() as fake:
+        client, _, peer = await joined_client(fake)
+        loop = asyncio.get_running_loop()
+        reading = asyncio.create_task(client.list_users("r", timeout=1.5))
+        first = await peer.recv("list_users")
+        refused_at = loop.time()
+        extra = {} if retry_after is None else {"retry_after_ms": retry_after}
+        await peer.send(type="error", id=first["id"], code="rate_limited", message="slow",
+                        **extra)
+        if retry_after in (0, None, "5"):
+            again = await peer.recv("list_users")
+            waited = loop.time() - refused_at
+            assert waited >= (0.045 if retry_after == 0 else 0.95), waited
+            await peer.send(type="users", id=again["id"], room="r", users=[])
+            assert await reading == []
+        else:
+            with pytest.raises(RequestTimeout):
+                await asyncio.wait_for(reading, 5)
+            assert loop.time() - refused_at < 2.5
         await client.close()

@@ -3526,3 +3526,103 @@ async fn a_leave_that_times_out_in_the_request_queue_is_still_written() {
         })
         .await;
 }
+
+/// Waits until `frames` holds `n` frames of `kind` (from any connection), or panics naming `what`.
+async fn frames_of(frames: &Frames, kind: &str, n: usize, what: &str) -> Vec<(usize, serde_json::Value)> {
+    let deadline = tokio::time::Instant::now() + scaled(10.0);
+    loop {
+        let got: Vec<_> = frames.lock().unwrap().iter().filter(|(_, f)| f["type"] == kind).cloned().collect();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {got:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A `leave` whose caller gave up while it was on the wire, then refused `rate_limited` (not
+/// carried out), goes again: the room is gone for the app, the server must hear of it, as in
+/// the JS and Python clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_timed_out_on_the_wire_then_refused_rate_limited_is_written_again() {
+    let held = Arc::new(Mutex::new(None::<serde_json::Value>));
+    let (url, frames, server) = scripted_server({
+        let held = held.clone();
+        move |cmd, _| match cmd["type"].as_str() {
+            Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+            Some("leave") if held.lock().unwrap().is_none() => {
+                *held.lock().unwrap() = Some(cmd["id"].clone());
+                vec![] // unanswered until its caller gave up
+            }
+            Some("leave") => vec![json!({"type": "left", "room": cmd["room"], "id": cmd["id"]}).to_string()],
+            // The ping the test sends after the timeout: the refusal of the leave comes first.
+            Some("ping") => match held.lock().unwrap().take() {
+                Some(id) => vec![
+                    json!({"type": "error", "code": "rate_limited", "message": "slow down", "retry_after_ms": 20, "id": id})
+                        .to_string(),
+                    json!({"type": "pong", "id": cmd["id"]}).to_string(),
+                ],
+                None => vec![],
+            },
+            _ => vec![],
+        }
+    })
+    .await;
+    let (c, _events) = Client::builder(url).request_timeout(Duration::from_millis(300)).connect();
+    c.join("r").await.unwrap();
+    assert!(matches!(c.leave("r").await, Err(Error::Timeout)));
+    c.ping().await.unwrap();
+    let leaves = frames_of(&frames, "leave", 2, "the refused leave written again").await;
+    assert!(leaves.iter().all(|(n, f)| *n == 1 && f["room"] == "r"), "{leaves:?}");
+    c.close();
+    server.abort();
+}
+
+/// A kick still waiting its turn behind a read when the connection drops was never written
+/// (so not done): it goes out on the next connection, after the read asked again, as in the
+/// JS and Python clients (one written before the drop fails with `disconnected`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_queued_at_a_lost_connection_goes_out_on_the_next() {
+    let (url, frames, server) = scripted_server(|cmd, n| match cmd["type"].as_str() {
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        Some("list_users") if n == 1 => vec![], // unanswered on the first connection
+        Some("list_users") => {
+            vec![json!({"type": "users", "room": cmd["room"], "users": [], "id": cmd["id"]}).to_string()]
+        }
+        Some("kick") => {
+            vec![json!({"type": "moderated", "action": "kick", "room": cmd["room"], "user_id": cmd["user_id"],
+                                    "id": cmd["id"]})
+            .to_string()]
+        }
+        _ => vec![],
+    })
+    .await;
+    let (c, events) = Client::builder(url)
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .max_requests_in_flight(1)
+        .connect();
+    let rec = Recorder::new(events);
+    c.join("r").await.unwrap();
+    let users = tokio::spawn({
+        let c = c.clone();
+        async move { c.list_users("r").await }
+    });
+    frames_of(&frames, "list_users", 1, "the read written").await;
+    // Polled once, the kick's call is handed to the client's task before the reconnect
+    // (one queue of calls, in order): it waits behind the read on the first connection.
+    let mut kick = Box::pin(c.kick("r", "bob", None));
+    std::future::poll_fn(|cx| {
+        assert!(std::future::Future::poll(kick.as_mut(), cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    c.reconnect();
+    let wait = scaled(20.0);
+    tokio::time::timeout(wait, kick).await.expect("the kick settled").expect("the kick goes out");
+    tokio::time::timeout(wait, users).await.expect("the read settled").unwrap().expect("the read asked again");
+    let kicks = frames_of(&frames, "kick", 1, "the kick").await;
+    assert_eq!(kicks.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [2], "written once, on the new connection");
+    drop(rec);
+    c.close();
+    server.abort();
+}
