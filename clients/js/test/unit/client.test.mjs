@@ -1772,7 +1772,7 @@ test("requests: at most maxRequestsInFlight on the wire, in the order of the cal
 });
 
 test("requests: a leave whose timeout ends on the wire and is then refused rate_limited is written again (the server must hear of it)", async () => {
-  const { server, c } = setup({ requestTimeout: 60 });
+  const { server, c } = setup({ requestTimeout: 250 });
   await c.connect();
   await c.join("r");
   let held = null;
