@@ -845,16 +845,8 @@ export class ChatClient extends Emitter<ClientEvents> {
         req.waiter.resolve(undefined);
         continue;
       }
-      const now = Date.now();
-      const at = this.requestPacer.nextAt(now);
-      if (at === null) return; // the window is full: an answer frees a place
-      if (at > now) {
-        this.timers.requests = setTimeout(() => {
-          delete this.timers.requests;
-          this.flushRequests();
-        }, Math.min(MAX_TIMER_DELAY, at - now));
-        return;
-      }
+      const now = this.writeNow(this.requestPacer, "requests", () => this.flushRequests());
+      if (now === null) return;
       req.sent = this.send_({ ...req.frame, id });
       if (!req.sent) return;
       this.requestPacer.sent(id, now);
@@ -1079,6 +1071,24 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   /**
+   * The time now if `pacer` lets the next join or request be written now, else null: the
+   * window is full (an answer frees a place), or `flush` runs again when the next may go.
+   */
+  private writeNow(pacer: JoinPacer, timer: "joins" | "requests", flush: () => void): number | null {
+    const now = Date.now();
+    const at = pacer.nextAt(now);
+    if (at === null) return null;
+    if (at > now) {
+      this.timers[timer] = setTimeout(() => {
+        delete this.timers[timer];
+        flush();
+      }, Math.min(MAX_TIMER_DELAY, at - now));
+      return null;
+    }
+    return now;
+  }
+
+  /**
    * Writes the queued joins the join pacer lets go now: at most `maxJoinsInFlight`
    * unanswered; after `rate_limited` none before its `retry_after_ms`, then at the server's
    * pace. Wakes up when the next may go.
@@ -1093,16 +1103,8 @@ export class ChatClient extends Emitter<ClientEvents> {
         room.joinQueued = false;
         continue;
       }
-      const now = Date.now();
-      const at = this.joinPacer.nextAt(now);
-      if (at === null) return; // the window is full: an answer frees a place
-      if (at > now) {
-        this.timers.joins = setTimeout(() => {
-          delete this.timers.joins;
-          this.flushJoins();
-        }, Math.min(MAX_TIMER_DELAY, at - now));
-        return;
-      }
+      const now = this.writeNow(this.joinPacer, "joins", () => this.flushJoins());
+      if (now === null) return;
       this.joinQueue.shift();
       room.joinQueued = false;
       this.joinPacer.sent(this.writeJoin(room), now);

@@ -1113,18 +1113,7 @@ impl Driver {
                 self.join_queue.pop_front(); // left meanwhile
                 continue;
             }
-            let now = Instant::now().into_std();
-            match self.join_pacer.next_at(now) {
-                None => return, // the window is full: an answer frees a place
-                Some(at) if at > now => {
-                    if self.join_flush_at.is_none_or(|due| due > at) {
-                        self.join_flush_at = Some(at);
-                        self.later(at - now, Internal::FlushJoins);
-                    }
-                    return;
-                }
-                Some(_) => {}
-            }
+            let Some(now) = self.write_now(Internal::FlushJoins) else { return };
             self.join_queue.pop_front();
             if let Some(r) = self.rooms.get_mut(&room) {
                 r.join_queued = false;
@@ -1158,24 +1147,33 @@ impl Driver {
                 }
                 continue;
             }
-            let now = Instant::now().into_std();
-            match self.request_pacer.next_at(now) {
-                None => return, // the window is full: an answer frees a place
-                Some(at) if at > now => {
-                    if self.request_flush_at.is_none_or(|due| due > at) {
-                        self.request_flush_at = Some(at);
-                        self.later(at - now, Internal::FlushRequests);
-                    }
-                    return;
-                }
-                Some(_) => {}
-            }
+            let Some(now) = self.write_now(Internal::FlushRequests) else { return };
             let Some(req) = self.requests.get_mut(&id) else { continue };
             req.sent_on = Some(generation);
             let cmd = req.cmd.clone().with_id(RequestId::Int(id));
             self.write(&cmd);
             self.request_pacer.sent(id, now);
         }
+    }
+
+    /// The time now if the join pacer (`flush`: `Internal::FlushJoins`) or the request pacer
+    /// (`Internal::FlushRequests`) lets the next one be written now; `None`: the window is full
+    /// (an answer frees a place), or `flush` is due when the next may go.
+    fn write_now(&mut self, flush: Internal) -> Option<std::time::Instant> {
+        let now = Instant::now().into_std();
+        let (pacer, flush_at) = match flush {
+            Internal::FlushRequests => (&self.request_pacer, &mut self.request_flush_at),
+            _ => (&self.join_pacer, &mut self.join_flush_at),
+        };
+        let at = pacer.next_at(now)?;
+        if at <= now {
+            return Some(now);
+        }
+        if flush_at.is_none_or(|due| due > at) {
+            *flush_at = Some(at);
+            self.later(at - now, flush);
+        }
+        None
     }
 
     /// A request's answer came (`retry_after`: refused `rate_limited`): its place in the
