@@ -134,6 +134,39 @@ class _Queued:
         return kind == "leave"
 
 
+@dataclass(slots=True)
+class _PacedLine:
+    """The gate a queue of joins, or of the other requests, passes through: its pacer, and
+    the timer of the flush that waits for the pacer."""
+    pacer: JoinPacer
+    timer: asyncio.TimerHandle | None = None
+
+    def write_now(self, flush: Callable[[], None]) -> float | None:
+        """The loop's time now if the pacer lets the next one be written now, else None:
+        the window is full (an answer frees a place), or ``flush`` runs when the next may
+        go."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = self.pacer.next_at(now)
+        if at is None:
+            return None
+        if at > now:
+            self.timer = loop.call_at(at, flush)
+            return None
+        return now
+
+    def stop(self) -> None:
+        """The flush waiting for the pacer is not run."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def reset(self) -> None:
+        """A new connection, or none: the pacer starts afresh, no flush waits."""
+        self.pacer.reset()
+        self.stop()
+
+
 class _NoToken(Exception):
     """``get_token`` gave no token (None, ``""``)."""
 
@@ -418,14 +451,12 @@ class Client(EventHandlers):
         # Joins wait their turn: at most max_joins_in_flight on the wire, and after a
         # rate_limited join none before its retry_after_ms, then at the server's pace
         # (the request bucket is not the sends' bucket: a pacer of their own).
-        self._join_pacer = JoinPacer(max_joins_in_flight, self.backoff.random)
+        self._join_line = _PacedLine(JoinPacer(max_joins_in_flight, self.backoff.random))
         self._join_queue: deque[_Room] = deque()
-        self._join_timer: asyncio.TimerHandle | None = None
         # The other requests wait their turn too, in the order of the calls (a refused or
         # cut-off one goes back to its place): the same rules, a pacer of their own.
-        self._request_pacer = JoinPacer(max_requests_in_flight, self.backoff.random)
+        self._request_line = _PacedLine(JoinPacer(max_requests_in_flight, self.backoff.random))
         self._request_queue: list[_Queued] = []
-        self._request_timer: asyncio.TimerHandle | None = None
         self._next_seq = 0
         self.last_close: Disconnect | None = None
         self._leaving: set[asyncio.Future[None]] = set()  # leaves their callers may not await
@@ -993,12 +1024,9 @@ class Client(EventHandlers):
         """Write the queued requests the request pacer lets go now: at most
         ``max_requests_in_flight`` unanswered; after ``rate_limited`` none before its
         ``retry_after_ms``, then at the server's pace. Wakes up when the next may go."""
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
+        self._request_line.stop()
         if self._out is None or self.state is not ConnectionState.CONNECTED:
             return
-        loop = asyncio.get_running_loop()
         while self._request_queue:
             entry = self._request_queue[0]
             if entry.future.done() and not entry.kept:  # its caller gave up
@@ -1010,23 +1038,19 @@ class Client(EventHandlers):
                 if not entry.future.done():
                     entry.future.set_result({"type": "left", "room": entry.frame["room"]})
                 continue
-            now = loop.time()
-            at = self._request_pacer.next_at(now)
-            if at is None:
-                return  # the window is full: an answer frees a place
-            if at > now:
-                self._request_timer = loop.call_at(at, self._flush_requests)
+            now = self._request_line.write_now(self._flush_requests)
+            if now is None:
                 return
             self._request_queue.pop(0)
             rid = self._rid()
             self._requests[rid] = _Request(entry.frame["type"], entry.future, queued=entry)
             self._write({**entry.frame, "id": rid})
-            self._request_pacer.sent(rid, now)
+            self._request_line.pacer.sent(rid, now)
 
     def _request_answered(self, rid: Any, retry_after: float | None = None) -> None:
         """A paced request's answer came (``retry_after``: refused ``rate_limited``)."""
         now = asyncio.get_running_loop().time()
-        pacer = self._request_pacer
+        pacer = self._request_line.pacer
         if retry_after is None:
             freed = pacer.joined(str(rid), now)
         else:
@@ -1276,12 +1300,9 @@ class Client(EventHandlers):
         """Write the queued joins the join pacer lets go now: at most
         ``max_joins_in_flight`` unanswered; after ``rate_limited`` none before its
         ``retry_after_ms``, then at the server's pace. Wakes up when the next may go."""
-        if self._join_timer is not None:
-            self._join_timer.cancel()
-            self._join_timer = None
+        self._join_line.stop()
         if self._out is None:
             return
-        loop = asyncio.get_running_loop()
         while self._join_queue:
             room = self._join_queue[0]
             if (self._rooms.get(room.info.name) is not room or room.join_rid is not None
@@ -1289,17 +1310,13 @@ class Client(EventHandlers):
                 self._join_queue.popleft()  # left, or joined some other way meanwhile
                 room.join_queued = False
                 continue
-            now = loop.time()
-            at = self._join_pacer.next_at(now)
-            if at is None:
-                return  # the window is full: an answer frees a place
-            if at > now:
-                self._join_timer = loop.call_at(at, self._flush_joins)
+            now = self._join_line.write_now(self._flush_joins)
+            if now is None:
                 return
             self._join_queue.popleft()
             room.join_queued = False
             self._send_join(room)
-            self._join_pacer.sent(room.join_rid, now)
+            self._join_line.pacer.sent(room.join_rid, now)
 
     def _send_join(self, room: _Room) -> None:
         room.retry = room.sync_rid = None
@@ -1448,7 +1465,7 @@ class Client(EventHandlers):
         elif kind == "joined":
             request = self._requests.pop(str(obj.get("id")), None)
             room = self._rooms.get(request.room or "") if request else None
-            if self._join_pacer.joined(str(obj.get("id")), asyncio.get_running_loop().time()):
+            if self._join_line.pacer.joined(str(obj.get("id")), asyncio.get_running_loop().time()):
                 self._flush_joins()
             if room is not None and room.join_rid == obj.get("id"):
                 self._on_joined(room, obj)
@@ -1559,7 +1576,7 @@ class Client(EventHandlers):
         if request is None:
             self._emit("error", err)
         elif request.kind == "join":
-            self._join_pacer.refused(
+            self._join_line.pacer.refused(
                 str(rid), asyncio.get_running_loop().time(),
                 (JOIN_RETRY_DEFAULT if err.retry_after_ms is None else err.retry_after_ms / 1000)
                 if err.code == "rate_limited" else None)
@@ -1730,8 +1747,8 @@ class Client(EventHandlers):
         self._ws = ws
         self._generation += 1
         self._pacer.reset(self.max_in_flight)
-        self._join_pacer.reset()
-        self._request_pacer.reset()
+        self._join_line.reset()
+        self._request_line.reset()
         self._out = queue = asyncio.Queue[str]()
         writer = asyncio.create_task(self._writer(ws, queue))
         info = self._welcomed(welcome)
@@ -1799,18 +1816,12 @@ class Client(EventHandlers):
             self._request_queue.remove(queued)
             if not queued.future.done():
                 queued.future.set_result({"type": "left", "room": queued.frame["room"]})
-        self._request_pacer.reset()
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
+        self._request_line.reset()
         self._fail_left(None, "the connection closed before its echo")
         self._sent.clear()
         self._stale.clear()
-        self._join_pacer.reset()
+        self._join_line.reset()
         self._join_queue.clear()
-        if self._join_timer is not None:
-            self._join_timer.cancel()
-            self._join_timer = None
         for room in self._rooms.values():
             room.join_rid = None
             room.join_queued = False
