@@ -7,7 +7,7 @@ import { backoffDelay, closePolicy, type ClosePolicy, HEARTBEAT_DEFAULT, MAX_TIM
 import { Emitter } from "./emitter.js";
 import { ChatError, RETRYABLE_CODES } from "./errors.js";
 import { Outbox, type OutboxEntry, type OutboxStorage } from "./outbox.js";
-import { JOIN_WINDOW, JoinPacer, Pacer, REQUEST_WINDOW } from "./pacer.js";
+import { JOIN_WINDOW, JoinPacer, Pacer, REQUEST_WINDOW, RETRY_AFTER_DEFAULT_MS } from "./pacer.js";
 import type {
   ChatMessage,
   ClientEvents,
@@ -785,7 +785,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (this.requests.has(id)) return this.settle(id, msg);
       // Of a request that timed out: its place is free, and a refusal's pause holds the
       // next ones back all the same (the bucket is the user's).
-      this.requestAnswered(id, msg.code === "rate_limited" ? (err.retryAfterMs ?? 1000) : null);
+      this.requestAnswered(id, msg.code === "rate_limited" ? (err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS) : null);
     }
     if (msg.code === "token_expired" && this.opts.getToken) void this.refreshToken();
     this.emit("error", err);
@@ -798,7 +798,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       // Not carried out: it goes again first (it is the oldest waiting), when the pacer lets it.
       req.sent = false;
       const err = errorFrom(msg);
-      return this.requestAnswered(id, err.retryAfterMs ?? 1000);
+      return this.requestAnswered(id, err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS);
     }
     this.requests.delete(id);
     this.requestAnswered(id, null);
@@ -1249,7 +1249,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     const pending = this.joins.get(id)!;
     this.joins.delete(id);
     const limited = err.code === "rate_limited";
-    this.joinPacer.refused(id, Date.now(), limited ? (err.retryAfterMs ?? 1000) : null);
+    this.joinPacer.refused(id, Date.now(), limited ? (err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS) : null);
     const room = this.rooms.get(pending.room);
     if (!room || room.joinReq !== id) return this.flushJoins();
     room.joinReq = null;
@@ -1560,7 +1560,7 @@ export class ChatClient extends Emitter<ClientEvents> {
    */
   private rateLimited(err: ChatError, writtenAt?: number): void {
     const now = Date.now();
-    const retryAfterMs = err.retryAfterMs ?? 1000;
+    const retryAfterMs = err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS;
     this.pacer.rateLimited(now, retryAfterMs, writtenAt);
     this.emit("rateLimited", { retryAfterMs, until: now + retryAfterMs });
     this.clearTimer("flush");

@@ -175,6 +175,9 @@ export const JOIN_WINDOW = 4;
  * they draw on the same request bucket, paced by a `JoinPacer` of their own.
  */
 export const REQUEST_WINDOW = 4;
+
+/** A `rate_limited` answer without `retry_after_ms` pauses a second (as in Python and Rust). */
+export const RETRY_AFTER_DEFAULT_MS = 1000;
 /** A refused join written after a refusal doubles the pause, up to 2^(JOIN_PROBES_MAX - 1) (32) times `retry_after_ms`, and the jitter. */
 export const JOIN_PROBES_MAX = 6;
 /**
