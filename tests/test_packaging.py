@@ -87,6 +87,7 @@ from packaging_support import (  # noqa: E402
     substitute,
     wait_until,
 )
+from docs_markdown import tables
 from services import free_ports
 
 if hasattr(helm_python, "disable_logging"):
@@ -165,9 +166,7 @@ def test_every_resource_the_chart_renders_is_in_the_deployment_table() -> None:
     names them, every name) the chart renders, with every optional resource on: it
     lacked the ServiceAccount, the PrometheusRule and the dashboard's ConfigMap."""
     text = (ROOT / "docs" / "deployment.md").read_text()
-    lines = text.split("What the chart creates:\n", 1)[1].strip().splitlines()
-    table = lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    _, rows = tables(text.split("What the chart creates:\n", 1)[1])[0]
     documented = [(set(re.findall(r"\b[A-Z][A-Za-z]+\b", re.sub(r"`[^`]*`", "", cell))),
                    set(re.findall(r"`([^`]+)`", cell))) for cell, *_ in rows]
     assert len(documented) >= 10
