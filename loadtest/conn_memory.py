@@ -123,7 +123,8 @@ def main() -> None:
     def open_one(i: int) -> None:
         server_sock, client_sock = pairs[i]
         ws = types.SimpleNamespace(sock=server_sock, ws=handshake(), connected=True)
-        transport.serve(ws, Identity(f"u-{i}", f"user{i}", None), True, "127.0.0.1")
+        transport.serve(ws, Identity(f"u-{i}", f"user{i}", None), True, "127.0.0.1",
+                        transport.new_conn_id())
         join = {"type": "join", "room": f"room-{i % args.rooms}"}
         client_sock.sendall(client_text(json.dumps(join).encode()))
 

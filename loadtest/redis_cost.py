@@ -46,11 +46,23 @@ def diff(a: Snapshot, b: Snapshot) -> Snapshot:
     return {k: b[k] - a.get(k, 0.0) for k in b if b[k] - a.get(k, 0.0)}
 
 
+# Signs the tokens of the signed-in row (the server is started with it)
+SECRET = "redis-cost-secret-0123456789abcdef01"
+
+
 class Conn:
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, signed_in: bool = False) -> None:
         from websockets.sync.client import connect
 
-        self.ws = connect(f"{url}?username={name}", max_size=None)
+        if signed_in:
+            import jwt
+
+            claims = {"sub": f"u-{name}", "name": name, "exp": int(time.time()) + 3600}
+            token = jwt.encode(claims, SECRET, algorithm="HS256")
+            query = f"token={token}"
+        else:
+            query = f"username={name}"
+        self.ws = connect(f"{url}?{query}", max_size=None)
         self.user_id = self.expect("welcome")["user_id"]
 
     def send(self, **obj: Any) -> None:
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     o = p.parse_args(argv)
     port = tg.free_port()
     spec = tg.build("wschat-redis", port, tg.free_port(), max_connections=10000, heartbeat=30,
-                    redis_url=o.redis_url, env_overrides={"WEB_CONCURRENCY": "1"})
+                    redis_url=o.redis_url,
+                    env_overrides={"WEB_CONCURRENCY": "1", "JWT_SECRET": SECRET})
     server = tg.Server(spec, port, tg.LOGS / f"redis-cost-{port}.log")
     server.start()
     client = redis.Redis.from_url(spec.redis_url or "")
@@ -138,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         def connect(i: int) -> None:
             Conn(url, f"guest{i}").close()
 
+        def connect_signed_in(i: int) -> None:
+            Conn(url, f"user{i}", signed_in=True).close()
+
         rows["room message (100 B text, 2 members)"] = measure(client, overhead, o.count, message)
         rows["room message with a client_msg_id"] = measure(client, overhead, o.count,
                                                              message_with_id)
@@ -148,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
             client, overhead, 2 * joins, lambda i: join(i // 2) if i % 2 == 0 else None)
         rows["leave (second and last member)"] = measure(
             client, overhead, 2 * joins, lambda i: leave(i // 2) if i % 2 == 0 else None)
-        rows["connect + disconnect (presence)"] = measure(client, overhead, o.count, connect,
-                                                          settle=1.0)
+        rows["connect + disconnect, guest (presence)"] = measure(
+            client, overhead, o.count, connect, settle=1.0)
+        rows["connect + disconnect, signed in (presence, its place under the user's cap, "
+             "the ban check)"] = measure(client, overhead, o.count, connect_signed_in, settle=1.0)
         idle = 10.0
         rows[f"idle worker, per second (node heartbeat, {idle:g} s)"] = measure(
             client, overhead, 1, lambda i: time.sleep(idle))

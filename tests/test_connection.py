@@ -748,7 +748,8 @@ def test_a_connection_on_its_way_in_counts_once_for_its_user(transport: Transpor
         sock = server_sock
         connected = True
 
-    conn = transport.serve(Accepted(), Identity("u-ada", "ada", None), True, "127.0.0.1")
+    conn = transport.serve(Accepted(), Identity("u-ada", "ada", None), True, "127.0.0.1",
+                           transport.new_conn_id())
     assert entered.wait(TIMEOUT), "the connection was not opened"
     counted = hub.connections_of("u-ada")
     go.set()

@@ -767,10 +767,10 @@ def accepted_in_a_burst(srv: Server, redis_client: Any, t: str, upgrades: int, a
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_one_user_cannot_take_every_slot_with_auth_on_redis(workers: int) -> None:
-    """MAX_CONNECTIONS_PER_USER holds for ``auth`` as it does for upgrades (on each
-    worker), alone and mixed with upgrades: becoming the user waits for Redis before the
-    hub counts the connection, and all ten concurrent auths with a cap of 2 used to be
-    accepted, on one worker as on two."""
+    """MAX_CONNECTIONS_PER_USER holds for ``auth`` as it does for upgrades, alone and
+    mixed with upgrades, across workers: becoming the user waits for Redis before the
+    hub counts the connection (all ten concurrent auths with a cap of 2 used to be
+    accepted), and each worker's count alone let two workers take 2 each."""
     import redis
 
     from conftest import redis_url_or_skip
@@ -781,12 +781,42 @@ def test_one_user_cannot_take_every_slot_with_auth_on_redis(workers: int) -> Non
         with Server({"JWT_SECRET": SECRET, "REDIS_URL": url, "MAX_CONNECTIONS_PER_IP": "50",
                      "MAX_CONNECTIONS_PER_USER": "2", "RATE_LIMIT": "1000",
                      "RATE_LIMIT_BURST": "1000"}, workers=workers) as rsrv:
-            accepted = accepted_in_a_burst(rsrv, client, token("auth-burst"), 0, 10)
-            assert 2 <= accepted <= 2 * workers, accepted  # the cap on each worker, no more
-            accepted = accepted_in_a_burst(rsrv, client, token("mixed-burst"), 10, 10)
-            assert 2 <= accepted <= 2 * workers, accepted
+            assert accepted_in_a_burst(rsrv, client, token("auth-burst"), 0, 10) == 2
+            assert accepted_in_a_burst(rsrv, client, token("mixed-burst"), 10, 10) == 2
     finally:
         client.close()
+
+
+def test_one_user_cannot_take_every_slot_across_servers() -> None:
+    """MAX_CONNECTIONS_PER_USER counts the user's connections on every server sharing
+    Redis (each server alone used to allow the cap): with a cap of 2, one on each of two
+    servers, a third is refused on both (upgrade 429, ``auth`` too_many_connections);
+    a place is given back when a connection closes, whichever server takes the next."""
+    from conftest import redis_url_or_skip
+
+    url = redis_url_or_skip(30)
+    env = {"JWT_SECRET": SECRET, "REDIS_URL": url, "MAX_CONNECTIONS_PER_USER": "2",
+           "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
+    t = token("everywhere")
+
+    def status_at(srv: Server) -> int:
+        status, sock = handshake(srv.port, f"token={t}", fresh_ip())
+        sock.close()
+        return status
+
+    with Server(env) as a, Server(env) as b:
+        first = Client(a.url, f"token={t}", source_address=(fresh_ip(), 0))
+        second = Client(b.url, f"token={t}", source_address=(fresh_ip(), 0))
+        try:
+            assert (status_at(a), status_at(b)) == (429, 429)
+            with Client(a.url, source_address=(fresh_ip(), 0)) as guest:
+                error = guest.request({"type": "auth", "token": t}, "error")
+                assert error["code"] == "too_many_connections"
+            first.close()
+            wait_until(lambda: status_at(b) == 101, message="a's place given back to b")
+        finally:
+            first.close()
+            second.close()
 
 
 # -- 7. guests cannot pass for signed-in users ----------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import first_start, listening, redis_url, redis_url_or_skip
+from conftest import first_start, listening, redis_url, redis_url_or_skip, wait_until
 from wschat.config import Settings
 from wschat.protocol import draft_dm, draft_message, message_id_of, stored_id_of
 from wschat.stores.base import Stores, User
@@ -768,3 +768,38 @@ def test_a_committed_message_published_twice_reaches_the_window_once(stores: Sto
     assert stores.messages.publish_stored([Stored(1, event, "twice", "alice")]) == [PUBLISHED]
     assert stores.messages.publish_stored([Stored(1, event, "twice", "alice")]) == [STALE]
     assert [message_id_of(e) for e in stores.messages.recent("twice", 10)] == [1]
+
+
+def test_redis_a_users_places_are_her_connections_and_claims() -> None:
+    """MAX_CONNECTIONS_PER_USER across workers (claim.lua): the user's registered
+    connections plus the places claimed for connections on their way in. A place is
+    taken over by its connection's connect (counted once), given back by release_claim,
+    and ends by itself (a worker that died holding it)."""
+    import uuid
+
+    from wschat.stores import redis as redis_stores
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(10))
+    node = redis_stores._Node()
+    presence = redis_stores.RedisPresenceStore(client, node)
+    carol = User(f"u-carol-{uuid.uuid4().hex[:8]}", "carol")
+    try:
+        assert presence.claim("k1", carol.user_id, 2)
+        assert presence.claim("k2", carol.user_id, 2)
+        assert not presence.claim("k3", carol.user_id, 2)
+        presence.connect("k1", carol)  # its place taken over: still two
+        assert not presence.claim("k3", carol.user_id, 2)
+        presence.release_claim("k2", carol.user_id)
+        assert presence.claim("k3", carol.user_id, 2)
+        presence.disconnect("k1", carol.user_id)
+        assert presence.claim("k4", carol.user_id, 2)
+        assert not presence.claim("k5", carol.user_id, 2)
+        presence.release_claim("k3", carol.user_id)
+        presence.release_claim("k4", carol.user_id)
+        brief = redis_stores.RedisPresenceStore(client, node, claim_ttl=0.2)
+        assert brief.claim("k6", carol.user_id, 1)
+        assert not presence.claim("k7", carol.user_id, 1)
+        wait_until(lambda: presence.claim("k7", carol.user_id, 1),
+                   message="the unused place to expire")
+    finally:
+        client.close()

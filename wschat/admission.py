@@ -22,6 +22,7 @@ from .config import Settings
 from .hub import Tally
 from .protocol import valid_username
 from .ratelimit import address_key
+from .stores.base import Unavailable
 from .telemetry import Metrics
 
 if TYPE_CHECKING:
@@ -112,6 +113,11 @@ class Admitted(NamedTuple):
     identity: Identity
     authenticated: bool
     addr: str
+    conn_id: str  # the connection's id from here (its place among its user's: claim())
+
+
+TOO_MANY_FOR_USER = Refusal(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
+                            "max_connections_per_user", {"Retry-After": "5"})
 
 
 class Admission:
@@ -168,18 +174,15 @@ class Admission:
                                     "spaces inside, _ . -", "username")
             identity = _guest_identity(username)
             authenticated = False
-        stores = self.chat.stores
-        if not stores.broker.healthy():
+        if not self.chat.stores.broker.healthy():
             # The shared store is away: a connection could not be registered (nor its
             # rooms joined); say so in HTTP rather than upgrade and cut it.
-            return Refusal(503, f"{stores.name} unreachable; retry", "unavailable",
-                           {"Retry-After": "2"})
-        cap = self.settings.max_connections_per_user
+            return self._store_away()
+        cap = self.settings.max_connections_per_user if authenticated else 0
         # Counted from its admission (hub.arriving below), not only once the chat has
         # registered it: a burst of upgrades, all checked first, would each see none.
-        if authenticated and cap and self.chat.hub.connections_of(identity.user_id) >= cap:
-            return Refusal(429, "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
-                           "max_connections_per_user", {"Retry-After": "5"})
+        if cap and self.chat.hub.connections_of(identity.user_id) >= cap:
+            return TOO_MANY_FOR_USER
         if not self.transport.addresses.claim(addr):
             return Refusal(429, "too many connections from this address "
                                 "(MAX_CONNECTIONS_PER_IP)", "max_connections_per_ip",
@@ -188,12 +191,35 @@ class Admission:
             self.transport.addresses.release(addr)
             return Refusal(503, "server is at MAX_CONNECTIONS", "max_connections",
                            {"Retry-After": "5"})
+        conn_id = self.transport.new_conn_id()
+        if cap:  # the user's connections on the other workers and pods too (with Redis)
+            refusal = self._claim(conn_id, identity.user_id, cap)
+            if refusal is not None:
+                self.transport.budget.release()
+                self.transport.addresses.release(addr)
+                return refusal
         # Never negotiate permessage-deflate: it costs ~100 KiB of zlib state per
         # connection and would make shared, encode-once frames impossible.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
         if authenticated:
             self.chat.hub.arriving.add(identity.user_id)
-        return Admitted(identity, authenticated, addr)
+        return Admitted(identity, authenticated, addr, conn_id)
+
+    def _store_away(self) -> Refusal:
+        return Refusal(503, f"{self.chat.stores.name} unreachable; retry", "unavailable",
+                       {"Retry-After": "2"})
+
+    def _claim(self, conn_id: str, user_id: str, cap: int) -> Refusal | None:
+        """A place among the user's connections in the shared store (every worker and pod
+        with Redis), held until the connection is registered: concurrent upgrades on
+        several workers cannot pass the cap together."""
+        try:
+            if self.chat.stores.presence.claim(conn_id, user_id, cap):
+                return None
+        except Unavailable as exc:
+            log.warning("upgrade refused (503): the user's connections not counted: %s", exc)
+            return self._store_away()
+        return TOO_MANY_FOR_USER
 
     def release(self, admitted: Admitted) -> None:
         """Admitted, but the handshake failed before :meth:`Transport.serve` took the slot over."""
@@ -201,6 +227,7 @@ class Admission:
         self.transport.addresses.release(admitted.addr)
         if admitted.authenticated:
             self.chat.hub.arriving.remove(admitted.identity.user_id)
+            self.chat.stores.presence.release_claim(admitted.conn_id, admitted.identity.user_id)
 
 
 def _guest_identity(username: str | None) -> Identity:

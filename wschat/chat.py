@@ -1103,10 +1103,9 @@ class Chat:
             raise ProtocolError(err.code, err.message, cmd.request_id) from None
         same_user = identity.user_id == session.user_id
         refresh = same_user and session.authenticated
-        cap = self.settings.max_connections_per_user
-        if not same_user and cap and self.hub.connections_of(identity.user_id) >= cap:
-            raise ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
-                                f"at most {cap} connections per user", cmd.request_id)
+        conn_id = None if same_user else self._renamed_conn_id(session)
+        claimed = conn_id is not None and self._claim_place(identity.user_id, conn_id,
+                                                            cmd.request_id)
         hold = None
         if self.settings.enable_persistence and not refresh:
             # Live DMs held behind the backlog of what the connection was go out now
@@ -1115,11 +1114,13 @@ class Chat:
             # from the moment its channel is subscribed (_become), as open() does.
             self.hub.release_dms(session)
             hold = self.hub.hold_dms(session, self.settings.max_outbound_bytes)
-        if not same_user:
+        if conn_id is not None:
             try:
-                self._become(session, identity)  # counted against the cap from here
+                self._become(session, identity, conn_id)  # counted against the cap from here
             except BaseException:  # it stays what it was: nothing waits any more
                 self.hub.release_dms(session, hold)
+                if claimed:
+                    self.stores.presence.release_claim(conn_id, identity.user_id)
                 raise
         session.username = identity.username
         session.authenticated = True
@@ -1149,7 +1150,25 @@ class Chat:
                         session.user_id, room, exc)
             return False
 
-    def _become(self, session: Session, identity: Identity) -> None:
+    def _claim_place(self, user_id: str, conn_id: str, request_id: RequestId) -> bool:
+        """MAX_CONNECTIONS_PER_USER for a connection about to become ``user_id`` as
+        ``conn_id`` (``auth``): the hub's count first (no wait), then the user's
+        connections on every worker and pod (with Redis: a place claimed for ``conn_id``
+        until it is registered). Whether a place was claimed (none without a cap)."""
+        cap = self.settings.max_connections_per_user
+        if not cap:
+            return False
+        if (self.hub.connections_of(user_id) >= cap
+                or not self.stores.presence.claim(conn_id, user_id, cap)):
+            raise ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
+                                f"at most {cap} connections per user", request_id)
+        return True
+
+    def _renamed_conn_id(self, session: Session) -> str:
+        """The id a connection takes when it becomes another user (:meth:`_become`)."""
+        return f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
+
+    def _become(self, session: Session, identity: Identity, conn_id: str) -> None:
         """The connection authenticates as another user (a guest signing in): the new
         identity is registered (:meth:`_register`), under a new ``conn_id``, then the old
         one leaves everything it was part of, as a closing connection does. If the new
@@ -1158,9 +1177,9 @@ class Chat:
         for the old one is retried from tick() as the old identity (``former``, a
         session nobody writes to), never as the new one: the store keys connections by
         ``conn_id``, and the new one's is another."""
-        conn_id = f"{session.conn_id.partition('~')[0]}~{next(self._renamed)}"
-        # Counted against MAX_CONNECTIONS_PER_USER (checked by _auth just before, with no
-        # wait since) from here, while its registration waits for the store.
+        # Counted against MAX_CONNECTIONS_PER_USER (checked by _auth just before: with no
+        # wait since, or with a place claimed in Redis) from here, while its registration
+        # waits for the store.
         self.hub.arriving.add(identity.user_id)
         recoveries = self._recoveries
         self._register(session, conn_id, User(identity.user_id, identity.username),

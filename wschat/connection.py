@@ -918,8 +918,9 @@ class EchoConnection(WebSocketConnection):
     __slots__ = ()
 
     def _opened(self) -> None:
-        if self.authenticated:  # admitted as its user, as a chat connection is
+        if self.authenticated:  # admitted as its user, as a chat connection is, never registered
             self.transport.chat.hub.arriving.remove(self.user_id)
+            self.transport.chat.stores.presence.release_claim(self.conn_id, self.user_id)
 
     def _on_text(self, text: str) -> None:
         self.write(text_frame(text.encode()))

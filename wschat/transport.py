@@ -99,7 +99,7 @@ class Transport:
         return f"{self.node_id}:{next(self._conn_seq)}"
 
     def serve(self, ws: Any, identity: Identity, authenticated: bool, remote_addr: str,
-              echo: bool = False) -> WebSocketConnection:
+              conn_id: str, echo: bool = False) -> WebSocketConnection:
         """Take over one accepted WebSocket (from flask-sock) and serve it.
 
         The request greenlet returns at once; gunicorn then closes its copy of the
@@ -111,7 +111,7 @@ class Transport:
         sock = ws.sock.dup()
         kind = EchoConnection if echo else WebSocketConnection
         try:
-            conn = kind(self, sock, self.new_conn_id(), identity, authenticated, remote_addr,
+            conn = kind(self, sock, conn_id, identity, authenticated, remote_addr,
                         getattr(ws, "wschat_pending", b""))
         except BaseException:
             sock.close()

@@ -237,6 +237,20 @@ class PresenceStore(ABC):
     @abstractmethod
     def is_online(self, user_id: str) -> bool: ...
 
+    def claim(self, conn_id: str, user_id: str, cap: int) -> bool:
+        """A place for the connection ``conn_id`` of ``user_id`` about to be registered
+        (:meth:`connect`), if the user holds fewer than ``cap`` connections with the
+        places claimed so far (MAX_CONNECTIONS_PER_USER across every worker sharing the
+        store); False: none. A place ends at the connection's :meth:`connect`, at
+        :meth:`release_claim`, or by itself after a while (a worker that died holding it).
+        Here: always one, since a store of one worker has the hub's count to go by
+        (:meth:`wschat.hub.LocalHub.connections_of`), which the chat checks first."""
+        return True
+
+    def release_claim(self, conn_id: str, user_id: str) -> None:
+        """The place :meth:`claim` gave ``conn_id`` is not needed (its handshake failed).
+        Never raises: a place the store cannot give back now ends by itself."""
+
 
 class MessageStore(ABC):
     """Room history, per-room sequence numbers, DMs and ``client_msg_id`` dedupe.

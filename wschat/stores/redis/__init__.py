@@ -227,7 +227,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     stores = RedisStores(
         RedisRoomStore(fast, node, settings.room_ttl, metrics,
                        numbering_ttl=settings.room_numbering_ttl),
-        RedisPresenceStore(fast, node, metrics),
+        RedisPresenceStore(fast, node, metrics, claim_ttl=settings.presence_ttl),
         messages, broker, "redis", node_id=node.node_id)
     stores.pipelined = fast  # type: ignore[assignment]
     stores.client = client

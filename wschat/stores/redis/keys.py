@@ -182,6 +182,12 @@ def user_nodes(user_id: str) -> str:
     return f"{PREFIX}user:{escape_id(user_id)}:nodes"
 
 
+def user_claims(user_id: str) -> str:
+    """Places claimed for the user's connections on their way in (conn id -> when the
+    place expires, Redis's clock in ms): MAX_CONNECTIONS_PER_USER counts them (claim.lua)."""
+    return f"{PREFIX}user:{escape_id(user_id)}:claims"
+
+
 def room_channel(room: str) -> str:
     return f"{PREFIX}room:{room}"
 

@@ -9,6 +9,7 @@ atomically.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,12 +26,14 @@ from ..base import (
 from .keys import (
     DM_SEQ, MEMBERSHIPS, NODES, PREFIX, PRESENCE, ROOMS, RoomTtls, charged, dedupe_key, guarded,
     held_key, membership_keys, membership_token, room_channel, room_epoch_key, room_keys, script,
-    split_token, user_channel, user_nodes,
+    split_token, user_channel, user_claims, user_nodes,
 )
 from .pipeline import Pipelined
 from .nodes import (
     Node, announce_offline, disconnect_registered, leave_memberships, live_window_ms,
 )
+
+log = logging.getLogger("wschat.redis")
 
 DEDUPE_TTL = 3600
 
@@ -107,10 +110,15 @@ class RedisRoomStore(RoomStore):
 
 
 class RedisPresenceStore(PresenceStore):
-    def __init__(self, client: redis.Redis, node: Node, metrics: Metrics | None = None) -> None:
+    def __init__(self, client: redis.Redis, node: Node, metrics: Metrics | None = None,
+                 claim_ttl: float = 30.0) -> None:
         self._client = client
         self._node = node
         self._metrics = metrics
+        # A claimed place outlives a slow registration (PRESENCE_TTL: as long as a dead
+        # worker's connections count before they are reaped)
+        self._claim_ttl_ms = max(1, int(claim_ttl * 1000))
+        self._claim = script(client, "claim")
         self._connect = script(client, "connect")
         self._disconnect = script(client, "disconnect")
         # user id -> this worker's connections of the user: at a user's last one,
@@ -123,8 +131,25 @@ class RedisPresenceStore(PresenceStore):
     def connect(self, conn_id: str, user: User) -> None:
         node = self._node
         self._local.setdefault(user.user_id, set()).add(conn_id)
-        self._connect(keys=[node.conns, PRESENCE, user_nodes(user.user_id)],
+        self._connect(keys=[node.conns, PRESENCE, user_nodes(user.user_id),
+                            user_claims(user.user_id)],
                       args=[conn_id, user.user_id, node.node_id])
+
+    @guarded
+    def claim(self, conn_id: str, user_id: str, cap: int) -> bool:
+        return bool(self._claim(keys=[PRESENCE, user_claims(user_id)],
+                                args=[user_id, conn_id, cap, self._claim_ttl_ms]))
+
+    def release_claim(self, conn_id: str, user_id: str) -> None:
+        try:
+            self._unclaim(conn_id, user_id)
+        except Unavailable as exc:  # it expires by itself (claim.lua)
+            log.info("place of %s among %s's connections left to expire: %s",
+                     conn_id, user_id, exc)
+
+    @guarded
+    def _unclaim(self, conn_id: str, user_id: str) -> None:
+        self._client.zrem(user_claims(user_id), conn_id)
 
     @guarded
     def disconnect(self, conn_id: str, user_id: str) -> None:

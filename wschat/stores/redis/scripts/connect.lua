@@ -4,7 +4,9 @@
 -- left as it is without a write: a Redis at maxmemory refuses a script's first write
 -- that may grow memory (HSETNX, even one that would change nothing) with OOM, and a
 -- recovery refused so left the worker not ready for as long as Redis stayed full.
--- KEYS: node_conns presence user_nodes   ARGV: conn user_id node_id
+-- The place claim.lua gave the connection (if any) is taken over: it counts in presence now.
+-- KEYS: node_conns presence user_nodes [user_claims]   ARGV: conn user_id node_id
+if KEYS[4] then redis.call('ZREM', KEYS[4], ARGV[1]) end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
