@@ -902,6 +902,44 @@ async def test_a_join_while_leaving_keeps_the_room_joined_on_the_server() -> Non
         await client.close()
 
 
+@pytest.mark.parametrize("waits", ["window", "rate_limited", "unavailable"])
+async def test_a_leave_of_a_room_whose_join_is_not_written_writes_no_leave(waits: str) -> None:
+    """leave() of a room whose join still waits for the join pacer (its window full, or
+    paused after rate_limited) or for its retry (unavailable): that join is never written,
+    the join() awaiting it raises not_in_room, and the leave completes without a frame, as
+    in the JS and Rust clients. A leave was written: the server, which never had the user in
+    the room, answered not_in_room, for a token of the request bucket and a round trip."""
+    async with FakeServer() as fake:
+        client, rec, peer = await joined_client(fake, max_joins_in_flight=1)
+        if waits == "window":
+            held = asyncio.create_task(client.join("a"))
+            held_join = await peer.recv("join")  # on the wire, unanswered: the window is full
+        joining = asyncio.create_task(client.join("b"))
+        if waits != "window":
+            refused = await peer.recv("join")
+            await peer.send(type="error", id=refused["id"], code=waits, message="later",
+                            retry_after_ms=60_000)
+        assert await _round_trip(client, peer) == []  # b's join waits (refusal taken)
+        leaving = asyncio.create_task(client.leave("b"))
+        with pytest.raises(ChatError) as err:
+            await asyncio.wait_for(joining, TIMEOUT)
+        assert err.value.code == "not_in_room"
+        assert await _round_trip(client, peer) == [], "a leave of a room never joined"
+        await asyncio.wait_for(leaving, TIMEOUT)
+        assert "b" not in client.rooms and rec.of("error") == []
+        assert [c.new for c in rec.of("room_state") if c.room == "b"] == [
+            RoomState.JOINING, RoomState.LEFT]
+        if waits == "window":
+            # Joined again: one join of b, when the window frees a place, never the old one.
+            again = asyncio.create_task(client.join("b"))
+            await peer.send(type="joined", id=held_join["id"], room="a", users=[], last_id=0)
+            await asyncio.wait_for(held, TIMEOUT)
+            await peer.joined("b")
+            await asyncio.wait_for(again, TIMEOUT)
+            assert await _round_trip(client, peer) == [], "b's first join written after all"
+        await client.close()
+
+
 async def test_a_late_answer_to_a_leave_that_timed_out_is_no_removal() -> None:
     """leave() timed out, then join() again: the server's left answering that leave (it has
     the leave's id) comes before the joined. It is no kick: the room stays joined."""

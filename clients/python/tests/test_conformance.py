@@ -16,6 +16,7 @@ import pytest
 from conftest import TIMEOUT, Harness, Recorder, assert_exactly_once_in_order, delivered
 from wschat_client import (
     Backoff,
+    ChatError,
     Client,
     ConnectionState,
     HistoryPage,
@@ -624,4 +625,36 @@ async def test_a_leave_that_times_out_in_the_request_queue_is_still_written(
     finally:
         for read in reads:
             read.cancel()
+    await close_all(alice, bob)
+
+
+async def test_a_leave_of_a_room_whose_join_waits_for_the_pacer_is_not_written(
+        harness: Harness) -> None:
+    """A room left while its join waits for the join pacer (one join on the wire at a
+    time): that join is never written, and neither is the leave (the server, which does not
+    have the user in the room, answered it not_in_room, for a token of the request bucket).
+    The user is not in the room for the others."""
+    server = await harness.server("memory")
+    bob, _ = await connected(harness, server["url"], "bob", "quiet")
+    alice, rec = await connected(harness, server["url"], "alice", max_joins_in_flight=1)
+    written: list[tuple[str, str | None]] = []
+    original = alice._write
+
+    def write(frame: dict[str, Any]) -> None:
+        written.append((frame["type"], frame.get("room")))
+        original(frame)
+    alice._write = write  # type: ignore[method-assign]
+    first = asyncio.ensure_future(alice.join("open"))
+    queued = asyncio.ensure_future(alice.join("quiet"))
+    await asyncio.sleep(0)  # both calls made: "open" written, "quiet" queued behind it
+    assert alice._rooms["quiet"].join_queued, "the test needs the join queued"
+    await asyncio.wait_for(alice.leave("quiet"), TIMEOUT)
+    with pytest.raises(ChatError) as err:
+        await asyncio.wait_for(queued, TIMEOUT)
+    assert err.value.code == "not_in_room"
+    await asyncio.wait_for(first, TIMEOUT)
+    await alice.ping()  # answered after whatever alice wrote before it
+    assert [w for w in written if w[0] != "ping"] == [("join", "open")]
+    assert "alice" not in {u.user_id for u in await bob.list_users("quiet")}
+    assert rec.of("error") == []
     await close_all(alice, bob)

@@ -748,7 +748,11 @@ class Client(EventHandlers):
         could lose it. One still unanswered when ``timeout`` or ``ack_timeout`` ends,
         or when the connection closes, fails with ``not_in_room``: it may have been stored.
         A :meth:`join` of the room meanwhile wins: the leave is then not written (it
-        would reach the server after that join, and the room would go silent).
+        would reach the server after that join, and the room would go silent). Nor is it
+        for a room not joined on this connection, whose join still waits for the join
+        pacer or for its retry: that join is never written (a :meth:`join` awaiting it
+        raises ``not_in_room``), and the server, which does not have the user in the room,
+        would only answer ``not_in_room``, for a token of the user's request bucket.
         Cancelling the call does not stop the leave (the room is already gone for the
         app): its sends are settled and the server is told all the same, as for a
         cancelled :meth:`send`, which is still delivered.
@@ -757,9 +761,13 @@ class Client(EventHandlers):
         if r is None:
             return
         deadline = self._deadline(_given(timeout, self.request_timeout))
+        # The server has the user in the room, or may (its join on the wire): as in the JS
+        # and Rust clients, only then is it told.
+        on_server = self.state is ConnectionState.CONNECTED and (
+            r.info.state is RoomState.JOINED or r.join_rid is not None)
         self._set_room_state(r, RoomState.LEFT)
         written = self._drop_room(r, ChatError("not_in_room", f"left {room}"))
-        leaving = asyncio.ensure_future(self._leave(room, written, deadline))
+        leaving = asyncio.ensure_future(self._leave(room, written, deadline, on_server))
         self._leaving.add(leaving)  # a task the loop alone refers to may be collected
         leaving.add_done_callback(self._left)
         await asyncio.shield(leaving)
@@ -770,13 +778,15 @@ class Client(EventHandlers):
             leaving.exception()  # nobody may await it any more (a cancelled leave): no warning
 
     async def _leave(self, room: str, written: list[asyncio.Future[Any]],
-                     deadline: float) -> None:
-        """The rest of :meth:`leave`, which its cancellation does not stop."""
+                     deadline: float, on_server: bool) -> None:
+        """The rest of :meth:`leave`, which its cancellation does not stop; ``on_server``:
+        the server has the user in the room (or may), and is told."""
         loop = asyncio.get_running_loop()
         try:
             if written:
                 await asyncio.wait(written, timeout=max(0.0, deadline - loop.time()))
-            if self.state is ConnectionState.CONNECTED and room not in self._rooms:
+            if (on_server and self.state is ConnectionState.CONNECTED
+                    and room not in self._rooms):
                 try:
                     await self._request({"type": "leave", "room": room},
                                         max(0.001, deadline - loop.time()))
