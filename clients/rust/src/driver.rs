@@ -1858,7 +1858,10 @@ impl Driver {
             // The `ping` behind a join was refused: its answer still comes after the replay.
             self.flush_outbox();
         } else {
-            self.request_answered(rid, None); // of a request whose caller gave up: its place is free
+            // Of a request whose caller gave up, its entry gone (dropped once 64 were waiting):
+            // its place is free, and a refusal's pause holds the next ones back all the same
+            // (the bucket is the user's), as in the JS and Python clients.
+            self.request_answered(rid, retry.filter(|_| rate_limited));
             self.emit(Event::Error(error));
         }
     }

@@ -3578,6 +3578,84 @@ async fn a_leave_timed_out_on_the_wire_then_refused_rate_limited_is_written_agai
     server.abort();
 }
 
+/// Polls each call once, which hands it to the client's task, and leaves it pending.
+async fn poll_once<F: std::future::Future + Unpin>(calls: &mut [F]) {
+    std::future::poll_fn(|cx| {
+        for call in calls.iter_mut() {
+            assert!(std::pin::Pin::new(call).poll(cx).is_pending());
+        }
+        std::task::Poll::Ready(())
+    })
+    .await
+}
+
+/// A read whose caller gave up while it was on the wire, its entry then dropped by the driver
+/// (it keeps at most 64 waiting before it drops those whose callers gave up), refused
+/// `rate_limited` afterwards: the refusal still pauses the request queue for its
+/// `retry_after_ms` (the bucket is the user's), as in the JS and Python clients. It freed the
+/// place and paused nothing: the next read went out at once, into an empty bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_rate_limited_for_a_dropped_request_still_pauses_the_queue() {
+    use tokio::time::Instant;
+    const RETRY_AFTER_MS: u64 = 500;
+    let held = Arc::new(Mutex::new(None::<serde_json::Value>));
+    // When the refusal went, and when the next read came after it.
+    let refused_at = Arc::new(Mutex::new(None::<Instant>));
+    let next_at = Arc::new(Mutex::new(None::<Instant>));
+    let (url, frames, server) = scripted_server({
+        let (held, refused_at, next_at) = (held.clone(), refused_at.clone(), next_at.clone());
+        move |cmd, _| match cmd["type"].as_str() {
+            Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+            Some("list_users") => {
+                let mut held = held.lock().unwrap();
+                if held.is_none() {
+                    *held = Some(cmd["id"].clone());
+                    return vec![]; // unanswered until the send
+                }
+                let mut next = next_at.lock().unwrap();
+                if next.is_none() && refused_at.lock().unwrap().is_some() {
+                    *next = Some(Instant::now());
+                }
+                let (room, id) = (&cmd["room"], &cmd["id"]);
+                vec![json!({"type": "users", "room": room, "users": [], "id": id}).to_string()]
+            }
+            // The refusal of the first read, late, then the send's echo.
+            Some("message") => {
+                *refused_at.lock().unwrap() = Some(Instant::now());
+                let id = held.lock().unwrap().clone();
+                let refusal = json!({"type": "error", "code": "rate_limited", "message": "later",
+                                     "retry_after_ms": RETRY_AFTER_MS, "id": id});
+                let cmid = cmd["client_msg_id"].as_str();
+                vec![refusal.to_string(), raw_message("1", "r", "go", cmid)]
+            }
+            _ => vec![],
+        }
+    })
+    .await;
+    let builder = Client::builder(url).max_requests_in_flight(1).request_timeout(scaled(20.0));
+    let (c, _events) = builder.connect();
+    c.join("r").await.unwrap();
+    // The first read is written (the window, one, full), and its caller gives up.
+    let mut first = vec![Box::pin(c.list_users("r"))];
+    poll_once(&mut first).await;
+    frames_of(&frames, "list_users", 1, "the first read").await;
+    drop(first);
+    // Handed to the client's task in order (one queue of calls): more than 64 reads wait
+    // behind it, the driver dropping its entry.
+    let mut waiting: Vec<_> = (0..70).map(|_| Box::pin(c.list_users("r"))).collect();
+    poll_once(&mut waiting).await;
+    c.send("r", "go").await.unwrap(); // the refusal came before the echo
+    let next = tokio::time::timeout(scaled(10.0), waiting.remove(0)).await;
+    next.expect("the next read answered in time").unwrap();
+    let refused = refused_at.lock().unwrap().expect("refused");
+    let gap = next_at.lock().unwrap().expect("the next read written") - refused;
+    let paused = gap >= Duration::from_millis(RETRY_AFTER_MS);
+    assert!(paused, "the next read went {gap:?} after the refusal");
+    drop(waiting);
+    c.close();
+    server.abort();
+}
+
 /// A kick still waiting its turn behind a read when the connection drops was never written
 /// (so not done): it goes out on the next connection, after the read asked again, as in the
 /// JS and Python clients (one written before the drop fails with `disconnected`).
