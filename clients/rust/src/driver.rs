@@ -1525,7 +1525,10 @@ impl Driver {
         self.refresh_failures = 0;
         self.retry_after = None;
         self.pacer.reset();
+        // The join and request pacers start afresh, no wake-up due (`went_offline` cleared both:
+        // nothing sets one offline; a stale one would cost no more than a needless wake-up).
         self.join_pacer.reset();
+        self.join_flush_at = None;
         self.request_pacer.reset();
         self.request_flush_at = None;
         self.set_state(ConnectionState::Connected);
