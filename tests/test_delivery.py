@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from conftest import (
     SCALE, TIMEOUT, Client, Server, first_start, free_port, listening, own_redis,
@@ -2883,6 +2884,11 @@ def test_a_worker_whose_pubsub_connection_drops_while_redis_is_full_recovers() -
             # A new connection needs memory to be registered: refused, to come again.
             with Client(a.url, expect_welcome=False) as newcomer:
                 assert newcomer.close_code_when_closed() == 1013
+            # One signed in before the upgrade: its place among the user's connections
+            # (MAX_CONNECTIONS_PER_USER, claim.lua) needs memory too.
+            with pytest.raises(InvalidStatus) as refused:
+                Client(a.url, f"token={token('carol')}")
+            assert refused.value.response.status_code == 503
 
 
 # -- 18. a recovery registers no connection or membership that ended while it ran ----------
