@@ -1863,9 +1863,9 @@ impl Driver {
         } else {
             // Of a request whose caller gave up, its entry gone (dropped once 64 were waiting):
             // its place is free, and a refusal's pause holds the next ones back all the same
-            // (the bucket is the user's), as in the JS and Python clients.
+            // (the bucket is the user's), as in the JS and Python clients. No event: the
+            // caller was told by its timeout, and an entry still kept says nothing either.
             self.request_answered(rid, retry.filter(|_| rate_limited));
-            self.emit(Event::Error(error));
         }
     }
 }

@@ -2123,8 +2123,7 @@ async fn a_join_after_a_leave_is_written_though_the_first_join_is_unanswered() {
 
 /// `leave` of a room whose `join` still waits for the join pacer (never written) succeeds and
 /// writes no `leave`: the server does not have the user in it, and answered `not_in_room`,
-/// which `leave` returned as its error (the JS client writes no `leave` then either, the
-/// Python one takes `not_in_room` as left).
+/// which `leave` returned as its error (the JS and Python clients write no `leave` then either).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leave_of_a_room_whose_join_waits_for_the_pacer_writes_no_leave() {
     let (url, frames, server) = scripted_server(move |cmd, _| match cmd["type"].as_str() {
@@ -3593,7 +3592,8 @@ async fn poll_once<F: std::future::Future + Unpin>(calls: &mut [F]) {
 /// (it keeps at most 64 waiting before it drops those whose callers gave up), refused
 /// `rate_limited` afterwards: the refusal still pauses the request queue for its
 /// `retry_after_ms` (the bucket is the user's), as in the JS and Python clients. It freed the
-/// place and paused nothing: the next read went out at once, into an empty bucket.
+/// place and paused nothing: the next read went out at once, into an empty bucket. And it is
+/// told to no one (it was an `error` event, unlike a late refusal of an entry still kept).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_rate_limited_for_a_dropped_request_still_pauses_the_queue() {
     use tokio::time::Instant;
@@ -3633,7 +3633,8 @@ async fn a_late_rate_limited_for_a_dropped_request_still_pauses_the_queue() {
     })
     .await;
     let builder = Client::builder(url).max_requests_in_flight(1).request_timeout(scaled(20.0));
-    let (c, _events) = builder.connect();
+    let (c, events) = builder.connect();
+    let rec = Recorder::new(events);
     c.join("r").await.unwrap();
     // The first read is written (the window, one, full), and its caller gives up.
     let mut first = vec![Box::pin(c.list_users("r"))];
@@ -3651,6 +3652,8 @@ async fn a_late_rate_limited_for_a_dropped_request_still_pauses_the_queue() {
     let gap = next_at.lock().unwrap().expect("the next read written") - refused;
     let paused = gap >= Duration::from_millis(RETRY_AFTER_MS);
     assert!(paused, "the next read went {gap:?} after the refusal");
+    // Its caller was told by giving up: no `error` event, as for a kept entry's late refusal.
+    assert_eq!(rec.count(|e| matches!(e, Event::Error(_))), 0);
     drop(waiting);
     c.close();
     server.abort();
