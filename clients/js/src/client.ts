@@ -203,6 +203,12 @@ export class ChatClient extends Emitter<ClientEvents> {
   private readonly outbox: Outbox;
   private _state: ConnectionState = "disconnected";
   private wanted = false;
+  /**
+   * Why the client stopped for good (` (connection closed for good: 4003 banned)`), or `""`
+   * (`disconnect()`, or none yet): told to the requests made while it is stopped, as to those
+   * that were waiting when it stopped.
+   */
+  private stoppedWhy = "";
   private ws: WebSocketLike | null = null;
   /** Incremented for every socket; callbacks of an older socket are ignored. */
   private conn = 0;
@@ -360,6 +366,7 @@ export class ChatClient extends Emitter<ClientEvents> {
       // A fresh start: a wait an earlier connection was told (`rate_limited`, a refusal's
       // `Retry-After`) does not hold this one's reconnects, as in the Python and Rust clients.
       this.retryAfterUntil = 0;
+      this.stoppedWhy = "";
       this.listenOnline(true);
       this.restoreOutbox();
       void this.open();
@@ -367,7 +374,11 @@ export class ChatClient extends Emitter<ClientEvents> {
     return settled;
   }
 
-  /** Closes the connection (1000) and stops reconnecting. Rooms and the outbox are kept for `connect()`. */
+  /**
+   * Closes the connection (1000) and stops reconnecting. Rooms and the outbox are kept for
+   * `connect()`; until then `history`, `historyPage`, `listUsers`, `kick`, `mute` and `unmute`
+   * reject at once with `disconnected`.
+   */
   disconnect(): void {
     if (!this.wanted && this._state === "disconnected") return;
     this.stop(1000, "client disconnect");
@@ -565,6 +576,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.connectionLost();
     // Stopped for good (not by the app): what waits is told why.
     const why = error ? ` (${error.message})` : "";
+    this.stoppedWhy = why;
     for (const [id, req] of this.requests) {
       this.requests.delete(id);
       clearTimeout(req.waiter.timer);
@@ -810,7 +822,18 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
   }
 
+  /**
+   * Queues `frame` for the request pacer and waits for its answer. The client not started
+   * (before `connect()`) or stopped (`disconnect()`, a stop for good) rejects at once with
+   * `disconnected`, as those waiting when it stopped were: no connection would come before
+   * the timeout (as in the Python and Rust clients, whose calls fail at once when closed).
+   */
   private request<T>(frame: Record<string, unknown>, onLost: OnLost, timeout?: number): Promise<T> {
+    if (!this.wanted) {
+      const what = String(frame.type);
+      const why = `${what}: the client is disconnected: call connect() first${this.stoppedWhy}`;
+      return Promise.reject(new ChatError("disconnected", why));
+    }
     return new Promise<T>((resolve, reject) => {
       const id = this.nextId();
       const waiter: Waiter<T> = { resolve, reject };

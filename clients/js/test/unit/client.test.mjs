@@ -1828,3 +1828,42 @@ test("requests: a kick still waiting its turn when the connection drops was neve
   assert.equal(server.last.sent.filter((f) => f.type === "kick").length, 1);
   c.disconnect();
 });
+
+test("requests: made before connect() or after disconnect() they reject at once with "
+  + "disconnected, nothing written (as in the Python and Rust clients)", async (t) => {
+  // They waited out their requestTimeout (10 s by default), though no connection would come.
+  const { server, c } = setup({ requestTimeout: 5000 });
+  t.after(() => c.disconnect());
+  const calls = () => [
+    c.history("r"),
+    c.historyPage("r", { limit: 5 }),
+    c.listUsers("r"),
+    c.kick("r", "bob"),
+    c.mute("r", "bob", { duration: 60 }),
+    c.unmute("r", "bob"),
+  ];
+  const settled = async (what) => {
+    const results = await within(Promise.allSettled(calls()), 1000, what);
+    for (const r of results) {
+      assert.equal(r.status, "rejected", what);
+      assert.equal(r.reason.code, "disconnected", what);
+      assert.match(r.reason.message, /call connect\(\)/, what);
+    }
+    return results;
+  };
+  await settled("calls before connect()");
+  await c.connect();
+  await c.join("r");
+  c.disconnect();
+  await settled("calls after disconnect()");
+  const written = server.last.sent.filter((f) => !["join", "ping"].includes(f.type));
+  assert.deepEqual(written, [], "nothing written");
+  assert.deepEqual(c.joinedRooms, ["r"], "the rooms are kept for a later connect()");
+  await within(c.leave("r"), 1000, "a leave after disconnect()"); // the server has us out already
+  await within(c.connect(), 1000, "the connect");
+  assert.equal((await within(c.listUsers("r"), 1000, "a read once connected again")).length, 1);
+  // Stopped for good by the server: the calls say why, as those waiting then were told.
+  server.drop(server.last, 4003, "banned");
+  const [read] = await settled("calls after a stop for good");
+  assert.match(read.reason.message, /4003 banned/);
+});
