@@ -795,9 +795,12 @@ export class ChatClient extends Emitter<ClientEvents> {
       // join): its answer comes after the joined and the replay all the same, as a pong would.
       if (id.startsWith(SYNC_PREFIX)) return this.onSynced(id);
       if (this.requests.has(id)) return this.settle(id, msg);
-      // Of a request that timed out: its place is free, and a refusal's pause holds the
-      // next ones back all the same (the bucket is the user's).
-      this.requestAnswered(id, msg.code === "rate_limited" ? (err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS) : null);
+      // Of a request that timed out on the wire: its caller had its `timeout` and is not told
+      // again (no `error` event, as in the Python and Rust clients). Its place is free, and a
+      // refusal's pause holds the next ones back all the same (the bucket is the user's).
+      const limited = msg.code === "rate_limited";
+      const retryAfter = limited ? (err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS) : null;
+      if (this.requestAnswered(id, retryAfter)) return;
     }
     if (msg.code === "token_expired" && this.opts.getToken) void this.refreshToken();
     this.emit("error", err);
@@ -805,12 +808,16 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   private settle(id: string, msg: any): void {
     const req = this.requests.get(id);
-    if (!req) return this.requestAnswered(id, null);
+    if (!req) {
+      this.requestAnswered(id, null);
+      return;
+    }
     if (msg.type === "error" && msg.code === "rate_limited" && req.sent) {
       // Not carried out: it goes again first (it is the oldest waiting), when the pacer lets it.
       req.sent = false;
       const err = errorFrom(msg);
-      return this.requestAnswered(id, err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS);
+      this.requestAnswered(id, err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS);
+      return;
     }
     this.requests.delete(id);
     this.requestAnswered(id, null);
@@ -876,11 +883,15 @@ export class ChatClient extends Emitter<ClientEvents> {
     }
   }
 
-  /** A paced request's answer came (`retryAfter`: refused `rate_limited`, ms). */
-  private requestAnswered(id: string, retryAfter: number | null): void {
+  /**
+   * A paced request's answer came (`retryAfter`: refused `rate_limited`, ms). False if `id`
+   * is no request on the wire on this connection.
+   */
+  private requestAnswered(id: string, retryAfter: number | null): boolean {
     const now = Date.now();
     const freed = retryAfter === null ? this.requestPacer.joined(id, now) : this.requestPacer.refused(id, now, retryAfter);
     if (freed) this.flushRequests();
+    return freed;
   }
 
   // -- authentication ----------------------------------------------------------------------

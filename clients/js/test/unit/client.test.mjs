@@ -1867,3 +1867,31 @@ test("requests: made before connect() or after disconnect() they reject at once 
   const [read] = await settled("calls after a stop for good");
   assert.match(read.reason.message, /4003 banned/);
 });
+
+test("requests: an error answering a request after it timed out is no error event (its caller "
+  + "had its timeout), as in the Python and Rust clients", async () => {
+  const { server, c, events } = setup({ maxRequestsInFlight: 1 });
+  await c.connect();
+  const held = [];
+  server.replies.push((ws, f) => {
+    if (f.type !== "list_users" || f.room === "b") return false;
+    held.push(f);
+    return true;
+  });
+  await assert.rejects(c.listUsers("a", { timeout: 30 }), { code: "timeout" });
+  const late = (i, fields) => {
+    server.push(server.last, { type: "error", id: held[i].id, ...fields });
+  };
+  late(0, { code: "invalid_room", message: "no such room" });
+  // The place it held is free: the next read goes.
+  const users = await within(c.listUsers("b", { timeout: 2000 }), 1000, "the read behind it");
+  assert.equal(users.length, 1);
+  await assert.rejects(c.listUsers("a", { timeout: 30 }), { code: "timeout" });
+  late(1, { code: "rate_limited", message: "slow down", retry_after_ms: 20 });
+  await within(c.listUsers("b", { timeout: 2000 }), 1000, "the read after the pause");
+  assert.deepEqual(events("error"), [], "no error event for either late answer");
+  // An error naming no request of this client is still an error event.
+  server.push(server.last, { type: "error", id: "r999999", code: "internal_error", message: "x" });
+  assert.deepEqual(events("error").map((e) => e.code), ["internal_error"]);
+  c.disconnect();
+});
