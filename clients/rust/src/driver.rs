@@ -317,6 +317,8 @@ pub(crate) struct Driver {
 }
 
 const SEEN_DMS: usize = 1024;
+/// Pending requests kept before those whose callers gave up are dropped (a `leave` stays).
+const REQUESTS_KEPT: usize = 64;
 /// `typing: true` goes out at most this often while the app keeps calling.
 const TYPING_REPEAT: Duration = Duration::from_secs(1);
 /// `typing: false` goes out by itself this long after the app's last call.
@@ -904,7 +906,7 @@ impl Driver {
                 self.flush_outbox();
             }
             Op::Request { cmd, reply } => {
-                if self.requests.len() >= 64 {
+                if self.requests.len() >= REQUESTS_KEPT {
                     // Callers that timed out leave their entries behind (a `leave` stays: it is
                     // written all the same, `flush_requests`).
                     self.requests.retain(|_, r| !r.reply.is_closed() || matches!(r.cmd, ClientCommand::Leave { .. }));
@@ -1861,7 +1863,7 @@ impl Driver {
             // The `ping` behind a join was refused: its answer still comes after the replay.
             self.flush_outbox();
         } else {
-            // Of a request whose caller gave up, its entry gone (dropped once 64 were waiting):
+            // Of a request whose caller gave up, its entry gone (dropped past REQUESTS_KEPT):
             // its place is free, and a refusal's pause holds the next ones back all the same
             // (the bucket is the user's), as in the JS and Python clients. No event: the
             // caller was told by its timeout, and an entry still kept says nothing either.
