@@ -76,6 +76,13 @@ def handshake(port: int, query: str = "", source: str = "127.0.0.1"
     return upgrade_status(sock), sock
 
 
+def status_of_upgrade(port: int, query: str) -> int:
+    """The HTTP status of an upgrade from a fresh address; its socket is closed."""
+    status, sock = handshake(port, query, fresh_ip())
+    sock.close()
+    return status
+
+
 def send_upgrade(sock: socket.socket, query: str = "") -> None:
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /ws{'?' + query if query else ''} HTTP/1.1\r\nHost: x\r\n"
@@ -678,9 +685,7 @@ def test_one_user_cannot_take_every_slot(tight: Server) -> None:
     t = token("busy")
     a, b = (Client(tight.url, f"token={t}", source_address=(fresh_ip(), 0)) for _ in "ab")
     try:
-        status, sock = handshake(tight.port, f"token={t}", fresh_ip())
-        sock.close()
-        assert status == 429
+        assert status_of_upgrade(tight.port, f"token={t}") == 429
         with Client(tight.url, source_address=(fresh_ip(), 0)) as guest:
             error = guest.request({"type": "auth", "token": t}, "error")
             assert error["code"] == "too_many_connections"
@@ -705,12 +710,8 @@ def test_one_user_cannot_take_every_slot_in_a_burst(tight: Server) -> None:
         for sock in socks:
             sock.close()
 
-    def connects() -> bool:
-        status, sock = handshake(tight.port, f"token={t}", fresh_ip())
-        sock.close()
-        return status == 101
-
-    wait_until(connects, message="the user's slots given back")
+    wait_until(lambda: status_of_upgrade(tight.port, f"token={t}") == 101,
+               message="the user's slots given back")
 
 
 def unread_by_server(port: int, socks: list[socket.socket]) -> int:
@@ -799,21 +800,19 @@ def test_one_user_cannot_take_every_slot_across_servers() -> None:
            "RATE_LIMIT": "1000", "RATE_LIMIT_BURST": "1000"}
     t = token("everywhere")
 
-    def status_at(srv: Server) -> int:
-        status, sock = handshake(srv.port, f"token={t}", fresh_ip())
-        sock.close()
-        return status
-
     with Server(env) as a, Server(env) as b:
         first = Client(a.url, f"token={t}", source_address=(fresh_ip(), 0))
         second = Client(b.url, f"token={t}", source_address=(fresh_ip(), 0))
         try:
-            assert (status_at(a), status_at(b)) == (429, 429)
+            query = f"token={t}"
+            assert (status_of_upgrade(a.port, query), status_of_upgrade(b.port, query)) == (
+                429, 429)
             with Client(a.url, source_address=(fresh_ip(), 0)) as guest:
                 error = guest.request({"type": "auth", "token": t}, "error")
                 assert error["code"] == "too_many_connections"
             first.close()
-            wait_until(lambda: status_at(b) == 101, message="a's place given back to b")
+            wait_until(lambda: status_of_upgrade(b.port, query) == 101,
+                       message="a's place given back to b")
         finally:
             first.close()
             second.close()
