@@ -121,6 +121,30 @@ def test_typing_across_servers(pair: tuple[Server, Server]) -> None:
         assert x.expect("typing", status=False)["user_id"] == y.user_id
 
 
+def test_two_tabs_typing_on_two_servers_are_one_typist(pair: tuple[Server, Server]) -> None:
+    """A user typing in two tabs on two servers is one typist, as two tabs on one worker
+    are: the room hears `typing: true` once, and `false` once, when the last tab stops or
+    expires (before: each server told its own, `true` twice and `false` as soon as the
+    first tab stopped, while the other still typed)."""
+    a, b = pair
+    r = room()
+    t = token("ines", "Ines")
+    with Client(a.url) as watcher, Client(a.url, f"token={t}") as tab_a, \
+            Client(b.url, f"token={t}") as tab_b:
+        for client in (watcher, tab_a, tab_b):
+            client.join(r)
+        tab_a.send({"type": "typing", "room": r, "status": True})
+        assert watcher.expect("typing", status=True)["user_id"] == "ines"
+        for tab, status in ((tab_b, True), (tab_a, False), (tab_b, False)):
+            tab.send({"type": "typing", "room": r, "status": status})
+            tab.request({"type": "ping", "id": "after-typing"}, "pong")  # taken in order
+        # The next is the `false` of the last tab (or of its expiry, TYPING_TIMEOUT 0.5 s,
+        # on a slow machine): one either way, and nothing after it.
+        off = watcher.expect("typing")
+        assert (off["user_id"], off["status"]) == ("ines", False)
+        watcher.assert_silent("typing", within=0.7)
+
+
 def test_message_from_a_tab_on_another_server_ends_typing(pair: tuple[Server, Server]
                                                            ) -> None:
     """One tab of a user types on one server, the other tab sends the message from the

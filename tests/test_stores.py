@@ -803,3 +803,38 @@ def test_redis_a_users_places_are_her_connections_and_claims() -> None:
                    message="the unused place to expire")
     finally:
         client.close()
+
+
+def test_redis_a_users_typing_on_many_workers_is_one_indicator() -> None:
+    """typing.lua: the room hears `true` when the first worker holds the user's indicator
+    on and `false` when the last one stops; a worker's field whose time is up (a worker
+    that died) counts as nobody's, and goes."""
+    import uuid
+
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.redis.keys import typists_key
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(10))
+    one, two = (redis_stores.RedisBroker(client, node_id=n) for n in ("w1", "w2"))
+    room, user = f"r-{uuid.uuid4().hex[:8]}", "u-dana"
+    on, off = b'{"status":true}', b'{"status":false}'
+    try:
+        assert one.publish_typing(room, user, on, 5.0, True)
+        assert not two.publish_typing(room, user, on, 5.0, True)  # one typist
+        assert not one.publish_typing(room, user, on, 5.0, False)  # still, renewed
+        assert not one.publish_typing(room, user, off, None, False)  # the other types on
+        assert two.publish_typing(room, user, off, None, False)  # the last one
+        assert not two.publish_typing(room, user, off, None, False)  # told already
+        assert one.publish_typing(room, user, on, 0.05, True)
+
+        def lapsed() -> bool:
+            seconds, micros = client.time()
+            until = int(client.hget(typists_key(room, user), "w1"))
+            return until <= seconds * 1000 + micros // 1000
+
+        wait_until(lapsed, message="the first worker's time to be up (Redis's clock)")
+        assert two.publish_typing(room, user, on, 5.0, True)
+        assert client.hkeys(typists_key(room, user)) == [b"w2"]
+        assert two.publish_typing(room, user, off, None, False)
+    finally:
+        client.close()

@@ -1470,9 +1470,11 @@ class Chat:
         if cmd.status:
             self.access.check_not_muted(session, cmd.room, cmd.request_id)
         if cmd.status:
-            deadline = self.monotonic() + self.settings.typing_timeout
-            if self._typing_started(session, cmd.room, deadline):
-                self._publish_typing(session, cmd.room, True)
+            typing_for = self.settings.typing_timeout
+            first_here = self._typing_started(session, cmd.room, self.monotonic() + typing_for)
+            # Every `true` goes to the broker, not only the first here: with Redis, how long
+            # this worker holds the user's indicator on is what the other servers see.
+            self._publish_typing(session, cmd.room, True, typing_for, first_here)
         elif self._typing_stopped(session, cmd.room):
             self._publish_typing(session, cmd.room, False)
 
@@ -1547,11 +1549,17 @@ class Chat:
                     typist.typing[room] = now
                     self._typing_deadlines.add(now, typist, room)
 
-    def _publish_typing(self, session: Session, room: str, status: bool) -> None:
-        self.stores.broker.publish_room(
-            room, encode_typing(room, session.user_id, session.username, status,
-                                not session.authenticated),
-            exclude_user=session.user_id)
+    def _publish_typing(self, session: Session, room: str, status: bool,
+                        typing_for: float | None = None, first_here: bool = False) -> None:
+        """The user's indicator in ``room`` on this worker: on (``status``) for
+        ``typing_for`` seconds more (``first_here``: her first connection here typing
+        there), or off (the last one here stopped); the broker tells the room when that
+        changes it for every server (:meth:`Broker.publish_typing`)."""
+        self.stores.broker.publish_typing(
+            room, session.user_id,
+            encode_typing(room, session.user_id, session.username, status,
+                          not session.authenticated),
+            typing_for, first_here)
 
     def _list_users(self, session: Session, cmd: ListUsers) -> None:
         if cmd.room not in session.rooms:

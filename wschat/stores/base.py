@@ -410,6 +410,19 @@ class Broker(ABC):
     @abstractmethod
     def publish_user(self, user_id: str, event: bytes) -> None: ...
 
+    def publish_typing(self, room: str, user_id: str, event: bytes, typing_for: float | None,
+                       first_here: bool) -> bool:
+        """A change of the user's typing indicator in ``room`` on this worker, whose chat
+        core counts her connections here as one typist: ``typing_for`` seconds more of it
+        (``event`` is ``typing: true``; ``first_here`` when none of her connections here
+        typed there before), or None when the last of them stopped (``event`` is
+        ``typing: false``). ``event`` goes to the room's other members when the indicator
+        changes for all the servers (True: it went out); here, one worker is all of them."""
+        if typing_for is None or first_here:
+            self.publish_room(room, event, exclude_user=user_id)
+            return True
+        return False
+
     @abstractmethod
     def subscribe_room(self, room: str) -> None:
         """This worker now has members in ``room`` (called on 0 -> 1 local members)."""

@@ -219,7 +219,7 @@ def create_redis_stores(settings: Settings, metrics: Metrics | None = None) -> S
     # the node keeper, moderation and the rest on the pool.
     fast: redis.Redis = Pipelined(client, metrics)  # type: ignore[assignment]
     node = Node()
-    broker = RedisBroker(fast, metrics)
+    broker = RedisBroker(fast, metrics, node.node_id)
     messages = RedisMessageStore(fast, settings.history_size, metrics, settings.presence_ttl,
                                  room_ttl=settings.room_ttl,
                                  numbering_ttl=settings.room_numbering_ttl)

@@ -19,9 +19,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...telemetry import Metrics
-from ..base import Broker, RoomHandler, Unavailable, UserHandler
+from ..base import Broker, RoomHandler, Unavailable, UserHandler, new_node_id
 from .keys import (
-    CONTROL, PREFIX, guarded, room_channel, room_payload, split_room_payload, user_channel,
+    CONTROL, PREFIX, guarded, room_channel, room_payload, script, split_room_payload,
+    typists_key, user_channel,
 )
 from .replies import ReplyReader, connection_socket
 
@@ -76,8 +77,11 @@ class RedisBroker(Broker):
 
     RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
 
-    def __init__(self, client: redis.Redis, metrics: Metrics | None = None) -> None:
+    def __init__(self, client: redis.Redis, metrics: Metrics | None = None,
+                 node_id: str | None = None) -> None:
         self._client = client
+        self._node_id = node_id or new_node_id()  # its field in the typists (typing.lua)
+        self._typing = script(client, "typing")
         self._pool = pubsub_pool(client.connection_pool)
         self._metrics = metrics
         self._on_room: RoomHandler | None = None
@@ -407,6 +411,15 @@ class RedisBroker(Broker):
     @guarded
     def publish_room(self, room: str, event: bytes, exclude_user: str | None = None) -> None:
         self._client.publish(room_channel(room), room_payload(event, exclude_user))
+
+    @guarded
+    def publish_typing(self, room: str, user_id: str, event: bytes, typing_for: float | None,
+                       first_here: bool) -> bool:
+        """Told when it changes for every worker and pod (typing.lua): every ``true`` of
+        this worker's renews its time, so its ``first_here`` says nothing here."""
+        for_ms = 0 if typing_for is None else max(1, round(typing_for * 1000))
+        return bool(self._typing(keys=[typists_key(room, user_id), room_channel(room)],
+                                 args=[self._node_id, for_ms, room_payload(event, user_id)]))
 
     @guarded
     def publish_user(self, user_id: str, event: bytes) -> None:

@@ -149,6 +149,11 @@ def room_epoch_key(room: str) -> str:
     return f"{PREFIX}{{r:{room}}}:epoch"
 
 
+def typists_key(room: str, user_id: str) -> str:
+    """The workers holding the user's typing indicator in the room on (typing.lua)."""
+    return f"{PREFIX}{{r:{room}}}:typing:{escape_id(user_id)}"
+
+
 def held_key(room: str) -> str:
     return f"{PREFIX}{{r:{room}}}:held"
 
