@@ -7,8 +7,12 @@ local function epoch_of(seq)
   return (string.gsub(seq, '}:seq$', '}:epoch'))
 end
 local function expire_numbering(seq, ttl)
-  redis.call('EXPIRE', seq, ttl)
-  redis.call('EXPIRE', epoch_of(seq), ttl)
+  -- One instant for both: each EXPIRE counts from its own reading of the clock (Redis 7.0
+  -- does not stop it during a script), so the epoch's could end a few ms after the seq's.
+  local t = redis.call('TIME')
+  local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ttl) * 1000
+  redis.call('PEXPIREAT', seq, at)
+  redis.call('PEXPIREAT', epoch_of(seq), at)
 end
 local function persist_numbering(seq)
   redis.call('PERSIST', seq)

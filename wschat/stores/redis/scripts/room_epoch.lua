@@ -15,8 +15,12 @@ if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[2], epoch)
 end
+-- The clock read before the seq's remaining time: an end at that reading plus it is never
+-- after the seq's (a PEXPIRE counts from a later reading: Redis 7.0 does not stop the
+-- clock during a script).
+local t = redis.call('TIME')
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 and redis.call('PTTL', KEYS[2]) == -1 then
-  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIREAT', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl)
 end
 return epoch
