@@ -675,9 +675,18 @@ impl Client {
 
     /// Leaves `room`. Its sends not yet written fail with `not_in_room`; those
     /// already written reached the server first and resolve with their echo.
+    ///
+    /// On a client closed ([`Client::close`]) or stopped for good ([`Error::Terminal`]) it
+    /// resolves at once, as in the JS and Python clients: the client is in no room any more (the
+    /// memberships went with its connection), and a leave is cleanup code, often run in a
+    /// teardown after `close()`. The other calls fail then, with `Error::Closed` or that
+    /// `Error::Terminal`.
     pub async fn leave(&self, room: &str) -> Result<(), Error> {
         let room = room.to_owned();
-        self.call(self.request_timeout, |reply| Op::Leave { room, reply }).await.map(|_| ())
+        match self.call(self.request_timeout, |reply| Op::Leave { room, reply }).await {
+            Ok(_) | Err(Error::Closed | Error::Terminal { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     /// Sends `text` to `room`; resolves with the message once the server's echo (its

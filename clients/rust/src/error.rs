@@ -37,13 +37,15 @@ pub enum Error {
     /// failed verification before the client's first `welcome` (`code` 1015: a CA not trusted,
     /// another host name; the reason says which; once connected it is retried, told by an
     /// `Event::Error` with code `tls_certificate`).
-    /// Every call waiting then, and every later one (`wait_connected` too), fails with it.
+    /// Every call waiting then, and every later one (`wait_connected` too), fails with it, but
+    /// for [`Client::leave`](crate::Client::leave), which resolves (the client is in no room).
     /// Also when the client's task panicked (a bug of this library): `code` `None`, `reason`
     /// "the client's task panicked (a bug in wschat): " and the panic's message.
     #[error("connection closed for good ({}): {reason}", close_code(.code))]
     Terminal { code: Option<u16>, reason: String },
     /// The client was closed by the app (or its last handle dropped; after a close that forbids
-    /// reconnecting, or a panic of the task: [`Error::Terminal`]).
+    /// reconnecting, or a panic of the task: [`Error::Terminal`]). Not for
+    /// [`Client::leave`](crate::Client::leave), which resolves then (the client is in no room).
     #[error("the client is closed")]
     Closed,
     /// The room was left (by the app, or the server removed this user) before

@@ -2507,6 +2507,63 @@ async fn a_leave_answered_not_in_room_is_done() {
     server.abort();
 }
 
+/// `leave` on a client closed by the app, or stopped for good by the server (a close code that
+/// forbids reconnecting), resolves at once, as in the JS and Python clients: the client is in no
+/// room any more (the memberships went with its connection), and a leave is cleanup code, often
+/// run in a teardown after `close()`. It failed with `Error::Closed` (after a stop for good, with
+/// its `Error::Terminal`). Only a leave: the other calls still fail so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_after_close_or_a_stop_for_good_resolves() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let wait = scaled(5.0);
+    let (url, _frames, server) = scripted_server(|cmd, _| match cmd["type"].as_str() {
+        Some("join") => vec![raw_joined(cmd, Some("0"), None)],
+        _ => vec![],
+    })
+    .await;
+    let (c, _events) = Client::builder(url).connect();
+    c.join("r").await.unwrap();
+    c.close();
+    for room in ["r", "never joined"] {
+        let left = tokio::time::timeout(wait, c.leave(room)).await;
+        assert_eq!(left, Ok(Ok(())), "leave({room:?}) after close()");
+    }
+    let joined = tokio::time::timeout(wait, c.join("r")).await.map(|r| r.map(|_| ()));
+    assert_eq!(joined, Ok(Err(Error::Closed)), "a join after close()");
+    server.abort();
+
+    // Stopped for good: the server closes with 4003 (banned everywhere) after the join.
+    let (url, server) = fake_server(|mut ws| async move {
+        while let Some(Ok(Message::Text(text))) = ws.next().await {
+            let cmd: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            if cmd["type"] == "join" {
+                ws.send(Message::text(raw_joined(&cmd, Some("0"), None))).await.unwrap();
+                let frame = CloseFrame { code: CloseCode::from(4003), reason: "banned".into() };
+                let _ = ws.close(Some(frame)).await;
+                while let Some(Ok(_)) = ws.next().await {}
+                return;
+            }
+        }
+    })
+    .await;
+    let (c, events) = Client::builder(url).connect();
+    let rec = Recorder::new(events);
+    c.join("r").await.unwrap();
+    let terminal = |e: &Event| matches!(e, Event::Error(Error::Terminal { .. }));
+    rec.wait("the stop for good", 10.0, |ev| ev.iter().any(terminal)).await;
+    for room in ["r", "never joined"] {
+        let left = tokio::time::timeout(wait, c.leave(room)).await;
+        assert_eq!(left, Ok(Ok(())), "leave({room:?}) after a stop for good");
+    }
+    let history = tokio::time::timeout(wait, c.history("r", None, None)).await;
+    assert!(
+        matches!(&history, Ok(Err(Error::Terminal { code: Some(4003), .. }))),
+        "a history after a stop for good: {history:?}"
+    );
+    server.abort();
+}
+
 /// After a reconnect the rooms are joined again in the order the app joined them (the room it
 /// joined first, often the one on screen, is back first when the join pacer lets joins go a
 /// few at a time), and go `Joining` in that order, as in the JS and Python clients. They were
