@@ -2374,6 +2374,30 @@ async def test_close_settles_queued_and_written_requests_at_once() -> None:
                 assert frame["type"] not in ("history", "kick"), frame
 
 
+async def test_a_leave_after_close_or_a_stop_for_good_returns_at_once() -> None:
+    """leave() on a client closed (close(), or a close code that stops it for good) returns
+    at once, as in the JS and Rust clients: the client is in no room any more (the
+    memberships went with its connection), and a leave is cleanup code, often run in a
+    teardown after close(). Only a leave: the other calls raise ClientClosed."""
+    async with FakeServer() as fake:
+        client, _, _ = await joined_client(fake)
+        await client.close()
+        for room in ("r", "never joined"):
+            await asyncio.wait_for(client.leave(room), TIMEOUT / 2)
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(client.join("r"), TIMEOUT / 2)
+
+        client, rec, peer = await joined_client(fake)
+        await peer.ws.close(4003, "banned")
+        await rec.wait_for(lambda: client.state is ConnectionState.DISCONNECTED
+                           and rec.of("error"), what="the stop for good")
+        for room in ("r", "never joined"):
+            await asyncio.wait_for(client.leave(room), TIMEOUT / 2)
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(client.history("r"), TIMEOUT / 2)
+        await client.close()
+
+
 @pytest.mark.parametrize("retry_after", [0, None, "5", 1e12])
 async def test_a_read_refused_rate_limited_waits_a_sane_time(retry_after: Any) -> None:
     """retry_after_ms 0 (the floor, 50 ms), missing or not a number (1 s, as JS and Rust),
