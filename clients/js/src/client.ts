@@ -253,6 +253,11 @@ export class ChatClient extends Emitter<ClientEvents> {
    * it; they wait in `requests` (in the order of the calls) until it lets them go.
    */
   private readonly requestPacer: JoinPacer;
+  /**
+   * The `ping`s behind joins on the wire (`syncReq`s, of this connection): when each was
+   * written, for the request pacer's pause should the server refuse it `rate_limited`.
+   */
+  private syncs = new Map<string, number>();
   /** Rooms whose join waits for the join pacer, in order (a refused one goes first). */
   private joinQueue: Room[] = [];
   private retryAttempt = 0;
@@ -528,6 +533,7 @@ export class ChatClient extends Emitter<ClientEvents> {
     this.inflight.clear();
     this.inflightReq.clear();
     this.inflightAt.clear();
+    this.syncs.clear();
     // Sends of a left room whose answer went with the socket: they are not written again.
     for (const cmid of [...this.orphans.keys()]) this.dropOrphan(cmid);
     this.joins.clear();
@@ -793,7 +799,16 @@ export class ChatClient extends Emitter<ClientEvents> {
       if (id.startsWith(TYPING_PREFIX)) return; // typing is best effort
       // The ping behind a join refused (rate_limited: the request bucket ran dry at this
       // join): its answer comes after the joined and the replay all the same, as a pong would.
-      if (id.startsWith(SYNC_PREFIX)) return this.onSynced(id);
+      // The bucket is the one of the other requests: they wait for its `retry_after_ms`, as
+      // after a refusal of their own (as in the Python and Rust clients).
+      if (id.startsWith(SYNC_PREFIX)) {
+        const writtenAt = this.syncs.get(id);
+        if (msg.code === "rate_limited" && writtenAt !== undefined) {
+          const retryAfter = err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS;
+          this.requestPacer.refusedUnpaced(Date.now(), retryAfter, writtenAt);
+        }
+        return this.onSynced(id);
+      }
       if (this.requests.has(id)) return this.settle(id, msg);
       // Of a request that timed out on the wire: its caller had its `timeout` and is not told
       // again (no `error` event, as in the Python and Rust clients). Its place is free, and a
@@ -1161,6 +1176,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   /** A `ping` behind the `joined` just handled: its answer marks the end of the replay. */
   private sync(room: Room): void {
     room.syncReq = this.nextId(SYNC_PREFIX);
+    this.syncs.set(room.syncReq, Date.now());
     this.send_({ type: "ping", id: room.syncReq });
   }
 
@@ -1271,6 +1287,7 @@ export class ChatClient extends Emitter<ClientEvents> {
   }
 
   private onSynced(id: string): void {
+    this.syncs.delete(id);
     for (const room of this.rooms.values()) {
       if (room.syncReq === id) {
         room.syncReq = null;

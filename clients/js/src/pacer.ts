@@ -253,9 +253,24 @@ export class JoinPacer {
     const writtenAt = this.inFlight.get(key);
     if (writtenAt === undefined) return false;
     this.inFlight.delete(key);
-    if (retryAfter === null) return true;
+    if (retryAfter !== null) this.limited(now, retryAfter, writtenAt, writtenAt);
+    return true;
+  }
+
+  /**
+   * A request this pacer did not write (the `ping` behind a join, written at once), written
+   * at `writtenAt`, was refused `rate_limited` at `now`: the bucket is the user's, so the same
+   * pause as for a refusal of one of its own (`refused`), the refused ones in a row counted
+   * alike. Its write is none of the pacer's: the pace is learnt from `retryAfter` alone.
+   */
+  refusedUnpaced(now: number, retryAfter: number, writtenAt: number): void {
+    this.limited(now, retryAfter, writtenAt);
+  }
+
+  /** `refused`'s pause; `paceFrom`: the refused write among the pacer's, if it is one. */
+  private limited(now: number, retryAfter: number, writtenAt: number, paceFrom?: number): void {
     // The pace is learnt from what the server said; the pause is at least the floor.
-    this.pacer.rateLimited(now, retryAfter, writtenAt);
+    this.pacer.rateLimited(now, retryAfter, paceFrom);
     const wait = Math.max(retryAfter, JOIN_RETRY_FLOOR);
     this.pacer.pause(now + wait);
     if (writtenAt > this.refusedAt) {
@@ -263,7 +278,6 @@ export class JoinPacer {
       if (this.probes > 1) this.pacer.pause(now + wait * 2 ** (this.probes - 1) * (1 + this.random()));
     }
     this.refusedAt = now;
-    return true;
   }
 
   /** A new connection: nothing in flight, a full window, no pace, no pause, no refusal. */

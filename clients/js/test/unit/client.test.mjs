@@ -1626,6 +1626,43 @@ test("rooms: a rejoin's ping refused (rate_limited: the request bucket ran dry a
   assert.deepEqual(events("error").filter((e) => e.code === "rate_limited"), [], "the ping's refusal is the client's own business");
 });
 
+test("rooms: the ping behind a join refused rate_limited holds the other requests back for "
+  + "its retry_after_ms (the request bucket refused it), as in the Python and Rust clients",
+async (t) => {
+  const { server, c } = setup();
+  t.after(() => c.disconnect());
+  await c.connect();
+  // A join whose replay has no known end (recovered: false, last_id above since): a ping
+  // goes behind it, and the server, its request bucket empty, refuses that ping.
+  server.replies.push((ws, f) => {
+    if (f.type !== "join") return false;
+    server.room(f.room).members.add(ws);
+    const joined = { room: f.room, users: [], last_id: f.since + 5, recovered: false };
+    server.push(ws, { type: "joined", id: f.id, ...joined });
+    return true;
+  });
+  let refusedAt = 0;
+  server.replies.push((ws, f) => {
+    if (f.type !== "ping" || refusedAt) return false;
+    refusedAt = Date.now();
+    const refusal = { code: "rate_limited", message: "slow down", retry_after_ms: 150 };
+    server.push(ws, { type: "error", id: f.id, ...refusal });
+    return true;
+  });
+  let readAt = 0;
+  server.replies.push((ws, f) => {
+    if (f.type === "list_users") readAt = Date.now();
+    return false; // answered as usual
+  });
+  await c.join("r", { since: 5 });
+  await until(() => refusedAt > 0, "the ping behind the join refused");
+  const read = c.listUsers("r", { timeout: 2000 });
+  await tick(40);
+  assert.equal(readAt, 0, "no request written before retry_after_ms");
+  await within(read, 2000, "the read after the pause");
+  assert.ok(readAt - refusedAt >= 145, `the read went ${readAt - refusedAt} ms after the refusal`);
+});
+
 test("sends: another member's message or dm carrying our clientMsgId acknowledges nothing (ids are unique per sender only)", async (t) => {
   const { server, c } = setup({ maxInFlight: 1 });
   t.after(() => c.disconnect());

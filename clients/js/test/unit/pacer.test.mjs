@@ -303,6 +303,23 @@ test("joins: a join refused again after the pause doubles it, with jitter, up to
   close(joins.nextAt(now + 1000), now + 1100, "a joined starts the doubling again");
 });
 
+test("requests: a rate_limited request the pacer did not write (the ping behind a join) pauses "
+  + "as one of its own, and counts in the refusals in a row", () => {
+  const requests = new JoinPacer(4, () => 0);
+  requests.refusedUnpaced(10, 100, 5);
+  close(requests.nextAt(10), 110, "not before retry_after");
+  requests.refusedUnpaced(12, 100, 6); // written with the first, refused with it: not doubled
+  close(requests.nextAt(12), 112, "written before the first refusal came");
+  requests.refusedUnpaced(150, 100, 120); // written after a refusal, refused too: doubled
+  close(requests.nextAt(150), 350, "doubled");
+  requests.sent("a", 400);
+  assert.equal(requests.nextAt(400), null, "one at a time after a refusal, as after its own");
+  assert.ok(requests.joined("a", 401), "its own request is still its own");
+  const floor = new JoinPacer(4, () => 0);
+  floor.refusedUnpaced(0, 0, 0);
+  close(floor.nextAt(0), JOIN_RETRY_FLOOR, "retry_after_ms 0: the floor");
+});
+
 test("joins: other refusals free a place and pause nothing", () => {
   const one = new JoinPacer(1);
   one.sent("a", 0);
