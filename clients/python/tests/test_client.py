@@ -826,6 +826,39 @@ async def test_a_live_message_past_the_replay_releases_the_sends() -> None:
         await client.close()
 
 
+async def test_a_refused_sync_ping_holds_the_other_requests_back_for_its_retry_after() -> None:
+    """The ping behind a joined refused rate_limited (the request bucket ran dry at this
+    join) still ends the replay, and holds the other requests back for its retry_after_ms,
+    as a refusal of one of them does (the bucket is theirs), as in the JS and Rust clients:
+    the next request went out at once, into the empty bucket."""
+    async with FakeServer() as fake:
+        client = client_for(fake)
+        rec = Recorder(client)
+        await client.connect()
+        peer = await fake.accept()
+        joining = asyncio.create_task(client.join("r", since=5))
+        await peer.joined(last_id=10, recovered=False)  # the replay's end is not known
+        await joining
+        sending = asyncio.create_task(client.send("r", "after the replay"))
+        sync = await peer.recv()
+        assert sync["type"] == "ping", sync
+        loop = asyncio.get_running_loop()
+        refused_at = loop.time()
+        await peer.send(type="error", id=sync["id"], code="rate_limited", message="slow",
+                        retry_after_ms=300)
+        frame = await peer.recv("message")  # the refusal ended the replay: the send goes
+        await peer.echo(frame, 11)
+        await sending
+        reading = asyncio.create_task(client.list_users("r"))
+        read = await peer.recv("list_users")
+        waited = loop.time() - refused_at
+        assert waited >= 0.29, f"the read went {waited:.3f} s after the refusal"
+        await peer.send(type="users", id=read["id"], room="r", users=[])
+        assert await reading == []
+        assert not rec.of("error"), "the ping's refusal is the client's own business"
+        await client.close()
+
+
 async def test_leave_settles_the_sends_on_the_wire_before_leaving() -> None:
     """leave(): a send on the wire resolves with its echo, and the leave goes after it; a
     retryable refusal fails it with not_in_room (no retry); one not yet written fails at once."""

@@ -309,6 +309,25 @@ def test_a_join_refused_again_after_the_pause_doubles_it_with_jitter() -> None:
     assert joins.next_at(now + 1) == pytest.approx(now + 1.1), "a joined starts the doubling again"
 
 
+def test_a_refused_request_the_pacer_did_not_write_pauses_as_one_of_its_own() -> None:
+    """The ping behind a join (written at once, not by the request pacer) refused
+    rate_limited: the same pause as for a refusal of one of the pacer's own requests, and it
+    counts in the refusals in a row by when it was written; the window drops to one."""
+    requests = JoinPacer(random=lambda: 0.0)
+    requests.refused_unpaced(0.010, 0.1, 0.005)
+    assert requests.next_at(0.010) == pytest.approx(0.110), "not before retry_after"
+    requests.refused_unpaced(0.012, 0.1, 0.006)  # written with the first, refused with it
+    assert requests.next_at(0.012) == pytest.approx(0.112), "not doubled"
+    requests.refused_unpaced(0.150, 0.1, 0.120)  # written after a refusal, refused too
+    assert requests.next_at(0.150) == pytest.approx(0.350), "doubled"
+    requests.sent("a", 0.4)
+    assert requests.next_at(0.4) is None, "one at a time after a refusal, as after its own"
+    assert requests.joined("a", 0.401), "its own request is still its own"
+    floor = JoinPacer(random=lambda: 0.0)
+    floor.refused_unpaced(0.0, 0.0, 0.0)
+    assert floor.next_at(0.0) == pytest.approx(JOIN_RETRY_FLOOR), "retry_after_ms 0: the floor"
+
+
 def test_other_join_refusals_free_a_place_and_pause_nothing() -> None:
     joins = JoinPacer(limit=1)
     joins.sent("a", 0.0)

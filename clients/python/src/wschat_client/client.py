@@ -114,6 +114,7 @@ class _Request:
     room: str | None = None
     since: int | None = None  # a join's: the position it resumed from (a rejoin)
     queued: _Queued | None = None  # a paced request's place in the queue (written: requeued)
+    written_at: float = 0.0  # a sync ping's: when it was written (loop time)
 
 
 @dataclass(slots=True, eq=False)
@@ -1409,7 +1410,8 @@ class Client(EventHandlers):
 
     def _sync(self, room: _Room) -> None:
         rid = room.sync_rid = self._rid()
-        self._requests[rid] = _Request("sync", room=room.info.name)
+        self._requests[rid] = _Request("sync", room=room.info.name,
+                                       written_at=asyncio.get_running_loop().time())
         self._write({"type": "ping", "id": rid})
 
     def _synced(self, request: _Request, rid: Any) -> None:
@@ -1595,6 +1597,14 @@ class Client(EventHandlers):
                 self._join_refused(room, err, rejoin=request.since is not None)
             self._flush_joins()
         elif request.kind == "sync":
+            if err.code == "rate_limited":
+                # The request bucket refused it: the other requests wait for its
+                # retry_after_ms, as after a refusal of their own (as in the JS and Rust
+                # clients). Its answer still ends the replay, as a pong would.
+                self._request_line.pacer.refused_unpaced(
+                    asyncio.get_running_loop().time(),
+                    JOIN_RETRY_DEFAULT if err.retry_after_ms is None
+                    else err.retry_after_ms / 1000, request.written_at)
             self._synced(request, rid)
         elif request.queued is not None and err.code == "rate_limited":
             # Not carried out: it goes again first, when the request pacer lets it.

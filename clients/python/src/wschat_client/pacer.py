@@ -242,10 +242,24 @@ class JoinPacer:
         written_at = self.in_flight.pop(key, None)
         if written_at is None:
             return False
-        if retry_after is None:
-            return True
+        if retry_after is not None:
+            self._limited(now, retry_after, written_at, written_at)
+        return True
+
+    def refused_unpaced(self, now: float, retry_after: float, written_at: float) -> None:
+        """A request this pacer did not write (the ``ping`` behind a join, written at once),
+        written at ``written_at``, was refused ``rate_limited`` at ``now``: the bucket is the
+        user's, so the same pause as for a refusal of one of its own (:meth:`refused`), the
+        refused ones in a row counted alike. Its write is none of the pacer's: the pace is
+        learnt from ``retry_after`` alone."""
+        self._limited(now, retry_after, written_at, None)
+
+    def _limited(self, now: float, retry_after: float, written_at: float,
+                 pace_from: float | None) -> None:
+        """:meth:`refused`'s pause; ``pace_from``: the refused write among the pacer's, if it
+        is one."""
         # The pace is learnt from what the server said; the pause is at least the floor.
-        self.pacer.rate_limited(now, retry_after, written_at)
+        self.pacer.rate_limited(now, retry_after, pace_from)
         wait = max(retry_after, JOIN_RETRY_FLOOR)
         self.pacer.pause(now + wait)
         if written_at > self.refused_at:
@@ -254,7 +268,6 @@ class JoinPacer:
                 grown = wait * 2 ** (self.probes - 1) * (1 + self.random())
                 self.pacer.pause(now + grown)
         self.refused_at = now
-        return True
 
     def reset(self) -> None:
         """A new connection: nothing in flight, a full window, no pace, no pause, no
