@@ -255,6 +255,10 @@ pub(crate) struct Driver {
     send_rids: HashMap<u64, String>,
     /// Request id of a written join -> its room.
     join_rids: HashMap<u64, String>,
+    /// Request id of a `ping` written behind a `joined` (a room's `sync_rid`, or one a newer
+    /// join of its room replaced) -> when it was written: a `rate_limited` answer pauses the
+    /// request pacer as a refusal of one of its own requests does (the bucket is theirs).
+    sync_pings: HashMap<u64, std::time::Instant>,
     /// Rooms whose join waits for the join pacer, in order (a refused one goes first).
     join_queue: VecDeque<String>,
     /// How many joins may be unanswered now, the pause after a `rate_limited` join, and
@@ -359,6 +363,7 @@ impl Driver {
             request_flush_at: None,
             send_rids: HashMap::new(),
             join_rids: HashMap::new(),
+            sync_pings: HashMap::new(),
             join_queue: VecDeque::new(),
             join_pacer,
             join_flush_at: None,
@@ -698,6 +703,7 @@ impl Driver {
         self.refresh_rid = None;
         self.send_rids.clear();
         self.join_rids.clear();
+        self.sync_pings.clear();
         self.join_queue.clear();
         self.join_pacer.reset();
         self.join_flush_at = None; // the new connection's pacer has no pause to wake up from
@@ -1413,6 +1419,7 @@ impl Driver {
                     if let Some(r) = self.rooms.get_mut(&room_name) {
                         r.sync_rid = Some(sync);
                     }
+                    self.sync_pings.insert(sync, Instant::now().into_std());
                     self.write(&ClientCommand::Ping { id: Some(RequestId::Int(sync)) });
                 }
                 self.flush_outbox();
@@ -1448,7 +1455,11 @@ impl Driver {
             }
             ServerEvent::Muted { room, until, by } => self.emit(Event::Muted { room, until, by }),
             ServerEvent::Unmuted { room } => self.emit(Event::Unmuted { room }),
-            ServerEvent::Pong { id: Some(RequestId::Int(rid)) } if self.synced(rid) => self.flush_outbox(),
+            ServerEvent::Pong { id: Some(RequestId::Int(rid)) } if self.sync_pings.remove(&rid).is_some() => {
+                if self.synced(rid) {
+                    self.flush_outbox();
+                }
+            }
             reply @ (ServerEvent::Left { .. }
             | ServerEvent::Moderated { .. }
             | ServerEvent::Users { .. }
@@ -1859,9 +1870,18 @@ impl Driver {
             };
             self.emit(Event::Error(error));
             self.retry_refresh(retry_after_ms);
-        } else if self.synced(rid) {
+        } else if let Some(written_at) = self.sync_pings.remove(&rid) {
             // The `ping` behind a join was refused: its answer still comes after the replay.
-            self.flush_outbox();
+            // Refused `rate_limited`, by the request bucket: the request queue waits for its
+            // `retry_after_ms`, as after a refusal of one of its own (as in the JS and Python
+            // clients).
+            if let Some(retry) = retry.filter(|_| rate_limited) {
+                let now = Instant::now().into_std();
+                self.request_pacer.refused_unpaced(now, retry, written_at, fastrand::f64());
+            }
+            if self.synced(rid) {
+                self.flush_outbox();
+            }
         } else {
             // Of a request whose caller gave up, its entry gone (dropped past REQUESTS_KEPT):
             // its place is free, and a refusal's pause holds the next ones back all the same

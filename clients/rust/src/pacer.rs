@@ -276,9 +276,32 @@ impl JoinPacer {
     /// of ours.
     pub(crate) fn refused(&mut self, key: u64, now: Instant, retry_after: Option<Duration>, random: f64) -> bool {
         let Some(written_at) = self.in_flight.remove(&key) else { return false };
-        let Some(retry_after) = retry_after else { return true };
+        if let Some(retry_after) = retry_after {
+            self.limited(now, retry_after, written_at, Some(written_at), random);
+        }
+        true
+    }
+
+    /// A request this pacer did not write (the `ping` behind a join, written at once), written
+    /// at `written_at`, was refused `rate_limited` at `now`: the bucket is the user's, so the
+    /// same pause as for a refusal of one of its own ([`JoinPacer::refused`]), the refused ones
+    /// in a row counted alike. Its write is none of the pacer's: the pace is learnt from
+    /// `retry_after` alone.
+    pub(crate) fn refused_unpaced(&mut self, now: Instant, retry_after: Duration, written_at: Instant, random: f64) {
+        self.limited(now, retry_after, written_at, None, random);
+    }
+
+    /// `refused`'s pause; `pace_from`: the refused write among the pacer's, if it is one.
+    fn limited(
+        &mut self,
+        now: Instant,
+        retry_after: Duration,
+        written_at: Instant,
+        pace_from: Option<Instant>,
+        random: f64,
+    ) {
         // The pace is learnt from what the server said; the pause is at least the floor.
-        self.pacer.rate_limited(now, retry_after, Some(written_at));
+        self.pacer.rate_limited(now, retry_after, pace_from);
         let wait = retry_after.max(JOIN_RETRY_FLOOR);
         self.pacer.pause(now + wait);
         if self.refused_at.is_none_or(|at| written_at > at) {
@@ -289,7 +312,6 @@ impl JoinPacer {
             }
         }
         self.refused_at = Some(now);
-        true
     }
 
     /// A new connection: nothing in flight, a full window, no pace, no pause, no refusal.
@@ -660,6 +682,29 @@ mod tests {
         joins.sent(201, now + msi(1000));
         joins.refused(201, now + msi(1000), Some(msi(100)), 0.0);
         assert_eq!(joins.next_at(now + msi(1000)), Some(now + msi(1100)), "a joined starts the doubling again");
+    }
+
+    /// The `ping` behind a join (written at once, not by the request pacer) refused
+    /// `rate_limited`: the same pause as for a refusal of one of the pacer's own requests, and it
+    /// counts in the refusals in a row by when it was written; the window drops to one.
+    #[test]
+    fn a_refused_request_the_pacer_did_not_write_pauses_as_one_of_its_own() {
+        let t0 = Instant::now();
+        let mut requests = JoinPacer::new(4);
+        requests.refused_unpaced(t0 + msi(10), msi(100), t0 + msi(5), 0.0);
+        assert_eq!(requests.next_at(t0 + msi(10)), Some(t0 + msi(110)), "not before retry_after");
+        // Written with the first, refused with it: not doubled.
+        requests.refused_unpaced(t0 + msi(12), msi(100), t0 + msi(6), 0.0);
+        assert_eq!(requests.next_at(t0 + msi(12)), Some(t0 + msi(112)), "not doubled");
+        // Written after a refusal, refused too: doubled.
+        requests.refused_unpaced(t0 + msi(150), msi(100), t0 + msi(120), 0.0);
+        assert_eq!(requests.next_at(t0 + msi(150)), Some(t0 + msi(350)), "doubled");
+        requests.sent(1, t0 + msi(400));
+        assert_eq!(requests.next_at(t0 + msi(400)), None, "one at a time after a refusal");
+        assert!(requests.joined(1, t0 + msi(401)), "its own request is still its own");
+        let mut floor = JoinPacer::new(4);
+        floor.refused_unpaced(t0, Duration::ZERO, t0, 0.0);
+        assert_eq!(floor.next_at(t0), Some(t0 + JOIN_RETRY_FLOOR), "retry_after_ms 0: the floor");
     }
 
     /// A `retry_after_ms` of 0 (never the server's, which says at least 1 ms) still pauses the

@@ -3716,6 +3716,58 @@ async fn a_late_rate_limited_for_a_dropped_request_still_pauses_the_queue() {
     server.abort();
 }
 
+/// The `ping` behind a `joined` refused `rate_limited` (the request bucket ran dry at this join)
+/// still ends the replay, and holds the request queue back for its `retry_after_ms`, as a
+/// refusal of a queued request does (the bucket is theirs), as in the JS and Python clients: the
+/// next request went out at once, into the empty bucket. No `Event::Error`: the ping is the
+/// client's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_sync_ping_holds_the_request_queue_back_for_its_retry_after() {
+    use tokio::time::Instant;
+    const RETRY_AFTER_MS: u64 = 300;
+    // When the ping was refused, and when the read came after it.
+    let refused_at = Arc::new(Mutex::new(None::<Instant>));
+    let read_at = Arc::new(Mutex::new(None::<Instant>));
+    let (url, _frames, server) = scripted_server({
+        let (refused_at, read_at) = (refused_at.clone(), read_at.clone());
+        move |cmd, _| match cmd["type"].as_str() {
+            // A replay whose end is not known (`recovered: false`): a `ping` goes behind it.
+            Some("join") => vec![raw_joined(cmd, Some("10"), Some(false))],
+            Some("ping") => {
+                let mut refused = refused_at.lock().unwrap();
+                if refused.is_some() {
+                    return vec![]; // answered with its `pong`
+                }
+                *refused = Some(Instant::now());
+                let refusal = json!({"type": "error", "code": "rate_limited", "message": "later",
+                                     "retry_after_ms": RETRY_AFTER_MS, "id": cmd["id"]});
+                vec![refusal.to_string()]
+            }
+            Some("message") => vec![raw_message("11", "r", "after", cmd["client_msg_id"].as_str())],
+            Some("list_users") => {
+                read_at.lock().unwrap().get_or_insert_with(Instant::now);
+                let (room, id) = (&cmd["room"], &cmd["id"]);
+                vec![json!({"type": "users", "room": room, "users": [], "id": id}).to_string()]
+            }
+            _ => vec![],
+        }
+    })
+    .await;
+    let (c, events) = Client::builder(url).request_timeout(scaled(20.0)).connect();
+    let rec = Recorder::new(events);
+    c.join_from("r", Some(5), None).await.unwrap();
+    // The send waits for the end of the replay: the ping's answer, here its refusal.
+    c.send("r", "after").await.unwrap();
+    c.list_users("r").await.unwrap();
+    let refused = refused_at.lock().unwrap().expect("the ping refused");
+    let gap = read_at.lock().unwrap().expect("the read written") - refused;
+    let paused = gap >= Duration::from_millis(RETRY_AFTER_MS);
+    assert!(paused, "the read went {gap:?} after the refusal");
+    assert_eq!(rec.count(|e| matches!(e, Event::Error(_))), 0, "{:?}", rec.events());
+    c.close();
+    server.abort();
+}
+
 /// A kick still waiting its turn behind a read when the connection drops was never written
 /// (so not done): it goes out on the next connection, after the read asked again, as in the
 /// JS and Python clients (one written before the drop fails with `disconnected`).
