@@ -817,7 +817,8 @@ export class ChatClient extends Emitter<ClientEvents> {
       const retryAfter = limited ? (err.retryAfterMs ?? RETRY_AFTER_DEFAULT_MS) : null;
       if (this.requestAnswered(id, retryAfter)) return;
     }
-    if (msg.code === "token_expired" && this.opts.getToken) void this.refreshToken();
+    // An unmatched `token_expired` comes just before the server's close 4002, whose reconnect
+    // asks `getToken` (a refresh now would ask it twice, as the Python and Rust clients do not).
     this.emit("error", err);
   }
 

@@ -1346,7 +1346,8 @@ test("token: a refused refresh is tried again with a growing delay, not every se
       await new Promise((r) => setImmediate(r));
     }
   };
-  const { server, c } = setup({ getToken: () => fakeToken("tina") });
+  let asked = 0;
+  const { server, c } = setup({ getToken: () => (asked++, fakeToken("tina", 2)) }); // refreshed after 1 s
   t.after(() => c.disconnect()); // also when an assertion fails
   const refused = [];
   server.replies.push((ws, f) => {
@@ -1358,7 +1359,10 @@ test("token: a refused refresh is tried again with a growing delay, not every se
   const connected = c.connect();
   await advance(100);
   await connected;
-  server.push(server.last, { type: "error", code: "token_expired", message: "refresh now" }); // the client refreshes at once
+  // The server's notice before its close 4002: the reconnect asks for a token, not the notice.
+  server.push(server.last, { type: "error", code: "token_expired", message: "token expired" });
+  await advance(50);
+  assert.equal(asked, 1, "getToken asked again for the notice of a close 4002");
   await advance(20_000);
   const gaps = refused.slice(1).map((at, i) => at - refused[i]);
   assert.ok(refused.length <= 7, `${refused.length} refused refreshes in 20 s (gaps ${gaps})`);
