@@ -757,6 +757,46 @@ def test_redis_a_rooms_epoch_expires_with_its_sequence_never_after_it(stores: St
         client.close()
 
 
+def test_redis_a_rooms_history_never_ends_after_its_sequence() -> None:
+    """With ROOM_TTL equal to ROOM_NUMBERING_TTL, an emptied room's history is never
+    kept a moment after its sequence (leave.lua and unattended.lua count both from one
+    reading of the clock: Redis 7.0 reads it anew for each EXPIRE of a script, so the
+    history could outlive the sequence by a millisecond, and a post in it would have
+    numbered from 1 beside the old ids). Many rounds: each crossed a millisecond seldom."""
+    import uuid
+
+    from wschat.stores import redis as redis_stores
+    from wschat.stores.redis.keys import room_keys
+
+    client = redis_stores.redis.Redis.from_url(redis_url_or_skip(10))
+    first_start(client)
+    settings = Settings.from_env({"HISTORY_SIZE": "5"})
+    rooms = redis_stores.RedisRoomStore(client, redis_stores._Node(), 3600, numbering_ttl=3600)
+    messages = redis_stores.RedisMessageStore(client, settings.history_size, room_ttl=3600,
+                                              numbering_ttl=3600)
+
+    def ends(name: str) -> tuple[int, int]:
+        seq, hist = room_keys(name)[4], room_keys(name)[5]
+        return tuple(client.execute_command("PEXPIRETIME", k) for k in (seq, hist))
+
+    try:
+        for _ in range(150):
+            name = f"ttl-{uuid.uuid4().hex[:8]}"
+            rooms.join(name, "c1", ALICE)
+            draft = draft_message(name, ALICE.username, ALICE.user_id, "x", 1, None)
+            messages.post_room(name, ALICE.user_id, draft)
+            rooms.leave(name, "c1", ALICE.user_id)
+            seq_at, hist_at = ends(name)
+            assert 0 < hist_at <= seq_at, "a leave's"
+            unattended = f"ttl-{uuid.uuid4().hex[:8]}"  # posted to with nobody in it
+            draft = draft_message(unattended, "api", "api", "x", 1, None)
+            messages.post_room(unattended, "api", draft)
+            seq_at, hist_at = ends(unattended)
+            assert 0 < hist_at <= seq_at, "a post's to a room nobody is in"
+    finally:
+        client.close()
+
+
 def test_a_committed_message_published_twice_reaches_the_window_once(stores: Stores) -> None:
     """Every store as Redis's publish script: an id the window is past already is STALE,
     neither kept nor published again (before, the memory store appended and published it

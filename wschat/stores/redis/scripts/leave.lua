@@ -29,8 +29,8 @@ local empty = 0
 if redis.call('HLEN', conns) == 0 then
   redis.call('SREM', KEYS[7], ARGV[1])
   redis.call('DEL', counts, names, order)
-  expire_numbering(seq, ARGV[6])
-  redis.call('EXPIRE', hist, ARGV[5])
+  local now = expire_numbering(seq, ARGV[6])
+  redis.call('PEXPIREAT', hist, now + tonumber(ARGV[5]) * 1000)
   empty = 1
 end
 return {1, last, empty, name}

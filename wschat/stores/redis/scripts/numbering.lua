@@ -6,13 +6,17 @@
 local function epoch_of(seq)
   return (string.gsub(seq, '}:seq$', '}:epoch'))
 end
+-- Returns the clock reading it counted from: a history's expiry set from it beside the
+-- numbering (ROOM_TTL, never longer than ROOM_NUMBERING_TTL) never ends after the seq's.
 local function expire_numbering(seq, ttl)
   -- One instant for both: each EXPIRE counts from its own reading of the clock (Redis 7.0
   -- does not stop it during a script), so the epoch's could end a few ms after the seq's.
   local t = redis.call('TIME')
-  local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ttl) * 1000
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local at = now + tonumber(ttl) * 1000
   redis.call('PEXPIREAT', seq, at)
   redis.call('PEXPIREAT', epoch_of(seq), at)
+  return now
 end
 local function persist_numbering(seq)
   redis.call('PERSIST', seq)

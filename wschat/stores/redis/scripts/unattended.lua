@@ -7,7 +7,7 @@
 local function expire_if_unattended(seq, hist, room_ttl, numbering_ttl)
   if redis.call('TTL', hist) == -1
       and redis.call('EXISTS', (string.gsub(seq, '}:seq$', '}:conns'))) == 0 then
-    expire_numbering(seq, numbering_ttl)
-    redis.call('EXPIRE', hist, room_ttl)
+    local now = expire_numbering(seq, numbering_ttl)
+    redis.call('PEXPIREAT', hist, now + tonumber(room_ttl) * 1000)
   end
 end
