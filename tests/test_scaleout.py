@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jwt
@@ -121,18 +122,26 @@ def test_typing_across_servers(pair: tuple[Server, Server]) -> None:
         assert x.expect("typing", status=False)["user_id"] == y.user_id
 
 
+@contextmanager
+def watcher_and_two_tabs(watcher_at: Server, tabs_at: tuple[Server, Server], sub: str
+                         ) -> Iterator[tuple[str, Client, Client, Client]]:
+    """A new room joined by a guest and by two connections (tabs) of user ``sub``, on the
+    servers given."""
+    r, t = room(), token(sub, sub.title())
+    with Client(watcher_at.url) as watcher, Client(tabs_at[0].url, f"token={t}") as one, \
+            Client(tabs_at[1].url, f"token={t}") as two:
+        for client in (watcher, one, two):
+            client.join(r)
+        yield r, watcher, one, two
+
+
 def test_two_tabs_typing_on_two_servers_are_one_typist(pair: tuple[Server, Server]) -> None:
     """A user typing in two tabs on two servers is one typist, as two tabs on one worker
     are: the room hears `typing: true` once, and `false` once, when the last tab stops or
     expires (before: each server told its own, `true` twice and `false` as soon as the
     first tab stopped, while the other still typed)."""
     a, b = pair
-    r = room()
-    t = token("ines", "Ines")
-    with Client(a.url) as watcher, Client(a.url, f"token={t}") as tab_a, \
-            Client(b.url, f"token={t}") as tab_b:
-        for client in (watcher, tab_a, tab_b):
-            client.join(r)
+    with watcher_and_two_tabs(a, (a, b), "ines") as (r, watcher, tab_a, tab_b):
         tab_a.send({"type": "typing", "room": r, "status": True})
         assert watcher.expect("typing", status=True)["user_id"] == "ines"
         for tab, status in ((tab_b, True), (tab_a, False), (tab_b, False)):
@@ -150,12 +159,7 @@ def test_message_from_a_tab_on_another_server_ends_typing(pair: tuple[Server, Se
     """One tab of a user types on one server, the other tab sends the message from the
     other server: the typing indicator ends with the message, not at its expiry."""
     a, b = pair
-    r = room()
-    t = token("hana", "Hana")
-    with Client(b.url) as watcher, Client(a.url, f"token={t}") as typist, \
-            Client(b.url, f"token={t}") as writer:
-        for client in (watcher, typist, writer):
-            client.join(r)
+    with watcher_and_two_tabs(b, (a, b), "hana") as (r, watcher, typist, writer):
         sent = time.monotonic()  # its expiry: TYPING_TIMEOUT (0.5 s) after this at the earliest
         typist.send({"type": "typing", "room": r, "status": True})
         assert watcher.expect("typing", status=True)["user_id"] == "hana"
