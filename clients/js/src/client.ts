@@ -1174,11 +1174,16 @@ export class ChatClient extends Emitter<ClientEvents> {
     return id;
   }
 
-  /** A `ping` behind the `joined` just handled: its answer marks the end of the replay. */
+  /**
+   * A `ping` behind the `joined` just handled: its answer marks the end of the replay. It is
+   * written at once, but the server charges it to the request bucket: the request pacer counts
+   * the token it spends (as in the Python and Rust clients), with no place in its window.
+   */
   private sync(room: Room): void {
+    const now = Date.now();
     room.syncReq = this.nextId(SYNC_PREFIX);
-    this.syncs.set(room.syncReq, Date.now());
-    this.send_({ type: "ping", id: room.syncReq });
+    this.syncs.set(room.syncReq, now);
+    if (this.send_({ type: "ping", id: room.syncReq })) this.requestPacer.sentUnpaced(now);
   }
 
   /** The room's replay is in (or there is none to wait for): its sends may go. */

@@ -258,10 +258,20 @@ export class JoinPacer {
   }
 
   /**
+   * A request this pacer did not write (the `ping` behind a join) was written at `now`, at
+   * once: the server charges it to the same bucket, so it spends a token of the learnt pace
+   * (and counts as a write) as one of the pacer's own does, but it takes no place in the window
+   * (its answer is none of the pacer's). Without a learnt pace there is no token to spend.
+   */
+  sentUnpaced(now: number): void {
+    this.pacer.sent(now);
+  }
+
+  /**
    * A request this pacer did not write (the `ping` behind a join, written at once), written
    * at `writtenAt`, was refused `rate_limited` at `now`: the bucket is the user's, so the same
    * pause as for a refusal of one of its own (`refused`), the refused ones in a row counted
-   * alike. Its write is none of the pacer's: the pace is learnt from `retryAfter` alone.
+   * alike. It is none of the pacer's requests: the pace is learnt from `retryAfter` alone.
    */
   refusedUnpaced(now: number, retryAfter: number, writtenAt: number): void {
     this.limited(now, retryAfter, writtenAt);

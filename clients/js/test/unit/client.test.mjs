@@ -1667,6 +1667,51 @@ async (t) => {
   assert.ok(readAt - refusedAt >= 145, `the read went ${readAt - refusedAt} ms after the refusal`);
 });
 
+test("requests: the ping behind a join spends a token of the pace the request pacer learnt "
+  + "(the request bucket is charged for it): the next request waits for its refill, as in the "
+  + "Python and Rust clients", async (t) => {
+  const TOKEN = 400; // ms per token of the server's request bucket, which holds one at most
+  const { server, c } = setup({ maxRequestsInFlight: 1 }); // a window, and a pacer, of one
+  t.after(() => c.disconnect());
+  await c.connect();
+  // The user's request bucket, empty at the first read: the pings and the reads spend it, as
+  // on the real server (the joins too there, but they are the join pacer's: not here).
+  let tokens = 0;
+  let stamp = 0;
+  const refused = [];
+  server.replies.push((ws, f) => {
+    if (f.type !== "ping" && f.type !== "list_users") return false;
+    const now = Date.now();
+    tokens = stamp ? Math.min(1, tokens + (now - stamp) / TOKEN) : 0;
+    stamp = now;
+    if (tokens >= 1 - 1e-9) {
+      tokens -= 1;
+      return false; // answered as usual
+    }
+    refused.push(f.type);
+    const retry = Math.ceil((1 - tokens) * TOKEN);
+    const refusal = { code: "rate_limited", message: "slow", retry_after_ms: retry };
+    server.push(ws, { type: "error", id: f.id, ...refusal });
+    return true;
+  });
+  // A join whose replay has no known end (recovered: false, last_id above since): a ping
+  // goes behind it.
+  server.replies.push((ws, f) => {
+    if (f.type !== "join") return false;
+    server.room(f.room).members.add(ws);
+    const joined = { room: f.room, users: [], last_id: f.since + 5, recovered: false };
+    server.push(ws, { type: "joined", id: f.id, ...joined });
+    return true;
+  });
+  await within(c.listUsers("r", { timeout: 5000 }), 5000, "the first read, after its refusal");
+  assert.deepEqual(refused, ["list_users"], "the refusal the pace is learnt from");
+  // Both buckets fill up again (one token each); there is no event to await.
+  await tick(2 * TOKEN);
+  await c.join("r", { since: 5 }); // and its ping, written at once, spends that token
+  await within(c.listUsers("r", { timeout: 5000 }), 5000, "the read after the ping");
+  assert.deepEqual(refused, ["list_users"], "the read after the ping waited for the refill");
+});
+
 test("sends: another member's message or dm carrying our clientMsgId acknowledges nothing (ids are unique per sender only)", async (t) => {
   const { server, c } = setup({ maxInFlight: 1 });
   t.after(() => c.disconnect());

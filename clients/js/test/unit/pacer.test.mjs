@@ -320,6 +320,28 @@ test("requests: a rate_limited request the pacer did not write (the ping behind 
   close(floor.nextAt(0), JOIN_RETRY_FLOOR, "retry_after_ms 0: the floor");
 });
 
+test("requests: a request the pacer did not write (the ping behind a join) spends a token of "
+  + "the learnt pace, as one of its own does, and takes no place in the window", () => {
+  const requests = new JoinPacer(2, () => 0);
+  requests.sent("a", 0);
+  requests.refused("a", 0, 100); // the pace: 110 ms a token
+  requests.sent("a", 100);
+  assert.ok(requests.joined("a", 100));
+  close(requests.nextAt(320), 320, "two tokens saved up (the window is two)");
+  requests.sentUnpaced(320);
+  close(requests.nextAt(320), 320, "one token left");
+  requests.sentUnpaced(320);
+  close(requests.nextAt(320), 430, "none left: the next one waits for its refill");
+  requests.sent("b", 430);
+  requests.sent("c", 540);
+  assert.equal(requests.nextAt(540), null, "the window: its own two, the pings none of it");
+  assert.ok(requests.joined("b", 541), "its own requests are still its own");
+  const unpaced = new JoinPacer(2);
+  unpaced.sentUnpaced(0);
+  unpaced.sentUnpaced(0);
+  close(unpaced.nextAt(0), 0, "no pace learnt: no token to spend, nothing waits");
+});
+
 test("joins: other refusals free a place and pause nothing", () => {
   const one = new JoinPacer(1);
   one.sent("a", 0);
