@@ -12,6 +12,7 @@ import gc
 import itertools
 import json
 import logging
+import math
 import queue
 import weakref
 from pathlib import Path
@@ -857,6 +858,59 @@ async def test_a_refused_sync_ping_holds_the_other_requests_back_for_its_retry_a
         assert await reading == []
         assert not rec.of("error"), "the ping's refusal is the client's own business"
         await client.close()
+
+
+async def test_the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() -> None:
+    """The ping behind a joined is charged to the request bucket: once a refusal has taught
+    the request pacer the pace, it counts the ping's token (the ping still written at once),
+    so the next request waits for the refill, as in the JS and Rust clients. Not counted, the
+    pacer reckoned one token more than the server had, and the read went at once, refused."""
+    token = 0.4  # seconds a token of the server's request bucket, which holds one at most
+    bucket = {"tokens": 0.0, "stamp": None}
+    refused: list[str] = []
+
+    async def serve(peer: Peer) -> None:
+        """The user's request bucket, empty at the first read: the pings and the reads spend
+        it, as on the real server (the joins too there, but they are the join pacer's: not
+        here). A join's replay has no known end (recovered false): a ping goes behind it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await peer.recv()
+            if frame["type"] == "join":
+                await peer.send(type="joined", id=frame["id"], room=frame["room"], users=[],
+                                last_id=frame["since"] + 5, recovered=False)
+                continue
+            now = loop.time()
+            if bucket["stamp"] is not None:
+                refill = (now - bucket["stamp"]) / token
+                bucket["tokens"] = min(1.0, bucket["tokens"] + refill)
+            bucket["stamp"] = now
+            if bucket["tokens"] < 1 - 1e-9:
+                refused.append(frame["type"])
+                retry = math.ceil((1 - bucket["tokens"]) * token * 1000)
+                await peer.send(type="error", id=frame["id"], code="rate_limited",
+                                message="slow", retry_after_ms=retry)
+                continue
+            bucket["tokens"] -= 1
+            if frame["type"] == "ping":
+                await peer.send(type="pong", id=frame["id"])
+            else:
+                await peer.send(type="users", id=frame["id"], room=frame["room"], users=[])
+
+    async with FakeServer() as fake:
+        client = client_for(fake, max_requests_in_flight=1)  # a window, and a pacer, of one
+        await client.connect()
+        server = asyncio.create_task(serve(await fake.accept()))
+        try:
+            assert await asyncio.wait_for(client.list_users("r"), TIMEOUT) == []
+            assert refused == ["list_users"], "the refusal the pace is learnt from"
+            await asyncio.sleep(2 * token)  # both buckets fill up again: no event to await
+            await client.join("r", since=5)  # its ping, written at once, spends that token
+            assert await asyncio.wait_for(client.list_users("r"), TIMEOUT) == []
+            assert refused == ["list_users"], "the read after the ping waited for the refill"
+        finally:
+            server.cancel()
+            await client.close()
 
 
 async def test_leave_settles_the_sends_on_the_wire_before_leaving() -> None:

@@ -328,6 +328,30 @@ def test_a_refused_request_the_pacer_did_not_write_pauses_as_one_of_its_own() ->
     assert floor.next_at(0.0) == pytest.approx(JOIN_RETRY_FLOOR), "retry_after_ms 0: the floor"
 
 
+def test_a_request_the_pacer_did_not_write_spends_a_token_of_the_pace_and_no_place() -> None:
+    """The ping behind a join (written at once, not by the request pacer) spends a token of
+    the learnt pace, as one of the pacer's own requests does (the server charges it to the
+    same bucket), and takes no place in the window; with no pace learnt, nothing waits."""
+    requests = JoinPacer(limit=2, random=lambda: 0.0)
+    requests.sent("a", 0.0)
+    requests.refused("a", 0.0, 0.1)  # the pace: 0.11 s a token
+    requests.sent("a", 0.1)
+    assert requests.joined("a", 0.1)
+    assert requests.next_at(0.32) == pytest.approx(0.32), "two tokens saved up (the window)"
+    requests.sent_unpaced(0.32)
+    assert requests.next_at(0.32) == pytest.approx(0.32), "one token left"
+    requests.sent_unpaced(0.32)
+    assert requests.next_at(0.32) == pytest.approx(0.43), "none left: wait for its refill"
+    requests.sent("b", 0.43)
+    requests.sent("c", 0.54)
+    assert requests.next_at(0.54) is None, "the window: its own two, the pings none of it"
+    assert requests.joined("b", 0.541), "its own requests are still its own"
+    unpaced = JoinPacer(limit=2)
+    unpaced.sent_unpaced(0.0)
+    unpaced.sent_unpaced(0.0)
+    assert unpaced.next_at(0.0) == 0.0, "no pace learnt: no token to spend, nothing waits"
+
+
 def test_other_join_refusals_free_a_place_and_pause_nothing() -> None:
     joins = JoinPacer(limit=1)
     joins.sent("a", 0.0)

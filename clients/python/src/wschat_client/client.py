@@ -1409,10 +1409,15 @@ class Client(EventHandlers):
         self._flush()
 
     def _sync(self, room: _Room) -> None:
+        """A ``ping`` behind the ``joined`` just handled: its answer marks the end of the
+        replay. It is written at once, but the server charges it to the request bucket: the
+        request pacer counts the token it spends (as in the JS and Rust clients), with no
+        place in its window."""
         rid = room.sync_rid = self._rid()
-        self._requests[rid] = _Request("sync", room=room.info.name,
-                                       written_at=asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        self._requests[rid] = _Request("sync", room=room.info.name, written_at=now)
         self._write({"type": "ping", "id": rid})
+        self._request_line.pacer.sent_unpaced(now)
 
     def _synced(self, request: _Request, rid: Any) -> None:
         """The answer to the ping behind a ``joined`` (a pong, or an error: either comes

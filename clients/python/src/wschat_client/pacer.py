@@ -246,11 +246,19 @@ class JoinPacer:
             self._limited(now, retry_after, written_at, written_at)
         return True
 
+    def sent_unpaced(self, now: float) -> None:
+        """A request this pacer did not write (the ``ping`` behind a join) was written at
+        ``now``, at once: the server charges it to the same bucket, so it spends a token of the
+        learnt pace (and counts as a write) as one of the pacer's own does, but it takes no
+        place in the window (its answer is none of the pacer's). Without a learnt pace there
+        is no token to spend."""
+        self.pacer.sent(now)
+
     def refused_unpaced(self, now: float, retry_after: float, written_at: float) -> None:
         """A request this pacer did not write (the ``ping`` behind a join, written at once),
         written at ``written_at``, was refused ``rate_limited`` at ``now``: the bucket is the
         user's, so the same pause as for a refusal of one of its own (:meth:`refused`), the
-        refused ones in a row counted alike. Its write is none of the pacer's: the pace is
+        refused ones in a row counted alike. It is none of the pacer's requests: the pace is
         learnt from ``retry_after`` alone."""
         self._limited(now, retry_after, written_at, None)
 
