@@ -1419,8 +1419,13 @@ impl Driver {
                     if let Some(r) = self.rooms.get_mut(&room_name) {
                         r.sync_rid = Some(sync);
                     }
-                    self.sync_pings.insert(sync, Instant::now().into_std());
+                    let now = Instant::now().into_std();
+                    self.sync_pings.insert(sync, now);
                     self.write(&ClientCommand::Ping { id: Some(RequestId::Int(sync)) });
+                    // Written at once, with no place in the request pacer's window, but charged
+                    // to the request bucket: the pacer counts its token (as in the JS and Python
+                    // clients).
+                    self.request_pacer.sent_unpaced(now);
                 }
                 self.flush_outbox();
             }

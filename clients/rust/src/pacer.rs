@@ -282,10 +282,19 @@ impl JoinPacer {
         true
     }
 
+    /// A request this pacer did not write (the `ping` behind a join) was written at `now`, at
+    /// once: the server charges it to the same bucket, so it spends a token of the learnt pace
+    /// (and counts as a write) as one of the pacer's own does, but it takes no place in the
+    /// window (its answer is none of the pacer's). Without a learnt pace there is no token to
+    /// spend.
+    pub(crate) fn sent_unpaced(&mut self, now: Instant) {
+        self.pacer.sent(now);
+    }
+
     /// A request this pacer did not write (the `ping` behind a join, written at once), written
     /// at `written_at`, was refused `rate_limited` at `now`: the bucket is the user's, so the
     /// same pause as for a refusal of one of its own ([`JoinPacer::refused`]), the refused ones
-    /// in a row counted alike. Its write is none of the pacer's: the pace is learnt from
+    /// in a row counted alike. It is none of the pacer's requests: the pace is learnt from
     /// `retry_after` alone.
     pub(crate) fn refused_unpaced(&mut self, now: Instant, retry_after: Duration, written_at: Instant, random: f64) {
         self.limited(now, retry_after, written_at, None, random);
@@ -705,6 +714,33 @@ mod tests {
         let mut floor = JoinPacer::new(4);
         floor.refused_unpaced(t0, Duration::ZERO, t0, 0.0);
         assert_eq!(floor.next_at(t0), Some(t0 + JOIN_RETRY_FLOOR), "retry_after_ms 0: the floor");
+    }
+
+    /// The `ping` behind a join (written at once, not by the request pacer) spends a token of the
+    /// learnt pace, as one of the pacer's own requests does (the server charges it to the same
+    /// bucket), and takes no place in the window; with no pace learnt, nothing waits.
+    #[test]
+    fn a_request_the_pacer_did_not_write_spends_a_token_of_the_pace_and_no_place() {
+        let t0 = Instant::now();
+        let mut requests = JoinPacer::new(2);
+        requests.sent(1, t0);
+        requests.refused(1, t0, Some(msi(100)), 0.0); // the pace: 110 ms a token
+        requests.sent(2, t0 + msi(100));
+        assert!(requests.joined(2, t0 + msi(100)));
+        let now = t0 + msi(320);
+        assert_eq!(requests.next_at(now), Some(now), "two tokens saved up (the window is two)");
+        requests.sent_unpaced(now);
+        assert_eq!(requests.next_at(now), Some(now), "one token left");
+        requests.sent_unpaced(now);
+        close(requests.next_at(now).unwrap() - t0, msi(430)); // none left: the next one's refill
+        requests.sent(3, t0 + msi(430));
+        requests.sent(4, t0 + msi(540));
+        assert_eq!(requests.next_at(t0 + msi(540)), None, "the window: its own two, the pings none of it");
+        assert!(requests.joined(3, t0 + msi(541)), "its own requests are still its own");
+        let mut unpaced = JoinPacer::new(2);
+        unpaced.sent_unpaced(t0);
+        unpaced.sent_unpaced(t0);
+        assert_eq!(unpaced.next_at(t0), Some(t0), "no pace learnt: no token to spend, nothing waits");
     }
 
     /// A `retry_after_ms` of 0 (never the server's, which says at least 1 ms) still pauses the

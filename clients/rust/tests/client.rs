@@ -3768,6 +3768,63 @@ async fn a_refused_sync_ping_holds_the_request_queue_back_for_its_retry_after() 
     server.abort();
 }
 
+/// The `ping` behind a `joined` is charged to the request bucket: once a refusal has taught the
+/// request pacer the pace, it counts the ping's token (the ping still written at once), so the
+/// next request waits for the refill, as in the JS and Python clients. Not counted, the pacer
+/// reckoned one token more than the server had, and the read went at once, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() {
+    use std::time::Instant;
+    // The user's request bucket: a token per TOKEN, one at most, empty at the first read. The
+    // pings and the reads spend it, as on the real server (the joins too there, but they are
+    // the join pacer's: not here).
+    const TOKEN: Duration = Duration::from_millis(400);
+    let bucket = Arc::new(Mutex::new((0.0f64, None::<Instant>)));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (url, _frames, server) = scripted_server({
+        let (bucket, refused) = (bucket.clone(), refused.clone());
+        move |cmd, _| {
+            let kind = cmd["type"].as_str().unwrap_or_default();
+            if kind == "join" {
+                // A replay whose end is not known (`recovered: false`): a `ping` goes behind it.
+                return vec![raw_joined(cmd, Some("10"), Some(false))];
+            }
+            if kind != "ping" && kind != "list_users" {
+                return vec![];
+            }
+            let now = Instant::now();
+            let (tokens, stamp) = &mut *bucket.lock().unwrap();
+            if let Some(stamp) = stamp {
+                *tokens = (*tokens + (now - *stamp).as_secs_f64() / TOKEN.as_secs_f64()).min(1.0);
+            }
+            *stamp = Some(now);
+            if *tokens < 1.0 - 1e-9 {
+                refused.lock().unwrap().push(kind.to_owned());
+                let retry_after_ms = ((1.0 - *tokens) * TOKEN.as_secs_f64() * 1000.0).ceil() as u64;
+                let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow",
+                                     "retry_after_ms": retry_after_ms, "id": cmd["id"]});
+                return vec![refusal.to_string()];
+            }
+            *tokens -= 1.0;
+            match kind {
+                "ping" => vec![json!({"type": "pong", "id": cmd["id"]}).to_string()],
+                _ => vec![json!({"type": "users", "room": cmd["room"], "users": [], "id": cmd["id"]}).to_string()],
+            }
+        }
+    })
+    .await;
+    // A window, and a pacer, of one.
+    let (c, _events) = Client::builder(url).request_timeout(scaled(20.0)).max_requests_in_flight(1).connect();
+    c.list_users("r").await.unwrap();
+    assert_eq!(*refused.lock().unwrap(), ["list_users"], "the refusal the pace is learnt from");
+    tokio::time::sleep(TOKEN * 2).await; // both buckets fill up again: no event to await
+    c.join_from("r", Some(5), None).await.unwrap(); // its ping, written at once, spends that token
+    c.list_users("r").await.unwrap();
+    assert_eq!(*refused.lock().unwrap(), ["list_users"], "the read after the ping waited for the refill");
+    c.close();
+    server.abort();
+}
+
 /// A kick still waiting its turn behind a read when the connection drops was never written
 /// (so not done): it goes out on the next connection, after the read asked again, as in the
 /// JS and Python clients (one written before the drop fails with `disconnected`).
