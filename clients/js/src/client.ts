@@ -896,6 +896,8 @@ export class ChatClient extends Emitter<ClientEvents> {
       req.sent = this.send_({ ...req.frame, id });
       if (!req.sent) return;
       this.requestPacer.sent(id, now);
+      // One bucket on the server for joins and requests: the join pacer counts this token too.
+      this.joinPacer.sentUnpaced(now);
     }
   }
 
@@ -1158,6 +1160,8 @@ export class ChatClient extends Emitter<ClientEvents> {
       this.joinQueue.shift();
       room.joinQueued = false;
       this.joinPacer.sent(this.writeJoin(room), now);
+      // One bucket on the server for joins and requests: the request pacer counts this one too.
+      this.requestPacer.sentUnpaced(now);
     }
   }
 
@@ -1176,14 +1180,17 @@ export class ChatClient extends Emitter<ClientEvents> {
 
   /**
    * A `ping` behind the `joined` just handled: its answer marks the end of the replay. It is
-   * written at once, but the server charges it to the request bucket: the request pacer counts
-   * the token it spends (as in the Python and Rust clients), with no place in its window.
+   * written at once, but the server charges it to the user's one bucket: the request pacer and
+   * the join pacer count the token it spends (as in the Python and Rust clients), with no place
+   * in their windows.
    */
   private sync(room: Room): void {
     const now = Date.now();
     room.syncReq = this.nextId(SYNC_PREFIX);
     this.syncs.set(room.syncReq, now);
-    if (this.send_({ type: "ping", id: room.syncReq })) this.requestPacer.sentUnpaced(now);
+    if (!this.send_({ type: "ping", id: room.syncReq })) return;
+    this.requestPacer.sentUnpaced(now);
+    this.joinPacer.sentUnpaced(now);
   }
 
   /** The room's replay is in (or there is none to wait for): its sends may go. */

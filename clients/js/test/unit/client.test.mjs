@@ -1712,6 +1712,51 @@ test("requests: the ping behind a join spends a token of the pace the request pa
   assert.deepEqual(refused, ["list_users"], "the read after the ping waited for the refill");
 });
 
+test("joins and requests: one bucket on the server, so each pacer counts the other's writes "
+  + "in the pace it learnt: a join then a read, a read then a join, neither refused, as in the "
+  + "Python and Rust clients", async (t) => {
+  const TOKEN = 400; // ms per token of the user's one bucket, which holds one at most
+  // Windows, and pacers' buckets, of one.
+  const { server, c } = setup({ maxRequestsInFlight: 1, maxJoinsInFlight: 1 });
+  t.after(() => c.disconnect());
+  await c.connect();
+  // The user's bucket, empty at the first charge: joins, pings and reads spend it, as on the
+  // real server (RATE_LIMIT_REQUESTS). What is not refused is answered as usual.
+  let tokens = 0;
+  let stamp = 0;
+  const refused = [];
+  server.replies.push((ws, f) => {
+    if (!["join", "ping", "list_users"].includes(f.type)) return false;
+    const now = Date.now();
+    tokens = stamp ? Math.min(1, tokens + (now - stamp) / TOKEN) : 0;
+    stamp = now;
+    if (tokens >= 1 - 1e-9) {
+      tokens -= 1;
+      return false;
+    }
+    refused.push(f.type);
+    const retry = Math.ceil((1 - tokens) * TOKEN);
+    const refusal = { code: "rate_limited", message: "slow", retry_after_ms: retry };
+    server.push(ws, { type: "error", id: f.id, ...refusal });
+    return true;
+  });
+  // The refusals the two paces are learnt from: the read's (the bucket empty), then the
+  // join's, written right behind the read written again (which took the token).
+  await within(c.listUsers("a", { timeout: 5000 }), 5000, "the first read, after its refusal");
+  await within(c.join("a"), 5000, "the first join, after its refusal");
+  const learnt = ["list_users", "join"];
+  assert.deepEqual(refused, learnt, "the refusals the paces are learnt from");
+  // The bucket fills up again (one token), and so does each pacer's; no event to await.
+  await tick(2 * TOKEN);
+  await within(c.join("b"), 5000, "a join"); // a first join: no replay, no ping behind it
+  await within(c.listUsers("b", { timeout: 5000 }), 5000, "the read after the join");
+  assert.deepEqual(refused, learnt, "the read after the join waited for the refill");
+  await tick(2 * TOKEN);
+  await within(c.listUsers("b", { timeout: 5000 }), 5000, "a read");
+  await within(c.join("c"), 5000, "the join after the read");
+  assert.deepEqual(refused, learnt, "the join after the read waited for the refill");
+});
+
 test("sends: another member's message or dm carrying our clientMsgId acknowledges nothing (ids are unique per sender only)", async (t) => {
   const { server, c } = setup({ maxInFlight: 1 });
   t.after(() => c.disconnect());
