@@ -913,6 +913,67 @@ async def test_the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt
             await client.close()
 
 
+async def test_the_join_and_request_pacers_count_each_others_writes_in_one_bucket() -> None:
+    """The server charges joins, pings and requests to one bucket per user: once refusals have
+    taught the two pacers the pace, each counts the other's writes (with no place in its
+    window), so a read right after a join, and a join right after a read, wait for the refill,
+    as in the JS and Rust clients. Not counted, each pacer reckoned the token the other had
+    spent as still there, and the second write went at once, refused."""
+    token = 0.4  # seconds a token of the user's one bucket, which holds one at most
+    bucket = {"tokens": 0.0, "stamp": None}
+    refused: list[str] = []
+
+    async def serve(peer: Peer) -> None:
+        """The user's bucket, empty at the first charge: joins, pings and reads spend it, as
+        on the real server (RATE_LIMIT_REQUESTS)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await peer.recv()
+            now = loop.time()
+            if bucket["stamp"] is not None:
+                refill = (now - bucket["stamp"]) / token
+                bucket["tokens"] = min(1.0, bucket["tokens"] + refill)
+            bucket["stamp"] = now
+            if bucket["tokens"] < 1 - 1e-9:
+                refused.append(frame["type"])
+                retry = math.ceil((1 - bucket["tokens"]) * token * 1000)
+                await peer.send(type="error", id=frame["id"], code="rate_limited",
+                                message="slow", retry_after_ms=retry)
+                continue
+            bucket["tokens"] -= 1
+            if frame["type"] == "join":  # a first join: no replay, no ping behind it
+                await peer.send(type="joined", id=frame["id"], room=frame["room"], users=[],
+                                last_id=0)
+            elif frame["type"] == "ping":
+                await peer.send(type="pong", id=frame["id"])
+            else:
+                await peer.send(type="users", id=frame["id"], room=frame["room"], users=[])
+
+    async with FakeServer() as fake:
+        # Windows, and pacers' buckets, of one.
+        client = client_for(fake, max_requests_in_flight=1, max_joins_in_flight=1)
+        await client.connect()
+        server = asyncio.create_task(serve(await fake.accept()))
+        try:
+            # The refusals the two paces are learnt from: the read's (the bucket empty), then
+            # the join's, written right behind the read written again (which took the token).
+            assert await asyncio.wait_for(client.list_users("a"), TIMEOUT) == []
+            await asyncio.wait_for(client.join("a"), TIMEOUT)
+            learnt = ["list_users", "join"]
+            assert refused == learnt, "the refusals the paces are learnt from"
+            await asyncio.sleep(2 * token)  # the buckets fill up again: no event to await
+            await asyncio.wait_for(client.join("b"), TIMEOUT)
+            assert await asyncio.wait_for(client.list_users("b"), TIMEOUT) == []
+            assert refused == learnt, "the read after the join waited for the refill"
+            await asyncio.sleep(2 * token)
+            assert await asyncio.wait_for(client.list_users("b"), TIMEOUT) == []
+            await asyncio.wait_for(client.join("c"), TIMEOUT)
+            assert refused == learnt, "the join after the read waited for the refill"
+        finally:
+            server.cancel()
+            await client.close()
+
+
 async def test_leave_settles_the_sends_on_the_wire_before_leaving() -> None:
     """leave(): a send on the wire resolves with its echo, and the leave goes after it; a
     retryable refusal fails it with not_in_room (no retry); one not yet written fails at once."""

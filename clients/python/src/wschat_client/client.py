@@ -1057,6 +1057,8 @@ class Client(EventHandlers):
             self._requests[rid] = _Request(entry.frame["type"], entry.future, queued=entry)
             self._write({**entry.frame, "id": rid})
             self._request_line.pacer.sent(rid, now)
+            # One bucket on the server for joins and requests: the join pacer counts this too.
+            self._join_line.pacer.sent_unpaced(now)
 
     def _request_answered(self, rid: Any, retry_after: float | None = None) -> None:
         """A paced request's answer came (``retry_after``: refused ``rate_limited``)."""
@@ -1328,6 +1330,8 @@ class Client(EventHandlers):
             room.join_queued = False
             self._send_join(room)
             self._join_line.pacer.sent(room.join_rid, now)
+            # One bucket on the server for joins and requests: the request pacer counts this too.
+            self._request_line.pacer.sent_unpaced(now)
 
     def _send_join(self, room: _Room) -> None:
         room.retry = room.sync_rid = None
@@ -1410,14 +1414,15 @@ class Client(EventHandlers):
 
     def _sync(self, room: _Room) -> None:
         """A ``ping`` behind the ``joined`` just handled: its answer marks the end of the
-        replay. It is written at once, but the server charges it to the request bucket: the
-        request pacer counts the token it spends (as in the JS and Rust clients), with no
-        place in its window."""
+        replay. It is written at once, but the server charges it to the user's one bucket: the
+        request pacer and the join pacer count the token it spends (as in the JS and Rust
+        clients), with no place in their windows."""
         rid = room.sync_rid = self._rid()
         now = asyncio.get_running_loop().time()
         self._requests[rid] = _Request("sync", room=room.info.name, written_at=now)
         self._write({"type": "ping", "id": rid})
         self._request_line.pacer.sent_unpaced(now)
+        self._join_line.pacer.sent_unpaced(now)
 
     def _synced(self, request: _Request, rid: Any) -> None:
         """The answer to the ping behind a ``joined`` (a pong, or an error: either comes

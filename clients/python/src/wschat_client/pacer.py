@@ -247,11 +247,11 @@ class JoinPacer:
         return True
 
     def sent_unpaced(self, now: float) -> None:
-        """A request this pacer did not write (the ``ping`` behind a join) was written at
-        ``now``, at once: the server charges it to the same bucket, so it spends a token of the
-        learnt pace (and counts as a write) as one of the pacer's own does, but it takes no
-        place in the window (its answer is none of the pacer's). Without a learnt pace there
-        is no token to spend."""
+        """A request this pacer did not write (the ``ping`` behind a join; a join, for the
+        request pacer; a request, for the join pacer) was written at ``now``: the server charges
+        it to the same bucket, so it spends a token of the learnt pace (and counts as a write)
+        as one of the pacer's own does, but it takes no place in the window (its answer is none
+        of the pacer's). Without a learnt pace there is no token to spend."""
         self.pacer.sent(now)
 
     def refused_unpaced(self, now: float, retry_after: float, written_at: float) -> None:
