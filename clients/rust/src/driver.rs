@@ -1128,6 +1128,8 @@ impl Driver {
             }
             let id = self.write_join(&room);
             self.join_pacer.sent(id, now);
+            // One bucket on the server for joins and requests: the request pacer counts this too.
+            self.request_pacer.sent_unpaced(now);
         }
     }
 
@@ -1161,6 +1163,8 @@ impl Driver {
             let cmd = req.cmd.clone().with_id(RequestId::Int(id));
             self.write(&cmd);
             self.request_pacer.sent(id, now);
+            // One bucket on the server for joins and requests: the join pacer counts this too.
+            self.join_pacer.sent_unpaced(now);
         }
     }
 
@@ -1422,10 +1426,11 @@ impl Driver {
                     let now = Instant::now().into_std();
                     self.sync_pings.insert(sync, now);
                     self.write(&ClientCommand::Ping { id: Some(RequestId::Int(sync)) });
-                    // Written at once, with no place in the request pacer's window, but charged
-                    // to the request bucket: the pacer counts its token (as in the JS and Python
-                    // clients).
+                    // Written at once, with no place in the pacers' windows, but charged to the
+                    // user's one bucket: the request pacer and the join pacer count its token (as
+                    // in the JS and Python clients).
                     self.request_pacer.sent_unpaced(now);
+                    self.join_pacer.sent_unpaced(now);
                 }
                 self.flush_outbox();
             }

@@ -282,11 +282,11 @@ impl JoinPacer {
         true
     }
 
-    /// A request this pacer did not write (the `ping` behind a join) was written at `now`, at
-    /// once: the server charges it to the same bucket, so it spends a token of the learnt pace
-    /// (and counts as a write) as one of the pacer's own does, but it takes no place in the
-    /// window (its answer is none of the pacer's). Without a learnt pace there is no token to
-    /// spend.
+    /// A request this pacer did not write (the `ping` behind a join; a join, for the request
+    /// pacer; a request, for the join pacer) was written at `now`: the server charges it to the
+    /// same bucket, so it spends a token of the learnt pace (and counts as a write) as one of the
+    /// pacer's own does, but it takes no place in the window (its answer is none of the
+    /// pacer's). Without a learnt pace there is no token to spend.
     pub(crate) fn sent_unpaced(&mut self, now: Instant) {
         self.pacer.sent(now);
     }

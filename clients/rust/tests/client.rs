@@ -3825,6 +3825,70 @@ async fn the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() {
     server.abort();
 }
 
+/// The server charges joins, pings and requests to one bucket per user: once refusals have taught
+/// the two pacers the pace, each counts the other's writes (with no place in its window), so a
+/// read right after a join, and a join right after a read, wait for the refill, as in the JS and
+/// Python clients. Not counted, each pacer reckoned the token the other had spent as still there,
+/// and the second write went at once, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_join_and_request_pacers_count_each_others_writes_in_one_bucket() {
+    use std::time::Instant;
+    // The user's one bucket: a token per TOKEN, one at most, empty at the first charge. Joins,
+    // pings and reads spend it, as on the real server (RATE_LIMIT_REQUESTS).
+    const TOKEN: Duration = Duration::from_millis(400);
+    let bucket = Arc::new(Mutex::new((0.0f64, None::<Instant>)));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (url, _frames, server) = scripted_server({
+        let (bucket, refused) = (bucket.clone(), refused.clone());
+        move |cmd, _| {
+            let kind = cmd["type"].as_str().unwrap_or_default();
+            if kind != "join" && kind != "ping" && kind != "list_users" {
+                return vec![];
+            }
+            let now = Instant::now();
+            let (tokens, stamp) = &mut *bucket.lock().unwrap();
+            if let Some(stamp) = stamp {
+                *tokens = (*tokens + (now - *stamp).as_secs_f64() / TOKEN.as_secs_f64()).min(1.0);
+            }
+            *stamp = Some(now);
+            if *tokens < 1.0 - 1e-9 {
+                refused.lock().unwrap().push(kind.to_owned());
+                let retry_after_ms = ((1.0 - *tokens) * TOKEN.as_secs_f64() * 1000.0).ceil() as u64;
+                let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow",
+                                     "retry_after_ms": retry_after_ms, "id": cmd["id"]});
+                return vec![refusal.to_string()];
+            }
+            *tokens -= 1.0;
+            match kind {
+                // A first join: no replay, no ping behind it.
+                "join" => vec![raw_joined(cmd, Some("0"), None)],
+                "ping" => vec![json!({"type": "pong", "id": cmd["id"]}).to_string()],
+                _ => vec![json!({"type": "users", "room": cmd["room"], "users": [], "id": cmd["id"]}).to_string()],
+            }
+        }
+    })
+    .await;
+    // Windows, and pacers' buckets, of one.
+    let (c, _events) =
+        Client::builder(url).request_timeout(scaled(20.0)).max_requests_in_flight(1).max_joins_in_flight(1).connect();
+    // The refusals the two paces are learnt from: the read's (the bucket empty), then the join's,
+    // written right behind the read written again (which took the token).
+    c.list_users("a").await.unwrap();
+    c.join("a").await.unwrap();
+    let learnt = ["list_users", "join"];
+    assert_eq!(*refused.lock().unwrap(), learnt, "the refusals the paces are learnt from");
+    tokio::time::sleep(TOKEN * 2).await; // the buckets fill up again: no event to await
+    c.join("b").await.unwrap();
+    c.list_users("b").await.unwrap();
+    assert_eq!(*refused.lock().unwrap(), learnt, "the read after the join waited for the refill");
+    tokio::time::sleep(TOKEN * 2).await;
+    c.list_users("b").await.unwrap();
+    c.join("c").await.unwrap();
+    assert_eq!(*refused.lock().unwrap(), learnt, "the join after the read waited for the refill");
+    c.close();
+    server.abort();
+}
+
 /// A kick still waiting its turn behind a read when the connection drops was never written
 /// (so not done): it goes out on the next connection, after the read asked again, as in the
 /// JS and Python clients (one written before the drop fails with `disconnected`).
