@@ -860,38 +860,55 @@ async def test_a_refused_sync_ping_holds_the_other_requests_back_for_its_retry_a
         await client.close()
 
 
+class OneTokenBucket:
+    """A user's token bucket on a fake server, as the real server's: empty at the first
+    charge, one token per ``token`` seconds, holding one at most. ``refused``: the types of
+    the frames it refused, in order."""
+
+    def __init__(self, token: float) -> None:
+        self.token = token
+        self.tokens = 0.0
+        self.stamp: float | None = None
+        self.refused: list[str] = []
+
+    async def charge(self, peer: Peer, frame: dict[str, Any]) -> bool:
+        """Spend a token for ``frame``; without one, refuse it ``rate_limited`` with the
+        bucket's ``retry_after_ms`` and return False."""
+        now = asyncio.get_running_loop().time()
+        if self.stamp is not None:
+            self.tokens = min(1.0, self.tokens + (now - self.stamp) / self.token)
+        self.stamp = now
+        if self.tokens < 1 - 1e-9:
+            self.refused.append(frame["type"])
+            retry = math.ceil((1 - self.tokens) * self.token * 1000)
+            await peer.send(type="error", id=frame["id"], code="rate_limited",
+                            message="slow", retry_after_ms=retry)
+            return False
+        self.tokens -= 1
+        return True
+
+
 async def test_the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() -> None:
     """The ping behind a joined is charged to the request bucket: once a refusal has taught
     the request pacer the pace, it counts the ping's token (the ping still written at once),
     so the next request waits for the refill, as in the JS and Rust clients. Not counted, the
     pacer reckoned one token more than the server had, and the read went at once, refused."""
     token = 0.4  # seconds a token of the server's request bucket, which holds one at most
-    bucket = {"tokens": 0.0, "stamp": None}
-    refused: list[str] = []
+    bucket = OneTokenBucket(token)
+    refused = bucket.refused
 
     async def serve(peer: Peer) -> None:
         """The user's request bucket, empty at the first read: the pings and the reads spend
         it, as on the real server (the joins too there, but they are the join pacer's: not
         here). A join's replay has no known end (recovered false): a ping goes behind it."""
-        loop = asyncio.get_running_loop()
         while True:
             frame = await peer.recv()
             if frame["type"] == "join":
                 await peer.send(type="joined", id=frame["id"], room=frame["room"], users=[],
                                 last_id=frame["since"] + 5, recovered=False)
                 continue
-            now = loop.time()
-            if bucket["stamp"] is not None:
-                refill = (now - bucket["stamp"]) / token
-                bucket["tokens"] = min(1.0, bucket["tokens"] + refill)
-            bucket["stamp"] = now
-            if bucket["tokens"] < 1 - 1e-9:
-                refused.append(frame["type"])
-                retry = math.ceil((1 - bucket["tokens"]) * token * 1000)
-                await peer.send(type="error", id=frame["id"], code="rate_limited",
-                                message="slow", retry_after_ms=retry)
+            if not await bucket.charge(peer, frame):
                 continue
-            bucket["tokens"] -= 1
             if frame["type"] == "ping":
                 await peer.send(type="pong", id=frame["id"])
             else:
@@ -920,27 +937,16 @@ async def test_the_join_and_request_pacers_count_each_others_writes_in_one_bucke
     as in the JS and Rust clients. Not counted, each pacer reckoned the token the other had
     spent as still there, and the second write went at once, refused."""
     token = 0.4  # seconds a token of the user's one bucket, which holds one at most
-    bucket = {"tokens": 0.0, "stamp": None}
-    refused: list[str] = []
+    bucket = OneTokenBucket(token)
+    refused = bucket.refused
 
     async def serve(peer: Peer) -> None:
         """The user's bucket, empty at the first charge: joins, pings and reads spend it, as
         on the real server (RATE_LIMIT_REQUESTS)."""
-        loop = asyncio.get_running_loop()
         while True:
             frame = await peer.recv()
-            now = loop.time()
-            if bucket["stamp"] is not None:
-                refill = (now - bucket["stamp"]) / token
-                bucket["tokens"] = min(1.0, bucket["tokens"] + refill)
-            bucket["stamp"] = now
-            if bucket["tokens"] < 1 - 1e-9:
-                refused.append(frame["type"])
-                retry = math.ceil((1 - bucket["tokens"]) * token * 1000)
-                await peer.send(type="error", id=frame["id"], code="rate_limited",
-                                message="slow", retry_after_ms=retry)
+            if not await bucket.charge(peer, frame):
                 continue
-            bucket["tokens"] -= 1
             if frame["type"] == "join":  # a first join: no replay, no ping behind it
                 await peer.send(type="joined", id=frame["id"], room=frame["room"], users=[],
                                 last_id=0)

@@ -3768,21 +3768,53 @@ async fn a_refused_sync_ping_holds_the_request_queue_back_for_its_retry_after() 
     server.abort();
 }
 
+/// A user's token bucket on a fake server, as the real server's: empty at the first charge, a
+/// token per `token`, one at most. `refused`: the types of the commands it refused, in order.
+struct OneTokenBucket {
+    token: Duration,
+    tokens: f64,
+    stamp: Option<std::time::Instant>,
+    refused: Vec<String>,
+}
+
+impl OneTokenBucket {
+    fn new(token: Duration) -> Self {
+        Self { token, tokens: 0.0, stamp: None, refused: Vec::new() }
+    }
+
+    /// Spends a token for `cmd`; without one, the `rate_limited` refusal to answer it with (the
+    /// bucket's `retry_after_ms`).
+    fn charge(&mut self, cmd: &serde_json::Value) -> Option<String> {
+        let now = std::time::Instant::now();
+        if let Some(stamp) = self.stamp {
+            self.tokens = (self.tokens + (now - stamp).as_secs_f64() / self.token.as_secs_f64()).min(1.0);
+        }
+        self.stamp = Some(now);
+        if self.tokens < 1.0 - 1e-9 {
+            self.refused.push(cmd["type"].as_str().unwrap_or_default().to_owned());
+            let retry_after_ms = ((1.0 - self.tokens) * self.token.as_secs_f64() * 1000.0).ceil() as u64;
+            let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow",
+                                 "retry_after_ms": retry_after_ms, "id": cmd["id"]});
+            return Some(refusal.to_string());
+        }
+        self.tokens -= 1.0;
+        None
+    }
+}
+
 /// The `ping` behind a `joined` is charged to the request bucket: once a refusal has taught the
 /// request pacer the pace, it counts the ping's token (the ping still written at once), so the
 /// next request waits for the refill, as in the JS and Python clients. Not counted, the pacer
 /// reckoned one token more than the server had, and the read went at once, refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() {
-    use std::time::Instant;
     // The user's request bucket: a token per TOKEN, one at most, empty at the first read. The
     // pings and the reads spend it, as on the real server (the joins too there, but they are
     // the join pacer's: not here).
     const TOKEN: Duration = Duration::from_millis(400);
-    let bucket = Arc::new(Mutex::new((0.0f64, None::<Instant>)));
-    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let bucket = Arc::new(Mutex::new(OneTokenBucket::new(TOKEN)));
     let (url, _frames, server) = scripted_server({
-        let (bucket, refused) = (bucket.clone(), refused.clone());
+        let bucket = bucket.clone();
         move |cmd, _| {
             let kind = cmd["type"].as_str().unwrap_or_default();
             if kind == "join" {
@@ -3792,20 +3824,9 @@ async fn the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() {
             if kind != "ping" && kind != "list_users" {
                 return vec![];
             }
-            let now = Instant::now();
-            let (tokens, stamp) = &mut *bucket.lock().unwrap();
-            if let Some(stamp) = stamp {
-                *tokens = (*tokens + (now - *stamp).as_secs_f64() / TOKEN.as_secs_f64()).min(1.0);
+            if let Some(refusal) = bucket.lock().unwrap().charge(cmd) {
+                return vec![refusal];
             }
-            *stamp = Some(now);
-            if *tokens < 1.0 - 1e-9 {
-                refused.lock().unwrap().push(kind.to_owned());
-                let retry_after_ms = ((1.0 - *tokens) * TOKEN.as_secs_f64() * 1000.0).ceil() as u64;
-                let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow",
-                                     "retry_after_ms": retry_after_ms, "id": cmd["id"]});
-                return vec![refusal.to_string()];
-            }
-            *tokens -= 1.0;
             match kind {
                 "ping" => vec![json!({"type": "pong", "id": cmd["id"]}).to_string()],
                 _ => vec![json!({"type": "users", "room": cmd["room"], "users": [], "id": cmd["id"]}).to_string()],
@@ -3816,11 +3837,11 @@ async fn the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() {
     // A window, and a pacer, of one.
     let (c, _events) = Client::builder(url).request_timeout(scaled(20.0)).max_requests_in_flight(1).connect();
     c.list_users("r").await.unwrap();
-    assert_eq!(*refused.lock().unwrap(), ["list_users"], "the refusal the pace is learnt from");
+    assert_eq!(bucket.lock().unwrap().refused, ["list_users"], "the refusal the pace is learnt from");
     tokio::time::sleep(TOKEN * 2).await; // both buckets fill up again: no event to await
     c.join_from("r", Some(5), None).await.unwrap(); // its ping, written at once, spends that token
     c.list_users("r").await.unwrap();
-    assert_eq!(*refused.lock().unwrap(), ["list_users"], "the read after the ping waited for the refill");
+    assert_eq!(bucket.lock().unwrap().refused, ["list_users"], "the read after the ping waited for the refill");
     c.close();
     server.abort();
 }
@@ -3832,33 +3853,20 @@ async fn the_sync_ping_spends_a_token_of_the_pace_the_request_pacer_learnt() {
 /// and the second write went at once, refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_join_and_request_pacers_count_each_others_writes_in_one_bucket() {
-    use std::time::Instant;
     // The user's one bucket: a token per TOKEN, one at most, empty at the first charge. Joins,
     // pings and reads spend it, as on the real server (RATE_LIMIT_REQUESTS).
     const TOKEN: Duration = Duration::from_millis(400);
-    let bucket = Arc::new(Mutex::new((0.0f64, None::<Instant>)));
-    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let bucket = Arc::new(Mutex::new(OneTokenBucket::new(TOKEN)));
     let (url, _frames, server) = scripted_server({
-        let (bucket, refused) = (bucket.clone(), refused.clone());
+        let bucket = bucket.clone();
         move |cmd, _| {
             let kind = cmd["type"].as_str().unwrap_or_default();
             if kind != "join" && kind != "ping" && kind != "list_users" {
                 return vec![];
             }
-            let now = Instant::now();
-            let (tokens, stamp) = &mut *bucket.lock().unwrap();
-            if let Some(stamp) = stamp {
-                *tokens = (*tokens + (now - *stamp).as_secs_f64() / TOKEN.as_secs_f64()).min(1.0);
+            if let Some(refusal) = bucket.lock().unwrap().charge(cmd) {
+                return vec![refusal];
             }
-            *stamp = Some(now);
-            if *tokens < 1.0 - 1e-9 {
-                refused.lock().unwrap().push(kind.to_owned());
-                let retry_after_ms = ((1.0 - *tokens) * TOKEN.as_secs_f64() * 1000.0).ceil() as u64;
-                let refusal = json!({"type": "error", "code": "rate_limited", "message": "slow",
-                                     "retry_after_ms": retry_after_ms, "id": cmd["id"]});
-                return vec![refusal.to_string()];
-            }
-            *tokens -= 1.0;
             match kind {
                 // A first join: no replay, no ping behind it.
                 "join" => vec![raw_joined(cmd, Some("0"), None)],
@@ -3876,15 +3884,15 @@ async fn the_join_and_request_pacers_count_each_others_writes_in_one_bucket() {
     c.list_users("a").await.unwrap();
     c.join("a").await.unwrap();
     let learnt = ["list_users", "join"];
-    assert_eq!(*refused.lock().unwrap(), learnt, "the refusals the paces are learnt from");
+    assert_eq!(bucket.lock().unwrap().refused, learnt, "the refusals the paces are learnt from");
     tokio::time::sleep(TOKEN * 2).await; // the buckets fill up again: no event to await
     c.join("b").await.unwrap();
     c.list_users("b").await.unwrap();
-    assert_eq!(*refused.lock().unwrap(), learnt, "the read after the join waited for the refill");
+    assert_eq!(bucket.lock().unwrap().refused, learnt, "the read after the join waited for the refill");
     tokio::time::sleep(TOKEN * 2).await;
     c.list_users("b").await.unwrap();
     c.join("c").await.unwrap();
-    assert_eq!(*refused.lock().unwrap(), learnt, "the join after the read waited for the refill");
+    assert_eq!(bucket.lock().unwrap().refused, learnt, "the join after the read waited for the refill");
     c.close();
     server.abort();
 }

@@ -1630,6 +1630,18 @@ test("rooms: a rejoin's ping refused (rate_limited: the request bucket ran dry a
   assert.deepEqual(events("error").filter((e) => e.code === "rate_limited"), [], "the ping's refusal is the client's own business");
 });
 
+/** The fake server answers joins with a replay of no known end (`recovered: false`, `last_id`
+ * above `since`): the client writes a `ping` behind each. */
+function joinsWithUnknownEnd(server) {
+  server.replies.push((ws, f) => {
+    if (f.type !== "join") return false;
+    server.room(f.room).members.add(ws);
+    const joined = { room: f.room, users: [], last_id: f.since + 5, recovered: false };
+    server.push(ws, { type: "joined", id: f.id, ...joined });
+    return true;
+  });
+}
+
 test("rooms: the ping behind a join refused rate_limited holds the other requests back for "
   + "its retry_after_ms (the request bucket refused it), as in the Python and Rust clients",
 async (t) => {
@@ -1638,13 +1650,7 @@ async (t) => {
   await c.connect();
   // A join whose replay has no known end (recovered: false, last_id above since): a ping
   // goes behind it, and the server, its request bucket empty, refuses that ping.
-  server.replies.push((ws, f) => {
-    if (f.type !== "join") return false;
-    server.room(f.room).members.add(ws);
-    const joined = { room: f.room, users: [], last_id: f.since + 5, recovered: false };
-    server.push(ws, { type: "joined", id: f.id, ...joined });
-    return true;
-  });
+  joinsWithUnknownEnd(server);
   let refusedAt = 0;
   server.replies.push((ws, f) => {
     if (f.type !== "ping" || refusedAt) return false;
@@ -1667,6 +1673,34 @@ async (t) => {
   assert.ok(readAt - refusedAt >= 145, `the read went ${readAt - refusedAt} ms after the refusal`);
 });
 
+/**
+ * A token bucket of the fake server's, as the real server's per user: empty at the first charge,
+ * one token per `tokenMs`, holding one at most. The frames of `types` spend it; over it, they
+ * are refused `rate_limited` with the bucket's `retry_after_ms`, and what is not refused is
+ * answered as usual. Returns the refused frames' types, in order, as they come.
+ */
+function chargeOneBucket(server, types, tokenMs) {
+  let tokens = 0;
+  let stamp = 0;
+  const refused = [];
+  server.replies.push((ws, f) => {
+    if (!types.includes(f.type)) return false;
+    const now = Date.now();
+    tokens = stamp ? Math.min(1, tokens + (now - stamp) / tokenMs) : 0;
+    stamp = now;
+    if (tokens >= 1 - 1e-9) {
+      tokens -= 1;
+      return false; // answered as usual
+    }
+    refused.push(f.type);
+    const retry = Math.ceil((1 - tokens) * tokenMs);
+    const refusal = { code: "rate_limited", message: "slow", retry_after_ms: retry };
+    server.push(ws, { type: "error", id: f.id, ...refusal });
+    return true;
+  });
+  return refused;
+}
+
 test("requests: the ping behind a join spends a token of the pace the request pacer learnt "
   + "(the request bucket is charged for it): the next request waits for its refill, as in the "
   + "Python and Rust clients", async (t) => {
@@ -1676,33 +1710,10 @@ test("requests: the ping behind a join spends a token of the pace the request pa
   await c.connect();
   // The user's request bucket, empty at the first read: the pings and the reads spend it, as
   // on the real server (the joins too there, but they are the join pacer's: not here).
-  let tokens = 0;
-  let stamp = 0;
-  const refused = [];
-  server.replies.push((ws, f) => {
-    if (f.type !== "ping" && f.type !== "list_users") return false;
-    const now = Date.now();
-    tokens = stamp ? Math.min(1, tokens + (now - stamp) / TOKEN) : 0;
-    stamp = now;
-    if (tokens >= 1 - 1e-9) {
-      tokens -= 1;
-      return false; // answered as usual
-    }
-    refused.push(f.type);
-    const retry = Math.ceil((1 - tokens) * TOKEN);
-    const refusal = { code: "rate_limited", message: "slow", retry_after_ms: retry };
-    server.push(ws, { type: "error", id: f.id, ...refusal });
-    return true;
-  });
+  const refused = chargeOneBucket(server, ["ping", "list_users"], TOKEN);
   // A join whose replay has no known end (recovered: false, last_id above since): a ping
   // goes behind it.
-  server.replies.push((ws, f) => {
-    if (f.type !== "join") return false;
-    server.room(f.room).members.add(ws);
-    const joined = { room: f.room, users: [], last_id: f.since + 5, recovered: false };
-    server.push(ws, { type: "joined", id: f.id, ...joined });
-    return true;
-  });
+  joinsWithUnknownEnd(server);
   await within(c.listUsers("r", { timeout: 5000 }), 5000, "the first read, after its refusal");
   assert.deepEqual(refused, ["list_users"], "the refusal the pace is learnt from");
   // Both buckets fill up again (one token each); there is no event to await.
@@ -1721,25 +1732,8 @@ test("joins and requests: one bucket on the server, so each pacer counts the oth
   t.after(() => c.disconnect());
   await c.connect();
   // The user's bucket, empty at the first charge: joins, pings and reads spend it, as on the
-  // real server (RATE_LIMIT_REQUESTS). What is not refused is answered as usual.
-  let tokens = 0;
-  let stamp = 0;
-  const refused = [];
-  server.replies.push((ws, f) => {
-    if (!["join", "ping", "list_users"].includes(f.type)) return false;
-    const now = Date.now();
-    tokens = stamp ? Math.min(1, tokens + (now - stamp) / TOKEN) : 0;
-    stamp = now;
-    if (tokens >= 1 - 1e-9) {
-      tokens -= 1;
-      return false;
-    }
-    refused.push(f.type);
-    const retry = Math.ceil((1 - tokens) * TOKEN);
-    const refusal = { code: "rate_limited", message: "slow", retry_after_ms: retry };
-    server.push(ws, { type: "error", id: f.id, ...refusal });
-    return true;
-  });
+  // real server (RATE_LIMIT_REQUESTS).
+  const refused = chargeOneBucket(server, ["join", "ping", "list_users"], TOKEN);
   // The refusals the two paces are learnt from: the read's (the bucket empty), then the
   // join's, written right behind the read written again (which took the token).
   await within(c.listUsers("a", { timeout: 5000 }), 5000, "the first read, after its refusal");
