@@ -2730,6 +2730,9 @@ def test_a_since_from_a_numbering_that_ended_is_not_recovered_over_the_new_one(
 
             client = redis.Redis.from_url(env["REDIS_URL"])
             stack.callback(client.close)
+            # ann's leave runs when her server sees the close: its expiries are then set
+            wait_until(lambda: client.pttl(room_keys(name)[4]) > 0, 5 * SCALE, 0.01,
+                       "ann's leave to give the emptied room's sequence its expiry")
             # the epoch expires with the sequence (the same instant), never after it
             ends = [client.execute_command("PEXPIRETIME", key)
                     for key in (room_epoch_key(name), room_keys(name)[4])]
